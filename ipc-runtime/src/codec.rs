@@ -1,0 +1,214 @@
+//! Bytes and fds for serde types. The only module that calls bincode, so the byte encoding
+//! can be swapped in one place.
+//!
+//! Bytes are bincode 1.3 with fixed-size little-endian integers. A file descriptor is not
+//! bytes: [`encode`] collects every fd a value carries into the message's fd table and writes
+//! its index (a `u32`) in the bytes; [`decode`] hands each index back as the `OwnedFd` that
+//! arrived. Fd-carrying fields mark themselves with [`Fd`] or `#[serde(with = "typed_ipc::fd")]`;
+//! the tables live in thread-locals for the duration of one `encode`/`decode` call, which is
+//! how serde's data model can carry something that is not data.
+
+use std::cell::RefCell;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+
+use bincode::Options;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::error::{Error, Result};
+
+thread_local! {
+    /// Raw fds seen by the encoder currently running on this thread.
+    static OUTGOING: RefCell<Option<Vec<RawFd>>> = const { RefCell::new(None) };
+    /// Fds of the message the decoder currently running on this thread reads.
+    static INCOMING: RefCell<Option<Vec<Option<OwnedFd>>>> = const { RefCell::new(None) };
+}
+
+fn options() -> impl Options {
+    bincode::DefaultOptions::new()
+        .with_fixint_encoding()
+        .with_little_endian()
+}
+
+/// Appends the encoding of `value` to `buf`, and the fds it carries to `fds` (borrowed from
+/// `value`, so they stay open until the message is sent).
+pub fn encode<'a, T: Serialize + ?Sized>(
+    value: &'a T,
+    buf: &mut Vec<u8>,
+    fds: &mut Vec<BorrowedFd<'a>>,
+) -> Result<()> {
+    let outer = OUTGOING.with(|t| t.borrow_mut().replace(Vec::new()));
+    let result = options().serialize_into(&mut *buf, value);
+    let raw = OUTGOING
+        .with(|t| std::mem::replace(&mut *t.borrow_mut(), outer))
+        .unwrap_or_default();
+    result.map_err(|e| Error::Encode(e.to_string()))?;
+    // SAFETY: every raw fd was taken from an `AsFd` inside `value`, which is borrowed for 'a,
+    // so each stays open for 'a.
+    fds.extend(
+        raw.into_iter()
+            .map(|fd| unsafe { BorrowedFd::borrow_raw(fd) }),
+    );
+    Ok(())
+}
+
+/// Decodes a `T` from `bytes`, taking its fds from `fds`. Fds the value does not claim are
+/// closed. Bytes left over, an index out of range or used twice, or an fd claimed but
+/// missing are [`Error::Malformed`]; sizes announced in the bytes are checked against the
+/// bytes actually present before anything is allocated.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8], fds: Vec<OwnedFd>) -> Result<T> {
+    let table = fds.into_iter().map(Some).collect();
+    let outer = INCOMING.with(|t| t.borrow_mut().replace(table));
+    let result = options().with_limit(bytes.len() as u64).deserialize(bytes);
+    INCOMING.with(|t| *t.borrow_mut() = outer);
+    result.map_err(|e| Error::Malformed(e.to_string()))
+}
+
+/// Something that is one or more fds on the wire: [`OwnedFd`], `Option<OwnedFd>`,
+/// `Vec<OwnedFd>`. Used through [`Fd`].
+pub trait FdCarrier: Sized {
+    /// Writes the fds' indices, registering the fds in the message's table.
+    fn serialize_fds<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error>;
+    /// Reads indices and takes the fds they name from the message's table.
+    fn deserialize_fds<'de, D: Deserializer<'de>>(d: D) -> Result<Self, D::Error>;
+}
+
+impl FdCarrier for OwnedFd {
+    fn serialize_fds<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        index_of(self.as_fd())
+            .map_err(serde::ser::Error::custom)?
+            .serialize(s)
+    }
+    fn deserialize_fds<'de, D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        take(u32::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+impl FdCarrier for Option<OwnedFd> {
+    fn serialize_fds<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.as_ref().map(Fd).serialize(s)
+    }
+    fn deserialize_fds<'de, D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Option::<Fd<OwnedFd>>::deserialize(d)?.map(|Fd(fd)| fd))
+    }
+}
+
+impl FdCarrier for Vec<OwnedFd> {
+    fn serialize_fds<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.iter().map(Fd))
+    }
+    fn deserialize_fds<'de, D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Vec::<Fd<OwnedFd>>::deserialize(d)?
+            .into_iter()
+            .map(|Fd(fd)| fd)
+            .collect())
+    }
+}
+
+/// Marks a value as fds for the codec: `Fd(&owned_fd)` serializes, `Fd<OwnedFd>` (or
+/// `Option<OwnedFd>`, `Vec<OwnedFd>`) deserializes. The generated code wraps fd parameters
+/// and results in it.
+#[derive(Debug)]
+pub struct Fd<T>(pub T);
+
+impl<T: FdCarrier> Serialize for Fd<&T> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize_fds(s)
+    }
+}
+
+impl<'de, T: FdCarrier> Deserialize<'de> for Fd<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        T::deserialize_fds(d).map(Fd)
+    }
+}
+
+fn index_of(fd: BorrowedFd<'_>) -> Result<u32, &'static str> {
+    OUTGOING.with(|t| match t.borrow_mut().as_mut() {
+        Some(table) => {
+            table.push(fd.as_raw_fd());
+            Ok(table.len() as u32 - 1)
+        }
+        None => Err("file descriptors can only be encoded by typed-ipc's codec"),
+    })
+}
+
+fn take(index: u32) -> Result<OwnedFd, String> {
+    INCOMING.with(|t| match t.borrow_mut().as_mut() {
+        Some(table) => match table.get_mut(index as usize) {
+            Some(slot) => slot
+                .take()
+                .ok_or_else(|| format!("fd index {index} used twice")),
+            None => Err(format!(
+                "fd index {index} out of range ({} fds arrived)",
+                table.len()
+            )),
+        },
+        None => Err("file descriptors can only be decoded by typed-ipc's codec".into()),
+    })
+}
+
+/// Marks a `Vec<u8>` (or `&[u8]` when sending) as a byte string: serde's default encodes
+/// `Vec<u8>` element by element, this copies it in one go. The generated code wraps `Vec<u8>`
+/// parameters and results in it.
+#[derive(Debug)]
+pub struct Bytes<T>(pub T);
+
+impl<T: AsRef<[u8]>> Serialize for Bytes<T> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(self.0.as_ref())
+    }
+}
+
+impl<'de> Deserialize<'de> for Bytes<Vec<u8>> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a byte string")
+            }
+            fn visit_bytes<E>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+        }
+        d.deserialize_byte_buf(Visitor).map(Bytes)
+    }
+}
+
+/// `#[serde(with = "typed_ipc::fd")]` for an [`OwnedFd`] field (or any `AsFd` +
+/// `From<OwnedFd>` type, such as `File`) inside your own serde types.
+pub mod fd {
+    use super::*;
+
+    /// Registers the fd in the message's table and writes its index.
+    pub fn serialize<F: AsFd, S: Serializer>(fd: &F, s: S) -> Result<S::Ok, S::Error> {
+        index_of(fd.as_fd())
+            .map_err(serde::ser::Error::custom)?
+            .serialize(s)
+    }
+
+    /// Takes the fd the index names from the message's table.
+    pub fn deserialize<'de, F: From<OwnedFd>, D: Deserializer<'de>>(d: D) -> Result<F, D::Error> {
+        OwnedFd::deserialize_fds(d).map(F::from)
+    }
+}
+
+/// `#[serde(with = "typed_ipc::bytes")]` for a `Vec<u8>` field inside your own serde types:
+/// encoded as one byte string rather than element by element.
+pub mod bytes {
+    use super::*;
+
+    /// Writes the bytes as one byte string.
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    /// Reads a byte string.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        Bytes::<Vec<u8>>::deserialize(d).map(|Bytes(v)| v)
+    }
+}

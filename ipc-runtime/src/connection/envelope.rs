@@ -1,0 +1,103 @@
+//! The envelope: the 24 bytes the connection puts before every body, inside the transport's
+//! payload. The transport never looks at it.
+//!
+//! | offset | size | field       | meaning                                                  |
+//! |-------:|-----:|-------------|----------------------------------------------------------|
+//! | 0      | 1    | `kind`      | 1 call, 2 oneway, 3 reply, 4 failure reply               |
+//! | 1      | 3    | `reserved`  | zero                                                     |
+//! | 4      | 4    | `cmd`       | command id of the method (calls, oneways)                |
+//! | 8      | 8    | `cookie`    | matches a reply to its call; 0 for oneways               |
+//! | 16     | 4    | `interface` | [`fnv1a`](crate::service::fnv1a) of the interface name   |
+//! | 20     | 4    | `signature` | the interface's signature hash                           |
+//!
+//! All little-endian. Replies echo the call's envelope with another `kind`.
+
+use crate::error::{Error, Result};
+
+/// Length of the envelope in bytes.
+pub const LEN: usize = 24;
+
+/// What a message is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// A call that waits for a reply.
+    Call = 1,
+    /// A message that gets no reply.
+    Oneway = 2,
+    /// The successful reply to a call.
+    Reply = 3,
+    /// A call could not be answered: the body is a [`Failure`](super::failure::Failure).
+    Failure = 4,
+}
+
+/// A decoded envelope.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Envelope {
+    pub kind: Kind,
+    pub cmd: u32,
+    pub cookie: u64,
+    pub interface: u32,
+    pub signature: u32,
+}
+
+impl Envelope {
+    /// Writes the envelope at the start of `buf`, which must hold at least [`LEN`] bytes.
+    pub fn write(&self, buf: &mut [u8]) {
+        buf[0] = self.kind as u8;
+        buf[1..4].fill(0);
+        buf[4..8].copy_from_slice(&self.cmd.to_le_bytes());
+        buf[8..16].copy_from_slice(&self.cookie.to_le_bytes());
+        buf[16..20].copy_from_slice(&self.interface.to_le_bytes());
+        buf[20..24].copy_from_slice(&self.signature.to_le_bytes());
+    }
+
+    /// Reads the envelope at the start of a payload.
+    pub fn read(payload: &[u8]) -> Result<Envelope> {
+        let Some(b) = payload.get(..LEN) else {
+            return Err(Error::Malformed(format!(
+                "message of {} bytes has no envelope",
+                payload.len()
+            )));
+        };
+        let kind = match b[0] {
+            1 => Kind::Call,
+            2 => Kind::Oneway,
+            3 => Kind::Reply,
+            4 => Kind::Failure,
+            k => return Err(Error::Malformed(format!("unknown message kind {k}"))),
+        };
+        let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
+        Ok(Envelope {
+            kind,
+            cmd: u32_at(4),
+            cookie: u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")),
+            interface: u32_at(16),
+            signature: u32_at(20),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_rejects_garbage() {
+        let e = Envelope {
+            kind: Kind::Failure,
+            cmd: 7,
+            cookie: u64::MAX,
+            interface: 1,
+            signature: 2,
+        };
+        let mut b = [0u8; LEN];
+        e.write(&mut b);
+        assert_eq!(Envelope::read(&b).unwrap(), e);
+        assert!(matches!(
+            Envelope::read(&b[..LEN - 1]),
+            Err(Error::Malformed(_))
+        ));
+        b[0] = 9;
+        assert!(matches!(Envelope::read(&b), Err(Error::Malformed(_))));
+    }
+}

@@ -1,0 +1,672 @@
+//! [`Connection`]: calls, replies and served interfaces multiplexed over one [`Socket`].
+//!
+//! # Threading model
+//!
+//! A connection has no thread of its own. Whichever thread is waiting on it — a caller
+//! waiting for its reply, or a thread inside [`Connection::serve`] waiting for requests —
+//! takes the *reader* role, receives the next message and routes it: a reply goes to the
+//! caller whose cookie it carries, a request to a serving thread. So a lone caller sends its
+//! call and receives its own reply: one `sendmsg`, one `recvmsg`, no hand-off to another
+//! thread. When the reader's own wait is over it passes the role to the next waiter.
+//!
+//! Requests run only on threads inside [`Connection::serve`] (or [`Connection::run`]), never
+//! on a thread waiting for a reply: a callback arriving while a caller waits is handed to a
+//! serving thread, so there is no nested event loop and no re-entrancy. A connection that
+//! receives calls must therefore have a serving thread, or those calls wait. Oneway messages
+//! run in the order they were sent, one at a time.
+//!
+//! When the peer hangs up or dies, the reader sees it at once and every waiting caller gets
+//! [`Error::Disconnected`] — never [`Error::TimedOut`].
+
+mod envelope;
+mod failure;
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::codec;
+use crate::error::{Error, Result};
+use crate::frame::Frame;
+use crate::service::{Call, InterfaceInfo, Service};
+use crate::socket::{PeerCredentials, Socket};
+
+use envelope::{Envelope, Kind};
+use failure::Failure;
+
+/// A connection to a peer process, over which both ends call each other's interfaces.
+///
+/// Cloning is cheap and clones share the connection: hand one to each thread that calls, and
+/// one to each thread that serves. The socket closes when the last clone is dropped.
+#[derive(Clone)]
+pub struct Connection {
+    shared: Arc<Shared>,
+}
+
+/// Decides whether a peer may call a method: `Err(reason)` refuses the call.
+pub type Authorizer =
+    dyn Fn(Option<&PeerCredentials>, &InterfaceInfo, u32) -> Result<(), String> + Send + Sync;
+
+struct Shared {
+    socket: Socket,
+    peer: Option<PeerCredentials>,
+    state: Mutex<State>,
+    /// Signalled whenever a waiter may have something to do: a reply or request arrived,
+    /// the reader role was released, or the connection ended.
+    wake: Condvar,
+    next_cookie: AtomicU64,
+    services: RwLock<Vec<Arc<dyn Service>>>,
+    authorizer: RwLock<Option<Box<Authorizer>>>,
+    trace: bool,
+}
+
+#[derive(Default)]
+struct State {
+    /// A thread is receiving.
+    reading: bool,
+    /// The reader's buffer, reused from one message to the next.
+    buffer: Frame,
+    /// Calls waiting for replies, by cookie; `Some` once the reply is in.
+    pending: HashMap<u64, Option<Result<Frame>>>,
+    /// Calls for a serving thread to run.
+    calls: VecDeque<Frame>,
+    /// Oneway messages, run one at a time in order.
+    oneways: VecDeque<Frame>,
+    oneway_running: bool,
+    /// Why the connection ended; once set, it stays.
+    closed: Option<Error>,
+}
+
+impl Connection {
+    /// A connected pair, for two threads or for a parent and the child it forks.
+    pub fn pair() -> Result<(Connection, Connection)> {
+        let (a, b) = Socket::pair()?;
+        Ok((Connection::new(a), Connection::new(b)))
+    }
+
+    /// Connects to a [`Listener`](crate::Listener) bound to `path`.
+    pub fn connect(path: impl AsRef<Path>) -> Result<Connection> {
+        Ok(Connection::new(Socket::connect(path)?))
+    }
+
+    /// Connects to a [`Listener`](crate::Listener) bound to an abstract name.
+    pub fn connect_abstract(name: impl AsRef<[u8]>) -> Result<Connection> {
+        Ok(Connection::new(Socket::connect_abstract(name)?))
+    }
+
+    /// Runs a connection over `socket`. Set `TYPED_IPC_DEBUG=1` in the environment to have
+    /// every message printed to stderr.
+    pub fn new(socket: Socket) -> Connection {
+        let peer = socket.peer_credentials().ok();
+        Connection {
+            shared: Arc::new(Shared {
+                socket,
+                peer,
+                state: Mutex::new(State::default()),
+                wake: Condvar::new(),
+                next_cookie: AtomicU64::new(1),
+                services: RwLock::new(Vec::new()),
+                authorizer: RwLock::new(None),
+                trace: std::env::var_os("TYPED_IPC_DEBUG").is_some_and(|v| v != "0"),
+            }),
+        }
+    }
+
+    /// The peer's credentials, as the kernel recorded them when the connection was made.
+    pub fn peer_credentials(&self) -> Option<PeerCredentials> {
+        self.shared.peer
+    }
+
+    /// The underlying socket.
+    pub fn socket(&self) -> &Socket {
+        &self.shared.socket
+    }
+
+    /// Whether the connection has ended (peer gone, closed, or a protocol error).
+    pub fn is_closed(&self) -> bool {
+        lock(&self.shared.state).closed.is_some()
+    }
+
+    /// Ends the connection: the peer sees a hang-up, and every thread waiting on this
+    /// connection returns ([`Error::Disconnected`] for callers, `Ok` from `serve`).
+    pub fn close(&self) {
+        let _ = self.shared.socket.shutdown();
+    }
+
+    /// Answers calls to `service`'s interface on this connection, from the threads that run
+    /// [`Connection::run`]. Several interfaces can be served on one connection; serving an
+    /// interface twice replaces the first.
+    pub fn add_service(&self, service: impl Service) {
+        let service: Arc<dyn Service> = Arc::new(service);
+        let mut services = self
+            .shared
+            .services
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        services.retain(|s| s.info().id != service.info().id);
+        services.push(service);
+    }
+
+    /// Lets `authorize` refuse calls: it sees the peer's credentials, the interface and the
+    /// command id, and its `Err(reason)` reaches the caller as [`Error::Refused`].
+    pub fn set_authorizer(
+        &self,
+        authorize: impl Fn(Option<&PeerCredentials>, &InterfaceInfo, u32) -> Result<(), String>
+        + Send
+        + Sync
+        + 'static,
+    ) {
+        *self
+            .shared
+            .authorizer
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Box::new(authorize));
+    }
+
+    /// Serves `service` on this thread until the peer hangs up ([`Connection::add_service`]
+    /// then [`Connection::run`]). Returns `Ok(())` on a clean close.
+    pub fn serve(&self, service: impl Service) -> Result<()> {
+        self.add_service(service);
+        self.run()
+    }
+
+    /// Handles requests for the served interfaces on this thread, one at a time, until the
+    /// connection ends. Returns `Ok(())` when the peer hung up or [`Connection::close`] was
+    /// called, and the error otherwise. Run it on several threads for concurrent requests.
+    pub fn run(&self) -> Result<()> {
+        let shared = &*self.shared;
+        let mut state = lock(&shared.state);
+        loop {
+            if !state.oneway_running {
+                if let Some(frame) = state.oneways.pop_front() {
+                    state.oneway_running = true;
+                    drop(state);
+                    shared.dispatch(frame, true);
+                    state = lock(&shared.state);
+                    state.oneway_running = false;
+                    shared.wake.notify_all();
+                    continue;
+                }
+            }
+            if let Some(frame) = state.calls.pop_front() {
+                drop(state);
+                shared.dispatch(frame, false);
+                state = lock(&shared.state);
+                continue;
+            }
+            if let Some(closed) = &state.closed {
+                return match closed {
+                    Error::Disconnected => Ok(()),
+                    e => Err(e.duplicate()),
+                };
+            }
+            if state.reading {
+                state = shared
+                    .wake
+                    .wait(state)
+                    .unwrap_or_else(PoisonError::into_inner);
+                continue;
+            }
+            // Become the reader. A call that arrives is run right here (no hand-off); a
+            // oneway too unless an earlier one is still running.
+            let (mut s, msg) = shared.read(state, None);
+            state = s.take().unwrap_or_else(|| lock(&shared.state));
+            match msg {
+                Some((frame, Kind::Call)) => {
+                    drop(state);
+                    shared.dispatch(frame, false);
+                    state = lock(&shared.state);
+                }
+                Some((frame, Kind::Oneway))
+                    if !state.oneway_running && state.oneways.is_empty() =>
+                {
+                    state.oneway_running = true;
+                    drop(state);
+                    shared.dispatch(frame, true);
+                    state = lock(&shared.state);
+                    state.oneway_running = false;
+                    shared.wake.notify_all();
+                }
+                Some((frame, _)) => state.oneways.push_back(frame),
+                None => {}
+            }
+        }
+    }
+
+    /// Calls method `cmd` of interface `iface` with `args` and waits for the reply, at most
+    /// `timeout` if one is given. This is what generated client stubs call.
+    pub fn call<A: Serialize + ?Sized, R: DeserializeOwned>(
+        &self,
+        iface: &'static InterfaceInfo,
+        cmd: u32,
+        args: &A,
+        timeout: Option<Duration>,
+    ) -> Result<R> {
+        let shared = &*self.shared;
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let cookie = shared.next_cookie.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut state = lock(&shared.state);
+            if let Some(closed) = &state.closed {
+                return Err(closed.duplicate());
+            }
+            // Registered before sending: the reply may come back before `send` returns.
+            state.pending.insert(cookie, None);
+        }
+        let envelope = Envelope {
+            kind: Kind::Call,
+            cmd,
+            cookie,
+            interface: iface.id,
+            signature: iface.signature,
+        };
+        if let Err(e) = shared.send(&envelope, args, deadline) {
+            lock(&shared.state).pending.remove(&cookie);
+            return Err(e);
+        }
+        shared.trace_out(&envelope, iface);
+        let mut frame = shared.wait_reply(cookie, deadline)?;
+        let result = shared.decode_reply(&mut frame, iface, cmd);
+        shared.recycle(frame);
+        result
+    }
+
+    /// Sends a oneway message: returns once it is sent, and gets no reply.
+    pub fn oneway<A: Serialize + ?Sized>(
+        &self,
+        iface: &'static InterfaceInfo,
+        cmd: u32,
+        args: &A,
+    ) -> Result<()> {
+        let envelope = Envelope {
+            kind: Kind::Oneway,
+            cmd,
+            cookie: 0,
+            interface: iface.id,
+            signature: iface.signature,
+        };
+        self.shared.send(&envelope, args, None)?;
+        self.shared.trace_out(&envelope, iface);
+        Ok(())
+    }
+}
+
+impl AsFd for Connection {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.shared.socket.as_fd()
+    }
+}
+
+impl From<Socket> for Connection {
+    fn from(socket: Socket) -> Connection {
+        Connection::new(socket)
+    }
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("peer", &self.shared.peer)
+            .finish_non_exhaustive()
+    }
+}
+
+type Guard<'a> = MutexGuard<'a, State>;
+
+impl Shared {
+    /// Encodes envelope + body in this thread's buffer and sends them as one message.
+    fn send<A: Serialize + ?Sized>(
+        &self,
+        envelope: &Envelope,
+        body: &A,
+        deadline: Option<Instant>,
+    ) -> Result<()> {
+        with_buffers(|buf, fds| {
+            buf.resize(envelope::LEN, 0);
+            envelope.write(buf);
+            codec::encode(body, buf, fds)?;
+            self.socket.send_deadline(buf, fds, deadline)
+        })
+    }
+
+    /// Waits for the reply to `cookie`, reading the socket whenever nobody else is.
+    fn wait_reply(&self, cookie: u64, deadline: Option<Instant>) -> Result<Frame> {
+        let mut state = lock(&self.state);
+        loop {
+            if let Some(Some(_)) = state.pending.get(&cookie) {
+                let reply = state
+                    .pending
+                    .remove(&cookie)
+                    .flatten()
+                    .expect("checked above");
+                return reply;
+            }
+            if let Some(closed) = state.closed.as_ref().map(Error::duplicate) {
+                state.pending.remove(&cookie);
+                return Err(closed);
+            }
+            let timed_out = deadline.is_some_and(|d| Instant::now() >= d);
+            if timed_out {
+                // A late reply finds no slot and is dropped, closing its fds.
+                state.pending.remove(&cookie);
+                return Err(Error::TimedOut);
+            }
+            if state.reading {
+                state = match deadline {
+                    None => self
+                        .wake
+                        .wait(state)
+                        .unwrap_or_else(PoisonError::into_inner),
+                    Some(d) => {
+                        let left = d.saturating_duration_since(Instant::now());
+                        self.wake
+                            .wait_timeout(state, left)
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .0
+                    }
+                };
+                continue;
+            }
+            let (s, msg) = self.read(state, deadline);
+            state = s.unwrap_or_else(|| lock(&self.state));
+            match msg {
+                Some((frame, Kind::Call)) => state.calls.push_back(frame),
+                Some((frame, _)) => state.oneways.push_back(frame),
+                None => {}
+            }
+            self.wake.notify_all();
+        }
+    }
+
+    /// Takes the reader role, receives one message and routes replies. Returns a request
+    /// for the caller to place, and the re-taken lock (or `None` if the caller must re-take
+    /// it). The role is released before returning.
+    fn read<'a>(
+        &'a self,
+        mut state: Guard<'a>,
+        deadline: Option<Instant>,
+    ) -> (Option<Guard<'a>>, Option<(Frame, Kind)>) {
+        state.reading = true;
+        let mut frame = std::mem::take(&mut state.buffer);
+        drop(state);
+        let result = self.socket.recv_into(&mut frame, deadline);
+        let mut state = lock(&self.state);
+        state.reading = false;
+        self.wake.notify_all();
+        let envelope = match result.as_ref().map_or_else(
+            |e| match e {
+                Error::FdsDropped { .. } => Envelope::read(&frame.payload).ok(),
+                _ => None,
+            },
+            |()| Envelope::read(&frame.payload).ok(),
+        ) {
+            Some(envelope) => envelope,
+            None => {
+                match result {
+                    Err(Error::TimedOut) => {}
+                    Err(e) => self.fail(&mut state, e),
+                    Ok(()) => self.fail(&mut state, Error::Malformed("bad envelope".into())),
+                }
+                state.buffer = frame;
+                return (Some(state), None);
+            }
+        };
+        if self.trace {
+            eprintln!("{}", self.describe("<-", &envelope, &frame));
+        }
+        match (envelope.kind, result) {
+            (Kind::Reply | Kind::Failure, result) => {
+                if let Some(slot) = state.pending.get_mut(&envelope.cookie) {
+                    *slot = Some(result.map(|()| frame));
+                }
+                (Some(state), None)
+            }
+            (kind, Ok(())) => (Some(state), Some((frame, kind))),
+            (Kind::Call, Err(e)) => {
+                drop(state);
+                let why = format!("the server could not receive the request's fds: {e}");
+                let _ = self.reply_failure(&envelope, &Failure::BadRequest(why));
+                state = lock(&self.state);
+                state.buffer = frame;
+                (Some(state), None)
+            }
+            (Kind::Oneway, Err(_)) => {
+                state.buffer = frame;
+                (Some(state), None)
+            }
+        }
+    }
+
+    /// Ends the connection with `why` and wakes everyone waiting on it.
+    fn fail(&self, state: &mut State, why: Error) {
+        if state.closed.is_none() {
+            if !matches!(why, Error::Disconnected) {
+                // A protocol error leaves the stream unusable; make sure the peer sees it.
+                let _ = self.socket.shutdown();
+            }
+            state.closed = Some(why);
+        }
+        self.wake.notify_all();
+    }
+
+    fn decode_reply<R: DeserializeOwned>(
+        &self,
+        frame: &mut Frame,
+        iface: &InterfaceInfo,
+        cmd: u32,
+    ) -> Result<R> {
+        let envelope = Envelope::read(&frame.payload)?;
+        let body = &frame.payload[envelope::LEN..];
+        let fds = std::mem::take(&mut frame.fds);
+        if envelope.kind == Kind::Failure {
+            let failure: Failure = codec::decode(body, fds)?;
+            return Err(failure.into_error(iface, cmd));
+        }
+        codec::decode(body, fds)
+    }
+
+    /// Runs one request against the service it names, and replies unless it is oneway.
+    fn dispatch(&self, mut frame: Frame, oneway: bool) {
+        let Ok(envelope) = Envelope::read(&frame.payload) else {
+            return;
+        };
+        if self.trace {
+            eprintln!("{}", self.describe("<-", &envelope, &frame));
+        }
+        let service = {
+            let services = self.services.read().unwrap_or_else(PoisonError::into_inner);
+            services
+                .iter()
+                .find(|s| s.info().id == envelope.interface)
+                .cloned()
+                .ok_or_else(|| {
+                    Failure::NotServed(services.iter().map(|s| s.info().name.to_string()).collect())
+                })
+        };
+        let checked = service.and_then(|service| {
+            let info = service.info();
+            if info.signature != envelope.signature {
+                let methods = info.methods.iter();
+                return Err(Failure::Mismatch(
+                    methods
+                        .map(|m| (m.cmd, m.name.to_string(), m.signature.to_string()))
+                        .collect(),
+                ));
+            }
+            if info.method(envelope.cmd).is_none() {
+                return Err(Failure::UnknownCommand(envelope.cmd));
+            }
+            if let Some(authorize) = &*self
+                .authorizer
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+            {
+                authorize(self.peer.as_ref(), info, envelope.cmd).map_err(Failure::Refused)?;
+            }
+            Ok(service)
+        });
+        let failure = match checked {
+            Err(failure) => Some(failure),
+            Ok(service) => {
+                let mut call = Call {
+                    cmd: envelope.cmd,
+                    body: &frame.payload[envelope::LEN..],
+                    fds: std::mem::take(&mut frame.fds),
+                    peer: self.peer,
+                    replier: (!oneway).then_some(Replier {
+                        shared: self,
+                        envelope,
+                    }),
+                    replied: false,
+                };
+                let outcome = catch_unwind(AssertUnwindSafe(|| service.handle(&mut call)));
+                match (outcome, call.replied) {
+                    (_, true) => None,
+                    (Ok(Ok(())), false) => {
+                        (!oneway).then(|| Failure::BadRequest("the server sent no reply".into()))
+                    }
+                    (Ok(Err(e)), false) => Some(Failure::BadRequest(e.to_string())),
+                    (Err(panic), false) => Some(Failure::Panicked(panic_message(&panic))),
+                }
+            }
+        };
+        if let (Some(failure), false) = (failure, oneway) {
+            let _ = self.reply_failure(&envelope, &failure);
+        }
+        self.recycle(frame);
+    }
+
+    fn reply_failure(&self, call: &Envelope, failure: &Failure) -> Result<()> {
+        let envelope = Envelope {
+            kind: Kind::Failure,
+            ..*call
+        };
+        self.send(&envelope, failure, None)?;
+        if self.trace {
+            eprintln!(
+                "typed-ipc[{}] -> failure #{}: {failure:?}",
+                std::process::id(),
+                call.cookie
+            );
+        }
+        Ok(())
+    }
+
+    /// Keeps a received buffer for the next read, unless it is too big to hoard.
+    fn recycle(&self, mut frame: Frame) {
+        frame.clear();
+        if frame.payload.capacity() > 1 << 20 {
+            return;
+        }
+        let mut state = lock(&self.state);
+        if state.buffer.payload.capacity() < frame.payload.capacity() {
+            state.buffer = frame;
+        }
+    }
+
+    fn trace_out(&self, envelope: &Envelope, iface: &InterfaceInfo) {
+        if self.trace {
+            let method = iface.method(envelope.cmd).map_or("?", |m| m.name);
+            eprintln!(
+                "typed-ipc[{}] -> {:?} #{} {}::{method}",
+                std::process::id(),
+                envelope.kind,
+                envelope.cookie,
+                iface.name
+            );
+        }
+    }
+
+    fn describe(&self, dir: &str, envelope: &Envelope, frame: &Frame) -> String {
+        let services = self.services.read().unwrap_or_else(PoisonError::into_inner);
+        let name = services
+            .iter()
+            .map(|s| s.info())
+            .find(|i| i.id == envelope.interface)
+            .map_or(String::new(), |i| {
+                format!(
+                    " {}::{}",
+                    i.name,
+                    i.method(envelope.cmd).map_or("?", |m| m.name)
+                )
+            });
+        format!(
+            "typed-ipc[{}] {dir} {:?} #{}{name} ({} bytes, {} fds)",
+            std::process::id(),
+            envelope.kind,
+            envelope.cookie,
+            frame.payload.len() - envelope::LEN.min(frame.payload.len()),
+            frame.fds.len()
+        )
+    }
+}
+
+/// Where a [`Call`]'s reply goes.
+pub(crate) struct Replier<'a> {
+    shared: &'a Shared,
+    envelope: Envelope,
+}
+
+impl Replier<'_> {
+    pub(crate) fn send<T: Serialize + ?Sized>(&self, value: &T) -> Result<()> {
+        let envelope = Envelope {
+            kind: Kind::Reply,
+            ..self.envelope
+        };
+        let result = self.shared.send(&envelope, value, None);
+        if self.shared.trace {
+            eprintln!(
+                "typed-ipc[{}] -> Reply #{}",
+                std::process::id(),
+                envelope.cookie
+            );
+        }
+        result
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
+        (Some(s), _) => s.to_string(),
+        (_, Some(s)) => s.clone(),
+        _ => "a panic without a message".into(),
+    }
+}
+
+thread_local! {
+    /// This thread's encoding buffers, reused so a call allocates nothing.
+    static BUFFERS: RefCell<(Vec<u8>, Vec<BorrowedFd<'static>>)> =
+        const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Runs `f` with this thread's (emptied) byte and fd buffers.
+fn with_buffers<'a, R>(f: impl FnOnce(&mut Vec<u8>, &mut Vec<BorrowedFd<'a>>) -> R) -> R {
+    // Taken rather than borrowed: `f` runs user `Serialize` code, which may itself call.
+    let (mut buf, fds) = BUFFERS.with(|b| std::mem::take(&mut *b.borrow_mut()));
+    let mut fds: Vec<BorrowedFd<'a>> = fds;
+    buf.clear();
+    let result = f(&mut buf, &mut fds);
+    fds.clear();
+    // An empty vector changes lifetime without a new allocation (collected in place); a
+    // plain `filter` could not change the element type.
+    #[allow(clippy::unnecessary_filter_map)]
+    let fds: Vec<BorrowedFd<'static>> = fds.into_iter().filter_map(|_| None).collect();
+    if buf.capacity() > 1 << 20 {
+        buf = Vec::new(); // don't keep a bulk message's buffer per thread
+    }
+    BUFFERS.with(|b| *b.borrow_mut() = (buf, fds));
+    result
+}
+
+fn lock(m: &Mutex<State>) -> Guard<'_> {
+    // Nothing under this lock is left half-updated by a panic, so poisoning is noise.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}

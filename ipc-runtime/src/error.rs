@@ -1,0 +1,183 @@
+//! The one error type of typed-ipc.
+
+use std::fmt;
+use std::io;
+
+/// Everything that can go wrong in typed-ipc, from the socket up to a remote call.
+///
+/// Every variant is something a caller may want to react to differently, so match on it rather
+/// than on the message. Nothing a peer sends makes typed-ipc panic: bad input from the other
+/// side ends up here.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// The peer closed its end or died. Every caller waiting on the connection gets this at
+    /// once; it is never reported as [`Error::TimedOut`].
+    Disconnected,
+    /// The deadline passed before the operation completed. The connection is still usable.
+    TimedOut,
+    /// A message is larger than the limit that applies to it (ours when sending, the
+    /// receiver's [`Limits`](crate::Limits) when receiving).
+    TooLarge {
+        /// The message's payload size in bytes.
+        size: u64,
+        /// The limit it exceeds.
+        limit: u64,
+    },
+    /// A message carries more file descriptors than the limit that applies to it.
+    TooManyFds {
+        /// How many the message carries.
+        count: u64,
+        /// The limit it exceeds.
+        limit: u64,
+    },
+    /// The kernel dropped file descriptors of this message because this process is at its
+    /// open-file limit (`RLIMIT_NOFILE`; `MSG_CTRUNC`). The message is discarded whole, the
+    /// fds that did arrive are closed, and the stream stays in sync.
+    FdsDropped {
+        /// How many fds the message carried.
+        expected: u64,
+        /// How many of them reached this process.
+        received: u64,
+    },
+    /// A datagram was larger than the protocol allows (`MSG_TRUNC`): the peer is broken or
+    /// hostile. The message is discarded.
+    Truncated,
+    /// The peer sent bytes that are not a valid message: a bad header, or a body that does
+    /// not decode as the type it should be.
+    Malformed(String),
+    /// The peer speaks another version of the wire format.
+    VersionMismatch {
+        /// The version this side speaks.
+        ours: u8,
+        /// The version in the peer's header.
+        theirs: u8,
+    },
+    /// A value could not be encoded (a `Serialize` implementation failed).
+    Encode(String),
+    /// The two ends disagree about an interface: it is not served by the peer, or one of its
+    /// methods differs. The message names what differs.
+    InterfaceMismatch(String),
+    /// The server refused this caller (see `Connection::set_authorizer`); the reason is the
+    /// server's.
+    Refused(String),
+    /// The remote implementation failed while handling this call (it panicked, or the peer
+    /// does not know the command). The connection is still usable.
+    Remote(String),
+    /// An operating-system error, with its errno.
+    Io(io::Error),
+}
+
+/// `Result` with [`Error`] as its error type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Disconnected => f.write_str("peer disconnected"),
+            Error::TimedOut => f.write_str("timed out"),
+            Error::TooLarge { size, limit } => {
+                write!(
+                    f,
+                    "message of {size} bytes exceeds the limit of {limit} bytes"
+                )
+            }
+            Error::TooManyFds { count, limit } => {
+                write!(
+                    f,
+                    "message carries {count} file descriptors, the limit is {limit}"
+                )
+            }
+            Error::FdsDropped { expected, received } => write!(
+                f,
+                "the kernel dropped file descriptors ({received} of {expected} arrived): \
+                 this process is at its open-file limit (RLIMIT_NOFILE)"
+            ),
+            Error::Truncated => f.write_str("peer sent a datagram larger than the protocol allows"),
+            Error::Malformed(why) => write!(f, "malformed message: {why}"),
+            Error::VersionMismatch { ours, theirs } => {
+                write!(
+                    f,
+                    "peer speaks wire version {theirs}, this side speaks {ours}"
+                )
+            }
+            Error::Encode(why) => write!(f, "cannot encode value: {why}"),
+            Error::InterfaceMismatch(why) => write!(f, "interface mismatch: {why}"),
+            Error::Refused(why) => write!(f, "call refused: {why}"),
+            Error::Remote(why) => write!(f, "remote call failed: {why}"),
+            Error::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl Error {
+    /// A copy of this error for every caller a connection failure reaches.
+    pub(crate) fn duplicate(&self) -> Error {
+        match self {
+            Error::Disconnected => Error::Disconnected,
+            Error::TimedOut => Error::TimedOut,
+            Error::TooLarge { size, limit } => Error::TooLarge {
+                size: *size,
+                limit: *limit,
+            },
+            Error::TooManyFds { count, limit } => Error::TooManyFds {
+                count: *count,
+                limit: *limit,
+            },
+            Error::FdsDropped { expected, received } => Error::FdsDropped {
+                expected: *expected,
+                received: *received,
+            },
+            Error::Truncated => Error::Truncated,
+            Error::Malformed(s) => Error::Malformed(s.clone()),
+            Error::VersionMismatch { ours, theirs } => Error::VersionMismatch {
+                ours: *ours,
+                theirs: *theirs,
+            },
+            Error::Encode(s) => Error::Encode(s.clone()),
+            Error::InterfaceMismatch(s) => Error::InterfaceMismatch(s.clone()),
+            Error::Refused(s) => Error::Refused(s.clone()),
+            Error::Remote(s) => Error::Remote(s.clone()),
+            Error::Io(e) => match e.raw_os_error() {
+                Some(errno) => Error::Io(io::Error::from_raw_os_error(errno)),
+                None => Error::Io(io::Error::new(e.kind(), e.to_string())),
+            },
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Io(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<io::Error> for Error {
+    fn from(e: io::Error) -> Self {
+        match e.raw_os_error() {
+            Some(libc::EPIPE | libc::ECONNRESET | libc::ENOTCONN) => Error::Disconnected,
+            _ if e.kind() == io::ErrorKind::TimedOut => Error::TimedOut,
+            _ => Error::Io(e),
+        }
+    }
+}
+
+impl From<nix::Error> for Error {
+    fn from(e: nix::Error) -> Self {
+        Error::from(io::Error::from(e))
+    }
+}
+
+impl From<Error> for io::Error {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Io(e) => e,
+            Error::Disconnected => io::Error::new(io::ErrorKind::BrokenPipe, e),
+            Error::TimedOut => io::Error::new(io::ErrorKind::TimedOut, e),
+            other => io::Error::other(other),
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! Runtime of typed-ipc: transport, codec, connections and worker processes. Use it through
+//! the `typed-ipc` crate, which re-exports all of it and adds the `#[interface]` macro.
+
+#![warn(missing_docs)]
+
+pub mod codec;
+mod connection;
+mod error;
+mod frame;
+mod listener;
+pub mod service;
+mod socket;
+mod sys;
+pub mod wire;
+pub mod worker;
+
+pub use codec::{bytes, fd};
+pub use connection::{Authorizer, Connection};
+pub use error::{Error, Result};
+pub use frame::{Frame, Limits};
+pub use listener::Listener;
+pub use socket::{PeerCredentials, Socket};

@@ -1,0 +1,107 @@
+//! [`Listener`]: accepts connections on a filesystem path or a Linux abstract name.
+
+use std::fs;
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use nix::sys::socket::{self as ns, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+
+use crate::error::{Error, Result};
+use crate::socket::Socket;
+
+/// A listening `SOCK_SEQPACKET` socket.
+///
+/// Binding to a path that holds a *stale* socket file (one nobody listens on any more, left by
+/// a process that died) replaces it; a path where a live listener answers fails with
+/// `AddrInUse`, and a path holding anything but a socket is never touched. The listener
+/// removes its socket file when dropped, unless another listener has replaced it since.
+///
+/// Telling stale from live means trying to connect, so a live listener that a second
+/// `bind` probed sees one connection that hangs up at once.
+#[derive(Debug)]
+pub struct Listener {
+    fd: OwnedFd,
+    /// The file we created, by path and inode, so drop removes only our own.
+    path: Option<(PathBuf, u64)>,
+}
+
+impl Listener {
+    /// Listens on a filesystem path.
+    pub fn bind(path: impl AsRef<Path>) -> Result<Listener> {
+        let path = path.as_ref();
+        let addr = UnixAddr::new(path)?;
+        let fd = new_socket()?;
+        match ns::bind(fd.as_raw_fd(), &addr) {
+            Err(nix::Error::EADDRINUSE) if is_stale(path) => {
+                fs::remove_file(path)?;
+                ns::bind(fd.as_raw_fd(), &addr)?;
+            }
+            r => r?,
+        }
+        let ino = fs::metadata(path)?.ino();
+        ns::listen(&fd, Backlog::MAXCONN)?;
+        Ok(Listener {
+            fd,
+            path: Some((path.to_owned(), ino)),
+        })
+    }
+
+    /// Listens on a Linux abstract socket name (no file; it disappears with the listener).
+    pub fn bind_abstract(name: impl AsRef<[u8]>) -> Result<Listener> {
+        let fd = new_socket()?;
+        ns::bind(fd.as_raw_fd(), &UnixAddr::new_abstract(name.as_ref())?)?;
+        ns::listen(&fd, Backlog::MAXCONN)?;
+        Ok(Listener { fd, path: None })
+    }
+
+    /// Waits for the next connection.
+    pub fn accept(&self) -> Result<Socket> {
+        loop {
+            match ns::accept4(self.fd.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
+                // SAFETY: accept4 returned a new descriptor that nothing else owns.
+                Ok(raw) => return Socket::new(unsafe { OwnedFd::from_raw_fd(raw) }),
+                Err(nix::Error::EINTR | nix::Error::ECONNABORTED) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// The path this listener is bound to, if it is bound to one.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_ref().map(|(p, _)| p.as_path())
+    }
+}
+
+impl AsFd for Listener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Some((path, ino)) = &self.path {
+            if fs::metadata(path).is_ok_and(|m| m.ino() == *ino) {
+                let _ = fs::remove_file(path);
+            }
+        }
+    }
+}
+
+fn new_socket() -> Result<OwnedFd> {
+    Ok(ns::socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?)
+}
+
+/// A socket file nobody listens on: connecting to it is refused.
+fn is_stale(path: &Path) -> bool {
+    let is_socket = fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+    is_socket
+        && matches!(Socket::connect(path), Err(Error::Io(e)) if e.raw_os_error() == Some(libc::ECONNREFUSED))
+}

@@ -1,0 +1,122 @@
+//! What generated code plugs into a [`Connection`](crate::Connection): interface descriptions,
+//! the [`Service`] trait servers implement, and the [`Call`] they answer.
+
+use std::os::fd::OwnedFd;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::codec;
+use crate::error::{Error, Result};
+use crate::socket::PeerCredentials;
+
+/// An interface as `#[interface]` saw it. Both ends compare these to make sure they speak the
+/// same interface.
+#[derive(Debug)]
+pub struct InterfaceInfo {
+    /// The trait's name.
+    pub name: &'static str,
+    /// [`fnv1a`] of `name`: how requests name their interface on the wire.
+    pub id: u32,
+    /// [`fnv1a`] of every method's id, name and signature: equal on both ends or the
+    /// interface differs.
+    pub signature: u32,
+    /// The methods, in declaration order.
+    pub methods: &'static [MethodInfo],
+}
+
+/// One method of an [`InterfaceInfo`].
+#[derive(Debug)]
+pub struct MethodInfo {
+    /// The method's name.
+    pub name: &'static str,
+    /// Its command id on the wire.
+    pub cmd: u32,
+    /// Its signature as written, e.g. `fn reverse(&self, text: String) -> String`.
+    pub signature: &'static str,
+    /// Whether it is `#[oneway]`: sent without waiting for a reply.
+    pub oneway: bool,
+}
+
+impl InterfaceInfo {
+    /// The method with command id `cmd`.
+    pub fn method(&self, cmd: u32) -> Option<&'static MethodInfo> {
+        self.methods.iter().find(|m| m.cmd == cmd)
+    }
+}
+
+/// FNV-1a, 32 bits: stable across builds and platforms, and usable in `const` items.
+pub const fn fnv1a(bytes: &[u8]) -> u32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    let mut i = 0;
+    while i < bytes.len() {
+        hash ^= bytes[i] as u32;
+        hash = hash.wrapping_mul(0x0100_0193);
+        i += 1;
+    }
+    hash
+}
+
+/// The server side of one interface: what `#[interface]` generates as `<Trait>Server`.
+///
+/// The connection checks that a request names this interface, with the same signature, and a
+/// command it has before it calls [`Service::handle`]; it turns a panic in `handle` into an
+/// error reply for that call.
+pub trait Service: Send + Sync + 'static {
+    /// The interface this service answers.
+    fn info(&self) -> &'static InterfaceInfo;
+
+    /// Handles one request: decodes its arguments with [`Call::args`], runs the
+    /// implementation, and answers with [`Call::reply`] (not for oneway methods).
+    fn handle(&self, call: &mut Call<'_>) -> Result<()>;
+}
+
+/// One request being handled by a [`Service`].
+pub struct Call<'a> {
+    pub(crate) cmd: u32,
+    pub(crate) body: &'a [u8],
+    pub(crate) fds: Vec<OwnedFd>,
+    pub(crate) peer: Option<PeerCredentials>,
+    /// `None` for oneway messages.
+    pub(crate) replier: Option<crate::connection::Replier<'a>>,
+    pub(crate) replied: bool,
+}
+
+impl Call<'_> {
+    /// The command id of the method called.
+    pub fn command(&self) -> u32 {
+        self.cmd
+    }
+
+    /// Whether the caller waits for no reply.
+    pub fn is_oneway(&self) -> bool {
+        self.replier.is_none()
+    }
+
+    /// The caller's process credentials (pid, uid, gid), as the kernel recorded them for the
+    /// connection.
+    pub fn peer_credentials(&self) -> Option<PeerCredentials> {
+        self.peer
+    }
+
+    /// Decodes the arguments, taking the fds that came with them. Fds not claimed are closed.
+    pub fn args<T: DeserializeOwned>(&mut self) -> Result<T> {
+        codec::decode(self.body, std::mem::take(&mut self.fds))
+    }
+
+    /// Sends `value` as the reply. Ignored for oneway calls, which get no reply.
+    pub fn reply<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<()> {
+        match &self.replier {
+            Some(replier) if !self.replied => {
+                self.replied = true;
+                replier.send(value)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// An error for a command this interface does not have.
+    pub fn unknown_command(&self) -> Error {
+        Error::Malformed(format!("unknown command {}", self.cmd))
+    }
+}

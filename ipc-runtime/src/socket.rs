@@ -1,0 +1,557 @@
+//! [`Socket`]: a connected `SOCK_SEQPACKET` socket that moves whole [`Frame`]s.
+
+use std::mem;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::socket::{self as ns, AddressFamily, SockFlag, SockType, UnixAddr, sockopt};
+
+use crate::error::{Error, Result};
+use crate::frame::{Frame, Limits};
+use crate::sys;
+use crate::wire::{DATAGRAM_MAX, FDS_PER_DATAGRAM, FIRST_MAX, HEADER_LEN, Header, Kind};
+
+/// The peer process of a socket, as the kernel saw it when the connection was made
+/// (`SO_PEERCRED`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerCredentials {
+    /// Process id.
+    pub pid: i32,
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+}
+
+/// A connected Unix `SOCK_SEQPACKET` socket that sends and receives whole [`Frame`]s.
+///
+/// Every method takes `&self` and the socket is `Sync`: one thread may send while another
+/// receives. Sends are serialised so the datagrams of a large message never interleave with
+/// another message's; receives likewise.
+///
+/// Blocking calls wait forever unless given a timeout; [`Socket::try_recv`] never waits, and
+/// the socket is [`AsFd`] so an event loop can wait for readability instead. Sends never
+/// block on a full socket buffer without a deadline to stop them: see [`Socket::send`].
+#[derive(Debug)]
+pub struct Socket {
+    fd: OwnedFd,
+    limits: Limits,
+    /// Most payload bytes this side puts in one continuation datagram (from `SO_SNDBUF`).
+    chunk: usize,
+    send_lock: Mutex<()>,
+    recv: Mutex<RecvState>,
+    /// Nanoseconds to poll for a message before blocking; 0 = block at once.
+    spin_ns: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct RecvState {
+    /// A message whose first datagram has arrived and whose rest has not.
+    partial: Option<Partial>,
+    /// An earlier message failed part-way: drop its continuations before reading on.
+    discarding: bool,
+}
+
+#[derive(Debug)]
+struct Partial {
+    frame: Frame,
+    total_len: usize,
+    total_fds: usize,
+    /// Fds the headers so far announced (the kernel may have dropped some of them).
+    fds_announced: usize,
+    /// The kernel dropped fds of this message (`MSG_CTRUNC`).
+    dropped: bool,
+}
+
+impl Socket {
+    /// A connected pair of sockets, like [`std::os::unix::net::UnixStream::pair`].
+    pub fn pair() -> Result<(Socket, Socket)> {
+        let (a, b) = ns::socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )?;
+        Ok((Socket::new(a)?, Socket::new(b)?))
+    }
+
+    /// Connects to a [`Listener`](crate::Listener) bound to a filesystem path.
+    pub fn connect(path: impl AsRef<Path>) -> Result<Socket> {
+        Socket::connect_addr(&UnixAddr::new(path.as_ref())?)
+    }
+
+    /// Connects to a [`Listener`](crate::Listener) bound to a Linux abstract name.
+    pub fn connect_abstract(name: impl AsRef<[u8]>) -> Result<Socket> {
+        Socket::connect_addr(&UnixAddr::new_abstract(name.as_ref())?)
+    }
+
+    fn connect_addr(addr: &UnixAddr) -> Result<Socket> {
+        let fd = ns::socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        ns::connect(fd.as_raw_fd(), addr)?;
+        Socket::new(fd)
+    }
+
+    /// Takes over a connected `SOCK_SEQPACKET` socket, for example one a parent process left
+    /// open for its child. Any other kind of fd is refused.
+    pub fn from_fd(fd: OwnedFd) -> Result<Socket> {
+        if ns::getsockopt(&fd, sockopt::SockType)? != SockType::SeqPacket {
+            return Err(Error::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a SOCK_SEQPACKET socket",
+            )));
+        }
+        Socket::new(fd)
+    }
+
+    pub(crate) fn new(fd: OwnedFd) -> Result<Socket> {
+        // A bigger send buffer means bigger datagrams, so fewer syscalls for bulk data. The
+        // kernel caps the request at net.core.wmem_max and doubles it; whatever we get, the
+        // largest datagram it accepts is the buffer less 32 bytes of bookkeeping.
+        let want = DATAGRAM_MAX + HEADER_LEN + 64;
+        let _ = ns::setsockopt(&fd, sockopt::SndBuf, &want);
+        let sndbuf = ns::getsockopt(&fd, sockopt::SndBuf)?;
+        let chunk = sndbuf
+            .saturating_sub(32 + HEADER_LEN)
+            .clamp(4096, DATAGRAM_MAX);
+        Ok(Socket {
+            fd,
+            limits: Limits::default(),
+            chunk,
+            send_lock: Mutex::new(()),
+            recv: Mutex::new(RecvState::default()),
+            spin_ns: AtomicU64::new(0),
+        })
+    }
+
+    /// Sets what this side accepts from the peer.
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
+    /// What this side accepts from the peer.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Before a receive blocks, keep trying for up to `spin` (off, `Duration::ZERO`, by
+    /// default).
+    ///
+    /// On a machine where an idle CPU halts, waking a process blocked on another CPU costs
+    /// tens of microseconds, far more than the message itself; a receiver that spins a little
+    /// catches a quick reply while its CPU is still awake. The price is CPU time: a waiting
+    /// thread burns its CPU for up to `spin` per receive (non-blocking `recvmsg` calls back to
+    /// back), so enable it for latency-critical request/reply traffic across CPUs only.
+    pub fn set_spin(&self, spin: Duration) {
+        let ns = u64::try_from(spin.as_nanos()).unwrap_or(u64::MAX);
+        self.spin_ns.store(ns, Ordering::Relaxed);
+    }
+
+    /// The peer's pid, uid and gid as the kernel recorded them at connection time.
+    pub fn peer_credentials(&self) -> Result<PeerCredentials> {
+        let c = ns::getsockopt(&self.fd, sockopt::PeerCredentials)?;
+        Ok(PeerCredentials {
+            pid: c.pid(),
+            uid: c.uid(),
+            gid: c.gid(),
+        })
+    }
+
+    /// Shuts the socket down both ways: the peer sees a hang-up, and threads blocked on this
+    /// socket wake with [`Error::Disconnected`].
+    pub fn shutdown(&self) -> Result<()> {
+        match ns::shutdown(self.fd.as_raw_fd(), ns::Shutdown::Both) {
+            Err(nix::Error::ENOTCONN) => Ok(()),
+            r => Ok(r?),
+        }
+    }
+
+    /// Sends one message, waiting as long as the peer's buffer is full.
+    ///
+    /// A message that fits one datagram (≤ 64 KiB and ≤ 253 fds) is one `sendmsg`; a larger
+    /// one is split, and the peer reassembles it. The peer's [`Limits`] decide what it
+    /// accepts; this side refuses only what the wire format cannot express (≥ 4 GiB).
+    pub fn send(&self, payload: &[u8], fds: &[BorrowedFd<'_>]) -> Result<()> {
+        self.send_deadline(payload, fds, None)
+    }
+
+    /// [`Socket::send`] that gives up with [`Error::TimedOut`] once `timeout` has passed.
+    ///
+    /// A message is never left half-sent: if the deadline passes after part of a large
+    /// message went out, the socket is shut down (the peer sees a hang-up) before
+    /// `TimedOut` is returned.
+    pub fn send_timeout(
+        &self,
+        payload: &[u8],
+        fds: &[BorrowedFd<'_>],
+        timeout: Duration,
+    ) -> Result<()> {
+        self.send_deadline(payload, fds, Some(Instant::now() + timeout))
+    }
+
+    pub(crate) fn send_deadline(
+        &self,
+        payload: &[u8],
+        fds: &[BorrowedFd<'_>],
+        deadline: Option<Instant>,
+    ) -> Result<()> {
+        let total_len = u32::try_from(payload.len()).map_err(|_| Error::TooLarge {
+            size: payload.len() as u64,
+            limit: u32::MAX as u64,
+        })?;
+        let total_fds = u32::try_from(fds.len()).map_err(|_| Error::TooManyFds {
+            count: fds.len() as u64,
+            limit: u32::MAX as u64,
+        })?;
+        let _guard = lock(&self.send_lock);
+        let whole = payload.len() <= FIRST_MAX.min(self.chunk) && fds.len() <= FDS_PER_DATAGRAM;
+        let first_len = if whole { payload.len() } else { 0 };
+        let first_fds = fds.len().min(FDS_PER_DATAGRAM);
+        let header = Header {
+            kind: Kind::First,
+            fds: first_fds as u16,
+            total_len,
+            total_fds,
+        };
+        self.send_datagram(&header, &payload[..first_len], &fds[..first_fds], deadline)?;
+        let (mut bytes, mut fds) = (&payload[first_len..], &fds[first_fds..]);
+        while !bytes.is_empty() || !fds.is_empty() {
+            let (chunk, rest) = bytes.split_at(bytes.len().min(self.chunk));
+            let (these, others) = fds.split_at(fds.len().min(FDS_PER_DATAGRAM));
+            let header = Header {
+                kind: Kind::More,
+                fds: these.len() as u16,
+                total_len,
+                total_fds,
+            };
+            if let Err(e) = self.send_datagram(&header, chunk, these, deadline) {
+                // The peer holds part of a message; the stream cannot be resynchronised.
+                let _ = self.shutdown();
+                return Err(e);
+            }
+            (bytes, fds) = (rest, others);
+        }
+        Ok(())
+    }
+
+    fn send_datagram(
+        &self,
+        header: &Header,
+        payload: &[u8],
+        fds: &[BorrowedFd<'_>],
+        deadline: Option<Instant>,
+    ) -> Result<()> {
+        let header = header.encode();
+        loop {
+            match sys::send(self.fd.as_fd(), &header, payload, fds) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                    self.wait(PollFlags::POLLOUT, deadline)?
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Receives the next message, waiting for it as long as it takes.
+    pub fn recv(&self) -> Result<Frame> {
+        let mut frame = Frame::default();
+        self.recv_into(&mut frame, None)?;
+        if frame.payload.capacity() > 2 * frame.payload.len() + 4096 {
+            frame.payload.shrink_to_fit();
+        }
+        Ok(frame)
+    }
+
+    /// Receives the next message, or fails with [`Error::TimedOut`] once `timeout` has passed.
+    /// A message that was part-way in is kept and completed by the next receive.
+    pub fn recv_timeout(&self, timeout: Duration) -> Result<Frame> {
+        let mut frame = Frame::default();
+        self.recv_into(&mut frame, Some(Instant::now() + timeout))?;
+        Ok(frame)
+    }
+
+    /// Receives a message if a whole one is ready, without waiting: `Ok(None)` otherwise.
+    pub fn try_recv(&self) -> Result<Option<Frame>> {
+        let mut frame = Frame::default();
+        match self.recv_inner(&mut frame, Wait::No) {
+            Ok(()) => Ok(Some(frame)),
+            Err(Error::TimedOut) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Receives the next message into `frame`, reusing its payload buffer; the fds `frame`
+    /// held are closed. With `deadline`, fails with [`Error::TimedOut`] once it has passed.
+    ///
+    /// This is the allocation-free receive: a frame reused across calls needs no new memory
+    /// for messages up to 64 KiB. On [`Error::FdsDropped`] the message was consumed whole and
+    /// its payload is left in `frame` (without fds), so the caller can tell what it was.
+    pub fn recv_into(&self, frame: &mut Frame, deadline: Option<Instant>) -> Result<()> {
+        self.recv_inner(frame, deadline.map_or(Wait::Forever, Wait::Until))
+    }
+
+    fn recv_inner(&self, frame: &mut Frame, wait: Wait) -> Result<()> {
+        frame.clear();
+        let mut state = lock(&self.recv);
+        if state.discarding {
+            self.discard(&mut state, wait)?;
+        }
+        match state.partial.take() {
+            Some(partial) => self.continue_message(&mut state, partial, frame, wait),
+            None => self.start_message(&mut state, frame, wait),
+        }
+    }
+
+    fn start_message(&self, state: &mut RecvState, frame: &mut Frame, wait: Wait) -> Result<()> {
+        frame.payload.reserve(FIRST_MAX);
+        let (header, dropped) = self.recv_datagram(frame, FIRST_MAX, wait)?;
+        if header.kind != Kind::First {
+            return Err(Error::Malformed(
+                "continuation datagram without a message".into(),
+            ));
+        }
+        let (total_len, total_fds) = (header.total_len as usize, header.total_fds as usize);
+        // If this message is refused, its continuations must not be read as new messages.
+        state.discarding = frame.payload.len() < total_len || (header.fds as usize) < total_fds;
+        if total_len > self.limits.max_message_len {
+            let limit = self.limits.max_message_len as u64;
+            return Err(Error::TooLarge {
+                size: total_len as u64,
+                limit,
+            });
+        }
+        if total_fds > self.limits.max_fds {
+            let limit = self.limits.max_fds as u64;
+            return Err(Error::TooManyFds {
+                count: total_fds as u64,
+                limit,
+            });
+        }
+        state.discarding = false;
+        let partial = Partial {
+            frame: mem::take(frame),
+            total_len,
+            total_fds,
+            fds_announced: header.fds as usize,
+            dropped,
+        };
+        self.continue_message(state, partial, frame, wait)
+    }
+
+    /// Reads datagrams until `p` is complete; on a timeout keeps it in `state` for later.
+    fn continue_message(
+        &self,
+        state: &mut RecvState,
+        p: Partial,
+        out: &mut Frame,
+        wait: Wait,
+    ) -> Result<()> {
+        let result = self.complete(state, p, out, wait);
+        if let Err(e) = &result {
+            // The rest of a message that failed part-way must not be read as a new one.
+            state.discarding = !matches!(e, Error::TimedOut | Error::FdsDropped { .. });
+        }
+        result
+    }
+
+    fn complete(
+        &self,
+        state: &mut RecvState,
+        mut p: Partial,
+        out: &mut Frame,
+        wait: Wait,
+    ) -> Result<()> {
+        loop {
+            let have = p.frame.payload.len();
+            if have > p.total_len || p.fds_announced > p.total_fds {
+                return Err(Error::Malformed(format!(
+                    "message announced {} bytes and {} fds, sent more",
+                    p.total_len, p.total_fds
+                )));
+            }
+            if have == p.total_len && p.fds_announced == p.total_fds {
+                break;
+            }
+            let room = (p.total_len - have).min(DATAGRAM_MAX);
+            // Grow with what arrives, not with what the peer announced.
+            let target = p.total_len.min((2 * have).max(have + room));
+            p.frame.payload.reserve_exact(target - have);
+            let (header, dropped) = match self.recv_datagram(&mut p.frame, room, wait) {
+                Err(Error::TimedOut) => {
+                    state.partial = Some(p);
+                    return Err(Error::TimedOut);
+                }
+                r => r?,
+            };
+            if header.kind != Kind::More
+                || header.total_len as usize != p.total_len
+                || header.total_fds as usize != p.total_fds
+            {
+                return Err(Error::Malformed("message interrupted by another".into()));
+            }
+            p.fds_announced += header.fds as usize;
+            p.dropped |= dropped;
+        }
+        *out = p.frame;
+        if p.dropped {
+            // The message is consumed whole, so the stream stays in sync; its bytes stay in
+            // `out` so the layer above can tell whose message it was.
+            let received = out.fds.len() as u64;
+            out.fds.clear();
+            return Err(Error::FdsDropped {
+                expected: p.total_fds as u64,
+                received,
+            });
+        }
+        Ok(())
+    }
+
+    /// Receives one datagram, appending at most `room` payload bytes to `frame`, and checks
+    /// it. Returns its header and whether the kernel dropped some of its fds.
+    fn recv_datagram(&self, frame: &mut Frame, room: usize, wait: Wait) -> Result<(Header, bool)> {
+        let mut head = [0u8; HEADER_LEN];
+        let fds_before = frame.fds.len();
+        let mut spin_until = match self.spin_ns.load(Ordering::Relaxed) {
+            0 => None,
+            _ if wait == Wait::No => None,
+            ns => Some(Instant::now() + Duration::from_nanos(ns)),
+        };
+        let got = loop {
+            let spinning = spin_until.is_some_and(|end| Instant::now() < end);
+            if !spinning {
+                spin_until = None;
+                if let Wait::Until(deadline) = wait {
+                    self.wait(PollFlags::POLLIN, Some(deadline))?;
+                }
+            }
+            let dont_wait = wait == Wait::No || spinning;
+            let spare = &mut frame.payload.spare_capacity_mut()[..room];
+            match sys::recv(self.fd.as_fd(), &mut head, spare, &mut frame.fds, dont_wait) {
+                Ok(got) => break got,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && dont_wait => {
+                    if wait == Wait::No {
+                        return Err(Error::TimedOut);
+                    }
+                    std::hint::spin_loop();
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && wait != Wait::Forever => {}
+                Err(e) => return Err(e.into()),
+            }
+        };
+        if got.len == 0 {
+            return Err(Error::Disconnected);
+        }
+        let len = got.len.saturating_sub(HEADER_LEN);
+        // SAFETY: the kernel wrote `len` bytes into the spare capacity handed to recvmsg.
+        unsafe { frame.payload.set_len(frame.payload.len() + len) };
+        let header = Header::decode(&head, got.len)?;
+        if got.truncated {
+            return Err(Error::Truncated);
+        }
+        let arrived = frame.fds.len() - fds_before;
+        if arrived > header.fds as usize || (!got.fds_dropped && arrived != header.fds as usize) {
+            return Err(Error::Malformed(format!(
+                "header announces {} fds, {arrived} arrived",
+                header.fds
+            )));
+        }
+        Ok((header, got.fds_dropped))
+    }
+
+    /// Drops the continuations of a message that failed, up to the next first datagram.
+    fn discard(&self, state: &mut RecvState, wait: Wait) -> Result<()> {
+        loop {
+            let mut head = [0u8; HEADER_LEN];
+            let peek = match wait {
+                Wait::Until(d) => self.wait(PollFlags::POLLIN, Some(d)),
+                _ => Ok(()),
+            };
+            peek?;
+            let flags = ns::MsgFlags::MSG_PEEK
+                | if wait == Wait::No {
+                    ns::MsgFlags::MSG_DONTWAIT
+                } else {
+                    ns::MsgFlags::empty()
+                };
+            let n = match ns::recv(self.fd.as_raw_fd(), &mut head, flags) {
+                Ok(n) => n,
+                Err(nix::Error::EINTR) => continue,
+                Err(nix::Error::EAGAIN) => return Err(Error::TimedOut),
+                Err(e) => return Err(e.into()),
+            };
+            if n == 0 {
+                return Err(Error::Disconnected);
+            }
+            // Only a well-formed continuation belongs to the failed message; anything else
+            // is read as usual (and reported, if it is garbage).
+            if n < 4 || head[0..2] != *b"TI" || head[3] != Kind::More as u8 {
+                state.discarding = false;
+                return Ok(());
+            }
+            // Consume it; its bytes are cut off (MSG_TRUNC) and its fds closed with `junk`.
+            let mut junk = Frame::default();
+            sys::recv(self.fd.as_fd(), &mut head, &mut [], &mut junk.fds, true)?;
+        }
+    }
+
+    /// Waits until the socket is ready for `events` or the deadline passes.
+    fn wait(&self, events: PollFlags, deadline: Option<Instant>) -> Result<()> {
+        loop {
+            let timeout = match deadline {
+                None => PollTimeout::NONE,
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(Error::TimedOut);
+                    }
+                    // Round up so we never wake just before the deadline and spin.
+                    let ms = left.as_micros().div_ceil(1000);
+                    PollTimeout::try_from(ms.min(i32::MAX as u128) as i32)
+                        .unwrap_or(PollTimeout::MAX)
+                }
+            };
+            let mut fds = [PollFd::new(self.fd.as_fd(), events)];
+            match poll(&mut fds, timeout) {
+                Ok(0) => continue, // loop to re-check the deadline
+                Ok(_) => return Ok(()),
+                Err(nix::Error::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    No,
+    Forever,
+    Until(Instant),
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing under these locks is left half-updated by a panic, so poisoning is noise.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl AsFd for Socket {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl From<Socket> for OwnedFd {
+    fn from(s: Socket) -> OwnedFd {
+        s.fd
+    }
+}

@@ -1,0 +1,169 @@
+//! The transport's wire header: the one place its layout is defined.
+//!
+//! A *message* is a payload (bytes) plus a table of file descriptors. On the socket it is one
+//! or more `SOCK_SEQPACKET` datagrams. Every datagram starts with this 16-byte header,
+//! little-endian:
+//!
+//! | offset | size | field       | meaning                                                     |
+//! |-------:|-----:|-------------|-------------------------------------------------------------|
+//! | 0      | 2    | `magic`     | `b"TI"`                                                      |
+//! | 2      | 1    | `version`   | [`VERSION`]; a peer with another version is refused          |
+//! | 3      | 1    | `kind`      | 1 = first datagram of a message, 2 = continuation            |
+//! | 4      | 2    | `fds`       | fds attached to *this* datagram (`SCM_RIGHTS`), ≤ 253        |
+//! | 6      | 2    | `reserved`  | zero                                                         |
+//! | 8      | 4    | `total_len` | payload bytes of the whole message                           |
+//! | 12     | 4    | `total_fds` | fds of the whole message                                     |
+//!
+//! The payload bytes of the message follow the headers, split across datagrams in order. A
+//! message that fits is one datagram (kind 1, all bytes, all fds): one `sendmsg`, one
+//! `recvmsg`. A larger one, or one with more than 253 fds, is a first datagram carrying the
+//! totals (and at most [`FIRST_MAX`] bytes) followed by continuations; the receiver knows it
+//! is complete when it holds `total_len` bytes and `total_fds` fds. The receiver checks the
+//! totals against its [`Limits`](crate::Limits) before it allocates anything.
+//!
+//! The transport knows nothing of commands or cookies: those live in the payload and belong
+//! to the layer above.
+
+use crate::error::{Error, Result};
+
+/// Size of the header in bytes.
+pub const HEADER_LEN: usize = 16;
+/// Version of the wire format this crate speaks.
+pub const VERSION: u8 = 1;
+const MAGIC: [u8; 2] = *b"TI";
+/// Most payload bytes a first datagram may carry: the receiver reads first datagrams into a
+/// buffer of this size, so small messages need no allocation.
+pub const FIRST_MAX: usize = 64 * 1024;
+/// Most payload bytes any datagram may carry (what a 4 MiB `SO_SNDBUF` allows).
+pub const DATAGRAM_MAX: usize = 4 * 1024 * 1024;
+/// Most fds the kernel accepts in one `SCM_RIGHTS` message (`SCM_MAX_FD`).
+pub const FDS_PER_DATAGRAM: usize = 253;
+
+/// Which part of a message a datagram is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// The first (often the only) datagram of a message.
+    First = 1,
+    /// A continuation of the message whose first datagram came before.
+    More = 2,
+}
+
+/// A decoded datagram header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// Which part of a message this datagram is.
+    pub kind: Kind,
+    /// Fds attached to this datagram.
+    pub fds: u16,
+    /// Payload bytes of the whole message.
+    pub total_len: u32,
+    /// Fds of the whole message.
+    pub total_fds: u32,
+}
+
+impl Header {
+    /// Encodes the header.
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0..2].copy_from_slice(&MAGIC);
+        b[2] = VERSION;
+        b[3] = self.kind as u8;
+        b[4..6].copy_from_slice(&self.fds.to_le_bytes());
+        b[8..12].copy_from_slice(&self.total_len.to_le_bytes());
+        b[12..16].copy_from_slice(&self.total_fds.to_le_bytes());
+        b
+    }
+
+    /// Decodes and validates a header; `len` is how many header bytes actually arrived.
+    pub fn decode(b: &[u8; HEADER_LEN], len: usize) -> Result<Header> {
+        if len < HEADER_LEN {
+            return Err(Error::Malformed(format!(
+                "datagram of {len} bytes has no complete header"
+            )));
+        }
+        if b[0..2] != MAGIC {
+            return Err(Error::Malformed(format!(
+                "bad magic {:02x}{:02x}",
+                b[0], b[1]
+            )));
+        }
+        if b[2] != VERSION {
+            return Err(Error::VersionMismatch {
+                ours: VERSION,
+                theirs: b[2],
+            });
+        }
+        let kind = match b[3] {
+            1 => Kind::First,
+            2 => Kind::More,
+            k => return Err(Error::Malformed(format!("unknown datagram kind {k}"))),
+        };
+        if b[6..8] != [0, 0] {
+            return Err(Error::Malformed(
+                "reserved header bytes are not zero".into(),
+            ));
+        }
+        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        Ok(Header {
+            kind,
+            fds: u16::from_le_bytes([b[4], b[5]]),
+            total_len: u32_at(8),
+            total_fds: u32_at(12),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips() {
+        let h = Header {
+            kind: Kind::More,
+            fds: 253,
+            total_len: 0xdead_beef,
+            total_fds: 300,
+        };
+        assert_eq!(Header::decode(&h.encode(), HEADER_LEN).unwrap(), h);
+    }
+
+    #[test]
+    fn rejects_garbage() {
+        let good = Header {
+            kind: Kind::First,
+            fds: 0,
+            total_len: 1,
+            total_fds: 0,
+        }
+        .encode();
+        assert!(matches!(Header::decode(&good, 3), Err(Error::Malformed(_))));
+        let mut b = good;
+        b[0] = b'X';
+        assert!(matches!(
+            Header::decode(&b, HEADER_LEN),
+            Err(Error::Malformed(_))
+        ));
+        let mut b = good;
+        b[2] = 9;
+        assert!(matches!(
+            Header::decode(&b, HEADER_LEN),
+            Err(Error::VersionMismatch {
+                ours: VERSION,
+                theirs: 9
+            })
+        ));
+        let mut b = good;
+        b[3] = 7;
+        assert!(matches!(
+            Header::decode(&b, HEADER_LEN),
+            Err(Error::Malformed(_))
+        ));
+        let mut b = good;
+        b[7] = 1;
+        assert!(matches!(
+            Header::decode(&b, HEADER_LEN),
+            Err(Error::Malformed(_))
+        ));
+    }
+}

@@ -1,0 +1,394 @@
+//! The transport: whole messages of any size with fds, limits, errors, leaks, processes.
+
+mod common;
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::time::Duration;
+
+use common::*;
+use ipc_runtime::wire::{FIRST_MAX, HEADER_LEN, Header, Kind};
+use ipc_runtime::worker::{self, Exit, Worker};
+use ipc_runtime::{Error, Frame, Limits, Listener, Socket};
+
+fn fds(n: usize) -> Vec<OwnedFd> {
+    (0..n).map(|i| memfd(&i.to_le_bytes())).collect()
+}
+
+fn borrow(fds: &[OwnedFd]) -> Vec<BorrowedFd<'_>> {
+    fds.iter().map(|f| f.as_fd()).collect()
+}
+
+/// Sends `len` bytes and `nfds` fds from `a` to `b` and checks every byte and fd.
+fn round_trip(a: &Socket, b: &Socket, len: usize, nfds: usize) {
+    let payload = pattern(len);
+    let sent = fds(nfds);
+    std::thread::scope(|s| {
+        s.spawn(|| a.send(&payload, &borrow(&sent)).unwrap());
+        let frame = b.recv().unwrap();
+        assert_eq!(frame.payload.len(), len);
+        assert!(frame.payload == payload, "payload of {len} bytes differs");
+        assert_eq!(frame.fds.len(), nfds);
+        for (i, fd) in frame.fds.into_iter().enumerate() {
+            assert_eq!(read_all(fd), i.to_le_bytes());
+        }
+    });
+}
+
+#[test]
+fn bytes_only_fds_only_both_and_empty() {
+    let (a, b) = Socket::pair().unwrap();
+    round_trip(&a, &b, 5, 0);
+    round_trip(&a, &b, 0, 1);
+    round_trip(&a, &b, 100, 3);
+    round_trip(&a, &b, 0, 0);
+}
+
+#[test]
+fn fd_counts_up_to_and_beyond_one_datagram() {
+    let (a, b) = Socket::pair().unwrap();
+    for n in [0, 1, 253, 254, 300, 1000] {
+        round_trip(&a, &b, 10, n);
+    }
+}
+
+#[test]
+fn payload_sizes_around_every_boundary() {
+    let (a, b) = Socket::pair().unwrap();
+    let chunk = 4 * 1024 * 1024; // the largest continuation datagram
+    let mut sizes = vec![0, 1, FIRST_MAX - 1, FIRST_MAX, FIRST_MAX + 1];
+    sizes.extend([
+        212_960 - HEADER_LEN,
+        212_960,
+        chunk - 1,
+        chunk,
+        chunk + 1,
+        3 * chunk + 7,
+    ]);
+    for len in sizes {
+        round_trip(&a, &b, len, 0);
+        round_trip(&a, &b, len, 2);
+    }
+}
+
+#[test]
+fn a_256_mib_message_arrives_whole() {
+    let (a, b) = Socket::pair().unwrap();
+    round_trip(&a, &b, 256 << 20, 1);
+}
+
+#[test]
+fn a_received_fd_is_the_same_open_file() {
+    let (a, b) = Socket::pair().unwrap();
+    let file = memfd(b"");
+    a.send(b"", &[file.as_fd()]).unwrap();
+    let received = b.recv().unwrap().fds.pop().unwrap();
+    let mut w = std::fs::File::from(received);
+    std::io::Write::write_all(&mut w, b"written by the receiver").unwrap();
+    assert_eq!(read_all(file), b"written by the receiver");
+}
+
+#[test]
+fn hang_up_while_receiving_is_disconnected() {
+    let (a, b) = Socket::pair().unwrap();
+    std::thread::scope(|s| {
+        let waiter = s.spawn(|| b.recv());
+        drop(a);
+        assert!(matches!(waiter.join().unwrap(), Err(Error::Disconnected)));
+    });
+}
+
+#[test]
+fn hang_up_in_the_middle_of_a_large_message_is_disconnected() {
+    let (a, b) = Socket::pair().unwrap();
+    let first = Header {
+        kind: Kind::First,
+        fds: 0,
+        total_len: 10 << 20,
+        total_fds: 0,
+    };
+    raw_send(&a, &first.encode(), &[]);
+    let more = Header {
+        kind: Kind::More,
+        ..first
+    };
+    raw_send(&a, &more.encode(), &[7; 1000]);
+    drop(a);
+    assert!(matches!(b.recv(), Err(Error::Disconnected)));
+}
+
+/// Sends one raw datagram, bypassing the transport's framing.
+fn raw_send(s: &Socket, header: &[u8], body: &[u8]) {
+    let iov = [std::io::IoSlice::new(header), std::io::IoSlice::new(body)];
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&s.as_fd());
+    nix::sys::socket::sendmsg::<()>(fd, &iov, &[], nix::sys::socket::MsgFlags::empty(), None)
+        .unwrap();
+}
+
+#[test]
+fn an_oversized_announcement_is_refused_and_the_stream_stays_in_sync() {
+    let (a, mut b) = Socket::pair().unwrap();
+    b.set_limits(Limits {
+        max_message_len: 1 << 20,
+        max_fds: 4,
+    });
+    // Announces 4 GiB − 1, sends 1 MiB of it, then a good message follows.
+    let huge = Header {
+        kind: Kind::First,
+        fds: 0,
+        total_len: u32::MAX,
+        total_fds: 0,
+    };
+    raw_send(&a, &huge.encode(), &[]);
+    raw_send(
+        &a,
+        &Header {
+            kind: Kind::More,
+            ..huge
+        }
+        .encode(),
+        &vec![0; 1 << 20],
+    );
+    a.send(b"after", &[]).unwrap();
+    match b.recv() {
+        Err(Error::TooLarge { size, limit }) => {
+            assert_eq!((size, limit), (u32::MAX as u64, 1 << 20));
+        }
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    assert_eq!(b.recv().unwrap().payload, b"after");
+    // Too many fds: refused, closed, and in sync.
+    let before = open_fds();
+    let many = fds(5);
+    a.send(b"x", &borrow(&many)).unwrap();
+    drop(many);
+    assert!(matches!(
+        b.recv(),
+        Err(Error::TooManyFds { count: 5, limit: 4 })
+    ));
+    assert_eq!(open_fds(), before);
+    a.send(b"ok", &[]).unwrap();
+    assert_eq!(b.recv().unwrap().payload, b"ok");
+}
+
+#[test]
+fn garbage_is_malformed_and_the_stream_stays_in_sync() {
+    let (a, b) = Socket::pair().unwrap();
+    // A continuation out of the blue, then garbage of every kind, then a good message: all
+    // sent before anything is read, so nothing depends on timing.
+    let stray = Header {
+        kind: Kind::More,
+        fds: 0,
+        total_len: 3,
+        total_fds: 0,
+    };
+    raw_send(&a, &stray.encode(), b"abc");
+    raw_send(&a, b"GARBAGE GARBAGE GARBAGE", &[]);
+    raw_send(&a, b"TI", &[]);
+    let mut old = Header {
+        kind: Kind::First,
+        fds: 0,
+        total_len: 0,
+        total_fds: 0,
+    }
+    .encode();
+    old[2] = 99;
+    raw_send(&a, &old, &[]);
+    // A first datagram with more bytes than it announces.
+    let liar = Header {
+        kind: Kind::First,
+        fds: 0,
+        total_len: 1,
+        total_fds: 0,
+    };
+    raw_send(&a, &liar.encode(), b"abc");
+    a.send(b"still fine", &[]).unwrap();
+    assert!(matches!(b.recv(), Err(Error::Malformed(_))));
+    assert!(matches!(b.recv(), Err(Error::Malformed(_))));
+    assert!(matches!(b.recv(), Err(Error::Malformed(_))));
+    assert!(matches!(
+        b.recv(),
+        Err(Error::VersionMismatch { theirs: 99, .. })
+    ));
+    assert!(matches!(b.recv(), Err(Error::Malformed(_))));
+    assert_eq!(b.recv().unwrap().payload, b"still fine");
+}
+
+#[test]
+fn timeouts_and_try_recv() {
+    let (a, b) = Socket::pair().unwrap();
+    assert!(matches!(
+        b.recv_timeout(Duration::from_millis(10)),
+        Err(Error::TimedOut)
+    ));
+    assert!(b.try_recv().unwrap().is_none());
+    a.send(b"now", &[]).unwrap();
+    assert_eq!(b.try_recv().unwrap().unwrap().payload, b"now");
+    assert!(matches!(
+        b.recv_timeout(Duration::from_millis(10)),
+        Err(Error::TimedOut)
+    ));
+    // A full buffer and nobody reading: the send gives up at its deadline.
+    let big = vec![0u8; 60_000];
+    let err = loop {
+        if let Err(e) = a.send_timeout(&big, &[], Duration::from_millis(20)) {
+            break e;
+        }
+    };
+    assert!(matches!(err, Error::TimedOut));
+}
+
+#[test]
+fn no_fd_leaks_over_10_000_messages() {
+    let (a, b) = Socket::pair().unwrap();
+    let file = memfd(b"x");
+    let before = open_fds();
+    let mut frame = Frame::default();
+    for i in 0..10_000u32 {
+        a.send(&i.to_le_bytes(), &[file.as_fd(), file.as_fd()])
+            .unwrap();
+        b.recv_into(&mut frame, None).unwrap();
+        assert_eq!(frame.payload, i.to_le_bytes());
+        assert_eq!(frame.fds.len(), 2);
+    }
+    drop(frame);
+    assert_eq!(open_fds(), before);
+}
+
+#[test]
+fn peer_credentials_name_the_peer() {
+    let (a, _b) = Socket::pair().unwrap();
+    let c = a.peer_credentials().unwrap();
+    assert_eq!(c.pid as u32, std::process::id());
+    assert_eq!(c.uid, nix::unistd::getuid().as_raw());
+}
+
+#[test]
+fn listeners_on_paths_and_abstract_names() {
+    let dir = std::env::temp_dir().join(format!("typed-ipc-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("sock");
+    let listener = Listener::bind(&path).unwrap();
+    let client = Socket::connect(&path).unwrap();
+    let server = listener.accept().unwrap();
+    round_trip(&client, &server, 3, 1);
+    // A live listener is not replaced.
+    assert!(Listener::bind(&path).is_err());
+    drop(listener);
+    // A stale socket file (its process died without cleaning up) is replaced.
+    stale_socket_file(&path);
+    let again = Listener::bind(&path).unwrap();
+    let client = Socket::connect(&path).unwrap();
+    round_trip(&client, &again.accept().unwrap(), 3, 0);
+    drop(again);
+    assert!(!path.exists(), "the listener removes its socket file");
+    // A regular file is never touched.
+    std::fs::write(&path, b"precious").unwrap();
+    assert!(Listener::bind(&path).is_err());
+    assert_eq!(std::fs::read(&path).unwrap(), b"precious");
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    let name = format!("typed-ipc-test-{}", std::process::id());
+    let listener = Listener::bind_abstract(&name).unwrap();
+    let client = Socket::connect_abstract(&name).unwrap();
+    round_trip(&client, &listener.accept().unwrap(), 10, 2);
+}
+
+/// Leaves a socket file that nobody listens on, as a process that died would.
+fn stale_socket_file(path: &std::path::Path) {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, bind, socket};
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::empty(),
+        None,
+    )
+    .unwrap();
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &UnixAddr::new(path).unwrap(),
+    )
+    .unwrap();
+    drop(fd);
+    assert!(path.exists());
+}
+
+#[test]
+fn inherited_non_socket_fds_are_refused() {
+    assert!(Socket::from_fd(memfd(b"")).is_err());
+}
+
+#[test]
+fn round_trip_with_a_child_process() {
+    let (mut child, socket) = Worker::spawn_socket(child("child_echo")).unwrap();
+    for (len, nfds) in [(6, 0), (0, 2), (300_000, 1), (5 << 20, 300)] {
+        let payload = pattern(len);
+        let sent = fds(nfds);
+        socket.send(&payload, &borrow(&sent)).unwrap();
+        let back = socket.recv().unwrap();
+        let mut expected = payload.clone();
+        expected.reverse();
+        assert!(back.payload == expected);
+        assert_eq!(back.fds.len(), nfds);
+        for (i, fd) in back.fds.into_iter().enumerate() {
+            assert_eq!(
+                read_all(fd),
+                i.to_le_bytes(),
+                "fd {i} came back as another file"
+            );
+        }
+    }
+    drop(socket);
+    assert_eq!(child.wait().unwrap(), Exit::Code(0));
+}
+
+/// The child of `round_trip_with_a_child_process`: echoes reversed bytes and the same fds.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_echo() {
+    let socket = worker::socket().unwrap();
+    loop {
+        match socket.recv() {
+            Ok(mut frame) => {
+                frame.payload.reverse();
+                socket.send(&frame.payload, &borrow(&frame.fds)).unwrap();
+            }
+            Err(Error::Disconnected) => return,
+            Err(e) => panic!("child: {e}"),
+        }
+    }
+}
+
+#[test]
+fn fds_dropped_at_the_open_file_limit_are_reported_and_the_stream_stays_in_sync() {
+    let (mut child, socket) = Worker::spawn_socket(child("child_at_fd_limit")).unwrap();
+    // The child lowers its limit, then says how many fds it can still take.
+    let room = u32::from_le_bytes(socket.recv().unwrap().payload.try_into().unwrap()) as usize;
+    let many = fds(room + 5);
+    socket.send(b"too many", &borrow(&many)).unwrap();
+    socket.send(b"then this", &[]).unwrap();
+    let verdict = socket.recv().unwrap();
+    assert_eq!(String::from_utf8_lossy(&verdict.payload), "ok");
+    assert_eq!(child.wait().unwrap(), Exit::Code(0));
+}
+
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_at_fd_limit() {
+    use nix::sys::resource::{Resource, setrlimit};
+    let socket = worker::socket().unwrap();
+    let open = open_fds() as u64;
+    setrlimit(Resource::RLIMIT_NOFILE, open + 10, open + 10).unwrap();
+    socket.send(&9u32.to_le_bytes(), &[]).unwrap();
+    let first = socket.recv();
+    let verdict = match first {
+        Err(Error::FdsDropped {
+            expected: 14,
+            received,
+        }) if received < 14 => match socket.recv() {
+            Ok(f) if f.payload == b"then this" && open_fds() as u64 == open => "ok".to_string(),
+            other => format!("after the drop: {other:?}"),
+        },
+        other => format!("expected FdsDropped, got {other:?}"),
+    };
+    socket.send(verdict.as_bytes(), &[]).unwrap();
+}

@@ -1,0 +1,80 @@
+//! Typed RPC between processes on one Linux machine.
+//!
+//! Isolate risky code (a codec, a parser, a camera image-processing plugin) in a worker
+//! process and talk to it through a Rust trait. typed-ipc does the framing, serialization,
+//! file-descriptor passing and dispatch: `#[interface]` turns the trait into a client stub
+//! and a server, and file descriptors are typed values (`OwnedFd`) like any other argument.
+//!
+//! ```
+//! use std::os::fd::OwnedFd;
+//! use typed_ipc::{Connection, interface};
+//!
+//! #[interface]
+//! pub trait Ipa {
+//!     /// Reverses `text`.
+//!     fn reverse(&self, text: String) -> String;
+//!     /// The total size of the files behind `files`.
+//!     fn total_len(&self, files: Vec<OwnedFd>) -> u64;
+//! }
+//!
+//! struct MyIpa;
+//!
+//! impl Ipa for MyIpa {
+//!     fn reverse(&self, text: String) -> String {
+//!         text.chars().rev().collect()
+//!     }
+//!     fn total_len(&self, files: Vec<OwnedFd>) -> u64 {
+//!         files.into_iter().map(|fd| std::fs::File::from(fd).metadata().unwrap().len()).sum()
+//!     }
+//! }
+//!
+//! # fn main() -> Result<(), typed_ipc::Error> {
+//! let (a, b) = Connection::pair()?;
+//! std::thread::spawn(move || IpaServer::new(MyIpa).serve(b));
+//! let ipa = IpaClient::new(a);
+//! assert_eq!(ipa.reverse("FooBar".into())?, "raBooF");
+//!
+//! let file = tempfile_with(b"12345");
+//! assert_eq!(ipa.total_len(vec![file.into()])?, 5);
+//! # Ok(())
+//! # }
+//! # fn tempfile_with(bytes: &[u8]) -> std::fs::File {
+//! #     use std::io::Write;
+//! #     let path = std::env::temp_dir().join(format!("typed-ipc-doc-{}", std::process::id()));
+//! #     let mut f = std::fs::File::options().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+//! #     std::fs::remove_file(&path).unwrap();
+//! #     f.write_all(bytes).unwrap();
+//! #     f
+//! # }
+//! ```
+//!
+//! In real use the server runs in another process: [`worker::Worker::spawn`] starts a child
+//! with one end of a connection and [`worker::connection`] picks it up in the child; or a
+//! [`Listener`] accepts clients on a socket path.
+//!
+//! # Layers
+//!
+//! - **Transport** ([`Socket`], [`Listener`], [`Frame`], [`wire`]): `SOCK_SEQPACKET` messages
+//!   of any size, bytes and fds together, whole or not at all, with [`Limits`] against a
+//!   hostile peer.
+//! - **Codec** ([`codec`]): serde + bincode for bytes; fds travel in the message's fd table.
+//! - **Connection** ([`Connection`]): calls with cookies, replies routed to their callers,
+//!   oneway messages, timeouts, both ends serving and calling, peer death. Its docs describe
+//!   the threading model.
+//! - **Generated code** ([`interface`]).
+//!
+//! Set `TYPED_IPC_DEBUG=1` to have every message printed to stderr as it is sent and received.
+
+#![warn(missing_docs)]
+
+pub use ipc_runtime::*;
+pub use ipc_macros::interface;
+
+/// What the code `#[interface]` generates names: not a public API.
+#[doc(hidden)]
+pub mod __private {
+    pub use ipc_runtime::codec::{Bytes, Fd};
+    pub use ipc_runtime::service::{Call, InterfaceInfo, MethodInfo, Service, fnv1a};
+    pub use ipc_runtime::{Connection, Error};
+    pub use std::time::Duration;
+}
