@@ -1,0 +1,497 @@
+//! From the [`Interface`] model to Rust. [`Generator`] computes the generated names once and
+//! has one method per emitted item; [`Generator::expand`] joins them. An async client and
+//! server would be two more such methods, next to [`Generator::client`] and
+//! [`Generator::server`].
+//!
+//! Every path in the output is absolute (`::typed_ipc::__private::…`, `::core::…`), so that
+//! the user's own `Result`, `Option`, `core` or `std` cannot capture it; the user's types are
+//! emitted as written, to resolve in the user's scope.
+
+use proc_macro2::{Ident, Literal, Span, TokenStream};
+use quote::{format_ident, quote};
+use syn::LitByteStr;
+use syn::ext::IdentExt;
+
+use crate::model::{Interface, Method, Value, Wire};
+
+/// The generated code of one interface.
+pub struct Generator<'a> {
+    iface: &'a Interface,
+    /// `<Trait>Client`.
+    client: Ident,
+    /// `<Trait>Server`.
+    server: Ident,
+    /// `<Trait>Request`.
+    request: Ident,
+    /// `<Trait>Response`.
+    response: Ident,
+    /// `<TRAIT>_INFO`, the `InterfaceInfo` static.
+    info: Ident,
+}
+
+/// Where the generated code finds the runtime.
+fn private() -> TokenStream {
+    quote!(::typed_ipc::__private)
+}
+
+/// `Result<ok, typed_ipc::Error>`.
+fn result(ok: TokenStream) -> TokenStream {
+    let p = private();
+    quote!(::core::result::Result<#ok, #p::Error>)
+}
+
+/// A command id, unsuffixed (it reads better, and its type is always clear from context).
+fn cmd(method: &Method) -> Literal {
+    Literal::u32_unsuffixed(method.cmd)
+}
+
+/// `text` as doc comments: one `#[doc = " line"]` per line, as `///` would write them.
+fn doc(text: String) -> TokenStream {
+    let lines = text.lines().map(|line| match line {
+        "" => String::new(),
+        line => format!(" {line}"),
+    });
+    quote!(#(#[doc = #lines])*)
+}
+
+impl<'a> Generator<'a> {
+    /// Names the generated items after the trait.
+    pub fn new(iface: &'a Interface) -> Self {
+        let name = &iface.name;
+        let screaming = screaming_snake(&name.unraw().to_string());
+        Generator {
+            iface,
+            client: format_ident!("{}Client", name),
+            server: format_ident!("{}Server", name),
+            request: format_ident!("{}Request", name),
+            response: format_ident!("{}Response", name),
+            info: format_ident!("{}_INFO", screaming, span = name.span()),
+        }
+    }
+
+    /// The trait, followed by everything generated from it.
+    pub fn expand(&self) -> TokenStream {
+        let item = &self.iface.item;
+        let items = [
+            self.info_static(),
+            self.request_enum(),
+            self.response_enum(),
+            self.client(),
+            self.server(),
+        ];
+        quote!(#item #(#items)*)
+    }
+
+    /// `<TRAIT>_INFO`: what both ends compare before a call.
+    fn info_static(&self) -> TokenStream {
+        let (p, vis, info, name) = (private(), &self.iface.vis, &self.info, &self.iface.name);
+        let name_text = name.unraw().to_string();
+        let name_bytes = LitByteStr::new(name_text.as_bytes(), Span::call_site());
+        let signature = self.iface.canonical_signature();
+        let signature = LitByteStr::new(signature.as_bytes(), Span::call_site());
+        let methods = self.iface.methods.iter().map(|m| {
+            let (name, cmd, signature, oneway) =
+                (m.name.unraw().to_string(), cmd(m), &m.signature, m.oneway);
+            quote! {
+                #p::MethodInfo { name: #name, cmd: #cmd, signature: #signature, oneway: #oneway }
+            }
+        });
+        let docs = doc(format!(
+            "What both ends of [`{name}`] compare before a call: its name, and every method's \
+             command id and signature."
+        ));
+        quote! {
+            #docs
+            #[allow(dead_code)]
+            #vis static #info: #p::InterfaceInfo = #p::InterfaceInfo {
+                name: #name_text,
+                id: #p::fnv1a(#name_bytes),
+                signature: #p::fnv1a(#signature),
+                methods: &[#(#methods),*],
+            };
+        }
+    }
+
+    /// `<Trait>Request`: one variant per method, holding its arguments.
+    fn request_enum(&self) -> TokenStream {
+        let (p, vis, request, name) = (private(), &self.iface.vis, &self.request, &self.iface.name);
+        let methods = &self.iface.methods;
+        let variants = methods.iter().map(|m| {
+            let (variant, method) = (&m.variant, &m.name);
+            let docs = doc(format!("The arguments of [`{name}::{method}`]."));
+            let fields = m.args.iter().map(|a| {
+                let (field, ty) = (&a.name, &a.value.ty);
+                let docs = doc(format!("The `{}` argument.", field.unraw()));
+                quote!(#docs #field: #ty)
+            });
+            match m.args.is_empty() {
+                true => quote!(#docs #variant),
+                false => quote!(#docs #variant { #(#fields),* }),
+            }
+        });
+        let commands = methods.iter().map(|m| {
+            let (variant, cmd) = (&m.variant, cmd(m));
+            match m.args.is_empty() {
+                true => quote!(Self::#variant => #cmd),
+                false => quote!(Self::#variant { .. } => #cmd),
+            }
+        });
+        let decoders = methods.iter().map(|m| {
+            let (variant, cmd) = (&m.variant, cmd(m));
+            let pats = m.args.iter().map(|a| decode_pattern(&a.name, &a.value));
+            let tys = m.args.iter().map(|a| decode_type(&a.value));
+            let names = m.args.iter().map(|a| &a.name);
+            let value = match m.args.is_empty() {
+                true => quote!(Self::#variant),
+                false => quote!(Self::#variant { #(#names),* }),
+            };
+            quote! {
+                #cmd => {
+                    let (#(#pats,)*): (#(#tys,)*) = call.args()?;
+                    ::core::result::Result::Ok(#value)
+                }
+            }
+        });
+        let ret_self = result(quote!(Self));
+        let enum_docs = doc(format!(
+            "A request of [`{name}`]: one variant per method, holding its arguments."
+        ));
+        quote! {
+            #enum_docs
+            #[allow(dead_code)]
+            #vis enum #request {
+                #(#variants,)*
+            }
+
+            #[allow(dead_code)]
+            impl #request {
+                /// The command id of the method this request calls.
+                #vis fn command(&self) -> ::core::primitive::u32 {
+                    match self {
+                        #(#commands,)*
+                    }
+                }
+
+                /// Decodes the request `call` carries, taking the fds that came with it.
+                #vis fn decode(call: &mut #p::Call<'_>) -> #ret_self {
+                    match call.command() {
+                        #(#decoders)*
+                        _ => ::core::result::Result::Err(call.unknown_command()),
+                    }
+                }
+            }
+        }
+    }
+
+    /// `<Trait>Response`: one variant per method that gets a reply, holding its return value.
+    fn response_enum(&self) -> TokenStream {
+        let (p, vis, response, name) =
+            (private(), &self.iface.vis, &self.response, &self.iface.name);
+        let replied: Vec<&Method> = self.iface.methods.iter().filter(|m| !m.oneway).collect();
+        let variants = replied.iter().map(|m| {
+            let (variant, method) = (&m.variant, &m.name);
+            let docs = doc(format!("The return value of [`{name}::{method}`]."));
+            match &m.ret {
+                Some(ret) => {
+                    let ty = &ret.ty;
+                    quote!(#docs #variant(#ty))
+                }
+                None => quote!(#docs #variant),
+            }
+        });
+        let senders = replied.iter().map(|m| {
+            let variant = &m.variant;
+            match &m.ret {
+                Some(ret) => {
+                    let value = encode(quote!(value), ret.wire);
+                    quote!(Self::#variant(value) => call.reply(#value))
+                }
+                None => quote!(Self::#variant => call.reply(&())),
+            }
+        });
+        // An interface of oneway methods only has an empty response enum, which only `*self`
+        // matches exhaustively.
+        let scrutinee = if replied.is_empty() {
+            quote!(*self)
+        } else {
+            quote!(self)
+        };
+        let ret_unit = result(quote!(()));
+        let enum_docs = doc(format!(
+            "A reply of [`{name}`]: one variant per method that is not `#[oneway]`, holding its \
+             return value."
+        ));
+        quote! {
+            #enum_docs
+            #[allow(dead_code)]
+            #vis enum #response {
+                #(#variants,)*
+            }
+
+            #[allow(dead_code)]
+            impl #response {
+                /// Sends this value as the reply to `call`.
+                #vis fn send(&self, call: &mut #p::Call<'_>) -> #ret_unit {
+                    match #scrutinee {
+                        #(#senders,)*
+                    }
+                }
+            }
+        }
+    }
+
+    /// `<Trait>Client`: the stub, one method per trait method.
+    fn client(&self) -> TokenStream {
+        let (p, vis, client, name) = (private(), &self.iface.vis, &self.client, &self.iface.name);
+        let stubs = self.iface.methods.iter().map(|m| self.stub(m));
+        let docs = doc(format!(
+            "The client side of [`{name}`]: each method calls the implementation at the other \
+             end of the connection and waits for its reply (a `#[oneway]` method only sends).\n\n\
+             Clones share the connection."
+        ));
+        quote! {
+            #docs
+            #[derive(::core::clone::Clone)]
+            #[allow(dead_code)]
+            #vis struct #client {
+                connection: #p::Connection,
+                timeout: ::core::option::Option<#p::Duration>,
+            }
+
+            // The stubs repeat the trait's parameter lists: the user's trait is where those
+            // lints belong.
+            #[allow(dead_code, clippy::too_many_arguments)]
+            impl #client {
+                /// A client calling the server at the other end of `connection`; its calls
+                /// wait as long as the peer is alive.
+                #vis fn new(connection: #p::Connection) -> Self {
+                    Self { connection, timeout: ::core::option::Option::None }
+                }
+
+                /// A copy of this client whose calls give up after `timeout` with
+                /// `Error::TimedOut`.
+                #vis fn with_timeout(&self, timeout: #p::Duration) -> Self {
+                    Self {
+                        connection: ::core::clone::Clone::clone(&self.connection),
+                        timeout: ::core::option::Option::Some(timeout),
+                    }
+                }
+
+                /// The connection this client calls over.
+                #vis fn connection(&self) -> &#p::Connection {
+                    &self.connection
+                }
+
+                #(#stubs)*
+            }
+        }
+    }
+
+    /// The client method for `m`: same name and parameters, the result wrapped.
+    fn stub(&self, m: &Method) -> TokenStream {
+        let (p, vis, info, method) = (private(), &self.iface.vis, &self.info, &m.name);
+        let docs = match m.docs.is_empty() {
+            true => doc(format!(
+                "Calls [`{}::{method}`] on the server.",
+                self.iface.name
+            )),
+            false => {
+                let docs = &m.docs;
+                quote!(#(#docs)*)
+            }
+        };
+        let params = m.args.iter().map(|a| {
+            let (name, ty) = (&a.name, &a.value.ty);
+            quote!(#name: #ty)
+        });
+        let args = m.args.iter().map(|a| encode_arg(&a.name, a.value.wire));
+        let cmd = cmd(m);
+        let (ret, body) = match (&m.ret, m.oneway) {
+            (_, true) => (
+                quote!(()),
+                quote!(self.connection.oneway(&#info, #cmd, &(#(#args,)*))),
+            ),
+            (None, false) => (
+                quote!(()),
+                quote!(self.connection.call::<_, ()>(&#info, #cmd, &(#(#args,)*), self.timeout)),
+            ),
+            (Some(ret), false) => {
+                let (ty, decoded) = (&ret.ty, decode_type(ret));
+                let call = quote! {
+                    self.connection.call::<_, #decoded>(&#info, #cmd, &(#(#args,)*), self.timeout)
+                };
+                let body = match ret.wire {
+                    Wire::Serde => call,
+                    Wire::Fd => quote!(#call.map(|#p::Fd(value)| value)),
+                    Wire::Bytes => quote!(#call.map(|#p::Bytes(value)| value)),
+                };
+                (quote!(#ty), body)
+            }
+        };
+        let ret = result(ret);
+        quote! {
+            #docs
+            #vis fn #method(&self, #(#params),*) -> #ret {
+                #body
+            }
+        }
+    }
+
+    /// `<Trait>Server`: owns the implementation and dispatches requests to it.
+    fn server(&self) -> TokenStream {
+        let (p, vis, server, name) = (private(), &self.iface.vis, &self.server, &self.iface.name);
+        let (info, request, response) = (&self.info, &self.request, &self.response);
+        // The arms bind the user's parameter names, so nothing of ours may be in scope there
+        // but `self` (a parameter named `call` must not shadow the call being answered).
+        let arms = self.iface.methods.iter().map(|m| {
+            let (variant, method) = (&m.variant, &m.name);
+            let names: Vec<&Ident> = m.args.iter().map(|a| &a.name).collect();
+            let pattern = match names.is_empty() {
+                true => quote!(#request::#variant),
+                false => quote!(#request::#variant { #(#names),* }),
+            };
+            let run = quote!(<T as #name>::#method(&self.imp, #(#names),*));
+            match (&m.ret, m.oneway) {
+                (_, true) => quote! {
+                    #pattern => {
+                        #run;
+                        ::core::option::Option::None
+                    }
+                },
+                (None, false) => quote! {
+                    #pattern => {
+                        #run;
+                        ::core::option::Option::Some(#response::#variant)
+                    }
+                },
+                (Some(_), false) => {
+                    quote!(#pattern => ::core::option::Option::Some(#response::#variant(#run)),)
+                }
+            }
+        });
+        let bounds = quote!(#name + ::core::marker::Send + ::core::marker::Sync + 'static);
+        let ret_unit = result(quote!(()));
+        let docs = doc(format!(
+            "The server side of [`{name}`]: answers each request on a connection by calling \
+             the implementation it owns."
+        ));
+        quote! {
+            #docs
+            #[allow(dead_code)]
+            #vis struct #server<T> {
+                imp: T,
+            }
+
+            #[allow(dead_code)]
+            impl<T: #bounds> #server<T> {
+                /// A server answering with `imp`.
+                #vis fn new(imp: T) -> Self {
+                    Self { imp }
+                }
+
+                /// Answers the requests that arrive on `connection` until the peer hangs up;
+                /// `Ok(())` when it closes cleanly.
+                #vis fn serve(self, connection: #p::Connection) -> #ret_unit {
+                    connection.serve(self)
+                }
+
+                /// Runs `request` on the implementation: the response to send back, or `None`
+                /// for a `#[oneway]` method.
+                #vis fn dispatch(&self, request: #request) -> ::core::option::Option<#response> {
+                    match request {
+                        #(#arms)*
+                    }
+                }
+            }
+
+            impl<T: #bounds> #p::Service for #server<T> {
+                fn info(&self) -> &'static #p::InterfaceInfo {
+                    &#info
+                }
+
+                fn handle(&self, call: &mut #p::Call<'_>) -> #ret_unit {
+                    match self.dispatch(#request::decode(call)?) {
+                        ::core::option::Option::Some(response) => response.send(call),
+                        ::core::option::Option::None => ::core::result::Result::Ok(()),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A reference to a value, wrapped for the codec: `value`, `Fd(value)` or `Bytes(value)`.
+fn encode(value: TokenStream, wire: Wire) -> TokenStream {
+    let p = private();
+    match wire {
+        Wire::Serde => value,
+        Wire::Fd => quote!(&#p::Fd(#value)),
+        Wire::Bytes => quote!(&#p::Bytes(#value)),
+    }
+}
+
+/// A client argument in the tuple that is sent: moved in, or borrowed into its wrapper (the
+/// parameter lives until the message is sent, and an fd is closed after).
+fn encode_arg(name: &Ident, wire: Wire) -> TokenStream {
+    let p = private();
+    match wire {
+        Wire::Serde => quote!(#name),
+        Wire::Fd => quote!(#p::Fd(&#name)),
+        Wire::Bytes => quote!(#p::Bytes(&#name)),
+    }
+}
+
+/// The type a value is decoded as: `T`, `Fd<T>` or `Bytes<T>`.
+fn decode_type(value: &Value) -> TokenStream {
+    let (p, ty) = (private(), &value.ty);
+    match value.wire {
+        Wire::Serde => quote!(#ty),
+        Wire::Fd => quote!(#p::Fd<#ty>),
+        Wire::Bytes => quote!(#p::Bytes<#ty>),
+    }
+}
+
+/// The pattern that unwraps a decoded value into `name`.
+fn decode_pattern(name: &Ident, value: &Value) -> TokenStream {
+    let p = private();
+    match value.wire {
+        Wire::Serde => quote!(#name),
+        Wire::Fd => quote!(#p::Fd(#name)),
+        Wire::Bytes => quote!(#p::Bytes(#name)),
+    }
+}
+
+/// `MyService` → `MY_SERVICE`, `HTTPServer` → `HTTP_SERVER`.
+fn screaming_snake(camel: &str) -> String {
+    let chars: Vec<char> = camel.chars().collect();
+    let mut out = String::new();
+    for (i, &c) in chars.iter().enumerate() {
+        let prev = i.checked_sub(1).map(|j| chars[j]);
+        let next = chars.get(i + 1);
+        let boundary = c.is_uppercase()
+            && prev.is_some_and(|p| {
+                p.is_lowercase()
+                    || p.is_numeric()
+                    || (p.is_uppercase() && next.is_some_and(|n| n.is_lowercase()))
+            });
+        if boundary && !out.ends_with('_') {
+            out.push('_');
+        }
+        out.extend(c.to_uppercase());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn static_names() {
+        assert_eq!(screaming_snake("Ipa"), "IPA");
+        assert_eq!(screaming_snake("MyService"), "MY_SERVICE");
+        assert_eq!(screaming_snake("HTTPServer"), "HTTP_SERVER");
+        assert_eq!(screaming_snake("Ipa2Go"), "IPA2_GO");
+        assert_eq!(screaming_snake("my_trait"), "MY_TRAIT");
+    }
+}

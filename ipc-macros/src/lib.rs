@@ -1,0 +1,105 @@
+//! The `#[interface]` attribute of typed-ipc. Use it through the `typed-ipc` crate, as
+//! `typed_ipc::interface`: the generated code names the runtime through `::typed_ipc`.
+//!
+//! The attribute parses the trait into a small model ([`parse`] → [`model`]), rejecting the
+//! shapes that cannot travel, and then writes the generated items from the model
+//! ([`generate`]). [`types`] holds what is decided from a type's spelling.
+
+mod generate;
+mod model;
+mod parse;
+mod types;
+
+#[cfg(test)]
+mod golden;
+
+use proc_macro2::TokenStream;
+use quote::quote;
+
+/// Turns a trait into a typed client stub, a server and a dispatcher.
+///
+/// ```ignore
+/// use std::os::fd::OwnedFd;
+/// use typed_ipc::{interface, Connection};
+///
+/// #[interface]
+/// pub trait Ipa {
+///     /// Reverses `text`.
+///     fn reverse(&self, text: String) -> String;
+///     fn total_len(&self, files: Vec<OwnedFd>) -> u64;
+///     fn configure(&self, cfg: Config) -> Result<Caps, ConfigError>;
+///     fn open_buffer(&self, id: u32) -> OwnedFd;
+///     #[oneway]
+///     fn stats_ready(&self, frame: u32, stats: OwnedFd);
+/// }
+///
+/// let (a, b) = Connection::pair()?;
+/// std::thread::spawn(move || IpaServer::new(MyIpa).serve(b));
+/// let ipa = IpaClient::new(a);
+/// assert_eq!(ipa.reverse("FooBar".into())?, "raBooF");
+/// ```
+///
+/// # What it generates
+///
+/// Next to the trait, which is left as written and is what the server implements, with the
+/// trait's visibility:
+///
+/// - `IpaClient`: `new(Connection)`, `with_timeout(&self, Duration) -> Self` (a copy whose
+///   calls give up after that long; by default a call waits as long as the peer is alive),
+///   `connection()`, and one method per trait method with the same name, parameters and doc
+///   comments, returning `Result<R, typed_ipc::Error>` for a declared return type `R`. A
+///   `#[oneway]` method returns `Ok(())` once the message is sent. Cheap to clone.
+/// - `IpaServer<T: Ipa>`: `new(T)`, `serve(self, Connection)` (answers requests until the peer
+///   hangs up; `Ok(())` on a clean close), `dispatch(&self, IpaRequest)`, and the runtime's
+///   `Service` implementation.
+/// - `IpaRequest` (a variant per method, holding its arguments; `command()`, `decode(call)`)
+///   and `IpaResponse` (a variant per method that gets a reply, holding its return value;
+///   `send(call)`).
+/// - `IPA_INFO`: the interface's name, and each method's command id and signature, which both
+///   ends compare: a client and a server built from different versions of the trait get
+///   `Error::InterfaceMismatch`, never a garbage decode.
+///
+/// # Method attributes
+///
+/// - `#[cmd(N)]` pins the method's command id to `N`; otherwise its id is its position in the
+///   trait (0, 1, ...). Two methods with one id are a compile error. Pin ids to keep old
+///   clients working when methods are inserted or removed.
+/// - `#[oneway]`: the client sends and does not wait; the method must return `()`.
+///
+/// # Types
+///
+/// Parameters and return values are serde types, encoded with bincode, with these exceptions,
+/// decided from how the type is spelled (its last path segment; an alias is not recognised):
+///
+/// - `OwnedFd`, `Option<OwnedFd>` and `Vec<OwnedFd>` travel in the message's fd table. An
+///   `OwnedFd` parameter is closed once sent. A `File` or `UnixStream` converts with `.into()`.
+///   An `OwnedFd` inside your own serde type needs `#[serde(with = "typed_ipc::fd")]` on the
+///   field; an `OwnedFd` anywhere else in a parameter or return type is a compile error.
+/// - `Vec<u8>` travels as one byte string rather than byte by byte.
+///
+/// # Not supported (compile errors that say what to write instead)
+///
+/// Generic traits and methods, `impl Trait`, receivers other than `&self`, methods without a
+/// receiver, borrowed parameters and return values (`&str`, `&[u8]`, `&T`: take `String`,
+/// `Vec<u8>`, `T`; the server gets its own copy either way), `Self` in a parameter or return
+/// type, `unsafe fn`, and, for now, `async fn`.
+#[proc_macro_attribute]
+pub fn interface(
+    attr: proc_macro::TokenStream,
+    item: proc_macro::TokenStream,
+) -> proc_macro::TokenStream {
+    expand(attr.into(), item.into()).into()
+}
+
+/// The whole expansion, on `proc_macro2` types so that tests can run it.
+fn expand(attr: TokenStream, item: TokenStream) -> TokenStream {
+    match parse::interface(attr, item) {
+        Ok(iface) => generate::Generator::new(&iface).expand(),
+        // The item is still emitted (minus our attributes), so that code using the trait
+        // does not add errors of its own to the one that matters.
+        Err(parse::Rejected { item, error }) => {
+            let error = error.to_compile_error();
+            quote!(#item #error)
+        }
+    }
+}

@@ -1,0 +1,505 @@
+//! From the trait as written to the [`Interface`] model. Every shape the generator cannot serve
+//! is rejected here, at its span, with a message that says what to write instead; the rest of
+//! the crate can then assume a well-formed interface.
+
+use proc_macro2::{Ident, Span, TokenStream};
+use quote::{ToTokens, format_ident};
+use syn::ext::IdentExt;
+use syn::{
+    Attribute, FnArg, Item, ItemTrait, LitInt, Meta, Pat, ReturnType, TraitItem, TraitItemFn, Type,
+};
+
+use crate::model::{Arg, Interface, Method, Value};
+use crate::types::{self, Role};
+
+/// The input could not become an [`Interface`]: `item` is what to emit in its place (the
+/// trait minus our attributes, so that no second wave of errors follows), `error` says why.
+pub struct Rejected {
+    /// The item to emit alongside the error.
+    pub item: TokenStream,
+    /// Every error found, combined.
+    pub error: syn::Error,
+}
+
+/// Parses `#[interface(<attr>)] <item>`.
+pub fn interface(attr: TokenStream, item: TokenStream) -> Result<Interface, Rejected> {
+    let mut item = match syn::parse2::<Item>(item.clone()) {
+        Ok(Item::Trait(item)) => item,
+        Ok(_) => {
+            let message = "#[interface] goes on a trait: \
+                           `#[interface] pub trait Name { fn method(&self, arg: T) -> R; }`";
+            let error = syn::Error::new(Span::call_site(), message);
+            return Err(Rejected { item, error });
+        }
+        Err(error) => return Err(Rejected { item, error }),
+    };
+    let mut errors = Errors::default();
+    if !attr.is_empty() {
+        errors.push(syn::Error::new_spanned(
+            attr,
+            "#[interface] takes no arguments",
+        ));
+    }
+    let methods = methods(&mut item, &mut errors);
+    match errors.0 {
+        None => Ok(Interface {
+            name: item.ident.clone(),
+            vis: item.vis.clone(),
+            methods,
+            item,
+        }),
+        Some(error) => Err(Rejected {
+            item: item.into_token_stream(),
+            error,
+        }),
+    }
+}
+
+/// The trait's methods, checked one by one and then against each other.
+fn methods(item: &mut ItemTrait, errors: &mut Errors) -> Vec<Method> {
+    if !item.generics.params.is_empty() || item.generics.where_clause.is_some() {
+        let message = "generic interfaces are not supported: both ends must agree on one \
+                       concrete interface; name the types";
+        errors.push(syn::Error::new_spanned(&item.generics, message));
+    }
+    let mut methods: Vec<Method> = Vec::new();
+    // The position among the methods written, rejected ones included.
+    let mut position = 0;
+    for trait_item in &mut item.items {
+        let TraitItem::Fn(f) = trait_item else {
+            let message = "an interface holds only methods: move this item out of the trait";
+            errors.push(syn::Error::new_spanned(trait_item, message));
+            continue;
+        };
+        position += 1;
+        let (method, cmd_attr) = match method(f, position - 1) {
+            Ok(parsed) => parsed,
+            Err(error) => {
+                errors.push(error);
+                continue;
+            }
+        };
+        if let Some(first) = methods.iter().find(|m| m.cmd == method.cmd) {
+            let origin = if cmd_attr.is_some() {
+                ""
+            } else {
+                " (its position in the trait)"
+            };
+            let message = format!(
+                "command id {}{origin} of `{}` is already used by `{}`: give one of them \
+                 another `#[cmd(N)]`",
+                method.cmd, method.name, first.name
+            );
+            // At the `#[cmd]` that clashes, or at the name whose position does.
+            errors.push(match &cmd_attr {
+                Some(attr) => syn::Error::new_spanned(attr, message),
+                None => syn::Error::new(method.name.span(), message),
+            });
+        }
+        if let Some(first) = methods.iter().find(|m| m.variant == method.variant) {
+            let message = format!(
+                "`{}` and `{}` both become the request variant `{}`: rename one of them",
+                method.name, first.name, method.variant
+            );
+            errors.push(syn::Error::new(method.name.span(), message));
+        }
+        methods.push(method);
+    }
+    // (Not when methods were written but rejected: that error is already there.)
+    if !item.items.iter().any(|i| matches!(i, TraitItem::Fn(_))) {
+        let message = "an interface needs at least one method";
+        errors.push(syn::Error::new_spanned(&item.ident, message));
+    }
+    methods
+}
+
+/// One method, and its `#[cmd]` if it has one. Removes our attributes from `f`.
+fn method(f: &mut TraitItemFn, index: u32) -> syn::Result<(Method, Option<Attribute>)> {
+    let mut errors = Errors::default();
+    let mut attrs = MethodAttrs::take(&mut f.attrs, &mut errors);
+    let sig = &f.sig;
+    let refuse = |errors: &mut Errors, tokens: &dyn ToTokens, message: &str| {
+        errors.push(syn::Error::new_spanned(tokens, message));
+    };
+    if let Some(asyncness) = &sig.asyncness {
+        let message = "async fn is not supported yet: declare a blocking `fn` \
+                       (the client waits for the reply; an async flavour is planned)";
+        refuse(&mut errors, asyncness, message);
+    }
+    if let Some(unsafety) = &sig.unsafety {
+        let message = "`unsafe fn` is not supported: a safety contract cannot be checked \
+                       across processes; declare a safe `fn`";
+        refuse(&mut errors, unsafety, message);
+    }
+    if let Some(abi) = &sig.abi {
+        refuse(
+            &mut errors,
+            abi,
+            "`extern` methods are not supported: remove the ABI",
+        );
+    }
+    if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
+        let message = "generic methods are not supported: client and server are compiled \
+                       apart and must agree on one concrete type; use one (or an enum of the \
+                       types you need)";
+        match sig.generics.params.is_empty() {
+            true => refuse(&mut errors, &sig.generics.where_clause, message),
+            false => refuse(&mut errors, &sig.generics, message),
+        }
+    }
+    let mut inputs = sig.inputs.iter();
+    match inputs.next() {
+        Some(FnArg::Receiver(receiver)) => {
+            let message = match (&receiver.reference, &receiver.mutability) {
+                _ if receiver.colon_token.is_some() => {
+                    Some("write `&self`: other receiver types are not supported")
+                }
+                (None, _) => Some(
+                    "`self` by value is not supported: take `&self` (the server keeps its \
+                     implementation for the next call)",
+                ),
+                (Some(_), Some(_)) => Some(
+                    "`&mut self` is not supported: take `&self`, and keep mutable state behind \
+                     a `Mutex` or atomics (calls may run concurrently)",
+                ),
+                (Some((_, Some(_))), None) => Some("write `&self`, without a lifetime"),
+                (Some((_, None)), None) => None,
+            };
+            if let Some(message) = message {
+                refuse(&mut errors, receiver, message);
+            }
+        }
+        _ => {
+            let message = format!(
+                "`{}` has no receiver: interface methods take `&self` first \
+                 (a call goes to the server's implementation)",
+                sig.ident
+            );
+            errors.push(syn::Error::new(sig.paren_token.span.join(), message));
+            inputs = sig.inputs.iter(); // Still check the parameters there are.
+        }
+    }
+    let mut args = Vec::new();
+    for input in inputs {
+        match input {
+            FnArg::Receiver(r) => refuse(&mut errors, r, "`self` goes first"),
+            FnArg::Typed(typed) => match arg(&typed.pat, &typed.ty) {
+                Ok(arg) => args.push(arg),
+                Err(error) => errors.push(error),
+            },
+        }
+    }
+    let ret = match &sig.output {
+        ReturnType::Type(_, ty) if !is_unit(ty) => match value(ty, Role::Return) {
+            Ok(value) => Some(value),
+            Err(error) => {
+                errors.push(error);
+                None
+            }
+        },
+        _ => None,
+    };
+    if attrs.oneway && ret.is_some() {
+        let message = "a `#[oneway]` method gets no reply, so it cannot return a value: remove \
+                       the return type, or remove `#[oneway]` to wait for the reply";
+        refuse(&mut errors, &sig.output, message);
+    }
+    errors.finish()?;
+    let method = Method {
+        variant: format_ident!("{}", upper_camel(&sig.ident.unraw().to_string())),
+        cmd: attrs.cmd.as_ref().map_or(index, |(cmd, _)| *cmd),
+        signature: signature(&sig.ident, &args, &sig.output),
+        name: sig.ident.clone(),
+        args,
+        ret,
+        oneway: attrs.oneway,
+        docs: std::mem::take(&mut attrs.docs),
+    };
+    Ok((method, attrs.cmd.map(|(_, attr)| attr)))
+}
+
+/// The attributes of a method that concern us.
+struct MethodAttrs {
+    /// `#[cmd(N)]`: the id, and the attribute, for errors.
+    cmd: Option<(u32, Attribute)>,
+    /// `#[oneway]`.
+    oneway: bool,
+    /// The doc comments (`#[doc = ".."]`).
+    docs: Vec<Attribute>,
+}
+
+impl MethodAttrs {
+    /// Reads the attributes, removing `#[cmd]` and `#[oneway]`: they mean nothing to rustc.
+    fn take(attrs: &mut Vec<Attribute>, errors: &mut Errors) -> Self {
+        let mut ours = MethodAttrs {
+            cmd: None,
+            oneway: false,
+            docs: Vec::new(),
+        };
+        for attr in std::mem::take(attrs) {
+            if attr.path().is_ident("oneway") {
+                if !matches!(attr.meta, Meta::Path(_)) {
+                    errors.push(syn::Error::new_spanned(
+                        &attr,
+                        "`#[oneway]` takes no arguments",
+                    ));
+                }
+                ours.oneway = true;
+            } else if attr.path().is_ident("cmd") {
+                let id = attr
+                    .parse_args::<LitInt>()
+                    .and_then(|n| n.base10_parse::<u32>());
+                match (id, &ours.cmd) {
+                    (_, Some(_)) => {
+                        let message = "a method has one `#[cmd(N)]`";
+                        errors.push(syn::Error::new_spanned(&attr, message));
+                    }
+                    (Ok(id), None) => ours.cmd = Some((id, attr)),
+                    (Err(_), None) => {
+                        let message = "expected `#[cmd(N)]`, with `N` the command id (a `u32`)";
+                        errors.push(syn::Error::new_spanned(&attr, message));
+                    }
+                }
+            } else {
+                if attr.path().is_ident("doc") {
+                    ours.docs.push(attr.clone());
+                }
+                attrs.push(attr);
+            }
+        }
+        ours
+    }
+}
+
+/// A parameter after `&self`: a plain name and a type that can travel.
+fn arg(pat: &Pat, ty: &Type) -> syn::Result<Arg> {
+    let name = match pat {
+        Pat::Ident(p) if p.by_ref.is_none() && p.subpat.is_none() => p.ident.clone(),
+        other => {
+            let message = "write a plain parameter name (`name: Type`): the client stub and \
+                           the request variant use it";
+            return Err(syn::Error::new_spanned(other, message));
+        }
+    };
+    Ok(Arg {
+        name,
+        value: value(ty, Role::Param)?,
+    })
+}
+
+fn value(ty: &Type, role: Role) -> syn::Result<Value> {
+    let wire = types::wire(ty);
+    types::check(ty, role, wire)?;
+    Ok(Value {
+        ty: ty.clone(),
+        wire,
+    })
+}
+
+fn is_unit(ty: &Type) -> bool {
+    matches!(ty, Type::Tuple(t) if t.elems.is_empty())
+}
+
+/// `fn name(&self, a: A) -> R`, spelled as rustfmt would.
+fn signature(name: &Ident, args: &[Arg], output: &ReturnType) -> String {
+    let mut text = format!("fn {name}(&self");
+    for arg in args {
+        let ty = types::spell(arg.value.ty.to_token_stream());
+        text.push_str(&format!(", {}: {ty}", arg.name));
+    }
+    text.push(')');
+    if let ReturnType::Type(_, ty) = output {
+        text.push_str(&format!(" -> {}", types::spell(ty.to_token_stream())));
+    }
+    text
+}
+
+/// `open_buffer` → `OpenBuffer`.
+fn upper_camel(snake: &str) -> String {
+    let mut out = String::new();
+    for word in snake.split('_') {
+        let mut chars = word.chars();
+        if let Some(first) = chars.next() {
+            out.extend(first.to_uppercase());
+            out.push_str(chars.as_str());
+        }
+    }
+    out
+}
+
+/// Errors found so far, combined so that the user sees all of them at once.
+#[derive(Default)]
+struct Errors(Option<syn::Error>);
+
+impl Errors {
+    fn push(&mut self, error: syn::Error) {
+        match &mut self.0 {
+            Some(all) => all.combine(error),
+            None => self.0 = Some(error),
+        }
+    }
+
+    fn finish(self) -> syn::Result<()> {
+        self.0.map_or(Ok(()), Err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quote::quote;
+
+    fn parse(item: TokenStream) -> Result<Interface, String> {
+        interface(TokenStream::new(), item).map_err(|r| r.error.to_string())
+    }
+
+    #[test]
+    fn ids_follow_declaration_order_unless_pinned() {
+        let iface = parse(quote! {
+            trait T {
+                fn a(&self);
+                #[cmd(7)]
+                fn b(&self);
+                fn c(&self);
+            }
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        let ids: Vec<u32> = iface.methods.iter().map(|m| m.cmd).collect();
+        assert_eq!(ids, [0, 7, 2]);
+        // Our attributes are gone from the emitted trait.
+        let emitted = iface.item.to_token_stream().to_string();
+        assert!(!emitted.contains("cmd"), "{emitted}");
+    }
+
+    #[test]
+    fn a_position_can_clash_with_a_pinned_id() {
+        let error = parse(quote! {
+            trait T {
+                #[cmd(1)]
+                fn a(&self);
+                fn b(&self);
+            }
+        })
+        .err()
+        .unwrap();
+        assert!(
+            error.contains("command id 1 (its position in the trait) of `b`"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn more_rejections() {
+        for (item, expected) in [
+            (
+                quote!(
+                    trait T {
+                        fn a(&self, _: u32);
+                    }
+                ),
+                "plain parameter name",
+            ),
+            (
+                quote!(
+                    trait T {
+                        fn a(&self) -> Self;
+                    }
+                ),
+                "`Self` cannot travel",
+            ),
+            (
+                quote!(
+                    trait T<X> {
+                        fn a(&self);
+                    }
+                ),
+                "generic interfaces",
+            ),
+            (
+                quote!(
+                    trait T {
+                        type X;
+                        fn a(&self);
+                    }
+                ),
+                "only methods",
+            ),
+            (
+                quote!(
+                    trait T {}
+                ),
+                "at least one method",
+            ),
+            (
+                quote!(
+                    trait T {
+                        #[cmd(x)]
+                        fn a(&self);
+                    }
+                ),
+                "expected `#[cmd(N)]`",
+            ),
+            (
+                quote!(
+                    trait T {
+                        fn a(self: Box<Self>);
+                    }
+                ),
+                "write `&self`",
+            ),
+            (
+                quote!(
+                    trait T {
+                        fn a_b(&self);
+                        fn aB(&self);
+                    }
+                ),
+                "both become",
+            ),
+            (
+                quote!(
+                    trait T {
+                        fn a(&self) -> &'static str;
+                    }
+                ),
+                "take `String`",
+            ),
+        ] {
+            let error = parse(item.clone())
+                .err()
+                .unwrap_or_else(|| panic!("accepted {item}"));
+            assert!(error.contains(expected), "{item}: {error}");
+        }
+    }
+
+    #[test]
+    fn signatures_are_spelled_as_written() {
+        let iface = parse(quote! {
+            trait T {
+                fn a(&self, x: Vec < u8 >, y: Result<u8,String>) -> ();
+                #[oneway]
+                fn b(&self);
+            }
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        let a = &iface.methods[0];
+        assert_eq!(
+            a.signature,
+            "fn a(&self, x: Vec<u8>, y: Result<u8, String>) -> ()"
+        );
+        assert!(a.ret.is_none());
+        assert_eq!(
+            iface.canonical_signature(),
+            "#[cmd(0)] fn a(&self, x: Vec<u8>, y: Result<u8, String>) -> (); \
+             #[cmd(1)] #[oneway] fn b(&self);"
+        );
+    }
+
+    #[test]
+    fn variant_names() {
+        assert_eq!(upper_camel("reverse"), "Reverse");
+        assert_eq!(upper_camel("open_buffer"), "OpenBuffer");
+        assert_eq!(upper_camel("_private__x"), "PrivateX");
+        assert_eq!(upper_camel("getURL"), "GetURL");
+    }
+}

@@ -1,0 +1,336 @@
+//! Parameter and return types: how each travels, which ones cannot, and how a type is spelled
+//! in a signature.
+//!
+//! Everything here reads the type as written. A macro cannot resolve names, so an alias of
+//! `OwnedFd` or `Vec<u8>` is not recognised as one: it travels as a plain serde value (and an
+//! `OwnedFd` behind an alias fails to compile, because `OwnedFd` is not `Serialize`).
+
+use proc_macro2::{Delimiter, Spacing, TokenStream, TokenTree};
+use quote::ToTokens;
+use syn::visit::{self, Visit};
+use syn::{GenericArgument, Lifetime, Path, PathArguments, Type, TypeImplTrait, TypeReference};
+
+use crate::model::Wire;
+
+/// Where a type appears, for error messages.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// A parameter after `&self`.
+    Param,
+    /// The return type.
+    Return,
+}
+
+/// How a value of type `ty` travels.
+pub fn wire(ty: &Type) -> Wire {
+    if is_fd(ty) {
+        return Wire::Fd;
+    }
+    match single_arg(ty, "Option").or_else(|| single_arg(ty, "Vec")) {
+        Some(inner) if is_fd(inner) => Wire::Fd,
+        Some(inner) if is_plain(inner, "u8") && single_arg(ty, "Vec").is_some() => Wire::Bytes,
+        _ => Wire::Serde,
+    }
+}
+
+/// Rejects a type that cannot travel, at its span, saying what to write instead.
+pub fn check(ty: &Type, role: Role, wire: Wire) -> syn::Result<()> {
+    let mut checker = Checker {
+        role,
+        error: None,
+        fds: 0,
+    };
+    checker.visit_type(ty);
+    if let Some(error) = checker.error {
+        return Err(error);
+    }
+    // The fd forms are a whole type: an `OwnedFd` anywhere else has no way onto the wire.
+    if wire == Wire::Serde && checker.fds > 0 {
+        return Err(syn::Error::new_spanned(
+            ty,
+            "an `OwnedFd` travels only as the whole type `OwnedFd`, `Option<OwnedFd>` or \
+             `Vec<OwnedFd>`; inside your own serde type, mark the field \
+             `#[serde(with = \"typed_ipc::fd\")]`",
+        ));
+    }
+    Ok(())
+}
+
+/// Finds the first part of a type that cannot travel.
+struct Checker {
+    role: Role,
+    error: Option<syn::Error>,
+    /// How many `OwnedFd` path segments the type names.
+    fds: usize,
+}
+
+impl Checker {
+    fn fail(&mut self, tokens: &dyn ToTokens, message: String) {
+        self.error
+            .get_or_insert_with(|| syn::Error::new_spanned(tokens, message));
+    }
+
+    fn borrowed(&self) -> &'static str {
+        match self.role {
+            Role::Param => {
+                "borrowed parameters are not supported: the server receives its own copy"
+            }
+            Role::Return => {
+                "a borrowed return value is not supported: the client receives its own copy"
+            }
+        }
+    }
+}
+
+impl<'ast> Visit<'ast> for Checker {
+    fn visit_type_reference(&mut self, r: &'ast TypeReference) {
+        let owned = owned_form(&r.elem);
+        let message = format!("{}; take `{owned}` instead", self.borrowed());
+        self.fail(r, message);
+        // Not walking further: one message per type is enough.
+    }
+
+    fn visit_lifetime(&mut self, l: &'ast Lifetime) {
+        if l.ident != "static" {
+            let message = format!("{}; use an owned type (or `'static`)", self.borrowed());
+            self.fail(l, message);
+        }
+    }
+
+    fn visit_type_impl_trait(&mut self, t: &'ast TypeImplTrait) {
+        let message = "`impl Trait` is not supported in an interface: client and server are \
+                       compiled apart and must agree on one concrete type; name it \
+                       (e.g. `Vec<T>` rather than `impl Iterator<Item = T>`)";
+        self.fail(t, message.into());
+    }
+
+    fn visit_path(&mut self, p: &'ast Path) {
+        if p.segments.first().is_some_and(|s| s.ident == "Self") {
+            let message = "`Self` cannot travel: the client does not know the implementing \
+                           type; name a concrete type";
+            self.fail(p, message.into());
+        }
+        self.fds += p.segments.iter().filter(|s| s.ident == "OwnedFd").count();
+        visit::visit_path(self, p);
+    }
+}
+
+/// The owned type to suggest for a borrowed `&elem`.
+fn owned_form(elem: &Type) -> String {
+    let elem = peel(elem);
+    if is_plain(elem, "str") {
+        return "String".into();
+    }
+    if is_plain(elem, "Path") {
+        return "PathBuf".into();
+    }
+    if is_plain(elem, "OsStr") {
+        return "OsString".into();
+    }
+    if is_plain(elem, "CStr") {
+        return "CString".into();
+    }
+    if let Type::Slice(slice) = elem {
+        return format!("Vec<{}>", spell(slice.elem.to_token_stream()));
+    }
+    spell(elem.to_token_stream())
+}
+
+/// `ty` without the parentheses and invisible groups (from `macro_rules!`) around it.
+fn peel(ty: &Type) -> &Type {
+    match ty {
+        Type::Group(g) => peel(&g.elem),
+        Type::Paren(p) => peel(&p.elem),
+        other => other,
+    }
+}
+
+/// Whether `ty` is a path ending in `name`, without generic arguments.
+fn is_plain(ty: &Type, name: &str) -> bool {
+    match peel(ty) {
+        Type::Path(p) if p.qself.is_none() => p
+            .path
+            .segments
+            .last()
+            .is_some_and(|s| s.ident == name && s.arguments.is_none()),
+        _ => false,
+    }
+}
+
+fn is_fd(ty: &Type) -> bool {
+    is_plain(ty, "OwnedFd")
+}
+
+/// The `T` of a `name<T>` (any path ending in `name`).
+fn single_arg<'a>(ty: &'a Type, name: &str) -> Option<&'a Type> {
+    let Type::Path(p) = peel(ty) else { return None };
+    let last = p
+        .path
+        .segments
+        .last()
+        .filter(|s| p.qself.is_none() && s.ident == name)?;
+    let PathArguments::AngleBracketed(args) = &last.arguments else {
+        return None;
+    };
+    match (args.args.len(), args.args.first()) {
+        (1, Some(GenericArgument::Type(inner))) => Some(inner),
+        _ => None,
+    }
+}
+
+/// Spells tokens the way rustfmt writes a signature (`Result<Vec<u8>, E>`, `&'a str`,
+/// `fn(u8) -> u8`), so that a signature's text does not depend on how it was spaced.
+pub fn spell(tokens: TokenStream) -> String {
+    let mut speller = Speller::default();
+    speller.tokens(tokens);
+    speller.out
+}
+
+#[derive(Default)]
+struct Speller {
+    out: String,
+    /// The last token was an identifier or literal: another one needs a space before it.
+    after_word: bool,
+    /// The next token gets a space before it (after `,`, `;`, `:`, `->`, ...).
+    space: bool,
+    /// The last identifier or literal.
+    word: String,
+    /// The last token was a `Joint` punctuation character (the first of `::`, `->`, `>>`).
+    joint: Option<char>,
+}
+
+impl Speller {
+    fn push(&mut self, text: &str, word: bool) {
+        if self.space || (word && self.after_word) {
+            self.out.push(' ');
+        }
+        self.out.push_str(text);
+        self.space = false;
+        self.after_word = word;
+    }
+
+    fn tokens(&mut self, tokens: TokenStream) {
+        for token in tokens {
+            let joint = self.joint.take();
+            match token {
+                TokenTree::Ident(_) | TokenTree::Literal(_) => {
+                    self.word = token.to_string();
+                    self.push(&self.word.clone(), true);
+                }
+                // An invisible group (a `$ty` from `macro_rules!`) is spelled as its contents.
+                TokenTree::Group(g) if g.delimiter() == Delimiter::None => self.tokens(g.stream()),
+                TokenTree::Group(g) => {
+                    let (open, close) = match g.delimiter() {
+                        Delimiter::Parenthesis => ("(", ")"),
+                        Delimiter::Bracket => ("[", "]"),
+                        _ => ("{", "}"),
+                    };
+                    // `Fn(u8)` and `fn(u8)` are calls in shape, `mut [u8]` and `dyn (A)` are not.
+                    let keyword = matches!(self.word.as_str(), "mut" | "const" | "dyn" | "as");
+                    self.space |= self.after_word && (keyword || open == "[");
+                    self.push(open, false);
+                    self.tokens(g.stream());
+                    self.out.push_str(close);
+                    (self.space, self.after_word, self.joint) = (false, false, None);
+                }
+                TokenTree::Punct(p) => {
+                    let c = p.as_char();
+                    match (joint, c) {
+                        // The second half of `::`, `->`, `>>`, ...
+                        (Some('-'), '>') => {
+                            self.out.push('>');
+                            self.space = true;
+                        }
+                        (Some(_), _) => self.out.push(c),
+                        (None, '-') if p.spacing() == Spacing::Joint => self.out.push_str(" -"),
+                        (None, ',' | ';') => {
+                            self.out.push(c);
+                            self.space = true;
+                        }
+                        (None, ':') if p.spacing() == Spacing::Alone => {
+                            self.out.push(':');
+                            self.space = true;
+                        }
+                        (None, '=' | '+') => {
+                            self.out.push(' ');
+                            self.out.push(c);
+                            self.space = true;
+                        }
+                        (None, _) => self.push(&c.to_string(), false),
+                    }
+                    self.after_word = false;
+                    if p.spacing() == Spacing::Joint {
+                        self.joint = Some(c);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ty(s: &str) -> Type {
+        syn::parse_str(s).unwrap()
+    }
+
+    #[test]
+    fn spelling_is_rustfmt_like() {
+        for (written, spelled) in [
+            ("Vec < u8 >", "Vec<u8>"),
+            ("Result<Caps,ConfigError>", "Result<Caps, ConfigError>"),
+            ("::std::os::fd::OwnedFd", "::std::os::fd::OwnedFd"),
+            ("Option<Vec<OwnedFd>>", "Option<Vec<OwnedFd>>"),
+            ("&'static str", "&'static str"),
+            ("&mut [u8]", "&mut [u8]"),
+            ("[u8;4]", "[u8; 4]"),
+            ("fn(u8)->u8", "fn(u8) -> u8"),
+            (
+                "Box<dyn Fn(u8) -> u8 + Send>",
+                "Box<dyn Fn(u8) -> u8 + Send>",
+            ),
+            ("<T as Iterator>::Item", "<T as Iterator>::Item"),
+            (
+                "HashMap<String, Vec<(u8, i64)>>",
+                "HashMap<String, Vec<(u8, i64)>>",
+            ),
+            ("*const u8", "*const u8"),
+            ("&mut (u8, u16)", "&mut (u8, u16)"),
+            ("Vec<[u8; 4]>", "Vec<[u8; 4]>"),
+        ] {
+            assert_eq!(spell(ty(written).to_token_stream()), spelled, "{written}");
+        }
+    }
+
+    #[test]
+    fn wire_follows_the_spelling() {
+        assert_eq!(wire(&ty("OwnedFd")), Wire::Fd);
+        assert_eq!(wire(&ty("std::os::fd::OwnedFd")), Wire::Fd);
+        assert_eq!(wire(&ty("Option<OwnedFd>")), Wire::Fd);
+        assert_eq!(wire(&ty("Vec<OwnedFd>")), Wire::Fd);
+        assert_eq!(wire(&ty("Vec<u8>")), Wire::Bytes);
+        assert_eq!(wire(&ty("Option<u8>")), Wire::Serde);
+        assert_eq!(wire(&ty("Vec<u16>")), Wire::Serde);
+        assert_eq!(wire(&ty("Fd")), Wire::Serde);
+        assert_eq!(wire(&ty("Result<OwnedFd, E>")), Wire::Serde);
+    }
+
+    #[test]
+    fn borrowed_types_suggest_the_owned_one() {
+        let message = |s: &str| {
+            check(&ty(s), Role::Param, Wire::Serde)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(message("&str").ends_with("take `String` instead"));
+        assert!(message("&[u8]").ends_with("take `Vec<u8>` instead"));
+        assert!(message("&mut Config").ends_with("take `Config` instead"));
+        assert!(message("Option<&Path>").ends_with("take `PathBuf` instead"));
+        assert!(message("Cow<'_, str>").contains("use an owned type"));
+        assert!(message("Result<OwnedFd, E>").contains("typed_ipc::fd"));
+        assert!(check(&ty("Cow<'static, str>"), Role::Param, Wire::Serde).is_ok());
+        assert!(check(&ty("Vec<OwnedFd>"), Role::Param, Wire::Fd).is_ok());
+    }
+}

@@ -1,0 +1,143 @@
+//! The generated code names everything by absolute path: an interface declared in a module
+//! that shadows the prelude, `std`, `core`, `typed_ipc` and the runtime's names still
+//! compiles and works. Parameters named like the generated code's locals are fine too.
+
+#![allow(non_camel_case_types, dead_code)]
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+pub struct Payload(pub u32);
+
+mod shadowed {
+    // Short names the generated code might reach for, all taken.
+    pub struct Result;
+    pub struct Option;
+    pub struct Some;
+    pub struct None;
+    pub struct Ok;
+    pub struct Err;
+    pub struct Box;
+    pub struct Vec;
+    pub trait Clone {}
+    pub trait Send {}
+    pub trait Sync {}
+    pub struct u32;
+    pub struct bool;
+    pub struct Fd;
+    pub struct Bytes;
+    pub struct Connection;
+    pub struct Error;
+    pub struct Duration;
+    pub struct Call;
+    pub struct Service;
+    pub struct InterfaceInfo;
+    pub struct MethodInfo;
+    pub fn fnv1a() {}
+    pub mod std {}
+    pub mod core {}
+    pub mod typed_ipc {}
+    pub mod serde {}
+    /// A type named like the server's type parameter.
+    pub use super::Payload as T;
+
+    #[::typed_ipc::interface]
+    pub trait Hygienic {
+        fn greet(&self, name: ::std::string::String) -> ::std::string::String;
+        fn check(
+            &self,
+            n: ::core::primitive::u32,
+        ) -> ::core::result::Result<::core::primitive::u32, ::std::string::String>;
+        fn has_fd(
+            &self,
+            fd: ::core::option::Option<::std::os::fd::OwnedFd>,
+        ) -> ::core::primitive::bool;
+        fn echo(
+            &self,
+            data: ::std::vec::Vec<::core::primitive::u8>,
+        ) -> ::std::vec::Vec<::core::primitive::u8>;
+        /// Parameters named like the generated code's own variables.
+        #[allow(clippy::too_many_arguments)]
+        fn locals(
+            &self,
+            call: ::core::primitive::u32,
+            value: ::core::primitive::u32,
+            request: ::core::primitive::u32,
+            response: ::core::primitive::u32,
+            connection: ::core::primitive::u32,
+            timeout: ::core::primitive::u32,
+            imp: ::core::primitive::u32,
+        ) -> ::core::primitive::u32;
+        fn payload(&self, t: T) -> T;
+        #[oneway]
+        fn nudge(&self, call: ::core::primitive::u32);
+        fn nothing(&self);
+    }
+
+    pub struct Impl;
+
+    impl Hygienic for Impl {
+        fn greet(&self, name: ::std::string::String) -> ::std::string::String {
+            ::std::format!("hello {name}")
+        }
+        fn check(
+            &self,
+            n: ::core::primitive::u32,
+        ) -> ::core::result::Result<::core::primitive::u32, ::std::string::String> {
+            match n {
+                0 => ::core::result::Result::Err("zero".into()),
+                n => ::core::result::Result::Ok(n),
+            }
+        }
+        fn has_fd(
+            &self,
+            fd: ::core::option::Option<::std::os::fd::OwnedFd>,
+        ) -> ::core::primitive::bool {
+            fd.is_some()
+        }
+        fn echo(
+            &self,
+            data: ::std::vec::Vec<::core::primitive::u8>,
+        ) -> ::std::vec::Vec<::core::primitive::u8> {
+            data
+        }
+        #[allow(clippy::too_many_arguments)]
+        fn locals(
+            &self,
+            call: ::core::primitive::u32,
+            value: ::core::primitive::u32,
+            request: ::core::primitive::u32,
+            response: ::core::primitive::u32,
+            connection: ::core::primitive::u32,
+            timeout: ::core::primitive::u32,
+            imp: ::core::primitive::u32,
+        ) -> ::core::primitive::u32 {
+            call + value + request + response + connection + timeout + imp
+        }
+        fn payload(&self, t: T) -> T {
+            super::Payload(t.0 + 1)
+        }
+        fn nudge(&self, _call: ::core::primitive::u32) {}
+        fn nothing(&self) {}
+    }
+}
+
+use shadowed::{HygienicClient, HygienicServer};
+
+#[test]
+fn an_interface_among_shadowed_names_works() {
+    let (a, b) = typed_ipc::Connection::pair().unwrap();
+    let server = std::thread::spawn(move || HygienicServer::new(shadowed::Impl).serve(b));
+    let client = HygienicClient::new(a);
+    assert_eq!(client.greet("you".into()).unwrap(), "hello you");
+    assert_eq!(client.check(3).unwrap(), Ok(3));
+    assert_eq!(client.check(0).unwrap(), Err("zero".to_string()));
+    assert!(!client.has_fd(None).unwrap());
+    assert_eq!(client.echo(vec![1, 2, 3]).unwrap(), [1, 2, 3]);
+    assert_eq!(client.locals(1, 2, 3, 4, 5, 6, 7).unwrap(), 28);
+    assert_eq!(client.payload(Payload(41)).unwrap(), Payload(42));
+    client.nudge(1).unwrap();
+    client.nothing().unwrap();
+    drop(client);
+    server.join().unwrap().unwrap();
+}

@@ -1,0 +1,445 @@
+//! Every shape `#[interface]` supports, over `Connection::pair()` with the server on a thread.
+//!
+//! The tests take one lock, so that each can count this process's open fds without another
+//! test's fds coming and going.
+
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::FileExt;
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+
+use nix::sys::memfd::{MFdFlags, memfd_create};
+use serde::{Deserialize, Serialize};
+use typed_ipc::{Connection, Error, interface};
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    pub gain: u32,
+}
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+pub struct Caps {
+    pub max_gain: u32,
+}
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+pub enum ConfigError {
+    TooLoud { gain: u32, max: u32 },
+}
+
+/// A user type carrying an fd among its fields.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Labelled {
+    pub label: String,
+    #[serde(with = "typed_ipc::fd")]
+    pub file: OwnedFd,
+}
+
+#[interface]
+pub trait Shapes {
+    fn reverse(&self, text: String) -> String;
+    /// Fds in: the sum of their files' sizes.
+    fn total_len(&self, files: Vec<OwnedFd>) -> u64;
+    fn configure(&self, cfg: Config) -> Result<Caps, ConfigError>;
+    /// An fd out: a new file holding `content`.
+    fn open_buffer(&self, content: String) -> OwnedFd;
+    /// An fd in: writes `content` into it.
+    fn write_into(&self, file: OwnedFd, content: String);
+    fn maybe_open(&self, content: Option<String>) -> Option<OwnedFd>;
+    /// Writes `content` into `file` if there is one; whether there was.
+    fn maybe_write(&self, file: Option<OwnedFd>, content: String) -> bool;
+    /// `count` new files, the i-th holding `i`.
+    fn open_many(&self, count: u32) -> Vec<OwnedFd>;
+    /// Writes the label into the file, and hands the item back.
+    fn labelled(&self, item: Labelled) -> Labelled;
+    #[oneway]
+    fn stats_ready(&self, frame: u32, stats: OwnedFd);
+    fn nothing(&self);
+    fn zeroes(&self, len: u32) -> Vec<u8>;
+    fn echo(&self, data: Vec<u8>) -> Vec<u8>;
+    fn explode(&self, message: String) -> u32;
+}
+
+struct Impl {
+    /// Where `stats_ready` reports what it read.
+    stats: Mutex<Sender<(u32, String)>>,
+}
+
+fn memfd(content: &str) -> OwnedFd {
+    let fd = memfd_create("typed-ipc-test", MFdFlags::MFD_CLOEXEC).unwrap();
+    File::from(fd.try_clone().unwrap())
+        .write_all_at(content.as_bytes(), 0)
+        .unwrap();
+    fd
+}
+
+fn contents(fd: &OwnedFd) -> String {
+    let file = File::from(fd.try_clone().unwrap());
+    let mut buf = vec![0; file.metadata().unwrap().len() as usize];
+    file.read_exact_at(&mut buf, 0).unwrap();
+    String::from_utf8(buf).unwrap()
+}
+
+fn write(fd: OwnedFd, content: &str) {
+    File::from(fd).write_all_at(content.as_bytes(), 0).unwrap();
+}
+
+impl Shapes for Impl {
+    fn reverse(&self, text: String) -> String {
+        text.chars().rev().collect()
+    }
+    fn total_len(&self, files: Vec<OwnedFd>) -> u64 {
+        files
+            .into_iter()
+            .map(|f| File::from(f).metadata().unwrap().len())
+            .sum()
+    }
+    fn configure(&self, cfg: Config) -> Result<Caps, ConfigError> {
+        match cfg.gain {
+            gain @ 0..=10 => Ok(Caps {
+                max_gain: 10 - gain,
+            }),
+            gain => Err(ConfigError::TooLoud { gain, max: 10 }),
+        }
+    }
+    fn open_buffer(&self, content: String) -> OwnedFd {
+        memfd(&content)
+    }
+    fn write_into(&self, file: OwnedFd, content: String) {
+        write(file, &content)
+    }
+    fn maybe_open(&self, content: Option<String>) -> Option<OwnedFd> {
+        content.map(|c| memfd(&c))
+    }
+    fn maybe_write(&self, file: Option<OwnedFd>, content: String) -> bool {
+        file.map(|f| write(f, &content)).is_some()
+    }
+    fn open_many(&self, count: u32) -> Vec<OwnedFd> {
+        (0..count).map(|i| memfd(&i.to_string())).collect()
+    }
+    fn labelled(&self, item: Labelled) -> Labelled {
+        write(item.file.try_clone().unwrap(), &item.label);
+        Labelled {
+            label: format!("{} (seen)", item.label),
+            file: item.file,
+        }
+    }
+    fn stats_ready(&self, frame: u32, stats: OwnedFd) {
+        let report = (frame, contents(&stats));
+        self.stats.lock().unwrap().send(report).unwrap();
+    }
+    fn nothing(&self) {}
+    fn zeroes(&self, len: u32) -> Vec<u8> {
+        vec![0; len as usize]
+    }
+    fn echo(&self, data: Vec<u8>) -> Vec<u8> {
+        data
+    }
+    fn explode(&self, message: String) -> u32 {
+        panic!("{message}")
+    }
+}
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// One test at a time (see the module docs); a failed test does not fail the next.
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn open_fds() -> usize {
+    let v: Vec<_> = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .map(|e| std::fs::read_link(e.unwrap().path()).ok())
+        .collect();
+    eprintln!("{v:?}");
+    v.len()
+}
+
+/// A client, and its server running on a thread.
+struct Running {
+    client: ShapesClient,
+    server: JoinHandle<Result<(), Error>>,
+    /// What the server's oneway method reports.
+    stats: Receiver<(u32, String)>,
+}
+
+fn start() -> Running {
+    let (a, b) = Connection::pair().unwrap();
+    let (tx, stats) = channel();
+    let imp = Impl {
+        stats: Mutex::new(tx),
+    };
+    let server = std::thread::spawn(move || ShapesServer::new(imp).serve(b));
+    Running {
+        client: ShapesClient::new(a),
+        server,
+        stats,
+    }
+}
+
+impl Running {
+    /// Hangs up and checks that the server saw a clean close.
+    fn stop(self) {
+        drop(self.client);
+        self.server.join().unwrap().unwrap();
+    }
+}
+
+#[test]
+fn plain_values_and_results() {
+    let _serial = serial();
+    let running = start();
+    let ipa = &running.client;
+    assert_eq!(ipa.reverse("FooBar".into()).unwrap(), "raBooF");
+    assert_eq!(
+        ipa.configure(Config { gain: 3 }).unwrap(),
+        Ok(Caps { max_gain: 7 })
+    );
+    assert_eq!(
+        ipa.configure(Config { gain: 11 }).unwrap(),
+        Err(ConfigError::TooLoud { gain: 11, max: 10 })
+    );
+    ipa.nothing().unwrap();
+    running.stop();
+}
+
+#[test]
+fn fds_in_and_out() {
+    let _serial = serial();
+    let before = open_fds();
+    let running = start();
+    let ipa = &running.client;
+
+    // OwnedFd out: the server wrote it, we read it.
+    assert_eq!(
+        contents(&ipa.open_buffer("from the server".into()).unwrap()),
+        "from the server"
+    );
+    {
+        // OwnedFd in: the server writes through its copy, we read through ours.
+        let mine = memfd("");
+        ipa.write_into(mine.try_clone().unwrap(), "from the client".into())
+            .unwrap();
+        assert_eq!(contents(&mine), "from the client");
+    }
+    {
+        // A File goes in with `.into()`.
+        let file = File::from(memfd(""));
+        ipa.write_into(file.try_clone().unwrap().into(), "via File".into())
+            .unwrap();
+        assert_eq!(contents(&file.into()), "via File");
+    }
+    {
+        // Option<OwnedFd> both ways.
+        assert_eq!(
+            contents(&ipa.maybe_open(Some("maybe".into())).unwrap().unwrap()),
+            "maybe"
+        );
+        assert!(ipa.maybe_open(None).unwrap().is_none());
+        let mine = memfd("");
+        assert!(
+            ipa.maybe_write(Some(mine.try_clone().unwrap()), "some".into())
+                .unwrap()
+        );
+        assert_eq!(contents(&mine), "some");
+        assert!(!ipa.maybe_write(None, "none".into()).unwrap());
+    }
+    {
+        // Vec<OwnedFd> both ways.
+        let files = ipa.open_many(3).unwrap();
+        let texts: Vec<String> = files.iter().map(contents).collect();
+        assert_eq!(texts, ["0", "1", "2"]);
+        assert_eq!(
+            ipa.total_len(vec![memfd("abc"), memfd("de"), memfd("")])
+                .unwrap(),
+            5
+        );
+        assert_eq!(ipa.total_len(Vec::new()).unwrap(), 0);
+        assert!(ipa.open_many(0).unwrap().is_empty());
+    }
+    {
+        // An OwnedFd inside a user type, both ways.
+        let mine = memfd("");
+        let item = Labelled {
+            label: "label".into(),
+            file: mine.try_clone().unwrap(),
+        };
+        let back = ipa.labelled(item).unwrap();
+        assert_eq!(back.label, "label (seen)");
+        assert_eq!(contents(&mine), "label");
+        assert_eq!(contents(&back.file), "label");
+    }
+    running.stop();
+    assert_eq!(open_fds(), before, "every fd opened by the test was closed");
+}
+
+#[test]
+fn oneway_sends_without_waiting_for_a_reply() {
+    let _serial = serial();
+    let running = start();
+    let ipa = &running.client;
+    for frame in 0..3 {
+        ipa.stats_ready(frame, memfd(&format!("stats {frame}")))
+            .unwrap();
+    }
+    // Oneway messages run in the order they were sent.
+    for frame in 0..3 {
+        assert_eq!(
+            running.stats.recv().unwrap(),
+            (frame, format!("stats {frame}"))
+        );
+    }
+    running.stop();
+}
+
+#[test]
+fn byte_buffers() {
+    let _serial = serial();
+    let running = start();
+    let ipa = &running.client;
+    let big = ipa.zeroes(1 << 20).unwrap();
+    assert_eq!(big.len(), 1 << 20);
+    assert!(big.iter().all(|&b| b == 0));
+    let data: Vec<u8> = (0..=255).cycle().take(100_000).collect();
+    assert_eq!(ipa.echo(data.clone()).unwrap(), data);
+    assert_eq!(ipa.echo(Vec::new()).unwrap(), Vec::<u8>::new());
+    running.stop();
+}
+
+#[test]
+fn a_panic_is_an_error_reply_and_the_server_goes_on() {
+    let _serial = serial();
+    let running = start();
+    let ipa = &running.client;
+    match ipa.explode("kaboom".into()) {
+        Err(Error::Remote(why)) => assert!(why.contains("kaboom"), "{why}"),
+        other => panic!("expected Error::Remote, got {other:?}"),
+    }
+    assert_eq!(ipa.reverse("still here".into()).unwrap(), "ereh llits");
+    running.stop();
+}
+
+#[test]
+fn clones_and_timeouts_share_the_connection() {
+    let _serial = serial();
+    let running = start();
+    let ipa = &running.client;
+    let other = ipa.with_timeout(std::time::Duration::from_secs(30));
+    assert_eq!(other.reverse("ab".into()).unwrap(), "ba");
+    let cloned = ipa.clone();
+    assert_eq!(cloned.reverse("cd".into()).unwrap(), "dc");
+    drop((other, cloned));
+    assert!(!ipa.connection().is_closed());
+    running.stop();
+}
+
+#[test]
+fn an_unknown_command_gets_an_error_reply() {
+    let _serial = serial();
+    let before = open_fds();
+    let running = start();
+    let ipa = &running.client;
+    // Only a hand-made call can name a command the interface lacks; it carries an fd, which
+    // the server must close.
+    let fd = memfd("");
+    let fds = (typed_ipc::codec::Fd(&fd),);
+    let reply = ipa.connection().call::<_, ()>(&SHAPES_INFO, 99, &fds, None);
+    match reply {
+        Err(Error::Remote(why)) => assert!(why.contains("99"), "{why}"),
+        other => panic!("expected Error::Remote, got {other:?}"),
+    }
+    // A body that does not decode as the method's arguments.
+    match ipa
+        .connection()
+        .call::<_, String>(&SHAPES_INFO, 0, &fds, None)
+    {
+        Err(Error::Remote(why)) => assert!(why.contains("reverse"), "{why}"),
+        other => panic!("expected Error::Remote, got {other:?}"),
+    }
+    assert_eq!(ipa.reverse("ok".into()).unwrap(), "ko");
+    drop(fd);
+    running.stop();
+    assert_eq!(open_fds(), before);
+}
+
+/// Two builds of one interface that disagree about one method.
+mod v1 {
+    #[typed_ipc::interface]
+    pub trait Versioned {
+        fn same(&self) -> u32;
+        fn lookup(&self, key: u32) -> String;
+    }
+}
+
+mod v2 {
+    #[typed_ipc::interface]
+    pub trait Versioned {
+        fn same(&self) -> u32;
+        fn lookup(&self, key: String) -> String;
+    }
+
+    pub struct Impl;
+
+    impl Versioned for Impl {
+        fn same(&self) -> u32 {
+            2
+        }
+        fn lookup(&self, key: String) -> String {
+            key
+        }
+    }
+}
+
+#[test]
+fn a_different_interface_is_a_mismatch_that_names_the_method() {
+    let _serial = serial();
+    let (a, b) = Connection::pair().unwrap();
+    let server = std::thread::spawn(move || v2::VersionedServer::new(v2::Impl).serve(b));
+    let client = v1::VersionedClient::new(a.clone());
+    match client.lookup(7) {
+        Err(Error::InterfaceMismatch(why)) => {
+            assert!(
+                why.contains("fn lookup(&self, key: u32) -> String"),
+                "{why}"
+            );
+            assert!(
+                why.contains("fn lookup(&self, key: String) -> String"),
+                "{why}"
+            );
+        }
+        other => panic!("expected Error::InterfaceMismatch, got {other:?}"),
+    }
+    // The whole interface is refused, not just the method that differs.
+    assert!(matches!(client.same(), Err(Error::InterfaceMismatch(_))));
+    // An interface the server does not serve at all is named.
+    let shapes = ShapesClient::new(a.clone());
+    match shapes.reverse("x".into()) {
+        Err(Error::InterfaceMismatch(why)) => assert!(why.contains("Shapes"), "{why}"),
+        other => panic!("expected Error::InterfaceMismatch, got {other:?}"),
+    }
+    // The matching client works on the same connection.
+    assert_eq!(v2::VersionedClient::new(a.clone()).same().unwrap(), 2);
+    drop((client, shapes, a));
+    server.join().unwrap().unwrap();
+}
+
+#[test]
+fn interface_info_describes_the_trait() {
+    assert_eq!(SHAPES_INFO.name, "Shapes");
+    let reverse = SHAPES_INFO.method(0).unwrap();
+    assert_eq!(
+        reverse.signature,
+        "fn reverse(&self, text: String) -> String"
+    );
+    let stats = SHAPES_INFO
+        .methods
+        .iter()
+        .find(|m| m.name == "stats_ready")
+        .unwrap();
+    assert!(stats.oneway);
+    assert_ne!(v1::VERSIONED_INFO.signature, v2::VERSIONED_INFO.signature);
+    assert_eq!(v1::VERSIONED_INFO.id, v2::VERSIONED_INFO.id);
+}

@@ -1,0 +1,8 @@
+use typed_ipc::interface;
+
+#[interface]
+pub struct Service {
+    name: String,
+}
+
+fn main() {}

@@ -1,0 +1,9 @@
+use typed_ipc::interface;
+
+#[interface]
+pub trait Notifier {
+    #[oneway]
+    fn notify(&self, event: u32) -> bool;
+}
+
+fn main() {}
