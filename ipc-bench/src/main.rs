@@ -1,0 +1,212 @@
+//! `ipc-bench`: cross-process round trips of typed-ipc's peers against a bare-socket
+//! floor, with the server in a real child process.
+//!
+//! ```text
+//! cargo run -p ipc-bench --release -- [--quick] [--out DIR] [--only a,b] [--pass same|cross]
+//! ```
+//!
+//! The table always goes to stdout; `--out DIR` also writes `DIR/benchmarks.md` and
+//! `DIR/benchmarks.svg`. The harness re-executes itself as
+//! `ipc-bench --serve <system> <cpu> <arg>` to start each server.
+
+mod floor;
+mod harness;
+mod memcpy;
+mod peers;
+mod report;
+mod sys;
+mod system;
+
+use std::io;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use nix::sched::{CpuSet, sched_setaffinity};
+use nix::unistd::Pid;
+
+use crate::harness::Plan;
+use crate::peers::ipc_channel::{IpcChannel, Mode};
+use crate::report::{Machine, Pass, Row};
+use crate::system::{Launcher, System};
+
+/// Every system, in report order. Adding one is one line here plus its module.
+static SYSTEMS: &[&dyn System] = &[
+    &floor::Floor { with_fd: false },
+    &floor::Floor { with_fd: true },
+    &memcpy::Memcpy,
+    &peers::tarpc::Tarpc,
+    &IpcChannel { mode: Mode::Typed },
+    &IpcChannel {
+        mode: Mode::ReplyPerCall,
+    },
+    &IpcChannel { mode: Mode::Bytes },
+];
+
+/// Both processes on one CPU (primary: no cross-CPU wake-ups), then on two.
+const PASSES: &[Pass] = &[
+    Pass {
+        label: "same CPU",
+        client_cpu: 0,
+        server_cpu: 0,
+    },
+    Pass {
+        label: "cross CPU",
+        client_cpu: 0,
+        server_cpu: 1,
+    },
+];
+
+/// Command-line options of a harness run.
+struct Args {
+    quick: bool,
+    out: Option<PathBuf>,
+    only: Option<Vec<String>>,
+    pass: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let result = match argv.first().map(String::as_str) {
+        Some("--serve") => serve(&argv[1..]),
+        _ => parse(&argv).and_then(run),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("ipc-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn parse(argv: &[String]) -> io::Result<Args> {
+    let mut args = Args {
+        quick: false,
+        out: None,
+        only: None,
+        pass: None,
+    };
+    let mut it = argv.iter();
+    while let Some(arg) = it.next() {
+        let mut value = || {
+            it.next()
+                .cloned()
+                .ok_or_else(|| io::Error::other(format!("{arg} needs a value")))
+        };
+        match arg.as_str() {
+            "--quick" => args.quick = true,
+            "--out" => args.out = Some(value()?.into()),
+            "--only" => args.only = Some(value()?.split(',').map(str::to_owned).collect()),
+            "--pass" => args.pass = Some(value()?),
+            _ => {
+                return Err(io::Error::other(format!(
+                    "unknown argument {arg}\nusage: ipc-bench [--quick] [--out DIR] [--only a,b] [--pass same|cross]"
+                )));
+            }
+        }
+    }
+    Ok(args)
+}
+
+/// Child side: `--serve <system> <cpu> <arg>`.
+fn serve(argv: &[String]) -> io::Result<bool> {
+    let [name, cpu, arg] = argv else {
+        return Err(io::Error::other("usage: --serve <system> <cpu> <arg>"));
+    };
+    let system = SYSTEMS
+        .iter()
+        .find(|s| s.name() == name)
+        .ok_or_else(|| io::Error::other(format!("no system {name}")))?;
+    pin(cpu.parse().map_err(io::Error::other)?)?;
+    system
+        .serve(arg)
+        .map_err(|e| io::Error::other(format!("{name} server: {e}")))?;
+    Ok(true)
+}
+
+/// Harness side: every pass, every selected system, then the report.
+fn run(args: Args) -> io::Result<bool> {
+    let machine = Machine::probe(args.quick); // Before pinning narrows the CPU count.
+    let plan = if args.quick { Plan::QUICK } else { Plan::FULL };
+    let passes: Vec<Pass> = PASSES
+        .iter()
+        .filter(|p| p.server_cpu < machine.cpus && p.client_cpu < machine.cpus)
+        .filter(|p| {
+            args.pass
+                .as_ref()
+                .is_none_or(|want| p.label.starts_with(want.as_str()))
+        })
+        .copied()
+        .collect();
+    let selected = |s: &&&dyn System| {
+        args.only
+            .as_ref()
+            .is_none_or(|only| only.iter().any(|n| n == s.name()))
+    };
+    let started = Instant::now();
+    let mut rows = Vec::new();
+    let mut ok = true;
+    for (index, pass) in passes.iter().enumerate() {
+        pin(pass.client_cpu)?;
+        for system in SYSTEMS.iter().filter(selected) {
+            if let Err(e) = run_system(*system, index, pass, &plan, &mut rows) {
+                eprintln!("ipc-bench: {} ({}): {e}", system.name(), pass.label);
+                ok = false;
+            }
+        }
+    }
+    let elapsed = started.elapsed();
+    let markdown = report::markdown(&machine, &passes, &rows, elapsed);
+    println!("{markdown}");
+    if let Some(dir) = args.out {
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("benchmarks.md"), &markdown)?;
+        std::fs::write(dir.join("benchmarks.svg"), report::svg(&passes, &rows))?;
+        eprintln!("ipc-bench: wrote {}/benchmarks.{{md,svg}}", dir.display());
+    }
+    eprintln!("ipc-bench: {:.1} s", elapsed.as_secs_f64());
+    Ok(ok)
+}
+
+/// Measures every workload and size of `system` in one pass, with one server.
+fn run_system(
+    system: &dyn System,
+    pass_index: usize,
+    pass: &Pass,
+    plan: &Plan,
+    rows: &mut Vec<Row>,
+) -> io::Result<()> {
+    let mut launcher = Launcher::new(system.name(), pass.server_cpu);
+    let mut client = system.start(&mut launcher)?;
+    for &kind in system.kinds() {
+        for &size in kind.sizes() {
+            let stats = harness::measure(plan, || client.call(kind, size))?;
+            eprintln!(
+                "{:<10} {:<28} {:>7} {:>10}",
+                pass.label,
+                system.name(),
+                report::fmt_size(size),
+                report::fmt_ns(stats.median)
+            );
+            rows.push(Row {
+                pass: pass_index,
+                system: system.name(),
+                kind,
+                size,
+                stats,
+            });
+        }
+    }
+    drop(client); // Closing the connection is what tells the server to exit.
+    launcher.reap()
+}
+
+/// Pins the calling thread, and the threads it starts later, to `cpu`.
+fn pin(cpu: usize) -> io::Result<()> {
+    let mut set = CpuSet::new();
+    set.set(cpu)?;
+    sched_setaffinity(Pid::from_raw(0), &set)?;
+    Ok(())
+}
