@@ -8,7 +8,7 @@
 //! the tables live in thread-locals for the duration of one `encode`/`decode` call, which is
 //! how serde's data model can carry something that is not data.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 use bincode::Options;
@@ -22,6 +22,9 @@ thread_local! {
     static OUTGOING: RefCell<Option<Vec<RawFd>>> = const { RefCell::new(None) };
     /// Fds of the message the decoder currently running on this thread reads.
     static INCOMING: RefCell<Option<Vec<Option<OwnedFd>>>> = const { RefCell::new(None) };
+    /// Emptied tables kept for the next message, so fds cost no allocation.
+    static SPARE_OUT: Cell<Vec<RawFd>> = const { Cell::new(Vec::new()) };
+    static SPARE_IN: Cell<Vec<Option<OwnedFd>>> = const { Cell::new(Vec::new()) };
 }
 
 fn options() -> impl Options {
@@ -37,30 +40,40 @@ pub fn encode<'a, T: Serialize + ?Sized>(
     buf: &mut Vec<u8>,
     fds: &mut Vec<BorrowedFd<'a>>,
 ) -> Result<()> {
-    let outer = OUTGOING.with(|t| t.borrow_mut().replace(Vec::new()));
+    let outer = OUTGOING.with(|t| t.borrow_mut().replace(SPARE_OUT.take()));
     let result = options().serialize_into(&mut *buf, value);
-    let raw = OUTGOING
+    let mut raw = OUTGOING
         .with(|t| std::mem::replace(&mut *t.borrow_mut(), outer))
         .unwrap_or_default();
-    result.map_err(|e| Error::Encode(e.to_string()))?;
     // SAFETY: every raw fd was taken from an `AsFd` inside `value`, which is borrowed for 'a,
     // so each stays open for 'a.
     fds.extend(
-        raw.into_iter()
+        raw.drain(..)
             .map(|fd| unsafe { BorrowedFd::borrow_raw(fd) }),
     );
-    Ok(())
+    SPARE_OUT.set(raw);
+    result.map_err(|e| Error::Encode(e.to_string()))
 }
 
 /// Decodes a `T` from `bytes`, taking its fds from `fds`. Fds the value does not claim are
 /// closed. Bytes left over, an index out of range or used twice, or an fd claimed but
 /// missing are [`Error::Malformed`]; sizes announced in the bytes are checked against the
 /// bytes actually present before anything is allocated.
-pub fn decode<T: DeserializeOwned>(bytes: &[u8], fds: Vec<OwnedFd>) -> Result<T> {
-    let table = fds.into_iter().map(Some).collect();
+pub fn decode<T: DeserializeOwned>(bytes: &[u8], mut fds: Vec<OwnedFd>) -> Result<T> {
+    decode_from(bytes, &mut fds)
+}
+
+/// [`decode`] that drains `fds`, leaving its capacity for the next message.
+pub fn decode_from<T: DeserializeOwned>(bytes: &[u8], fds: &mut Vec<OwnedFd>) -> Result<T> {
+    let mut table = SPARE_IN.take();
+    table.extend(fds.drain(..).map(Some));
     let outer = INCOMING.with(|t| t.borrow_mut().replace(table));
     let result = options().with_limit(bytes.len() as u64).deserialize(bytes);
-    INCOMING.with(|t| *t.borrow_mut() = outer);
+    let mut table = INCOMING.with(|t| std::mem::replace(&mut *t.borrow_mut(), outer));
+    if let Some(table) = table.as_mut() {
+        table.clear(); // closes the fds the value did not claim
+        SPARE_IN.set(std::mem::take(table));
+    }
     result.map_err(|e| Error::Malformed(e.to_string()))
 }
 

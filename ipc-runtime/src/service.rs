@@ -71,6 +71,43 @@ pub trait Service: Send + Sync + 'static {
     fn handle(&self, call: &mut Call<'_>) -> Result<()>;
 }
 
+impl<S: Service + ?Sized> Service for std::sync::Arc<S> {
+    fn info(&self) -> &'static InterfaceInfo {
+        (**self).info()
+    }
+    fn handle(&self, call: &mut Call<'_>) -> Result<()> {
+        (**self).handle(call)
+    }
+}
+
+thread_local! {
+    static CALLER: std::cell::Cell<Option<PeerCredentials>> = const { std::cell::Cell::new(None) };
+}
+
+/// Inside an interface method while it handles a call: the credentials (pid, uid, gid) of the
+/// process that made the call. `None` outside a call, or if the kernel gave none.
+///
+/// Implementations use it to decide per call; to refuse calls before they reach the
+/// implementation, see [`Server::authorize`](crate::Server::authorize).
+pub fn current_peer() -> Option<PeerCredentials> {
+    CALLER.with(|c| c.get())
+}
+
+/// Sets [`current_peer`] for the duration of one call.
+pub(crate) struct CallerScope(Option<PeerCredentials>);
+
+impl CallerScope {
+    pub(crate) fn enter(peer: Option<PeerCredentials>) -> CallerScope {
+        CallerScope(CALLER.with(|c| c.replace(peer)))
+    }
+}
+
+impl Drop for CallerScope {
+    fn drop(&mut self) {
+        CALLER.with(|c| c.set(self.0));
+    }
+}
+
 /// One request being handled by a [`Service`].
 pub struct Call<'a> {
     pub(crate) cmd: u32,
@@ -101,7 +138,7 @@ impl Call<'_> {
 
     /// Decodes the arguments, taking the fds that came with them. Fds not claimed are closed.
     pub fn args<T: DeserializeOwned>(&mut self) -> Result<T> {
-        codec::decode(self.body, std::mem::take(&mut self.fds))
+        codec::decode_from(self.body, &mut self.fds)
     }
 
     /// Sends `value` as the reply. Ignored for oneway calls, which get no reply.

@@ -18,8 +18,8 @@
 //! When the peer hangs up or dies, the reader sees it at once and every waiting caller gets
 //! [`Error::Disconnected`] — never [`Error::TimedOut`].
 
-mod envelope;
-mod failure;
+pub(crate) mod envelope;
+pub(crate) mod failure;
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -81,6 +81,10 @@ struct State {
     /// Oneway messages, run one at a time in order.
     oneways: VecDeque<Frame>,
     oneway_running: bool,
+    /// Threads asleep on `wake`: a notify costs a futex syscall, so only wake if any.
+    waiters: usize,
+    /// Threads inside `run`.
+    runners: usize,
     /// Why the connection ended; once set, it stays.
     closed: Option<Error>,
 }
@@ -141,6 +145,14 @@ impl Connection {
         let _ = self.shared.socket.shutdown();
     }
 
+    /// Stops taking new messages, as if the peer had gone quiet for good, but keeps sending:
+    /// requests already running finish and their replies go out. Serving threads return once
+    /// they are done. Used for graceful shutdown.
+    pub fn stop_reading(&self) {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.shared.socket.as_fd());
+        let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Read);
+    }
+
     /// Answers calls to `service`'s interface on this connection, from the threads that run
     /// [`Connection::run`]. Several interfaces can be served on one connection; serving an
     /// interface twice replaces the first.
@@ -183,6 +195,27 @@ impl Connection {
     /// called, and the error otherwise. Run it on several threads for concurrent requests.
     pub fn run(&self) -> Result<()> {
         let shared = &*self.shared;
+        lock(&shared.state).runners += 1;
+        let result = self.run_loop();
+        let mut state = lock(&shared.state);
+        state.runners -= 1;
+        if state.runners == 0 && state.closed.is_some() {
+            drop(state);
+            // Nothing will be served any more: drop the implementations now, which also
+            // breaks the cycle when one of them holds a clone of this connection.
+            let services = std::mem::take(
+                &mut *shared
+                    .services
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner),
+            );
+            drop(services);
+        }
+        result
+    }
+
+    fn run_loop(&self) -> Result<()> {
+        let shared = &*self.shared;
         let mut state = lock(&shared.state);
         loop {
             if !state.oneway_running {
@@ -192,7 +225,7 @@ impl Connection {
                     shared.dispatch(frame, true);
                     state = lock(&shared.state);
                     state.oneway_running = false;
-                    shared.wake.notify_all();
+                    shared.wake_all(&state);
                     continue;
                 }
             }
@@ -209,10 +242,7 @@ impl Connection {
                 };
             }
             if state.reading {
-                state = shared
-                    .wake
-                    .wait(state)
-                    .unwrap_or_else(PoisonError::into_inner);
+                state = shared.sleep(state, None);
                 continue;
             }
             // Become the reader. A call that arrives is run right here (no hand-off); a
@@ -233,7 +263,7 @@ impl Connection {
                     shared.dispatch(frame, true);
                     state = lock(&shared.state);
                     state.oneway_running = false;
-                    shared.wake.notify_all();
+                    shared.wake_all(&state);
                 }
                 Some((frame, _)) => state.oneways.push_back(frame),
                 None => {}
@@ -268,11 +298,11 @@ impl Connection {
             interface: iface.id,
             signature: iface.signature,
         };
+        shared.trace_out(&envelope, iface);
         if let Err(e) = shared.send(&envelope, args, deadline) {
             lock(&shared.state).pending.remove(&cookie);
             return Err(e);
         }
-        shared.trace_out(&envelope, iface);
         let mut frame = shared.wait_reply(cookie, deadline)?;
         let result = shared.decode_reply(&mut frame, iface, cmd);
         shared.recycle(frame);
@@ -293,9 +323,8 @@ impl Connection {
             interface: iface.id,
             signature: iface.signature,
         };
-        self.shared.send(&envelope, args, None)?;
         self.shared.trace_out(&envelope, iface);
-        Ok(())
+        self.shared.send(&envelope, args, None)
     }
 }
 
@@ -360,21 +389,10 @@ impl Shared {
                 return Err(Error::TimedOut);
             }
             if state.reading {
-                state = match deadline {
-                    None => self
-                        .wake
-                        .wait(state)
-                        .unwrap_or_else(PoisonError::into_inner),
-                    Some(d) => {
-                        let left = d.saturating_duration_since(Instant::now());
-                        self.wake
-                            .wait_timeout(state, left)
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .0
-                    }
-                };
+                state = self.sleep(state, deadline);
                 continue;
             }
+            // `read` woke the waiters and still holds the lock, so they find these queued.
             let (s, msg) = self.read(state, deadline);
             state = s.unwrap_or_else(|| lock(&self.state));
             match msg {
@@ -382,6 +400,32 @@ impl Shared {
                 Some((frame, _)) => state.oneways.push_back(frame),
                 None => {}
             }
+        }
+    }
+
+    /// Sleeps until woken or until `deadline`.
+    fn sleep<'a>(&'a self, mut state: Guard<'a>, deadline: Option<Instant>) -> Guard<'a> {
+        state.waiters += 1;
+        let mut state = match deadline {
+            None => self
+                .wake
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner),
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                self.wake
+                    .wait_timeout(state, left)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0
+            }
+        };
+        state.waiters -= 1;
+        state
+    }
+
+    /// Wakes every sleeper, if there is one: a lone caller pays no syscall for it.
+    fn wake_all(&self, state: &State) {
+        if state.waiters > 0 {
             self.wake.notify_all();
         }
     }
@@ -400,7 +444,7 @@ impl Shared {
         let result = self.socket.recv_into(&mut frame, deadline);
         let mut state = lock(&self.state);
         state.reading = false;
-        self.wake.notify_all();
+        self.wake_all(&state);
         let envelope = match result.as_ref().map_or_else(
             |e| match e {
                 Error::FdsDropped { .. } => Envelope::read(&frame.payload).ok(),
@@ -419,8 +463,8 @@ impl Shared {
                 return (Some(state), None);
             }
         };
-        if self.trace {
-            eprintln!("{}", self.describe("<-", &envelope, &frame));
+        if self.trace && matches!(envelope.kind, Kind::Reply | Kind::Failure) {
+            trace(&self.describe("<-", &envelope, &frame));
         }
         match (envelope.kind, result) {
             (Kind::Reply | Kind::Failure, result) => {
@@ -454,7 +498,7 @@ impl Shared {
             }
             state.closed = Some(why);
         }
-        self.wake.notify_all();
+        self.wake_all(state);
     }
 
     fn decode_reply<R: DeserializeOwned>(
@@ -465,12 +509,11 @@ impl Shared {
     ) -> Result<R> {
         let envelope = Envelope::read(&frame.payload)?;
         let body = &frame.payload[envelope::LEN..];
-        let fds = std::mem::take(&mut frame.fds);
         if envelope.kind == Kind::Failure {
-            let failure: Failure = codec::decode(body, fds)?;
+            let failure: Failure = codec::decode_from(body, &mut frame.fds)?;
             return Err(failure.into_error(iface, cmd));
         }
-        codec::decode(body, fds)
+        codec::decode_from(body, &mut frame.fds)
     }
 
     /// Runs one request against the service it names, and replies unless it is oneway.
@@ -479,7 +522,7 @@ impl Shared {
             return;
         };
         if self.trace {
-            eprintln!("{}", self.describe("<-", &envelope, &frame));
+            trace(&self.describe("<-", &envelope, &frame));
         }
         let service = {
             let services = self.services.read().unwrap_or_else(PoisonError::into_inner);
@@ -527,8 +570,11 @@ impl Shared {
                     }),
                     replied: false,
                 };
+                let _caller = crate::service::CallerScope::enter(self.peer);
                 let outcome = catch_unwind(AssertUnwindSafe(|| service.handle(&mut call)));
-                match (outcome, call.replied) {
+                let replied = call.replied;
+                frame.fds = std::mem::take(&mut call.fds); // emptied; its capacity is reused
+                match (outcome, replied) {
                     (_, true) => None,
                     (Ok(Ok(())), false) => {
                         (!oneway).then(|| Failure::BadRequest("the server sent no reply".into()))
@@ -538,8 +584,17 @@ impl Shared {
                 }
             }
         };
-        if let (Some(failure), false) = (failure, oneway) {
-            let _ = self.reply_failure(&envelope, &failure);
+        match failure {
+            Some(failure) if !oneway => {
+                let _ = self.reply_failure(&envelope, &failure);
+            }
+            // Nobody waits for a oneway's outcome, so say it here rather than lose it.
+            Some(failure) => trace(&format!(
+                "typed-ipc[{}]: a oneway message (command {}) failed: {failure:?}",
+                std::process::id(),
+                envelope.cmd
+            )),
+            None => {}
         }
         self.recycle(frame);
     }
@@ -551,11 +606,11 @@ impl Shared {
         };
         self.send(&envelope, failure, None)?;
         if self.trace {
-            eprintln!(
+            trace(&format!(
                 "typed-ipc[{}] -> failure #{}: {failure:?}",
                 std::process::id(),
                 call.cookie
-            );
+            ));
         }
         Ok(())
     }
@@ -563,7 +618,7 @@ impl Shared {
     /// Keeps a received buffer for the next read, unless it is too big to hoard.
     fn recycle(&self, mut frame: Frame) {
         frame.clear();
-        if frame.payload.capacity() > 1 << 20 {
+        if frame.payload.capacity() > RETAIN_MAX {
             return;
         }
         let mut state = lock(&self.state);
@@ -575,13 +630,13 @@ impl Shared {
     fn trace_out(&self, envelope: &Envelope, iface: &InterfaceInfo) {
         if self.trace {
             let method = iface.method(envelope.cmd).map_or("?", |m| m.name);
-            eprintln!(
+            trace(&format!(
                 "typed-ipc[{}] -> {:?} #{} {}::{method}",
                 std::process::id(),
                 envelope.kind,
                 envelope.cookie,
                 iface.name
-            );
+            ));
         }
     }
 
@@ -621,16 +676,24 @@ impl Replier<'_> {
             kind: Kind::Reply,
             ..self.envelope
         };
-        let result = self.shared.send(&envelope, value, None);
         if self.shared.trace {
-            eprintln!(
+            trace(&format!(
                 "typed-ipc[{}] -> Reply #{}",
                 std::process::id(),
                 envelope.cookie
-            );
+            ));
         }
-        result
+        self.shared.send(&envelope, value, None)
     }
+}
+
+/// Writes one trace line to stderr in one `write`, so lines of two processes sharing a
+/// terminal do not interleave.
+fn trace(line: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr()
+        .lock()
+        .write_all(format!("{line}\n").as_bytes());
 }
 
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
@@ -640,6 +703,11 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
         _ => "a panic without a message".into(),
     }
 }
+
+/// The largest buffer kept for reuse (per sending thread, and per connection for receiving).
+/// Fresh pages cost more than copying into them (1 to 2.5 µs a page on these VMs), so bulk
+/// transfers up to this size reuse memory that is already mapped.
+const RETAIN_MAX: usize = 32 << 20;
 
 thread_local! {
     /// This thread's encoding buffers, reused so a call allocates nothing.
@@ -659,8 +727,8 @@ fn with_buffers<'a, R>(f: impl FnOnce(&mut Vec<u8>, &mut Vec<BorrowedFd<'a>>) ->
     // plain `filter` could not change the element type.
     #[allow(clippy::unnecessary_filter_map)]
     let fds: Vec<BorrowedFd<'static>> = fds.into_iter().filter_map(|_| None).collect();
-    if buf.capacity() > 1 << 20 {
-        buf = Vec::new(); // don't keep a bulk message's buffer per thread
+    if buf.capacity() > RETAIN_MAX {
+        buf = Vec::new(); // don't keep a huge message's buffer per thread
     }
     BUFFERS.with(|b| *b.borrow_mut() = (buf, fds));
     result

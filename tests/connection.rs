@@ -1,0 +1,449 @@
+//! The connection runtime under load and faults, across real processes where it matters.
+//! Every test takes `fd_count_lock` so the ones that count `/proc/self/fd` see only their own.
+
+mod common;
+
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Barrier, Condvar, Mutex};
+use std::time::Duration;
+
+use common::*;
+use typed_ipc::worker::{self, Exit, Worker};
+use typed_ipc::{Connection, Error, Listener, Server, current_peer, interface};
+
+/// The interface most scenarios use.
+#[interface]
+pub trait Lab {
+    /// Echoes the bytes and `n` memfds, each holding its index.
+    fn echo(&self, data: Vec<u8>, files: Vec<OwnedFd>) -> Vec<u8>;
+    /// Blocks until `key` is released by [`Lab::release`].
+    fn wait_for(&self, key: u32) -> u32;
+    /// Releases the callers of `wait_for(key)`.
+    fn release(&self, key: u32);
+    /// The caller's pid as this side saw it.
+    fn caller_pid(&self) -> i32;
+    #[oneway]
+    fn count(&self, seq: u64);
+    /// Waits until `n` oneways arrived; true if they came in order.
+    fn counted(&self, n: u64) -> bool;
+}
+
+#[derive(Default)]
+struct LabImpl {
+    released: Mutex<Vec<u32>>,
+    changed: Condvar,
+    next_seq: AtomicU64,
+    in_order: std::sync::atomic::AtomicBool,
+}
+
+impl LabImpl {
+    fn new() -> LabImpl {
+        let lab = LabImpl::default();
+        lab.in_order.store(true, Ordering::SeqCst);
+        lab
+    }
+    fn block_until_released(&self, key: u32) {
+        let mut released = self.released.lock().unwrap();
+        while !released.contains(&key) {
+            released = self.changed.wait(released).unwrap();
+        }
+    }
+}
+
+impl Lab for LabImpl {
+    fn echo(&self, data: Vec<u8>, files: Vec<OwnedFd>) -> Vec<u8> {
+        let mut out = data;
+        for (i, f) in files.into_iter().enumerate() {
+            assert_eq!(read_all(f), (i as u32).to_le_bytes());
+        }
+        out.reverse();
+        out
+    }
+    fn wait_for(&self, key: u32) -> u32 {
+        self.block_until_released(key);
+        key
+    }
+    fn release(&self, key: u32) {
+        self.released.lock().unwrap().push(key);
+        self.changed.notify_all();
+    }
+    fn caller_pid(&self) -> i32 {
+        current_peer().map_or(-1, |p| p.pid)
+    }
+    fn count(&self, seq: u64) {
+        if self.next_seq.fetch_add(1, Ordering::SeqCst) != seq {
+            self.in_order.store(false, Ordering::SeqCst);
+        }
+        let _guard = self.released.lock().unwrap();
+        self.changed.notify_all();
+    }
+    fn counted(&self, n: u64) -> bool {
+        let mut guard = self.released.lock().unwrap();
+        while self.next_seq.load(Ordering::SeqCst) < n {
+            guard = self.changed.wait(guard).unwrap();
+        }
+        self.in_order.load(Ordering::SeqCst)
+    }
+}
+
+/// A client whose server runs `LabImpl` with `threads` threads on another thread.
+fn lab(threads: usize) -> (LabClient, std::thread::JoinHandle<typed_ipc::Result<()>>) {
+    let (a, b) = Connection::pair().unwrap();
+    let server = Server::new()
+        .service(LabServer::new(LabImpl::new()))
+        .threads(threads);
+    let handle = std::thread::spawn(move || server.serve(&b));
+    (LabClient::new(a), handle)
+}
+
+fn indexed_fds(n: usize) -> Vec<OwnedFd> {
+    (0..n).map(|i| memfd(&(i as u32).to_le_bytes())).collect()
+}
+
+#[test]
+fn eight_threads_times_ten_thousand_mixed_calls_on_one_client() {
+    let _fds = fd_count_lock();
+    let before = open_fds();
+    let (client, server) = lab(4);
+    std::thread::scope(|s| {
+        for t in 0..8u32 {
+            let client = client.clone();
+            s.spawn(move || {
+                for i in 0..10_000u32 {
+                    let len = [0, 1, 64, 4096, 70_000][(i as usize + t as usize) % 5];
+                    let nfds = (i % 3) as usize;
+                    let data: Vec<u8> = (0..len).map(|j| (j as u32 ^ i ^ t) as u8).collect();
+                    let mut expected = data.clone();
+                    expected.reverse();
+                    assert_eq!(client.echo(data, indexed_fds(nfds)).unwrap(), expected);
+                }
+            });
+        }
+    });
+    drop(client);
+    server.join().unwrap().unwrap();
+    assert_eq!(open_fds(), before);
+}
+
+#[test]
+fn replies_come_back_out_of_order_to_the_right_callers() {
+    let _fds = fd_count_lock();
+    let (client, server) = lab(2);
+    let first = {
+        let client = client.clone();
+        std::thread::spawn(move || client.wait_for(1))
+    };
+    // `wait_for(1)` cannot return before `release(1)`, so the second call's reply overtakes
+    // the first's on the wire.
+    assert_eq!(client.wait_for_released_by_self(), 2);
+    client.release(1).unwrap();
+    assert_eq!(first.join().unwrap().unwrap(), 1);
+    drop(client);
+    server.join().unwrap().unwrap();
+}
+
+impl LabClient {
+    /// Releases key 2 and waits for it: a call that completes while another is pending.
+    fn wait_for_released_by_self(&self) -> u32 {
+        self.release(2).unwrap();
+        self.wait_for(2).unwrap()
+    }
+}
+
+/// A server whose one slow method waits for the test to open a gate.
+#[interface]
+pub trait Gated {
+    /// Returns a memfd once the gate opens.
+    fn slow_fd(&self) -> OwnedFd;
+    /// Returns at once.
+    fn ping(&self) -> u32;
+}
+
+struct Gate(Mutex<mpsc::Receiver<()>>);
+
+impl Gated for Gate {
+    fn slow_fd(&self) -> OwnedFd {
+        self.0.lock().unwrap().recv().unwrap();
+        memfd(b"late")
+    }
+    fn ping(&self) -> u32 {
+        42
+    }
+}
+
+#[test]
+fn per_call_timeouts_drop_late_replies_and_close_their_fds() {
+    let _fds = fd_count_lock();
+    let (a, b) = Connection::pair().unwrap();
+    let (open_gate, gate) = mpsc::channel();
+    // One thread: calls run strictly in order.
+    let server = std::thread::spawn(move || b.serve(GatedServer::new(Gate(Mutex::new(gate)))));
+    let client = GatedClient::new(a);
+    let before = open_fds();
+    let quick = client.with_timeout(Duration::from_millis(20));
+    assert!(matches!(quick.slow_fd(), Err(Error::TimedOut)));
+    open_gate.send(()).unwrap();
+    // This reply follows the late one on the wire: once it is back, the late reply (and the
+    // fd it carries) has been read and dropped.
+    assert_eq!(client.ping().unwrap(), 42);
+    assert_eq!(open_fds(), before);
+    // The per-call override did not change the client's default (no timeout).
+    open_gate.send(()).unwrap();
+    drop(client.slow_fd().unwrap());
+    drop((client, quick));
+    server.join().unwrap().unwrap();
+}
+
+#[test]
+fn oneways_run_in_the_order_sent_even_with_a_pool() {
+    let _fds = fd_count_lock();
+    let (client, server) = lab(4);
+    for seq in 0..10_000 {
+        client.count(seq).unwrap();
+    }
+    assert!(client.counted(10_000).unwrap());
+    drop(client);
+    server.join().unwrap().unwrap();
+}
+
+#[test]
+fn a_hundred_concurrent_clients_on_one_listener() {
+    let _fds = fd_count_lock();
+    let before = open_fds();
+    let name = format!("typed-ipc-listener-{}", std::process::id());
+    let listener = Listener::bind_abstract(&name).unwrap();
+    let serving = Server::new()
+        .service(LabServer::new(LabImpl::new()))
+        .listen(listener)
+        .unwrap();
+    let all_connected = Barrier::new(100);
+    std::thread::scope(|s| {
+        for i in 0..100u32 {
+            let (name, all_connected) = (&name, &all_connected);
+            s.spawn(move || {
+                let client = LabClient::new(Connection::connect_abstract(name).unwrap());
+                all_connected.wait(); // all 100 connected at once
+                for j in 0..20u32 {
+                    let data = (i * 1000 + j).to_le_bytes().to_vec();
+                    let mut expected = data.clone();
+                    expected.reverse();
+                    assert_eq!(client.echo(data, indexed_fds(1)).unwrap(), expected);
+                }
+            });
+        }
+    });
+    serving.shutdown();
+    assert_eq!(open_fds(), before);
+}
+
+#[test]
+fn the_implementation_sees_peer_credentials_and_the_server_can_refuse() {
+    let _fds = fd_count_lock();
+    let name = format!("typed-ipc-creds-{}", std::process::id());
+    let server = Server::new()
+        .service(LabServer::new(LabImpl::new()))
+        .authorize(|peer, iface, cmd| {
+            let release = iface
+                .methods
+                .iter()
+                .find(|m| m.name == "release")
+                .unwrap()
+                .cmd;
+            match peer {
+                Some(p) if cmd == release && p.pid == std::process::id() as i32 => {
+                    Err(format!("pid {} may not release", p.pid))
+                }
+                _ => Ok(()),
+            }
+        });
+    let serving = server
+        .listen(Listener::bind_abstract(&name).unwrap())
+        .unwrap();
+    let client = LabClient::new(Connection::connect_abstract(&name).unwrap());
+    assert_eq!(client.caller_pid().unwrap(), std::process::id() as i32);
+    match client.release(1) {
+        Err(Error::Refused(why)) => assert!(why.contains("may not release"), "{why}"),
+        other => panic!("expected Refused, got {other:?}"),
+    }
+    assert_eq!(
+        client.caller_pid().unwrap(),
+        std::process::id() as i32,
+        "still serving"
+    );
+    drop(client);
+    serving.shutdown();
+}
+
+#[test]
+fn graceful_shutdown_finishes_calls_in_flight_and_stops_accepting() {
+    let _fds = fd_count_lock();
+    let name = format!("typed-ipc-shutdown-{}", std::process::id());
+    let serving = Server::new()
+        .service(LabServer::new(LabImpl::new()))
+        .threads(2)
+        .listen(Listener::bind_abstract(&name).unwrap())
+        .unwrap();
+    let client = LabClient::new(Connection::connect_abstract(&name).unwrap());
+    let (entered_tx, entered) = mpsc::channel();
+    let in_flight = {
+        let client = client.clone();
+        std::thread::spawn(move || {
+            entered_tx.send(()).unwrap();
+            client.wait_for(5)
+        })
+    };
+    entered.recv().unwrap();
+    // Make sure the call is running on the server before shutting down: a second call
+    // through the same pool is answered only after the first was read.
+    assert_eq!(client.caller_pid().unwrap(), std::process::id() as i32);
+    let shutdown = std::thread::spawn(move || serving.shutdown());
+    client.release(5).unwrap_or_default(); // may race with the shutdown: either way is fine
+    let result = in_flight.join().unwrap();
+    shutdown.join().unwrap();
+    assert!(
+        matches!(result, Ok(5) | Err(Error::Disconnected)),
+        "{result:?}"
+    );
+    assert!(
+        Connection::connect_abstract(&name).is_err(),
+        "no longer accepting"
+    );
+}
+
+// ---- across processes: callbacks and peer death ----
+
+/// What the parent serves to its worker.
+#[interface]
+pub trait Events {
+    /// A frame is done; returns how many the parent has seen.
+    fn frame_done(&self, frame: u32) -> u32;
+}
+
+/// What the worker serves to the parent.
+#[interface]
+pub trait Pipeline {
+    /// Processes `frames` frames, calling `Events::frame_done` on the parent for each one
+    /// before returning.
+    fn process(&self, frames: u32) -> u32;
+    /// Writes a byte to `signal` then never returns.
+    fn hang(&self, signal: OwnedFd);
+}
+
+struct Seen(AtomicU64);
+
+impl Events for Seen {
+    fn frame_done(&self, _frame: u32) -> u32 {
+        self.0.fetch_add(1, Ordering::SeqCst) as u32 + 1
+    }
+}
+
+#[test]
+fn the_worker_calls_back_into_the_parent_during_a_call() {
+    let _fds = fd_count_lock();
+    let (mut child, conn) = Worker::spawn(child("child_pipeline")).unwrap();
+    let seen = Arc::new(Seen(AtomicU64::new(0)));
+    let serving = {
+        let (conn, seen) = (conn.clone(), seen.clone());
+        std::thread::spawn(move || conn.serve(EventsServer::new(ArcSeen(seen))))
+    };
+    let pipeline = PipelineClient::new(conn.clone());
+    assert_eq!(pipeline.process(10).unwrap(), 10);
+    assert_eq!(seen.0.load(Ordering::SeqCst), 10);
+    conn.close();
+    serving.join().unwrap().unwrap();
+    assert_eq!(child.wait().unwrap(), Exit::Code(0));
+}
+
+struct ArcSeen(Arc<Seen>);
+impl Events for ArcSeen {
+    fn frame_done(&self, frame: u32) -> u32 {
+        self.0.frame_done(frame)
+    }
+}
+
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_pipeline() {
+    let conn = worker::connection().unwrap();
+    let events = EventsClient::new(conn.clone());
+    Server::new()
+        .service(PipelineServer::new(Worker1 { events }))
+        .threads(8)
+        .serve(&conn)
+        .unwrap();
+}
+
+struct Worker1 {
+    events: EventsClient,
+}
+
+impl Pipeline for Worker1 {
+    fn process(&self, frames: u32) -> u32 {
+        let mut seen = 0;
+        for frame in 0..frames {
+            seen = self.events.frame_done(frame).unwrap();
+        }
+        seen
+    }
+    fn hang(&self, signal: OwnedFd) {
+        use std::io::Write;
+        std::fs::File::from(signal).write_all(b"!").unwrap();
+        loop {
+            std::thread::park();
+        }
+    }
+}
+
+#[test]
+fn sigkill_during_calls_releases_every_caller_with_disconnected() {
+    let _fds = fd_count_lock();
+    let before = open_fds();
+    let (mut child, conn) = Worker::spawn(child("child_pipeline")).unwrap();
+    let pipeline = PipelineClient::new(conn.clone());
+    let (read_end, write_end) = nix::unistd::pipe().unwrap();
+    let callers: Vec<_> = (0..4)
+        .map(|_| {
+            let (pipeline, signal) = (pipeline.clone(), write_end.try_clone().unwrap());
+            std::thread::spawn(move || pipeline.hang(signal))
+        })
+        .collect();
+    drop(write_end);
+    // Every call is running in the worker once it has written its byte.
+    let mut bytes = [0u8; 4];
+    std::io::Read::read_exact(&mut std::fs::File::from(read_end), &mut bytes).unwrap();
+    child.kill().unwrap();
+    for caller in callers {
+        // `hang` is oneway-less: it waits for a reply that never comes, until the peer dies.
+        assert!(matches!(caller.join().unwrap(), Err(Error::Disconnected)));
+    }
+    assert!(
+        conn.is_closed(),
+        "a dead connection is told apart from a slow one"
+    );
+    assert!(matches!(pipeline.process(1), Err(Error::Disconnected)));
+    assert_eq!(child.wait().unwrap(), Exit::Signal(9));
+    drop((pipeline, conn, child));
+    assert_eq!(open_fds(), before);
+}
+
+#[test]
+fn a_worker_killed_between_calls_fails_the_next_call_at_once() {
+    let _fds = fd_count_lock();
+    let (mut child, conn) = Worker::spawn(child("child_pipeline")).unwrap();
+    let pipeline = PipelineClient::new(conn);
+    let events = std::thread::spawn({
+        let conn = pipeline.connection().clone();
+        move || {
+            conn.serve(EventsServer::new(ArcSeen(Arc::new(Seen(AtomicU64::new(
+                0,
+            ))))))
+        }
+    });
+    assert_eq!(pipeline.process(1).unwrap(), 1);
+    child.kill().unwrap();
+    assert_eq!(child.wait().unwrap(), Exit::Signal(9));
+    assert!(matches!(pipeline.process(1), Err(Error::Disconnected)));
+    events.join().unwrap().unwrap();
+}
