@@ -63,12 +63,44 @@
 //!   the threading model.
 //! - **Generated code** ([`interface`]).
 //!
+//! # Threading model
+//!
+//! A [`Connection`] has no thread of its own. Whichever thread waits on it — a caller waiting
+//! for its reply, or a thread in [`Connection::serve`]/[`Server::serve`] waiting for
+//! requests — takes turns reading the socket and routes each message: a reply to the caller
+//! whose cookie it carries, a request to a serving thread. So:
+//!
+//! - A lone call costs one `sendmsg` and one `recvmsg`; no thread hand-off, no allocation.
+//! - Clients are `Clone + Send + Sync`; any number of threads may call through one connection
+//!   at once, and replies reach the right caller in whatever order they come back.
+//! - Requests run on serving threads only: [`Server::threads`] chooses strictly in order (1,
+//!   the default) or a bounded pool. Oneway messages from one peer always run one at a time,
+//!   in the order sent.
+//! - Either end may serve and call at once. A callback that arrives while a thread waits for
+//!   its own reply runs on a serving thread of that end — never on the waiting thread, so
+//!   there is no nested event loop. An end that expects calls must therefore be serving.
+//! - When the peer dies, every waiting caller gets [`Error::Disconnected`] at once.
+//!
+//! The socket is [`AsFd`](std::os::fd::AsFd) and [`Socket::try_recv`] never blocks, so an
+//! event loop can drive the transport itself; the `tokio` feature adds an async flavour.
+//!
+//! # Servers and listeners
+//!
+//! [`Server`] serves several interfaces on one connection, or on every client of a
+//! [`Listener`] ([`Server::listen`], with graceful [`Serving::shutdown`]); its authorizer, and
+//! [`current_peer`] inside an implementation, see each caller's pid, uid and gid.
+//!
 //! Set `TYPED_IPC_DEBUG=1` to have every message printed to stderr as it is sent and received.
 
 #![warn(missing_docs)]
 
-pub use ipc_runtime::*;
 pub use ipc_macros::interface;
+pub use ipc_runtime::*;
+
+/// The async flavour, on tokio (cargo feature `tokio`): `#[interface]` on a trait of `async fn`s
+/// generates a client and a server for these. See [`tokio::AsyncConnection`].
+#[cfg(feature = "tokio")]
+pub use ipc_runtime::tokio;
 
 /// What the code `#[interface]` generates names: not a public API.
 #[doc(hidden)]
@@ -77,4 +109,29 @@ pub mod __private {
     pub use ipc_runtime::service::{Call, InterfaceInfo, MethodInfo, Service, fnv1a};
     pub use ipc_runtime::{Connection, Error};
     pub use std::time::Duration;
+
+    // The async flavour. Generated code for a trait of `async fn`s is wrapped in
+    // `async_interface!`, which without the `tokio` feature is a single clear error instead of
+    // a wave of unresolved names.
+    pub use crate::__typed_ipc_async_interface as async_interface;
+    #[cfg(feature = "tokio")]
+    pub use ipc_runtime::tokio::{AsyncCall, AsyncConnection, AsyncService, BoxFuture, boxed};
+
+    #[cfg(feature = "tokio")]
+    #[doc(hidden)]
+    #[macro_export]
+    macro_rules! __typed_ipc_async_interface {
+        ($($item:tt)*) => { $($item)* };
+    }
+
+    #[cfg(not(feature = "tokio"))]
+    #[doc(hidden)]
+    #[macro_export]
+    macro_rules! __typed_ipc_async_interface {
+        ($($item:tt)*) => {
+            ::core::compile_error! {
+                "a trait of `async fn`s is an async interface, which needs typed-ipc's `tokio` feature: `typed-ipc = { version = \"0.1\", features = [\"tokio\"] }`"
+            }
+        };
+    }
 }

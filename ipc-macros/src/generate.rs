@@ -1,7 +1,8 @@
 //! From the [`Interface`] model to Rust. [`Generator`] computes the generated names once and
-//! has one method per emitted item; [`Generator::expand`] joins them. An async client and
-//! server would be two more such methods, next to [`Generator::client`] and
-//! [`Generator::server`].
+//! has one method per emitted item; [`Generator::expand`] joins them. The two flavours share
+//! the interface description and the request and response enums (the wire format), and differ
+//! in the client, the server and the one method of each enum that touches a call: the async
+//! flavour's are [`Generator::async_client`], [`Generator::async_server`] and friends.
 //!
 //! Every path in the output is absolute (`::typed_ipc::__private::…`, `::core::…`), so that
 //! the user's own `Result`, `Option`, `core` or `std` cannot capture it; the user's types are
@@ -9,10 +10,10 @@
 
 use proc_macro2::{Ident, Literal, Span, TokenStream};
 use quote::{format_ident, quote};
-use syn::LitByteStr;
 use syn::ext::IdentExt;
+use syn::{LitByteStr, ReturnType, TraitItem, parse_quote, parse_quote_spanned};
 
-use crate::model::{Interface, Method, Value, Wire};
+use crate::model::{Flavour, Interface, Method, Value, Wire};
 
 /// The generated code of one interface.
 pub struct Generator<'a> {
@@ -71,15 +72,68 @@ impl<'a> Generator<'a> {
 
     /// The trait, followed by everything generated from it.
     pub fn expand(&self) -> TokenStream {
-        let item = &self.iface.item;
-        let items = [
-            self.info_static(),
-            self.request_enum(),
-            self.response_enum(),
-            self.client(),
-            self.server(),
-        ];
-        quote!(#item #(#items)*)
+        match self.iface.flavour {
+            Flavour::Blocking => {
+                let item = &self.iface.item;
+                let items = [
+                    self.info_static(),
+                    self.request_enum(),
+                    self.response_enum(),
+                    self.client(),
+                    self.server(),
+                ];
+                quote!(#item #(#items)*)
+            }
+            Flavour::Async => {
+                let (p, item) = (private(), self.async_trait());
+                let items = [
+                    self.info_static(),
+                    self.request_enum(),
+                    self.response_enum(),
+                    self.async_client(),
+                    self.async_server(),
+                ];
+                // Without the `tokio` feature, `async_interface!` is one clear error instead of
+                // the generated items (which name what only that feature provides).
+                quote!(#item #p::async_interface! { #(#items)* })
+            }
+        }
+    }
+
+    /// The trait of the async flavour: each `async fn m(&self, ..) -> R` becomes
+    /// `fn m(&self, ..) -> impl Future<Output = R> + Send`, which an implementation still
+    /// writes as `async fn`, and whose futures the server can spawn. A default body becomes an
+    /// `async move` block.
+    fn async_trait(&self) -> TokenStream {
+        let mut item = self.iface.item.clone();
+        for trait_item in &mut item.items {
+            let TraitItem::Fn(f) = trait_item else {
+                continue;
+            };
+            // At the `async` keyword: where rustc points when an implementation's future is
+            // not `Send`.
+            let span = f.sig.asyncness.take().map_or(Span::call_site(), |a| a.span);
+            let output = match &f.sig.output {
+                ReturnType::Default => quote!(()),
+                ReturnType::Type(_, ty) => quote!(#ty),
+            };
+            f.sig.output = parse_quote_spanned! {span=>
+                -> impl ::core::future::Future<Output = #output> + ::core::marker::Send
+            };
+            if let Some(body) = &f.default {
+                f.default = Some(parse_quote!({ async move #body }));
+            }
+        }
+        quote!(#item)
+    }
+
+    /// The type of the call the request and response enums read from and reply to.
+    fn call_type(&self) -> TokenStream {
+        let p = private();
+        match self.iface.flavour {
+            Flavour::Blocking => quote!(#p::Call<'_>),
+            Flavour::Async => quote!(#p::AsyncCall),
+        }
     }
 
     /// `<TRAIT>_INFO`: what both ends compare before a call.
@@ -114,7 +168,7 @@ impl<'a> Generator<'a> {
 
     /// `<Trait>Request`: one variant per method, holding its arguments.
     fn request_enum(&self) -> TokenStream {
-        let (p, vis, request, name) = (private(), &self.iface.vis, &self.request, &self.iface.name);
+        let (vis, request, name) = (&self.iface.vis, &self.request, &self.iface.name);
         let methods = &self.iface.methods;
         let variants = methods.iter().map(|m| {
             let (variant, method) = (&m.variant, &m.name);
@@ -153,6 +207,7 @@ impl<'a> Generator<'a> {
             }
         });
         let ret_self = result(quote!(Self));
+        let call_type = self.call_type();
         let enum_docs = doc(format!(
             "A request of [`{name}`]: one variant per method, holding its arguments."
         ));
@@ -173,7 +228,7 @@ impl<'a> Generator<'a> {
                 }
 
                 /// Decodes the request `call` carries, taking the fds that came with it.
-                #vis fn decode(call: &mut #p::Call<'_>) -> #ret_self {
+                #vis fn decode(call: &mut #call_type) -> #ret_self {
                     match call.command() {
                         #(#decoders)*
                         _ => ::core::result::Result::Err(call.unknown_command()),
@@ -199,24 +254,62 @@ impl<'a> Generator<'a> {
                 None => quote!(#docs #variant),
             }
         });
-        let senders = replied.iter().map(|m| {
-            let variant = &m.variant;
-            match &m.ret {
-                Some(ret) => {
-                    let value = encode(quote!(value), ret.wire);
-                    quote!(Self::#variant(value) => call.reply(#value))
-                }
-                None => quote!(Self::#variant => call.reply(&())),
-            }
-        });
-        // An interface of oneway methods only has an empty response enum, which only `*self`
-        // matches exhaustively.
-        let scrutinee = if replied.is_empty() {
-            quote!(*self)
-        } else {
-            quote!(self)
-        };
         let ret_unit = result(quote!(()));
+        let send = match self.iface.flavour {
+            Flavour::Blocking => {
+                let senders = replied.iter().map(|m| {
+                    let variant = &m.variant;
+                    match &m.ret {
+                        Some(ret) => {
+                            let value = encode(quote!(value), ret.wire);
+                            quote!(Self::#variant(value) => call.reply(#value))
+                        }
+                        None => quote!(Self::#variant => call.reply(&())),
+                    }
+                });
+                // An interface of oneway methods only has an empty response enum, which only
+                // `*self` matches exhaustively.
+                let scrutinee = if replied.is_empty() {
+                    quote!(*self)
+                } else {
+                    quote!(self)
+                };
+                quote! {
+                    /// Sends this value as the reply to `call`.
+                    #vis fn send(&self, call: &mut #p::Call<'_>) -> #ret_unit {
+                        match #scrutinee {
+                            #(#senders,)*
+                        }
+                    }
+                }
+            }
+            Flavour::Async => {
+                let senders = replied.iter().map(|m| {
+                    let variant = &m.variant;
+                    match &m.ret {
+                        Some(ret) => {
+                            let value = encode_owned(quote!(value), ret.wire);
+                            quote!(Self::#variant(value) => call.reply(#value).await)
+                        }
+                        None => quote!(Self::#variant => call.reply(()).await),
+                    }
+                });
+                // `call` is unused when every method is oneway.
+                let allow = replied
+                    .is_empty()
+                    .then(|| quote!(#[allow(unused_variables)]));
+                quote! {
+                    /// Sends this value as the reply to `call`. Takes the value, so that the
+                    /// future is `Send` whenever the value is.
+                    #allow
+                    #vis async fn send(self, call: &mut #p::AsyncCall) -> #ret_unit {
+                        match self {
+                            #(#senders,)*
+                        }
+                    }
+                }
+            }
+        };
         let enum_docs = doc(format!(
             "A reply of [`{name}`]: one variant per method that is not `#[oneway]`, holding its \
              return value."
@@ -230,12 +323,7 @@ impl<'a> Generator<'a> {
 
             #[allow(dead_code)]
             impl #response {
-                /// Sends this value as the reply to `call`.
-                #vis fn send(&self, call: &mut #p::Call<'_>) -> #ret_unit {
-                    match #scrutinee {
-                        #(#senders,)*
-                    }
-                }
+                #send
             }
         }
     }
@@ -417,6 +505,216 @@ impl<'a> Generator<'a> {
                 }
             }
         }
+    }
+    /// `<Trait>Client` of the async flavour: `async fn` stubs over an `AsyncConnection`.
+    fn async_client(&self) -> TokenStream {
+        let (p, vis, client, name) = (private(), &self.iface.vis, &self.client, &self.iface.name);
+        let stubs = self.iface.methods.iter().map(|m| self.async_stub(m));
+        let docs = doc(format!(
+            "The client side of [`{name}`]: each method calls the implementation at the other \
+             end of the connection and resolves to its reply (a `#[oneway]` method resolves \
+             once the message is sent). Dropping a call's future cancels the call.\n\n\
+             Clones share the connection."
+        ));
+        quote! {
+            #docs
+            #[derive(::core::clone::Clone)]
+            #[allow(dead_code)]
+            #vis struct #client {
+                connection: #p::AsyncConnection,
+                timeout: ::core::option::Option<#p::Duration>,
+            }
+
+            // The stubs repeat the trait's parameter lists: the user's trait is where those
+            // lints belong.
+            #[allow(dead_code, clippy::too_many_arguments)]
+            impl #client {
+                /// A client calling the server at the other end of `connection`; its calls
+                /// wait as long as the peer is alive.
+                #vis fn new(connection: #p::AsyncConnection) -> Self {
+                    Self { connection, timeout: ::core::option::Option::None }
+                }
+
+                /// A copy of this client whose calls give up after `timeout` with
+                /// `Error::TimedOut` (the runtime needs its time driver).
+                #vis fn with_timeout(&self, timeout: #p::Duration) -> Self {
+                    Self {
+                        connection: ::core::clone::Clone::clone(&self.connection),
+                        timeout: ::core::option::Option::Some(timeout),
+                    }
+                }
+
+                /// The connection this client calls over.
+                #vis fn connection(&self) -> &#p::AsyncConnection {
+                    &self.connection
+                }
+
+                #(#stubs)*
+            }
+        }
+    }
+
+    /// The async client method for `m`: same name and parameters, the result wrapped.
+    fn async_stub(&self, m: &Method) -> TokenStream {
+        let (p, vis, info, method) = (private(), &self.iface.vis, &self.info, &m.name);
+        let docs = match m.docs.is_empty() {
+            true => doc(format!(
+                "Calls [`{}::{method}`] on the server.",
+                self.iface.name
+            )),
+            false => {
+                let docs = &m.docs;
+                quote!(#(#docs)*)
+            }
+        };
+        let params = m.args.iter().map(|a| {
+            let (name, ty) = (&a.name, &a.value.ty);
+            quote!(#name: #ty)
+        });
+        // The arguments are moved into the call's future (fds borrowed: they are closed when
+        // the stub's future ends), so that it is `Send` whenever they are.
+        let args = m.args.iter().map(|a| encode_arg(&a.name, a.value.wire));
+        let cmd = cmd(m);
+        let (ret, body) = match (&m.ret, m.oneway) {
+            (_, true) => (
+                quote!(()),
+                quote!(self.connection.oneway(&#info, #cmd, (#(#args,)*)).await),
+            ),
+            (None, false) => (
+                quote!(()),
+                quote! {
+                    self.connection.call::<_, ()>(&#info, #cmd, (#(#args,)*), self.timeout).await
+                },
+            ),
+            (Some(ret), false) => {
+                let (ty, decoded) = (&ret.ty, decode_type(ret));
+                let call = quote! {
+                    self.connection
+                        .call::<_, #decoded>(&#info, #cmd, (#(#args,)*), self.timeout)
+                        .await
+                };
+                let body = match ret.wire {
+                    Wire::Serde => call,
+                    Wire::Fd => quote!(#call.map(|#p::Fd(value)| value)),
+                    Wire::Bytes => quote!(#call.map(|#p::Bytes(value)| value)),
+                };
+                (quote!(#ty), body)
+            }
+        };
+        let ret = result(ret);
+        quote! {
+            #docs
+            #vis async fn #method(&self, #(#params),*) -> #ret {
+                #body
+            }
+        }
+    }
+
+    /// `<Trait>Server` of the async flavour: owns the implementation, and answers each request
+    /// by awaiting it.
+    fn async_server(&self) -> TokenStream {
+        let (p, vis, server, name) = (private(), &self.iface.vis, &self.server, &self.iface.name);
+        let (info, request, response) = (&self.info, &self.request, &self.response);
+        // As in the blocking server: nothing of ours in scope in the arms but `self`.
+        let arms = self.iface.methods.iter().map(|m| {
+            let (variant, method) = (&m.variant, &m.name);
+            let names: Vec<&Ident> = m.args.iter().map(|a| &a.name).collect();
+            let pattern = match names.is_empty() {
+                true => quote!(#request::#variant),
+                false => quote!(#request::#variant { #(#names),* }),
+            };
+            let run = quote!(<T as #name>::#method(&self.imp, #(#names),*).await);
+            match (&m.ret, m.oneway) {
+                (_, true) => quote! {
+                    #pattern => {
+                        #run;
+                        ::core::option::Option::None
+                    }
+                },
+                (None, false) => quote! {
+                    #pattern => {
+                        #run;
+                        ::core::option::Option::Some(#response::#variant)
+                    }
+                },
+                (Some(_), false) => {
+                    quote!(#pattern => ::core::option::Option::Some(#response::#variant(#run)),)
+                }
+            }
+        });
+        let bounds = quote!(#name + ::core::marker::Send + ::core::marker::Sync + 'static);
+        let ret_unit = result(quote!(()));
+        let docs = doc(format!(
+            "The server side of [`{name}`]: answers each request on a connection by awaiting \
+             the implementation it owns, concurrently with the others."
+        ));
+        quote! {
+            #docs
+            #[allow(dead_code)]
+            #vis struct #server<T> {
+                imp: T,
+            }
+
+            #[allow(dead_code)]
+            impl<T: #bounds> #server<T> {
+                /// A server answering with `imp`.
+                #vis fn new(imp: T) -> Self {
+                    Self { imp }
+                }
+
+                /// Starts answering the requests that arrive on `connection`, at once; the
+                /// future resolves when the peer has hung up and every handler has finished
+                /// (`Ok(())` on a clean close). Spawn it, or await it.
+                #vis fn serve(
+                    self,
+                    connection: #p::AsyncConnection,
+                ) -> impl ::core::future::Future<Output = #ret_unit>
+                       + ::core::marker::Send
+                       + 'static {
+                    connection.serve(self)
+                }
+
+                /// Runs `request` on the implementation: the response to send back, or `None`
+                /// for a `#[oneway]` method.
+                #vis async fn dispatch(
+                    &self,
+                    request: #request,
+                ) -> ::core::option::Option<#response> {
+                    match request {
+                        #(#arms)*
+                    }
+                }
+            }
+
+            impl<T: #bounds> #p::AsyncService for #server<T> {
+                fn info(&self) -> &'static #p::InterfaceInfo {
+                    &#info
+                }
+
+                fn handle<'a>(
+                    &'a self,
+                    call: &'a mut #p::AsyncCall,
+                ) -> #p::BoxFuture<'a, #ret_unit> {
+                    #p::boxed(async move {
+                        match self.dispatch(#request::decode(call)?).await {
+                            ::core::option::Option::Some(response) => response.send(call).await,
+                            ::core::option::Option::None => ::core::result::Result::Ok(()),
+                        }
+                    })
+                }
+            }
+        }
+    }
+}
+
+/// A value the async flavour owns, wrapped for the codec and taken by value: `value`,
+/// `Fd(&value)` (the fds stay with `value`, which outlives the send) or `Bytes(value)`.
+fn encode_owned(value: TokenStream, wire: Wire) -> TokenStream {
+    let p = private();
+    match wire {
+        Wire::Serde => value,
+        Wire::Fd => quote!(#p::Fd(&#value)),
+        Wire::Bytes => quote!(#p::Bytes(#value)),
     }
 }
 

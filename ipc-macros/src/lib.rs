@@ -59,6 +59,47 @@ use quote::quote;
 ///   ends compare: a client and a server built from different versions of the trait get
 ///   `Error::InterfaceMismatch`, never a garbage decode.
 ///
+/// # The async flavour
+///
+/// A trait whose methods are all `async fn` gets an async client and server on tokio instead
+/// (cargo feature `tokio` of `typed-ipc`; without it, such a trait is a compile error saying
+/// so). Mixing `fn` and `async fn` in one trait is a compile error.
+///
+/// ```ignore
+/// #[interface]
+/// pub trait Ipa {
+///     async fn reverse(&self, text: String) -> String;
+///     #[oneway]
+///     async fn stats_ready(&self, frame: u32, stats: OwnedFd);
+/// }
+///
+/// impl Ipa for MyIpa {
+///     async fn reverse(&self, text: String) -> String { text.chars().rev().collect() }
+///     async fn stats_ready(&self, frame: u32, stats: OwnedFd) { /* ... */ }
+/// }
+///
+/// let (a, b) = typed_ipc::tokio::AsyncConnection::pair()?;
+/// tokio::spawn(IpaServer::new(MyIpa).serve(b));
+/// let ipa = IpaClient::new(a);
+/// assert_eq!(ipa.reverse("FooBar".into()).await?, "raBooF");
+/// ```
+///
+/// - The trait is emitted with each `async fn m(&self, ..) -> R` as
+///   `fn m(&self, ..) -> impl Future<Output = R> + Send`: implementations still write
+///   `async fn`, and their futures must be `Send` (the server runs them on any runtime thread).
+///   Default bodies are kept.
+/// - `IpaClient` takes an `AsyncConnection`; its methods are `async fn`s with the same
+///   parameters returning `Result<R, typed_ipc::Error>`. Dropping a call's future cancels the
+///   call (the late reply is dropped, its fds closed). `with_timeout` needs tokio's time driver.
+/// - `IpaServer<T: Ipa>`: `new(T)`, `serve(self, AsyncConnection)` (starts serving at once and
+///   returns a `Send + 'static` future that resolves when the peer hangs up: spawn it or await
+///   it), `async fn dispatch(&self, IpaRequest)`, and the runtime's `AsyncService`
+///   implementation. Each call runs as a task of its own; oneway messages run in order.
+/// - `IpaRequest`, `IpaResponse` and `IPA_INFO` are those of the blocking flavour (`decode`
+///   takes an `AsyncCall`, and `send` is `async fn send(self, &mut AsyncCall)`), and the
+///   interface signature does not include `async`: an async client talks to a blocking server
+///   of the same trait and the other way round.
+///
 /// # Method attributes
 ///
 /// - `#[cmd(N)]` pins the method's command id to `N`; otherwise its id is its position in the
@@ -82,7 +123,7 @@ use quote::quote;
 /// Generic traits and methods, `impl Trait`, receivers other than `&self`, methods without a
 /// receiver, borrowed parameters and return values (`&str`, `&[u8]`, `&T`: take `String`,
 /// `Vec<u8>`, `T`; the server gets its own copy either way), `Self` in a parameter or return
-/// type, `unsafe fn`, and, for now, `async fn`.
+/// type, `unsafe fn`, and traits that mix `fn` and `async fn`.
 #[proc_macro_attribute]
 pub fn interface(
     attr: proc_macro::TokenStream,

@@ -6,15 +6,33 @@ use syn::{Attribute, ItemTrait, Type, Visibility};
 
 /// A trait marked `#[interface]`.
 pub struct Interface {
-    /// The trait as written, minus our helper attributes (`#[cmd]`, `#[oneway]`): emitted
-    /// unchanged, since it is the server trait users implement.
+    /// The trait as written, minus our helper attributes (`#[cmd]`, `#[oneway]`): the server
+    /// trait users implement. Emitted unchanged in the blocking flavour; in the async flavour
+    /// each `async fn` becomes a `fn` returning a `Send` future (see [`Flavour::Async`]).
     pub item: ItemTrait,
+    /// Blocking (`fn`) or async (`async fn`): every method of a trait is one or the other.
+    pub flavour: Flavour,
     /// The trait's name; the generated items are named after it.
     pub name: Ident,
     /// The trait's visibility, given to every generated item.
     pub vis: Visibility,
     /// The methods, in declaration order.
     pub methods: Vec<Method>,
+}
+
+/// Which client and server an interface gets. The wire format, the request and response
+/// enums and the interface signature are the same for both: a client of one flavour talks to a
+/// server of the other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flavour {
+    /// Every method is a `fn`: the client waits for the reply on its thread; the server runs
+    /// on `Connection`.
+    Blocking,
+    /// Every method is an `async fn`: `async fn` client stubs over `AsyncConnection`, and a
+    /// server on tokio. The trait's `async fn m(&self, ..) -> R` is emitted as
+    /// `fn m(&self, ..) -> impl Future<Output = R> + Send`, so that implementations can still
+    /// write `async fn` and the server can run their futures on any runtime thread.
+    Async,
 }
 
 /// One method of an [`Interface`]: one command on the wire.

@@ -9,7 +9,7 @@ use syn::{
     Attribute, FnArg, Item, ItemTrait, LitInt, Meta, Pat, ReturnType, TraitItem, TraitItemFn, Type,
 };
 
-use crate::model::{Arg, Interface, Method, Value};
+use crate::model::{Arg, Flavour, Interface, Method, Value};
 use crate::types::{self, Role};
 
 /// The input could not become an [`Interface`]: `item` is what to emit in its place (the
@@ -41,10 +41,12 @@ pub fn interface(attr: TokenStream, item: TokenStream) -> Result<Interface, Reje
         ));
     }
     let methods = methods(&mut item, &mut errors);
+    let flavour = flavour(&item, &mut errors);
     match errors.0 {
         None => Ok(Interface {
             name: item.ident.clone(),
             vis: item.vis.clone(),
+            flavour,
             methods,
             item,
         }),
@@ -113,6 +115,30 @@ fn methods(item: &mut ItemTrait, errors: &mut Errors) -> Vec<Method> {
     methods
 }
 
+/// All `async fn` (the async flavour) or all `fn` (the blocking one): a trait that mixes them
+/// is refused at each `fn` that is not async.
+fn flavour(item: &ItemTrait, errors: &mut Errors) -> Flavour {
+    let sigs = || {
+        item.items.iter().filter_map(|i| match i {
+            TraitItem::Fn(f) => Some(&f.sig),
+            _ => None,
+        })
+    };
+    let Some(first_async) = sigs().find(|sig| sig.asyncness.is_some()) else {
+        return Flavour::Blocking;
+    };
+    for sig in sigs().filter(|sig| sig.asyncness.is_none()) {
+        let message = format!(
+            "`{}` is not `async` but `{}` is: an interface is either all `async fn` (the async \
+             flavour, on tokio) or all `fn` (the blocking flavour); declare every method \
+             `async fn`, or none",
+            sig.ident, first_async.ident
+        );
+        errors.push(syn::Error::new_spanned(sig.fn_token, message));
+    }
+    Flavour::Async
+}
+
 /// One method, and its `#[cmd]` if it has one. Removes our attributes from `f`.
 fn method(f: &mut TraitItemFn, index: u32) -> syn::Result<(Method, Option<Attribute>)> {
     let mut errors = Errors::default();
@@ -121,11 +147,6 @@ fn method(f: &mut TraitItemFn, index: u32) -> syn::Result<(Method, Option<Attrib
     let refuse = |errors: &mut Errors, tokens: &dyn ToTokens, message: &str| {
         errors.push(syn::Error::new_spanned(tokens, message));
     };
-    if let Some(asyncness) = &sig.asyncness {
-        let message = "async fn is not supported yet: declare a blocking `fn` \
-                       (the client waits for the reply; an async flavour is planned)";
-        refuse(&mut errors, asyncness, message);
-    }
     if let Some(unsafety) = &sig.unsafety {
         let message = "`unsafe fn` is not supported: a safety contract cannot be checked \
                        across processes; declare a safe `fn`";
@@ -493,6 +514,50 @@ mod tests {
             "#[cmd(0)] fn a(&self, x: Vec<u8>, y: Result<u8, String>) -> (); \
              #[cmd(1)] #[oneway] fn b(&self);"
         );
+    }
+
+    #[test]
+    fn async_and_blocking_traits_have_one_signature() {
+        let blocking = parse(quote! {
+            trait T {
+                fn a(&self, x: Vec<u8>) -> Result<u8, String>;
+                #[oneway]
+                fn b(&self, fd: OwnedFd);
+            }
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        let asynchronous = parse(quote! {
+            trait T {
+                async fn a(&self, x: Vec<u8>) -> Result<u8, String>;
+                #[oneway]
+                async fn b(&self, fd: OwnedFd);
+            }
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(blocking.flavour, Flavour::Blocking);
+        assert_eq!(asynchronous.flavour, Flavour::Async);
+        assert_eq!(
+            blocking.canonical_signature(),
+            asynchronous.canonical_signature()
+        );
+    }
+
+    #[test]
+    fn mixing_async_and_blocking_methods_is_refused_at_each_blocking_one() {
+        let item = quote! {
+            trait T {
+                fn a(&self);
+                async fn b(&self);
+                fn c(&self);
+            }
+        };
+        let Err(rejected) = interface(TokenStream::new(), item) else {
+            panic!("accepted");
+        };
+        let errors: Vec<String> = rejected.error.into_iter().map(|e| e.to_string()).collect();
+        let error = errors.join("\n");
+        assert!(error.contains("`a` is not `async` but `b` is"), "{error}");
+        assert!(error.contains("`c` is not `async` but `b` is"), "{error}");
     }
 
     #[test]

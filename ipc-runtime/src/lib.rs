@@ -8,9 +8,13 @@ mod connection;
 mod error;
 mod frame;
 mod listener;
+mod server;
 pub mod service;
+pub mod shared_buffer;
 mod socket;
 mod sys;
+#[cfg(feature = "tokio")]
+pub mod tokio;
 pub mod wire;
 pub mod worker;
 
@@ -19,4 +23,6 @@ pub use connection::{Authorizer, Connection};
 pub use error::{Error, Result};
 pub use frame::{Frame, Limits};
 pub use listener::Listener;
+pub use server::{Server, Serving};
+pub use service::current_peer;
 pub use socket::{PeerCredentials, Socket};

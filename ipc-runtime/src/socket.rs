@@ -262,6 +262,85 @@ impl Socket {
         }
     }
 
+    /// Sends as much of the message `cursor` tracks as the socket takes without waiting:
+    /// `Ok(true)` once the whole message is out, `Ok(false)` when the socket buffer is full
+    /// (wait until the socket is writable, then call again with the same cursor, payload and
+    /// fds — or, after [`SendCursor::forget_sent_fds`], only the fds not sent yet). The
+    /// datagrams are those [`Socket::send`] would send.
+    ///
+    /// This is the event-loop form of [`Socket::send`] and does not take its lock: the caller
+    /// makes sure no other message goes out on this socket between the first and the last
+    /// datagram of this one. An error after part of the message went out shuts the socket
+    /// down, as [`Socket::send`] does.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn send_some(
+        &self,
+        cursor: &mut SendCursor,
+        payload: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<bool> {
+        debug_assert_eq!(payload.len(), cursor.total_len as usize);
+        debug_assert_eq!(cursor.fds_base + fds.len(), cursor.total_fds as usize);
+        loop {
+            let (header, bytes, these) = if !cursor.started {
+                let whole =
+                    payload.len() <= FIRST_MAX.min(self.chunk) && fds.len() <= FDS_PER_DATAGRAM;
+                let first_len = if whole { payload.len() } else { 0 };
+                let first_fds = fds.len().min(FDS_PER_DATAGRAM);
+                let header = Header {
+                    kind: Kind::First,
+                    fds: first_fds as u16,
+                    total_len: cursor.total_len,
+                    total_fds: cursor.total_fds,
+                };
+                (header, &payload[..first_len], &fds[..first_fds])
+            } else {
+                let unsent = cursor.fds_sent - cursor.fds_base;
+                let (bytes, fds) = (&payload[cursor.bytes_sent..], &fds[unsent..]);
+                if bytes.is_empty() && fds.is_empty() {
+                    return Ok(true);
+                }
+                let chunk = &bytes[..bytes.len().min(self.chunk)];
+                let these = &fds[..fds.len().min(FDS_PER_DATAGRAM)];
+                let header = Header {
+                    kind: Kind::More,
+                    fds: these.len() as u16,
+                    total_len: cursor.total_len,
+                    total_fds: cursor.total_fds,
+                };
+                (header, chunk, these)
+            };
+            match sys::send(self.fd.as_fd(), &header.encode(), bytes, these) {
+                Ok(_) => {
+                    cursor.started = true;
+                    cursor.bytes_sent += bytes.len();
+                    cursor.fds_sent += these.len();
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => return Ok(false),
+                Err(e) => {
+                    if cursor.started {
+                        // The peer holds part of a message; the stream cannot be resynchronised.
+                        let _ = self.shutdown();
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+
+    /// [`Socket::recv_into`] that never waits: `Ok(true)` if a whole message was received into
+    /// `frame`, `Ok(false)` if none is ready. A message that is part-way in is kept and
+    /// completed by a later receive, so an event loop calls this whenever the socket is
+    /// readable. Errors are those of [`Socket::recv_into`].
+    pub fn try_recv_into(&self, frame: &mut Frame) -> Result<bool> {
+        match self.recv_inner(frame, Wait::No) {
+            Ok(()) => Ok(true),
+            Err(Error::TimedOut) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Receives the next message, waiting for it as long as it takes.
     pub fn recv(&self) -> Result<Frame> {
         let mut frame = Frame::default();
@@ -529,6 +608,63 @@ impl Socket {
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+}
+
+/// Where a message stands that [`Socket::send_some`] is sending a piece at a time.
+#[derive(Clone, Copy, Debug)]
+#[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+pub(crate) struct SendCursor {
+    total_len: u32,
+    total_fds: u32,
+    /// The first datagram went out.
+    started: bool,
+    bytes_sent: usize,
+    fds_sent: usize,
+    /// How many leading fds the caller no longer passes (see `forget_sent_fds`).
+    fds_base: usize,
+}
+
+#[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+impl SendCursor {
+    /// A cursor at the start of a message of `len` payload bytes and `fds` fds; refuses
+    /// what the wire format cannot express (≥ 4 GiB, ≥ 2³² fds), as [`Socket::send`] does.
+    pub(crate) fn new(len: usize, fds: usize) -> Result<SendCursor> {
+        let total_len = u32::try_from(len).map_err(|_| Error::TooLarge {
+            size: len as u64,
+            limit: u32::MAX as u64,
+        })?;
+        let total_fds = u32::try_from(fds).map_err(|_| Error::TooManyFds {
+            count: fds as u64,
+            limit: u32::MAX as u64,
+        })?;
+        Ok(SendCursor {
+            total_len,
+            total_fds,
+            started: false,
+            bytes_sent: 0,
+            fds_sent: 0,
+            fds_base: 0,
+        })
+    }
+
+    /// Part of the message is out, but not all of it: stopping now would leave the peer
+    /// holding a fragment.
+    pub(crate) fn in_progress(&self) -> bool {
+        self.started
+            && (self.bytes_sent < self.total_len as usize
+                || self.fds_sent < self.total_fds as usize)
+    }
+
+    /// How many of the message's fds have been sent.
+    pub(crate) fn fds_sent(&self) -> usize {
+        self.fds_sent
+    }
+
+    /// From now on the caller passes only the fds not sent yet (`fds[self.fds_sent()..]` of
+    /// the original list), e.g. because it keeps copies of those alone.
+    pub(crate) fn forget_sent_fds(&mut self) {
+        self.fds_base = self.fds_sent;
     }
 }
 

@@ -1,0 +1,445 @@
+//! Zero-copy buffers: bytes that travel as a sealed memfd and are read in place.
+//!
+//! A [`SharedBuffer`] is a fresh memfd mapped writable into this process. Fill it, then
+//! [`seal`](SharedBuffer::seal) it: the writable mapping goes away, the file gets the seals
+//! `F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL`, and what remains is a
+//! [`SealedBuffer`], a read-only view that derefs to `&[u8]`. A `SealedBuffer` is a serde type
+//! whose bytes are one fd in the message's fd table, so it can be a parameter, a return value
+//! or a field of a generated interface: the receiver gets its own `SealedBuffer` over the same
+//! pages, and no byte of the payload is copied by the transport. [`SealedBuffer::copy_from`]
+//! makes one from bytes you already have, with one copy and no writable mapping at all.
+//!
+//! # Why reading in place is safe
+//!
+//! The receiver holds `&[u8]` over memory the sender can also reach. That is sound only if
+//! nobody can change those bytes, or the file's size, while the slice lives: a write would be
+//! a data race (undefined behaviour in Rust, and a time-of-check/time-of-use hole in any
+//! parser), and a truncation would turn reads into `SIGBUS`. Seals are how the kernel makes
+//! that promise about a file *to every process that holds it*:
+//!
+//! - `F_SEAL_WRITE`: no `write(2)`, no new writable shared mapping, no hole punching, by
+//!   anyone, ever. The kernel refuses to add it while any writable shared mapping of the file
+//!   exists (in any process), which is why sealing unmaps the sender's view first.
+//! - `F_SEAL_SHRINK`, `F_SEAL_GROW`: the size is fixed, so a mapping of `len` bytes stays
+//!   fully backed.
+//! - `F_SEAL_SEAL`: no further seals. Seals can never be removed, so this only keeps the file
+//!   from changing character later; the receiver does not require it.
+//!
+//! The receiver does not trust the sender to have done this: [`SealedBuffer::from_fd`] (and
+//! deserialization) reads the seals back with `F_GET_SEALS` and refuses any fd that lacks
+//! `F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW` — an unsealed memfd, a plain file, a pipe —
+//! before mapping anything. Only then is the size read (it can no longer change) and the file
+//! mapped read-only. Copy-on-receive would give the same safety at the price of a copy; sealing
+//! gives it for free, which is the point of this type.
+//!
+//! # Cost
+//!
+//! Seals cannot be removed, so a sealed file is written once: every message is a fresh memfd
+//! whose pages the kernel allocates and zeroes, and frees again when both sides drop it (see
+//! `docs/benchmarks.md` for what that costs against `memcpy`). Senders that need to reuse
+//! memory across messages must trust the receiver and the sender not to write while the other
+//! reads; that protocol is not something this type can check, so it is not offered here.
+//!
+//! A received buffer is charged to whoever faults its pages in: reading a sparse (never
+//! written) region allocates zeroed pages in the receiver. [`SealedBuffer::from_fd`] therefore
+//! refuses files over [`SealedBuffer::DEFAULT_MAX_LEN`]; use
+//! [`SealedBuffer::from_fd_with_limit`] for another bound.
+
+use std::fmt;
+use std::io;
+use std::num::NonZeroUsize;
+use std::ops::{Deref, DerefMut};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use nix::errno::Errno;
+use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+use nix::sys::memfd::{MFdFlags, memfd_create};
+use nix::sys::mman::{MapFlags, MmapAdvise, ProtFlags, madvise, mmap, munmap};
+use nix::sys::stat::{SFlag, fstat};
+use nix::unistd::ftruncate;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::error::{Error, Result};
+
+/// The seals a receiver requires before it reads a buffer in place.
+const REQUIRED: SealFlag = SealFlag::F_SEAL_WRITE
+    .union(SealFlag::F_SEAL_SHRINK)
+    .union(SealFlag::F_SEAL_GROW);
+
+/// The seals [`SharedBuffer::seal`] applies.
+const APPLIED: SealFlag = REQUIRED.union(SealFlag::F_SEAL_SEAL);
+
+/// A fresh memfd mapped writable: fill it, then [`seal`](SharedBuffer::seal) it to send it.
+///
+/// Not serializable and not `AsFd`: only a sealed buffer can travel, and nothing can write the
+/// bytes behind `&self`'s back. Dropping it unmaps and closes it.
+pub struct SharedBuffer {
+    fd: OwnedFd,
+    map: Mapping,
+}
+
+impl SharedBuffer {
+    /// A zero-filled buffer of `len` bytes, backed by a new memfd. Every page is allocated
+    /// (and zeroed by the kernel) here, in one `mmap(MAP_POPULATE)`, since the buffer is there
+    /// to be filled.
+    pub fn new(len: usize) -> Result<SharedBuffer> {
+        let fd = new_memfd(len)?;
+        let map = Mapping::new(&fd, len, Access::ReadWrite)?;
+        Ok(SharedBuffer { fd, map })
+    }
+
+    /// Makes the buffer immutable and returns its read-only view: unmaps the writable mapping,
+    /// adds `F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL`, maps it read-only.
+    ///
+    /// On an error (the kernel refused a seal or the mapping) the buffer is lost.
+    pub fn seal(self) -> Result<SealedBuffer> {
+        let SharedBuffer { fd, map } = self;
+        let len = map.len;
+        drop(map); // F_SEAL_WRITE is refused while a writable shared mapping exists.
+        add_seals(&fd)?;
+        let map = Mapping::new(&fd, len, Access::Read)?;
+        Ok(SealedBuffer { fd, map })
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.map.len
+    }
+
+    /// Whether the buffer holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.map.len == 0
+    }
+}
+
+impl Deref for SharedBuffer {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `map` is a readable mapping of `len` bytes that lives as long as `self`. The
+        // memfd is new and private to this value until `seal` consumes it: its fd is never
+        // handed out (no `AsFd`) and the mapping is not inherited by forks (MADV_DONTFORK), so
+        // nothing but `&mut self` can write or resize it.
+        unsafe { self.map.slice() }
+    }
+}
+
+impl DerefMut for SharedBuffer {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `deref`, and the mapping is writable; `&mut self` makes this the only
+        // reference to the bytes within this process.
+        unsafe { self.map.slice_mut() }
+    }
+}
+
+impl AsRef<[u8]> for SharedBuffer {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
+impl AsMut<[u8]> for SharedBuffer {
+    fn as_mut(&mut self) -> &mut [u8] {
+        self
+    }
+}
+
+impl fmt::Debug for SharedBuffer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedBuffer")
+            .field("fd", &self.fd)
+            .field("len", &self.map.len)
+            .finish()
+    }
+}
+
+/// Immutable bytes in a sealed memfd, mapped read-only: derefs to `&[u8]` and travels as one
+/// fd (no copy of the bytes). See the [module docs](self) for why reading it in place is safe
+/// even when the sender is hostile.
+pub struct SealedBuffer {
+    fd: OwnedFd,
+    map: Mapping,
+}
+
+impl SealedBuffer {
+    /// The largest buffer [`SealedBuffer::from_fd`] and deserialization accept: 1 GiB, as
+    /// [`Limits::max_message_len`](crate::Limits::max_message_len) by default.
+    pub const DEFAULT_MAX_LEN: usize = 1 << 30;
+
+    /// A sealed buffer holding a copy of `bytes`, written with `write(2)`: one copy, and no
+    /// writable mapping (so no page faults and no zeroing of pages that are then overwritten).
+    pub fn copy_from(bytes: &[u8]) -> Result<SealedBuffer> {
+        let fd = new_memfd(0)?;
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            match nix::unistd::write(&fd, rest) {
+                Ok(n) => rest = &rest[n..],
+                Err(Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        add_seals(&fd)?;
+        let map = Mapping::new(&fd, bytes.len(), Access::Read)?;
+        Ok(SealedBuffer { fd, map })
+    }
+
+    /// Takes a received fd as a sealed buffer, if it is one: it must carry at least
+    /// `F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW` (so its bytes and size can never change)
+    /// and be at most [`SealedBuffer::DEFAULT_MAX_LEN`] bytes. Anything else is refused with
+    /// an [`Error::Io`] of kind `InvalidInput` (or [`Error::TooLarge`]), and the fd is closed.
+    pub fn from_fd(fd: OwnedFd) -> Result<SealedBuffer> {
+        SealedBuffer::from_fd_with_limit(fd, SealedBuffer::DEFAULT_MAX_LEN)
+    }
+
+    /// [`SealedBuffer::from_fd`] with another size limit.
+    pub fn from_fd_with_limit(fd: OwnedFd, max_len: usize) -> Result<SealedBuffer> {
+        let seals = match fcntl(&fd, FcntlArg::F_GET_SEALS) {
+            Ok(bits) => SealFlag::from_bits_retain(bits),
+            Err(Errno::EINVAL) => {
+                return Err(refused(
+                    "the fd cannot be sealed (not a memfd), so its sender could change it while \
+                     it is read"
+                        .into(),
+                ));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if !seals.contains(REQUIRED) {
+            return Err(refused(format!(
+                "the memfd lacks the seals {:?}, so its sender could still change it while it \
+                 is read",
+                REQUIRED.difference(seals)
+            )));
+        }
+        // Sealed against shrinking and growing: the size read now is the size for good.
+        let stat = fstat(&fd)?;
+        if SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
+            return Err(refused("the fd is not a regular file".into()));
+        }
+        let limit = max_len.min(isize::MAX as usize);
+        let len = usize::try_from(stat.st_size)
+            .ok()
+            .filter(|&len| len <= limit)
+            .ok_or(Error::TooLarge {
+                size: stat.st_size as u64,
+                limit: limit as u64,
+            })?;
+        let map = Mapping::new(&fd, len, Access::Read)?;
+        Ok(SealedBuffer { fd, map })
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.map.len
+    }
+
+    /// Whether the buffer holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.map.len == 0
+    }
+
+    /// The bytes, read in place.
+    pub fn as_bytes(&self) -> &[u8] {
+        self
+    }
+}
+
+impl Deref for SealedBuffer {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `map` is a read-only mapping of the whole file (`len` bytes), alive as long
+        // as `self`. The file carries F_SEAL_WRITE, F_SEAL_SHRINK and F_SEAL_GROW — applied by
+        // `seal`/`copy_from`, or checked by `from_fd_with_limit` before mapping — so no process
+        // can change these bytes or the file's size while the slice lives: no data race, and
+        // no SIGBUS from a truncation.
+        unsafe { self.map.slice() }
+    }
+}
+
+impl AsRef<[u8]> for SealedBuffer {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
+impl AsFd for SealedBuffer {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl TryFrom<OwnedFd> for SealedBuffer {
+    type Error = Error;
+    /// [`SealedBuffer::from_fd`].
+    fn try_from(fd: OwnedFd) -> Result<SealedBuffer> {
+        SealedBuffer::from_fd(fd)
+    }
+}
+
+impl From<SealedBuffer> for OwnedFd {
+    /// Unmaps the buffer and returns its (still sealed) memfd.
+    fn from(buffer: SealedBuffer) -> OwnedFd {
+        buffer.fd
+    }
+}
+
+impl fmt::Debug for SealedBuffer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SealedBuffer")
+            .field("fd", &self.fd)
+            .field("len", &self.map.len)
+            .finish()
+    }
+}
+
+/// On the wire: the memfd, as an index into the message's fd table (no bytes are copied).
+impl Serialize for SealedBuffer {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        crate::codec::fd::serialize(&self.fd, s)
+    }
+}
+
+/// Takes the memfd from the message's fd table and checks it as [`SealedBuffer::from_fd`]
+/// does; an unsealed or oversized fd fails decoding (the call gets [`Error::Malformed`]).
+impl<'de> Deserialize<'de> for SealedBuffer {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let fd: OwnedFd = crate::codec::fd::deserialize(d)?;
+        SealedBuffer::from_fd(fd).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Adds [`APPLIED`]. The kernel refuses `F_SEAL_WRITE` with `EBUSY` while anything still
+/// holds a page of the file (a writable mapping, or a transient page reference, which it
+/// waits ~150 ms for before giving up); seen once in thousands of seals under load, so a
+/// refusal is retried twice before it is returned.
+fn add_seals(fd: &OwnedFd) -> Result<()> {
+    let mut attempts = 0;
+    loop {
+        match fcntl(fd, FcntlArg::F_ADD_SEALS(APPLIED)) {
+            Err(Errno::EBUSY) if attempts < 2 => attempts += 1,
+            r => return Ok(r.map(drop)?),
+        }
+    }
+}
+
+fn refused(why: String) -> Error {
+    Error::Io(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("not a sealed buffer: {why}"),
+    ))
+}
+
+/// Whether `MFD_NOEXEC_SEAL` (Linux 6.3) was refused once, so we stop asking for it.
+static NO_NOEXEC_SEAL: AtomicBool = AtomicBool::new(false);
+
+/// A close-on-exec memfd that allows sealing, of `len` bytes.
+fn new_memfd(len: usize) -> Result<OwnedFd> {
+    const NAME: &std::ffi::CStr = c"typed-ipc-buffer";
+    let base = MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING;
+    let fd = if NO_NOEXEC_SEAL.load(Ordering::Relaxed) {
+        memfd_create(NAME, base)?
+    } else {
+        // Not executable, ever (and no kernel warning about memfds that could be).
+        match memfd_create(
+            NAME,
+            base | MFdFlags::from_bits_retain(libc::MFD_NOEXEC_SEAL),
+        ) {
+            Err(Errno::EINVAL) => {
+                NO_NOEXEC_SEAL.store(true, Ordering::Relaxed);
+                memfd_create(NAME, base)?
+            }
+            r => r?,
+        }
+    };
+    if len > 0 {
+        let size = i64::try_from(len).map_err(|_| Error::TooLarge {
+            size: len as u64,
+            limit: i64::MAX as u64,
+        })?;
+        ftruncate(&fd, size)?;
+    }
+    Ok(fd)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Access {
+    Read,
+    ReadWrite,
+}
+
+/// A shared mapping of a whole file; unmapped on drop. Empty files are not mapped (`mmap`
+/// refuses length 0) and get a dangling, never-dereferenced pointer.
+struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: a Mapping is an address range owned by one value; the bytes behind it are only
+// accessed through `&`/`&mut` borrows of that value, so moving or sharing it across threads is
+// as safe as for a `Box<[u8]>`.
+unsafe impl Send for Mapping {}
+// SAFETY: as above.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    fn new(fd: &OwnedFd, len: usize, access: Access) -> Result<Mapping> {
+        let Some(length) = NonZeroUsize::new(len) else {
+            return Ok(Mapping {
+                ptr: NonNull::dangling(),
+                len: 0,
+            });
+        };
+        let (prot, flags) = match access {
+            // Not populated: a received buffer may be sparse, and reading a hole allocates a
+            // page; the receiver pays only for what it reads.
+            Access::Read => (ProtFlags::PROT_READ, MapFlags::MAP_SHARED),
+            // Populated: a new buffer is there to be filled, and allocating every page in one
+            // call is cheaper than a page fault per page (about 15% at 16 MiB here).
+            Access::ReadWrite => (
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED | MapFlags::MAP_POPULATE,
+            ),
+        };
+        // SAFETY: a new shared mapping at an address the kernel picks cannot overlap memory
+        // Rust already uses; the file is `len` bytes long (set by us, or fixed by seals), so
+        // the whole range is backed.
+        let ptr = unsafe { mmap(None, length, prot, flags, fd, 0)? };
+        let map = Mapping {
+            ptr: ptr.cast(),
+            len,
+        };
+        if access == Access::ReadWrite {
+            // A child forked while we hold the writable view must not inherit it: it would
+            // make `seal` fail with EBUSY.
+            // SAFETY: MADV_DONTFORK only changes what fork copies; the range is our mapping.
+            unsafe { madvise(ptr, len, MmapAdvise::MADV_DONTFORK)? };
+        }
+        Ok(map)
+    }
+
+    /// # Safety
+    /// The caller guarantees nothing writes the mapped bytes while the slice lives.
+    unsafe fn slice(&self) -> &[u8] {
+        // SAFETY: `ptr` is valid for reads of `len` bytes (a live mapping, or dangling with
+        // len 0), `len` ≤ isize::MAX (checked before mapping), and the caller rules out writes.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// # Safety
+    /// The mapping must be writable, and nothing else may access the bytes while the slice
+    /// lives.
+    unsafe fn slice_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `slice`, plus writable and exclusive per the caller.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: `ptr`/`len` is a mapping this value made and nothing borrows any more.
+            let _ = unsafe { munmap(self.ptr.cast(), self.len) };
+        }
+    }
+}

@@ -1,0 +1,106 @@
+//! [`AsyncCall`]: one request being handled by an [`AsyncService`](super::AsyncService).
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::connection::Inner;
+use super::envelope::{self, Envelope, Kind};
+use crate::codec;
+use crate::error::{Error, Result};
+use crate::frame::Frame;
+use crate::socket::PeerCredentials;
+
+/// One request being handled by an [`AsyncService`](super::AsyncService): the async
+/// flavour's [`Call`](crate::service::Call).
+pub struct AsyncCall {
+    envelope: Envelope,
+    /// The whole message: envelope, then the arguments.
+    frame: Frame,
+    peer: Option<PeerCredentials>,
+    /// Where the reply goes; `None` for oneway messages.
+    replier: Option<Arc<Inner>>,
+    replied: bool,
+}
+
+impl AsyncCall {
+    pub(super) fn new(
+        envelope: Envelope,
+        frame: Frame,
+        peer: Option<PeerCredentials>,
+        replier: Option<Arc<Inner>>,
+    ) -> AsyncCall {
+        AsyncCall {
+            envelope,
+            frame,
+            peer,
+            replier,
+            replied: false,
+        }
+    }
+
+    pub(super) fn replied(&self) -> bool {
+        self.replied
+    }
+
+    /// The command id of the method called.
+    pub fn command(&self) -> u32 {
+        self.envelope.cmd
+    }
+
+    /// Whether the caller waits for no reply.
+    pub fn is_oneway(&self) -> bool {
+        self.envelope.kind == Kind::Oneway
+    }
+
+    /// The caller's process credentials (pid, uid, gid), as the kernel recorded them for the
+    /// connection.
+    pub fn peer_credentials(&self) -> Option<PeerCredentials> {
+        self.peer
+    }
+
+    /// Decodes the arguments, taking the fds that came with them. Fds not claimed are closed.
+    pub fn args<T: DeserializeOwned>(&mut self) -> Result<T> {
+        let fds = std::mem::take(&mut self.frame.fds);
+        codec::decode(&self.frame.payload[envelope::LEN..], fds)
+    }
+
+    /// Sends `value` as the reply. Ignored for oneway calls, which get no reply, and after the
+    /// first reply.
+    ///
+    /// `value` is taken by value so that the future is `Send` whenever `value` is; the fds it
+    /// carries stay open until the reply is out, and are closed with it.
+    pub async fn reply<T: Serialize>(&mut self, value: T) -> Result<()> {
+        match &self.replier {
+            Some(inner) if !self.replied => {
+                self.replied = true;
+                let inner = inner.clone();
+                let envelope = Envelope {
+                    kind: Kind::Reply,
+                    ..self.envelope
+                };
+                let sent = inner.send(envelope, value).await;
+                inner.trace_reply(envelope.cookie);
+                sent
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// An error for a command this interface does not have.
+    pub fn unknown_command(&self) -> Error {
+        Error::Malformed(format!("unknown command {}", self.envelope.cmd))
+    }
+}
+
+impl std::fmt::Debug for AsyncCall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AsyncCall")
+            .field("command", &self.envelope.cmd)
+            .field("cookie", &self.envelope.cookie)
+            .field("oneway", &self.is_oneway())
+            .field("peer", &self.peer)
+            .finish_non_exhaustive()
+    }
+}

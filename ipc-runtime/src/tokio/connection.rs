@@ -1,0 +1,865 @@
+//! [`AsyncConnection`]: the blocking [`Connection`](crate::Connection)'s protocol, driven by
+//! tasks on a tokio runtime.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::Path;
+use std::pin::{Pin, pin};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use ::tokio::io::unix::AsyncFd;
+use ::tokio::runtime::Handle;
+use ::tokio::sync::{Mutex as AsyncMutex, Notify, OwnedMutexGuard, mpsc, oneshot};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::call::AsyncCall;
+use super::envelope::{self, Envelope, Kind};
+use super::failure::Failure;
+use super::{AsyncService, BoxFuture};
+use crate::codec;
+use crate::connection::Authorizer;
+use crate::error::{Error, Result};
+use crate::frame::Frame;
+use crate::service::{CallerScope, InterfaceInfo};
+use crate::socket::{PeerCredentials, SendCursor, Socket};
+
+/// A connection to a peer process on a tokio runtime: the async flavour of
+/// [`Connection`](crate::Connection), speaking the same protocol.
+///
+/// Cloning is cheap and clones share the connection. It has tasks of its own on the runtime
+/// it was created in (see the [module docs](super)): calls and served interfaces work as long
+/// as that runtime runs. When the last clone is dropped the connection shuts down: the peer
+/// sees a hang-up and the tasks end.
+#[derive(Clone)]
+pub struct AsyncConnection {
+    inner: Arc<Inner>,
+    /// Held by the user's clones only (not by the connection's own tasks): the last one to go
+    /// shuts the connection down.
+    _owner: Arc<Owner>,
+}
+
+/// Shuts the connection down when the last [`AsyncConnection`] is dropped.
+struct Owner(Arc<Inner>);
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        let _ = self.0.socket().shutdown();
+    }
+}
+
+/// The socket, as tokio's `AsyncFd` wants it.
+struct Registered(Socket);
+
+impl AsRawFd for Registered {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+// SAFETY: a `Socket` owns its fd and closes it only when dropped.
+unsafe impl super::OwnsFd for Registered {}
+
+pub(super) struct Inner {
+    io: AsyncFd<Registered>,
+    peer: Option<PeerCredentials>,
+    runtime: Handle,
+    /// Held from the first datagram of a message to its last.
+    send_lock: Arc<AsyncMutex<()>>,
+    state: Mutex<State>,
+    next_cookie: AtomicU64,
+    services: RwLock<Vec<Arc<dyn AsyncService>>>,
+    authorizer: RwLock<Option<Box<Authorizer>>>,
+    tasks: Arc<Tasks>,
+    trace: bool,
+}
+
+#[derive(Default)]
+struct State {
+    /// Calls waiting for replies, by cookie. A dropped receiver is a cancelled call.
+    pending: HashMap<u64, oneshot::Sender<Result<Frame>>>,
+    /// Why the connection ended; once set, it stays.
+    closed: Option<Error>,
+    /// Someone serves on this connection: requests are handled as they arrive.
+    serving: bool,
+    /// Requests that arrived before anyone served, in order.
+    held: Vec<(Frame, Envelope)>,
+    /// The task that runs oneway messages in order, once there is one.
+    oneways: Option<mpsc::UnboundedSender<(Frame, Envelope)>>,
+}
+
+/// The connection's tasks still running, so that [`AsyncConnection::run`] can wait for them.
+#[derive(Default)]
+struct Tasks {
+    count: AtomicUsize,
+    idle: Notify,
+}
+
+/// One running task; dropped last in the task, after its `Arc<Inner>`.
+struct TaskGuard(Arc<Tasks>);
+
+impl Tasks {
+    fn enter(self: &Arc<Self>) -> TaskGuard {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        TaskGuard(self.clone())
+    }
+}
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+impl AsyncConnection {
+    /// A connected pair, e.g. for two tasks, or for a test.
+    pub fn pair() -> Result<(AsyncConnection, AsyncConnection)> {
+        let (a, b) = Socket::pair()?;
+        Ok((AsyncConnection::new(a)?, AsyncConnection::new(b)?))
+    }
+
+    /// Connects to a [`Listener`](crate::Listener) (or an [`AsyncListener`](super::AsyncListener))
+    /// bound to `path`. The `connect` syscall runs on tokio's blocking pool: it can wait while
+    /// the listener's backlog is full.
+    pub async fn connect(path: impl AsRef<Path>) -> Result<AsyncConnection> {
+        let path = path.as_ref().to_owned();
+        let socket = ::tokio::task::spawn_blocking(move || Socket::connect(path))
+            .await
+            .map_err(|e| Error::Io(io::Error::other(e)))??;
+        AsyncConnection::new(socket)
+    }
+
+    /// Connects to a listener bound to a Linux abstract name (see [`AsyncConnection::connect`]).
+    pub async fn connect_abstract(name: impl AsRef<[u8]>) -> Result<AsyncConnection> {
+        let name = name.as_ref().to_owned();
+        let socket = ::tokio::task::spawn_blocking(move || Socket::connect_abstract(name))
+            .await
+            .map_err(|e| Error::Io(io::Error::other(e)))??;
+        AsyncConnection::new(socket)
+    }
+
+    /// Runs a connection over `socket` on the current tokio runtime, which must have its IO
+    /// driver enabled. Fails outside a runtime. Set `TYPED_IPC_DEBUG=1` in the environment to
+    /// have every message printed to stderr.
+    pub fn new(socket: Socket) -> Result<AsyncConnection> {
+        let io = super::register(Registered(socket))?;
+        let runtime = Handle::current();
+        let peer = io.get_ref().0.peer_credentials().ok();
+        let tasks = Arc::new(Tasks::default());
+        let reader = tasks.enter();
+        let inner = Arc::new(Inner {
+            io,
+            peer,
+            runtime,
+            send_lock: Arc::new(AsyncMutex::new(())),
+            state: Mutex::new(State::default()),
+            next_cookie: AtomicU64::new(1),
+            services: RwLock::new(Vec::new()),
+            authorizer: RwLock::new(None),
+            tasks,
+            trace: std::env::var_os("TYPED_IPC_DEBUG").is_some_and(|v| v != "0"),
+        });
+        inner.runtime.spawn(read_loop(inner.clone(), reader));
+        Ok(AsyncConnection {
+            _owner: Arc::new(Owner(inner.clone())),
+            inner,
+        })
+    }
+
+    /// The peer's credentials, as the kernel recorded them when the connection was made.
+    pub fn peer_credentials(&self) -> Option<PeerCredentials> {
+        self.inner.peer
+    }
+
+    /// The underlying socket. Its blocking methods must not be used on a runtime thread, nor
+    /// its send and receive methods at all: the connection's tasks own the stream.
+    pub fn socket(&self) -> &Socket {
+        self.inner.socket()
+    }
+
+    /// Whether the connection has ended (peer gone, closed, or a protocol error).
+    pub fn is_closed(&self) -> bool {
+        self.inner.lock().closed.is_some()
+    }
+
+    /// Ends the connection: the peer sees a hang-up, every waiting call returns
+    /// [`Error::Disconnected`], and [`AsyncConnection::run`] returns `Ok` once the handlers
+    /// still running are done.
+    pub fn close(&self) {
+        let _ = self.inner.socket().shutdown();
+    }
+
+    /// Stops taking new messages, as if the peer had gone quiet for good, but keeps sending:
+    /// requests already running finish and their replies go out, then
+    /// [`AsyncConnection::run`] returns. Used for graceful shutdown.
+    pub fn stop_reading(&self) {
+        let fd = self.inner.socket().as_fd().as_raw_fd();
+        let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Read);
+    }
+
+    /// Answers calls to `service`'s interface on this connection. Several interfaces can be
+    /// served on one connection; serving an interface twice replaces the first.
+    ///
+    /// Requests that arrive before the first service is added (or [`AsyncConnection::run`] is
+    /// called) wait for it, as they would wait for a serving thread in the blocking flavour;
+    /// from then on each request is handled as it arrives, calls concurrently in tasks of
+    /// their own, oneway messages one at a time in order.
+    pub fn add_service(&self, service: impl AsyncService) {
+        let service: Arc<dyn AsyncService> = Arc::new(service);
+        {
+            let mut services = self
+                .inner
+                .services
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            services.retain(|s| s.info().id != service.info().id);
+            services.push(service);
+        }
+        self.inner.start_serving();
+    }
+
+    /// Lets `authorize` refuse calls: it sees the peer's credentials, the interface and the
+    /// command id, and its `Err(reason)` reaches the caller as [`Error::Refused`].
+    pub fn set_authorizer(
+        &self,
+        authorize: impl Fn(Option<&PeerCredentials>, &InterfaceInfo, u32) -> Result<(), String>
+        + Send
+        + Sync
+        + 'static,
+    ) {
+        *self
+            .inner
+            .authorizer
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Box::new(authorize));
+    }
+
+    /// Serves `service` ([`AsyncConnection::add_service`], at once) and returns a future that
+    /// resolves when the connection has ended and every handler has finished
+    /// ([`AsyncConnection::run`]): `Ok(())` on a clean close. Requests are answered whether or
+    /// not the future is polled; it holds a clone of the connection, so spawning it keeps the
+    /// connection up until the peer hangs up.
+    pub fn serve<S: AsyncService>(
+        &self,
+        service: S,
+    ) -> impl Future<Output = Result<()>> + Send + 'static + use<S> {
+        self.add_service(service);
+        let this = self.clone();
+        async move { this.run().await }
+    }
+
+    /// Handles requests for the served interfaces (they are handled by the connection's tasks
+    /// whether or not this is awaited) and waits until the connection has ended and every
+    /// handler and send it started has finished. Returns `Ok(())` when the peer hung up or
+    /// [`AsyncConnection::close`] was called, and the error otherwise.
+    ///
+    /// Not to be awaited inside a handler of this same connection: it would wait for itself.
+    pub async fn run(&self) -> Result<()> {
+        self.inner.start_serving();
+        self.wait_closed().await;
+        match &self.inner.lock().closed {
+            None | Some(Error::Disconnected) => Ok(()),
+            Some(e) => Err(e.duplicate()),
+        }
+    }
+
+    /// Waits until the connection has ended and every task it started (its reader, handlers,
+    /// sends finishing in the background) has finished. Does not start serving. Once it
+    /// returns, dropping the last clone closes the socket at once.
+    ///
+    /// Not to be awaited inside a handler of this same connection: it would wait for itself.
+    pub async fn wait_closed(&self) {
+        let tasks = &self.inner.tasks;
+        loop {
+            let mut idle = pin!(tasks.idle.notified());
+            idle.as_mut().enable();
+            if tasks.count.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+
+    /// Calls method `cmd` of interface `iface` with `args` and waits for the reply, at most
+    /// `timeout` if one is given. This is what generated async client stubs call.
+    ///
+    /// Dropping the future cancels the call: the reply, when it comes, is dropped and its fds
+    /// closed. The implementation on the other side is not told; it runs to completion.
+    pub async fn call<A: Serialize, R: DeserializeOwned>(
+        &self,
+        iface: &'static InterfaceInfo,
+        cmd: u32,
+        args: A,
+        timeout: Option<Duration>,
+    ) -> Result<R> {
+        let call = self.call_inner(iface, cmd, args);
+        match timeout {
+            None => call.await,
+            Some(timeout) => ::tokio::time::timeout(timeout, call)
+                .await
+                .unwrap_or(Err(Error::TimedOut)),
+        }
+    }
+
+    async fn call_inner<A: Serialize, R: DeserializeOwned>(
+        &self,
+        iface: &'static InterfaceInfo,
+        cmd: u32,
+        args: A,
+    ) -> Result<R> {
+        let inner = &self.inner;
+        let cookie = inner.next_cookie.fetch_add(1, Ordering::Relaxed);
+        let (slot, reply) = oneshot::channel();
+        {
+            let mut state = inner.lock();
+            if let Some(closed) = &state.closed {
+                return Err(closed.duplicate());
+            }
+            // Registered before sending: the reply may come back before the send returns.
+            state.pending.insert(cookie, slot);
+        }
+        let waiting = Waiting { inner, cookie };
+        let envelope = Envelope {
+            kind: Kind::Call,
+            cmd,
+            cookie,
+            interface: iface.id,
+            signature: iface.signature,
+        };
+        inner.send(envelope, args).await?;
+        inner.trace_out(&envelope, iface);
+        let reply = reply.await;
+        std::mem::forget(waiting); // the slot is gone: the reader or `fail` took it
+        let mut frame = reply.unwrap_or(Err(Error::Disconnected))?;
+        decode_reply(&mut frame, iface, cmd)
+    }
+
+    /// Sends a oneway message: resolves once it is sent, and gets no reply.
+    pub async fn oneway<A: Serialize>(
+        &self,
+        iface: &'static InterfaceInfo,
+        cmd: u32,
+        args: A,
+    ) -> Result<()> {
+        let envelope = Envelope {
+            kind: Kind::Oneway,
+            cmd,
+            cookie: 0,
+            interface: iface.id,
+            signature: iface.signature,
+        };
+        self.inner.send(envelope, args).await?;
+        self.inner.trace_out(&envelope, iface);
+        Ok(())
+    }
+}
+
+impl AsFd for AsyncConnection {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.inner.socket().as_fd()
+    }
+}
+
+impl std::fmt::Debug for AsyncConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AsyncConnection")
+            .field("peer", &self.inner.peer)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A call's slot in `pending`, removed if the call is dropped before its reply came.
+struct Waiting<'a> {
+    inner: &'a Inner,
+    cookie: u64,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        // A reply arriving later finds no slot and is dropped, closing its fds.
+        self.inner.lock().pending.remove(&self.cookie);
+    }
+}
+
+fn decode_reply<R: DeserializeOwned>(
+    frame: &mut Frame,
+    iface: &InterfaceInfo,
+    cmd: u32,
+) -> Result<R> {
+    let envelope = Envelope::read(&frame.payload)?;
+    let body = &frame.payload[envelope::LEN..];
+    let fds = std::mem::take(&mut frame.fds);
+    if envelope.kind == Kind::Failure {
+        let failure: Failure = codec::decode(body, fds)?;
+        return Err(failure.into_error(iface, cmd));
+    }
+    codec::decode(body, fds)
+}
+
+/// Receives until the connection ends, routing each message.
+async fn read_loop(inner: Arc<Inner>, guard: TaskGuard) {
+    read_messages(inner).await;
+    drop(guard);
+}
+
+async fn read_messages(inner: Arc<Inner>) {
+    let mut buffer = Frame::default();
+    let why = loop {
+        let mut ready = match inner.io.readable().await {
+            Ok(ready) => ready,
+            Err(e) => break Error::from(e),
+        };
+        let result = match inner.socket().try_recv_into(&mut buffer) {
+            Ok(false) => {
+                ready.clear_ready();
+                continue;
+            }
+            Ok(true) => Ok(()),
+            // The message was consumed whole without its fds; its bytes say whose it was.
+            Err(e @ Error::FdsDropped { .. }) => Err(e),
+            Err(e) => break e,
+        };
+        drop(ready);
+        if let Err(why) = inner.route(take_message(&mut buffer), result) {
+            break why;
+        }
+    };
+    inner.fail(why);
+}
+
+/// The message in `buffer`, leaving `buffer` ready for the next: a small message is copied out
+/// so the 64 KiB receive buffer is reused rather than kept by every request in flight.
+fn take_message(buffer: &mut Frame) -> Frame {
+    let fds = std::mem::take(&mut buffer.fds);
+    if buffer.payload.len() * 2 <= buffer.payload.capacity() {
+        let payload = buffer.payload.clone(); // exactly its length
+        buffer.payload.clear();
+        Frame { payload, fds }
+    } else {
+        Frame {
+            payload: std::mem::take(&mut buffer.payload),
+            fds,
+        }
+    }
+}
+
+impl Inner {
+    fn socket(&self) -> &Socket {
+        &self.io.get_ref().0
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Nothing under this lock is left half-updated by a panic, so poisoning is noise.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Routes one received message; `Err` ends the connection.
+    fn route(self: &Arc<Self>, frame: Frame, received: Result<()>) -> Result<()> {
+        let envelope = match (Envelope::read(&frame.payload), received) {
+            (Ok(envelope), received) => (envelope, received),
+            (Err(_), Err(e)) => return Err(e),
+            (Err(_), Ok(())) => return Err(Error::Malformed("bad envelope".into())),
+        };
+        let (envelope, received) = envelope;
+        if self.trace {
+            eprintln!("{}", self.describe("<-", &envelope, &frame));
+        }
+        match (envelope.kind, received) {
+            (Kind::Reply | Kind::Failure, received) => {
+                let slot = self.lock().pending.remove(&envelope.cookie);
+                if let Some(slot) = slot {
+                    // If the call was dropped meanwhile, the frame comes back and is dropped
+                    // here, closing its fds.
+                    let _ = slot.send(received.map(|()| frame));
+                }
+            }
+            (Kind::Call | Kind::Oneway, Ok(())) => {
+                let mut state = self.lock();
+                match state.serving {
+                    true => self.dispatch(&mut state, frame, envelope),
+                    false => state.held.push((frame, envelope)),
+                }
+            }
+            (Kind::Call, Err(e)) => {
+                let why = format!("the server could not receive the request's fds: {e}");
+                let inner = self.clone();
+                let guard = self.tasks.enter();
+                self.runtime.spawn(async move {
+                    let failure = Failure::BadRequest(why);
+                    let _ = reply_failure(inner, envelope, failure).await;
+                    drop(guard);
+                });
+            }
+            (Kind::Oneway, Err(_)) => {}
+        }
+        Ok(())
+    }
+
+    /// Starts handling requests: those held so far, then each as it arrives.
+    fn start_serving(self: &Arc<Self>) {
+        let mut state = self.lock();
+        if state.serving {
+            return;
+        }
+        state.serving = true;
+        for (frame, envelope) in std::mem::take(&mut state.held) {
+            self.dispatch(&mut state, frame, envelope);
+        }
+    }
+
+    /// A call gets a task of its own; a oneway goes to the task that runs them in order.
+    fn dispatch(self: &Arc<Self>, state: &mut State, frame: Frame, envelope: Envelope) {
+        if envelope.kind == Kind::Call {
+            let guard = self.tasks.enter();
+            self.runtime
+                .spawn(run_request(self.clone(), frame, envelope, guard));
+            return;
+        }
+        if state.oneways.is_none() && state.closed.is_none() {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let guard = self.tasks.enter();
+            self.runtime.spawn(run_oneways(self.clone(), rx, guard));
+            state.oneways = Some(tx);
+        }
+        if let Some(oneways) = &state.oneways {
+            let _ = oneways.send((frame, envelope));
+        }
+    }
+
+    /// Ends the connection with `why`: every waiting call gets it, the oneway task finishes
+    /// what it has, and the reader stops.
+    fn fail(&self, why: Error) {
+        let mut state = self.lock();
+        if state.closed.is_some() {
+            return;
+        }
+        if !matches!(why, Error::Disconnected) {
+            // A protocol error leaves the stream unusable; make sure the peer sees it.
+            let _ = self.socket().shutdown();
+        }
+        for (_, slot) in state.pending.drain() {
+            let _ = slot.send(Err(why.duplicate()));
+        }
+        state.oneways = None;
+        state.held.clear();
+        state.closed = Some(why);
+    }
+
+    /// Which service answers `envelope`, after the same checks as the blocking flavour.
+    fn check(&self, envelope: &Envelope) -> Result<Arc<dyn AsyncService>, Failure> {
+        let service = {
+            let services = self.services.read().unwrap_or_else(PoisonError::into_inner);
+            services
+                .iter()
+                .find(|s| s.info().id == envelope.interface)
+                .cloned()
+                .ok_or_else(|| {
+                    Failure::NotServed(services.iter().map(|s| s.info().name.to_string()).collect())
+                })?
+        };
+        let info = service.info();
+        if info.signature != envelope.signature {
+            let methods = info.methods.iter();
+            return Err(Failure::Mismatch(
+                methods
+                    .map(|m| (m.cmd, m.name.to_string(), m.signature.to_string()))
+                    .collect(),
+            ));
+        }
+        if info.method(envelope.cmd).is_none() {
+            return Err(Failure::UnknownCommand(envelope.cmd));
+        }
+        if let Some(authorize) = &*self
+            .authorizer
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+        {
+            authorize(self.peer.as_ref(), info, envelope.cmd).map_err(Failure::Refused)?;
+        }
+        Ok(service)
+    }
+
+    /// Encodes envelope + body and sends them as one message. `body` is taken by value so
+    /// that the future is `Send` whenever the body is: the fds it carries stay open, borrowed,
+    /// until the message is out.
+    pub(super) async fn send<A: Serialize>(
+        self: &Arc<Self>,
+        envelope: Envelope,
+        body: A,
+    ) -> Result<()> {
+        let mut payload = vec![0; envelope::LEN];
+        envelope.write(&mut payload);
+        let mut fds = Vec::new();
+        codec::encode(&body, &mut payload, &mut fds)?;
+        self.send_encoded(payload, &fds).await
+    }
+
+    async fn send_encoded(
+        self: &Arc<Self>,
+        payload: Vec<u8>,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<()> {
+        let cursor = SendCursor::new(payload.len(), fds.len())?;
+        let lock = match self.send_lock.clone().try_lock_owned() {
+            Ok(lock) => lock,
+            Err(_) => self.send_lock.clone().lock_owned().await,
+        };
+        let mut out = Outgoing {
+            inner: self,
+            cursor,
+            payload,
+            fds,
+            lock: Some(lock),
+            finished: false,
+        };
+        let result = drive(self, &mut out.cursor, &out.payload, out.fds).await;
+        out.finished = true;
+        result
+    }
+
+    pub(super) fn trace_reply(&self, cookie: u64) {
+        if self.trace {
+            eprintln!("typed-ipc[{}] -> Reply #{cookie}", std::process::id());
+        }
+    }
+
+    fn trace_out(&self, envelope: &Envelope, iface: &InterfaceInfo) {
+        if self.trace {
+            let method = iface.method(envelope.cmd).map_or("?", |m| m.name);
+            eprintln!(
+                "typed-ipc[{}] -> {:?} #{} {}::{method}",
+                std::process::id(),
+                envelope.kind,
+                envelope.cookie,
+                iface.name
+            );
+        }
+    }
+
+    fn describe(&self, dir: &str, envelope: &Envelope, frame: &Frame) -> String {
+        let services = self.services.read().unwrap_or_else(PoisonError::into_inner);
+        let name = services
+            .iter()
+            .map(|s| s.info())
+            .find(|i| i.id == envelope.interface)
+            .map_or(String::new(), |i| {
+                format!(
+                    " {}::{}",
+                    i.name,
+                    i.method(envelope.cmd).map_or("?", |m| m.name)
+                )
+            });
+        format!(
+            "typed-ipc[{}] {dir} {:?} #{}{name} ({} bytes, {} fds)",
+            std::process::id(),
+            envelope.kind,
+            envelope.cookie,
+            frame.payload.len() - envelope::LEN.min(frame.payload.len()),
+            frame.fds.len()
+        )
+    }
+}
+
+/// Sends what is left of the message `cursor` tracks, waiting for the socket to take it.
+async fn drive(
+    inner: &Inner,
+    cursor: &mut SendCursor,
+    payload: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> Result<()> {
+    // Try at once: the socket is writable far more often than not.
+    if inner.socket().send_some(cursor, payload, fds)? {
+        return Ok(());
+    }
+    loop {
+        let mut ready = inner.io.writable().await?;
+        let attempt = ready.try_io(|io| match io.get_ref().0.send_some(cursor, payload, fds) {
+            Ok(true) => Ok(Ok(())),
+            Ok(false) => Err(io::ErrorKind::WouldBlock.into()),
+            Err(e) => Ok(Err(e)),
+        });
+        match attempt {
+            Ok(Ok(done)) => return done,
+            Ok(Err(e)) => return Err(e.into()), // not produced by the closure
+            Err(_would_block) => continue,
+        }
+    }
+}
+
+/// A message being sent. If its future is dropped part-way through the message, `drop`
+/// hands the rest to a task of its own, so the peer never holds a fragment.
+struct Outgoing<'a, 'f> {
+    inner: &'a Arc<Inner>,
+    cursor: SendCursor,
+    payload: Vec<u8>,
+    fds: &'a [BorrowedFd<'f>],
+    lock: Option<OwnedMutexGuard<()>>,
+    finished: bool,
+}
+
+impl Drop for Outgoing<'_, '_> {
+    fn drop(&mut self) {
+        if self.finished || !self.cursor.in_progress() {
+            return; // done, or nothing of it sent: the stream is in sync
+        }
+        // The fds still to go are borrowed from the caller, who is gone: send copies.
+        let unsent = &self.fds[self.cursor.fds_sent()..];
+        let fds: io::Result<Vec<OwnedFd>> =
+            unsent.iter().map(|fd| fd.try_clone_to_owned()).collect();
+        let Ok(fds) = fds else {
+            // Out of fds: the message cannot be completed, so the stream cannot continue.
+            let _ = self.inner.socket().shutdown();
+            return;
+        };
+        let mut cursor = self.cursor;
+        cursor.forget_sent_fds();
+        let rest = Remainder {
+            inner: self.inner.clone(),
+            cursor,
+            payload: std::mem::take(&mut self.payload),
+            fds,
+            _lock: self.lock.take(),
+            finished: false,
+            _task: self.inner.tasks.enter(),
+        };
+        self.inner.runtime.spawn(async move {
+            let mut rest = rest;
+            let fds: Vec<BorrowedFd<'_>> = rest.fds.iter().map(|fd| fd.as_fd()).collect();
+            // An error has shut the socket down already (`send_some` does, part-way).
+            let _ = drive(&rest.inner, &mut rest.cursor, &rest.payload, &fds).await;
+            rest.finished = true;
+        });
+    }
+}
+
+/// The rest of a message whose sender was dropped part-way. Holds the send lock until the
+/// message is out; if it is dropped before that (the runtime shutting down), the connection
+/// is shut down.
+struct Remainder {
+    inner: Arc<Inner>,
+    cursor: SendCursor,
+    payload: Vec<u8>,
+    fds: Vec<OwnedFd>,
+    _lock: Option<OwnedMutexGuard<()>>,
+    finished: bool,
+    /// Declared last: dropped after `inner`.
+    _task: TaskGuard,
+}
+
+impl Drop for Remainder {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = self.inner.socket().shutdown();
+        }
+    }
+}
+
+/// Runs one call request and replies.
+async fn run_request(inner: Arc<Inner>, frame: Frame, envelope: Envelope, guard: TaskGuard) {
+    handle_request(inner, frame, envelope).await;
+    drop(guard);
+}
+
+/// Runs oneway messages one at a time, in the order they arrived, until the connection ends.
+async fn run_oneways(
+    inner: Arc<Inner>,
+    mut queue: mpsc::UnboundedReceiver<(Frame, Envelope)>,
+    guard: TaskGuard,
+) {
+    let weak = Arc::downgrade(&inner);
+    drop(inner); // the queue's sender lives in `Inner`; holding it would keep the queue open
+    while let Some((frame, envelope)) = queue.recv().await {
+        if let Some(inner) = weak.upgrade() {
+            handle_request(inner, frame, envelope).await;
+        }
+    }
+    drop(guard);
+}
+
+/// Checks a request, runs it on its service, and replies unless it is oneway.
+async fn handle_request(inner: Arc<Inner>, frame: Frame, envelope: Envelope) {
+    let oneway = envelope.kind == Kind::Oneway;
+    let failure = match inner.check(&envelope) {
+        Err(failure) => Some(failure),
+        Ok(service) => {
+            let replier = (!oneway).then(|| inner.clone());
+            let mut call = AsyncCall::new(envelope, frame, inner.peer, replier);
+            let peer = inner.peer;
+            // `handle` itself may panic before it returns its future.
+            let outcome = {
+                let (service, call) = (&service, &mut call);
+                let started = catch_unwind(AssertUnwindSafe(move || {
+                    let (_caller, call) = (CallerScope::enter(peer), call); // FnOnce: moves `call`
+                    service.handle(call)
+                }));
+                match started {
+                    Ok(future) => Guarded { peer, future }.await,
+                    Err(panic) => Err(panic),
+                }
+            };
+            match (outcome, call.replied()) {
+                (_, true) => None,
+                (Ok(Ok(())), false) => {
+                    (!oneway).then(|| Failure::BadRequest("the server sent no reply".into()))
+                }
+                (Ok(Err(e)), false) => Some(Failure::BadRequest(e.to_string())),
+                (Err(panic), false) => Some(Failure::Panicked(panic_message(&panic))),
+            }
+        }
+    };
+    if let (Some(failure), false) = (failure, oneway) {
+        let _ = reply_failure(inner, envelope, failure).await;
+    }
+}
+
+async fn reply_failure(inner: Arc<Inner>, call: Envelope, failure: Failure) -> Result<()> {
+    let envelope = Envelope {
+        kind: Kind::Failure,
+        ..call
+    };
+    if inner.trace {
+        eprintln!(
+            "typed-ipc[{}] -> failure #{}: {failure:?}",
+            std::process::id(),
+            call.cookie
+        );
+    }
+    inner.send(envelope, failure).await
+}
+
+/// A handler's future, polled with [`current_peer`](crate::current_peer) set and its panics
+/// caught.
+struct Guarded<'a> {
+    peer: Option<PeerCredentials>,
+    future: BoxFuture<'a, Result<()>>,
+}
+
+impl Future for Guarded<'_> {
+    type Output = std::thread::Result<Result<()>>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let _caller = CallerScope::enter(self.peer);
+        let future = self.future.as_mut();
+        match catch_unwind(AssertUnwindSafe(|| future.poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(result)) => Poll::Ready(Ok(result)),
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
+        (Some(s), _) => s.to_string(),
+        (_, Some(s)) => s.clone(),
+        _ => "a panic without a message".into(),
+    }
+}

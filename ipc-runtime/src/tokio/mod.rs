@@ -1,0 +1,117 @@
+//! The async flavour, on tokio (cargo feature `tokio`): [`AsyncConnection`], the
+//! [`AsyncService`] trait that `#[interface]` implements for traits of `async fn`s, servers and
+//! listeners, and worker processes.
+//!
+//! The wire format is the blocking flavour's, byte for byte: an async client talks to a
+//! blocking server and a blocking client to an async server, across processes, as long as
+//! both were generated from the same trait (the interface signature ignores `async`).
+//!
+//! # Model
+//!
+//! Everything runs on the tokio runtime the connection was created in, and no runtime thread
+//! ever blocks in a syscall: the socket is registered with tokio's [`AsyncFd`] and every
+//! `sendmsg`/`recvmsg` is non-blocking.
+//!
+//! - **One reader task per connection** receives whenever the socket is readable. A reply goes
+//!   to the call waiting for its cookie; a call request gets a task of its own, so a slow
+//!   handler stalls nobody else; oneway messages run one at a time, in the order sent, on one
+//!   task. The reader itself never waits for a handler or for a send.
+//! - **Sends** are whole messages. A message that fits one datagram (≤ 64 KiB, ≤ 253 fds) is
+//!   one non-blocking `sendmsg`; a larger one goes out a datagram at a time as the socket takes
+//!   them, under an async mutex so that no other message interleaves with it.
+//! - **Cancellation**: dropping a call's future (a `select!`, a `timeout`, an aborted task) frees
+//!   its slot; a reply that comes later is dropped and its fds are closed. A message that was
+//!   part-way out when its future was dropped is finished by a task of its own (with copies of
+//!   its remaining fds), so the stream stays in sync; only if that is impossible (no fds left,
+//!   the runtime shutting down) is the connection shut down instead.
+//! - **Peer death**: when the peer hangs up or dies, every waiting call gets
+//!   [`Error::Disconnected`] at once.
+//!
+//! Handlers are futures on the runtime: one that blocks its thread (heavy computation, a
+//! blocking syscall) holds up the tasks scheduled on that thread, as in any tokio program; run
+//! such work with `tokio::task::spawn_blocking`. [`current_peer`](crate::current_peer) works
+//! inside handlers, as does [`AsyncCall::peer_credentials`].
+//!
+//! Timeouts ([`AsyncConnection::call`] with a timeout, the generated clients' `with_timeout`)
+//! need a runtime with the time driver enabled (`enable_all()` or `#[tokio::main]`).
+
+mod call;
+mod connection;
+mod server;
+#[cfg(test)]
+mod tests;
+pub mod worker;
+
+// The envelope and failure replies are the blocking connection's, so the two flavours cannot
+// drift apart on the wire.
+use crate::connection::{envelope, failure};
+
+use std::future::Future;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::pin::Pin;
+
+use ::tokio::io::unix::AsyncFd;
+
+pub use call::AsyncCall;
+pub use connection::AsyncConnection;
+pub use server::{AsyncListener, AsyncServer, AsyncServing};
+
+use crate::error::{Error, Result};
+use crate::service::InterfaceInfo;
+
+/// A boxed future that can move between threads: what [`AsyncService::handle`] returns.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Boxes `future` as a [`BoxFuture`] (for generated code).
+#[doc(hidden)]
+pub fn boxed<'a, F: Future + Send + 'a>(future: F) -> BoxFuture<'a, F::Output> {
+    Box::pin(future)
+}
+
+/// The server side of one interface in the async flavour: what `#[interface]` generates as
+/// `<Trait>Server` for a trait of `async fn`s.
+///
+/// The connection checks that a request names this interface, with the same signature, and a
+/// command it has, and asks the authorizer, before it calls [`AsyncService::handle`]; it turns
+/// a panic in `handle` into an error reply for that call.
+pub trait AsyncService: Send + Sync + 'static {
+    /// The interface this service answers.
+    fn info(&self) -> &'static InterfaceInfo;
+
+    /// Handles one request: decodes its arguments with [`AsyncCall::args`], runs the
+    /// implementation, and answers with [`AsyncCall::reply`] (not for oneway methods).
+    fn handle<'a>(&'a self, call: &'a mut AsyncCall) -> BoxFuture<'a, Result<()>>;
+}
+
+impl<S: AsyncService + ?Sized> AsyncService for std::sync::Arc<S> {
+    fn info(&self) -> &'static InterfaceInfo {
+        (**self).info()
+    }
+    fn handle<'a>(&'a self, call: &'a mut AsyncCall) -> BoxFuture<'a, Result<()>> {
+        (**self).handle(call)
+    }
+}
+
+/// Something that owns its fd: it stays open, and the same, as long as the value lives.
+///
+/// # Safety
+///
+/// `as_raw_fd` returns the same open fd for the value's whole life, and the value closes it
+/// only when dropped.
+unsafe trait OwnsFd: AsRawFd {}
+
+// SAFETY: an `OwnedFd` owns its fd until dropped.
+unsafe impl OwnsFd for OwnedFd {}
+
+/// Registers `inner`'s fd with the current runtime's reactor.
+fn register<T: OwnsFd>(inner: T) -> Result<AsyncFd<T>> {
+    if ::tokio::runtime::Handle::try_current().is_err() {
+        return Err(Error::Io(io::Error::other(
+            "typed-ipc's async flavour must be used inside a tokio runtime",
+        )));
+    }
+    // SAFETY: `OwnsFd` promises what `register` requires: the fd stays open and the same for
+    // as long as the `AsyncFd` owns `inner`.
+    unsafe { AsyncFd::register(inner) }.map_err(|e| Error::from(io::Error::from(e)))
+}

@@ -1,0 +1,86 @@
+//! The non-blocking send underneath the async flavour: [`Socket::send_some`] and its cursor.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+
+use crate::socket::{SendCursor, Socket};
+
+fn memfd(index: u32) -> OwnedFd {
+    use std::io::Write;
+    let fd = nix::sys::memfd::memfd_create("test", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap();
+    let mut file = std::fs::File::from(fd);
+    file.write_all(&index.to_le_bytes()).unwrap();
+    file.into()
+}
+
+fn index_of(fd: OwnedFd) -> u32 {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::from(fd);
+    file.seek(SeekFrom::Start(0)).unwrap();
+    let mut b = [0u8; 4];
+    file.read_exact(&mut b).unwrap();
+    u32::from_le_bytes(b)
+}
+
+fn wait_writable(socket: &Socket) {
+    let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLOUT)];
+    poll(&mut fds, PollTimeout::NONE).unwrap();
+}
+
+/// Sends a message too big for the socket buffer a piece at a time while the peer receives
+/// it with a blocking `recv`; halfway, the sender swaps its borrowed fds for copies of the
+/// ones not sent yet, as a cancelled async send does.
+#[test]
+fn a_message_goes_out_in_pieces_and_resumes_with_copies_of_the_unsent_fds() {
+    let (a, b) = Socket::pair().unwrap();
+    let payload: Vec<u8> = (0..24u32 << 20).map(|i| (i % 253) as u8).collect();
+    let files: Vec<OwnedFd> = (0..700).map(memfd).collect();
+    let receiver = std::thread::spawn(move || b.recv().unwrap());
+
+    let mut cursor = SendCursor::new(payload.len(), files.len()).unwrap();
+    assert!(!cursor.in_progress());
+    let borrowed: Vec<BorrowedFd<'_>> = files.iter().map(|f| f.as_fd()).collect();
+    // Until the socket buffer is full (the receiver may drain some meanwhile).
+    while !a.send_some(&mut cursor, &payload, &borrowed).unwrap() {
+        if cursor.in_progress() && cursor.fds_sent() > 0 {
+            break;
+        }
+        wait_writable(&a);
+    }
+    assert!(cursor.in_progress(), "24 MiB do not fit a socket buffer");
+    // Copies of the fds still to go; the originals may now be closed.
+    let unsent: Vec<OwnedFd> = files[cursor.fds_sent()..]
+        .iter()
+        .map(|f| f.try_clone().unwrap())
+        .collect();
+    drop(borrowed);
+    drop(files);
+    cursor.forget_sent_fds();
+    let unsent_fds: Vec<BorrowedFd<'_>> = unsent.iter().map(|f| f.as_fd()).collect();
+    while !a.send_some(&mut cursor, &payload, &unsent_fds).unwrap() {
+        wait_writable(&a);
+    }
+    assert!(!cursor.in_progress());
+
+    let frame = receiver.join().unwrap();
+    assert!(frame.payload == payload, "the payload arrived intact");
+    let indices: Vec<u32> = frame.fds.into_iter().map(index_of).collect();
+    assert_eq!(
+        indices,
+        (0..700).collect::<Vec<u32>>(),
+        "every fd, in order"
+    );
+}
+
+#[test]
+fn a_small_message_is_one_datagram_and_never_in_progress() {
+    let (a, b) = Socket::pair().unwrap();
+    let fd = memfd(7);
+    let mut cursor = SendCursor::new(5, 1).unwrap();
+    assert!(a.send_some(&mut cursor, b"hello", &[fd.as_fd()]).unwrap());
+    assert!(!cursor.in_progress());
+    let frame = b.recv().unwrap();
+    assert_eq!(frame.payload, b"hello");
+    assert_eq!(index_of(frame.fds.into_iter().next().unwrap()), 7);
+}

@@ -1,0 +1,46 @@
+//! Worker processes from async code: [`crate::worker`] with an [`AsyncConnection`].
+//!
+//! Either end may be either flavour: a worker started with [`spawn`] can serve with the
+//! blocking [`crate::worker::connection`], and one started with
+//! [`crate::worker::Worker::spawn`] can serve with [`connection`].
+
+use std::process::Command;
+use std::time::Duration;
+
+use super::AsyncConnection;
+use crate::error::Result;
+use crate::worker::{Exit, Worker};
+
+/// Starts `command` as a worker (see [`Worker::spawn`]) and returns it with this side's
+/// [`AsyncConnection`]. Must be called inside a tokio runtime.
+pub fn spawn(command: Command) -> Result<(Worker, AsyncConnection)> {
+    let (worker, socket) = Worker::spawn_socket(command)?;
+    Ok((worker, AsyncConnection::new(socket)?))
+}
+
+/// In a process started as a worker (by [`spawn`] or [`Worker::spawn`]): this side of the
+/// connection, on the current tokio runtime. Call it once, early (see
+/// [`crate::worker::connection`]).
+pub fn connection() -> Result<AsyncConnection> {
+    AsyncConnection::new(crate::worker::socket()?)
+}
+
+/// Waits for `worker` to end without blocking a runtime thread, and says how it ended. Uses
+/// the worker's pidfd where the kernel has them (Linux ≥ 5.3); elsewhere it checks every
+/// 10 ms.
+pub async fn wait(worker: &mut Worker) -> Result<Exit> {
+    let pidfd = match worker.pidfd().map(|fd| fd.try_clone_to_owned()) {
+        Some(Ok(fd)) => Some(super::register(fd)?),
+        _ => None,
+    };
+    loop {
+        if let Some(exit) = worker.try_wait()? {
+            return Ok(exit);
+        }
+        match &pidfd {
+            // Readable once the process has exited; `try_wait` then reaps it.
+            Some(pidfd) => pidfd.readable().await?.retain_ready(),
+            None => ::tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}

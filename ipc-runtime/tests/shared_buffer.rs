@@ -1,0 +1,292 @@
+//! `SharedBuffer` / `SealedBuffer`: sealed memfds that travel as fds and are read in place.
+//!
+//! Every test takes one lock, so that the fd-leak checks can count this process's open fds
+//! without another test's fds coming and going.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use ipc_runtime::shared_buffer::{SealedBuffer, SharedBuffer};
+use ipc_runtime::{Error, Socket, codec};
+use nix::errno::Errno;
+use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+use nix::sys::memfd::{MFdFlags, memfd_create};
+use nix::sys::mman::{MapFlags, ProtFlags, mmap};
+
+static LOCK: Mutex<()> = Mutex::new(());
+
+fn lock() -> MutexGuard<'static, ()> {
+    LOCK.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+}
+
+fn filled(content: &[u8]) -> SealedBuffer {
+    let mut buf = SharedBuffer::new(content.len()).unwrap();
+    assert!(buf.iter().all(|&b| b == 0), "a new buffer is zero-filled");
+    buf.copy_from_slice(content);
+    buf.seal().unwrap()
+}
+
+/// A memfd holding `content`, with `seals` added (none if empty), as a hostile sender could
+/// make one.
+fn memfd_with(content: &[u8], sealing: bool, seals: SealFlag) -> OwnedFd {
+    let flags = if sealing {
+        MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING
+    } else {
+        MFdFlags::MFD_CLOEXEC
+    };
+    let fd = memfd_create(c"hostile", flags).unwrap();
+    File::from(fd.try_clone().unwrap())
+        .write_all(content)
+        .unwrap();
+    if !seals.is_empty() {
+        fcntl(&fd, FcntlArg::F_ADD_SEALS(seals)).unwrap();
+    }
+    fd
+}
+
+fn refusal(result: Result<SealedBuffer, Error>) -> String {
+    match result {
+        Ok(buf) => panic!("accepted {buf:?}"),
+        Err(Error::Io(e)) if e.kind() == std::io::ErrorKind::InvalidInput => e.to_string(),
+        Err(e) => panic!("refused with the wrong error: {e:?}"),
+    }
+}
+
+#[test]
+fn round_trip_through_a_socket_pair() {
+    let _guard = lock();
+    let (a, b) = Socket::pair().unwrap();
+    for len in [0, 1, 4095, 4096, 1 << 20] {
+        let content = pattern(len);
+        let sent = filled(&content);
+        assert_eq!(sent.len(), len);
+        assert_eq!(&sent[..], &content[..]);
+        a.send(b"buffer", &[sent.as_fd()]).unwrap();
+        drop(sent); // The receiver's copy of the fd keeps the pages alive.
+        let mut frame = b.recv().unwrap();
+        assert_eq!(frame.payload, b"buffer");
+        let got = SealedBuffer::try_from(frame.fds.pop().unwrap()).unwrap();
+        assert_eq!(got.len(), len);
+        assert!(got.as_bytes() == content, "content differs at {len} bytes");
+    }
+}
+
+#[test]
+fn round_trip_through_the_codec() {
+    let _guard = lock();
+    let (a, b) = Socket::pair().unwrap();
+    let content = pattern(100_000);
+    let value = (
+        7u32,
+        SealedBuffer::copy_from(&content).unwrap(),
+        "tail".to_string(),
+    );
+    let (mut bytes, mut fds) = (Vec::new(), Vec::new());
+    codec::encode(&value, &mut bytes, &mut fds).unwrap();
+    assert_eq!(fds.len(), 1, "the buffer travels as one fd");
+    assert!(
+        bytes.len() < 64,
+        "and not as its bytes ({} bytes)",
+        bytes.len()
+    );
+    a.send(&bytes, &fds).unwrap();
+    drop(fds);
+    drop(value);
+    let frame = b.recv().unwrap();
+    let (n, got, tail): (u32, SealedBuffer, String) =
+        codec::decode(&frame.payload, frame.fds).unwrap();
+    assert_eq!((n, tail.as_str()), (7, "tail"));
+    assert!(got.as_bytes() == content);
+}
+
+#[test]
+fn copy_from_matches_and_is_sealed() {
+    let _guard = lock();
+    for len in [0, 3, 70_000] {
+        let content = pattern(len);
+        let buf = SealedBuffer::copy_from(&content).unwrap();
+        assert!(buf.as_bytes() == content);
+        let seals = SealFlag::from_bits_retain(fcntl(&buf, FcntlArg::F_GET_SEALS).unwrap());
+        assert!(seals.contains(
+            SealFlag::F_SEAL_WRITE
+                | SealFlag::F_SEAL_SHRINK
+                | SealFlag::F_SEAL_GROW
+                | SealFlag::F_SEAL_SEAL
+        ));
+    }
+}
+
+#[test]
+fn seals_are_applied() {
+    let _guard = lock();
+    let buf = filled(b"sealed");
+    let seals = SealFlag::from_bits_retain(fcntl(&buf, FcntlArg::F_GET_SEALS).unwrap());
+    for seal in [
+        SealFlag::F_SEAL_WRITE,
+        SealFlag::F_SEAL_SHRINK,
+        SealFlag::F_SEAL_GROW,
+        SealFlag::F_SEAL_SEAL,
+    ] {
+        assert!(seals.contains(seal), "{seal:?} missing from {seals:?}");
+    }
+}
+
+#[test]
+fn the_sealed_fd_cannot_be_changed() {
+    let _guard = lock();
+    let buf = filled(b"immutable");
+    let file = File::from(buf.as_fd().try_clone_to_owned().unwrap());
+    let err = file.write_at(b"X", 0).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EPERM), "write: {err}");
+    let err = file.set_len(1).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EPERM), "shrink: {err}");
+    let err = file.set_len(1 << 20).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EPERM), "grow: {err}");
+    // SAFETY: the mapping is refused, so no memory is mapped.
+    let mapped = unsafe {
+        mmap(
+            None,
+            std::num::NonZeroUsize::new(9).unwrap(),
+            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+            MapFlags::MAP_SHARED,
+            &file,
+            0,
+        )
+    };
+    assert_eq!(mapped.unwrap_err(), Errno::EPERM, "writable shared mapping");
+    // No seal can be removed or added.
+    assert_eq!(
+        fcntl(&file, FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_FUTURE_WRITE)).unwrap_err(),
+        Errno::EPERM
+    );
+    assert_eq!(&buf[..], b"immutable");
+}
+
+#[test]
+fn an_unsealed_memfd_is_refused() {
+    let _guard = lock();
+    let why = refusal(SealedBuffer::try_from(memfd_with(
+        b"mutable",
+        true,
+        SealFlag::empty(),
+    )));
+    assert!(why.contains("F_SEAL_WRITE"), "{why}");
+    assert!(why.contains("not a sealed buffer"), "{why}");
+}
+
+#[test]
+fn a_partly_sealed_memfd_is_refused() {
+    let _guard = lock();
+    // Fixed size but still writable: the classic "seal the size only" mistake.
+    let why = refusal(SealedBuffer::from_fd(memfd_with(
+        b"mutable",
+        true,
+        SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL,
+    )));
+    assert!(why.contains("F_SEAL_WRITE"), "{why}");
+    // Write-sealed but resizable: truncation would SIGBUS the reader.
+    let why = refusal(SealedBuffer::from_fd(memfd_with(
+        b"mutable",
+        true,
+        SealFlag::F_SEAL_WRITE | SealFlag::F_SEAL_GROW,
+    )));
+    assert!(why.contains("F_SEAL_SHRINK"), "{why}");
+    // A memfd created without MFD_ALLOW_SEALING carries only F_SEAL_SEAL.
+    let why = refusal(SealedBuffer::from_fd(memfd_with(
+        b"x",
+        false,
+        SealFlag::empty(),
+    )));
+    assert!(why.contains("F_SEAL_WRITE"), "{why}");
+}
+
+#[test]
+fn fds_that_are_not_memfds_are_refused() {
+    let _guard = lock();
+    let (r, _w) = nix::unistd::pipe().unwrap();
+    let why = refusal(SealedBuffer::from_fd(r));
+    assert!(why.contains("not a memfd"), "{why}");
+    let devnull: OwnedFd = File::open("/dev/null").unwrap().into();
+    refusal(SealedBuffer::from_fd(devnull));
+}
+
+#[test]
+fn an_unsealed_memfd_fails_decoding() {
+    let _guard = lock();
+    let (a, b) = Socket::pair().unwrap();
+    let hostile = memfd_with(b"mutable", true, SealFlag::empty());
+    let (mut bytes, mut fds) = (Vec::new(), Vec::new());
+    let wrapped = ipc_runtime::codec::Fd(&hostile);
+    codec::encode(&wrapped, &mut bytes, &mut fds).unwrap();
+    a.send(&bytes, &fds).unwrap();
+    let frame = b.recv().unwrap();
+    match codec::decode::<SealedBuffer>(&frame.payload, frame.fds) {
+        Err(Error::Malformed(why)) => assert!(why.contains("not a sealed buffer"), "{why}"),
+        other => panic!("decoded as {other:?}"),
+    }
+}
+
+#[test]
+fn size_limit() {
+    let _guard = lock();
+    let buf = SealedBuffer::copy_from(&[1; 5000]).unwrap();
+    match SealedBuffer::from_fd_with_limit(buf.into(), 4096) {
+        Err(Error::TooLarge {
+            size: 5000,
+            limit: 4096,
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    let buf = SealedBuffer::copy_from(&[1; 4096]).unwrap();
+    assert_eq!(
+        SealedBuffer::from_fd_with_limit(buf.into(), 4096)
+            .unwrap()
+            .len(),
+        4096
+    );
+}
+
+#[test]
+fn no_fd_leaks() {
+    let _guard = lock();
+    let (a, b) = Socket::pair().unwrap();
+    let before = open_fds();
+    for i in 0..200 {
+        let len = (i % 5) * 3000 + 1;
+        let sent = filled(&pattern(len));
+        a.send(b"", &[sent.as_fd()]).unwrap();
+        let got = SealedBuffer::try_from(b.recv().unwrap().fds.pop().unwrap()).unwrap();
+        assert_eq!(got.len(), len);
+        // Refusals close what they were given too.
+        let _ = SealedBuffer::from_fd(memfd_with(b"x", true, SealFlag::empty())).unwrap_err();
+        let _ = SealedBuffer::from_fd_with_limit(OwnedFd::from(got), 0).unwrap_err();
+        let _ = SealedBuffer::copy_from(b"dropped at once").unwrap();
+    }
+    assert_eq!(open_fds(), before, "fds leaked");
+}
+
+#[test]
+fn buffers_are_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<SharedBuffer>();
+    check::<SealedBuffer>();
+    let _guard = lock();
+    let buf = filled(&pattern(10_000));
+    let sum = std::thread::scope(|s| {
+        s.spawn(|| buf.iter().map(|&b| u64::from(b)).sum::<u64>())
+            .join()
+            .unwrap()
+    });
+    assert_eq!(sum, pattern(10_000).iter().map(|&b| u64::from(b)).sum());
+}

@@ -1,0 +1,590 @@
+//! The async connection under load and faults, in one process: concurrency, out-of-order
+//! replies, slow handlers, timeouts, cancellation, oneway order, listeners, authorization,
+//! graceful shutdown. Cross-process scenarios (both flavours, callbacks, peer death) are in
+//! `async_interop.rs`.
+//!
+//! Every test takes one lock, so that fd counts are not disturbed by another test. Nothing
+//! here synchronises by sleeping: handlers wait for explicit releases, barriers and channels.
+
+#![cfg(feature = "tokio")]
+
+mod common;
+
+use std::collections::HashMap;
+use std::future::{Future, poll_fn};
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
+use std::time::Duration;
+
+use common::{fd_count_lock, memfd, open_fds, read_all};
+use tokio::sync::{Barrier, mpsc, watch};
+use typed_ipc::tokio::{AsyncConnection, AsyncListener, AsyncServer};
+use typed_ipc::{Connection, Error, current_peer, interface};
+
+/// The interface most scenarios use.
+#[interface]
+pub trait Lab {
+    /// Echoes the bytes reversed; each fd must be a memfd holding its index.
+    async fn echo(&self, data: Vec<u8>, files: Vec<OwnedFd>) -> Vec<u8>;
+    /// Waits until `key` is released by [`Lab::release`] (or by the test).
+    async fn wait_for(&self, key: u32) -> u32;
+    /// Releases the callers of `wait_for(key)`.
+    async fn release(&self, key: u32);
+    /// The caller's pid as this side saw it.
+    async fn caller_pid(&self) -> i32;
+    #[oneway]
+    async fn count(&self, seq: u64);
+    /// Waits until `n` oneways arrived; true if they came in order.
+    async fn counted(&self, n: u64) -> bool;
+    /// Waits until `key` is released, then returns the fd the test left for it.
+    async fn slow_fd(&self, key: u32) -> OwnedFd;
+    /// Returns once `n` calls of `meet(n)` are inside the server at the same time.
+    async fn meet(&self, n: u32) -> u32;
+}
+
+/// The implementation's state, shared with the test that drives it.
+#[derive(Default)]
+struct LabState {
+    released: watch::Sender<Vec<u32>>,
+    /// Oneways counted so far.
+    counted: watch::Sender<u64>,
+    in_order: AtomicBool,
+    /// Keys whose `wait_for`/`slow_fd` has started, for the test to wait on.
+    entered: Mutex<Option<mpsc::UnboundedSender<u32>>>,
+    /// The fd each `slow_fd(key)` returns.
+    late_fds: Mutex<HashMap<u32, OwnedFd>>,
+    barriers: Mutex<HashMap<u32, Arc<Barrier>>>,
+    /// What each `echo` received: (bytes, fds, whether each fd held its index).
+    echoed: watch::Sender<Vec<(usize, usize, bool)>>,
+}
+
+#[derive(Clone)]
+struct LabImpl(Arc<LabState>);
+
+impl LabImpl {
+    fn new() -> LabImpl {
+        let state = LabState::default();
+        state.in_order.store(true, Ordering::SeqCst);
+        LabImpl(Arc::new(state))
+    }
+
+    /// A channel that reports each key whose `wait_for`/`slow_fd` has started.
+    fn entries(&self) -> mpsc::UnboundedReceiver<u32> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        *self.0.entered.lock().unwrap() = Some(tx);
+        rx
+    }
+
+    fn release_key(&self, key: u32) {
+        self.0.released.send_modify(|keys| keys.push(key));
+    }
+
+    async fn until_released(&self, key: u32) {
+        if let Some(entered) = &*self.0.entered.lock().unwrap() {
+            let _ = entered.send(key);
+        }
+        let mut released = self.0.released.subscribe();
+        released.wait_for(|keys| keys.contains(&key)).await.unwrap();
+    }
+}
+
+impl Lab for LabImpl {
+    async fn echo(&self, data: Vec<u8>, files: Vec<OwnedFd>) -> Vec<u8> {
+        let nfds = files.len();
+        let indexed = files
+            .into_iter()
+            .enumerate()
+            .all(|(i, f)| read_all(f) == (i as u32).to_le_bytes());
+        let len = data.len();
+        self.0.echoed.send_modify(|e| e.push((len, nfds, indexed)));
+        let mut out = data;
+        out.reverse();
+        out
+    }
+    async fn wait_for(&self, key: u32) -> u32 {
+        self.until_released(key).await;
+        key
+    }
+    async fn release(&self, key: u32) {
+        self.release_key(key);
+    }
+    async fn caller_pid(&self) -> i32 {
+        current_peer().map_or(-1, |p| p.pid)
+    }
+    async fn count(&self, seq: u64) {
+        let mut in_order = true;
+        self.0.counted.send_modify(|n| {
+            in_order = *n == seq;
+            *n += 1;
+        });
+        if !in_order {
+            self.0.in_order.store(false, Ordering::SeqCst);
+        }
+    }
+    async fn counted(&self, n: u64) -> bool {
+        let mut counted = self.0.counted.subscribe();
+        counted.wait_for(|c| *c >= n).await.unwrap();
+        self.0.in_order.load(Ordering::SeqCst)
+    }
+    async fn slow_fd(&self, key: u32) -> OwnedFd {
+        self.until_released(key).await;
+        let fd = self.0.late_fds.lock().unwrap().remove(&key);
+        fd.unwrap_or_else(|| memfd(b"late"))
+    }
+    async fn meet(&self, n: u32) -> u32 {
+        let barrier = {
+            let mut barriers = self.0.barriers.lock().unwrap();
+            barriers
+                .entry(n)
+                .or_insert_with(|| Arc::new(Barrier::new(n as usize)))
+                .clone()
+        };
+        barrier.wait().await;
+        n
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A client, the implementation its server runs (on the same runtime), and the server task.
+struct Running {
+    client: LabClient,
+    lab: LabImpl,
+    server: tokio::task::JoinHandle<typed_ipc::Result<()>>,
+}
+
+fn start() -> Running {
+    let (a, b) = AsyncConnection::pair().unwrap();
+    let lab = LabImpl::new();
+    let server = tokio::spawn(LabServer::new(lab.clone()).serve(b));
+    Running {
+        client: LabClient::new(a),
+        lab,
+        server,
+    }
+}
+
+impl Running {
+    /// Hangs up, checks the server saw a clean close, and waits until both ends are gone.
+    async fn stop(self) {
+        let connection = self.client.connection().clone();
+        drop(self.client);
+        connection.close();
+        self.server.await.unwrap().unwrap();
+        connection.wait_closed().await;
+    }
+}
+
+fn indexed_fds(n: usize) -> Vec<OwnedFd> {
+    (0..n).map(|i| memfd(&(i as u32).to_le_bytes())).collect()
+}
+
+/// A pipe: the test keeps the read end and reads it to EOF, which comes once every copy of the
+/// write end (the server's, and the one in a late reply) is closed.
+fn pipe() -> (OwnedFd, OwnedFd) {
+    nix::unistd::pipe().unwrap()
+}
+
+async fn until_eof(read_end: OwnedFd) {
+    use std::io::Read;
+    let read = move || std::fs::File::from(read_end).read_to_end(&mut Vec::new());
+    tokio::task::spawn_blocking(read).await.unwrap().unwrap();
+}
+
+#[test]
+fn eight_tasks_times_two_thousand_mixed_calls_on_one_client() {
+    let _fds = fd_count_lock();
+    let rt = runtime();
+    let before = open_fds();
+    rt.block_on(async {
+        let running = start();
+        let mut tasks = Vec::new();
+        for t in 0..8u32 {
+            let client = running.client.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..2_000u32 {
+                    let len = [0, 1, 64, 4096, 70_000][(i as usize + t as usize) % 5];
+                    let nfds = (i % 3) as usize;
+                    let data: Vec<u8> = (0..len).map(|j| (j as u32 ^ i ^ t) as u8).collect();
+                    let mut expected = data.clone();
+                    expected.reverse();
+                    let echoed = client.echo(data, indexed_fds(nfds)).await.unwrap();
+                    assert_eq!(echoed, expected);
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let echoed = running.lab.0.echoed.borrow().clone();
+        assert_eq!(echoed.len(), 16_000);
+        assert!(echoed.iter().all(|&(_, _, indexed)| indexed));
+        running.stop().await;
+    });
+    assert_eq!(open_fds(), before);
+}
+
+#[test]
+fn replies_come_back_out_of_order_to_the_right_callers() {
+    let _fds = fd_count_lock();
+    runtime().block_on(async {
+        let running = start();
+        let mut entered = running.lab.entries();
+        let first = tokio::spawn({
+            let client = running.client.clone();
+            async move { client.wait_for(1).await }
+        });
+        assert_eq!(entered.recv().await, Some(1));
+        // `wait_for(1)` cannot return before `release(1)`: these replies overtake its own.
+        running.client.release(2).await.unwrap();
+        assert_eq!(running.client.wait_for(2).await.unwrap(), 2);
+        assert!(!first.is_finished());
+        running.client.release(1).await.unwrap();
+        assert_eq!(first.await.unwrap().unwrap(), 1);
+        running.stop().await;
+    });
+}
+
+#[test]
+fn a_slow_handler_does_not_stall_the_others() {
+    let _fds = fd_count_lock();
+    runtime().block_on(async {
+        let running = start();
+        let mut entered = running.lab.entries();
+        let slow = tokio::spawn({
+            let client = running.client.clone();
+            async move { client.wait_for(7).await }
+        });
+        assert_eq!(entered.recv().await, Some(7));
+        // While `wait_for(7)` is parked in the server, 16 calls meet inside it: each returns
+        // only once all 16 are running at the same time.
+        let meetings: Vec<_> = (0..16)
+            .map(|_| {
+                let client = running.client.clone();
+                tokio::spawn(async move { client.meet(16).await })
+            })
+            .collect();
+        for meeting in meetings {
+            assert_eq!(meeting.await.unwrap().unwrap(), 16);
+        }
+        assert_eq!(
+            running.client.echo(vec![1, 2], vec![]).await.unwrap(),
+            [2, 1]
+        );
+        assert!(!slow.is_finished());
+        running.lab.release_key(7);
+        assert_eq!(slow.await.unwrap().unwrap(), 7);
+        running.stop().await;
+    });
+}
+
+#[test]
+fn a_timed_out_call_drops_its_late_reply_and_closes_its_fds() {
+    let _fds = fd_count_lock();
+    let rt = runtime();
+    let before = open_fds();
+    rt.block_on(async {
+        let running = start();
+        let (read_end, write_end) = pipe();
+        running.lab.0.late_fds.lock().unwrap().insert(3, write_end);
+        let quick = running.client.with_timeout(Duration::from_millis(20));
+        // The server holds the call until released, so it cannot beat the timeout.
+        assert!(matches!(quick.slow_fd(3).await, Err(Error::TimedOut)));
+        // The original client has no timeout, and the connection is still fine.
+        assert_eq!(
+            running.client.caller_pid().await.unwrap(),
+            std::process::id() as i32
+        );
+        running.lab.release_key(3);
+        // The late reply carries the pipe's write end: EOF means the server sent it and this
+        // side dropped it.
+        until_eof(read_end).await;
+        assert!(!running.client.connection().is_closed());
+        running.stop().await;
+    });
+    assert_eq!(open_fds(), before);
+}
+
+#[test]
+fn dropping_a_call_frees_its_slot_and_the_late_reply_is_dropped() {
+    let _fds = fd_count_lock();
+    let rt = runtime();
+    let before = open_fds();
+    rt.block_on(async {
+        let running = start();
+        let mut entered = running.lab.entries();
+        let (read_end, write_end) = pipe();
+        running.lab.0.late_fds.lock().unwrap().insert(4, write_end);
+        // A call abandoned by `select!` once the server has started on it.
+        tokio::select! {
+            reply = running.client.slow_fd(4) => panic!("the call cannot finish: {reply:?}"),
+            key = entered.recv() => assert_eq!(key, Some(4)),
+        }
+        running.lab.release_key(4);
+        until_eof(read_end).await;
+        // And an aborted task's call.
+        let (read_end, write_end) = pipe();
+        running.lab.0.late_fds.lock().unwrap().insert(5, write_end);
+        let task = tokio::spawn({
+            let client = running.client.clone();
+            async move { client.slow_fd(5).await }
+        });
+        assert_eq!(entered.recv().await, Some(5));
+        task.abort();
+        assert!(task.await.unwrap_err().is_cancelled());
+        running.lab.release_key(5);
+        until_eof(read_end).await;
+        assert_eq!(running.client.wait_for(5).await.unwrap(), 5);
+        running.stop().await;
+    });
+    assert_eq!(open_fds(), before);
+}
+
+#[test]
+fn a_message_cancelled_half_sent_is_finished_and_the_stream_stays_in_sync() {
+    let _fds = fd_count_lock();
+    // One thread: the server cannot drain the socket while the call is being polled, so the
+    // first poll is sure to stop part-way through the 64 MiB message.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let before = open_fds();
+    rt.block_on(async {
+        let running = start();
+        let data: Vec<u8> = (0..64 << 20).map(|i: u32| (i % 251) as u8).collect();
+        let files = indexed_fds(600);
+        let mut call = Box::pin(running.client.echo(data, files));
+        let first = poll_fn(|cx| Poll::Ready(call.as_mut().poll(cx))).await;
+        assert!(first.is_pending(), "64 MiB do not fit a socket buffer");
+        drop(call);
+        // The rest went out in the background (with copies of the fds not sent yet), before
+        // this call's message: the server reads both.
+        assert_eq!(
+            running
+                .client
+                .echo(vec![1, 2, 3], indexed_fds(2))
+                .await
+                .unwrap(),
+            [3, 2, 1]
+        );
+        let mut echoed = running.lab.0.echoed.subscribe();
+        let echoed = echoed.wait_for(|e| e.len() == 2).await.unwrap().clone();
+        assert!(echoed.contains(&(64 << 20, 600, true)), "{echoed:?}");
+        assert!(echoed.contains(&(3, 2, true)), "{echoed:?}");
+        running.stop().await;
+    });
+    assert_eq!(open_fds(), before);
+}
+
+#[test]
+fn oneways_run_in_the_order_sent_while_calls_run_concurrently() {
+    let _fds = fd_count_lock();
+    runtime().block_on(async {
+        let running = start();
+        for seq in 0..10_000 {
+            running.client.count(seq).await.unwrap();
+        }
+        assert!(running.client.counted(10_000).await.unwrap());
+        running.stop().await;
+    });
+}
+
+#[test]
+fn closing_releases_every_waiting_call_with_disconnected() {
+    let _fds = fd_count_lock();
+    let rt = runtime();
+    let before = open_fds();
+    rt.block_on(async {
+        let running = start();
+        let mut entered = running.lab.entries();
+        let waiting: Vec<_> = (0..4)
+            .map(|_| {
+                let client = running.client.clone();
+                tokio::spawn(async move { client.wait_for(9).await })
+            })
+            .collect();
+        for _ in 0..4 {
+            assert_eq!(entered.recv().await, Some(9));
+        }
+        running.client.connection().close();
+        for call in waiting {
+            assert!(matches!(call.await.unwrap(), Err(Error::Disconnected)));
+        }
+        assert!(running.client.connection().is_closed());
+        assert!(matches!(
+            running.client.caller_pid().await,
+            Err(Error::Disconnected)
+        ));
+        // The server's handlers are still parked: release them so that it can finish.
+        running.lab.release_key(9);
+        running.stop().await;
+    });
+    assert_eq!(open_fds(), before);
+}
+
+#[test]
+fn dropping_every_handle_hangs_up() {
+    let _fds = fd_count_lock();
+    runtime().block_on(async {
+        let running = start();
+        running.client.release(0).await.unwrap();
+        let Running { client, server, .. } = running;
+        drop(client); // the last handle of that end
+        server.await.unwrap().unwrap();
+    });
+}
+
+#[test]
+fn a_hundred_clients_of_both_flavours_on_one_listener() {
+    let _fds = fd_count_lock();
+    let rt = runtime();
+    let before = open_fds();
+    rt.block_on(async {
+        let name = format!("typed-ipc-async-listener-{}", std::process::id());
+        let listener = AsyncListener::bind_abstract(&name).unwrap();
+        let serving = AsyncServer::new()
+            .service(LabServer::new(LabImpl::new()))
+            .listen(listener);
+        let async_connected = Arc::new(Barrier::new(50));
+        let blocking_connected = Arc::new(std::sync::Barrier::new(50));
+        let mut clients = Vec::new();
+        for i in 0..50u32 {
+            let (name, all) = (name.clone(), async_connected.clone());
+            clients.push(tokio::spawn(async move {
+                let client =
+                    LabClient::new(AsyncConnection::connect_abstract(&name).await.unwrap());
+                all.wait().await;
+                for j in 0..20u32 {
+                    let data = (i * 1000 + j).to_le_bytes().to_vec();
+                    let mut expected = data.clone();
+                    expected.reverse();
+                    assert_eq!(client.echo(data, indexed_fds(1)).await.unwrap(), expected);
+                }
+                let connection = client.connection().clone();
+                drop(client);
+                connection.close();
+                connection.wait_closed().await;
+            }));
+        }
+        for i in 50..100u32 {
+            let (name, all) = (name.clone(), blocking_connected.clone());
+            clients.push(tokio::task::spawn_blocking(move || {
+                let connection = Connection::connect_abstract(&name).unwrap();
+                let client = blocking::LabClient::new(connection);
+                all.wait();
+                for j in 0..20u32 {
+                    let data = (i * 1000 + j).to_le_bytes().to_vec();
+                    let mut expected = data.clone();
+                    expected.reverse();
+                    assert_eq!(client.echo(data, indexed_fds(1)).unwrap(), expected);
+                }
+            }));
+        }
+        for client in clients {
+            client.await.unwrap();
+        }
+        serving.shutdown().await;
+    });
+    assert_eq!(open_fds(), before);
+}
+
+/// The blocking flavour of [`Lab`], for blocking clients of the async server.
+mod blocking {
+    use std::os::fd::OwnedFd;
+
+    #[typed_ipc::interface]
+    pub trait Lab {
+        fn echo(&self, data: Vec<u8>, files: Vec<OwnedFd>) -> Vec<u8>;
+        fn wait_for(&self, key: u32) -> u32;
+        fn release(&self, key: u32);
+        fn caller_pid(&self) -> i32;
+        #[oneway]
+        fn count(&self, seq: u64);
+        fn counted(&self, n: u64) -> bool;
+        fn slow_fd(&self, key: u32) -> OwnedFd;
+        fn meet(&self, n: u32) -> u32;
+    }
+}
+
+#[test]
+fn the_implementation_sees_peer_credentials_and_the_server_can_refuse() {
+    let _fds = fd_count_lock();
+    runtime().block_on(async {
+        let name = format!("typed-ipc-async-creds-{}", std::process::id());
+        let server = AsyncServer::new()
+            .service(LabServer::new(LabImpl::new()))
+            .authorize(|peer, iface, cmd| {
+                let release = iface
+                    .methods
+                    .iter()
+                    .find(|m| m.name == "release")
+                    .unwrap()
+                    .cmd;
+                match peer {
+                    Some(p) if cmd == release && p.pid == std::process::id() as i32 => {
+                        Err(format!("pid {} may not release", p.pid))
+                    }
+                    _ => Ok(()),
+                }
+            });
+        let serving = server.listen(AsyncListener::bind_abstract(&name).unwrap());
+        let client = LabClient::new(AsyncConnection::connect_abstract(&name).await.unwrap());
+        assert_eq!(
+            client.caller_pid().await.unwrap(),
+            std::process::id() as i32
+        );
+        match client.release(1).await {
+            Err(Error::Refused(why)) => assert!(why.contains("may not release"), "{why}"),
+            other => panic!("expected Refused, got {other:?}"),
+        }
+        assert_eq!(
+            client.caller_pid().await.unwrap(),
+            std::process::id() as i32
+        );
+        assert_eq!(serving.clients(), 1);
+        drop(client);
+        serving.shutdown().await;
+    });
+}
+
+#[test]
+fn graceful_shutdown_finishes_calls_in_flight_and_stops_accepting() {
+    let _fds = fd_count_lock();
+    runtime().block_on(async {
+        let name = format!("typed-ipc-async-shutdown-{}", std::process::id());
+        let lab = LabImpl::new();
+        let mut entered = lab.entries();
+        let serving = AsyncServer::new()
+            .service(LabServer::new(lab.clone()))
+            .listen(AsyncListener::bind_abstract(&name).unwrap());
+        let client = LabClient::new(AsyncConnection::connect_abstract(&name).await.unwrap());
+        let in_flight = tokio::spawn({
+            let client = client.clone();
+            async move { client.wait_for(5).await }
+        });
+        assert_eq!(entered.recv().await, Some(5));
+        let shutdown = tokio::spawn(serving.shutdown());
+        // The server no longer reads, so the test releases the call itself; its reply still
+        // goes out before the hang-up.
+        lab.release_key(5);
+        assert_eq!(in_flight.await.unwrap().unwrap(), 5);
+        shutdown.await.unwrap();
+        assert!(matches!(
+            client.caller_pid().await,
+            Err(Error::Disconnected)
+        ));
+        assert!(
+            AsyncConnection::connect_abstract(&name).await.is_err(),
+            "no longer accepting"
+        );
+    });
+}

@@ -1,0 +1,531 @@
+//! Every shape `#[interface]` supports, in the async flavour: a trait of `async fn`s, served on
+//! one end of `AsyncConnection::pair()` and called from the other, on one tokio runtime. Also
+//! in-process interop with the blocking flavour of the same trait.
+//!
+//! The tests take one lock, so that each can count this process's open fds without another
+//! test's fds coming and going.
+
+#![cfg(feature = "tokio")]
+
+mod common;
+
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::FileExt;
+use std::time::Duration;
+
+use common::{fd_count_lock, open_fds};
+use nix::sys::memfd::{MFdFlags, memfd_create};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+use tokio::task::JoinHandle;
+use typed_ipc::tokio::AsyncConnection;
+use typed_ipc::{Connection, Error, Socket, interface};
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    pub gain: u32,
+}
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+pub struct Caps {
+    pub max_gain: u32,
+}
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+pub enum ConfigError {
+    TooLoud { gain: u32, max: u32 },
+}
+
+/// A user type carrying an fd among its fields.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Labelled {
+    pub label: String,
+    #[serde(with = "typed_ipc::fd")]
+    pub file: OwnedFd,
+}
+
+/// The async twin of `macro_shapes.rs`'s `Shapes`, method for method.
+#[interface]
+pub trait Shapes {
+    async fn reverse(&self, text: String) -> String;
+    /// Fds in: the sum of their files' sizes.
+    async fn total_len(&self, files: Vec<OwnedFd>) -> u64;
+    async fn configure(&self, cfg: Config) -> Result<Caps, ConfigError>;
+    /// An fd out: a new file holding `content`.
+    async fn open_buffer(&self, content: String) -> OwnedFd;
+    /// An fd in: writes `content` into it.
+    async fn write_into(&self, file: OwnedFd, content: String);
+    async fn maybe_open(&self, content: Option<String>) -> Option<OwnedFd>;
+    /// Writes `content` into `file` if there is one; whether there was.
+    async fn maybe_write(&self, file: Option<OwnedFd>, content: String) -> bool;
+    /// `count` new files, the i-th holding `i`.
+    async fn open_many(&self, count: u32) -> Vec<OwnedFd>;
+    /// Writes the label into the file, and hands the item back.
+    async fn labelled(&self, item: Labelled) -> Labelled;
+    #[oneway]
+    async fn stats_ready(&self, frame: u32, stats: OwnedFd);
+    async fn nothing(&self);
+    async fn zeroes(&self, len: u32) -> Vec<u8>;
+    async fn echo(&self, data: Vec<u8>) -> Vec<u8>;
+    async fn explode(&self, message: String) -> u32;
+    /// A default body: implementations may leave it out.
+    async fn answer(&self) -> u32 {
+        42
+    }
+}
+
+struct Impl {
+    /// Where `stats_ready` reports what it read.
+    stats: UnboundedSender<(u32, String)>,
+}
+
+fn memfd(content: &str) -> OwnedFd {
+    let fd = memfd_create("typed-ipc-test", MFdFlags::MFD_CLOEXEC).unwrap();
+    File::from(fd.try_clone().unwrap())
+        .write_all_at(content.as_bytes(), 0)
+        .unwrap();
+    fd
+}
+
+fn contents(fd: &OwnedFd) -> String {
+    let file = File::from(fd.try_clone().unwrap());
+    let mut buf = vec![0; file.metadata().unwrap().len() as usize];
+    file.read_exact_at(&mut buf, 0).unwrap();
+    String::from_utf8(buf).unwrap()
+}
+
+fn write(fd: OwnedFd, content: &str) {
+    File::from(fd).write_all_at(content.as_bytes(), 0).unwrap();
+}
+
+impl Shapes for Impl {
+    async fn reverse(&self, text: String) -> String {
+        tokio::task::yield_now().await; // a real suspension point
+        text.chars().rev().collect()
+    }
+    async fn total_len(&self, files: Vec<OwnedFd>) -> u64 {
+        files
+            .into_iter()
+            .map(|f| File::from(f).metadata().unwrap().len())
+            .sum()
+    }
+    async fn configure(&self, cfg: Config) -> Result<Caps, ConfigError> {
+        match cfg.gain {
+            gain @ 0..=10 => Ok(Caps {
+                max_gain: 10 - gain,
+            }),
+            gain => Err(ConfigError::TooLoud { gain, max: 10 }),
+        }
+    }
+    async fn open_buffer(&self, content: String) -> OwnedFd {
+        memfd(&content)
+    }
+    async fn write_into(&self, file: OwnedFd, content: String) {
+        write(file, &content)
+    }
+    async fn maybe_open(&self, content: Option<String>) -> Option<OwnedFd> {
+        content.map(|c| memfd(&c))
+    }
+    async fn maybe_write(&self, file: Option<OwnedFd>, content: String) -> bool {
+        file.map(|f| write(f, &content)).is_some()
+    }
+    async fn open_many(&self, count: u32) -> Vec<OwnedFd> {
+        (0..count).map(|i| memfd(&i.to_string())).collect()
+    }
+    async fn labelled(&self, item: Labelled) -> Labelled {
+        write(item.file.try_clone().unwrap(), &item.label);
+        Labelled {
+            label: format!("{} (seen)", item.label),
+            file: item.file,
+        }
+    }
+    async fn stats_ready(&self, frame: u32, stats: OwnedFd) {
+        let _ = self.stats.send((frame, contents(&stats)));
+    }
+    async fn nothing(&self) {}
+    async fn zeroes(&self, len: u32) -> Vec<u8> {
+        vec![0; len as usize]
+    }
+    async fn echo(&self, data: Vec<u8>) -> Vec<u8> {
+        data
+    }
+    async fn explode(&self, message: String) -> u32 {
+        tokio::task::yield_now().await;
+        panic!("{message}")
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A client, and its server running on the same runtime.
+struct Running {
+    client: ShapesClient,
+    server: JoinHandle<Result<(), Error>>,
+    /// What the server's oneway method reports.
+    stats: UnboundedReceiver<(u32, String)>,
+}
+
+fn start() -> Running {
+    let (a, b) = AsyncConnection::pair().unwrap();
+    let (tx, stats) = unbounded_channel();
+    let server = tokio::spawn(ShapesServer::new(Impl { stats: tx }).serve(b));
+    Running {
+        client: ShapesClient::new(a),
+        server,
+        stats,
+    }
+}
+
+impl Running {
+    /// Hangs up, checks that the server saw a clean close, and waits until both ends are gone
+    /// (their sockets closed).
+    async fn stop(self) {
+        let connection = self.client.connection().clone();
+        drop(self.client);
+        connection.close();
+        self.server.await.unwrap().unwrap();
+        connection.wait_closed().await;
+    }
+}
+
+#[test]
+fn plain_values_results_and_default_bodies() {
+    let _serial = fd_count_lock();
+    runtime().block_on(async {
+        let running = start();
+        let ipa = &running.client;
+        assert_eq!(ipa.reverse("FooBar".into()).await.unwrap(), "raBooF");
+        assert_eq!(
+            ipa.configure(Config { gain: 3 }).await.unwrap(),
+            Ok(Caps { max_gain: 7 })
+        );
+        assert_eq!(
+            ipa.configure(Config { gain: 11 }).await.unwrap(),
+            Err(ConfigError::TooLoud { gain: 11, max: 10 })
+        );
+        ipa.nothing().await.unwrap();
+        assert_eq!(ipa.answer().await.unwrap(), 42);
+        running.stop().await;
+    });
+}
+
+#[test]
+fn fds_in_and_out() {
+    let _serial = fd_count_lock();
+    let rt = runtime();
+    let before = open_fds();
+    rt.block_on(async {
+        let running = start();
+        let ipa = &running.client;
+        assert_eq!(
+            contents(&ipa.open_buffer("from the server".into()).await.unwrap()),
+            "from the server"
+        );
+        {
+            let mine = memfd("");
+            ipa.write_into(mine.try_clone().unwrap(), "from the client".into())
+                .await
+                .unwrap();
+            assert_eq!(contents(&mine), "from the client");
+        }
+        {
+            let files = ipa.maybe_open(Some("maybe".into())).await.unwrap();
+            assert_eq!(contents(&files.unwrap()), "maybe");
+            assert!(ipa.maybe_open(None).await.unwrap().is_none());
+            let mine = memfd("");
+            let wrote = ipa.maybe_write(Some(mine.try_clone().unwrap()), "some".into());
+            assert!(wrote.await.unwrap());
+            assert_eq!(contents(&mine), "some");
+            assert!(!ipa.maybe_write(None, "none".into()).await.unwrap());
+        }
+        {
+            let files = ipa.open_many(3).await.unwrap();
+            let texts: Vec<String> = files.iter().map(contents).collect();
+            assert_eq!(texts, ["0", "1", "2"]);
+            let total = ipa.total_len(vec![memfd("abc"), memfd("de"), memfd("")]);
+            assert_eq!(total.await.unwrap(), 5);
+            assert_eq!(ipa.total_len(Vec::new()).await.unwrap(), 0);
+            // More fds than one datagram carries: the message is split.
+            let many: Vec<OwnedFd> = (0..300).map(|_| memfd("x")).collect();
+            assert_eq!(ipa.total_len(many).await.unwrap(), 300);
+            assert_eq!(ipa.open_many(300).await.unwrap().len(), 300);
+        }
+        {
+            let mine = memfd("");
+            let item = Labelled {
+                label: "label".into(),
+                file: mine.try_clone().unwrap(),
+            };
+            let back = ipa.labelled(item).await.unwrap();
+            assert_eq!(back.label, "label (seen)");
+            assert_eq!(contents(&mine), "label");
+            assert_eq!(contents(&back.file), "label");
+        }
+        running.stop().await;
+    });
+    assert_eq!(open_fds(), before, "every fd opened by the test was closed");
+}
+
+#[test]
+fn oneways_run_in_the_order_sent() {
+    let _serial = fd_count_lock();
+    runtime().block_on(async {
+        let mut running = start();
+        for frame in 0..100 {
+            let stats = memfd(&format!("stats {frame}"));
+            running.client.stats_ready(frame, stats).await.unwrap();
+        }
+        for frame in 0..100 {
+            let report = running.stats.recv().await.unwrap();
+            assert_eq!(report, (frame, format!("stats {frame}")));
+        }
+        running.stop().await;
+    });
+}
+
+#[test]
+fn byte_buffers_of_every_size() {
+    let _serial = fd_count_lock();
+    runtime().block_on(async {
+        let running = start();
+        let ipa = &running.client;
+        let big = ipa.zeroes(1 << 20).await.unwrap();
+        assert_eq!(big.len(), 1 << 20);
+        assert!(big.iter().all(|&b| b == 0));
+        for len in [0, 1, 65_000, 70_000, 5 << 20, 40 << 20] {
+            let data: Vec<u8> = (0..len)
+                .map(|i| (i % 251) as u8 ^ (i >> 16) as u8)
+                .collect();
+            assert_eq!(ipa.echo(data.clone()).await.unwrap(), data, "{len} bytes");
+        }
+        running.stop().await;
+    });
+}
+
+#[test]
+fn a_panic_is_an_error_reply_and_the_server_goes_on() {
+    let _serial = fd_count_lock();
+    runtime().block_on(async {
+        let running = start();
+        let ipa = &running.client;
+        match ipa.explode("kaboom".into()).await {
+            Err(Error::Remote(why)) => assert!(why.contains("kaboom"), "{why}"),
+            other => panic!("expected Error::Remote, got {other:?}"),
+        }
+        assert_eq!(
+            ipa.reverse("still here".into()).await.unwrap(),
+            "ereh llits"
+        );
+        running.stop().await;
+    });
+}
+
+#[test]
+fn clones_and_timeouts_share_the_connection() {
+    let _serial = fd_count_lock();
+    runtime().block_on(async {
+        let running = start();
+        let ipa = &running.client;
+        let other = ipa.with_timeout(Duration::from_secs(30));
+        assert_eq!(other.reverse("ab".into()).await.unwrap(), "ba");
+        let cloned = ipa.clone();
+        assert_eq!(cloned.reverse("cd".into()).await.unwrap(), "dc");
+        drop((other, cloned));
+        assert!(!ipa.connection().is_closed());
+        running.stop().await;
+    });
+}
+
+#[test]
+fn an_unknown_command_or_a_bad_body_gets_an_error_reply() {
+    let _serial = fd_count_lock();
+    let rt = runtime();
+    let before = open_fds();
+    rt.block_on(async {
+        let running = start();
+        let ipa = &running.client;
+        let fd = memfd("");
+        let reply =
+            ipa.connection()
+                .call::<_, ()>(&SHAPES_INFO, 99, (typed_ipc::codec::Fd(&fd),), None);
+        match reply.await {
+            Err(Error::Remote(why)) => assert!(why.contains("99"), "{why}"),
+            other => panic!("expected Error::Remote, got {other:?}"),
+        }
+        let reply =
+            ipa.connection()
+                .call::<_, String>(&SHAPES_INFO, 0, (typed_ipc::codec::Fd(&fd),), None);
+        match reply.await {
+            Err(Error::Remote(why)) => assert!(why.contains("reverse"), "{why}"),
+            other => panic!("expected Error::Remote, got {other:?}"),
+        }
+        assert_eq!(ipa.reverse("ok".into()).await.unwrap(), "ko");
+        drop(fd);
+        running.stop().await;
+    });
+    assert_eq!(open_fds(), before);
+}
+
+/// Two builds of one interface that disagree about one method: one blocking, one async.
+mod v1 {
+    #[typed_ipc::interface]
+    pub trait Versioned {
+        fn same(&self) -> u32;
+        fn lookup(&self, key: u32) -> String;
+    }
+}
+
+mod v2 {
+    #[typed_ipc::interface]
+    pub trait Versioned {
+        async fn same(&self) -> u32;
+        async fn lookup(&self, key: String) -> String;
+    }
+
+    pub struct Impl;
+
+    impl Versioned for Impl {
+        async fn same(&self) -> u32 {
+            2
+        }
+        async fn lookup(&self, key: String) -> String {
+            key
+        }
+    }
+}
+
+/// The blocking flavour of `v2::Versioned`: the same trait, written without `async`.
+mod v2_blocking {
+    #[typed_ipc::interface]
+    pub trait Versioned {
+        fn same(&self) -> u32;
+        fn lookup(&self, key: String) -> String;
+    }
+}
+
+#[test]
+fn the_signature_ignores_async_and_a_blocking_client_calls_an_async_server() {
+    let _serial = fd_count_lock();
+    assert_eq!(
+        v2::VERSIONED_INFO.signature,
+        v2_blocking::VERSIONED_INFO.signature
+    );
+    assert_ne!(v1::VERSIONED_INFO.signature, v2::VERSIONED_INFO.signature);
+    runtime().block_on(async {
+        let (ours, theirs) = Socket::pair().unwrap();
+        let server = AsyncConnection::new(theirs).unwrap();
+        let serving = tokio::spawn(v2::VersionedServer::new(v2::Impl).serve(server));
+        let blocking = Connection::new(ours);
+        // The blocking client waits on its thread, off the runtime.
+        let calls = tokio::task::spawn_blocking(move || {
+            let same = v2_blocking::VersionedClient::new(blocking.clone());
+            assert_eq!(same.same().unwrap(), 2);
+            assert_eq!(same.lookup("key".into()).unwrap(), "key");
+            let old = v1::VersionedClient::new(blocking.clone());
+            match old.lookup(7) {
+                Err(Error::InterfaceMismatch(why)) => {
+                    assert!(
+                        why.contains("fn lookup(&self, key: u32) -> String"),
+                        "{why}"
+                    );
+                    assert!(
+                        why.contains("fn lookup(&self, key: String) -> String"),
+                        "{why}"
+                    );
+                }
+                other => panic!("expected Error::InterfaceMismatch, got {other:?}"),
+            }
+            blocking.close();
+        });
+        calls.await.unwrap();
+        serving.await.unwrap().unwrap();
+    });
+}
+
+#[test]
+fn an_interface_the_peer_does_not_serve_is_named() {
+    let _serial = fd_count_lock();
+    runtime().block_on(async {
+        let (a, b) = AsyncConnection::pair().unwrap();
+        let server = tokio::spawn(v2::VersionedServer::new(v2::Impl).serve(b));
+        let shapes = ShapesClient::new(a.clone());
+        match shapes.reverse("x".into()).await {
+            Err(Error::InterfaceMismatch(why)) => {
+                assert!(why.contains("Shapes") && why.contains("Versioned"), "{why}")
+            }
+            other => panic!("expected Error::InterfaceMismatch, got {other:?}"),
+        }
+        assert_eq!(v2::VersionedClient::new(a.clone()).same().await.unwrap(), 2);
+        a.close();
+        server.await.unwrap().unwrap();
+    });
+}
+
+#[test]
+fn requests_wait_for_a_server_that_comes_later() {
+    let _serial = fd_count_lock();
+    runtime().block_on(async {
+        let (a, b) = AsyncConnection::pair().unwrap();
+        let client = v2::VersionedClient::new(a);
+        // Sent before anything serves on `b`: held, as a blocking connection holds requests
+        // until a thread serves.
+        let early = tokio::spawn({
+            let client = client.clone();
+            async move { client.same().await }
+        });
+        tokio::task::yield_now().await;
+        let server = tokio::spawn(v2::VersionedServer::new(v2::Impl).serve(b));
+        assert_eq!(early.await.unwrap().unwrap(), 2);
+        client.connection().close();
+        server.await.unwrap().unwrap();
+    });
+}
+
+/// A client's stubs are `Send`: they can be spawned.
+#[test]
+fn futures_are_send() {
+    fn is_send<T: Send>(_: &T) {}
+    let _serial = fd_count_lock();
+    runtime().block_on(async {
+        let running = start();
+        let client = running.client.clone();
+        let call = async move { client.total_len(vec![memfd("abc")]).await };
+        is_send(&call);
+        assert_eq!(tokio::spawn(call).await.unwrap().unwrap(), 3);
+        running.stop().await;
+    });
+}
+
+#[test]
+fn the_caller_is_known_inside_handlers() {
+    #[interface]
+    trait WhoAmI {
+        async fn pid(&self) -> i32;
+    }
+    struct Me;
+    impl WhoAmI for Me {
+        async fn pid(&self) -> i32 {
+            let before = typed_ipc::current_peer().map_or(-1, |p| p.pid);
+            tokio::task::yield_now().await; // may resume on another thread
+            let after = typed_ipc::current_peer().map_or(-1, |p| p.pid);
+            assert_eq!(before, after);
+            after
+        }
+    }
+    let _serial = fd_count_lock();
+    runtime().block_on(async {
+        let (a, b) = AsyncConnection::pair().unwrap();
+        let server = tokio::spawn(WhoAmIServer::new(Me).serve(b));
+        let client = WhoAmIClient::new(a);
+        assert_eq!(client.pid().await.unwrap(), std::process::id() as i32);
+        client.connection().close();
+        server.await.unwrap().unwrap();
+    });
+}
