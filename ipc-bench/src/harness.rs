@@ -66,6 +66,8 @@ pub struct Stats {
     pub samples: usize,
     /// Calls per sample.
     pub batch: usize,
+    /// Every call made, warm-up included.
+    pub calls: usize,
 }
 
 /// Measures `call` according to `plan`. Stops at the first error.
@@ -119,6 +121,7 @@ pub fn measure(plan: &Plan, mut call: impl FnMut() -> io::Result<()>) -> io::Res
         },
         samples,
         batch,
+        calls: warm_calls as usize + REPETITIONS * samples * batch,
     })
 }
 

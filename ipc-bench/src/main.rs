@@ -16,6 +16,7 @@ mod peers;
 mod report;
 mod sys;
 mod system;
+mod typed;
 
 use std::io;
 use std::path::PathBuf;
@@ -27,13 +28,15 @@ use nix::unistd::Pid;
 
 use crate::harness::Plan;
 use crate::peers::ipc_channel::{IpcChannel, Mode};
-use crate::report::{Machine, Pass, Row};
+use crate::report::{Cpu, Machine, Pass, Row};
 use crate::system::{Launcher, System};
+use crate::typed::{Flavor, TypedIpc};
 
 /// Every system, in report order. Adding one is one line here plus its module.
 static SYSTEMS: &[&dyn System] = &[
     &floor::Floor { with_fd: false },
     &floor::Floor { with_fd: true },
+    &floor::FloorMemfd,
     &memcpy::Memcpy,
     &peers::tarpc::Tarpc,
     &IpcChannel { mode: Mode::Typed },
@@ -41,6 +44,25 @@ static SYSTEMS: &[&dyn System] = &[
         mode: Mode::ReplyPerCall,
     },
     &IpcChannel { mode: Mode::Bytes },
+    &TypedIpc {
+        flavor: Flavor::Plain,
+    },
+    &TypedIpc { flavor: Flavor::Fd },
+    &TypedIpc {
+        flavor: Flavor::Oneway,
+    },
+    &TypedIpc {
+        flavor: Flavor::Spin,
+    },
+    &TypedIpc {
+        flavor: Flavor::Memfd,
+    },
+    &TypedIpc {
+        flavor: Flavor::Shared,
+    },
+    &TypedIpc {
+        flavor: Flavor::SharedPool,
+    },
 ];
 
 /// Both processes on one CPU (primary: no cross-CPU wake-ups), then on two.
@@ -150,7 +172,12 @@ fn run(args: Args) -> io::Result<bool> {
     let mut ok = true;
     for (index, pass) in passes.iter().enumerate() {
         pin(pass.client_cpu)?;
-        for system in SYSTEMS.iter().filter(selected) {
+        let same_cpu = pass.client_cpu == pass.server_cpu;
+        for system in SYSTEMS
+            .iter()
+            .filter(selected)
+            .filter(|s| !(same_cpu && s.cross_cpu_only()))
+        {
             if let Err(e) = run_system(*system, index, pass, &plan, &mut rows) {
                 eprintln!("ipc-bench: {} ({}): {e}", system.name(), pass.label);
                 ok = false;
@@ -182,7 +209,15 @@ fn run_system(
     let mut client = system.start(&mut launcher)?;
     for &kind in system.kinds() {
         for &size in kind.sizes() {
+            let before = client.cpu_ns();
             let stats = harness::measure(plan, || client.call(kind, size))?;
+            let cpu = match (before, client.cpu_ns()) {
+                (Some((c0, s0)), Some((c1, s1))) => Some(Cpu {
+                    client: c1.saturating_sub(c0) as f64 / stats.calls as f64,
+                    server: s1.saturating_sub(s0) as f64 / stats.calls as f64,
+                }),
+                _ => None,
+            };
             eprintln!(
                 "{:<10} {:<28} {:>7} {:>10}",
                 pass.label,
@@ -196,6 +231,7 @@ fn run_system(
                 kind,
                 size,
                 stats,
+                cpu,
             });
         }
     }

@@ -34,6 +34,17 @@ pub struct Row {
     pub size: usize,
     /// The figures.
     pub stats: Stats,
+    /// CPU time per call, for systems that report it.
+    pub cpu: Option<Cpu>,
+}
+
+/// CPU time per call (user + system), in nanoseconds, warm-up included.
+#[derive(Clone, Copy, Debug)]
+pub struct Cpu {
+    /// The client's thread.
+    pub client: f64,
+    /// The whole server process.
+    pub server: f64,
 }
 
 /// What the figures were measured on.
@@ -101,19 +112,34 @@ pub fn markdown(machine: &Machine, passes: &[Pass], rows: &[Row], elapsed: Durat
         md,
         "**Method.** The server is a child process (this binary re-executed), each process \
          pinned with `sched_setaffinity`. **calls** (0 B–4 KiB): the client sends N bytes, \
-         the server echoes them; ratio to `floor`. **bulk** (64 KiB–16 MiB): the client sends \
-         N bytes, the server takes them as owned bytes and replies with their count; ratio \
-         to `memcpy` of N bytes. Each cell: warm-up, then {REPETITIONS} repetitions of about \
-         {} (≥ {} samples), every call timed on its own (calls under 2 µs in batches); \
-         median and p99 are the median over repetitions of each repetition's median and p99. \
-         *spread* = (max − min of the repetition medians) / median. Peers that take owned \
-         `Vec<u8>` arguments pay a copy of the payload into a fresh `Vec` per call, as their \
-         users do. Absolute times move with the host's load from day to day; compare ratios \
+         the server echoes them; ratio to `floor` (`+fd` rows: to `floor+fd`). **bulk** \
+         (64 KiB–16 MiB): the client sends N bytes, the server takes them as owned bytes and \
+         replies with their count; ratio to `memcpy` of N bytes. Each cell: warm-up, then \
+         {REPETITIONS} repetitions of about {} (≥ {} samples), every call timed on its own \
+         (calls under 2 µs in batches); median and p99 are the median over repetitions of \
+         each repetition's median and p99. *spread* = (max − min of the repetition medians) / \
+         median. Systems that take owned `Vec<u8>` arguments for small calls (tarpc, \
+         ipc-channel typed, typed-ipc) pay a copy of the payload into a fresh `Vec` per call, \
+         as their users do; typed-ipc's bulk rows send from a buffer the client keeps. \
+         `typed-ipc/oneway` is the time per message sent back to back (the sender waits only \
+         when the socket buffer is full); `typed-ipc/spin` runs in the cross-CPU pass only. \
+         The zero-copy rows (`typed-ipc/shared`, `typed-ipc/shared-pool`) have the client \
+         fill N bytes in place and the server read every one of them in place. Each row is \
+         described in `ipc-bench/README.md`. *CPU/call* is user + system time of the client \
+         thread and of the whole server process, divided by the calls made (typed-ipc rows \
+         only). Absolute times move with the host's load from day to day; compare ratios \
          within one run.\n",
         fmt_ns(plan.rep_time.as_nanos() as f64),
         plan.min_samples
     );
     let _ = writeln!(md, "![latency vs payload size](benchmarks.svg)\n");
+    let _ = writeln!(
+        md,
+        "Syscalls and allocations per call, and the receive spin's CPU cost: \
+         [hot-path.md](hot-path.md). Bulk data, sealed memfds and zero copy: \
+         [benchmarks-bulk.md](benchmarks-bulk.md).\n"
+    );
+    targets(&mut md, passes, rows);
     for (index, pass) in passes.iter().enumerate() {
         let rows: Vec<&Row> = rows.iter().filter(|r| r.pass == index).collect();
         let primary = if index == 0 { " (primary)" } else { "" };
@@ -161,11 +187,12 @@ fn summary(md: &mut String, rows: &[&Row]) {
 fn detail(md: &mut String, rows: &[&Row]) {
     let _ = writeln!(
         md,
-        "| workload | size | system | median | p99 | ratio | mean | spread | samples × batch |"
+        "| workload | size | system | median | p99 | ratio | mean | spread | samples × batch \
+         | CPU/call client + server |"
     );
     let _ = writeln!(
         md,
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     let mut sorted = rows.to_vec();
     // Stable: within a size, systems keep the report order.
@@ -174,7 +201,7 @@ fn detail(md: &mut String, rows: &[&Row]) {
         let s = &r.stats;
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} | {:.1}% | {} × {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {:.1}% | {} × {} | {} |",
             match r.kind {
                 Kind::Small => "call",
                 Kind::Bulk => "bulk",
@@ -187,10 +214,238 @@ fn detail(md: &mut String, rows: &[&Row]) {
             fmt_ns(s.mean),
             s.spread * 100.0,
             s.samples,
-            s.batch
+            s.batch,
+            r.cpu.map_or_else(
+                || "—".into(),
+                |c| format!("{} + {}", fmt_ns(c.client), fmt_ns(c.server))
+            )
         );
     }
     md.push('\n');
+}
+
+/// One of the issue's targets: `system` at `size` against `base` at the same size.
+struct Target {
+    what: &'static str,
+    system: &'static str,
+    size: usize,
+    /// Measured in the cross-CPU pass (else the same-CPU one).
+    cross: bool,
+    base: &'static str,
+    base_cross: bool,
+    /// Largest time ratio allowed, or (for `bandwidth`) smallest bandwidth ratio; `None` for
+    /// figures shown for comparison only.
+    limit: Option<f64>,
+    /// Compare bandwidth (base time / time) rather than time.
+    bandwidth: bool,
+}
+
+const MIB: usize = 1 << 20;
+
+const TARGETS: &[Target] = &[
+    Target {
+        what: "64 B call",
+        system: "typed-ipc",
+        size: 64,
+        cross: false,
+        base: "floor",
+        base_cross: false,
+        limit: Some(1.10),
+        bandwidth: false,
+    },
+    Target {
+        what: "64 B call, one fd each way",
+        system: "typed-ipc+fd",
+        size: 64,
+        cross: false,
+        base: "floor+fd",
+        base_cross: false,
+        limit: Some(1.10),
+        bandwidth: false,
+    },
+    Target {
+        what: "4 KiB call (`Vec<u8>` parameter)",
+        system: "typed-ipc",
+        size: 4096,
+        cross: false,
+        base: "floor",
+        base_cross: false,
+        limit: Some(1.15),
+        bandwidth: false,
+    },
+    Target {
+        what: "16 MiB one way, received as owned bytes",
+        system: "typed-ipc",
+        size: 16 * MIB,
+        cross: false,
+        base: "memcpy",
+        base_cross: false,
+        limit: Some(2.3),
+        bandwidth: false,
+    },
+    Target {
+        what: "1 MiB one way, received as owned bytes",
+        system: "typed-ipc",
+        size: MIB,
+        cross: false,
+        base: "memcpy",
+        base_cross: false,
+        limit: Some(3.0),
+        bandwidth: false,
+    },
+    Target {
+        what: "16 MiB zero copy, fresh sealed buffer, read in place (bandwidth)",
+        system: "typed-ipc/shared",
+        size: 16 * MIB,
+        cross: false,
+        base: "memcpy",
+        base_cross: false,
+        limit: Some(0.9),
+        bandwidth: true,
+    },
+    Target {
+        what: "16 MiB zero copy, pooled region, trusted sender (bandwidth)",
+        system: "typed-ipc/shared-pool",
+        size: 16 * MIB,
+        cross: false,
+        base: "memcpy",
+        base_cross: false,
+        limit: None,
+        bandwidth: true,
+    },
+    Target {
+        what: "64 B call across CPUs with spin, vs the same-CPU floor",
+        system: "typed-ipc/spin",
+        size: 64,
+        cross: true,
+        base: "floor",
+        base_cross: false,
+        limit: Some(1.5),
+        bandwidth: false,
+    },
+    Target {
+        what: "64 B call across CPUs without spin, vs the same-CPU floor",
+        system: "typed-ipc",
+        size: 64,
+        cross: true,
+        base: "floor",
+        base_cross: false,
+        limit: None,
+        bandwidth: false,
+    },
+];
+
+/// The issue's targets, as measured in this run; then fragments against a sealed memfd.
+fn targets(md: &mut String, passes: &[Pass], rows: &[Row]) {
+    let same = passes.iter().position(|p| p.client_cpu == p.server_cpu);
+    let cross = passes.iter().position(|p| p.client_cpu != p.server_cpu);
+    let find = |system: &str, size: usize, cross_pass: bool| {
+        let pass = if cross_pass { cross } else { same }?;
+        rows.iter()
+            .find(|r| r.pass == pass && r.system == system && r.size == size)
+    };
+    let mut lines = Vec::new();
+    for t in TARGETS {
+        let (Some(row), Some(base)) = (
+            find(t.system, t.size, t.cross),
+            find(t.base, t.size, t.base_cross),
+        ) else {
+            continue;
+        };
+        if row.stats.median <= 0.0 || base.stats.median <= 0.0 {
+            continue;
+        }
+        let ratio = if t.bandwidth {
+            base.stats.median / row.stats.median
+        } else {
+            row.stats.median / base.stats.median
+        };
+        let (limit, verdict) = match t.limit {
+            None => ("—".to_string(), "(for comparison)"),
+            Some(l) if t.bandwidth => (
+                format!("≥ {l:.2}x"),
+                if ratio >= l { "met" } else { "**not met**" },
+            ),
+            Some(l) => (
+                format!("≤ {l:.2}x"),
+                if ratio <= l { "met" } else { "**not met**" },
+            ),
+        };
+        let cpu = row.cpu.map_or_else(String::new, |c| {
+            format!("; CPU/call {} + {}", fmt_ns(c.client), fmt_ns(c.server))
+        });
+        lines.push(format!(
+            "| {} | `{}` {}{} | `{}` {} | {:.2}x{} | {limit} | {verdict} |",
+            t.what,
+            t.system,
+            fmt_ns(row.stats.median),
+            cpu,
+            t.base,
+            fmt_ns(base.stats.median),
+            ratio,
+            if t.bandwidth { " bandwidth" } else { "" },
+        ));
+    }
+    if !lines.is_empty() {
+        let _ = writeln!(md, "## Targets\n");
+        let _ = writeln!(md, "| target | measured | reference | ratio | limit | |");
+        let _ = writeln!(md, "| --- | ---: | ---: | ---: | ---: | --- |");
+        for line in lines {
+            let _ = writeln!(md, "{line}");
+        }
+        md.push('\n');
+    }
+    let mut lines = Vec::new();
+    for (pass, p) in passes.iter().enumerate() {
+        for &size in Kind::Bulk.sizes() {
+            let get = |system: &str| {
+                rows.iter()
+                    .find(|r| r.pass == pass && r.system == system && r.size == size)
+                    .map(|r| r.stats.median)
+            };
+            let pair = |a: Option<f64>, b: Option<f64>| {
+                let cell = |v: Option<f64>| v.map_or_else(|| "—".into(), fmt_ns);
+                let ratio = match (a, b) {
+                    (Some(a), Some(b)) => format!("{:.2}x", b / a),
+                    _ => "—".into(),
+                };
+                format!("{} | {} | {ratio}", cell(a), cell(b))
+            };
+            let bare = (get("floor"), get("floor/memfd"));
+            let typed = (get("typed-ipc"), get("typed-ipc/memfd"));
+            if bare.1.is_some() || typed.1.is_some() {
+                lines.push(format!(
+                    "| {} | {} | {} | {} |",
+                    p.label,
+                    fmt_size(size),
+                    pair(bare.0, bare.1),
+                    pair(typed.0, typed.1)
+                ));
+            }
+        }
+    }
+    if !lines.is_empty() {
+        let _ = writeln!(
+            md,
+            "## Bulk: fragments or a sealed memfd\n\nOne-way bulk, two ways: through the socket \
+             in fragments, or as a fresh sealed memfd per message that the receiver checks and \
+             copies out. On the bare socket (`floor`, `floor/memfd`: the receiver copies into \
+             a buffer it reuses) and through typed-ipc (`typed-ipc`, `typed-ipc/memfd`: \
+             received as a new owned `Vec<u8>`). Ratio > 1: the memfd is slower.\n"
+        );
+        let _ = writeln!(
+            md,
+            "| pass | size | floor | floor/memfd | ratio | typed-ipc | typed-ipc/memfd | ratio |"
+        );
+        let _ = writeln!(
+            md,
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        );
+        for line in lines {
+            let _ = writeln!(md, "{line}");
+        }
+        md.push('\n');
+    }
 }
 
 /// Systems in the order they were run (which is the registry order).
@@ -204,11 +459,21 @@ fn systems_in_order(rows: &[&Row]) -> Vec<&'static str> {
     names
 }
 
+/// The row a system's ratios are relative to: `floor+fd` for the other `+fd` rows (one fd
+/// each way), else the workload's baseline.
+fn baseline_of(row: &Row) -> &'static str {
+    if row.system.ends_with("+fd") && row.system != "floor+fd" {
+        "floor+fd"
+    } else {
+        row.kind.baseline()
+    }
+}
+
 /// Median relative to the baseline of the same workload, size and pass.
 fn ratio(row: &Row, rows: &[&Row]) -> Option<f64> {
     let base = rows
         .iter()
-        .find(|b| b.system == row.kind.baseline() && b.size == row.size && b.pass == row.pass)?;
+        .find(|b| b.system == baseline_of(row) && b.size == row.size && b.pass == row.pass)?;
     (base.stats.median > 0.0).then(|| row.stats.median / base.stats.median)
 }
 

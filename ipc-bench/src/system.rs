@@ -46,7 +46,7 @@ pub const MAX_PAYLOAD: usize = 16 << 20;
 /// One system under test (a row family in the report).
 ///
 /// Adding a system is one module implementing this trait plus one line in
-/// `main::systems()`.
+/// `main::SYSTEMS`.
 pub trait System: Sync {
     /// Row label; also the name the child is started with, so it must be unique.
     fn name(&self) -> &'static str;
@@ -57,6 +57,12 @@ pub trait System: Sync {
     /// Harness side: start the server (usually through `launcher`) and connect to it.
     /// The server must exit by itself once the returned client is dropped.
     fn start(&self, launcher: &mut Launcher) -> io::Result<Box<dyn Client>>;
+
+    /// Whether this system only makes sense with the two processes on different CPUs (it
+    /// is skipped in the same-CPU pass).
+    fn cross_cpu_only(&self) -> bool {
+        false
+    }
 
     /// Child side: run the server until the client goes away. `arg` is what the
     /// harness side passed to [`Launcher::spawn`] (or the fd number, for
@@ -69,6 +75,12 @@ pub trait Client {
     /// One complete call of `kind` with a payload of `len` bytes (≤ [`MAX_PAYLOAD`]):
     /// returns once the reply is in and checked. This is what the harness times.
     fn call(&mut self, kind: Kind, len: usize) -> io::Result<()>;
+
+    /// CPU time used so far, in nanoseconds: (the client's thread, the server process), for
+    /// systems that can tell. Sampled around each measurement to give CPU time per call.
+    fn cpu_ns(&mut self) -> Option<(u64, u64)> {
+        None
+    }
 }
 
 /// Starts server children for one system and reaps them afterwards.

@@ -18,7 +18,7 @@ const LEGEND_COLS: usize = 3;
 const ZERO_AT: f64 = 8.0;
 const COLORS: &[&str] = &[
     "#222222", "#7f7f7f", "#bcbd22", "#d62728", "#1f77b4", "#9467bd", "#2ca02c", "#ff7f0e",
-    "#17becf", "#8c564b", "#e377c2",
+    "#17becf", "#8c564b", "#e377c2", "#000080", "#808000", "#008080", "#800000", "#ff00ff",
 ];
 
 /// The plot for `rows`, one panel per pass, shared axes.
