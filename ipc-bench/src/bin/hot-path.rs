@@ -153,9 +153,10 @@ fn parent(args: &[String]) -> Res<()> {
     let payload = vec![0xa5u8; 64];
     let mut fd: Option<OwnedFd> = Some(File::open("/dev/null")?.into());
     println!(
-        "| call ({calls} calls after {WARM_UP} warm-up) | client allocs/call | server allocs/call |"
+        "| call ({calls} calls after {WARM_UP} warm-up) | client allocs/call | server allocs/call \
+         | client context switches/call | server context switches/call |"
     );
-    println!("| --- | ---: | ---: |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
     for (index, &name) in CASES.iter().enumerate() {
         let mut one = || -> Res<()> {
             match index {
@@ -182,6 +183,7 @@ fn parent(args: &[String]) -> Res<()> {
         let server_before = client.allocs()?;
         mark("begin", name);
         let before = allocs();
+        let (client_cs, server_cs) = (thread_switches(), process_switches(worker.id()));
         for _ in 0..calls {
             one()?;
         }
@@ -189,14 +191,20 @@ fn parent(args: &[String]) -> Res<()> {
         // the server's work for this window is inside it.
         client.ping(0)?;
         let after = allocs();
+        let (client_cs, server_cs) = (
+            thread_switches() - client_cs,
+            process_switches(worker.id()) - server_cs,
+        );
         mark("end", name);
         let server_after = client.allocs()?; // After the oneways: they have all run by now.
         // One `allocs()` call sits inside the server's window: its reply and the next
         // request's receive. It allocates nothing (it is a `ping` with another number).
         println!(
-            "| `{name}` | {:.2} | {:.2} |",
+            "| `{name}` | {:.2} | {:.2} | {:.2} | {:.2} |",
             (after - before) as f64 / calls as f64,
-            (server_after - server_before) as f64 / calls as f64
+            (server_after - server_before) as f64 / calls as f64,
+            client_cs as f64 / calls as f64,
+            server_cs as f64 / calls as f64
         );
     }
     drop(client);
@@ -205,6 +213,34 @@ fn parent(args: &[String]) -> Res<()> {
 }
 
 /// Writes a marker line to stderr with one `write(2)`, so the strace log can be cut at it.
+/// Voluntary + involuntary context switches of the calling thread so far.
+fn thread_switches() -> i64 {
+    use nix::sys::resource::{UsageWho, getrusage};
+    getrusage(UsageWho::RUSAGE_THREAD)
+        .map(|u| u.voluntary_context_switches() + u.involuntary_context_switches())
+        .unwrap_or(0)
+}
+
+/// Voluntary + involuntary context switches of every thread of process `pid` so far.
+fn process_switches(pid: u32) -> i64 {
+    let mut total = 0;
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    for task in tasks.flatten() {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        for line in status.lines() {
+            if let Some(n) = line
+                .strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+            {
+                total += n.trim().parse::<i64>().unwrap_or(0);
+            }
+        }
+    }
+    total
+}
+
 fn mark(what: &str, name: &str) {
     let line = format!("hot-path: {what} {name}\n");
     // SAFETY: writes a live buffer to fd 2.
