@@ -18,8 +18,10 @@
 //! When the peer hangs up or dies, the reader sees it at once and every waiting caller gets
 //! [`Error::Disconnected`] — never [`Error::TimedOut`].
 
+pub(crate) mod admit;
 pub(crate) mod envelope;
 pub(crate) mod failure;
+pub(crate) mod trace;
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -39,6 +41,7 @@ use crate::frame::Frame;
 use crate::service::{Call, InterfaceInfo, Service};
 use crate::socket::{PeerCredentials, Socket};
 
+use admit::admit;
 use envelope::{Envelope, Kind};
 use failure::Failure;
 
@@ -119,7 +122,7 @@ impl Connection {
                 next_cookie: AtomicU64::new(1),
                 services: RwLock::new(Vec::new()),
                 authorizer: RwLock::new(None),
-                trace: std::env::var_os("TYPED_IPC_DEBUG").is_some_and(|v| v != "0"),
+                trace: trace::enabled(),
             }),
         }
     }
@@ -464,7 +467,7 @@ impl Shared {
             }
         };
         if self.trace && matches!(envelope.kind, Kind::Reply | Kind::Failure) {
-            trace(&self.describe("<-", &envelope, &frame));
+            self.trace_incoming(&envelope, &frame);
         }
         match (envelope.kind, result) {
             (Kind::Reply | Kind::Failure, result) => {
@@ -522,40 +525,23 @@ impl Shared {
             return;
         };
         if self.trace {
-            trace(&self.describe("<-", &envelope, &frame));
+            self.trace_incoming(&envelope, &frame);
         }
-        let service = {
+        let checked = {
             let services = self.services.read().unwrap_or_else(PoisonError::into_inner);
-            services
-                .iter()
-                .find(|s| s.info().id == envelope.interface)
-                .cloned()
-                .ok_or_else(|| {
-                    Failure::NotServed(services.iter().map(|s| s.info().name.to_string()).collect())
-                })
-        };
-        let checked = service.and_then(|service| {
-            let info = service.info();
-            if info.signature != envelope.signature {
-                let methods = info.methods.iter();
-                return Err(Failure::Mismatch(
-                    methods
-                        .map(|m| (m.cmd, m.name.to_string(), m.signature.to_string()))
-                        .collect(),
-                ));
-            }
-            if info.method(envelope.cmd).is_none() {
-                return Err(Failure::UnknownCommand(envelope.cmd));
-            }
-            if let Some(authorize) = &*self
+            let authorizer = self
                 .authorizer
                 .read()
-                .unwrap_or_else(PoisonError::into_inner)
-            {
-                authorize(self.peer.as_ref(), info, envelope.cmd).map_err(Failure::Refused)?;
-            }
-            Ok(service)
-        });
+                .unwrap_or_else(PoisonError::into_inner);
+            admit(
+                &services,
+                |s| s.info(),
+                &envelope,
+                authorizer.as_deref(),
+                self.peer.as_ref(),
+            )
+            .cloned()
+        };
         let failure = match checked {
             Err(failure) => Some(failure),
             Ok(service) => {
@@ -589,7 +575,7 @@ impl Shared {
                 let _ = self.reply_failure(&envelope, &failure);
             }
             // Nobody waits for a oneway's outcome, so say it here rather than lose it.
-            Some(failure) => trace(&format!(
+            Some(failure) => trace::line(&format!(
                 "typed-ipc[{}]: a oneway message (command {}) failed: {failure:?}",
                 std::process::id(),
                 envelope.cmd
@@ -606,7 +592,7 @@ impl Shared {
         };
         self.send(&envelope, failure, None)?;
         if self.trace {
-            trace(&format!(
+            trace::line(&format!(
                 "typed-ipc[{}] -> failure #{}: {failure:?}",
                 std::process::id(),
                 call.cookie
@@ -629,38 +615,13 @@ impl Shared {
 
     fn trace_out(&self, envelope: &Envelope, iface: &InterfaceInfo) {
         if self.trace {
-            let method = iface.method(envelope.cmd).map_or("?", |m| m.name);
-            trace(&format!(
-                "typed-ipc[{}] -> {:?} #{} {}::{method}",
-                std::process::id(),
-                envelope.kind,
-                envelope.cookie,
-                iface.name
-            ));
+            trace::outgoing(envelope, iface);
         }
     }
 
-    fn describe(&self, dir: &str, envelope: &Envelope, frame: &Frame) -> String {
+    fn trace_incoming(&self, envelope: &Envelope, frame: &Frame) {
         let services = self.services.read().unwrap_or_else(PoisonError::into_inner);
-        let name = services
-            .iter()
-            .map(|s| s.info())
-            .find(|i| i.id == envelope.interface)
-            .map_or(String::new(), |i| {
-                format!(
-                    " {}::{}",
-                    i.name,
-                    i.method(envelope.cmd).map_or("?", |m| m.name)
-                )
-            });
-        format!(
-            "typed-ipc[{}] {dir} {:?} #{}{name} ({} bytes, {} fds)",
-            std::process::id(),
-            envelope.kind,
-            envelope.cookie,
-            frame.payload.len() - envelope::LEN.min(frame.payload.len()),
-            frame.fds.len()
-        )
+        trace::incoming(envelope, frame, services.iter().map(|s| s.info()));
     }
 }
 
@@ -677,23 +638,10 @@ impl Replier<'_> {
             ..self.envelope
         };
         if self.shared.trace {
-            trace(&format!(
-                "typed-ipc[{}] -> Reply #{}",
-                std::process::id(),
-                envelope.cookie
-            ));
+            trace::reply(envelope.cookie);
         }
         self.shared.send(&envelope, value, None)
     }
-}
-
-/// Writes one trace line to stderr in one `write`, so lines of two processes sharing a
-/// terminal do not interleave.
-fn trace(line: &str) {
-    use std::io::Write;
-    let _ = std::io::stderr()
-        .lock()
-        .write_all(format!("{line}\n").as_bytes());
 }
 
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {

@@ -25,6 +25,8 @@ use super::failure::Failure;
 use super::{AsyncService, BoxFuture};
 use crate::codec;
 use crate::connection::Authorizer;
+use crate::connection::admit::admit;
+use crate::connection::trace;
 use crate::error::{Error, Result};
 use crate::frame::Frame;
 use crate::service::{CallerScope, InterfaceInfo};
@@ -165,7 +167,7 @@ impl AsyncConnection {
             services: RwLock::new(Vec::new()),
             authorizer: RwLock::new(None),
             tasks,
-            trace: std::env::var_os("TYPED_IPC_DEBUG").is_some_and(|v| v != "0"),
+            trace: trace::enabled(),
         });
         inner.runtime.spawn(read_loop(inner.clone(), reader));
         Ok(AsyncConnection {
@@ -470,7 +472,7 @@ impl Inner {
         };
         let (envelope, received) = envelope;
         if self.trace {
-            eprintln!("{}", self.describe("<-", &envelope, &frame));
+            self.trace_incoming(&envelope, &frame);
         }
         match (envelope.kind, received) {
             (Kind::Reply | Kind::Failure, received) => {
@@ -555,36 +557,19 @@ impl Inner {
 
     /// Which service answers `envelope`, after the same checks as the blocking flavour.
     fn check(&self, envelope: &Envelope) -> Result<Arc<dyn AsyncService>, Failure> {
-        let service = {
-            let services = self.services.read().unwrap_or_else(PoisonError::into_inner);
-            services
-                .iter()
-                .find(|s| s.info().id == envelope.interface)
-                .cloned()
-                .ok_or_else(|| {
-                    Failure::NotServed(services.iter().map(|s| s.info().name.to_string()).collect())
-                })?
-        };
-        let info = service.info();
-        if info.signature != envelope.signature {
-            let methods = info.methods.iter();
-            return Err(Failure::Mismatch(
-                methods
-                    .map(|m| (m.cmd, m.name.to_string(), m.signature.to_string()))
-                    .collect(),
-            ));
-        }
-        if info.method(envelope.cmd).is_none() {
-            return Err(Failure::UnknownCommand(envelope.cmd));
-        }
-        if let Some(authorize) = &*self
+        let services = self.services.read().unwrap_or_else(PoisonError::into_inner);
+        let authorizer = self
             .authorizer
             .read()
-            .unwrap_or_else(PoisonError::into_inner)
-        {
-            authorize(self.peer.as_ref(), info, envelope.cmd).map_err(Failure::Refused)?;
-        }
-        Ok(service)
+            .unwrap_or_else(PoisonError::into_inner);
+        admit(
+            &services,
+            |s| s.info(),
+            envelope,
+            authorizer.as_deref(),
+            self.peer.as_ref(),
+        )
+        .cloned()
     }
 
     /// Encodes envelope + body and sends them as one message. `body` is taken by value so
@@ -627,44 +612,19 @@ impl Inner {
 
     pub(super) fn trace_reply(&self, cookie: u64) {
         if self.trace {
-            eprintln!("typed-ipc[{}] -> Reply #{cookie}", std::process::id());
+            trace::reply(cookie);
         }
     }
 
     fn trace_out(&self, envelope: &Envelope, iface: &InterfaceInfo) {
         if self.trace {
-            let method = iface.method(envelope.cmd).map_or("?", |m| m.name);
-            eprintln!(
-                "typed-ipc[{}] -> {:?} #{} {}::{method}",
-                std::process::id(),
-                envelope.kind,
-                envelope.cookie,
-                iface.name
-            );
+            trace::outgoing(envelope, iface);
         }
     }
 
-    fn describe(&self, dir: &str, envelope: &Envelope, frame: &Frame) -> String {
+    fn trace_incoming(&self, envelope: &Envelope, frame: &Frame) {
         let services = self.services.read().unwrap_or_else(PoisonError::into_inner);
-        let name = services
-            .iter()
-            .map(|s| s.info())
-            .find(|i| i.id == envelope.interface)
-            .map_or(String::new(), |i| {
-                format!(
-                    " {}::{}",
-                    i.name,
-                    i.method(envelope.cmd).map_or("?", |m| m.name)
-                )
-            });
-        format!(
-            "typed-ipc[{}] {dir} {:?} #{}{name} ({} bytes, {} fds)",
-            std::process::id(),
-            envelope.kind,
-            envelope.cookie,
-            frame.payload.len() - envelope::LEN.min(frame.payload.len()),
-            frame.fds.len()
-        )
+        trace::incoming(envelope, frame, services.iter().map(|s| s.info()));
     }
 }
 
@@ -826,11 +786,11 @@ async fn reply_failure(inner: Arc<Inner>, call: Envelope, failure: Failure) -> R
         ..call
     };
     if inner.trace {
-        eprintln!(
-            "typed-ipc[{}] -> failure #{}: {failure:?}",
+        trace::line(&format!(
+            "typed-ipc[{}] -> Failure #{}: {failure:?}",
             std::process::id(),
             call.cookie
-        );
+        ));
     }
     inner.send(envelope, failure).await
 }

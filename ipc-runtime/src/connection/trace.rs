@@ -1,0 +1,65 @@
+//! `TYPED_IPC_DEBUG=1`: one line on stderr per message sent or received, for both flavours.
+
+use std::io::Write;
+
+use super::envelope::{self, Envelope};
+use crate::frame::Frame;
+use crate::service::InterfaceInfo;
+
+/// Whether the environment asks for tracing; read once per connection.
+pub(crate) fn enabled() -> bool {
+    std::env::var_os("TYPED_IPC_DEBUG").is_some_and(|v| v != "0")
+}
+
+/// Writes one line to stderr in one `write`, so the lines of two processes sharing a terminal
+/// do not interleave.
+pub(crate) fn line(text: &str) {
+    let _ = std::io::stderr()
+        .lock()
+        .write_all(format!("{text}\n").as_bytes());
+}
+
+/// A message this process sends: `-> Call #3 Ipa::reverse`.
+pub(crate) fn outgoing(envelope: &Envelope, iface: &InterfaceInfo) {
+    let method = iface.method(envelope.cmd).map_or("?", |m| m.name);
+    line(&format!(
+        "typed-ipc[{}] -> {:?} #{} {}::{method}",
+        std::process::id(),
+        envelope.kind,
+        envelope.cookie,
+        iface.name
+    ));
+}
+
+/// A reply this process sends.
+pub(crate) fn reply(cookie: u64) {
+    line(&format!(
+        "typed-ipc[{}] -> Reply #{cookie}",
+        std::process::id()
+    ));
+}
+
+/// A message this process received, named after the served interface it is for, if any.
+pub(crate) fn incoming<'i>(
+    envelope: &Envelope,
+    frame: &Frame,
+    mut served: impl Iterator<Item = &'i InterfaceInfo>,
+) {
+    let name = served
+        .find(|i| i.id == envelope.interface)
+        .map_or(String::new(), |i| {
+            format!(
+                " {}::{}",
+                i.name,
+                i.method(envelope.cmd).map_or("?", |m| m.name)
+            )
+        });
+    line(&format!(
+        "typed-ipc[{}] <- {:?} #{}{name} ({} bytes, {} fds)",
+        std::process::id(),
+        envelope.kind,
+        envelope.cookie,
+        frame.payload.len() - envelope::LEN.min(frame.payload.len()),
+        frame.fds.len()
+    ));
+}
