@@ -250,8 +250,8 @@ impl Connection {
             }
             // Become the reader. A call that arrives is run right here (no hand-off); a
             // oneway too unless an earlier one is still running.
-            let (mut s, msg) = shared.read(state, None);
-            state = s.take().unwrap_or_else(|| lock(&shared.state));
+            let msg;
+            (state, msg) = shared.read(state, None);
             match msg {
                 Some((frame, Kind::Call)) => {
                     drop(state);
@@ -396,8 +396,8 @@ impl Shared {
                 continue;
             }
             // `read` woke the waiters and still holds the lock, so they find these queued.
-            let (s, msg) = self.read(state, deadline);
-            state = s.unwrap_or_else(|| lock(&self.state));
+            let msg;
+            (state, msg) = self.read(state, deadline);
             match msg {
                 Some((frame, Kind::Call)) => state.calls.push_back(frame),
                 Some((frame, _)) => state.oneways.push_back(frame),
@@ -433,14 +433,14 @@ impl Shared {
         }
     }
 
-    /// Takes the reader role, receives one message and routes replies. Returns a request
-    /// for the caller to place, and the re-taken lock (or `None` if the caller must re-take
-    /// it). The role is released before returning.
+    /// Takes the reader role, receives one message and routes replies. Returns the lock,
+    /// re-taken, and a request for the caller to place. The role is released before
+    /// returning.
     fn read<'a>(
         &'a self,
         mut state: Guard<'a>,
         deadline: Option<Instant>,
-    ) -> (Option<Guard<'a>>, Option<(Frame, Kind)>) {
+    ) -> (Guard<'a>, Option<(Frame, Kind)>) {
         state.reading = true;
         let mut frame = std::mem::take(&mut state.buffer);
         drop(state);
@@ -463,7 +463,7 @@ impl Shared {
                     Ok(()) => self.fail(&mut state, Error::Malformed("bad envelope".into())),
                 }
                 state.buffer = frame;
-                return (Some(state), None);
+                return (state, None);
             }
         };
         if self.trace && matches!(envelope.kind, Kind::Reply | Kind::Failure) {
@@ -474,20 +474,20 @@ impl Shared {
                 if let Some(slot) = state.pending.get_mut(&envelope.cookie) {
                     *slot = Some(result.map(|()| frame));
                 }
-                (Some(state), None)
+                (state, None)
             }
-            (kind, Ok(())) => (Some(state), Some((frame, kind))),
+            (kind, Ok(())) => (state, Some((frame, kind))),
             (Kind::Call, Err(e)) => {
                 drop(state);
                 let why = format!("the server could not receive the request's fds: {e}");
                 let _ = self.reply_failure(&envelope, &Failure::BadRequest(why));
                 state = lock(&self.state);
                 state.buffer = frame;
-                (Some(state), None)
+                (state, None)
             }
             (Kind::Oneway, Err(_)) => {
                 state.buffer = frame;
-                (Some(state), None)
+                (state, None)
             }
         }
     }
