@@ -1,9 +1,9 @@
 //! The `#[interface]` attribute of typed-ipc. Use it through the `typed-ipc` crate, as
 //! `typed_ipc::interface`: the generated code names the runtime through `::typed_ipc`.
 //!
-//! The attribute parses the trait into a small model ([`parse`] → [`model`]), rejecting the
+//! The attribute parses the trait into a small model (`parse` → `model`), rejecting the
 //! shapes that cannot travel, and then writes the generated items from the model
-//! ([`generate`]). [`types`] holds what is decided from a type's spelling.
+//! (`generate`). `types` holds what is decided from a type's spelling.
 
 mod generate;
 mod model;
