@@ -330,19 +330,36 @@ impl<'a> Generator<'a> {
 
     /// `<Trait>Client`: the stub, one method per trait method.
     fn client(&self) -> TokenStream {
-        let (p, vis, client, name) = (private(), &self.iface.vis, &self.client, &self.iface.name);
-        let stubs = self.iface.methods.iter().map(|m| self.stub(m));
-        let docs = doc(format!(
+        let stubs: Vec<_> = self.iface.methods.iter().map(|m| self.stub(m)).collect();
+        let name = &self.iface.name;
+        let docs = format!(
             "The client side of [`{name}`]: each method calls the implementation at the other \
              end of the connection and waits for its reply (a `#[oneway]` method only sends).\n\n\
              Clones share the connection."
+        );
+        self.client_item(quote!(Connection), &docs, "", &stubs)
+    }
+
+    /// The client struct and its constructor, timeout and connection accessors around
+    /// `stubs`, over `connection` (a type in the private module): shared by both flavours.
+    fn client_item(
+        &self,
+        connection: TokenStream,
+        docs: &str,
+        timeout_note: &str,
+        stubs: &[TokenStream],
+    ) -> TokenStream {
+        let (p, vis, client) = (private(), &self.iface.vis, &self.client);
+        let docs = doc(docs.to_string());
+        let with_timeout = doc(format!(
+            "A copy of this client whose calls give up after `timeout` with\n`Error::TimedOut`{timeout_note}."
         ));
         quote! {
             #docs
             #[derive(::core::clone::Clone)]
             #[allow(dead_code)]
             #vis struct #client {
-                connection: #p::Connection,
+                connection: #p::#connection,
                 timeout: ::core::option::Option<#p::Duration>,
             }
 
@@ -352,12 +369,11 @@ impl<'a> Generator<'a> {
             impl #client {
                 /// A client calling the server at the other end of `connection`; its calls
                 /// wait as long as the peer is alive.
-                #vis fn new(connection: #p::Connection) -> Self {
+                #vis fn new(connection: #p::#connection) -> Self {
                     Self { connection, timeout: ::core::option::Option::None }
                 }
 
-                /// A copy of this client whose calls give up after `timeout` with
-                /// `Error::TimedOut`.
+                #with_timeout
                 #vis fn with_timeout(&self, timeout: #p::Duration) -> Self {
                     Self {
                         connection: ::core::clone::Clone::clone(&self.connection),
@@ -366,7 +382,7 @@ impl<'a> Generator<'a> {
                 }
 
                 /// The connection this client calls over.
-                #vis fn connection(&self) -> &#p::Connection {
+                #vis fn connection(&self) -> &#p::#connection {
                     &self.connection
                 }
 
@@ -375,23 +391,23 @@ impl<'a> Generator<'a> {
         }
     }
 
+    /// A stub's doc comment: the trait method's own, or a line naming it.
+    fn stub_docs(&self, m: &Method) -> TokenStream {
+        if m.docs.is_empty() {
+            doc(format!(
+                "Calls [`{}::{}`] on the server.",
+                self.iface.name, m.name
+            ))
+        } else {
+            let docs = &m.docs;
+            quote!(#(#docs)*)
+        }
+    }
+
     /// The client method for `m`: same name and parameters, the result wrapped.
     fn stub(&self, m: &Method) -> TokenStream {
         let (p, vis, info, method) = (private(), &self.iface.vis, &self.info, &m.name);
-        let docs = match m.docs.is_empty() {
-            true => doc(format!(
-                "Calls [`{}::{method}`] on the server.",
-                self.iface.name
-            )),
-            false => {
-                let docs = &m.docs;
-                quote!(#(#docs)*)
-            }
-        };
-        let params = m.args.iter().map(|a| {
-            let (name, ty) = (&a.name, &a.value.ty);
-            quote!(#name: #ty)
-        });
+        let (docs, params) = (self.stub_docs(m), stub_params(m));
         let args = m.args.iter().map(|a| encode_arg(&a.name, a.value.wire));
         let cmd = cmd(m);
         let (ret, body) = match (&m.ret, m.oneway) {
@@ -508,69 +524,31 @@ impl<'a> Generator<'a> {
     }
     /// `<Trait>Client` of the async flavour: `async fn` stubs over an `AsyncConnection`.
     fn async_client(&self) -> TokenStream {
-        let (p, vis, client, name) = (private(), &self.iface.vis, &self.client, &self.iface.name);
-        let stubs = self.iface.methods.iter().map(|m| self.async_stub(m));
-        let docs = doc(format!(
+        let stubs: Vec<_> = self
+            .iface
+            .methods
+            .iter()
+            .map(|m| self.async_stub(m))
+            .collect();
+        let name = &self.iface.name;
+        let docs = format!(
             "The client side of [`{name}`]: each method calls the implementation at the other \
              end of the connection and resolves to its reply (a `#[oneway]` method resolves \
              once the message is sent). Dropping a call's future cancels the call.\n\n\
              Clones share the connection."
-        ));
-        quote! {
-            #docs
-            #[derive(::core::clone::Clone)]
-            #[allow(dead_code)]
-            #vis struct #client {
-                connection: #p::AsyncConnection,
-                timeout: ::core::option::Option<#p::Duration>,
-            }
-
-            // The stubs repeat the trait's parameter lists: the user's trait is where those
-            // lints belong.
-            #[allow(dead_code, clippy::too_many_arguments)]
-            impl #client {
-                /// A client calling the server at the other end of `connection`; its calls
-                /// wait as long as the peer is alive.
-                #vis fn new(connection: #p::AsyncConnection) -> Self {
-                    Self { connection, timeout: ::core::option::Option::None }
-                }
-
-                /// A copy of this client whose calls give up after `timeout` with
-                /// `Error::TimedOut` (the runtime needs its time driver).
-                #vis fn with_timeout(&self, timeout: #p::Duration) -> Self {
-                    Self {
-                        connection: ::core::clone::Clone::clone(&self.connection),
-                        timeout: ::core::option::Option::Some(timeout),
-                    }
-                }
-
-                /// The connection this client calls over.
-                #vis fn connection(&self) -> &#p::AsyncConnection {
-                    &self.connection
-                }
-
-                #(#stubs)*
-            }
-        }
+        );
+        self.client_item(
+            quote!(AsyncConnection),
+            &docs,
+            " (the runtime needs its time driver)",
+            &stubs,
+        )
     }
 
     /// The async client method for `m`: same name and parameters, the result wrapped.
     fn async_stub(&self, m: &Method) -> TokenStream {
         let (p, vis, info, method) = (private(), &self.iface.vis, &self.info, &m.name);
-        let docs = match m.docs.is_empty() {
-            true => doc(format!(
-                "Calls [`{}::{method}`] on the server.",
-                self.iface.name
-            )),
-            false => {
-                let docs = &m.docs;
-                quote!(#(#docs)*)
-            }
-        };
-        let params = m.args.iter().map(|a| {
-            let (name, ty) = (&a.name, &a.value.ty);
-            quote!(#name: #ty)
-        });
+        let (docs, params) = (self.stub_docs(m), stub_params(m));
         // The arguments are moved into the call's future (fds borrowed: they are closed when
         // the stub's future ends), so that it is `Send` whenever they are.
         let args = m.args.iter().map(|a| encode_arg(&a.name, a.value.wire));
@@ -778,6 +756,17 @@ fn screaming_snake(camel: &str) -> String {
         out.extend(c.to_uppercase());
     }
     out
+}
+
+/// A stub's parameter list: the trait method's, as written.
+fn stub_params(m: &Method) -> Vec<TokenStream> {
+    m.args
+        .iter()
+        .map(|a| {
+            let (name, ty) = (&a.name, &a.value.ty);
+            quote!(#name: #ty)
+        })
+        .collect()
 }
 
 #[cfg(test)]
