@@ -441,38 +441,47 @@ impl<'a> Generator<'a> {
         }
     }
 
+    /// The server's match arm for `m`: run the implementation (followed by `then`, e.g.
+    /// `.await`) with the request's fields, and wrap its result in the response variant.
+    fn dispatch_arm(&self, m: &Method, then: TokenStream) -> TokenStream {
+        let (name, request, response) = (&self.iface.name, &self.request, &self.response);
+        let (variant, method) = (&m.variant, &m.name);
+        let names: Vec<&Ident> = m.args.iter().map(|a| &a.name).collect();
+        let pattern = match names.is_empty() {
+            true => quote!(#request::#variant),
+            false => quote!(#request::#variant { #(#names),* }),
+        };
+        let run = quote!(<T as #name>::#method(&self.imp, #(#names),*)#then);
+        match (&m.ret, m.oneway) {
+            (_, true) => quote! {
+                #pattern => {
+                    #run;
+                    ::core::option::Option::None
+                }
+            },
+            (None, false) => quote! {
+                #pattern => {
+                    #run;
+                    ::core::option::Option::Some(#response::#variant)
+                }
+            },
+            (Some(_), false) => {
+                quote!(#pattern => ::core::option::Option::Some(#response::#variant(#run)),)
+            }
+        }
+    }
+
     /// `<Trait>Server`: owns the implementation and dispatches requests to it.
     fn server(&self) -> TokenStream {
         let (p, vis, server, name) = (private(), &self.iface.vis, &self.server, &self.iface.name);
         let (info, request, response) = (&self.info, &self.request, &self.response);
         // The arms bind the user's parameter names, so nothing of ours may be in scope there
         // but `self` (a parameter named `call` must not shadow the call being answered).
-        let arms = self.iface.methods.iter().map(|m| {
-            let (variant, method) = (&m.variant, &m.name);
-            let names: Vec<&Ident> = m.args.iter().map(|a| &a.name).collect();
-            let pattern = match names.is_empty() {
-                true => quote!(#request::#variant),
-                false => quote!(#request::#variant { #(#names),* }),
-            };
-            let run = quote!(<T as #name>::#method(&self.imp, #(#names),*));
-            match (&m.ret, m.oneway) {
-                (_, true) => quote! {
-                    #pattern => {
-                        #run;
-                        ::core::option::Option::None
-                    }
-                },
-                (None, false) => quote! {
-                    #pattern => {
-                        #run;
-                        ::core::option::Option::Some(#response::#variant)
-                    }
-                },
-                (Some(_), false) => {
-                    quote!(#pattern => ::core::option::Option::Some(#response::#variant(#run)),)
-                }
-            }
-        });
+        let arms = self
+            .iface
+            .methods
+            .iter()
+            .map(|m| self.dispatch_arm(m, quote!()));
         let bounds = quote!(#name + ::core::marker::Send + ::core::marker::Sync + 'static);
         let ret_unit = result(quote!(()));
         let docs = doc(format!(
@@ -594,32 +603,11 @@ impl<'a> Generator<'a> {
         let (p, vis, server, name) = (private(), &self.iface.vis, &self.server, &self.iface.name);
         let (info, request, response) = (&self.info, &self.request, &self.response);
         // As in the blocking server: nothing of ours in scope in the arms but `self`.
-        let arms = self.iface.methods.iter().map(|m| {
-            let (variant, method) = (&m.variant, &m.name);
-            let names: Vec<&Ident> = m.args.iter().map(|a| &a.name).collect();
-            let pattern = match names.is_empty() {
-                true => quote!(#request::#variant),
-                false => quote!(#request::#variant { #(#names),* }),
-            };
-            let run = quote!(<T as #name>::#method(&self.imp, #(#names),*).await);
-            match (&m.ret, m.oneway) {
-                (_, true) => quote! {
-                    #pattern => {
-                        #run;
-                        ::core::option::Option::None
-                    }
-                },
-                (None, false) => quote! {
-                    #pattern => {
-                        #run;
-                        ::core::option::Option::Some(#response::#variant)
-                    }
-                },
-                (Some(_), false) => {
-                    quote!(#pattern => ::core::option::Option::Some(#response::#variant(#run)),)
-                }
-            }
-        });
+        let arms = self
+            .iface
+            .methods
+            .iter()
+            .map(|m| self.dispatch_arm(m, quote!(.await)));
         let bounds = quote!(#name + ::core::marker::Send + ::core::marker::Sync + 'static);
         let ret_unit = result(quote!(()));
         let docs = doc(format!(
