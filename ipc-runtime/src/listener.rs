@@ -2,7 +2,7 @@
 
 use std::fs;
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
@@ -68,6 +68,12 @@ impl Listener {
         }
     }
 
+    /// Stops listening: a thread blocked in [`Listener::accept`] wakes with an `EINVAL` error,
+    /// and new clients are refused.
+    pub fn shutdown(&self) -> Result<()> {
+        Ok(ns::shutdown(self.fd.as_raw_fd(), ns::Shutdown::Both)?)
+    }
+
     /// The path this listener is bound to, if it is bound to one.
     pub fn path(&self) -> Option<&Path> {
         self.path.as_ref().map(|(p, _)| p.as_path())
@@ -77,12 +83,6 @@ impl Listener {
 impl AsFd for Listener {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
-    }
-}
-
-impl AsRawFd for Listener {
-    fn as_raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
     }
 }
 

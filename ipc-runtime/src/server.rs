@@ -1,11 +1,8 @@
 //! [`Server`]: which interfaces to serve, how many requests at once, who may call; on one
 //! connection or on every client of a [`Listener`].
 
-use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
-
-use nix::sys::socket::{Shutdown, shutdown};
 
 use crate::connection::Connection;
 use crate::error::{Error, Result};
@@ -174,7 +171,7 @@ impl Serving {
     }
 
     fn stop(&mut self) {
-        let _ = shutdown(self.listener.as_raw_fd(), Shutdown::Both);
+        let _ = self.listener.shutdown();
         if let Some(acceptor) = self.acceptor.take() {
             let _ = acceptor.join();
         }

@@ -174,6 +174,15 @@ impl Socket {
         }
     }
 
+    /// Shuts the receiving side down: threads blocked receiving wake as if the peer had hung
+    /// up, while sends still go out (graceful shutdown: answer what is in flight).
+    pub fn shutdown_read(&self) -> Result<()> {
+        match ns::shutdown(self.fd.as_raw_fd(), ns::Shutdown::Read) {
+            Err(nix::Error::ENOTCONN) => Ok(()),
+            r => Ok(r?),
+        }
+    }
+
     /// Sends one message, waiting as long as the peer's buffer is full.
     ///
     /// A message that fits one datagram (≤ 64 KiB and ≤ 253 fds) is one `sendmsg`; a larger

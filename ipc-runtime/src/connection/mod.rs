@@ -152,8 +152,7 @@ impl Connection {
     /// requests already running finish and their replies go out. Serving threads return once
     /// they are done. Used for graceful shutdown.
     pub fn stop_reading(&self) {
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.shared.socket.as_fd());
-        let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Read);
+        let _ = self.shared.socket.shutdown_read();
     }
 
     /// Answers calls to `service`'s interface on this connection, from the threads that run

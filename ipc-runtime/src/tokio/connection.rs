@@ -203,8 +203,7 @@ impl AsyncConnection {
     /// requests already running finish and their replies go out, then
     /// [`AsyncConnection::run`] returns. Used for graceful shutdown.
     pub fn stop_reading(&self) {
-        let fd = self.inner.socket().as_fd().as_raw_fd();
-        let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Read);
+        let _ = self.inner.socket().shutdown_read();
     }
 
     /// Answers calls to `service`'s interface on this connection. Several interfaces can be
