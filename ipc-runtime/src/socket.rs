@@ -212,63 +212,19 @@ impl Socket {
         fds: &[BorrowedFd<'_>],
         deadline: Option<Instant>,
     ) -> Result<()> {
-        let total_len = u32::try_from(payload.len()).map_err(|_| Error::TooLarge {
-            size: payload.len() as u64,
-            limit: u32::MAX as u64,
-        })?;
-        let total_fds = u32::try_from(fds.len()).map_err(|_| Error::TooManyFds {
-            count: fds.len() as u64,
-            limit: u32::MAX as u64,
-        })?;
+        let mut cursor = SendCursor::new(payload.len(), fds.len())?;
         let _guard = lock(&self.send_lock);
-        let whole = payload.len() <= FIRST_MAX.min(self.chunk) && fds.len() <= FDS_PER_DATAGRAM;
-        let first_len = if whole { payload.len() } else { 0 };
-        let first_fds = fds.len().min(FDS_PER_DATAGRAM);
-        let header = Header {
-            kind: Kind::First,
-            fds: first_fds as u16,
-            total_len,
-            total_fds,
-        };
-        self.send_datagram(&header, &payload[..first_len], &fds[..first_fds], deadline)?;
-        let (mut bytes, mut fds) = (&payload[first_len..], &fds[first_fds..]);
-        while !bytes.is_empty() || !fds.is_empty() {
-            let (chunk, rest) = bytes.split_at(bytes.len().min(self.chunk));
-            let (these, others) = fds.split_at(fds.len().min(FDS_PER_DATAGRAM));
-            let header = Header {
-                kind: Kind::More,
-                fds: these.len() as u16,
-                total_len,
-                total_fds,
-            };
-            if let Err(e) = self.send_datagram(&header, chunk, these, deadline) {
-                // The peer holds part of a message; the stream cannot be resynchronised.
-                let _ = self.shutdown();
+        // The datagrams are `send_some`'s; blocking only adds waiting for room between them.
+        while !self.send_some(&mut cursor, payload, fds)? {
+            if let Err(e) = self.wait(PollFlags::POLLOUT, deadline) {
+                if cursor.in_progress() {
+                    // The peer holds part of a message; the stream cannot be resynchronised.
+                    let _ = self.shutdown();
+                }
                 return Err(e);
             }
-            (bytes, fds) = (rest, others);
         }
         Ok(())
-    }
-
-    fn send_datagram(
-        &self,
-        header: &Header,
-        payload: &[u8],
-        fds: &[BorrowedFd<'_>],
-        deadline: Option<Instant>,
-    ) -> Result<()> {
-        let header = header.encode();
-        loop {
-            match sys::send(self.fd.as_fd(), &header, payload, fds) {
-                Ok(_) => return Ok(()),
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
-                    self.wait(PollFlags::POLLOUT, deadline)?
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
     }
 
     /// Sends as much of the message `cursor` tracks as the socket takes without waiting:
@@ -281,7 +237,6 @@ impl Socket {
     /// makes sure no other message goes out on this socket between the first and the last
     /// datagram of this one. An error after part of the message went out shuts the socket
     /// down, as [`Socket::send`] does.
-    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     pub(crate) fn send_some(
         &self,
         cursor: &mut SendCursor,
@@ -622,7 +577,6 @@ impl Socket {
 
 /// Where a message stands that [`Socket::send_some`] is sending a piece at a time.
 #[derive(Clone, Copy, Debug)]
-#[cfg_attr(not(feature = "tokio"), allow(dead_code))]
 pub(crate) struct SendCursor {
     total_len: u32,
     total_fds: u32,
