@@ -181,9 +181,10 @@ fn parent(args: &[String]) -> Res<()> {
             one()?;
         }
         let server_before = client.allocs()?;
+        // Context switches are read outside the strace window: reading /proc is syscalls too.
+        let (client_cs, server_cs) = (thread_switches(), process_switches(worker.id()));
         mark("begin", name);
         let before = allocs();
-        let (client_cs, server_cs) = (thread_switches(), process_switches(worker.id()));
         for _ in 0..calls {
             one()?;
         }
@@ -191,11 +192,11 @@ fn parent(args: &[String]) -> Res<()> {
         // the server's work for this window is inside it.
         client.ping(0)?;
         let after = allocs();
+        mark("end", name);
         let (client_cs, server_cs) = (
             thread_switches() - client_cs,
             process_switches(worker.id()) - server_cs,
         );
-        mark("end", name);
         let server_after = client.allocs()?; // After the oneways: they have all run by now.
         // One `allocs()` call sits inside the server's window: its reply and the next
         // request's receive. It allocates nothing (it is a `ping` with another number).
