@@ -247,29 +247,10 @@ impl Connection {
                 state = shared.sleep(state, None);
                 continue;
             }
-            // Become the reader. A call that arrives is run right here (no hand-off); a
-            // oneway too unless an earlier one is still running.
-            let msg;
-            (state, msg) = shared.read(state, None);
-            match msg {
-                Some((frame, Kind::Call)) => {
-                    drop(state);
-                    shared.dispatch(frame, false);
-                    state = lock(&shared.state);
-                }
-                Some((frame, Kind::Oneway))
-                    if !state.oneway_running && state.oneways.is_empty() =>
-                {
-                    state.oneway_running = true;
-                    drop(state);
-                    shared.dispatch(frame, true);
-                    state = lock(&shared.state);
-                    state.oneway_running = false;
-                    shared.wake_all(&state);
-                }
-                Some((frame, _)) => state.oneways.push_back(frame),
-                None => {}
-            }
+            // Become the reader. A request that arrives is queued and, at the top of the
+            // loop, run by this same thread: no hand-off, calls in arrival order, oneways one
+            // at a time.
+            state = shared.read(state, None);
         }
     }
 
@@ -394,14 +375,7 @@ impl Shared {
                 state = self.sleep(state, deadline);
                 continue;
             }
-            // `read` woke the waiters and still holds the lock, so they find these queued.
-            let msg;
-            (state, msg) = self.read(state, deadline);
-            match msg {
-                Some((frame, Kind::Call)) => state.calls.push_back(frame),
-                Some((frame, _)) => state.oneways.push_back(frame),
-                None => {}
-            }
+            state = self.read(state, deadline);
         }
     }
 
@@ -432,14 +406,11 @@ impl Shared {
         }
     }
 
-    /// Takes the reader role, receives one message and routes replies. Returns the lock,
-    /// re-taken, and a request for the caller to place. The role is released before
-    /// returning.
-    fn read<'a>(
-        &'a self,
-        mut state: Guard<'a>,
-        deadline: Option<Instant>,
-    ) -> (Guard<'a>, Option<(Frame, Kind)>) {
+    /// Takes the reader role, receives one message and routes it: a reply to its caller's
+    /// slot, a request to the queue serving threads take from. Returns the lock, re-taken;
+    /// the waiters were woken under it, so they find the message routed. The role is
+    /// released before returning.
+    fn read<'a>(&'a self, mut state: Guard<'a>, deadline: Option<Instant>) -> Guard<'a> {
         state.reading = true;
         let mut frame = std::mem::take(&mut state.buffer);
         drop(state);
@@ -462,7 +433,7 @@ impl Shared {
                     Ok(()) => self.fail(&mut state, Error::Malformed("bad envelope".into())),
                 }
                 state.buffer = frame;
-                return (state, None);
+                return state;
             }
         };
         if self.trace && matches!(envelope.kind, Kind::Reply | Kind::Failure) {
@@ -473,22 +444,19 @@ impl Shared {
                 if let Some(slot) = state.pending.get_mut(&envelope.cookie) {
                     *slot = Some(result.map(|()| frame));
                 }
-                (state, None)
             }
-            (kind, Ok(())) => (state, Some((frame, kind))),
+            (Kind::Call, Ok(())) => state.calls.push_back(frame),
+            (Kind::Oneway, Ok(())) => state.oneways.push_back(frame),
             (Kind::Call, Err(e)) => {
                 drop(state);
                 let why = format!("the server could not receive the request's fds: {e}");
                 let _ = self.reply_failure(&envelope, &Failure::BadRequest(why));
                 state = lock(&self.state);
                 state.buffer = frame;
-                (state, None)
             }
-            (Kind::Oneway, Err(_)) => {
-                state.buffer = frame;
-                (state, None)
-            }
+            (Kind::Oneway, Err(_)) => state.buffer = frame,
         }
+        state
     }
 
     /// Ends the connection with `why` and wakes everyone waiting on it.
