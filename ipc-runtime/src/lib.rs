@@ -8,9 +8,11 @@ mod connection;
 mod error;
 mod frame;
 mod listener;
+mod memfd;
 mod server;
 pub mod service;
 pub mod shared_buffer;
+pub mod shared_region;
 mod socket;
 mod sys;
 #[cfg(feature = "tokio")]

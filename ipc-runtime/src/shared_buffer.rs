@@ -46,22 +46,15 @@
 //! [`SealedBuffer::from_fd_with_limit`] for another bound.
 
 use std::fmt;
-use std::io;
-use std::num::NonZeroUsize;
 use std::ops::{Deref, DerefMut};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use nix::errno::Errno;
-use nix::fcntl::{FcntlArg, SealFlag, fcntl};
-use nix::sys::memfd::{MFdFlags, memfd_create};
-use nix::sys::mman::{MapFlags, MmapAdvise, ProtFlags, madvise, mmap, munmap};
-use nix::sys::stat::{SFlag, fstat};
-use nix::unistd::ftruncate;
+use nix::fcntl::SealFlag;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::{Error, Result};
+use crate::memfd::{Access, Demand, Mapping, add_seals, checked_len, new_memfd};
 
 /// The seals a receiver requires before it reads a buffer in place.
 const REQUIRED: SealFlag = SealFlag::F_SEAL_WRITE
@@ -70,6 +63,13 @@ const REQUIRED: SealFlag = SealFlag::F_SEAL_WRITE
 
 /// The seals [`SharedBuffer::seal`] applies.
 const APPLIED: SealFlag = REQUIRED.union(SealFlag::F_SEAL_SEAL);
+
+const DEMAND: Demand = Demand {
+    what: "a sealed buffer",
+    all: REQUIRED,
+    any: SealFlag::empty(),
+    because: "its sender could still change it while it is read",
+};
 
 /// A fresh memfd mapped writable: fill it, then [`seal`](SharedBuffer::seal) it to send it.
 ///
@@ -98,7 +98,7 @@ impl SharedBuffer {
         let SharedBuffer { fd, map } = self;
         let len = map.len;
         drop(map); // F_SEAL_WRITE is refused while a writable shared mapping exists.
-        add_seals(&fd)?;
+        add_seals(&fd, APPLIED)?;
         let map = Mapping::new(&fd, len, Access::Read)?;
         Ok(SealedBuffer { fd, map })
     }
@@ -179,7 +179,7 @@ impl SealedBuffer {
                 Err(e) => return Err(e.into()),
             }
         }
-        add_seals(&fd)?;
+        add_seals(&fd, APPLIED)?;
         let map = Mapping::new(&fd, bytes.len(), Access::Read)?;
         Ok(SealedBuffer { fd, map })
     }
@@ -194,37 +194,7 @@ impl SealedBuffer {
 
     /// [`SealedBuffer::from_fd`] with another size limit.
     pub fn from_fd_with_limit(fd: OwnedFd, max_len: usize) -> Result<SealedBuffer> {
-        let seals = match fcntl(&fd, FcntlArg::F_GET_SEALS) {
-            Ok(bits) => SealFlag::from_bits_retain(bits),
-            Err(Errno::EINVAL) => {
-                return Err(refused(
-                    "the fd cannot be sealed (not a memfd), so its sender could change it while \
-                     it is read"
-                        .into(),
-                ));
-            }
-            Err(e) => return Err(e.into()),
-        };
-        if !seals.contains(REQUIRED) {
-            return Err(refused(format!(
-                "the memfd lacks the seals {:?}, so its sender could still change it while it \
-                 is read",
-                REQUIRED.difference(seals)
-            )));
-        }
-        // Sealed against shrinking and growing: the size read now is the size for good.
-        let stat = fstat(&fd)?;
-        if SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
-            return Err(refused("the fd is not a regular file".into()));
-        }
-        let limit = max_len.min(isize::MAX as usize);
-        let len = usize::try_from(stat.st_size)
-            .ok()
-            .filter(|&len| len <= limit)
-            .ok_or(Error::TooLarge {
-                size: stat.st_size as u64,
-                limit: limit as u64,
-            })?;
+        let len = checked_len(&fd, &DEMAND, max_len)?;
         let map = Mapping::new(&fd, len, Access::Read)?;
         Ok(SealedBuffer { fd, map })
     }
@@ -309,137 +279,3 @@ impl<'de> Deserialize<'de> for SealedBuffer {
     }
 }
 
-/// Adds [`APPLIED`]. The kernel refuses `F_SEAL_WRITE` with `EBUSY` while anything still
-/// holds a page of the file (a writable mapping, or a transient page reference, which it
-/// waits ~150 ms for before giving up); seen once in thousands of seals under load, so a
-/// refusal is retried twice before it is returned.
-fn add_seals(fd: &OwnedFd) -> Result<()> {
-    let mut attempts = 0;
-    loop {
-        match fcntl(fd, FcntlArg::F_ADD_SEALS(APPLIED)) {
-            Err(Errno::EBUSY) if attempts < 2 => attempts += 1,
-            r => return Ok(r.map(drop)?),
-        }
-    }
-}
-
-fn refused(why: String) -> Error {
-    Error::Io(io::Error::new(
-        io::ErrorKind::InvalidInput,
-        format!("not a sealed buffer: {why}"),
-    ))
-}
-
-/// Whether `MFD_NOEXEC_SEAL` (Linux 6.3) was refused once, so we stop asking for it.
-static NO_NOEXEC_SEAL: AtomicBool = AtomicBool::new(false);
-
-/// A close-on-exec memfd that allows sealing, of `len` bytes.
-fn new_memfd(len: usize) -> Result<OwnedFd> {
-    const NAME: &std::ffi::CStr = c"typed-ipc-buffer";
-    let base = MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING;
-    let fd = if NO_NOEXEC_SEAL.load(Ordering::Relaxed) {
-        memfd_create(NAME, base)?
-    } else {
-        // Not executable, ever (and no kernel warning about memfds that could be).
-        match memfd_create(
-            NAME,
-            base | MFdFlags::from_bits_retain(libc::MFD_NOEXEC_SEAL),
-        ) {
-            Err(Errno::EINVAL) => {
-                NO_NOEXEC_SEAL.store(true, Ordering::Relaxed);
-                memfd_create(NAME, base)?
-            }
-            r => r?,
-        }
-    };
-    if len > 0 {
-        let size = i64::try_from(len).map_err(|_| Error::TooLarge {
-            size: len as u64,
-            limit: i64::MAX as u64,
-        })?;
-        ftruncate(&fd, size)?;
-    }
-    Ok(fd)
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Access {
-    Read,
-    ReadWrite,
-}
-
-/// A shared mapping of a whole file; unmapped on drop. Empty files are not mapped (`mmap`
-/// refuses length 0) and get a dangling, never-dereferenced pointer.
-struct Mapping {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: a Mapping is an address range owned by one value; the bytes behind it are only
-// accessed through `&`/`&mut` borrows of that value, so moving or sharing it across threads is
-// as safe as for a `Box<[u8]>`.
-unsafe impl Send for Mapping {}
-// SAFETY: as above.
-unsafe impl Sync for Mapping {}
-
-impl Mapping {
-    fn new(fd: &OwnedFd, len: usize, access: Access) -> Result<Mapping> {
-        let Some(length) = NonZeroUsize::new(len) else {
-            return Ok(Mapping {
-                ptr: NonNull::dangling(),
-                len: 0,
-            });
-        };
-        let (prot, flags) = match access {
-            // Not populated: a received buffer may be sparse, and reading a hole allocates a
-            // page; the receiver pays only for what it reads.
-            Access::Read => (ProtFlags::PROT_READ, MapFlags::MAP_SHARED),
-            // Populated: a new buffer is there to be filled, and allocating every page in one
-            // call is cheaper than a page fault per page (about 15% at 16 MiB here).
-            Access::ReadWrite => (
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_SHARED | MapFlags::MAP_POPULATE,
-            ),
-        };
-        // SAFETY: a new shared mapping at an address the kernel picks cannot overlap memory
-        // Rust already uses; the file is `len` bytes long (set by us, or fixed by seals), so
-        // the whole range is backed.
-        let ptr = unsafe { mmap(None, length, prot, flags, fd, 0)? };
-        let map = Mapping {
-            ptr: ptr.cast(),
-            len,
-        };
-        if access == Access::ReadWrite {
-            // A child forked while we hold the writable view must not inherit it: it would
-            // make `seal` fail with EBUSY.
-            // SAFETY: MADV_DONTFORK only changes what fork copies; the range is our mapping.
-            unsafe { madvise(ptr, len, MmapAdvise::MADV_DONTFORK)? };
-        }
-        Ok(map)
-    }
-
-    /// # Safety
-    /// The caller guarantees nothing writes the mapped bytes while the slice lives.
-    unsafe fn slice(&self) -> &[u8] {
-        // SAFETY: `ptr` is valid for reads of `len` bytes (a live mapping, or dangling with
-        // len 0), `len` ≤ isize::MAX (checked before mapping), and the caller rules out writes.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
-    }
-
-    /// # Safety
-    /// The mapping must be writable, and nothing else may access the bytes while the slice
-    /// lives.
-    unsafe fn slice_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as in `slice`, plus writable and exclusive per the caller.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        if self.len > 0 {
-            // SAFETY: `ptr`/`len` is a mapping this value made and nothing borrows any more.
-            let _ = unsafe { munmap(self.ptr.cast(), self.len) };
-        }
-    }
-}

@@ -1,0 +1,212 @@
+//! The memfd plumbing under [`shared_buffer`](crate::shared_buffer) and
+//! [`shared_region`](crate::shared_region): creating memfds, checking a received one's seals and
+//! size, and mapping them.
+
+use std::io;
+use std::num::NonZeroUsize;
+use std::os::fd::OwnedFd;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use nix::errno::Errno;
+use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+use nix::sys::memfd::{MFdFlags, memfd_create};
+use nix::sys::mman::{MapFlags, MmapAdvise, ProtFlags, madvise, mmap, munmap};
+use nix::sys::stat::{SFlag, fstat};
+use nix::unistd::ftruncate;
+
+use crate::error::{Error, Result};
+
+/// Whether `MFD_NOEXEC_SEAL` (Linux 6.3) was refused once, so we stop asking for it.
+static NO_NOEXEC_SEAL: AtomicBool = AtomicBool::new(false);
+
+/// A close-on-exec memfd that allows sealing, of `len` bytes.
+pub(crate) fn new_memfd(len: usize) -> Result<OwnedFd> {
+    const NAME: &std::ffi::CStr = c"typed-ipc-buffer";
+    let base = MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING;
+    let fd = if NO_NOEXEC_SEAL.load(Ordering::Relaxed) {
+        memfd_create(NAME, base)?
+    } else {
+        // Not executable, ever (and no kernel warning about memfds that could be).
+        match memfd_create(
+            NAME,
+            base | MFdFlags::from_bits_retain(libc::MFD_NOEXEC_SEAL),
+        ) {
+            Err(Errno::EINVAL) => {
+                NO_NOEXEC_SEAL.store(true, Ordering::Relaxed);
+                memfd_create(NAME, base)?
+            }
+            r => r?,
+        }
+    };
+    if len > 0 {
+        let size = i64::try_from(len).map_err(|_| Error::TooLarge {
+            size: len as u64,
+            limit: i64::MAX as u64,
+        })?;
+        ftruncate(&fd, size)?;
+    }
+    Ok(fd)
+}
+
+/// Adds `seals`. The kernel refuses `F_SEAL_WRITE` with `EBUSY` while anything still holds a
+/// page of the file (a writable mapping, or a transient page reference, which it waits ~150 ms
+/// for before giving up); seen once in thousands of seals under load, so a refusal is retried
+/// twice before it is returned.
+pub(crate) fn add_seals(fd: &OwnedFd, seals: SealFlag) -> Result<()> {
+    let mut attempts = 0;
+    loop {
+        match fcntl(fd, FcntlArg::F_ADD_SEALS(seals)) {
+            Err(Errno::EBUSY) if attempts < 2 => attempts += 1,
+            r => return Ok(r.map(drop)?),
+        }
+    }
+}
+
+/// What a receiver demands of a memfd before mapping it.
+pub(crate) struct Demand {
+    /// What the fd must be, for error messages: "a sealed buffer".
+    pub what: &'static str,
+    /// Seals that must all be present.
+    pub all: SealFlag,
+    /// Seals of which at least one must be present (empty: none needed).
+    pub any: SealFlag,
+    /// Why the seals matter, for error messages.
+    pub because: &'static str,
+}
+
+/// Checks a received fd against `demand` and returns its size, which the seals have fixed:
+/// the fd must be a regular file (a memfd) carrying the demanded seals, of at most `max_len`
+/// bytes. A refusal is an [`Error::Io`] of kind `InvalidInput` (or [`Error::TooLarge`]).
+pub(crate) fn checked_len(fd: &OwnedFd, demand: &Demand, max_len: usize) -> Result<usize> {
+    let refused = |why: String| {
+        Error::Io(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("not {}: {why}", demand.what),
+        ))
+    };
+    let seals = match fcntl(fd, FcntlArg::F_GET_SEALS) {
+        Ok(bits) => SealFlag::from_bits_retain(bits),
+        Err(Errno::EINVAL) => {
+            return Err(refused(format!(
+                "the fd cannot be sealed (not a memfd), so {}",
+                demand.because
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if !seals.contains(demand.all) {
+        return Err(refused(format!(
+            "the memfd lacks the seals {:?}, so {}",
+            demand.all.difference(seals),
+            demand.because
+        )));
+    }
+    if !demand.any.is_empty() && !seals.intersects(demand.any) {
+        return Err(refused(format!(
+            "the memfd has none of the seals {:?}, so {}",
+            demand.any, demand.because
+        )));
+    }
+    // Sealed against shrinking and growing: the size read now is the size for good.
+    let stat = fstat(fd)?;
+    if SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
+        return Err(refused("the fd is not a regular file".into()));
+    }
+    let limit = max_len.min(isize::MAX as usize);
+    usize::try_from(stat.st_size)
+        .ok()
+        .filter(|&len| len <= limit)
+        .ok_or(Error::TooLarge {
+            size: stat.st_size as u64,
+            limit: limit as u64,
+        })
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Access {
+    Read,
+    ReadWrite,
+}
+
+/// A shared mapping of a whole file; unmapped on drop. Empty files are not mapped (`mmap`
+/// refuses length 0) and get a dangling, never-dereferenced pointer.
+pub(crate) struct Mapping {
+    ptr: NonNull<u8>,
+    pub len: usize,
+}
+
+// SAFETY: a Mapping is an address range owned by one value; the bytes behind it are only
+// accessed through borrows of its owner, whose types say how (see their SAFETY comments), so
+// moving or sharing it across threads is as safe as for a `Box<[u8]>`.
+unsafe impl Send for Mapping {}
+// SAFETY: as above.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    pub fn new(fd: &OwnedFd, len: usize, access: Access) -> Result<Mapping> {
+        let Some(length) = NonZeroUsize::new(len) else {
+            return Ok(Mapping {
+                ptr: NonNull::dangling(),
+                len: 0,
+            });
+        };
+        let (prot, flags) = match access {
+            // Not populated: a received buffer may be sparse, and reading a hole allocates a
+            // page; the receiver pays only for what it reads.
+            Access::Read => (ProtFlags::PROT_READ, MapFlags::MAP_SHARED),
+            // Populated: a new buffer is there to be filled, and allocating every page in one
+            // call is cheaper than a page fault per page (about 15% at 16 MiB here).
+            Access::ReadWrite => (
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED | MapFlags::MAP_POPULATE,
+            ),
+        };
+        // SAFETY: a new shared mapping at an address the kernel picks cannot overlap memory
+        // Rust already uses; the file is `len` bytes long (set by us, or fixed by seals), so
+        // the whole range is backed.
+        let ptr = unsafe { mmap(None, length, prot, flags, fd, 0)? };
+        let map = Mapping {
+            ptr: ptr.cast(),
+            len,
+        };
+        if access == Access::ReadWrite {
+            // A child forked while we hold the writable view must not inherit it: it would
+            // make sealing fail with EBUSY, or write behind our back.
+            // SAFETY: MADV_DONTFORK only changes what fork copies; the range is our mapping.
+            unsafe { madvise(ptr, len, MmapAdvise::MADV_DONTFORK)? };
+        }
+        Ok(map)
+    }
+
+    /// The first byte. Page-aligned, valid for reads of `len` bytes (and up to the end of the
+    /// last page), for writes too if mapped writable.
+    pub fn ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// # Safety
+    /// The caller guarantees nothing writes the mapped bytes while the slice lives.
+    pub unsafe fn slice(&self) -> &[u8] {
+        // SAFETY: `ptr` is valid for reads of `len` bytes (a live mapping, or dangling with
+        // len 0), `len` ≤ isize::MAX (checked before mapping), and the caller rules out writes.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// # Safety
+    /// The mapping must be writable, and nothing else may access the bytes while the slice
+    /// lives.
+    pub unsafe fn slice_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `slice`, plus writable and exclusive per the caller.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: `ptr`/`len` is a mapping this value made and nothing borrows any more.
+            let _ = unsafe { munmap(self.ptr.cast(), self.len) };
+        }
+    }
+}

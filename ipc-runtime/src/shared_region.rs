@@ -1,0 +1,356 @@
+//! Shared regions: memory one process writes again and again and its peer reads in place,
+//! safe even when the writer is hostile.
+//!
+//! A [`SharedRegion`] is a memfd of fixed size that its creator maps writable once and then
+//! seals with `F_SEAL_FUTURE_WRITE | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL`. Send its fd
+//! (as a [`RegionView`] from [`SharedRegion::view`], or as an `OwnedFd`) once; from then on the
+//! creator writes, tells the peer where to look with an ordinary call, and the peer reads the
+//! bytes in place through its [`RegionView`]. No page is allocated per message and no byte is
+//! copied by the transport, which is what makes this the fast path for big data (see
+//! `docs/benchmarks-bulk.md`); the connection itself uses a region of this kind to move large
+//! byte strings (see [`Connection`](crate::Connection)).
+//!
+//! # Who can write, and why reading is still safe
+//!
+//! - **Only the creator writes.** `F_SEAL_FUTURE_WRITE` forbids every *new* writable mapping
+//!   and every `write(2)`, in any process, for good; the one writable mapping made before the
+//!   seal is the creator's own, and it is not inherited by children (`MADV_DONTFORK`). So a
+//!   receiver can neither write the creator's memory nor turn its read-only mapping writable
+//!   (`mprotect` fails), and the creator's `&mut [u8]` is sound.
+//! - **The size never changes.** `F_SEAL_SHRINK | F_SEAL_GROW`: a mapping stays fully backed,
+//!   so no read can `SIGBUS`.
+//! - **The reader never assumes the bytes hold still.** The creator may write while the
+//!   reader reads (a hostile or buggy one will), so a [`RegionView`] never hands out `&[u8]`
+//!   — that would be a data race, undefined behaviour, and a time-of-check/time-of-use hole.
+//!   It reads through atomic loads instead ([`RegionView::words`], [`RegionView::copy_to`],
+//!   [`RegionView::to_vec`]): relaxed loads compile to the same plain `mov`s as ordinary ones,
+//!   so reading in place costs what reading a slice costs, and the worst a writer can do is
+//!   make the reader see bytes change. Copy out what you must check before you trust it.
+//!
+//! The receiver does not trust the creator to have sealed: [`RegionView::from_fd`] (and
+//! deserialization) checks the seals before mapping anything and refuses an fd that lacks
+//! `F_SEAL_SHRINK | F_SEAL_GROW` or one of `F_SEAL_WRITE`/`F_SEAL_FUTURE_WRITE`.
+//!
+//! Compared with [`SealedBuffer`](crate::shared_buffer::SealedBuffer), whose bytes can never
+//! change again: a sealed buffer is a snapshot the reader may borrow as `&[u8]`, but every
+//! message needs fresh pages; a region is reused for every message, and the reader gets atomic
+//! reads rather than a slice.
+//!
+//! ```
+//! use std::sync::atomic::Ordering;
+//! use typed_ipc::shared_region::{RegionView, SharedRegion};
+//!
+//! # fn main() -> typed_ipc::Result<()> {
+//! let mut region = SharedRegion::new(4096)?;
+//! let view: RegionView = region.view()?; // in real use: sent to the peer once
+//! region[..5].copy_from_slice(b"hello");
+//! assert_eq!(view.to_vec(0, 5)?, b"hello");
+//! assert_eq!(view.words()[0].load(Ordering::Relaxed).to_le_bytes()[..5], *b"hello");
+//! # Ok(())
+//! # }
+//! ```
+
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use nix::fcntl::SealFlag;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::error::{Error, Result};
+use crate::memfd::{Access, Demand, Mapping, add_seals, checked_len, new_memfd};
+
+/// The seals [`SharedRegion::new`] applies once its writable mapping exists.
+const APPLIED: SealFlag = SealFlag::F_SEAL_FUTURE_WRITE
+    .union(SealFlag::F_SEAL_SHRINK)
+    .union(SealFlag::F_SEAL_GROW)
+    .union(SealFlag::F_SEAL_SEAL);
+
+const DEMAND: Demand = Demand {
+    what: "a shared region",
+    all: SealFlag::F_SEAL_SHRINK.union(SealFlag::F_SEAL_GROW),
+    any: SealFlag::F_SEAL_WRITE.union(SealFlag::F_SEAL_FUTURE_WRITE),
+    because: "its sender could resize it under the reader, or the reader could write it",
+};
+
+/// A memfd region this process writes and its peer reads: fixed size, mapped writable here
+/// once, writable nowhere else. Derefs to `&mut [u8]`; give the peer a [`RegionView`].
+pub struct SharedRegion {
+    fd: OwnedFd,
+    map: Mapping,
+}
+
+impl SharedRegion {
+    /// A zero-filled region of `len` bytes (rounded up to whole pages), every page allocated
+    /// now (`MAP_POPULATE`), then sealed so that no other mapping can ever write it.
+    pub fn new(len: usize) -> Result<SharedRegion> {
+        let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .ok()
+            .flatten()
+            .map_or(4096, |p| p as usize);
+        let len = len
+            .checked_next_multiple_of(page)
+            .ok_or(Error::TooLarge {
+                size: len as u64,
+                limit: isize::MAX as u64,
+            })?;
+        let fd = new_memfd(len)?;
+        let map = Mapping::new(&fd, len, Access::ReadWrite)?;
+        add_seals(&fd, APPLIED)?;
+        Ok(SharedRegion { fd, map })
+    }
+
+    /// A read-only view of this region for the peer (its own fd and mapping): pass it as a
+    /// parameter, and the peer receives a `RegionView` of the same pages.
+    pub fn view(&self) -> Result<RegionView> {
+        RegionView::from_fd(self.fd.try_clone()?)
+    }
+
+    /// Length in bytes (a whole number of pages).
+    pub fn len(&self) -> usize {
+        self.map.len
+    }
+
+    /// Whether the region holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.map.len == 0
+    }
+}
+
+impl Deref for SharedRegion {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: a live mapping of `len` bytes owned by `self`. F_SEAL_FUTURE_WRITE was added
+        // right after this (the only) writable mapping was made, before the fd was shared, and
+        // the mapping is not inherited by forks, so only this value can write the bytes, and
+        // `&self` rules that out while the slice lives. Peers only read, which is no race for
+        // us; the size is sealed, so the mapping stays backed.
+        unsafe { self.map.slice() }
+    }
+}
+
+impl DerefMut for SharedRegion {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `deref`; the mapping is writable and `&mut self` makes this the only
+        // reference to the bytes in this process.
+        unsafe { self.map.slice_mut() }
+    }
+}
+
+impl AsFd for SharedRegion {
+    /// The memfd, to send to a peer: it is sealed, so the peer can only read it.
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl fmt::Debug for SharedRegion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedRegion")
+            .field("fd", &self.fd)
+            .field("len", &self.map.len)
+            .finish()
+    }
+}
+
+/// A peer's [`SharedRegion`], mapped read-only and read through atomic loads, because the peer
+/// may be writing it at the same time (see the [module docs](self)).
+pub struct RegionView {
+    fd: OwnedFd,
+    map: Mapping,
+}
+
+impl RegionView {
+    /// The largest region [`RegionView::from_fd`] and deserialization accept: 1 GiB, as
+    /// [`Limits::max_message_len`](crate::Limits::max_message_len) by default.
+    pub const DEFAULT_MAX_LEN: usize = 1 << 30;
+
+    /// Takes a received fd as a region, if it is one: a memfd sealed against resizing
+    /// (`F_SEAL_SHRINK | F_SEAL_GROW`) and against writes by anyone but its creator
+    /// (`F_SEAL_FUTURE_WRITE` or `F_SEAL_WRITE`), of at most [`RegionView::DEFAULT_MAX_LEN`]
+    /// bytes. Anything else is refused with an [`Error::Io`] of kind `InvalidInput` (or
+    /// [`Error::TooLarge`]), and the fd is closed.
+    pub fn from_fd(fd: OwnedFd) -> Result<RegionView> {
+        RegionView::from_fd_with_limit(fd, RegionView::DEFAULT_MAX_LEN)
+    }
+
+    /// [`RegionView::from_fd`] with another size limit.
+    pub fn from_fd_with_limit(fd: OwnedFd, max_len: usize) -> Result<RegionView> {
+        let len = checked_len(&fd, &DEMAND, max_len)?;
+        let map = Mapping::new(&fd, len, Access::Read)?;
+        Ok(RegionView { fd, map })
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.map.len
+    }
+
+    /// Whether the region holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.map.len == 0
+    }
+
+    /// The region as native-endian 64-bit words, read in place with atomic loads
+    /// (`Ordering::Relaxed` compiles to a plain load). Covers every byte: a length that is
+    /// not a multiple of 8 rounds up, and the bytes past the end read as zero.
+    pub fn words(&self) -> &[AtomicU64] {
+        let words = self.map.len.div_ceil(8);
+        // SAFETY: the mapping is page-aligned (so 8-aligned) and readable up to the end of its
+        // last page, which covers `len.div_ceil(8)` words; its size is sealed, so it stays
+        // backed while `self` lives. `AtomicU64` has the size and alignment of `u64`. This
+        // process only ever loads through the slice (the mapping is read-only and the seals
+        // forbid making it writable), and atomic loads may race with the creator's writes.
+        unsafe { std::slice::from_raw_parts(self.map.ptr().cast::<AtomicU64>(), words) }
+    }
+
+    /// Copies `dst.len()` bytes starting at `offset` into `dst`. The bytes are read with atomic
+    /// loads, so a creator writing meanwhile can change what is copied but cannot cause
+    /// undefined behaviour. Bytes outside the region are [`Error::Malformed`].
+    pub fn copy_to(&self, offset: usize, dst: &mut [u8]) -> Result<()> {
+        let end = offset.checked_add(dst.len()).filter(|&e| e <= self.len());
+        if end.is_none() {
+            return Err(Error::Malformed(format!(
+                "bytes {offset}..+{} lie outside a shared region of {} bytes",
+                dst.len(),
+                self.len()
+            )));
+        }
+        copy_words(self.words(), offset, dst);
+        Ok(())
+    }
+
+    /// `len` bytes starting at `offset`, copied into a new `Vec` (see [`RegionView::copy_to`]).
+    pub fn to_vec(&self, offset: usize, len: usize) -> Result<Vec<u8>> {
+        if offset.checked_add(len).is_none_or(|end| end > self.len()) {
+            return Err(Error::Malformed(format!(
+                "bytes {offset}..+{len} lie outside a shared region of {} bytes",
+                self.len()
+            )));
+        }
+        let mut v = Vec::with_capacity(len);
+        copy_words(self.words(), offset, &mut v.spare_capacity_mut()[..len]);
+        // SAFETY: `copy_words` initialised the first `len` bytes.
+        unsafe { v.set_len(len) };
+        Ok(v)
+    }
+}
+
+/// Byte or not-yet-initialised byte: what [`copy_words`] writes into.
+trait Slot {
+    fn put(&mut self, b: u8);
+    fn put8(dst: &mut [Self], w: [u8; 8])
+    where
+        Self: Sized;
+}
+
+impl Slot for u8 {
+    fn put(&mut self, b: u8) {
+        *self = b;
+    }
+    fn put8(dst: &mut [u8], w: [u8; 8]) {
+        dst.copy_from_slice(&w);
+    }
+}
+
+impl Slot for std::mem::MaybeUninit<u8> {
+    fn put(&mut self, b: u8) {
+        self.write(b);
+    }
+    fn put8(dst: &mut [Self], w: [u8; 8]) {
+        for (d, b) in dst.iter_mut().zip(w) {
+            d.write(b);
+        }
+    }
+}
+
+/// Copies bytes `offset..offset + dst.len()` of `words` into `dst`, one aligned atomic load
+/// per word. The caller has checked the range.
+fn copy_words<T: Slot>(words: &[AtomicU64], offset: usize, dst: &mut [T]) {
+    let byte = |pos: usize| words[pos / 8].load(Ordering::Relaxed).to_ne_bytes()[pos % 8];
+    let head = offset.next_multiple_of(8).min(offset + dst.len()) - offset;
+    let (head_dst, rest) = dst.split_at_mut(head);
+    for (i, d) in head_dst.iter_mut().enumerate() {
+        d.put(byte(offset + i));
+    }
+    let first = (offset + head) / 8;
+    let full = rest.len() / 8;
+    let (mid, tail) = rest.split_at_mut(full * 8);
+    for (d, w) in mid.chunks_exact_mut(8).zip(&words[first..first + full]) {
+        T::put8(d, w.load(Ordering::Relaxed).to_ne_bytes());
+    }
+    let tail_start = (first + full) * 8;
+    for (i, d) in tail.iter_mut().enumerate() {
+        d.put(byte(tail_start + i));
+    }
+}
+
+impl AsFd for RegionView {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl TryFrom<OwnedFd> for RegionView {
+    type Error = Error;
+    /// [`RegionView::from_fd`].
+    fn try_from(fd: OwnedFd) -> Result<RegionView> {
+        RegionView::from_fd(fd)
+    }
+}
+
+impl fmt::Debug for RegionView {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RegionView")
+            .field("fd", &self.fd)
+            .field("len", &self.map.len)
+            .finish()
+    }
+}
+
+/// On the wire: the memfd, as an index into the message's fd table.
+impl Serialize for RegionView {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        crate::codec::fd::serialize(&self.fd, s)
+    }
+}
+
+/// Takes the memfd from the message's fd table and checks it as [`RegionView::from_fd`] does;
+/// a refused fd fails decoding (the call gets [`Error::Malformed`]).
+impl<'de> Deserialize<'de> for RegionView {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let fd: OwnedFd = crate::codec::fd::deserialize(d)?;
+        RegionView::from_fd(fd).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copies_every_alignment() {
+        let mut region = SharedRegion::new(100).unwrap();
+        assert_eq!(region.len(), 4096);
+        for (i, b) in region.iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        let view = region.view().unwrap();
+        for offset in 0..17 {
+            for len in 0..40 {
+                let want: Vec<u8> = (offset..offset + len).map(|i| i as u8).collect();
+                assert_eq!(view.to_vec(offset, len).unwrap(), want, "{offset}+{len}");
+                let mut got = vec![0; len];
+                view.copy_to(offset, &mut got).unwrap();
+                assert_eq!(got, want, "{offset}+{len}");
+            }
+        }
+        assert!(matches!(view.to_vec(4090, 7), Err(Error::Malformed(_))));
+        assert!(matches!(view.to_vec(usize::MAX, 2), Err(Error::Malformed(_))));
+        assert!(matches!(
+            view.copy_to(4097, &mut []),
+            Err(Error::Malformed(_))
+        ));
+    }
+}
