@@ -7,9 +7,15 @@
 //! arrived. Fd-carrying fields mark themselves with [`Fd`] or `#[serde(with = "typed_ipc::fd")]`;
 //! the tables live in thread-locals for the duration of one `encode`/`decode` call, which is
 //! how serde's data model can carry something that is not data.
+//!
+//! Byte strings ([`Bytes`], [`bytes`]) are a tag byte and then either the bytes (tag 0) or,
+//! when the encoder runs with an [`OutOfLine`] store that takes them (tag 1), a [`Placed`]
+//! reference to where the store put them: the connection uses this to move large byte strings
+//! through a shared region instead of the socket (see `connection/lane.rs`).
 
 use std::cell::{Cell, RefCell};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::sync::Arc;
 
 use bincode::Options;
 use serde::de::DeserializeOwned;
@@ -25,6 +31,49 @@ thread_local! {
     /// Emptied tables kept for the next message, so fds cost no allocation.
     static SPARE_OUT: Cell<Vec<RawFd>> = const { Cell::new(Vec::new()) };
     static SPARE_IN: Cell<Vec<Option<OwnedFd>>> = const { Cell::new(Vec::new()) };
+    /// Where byte strings may go out of line, for the encode/decode running on this thread.
+    static STORE: RefCell<Option<Arc<dyn OutOfLine>>> = const { RefCell::new(None) };
+}
+
+/// Somewhere other than the message for large byte strings: the connection's shared region.
+pub(crate) trait OutOfLine: Send + Sync {
+    /// Offers `bytes` while encoding. `Some` if the store took them: the reference to write,
+    /// and an fd the message must carry (a region the peer has not seen yet), which the store
+    /// keeps open until the message is sent.
+    fn put(&self, bytes: &[u8]) -> Option<(Placed, Option<RawFd>)>;
+    /// Fetches placed bytes while decoding; `fd` is the fd the reference named, if any.
+    fn take(&self, placed: &Placed, fd: Option<OwnedFd>) -> std::result::Result<Vec<u8>, String>;
+}
+
+/// Where an out-of-line byte string is: the wire form of tag 1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Placed {
+    /// Which placement of the sender's store this is (acknowledged back to it).
+    pub seq: u32,
+    /// Index of an fd in the message's table that the bytes live in, or `u32::MAX`: where
+    /// the previous placement's fd said.
+    pub fd: u32,
+    /// Offset of the bytes there.
+    pub offset: u64,
+    /// Their length.
+    pub len: u64,
+}
+
+/// No fd in [`Placed::fd`].
+pub(crate) const NO_FD: u32 = u32::MAX;
+
+/// Runs `f` with `store` taking (encoding) or giving (decoding) out-of-line byte strings on
+/// this thread.
+pub(crate) fn with_store<R>(store: &Arc<dyn OutOfLine>, f: impl FnOnce() -> R) -> R {
+    let outer = STORE.with(|s| s.borrow_mut().replace(store.clone()));
+    let result = f();
+    STORE.with(|s| *s.borrow_mut() = outer);
+    result
+}
+
+/// Runs `f` with this thread's out-of-line store, if one is set.
+fn with_current_store<R>(f: impl FnOnce(&dyn OutOfLine) -> R) -> Option<R> {
+    STORE.with(|s| s.borrow().as_deref().map(f))
 }
 
 fn options() -> impl Options {
@@ -169,11 +218,41 @@ pub struct Bytes<T>(pub T);
 
 impl<T: AsRef<[u8]>> Serialize for Bytes<T> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(self.0.as_ref())
+        use serde::ser::SerializeTuple;
+        let bytes = self.0.as_ref();
+        let mut t = s.serialize_tuple(2)?;
+        match with_current_store(|store| store.put(bytes)).flatten() {
+            Some((mut placed, fd)) => {
+                if let Some(fd) = fd {
+                    // SAFETY: the store keeps this fd open until the message is sent.
+                    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+                    placed.fd = index_of(fd).map_err(serde::ser::Error::custom)?;
+                }
+                t.serialize_element(&1u8)?;
+                t.serialize_element(&placed)?;
+            }
+            None => {
+                t.serialize_element(&0u8)?;
+                t.serialize_element(&Inline(bytes))?;
+            }
+        }
+        t.end()
     }
 }
 
-impl<'de> Deserialize<'de> for Bytes<Vec<u8>> {
+/// A byte string written in place, in one go.
+struct Inline<'a>(&'a [u8]);
+
+impl Serialize for Inline<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(self.0)
+    }
+}
+
+/// Reads an in-place byte string.
+struct InlineBuf(Vec<u8>);
+
+impl<'de> Deserialize<'de> for InlineBuf {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct Visitor;
         impl<'de> serde::de::Visitor<'de> for Visitor {
@@ -188,7 +267,45 @@ impl<'de> Deserialize<'de> for Bytes<Vec<u8>> {
                 Ok(v)
             }
         }
-        d.deserialize_byte_buf(Visitor).map(Bytes)
+        d.deserialize_byte_buf(Visitor).map(InlineBuf)
+    }
+}
+
+impl<'de> Deserialize<'de> for Bytes<Vec<u8>> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a tagged byte string")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Vec<u8>, A::Error> {
+                use serde::de::Error as _;
+                let missing = || A::Error::custom("a byte string ended early");
+                match seq.next_element::<u8>()?.ok_or_else(missing)? {
+                    0 => Ok(seq.next_element::<InlineBuf>()?.ok_or_else(missing)?.0),
+                    1 => {
+                        let placed: Placed = seq.next_element()?.ok_or_else(missing)?;
+                        let fd = match placed.fd {
+                            NO_FD => None,
+                            index => Some(take(index).map_err(A::Error::custom)?),
+                        };
+                        with_current_store(|store| store.take(&placed, fd))
+                            .ok_or_else(|| {
+                                A::Error::custom(
+                                    "an out-of-line byte string, but no shared region to read it from",
+                                )
+                            })?
+                            .map_err(A::Error::custom)
+                    }
+                    tag => Err(A::Error::custom(format!("unknown byte string tag {tag}"))),
+                }
+            }
+        }
+        d.deserialize_tuple(2, Visitor).map(Bytes)
     }
 }
 
@@ -217,7 +334,7 @@ pub mod bytes {
 
     /// Writes the bytes as one byte string.
     pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(v)
+        Bytes(v).serialize(s)
     }
 
     /// Reads a byte string.

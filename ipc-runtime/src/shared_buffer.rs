@@ -278,4 +278,3 @@ impl<'de> Deserialize<'de> for SealedBuffer {
         SealedBuffer::from_fd(fd).map_err(serde::de::Error::custom)
     }
 }
-

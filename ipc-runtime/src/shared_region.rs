@@ -38,9 +38,9 @@
 //!
 //! ```
 //! use std::sync::atomic::Ordering;
-//! use typed_ipc::shared_region::{RegionView, SharedRegion};
+//! use ipc_runtime::shared_region::{RegionView, SharedRegion};
 //!
-//! # fn main() -> typed_ipc::Result<()> {
+//! # fn main() -> ipc_runtime::Result<()> {
 //! let mut region = SharedRegion::new(4096)?;
 //! let view: RegionView = region.view()?; // in real use: sent to the peer once
 //! region[..5].copy_from_slice(b"hello");
@@ -89,12 +89,10 @@ impl SharedRegion {
             .ok()
             .flatten()
             .map_or(4096, |p| p as usize);
-        let len = len
-            .checked_next_multiple_of(page)
-            .ok_or(Error::TooLarge {
-                size: len as u64,
-                limit: isize::MAX as u64,
-            })?;
+        let len = len.checked_next_multiple_of(page).ok_or(Error::TooLarge {
+            size: len as u64,
+            limit: isize::MAX as u64,
+        })?;
         let fd = new_memfd(len)?;
         let map = Mapping::new(&fd, len, Access::ReadWrite)?;
         add_seals(&fd, APPLIED)?;
@@ -347,7 +345,10 @@ mod tests {
             }
         }
         assert!(matches!(view.to_vec(4090, 7), Err(Error::Malformed(_))));
-        assert!(matches!(view.to_vec(usize::MAX, 2), Err(Error::Malformed(_))));
+        assert!(matches!(
+            view.to_vec(usize::MAX, 2),
+            Err(Error::Malformed(_))
+        ));
         assert!(matches!(
             view.copy_to(4097, &mut []),
             Err(Error::Malformed(_))

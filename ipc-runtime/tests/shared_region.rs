@@ -58,7 +58,10 @@ fn the_creator_writes_again_and_the_peer_sees_it_in_place() {
     let _guard = lock();
     let (a, b) = Socket::pair().unwrap();
     let mut region = SharedRegion::new(1 << 20).unwrap();
-    assert!(region.iter().all(|&x| x == 0), "a new region is zero-filled");
+    assert!(
+        region.iter().all(|&x| x == 0),
+        "a new region is zero-filled"
+    );
     a.send(b"region", &[region.as_fd()]).unwrap();
     let mut frame = b.recv().unwrap();
     let view = RegionView::try_from(frame.fds.pop().unwrap()).unwrap();
@@ -67,8 +70,14 @@ fn the_creator_writes_again_and_the_peer_sees_it_in_place() {
     for round in 1..=3u8 {
         region.fill(round);
         region[100..108].copy_from_slice(&u64::from(round).to_ne_bytes());
-        assert_eq!(view.words()[0].load(Ordering::Relaxed), u64::from_ne_bytes([round; 8]));
-        assert_eq!(view.words()[20].load(Ordering::Relaxed), u64::from_ne_bytes([round; 8]));
+        assert_eq!(
+            view.words()[0].load(Ordering::Relaxed),
+            u64::from_ne_bytes([round; 8])
+        );
+        assert_eq!(
+            view.words()[20].load(Ordering::Relaxed),
+            u64::from_ne_bytes([round; 8])
+        );
         assert_eq!(view.to_vec(100, 8).unwrap(), u64::from(round).to_ne_bytes());
         let all = view.to_vec(0, view.len()).unwrap();
         assert_eq!(all.len(), 1 << 20);
@@ -85,7 +94,10 @@ fn travels_through_the_codec() {
     let value = (7u32, &view);
     codec::encode(&value, &mut bytes, &mut fds).unwrap();
     assert_eq!(fds.len(), 1);
-    let owned: Vec<OwnedFd> = fds.iter().map(|fd| fd.try_clone_to_owned().unwrap()).collect();
+    let owned: Vec<OwnedFd> = fds
+        .iter()
+        .map(|fd| fd.try_clone_to_owned().unwrap())
+        .collect();
     let (n, got): (u32, RegionView) = codec::decode(&bytes, owned).unwrap();
     assert_eq!((n, got.len()), (7, 8192));
 }
@@ -103,7 +115,10 @@ fn the_peer_cannot_write_the_region() {
     );
     let file = File::from(fd.try_clone_to_owned().unwrap());
     assert!(file.write_at(b"x", 0).is_err(), "pwrite(2)");
-    assert!(file.set_len(0).is_err() && file.set_len(1 << 20).is_err(), "resize");
+    assert!(
+        file.set_len(0).is_err() && file.set_len(1 << 20).is_err(),
+        "resize"
+    );
     // SAFETY: a new mapping at a kernel-chosen address; it is refused anyway.
     let writable = unsafe {
         mmap(
@@ -136,8 +151,16 @@ fn the_peer_cannot_write_the_region() {
     unsafe { munmap(ro, 4096).unwrap() };
     // Reopening the memfd read-write through /proc gets a new file, with the same seals.
     let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
-    let reopened = open(path.as_str(), OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty()).unwrap();
-    assert_eq!(nix::unistd::write(&reopened, b"x").unwrap_err(), Errno::EPERM);
+    let reopened = open(
+        path.as_str(),
+        OFlag::O_RDWR | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .unwrap();
+    assert_eq!(
+        nix::unistd::write(&reopened, b"x").unwrap_err(),
+        Errno::EPERM
+    );
     assert!(region.iter().all(|&x| x == 0), "nothing got through");
 }
 
@@ -167,7 +190,10 @@ fn fds_that_are_not_regions_are_refused() {
         4096,
         SealFlag::F_SEAL_WRITE | SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW,
     );
-    assert_eq!(RegionView::from_fd(frozen).unwrap().to_vec(0, 3).unwrap(), [1, 1, 1]);
+    assert_eq!(
+        RegionView::from_fd(frozen).unwrap().to_vec(0, 3).unwrap(),
+        [1, 1, 1]
+    );
 }
 
 #[test]
@@ -191,7 +217,10 @@ fn size_limit() {
     let fd = region.as_fd().try_clone_to_owned().unwrap();
     assert!(matches!(
         RegionView::from_fd_with_limit(fd, 2 * 4096),
-        Err(Error::TooLarge { size: 12288, limit: 8192 })
+        Err(Error::TooLarge {
+            size: 12288,
+            limit: 8192
+        })
     ));
 }
 

@@ -4,13 +4,15 @@
 //! | offset | size | field       | meaning                                                  |
 //! |-------:|-----:|-------------|----------------------------------------------------------|
 //! | 0      | 1    | `kind`      | 1 call, 2 oneway, 3 reply, 4 failure reply               |
-//! | 1      | 3    | `reserved`  | zero                                                     |
+//! | 1      | 3    | `lane`      | the blocking flavour's [lane word](super::lane); else 0  |
 //! | 4      | 4    | `cmd`       | command id of the method (calls, oneways)                |
 //! | 8      | 8    | `cookie`    | matches a reply to its call; 0 for oneways               |
 //! | 16     | 4    | `interface` | [`fnv1a`](crate::service::fnv1a) of the interface name   |
 //! | 20     | 4    | `signature` | the interface's signature hash                           |
 //!
-//! All little-endian. Replies echo the call's envelope with another `kind`.
+//! All little-endian. Replies echo the call's envelope with another `kind`. The lane word is
+//! not part of [`Envelope`]: the blocking connection patches it in with [`set_lane`] and reads
+//! it with [`lane`], and whoever ignores it writes zero.
 
 use crate::error::{Error, Result};
 
@@ -77,6 +79,19 @@ impl Envelope {
     }
 }
 
+/// Writes the lane word (24 bits) into an envelope already written at the start of `buf`.
+pub fn set_lane(buf: &mut [u8], word: u32) {
+    buf[1..4].copy_from_slice(&word.to_le_bytes()[..3]);
+}
+
+/// The lane word of the envelope at the start of `payload` (0 if there is none).
+pub fn lane(payload: &[u8]) -> u32 {
+    match payload.get(1..4) {
+        Some(b) => u32::from_le_bytes([b[0], b[1], b[2], 0]),
+        None => 0,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,6 +112,14 @@ mod tests {
             Envelope::read(&b[..LEN - 1]),
             Err(Error::Malformed(_))
         ));
+        set_lane(&mut b, 0x80_1234);
+        assert_eq!(
+            Envelope::read(&b).unwrap(),
+            e,
+            "the lane word is not the envelope's"
+        );
+        assert_eq!(lane(&b), 0x80_1234);
+        assert_eq!(lane(&b[..2]), 0);
         b[0] = 9;
         assert!(matches!(Envelope::read(&b), Err(Error::Malformed(_))));
     }

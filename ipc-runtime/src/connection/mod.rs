@@ -21,6 +21,7 @@
 pub(crate) mod admit;
 pub(crate) mod envelope;
 pub(crate) mod failure;
+pub(crate) mod lane;
 pub(crate) mod trace;
 
 use std::cell::RefCell;
@@ -44,6 +45,7 @@ use crate::socket::{PeerCredentials, Socket};
 use admit::admit;
 use envelope::{Envelope, Kind};
 use failure::Failure;
+use lane::Lane;
 
 /// A connection to a peer process, over which both ends call each other's interfaces.
 ///
@@ -69,6 +71,10 @@ struct Shared {
     services: RwLock<Vec<Arc<dyn Service>>>,
     authorizer: RwLock<Option<Box<Authorizer>>>,
     trace: bool,
+    /// Large byte strings through shared memory; `store` is the same lane, as the codec
+    /// takes it.
+    lane: Arc<Lane>,
+    store: Arc<dyn codec::OutOfLine>,
 }
 
 #[derive(Default)]
@@ -113,6 +119,7 @@ impl Connection {
     /// every message printed to stderr.
     pub fn new(socket: Socket) -> Connection {
         let peer = socket.peer_credentials().ok();
+        let lane = Arc::new(Lane::new(socket.limits().max_message_len));
         Connection {
             shared: Arc::new(Shared {
                 socket,
@@ -123,6 +130,8 @@ impl Connection {
                 services: RwLock::new(Vec::new()),
                 authorizer: RwLock::new(None),
                 trace: trace::enabled(),
+                store: lane.clone(),
+                lane,
             }),
         }
     }
@@ -282,11 +291,19 @@ impl Connection {
             signature: iface.signature,
         };
         shared.trace_out(&envelope, iface);
-        if let Err(e) = shared.send(&envelope, args, deadline) {
-            lock(&shared.state).pending.remove(&cookie);
-            return Err(e);
-        }
+        let placed = match shared.send(&envelope, args, deadline) {
+            Ok(placed) => placed,
+            Err(e) => {
+                lock(&shared.state).pending.remove(&cookie);
+                return Err(e);
+            }
+        };
         let mut frame = shared.wait_reply(cookie, deadline)?;
+        if placed != 0 && Envelope::read(&frame.payload).is_ok_and(|e| e.kind == Kind::Failure) {
+            // Refused or failed before its arguments were read: the peer will not read the
+            // lane for it, nor acknowledge it.
+            shared.lane.release(placed);
+        }
         let result = shared.decode_reply(&mut frame, iface, cmd);
         shared.recycle(frame);
         result
@@ -307,7 +324,7 @@ impl Connection {
             signature: iface.signature,
         };
         self.shared.trace_out(&envelope, iface);
-        self.shared.send(&envelope, args, None)
+        self.shared.send(&envelope, args, None).map(drop)
     }
 }
 
@@ -335,17 +352,31 @@ type Guard<'a> = MutexGuard<'a, State>;
 
 impl Shared {
     /// Encodes envelope + body in this thread's buffer and sends them as one message.
+    /// Returns the lane placement the message carries (0: none).
     fn send<A: Serialize + ?Sized>(
         &self,
         envelope: &Envelope,
         body: &A,
         deadline: Option<Instant>,
-    ) -> Result<()> {
+    ) -> Result<u32> {
         with_buffers(|buf, fds| {
             buf.resize(envelope::LEN, 0);
             envelope.write(buf);
-            codec::encode(body, buf, fds)?;
-            self.socket.send_deadline(buf, fds, deadline)
+            self.lane.begin();
+            let encoded = codec::with_store(&self.store, || codec::encode(body, buf, fds));
+            let placed = self.lane.placed();
+            // Read after encoding: acknowledges what was copied out up to this moment.
+            envelope::set_lane(buf, self.lane.word());
+            let sent = encoded.and_then(|()| self.socket.send_deadline(buf, fds, deadline));
+            match sent {
+                Ok(()) => Ok(placed),
+                Err(e) => {
+                    if placed != 0 {
+                        self.lane.abort(placed);
+                    }
+                    Err(e)
+                }
+            }
         })
     }
 
@@ -415,6 +446,9 @@ impl Shared {
         let mut frame = std::mem::take(&mut state.buffer);
         drop(state);
         let result = self.socket.recv_into(&mut frame, deadline);
+        if result.is_ok() {
+            self.lane.on_word(envelope::lane(&frame.payload));
+        }
         let mut state = lock(&self.state);
         state.reading = false;
         self.wake_all(&state);
@@ -483,7 +517,7 @@ impl Shared {
             let failure: Failure = codec::decode_from(body, &mut frame.fds)?;
             return Err(failure.into_error(iface, cmd));
         }
-        codec::decode_from(body, &mut frame.fds)
+        codec::with_store(&self.store, || codec::decode_from(body, &mut frame.fds))
     }
 
     /// Runs one request against the service it names, and replies unless it is oneway.
@@ -524,7 +558,9 @@ impl Shared {
                     replied: false,
                 };
                 let _caller = crate::service::CallerScope::enter(self.peer);
-                let outcome = catch_unwind(AssertUnwindSafe(|| service.handle(&mut call)));
+                let outcome = codec::with_store(&self.store, || {
+                    catch_unwind(AssertUnwindSafe(|| service.handle(&mut call)))
+                });
                 let replied = call.replied;
                 frame.fds = std::mem::take(&mut call.fds); // emptied; its capacity is reused
                 match (outcome, replied) {
@@ -607,7 +643,7 @@ impl Replier<'_> {
         if self.shared.trace {
             trace::reply(envelope.cookie);
         }
-        self.shared.send(&envelope, value, None)
+        self.shared.send(&envelope, value, None).map(drop)
     }
 }
 

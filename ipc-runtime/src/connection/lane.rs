@@ -1,0 +1,216 @@
+//! The lane: large byte strings through a shared region instead of the socket.
+//!
+//! Over the socket a byte string is copied four times: into the encode buffer, into the
+//! kernel, out of it, and into the `Vec` the receiver gets. Through the lane it is copied
+//! twice: by the sender into a [`SharedRegion`] it owns, and by the receiver out of it, with
+//! atomic loads, into the `Vec` ([`RegionView::to_vec`]). The region is made once per
+//! connection and direction (grown by replacement when a larger string comes) and its pages
+//! are reused, so no page is allocated per message — which on these VMs costs more than the
+//! copy itself. The receiver stays safe against a hostile sender for the reasons given in
+//! [`shared_region`](crate::shared_region): it only ever reads the region with atomic loads,
+//! into memory of its own, and the region's size is sealed.
+//!
+//! # Protocol
+//!
+//! - A byte string of [`MIN`] to [`MAX`] bytes is *placed* in the sender's region, at offset
+//!   0, when the lane is idle and the peer has said that it reads lanes; it is then a
+//!   [`Placed`] reference on the wire (the codec's tag 1), carrying the region's fd the first
+//!   time. At most one string per message is placed; everything else stays inline.
+//! - Every message's envelope carries a *lane word* (bytes 1..4): bit 23 says "I read lanes",
+//!   bits 0..22 the sequence number of the last placement this end has copied out. A peer
+//!   that leaves it zero (the async flavour) is never sent a placement.
+//! - A placement keeps the lane busy until the peer's lane word acknowledges it, or until a
+//!   failure reply to the call that carried it arrives (the request was never decoded). While
+//!   it is busy, byte strings go inline: nobody waits, and nothing deadlocks. A peer that
+//!   never acknowledges (a oneway stream it never answers, a hostile peer) costs speed, not
+//!   correctness.
+
+use std::cell::Cell;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Mutex, PoisonError};
+
+use crate::codec::{NO_FD, OutOfLine, Placed};
+use crate::shared_region::{RegionView, SharedRegion};
+
+/// Smallest byte string worth placing: below it, the socket's one datagram is as cheap.
+pub(crate) const MIN: usize = 32 << 10;
+/// Largest byte string placed, and the largest region made or accepted (larger strings go
+/// inline, in fragments).
+pub(crate) const MAX: usize = 32 << 20;
+/// Smallest region made: strings slightly larger than the last one should not mean a new one.
+const MIN_REGION: usize = 1 << 20;
+
+const READS_LANES: u32 = 1 << 23;
+const SEQ_MASK: u32 = READS_LANES - 1;
+
+thread_local! {
+    /// The placement made by the encode running on this thread (0: none yet).
+    static PLACED: Cell<u32> = const { Cell::new(0) };
+}
+
+/// One connection's lane: its outgoing region and its view of the peer's.
+pub(crate) struct Lane {
+    out: Mutex<Outgoing>,
+    /// Sequence number of the placement the peer has not released yet; 0 when idle.
+    busy: AtomicU32,
+    /// The peer's lane words say it reads lanes.
+    peer_reads: AtomicBool,
+    /// The peer's region, as last announced.
+    incoming: Mutex<Option<RegionView>>,
+    /// Sequence number of the last placement copied out of the peer's region.
+    consumed: AtomicU32,
+    /// Largest string (and region) accepted from the peer.
+    max_len: usize,
+}
+
+#[derive(Default)]
+struct Outgoing {
+    region: Option<SharedRegion>,
+    /// The placement whose message carries the region's fd, until the peer acknowledges it.
+    announcing: Option<u32>,
+    announced: bool,
+    last_seq: u32,
+}
+
+impl Lane {
+    /// A lane that accepts strings (and regions) of at most `max_len` bytes from the peer.
+    pub(crate) fn new(max_len: usize) -> Lane {
+        Lane {
+            out: Mutex::new(Outgoing::default()),
+            busy: AtomicU32::new(0),
+            peer_reads: AtomicBool::new(false),
+            incoming: Mutex::new(None),
+            consumed: AtomicU32::new(0),
+            max_len: max_len.min(MAX),
+        }
+    }
+
+    /// The lane word for an outgoing envelope.
+    pub(crate) fn word(&self) -> u32 {
+        READS_LANES | self.consumed.load(Ordering::Acquire)
+    }
+
+    /// Takes in the lane word of an envelope the peer sent.
+    pub(crate) fn on_word(&self, word: u32) {
+        if word & READS_LANES == 0 {
+            return;
+        }
+        if !self.peer_reads.load(Ordering::Relaxed) {
+            self.peer_reads.store(true, Ordering::Relaxed);
+        }
+        let seq = word & SEQ_MASK;
+        if seq != 0 {
+            self.release(seq);
+        }
+    }
+
+    /// The placement `seq` is no longer read by the peer: the lane is idle again.
+    pub(crate) fn release(&self, seq: u32) {
+        if self
+            .busy
+            .compare_exchange(seq, 0, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            let mut out = self.out.lock().unwrap_or_else(PoisonError::into_inner);
+            if out.announcing == Some(seq) {
+                out.announcing = None;
+            }
+        }
+    }
+
+    /// The message carrying placement `seq` was not sent: the peer will never read it, and
+    /// if it announced the region, the next placement must announce it again.
+    pub(crate) fn abort(&self, seq: u32) {
+        let mut out = self.out.lock().unwrap_or_else(PoisonError::into_inner);
+        if out.announcing == Some(seq) {
+            out.announcing = None;
+            out.announced = false;
+        }
+        let _ = self
+            .busy
+            .compare_exchange(seq, 0, Ordering::AcqRel, Ordering::Relaxed);
+    }
+
+    /// Starts the encode of one message on this thread; [`Lane::placed`] tells after it.
+    pub(crate) fn begin(&self) {
+        PLACED.set(0);
+    }
+
+    /// The placement the encode on this thread made since [`Lane::begin`] (0: none).
+    pub(crate) fn placed(&self) -> u32 {
+        PLACED.get()
+    }
+}
+
+impl OutOfLine for Lane {
+    fn put(&self, bytes: &[u8]) -> Option<(Placed, Option<RawFd>)> {
+        let len = bytes.len();
+        if !(MIN..=MAX).contains(&len)
+            || PLACED.get() != 0
+            || !self.peer_reads.load(Ordering::Relaxed)
+            || self.busy.load(Ordering::Acquire) != 0
+        {
+            return None;
+        }
+        let mut out = self.out.try_lock().ok()?;
+        let seq = (out.last_seq % SEQ_MASK) + 1;
+        self.busy
+            .compare_exchange(0, seq, Ordering::AcqRel, Ordering::Relaxed)
+            .ok()?;
+        if out.region.as_ref().is_none_or(|r| r.len() < len) {
+            match SharedRegion::new(len.next_power_of_two().clamp(MIN_REGION, MAX)) {
+                Ok(region) => {
+                    out.region = Some(region);
+                    out.announced = false;
+                }
+                Err(_) => {
+                    self.busy.store(0, Ordering::Release);
+                    return None;
+                }
+            }
+        }
+        out.last_seq = seq;
+        let out = &mut *out;
+        let region = out.region.as_mut().expect("made above");
+        region[..len].copy_from_slice(bytes);
+        let fd = (!out.announced).then(|| region.as_fd().as_raw_fd());
+        if fd.is_some() {
+            out.announced = true;
+            out.announcing = Some(seq);
+        }
+        PLACED.set(seq);
+        let placed = Placed {
+            seq,
+            fd: NO_FD,
+            offset: 0,
+            len: len as u64,
+        };
+        Some((placed, fd))
+    }
+
+    fn take(&self, placed: &Placed, fd: Option<OwnedFd>) -> Result<Vec<u8>, String> {
+        let mut incoming = self.incoming.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(fd) = fd {
+            let view = RegionView::from_fd_with_limit(fd, self.max_len)
+                .map_err(|e| format!("the peer's shared region was refused: {e}"))?;
+            *incoming = Some(view);
+        }
+        let view = incoming
+            .as_ref()
+            .ok_or("an out-of-line byte string, but the peer announced no shared region")?;
+        let (offset, len) = match (usize::try_from(placed.offset), usize::try_from(placed.len)) {
+            (Ok(offset), Ok(len)) if len <= self.max_len => (offset, len),
+            _ => {
+                return Err(format!(
+                    "an out-of-line byte string of {} bytes (at most {} accepted)",
+                    placed.len, self.max_len
+                ));
+            }
+        };
+        let bytes = view.to_vec(offset, len).map_err(|e| e.to_string())?;
+        self.consumed
+            .store(placed.seq & SEQ_MASK, Ordering::Release);
+        Ok(bytes)
+    }
+}

@@ -1,0 +1,235 @@
+//! Large byte strings through the connection's shared-memory lane: across real processes,
+//! both ways, reused round after round, under concurrency, for oneways, and against a peer
+//! that sends bad references or bad regions.
+
+mod common;
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Mutex;
+
+use common::{child, fd_count_lock, open_fds};
+use typed_ipc::shared_region::SharedRegion;
+use typed_ipc::worker::{self, Exit, Worker};
+use typed_ipc::{Connection, Socket, interface};
+
+#[interface]
+pub trait Bulk {
+    /// `data` with every byte incremented.
+    fn bump(&self, data: Vec<u8>) -> Vec<u8>;
+    /// The lengths of two byte strings sent in one message.
+    fn lens(&self, a: Vec<u8>, b: Vec<u8>) -> (u64, u64);
+    /// Remembers the checksum of `data`.
+    #[oneway]
+    fn feed(&self, data: Vec<u8>);
+    /// The checksums of everything fed so far, in order.
+    fn fed(&self) -> Vec<u64>;
+    /// How many shared regions this process holds open.
+    fn regions(&self) -> u64;
+}
+
+#[derive(Default)]
+struct BulkImpl(Mutex<Vec<u64>>);
+
+impl Bulk for BulkImpl {
+    fn bump(&self, data: Vec<u8>) -> Vec<u8> {
+        data.into_iter().map(|b| b.wrapping_add(1)).collect()
+    }
+    fn lens(&self, a: Vec<u8>, b: Vec<u8>) -> (u64, u64) {
+        (a.len() as u64, b.len() as u64)
+    }
+    fn feed(&self, data: Vec<u8>) {
+        self.0.lock().unwrap().push(checksum(&data));
+    }
+    fn fed(&self) -> Vec<u64> {
+        self.0.lock().unwrap().clone()
+    }
+    fn regions(&self) -> u64 {
+        regions()
+    }
+}
+
+/// Memfds of typed-ipc's (regions and buffers) open in this process.
+fn regions() -> u64 {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| {
+            target
+                .to_string_lossy()
+                .starts_with("/memfd:typed-ipc-buffer")
+        })
+        .count() as u64
+}
+
+fn checksum(data: &[u8]) -> u64 {
+    data.iter().enumerate().fold(0u64, |sum, (i, &b)| {
+        sum.wrapping_mul(31).wrapping_add(b as u64 ^ i as u64)
+    })
+}
+
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    (0..len as u64)
+        .map(|i| (i.wrapping_mul(seed | 1) >> 3) as u8 ^ seed as u8)
+        .collect()
+}
+
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_bulk() {
+    BulkServer::new(BulkImpl::default())
+        .serve(worker::connection().unwrap())
+        .unwrap();
+}
+
+#[test]
+fn big_byte_strings_cross_through_shared_regions_both_ways() {
+    let _fds = fd_count_lock();
+    let before = open_fds();
+    let (mut child, conn) = Worker::spawn(child("child_bulk")).unwrap();
+    let bulk = BulkClient::new(conn);
+    let sizes = [
+        0,
+        32 * 1024 - 1,
+        32 * 1024,
+        1 << 20,
+        (5 << 20) + 3,
+        32 << 20,
+        (32 << 20) + 1,
+    ];
+    // The same regions are rewritten round after round: stale bytes would show.
+    for round in 0..3u64 {
+        for (i, &len) in sizes.iter().enumerate() {
+            let data = pattern(len, round * 100 + i as u64);
+            let want: Vec<u8> = data.iter().map(|b| b.wrapping_add(1)).collect();
+            assert!(
+                bulk.bump(data).unwrap() == want,
+                "{len} bytes, round {round}"
+            );
+        }
+    }
+    // Each side holds its own region and a view of the other's: the lane was used both ways.
+    assert_eq!(regions(), 2);
+    assert_eq!(bulk.regions().unwrap(), 2);
+    // Two big strings in one message: one goes through the region, the other inline.
+    assert_eq!(
+        bulk.lens(vec![1; 100_000], vec![2; 200_000]).unwrap(),
+        (100_000, 200_000)
+    );
+    drop(bulk);
+    assert_eq!(child.wait().unwrap(), Exit::Code(0));
+    drop(child);
+    assert_eq!(
+        open_fds(),
+        before,
+        "regions are closed with their connection"
+    );
+}
+
+#[test]
+fn concurrent_bulk_callers_each_get_their_own_bytes() {
+    let (mut child, conn) = Worker::spawn(child("child_bulk")).unwrap();
+    let bulk = BulkClient::new(conn);
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let bulk = bulk.clone();
+            std::thread::spawn(move || {
+                for round in 0..20u64 {
+                    let len = (256 << 10) + (round as usize * 97_003) % (2 << 20);
+                    let data = pattern(len, t * 1000 + round);
+                    let want: Vec<u8> = data.iter().map(|b| b.wrapping_add(1)).collect();
+                    assert!(bulk.bump(data).unwrap() == want, "thread {t} round {round}");
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    drop(bulk);
+    assert_eq!(child.wait().unwrap(), Exit::Code(0));
+}
+
+#[test]
+fn bulk_oneways_arrive_whole_and_in_order() {
+    let (mut child, conn) = Worker::spawn(child("child_bulk")).unwrap();
+    let bulk = BulkClient::new(conn);
+    bulk.regions().unwrap(); // the worker has spoken: the lane may be used from now on
+    let sent: Vec<Vec<u8>> = (0..30)
+        .map(|i| pattern(100_000 + i * 4099, i as u64))
+        .collect();
+    for data in &sent {
+        bulk.feed(data.clone()).unwrap();
+    }
+    let want: Vec<u64> = sent.iter().map(|d| checksum(d)).collect();
+    assert_eq!(bulk.fed().unwrap(), want);
+    drop(bulk);
+    assert_eq!(child.wait().unwrap(), Exit::Code(0));
+}
+
+/// A call of `bump` as a hostile client writes it: envelope (with a lane word saying it reads
+/// lanes), then the argument as an out-of-line reference (`Placed`) to `region`'s fd.
+fn raw_bump(socket: &Socket, cookie: u64, fd: Option<&OwnedFd>, offset: u64, len: u64) -> Vec<u8> {
+    let mut msg = vec![1u8, 0, 0, 0x80]; // kind Call, lane word "reads lanes"
+    msg.extend_from_slice(&0u32.to_le_bytes()); // cmd 0: bump
+    msg.extend_from_slice(&cookie.to_le_bytes());
+    msg.extend_from_slice(&BULK_INFO.id.to_le_bytes());
+    msg.extend_from_slice(&BULK_INFO.signature.to_le_bytes());
+    msg.push(1); // tag: out of line
+    msg.extend_from_slice(&(cookie as u32).to_le_bytes()); // seq
+    msg.extend_from_slice(&(if fd.is_some() { 0u32 } else { u32::MAX }).to_le_bytes());
+    msg.extend_from_slice(&offset.to_le_bytes());
+    msg.extend_from_slice(&len.to_le_bytes());
+    let fds: Vec<_> = fd.iter().map(|fd| fd.as_fd()).collect();
+    socket.send(&msg, &fds).unwrap();
+    let reply = socket.recv().unwrap();
+    assert_eq!(
+        &reply.payload[8..16],
+        &cookie.to_le_bytes(),
+        "the reply to our call"
+    );
+    reply.payload
+}
+
+#[test]
+fn bad_references_and_bad_regions_fail_the_call_not_the_server() {
+    let _fds = fd_count_lock();
+    let before = open_fds();
+    let (ours, theirs) = Socket::pair().unwrap();
+    let server = std::thread::spawn(move || {
+        BulkServer::new(BulkImpl::default()).serve(Connection::new(theirs))
+    });
+    let failure = |payload: &[u8], why: &str| {
+        assert_eq!(payload[0], 4, "a failure reply");
+        let text = String::from_utf8_lossy(payload);
+        assert!(text.contains(why), "{why:?} not in {text:?}");
+    };
+    // No region announced yet.
+    failure(
+        &raw_bump(&ours, 1, None, 0, 10),
+        "announced no shared region",
+    );
+    // A memfd anyone can write is not a region.
+    let writable: OwnedFd = common::memfd(&[7; 100]);
+    failure(
+        &raw_bump(&ours, 2, Some(&writable), 0, 10),
+        "not a shared region",
+    );
+    // A real region, but bytes outside it, or more than the lane accepts.
+    let mut region = SharedRegion::new(64 << 10).unwrap();
+    let fd = region.as_fd().try_clone_to_owned().unwrap();
+    failure(
+        &raw_bump(&ours, 3, Some(&fd), 60 << 10, 8 << 10),
+        "outside a shared region",
+    );
+    failure(&raw_bump(&ours, 4, None, 0, 1 << 40), "at most");
+    // And the server is still serving: a good reference is read from the region in place.
+    region[..3].copy_from_slice(b"abc");
+    let ok = raw_bump(&ours, 5, None, 0, 3);
+    assert_eq!(ok[0], 3, "a reply");
+    assert!(ok.ends_with(b"bcd"), "{ok:?}");
+    // The reply acknowledged placement 5 in its lane word.
+    assert_eq!(&ok[1..4], &[5, 0, 0x80]);
+    drop((ours, fd, writable, region));
+    server.join().unwrap().unwrap();
+    assert_eq!(open_fds(), before);
+}
