@@ -2,19 +2,16 @@
 //! `typed-ipc*` rows) and the `hot-path` binary (syscall and allocation counts per call).
 
 use std::hint::black_box;
-use std::num::NonZeroUsize;
 use std::os::fd::OwnedFd;
-use std::ptr::NonNull;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
-use nix::fcntl::{FcntlArg, SealFlag, fcntl};
-use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
 use nix::sys::resource::{UsageWho, getrusage};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use typed_ipc::interface;
 use typed_ipc::shared_buffer::SealedBuffer;
+use typed_ipc::shared_region::RegionView;
 
 /// Every method the benchmarks call, written the way a typed-ipc user would.
 #[interface]
@@ -39,11 +36,11 @@ pub trait Bench {
     fn put_sealed(&self, data: SealedBuffer) -> u64;
     /// Zero copy: reads every byte of the sealed buffer in place, returns its [`checksum`].
     fn sum_sealed(&self, data: SealedBuffer) -> u64;
-    /// Pooled zero copy: maps `region` once (size-sealed, not write-sealed).
-    fn attach_pool(&self, region: OwnedFd);
-    /// Reads the first `len` bytes of the attached region in place, returns their
-    /// [`checksum`].
-    fn sum_pool(&self, len: u64) -> u64;
+    /// Reused zero copy: keeps the client's region (mapped once, written only by the client).
+    fn attach_region(&self, region: RegionView);
+    /// Reads the first `len` bytes of the attached region in place, with atomic loads,
+    /// returns their [`checksum`].
+    fn sum_region(&self, len: u64) -> u64;
     /// CPU time this server process has used so far, in nanoseconds (user + system).
     fn cpu_ns(&self) -> u64;
     /// Heap allocations this server process has made so far (0 unless its binary counts).
@@ -100,7 +97,7 @@ impl<'de> Deserialize<'de> for Blob {
 /// The server side of [`Bench`].
 pub struct BenchImpl {
     sunk: AtomicU64,
-    pool: Mutex<Option<Region>>,
+    region: Mutex<Option<RegionView>>,
     allocs: fn() -> u64,
 }
 
@@ -109,7 +106,7 @@ impl BenchImpl {
     pub fn new(allocs: fn() -> u64) -> BenchImpl {
         BenchImpl {
             sunk: AtomicU64::new(0),
-            pool: Mutex::new(None),
+            region: Mutex::new(None),
             allocs,
         }
     }
@@ -151,18 +148,14 @@ impl Bench for BenchImpl {
         checksum(&data)
     }
 
-    fn attach_pool(&self, region: OwnedFd) {
-        let region = Region::map(region, false).expect("mapping the pool region");
-        *self.pool.lock().unwrap_or_else(PoisonError::into_inner) = Some(region);
+    fn attach_region(&self, region: RegionView) {
+        *self.region.lock().unwrap_or_else(PoisonError::into_inner) = Some(region);
     }
 
-    fn sum_pool(&self, len: u64) -> u64 {
-        let pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
-        let region = pool.as_ref().expect("attach_pool first");
-        // SAFETY: the only writer is the benchmark client, which writes the region before a
-        // call and not again until it has the reply, so nothing writes while we read.
-        let bytes = unsafe { region.bytes() };
-        checksum(&bytes[..len as usize])
+    fn sum_region(&self, len: u64) -> u64 {
+        let region = self.region.lock().unwrap_or_else(PoisonError::into_inner);
+        let region = region.as_ref().expect("attach_region first");
+        checksum_words(region.words(), (len as usize).min(region.len()))
     }
 
     fn cpu_ns(&self) -> u64 {
@@ -189,6 +182,23 @@ pub fn checksum(bytes: &[u8]) -> u64 {
         .fold(sum, |sum, &b| sum.wrapping_add(u64::from(b)))
 }
 
+/// [`checksum`] of the first `len` bytes of a shared region, read in place with relaxed atomic
+/// loads (plain loads on x86-64): the creator may be writing, so there is no `&[u8]` to read.
+pub fn checksum_words(words: &[AtomicU64], len: usize) -> u64 {
+    let full = len / 8;
+    let mut sum = 0u64;
+    for word in &words[..full] {
+        sum = sum.wrapping_add(u64::from_le(word.load(Ordering::Relaxed)));
+    }
+    if len % 8 != 0 {
+        let tail = words[full].load(Ordering::Relaxed).to_le_bytes();
+        sum = tail[..len % 8]
+            .iter()
+            .fold(sum, |sum, &b| sum.wrapping_add(u64::from(b)));
+    }
+    sum
+}
+
 /// What [`checksum`] gives for `len` bytes all equal to `fill`.
 pub fn checksum_of_fill(fill: u8, len: usize) -> u64 {
     let word = u64::from_le_bytes([fill; 8]);
@@ -207,93 +217,26 @@ pub fn cpu_ns(who: UsageWho) -> u64 {
     ns(usage.user_time()) + ns(usage.system_time())
 }
 
-/// A memfd region mapped once and reused for every message: the pooled zero-copy variant.
-/// It is sealed against shrinking and growing (so a mapping never loses its pages and reads
-/// cannot `SIGBUS`), but not against writing, so reading it in place is only safe between
-/// parties that follow a protocol — here: the client writes, then calls, and waits.
-pub struct Region {
-    fd: OwnedFd,
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: the region is an address range; access goes through `bytes`/`bytes_mut`, whose
-// callers uphold the protocol above.
-unsafe impl Send for Region {}
-
-impl Region {
-    /// A new size-sealed memfd of `len` bytes (> 0), mapped writable.
-    pub fn create(len: usize) -> nix::Result<Region> {
-        use nix::sys::memfd::{MFdFlags, memfd_create};
-        let fd = memfd_create(
-            c"ipc-bench-pool",
-            MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
-        )?;
-        nix::unistd::ftruncate(&fd, len as i64)?;
-        fcntl(
-            &fd,
-            FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW),
-        )?;
-        Region::map(fd, true)
-    }
-
-    /// Maps a received region (checking that its size is sealed), writable or not.
-    pub fn map(fd: OwnedFd, writable: bool) -> nix::Result<Region> {
-        let seals = SealFlag::from_bits_retain(fcntl(&fd, FcntlArg::F_GET_SEALS)?);
-        if !seals.contains(SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW) {
-            return Err(nix::Error::EINVAL);
-        }
-        let len = nix::sys::stat::fstat(&fd)?.st_size as usize;
-        let length = NonZeroUsize::new(len).ok_or(nix::Error::EINVAL)?;
-        let prot = if writable {
-            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE
-        } else {
-            ProtFlags::PROT_READ
-        };
-        // SAFETY: a fresh shared mapping at a kernel-chosen address; the file's size is sealed
-        // at `len`, so every page of the range stays backed.
-        let ptr = unsafe { mmap(None, length, prot, MapFlags::MAP_SHARED, &fd, 0)? };
-        Ok(Region {
-            fd,
-            ptr: ptr.cast(),
-            len,
-        })
-    }
-
-    /// The memfd, to send to the peer.
-    pub fn fd(&self) -> &OwnedFd {
-        &self.fd
-    }
-
-    /// The bytes, read in place.
-    ///
-    /// # Safety
-    /// Nothing (in any process) may write the region while the slice lives.
-    pub unsafe fn bytes(&self) -> &[u8] {
-        // SAFETY: a live mapping of `len` bytes; the caller rules out writers.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
-    }
-
-    /// The bytes, for writing (the region must have been mapped writable).
-    ///
-    /// # Safety
-    /// Nothing (in any process) may read or write the region while the slice lives.
-    pub unsafe fn bytes_mut(&mut self) -> &mut [u8] {
-        // SAFETY: a live writable mapping of `len` bytes; the caller rules out other access.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
-    }
-}
-
-impl Drop for Region {
-    fn drop(&mut self) {
-        // SAFETY: our own mapping, no longer borrowed.
-        let _ = unsafe { munmap(self.ptr.cast(), self.len) };
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn checksum_of_words_matches() {
+        use typed_ipc::shared_region::SharedRegion;
+        let mut region = SharedRegion::new(70_000).unwrap();
+        for (i, b) in region.iter_mut().enumerate() {
+            *b = (i * 7) as u8;
+        }
+        let view = region.view().unwrap();
+        for len in [0, 1, 7, 8, 9, 4096, 65_541] {
+            assert_eq!(
+                checksum_words(view.words(), len),
+                checksum(&region[..len]),
+                "{len}"
+            );
+        }
+    }
 
     #[test]
     fn checksum_of_a_fill() {

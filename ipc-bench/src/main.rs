@@ -61,7 +61,7 @@ static SYSTEMS: &[&dyn System] = &[
         flavor: Flavor::Shared,
     },
     &TypedIpc {
-        flavor: Flavor::SharedPool,
+        flavor: Flavor::SharedRegion,
     },
 ];
 

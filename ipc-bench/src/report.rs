@@ -123,7 +123,7 @@ pub fn markdown(machine: &Machine, passes: &[Pass], rows: &[Row], elapsed: Durat
          as their users do; typed-ipc's bulk rows send from a buffer the client keeps. \
          `typed-ipc/oneway` is the time per message sent back to back (the sender waits only \
          when the socket buffer is full); `typed-ipc/spin` runs in the cross-CPU pass only. \
-         The zero-copy rows (`typed-ipc/shared`, `typed-ipc/shared-pool`) have the client \
+         The zero-copy rows (`typed-ipc/shared`, `typed-ipc/shared-region`) have the client \
          fill N bytes in place and the server read every one of them in place. Each row is \
          described in `ipc-bench/README.md`. *CPU/call* is user + system time of the client \
          thread and of the whole server process, divided by the calls made (typed-ipc rows \
@@ -294,8 +294,8 @@ const TARGETS: &[Target] = &[
         bandwidth: false,
     },
     Target {
-        what: "16 MiB zero copy, fresh sealed buffer, read in place (bandwidth)",
-        system: "typed-ipc/shared",
+        what: "16 MiB zero copy, reused shared region, read in place with atomic loads (bandwidth)",
+        system: "typed-ipc/shared-region",
         size: 16 * MIB,
         cross: false,
         base: "memcpy",
@@ -304,8 +304,8 @@ const TARGETS: &[Target] = &[
         bandwidth: true,
     },
     Target {
-        what: "16 MiB zero copy, pooled region, trusted sender (bandwidth)",
-        system: "typed-ipc/shared-pool",
+        what: "16 MiB zero copy, fresh sealed buffer per message, read in place (bandwidth)",
+        system: "typed-ipc/shared",
         size: 16 * MIB,
         cross: false,
         base: "memcpy",

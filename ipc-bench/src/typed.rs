@@ -7,9 +7,10 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ipc_bench::{BenchClient, BenchImpl, BenchServer, Blob, Region, checksum_of_fill, cpu_ns};
+use ipc_bench::{BenchClient, BenchImpl, BenchServer, Blob, checksum_of_fill, cpu_ns};
 use nix::sys::resource::UsageWho;
 use typed_ipc::shared_buffer::{SealedBuffer, SharedBuffer};
+use typed_ipc::shared_region::SharedRegion;
 use typed_ipc::{Connection, Socket};
 
 use crate::system::{Client, Kind, Launcher, MAX_PAYLOAD, System, inherited_fd};
@@ -30,7 +31,7 @@ pub enum Flavor {
     /// Zero copy: a fresh `SharedBuffer` per message, filled, sealed, read in place.
     Shared,
     /// Zero copy from one region mapped once (size-sealed only; trusted sender).
-    SharedPool,
+    SharedRegion,
 }
 
 /// A typed-ipc row.
@@ -62,7 +63,7 @@ impl System for TypedIpc {
             Flavor::Spin => "typed-ipc/spin",
             Flavor::Memfd => "typed-ipc/memfd",
             Flavor::Shared => "typed-ipc/shared",
-            Flavor::SharedPool => "typed-ipc/shared-pool",
+            Flavor::SharedRegion => "typed-ipc/shared-region",
         }
     }
 
@@ -70,7 +71,7 @@ impl System for TypedIpc {
         match self.flavor {
             Flavor::Plain => &[Kind::Small, Kind::Bulk],
             Flavor::Fd | Flavor::Oneway | Flavor::Spin => &[Kind::Small],
-            Flavor::Memfd | Flavor::Shared | Flavor::SharedPool => &[Kind::Bulk],
+            Flavor::Memfd | Flavor::Shared | Flavor::SharedRegion => &[Kind::Bulk],
         }
     }
 
@@ -87,10 +88,10 @@ impl System for TypedIpc {
         }
         let client = BenchClient::new(Connection::new(ours));
         let pool = match self.flavor {
-            Flavor::SharedPool => {
-                let region = Region::create(MAX_PAYLOAD)?;
+            Flavor::SharedRegion => {
+                let region = SharedRegion::new(MAX_PAYLOAD).map_err(other)?;
                 client
-                    .attach_pool(region.fd().try_clone()?)
+                    .attach_region(region.view().map_err(other)?)
                     .map_err(other)?;
                 Some(region)
             }
@@ -130,8 +131,8 @@ struct TypedClient {
     payload: Arc<Vec<u8>>,
     /// typed-ipc+fd: the fd to send next (the one the last reply brought back).
     fd: Option<OwnedFd>,
-    /// typed-ipc/shared-pool: the region the server mapped too.
-    pool: Option<Region>,
+    /// typed-ipc/shared-region: the region the server mapped too.
+    pool: Option<SharedRegion>,
     /// typed-ipc/oneway: messages sent, checked against the server's count at the end.
     sent: u64,
     /// Zero-copy rows: the byte value of the next fill, so every call writes new data.
@@ -201,14 +202,11 @@ impl Client for TypedClient {
                 let sum = self.client.sum_sealed(sealed).map_err(other)?;
                 expect("checksum read in place", sum, checksum_of_fill(fill, len))
             }
-            (Flavor::SharedPool, Kind::Bulk) => {
+            (Flavor::SharedRegion, Kind::Bulk) => {
                 let fill = self.next_fill();
-                let region = self.pool.as_mut().expect("pool attached in start");
-                // SAFETY: the server reads the region only while it handles `sum_pool`,
-                // and we write it only between calls.
-                let bytes = unsafe { region.bytes_mut() };
-                bytes[..len].fill(fill);
-                let sum = self.client.sum_pool(len as u64).map_err(other)?;
+                let region = self.pool.as_mut().expect("region attached in start");
+                region[..len].fill(fill);
+                let sum = self.client.sum_region(len as u64).map_err(other)?;
                 expect("checksum read in place", sum, checksum_of_fill(fill, len))
             }
             (flavor, kind) => Err(io::Error::other(format!(

@@ -36,9 +36,9 @@
 //!
 //! Seals cannot be removed, so a sealed file is written once: every message is a fresh memfd
 //! whose pages the kernel allocates and zeroes, and frees again when both sides drop it (see
-//! `docs/benchmarks.md` for what that costs against `memcpy`). Senders that need to reuse
-//! memory across messages must trust the receiver and the sender not to write while the other
-//! reads; that protocol is not something this type can check, so it is not offered here.
+//! `docs/benchmarks.md` for what that costs against `memcpy`). To reuse memory from message to
+//! message, use a [`SharedRegion`](crate::shared_region::SharedRegion): only its creator can
+//! write it, and its reader reads with atomic loads rather than through `&[u8]`.
 //!
 //! A received buffer is charged to whoever faults its pages in: reading a sparse (never
 //! written) region allocates zeroed pages in the receiver. [`SealedBuffer::from_fd`] therefore

@@ -17,6 +17,19 @@
 //!
 //! When the peer hangs up or dies, the reader sees it at once and every waiting caller gets
 //! [`Error::Disconnected`] — never [`Error::TimedOut`].
+//!
+//! # Large byte strings
+//!
+//! A `Vec<u8>` (or `#[serde(with = "typed_ipc::bytes")]` field) of 32 KiB to 32 MiB does not go
+//! through the socket: the sender copies it into a shared memory region it owns, made once per
+//! connection, and the receiver copies it out into the `Vec` it hands over, with atomic loads,
+//! so a hostile sender cannot cause undefined behaviour (see
+//! [`shared_region`](crate::shared_region)). Two copies instead of four, and no page allocated
+//! per message. One such string per direction is in flight at a time; any other goes through
+//! the socket as before, so nothing ever waits for the region. Each end that sends large
+//! strings keeps one region (up to 32 MiB, the largest string it sent) open for the
+//! connection's lifetime. The async flavour does not use regions; it talks to a blocking peer
+//! through the socket.
 
 pub(crate) mod admit;
 pub(crate) mod envelope;
