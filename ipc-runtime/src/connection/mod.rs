@@ -39,6 +39,7 @@ pub(crate) mod trace;
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
@@ -84,10 +85,8 @@ struct Shared {
     services: RwLock<Vec<Arc<dyn Service>>>,
     authorizer: RwLock<Option<Box<Authorizer>>>,
     trace: bool,
-    /// Large byte strings through shared memory; `store` is the same lane, as the codec
-    /// takes it.
-    lane: Arc<Lane>,
-    store: Arc<dyn codec::OutOfLine>,
+    /// Large byte strings through shared memory.
+    lane: Lane,
 }
 
 #[derive(Default)]
@@ -97,7 +96,7 @@ struct State {
     /// The reader's buffer, reused from one message to the next.
     buffer: Frame,
     /// Calls waiting for replies, by cookie; `Some` once the reply is in.
-    pending: HashMap<u64, Option<Result<Frame>>>,
+    pending: HashMap<u64, Option<Result<Frame>>, BuildHasherDefault<CookieHasher>>,
     /// Calls for a serving thread to run.
     calls: VecDeque<Frame>,
     /// Oneway messages, run one at a time in order.
@@ -132,7 +131,7 @@ impl Connection {
     /// every message printed to stderr.
     pub fn new(socket: Socket) -> Connection {
         let peer = socket.peer_credentials().ok();
-        let lane = Arc::new(Lane::new(socket.limits().max_message_len));
+        let lane = Lane::new(socket.limits().max_message_len);
         Connection {
             shared: Arc::new(Shared {
                 socket,
@@ -143,7 +142,6 @@ impl Connection {
                 services: RwLock::new(Vec::new()),
                 authorizer: RwLock::new(None),
                 trace: trace::enabled(),
-                store: lane.clone(),
                 lane,
             }),
         }
@@ -376,7 +374,7 @@ impl Shared {
             buf.resize(envelope::LEN, 0);
             envelope.write(buf);
             self.lane.begin();
-            let encoded = codec::with_store(&self.store, || codec::encode(body, buf, fds));
+            let encoded = codec::with_store(&self.lane, || codec::encode(body, buf, fds));
             let placed = self.lane.placed();
             // Read after encoding: acknowledges what was copied out up to this moment.
             envelope::set_lane(buf, self.lane.word());
@@ -530,7 +528,7 @@ impl Shared {
             let failure: Failure = codec::decode_from(body, &mut frame.fds)?;
             return Err(failure.into_error(iface, cmd));
         }
-        codec::with_store(&self.store, || codec::decode_from(body, &mut frame.fds))
+        codec::with_store(&self.lane, || codec::decode_from(body, &mut frame.fds))
     }
 
     /// Runs one request against the service it names, and replies unless it is oneway.
@@ -571,7 +569,7 @@ impl Shared {
                     replied: false,
                 };
                 let _caller = crate::service::CallerScope::enter(self.peer);
-                let outcome = codec::with_store(&self.store, || {
+                let outcome = codec::with_store(&self.lane, || {
                     catch_unwind(AssertUnwindSafe(|| service.handle(&mut call)))
                 });
                 let replied = call.replied;
@@ -696,6 +694,26 @@ fn with_buffers<'a, R>(f: impl FnOnce(&mut Vec<u8>, &mut Vec<BorrowedFd<'a>>) ->
     }
     BUFFERS.with(|b| *b.borrow_mut() = (buf, fds));
     result
+}
+
+/// Hashes call cookies, which are this end's own sequential numbers: a multiply spreads them
+/// over the table, and SipHash (the default) would only cost time on every call. A peer can
+/// only look cookies up, not insert them, so it cannot grow a probe sequence.
+#[derive(Default)]
+struct CookieHasher(u64);
+
+impl Hasher for CookieHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(self.0 ^ u64::from(b));
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 fn lock(m: &Mutex<State>) -> Guard<'_> {
