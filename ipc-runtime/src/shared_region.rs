@@ -22,10 +22,11 @@
 //! - **The reader never assumes the bytes hold still.** The creator may write while the
 //!   reader reads (a hostile or buggy one will), so a [`RegionView`] never hands out `&[u8]`
 //!   — that would be a data race, undefined behaviour, and a time-of-check/time-of-use hole.
-//!   It reads through atomic loads instead ([`RegionView::words`], [`RegionView::copy_to`],
-//!   [`RegionView::to_vec`]): relaxed loads compile to the same plain `mov`s as ordinary ones,
-//!   so reading in place costs what reading a slice costs, and the worst a writer can do is
-//!   make the reader see bytes change. Copy out what you must check before you trust it.
+//!   It reads in place through atomic loads instead ([`RegionView::words`]: relaxed loads
+//!   compile to the same plain `mov`s as ordinary ones, so this costs what reading a slice
+//!   costs), and copies out ([`RegionView::copy_to`], [`RegionView::to_vec`]) with a copy that
+//!   is allowed to race. The worst a writer can do is make the reader see bytes change: copy
+//!   out what you must check before you trust it.
 //!
 //! The receiver does not trust the creator to have sealed: [`RegionView::from_fd`] (and
 //! deserialization) checks the seals before mapping anything and refuses an fd that lacks
@@ -53,7 +54,9 @@
 use std::fmt;
 use std::ops::{Deref, DerefMut};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
+#[cfg(not(target_arch = "x86_64"))]
+use std::sync::atomic::Ordering;
 
 use nix::fcntl::SealFlag;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -203,84 +206,77 @@ impl RegionView {
         unsafe { std::slice::from_raw_parts(self.map.ptr().cast::<AtomicU64>(), words) }
     }
 
-    /// Copies `dst.len()` bytes starting at `offset` into `dst`. The bytes are read with atomic
-    /// loads, so a creator writing meanwhile can change what is copied but cannot cause
-    /// undefined behaviour. Bytes outside the region are [`Error::Malformed`].
+    /// Copies `dst.len()` bytes starting at `offset` into `dst`. A creator writing meanwhile
+    /// can change what is copied but cannot cause undefined behaviour (see [`copy_racy`]).
+    /// Bytes outside the region are [`Error::Malformed`].
     pub fn copy_to(&self, offset: usize, dst: &mut [u8]) -> Result<()> {
-        let end = offset.checked_add(dst.len()).filter(|&e| e <= self.len());
-        if end.is_none() {
-            return Err(Error::Malformed(format!(
-                "bytes {offset}..+{} lie outside a shared region of {} bytes",
-                dst.len(),
-                self.len()
-            )));
-        }
-        copy_words(self.words(), offset, dst);
+        self.check(offset, dst.len())?;
+        // SAFETY: `offset..offset + dst.len()` lies inside the mapping (checked), which stays
+        // mapped and backed while `self` lives; `dst` is ours and writable.
+        unsafe { copy_racy(self.map.ptr().add(offset), dst.as_mut_ptr(), dst.len()) };
         Ok(())
     }
 
     /// `len` bytes starting at `offset`, copied into a new `Vec` (see [`RegionView::copy_to`]).
     pub fn to_vec(&self, offset: usize, len: usize) -> Result<Vec<u8>> {
-        if offset.checked_add(len).is_none_or(|end| end > self.len()) {
-            return Err(Error::Malformed(format!(
-                "bytes {offset}..+{len} lie outside a shared region of {} bytes",
-                self.len()
-            )));
-        }
+        self.check(offset, len)?;
         let mut v = Vec::with_capacity(len);
-        copy_words(self.words(), offset, &mut v.spare_capacity_mut()[..len]);
-        // SAFETY: `copy_words` initialised the first `len` bytes.
-        unsafe { v.set_len(len) };
+        // SAFETY: as in `copy_to`; the destination is the Vec's capacity of at least `len`
+        // bytes, which `copy_racy` initialises before `set_len` claims them.
+        unsafe {
+            copy_racy(self.map.ptr().add(offset), v.as_mut_ptr(), len);
+            v.set_len(len);
+        }
         Ok(v)
     }
-}
 
-/// Byte or not-yet-initialised byte: what [`copy_words`] writes into.
-trait Slot {
-    fn put(&mut self, b: u8);
-    fn put8(dst: &mut [Self], w: [u8; 8])
-    where
-        Self: Sized;
-}
-
-impl Slot for u8 {
-    fn put(&mut self, b: u8) {
-        *self = b;
-    }
-    fn put8(dst: &mut [u8], w: [u8; 8]) {
-        dst.copy_from_slice(&w);
-    }
-}
-
-impl Slot for std::mem::MaybeUninit<u8> {
-    fn put(&mut self, b: u8) {
-        self.write(b);
-    }
-    fn put8(dst: &mut [Self], w: [u8; 8]) {
-        for (d, b) in dst.iter_mut().zip(w) {
-            d.write(b);
+    fn check(&self, offset: usize, len: usize) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len() => Ok(()),
+            _ => Err(Error::Malformed(format!(
+                "bytes {offset}..+{len} lie outside a shared region of {} bytes",
+                self.len()
+            ))),
         }
     }
 }
 
-/// Copies bytes `offset..offset + dst.len()` of `words` into `dst`, one aligned atomic load
-/// per word. The caller has checked the range.
-fn copy_words<T: Slot>(words: &[AtomicU64], offset: usize, dst: &mut [T]) {
-    let byte = |pos: usize| words[pos / 8].load(Ordering::Relaxed).to_ne_bytes()[pos % 8];
-    let head = offset.next_multiple_of(8).min(offset + dst.len()) - offset;
-    let (head_dst, rest) = dst.split_at_mut(head);
-    for (i, d) in head_dst.iter_mut().enumerate() {
-        d.put(byte(offset + i));
+/// Copies `len` bytes from shared memory that another process may be writing, into memory of
+/// ours.
+///
+/// On x86-64 this is one `rep movsb`, the instruction `memcpy` itself uses for large copies
+/// here (it runs at `memcpy` speed, where a loop of 8-byte atomic loads measured 1.1–1.4x
+/// slower). It is written as inline assembly rather than `ptr::copy_nonoverlapping` because a
+/// Rust copy from memory that is written concurrently would be a data race; the assembly is
+/// equivalent to reading each source byte with a relaxed atomic load (x86 byte loads cannot
+/// tear), which may race, and writing it to `dst`. Elsewhere it is that loop of atomic loads.
+///
+/// # Safety
+/// `src` must be valid for reads of `len` bytes for the duration of the call (mapped and
+/// backed; another process may write them), and `dst` valid for writes of `len` bytes that
+/// nothing else accesses meanwhile; the two must not overlap.
+unsafe fn copy_racy(src: *const u8, dst: *mut u8, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: per the caller's contract, `rep movsb` reads `len` readable bytes at `src` and
+    // writes `len` writable bytes at `dst` (the direction flag is clear on entry to asm, as
+    // the ABI requires); it touches no other memory, no stack, and no flags.
+    unsafe {
+        std::arch::asm!(
+            "rep movsb",
+            inout("rcx") len => _,
+            inout("rdi") dst => _,
+            inout("rsi") src => _,
+            options(nostack, preserves_flags),
+        );
     }
-    let first = (offset + head) / 8;
-    let full = rest.len() / 8;
-    let (mid, tail) = rest.split_at_mut(full * 8);
-    for (d, w) in mid.chunks_exact_mut(8).zip(&words[first..first + full]) {
-        T::put8(d, w.load(Ordering::Relaxed).to_ne_bytes());
-    }
-    let tail_start = (first + full) * 8;
-    for (i, d) in tail.iter_mut().enumerate() {
-        d.put(byte(tail_start + i));
+    #[cfg(not(target_arch = "x86_64"))]
+    for i in 0..len {
+        // SAFETY: per the caller's contract; `AtomicU8` has the size and alignment of `u8`,
+        // and atomic loads may race with the other process's writes.
+        unsafe {
+            let byte = (*src.add(i).cast::<std::sync::atomic::AtomicU8>()).load(Ordering::Relaxed);
+            dst.add(i).write(byte);
+        }
     }
 }
 
