@@ -279,6 +279,9 @@ impl Socket {
                     cursor.started = true;
                     cursor.bytes_sent += bytes.len();
                     cursor.fds_sent += these.len();
+                    if !cursor.in_progress() {
+                        return Ok(true); // no need to go round again to find out
+                    }
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => return Ok(false),
@@ -381,6 +384,9 @@ impl Socket {
             });
         }
         state.discarding = false;
+        if !dropped && frame.payload.len() == total_len && header.fds as usize == total_fds {
+            return Ok(()); // the whole message in one datagram: the common case
+        }
         let partial = Partial {
             frame: mem::take(frame),
             total_len,
@@ -588,7 +594,6 @@ pub(crate) struct SendCursor {
     fds_base: usize,
 }
 
-#[cfg_attr(not(feature = "tokio"), allow(dead_code))]
 impl SendCursor {
     /// A cursor at the start of a message of `len` payload bytes and `fds` fds; refuses
     /// what the wire format cannot express (≥ 4 GiB, ≥ 2³² fds), as [`Socket::send`] does.
@@ -620,12 +625,14 @@ impl SendCursor {
     }
 
     /// How many of the message's fds have been sent.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     pub(crate) fn fds_sent(&self) -> usize {
         self.fds_sent
     }
 
     /// From now on the caller passes only the fds not sent yet (`fds[self.fds_sent()..]` of
     /// the original list), e.g. because it keeps copies of those alone.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     pub(crate) fn forget_sent_fds(&mut self) {
         self.fds_base = self.fds_sent;
     }
