@@ -18,16 +18,16 @@
 //! When the peer hangs up or dies, the reader sees it at once and every waiting caller gets
 //! [`Error::Disconnected`] — never [`Error::TimedOut`].
 //!
-//! # Large byte strings
+//! # Byte strings through shared memory
 //!
-//! A `Vec<u8>` (or `#[serde(with = "typed_ipc::bytes")]` field) of 32 KiB to 32 MiB does not go
+//! A `Vec<u8>` (or `#[serde(with = "typed_ipc::bytes")]` field) of 2 KiB to 32 MiB does not go
 //! through the socket: the sender copies it into a shared memory region it owns, made once per
-//! connection, and the receiver copies it out into the `Vec` it hands over, with atomic loads,
-//! so a hostile sender cannot cause undefined behaviour (see
-//! [`shared_region`](crate::shared_region)). Two copies instead of four, and no page allocated
-//! per message. One such string per direction is in flight at a time; any other goes through
-//! the socket as before, so nothing ever waits for the region. Each end that sends large
-//! strings keeps one region (up to 32 MiB, the largest string it sent) open for the
+//! connection, and the receiver copies it out into the `Vec` it hands over with a copy that
+//! tolerates a hostile sender writing meanwhile (see [`shared_region`](crate::shared_region)).
+//! Two copies instead of four, and no page allocated per message. One such string per
+//! direction is in flight at a time; any other goes through the socket as before, so nothing
+//! ever waits for the region. Each end that sends such strings keeps one region (64 KiB, or
+//! the next power of two above the largest string it sent, up to 32 MiB) open for the
 //! connection's lifetime. The async flavour does not use regions; it talks to a blocking peer
 //! through the socket.
 
@@ -270,7 +270,7 @@ impl Connection {
             // Become the reader. A request that arrives is queued and, at the top of the
             // loop, run by this same thread: no hand-off, calls in arrival order, oneways one
             // at a time.
-            state = shared.read(state, None);
+            state = shared.read(state, None, None).0;
         }
     }
 
@@ -417,7 +417,11 @@ impl Shared {
                 state = self.sleep(state, deadline);
                 continue;
             }
-            state = self.read(state, deadline);
+            let own;
+            (state, own) = self.read(state, deadline, Some(cookie));
+            if let Some(reply) = own {
+                return reply;
+            }
         }
     }
 
@@ -451,8 +455,14 @@ impl Shared {
     /// Takes the reader role, receives one message and routes it: a reply to its caller's
     /// slot, a request to the queue serving threads take from. Returns the lock, re-taken;
     /// the waiters were woken under it, so they find the message routed. The role is
-    /// released before returning.
-    fn read<'a>(&'a self, mut state: Guard<'a>, deadline: Option<Instant>) -> Guard<'a> {
+    /// released before returning. The reply to `own`, the reader's own call, is returned
+    /// rather than routed (its slot is gone).
+    fn read<'a>(
+        &'a self,
+        mut state: Guard<'a>,
+        deadline: Option<Instant>,
+        own: Option<u64>,
+    ) -> (Guard<'a>, Option<Result<Frame>>) {
         state.reading = true;
         let mut frame = std::mem::take(&mut state.buffer);
         drop(state);
@@ -478,13 +488,17 @@ impl Shared {
                     Ok(()) => self.fail(&mut state, Error::Malformed("bad envelope".into())),
                 }
                 state.buffer = frame;
-                return state;
+                return (state, None);
             }
         };
         if self.trace && matches!(envelope.kind, Kind::Reply | Kind::Failure) {
             self.trace_incoming(&envelope, &frame);
         }
         match (envelope.kind, result) {
+            (Kind::Reply | Kind::Failure, result) if own == Some(envelope.cookie) => {
+                state.pending.remove(&envelope.cookie);
+                return (state, Some(result.map(|()| frame)));
+            }
             (Kind::Reply | Kind::Failure, result) => {
                 if let Some(slot) = state.pending.get_mut(&envelope.cookie) {
                     *slot = Some(result.map(|()| frame));
@@ -501,7 +515,7 @@ impl Shared {
             }
             (Kind::Oneway, Err(_)) => state.buffer = frame,
         }
-        state
+        (state, None)
     }
 
     /// Ends the connection with `why` and wakes everyone waiting on it.
