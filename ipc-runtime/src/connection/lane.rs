@@ -12,7 +12,7 @@
 //!
 //! # Protocol
 //!
-//! - A byte string of [`MIN`] to [`MAX`] bytes is *placed* in the sender's region, at offset
+//! - A byte string of [`MIN`] (2 KiB) to [`MAX`] (32 MiB) bytes is *placed* in the sender's region, at offset
 //!   0, when the lane is idle and the peer has said that it reads lanes; it is then a
 //!   [`Placed`] reference on the wire (the codec's tag 1), carrying the region's fd the first
 //!   time. At most one string per message is placed; everything else stays inline.
@@ -33,13 +33,16 @@ use std::sync::{Mutex, PoisonError};
 use crate::codec::{NO_FD, OutOfLine, Placed};
 use crate::shared_region::{RegionView, SharedRegion};
 
-/// Smallest byte string worth placing: below it, the socket's one datagram is as cheap.
-pub(crate) const MIN: usize = 32 << 10;
+/// Smallest byte string placed. Placing saves the kernel's two copies of the bytes; at 4 KiB
+/// that took an echo from 1.35–1.41x to 1.24–1.28x the bare-socket floor (A/B runs of
+/// `ipc-bench`, docs/benchmarks-bulk.md). Smaller strings were not measured and stay inline.
+pub(crate) const MIN: usize = 2 << 10;
 /// Largest byte string placed, and the largest region made or accepted (larger strings go
 /// inline, in fragments).
 pub(crate) const MAX: usize = 32 << 20;
-/// Smallest region made: strings slightly larger than the last one should not mean a new one.
-const MIN_REGION: usize = 1 << 20;
+/// Smallest region made (grown to the next power of two above a larger string): small
+/// strings cost a connection 64 KiB of shared memory per direction, not the largest size.
+const MIN_REGION: usize = 64 << 10;
 
 const READS_LANES: u32 = 1 << 23;
 const SEQ_MASK: u32 = READS_LANES - 1;
