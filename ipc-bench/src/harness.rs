@@ -3,7 +3,9 @@
 //! A measurement is a warm-up, then [`REPETITIONS`] repetitions of many calls, each
 //! call (or small batch of calls) timed on its own. Every repetition gives a median
 //! and a p99; the result is the median of those. Iteration counts come from the
-//! warm-up, so each repetition lasts about [`Plan::rep_time`].
+//! warm-up, so each repetition lasts about [`Plan::rep_time`]. [`Measurement`] lets the
+//! caller run the repetitions of several systems in turn, so that a host whose speed drifts
+//! over minutes moves every system alike and ratios between them stay honest.
 
 use std::io;
 use std::time::{Duration, Instant};
@@ -66,63 +68,80 @@ pub struct Stats {
     pub samples: usize,
     /// Calls per sample.
     pub batch: usize,
-    /// Every call made, warm-up included.
-    pub calls: usize,
 }
 
-/// Measures `call` according to `plan`. Stops at the first error.
-pub fn measure(plan: &Plan, mut call: impl FnMut() -> io::Result<()>) -> io::Result<Stats> {
-    // Warm-up: caches, allocator, lazily faulted buffers, and an estimate per call.
-    let start = Instant::now();
-    let mut warm_calls = 0u32;
-    while warm_calls < plan.min_warm as u32 || start.elapsed() < plan.warm_time {
-        call()?;
-        warm_calls += 1;
-    }
-    let per_call = start.elapsed() / warm_calls;
-    let batch = if per_call.is_zero() {
-        1000
-    } else {
-        MIN_SAMPLE.div_duration_f64(per_call).ceil().max(1.0) as usize
-    };
-    let per_sample = per_call * batch as u32;
-    let samples = if per_sample.is_zero() {
-        plan.max_samples
-    } else {
-        (plan.rep_time.div_duration_f64(per_sample) as usize)
-            .clamp(plan.min_samples, plan.max_samples)
-    };
+/// A measurement in progress: warmed up, with some of its repetitions done.
+pub struct Measurement {
+    batch: usize,
+    /// One slot per sample, allocated once, outside the timed loops.
+    times: Vec<f64>,
+    /// (median, p99, mean) of each repetition so far.
+    reps: Vec<(f64, f64, f64)>,
+}
 
-    let mut times = vec![0f64; samples]; // Allocated once, outside the timed loop.
-    let mut reps = Vec::with_capacity(REPETITIONS);
-    for _ in 0..REPETITIONS {
-        for slot in times.iter_mut() {
+impl Measurement {
+    /// Warms up (caches, allocator, lazily faulted buffers) and sizes the repetitions from
+    /// the time a call took.
+    pub fn warm_up(plan: &Plan, mut call: impl FnMut() -> io::Result<()>) -> io::Result<Self> {
+        let start = Instant::now();
+        let mut warm_calls = 0u32;
+        while warm_calls < plan.min_warm as u32 || start.elapsed() < plan.warm_time {
+            call()?;
+            warm_calls += 1;
+        }
+        let per_call = start.elapsed() / warm_calls;
+        let batch = if per_call.is_zero() {
+            1000
+        } else {
+            MIN_SAMPLE.div_duration_f64(per_call).ceil().max(1.0) as usize
+        };
+        let per_sample = per_call * batch as u32;
+        let samples = if per_sample.is_zero() {
+            plan.max_samples
+        } else {
+            (plan.rep_time.div_duration_f64(per_sample) as usize)
+                .clamp(plan.min_samples, plan.max_samples)
+        };
+        Ok(Measurement {
+            batch,
+            times: vec![0f64; samples],
+            reps: Vec::with_capacity(REPETITIONS),
+        })
+    }
+
+    /// Runs one repetition; returns the calls it made.
+    pub fn repetition(&mut self, mut call: impl FnMut() -> io::Result<()>) -> io::Result<usize> {
+        for slot in self.times.iter_mut() {
             let t = Instant::now();
-            for _ in 0..batch {
+            for _ in 0..self.batch {
                 call()?;
             }
-            *slot = t.elapsed().as_nanos() as f64 / batch as f64;
+            *slot = t.elapsed().as_nanos() as f64 / self.batch as f64;
         }
-        reps.push(summarize(&mut times));
+        self.reps.push(summarize(&mut self.times));
+        Ok(self.times.len() * self.batch)
     }
-    let medians: Vec<f64> = reps.iter().map(|r| r.0).collect();
-    let (lo, hi) = medians
-        .iter()
-        .fold((f64::MAX, 0f64), |(lo, hi), &m| (lo.min(m), hi.max(m)));
-    let median = median_of(reps.iter().map(|r| r.0));
-    Ok(Stats {
-        median,
-        p99: median_of(reps.iter().map(|r| r.1)),
-        mean: median_of(reps.iter().map(|r| r.2)),
-        spread: if median > 0.0 {
-            (hi - lo) / median
-        } else {
-            0.0
-        },
-        samples,
-        batch,
-        calls: warm_calls as usize + REPETITIONS * samples * batch,
-    })
+
+    /// The figures of the repetitions done so far (at least one).
+    pub fn stats(&self) -> Stats {
+        let reps = &self.reps;
+        let (lo, hi) = reps
+            .iter()
+            .fold((f64::MAX, 0f64), |(lo, hi), r| (lo.min(r.0), hi.max(r.0)));
+        let median = median_of(reps.iter().map(|r| r.0));
+        Stats {
+            median,
+            p99: median_of(reps.iter().map(|r| r.1)),
+            mean: median_of(reps.iter().map(|r| r.2)),
+            spread: if median > 0.0 {
+                (hi - lo) / median
+            } else {
+                0.0
+            },
+            samples: self.times.len(),
+            batch: self.batch,
+        }
+    }
 }
 
 /// (median, p99, mean) of one repetition; sorts `times`.

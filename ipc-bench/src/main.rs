@@ -26,10 +26,10 @@ use std::time::Instant;
 use nix::sched::{CpuSet, sched_setaffinity};
 use nix::unistd::Pid;
 
-use crate::harness::Plan;
+use crate::harness::{Measurement, Plan, REPETITIONS};
 use crate::peers::ipc_channel::{IpcChannel, Mode};
 use crate::report::{Cpu, Machine, Pass, Row};
-use crate::system::{Launcher, System};
+use crate::system::{Client, Kind, Launcher, System};
 use crate::typed::{Flavor, TypedIpc};
 
 /// Every system, in report order. Adding one is one line here plus its module.
@@ -173,16 +173,13 @@ fn run(args: Args) -> io::Result<bool> {
     for (index, pass) in passes.iter().enumerate() {
         pin(pass.client_cpu)?;
         let same_cpu = pass.client_cpu == pass.server_cpu;
-        for system in SYSTEMS
+        let systems: Vec<&dyn System> = SYSTEMS
             .iter()
             .filter(selected)
             .filter(|s| !(same_cpu && s.cross_cpu_only()))
-        {
-            if let Err(e) = run_system(*system, index, pass, &plan, &mut rows) {
-                eprintln!("ipc-bench: {} ({}): {e}", system.name(), pass.label);
-                ok = false;
-            }
-        }
+            .copied()
+            .collect();
+        ok &= run_pass(&systems, index, pass, &plan, &mut rows);
     }
     let elapsed = started.elapsed();
     let markdown = report::markdown(&machine, &passes, &rows, elapsed);
@@ -197,46 +194,131 @@ fn run(args: Args) -> io::Result<bool> {
     Ok(ok)
 }
 
-/// Measures every workload and size of `system` in one pass, with one server.
-fn run_system(
-    system: &dyn System,
+/// A system being measured in a pass: its server, its client, and its measurement of the
+/// current cell.
+struct Live<'a> {
+    system: &'a dyn System,
+    launcher: Launcher,
+    client: Box<dyn Client>,
+    measurement: Option<Measurement>,
+    /// CPU time (client thread, server) spent in this cell's repetitions, and their calls.
+    cpu: Option<(u64, u64)>,
+    calls: usize,
+}
+
+impl Live<'_> {
+    fn fail(&mut self, pass: &Pass, e: io::Error) {
+        eprintln!("ipc-bench: {} ({}): {e}", self.system.name(), pass.label);
+        self.measurement = None;
+    }
+}
+
+/// Measures every workload and size of every system in one pass. All servers run at once, and
+/// each cell's repetitions go round the systems in turn (floor, then each other system, three
+/// times), so the ratios compare figures taken seconds apart. Returns whether all went well.
+fn run_pass(
+    systems: &[&dyn System],
     pass_index: usize,
     pass: &Pass,
     plan: &Plan,
     rows: &mut Vec<Row>,
-) -> io::Result<()> {
-    let mut launcher = Launcher::new(system.name(), pass.server_cpu);
-    let mut client = system.start(&mut launcher)?;
-    for &kind in system.kinds() {
-        for &size in kind.sizes() {
-            let before = client.cpu_ns();
-            let stats = harness::measure(plan, || client.call(kind, size))?;
-            let cpu = match (before, client.cpu_ns()) {
-                (Some((c0, s0)), Some((c1, s1))) => Some(Cpu {
-                    client: c1.saturating_sub(c0) as f64 / stats.calls as f64,
-                    server: s1.saturating_sub(s0) as f64 / stats.calls as f64,
-                }),
-                _ => None,
-            };
-            eprintln!(
-                "{:<10} {:<28} {:>7} {:>10}",
-                pass.label,
-                system.name(),
-                report::fmt_size(size),
-                report::fmt_ns(stats.median)
-            );
-            rows.push(Row {
-                pass: pass_index,
-                system: system.name(),
-                kind,
-                size,
-                stats,
-                cpu,
-            });
+) -> bool {
+    let mut ok = true;
+    let mut live: Vec<Live> = Vec::new();
+    for &system in systems {
+        let mut launcher = Launcher::new(system.name(), pass.server_cpu);
+        match system.start(&mut launcher) {
+            Ok(client) => live.push(Live {
+                system,
+                launcher,
+                client,
+                measurement: None,
+                cpu: None,
+                calls: 0,
+            }),
+            Err(e) => {
+                eprintln!("ipc-bench: {} ({}): {e}", system.name(), pass.label);
+                let _ = launcher.reap();
+                ok = false;
+            }
         }
     }
-    drop(client); // Closing the connection is what tells the server to exit.
-    launcher.reap()
+    let mut broken = vec![false; live.len()];
+    for kind in [Kind::Small, Kind::Bulk] {
+        for &size in kind.sizes() {
+            let runs = |l: &Live| l.system.kinds().contains(&kind);
+            for (l, broken) in live.iter_mut().zip(&mut broken) {
+                if *broken || !runs(l) {
+                    continue;
+                }
+                let client = &mut l.client;
+                match Measurement::warm_up(plan, || client.call(kind, size)) {
+                    Ok(m) => (l.measurement, l.cpu, l.calls) = (Some(m), Some((0, 0)), 0),
+                    Err(e) => {
+                        l.fail(pass, e);
+                        *broken = true;
+                    }
+                }
+            }
+            for _ in 0..REPETITIONS {
+                for (l, broken) in live.iter_mut().zip(&mut broken) {
+                    let Some(m) = l.measurement.as_mut() else {
+                        continue;
+                    };
+                    let before = l.client.cpu_ns();
+                    let client = &mut l.client;
+                    match m.repetition(|| client.call(kind, size)) {
+                        Ok(calls) => l.calls += calls,
+                        Err(e) => {
+                            l.fail(pass, e);
+                            *broken = true;
+                            continue;
+                        }
+                    }
+                    l.cpu = match (l.cpu, before, l.client.cpu_ns()) {
+                        (Some((c, s)), Some((c0, s0)), Some((c1, s1))) => {
+                            Some((c + c1.saturating_sub(c0), s + s1.saturating_sub(s0)))
+                        }
+                        _ => None,
+                    };
+                }
+            }
+            for l in live.iter_mut() {
+                let Some(m) = l.measurement.take() else {
+                    continue;
+                };
+                let stats = m.stats();
+                eprintln!(
+                    "{:<10} {:<28} {:>7} {:>10}",
+                    pass.label,
+                    l.system.name(),
+                    report::fmt_size(size),
+                    report::fmt_ns(stats.median)
+                );
+                let calls = l.calls.max(1) as f64;
+                rows.push(Row {
+                    pass: pass_index,
+                    system: l.system.name(),
+                    kind,
+                    size,
+                    stats,
+                    cpu: l.cpu.map(|(c, s)| Cpu {
+                        client: c as f64 / calls,
+                        server: s as f64 / calls,
+                    }),
+                });
+            }
+        }
+    }
+    ok &= !broken.contains(&true);
+    for mut l in live {
+        drop(l.client); // Closing the connection is what tells the server to exit.
+        if let Err(e) = l.launcher.reap() {
+            eprintln!("ipc-bench: {} ({}): {e}", l.system.name(), pass.label);
+            ok = false;
+        }
+    }
+    ok
 }
 
 /// Pins the calling thread, and the threads it starts later, to `cpu`.

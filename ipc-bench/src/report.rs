@@ -116,7 +116,9 @@ pub fn markdown(machine: &Machine, passes: &[Pass], rows: &[Row], elapsed: Durat
          (64 KiB–16 MiB): the client sends N bytes, the server takes them as owned bytes and \
          replies with their count; ratio to `memcpy` of N bytes. Each cell: warm-up, then \
          {REPETITIONS} repetitions of about {} (≥ {} samples), every call timed on its own \
-         (calls under 2 µs in batches); median and p99 are the median over repetitions of \
+         (calls under 2 µs in batches); all servers of a pass run at once and the \
+         repetitions of a cell go round the systems in turn, so a ratio compares figures \
+         taken seconds apart, not minutes; median and p99 are the median over repetitions of \
          each repetition's median and p99. *spread* = (max − min of the repetition medians) / \
          median. Systems that take owned `Vec<u8>` arguments for small calls (tarpc, \
          ipc-channel typed, typed-ipc) pay a copy of the payload into a fresh `Vec` per call, \
@@ -335,7 +337,8 @@ const TARGETS: &[Target] = &[
     },
 ];
 
-/// The issue's targets, as measured in this run; then fragments against a sealed memfd.
+/// The issue's targets, as measured in this run; then the usual bulk path against a sealed
+/// memfd.
 fn targets(md: &mut String, passes: &[Pass], rows: &[Row]) {
     let same = passes.iter().position(|p| p.client_cpu == p.server_cpu);
     let cross = passes.iter().position(|p| p.client_cpu != p.server_cpu);
@@ -427,11 +430,12 @@ fn targets(md: &mut String, passes: &[Pass], rows: &[Row]) {
     if !lines.is_empty() {
         let _ = writeln!(
             md,
-            "## Bulk: fragments or a sealed memfd\n\nOne-way bulk, two ways: through the socket \
-             in fragments, or as a fresh sealed memfd per message that the receiver checks and \
-             copies out. On the bare socket (`floor`, `floor/memfd`: the receiver copies into \
-             a buffer it reuses) and through typed-ipc (`typed-ipc`, `typed-ipc/memfd`: \
-             received as a new owned `Vec<u8>`). Ratio > 1: the memfd is slower.\n"
+            "## Bulk: the usual path or a sealed memfd\n\nOne-way bulk, two ways: the usual path, \
+             or a fresh sealed memfd per message that the receiver checks and copies out. On \
+             the bare socket (`floor`: fragments; `floor/memfd`: the receiver copies into a \
+             buffer it reuses) and through typed-ipc (`typed-ipc`: the connection's shared \
+             region, up to 32 MiB; `typed-ipc/memfd`; both received as a new owned \
+             `Vec<u8>`). Ratio > 1: the memfd is slower.\n"
         );
         let _ = writeln!(
             md,
