@@ -4,7 +4,6 @@
 //! without another test's fds coming and going.
 
 use std::fs::File;
-use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -13,8 +12,11 @@ use ipc_runtime::shared_buffer::{SealedBuffer, SharedBuffer};
 use ipc_runtime::{Error, Socket, codec};
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, SealFlag, fcntl};
-use nix::sys::memfd::{MFdFlags, memfd_create};
 use nix::sys::mman::{MapFlags, ProtFlags, mmap};
+
+mod common;
+
+use common::memfd_with;
 
 static LOCK: Mutex<()> = Mutex::new(());
 
@@ -35,24 +37,6 @@ fn filled(content: &[u8]) -> SealedBuffer {
     assert!(buf.iter().all(|&b| b == 0), "a new buffer is zero-filled");
     buf.copy_from_slice(content);
     buf.seal().unwrap()
-}
-
-/// A memfd holding `content`, with `seals` added (none if empty), as a hostile sender could
-/// make one.
-fn memfd_with(content: &[u8], sealing: bool, seals: SealFlag) -> OwnedFd {
-    let flags = if sealing {
-        MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING
-    } else {
-        MFdFlags::MFD_CLOEXEC
-    };
-    let fd = memfd_create(c"hostile", flags).unwrap();
-    File::from(fd.try_clone().unwrap())
-        .write_all(content)
-        .unwrap();
-    if !seals.is_empty() {
-        fcntl(&fd, FcntlArg::F_ADD_SEALS(seals)).unwrap();
-    }
-    fd
 }
 
 fn refusal(result: Result<SealedBuffer, Error>) -> String {

@@ -5,7 +5,6 @@
 //! without another test's fds coming and going.
 
 use std::fs::File;
-use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
@@ -14,10 +13,11 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use ipc_runtime::shared_region::{RegionView, SharedRegion};
 use ipc_runtime::{Error, Socket, codec};
 use nix::errno::Errno;
-use nix::fcntl::{FcntlArg, OFlag, SealFlag, fcntl, open};
-use nix::sys::memfd::{MFdFlags, memfd_create};
+use nix::fcntl::{OFlag, SealFlag, open};
 use nix::sys::mman::{MapFlags, ProtFlags, mmap, mprotect, munmap};
 use nix::sys::stat::Mode;
+
+mod common;
 
 static LOCK: Mutex<()> = Mutex::new(());
 
@@ -31,18 +31,7 @@ fn open_fds() -> usize {
 
 /// A memfd of `len` bytes with `seals` added, as a hostile creator could make one.
 fn memfd_with(len: usize, seals: SealFlag) -> OwnedFd {
-    let fd = memfd_create(
-        c"hostile",
-        MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
-    )
-    .unwrap();
-    File::from(fd.try_clone().unwrap())
-        .write_all(&vec![1; len])
-        .unwrap();
-    if !seals.is_empty() {
-        fcntl(&fd, FcntlArg::F_ADD_SEALS(seals)).unwrap();
-    }
-    fd
+    common::memfd_with(&vec![1; len], true, seals)
 }
 
 fn refusal(result: Result<RegionView, Error>) -> String {

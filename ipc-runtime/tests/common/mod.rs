@@ -49,3 +49,21 @@ pub fn pattern(len: usize) -> Vec<u8> {
         .map(|i| (i % 251) as u8 ^ (i >> 16) as u8)
         .collect()
 }
+
+/// A memfd holding `content`, with `seals` added (none if empty), as a hostile sender could
+/// make one.
+pub fn memfd_with(content: &[u8], sealing: bool, seals: nix::fcntl::SealFlag) -> OwnedFd {
+    let flags = if sealing {
+        nix::sys::memfd::MFdFlags::MFD_CLOEXEC | nix::sys::memfd::MFdFlags::MFD_ALLOW_SEALING
+    } else {
+        nix::sys::memfd::MFdFlags::MFD_CLOEXEC
+    };
+    let fd = nix::sys::memfd::memfd_create(c"hostile", flags).unwrap();
+    File::from(fd.try_clone().unwrap())
+        .write_all(content)
+        .unwrap();
+    if !seals.is_empty() {
+        nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_ADD_SEALS(seals)).unwrap();
+    }
+    fd
+}
