@@ -9,9 +9,10 @@
 //! how serde's data model can carry something that is not data.
 //!
 //! Byte strings ([`Bytes`], [`bytes`]) are a tag byte and then either the bytes (tag 0) or,
-//! when the encoder runs with an [`OutOfLine`] store that takes them (tag 1), a [`Placed`]
-//! reference to where the store put them: the connection uses this to move large byte strings
-//! through a shared region instead of the socket (see `connection/lane.rs`).
+//! when the encoder runs with an out-of-line store that takes them (tag 1), a reference to
+//! where the store put them (sequence number, fd index, offset, length): the connection uses
+//! this to move byte strings through a shared region instead of the socket (see
+//! `connection/lane.rs`).
 
 use std::cell::{Cell, RefCell};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};

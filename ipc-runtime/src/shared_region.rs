@@ -207,7 +207,8 @@ impl RegionView {
     }
 
     /// Copies `dst.len()` bytes starting at `offset` into `dst`. A creator writing meanwhile
-    /// can change what is copied but cannot cause undefined behaviour (see [`copy_racy`]).
+    /// can change what is copied but cannot cause undefined behaviour: the copy is one
+    /// `rep movsb` on x86-64, equivalent to relaxed atomic byte loads, which may race.
     /// Bytes outside the region are [`Error::Malformed`].
     pub fn copy_to(&self, offset: usize, dst: &mut [u8]) -> Result<()> {
         self.check(offset, dst.len())?;

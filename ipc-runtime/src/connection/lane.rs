@@ -136,13 +136,16 @@ impl Lane {
     }
 
     /// Starts the encode of one message on this thread; [`Lane::placed`] tells after it.
-    pub(crate) fn begin(&self) {
-        PLACED.set(0);
+    /// Returns the state of an encode this one runs inside (user `Serialize` code may send),
+    /// to hand back to `placed`.
+    pub(crate) fn begin(&self) -> u32 {
+        PLACED.replace(0)
     }
 
-    /// The placement the encode on this thread made since [`Lane::begin`] (0: none).
-    pub(crate) fn placed(&self) -> u32 {
-        PLACED.get()
+    /// The placement the encode on this thread made since [`Lane::begin`] (0: none), and
+    /// the outer encode's state put back.
+    pub(crate) fn placed(&self, outer: u32) -> u32 {
+        PLACED.replace(outer)
     }
 }
 

@@ -373,9 +373,9 @@ impl Shared {
         with_buffers(|buf, fds| {
             buf.resize(envelope::LEN, 0);
             envelope.write(buf);
-            self.lane.begin();
+            let outer = self.lane.begin();
             let encoded = codec::with_store(&self.lane, || codec::encode(body, buf, fds));
-            let placed = self.lane.placed();
+            let placed = self.lane.placed(outer);
             // Read after encoding: acknowledges what was copied out up to this moment.
             envelope::set_lane(buf, self.lane.word());
             let sent = encoded.and_then(|()| self.socket.send_deadline(buf, fds, deadline));
