@@ -235,3 +235,124 @@ fn bad_references_and_bad_regions_fail_the_call_not_the_server() {
     server.join().unwrap().unwrap();
     assert_eq!(open_fds(), before);
 }
+
+/// The async flavour places and reads byte strings too, and shares regions with blocking
+/// peers both ways.
+#[cfg(feature = "tokio")]
+mod async_flavour {
+    use super::*;
+
+    /// `Bulk` as `async fn`s: the same interface on the wire.
+    mod asynchronous {
+        #[typed_ipc::interface]
+        pub trait Bulk {
+            async fn bump(&self, data: Vec<u8>) -> Vec<u8>;
+            async fn lens(&self, a: Vec<u8>, b: Vec<u8>) -> (u64, u64);
+            #[oneway]
+            async fn feed(&self, data: Vec<u8>);
+            async fn fed(&self) -> Vec<u64>;
+            async fn regions(&self) -> u64;
+        }
+    }
+
+    #[derive(Default)]
+    struct AsyncBulkImpl(BulkImpl);
+
+    impl asynchronous::Bulk for AsyncBulkImpl {
+        async fn bump(&self, data: Vec<u8>) -> Vec<u8> {
+            self.0.bump(data)
+        }
+        async fn lens(&self, a: Vec<u8>, b: Vec<u8>) -> (u64, u64) {
+            self.0.lens(a, b)
+        }
+        async fn feed(&self, data: Vec<u8>) {
+            self.0.feed(data)
+        }
+        async fn fed(&self) -> Vec<u64> {
+            self.0.fed()
+        }
+        async fn regions(&self) -> u64 {
+            regions()
+        }
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    #[ignore = "run as a child process by other tests"]
+    fn child_bulk_async() {
+        runtime().block_on(async {
+            let conn = typed_ipc::tokio::worker::connection().unwrap();
+            asynchronous::BulkServer::new(AsyncBulkImpl::default())
+                .serve(conn)
+                .await
+                .unwrap();
+        });
+    }
+
+    const SIZES: [usize; 5] = [2047, 2048, 100_000, (3 << 20) + 5, (32 << 20) + 1];
+
+    #[test]
+    fn an_async_parent_and_a_blocking_worker_share_regions() {
+        let _fds = fd_count_lock();
+        let before = open_fds();
+        runtime().block_on(async {
+            let (mut child, conn) = typed_ipc::tokio::worker::spawn(child("child_bulk")).unwrap();
+            let bulk = asynchronous::BulkClient::new(conn);
+            for round in 0..2u64 {
+                for (i, &len) in SIZES.iter().enumerate() {
+                    let data = pattern(len, round * 10 + i as u64);
+                    let want: Vec<u8> = data.iter().map(|b| b.wrapping_add(1)).collect();
+                    assert!(
+                        bulk.bump(data).await.unwrap() == want,
+                        "{len} B, round {round}"
+                    );
+                }
+            }
+            assert_eq!(regions(), 2, "our region and a view of the worker's");
+            assert_eq!(bulk.regions().await.unwrap(), 2);
+            let sent: Vec<Vec<u8>> = (0..10).map(|i| pattern(5000 + i * 999, i as u64)).collect();
+            for data in &sent {
+                bulk.feed(data.clone()).await.unwrap();
+            }
+            let want: Vec<u64> = sent.iter().map(|d| checksum(d)).collect();
+            assert_eq!(bulk.fed().await.unwrap(), want);
+            drop(bulk);
+            assert_eq!(
+                typed_ipc::tokio::worker::wait(&mut child).await.unwrap(),
+                Exit::Code(0)
+            );
+        });
+        assert_eq!(open_fds(), before);
+    }
+
+    #[test]
+    fn a_blocking_parent_and_an_async_worker_share_regions() {
+        let _fds = fd_count_lock();
+        let before = open_fds();
+        let (mut child, conn) = Worker::spawn(child("async_flavour::child_bulk_async")).unwrap();
+        let bulk = BulkClient::new(conn);
+        for round in 0..2u64 {
+            for (i, &len) in SIZES.iter().enumerate() {
+                let data = pattern(len, round * 10 + i as u64);
+                let want: Vec<u8> = data.iter().map(|b| b.wrapping_add(1)).collect();
+                assert!(bulk.bump(data).unwrap() == want, "{len} B, round {round}");
+            }
+        }
+        assert_eq!(regions(), 2, "our region and a view of the worker's");
+        assert_eq!(bulk.regions().unwrap(), 2);
+        assert_eq!(
+            bulk.lens(vec![1; 10_000], vec![2; 20_000]).unwrap(),
+            (10_000, 20_000)
+        );
+        drop(bulk);
+        assert_eq!(child.wait().unwrap(), Exit::Code(0));
+        drop(child);
+        assert_eq!(open_fds(), before);
+    }
+}

@@ -616,6 +616,12 @@ impl SendCursor {
         })
     }
 
+    /// Some of the message is out (perhaps all of it).
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn started(&self) -> bool {
+        self.started
+    }
+
     /// Part of the message is out, but not all of it: stopping now would leave the peer
     /// holding a fragment.
     pub(crate) fn in_progress(&self) -> bool {

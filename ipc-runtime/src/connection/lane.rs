@@ -18,9 +18,12 @@
 //!   time. At most one string per message is placed; everything else stays inline.
 //! - Every message's envelope carries a *lane word* (bytes 1..4): bit 23 says "I read lanes",
 //!   bits 0..22 the sequence number of the last placement this end has copied out. A peer
-//!   that leaves it zero (the async flavour) is never sent a placement.
+//!   that leaves it zero is never sent a placement. Both flavours (this connection and the
+//!   async one) keep a `Lane` and speak this protocol.
 //! - A placement keeps the lane busy until the peer's lane word acknowledges it, or until a
-//!   failure reply to the call that carried it arrives (the request was never decoded). While
+//!   failure reply to the call that carried it arrives (the request was never decoded), or
+//!   the message carrying it turns out never to have been sent (an error, or an async send
+//!   cancelled before its first datagram). While
 //!   it is busy, byte strings go inline: nobody waits, and nothing deadlocks. A peer that
 //!   never acknowledges (a oneway stream it never answers, a hostile peer) costs speed, not
 //!   correctness.

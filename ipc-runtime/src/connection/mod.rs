@@ -28,8 +28,7 @@
 //! direction is in flight at a time; any other goes through the socket as before, so nothing
 //! ever waits for the region. Each end that sends such strings keeps one region (64 KiB, or
 //! the next power of two above the largest string it sent, up to 32 MiB) open for the
-//! connection's lifetime. The async flavour does not use regions; it talks to a blocking peer
-//! through the socket.
+//! connection's lifetime. The async flavour does the same, on the same wire.
 
 pub(crate) mod admit;
 pub(crate) mod envelope;

@@ -19,8 +19,8 @@ pub struct AsyncCall {
     /// The whole message: envelope, then the arguments.
     frame: Frame,
     peer: Option<PeerCredentials>,
-    /// Where the reply goes; `None` for oneway messages.
-    replier: Option<Arc<Inner>>,
+    /// The connection: where the reply goes, and whose lane the arguments may be in.
+    inner: Arc<Inner>,
     replied: bool,
 }
 
@@ -29,13 +29,13 @@ impl AsyncCall {
         envelope: Envelope,
         frame: Frame,
         peer: Option<PeerCredentials>,
-        replier: Option<Arc<Inner>>,
+        inner: Arc<Inner>,
     ) -> AsyncCall {
         AsyncCall {
             envelope,
             frame,
             peer,
-            replier,
+            inner,
             replied: false,
         }
     }
@@ -63,7 +63,8 @@ impl AsyncCall {
     /// Decodes the arguments, taking the fds that came with them. Fds not claimed are closed.
     pub fn args<T: DeserializeOwned>(&mut self) -> Result<T> {
         let fds = std::mem::take(&mut self.frame.fds);
-        codec::decode(&self.frame.payload[envelope::LEN..], fds)
+        let body = &self.frame.payload[envelope::LEN..];
+        codec::with_store(self.inner.lane(), || codec::decode(body, fds))
     }
 
     /// Sends `value` as the reply. Ignored for oneway calls, which get no reply, and after the
@@ -72,20 +73,18 @@ impl AsyncCall {
     /// `value` is taken by value so that the future is `Send` whenever `value` is; the fds it
     /// carries stay open until the reply is out, and are closed with it.
     pub async fn reply<T: Serialize>(&mut self, value: T) -> Result<()> {
-        match &self.replier {
-            Some(inner) if !self.replied => {
-                self.replied = true;
-                let inner = inner.clone();
-                let envelope = Envelope {
-                    kind: Kind::Reply,
-                    ..self.envelope
-                };
-                let sent = inner.send(envelope, value).await;
-                inner.trace_reply(envelope.cookie);
-                sent
-            }
-            _ => Ok(()),
+        if self.is_oneway() || self.replied {
+            return Ok(());
         }
+        self.replied = true;
+        let inner = self.inner.clone();
+        let envelope = Envelope {
+            kind: Kind::Reply,
+            ..self.envelope
+        };
+        let sent = inner.send(envelope, value).await;
+        inner.trace_reply(envelope.cookie);
+        sent.map(drop)
     }
 
     /// An error for a command this interface does not have.

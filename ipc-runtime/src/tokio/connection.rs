@@ -26,6 +26,7 @@ use super::{AsyncService, BoxFuture};
 use crate::codec;
 use crate::connection::Authorizer;
 use crate::connection::admit::admit;
+use crate::connection::lane::Lane;
 use crate::connection::trace;
 use crate::error::{Error, Result};
 use crate::frame::Frame;
@@ -80,6 +81,8 @@ pub(super) struct Inner {
     authorizer: RwLock<Option<Box<Authorizer>>>,
     tasks: Arc<Tasks>,
     trace: bool,
+    /// Byte strings through shared memory, as in the blocking flavour.
+    lane: Lane,
 }
 
 #[derive(Default)]
@@ -155,6 +158,7 @@ impl AsyncConnection {
         let io = super::register(Registered(socket))?;
         let runtime = Handle::current();
         let peer = io.get_ref().0.peer_credentials().ok();
+        let lane = Lane::new(io.get_ref().0.limits().max_message_len);
         let tasks = Arc::new(Tasks::default());
         let reader = tasks.enter();
         let inner = Arc::new(Inner {
@@ -168,6 +172,7 @@ impl AsyncConnection {
             authorizer: RwLock::new(None),
             tasks,
             trace: trace::enabled(),
+            lane,
         });
         inner.runtime.spawn(read_loop(inner.clone(), reader));
         Ok(AsyncConnection {
@@ -335,12 +340,17 @@ impl AsyncConnection {
             interface: iface.id,
             signature: iface.signature,
         };
-        inner.send(envelope, args).await?;
+        let placed = inner.send(envelope, args).await?;
         inner.trace_out(&envelope, iface);
         let reply = reply.await;
         std::mem::forget(waiting); // the slot is gone: the reader or `fail` took it
         let mut frame = reply.unwrap_or(Err(Error::Disconnected))?;
-        decode_reply(&mut frame, iface, cmd)
+        if placed != 0 && Envelope::read(&frame.payload).is_ok_and(|e| e.kind == Kind::Failure) {
+            // Refused or failed before its arguments were read: the peer will not read the
+            // lane for it, nor acknowledge it.
+            inner.lane.release(placed);
+        }
+        decode_reply(&mut frame, iface, cmd, &inner.lane)
     }
 
     /// Sends a oneway message: resolves once it is sent, and gets no reply.
@@ -394,6 +404,7 @@ fn decode_reply<R: DeserializeOwned>(
     frame: &mut Frame,
     iface: &InterfaceInfo,
     cmd: u32,
+    lane: &Lane,
 ) -> Result<R> {
     let envelope = Envelope::read(&frame.payload)?;
     let body = &frame.payload[envelope::LEN..];
@@ -402,7 +413,7 @@ fn decode_reply<R: DeserializeOwned>(
         let failure: Failure = codec::decode(body, fds)?;
         return Err(failure.into_error(iface, cmd));
     }
-    codec::decode(body, fds)
+    codec::with_store(lane, || codec::decode(body, fds))
 }
 
 /// Receives until the connection ends, routing each message.
@@ -472,6 +483,9 @@ impl Inner {
         let (envelope, received) = envelope;
         if self.trace {
             self.trace_incoming(&envelope, &frame);
+        }
+        if received.is_ok() {
+            self.lane.on_word(envelope::lane(&frame.payload));
         }
         match (envelope.kind, received) {
             (Kind::Reply | Kind::Failure, received) => {
@@ -574,22 +588,41 @@ impl Inner {
     /// Encodes envelope + body and sends them as one message. `body` is taken by value so
     /// that the future is `Send` whenever the body is: the fds it carries stay open, borrowed,
     /// until the message is out.
+    /// Returns the lane placement the message carries (0: none).
     pub(super) async fn send<A: Serialize>(
         self: &Arc<Self>,
         envelope: Envelope,
         body: A,
-    ) -> Result<()> {
+    ) -> Result<u32> {
         let mut payload = vec![0; envelope::LEN];
         envelope.write(&mut payload);
         let mut fds = Vec::new();
-        codec::encode(&body, &mut payload, &mut fds)?;
-        self.send_encoded(payload, &fds).await
+        let outer = self.lane.begin();
+        let encoded =
+            codec::with_store(&self.lane, || codec::encode(&body, &mut payload, &mut fds));
+        let placed = self.lane.placed(outer);
+        // Read after encoding: acknowledges what was copied out up to this moment.
+        envelope::set_lane(&mut payload, self.lane.word());
+        if let Err(e) = encoded {
+            if placed != 0 {
+                self.lane.abort(placed);
+            }
+            return Err(e);
+        }
+        self.send_encoded(payload, &fds, placed)
+            .await
+            .map(|()| placed)
+    }
+
+    pub(super) fn lane(&self) -> &Lane {
+        &self.lane
     }
 
     async fn send_encoded(
         self: &Arc<Self>,
         payload: Vec<u8>,
         fds: &[BorrowedFd<'_>],
+        placed: u32,
     ) -> Result<()> {
         let cursor = SendCursor::new(payload.len(), fds.len())?;
         let lock = match self.send_lock.clone().try_lock_owned() {
@@ -603,9 +636,13 @@ impl Inner {
             fds,
             lock: Some(lock),
             finished: false,
+            placed,
         };
         let result = drive(self, &mut out.cursor, &out.payload, out.fds).await;
         out.finished = true;
+        if result.is_err() && placed != 0 && !out.cursor.started() {
+            self.lane.abort(placed); // the peer will never see this placement
+        }
         result
     }
 
@@ -662,10 +699,16 @@ struct Outgoing<'a, 'f> {
     fds: &'a [BorrowedFd<'f>],
     lock: Option<OwnedMutexGuard<()>>,
     finished: bool,
+    /// The lane placement the message carries (0: none).
+    placed: u32,
 }
 
 impl Drop for Outgoing<'_, '_> {
     fn drop(&mut self) {
+        if !self.finished && self.placed != 0 && !self.cursor.started() {
+            // Cancelled before any of it went out: the peer will never see this placement.
+            self.inner.lane.abort(self.placed);
+        }
         if self.finished || !self.cursor.in_progress() {
             return; // done, or nothing of it sent: the stream is in sync
         }
@@ -749,8 +792,7 @@ async fn handle_request(inner: Arc<Inner>, frame: Frame, envelope: Envelope) {
     let failure = match inner.check(&envelope) {
         Err(failure) => Some(failure),
         Ok(service) => {
-            let replier = (!oneway).then(|| inner.clone());
-            let mut call = AsyncCall::new(envelope, frame, inner.peer, replier);
+            let mut call = AsyncCall::new(envelope, frame, inner.peer, inner.clone());
             let peer = inner.peer;
             // `handle` itself may panic before it returns its future.
             let outcome = {
@@ -791,7 +833,7 @@ async fn reply_failure(inner: Arc<Inner>, call: Envelope, failure: Failure) -> R
             call.cookie
         ));
     }
-    inner.send(envelope, failure).await
+    inner.send(envelope, failure).await.map(drop)
 }
 
 /// A handler's future, polled with [`current_peer`](crate::current_peer) set and its panics
