@@ -17,6 +17,7 @@ mod report;
 mod sys;
 mod system;
 mod typed;
+mod typed_async;
 
 use std::io;
 use std::path::PathBuf;
@@ -31,6 +32,7 @@ use crate::peers::ipc_channel::{IpcChannel, Mode};
 use crate::report::{Cpu, Machine, Pass, Row};
 use crate::system::{Client, Kind, Launcher, System};
 use crate::typed::{Flavor, TypedIpc};
+use crate::typed_async::TypedIpcAsync;
 
 /// Every system, in report order. Adding one is one line here plus its module.
 static SYSTEMS: &[&dyn System] = &[
@@ -48,6 +50,7 @@ static SYSTEMS: &[&dyn System] = &[
         flavor: Flavor::Plain,
     },
     &TypedIpc { flavor: Flavor::Fd },
+    &TypedIpcAsync,
     &TypedIpc {
         flavor: Flavor::Oneway,
     },

@@ -30,7 +30,8 @@ pub enum Flavor {
     Memfd,
     /// Zero copy: a fresh `SharedBuffer` per message, filled, sealed, read in place.
     Shared,
-    /// Zero copy from one region mapped once (size-sealed only; trusted sender).
+    /// Zero copy from one `SharedRegion` mapped once by both sides: the client fills it, the
+    /// server reads it in place with atomic loads.
     SharedRegion,
 }
 
@@ -50,7 +51,7 @@ fn spin() -> Duration {
         .map_or(DEFAULT_SPIN, Duration::from_micros)
 }
 
-fn other(e: typed_ipc::Error) -> io::Error {
+pub(crate) fn other(e: typed_ipc::Error) -> io::Error {
     io::Error::other(e)
 }
 
@@ -146,7 +147,7 @@ impl TypedClient {
     }
 }
 
-fn expect(what: &str, got: u64, want: u64) -> io::Result<()> {
+pub(crate) fn expect(what: &str, got: u64, want: u64) -> io::Result<()> {
     if got == want {
         Ok(())
     } else {

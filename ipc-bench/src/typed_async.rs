@@ -1,0 +1,107 @@
+//! typed-ipc's async flavour: generated stubs of an `async fn` interface over an
+//! `AsyncConnection`, each side on a current-thread tokio runtime (the server in a real child
+//! process), calls driven with `block_on` from the harness thread.
+
+use std::hint::black_box;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
+use ipc_bench::Blob;
+use typed_ipc::tokio::AsyncConnection;
+use typed_ipc::{Socket, interface};
+
+use crate::system::{Client, Kind, Launcher, MAX_PAYLOAD, System, inherited_fd};
+use crate::typed::{expect, other};
+
+/// What the async rows call: the blocking `Bench`'s `echo` and `put`, as `async fn`s.
+#[interface]
+pub trait AsyncBench {
+    /// Small calls: returns `data` unchanged.
+    async fn echo(&self, data: Vec<u8>) -> Vec<u8>;
+    /// Bulk: takes the bytes as an owned `Vec<u8>`, returns how many arrived.
+    async fn put(&self, data: Blob) -> u64;
+}
+
+struct AsyncBenchImpl;
+
+impl AsyncBench for AsyncBenchImpl {
+    async fn echo(&self, data: Vec<u8>) -> Vec<u8> {
+        data
+    }
+
+    async fn put(&self, data: Blob) -> u64 {
+        black_box(data.as_bytes()).len() as u64
+    }
+}
+
+/// The `typed-ipc/async` row.
+pub struct TypedIpcAsync;
+
+fn runtime() -> io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+}
+
+impl System for TypedIpcAsync {
+    fn name(&self) -> &'static str {
+        "typed-ipc/async"
+    }
+
+    fn kinds(&self) -> &'static [Kind] {
+        &[Kind::Small, Kind::Bulk]
+    }
+
+    fn start(&self, launcher: &mut Launcher) -> io::Result<Box<dyn Client>> {
+        let (ours, theirs) = Socket::pair().map_err(other)?;
+        launcher.spawn_with_fd(OwnedFd::from(theirs))?;
+        let runtime = runtime()?;
+        let connection = {
+            let _context = runtime.enter(); // the connection registers with this runtime
+            AsyncConnection::new(ours).map_err(other)?
+        };
+        Ok(Box::new(AsyncClient {
+            client: AsyncBenchClient::new(connection),
+            runtime,
+            payload: Arc::new(vec![0xa5; MAX_PAYLOAD]),
+        }))
+    }
+
+    fn serve(&self, arg: &str) -> io::Result<()> {
+        let socket = Socket::from_fd(inherited_fd(arg)?).map_err(other)?;
+        runtime()?.block_on(async {
+            let connection = AsyncConnection::new(socket).map_err(other)?;
+            AsyncBenchServer::new(AsyncBenchImpl)
+                .serve(connection)
+                .await
+                .map_err(other)
+        })
+    }
+}
+
+struct AsyncClient {
+    client: AsyncBenchClient,
+    runtime: tokio::runtime::Runtime,
+    /// What calls send: small ones copy it into a fresh `Vec` per call, bulk ones send from it.
+    payload: Arc<Vec<u8>>,
+}
+
+impl Client for AsyncClient {
+    fn call(&mut self, kind: Kind, len: usize) -> io::Result<()> {
+        match kind {
+            Kind::Small => {
+                let call = self.client.echo(self.payload[..len].to_vec());
+                let reply = self.runtime.block_on(call).map_err(other)?;
+                expect("echoed bytes", reply.len() as u64, len as u64)
+            }
+            Kind::Bulk => {
+                let call = self
+                    .client
+                    .put(Blob::Shared(Arc::clone(&self.payload), len));
+                let got = self.runtime.block_on(call).map_err(other)?;
+                expect("bytes received", got, len as u64)
+            }
+        }
+    }
+}
