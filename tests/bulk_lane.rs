@@ -356,3 +356,39 @@ mod async_flavour {
         assert_eq!(open_fds(), before);
     }
 }
+
+#[test]
+fn a_refused_call_that_announced_the_region_announces_it_again() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (ours, theirs) = Connection::pair().unwrap();
+    let refuse = Arc::new(AtomicBool::new(true));
+    theirs.set_authorizer({
+        let refuse = refuse.clone();
+        move |_, _, _| match refuse.load(Ordering::SeqCst) {
+            true => Err("not now".into()),
+            false => Ok(()),
+        }
+    });
+    let server = std::thread::spawn(move || BulkServer::new(BulkImpl::default()).serve(theirs));
+    let bulk = BulkClient::new(ours);
+    // The first reply tells us the server reads regions; the second call's argument goes
+    // into a new region, announced with that call, which the server refuses unread.
+    assert!(matches!(
+        bulk.bump(vec![1]),
+        Err(typed_ipc::Error::Refused(_))
+    ));
+    assert!(matches!(
+        bulk.bump(vec![1; 100_000]),
+        Err(typed_ipc::Error::Refused(_))
+    ));
+    refuse.store(false, Ordering::SeqCst);
+    for round in 0..3u8 {
+        assert_eq!(
+            bulk.bump(vec![round; 100_000]).unwrap(),
+            vec![round + 1; 100_000]
+        );
+    }
+    drop(bulk);
+    server.join().unwrap().unwrap();
+}

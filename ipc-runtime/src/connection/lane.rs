@@ -21,7 +21,8 @@
 //!   that leaves it zero is never sent a placement. Both flavours (this connection and the
 //!   async one) keep a `Lane` and speak this protocol.
 //! - A placement keeps the lane busy until the peer's lane word acknowledges it, or until a
-//!   failure reply to the call that carried it arrives (the request was never decoded), or
+//!   failure reply to the call that carried it arrives (the request may never have been
+//!   decoded, so a region it announced is announced again), or
 //!   the message carrying it turns out never to have been sent (an error, or an async send
 //!   cancelled before its first datagram). While
 //!   it is busy, byte strings go inline: nobody waits, and nothing deadlocks. A peer that
@@ -125,8 +126,9 @@ impl Lane {
         }
     }
 
-    /// The message carrying placement `seq` was not sent: the peer will never read it, and
-    /// if it announced the region, the next placement must announce it again.
+    /// The peer will never read placement `seq`: its message was not sent, or was refused
+    /// unread. If it announced the region, the peer never took the fd, so the next placement
+    /// announces it again.
     pub(crate) fn abort(&self, seq: u32) {
         let mut out = self.out.lock().unwrap_or_else(PoisonError::into_inner);
         if out.announcing == Some(seq) {

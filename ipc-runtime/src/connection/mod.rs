@@ -310,9 +310,9 @@ impl Connection {
         };
         let mut frame = shared.wait_reply(cookie, deadline)?;
         if placed != 0 && Envelope::read(&frame.payload).is_ok_and(|e| e.kind == Kind::Failure) {
-            // Refused or failed before its arguments were read: the peer will not read the
-            // lane for it, nor acknowledge it.
-            shared.lane.release(placed);
+            // Perhaps refused before its arguments were read: the peer will not read the lane
+            // for it, nor acknowledge it, nor have taken a region it announced.
+            shared.lane.abort(placed);
         }
         let result = shared.decode_reply(&mut frame, iface, cmd);
         shared.recycle(frame);

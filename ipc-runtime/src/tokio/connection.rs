@@ -346,9 +346,9 @@ impl AsyncConnection {
         std::mem::forget(waiting); // the slot is gone: the reader or `fail` took it
         let mut frame = reply.unwrap_or(Err(Error::Disconnected))?;
         if placed != 0 && Envelope::read(&frame.payload).is_ok_and(|e| e.kind == Kind::Failure) {
-            // Refused or failed before its arguments were read: the peer will not read the
-            // lane for it, nor acknowledge it.
-            inner.lane.release(placed);
+            // Perhaps refused before its arguments were read: the peer will not read the lane
+            // for it, nor acknowledge it, nor have taken a region it announced.
+            inner.lane.abort(placed);
         }
         decode_reply(&mut frame, iface, cmd, &inner.lane)
     }
