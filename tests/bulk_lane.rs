@@ -32,7 +32,7 @@ struct BulkImpl(Mutex<Vec<u64>>);
 
 impl Bulk for BulkImpl {
     fn bump(&self, data: Vec<u8>) -> Vec<u8> {
-        data.into_iter().map(|b| b.wrapping_add(1)).collect()
+        bumped(&data)
     }
     fn lens(&self, a: Vec<u8>, b: Vec<u8>) -> (u64, u64) {
         (a.len() as u64, b.len() as u64)
@@ -59,6 +59,11 @@ fn regions() -> u64 {
                 .starts_with("/memfd:typed-ipc-buffer")
         })
         .count() as u64
+}
+
+/// What `bump` returns for `data`.
+fn bumped(data: &[u8]) -> Vec<u8> {
+    data.iter().map(|b| b.wrapping_add(1)).collect()
 }
 
 fn checksum(data: &[u8]) -> u64 {
@@ -100,7 +105,7 @@ fn big_byte_strings_cross_through_shared_regions_both_ways() {
     for round in 0..3u64 {
         for (i, &len) in sizes.iter().enumerate() {
             let data = pattern(len, round * 100 + i as u64);
-            let want: Vec<u8> = data.iter().map(|b| b.wrapping_add(1)).collect();
+            let want = bumped(&data);
             assert!(
                 bulk.bump(data).unwrap() == want,
                 "{len} bytes, round {round}"
@@ -137,7 +142,7 @@ fn concurrent_bulk_callers_each_get_their_own_bytes() {
                 for round in 0..20u64 {
                     let len = (256 << 10) + (round as usize * 97_003) % (2 << 20);
                     let data = pattern(len, t * 1000 + round);
-                    let want: Vec<u8> = data.iter().map(|b| b.wrapping_add(1)).collect();
+                    let want = bumped(&data);
                     assert!(bulk.bump(data).unwrap() == want, "thread {t} round {round}");
                 }
             })
@@ -307,7 +312,7 @@ mod async_flavour {
             for round in 0..2u64 {
                 for (i, &len) in SIZES.iter().enumerate() {
                     let data = pattern(len, round * 10 + i as u64);
-                    let want: Vec<u8> = data.iter().map(|b| b.wrapping_add(1)).collect();
+                    let want = bumped(&data);
                     assert!(
                         bulk.bump(data).await.unwrap() == want,
                         "{len} B, round {round}"
@@ -340,7 +345,7 @@ mod async_flavour {
         for round in 0..2u64 {
             for (i, &len) in SIZES.iter().enumerate() {
                 let data = pattern(len, round * 10 + i as u64);
-                let want: Vec<u8> = data.iter().map(|b| b.wrapping_add(1)).collect();
+                let want = bumped(&data);
                 assert!(bulk.bump(data).unwrap() == want, "{len} B, round {round}");
             }
         }

@@ -30,11 +30,16 @@
 //!   correctness.
 
 use std::cell::Cell;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Mutex, PoisonError};
 
-use crate::codec::{NO_FD, OutOfLine, Placed};
+use serde::Serialize;
+
+use super::envelope::{self, Envelope, Kind};
+use crate::codec::{self, NO_FD, OutOfLine, Placed};
+use crate::error::Result;
+use crate::frame::Frame;
 use crate::shared_region::{RegionView, SharedRegion};
 
 /// Smallest byte string placed. Placing saves the kernel's two copies of the bytes; at 4 KiB
@@ -74,7 +79,7 @@ pub(crate) struct Lane {
 #[derive(Default)]
 struct Outgoing {
     region: Option<SharedRegion>,
-    /// The placement whose message carries the region's fd, until the peer acknowledges it.
+    /// The placement whose message carried the region's fd.
     announcing: Option<u32>,
     announced: bool,
     last_seq: u32,
@@ -112,24 +117,23 @@ impl Lane {
         }
     }
 
-    /// The placement `seq` is no longer read by the peer: the lane is idle again.
+    /// The placement `seq` is no longer read by the peer: the lane is idle again. (A stale
+    /// `announcing` left behind only matters to an `abort` of the same sequence number, which
+    /// would announce the region once more: harmless.)
     pub(crate) fn release(&self, seq: u32) {
-        if self
+        let _ = self
             .busy
-            .compare_exchange(seq, 0, Ordering::AcqRel, Ordering::Relaxed)
-            .is_ok()
-        {
-            let mut out = self.out.lock().unwrap_or_else(PoisonError::into_inner);
-            if out.announcing == Some(seq) {
-                out.announcing = None;
-            }
-        }
+            .compare_exchange(seq, 0, Ordering::AcqRel, Ordering::Relaxed);
     }
 
     /// The peer will never read placement `seq`: its message was not sent, or was refused
     /// unread. If it announced the region, the peer never took the fd, so the next placement
     /// announces it again.
+    /// Placement 0 (none) is ignored.
     pub(crate) fn abort(&self, seq: u32) {
+        if seq == 0 {
+            return;
+        }
         let mut out = self.out.lock().unwrap_or_else(PoisonError::into_inner);
         if out.announcing == Some(seq) {
             out.announcing = None;
@@ -140,17 +144,38 @@ impl Lane {
             .compare_exchange(seq, 0, Ordering::AcqRel, Ordering::Relaxed);
     }
 
-    /// Starts the encode of one message on this thread; [`Lane::placed`] tells after it.
-    /// Returns the state of an encode this one runs inside (user `Serialize` code may send),
-    /// to hand back to `placed`.
-    pub(crate) fn begin(&self) -> u32 {
-        PLACED.replace(0)
+    /// Encodes `body` after the envelope already at the start of `buf`, placing a byte
+    /// string in this lane if it can, and writes the lane word into the envelope. Returns the
+    /// placement the message carries (0: none); the caller sends the message, and calls
+    /// [`Lane::abort`] with the placement if it fails to.
+    pub(crate) fn encode<'a, A: Serialize + ?Sized>(
+        &self,
+        body: &'a A,
+        buf: &mut Vec<u8>,
+        fds: &mut Vec<BorrowedFd<'a>>,
+    ) -> Result<u32> {
+        // Saved and put back: user `Serialize` code may itself send, inside this encode.
+        let outer = PLACED.replace(0);
+        let encoded = codec::with_store(self, || codec::encode(body, buf, fds));
+        let placed = PLACED.replace(outer);
+        // Read after encoding: acknowledges what was copied out up to this moment.
+        envelope::set_lane(buf, self.word());
+        match encoded {
+            Ok(()) => Ok(placed),
+            Err(e) => {
+                self.abort(placed);
+                Err(e)
+            }
+        }
     }
 
-    /// The placement the encode on this thread made since [`Lane::begin`] (0: none), and
-    /// the outer encode's state put back.
-    pub(crate) fn placed(&self, outer: u32) -> u32 {
-        PLACED.replace(outer)
+    /// The reply to a call that carried placement `placed` arrived. A failure reply may
+    /// mean the request was refused unread: the peer will neither read nor acknowledge the
+    /// placement, nor have taken a region it announced, so it is given back as unsent.
+    pub(crate) fn after_reply(&self, placed: u32, reply: &Frame) {
+        if placed != 0 && Envelope::read(&reply.payload).is_ok_and(|e| e.kind == Kind::Failure) {
+            self.abort(placed);
+        }
     }
 }
 

@@ -309,11 +309,7 @@ impl Connection {
             }
         };
         let mut frame = shared.wait_reply(cookie, deadline)?;
-        if placed != 0 && Envelope::read(&frame.payload).is_ok_and(|e| e.kind == Kind::Failure) {
-            // Perhaps refused before its arguments were read: the peer will not read the lane
-            // for it, nor acknowledge it, nor have taken a region it announced.
-            shared.lane.abort(placed);
-        }
+        shared.lane.after_reply(placed, &frame);
         let result = shared.decode_reply(&mut frame, iface, cmd);
         shared.recycle(frame);
         result
@@ -372,21 +368,11 @@ impl Shared {
         with_buffers(|buf, fds| {
             buf.resize(envelope::LEN, 0);
             envelope.write(buf);
-            let outer = self.lane.begin();
-            let encoded = codec::with_store(&self.lane, || codec::encode(body, buf, fds));
-            let placed = self.lane.placed(outer);
-            // Read after encoding: acknowledges what was copied out up to this moment.
-            envelope::set_lane(buf, self.lane.word());
-            let sent = encoded.and_then(|()| self.socket.send_deadline(buf, fds, deadline));
-            match sent {
-                Ok(()) => Ok(placed),
-                Err(e) => {
-                    if placed != 0 {
-                        self.lane.abort(placed);
-                    }
-                    Err(e)
-                }
-            }
+            let placed = self.lane.encode(body, buf, fds)?;
+            self.socket
+                .send_deadline(buf, fds, deadline)
+                .map(|()| placed)
+                .inspect_err(|_| self.lane.abort(placed))
         })
     }
 

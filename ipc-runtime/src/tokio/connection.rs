@@ -345,11 +345,7 @@ impl AsyncConnection {
         let reply = reply.await;
         std::mem::forget(waiting); // the slot is gone: the reader or `fail` took it
         let mut frame = reply.unwrap_or(Err(Error::Disconnected))?;
-        if placed != 0 && Envelope::read(&frame.payload).is_ok_and(|e| e.kind == Kind::Failure) {
-            // Perhaps refused before its arguments were read: the peer will not read the lane
-            // for it, nor acknowledge it, nor have taken a region it announced.
-            inner.lane.abort(placed);
-        }
+        inner.lane.after_reply(placed, &frame);
         decode_reply(&mut frame, iface, cmd, &inner.lane)
     }
 
@@ -597,18 +593,7 @@ impl Inner {
         let mut payload = vec![0; envelope::LEN];
         envelope.write(&mut payload);
         let mut fds = Vec::new();
-        let outer = self.lane.begin();
-        let encoded =
-            codec::with_store(&self.lane, || codec::encode(&body, &mut payload, &mut fds));
-        let placed = self.lane.placed(outer);
-        // Read after encoding: acknowledges what was copied out up to this moment.
-        envelope::set_lane(&mut payload, self.lane.word());
-        if let Err(e) = encoded {
-            if placed != 0 {
-                self.lane.abort(placed);
-            }
-            return Err(e);
-        }
+        let placed = self.lane.encode(&body, &mut payload, &mut fds)?;
         self.send_encoded(payload, &fds, placed)
             .await
             .map(|()| placed)
@@ -640,7 +625,7 @@ impl Inner {
         };
         let result = drive(self, &mut out.cursor, &out.payload, out.fds).await;
         out.finished = true;
-        if result.is_err() && placed != 0 && !out.cursor.started() {
+        if result.is_err() && !out.cursor.started() {
             self.lane.abort(placed); // the peer will never see this placement
         }
         result
@@ -705,7 +690,7 @@ struct Outgoing<'a, 'f> {
 
 impl Drop for Outgoing<'_, '_> {
     fn drop(&mut self) {
-        if !self.finished && self.placed != 0 && !self.cursor.started() {
+        if !self.finished && !self.cursor.started() {
             // Cancelled before any of it went out: the peer will never see this placement.
             self.inner.lane.abort(self.placed);
         }
