@@ -5,8 +5,8 @@
 //! bytes: [`encode`] collects every fd a value carries into the message's fd table and writes
 //! its index (a `u32`) in the bytes; [`decode`] hands each index back as the `OwnedFd` that
 //! arrived. Fd-carrying fields mark themselves with [`Fd`] or `#[serde(with = "typed_ipc::fd")]`;
-//! the tables live in thread-locals for the duration of one `encode`/`decode` call, which is
-//! how serde's data model can carry something that is not data.
+//! a thread-local points at the message's fd table for the duration of one `encode`/`decode`
+//! call, which is how serde's data model can carry something that is not data.
 //!
 //! Byte strings ([`Bytes`], [`bytes`]) are a tag byte and then either the bytes (tag 0) or,
 //! when the encoder runs with an out-of-line store that takes them (tag 1), a reference to
@@ -14,7 +14,7 @@
 //! this to move byte strings through a shared region instead of the socket (see
 //! `connection/lane.rs`).
 
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
 
@@ -25,18 +25,55 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::error::{Error, Result};
 
 thread_local! {
-    /// Raw fds seen by the encoder currently running on this thread.
-    static OUTGOING: RefCell<Option<Vec<RawFd>>> = const { RefCell::new(None) };
-    /// Fds of the message the decoder currently running on this thread reads.
-    static INCOMING: RefCell<Option<Vec<Option<OwnedFd>>>> = const { RefCell::new(None) };
-    /// Emptied tables kept for the next message, so fds cost no allocation.
-    static SPARE_OUT: Cell<Vec<RawFd>> = const { Cell::new(Vec::new()) };
-    static SPARE_IN: Cell<Vec<Option<OwnedFd>>> = const { Cell::new(Vec::new()) };
-    /// Where byte strings may go out of line, for the encode/decode running on this thread:
-    /// a pointer rather than an `Arc`, since setting it is on every message's path and the
-    /// reference counting showed up in instruction counts.
-    static STORE: Cell<Option<NonNull<dyn OutOfLine>>> = const { Cell::new(None) };
+    /// What the encode or decode running on this thread works with. Pointers rather than
+    /// owned tables: they point at the caller's fd table (encoding) and at a table on
+    /// `decode_from`'s stack (decoding), and [`Swap`] puts the outer values back on return
+    /// and on unwinding. Nothing here has a destructor, so reaching it is a plain
+    /// thread-local load; the earlier tables-per-thread (four `RefCell`s and two spares,
+    /// swapped in and out on every message) cost about 180 instructions a message.
+    static CONTEXT: Context = const {
+        Context {
+            outgoing: Cell::new(None),
+            incoming: Cell::new(None),
+            store: Cell::new(None),
+        }
+    };
 }
+
+struct Context {
+    /// The fd table of the message being encoded: the `fds` passed to [`encode`].
+    outgoing: Cell<Option<NonNull<Vec<BorrowedFd<'static>>>>>,
+    /// The fds of the message being decoded, each taken at most once.
+    incoming: Cell<Option<NonNull<[Option<OwnedFd>]>>>,
+    /// Where byte strings may go out of line.
+    store: Cell<Option<NonNull<dyn OutOfLine>>>,
+}
+
+/// Sets a context cell for a scope and puts the outer value back when dropped, also when
+/// the scope unwinds, so no pointer outlives what it points at.
+struct Swap<'c, T: Copy> {
+    cell: &'c Cell<T>,
+    outer: T,
+}
+
+impl<'c, T: Copy> Swap<'c, T> {
+    fn new(cell: &'c Cell<T>, value: T) -> Self {
+        Swap {
+            outer: cell.replace(value),
+            cell,
+        }
+    }
+}
+
+impl<T: Copy> Drop for Swap<'_, T> {
+    fn drop(&mut self) {
+        self.cell.set(self.outer);
+    }
+}
+
+/// Fd tables of up to this many fds live on the stack while decoding; larger ones (rare)
+/// are allocated.
+const SMALL_TABLE: usize = 16;
 
 /// Somewhere other than the message for large byte strings: the connection's shared region.
 pub(crate) trait OutOfLine: Send + Sync {
@@ -68,23 +105,20 @@ pub(crate) const NO_FD: u32 = u32::MAX;
 /// Runs `f` with `store` taking (encoding) or giving (decoding) out-of-line byte strings on
 /// this thread.
 pub(crate) fn with_store<R>(store: &(dyn OutOfLine + 'static), f: impl FnOnce() -> R) -> R {
-    /// Puts the outer store back, also when `f` unwinds.
-    struct Restore(Option<NonNull<dyn OutOfLine>>);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            STORE.set(self.0);
-        }
-    }
-    let _restore = Restore(STORE.replace(Some(NonNull::from(store))));
-    f()
+    CONTEXT.with(|cx| {
+        let _outer = Swap::new(&cx.store, Some(NonNull::from(store)));
+        f()
+    })
 }
 
 /// Runs `f` with this thread's out-of-line store, if one is set.
 fn with_current_store<R>(f: impl FnOnce(&dyn OutOfLine) -> R) -> Option<R> {
-    // SAFETY: a pointer in STORE was made by `with_store` from a reference that outlives the
-    // `f` it runs, and `with_store` takes it out again (on unwinding too) before returning; we
-    // are on the same thread, inside that `f`, so the reference is still live.
-    STORE.get().map(|store| f(unsafe { store.as_ref() }))
+    // SAFETY: a pointer in `store` was made by `with_store` from a reference that outlives
+    // the `f` it runs, and its `Swap` takes it out again (on unwinding too) before returning;
+    // we are on the same thread, inside that `f`, so the reference is still live.
+    CONTEXT
+        .with(|cx| cx.store.get())
+        .map(|store| f(unsafe { store.as_ref() }))
 }
 
 fn options() -> impl Options {
@@ -94,25 +128,22 @@ fn options() -> impl Options {
 }
 
 /// Appends the encoding of `value` to `buf`, and the fds it carries to `fds` (borrowed from
-/// `value`, so they stay open until the message is sent).
+/// `value`, so they stay open until the message is sent). An fd's index on the wire is its
+/// position in `fds`, so `fds` starts out as the message's (usually empty) fd table.
 pub fn encode<'a, T: Serialize + ?Sized>(
     value: &'a T,
     buf: &mut Vec<u8>,
     fds: &mut Vec<BorrowedFd<'a>>,
 ) -> Result<()> {
-    let outer = OUTGOING.with(|t| t.borrow_mut().replace(SPARE_OUT.take()));
-    let result = options().serialize_into(&mut *buf, value);
-    let mut raw = OUTGOING
-        .with(|t| std::mem::replace(&mut *t.borrow_mut(), outer))
-        .unwrap_or_default();
-    // SAFETY: every raw fd was taken from an `AsFd` inside `value`, which is borrowed for 'a,
-    // so each stays open for 'a.
-    fds.extend(
-        raw.drain(..)
-            .map(|fd| unsafe { BorrowedFd::borrow_raw(fd) }),
-    );
-    SPARE_OUT.set(raw);
-    result.map_err(|e| Error::Encode(e.to_string()))
+    // Only the lifetime is erased: `index_of` pushes fds that `value` holds, and `value`
+    // is borrowed for 'a.
+    let table = NonNull::from(fds).cast::<Vec<BorrowedFd<'static>>>();
+    CONTEXT
+        .with(|cx| {
+            let _outer = Swap::new(&cx.outgoing, Some(table));
+            options().serialize_into(&mut *buf, value)
+        })
+        .map_err(|e| Error::Encode(e.to_string()))
 }
 
 /// Decodes a `T` from `bytes`, taking its fds from `fds`. Fds the value does not claim are
@@ -125,16 +156,31 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], mut fds: Vec<OwnedFd>) -> Resul
 
 /// [`decode`] that drains `fds`, leaving its capacity for the next message.
 pub fn decode_from<T: DeserializeOwned>(bytes: &[u8], fds: &mut Vec<OwnedFd>) -> Result<T> {
-    let mut table = SPARE_IN.take();
-    table.extend(fds.drain(..).map(Some));
-    let outer = INCOMING.with(|t| t.borrow_mut().replace(table));
-    let result = options().with_limit(bytes.len() as u64).deserialize(bytes);
-    let mut table = INCOMING.with(|t| std::mem::replace(&mut *t.borrow_mut(), outer));
-    if let Some(table) = table.as_mut() {
-        table.clear(); // closes the fds the value did not claim
-        SPARE_IN.set(std::mem::take(table));
-    }
+    let deserialize = || options().with_limit(bytes.len() as u64).deserialize(bytes);
+    let result = match fds.len() {
+        0 => with_incoming(&mut [], deserialize),
+        n if n <= SMALL_TABLE => {
+            let mut table: [Option<OwnedFd>; SMALL_TABLE] = Default::default();
+            for (slot, fd) in table.iter_mut().zip(fds.drain(..)) {
+                *slot = Some(fd);
+            }
+            with_incoming(&mut table[..n], deserialize)
+        }
+        _ => with_incoming(
+            &mut fds.drain(..).map(Some).collect::<Vec<_>>(),
+            deserialize,
+        ),
+    }; // the table is dropped here, closing the fds the value did not claim
     result.map_err(|e| Error::Malformed(e.to_string()))
+}
+
+/// Runs `f` with `table` as the fds the decoder takes from.
+fn with_incoming<R>(table: &mut [Option<OwnedFd>], f: impl FnOnce() -> R) -> R {
+    let table = NonNull::from(table);
+    CONTEXT.with(|cx| {
+        let _outer = Swap::new(&cx.incoming, Some(table));
+        f()
+    })
 }
 
 /// Something that is one or more fds on the wire: [`OwnedFd`], `Option<OwnedFd>`,
@@ -197,28 +243,37 @@ impl<'de, T: FdCarrier> Deserialize<'de> for Fd<T> {
 }
 
 fn index_of(fd: BorrowedFd<'_>) -> Result<u32, &'static str> {
-    OUTGOING.with(|t| match t.borrow_mut().as_mut() {
-        Some(table) => {
-            table.push(fd.as_raw_fd());
-            Ok(table.len() as u32 - 1)
-        }
-        None => Err("file descriptors can only be encoded by typed-ipc's codec"),
-    })
+    let Some(mut table) = CONTEXT.with(|cx| cx.outgoing.get()) else {
+        return Err("file descriptors can only be encoded by typed-ipc's codec");
+    };
+    // SAFETY: the pointer was set by `encode` from the `&mut Vec` it was given, which it
+    // does not touch while serializing and whose `Swap` takes the pointer out again before
+    // it returns; we are inside that serialization, on its thread, and no other reference to
+    // the table is live here (a nested `encode` sets and restores its own).
+    let table = unsafe { table.as_mut() };
+    // SAFETY: the fd comes from an `AsFd` inside the value being encoded, which `encode`
+    // borrows for the table's lifetime, so it stays open as long as the table holds it.
+    table.push(unsafe { BorrowedFd::borrow_raw(fd.as_raw_fd()) });
+    Ok(table.len() as u32 - 1)
 }
 
 fn take(index: u32) -> Result<OwnedFd, String> {
-    INCOMING.with(|t| match t.borrow_mut().as_mut() {
-        Some(table) => match table.get_mut(index as usize) {
-            Some(slot) => slot
-                .take()
-                .ok_or_else(|| format!("fd index {index} used twice")),
-            None => Err(format!(
-                "fd index {index} out of range ({} fds arrived)",
-                table.len()
-            )),
-        },
-        None => Err("file descriptors can only be decoded by typed-ipc's codec".into()),
-    })
+    let Some(mut table) = CONTEXT.with(|cx| cx.incoming.get()) else {
+        return Err("file descriptors can only be decoded by typed-ipc's codec".into());
+    };
+    // SAFETY: the pointer was set by `with_incoming` from a `&mut` slice it holds for the
+    // duration of the decode we are inside (its `Swap` takes it out before returning), and
+    // nothing else touches the slice meanwhile.
+    let table = unsafe { table.as_mut() };
+    let arrived = table.len();
+    match table.get_mut(index as usize) {
+        Some(slot) => slot
+            .take()
+            .ok_or_else(|| format!("fd index {index} used twice")),
+        None => Err(format!(
+            "fd index {index} out of range ({arrived} fds arrived)"
+        )),
+    }
 }
 
 /// Marks a `Vec<u8>` (or `&[u8]` when sending) as a byte string: serde's default encodes

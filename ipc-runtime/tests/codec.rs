@@ -1,0 +1,215 @@
+//! The codec's fd tables: fds keep their order and identity at every table size, hostile
+//! indices are errors that close everything, and no table outlives its encode or decode
+//! (nested calls, panics).
+
+mod common;
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Mutex;
+
+use common::{memfd, open_fds, read_all};
+use ipc_runtime::Error;
+use ipc_runtime::codec::{self, Fd};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Tests that count this process's fds take this, so they do not see each other's.
+static FD_COUNT: Mutex<()> = Mutex::new(());
+
+fn fd_count_lock() -> std::sync::MutexGuard<'static, ()> {
+    FD_COUNT.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What the peer would receive for `fds`: new descriptors for the same files.
+fn arrived(fds: &[BorrowedFd<'_>]) -> Vec<OwnedFd> {
+    fds.iter()
+        .map(|fd| fd.try_clone_to_owned().unwrap())
+        .collect()
+}
+
+fn malformed(e: Error) -> String {
+    match e {
+        Error::Malformed(why) => why,
+        other => panic!("expected Malformed, got {other:?}"),
+    }
+}
+
+#[test]
+fn fds_round_trip_in_order_at_every_table_size() {
+    let _lock = fd_count_lock();
+    let before = open_fds();
+    // 16 is the largest table kept on the stack; 17 and 300 take the allocated one.
+    for n in [0usize, 1, 2, 16, 17, 300] {
+        let files: Vec<OwnedFd> = (0..n).map(|i| memfd(i.to_string().as_bytes())).collect();
+        let value = (7u8, Fd(&files));
+        let (mut buf, mut fds) = (Vec::new(), Vec::new());
+        codec::encode(&value, &mut buf, &mut fds).unwrap();
+        assert_eq!(fds.len(), n);
+        let (seven, Fd(got)): (u8, Fd<Vec<OwnedFd>>) = codec::decode(&buf, arrived(&fds)).unwrap();
+        assert_eq!(seven, 7);
+        let contents: Vec<String> = got
+            .into_iter()
+            .map(|fd| String::from_utf8(read_all(fd)).unwrap())
+            .collect();
+        let want: Vec<String> = (0..n).map(|i| i.to_string()).collect();
+        assert_eq!(contents, want, "{n} fds");
+    }
+    assert_eq!(open_fds(), before, "every fd closed");
+}
+
+#[test]
+fn fds_the_value_does_not_claim_are_closed() {
+    let _lock = fd_count_lock();
+    let before = open_fds();
+    for extra in [1, 16, 40] {
+        let fds: Vec<OwnedFd> = (0..extra).map(|_| memfd(b"x")).collect();
+        let (mut buf, mut none) = (Vec::new(), Vec::new());
+        codec::encode(&5u32, &mut buf, &mut none).unwrap();
+        let five: u32 = codec::decode(&buf, fds).unwrap();
+        assert_eq!(five, 5);
+        assert_eq!(open_fds(), before, "{extra} unclaimed fds closed");
+    }
+}
+
+#[test]
+fn hostile_indices_are_errors_that_close_every_fd() {
+    let _lock = fd_count_lock();
+    let before = open_fds();
+    for n in [0usize, 2, 20] {
+        let index = bincode_u32s(&[n as u32]);
+        let fds: Vec<OwnedFd> = (0..n).map(|_| memfd(b"x")).collect();
+        let why = malformed(codec::decode::<Fd<OwnedFd>>(&index, fds).unwrap_err());
+        assert!(
+            why.contains(&format!("out of range ({n} fds arrived)")),
+            "{why}"
+        );
+        assert_eq!(
+            open_fds(),
+            before,
+            "{n} fds closed after an index out of range"
+        );
+    }
+    for n in [1usize, 20] {
+        let twice = bincode_u32s(&[0, 0]);
+        let fds: Vec<OwnedFd> = (0..n).map(|_| memfd(b"x")).collect();
+        let why = malformed(codec::decode::<(Fd<OwnedFd>, Fd<OwnedFd>)>(&twice, fds).unwrap_err());
+        assert!(why.contains("fd index 0 used twice"), "{why}");
+        assert_eq!(
+            open_fds(),
+            before,
+            "{n} fds closed after an index used twice"
+        );
+    }
+}
+
+/// Little-endian u32s, as the codec writes fd indices.
+fn bincode_u32s(values: &[u32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+#[test]
+fn fds_outside_the_codec_are_an_error_not_a_crash() {
+    let _lock = fd_count_lock();
+    outside_the_codec_fails();
+}
+
+fn outside_the_codec_fails() {
+    let fd = memfd(b"x");
+    let err = bincode::serialize(&Fd(&fd)).unwrap_err().to_string();
+    assert!(
+        err.contains("can only be encoded by typed-ipc's codec"),
+        "{err}"
+    );
+    let err = bincode::deserialize::<Fd<OwnedFd>>(&[0, 0, 0, 0])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("can only be decoded by typed-ipc's codec"),
+        "{err}"
+    );
+}
+
+/// Takes its fd, then panics: a decode that unwinds with a table set.
+struct PanicsAfterTaking;
+
+impl<'de> Deserialize<'de> for PanicsAfterTaking {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let _fd: OwnedFd = ipc_runtime::fd::deserialize(d)?;
+        panic!("a user type panicking mid-decode");
+    }
+}
+
+/// Registers its fd, then panics: an encode that unwinds with a table set.
+struct PanicsAfterRegistering(OwnedFd);
+
+impl Serialize for PanicsAfterRegistering {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let _ = ipc_runtime::fd::serialize(&self.0, s);
+        panic!("a user type panicking mid-encode");
+    }
+}
+
+#[test]
+fn a_panicking_value_leaves_no_table_behind() {
+    let _lock = fd_count_lock();
+    let before = open_fds();
+    let unwound =
+        catch_unwind(|| codec::decode::<PanicsAfterTaking>(&bincode_u32s(&[0]), vec![memfd(b"x")]));
+    assert!(unwound.is_err());
+    let value = PanicsAfterRegistering(memfd(b"x"));
+    let unwound = catch_unwind(AssertUnwindSafe(|| {
+        let (mut buf, mut fds) = (Vec::new(), Vec::new());
+        let _ = codec::encode(&value, &mut buf, &mut fds);
+    }));
+    assert!(unwound.is_err());
+    drop(value);
+    assert_eq!(open_fds(), before, "the unwinding closed what it held");
+    // Had a table outlived its call, these would use it rather than fail.
+    outside_the_codec_fails();
+}
+
+/// Encodes its fd as a message of its own, inside the outer encode, and writes that
+/// message's bytes: what user `Serialize` code that itself sends a message does.
+struct Nested(OwnedFd);
+
+impl Serialize for Nested {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let inner = Fd(&self.0);
+        let (mut buf, mut fds) = (Vec::new(), Vec::new());
+        codec::encode(&inner, &mut buf, &mut fds).unwrap();
+        assert_eq!(fds.len(), 1, "the inner message has its own table");
+        assert_eq!(buf, bincode_u32s(&[0]));
+        s.serialize_bytes(&buf)
+    }
+}
+
+#[test]
+fn a_nested_encode_keeps_its_own_table() {
+    let _lock = fd_count_lock();
+    let (a, b, c) = (memfd(b"a"), memfd(b"b"), memfd(b"c"));
+    let value = (Fd(&a), Nested(b), Fd(&c));
+    let (mut buf, mut fds) = (Vec::new(), Vec::new());
+    codec::encode(&value, &mut buf, &mut fds).unwrap();
+    assert_eq!(fds.len(), 2, "the outer message carries a and c only");
+    let (Fd(a2), _inner, Fd(c2)): (Fd<OwnedFd>, serde_bytes_vec::Raw, Fd<OwnedFd>) =
+        codec::decode(&buf, arrived(&fds)).unwrap();
+    assert_eq!(read_all(a2), b"a");
+    assert_eq!(read_all(c2), b"c");
+    assert_eq!(
+        fds[0].as_fd().try_clone_to_owned().map(read_all).unwrap(),
+        b"a"
+    );
+}
+
+mod serde_bytes_vec {
+    use serde::{Deserialize, Deserializer};
+
+    /// A byte string read back as it was written with `serialize_bytes`.
+    pub struct Raw;
+
+    impl<'de> Deserialize<'de> for Raw {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            Vec::<u8>::deserialize(d).map(|_| Raw)
+        }
+    }
+}
