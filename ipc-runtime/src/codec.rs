@@ -99,6 +99,10 @@ pub(crate) struct Placed {
     pub len: u64,
 }
 
+/// Byte strings shorter than this always go inline: no store is asked to take them, so
+/// small messages pay nothing for the out-of-line path.
+pub(crate) const OUT_OF_LINE_MIN: usize = 2 << 10;
+
 /// No fd in [`Placed::fd`].
 pub(crate) const NO_FD: u32 = u32::MAX;
 
@@ -287,7 +291,11 @@ impl<T: AsRef<[u8]>> Serialize for Bytes<T> {
         use serde::ser::SerializeTuple;
         let bytes = self.0.as_ref();
         let mut t = s.serialize_tuple(2)?;
-        match with_current_store(|store| store.put(bytes)).flatten() {
+        let placed = match bytes.len() {
+            OUT_OF_LINE_MIN.. => with_current_store(|store| store.put(bytes)).flatten(),
+            _ => None,
+        };
+        match placed {
             Some((mut placed, fd)) => {
                 if let Some(fd) = fd {
                     // SAFETY: the store keeps this fd open until the message is sent.

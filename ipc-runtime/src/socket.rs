@@ -214,6 +214,9 @@ impl Socket {
     ) -> Result<()> {
         let mut cursor = SendCursor::new(payload.len(), fds.len())?;
         let _guard = lock(&self.send_lock);
+        if fits_one_datagram(payload, fds, self.chunk) && self.send_whole(payload, fds)? {
+            return Ok(());
+        }
         // The datagrams are `send_some`'s; blocking only adds waiting for room between them.
         while !self.send_some(&mut cursor, payload, fds)? {
             if let Err(e) = self.wait(PollFlags::POLLOUT, deadline) {
@@ -225,6 +228,42 @@ impl Socket {
             }
         }
         Ok(())
+    }
+
+    /// Sends a message that fits one datagram if it can go out at once: `Ok(false)`, with
+    /// nothing sent, if it would have to wait — for room in the socket buffer, for another
+    /// thread's message to finish, or because it needs several datagrams. For a thread that
+    /// must not block while it holds something others wait for (the connection's reader
+    /// role).
+    pub(crate) fn try_send(&self, payload: &[u8], fds: &[BorrowedFd<'_>]) -> Result<bool> {
+        if !fits_one_datagram(payload, fds, self.chunk) {
+            return Ok(false);
+        }
+        let _guard = match self.send_lock.try_lock() {
+            Ok(guard) => guard,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(false),
+        };
+        self.send_whole(payload, fds)
+    }
+
+    /// One `sendmsg` of a message that fits one datagram: `Ok(false)` if the socket buffer
+    /// is full. The caller holds the send lock.
+    fn send_whole(&self, payload: &[u8], fds: &[BorrowedFd<'_>]) -> Result<bool> {
+        let header = Header {
+            kind: Kind::First,
+            fds: fds.len() as u16,
+            total_len: payload.len() as u32,
+            total_fds: fds.len() as u32,
+        };
+        loop {
+            return match sys::send(self.fd.as_fd(), &header.encode(), payload, fds) {
+                Ok(_) => Ok(true),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => Ok(false),
+                Err(e) => Err(e.into()),
+            };
+        }
     }
 
     /// Sends as much of the message `cursor` tracks as the socket takes without waiting:
@@ -247,8 +286,7 @@ impl Socket {
         debug_assert_eq!(cursor.fds_base + fds.len(), cursor.total_fds as usize);
         loop {
             let (header, bytes, these) = if !cursor.started {
-                let whole =
-                    payload.len() <= FIRST_MAX.min(self.chunk) && fds.len() <= FDS_PER_DATAGRAM;
+                let whole = fits_one_datagram(payload, fds, self.chunk);
                 let first_len = if whole { payload.len() } else { 0 };
                 let first_fds = fds.len().min(FDS_PER_DATAGRAM);
                 let header = Header {
@@ -649,6 +687,11 @@ enum Wait {
     No,
     Forever,
     Until(Instant),
+}
+
+/// Whether a message goes out as one datagram (what `send_some` decides for its first).
+fn fits_one_datagram(payload: &[u8], fds: &[BorrowedFd<'_>], chunk: usize) -> bool {
+    payload.len() <= FIRST_MAX.min(chunk) && fds.len() <= FDS_PER_DATAGRAM
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -45,7 +45,7 @@ use crate::shared_region::{RegionView, SharedRegion};
 /// Smallest byte string placed. Placing saves the kernel's two copies of the bytes; at 4 KiB
 /// that took an echo from 1.35–1.41x to 1.24–1.28x the bare-socket floor (A/B runs of
 /// `ipc-bench`, docs/benchmarks-bulk.md). Smaller strings were not measured and stay inline.
-pub(crate) const MIN: usize = 2 << 10;
+pub(crate) const MIN: usize = codec::OUT_OF_LINE_MIN;
 /// Largest byte string placed, and the largest region made or accepted (larger strings go
 /// inline, in fragments).
 pub(crate) const MAX: usize = 32 << 20;

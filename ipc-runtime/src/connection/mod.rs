@@ -7,7 +7,11 @@
 //! takes the *reader* role, receives the next message and routes it: a reply goes to the
 //! caller whose cookie it carries, a request to a serving thread. So a lone caller sends its
 //! call and receives its own reply: one `sendmsg`, one `recvmsg`, no hand-off to another
-//! thread. When the reader's own wait is over it passes the role to the next waiter.
+//! thread. A caller that finds nobody reading takes the role before it sends, so its reply
+//! needs no routing; if its message cannot go out at once it gives the role back first,
+//! since nobody else reads while the role is held. A serving thread that receives a request
+//! with nothing queued before it runs it at once. When the reader's own wait is over it
+//! passes the role to the next waiter.
 //!
 //! Requests run only on threads inside [`Connection::serve`] (or [`Connection::run`]), never
 //! on a thread waiting for a reply: a callback arriving while a caller waits is handed to a
@@ -34,6 +38,8 @@ pub(crate) mod admit;
 pub(crate) mod envelope;
 pub(crate) mod failure;
 pub(crate) mod lane;
+#[cfg(test)]
+mod tests;
 pub(crate) mod trace;
 
 use std::cell::RefCell;
@@ -43,7 +49,9 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{
+    Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard,
+};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -81,11 +89,17 @@ struct Shared {
     /// the reader role was released, or the connection ended.
     wake: Condvar,
     next_cookie: AtomicU64,
-    services: RwLock<Vec<Arc<dyn Service>>>,
-    authorizer: RwLock<Option<Box<Authorizer>>>,
+    /// What is served, and who may call it: one lock, taken once per request.
+    registry: RwLock<Registry>,
     trace: bool,
     /// Large byte strings through shared memory.
     lane: Lane,
+}
+
+#[derive(Default)]
+struct Registry {
+    services: Vec<Arc<dyn Service>>,
+    authorizer: Option<Box<Authorizer>>,
 }
 
 #[derive(Default)]
@@ -138,8 +152,7 @@ impl Connection {
                 state: Mutex::new(State::default()),
                 wake: Condvar::new(),
                 next_cookie: AtomicU64::new(1),
-                services: RwLock::new(Vec::new()),
-                authorizer: RwLock::new(None),
+                registry: RwLock::new(Registry::default()),
                 trace: trace::enabled(),
                 lane,
             }),
@@ -179,13 +192,11 @@ impl Connection {
     /// interface twice replaces the first.
     pub fn add_service(&self, service: impl Service) {
         let service: Arc<dyn Service> = Arc::new(service);
-        let mut services = self
-            .shared
+        let mut registry = self.shared.registry_mut();
+        registry
             .services
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        services.retain(|s| s.info().id != service.info().id);
-        services.push(service);
+            .retain(|s| s.info().id != service.info().id);
+        registry.services.push(service);
     }
 
     /// Lets `authorize` refuse calls: it sees the peer's credentials, the interface and the
@@ -197,11 +208,7 @@ impl Connection {
         + Sync
         + 'static,
     ) {
-        *self
-            .shared
-            .authorizer
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = Some(Box::new(authorize));
+        self.shared.registry_mut().authorizer = Some(Box::new(authorize));
     }
 
     /// Serves `service` on this thread until the peer hangs up ([`Connection::add_service`]
@@ -224,12 +231,7 @@ impl Connection {
             drop(state);
             // Nothing will be served any more: drop the implementations now, which also
             // breaks the cycle when one of them holds a clone of this connection.
-            let services = std::mem::take(
-                &mut *shared
-                    .services
-                    .write()
-                    .unwrap_or_else(PoisonError::into_inner),
-            );
+            let services = std::mem::take(&mut shared.registry_mut().services);
             drop(services);
         }
         result
@@ -243,17 +245,13 @@ impl Connection {
                 if let Some(frame) = state.oneways.pop_front() {
                     state.oneway_running = true;
                     drop(state);
-                    shared.dispatch(frame, true);
-                    state = lock(&shared.state);
-                    state.oneway_running = false;
-                    shared.wake_all(&state);
+                    state = shared.run_request(frame, true);
                     continue;
                 }
             }
             if let Some(frame) = state.calls.pop_front() {
                 drop(state);
-                shared.dispatch(frame, false);
-                state = lock(&shared.state);
+                state = shared.run_request(frame, false);
                 continue;
             }
             if let Some(closed) = &state.closed {
@@ -266,10 +264,16 @@ impl Connection {
                 state = shared.sleep(state, None);
                 continue;
             }
-            // Become the reader. A request that arrives is queued and, at the top of the
-            // loop, run by this same thread: no hand-off, calls in arrival order, oneways one
-            // at a time.
-            state = shared.read(state, None, None).0;
+            // Become the reader. A request that arrives with nothing queued before it is
+            // handed back and run by this same thread at once (no queue, no hand-off); one
+            // that must wait its turn is queued and run from the top of the loop. Calls run
+            // in arrival order, oneways one at a time.
+            let taken;
+            (state, taken) = shared.read(state, None, Reader::Runner);
+            if let Some(Taken::Request(frame, oneway)) = taken {
+                drop(state);
+                state = shared.run_request(frame, oneway);
+            }
         }
     }
 
@@ -285,14 +289,23 @@ impl Connection {
         let shared = &*self.shared;
         let deadline = timeout.map(|t| Instant::now() + t);
         let cookie = shared.next_cookie.fetch_add(1, Ordering::Relaxed);
-        {
+        // A caller that finds nobody reading becomes the reader before it sends: then its
+        // reply can reach nobody else, so it needs no slot in `pending` and no lock between
+        // its send and its receive (the lone caller's path: one lock to start, one to end).
+        let mut reader = {
             let mut state = lock(&shared.state);
             if let Some(closed) = &state.closed {
                 return Err(closed.duplicate());
             }
-            // Registered before sending: the reply may come back before `send` returns.
-            state.pending.insert(cookie, None);
-        }
+            if state.reading {
+                // Registered before sending: the reply may come back before `send` returns.
+                state.pending.insert(cookie, None);
+                None
+            } else {
+                state.reading = true;
+                Some(std::mem::take(&mut state.buffer))
+            }
+        };
         let envelope = Envelope {
             kind: Kind::Call,
             cmd,
@@ -301,14 +314,32 @@ impl Connection {
             signature: iface.signature,
         };
         shared.trace_out(&envelope, iface);
-        let placed = match shared.send(&envelope, args, deadline) {
-            Ok(placed) => placed,
+        let sent = match reader {
+            // The reader must not block sending: others may wait for it to read.
+            Some(_) => match shared.send(&envelope, args, deadline, Sending::IfNoWait) {
+                Ok(None) => {
+                    let frame = reader.take().expect("reader");
+                    shared.stop_reading(frame, Some(cookie));
+                    shared.send(&envelope, args, deadline, Sending::Wait)
+                }
+                sent => sent,
+            },
+            None => shared.send(&envelope, args, deadline, Sending::Wait),
+        };
+        let placed = match sent {
+            Ok(placed) => placed.expect("sent whole"),
             Err(e) => {
-                lock(&shared.state).pending.remove(&cookie);
+                match reader {
+                    Some(frame) => shared.stop_reading(frame, None),
+                    None => drop(lock(&shared.state).pending.remove(&cookie)),
+                }
                 return Err(e);
             }
         };
-        let mut frame = shared.wait_reply(cookie, deadline)?;
+        let mut frame = match reader {
+            Some(frame) => shared.read_own(cookie, deadline, frame)?,
+            None => shared.wait_reply(cookie, deadline)?,
+        };
         shared.lane.after_reply(placed, &frame);
         let result = shared.decode_reply(&mut frame, iface, cmd);
         shared.recycle(frame);
@@ -330,7 +361,9 @@ impl Connection {
             signature: iface.signature,
         };
         self.shared.trace_out(&envelope, iface);
-        self.shared.send(&envelope, args, None).map(drop)
+        self.shared
+            .send(&envelope, args, None, Sending::Wait)
+            .map(drop)
     }
 }
 
@@ -357,23 +390,72 @@ impl std::fmt::Debug for Connection {
 type Guard<'a> = MutexGuard<'a, State>;
 
 impl Shared {
+    fn registry(&self) -> RwLockReadGuard<'_, Registry> {
+        self.registry.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn registry_mut(&self) -> RwLockWriteGuard<'_, Registry> {
+        self.registry
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Encodes envelope + body in this thread's buffer and sends them as one message.
-    /// Returns the lane placement the message carries (0: none).
+    /// Returns the lane placement the message carries (0: none), or `None` if `how` is
+    /// [`Sending::IfNoWait`] and the message would have had to wait (then nothing was sent).
     fn send<A: Serialize + ?Sized>(
         &self,
         envelope: &Envelope,
         body: &A,
         deadline: Option<Instant>,
-    ) -> Result<u32> {
+        how: Sending,
+    ) -> Result<Option<u32>> {
         with_buffers(|buf, fds| {
             buf.resize(envelope::LEN, 0);
             envelope.write(buf);
             let placed = self.lane.encode(body, buf, fds)?;
-            self.socket
-                .send_deadline(buf, fds, deadline)
-                .map(|()| placed)
-                .inspect_err(|_| self.lane.abort(placed))
+            let sent = match how {
+                Sending::Wait => self.socket.send_deadline(buf, fds, deadline).map(|()| true),
+                Sending::IfNoWait => self.socket.try_send(buf, fds),
+            };
+            match sent {
+                Ok(true) => Ok(Some(placed)),
+                Ok(false) => {
+                    self.lane.abort(placed);
+                    Ok(None)
+                }
+                Err(e) => {
+                    self.lane.abort(placed);
+                    Err(e)
+                }
+            }
         })
+    }
+
+    /// Gives up the reader role taken with the reader's `frame`, and registers `cookie`'s
+    /// call to have its reply routed by whoever reads next.
+    fn stop_reading(&self, frame: Frame, cookie: Option<u64>) {
+        let mut state = lock(&self.state);
+        state.reading = false;
+        state.buffer = frame;
+        if let Some(cookie) = cookie {
+            state.pending.insert(cookie, None);
+        }
+        self.wake_all(&state);
+    }
+
+    /// The wait of a caller that took the reader role before sending: the next message is
+    /// most likely its reply. Anything else is routed as any reader routes it, and the
+    /// caller then waits as any caller does.
+    fn read_own(&self, cookie: u64, deadline: Option<Instant>, mut frame: Frame) -> Result<Frame> {
+        let result = self.receive(&mut frame, deadline);
+        let (mut state, own) = self.route(lock(&self.state), frame, result, Reader::Caller(cookie));
+        if let Some(Taken::Reply(reply)) = own {
+            return reply;
+        }
+        state.pending.insert(cookie, None);
+        drop(state);
+        self.wait_reply(cookie, deadline)
     }
 
     /// Waits for the reply to `cookie`, reading the socket whenever nobody else is.
@@ -403,8 +485,8 @@ impl Shared {
                 continue;
             }
             let own;
-            (state, own) = self.read(state, deadline, Some(cookie));
-            if let Some(reply) = own {
+            (state, own) = self.read(state, deadline, Reader::Caller(cookie));
+            if let Some(Taken::Reply(reply)) = own {
                 return reply;
             }
         }
@@ -440,22 +522,39 @@ impl Shared {
     /// Takes the reader role, receives one message and routes it: a reply to its caller's
     /// slot, a request to the queue serving threads take from. Returns the lock, re-taken;
     /// the waiters were woken under it, so they find the message routed. The role is
-    /// released before returning. The reply to `own`, the reader's own call, is returned
-    /// rather than routed (its slot is gone).
+    /// released before returning. What the reader can handle itself is handed back rather
+    /// than routed: a caller's own reply (its slot is gone), a request for a runner that
+    /// nothing is queued before.
     fn read<'a>(
         &'a self,
         mut state: Guard<'a>,
         deadline: Option<Instant>,
-        own: Option<u64>,
-    ) -> (Guard<'a>, Option<Result<Frame>>) {
+        reader: Reader,
+    ) -> (Guard<'a>, Option<Taken>) {
         state.reading = true;
         let mut frame = std::mem::take(&mut state.buffer);
         drop(state);
-        let result = self.socket.recv_into(&mut frame, deadline);
+        let result = self.receive(&mut frame, deadline);
+        self.route(lock(&self.state), frame, result, reader)
+    }
+
+    /// The reader's receive: the next message into `frame`, and its lane word taken in.
+    fn receive(&self, frame: &mut Frame, deadline: Option<Instant>) -> Result<()> {
+        let result = self.socket.recv_into(frame, deadline);
         if result.is_ok() {
             self.lane.on_word(envelope::lane(&frame.payload));
         }
-        let mut state = lock(&self.state);
+        result
+    }
+
+    /// Releases the reader role and routes what it received (see [`Shared::read`]).
+    fn route<'a>(
+        &'a self,
+        mut state: Guard<'a>,
+        frame: Frame,
+        result: Result<()>,
+        reader: Reader,
+    ) -> (Guard<'a>, Option<Taken>) {
         state.reading = false;
         self.wake_all(&state);
         let envelope = match result.as_ref().map_or_else(
@@ -480,14 +579,27 @@ impl Shared {
             self.trace_incoming(&envelope, &frame);
         }
         match (envelope.kind, result) {
-            (Kind::Reply | Kind::Failure, result) if own == Some(envelope.cookie) => {
-                state.pending.remove(&envelope.cookie);
-                return (state, Some(result.map(|()| frame)));
+            (Kind::Reply | Kind::Failure, result) if reader == Reader::Caller(envelope.cookie) => {
+                if !state.pending.is_empty() {
+                    state.pending.remove(&envelope.cookie);
+                }
+                return (state, Some(Taken::Reply(result.map(|()| frame))));
             }
             (Kind::Reply | Kind::Failure, result) => {
                 if let Some(slot) = state.pending.get_mut(&envelope.cookie) {
                     *slot = Some(result.map(|()| frame));
                 }
+            }
+            (Kind::Call, Ok(())) if reader == Reader::Runner && state.calls.is_empty() => {
+                return (state, Some(Taken::Request(frame, false)));
+            }
+            (Kind::Oneway, Ok(()))
+                if reader == Reader::Runner
+                    && state.oneways.is_empty()
+                    && !state.oneway_running =>
+            {
+                state.oneway_running = true;
+                return (state, Some(Taken::Request(frame, true)));
             }
             (Kind::Call, Ok(())) => state.calls.push_back(frame),
             (Kind::Oneway, Ok(())) => state.oneways.push_back(frame),
@@ -530,25 +642,36 @@ impl Shared {
         codec::with_store(&self.lane, || codec::decode_from(body, &mut frame.fds))
     }
 
+    /// Runs a request (a oneway one marked running), and takes the lock back to keep its
+    /// buffer and, for a oneway, let the next one run.
+    fn run_request(&self, frame: Frame, oneway: bool) -> Guard<'_> {
+        let mut frame = self.dispatch(frame, oneway);
+        frame.clear(); // closes fds the request left unclaimed, outside the lock
+        let mut state = lock(&self.state);
+        if oneway {
+            state.oneway_running = false;
+            self.wake_all(&state);
+        }
+        keep_buffer(&mut state, frame);
+        state
+    }
+
     /// Runs one request against the service it names, and replies unless it is oneway.
-    fn dispatch(&self, mut frame: Frame, oneway: bool) {
+    /// Returns the request's frame, for its buffer.
+    fn dispatch(&self, mut frame: Frame, oneway: bool) -> Frame {
         let Ok(envelope) = Envelope::read(&frame.payload) else {
-            return;
+            return frame;
         };
         if self.trace {
             self.trace_incoming(&envelope, &frame);
         }
         let checked = {
-            let services = self.services.read().unwrap_or_else(PoisonError::into_inner);
-            let authorizer = self
-                .authorizer
-                .read()
-                .unwrap_or_else(PoisonError::into_inner);
+            let registry = self.registry();
             admit(
-                &services,
+                &registry.services,
                 |s| s.info(),
                 &envelope,
-                authorizer.as_deref(),
+                registry.authorizer.as_deref(),
                 self.peer.as_ref(),
             )
             .cloned()
@@ -595,7 +718,7 @@ impl Shared {
             )),
             None => {}
         }
-        self.recycle(frame);
+        frame
     }
 
     fn reply_failure(&self, call: &Envelope, failure: &Failure) -> Result<()> {
@@ -603,7 +726,7 @@ impl Shared {
             kind: Kind::Failure,
             ..*call
         };
-        self.send(&envelope, failure, None)?;
+        self.send(&envelope, failure, None, Sending::Wait)?;
         if self.trace {
             trace::line(&format!(
                 "typed-ipc[{}] -> failure #{}: {failure:?}",
@@ -617,12 +740,8 @@ impl Shared {
     /// Keeps a received buffer for the next read, unless it is too big to hoard.
     fn recycle(&self, mut frame: Frame) {
         frame.clear();
-        if frame.payload.capacity() > RETAIN_MAX {
-            return;
-        }
-        let mut state = lock(&self.state);
-        if state.buffer.payload.capacity() < frame.payload.capacity() {
-            state.buffer = frame;
+        if frame.payload.capacity() <= RETAIN_MAX {
+            keep_buffer(&mut lock(&self.state), frame);
         }
     }
 
@@ -633,9 +752,35 @@ impl Shared {
     }
 
     fn trace_incoming(&self, envelope: &Envelope, frame: &Frame) {
-        let services = self.services.read().unwrap_or_else(PoisonError::into_inner);
-        trace::incoming(envelope, frame, services.iter().map(|s| s.info()));
+        let registry = self.registry();
+        trace::incoming(envelope, frame, registry.services.iter().map(|s| s.info()));
     }
+}
+
+/// Keeps an emptied buffer for the next read if it is larger than the one kept, and not too
+/// big to hoard.
+fn keep_buffer(state: &mut State, frame: Frame) {
+    let capacity = frame.payload.capacity();
+    if capacity <= RETAIN_MAX && state.buffer.payload.capacity() < capacity {
+        state.buffer = frame;
+    }
+}
+
+/// Who is reading, which decides what [`Shared::route`] hands back rather than routes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reader {
+    /// A caller waiting for the reply with this cookie.
+    Caller(u64),
+    /// A thread inside [`Connection::run`].
+    Runner,
+}
+
+/// What a reader handles itself.
+enum Taken {
+    /// Its own reply (or why it will not come).
+    Reply(Result<Frame>),
+    /// A request to run now; `true` for a oneway one, already marked running.
+    Request(Frame, bool),
 }
 
 /// Where a [`Call`]'s reply goes.
@@ -653,8 +798,19 @@ impl Replier<'_> {
         if self.shared.trace {
             trace::reply(envelope.cookie);
         }
-        self.shared.send(&envelope, value, None).map(drop)
+        self.shared
+            .send(&envelope, value, None, Sending::Wait)
+            .map(drop)
     }
+}
+
+/// Whether [`Shared::send`] may wait for the socket.
+#[derive(Clone, Copy)]
+enum Sending {
+    /// As long as it takes (or until the deadline).
+    Wait,
+    /// Not at all: the message goes out whole at once, or not at all.
+    IfNoWait,
 }
 
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
