@@ -10,6 +10,7 @@ use crate::socket::PeerCredentials;
 /// Finds the service `envelope` names among `services` (`info` tells each one's interface)
 /// and checks the call may run: the same interface signature on both ends, a command the
 /// interface has, and the authorizer's consent. Otherwise says why, for the failure reply.
+#[inline]
 pub(crate) fn admit<'s, S>(
     services: &'s [S],
     info: impl Fn(&S) -> &'static InterfaceInfo,

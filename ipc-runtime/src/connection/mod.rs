@@ -42,13 +42,12 @@ pub(crate) mod lane;
 mod tests;
 pub(crate) mod trace;
 
-use std::cell::RefCell;
+use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{
     Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard,
 };
@@ -88,7 +87,6 @@ struct Shared {
     /// Signalled whenever a waiter may have something to do: a reply or request arrived,
     /// the reader role was released, or the connection ended.
     wake: Condvar,
-    next_cookie: AtomicU64,
     /// What is served, and who may call it: one lock, taken once per request.
     registry: RwLock<Registry>,
     trace: bool,
@@ -119,6 +117,8 @@ struct State {
     waiters: usize,
     /// Threads inside `run`.
     runners: usize,
+    /// The cookie of the last call made.
+    next_cookie: u64,
     /// Why the connection ended; once set, it stays.
     closed: Option<Error>,
 }
@@ -151,7 +151,6 @@ impl Connection {
                 peer,
                 state: Mutex::new(State::default()),
                 wake: Condvar::new(),
-                next_cookie: AtomicU64::new(1),
                 registry: RwLock::new(Registry::default()),
                 trace: trace::enabled(),
                 lane,
@@ -288,22 +287,24 @@ impl Connection {
     ) -> Result<R> {
         let shared = &*self.shared;
         let deadline = timeout.map(|t| Instant::now() + t);
-        let cookie = shared.next_cookie.fetch_add(1, Ordering::Relaxed);
         // A caller that finds nobody reading becomes the reader before it sends: then its
         // reply can reach nobody else, so it needs no slot in `pending` and no lock between
-        // its send and its receive (the lone caller's path: one lock to start, one to end).
-        let mut reader = {
+        // its send and its receive, and it receives into a buffer of its thread's (the lone
+        // caller's path: one lock to start, one to end).
+        let (cookie, mut reader) = {
             let mut state = lock(&shared.state);
             if let Some(closed) = &state.closed {
                 return Err(closed.duplicate());
             }
+            state.next_cookie += 1;
+            let cookie = state.next_cookie;
             if state.reading {
                 // Registered before sending: the reply may come back before `send` returns.
                 state.pending.insert(cookie, None);
-                None
+                (cookie, None)
             } else {
                 state.reading = true;
-                Some(std::mem::take(&mut state.buffer))
+                (cookie, Some(FRAME.take()))
             }
         };
         let envelope = Envelope {
@@ -336,13 +337,17 @@ impl Connection {
                 return Err(e);
             }
         };
-        let mut frame = match reader {
+        let (mut frame, ours) = match reader {
             Some(frame) => shared.read_own(cookie, deadline, frame)?,
-            None => shared.wait_reply(cookie, deadline)?,
+            None => (shared.wait_reply(cookie, deadline)?, false),
         };
         shared.lane.after_reply(placed, &frame);
         let result = shared.decode_reply(&mut frame, iface, cmd);
-        shared.recycle(frame);
+        if ours {
+            keep_thread_frame(frame);
+        } else {
+            shared.recycle(frame);
+        }
         result
     }
 
@@ -432,30 +437,36 @@ impl Shared {
         })
     }
 
-    /// Gives up the reader role taken with the reader's `frame`, and registers `cookie`'s
-    /// call to have its reply routed by whoever reads next.
+    /// Gives up the reader role a caller took with its thread's `frame`, and registers
+    /// `cookie`'s call to have its reply routed by whoever reads next.
     fn stop_reading(&self, frame: Frame, cookie: Option<u64>) {
+        keep_thread_frame(frame);
         let mut state = lock(&self.state);
         state.reading = false;
-        state.buffer = frame;
         if let Some(cookie) = cookie {
             state.pending.insert(cookie, None);
         }
         self.wake_all(&state);
     }
 
-    /// The wait of a caller that took the reader role before sending: the next message is
-    /// most likely its reply. Anything else is routed as any reader routes it, and the
-    /// caller then waits as any caller does.
-    fn read_own(&self, cookie: u64, deadline: Option<Instant>, mut frame: Frame) -> Result<Frame> {
+    /// The wait of a caller that took the reader role before sending, receiving into its
+    /// thread's `frame`: the next message is most likely its reply. Anything else is routed
+    /// as any reader routes it, and the caller then waits as any caller does. Returns the
+    /// reply and whether it is in the thread's frame.
+    fn read_own(
+        &self,
+        cookie: u64,
+        deadline: Option<Instant>,
+        mut frame: Frame,
+    ) -> Result<(Frame, bool)> {
         let result = self.receive(&mut frame, deadline);
         let (mut state, own) = self.route(lock(&self.state), frame, result, Reader::Caller(cookie));
         if let Some(Taken::Reply(reply)) = own {
-            return reply;
+            return reply.map(|frame| (frame, true));
         }
         state.pending.insert(cookie, None);
         drop(state);
-        self.wait_reply(cookie, deadline)
+        Ok((self.wait_reply(cookie, deadline)?, false))
     }
 
     /// Waits for the reply to `cookie`, reading the socket whenever nobody else is.
@@ -827,15 +838,29 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
 const RETAIN_MAX: usize = 32 << 20;
 
 thread_local! {
+    /// The frame this thread's calls receive their replies into when they read them
+    /// themselves: kept by the thread, so a lone caller takes no lock to get or give back a
+    /// buffer.
+    static FRAME: Cell<Frame> = const { Cell::new(Frame { payload: Vec::new(), fds: Vec::new() }) };
     /// This thread's encoding buffers, reused so a call allocates nothing.
-    static BUFFERS: RefCell<(Vec<u8>, Vec<BorrowedFd<'static>>)> =
-        const { RefCell::new((Vec::new(), Vec::new())) };
+    static BUFFERS: Cell<(Vec<u8>, Vec<BorrowedFd<'static>>)> =
+        const { Cell::new((Vec::new(), Vec::new())) };
+}
+
+/// Keeps `frame`, emptied, as this thread's receive frame, unless it is too big to hoard.
+fn keep_thread_frame(mut frame: Frame) {
+    frame.clear();
+    if frame.payload.capacity() <= RETAIN_MAX {
+        // `with` + `replace` rather than `LocalKey::set`, which goes through its
+        // initialisation path every time.
+        drop(FRAME.with(|f| f.replace(frame)));
+    }
 }
 
 /// Runs `f` with this thread's (emptied) byte and fd buffers.
 fn with_buffers<'a, R>(f: impl FnOnce(&mut Vec<u8>, &mut Vec<BorrowedFd<'a>>) -> R) -> R {
     // Taken rather than borrowed: `f` runs user `Serialize` code, which may itself call.
-    let (mut buf, fds) = BUFFERS.with(|b| std::mem::take(&mut *b.borrow_mut()));
+    let (mut buf, fds) = BUFFERS.with(Cell::take);
     let mut fds: Vec<BorrowedFd<'a>> = fds;
     buf.clear();
     let result = f(&mut buf, &mut fds);
@@ -847,7 +872,7 @@ fn with_buffers<'a, R>(f: impl FnOnce(&mut Vec<u8>, &mut Vec<BorrowedFd<'a>>) ->
     if buf.capacity() > RETAIN_MAX {
         buf = Vec::new(); // don't keep a huge message's buffer per thread
     }
-    BUFFERS.with(|b| *b.borrow_mut() = (buf, fds));
+    drop(BUFFERS.with(|b| b.replace((buf, fds))));
     result
 }
 
