@@ -31,8 +31,9 @@ pub const HEADER_LEN: usize = 16;
 /// Version of the wire format this crate speaks, payload conventions included, so that
 /// peers built from different releases are refused with [`Error::VersionMismatch`] rather
 /// than misreading each other. 2: byte strings carry a tag (inline, or placed in the
-/// connection's shared region) and the envelope's spare bytes carry the lane word.
-pub const VERSION: u8 = 2;
+/// connection's shared region) and the envelope's spare bytes carry the lane word. 3: the
+/// lane word also names the placement its message carries.
+pub const VERSION: u8 = 3;
 const MAGIC: [u8; 2] = *b"TI";
 /// Most payload bytes a first datagram may carry: the receiver reads first datagrams into a
 /// buffer of this size, so small messages need no allocation.

@@ -17,9 +17,19 @@
 //!   [`Placed`] reference on the wire (the codec's tag 1), carrying the region's fd the first
 //!   time. At most one string per message is placed; everything else stays inline.
 //! - Every message's envelope carries a *lane word* (bytes 1..4): bit 23 says "I read lanes",
-//!   bits 0..22 the sequence number of the last placement this end has copied out. A peer
-//!   that leaves it zero is never sent a placement. Both flavours (this connection and the
-//!   async one) keep a `Lane` and speak this protocol.
+//!   bits 11..21 the sequence number of the placement this message carries (0: none), bits
+//!   0..10 that of the last placement this end is done with, and bit 22 that it was done
+//!   with that one *unread*. A peer that leaves the word zero is never sent a placement.
+//!   Both flavours (this connection and the async one) keep a `Lane` and speak this
+//!   protocol.
+//! - An end is done with a placement once it has copied it out, or once it is done with the
+//!   message that carried it without having read it (a reply whose caller gave up, a request
+//!   whose handler never decoded its arguments): the carried sequence number in the
+//!   envelope is what lets it say so without decoding the body. A placement done with unread
+//!   is treated by its sender as never sent: if its message announced the region, the
+//!   region's fd was closed unread, so the next placement announces it again. Sequence
+//!   numbers run from 1 to 2047 and wrap; with one placement in flight at a time, "newer" is
+//!   well defined.
 //! - A placement keeps the lane busy until the peer's lane word acknowledges it, or until a
 //!   failure reply to the call that carried it arrives (the request may never have been
 //!   decoded, so a region it announced is announced again), or
@@ -54,7 +64,11 @@ pub(crate) const MAX: usize = 32 << 20;
 const MIN_REGION: usize = 64 << 10;
 
 const READS_LANES: u32 = 1 << 23;
-const SEQ_MASK: u32 = READS_LANES - 1;
+/// Bits of a sequence number in the lane word.
+const SEQ_BITS: u32 = 11;
+const SEQ_MASK: u32 = (1 << SEQ_BITS) - 1;
+/// In the lane word: the placement acknowledged was done with unread.
+const UNREAD: u32 = 1 << 22;
 
 thread_local! {
     /// The placement made by the encode running on this thread (0: none yet).
@@ -70,7 +84,8 @@ pub(crate) struct Lane {
     peer_reads: AtomicBool,
     /// The peer's region, as last announced.
     incoming: Mutex<Option<RegionView>>,
-    /// Sequence number of the last placement copied out of the peer's region.
+    /// Sequence number of the last placement of the peer's this end is done with, with
+    /// [`UNREAD`] if it was not read.
     consumed: AtomicU32,
     /// Largest string (and region) accepted from the peer.
     max_len: usize,
@@ -98,9 +113,39 @@ impl Lane {
         }
     }
 
-    /// The lane word for an outgoing envelope.
-    pub(crate) fn word(&self) -> u32 {
-        READS_LANES | self.consumed.load(Ordering::Acquire)
+    /// A placement of this end's is in flight.
+    #[cfg(test)]
+    pub(crate) fn is_busy(&self) -> bool {
+        self.busy.load(Ordering::Acquire) != 0
+    }
+
+    /// The lane word for an outgoing envelope that carries placement `placed` (0: none).
+    pub(crate) fn word(&self, placed: u32) -> u32 {
+        READS_LANES | placed << SEQ_BITS | self.consumed.load(Ordering::Acquire)
+    }
+
+    /// This end is done with the message whose payload (envelope first) is `payload`: if it
+    /// carried a placement, the peer may reuse the region, whether or not it was read.
+    pub(crate) fn finished(&self, payload: &[u8]) {
+        let carried = envelope::lane(payload) >> SEQ_BITS & SEQ_MASK;
+        if carried != 0 {
+            // If it was read, `take` recorded it already and this changes nothing.
+            self.done_with(carried, UNREAD);
+        }
+    }
+
+    /// Records placement `seq` as done with (`how`: 0 read, or [`UNREAD`]), unless it or a
+    /// newer one already is (messages may be finished out of order: a request's handler can
+    /// outlive the next placement).
+    fn done_with(&self, seq: u32, how: u32) {
+        if seq == 0 {
+            return;
+        }
+        let _ = self
+            .consumed
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |last| {
+                newer(seq, last & SEQ_MASK).then_some(seq | how)
+            });
     }
 
     /// Takes in the lane word of an envelope the peer sent.
@@ -112,8 +157,12 @@ impl Lane {
             self.peer_reads.store(true, Ordering::Relaxed);
         }
         let seq = word & SEQ_MASK;
-        if seq != 0 {
-            self.release(seq);
+        if seq == 0 || self.busy.load(Ordering::Acquire) != seq {
+            return; // nothing in flight, or an acknowledgement seen before
+        }
+        match word & UNREAD {
+            0 => self.release(seq),
+            _ => self.abort(seq),
         }
     }
 
@@ -159,7 +208,7 @@ impl Lane {
         let encoded = codec::with_store(self, || codec::encode(body, buf, fds));
         let placed = PLACED.replace(outer);
         // Read after encoding: acknowledges what was copied out up to this moment.
-        envelope::set_lane(buf, self.word());
+        envelope::set_lane(buf, self.word(placed));
         match encoded {
             Ok(()) => Ok(placed),
             Err(e) => {
@@ -177,6 +226,17 @@ impl Lane {
             self.abort(placed);
         }
     }
+}
+
+/// Whether sequence number `a` comes after `b` (0: none yet, before everything). Numbers
+/// run 1..=SEQ_MASK and wrap; only one placement is in flight at a time, so anything within
+/// half the range ahead is newer.
+fn newer(a: u32, b: u32) -> bool {
+    if b == 0 {
+        return a != 0;
+    }
+    let ahead = (a + SEQ_MASK - b) % SEQ_MASK;
+    ahead != 0 && ahead < SEQ_MASK / 2
 }
 
 impl OutOfLine for Lane {
@@ -245,8 +305,7 @@ impl OutOfLine for Lane {
             }
         };
         let bytes = view.to_vec(offset, len).map_err(|e| e.to_string())?;
-        self.consumed
-            .store(placed.seq & SEQ_MASK, Ordering::Release);
+        self.done_with(placed.seq & SEQ_MASK, 0);
         Ok(bytes)
     }
 }

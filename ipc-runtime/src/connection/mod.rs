@@ -39,7 +39,7 @@ pub(crate) mod envelope;
 pub(crate) mod failure;
 pub(crate) mod lane;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 pub(crate) mod trace;
 
 use std::cell::Cell;
@@ -343,6 +343,7 @@ impl Connection {
         };
         shared.lane.after_reply(placed, &frame);
         let result = shared.decode_reply(&mut frame, iface, cmd);
+        shared.lane.finished(&frame.payload);
         if ours {
             keep_thread_frame(frame);
         } else {
@@ -369,6 +370,14 @@ impl Connection {
         self.shared
             .send(&envelope, args, None, Sending::Wait)
             .map(drop)
+    }
+}
+
+#[cfg(test)]
+impl Connection {
+    /// A byte string this end placed in its lane is still in flight.
+    pub(crate) fn lane_is_busy(&self) -> bool {
+        self.shared.lane.is_busy()
     }
 }
 
@@ -589,6 +598,10 @@ impl Shared {
         if self.trace && matches!(envelope.kind, Kind::Reply | Kind::Failure) {
             self.trace_incoming(&envelope, &frame);
         }
+        if result.is_err() {
+            // Delivered as an error (its fds were dropped), so never decoded.
+            self.lane.finished(&frame.payload);
+        }
         match (envelope.kind, result) {
             (Kind::Reply | Kind::Failure, result) if reader == Reader::Caller(envelope.cookie) => {
                 if !state.pending.is_empty() {
@@ -597,8 +610,10 @@ impl Shared {
                 return (state, Some(Taken::Reply(result.map(|()| frame))));
             }
             (Kind::Reply | Kind::Failure, result) => {
-                if let Some(slot) = state.pending.get_mut(&envelope.cookie) {
-                    *slot = Some(result.map(|()| frame));
+                match state.pending.get_mut(&envelope.cookie) {
+                    Some(slot) => *slot = Some(result.map(|()| frame)),
+                    // Its caller gave up: dropped unread.
+                    None => self.lane.finished(&frame.payload),
                 }
             }
             (Kind::Call, Ok(())) if reader == Reader::Runner && state.calls.is_empty() => {
@@ -657,6 +672,7 @@ impl Shared {
     /// buffer and, for a oneway, let the next one run.
     fn run_request(&self, frame: Frame, oneway: bool) -> Guard<'_> {
         let mut frame = self.dispatch(frame, oneway);
+        self.lane.finished(&frame.payload);
         frame.clear(); // closes fds the request left unclaimed, outside the lock
         let mut state = lock(&self.state);
         if oneway {

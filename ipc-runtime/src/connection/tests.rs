@@ -1,14 +1,16 @@
 //! The reader role's hand-offs, which only the connection's insides can observe.
 
 use std::os::fd::AsFd;
+use std::sync::{Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use super::envelope::{self, Envelope, Kind};
 use super::{Connection, lock};
-use crate::codec;
-use crate::service::InterfaceInfo;
+use crate::codec::{self, Bytes};
+use crate::error::{Error, Result};
+use crate::service::{Call, InterfaceInfo, MethodInfo, Service};
 
 static IFACE: InterfaceInfo = InterfaceInfo {
     name: "Test",
@@ -72,4 +74,82 @@ fn a_caller_waiting_to_send_does_not_hold_the_reader_role() {
     b.socket().send(&reply, &[]).unwrap();
     assert_eq!(caller.join().unwrap().unwrap(), 42);
     filler.join().unwrap().unwrap();
+}
+
+pub(crate) static BULK: InterfaceInfo = InterfaceInfo {
+    name: "Bulk",
+    id: 3,
+    signature: 4,
+    methods: &[
+        MethodInfo {
+            name: "gated_echo",
+            cmd: 1,
+            signature: "fn gated_echo(&self, data: Vec<u8>) -> Vec<u8>",
+            oneway: false,
+        },
+        MethodInfo {
+            name: "ping",
+            cmd: 2,
+            signature: "fn ping(&self) -> u32",
+            oneway: false,
+        },
+    ],
+};
+
+/// Echoes byte strings once the test lets it (one message on `gate` per call).
+pub(crate) struct Gated {
+    pub(crate) gate: Mutex<mpsc::Receiver<()>>,
+}
+
+impl Service for Gated {
+    fn info(&self) -> &'static InterfaceInfo {
+        &BULK
+    }
+    fn handle(&self, call: &mut Call<'_>) -> Result<()> {
+        match call.command() {
+            1 => {
+                let Bytes(data): Bytes<Vec<u8>> = call.args()?;
+                self.gate.lock().unwrap().recv().unwrap();
+                call.reply(&Bytes(data))
+            }
+            _ => call.reply(&7u32),
+        }
+    }
+}
+
+/// A reply that went through the lane but whose caller had given up is dropped unread. The
+/// caller's end must still tell the peer it is done with that placement, or the peer's lane
+/// stays busy, and its byte strings go through the socket, for the rest of the connection.
+#[test]
+fn a_placed_reply_dropped_unread_gives_the_lane_back() {
+    let (a, b) = Connection::pair().unwrap();
+    let (open, gate) = mpsc::channel();
+    let server = {
+        let b = b.clone();
+        std::thread::spawn(move || {
+            b.serve(Gated {
+                gate: Mutex::new(gate),
+            })
+        })
+    };
+    let ping = || a.call::<_, u32>(&BULK, 2, &(), None).unwrap();
+    assert_eq!(ping(), 7); // both ends have now seen that the other reads lanes
+    let data = vec![0x5a; 8 << 10];
+    let gave_up =
+        a.call::<_, Bytes<Vec<u8>>>(&BULK, 1, &Bytes(&data), Some(Duration::from_millis(1)));
+    assert!(matches!(gave_up, Err(Error::TimedOut)), "{gave_up:?}");
+    open.send(()).unwrap(); // now the server replies, through its lane
+    // The first ping's reader receives the late reply and drops it; the second ping tells
+    // the server so.
+    assert_eq!(ping(), 7);
+    assert_eq!(ping(), 7);
+    assert!(!b.lane_is_busy(), "the server's lane is still busy");
+    // And the lane works: a byte string round trip goes through it again.
+    open.send(()).unwrap();
+    let Bytes(back) = a
+        .call::<_, Bytes<Vec<u8>>>(&BULK, 1, &Bytes(&data), None)
+        .unwrap();
+    assert_eq!(back, data);
+    a.close();
+    server.join().unwrap().unwrap();
 }

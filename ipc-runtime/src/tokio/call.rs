@@ -93,6 +93,13 @@ impl AsyncCall {
     }
 }
 
+impl Drop for AsyncCall {
+    fn drop(&mut self) {
+        // Done with the request, whether or not its arguments were decoded.
+        self.inner.lane().finished(&self.frame.payload);
+    }
+}
+
 impl std::fmt::Debug for AsyncCall {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AsyncCall")

@@ -324,6 +324,7 @@ impl AsyncConnection {
         let inner = &self.inner;
         let cookie = inner.next_cookie.fetch_add(1, Ordering::Relaxed);
         let (slot, reply) = oneshot::channel();
+        let mut reply = Reply { inner, rx: reply };
         {
             let mut state = inner.lock();
             if let Some(closed) = &state.closed {
@@ -342,11 +343,13 @@ impl AsyncConnection {
         };
         let placed = inner.send(envelope, args).await?;
         inner.trace_out(&envelope, iface);
-        let reply = reply.await;
+        let received = (&mut reply.rx).await;
         std::mem::forget(waiting); // the slot is gone: the reader or `fail` took it
-        let mut frame = reply.unwrap_or(Err(Error::Disconnected))?;
+        let mut frame = received.unwrap_or(Err(Error::Disconnected))?;
         inner.lane.after_reply(placed, &frame);
-        decode_reply(&mut frame, iface, cmd, &inner.lane)
+        let result = decode_reply(&mut frame, iface, cmd, &inner.lane);
+        inner.lane.finished(&frame.payload);
+        result
     }
 
     /// Sends a oneway message: resolves once it is sent, and gets no reply.
@@ -380,6 +383,21 @@ impl std::fmt::Debug for AsyncConnection {
         f.debug_struct("AsyncConnection")
             .field("peer", &self.inner.peer)
             .finish_non_exhaustive()
+    }
+}
+
+/// Where a call's reply arrives. A reply that arrived but was never taken, because the call
+/// was dropped in between, is finished with unread (see [`Lane::finished`]).
+struct Reply<'a> {
+    inner: &'a Inner,
+    rx: oneshot::Receiver<Result<Frame>>,
+}
+
+impl Drop for Reply<'_> {
+    fn drop(&mut self) {
+        if let Ok(Ok(frame)) = self.rx.try_recv() {
+            self.inner.lane.finished(&frame.payload);
+        }
     }
 }
 
@@ -480,16 +498,22 @@ impl Inner {
         if self.trace {
             self.trace_incoming(&envelope, &frame);
         }
-        if received.is_ok() {
-            self.lane.on_word(envelope::lane(&frame.payload));
+        match received {
+            Ok(()) => self.lane.on_word(envelope::lane(&frame.payload)),
+            // Delivered as an error (its fds were dropped), so never decoded.
+            Err(_) => self.lane.finished(&frame.payload),
         }
         match (envelope.kind, received) {
             (Kind::Reply | Kind::Failure, received) => {
                 let slot = self.lock().pending.remove(&envelope.cookie);
-                if let Some(slot) = slot {
+                let unread = match slot {
                     // If the call was dropped meanwhile, the frame comes back and is dropped
                     // here, closing its fds.
-                    let _ = slot.send(received.map(|()| frame));
+                    Some(slot) => slot.send(received.map(|()| frame)).err(),
+                    None => Some(received.map(|()| frame)),
+                };
+                if let Some(Ok(frame)) = unread {
+                    self.lane.finished(&frame.payload); // its caller gave up
                 }
             }
             (Kind::Call | Kind::Oneway, Ok(())) => {

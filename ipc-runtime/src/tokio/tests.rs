@@ -84,3 +84,55 @@ fn a_small_message_is_one_datagram_and_never_in_progress() {
     assert_eq!(frame.payload, b"hello");
     assert_eq!(index_of(frame.fds.into_iter().next().unwrap()), 7);
 }
+
+/// The async flavour's side of `a_placed_reply_dropped_unread_gives_the_lane_back`: a call
+/// dropped (here by its timeout) before its placed reply came leaves that reply unread, and
+/// the lane must be given back all the same.
+#[test]
+fn an_async_call_dropped_before_its_placed_reply_gives_the_lane_back() {
+    use std::sync::{Mutex, mpsc};
+    use std::time::Duration;
+
+    use crate::codec::Bytes;
+    use crate::connection::tests::{BULK, Gated};
+    use crate::{Connection, Error};
+
+    let (ours, theirs) = Socket::pair().unwrap();
+    let server = Connection::new(theirs);
+    let (open, gate) = mpsc::channel();
+    let serving = {
+        let server = server.clone();
+        std::thread::spawn(move || {
+            server.serve(Gated {
+                gate: Mutex::new(gate),
+            })
+        })
+    };
+    let runtime = ::tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let client = super::AsyncConnection::new(ours).unwrap();
+        let ping = || client.call::<_, u32>(&BULK, 2, (), None);
+        assert_eq!(ping().await.unwrap(), 7);
+        let data = vec![0x5a; 8 << 10];
+        let short = Some(Duration::from_millis(1));
+        let gave_up = client
+            .call::<_, Bytes<Vec<u8>>>(&BULK, 1, Bytes(data.clone()), short)
+            .await;
+        assert!(matches!(gave_up, Err(Error::TimedOut)), "{gave_up:?}");
+        open.send(()).unwrap();
+        assert_eq!(ping().await.unwrap(), 7);
+        assert_eq!(ping().await.unwrap(), 7);
+        assert!(!server.lane_is_busy(), "the server's lane is still busy");
+        open.send(()).unwrap();
+        let Bytes(back) = client
+            .call::<_, Bytes<Vec<u8>>>(&BULK, 1, Bytes(data.clone()), None)
+            .await
+            .unwrap();
+        assert_eq!(back, data);
+        client.close();
+    });
+    serving.join().unwrap().unwrap();
+}
