@@ -249,6 +249,7 @@ impl Socket {
 
     /// One `sendmsg` of a message that fits one datagram: `Ok(false)` if the socket buffer
     /// is full. The caller holds the send lock.
+    #[inline]
     fn send_whole(&self, payload: &[u8], fds: &[BorrowedFd<'_>]) -> Result<bool> {
         let header = Header {
             kind: Kind::First,
@@ -505,6 +506,7 @@ impl Socket {
 
     /// Receives one datagram, appending at most `room` payload bytes to `frame`, and checks
     /// it. Returns its header and whether the kernel dropped some of its fds.
+    #[inline]
     fn recv_datagram(&self, frame: &mut Frame, room: usize, wait: Wait) -> Result<(Header, bool)> {
         let mut head = [0u8; HEADER_LEN];
         let fds_before = frame.fds.len();

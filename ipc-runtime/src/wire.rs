@@ -79,6 +79,7 @@ impl Header {
     }
 
     /// Decodes and validates a header; `len` is how many header bytes actually arrived.
+    #[inline]
     pub fn decode(b: &[u8; HEADER_LEN], len: usize) -> Result<Header> {
         if len < HEADER_LEN {
             return Err(Error::Malformed(format!(
