@@ -402,9 +402,64 @@ impl<
         &self,
         call: &mut ::typed_ipc::__private::Call<'_>,
     ) -> ::core::result::Result<(), ::typed_ipc::__private::Error> {
-        match self.dispatch(IpaRequest::decode(call)?) {
-            ::core::option::Option::Some(response) => response.send(call),
-            ::core::option::Option::None => ::core::result::Result::Ok(()),
+        match call.command() {
+            0 => {
+                let value = {
+                    let (text,) = call.args()?;
+                    <T as Ipa>::reverse(&self.imp, text)
+                };
+                call.reply(&value)
+            }
+            1 => {
+                let value = {
+                    let (::typed_ipc::__private::Fd(files),) = call.args()?;
+                    <T as Ipa>::total_len(&self.imp, files)
+                };
+                call.reply(&value)
+            }
+            2 => {
+                let value = {
+                    let (cfg,) = call.args()?;
+                    <T as Ipa>::configure(&self.imp, cfg)
+                };
+                call.reply(&value)
+            }
+            3 => {
+                let value = {
+                    let (id,) = call.args()?;
+                    <T as Ipa>::open_buffer(&self.imp, id)
+                };
+                call.reply(&::typed_ipc::__private::Fd(&value))
+            }
+            4 => {
+                {
+                    let (frame, ::typed_ipc::__private::Fd(stats)) = call.args()?;
+                    <T as Ipa>::stats_ready(&self.imp, frame, stats)
+                };
+                ::core::result::Result::Ok(())
+            }
+            5 => {
+                let value = {
+                    let (::typed_ipc::__private::Bytes(data),) = call.args()?;
+                    <T as Ipa>::echo(&self.imp, data)
+                };
+                call.reply(&::typed_ipc::__private::Bytes(&value))
+            }
+            6 => {
+                let value = {
+                    let (::typed_ipc::__private::Fd(fd),) = call.args()?;
+                    <T as Ipa>::swap_fd(&self.imp, fd)
+                };
+                call.reply(&::typed_ipc::__private::Fd(&value))
+            }
+            7 => {
+                {
+                    let () = call.args()?;
+                    <T as Ipa>::ping(&self.imp)
+                };
+                call.reply(&())
+            }
+            _ => ::core::result::Result::Err(call.unknown_command()),
         }
     }
 }
