@@ -79,6 +79,20 @@ impl Envelope {
     }
 }
 
+/// Whether `payload` starts with the envelope of a reply (or failure reply) to `cookie`, read
+/// without decoding the rest of the envelope.
+pub fn is_reply_to(payload: &[u8], cookie: u64) -> bool {
+    match payload.get(..LEN) {
+        Some(b) => matches!(b[0], 3 | 4) && b[8..16] == cookie.to_le_bytes(),
+        None => false,
+    }
+}
+
+/// The kind byte of the envelope at the start of `payload`, if there is a whole envelope.
+pub fn kind_byte(payload: &[u8]) -> Option<u8> {
+    payload.get(..LEN).map(|b| b[0])
+}
+
 /// Writes the lane word (24 bits) into an envelope already written at the start of `buf`.
 pub fn set_lane(buf: &mut [u8], word: u32) {
     buf[1..4].copy_from_slice(&word.to_le_bytes()[..3]);
@@ -119,6 +133,14 @@ mod tests {
             "the lane word is not the envelope's"
         );
         assert_eq!(lane(&b), 0x80_1234);
+        assert!(is_reply_to(&b, u64::MAX), "a failure reply is a reply");
+        assert!(!is_reply_to(&b, 7), "to another cookie");
+        assert!(
+            !is_reply_to(&b[..LEN - 1], u64::MAX),
+            "a short envelope is none"
+        );
+        assert_eq!(kind_byte(&b), Some(Kind::Failure as u8));
+        assert_eq!(kind_byte(&b[..LEN - 1]), None);
         assert_eq!(lane(&b[..2]), 0);
         b[0] = 9;
         assert!(matches!(Envelope::read(&b), Err(Error::Malformed(_))));

@@ -469,6 +469,19 @@ impl Shared {
         mut frame: Frame,
     ) -> Result<(Frame, bool)> {
         let result = self.receive(&mut frame, deadline);
+        if result.is_ok() && envelope::is_reply_to(&frame.payload, cookie) {
+            // The common case, without `route`'s general matching: ours, and whole.
+            let mut state = lock(&self.state);
+            state.reading = false;
+            self.wake_all(&state);
+            drop(state);
+            if self.trace {
+                if let Ok(envelope) = Envelope::read(&frame.payload) {
+                    self.trace_incoming(&envelope, &frame);
+                }
+            }
+            return Ok((frame, true));
+        }
         let (mut state, own) = self.route(lock(&self.state), frame, result, Reader::Caller(cookie));
         if let Some(Taken::Reply(reply)) = own {
             return reply.map(|frame| (frame, true));
@@ -555,7 +568,18 @@ impl Shared {
         let mut frame = std::mem::take(&mut state.buffer);
         drop(state);
         let result = self.receive(&mut frame, deadline);
-        self.route(lock(&self.state), frame, result, reader)
+        let mut state = lock(&self.state);
+        if reader == Reader::Runner
+            && result.is_ok()
+            && envelope::kind_byte(&frame.payload) == Some(Kind::Call as u8)
+            && state.calls.is_empty()
+        {
+            // The common case, without `route`'s general matching: a call to run now.
+            state.reading = false;
+            self.wake_all(&state);
+            return (state, Some(Taken::Request(frame, false)));
+        }
+        self.route(state, frame, result, reader)
     }
 
     /// The reader's receive: the next message into `frame`, and its lane word taken in.
