@@ -48,9 +48,8 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
-use std::sync::{
-    Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard,
-};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -87,17 +86,20 @@ struct Shared {
     /// Signalled whenever a waiter may have something to do: a reply or request arrived,
     /// the reader role was released, or the connection ended.
     wake: Condvar,
-    /// What is served, and who may call it: one lock, taken once per request.
-    registry: RwLock<Registry>,
+    /// What is served, and who may call it: replaced whole when it changes, so a serving
+    /// thread keeps a snapshot and only checks `registry_version` per request (no lock, no
+    /// reference count on the request's path).
+    registry: Mutex<Arc<Registry>>,
+    registry_version: AtomicU64,
     trace: bool,
     /// Large byte strings through shared memory.
     lane: Lane,
 }
 
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct Registry {
     services: Vec<Arc<dyn Service>>,
-    authorizer: Option<Box<Authorizer>>,
+    authorizer: Option<Arc<Authorizer>>,
 }
 
 #[derive(Default)]
@@ -151,7 +153,8 @@ impl Connection {
                 peer,
                 state: Mutex::new(State::default()),
                 wake: Condvar::new(),
-                registry: RwLock::new(Registry::default()),
+                registry: Mutex::new(Arc::new(Registry::default())),
+                registry_version: AtomicU64::new(0),
                 trace: trace::enabled(),
                 lane,
             }),
@@ -191,11 +194,12 @@ impl Connection {
     /// interface twice replaces the first.
     pub fn add_service(&self, service: impl Service) {
         let service: Arc<dyn Service> = Arc::new(service);
-        let mut registry = self.shared.registry_mut();
-        registry
-            .services
-            .retain(|s| s.info().id != service.info().id);
-        registry.services.push(service);
+        self.shared.update_registry(|registry| {
+            registry
+                .services
+                .retain(|s| s.info().id != service.info().id);
+            registry.services.push(service);
+        });
     }
 
     /// Lets `authorize` refuse calls: it sees the peer's credentials, the interface and the
@@ -207,7 +211,8 @@ impl Connection {
         + Sync
         + 'static,
     ) {
-        self.shared.registry_mut().authorizer = Some(Box::new(authorize));
+        self.shared
+            .update_registry(|registry| registry.authorizer = Some(Arc::new(authorize)));
     }
 
     /// Serves `service` on this thread until the peer hangs up ([`Connection::add_service`]
@@ -230,27 +235,27 @@ impl Connection {
             drop(state);
             // Nothing will be served any more: drop the implementations now, which also
             // breaks the cycle when one of them holds a clone of this connection.
-            let services = std::mem::take(&mut shared.registry_mut().services);
-            drop(services);
+            shared.update_registry(|registry| registry.services.clear());
         }
         result
     }
 
     fn run_loop(&self) -> Result<()> {
         let shared = &*self.shared;
+        let mut registry = shared.registry();
         let mut state = lock(&shared.state);
         loop {
             if !state.oneway_running {
                 if let Some(frame) = state.oneways.pop_front() {
                     state.oneway_running = true;
                     drop(state);
-                    state = shared.run_request(frame, true);
+                    state = shared.run_request(frame, true, &mut registry);
                     continue;
                 }
             }
             if let Some(frame) = state.calls.pop_front() {
                 drop(state);
-                state = shared.run_request(frame, false);
+                state = shared.run_request(frame, false, &mut registry);
                 continue;
             }
             if let Some(closed) = &state.closed {
@@ -271,7 +276,7 @@ impl Connection {
             (state, taken) = shared.read(state, None, Reader::Runner);
             if let Some(Taken::Request(frame, oneway)) = taken {
                 drop(state);
-                state = shared.run_request(frame, oneway);
+                state = shared.run_request(frame, oneway, &mut registry);
             }
         }
     }
@@ -404,14 +409,24 @@ impl std::fmt::Debug for Connection {
 type Guard<'a> = MutexGuard<'a, State>;
 
 impl Shared {
-    fn registry(&self) -> RwLockReadGuard<'_, Registry> {
-        self.registry.read().unwrap_or_else(PoisonError::into_inner)
+    /// What is served now.
+    fn registry(&self) -> Snapshot {
+        let registry = self.registry.lock().unwrap_or_else(PoisonError::into_inner);
+        Snapshot {
+            version: self.registry_version.load(Ordering::Acquire),
+            registry: registry.clone(),
+        }
     }
 
-    fn registry_mut(&self) -> RwLockWriteGuard<'_, Registry> {
-        self.registry
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
+    /// Changes what is served: a new registry, and a new version for the snapshots to see.
+    fn update_registry(&self, change: impl FnOnce(&mut Registry)) {
+        let mut registry = self.registry.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut new = Registry::clone(&registry);
+        change(&mut new);
+        let old = std::mem::replace(&mut *registry, Arc::new(new));
+        self.registry_version.fetch_add(1, Ordering::Release);
+        drop(registry);
+        drop(old); // may drop implementations, whose code must not run under our lock
     }
 
     /// Encodes envelope + body in this thread's buffer and sends them as one message.
@@ -692,10 +707,14 @@ impl Shared {
         codec::with_store(&self.lane, || codec::decode_from(body, &mut frame.fds))
     }
 
-    /// Runs a request (a oneway one marked running), and takes the lock back to keep its
-    /// buffer and, for a oneway, let the next one run.
-    fn run_request(&self, frame: Frame, oneway: bool) -> Guard<'_> {
-        let mut frame = self.dispatch(frame, oneway);
+    /// Runs a request (a oneway one marked running) against `registry`, brought up to date
+    /// first, and takes the lock back to keep its buffer and, for a oneway, let the next one
+    /// run.
+    fn run_request(&self, frame: Frame, oneway: bool, registry: &mut Snapshot) -> Guard<'_> {
+        if self.registry_version.load(Ordering::Acquire) != registry.version {
+            *registry = self.registry();
+        }
+        let mut frame = self.dispatch(frame, oneway, &registry.registry);
         self.lane.finished(&frame.payload);
         frame.clear(); // closes fds the request left unclaimed, outside the lock
         let mut state = lock(&self.state);
@@ -709,24 +728,20 @@ impl Shared {
 
     /// Runs one request against the service it names, and replies unless it is oneway.
     /// Returns the request's frame, for its buffer.
-    fn dispatch(&self, mut frame: Frame, oneway: bool) -> Frame {
+    fn dispatch(&self, mut frame: Frame, oneway: bool, registry: &Registry) -> Frame {
         let Ok(envelope) = Envelope::read(&frame.payload) else {
             return frame;
         };
         if self.trace {
             self.trace_incoming(&envelope, &frame);
         }
-        let checked = {
-            let registry = self.registry();
-            admit(
-                &registry.services,
-                |s| s.info(),
-                &envelope,
-                registry.authorizer.as_deref(),
-                self.peer.as_ref(),
-            )
-            .cloned()
-        };
+        let checked = admit(
+            &registry.services,
+            |s| s.info(),
+            &envelope,
+            registry.authorizer.as_deref(),
+            self.peer.as_ref(),
+        );
         let failure = match checked {
             Err(failure) => Some(failure),
             Ok(service) => {
@@ -803,9 +818,15 @@ impl Shared {
     }
 
     fn trace_incoming(&self, envelope: &Envelope, frame: &Frame) {
-        let registry = self.registry();
+        let registry = self.registry().registry;
         trace::incoming(envelope, frame, registry.services.iter().map(|s| s.info()));
     }
+}
+
+/// A serving thread's copy of the registry, and the version it was taken at.
+struct Snapshot {
+    version: u64,
+    registry: Arc<Registry>,
 }
 
 /// Keeps an emptied buffer for the next read if it is larger than the one kept, and not too

@@ -153,3 +153,57 @@ fn a_placed_reply_dropped_unread_gives_the_lane_back() {
     a.close();
     server.join().unwrap().unwrap();
 }
+
+static PINGER: InterfaceInfo = InterfaceInfo {
+    name: "Pinger",
+    id: 5,
+    signature: 6,
+    methods: &[MethodInfo {
+        name: "ping",
+        cmd: 1,
+        signature: "fn ping(&self) -> u32",
+        oneway: false,
+    }],
+};
+
+struct Pinger;
+
+impl Service for Pinger {
+    fn info(&self) -> &'static InterfaceInfo {
+        &PINGER
+    }
+    fn handle(&self, call: &mut Call<'_>) -> Result<()> {
+        call.reply(&9u32)
+    }
+}
+
+/// A serving thread keeps a snapshot of what is served: a service or an authorizer added
+/// while it serves must still reach the next request.
+#[test]
+fn services_and_authorizers_added_while_serving_take_effect() {
+    let (a, b) = Connection::pair().unwrap();
+    let (_open, gate) = mpsc::channel();
+    let server = {
+        let b = b.clone();
+        std::thread::spawn(move || {
+            b.serve(Gated {
+                gate: Mutex::new(gate),
+            })
+        })
+    };
+    assert_eq!(a.call::<_, u32>(&BULK, 2, &(), None).unwrap(), 7);
+    b.add_service(Pinger);
+    assert_eq!(a.call::<_, u32>(&PINGER, 1, &(), None).unwrap(), 9);
+    b.set_authorizer(|_, iface, _| match iface.name {
+        "Bulk" => Err("not today".into()),
+        _ => Ok(()),
+    });
+    let refused = a.call::<_, u32>(&BULK, 2, &(), None);
+    assert!(
+        matches!(&refused, Err(Error::Refused(why)) if why == "not today"),
+        "{refused:?}"
+    );
+    assert_eq!(a.call::<_, u32>(&PINGER, 1, &(), None).unwrap(), 9);
+    a.close();
+    server.join().unwrap().unwrap();
+}
