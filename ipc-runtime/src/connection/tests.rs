@@ -117,21 +117,28 @@ impl Service for Gated {
     }
 }
 
+/// Serves [`Gated`] on `server` from a thread of its own: the sender opens the gate once per
+/// `gated_echo` call, and the thread returns `serve`'s result.
+pub(crate) fn serve_gated(
+    server: &Connection,
+) -> (mpsc::Sender<()>, std::thread::JoinHandle<Result<()>>) {
+    let (open, gate) = mpsc::channel();
+    let server = server.clone();
+    let serving = std::thread::spawn(move || {
+        server.serve(Gated {
+            gate: Mutex::new(gate),
+        })
+    });
+    (open, serving)
+}
+
 /// A reply that went through the lane but whose caller had given up is dropped unread. The
 /// caller's end must still tell the peer it is done with that placement, or the peer's lane
 /// stays busy, and its byte strings go through the socket, for the rest of the connection.
 #[test]
 fn a_placed_reply_dropped_unread_gives_the_lane_back() {
     let (a, b) = Connection::pair().unwrap();
-    let (open, gate) = mpsc::channel();
-    let server = {
-        let b = b.clone();
-        std::thread::spawn(move || {
-            b.serve(Gated {
-                gate: Mutex::new(gate),
-            })
-        })
-    };
+    let (open, server) = serve_gated(&b);
     let ping = || a.call::<_, u32>(&BULK, 2, &(), None).unwrap();
     assert_eq!(ping(), 7); // both ends have now seen that the other reads lanes
     let data = vec![0x5a; 8 << 10];
@@ -182,15 +189,7 @@ impl Service for Pinger {
 #[test]
 fn services_and_authorizers_added_while_serving_take_effect() {
     let (a, b) = Connection::pair().unwrap();
-    let (_open, gate) = mpsc::channel();
-    let server = {
-        let b = b.clone();
-        std::thread::spawn(move || {
-            b.serve(Gated {
-                gate: Mutex::new(gate),
-            })
-        })
-    };
+    let (_open, server) = serve_gated(&b);
     assert_eq!(a.call::<_, u32>(&BULK, 2, &(), None).unwrap(), 7);
     b.add_service(Pinger);
     assert_eq!(a.call::<_, u32>(&PINGER, 1, &(), None).unwrap(), 9);

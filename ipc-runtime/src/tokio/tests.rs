@@ -90,24 +90,15 @@ fn a_small_message_is_one_datagram_and_never_in_progress() {
 /// the lane must be given back all the same.
 #[test]
 fn an_async_call_dropped_before_its_placed_reply_gives_the_lane_back() {
-    use std::sync::{Mutex, mpsc};
     use std::time::Duration;
 
     use crate::codec::Bytes;
-    use crate::connection::tests::{BULK, Gated};
+    use crate::connection::tests::{BULK, serve_gated};
     use crate::{Connection, Error};
 
     let (ours, theirs) = Socket::pair().unwrap();
     let server = Connection::new(theirs);
-    let (open, gate) = mpsc::channel();
-    let serving = {
-        let server = server.clone();
-        std::thread::spawn(move || {
-            server.serve(Gated {
-                gate: Mutex::new(gate),
-            })
-        })
-    };
+    let (open, serving) = serve_gated(&server);
     let runtime = ::tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
