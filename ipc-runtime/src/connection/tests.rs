@@ -97,8 +97,8 @@ pub(crate) static BULK: InterfaceInfo = InterfaceInfo {
 };
 
 /// Echoes byte strings once the test lets it (one message on `gate` per call).
-pub(crate) struct Gated {
-    pub(crate) gate: Mutex<mpsc::Receiver<()>>,
+struct Gated {
+    gate: Mutex<mpsc::Receiver<()>>,
 }
 
 impl Service for Gated {
