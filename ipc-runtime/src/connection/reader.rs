@@ -1,0 +1,269 @@
+//! The reader role: whichever waiting thread receives the next message, and where what it
+//! receives goes (see the module docs of [`connection`](super)).
+
+use std::sync::PoisonError;
+use std::time::Instant;
+
+use super::buffers::keep_thread_frame;
+use super::envelope::{self, Envelope, Kind};
+use super::failure::Failure;
+use super::{Guard, Shared, State, lock};
+use crate::error::{Error, Result};
+use crate::frame::Frame;
+
+impl Shared {
+    /// Gives up the reader role a caller took with its thread's `frame`, and registers
+    /// `cookie`'s call to have its reply routed by whoever reads next.
+    pub(super) fn stop_reading(&self, frame: Frame, cookie: Option<u64>) {
+        keep_thread_frame(frame);
+        let mut state = lock(&self.state);
+        state.reading = false;
+        if let Some(cookie) = cookie {
+            state.pending.insert(cookie, None);
+        }
+        self.wake_all(&state);
+    }
+
+    /// The wait of a caller that took the reader role before sending, receiving into its
+    /// thread's `frame`: the next message is most likely its reply. Anything else is routed
+    /// as any reader routes it, and the caller then waits as any caller does. Returns the
+    /// reply and whether it is in the thread's frame.
+    #[inline]
+    pub(super) fn read_own(
+        &self,
+        cookie: u64,
+        deadline: Option<Instant>,
+        mut frame: Frame,
+    ) -> Result<(Frame, bool)> {
+        let result = self.receive(&mut frame, deadline);
+        if result.is_ok() && envelope::is_reply_to(&frame.payload, cookie) {
+            // The common case, without `route`'s general matching: ours, and whole.
+            let mut state = lock(&self.state);
+            state.reading = false;
+            self.wake_all(&state);
+            drop(state);
+            if self.trace {
+                if let Ok(envelope) = Envelope::read(&frame.payload) {
+                    self.trace_incoming(&envelope, &frame);
+                }
+            }
+            return Ok((frame, true));
+        }
+        let (mut state, own) = self.route(lock(&self.state), frame, result, Reader::Caller(cookie));
+        if let Some(Taken::Reply(reply)) = own {
+            return reply.map(|frame| (frame, true));
+        }
+        state.pending.insert(cookie, None);
+        drop(state);
+        Ok((self.wait_reply(cookie, deadline)?, false))
+    }
+
+    /// Waits for the reply to `cookie`, reading the socket whenever nobody else is.
+    pub(super) fn wait_reply(&self, cookie: u64, deadline: Option<Instant>) -> Result<Frame> {
+        let mut state = lock(&self.state);
+        loop {
+            if let Some(Some(_)) = state.pending.get(&cookie) {
+                let reply = state
+                    .pending
+                    .remove(&cookie)
+                    .flatten()
+                    .expect("checked above");
+                return reply;
+            }
+            if let Some(closed) = state.closed.as_ref().map(Error::duplicate) {
+                state.pending.remove(&cookie);
+                return Err(closed);
+            }
+            let timed_out = deadline.is_some_and(|d| Instant::now() >= d);
+            if timed_out {
+                // A late reply finds no slot and is dropped, closing its fds.
+                state.pending.remove(&cookie);
+                return Err(Error::TimedOut);
+            }
+            if state.reading {
+                state = self.sleep(state, deadline);
+                continue;
+            }
+            let own;
+            (state, own) = self.read(state, deadline, Reader::Caller(cookie));
+            if let Some(Taken::Reply(reply)) = own {
+                return reply;
+            }
+        }
+    }
+
+    /// Sleeps until woken or until `deadline`.
+    pub(super) fn sleep<'a>(
+        &'a self,
+        mut state: Guard<'a>,
+        deadline: Option<Instant>,
+    ) -> Guard<'a> {
+        state.waiters += 1;
+        let mut state = match deadline {
+            None => self
+                .wake
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner),
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                self.wake
+                    .wait_timeout(state, left)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0
+            }
+        };
+        state.waiters -= 1;
+        state
+    }
+
+    /// Wakes every sleeper, if there is one: a lone caller pays no syscall for it.
+    #[inline]
+    pub(super) fn wake_all(&self, state: &State) {
+        if state.waiters > 0 {
+            self.wake.notify_all();
+        }
+    }
+
+    /// Takes the reader role, receives one message and routes it: a reply to its caller's
+    /// slot, a request to the queue serving threads take from. Returns the lock, re-taken;
+    /// the waiters were woken under it, so they find the message routed. The role is
+    /// released before returning. What the reader can handle itself is handed back rather
+    /// than routed: a caller's own reply (its slot is gone), a request for a runner that
+    /// nothing is queued before.
+    pub(super) fn read<'a>(
+        &'a self,
+        mut state: Guard<'a>,
+        deadline: Option<Instant>,
+        reader: Reader,
+    ) -> (Guard<'a>, Option<Taken>) {
+        state.reading = true;
+        let mut frame = std::mem::take(&mut state.buffer);
+        drop(state);
+        let result = self.receive(&mut frame, deadline);
+        let mut state = lock(&self.state);
+        if reader == Reader::Runner
+            && result.is_ok()
+            && envelope::kind_byte(&frame.payload) == Some(Kind::Call as u8)
+            && state.calls.is_empty()
+        {
+            // The common case, without `route`'s general matching: a call to run now.
+            state.reading = false;
+            self.wake_all(&state);
+            return (state, Some(Taken::Request(frame, false)));
+        }
+        self.route(state, frame, result, reader)
+    }
+
+    /// The reader's receive: the next message into `frame`, and its lane word taken in.
+    #[inline]
+    pub(super) fn receive(&self, frame: &mut Frame, deadline: Option<Instant>) -> Result<()> {
+        let result = self.socket.recv_into(frame, deadline);
+        if result.is_ok() {
+            self.lane.on_word(envelope::lane(&frame.payload));
+        }
+        result
+    }
+
+    /// Releases the reader role and routes what it received (see [`Shared::read`]).
+    pub(super) fn route<'a>(
+        &'a self,
+        mut state: Guard<'a>,
+        frame: Frame,
+        result: Result<()>,
+        reader: Reader,
+    ) -> (Guard<'a>, Option<Taken>) {
+        state.reading = false;
+        self.wake_all(&state);
+        let envelope = match result.as_ref().map_or_else(
+            |e| match e {
+                Error::FdsDropped { .. } => Envelope::read(&frame.payload).ok(),
+                _ => None,
+            },
+            |()| Envelope::read(&frame.payload).ok(),
+        ) {
+            Some(envelope) => envelope,
+            None => {
+                match result {
+                    Err(Error::TimedOut) => {}
+                    Err(e) => self.fail(&mut state, e),
+                    Ok(()) => self.fail(&mut state, Error::Malformed("bad envelope".into())),
+                }
+                state.buffer = frame;
+                return (state, None);
+            }
+        };
+        if self.trace && matches!(envelope.kind, Kind::Reply | Kind::Failure) {
+            self.trace_incoming(&envelope, &frame);
+        }
+        if result.is_err() {
+            // Delivered as an error (its fds were dropped), so never decoded.
+            self.lane.finished(&frame.payload);
+        }
+        match (envelope.kind, result) {
+            (Kind::Reply | Kind::Failure, result) if reader == Reader::Caller(envelope.cookie) => {
+                if !state.pending.is_empty() {
+                    state.pending.remove(&envelope.cookie);
+                }
+                return (state, Some(Taken::Reply(result.map(|()| frame))));
+            }
+            (Kind::Reply | Kind::Failure, result) => {
+                match state.pending.get_mut(&envelope.cookie) {
+                    Some(slot) => *slot = Some(result.map(|()| frame)),
+                    // Its caller gave up: dropped unread.
+                    None => self.lane.finished(&frame.payload),
+                }
+            }
+            (Kind::Call, Ok(())) if reader == Reader::Runner && state.calls.is_empty() => {
+                return (state, Some(Taken::Request(frame, false)));
+            }
+            (Kind::Oneway, Ok(()))
+                if reader == Reader::Runner
+                    && state.oneways.is_empty()
+                    && !state.oneway_running =>
+            {
+                state.oneway_running = true;
+                return (state, Some(Taken::Request(frame, true)));
+            }
+            (Kind::Call, Ok(())) => state.calls.push_back(frame),
+            (Kind::Oneway, Ok(())) => state.oneways.push_back(frame),
+            (Kind::Call, Err(e)) => {
+                drop(state);
+                let why = format!("the server could not receive the request's fds: {e}");
+                let _ = self.reply_failure(&envelope, &Failure::BadRequest(why));
+                state = lock(&self.state);
+                state.buffer = frame;
+            }
+            (Kind::Oneway, Err(_)) => state.buffer = frame,
+        }
+        (state, None)
+    }
+
+    /// Ends the connection with `why` and wakes everyone waiting on it.
+    pub(super) fn fail(&self, state: &mut State, why: Error) {
+        if state.closed.is_none() {
+            if !matches!(why, Error::Disconnected) {
+                // A protocol error leaves the stream unusable; make sure the peer sees it.
+                let _ = self.socket.shutdown();
+            }
+            state.closed = Some(why);
+        }
+        self.wake_all(state);
+    }
+}
+
+/// Who is reading, which decides what [`Shared::route`] hands back rather than routes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Reader {
+    /// A caller waiting for the reply with this cookie.
+    Caller(u64),
+    /// A thread inside [`Connection::run`].
+    Runner,
+}
+
+/// What a reader handles itself.
+pub(super) enum Taken {
+    /// Its own reply (or why it will not come).
+    Reply(Result<Frame>),
+    /// A request to run now; `true` for a oneway one, already marked running.
+    Request(Frame, bool),
+}

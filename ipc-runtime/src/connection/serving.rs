@@ -1,0 +1,236 @@
+//! Running requests: what is served (the registry and the serving threads' snapshots of it),
+//! the serving loop, and dispatching a request to its service and its reply back.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError};
+
+use serde::Serialize;
+
+use super::admit::admit;
+use super::buffers::RETAIN_MAX;
+use super::envelope::{self, Envelope, Kind};
+use super::failure::Failure;
+use super::reader::{Reader, Taken};
+use super::{Connection, Guard, Registry, Sending, Shared, State, lock, trace};
+use crate::codec;
+use crate::error::{Error, Result};
+use crate::frame::Frame;
+use crate::service::Call;
+
+impl Connection {
+    /// The body of [`Connection::run`]: run what is queued, else read, until the end.
+    pub(super) fn run_loop(&self) -> Result<()> {
+        let shared = &*self.shared;
+        let mut registry = shared.registry();
+        let mut state = lock(&shared.state);
+        loop {
+            if !state.oneway_running {
+                if let Some(frame) = state.oneways.pop_front() {
+                    state.oneway_running = true;
+                    drop(state);
+                    state = shared.run_request(frame, true, &mut registry);
+                    continue;
+                }
+            }
+            if let Some(frame) = state.calls.pop_front() {
+                drop(state);
+                state = shared.run_request(frame, false, &mut registry);
+                continue;
+            }
+            if let Some(closed) = &state.closed {
+                return match closed {
+                    Error::Disconnected => Ok(()),
+                    e => Err(e.duplicate()),
+                };
+            }
+            if state.reading {
+                state = shared.sleep(state, None);
+                continue;
+            }
+            // Become the reader. A request that arrives with nothing queued before it is
+            // handed back and run by this same thread at once (no queue, no hand-off); one
+            // that must wait its turn is queued and run from the top of the loop. Calls run
+            // in arrival order, oneways one at a time.
+            let taken;
+            (state, taken) = shared.read(state, None, Reader::Runner);
+            if let Some(Taken::Request(frame, oneway)) = taken {
+                drop(state);
+                state = shared.run_request(frame, oneway, &mut registry);
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// What is served now.
+    pub(super) fn registry(&self) -> Snapshot {
+        let registry = self.registry.lock().unwrap_or_else(PoisonError::into_inner);
+        Snapshot {
+            version: self.registry_version.load(Ordering::Acquire),
+            registry: registry.clone(),
+        }
+    }
+
+    /// Changes what is served: a new registry, and a new version for the snapshots to see.
+    pub(super) fn update_registry(&self, change: impl FnOnce(&mut Registry)) {
+        let mut registry = self.registry.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut new = Registry::clone(&registry);
+        change(&mut new);
+        let old = std::mem::replace(&mut *registry, Arc::new(new));
+        self.registry_version.fetch_add(1, Ordering::Release);
+        drop(registry);
+        drop(old); // may drop implementations, whose code must not run under our lock
+    }
+
+    /// Runs a request (a oneway one marked running) against `registry`, brought up to date
+    /// first, and takes the lock back to keep its buffer and, for a oneway, let the next one
+    /// run.
+    pub(super) fn run_request(
+        &self,
+        frame: Frame,
+        oneway: bool,
+        registry: &mut Snapshot,
+    ) -> Guard<'_> {
+        if self.registry_version.load(Ordering::Acquire) != registry.version {
+            *registry = self.registry();
+        }
+        let mut frame = self.dispatch(frame, oneway, &registry.registry);
+        self.lane.finished(&frame.payload);
+        frame.clear(); // closes fds the request left unclaimed, outside the lock
+        let mut state = lock(&self.state);
+        if oneway {
+            state.oneway_running = false;
+            self.wake_all(&state);
+        }
+        keep_buffer(&mut state, frame);
+        state
+    }
+
+    /// Runs one request against the service it names, and replies unless it is oneway.
+    /// Returns the request's frame, for its buffer.
+    pub(super) fn dispatch(&self, mut frame: Frame, oneway: bool, registry: &Registry) -> Frame {
+        let Ok(envelope) = Envelope::read(&frame.payload) else {
+            return frame;
+        };
+        if self.trace {
+            self.trace_incoming(&envelope, &frame);
+        }
+        let checked = admit(
+            &registry.services,
+            |s| s.info(),
+            &envelope,
+            registry.authorizer.as_deref(),
+            self.peer.as_ref(),
+        );
+        let failure = match checked {
+            Err(failure) => Some(failure),
+            Ok(service) => {
+                let mut call = Call {
+                    cmd: envelope.cmd,
+                    body: &frame.payload[envelope::LEN..],
+                    fds: std::mem::take(&mut frame.fds),
+                    peer: self.peer,
+                    replier: (!oneway).then_some(Replier {
+                        shared: self,
+                        envelope,
+                    }),
+                    replied: false,
+                };
+                let _caller = crate::service::CallerScope::enter(self.peer);
+                let outcome = codec::with_store(&self.lane, || {
+                    catch_unwind(AssertUnwindSafe(|| service.handle(&mut call)))
+                });
+                let replied = call.replied;
+                frame.fds = std::mem::take(&mut call.fds); // emptied; its capacity is reused
+                match (outcome, replied) {
+                    (_, true) => None,
+                    (Ok(Ok(())), false) => {
+                        (!oneway).then(|| Failure::BadRequest("the server sent no reply".into()))
+                    }
+                    (Ok(Err(e)), false) => Some(Failure::BadRequest(e.to_string())),
+                    (Err(panic), false) => Some(Failure::Panicked(panic_message(&panic))),
+                }
+            }
+        };
+        match failure {
+            Some(failure) if !oneway => {
+                let _ = self.reply_failure(&envelope, &failure);
+            }
+            // Nobody waits for a oneway's outcome, so say it here rather than lose it.
+            Some(failure) => trace::line(&format!(
+                "typed-ipc[{}]: a oneway message (command {}) failed: {failure:?}",
+                std::process::id(),
+                envelope.cmd
+            )),
+            None => {}
+        }
+        frame
+    }
+
+    pub(super) fn reply_failure(&self, call: &Envelope, failure: &Failure) -> Result<()> {
+        let envelope = Envelope {
+            kind: Kind::Failure,
+            ..*call
+        };
+        self.send(&envelope, failure, None, Sending::Wait)?;
+        if self.trace {
+            trace::line(&format!(
+                "typed-ipc[{}] -> failure #{}: {failure:?}",
+                std::process::id(),
+                call.cookie
+            ));
+        }
+        Ok(())
+    }
+
+    pub(super) fn trace_incoming(&self, envelope: &Envelope, frame: &Frame) {
+        let registry = self.registry().registry;
+        trace::incoming(envelope, frame, registry.services.iter().map(|s| s.info()));
+    }
+}
+
+/// A serving thread's copy of the registry, and the version it was taken at.
+pub(super) struct Snapshot {
+    version: u64,
+    registry: Arc<Registry>,
+}
+
+/// Keeps an emptied buffer for the next read if it is larger than the one kept, and not too
+/// big to hoard.
+#[inline]
+pub(super) fn keep_buffer(state: &mut State, frame: Frame) {
+    let capacity = frame.payload.capacity();
+    if capacity <= RETAIN_MAX && state.buffer.payload.capacity() < capacity {
+        state.buffer = frame;
+    }
+}
+
+/// Where a [`Call`]'s reply goes.
+pub(crate) struct Replier<'a> {
+    shared: &'a Shared,
+    envelope: Envelope,
+}
+
+impl Replier<'_> {
+    pub(crate) fn send<T: Serialize + ?Sized>(&self, value: &T) -> Result<()> {
+        let envelope = Envelope {
+            kind: Kind::Reply,
+            ..self.envelope
+        };
+        if self.shared.trace {
+            trace::reply(envelope.cookie);
+        }
+        self.shared
+            .send(&envelope, value, None, Sending::Wait)
+            .map(drop)
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
+        (Some(s), _) => s.to_string(),
+        (_, Some(s)) => s.clone(),
+        _ => "a panic without a message".into(),
+    }
+}
