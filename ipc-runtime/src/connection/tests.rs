@@ -206,3 +206,76 @@ fn services_and_authorizers_added_while_serving_take_effect() {
     a.close();
     server.join().unwrap().unwrap();
 }
+
+pub(crate) static SKIM: InterfaceInfo = InterfaceInfo {
+    name: "Skim",
+    id: 7,
+    signature: 8,
+    methods: &[
+        MethodInfo {
+            name: "skip",
+            cmd: 1,
+            signature: "fn skip(&self, data: Vec<u8>) -> u32",
+            oneway: false,
+        },
+        MethodInfo {
+            name: "len",
+            cmd: 2,
+            signature: "fn len(&self, data: Vec<u8>) -> u64",
+            oneway: false,
+        },
+    ],
+};
+
+/// Answers `skip` without ever decoding its argument, and `len` by decoding it.
+struct Skimmer;
+
+impl Service for Skimmer {
+    fn info(&self) -> &'static InterfaceInfo {
+        &SKIM
+    }
+    fn handle(&self, call: &mut Call<'_>) -> Result<()> {
+        match call.command() {
+            1 => call.reply(&0u32),
+            _ => {
+                let Bytes(data): Bytes<Vec<u8>> = call.args()?;
+                call.reply(&(data.len() as u64))
+            }
+        }
+    }
+}
+
+/// Calls `skip` with a placed byte string (the first placement, so it also announces the
+/// caller's region), then `len` with another: the server never read the first, so the caller
+/// must get its lane back and announce its region again, or the second cannot be read.
+pub(crate) fn skim_twice(client: &Connection) {
+    let data = vec![7u8; 8 << 10];
+    // A small call first, so both ends have seen that the other reads lanes.
+    let small = client.call::<_, u64>(&SKIM, 2, &Bytes(&data[..100]), None);
+    assert_eq!(small.unwrap(), 100);
+    assert_eq!(
+        client
+            .call::<_, u32>(&SKIM, 1, &Bytes(&data), None)
+            .unwrap(),
+        0
+    );
+    let read = client.call::<_, u64>(&SKIM, 2, &Bytes(&data), None);
+    assert_eq!(
+        read.unwrap(),
+        data.len() as u64,
+        "the second placement was read"
+    );
+    assert!(!client.lane_is_busy(), "the caller's lane is still busy");
+}
+
+#[test]
+fn a_placed_request_its_handler_never_decoded_gives_the_lane_back() {
+    let (a, b) = Connection::pair().unwrap();
+    let server = {
+        let b = b.clone();
+        std::thread::spawn(move || b.serve(Skimmer))
+    };
+    skim_twice(&a);
+    a.close();
+    server.join().unwrap().unwrap();
+}

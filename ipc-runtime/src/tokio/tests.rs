@@ -127,3 +127,47 @@ fn an_async_call_dropped_before_its_placed_reply_gives_the_lane_back() {
     });
     serving.join().unwrap().unwrap();
 }
+
+/// The async flavour's side of `a_placed_request_its_handler_never_decoded_gives_the_lane_back`:
+/// an `AsyncCall` dropped without its arguments decoded gives their placement back.
+#[test]
+fn an_async_request_never_decoded_gives_the_lane_back() {
+    use crate::Connection;
+    use crate::codec::Bytes;
+    use crate::connection::tests::{SKIM, skim_twice};
+    use crate::service::InterfaceInfo;
+
+    struct Skimmer;
+
+    impl super::AsyncService for Skimmer {
+        fn info(&self) -> &'static InterfaceInfo {
+            &SKIM
+        }
+        fn handle<'a>(
+            &'a self,
+            call: &'a mut super::AsyncCall,
+        ) -> super::BoxFuture<'a, crate::Result<()>> {
+            Box::pin(async move {
+                match call.command() {
+                    1 => call.reply(0u32).await,
+                    _ => {
+                        let Bytes(data): Bytes<Vec<u8>> = call.args()?;
+                        call.reply(data.len() as u64).await
+                    }
+                }
+            })
+        }
+    }
+
+    let (ours, theirs) = Socket::pair().unwrap();
+    let client = Connection::new(ours);
+    let runtime = ::tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = runtime.block_on(async { super::AsyncConnection::new(theirs).unwrap() });
+    // The client hangs up when its thread is done, which ends `serve`.
+    let calling = std::thread::spawn(move || skim_twice(&client));
+    runtime.block_on(server.serve(Skimmer)).unwrap();
+    calling.join().unwrap();
+}
