@@ -1,0 +1,163 @@
+//! `instructions`: user-space instructions one typed-ipc call costs each side, counted by
+//! callgrind (needs `valgrind`).
+//!
+//! ```text
+//! cargo run -p ipc-bench --release --bin instructions -- [--len BYTES]
+//! ```
+//!
+//! Runs this binary twice under `valgrind --tool=callgrind --trace-children=yes`: a client
+//! that starts a worker (this binary again, through `typed_ipc::worker`) and makes 2,000, then
+//! 4,000, `echo(Vec<u8>)` calls of `--len` bytes (default 64), each with a fresh `Vec` as the
+//! benchmark's client does. Per call and per side it prints the difference of the two runs'
+//! totals divided by 2,000, so start-up and shutdown cancel out. Both processes are pinned to
+//! CPU 0. Instruction counts are exact and repeatable, unlike times on these VMs; they are
+//! how `docs/hot-path.md` tracks the hot path. They measure the fixed cost of a call: callgrind
+//! counts a `rep movsb` once per byte, so copies through the lane (2 KiB and up) look far
+//! dearer than they run.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use ipc_bench::{BenchClient, BenchImpl, BenchServer};
+use nix::sched::{CpuSet, sched_setaffinity};
+use nix::unistd::Pid;
+use typed_ipc::worker::{self, Worker};
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+/// The two runs; their difference is what the extra calls cost.
+const RUNS: [u64; 2] = [2_000, 4_000];
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("--server") => server(),
+        Some("--client") => client(&args[1..]),
+        _ => parent(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("instructions: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn pin() -> Res<()> {
+    let mut set = CpuSet::new();
+    set.set(0)?;
+    sched_setaffinity(Pid::from_raw(0), &set)?;
+    Ok(())
+}
+
+fn server() -> Res<()> {
+    pin()?;
+    BenchServer::new(BenchImpl::new(|| 0)).serve(worker::connection()?)?;
+    Ok(())
+}
+
+/// `--client LEN CALLS`: the measured process.
+fn client(args: &[String]) -> Res<()> {
+    let [len, calls] = args else {
+        return Err("usage: --client LEN CALLS".into());
+    };
+    let (len, calls): (usize, u64) = (len.parse()?, calls.parse()?);
+    pin()?;
+    let mut command = Command::new(std::env::current_exe()?);
+    command.arg("--server");
+    let (mut child, connection) = Worker::spawn(command)?;
+    let client = BenchClient::new(connection);
+    let payload = vec![0xa5; len];
+    for _ in 0..calls {
+        let back = client.echo(payload.clone())?;
+        if back.len() != len {
+            return Err(format!("echo returned {} bytes, sent {len}", back.len()).into());
+        }
+    }
+    drop(client);
+    child.wait()?;
+    Ok(())
+}
+
+fn parent(args: &[String]) -> Res<()> {
+    let mut len: usize = 64;
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--len" => len = it.next().ok_or("--len needs a value")?.parse()?,
+            _ => {
+                return Err(
+                    format!("unknown argument {arg}; usage: instructions [--len BYTES]").into(),
+                );
+            }
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("ipc-bench-instructions-{}", std::process::id()));
+    let mut totals = Vec::new();
+    for calls in RUNS {
+        let out = dir.join(calls.to_string());
+        std::fs::create_dir_all(&out)?;
+        // Valgrind's stderr only matters if the run fails: it warns about every `pidfd_open`,
+        // which it does not know (the worker falls back without it).
+        let run = Command::new("valgrind")
+            .args(["--tool=callgrind", "--trace-children=yes", "-q"])
+            .arg(format!(
+                "--callgrind-out-file={}/callgrind.out.%p",
+                out.display()
+            ))
+            .arg(std::env::current_exe()?)
+            .args(["--client", &len.to_string(), &calls.to_string()])
+            .output()
+            .map_err(|e| format!("running valgrind (is it installed?): {e}"))?;
+        if !run.status.success() {
+            eprint!("{}", String::from_utf8_lossy(&run.stderr));
+            return Err(format!("valgrind exited with {}", run.status).into());
+        }
+        totals.push(read_totals(&out)?);
+    }
+    std::fs::remove_dir_all(&dir)?;
+    let per_call =
+        |side: usize| (totals[1][side] - totals[0][side]) as f64 / (RUNS[1] - RUNS[0]) as f64;
+    println!("| `echo(Vec<u8>)` {len} B | client | server |");
+    println!("| --- | ---: | ---: |");
+    println!(
+        "| instructions per call | {:.0} | {:.0} |",
+        per_call(0),
+        per_call(1)
+    );
+    Ok(())
+}
+
+/// The total instructions of the client and of the server, from the callgrind files in
+/// `dir` (each names the command it profiled).
+fn read_totals(dir: &Path) -> Res<[u64; 2]> {
+    let mut totals = [None, None];
+    for entry in std::fs::read_dir(dir)? {
+        let path: PathBuf = entry?.path();
+        let text = std::fs::read_to_string(&path)?;
+        let side = match text.lines().find_map(|l| l.strip_prefix("cmd:")) {
+            Some(cmd) if cmd.contains("--server") => 1,
+            Some(cmd) if cmd.contains("--client") => 0,
+            _ => continue,
+        };
+        let total = text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("totals:")
+                    .or_else(|| l.strip_prefix("summary:"))
+            })
+            .ok_or_else(|| format!("no totals in {}", path.display()))?
+            .trim()
+            .parse::<u64>()?;
+        totals[side] = Some(total);
+    }
+    match totals {
+        [Some(client), Some(server)] => Ok([client, server]),
+        _ => Err(format!(
+            "expected a client and a server profile in {}",
+            dir.display()
+        )
+        .into()),
+    }
+}
