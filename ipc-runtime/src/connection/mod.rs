@@ -82,6 +82,7 @@ pub struct Connection {
 pub type Authorizer =
     dyn Fn(Option<&PeerCredentials>, &InterfaceInfo, u32) -> Result<(), String> + Send + Sync;
 
+/// Everything a connection's clones share.
 struct Shared {
     socket: Socket,
     peer: Option<PeerCredentials>,
@@ -99,12 +100,14 @@ struct Shared {
     lane: Lane,
 }
 
+/// What a connection serves: the services, by interface, and who may call them.
 #[derive(Clone, Default)]
 struct Registry {
     services: Vec<Arc<dyn Service>>,
     authorizer: Option<Arc<Authorizer>>,
 }
 
+/// What the threads using a connection share, under one lock.
 #[derive(Default)]
 struct State {
     /// A thread is receiving.
