@@ -164,7 +164,9 @@ impl Shared {
         result
     }
 
-    /// Releases the reader role and routes what it received (see [`Shared::read`]).
+    /// Releases the reader role and routes what it received (see [`Shared::read`]). The
+    /// readers take their common cases before calling this — a caller's own whole reply
+    /// (`read_own`), a call a runner can run now (`read`) — so it never sees the latter.
     pub(super) fn route<'a>(
         &'a self,
         mut state: Guard<'a>,
@@ -212,9 +214,6 @@ impl Shared {
                     // Its caller gave up: dropped unread.
                     None => self.lane.finished(&frame.payload),
                 }
-            }
-            (Kind::Call, Ok(())) if reader == Reader::Runner && state.calls.is_empty() => {
-                return (state, Some(Taken::Request(frame, false)));
             }
             (Kind::Oneway, Ok(()))
                 if reader == Reader::Runner
