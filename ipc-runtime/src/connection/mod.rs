@@ -285,25 +285,29 @@ impl Connection {
             signature: iface.signature,
         };
         shared.trace_out(&envelope, iface);
-        let sent = match reader {
-            // The reader must not block sending: others may wait for it to read.
-            Some(_) => match shared.send(&envelope, args, deadline, Sending::IfNoWait) {
-                Ok(None) => {
-                    let frame = reader.take().expect("reader");
-                    shared.stop_reading(frame, Some(cookie));
-                    shared.send(&envelope, args, deadline, Sending::Wait)
+        let sent = match reader.take() {
+            // The reader must not wait to send: others may need it to read.
+            Some(frame) => match shared.try_send(&envelope, args) {
+                Ok(Some(placed)) => {
+                    reader = Some(frame);
+                    Ok(placed)
                 }
-                sent => sent,
+                // It would have had to wait: give the role back, then send as any caller.
+                Ok(None) => {
+                    shared.stop_reading(frame, Some(cookie));
+                    shared.send(&envelope, args, deadline)
+                }
+                Err(e) => {
+                    shared.stop_reading(frame, None);
+                    return Err(e);
+                }
             },
-            None => shared.send(&envelope, args, deadline, Sending::Wait),
+            None => shared.send(&envelope, args, deadline),
         };
         let placed = match sent {
-            Ok(placed) => placed.expect("sent whole"),
+            Ok(placed) => placed,
             Err(e) => {
-                match reader {
-                    Some(frame) => shared.stop_reading(frame, None),
-                    None => drop(lock(&shared.state).pending.remove(&cookie)),
-                }
+                lock(&shared.state).pending.remove(&cookie);
                 return Err(e);
             }
         };
@@ -337,9 +341,7 @@ impl Connection {
             signature: iface.signature,
         };
         self.shared.trace_out(&envelope, iface);
-        self.shared
-            .send(&envelope, args, None, Sending::Wait)
-            .map(drop)
+        self.shared.send(&envelope, args, None).map(drop)
     }
 }
 
@@ -374,33 +376,49 @@ impl std::fmt::Debug for Connection {
 type Guard<'a> = MutexGuard<'a, State>;
 
 impl Shared {
-    /// Encodes envelope + body in this thread's buffer and sends them as one message.
-    /// Returns the lane placement the message carries (0: none), or `None` if `how` is
-    /// [`Sending::IfNoWait`] and the message would have had to wait (then nothing was sent).
+    /// Encodes envelope + body in this thread's buffer and sends them as one message,
+    /// waiting for room as long as it takes (or until `deadline`). Returns the lane placement
+    /// the message carries (0: none).
+    #[inline]
     fn send<A: Serialize + ?Sized>(
         &self,
         envelope: &Envelope,
         body: &A,
         deadline: Option<Instant>,
-        how: Sending,
+    ) -> Result<u32> {
+        self.encode_and(envelope, body, |buf, fds| {
+            self.socket.send_deadline(buf, fds, deadline).map(|()| true)
+        })
+        .map(|placed| placed.expect("a waiting send sends the whole message or fails"))
+    }
+
+    /// [`Shared::send`] that never waits: `None`, with nothing sent, if the message would
+    /// have had to (see [`Socket::try_send`]).
+    fn try_send<A: Serialize + ?Sized>(
+        &self,
+        envelope: &Envelope,
+        body: &A,
+    ) -> Result<Option<u32>> {
+        self.encode_and(envelope, body, |buf, fds| self.socket.try_send(buf, fds))
+    }
+
+    /// Encodes envelope + body in this thread's buffer and hands them to `send`, which says
+    /// whether it sent them. A placement the message carried goes back to the lane if not.
+    fn encode_and<A: Serialize + ?Sized>(
+        &self,
+        envelope: &Envelope,
+        body: &A,
+        send: impl FnOnce(&[u8], &[BorrowedFd<'_>]) -> Result<bool>,
     ) -> Result<Option<u32>> {
         with_buffers(|buf, fds| {
             buf.resize(envelope::LEN, 0);
             envelope.write(buf);
             let placed = self.lane.encode(body, buf, fds)?;
-            let sent = match how {
-                Sending::Wait => self.socket.send_deadline(buf, fds, deadline).map(|()| true),
-                Sending::IfNoWait => self.socket.try_send(buf, fds),
-            };
-            match sent {
+            match send(buf, fds) {
                 Ok(true) => Ok(Some(placed)),
-                Ok(false) => {
+                unsent => {
                     self.lane.abort(placed);
-                    Ok(None)
-                }
-                Err(e) => {
-                    self.lane.abort(placed);
-                    Err(e)
+                    unsent.map(|_| None)
                 }
             }
         })
@@ -435,15 +453,6 @@ impl Shared {
             trace::outgoing(envelope, iface);
         }
     }
-}
-
-/// Whether [`Shared::send`] may wait for the socket.
-#[derive(Clone, Copy)]
-enum Sending {
-    /// As long as it takes (or until the deadline).
-    Wait,
-    /// Not at all: the message goes out whole at once, or not at all.
-    IfNoWait,
 }
 
 /// Hashes call cookies, which are this end's own sequential numbers: a multiply spreads them

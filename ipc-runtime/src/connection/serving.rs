@@ -12,7 +12,7 @@ use super::buffers::RETAIN_MAX;
 use super::envelope::{self, Envelope, Kind};
 use super::failure::Failure;
 use super::reader::{Reader, Taken};
-use super::{Connection, Guard, Registry, Sending, Shared, State, lock, trace};
+use super::{Connection, Guard, Registry, Shared, State, lock, trace};
 use crate::codec;
 use crate::error::{Error, Result};
 use crate::frame::Frame;
@@ -173,7 +173,7 @@ impl Shared {
             kind: Kind::Failure,
             ..*call
         };
-        self.send(&envelope, failure, None, Sending::Wait)?;
+        self.send(&envelope, failure, None)?;
         if self.trace {
             trace::line(&format!(
                 "typed-ipc[{}] -> failure #{}: {failure:?}",
@@ -221,9 +221,7 @@ impl Replier<'_> {
         if self.shared.trace {
             trace::reply(envelope.cookie);
         }
-        self.shared
-            .send(&envelope, value, None, Sending::Wait)
-            .map(drop)
+        self.shared.send(&envelope, value, None).map(drop)
     }
 }
 
