@@ -212,11 +212,15 @@ impl Socket {
         fds: &[BorrowedFd<'_>],
         deadline: Option<Instant>,
     ) -> Result<()> {
-        let mut cursor = SendCursor::new(payload.len(), fds.len())?;
         let _guard = lock(&self.send_lock);
-        if fits_one_datagram(payload, fds, self.chunk) && self.send_whole(payload, fds)? {
+        if fits_one_datagram(payload, fds, self.chunk) {
+            // One datagram is never half-sent, so a full buffer is simply waited out.
+            while !self.send_whole(payload, fds)? {
+                self.wait(PollFlags::POLLOUT, deadline)?;
+            }
             return Ok(());
         }
+        let mut cursor = SendCursor::new(payload.len(), fds.len())?;
         // The datagrams are `send_some`'s; blocking only adds waiting for room between them.
         while !self.send_some(&mut cursor, payload, fds)? {
             if let Err(e) = self.wait(PollFlags::POLLOUT, deadline) {
