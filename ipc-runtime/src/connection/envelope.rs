@@ -83,7 +83,10 @@ impl Envelope {
 /// without decoding the rest of the envelope.
 pub fn is_reply_to(payload: &[u8], cookie: u64) -> bool {
     match payload.get(..LEN) {
-        Some(b) => matches!(b[0], 3 | 4) && b[8..16] == cookie.to_le_bytes(),
+        Some(b) => {
+            (b[0] == Kind::Reply as u8 || b[0] == Kind::Failure as u8)
+                && b[8..16] == cookie.to_le_bytes()
+        }
         None => false,
     }
 }

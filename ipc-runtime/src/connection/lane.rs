@@ -46,7 +46,7 @@ use std::sync::{Mutex, PoisonError};
 
 use serde::Serialize;
 
-use super::envelope::{self, Envelope, Kind};
+use super::envelope::{self, Kind};
 use crate::codec::{self, NO_FD, OutOfLine, Placed};
 use crate::error::Result;
 use crate::frame::Frame;
@@ -222,7 +222,7 @@ impl Lane {
     /// mean the request was refused unread: the peer will neither read nor acknowledge the
     /// placement, nor have taken a region it announced, so it is given back as unsent.
     pub(crate) fn after_reply(&self, placed: u32, reply: &Frame) {
-        if placed != 0 && Envelope::read(&reply.payload).is_ok_and(|e| e.kind == Kind::Failure) {
+        if placed != 0 && envelope::kind_byte(&reply.payload) == Some(Kind::Failure as u8) {
             self.abort(placed);
         }
     }
