@@ -34,7 +34,7 @@ pub struct Received {
 
 /// Sends one datagram made of `header` then `payload`, with `fds` attached. Never blocks
 /// (`MSG_DONTWAIT`) and never raises `SIGPIPE` (`MSG_NOSIGNAL`).
-#[inline]
+#[inline(always)]
 pub fn send(
     sock: BorrowedFd<'_>,
     header: &[u8],
@@ -87,7 +87,7 @@ pub fn send(
 
 /// Receives one datagram: its first bytes into `header`, the rest into `payload`. Received fds
 /// are pushed onto `fds` as `OwnedFd`s (close-on-exec) before anything else can fail.
-#[inline]
+#[inline(always)]
 pub fn recv(
     sock: BorrowedFd<'_>,
     header: &mut [u8],
