@@ -36,6 +36,7 @@ thread_local! {
             outgoing: Cell::new(None),
             incoming: Cell::new(None),
             store: Cell::new(None),
+            placing: Cell::new(None),
         }
     };
 }
@@ -45,8 +46,12 @@ struct Context {
     outgoing: Cell<Option<NonNull<Vec<BorrowedFd<'static>>>>>,
     /// The fds of the message being decoded, each taken at most once.
     incoming: Cell<Option<NonNull<[Option<OwnedFd>]>>>,
-    /// Where byte strings may go out of line.
+    /// Where out-of-line byte strings are read from while decoding.
     store: Cell<Option<NonNull<dyn OutOfLine>>>,
+    /// Where byte strings may go out of line while encoding, and the placement made there
+    /// so far (0: none; one per message): set by [`encode_placing`] for one message, and
+    /// cleared by a plain [`encode`] nested in it, whose bytes must stay self-contained.
+    placing: Cell<Option<(NonNull<dyn OutOfLine>, u32)>>,
 }
 
 /// Sets a context cell for a scope and puts the outer value back when dropped, also when
@@ -77,9 +82,10 @@ const SMALL_TABLE: usize = 16;
 
 /// Somewhere other than the message for large byte strings: the connection's shared region.
 pub(crate) trait OutOfLine: Send + Sync {
-    /// Offers `bytes` while encoding. `Some` if the store took them: the reference to write,
-    /// and an fd the message must carry (a region the peer has not seen yet), which the store
-    /// keeps open until the message is sent.
+    /// Offers `bytes` while encoding, at most once per message. `Some` if the store took
+    /// them: the reference to write (its `seq` is never 0), and an fd the message must carry
+    /// (a region the peer has not seen yet), which the store keeps open until the message is
+    /// sent.
     fn put(&self, bytes: &[u8]) -> Option<(Placed, Option<RawFd>)>;
     /// Fetches placed bytes while decoding; `fd` is the fd the reference named, if any.
     fn take(&self, placed: &Placed, fd: Option<OwnedFd>) -> std::result::Result<Vec<u8>, String>;
@@ -106,8 +112,7 @@ pub(crate) const OUT_OF_LINE_MIN: usize = 2 << 10;
 /// No fd in [`Placed::fd`].
 pub(crate) const NO_FD: u32 = u32::MAX;
 
-/// Runs `f` with `store` taking (encoding) or giving (decoding) out-of-line byte strings on
-/// this thread.
+/// Runs `f` with `store` giving out-of-line byte strings to the decodes on this thread.
 pub(crate) fn with_store<R>(store: &(dyn OutOfLine + 'static), f: impl FnOnce() -> R) -> R {
     CONTEXT.with(|cx| {
         let _outer = Swap::new(&cx.store, Some(NonNull::from(store)));
@@ -115,7 +120,7 @@ pub(crate) fn with_store<R>(store: &(dyn OutOfLine + 'static), f: impl FnOnce() 
     })
 }
 
-/// Runs `f` with this thread's out-of-line store, if one is set.
+/// Runs `f` with this thread's out-of-line store for decoding, if one is set.
 fn with_current_store<R>(f: impl FnOnce(&dyn OutOfLine) -> R) -> Option<R> {
     // SAFETY: a pointer in `store` was made by `with_store` from a reference that outlives
     // the `f` it runs, and its `Swap` takes it out again (on unwinding too) before returning;
@@ -123,6 +128,22 @@ fn with_current_store<R>(f: impl FnOnce(&dyn OutOfLine) -> R) -> Option<R> {
     CONTEXT
         .with(|cx| cx.store.get())
         .map(|store| f(unsafe { store.as_ref() }))
+}
+
+/// Offers `bytes` to the store of the [`encode_placing`] running on this thread, unless it
+/// has placed a byte string for this message already.
+fn place(bytes: &[u8]) -> Option<(Placed, Option<RawFd>)> {
+    CONTEXT.with(|cx| {
+        let (store, 0) = cx.placing.get()? else {
+            return None;
+        };
+        // SAFETY: `placing` is set only by `encode_placing` from a reference that outlives
+        // its serialization, and its `Swap` takes it out again (on unwinding too) before
+        // returning; we are inside that serialization, on its thread.
+        let (placed, fd) = unsafe { store.as_ref() }.put(bytes)?;
+        cx.placing.set(Some((store, placed.seq)));
+        Some((placed, fd))
+    })
 }
 
 fn options() -> impl Options {
@@ -145,9 +166,29 @@ pub fn encode<'a, T: Serialize + ?Sized>(
     CONTEXT
         .with(|cx| {
             let _outer = Swap::new(&cx.outgoing, Some(table));
+            let _placing = Swap::new(&cx.placing, None);
             options().serialize_into(&mut *buf, value)
         })
         .map_err(|e| Error::Encode(e.to_string()))
+}
+
+/// [`encode`] that offers `store` the first byte string of [`OUT_OF_LINE_MIN`] bytes or more.
+/// Returns the `seq` of the placement the store made (0: none), also when encoding failed,
+/// so the caller can give it back.
+pub(crate) fn encode_placing<'a, T: Serialize + ?Sized>(
+    value: &'a T,
+    buf: &mut Vec<u8>,
+    fds: &mut Vec<BorrowedFd<'a>>,
+    store: &(dyn OutOfLine + 'static),
+) -> (u32, Result<()>) {
+    let table = NonNull::from(fds).cast::<Vec<BorrowedFd<'static>>>();
+    CONTEXT.with(|cx| {
+        let _outer = Swap::new(&cx.outgoing, Some(table));
+        let _placing = Swap::new(&cx.placing, Some((NonNull::from(store), 0)));
+        let encoded = options().serialize_into(&mut *buf, value);
+        let placed = cx.placing.get().map_or(0, |(_, seq)| seq);
+        (placed, encoded.map_err(|e| Error::Encode(e.to_string())))
+    })
 }
 
 /// Decodes a `T` from `bytes`, taking its fds from `fds`. Fds the value does not claim are
@@ -292,7 +333,7 @@ impl<T: AsRef<[u8]>> Serialize for Bytes<T> {
         let bytes = self.0.as_ref();
         let mut t = s.serialize_tuple(2)?;
         let placed = match bytes.len() {
-            OUT_OF_LINE_MIN.. => with_current_store(|store| store.put(bytes)).flatten(),
+            OUT_OF_LINE_MIN.. => place(bytes),
             _ => None,
         };
         match placed {
@@ -414,5 +455,95 @@ pub mod bytes {
     /// Reads a byte string.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
         Bytes::<Vec<u8>>::deserialize(d).map(|Bytes(v)| v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// Takes every byte string it is offered, numbering placements from 1.
+    #[derive(Default)]
+    struct Greedy {
+        taken: Mutex<Vec<Vec<u8>>>,
+    }
+
+    impl OutOfLine for Greedy {
+        fn put(&self, bytes: &[u8]) -> Option<(Placed, Option<RawFd>)> {
+            let mut taken = self.taken.lock().unwrap();
+            taken.push(bytes.to_vec());
+            let placed = Placed {
+                seq: taken.len() as u32,
+                fd: NO_FD,
+                offset: 0,
+                len: bytes.len() as u64,
+            };
+            Some((placed, None))
+        }
+
+        fn take(
+            &self,
+            placed: &Placed,
+            _: Option<OwnedFd>,
+        ) -> std::result::Result<Vec<u8>, String> {
+            let taken = self.taken.lock().unwrap();
+            Ok(taken[placed.seq as usize - 1].clone())
+        }
+    }
+
+    const BIG: usize = OUT_OF_LINE_MIN;
+
+    #[test]
+    fn one_placement_per_message() {
+        let store = Greedy::default();
+        let (a, b) = (vec![1u8; BIG], vec![2u8; BIG]);
+        let (mut buf, mut fds) = (Vec::new(), Vec::new());
+        let (placed, encoded) = encode_placing(&(Bytes(&a), Bytes(&b)), &mut buf, &mut fds, &store);
+        encoded.unwrap();
+        assert_eq!(placed, 1);
+        assert_eq!(
+            store.taken.lock().unwrap().len(),
+            1,
+            "only the first string placed"
+        );
+        let (Bytes(x), Bytes(y)): (Bytes<Vec<u8>>, Bytes<Vec<u8>>) =
+            with_store(&store, || decode(&buf, Vec::new())).unwrap();
+        assert_eq!((x, y), (a, b));
+    }
+
+    /// Encodes its bytes with the plain `encode` while being serialized, as user code may.
+    struct EncodesInside(Vec<u8>);
+
+    impl Serialize for EncodesInside {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let mut inner = Vec::new();
+            encode(&Bytes(&self.0), &mut inner, &mut Vec::new())
+                .map_err(serde::ser::Error::custom)?;
+            s.serialize_bytes(&inner)
+        }
+    }
+
+    #[test]
+    fn a_plain_encode_never_places() {
+        let store = Greedy::default();
+        let big = vec![3u8; BIG];
+        // Inside a scope that decodes with a store, as a server's handler runs.
+        let mut alone = Vec::new();
+        with_store(&store, || encode(&Bytes(&big), &mut alone, &mut Vec::new())).unwrap();
+        // Nested in a message's encode that may place.
+        let (mut outer, mut fds) = (Vec::new(), Vec::new());
+        let (placed, encoded) =
+            encode_placing(&EncodesInside(big.clone()), &mut outer, &mut fds, &store);
+        encoded.unwrap();
+        assert_eq!(placed, 0);
+        assert!(store.taken.lock().unwrap().is_empty());
+        // Both decode without any store: the bytes are all there.
+        let Bytes(v): Bytes<Vec<u8>> = decode(&alone, Vec::new()).unwrap();
+        assert_eq!(v, big);
+        let InlineBuf(inner) = decode(&outer, Vec::new()).unwrap();
+        let Bytes(v): Bytes<Vec<u8>> = decode(&inner, Vec::new()).unwrap();
+        assert_eq!(v, big);
     }
 }

@@ -39,7 +39,6 @@
 //!   never acknowledges (a oneway stream it never answers, a hostile peer) costs speed, not
 //!   correctness.
 
-use std::cell::Cell;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Mutex, PoisonError};
@@ -69,11 +68,6 @@ const SEQ_BITS: u32 = 11;
 const SEQ_MASK: u32 = (1 << SEQ_BITS) - 1;
 /// In the lane word: the placement acknowledged was done with unread.
 const UNREAD: u32 = 1 << 22;
-
-thread_local! {
-    /// The placement made by the encode running on this thread (0: none yet).
-    static PLACED: Cell<u32> = const { Cell::new(0) };
-}
 
 /// One connection's lane: its outgoing region and its view of the peer's.
 pub(crate) struct Lane {
@@ -203,10 +197,7 @@ impl Lane {
         buf: &mut Vec<u8>,
         fds: &mut Vec<BorrowedFd<'a>>,
     ) -> Result<u32> {
-        // Saved and put back: user `Serialize` code may itself send, inside this encode.
-        let outer = PLACED.replace(0);
-        let encoded = codec::with_store(self, || codec::encode(body, buf, fds));
-        let placed = PLACED.replace(outer);
+        let (placed, encoded) = codec::encode_placing(body, buf, fds, self);
         // Read after encoding: acknowledges what was copied out up to this moment.
         envelope::set_lane(buf, self.word(placed));
         match encoded {
@@ -243,7 +234,6 @@ impl OutOfLine for Lane {
     fn put(&self, bytes: &[u8]) -> Option<(Placed, Option<RawFd>)> {
         let len = bytes.len();
         if !(MIN..=MAX).contains(&len)
-            || PLACED.get() != 0
             || !self.peer_reads.load(Ordering::Relaxed)
             || self.busy.load(Ordering::Acquire) != 0
         {
@@ -275,7 +265,6 @@ impl OutOfLine for Lane {
             out.announced = true;
             out.announcing = Some(seq);
         }
-        PLACED.set(seq);
         let placed = Placed {
             seq,
             fd: NO_FD,
