@@ -55,7 +55,7 @@ fn a_caller_waiting_to_send_does_not_hold_the_reader_role() {
         !lock(&a.shared.state).pending.is_empty()
     });
     assert!(
-        !lock(&a.shared.state).reading,
+        lock(&a.shared.state).recv.is_some(),
         "a caller waiting to send holds the reader role"
     );
     // Now let everything through, and answer the call by hand.
