@@ -399,6 +399,12 @@ impl Socket {
     // `recv_datagram`, `sys::recv`, and `send_whole`, `sys::send` when sending): each level
     // costs 15-20 instructions of prologue and epilogue per message, and together they were
     // ~100 of a small call's ~1,750 a side (`ipc-bench --bin instructions`).
+    /// A message is half received in `state`.
+    #[cfg(test)]
+    pub(crate) fn is_partial(state: &RecvState) -> bool {
+        state.partial.is_some()
+    }
+
     #[inline]
     fn recv_inner(&self, frame: &mut Frame, wait: Wait) -> Result<()> {
         self.recv_state(&mut lock(&self.recv), frame, wait)

@@ -64,14 +64,7 @@ fn a_caller_waiting_to_send_does_not_hold_the_reader_role() {
     let call = b.socket().recv().unwrap();
     let envelope = Envelope::read(&call.payload).unwrap();
     assert_eq!((envelope.kind, envelope.cmd), (Kind::Call, 2));
-    let mut reply = vec![0; envelope::LEN];
-    Envelope {
-        kind: Kind::Reply,
-        ..envelope
-    }
-    .write(&mut reply);
-    codec::encode(&42u64, &mut reply, &mut Vec::new()).unwrap();
-    b.socket().send(&reply, &[]).unwrap();
+    b.socket().send(&reply_to(&call, &42u64), &[]).unwrap();
     assert_eq!(caller.join().unwrap().unwrap(), 42);
     filler.join().unwrap().unwrap();
 }
@@ -278,4 +271,59 @@ fn a_placed_request_its_handler_never_decoded_gives_the_lane_back() {
     skim_twice(&a);
     a.close();
     server.join().unwrap().unwrap();
+}
+
+/// The reply to `call` (a frame the peer read by hand), with `body` encoded inline.
+fn reply_to(call: &crate::frame::Frame, body: &impl serde::Serialize) -> Vec<u8> {
+    let envelope = Envelope::read(&call.payload).unwrap();
+    let mut reply = vec![0; envelope::LEN];
+    Envelope {
+        kind: Kind::Reply,
+        ..envelope
+    }
+    .write(&mut reply);
+    codec::encode(body, &mut reply, &mut Vec::new()).unwrap();
+    reply
+}
+
+/// The socket's receive state travels with the reader role: a reply whose first datagram a
+/// caller read before it timed out is finished by whoever reads next, not mistaken for a
+/// new message when its continuation arrives.
+#[test]
+fn a_message_half_read_when_its_reader_gives_up_is_finished_by_the_next() {
+    use crate::wire::{FIRST_MAX, Header, Kind as Part};
+    let (a, b) = Connection::pair().unwrap();
+    let first_call = {
+        let a = a.clone();
+        std::thread::spawn(move || {
+            a.call::<_, Bytes<Vec<u8>>>(&IFACE, 1, &(), Some(Duration::from_millis(500)))
+        })
+    };
+    // Reply with a message of two datagrams, and send only the first.
+    let call = b.socket().recv().unwrap();
+    let reply = reply_to(&call, &Bytes(vec![7u8; FIRST_MAX + 100]));
+    let sock = b.socket().as_fd();
+    let mut header = Header {
+        kind: Part::First,
+        fds: 0,
+        total_len: reply.len() as u32,
+        total_fds: 0,
+    };
+    crate::sys::send(sock, &header.encode(), &reply[..FIRST_MAX], &[]).unwrap();
+    assert!(matches!(first_call.join().unwrap(), Err(Error::TimedOut)));
+    assert!(
+        crate::socket::Socket::is_partial(lock(&a.shared.state).recv.as_ref().unwrap()),
+        "the caller read the first datagram before giving up"
+    );
+    // The next caller takes the half-read message with the role: the continuation
+    // completes it (a late reply, dropped), then its own reply comes.
+    let second_call = {
+        let a = a.clone();
+        std::thread::spawn(move || a.call::<_, u64>(&IFACE, 2, &(), None))
+    };
+    header.kind = Part::More;
+    crate::sys::send(sock, &header.encode(), &reply[FIRST_MAX..], &[]).unwrap();
+    let call = b.socket().recv().unwrap();
+    b.socket().send(&reply_to(&call, &42u64), &[]).unwrap();
+    assert_eq!(second_call.join().unwrap().unwrap(), 42);
 }
