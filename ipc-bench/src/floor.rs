@@ -3,6 +3,12 @@
 //! Every message is a 16-byte header (op, length) plus the payload, as two iovecs.
 //! Buffers are allocated once; a call allocates nothing. Bulk payloads larger than one
 //! datagram go as fragments that the server reassembles into one buffer it owns.
+//!
+//! `floor+serde` adds to the floor exactly what a typed call's contract costs any
+//! implementation: the caller's bytes copied into an owned `Vec` argument, encoded with
+//! bincode as one byte string, and each side decoding what it receives into a fresh owned
+//! `Vec` (the server's is encoded back and dropped). No cookies, no locks, no routing: the
+//! bar for typed-ipc's own machinery.
 
 use std::fs::File;
 use std::io::{self, IoSlice, IoSliceMut};
@@ -26,16 +32,22 @@ const HEADER: usize = 16;
 pub struct Floor {
     /// Send a `/dev/null` fd with every request and every reply.
     pub with_fd: bool,
+    /// Small calls as a typed call's contract makes them (see the module docs).
+    pub serde: bool,
 }
 
 impl System for Floor {
     fn name(&self) -> &'static str {
-        if self.with_fd { "floor+fd" } else { "floor" }
+        match (self.with_fd, self.serde) {
+            (true, _) => "floor+fd",
+            (false, true) => "floor+serde",
+            (false, false) => "floor",
+        }
     }
 
     fn kinds(&self) -> &'static [Kind] {
-        // Fd passing is about small calls; the bulk floor is the fd-less one.
-        if self.with_fd {
+        // Fd passing and serde are about small calls; the bulk floor is the plain one.
+        if self.with_fd || self.serde {
             &[Kind::Small]
         } else {
             &[Kind::Small, Kind::Bulk]
@@ -59,13 +71,15 @@ impl System for Floor {
                 None
             },
             payload: vec![0xa5; MAX_PAYLOAD],
-            reply: vec![0; Kind::Small.sizes().iter().copied().max().unwrap_or(0)],
+            // Room for bincode's length prefix too.
+            reply: vec![0; Kind::Small.sizes().iter().copied().max().unwrap_or(0) + 8],
             fragment,
+            serde: self.serde.then(Vec::new),
         }))
     }
 
     fn serve(&self, arg: &str) -> io::Result<()> {
-        serve(inherited_fd(arg)?)
+        serve(inherited_fd(arg)?, self.serde)
     }
 }
 
@@ -103,6 +117,8 @@ struct FloorClient {
     reply: Vec<u8>,
     /// Largest datagram we send; shrinks if the kernel refuses one this big.
     fragment: usize,
+    /// `floor+serde`: the buffer requests are encoded into.
+    serde: Option<Vec<u8>>,
 }
 
 impl FloorClient {
@@ -156,9 +172,38 @@ impl FloorClient {
     }
 }
 
+impl FloorClient {
+    /// A `floor+serde` small call: an owned argument, encoded; the reply decoded into a
+    /// fresh `Vec`.
+    fn call_serde(&mut self, len: usize) -> io::Result<()> {
+        let mut out = self.serde.take().unwrap_or_default();
+        let arg: Vec<u8> = self.payload[..len].to_vec();
+        out.clear();
+        bincode::serialize_into(&mut out, serde_bytes::Bytes::new(&arg))
+            .map_err(io::Error::other)?;
+        drop(arg);
+        let h = header(ECHO, out.len());
+        let sent = sys::send(
+            self.sock.as_fd(),
+            &[IoSlice::new(&h), IoSlice::new(&out)],
+            None,
+        );
+        self.serde = Some(out);
+        sent?;
+        let n = self.recv_reply(ECHO)?;
+        let reply: serde_bytes::ByteBuf =
+            bincode::deserialize(&self.reply[..n]).map_err(io::Error::other)?;
+        match reply.len() {
+            n if n == len => Ok(()),
+            n => Err(io::Error::other(format!("echoed {n} bytes, sent {len}"))),
+        }
+    }
+}
+
 impl Client for FloorClient {
     fn call(&mut self, kind: Kind, len: usize) -> io::Result<()> {
         match kind {
+            Kind::Small if self.serde.is_some() => self.call_serde(len),
             Kind::Small => {
                 let h = header(ECHO, len);
                 let iov = [IoSlice::new(&h), IoSlice::new(&self.payload[..len])];
@@ -182,13 +227,15 @@ impl Client for FloorClient {
     }
 }
 
-/// Server half: echoes small calls (with an fd iff the request had one) and
-/// reassembles bulk messages into one buffer, allocated once.
-fn serve(sock: OwnedFd) -> io::Result<()> {
+/// Server half: echoes small calls (with an fd iff the request had one; with `serde`,
+/// decoded into an owned `Vec` and encoded back) and reassembles bulk messages into one
+/// buffer, allocated once.
+fn serve(sock: OwnedFd, serde: bool) -> io::Result<()> {
     raise_sndbuf(&sock)?;
     let devnull = File::open("/dev/null")?;
     let mut h = [0; HEADER];
     let mut buf = vec![0u8; MAX_PAYLOAD];
+    let mut out = Vec::new();
     loop {
         let (n, fd) = sys::recv(
             sock.as_fd(),
@@ -201,6 +248,15 @@ fn serve(sock: OwnedFd) -> io::Result<()> {
         let reply_fd: Option<BorrowedFd<'_>> = fd.as_ref().map(|_| devnull.as_fd());
         drop(fd); // The handler is done with it before replying.
         match op {
+            ECHO if serde && n == HEADER + len => {
+                let data: serde_bytes::ByteBuf =
+                    bincode::deserialize(&buf[..len]).map_err(io::Error::other)?;
+                out.clear();
+                bincode::serialize_into(&mut out, &data).map_err(io::Error::other)?;
+                drop(data);
+                let h = header(ECHO, out.len());
+                sys::send(sock.as_fd(), &[IoSlice::new(&h), IoSlice::new(&out)], None)?;
+            }
             ECHO if n == HEADER + len => {
                 sys::send(
                     sock.as_fd(),

@@ -36,8 +36,18 @@ use crate::typed_async::TypedIpcAsync;
 
 /// Every system, in report order. Adding one is one line here plus its module.
 static SYSTEMS: &[&dyn System] = &[
-    &floor::Floor { with_fd: false },
-    &floor::Floor { with_fd: true },
+    &floor::Floor {
+        with_fd: false,
+        serde: false,
+    },
+    &floor::Floor {
+        with_fd: true,
+        serde: false,
+    },
+    &floor::Floor {
+        with_fd: false,
+        serde: true,
+    },
     &floor::FloorMemfd,
     &memcpy::Memcpy,
     &peers::tarpc::Tarpc,

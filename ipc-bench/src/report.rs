@@ -121,8 +121,10 @@ pub fn markdown(machine: &Machine, passes: &[Pass], rows: &[Row], elapsed: Durat
          taken seconds apart, not minutes; median and p99 are the median over repetitions of \
          each repetition's median and p99. *spread* = (max − min of the repetition medians) / \
          median. Systems that take owned `Vec<u8>` arguments for small calls (tarpc, \
-         ipc-channel typed, typed-ipc) pay a copy of the payload into a fresh `Vec` per call, \
-         as their users do; typed-ipc's bulk rows send from a buffer the client keeps. \
+         ipc-channel typed, typed-ipc, and `floor+serde`, the floor plus exactly that copy, \
+         bincode, and a fresh `Vec` decoded on each side) pay a copy of the payload into a \
+         fresh `Vec` per call, as their users do; typed-ipc's bulk rows send from a buffer \
+         the client keeps. \
          `typed-ipc/oneway` is the time per message sent back to back (the sender waits only \
          when the socket buffer is full); `typed-ipc/spin` runs in the cross-CPU pass only. \
          The zero-copy rows (`typed-ipc/shared`, `typed-ipc/shared-region`) have the client \
