@@ -240,10 +240,14 @@ impl OutOfLine for Lane {
             return None;
         }
         let mut out = self.out.try_lock().ok()?;
+        // Only `put` makes the lane busy, and only under `out`'s lock, so a lane idle here
+        // stays idle until the store below: no compare-and-swap needed (an atomic
+        // read-modify-write costs ~7 ns on these VMs).
+        if self.busy.load(Ordering::Acquire) != 0 {
+            return None;
+        }
         let seq = (out.last_seq % SEQ_MASK) + 1;
-        self.busy
-            .compare_exchange(0, seq, Ordering::AcqRel, Ordering::Relaxed)
-            .ok()?;
+        self.busy.store(seq, Ordering::Release);
         if out.region.as_ref().is_none_or(|r| r.len() < len) {
             match SharedRegion::new(len.next_power_of_two().clamp(MIN_REGION, MAX)) {
                 Ok(region) => {
