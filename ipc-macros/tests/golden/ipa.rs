@@ -138,44 +138,53 @@ impl IpaRequest {
     ) -> ::core::result::Result<Self, ::typed_ipc::__private::Error> {
         match call.command() {
             0 => {
-                let (text,): (String,) = call.args()?;
+                let (
+                    ::typed_ipc::__private::Value(text),
+                ): (::typed_ipc::__private::Value<String>,) = call.args_fields()?;
                 ::core::result::Result::Ok(Self::Reverse { text })
             }
             1 => {
                 let (
                     ::typed_ipc::__private::Fd(files),
-                ): (::typed_ipc::__private::Fd<Vec<OwnedFd>>,) = call.args()?;
+                ): (::typed_ipc::__private::Fd<Vec<OwnedFd>>,) = call.args_fields()?;
                 ::core::result::Result::Ok(Self::TotalLen { files })
             }
             2 => {
-                let (cfg,): (Config,) = call.args()?;
+                let (
+                    ::typed_ipc::__private::Value(cfg),
+                ): (::typed_ipc::__private::Value<Config>,) = call.args_fields()?;
                 ::core::result::Result::Ok(Self::Configure { cfg })
             }
             3 => {
-                let (id,): (u32,) = call.args()?;
+                let (
+                    ::typed_ipc::__private::Value(id),
+                ): (::typed_ipc::__private::Value<u32>,) = call.args_fields()?;
                 ::core::result::Result::Ok(Self::OpenBuffer { id })
             }
             4 => {
                 let (
-                    frame,
+                    ::typed_ipc::__private::Value(frame),
                     ::typed_ipc::__private::Fd(stats),
-                ): (u32, ::typed_ipc::__private::Fd<OwnedFd>) = call.args()?;
+                ): (
+                    ::typed_ipc::__private::Value<u32>,
+                    ::typed_ipc::__private::Fd<OwnedFd>,
+                ) = call.args_fields()?;
                 ::core::result::Result::Ok(Self::StatsReady { frame, stats })
             }
             5 => {
                 let (
                     ::typed_ipc::__private::Bytes(data),
-                ): (::typed_ipc::__private::Bytes<Vec<u8>>,) = call.args()?;
+                ): (::typed_ipc::__private::Bytes<Vec<u8>>,) = call.args_fields()?;
                 ::core::result::Result::Ok(Self::Echo { data })
             }
             6 => {
                 let (
                     ::typed_ipc::__private::Fd(fd),
-                ): (::typed_ipc::__private::Fd<Option<OwnedFd>>,) = call.args()?;
+                ): (::typed_ipc::__private::Fd<Option<OwnedFd>>,) = call.args_fields()?;
                 ::core::result::Result::Ok(Self::SwapFd { fd })
             }
             7 => {
-                let (): () = call.args()?;
+                let (): () = call.args_fields()?;
                 ::core::result::Result::Ok(Self::Ping)
             }
             _ => ::core::result::Result::Err(call.unknown_command()),
@@ -208,13 +217,21 @@ impl IpaResponse {
         call: &mut ::typed_ipc::__private::Call<'_>,
     ) -> ::core::result::Result<(), ::typed_ipc::__private::Error> {
         match self {
-            Self::Reverse(value) => call.reply(value),
-            Self::TotalLen(value) => call.reply(value),
-            Self::Configure(value) => call.reply(value),
-            Self::OpenBuffer(value) => call.reply(&::typed_ipc::__private::Fd(value)),
-            Self::Echo(value) => call.reply(&::typed_ipc::__private::Bytes(value)),
-            Self::SwapFd(value) => call.reply(&::typed_ipc::__private::Fd(value)),
-            Self::Ping => call.reply(&()),
+            Self::Reverse(value) => {
+                call.reply_fields(&::typed_ipc::__private::Value(value))
+            }
+            Self::TotalLen(value) => {
+                call.reply_fields(&::typed_ipc::__private::Value(value))
+            }
+            Self::Configure(value) => {
+                call.reply_fields(&::typed_ipc::__private::Value(value))
+            }
+            Self::OpenBuffer(value) => {
+                call.reply_fields(&::typed_ipc::__private::Fd(value))
+            }
+            Self::Echo(value) => call.reply_fields(&::typed_ipc::__private::Bytes(value)),
+            Self::SwapFd(value) => call.reply_fields(&::typed_ipc::__private::Fd(value)),
+            Self::Ping => call.reply_fields(&()),
         }
     }
 }
@@ -254,7 +271,12 @@ impl IpaClient {
         &self,
         text: String,
     ) -> ::core::result::Result<String, ::typed_ipc::__private::Error> {
-        self.connection.call::<_, String>(&IPA_INFO, 0, &(text,), self.timeout)
+        self.connection
+            .call_fields::<
+                _,
+                ::typed_ipc::__private::Value<String>,
+            >(&IPA_INFO, 0, &(::typed_ipc::__private::Value(text),), self.timeout)
+            .map(|::typed_ipc::__private::Value(value)| value)
     }
     /// The total length of `files`, in bytes.
     pub fn total_len(
@@ -262,10 +284,11 @@ impl IpaClient {
         files: Vec<OwnedFd>,
     ) -> ::core::result::Result<u64, ::typed_ipc::__private::Error> {
         self.connection
-            .call::<
+            .call_fields::<
                 _,
-                u64,
+                ::typed_ipc::__private::Value<u64>,
             >(&IPA_INFO, 1, &(::typed_ipc::__private::Fd(&files),), self.timeout)
+            .map(|::typed_ipc::__private::Value(value)| value)
     }
     /// Calls [`Ipa::configure`] on the server.
     pub fn configure(
@@ -276,7 +299,11 @@ impl IpaClient {
         ::typed_ipc::__private::Error,
     > {
         self.connection
-            .call::<_, Result<Caps, ConfigError>>(&IPA_INFO, 2, &(cfg,), self.timeout)
+            .call_fields::<
+                _,
+                ::typed_ipc::__private::Value<Result<Caps, ConfigError>>,
+            >(&IPA_INFO, 2, &(::typed_ipc::__private::Value(cfg),), self.timeout)
+            .map(|::typed_ipc::__private::Value(value)| value)
     }
     /// A buffer to write frame `id` into.
     pub fn open_buffer(
@@ -284,10 +311,10 @@ impl IpaClient {
         id: u32,
     ) -> ::core::result::Result<OwnedFd, ::typed_ipc::__private::Error> {
         self.connection
-            .call::<
+            .call_fields::<
                 _,
                 ::typed_ipc::__private::Fd<OwnedFd>,
-            >(&IPA_INFO, 3, &(id,), self.timeout)
+            >(&IPA_INFO, 3, &(::typed_ipc::__private::Value(id),), self.timeout)
             .map(|::typed_ipc::__private::Fd(value)| value)
     }
     /// Statistics for `frame` are ready in `stats`.
@@ -297,7 +324,14 @@ impl IpaClient {
         stats: OwnedFd,
     ) -> ::core::result::Result<(), ::typed_ipc::__private::Error> {
         self.connection
-            .oneway(&IPA_INFO, 4, &(frame, ::typed_ipc::__private::Fd(&stats)))
+            .oneway_fields(
+                &IPA_INFO,
+                4,
+                &(
+                    ::typed_ipc::__private::Value(frame),
+                    ::typed_ipc::__private::Fd(&stats),
+                ),
+            )
     }
     /// Calls [`Ipa::echo`] on the server.
     pub fn echo(
@@ -305,7 +339,7 @@ impl IpaClient {
         data: Vec<u8>,
     ) -> ::core::result::Result<Vec<u8>, ::typed_ipc::__private::Error> {
         self.connection
-            .call::<
+            .call_fields::<
                 _,
                 ::typed_ipc::__private::Bytes<Vec<u8>>,
             >(&IPA_INFO, 5, &(::typed_ipc::__private::Bytes(&data),), self.timeout)
@@ -317,7 +351,7 @@ impl IpaClient {
         fd: Option<OwnedFd>,
     ) -> ::core::result::Result<Option<OwnedFd>, ::typed_ipc::__private::Error> {
         self.connection
-            .call::<
+            .call_fields::<
                 _,
                 ::typed_ipc::__private::Fd<Option<OwnedFd>>,
             >(&IPA_INFO, 6, &(::typed_ipc::__private::Fd(&fd),), self.timeout)
@@ -325,7 +359,7 @@ impl IpaClient {
     }
     /// Calls [`Ipa::ping`] on the server.
     pub fn ping(&self) -> ::core::result::Result<(), ::typed_ipc::__private::Error> {
-        self.connection.call::<_, ()>(&IPA_INFO, 7, &(), self.timeout)
+        self.connection.call_fields::<_, ()>(&IPA_INFO, 7, &(), self.timeout)
     }
 }
 /// The server side of [`Ipa`]: answers each request on a connection by calling the implementation it owns.
@@ -405,59 +439,62 @@ impl<
         match call.command() {
             0 => {
                 let value = {
-                    let (text,) = call.args()?;
+                    let (::typed_ipc::__private::Value(text),) = call.args_fields()?;
                     <T as Ipa>::reverse(&self.imp, text)
                 };
-                call.reply(&value)
+                call.reply_fields(&::typed_ipc::__private::Value(&value))
             }
             1 => {
                 let value = {
-                    let (::typed_ipc::__private::Fd(files),) = call.args()?;
+                    let (::typed_ipc::__private::Fd(files),) = call.args_fields()?;
                     <T as Ipa>::total_len(&self.imp, files)
                 };
-                call.reply(&value)
+                call.reply_fields(&::typed_ipc::__private::Value(&value))
             }
             2 => {
                 let value = {
-                    let (cfg,) = call.args()?;
+                    let (::typed_ipc::__private::Value(cfg),) = call.args_fields()?;
                     <T as Ipa>::configure(&self.imp, cfg)
                 };
-                call.reply(&value)
+                call.reply_fields(&::typed_ipc::__private::Value(&value))
             }
             3 => {
                 let value = {
-                    let (id,) = call.args()?;
+                    let (::typed_ipc::__private::Value(id),) = call.args_fields()?;
                     <T as Ipa>::open_buffer(&self.imp, id)
                 };
-                call.reply(&::typed_ipc::__private::Fd(&value))
+                call.reply_fields(&::typed_ipc::__private::Fd(&value))
             }
             4 => {
                 {
-                    let (frame, ::typed_ipc::__private::Fd(stats)) = call.args()?;
+                    let (
+                        ::typed_ipc::__private::Value(frame),
+                        ::typed_ipc::__private::Fd(stats),
+                    ) = call.args_fields()?;
                     <T as Ipa>::stats_ready(&self.imp, frame, stats)
                 };
                 ::core::result::Result::Ok(())
             }
             5 => {
                 let value = {
-                    let (::typed_ipc::__private::Bytes(data),) = call.args()?;
+                    let (::typed_ipc::__private::Bytes(data),) = call.args_fields()?;
                     <T as Ipa>::echo(&self.imp, data)
                 };
-                call.reply(&::typed_ipc::__private::Bytes(&value))
+                call.reply_fields(&::typed_ipc::__private::Bytes(&value))
             }
             6 => {
                 let value = {
-                    let (::typed_ipc::__private::Fd(fd),) = call.args()?;
+                    let (::typed_ipc::__private::Fd(fd),) = call.args_fields()?;
                     <T as Ipa>::swap_fd(&self.imp, fd)
                 };
-                call.reply(&::typed_ipc::__private::Fd(&value))
+                call.reply_fields(&::typed_ipc::__private::Fd(&value))
             }
             7 => {
                 {
-                    let () = call.args()?;
+                    let () = call.args_fields()?;
                     <T as Ipa>::ping(&self.imp)
                 };
-                call.reply(&())
+                call.reply_fields(&())
             }
             _ => ::core::result::Result::Err(call.unknown_command()),
         }
