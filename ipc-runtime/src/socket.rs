@@ -48,15 +48,10 @@ pub struct Socket {
     spin_ns: AtomicU64,
 }
 
-/// Where the receiving side of a socket is between messages. [`Socket`] keeps one under a
-/// lock for its own receives; an owner that serialises its receives itself (a connection's
-/// reader role) keeps one of its own and passes it to [`Socket::recv_with`], which takes no
-/// lock.
 #[derive(Debug, Default)]
-pub(crate) struct RecvState {
-    /// A message whose first datagram has arrived and whose rest has not (boxed: rare, and
-    /// the state is moved whenever the reader role changes hands).
-    partial: Option<Box<Partial>>,
+struct RecvState {
+    /// A message whose first datagram has arrived and whose rest has not.
+    partial: Option<Partial>,
     /// An earlier message failed part-way: drop its continuations before reading on.
     discarding: bool,
 }
@@ -399,39 +394,22 @@ impl Socket {
     // `recv_datagram`, `sys::recv`, and `send_whole`, `sys::send` when sending): each level
     // costs 15-20 instructions of prologue and epilogue per message, and together they were
     // ~100 of a small call's ~1,750 a side (`ipc-bench --bin instructions`).
-    /// A message is half received in `state`.
+    /// A message is half received.
     #[cfg(test)]
-    pub(crate) fn is_partial(state: &RecvState) -> bool {
-        state.partial.is_some()
+    pub(crate) fn is_partial(&self) -> bool {
+        lock(&self.recv).partial.is_some()
     }
 
     #[inline]
     fn recv_inner(&self, frame: &mut Frame, wait: Wait) -> Result<()> {
-        self.recv_state(&mut lock(&self.recv), frame, wait)
-    }
-
-    /// [`Socket::recv_into`] with the caller's own receive `state` instead of the socket's,
-    /// and no lock: for an owner that lets one thread at a time receive, and receives only
-    /// this way (the socket's own state stays unused).
-    #[inline]
-    pub(crate) fn recv_with(
-        &self,
-        state: &mut RecvState,
-        frame: &mut Frame,
-        deadline: Option<Instant>,
-    ) -> Result<()> {
-        self.recv_state(state, frame, deadline.map_or(Wait::Forever, Wait::Until))
-    }
-
-    #[inline(always)]
-    fn recv_state(&self, state: &mut RecvState, frame: &mut Frame, wait: Wait) -> Result<()> {
         frame.clear();
+        let mut state = lock(&self.recv);
         if state.discarding {
-            self.discard(state, wait)?;
+            self.discard(&mut state, wait)?;
         }
         match state.partial.take() {
-            Some(partial) => self.continue_message(state, *partial, frame, wait),
-            None => self.start_message(state, frame, wait),
+            Some(partial) => self.continue_message(&mut state, partial, frame, wait),
+            None => self.start_message(&mut state, frame, wait),
         }
     }
 
@@ -515,7 +493,7 @@ impl Socket {
             p.frame.payload.reserve_exact(target - have);
             let (header, dropped) = match self.recv_datagram(&mut p.frame, room, wait) {
                 Err(Error::TimedOut) => {
-                    state.partial = Some(Box::new(p));
+                    state.partial = Some(p);
                     return Err(Error::TimedOut);
                 }
                 r => r?,

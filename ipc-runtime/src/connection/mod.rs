@@ -11,9 +11,7 @@
 //! needs no routing; if its message cannot go out at once it gives the role back first,
 //! since nobody else reads while the role is held. A serving thread that receives a request
 //! with nothing queued before it runs it at once. When the reader's own wait is over it
-//! passes the role to the next waiter. The role is the socket's receive state itself, taken
-//! out of the connection's state and put back: whoever holds it receives without another
-//! lock.
+//! passes the role to the next waiter.
 //!
 //! Requests run only on threads inside [`Connection::serve`] (or [`Connection::run`]), never
 //! on a thread waiting for a reply: a callback arriving while a caller waits is handed to a
@@ -64,7 +62,7 @@ use crate::codec;
 use crate::error::{Error, Result};
 use crate::frame::Frame;
 use crate::service::{InterfaceInfo, Service};
-use crate::socket::{PeerCredentials, RecvState, Socket};
+use crate::socket::{PeerCredentials, Socket};
 
 use buffers::{RETAIN_MAX, keep_thread_frame, take_thread_frame, with_buffers};
 use envelope::{Envelope, Kind};
@@ -112,11 +110,10 @@ struct Registry {
 }
 
 /// What the threads using a connection share, under one lock.
+#[derive(Default)]
 struct State {
-    /// The socket's receive state, here while nobody is receiving: the reader takes it out
-    /// and puts it back when done, so it needs no lock of its own (`None`: a thread is
-    /// receiving).
-    recv: Option<RecvState>,
+    /// A thread is receiving.
+    reading: bool,
     /// The reader's buffer, reused from one message to the next.
     buffer: Frame,
     /// Calls waiting for replies, by cookie; `Some` once the reply is in.
@@ -162,18 +159,7 @@ impl Connection {
             shared: Arc::new(Shared {
                 socket,
                 peer,
-                state: Mutex::new(State {
-                    recv: Some(RecvState::default()),
-                    buffer: Frame::default(),
-                    pending: HashMap::default(),
-                    calls: VecDeque::new(),
-                    oneways: VecDeque::new(),
-                    oneway_running: false,
-                    waiters: 0,
-                    runners: 0,
-                    next_cookie: 0,
-                    closed: None,
-                }),
+                state: Mutex::new(State::default()),
                 wake: Condvar::new(),
                 registry: Mutex::new(Arc::new(Registry::default())),
                 registry_version: AtomicU64::new(0),
@@ -188,8 +174,7 @@ impl Connection {
         self.shared.peer
     }
 
-    /// The underlying socket: for its credentials, limits and options. Receiving from it
-    /// directly takes messages away from the connection, which keeps its own receive state.
+    /// The underlying socket.
     pub fn socket(&self) -> &Socket {
         &self.shared.socket
     }
@@ -298,14 +283,13 @@ impl Connection {
             }
             state.next_cookie += 1;
             let cookie = state.next_cookie;
-            match state.recv.take() {
-                Some(recv) => (cookie, Some((take_thread_frame(), recv))),
-                None => {
-                    // Registered before sending: the reply may come back before `send`
-                    // returns.
-                    state.pending.insert(cookie, None);
-                    (cookie, None)
-                }
+            if state.reading {
+                // Registered before sending: the reply may come back before `send` returns.
+                state.pending.insert(cookie, None);
+                (cookie, None)
+            } else {
+                state.reading = true;
+                (cookie, Some(take_thread_frame()))
             }
         };
         let envelope = Envelope {
@@ -318,18 +302,18 @@ impl Connection {
         shared.trace_out(&envelope, iface);
         let sent = match reader.take() {
             // The reader must not wait to send: others may need it to read.
-            Some((frame, recv)) => match shared.try_send(&envelope, args) {
+            Some(frame) => match shared.try_send(&envelope, args) {
                 Ok(Some(placed)) => {
-                    reader = Some((frame, recv));
+                    reader = Some(frame);
                     Ok(placed)
                 }
                 // It would have had to wait: give the role back, then send as any caller.
                 Ok(None) => {
-                    shared.stop_reading(frame, recv, Some(cookie));
+                    shared.stop_reading(frame, Some(cookie));
                     shared.send(&envelope, args, deadline)
                 }
                 Err(e) => {
-                    shared.stop_reading(frame, recv, None);
+                    shared.stop_reading(frame, None);
                     return Err(e);
                 }
             },
@@ -343,7 +327,7 @@ impl Connection {
             }
         };
         let (mut frame, ours) = match reader {
-            Some((frame, recv)) => shared.read_own(cookie, deadline, frame, recv)?,
+            Some(frame) => shared.read_own(cookie, deadline, frame)?,
             None => (shared.wait_reply(cookie, deadline)?, false),
         };
         shared.lane.after_reply(placed, &frame);

@@ -10,15 +10,14 @@ use super::failure::Failure;
 use super::{Guard, Shared, State, lock};
 use crate::error::{Error, Result};
 use crate::frame::Frame;
-use crate::socket::RecvState;
 
 impl Shared {
     /// Gives up the reader role a caller took with its thread's `frame`, and registers
     /// `cookie`'s call to have its reply routed by whoever reads next.
-    pub(super) fn stop_reading(&self, frame: Frame, recv: RecvState, cookie: Option<u64>) {
+    pub(super) fn stop_reading(&self, frame: Frame, cookie: Option<u64>) {
         keep_thread_frame(frame);
         let mut state = lock(&self.state);
-        state.recv = Some(recv);
+        state.reading = false;
         if let Some(cookie) = cookie {
             state.pending.insert(cookie, None);
         }
@@ -35,13 +34,12 @@ impl Shared {
         cookie: u64,
         deadline: Option<Instant>,
         mut frame: Frame,
-        mut recv: RecvState,
     ) -> Result<(Frame, bool)> {
-        let result = self.receive(&mut recv, &mut frame, deadline);
+        let result = self.receive(&mut frame, deadline);
         if result.is_ok() && envelope::is_reply_to(&frame.payload, cookie) {
             // The common case, without `route`'s general matching: ours, and whole.
             let mut state = lock(&self.state);
-            state.recv = Some(recv);
+            state.reading = false;
             self.wake_all(&state);
             drop(state);
             if self.trace {
@@ -51,13 +49,7 @@ impl Shared {
             }
             return Ok((frame, true));
         }
-        let (mut state, own) = self.route(
-            lock(&self.state),
-            recv,
-            frame,
-            result,
-            Reader::Caller(cookie),
-        );
+        let (mut state, own) = self.route(lock(&self.state), frame, result, Reader::Caller(cookie));
         if let Some(Taken::Reply(reply)) = own {
             return reply.map(|frame| (frame, true));
         }
@@ -88,12 +80,12 @@ impl Shared {
                 state.pending.remove(&cookie);
                 return Err(Error::TimedOut);
             }
-            let Some(recv) = state.recv.take() else {
+            if state.reading {
                 state = self.sleep(state, deadline);
                 continue;
-            };
+            }
             let own;
-            (state, own) = self.read(state, recv, deadline, Reader::Caller(cookie));
+            (state, own) = self.read(state, deadline, Reader::Caller(cookie));
             if let Some(Taken::Reply(reply)) = own {
                 return reply;
             }
@@ -132,22 +124,22 @@ impl Shared {
         }
     }
 
-    /// Receives one message with the reader role (`recv`, just taken from `state`) and
-    /// routes it: a reply to its caller's slot, a request to the queue serving threads take
-    /// from. Returns the lock, re-taken; the waiters were woken under it, so they find the
-    /// message routed. The role is released (`recv` put back) before returning. What the reader can handle itself is handed back rather
+    /// Takes the reader role, receives one message and routes it: a reply to its caller's
+    /// slot, a request to the queue serving threads take from. Returns the lock, re-taken;
+    /// the waiters were woken under it, so they find the message routed. The role is
+    /// released before returning. What the reader can handle itself is handed back rather
     /// than routed: a caller's own reply (its slot is gone), a request for a runner that
     /// nothing is queued before.
     pub(super) fn read<'a>(
         &'a self,
         mut state: Guard<'a>,
-        mut recv: RecvState,
         deadline: Option<Instant>,
         reader: Reader,
     ) -> (Guard<'a>, Option<Taken>) {
+        state.reading = true;
         let mut frame = std::mem::take(&mut state.buffer);
         drop(state);
-        let result = self.receive(&mut recv, &mut frame, deadline);
+        let result = self.receive(&mut frame, deadline);
         let mut state = lock(&self.state);
         if reader == Reader::Runner
             && result.is_ok()
@@ -155,22 +147,17 @@ impl Shared {
             && state.calls.is_empty()
         {
             // The common case, without `route`'s general matching: a call to run now.
-            state.recv = Some(recv);
+            state.reading = false;
             self.wake_all(&state);
             return (state, Some(Taken::Request(frame, false)));
         }
-        self.route(state, recv, frame, result, reader)
+        self.route(state, frame, result, reader)
     }
 
     /// The reader's receive: the next message into `frame`, and its lane word taken in.
     #[inline]
-    pub(super) fn receive(
-        &self,
-        recv: &mut RecvState,
-        frame: &mut Frame,
-        deadline: Option<Instant>,
-    ) -> Result<()> {
-        let result = self.socket.recv_with(recv, frame, deadline);
+    pub(super) fn receive(&self, frame: &mut Frame, deadline: Option<Instant>) -> Result<()> {
+        let result = self.socket.recv_into(frame, deadline);
         if result.is_ok() {
             self.lane.on_word(envelope::lane(&frame.payload));
         }
@@ -183,12 +170,11 @@ impl Shared {
     pub(super) fn route<'a>(
         &'a self,
         mut state: Guard<'a>,
-        recv: RecvState,
         frame: Frame,
         result: Result<()>,
         reader: Reader,
     ) -> (Guard<'a>, Option<Taken>) {
-        state.recv = Some(recv);
+        state.reading = false;
         self.wake_all(&state);
         let envelope = match result.as_ref().map_or_else(
             |e| match e {

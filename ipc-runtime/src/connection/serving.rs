@@ -42,16 +42,16 @@ impl Connection {
                     e => Err(e.duplicate()),
                 };
             }
-            let Some(recv) = state.recv.take() else {
+            if state.reading {
                 state = shared.sleep(state, None);
                 continue;
-            };
+            }
             // Become the reader. A request that arrives with nothing queued before it is
             // handed back and run by this same thread at once (no queue, no hand-off); one
             // that must wait its turn is queued and run from the top of the loop. Calls run
             // in arrival order, oneways one at a time.
             let taken;
-            (state, taken) = shared.read(state, recv, None, Reader::Runner);
+            (state, taken) = shared.read(state, None, Reader::Runner);
             if let Some(Taken::Request(frame, oneway)) = taken {
                 drop(state);
                 state = shared.run_request(frame, oneway, &mut registry);

@@ -55,7 +55,7 @@ fn a_caller_waiting_to_send_does_not_hold_the_reader_role() {
         !lock(&a.shared.state).pending.is_empty()
     });
     assert!(
-        lock(&a.shared.state).recv.is_some(),
+        !lock(&a.shared.state).reading,
         "a caller waiting to send holds the reader role"
     );
     // Now let everything through, and answer the call by hand.
@@ -286,9 +286,8 @@ fn reply_to(call: &crate::frame::Frame, body: &impl serde::Serialize) -> Vec<u8>
     reply
 }
 
-/// The socket's receive state travels with the reader role: a reply whose first datagram a
-/// caller read before it timed out is finished by whoever reads next, not mistaken for a
-/// new message when its continuation arrives.
+/// A reply whose first datagram a caller read before it timed out is finished by whoever
+/// reads next, not mistaken for a new message when its continuation arrives.
 #[test]
 fn a_message_half_read_when_its_reader_gives_up_is_finished_by_the_next() {
     use crate::wire::{FIRST_MAX, Header, Kind as Part};
@@ -312,7 +311,7 @@ fn a_message_half_read_when_its_reader_gives_up_is_finished_by_the_next() {
     crate::sys::send(sock, &header.encode(), &reply[..FIRST_MAX], &[]).unwrap();
     assert!(matches!(first_call.join().unwrap(), Err(Error::TimedOut)));
     assert!(
-        crate::socket::Socket::is_partial(lock(&a.shared.state).recv.as_ref().unwrap()),
+        a.shared.socket.is_partial(),
         "the caller read the first datagram before giving up"
     );
     // The next caller takes the half-read message with the role: the continuation
