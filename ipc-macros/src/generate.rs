@@ -201,7 +201,7 @@ impl<'a> Generator<'a> {
             };
             quote! {
                 #cmd => {
-                    let (#(#pats,)*): (#(#tys,)*) = call.args_fields()?;
+                    let (#(#pats,)*): (#(#tys,)*) = call.args()?;
                     ::core::result::Result::Ok(#value)
                 }
             }
@@ -262,9 +262,9 @@ impl<'a> Generator<'a> {
                     match &m.ret {
                         Some(ret) => {
                             let value = encode(quote!(value), ret.wire);
-                            quote!(Self::#variant(value) => call.reply_fields(#value))
+                            quote!(Self::#variant(value) => call.reply(#value))
                         }
-                        None => quote!(Self::#variant => call.reply_fields(&())),
+                        None => quote!(Self::#variant => call.reply(&())),
                     }
                 });
                 // An interface of oneway methods only has an empty response enum, which only
@@ -289,9 +289,9 @@ impl<'a> Generator<'a> {
                     match &m.ret {
                         Some(ret) => {
                             let value = encode_owned(quote!(value), ret.wire);
-                            quote!(Self::#variant(value) => call.reply_fields(#value).await)
+                            quote!(Self::#variant(value) => call.reply(#value).await)
                         }
-                        None => quote!(Self::#variant => call.reply_fields(()).await),
+                        None => quote!(Self::#variant => call.reply(()).await),
                     }
                 });
                 // `call` is unused when every method is oneway.
@@ -413,19 +413,19 @@ impl<'a> Generator<'a> {
         let (ret, body) = match (&m.ret, m.oneway) {
             (_, true) => (
                 quote!(()),
-                quote!(self.connection.oneway_fields(&#info, #cmd, &(#(#args,)*))),
+                quote!(self.connection.oneway(&#info, #cmd, &(#(#args,)*))),
             ),
             (None, false) => (
                 quote!(()),
-                quote!(self.connection.call_fields::<_, ()>(&#info, #cmd, &(#(#args,)*), self.timeout)),
+                quote!(self.connection.call::<_, ()>(&#info, #cmd, &(#(#args,)*), self.timeout)),
             ),
             (Some(ret), false) => {
                 let (ty, decoded) = (&ret.ty, decode_type(ret));
                 let call = quote! {
-                    self.connection.call_fields::<_, #decoded>(&#info, #cmd, &(#(#args,)*), self.timeout)
+                    self.connection.call::<_, #decoded>(&#info, #cmd, &(#(#args,)*), self.timeout)
                 };
                 let body = match ret.wire {
-                    Wire::Serde => quote!(#call.map(|#p::Value(value)| value)),
+                    Wire::Serde => call,
                     Wire::Fd => quote!(#call.map(|#p::Fd(value)| value)),
                     Wire::Bytes => quote!(#call.map(|#p::Bytes(value)| value)),
                 };
@@ -481,7 +481,7 @@ impl<'a> Generator<'a> {
         let pats = m.args.iter().map(|a| decode_pattern(&a.name, &a.value));
         let names = m.args.iter().map(|a| &a.name);
         let run = quote! {{
-            let (#(#pats,)*) = call.args_fields()?;
+            let (#(#pats,)*) = call.args()?;
             <T as #name>::#method(&self.imp, #(#names),*)
         }};
         match (&m.ret, m.oneway) {
@@ -494,7 +494,7 @@ impl<'a> Generator<'a> {
             (None, false) => quote! {
                 #cmd => {
                     #run;
-                    call.reply_fields(&())
+                    call.reply(&())
                 }
             },
             (Some(ret), false) => {
@@ -502,7 +502,7 @@ impl<'a> Generator<'a> {
                 quote! {
                     #cmd => {
                         let value = #run;
-                        call.reply_fields(#reply)
+                        call.reply(#reply)
                     }
                 }
             }
@@ -607,23 +607,23 @@ impl<'a> Generator<'a> {
         let (ret, body) = match (&m.ret, m.oneway) {
             (_, true) => (
                 quote!(()),
-                quote!(self.connection.oneway_fields(&#info, #cmd, (#(#args,)*)).await),
+                quote!(self.connection.oneway(&#info, #cmd, (#(#args,)*)).await),
             ),
             (None, false) => (
                 quote!(()),
                 quote! {
-                    self.connection.call_fields::<_, ()>(&#info, #cmd, (#(#args,)*), self.timeout).await
+                    self.connection.call::<_, ()>(&#info, #cmd, (#(#args,)*), self.timeout).await
                 },
             ),
             (Some(ret), false) => {
                 let (ty, decoded) = (&ret.ty, decode_type(ret));
                 let call = quote! {
                     self.connection
-                        .call_fields::<_, #decoded>(&#info, #cmd, (#(#args,)*), self.timeout)
+                        .call::<_, #decoded>(&#info, #cmd, (#(#args,)*), self.timeout)
                         .await
                 };
                 let body = match ret.wire {
-                    Wire::Serde => quote!(#call.map(|#p::Value(value)| value)),
+                    Wire::Serde => call,
                     Wire::Fd => quote!(#call.map(|#p::Fd(value)| value)),
                     Wire::Bytes => quote!(#call.map(|#p::Bytes(value)| value)),
                 };
@@ -715,23 +715,22 @@ impl<'a> Generator<'a> {
     }
 }
 
-/// A value the async flavour owns, wrapped for the codec and taken by value: `Value(value)`,
+/// A value the async flavour owns, wrapped for the codec and taken by value: `value`,
 /// `Fd(&value)` (the fds stay with `value`, which outlives the send) or `Bytes(value)`.
 fn encode_owned(value: TokenStream, wire: Wire) -> TokenStream {
     let p = private();
     match wire {
-        Wire::Serde => quote!(#p::Value(#value)),
+        Wire::Serde => value,
         Wire::Fd => quote!(#p::Fd(&#value)),
         Wire::Bytes => quote!(#p::Bytes(#value)),
     }
 }
 
-/// A reference to a value, wrapped for the codec: `Value(value)`, `Fd(value)` or
-/// `Bytes(value)`, borrowed.
+/// A reference to a value, wrapped for the codec: `value`, `Fd(value)` or `Bytes(value)`.
 fn encode(value: TokenStream, wire: Wire) -> TokenStream {
     let p = private();
     match wire {
-        Wire::Serde => quote!(&#p::Value(#value)),
+        Wire::Serde => value,
         Wire::Fd => quote!(&#p::Fd(#value)),
         Wire::Bytes => quote!(&#p::Bytes(#value)),
     }
@@ -742,17 +741,17 @@ fn encode(value: TokenStream, wire: Wire) -> TokenStream {
 fn encode_arg(name: &Ident, wire: Wire) -> TokenStream {
     let p = private();
     match wire {
-        Wire::Serde => quote!(#p::Value(#name)),
+        Wire::Serde => quote!(#name),
         Wire::Fd => quote!(#p::Fd(&#name)),
         Wire::Bytes => quote!(#p::Bytes(&#name)),
     }
 }
 
-/// The type a value is decoded as: `Value<T>`, `Fd<T>` or `Bytes<T>`.
+/// The type a value is decoded as: `T`, `Fd<T>` or `Bytes<T>`.
 fn decode_type(value: &Value) -> TokenStream {
     let (p, ty) = (private(), &value.ty);
     match value.wire {
-        Wire::Serde => quote!(#p::Value<#ty>),
+        Wire::Serde => quote!(#ty),
         Wire::Fd => quote!(#p::Fd<#ty>),
         Wire::Bytes => quote!(#p::Bytes<#ty>),
     }
@@ -762,7 +761,7 @@ fn decode_type(value: &Value) -> TokenStream {
 fn decode_pattern(name: &Ident, value: &Value) -> TokenStream {
     let p = private();
     match value.wire {
-        Wire::Serde => quote!(#p::Value(#name)),
+        Wire::Serde => quote!(#name),
         Wire::Fd => quote!(#p::Fd(#name)),
         Wire::Bytes => quote!(#p::Bytes(#name)),
     }

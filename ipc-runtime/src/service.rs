@@ -6,7 +6,7 @@ use std::os::fd::OwnedFd;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::codec::{self, Decode, Encode, Value};
+use crate::codec;
 use crate::error::{Error, Result};
 use crate::socket::PeerCredentials;
 
@@ -138,22 +138,11 @@ impl Call<'_> {
 
     /// Decodes the arguments, taking the fds that came with them. Fds not claimed are closed.
     pub fn args<T: DeserializeOwned>(&mut self) -> Result<T> {
-        self.args_fields().map(|Value(args)| args)
-    }
-
-    /// [`Call::args`] as the codec's fields (see [`Decode`]): what generated servers call,
-    /// so that byte strings skip serde.
-    pub fn args_fields<T: Decode>(&mut self) -> Result<T> {
-        codec::decode_fields(self.body, &mut self.fds)
+        codec::decode_from(self.body, &mut self.fds)
     }
 
     /// Sends `value` as the reply. Ignored for oneway calls, which get no reply.
     pub fn reply<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<()> {
-        self.reply_fields(&Value(value))
-    }
-
-    /// [`Call::reply`] with the reply as the codec's fields (see [`Encode`]).
-    pub fn reply_fields<T: Encode + ?Sized>(&mut self, value: &T) -> Result<()> {
         match &self.replier {
             Some(replier) if !self.replied => {
                 self.replied = true;

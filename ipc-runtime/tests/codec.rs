@@ -1,7 +1,6 @@
 //! The codec's fd tables: fds keep their order and identity at every table size, hostile
 //! indices are errors that close everything, and no table outlives its encode or decode
-//! (nested calls, panics). Messages field by field: the same bytes as the tuple through
-//! serde, either way round, and hostile byte strings refused before anything is allocated.
+//! (nested calls, panics).
 
 mod common;
 
@@ -11,7 +10,7 @@ use std::sync::Mutex;
 
 use common::{memfd, open_fds, read_all};
 use ipc_runtime::Error;
-use ipc_runtime::codec::{self, Bytes, Fd, Value};
+use ipc_runtime::codec::{self, Fd};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Tests that count this process's fds take this, so they do not see each other's.
@@ -213,125 +212,4 @@ mod serde_bytes_vec {
             Vec::<u8>::deserialize(d).map(|_| Raw)
         }
     }
-}
-
-type Fields = (
-    Value<String>,
-    Bytes<Vec<u8>>,
-    Value<u64>,
-    Bytes<Vec<u8>>,
-    Fd<OwnedFd>,
-);
-type Mixed = (
-    Bytes<Vec<u8>>,
-    Value<String>,
-    Bytes<Vec<u8>>,
-    Value<Vec<u16>>,
-);
-type Serde = (String, Bytes<Vec<u8>>, u64, Bytes<Vec<u8>>, Fd<OwnedFd>);
-
-#[test]
-fn fields_are_the_same_bytes_as_the_tuple_through_serde() {
-    let _lock = fd_count_lock();
-    let before = open_fds();
-    let (text, small, big) = ("héllo".to_string(), vec![1u8, 2, 3], vec![9u8; 5000]);
-    let file = memfd(b"contents");
-    let (by_fields, by_serde, mut arrived) = {
-        let (mut by_fields, mut fds_fields) = (Vec::new(), Vec::new());
-        let fields = (
-            Value(&text),
-            Bytes(&small),
-            Value(42u64),
-            Bytes(&big),
-            Fd(&file),
-        );
-        codec::encode_fields(&fields, &mut by_fields, &mut fds_fields).unwrap();
-        let (mut by_serde, mut fds_serde) = (Vec::new(), Vec::new());
-        let serde = (&text, Bytes(&small), 42u64, Bytes(&big), Fd(&file));
-        codec::encode(&serde, &mut by_serde, &mut fds_serde).unwrap();
-        assert_eq!((fds_fields.len(), fds_serde.len()), (1, 1));
-        // What the peer would receive, once for each decode below.
-        let arrived: Vec<OwnedFd> = (0..2)
-            .map(|_| fds_fields[0].try_clone_to_owned().unwrap())
-            .collect();
-        (by_fields, by_serde, arrived)
-    };
-    assert_eq!(by_fields, by_serde);
-
-    // Each decodes what the other wrote.
-    let (Value(t), Bytes(s), Value(n), Bytes(b), Fd(fd)): Fields =
-        codec::decode_fields(&by_serde, &mut vec![arrived.pop().unwrap()]).unwrap();
-    assert_eq!((&t, &s, n, &b), (&text, &small, 42, &big));
-    assert_eq!(read_all(fd), b"contents");
-    let (t, Bytes(s), n, Bytes(b), Fd(fd)): Serde =
-        codec::decode(&by_fields, vec![arrived.pop().unwrap()]).unwrap();
-    assert_eq!((&t, &s, n, &b), (&text, &small, 42, &big));
-    assert_eq!(read_all(fd), b"contents");
-    drop(file);
-    assert_eq!(open_fds(), before, "every fd closed");
-}
-
-fn malformed_fields(bytes: &[u8]) -> String {
-    let fds: Vec<OwnedFd> = (0..3).map(|_| memfd(b"x")).collect();
-    let result = codec::decode_fields::<(Value<u32>, Bytes<Vec<u8>>)>(bytes, &mut { fds });
-    match result {
-        Err(Error::Malformed(why)) => why,
-        other => panic!("expected Malformed, got {other:?}"),
-    }
-}
-
-#[test]
-fn hostile_byte_strings_are_errors_that_close_every_fd() {
-    let _lock = fd_count_lock();
-    let before = open_fds();
-    let mut message = 5u32.to_le_bytes().to_vec();
-    // A byte string announcing 1 TiB in a message of a few bytes: refused, not allocated.
-    let mut huge = message.clone();
-    huge.push(0);
-    huge.extend_from_slice(&(1u64 << 40).to_le_bytes());
-    huge.extend_from_slice(b"abc");
-    assert!(
-        malformed_fields(&huge).contains("1099511627776 bytes"),
-        "{}",
-        malformed_fields(&huge)
-    );
-    // An unknown tag, a length cut short, bytes left over.
-    let mut tag = message.clone();
-    tag.push(7);
-    assert!(malformed_fields(&tag).contains("tag 7"));
-    let mut short = message.clone();
-    short.extend_from_slice(&[0, 3, 0]);
-    assert!(malformed_fields(&short).contains("bytes"));
-    message.push(0);
-    message.extend_from_slice(&2u64.to_le_bytes());
-    message.extend_from_slice(b"ok!");
-    assert!(malformed_fields(&message).contains("1 bytes left over"));
-    // Out of line, but no store to read it from (not decoding on a connection).
-    let mut placed = 5u32.to_le_bytes().to_vec();
-    placed.push(1);
-    for v in [1u32, u32::MAX] {
-        placed.extend_from_slice(&v.to_le_bytes());
-    }
-    for v in [0u64, 4096] {
-        placed.extend_from_slice(&v.to_le_bytes());
-    }
-    assert!(malformed_fields(&placed).contains("no shared region"));
-    assert_eq!(open_fds(), before, "every fd closed");
-}
-
-#[test]
-fn a_value_after_a_byte_string_reads_from_where_it_ended() {
-    let (mut buf, mut fds) = (Vec::new(), Vec::new());
-    let sent = (
-        Bytes(b"abc"),
-        Value("after"),
-        Bytes(Vec::new()),
-        Value(vec![1u16, 2]),
-    );
-    codec::encode_fields(&sent, &mut buf, &mut fds).unwrap();
-    let got: Mixed = codec::decode_fields(&buf, &mut Vec::new()).unwrap();
-    assert_eq!(got.0.0, b"abc");
-    assert_eq!(got.1.0, "after");
-    assert!(got.2.0.is_empty());
-    assert_eq!(got.3.0, [1, 2]);
 }

@@ -138,53 +138,44 @@ impl IpaRequest {
     ) -> ::core::result::Result<Self, ::typed_ipc::__private::Error> {
         match call.command() {
             0 => {
-                let (
-                    ::typed_ipc::__private::Value(text),
-                ): (::typed_ipc::__private::Value<String>,) = call.args_fields()?;
+                let (text,): (String,) = call.args()?;
                 ::core::result::Result::Ok(Self::Reverse { text })
             }
             1 => {
                 let (
                     ::typed_ipc::__private::Fd(files),
-                ): (::typed_ipc::__private::Fd<Vec<OwnedFd>>,) = call.args_fields()?;
+                ): (::typed_ipc::__private::Fd<Vec<OwnedFd>>,) = call.args()?;
                 ::core::result::Result::Ok(Self::TotalLen { files })
             }
             2 => {
-                let (
-                    ::typed_ipc::__private::Value(cfg),
-                ): (::typed_ipc::__private::Value<Config>,) = call.args_fields()?;
+                let (cfg,): (Config,) = call.args()?;
                 ::core::result::Result::Ok(Self::Configure { cfg })
             }
             3 => {
-                let (
-                    ::typed_ipc::__private::Value(id),
-                ): (::typed_ipc::__private::Value<u32>,) = call.args_fields()?;
+                let (id,): (u32,) = call.args()?;
                 ::core::result::Result::Ok(Self::OpenBuffer { id })
             }
             4 => {
                 let (
-                    ::typed_ipc::__private::Value(frame),
+                    frame,
                     ::typed_ipc::__private::Fd(stats),
-                ): (
-                    ::typed_ipc::__private::Value<u32>,
-                    ::typed_ipc::__private::Fd<OwnedFd>,
-                ) = call.args_fields()?;
+                ): (u32, ::typed_ipc::__private::Fd<OwnedFd>) = call.args()?;
                 ::core::result::Result::Ok(Self::StatsReady { frame, stats })
             }
             5 => {
                 let (
                     ::typed_ipc::__private::Bytes(data),
-                ): (::typed_ipc::__private::Bytes<Vec<u8>>,) = call.args_fields()?;
+                ): (::typed_ipc::__private::Bytes<Vec<u8>>,) = call.args()?;
                 ::core::result::Result::Ok(Self::Echo { data })
             }
             6 => {
                 let (
                     ::typed_ipc::__private::Fd(fd),
-                ): (::typed_ipc::__private::Fd<Option<OwnedFd>>,) = call.args_fields()?;
+                ): (::typed_ipc::__private::Fd<Option<OwnedFd>>,) = call.args()?;
                 ::core::result::Result::Ok(Self::SwapFd { fd })
             }
             7 => {
-                let (): () = call.args_fields()?;
+                let (): () = call.args()?;
                 ::core::result::Result::Ok(Self::Ping)
             }
             _ => ::core::result::Result::Err(call.unknown_command()),
@@ -217,21 +208,13 @@ impl IpaResponse {
         call: &mut ::typed_ipc::__private::Call<'_>,
     ) -> ::core::result::Result<(), ::typed_ipc::__private::Error> {
         match self {
-            Self::Reverse(value) => {
-                call.reply_fields(&::typed_ipc::__private::Value(value))
-            }
-            Self::TotalLen(value) => {
-                call.reply_fields(&::typed_ipc::__private::Value(value))
-            }
-            Self::Configure(value) => {
-                call.reply_fields(&::typed_ipc::__private::Value(value))
-            }
-            Self::OpenBuffer(value) => {
-                call.reply_fields(&::typed_ipc::__private::Fd(value))
-            }
-            Self::Echo(value) => call.reply_fields(&::typed_ipc::__private::Bytes(value)),
-            Self::SwapFd(value) => call.reply_fields(&::typed_ipc::__private::Fd(value)),
-            Self::Ping => call.reply_fields(&()),
+            Self::Reverse(value) => call.reply(value),
+            Self::TotalLen(value) => call.reply(value),
+            Self::Configure(value) => call.reply(value),
+            Self::OpenBuffer(value) => call.reply(&::typed_ipc::__private::Fd(value)),
+            Self::Echo(value) => call.reply(&::typed_ipc::__private::Bytes(value)),
+            Self::SwapFd(value) => call.reply(&::typed_ipc::__private::Fd(value)),
+            Self::Ping => call.reply(&()),
         }
     }
 }
@@ -271,12 +254,7 @@ impl IpaClient {
         &self,
         text: String,
     ) -> ::core::result::Result<String, ::typed_ipc::__private::Error> {
-        self.connection
-            .call_fields::<
-                _,
-                ::typed_ipc::__private::Value<String>,
-            >(&IPA_INFO, 0, &(::typed_ipc::__private::Value(text),), self.timeout)
-            .map(|::typed_ipc::__private::Value(value)| value)
+        self.connection.call::<_, String>(&IPA_INFO, 0, &(text,), self.timeout)
     }
     /// The total length of `files`, in bytes.
     pub fn total_len(
@@ -284,11 +262,10 @@ impl IpaClient {
         files: Vec<OwnedFd>,
     ) -> ::core::result::Result<u64, ::typed_ipc::__private::Error> {
         self.connection
-            .call_fields::<
+            .call::<
                 _,
-                ::typed_ipc::__private::Value<u64>,
+                u64,
             >(&IPA_INFO, 1, &(::typed_ipc::__private::Fd(&files),), self.timeout)
-            .map(|::typed_ipc::__private::Value(value)| value)
     }
     /// Calls [`Ipa::configure`] on the server.
     pub fn configure(
@@ -299,11 +276,7 @@ impl IpaClient {
         ::typed_ipc::__private::Error,
     > {
         self.connection
-            .call_fields::<
-                _,
-                ::typed_ipc::__private::Value<Result<Caps, ConfigError>>,
-            >(&IPA_INFO, 2, &(::typed_ipc::__private::Value(cfg),), self.timeout)
-            .map(|::typed_ipc::__private::Value(value)| value)
+            .call::<_, Result<Caps, ConfigError>>(&IPA_INFO, 2, &(cfg,), self.timeout)
     }
     /// A buffer to write frame `id` into.
     pub fn open_buffer(
@@ -311,10 +284,10 @@ impl IpaClient {
         id: u32,
     ) -> ::core::result::Result<OwnedFd, ::typed_ipc::__private::Error> {
         self.connection
-            .call_fields::<
+            .call::<
                 _,
                 ::typed_ipc::__private::Fd<OwnedFd>,
-            >(&IPA_INFO, 3, &(::typed_ipc::__private::Value(id),), self.timeout)
+            >(&IPA_INFO, 3, &(id,), self.timeout)
             .map(|::typed_ipc::__private::Fd(value)| value)
     }
     /// Statistics for `frame` are ready in `stats`.
@@ -324,14 +297,7 @@ impl IpaClient {
         stats: OwnedFd,
     ) -> ::core::result::Result<(), ::typed_ipc::__private::Error> {
         self.connection
-            .oneway_fields(
-                &IPA_INFO,
-                4,
-                &(
-                    ::typed_ipc::__private::Value(frame),
-                    ::typed_ipc::__private::Fd(&stats),
-                ),
-            )
+            .oneway(&IPA_INFO, 4, &(frame, ::typed_ipc::__private::Fd(&stats)))
     }
     /// Calls [`Ipa::echo`] on the server.
     pub fn echo(
@@ -339,7 +305,7 @@ impl IpaClient {
         data: Vec<u8>,
     ) -> ::core::result::Result<Vec<u8>, ::typed_ipc::__private::Error> {
         self.connection
-            .call_fields::<
+            .call::<
                 _,
                 ::typed_ipc::__private::Bytes<Vec<u8>>,
             >(&IPA_INFO, 5, &(::typed_ipc::__private::Bytes(&data),), self.timeout)
@@ -351,7 +317,7 @@ impl IpaClient {
         fd: Option<OwnedFd>,
     ) -> ::core::result::Result<Option<OwnedFd>, ::typed_ipc::__private::Error> {
         self.connection
-            .call_fields::<
+            .call::<
                 _,
                 ::typed_ipc::__private::Fd<Option<OwnedFd>>,
             >(&IPA_INFO, 6, &(::typed_ipc::__private::Fd(&fd),), self.timeout)
@@ -359,7 +325,7 @@ impl IpaClient {
     }
     /// Calls [`Ipa::ping`] on the server.
     pub fn ping(&self) -> ::core::result::Result<(), ::typed_ipc::__private::Error> {
-        self.connection.call_fields::<_, ()>(&IPA_INFO, 7, &(), self.timeout)
+        self.connection.call::<_, ()>(&IPA_INFO, 7, &(), self.timeout)
     }
 }
 /// The server side of [`Ipa`]: answers each request on a connection by calling the implementation it owns.
@@ -439,62 +405,59 @@ impl<
         match call.command() {
             0 => {
                 let value = {
-                    let (::typed_ipc::__private::Value(text),) = call.args_fields()?;
+                    let (text,) = call.args()?;
                     <T as Ipa>::reverse(&self.imp, text)
                 };
-                call.reply_fields(&::typed_ipc::__private::Value(&value))
+                call.reply(&value)
             }
             1 => {
                 let value = {
-                    let (::typed_ipc::__private::Fd(files),) = call.args_fields()?;
+                    let (::typed_ipc::__private::Fd(files),) = call.args()?;
                     <T as Ipa>::total_len(&self.imp, files)
                 };
-                call.reply_fields(&::typed_ipc::__private::Value(&value))
+                call.reply(&value)
             }
             2 => {
                 let value = {
-                    let (::typed_ipc::__private::Value(cfg),) = call.args_fields()?;
+                    let (cfg,) = call.args()?;
                     <T as Ipa>::configure(&self.imp, cfg)
                 };
-                call.reply_fields(&::typed_ipc::__private::Value(&value))
+                call.reply(&value)
             }
             3 => {
                 let value = {
-                    let (::typed_ipc::__private::Value(id),) = call.args_fields()?;
+                    let (id,) = call.args()?;
                     <T as Ipa>::open_buffer(&self.imp, id)
                 };
-                call.reply_fields(&::typed_ipc::__private::Fd(&value))
+                call.reply(&::typed_ipc::__private::Fd(&value))
             }
             4 => {
                 {
-                    let (
-                        ::typed_ipc::__private::Value(frame),
-                        ::typed_ipc::__private::Fd(stats),
-                    ) = call.args_fields()?;
+                    let (frame, ::typed_ipc::__private::Fd(stats)) = call.args()?;
                     <T as Ipa>::stats_ready(&self.imp, frame, stats)
                 };
                 ::core::result::Result::Ok(())
             }
             5 => {
                 let value = {
-                    let (::typed_ipc::__private::Bytes(data),) = call.args_fields()?;
+                    let (::typed_ipc::__private::Bytes(data),) = call.args()?;
                     <T as Ipa>::echo(&self.imp, data)
                 };
-                call.reply_fields(&::typed_ipc::__private::Bytes(&value))
+                call.reply(&::typed_ipc::__private::Bytes(&value))
             }
             6 => {
                 let value = {
-                    let (::typed_ipc::__private::Fd(fd),) = call.args_fields()?;
+                    let (::typed_ipc::__private::Fd(fd),) = call.args()?;
                     <T as Ipa>::swap_fd(&self.imp, fd)
                 };
-                call.reply_fields(&::typed_ipc::__private::Fd(&value))
+                call.reply(&::typed_ipc::__private::Fd(&value))
             }
             7 => {
                 {
-                    let () = call.args_fields()?;
+                    let () = call.args()?;
                     <T as Ipa>::ping(&self.imp)
                 };
-                call.reply_fields(&())
+                call.reply(&())
             }
             _ => ::core::result::Result::Err(call.unknown_command()),
         }

@@ -166,53 +166,44 @@ impl IpaRequest {
     ) -> ::core::result::Result<Self, ::typed_ipc::__private::Error> {
         match call.command() {
             0 => {
-                let (
-                    ::typed_ipc::__private::Value(text),
-                ): (::typed_ipc::__private::Value<String>,) = call.args_fields()?;
+                let (text,): (String,) = call.args()?;
                 ::core::result::Result::Ok(Self::Reverse { text })
             }
             1 => {
                 let (
                     ::typed_ipc::__private::Fd(files),
-                ): (::typed_ipc::__private::Fd<Vec<OwnedFd>>,) = call.args_fields()?;
+                ): (::typed_ipc::__private::Fd<Vec<OwnedFd>>,) = call.args()?;
                 ::core::result::Result::Ok(Self::TotalLen { files })
             }
             2 => {
-                let (
-                    ::typed_ipc::__private::Value(cfg),
-                ): (::typed_ipc::__private::Value<Config>,) = call.args_fields()?;
+                let (cfg,): (Config,) = call.args()?;
                 ::core::result::Result::Ok(Self::Configure { cfg })
             }
             3 => {
-                let (
-                    ::typed_ipc::__private::Value(id),
-                ): (::typed_ipc::__private::Value<u32>,) = call.args_fields()?;
+                let (id,): (u32,) = call.args()?;
                 ::core::result::Result::Ok(Self::OpenBuffer { id })
             }
             4 => {
                 let (
-                    ::typed_ipc::__private::Value(frame),
+                    frame,
                     ::typed_ipc::__private::Fd(stats),
-                ): (
-                    ::typed_ipc::__private::Value<u32>,
-                    ::typed_ipc::__private::Fd<OwnedFd>,
-                ) = call.args_fields()?;
+                ): (u32, ::typed_ipc::__private::Fd<OwnedFd>) = call.args()?;
                 ::core::result::Result::Ok(Self::StatsReady { frame, stats })
             }
             5 => {
                 let (
                     ::typed_ipc::__private::Bytes(data),
-                ): (::typed_ipc::__private::Bytes<Vec<u8>>,) = call.args_fields()?;
+                ): (::typed_ipc::__private::Bytes<Vec<u8>>,) = call.args()?;
                 ::core::result::Result::Ok(Self::Echo { data })
             }
             6 => {
                 let (
                     ::typed_ipc::__private::Fd(fd),
-                ): (::typed_ipc::__private::Fd<Option<OwnedFd>>,) = call.args_fields()?;
+                ): (::typed_ipc::__private::Fd<Option<OwnedFd>>,) = call.args()?;
                 ::core::result::Result::Ok(Self::SwapFd { fd })
             }
             7 => {
-                let (): () = call.args_fields()?;
+                let (): () = call.args()?;
                 ::core::result::Result::Ok(Self::Ping)
             }
             _ => ::core::result::Result::Err(call.unknown_command()),
@@ -246,25 +237,15 @@ impl IpaResponse {
         call: &mut ::typed_ipc::__private::AsyncCall,
     ) -> ::core::result::Result<(), ::typed_ipc::__private::Error> {
         match self {
-            Self::Reverse(value) => {
-                call.reply_fields(::typed_ipc::__private::Value(value)).await
-            }
-            Self::TotalLen(value) => {
-                call.reply_fields(::typed_ipc::__private::Value(value)).await
-            }
-            Self::Configure(value) => {
-                call.reply_fields(::typed_ipc::__private::Value(value)).await
-            }
+            Self::Reverse(value) => call.reply(value).await,
+            Self::TotalLen(value) => call.reply(value).await,
+            Self::Configure(value) => call.reply(value).await,
             Self::OpenBuffer(value) => {
-                call.reply_fields(::typed_ipc::__private::Fd(&value)).await
+                call.reply(::typed_ipc::__private::Fd(&value)).await
             }
-            Self::Echo(value) => {
-                call.reply_fields(::typed_ipc::__private::Bytes(value)).await
-            }
-            Self::SwapFd(value) => {
-                call.reply_fields(::typed_ipc::__private::Fd(&value)).await
-            }
-            Self::Ping => call.reply_fields(()).await,
+            Self::Echo(value) => call.reply(::typed_ipc::__private::Bytes(value)).await,
+            Self::SwapFd(value) => call.reply(::typed_ipc::__private::Fd(&value)).await,
+            Self::Ping => call.reply(()).await,
         }
     }
 }
@@ -304,13 +285,7 @@ impl IpaClient {
         &self,
         text: String,
     ) -> ::core::result::Result<String, ::typed_ipc::__private::Error> {
-        self.connection
-            .call_fields::<
-                _,
-                ::typed_ipc::__private::Value<String>,
-            >(&IPA_INFO, 0, (::typed_ipc::__private::Value(text),), self.timeout)
-            .await
-            .map(|::typed_ipc::__private::Value(value)| value)
+        self.connection.call::<_, String>(&IPA_INFO, 0, (text,), self.timeout).await
     }
     /// The total length of `files`, in bytes.
     pub async fn total_len(
@@ -318,12 +293,11 @@ impl IpaClient {
         files: Vec<OwnedFd>,
     ) -> ::core::result::Result<u64, ::typed_ipc::__private::Error> {
         self.connection
-            .call_fields::<
+            .call::<
                 _,
-                ::typed_ipc::__private::Value<u64>,
+                u64,
             >(&IPA_INFO, 1, (::typed_ipc::__private::Fd(&files),), self.timeout)
             .await
-            .map(|::typed_ipc::__private::Value(value)| value)
     }
     /// Calls [`Ipa::configure`] on the server.
     pub async fn configure(
@@ -334,12 +308,8 @@ impl IpaClient {
         ::typed_ipc::__private::Error,
     > {
         self.connection
-            .call_fields::<
-                _,
-                ::typed_ipc::__private::Value<Result<Caps, ConfigError>>,
-            >(&IPA_INFO, 2, (::typed_ipc::__private::Value(cfg),), self.timeout)
+            .call::<_, Result<Caps, ConfigError>>(&IPA_INFO, 2, (cfg,), self.timeout)
             .await
-            .map(|::typed_ipc::__private::Value(value)| value)
     }
     /// A buffer to write frame `id` into.
     pub async fn open_buffer(
@@ -347,10 +317,10 @@ impl IpaClient {
         id: u32,
     ) -> ::core::result::Result<OwnedFd, ::typed_ipc::__private::Error> {
         self.connection
-            .call_fields::<
+            .call::<
                 _,
                 ::typed_ipc::__private::Fd<OwnedFd>,
-            >(&IPA_INFO, 3, (::typed_ipc::__private::Value(id),), self.timeout)
+            >(&IPA_INFO, 3, (id,), self.timeout)
             .await
             .map(|::typed_ipc::__private::Fd(value)| value)
     }
@@ -361,14 +331,7 @@ impl IpaClient {
         stats: OwnedFd,
     ) -> ::core::result::Result<(), ::typed_ipc::__private::Error> {
         self.connection
-            .oneway_fields(
-                &IPA_INFO,
-                4,
-                (
-                    ::typed_ipc::__private::Value(frame),
-                    ::typed_ipc::__private::Fd(&stats),
-                ),
-            )
+            .oneway(&IPA_INFO, 4, (frame, ::typed_ipc::__private::Fd(&stats)))
             .await
     }
     /// Calls [`Ipa::echo`] on the server.
@@ -377,7 +340,7 @@ impl IpaClient {
         data: Vec<u8>,
     ) -> ::core::result::Result<Vec<u8>, ::typed_ipc::__private::Error> {
         self.connection
-            .call_fields::<
+            .call::<
                 _,
                 ::typed_ipc::__private::Bytes<Vec<u8>>,
             >(&IPA_INFO, 5, (::typed_ipc::__private::Bytes(&data),), self.timeout)
@@ -390,7 +353,7 @@ impl IpaClient {
         fd: Option<OwnedFd>,
     ) -> ::core::result::Result<Option<OwnedFd>, ::typed_ipc::__private::Error> {
         self.connection
-            .call_fields::<
+            .call::<
                 _,
                 ::typed_ipc::__private::Fd<Option<OwnedFd>>,
             >(&IPA_INFO, 6, (::typed_ipc::__private::Fd(&fd),), self.timeout)
@@ -401,7 +364,7 @@ impl IpaClient {
     pub async fn ping(
         &self,
     ) -> ::core::result::Result<(), ::typed_ipc::__private::Error> {
-        self.connection.call_fields::<_, ()>(&IPA_INFO, 7, (), self.timeout).await
+        self.connection.call::<_, ()>(&IPA_INFO, 7, (), self.timeout).await
     }
 }
 /// The server side of [`Ipa`]: answers each request on a connection by awaiting the implementation it owns, concurrently with the others.

@@ -43,8 +43,10 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Mutex, PoisonError};
 
+use serde::Serialize;
+
 use super::envelope::{self, Kind};
-use crate::codec::{self, Encode, NO_FD, OutOfLine, Placed};
+use crate::codec::{self, NO_FD, OutOfLine, Placed};
 use crate::error::Result;
 use crate::frame::Frame;
 use crate::shared_region::{RegionView, SharedRegion};
@@ -189,7 +191,7 @@ impl Lane {
     /// string in this lane if it can, and writes the lane word into the envelope. Returns the
     /// placement the message carries (0: none); the caller sends the message, and calls
     /// [`Lane::abort`] with the placement if it fails to.
-    pub(crate) fn encode<'a, A: Encode + ?Sized>(
+    pub(crate) fn encode<'a, A: Serialize + ?Sized>(
         &self,
         body: &'a A,
         buf: &mut Vec<u8>,

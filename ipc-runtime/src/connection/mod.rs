@@ -56,8 +56,6 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::codec::{Decode, Encode, Value};
-
 use crate::codec;
 use crate::error::{Error, Result};
 use crate::frame::Frame;
@@ -249,21 +247,8 @@ impl Connection {
     }
 
     /// Calls method `cmd` of interface `iface` with `args` and waits for the reply, at most
-    /// `timeout` if one is given.
+    /// `timeout` if one is given. This is what generated client stubs call.
     pub fn call<A: Serialize + ?Sized, R: DeserializeOwned>(
-        &self,
-        iface: &'static InterfaceInfo,
-        cmd: u32,
-        args: &A,
-        timeout: Option<Duration>,
-    ) -> Result<R> {
-        self.call_fields(iface, cmd, &Value(args), timeout)
-            .map(|Value(reply)| reply)
-    }
-
-    /// [`Connection::call`] with arguments and reply as the codec's fields (see
-    /// [`Encode`]): what generated client stubs call, so that byte strings skip serde.
-    pub fn call_fields<A: Encode + ?Sized, R: Decode>(
         &self,
         iface: &'static InterfaceInfo,
         cmd: u32,
@@ -348,16 +333,6 @@ impl Connection {
         cmd: u32,
         args: &A,
     ) -> Result<()> {
-        self.oneway_fields(iface, cmd, &Value(args))
-    }
-
-    /// [`Connection::oneway`] with arguments as the codec's fields (see [`Encode`]).
-    pub fn oneway_fields<A: Encode + ?Sized>(
-        &self,
-        iface: &'static InterfaceInfo,
-        cmd: u32,
-        args: &A,
-    ) -> Result<()> {
         let envelope = Envelope {
             kind: Kind::Oneway,
             cmd,
@@ -405,7 +380,7 @@ impl Shared {
     /// waiting for room as long as it takes (or until `deadline`). Returns the lane placement
     /// the message carries (0: none).
     #[inline]
-    fn send<A: Encode + ?Sized>(
+    fn send<A: Serialize + ?Sized>(
         &self,
         envelope: &Envelope,
         body: &A,
@@ -419,13 +394,17 @@ impl Shared {
 
     /// [`Shared::send`] that never waits: `None`, with nothing sent, if the message would
     /// have had to (see [`Socket::try_send`]).
-    fn try_send<A: Encode + ?Sized>(&self, envelope: &Envelope, body: &A) -> Result<Option<u32>> {
+    fn try_send<A: Serialize + ?Sized>(
+        &self,
+        envelope: &Envelope,
+        body: &A,
+    ) -> Result<Option<u32>> {
         self.encode_and(envelope, body, |buf, fds| self.socket.try_send(buf, fds))
     }
 
     /// Encodes envelope + body in this thread's buffer and hands them to `send`, which says
     /// whether it sent them. A placement the message carried goes back to the lane if not.
-    fn encode_and<A: Encode + ?Sized>(
+    fn encode_and<A: Serialize + ?Sized>(
         &self,
         envelope: &Envelope,
         body: &A,
@@ -445,7 +424,7 @@ impl Shared {
         })
     }
 
-    fn decode_reply<R: Decode>(
+    fn decode_reply<R: DeserializeOwned>(
         &self,
         frame: &mut Frame,
         iface: &InterfaceInfo,
@@ -458,7 +437,7 @@ impl Shared {
             let failure: Failure = codec::decode_from(body, &mut frame.fds)?;
             return Err(failure.into_error(iface, cmd));
         }
-        codec::with_store(&self.lane, || codec::decode_fields(body, &mut frame.fds))
+        codec::with_store(&self.lane, || codec::decode_from(body, &mut frame.fds))
     }
 
     /// Keeps a received buffer for the next read, unless it is too big to hoard.

@@ -5,13 +5,15 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 
+use serde::Serialize;
+
 use super::admit::admit;
 use super::buffers::RETAIN_MAX;
 use super::envelope::{self, Envelope, Kind};
 use super::failure::Failure;
 use super::reader::{Reader, Taken};
 use super::{Connection, Guard, Registry, Shared, State, lock, trace};
-use crate::codec::{self, Encode, Value};
+use crate::codec;
 use crate::error::{Error, Result};
 use crate::frame::Frame;
 use crate::service::Call;
@@ -171,7 +173,7 @@ impl Shared {
             kind: Kind::Failure,
             ..*call
         };
-        self.send(&envelope, &Value(failure), None)?;
+        self.send(&envelope, failure, None)?;
         if self.trace {
             trace::line(&format!(
                 "typed-ipc[{}] -> failure #{}: {failure:?}",
@@ -211,7 +213,7 @@ pub(crate) struct Replier<'a> {
 }
 
 impl Replier<'_> {
-    pub(crate) fn send<T: Encode + ?Sized>(&self, value: &T) -> Result<()> {
+    pub(crate) fn send<T: Serialize + ?Sized>(&self, value: &T) -> Result<()> {
         let envelope = Envelope {
             kind: Kind::Reply,
             ..self.envelope

@@ -7,7 +7,7 @@ use serde::de::DeserializeOwned;
 
 use super::connection::Inner;
 use super::envelope::{self, Envelope, Kind};
-use crate::codec::{self, Decode, Encode, Value};
+use crate::codec;
 use crate::error::{Error, Result};
 use crate::frame::Frame;
 use crate::socket::PeerCredentials;
@@ -62,15 +62,9 @@ impl AsyncCall {
 
     /// Decodes the arguments, taking the fds that came with them. Fds not claimed are closed.
     pub fn args<T: DeserializeOwned>(&mut self) -> Result<T> {
-        self.args_fields().map(|Value(args)| args)
-    }
-
-    /// [`AsyncCall::args`] as the codec's fields (see [`Decode`]): what generated servers
-    /// call, so that byte strings skip serde.
-    pub fn args_fields<T: Decode>(&mut self) -> Result<T> {
-        let fds = &mut self.frame.fds;
+        let fds = std::mem::take(&mut self.frame.fds);
         let body = &self.frame.payload[envelope::LEN..];
-        codec::with_store(self.inner.lane(), || codec::decode_fields(body, fds))
+        codec::with_store(self.inner.lane(), || codec::decode(body, fds))
     }
 
     /// Sends `value` as the reply. Ignored for oneway calls, which get no reply, and after the
@@ -79,11 +73,6 @@ impl AsyncCall {
     /// `value` is taken by value so that the future is `Send` whenever `value` is; the fds it
     /// carries stay open until the reply is out, and are closed with it.
     pub async fn reply<T: Serialize>(&mut self, value: T) -> Result<()> {
-        self.reply_fields(Value(value)).await
-    }
-
-    /// [`AsyncCall::reply`] with the reply as the codec's fields (see [`Encode`]).
-    pub async fn reply_fields<T: Encode>(&mut self, value: T) -> Result<()> {
         if self.is_oneway() || self.replied {
             return Ok(());
         }

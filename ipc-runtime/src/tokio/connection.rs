@@ -23,7 +23,7 @@ use super::call::AsyncCall;
 use super::envelope::{self, Envelope, Kind};
 use super::failure::Failure;
 use super::{AsyncService, BoxFuture};
-use crate::codec::{self, Decode, Encode, Value};
+use crate::codec;
 use crate::connection::Authorizer;
 use crate::connection::admit::admit;
 use crate::connection::lane::Lane;
@@ -306,20 +306,6 @@ impl AsyncConnection {
         args: A,
         timeout: Option<Duration>,
     ) -> Result<R> {
-        self.call_fields(iface, cmd, Value(args), timeout)
-            .await
-            .map(|Value(reply)| reply)
-    }
-
-    /// [`AsyncConnection::call`] with arguments and reply as the codec's fields (see
-    /// [`Encode`]): what generated async client stubs call, so that byte strings skip serde.
-    pub async fn call_fields<A: Encode, R: Decode>(
-        &self,
-        iface: &'static InterfaceInfo,
-        cmd: u32,
-        args: A,
-        timeout: Option<Duration>,
-    ) -> Result<R> {
         let call = self.call_inner(iface, cmd, args);
         match timeout {
             None => call.await,
@@ -329,7 +315,7 @@ impl AsyncConnection {
         }
     }
 
-    async fn call_inner<A: Encode, R: Decode>(
+    async fn call_inner<A: Serialize, R: DeserializeOwned>(
         &self,
         iface: &'static InterfaceInfo,
         cmd: u32,
@@ -368,16 +354,6 @@ impl AsyncConnection {
 
     /// Sends a oneway message: resolves once it is sent, and gets no reply.
     pub async fn oneway<A: Serialize>(
-        &self,
-        iface: &'static InterfaceInfo,
-        cmd: u32,
-        args: A,
-    ) -> Result<()> {
-        self.oneway_fields(iface, cmd, Value(args)).await
-    }
-
-    /// [`AsyncConnection::oneway`] with arguments as the codec's fields (see [`Encode`]).
-    pub async fn oneway_fields<A: Encode>(
         &self,
         iface: &'static InterfaceInfo,
         cmd: u32,
@@ -438,7 +414,7 @@ impl Drop for Waiting<'_> {
     }
 }
 
-fn decode_reply<R: Decode>(
+fn decode_reply<R: DeserializeOwned>(
     frame: &mut Frame,
     iface: &InterfaceInfo,
     cmd: u32,
@@ -446,12 +422,12 @@ fn decode_reply<R: Decode>(
 ) -> Result<R> {
     let envelope = Envelope::read(&frame.payload)?;
     let body = &frame.payload[envelope::LEN..];
-    let fds = &mut frame.fds;
+    let fds = std::mem::take(&mut frame.fds);
     if envelope.kind == Kind::Failure {
-        let failure: Failure = codec::decode_from(body, fds)?;
+        let failure: Failure = codec::decode(body, fds)?;
         return Err(failure.into_error(iface, cmd));
     }
-    codec::with_store(lane, || codec::decode_fields(body, fds))
+    codec::with_store(lane, || codec::decode(body, fds))
 }
 
 /// Receives until the connection ends, routing each message.
@@ -633,7 +609,7 @@ impl Inner {
     /// that the future is `Send` whenever the body is: the fds it carries stay open, borrowed,
     /// until the message is out.
     /// Returns the lane placement the message carries (0: none).
-    pub(super) async fn send<A: Encode>(
+    pub(super) async fn send<A: Serialize>(
         self: &Arc<Self>,
         envelope: Envelope,
         body: A,
@@ -866,7 +842,7 @@ async fn reply_failure(inner: Arc<Inner>, call: Envelope, failure: Failure) -> R
             call.cookie
         ));
     }
-    inner.send(envelope, Value(failure)).await.map(drop)
+    inner.send(envelope, failure).await.map(drop)
 }
 
 /// A handler's future, polled with [`current_peer`](crate::current_peer) set and its panics

@@ -13,11 +13,6 @@
 //! where the store put them (sequence number, fd index, offset, length): the connection uses
 //! this to move byte strings through a shared region instead of the socket (see
 //! `connection/lane.rs`).
-//!
-//! Messages go field by field ([`encode_fields`], [`decode_fields`]): the generated code's
-//! argument tuples and results are tuples of [`Value`]s, [`Bytes`] and [`Fd`]s, whose bytes
-//! are those of the same tuple through serde, but whose byte strings are written and read
-//! without serde (see [`Encode`]).
 
 use std::cell::Cell;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -28,10 +23,6 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::{Error, Result};
-
-mod fields;
-
-pub use fields::{Decode, Encode, Input, Value};
 
 thread_local! {
     /// What the encode or decode running on this thread works with. Pointers rather than
@@ -139,23 +130,6 @@ fn with_current_store<R>(f: impl FnOnce(&dyn OutOfLine) -> R) -> Option<R> {
         .map(|store| f(unsafe { store.as_ref() }))
 }
 
-/// Places `bytes` out of line if they are long enough and the store takes them: the
-/// reference to write, its region's fd (if it travels with this message) in the fd table.
-fn out_of_line(bytes: &[u8]) -> Result<Option<Placed>, &'static str> {
-    if bytes.len() < OUT_OF_LINE_MIN {
-        return Ok(None);
-    }
-    let Some((mut placed, fd)) = place(bytes) else {
-        return Ok(None);
-    };
-    if let Some(fd) = fd {
-        // SAFETY: the store keeps this fd open until the message is sent.
-        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
-        placed.fd = index_of(fd)?;
-    }
-    Ok(Some(placed))
-}
-
 /// Offers `bytes` to the store of the [`encode_placing`] running on this thread, unless it
 /// has placed a byte string for this message already.
 fn place(bytes: &[u8]) -> Option<(Placed, Option<RawFd>)> {
@@ -186,49 +160,34 @@ pub fn encode<'a, T: Serialize + ?Sized>(
     buf: &mut Vec<u8>,
     fds: &mut Vec<BorrowedFd<'a>>,
 ) -> Result<()> {
-    encode_with(&Value(value), buf, fds, None).1
+    // Only the lifetime is erased: `index_of` pushes fds that `value` holds, and `value`
+    // is borrowed for 'a.
+    let table = NonNull::from(fds).cast::<Vec<BorrowedFd<'static>>>();
+    CONTEXT
+        .with(|cx| {
+            let _outer = Swap::new(&cx.outgoing, Some(table));
+            let _placing = Swap::new(&cx.placing, None);
+            options().serialize_into(&mut *buf, value)
+        })
+        .map_err(|e| Error::Encode(e.to_string()))
 }
 
-/// Appends message `value`, field by field (see [`Encode`]), to `buf`, and the fds it carries
-/// to `fds`, like [`encode`]. Byte strings always go inline.
-pub fn encode_fields<'a, T: Encode + ?Sized>(
-    value: &'a T,
-    buf: &mut Vec<u8>,
-    fds: &mut Vec<BorrowedFd<'a>>,
-) -> Result<()> {
-    encode_with(value, buf, fds, None).1
-}
-
-/// Appends message `value` (field by field, see [`Encode`]) to `buf` like [`encode`], and
-/// offers `store` the first byte string of [`OUT_OF_LINE_MIN`] bytes or more. Returns the
-/// `seq` of the placement the store made (0: none), also when encoding failed, so the caller
-/// can give it back.
-pub(crate) fn encode_placing<'a, T: Encode + ?Sized>(
+/// [`encode`] that offers `store` the first byte string of [`OUT_OF_LINE_MIN`] bytes or more.
+/// Returns the `seq` of the placement the store made (0: none), also when encoding failed,
+/// so the caller can give it back.
+pub(crate) fn encode_placing<'a, T: Serialize + ?Sized>(
     value: &'a T,
     buf: &mut Vec<u8>,
     fds: &mut Vec<BorrowedFd<'a>>,
     store: &(dyn OutOfLine + 'static),
 ) -> (u32, Result<()>) {
-    encode_with(value, buf, fds, Some(NonNull::from(store)))
-}
-
-/// The encodes above. Every fd `value` carries must stay open for `'a`: the callers pass a
-/// value borrowed for `'a`, or a wrapper around one.
-fn encode_with<'a, T: Encode + ?Sized>(
-    value: &T,
-    buf: &mut Vec<u8>,
-    fds: &mut Vec<BorrowedFd<'a>>,
-    store: Option<NonNull<dyn OutOfLine>>,
-) -> (u32, Result<()>) {
-    // Only the lifetime is erased: `index_of` pushes fds that `value` holds, which stay
-    // open for 'a.
     let table = NonNull::from(fds).cast::<Vec<BorrowedFd<'static>>>();
     CONTEXT.with(|cx| {
         let _outer = Swap::new(&cx.outgoing, Some(table));
-        let _placing = Swap::new(&cx.placing, store.map(|store| (store, 0)));
-        let encoded = value.encode(buf);
+        let _placing = Swap::new(&cx.placing, Some((NonNull::from(store), 0)));
+        let encoded = options().serialize_into(&mut *buf, value);
         let placed = cx.placing.get().map_or(0, |(_, seq)| seq);
-        (placed, encoded)
+        (placed, encoded.map_err(|e| Error::Encode(e.to_string())))
     })
 }
 
@@ -242,50 +201,31 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], mut fds: Vec<OwnedFd>) -> Resul
 
 /// [`decode`] that drains `fds`, leaving its capacity for the next message.
 pub fn decode_from<T: DeserializeOwned>(bytes: &[u8], fds: &mut Vec<OwnedFd>) -> Result<T> {
-    with_incoming(fds, || {
-        options()
-            .with_limit(bytes.len() as u64)
-            .deserialize(bytes)
-            .map_err(|e| Error::Malformed(e.to_string()))
-    })
-}
-
-/// Decodes message `M`, field by field (see [`Decode`]), from `bytes` like [`decode_from`]:
-/// its fds come from `fds`, which is drained; bytes left over are an error.
-pub fn decode_fields<M: Decode>(bytes: &[u8], fds: &mut Vec<OwnedFd>) -> Result<M> {
-    with_incoming(fds, || {
-        let mut input = Input::new(bytes);
-        let message = M::decode(&mut input)?;
-        match input.remaining() {
-            0 => Ok(message),
-            n => Err(Error::Malformed(format!(
-                "{n} bytes left over after the message"
-            ))),
-        }
-    })
-}
-
-/// Runs `f` with the fds drained from `fds` as the table the decoder takes them from; the
-/// fds `f` did not claim are closed on return.
-fn with_incoming<R>(fds: &mut Vec<OwnedFd>, f: impl FnOnce() -> R) -> R {
-    fn with_table<R>(table: &mut [Option<OwnedFd>], f: impl FnOnce() -> R) -> R {
-        let table = NonNull::from(table);
-        CONTEXT.with(|cx| {
-            let _outer = Swap::new(&cx.incoming, Some(table));
-            f()
-        })
-    }
-    match fds.len() {
-        0 => with_table(&mut [], f),
+    let deserialize = || options().with_limit(bytes.len() as u64).deserialize(bytes);
+    let result = match fds.len() {
+        0 => with_incoming(&mut [], deserialize),
         n if n <= SMALL_TABLE => {
             let mut table: [Option<OwnedFd>; SMALL_TABLE] = Default::default();
             for (slot, fd) in table.iter_mut().zip(fds.drain(..)) {
                 *slot = Some(fd);
             }
-            with_table(&mut table[..n], f)
+            with_incoming(&mut table[..n], deserialize)
         }
-        _ => with_table(&mut fds.drain(..).map(Some).collect::<Vec<_>>(), f),
-    } // the table is dropped here, closing the fds the value did not claim
+        _ => with_incoming(
+            &mut fds.drain(..).map(Some).collect::<Vec<_>>(),
+            deserialize,
+        ),
+    }; // the table is dropped here, closing the fds the value did not claim
+    result.map_err(|e| Error::Malformed(e.to_string()))
+}
+
+/// Runs `f` with `table` as the fds the decoder takes from.
+fn with_incoming<R>(table: &mut [Option<OwnedFd>], f: impl FnOnce() -> R) -> R {
+    let table = NonNull::from(table);
+    CONTEXT.with(|cx| {
+        let _outer = Swap::new(&cx.incoming, Some(table));
+        f()
+    })
 }
 
 /// Something that is one or more fds on the wire: [`OwnedFd`], `Option<OwnedFd>`,
@@ -392,8 +332,17 @@ impl<T: AsRef<[u8]>> Serialize for Bytes<T> {
         use serde::ser::SerializeTuple;
         let bytes = self.0.as_ref();
         let mut t = s.serialize_tuple(2)?;
-        match out_of_line(bytes).map_err(serde::ser::Error::custom)? {
-            Some(placed) => {
+        let placed = match bytes.len() {
+            OUT_OF_LINE_MIN.. => place(bytes),
+            _ => None,
+        };
+        match placed {
+            Some((mut placed, fd)) => {
+                if let Some(fd) = fd {
+                    // SAFETY: the store keeps this fd open until the message is sent.
+                    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+                    placed.fd = index_of(fd).map_err(serde::ser::Error::custom)?;
+                }
                 t.serialize_element(&1u8)?;
                 t.serialize_element(&placed)?;
             }
@@ -453,23 +402,26 @@ impl<'de> Deserialize<'de> for Bytes<Vec<u8>> {
                 let missing = || A::Error::custom("a byte string ended early");
                 match seq.next_element::<u8>()?.ok_or_else(missing)? {
                     0 => Ok(seq.next_element::<InlineBuf>()?.ok_or_else(missing)?.0),
-                    1 => fetch(&seq.next_element()?.ok_or_else(missing)?).map_err(A::Error::custom),
+                    1 => {
+                        let placed: Placed = seq.next_element()?.ok_or_else(missing)?;
+                        let fd = match placed.fd {
+                            NO_FD => None,
+                            index => Some(take(index).map_err(A::Error::custom)?),
+                        };
+                        with_current_store(|store| store.take(&placed, fd))
+                            .ok_or_else(|| {
+                                A::Error::custom(
+                                    "an out-of-line byte string, but no shared region to read it from",
+                                )
+                            })?
+                            .map_err(A::Error::custom)
+                    }
                     tag => Err(A::Error::custom(format!("unknown byte string tag {tag}"))),
                 }
             }
         }
         d.deserialize_tuple(2, Visitor).map(Bytes)
     }
-}
-
-/// The bytes of an out-of-line byte string, from the store that holds them.
-fn fetch(placed: &Placed) -> Result<Vec<u8>, String> {
-    let fd = match placed.fd {
-        NO_FD => None,
-        index => Some(take(index)?),
-    };
-    with_current_store(|store| store.take(placed, fd))
-        .ok_or("an out-of-line byte string, but no shared region to read it from")?
 }
 
 /// `#[serde(with = "typed_ipc::fd")]` for an [`OwnedFd`] field (or any `AsFd` +
@@ -556,12 +508,8 @@ mod tests {
             1,
             "only the first string placed"
         );
-        // Read back through serde and field by field: the same bytes either way.
         let (Bytes(x), Bytes(y)): (Bytes<Vec<u8>>, Bytes<Vec<u8>>) =
             with_store(&store, || decode(&buf, Vec::new())).unwrap();
-        assert_eq!((&x, &y), (&a, &b));
-        let (Bytes(x), Bytes(y)): (Bytes<Vec<u8>>, Bytes<Vec<u8>>) =
-            with_store(&store, || decode_fields(&buf, &mut Vec::new())).unwrap();
         assert_eq!((x, y), (a, b));
     }
 
@@ -586,12 +534,8 @@ mod tests {
         with_store(&store, || encode(&Bytes(&big), &mut alone, &mut Vec::new())).unwrap();
         // Nested in a message's encode that may place.
         let (mut outer, mut fds) = (Vec::new(), Vec::new());
-        let (placed, encoded) = encode_placing(
-            &Value(EncodesInside(big.clone())),
-            &mut outer,
-            &mut fds,
-            &store,
-        );
+        let (placed, encoded) =
+            encode_placing(&EncodesInside(big.clone()), &mut outer, &mut fds, &store);
         encoded.unwrap();
         assert_eq!(placed, 0);
         assert!(store.taken.lock().unwrap().is_empty());
