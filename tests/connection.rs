@@ -30,12 +30,24 @@ pub trait Lab {
     fn counted(&self, n: u64) -> bool;
 }
 
+/// A handle on the lab's state: the server owns one, a test may keep a clone to release
+/// keys itself, without a call the server would have to read.
+#[derive(Clone, Default)]
+struct LabImpl(Arc<LabState>);
+
 #[derive(Default)]
-struct LabImpl {
+struct LabState {
     released: Mutex<Vec<u32>>,
     changed: Condvar,
     next_seq: AtomicU64,
     in_order: std::sync::atomic::AtomicBool,
+}
+
+impl std::ops::Deref for LabImpl {
+    type Target = LabState;
+    fn deref(&self) -> &LabState {
+        &self.0
+    }
 }
 
 impl LabImpl {
@@ -280,8 +292,9 @@ fn the_implementation_sees_peer_credentials_and_the_server_can_refuse() {
 fn graceful_shutdown_finishes_calls_in_flight_and_stops_accepting() {
     let _fds = fd_count_lock();
     let name = format!("typed-ipc-shutdown-{}", std::process::id());
+    let lab = LabImpl::new();
     let serving = Server::new()
-        .service(LabServer::new(LabImpl::new()))
+        .service(LabServer::new(lab.clone()))
         .threads(2)
         .listen(Listener::bind_abstract(&name).unwrap())
         .unwrap();
@@ -299,13 +312,20 @@ fn graceful_shutdown_finishes_calls_in_flight_and_stops_accepting() {
     // through the same pool is answered only after the first was read.
     assert_eq!(client.caller_pid().unwrap(), std::process::id() as i32);
     let shutdown = std::thread::spawn(move || serving.shutdown());
-    client.release(5).unwrap_or_default(); // may race with the shutdown: either way is fine
-    let result = in_flight.join().unwrap();
-    shutdown.join().unwrap();
-    assert!(
-        matches!(result, Ok(5) | Err(Error::Disconnected)),
-        "{result:?}"
+    // Released once the shutdown has begun (the listener refuses), and by hand: a `release`
+    // call could not get through, since the server stops reading (it used to try, and hung
+    // both threads when the shutdown won the race).
+    while let Ok(early) = Connection::connect_abstract(&name) {
+        drop(early);
+        std::thread::yield_now();
+    }
+    lab.release(5);
+    assert_eq!(
+        in_flight.join().unwrap().unwrap(),
+        5,
+        "the call in flight finished"
     );
+    shutdown.join().unwrap();
     assert!(
         Connection::connect_abstract(&name).is_err(),
         "no longer accepting"
