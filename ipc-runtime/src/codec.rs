@@ -160,16 +160,7 @@ pub fn encode<'a, T: Serialize + ?Sized>(
     buf: &mut Vec<u8>,
     fds: &mut Vec<BorrowedFd<'a>>,
 ) -> Result<()> {
-    // Only the lifetime is erased: `index_of` pushes fds that `value` holds, and `value`
-    // is borrowed for 'a.
-    let table = NonNull::from(fds).cast::<Vec<BorrowedFd<'static>>>();
-    CONTEXT
-        .with(|cx| {
-            let _outer = Swap::new(&cx.outgoing, Some(table));
-            let _placing = Swap::new(&cx.placing, None);
-            options().serialize_into(&mut *buf, value)
-        })
-        .map_err(|e| Error::Encode(e.to_string()))
+    encode_with(value, buf, fds, None).1
 }
 
 /// [`encode`] that offers `store` the first byte string of [`OUT_OF_LINE_MIN`] bytes or more.
@@ -181,10 +172,23 @@ pub(crate) fn encode_placing<'a, T: Serialize + ?Sized>(
     fds: &mut Vec<BorrowedFd<'a>>,
     store: &(dyn OutOfLine + 'static),
 ) -> (u32, Result<()>) {
+    encode_with(value, buf, fds, Some(NonNull::from(store)))
+}
+
+/// The two encodes: `store` set for this message only, or cleared so that a plain encode
+/// nested in a message's never places.
+fn encode_with<'a, T: Serialize + ?Sized>(
+    value: &'a T,
+    buf: &mut Vec<u8>,
+    fds: &mut Vec<BorrowedFd<'a>>,
+    store: Option<NonNull<dyn OutOfLine>>,
+) -> (u32, Result<()>) {
+    // Only the lifetime is erased: `index_of` pushes fds that `value` holds, and `value`
+    // is borrowed for 'a.
     let table = NonNull::from(fds).cast::<Vec<BorrowedFd<'static>>>();
     CONTEXT.with(|cx| {
         let _outer = Swap::new(&cx.outgoing, Some(table));
-        let _placing = Swap::new(&cx.placing, Some((NonNull::from(store), 0)));
+        let _placing = Swap::new(&cx.placing, store.map(|store| (store, 0)));
         let encoded = options().serialize_into(&mut *buf, value);
         let placed = cx.placing.get().map_or(0, |(_, seq)| seq);
         (placed, encoded.map_err(|e| Error::Encode(e.to_string())))
