@@ -443,6 +443,7 @@ impl Shared {
     /// Keeps a received buffer for the next read, unless it is too big to hoard.
     fn recycle(&self, mut frame: Frame) {
         frame.clear();
+        // Checked here too, so that a huge buffer is freed (unmapped) outside the lock.
         if frame.payload.capacity() <= RETAIN_MAX {
             keep_buffer(&mut lock(&self.state), frame);
         }

@@ -17,11 +17,10 @@ impl Shared {
     pub(super) fn stop_reading(&self, frame: Frame, cookie: Option<u64>) {
         keep_thread_frame(frame);
         let mut state = lock(&self.state);
-        state.reading = false;
         if let Some(cookie) = cookie {
             state.pending.insert(cookie, None);
         }
-        self.wake_all(&state);
+        self.release_reader(&mut state);
     }
 
     /// The wait of a caller that took the reader role before sending, receiving into its
@@ -38,10 +37,7 @@ impl Shared {
         let result = self.receive(&mut frame, deadline);
         if result.is_ok() && envelope::is_reply_to(&frame.payload, cookie) {
             // The common case, without `route`'s general matching: ours, and whole.
-            let mut state = lock(&self.state);
-            state.reading = false;
-            self.wake_all(&state);
-            drop(state);
+            self.release_reader(&mut lock(&self.state));
             if self.trace {
                 if let Ok(envelope) = Envelope::read(&frame.payload) {
                     self.trace_incoming(&envelope, &frame);
@@ -116,6 +112,13 @@ impl Shared {
         state
     }
 
+    /// Gives the reader role back and wakes whoever may want it.
+    #[inline]
+    fn release_reader(&self, state: &mut State) {
+        state.reading = false;
+        self.wake_all(state);
+    }
+
     /// Wakes every sleeper, if there is one: a lone caller pays no syscall for it.
     #[inline]
     pub(super) fn wake_all(&self, state: &State) {
@@ -147,8 +150,7 @@ impl Shared {
             && state.calls.is_empty()
         {
             // The common case, without `route`'s general matching: a call to run now.
-            state.reading = false;
-            self.wake_all(&state);
+            self.release_reader(&mut state);
             return (state, Some(Taken::Request(frame, false)));
         }
         self.route(state, frame, result, reader)
@@ -174,8 +176,7 @@ impl Shared {
         result: Result<()>,
         reader: Reader,
     ) -> (Guard<'a>, Option<Taken>) {
-        state.reading = false;
-        self.wake_all(&state);
+        self.release_reader(&mut state);
         let envelope = match result.as_ref().map_or_else(
             |e| match e {
                 Error::FdsDropped { .. } => Envelope::read(&frame.payload).ok(),
