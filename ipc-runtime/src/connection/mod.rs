@@ -316,7 +316,7 @@ impl Connection {
             None => (shared.wait_reply(cookie, deadline)?, false),
         };
         shared.lane.after_reply(placed, &frame);
-        let result = shared.decode_reply(&mut frame, iface, cmd);
+        let result = decode_reply(&mut frame, iface, cmd, &shared.lane);
         shared.lane.finished(&frame.payload);
         if ours {
             keep_thread_frame(frame);
@@ -424,22 +424,6 @@ impl Shared {
         })
     }
 
-    fn decode_reply<R: DeserializeOwned>(
-        &self,
-        frame: &mut Frame,
-        iface: &InterfaceInfo,
-        cmd: u32,
-    ) -> Result<R> {
-        // Only replies reach here, their envelope checked when they were routed.
-        let failed = envelope::kind_byte(&frame.payload) == Some(Kind::Failure as u8);
-        let body = &frame.payload[envelope::LEN..];
-        if failed {
-            let failure: Failure = codec::decode_from(body, &mut frame.fds)?;
-            return Err(failure.into_error(iface, cmd));
-        }
-        codec::with_store(&self.lane, || codec::decode_from(body, &mut frame.fds))
-    }
-
     /// Keeps a received buffer for the next read, unless it is too big to hoard.
     fn recycle(&self, mut frame: Frame) {
         frame.clear();
@@ -454,6 +438,24 @@ impl Shared {
             trace::outgoing(envelope, iface);
         }
     }
+}
+
+/// The value (or the failure) a reply to method `cmd` of `iface` carries, reading byte
+/// strings from `lane`: for both flavours. Only replies reach here, their envelope checked
+/// when they were routed.
+pub(crate) fn decode_reply<R: DeserializeOwned>(
+    frame: &mut Frame,
+    iface: &InterfaceInfo,
+    cmd: u32,
+    lane: &Lane,
+) -> Result<R> {
+    let failed = envelope::kind_byte(&frame.payload) == Some(Kind::Failure as u8);
+    let body = &frame.payload[envelope::LEN..];
+    if failed {
+        let failure: Failure = codec::decode_from(body, &mut frame.fds)?;
+        return Err(failure.into_error(iface, cmd));
+    }
+    codec::with_store(lane, || codec::decode_from(body, &mut frame.fds))
 }
 
 /// Hashes call cookies, which are this end's own sequential numbers: a multiply spreads them

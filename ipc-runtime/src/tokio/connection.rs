@@ -23,9 +23,9 @@ use super::call::AsyncCall;
 use super::envelope::{self, Envelope, Kind};
 use super::failure::Failure;
 use super::{AsyncService, BoxFuture};
-use crate::codec;
 use crate::connection::Authorizer;
 use crate::connection::admit::admit;
+use crate::connection::decode_reply;
 use crate::connection::lane::Lane;
 use crate::connection::trace;
 use crate::error::{Error, Result};
@@ -412,22 +412,6 @@ impl Drop for Waiting<'_> {
         // A reply arriving later finds no slot and is dropped, closing its fds.
         self.inner.lock().pending.remove(&self.cookie);
     }
-}
-
-fn decode_reply<R: DeserializeOwned>(
-    frame: &mut Frame,
-    iface: &InterfaceInfo,
-    cmd: u32,
-    lane: &Lane,
-) -> Result<R> {
-    let envelope = Envelope::read(&frame.payload)?;
-    let body = &frame.payload[envelope::LEN..];
-    let fds = std::mem::take(&mut frame.fds);
-    if envelope.kind == Kind::Failure {
-        let failure: Failure = codec::decode(body, fds)?;
-        return Err(failure.into_error(iface, cmd));
-    }
-    codec::with_store(lane, || codec::decode(body, fds))
 }
 
 /// Receives until the connection ends, routing each message.
