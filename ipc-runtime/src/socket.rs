@@ -390,16 +390,16 @@ impl Socket {
         self.recv_inner(frame, deadline.map_or(Wait::Forever, Wait::Until))
     }
 
-    // The single-datagram path is inlined down to the syscall (`start_message`,
-    // `recv_datagram`, `sys::recv`, and `send_whole`, `sys::send` when sending): each level
-    // costs 15-20 instructions of prologue and epilogue per message, and together they were
-    // ~100 of a small call's ~1,750 a side (`ipc-bench --bin instructions`).
     /// A message is half received.
     #[cfg(test)]
     pub(crate) fn is_partial(&self) -> bool {
         lock(&self.recv).partial.is_some()
     }
 
+    // The single-datagram path is inlined down to the syscall (`start_message`,
+    // `recv_datagram`, `sys::recv`, and `send_whole`, `sys::send` when sending): each level
+    // costs 15-20 instructions of prologue and epilogue per message, and together they were
+    // ~100 of a small call's ~1,750 a side (`ipc-bench --bin instructions`).
     #[inline]
     fn recv_inner(&self, frame: &mut Frame, wait: Wait) -> Result<()> {
         frame.clear();

@@ -32,12 +32,11 @@
 //!   well defined.
 //! - A placement keeps the lane busy until the peer's lane word acknowledges it, or until a
 //!   failure reply to the call that carried it arrives (the request may never have been
-//!   decoded, so a region it announced is announced again), or
-//!   the message carrying it turns out never to have been sent (an error, or an async send
-//!   cancelled before its first datagram). While
-//!   it is busy, byte strings go inline: nobody waits, and nothing deadlocks. A peer that
-//!   never acknowledges (a oneway stream it never answers, a hostile peer) costs speed, not
-//!   correctness.
+//!   decoded, so a region it announced is announced again), or the message carrying it
+//!   turns out never to have been sent (an error, or an async send cancelled before its
+//!   first datagram). While it is busy, byte strings go inline: nobody waits, and nothing
+//!   deadlocks. A peer that never acknowledges (a oneway stream it never answers, a hostile
+//!   peer) costs speed, not correctness.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -171,8 +170,7 @@ impl Lane {
 
     /// The peer will never read placement `seq`: its message was not sent, or was refused
     /// unread. If it announced the region, the peer never took the fd, so the next placement
-    /// announces it again.
-    /// Placement 0 (none) is ignored.
+    /// announces it again. Placement 0 (none) is ignored.
     pub(crate) fn abort(&self, seq: u32) {
         if seq == 0 {
             return;
