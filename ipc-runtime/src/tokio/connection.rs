@@ -617,7 +617,10 @@ impl Inner {
         fds: &[BorrowedFd<'_>],
         placed: u32,
     ) -> Result<()> {
-        let cursor = SendCursor::new(payload.len(), fds.len())?;
+        // Too large for the wire: never sent, so the placement goes back (from here on,
+        // `Outgoing`'s drop gives it back if none of the message went out).
+        let cursor =
+            SendCursor::new(payload.len(), fds.len()).inspect_err(|_| self.lane.abort(placed))?;
         let lock = match self.send_lock.clone().try_lock_owned() {
             Ok(lock) => lock,
             Err(_) => self.send_lock.clone().lock_owned().await,
@@ -633,9 +636,6 @@ impl Inner {
         };
         let result = drive(self, &mut out.cursor, &out.payload, out.fds).await;
         out.finished = true;
-        if result.is_err() && !out.cursor.started() {
-            self.lane.abort(placed); // the peer will never see this placement
-        }
         result
     }
 
@@ -698,8 +698,9 @@ struct Outgoing<'a, 'f> {
 
 impl Drop for Outgoing<'_, '_> {
     fn drop(&mut self) {
-        if !self.finished && !self.cursor.started() {
-            // Cancelled before any of it went out: the peer will never see this placement.
+        if !self.cursor.started() {
+            // Failed or cancelled before any of it went out: the peer will never see this
+            // placement.
             self.inner.lane.abort(self.placed);
         }
         if self.finished || !self.cursor.in_progress() {
