@@ -1,5 +1,6 @@
 //! The typed-ipc benchmark interface and its server, shared by the `ipc-bench` harness (the
-//! `typed-ipc*` rows) and the `hot-path` binary (syscall and allocation counts per call).
+//! `typed-ipc*` rows) and the `hot-path` and `instructions` binaries (per-call counts); and
+//! pinning a process to a CPU, which all three do.
 
 use std::hint::black_box;
 use std::os::fd::OwnedFd;
@@ -7,11 +8,21 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
+use nix::sched::{CpuSet, sched_setaffinity};
 use nix::sys::resource::{UsageWho, getrusage};
+use nix::unistd::Pid;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use typed_ipc::interface;
 use typed_ipc::shared_buffer::SealedBuffer;
 use typed_ipc::shared_region::RegionView;
+
+/// Pins the calling thread, and the threads and processes it starts later, to `cpu`.
+pub fn pin(cpu: usize) -> std::io::Result<()> {
+    let mut set = CpuSet::new();
+    set.set(cpu)?;
+    sched_setaffinity(Pid::from_raw(0), &set)?;
+    Ok(())
+}
 
 /// Every method the benchmarks call, written the way a typed-ipc user would.
 #[interface]

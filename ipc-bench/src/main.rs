@@ -24,9 +24,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use nix::sched::{CpuSet, sched_setaffinity};
-use nix::unistd::Pid;
-
 use crate::harness::{Measurement, Plan, REPETITIONS};
 use crate::peers::ipc_channel::{IpcChannel, Mode};
 use crate::report::{Cpu, Machine, Pass, Row};
@@ -154,7 +151,7 @@ fn serve(argv: &[String]) -> io::Result<bool> {
         .iter()
         .find(|s| s.name() == name)
         .ok_or_else(|| io::Error::other(format!("no system {name}")))?;
-    pin(cpu.parse().map_err(io::Error::other)?)?;
+    ipc_bench::pin(cpu.parse().map_err(io::Error::other)?)?;
     system
         .serve(arg)
         .map_err(|e| io::Error::other(format!("{name} server: {e}")))?;
@@ -184,7 +181,7 @@ fn run(args: Args) -> io::Result<bool> {
     let mut rows = Vec::new();
     let mut ok = true;
     for (index, pass) in passes.iter().enumerate() {
-        pin(pass.client_cpu)?;
+        ipc_bench::pin(pass.client_cpu)?;
         let same_cpu = pass.client_cpu == pass.server_cpu;
         let systems: Vec<&dyn System> = SYSTEMS
             .iter()
@@ -332,12 +329,4 @@ fn run_pass(
         }
     }
     ok
-}
-
-/// Pins the calling thread, and the threads it starts later, to `cpu`.
-fn pin(cpu: usize) -> io::Result<()> {
-    let mut set = CpuSet::new();
-    set.set(cpu)?;
-    sched_setaffinity(Pid::from_raw(0), &set)?;
-    Ok(())
 }

@@ -31,9 +31,7 @@ use std::time::{Duration, Instant};
 mod sys;
 
 use ipc_bench::{BenchClient, BenchImpl, BenchServer, cpu_ns};
-use nix::sched::{CpuSet, sched_setaffinity};
 use nix::sys::resource::UsageWho;
-use nix::unistd::Pid;
 use typed_ipc::worker::{self, Worker};
 
 /// Counts every allocation (`alloc`, `alloc_zeroed`, `realloc`) of this process.
@@ -100,18 +98,11 @@ fn main() -> ExitCode {
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
 fn pin() -> Res<()> {
-    pin_to(0)
-}
-
-fn pin_to(cpu: usize) -> Res<()> {
-    let mut set = CpuSet::new();
-    set.set(cpu)?;
-    sched_setaffinity(Pid::from_raw(0), &set)?;
-    Ok(())
+    Ok(ipc_bench::pin(0)?)
 }
 
 fn child() -> Res<()> {
-    pin_to(env_num("HOT_PATH_CPU").unwrap_or(0) as usize)?;
+    ipc_bench::pin(env_num("HOT_PATH_CPU").unwrap_or(0) as usize)?;
     let connection = worker::connection()?;
     if let Some(us) = env_num("HOT_PATH_SPIN_US") {
         connection.socket().set_spin(Duration::from_micros(us));
@@ -352,7 +343,7 @@ fn spin_cost() -> Res<()> {
     println!("| spin | calls | median | p99 | client CPU/call | server CPU/call |");
     println!("| ---: | --- | ---: | ---: | ---: | ---: |");
     for &us in SPINS {
-        pin_to(0)?;
+        pin()?;
         let mut command = Command::new(std::env::current_exe()?);
         command
             .arg("--child")

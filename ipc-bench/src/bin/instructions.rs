@@ -19,8 +19,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 use ipc_bench::{BenchClient, BenchImpl, BenchServer};
-use nix::sched::{CpuSet, sched_setaffinity};
-use nix::unistd::Pid;
 use typed_ipc::worker::{self, Worker};
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
@@ -45,10 +43,7 @@ fn main() -> ExitCode {
 }
 
 fn pin() -> Res<()> {
-    let mut set = CpuSet::new();
-    set.set(0)?;
-    sched_setaffinity(Pid::from_raw(0), &set)?;
-    Ok(())
+    Ok(ipc_bench::pin(0)?)
 }
 
 fn server() -> Res<()> {
