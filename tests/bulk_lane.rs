@@ -86,6 +86,21 @@ fn child_bulk() {
         .unwrap();
 }
 
+/// `rounds` rounds of `bump` over `sizes`, each checked. The strings differ from round to
+/// round while the same regions are rewritten, so stale bytes would show.
+fn bump_rounds(bulk: &BulkClient, sizes: &[usize], rounds: u64) {
+    for round in 0..rounds {
+        for (i, &len) in sizes.iter().enumerate() {
+            let data = pattern(len, round * 100 + i as u64);
+            let want = bumped(&data);
+            assert!(
+                bulk.bump(data).unwrap() == want,
+                "{len} bytes, round {round}"
+            );
+        }
+    }
+}
+
 #[test]
 fn big_byte_strings_cross_through_shared_regions_both_ways() {
     let _fds = fd_count_lock();
@@ -101,17 +116,7 @@ fn big_byte_strings_cross_through_shared_regions_both_ways() {
         32 << 20,
         (32 << 20) + 1,
     ];
-    // The same regions are rewritten round after round: stale bytes would show.
-    for round in 0..3u64 {
-        for (i, &len) in sizes.iter().enumerate() {
-            let data = pattern(len, round * 100 + i as u64);
-            let want = bumped(&data);
-            assert!(
-                bulk.bump(data).unwrap() == want,
-                "{len} bytes, round {round}"
-            );
-        }
-    }
+    bump_rounds(&bulk, &sizes, 3);
     // Each side holds its own region and a view of the other's: the lane was used both ways.
     assert_eq!(regions(), 2);
     assert_eq!(bulk.regions().unwrap(), 2);
@@ -342,13 +347,7 @@ mod async_flavour {
         let before = open_fds();
         let (mut child, conn) = Worker::spawn(child("async_flavour::child_bulk_async")).unwrap();
         let bulk = BulkClient::new(conn);
-        for round in 0..2u64 {
-            for (i, &len) in SIZES.iter().enumerate() {
-                let data = pattern(len, round * 10 + i as u64);
-                let want = bumped(&data);
-                assert!(bulk.bump(data).unwrap() == want, "{len} B, round {round}");
-            }
-        }
+        bump_rounds(&bulk, &SIZES, 2);
         assert_eq!(regions(), 2, "our region and a view of the worker's");
         assert_eq!(bulk.regions().unwrap(), 2);
         assert_eq!(
