@@ -24,9 +24,9 @@ use nix::sys::stat::fstat;
 use crate::sys;
 use crate::system::{Client, Kind, Launcher, MAX_PAYLOAD, System, inherited_fd};
 
-const ECHO: u32 = 1;
+pub(crate) const ECHO: u32 = 1;
 const BULK: u32 = 2;
-const HEADER: usize = 16;
+pub(crate) const HEADER: usize = 16;
 
 /// Bare SEQPACKET echo; `with_fd` attaches one fd each way (`SCM_RIGHTS`).
 pub struct Floor {
@@ -55,12 +55,7 @@ impl System for Floor {
     }
 
     fn start(&self, launcher: &mut Launcher) -> io::Result<Box<dyn Client>> {
-        let (ours, theirs) = socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )?;
+        let (ours, theirs) = seqpacket_pair()?;
         let fragment = raise_sndbuf(&ours)?;
         launcher.spawn_with_fd(theirs)?;
         Ok(Box::new(FloorClient {
@@ -83,6 +78,17 @@ impl System for Floor {
     }
 }
 
+/// A connected `SOCK_SEQPACKET` socketpair (close-on-exec; the child inherits its end
+/// through `Launcher::spawn_with_fd`).
+pub(crate) fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    Ok(socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )?)
+}
+
 /// Raises `SO_SNDBUF` to `net.core.wmem_max` so bulk goes in few fragments, and
 /// returns the fragment size to try first: the read-back value (which the kernel
 /// doubled) minus 32, the deduction ipc-channel found empirically. The kernel may
@@ -95,14 +101,14 @@ fn raise_sndbuf(sock: &OwnedFd) -> io::Result<usize> {
     Ok(getsockopt(sock, sockopt::SndBuf)? - 32)
 }
 
-fn header(op: u32, len: usize) -> [u8; HEADER] {
+pub(crate) fn header(op: u32, len: usize) -> [u8; HEADER] {
     let mut h = [0; HEADER];
     h[..4].copy_from_slice(&op.to_le_bytes());
     h[8..].copy_from_slice(&(len as u64).to_le_bytes());
     h
 }
 
-fn parse(h: &[u8; HEADER]) -> (u32, usize) {
+pub(crate) fn parse(h: &[u8; HEADER]) -> (u32, usize) {
     let op = u32::from_le_bytes(h[..4].try_into().expect("4 bytes"));
     let len = u64::from_le_bytes(h[8..].try_into().expect("8 bytes"));
     (op, len as usize)
@@ -308,12 +314,7 @@ impl System for FloorMemfd {
     }
 
     fn start(&self, launcher: &mut Launcher) -> io::Result<Box<dyn Client>> {
-        let (ours, theirs) = socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )?;
+        let (ours, theirs) = seqpacket_pair()?;
         launcher.spawn_with_fd(theirs)?;
         Ok(Box::new(MemfdClient {
             sock: ours,

@@ -10,6 +10,7 @@
 //! `ipc-bench --serve <system> <cpu> <arg>` to start each server.
 
 mod floor;
+mod floor_async;
 mod harness;
 mod memcpy;
 mod peers;
@@ -45,6 +46,7 @@ static SYSTEMS: &[&dyn System] = &[
         with_fd: false,
         serde: true,
     },
+    &floor_async::FloorAsync,
     &floor::FloorMemfd,
     &memcpy::Memcpy,
     &peers::tarpc::Tarpc,

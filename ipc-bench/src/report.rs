@@ -120,7 +120,7 @@ pub fn markdown(machine: &Machine, passes: &[Pass], rows: &[Row], elapsed: Durat
          repetitions of a cell go round the systems in turn, so a ratio compares figures \
          taken seconds apart, not minutes; median and p99 are the median over repetitions of \
          each repetition's median and p99. *spread* = (max − min of the repetition medians) / \
-         median. Systems that take owned `Vec<u8>` arguments for small calls (tarpc, \
+         median. `floor/async` is the floor driven by tokio (the async flavour's reference). Systems that take owned `Vec<u8>` arguments for small calls (tarpc, \
          ipc-channel typed, typed-ipc, and `floor+serde`, the floor plus exactly that copy, \
          bincode, and a fresh `Vec` decoded on each side) pay a copy of the payload into a \
          fresh `Vec` per call, as their users do; typed-ipc's bulk rows send from a buffer \
@@ -316,6 +316,26 @@ const TARGETS: &[Target] = &[
         base_cross: false,
         limit: None,
         bandwidth: true,
+    },
+    Target {
+        what: "64 B call vs the floor plus a typed call's contract (owned `Vec`s, bincode)",
+        system: "typed-ipc",
+        size: 64,
+        cross: false,
+        base: "floor+serde",
+        base_cross: false,
+        limit: None,
+        bandwidth: false,
+    },
+    Target {
+        what: "64 B call, async flavour, vs the floor driven by tokio",
+        system: "typed-ipc/async",
+        size: 64,
+        cross: false,
+        base: "floor/async",
+        base_cross: false,
+        limit: None,
+        bandwidth: false,
     },
     Target {
         what: "64 B call across CPUs with spin, vs the same-CPU floor",
