@@ -40,7 +40,7 @@ pub(super) fn keep_thread_frame(mut frame: Frame) {
 
 /// Runs `f` with this thread's (emptied) byte and fd buffers.
 #[inline]
-pub(super) fn with_buffers<'a, R>(
+pub(crate) fn with_buffers<'a, R>(
     f: impl FnOnce(&mut Vec<u8>, &mut Vec<BorrowedFd<'a>>) -> R,
 ) -> R {
     // Taken rather than borrowed: `f` runs user `Serialize` code, which may itself call.

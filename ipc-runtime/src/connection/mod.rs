@@ -35,7 +35,7 @@
 //! connection's lifetime. The async flavour does the same, on the same wire.
 
 pub(crate) mod admit;
-mod buffers;
+pub(crate) mod buffers;
 pub(crate) mod envelope;
 pub(crate) mod failure;
 pub(crate) mod lane;

@@ -25,6 +25,7 @@ use super::failure::Failure;
 use super::{AsyncService, BoxFuture};
 use crate::connection::Authorizer;
 use crate::connection::admit::admit;
+use crate::connection::buffers::with_buffers;
 use crate::connection::decode_reply;
 use crate::connection::lane::Lane;
 use crate::connection::trace;
@@ -598,13 +599,33 @@ impl Inner {
         envelope: Envelope,
         body: A,
     ) -> Result<u32> {
-        let mut payload = vec![0; envelope::LEN];
-        envelope.write(&mut payload);
-        let mut fds = Vec::new();
-        let placed = self.lane.encode(&body, &mut payload, &mut fds)?;
-        self.send_encoded(payload, &fds, placed)
-            .await
-            .map(|()| placed)
+        // Most messages go out at once: encoded in this thread's buffer and sent without
+        // waiting, they allocate nothing. One that would have to wait (the socket full, or
+        // another message going out) takes the bytes along.
+        let waiting = with_buffers(|payload, fds| {
+            payload.resize(envelope::LEN, 0);
+            envelope.write(payload);
+            let placed = self.lane.encode(&body, payload, fds)?;
+            let sent = match self.send_lock.try_lock() {
+                Ok(_lock) => self.socket().try_send(payload, fds),
+                Err(_) => Ok(false),
+            };
+            match sent {
+                Ok(true) => Ok(Ok(placed)),
+                Ok(false) => Ok(Err((std::mem::take(payload), fds.clone(), placed))),
+                Err(e) => {
+                    self.lane.abort(placed);
+                    Err(e)
+                }
+            }
+        })?;
+        match waiting {
+            Ok(placed) => Ok(placed),
+            Err((payload, fds, placed)) => self
+                .send_encoded(payload, &fds, placed)
+                .await
+                .map(|()| placed),
+        }
     }
 
     pub(super) fn lane(&self) -> &Lane {

@@ -171,3 +171,64 @@ fn an_async_request_never_decoded_gives_the_lane_back() {
     runtime.block_on(server.serve(Skimmer)).unwrap();
     calling.join().unwrap();
 }
+
+/// A small message normally goes out at once from the sending thread's buffer; one that finds
+/// the socket full takes its bytes along and waits, and the messages after it wait behind it
+/// (even once there is room), in order, with their bytes intact.
+#[test]
+fn a_send_that_must_wait_keeps_its_bytes_and_the_messages_behind_it_in_order() {
+    use std::future::Future;
+    use std::pin::pin;
+    use std::task::{Context, Poll, Waker};
+
+    use crate::codec::Bytes;
+    use crate::connection::tests::BULK;
+
+    let (ours, theirs) = Socket::pair().unwrap();
+    let runtime = ::tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = runtime.block_on(async { super::AsyncConnection::new(ours).unwrap() });
+    // 1 KiB each (under the lane's 2 KiB), numbered.
+    let bytes = |i: u32| i.to_le_bytes().repeat(256);
+    let message = |i: u32| client.oneway(&BULK, 1, Bytes(bytes(i)));
+    let mut cx = Context::from_waker(Waker::noop());
+    // The peer reads nothing yet: send until its queue is full.
+    let mut sent = 0u32;
+    let mut waiting = loop {
+        let mut send = Box::pin(message(sent));
+        match send.as_mut().poll(&mut cx) {
+            Poll::Ready(result) => result.unwrap(),
+            Poll::Pending => break send,
+        }
+        sent += 1;
+        assert!(sent < 1 << 20, "the peer's queue never filled");
+    };
+    let body = |i: u32| {
+        let frame = theirs.recv().unwrap();
+        assert!(
+            frame.payload.ends_with(&bytes(i)),
+            "message {i} arrived intact"
+        );
+    };
+    for i in 0..sent {
+        body(i);
+    }
+    // There is room now, but the waiting message has not been polled since: the next one
+    // must not overtake it.
+    let mut behind = pin!(message(sent + 1));
+    assert!(
+        behind.as_mut().poll(&mut cx).is_pending(),
+        "it went past the one waiting"
+    );
+    runtime.block_on(async {
+        waiting.as_mut().await.unwrap();
+        behind.await.unwrap();
+        // The thread's buffer gave its bytes to the waiting message: the next one is whole too.
+        message(sent + 2).await.unwrap();
+    });
+    for i in sent..sent + 3 {
+        body(i);
+    }
+}
