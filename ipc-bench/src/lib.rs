@@ -1,6 +1,6 @@
-//! The typed-ipc benchmark interface and its server, shared by the `ipc-bench` harness (the
-//! `typed-ipc*` rows) and the `hot-path` and `instructions` binaries (per-call counts); and
-//! pinning a process to a CPU, which all three do.
+//! The typed-ipc benchmark interfaces (blocking and async) and their servers, shared by the
+//! `ipc-bench` harness (the `typed-ipc*` rows) and the `hot-path` and `instructions` binaries
+//! (per-call counts); and pinning a process to a CPU, which all three do.
 
 use std::hint::black_box;
 use std::os::fd::OwnedFd;
@@ -174,6 +174,44 @@ impl Bench for BenchImpl {
     }
 
     fn allocs(&self) -> u64 {
+        (self.allocs)()
+    }
+}
+
+/// What the async rows call: [`Bench`]'s `echo` and `put` as `async fn`s, and `allocs` for
+/// `hot-path`.
+#[interface]
+pub trait AsyncBench {
+    /// Small calls: returns `data` unchanged.
+    async fn echo(&self, data: Vec<u8>) -> Vec<u8>;
+    /// Bulk: takes the bytes as an owned `Vec<u8>`, returns how many arrived.
+    async fn put(&self, data: Blob) -> u64;
+    /// Heap allocations this server process has made so far (0 unless its binary counts).
+    async fn allocs(&self) -> u64;
+}
+
+/// The server side of [`AsyncBench`].
+pub struct AsyncBenchImpl {
+    allocs: fn() -> u64,
+}
+
+impl AsyncBenchImpl {
+    /// A server whose [`AsyncBench::allocs`] reports `allocs()`.
+    pub fn new(allocs: fn() -> u64) -> AsyncBenchImpl {
+        AsyncBenchImpl { allocs }
+    }
+}
+
+impl AsyncBench for AsyncBenchImpl {
+    async fn echo(&self, data: Vec<u8>) -> Vec<u8> {
+        data
+    }
+
+    async fn put(&self, data: Blob) -> u64 {
+        black_box(data.as_bytes()).len() as u64
+    }
+
+    async fn allocs(&self) -> u64 {
         (self.allocs)()
     }
 }

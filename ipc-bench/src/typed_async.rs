@@ -2,38 +2,16 @@
 //! `AsyncConnection`, each side on a current-thread tokio runtime (the server in a real child
 //! process), calls driven with `block_on` from the harness thread.
 
-use std::hint::black_box;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
-use ipc_bench::Blob;
+use ipc_bench::{AsyncBenchClient, AsyncBenchImpl, AsyncBenchServer, Blob};
+use typed_ipc::Socket;
 use typed_ipc::tokio::AsyncConnection;
-use typed_ipc::{Socket, interface};
 
 use crate::system::{Client, Kind, Launcher, MAX_PAYLOAD, System, inherited_fd};
 use crate::typed::{expect, other};
-
-/// What the async rows call: the blocking `Bench`'s `echo` and `put`, as `async fn`s.
-#[interface]
-pub trait AsyncBench {
-    /// Small calls: returns `data` unchanged.
-    async fn echo(&self, data: Vec<u8>) -> Vec<u8>;
-    /// Bulk: takes the bytes as an owned `Vec<u8>`, returns how many arrived.
-    async fn put(&self, data: Blob) -> u64;
-}
-
-struct AsyncBenchImpl;
-
-impl AsyncBench for AsyncBenchImpl {
-    async fn echo(&self, data: Vec<u8>) -> Vec<u8> {
-        data
-    }
-
-    async fn put(&self, data: Blob) -> u64 {
-        black_box(data.as_bytes()).len() as u64
-    }
-}
 
 /// The `typed-ipc/async` row.
 pub struct TypedIpcAsync;
@@ -72,7 +50,7 @@ impl System for TypedIpcAsync {
         let socket = Socket::from_fd(inherited_fd(arg)?).map_err(other)?;
         runtime()?.block_on(async {
             let connection = AsyncConnection::new(socket).map_err(other)?;
-            AsyncBenchServer::new(AsyncBenchImpl)
+            AsyncBenchServer::new(AsyncBenchImpl::new(|| 0))
                 .serve(connection)
                 .await
                 .map_err(other)

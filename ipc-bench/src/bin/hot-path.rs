@@ -15,6 +15,9 @@
 //! received through nix 0.31 (`sendmsg` allocates its control buffer per call, `recvmsg`'s
 //! `ScmRights` a `Vec` of fds) and through stack control buffers (what typed-ipc does).
 //!
+//! After those, the async flavour's 64 B `echo`: a second worker serves `AsyncBench` on a
+//! current-thread tokio runtime, and the client drives each call with `block_on`.
+//!
 //! `--spin` measures instead what `Socket::set_spin` buys and costs across CPUs (client on
 //! CPU 0, server on CPU 1, spin set on both sides): latency and CPU time per 64 B call, for
 //! calls back to back and for calls 1 ms apart.
@@ -30,7 +33,9 @@ use std::time::{Duration, Instant};
 #[path = "../sys.rs"]
 mod sys;
 
-use ipc_bench::{BenchClient, BenchImpl, BenchServer, cpu_ns};
+use ipc_bench::{
+    AsyncBenchClient, AsyncBenchImpl, AsyncBenchServer, BenchClient, BenchImpl, BenchServer, cpu_ns,
+};
 use nix::sys::resource::UsageWho;
 use typed_ipc::worker::{self, Worker};
 
@@ -80,6 +85,9 @@ const CASES: &[&str] = &[
     "#[oneway] sink(Vec<u8>) 64 B",
 ];
 
+/// The async case, measured after [`CASES`] against a worker of its own.
+const ASYNC_CASE: &str = "async echo(Vec<u8>) 64 B";
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
@@ -103,6 +111,15 @@ fn pin() -> Res<()> {
 
 fn child() -> Res<()> {
     ipc_bench::pin(env_num("HOT_PATH_CPU").unwrap_or(0) as usize)?;
+    if std::env::var_os("HOT_PATH_ASYNC").is_some() {
+        return current_thread()?.block_on(async {
+            let connection = typed_ipc::tokio::worker::connection()?;
+            AsyncBenchServer::new(AsyncBenchImpl::new(allocs))
+                .serve(connection)
+                .await?;
+            Ok(())
+        });
+    }
     let connection = worker::connection()?;
     if let Some(us) = env_num("HOT_PATH_SPIN_US") {
         connection.socket().set_spin(Duration::from_micros(us));
@@ -191,17 +208,78 @@ fn parent(args: &[String]) -> Res<()> {
         let server_after = client.allocs()?; // After the oneways: they have all run by now.
         // One `allocs()` call sits inside the server's window: its reply and the next
         // request's receive. It allocates nothing (it is a `ping` with another number).
-        println!(
-            "| `{name}` | {:.2} | {:.2} | {:.2} | {:.2} |",
-            (after - before) as f64 / calls as f64,
-            (server_after - server_before) as f64 / calls as f64,
-            client_cs as f64 / calls as f64,
-            server_cs as f64 / calls as f64
+        print_row(
+            name,
+            calls,
+            [after - before, server_after - server_before],
+            [client_cs, server_cs],
         );
     }
     drop(client);
     worker.wait()?;
+    async_echo(calls)
+}
+
+/// The async flavour's 64 B `echo`, against a worker serving [`AsyncBench`] on a
+/// current-thread runtime, each call driven with `block_on` as the benchmark drives it: one
+/// more row of the same table.
+fn async_echo(calls: u64) -> Res<()> {
+    let runtime = current_thread()?;
+    let mut command = Command::new(std::env::current_exe()?);
+    command.arg("--child").env("HOT_PATH_ASYNC", "1");
+    let (mut worker, connection) = {
+        let _context = runtime.enter(); // the connection's tasks run on this runtime
+        typed_ipc::tokio::worker::spawn(command)?
+    };
+    let client = AsyncBenchClient::new(connection);
+    let payload = vec![0xa5u8; 64];
+    let one = || runtime.block_on(client.echo(payload.clone()));
+    for _ in 0..WARM_UP {
+        one()?;
+    }
+    let server_before = runtime.block_on(client.allocs())?;
+    let (client_cs, server_cs) = (thread_switches(), process_switches(worker.id()));
+    mark("begin", ASYNC_CASE);
+    let before = allocs();
+    for _ in 0..calls {
+        one()?;
+    }
+    let after = allocs();
+    mark("end", ASYNC_CASE);
+    let (client_cs, server_cs) = (
+        thread_switches() - client_cs,
+        process_switches(worker.id()) - server_cs,
+    );
+    // As above, the server's window holds one `allocs()` call besides the echoes: three
+    // allocations (its task, its future, its received bytes), 0.0003 a call over 10,000.
+    let server_after = runtime.block_on(client.allocs())?;
+    print_row(
+        ASYNC_CASE,
+        calls,
+        [after - before, server_after - server_before],
+        [client_cs, server_cs],
+    );
+    drop(client);
+    runtime.block_on(typed_ipc::tokio::worker::wait(&mut worker))?;
     Ok(())
+}
+
+/// One row of the table: allocations and context switches (client, server) per call.
+fn print_row(name: &str, calls: u64, allocs: [u64; 2], switches: [i64; 2]) {
+    let per_call = |n: f64| n / calls as f64;
+    println!(
+        "| `{name}` | {:.2} | {:.2} | {:.2} | {:.2} |",
+        per_call(allocs[0] as f64),
+        per_call(allocs[1] as f64),
+        per_call(switches[0] as f64),
+        per_call(switches[1] as f64)
+    );
+}
+
+fn current_thread() -> Res<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?)
 }
 
 /// Writes a marker line to stderr with one `write(2)`, so the strace log can be cut at it.
@@ -270,16 +348,17 @@ fn under_strace(calls: u64) -> Res<()> {
         }
     }
     let client = client.ok_or("no markers in the trace")?;
-    // The server is the process that ran the most syscalls besides the client.
-    let server = others
-        .into_iter()
-        .max_by_key(|t| t.lines().count())
-        .ok_or("no server trace")?;
     println!("\n| call | side | syscalls/call | which (per call) |");
     println!("| --- | --- | ---: | --- |");
-    for &name in CASES {
+    for &name in CASES.iter().chain([&ASYNC_CASE]) {
         let window = window(&client, name).ok_or(format!("no markers for {name}"))?;
-        for (side, text) in [("client", &client), ("server", &server)] {
+        // The server is the process that ran the most syscalls in the window besides the
+        // client (the async case has a worker of its own).
+        let server = others
+            .iter()
+            .max_by_key(|t| count(t, window).values().sum::<u64>())
+            .ok_or("no server trace")?;
+        for (side, text) in [("client", &client), ("server", server)] {
             let counts = count(text, window);
             let total: u64 = counts.values().sum();
             let which: Vec<String> = counts
