@@ -220,7 +220,7 @@ fn parent(args: &[String]) -> Res<()> {
     async_echo(calls)
 }
 
-/// The async flavour's 64 B `echo`, against a worker serving [`AsyncBench`] on a
+/// The async flavour's 64 B `echo`, against a worker serving [`ipc_bench::AsyncBench`] on a
 /// current-thread runtime, each call driven with `block_on` as the benchmark drives it: one
 /// more row of the same table.
 fn async_echo(calls: u64) -> Res<()> {
