@@ -305,7 +305,7 @@ mod async_flavour {
         });
     }
 
-    const SIZES: [usize; 5] = [2047, 2048, 100_000, (3 << 20) + 5, (32 << 20) + 1];
+    const SIZES: [usize; 5] = [1023, 1024, 100_000, (3 << 20) + 5, (32 << 20) + 1];
 
     #[test]
     fn an_async_parent_and_a_blocking_worker_share_regions() {

@@ -12,7 +12,7 @@
 //! totals divided by 2,000, so start-up and shutdown cancel out. Both processes are pinned to
 //! CPU 0. Instruction counts are exact and repeatable, unlike times on these VMs; they are
 //! how `docs/hot-path.md` tracks the hot path. They measure the fixed cost of a call: callgrind
-//! counts a `rep movsb` once per byte, so copies through the lane (2 KiB and up) look far
+//! counts a `rep movsb` once per byte, so copies through the lane (1 KiB and up) look far
 //! dearer than they run.
 
 use std::path::{Path, PathBuf};

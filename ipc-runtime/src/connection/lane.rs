@@ -12,7 +12,7 @@
 //!
 //! # Protocol
 //!
-//! - A byte string of [`MIN`] (2 KiB) to [`MAX`] (32 MiB) bytes is *placed* in the sender's region, at offset
+//! - A byte string of [`MIN`] (1 KiB) to [`MAX`] (32 MiB) bytes is *placed* in the sender's region, at offset
 //!   0, when the lane is idle and the peer has said that it reads lanes; it is then a
 //!   [`Placed`] reference on the wire (the codec's tag 1), carrying the region's fd the first
 //!   time. At most one string per message is placed; everything else stays inline.

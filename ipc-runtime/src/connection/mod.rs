@@ -24,7 +24,7 @@
 //!
 //! # Byte strings through shared memory
 //!
-//! A `Vec<u8>` (or `#[serde(with = "typed_ipc::bytes")]` field) of 2 KiB to 32 MiB does not go
+//! A `Vec<u8>` (or `#[serde(with = "typed_ipc::bytes")]` field) of 1 KiB to 32 MiB does not go
 //! through the socket: the sender copies it into a shared memory region it owns, made once per
 //! connection, and the receiver copies it out into the `Vec` it hands over with a copy that
 //! tolerates a hostile sender writing meanwhile (see [`shared_region`](crate::shared_region)).

@@ -26,7 +26,7 @@
 //!   the runtime shutting down) is the connection shut down instead.
 //! - **Peer death**: when the peer hangs up or dies, every waiting call gets
 //!   [`Error::Disconnected`] at once.
-//! - **Byte strings** of 2 KiB to 32 MiB go through a shared memory region per connection and
+//! - **Byte strings** of 1 KiB to 32 MiB go through a shared memory region per connection and
 //!   direction, as in the blocking flavour (see [`Connection`](crate::Connection)); a call
 //!   cancelled before its message went out gives its place in the region back.
 //!

@@ -190,8 +190,8 @@ fn a_send_that_must_wait_keeps_its_bytes_and_the_messages_behind_it_in_order() {
         .build()
         .unwrap();
     let client = runtime.block_on(async { super::AsyncConnection::new(ours).unwrap() });
-    // 1 KiB each (under the lane's 2 KiB), numbered.
-    let bytes = |i: u32| i.to_le_bytes().repeat(256);
+    // 512 bytes each (under the lane's 1 KiB), numbered.
+    let bytes = |i: u32| i.to_le_bytes().repeat(128);
     let message = |i: u32| client.oneway(&BULK, 1, Bytes(bytes(i)));
     let mut cx = Context::from_waker(Waker::noop());
     // The peer reads nothing yet: send until its queue is full.
