@@ -107,8 +107,8 @@ pub(crate) struct Placed {
 
 /// Byte strings shorter than this always go inline: no store is asked to take them, so
 /// small messages pay nothing for the out-of-line path. Measured on 2026-12-02 (randomised
-/// A/B, 64 B echo ratios to the floor): a 1 KiB echo through the lane 1.14x, inline 1.17x;
-/// 256 B and 512 B the same either way (`docs/benchmarks-bulk.md`).
+/// A/B, echo round trips against the floor): a 1 KiB echo through the lane 1.14x, inline
+/// 1.17x; 256 B and 512 B the same either way (`docs/benchmarks-bulk.md`).
 pub(crate) const OUT_OF_LINE_MIN: usize = 1 << 10;
 
 /// No fd in [`Placed::fd`].
