@@ -1,5 +1,5 @@
-//! Each thread's reusable memory for the messages it sends and the replies it reads itself,
-//! so a call allocates nothing.
+//! Each thread's reusable memory for the messages it sends (both flavours encode into it) and
+//! the replies it reads itself, so a call allocates nothing.
 
 use std::cell::Cell;
 use std::os::fd::BorrowedFd;
