@@ -1,6 +1,7 @@
 //! The reader role: whichever waiting thread receives the next message, and where what it
 //! receives goes (see the module docs of [`connection`](super)).
 
+use std::collections::hash_map::Entry;
 use std::sync::PoisonError;
 use std::time::Instant;
 
@@ -58,13 +59,10 @@ impl Shared {
     pub(super) fn wait_reply(&self, cookie: u64, deadline: Option<Instant>) -> Result<Frame> {
         let mut state = lock(&self.state);
         loop {
-            if let Some(Some(_)) = state.pending.get(&cookie) {
-                let reply = state
-                    .pending
-                    .remove(&cookie)
-                    .flatten()
-                    .expect("checked above");
-                return reply;
+            if let Entry::Occupied(slot) = state.pending.entry(cookie) {
+                if slot.get().is_some() {
+                    return slot.remove().expect("checked above");
+                }
             }
             if let Some(closed) = state.closed.as_ref().map(Error::duplicate) {
                 state.pending.remove(&cookie);
@@ -177,13 +175,9 @@ impl Shared {
         reader: Reader,
     ) -> (Guard<'a>, Option<Taken>) {
         self.release_reader(&mut state);
-        let envelope = match result.as_ref().map_or_else(
-            |e| match e {
-                Error::FdsDropped { .. } => Envelope::read(&frame.payload).ok(),
-                _ => None,
-            },
-            |()| Envelope::read(&frame.payload).ok(),
-        ) {
+        // A message whose fds were dropped was still received whole: its envelope says whose.
+        let whole = matches!(result, Ok(()) | Err(Error::FdsDropped { .. }));
+        let envelope = match whole.then(|| Envelope::read(&frame.payload).ok()).flatten() {
             Some(envelope) => envelope,
             None => {
                 match result {

@@ -602,7 +602,7 @@ impl Inner {
         // Most messages go out at once: encoded in this thread's buffer and sent without
         // waiting, they allocate nothing. One that would have to wait (the socket full, or
         // another message going out) takes the bytes along.
-        let waiting = with_buffers(|payload, fds| {
+        let (placed, unsent) = with_buffers(|payload, fds| {
             payload.resize(envelope::LEN, 0);
             envelope.write(payload);
             let placed = self.lane.encode(&body, payload, fds)?;
@@ -611,21 +611,18 @@ impl Inner {
                 Err(_) => Ok(false),
             };
             match sent {
-                Ok(true) => Ok(Ok(placed)),
-                Ok(false) => Ok(Err((std::mem::take(payload), fds.clone(), placed))),
+                Ok(true) => Ok((placed, None)),
+                Ok(false) => Ok((placed, Some((std::mem::take(payload), fds.clone())))),
                 Err(e) => {
                     self.lane.abort(placed);
                     Err(e)
                 }
             }
         })?;
-        match waiting {
-            Ok(placed) => Ok(placed),
-            Err((payload, fds, placed)) => self
-                .send_encoded(payload, &fds, placed)
-                .await
-                .map(|()| placed),
+        if let Some((payload, fds)) = unsent {
+            self.send_encoded(payload, &fds, placed).await?;
         }
+        Ok(placed)
     }
 
     pub(super) fn lane(&self) -> &Lane {
