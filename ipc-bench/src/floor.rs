@@ -67,7 +67,7 @@ impl System for Floor {
             },
             payload: vec![0xa5; MAX_PAYLOAD],
             // Room for bincode's length prefix too.
-            reply: vec![0; Kind::Small.sizes().iter().copied().max().unwrap_or(0) + 8],
+            reply: vec![0; Kind::Small.largest() + 8],
             fragment,
             serde: self.serde.then(Vec::new),
         }))

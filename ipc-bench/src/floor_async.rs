@@ -9,6 +9,7 @@
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, OwnedFd};
 
+use ipc_bench::current_thread_runtime;
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
@@ -33,7 +34,7 @@ impl System for FloorAsync {
     fn start(&self, launcher: &mut Launcher) -> io::Result<Box<dyn Client>> {
         let (ours, theirs) = seqpacket_pair()?;
         launcher.spawn_with_fd(theirs)?;
-        let runtime = runtime()?;
+        let runtime = current_thread_runtime()?;
         let sock = {
             let _context = runtime.enter(); // the fd registers with this runtime's reactor
             non_blocking(ours)?
@@ -41,17 +42,17 @@ impl System for FloorAsync {
         Ok(Box::new(AsyncFloorClient {
             sock,
             runtime,
-            payload: vec![0xa5; largest()],
-            reply: vec![0; largest()],
+            payload: vec![0xa5; Kind::Small.largest()],
+            reply: vec![0; Kind::Small.largest()],
         }))
     }
 
     fn serve(&self, arg: &str) -> io::Result<()> {
         let sock = inherited_fd(arg)?;
-        runtime()?.block_on(async {
+        current_thread_runtime()?.block_on(async {
             let sock = non_blocking(sock)?;
             let mut h = [0; HEADER];
-            let mut buf = vec![0u8; largest()];
+            let mut buf = vec![0u8; Kind::Small.largest()];
             loop {
                 let (n, _) = sock
                     .async_io(Interest::READABLE, |fd| {
@@ -79,17 +80,6 @@ impl System for FloorAsync {
             }
         })
     }
-}
-
-fn runtime() -> io::Result<Runtime> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()
-}
-
-/// The largest small-call payload.
-fn largest() -> usize {
-    Kind::Small.sizes().iter().copied().max().unwrap_or(0)
 }
 
 /// `sock`, non-blocking, registered with the current runtime.

@@ -16,6 +16,14 @@ use typed_ipc::interface;
 use typed_ipc::shared_buffer::SealedBuffer;
 use typed_ipc::shared_region::RegionView;
 
+/// The runtime each side of the async rows runs on: current-thread, IO enabled (as a
+/// single-threaded async worker would use).
+pub fn current_thread_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+}
+
 /// Pins the calling thread, and the threads and processes it starts later, to `cpu`.
 pub fn pin(cpu: usize) -> std::io::Result<()> {
     let mut set = CpuSet::new();

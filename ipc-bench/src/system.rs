@@ -31,6 +31,11 @@ impl Kind {
         }
     }
 
+    /// The largest payload of this workload.
+    pub fn largest(self) -> usize {
+        self.sizes().iter().copied().max().unwrap_or(0)
+    }
+
     /// The system whose row at the same size and pass is the 1.00x reference.
     pub fn baseline(self) -> &'static str {
         match self {

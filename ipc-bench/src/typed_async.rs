@@ -6,7 +6,7 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
-use ipc_bench::{AsyncBenchClient, AsyncBenchImpl, AsyncBenchServer, Blob};
+use ipc_bench::{AsyncBenchClient, AsyncBenchImpl, AsyncBenchServer, Blob, current_thread_runtime};
 use typed_ipc::Socket;
 use typed_ipc::tokio::AsyncConnection;
 
@@ -15,12 +15,6 @@ use crate::typed::{expect, other};
 
 /// The `typed-ipc/async` row.
 pub struct TypedIpcAsync;
-
-fn runtime() -> io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()
-}
 
 impl System for TypedIpcAsync {
     fn name(&self) -> &'static str {
@@ -34,7 +28,7 @@ impl System for TypedIpcAsync {
     fn start(&self, launcher: &mut Launcher) -> io::Result<Box<dyn Client>> {
         let (ours, theirs) = Socket::pair().map_err(other)?;
         launcher.spawn_with_fd(OwnedFd::from(theirs))?;
-        let runtime = runtime()?;
+        let runtime = current_thread_runtime()?;
         let connection = {
             let _context = runtime.enter(); // the connection registers with this runtime
             AsyncConnection::new(ours).map_err(other)?
@@ -48,7 +42,7 @@ impl System for TypedIpcAsync {
 
     fn serve(&self, arg: &str) -> io::Result<()> {
         let socket = Socket::from_fd(inherited_fd(arg)?).map_err(other)?;
-        runtime()?.block_on(async {
+        current_thread_runtime()?.block_on(async {
             let connection = AsyncConnection::new(socket).map_err(other)?;
             AsyncBenchServer::new(AsyncBenchImpl::new(|| 0))
                 .serve(connection)

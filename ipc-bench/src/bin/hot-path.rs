@@ -112,7 +112,7 @@ fn pin() -> Res<()> {
 fn child() -> Res<()> {
     ipc_bench::pin(env_num("HOT_PATH_CPU").unwrap_or(0) as usize)?;
     if std::env::var_os("HOT_PATH_ASYNC").is_some() {
-        return current_thread()?.block_on(async {
+        return ipc_bench::current_thread_runtime()?.block_on(async {
             let connection = typed_ipc::tokio::worker::connection()?;
             AsyncBenchServer::new(AsyncBenchImpl::new(allocs))
                 .serve(connection)
@@ -224,7 +224,7 @@ fn parent(args: &[String]) -> Res<()> {
 /// current-thread runtime, each call driven with `block_on` as the benchmark drives it: one
 /// more row of the same table.
 fn async_echo(calls: u64) -> Res<()> {
-    let runtime = current_thread()?;
+    let runtime = ipc_bench::current_thread_runtime()?;
     let mut command = Command::new(std::env::current_exe()?);
     command.arg("--child").env("HOT_PATH_ASYNC", "1");
     let (mut worker, connection) = {
@@ -274,12 +274,6 @@ fn print_row(name: &str, calls: u64, allocs: [u64; 2], switches: [i64; 2]) {
         per_call(switches[0] as f64),
         per_call(switches[1] as f64)
     );
-}
-
-fn current_thread() -> Res<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()?)
 }
 
 /// Writes a marker line to stderr with one `write(2)`, so the strace log can be cut at it.
