@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Randomised A/B of builds of ipc-bench: each round runs every build's quick same-CPU pass once,
-# in a fresh random order, then prints per build and row the mean ratio to the floor, its
-# standard deviation and standard error. Differences of 0.01-0.03x need 14 rounds or more.
+# in a fresh random order, then prints per build and row the mean ratio to the row's baseline
+# (the floor for calls, memcpy for bulk), its standard deviation and standard error.
+# Differences of 0.01-0.03x need 14 rounds or more.
 #
 #   ipc-bench/scripts/ab.sh ROUNDS NAME=BINARY NAME=BINARY... [-- SYSTEMS [SIZES]]
 #
-# SYSTEMS is the `--only` list (default floor,typed-ipc; the floor must be in it for ratios),
-# SIZES a regular expression of the size column (default '64 B|4 KiB'). Copy each build's
+# SYSTEMS is the `--only` list (default floor,typed-ipc; the baseline must be in it for ratios:
+# floor, and memcpy for bulk sizes), SIZES a regular expression of the size column (default
+# '64 B|4 KiB'; bulk sizes are 64 KiB, 1 MiB, 16 MiB). Copy each build's
 # target/release/ipc-bench somewhere first: the binaries must not change while this runs.
 set -euo pipefail
 
@@ -27,7 +29,7 @@ for _ in $(seq "$rounds"); do
         name=${b%%=*}
         "${b#*=}" --quick --only "$systems" --pass same 2>/dev/null |
             awk -F'|' -v b="$name" -v sizes="^ ?($sizes) ?$" '
-                $2 ~ /^ call $/ && $3 ~ sizes && $4 !~ /^ floor $/ {
+                $2 ~ /^ (call|bulk) $/ && $3 ~ sizes && $4 !~ /^ (floor|memcpy) $/ {
                     gsub(/ /, "", $3); gsub(/ /, "", $4); gsub(/ |x/, "", $7)
                     if ($7 != "—") print b, $4 "/" $3, $7
                 }'
