@@ -181,25 +181,14 @@ fn bulk_oneways_arrive_whole_and_in_order() {
 /// A call of `bump` as a hostile client writes it: envelope (with a lane word saying it reads
 /// lanes), then the argument as an out-of-line reference (`Placed`) to `region`'s fd.
 fn raw_bump(socket: &Socket, cookie: u64, fd: Option<&OwnedFd>, offset: u64, len: u64) -> Vec<u8> {
-    let mut msg = vec![1u8, 0, 0, 0x80]; // kind Call, lane word "reads lanes"
-    msg.extend_from_slice(&0u32.to_le_bytes()); // cmd 0: bump
-    msg.extend_from_slice(&cookie.to_le_bytes());
-    msg.extend_from_slice(&BULK_INFO.id.to_le_bytes());
-    msg.extend_from_slice(&BULK_INFO.signature.to_le_bytes());
+    let mut msg = common::call_envelope(&BULK_INFO, 0, cookie); // cmd 0: bump
     msg.push(1); // tag: out of line
     msg.extend_from_slice(&(cookie as u32).to_le_bytes()); // seq
     msg.extend_from_slice(&(if fd.is_some() { 0u32 } else { u32::MAX }).to_le_bytes());
     msg.extend_from_slice(&offset.to_le_bytes());
     msg.extend_from_slice(&len.to_le_bytes());
     let fds: Vec<_> = fd.iter().map(|fd| fd.as_fd()).collect();
-    socket.send(&msg, &fds).unwrap();
-    let reply = socket.recv().unwrap();
-    assert_eq!(
-        &reply.payload[8..16],
-        &cookie.to_le_bytes(),
-        "the reply to our call"
-    );
-    reply.payload
+    common::raw_call(socket, &msg, &fds, cookie)
 }
 
 #[test]

@@ -12,7 +12,8 @@
 //! when the encoder runs with an out-of-line store that takes them (tag 1), a reference to
 //! where the store put them (sequence number, fd index, offset, length): the connection uses
 //! this to move byte strings through a shared region instead of the socket (see
-//! `connection/lane.rs`).
+//! `connection/lane.rs`). [`SharedBytes`] may also be tag 2: a reference to the first bytes,
+//! which the store moved through a pipe, and then the rest of the bytes.
 
 use std::cell::Cell;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -23,6 +24,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::{Error, Result};
+use crate::shared_bytes::SharedBytes;
 
 thread_local! {
     /// What the encode or decode running on this thread works with. Pointers rather than
@@ -37,6 +39,7 @@ thread_local! {
             incoming: Cell::new(None),
             store: Cell::new(None),
             placing: Cell::new(None),
+            piping: Cell::new(false),
         }
     };
 }
@@ -52,6 +55,8 @@ struct Context {
     /// so far (0: none; one per message): set by [`encode_placing`] for one message, and
     /// cleared by a plain [`encode`] nested in it, whose bytes must stay self-contained.
     placing: Cell<Option<(NonNull<dyn OutOfLine>, u32)>>,
+    /// The message being encoded may pipe [`SharedBytes`] ([`encode_placing`]'s `pipe`).
+    piping: Cell<bool>,
 }
 
 /// Sets a context cell for a scope and puts the outer value back when dropped, also when
@@ -89,6 +94,35 @@ pub(crate) trait OutOfLine: Send + Sync {
     fn put(&self, bytes: &[u8]) -> Option<(Placed, Option<RawFd>)>;
     /// Fetches placed bytes while decoding; `fd` is the fd the reference named, if any.
     fn take(&self, placed: &Placed, fd: Option<OwnedFd>) -> std::result::Result<Vec<u8>, String>;
+    /// Offers bytes whose owner the store may keep until the peer has read them, so that
+    /// they can be read from the sender's own pages; at most once per message, like
+    /// [`OutOfLine::put`]. `Some`: the reference to write (how many of the bytes went
+    /// out of line: the rest follow it inline) and an fd the message must carry.
+    fn put_shared(&self, _bytes: &SharedBytes) -> Option<(Piped, Option<RawFd>)> {
+        None
+    }
+    /// Fetches piped bytes while decoding and appends `tail`, the rest of the string.
+    fn take_piped(
+        &self,
+        _piped: &Piped,
+        _fd: Option<OwnedFd>,
+        _tail: &[u8],
+    ) -> std::result::Result<Vec<u8>, String> {
+        Err("a piped byte string, but no pipe to read it from".into())
+    }
+}
+
+/// Where the first bytes of a piped byte string are: the wire form of tag 2, followed by
+/// the rest of the string inline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Piped {
+    /// Which placement of the sender's store this is (acknowledged back to it).
+    pub seq: u32,
+    /// Index of the pipe's fd in the message's table, or [`NO_FD`]: the pipe announced
+    /// before.
+    pub fd: u32,
+    /// How many bytes are in the pipe.
+    pub len: u64,
 }
 
 /// Where an out-of-line byte string is: the wire form of tag 1.
@@ -135,6 +169,26 @@ fn with_current_store<R>(f: impl FnOnce(&dyn OutOfLine) -> R) -> Option<R> {
 /// Offers `bytes` to the store of the [`encode_placing`] running on this thread, unless it
 /// has placed a byte string for this message already.
 fn place(bytes: &[u8]) -> Option<(Placed, Option<RawFd>)> {
+    place_with(|store| {
+        store
+            .put(bytes)
+            .map(|(placed, fd)| (placed.seq, (placed, fd)))
+    })
+}
+
+/// [`place`] for bytes the store may keep hold of ([`OutOfLine::put_shared`]).
+fn place_shared(bytes: &SharedBytes) -> Option<(Piped, Option<RawFd>)> {
+    if !CONTEXT.with(|cx| cx.piping.get()) {
+        return None;
+    }
+    place_with(|store| {
+        store
+            .put_shared(bytes)
+            .map(|(piped, fd)| (piped.seq, (piped, fd)))
+    })
+}
+
+fn place_with<R>(put: impl FnOnce(&dyn OutOfLine) -> Option<(u32, R)>) -> Option<R> {
     CONTEXT.with(|cx| {
         let (store, 0) = cx.placing.get()? else {
             return None;
@@ -142,9 +196,9 @@ fn place(bytes: &[u8]) -> Option<(Placed, Option<RawFd>)> {
         // SAFETY: `placing` is set only by `encode_placing` from a reference that outlives
         // its serialization, and its `Swap` takes it out again (on unwinding too) before
         // returning; we are inside that serialization, on its thread.
-        let (placed, fd) = unsafe { store.as_ref() }.put(bytes)?;
-        cx.placing.set(Some((store, placed.seq)));
-        Some((placed, fd))
+        let (seq, placed) = put(unsafe { store.as_ref() })?;
+        cx.placing.set(Some((store, seq)));
+        Some(placed)
     })
 }
 
@@ -162,19 +216,21 @@ pub fn encode<'a, T: Serialize + ?Sized>(
     buf: &mut Vec<u8>,
     fds: &mut Vec<BorrowedFd<'a>>,
 ) -> Result<()> {
-    encode_with(value, buf, fds, None).1
+    encode_with(value, buf, fds, None, false).1
 }
 
-/// [`encode`] that offers `store` the first byte string of [`OUT_OF_LINE_MIN`] bytes or more.
-/// Returns the `seq` of the placement the store made (0: none), also when encoding failed,
-/// so the caller can give it back.
+/// [`encode`] that offers `store` the first byte string of [`OUT_OF_LINE_MIN`] bytes or more,
+/// and with `pipe` the first [`SharedBytes`] ([`OutOfLine::put_shared`]). Returns the `seq`
+/// of the placement the store made (0: none), also when encoding failed, so the caller can
+/// give it back.
 pub(crate) fn encode_placing<'a, T: Serialize + ?Sized>(
     value: &'a T,
     buf: &mut Vec<u8>,
     fds: &mut Vec<BorrowedFd<'a>>,
     store: &(dyn OutOfLine + 'static),
+    pipe: bool,
 ) -> (u32, Result<()>) {
-    encode_with(value, buf, fds, Some(NonNull::from(store)))
+    encode_with(value, buf, fds, Some(NonNull::from(store)), pipe)
 }
 
 /// The two encodes: `store` set for this message only, or cleared so that a plain encode
@@ -184,6 +240,7 @@ fn encode_with<'a, T: Serialize + ?Sized>(
     buf: &mut Vec<u8>,
     fds: &mut Vec<BorrowedFd<'a>>,
     store: Option<NonNull<dyn OutOfLine>>,
+    pipe: bool,
 ) -> (u32, Result<()>) {
     // Only the lifetime is erased: `index_of` pushes fds that `value` holds, and `value`
     // is borrowed for 'a.
@@ -191,6 +248,7 @@ fn encode_with<'a, T: Serialize + ?Sized>(
     CONTEXT.with(|cx| {
         let _outer = Swap::new(&cx.outgoing, Some(table));
         let _placing = Swap::new(&cx.placing, store.map(|store| (store, 0)));
+        let _piping = Swap::new(&cx.piping, pipe);
         let encoded = options().serialize_into(&mut *buf, value);
         let placed = cx.placing.get().map_or(0, |(_, seq)| seq);
         (placed, encoded.map_err(|e| Error::Encode(e.to_string())))
@@ -361,6 +419,32 @@ impl<T: AsRef<[u8]>> Serialize for Bytes<T> {
     }
 }
 
+/// Writes [`SharedBytes`]: through the store's pipe when it takes them (tag 2: the
+/// reference to the piped part, then the rest inline), otherwise as any byte string.
+pub(crate) fn serialize_shared<S: Serializer>(
+    bytes: &SharedBytes,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeTuple;
+    let Some((mut piped, fd)) = place_shared(bytes) else {
+        return Bytes(bytes.as_ref()).serialize(s);
+    };
+    if let Some(fd) = fd {
+        // SAFETY: the store keeps this fd open until the message is sent.
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        piped.fd = index_of(fd).map_err(serde::ser::Error::custom)?;
+    }
+    let tail = usize::try_from(piped.len)
+        .ok()
+        .and_then(|piped| bytes.as_ref().get(piped..))
+        .ok_or_else(|| serde::ser::Error::custom("the store piped more bytes than it was given"))?;
+    let mut t = s.serialize_tuple(3)?;
+    t.serialize_element(&2u8)?;
+    t.serialize_element(&piped)?;
+    t.serialize_element(&Inline(tail))?;
+    t.end()
+}
+
 /// A byte string written in place, in one go.
 struct Inline<'a>(&'a [u8]);
 
@@ -422,11 +506,26 @@ impl<'de> Deserialize<'de> for Bytes<Vec<u8>> {
                             })?
                             .map_err(A::Error::custom)
                     }
+                    2 => {
+                        let piped: Piped = seq.next_element()?.ok_or_else(missing)?;
+                        let fd = match piped.fd {
+                            NO_FD => None,
+                            index => Some(take(index).map_err(A::Error::custom)?),
+                        };
+                        let tail = seq.next_element::<InlineBuf>()?.ok_or_else(missing)?;
+                        with_current_store(|store| store.take_piped(&piped, fd, &tail.0))
+                            .ok_or_else(|| {
+                                A::Error::custom("a piped byte string, but no pipe to read it from")
+                            })?
+                            .map_err(A::Error::custom)
+                    }
                     tag => Err(A::Error::custom(format!("unknown byte string tag {tag}"))),
                 }
             }
         }
-        d.deserialize_tuple(2, Visitor).map(Bytes)
+        // Up to three elements: the tag, then the bytes (tag 0), a reference (tag 1), or a
+        // reference and the rest of the bytes (tag 2).
+        d.deserialize_tuple(3, Visitor).map(Bytes)
     }
 }
 
@@ -506,7 +605,8 @@ mod tests {
         let store = Greedy::default();
         let (a, b) = (vec![1u8; BIG], vec![2u8; BIG]);
         let (mut buf, mut fds) = (Vec::new(), Vec::new());
-        let (placed, encoded) = encode_placing(&(Bytes(&a), Bytes(&b)), &mut buf, &mut fds, &store);
+        let (placed, encoded) =
+            encode_placing(&(Bytes(&a), Bytes(&b)), &mut buf, &mut fds, &store, false);
         encoded.unwrap();
         assert_eq!(placed, 1);
         assert_eq!(
@@ -540,8 +640,13 @@ mod tests {
         with_store(&store, || encode(&Bytes(&big), &mut alone, &mut Vec::new())).unwrap();
         // Nested in a message's encode that may place.
         let (mut outer, mut fds) = (Vec::new(), Vec::new());
-        let (placed, encoded) =
-            encode_placing(&EncodesInside(big.clone()), &mut outer, &mut fds, &store);
+        let (placed, encoded) = encode_placing(
+            &EncodesInside(big.clone()),
+            &mut outer,
+            &mut fds,
+            &store,
+            false,
+        );
         encoded.unwrap();
         assert_eq!(placed, 0);
         assert!(store.taken.lock().unwrap().is_empty());

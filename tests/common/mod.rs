@@ -7,6 +7,10 @@ use std::os::fd::OwnedFd;
 use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
 
+use std::os::fd::BorrowedFd;
+use typed_ipc::Socket;
+use typed_ipc::service::InterfaceInfo;
+
 /// Open fds of this process.
 pub fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
@@ -48,4 +52,28 @@ pub fn child(name: &str) -> Command {
     ]);
     c.stdout(std::process::Stdio::null()); // the child's test summary is noise here
     c
+}
+
+/// The envelope of a call to `iface`'s method `cmd` as a hand-written (possibly hostile)
+/// client writes it, with a lane word saying it reads lanes; the arguments go after it.
+pub fn call_envelope(iface: &InterfaceInfo, cmd: u32, cookie: u64) -> Vec<u8> {
+    let mut msg = vec![1u8, 0, 0, 0x80]; // kind Call, lane word "reads lanes"
+    msg.extend_from_slice(&cmd.to_le_bytes());
+    msg.extend_from_slice(&cookie.to_le_bytes());
+    msg.extend_from_slice(&iface.id.to_le_bytes());
+    msg.extend_from_slice(&iface.signature.to_le_bytes());
+    msg
+}
+
+/// Sends the raw call `msg` (its envelope from [`call_envelope`] with `cookie`) and returns
+/// the payload of the reply, checked to be the reply to it.
+pub fn raw_call(socket: &Socket, msg: &[u8], fds: &[BorrowedFd<'_>], cookie: u64) -> Vec<u8> {
+    socket.send(msg, fds).unwrap();
+    let reply = socket.recv().unwrap();
+    assert_eq!(
+        &reply.payload[8..16],
+        &cookie.to_le_bytes(),
+        "the reply to our call"
+    );
+    reply.payload
 }

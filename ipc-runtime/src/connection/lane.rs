@@ -37,6 +37,12 @@
 //!   first datagram). While it is busy, byte strings go inline: nobody waits, and nothing
 //!   deadlocks. A peer that never acknowledges (a oneway stream it never answers, a hostile
 //!   peer) costs speed, not correctness.
+//! - A call's [`SharedBytes`] of [`PIPE_MIN`] to 1 MiB are *piped* instead (the codec's tag
+//!   2): `vmsplice`d into this end's pipe ([`crate::pipe`]), which the receiver copies them
+//!   out of, one copy instead of two. Same sequence numbers, acknowledgement and busy lane;
+//!   in addition the lane keeps a clone of the bytes until the acknowledgement (the receiver
+//!   reads the sender's own pages), and a placement given back unread is emptied out of the
+//!   pipe before the lane is idle again, so the next one starts at the front.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -45,9 +51,11 @@ use std::sync::{Mutex, PoisonError};
 use serde::Serialize;
 
 use super::envelope::{self, Kind};
-use crate::codec::{self, NO_FD, OutOfLine, Placed};
+use crate::codec::{self, NO_FD, OutOfLine, Piped, Placed};
 use crate::error::Result;
 use crate::frame::Frame;
+use crate::pipe::{self, InPipe, OutPipe};
+use crate::shared_bytes::SharedBytes;
 use crate::shared_region::{RegionView, SharedRegion};
 
 /// Smallest byte string placed. Placing saves the kernel's two copies of the bytes; at 4 KiB
@@ -60,6 +68,13 @@ pub(crate) const MAX: usize = 32 << 20;
 /// Smallest region made (grown to the next power of two above a larger string): small
 /// strings cost a connection 64 KiB of shared memory per direction, not the largest size.
 const MIN_REGION: usize = 64 << 10;
+/// Smallest [`SharedBytes`] piped; smaller ones go the way of any byte string. Measured
+/// (randomised A/B, docs/benchmarks-bulk.md): at 64 KiB the pipe's page pinning and
+/// page-by-page copy cost more than the region's two copies, at 128 KiB the same, from
+/// 256 KiB less.
+const PIPE_MIN: usize = 128 << 10;
+/// The most a string's first and last pages leave outside the pipe.
+const PAGE: usize = 4096;
 
 const READS_LANES: u32 = 1 << 23;
 /// Bits of a sequence number in the lane word.
@@ -77,6 +92,8 @@ pub(crate) struct Lane {
     peer_reads: AtomicBool,
     /// The peer's region, as last announced.
     incoming: Mutex<Option<RegionView>>,
+    /// The peer's pipe, as last announced.
+    incoming_pipe: Mutex<Option<InPipe>>,
     /// Sequence number of the last placement of the peer's this end is done with, with
     /// [`UNREAD`] if it was not read.
     consumed: AtomicU32,
@@ -91,6 +108,13 @@ struct Outgoing {
     announcing: Option<u32>,
     announced: bool,
     last_seq: u32,
+    /// This end's pipe: `None` until first wanted, `Some(None)` if it could not be made.
+    pipe: Option<Option<OutPipe>>,
+    /// The placement whose message carried the pipe's read end.
+    pipe_announcing: Option<u32>,
+    pipe_announced: bool,
+    /// The bytes of the placement in the pipe, kept unchanged until the peer has read them.
+    pinned: Option<(u32, SharedBytes)>,
 }
 
 impl Lane {
@@ -101,6 +125,7 @@ impl Lane {
             busy: AtomicU32::new(0),
             peer_reads: AtomicBool::new(false),
             incoming: Mutex::new(None),
+            incoming_pipe: Mutex::new(None),
             consumed: AtomicU32::new(0),
             max_len: max_len.min(MAX),
         }
@@ -159,13 +184,24 @@ impl Lane {
         }
     }
 
-    /// The placement `seq` is no longer read by the peer: the lane is idle again. (A stale
-    /// `announcing` left behind only matters to an `abort` of the same sequence number, which
-    /// would announce the region once more: harmless.)
+    /// The placement `seq` is no longer read by the peer: the lane is idle again, and bytes
+    /// it piped may change. (A stale `announcing` left behind only matters to an `abort` of
+    /// the same sequence number, which would announce the region once more: harmless.)
     pub(crate) fn release(&self, seq: u32) {
-        let _ = self
+        if self
             .busy
-            .compare_exchange(seq, 0, Ordering::AcqRel, Ordering::Relaxed);
+            .compare_exchange(seq, 0, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            let mut out = self.out.lock().unwrap_or_else(PoisonError::into_inner);
+            if out
+                .pinned
+                .as_ref()
+                .is_some_and(|(pinned, _)| *pinned == seq)
+            {
+                out.pinned = None;
+            }
+        }
     }
 
     /// The peer will never read placement `seq`: its message was not sent, or was refused
@@ -179,6 +215,22 @@ impl Lane {
         if out.announcing == Some(seq) {
             out.announcing = None;
             out.announced = false;
+        }
+        if out.pipe_announcing == Some(seq) {
+            out.pipe_announcing = None;
+            out.pipe_announced = false;
+        }
+        // Emptied before the lane is idle again (and under `out`, which a new placement
+        // needs), so the next string cannot land behind these bytes.
+        if out
+            .pinned
+            .as_ref()
+            .is_some_and(|(pinned, _)| *pinned == seq)
+        {
+            if let Some(Some(pipe)) = &out.pipe {
+                pipe.drain();
+            }
+            out.pinned = None;
         }
         let _ = self
             .busy
@@ -195,7 +247,11 @@ impl Lane {
         buf: &mut Vec<u8>,
         fds: &mut Vec<BorrowedFd<'a>>,
     ) -> Result<u32> {
-        let (placed, encoded) = codec::encode_placing(body, buf, fds, self);
+        // Only a call's request pipes: its reply acknowledges the bytes, so the lane holds
+        // them for the length of a call, not until some later message (a oneway's or a
+        // reply's bytes could be pinned long after the sender is done with them).
+        let pipe = envelope::kind_byte(buf) == Some(Kind::Call as u8);
+        let (placed, encoded) = codec::encode_placing(body, buf, fds, self, pipe);
         // Read after encoding: acknowledges what was copied out up to this moment.
         envelope::set_lane(buf, self.word(placed));
         match encoded {
@@ -228,7 +284,93 @@ fn newer(a: u32, b: u32) -> bool {
     ahead != 0 && ahead < SEQ_MASK / 2
 }
 
+impl Drop for Outgoing {
+    fn drop(&mut self) {
+        // Bytes still pinned were never acknowledged (a call given up, then the connection
+        // dropped): once their owner lets go they may change, so the peer must not read
+        // them. A late read finds the pipe short and refuses the message.
+        if let (Some(_), Some(Some(pipe))) = (&self.pinned, &self.pipe) {
+            pipe.drain();
+        }
+    }
+}
+
 impl OutOfLine for Lane {
+    fn put_shared(&self, bytes: &SharedBytes) -> Option<(Piped, Option<RawFd>)> {
+        let len = bytes.len();
+        if !(PIPE_MIN..=pipe::CAPACITY).contains(&len)
+            || !self.peer_reads.load(Ordering::Relaxed)
+            || self.busy.load(Ordering::Acquire) != 0
+        {
+            return None;
+        }
+        let mut out = self.out.try_lock().ok()?;
+        if self.busy.load(Ordering::Acquire) != 0 {
+            return None; // as in `put`
+        }
+        let out = &mut *out;
+        let pipe = out
+            .pipe
+            .get_or_insert_with(|| OutPipe::new().ok())
+            .as_ref()?;
+        // All of it, or all but the last page's worth when it starts mid-page (the pipe
+        // holds whole pages); anything less means the pipe was not empty (a peer that
+        // acknowledged bytes it did not read), and the bytes would mostly go inline.
+        let spliced = pipe.splice(bytes);
+        if spliced + PAGE < len {
+            pipe.drain();
+            return None;
+        }
+        let seq = (out.last_seq % SEQ_MASK) + 1;
+        self.busy.store(seq, Ordering::Release);
+        out.last_seq = seq;
+        let fd = (!out.pipe_announced).then(|| pipe.read_end().as_raw_fd());
+        if fd.is_some() {
+            out.pipe_announced = true;
+            out.pipe_announcing = Some(seq);
+        }
+        out.pinned = Some((seq, bytes.clone()));
+        let piped = Piped {
+            seq,
+            fd: NO_FD,
+            len: spliced as u64,
+        };
+        Some((piped, fd))
+    }
+
+    fn take_piped(
+        &self,
+        piped: &Piped,
+        fd: Option<OwnedFd>,
+        tail: &[u8],
+    ) -> Result<Vec<u8>, String> {
+        let mut incoming = self
+            .incoming_pipe
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(fd) = fd {
+            *incoming = Some(InPipe::new(fd).map_err(|e| e.to_string())?);
+        }
+        let pipe = incoming
+            .as_ref()
+            .ok_or("a piped byte string, but the peer announced no pipe")?;
+        let len = match usize::try_from(piped.len) {
+            Ok(len) if len <= pipe::CAPACITY && len + tail.len() <= self.max_len => len,
+            _ => {
+                return Err(format!(
+                    "a piped byte string of {} + {} bytes (at most {} accepted)",
+                    piped.len,
+                    tail.len(),
+                    self.max_len.min(pipe::CAPACITY)
+                ));
+            }
+        };
+        let mut bytes = pipe.read_vec(len, tail.len()).map_err(|e| e.to_string())?;
+        bytes.extend_from_slice(tail);
+        self.done_with(piped.seq & SEQ_MASK, 0);
+        Ok(bytes)
+    }
+
     fn put(&self, bytes: &[u8]) -> Option<(Placed, Option<RawFd>)> {
         let len = bytes.len();
         if !(MIN..=MAX).contains(&len)

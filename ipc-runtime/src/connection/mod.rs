@@ -33,6 +33,17 @@
 //! ever waits for the region. Each end that sends such strings keeps one region (64 KiB, or
 //! the next power of two above the largest string it sent, up to 32 MiB) open for the
 //! connection's lifetime. The async flavour does the same, on the same wire.
+//!
+//! A [`SharedBytes`](crate::SharedBytes) argument of a call, 128 KiB to 1 MiB, goes with one
+//! copy instead: its pages are `vmsplice`d into a pipe the caller's end makes once per
+//! connection (read end sent to the peer the first time), and the receiver copies them out
+//! of the pipe into its `Vec`. The receiver reads the sender's own pages, so the lane keeps
+//! a clone of the `SharedBytes` until the peer has read them (a call's reply says so; a
+//! call given up keeps them until the peer's next message), and a connection dropped
+//! before then empties the pipe, so the peer refuses the late request rather than read
+//! bytes that may have changed. Oneway messages and replies never pipe: nothing would
+//! bound how long their bytes stay pinned. Neither end waits on the pipe, and a peer
+//! announcing bytes its pipe does not hold fails the call at once.
 
 pub(crate) mod admit;
 pub(crate) mod buffers;

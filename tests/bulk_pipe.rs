@@ -1,0 +1,438 @@
+//! `SharedBytes` through the connection's pipe: across real processes, with the string
+//! starting mid-page, with the owner's buffer rewritten between calls, alongside the region,
+//! for oneways and replies (which never pipe), and against a peer that announces bytes its
+//! pipe does not hold.
+
+mod common;
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use common::{child, fd_count_lock, open_fds};
+use typed_ipc::worker::{self, Exit, Worker};
+use typed_ipc::{Connection, SharedBytes, Socket, interface};
+
+#[interface]
+pub trait Sink {
+    /// The checksum of `data`.
+    fn sum(&self, data: SharedBytes) -> u64;
+    /// The checksums of two strings sent in one message.
+    fn sums(&self, a: SharedBytes, b: SharedBytes) -> (u64, u64);
+    /// `len` bytes made by `fill` with `seed`: a reply of `SharedBytes`.
+    fn make(&self, len: u64, seed: u64) -> SharedBytes;
+    /// Remembers the checksum of `data`.
+    #[oneway]
+    fn feed(&self, data: SharedBytes);
+    /// The checksums of everything fed or summed so far, in order.
+    fn fed(&self) -> Vec<u64>;
+    /// Pipes (either end) this process holds open.
+    fn pipes(&self) -> u64;
+    /// Tells the test it is here, then waits until the test lets it go.
+    #[oneway]
+    fn hold(&self);
+}
+
+#[derive(Default)]
+struct SinkImpl {
+    fed: Arc<Mutex<Vec<u64>>>,
+    /// `hold`'s channels: "entered" to the test, "go" (closed) from it.
+    gate: Option<(Sender<()>, Mutex<Receiver<()>>)>,
+}
+
+impl Sink for SinkImpl {
+    fn sum(&self, data: SharedBytes) -> u64 {
+        let sum = checksum(&data);
+        self.fed.lock().unwrap().push(sum);
+        sum
+    }
+    fn sums(&self, a: SharedBytes, b: SharedBytes) -> (u64, u64) {
+        (checksum(&a), checksum(&b))
+    }
+    fn make(&self, len: u64, seed: u64) -> SharedBytes {
+        let mut v = vec![0; len as usize];
+        fill(&mut v, seed);
+        SharedBytes::from(v)
+    }
+    fn feed(&self, data: SharedBytes) {
+        self.fed.lock().unwrap().push(checksum(&data));
+    }
+    fn fed(&self) -> Vec<u64> {
+        self.fed.lock().unwrap().clone()
+    }
+    fn pipes(&self) -> u64 {
+        pipes()
+    }
+    fn hold(&self) {
+        if let Some((entered, go)) = &self.gate {
+            entered.send(()).unwrap();
+            let _ = go.lock().unwrap().recv();
+        }
+    }
+}
+
+/// Pipe ends open in this process.
+fn pipes() -> u64 {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with("pipe:"))
+        .count() as u64
+}
+
+fn checksum(data: &[u8]) -> u64 {
+    data.iter().enumerate().fold(0u64, |sum, (i, &b)| {
+        sum.wrapping_mul(31).wrapping_add(b as u64 ^ i as u64)
+    })
+}
+
+/// Fills `buf` with bytes that differ for every `seed`.
+fn fill(buf: &mut [u8], seed: u64) {
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = ((i as u64).wrapping_mul(seed | 1) >> 3) as u8 ^ seed as u8;
+    }
+}
+
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_sink() {
+    SinkServer::new(SinkImpl::default())
+        .serve(worker::connection().unwrap())
+        .unwrap();
+}
+
+#[test]
+fn shared_bytes_cross_through_a_pipe_and_the_owner_may_rewrite_them_after_the_call() {
+    let _fds = fd_count_lock();
+    let before = open_fds();
+    let (mut child, conn) = Worker::spawn(child("child_sink")).unwrap();
+    let sink = SinkClient::new(conn);
+    let (our_pipes, workers_pipes) = (pipes(), sink.pipes().unwrap());
+    // One buffer, reused: after each call the owner is its only holder again and rewrites
+    // it, so bytes read late (after the call) would show as a wrong checksum.
+    let mut buf = Arc::new(vec![0u8; 3 << 20]);
+    // (start, len): from the pipe's smallest string up to a whole MiB starting mid-page
+    // (whose last bytes cannot fit the pipe and follow inline), then sizes for the region.
+    let cases = [
+        (0, 128 << 10),
+        (1, 200_003),
+        (4095, 1 << 20),
+        (17, (1 << 20) - 17),
+        (0, (1 << 20) + 1),
+        (3, (128 << 10) - 1),
+        (5, 2 << 20),
+    ];
+    for round in 0..3u64 {
+        for (i, &(start, len)) in cases.iter().enumerate() {
+            let seed = round * 100 + i as u64;
+            fill(
+                Arc::get_mut(&mut buf).expect("the connection let go of the bytes"),
+                seed,
+            );
+            let want = checksum(&buf[start..start + len]);
+            let bytes = SharedBytes::from(Arc::clone(&buf)).slice(start..start + len);
+            assert_eq!(
+                sink.sum(bytes).unwrap(),
+                want,
+                "{len} B at {start}, round {round}"
+            );
+        }
+    }
+    // The client made one pipe (both its ends stay here) and sent the worker its read end.
+    assert_eq!(pipes(), our_pipes + 2);
+    assert_eq!(sink.pipes().unwrap(), workers_pipes + 1);
+    // Two big strings in one message: one through the pipe, the other through the region.
+    let (a, b) = (vec![1u8; 200_000], vec![2u8; 300_000]);
+    let (sa, sb) = (checksum(&a), checksum(&b));
+    assert_eq!(
+        sink.sums(SharedBytes::from(a), SharedBytes::from(b))
+            .unwrap(),
+        (sa, sb)
+    );
+    drop(sink);
+    assert_eq!(child.wait().unwrap(), Exit::Code(0));
+    drop(child);
+    assert_eq!(open_fds(), before, "the pipe is closed with its connection");
+}
+
+#[test]
+fn oneways_and_replies_do_not_pipe_and_arrive_whole() {
+    let _fds = fd_count_lock();
+    let (mut child, conn) = Worker::spawn(child("child_sink")).unwrap();
+    let sink = SinkClient::new(conn);
+    let (our_pipes, workers_pipes) = (pipes(), sink.pipes().unwrap());
+    let sent: Vec<Vec<u8>> = (0..8)
+        .map(|i| {
+            let mut v = vec![0; (64 << 10) + i * 10_001];
+            fill(&mut v, i as u64);
+            v
+        })
+        .collect();
+    for data in &sent {
+        sink.feed(SharedBytes::from(data.clone())).unwrap();
+    }
+    let want: Vec<u64> = sent.iter().map(|d| checksum(d)).collect();
+    assert_eq!(sink.fed().unwrap(), want);
+    // A reply of `SharedBytes` is bytes like any other.
+    let mut want = vec![0; 500_000];
+    fill(&mut want, 99);
+    assert!(
+        sink.make(500_000, 99).unwrap() == SharedBytes::from(want),
+        "made bytes"
+    );
+    // Neither side made a pipe.
+    assert_eq!(pipes(), our_pipes);
+    assert_eq!(sink.pipes().unwrap(), workers_pipes);
+    drop(sink);
+    assert_eq!(child.wait().unwrap(), Exit::Code(0));
+}
+
+/// A call of `sum` as a hostile client writes it: envelope (with a lane word saying it reads
+/// lanes), then the argument as a piped reference to `pipe` (if given) claiming `len`
+/// bytes, and `tail` inline.
+fn raw_sum(socket: &Socket, cookie: u64, pipe: Option<&OwnedFd>, len: u64, tail: &[u8]) -> Vec<u8> {
+    let mut msg = common::call_envelope(&SINK_INFO, 0, cookie); // cmd 0: sum
+    msg.push(2); // tag: piped
+    msg.extend_from_slice(&(cookie as u32).to_le_bytes()); // seq
+    msg.extend_from_slice(&(if pipe.is_some() { 0u32 } else { u32::MAX }).to_le_bytes());
+    msg.extend_from_slice(&len.to_le_bytes());
+    msg.extend_from_slice(&(tail.len() as u64).to_le_bytes());
+    msg.extend_from_slice(tail);
+    let fds: Vec<_> = pipe.iter().map(|fd| fd.as_fd()).collect();
+    common::raw_call(socket, &msg, &fds, cookie)
+}
+
+#[test]
+fn a_peer_announcing_bytes_its_pipe_lacks_fails_the_call_at_once_not_the_server() {
+    let _fds = fd_count_lock();
+    let before = open_fds();
+    let (ours, theirs) = Socket::pair().unwrap();
+    let server = std::thread::spawn(move || {
+        SinkServer::new(SinkImpl::default()).serve(Connection::new(theirs))
+    });
+    let failure = |payload: &[u8], why: &str| {
+        assert_eq!(payload[0], 4, "a failure reply");
+        let text = String::from_utf8_lossy(payload);
+        assert!(text.contains(why), "{why:?} not in {text:?}");
+    };
+    failure(&raw_sum(&ours, 1, None, 10, b""), "announced no pipe");
+    // A memfd is not a pipe.
+    let memfd: OwnedFd = common::memfd(&[7; 100]);
+    failure(&raw_sum(&ours, 2, Some(&memfd), 10, b""), "not a pipe");
+    // A pipe holding fewer bytes than announced: refused at once, nothing waits for more
+    // (we keep the write end open, so a blocking read would hang).
+    let (read, write) = nix::unistd::pipe().unwrap();
+    nix::unistd::write(&write, &[9; 1000]).unwrap();
+    failure(
+        &raw_sum(&ours, 3, Some(&read), 5000, b""),
+        "holds 1000 bytes",
+    );
+    // More than a pipe can hold, before anything is allocated.
+    failure(&raw_sum(&ours, 4, None, 1 << 40, b""), "at most");
+    // And the server still serves: the 1000 bytes and a tail make one string.
+    let ok = raw_sum(&ours, 5, None, 1000, b"xyz");
+    assert_eq!(ok[0], 3, "a reply");
+    let mut want = vec![9; 1000];
+    want.extend_from_slice(b"xyz");
+    assert!(ok.ends_with(&checksum(&want).to_le_bytes()), "{ok:?}");
+    assert_eq!(
+        &ok[1..4],
+        &[5, 0, 0x80],
+        "the reply acknowledged placement 5"
+    );
+    drop((ours, read, write, memfd));
+    server.join().unwrap().unwrap();
+    assert_eq!(open_fds(), before);
+}
+
+/// `Sink` as `async fn`s: the same interface on the wire.
+#[cfg(feature = "tokio")]
+mod asynchronous {
+    use typed_ipc::SharedBytes;
+
+    #[typed_ipc::interface]
+    pub trait Sink {
+        async fn sum(&self, data: SharedBytes) -> u64;
+        async fn sums(&self, a: SharedBytes, b: SharedBytes) -> (u64, u64);
+        async fn make(&self, len: u64, seed: u64) -> SharedBytes;
+        #[oneway]
+        async fn feed(&self, data: SharedBytes);
+        async fn fed(&self) -> Vec<u64>;
+        async fn pipes(&self) -> u64;
+        #[oneway]
+        async fn hold(&self);
+    }
+}
+
+/// The async flavour pipes its calls' `SharedBytes` too, to a blocking worker.
+#[cfg(feature = "tokio")]
+#[test]
+fn an_async_caller_pipes_shared_bytes_to_a_blocking_worker() {
+    let _fds = fd_count_lock();
+    let before = open_fds();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let (mut child, conn) = typed_ipc::tokio::worker::spawn(child("child_sink")).unwrap();
+        let sink = asynchronous::SinkClient::new(conn);
+        let workers_pipes = sink.pipes().await.unwrap();
+        let mut buf = Arc::new(vec![0u8; 1 << 20]);
+        for round in 0..3u64 {
+            for len in [64 << 10, 300_001, (1 << 20) - 1] {
+                fill(Arc::get_mut(&mut buf).expect("let go"), round ^ len as u64);
+                let want = checksum(&buf[1..1 + len]);
+                let bytes = SharedBytes::from(Arc::clone(&buf)).slice(1..1 + len);
+                assert_eq!(
+                    sink.sum(bytes).await.unwrap(),
+                    want,
+                    "{len} B, round {round}"
+                );
+            }
+        }
+        assert_eq!(sink.pipes().await.unwrap(), workers_pipes + 1);
+        drop(sink);
+        assert_eq!(
+            typed_ipc::tokio::worker::wait(&mut child).await.unwrap(),
+            Exit::Code(0)
+        );
+    });
+    drop(runtime);
+    assert_eq!(open_fds(), before);
+}
+
+/// An in-process server whose one serving thread is held in `hold`, reading nothing, until
+/// `go` is dropped; the checksums it has summed; and a client that knows it reads lanes.
+struct Held {
+    sink: SinkClient,
+    go: Sender<()>,
+    fed: Arc<Mutex<Vec<u64>>>,
+    server: JoinHandle<typed_ipc::Result<()>>,
+}
+
+/// Calls `sum` with `bytes`, which the held server cannot answer: the call times out.
+fn give_up_sum(sink: &SinkClient, bytes: SharedBytes) {
+    let late = sink
+        .with_timeout(std::time::Duration::from_millis(20))
+        .sum(bytes);
+    assert!(matches!(late, Err(typed_ipc::Error::TimedOut)), "{late:?}");
+}
+
+fn held_server() -> Held {
+    let (ours, theirs) = Connection::pair().unwrap();
+    let (entered, held) = channel();
+    let (go, wait) = channel();
+    let fed = Arc::new(Mutex::new(Vec::new()));
+    let sink = SinkImpl {
+        fed: fed.clone(),
+        gate: Some((entered, Mutex::new(wait))),
+    };
+    let server = std::thread::spawn(move || SinkServer::new(sink).serve(theirs));
+    let sink = SinkClient::new(ours);
+    sink.pipes().unwrap(); // a first reply: the server reads lanes
+    sink.hold().unwrap();
+    held.recv().unwrap();
+    Held {
+        sink,
+        go,
+        fed,
+        server,
+    }
+}
+
+/// A call given up before the peer read its bytes leaves them pinned: the owner cannot
+/// rewrite them (`Arc::get_mut` fails) until the peer has read them, so the peer reads what
+/// was sent, late as it is.
+#[test]
+fn the_bytes_of_a_call_given_up_stay_pinned_until_the_peer_has_read_them() {
+    let _fds = fd_count_lock(); // opens fds: keep them out of the counting tests' windows
+    let Held {
+        sink,
+        go,
+        fed,
+        server,
+    } = held_server();
+    let mut buf = Arc::new(vec![0u8; 200_000]);
+    fill(Arc::get_mut(&mut buf).unwrap(), 1);
+    let want = checksum(&buf);
+    give_up_sum(&sink, SharedBytes::from(Arc::clone(&buf)));
+    assert!(
+        Arc::get_mut(&mut buf).is_none(),
+        "the connection still holds the bytes the server has not read"
+    );
+    drop(go);
+    // The server read the given-up call's bytes as they were sent; its replies acknowledged
+    // them, and the owner has its buffer back.
+    assert_eq!(sink.fed().unwrap(), vec![want]);
+    assert_eq!(*fed.lock().unwrap(), vec![want]);
+    fill(Arc::get_mut(&mut buf).expect("let go once read"), 2);
+    drop(sink);
+    server.join().unwrap().unwrap();
+}
+
+/// A call refused unread leaves its bytes in the pipe: the sender empties it, announces the
+/// pipe again (the refused message's fd was closed unread), and the next strings read right.
+#[test]
+fn a_refused_call_empties_the_pipe_and_announces_it_again() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let _fds = fd_count_lock(); // opens fds: keep them out of the counting tests' windows
+    let (ours, theirs) = Connection::pair().unwrap();
+    let refuse = Arc::new(AtomicBool::new(false));
+    theirs.set_authorizer({
+        let refuse = refuse.clone();
+        move |_, _, _| match refuse.load(Ordering::SeqCst) {
+            true => Err("not now".into()),
+            false => Ok(()),
+        }
+    });
+    let server = std::thread::spawn(move || SinkServer::new(SinkImpl::default()).serve(theirs));
+    let sink = SinkClient::new(ours);
+    // The first reply tells us the server reads lanes.
+    assert_eq!(sink.fed().unwrap(), Vec::<u64>::new());
+    refuse.store(true, Ordering::SeqCst);
+    for round in 0..2u8 {
+        let refused = sink.sum(SharedBytes::from(vec![round; 200_000]));
+        assert!(
+            matches!(refused, Err(typed_ipc::Error::Refused(_))),
+            "{refused:?}"
+        );
+    }
+    refuse.store(false, Ordering::SeqCst);
+    for round in 0..3u64 {
+        let mut data = vec![0; 300_000];
+        fill(&mut data, round);
+        let want = checksum(&data);
+        assert_eq!(
+            sink.sum(SharedBytes::from(data)).unwrap(),
+            want,
+            "round {round}"
+        );
+    }
+    drop(sink);
+    server.join().unwrap().unwrap();
+}
+
+/// A connection dropped with bytes its peer has not read yet takes them back: once their
+/// owner lets go they may change, so the late request is refused rather than read.
+#[test]
+fn a_dropped_connection_takes_back_the_bytes_its_peer_had_not_read() {
+    let _fds = fd_count_lock(); // opens fds: keep them out of the counting tests' windows
+    let Held {
+        sink,
+        go,
+        fed,
+        server,
+    } = held_server();
+    give_up_sum(&sink, SharedBytes::from(vec![7; 200_000]));
+    drop(sink);
+    drop(go);
+    server.join().unwrap().unwrap();
+    assert_eq!(
+        *fed.lock().unwrap(),
+        Vec::<u64>::new(),
+        "the late call was not run"
+    );
+}
