@@ -4,7 +4,6 @@
 
 use std::hint::black_box;
 use std::os::fd::OwnedFd;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
@@ -12,9 +11,9 @@ use nix::sched::{CpuSet, sched_setaffinity};
 use nix::sys::resource::{UsageWho, getrusage};
 use nix::unistd::Pid;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use typed_ipc::interface;
 use typed_ipc::shared_buffer::SealedBuffer;
 use typed_ipc::shared_region::RegionView;
+use typed_ipc::{SharedBytes, interface};
 
 /// The runtime each side of the async rows runs on: current-thread, IO enabled (as a
 /// single-threaded async worker would use).
@@ -80,13 +79,14 @@ pub struct Echoed {
 /// Bulk bytes: sent from a buffer the sender already has, received as an owned `Vec<u8>`.
 ///
 /// On the wire this is exactly a `Vec<u8>` parameter (one byte string, decoded by the same
-/// code); only the sender differs, which serializes a slice of a shared buffer instead of
-/// giving up a `Vec` it would have to rebuild for the next call. Producing the data is the
-/// caller's business, not the transport's, so the bulk rows do not time it.
+/// code); only the sender differs: it sends part of a buffer it keeps, as
+/// [`SharedBytes`], instead of giving up a `Vec` it would have to
+/// rebuild for the next call, so from 128 KiB to 1 MiB the connection pipes it (one copy). Producing the
+/// data is the caller's business, not the transport's, so the bulk rows do not time it.
 #[derive(Debug)]
 pub enum Blob {
-    /// The first `.1` bytes of a buffer the sender keeps.
-    Shared(Arc<Vec<u8>>, usize),
+    /// Bytes of a buffer the sender keeps.
+    Shared(SharedBytes),
     /// Received bytes.
     Owned(Vec<u8>),
 }
@@ -95,7 +95,7 @@ impl Blob {
     /// The bytes.
     pub fn as_bytes(&self) -> &[u8] {
         match self {
-            Blob::Shared(buf, len) => &buf[..*len],
+            Blob::Shared(bytes) => bytes,
             Blob::Owned(v) => v,
         }
     }
@@ -103,7 +103,10 @@ impl Blob {
 
 impl Serialize for Blob {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        typed_ipc::bytes::serialize(self.as_bytes(), s)
+        match self {
+            Blob::Shared(bytes) => bytes.serialize(s),
+            Blob::Owned(v) => typed_ipc::bytes::serialize(v, s),
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use ipc_bench::{BenchClient, BenchImpl, BenchServer, Blob, checksum_of_fill, cpu
 use nix::sys::resource::UsageWho;
 use typed_ipc::shared_buffer::{SealedBuffer, SharedBuffer};
 use typed_ipc::shared_region::SharedRegion;
-use typed_ipc::{Connection, Socket};
+use typed_ipc::{Connection, SharedBytes, Socket};
 
 use crate::system::{Client, Kind, Launcher, MAX_PAYLOAD, System, inherited_fd};
 
@@ -186,7 +186,9 @@ impl Client for TypedClient {
             (Flavor::Plain, Kind::Bulk) => {
                 let got = self
                     .client
-                    .put(Blob::Shared(Arc::clone(&self.payload), len))
+                    .put(Blob::Shared(
+                        SharedBytes::from(Arc::clone(&self.payload)).slice(..len),
+                    ))
                     .map_err(other)?;
                 expect("bytes received", got, len as u64)
             }

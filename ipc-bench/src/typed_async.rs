@@ -7,8 +7,8 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use ipc_bench::{AsyncBenchClient, AsyncBenchImpl, AsyncBenchServer, Blob, current_thread_runtime};
-use typed_ipc::Socket;
 use typed_ipc::tokio::AsyncConnection;
+use typed_ipc::{SharedBytes, Socket};
 
 use crate::system::{Client, Kind, Launcher, MAX_PAYLOAD, System, inherited_fd};
 use crate::typed::{expect, other};
@@ -68,9 +68,9 @@ impl Client for AsyncClient {
                 expect("echoed bytes", reply.len() as u64, len as u64)
             }
             Kind::Bulk => {
-                let call = self
-                    .client
-                    .put(Blob::Shared(Arc::clone(&self.payload), len));
+                let call = self.client.put(Blob::Shared(
+                    SharedBytes::from(Arc::clone(&self.payload)).slice(..len),
+                ));
                 let got = self.runtime.block_on(call).map_err(other)?;
                 expect("bytes received", got, len as u64)
             }
