@@ -105,6 +105,7 @@ pub use ipc_runtime::tokio;
 /// What the code `#[interface]` generates names: not a public API.
 #[doc(hidden)]
 pub mod __private {
+    pub use ipc_runtime::CallBytes;
     pub use ipc_runtime::codec::{Bytes, Fd};
     pub use ipc_runtime::service::{Call, InterfaceInfo, MethodInfo, Service, fnv1a};
     pub use ipc_runtime::{Connection, Error};

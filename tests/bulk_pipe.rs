@@ -18,6 +18,8 @@ use typed_ipc::{Connection, SharedBytes, Socket, interface};
 pub trait Sink {
     /// The checksum of `data`.
     fn sum(&self, data: SharedBytes) -> u64;
+    /// The checksum of a `Vec<u8>` argument (which pipes like `SharedBytes` in a call).
+    fn sum_vec(&self, data: Vec<u8>) -> u64;
     /// The checksums of two strings sent in one message.
     fn sums(&self, a: SharedBytes, b: SharedBytes) -> (u64, u64);
     /// `len` bytes made by `fill` with `seed`: a reply of `SharedBytes`.
@@ -46,6 +48,9 @@ impl Sink for SinkImpl {
         let sum = checksum(&data);
         self.fed.lock().unwrap().push(sum);
         sum
+    }
+    fn sum_vec(&self, data: Vec<u8>) -> u64 {
+        self.sum(SharedBytes::from(data))
     }
     fn sums(&self, a: SharedBytes, b: SharedBytes) -> (u64, u64) {
         (checksum(&a), checksum(&b))
@@ -188,6 +193,30 @@ fn oneways_and_replies_do_not_pipe_and_arrive_whole() {
     assert_eq!(child.wait().unwrap(), Exit::Code(0));
 }
 
+/// A call's `Vec<u8>` argument pipes too: the stub owns it, and hands it to the connection to
+/// keep until the peer has read it.
+#[test]
+fn a_calls_vec_argument_pipes_when_large_enough() {
+    let _fds = fd_count_lock();
+    let (mut child, conn) = Worker::spawn(child("child_sink")).unwrap();
+    let sink = SinkClient::new(conn);
+    let (our_pipes, workers_pipes) = (pipes(), sink.pipes().unwrap());
+    let mut small = vec![0; (128 << 10) - 1];
+    fill(&mut small, 5);
+    assert_eq!(sink.sum_vec(small.clone()).unwrap(), checksum(&small));
+    assert_eq!(pipes(), our_pipes, "too small to pipe");
+    for round in 0..3u64 {
+        let mut data = vec![0; 700_001];
+        fill(&mut data, round);
+        let want = checksum(&data);
+        assert_eq!(sink.sum_vec(data).unwrap(), want, "round {round}");
+    }
+    assert_eq!(pipes(), our_pipes + 2);
+    assert_eq!(sink.pipes().unwrap(), workers_pipes + 1);
+    drop(sink);
+    assert_eq!(child.wait().unwrap(), Exit::Code(0));
+}
+
 /// A call of `sum` as a hostile client writes it: envelope (with a lane word saying it reads
 /// lanes), then the argument as a piped reference to `pipe` (if given) claiming `len`
 /// bytes, and `tail` inline.
@@ -254,6 +283,7 @@ mod asynchronous {
     #[typed_ipc::interface]
     pub trait Sink {
         async fn sum(&self, data: SharedBytes) -> u64;
+        async fn sum_vec(&self, data: Vec<u8>) -> u64;
         async fn sums(&self, a: SharedBytes, b: SharedBytes) -> (u64, u64);
         async fn make(&self, len: u64, seed: u64) -> SharedBytes;
         #[oneway]

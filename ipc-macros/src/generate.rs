@@ -408,7 +408,10 @@ impl<'a> Generator<'a> {
     fn stub(&self, m: &Method) -> TokenStream {
         let (p, vis, info, method) = (private(), &self.iface.vis, &self.info, &m.name);
         let (docs, params) = (self.stub_docs(m), stub_params(m));
-        let args = m.args.iter().map(|a| encode_arg(&a.name, a.value.wire));
+        let args = m
+            .args
+            .iter()
+            .map(|a| encode_arg(&a.name, a.value.wire, m.oneway));
         let cmd = cmd(m);
         let (ret, body) = match (&m.ret, m.oneway) {
             (_, true) => (
@@ -602,7 +605,10 @@ impl<'a> Generator<'a> {
         let (docs, params) = (self.stub_docs(m), stub_params(m));
         // The arguments are moved into the call's future (fds borrowed: they are closed when
         // the stub's future ends), so that it is `Send` whenever they are.
-        let args = m.args.iter().map(|a| encode_arg(&a.name, a.value.wire));
+        let args = m
+            .args
+            .iter()
+            .map(|a| encode_arg(&a.name, a.value.wire, m.oneway));
         let cmd = cmd(m);
         let (ret, body) = match (&m.ret, m.oneway) {
             (_, true) => (
@@ -737,13 +743,16 @@ fn encode(value: TokenStream, wire: Wire) -> TokenStream {
 }
 
 /// A client argument in the tuple that is sent: moved in, or borrowed into its wrapper (the
-/// parameter lives until the message is sent, and an fd is closed after).
-fn encode_arg(name: &Ident, wire: Wire) -> TokenStream {
+/// parameter lives until the message is sent, and an fd is closed after). A call's `Vec<u8>`
+/// is moved into `CallBytes`, which the connection may pipe (it then keeps the bytes until
+/// the peer has read them).
+fn encode_arg(name: &Ident, wire: Wire, oneway: bool) -> TokenStream {
     let p = private();
     match wire {
         Wire::Serde => quote!(#name),
         Wire::Fd => quote!(#p::Fd(&#name)),
-        Wire::Bytes => quote!(#p::Bytes(&#name)),
+        Wire::Bytes if oneway => quote!(#p::Bytes(&#name)),
+        Wire::Bytes => quote!(#p::CallBytes::from(#name)),
     }
 }
 

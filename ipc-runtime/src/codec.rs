@@ -39,7 +39,6 @@ thread_local! {
             incoming: Cell::new(None),
             store: Cell::new(None),
             placing: Cell::new(None),
-            piping: Cell::new(false),
         }
     };
 }
@@ -54,9 +53,17 @@ struct Context {
     /// Where byte strings may go out of line while encoding, and the placement made there
     /// so far (0: none; one per message): set by [`encode_placing`] for one message, and
     /// cleared by a plain [`encode`] nested in it, whose bytes must stay self-contained.
-    placing: Cell<Option<(NonNull<dyn OutOfLine>, u32)>>,
-    /// The message being encoded may pipe [`SharedBytes`] ([`encode_placing`]'s `pipe`).
-    piping: Cell<bool>,
+    placing: Cell<Option<Placing>>,
+}
+
+/// Where the message being encoded may place a byte string.
+#[derive(Clone, Copy)]
+struct Placing {
+    store: NonNull<dyn OutOfLine>,
+    /// The placement made (0: none yet).
+    seq: u32,
+    /// [`SharedBytes`] may pipe ([`encode_placing`]'s `pipe`).
+    pipe: bool,
 }
 
 /// Sets a context cell for a scope and puts the outer value back when dropped, also when
@@ -169,7 +176,7 @@ fn with_current_store<R>(f: impl FnOnce(&dyn OutOfLine) -> R) -> Option<R> {
 /// Offers `bytes` to the store of the [`encode_placing`] running on this thread, unless it
 /// has placed a byte string for this message already.
 fn place(bytes: &[u8]) -> Option<(Placed, Option<RawFd>)> {
-    place_with(|store| {
+    place_with(false, |store| {
         store
             .put(bytes)
             .map(|(placed, fd)| (placed.seq, (placed, fd)))
@@ -178,26 +185,27 @@ fn place(bytes: &[u8]) -> Option<(Placed, Option<RawFd>)> {
 
 /// [`place`] for bytes the store may keep hold of ([`OutOfLine::put_shared`]).
 fn place_shared(bytes: &SharedBytes) -> Option<(Piped, Option<RawFd>)> {
-    if !CONTEXT.with(|cx| cx.piping.get()) {
-        return None;
-    }
-    place_with(|store| {
+    place_with(true, |store| {
         store
             .put_shared(bytes)
             .map(|(piped, fd)| (piped.seq, (piped, fd)))
     })
 }
 
-fn place_with<R>(put: impl FnOnce(&dyn OutOfLine) -> Option<(u32, R)>) -> Option<R> {
+/// Runs `put` on the store of the message being encoded if it has placed nothing yet (and,
+/// for `pipe`, may pipe), and records the placement it made.
+fn place_with<R>(pipe: bool, put: impl FnOnce(&dyn OutOfLine) -> Option<(u32, R)>) -> Option<R> {
     CONTEXT.with(|cx| {
-        let (store, 0) = cx.placing.get()? else {
+        let placing = cx.placing.get()?;
+        if placing.seq != 0 || pipe && !placing.pipe {
             return None;
-        };
+        }
+        let store = placing.store;
         // SAFETY: `placing` is set only by `encode_placing` from a reference that outlives
         // its serialization, and its `Swap` takes it out again (on unwinding too) before
         // returning; we are inside that serialization, on its thread.
         let (seq, placed) = put(unsafe { store.as_ref() })?;
-        cx.placing.set(Some((store, seq)));
+        cx.placing.set(Some(Placing { seq, ..placing }));
         Some(placed)
     })
 }
@@ -247,10 +255,14 @@ fn encode_with<'a, T: Serialize + ?Sized>(
     let table = NonNull::from(fds).cast::<Vec<BorrowedFd<'static>>>();
     CONTEXT.with(|cx| {
         let _outer = Swap::new(&cx.outgoing, Some(table));
-        let _placing = Swap::new(&cx.placing, store.map(|store| (store, 0)));
-        let _piping = Swap::new(&cx.piping, pipe);
+        let placing = store.map(|store| Placing {
+            store,
+            seq: 0,
+            pipe,
+        });
+        let _placing = Swap::new(&cx.placing, placing);
         let encoded = options().serialize_into(&mut *buf, value);
-        let placed = cx.placing.get().map_or(0, |(_, seq)| seq);
+        let placed = cx.placing.get().map_or(0, |placing| placing.seq);
         (placed, encoded.map_err(|e| Error::Encode(e.to_string())))
     })
 }
@@ -506,19 +518,7 @@ impl<'de> Deserialize<'de> for Bytes<Vec<u8>> {
                             })?
                             .map_err(A::Error::custom)
                     }
-                    2 => {
-                        let piped: Piped = seq.next_element()?.ok_or_else(missing)?;
-                        let fd = match piped.fd {
-                            NO_FD => None,
-                            index => Some(take(index).map_err(A::Error::custom)?),
-                        };
-                        let tail = seq.next_element::<InlineBuf>()?.ok_or_else(missing)?;
-                        with_current_store(|store| store.take_piped(&piped, fd, &tail.0))
-                            .ok_or_else(|| {
-                                A::Error::custom("a piped byte string, but no pipe to read it from")
-                            })?
-                            .map_err(A::Error::custom)
-                    }
+                    2 => take_piped(&mut seq),
                     tag => Err(A::Error::custom(format!("unknown byte string tag {tag}"))),
                 }
             }
@@ -527,6 +527,25 @@ impl<'de> Deserialize<'de> for Bytes<Vec<u8>> {
         // reference and the rest of the bytes (tag 2).
         d.deserialize_tuple(3, Visitor).map(Bytes)
     }
+}
+
+/// The rest of a piped byte string (tag 2): out of line, so that the common tags' visitor
+/// stays small enough to inline its element reads (the arm inline cost ~35 instructions a
+/// decode).
+#[cold]
+#[inline(never)]
+fn take_piped<'de, A: serde::de::SeqAccess<'de>>(seq: &mut A) -> Result<Vec<u8>, A::Error> {
+    use serde::de::Error as _;
+    let missing = || A::Error::custom("a byte string ended early");
+    let piped: Piped = seq.next_element()?.ok_or_else(missing)?;
+    let fd = match piped.fd {
+        NO_FD => None,
+        index => Some(take(index).map_err(A::Error::custom)?),
+    };
+    let tail = seq.next_element::<InlineBuf>()?.ok_or_else(missing)?;
+    with_current_store(|store| store.take_piped(&piped, fd, &tail.0))
+        .ok_or_else(|| A::Error::custom("a piped byte string, but no pipe to read it from"))?
+        .map_err(A::Error::custom)
 }
 
 /// `#[serde(with = "typed_ipc::fd")]` for an [`OwnedFd`] field (or any `AsFd` +

@@ -29,5 +29,5 @@ pub use frame::{Frame, Limits};
 pub use listener::Listener;
 pub use server::{Server, Serving};
 pub use service::current_peer;
-pub use shared_bytes::SharedBytes;
+pub use shared_bytes::{CallBytes, SharedBytes};
 pub use socket::{PeerCredentials, Socket};

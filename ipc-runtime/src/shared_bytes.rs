@@ -1,4 +1,5 @@
-//! [`SharedBytes`]: bulk bytes the sender keeps, sent with one copy.
+//! [`SharedBytes`]: bulk bytes the sender keeps, sent with one copy; and [`CallBytes`], which
+//! gives a call's `Vec<u8>` arguments the same path.
 
 use std::fmt;
 use std::ops::{Bound, Deref, RangeBounds};
@@ -8,12 +9,12 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::codec::{self, Bytes};
 
-/// Immutable bytes behind an `Arc`: a byte string on the wire, like a `Vec<u8>` parameter,
-/// but sent with one copy instead of two when it is large.
+/// Immutable bytes behind an `Arc`, which you may keep: a byte string on the wire, like a
+/// `Vec<u8>` parameter, sent with one copy instead of two when it is large.
 ///
-/// A `Vec<u8>` argument of 1 KiB or more is copied into the connection's shared region and
-/// out of it by the receiver. As a call's argument of 128 KiB to 1 MiB, `SharedBytes` skip
-/// the first copy: the connection `vmsplice`s the sender's own pages into a pipe, and the
+/// A byte string of 1 KiB or more is copied into the connection's shared region and out of
+/// it by the receiver. As a call's argument of 128 KiB to 1 MiB, `SharedBytes` skip the first
+/// copy: the connection `vmsplice`s the sender's own pages into a pipe, and the
 /// receiver copies them out of it into the `Vec` it gets (at 1 MiB 2.9x the time of a
 /// `memcpy` on average, against 3.8x through the region; at 512 KiB 2.4x against 2.9x; see
 /// `docs/benchmarks-bulk.md`). Because the receiver reads the sender's pages, they must not
@@ -22,6 +23,12 @@ use crate::codec::{self, Bytes};
 /// a clone lives. A call's reply says the peer has read them, so once a call returns your
 /// `Arc` is yours alone again (`Arc::get_mut` works); after a call that timed out or was
 /// cancelled, not until the peer's next message says so.
+///
+/// A call's `Vec<u8>` parameter takes the same path by itself (the generated stub owns the
+/// `Vec` and wraps it, without copying, when it is large enough), so `SharedBytes` are for
+/// bytes you keep and send again, or send part of, without giving up a `Vec` per call; and
+/// for byte strings inside your own types (a `#[serde(with = "typed_ipc::bytes")]` field is
+/// only borrowed while encoding, so it takes the region).
 ///
 /// The receiver gets owned bytes: a `SharedBytes` parameter arrives as one made from the
 /// `Vec<u8>` received, and a peer may declare the parameter `Vec<u8>` instead: the wire form
@@ -171,5 +178,37 @@ impl Serialize for SharedBytes {
 impl<'de> Deserialize<'de> for SharedBytes {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         Bytes::<Vec<u8>>::deserialize(d).map(|Bytes(v)| SharedBytes::from(v))
+    }
+}
+
+/// A `Vec<u8>` argument of a generated call stub, which owns it until the call returns: as
+/// [`SharedBytes`] when the connection would pipe it (one allocation for the `Arc`, no copy
+/// of the bytes), otherwise as any byte string. On the wire it is a `Vec<u8>`.
+#[doc(hidden)]
+pub enum CallBytes {
+    /// Sent as [`Bytes`].
+    Plain(Vec<u8>),
+    /// Sent as [`SharedBytes`].
+    Shared(SharedBytes),
+}
+
+impl From<Vec<u8>> for CallBytes {
+    #[inline]
+    fn from(v: Vec<u8>) -> Self {
+        if crate::connection::pipes(v.len()) {
+            CallBytes::Shared(SharedBytes::from(v))
+        } else {
+            CallBytes::Plain(v)
+        }
+    }
+}
+
+impl Serialize for CallBytes {
+    #[inline]
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            CallBytes::Plain(v) => Bytes(v).serialize(s),
+            CallBytes::Shared(bytes) => bytes.serialize(s),
+        }
     }
 }

@@ -343,7 +343,12 @@ impl IpaClient {
             .call::<
                 _,
                 ::typed_ipc::__private::Bytes<Vec<u8>>,
-            >(&IPA_INFO, 5, (::typed_ipc::__private::Bytes(&data),), self.timeout)
+            >(
+                &IPA_INFO,
+                5,
+                (::typed_ipc::__private::CallBytes::from(data),),
+                self.timeout,
+            )
             .await
             .map(|::typed_ipc::__private::Bytes(value)| value)
     }

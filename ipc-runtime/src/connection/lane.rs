@@ -73,6 +73,12 @@ const MIN_REGION: usize = 64 << 10;
 /// page-by-page copy cost more than the region's two copies, at 128 KiB the same, from
 /// 256 KiB less.
 const PIPE_MIN: usize = 128 << 10;
+/// Whether a call's [`SharedBytes`] of `len` bytes would be piped (if the lane is free).
+#[inline]
+pub(crate) fn pipes(len: usize) -> bool {
+    (PIPE_MIN..=pipe::CAPACITY).contains(&len)
+}
+
 /// The most a string's first and last pages leave outside the pipe.
 const PAGE: usize = 4096;
 
@@ -240,17 +246,19 @@ impl Lane {
     /// Encodes `body` after the envelope already at the start of `buf`, placing a byte
     /// string in this lane if it can, and writes the lane word into the envelope. Returns the
     /// placement the message carries (0: none); the caller sends the message, and calls
-    /// [`Lane::abort`] with the placement if it fails to.
+    /// [`Lane::abort`] with the placement if it fails to. `kind` is the message's: only a
+    /// call's [`SharedBytes`] may pipe.
     pub(crate) fn encode<'a, A: Serialize + ?Sized>(
         &self,
         body: &'a A,
         buf: &mut Vec<u8>,
         fds: &mut Vec<BorrowedFd<'a>>,
+        kind: Kind,
     ) -> Result<u32> {
         // Only a call's request pipes: its reply acknowledges the bytes, so the lane holds
         // them for the length of a call, not until some later message (a oneway's or a
         // reply's bytes could be pinned long after the sender is done with them).
-        let pipe = envelope::kind_byte(buf) == Some(Kind::Call as u8);
+        let pipe = kind == Kind::Call;
         let (placed, encoded) = codec::encode_placing(body, buf, fds, self, pipe);
         // Read after encoding: acknowledges what was copied out up to this moment.
         envelope::set_lane(buf, self.word(placed));
@@ -298,7 +306,7 @@ impl Drop for Outgoing {
 impl OutOfLine for Lane {
     fn put_shared(&self, bytes: &SharedBytes) -> Option<(Piped, Option<RawFd>)> {
         let len = bytes.len();
-        if !(PIPE_MIN..=pipe::CAPACITY).contains(&len)
+        if !pipes(len)
             || !self.peer_reads.load(Ordering::Relaxed)
             || self.busy.load(Ordering::Acquire) != 0
         {

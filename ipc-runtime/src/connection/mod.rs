@@ -34,7 +34,8 @@
 //! the next power of two above the largest string it sent, up to 32 MiB) open for the
 //! connection's lifetime. The async flavour does the same, on the same wire.
 //!
-//! A [`SharedBytes`](crate::SharedBytes) argument of a call, 128 KiB to 1 MiB, goes with one
+//! A call's `Vec<u8>` or [`SharedBytes`](crate::SharedBytes) argument of 128 KiB to 1 MiB
+//! goes with one
 //! copy instead: its pages are `vmsplice`d into a pipe the caller's end makes once per
 //! connection (read end sent to the peer the first time), and the receiver copies them out
 //! of the pipe into its `Vec`. The receiver reads the sender's own pages, so the lane keeps
@@ -77,6 +78,7 @@ use buffers::{RETAIN_MAX, keep_thread_frame, take_thread_frame, with_buffers};
 use envelope::{Envelope, Kind};
 use failure::Failure;
 use lane::Lane;
+pub(crate) use lane::pipes;
 pub(crate) use serving::Replier;
 use serving::keep_buffer;
 
@@ -424,7 +426,7 @@ impl Shared {
         with_buffers(|buf, fds| {
             buf.resize(envelope::LEN, 0);
             envelope.write(buf);
-            let placed = self.lane.encode(body, buf, fds)?;
+            let placed = self.lane.encode(body, buf, fds, envelope.kind)?;
             match send(buf, fds) {
                 Ok(true) => Ok(Some(placed)),
                 unsent => {

@@ -605,7 +605,7 @@ impl Inner {
         let (placed, unsent) = with_buffers(|payload, fds| {
             payload.resize(envelope::LEN, 0);
             envelope.write(payload);
-            let placed = self.lane.encode(&body, payload, fds)?;
+            let placed = self.lane.encode(&body, payload, fds, envelope.kind)?;
             let sent = match self.send_lock.try_lock() {
                 Ok(_lock) => self.socket().try_send(payload, fds),
                 Err(_) => Ok(false),
