@@ -212,3 +212,65 @@ impl Serialize for CallBytes {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slices_share_the_owner_and_check_their_bounds() {
+        let owner = Arc::new((0..=255u8).collect::<Vec<u8>>());
+        let all = SharedBytes::from(Arc::clone(&owner));
+        let mid = all.slice(10..20);
+        assert_eq!(&*mid, &owner[10..20]);
+        assert_eq!(&*mid.slice(2..=3), &owner[12..14]);
+        assert_eq!(mid.slice(..).len(), 10);
+        assert_eq!(
+            Arc::strong_count(&owner),
+            3,
+            "no copies: three handles on one owner"
+        );
+        assert!(std::panic::catch_unwind(|| mid.slice(5..11)).is_err());
+        let (start, end) = (6, 5);
+        assert!(std::panic::catch_unwind(|| mid.slice(start..end)).is_err());
+    }
+
+    #[test]
+    fn into_vec_takes_a_sole_whole_vec_without_copying() {
+        let v = vec![1u8, 2, 3];
+        let ptr = v.as_ptr();
+        let back = SharedBytes::from(v).into_vec();
+        assert_eq!(back.as_ptr(), ptr);
+        let shared = Arc::new(vec![4u8, 5, 6]);
+        let bytes = SharedBytes::from(Arc::clone(&shared));
+        assert_eq!(bytes.clone().into_vec(), vec![4, 5, 6]);
+        assert_eq!(bytes.slice(1..).into_vec(), vec![5, 6]);
+        let slice: Arc<[u8]> = Arc::from(&b"xyz"[..]);
+        assert_eq!(SharedBytes::from(slice).slice(1..2).into_vec(), b"y");
+    }
+
+    #[test]
+    fn call_bytes_share_only_what_would_pipe() {
+        assert!(matches!(CallBytes::from(vec![0; 100]), CallBytes::Plain(_)));
+        assert!(matches!(
+            CallBytes::from(vec![0; 300 << 10]),
+            CallBytes::Shared(_)
+        ));
+        assert!(matches!(
+            CallBytes::from(vec![0; (1 << 20) + 1]),
+            CallBytes::Plain(_)
+        ));
+    }
+
+    #[test]
+    fn on_the_wire_they_are_a_byte_string() {
+        let bytes = SharedBytes::from(vec![9u8; 5000]).slice(100..200);
+        let (mut buf, mut fds) = (Vec::new(), Vec::new());
+        codec::encode(&bytes, &mut buf, &mut fds).unwrap();
+        let (mut buf2, mut fds2) = (Vec::new(), Vec::new());
+        codec::encode(&Bytes(&[9u8; 100][..]), &mut buf2, &mut fds2).unwrap();
+        assert_eq!(buf, buf2);
+        let back: SharedBytes = codec::decode(&buf, Vec::new()).unwrap();
+        assert_eq!(back, bytes);
+    }
+}
