@@ -25,8 +25,18 @@ use nix::sys::stat::{SFlag, fstat};
 
 /// The pipe size asked for: the most an unprivileged process may set
 /// (`/proc/sys/fs/pipe-max-size` by default). One page per slot, so a string starting
-/// mid-page puts up to 4 KiB less in the pipe than this.
+/// mid-page puts up to a page ([`page_size`]) less in the pipe than this.
 pub(crate) const CAPACITY: usize = 1 << 20;
+
+/// The size of a page, which is what one slot of a pipe holds: 4 KiB on x86-64, up to 64 KiB
+/// on some arm64 kernels.
+pub(crate) fn page_size() -> usize {
+    // SAFETY: sysconf only reads a configuration value; _SC_PAGESIZE always has one.
+    match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        n if n > 0 => n as usize,
+        _ => 4096,
+    }
+}
 
 /// The sending end: the pipe this end made, both of its ends.
 pub(crate) struct OutPipe {

@@ -79,9 +79,6 @@ pub(crate) fn pipes(len: usize) -> bool {
     (PIPE_MIN..=pipe::CAPACITY).contains(&len)
 }
 
-/// The most a string's first and last pages leave outside the pipe.
-const PAGE: usize = 4096;
-
 const READS_LANES: u32 = 1 << 23;
 /// Bits of a sequence number in the lane word.
 const SEQ_BITS: u32 = 11;
@@ -321,11 +318,11 @@ impl OutOfLine for Lane {
             .pipe
             .get_or_insert_with(|| OutPipe::new().ok())
             .as_ref()?;
-        // All of it, or all but the last page's worth when it starts mid-page (the pipe
-        // holds whole pages); anything less means the pipe was not empty (a peer that
+        // All of it, or all but up to a page when it starts mid-page (the pipe holds whole
+        // pages); anything less means the pipe was not empty (a peer that
         // acknowledged bytes it did not read), and the bytes would mostly go inline.
         let spliced = pipe.splice(bytes);
-        if spliced + PAGE < len {
+        if spliced + pipe::page_size() < len {
             pipe.drain();
             return None;
         }
