@@ -466,3 +466,42 @@ fn a_dropped_connection_takes_back_the_bytes_its_peer_had_not_read() {
         "the late call was not run"
     );
 }
+
+/// A process keeps at most 16 pipes (a quarter of what all of a user's pipes may hold by
+/// default); further connections use their regions, and a closed connection's pipe frees its
+/// place for the next that wants one.
+#[test]
+fn a_process_keeps_at_most_sixteen_pipes_then_uses_regions() {
+    let _fds = fd_count_lock();
+    let base = pipes();
+    let sum_big = |sink: &SinkClient, seed: u8| {
+        let data = vec![seed; 200_000];
+        assert_eq!(sink.sum_vec(data.clone()).unwrap(), checksum(&data));
+    };
+    let mut conns = Vec::new();
+    for i in 0..17u8 {
+        let (ours, theirs) = Connection::pair().unwrap();
+        let server = std::thread::spawn(move || SinkServer::new(SinkImpl::default()).serve(theirs));
+        let sink = SinkClient::new(ours);
+        sink.pipes().unwrap(); // a first reply: the server reads lanes
+        sum_big(&sink, i);
+        conns.push((sink, server));
+    }
+    // Each pipe is three fds here: both ends of the caller's, and the read end its server took.
+    assert_eq!(
+        pipes(),
+        base + 16 * 3,
+        "the 17th call went through the region"
+    );
+    let (first, server) = conns.remove(0);
+    drop(first);
+    server.join().unwrap().unwrap();
+    assert_eq!(pipes(), base + 15 * 3);
+    sum_big(&conns.last().unwrap().0, 99);
+    assert_eq!(pipes(), base + 16 * 3, "the 17th connection has a pipe now");
+    for (sink, server) in conns {
+        drop(sink);
+        server.join().unwrap().unwrap();
+    }
+    assert_eq!(pipes(), base);
+}

@@ -19,6 +19,7 @@
 use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl};
 use nix::sys::stat::{SFlag, fstat};
@@ -27,6 +28,24 @@ use nix::sys::stat::{SFlag, fstat};
 /// (`/proc/sys/fs/pipe-max-size` by default). One page per slot, so a string starting
 /// mid-page puts up to a page ([`page_size`]) less in the pipe than this.
 pub(crate) const CAPACITY: usize = 1 << 20;
+
+/// Most pipes this process keeps at once: 16 MiB of the 64 MiB that all of a user's pipes
+/// may hold by default (`/proc/sys/fs/pipe-user-pages-soft`). Past that limit every new pipe
+/// of the user (a shell's too) gets two pages, so typed-ipc takes a quarter at most; further
+/// connections use their regions until a pipe is closed.
+pub(crate) const MAX_PIPES: usize = 16;
+
+/// This process's pipes ([`OutPipe`]s alive).
+static PIPES: AtomicUsize = AtomicUsize::new(0);
+
+/// Takes one of `max` slots counted by `count`, if one is free.
+fn take_slot(count: &AtomicUsize, max: usize) -> bool {
+    count
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .is_ok()
+}
 
 /// The size of a page, which is what one slot of a pipe holds: 4 KiB on x86-64, up to 64 KiB
 /// on some arm64 kernels.
@@ -47,12 +66,23 @@ pub(crate) struct OutPipe {
 }
 
 impl OutPipe {
-    /// A new pipe of [`CAPACITY`]. Fails when this user's pipes already hold their share of
-    /// memory (`/proc/sys/fs/pipe-user-pages-soft`): the lane then uses its region.
+    /// A new pipe of [`CAPACITY`]. Fails when this process keeps [`MAX_PIPES`] already, or
+    /// when this user's pipes hold their share of memory (`/proc/sys/fs/pipe-user-pages-soft`):
+    /// the lane then uses its region.
     pub(crate) fn new() -> io::Result<OutPipe> {
-        let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
-        fcntl(&write, FcntlArg::F_SETPIPE_SZ(CAPACITY as i32))?;
-        Ok(OutPipe { write, read })
+        if !take_slot(&PIPES, MAX_PIPES) {
+            return Err(io::Error::other(
+                "this process keeps as many pipes as it may",
+            ));
+        }
+        let made = nix::unistd::pipe2(OFlag::O_CLOEXEC).and_then(|(read, write)| {
+            fcntl(&write, FcntlArg::F_SETPIPE_SZ(CAPACITY as i32))?;
+            Ok(OutPipe { write, read })
+        });
+        if made.is_err() {
+            PIPES.fetch_sub(1, Ordering::AcqRel);
+        }
+        Ok(made?)
     }
 
     /// The end to send the peer, once.
@@ -80,6 +110,12 @@ impl OutPipe {
     pub(crate) fn drain(&self) {
         let mut scratch = vec![MaybeUninit::<u8>::uninit(); 64 << 10];
         while matches!(read_some(self.read.as_fd(), &mut scratch), Ok(n) if n > 0) {}
+    }
+}
+
+impl Drop for OutPipe {
+    fn drop(&mut self) {
+        PIPES.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -150,5 +186,20 @@ fn read_some(pipe: BorrowedFd<'_>, buf: &mut [MaybeUninit<u8>]) -> io::Result<us
         Err(io::Error::last_os_error())
     } else {
         Ok(n as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_run_out_and_come_back() {
+        let count = AtomicUsize::new(0);
+        assert!((0..3).all(|_| take_slot(&count, 3)));
+        assert!(!take_slot(&count, 3), "all three taken");
+        assert_eq!(count.load(Ordering::Relaxed), 3, "a refusal takes nothing");
+        count.fetch_sub(1, Ordering::AcqRel);
+        assert!(take_slot(&count, 3));
     }
 }

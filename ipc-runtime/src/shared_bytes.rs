@@ -34,8 +34,9 @@ use crate::codec::{self, Bytes};
 /// `Vec<u8>` received, and a peer may declare the parameter `Vec<u8>` instead: the wire form
 /// is the same. One string per message goes through the pipe; others, strings outside 128 KiB
 /// to 1 MiB, oneway messages and replies (nothing would bound how long their bytes stay
-/// pinned), and strings the pipe cannot take at the moment (one is still unread, or this
-/// user's pipes are at their memory limit) go the way a `Vec<u8>` would.
+/// pinned), and strings the pipe cannot take at the moment (one is still unread, this
+/// process keeps 16 pipes already, or this user's pipes are at their memory limit) go the
+/// way a `Vec<u8>` would.
 ///
 /// ```
 /// use std::sync::Arc;

@@ -111,8 +111,9 @@ struct Outgoing {
     announcing: Option<u32>,
     announced: bool,
     last_seq: u32,
-    /// This end's pipe: `None` until first wanted, `Some(None)` if it could not be made.
-    pipe: Option<Option<OutPipe>>,
+    /// This end's pipe, made when first wanted (and tried again while it cannot be made:
+    /// this process's pipes at their limit, or this user's).
+    pipe: Option<OutPipe>,
     /// The placement whose message carried the pipe's read end.
     pipe_announcing: Option<u32>,
     pipe_announced: bool,
@@ -230,7 +231,7 @@ impl Lane {
             .as_ref()
             .is_some_and(|(pinned, _)| *pinned == seq)
         {
-            if let Some(Some(pipe)) = &out.pipe {
+            if let Some(pipe) = &out.pipe {
                 pipe.drain();
             }
             out.pinned = None;
@@ -294,7 +295,7 @@ impl Drop for Outgoing {
         // Bytes still pinned were never acknowledged (a call given up, then the connection
         // dropped): once their owner lets go they may change, so the peer must not read
         // them. A late read finds the pipe short and refuses the message.
-        if let (Some(_), Some(Some(pipe))) = (&self.pinned, &self.pipe) {
+        if let (Some(_), Some(pipe)) = (&self.pinned, &self.pipe) {
             pipe.drain();
         }
     }
@@ -314,10 +315,10 @@ impl OutOfLine for Lane {
             return None; // as in `put`
         }
         let out = &mut *out;
-        let pipe = out
-            .pipe
-            .get_or_insert_with(|| OutPipe::new().ok())
-            .as_ref()?;
+        if out.pipe.is_none() {
+            out.pipe = Some(OutPipe::new().ok()?);
+        }
+        let pipe = out.pipe.as_ref()?;
         // All of it, or all but up to a page when it starts mid-page (the pipe holds whole
         // pages); anything less means the pipe was not empty (a peer that
         // acknowledged bytes it did not read), and the bytes would mostly go inline.
