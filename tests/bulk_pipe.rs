@@ -1,7 +1,8 @@
-//! `SharedBytes` through the connection's pipe: across real processes, with the string
-//! starting mid-page, with the owner's buffer rewritten between calls, alongside the region,
-//! for oneways and replies (which never pipe), and against a peer that announces bytes its
-//! pipe does not hold.
+//! Call arguments through the connection's pipe, on connections that lend their pages to the
+//! peer (`lend_pages_to_peer`; off by default, and off means no pipe): across real processes,
+//! with the string starting mid-page, with the owner's buffer rewritten between calls,
+//! alongside the region, for oneways and replies (which never pipe), and against a peer that
+//! announces bytes its pipe does not hold.
 
 mod common;
 
@@ -112,6 +113,7 @@ fn shared_bytes_cross_through_a_pipe_and_the_owner_may_rewrite_them_after_the_ca
     let _fds = fd_count_lock();
     let before = open_fds();
     let (mut child, conn) = Worker::spawn(child("child_sink")).unwrap();
+    conn.lend_pages_to_peer(true);
     let sink = SinkClient::new(conn);
     let (our_pipes, workers_pipes) = (pipes(), sink.pipes().unwrap());
     // One buffer, reused: after each call the owner is its only holder again and rewrites
@@ -165,6 +167,7 @@ fn shared_bytes_cross_through_a_pipe_and_the_owner_may_rewrite_them_after_the_ca
 fn oneways_and_replies_do_not_pipe_and_arrive_whole() {
     let _fds = fd_count_lock();
     let (mut child, conn) = Worker::spawn(child("child_sink")).unwrap();
+    conn.lend_pages_to_peer(true);
     let sink = SinkClient::new(conn);
     let (our_pipes, workers_pipes) = (pipes(), sink.pipes().unwrap());
     let sent: Vec<Vec<u8>> = (0..8)
@@ -199,6 +202,7 @@ fn oneways_and_replies_do_not_pipe_and_arrive_whole() {
 fn a_calls_vec_argument_pipes_when_large_enough() {
     let _fds = fd_count_lock();
     let (mut child, conn) = Worker::spawn(child("child_sink")).unwrap();
+    conn.lend_pages_to_peer(true);
     let sink = SinkClient::new(conn);
     let (our_pipes, workers_pipes) = (pipes(), sink.pipes().unwrap());
     let mut small = vec![0; (128 << 10) - 1];
@@ -211,6 +215,27 @@ fn a_calls_vec_argument_pipes_when_large_enough() {
         let want = checksum(&data);
         assert_eq!(sink.sum_vec(data).unwrap(), want, "round {round}");
     }
+    assert_eq!(pipes(), our_pipes + 2);
+    assert_eq!(sink.pipes().unwrap(), workers_pipes + 1);
+    drop(sink);
+    assert_eq!(child.wait().unwrap(), Exit::Code(0));
+}
+
+/// Lending pages is off by default: nothing pipes until the connection says so.
+#[test]
+fn a_connection_lends_its_pages_only_when_told_to() {
+    let _fds = fd_count_lock();
+    let (mut child, conn) = Worker::spawn(child("child_sink")).unwrap();
+    let sink = SinkClient::new(conn);
+    let (our_pipes, workers_pipes) = (pipes(), sink.pipes().unwrap());
+    let mut data = vec![0; 700_001];
+    fill(&mut data, 7);
+    let want = checksum(&data);
+    assert_eq!(sink.sum_vec(data.clone()).unwrap(), want);
+    assert_eq!(sink.sum(SharedBytes::from(data.clone())).unwrap(), want);
+    assert_eq!(pipes(), our_pipes, "through the region, not a pipe");
+    sink.connection().lend_pages_to_peer(true);
+    assert_eq!(sink.sum(SharedBytes::from(data)).unwrap(), want);
     assert_eq!(pipes(), our_pipes + 2);
     assert_eq!(sink.pipes().unwrap(), workers_pipes + 1);
     drop(sink);
@@ -308,6 +333,7 @@ fn an_async_caller_pipes_shared_bytes_to_a_blocking_worker() {
         .unwrap();
     runtime.block_on(async {
         let (mut child, conn) = typed_ipc::tokio::worker::spawn(child("child_sink")).unwrap();
+        conn.lend_pages_to_peer(true);
         let sink = asynchronous::SinkClient::new(conn);
         let workers_pipes = sink.pipes().await.unwrap();
         let mut buf = Arc::new(vec![0u8; 1 << 20]);
@@ -361,6 +387,7 @@ fn held_server() -> Held {
         gate: Some((entered, Mutex::new(wait))),
     };
     let server = std::thread::spawn(move || SinkServer::new(sink).serve(theirs));
+    ours.lend_pages_to_peer(true);
     let sink = SinkClient::new(ours);
     sink.pipes().unwrap(); // a first reply: the server reads lanes
     sink.hold().unwrap();
@@ -419,6 +446,7 @@ fn a_refused_call_empties_the_pipe_and_announces_it_again() {
         }
     });
     let server = std::thread::spawn(move || SinkServer::new(SinkImpl::default()).serve(theirs));
+    ours.lend_pages_to_peer(true);
     let sink = SinkClient::new(ours);
     // The first reply tells us the server reads lanes.
     assert_eq!(sink.fed().unwrap(), Vec::<u64>::new());
@@ -482,6 +510,7 @@ fn a_process_keeps_at_most_sixteen_pipes_then_uses_regions() {
     for i in 0..17u8 {
         let (ours, theirs) = Connection::pair().unwrap();
         let server = std::thread::spawn(move || SinkServer::new(SinkImpl::default()).serve(theirs));
+        ours.lend_pages_to_peer(true);
         let sink = SinkClient::new(ours);
         sink.pipes().unwrap(); // a first reply: the server reads lanes
         sum_big(&sink, i);

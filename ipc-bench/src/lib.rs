@@ -80,9 +80,10 @@ pub struct Echoed {
 ///
 /// On the wire this is exactly a `Vec<u8>` parameter (one byte string, decoded by the same
 /// code); only the sender differs: it sends part of a buffer it keeps, as
-/// [`SharedBytes`], instead of giving up a `Vec` it would have to
-/// rebuild for the next call, so from 128 KiB to 1 MiB the connection pipes it (one copy). Producing the
-/// data is the caller's business, not the transport's, so the bulk rows do not time it.
+/// [`SharedBytes`], instead of giving up a `Vec` it would have to rebuild for the next call
+/// (and on a connection that lends its pages, from 128 KiB to 1 MiB, the connection pipes it:
+/// one copy). Producing the data is the caller's business, not the transport's, so the bulk
+/// rows do not time it.
 #[derive(Debug)]
 pub enum Blob {
     /// Bytes of a buffer the sender keeps.

@@ -58,6 +58,9 @@ static SYSTEMS: &[&dyn System] = &[
     &TypedIpc {
         flavor: Flavor::Plain,
     },
+    &TypedIpc {
+        flavor: Flavor::Lent,
+    },
     &TypedIpc { flavor: Flavor::Fd },
     &TypedIpcAsync,
     &TypedIpc {

@@ -20,6 +20,9 @@ use crate::system::{Client, Kind, Launcher, MAX_PAYLOAD, System, inherited_fd};
 pub enum Flavor {
     /// `echo(Vec<u8>) -> Vec<u8>`; bulk: `put(bytes) -> u64` through the transport.
     Plain,
+    /// Bulk `put` on a connection that lends its pages to the peer
+    /// (`Connection::lend_pages_to_peer`): from 128 KiB to 1 MiB through a pipe, one copy.
+    Lent,
     /// `echo_fd(Vec<u8>, OwnedFd) -> {Vec<u8>, OwnedFd}`: one fd each way.
     Fd,
     /// `#[oneway] sink(Vec<u8>)`, back to back.
@@ -59,6 +62,7 @@ impl System for TypedIpc {
     fn name(&self) -> &'static str {
         match self.flavor {
             Flavor::Plain => "typed-ipc",
+            Flavor::Lent => "typed-ipc/lent",
             Flavor::Fd => "typed-ipc+fd",
             Flavor::Oneway => "typed-ipc/oneway",
             Flavor::Spin => "typed-ipc/spin",
@@ -72,7 +76,7 @@ impl System for TypedIpc {
         match self.flavor {
             Flavor::Plain => &[Kind::Small, Kind::Bulk],
             Flavor::Fd | Flavor::Oneway | Flavor::Spin => &[Kind::Small],
-            Flavor::Memfd | Flavor::Shared | Flavor::SharedRegion => &[Kind::Bulk],
+            Flavor::Lent | Flavor::Memfd | Flavor::Shared | Flavor::SharedRegion => &[Kind::Bulk],
         }
     }
 
@@ -87,7 +91,9 @@ impl System for TypedIpc {
         if self.flavor == Flavor::Spin {
             ours.set_spin(spin());
         }
-        let client = BenchClient::new(Connection::new(ours));
+        let connection = Connection::new(ours);
+        connection.lend_pages_to_peer(self.flavor == Flavor::Lent);
+        let client = BenchClient::new(connection);
         let pool = match self.flavor {
             Flavor::SharedRegion => {
                 let region = SharedRegion::new(MAX_PAYLOAD).map_err(other)?;
@@ -183,7 +189,7 @@ impl Client for TypedClient {
                 self.sent += 1;
                 Ok(())
             }
-            (Flavor::Plain, Kind::Bulk) => {
+            (Flavor::Plain | Flavor::Lent, Kind::Bulk) => {
                 let got = self
                     .client
                     .put(Blob::Shared(

@@ -9,6 +9,11 @@
 //! (`docs/benchmarks-bulk.md`). The price is that the receiver copies from the sender's own
 //! pages, so they must not change until it has: which is why only [`SharedBytes`], whose
 //! bytes sit behind an `Arc` that the lane keeps until the peer has read them, go this way.
+//! And it lends the peer those pages for as long as the peer likes: a receiver can `tee`
+//! the references into a pipe of its own and read, later, whatever the sender's allocator
+//! has put in the same bytes since. No flag takes a page reference back, so a connection
+//! pipes only when told that its peer is trusted with this process's memory
+//! ([`Connection::lend_pages_to_peer`](crate::Connection::lend_pages_to_peer)).
 //!
 //! Neither end ever waits on the pipe. The sender splices without blocking and sends only what
 //! fitted (the rest of the string goes inline in the message); the receiver checks that the

@@ -10,11 +10,15 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::codec::{self, Bytes};
 
 /// Immutable bytes behind an `Arc`, which you may keep: a byte string on the wire, like a
-/// `Vec<u8>` parameter, sent with one copy instead of two when it is large.
+/// `Vec<u8>` parameter, and sent with one copy instead of two when it is large and the
+/// connection lends its pages to the peer.
 ///
 /// A byte string of 1 KiB or more is copied into the connection's shared region and out of
-/// it by the receiver. As a call's argument of 128 KiB to 1 MiB, `SharedBytes` skip the first
-/// copy: the connection `vmsplice`s the sender's own pages into a pipe, and the
+/// it by the receiver. On a connection that lends its pages
+/// ([`Connection::lend_pages_to_peer`](crate::Connection::lend_pages_to_peer), off by
+/// default and only for a peer trusted with this process's memory), a call's `SharedBytes`
+/// argument of 128 KiB to 1 MiB skips the first copy: the connection `vmsplice`s the
+/// sender's own pages into a pipe, and the
 /// receiver copies them out of it into the `Vec` it gets (at 1 MiB 2.9x the time of a
 /// `memcpy` on average, against 3.8x through the region; at 512 KiB 2.4x against 2.9x; see
 /// `docs/benchmarks-bulk.md`). Because the receiver reads the sender's pages, they must not
@@ -24,7 +28,8 @@ use crate::codec::{self, Bytes};
 /// `Arc` is yours alone again (`Arc::get_mut` works); after a call that timed out or was
 /// cancelled, not until the peer's next message says so.
 ///
-/// A call's `Vec<u8>` parameter takes the same path by itself (the generated stub owns the
+/// On such a connection a call's `Vec<u8>` parameter takes the same path by itself (the
+/// generated stub owns the
 /// `Vec` and wraps it, without copying, when it is large enough), so `SharedBytes` are for
 /// bytes you keep and send again, or send part of, without giving up a `Vec` per call; and
 /// for byte strings inside your own types (a `#[serde(with = "typed_ipc::bytes")]` field is

@@ -37,8 +37,8 @@
 //!   first datagram). While it is busy, byte strings go inline: nobody waits, and nothing
 //!   deadlocks. A peer that never acknowledges (a oneway stream it never answers, a hostile
 //!   peer) costs speed, not correctness.
-//! - A call's [`SharedBytes`] of [`PIPE_MIN`] to 1 MiB are *piped* instead (the codec's tag
-//!   2): `vmsplice`d into this end's pipe ([`crate::pipe`]), which the receiver copies them
+//! - On a connection that lends its pages to its (trusted) peer, a call's [`SharedBytes`] of
+//!   [`PIPE_MIN`] to 1 MiB are *piped* instead (the codec's tag 2): `vmsplice`d into this end's pipe ([`crate::pipe`]), which the receiver copies them
 //!   out of, one copy instead of two. Same sequence numbers, acknowledgement and busy lane;
 //!   in addition the lane keeps a clone of the bytes until the acknowledgement (the receiver
 //!   reads the sender's own pages), and a placement given back unread is emptied out of the
@@ -93,6 +93,8 @@ pub(crate) struct Lane {
     busy: AtomicU32,
     /// The peer's lane words say it reads lanes.
     peer_reads: AtomicBool,
+    /// This end may pipe: lend the peer its pages ([`Lane::lend_pages`]).
+    lends: AtomicBool,
     /// The peer's region, as last announced.
     incoming: Mutex<Option<RegionView>>,
     /// The peer's pipe, as last announced.
@@ -128,11 +130,19 @@ impl Lane {
             out: Mutex::new(Outgoing::default()),
             busy: AtomicU32::new(0),
             peer_reads: AtomicBool::new(false),
+            lends: AtomicBool::new(false),
             incoming: Mutex::new(None),
             incoming_pipe: Mutex::new(None),
             consumed: AtomicU32::new(0),
             max_len: max_len.min(MAX),
         }
+    }
+
+    /// Whether calls may pipe their large byte strings: the peer then reads this process's
+    /// own pages, and can keep references to them (`tee`) to read whatever the process
+    /// stores there later, so only towards a trusted peer (`Connection::lend_pages_to_peer`).
+    pub(crate) fn lend_pages(&self, lend: bool) {
+        self.lends.store(lend, Ordering::Relaxed);
     }
 
     /// A placement of this end's is in flight.
@@ -305,6 +315,7 @@ impl OutOfLine for Lane {
     fn put_shared(&self, bytes: &SharedBytes) -> Option<(Piped, Option<RawFd>)> {
         let len = bytes.len();
         if !pipes(len)
+            || !self.lends.load(Ordering::Relaxed)
             || !self.peer_reads.load(Ordering::Relaxed)
             || self.busy.load(Ordering::Acquire) != 0
         {
