@@ -65,14 +65,20 @@ enum Owner {
     Slice(Arc<[u8]>),
 }
 
+impl Owner {
+    /// Every byte owned, of which a `SharedBytes` is a range.
+    fn all(&self) -> &[u8] {
+        match self {
+            Owner::Vec(v) => v,
+            Owner::Slice(s) => s,
+        }
+    }
+}
+
 impl SharedBytes {
     /// The bytes.
     pub fn as_bytes(&self) -> &[u8] {
-        let all: &[u8] = match &self.owner {
-            Owner::Vec(v) => v,
-            Owner::Slice(s) => s,
-        };
-        &all[self.start..self.end]
+        &self.owner.all()[self.start..self.end]
     }
 
     /// The bytes in `range` (relative to these), sharing the same owner.
@@ -109,13 +115,7 @@ impl SharedBytes {
             Owner::Vec(v) if self.start == 0 && self.end == v.len() => {
                 Arc::try_unwrap(v).unwrap_or_else(|v| v.to_vec())
             }
-            owner => {
-                let all: &[u8] = match &owner {
-                    Owner::Vec(v) => v,
-                    Owner::Slice(s) => s,
-                };
-                all[self.start..self.end].to_vec()
-            }
+            owner => owner.all()[self.start..self.end].to_vec(),
         }
     }
 }

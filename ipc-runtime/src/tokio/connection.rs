@@ -193,15 +193,10 @@ impl AsyncConnection {
         self.inner.socket()
     }
 
-    /// Lets the peer copy this end's large call arguments (`Vec<u8>` and
-    /// [`SharedBytes`](crate::SharedBytes) of 128 KiB to 1 MiB) straight out of this
-    /// process's pages, through a pipe: one copy instead of two (1 MiB: 2.1–2.9x a `memcpy`
-    /// instead of 3.7–3.9x). Off by default, because it is only safe with a peer you trust
-    /// with that memory: a peer can keep references to the pages it was lent (`tee(2)`
-    /// duplicates them into a pipe of its own) and read, at any later time, whatever this
-    /// process then stores in the same bytes of memory after the allocator reuses them.
-    /// So turn it on towards a trusted peer (a worker calling its parent, say), never
-    /// towards the untrusted side. See `docs/benchmarks-bulk.md`.
+    /// Lets the peer copy this end's large call arguments straight out of this process's
+    /// pages, through a pipe: off by default, and only for a peer trusted with this
+    /// process's memory. As [`Connection::lend_pages_to_peer`](crate::Connection::lend_pages_to_peer),
+    /// which says why.
     pub fn lend_pages_to_peer(&self, lend: bool) {
         self.inner.lane.lend_pages(lend);
     }
