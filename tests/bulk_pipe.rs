@@ -57,9 +57,7 @@ impl Sink for SinkImpl {
         (checksum(&a), checksum(&b))
     }
     fn make(&self, len: u64, seed: u64) -> SharedBytes {
-        let mut v = vec![0; len as usize];
-        fill(&mut v, seed);
-        SharedBytes::from(v)
+        SharedBytes::from(filled(len as usize, seed))
     }
     fn feed(&self, data: SharedBytes) {
         self.fed.lock().unwrap().push(checksum(&data));
@@ -100,6 +98,46 @@ fn fill(buf: &mut [u8], seed: u64) {
     }
 }
 
+/// `len` bytes made by [`fill`] with `seed`.
+fn filled(len: usize, seed: u64) -> Vec<u8> {
+    let mut v = vec![0; len];
+    fill(&mut v, seed);
+    v
+}
+
+/// A worker serving `Sink`, a client of it that lends its pages if told to, and the pipes
+/// each side held before anything could pipe.
+struct Spawned {
+    child: Worker,
+    sink: SinkClient,
+    our_pipes: u64,
+    workers_pipes: u64,
+}
+
+fn spawn_sink(lend: bool) -> Spawned {
+    let (child, conn) = Worker::spawn(child("child_sink")).unwrap();
+    conn.lend_pages_to_peer(lend);
+    let sink = SinkClient::new(conn);
+    let (our_pipes, workers_pipes) = (pipes(), sink.pipes().unwrap());
+    Spawned {
+        child,
+        sink,
+        our_pipes,
+        workers_pipes,
+    }
+}
+
+impl Spawned {
+    /// Hangs up; the worker exits cleanly.
+    fn finish(self) {
+        let Spawned {
+            mut child, sink, ..
+        } = self;
+        drop(sink);
+        assert_eq!(child.wait().unwrap(), Exit::Code(0));
+    }
+}
+
 #[test]
 #[ignore = "run as a child process by other tests"]
 fn child_sink() {
@@ -112,10 +150,9 @@ fn child_sink() {
 fn shared_bytes_cross_through_a_pipe_and_the_owner_may_rewrite_them_after_the_call() {
     let _fds = fd_count_lock();
     let before = open_fds();
-    let (mut child, conn) = Worker::spawn(child("child_sink")).unwrap();
-    conn.lend_pages_to_peer(true);
-    let sink = SinkClient::new(conn);
-    let (our_pipes, workers_pipes) = (pipes(), sink.pipes().unwrap());
+    let spawned = spawn_sink(true);
+    let (sink, our_pipes, workers_pipes) =
+        (&spawned.sink, spawned.our_pipes, spawned.workers_pipes);
     // One buffer, reused: after each call the owner is its only holder again and rewrites
     // it, so bytes read late (after the call) would show as a wrong checksum.
     let mut buf = Arc::new(vec![0u8; 3 << 20]);
@@ -157,25 +194,18 @@ fn shared_bytes_cross_through_a_pipe_and_the_owner_may_rewrite_them_after_the_ca
             .unwrap(),
         (sa, sb)
     );
-    drop(sink);
-    assert_eq!(child.wait().unwrap(), Exit::Code(0));
-    drop(child);
+    spawned.finish();
     assert_eq!(open_fds(), before, "the pipe is closed with its connection");
 }
 
 #[test]
 fn oneways_and_replies_do_not_pipe_and_arrive_whole() {
     let _fds = fd_count_lock();
-    let (mut child, conn) = Worker::spawn(child("child_sink")).unwrap();
-    conn.lend_pages_to_peer(true);
-    let sink = SinkClient::new(conn);
-    let (our_pipes, workers_pipes) = (pipes(), sink.pipes().unwrap());
+    let spawned = spawn_sink(true);
+    let (sink, our_pipes, workers_pipes) =
+        (&spawned.sink, spawned.our_pipes, spawned.workers_pipes);
     let sent: Vec<Vec<u8>> = (0..8)
-        .map(|i| {
-            let mut v = vec![0; (64 << 10) + i * 10_001];
-            fill(&mut v, i as u64);
-            v
-        })
+        .map(|i| filled((64 << 10) + i * 10_001, i as u64))
         .collect();
     for data in &sent {
         sink.feed(SharedBytes::from(data.clone())).unwrap();
@@ -183,8 +213,7 @@ fn oneways_and_replies_do_not_pipe_and_arrive_whole() {
     let want: Vec<u64> = sent.iter().map(|d| checksum(d)).collect();
     assert_eq!(sink.fed().unwrap(), want);
     // A reply of `SharedBytes` is bytes like any other.
-    let mut want = vec![0; 500_000];
-    fill(&mut want, 99);
+    let want = filled(500_000, 99);
     assert!(
         sink.make(500_000, 99).unwrap() == SharedBytes::from(want),
         "made bytes"
@@ -192,8 +221,7 @@ fn oneways_and_replies_do_not_pipe_and_arrive_whole() {
     // Neither side made a pipe.
     assert_eq!(pipes(), our_pipes);
     assert_eq!(sink.pipes().unwrap(), workers_pipes);
-    drop(sink);
-    assert_eq!(child.wait().unwrap(), Exit::Code(0));
+    spawned.finish();
 }
 
 /// A call's `Vec<u8>` argument pipes too: the stub owns it, and hands it to the connection to
@@ -201,35 +229,30 @@ fn oneways_and_replies_do_not_pipe_and_arrive_whole() {
 #[test]
 fn a_calls_vec_argument_pipes_when_large_enough() {
     let _fds = fd_count_lock();
-    let (mut child, conn) = Worker::spawn(child("child_sink")).unwrap();
-    conn.lend_pages_to_peer(true);
-    let sink = SinkClient::new(conn);
-    let (our_pipes, workers_pipes) = (pipes(), sink.pipes().unwrap());
-    let mut small = vec![0; (128 << 10) - 1];
-    fill(&mut small, 5);
+    let spawned = spawn_sink(true);
+    let (sink, our_pipes, workers_pipes) =
+        (&spawned.sink, spawned.our_pipes, spawned.workers_pipes);
+    let small = filled((128 << 10) - 1, 5);
     assert_eq!(sink.sum_vec(small.clone()).unwrap(), checksum(&small));
     assert_eq!(pipes(), our_pipes, "too small to pipe");
     for round in 0..3u64 {
-        let mut data = vec![0; 700_001];
-        fill(&mut data, round);
+        let data = filled(700_001, round);
         let want = checksum(&data);
         assert_eq!(sink.sum_vec(data).unwrap(), want, "round {round}");
     }
     assert_eq!(pipes(), our_pipes + 2);
     assert_eq!(sink.pipes().unwrap(), workers_pipes + 1);
-    drop(sink);
-    assert_eq!(child.wait().unwrap(), Exit::Code(0));
+    spawned.finish();
 }
 
 /// Lending pages is off by default: nothing pipes until the connection says so.
 #[test]
 fn a_connection_lends_its_pages_only_when_told_to() {
     let _fds = fd_count_lock();
-    let (mut child, conn) = Worker::spawn(child("child_sink")).unwrap();
-    let sink = SinkClient::new(conn);
-    let (our_pipes, workers_pipes) = (pipes(), sink.pipes().unwrap());
-    let mut data = vec![0; 700_001];
-    fill(&mut data, 7);
+    let spawned = spawn_sink(false);
+    let (sink, our_pipes, workers_pipes) =
+        (&spawned.sink, spawned.our_pipes, spawned.workers_pipes);
+    let data = filled(700_001, 7);
     let want = checksum(&data);
     assert_eq!(sink.sum_vec(data.clone()).unwrap(), want);
     assert_eq!(sink.sum(SharedBytes::from(data.clone())).unwrap(), want);
@@ -238,8 +261,7 @@ fn a_connection_lends_its_pages_only_when_told_to() {
     assert_eq!(sink.sum(SharedBytes::from(data)).unwrap(), want);
     assert_eq!(pipes(), our_pipes + 2);
     assert_eq!(sink.pipes().unwrap(), workers_pipes + 1);
-    drop(sink);
-    assert_eq!(child.wait().unwrap(), Exit::Code(0));
+    spawned.finish();
 }
 
 /// A call of `sum` as a hostile client writes it: envelope (with a lane word saying it reads
@@ -460,8 +482,7 @@ fn a_refused_call_empties_the_pipe_and_announces_it_again() {
     }
     refuse.store(false, Ordering::SeqCst);
     for round in 0..3u64 {
-        let mut data = vec![0; 300_000];
-        fill(&mut data, round);
+        let data = filled(300_000, round);
         let want = checksum(&data);
         assert_eq!(
             sink.sum(SharedBytes::from(data)).unwrap(),
