@@ -7,7 +7,7 @@ mod common;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Mutex;
 
-use common::{child, fd_count_lock, open_fds};
+use common::{checksum, child, fd_count_lock, fds_named, filled, open_fds};
 use typed_ipc::shared_region::SharedRegion;
 use typed_ipc::worker::{self, Exit, Worker};
 use typed_ipc::{Connection, Socket, interface};
@@ -50,32 +50,12 @@ impl Bulk for BulkImpl {
 
 /// Memfds of typed-ipc's (regions and buffers) open in this process.
 fn regions() -> u64 {
-    std::fs::read_dir("/proc/self/fd")
-        .unwrap()
-        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-        .filter(|target| {
-            target
-                .to_string_lossy()
-                .starts_with("/memfd:typed-ipc-buffer")
-        })
-        .count() as u64
+    fds_named("/memfd:typed-ipc-buffer")
 }
 
 /// What `bump` returns for `data`.
 fn bumped(data: &[u8]) -> Vec<u8> {
     data.iter().map(|b| b.wrapping_add(1)).collect()
-}
-
-fn checksum(data: &[u8]) -> u64 {
-    data.iter().enumerate().fold(0u64, |sum, (i, &b)| {
-        sum.wrapping_mul(31).wrapping_add(b as u64 ^ i as u64)
-    })
-}
-
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    (0..len as u64)
-        .map(|i| (i.wrapping_mul(seed | 1) >> 3) as u8 ^ seed as u8)
-        .collect()
 }
 
 #[test]
@@ -91,7 +71,7 @@ fn child_bulk() {
 fn bump_rounds(bulk: &BulkClient, sizes: &[usize], rounds: u64) {
     for round in 0..rounds {
         for (i, &len) in sizes.iter().enumerate() {
-            let data = pattern(len, round * 100 + i as u64);
+            let data = filled(len, round * 100 + i as u64);
             let want = bumped(&data);
             assert!(
                 bulk.bump(data).unwrap() == want,
@@ -146,7 +126,7 @@ fn concurrent_bulk_callers_each_get_their_own_bytes() {
             std::thread::spawn(move || {
                 for round in 0..20u64 {
                     let len = (256 << 10) + (round as usize * 97_003) % (2 << 20);
-                    let data = pattern(len, t * 1000 + round);
+                    let data = filled(len, t * 1000 + round);
                     let want = bumped(&data);
                     assert!(bulk.bump(data).unwrap() == want, "thread {t} round {round}");
                 }
@@ -167,7 +147,7 @@ fn bulk_oneways_arrive_whole_and_in_order() {
     let bulk = BulkClient::new(conn);
     bulk.regions().unwrap(); // the worker has spoken: the lane may be used from now on
     let sent: Vec<Vec<u8>> = (0..30)
-        .map(|i| pattern(100_000 + i * 4099, i as u64))
+        .map(|i| filled(100_000 + i * 4099, i as u64))
         .collect();
     for data in &sent {
         bulk.feed(data.clone()).unwrap();
@@ -275,17 +255,10 @@ mod async_flavour {
         }
     }
 
-    fn runtime() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-    }
-
     #[test]
     #[ignore = "run as a child process by other tests"]
     fn child_bulk_async() {
-        runtime().block_on(async {
+        common::current_thread_runtime().block_on(async {
             let conn = typed_ipc::tokio::worker::connection().unwrap();
             asynchronous::BulkServer::new(AsyncBulkImpl::default())
                 .serve(conn)
@@ -300,12 +273,12 @@ mod async_flavour {
     fn an_async_parent_and_a_blocking_worker_share_regions() {
         let _fds = fd_count_lock();
         let before = open_fds();
-        runtime().block_on(async {
+        common::current_thread_runtime().block_on(async {
             let (mut child, conn) = typed_ipc::tokio::worker::spawn(child("child_bulk")).unwrap();
             let bulk = asynchronous::BulkClient::new(conn);
             for round in 0..2u64 {
                 for (i, &len) in SIZES.iter().enumerate() {
-                    let data = pattern(len, round * 10 + i as u64);
+                    let data = filled(len, round * 10 + i as u64);
                     let want = bumped(&data);
                     assert!(
                         bulk.bump(data).await.unwrap() == want,
@@ -315,7 +288,7 @@ mod async_flavour {
             }
             assert_eq!(regions(), 2, "our region and a view of the worker's");
             assert_eq!(bulk.regions().await.unwrap(), 2);
-            let sent: Vec<Vec<u8>> = (0..10).map(|i| pattern(5000 + i * 999, i as u64)).collect();
+            let sent: Vec<Vec<u8>> = (0..10).map(|i| filled(5000 + i * 999, i as u64)).collect();
             for data in &sent {
                 bulk.feed(data.clone()).await.unwrap();
             }

@@ -11,7 +11,7 @@ use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use common::{child, fd_count_lock, open_fds};
+use common::{checksum, child, fd_count_lock, fds_named, fill, filled, open_fds};
 use typed_ipc::worker::{self, Exit, Worker};
 use typed_ipc::{Connection, SharedBytes, Socket, interface};
 
@@ -78,31 +78,7 @@ impl Sink for SinkImpl {
 
 /// Pipe ends open in this process.
 fn pipes() -> u64 {
-    std::fs::read_dir("/proc/self/fd")
-        .unwrap()
-        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-        .filter(|target| target.to_string_lossy().starts_with("pipe:"))
-        .count() as u64
-}
-
-fn checksum(data: &[u8]) -> u64 {
-    data.iter().enumerate().fold(0u64, |sum, (i, &b)| {
-        sum.wrapping_mul(31).wrapping_add(b as u64 ^ i as u64)
-    })
-}
-
-/// Fills `buf` with bytes that differ for every `seed`.
-fn fill(buf: &mut [u8], seed: u64) {
-    for (i, b) in buf.iter_mut().enumerate() {
-        *b = ((i as u64).wrapping_mul(seed | 1) >> 3) as u8 ^ seed as u8;
-    }
-}
-
-/// `len` bytes made by [`fill`] with `seed`.
-fn filled(len: usize, seed: u64) -> Vec<u8> {
-    let mut v = vec![0; len];
-    fill(&mut v, seed);
-    v
+    fds_named("pipe:")
 }
 
 /// A worker serving `Sink`, a client of it that lends its pages if told to, and the pipes

@@ -13,7 +13,9 @@
 //! where the store put them (sequence number, fd index, offset, length): the connection uses
 //! this to move byte strings through a shared region instead of the socket (see
 //! `connection/lane.rs`). [`SharedBytes`] may also be tag 2: a reference to the first bytes,
-//! which the store moved through a pipe, and then the rest of the bytes.
+//! which the store moved through a pipe, and then the rest of the bytes. Tag 3 is a
+//! reference to a buffer of the receiver's that the store wrote the bytes into
+//! (`peer_memory.rs`).
 
 use std::cell::Cell;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -95,10 +97,8 @@ const SMALL_TABLE: usize = 16;
 /// Somewhere other than the message for large byte strings: the connection's shared region.
 pub(crate) trait OutOfLine: Send + Sync {
     /// Offers `bytes` while encoding, at most once per message. `Some` if the store took
-    /// them: the reference to write (its `seq` is never 0), and an fd the message must carry
-    /// (a region the peer has not seen yet), which the store keeps open until the message is
-    /// sent.
-    fn put(&self, bytes: &[u8]) -> Option<(Placed, Option<RawFd>)>;
+    /// them: where (its `seq` is never 0).
+    fn put(&self, bytes: &[u8]) -> Option<Placement>;
     /// Fetches placed bytes while decoding; `fd` is the fd the reference named, if any.
     fn take(&self, placed: &Placed, fd: Option<OwnedFd>) -> std::result::Result<Vec<u8>, String>;
     /// Offers bytes whose owner the store may keep until the peer has read them, so that
@@ -117,6 +117,39 @@ pub(crate) trait OutOfLine: Send + Sync {
     ) -> std::result::Result<Vec<u8>, String> {
         Err("a piped byte string, but no pipe to read it from".into())
     }
+    /// Fetches a byte string the peer wrote into this process's memory while decoding.
+    fn take_written(&self, _written: &Written) -> std::result::Result<Vec<u8>, String> {
+        Err("a byte string written into this process, but it accepts no writes".into())
+    }
+}
+
+/// Where [`OutOfLine::put`] put a byte string.
+pub(crate) enum Placement {
+    /// In a shared region (tag 1), with an fd the message must carry (a region the peer has
+    /// not seen yet), which the store keeps open until the message is sent.
+    Region(Placed, Option<RawFd>),
+    /// Into the peer's memory (tag 3).
+    Written(Written),
+}
+
+impl Placement {
+    fn seq(&self) -> u32 {
+        match self {
+            Placement::Region(placed, _) => placed.seq,
+            Placement::Written(written) => written.seq,
+        }
+    }
+}
+
+/// A byte string the sender wrote into the receiver's inbox buffer: the wire form of tag 3.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Written {
+    /// Which placement of the sender's store this is (acknowledged back to it).
+    pub seq: u32,
+    /// Which of the receiver's inbox buffers it went into.
+    pub generation: u64,
+    /// Its length.
+    pub len: u64,
 }
 
 /// Where the first bytes of a piped byte string are: the wire form of tag 2, followed by
@@ -175,11 +208,11 @@ fn with_current_store<R>(f: impl FnOnce(&dyn OutOfLine) -> R) -> Option<R> {
 
 /// Offers `bytes` to the store of the [`encode_placing`] running on this thread, unless it
 /// has placed a byte string for this message already.
-fn place(bytes: &[u8]) -> Option<(Placed, Option<RawFd>)> {
+fn place(bytes: &[u8]) -> Option<Placement> {
     place_with(false, |store| {
         store
             .put(bytes)
-            .map(|(placed, fd)| (placed.seq, (placed, fd)))
+            .map(|placement| (placement.seq(), placement))
     })
 }
 
@@ -413,7 +446,7 @@ impl<T: AsRef<[u8]>> Serialize for Bytes<T> {
             _ => None,
         };
         match placed {
-            Some((mut placed, fd)) => {
+            Some(Placement::Region(mut placed, fd)) => {
                 if let Some(fd) = fd {
                     // SAFETY: the store keeps this fd open until the message is sent.
                     let fd = unsafe { BorrowedFd::borrow_raw(fd) };
@@ -421,6 +454,10 @@ impl<T: AsRef<[u8]>> Serialize for Bytes<T> {
                 }
                 t.serialize_element(&1u8)?;
                 t.serialize_element(&placed)?;
+            }
+            Some(Placement::Written(written)) => {
+                t.serialize_element(&3u8)?;
+                t.serialize_element(&written)?;
             }
             None => {
                 t.serialize_element(&0u8)?;
@@ -519,12 +556,13 @@ impl<'de> Deserialize<'de> for Bytes<Vec<u8>> {
                             .map_err(A::Error::custom)
                     }
                     2 => take_piped(&mut seq),
+                    3 => take_written(&mut seq),
                     tag => Err(A::Error::custom(format!("unknown byte string tag {tag}"))),
                 }
             }
         }
-        // Up to three elements: the tag, then the bytes (tag 0), a reference (tag 1), or a
-        // reference and the rest of the bytes (tag 2).
+        // Up to three elements: the tag, then the bytes (tag 0), a reference (tags 1 and 3),
+        // or a reference and the rest of the bytes (tag 2).
         d.deserialize_tuple(3, Visitor).map(Bytes)
     }
 }
@@ -545,6 +583,21 @@ fn take_piped<'de, A: serde::de::SeqAccess<'de>>(seq: &mut A) -> Result<Vec<u8>,
     let tail = seq.next_element::<InlineBuf>()?.ok_or_else(missing)?;
     with_current_store(|store| store.take_piped(&piped, fd, &tail.0))
         .ok_or_else(|| A::Error::custom("a piped byte string, but no pipe to read it from"))?
+        .map_err(A::Error::custom)
+}
+
+/// A byte string the peer wrote into this process (tag 3): out of line, as [`take_piped`].
+#[cold]
+#[inline(never)]
+fn take_written<'de, A: serde::de::SeqAccess<'de>>(seq: &mut A) -> Result<Vec<u8>, A::Error> {
+    use serde::de::Error as _;
+    let written: Written = seq
+        .next_element()?
+        .ok_or_else(|| A::Error::custom("a byte string ended early"))?;
+    with_current_store(|store| store.take_written(&written))
+        .ok_or_else(|| {
+            A::Error::custom("a byte string written into this process, but it accepts no writes")
+        })?
         .map_err(A::Error::custom)
 }
 
@@ -595,7 +648,7 @@ mod tests {
     }
 
     impl OutOfLine for Greedy {
-        fn put(&self, bytes: &[u8]) -> Option<(Placed, Option<RawFd>)> {
+        fn put(&self, bytes: &[u8]) -> Option<Placement> {
             let mut taken = self.taken.lock().unwrap();
             taken.push(bytes.to_vec());
             let placed = Placed {
@@ -604,7 +657,7 @@ mod tests {
                 offset: 0,
                 len: bytes.len() as u64,
             };
-            Some((placed, None))
+            Some(Placement::Region(placed, None))
         }
 
         fn take(

@@ -9,6 +9,7 @@ mod error;
 mod frame;
 mod listener;
 mod memfd;
+pub mod peer_memory;
 mod pipe;
 mod server;
 pub mod service;

@@ -33,8 +33,10 @@ pub const HEADER_LEN: usize = 16;
 /// than misreading each other. 2: byte strings carry a tag (inline, or placed in the
 /// connection's shared region) and the envelope's spare bytes carry the lane word. 3: the
 /// lane word also names the placement its message carries. 4: a byte string may also be
-/// piped (tag 2: its first bytes in the sender's pipe, the rest inline).
-pub const VERSION: u8 = 4;
+/// piped (tag 2: its first bytes in the sender's pipe, the rest inline). 5: a byte string
+/// may also be written into the receiver's inbox (tag 3), which the receiver announces in
+/// a message of its own (envelope kind 5).
+pub const VERSION: u8 = 5;
 const MAGIC: [u8; 2] = *b"TI";
 /// Most payload bytes a first datagram may carry: the receiver reads first datagrams into a
 /// buffer of this size, so small messages need no allocation.

@@ -7,6 +7,7 @@ use std::process::{Child, Command, ExitStatus};
 
 use crate::connection::Connection;
 use crate::error::{Error, Result};
+use crate::peer_memory::PeerMemory;
 use crate::socket::Socket;
 
 /// The fd number the child finds its end of the connection at.
@@ -38,9 +39,21 @@ pub enum Exit {
 impl Worker {
     /// Starts `command` as a worker and returns it with this side's [`Connection`]. In the
     /// child, [`connection`] yields the other side.
+    ///
+    /// The connection may write large byte strings straight into the child's memory
+    /// ([`Connection::write_into_peer`]); a child that serves with [`connection`] accepts
+    /// that.
     pub fn spawn(command: Command) -> Result<(Worker, Connection)> {
         let (worker, socket) = Worker::spawn_socket(command)?;
-        Ok((worker, Connection::new(socket)))
+        let connection = Connection::new(socket);
+        connection.write_into_peer(worker.memory());
+        Ok((worker, connection))
+    }
+
+    /// The child's memory, to give its connection when it was started with
+    /// [`Worker::spawn_socket`] (see [`Connection::write_into_peer`]).
+    pub fn memory(&self) -> PeerMemory {
+        PeerMemory::of_child(&self.child)
     }
 
     /// [`Worker::spawn`] for the bare transport: this side's [`Socket`]; in the child,
@@ -142,8 +155,16 @@ fn pidfd_open(pid: u32) -> Option<OwnedFd> {
 
 /// In a process started by [`Worker::spawn`]: this side of the connection. Call it once;
 /// later calls, and calls in a process that was not started as a worker, fail.
+///
+/// The connection accepts byte strings of 256 KiB to 1 MiB written straight into this
+/// process's memory by the parent ([`Connection::accept_writes_from_peer`]), which started
+/// this process and may write its memory anyway. For a worker that must not, use
+/// `Connection::new(worker::socket()?)`.
 pub fn connection() -> Result<Connection> {
-    Ok(Connection::new(socket()?))
+    let connection = Connection::new(socket()?);
+    // A parent already gone shows on the first call; nothing to report here.
+    let _ = connection.accept_writes_from_peer();
+    Ok(connection)
 }
 
 /// [`connection`] for the bare transport, in a process started by [`Worker::spawn_socket`].

@@ -77,3 +77,43 @@ pub fn raw_call(socket: &Socket, msg: &[u8], fds: &[BorrowedFd<'_>], cookie: u64
     );
     reply.payload
 }
+
+/// Fds of this process whose `/proc/self/fd` link starts with `prefix` (`"pipe:"`,
+/// `"/memfd:typed-ipc-buffer"`).
+pub fn fds_named(prefix: &str) -> u64 {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with(prefix))
+        .count() as u64
+}
+
+/// A checksum that depends on every byte and its position.
+pub fn checksum(data: &[u8]) -> u64 {
+    data.iter().enumerate().fold(0u64, |sum, (i, &b)| {
+        sum.wrapping_mul(31).wrapping_add(b as u64 ^ i as u64)
+    })
+}
+
+/// Fills `buf` with bytes that differ for every `seed`.
+pub fn fill(buf: &mut [u8], seed: u64) {
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = ((i as u64).wrapping_mul(seed | 1) >> 3) as u8 ^ seed as u8;
+    }
+}
+
+/// `len` bytes made by [`fill`] with `seed`.
+pub fn filled(len: usize, seed: u64) -> Vec<u8> {
+    let mut v = vec![0; len];
+    fill(&mut v, seed);
+    v
+}
+
+/// A current-thread tokio runtime, as a worker's `main` would start.
+#[cfg(feature = "tokio")]
+pub fn current_thread_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}

@@ -3,7 +3,7 @@
 //!
 //! | offset | size | field       | meaning                                                  |
 //! |-------:|-----:|-------------|----------------------------------------------------------|
-//! | 0      | 1    | `kind`      | 1 call, 2 oneway, 3 reply, 4 failure reply               |
+//! | 0      | 1    | `kind`      | 1 call, 2 oneway, 3 reply, 4 failure reply, 5 announce   |
 //! | 1      | 3    | `lane`      | the blocking flavour's [lane word](super::lane); else 0  |
 //! | 4      | 4    | `cmd`       | command id of the method (calls, oneways)                |
 //! | 8      | 8    | `cookie`    | matches a reply to its call; 0 for oneways               |
@@ -30,6 +30,10 @@ pub enum Kind {
     Reply = 3,
     /// A call could not be answered: the body is a [`Failure`](super::failure::Failure).
     Failure = 4,
+    /// The sender accepts byte strings written into its memory: the body is its inbox's
+    /// mailbox address and token (two `u64`s, [`announcement`]); `cmd`, `cookie`,
+    /// `interface` and `signature` are zero.
+    Announce = 5,
 }
 
 /// A decoded envelope.
@@ -43,6 +47,17 @@ pub struct Envelope {
 }
 
 impl Envelope {
+    /// The envelope of an [`Kind::Announce`] message.
+    pub fn announce() -> Envelope {
+        Envelope {
+            kind: Kind::Announce,
+            cmd: 0,
+            cookie: 0,
+            interface: 0,
+            signature: 0,
+        }
+    }
+
     /// Writes the envelope at the start of `buf`, which must hold at least [`LEN`] bytes.
     pub fn write(&self, buf: &mut [u8]) {
         buf[0] = self.kind as u8;
@@ -66,6 +81,7 @@ impl Envelope {
             2 => Kind::Oneway,
             3 => Kind::Reply,
             4 => Kind::Failure,
+            5 => Kind::Announce,
             k => return Err(Error::Malformed(format!("unknown message kind {k}"))),
         };
         let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
@@ -106,6 +122,20 @@ pub fn lane(payload: &[u8]) -> u32 {
     match payload.get(1..4) {
         Some(b) => u32::from_le_bytes([b[0], b[1], b[2], 0]),
         None => 0,
+    }
+}
+
+/// The mailbox address and token an [`Kind::Announce`] message carries after its envelope.
+pub fn announcement(payload: &[u8]) -> Result<(u64, u64)> {
+    match payload.get(LEN..) {
+        Some(body) if body.len() == 16 => Ok((
+            u64::from_le_bytes(body[..8].try_into().expect("8 bytes")),
+            u64::from_le_bytes(body[8..].try_into().expect("8 bytes")),
+        )),
+        _ => Err(Error::Malformed(format!(
+            "an announcement of {} bytes",
+            payload.len()
+        ))),
     }
 }
 

@@ -51,9 +51,10 @@ use std::sync::{Mutex, PoisonError};
 use serde::Serialize;
 
 use super::envelope::{self, Kind};
-use crate::codec::{self, NO_FD, OutOfLine, Piped, Placed};
+use crate::codec::{self, NO_FD, OutOfLine, Piped, Placed, Placement, Written};
 use crate::error::Result;
 use crate::frame::Frame;
+use crate::peer_memory::{self, Inbox, PeerMemory};
 use crate::pipe::{self, InPipe, OutPipe};
 use crate::shared_bytes::SharedBytes;
 use crate::shared_region::{RegionView, SharedRegion};
@@ -104,6 +105,11 @@ pub(crate) struct Lane {
     consumed: AtomicU32,
     /// Largest string (and region) accepted from the peer.
     max_len: usize,
+    /// Where the peer writes strings into this process, once this end accepts that.
+    inbox: Mutex<Option<Inbox>>,
+    /// A string was taken out of the inbox and its placement is not acknowledged yet: the
+    /// inbox needs a new buffer first ([`Lane::settle_inbox`]).
+    inbox_taken: AtomicBool,
 }
 
 #[derive(Default)]
@@ -119,6 +125,40 @@ struct Outgoing {
     pipe_sent: Announcement,
     /// The bytes of the placement in the pipe, kept unchanged until the peer has read them.
     pinned: Option<(u32, SharedBytes)>,
+    /// The peer's memory, if this end may write strings into it.
+    writer: Option<Writer>,
+}
+
+/// This end's way into the peer's memory ([`crate::peer_memory`]).
+struct Writer {
+    memory: PeerMemory,
+    /// The peer's mailbox and its token, once announced.
+    mailbox: Option<(u64, u64)>,
+}
+
+impl Writer {
+    /// Writes `bytes` into the peer's inbox buffer; the buffer's generation if it did.
+    /// Any failure ends writing for the connection: the peer cannot be written (it is
+    /// gone, or not this process's to write), or announced a buffer that is not one.
+    fn write(&mut self, bytes: &[u8]) -> Option<u64> {
+        let (mailbox, token) = self.mailbox?;
+        let written =
+            self.memory
+                .read_mailbox(mailbox, token)
+                .and_then(|(generation, addr, capacity)| {
+                    if (bytes.len() as u64) > capacity {
+                        return Ok(None); // a smaller buffer than ours: not for this string
+                    }
+                    self.memory.write(addr, bytes).map(|()| Some(generation))
+                });
+        match written {
+            Ok(generation) => generation,
+            Err(_) => {
+                self.mailbox = None;
+                None
+            }
+        }
+    }
 }
 
 /// Whether the peer has been sent an fd of this end's (the region's, the pipe's), and by
@@ -191,6 +231,37 @@ impl Lane {
             incoming_pipe: Mutex::new(None),
             consumed: AtomicU32::new(0),
             max_len: max_len.min(MAX),
+            inbox: Mutex::new(None),
+            inbox_taken: AtomicBool::new(false),
+        }
+    }
+
+    /// Lets this end write byte strings of [`peer_memory::MIN`] to
+    /// [`peer_memory::CAPACITY`] bytes straight into `memory`, the peer's, once the peer
+    /// announces an inbox ([`Lane::on_announce`]).
+    pub(crate) fn write_into_peer(&self, memory: PeerMemory) {
+        let mut out = self.out.lock().unwrap_or_else(PoisonError::into_inner);
+        out.writer = Some(Writer {
+            memory,
+            mailbox: None,
+        });
+    }
+
+    /// Makes this end's inbox (once) and returns the announcement for the peer: the
+    /// mailbox's address and token.
+    pub(crate) fn accept_writes(&self) -> std::io::Result<(u64, u64)> {
+        let mut inbox = self.inbox.lock().unwrap_or_else(PoisonError::into_inner);
+        if inbox.is_none() {
+            *inbox = Some(Inbox::new()?);
+        }
+        Ok(inbox.as_ref().expect("made above").announcement())
+    }
+
+    /// The peer announced its inbox: written into from now on, if this end may write it.
+    pub(crate) fn on_announce(&self, mailbox: u64, token: u64) {
+        let mut out = self.out.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(writer) = &mut out.writer {
+            writer.mailbox = Some((mailbox, token));
         }
     }
 
@@ -218,8 +289,27 @@ impl Lane {
     }
 
     /// The lane word for an outgoing envelope that carries placement `placed` (0: none).
+    #[inline]
     pub(crate) fn word(&self, placed: u32) -> u32 {
+        if self.inbox_taken.load(Ordering::Acquire) {
+            self.settle_inbox();
+        }
         READS_LANES | placed << SEQ_BITS | self.consumed.load(Ordering::Acquire)
+    }
+
+    /// Gives the inbox its next buffer and only then acknowledges the string taken out of
+    /// the last one: the peer reads the mailbox again once it sees the acknowledgement, and
+    /// must not find the old buffer there (the receiver's user owns it now). Done as late
+    /// as the acknowledgement allows, when the next message goes out: by then a handler
+    /// has usually dropped the last string, and the allocator hands its pages, still in
+    /// cache, to the next buffer.
+    #[cold]
+    fn settle_inbox(&self) {
+        let mut inbox = self.inbox.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(seq) = inbox.as_mut().and_then(Inbox::renew_taken) {
+            self.inbox_taken.store(false, Ordering::Release);
+            self.record_done(seq, 0);
+        }
     }
 
     /// This end is done with the message whose payload (envelope first) is `payload`: if it
@@ -239,6 +329,13 @@ impl Lane {
         if seq == 0 {
             return;
         }
+        if self.inbox_taken.load(Ordering::Acquire) {
+            self.settle_inbox(); // its acknowledgement comes first
+        }
+        self.record_done(seq, how);
+    }
+
+    fn record_done(&self, seq: u32, how: u32) {
         let _ = self
             .consumed
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |last| {
@@ -425,7 +522,7 @@ impl OutOfLine for Lane {
         Ok(bytes)
     }
 
-    fn put(&self, bytes: &[u8]) -> Option<(Placed, Option<RawFd>)> {
+    fn put(&self, bytes: &[u8]) -> Option<Placement> {
         let len = bytes.len();
         if !(MIN..=MAX).contains(&len)
             || !self.peer_reads.load(Ordering::Relaxed)
@@ -434,6 +531,16 @@ impl OutOfLine for Lane {
             return None;
         }
         let mut out = self.idle_out()?;
+        if (peer_memory::MIN..=peer_memory::CAPACITY).contains(&len)
+            && let Some(generation) = out.writer.as_mut().and_then(|w| w.write(bytes))
+        {
+            let seq = out.start(&self.busy);
+            return Some(Placement::Written(Written {
+                seq,
+                generation,
+                len: len as u64,
+            }));
+        }
         if out.region.as_ref().is_none_or(|r| r.len() < len) {
             let region = SharedRegion::new(len.next_power_of_two().clamp(MIN_REGION, MAX)).ok()?;
             out.region = Some(region);
@@ -450,7 +557,18 @@ impl OutOfLine for Lane {
             offset: 0,
             len: len as u64,
         };
-        Some((placed, fd))
+        Some(Placement::Region(placed, fd))
+    }
+
+    fn take_written(&self, written: &Written) -> Result<Vec<u8>, String> {
+        let mut inbox = self.inbox.lock().unwrap_or_else(PoisonError::into_inner);
+        let inbox = inbox
+            .as_mut()
+            .ok_or("a byte string written into this process, but it announced no inbox")?;
+        let bytes = inbox.take(written.generation, written.len, written.seq & SEQ_MASK)?;
+        // Acknowledged by `settle_inbox`, once the inbox has its next buffer.
+        self.inbox_taken.store(true, Ordering::Release);
+        Ok(bytes)
     }
 
     fn take(&self, placed: &Placed, fd: Option<OwnedFd>) -> Result<Vec<u8>, String> {

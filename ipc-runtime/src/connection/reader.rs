@@ -228,6 +228,13 @@ impl Shared {
                 state.buffer = frame;
             }
             (Kind::Oneway, Err(_)) => state.buffer = frame,
+            (Kind::Announce, result) => {
+                match result.and_then(|()| envelope::announcement(&frame.payload)) {
+                    Ok((mailbox, token)) => self.lane.on_announce(mailbox, token),
+                    Err(e) => self.fail(&mut state, e),
+                }
+                state.buffer = frame;
+            }
         }
         (state, None)
     }

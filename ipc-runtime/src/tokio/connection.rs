@@ -201,6 +201,28 @@ impl AsyncConnection {
         self.inner.lane.lend_pages(lend);
     }
 
+    /// Lets the peer write byte strings of 256 KiB to 1 MiB straight into this process's
+    /// memory. As [`Connection::accept_writes_from_peer`](crate::Connection::accept_writes_from_peer),
+    /// which says when that is safe.
+    /// The announcement goes out from a task of the connection's runtime.
+    pub fn accept_writes_from_peer(&self) -> Result<()> {
+        let announcement = self.inner.lane.accept_writes()?;
+        let inner = self.inner.clone();
+        let guard = inner.tasks.enter();
+        self.inner.runtime.spawn(async move {
+            // A peer already gone shows on the connection itself.
+            let _ = inner.send(Envelope::announce(), announcement).await;
+            drop(guard);
+        });
+        Ok(())
+    }
+
+    /// Writes this end's byte strings of 256 KiB to 1 MiB straight into `memory`, the
+    /// peer's. As [`Connection::write_into_peer`](crate::Connection::write_into_peer).
+    pub fn write_into_peer(&self, memory: crate::peer_memory::PeerMemory) {
+        self.inner.lane.write_into_peer(memory);
+    }
+
     /// Whether the connection has ended (peer gone, closed, or a protocol error).
     pub fn is_closed(&self) -> bool {
         self.inner.lock().closed.is_some()
@@ -527,6 +549,11 @@ impl Inner {
                 });
             }
             (Kind::Oneway, Err(_)) => {}
+            (Kind::Announce, received) => {
+                let (mailbox, token) =
+                    received.and_then(|()| envelope::announcement(&frame.payload))?;
+                self.lane.on_announce(mailbox, token);
+            }
         }
         Ok(())
     }

@@ -15,14 +15,21 @@ use crate::worker::{Exit, Worker};
 /// [`AsyncConnection`]. Must be called inside a tokio runtime.
 pub fn spawn(command: Command) -> Result<(Worker, AsyncConnection)> {
     let (worker, socket) = Worker::spawn_socket(command)?;
-    Ok((worker, AsyncConnection::new(socket)?))
+    let connection = AsyncConnection::new(socket)?;
+    connection.write_into_peer(worker.memory());
+    Ok((worker, connection))
 }
 
 /// In a process started as a worker (by [`spawn`] or [`Worker::spawn`]): this side of the
 /// connection, on the current tokio runtime. Call it once, early (see
 /// [`crate::worker::connection`]).
+///
+/// Like the blocking one, it accepts byte strings written into this process by the parent
+/// ([`AsyncConnection::accept_writes_from_peer`]).
 pub fn connection() -> Result<AsyncConnection> {
-    AsyncConnection::new(crate::worker::socket()?)
+    let connection = AsyncConnection::new(crate::worker::socket()?)?;
+    connection.accept_writes_from_peer()?;
+    Ok(connection)
 }
 
 /// Waits for `worker` to end without blocking a runtime thread, and says how it ended. Uses
