@@ -59,6 +59,9 @@ static SYSTEMS: &[&dyn System] = &[
         flavor: Flavor::Plain,
     },
     &TypedIpc {
+        flavor: Flavor::Region,
+    },
+    &TypedIpc {
         flavor: Flavor::Lent,
     },
     &TypedIpc { flavor: Flavor::Fd },

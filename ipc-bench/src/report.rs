@@ -298,6 +298,16 @@ const TARGETS: &[Target] = &[
         bandwidth: false,
     },
     Target {
+        what: "1 MiB one way, plain connections (`Connection::new` on both ends: the shared region, two copies)",
+        system: "typed-ipc/region",
+        size: MIB,
+        cross: false,
+        base: "memcpy",
+        base_cross: false,
+        limit: None,
+        bandwidth: false,
+    },
+    Target {
         what: "1 MiB one way, on a connection that lends its pages to a trusted peer (one copy, through a pipe)",
         system: "typed-ipc/lent",
         size: MIB,

@@ -106,7 +106,7 @@ impl Launcher {
     }
 
     /// Starts `ipc-bench --serve <system> <cpu> <arg>`.
-    pub fn spawn(&mut self, arg: &str) -> io::Result<()> {
+    pub fn spawn(&mut self, arg: &str) -> io::Result<&Child> {
         let child = Command::new(std::env::current_exe()?)
             .args(["--serve", self.system, &self.cpu.to_string(), arg])
             // stdout is the report; the child keeps stderr for its errors.
@@ -114,17 +114,18 @@ impl Launcher {
             .stdout(Stdio::null())
             .spawn()?;
         self.children.push(child);
-        Ok(())
+        Ok(self.children.last().expect("pushed above"))
     }
 
     /// Starts the server with `fd` inherited at the same number, which is passed as
     /// `arg`. The parent's copy is closed once the child has it.
-    pub fn spawn_with_fd(&mut self, fd: OwnedFd) -> io::Result<()> {
+    pub fn spawn_with_fd(&mut self, fd: OwnedFd) -> io::Result<&Child> {
         // Everything else the harness opens is close-on-exec (std, nix with
         // SOCK_CLOEXEC, tokio, ipc-channel), and children are started one at a time
         // from one thread, so only this fd leaks into this child.
         fcntl(&fd, FcntlArg::F_SETFD(FdFlag::empty()))?;
-        let result = self.spawn(&fd.as_raw_fd().to_string());
+        let arg = fd.as_raw_fd().to_string();
+        let result = self.spawn(&arg);
         drop(fd);
         result
     }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use ipc_bench::{BenchClient, BenchImpl, BenchServer, Blob, checksum_of_fill, cpu_ns};
 use nix::sys::resource::UsageWho;
+use typed_ipc::peer_memory::PeerMemory;
 use typed_ipc::shared_buffer::{SealedBuffer, SharedBuffer};
 use typed_ipc::shared_region::SharedRegion;
 use typed_ipc::{Connection, SharedBytes, Socket};
@@ -18,8 +19,12 @@ use crate::system::{Client, Kind, Launcher, MAX_PAYLOAD, System, inherited_fd};
 /// Which way of calling this row measures.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Flavor {
-    /// `echo(Vec<u8>) -> Vec<u8>`; bulk: `put(bytes) -> u64` through the transport.
+    /// `echo(Vec<u8>) -> Vec<u8>`; bulk: `put(bytes) -> u64`. Set up as `Worker::spawn` and
+    /// `worker::connection` set up a worker's connection: from 64 KiB to 1 MiB the client
+    /// writes the bytes straight into the server (`Connection::write_into_peer`).
     Plain,
+    /// Bulk `put` on plain `Connection::new` connections: through the shared region.
+    Region,
     /// Bulk `put` on a connection that lends its pages to the peer
     /// (`Connection::lend_pages_to_peer`): from 128 KiB to 1 MiB through a pipe, one copy.
     Lent,
@@ -62,6 +67,7 @@ impl System for TypedIpc {
     fn name(&self) -> &'static str {
         match self.flavor {
             Flavor::Plain => "typed-ipc",
+            Flavor::Region => "typed-ipc/region",
             Flavor::Lent => "typed-ipc/lent",
             Flavor::Fd => "typed-ipc+fd",
             Flavor::Oneway => "typed-ipc/oneway",
@@ -76,7 +82,11 @@ impl System for TypedIpc {
         match self.flavor {
             Flavor::Plain => &[Kind::Small, Kind::Bulk],
             Flavor::Fd | Flavor::Oneway | Flavor::Spin => &[Kind::Small],
-            Flavor::Lent | Flavor::Memfd | Flavor::Shared | Flavor::SharedRegion => &[Kind::Bulk],
+            Flavor::Region
+            | Flavor::Lent
+            | Flavor::Memfd
+            | Flavor::Shared
+            | Flavor::SharedRegion => &[Kind::Bulk],
         }
     }
 
@@ -87,12 +97,15 @@ impl System for TypedIpc {
 
     fn start(&self, launcher: &mut Launcher) -> io::Result<Box<dyn Client>> {
         let (ours, theirs) = Socket::pair().map_err(other)?;
-        launcher.spawn_with_fd(OwnedFd::from(theirs))?;
+        let child = launcher.spawn_with_fd(OwnedFd::from(theirs))?;
         if self.flavor == Flavor::Spin {
             ours.set_spin(spin());
         }
         let connection = Connection::new(ours);
         connection.lend_pages_to_peer(self.flavor == Flavor::Lent);
+        if self.flavor == Flavor::Plain {
+            connection.write_into_peer(PeerMemory::of_child(child));
+        }
         let client = BenchClient::new(connection);
         let pool = match self.flavor {
             Flavor::SharedRegion => {
@@ -124,8 +137,12 @@ impl System for TypedIpc {
         if self.flavor == Flavor::Spin {
             socket.set_spin(spin());
         }
+        let connection = Connection::new(socket);
+        if self.flavor == Flavor::Plain {
+            connection.accept_writes_from_peer().map_err(other)?;
+        }
         BenchServer::new(BenchImpl::new(|| 0))
-            .serve(Connection::new(socket))
+            .serve(connection)
             .map_err(other)
     }
 }
@@ -189,7 +206,7 @@ impl Client for TypedClient {
                 self.sent += 1;
                 Ok(())
             }
-            (Flavor::Plain | Flavor::Lent, Kind::Bulk) => {
+            (Flavor::Plain | Flavor::Region | Flavor::Lent, Kind::Bulk) => {
                 let got = self
                     .client
                     .put(Blob::Shared(
