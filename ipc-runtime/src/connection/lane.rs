@@ -43,6 +43,13 @@
 //!   in addition the lane keeps a clone of the bytes until the acknowledgement (the receiver
 //!   reads the sender's own pages), and a placement given back unread is emptied out of the
 //!   pipe before the lane is idle again, so the next one starts at the front.
+//! - On a connection given the peer's memory ([`PeerMemory`]), once the peer has announced
+//!   an inbox, byte strings of [`peer_memory::MIN`] (256 KiB) to [`peer_memory::CAPACITY`]
+//!   (1 MiB) are *written* into the peer's inbox buffer instead (the codec's tag 3;
+//!   [`crate::peer_memory`]), one copy. Same sequence numbers, acknowledgement and busy
+//!   lane; the receiver acknowledges only once its inbox names a new buffer
+//!   ([`Lane::settle_inbox`]), so the sender never finds a buffer the receiver has handed
+//!   over.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};

@@ -46,6 +46,14 @@
 //! bytes that may have changed. Oneway messages and replies never pipe: nothing would
 //! bound how long their bytes stay pinned. Neither end waits on the pipe, and a peer
 //! announcing bytes its pipe does not hold fails the call at once.
+//!
+//! Between a parent and the worker it started, byte strings of 256 KiB to 1 MiB take one
+//! copy by default: the worker's end accepts writes into its memory
+//! ([`Connection::accept_writes_from_peer`]), keeping a buffer ready and telling the parent
+//! where it is, and the parent's end, given the worker's memory
+//! ([`Connection::write_into_peer`]), copies the bytes straight into it with
+//! `process_vm_writev`; the worker's `Vec` is that buffer. See
+//! [`peer_memory`](crate::peer_memory) for why this is safe where lending pages is not.
 
 pub(crate) mod admit;
 pub(crate) mod buffers;
@@ -223,8 +231,11 @@ impl Connection {
     pub fn accept_writes_from_peer(&self) -> Result<()> {
         let announcement = self.shared.lane.accept_writes()?;
         self.shared
-            .send(&Envelope::announce(), &announcement, None)
-            .map(drop)
+            .send(&Envelope::announce(), &announcement, None)?;
+        if self.shared.trace {
+            trace::announce();
+        }
+        Ok(())
     }
 
     /// Writes this end's byte strings of 256 KiB to 1 MiB straight into `memory`, the

@@ -229,6 +229,9 @@ impl Shared {
             }
             (Kind::Oneway, Err(_)) => state.buffer = frame,
             (Kind::Announce, result) => {
+                if self.trace {
+                    super::trace::incoming(&envelope, &frame, std::iter::empty());
+                }
                 match result.and_then(|()| envelope::announcement(&frame.payload)) {
                     Ok((mailbox, token)) => self.lane.on_announce(mailbox, token),
                     Err(e) => self.fail(&mut state, e),

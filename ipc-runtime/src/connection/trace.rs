@@ -39,6 +39,14 @@ pub(crate) fn reply(cookie: u64) {
     ));
 }
 
+/// This process announced its inbox: it accepts byte strings written into its memory.
+pub(crate) fn announce() {
+    line(&format!(
+        "typed-ipc[{}] -> Announce (accepts byte strings written into its memory)",
+        std::process::id()
+    ));
+}
+
 /// A message this process received, named after the served interface it is for, if any.
 pub(crate) fn incoming<'i>(
     envelope: &Envelope,

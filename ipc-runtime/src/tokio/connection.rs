@@ -211,7 +211,9 @@ impl AsyncConnection {
         let guard = inner.tasks.enter();
         self.inner.runtime.spawn(async move {
             // A peer already gone shows on the connection itself.
-            let _ = inner.send(Envelope::announce(), announcement).await;
+            if inner.send(Envelope::announce(), announcement).await.is_ok() && inner.trace {
+                trace::announce();
+            }
             drop(guard);
         });
         Ok(())
