@@ -475,9 +475,10 @@ fn targets(md: &mut String, passes: &[Pass], rows: &[Row]) {
             "## Bulk: the usual path or a sealed memfd\n\nOne-way bulk, two ways: the usual path, \
              or a fresh sealed memfd per message that the receiver checks and copies out. On \
              the bare socket (`floor`: fragments; `floor/memfd`: the receiver copies into a \
-             buffer it reuses) and through typed-ipc (`typed-ipc`: the connection's pipe \
-             from 128 KiB to 1 MiB, its shared region up to 32 MiB; `typed-ipc/memfd`; both \
-             received as a new owned `Vec<u8>`). Ratio > 1: the memfd is slower.\n"
+             buffer it reuses) and through typed-ipc (`typed-ipc`: written into the \
+             server's inbox from 256 KiB to 1 MiB, the connection's shared region otherwise, \
+             up to 32 MiB; `typed-ipc/memfd`; both received as a new owned `Vec<u8>`). Ratio \
+             > 1: the memfd is slower.\n"
         );
         let _ = writeln!(
             md,

@@ -7,6 +7,7 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use ipc_bench::{AsyncBenchClient, AsyncBenchImpl, AsyncBenchServer, Blob, current_thread_runtime};
+use typed_ipc::peer_memory::PeerMemory;
 use typed_ipc::tokio::AsyncConnection;
 use typed_ipc::{SharedBytes, Socket};
 
@@ -27,12 +28,14 @@ impl System for TypedIpcAsync {
 
     fn start(&self, launcher: &mut Launcher) -> io::Result<Box<dyn Client>> {
         let (ours, theirs) = Socket::pair().map_err(other)?;
-        launcher.spawn_with_fd(OwnedFd::from(theirs))?;
+        let child = launcher.spawn_with_fd(OwnedFd::from(theirs))?;
         let runtime = current_thread_runtime()?;
         let connection = {
             let _context = runtime.enter(); // the connection registers with this runtime
             AsyncConnection::new(ours).map_err(other)?
         };
+        // Set up as `typed_ipc::tokio::worker::spawn` sets up a worker's connection.
+        connection.write_into_peer(PeerMemory::of_child(child));
         Ok(Box::new(AsyncClient {
             client: AsyncBenchClient::new(connection),
             runtime,
@@ -44,6 +47,7 @@ impl System for TypedIpcAsync {
         let socket = Socket::from_fd(inherited_fd(arg)?).map_err(other)?;
         current_thread_runtime()?.block_on(async {
             let connection = AsyncConnection::new(socket).map_err(other)?;
+            connection.accept_writes_from_peer().map_err(other)?;
             AsyncBenchServer::new(AsyncBenchImpl::new(|| 0))
                 .serve(connection)
                 .await
