@@ -157,6 +157,30 @@ fn a_worker_that_does_not_accept_writes_gets_its_strings_through_the_region() {
 }
 
 #[test]
+fn the_workers_memory_may_be_given_after_its_announcement_arrived() {
+    let _fds = fd_count_lock();
+    let (mut child, socket) = Worker::spawn_socket(child("child_keep")).unwrap();
+    let keep = KeepClient::new(Connection::new(socket));
+    // The announcement arrives with this reply; the connection cannot write yet.
+    assert_eq!(keep.regions().unwrap(), 0);
+    let data = filled(700_001, 1);
+    let want = checksum(&data);
+    assert_eq!(
+        keep.keep(data.clone()).unwrap(),
+        (want, 700_001),
+        "through the region"
+    );
+    keep.connection().write_into_peer(child.memory());
+    assert_eq!(
+        keep.keep(data).unwrap(),
+        (want, MIB as u64),
+        "written into the inbox buffer, with the announcement taken in before"
+    );
+    drop(keep);
+    assert_eq!(child.wait().unwrap(), Exit::Code(0));
+}
+
+#[test]
 fn a_dead_worker_is_not_written_and_its_callers_fail_at_once() {
     let _fds = fd_count_lock();
     let (mut child, conn) = Worker::spawn(child("child_keep")).unwrap();

@@ -132,13 +132,17 @@ struct Outgoing {
     pipe_sent: Announcement,
     /// The bytes of the placement in the pipe, kept unchanged until the peer has read them.
     pinned: Option<(u32, SharedBytes)>,
-    /// The peer's memory, if this end may write strings into it.
-    writer: Option<Writer>,
+    /// This end's way into the peer's memory.
+    writer: Writer,
 }
 
-/// This end's way into the peer's memory ([`crate::peer_memory`]).
+/// This end's way into the peer's memory ([`crate::peer_memory`]): both halves are needed,
+/// and either may come first (an async connection's reader may take in the peer's
+/// announcement before the connection is given the peer's memory).
+#[derive(Default)]
 struct Writer {
-    memory: PeerMemory,
+    /// The peer's memory, if this end may write strings into it.
+    memory: Option<PeerMemory>,
     /// The peer's mailbox and its token, once announced.
     mailbox: Option<(u64, u64)>,
 }
@@ -148,15 +152,15 @@ impl Writer {
     /// Any failure ends writing for the connection: the peer cannot be written (it is
     /// gone, or not this process's to write), or announced a buffer that is not one.
     fn write(&mut self, bytes: &[u8]) -> Option<u64> {
-        let (mailbox, token) = self.mailbox?;
+        let (memory, (mailbox, token)) = (self.memory.as_ref()?, self.mailbox?);
         let written =
-            self.memory
+            memory
                 .read_mailbox(mailbox, token)
                 .and_then(|(generation, addr, capacity)| {
                     if (bytes.len() as u64) > capacity {
                         return Ok(None); // a smaller buffer than ours: not for this string
                     }
-                    self.memory.write(addr, bytes).map(|()| Some(generation))
+                    memory.write(addr, bytes).map(|()| Some(generation))
                 });
         match written {
             Ok(generation) => generation,
@@ -248,10 +252,7 @@ impl Lane {
     /// announces an inbox ([`Lane::on_announce`]).
     pub(crate) fn write_into_peer(&self, memory: PeerMemory) {
         let mut out = self.out.lock().unwrap_or_else(PoisonError::into_inner);
-        out.writer = Some(Writer {
-            memory,
-            mailbox: None,
-        });
+        out.writer.memory = Some(memory);
     }
 
     /// Makes this end's inbox (once) and returns the announcement for the peer: the
@@ -267,9 +268,7 @@ impl Lane {
     /// The peer announced its inbox: written into from now on, if this end may write it.
     pub(crate) fn on_announce(&self, mailbox: u64, token: u64) {
         let mut out = self.out.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(writer) = &mut out.writer {
-            writer.mailbox = Some((mailbox, token));
-        }
+        out.writer.mailbox = Some((mailbox, token));
     }
 
     /// Whether calls may pipe their large byte strings: the peer then reads this process's
@@ -539,7 +538,7 @@ impl OutOfLine for Lane {
         }
         let mut out = self.idle_out()?;
         if (peer_memory::MIN..=peer_memory::CAPACITY).contains(&len)
-            && let Some(generation) = out.writer.as_mut().and_then(|w| w.write(bytes))
+            && let Some(generation) = out.writer.write(bytes)
         {
             let seq = out.start(&self.busy);
             return Some(Placement::Written(Written {
