@@ -232,7 +232,7 @@ impl Inbox {
         unsafe { bytes.set_len(len) };
         self.taken = Some(seq);
         if len < CAPACITY / 2 {
-            // Do not hand a 64 KiB string a 1 MiB allocation to keep.
+            // Do not hand a 256 KiB string a 1 MiB allocation to keep.
             bytes.shrink_to_fit();
         }
         Ok(bytes)
