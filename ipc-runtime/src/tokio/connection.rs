@@ -676,19 +676,21 @@ impl Inner {
         // `Outgoing`'s drop gives it back if none of the message went out).
         let cursor =
             SendCursor::new(payload.len(), fds.len()).inspect_err(|_| self.lane.abort(placed))?;
-        let lock = match self.send_lock.clone().try_lock_owned() {
-            Ok(lock) => lock,
-            Err(_) => self.send_lock.clone().lock_owned().await,
-        };
+        // Made before waiting for the lock, so that a send cancelled while it waits gives its
+        // placement back too.
         let mut out = Outgoing {
             inner: self,
             cursor,
             payload,
             fds,
-            lock: Some(lock),
+            lock: None,
             finished: false,
             placed,
         };
+        out.lock = Some(match self.send_lock.clone().try_lock_owned() {
+            Ok(lock) => lock,
+            Err(_) => self.send_lock.clone().lock_owned().await,
+        });
         let result = drive(self, &mut out.cursor, &out.payload, out.fds).await;
         out.finished = true;
         result
