@@ -251,8 +251,11 @@ mod asynchronous {
                 for len in [300_000, MIB] {
                     let data = filled(len, round ^ len as u64);
                     sums.push(checksum(&data));
-                    let (sum, _) = keep.keep(data).await.unwrap();
+                    let (sum, capacity) = keep.keep(data).await.unwrap();
                     assert_eq!(sum, sums[sums.len() - 1], "{len} B, round {round}");
+                    if len == MIB {
+                        assert_eq!(capacity, MIB as u64, "handed over in the inbox buffer");
+                    }
                 }
             }
             assert_eq!(keep.regions().await.unwrap(), 0, "all written");
@@ -276,6 +279,27 @@ fn raw_keep(socket: &Socket, cookie: u64, generation: u64, len: u64) -> Vec<u8> 
     msg.extend_from_slice(&generation.to_le_bytes());
     msg.extend_from_slice(&len.to_le_bytes());
     common::raw_call(socket, &msg, &[], cookie)
+}
+
+/// Writes `bytes` at `addr` in this process the way a peer writes an inbox.
+fn write_into_self(addr: u64, bytes: &[u8]) {
+    let local = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    // SAFETY: `local` describes `bytes`; the remote range is the server's mailbox, whose
+    // proof word nothing in this process reads without an atomic load.
+    let n = unsafe { libc::process_vm_writev(libc::getpid(), &local, 1, &remote, 1, 0) };
+    assert_eq!(
+        n,
+        bytes.len() as isize,
+        "{}",
+        std::io::Error::last_os_error()
+    );
 }
 
 fn failure(payload: &[u8], why: &str) {
@@ -311,22 +335,32 @@ fn a_peer_claiming_strings_it_did_not_write_fails_the_call_not_the_server() {
         24 + 16,
         "envelope, mailbox address and token"
     );
-    // ...and still refuses a string in a buffer it does not have, or longer than its buffer,
-    // before reading anything.
+    let word = |i: usize| u64::from_ne_bytes(announce[24 + 8 * i..32 + 8 * i].try_into().unwrap());
+    let (mailbox, token) = (word(0), word(1));
+    // ...takes nothing as written from a peer that has not shown it can write there...
     failure(
-        &raw_keep(&ours, 2, 7, 10),
+        &raw_keep(&ours, 2, 1, 10),
+        "has not shown it can write here",
+    );
+    // ...and once it has (the proof word after the mailbox's four, written as the kernel
+    // lets a writer: this test is in the same process), still refuses a string in a buffer
+    // it does not have, longer than its buffer, or from placement 0, before reading anything.
+    write_into_self(mailbox + 32, &token.to_ne_bytes());
+    failure(
+        &raw_keep(&ours, 3, 7, 10),
         "inbox buffer 7, but the buffer is 1",
     );
     failure(
-        &raw_keep(&ours, 3, 1, 2 << 20),
+        &raw_keep(&ours, 4, 1, 2 << 20),
         "into an inbox buffer of 1048576",
     );
+    failure(&raw_keep(&ours, 0, 1, 10), "by placement 0");
     // And it goes on serving.
-    let mut msg = common::call_envelope(&KEEP_INFO, 0, 4);
+    let mut msg = common::call_envelope(&KEEP_INFO, 0, 5);
     msg.push(0); // tag: inline
     msg.extend_from_slice(&3u64.to_le_bytes());
     msg.extend_from_slice(b"abc");
-    let ok = common::raw_call(&ours, &msg, &[], 4);
+    let ok = common::raw_call(&ours, &msg, &[], 5);
     assert_eq!(ok[0], 3, "a reply");
     assert!(ok.ends_with(&3u64.to_le_bytes()), "capacity 3: {ok:?}");
     drop(ours);

@@ -28,8 +28,11 @@
 //!   its children under Yama's default, any process of the same user without Yama, root
 //!   anything (a child that made itself non-dumpable refuses non-root parents). A receiver
 //!   that announces an inbox therefore gives its sender nothing the sender could not do
-//!   already, and trusts it to write what it says it wrote. A worker's parent is such a
-//!   sender: the receiver opts in
+//!   already, and trusts it to write what it says it wrote; and it takes nothing as
+//!   written until the sender has shown it can write there (a proof word in the mailbox
+//!   that only a writer can set to the token), so a peer the kernel does not let write gets
+//!   an error, not the buffer's stale bytes. A worker's parent is such a sender: the
+//!   receiver opts in
 //!   ([`Connection::accept_writes_from_peer`](crate::Connection::accept_writes_from_peer)),
 //!   and [`crate::worker::connection`] does.
 //! - The sender only ever writes into the receiver: the receiver gets no reference to the
@@ -37,18 +40,22 @@
 //!   itself ([`PeerMemory::of_child`]: a child it started and has not reaped, so the pid is
 //!   still the child's), never one the peer names, and only where that process's mailbox,
 //!   holding the token, says: a process that has since `exec`ed, or a reused pid, does not
-//!   hold the token there, and nothing is written.
+//!   hold the token there, and nothing is written (short of the exec or the reuse landing
+//!   in the microseconds between reading the mailbox and writing).
 //! - A receiver that lies only harms itself: it can announce any address of its own
 //!   memory, and the sender's write lands there or fails (`EFAULT`); after any failure the
 //!   sender uses the shared region for the rest of the connection. What a hostile receiver
 //!   could do is make the write wait, with a buffer mapped from a file on a user-space
-//!   (FUSE) filesystem it serves, which needs the right to mount one; a call's timeout
-//!   does not cover that wait. (`userfaultfd` cannot stall it: unprivileged processes may
-//!   only catch their own user-mode faults, by default since Linux 5.11.)
+//!   (FUSE) filesystem it serves (`fusermount3` lets unprivileged users mount one on many
+//!   distributions, unless a sandbox forbids it); a call's timeout does not cover that
+//!   wait, and the async flavour writes on a runtime thread. The connection's reader never
+//!   waits for a write, so other callers are not held up. (`userfaultfd` cannot stall it:
+//!   unprivileged processes may only catch their own user-mode faults, by default since
+//!   Linux 5.11.)
 //! - A dropped inbox zeroes its token first and then leaks its buffer's address range (its
 //!   pages go back to the kernel): a write under way when the connection was dropped must
 //!   not land in memory the allocator has handed out since. That is 1 MiB of address space
-//!   and a 32-byte mailbox per connection that accepted writes.
+//!   and a 40-byte mailbox per connection that accepted writes.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -76,7 +83,9 @@ pub struct PeerMemory {
 impl PeerMemory {
     /// The memory of `child`, a process this one started. Pass the child whose connection
     /// you give it to, before you wait for it: its pid stays its own until it is reaped.
-    /// A reaped or re-executed child is recognised (its mailbox is gone) and never written.
+    /// A reaped or re-executed child is recognised (its mailbox is gone) and not written; the
+    /// window between reading the mailbox and writing is microseconds, in which the child
+    /// would have to `exec`, or be reaped and its pid handed to a process of the same user.
     pub fn of_child(child: &std::process::Child) -> PeerMemory {
         PeerMemory::of_pid(child.id())
     }
@@ -111,6 +120,16 @@ impl PeerMemory {
         Ok((words[1], words[2], words[3]))
     }
 
+    /// Shows the peer that this process can write its memory: the peer takes no string as
+    /// written until its mailbox's proof word holds its token, which only a process the
+    /// kernel lets write there can put there.
+    pub(crate) fn prove(&self, mailbox: u64, token: u64) -> io::Result<()> {
+        self.write(
+            mailbox + std::mem::offset_of!(Mailbox, proof) as u64,
+            &token.to_ne_bytes(),
+        )
+    }
+
     /// Copies `bytes` to `addr` in the peer, all of them or an error.
     pub(crate) fn write(&self, addr: u64, bytes: &[u8]) -> io::Result<()> {
         let local = libc::iovec {
@@ -122,7 +141,8 @@ impl PeerMemory {
             iov_len: bytes.len(),
         };
         // SAFETY: `local` describes `bytes`, which the kernel only reads; the remote range
-        // is in another process and checked by the kernel.
+        // is the peer's (another process, or this one in unit tests), checked by the kernel,
+        // and an inbox buffer or proof word no code of the peer's reads meanwhile.
         let n = unsafe { libc::process_vm_writev(self.pid, &local, 1, &remote, 1, 0) };
         match n {
             n if n < 0 => Err(io::Error::last_os_error()),
@@ -135,19 +155,21 @@ impl PeerMemory {
     }
 }
 
-/// The mailbox, as the sender reads it: four words, the token first.
+/// The mailbox, as the sender reads it: four words, the token first; then the proof word,
+/// which the sender writes once ([`PeerMemory::prove`]).
 #[repr(C)]
 struct Mailbox {
     token: AtomicU64,
     generation: AtomicU64,
     addr: AtomicU64,
     capacity: AtomicU64,
+    proof: AtomicU64,
 }
 
 /// The receiving side: the buffer the peer writes the next string into, and the mailbox
 /// that says where it is.
 pub(crate) struct Inbox {
-    /// Leaked: a sender may read it after the inbox is gone (32 bytes per inbox).
+    /// Leaked: a sender may read it after the inbox is gone (40 bytes per inbox).
     mailbox: &'static Mailbox,
     buffer: Vec<u8>,
     /// The placement whose string was taken out of the buffer, until the next buffer is
@@ -156,8 +178,8 @@ pub(crate) struct Inbox {
 }
 
 impl Inbox {
-    /// An inbox with a fresh buffer (address space only: its pages are backed when the
-    /// peer first writes them) and a random token.
+    /// An inbox with a buffer (a fresh one is address space only until the peer first
+    /// writes it) and a random token.
     pub(crate) fn new() -> io::Result<Inbox> {
         let mut token = [0u8; 8];
         // SAFETY: getrandom writes at most `token.len()` bytes into `token`.
@@ -177,6 +199,7 @@ impl Inbox {
                 generation: AtomicU64::new(0),
                 addr: AtomicU64::new(0),
                 capacity: AtomicU64::new(0),
+                proof: AtomicU64::new(0),
             })),
             buffer: Vec::new(),
             taken: None,
@@ -200,6 +223,12 @@ impl Inbox {
         m.generation.fetch_add(1, Ordering::Release);
     }
 
+    /// The current buffer's generation.
+    #[cfg(test)]
+    pub(crate) fn generation(&self) -> u64 {
+        self.mailbox.generation.load(Ordering::Relaxed)
+    }
+
     /// After [`Inbox::take`]: the next buffer, and the placement to acknowledge now.
     pub(crate) fn renew_taken(&mut self) -> Option<u32> {
         let seq = self.taken.take()?;
@@ -210,8 +239,18 @@ impl Inbox {
     /// The string of `len` bytes the peer says it wrote into the buffer of `generation`,
     /// by placement `seq`. The inbox has no buffer until [`Inbox::renew_taken`].
     pub(crate) fn take(&mut self, generation: u64, len: u64, seq: u32) -> Result<Vec<u8>, String> {
+        let token = self.mailbox.token.load(Ordering::Relaxed);
+        if self.mailbox.proof.load(Ordering::Acquire) != token {
+            return Err(
+                "a byte string written into this process by a peer that has not shown it can write here"
+                    .into(),
+            );
+        }
+        if self.taken.is_some() {
+            return Err("a second byte string written into the same inbox buffer".into());
+        }
         let current = self.mailbox.generation.load(Ordering::Relaxed);
-        if self.taken.is_some() || generation != current {
+        if generation != current {
             return Err(format!(
                 "a byte string written into inbox buffer {generation}, but the buffer is {current}"
             ));
@@ -276,6 +315,14 @@ mod tests {
         assert_eq!((generation, capacity), (1, CAPACITY as u64));
         let data: Vec<u8> = (0..CAPACITY).map(|i| (i * 7) as u8).collect();
         memory.write(addr, &data).unwrap();
+        assert!(
+            inbox
+                .take(generation, 1, 4)
+                .unwrap_err()
+                .contains("has not shown"),
+            "nothing is taken as written before the writer has shown it can write"
+        );
+        memory.prove(mailbox, token).unwrap();
         let taken = inbox.take(generation, data.len() as u64, 5).unwrap();
         assert_eq!(taken, data);
         assert_eq!(taken.as_ptr() as u64, addr, "handed over, not copied");
@@ -285,7 +332,7 @@ mod tests {
             inbox
                 .take(generation, 1, 6)
                 .unwrap_err()
-                .contains("buffer is 1")
+                .contains("second byte string")
         );
         assert_eq!(inbox.renew_taken(), Some(5));
         assert_eq!(inbox.renew_taken(), None);
@@ -302,6 +349,8 @@ mod tests {
     #[test]
     fn claims_the_inbox_cannot_hold_are_refused() {
         let mut inbox = Inbox::new().unwrap();
+        let (mailbox, token) = inbox.announcement();
+        ours().prove(mailbox, token).unwrap();
         assert!(
             inbox
                 .take(2, 1, 1)

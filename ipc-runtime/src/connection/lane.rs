@@ -99,6 +99,10 @@ pub(crate) struct Lane {
     out: Mutex<Outgoing>,
     /// Sequence number of the placement the peer has not released yet; 0 when idle.
     busy: AtomicU32,
+    /// The last placement of ours the peer's lane words said it was done with: the next
+    /// placement never takes this number, so an old acknowledgement can never pass for
+    /// its (after 2,047 placements that were never sent, the numbers would come round).
+    peer_done: AtomicU32,
     /// The peer's lane words say it reads lanes.
     peer_reads: AtomicBool,
     /// This end may pipe: lend the peer its pages ([`Lane::lend_pages`]).
@@ -107,6 +111,10 @@ pub(crate) struct Lane {
     incoming: Mutex<Option<RegionView>>,
     /// The peer's pipe, as last announced.
     incoming_pipe: Mutex<Option<InPipe>>,
+    /// The peer's inbox mailbox and its token, as announced. A lock of its own, held only to
+    /// copy them: a reader that takes in an announcement must never wait for a write into
+    /// the peer (which holds `out`, and could be slow).
+    peer_mailbox: Mutex<Option<(u64, u64)>>,
     /// Sequence number of the last placement of the peer's this end is done with, with
     /// [`UNREAD`] if it was not read.
     consumed: AtomicU32,
@@ -136,23 +144,29 @@ struct Outgoing {
     writer: Writer,
 }
 
-/// This end's way into the peer's memory ([`crate::peer_memory`]): both halves are needed,
-/// and either may come first (an async connection's reader may take in the peer's
-/// announcement before the connection is given the peer's memory).
+/// This end's way into the peer's memory ([`crate::peer_memory`]). It needs the peer's
+/// memory and the peer's mailbox ([`Lane::peer_mailbox`]), which may come in either order
+/// (an async connection's reader may take in the announcement first).
 #[derive(Default)]
 struct Writer {
     /// The peer's memory, if this end may write strings into it.
     memory: Option<PeerMemory>,
-    /// The peer's mailbox and its token, once announced.
-    mailbox: Option<(u64, u64)>,
+    /// This end has shown the peer that it can write its memory (once per connection).
+    proven: bool,
+    /// A read or write failed: no more writing on this connection.
+    failed: bool,
 }
 
 impl Writer {
-    /// Writes `bytes` into the peer's inbox buffer; the buffer's generation if it did.
-    /// Any failure ends writing for the connection: the peer cannot be written (it is
-    /// gone, or not this process's to write), or announced a buffer that is not one.
-    fn write(&mut self, bytes: &[u8]) -> Option<u64> {
-        let (memory, (mailbox, token)) = (self.memory.as_ref()?, self.mailbox?);
+    /// Writes `bytes` into the inbox buffer of the peer whose mailbox is `mailbox`; the
+    /// buffer's generation if it did. Any failure ends writing for the connection: the peer
+    /// cannot be written (it is gone, or not this process's to write), or announced a
+    /// buffer that is not one.
+    fn write(&mut self, mailbox: Option<(u64, u64)>, bytes: &[u8]) -> Option<u64> {
+        let (memory, (mailbox, token)) = (self.memory.as_ref()?, mailbox?);
+        if self.failed {
+            return None;
+        }
         let written =
             memory
                 .read_mailbox(mailbox, token)
@@ -160,15 +174,16 @@ impl Writer {
                     if (bytes.len() as u64) > capacity {
                         return Ok(None); // a smaller buffer than ours: not for this string
                     }
+                    if !self.proven {
+                        memory.prove(mailbox, token)?;
+                        self.proven = true;
+                    }
                     memory.write(addr, bytes).map(|()| Some(generation))
                 });
-        match written {
-            Ok(generation) => generation,
-            Err(_) => {
-                self.mailbox = None;
-                None
-            }
-        }
+        written.unwrap_or_else(|_| {
+            self.failed = true;
+            None
+        })
     }
 }
 
@@ -204,10 +219,15 @@ impl Announcement {
 }
 
 impl Outgoing {
-    /// The next placement's sequence number, made this end's only one in flight.
+    /// The next placement's sequence number, made this end's only one in flight. Skips
+    /// `peer_done`, the number the peer says it is done with: while this end is idle the
+    /// peer can only be reporting that one.
     #[inline]
-    fn start(&mut self, busy: &AtomicU32) -> u32 {
-        let seq = (self.last_seq % SEQ_MASK) + 1;
+    fn start(&mut self, busy: &AtomicU32, peer_done: &AtomicU32) -> u32 {
+        let mut seq = (self.last_seq % SEQ_MASK) + 1;
+        if seq == peer_done.load(Ordering::Relaxed) {
+            seq = (seq % SEQ_MASK) + 1;
+        }
         self.last_seq = seq;
         busy.store(seq, Ordering::Release);
         seq
@@ -236,10 +256,12 @@ impl Lane {
         Lane {
             out: Mutex::new(Outgoing::default()),
             busy: AtomicU32::new(0),
+            peer_done: AtomicU32::new(0),
             peer_reads: AtomicBool::new(false),
             lends: AtomicBool::new(false),
             incoming: Mutex::new(None),
             incoming_pipe: Mutex::new(None),
+            peer_mailbox: Mutex::new(None),
             consumed: AtomicU32::new(0),
             max_len: max_len.min(MAX),
             inbox: Mutex::new(None),
@@ -265,10 +287,20 @@ impl Lane {
         Ok(inbox.as_ref().expect("made above").announcement())
     }
 
+    /// The peer's mailbox and token, if it announced an inbox.
+    fn peer_mailbox(&self) -> Option<(u64, u64)> {
+        *self
+            .peer_mailbox
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// The peer announced its inbox: written into from now on, if this end may write it.
     pub(crate) fn on_announce(&self, mailbox: u64, token: u64) {
-        let mut out = self.out.lock().unwrap_or_else(PoisonError::into_inner);
-        out.writer.mailbox = Some((mailbox, token));
+        *self
+            .peer_mailbox
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some((mailbox, token));
     }
 
     /// Whether calls may pipe their large byte strings: the peer then reads this process's
@@ -286,6 +318,13 @@ impl Lane {
     fn idle_out(&self) -> Option<std::sync::MutexGuard<'_, Outgoing>> {
         let out = self.out.try_lock().ok()?;
         (self.busy.load(Ordering::Acquire) == 0).then_some(out)
+    }
+
+    /// The generation of this end's inbox buffer, if it accepts writes.
+    #[cfg(test)]
+    pub(crate) fn inbox_generation(&self) -> Option<u64> {
+        let inbox = self.inbox.lock().unwrap_or_else(PoisonError::into_inner);
+        inbox.as_ref().map(Inbox::generation)
     }
 
     /// A placement of this end's is in flight.
@@ -306,7 +345,8 @@ impl Lane {
     /// Gives the inbox its next buffer and only then acknowledges the string taken out of
     /// the last one: the peer reads the mailbox again once it sees the acknowledgement, and
     /// must not find the old buffer there (the receiver's user owns it now). Done as late
-    /// as the acknowledgement allows, when the next message goes out: by then a handler
+    /// as the acknowledgement allows, when the next message goes out or the next
+    /// acknowledgement is recorded ([`Lane::done_with`]): by then a handler
     /// has usually dropped the last string, and the allocator hands its pages, still in
     /// cache, to the next buffer.
     #[cold]
@@ -358,7 +398,13 @@ impl Lane {
             self.peer_reads.store(true, Ordering::Relaxed);
         }
         let seq = word & SEQ_MASK;
-        if seq == 0 || self.busy.load(Ordering::Acquire) != seq {
+        if seq == 0 {
+            return;
+        }
+        if self.peer_done.load(Ordering::Relaxed) != seq {
+            self.peer_done.store(seq, Ordering::Relaxed);
+        }
+        if self.busy.load(Ordering::Acquire) != seq {
             return; // nothing in flight, or an acknowledgement seen before
         }
         match word & UNREAD {
@@ -484,7 +530,7 @@ impl OutOfLine for Lane {
             return None;
         }
         let read_end = pipe.read_end().as_raw_fd();
-        let seq = out.start(&self.busy);
+        let seq = out.start(&self.busy, &self.peer_done);
         let fd = out.pipe_sent.carry(seq, read_end);
         out.pinned = Some((seq, bytes.clone()));
         let piped = Piped {
@@ -538,9 +584,9 @@ impl OutOfLine for Lane {
         }
         let mut out = self.idle_out()?;
         if (peer_memory::MIN..=peer_memory::CAPACITY).contains(&len)
-            && let Some(generation) = out.writer.write(bytes)
+            && let Some(generation) = out.writer.write(self.peer_mailbox(), bytes)
         {
-            let seq = out.start(&self.busy);
+            let seq = out.start(&self.busy, &self.peer_done);
             return Some(Placement::Written(Written {
                 seq,
                 generation,
@@ -553,7 +599,7 @@ impl OutOfLine for Lane {
             out.region_sent = Announcement::default();
         }
         let out = &mut *out;
-        let seq = out.start(&self.busy);
+        let seq = out.start(&self.busy, &self.peer_done);
         let region = out.region.as_mut().expect("made above");
         region[..len].copy_from_slice(bytes);
         let fd = out.region_sent.carry(seq, region.as_fd().as_raw_fd());
@@ -567,11 +613,18 @@ impl OutOfLine for Lane {
     }
 
     fn take_written(&self, written: &Written) -> Result<Vec<u8>, String> {
+        let seq = written.seq & SEQ_MASK;
+        if seq == 0 || written.len > self.max_len as u64 {
+            return Err(format!(
+                "a byte string of {} bytes written by placement {} (at most {} accepted)",
+                written.len, written.seq, self.max_len
+            ));
+        }
         let mut inbox = self.inbox.lock().unwrap_or_else(PoisonError::into_inner);
         let inbox = inbox
             .as_mut()
             .ok_or("a byte string written into this process, but it announced no inbox")?;
-        let bytes = inbox.take(written.generation, written.len, written.seq & SEQ_MASK)?;
+        let bytes = inbox.take(written.generation, written.len, seq)?;
         // Acknowledged by `settle_inbox`, once the inbox has its next buffer.
         self.inbox_taken.store(true, Ordering::Release);
         Ok(bytes)
@@ -599,5 +652,27 @@ impl OutOfLine for Lane {
         let bytes = view.to_vec(offset, len).map_err(|e| e.to_string())?;
         self.done_with(placed.seq & SEQ_MASK, 0);
         Ok(bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_placement_never_takes_the_number_the_peer_last_acknowledged() {
+        let (busy, peer_done) = (AtomicU32::new(0), AtomicU32::new(0));
+        let mut out = Outgoing::default();
+        assert_eq!(out.start(&busy, &peer_done), 1);
+        // The peer still reports 5 as done with (say 2,046 placements since were never
+        // sent): 5 is skipped, or that old acknowledgement would release the new one.
+        out.last_seq = 4;
+        peer_done.store(5, Ordering::Relaxed);
+        assert_eq!(out.start(&busy, &peer_done), 6);
+        assert_eq!(busy.load(Ordering::Relaxed), 6);
+        // Also where the numbers wrap.
+        out.last_seq = SEQ_MASK;
+        peer_done.store(1, Ordering::Relaxed);
+        assert_eq!(out.start(&busy, &peer_done), 2);
     }
 }

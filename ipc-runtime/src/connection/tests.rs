@@ -125,6 +125,43 @@ pub(crate) fn serve_gated(
     (open, serving)
 }
 
+/// Byte strings written into the peer, in one process (writing its own memory stands in
+/// for a parent writing its worker's): a request refused unread leaves the inbox buffer to
+/// the next string, and a string taken is acknowledged only once the inbox has a new
+/// buffer.
+#[test]
+fn a_written_request_refused_unread_leaves_the_inbox_buffer_to_the_next() {
+    let (a, b) = Connection::pair().unwrap();
+    b.accept_writes_from_peer().unwrap();
+    a.write_into_peer(crate::peer_memory::PeerMemory::of_pid(std::process::id()));
+    let (open, server) = serve_gated(&b);
+    let ping = || a.call::<_, u32>(&BULK, 2, &(), None).unwrap();
+    assert_eq!(ping(), 7); // the announcement and the lane words are in
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    // An interface the server does not serve: refused before anything is decoded.
+    assert!(a.call::<_, u32>(&PINGER, 1, &Bytes(&data), None).is_err());
+    assert!(!a.lane_is_busy(), "the refusal gave the placement back");
+    assert_eq!(
+        b.shared.lane.inbox_generation(),
+        Some(1),
+        "nothing was taken"
+    );
+    // The next string is written into the same buffer, taken, and echoed back.
+    open.send(()).unwrap();
+    let Bytes(back) = a
+        .call::<_, Bytes<Vec<u8>>>(&BULK, 1, &Bytes(&data), None)
+        .unwrap();
+    assert_eq!(back, data);
+    assert_eq!(
+        b.shared.lane.inbox_generation(),
+        Some(2),
+        "taken, and a new buffer made before the reply acknowledged it"
+    );
+    assert!(!a.lane_is_busy());
+    a.close();
+    server.join().unwrap().unwrap();
+}
+
 /// A reply that went through the lane but whose caller had given up is dropped unread. The
 /// caller's end must still tell the peer it is done with that placement, or the peer's lane
 /// stays busy, and its byte strings go through the socket, for the rest of the connection.
