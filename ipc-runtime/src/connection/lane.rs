@@ -327,6 +327,12 @@ impl Lane {
         inbox.as_ref().map(Inbox::generation)
     }
 
+    /// The peer's lane words have said it reads lanes.
+    #[cfg(test)]
+    pub(crate) fn peer_reads(&self) -> bool {
+        self.peer_reads.load(Ordering::Relaxed)
+    }
+
     /// A placement of this end's is in flight.
     #[cfg(test)]
     pub(crate) fn is_busy(&self) -> bool {

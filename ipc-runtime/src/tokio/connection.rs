@@ -225,6 +225,12 @@ impl AsyncConnection {
         self.inner.lane.write_into_peer(memory);
     }
 
+    /// The connection's lane, for tests of its state.
+    #[cfg(test)]
+    pub(super) fn test_lane(&self) -> &crate::connection::lane::Lane {
+        &self.inner.lane
+    }
+
     /// Whether the connection has ended (peer gone, closed, or a protocol error).
     pub fn is_closed(&self) -> bool {
         self.inner.lock().closed.is_some()

@@ -232,3 +232,53 @@ fn a_send_that_must_wait_keeps_its_bytes_and_the_messages_behind_it_in_order() {
         body(i);
     }
 }
+
+/// A send that has placed a byte string and then waits for the send lock (another message is
+/// waiting for room with it) gives its placement back when it is cancelled there; otherwise
+/// the lane stays busy, and every later byte string goes through the socket.
+#[test]
+fn a_send_cancelled_while_it_waits_for_the_send_lock_gives_its_placement_back() {
+    use std::future::Future;
+    use std::task::{Context, Waker};
+
+    use crate::Connection;
+    use crate::codec::Bytes;
+    use crate::connection::tests::BULK;
+
+    let (ours, theirs) = Socket::pair().unwrap();
+    let peer = Connection::new(theirs);
+    let runtime = ::tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = runtime.block_on(async {
+        let client = super::AsyncConnection::new(ours).unwrap();
+        // A message from the peer says that it reads lanes.
+        peer.oneway(&BULK, 2, &()).unwrap();
+        while !client.test_lane().peer_reads() {
+            ::tokio::task::yield_now().await;
+        }
+        client
+    });
+    let mut cx = Context::from_waker(Waker::noop());
+    // The peer reads nothing: send small messages until one waits for room, holding the
+    // send lock.
+    let mut sent = 0u32;
+    let _waiting = loop {
+        let mut send = Box::pin(client.oneway(&BULK, 1, Bytes(vec![0u8; 512])));
+        if send.as_mut().poll(&mut cx).is_pending() {
+            break send;
+        }
+        sent += 1;
+        assert!(sent < 1 << 20, "the peer's queue never filled");
+    };
+    // A byte string the lane takes: placed while encoding, then the send waits for the lock.
+    let mut placed = Box::pin(client.oneway(&BULK, 1, Bytes(vec![1u8; 4096])));
+    assert!(placed.as_mut().poll(&mut cx).is_pending());
+    assert!(client.test_lane().is_busy(), "the string was placed");
+    drop(placed);
+    assert!(
+        !client.test_lane().is_busy(),
+        "the cancelled send gave its placement back"
+    );
+}
