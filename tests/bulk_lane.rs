@@ -7,7 +7,7 @@ mod common;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Mutex;
 
-use common::{checksum, child, fd_count_lock, fds_named, filled, open_fds};
+use common::{checksum, child, fd_count_lock, filled, open_fds, regions};
 use typed_ipc::shared_region::SharedRegion;
 use typed_ipc::worker::{self, Exit, Worker};
 use typed_ipc::{Connection, Socket, interface};
@@ -46,11 +46,6 @@ impl Bulk for BulkImpl {
     fn regions(&self) -> u64 {
         regions()
     }
-}
-
-/// Memfds of typed-ipc's (regions and buffers) open in this process.
-fn regions() -> u64 {
-    fds_named("/memfd:typed-ipc-buffer")
 }
 
 /// What `bump` returns for `data`.

@@ -9,7 +9,7 @@ mod common;
 
 use std::sync::Mutex;
 
-use common::{checksum, child, fd_count_lock, fds_named, filled, open_fds};
+use common::{checksum, child, fd_count_lock, filled, open_fds, regions};
 use typed_ipc::worker::{self, Exit, Worker};
 use typed_ipc::{Connection, Error, SharedBytes, Socket, interface};
 
@@ -51,11 +51,6 @@ impl Keep for KeepImpl {
     fn regions(&self) -> u64 {
         regions()
     }
-}
-
-/// Shared regions (the lane's memfds) open in this process.
-fn regions() -> u64 {
-    fds_named("/memfd:typed-ipc-buffer")
 }
 
 #[test]

@@ -88,6 +88,11 @@ pub fn fds_named(prefix: &str) -> u64 {
         .count() as u64
 }
 
+/// Memfds of typed-ipc's (shared regions and buffers) open in this process.
+pub fn regions() -> u64 {
+    fds_named("/memfd:typed-ipc-buffer")
+}
+
 /// Fds of the kinds a connection or a worker holds (sockets, pipes, memfds, pidfds): what a
 /// leak of theirs shows as, without files the test harness may have open for a moment.
 pub fn ipc_fds() -> u64 {

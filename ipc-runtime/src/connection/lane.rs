@@ -162,11 +162,9 @@ impl Writer {
     /// buffer's generation if it did. Any failure ends writing for the connection: the peer
     /// cannot be written (it is gone, or not this process's to write), or announced a
     /// buffer that is not one.
-    fn write(&mut self, mailbox: Option<(u64, u64)>, bytes: &[u8]) -> Option<u64> {
-        let (memory, (mailbox, token)) = (self.memory.as_ref()?, mailbox?);
-        if self.failed {
-            return None;
-        }
+    fn write(&mut self, mailbox: &Mutex<Option<(u64, u64)>>, bytes: &[u8]) -> Option<u64> {
+        let memory = self.memory.as_ref().filter(|_| !self.failed)?;
+        let (mailbox, token) = (*mailbox.lock().unwrap_or_else(PoisonError::into_inner))?;
         let written =
             memory
                 .read_mailbox(mailbox, token)
@@ -287,14 +285,6 @@ impl Lane {
         Ok(inbox.as_ref().expect("made above").announcement())
     }
 
-    /// The peer's mailbox and token, if it announced an inbox.
-    fn peer_mailbox(&self) -> Option<(u64, u64)> {
-        *self
-            .peer_mailbox
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-
     /// The peer announced its inbox: written into from now on, if this end may write it.
     pub(crate) fn on_announce(&self, mailbox: u64, token: u64) {
         *self
@@ -342,9 +332,7 @@ impl Lane {
     /// The lane word for an outgoing envelope that carries placement `placed` (0: none).
     #[inline]
     pub(crate) fn word(&self, placed: u32) -> u32 {
-        if self.inbox_taken.load(Ordering::Acquire) {
-            self.settle_inbox();
-        }
+        self.settle_inbox_if_taken();
         READS_LANES | placed << SEQ_BITS | self.consumed.load(Ordering::Acquire)
     }
 
@@ -355,6 +343,14 @@ impl Lane {
     /// acknowledgement is recorded ([`Lane::done_with`]): by then a handler
     /// has usually dropped the last string, and the allocator hands its pages, still in
     /// cache, to the next buffer.
+    #[inline]
+    fn settle_inbox_if_taken(&self) {
+        if self.inbox_taken.load(Ordering::Acquire) {
+            self.settle_inbox();
+        }
+    }
+
+    /// [`Lane::settle_inbox_if_taken`]'s work, when a string was taken.
     #[cold]
     fn settle_inbox(&self) {
         let mut inbox = self.inbox.lock().unwrap_or_else(PoisonError::into_inner);
@@ -381,9 +377,7 @@ impl Lane {
         if seq == 0 {
             return;
         }
-        if self.inbox_taken.load(Ordering::Acquire) {
-            self.settle_inbox(); // its acknowledgement comes first
-        }
+        self.settle_inbox_if_taken(); // its acknowledgement comes first
         self.record_done(seq, how);
     }
 
@@ -590,7 +584,7 @@ impl OutOfLine for Lane {
         }
         let mut out = self.idle_out()?;
         if (peer_memory::MIN..=peer_memory::CAPACITY).contains(&len)
-            && let Some(generation) = out.writer.write(self.peer_mailbox(), bytes)
+            && let Some(generation) = out.writer.write(&self.peer_mailbox, bytes)
         {
             let seq = out.start(&self.busy, &self.peer_done);
             return Some(Placement::Written(Written {
