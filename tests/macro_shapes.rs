@@ -59,6 +59,8 @@ pub trait Shapes {
     fn nothing(&self);
     fn zeroes(&self, len: u32) -> Vec<u8>;
     fn echo(&self, data: Vec<u8>) -> Vec<u8>;
+    /// A new string of `len` bytes, starting with the addresses of `data` and of itself.
+    fn addresses(&self, data: Vec<u8>, len: u32) -> Vec<u8>;
     fn explode(&self, message: String) -> u32;
 }
 
@@ -136,6 +138,13 @@ impl Shapes for Impl {
     }
     fn echo(&self, data: Vec<u8>) -> Vec<u8> {
         data
+    }
+    fn addresses(&self, data: Vec<u8>, len: u32) -> Vec<u8> {
+        let mut out = vec![0; len as usize];
+        out[..8].copy_from_slice(&(data.as_ptr() as u64).to_le_bytes());
+        let at = out.as_ptr() as u64;
+        out[8..16].copy_from_slice(&at.to_le_bytes());
+        out
     }
     fn explode(&self, message: String) -> u32 {
         panic!("{message}")
@@ -306,6 +315,39 @@ fn byte_buffers() {
     let data: Vec<u8> = (0..=255).cycle().take(100_000).collect();
     assert_eq!(ipa.echo(data.clone()).unwrap(), data);
     assert_eq!(ipa.echo(Vec::new()).unwrap(), Vec::<u8>::new());
+    running.stop();
+}
+
+/// A generated stub keeps the allocation of the `Vec<u8>` it sent for the next byte string its
+/// thread receives, and a generated server that of the `Vec<u8>` it replied with: an echo-like
+/// call then frees and allocates nothing on either side. The second strings are half as long
+/// as the first, so that `malloc` (which sorts freed chunks by size) would not hand out the
+/// first ones' memory again by itself.
+#[test]
+fn a_sent_byte_string_lends_its_memory_to_the_next_received() {
+    let _serial = serial();
+    let running = start();
+    let ipa = &running.client;
+    let addresses = |reply: &[u8]| {
+        let word = |i: usize| u64::from_le_bytes(reply[i..i + 8].try_into().unwrap());
+        (word(0), word(8))
+    };
+    let first = vec![1u8; 600];
+    let first_at = first.as_ptr();
+    let (_, first_reply_at) = addresses(&ipa.addresses(first, 600).unwrap());
+    let second = ipa.addresses(vec![2u8; 300], 300).unwrap();
+    let (second_request_at, _) = addresses(&second);
+    assert_eq!(
+        second.as_ptr(),
+        first_at,
+        "the client received into the first request's memory"
+    );
+    assert_eq!(
+        second_request_at, first_reply_at,
+        "the server received into the first reply's memory"
+    );
+    assert_eq!(second.len(), 300);
+    assert!(second[16..].iter().all(|&b| b == 0), "nothing stale shows");
     running.stop();
 }
 

@@ -287,6 +287,9 @@ impl<'a> Generator<'a> {
                 let senders = replied.iter().map(|m| {
                     let variant = &m.variant;
                     match &m.ret {
+                        Some(ret) if ret.wire == Wire::Bytes => {
+                            quote!(Self::#variant(value) => call.reply_bytes(value).await)
+                        }
                         Some(ret) => {
                             let value = encode_owned(quote!(value), ret.wire);
                             quote!(Self::#variant(value) => call.reply(#value).await)
@@ -498,6 +501,12 @@ impl<'a> Generator<'a> {
                 #cmd => {
                     #run;
                     call.reply(&())
+                }
+            },
+            (Some(ret), false) if ret.wire == Wire::Bytes => quote! {
+                #cmd => {
+                    let value = #run;
+                    call.reply_bytes(value)
                 }
             },
             (Some(ret), false) => {

@@ -515,13 +515,15 @@ impl<'de> Deserialize<'de> for InlineBuf {
                 f.write_str("a byte string")
             }
             fn visit_bytes<E>(self, v: &[u8]) -> Result<Vec<u8>, E> {
-                Ok(v.to_vec())
+                Ok(crate::spare::copy_of(v))
             }
             fn visit_byte_buf<E>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
                 Ok(v)
             }
         }
-        d.deserialize_byte_buf(Visitor).map(InlineBuf)
+        // `deserialize_bytes`: bincode hands over a slice of the message, which `copy_of` copies
+        // into this thread's spare allocation, where `deserialize_byte_buf` would allocate.
+        d.deserialize_bytes(Visitor).map(InlineBuf)
     }
 }
 

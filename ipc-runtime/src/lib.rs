@@ -17,6 +17,7 @@ pub mod shared_buffer;
 mod shared_bytes;
 pub mod shared_region;
 mod socket;
+mod spare;
 mod sys;
 #[cfg(feature = "tokio")]
 pub mod tokio;

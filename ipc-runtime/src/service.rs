@@ -6,7 +6,7 @@ use std::os::fd::OwnedFd;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::codec;
+use crate::codec::{self, Bytes};
 use crate::error::{Error, Result};
 use crate::socket::PeerCredentials;
 
@@ -150,6 +150,15 @@ impl Call<'_> {
             }
             _ => Ok(()),
         }
+    }
+
+    /// Sends `bytes` as the reply, as one byte string (what the generated code does for a
+    /// `Vec<u8>` result), then keeps their allocation for the next byte string this thread
+    /// receives. Ignored for oneway calls, as [`Call::reply`].
+    pub fn reply_bytes(&mut self, bytes: Vec<u8>) -> Result<()> {
+        let sent = self.reply(&Bytes(&bytes));
+        crate::spare::keep(bytes);
+        sent
     }
 
     /// An error for a command this interface does not have.

@@ -209,6 +209,17 @@ impl From<Vec<u8>> for CallBytes {
     }
 }
 
+impl Drop for CallBytes {
+    /// Sent (or given up): the allocation of a plain `Vec` is kept for the next byte string
+    /// this thread receives, most often the reply.
+    #[inline]
+    fn drop(&mut self) {
+        if let CallBytes::Plain(v) = self {
+            crate::spare::keep(std::mem::take(v));
+        }
+    }
+}
+
 impl Serialize for CallBytes {
     #[inline]
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {

@@ -218,10 +218,11 @@ impl RegionView {
         Ok(())
     }
 
-    /// `len` bytes starting at `offset`, copied into a new `Vec` (see [`RegionView::copy_to`]).
+    /// `len` bytes starting at `offset`, copied into a `Vec` of their own (see
+    /// [`RegionView::copy_to`]).
     pub fn to_vec(&self, offset: usize, len: usize) -> Result<Vec<u8>> {
         self.check(offset, len)?;
-        let mut v = Vec::with_capacity(len);
+        let mut v = crate::spare::with_capacity(len);
         // SAFETY: as in `copy_to`; the destination is the Vec's capacity of at least `len`
         // bytes, which `copy_racy` initialises before `set_len` claims them.
         unsafe {

@@ -448,7 +448,7 @@ impl<
                     let (::typed_ipc::__private::Bytes(data),) = call.args()?;
                     <T as Ipa>::echo(&self.imp, data)
                 };
-                call.reply(&::typed_ipc::__private::Bytes(&value))
+                call.reply_bytes(value)
             }
             6 => {
                 let value = {

@@ -243,7 +243,7 @@ impl IpaResponse {
             Self::OpenBuffer(value) => {
                 call.reply(::typed_ipc::__private::Fd(&value)).await
             }
-            Self::Echo(value) => call.reply(::typed_ipc::__private::Bytes(value)).await,
+            Self::Echo(value) => call.reply_bytes(value).await,
             Self::SwapFd(value) => call.reply(::typed_ipc::__private::Fd(&value)).await,
             Self::Ping => call.reply(()).await,
         }

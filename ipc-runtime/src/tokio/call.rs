@@ -7,7 +7,7 @@ use serde::de::DeserializeOwned;
 
 use super::connection::Inner;
 use super::envelope::{self, Envelope, Kind};
-use crate::codec;
+use crate::codec::{self, Bytes};
 use crate::error::{Error, Result};
 use crate::frame::Frame;
 use crate::socket::PeerCredentials;
@@ -85,6 +85,15 @@ impl AsyncCall {
         let sent = inner.send(envelope, value).await;
         inner.trace_reply(envelope.cookie);
         sent.map(drop)
+    }
+
+    /// Sends `bytes` as the reply, as one byte string (what the generated code does for a
+    /// `Vec<u8>` result), then keeps their allocation for the next byte string this thread
+    /// receives. Ignored as [`AsyncCall::reply`] is.
+    pub async fn reply_bytes(&mut self, bytes: Vec<u8>) -> Result<()> {
+        let sent = self.reply(Bytes(&bytes)).await;
+        crate::spare::keep(bytes);
+        sent
     }
 
     /// An error for a command this interface does not have.
