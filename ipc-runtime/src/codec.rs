@@ -14,7 +14,8 @@
 //! this to move byte strings through a shared region instead of the socket (see
 //! `connection/lane.rs`). [`SharedBytes`] may also be tag 2: a reference to the first bytes,
 //! which the store moved through a pipe, and then the rest of the bytes. Tag 3 is a
-//! reference to a buffer of the receiver's that the store wrote the bytes into
+//! reference to a buffer of the receiver's that the store wrote the bytes into, and tag 4
+//! one to the bytes in the sender's own memory, for the receiver to read them from there
 //! (`peer_memory.rs`).
 
 use std::cell::Cell;
@@ -64,8 +65,20 @@ struct Placing {
     store: NonNull<dyn OutOfLine>,
     /// The placement made (0: none yet).
     seq: u32,
-    /// [`SharedBytes`] may pipe ([`encode_placing`]'s `pipe`).
-    pipe: bool,
+    /// What the store may do with [`SharedBytes`] ([`encode_placing`]'s `pin`).
+    pin: Pin,
+}
+
+/// What the store may do with a message's [`SharedBytes`], which it can keep hold of until
+/// the peer is done with them: it depends on when the peer's acknowledgement will come.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Pin {
+    /// Nothing: they go as any byte string.
+    No,
+    /// Let the peer read them out of this process's memory (tag 4).
+    Pull,
+    /// That, or pipe them (tag 2).
+    PullOrPipe,
 }
 
 /// Sets a context cell for a scope and puts the outer value back when dropped, also when
@@ -104,9 +117,14 @@ pub(crate) trait OutOfLine: Send + Sync {
     /// Offers bytes whose owner the store may keep until the peer has read them, so that
     /// they can be read from the sender's own pages; at most once per message, like
     /// [`OutOfLine::put`]. `Some`: the reference to write (how many of the bytes went
-    /// out of line: the rest follow it inline) and an fd the message must carry.
-    fn put_shared(&self, _bytes: &SharedBytes) -> Option<(Piped, Option<RawFd>)> {
+    /// out of line: the rest follow it inline) and an fd the message must carry, or where
+    /// the peer may read them.
+    fn put_shared(&self, _bytes: &SharedBytes, _pin: Pin) -> Option<SharedPlacement> {
         None
+    }
+    /// Reads a byte string out of the peer's memory while decoding (tag 4).
+    fn take_pulled(&self, _pulled: &Pulled) -> std::result::Result<Vec<u8>, String> {
+        Err("a byte string to read from the peer's memory, but it reads no peer memory".into())
     }
     /// Fetches piped bytes while decoding and appends `tail`, the rest of the string.
     fn take_piped(
@@ -139,6 +157,26 @@ impl Placement {
             Placement::Written(written) => written.seq,
         }
     }
+}
+
+/// Where [`OutOfLine::put_shared`] put a byte string.
+pub(crate) enum SharedPlacement {
+    /// In a pipe (tag 2), with an fd the message must carry (the pipe's, the first time).
+    Piped(Piped, Option<RawFd>),
+    /// Left where it is, for the peer to read (tag 4).
+    Pulled(Pulled),
+}
+
+/// A byte string left in the sender's memory for the receiver to read: the wire form of
+/// tag 4.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Pulled {
+    /// Which placement of the sender's store this is (acknowledged back to it).
+    pub seq: u32,
+    /// Where the bytes are, in the sender.
+    pub addr: u64,
+    /// How many.
+    pub len: u64,
 }
 
 /// A byte string the sender wrote into the receiver's inbox buffer: the wire form of tag 3.
@@ -209,7 +247,7 @@ fn with_current_store<R>(f: impl FnOnce(&dyn OutOfLine) -> R) -> Option<R> {
 /// Offers `bytes` to the store of the [`encode_placing`] running on this thread, unless it
 /// has placed a byte string for this message already.
 fn place(bytes: &[u8]) -> Option<Placement> {
-    place_with(false, |store| {
+    place_with(false, |store, _| {
         store
             .put(bytes)
             .map(|placement| (placement.seq(), placement))
@@ -217,27 +255,34 @@ fn place(bytes: &[u8]) -> Option<Placement> {
 }
 
 /// [`place`] for bytes the store may keep hold of ([`OutOfLine::put_shared`]).
-fn place_shared(bytes: &SharedBytes) -> Option<(Piped, Option<RawFd>)> {
-    place_with(true, |store| {
-        store
-            .put_shared(bytes)
-            .map(|(piped, fd)| (piped.seq, (piped, fd)))
+fn place_shared(bytes: &SharedBytes) -> Option<SharedPlacement> {
+    place_with(true, |store, pin| {
+        store.put_shared(bytes, pin).map(|placement| {
+            let seq = match &placement {
+                SharedPlacement::Piped(piped, _) => piped.seq,
+                SharedPlacement::Pulled(pulled) => pulled.seq,
+            };
+            (seq, placement)
+        })
     })
 }
 
 /// Runs `put` on the store of the message being encoded if it has placed nothing yet (and,
-/// for `pipe`, may pipe), and records the placement it made.
-fn place_with<R>(pipe: bool, put: impl FnOnce(&dyn OutOfLine) -> Option<(u32, R)>) -> Option<R> {
+/// for `shared` bytes, may pin them), and records the placement it made.
+fn place_with<R>(
+    shared: bool,
+    put: impl FnOnce(&dyn OutOfLine, Pin) -> Option<(u32, R)>,
+) -> Option<R> {
     CONTEXT.with(|cx| {
         let placing = cx.placing.get()?;
-        if placing.seq != 0 || pipe && !placing.pipe {
+        if placing.seq != 0 || shared && placing.pin == Pin::No {
             return None;
         }
         let store = placing.store;
         // SAFETY: `placing` is set only by `encode_placing` from a reference that outlives
         // its serialization, and its `Swap` takes it out again (on unwinding too) before
         // returning; we are inside that serialization, on its thread.
-        let (seq, placed) = put(unsafe { store.as_ref() })?;
+        let (seq, placed) = put(unsafe { store.as_ref() }, placing.pin)?;
         cx.placing.set(Some(Placing { seq, ..placing }));
         Some(placed)
     })
@@ -257,21 +302,21 @@ pub fn encode<'a, T: Serialize + ?Sized>(
     buf: &mut Vec<u8>,
     fds: &mut Vec<BorrowedFd<'a>>,
 ) -> Result<()> {
-    encode_with(value, buf, fds, None, false).1
+    encode_with(value, buf, fds, None, Pin::No).1
 }
 
 /// [`encode`] that offers `store` the first byte string of [`OUT_OF_LINE_MIN`] bytes or more,
-/// and with `pipe` the first [`SharedBytes`] ([`OutOfLine::put_shared`]). Returns the `seq`
-/// of the placement the store made (0: none), also when encoding failed, so the caller can
-/// give it back.
+/// and unless `pin` is [`Pin::No`] the first [`SharedBytes`] ([`OutOfLine::put_shared`]).
+/// Returns the `seq` of the placement the store made (0: none), also when encoding failed,
+/// so the caller can give it back.
 pub(crate) fn encode_placing<'a, T: Serialize + ?Sized>(
     value: &'a T,
     buf: &mut Vec<u8>,
     fds: &mut Vec<BorrowedFd<'a>>,
     store: &(dyn OutOfLine + 'static),
-    pipe: bool,
+    pin: Pin,
 ) -> (u32, Result<()>) {
-    encode_with(value, buf, fds, Some(NonNull::from(store)), pipe)
+    encode_with(value, buf, fds, Some(NonNull::from(store)), pin)
 }
 
 /// The two encodes: `store` set for this message only, or cleared so that a plain encode
@@ -281,18 +326,14 @@ fn encode_with<'a, T: Serialize + ?Sized>(
     buf: &mut Vec<u8>,
     fds: &mut Vec<BorrowedFd<'a>>,
     store: Option<NonNull<dyn OutOfLine>>,
-    pipe: bool,
+    pin: Pin,
 ) -> (u32, Result<()>) {
     // Only the lifetime is erased: `index_of` pushes fds that `value` holds, and `value`
     // is borrowed for 'a.
     let table = NonNull::from(fds).cast::<Vec<BorrowedFd<'static>>>();
     CONTEXT.with(|cx| {
         let _outer = Swap::new(&cx.outgoing, Some(table));
-        let placing = store.map(|store| Placing {
-            store,
-            seq: 0,
-            pipe,
-        });
+        let placing = store.map(|store| Placing { store, seq: 0, pin });
         let _placing = Swap::new(&cx.placing, placing);
         let encoded = options().serialize_into(&mut *buf, value);
         let placed = cx.placing.get().map_or(0, |placing| placing.seq);
@@ -469,14 +510,22 @@ impl<T: AsRef<[u8]>> Serialize for Bytes<T> {
 }
 
 /// Writes [`SharedBytes`]: through the store's pipe when it takes them (tag 2: the
-/// reference to the piped part, then the rest inline), otherwise as any byte string.
+/// reference to the piped part, then the rest inline), as a reference to them for the peer
+/// to read (tag 4), otherwise as any byte string.
 pub(crate) fn serialize_shared<S: Serializer>(
     bytes: &SharedBytes,
     s: S,
 ) -> Result<S::Ok, S::Error> {
     use serde::ser::SerializeTuple;
-    let Some((mut piped, fd)) = place_shared(bytes) else {
-        return Bytes(bytes.as_ref()).serialize(s);
+    let (mut piped, fd) = match place_shared(bytes) {
+        None => return Bytes(bytes.as_ref()).serialize(s),
+        Some(SharedPlacement::Piped(piped, fd)) => (piped, fd),
+        Some(SharedPlacement::Pulled(pulled)) => {
+            let mut t = s.serialize_tuple(2)?;
+            t.serialize_element(&4u8)?;
+            t.serialize_element(&pulled)?;
+            return t.end();
+        }
     };
     if let Some(fd) = fd {
         // SAFETY: the store keeps this fd open until the message is sent.
@@ -558,12 +607,21 @@ impl<'de> Deserialize<'de> for Bytes<Vec<u8>> {
                             .map_err(A::Error::custom)
                     }
                     2 => take_piped(&mut seq),
-                    3 => take_written(&mut seq),
+                    3 => take_by(
+                        &mut seq,
+                        |store, written: &Written| store.take_written(written),
+                        "a byte string written into this process, but it accepts no writes",
+                    ),
+                    4 => take_by(
+                        &mut seq,
+                        |store, pulled: &Pulled| store.take_pulled(pulled),
+                        "a byte string to read from the peer's memory, but no lane to read it",
+                    ),
                     tag => Err(A::Error::custom(format!("unknown byte string tag {tag}"))),
                 }
             }
         }
-        // Up to three elements: the tag, then the bytes (tag 0), a reference (tags 1 and 3),
+        // Up to three elements: the tag, then the bytes (tag 0), a reference (tags 1, 3, 4),
         // or a reference and the rest of the bytes (tag 2).
         d.deserialize_tuple(3, Visitor).map(Bytes)
     }
@@ -588,18 +646,22 @@ fn take_piped<'de, A: serde::de::SeqAccess<'de>>(seq: &mut A) -> Result<Vec<u8>,
         .map_err(A::Error::custom)
 }
 
-/// A byte string the peer wrote into this process (tag 3): out of line, as [`take_piped`].
+/// A byte string the store fetches by a reference `R` alone (tag 3: written into this
+/// process; tag 4: to read out of the peer): out of line, as [`take_piped`]. `no_store` says
+/// what is missing when this thread decodes without a store.
 #[cold]
 #[inline(never)]
-fn take_written<'de, A: serde::de::SeqAccess<'de>>(seq: &mut A) -> Result<Vec<u8>, A::Error> {
+fn take_by<'de, A: serde::de::SeqAccess<'de>, R: Deserialize<'de>>(
+    seq: &mut A,
+    fetch: impl FnOnce(&dyn OutOfLine, &R) -> std::result::Result<Vec<u8>, String>,
+    no_store: &str,
+) -> Result<Vec<u8>, A::Error> {
     use serde::de::Error as _;
-    let written: Written = seq
+    let reference: R = seq
         .next_element()?
         .ok_or_else(|| A::Error::custom("a byte string ended early"))?;
-    with_current_store(|store| store.take_written(&written))
-        .ok_or_else(|| {
-            A::Error::custom("a byte string written into this process, but it accepts no writes")
-        })?
+    with_current_store(|store| fetch(store, &reference))
+        .ok_or_else(|| A::Error::custom(no_store))?
         .map_err(A::Error::custom)
 }
 
@@ -680,7 +742,7 @@ mod tests {
         let (a, b) = (vec![1u8; BIG], vec![2u8; BIG]);
         let (mut buf, mut fds) = (Vec::new(), Vec::new());
         let (placed, encoded) =
-            encode_placing(&(Bytes(&a), Bytes(&b)), &mut buf, &mut fds, &store, false);
+            encode_placing(&(Bytes(&a), Bytes(&b)), &mut buf, &mut fds, &store, Pin::No);
         encoded.unwrap();
         assert_eq!(placed, 1);
         assert_eq!(
@@ -719,7 +781,7 @@ mod tests {
             &mut outer,
             &mut fds,
             &store,
-            false,
+            Pin::No,
         );
         encoded.unwrap();
         assert_eq!(placed, 0);
