@@ -80,6 +80,7 @@ const MIB: usize = 1 << 20;
 #[test]
 fn strings_of_256_kib_to_1_mib_are_written_into_the_worker_and_every_one_stays_intact() {
     let _fds = fd_count_lock();
+    common::one_copy_always();
     let before = open_fds();
     let (mut child, conn) = Worker::spawn(child("child_keep")).unwrap();
     let keep = KeepClient::new(conn);
@@ -142,6 +143,7 @@ fn strings_of_256_kib_to_1_mib_are_written_into_the_worker_and_every_one_stays_i
 #[test]
 fn results_of_256_kib_to_1_mib_are_read_out_of_the_worker() {
     let _fds = fd_count_lock();
+    common::one_copy_always();
     let before = open_fds();
     let (mut child, conn) = Worker::spawn(child("child_keep")).unwrap();
     let keep = KeepClient::new(conn);
@@ -180,6 +182,7 @@ fn results_of_256_kib_to_1_mib_are_read_out_of_the_worker() {
 #[test]
 fn a_parent_without_the_workers_memory_gets_results_through_the_region() {
     let _fds = fd_count_lock();
+    common::one_copy_always();
     let (mut child, socket) = Worker::spawn_socket(child("child_keep")).unwrap();
     let keep = KeepClient::new(Connection::new(socket));
     for round in 0..3u64 {
@@ -197,6 +200,7 @@ fn a_parent_without_the_workers_memory_gets_results_through_the_region() {
 #[test]
 fn a_worker_that_does_not_accept_writes_gets_its_strings_through_the_region() {
     let _fds = fd_count_lock();
+    common::one_copy_always();
     let (mut child, conn) = Worker::spawn(child("child_keep_without_writes")).unwrap();
     let keep = KeepClient::new(conn);
     assert_eq!(keep.regions().unwrap(), 0);
@@ -215,6 +219,7 @@ fn a_worker_that_does_not_accept_writes_gets_its_strings_through_the_region() {
 #[test]
 fn the_workers_memory_may_be_given_after_its_announcement_arrived() {
     let _fds = fd_count_lock();
+    common::one_copy_always();
     let (mut child, socket) = Worker::spawn_socket(child("child_keep")).unwrap();
     let keep = KeepClient::new(Connection::new(socket));
     // The announcement arrives with this reply; the connection cannot write yet.
@@ -239,6 +244,7 @@ fn the_workers_memory_may_be_given_after_its_announcement_arrived() {
 #[test]
 fn a_dead_worker_is_not_written_and_its_callers_fail_at_once() {
     let _fds = fd_count_lock();
+    common::one_copy_always();
     let (mut child, conn) = Worker::spawn(child("child_keep")).unwrap();
     let keep = KeepClient::new(conn);
     let data = filled(MIB, 1);
@@ -300,6 +306,7 @@ mod asynchronous {
     #[test]
     fn an_async_parent_writes_into_an_async_worker() {
         let _fds = fd_count_lock();
+        common::one_copy_always();
         let before = open_fds();
         common::current_thread_runtime().block_on(async {
             let (mut child, conn) =
@@ -379,6 +386,7 @@ fn failure(payload: &[u8], why: &str) {
 #[test]
 fn a_peer_claiming_strings_it_did_not_write_fails_the_call_not_the_server() {
     let _fds = fd_count_lock();
+    common::one_copy_always();
     let before = open_fds();
     // A server that accepts no writes refuses any written string.
     let (ours, theirs) = Socket::pair().unwrap();
@@ -481,6 +489,7 @@ fn malformed(result: Result<Vec<u8>, Error>, why: &str) {
 #[test]
 fn a_worker_claiming_results_for_the_parent_to_read_fails_the_call_not_the_connection() {
     let _fds = fd_count_lock();
+    common::one_copy_always();
     let before = open_fds();
     // A parent that was not given the worker's memory reads nothing.
     let (ours, theirs) = Socket::pair().unwrap();

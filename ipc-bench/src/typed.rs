@@ -21,7 +21,8 @@ use crate::system::{Client, Kind, Launcher, MAX_PAYLOAD, System, inherited_fd};
 pub enum Flavor {
     /// `echo(Vec<u8>) -> Vec<u8>`; bulk: `put(bytes) -> u64`. Set up as `Worker::spawn` and
     /// `worker::connection` set up a worker's connection: from 64 KiB to 1 MiB the client
-    /// writes the bytes straight into the server (`Connection::write_into_peer`).
+    /// writes the bytes straight into the server (`Connection::write_into_peer`) while one copy
+    /// pays on the machine (`typed_ipc::peer_memory::OneCopy`).
     Plain,
     /// Bulk `put` on plain `Connection::new` connections: through the shared region.
     Region,
@@ -43,7 +44,8 @@ pub enum Flavor {
     SharedRegion,
     /// Bulk the other way, `get(len)`: the server sends bytes it keeps, the client receives
     /// them as an owned `Vec<u8>`. Set up as [`Flavor::Plain`]: from 256 KiB to 1 MiB the
-    /// client reads them out of the server (`Connection::write_into_peer` gives it the right).
+    /// client reads them out of the server (`Connection::write_into_peer` gives it the right)
+    /// while one copy pays.
     Result,
     /// [`Flavor::Result`] on plain `Connection::new` connections: through the server's region.
     ResultRegion,

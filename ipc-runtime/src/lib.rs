@@ -9,6 +9,7 @@ mod error;
 mod frame;
 mod listener;
 mod memfd;
+mod one_copy;
 pub mod peer_memory;
 mod pipe;
 mod server;

@@ -83,6 +83,8 @@
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+pub use crate::one_copy::{OneCopy, set_one_copy};
+
 /// Smallest byte string written into the peer. Below it the region's two copies cost no
 /// more than reading the mailbox and pinning the peer's pages: a call with a `Vec<u8>`
 /// argument took, written / through the region (medians of 2,000, three runs each),

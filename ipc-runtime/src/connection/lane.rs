@@ -56,6 +56,8 @@
 //!   sequence numbers, acknowledgement and busy lane; the lane keeps a clone of the bytes
 //!   until the acknowledgement, as for the pipe. The peer proves itself from the first
 //!   message it sends once it has this end's memory and mailbox ([`Lane::prove_to_peer`]).
+//! - Both one-copy ways are taken only while one copy costs less than the region's two on
+//!   this machine, as measured now ([`crate::one_copy`]); otherwise the region.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -69,6 +71,7 @@ use crate::codec::{
 };
 use crate::error::Result;
 use crate::frame::Frame;
+use crate::one_copy;
 use crate::peer_memory::{self, Inbox, PeerMemory};
 use crate::pipe::{self, InPipe, OutPipe};
 use crate::shared_bytes::SharedBytes;
@@ -209,6 +212,9 @@ impl Writer {
     /// buffer that is not one.
     fn write(&mut self, mailbox: &Mutex<Option<(u64, u64)>>, bytes: &[u8]) -> Option<u64> {
         let memory = self.memory.as_ref().filter(|_| !self.failed)?;
+        if !one_copy::pays() {
+            return None;
+        }
         let (mailbox, token) = (*mailbox.lock().unwrap_or_else(PoisonError::into_inner))?;
         let written =
             memory
@@ -609,7 +615,7 @@ impl OutOfLine for Lane {
         if !self.peer_reads.load(Ordering::Relaxed) || self.busy.load(Ordering::Acquire) != 0 {
             return None;
         }
-        if pulls(len) && self.peer_pulls() {
+        if pulls(len) && self.peer_pulls() && one_copy::pays() {
             let mut out = self.idle_out()?;
             let seq = out.start(&self.busy, &self.peer_done);
             out.pinned = Some(Pinned {

@@ -1,0 +1,199 @@
+//! Whether one copy through the kernel (a string written into the peer, or read out of it:
+//! [`crate::peer_memory`]) costs less, right now, than the shared region's two.
+//!
+//! It depends on the machine's state, not on the build. On the VMs typed-ipc is measured on,
+//! `process_vm_readv` of 1 MiB took ~45 µs one hour and 100 µs (0.38 µs a page) the next,
+//! while `memcpy` stayed at 23–30 µs: the kernel pins every page it copies, and that work is
+//! what slows down when the host does (a bare syscall went from ~0.1 to 0.25 µs in the same
+//! hours). Written strings took 1.75x a `memcpy` at 1 MiB in the fast state and 4.4x in the
+//! slow one, against 3.2x and 2.9x through the region. So the choice is measured: a *probe*
+//! copies 256 KiB within this process both ways, with `process_vm_readv` and with `memcpy`
+//! (the fastest of three each), and one copy is used while the kernel's takes at most
+//! [`THRESHOLD`] times the `memcpy`. The probe runs when a string first could take one copy,
+//! and again when one could and the last probe is [`REPROBE`] old: ~40–100 µs every ten
+//! seconds of such traffic, and no memory kept.
+//!
+//! [`set_one_copy`] or `TYPED_IPC_ONE_COPY=always|never|measured` in the environment overrides
+//! the measurement for the whole process (tests that must see one path use it).
+
+use std::hint::black_box;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Mutex, TryLockError};
+use std::time::{Duration, Instant};
+
+use crate::connection::trace;
+
+/// How a process chooses between one copy through the kernel and the region's two copies,
+/// for the strings [`crate::peer_memory`] would write into a peer or leave for it to read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OneCopy {
+    /// Measure which is cheaper now, and measure again every ten seconds of such traffic (the
+    /// default).
+    Measured,
+    /// One copy whenever the connection allows it.
+    Always,
+    /// Always the region.
+    Never,
+}
+
+/// Sets how this process chooses between one copy and two ([`OneCopy`]), overriding
+/// `TYPED_IPC_ONE_COPY` from the environment.
+pub fn set_one_copy(policy: OneCopy) {
+    POLICY.store(policy as u8 + 1, Ordering::Relaxed);
+}
+
+/// One copy wins while the kernel's copy of the probe takes at most this many times the
+/// `memcpy`'s. The region's two copies cost 2.4–2.9x a `memcpy` at 1 MiB on these machines,
+/// so above ~2.4 one copy loses; the probe measured 1.5x in the fast state (256 KiB written
+/// in 9.9 µs against a 6.5 µs `memcpy`) and 3.4x in the slow one.
+pub(crate) const THRESHOLD: f64 = 2.0;
+/// How old a probe may be before a string that could take one copy runs a new one.
+pub(crate) const REPROBE: Duration = Duration::from_secs(10);
+/// Bytes the probe copies: the smallest string that takes one copy.
+const PROBE: usize = crate::peer_memory::MIN;
+
+/// `0`: not read from the environment yet; else a [`OneCopy`] + 1.
+static POLICY: AtomicU8 = AtomicU8::new(0);
+/// The last probe's verdict, for threads that find another one probing.
+static PAYS: AtomicBool = AtomicBool::new(false);
+/// When the last probe ran.
+static PROBED: Mutex<Option<Instant>> = Mutex::new(None);
+
+/// Whether a string that could take one copy should, now.
+pub(crate) fn pays() -> bool {
+    match policy() {
+        OneCopy::Always => true,
+        OneCopy::Never => false,
+        OneCopy::Measured => measured(),
+    }
+}
+
+fn policy() -> OneCopy {
+    match POLICY.load(Ordering::Relaxed) {
+        0 => {
+            let policy = std::env::var("TYPED_IPC_ONE_COPY")
+                .ok()
+                .and_then(|v| parse(&v))
+                .unwrap_or(OneCopy::Measured);
+            // Unless `set_one_copy` came first.
+            let _ =
+                POLICY.compare_exchange(0, policy as u8 + 1, Ordering::Relaxed, Ordering::Relaxed);
+            policy
+        }
+        1 => OneCopy::Measured,
+        2 => OneCopy::Always,
+        _ => OneCopy::Never,
+    }
+}
+
+/// `TYPED_IPC_ONE_COPY`'s value, if it is one of the three.
+fn parse(value: &str) -> Option<OneCopy> {
+    match value {
+        "measured" => Some(OneCopy::Measured),
+        "always" => Some(OneCopy::Always),
+        "never" => Some(OneCopy::Never),
+        _ => None,
+    }
+}
+
+/// The measured verdict, probing again if the last probe is too old. A thread that finds
+/// another probing takes the last verdict rather than wait.
+fn measured() -> bool {
+    let mut probed = match PROBED.try_lock() {
+        Ok(probed) => probed,
+        Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+        Err(TryLockError::WouldBlock) => return PAYS.load(Ordering::Relaxed),
+    };
+    if probed.is_some_and(|at| at.elapsed() < REPROBE) {
+        return PAYS.load(Ordering::Relaxed);
+    }
+    let pays = probe().is_some_and(|(kernel, memcpy)| {
+        let pays = verdict(kernel, memcpy);
+        if trace::enabled() {
+            trace::line(&format!(
+                "typed-ipc[{}] one copy: {PROBE} bytes in {kernel:?} through the kernel, {memcpy:?} by memcpy: {}",
+                std::process::id(),
+                if pays { "one copy" } else { "two copies" }
+            ));
+        }
+        pays
+    });
+    PAYS.store(pays, Ordering::Relaxed);
+    *probed = Some(Instant::now());
+    drop(probed);
+    pays
+}
+
+/// One copy pays if the kernel's copy takes at most [`THRESHOLD`] times the `memcpy`.
+fn verdict(kernel: Duration, memcpy: Duration) -> bool {
+    kernel.as_secs_f64() <= THRESHOLD * memcpy.as_secs_f64()
+}
+
+/// The fastest of three copies of [`PROBE`] bytes within this process through the kernel
+/// (`process_vm_readv`, as a peer's read or write) and by `memcpy`; `None` if the kernel
+/// refuses (then no peer copy would work either).
+fn probe() -> Option<(Duration, Duration)> {
+    fn fastest(mut copy: impl FnMut() -> bool) -> Option<Duration> {
+        let mut best = Duration::MAX;
+        for _ in 0..3 {
+            let start = Instant::now();
+            if !copy() {
+                return None;
+            }
+            best = best.min(start.elapsed());
+        }
+        Some(best)
+    }
+    let source = vec![1u8; PROBE];
+    let mut target = vec![0u8; PROBE];
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() };
+    let kernel = fastest(|| {
+        let local = libc::iovec {
+            iov_base: target.as_mut_ptr().cast(),
+            iov_len: PROBE,
+        };
+        let remote = libc::iovec {
+            iov_base: source.as_ptr() as *mut libc::c_void,
+            iov_len: PROBE,
+        };
+        // SAFETY: `local` is `target`'s buffer, writable for PROBE bytes; `remote` is
+        // `source`'s, in this process, only read.
+        let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+        n == PROBE as isize
+    })?;
+    let memcpy = fastest(|| {
+        target.copy_from_slice(black_box(&source));
+        black_box(&target);
+        true
+    })?;
+    Some((kernel, memcpy))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_verdict_is_one_copy_up_to_the_threshold() {
+        let us = Duration::from_micros;
+        assert!(verdict(us(10), us(7)), "the fast state: 1.4x");
+        assert!(verdict(us(14), us(7)), "2.0x");
+        assert!(!verdict(us(24), us(7)), "the slow state: 3.4x");
+    }
+
+    #[test]
+    fn the_environment_names_the_three_policies_and_nothing_else() {
+        assert_eq!(parse("always"), Some(OneCopy::Always));
+        assert_eq!(parse("never"), Some(OneCopy::Never));
+        assert_eq!(parse("measured"), Some(OneCopy::Measured));
+        assert_eq!(parse("1"), None);
+    }
+
+    #[test]
+    fn a_probe_measures_both_copies() {
+        let (kernel, memcpy) = probe().expect("a process may read its own memory");
+        assert!(kernel > Duration::ZERO && memcpy > Duration::ZERO);
+        assert!(kernel < Duration::MAX && memcpy < Duration::MAX);
+    }
+}
