@@ -1,10 +1,9 @@
 //! Byte strings of 256 KiB to 1 MiB written straight into a worker's memory by its parent
 //! (`Worker::spawn` gives the parent's connection the worker's memory, `worker::connection`
-//! accepts writes), and results of those sizes read straight out of the worker's memory by
-//! the parent: across real processes, with every string the worker was handed kept and
-//! checked again at the end (a write into a buffer the worker's code already owns would
-//! show), against a worker that opts out, a dead worker, and peers that claim strings they
-//! never wrote or hold.
+//! accepts writes): across real processes, with every string the worker was handed kept
+//! and checked again at the end (a write into a buffer the worker's code already owns would
+//! show), against a worker that opts out, a dead worker, and a peer that claims strings it
+//! never wrote.
 
 mod common;
 
@@ -24,8 +23,6 @@ pub trait Keep {
     fn kept(&self) -> Vec<u64>;
     /// Shared regions (memfds) this process holds open: the lane's, once a string used it.
     fn regions(&self) -> u64;
-    /// `len` bytes made from `seed` ([`filled`]).
-    fn make(&self, len: u64, seed: u64) -> Vec<u8>;
 }
 
 #[derive(Default)]
@@ -53,9 +50,6 @@ impl Keep for KeepImpl {
     }
     fn regions(&self) -> u64 {
         regions()
-    }
-    fn make(&self, len: u64, seed: u64) -> Vec<u8> {
-        filled(len as usize, seed)
     }
 }
 
@@ -141,63 +135,6 @@ fn strings_of_256_kib_to_1_mib_are_written_into_the_worker_and_every_one_stays_i
 }
 
 #[test]
-fn results_of_256_kib_to_1_mib_are_read_out_of_the_worker() {
-    let _fds = fd_count_lock();
-    common::one_copy_always();
-    let before = open_fds();
-    let (mut child, conn) = Worker::spawn(child("child_keep")).unwrap();
-    let keep = KeepClient::new(conn);
-    // The parent hears the worker's announcement with this reply, and shows the worker with
-    // its next call that it can write (and so read) its memory.
-    assert_eq!(keep.regions().unwrap(), 0);
-    for round in 0..4u64 {
-        for len in [256 << 10, 700_001, MIB - 1, MIB] {
-            let made = keep.make(len as u64, round).unwrap();
-            assert!(made == filled(len, round), "{len} B, round {round}");
-        }
-    }
-    assert_eq!(
-        regions(),
-        0,
-        "no shared region came from the worker: every result was read out of it"
-    );
-    // Outside the range, results come through the worker's region as before.
-    for len in [(256 << 10) - 1, MIB + 1] {
-        assert!(
-            keep.make(len as u64, 7).unwrap() == filled(len, 7),
-            "{len} B"
-        );
-    }
-    assert_eq!(regions(), 1, "the worker's region, for those");
-    assert!(
-        keep.make(MIB as u64, 8).unwrap() == filled(MIB, 8),
-        "read again"
-    );
-    drop(keep);
-    assert_eq!(child.wait().unwrap(), Exit::Code(0));
-    drop(child);
-    assert_eq!(open_fds(), before, "reading opens no fds");
-}
-
-#[test]
-fn a_parent_without_the_workers_memory_gets_results_through_the_region() {
-    let _fds = fd_count_lock();
-    common::one_copy_always();
-    let (mut child, socket) = Worker::spawn_socket(child("child_keep")).unwrap();
-    let keep = KeepClient::new(Connection::new(socket));
-    for round in 0..3u64 {
-        assert!(keep.make(MIB as u64, round).unwrap() == filled(MIB, round));
-    }
-    assert_eq!(
-        regions(),
-        1,
-        "the worker left nothing to read: nobody proved it could"
-    );
-    drop(keep);
-    assert_eq!(child.wait().unwrap(), Exit::Code(0));
-}
-
-#[test]
 fn a_worker_that_does_not_accept_writes_gets_its_strings_through_the_region() {
     let _fds = fd_count_lock();
     common::one_copy_always();
@@ -267,7 +204,6 @@ mod asynchronous {
         async fn keep_shared(&self, data: SharedBytes) -> u64;
         async fn kept(&self) -> Vec<u64>;
         async fn regions(&self) -> u64;
-        async fn make(&self, len: u64, seed: u64) -> Vec<u8>;
     }
 
     #[derive(Default)]
@@ -285,9 +221,6 @@ mod asynchronous {
         }
         async fn regions(&self) -> u64 {
             regions()
-        }
-        async fn make(&self, len: u64, seed: u64) -> Vec<u8> {
-            filled(len as usize, seed)
         }
     }
 
@@ -327,14 +260,6 @@ mod asynchronous {
             }
             assert_eq!(keep.regions().await.unwrap(), 0, "all written");
             assert_eq!(keep.kept().await.unwrap(), sums);
-            // And the results the other way are read out of the worker.
-            for round in 0..3u64 {
-                for len in [300_000, MIB] {
-                    let made = keep.make(len as u64, round).await.unwrap();
-                    assert!(made == filled(len, round), "{len} B, round {round}");
-                }
-            }
-            assert_eq!(regions(), 0, "every result was read out of the worker");
             drop(keep);
             assert_eq!(
                 typed_ipc::tokio::worker::wait(&mut child).await.unwrap(),
@@ -441,97 +366,5 @@ fn a_peer_claiming_strings_it_did_not_write_fails_the_call_not_the_server() {
     assert!(ok.ends_with(&3u64.to_le_bytes()), "capacity 3: {ok:?}");
     drop(ours);
     server.join().unwrap().unwrap();
-    assert_eq!(open_fds(), before);
-}
-
-/// Serves `keep` calls as a hostile worker would: answers the `n`th call with `replies[n]`
-/// (a reply body after the envelope), first sending `announce` if given.
-fn hostile_worker(
-    socket: Socket,
-    announce: Option<(u64, u64)>,
-    replies: Vec<Vec<u8>>,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        if let Some((mailbox, token)) = announce {
-            let mut msg = vec![5u8, 0, 0, 0x80];
-            msg.resize(24, 0);
-            msg.extend_from_slice(&mailbox.to_ne_bytes());
-            msg.extend_from_slice(&token.to_ne_bytes());
-            socket.send(&msg, &[]).unwrap();
-        }
-        for body in replies {
-            let call = socket.recv().unwrap().payload;
-            let mut reply = call[..24].to_vec();
-            reply[0] = 3; // kind: reply
-            reply.extend_from_slice(&body);
-            socket.send(&reply, &[]).unwrap();
-        }
-    })
-}
-
-/// The body of a `make` reply claiming `len` bytes at `addr` in the worker, for the parent to
-/// read (tag 4), by placement `seq`.
-fn pull_claim(seq: u32, addr: u64, len: u64) -> Vec<u8> {
-    let mut body = vec![4u8];
-    body.extend_from_slice(&seq.to_le_bytes());
-    body.extend_from_slice(&addr.to_le_bytes());
-    body.extend_from_slice(&len.to_le_bytes());
-    body
-}
-
-fn malformed(result: Result<Vec<u8>, Error>, why: &str) {
-    match result {
-        Err(Error::Malformed(text)) => assert!(text.contains(why), "{why:?} not in {text:?}"),
-        other => panic!("expected a malformed reply ({why}), got {other:?}"),
-    }
-}
-
-#[test]
-fn a_worker_claiming_results_for_the_parent_to_read_fails_the_call_not_the_connection() {
-    let _fds = fd_count_lock();
-    common::one_copy_always();
-    let before = open_fds();
-    // A parent that was not given the worker's memory reads nothing.
-    let (ours, theirs) = Socket::pair().unwrap();
-    let worker = hostile_worker(theirs, None, vec![pull_claim(1, 4096, 10)]);
-    let keep = KeepClient::new(Connection::new(ours));
-    malformed(keep.make(10, 0), "this end may not read it");
-    drop(keep);
-    worker.join().unwrap();
-
-    // One given the memory of a process (here a `sleep`, standing for the worker) reads only
-    // where that process's mailbox holds the token the worker announced: an address that is
-    // not mapped there, or a process without the token (a worker gone, its pid reused), is
-    // an error. Claims of placement 0 or above the receive limit are refused unread; and the
-    // connection goes on serving.
-    let mut sleeper = std::process::Command::new("sleep")
-        .arg("60")
-        .spawn()
-        .unwrap();
-    let (ours, theirs) = Socket::pair().unwrap();
-    let mut inline = vec![0u8];
-    inline.extend_from_slice(&3u64.to_le_bytes());
-    inline.extend_from_slice(b"abc");
-    let worker = hostile_worker(
-        theirs,
-        Some((4096, 0x1234_5678)),
-        vec![
-            pull_claim(1, 4096, 10),
-            pull_claim(0, 4096, 10),
-            pull_claim(2, 4096, 1 << 40),
-            inline,
-        ],
-    );
-    let conn = Connection::new(ours);
-    conn.write_into_peer(typed_ipc::peer_memory::PeerMemory::of_child(&sleeper));
-    let keep = KeepClient::new(conn);
-    malformed(keep.make(10, 0), "reading a byte string out of the peer");
-    malformed(keep.make(10, 0), "by placement 0");
-    malformed(keep.make(10, 0), "at most");
-    assert_eq!(keep.make(3, 0).unwrap(), b"abc");
-    drop(keep);
-    worker.join().unwrap();
-    sleeper.kill().unwrap();
-    sleeper.wait().unwrap();
     assert_eq!(open_fds(), before);
 }

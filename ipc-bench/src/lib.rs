@@ -59,9 +59,6 @@ pub trait Bench {
     /// Reads the first `len` bytes of the attached region in place, with atomic loads,
     /// returns their [`checksum`].
     fn sum_region(&self, len: u64) -> u64;
-    /// Bulk the other way: `len` bytes of a buffer the server keeps, received by the caller
-    /// as an owned `Vec<u8>`.
-    fn get(&self, len: u64) -> Blob;
     /// CPU time this server process has used so far, in nanoseconds (user + system).
     fn cpu_ns(&self) -> u64;
     /// Heap allocations this server process has made so far (0 unless its binary counts).
@@ -124,8 +121,6 @@ impl<'de> Deserialize<'de> for Blob {
 pub struct BenchImpl {
     sunk: AtomicU64,
     region: Mutex<Option<RegionView>>,
-    /// What [`Bench::get`] sends from, made on first use (and grown).
-    source: Mutex<SharedBytes>,
     allocs: fn() -> u64,
 }
 
@@ -135,7 +130,6 @@ impl BenchImpl {
         BenchImpl {
             sunk: AtomicU64::new(0),
             region: Mutex::new(None),
-            source: Mutex::new(SharedBytes::from(Vec::new())),
             allocs,
         }
     }
@@ -185,15 +179,6 @@ impl Bench for BenchImpl {
         let region = self.region.lock().unwrap_or_else(PoisonError::into_inner);
         let region = region.as_ref().expect("attach_region first");
         checksum_words(region.words(), (len as usize).min(region.len()))
-    }
-
-    fn get(&self, len: u64) -> Blob {
-        let len = len as usize;
-        let mut source = self.source.lock().unwrap_or_else(PoisonError::into_inner);
-        if source.len() < len {
-            *source = SharedBytes::from(vec![0x5a; len]);
-        }
-        Blob::Shared(source.slice(..len))
     }
 
     fn cpu_ns(&self) -> u64 {

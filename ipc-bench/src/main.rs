@@ -64,12 +64,6 @@ static SYSTEMS: &[&dyn System] = &[
     &TypedIpc {
         flavor: Flavor::Lent,
     },
-    &TypedIpc {
-        flavor: Flavor::Result,
-    },
-    &TypedIpc {
-        flavor: Flavor::ResultRegion,
-    },
     &TypedIpc { flavor: Flavor::Fd },
     &TypedIpcAsync,
     &TypedIpc {

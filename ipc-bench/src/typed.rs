@@ -42,13 +42,6 @@ pub enum Flavor {
     /// Zero copy from one `SharedRegion` mapped once by both sides: the client fills it, the
     /// server reads it in place with atomic loads.
     SharedRegion,
-    /// Bulk the other way, `get(len)`: the server sends bytes it keeps, the client receives
-    /// them as an owned `Vec<u8>`. Set up as [`Flavor::Plain`]: from 256 KiB to 1 MiB the
-    /// client reads them out of the server (`Connection::write_into_peer` gives it the right)
-    /// while one copy pays.
-    Result,
-    /// [`Flavor::Result`] on plain `Connection::new` connections: through the server's region.
-    ResultRegion,
 }
 
 /// A typed-ipc row.
@@ -83,8 +76,6 @@ impl System for TypedIpc {
             Flavor::Memfd => "typed-ipc/memfd",
             Flavor::Shared => "typed-ipc/shared",
             Flavor::SharedRegion => "typed-ipc/shared-region",
-            Flavor::Result => "typed-ipc/result",
-            Flavor::ResultRegion => "typed-ipc/result-region",
         }
     }
 
@@ -96,9 +87,7 @@ impl System for TypedIpc {
             | Flavor::Lent
             | Flavor::Memfd
             | Flavor::Shared
-            | Flavor::SharedRegion
-            | Flavor::Result
-            | Flavor::ResultRegion => &[Kind::Bulk],
+            | Flavor::SharedRegion => &[Kind::Bulk],
         }
     }
 
@@ -115,7 +104,7 @@ impl System for TypedIpc {
         }
         let connection = Connection::new(ours);
         connection.lend_pages_to_peer(self.flavor == Flavor::Lent);
-        if matches!(self.flavor, Flavor::Plain | Flavor::Result) {
+        if self.flavor == Flavor::Plain {
             connection.write_into_peer(PeerMemory::of_child(child));
         }
         let client = BenchClient::new(connection);
@@ -150,7 +139,7 @@ impl System for TypedIpc {
             socket.set_spin(spin());
         }
         let connection = Connection::new(socket);
-        if matches!(self.flavor, Flavor::Plain | Flavor::Result) {
+        if self.flavor == Flavor::Plain {
             connection.accept_writes_from_peer().map_err(other)?;
         }
         BenchServer::new(BenchImpl::new(|| 0))
@@ -226,10 +215,6 @@ impl Client for TypedClient {
                     ))
                     .map_err(other)?;
                 expect("bytes received", got, len as u64)
-            }
-            (Flavor::Result | Flavor::ResultRegion, Kind::Bulk) => {
-                let got = self.client.get(len as u64).map_err(other)?;
-                expect("bytes received", got.as_bytes().len() as u64, len as u64)
             }
             (Flavor::Memfd, Kind::Bulk) => {
                 let buffer = SealedBuffer::copy_from(&self.payload[..len]).map_err(other)?;

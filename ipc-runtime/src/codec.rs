@@ -14,8 +14,7 @@
 //! this to move byte strings through a shared region instead of the socket (see
 //! `connection/lane.rs`). [`SharedBytes`] may also be tag 2: a reference to the first bytes,
 //! which the store moved through a pipe, and then the rest of the bytes. Tag 3 is a
-//! reference to a buffer of the receiver's that the store wrote the bytes into, and tag 4
-//! one to the bytes in the sender's own memory, for the receiver to read them from there
+//! reference to a buffer of the receiver's that the store wrote the bytes into
 //! (`peer_memory.rs`).
 
 use std::cell::Cell;
@@ -42,6 +41,7 @@ thread_local! {
             incoming: Cell::new(None),
             store: Cell::new(None),
             placing: Cell::new(None),
+            fetched: Cell::new(false),
         }
     };
 }
@@ -57,6 +57,10 @@ struct Context {
     /// so far (0: none; one per message): set by [`encode_placing`] for one message, and
     /// cleared by a plain [`encode`] nested in it, whose bytes must stay self-contained.
     placing: Cell<Option<Placing>>,
+    /// The message being decoded has had an out-of-line byte string fetched: a sender places
+    /// at most one per message, and a second is refused, so that a short hostile message
+    /// cannot make the receiver fetch (and allocate) the same large string over and over.
+    fetched: Cell<bool>,
 }
 
 /// Where the message being encoded may place a byte string.
@@ -65,20 +69,8 @@ struct Placing {
     store: NonNull<dyn OutOfLine>,
     /// The placement made (0: none yet).
     seq: u32,
-    /// What the store may do with [`SharedBytes`] ([`encode_placing`]'s `pin`).
-    pin: Pin,
-}
-
-/// What the store may do with a message's [`SharedBytes`], which it can keep hold of until
-/// the peer is done with them: it depends on when the peer's acknowledgement will come.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Pin {
-    /// Nothing: they go as any byte string.
-    No,
-    /// Let the peer read them out of this process's memory (tag 4).
-    Pull,
-    /// That, or pipe them (tag 2).
-    PullOrPipe,
+    /// [`SharedBytes`] may pipe ([`encode_placing`]'s `pipe`).
+    pipe: bool,
 }
 
 /// Sets a context cell for a scope and puts the outer value back when dropped, also when
@@ -117,14 +109,9 @@ pub(crate) trait OutOfLine: Send + Sync {
     /// Offers bytes whose owner the store may keep until the peer has read them, so that
     /// they can be read from the sender's own pages; at most once per message, like
     /// [`OutOfLine::put`]. `Some`: the reference to write (how many of the bytes went
-    /// out of line: the rest follow it inline) and an fd the message must carry, or where
-    /// the peer may read them.
-    fn put_shared(&self, _bytes: &SharedBytes, _pin: Pin) -> Option<SharedPlacement> {
+    /// out of line: the rest follow it inline) and an fd the message must carry.
+    fn put_shared(&self, _bytes: &SharedBytes) -> Option<(Piped, Option<RawFd>)> {
         None
-    }
-    /// Reads a byte string out of the peer's memory while decoding (tag 4).
-    fn take_pulled(&self, _pulled: &Pulled) -> std::result::Result<Vec<u8>, String> {
-        Err("a byte string to read from the peer's memory, but it reads no peer memory".into())
     }
     /// Fetches piped bytes while decoding and appends `tail`, the rest of the string.
     fn take_piped(
@@ -157,26 +144,6 @@ impl Placement {
             Placement::Written(written) => written.seq,
         }
     }
-}
-
-/// Where [`OutOfLine::put_shared`] put a byte string.
-pub(crate) enum SharedPlacement {
-    /// In a pipe (tag 2), with an fd the message must carry (the pipe's, the first time).
-    Piped(Piped, Option<RawFd>),
-    /// Left where it is, for the peer to read (tag 4).
-    Pulled(Pulled),
-}
-
-/// A byte string left in the sender's memory for the receiver to read: the wire form of
-/// tag 4.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct Pulled {
-    /// Which placement of the sender's store this is (acknowledged back to it).
-    pub seq: u32,
-    /// Where the bytes are, in the sender.
-    pub addr: u64,
-    /// How many.
-    pub len: u64,
 }
 
 /// A byte string the sender wrote into the receiver's inbox buffer: the wire form of tag 3.
@@ -247,7 +214,7 @@ fn with_current_store<R>(f: impl FnOnce(&dyn OutOfLine) -> R) -> Option<R> {
 /// Offers `bytes` to the store of the [`encode_placing`] running on this thread, unless it
 /// has placed a byte string for this message already.
 fn place(bytes: &[u8]) -> Option<Placement> {
-    place_with(false, |store, _| {
+    place_with(false, |store| {
         store
             .put(bytes)
             .map(|placement| (placement.seq(), placement))
@@ -255,34 +222,27 @@ fn place(bytes: &[u8]) -> Option<Placement> {
 }
 
 /// [`place`] for bytes the store may keep hold of ([`OutOfLine::put_shared`]).
-fn place_shared(bytes: &SharedBytes) -> Option<SharedPlacement> {
-    place_with(true, |store, pin| {
-        store.put_shared(bytes, pin).map(|placement| {
-            let seq = match &placement {
-                SharedPlacement::Piped(piped, _) => piped.seq,
-                SharedPlacement::Pulled(pulled) => pulled.seq,
-            };
-            (seq, placement)
-        })
+fn place_shared(bytes: &SharedBytes) -> Option<(Piped, Option<RawFd>)> {
+    place_with(true, |store| {
+        store
+            .put_shared(bytes)
+            .map(|(piped, fd)| (piped.seq, (piped, fd)))
     })
 }
 
 /// Runs `put` on the store of the message being encoded if it has placed nothing yet (and,
-/// for `shared` bytes, may pin them), and records the placement it made.
-fn place_with<R>(
-    shared: bool,
-    put: impl FnOnce(&dyn OutOfLine, Pin) -> Option<(u32, R)>,
-) -> Option<R> {
+/// for `pipe`, may pipe), and records the placement it made.
+fn place_with<R>(pipe: bool, put: impl FnOnce(&dyn OutOfLine) -> Option<(u32, R)>) -> Option<R> {
     CONTEXT.with(|cx| {
         let placing = cx.placing.get()?;
-        if placing.seq != 0 || shared && placing.pin == Pin::No {
+        if placing.seq != 0 || pipe && !placing.pipe {
             return None;
         }
         let store = placing.store;
         // SAFETY: `placing` is set only by `encode_placing` from a reference that outlives
         // its serialization, and its `Swap` takes it out again (on unwinding too) before
         // returning; we are inside that serialization, on its thread.
-        let (seq, placed) = put(unsafe { store.as_ref() }, placing.pin)?;
+        let (seq, placed) = put(unsafe { store.as_ref() })?;
         cx.placing.set(Some(Placing { seq, ..placing }));
         Some(placed)
     })
@@ -302,21 +262,21 @@ pub fn encode<'a, T: Serialize + ?Sized>(
     buf: &mut Vec<u8>,
     fds: &mut Vec<BorrowedFd<'a>>,
 ) -> Result<()> {
-    encode_with(value, buf, fds, None, Pin::No).1
+    encode_with(value, buf, fds, None, false).1
 }
 
 /// [`encode`] that offers `store` the first byte string of [`OUT_OF_LINE_MIN`] bytes or more,
-/// and unless `pin` is [`Pin::No`] the first [`SharedBytes`] ([`OutOfLine::put_shared`]).
-/// Returns the `seq` of the placement the store made (0: none), also when encoding failed,
-/// so the caller can give it back.
+/// and with `pipe` the first [`SharedBytes`] ([`OutOfLine::put_shared`]). Returns the `seq`
+/// of the placement the store made (0: none), also when encoding failed, so the caller can
+/// give it back.
 pub(crate) fn encode_placing<'a, T: Serialize + ?Sized>(
     value: &'a T,
     buf: &mut Vec<u8>,
     fds: &mut Vec<BorrowedFd<'a>>,
     store: &(dyn OutOfLine + 'static),
-    pin: Pin,
+    pipe: bool,
 ) -> (u32, Result<()>) {
-    encode_with(value, buf, fds, Some(NonNull::from(store)), pin)
+    encode_with(value, buf, fds, Some(NonNull::from(store)), pipe)
 }
 
 /// The two encodes: `store` set for this message only, or cleared so that a plain encode
@@ -326,14 +286,18 @@ fn encode_with<'a, T: Serialize + ?Sized>(
     buf: &mut Vec<u8>,
     fds: &mut Vec<BorrowedFd<'a>>,
     store: Option<NonNull<dyn OutOfLine>>,
-    pin: Pin,
+    pipe: bool,
 ) -> (u32, Result<()>) {
     // Only the lifetime is erased: `index_of` pushes fds that `value` holds, and `value`
     // is borrowed for 'a.
     let table = NonNull::from(fds).cast::<Vec<BorrowedFd<'static>>>();
     CONTEXT.with(|cx| {
         let _outer = Swap::new(&cx.outgoing, Some(table));
-        let placing = store.map(|store| Placing { store, seq: 0, pin });
+        let placing = store.map(|store| Placing {
+            store,
+            seq: 0,
+            pipe,
+        });
         let _placing = Swap::new(&cx.placing, placing);
         let encoded = options().serialize_into(&mut *buf, value);
         let placed = cx.placing.get().map_or(0, |placing| placing.seq);
@@ -374,6 +338,7 @@ fn with_incoming<R>(table: &mut [Option<OwnedFd>], f: impl FnOnce() -> R) -> R {
     let table = NonNull::from(table);
     CONTEXT.with(|cx| {
         let _outer = Swap::new(&cx.incoming, Some(table));
+        let _fetched = Swap::new(&cx.fetched, false);
         f()
     })
 }
@@ -510,22 +475,14 @@ impl<T: AsRef<[u8]>> Serialize for Bytes<T> {
 }
 
 /// Writes [`SharedBytes`]: through the store's pipe when it takes them (tag 2: the
-/// reference to the piped part, then the rest inline), as a reference to them for the peer
-/// to read (tag 4), otherwise as any byte string.
+/// reference to the piped part, then the rest inline), otherwise as any byte string.
 pub(crate) fn serialize_shared<S: Serializer>(
     bytes: &SharedBytes,
     s: S,
 ) -> Result<S::Ok, S::Error> {
     use serde::ser::SerializeTuple;
-    let (mut piped, fd) = match place_shared(bytes) {
-        None => return Bytes(bytes.as_ref()).serialize(s),
-        Some(SharedPlacement::Piped(piped, fd)) => (piped, fd),
-        Some(SharedPlacement::Pulled(pulled)) => {
-            let mut t = s.serialize_tuple(2)?;
-            t.serialize_element(&4u8)?;
-            t.serialize_element(&pulled)?;
-            return t.end();
-        }
+    let Some((mut piped, fd)) = place_shared(bytes) else {
+        return Bytes(bytes.as_ref()).serialize(s);
     };
     if let Some(fd) = fd {
         // SAFETY: the store keeps this fd open until the message is sent.
@@ -593,6 +550,7 @@ impl<'de> Deserialize<'de> for Bytes<Vec<u8>> {
                 match seq.next_element::<u8>()?.ok_or_else(missing)? {
                     0 => Ok(seq.next_element::<InlineBuf>()?.ok_or_else(missing)?.0),
                     1 => {
+                        fetch_once()?;
                         let placed: Placed = seq.next_element()?.ok_or_else(missing)?;
                         let fd = match placed.fd {
                             NO_FD => None,
@@ -607,21 +565,12 @@ impl<'de> Deserialize<'de> for Bytes<Vec<u8>> {
                             .map_err(A::Error::custom)
                     }
                     2 => take_piped(&mut seq),
-                    3 => take_by(
-                        &mut seq,
-                        |store, written: &Written| store.take_written(written),
-                        "a byte string written into this process, but it accepts no writes",
-                    ),
-                    4 => take_by(
-                        &mut seq,
-                        |store, pulled: &Pulled| store.take_pulled(pulled),
-                        "a byte string to read from the peer's memory, but no lane to read it",
-                    ),
+                    3 => take_written(&mut seq),
                     tag => Err(A::Error::custom(format!("unknown byte string tag {tag}"))),
                 }
             }
         }
-        // Up to three elements: the tag, then the bytes (tag 0), a reference (tags 1, 3, 4),
+        // Up to three elements: the tag, then the bytes (tag 0), a reference (tags 1 and 3),
         // or a reference and the rest of the bytes (tag 2).
         d.deserialize_tuple(3, Visitor).map(Bytes)
     }
@@ -634,6 +583,7 @@ impl<'de> Deserialize<'de> for Bytes<Vec<u8>> {
 #[inline(never)]
 fn take_piped<'de, A: serde::de::SeqAccess<'de>>(seq: &mut A) -> Result<Vec<u8>, A::Error> {
     use serde::de::Error as _;
+    fetch_once()?;
     let missing = || A::Error::custom("a byte string ended early");
     let piped: Piped = seq.next_element()?.ok_or_else(missing)?;
     let fd = match piped.fd {
@@ -646,22 +596,30 @@ fn take_piped<'de, A: serde::de::SeqAccess<'de>>(seq: &mut A) -> Result<Vec<u8>,
         .map_err(A::Error::custom)
 }
 
-/// A byte string the store fetches by a reference `R` alone (tag 3: written into this
-/// process; tag 4: to read out of the peer): out of line, as [`take_piped`]. `no_store` says
-/// what is missing when this thread decodes without a store.
+/// Refuses a second out-of-line byte string in the message being decoded (see
+/// [`Context::fetched`]).
+fn fetch_once<E: serde::de::Error>() -> Result<(), E> {
+    match CONTEXT.with(|cx| cx.fetched.replace(true)) {
+        false => Ok(()),
+        true => Err(E::custom(
+            "a second out-of-line byte string in one message (a sender places at most one)",
+        )),
+    }
+}
+
+/// A byte string the peer wrote into this process (tag 3): out of line, as [`take_piped`].
 #[cold]
 #[inline(never)]
-fn take_by<'de, A: serde::de::SeqAccess<'de>, R: Deserialize<'de>>(
-    seq: &mut A,
-    fetch: impl FnOnce(&dyn OutOfLine, &R) -> std::result::Result<Vec<u8>, String>,
-    no_store: &str,
-) -> Result<Vec<u8>, A::Error> {
+fn take_written<'de, A: serde::de::SeqAccess<'de>>(seq: &mut A) -> Result<Vec<u8>, A::Error> {
     use serde::de::Error as _;
-    let reference: R = seq
+    fetch_once()?;
+    let written: Written = seq
         .next_element()?
         .ok_or_else(|| A::Error::custom("a byte string ended early"))?;
-    with_current_store(|store| fetch(store, &reference))
-        .ok_or_else(|| A::Error::custom(no_store))?
+    with_current_store(|store| store.take_written(&written))
+        .ok_or_else(|| {
+            A::Error::custom("a byte string written into this process, but it accepts no writes")
+        })?
         .map_err(A::Error::custom)
 }
 
@@ -742,7 +700,7 @@ mod tests {
         let (a, b) = (vec![1u8; BIG], vec![2u8; BIG]);
         let (mut buf, mut fds) = (Vec::new(), Vec::new());
         let (placed, encoded) =
-            encode_placing(&(Bytes(&a), Bytes(&b)), &mut buf, &mut fds, &store, Pin::No);
+            encode_placing(&(Bytes(&a), Bytes(&b)), &mut buf, &mut fds, &store, false);
         encoded.unwrap();
         assert_eq!(placed, 1);
         assert_eq!(
@@ -753,6 +711,29 @@ mod tests {
         let (Bytes(x), Bytes(y)): (Bytes<Vec<u8>>, Bytes<Vec<u8>>) =
             with_store(&store, || decode(&buf, Vec::new())).unwrap();
         assert_eq!((x, y), (a, b));
+    }
+
+    #[test]
+    fn a_second_out_of_line_string_in_one_message_is_refused() {
+        let store = Greedy::default();
+        let big = vec![3u8; BIG];
+        let (mut one, mut fds) = (Vec::new(), Vec::new());
+        let (placed, encoded) = encode_placing(&Bytes(&big), &mut one, &mut fds, &store, false);
+        encoded.unwrap();
+        assert_eq!(placed, 1);
+        // A hostile sender repeats the one reference: each copy would fetch the string again.
+        let twice = [one.as_slice(), one.as_slice()].concat();
+        type Two = (Bytes<Vec<u8>>, Bytes<Vec<u8>>);
+        let refused: Result<Two> = with_store(&store, || decode(&twice, Vec::new()));
+        match refused {
+            Err(Error::Malformed(why)) => assert!(why.contains("a second out-of-line"), "{why}"),
+            other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+        }
+        // Each message may still fetch its one string.
+        for _ in 0..2 {
+            let Bytes(v): Bytes<Vec<u8>> = with_store(&store, || decode(&one, Vec::new())).unwrap();
+            assert_eq!(v, big);
+        }
     }
 
     /// Encodes its bytes with the plain `encode` while being serialized, as user code may.
@@ -781,7 +762,7 @@ mod tests {
             &mut outer,
             &mut fds,
             &store,
-            Pin::No,
+            false,
         );
         encoded.unwrap();
         assert_eq!(placed, 0);

@@ -1,9 +1,10 @@
-//! Whether one copy through the kernel (a string written into the peer, or read out of it:
+//! Whether one copy through the kernel (a string written into the peer:
 //! [`crate::peer_memory`]) costs less, right now, than the shared region's two.
 //!
 //! It depends on the machine's state, not on the build. On the VMs typed-ipc is measured on,
-//! `process_vm_readv` of 1 MiB took ~45 µs one hour and 100 µs (0.38 µs a page) the next,
-//! while `memcpy` stayed at 23–30 µs: the kernel pins every page it copies, and that work is
+//! writing 1 MiB into a worker took ~50 µs one hour, and `process_vm_readv` of 1 MiB within
+//! one process 100 µs (0.38 µs a page) the next, while `memcpy` stayed at 23–30 µs: the
+//! kernel pins every page it copies, and that work is
 //! what slows down when the host does (a bare syscall went from ~0.1 to 0.25 µs in the same
 //! hours). Written strings took 1.75x a `memcpy` at 1 MiB in the fast state and 4.4x in the
 //! slow one, against 3.2x and 2.9x through the region. So the choice is measured: a *probe*
@@ -24,7 +25,7 @@ use std::time::{Duration, Instant};
 use crate::connection::trace;
 
 /// How a process chooses between one copy through the kernel and the region's two copies,
-/// for the strings [`crate::peer_memory`] would write into a peer or leave for it to read.
+/// for the strings [`crate::peer_memory`] would write into a peer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OneCopy {
     /// Measure which is cheaper now, and measure again every ten seconds of such traffic (the
@@ -75,10 +76,12 @@ fn policy() -> OneCopy {
                 .ok()
                 .and_then(|v| parse(&v))
                 .unwrap_or(OneCopy::Measured);
-            // Unless `set_one_copy` came first.
-            let _ =
-                POLICY.compare_exchange(0, policy as u8 + 1, Ordering::Relaxed, Ordering::Relaxed);
-            policy
+            let stored = policy as u8 + 1;
+            match POLICY.compare_exchange(0, stored, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => policy,
+                // `set_one_copy` came first, and wins.
+                Err(_) => self::policy(),
+            }
         }
         1 => OneCopy::Measured,
         2 => OneCopy::Always,
@@ -130,7 +133,8 @@ fn verdict(kernel: Duration, memcpy: Duration) -> bool {
 }
 
 /// The fastest of three copies of [`PROBE`] bytes within this process through the kernel
-/// (`process_vm_readv`, as a peer's read or write) and by `memcpy`; `None` if the kernel
+/// (`process_vm_readv`: the same page pinning as a write into a peer) and by `memcpy`; `None`
+/// if the kernel
 /// refuses (then no peer copy would work either).
 fn probe() -> Option<(Duration, Duration)> {
     fn fastest(mut copy: impl FnMut() -> bool) -> Option<Duration> {

@@ -48,37 +48,17 @@
 //!   could do is make the write wait, with a buffer mapped from a file on a user-space
 //!   (FUSE) filesystem it serves (`fusermount3` lets unprivileged users mount one on many
 //!   distributions, unless a sandbox forbids it); a call's timeout does not cover that
-//!   wait, and the async flavour writes on a runtime thread. The connection's reader never
-//!   waits for a write, so other callers are not held up. (`userfaultfd` cannot stall it:
+//!   wait, and the async flavour writes on a runtime thread. A thread that only reads never
+//!   waits for a write; but a caller that found nobody reading holds the reader role while it
+//!   sends (it reads its own reply), so while its write waits, no other caller's reply is
+//!   read either: on a connection called from several threads, the stall holds them all.
+//!   (`userfaultfd` cannot stall it:
 //!   unprivileged processes may only catch their own user-mode faults, by default since
 //!   Linux 5.11.)
 //! - A dropped inbox zeroes its token first and then leaks its buffer's address range (its
 //!   pages go back to the kernel): a write under way when the connection was dropped must
 //!   not land in memory the allocator has handed out since. That is 1 MiB of address space
 //!   and a 40-byte mailbox per connection that accepted writes.
-//!
-//! The other way, a worker's results of 256 KiB to 1 MiB go by the same right, *read*
-//! instead of written:
-//!
-//! 1. The parent shows the worker that it can write its memory, and so read it, as soon as
-//!    it has both the worker's memory and its mailbox: it writes the token into the proof
-//!    word, from the next message it sends (never from the connection's reader).
-//! 2. Once the worker finds its proof word set, a generated server's `Vec<u8>` result of
-//!    those sizes ([`Call::reply_bytes`](crate::service::Call::reply_bytes)) stays where it
-//!    is: the reply carries its address and length (the codec's tag 4), and the worker's
-//!    connection keeps the bytes, unchanged, until the parent's next message acknowledges
-//!    them (as it keeps a piped call's bytes).
-//! 3. The parent reads them into a `Vec` of its own with one `process_vm_readv`, which also
-//!    reads the worker's mailbox token: a pid that is no longer the worker's is an error, not
-//!    another process's bytes.
-//!
-//! The parent's safety does not rest on the worker: it reads only a process it named itself,
-//! only up to its receive limit, into memory of its own, and a worker that names memory it
-//! does not have (or changes its bytes meanwhile) only garbles or fails its own result. The
-//! worker gives away nothing it had not: its parent could read its memory already, and a
-//! process that merely holds the parent's end of the socket cannot write the proof, so it
-//! never learns an address. The wait a FUSE-backed buffer could cause (above) applies here
-//! too, to the thread that decodes the result.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -155,55 +135,6 @@ impl PeerMemory {
         )
     }
 
-    /// Reads `len` bytes at `addr` out of the peer, whose mailbox at `mailbox` must hold
-    /// `token` (checked in the same call, so that a pid handed to another process since is
-    /// an error, not that process's bytes): all of them, or an error.
-    pub(crate) fn read(
-        &self,
-        addr: u64,
-        len: usize,
-        mailbox: u64,
-        token: u64,
-    ) -> io::Result<Vec<u8>> {
-        let mut bytes = Vec::<u8>::with_capacity(len);
-        let mut found = 0u64;
-        let local = [
-            libc::iovec {
-                iov_base: bytes.as_mut_ptr().cast(),
-                iov_len: len,
-            },
-            libc::iovec {
-                iov_base: (&raw mut found).cast(),
-                iov_len: size_of::<u64>(),
-            },
-        ];
-        let remote = [
-            libc::iovec {
-                iov_base: addr as *mut libc::c_void,
-                iov_len: len,
-            },
-            libc::iovec {
-                iov_base: mailbox as *mut libc::c_void,
-                iov_len: size_of::<u64>(),
-            },
-        ];
-        // SAFETY: `local` describes `bytes`' capacity of `len` bytes and `found`, both
-        // writable; the remote ranges are only read, by the kernel, which checks them.
-        let n =
-            unsafe { libc::process_vm_readv(self.pid, local.as_ptr(), 2, remote.as_ptr(), 2, 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if n as usize != len + size_of::<u64>() || found != token {
-            return Err(io::Error::other(format!(
-                "read {n} of {len} bytes and the mailbox's token out of the peer"
-            )));
-        }
-        // SAFETY: the kernel wrote all `len` bytes (checked above).
-        unsafe { bytes.set_len(len) };
-        Ok(bytes)
-    }
-
     /// Copies `bytes` to `addr` in the peer, all of them or an error.
     pub(crate) fn write(&self, addr: u64, bytes: &[u8]) -> io::Result<()> {
         let local = libc::iovec {
@@ -227,15 +158,6 @@ impl PeerMemory {
             ))),
         }
     }
-}
-
-/// Makes the allocator keep strings of up to [`CAPACITY`] bytes in its heap. glibc serves a
-/// 1 MiB request with a fresh mapping, whose pages the peer's write (or this process's read)
-/// would then fault in and zero one by one (~1 µs each here: 17x a `memcpy` at 64 KiB),
-/// until the process frees such a mapping: from then on it keeps requests of that size in
-/// its heap and reuses their pages. So free one now.
-pub(crate) fn warm_allocator() {
-    drop(std::hint::black_box(Vec::<u8>::with_capacity(CAPACITY)));
 }
 
 /// The mailbox, as the sender reads it: four words, the token first; then the proof word,
@@ -270,7 +192,11 @@ impl Inbox {
         if n != token.len() as isize {
             return Err(io::Error::last_os_error());
         }
-        warm_allocator();
+        // glibc serves a 1 MiB request with a fresh mapping, whose pages the peer's write
+        // would then fault in and zero one by one (~1 µs each here: 17x a `memcpy` at
+        // 64 KiB), until the process frees such a mapping: from then on it keeps requests of
+        // that size in its heap and reuses their pages. So free one now.
+        drop(std::hint::black_box(Vec::<u8>::with_capacity(CAPACITY)));
         let mut inbox = Inbox {
             mailbox: Box::leak(Box::new(Mailbox {
                 // Never 0: a zeroed token is a dropped inbox's.
@@ -300,13 +226,6 @@ impl Inbox {
         m.addr.store(self.buffer.as_ptr() as u64, Ordering::Relaxed);
         m.capacity.store(CAPACITY as u64, Ordering::Relaxed);
         m.generation.fetch_add(1, Ordering::Release);
-    }
-
-    /// Whether the peer has shown that it can write this process's memory, and so read it:
-    /// it may read byte strings out of it (the codec's tag 4).
-    pub(crate) fn proven(&self) -> bool {
-        let m = self.mailbox;
-        m.proof.load(Ordering::Acquire) == m.token.load(Ordering::Relaxed)
     }
 
     /// The current buffer's generation.

@@ -8,7 +8,6 @@ use serde::de::DeserializeOwned;
 
 use crate::codec::{self, Bytes};
 use crate::error::{Error, Result};
-use crate::shared_bytes::SharedBytes;
 use crate::socket::PeerCredentials;
 
 /// An interface as `#[interface]` saw it. Both ends compare these to make sure they speak the
@@ -156,14 +155,7 @@ impl Call<'_> {
     /// Sends `bytes` as the reply, as one byte string (what the generated code does for a
     /// `Vec<u8>` result), then keeps their allocation for the next byte string this thread
     /// receives. Ignored for oneway calls, as [`Call::reply`].
-    ///
-    /// Between a worker and its parent, a string of 256 KiB to 1 MiB is left where it is for
-    /// the parent to read out of this process ([`crate::peer_memory`]); the connection keeps
-    /// it until the parent is done with it.
     pub fn reply_bytes(&mut self, bytes: Vec<u8>) -> Result<()> {
-        if crate::connection::pulls(bytes.len()) {
-            return self.reply(&SharedBytes::from(bytes));
-        }
         let sent = self.reply(&Bytes(&bytes));
         crate::spare::keep(bytes);
         sent

@@ -35,9 +35,8 @@ pub const HEADER_LEN: usize = 16;
 /// lane word also names the placement its message carries. 4: a byte string may also be
 /// piped (tag 2: its first bytes in the sender's pipe, the rest inline). 5: a byte string
 /// may also be written into the receiver's inbox (tag 3), which the receiver announces in
-/// a message of its own (envelope kind 5). 6: a byte string may also be left in the
-/// sender's memory for the receiver to read (tag 4).
-pub const VERSION: u8 = 6;
+/// a message of its own (envelope kind 5).
+pub const VERSION: u8 = 5;
 const MAGIC: [u8; 2] = *b"TI";
 /// Most payload bytes a first datagram may carry: the receiver reads first datagrams into a
 /// buffer of this size, so small messages need no allocation.

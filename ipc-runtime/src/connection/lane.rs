@@ -49,15 +49,8 @@
 //!   [`crate::peer_memory`]), one copy. Same sequence numbers, acknowledgement and busy
 //!   lane; the receiver acknowledges only once its inbox names a new buffer
 //!   ([`Lane::settle_inbox`]), so the sender never finds a buffer the receiver has handed
-//!   over.
-//! - Towards a peer that has shown it can write (and so read) this process's memory (its
-//!   proof in this end's inbox), a call's or a reply's [`SharedBytes`] of the same sizes are
-//!   *left for the peer to read* (the codec's tag 4: address and length), one copy. Same
-//!   sequence numbers, acknowledgement and busy lane; the lane keeps a clone of the bytes
-//!   until the acknowledgement, as for the pipe. The peer proves itself from the first
-//!   message it sends once it has this end's memory and mailbox ([`Lane::prove_to_peer`]).
-//! - Both one-copy ways are taken only while one copy costs less than the region's two on
-//!   this machine, as measured now ([`crate::one_copy`]); otherwise the region.
+//!   over. Only while one copy costs less than the region's two on this machine, as
+//!   measured now ([`crate::one_copy`]); otherwise the region.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -66,9 +59,7 @@ use std::sync::{Mutex, PoisonError};
 use serde::Serialize;
 
 use super::envelope::{self, Kind};
-use crate::codec::{
-    self, NO_FD, OutOfLine, Pin, Piped, Placed, Placement, Pulled, SharedPlacement, Written,
-};
+use crate::codec::{self, NO_FD, OutOfLine, Piped, Placed, Placement, Written};
 use crate::error::Result;
 use crate::frame::Frame;
 use crate::one_copy;
@@ -96,12 +87,6 @@ const PIPE_MIN: usize = 128 << 10;
 #[inline]
 pub(crate) fn pipes(len: usize) -> bool {
     (PIPE_MIN..=pipe::CAPACITY).contains(&len)
-}
-
-/// Whether a [`SharedBytes`] of `len` bytes is left for a peer that reads this process's
-/// memory to read: the sizes written into an inbox the other way, for the same reasons.
-pub(crate) fn pulls(len: usize) -> bool {
-    (peer_memory::MIN..=peer_memory::CAPACITY).contains(&len)
 }
 
 const READS_LANES: u32 = 1 << 23;
@@ -142,14 +127,6 @@ pub(crate) struct Lane {
     /// A string was taken out of the inbox and its placement is not acknowledged yet: the
     /// inbox needs a new buffer first ([`Lane::settle_inbox`]).
     inbox_taken: AtomicBool,
-    /// The peer's memory, if this end may read byte strings out of it (where it may write).
-    pull_from: Mutex<Option<PeerMemory>>,
-    /// This end may have the peer's memory and mailbox both, and has not shown the peer yet
-    /// that it can write (and so read) there ([`Lane::prove_to_peer`]).
-    prove_due: AtomicBool,
-    /// The peer has shown that it can read this process's memory (a cache of
-    /// [`Inbox::proven`]): strings may be left for it to read.
-    peer_pulls: AtomicBool,
 }
 
 #[derive(Default)]
@@ -163,9 +140,8 @@ struct Outgoing {
     pipe: Option<OutPipe>,
     /// Whether the peer has the pipe's read end.
     pipe_sent: Announcement,
-    /// The bytes of the placement in the pipe, or left for the peer to read, kept unchanged
-    /// until the peer has read them.
-    pinned: Option<Pinned>,
+    /// The bytes of the placement in the pipe, kept unchanged until the peer has read them.
+    pinned: Option<(u32, SharedBytes)>,
     /// This end's way into the peer's memory.
     writer: Writer,
 }
@@ -184,28 +160,6 @@ struct Writer {
 }
 
 impl Writer {
-    /// Shows the peer whose mailbox is `mailbox` that this end can write its memory, if it
-    /// has its memory and has not yet; a failure ends writing, as in [`Writer::write`].
-    fn prove(&mut self, mailbox: &Mutex<Option<(u64, u64)>>) {
-        let Some(memory) = self
-            .memory
-            .as_ref()
-            .filter(|_| !self.failed && !self.proven)
-        else {
-            return;
-        };
-        let Some((mailbox, token)) = *mailbox.lock().unwrap_or_else(PoisonError::into_inner) else {
-            return;
-        };
-        match memory
-            .read_mailbox(mailbox, token)
-            .and_then(|_| memory.prove(mailbox, token))
-        {
-            Ok(()) => self.proven = true,
-            Err(_) => self.failed = true,
-        }
-    }
-
     /// Writes `bytes` into the inbox buffer of the peer whose mailbox is `mailbox`; the
     /// buffer's generation if it did. Any failure ends writing for the connection: the peer
     /// cannot be written (it is gone, or not this process's to write), or announced a
@@ -234,15 +188,6 @@ impl Writer {
             None
         })
     }
-}
-
-/// Bytes a placement pinned: the peer reads them from this process's pages.
-struct Pinned {
-    seq: u32,
-    /// Held, not read: the peer reads these pages.
-    _bytes: SharedBytes,
-    /// Through the pipe (otherwise the peer reads them out of this process's memory).
-    piped: bool,
 }
 
 /// Whether the peer has been sent an fd of this end's (the region's, the pipe's), and by
@@ -295,13 +240,16 @@ impl Outgoing {
     /// the pipe of what the peer left of them (it will never read them), so the next string
     /// starts at the front of the pipe.
     fn unpin(&mut self, seq: u32, drain: bool) {
-        let Some(pinned) = self.pinned.as_ref().filter(|pinned| pinned.seq == seq) else {
-            return;
-        };
-        if let (true, true, Some(pipe)) = (drain, pinned.piped, &self.pipe) {
-            pipe.drain();
+        if self
+            .pinned
+            .as_ref()
+            .is_some_and(|(pinned, _)| *pinned == seq)
+        {
+            if let (true, Some(pipe)) = (drain, &self.pipe) {
+                pipe.drain();
+            }
+            self.pinned = None;
         }
-        self.pinned = None;
     }
 }
 
@@ -321,9 +269,6 @@ impl Lane {
             max_len: max_len.min(MAX),
             inbox: Mutex::new(None),
             inbox_taken: AtomicBool::new(false),
-            pull_from: Mutex::new(None),
-            prove_due: AtomicBool::new(false),
-            peer_pulls: AtomicBool::new(false),
         }
     }
 
@@ -331,14 +276,8 @@ impl Lane {
     /// [`peer_memory::CAPACITY`] bytes straight into `memory`, the peer's, once the peer
     /// announces an inbox ([`Lane::on_announce`]).
     pub(crate) fn write_into_peer(&self, memory: PeerMemory) {
-        peer_memory::warm_allocator(); // for the strings read out of the peer
-        *self
-            .pull_from
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(memory);
         let mut out = self.out.lock().unwrap_or_else(PoisonError::into_inner);
         out.writer.memory = Some(memory);
-        self.prove_due.store(true, Ordering::Release);
     }
 
     /// Makes this end's inbox (once) and returns the announcement for the peer: the
@@ -357,21 +296,6 @@ impl Lane {
             .peer_mailbox
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some((mailbox, token));
-        // Not proven here: the reader must never wait for the peer's memory.
-        self.prove_due.store(true, Ordering::Release);
-    }
-
-    /// Shows the peer that this end can write its memory, if it may and has not yet, so that
-    /// the peer leaves strings it sends here for this end to read. Done by a sending thread,
-    /// the first time one finds it due, without waiting for a write under way (then the next
-    /// message does it).
-    #[cold]
-    fn prove_to_peer(&self) {
-        let Ok(mut out) = self.out.try_lock() else {
-            return;
-        };
-        self.prove_due.store(false, Ordering::Release);
-        out.writer.prove(&self.peer_mailbox);
     }
 
     /// Whether calls may pipe their large byte strings: the peer then reads this process's
@@ -389,20 +313,6 @@ impl Lane {
     fn idle_out(&self) -> Option<std::sync::MutexGuard<'_, Outgoing>> {
         let out = self.out.try_lock().ok()?;
         (self.busy.load(Ordering::Acquire) == 0).then_some(out)
-    }
-
-    /// Whether the peer has shown it can read this process's memory (its proof in this end's
-    /// inbox), so that strings may be left for it to read.
-    fn peer_pulls(&self) -> bool {
-        if self.peer_pulls.load(Ordering::Relaxed) {
-            return true;
-        }
-        let inbox = self.inbox.lock().unwrap_or_else(PoisonError::into_inner);
-        let proven = inbox.as_ref().is_some_and(Inbox::proven);
-        if proven {
-            self.peer_pulls.store(true, Ordering::Relaxed);
-        }
-        proven
     }
 
     /// The generation of this end's inbox buffer, if it accepts writes.
@@ -552,20 +462,11 @@ impl Lane {
         fds: &mut Vec<BorrowedFd<'a>>,
         kind: Kind,
     ) -> Result<u32> {
-        if self.prove_due.load(Ordering::Relaxed) {
-            self.prove_to_peer();
-        }
-        // Only a call's request pipes: its reply acknowledges the bytes, so the lane keeps
-        // the pipe's pages for the length of a call, not until some later message (a
-        // oneway's or a reply's bytes could be pinned long after the sender is done with
-        // them). A reply's may be left for the peer to read: they are the generated
-        // server's own, and the lane keeps only one such string at a time.
-        let pin = match kind {
-            Kind::Call => Pin::PullOrPipe,
-            Kind::Reply => Pin::Pull,
-            _ => Pin::No,
-        };
-        let (placed, encoded) = codec::encode_placing(body, buf, fds, self, pin);
+        // Only a call's request pipes: its reply acknowledges the bytes, so the lane holds
+        // them for the length of a call, not until some later message (a oneway's or a
+        // reply's bytes could be pinned long after the sender is done with them).
+        let pipe = kind == Kind::Call;
+        let (placed, encoded) = codec::encode_placing(body, buf, fds, self, pipe);
         // Read after encoding: acknowledges what was copied out up to this moment.
         envelope::set_lane(buf, self.word(placed));
         match encoded {
@@ -603,33 +504,20 @@ impl Drop for Outgoing {
         // Bytes still pinned were never acknowledged (a call given up, then the connection
         // dropped): once their owner lets go they may change, so the peer must not read
         // them. A late read finds the pipe short and refuses the message.
-        if let Some(seq) = self.pinned.as_ref().map(|pinned| pinned.seq) {
+        if let Some((seq, _)) = self.pinned {
             self.unpin(seq, true);
         }
     }
 }
 
 impl OutOfLine for Lane {
-    fn put_shared(&self, bytes: &SharedBytes, pin: Pin) -> Option<SharedPlacement> {
+    fn put_shared(&self, bytes: &SharedBytes) -> Option<(Piped, Option<RawFd>)> {
         let len = bytes.len();
-        if !self.peer_reads.load(Ordering::Relaxed) || self.busy.load(Ordering::Acquire) != 0 {
-            return None;
-        }
-        if pulls(len) && self.peer_pulls() && one_copy::pays() {
-            let mut out = self.idle_out()?;
-            let seq = out.start(&self.busy, &self.peer_done);
-            out.pinned = Some(Pinned {
-                seq,
-                _bytes: bytes.clone(),
-                piped: false,
-            });
-            return Some(SharedPlacement::Pulled(Pulled {
-                seq,
-                addr: bytes.as_ptr() as u64,
-                len: len as u64,
-            }));
-        }
-        if pin != Pin::PullOrPipe || !pipes(len) || !self.lends.load(Ordering::Relaxed) {
+        if !pipes(len)
+            || !self.lends.load(Ordering::Relaxed)
+            || !self.peer_reads.load(Ordering::Relaxed)
+            || self.busy.load(Ordering::Acquire) != 0
+        {
             return None;
         }
         let mut out = self.idle_out()?;
@@ -649,45 +537,13 @@ impl OutOfLine for Lane {
         let read_end = pipe.read_end().as_raw_fd();
         let seq = out.start(&self.busy, &self.peer_done);
         let fd = out.pipe_sent.carry(seq, read_end);
-        out.pinned = Some(Pinned {
-            seq,
-            _bytes: bytes.clone(),
-            piped: true,
-        });
+        out.pinned = Some((seq, bytes.clone()));
         let piped = Piped {
             seq,
             fd: NO_FD,
             len: spliced as u64,
         };
-        Some(SharedPlacement::Piped(piped, fd))
-    }
-
-    fn take_pulled(&self, pulled: &Pulled) -> Result<Vec<u8>, String> {
-        let seq = pulled.seq & SEQ_MASK;
-        let len = match usize::try_from(pulled.len) {
-            Ok(len) if seq != 0 && len <= self.max_len => len,
-            _ => {
-                return Err(format!(
-                    "a byte string of {} bytes to read from the peer by placement {} (at most {} accepted)",
-                    pulled.len, pulled.seq, self.max_len
-                ));
-            }
-        };
-        let memory = (*self
-            .pull_from
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner))
-        .ok_or("a byte string to read from the peer's memory, but this end may not read it")?;
-        let (mailbox, token) = (*self
-            .peer_mailbox
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner))
-        .ok_or("a byte string to read from the peer's memory, but the peer announced no mailbox")?;
-        let bytes = memory
-            .read(pulled.addr, len, mailbox, token)
-            .map_err(|e| format!("reading a byte string out of the peer: {e}"))?;
-        self.done_with(seq, 0);
-        Ok(bytes)
+        Some((piped, fd))
     }
 
     fn take_piped(

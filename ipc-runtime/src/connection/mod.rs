@@ -88,7 +88,7 @@ use buffers::{RETAIN_MAX, keep_thread_frame, take_thread_frame, with_buffers};
 use envelope::{Envelope, Kind};
 use failure::Failure;
 use lane::Lane;
-pub(crate) use lane::{pipes, pulls};
+pub(crate) use lane::pipes;
 pub(crate) use serving::Replier;
 use serving::keep_buffer;
 

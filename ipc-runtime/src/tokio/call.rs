@@ -10,7 +10,6 @@ use super::envelope::{self, Envelope, Kind};
 use crate::codec::{self, Bytes};
 use crate::error::{Error, Result};
 use crate::frame::Frame;
-use crate::shared_bytes::SharedBytes;
 use crate::socket::PeerCredentials;
 
 /// One request being handled by an [`AsyncService`](super::AsyncService): the async
@@ -91,14 +90,7 @@ impl AsyncCall {
     /// Sends `bytes` as the reply, as one byte string (what the generated code does for a
     /// `Vec<u8>` result), then keeps their allocation for the next byte string this thread
     /// receives. Ignored as [`AsyncCall::reply`] is.
-    ///
-    /// Between a worker and its parent, a string of 256 KiB to 1 MiB is left where it is for
-    /// the parent to read out of this process ([`crate::peer_memory`]); the connection keeps
-    /// it until the parent is done with it.
     pub async fn reply_bytes(&mut self, bytes: Vec<u8>) -> Result<()> {
-        if crate::connection::pulls(bytes.len()) {
-            return self.reply(SharedBytes::from(bytes)).await;
-        }
         let sent = self.reply(Bytes(&bytes)).await;
         crate::spare::keep(bytes);
         sent

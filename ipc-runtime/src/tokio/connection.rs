@@ -847,7 +847,12 @@ async fn run_oneways(
 async fn handle_request(inner: Arc<Inner>, frame: Frame, envelope: Envelope) {
     let oneway = envelope.kind == Kind::Oneway;
     let failure = match inner.check(&envelope) {
-        Err(failure) => Some(failure),
+        Err(failure) => {
+            // Refused unread: a placement it carried is released now (a oneway's sender
+            // hears nothing else, and its lane would stay busy).
+            inner.lane().finished(&frame.payload);
+            Some(failure)
+        }
         Ok(service) => {
             let mut call = AsyncCall::new(envelope, frame, inner.peer, inner.clone());
             let peer = inner.peer;

@@ -130,44 +130,86 @@ fn an_async_call_dropped_before_its_placed_reply_gives_the_lane_back() {
 
 /// The async flavour's side of `a_placed_request_its_handler_never_decoded_gives_the_lane_back`:
 /// an `AsyncCall` dropped without its arguments decoded gives their placement back.
-#[test]
-fn an_async_request_never_decoded_gives_the_lane_back() {
-    use crate::Connection;
-    use crate::codec::Bytes;
-    use crate::connection::tests::{SKIM, skim_twice};
-    use crate::service::InterfaceInfo;
+/// Answers `SKIM`'s `skip` (1) with 0 without decoding its argument, and `len` with its
+/// argument's length.
+struct Skimmer;
 
-    struct Skimmer;
-
-    impl super::AsyncService for Skimmer {
-        fn info(&self) -> &'static InterfaceInfo {
-            &SKIM
-        }
-        fn handle<'a>(
-            &'a self,
-            call: &'a mut super::AsyncCall,
-        ) -> super::BoxFuture<'a, crate::Result<()>> {
-            Box::pin(async move {
-                match call.command() {
-                    1 => call.reply(0u32).await,
-                    _ => {
-                        let Bytes(data): Bytes<Vec<u8>> = call.args()?;
-                        call.reply(data.len() as u64).await
-                    }
-                }
-            })
-        }
+impl super::AsyncService for Skimmer {
+    fn info(&self) -> &'static crate::service::InterfaceInfo {
+        &crate::connection::tests::SKIM
     }
+    fn handle<'a>(
+        &'a self,
+        call: &'a mut super::AsyncCall,
+    ) -> super::BoxFuture<'a, crate::Result<()>> {
+        Box::pin(async move {
+            match call.command() {
+                1 => call.reply(0u32).await,
+                _ => {
+                    let crate::codec::Bytes(data): crate::codec::Bytes<Vec<u8>> = call.args()?;
+                    call.reply(data.len() as u64).await
+                }
+            }
+        })
+    }
+}
 
+/// A blocking client, and an async server on a current-thread runtime, over one socket pair.
+fn client_and_async_server() -> (
+    crate::Connection,
+    ::tokio::runtime::Runtime,
+    super::AsyncConnection,
+) {
     let (ours, theirs) = Socket::pair().unwrap();
-    let client = Connection::new(ours);
     let runtime = ::tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     let server = runtime.block_on(async { super::AsyncConnection::new(theirs).unwrap() });
+    (crate::Connection::new(ours), runtime, server)
+}
+
+#[test]
+fn an_async_request_never_decoded_gives_the_lane_back() {
+    use crate::connection::tests::skim_twice;
+
+    let (client, runtime, server) = client_and_async_server();
     // The client hangs up when its thread is done, which ends `serve`.
     let calling = std::thread::spawn(move || skim_twice(&client));
+    runtime.block_on(server.serve(Skimmer)).unwrap();
+    calling.join().unwrap();
+}
+
+/// A oneway message for an interface the async end does not serve is refused before any
+/// handler sees it; a byte string it placed must still be released, or the sender, who hears
+/// nothing back about a oneway, keeps its lane busy for good.
+#[test]
+fn an_async_refused_oneway_gives_the_lane_back() {
+    use crate::codec::Bytes;
+    use crate::connection::tests::SKIM;
+    use crate::service::InterfaceInfo;
+
+    static ELSEWHERE: InterfaceInfo = InterfaceInfo {
+        name: "Elsewhere",
+        id: 99,
+        signature: 1,
+        methods: &[],
+    };
+
+    let (client, runtime, server) = client_and_async_server();
+    let calling = std::thread::spawn(move || {
+        let data = vec![7u8; 8 << 10];
+        let len = |bytes: &[u8]| client.call::<_, u64>(&SKIM, 2, &Bytes(bytes), None);
+        assert_eq!(len(&data[..100]).unwrap(), 100); // both ends now know the other reads lanes
+        client.oneway(&ELSEWHERE, 1, &Bytes(&data)).unwrap();
+        assert!(client.lane_is_busy(), "the oneway's string was placed");
+        // The reply to this call carries the server's acknowledgement of the refused oneway.
+        assert_eq!(len(&data[..100]).unwrap(), 100);
+        assert!(
+            !client.lane_is_busy(),
+            "the refused oneway's placement is still held"
+        );
+    });
     runtime.block_on(server.serve(Skimmer)).unwrap();
     calling.join().unwrap();
 }
