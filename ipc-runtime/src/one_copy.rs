@@ -1,13 +1,13 @@
 //! Whether one copy through the kernel (a string written into the peer:
 //! [`crate::peer_memory`]) costs less, right now, than the shared region's two.
 //!
-//! It depends on the machine's state, not on the build. On the VMs typed-ipc is measured on,
-//! writing 1 MiB into a worker took ~50 µs one hour, and `process_vm_readv` of 1 MiB within
-//! one process 100 µs (0.38 µs a page) the next, while `memcpy` stayed at 23–30 µs: the
-//! kernel pins every page it copies, and that work is
-//! what slows down when the host does (a bare syscall went from ~0.1 to 0.25 µs in the same
-//! hours). Written strings took 1.75x a `memcpy` at 1 MiB in the fast state and 4.4x in the
-//! slow one, against 3.2x and 2.9x through the region. So the choice is measured: a *probe*
+//! It depends on the hardware, not on the build. The VMs typed-ipc is measured on run on an
+//! Intel Xeon host one session and an AMD EPYC host the next: writing 1 MiB into a worker
+//! took ~50 µs on the first, while `process_vm_readv` of 1 MiB within one process took 100 µs
+//! (0.38 µs a page) on the second, with `memcpy` at 23–30 µs on both. The kernel pins every
+//! page it copies, and that is the work that differs (a bare syscall, too: ~0.1 against
+//! 0.18–0.25 µs). Written strings took 1.75x a `memcpy` at 1 MiB on the Xeon and 4.4x on the
+//! EPYC, against 3.2x and 2.9x through the region. So the choice is measured: a *probe*
 //! copies 256 KiB within this process both ways, with `process_vm_readv` and with `memcpy`
 //! (the fastest of three each), and one copy is used while the kernel's takes at most
 //! [`THRESHOLD`] times the `memcpy`. The probe runs when a string first could take one copy,
@@ -45,8 +45,9 @@ pub fn set_one_copy(policy: OneCopy) {
 
 /// One copy wins while the kernel's copy of the probe takes at most this many times the
 /// `memcpy`'s. The region's two copies cost 2.4–2.9x a `memcpy` at 1 MiB on these machines,
-/// so above ~2.4 one copy loses; the probe measured 1.5x in the fast state (256 KiB written
-/// in 9.9 µs against a 6.5 µs `memcpy`) and 3.4x in the slow one.
+/// so above ~2.4 one copy loses. The probe measured 3.3–5.8x on the EPYC host; on the Xeon
+/// host the same ratio comes to ~1.5x (256 KiB written in 9.9 µs of kernel time against a
+/// 6.5 µs `memcpy`, from earlier measurements; no probe has run there yet).
 pub(crate) const THRESHOLD: f64 = 2.0;
 /// How old a probe may be before a string that could take one copy runs a new one.
 pub(crate) const REPROBE: Duration = Duration::from_secs(10);
@@ -181,9 +182,9 @@ mod tests {
     #[test]
     fn the_verdict_is_one_copy_up_to_the_threshold() {
         let us = Duration::from_micros;
-        assert!(verdict(us(10), us(7)), "the fast state: 1.4x");
+        assert!(verdict(us(10), us(7)), "the Xeon host: 1.4x");
         assert!(verdict(us(14), us(7)), "2.0x");
-        assert!(!verdict(us(24), us(7)), "the slow state: 3.4x");
+        assert!(!verdict(us(24), us(7)), "the EPYC host: 3.4x");
     }
 
     #[test]

@@ -52,13 +52,13 @@ pub fn child(name: &str) -> Command {
     ]);
     c.stdout(std::process::Stdio::null()); // the child's test summary is noise here
     // Children take one copy whenever they may, as `one_copy_always` makes the tests do:
-    // which path a measured choice takes depends on the machine's state at the time.
+    // which path a measured choice takes depends on the machine the tests run on.
     c.env("TYPED_IPC_ONE_COPY", "always");
     c
 }
 
 /// Makes this process take one copy (written into a worker, read out of it) whenever it may,
-/// for tests that check that it does: a measured choice depends on the machine's state.
+/// for tests that check that it does: a measured choice depends on the machine.
 pub fn one_copy_always() {
     typed_ipc::peer_memory::set_one_copy(typed_ipc::peer_memory::OneCopy::Always);
 }

@@ -131,7 +131,7 @@ pub(crate) fn serve_gated(
 /// buffer.
 #[test]
 fn a_written_request_refused_unread_leaves_the_inbox_buffer_to_the_next() {
-    // Written whatever the machine's state (a measured choice could take the region).
+    // Written on any machine (a measured choice could take the region).
     crate::peer_memory::set_one_copy(crate::peer_memory::OneCopy::Always);
     let (a, b) = Connection::pair().unwrap();
     b.accept_writes_from_peer().unwrap();
