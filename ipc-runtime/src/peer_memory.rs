@@ -48,10 +48,9 @@
 //!   could do is make the write wait, with a buffer mapped from a file on a user-space
 //!   (FUSE) filesystem it serves (`fusermount3` lets unprivileged users mount one on many
 //!   distributions, unless a sandbox forbids it); a call's timeout does not cover that
-//!   wait, and the async flavour writes on a runtime thread. A thread that only reads never
-//!   waits for a write; but a caller that found nobody reading holds the reader role while it
-//!   sends (it reads its own reply), so while its write waits, no other caller's reply is
-//!   read either: on a connection called from several threads, the stall holds them all.
+//!   wait, and the async flavour writes on a runtime thread. Only the writing thread waits:
+//!   a thread that only reads never waits for a write, and a caller encodes its message (and
+//!   so writes) before it takes the reader role, so no other caller's reply waits for it.
 //!   (`userfaultfd` cannot stall it:
 //!   unprivileged processes may only catch their own user-mode faults, by default since
 //!   Linux 5.11.)

@@ -117,6 +117,11 @@ pub fn set_lane(buf: &mut [u8], word: u32) {
     buf[1..4].copy_from_slice(&word.to_le_bytes()[..3]);
 }
 
+/// Writes `cookie` into the envelope at the start of `buf`.
+pub fn set_cookie(buf: &mut [u8], cookie: u64) {
+    buf[8..16].copy_from_slice(&cookie.to_le_bytes());
+}
+
 /// The lane word of the envelope at the start of `payload` (0 if there is none).
 pub fn lane(payload: &[u8]) -> u32 {
     match payload.get(1..4) {

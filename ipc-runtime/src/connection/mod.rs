@@ -7,9 +7,9 @@
 //! takes the *reader* role, receives the next message and routes it: a reply goes to the
 //! caller whose cookie it carries, a request to a serving thread. So a lone caller sends its
 //! call and receives its own reply: one `sendmsg`, one `recvmsg`, no hand-off to another
-//! thread. A caller that finds nobody reading takes the role before it sends, so its reply
-//! needs no routing; if its message cannot go out at once it gives the role back first,
-//! since nobody else reads while the role is held. A serving thread that receives a request
+//! thread. A caller that finds nobody reading takes the role once its message is encoded
+//! and before it sends, so its reply needs no routing; if its message cannot go out at once
+//! it gives the role back first, since nobody else reads while the role is held. A serving thread that receives a request
 //! with nothing queued before it runs it at once. When the reader's own wait is over it
 //! passes the role to the next waiter.
 //!
@@ -327,60 +327,67 @@ impl Connection {
     ) -> Result<R> {
         let shared = &*self.shared;
         let deadline = timeout.map(|t| Instant::now() + t);
-        // A caller that finds nobody reading becomes the reader before it sends: then its
-        // reply can reach nobody else, so it needs no slot in `pending` and no lock between
-        // its send and its receive, and it receives into a buffer of its thread's (the lone
-        // caller's path: one lock to start, one to end).
-        let (cookie, mut reader) = {
-            let mut state = lock(&shared.state);
-            if let Some(closed) = &state.closed {
-                return Err(closed.duplicate());
-            }
-            state.next_cookie += 1;
-            let cookie = state.next_cookie;
-            if state.reading {
-                // Registered before sending: the reply may come back before `send` returns.
-                state.pending.insert(cookie, None);
-                (cookie, None)
-            } else {
-                state.reading = true;
-                (cookie, Some(take_thread_frame()))
-            }
-        };
         let envelope = Envelope {
             kind: Kind::Call,
             cmd,
-            cookie,
+            cookie: 0, // set once the message is encoded (below)
             interface: iface.id,
             signature: iface.signature,
         };
-        shared.trace_out(&envelope, iface);
-        let sent = match reader.take() {
-            // The reader must not wait to send: others may need it to read.
-            Some(frame) => match shared.try_send(&envelope, args) {
-                Ok(Some(placed)) => {
-                    reader = Some(frame);
-                    Ok(placed)
+        let (mut cookie, mut reader) = (0, None);
+        // Encoded before this thread takes the reader role: encoding may write a byte string
+        // into the peer's memory (`peer_memory`), which a hostile peer can make slow, and
+        // nobody else's reply may wait for that.
+        let placed = shared.encode_and(&envelope, args, |buf, fds| {
+            // A caller that finds nobody reading becomes the reader before it sends: then its
+            // reply can reach nobody else, so it needs no slot in `pending` and no lock
+            // between its send and its receive, and it receives into a buffer of its thread's
+            // (the lone caller's path: one lock to start, one to end).
+            let reads = {
+                let mut state = lock(&shared.state);
+                if let Some(closed) = &state.closed {
+                    return Err(closed.duplicate());
                 }
-                // It would have had to wait: give the role back, then send as any caller.
-                Ok(None) => {
-                    shared.stop_reading(frame, Some(cookie));
-                    shared.send(&envelope, args, deadline)
+                state.next_cookie += 1;
+                cookie = state.next_cookie;
+                let reads = !state.reading;
+                if reads {
+                    state.reading = true;
+                } else {
+                    // Registered before sending: the reply may come back before the send
+                    // returns.
+                    state.pending.insert(cookie, None);
                 }
-                Err(e) => {
-                    shared.stop_reading(frame, None);
-                    return Err(e);
+                reads
+            };
+            envelope::set_cookie(buf, cookie);
+            shared.trace_out(&Envelope { cookie, ..envelope }, iface);
+            if reads {
+                let frame = take_thread_frame();
+                // The reader must not wait to send: others may need it to read.
+                match shared.socket.try_send(buf, fds) {
+                    Ok(true) => {
+                        reader = Some(frame);
+                        return Ok(true);
+                    }
+                    // It would have had to wait: give the role back, then send as any caller
+                    // (the message as it is encoded).
+                    Ok(false) => shared.stop_reading(frame, Some(cookie)),
+                    Err(e) => {
+                        shared.stop_reading(frame, None);
+                        return Err(e);
+                    }
                 }
-            },
-            None => shared.send(&envelope, args, deadline),
-        };
-        let placed = match sent {
-            Ok(placed) => placed,
-            Err(e) => {
-                lock(&shared.state).pending.remove(&cookie);
-                return Err(e);
             }
-        };
+            shared
+                .socket
+                .send_deadline(buf, fds, deadline)
+                .map(|()| true)
+                .inspect_err(|_| {
+                    lock(&shared.state).pending.remove(&cookie);
+                })
+        });
+        let placed = placed?.expect("the call's send sends the whole message or fails");
         let (mut frame, ours) = match reader {
             Some(frame) => shared.read_own(cookie, deadline, frame)?,
             None => (shared.wait_reply(cookie, deadline)?, false),
@@ -462,23 +469,13 @@ impl Shared {
         .map(|placed| placed.expect("a waiting send sends the whole message or fails"))
     }
 
-    /// [`Shared::send`] that never waits: `None`, with nothing sent, if the message would
-    /// have had to (see [`Socket::try_send`]).
-    fn try_send<A: Serialize + ?Sized>(
-        &self,
-        envelope: &Envelope,
-        body: &A,
-    ) -> Result<Option<u32>> {
-        self.encode_and(envelope, body, |buf, fds| self.socket.try_send(buf, fds))
-    }
-
     /// Encodes envelope + body in this thread's buffer and hands them to `send`, which says
     /// whether it sent them. A placement the message carried goes back to the lane if not.
     fn encode_and<A: Serialize + ?Sized>(
         &self,
         envelope: &Envelope,
         body: &A,
-        send: impl FnOnce(&[u8], &[BorrowedFd<'_>]) -> Result<bool>,
+        send: impl FnOnce(&mut [u8], &[BorrowedFd<'_>]) -> Result<bool>,
     ) -> Result<Option<u32>> {
         with_buffers(|buf, fds| {
             buf.resize(envelope::LEN, 0);

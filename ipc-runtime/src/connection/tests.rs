@@ -129,6 +129,40 @@ pub(crate) fn serve_gated(
 /// for a parent writing its worker's): a request refused unread leaves the inbox buffer to
 /// the next string, and a string taken is acknowledged only once the inbox has a new
 /// buffer.
+/// An argument whose encoding waits for a call another thread makes on the same connection,
+/// as a slow write into the peer's memory makes its caller wait while it encodes.
+struct WaitsForAnotherCall<'a>(&'a Connection);
+
+impl serde::Serialize for WaitsForAnotherCall<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        let other = self.0.clone();
+        let len = std::thread::spawn(move || {
+            let data = [5u8; 10];
+            other.call::<_, u64>(&SKIM, 2, &Bytes(&data[..]), Some(Duration::from_secs(10)))
+        })
+        .join()
+        .unwrap();
+        assert_eq!(len.unwrap(), 10, "the other caller's reply was read");
+        Bytes(&[1u8, 2, 3][..]).serialize(s)
+    }
+}
+
+/// A lone caller encodes its message before it takes the reader role, so a caller whose
+/// encoding takes long (a byte string written into a peer that makes the write wait) holds
+/// up nobody else's reply.
+#[test]
+fn a_caller_still_encoding_does_not_hold_the_reader_role() {
+    let (a, b) = Connection::pair().unwrap();
+    let server = {
+        let b = b.clone();
+        std::thread::spawn(move || b.serve(Skimmer))
+    };
+    let len = a.call::<_, u64>(&SKIM, 2, &WaitsForAnotherCall(&a), None);
+    assert_eq!(len.unwrap(), 3);
+    a.close();
+    server.join().unwrap().unwrap();
+}
+
 #[test]
 fn a_written_request_refused_unread_leaves_the_inbox_buffer_to_the_next() {
     // Written on any machine (a measured choice could take the region).
