@@ -11,8 +11,8 @@
 //! copies 256 KiB within this process both ways, with `process_vm_readv` and with `memcpy`
 //! (the fastest of three each), and one copy is used while the kernel's takes at most
 //! [`THRESHOLD`] times the `memcpy`. The probe runs when a string first could take one copy,
-//! and again when one could and the last probe is [`REPROBE`] old: ~40–100 µs every ten
-//! seconds of such traffic, and no memory kept.
+//! and again when one could and the last probe is [`REPROBE`] old: 0.3–0.5 ms on the EPYC
+//! host (mostly faulting in its two buffers), at most every ten seconds, and no memory kept.
 //!
 //! [`set_one_copy`] or `TYPED_IPC_ONE_COPY=always|never|measured` in the environment overrides
 //! the measurement for the whole process (tests that must see one path use it).
