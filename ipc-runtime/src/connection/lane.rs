@@ -414,7 +414,7 @@ impl Lane {
         }
         match word & UNREAD {
             0 => self.release(seq),
-            _ => self.abort(seq),
+            _ => self.abort_for_reader(seq),
         }
     }
 
@@ -440,6 +440,29 @@ impl Lane {
             return;
         }
         let mut out = self.out.lock().unwrap_or_else(PoisonError::into_inner);
+        self.abort_locked(&mut out, seq);
+    }
+
+    /// [`Lane::abort`] for the connection's reader, which must never wait for a write into
+    /// the peer: once the lane is no longer busy with `seq` (a failure reply released it
+    /// meanwhile), another thread may hold `out` for such a write, and there is nothing left
+    /// to do. While it is busy with `seq`, `out` is only ever held briefly.
+    fn abort_for_reader(&self, seq: u32) {
+        while self.busy.load(Ordering::Acquire) == seq {
+            let mut out = match self.out.try_lock() {
+                Ok(out) => out,
+                Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    std::thread::yield_now();
+                    continue;
+                }
+            };
+            self.abort_locked(&mut out, seq);
+            return;
+        }
+    }
+
+    fn abort_locked(&self, out: &mut Outgoing, seq: u32) {
         out.region_sent.unread(seq);
         out.pipe_sent.unread(seq);
         // Emptied before the lane is idle again (and under `out`, which a new placement

@@ -125,10 +125,12 @@ pub(crate) fn serve_gated(
     (open, serving)
 }
 
-/// Byte strings written into the peer, in one process (writing its own memory stands in
-/// for a parent writing its worker's): a request refused unread leaves the inbox buffer to
-/// the next string, and a string taken is acknowledged only once the inbox has a new
-/// buffer.
+/// A connection, and a thread serving `Skimmer` on its peer until it hangs up.
+fn skimmed() -> (Connection, std::thread::JoinHandle<Result<()>>) {
+    let (a, b) = Connection::pair().unwrap();
+    (a, std::thread::spawn(move || b.serve(Skimmer)))
+}
+
 /// An argument whose encoding waits for a call another thread makes on the same connection,
 /// as a slow write into the peer's memory makes its caller wait while it encodes.
 struct WaitsForAnotherCall<'a>(&'a Connection);
@@ -152,17 +154,43 @@ impl serde::Serialize for WaitsForAnotherCall<'_> {
 /// up nobody else's reply.
 #[test]
 fn a_caller_still_encoding_does_not_hold_the_reader_role() {
-    let (a, b) = Connection::pair().unwrap();
-    let server = {
-        let b = b.clone();
-        std::thread::spawn(move || b.serve(Skimmer))
-    };
+    let (a, server) = skimmed();
     let len = a.call::<_, u64>(&SKIM, 2, &WaitsForAnotherCall(&a), None);
     assert_eq!(len.unwrap(), 3);
     a.close();
     server.join().unwrap().unwrap();
 }
 
+/// An argument whose encoding panics, as user `Serialize` code may.
+struct PanicsWhenEncoded;
+
+impl serde::Serialize for PanicsWhenEncoded {
+    fn serialize<S: serde::Serializer>(&self, _: S) -> std::result::Result<S::Ok, S::Error> {
+        panic!("this argument cannot be encoded");
+    }
+}
+
+/// A call whose argument panics while encoded leaves the connection usable: it never took the
+/// reader role (it takes it only once the message is encoded), so nobody waits for a reader
+/// that is gone. (Found by a review: when the role came first, every later caller hung.)
+#[test]
+fn a_panic_while_encoding_leaves_the_connection_usable() {
+    let (a, server) = skimmed();
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        a.call::<_, u64>(&SKIM, 2, &PanicsWhenEncoded, None)
+    }));
+    assert!(panicked.is_err());
+    let data = [9u8; 7];
+    let len = a.call::<_, u64>(&SKIM, 2, &Bytes(&data[..]), Some(Duration::from_secs(10)));
+    assert_eq!(len.unwrap(), 7, "the next call is answered");
+    a.close();
+    server.join().unwrap().unwrap();
+}
+
+/// Byte strings written into the peer, in one process (writing its own memory stands in
+/// for a parent writing its worker's): a request refused unread leaves the inbox buffer to
+/// the next string, and a string taken is acknowledged only once the inbox has a new
+/// buffer.
 #[test]
 fn a_written_request_refused_unread_leaves_the_inbox_buffer_to_the_next() {
     // Written on any machine (a measured choice could take the region).
@@ -336,11 +364,7 @@ pub(crate) fn skim_twice(client: &Connection) {
 
 #[test]
 fn a_placed_request_its_handler_never_decoded_gives_the_lane_back() {
-    let (a, b) = Connection::pair().unwrap();
-    let server = {
-        let b = b.clone();
-        std::thread::spawn(move || b.serve(Skimmer))
-    };
+    let (a, server) = skimmed();
     skim_twice(&a);
     a.close();
     server.join().unwrap().unwrap();
