@@ -48,9 +48,9 @@ pub fn set_one_copy(policy: OneCopy) {
 /// so above ~2.4 one copy loses. The probe measured 3.3–5.8x on the EPYC host; on the Xeon
 /// host the same ratio comes to ~1.5x (256 KiB written in 9.9 µs of kernel time against a
 /// 6.5 µs `memcpy`, from earlier measurements; no probe has run there yet).
-pub(crate) const THRESHOLD: f64 = 2.0;
+const THRESHOLD: f64 = 2.0;
 /// How old a probe may be before a string that could take one copy runs a new one.
-pub(crate) const REPROBE: Duration = Duration::from_secs(10);
+const REPROBE: Duration = Duration::from_secs(10);
 /// Bytes the probe copies: the smallest string that takes one copy.
 const PROBE: usize = crate::peer_memory::MIN;
 

@@ -15,7 +15,7 @@ use std::cell::Cell;
 
 /// The largest allocation kept. Larger strings travel out of line, where the receiver's `Vec`
 /// comes from the lane or the inbox, and a spare that size would mostly sit idle.
-pub(crate) const MAX: usize = 64 << 10;
+const MAX: usize = 64 << 10;
 
 /// The slack a small string may be handed: below 32 bytes glibc's smallest chunk has it anyway.
 const SLACK: usize = 64;
