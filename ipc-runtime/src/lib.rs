@@ -3,6 +3,7 @@
 
 #![warn(missing_docs)]
 
+mod bulk_copy;
 pub mod codec;
 mod connection;
 mod error;

@@ -55,12 +55,11 @@ use std::fmt;
 use std::ops::{Deref, DerefMut};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::AtomicU64;
-#[cfg(not(target_arch = "x86_64"))]
-use std::sync::atomic::Ordering;
 
 use nix::fcntl::SealFlag;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::bulk_copy::copy_racy;
 use crate::error::{Error, Result};
 use crate::memfd::{Access, Demand, Mapping, add_seals, checked_len, new_memfd};
 
@@ -207,9 +206,9 @@ impl RegionView {
     }
 
     /// Copies `dst.len()` bytes starting at `offset` into `dst`. A creator writing meanwhile
-    /// can change what is copied but cannot cause undefined behaviour: the copy is one
-    /// `rep movsb` on x86-64, equivalent to relaxed atomic byte loads, which may race.
-    /// Bytes outside the region are [`Error::Malformed`].
+    /// can change what is copied but cannot cause undefined behaviour: the copy is inline
+    /// assembly equivalent to relaxed atomic byte loads, which may race, and runs at `memcpy`
+    /// speed. Bytes outside the region are [`Error::Malformed`].
     pub fn copy_to(&self, offset: usize, dst: &mut [u8]) -> Result<()> {
         self.check(offset, dst.len())?;
         // SAFETY: `offset..offset + dst.len()` lies inside the mapping (checked), which stays
@@ -239,45 +238,6 @@ impl RegionView {
                 "bytes {offset}..+{len} lie outside a shared region of {} bytes",
                 self.len()
             ))),
-        }
-    }
-}
-
-/// Copies `len` bytes from shared memory that another process may be writing, into memory of
-/// ours.
-///
-/// On x86-64 this is one `rep movsb`, the instruction `memcpy` itself uses for large copies
-/// here (it runs at `memcpy` speed, where a loop of 8-byte atomic loads measured 1.1–1.4x
-/// slower). It is written as inline assembly rather than `ptr::copy_nonoverlapping` because a
-/// Rust copy from memory that is written concurrently would be a data race; the assembly is
-/// equivalent to reading each source byte with a relaxed atomic load (x86 byte loads cannot
-/// tear), which may race, and writing it to `dst`. Elsewhere it is that loop of atomic loads.
-///
-/// # Safety
-/// `src` must be valid for reads of `len` bytes for the duration of the call (mapped and
-/// backed; another process may write them), and `dst` valid for writes of `len` bytes that
-/// nothing else accesses meanwhile; the two must not overlap.
-unsafe fn copy_racy(src: *const u8, dst: *mut u8, len: usize) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: per the caller's contract, `rep movsb` reads `len` readable bytes at `src` and
-    // writes `len` writable bytes at `dst` (the direction flag is clear on entry to asm, as
-    // the ABI requires); it touches no other memory, no stack, and no flags.
-    unsafe {
-        std::arch::asm!(
-            "rep movsb",
-            inout("rcx") len => _,
-            inout("rdi") dst => _,
-            inout("rsi") src => _,
-            options(nostack, preserves_flags),
-        );
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    for i in 0..len {
-        // SAFETY: per the caller's contract; `AtomicU8` has the size and alignment of `u8`,
-        // and atomic loads may race with the other process's writes.
-        unsafe {
-            let byte = (*src.add(i).cast::<std::sync::atomic::AtomicU8>()).load(Ordering::Relaxed);
-            dst.add(i).write(byte);
         }
     }
 }

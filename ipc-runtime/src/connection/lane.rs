@@ -629,7 +629,7 @@ impl OutOfLine for Lane {
         let out = &mut *out;
         let seq = out.start(&self.busy, &self.peer_done);
         let region = out.region.as_mut().expect("made above");
-        region[..len].copy_from_slice(bytes);
+        crate::bulk_copy::copy_into(&mut region[..len], bytes);
         let fd = out.region_sent.carry(seq, region.as_fd().as_raw_fd());
         let placed = Placed {
             seq,

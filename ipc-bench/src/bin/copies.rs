@@ -1,0 +1,123 @@
+//! `copies`: how fast a byte string comes out of a shared region, by where the destination
+//! lies, against `memcpy` (glibc's, through `copy_from_slice`) of the same bytes.
+//!
+//! ```text
+//! cargo run -p ipc-bench --release --bin copies
+//! ```
+//!
+//! One process, pinned to CPU 0. The source is a `SharedRegion`'s first byte (page-aligned, as
+//! the connection's out-of-line strings are); the destination starts 0, 8, 16 or 48 bytes past
+//! a page (16 is where glibc's `malloc` puts large blocks), plus a fresh `Vec` as a receiver
+//! gets one (`RegionView::to_vec` against `<[u8]>::to_vec`). A third column is one
+//! `rep movsb`, what `RegionView` ran before 2026-12-02. Each cell is the median of many copies,
+//! the ways taking turns. Prints markdown. On AMD Zen 4, `rep movsb` (which glibc's
+//! `memcpy` runs for mid-sized copies) slows down sharply at some of these offsets: see
+//! `docs/benchmarks-bulk.md`, "Copies at every alignment".
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use typed_ipc::shared_region::SharedRegion;
+
+const SIZES: [usize; 4] = [4 << 10, 64 << 10, 1 << 20, 16 << 20];
+const OFFSETS: [usize; 4] = [0, 8, 16, 48];
+
+fn main() {
+    let mut cpu = nix::sched::CpuSet::new();
+    cpu.set(0).expect("CPU 0");
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpu).expect("pin to CPU 0");
+
+    println!("| size | destination | `memcpy` | `RegionView` | ratio | one `rep movsb` | ratio |");
+    println!("| ---: | --- | ---: | ---: | ---: | ---: | ---: |");
+    for len in SIZES {
+        let mut region = SharedRegion::new(len).expect("region");
+        for (i, b) in region.iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        let view = region.view().expect("view");
+        let page = 4096;
+        let mut buffer = vec![0u8; len + 2 * page];
+        let base = buffer.as_ptr().align_offset(page);
+        let copies = (1 << 30) / len;
+        for offset in OFFSETS {
+            let dst = base + offset..base + offset + len;
+            let times = race(
+                copies,
+                &mut buffer[dst],
+                [
+                    &mut |dst| dst.copy_from_slice(&region[..len]),
+                    &mut |dst| view.copy_to(0, dst).expect("copy"),
+                    &mut |dst| rep_movsb(dst, &region[..len]),
+                ],
+            );
+            row(len, &format!("page + {offset}"), &times);
+        }
+        let times = race(
+            copies,
+            &mut (),
+            [
+                &mut |()| drop(black_box(region[..len].to_vec())),
+                &mut |()| drop(black_box(view.to_vec(0, len).expect("copy"))),
+            ],
+        );
+        row(len, "a fresh `Vec`", &times);
+    }
+}
+
+type Way<'a, T> = &'a mut dyn FnMut(&mut T);
+
+/// The median time of each way on `on`, in µs, over `n` turns each (at least 21), the ways
+/// taking turns.
+fn race<T: ?Sized, const N: usize>(n: usize, on: &mut T, mut ways: [Way<'_, T>; N]) -> [f64; N] {
+    let n = n.clamp(21, 20_000);
+    let mut times: [Vec<f64>; N] = std::array::from_fn(|_| Vec::with_capacity(n));
+    for _ in 0..3 {
+        ways.iter_mut().for_each(|way| way(on));
+    }
+    for _ in 0..n {
+        for (way, times) in ways.iter_mut().zip(&mut times) {
+            let t = Instant::now();
+            way(on);
+            times.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    times.map(median)
+}
+
+/// `dst.copy_from_slice(src)` as one `rep movsb`.
+fn rep_movsb(dst: &mut [u8], src: &[u8]) {
+    assert_eq!(dst.len(), src.len());
+    // SAFETY: `rep movsb` copies `src.len()` bytes from `src` (readable) to `dst` (writable, of
+    // that length, not overlapping a shared borrow); the direction flag is clear on entry to
+    // asm, as the ABI requires; it touches no other memory, no stack and no flags.
+    unsafe {
+        std::arch::asm!(
+            "rep movsb",
+            inout("rcx") src.len() => _,
+            inout("rdi") dst.as_mut_ptr() => _,
+            inout("rsi") src.as_ptr() => _,
+            options(nostack, preserves_flags),
+        );
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// A table row: `memcpy`'s time, then each other way's time and its ratio to `memcpy`.
+fn row(len: usize, at: &str, times: &[f64]) {
+    let size = match len {
+        l if l >= 1 << 20 => format!("{} MiB", l >> 20),
+        l => format!("{} KiB", l >> 10),
+    };
+    let mut line = format!("| {size} | {at} | {:.2} µs |", times[0]);
+    for t in &times[1..] {
+        line += &format!(" {t:.2} µs | {:.2}x |", t / times[0]);
+    }
+    if times.len() == 2 {
+        line += " — | |";
+    }
+    println!("{line}");
+}
