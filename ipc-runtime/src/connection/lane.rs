@@ -323,7 +323,7 @@ impl Lane {
     }
 
     /// The peer's lane words have said it reads lanes.
-    #[cfg(test)]
+    #[cfg(all(test, feature = "tokio"))]
     pub(crate) fn peer_reads(&self) -> bool {
         self.peer_reads.load(Ordering::Relaxed)
     }

@@ -70,7 +70,7 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -118,6 +118,8 @@ struct Shared {
     /// reference count on the request's path).
     registry: Mutex<Arc<Registry>>,
     registry_version: AtomicU64,
+    /// Set once `State::closed` is, so a caller can fail before it encodes, without the lock.
+    ended: AtomicBool,
     trace: bool,
     /// Large byte strings through shared memory.
     lane: Lane,
@@ -184,6 +186,7 @@ impl Connection {
                 wake: Condvar::new(),
                 registry: Mutex::new(Arc::new(Registry::default())),
                 registry_version: AtomicU64::new(0),
+                ended: AtomicBool::new(false),
                 trace: trace::enabled(),
                 lane,
             }),
@@ -334,6 +337,9 @@ impl Connection {
             interface: iface.id,
             signature: iface.signature,
         };
+        // An ended connection fails the call before its arguments are encoded (a byte string
+        // among them could be written into the peer or a region for nothing).
+        shared.check_open()?;
         let (mut cookie, mut reader) = (0, None);
         // Encoded before this thread takes the reader role: encoding may write a byte string
         // into the peer's memory (`peer_memory`), which a hostile peer can make slow, and
@@ -417,6 +423,7 @@ impl Connection {
             interface: iface.id,
             signature: iface.signature,
         };
+        self.shared.check_open()?;
         self.shared.trace_out(&envelope, iface);
         self.shared.send(&envelope, args, None).map(drop)
     }
@@ -453,6 +460,25 @@ impl std::fmt::Debug for Connection {
 type Guard<'a> = MutexGuard<'a, State>;
 
 impl Shared {
+    /// `Err` with why the connection ended, if it has.
+    #[inline]
+    fn check_open(&self) -> Result<()> {
+        if self.ended.load(Ordering::Acquire) {
+            return Err(self.why_ended());
+        }
+        Ok(())
+    }
+
+    /// Why the connection ended (out of line: kept off the call path).
+    #[cold]
+    #[inline(never)]
+    fn why_ended(&self) -> Error {
+        lock(&self.state)
+            .closed
+            .as_ref()
+            .map_or(Error::Disconnected, Error::duplicate)
+    }
+
     /// Encodes envelope + body in this thread's buffer and sends them as one message,
     /// waiting for room as long as it takes (or until `deadline`). Returns the lane placement
     /// the message carries (0: none).

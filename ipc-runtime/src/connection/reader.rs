@@ -3,6 +3,7 @@
 
 use std::collections::hash_map::Entry;
 use std::sync::PoisonError;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use super::buffers::keep_thread_frame;
@@ -250,6 +251,7 @@ impl Shared {
                 let _ = self.socket.shutdown();
             }
             state.closed = Some(why);
+            self.ended.store(true, Ordering::Release);
         }
         self.wake_all(state);
     }

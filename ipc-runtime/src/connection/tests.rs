@@ -187,6 +187,21 @@ fn a_panic_while_encoding_leaves_the_connection_usable() {
     server.join().unwrap().unwrap();
 }
 
+/// A call or oneway on a connection that has ended fails with why it ended before its
+/// arguments are encoded, so no byte string is copied into a region or written into the peer
+/// for nothing (`PanicsWhenEncoded` would panic).
+#[test]
+fn an_ended_connection_fails_calls_before_encoding() {
+    let (a, b) = Connection::pair().unwrap();
+    drop(b);
+    a.run().unwrap(); // reads the hang-up
+    assert!(a.is_closed());
+    let call = a.call::<_, u64>(&SKIM, 2, &PanicsWhenEncoded, None);
+    assert!(matches!(call, Err(Error::Disconnected)), "{call:?}");
+    let oneway = a.oneway(&SKIM, 2, &PanicsWhenEncoded);
+    assert!(matches!(oneway, Err(Error::Disconnected)), "{oneway:?}");
+}
+
 /// Byte strings written into the peer, in one process (writing its own memory stands in
 /// for a parent writing its worker's): a request refused unread leaves the inbox buffer to
 /// the next string, and a string taken is acknowledged only once the inbox has a new
