@@ -293,8 +293,10 @@ mod tests {
             *b = i as u8;
         }
         let view = region.view().unwrap();
+        // Short strings are one `rep movsb`, from 256 bytes a vector loop (`bulk_copy`).
+        let lens = (0..40).chain([255, 256, 257, 300, 1000, 4000]);
         for offset in 0..17 {
-            for len in 0..40 {
+            for len in lens.clone() {
                 let want: Vec<u8> = (offset..offset + len).map(|i| i as u8).collect();
                 assert_eq!(view.to_vec(offset, len).unwrap(), want, "{offset}+{len}");
                 let mut got = vec![0; len];
