@@ -423,7 +423,8 @@ impl Connection {
             interface: iface.id,
             signature: iface.signature,
         };
-        self.shared.check_open()?;
+        // No early check of an ended connection here: after `stop_reading` it has ended for
+        // calls, but still sends.
         self.shared.trace_out(&envelope, iface);
         self.shared.send(&envelope, args, None).map(drop)
     }
