@@ -8,30 +8,49 @@
 //! change which values are copied.
 //!
 //! Why not one `rep movsb`, as here before: on AMD Zen 4 (the EPYC hosts these VMs sometimes
-//! run on) `rep movsb` slows down sharply when the destination does not sit at the source's
-//! offset within a 64-byte line. With the source at a page boundary (a region's first byte) and
-//! the destination 16 bytes past one (where glibc's `malloc` puts large blocks), 16 MiB took
-//! 3.3 ms against `memcpy`'s 1.3 ms; with the destination 8 bytes further than the source,
-//! 1 MiB took 470 µs against 25 µs. A loop of 32-byte loads and aligned 32-byte stores
-//! (what `memcpy` does for large copies) runs at `memcpy`'s speed at every offset. Figures,
-//! and the tool that makes them (`ipc-bench --bin copies`): `docs/benchmarks-bulk.md`, "Copies
-//! at every alignment".
+//! run on) `rep movsb` slows down sharply when the destination lies a short distance ahead of
+//! the source, counted modulo 4 KiB: 15–25x at 1–15 bytes, 1.5–2x at 16–31. The region's bytes
+//! start on a page and glibc's `malloc` puts a large block 16 bytes past one, so every large
+//! string received hit the milder case (16 MiB in 2.1–2.3x `memcpy`'s time), and a caller's
+//! bytes can meet the worse one. A loop of 32-byte loads and aligned 32-byte stores (what
+//! `memcpy` does for large copies) runs at `memcpy`'s speed at every distance. Figures, and the
+//! tool that makes them (`ipc-bench --bin copies`): `docs/benchmarks-bulk.md`, "Copies at every
+//! alignment".
 
 /// Copies `src` into `dst` (of the same length) with the same loop: for writing a large byte
 /// string into a shared region of ours. glibc 2.36's `memcpy` (Debian 12) runs `rep movsb`
-/// for copies from a few KiB to about the size of the L2 cache and so meets the same slowdown
-/// on Zen 4: 64 KiB into a page from 8 bytes before a 64-byte line took 23.7 µs against
-/// 1.5 µs for this loop.
+/// for copies of 2,112 bytes up to 1 MiB here, and does not avoid short distances on AMD
+/// (`ld.so --list-diagnostics`), so it meets the same slowdown: 64 KiB copied to 8 bytes
+/// ahead of its source took 34 µs against 1.3 µs.
 pub(crate) fn copy_into(dst: &mut [u8], src: &[u8]) {
     assert_eq!(dst.len(), src.len(), "copy_into needs slices of one length");
     // SAFETY: `src` is readable and `dst` writable for `src.len()` bytes; a `&mut` never
     // overlaps a `&`.
-    unsafe { copy_racy(src.as_ptr(), dst.as_mut_ptr(), src.len()) };
+    unsafe { copy(src.as_ptr(), dst.as_mut_ptr(), src.len()) };
 }
 
-/// Below this many bytes the copy is one `rep movsb` (fast for short copies on every CPU with
-/// `fsrm`, and no worse than a call into `memcpy` elsewhere); from here on the AVX2 loop, which
-/// first copies 32 bytes to align the destination and then moves 128 bytes a turn.
+/// Copies `len` bytes from `src` to `dst`, memory nobody else writes meanwhile: the loop on
+/// x86-64, `memcpy` elsewhere (where the loop would be a byte-by-byte atomic copy).
+///
+/// # Safety
+/// `src` must be valid for reads and `dst` for writes of `len` bytes; they must not overlap.
+pub(crate) unsafe fn copy(src: *const u8, dst: *mut u8, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the caller's contract is stronger than `copy_racy`'s.
+    unsafe {
+        copy_racy(src, dst, len)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    // SAFETY: the caller's contract.
+    unsafe {
+        std::ptr::copy_nonoverlapping(src, dst, len)
+    };
+}
+
+/// Below this many bytes the copy is one `rep movsb`: the loop's set-up (feature check, head,
+/// tail) costs more than it saves on short copies, and the region's strings are 1 KiB and up.
+/// From here on the AVX2 loop, which first copies 32 bytes to align the destination, moves
+/// 128 bytes a turn, and ends with the last 128 bytes (some copied twice).
 pub(crate) const VECTOR_MIN: usize = 256;
 
 /// Copies `len` bytes from `src`, which another process may write meanwhile, to `dst`.
@@ -92,8 +111,9 @@ unsafe fn copy_avx2(src: *const u8, dst: *mut u8, len: usize) {
     // `len` writable ones at `dst`, not overlapping. The head copies bytes 0..32; the pointers
     // then advance by 1–32 bytes to the next 32-byte boundary of `dst` (never past `len`,
     // since `len >= 256`), each turn of the loop copies 128 bytes while at least 128 remain,
-    // and `rep movsb` copies the rest: every access lies within `src..src + len` and
-    // `dst..dst + len`. A byte the head copied may be copied again by the loop; a racing writer
+    // and the tail copies the 128 bytes ending at `len`, which start at or after the first
+    // byte since the loop ran at least once: every access lies within `src..src + len` and
+    // `dst..dst + len`. A byte the head or the tail copies may be copied twice; a racing writer
     // can only change which values end up in `dst`. `vzeroupper` clears the upper halves of
     // every ymm register, so the whole vector file is declared clobbered (`clobber_abi`).
     unsafe {
@@ -123,8 +143,20 @@ unsafe fn copy_avx2(src: *const u8, dst: *mut u8, len: usize) {
             "sub rcx, 128",
             "cmp rcx, 128",
             "jae 3b",
+            // The 0–127 bytes left: the last 128 bytes of the copy, overlapping what the loop
+            // copied (a `rep movsb` tail would keep the source's distance, and its slowdown).
+            "test rcx, rcx",
+            "jz 4f",
+            "vmovdqu ymm0, [rsi + rcx - 128]",
+            "vmovdqu ymm1, [rsi + rcx - 96]",
+            "vmovdqu ymm2, [rsi + rcx - 64]",
+            "vmovdqu ymm3, [rsi + rcx - 32]",
+            "vmovdqu [rdi + rcx - 128], ymm0",
+            "vmovdqu [rdi + rcx - 96], ymm1",
+            "vmovdqu [rdi + rcx - 64], ymm2",
+            "vmovdqu [rdi + rcx - 32], ymm3",
+            "4:",
             "vzeroupper",
-            "rep movsb",
             inout("rcx") len => _,
             inout("rdi") dst => _,
             inout("rsi") src => _,
@@ -172,6 +204,78 @@ mod tests {
                         dst[dst_off + len..].iter().all(|&b| b == 0xEE),
                         "{at}: after"
                     );
+                }
+            }
+        }
+    }
+
+    /// Pages of memory with an inaccessible page on each side, so a copy that reads or
+    /// writes one byte outside its bounds faults.
+    struct Guarded {
+        base: *mut u8,
+        len: usize,
+    }
+
+    const PAGE: usize = 4096;
+
+    impl Guarded {
+        fn new(pages: usize) -> Guarded {
+            let len = (pages + 2) * PAGE;
+            // SAFETY: a fresh anonymous mapping; nothing else refers to it.
+            let base = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_NONE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            assert_ne!(base, libc::MAP_FAILED);
+            let base = base.cast::<u8>();
+            // SAFETY: the pages between the two guards lie inside the mapping.
+            let r = unsafe {
+                libc::mprotect(
+                    base.add(PAGE).cast(),
+                    pages * PAGE,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                )
+            };
+            assert_eq!(r, 0);
+            Guarded { base, len }
+        }
+
+        /// The first accessible byte, and the first byte of the guard after them.
+        fn bounds(&self) -> (*mut u8, *mut u8) {
+            // SAFETY: both lie inside the mapping.
+            unsafe { (self.base.add(PAGE), self.base.add(self.len - PAGE)) }
+        }
+    }
+
+    impl Drop for Guarded {
+        fn drop(&mut self) {
+            // SAFETY: the mapping made in `new`, no longer used.
+            unsafe { libc::munmap(self.base.cast(), self.len) };
+        }
+    }
+
+    /// Source and destination flush against a guard page, before and after, at every offset
+    /// of the destination within 64 bytes: no access strays outside either (it would fault).
+    #[test]
+    fn never_touches_a_byte_outside_either_buffer() {
+        let (src, dst) = (Guarded::new(2), Guarded::new(2));
+        let ((src_start, src_end), (dst_start, dst_end)) = (src.bounds(), dst.bounds());
+        let lens = (VECTOR_MIN - 1..VECTOR_MIN + 260).chain([1000, 4000, 2 * PAGE - 64]);
+        for len in lens {
+            for shift in 0..64 {
+                // SAFETY: each pair lies within the accessible pages (`len + 64 <= 2 pages`),
+                // which are distinct mappings.
+                unsafe {
+                    copy_racy(src_start, dst_start.add(shift), len);
+                    copy_racy(src_end.sub(len), dst_end.sub(len + shift), len);
+                    copy_racy(src_start.add(shift), dst_end.sub(len), len);
+                    copy_racy(src_end.sub(len + shift), dst_start, len);
                 }
             }
         }

@@ -6,12 +6,15 @@
 //! ```
 //!
 //! One process, pinned to CPU 0. The source is a `SharedRegion`'s first byte (page-aligned, as
-//! the connection's out-of-line strings are); the destination starts 0, 8, 16 or 48 bytes past
-//! a page (16 is where glibc's `malloc` puts large blocks), plus a fresh `Vec` as a receiver
-//! gets one (`RegionView::to_vec` against `<[u8]>::to_vec`). A third column is one
-//! `rep movsb`, what `RegionView` ran before 2026-12-02. Each cell is the median of many copies,
-//! the ways taking turns. Prints markdown. On AMD Zen 4, `rep movsb` (which glibc's
-//! `memcpy` runs for mid-sized copies) slows down sharply at some of these offsets: see
+//! the connection's out-of-line strings are); the destination lies 0 to 2,056 bytes past a
+//! page, so that many bytes ahead of the source counted modulo 4 KiB (16 is where glibc's
+//! `malloc` puts large blocks), plus a fresh `Vec` as a receiver gets one
+//! (`RegionView::to_vec` against `<[u8]>::to_vec`). A third column is one `rep movsb`, what
+//! `RegionView` ran before 2026-12-02. Each cell is the median of many samples (copies under
+//! 64 KiB timed in batches), the ways taking turns in a rotating order. `RegionView` reads
+//! through the region's second, read-only mapping, as a receiver does. Prints markdown. On
+//! AMD Zen 4, `rep movsb` (which glibc's `memcpy` runs from 2,112 bytes to 1 MiB) slows down
+//! sharply when the destination lies a few bytes ahead of the source: see
 //! `docs/benchmarks-bulk.md`, "Copies at every alignment".
 
 use std::hint::black_box;
@@ -20,7 +23,7 @@ use std::time::Instant;
 use typed_ipc::shared_region::SharedRegion;
 
 const SIZES: [usize; 4] = [4 << 10, 64 << 10, 1 << 20, 16 << 20];
-const OFFSETS: [usize; 4] = [0, 8, 16, 48];
+const OFFSETS: [usize; 7] = [0, 4, 8, 16, 32, 72, 2056];
 
 fn main() {
     let mut cpu = nix::sched::CpuSet::new();
@@ -38,11 +41,13 @@ fn main() {
         let page = 4096;
         let mut buffer = vec![0u8; len + 2 * page];
         let base = buffer.as_ptr().align_offset(page);
-        let copies = (1 << 30) / len;
+        let batch = ((64 << 10) / len).max(1);
+        let samples = (1 << 30) / len / batch;
         for offset in OFFSETS {
             let dst = base + offset..base + offset + len;
             let times = race(
-                copies,
+                samples,
+                batch,
                 &mut buffer[dst],
                 [
                     &mut |dst| dst.copy_from_slice(&region[..len]),
@@ -53,7 +58,8 @@ fn main() {
             row(len, &format!("page + {offset}"), &times);
         }
         let times = race(
-            copies,
+            samples,
+            batch,
             &mut (),
             [
                 &mut |()| drop(black_box(region[..len].to_vec())),
@@ -66,19 +72,26 @@ fn main() {
 
 type Way<'a, T> = &'a mut dyn FnMut(&mut T);
 
-/// The median time of each way on `on`, in µs, over `n` turns each (at least 21), the ways
-/// taking turns.
-fn race<T: ?Sized, const N: usize>(n: usize, on: &mut T, mut ways: [Way<'_, T>; N]) -> [f64; N] {
+/// The median time of each way on `on`, in µs a copy, over `n` samples each (at least 21) of
+/// `batch` copies, the ways taking turns in a rotating order.
+fn race<T: ?Sized, const N: usize>(
+    n: usize,
+    batch: usize,
+    on: &mut T,
+    mut ways: [Way<'_, T>; N],
+) -> [f64; N] {
     let n = n.clamp(21, 20_000);
     let mut times: [Vec<f64>; N] = std::array::from_fn(|_| Vec::with_capacity(n));
     for _ in 0..3 {
         ways.iter_mut().for_each(|way| way(on));
     }
-    for _ in 0..n {
-        for (way, times) in ways.iter_mut().zip(&mut times) {
+    for turn in 0..n {
+        for i in (0..N).map(|i| (i + turn) % N) {
             let t = Instant::now();
-            way(on);
-            times.push(t.elapsed().as_secs_f64() * 1e6);
+            for _ in 0..batch {
+                ways[i](on);
+            }
+            times[i].push(t.elapsed().as_secs_f64() * 1e6 / batch as f64);
         }
     }
     times.map(median)
