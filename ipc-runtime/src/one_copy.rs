@@ -70,6 +70,21 @@ pub(crate) fn pays() -> bool {
     }
 }
 
+/// Whether a string at `src` that [`pays`] to write should take the region instead, because
+/// it would land at `dst` in the peer 1–15 bytes ahead of where it lies, counted modulo 4 KiB.
+/// There the kernel's copy (`rep movsb`) runs 4–6x slower on AMD Zen 4: `process_vm_writev` of
+/// 1 MiB within one process took 78–95 µs at distances 0 and 16–4,088, 393–555 µs at 4–15.
+/// The probe's two buffers lie alike, so it cannot see this. Only a measured choice steps
+/// aside (for 15 in 4,096 placements, if they fall at random); `Always` writes anyway.
+pub(crate) fn too_close(src: usize, dst: u64) -> bool {
+    policy() == OneCopy::Measured && short_distance(src as u64, dst)
+}
+
+/// `dst` lies 1–15 bytes ahead of `src`, counted modulo 4 KiB.
+fn short_distance(src: u64, dst: u64) -> bool {
+    (1..16).contains(&(dst.wrapping_sub(src) % 4096))
+}
+
 fn policy() -> OneCopy {
     match POLICY.load(Ordering::Relaxed) {
         0 => {
@@ -185,6 +200,19 @@ mod tests {
         assert!(verdict(us(10), us(7)), "the Xeon host: 1.4x");
         assert!(verdict(us(14), us(7)), "2.0x");
         assert!(!verdict(us(24), us(7)), "the EPYC host: 3.4x");
+    }
+
+    #[test]
+    fn a_short_distance_is_1_to_15_bytes_ahead_modulo_4_kib() {
+        let page = 7 << 12;
+        assert!(!short_distance(page, page));
+        assert!(short_distance(page, page + 1));
+        assert!(short_distance(page, page + 15));
+        assert!(!short_distance(page, page + 16));
+        assert!(short_distance(page + 4090, page + 4096 + 4)); // across a page: 10 ahead
+        assert!(short_distance(page + 100, page + 4096 + 108)); // a page and 8 ahead
+        assert!(!short_distance(page + 8, page)); // behind
+        assert!(short_distance(u64::MAX - 3, 4)); // wrapping: 8 ahead
     }
 
     #[test]

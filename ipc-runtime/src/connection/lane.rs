@@ -177,6 +177,9 @@ impl Writer {
                     if (bytes.len() as u64) > capacity {
                         return Ok(None); // a smaller buffer than ours: not for this string
                     }
+                    if one_copy::too_close(bytes.as_ptr() as usize, addr) {
+                        return Ok(None); // the kernel's copy would be slow: the region
+                    }
                     if !self.proven {
                         memory.prove(mailbox, token)?;
                         self.proven = true;
