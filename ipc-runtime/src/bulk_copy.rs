@@ -33,7 +33,8 @@ pub(crate) fn copy_into(dst: &mut [u8], src: &[u8]) {
 /// x86-64, `memcpy` elsewhere (where the loop would be a byte-by-byte atomic copy).
 ///
 /// # Safety
-/// `src` must be valid for reads and `dst` for writes of `len` bytes; they must not overlap.
+/// `src` must be valid for reads and `dst` for writes of `len` bytes that nothing else
+/// accesses meanwhile; they must not overlap.
 pub(crate) unsafe fn copy(src: *const u8, dst: *mut u8, len: usize) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: the caller's contract is stronger than `copy_racy`'s.
@@ -52,6 +53,9 @@ pub(crate) unsafe fn copy(src: *const u8, dst: *mut u8, len: usize) {
 /// From here on the AVX2 loop, which first copies 32 bytes to align the destination, moves
 /// 128 bytes a turn, and ends with the last 128 bytes (some copied twice).
 pub(crate) const VECTOR_MIN: usize = 256;
+
+// The loop's first turn needs 128 bytes past the head's 1–32, and the tail 128 before the end.
+const _: () = assert!(VECTOR_MIN >= 160);
 
 /// Copies `len` bytes from `src`, which another process may write meanwhile, to `dst`.
 ///

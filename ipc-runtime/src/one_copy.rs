@@ -73,7 +73,8 @@ pub(crate) fn pays() -> bool {
 /// Whether a string at `src` that [`pays`] to write should take the region instead, because
 /// it would land at `dst` in the peer 1–15 bytes ahead of where it lies, counted modulo 4 KiB.
 /// There the kernel's copy (`rep movsb`) runs 4–6x slower on AMD Zen 4: `process_vm_writev` of
-/// 1 MiB within one process took 78–95 µs at distances 0 and 16–4,088, 393–555 µs at 4–15.
+/// 1 MiB within one process took 78–100 µs at distances 0 and 16–4,088, 388–555 µs at 1–15
+/// (`ipc-bench --bin copies` times it).
 /// The probe's two buffers lie alike, so it cannot see this. Only a measured choice steps
 /// aside (for 15 in 4,096 placements, if they fall at random); `Always` writes anyway.
 pub(crate) fn too_close(src: usize, dst: u64) -> bool {
@@ -212,6 +213,8 @@ mod tests {
         assert!(short_distance(page + 4090, page + 4096 + 4)); // across a page: 10 ahead
         assert!(short_distance(page + 100, page + 4096 + 108)); // a page and 8 ahead
         assert!(!short_distance(page + 8, page)); // behind
+        assert!(!short_distance(page + 1, page)); // 1 behind: 4,095 ahead
+        assert!(!short_distance(page, page + 4096)); // a whole page ahead
         assert!(short_distance(u64::MAX - 3, 4)); // wrapping: 8 ahead
     }
 

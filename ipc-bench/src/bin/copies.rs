@@ -15,7 +15,9 @@
 //! through the region's second, read-only mapping, as a receiver does. Prints markdown. On
 //! AMD Zen 4, `rep movsb` (which glibc's `memcpy` runs from 2,112 bytes to 1 MiB) slows down
 //! sharply when the destination lies a few bytes ahead of the source: see
-//! `docs/benchmarks-bulk.md`, "Copies at every alignment".
+//! `docs/benchmarks-bulk.md`, "Copies at every alignment". A second table times the kernel's
+//! copy (`process_vm_writev` within this process, as a parent writing into its worker) by the
+//! same distance.
 
 use std::hint::black_box;
 use std::time::Instant;
@@ -68,6 +70,49 @@ fn main() {
         );
         row(len, "a fresh `Vec`", &times);
     }
+    kernel_copies();
+}
+
+/// The kernel's copy by distance: `process_vm_writev` of 1 MiB within this process (what a
+/// parent's write into its worker costs), from a page-aligned buffer to one `d` bytes past a
+/// page, so `d` bytes ahead counted modulo 4 KiB.
+fn kernel_copies() {
+    const LEN: usize = 1 << 20;
+    let page = 4096;
+    let src = vec![7u8; LEN + page];
+    let mut dst = vec![0u8; LEN + 2 * page];
+    let base = dst.as_ptr().align_offset(page);
+    let src = &src[src.as_ptr().align_offset(page)..];
+    let len = LEN;
+    println!("\n| `process_vm_writev` of 1 MiB, destination | time |");
+    println!("| --- | ---: |");
+    for distance in [0usize, 1, 2, 4, 8, 12, 15, 16, 32, 64, 2048, 4095] {
+        let at = &mut dst[base + distance..base + distance + len];
+        let [t] = race(200, 1, at, [&mut |at| write_into_self(at, &src[..len])]);
+        println!("| {distance} bytes ahead | {t:.1} µs |");
+    }
+}
+
+/// Copies `src` into `dst` through the kernel, as a write into another process does.
+fn write_into_self(dst: &mut [u8], src: &[u8]) {
+    assert_eq!(dst.len(), src.len());
+    let local = libc::iovec {
+        iov_base: src.as_ptr() as *mut libc::c_void,
+        iov_len: src.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: dst.as_mut_ptr().cast(),
+        iov_len: dst.len(),
+    };
+    // SAFETY: `local` describes `src`, which the kernel only reads; `remote` describes `dst`,
+    // this process's own memory, writable and borrowed mutably for the call.
+    let n = unsafe { libc::process_vm_writev(libc::getpid(), &local, 1, &remote, 1, 0) };
+    assert_eq!(
+        n,
+        src.len() as isize,
+        "process_vm_writev: {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 type Way<'a, T> = &'a mut dyn FnMut(&mut T);
