@@ -28,9 +28,7 @@ const SIZES: [usize; 4] = [4 << 10, 64 << 10, 1 << 20, 16 << 20];
 const OFFSETS: [usize; 7] = [0, 4, 8, 16, 32, 72, 2056];
 
 fn main() {
-    let mut cpu = nix::sched::CpuSet::new();
-    cpu.set(0).expect("CPU 0");
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpu).expect("pin to CPU 0");
+    ipc_bench::pin(0).expect("pin to CPU 0");
 
     println!("| size | destination | `memcpy` | `RegionView` | ratio | one `rep movsb` | ratio |");
     println!("| ---: | --- | ---: | ---: | ---: | ---: | ---: |");
@@ -82,13 +80,12 @@ fn kernel_copies() {
     let src = vec![7u8; LEN + page];
     let mut dst = vec![0u8; LEN + 2 * page];
     let base = dst.as_ptr().align_offset(page);
-    let src = &src[src.as_ptr().align_offset(page)..];
-    let len = LEN;
+    let src = &src[src.as_ptr().align_offset(page)..][..LEN];
     println!("\n| `process_vm_writev` of 1 MiB, destination | time |");
     println!("| --- | ---: |");
     for distance in [0usize, 1, 2, 4, 8, 12, 15, 16, 32, 64, 2048, 4095] {
-        let at = &mut dst[base + distance..base + distance + len];
-        let [t] = race(200, 1, at, [&mut |at| write_into_self(at, &src[..len])]);
+        let at = &mut dst[base + distance..][..LEN];
+        let [t] = race(200, 1, at, [&mut |at| write_into_self(at, src)]);
         println!("| {distance} bytes ahead | {t:.1} µs |");
     }
 }
