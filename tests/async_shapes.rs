@@ -14,7 +14,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
-use common::{fd_count_lock, open_fds};
+use common::{Unsendable, fd_count_lock, open_fds};
 use nix::sys::memfd::{MFdFlags, memfd_create};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
@@ -69,6 +69,7 @@ pub trait Shapes {
     async fn zeroes(&self, len: u32) -> Vec<u8>;
     async fn echo(&self, data: Vec<u8>) -> Vec<u8>;
     async fn explode(&self, message: String) -> u32;
+    async fn unsendable(&self) -> Unsendable;
     /// A default body: implementations may leave it out.
     async fn answer(&self) -> u32 {
         42
@@ -153,6 +154,9 @@ impl Shapes for Impl {
     async fn explode(&self, message: String) -> u32 {
         tokio::task::yield_now().await;
         panic!("{message}")
+    }
+    async fn unsendable(&self) -> Unsendable {
+        Unsendable
     }
 }
 
@@ -327,6 +331,30 @@ fn a_panic_is_an_error_reply_and_the_server_goes_on() {
     });
 }
 
+/// As in `macro_shapes.rs`: a result the server cannot encode gets a failure reply naming
+/// why, instead of leaving the caller waiting.
+#[test]
+fn a_reply_that_cannot_be_encoded_is_an_error_reply() {
+    let _serial = fd_count_lock();
+    runtime().block_on(async {
+        let running = start();
+        let ipa = running.client.with_timeout(Duration::from_secs(60));
+        match ipa.unsendable().await {
+            Err(Error::Remote(why)) => assert!(
+                why.contains("Shapes::unsendable could not answer")
+                    && why.contains("this value refuses to be encoded"),
+                "{why}"
+            ),
+            other => panic!("expected Error::Remote, got {other:?}"),
+        }
+        assert_eq!(
+            ipa.reverse("still here".into()).await.unwrap(),
+            "ereh llits"
+        );
+        drop(ipa);
+        running.stop().await;
+    });
+}
 #[test]
 fn clones_and_timeouts_share_the_connection() {
     let _serial = fd_count_lock();

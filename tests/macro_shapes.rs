@@ -3,6 +3,8 @@
 //! The tests take one lock, so that each can count this process's open fds without another
 //! test's fds coming and going.
 
+mod common;
+
 use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
@@ -10,6 +12,7 @@ use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 
+use common::Unsendable;
 use nix::sys::memfd::{MFdFlags, memfd_create};
 use serde::{Deserialize, Serialize};
 use typed_ipc::{Connection, Error, interface};
@@ -62,6 +65,7 @@ pub trait Shapes {
     /// A new string of `len` bytes, starting with the addresses of `data` and of itself.
     fn addresses(&self, data: Vec<u8>, len: u32) -> Vec<u8>;
     fn explode(&self, message: String) -> u32;
+    fn unsendable(&self) -> Unsendable;
 }
 
 struct Impl {
@@ -148,6 +152,9 @@ impl Shapes for Impl {
     }
     fn explode(&self, message: String) -> u32 {
         panic!("{message}")
+    }
+    fn unsendable(&self) -> Unsendable {
+        Unsendable
     }
 }
 
@@ -361,6 +368,29 @@ fn a_panic_is_an_error_reply_and_the_server_goes_on() {
         other => panic!("expected Error::Remote, got {other:?}"),
     }
     assert_eq!(ipa.reverse("still here".into()).unwrap(), "ereh llits");
+    running.stop();
+}
+
+/// A result the server cannot encode gets a failure reply naming why: until that was fixed,
+/// the call counted as answered and the caller waited for good (the timeout here only turns
+/// such a hang into a failure).
+#[test]
+fn a_reply_that_cannot_be_encoded_is_an_error_reply() {
+    let _serial = serial();
+    let running = start();
+    let ipa = running
+        .client
+        .with_timeout(std::time::Duration::from_secs(60));
+    match ipa.unsendable() {
+        Err(Error::Remote(why)) => assert!(
+            why.contains("Shapes::unsendable could not answer")
+                && why.contains("this value refuses to be encoded"),
+            "{why}"
+        ),
+        other => panic!("expected Error::Remote, got {other:?}"),
+    }
+    assert_eq!(ipa.reverse("still here".into()).unwrap(), "ereh llits");
+    drop(ipa);
     running.stop();
 }
 

@@ -111,6 +111,15 @@ impl fmt::Display for Error {
 }
 
 impl Error {
+    /// Whether a send that failed with this error sent nothing: the message could not be
+    /// encoded, or was refused before any of it went out.
+    pub(crate) fn sent_nothing(&self) -> bool {
+        matches!(
+            self,
+            Error::Encode(_) | Error::TooLarge { .. } | Error::TooManyFds { .. }
+        )
+    }
+
     /// A copy of this error for every caller a connection failure reaches.
     pub(crate) fn duplicate(&self) -> Error {
         match self {

@@ -140,3 +140,15 @@ pub fn current_thread_runtime() -> tokio::runtime::Runtime {
         .build()
         .unwrap()
 }
+
+/// A result whose encoding fails: a reply the server cannot send.
+#[derive(Debug, serde::Deserialize)]
+pub struct Unsendable;
+
+impl serde::Serialize for Unsendable {
+    fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+        Err(serde::ser::Error::custom(
+            "this value refuses to be encoded",
+        ))
+    }
+}

@@ -21,9 +21,21 @@ pub enum Failure {
     BadRequest(String),
     /// The server refused the caller.
     Refused(String),
+    /// The method ran but its answer could not be sent (its result could not be encoded, or
+    /// was over the limits), or the service sent none.
+    Unanswered(String),
 }
 
 impl Failure {
+    /// The failure for a request whose handler returned `error` without replying: its
+    /// arguments did not decode, or its reply could not be sent.
+    pub(crate) fn of_handler(error: &Error) -> Failure {
+        match error {
+            Error::Malformed(_) => Failure::BadRequest(error.to_string()),
+            _ => Failure::Unanswered(error.to_string()),
+        }
+    }
+
     /// The error the caller sees, worded against the caller's own view of the interface.
     pub fn into_error(self, ours: &InterfaceInfo, cmd: u32) -> Error {
         let method = ours.method(cmd).map_or("?", |m| m.name);
@@ -37,6 +49,9 @@ impl Failure {
                 Error::Remote(format!("the peer could not decode {name}::{method}: {why}"))
             }
             Failure::Refused(why) => Error::Refused(why),
+            Failure::Unanswered(why) => Error::Remote(format!(
+                "the peer's {name}::{method} could not answer: {why}"
+            )),
             Failure::NotServed(served) => Error::InterfaceMismatch(format!(
                 "the peer does not serve interface `{name}` (it serves: {})",
                 if served.is_empty() {

@@ -146,9 +146,9 @@ impl Shared {
                 match (outcome, replied) {
                     (_, true) => None,
                     (Ok(Ok(())), false) => {
-                        (!oneway).then(|| Failure::BadRequest("the server sent no reply".into()))
+                        (!oneway).then(|| Failure::Unanswered("the service sent no reply".into()))
                     }
-                    (Ok(Err(e)), false) => Some(Failure::BadRequest(e.to_string())),
+                    (Ok(Err(e)), false) => Some(Failure::of_handler(&e)),
                     (Err(panic), false) => Some(Failure::Panicked(panic_message(&panic))),
                 }
             }
@@ -218,10 +218,11 @@ impl Replier<'_> {
             kind: Kind::Reply,
             ..self.envelope
         };
-        if self.shared.trace {
+        let sent = self.shared.send(&envelope, value, None).map(drop);
+        if self.shared.trace && !sent.as_ref().is_err_and(Error::sent_nothing) {
             trace::reply(envelope.cookie);
         }
-        self.shared.send(&envelope, value, None).map(drop)
+        sent
     }
 }
 

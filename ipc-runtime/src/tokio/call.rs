@@ -76,14 +76,17 @@ impl AsyncCall {
         if self.is_oneway() || self.replied {
             return Ok(());
         }
-        self.replied = true;
         let inner = self.inner.clone();
         let envelope = Envelope {
             kind: Kind::Reply,
             ..self.envelope
         };
         let sent = inner.send(envelope, value).await;
-        inner.trace_reply(envelope.cookie);
+        // As `Call::reply`: a reply that sent nothing leaves the call to be answered with why.
+        self.replied = !sent.as_ref().is_err_and(Error::sent_nothing);
+        if self.replied {
+            inner.trace_reply(envelope.cookie);
+        }
         sent.map(drop)
     }
 

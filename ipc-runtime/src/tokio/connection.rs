@@ -871,9 +871,9 @@ async fn handle_request(inner: Arc<Inner>, frame: Frame, envelope: Envelope) {
             match (outcome, call.replied()) {
                 (_, true) => None,
                 (Ok(Ok(())), false) => {
-                    (!oneway).then(|| Failure::BadRequest("the server sent no reply".into()))
+                    (!oneway).then(|| Failure::Unanswered("the service sent no reply".into()))
                 }
-                (Ok(Err(e)), false) => Some(Failure::BadRequest(e.to_string())),
+                (Ok(Err(e)), false) => Some(Failure::of_handler(&e)),
                 (Err(panic), false) => Some(Failure::Panicked(panic_message(&panic))),
             }
         }
