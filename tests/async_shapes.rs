@@ -557,3 +557,53 @@ fn the_caller_is_known_inside_handlers() {
         server.await.unwrap().unwrap();
     });
 }
+
+/// Oneway steps that take a while, and a call that counts them.
+#[interface]
+pub trait Steps {
+    #[oneway]
+    async fn slow_step(&self);
+    async fn steps_done(&self) -> u32;
+}
+
+#[derive(Default)]
+struct StepsImpl(std::sync::atomic::AtomicU32);
+
+impl Steps for StepsImpl {
+    async fn slow_step(&self) {
+        for _ in 0..100 {
+            tokio::task::yield_now().await; // time for the call behind it to arrive
+        }
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+    async fn steps_done(&self) -> u32 {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Calls run concurrently, but not ahead of the oneways sent before them: a peer that sends
+/// `slow_step` three times and then asks `steps_done` sees all three, on either kind of
+/// runtime. (Before the fix a call ran as soon as it arrived, here while the first step was
+/// still yielding.)
+#[test]
+fn a_call_runs_after_the_oneways_sent_before_it() {
+    let _serial = fd_count_lock();
+    for rt in [common::current_thread_runtime(), runtime()] {
+        rt.block_on(async {
+            let (a, b) = AsyncConnection::pair().unwrap();
+            let server = tokio::spawn(StepsServer::new(StepsImpl::default()).serve(b));
+            let client = StepsClient::new(a);
+            for round in 1..=3 {
+                for _ in 0..3 {
+                    client.slow_step().await.unwrap();
+                }
+                assert_eq!(client.steps_done().await.unwrap(), round * 3);
+            }
+            let connection = client.connection().clone();
+            drop(client);
+            connection.close();
+            server.await.unwrap().unwrap();
+            connection.wait_closed().await;
+        });
+    }
+}

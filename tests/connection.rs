@@ -28,6 +28,8 @@ pub trait Lab {
     fn count(&self, seq: u64);
     /// Waits until `n` oneways arrived; true if they came in order.
     fn counted(&self, n: u64) -> bool;
+    /// How many oneways have run, without waiting.
+    fn counted_so_far(&self) -> u64;
 }
 
 /// A handle on the lab's state: the server owns one, a test may keep a clone to release
@@ -97,6 +99,9 @@ impl Lab for LabImpl {
             guard = self.changed.wait(guard).unwrap();
         }
         self.in_order.load(Ordering::SeqCst)
+    }
+    fn counted_so_far(&self) -> u64 {
+        self.next_seq.load(Ordering::SeqCst)
     }
 }
 
@@ -216,6 +221,26 @@ fn oneways_run_in_the_order_sent_even_with_a_pool() {
         client.count(seq).unwrap();
     }
     assert!(client.counted(10_000).unwrap());
+    drop(client);
+    server.join().unwrap().unwrap();
+}
+
+/// With a pool, calls run concurrently, but never ahead of the oneways sent before them: a
+/// call that counts the oneways sees every one its caller sent first. (Before, a pool thread
+/// ran a call as soon as it read it, while another thread was still running the oneways.)
+#[test]
+fn a_call_runs_after_the_oneways_sent_before_it_even_with_a_pool() {
+    let _fds = fd_count_lock();
+    let (client, server) = lab(4);
+    let mut sent = 0;
+    for _ in 0..500 {
+        for _ in 0..5 {
+            client.count(sent).unwrap();
+            sent += 1;
+        }
+        assert_eq!(client.counted_so_far().unwrap(), sent);
+    }
+    assert!(client.counted(sent).unwrap());
     drop(client);
     server.join().unwrap().unwrap();
 }

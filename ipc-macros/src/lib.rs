@@ -94,7 +94,8 @@ use quote::quote;
 /// - `IpaServer<T: Ipa>`: `new(T)`, `serve(self, AsyncConnection)` (starts serving at once and
 ///   returns a `Send + 'static` future that resolves when the peer hangs up: spawn it or await
 ///   it), `async fn dispatch(&self, IpaRequest)`, and the runtime's `AsyncService`
-///   implementation. Each call runs as a task of its own; oneway messages run in order.
+///   implementation. Each call runs as a task of its own, once the oneway messages that
+///   arrived before it have run; oneway messages run one at a time, in order.
 /// - `IpaRequest`, `IpaResponse` and `IPA_INFO` are those of the blocking flavour (`decode`
 ///   takes an `AsyncCall`, and `send` is `async fn send(self, &mut AsyncCall)`), and the
 ///   interface signature does not include `async`: an async client talks to a blocking server

@@ -56,7 +56,7 @@ impl Server {
 
     /// Runs up to `n` requests of one connection at once, on a pool of `n` threads (`n` = 1,
     /// the default, is strictly in order). Oneway messages from one peer still run one at a
-    /// time, in the order sent.
+    /// time, in the order sent, and a call waits for the oneways that arrived before it.
     pub fn threads(mut self, n: usize) -> Server {
         self.threads = n.max(1);
         self

@@ -17,7 +17,8 @@
 //! on a thread waiting for a reply: a callback arriving while a caller waits is handed to a
 //! serving thread, so there is no nested event loop and no re-entrancy. A connection that
 //! receives calls must therefore have a serving thread, or those calls wait. Oneway messages
-//! run in the order they were sent, one at a time.
+//! run in the order they were sent, one at a time, and a call runs only once the oneways that
+//! arrived before it have run, on however many serving threads.
 //!
 //! When the peer hangs up or dies, the reader sees it at once and every waiting caller gets
 //! [`Error::Disconnected`] — never [`Error::TimedOut`].
@@ -141,11 +142,15 @@ struct State {
     buffer: Frame,
     /// Calls waiting for replies, by cookie; `Some` once the reply is in.
     pending: HashMap<u64, Option<Result<Frame>>, BuildHasherDefault<CookieHasher>>,
-    /// Calls for a serving thread to run.
-    calls: VecDeque<Frame>,
+    /// Calls for a serving thread to run, each with the number of oneway messages that
+    /// arrived before it: a call runs once that many have run.
+    calls: VecDeque<(Frame, u64)>,
     /// Oneway messages, run one at a time in order.
     oneways: VecDeque<Frame>,
     oneway_running: bool,
+    /// Oneway messages that arrived, and that have run.
+    oneways_arrived: u64,
+    oneways_run: u64,
     /// Threads asleep on `wake`: a notify costs a futex syscall, so only wake if any.
     waiters: usize,
     /// Threads inside `run`.

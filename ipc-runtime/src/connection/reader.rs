@@ -147,6 +147,7 @@ impl Shared {
             && result.is_ok()
             && envelope::kind_byte(&frame.payload) == Some(Kind::Call as u8)
             && state.calls.is_empty()
+            && state.oneways_run == state.oneways_arrived
         {
             // The common case, without `route`'s general matching: a call to run now.
             self.release_reader(&mut state);
@@ -217,10 +218,17 @@ impl Shared {
                     && !state.oneway_running =>
             {
                 state.oneway_running = true;
+                state.oneways_arrived += 1;
                 return (state, Some(Taken::Request(frame, true)));
             }
-            (Kind::Call, Ok(())) => state.calls.push_back(frame),
-            (Kind::Oneway, Ok(())) => state.oneways.push_back(frame),
+            (Kind::Call, Ok(())) => {
+                let after = state.oneways_arrived;
+                state.calls.push_back((frame, after));
+            }
+            (Kind::Oneway, Ok(())) => {
+                state.oneways_arrived += 1;
+                state.oneways.push_back(frame);
+            }
             (Kind::Call, Err(e)) => {
                 drop(state);
                 let why = format!("the server could not receive the request's fds: {e}");

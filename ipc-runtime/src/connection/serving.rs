@@ -33,7 +33,12 @@ impl Connection {
                     continue;
                 }
             }
-            if let Some(frame) = state.calls.pop_front() {
+            // A call waits for the oneways that arrived before it (they may run on another
+            // thread of the pool).
+            if let Some(&(_, after)) = state.calls.front()
+                && after <= state.oneways_run
+            {
+                let (frame, _) = state.calls.pop_front().expect("checked above");
                 drop(state);
                 state = shared.run_request(frame, false, &mut registry);
                 continue;
@@ -101,6 +106,7 @@ impl Shared {
         let mut state = lock(&self.state);
         if oneway {
             state.oneway_running = false;
+            state.oneways_run += 1;
             self.wake_all(&state);
         }
         keep_buffer(&mut state, frame);

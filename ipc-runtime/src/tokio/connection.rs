@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use ::tokio::io::unix::AsyncFd;
 use ::tokio::runtime::Handle;
-use ::tokio::sync::{Mutex as AsyncMutex, Notify, OwnedMutexGuard, mpsc, oneshot};
+use ::tokio::sync::{Mutex as AsyncMutex, Notify, OwnedMutexGuard, mpsc, oneshot, watch};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -84,6 +84,9 @@ pub(super) struct Inner {
     trace: bool,
     /// Byte strings through shared memory, as in the blocking flavour.
     lane: Lane,
+    /// How many oneway messages have run (or been passed over once the connection ended):
+    /// a call waits until the oneways that arrived before it have run.
+    oneways_run: watch::Sender<u64>,
 }
 
 #[derive(Default)]
@@ -98,6 +101,8 @@ struct State {
     held: Vec<(Frame, Envelope)>,
     /// The task that runs oneway messages in order, once there is one.
     oneways: Option<mpsc::UnboundedSender<(Frame, Envelope)>>,
+    /// How many oneway messages went to that task.
+    oneways_queued: u64,
 }
 
 /// The connection's tasks still running, so that [`AsyncConnection::run`] can wait for them.
@@ -168,6 +173,7 @@ impl AsyncConnection {
             runtime,
             send_lock: Arc::new(AsyncMutex::new(())),
             state: Mutex::new(State::default()),
+            oneways_run: watch::Sender::new(0),
             next_cookie: AtomicU64::new(1),
             services: RwLock::new(Vec::new()),
             authorizer: RwLock::new(None),
@@ -256,7 +262,8 @@ impl AsyncConnection {
     /// Requests that arrive before the first service is added (or [`AsyncConnection::run`] is
     /// called) wait for it, as they would wait for a serving thread in the blocking flavour;
     /// from then on each request is handled as it arrives, calls concurrently in tasks of
-    /// their own, oneway messages one at a time in order.
+    /// their own (each once the oneways that arrived before it have run), oneway messages one
+    /// at a time in order.
     pub fn add_service(&self, service: impl AsyncService) {
         let service: Arc<dyn AsyncService> = Arc::new(service);
         {
@@ -578,12 +585,14 @@ impl Inner {
         }
     }
 
-    /// A call gets a task of its own; a oneway goes to the task that runs them in order.
+    /// A call gets a task of its own, which runs once the oneways that arrived before it have
+    /// run; a oneway goes to the task that runs them in order.
     fn dispatch(self: &Arc<Self>, state: &mut State, frame: Frame, envelope: Envelope) {
         if envelope.kind == Kind::Call {
             let guard = self.tasks.enter();
+            let after = state.oneways_queued;
             self.runtime
-                .spawn(run_request(self.clone(), frame, envelope, guard));
+                .spawn(run_request(self.clone(), frame, envelope, after, guard));
             return;
         }
         if state.oneways.is_none() && state.closed.is_none() {
@@ -593,7 +602,9 @@ impl Inner {
             state.oneways = Some(tx);
         }
         if let Some(oneways) = &state.oneways {
-            let _ = oneways.send((frame, envelope));
+            if oneways.send((frame, envelope)).is_ok() {
+                state.oneways_queued += 1;
+            }
         }
     }
 
@@ -822,7 +833,20 @@ impl Drop for Remainder {
 }
 
 /// Runs one call request and replies.
-async fn run_request(inner: Arc<Inner>, frame: Frame, envelope: Envelope, guard: TaskGuard) {
+/// Runs a call once the first `after` oneway messages have run: a peer that sends a oneway
+/// and then a call sees the call run after the oneway, as it would on one thread.
+async fn run_request(
+    inner: Arc<Inner>,
+    frame: Frame,
+    envelope: Envelope,
+    after: u64,
+    guard: TaskGuard,
+) {
+    if *inner.oneways_run.borrow() < after {
+        let mut run = inner.oneways_run.subscribe();
+        // The sender lives in `inner`, which this task holds: no error to expect.
+        let _ = run.wait_for(|&n| n >= after).await;
+    }
     handle_request(inner, frame, envelope).await;
     drop(guard);
 }
@@ -837,7 +861,8 @@ async fn run_oneways(
     drop(inner); // the queue's sender lives in `Inner`; holding it would keep the queue open
     while let Some((frame, envelope)) = queue.recv().await {
         if let Some(inner) = weak.upgrade() {
-            handle_request(inner, frame, envelope).await;
+            handle_request(inner.clone(), frame, envelope).await;
+            inner.oneways_run.send_modify(|n| *n += 1);
         }
     }
     drop(guard);

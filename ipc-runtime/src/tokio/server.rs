@@ -79,7 +79,8 @@ impl AsyncListener {
 /// Serves a set of async interfaces: the async flavour of [`Server`](crate::Server).
 ///
 /// Requests of one connection run concurrently, each call in a task of its own; oneway
-/// messages from one peer run one at a time, in the order sent.
+/// messages from one peer run one at a time, in the order sent, and a call starts only once
+/// the oneways that arrived before it have run.
 ///
 /// ```no_run
 /// # use ipc_runtime::tokio::{AsyncListener, AsyncServer, AsyncService};
