@@ -79,7 +79,10 @@
 //!   (a oneway and then a call from one thread are handled in that order).
 //! - Either end may serve and call at once. A callback that arrives while a thread waits for
 //!   its own reply runs on a serving thread of that end — never on the waiting thread, so
-//!   there is no nested event loop. An end that expects calls must therefore be serving.
+//!   there is no nested event loop. An end that expects calls must therefore be serving, and
+//!   with as many threads as calls may nest: if A calls B, B's handler calls A, and A's
+//!   handler calls B again, B's one serving thread is still busy with the first call, so B
+//!   needs [`Server::threads`]`(2)` (or the innermost call waits until its timeout).
 //! - When the peer dies, every waiting caller gets [`Error::Disconnected`] at once.
 //!
 //! The socket is [`AsFd`](std::os::fd::AsFd) and [`Socket::try_recv`] never blocks, so an

@@ -49,15 +49,19 @@ use quote::quote;
 ///   `connection()`, and one method per trait method with the same name, parameters and doc
 ///   comments, returning `Result<R, typed_ipc::Error>` for a declared return type `R`. A
 ///   `#[oneway]` method returns `Ok(())` once the message is sent. Cheap to clone.
-/// - `IpaServer<T: Ipa>`: `new(T)`, `serve(self, Connection)` (answers requests until the peer
-///   hangs up; `Ok(())` on a clean close), `dispatch(&self, IpaRequest)`, and the runtime's
-///   `Service` implementation.
+/// - `IpaServer<T: Ipa + Send + Sync + 'static>`: `new(T)`, `serve(self, Connection)`
+///   (answers requests until the peer hangs up; `Ok(())` on a clean close),
+///   `dispatch(&self, IpaRequest)`, and the runtime's `Service` implementation.
 /// - `IpaRequest` (a variant per method, holding its arguments; `command()`, `decode(call)`)
 ///   and `IpaResponse` (a variant per method that gets a reply, holding its return value;
 ///   `send(call)`).
 /// - `IPA_INFO`: the interface's name, and each method's command id and signature, which both
 ///   ends compare: a client and a server built from different versions of the trait get
-///   `Error::InterfaceMismatch`, never a garbage decode.
+///   `Error::InterfaceMismatch` naming the method that differs, never a garbage decode of a
+///   changed method. The signature is the trait's text (names, ids, types as spelled), not the
+///   definitions of the types it names: a struct changed on one end only is not detected, and
+///   decodes as an error or, if its encoding happens to fit, as wrong values. Rebuild both
+///   ends when a shared type changes, or version the type itself.
 ///
 /// # The async flavour
 ///
@@ -91,11 +95,12 @@ use quote::quote;
 /// - `IpaClient` takes an `AsyncConnection`; its methods are `async fn`s with the same
 ///   parameters returning `Result<R, typed_ipc::Error>`. Dropping a call's future cancels the
 ///   call (the late reply is dropped, its fds closed). `with_timeout` needs tokio's time driver.
-/// - `IpaServer<T: Ipa>`: `new(T)`, `serve(self, AsyncConnection)` (starts serving at once and
-///   returns a `Send + 'static` future that resolves when the peer hangs up: spawn it or await
-///   it), `async fn dispatch(&self, IpaRequest)`, and the runtime's `AsyncService`
-///   implementation. Each call runs as a task of its own, once the oneway messages that
-///   arrived before it have run; oneway messages run one at a time, in order.
+/// - `IpaServer<T: Ipa + Send + Sync + 'static>`: `new(T)`, `serve(self, AsyncConnection)`
+///   (starts serving at once and returns a `Send + 'static` future that resolves when the peer
+///   hangs up: spawn it or await it), `async fn dispatch(&self, IpaRequest)`, and the
+///   runtime's `AsyncService` implementation. Each call runs as a task of its own, once the
+///   oneway messages that arrived before it have run; oneway messages run one at a time, in
+///   order.
 /// - `IpaRequest`, `IpaResponse` and `IPA_INFO` are those of the blocking flavour (`decode`
 ///   takes an `AsyncCall`, and `send` is `async fn send(self, &mut AsyncCall)`), and the
 ///   interface signature does not include `async`: an async client talks to a blocking server
@@ -104,8 +109,10 @@ use quote::quote;
 /// # Method attributes
 ///
 /// - `#[cmd(N)]` pins the method's command id to `N`; otherwise its id is its position in the
-///   trait (0, 1, ...). Two methods with one id are a compile error. Pin ids to keep old
-///   clients working when methods are inserted or removed.
+///   trait (0, 1, ...). Two methods with one id are a compile error. Pinned ids stay the same
+///   when methods are inserted or removed (in `TYPED_IPC_DEBUG` output, and for code that
+///   routes `IpaRequest`s itself); the ends still compare the whole trait, so a client and a
+///   server built from different versions of it get `Error::InterfaceMismatch` on every call.
 /// - `#[oneway]`: the client sends and does not wait; the method must return `()`.
 ///
 /// # Types
