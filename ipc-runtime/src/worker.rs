@@ -1,9 +1,31 @@
 //! Worker processes: start a child with one end of a connection, and watch it.
+//!
+//! [`Worker::spawn`] hands the child its end of the connection at fd 3 and says so in the
+//! environment variable [`ENV`], whose value names the fd and the socket on it:
+//! `TYPED_IPC_FD=3:<inode>`, the socket's inode number. [`connection`] and [`socket`] in the
+//! child take the fd only if it is that very socket (an `AF_UNIX` `SOCK_SEQPACKET` socket with
+//! that inode), and only once per process. They never change the environment, so they may be
+//! called at any time, from any thread (inside `#[tokio::main]`, say).
+//!
+//! The variable stays in the worker's environment, so processes the worker starts inherit
+//! it. They do not take anything for it: the worker's end of the connection is close-on-exec
+//! once taken, so such a process finds another fd 3 or none, and an fd that is not the
+//! parent's socket is refused and left alone: it is never closed, whatever it is. The same
+//! holds for a stale variable inherited from a shell. (A process the worker starts *before*
+//! taking its connection inherits the socket itself, as it inherits any fd that is not
+//! close-on-exec; take the connection first.)
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, ExitStatus};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+use nix::sys::socket::{
+    self as ns, AddressFamily, SockType, SockaddrLike, SockaddrStorage, sockopt,
+};
+use nix::sys::stat::{SFlag, fstat};
 
 use crate::connection::Connection;
 use crate::error::{Error, Result};
@@ -12,14 +34,17 @@ use crate::socket::Socket;
 
 /// The fd number the child finds its end of the connection at.
 const CHILD_FD: i32 = 3;
-/// The environment variable that tells the child where its connection is.
+/// The environment variable that tells the child where its connection is: `<fd>:<inode>`,
+/// the fd number and the inode number of the socket on it (see the [module docs](self)).
 pub const ENV: &str = "TYPED_IPC_FD";
 
 /// A child process started with [`Worker::spawn`], connected to this one.
 ///
 /// The child inherits exactly one extra fd, its end of the connection (at fd 3); every other
 /// fd of this process stays close-on-exec. Dropping a `Worker` kills the child and reaps it,
-/// so no zombie is left behind; call [`Worker::wait`] to let it finish instead.
+/// so no zombie is left behind; call [`Worker::wait`] to let it finish instead. Keep it
+/// while you use the connection: `let (_, connection) = Worker::spawn(command)?` drops it,
+/// and kills the child, at once.
 #[derive(Debug)]
 pub struct Worker {
     child: Child,
@@ -62,7 +87,9 @@ impl Worker {
         let (ours, theirs) = Socket::pair()?;
         let theirs = OwnedFd::from(theirs);
         let raw = theirs.as_raw_fd();
-        command.env(ENV, CHILD_FD.to_string());
+        // The child's fd 3 is the same open socket, so it has the same inode there.
+        let inode = fstat(&theirs)?.st_ino;
+        command.env(ENV, format!("{CHILD_FD}:{inode}"));
         // SAFETY: the closure runs in the child between fork and exec and only calls dup2 and
         // fcntl, which are async-signal-safe.
         unsafe {
@@ -156,6 +183,11 @@ fn pidfd_open(pid: u32) -> Option<OwnedFd> {
 /// In a process started by [`Worker::spawn`]: this side of the connection. Call it once;
 /// later calls, and calls in a process that was not started as a worker, fail.
 ///
+/// It only reads the environment ([`ENV`]), so it may be called from any thread, at any
+/// time, e.g. inside `#[tokio::main]`. A process that was not started as a worker, such as
+/// one the worker started in turn, gets an error, and whatever fd the variable names is left
+/// open (see the [module docs](self)).
+///
 /// The connection accepts byte strings of 256 KiB to 1 MiB written straight into this
 /// process's memory by the parent ([`Connection::accept_writes_from_peer`]), which started
 /// this process and may write its memory anyway. For a worker that must not, use
@@ -167,30 +199,86 @@ pub fn connection() -> Result<Connection> {
     Ok(connection)
 }
 
+/// Whether this process has taken its end of the connection from its parent.
+static TAKEN: AtomicBool = AtomicBool::new(false);
+
 /// [`connection`] for the bare transport, in a process started by [`Worker::spawn_socket`].
+///
+/// Takes the fd named by [`ENV`] only if it is the socket the parent made for this process;
+/// anything else is an error, and the fd is left open (see the [module docs](self)).
 pub fn socket() -> Result<Socket> {
-    let not_worker = || {
-        Error::Io(io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("not started as a typed-ipc worker (no {ENV} in the environment)"),
-        ))
-    };
-    let raw: i32 = std::env::var(ENV)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(not_worker)?;
-    // SAFETY: only reads the fd's flags; fails with EBADF if `raw` is not open.
-    if raw < 0 || unsafe { libc::fcntl(raw, libc::F_GETFD) } == -1 {
-        return Err(not_worker());
+    let not_worker = |why: String| not_found(format!("not started as a typed-ipc worker: {why}"));
+    let taken = || not_found("this worker has taken its connection already".into());
+    let value =
+        std::env::var(ENV).map_err(|_| not_worker(format!("no {ENV} in the environment")))?;
+    let (raw, inode) = parse(&value)
+        .ok_or_else(|| not_worker(format!("{ENV}={value:?} is not `<fd>:<inode>`")))?;
+    if TAKEN.load(Ordering::Acquire) {
+        return Err(taken());
     }
-    // SAFETY: the parent left this fd open for us and nothing in this process has claimed
-    // it (we forget the variable below, so it is claimed once).
+    // SAFETY: F_GETFD only reads the flags of whatever `raw` is, and fails with EBADF if it
+    // is not open; it changes nothing.
+    if unsafe { libc::fcntl(raw, libc::F_GETFD) } == -1 {
+        return Err(not_worker(format!(
+            "{ENV} names fd {raw}, which is not open"
+        )));
+    }
+    // SAFETY: `raw` is open (just checked), and the borrow ends within this function, which
+    // only queries it: it neither closes nor changes it.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(raw) };
+    if !is_the_socket(borrowed, inode) {
+        return Err(not_worker(format!(
+            "fd {raw} is not the socket {ENV} names (the variable came from another process?); \
+             left open"
+        )));
+    }
+    // Another thread may have checked the same fd at the same time: only one takes it.
+    if TAKEN
+        .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
+        return Err(taken());
+    }
+    // SAFETY: `raw` is the socket the parent made for this process (the same inode) and left
+    // open for it, and nothing in this process has claimed it: `TAKEN` lets it be taken once.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    // SAFETY: set_var/remove_var race with other threads reading the environment; a worker
-    // calls this at startup, before it starts threads.
-    unsafe { std::env::remove_var(ENV) };
     // Keep it out of anything this worker starts in turn.
-    // SAFETY: sets the close-on-exec flag of an fd we own.
-    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    fcntl(&fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
     Socket::from_fd(fd)
+}
+
+fn not_found(message: String) -> Error {
+    Error::Io(io::Error::new(io::ErrorKind::NotFound, message))
+}
+
+/// The fd and inode number in a value of [`ENV`].
+fn parse(value: &str) -> Option<(RawFd, u64)> {
+    let (fd, inode) = value.split_once(':')?;
+    let fd = fd.parse::<RawFd>().ok().filter(|fd| *fd >= 0)?;
+    Some((fd, inode.parse().ok()?))
+}
+
+/// Whether `fd` is an `AF_UNIX` `SOCK_SEQPACKET` socket with inode number `inode`.
+fn is_the_socket(fd: BorrowedFd<'_>, inode: u64) -> bool {
+    let Ok(stat) = fstat(fd) else { return false };
+    SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT == SFlag::S_IFSOCK
+        && stat.st_ino == inode
+        && ns::getsockopt(&fd, sockopt::SockType) == Ok(SockType::SeqPacket)
+        && ns::getsockname::<SockaddrStorage>(fd.as_raw_fd())
+            .is_ok_and(|addr| addr.family() == Some(AddressFamily::Unix))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse;
+
+    #[test]
+    fn the_variable_names_an_fd_and_an_inode() {
+        assert_eq!(parse("3:123456"), Some((3, 123456)));
+        // The old form, a bare fd number, is not the parent's socket.
+        assert_eq!(parse("3"), None);
+        for bad in ["", ":", "3:", ":1", "-1:5", "3:x", "x:3", "3:5:7", " 3:5"] {
+            assert_eq!(parse(bad), None, "{bad:?}");
+        }
+    }
 }

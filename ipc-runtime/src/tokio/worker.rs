@@ -21,8 +21,9 @@ pub fn spawn(command: Command) -> Result<(Worker, AsyncConnection)> {
 }
 
 /// In a process started as a worker (by [`spawn`] or [`Worker::spawn`]): this side of the
-/// connection, on the current tokio runtime. Call it once, early (see
-/// [`crate::worker::connection`]).
+/// connection, on the current tokio runtime. Call it once (see
+/// [`crate::worker::connection`]); it leaves the environment alone, so runtime threads may
+/// already be running.
 ///
 /// Like the blocking one, it accepts byte strings written into this process by the parent
 /// ([`AsyncConnection::accept_writes_from_peer`]).

@@ -1,0 +1,147 @@
+//! Taking a worker's connection: only in the worker, only its parent's socket, without
+//! touching the environment, and without closing an fd that is not ours.
+
+mod common;
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+use common::*;
+use ipc_runtime::worker::{self, ENV, Exit, Worker};
+use nix::fcntl::OFlag;
+use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+use nix::sys::stat::fstat;
+
+/// `command` with `fd` at fd 3 in the child (the one fd it inherits besides 0–2).
+fn with_fd3(mut command: Command, fd: &OwnedFd) -> Command {
+    let raw = fd.as_raw_fd();
+    // SAFETY: the closure runs in the child between fork and exec and only calls dup2, which
+    // is async-signal-safe.
+    unsafe {
+        command.pre_exec(move || {
+            // dup2 leaves fd 3 without close-on-exec, so it crosses the exec.
+            if libc::dup2(raw, 3) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    command
+}
+
+/// Runs `command` with `theirs` at its fd 3 and returns what it wrote there, read from `ours`
+/// (the other end), once it has exited successfully.
+fn run_with_fd3(command: Command, ours: OwnedFd, theirs: OwnedFd) -> Vec<u8> {
+    let mut child = with_fd3(command, &theirs).spawn().unwrap();
+    drop(theirs);
+    let mut written = Vec::new();
+    // Ends when the child, the only other holder of `theirs`, has exited.
+    File::from(ours).read_to_end(&mut written).unwrap();
+    assert!(child.wait().unwrap().success(), "the child failed");
+    written
+}
+
+fn pipe() -> (OwnedFd, OwnedFd) {
+    nix::unistd::pipe2(OFlag::O_CLOEXEC).unwrap()
+}
+
+fn socket_pair(kind: SockType) -> (OwnedFd, OwnedFd) {
+    socketpair(AddressFamily::Unix, kind, None, SockFlag::SOCK_CLOEXEC).unwrap()
+}
+
+fn stream_pair() -> (OwnedFd, OwnedFd) {
+    socket_pair(SockType::Stream)
+}
+
+fn inode(fd: &OwnedFd) -> u64 {
+    fstat(fd).unwrap().st_ino
+}
+
+#[test]
+fn a_variable_naming_an_fd_that_is_not_the_parents_socket_takes_nothing_and_closes_nothing() {
+    // A pipe or a stream socket at fd 3, named by a stale variable of the old form or by one
+    // with the right inode: the child gets an error, and fd 3 is still open afterwards (it
+    // writes to it, and the bytes arrive here).
+    for (kind, make) in [("pipe", pipe as fn() -> _), ("stream socket", stream_pair)] {
+        for with_inode in [false, true] {
+            let (ours, theirs) = make();
+            let value = if with_inode {
+                format!("3:{}", inode(&theirs))
+            } else {
+                "3".to_string()
+            };
+            let mut command = child("child_with_fd3_not_a_worker");
+            command.env(ENV, &value);
+            let written = run_with_fd3(command, ours, theirs);
+            assert_eq!(written, b"still open", "{kind} at fd 3, {ENV}={value}");
+        }
+    }
+}
+
+#[test]
+fn a_worker_keeps_its_environment_and_what_it_starts_takes_nothing() {
+    let (mut child, socket) = Worker::spawn_socket(child("child_starting_processes")).unwrap();
+    let verdict = socket.recv();
+    assert_eq!(child.wait().unwrap(), Exit::Code(0));
+    assert_eq!(verdict.unwrap().payload, b"ok");
+}
+
+/// The worker of `a_worker_keeps_its_environment_and_what_it_starts_takes_nothing`.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_starting_processes() {
+    let before = std::env::var(ENV).unwrap();
+    let socket = worker::socket().unwrap();
+    assert_eq!(
+        std::env::var(ENV).as_deref(),
+        Ok(before.as_str()),
+        "taking the connection changed the environment"
+    );
+    assert!(worker::socket().is_err(), "the connection was taken twice");
+
+    // A process it starts inherits the variable; its fd 3 is another SOCK_SEQPACKET socket,
+    // which it must neither take nor close.
+    let (ours, theirs) = socket_pair(SockType::SeqPacket);
+    assert_eq!(
+        run_with_fd3(child("child_with_fd3_not_a_worker"), ours, theirs),
+        b"still open"
+    );
+    // One with nothing put at fd 3: the worker's own socket did not cross the exec.
+    let status = child("child_not_a_worker").status().unwrap();
+    assert!(status.success(), "took the worker's connection");
+
+    socket.send(b"ok", &[]).unwrap();
+}
+
+/// A process with a variable naming fd 3, which its parent gave it: it is not a worker, and
+/// fd 3 stays open.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_with_fd3_not_a_worker() {
+    assert!(std::env::var_os(ENV).is_some());
+    assert!(
+        worker::socket().is_err(),
+        "took an fd that is not the parent's socket"
+    );
+    // SAFETY: F_GETFD only reads fd 3's flags.
+    assert_ne!(
+        unsafe { libc::fcntl(3, libc::F_GETFD) },
+        -1,
+        "fd 3 was closed"
+    );
+    // SAFETY: fd 3 is open (just checked); the parent put it there for this process, and
+    // nothing else in it owns it.
+    let mut fd3 = File::from(unsafe { OwnedFd::from_raw_fd(3) });
+    fd3.write_all(b"still open").unwrap();
+}
+
+/// A process started by a worker with nothing at fd 3: it is not a worker.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_not_a_worker() {
+    assert!(std::env::var_os(ENV).is_some());
+    assert!(worker::connection().is_err());
+}
