@@ -32,12 +32,16 @@ pub enum ConfigError {
     TooLoud { gain: u32, max: u32 },
 }
 
-/// A user type carrying an fd among its fields.
+/// A user type carrying fds among its fields.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Labelled {
     pub label: String,
     #[serde(with = "typed_ipc::fd")]
     pub file: OwnedFd,
+    #[serde(with = "typed_ipc::fds")]
+    pub maybe: Option<OwnedFd>,
+    #[serde(with = "typed_ipc::fds")]
+    pub more: Vec<OwnedFd>,
 }
 
 #[interface]
@@ -127,9 +131,16 @@ impl Shapes for Impl {
     }
     fn labelled(&self, item: Labelled) -> Labelled {
         write(item.file.try_clone().unwrap(), &item.label);
+        // The optional fd and the list come back swapped: the list's first, and the rest
+        // with the optional one after them.
+        let mut more = item.more;
+        let maybe = (!more.is_empty()).then(|| more.remove(0));
+        more.extend(item.maybe);
         Labelled {
             label: format!("{} (seen)", item.label),
             file: item.file,
+            maybe,
+            more,
         }
     }
     fn stats_ready(&self, frame: u32, stats: OwnedFd) {
@@ -282,11 +293,26 @@ fn fds_in_and_out() {
         let item = Labelled {
             label: "label".into(),
             file: mine.try_clone().unwrap(),
+            maybe: Some(memfd("maybe")),
+            more: vec![memfd("a"), memfd("b")],
         };
         let back = ipa.labelled(item).unwrap();
         assert_eq!(back.label, "label (seen)");
         assert_eq!(contents(&mine), "label");
         assert_eq!(contents(&back.file), "label");
+        assert_eq!(back.maybe.as_ref().map(contents).as_deref(), Some("a"));
+        let more: Vec<String> = back.more.iter().map(contents).collect();
+        assert_eq!(more, ["b", "maybe"]);
+        // None and an empty list travel too.
+        let back = ipa
+            .labelled(Labelled {
+                label: String::new(),
+                file: memfd(""),
+                maybe: None,
+                more: Vec::new(),
+            })
+            .unwrap();
+        assert!(back.maybe.is_none() && back.more.is_empty());
     }
     running.stop();
     assert_eq!(open_fds(), before, "every fd opened by the test was closed");

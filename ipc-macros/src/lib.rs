@@ -123,7 +123,8 @@ use quote::quote;
 /// - `OwnedFd`, `Option<OwnedFd>` and `Vec<OwnedFd>` travel in the message's fd table. An
 ///   `OwnedFd` parameter is closed once sent. A `File` or `UnixStream` converts with `.into()`.
 ///   An `OwnedFd` inside your own serde type needs `#[serde(with = "typed_ipc::fd")]` on the
-///   field; an `OwnedFd` anywhere else in a parameter or return type is a compile error.
+///   field (`#[serde(with = "typed_ipc::fds")]` for an `Option<OwnedFd>` or `Vec<OwnedFd>`
+///   field); an `OwnedFd` anywhere else in a parameter or return type is a compile error.
 /// - `Vec<u8>` travels as one byte string rather than byte by byte.
 ///
 /// # Not supported (compile errors that say what to write instead)

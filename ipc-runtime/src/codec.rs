@@ -624,7 +624,8 @@ fn take_written<'de, A: serde::de::SeqAccess<'de>>(seq: &mut A) -> Result<Vec<u8
 }
 
 /// `#[serde(with = "typed_ipc::fd")]` for an [`OwnedFd`] field (or any `AsFd` +
-/// `From<OwnedFd>` type, such as `File`) inside your own serde types.
+/// `From<OwnedFd>` type, such as `File`) inside your own serde types. For an
+/// `Option<OwnedFd>` or `Vec<OwnedFd>` field, use [`fds`](mod@fds).
 pub mod fd {
     use super::*;
 
@@ -638,6 +639,23 @@ pub mod fd {
     /// Takes the fd the index names from the message's table.
     pub fn deserialize<'de, F: From<OwnedFd>, D: Deserializer<'de>>(d: D) -> Result<F, D::Error> {
         OwnedFd::deserialize_fds(d).map(F::from)
+    }
+}
+
+/// `#[serde(with = "typed_ipc::fds")]` for an `Option<OwnedFd>` or `Vec<OwnedFd>` field (or an
+/// `OwnedFd`) inside your own serde types: the shapes of fds a method's parameter may take, as
+/// fields.
+pub mod fds {
+    use super::*;
+
+    /// Registers the fds in the message's table and writes their indices.
+    pub fn serialize<T: FdCarrier, S: Serializer>(fds: &T, s: S) -> Result<S::Ok, S::Error> {
+        fds.serialize_fds(s)
+    }
+
+    /// Takes the fds the indices name from the message's table.
+    pub fn deserialize<'de, T: FdCarrier, D: Deserializer<'de>>(d: D) -> Result<T, D::Error> {
+        T::deserialize_fds(d)
     }
 }
 

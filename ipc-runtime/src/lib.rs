@@ -26,7 +26,7 @@ pub mod tokio;
 pub mod wire;
 pub mod worker;
 
-pub use codec::{bytes, fd};
+pub use codec::{bytes, fd, fds};
 pub use connection::{Authorizer, Connection};
 pub use error::{Error, Result};
 pub use frame::{Frame, Limits};
