@@ -524,6 +524,32 @@ fn a_different_interface_is_a_mismatch_that_names_the_method() {
     server.join().unwrap().unwrap();
 }
 
+/// A server that may refuse callers tells a caller what it serves only once the caller is let
+/// in: a refused caller of another version of the trait gets `Refused`, not the server's
+/// method signatures, and one of an interface not served learns no names.
+#[test]
+fn a_refused_caller_learns_nothing_of_what_is_served() {
+    let _serial = serial();
+    let (a, b) = Connection::pair().unwrap();
+    let server = typed_ipc::Server::new()
+        .service(v2::VersionedServer::new(v2::Impl))
+        .authorize(|_, _, _| Err("nobody may call".into()));
+    let server = std::thread::spawn(move || server.serve(&b));
+    match v1::VersionedClient::new(a.clone()).lookup(7) {
+        Err(Error::Refused(why)) => assert_eq!(why, "nobody may call"),
+        other => panic!("expected Error::Refused, got {other:?}"),
+    }
+    match ShapesClient::new(a.clone()).reverse("x".into()) {
+        Err(Error::InterfaceMismatch(why)) => {
+            assert!(!why.contains("Versioned"), "{why}");
+            assert!(why.contains("it serves: nothing"), "{why}");
+        }
+        other => panic!("expected Error::InterfaceMismatch, got {other:?}"),
+    }
+    drop(a);
+    server.join().unwrap().unwrap();
+}
+
 #[test]
 fn interface_info_describes_the_trait() {
     assert_eq!(SHAPES_INFO.name, "Shapes");

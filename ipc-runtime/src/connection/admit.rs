@@ -8,8 +8,12 @@ use crate::service::InterfaceInfo;
 use crate::socket::PeerCredentials;
 
 /// Finds the service `envelope` names among `services` (`info` tells each one's interface)
-/// and checks the call may run: the same interface signature on both ends, a command the
-/// interface has, and the authorizer's consent. Otherwise says why, for the failure reply.
+/// and checks the call may run: the authorizer's consent, the same interface signature on
+/// both ends, and a command the interface has. Otherwise says why, for the failure reply.
+///
+/// With an authorizer, a caller learns what this side serves only once it is let in: the
+/// authorizer runs before the signatures are compared, and a caller naming an interface not
+/// served, or a command the authorizer could not be asked about, learns no names.
 #[inline]
 pub(crate) fn admit<'s, S>(
     services: &'s [S],
@@ -19,24 +23,31 @@ pub(crate) fn admit<'s, S>(
     peer: Option<&PeerCredentials>,
 ) -> Result<&'s S, Failure> {
     let Some(service) = services.iter().find(|s| info(s).id == envelope.interface) else {
-        return Err(Failure::NotServed(
-            services.iter().map(|s| info(s).name.to_string()).collect(),
-        ));
+        let served = match authorizer {
+            Some(_) => Vec::new(),
+            None => services.iter().map(|s| info(s).name.to_string()).collect(),
+        };
+        return Err(Failure::NotServed(served));
     };
     let iface = info(service);
+    // The authorizer is only asked about commands the interface has.
+    let known = iface.method(envelope.cmd).is_some();
+    if let (Some(authorize), true) = (authorizer, known) {
+        authorize(peer, iface, envelope.cmd).map_err(Failure::Refused)?;
+    }
     if iface.signature != envelope.signature {
-        let methods = iface.methods.iter();
-        return Err(Failure::Mismatch(
-            methods
+        let methods = match (authorizer, known) {
+            (Some(_), false) => Vec::new(),
+            _ => iface
+                .methods
+                .iter()
                 .map(|m| (m.cmd, m.name.to_string(), m.signature.to_string()))
                 .collect(),
-        ));
+        };
+        return Err(Failure::Mismatch(methods));
     }
-    if iface.method(envelope.cmd).is_none() {
+    if !known {
         return Err(Failure::UnknownCommand(envelope.cmd));
-    }
-    if let Some(authorize) = authorizer {
-        authorize(peer, iface, envelope.cmd).map_err(Failure::Refused)?;
     }
     Ok(service)
 }

@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::envelope::Envelope;
+use super::trace;
 use crate::error::Error;
 use crate::service::InterfaceInfo;
 
@@ -45,9 +47,10 @@ impl Failure {
             Failure::UnknownCommand(cmd) => {
                 Error::Remote(format!("the peer's {name} has no command {cmd} ({method})"))
             }
-            Failure::BadRequest(why) => {
-                Error::Remote(format!("the peer could not decode {name}::{method}: {why}"))
-            }
+            Failure::BadRequest(why) => Error::Remote(format!(
+                "the peer could not decode {name}::{method}: {why} (were both ends built from \
+                 the same definitions of its types?)"
+            )),
             Failure::Refused(why) => Error::Refused(why),
             Failure::Unanswered(why) => Error::Remote(format!(
                 "the peer's {name}::{method} could not answer: {why}"
@@ -63,6 +66,51 @@ impl Failure {
             Failure::Mismatch(theirs) => Error::InterfaceMismatch(describe(ours, &theirs)),
         }
     }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Panicked(msg) => write!(f, "it panicked: {msg}"),
+            Failure::UnknownCommand(cmd) => write!(f, "this side has no command {cmd}"),
+            Failure::NotServed(served) if served.is_empty() => {
+                write!(f, "the interface is not served here")
+            }
+            Failure::NotServed(served) => write!(
+                f,
+                "the interface is not served here (served: {})",
+                served.join(", ")
+            ),
+            Failure::Mismatch(_) => write!(
+                f,
+                "the sender's interface differs from this side's (built from another version \
+                 of the trait)"
+            ),
+            Failure::BadRequest(why) => write!(f, "its arguments did not decode: {why}"),
+            Failure::Refused(why) => write!(f, "refused: {why}"),
+            Failure::Unanswered(why) => write!(f, "{why}"),
+        }
+    }
+}
+
+/// Says on stderr that a oneway message failed on this side: nobody waits for its outcome,
+/// so it would otherwise be lost. `iface` is this side's interface of that id, if it serves
+/// one.
+pub(crate) fn oneway_failed(envelope: &Envelope, iface: Option<&InterfaceInfo>, failure: &Failure) {
+    let method = match iface {
+        Some(iface) => match iface.method(envelope.cmd) {
+            Some(m) => format!("{}::{}", iface.name, m.name),
+            None => format!("{} command {}", iface.name, envelope.cmd),
+        },
+        None => format!(
+            "interface {:#x} command {}",
+            envelope.interface, envelope.cmd
+        ),
+    };
+    trace::line(&format!(
+        "typed-ipc[{}]: a oneway message {method} failed: {failure}",
+        std::process::id()
+    ));
 }
 
 /// Names the methods that differ between our interface and the peer's.

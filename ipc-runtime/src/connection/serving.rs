@@ -10,7 +10,7 @@ use serde::Serialize;
 use super::admit::admit;
 use super::buffers::RETAIN_MAX;
 use super::envelope::{self, Envelope, Kind};
-use super::failure::Failure;
+use super::failure::{self, Failure};
 use super::reader::{Reader, Taken};
 use super::{Connection, Guard, Registry, Shared, State, lock, trace};
 use crate::codec;
@@ -163,12 +163,11 @@ impl Shared {
             Some(failure) if !oneway => {
                 let _ = self.reply_failure(&envelope, &failure);
             }
-            // Nobody waits for a oneway's outcome, so say it here rather than lose it.
-            Some(failure) => trace::line(&format!(
-                "typed-ipc[{}]: a oneway message (command {}) failed: {failure:?}",
-                std::process::id(),
-                envelope.cmd
-            )),
+            Some(failure) => {
+                let services = registry.services.iter().map(|s| s.info());
+                let iface = services.into_iter().find(|i| i.id == envelope.interface);
+                failure::oneway_failed(&envelope, iface, &failure);
+            }
             None => {}
         }
         frame

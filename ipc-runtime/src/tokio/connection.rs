@@ -903,8 +903,22 @@ async fn handle_request(inner: Arc<Inner>, frame: Frame, envelope: Envelope) {
             }
         }
     };
-    if let (Some(failure), false) = (failure, oneway) {
-        let _ = reply_failure(inner, envelope, failure).await;
+    match failure {
+        Some(failure) if !oneway => {
+            let _ = reply_failure(inner, envelope, failure).await;
+        }
+        Some(failure) => {
+            let services = inner
+                .services
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
+            let iface = services
+                .iter()
+                .map(|s| s.info())
+                .find(|i| i.id == envelope.interface);
+            crate::connection::failure::oneway_failed(&envelope, iface, &failure);
+        }
+        None => {}
     }
 }
 
