@@ -1,5 +1,7 @@
 //! Why a call got no answer: the body of a failure reply, and how the caller words it.
 
+use std::sync::atomic::{AtomicU32, Ordering};
+
 use serde::{Deserialize, Serialize};
 
 use super::envelope::Envelope;
@@ -93,10 +95,31 @@ impl std::fmt::Display for Failure {
     }
 }
 
+/// How many failed oneways a process reports on stderr without `TYPED_IPC_DEBUG`: a peer
+/// sending bad oneways at message rate must not flood it.
+const ONEWAY_REPORTS: u32 = 10;
+
+/// Oneway failures reported so far in this process (without `TYPED_IPC_DEBUG`).
+static ONEWAYS_REPORTED: AtomicU32 = AtomicU32::new(0);
+
 /// Says on stderr that a oneway message failed on this side: nobody waits for its outcome,
 /// so it would otherwise be lost. `iface` is this side's interface of that id, if it serves
-/// one.
-pub(crate) fn oneway_failed(envelope: &Envelope, iface: Option<&InterfaceInfo>, failure: &Failure) {
+/// one. Without tracing (`TYPED_IPC_DEBUG`), only the first few of a process are said.
+pub(crate) fn oneway_failed(
+    tracing: bool,
+    envelope: &Envelope,
+    iface: Option<&InterfaceInfo>,
+    failure: &Failure,
+) {
+    let more = if tracing {
+        ""
+    } else {
+        match ONEWAYS_REPORTED.fetch_add(1, Ordering::Relaxed) {
+            n if n < ONEWAY_REPORTS - 1 => "",
+            n if n == ONEWAY_REPORTS - 1 => " (later ones are not shown: set TYPED_IPC_DEBUG=1)",
+            _ => return,
+        }
+    };
     let method = match iface {
         Some(iface) => match iface.method(envelope.cmd) {
             Some(m) => format!("{}::{}", iface.name, m.name),
@@ -108,7 +131,7 @@ pub(crate) fn oneway_failed(envelope: &Envelope, iface: Option<&InterfaceInfo>, 
         ),
     };
     trace::line(&format!(
-        "typed-ipc[{}]: a oneway message {method} failed: {failure}",
+        "typed-ipc[{}]: a oneway message {method} failed: {failure}{more}",
         std::process::id()
     ));
 }

@@ -166,7 +166,7 @@ impl Shared {
             Some(failure) => {
                 let services = registry.services.iter().map(|s| s.info());
                 let iface = services.into_iter().find(|i| i.id == envelope.interface);
-                failure::oneway_failed(&envelope, iface, &failure);
+                failure::oneway_failed(self.trace, &envelope, iface, &failure);
             }
             None => {}
         }

@@ -916,7 +916,7 @@ async fn handle_request(inner: Arc<Inner>, frame: Frame, envelope: Envelope) {
                 .iter()
                 .map(|s| s.info())
                 .find(|i| i.id == envelope.interface);
-            crate::connection::failure::oneway_failed(&envelope, iface, &failure);
+            crate::connection::failure::oneway_failed(inner.trace, &envelope, iface, &failure);
         }
         None => {}
     }
