@@ -330,7 +330,17 @@ pub fn decode_from<T: DeserializeOwned>(bytes: &[u8], fds: &mut Vec<OwnedFd>) ->
             deserialize,
         ),
     }; // the table is dropped here, closing the fds the value did not claim
-    result.map_err(|e| Error::Malformed(e.to_string()))
+    result.map_err(|e| Error::Malformed(why_undecodable(*e)))
+}
+
+/// Words a decode error: bincode's own text for a message that ends early is empty.
+fn why_undecodable(e: bincode::ErrorKind) -> String {
+    match e {
+        bincode::ErrorKind::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            "the message ends before the value it holds (a length or a field is missing)".into()
+        }
+        e => e.to_string(),
+    }
 }
 
 /// Runs `f` with `table` as the fds the decoder takes from.

@@ -271,7 +271,10 @@ impl Inbox {
         let mut bytes = std::mem::take(&mut self.buffer);
         // SAFETY: the peer wrote `len` bytes at the start of this buffer before sending the
         // message that says so; it may write this process's memory (the premise of an
-        // inbox), and it is the only writer of the buffer, which nothing here has read.
+        // inbox), and it is the only writer of the buffer, which nothing here has read. Only
+        // that trust makes the bytes initialised: a peer that lied about `len` exposes
+        // uninitialised memory, but such a peer can already write anywhere in this process,
+        // which is why only a parent's worker accepts writes.
         unsafe { bytes.set_len(len) };
         self.taken = Some(seq);
         if len < CAPACITY / 2 {

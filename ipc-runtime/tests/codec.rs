@@ -213,3 +213,18 @@ mod serde_bytes_vec {
         }
     }
 }
+
+/// A message that ends before the value it announces says so: bincode's own text for it is
+/// empty ("io error: ").
+#[test]
+fn a_message_cut_short_says_so() {
+    let value = "a string of some length".to_string();
+    let (mut bytes, mut fds) = (Vec::new(), Vec::new());
+    codec::encode(&value, &mut bytes, &mut fds).unwrap();
+    bytes.truncate(bytes.len() - 5);
+    let why = malformed(codec::decode::<String>(&bytes, Vec::new()).unwrap_err());
+    assert!(
+        why.contains("the message ends before the value it holds"),
+        "{why}"
+    );
+}

@@ -60,7 +60,7 @@ use serde::Serialize;
 
 use super::envelope::{self, Kind};
 use crate::codec::{self, NO_FD, OutOfLine, Piped, Placed, Placement, Written};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::frame::Frame;
 use crate::one_copy;
 use crate::peer_memory::{self, Inbox, PeerMemory};
@@ -680,7 +680,11 @@ impl OutOfLine for Lane {
                 ));
             }
         };
-        let bytes = view.to_vec(offset, len).map_err(|e| e.to_string())?;
+        // The caller words the error as malformed; its own wording would say so twice.
+        let bytes = view.to_vec(offset, len).map_err(|e| match e {
+            Error::Malformed(why) => why,
+            e => e.to_string(),
+        })?;
         self.done_with(placed.seq & SEQ_MASK, 0);
         Ok(bytes)
     }

@@ -36,19 +36,16 @@ fn a_message_goes_out_in_pieces_and_resumes_with_copies_of_the_unsent_fds() {
     let (a, b) = Socket::pair().unwrap();
     let payload: Vec<u8> = (0..24u32 << 20).map(|i| (i % 253) as u8).collect();
     let files: Vec<OwnedFd> = (0..700).map(memfd).collect();
-    let receiver = std::thread::spawn(move || b.recv().unwrap());
 
     let mut cursor = SendCursor::new(payload.len(), files.len()).unwrap();
     assert!(!cursor.in_progress());
     let borrowed: Vec<BorrowedFd<'_>> = files.iter().map(|f| f.as_fd()).collect();
-    // Until the socket buffer is full (the receiver may drain some meanwhile).
-    while !a.send_some(&mut cursor, &payload, &borrowed).unwrap() {
-        if cursor.in_progress() && cursor.fds_sent() > 0 {
-            break;
-        }
-        wait_writable(&a);
-    }
-    assert!(cursor.in_progress(), "24 MiB do not fit a socket buffer");
+    // Until the socket buffer is full. Nobody receives yet: a receiver draining meanwhile
+    // could take the whole message before the sender ever has to stop.
+    let sent_whole = a.send_some(&mut cursor, &payload, &borrowed).unwrap();
+    assert!(!sent_whole, "24 MiB do not fit a socket buffer");
+    assert!(cursor.in_progress() && cursor.fds_sent() > 0);
+    let receiver = std::thread::spawn(move || b.recv().unwrap());
     // Copies of the fds still to go; the originals may now be closed.
     let unsent: Vec<OwnedFd> = files[cursor.fds_sent()..]
         .iter()
