@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Barrier, Condvar, Mutex};
@@ -355,6 +355,128 @@ fn graceful_shutdown_finishes_calls_in_flight_and_stops_accepting() {
         Connection::connect_abstract(&name).is_err(),
         "no longer accepting"
     );
+}
+
+/// How many more fds than it has open the child of
+/// `a_listener_out_of_fds_says_so_and_accepts_again_once_clients_hang_up` may open.
+const ROOM: usize = 8;
+
+/// Only guards against a hang: a test that waits this long has failed anyway.
+const HANG_GUARD: Duration = Duration::from_secs(60);
+
+#[test]
+fn a_listener_out_of_fds_says_so_and_accepts_again_once_clients_hang_up() {
+    use std::io::BufRead;
+    let _fds = fd_count_lock();
+    let name = format!("typed-ipc-emfile-{}", std::process::id());
+    let mut server = child("child_serves_at_a_low_fd_limit")
+        .env("TYPED_IPC_TEST_LISTENER", &name)
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = {
+        let (tx, rx) = mpsc::channel();
+        let stderr = std::io::BufReader::new(server.stderr.take().unwrap());
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                eprintln!("child: {line}");
+                let _ = tx.send(line);
+            }
+        });
+        rx
+    };
+    let wait_for = |what: &str| loop {
+        match lines.recv_timeout(HANG_GUARD) {
+            Ok(line) if line.contains(what) => return,
+            Ok(_) => continue,
+            Err(e) => panic!("the child never said {what:?} ({e:?})"),
+        }
+    };
+    wait_for("listening");
+    // More clients than the child has fds for. All of them connect (the kernel queues those
+    // the child has not accepted yet), and the child runs out of fds accepting them: until
+    // they hang up, each one it accepted holds an fd.
+    let clients: Vec<_> = (0..3 * ROOM)
+        .map(|_| LabClient::new(Connection::connect_abstract(&name).unwrap()))
+        .collect();
+    wait_for("Too many open files");
+    drop(clients);
+    // The child accepts the queued clients as the ones gone give their fds back, then this
+    // one, whose call it answers. It used to stop accepting for good at the first EMFILE.
+    let fresh = LabClient::new(Connection::connect_abstract(&name).unwrap());
+    assert_eq!(
+        fresh.with_timeout(HANG_GUARD).caller_pid().unwrap(),
+        std::process::id() as i32
+    );
+    wait_for("accepts clients again");
+    drop(fresh);
+    drop(server.stdin.take()); // the child's cue to shut down
+    assert!(server.wait().unwrap().success());
+}
+
+/// The child of `a_listener_out_of_fds_says_so_and_accepts_again_once_clients_hang_up`:
+/// serves `Lab` on the listener the parent names, with room for [`ROOM`] more fds, until its
+/// stdin ends.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_serves_at_a_low_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    use std::io::Read;
+    let name = std::env::var("TYPED_IPC_TEST_LISTENER").unwrap();
+    let serving = Server::new()
+        .service(LabServer::new(LabImpl::new()))
+        .listen(Listener::bind_abstract(&name).unwrap())
+        .unwrap();
+    // The limit caps fd numbers, and an fd above it (one the child inherited, say) stays
+    // open: leave ROOM numbers free below it.
+    let open: Vec<usize> = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    let mut limit = ROOM;
+    while limit - open.iter().filter(|&&fd| fd < limit).count() < ROOM {
+        limit += 1;
+    }
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    setrlimit(Resource::RLIMIT_NOFILE, limit as u64, hard).unwrap();
+    eprintln!("listening");
+    std::io::stdin().read_to_end(&mut Vec::new()).unwrap();
+    serving.accepting().unwrap();
+    serving.shutdown();
+}
+
+#[test]
+fn a_listener_that_fails_for_good_says_why_and_serves_its_clients_on() {
+    let _fds = fd_count_lock();
+    let name = format!("typed-ipc-listener-fails-{}", std::process::id());
+    let listener = Listener::bind_abstract(&name).unwrap();
+    let same_socket = listener.as_fd().try_clone_to_owned().unwrap();
+    let serving = Server::new()
+        .service(LabServer::new(LabImpl::new()))
+        .listen(listener)
+        .unwrap();
+    let client = LabClient::new(Connection::connect_abstract(&name).unwrap());
+    assert_eq!(client.caller_pid().unwrap(), std::process::id() as i32);
+    serving.accepting().unwrap();
+    // Shut down behind the server's back, the socket fails every accept with EINVAL.
+    nix::sys::socket::shutdown(same_socket.as_raw_fd(), nix::sys::socket::Shutdown::Both).unwrap();
+    let since = std::time::Instant::now();
+    let why = loop {
+        match serving.accepting() {
+            Ok(()) if since.elapsed() < HANG_GUARD => std::thread::yield_now(),
+            Ok(()) => panic!("the server never noticed"),
+            Err(e) => break e,
+        }
+    };
+    assert!(
+        matches!(&why, Error::Io(e) if e.raw_os_error() == Some(libc::EINVAL)),
+        "{why:?}"
+    );
+    // The client already connected is still served.
+    assert_eq!(client.caller_pid().unwrap(), std::process::id() as i32);
+    drop(client);
+    serving.shutdown();
 }
 
 // ---- across processes: callbacks and peer death ----

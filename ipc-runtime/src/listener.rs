@@ -58,12 +58,18 @@ impl Listener {
 
     /// Waits for the next connection.
     pub fn accept(&self) -> Result<Socket> {
+        Socket::new(self.accept_fd()?)
+    }
+
+    /// Waits for the next connection and returns its descriptor, retrying past a signal and
+    /// a client that gave up while queued (`EINTR`, `ECONNABORTED`).
+    pub(crate) fn accept_fd(&self) -> nix::Result<OwnedFd> {
         loop {
             match ns::accept4(self.fd.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
                 // SAFETY: accept4 returned a new descriptor that nothing else owns.
-                Ok(raw) => return Socket::new(unsafe { OwnedFd::from_raw_fd(raw) }),
+                Ok(raw) => return Ok(unsafe { OwnedFd::from_raw_fd(raw) }),
                 Err(nix::Error::EINTR | nix::Error::ECONNABORTED) => continue,
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(e),
             }
         }
     }

@@ -1,14 +1,19 @@
 //! [`Server`]: which interfaces to serve, how many requests at once, who may call; on one
 //! connection or on every client of a [`Listener`].
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::fmt::Display;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use crate::connection::Connection;
+use nix::errno::Errno;
+
+use crate::connection::{Connection, trace};
 use crate::error::{Error, Result};
 use crate::listener::Listener;
 use crate::service::{InterfaceInfo, Service};
-use crate::socket::PeerCredentials;
+use crate::socket::{PeerCredentials, Socket};
 
 type SharedAuthorizer =
     Arc<dyn Fn(Option<&PeerCredentials>, &InterfaceInfo, u32) -> Result<(), String> + Send + Sync>;
@@ -97,40 +102,109 @@ impl Server {
 
     /// Accepts clients on `listener` and serves each on threads of its own, until
     /// [`Serving::shutdown`].
+    ///
+    /// Each client has [`Server::threads`] threads of its own for as long as it stays
+    /// connected, and nothing here caps how many clients are connected at once: each one
+    /// costs its threads and at least one file descriptor (its socket), so the process's
+    /// limits (`RLIMIT_NOFILE`, `RLIMIT_NPROC`, memory) are what bound them.
+    ///
+    /// When accepting fails for want of resources — this process or the system is out of
+    /// file descriptors (`EMFILE`, `ENFILE`) or memory (`ENOMEM`, `ENOBUFS`, a thread that
+    /// cannot be started), or a security module refuses (`EPERM`) — the listener keeps going:
+    /// it says so on stderr (at most one line every 10 seconds, and one when it accepts
+    /// again), closes the sockets of clients that have hung up, waits (5 ms, doubling up to
+    /// 1 s) and tries again. Clients that connect meanwhile wait, queued, until it can accept
+    /// them (or until their calls time out). Any other error ends accepting for good: the
+    /// listener prints it, shuts its socket down so that new clients are refused
+    /// (`ECONNREFUSED`) instead of left waiting, and [`Serving::accepting`] returns it; the
+    /// clients already connected are served on.
     pub fn listen(self, listener: Listener) -> Result<Serving> {
         let listener = Arc::new(listener);
         let clients: Arc<Mutex<Vec<Client>>> = Arc::default();
+        let ended: Arc<Mutex<Option<Error>>> = Arc::default();
+        let (stop, stopping) = mpsc::channel();
         let acceptor = {
-            let (listener, clients, server) = (listener.clone(), clients.clone(), self);
-            std::thread::spawn(move || server.accept_loop(&listener, &clients))
+            let (listener, clients, ended) = (listener.clone(), clients.clone(), ended.clone());
+            std::thread::Builder::new().spawn(move || {
+                if let Err(e) = self.accept_loop(&listener, &clients, &stopping) {
+                    trace::line(&format!(
+                        "typed-ipc[{}]: the listener stopped accepting clients: {e}",
+                        std::process::id()
+                    ));
+                    *lock(&ended) = Some(e);
+                    // New clients are refused rather than queued for nobody.
+                    let _ = listener.shutdown();
+                }
+            })?
         };
         Ok(Serving {
             listener,
             clients,
             acceptor: Some(acceptor),
+            stop: Some(stop),
+            ended,
         })
     }
 
-    fn accept_loop(&self, listener: &Listener, clients: &Mutex<Vec<Client>>) -> Result<()> {
+    /// Accepts until [`Serving`] drops `stop`'s sender (`Ok`) or accepting fails for good.
+    fn accept_loop(
+        &self,
+        listener: &Listener,
+        clients: &Mutex<Vec<Client>>,
+        stop: &Receiver<()>,
+    ) -> Result<()> {
+        let stopping = || matches!(stop.try_recv(), Err(TryRecvError::Disconnected));
+        let mut trouble = Trouble::new();
         loop {
-            let socket = match listener.accept() {
-                Ok(socket) => socket,
-                // Serving::shutdown shut the listening socket down.
-                Err(Error::Io(e)) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(()),
-                Err(e) => return Err(e),
+            let fd = match listener.accept_fd() {
+                Ok(fd) => fd,
+                // Serving::stop shut the listening socket down (EINVAL), or it wants us to
+                // stop while accepting fails anyway.
+                Err(_) if stopping() => return Ok(()),
+                // That client is gone already (EINTR and ECONNABORTED are retried within).
+                Err(Errno::EPROTO) => continue,
+                Err(
+                    e @ (Errno::EMFILE
+                    | Errno::ENFILE
+                    | Errno::ENOBUFS
+                    | Errno::ENOMEM
+                    | Errno::EPERM),
+                ) => {
+                    if trouble.failed("cannot accept a client", &e, clients, stop) {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
             };
-            let connection = Connection::new(socket);
-            let serving = {
-                let (server, connection) = (self.clone(), connection.clone());
-                std::thread::spawn(move || server.serve(&connection))
-            };
-            let mut clients = clients.lock().unwrap_or_else(PoisonError::into_inner);
-            clients.retain(|c| !c.thread.is_finished());
-            clients.push(Client {
-                connection,
-                thread: serving,
-            });
+            // A failure from here on concerns this one client, which sees a hang-up.
+            let client = Socket::new(fd)
+                .map_err(|e| ("cannot set up a client's socket", e.to_string()))
+                .and_then(|socket| {
+                    self.spawn_client(Connection::new(socket))
+                        .map_err(|e| ("cannot start a thread for a client", e.to_string()))
+                });
+            match client {
+                Ok(client) => {
+                    trouble.accepted();
+                    let mut clients = lock(clients);
+                    clients.retain(|c| !c.thread.is_finished());
+                    clients.push(client);
+                }
+                Err((what, why)) => {
+                    if trouble.failed(what, &why, clients, stop) {
+                        return Ok(());
+                    }
+                }
+            }
         }
+    }
+
+    /// Serves `connection` on a thread of its own.
+    fn spawn_client(&self, connection: Connection) -> std::io::Result<Client> {
+        let (server, serving) = (self.clone(), connection.clone());
+        let thread = std::thread::Builder::new().spawn(move || server.serve(&serving))?;
+        Ok(Client { connection, thread })
     }
 
     fn install(&self, connection: &Connection) {
@@ -149,19 +223,133 @@ struct Client {
     thread: JoinHandle<Result<()>>,
 }
 
+/// Forgets the clients whose serving thread has returned, which closes their sockets.
+fn prune(clients: &Mutex<Vec<Client>>) {
+    lock(clients).retain(|c| !c.thread.is_finished());
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The first wait after accepting failed for want of resources; each failure in a row
+/// doubles it, up to [`MAX_BACK_OFF`] (Go's `net/http` waits the same way).
+const MIN_BACK_OFF: Duration = Duration::from_millis(5);
+/// The longest wait between two tries to accept.
+const MAX_BACK_OFF: Duration = Duration::from_secs(1);
+/// While accepting keeps failing, at most one line on stderr this often.
+const REPORT_EVERY: Duration = Duration::from_secs(10);
+
+/// The accept loop's failures in a row: how long to wait before the next try, and what
+/// stderr has been told (every failure with `TYPED_IPC_DEBUG=1`, else a line when failures
+/// start and at most one every [`REPORT_EVERY`] after that).
+struct Trouble {
+    /// Failures since a client was last accepted.
+    failures: u64,
+    /// Failures not yet on stderr.
+    unreported: u64,
+    /// Whether a failure since the last accepted client is on stderr, so its end is too.
+    reported: bool,
+    last_report: Option<Instant>,
+    back_off: Duration,
+    trace: bool,
+}
+
+impl Trouble {
+    fn new() -> Trouble {
+        Trouble {
+            failures: 0,
+            unreported: 0,
+            reported: false,
+            last_report: None,
+            back_off: MIN_BACK_OFF,
+            trace: trace::enabled(),
+        }
+    }
+
+    /// Reports the failure (or counts it, to report later), closes the sockets of the
+    /// clients that have hung up since, and waits before the next try. Returns whether the
+    /// server is stopping.
+    fn failed(
+        &mut self,
+        what: &str,
+        why: &dyn Display,
+        clients: &Mutex<Vec<Client>>,
+        stop: &Receiver<()>,
+    ) -> bool {
+        self.report(what, why);
+        prune(clients);
+        let wait = self.back_off;
+        self.back_off = (wait * 2).min(MAX_BACK_OFF);
+        !matches!(stop.recv_timeout(wait), Err(RecvTimeoutError::Timeout))
+    }
+
+    fn report(&mut self, what: &str, why: &dyn Display) {
+        self.failures += 1;
+        self.unreported += 1;
+        if self.trace || self.last_report.is_none_or(|t| t.elapsed() >= REPORT_EVERY) {
+            let count = match self.unreported {
+                1 => String::new(),
+                n => format!(" ({n} failures since the last report)"),
+            };
+            trace::line(&format!(
+                "typed-ipc[{}]: the listener {what}: {why}{count}; retrying",
+                std::process::id()
+            ));
+            self.unreported = 0;
+            self.reported = true;
+            self.last_report = Some(Instant::now());
+        }
+    }
+
+    fn accepted(&mut self) {
+        if self.failures == 0 {
+            return;
+        }
+        if self.reported {
+            let failures = match self.failures {
+                1 => "1 failure".to_string(),
+                n => format!("{n} failures"),
+            };
+            trace::line(&format!(
+                "typed-ipc[{}]: the listener accepts clients again, after {failures}",
+                std::process::id()
+            ));
+            self.unreported = 0;
+        }
+        self.failures = 0;
+        self.reported = false;
+        self.back_off = MIN_BACK_OFF;
+    }
+}
+
 /// A [`Server`] accepting clients on a listener. Dropping it shuts it down.
 pub struct Serving {
     listener: Arc<Listener>,
     clients: Arc<Mutex<Vec<Client>>>,
-    acceptor: Option<JoinHandle<Result<()>>>,
+    acceptor: Option<JoinHandle<()>>,
+    /// Dropped to stop the acceptor, even while it waits between two tries.
+    stop: Option<Sender<()>>,
+    /// Why the acceptor stopped, if it stopped on its own.
+    ended: Arc<Mutex<Option<Error>>>,
 }
 
 impl Serving {
     /// How many clients are connected now.
     pub fn clients(&self) -> usize {
-        let mut clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut clients = lock(&self.clients);
         clients.retain(|c| !c.thread.is_finished());
         clients.len()
+    }
+
+    /// `Ok(())` while the listener accepts clients (or retries after running out of file
+    /// descriptors or memory), the error that made it stop for good otherwise (see
+    /// [`Server::listen`]). The clients already connected are served on either way.
+    pub fn accepting(&self) -> Result<()> {
+        match &*lock(&self.ended) {
+            Some(e) => Err(e.duplicate()),
+            None => Ok(()),
+        }
     }
 
     /// Stops accepting, stops reading new requests, lets every call already running finish
@@ -171,12 +359,13 @@ impl Serving {
     }
 
     fn stop(&mut self) {
+        // Before the shutdown, so that the acceptor takes the error it causes for a stop.
+        drop(self.stop.take());
         let _ = self.listener.shutdown();
         if let Some(acceptor) = self.acceptor.take() {
             let _ = acceptor.join();
         }
-        let clients =
-            std::mem::take(&mut *self.clients.lock().unwrap_or_else(PoisonError::into_inner));
+        let clients = std::mem::take(&mut *lock(&self.clients));
         for client in &clients {
             client.connection.stop_reading();
         }
