@@ -1970,20 +1970,12 @@ mod async_flavour {
         }
     }
 
-    fn two_worker_runtime() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap()
-    }
-
     #[test]
     fn an_async_client_survives_mutated_replies() {
         let _serial = serial();
         record_panics();
         let seeds = capture_seeds();
-        let runtime = two_worker_runtime();
+        let runtime = common::two_worker_runtime();
         let mut n = 0;
         let mut connect = || {
             let (ours, theirs) = client_socket(&mut n);
@@ -2013,7 +2005,7 @@ mod async_flavour {
         let _serial = serial();
         record_panics();
         let seeds = capture_seeds();
-        let runtime = two_worker_runtime();
+        let runtime = common::two_worker_runtime();
         let mut server = AsyncServer {
             runtime,
             inner: ThreadServer::new(),

@@ -141,6 +141,16 @@ pub fn current_thread_runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// A multi-thread tokio runtime with two worker threads, one per CPU of these machines.
+#[cfg(feature = "tokio")]
+pub fn two_worker_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// A result whose encoding fails: a reply the server cannot send.
 #[derive(Debug, serde::Deserialize)]
 pub struct Unsendable;

@@ -103,6 +103,8 @@ struct State {
     oneways: Option<mpsc::UnboundedSender<(Frame, Envelope)>>,
     /// How many oneway messages went to that task.
     oneways_queued: u64,
+    /// That task is running (it may outlive `oneways`, finishing what it has).
+    oneway_task: bool,
 }
 
 /// The connection's tasks still running, so that [`AsyncConnection::run`] can wait for them.
@@ -441,6 +443,9 @@ struct Reply<'a> {
 
 impl Drop for Reply<'_> {
     fn drop(&mut self) {
+        // Closed first: a reply sent after an empty `try_recv` would otherwise be dropped
+        // with the channel, unfinished.
+        self.rx.close();
         if let Ok(Ok(frame)) = self.rx.try_recv() {
             self.inner.lane.finished(&frame.payload);
         }
@@ -462,8 +467,32 @@ impl Drop for Waiting<'_> {
 
 /// Receives until the connection ends, routing each message.
 async fn read_loop(inner: Arc<Inner>, guard: TaskGuard) {
+    // Dropped unfinished when the runtime shuts down: the connection must end then too, or
+    // its callers (on other runtimes) and its peer wait for good.
+    let mut ending = ReaderEnding {
+        inner: inner.clone(),
+        finished: false,
+    };
     read_messages(inner).await;
+    ending.finished = true;
+    drop(ending);
     drop(guard);
+}
+
+struct ReaderEnding {
+    inner: Arc<Inner>,
+    finished: bool,
+}
+
+impl Drop for ReaderEnding {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.inner.fail(Error::Io(io::Error::other(
+                "the tokio runtime running the connection shut down",
+            )));
+        }
+        self.inner.retire_services(false);
+    }
 }
 
 async fn read_messages(inner: Arc<Inner>) {
@@ -600,6 +629,7 @@ impl Inner {
             let guard = self.tasks.enter();
             self.runtime.spawn(run_oneways(self.clone(), rx, guard));
             state.oneways = Some(tx);
+            state.oneway_task = true;
         }
         if let Some(oneways) = &state.oneways {
             if oneways.send((frame, envelope)).is_ok() {
@@ -625,6 +655,27 @@ impl Inner {
         state.oneways = None;
         state.held.clear();
         state.closed = Some(why);
+    }
+
+    /// Once the connection has ended and nothing will dispatch a request any more (the
+    /// reader is done, and the oneway task if there is one), drops the services: one of them
+    /// may hold a clone of this connection, a cycle that would keep it open for good.
+    fn retire_services(&self, oneway_task_ending: bool) {
+        let mut state = self.lock();
+        if oneway_task_ending {
+            state.oneway_task = false;
+        }
+        if state.closed.is_none() || state.oneway_task {
+            return;
+        }
+        drop(state);
+        let services = std::mem::take(
+            &mut *self
+                .services
+                .write()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        drop(services);
     }
 
     /// Which service answers `envelope`, after the same checks as the blocking flavour.
@@ -864,6 +915,9 @@ async fn run_oneways(
             handle_request(inner.clone(), frame, envelope).await;
             inner.oneways_run.send_modify(|n| *n += 1);
         }
+    }
+    if let Some(inner) = weak.upgrade() {
+        inner.retire_services(true);
     }
     drop(guard);
 }
