@@ -76,7 +76,8 @@
 //! - Requests run on serving threads only: [`Server::threads`] chooses strictly in order (1,
 //!   the default) or a bounded pool. Oneway messages from one peer always run one at a time,
 //!   in the order sent, and a call runs only once the oneways that arrived before it have run
-//!   (a oneway and then a call from one thread are handled in that order).
+//!   (a oneway and then a call from one thread are handled in that order). So a oneway's
+//!   handler must not wait for a call its peer sends after it: that call waits for it.
 //! - Either end may serve and call at once. A callback that arrives while a thread waits for
 //!   its own reply runs on a serving thread of that end — never on the waiting thread, so
 //!   there is no nested event loop. An end that expects calls must therefore be serving, and
