@@ -145,10 +145,13 @@ impl Call<'_> {
     pub fn reply<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<()> {
         match &self.replier {
             Some(replier) if !self.replied => {
-                let sent = replier.send(value);
                 // A reply that could not be encoded, or was refused before it went out,
                 // answers nothing: the server still answers the call, with why.
-                self.replied = !sent.as_ref().is_err_and(Error::sent_nothing);
+                let sent = replier.send(value);
+                self.replied = match &sent {
+                    Ok(()) => true,
+                    Err(e) => !e.sent_nothing(),
+                };
                 sent
             }
             _ => Ok(()),

@@ -223,11 +223,20 @@ impl Replier<'_> {
             kind: Kind::Reply,
             ..self.envelope
         };
-        let sent = self.shared.send(&envelope, value, None).map(drop);
-        if self.shared.trace && !sent.as_ref().is_err_and(Error::sent_nothing) {
-            trace::reply(envelope.cookie);
+        match self.shared.send(&envelope, value, None) {
+            Ok(_) => {
+                if self.shared.trace {
+                    trace::reply(envelope.cookie);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                if self.shared.trace && !e.sent_nothing() {
+                    trace::reply(envelope.cookie);
+                }
+                Err(e)
+            }
         }
-        sent
     }
 }
 
