@@ -114,6 +114,8 @@ pub mod __private {
     pub use ipc_runtime::codec::{Bytes, Fd};
     pub use ipc_runtime::service::{Call, InterfaceInfo, MethodInfo, Service, fnv1a};
     pub use ipc_runtime::{Connection, Error};
+    pub use serde::Serialize;
+    pub use serde::de::DeserializeOwned;
     pub use std::time::Duration;
 
     // The async flavour. Generated code for a trait of `async fn`s is wrapped in

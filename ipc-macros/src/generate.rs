@@ -8,8 +8,8 @@
 //! the user's own `Result`, `Option`, `core` or `std` cannot capture it; the user's types are
 //! emitted as written, to resolve in the user's scope.
 
-use proc_macro2::{Ident, Literal, Span, TokenStream};
-use quote::{format_ident, quote};
+use proc_macro2::{Ident, Literal, Span, TokenStream, TokenTree};
+use quote::{format_ident, quote, quote_spanned};
 use syn::ext::IdentExt;
 use syn::{LitByteStr, ReturnType, TraitItem, parse_quote, parse_quote_spanned};
 
@@ -208,6 +208,8 @@ impl<'a> Generator<'a> {
         });
         let ret_self = result(quote!(Self));
         let call_type = self.call_type();
+        let params = methods.iter().flat_map(|m| m.args.iter().map(|a| &a.value));
+        let decodable = serde_bounds(params, Bound::DeserializeOwned, |_| true);
         let enum_docs = doc(format!(
             "A request of [`{name}`]: one variant per method, holding its arguments."
         ));
@@ -228,7 +230,7 @@ impl<'a> Generator<'a> {
                 }
 
                 /// Decodes the request `call` carries, taking the fds that came with it.
-                #vis fn decode(call: &mut #call_type) -> #ret_self {
+                #vis fn decode(call: &mut #call_type) -> #ret_self #decodable {
                     match call.command() {
                         #(#decoders)*
                         _ => ::core::result::Result::Err(call.unknown_command()),
@@ -355,7 +357,9 @@ impl<'a> Generator<'a> {
         let (p, vis, client) = (private(), &self.iface.vis, &self.client);
         let docs = doc(docs.to_string());
         let with_timeout = doc(format!(
-            "A copy of this client whose calls give up after `timeout` with\n`Error::TimedOut`{timeout_note}."
+            "A copy of this client whose calls give up after `timeout` with `Error::TimedOut`:\n\
+             a call that has no reply by then, and a `#[oneway]` message that cannot be sent\n\
+             by then (the peer is not reading).{timeout_note}"
         ));
         quote! {
             #docs
@@ -419,7 +423,7 @@ impl<'a> Generator<'a> {
         let (ret, body) = match (&m.ret, m.oneway) {
             (_, true) => (
                 quote!(()),
-                quote!(self.connection.oneway(&#info, #cmd, &(#(#args,)*))),
+                quote!(self.connection.oneway(&#info, #cmd, &(#(#args,)*), self.timeout)),
             ),
             (None, false) => (
                 quote!(()),
@@ -439,9 +443,11 @@ impl<'a> Generator<'a> {
             }
         };
         let ret = result(ret);
+        let serializable =
+            serde_bounds(m.args.iter().map(|a| &a.value), Bound::Serialize, |_| true);
         quote! {
             #docs
-            #vis fn #method(&self, #(#params),*) -> #ret {
+            #vis fn #method(&self, #(#params),*) -> #ret #serializable {
                 #body
             }
         }
@@ -521,6 +527,20 @@ impl<'a> Generator<'a> {
         }
     }
 
+    /// The server's `where` clause: every parameter type that travels as a plain serde value
+    /// is `DeserializeOwned` (see [`serde_bounds`]). A type that names a `T` is left out: in the
+    /// server's items it would mean the server's type parameter.
+    fn server_bounds(&self) -> TokenStream {
+        let params = self
+            .iface
+            .methods
+            .iter()
+            .flat_map(|m| m.args.iter().map(|a| &a.value));
+        serde_bounds(params, Bound::DeserializeOwned, |ty| {
+            !ty.clone().into_iter().any(|t| names_t(&t))
+        })
+    }
+
     /// `<Trait>Server`: owns the implementation and dispatches requests to it.
     fn server(&self) -> TokenStream {
         let (p, vis, server, name) = (private(), &self.iface.vis, &self.server, &self.iface.name);
@@ -534,6 +554,7 @@ impl<'a> Generator<'a> {
             .map(|m| self.dispatch_arm(m, quote!()));
         let handle_arms = self.iface.methods.iter().map(|m| self.handle_arm(m));
         let bounds = quote!(#name + ::core::marker::Send + ::core::marker::Sync + 'static);
+        let decodable = self.server_bounds();
         let ret_unit = result(quote!(()));
         let docs = doc(format!(
             "The server side of [`{name}`]: answers each request on a connection by calling \
@@ -555,7 +576,7 @@ impl<'a> Generator<'a> {
 
                 /// Answers the requests that arrive on `connection` until the peer hangs up;
                 /// `Ok(())` when it closes cleanly.
-                #vis fn serve(self, connection: #p::Connection) -> #ret_unit {
+                #vis fn serve(self, connection: #p::Connection) -> #ret_unit #decodable {
                     connection.serve(self)
                 }
 
@@ -568,7 +589,7 @@ impl<'a> Generator<'a> {
                 }
             }
 
-            impl<T: #bounds> #p::Service for #server<T> {
+            impl<T: #bounds> #p::Service for #server<T> #decodable {
                 fn info(&self) -> &'static #p::InterfaceInfo {
                     &#info
                 }
@@ -603,7 +624,7 @@ impl<'a> Generator<'a> {
         self.client_item(
             quote!(AsyncConnection),
             &docs,
-            " (the runtime needs its time driver)",
+            "\nThe runtime needs its time driver.",
             &stubs,
         )
     }
@@ -622,7 +643,7 @@ impl<'a> Generator<'a> {
         let (ret, body) = match (&m.ret, m.oneway) {
             (_, true) => (
                 quote!(()),
-                quote!(self.connection.oneway(&#info, #cmd, (#(#args,)*)).await),
+                quote!(self.connection.oneway(&#info, #cmd, (#(#args,)*), self.timeout).await),
             ),
             (None, false) => (
                 quote!(()),
@@ -646,9 +667,11 @@ impl<'a> Generator<'a> {
             }
         };
         let ret = result(ret);
+        let serializable =
+            serde_bounds(m.args.iter().map(|a| &a.value), Bound::Serialize, |_| true);
         quote! {
             #docs
-            #vis async fn #method(&self, #(#params),*) -> #ret {
+            #vis async fn #method(&self, #(#params),*) -> #ret #serializable {
                 #body
             }
         }
@@ -666,6 +689,7 @@ impl<'a> Generator<'a> {
             .iter()
             .map(|m| self.dispatch_arm(m, quote!(.await)));
         let bounds = quote!(#name + ::core::marker::Send + ::core::marker::Sync + 'static);
+        let decodable = self.server_bounds();
         let ret_unit = result(quote!(()));
         let docs = doc(format!(
             "The server side of [`{name}`]: answers each request on a connection by awaiting \
@@ -693,7 +717,9 @@ impl<'a> Generator<'a> {
                     connection: #p::AsyncConnection,
                 ) -> impl ::core::future::Future<Output = #ret_unit>
                        + ::core::marker::Send
-                       + 'static {
+                       + 'static
+                #decodable
+                {
                     connection.serve(self)
                 }
 
@@ -709,7 +735,7 @@ impl<'a> Generator<'a> {
                 }
             }
 
-            impl<T: #bounds> #p::AsyncService for #server<T> {
+            impl<T: #bounds> #p::AsyncService for #server<T> #decodable {
                 fn info(&self) -> &'static #p::InterfaceInfo {
                     &#info
                 }
@@ -727,6 +753,73 @@ impl<'a> Generator<'a> {
                 }
             }
         }
+    }
+}
+
+/// What [`serde_bounds`] asks of a type.
+#[derive(Clone, Copy)]
+enum Bound {
+    /// Sent: the client encodes it.
+    Serialize,
+    /// Received: the server decodes it.
+    DeserializeOwned,
+}
+
+/// Types that need no bound spelled out: serde supports them, and they are common enough that
+/// listing them would only make the generated code harder to read.
+const ALWAYS_SERDE: [&str; 17] = [
+    "bool", "char", "u8", "u16", "u32", "u64", "u128", "usize", "i8", "i16", "i32", "i64", "i128",
+    "isize", "f32", "f64", "String",
+];
+
+/// `where A: Serialize, B: Serialize` (or `DeserializeOwned`) for the distinct types among
+/// `values` that travel as plain serde values and that `keep` accepts (given the type's tokens);
+/// nothing if there are none.
+///
+/// The arguments travel as one tuple, and a tuple that is not serde is reported where it is
+/// encoded or decoded, which in generated code is `#[interface]`. With the bound spelled out,
+/// spanned at the type, a type that is not serde is reported at the type, in the trait; the
+/// code inside can then rely on the bound.
+fn serde_bounds<'v>(
+    values: impl IntoIterator<Item = &'v Value>,
+    bound: Bound,
+    keep: impl Fn(&TokenStream) -> bool,
+) -> TokenStream {
+    let mut seen = Vec::new();
+    let mut predicates = Vec::new();
+    for value in values.into_iter().filter(|v| v.wire == Wire::Serde) {
+        let ty = &value.ty;
+        let tokens = quote!(#ty);
+        let spelled = tokens.to_string();
+        if seen.contains(&spelled) || ALWAYS_SERDE.contains(&&*spelled) || !keep(&tokens) {
+            continue;
+        }
+        seen.push(spelled);
+        // At the type's last token, so that the predicate covers the type as written.
+        let span = match tokens.clone().into_iter().last() {
+            Some(TokenTree::Group(g)) => g.span_close(),
+            Some(other) => other.span(),
+            None => Span::call_site(),
+        };
+        predicates.push(match bound {
+            Bound::Serialize => quote_spanned!(span=> #ty: ::typed_ipc::__private::Serialize),
+            Bound::DeserializeOwned => {
+                quote_spanned!(span=> #ty: ::typed_ipc::__private::DeserializeOwned)
+            }
+        });
+    }
+    match predicates.is_empty() {
+        true => TokenStream::new(),
+        false => quote!(where #(#predicates,)*),
+    }
+}
+
+/// Whether `token` is, or contains, the identifier `T`.
+fn names_t(token: &TokenTree) -> bool {
+    match token {
+        TokenTree::Ident(ident) => ident == "T",
+        TokenTree::Group(g) => g.stream().into_iter().any(|t| names_t(&t)),
+        _ => false,
     }
 }
 

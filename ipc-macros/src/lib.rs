@@ -45,10 +45,13 @@ use quote::quote;
 /// trait's visibility:
 ///
 /// - `IpaClient`: `new(Connection)`, `with_timeout(&self, Duration) -> Self` (a copy whose
-///   calls give up after that long; by default a call waits as long as the peer is alive),
-///   `connection()`, and one method per trait method with the same name, parameters and doc
-///   comments, returning `Result<R, typed_ipc::Error>` for a declared return type `R`. A
-///   `#[oneway]` method returns `Ok(())` once the message is sent. Cheap to clone.
+///   calls give up after that long with `Error::TimedOut`, and whose `#[oneway]` messages do
+///   if they cannot be sent by then because the peer is not reading; by default a call waits
+///   as long as the peer is alive), `connection()`, and one method per trait method with the
+///   same name, parameters and doc comments, returning `Result<R, typed_ipc::Error>` for a
+///   declared return type `R`. A `#[oneway]` method returns `Ok(())` once the message is
+///   sent. Cheap to clone. A trait method cannot be named `new`, `with_timeout` or
+///   `connection` (a compile error says so).
 /// - `IpaServer<T: Ipa + Send + Sync + 'static>`: `new(T)`, `serve(self, Connection)`
 ///   (answers requests until the peer hangs up; `Ok(())` on a clean close),
 ///   `dispatch(&self, IpaRequest)`, and the runtime's `Service` implementation.
@@ -121,18 +124,32 @@ use quote::quote;
 /// decided from how the type is spelled (its last path segment; an alias is not recognised):
 ///
 /// - `OwnedFd`, `Option<OwnedFd>` and `Vec<OwnedFd>` travel in the message's fd table. An
-///   `OwnedFd` parameter is closed once sent. A `File` or `UnixStream` converts with `.into()`.
+///   `OwnedFd` parameter is closed once sent. A `File` or `UnixStream` converts with `.into()`;
+///   a parameter or return type spelled `File`, `UnixStream`, `BorrowedFd` or `RawFd` (alone
+///   or under `std::`, `fs::`, `net::`, ...) is a compile error that says so, since only an
+///   `OwnedFd` passes the fd itself (a `RawFd` would travel as a number, meaningless in the
+///   other process; one spelled `i32` cannot be told apart).
 ///   An `OwnedFd` inside your own serde type needs `#[serde(with = "typed_ipc::fd")]` on the
 ///   field (`#[serde(with = "typed_ipc::fds")]` for an `Option<OwnedFd>` or `Vec<OwnedFd>`
 ///   field); an `OwnedFd` anywhere else in a parameter or return type is a compile error.
 /// - `Vec<u8>` travels as one byte string rather than byte by byte.
 ///
+/// A parameter type that is not serde is reported at the type, as the bound the generated
+/// code spells out: `where T: Serialize` on the client's stub, `where T: DeserializeOwned` on
+/// the server (both ends of the interface are usually compiled together). A type named `T`
+/// is reported where the arguments are decoded instead, since in the server's items `T` is
+/// the server's type parameter.
+///
 /// # Not supported (compile errors that say what to write instead)
 ///
-/// Generic traits and methods, `impl Trait`, receivers other than `&self`, methods without a
-/// receiver, borrowed parameters and return values (`&str`, `&[u8]`, `&T`: take `String`,
-/// `Vec<u8>`, `T`; the server gets its own copy either way), `Self` in a parameter or return
-/// type, `unsafe fn`, and traits that mix `fn` and `async fn`.
+/// Generic traits and methods, lifetime parameters, `impl Trait`, receivers other than `&self`,
+/// methods without a receiver, borrowed parameters and return values (`&str`, `&[u8]`, `&T`:
+/// take or return `String`, `Vec<u8>`, `T`; each end gets its own copy either way), `Self` in a
+/// parameter or return type, parameters that are patterns rather than names, `unsafe fn`,
+/// traits that mix `fn` and `async fn`, and `#[cfg]` or `#[cfg_attr]` on a method or a
+/// parameter: both ends must agree on every command id and on the interface signature, so put
+/// the `#[cfg]` on the whole trait, above `#[interface]`, or give the methods that differ an
+/// interface of their own.
 #[proc_macro_attribute]
 pub fn interface(
     attr: proc_macro::TokenStream,

@@ -5,8 +5,10 @@
 use proc_macro2::{Ident, Span, TokenStream};
 use quote::{ToTokens, format_ident};
 use syn::ext::IdentExt;
+use syn::spanned::Spanned;
 use syn::{
-    Attribute, FnArg, Item, ItemTrait, LitInt, Meta, Pat, ReturnType, TraitItem, TraitItemFn, Type,
+    Attribute, FnArg, GenericParam, Item, ItemTrait, LitInt, Meta, Pat, PatWild, ReturnType, Token,
+    TraitItem, TraitItemFn, Type,
 };
 
 use crate::model::{Arg, Flavour, Interface, Method, Value};
@@ -50,10 +52,19 @@ pub fn interface(attr: TokenStream, item: TokenStream) -> Result<Interface, Reje
             methods,
             item,
         }),
-        Some(error) => Err(Rejected {
-            item: item.into_token_stream(),
-            error,
-        }),
+        Some(error) => {
+            // Two methods of one name (alternatives under `#[cfg]`, which rustc has not
+            // applied yet in what we emit) would add rustc's E0428 to our error.
+            let mut names = std::collections::HashSet::new();
+            item.items.retain(|i| match i {
+                TraitItem::Fn(f) => names.insert(f.sig.ident.unraw()),
+                _ => true,
+            });
+            Err(Rejected {
+                item: item.into_token_stream(),
+                error,
+            })
+        }
     }
 }
 
@@ -74,6 +85,9 @@ fn methods(item: &mut ItemTrait, errors: &mut Errors) -> Vec<Method> {
             continue;
         };
         position += 1;
+        if let Some(error) = clashes_with_client(&f.sig.ident, &item.ident) {
+            errors.push(error);
+        }
         let (method, cmd_attr) = match method(f, position - 1) {
             Ok(parsed) => parsed,
             Err(error) => {
@@ -160,9 +174,19 @@ fn method(f: &mut TraitItemFn, index: u32) -> syn::Result<(Method, Option<Attrib
         );
     }
     if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
-        let message = "generic methods are not supported: client and server are compiled \
-                       apart and must agree on one concrete type; use one (or an enum of the \
-                       types you need)";
+        let only_lifetimes = sig
+            .generics
+            .params
+            .iter()
+            .all(|param| matches!(param, GenericParam::Lifetime(_)));
+        let message = if only_lifetimes && !sig.generics.params.is_empty() {
+            "lifetime parameters are not supported: nothing borrowed crosses a process \
+             boundary (each end gets its own copy of every value); remove the lifetime, and \
+             take and return owned types (`String`, not `&'a str`)"
+        } else {
+            "generic methods are not supported: client and server are compiled apart and must \
+             agree on one concrete type; use one (or an enum of the types you need)"
+        };
         match sig.generics.params.is_empty() {
             true => refuse(&mut errors, &sig.generics.where_clause, message),
             false => refuse(&mut errors, &sig.generics, message),
@@ -204,10 +228,17 @@ fn method(f: &mut TraitItemFn, index: u32) -> syn::Result<(Method, Option<Attrib
     for input in inputs {
         match input {
             FnArg::Receiver(r) => refuse(&mut errors, r, "`self` goes first"),
-            FnArg::Typed(typed) => match arg(&typed.pat, &typed.ty) {
-                Ok(arg) => args.push(arg),
-                Err(error) => errors.push(error),
-            },
+            FnArg::Typed(typed) => {
+                for attr in &typed.attrs {
+                    if let Some(error) = conditional(attr, "parameter") {
+                        errors.push(error);
+                    }
+                }
+                match arg(&typed.pat, &typed.ty) {
+                    Ok(arg) => args.push(arg),
+                    Err(error) => errors.push(error),
+                }
+            }
         }
     }
     let ret = match &sig.output {
@@ -225,7 +256,25 @@ fn method(f: &mut TraitItemFn, index: u32) -> syn::Result<(Method, Option<Attrib
                        the return type, or remove `#[oneway]` to wait for the reply";
         refuse(&mut errors, &sig.output, message);
     }
-    errors.finish()?;
+    if let Err(error) = errors.finish() {
+        // The trait is still emitted. A pattern parameter there would add rustc's E0642
+        // ("patterns aren't allowed in methods without bodies") to our error, which already
+        // says what to write: it is emitted as `_`.
+        if f.default.is_none() {
+            for input in &mut f.sig.inputs {
+                if let FnArg::Typed(typed) = input {
+                    if plain_name(&typed.pat).is_none() {
+                        let span = typed.pat.span();
+                        *typed.pat = Pat::Wild(PatWild {
+                            attrs: Vec::new(),
+                            underscore_token: Token![_](span),
+                        });
+                    }
+                }
+            }
+        }
+        return Err(error);
+    }
     let method = Method {
         variant: format_ident!("{}", upper_camel(&sig.ident.unraw().to_string())),
         cmd: attrs.cmd.as_ref().map_or(index, |(cmd, _)| *cmd),
@@ -281,6 +330,8 @@ impl MethodAttrs {
                         errors.push(syn::Error::new_spanned(&attr, message));
                     }
                 }
+            } else if let Some(error) = conditional(&attr, "method") {
+                errors.push(error);
             } else {
                 if attr.path().is_ident("doc") {
                     ours.docs.push(attr.clone());
@@ -292,18 +343,67 @@ impl MethodAttrs {
     }
 }
 
+/// The error for a `#[cfg]` or `#[cfg_attr]` on an interface method or parameter (`what`).
+/// Both ends must agree on every method's command id and on the interface signature, which
+/// an item compiled in on one end only would change; and a method removed by `#[cfg]` still
+/// reaches the macro, which cannot tell whether it will be.
+fn conditional(attr: &Attribute, what: &str) -> Option<syn::Error> {
+    let message = if attr.path().is_ident("cfg") {
+        format!(
+            "`#[cfg]` on an interface {what} is not supported: both ends must agree on every \
+             method's command id and on the interface's signature, which a {what} compiled in \
+             on one end only would change; put the `#[cfg(..)]` on the whole trait, above \
+             `#[interface]`, or move the methods that differ into an interface of their own"
+        )
+    } else if attr.path().is_ident("cfg_attr") {
+        format!(
+            "`#[cfg_attr]` on an interface {what} is not supported: both ends must agree on \
+             the interface (its command ids, `#[oneway]`s and signature), which a conditional \
+             attribute could change on one end only; write the attribute unconditionally, or \
+             put a `#[cfg(..)]` on the whole trait, above `#[interface]`"
+        )
+    } else {
+        return None;
+    };
+    Some(syn::Error::new_spanned(attr, message))
+}
+
+/// What the generated client defines itself, which a method of the same name would clash
+/// with, and a name to suggest instead.
+const CLIENT_METHODS: [(&str, &str); 3] = [
+    ("new", "create"),
+    ("with_timeout", "set_timeout"),
+    ("connection", "connection_info"),
+];
+
+/// The error for a method named like one of the generated client's own methods.
+fn clashes_with_client(name: &Ident, trait_name: &Ident) -> Option<syn::Error> {
+    let unraw = name.unraw().to_string();
+    let (_, instead) = CLIENT_METHODS.iter().find(|(ours, _)| *ours == unraw)?;
+    let message = format!(
+        "`{unraw}` is a method of the generated `{trait_name}Client` itself, so the client \
+         cannot have a stub of that name: rename this method, e.g. `{instead}`"
+    );
+    Some(syn::Error::new(name.span(), message))
+}
+
+/// The name a parameter pattern binds, if it is a plain name (`name` or `mut name`).
+fn plain_name(pat: &Pat) -> Option<&Ident> {
+    match pat {
+        Pat::Ident(p) if p.by_ref.is_none() && p.subpat.is_none() => Some(&p.ident),
+        _ => None,
+    }
+}
+
 /// A parameter after `&self`: a plain name and a type that can travel.
 fn arg(pat: &Pat, ty: &Type) -> syn::Result<Arg> {
-    let name = match pat {
-        Pat::Ident(p) if p.by_ref.is_none() && p.subpat.is_none() => p.ident.clone(),
-        other => {
-            let message = "write a plain parameter name (`name: Type`): the client stub and \
-                           the request variant use it";
-            return Err(syn::Error::new_spanned(other, message));
-        }
+    let Some(name) = plain_name(pat) else {
+        let message = "write a plain parameter name (`name: Type`): the client stub and the \
+                       request variant use it";
+        return Err(syn::Error::new_spanned(pat, message));
     };
     Ok(Arg {
-        name,
+        name: name.clone(),
         value: value(ty, Role::Param)?,
     })
 }
@@ -483,7 +583,73 @@ mod tests {
                         fn a(&self) -> &'static str;
                     }
                 ),
-                "take `String`",
+                "return `String` instead",
+            ),
+            (
+                quote!(
+                    trait T {
+                        fn a(&self, s: &str);
+                    }
+                ),
+                "take `String` instead",
+            ),
+            (
+                quote!(
+                    trait T {
+                        fn name<'a>(&'a self) -> String;
+                    }
+                ),
+                "lifetime parameters are not supported",
+            ),
+            (
+                quote!(
+                    trait T {
+                        #[cfg(feature = "x")]
+                        fn a(&self);
+                    }
+                ),
+                "`#[cfg]` on an interface method is not supported",
+            ),
+            (
+                quote!(
+                    trait T {
+                        #[cfg_attr(feature = "x", oneway)]
+                        fn a(&self);
+                    }
+                ),
+                "`#[cfg_attr]` on an interface method is not supported",
+            ),
+            (
+                quote!(
+                    trait T {
+                        fn a(&self, #[cfg(feature = "x")] b: u32);
+                    }
+                ),
+                "`#[cfg]` on an interface parameter is not supported",
+            ),
+            (
+                quote!(
+                    trait T {
+                        fn new(&self);
+                    }
+                ),
+                "`new` is a method of the generated `TClient` itself",
+            ),
+            (
+                quote!(
+                    trait T {
+                        fn r#connection(&self);
+                    }
+                ),
+                "`connection` is a method of the generated `TClient` itself",
+            ),
+            (
+                quote!(
+                    trait T {
+                        fn with_timeout(&self, t: u64);
+                    }
+                ),
+                "rename this method, e.g. `set_timeout`",
             ),
         ] {
             let error = parse(item.clone())
@@ -491,6 +657,33 @@ mod tests {
                 .unwrap_or_else(|| panic!("accepted {item}"));
             assert!(error.contains(expected), "{item}: {error}");
         }
+    }
+
+    #[test]
+    fn a_rejected_pattern_parameter_is_emitted_as_a_wildcard() {
+        let item = quote! {
+            trait T {
+                fn a(&self, (x, y): (u32, u32));
+                fn b(&self, (x, y): (u32, u32)) -> u32 { x + y }
+            }
+        };
+        let Err(rejected) = interface(TokenStream::new(), item) else {
+            panic!("accepted");
+        };
+        let emitted: ItemTrait = syn::parse2(rejected.item).unwrap();
+        let patterns: Vec<String> = emitted
+            .items
+            .iter()
+            .map(|i| match i {
+                TraitItem::Fn(f) => match &f.sig.inputs[1] {
+                    FnArg::Typed(t) => t.pat.to_token_stream().to_string(),
+                    FnArg::Receiver(_) => unreachable!(),
+                },
+                _ => unreachable!(),
+            })
+            .collect();
+        // Without a body, rustc would refuse the pattern too; with one, it is the user's.
+        assert_eq!(patterns, ["_", "(x , y)"]);
     }
 
     #[test]

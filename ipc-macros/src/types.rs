@@ -80,12 +80,74 @@ impl Checker {
             }
         }
     }
+
+    /// What to write instead: `take` a parameter type, `return` a return type.
+    fn verb(&self) -> &'static str {
+        match self.role {
+            Role::Param => "take",
+            Role::Return => "return",
+        }
+    }
+
+    /// The error for an fd wrapper or a raw fd number spelled `name` (see [`fd_spelling`]).
+    fn not_an_owned_fd(&mut self, p: &Path, name: &str) {
+        let verb = self.verb();
+        let mut message = match name {
+            "RawFd" => format!(
+                "a `RawFd` is only a number, meaningless in another process: {verb} `OwnedFd` \
+                 instead, so that the fd itself is passed"
+            ),
+            "BorrowedFd" => format!(
+                "a `BorrowedFd` cannot travel, it borrows an fd of this process: {verb} \
+                 `OwnedFd` instead, so that the fd itself is passed"
+            ),
+            other => format!(
+                "a `{other}` cannot travel as a value, only as a file descriptor: {verb} \
+                 `OwnedFd` instead, which passes the fd itself"
+            ),
+        };
+        message.push_str(" (`Option<OwnedFd>` and `Vec<OwnedFd>` travel too)");
+        message.push_str(match (name, self.role) {
+            ("BorrowedFd", _) => "; `fd.try_clone_to_owned()?` makes one",
+            (_, Role::Param) => "; convert with `.into()`",
+            (_, Role::Return) => "; the client converts it back with `.into()`",
+        });
+        if p.segments.len() == 1 && matches!(name, "File" | "UnixStream") {
+            message.push_str(&format!(
+                ". If `{name}` is a serde type of your own, name it by its path (`crate::{name}`)"
+            ));
+        }
+        self.fail(p, message);
+    }
+}
+
+/// Whether `p` names one of the standard library's (or tokio's) fd wrappers or `RawFd`, by its
+/// last segment: `File`, `UnixStream`, `BorrowedFd` or `RawFd`, written alone or under a path
+/// that says where it comes from (`std::fs::File`, `fs::File`, `tokio::net::UnixStream`,
+/// `std::os::fd::RawFd`). A type of your own with one of these names is left alone when its
+/// path says it is yours (`crate::model::File`). Returns the name.
+fn fd_spelling(p: &Path) -> Option<&'static str> {
+    let last = p.segments.last()?;
+    let name = ["File", "UnixStream", "BorrowedFd", "RawFd"]
+        .into_iter()
+        .find(|name| last.ident == name)?;
+    let standard = match p.segments.len() {
+        1 => true,
+        n => {
+            let (first, parent) = (&p.segments[0].ident, &p.segments[n - 2].ident);
+            ["std", "core", "tokio"].iter().any(|c| first == c)
+                || ["fs", "net", "fd", "io", "unix"]
+                    .iter()
+                    .any(|m| parent == m)
+        }
+    };
+    standard.then_some(name)
 }
 
 impl<'ast> Visit<'ast> for Checker {
     fn visit_type_reference(&mut self, r: &'ast TypeReference) {
         let owned = owned_form(&r.elem);
-        let message = format!("{}; take `{owned}` instead", self.borrowed());
+        let message = format!("{}; {} `{owned}` instead", self.borrowed(), self.verb());
         self.fail(r, message);
         // Not walking further: one message per type is enough.
     }
@@ -109,6 +171,9 @@ impl<'ast> Visit<'ast> for Checker {
             let message = "`Self` cannot travel: the client does not know the implementing \
                            type; name a concrete type";
             self.fail(p, message.into());
+        }
+        if let Some(name) = fd_spelling(p) {
+            self.not_an_owned_fd(p, name);
         }
         self.fds += p.segments.iter().filter(|s| s.ident == "OwnedFd").count();
         visit::visit_path(self, p);
@@ -332,5 +397,47 @@ mod tests {
         assert!(message("Result<OwnedFd, E>").contains("typed_ipc::fd"));
         assert!(check(&ty("Cow<'static, str>"), Role::Param, Wire::Serde).is_ok());
         assert!(check(&ty("Vec<OwnedFd>"), Role::Param, Wire::Fd).is_ok());
+        // A borrowed return type says what to return.
+        let returned = check(&ty("&str"), Role::Return, Wire::Serde).unwrap_err();
+        assert!(returned.to_string().ends_with("return `String` instead"));
+    }
+
+    #[test]
+    fn fd_wrappers_and_raw_fds_suggest_an_owned_fd() {
+        let message = |s: &str, role: Role| {
+            check(&ty(s), role, Wire::Serde)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_else(|| panic!("{s} accepted"))
+        };
+        for spelled in [
+            "File",
+            "std::fs::File",
+            "fs::File",
+            "::std::fs::File",
+            "tokio::fs::File",
+            "UnixStream",
+            "std::os::unix::net::UnixStream",
+            "Option<File>",
+            "Vec<net::UnixStream>",
+            "BorrowedFd<'static>",
+            "RawFd",
+            "std::os::fd::RawFd",
+            "Vec<RawFd>",
+        ] {
+            let param = message(spelled, Role::Param);
+            assert!(
+                param.contains("take `OwnedFd` instead"),
+                "{spelled}: {param}"
+            );
+            let ret = message(spelled, Role::Return);
+            assert!(ret.contains("return `OwnedFd` instead"), "{spelled}: {ret}");
+        }
+        assert!(message("RawFd", Role::Param).contains("only a number"));
+        assert!(message("File", Role::Param).contains("`crate::File`"));
+        // A type of one's own that happens to share the name.
+        for own in ["crate::model::File", "vfs::File", "Box<crate::File>"] {
+            assert!(check(&ty(own), Role::Param, Wire::Serde).is_ok(), "{own}");
+        }
     }
 }

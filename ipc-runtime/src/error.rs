@@ -14,7 +14,10 @@ pub enum Error {
     /// The peer closed its end or died. Every caller waiting on the connection gets this at
     /// once; it is never reported as [`Error::TimedOut`].
     Disconnected,
-    /// The deadline passed before the operation completed. The connection is still usable.
+    /// The deadline passed before the operation completed. The connection is still usable,
+    /// unless the blocking flavour timed out sending a large message part of which had gone
+    /// out: it shuts the connection down rather than leave the peer a fragment (see
+    /// [`Connection::oneway`](crate::Connection::oneway)).
     TimedOut,
     /// A message is larger than the limit that applies to it (ours when sending, the
     /// receiver's [`Limits`](crate::Limits) when receiving).

@@ -135,7 +135,10 @@ impl IpaRequest {
     /// Decodes the request `call` carries, taking the fds that came with it.
     pub fn decode(
         call: &mut ::typed_ipc::__private::Call<'_>,
-    ) -> ::core::result::Result<Self, ::typed_ipc::__private::Error> {
+    ) -> ::core::result::Result<Self, ::typed_ipc::__private::Error>
+    where
+        Config: ::typed_ipc::__private::DeserializeOwned,
+    {
         match call.command() {
             0 => {
                 let (text,): (String,) = call.args()?;
@@ -237,8 +240,9 @@ impl IpaClient {
             timeout: ::core::option::Option::None,
         }
     }
-    /// A copy of this client whose calls give up after `timeout` with
-    /// `Error::TimedOut`.
+    /// A copy of this client whose calls give up after `timeout` with `Error::TimedOut`:
+    /// a call that has no reply by then, and a `#[oneway]` message that cannot be sent
+    /// by then (the peer is not reading).
     pub fn with_timeout(&self, timeout: ::typed_ipc::__private::Duration) -> Self {
         Self {
             connection: ::core::clone::Clone::clone(&self.connection),
@@ -271,10 +275,10 @@ impl IpaClient {
     pub fn configure(
         &self,
         cfg: Config,
-    ) -> ::core::result::Result<
-        Result<Caps, ConfigError>,
-        ::typed_ipc::__private::Error,
-    > {
+    ) -> ::core::result::Result<Result<Caps, ConfigError>, ::typed_ipc::__private::Error>
+    where
+        Config: ::typed_ipc::__private::Serialize,
+    {
         self.connection
             .call::<_, Result<Caps, ConfigError>>(&IPA_INFO, 2, &(cfg,), self.timeout)
     }
@@ -297,7 +301,12 @@ impl IpaClient {
         stats: OwnedFd,
     ) -> ::core::result::Result<(), ::typed_ipc::__private::Error> {
         self.connection
-            .oneway(&IPA_INFO, 4, &(frame, ::typed_ipc::__private::Fd(&stats)))
+            .oneway(
+                &IPA_INFO,
+                4,
+                &(frame, ::typed_ipc::__private::Fd(&stats)),
+                self.timeout,
+            )
     }
     /// Calls [`Ipa::echo`] on the server.
     pub fn echo(
@@ -349,7 +358,10 @@ impl<T: Ipa + ::core::marker::Send + ::core::marker::Sync + 'static> IpaServer<T
     pub fn serve(
         self,
         connection: ::typed_ipc::__private::Connection,
-    ) -> ::core::result::Result<(), ::typed_ipc::__private::Error> {
+    ) -> ::core::result::Result<(), ::typed_ipc::__private::Error>
+    where
+        Config: ::typed_ipc::__private::DeserializeOwned,
+    {
         connection.serve(self)
     }
     /// Runs `request` on the implementation: the response to send back, or `None`
@@ -399,7 +411,10 @@ impl<T: Ipa + ::core::marker::Send + ::core::marker::Sync + 'static> IpaServer<T
 }
 impl<
     T: Ipa + ::core::marker::Send + ::core::marker::Sync + 'static,
-> ::typed_ipc::__private::Service for IpaServer<T> {
+> ::typed_ipc::__private::Service for IpaServer<T>
+where
+    Config: ::typed_ipc::__private::DeserializeOwned,
+{
     fn info(&self) -> &'static ::typed_ipc::__private::InterfaceInfo {
         &IPA_INFO
     }

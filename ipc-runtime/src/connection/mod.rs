@@ -414,13 +414,27 @@ impl Connection {
         result
     }
 
-    /// Sends a oneway message: returns once it is sent, and gets no reply.
+    /// Sends a oneway message to method `cmd` of interface `iface`: returns once it is sent,
+    /// and gets no reply. This is what generated client stubs of `#[oneway]` methods call.
+    ///
+    /// Sending waits while the peer's socket buffer is full, which it is when the peer has
+    /// stopped reading (its serving threads all busy, say): with a `timeout`, for at most that
+    /// long, then it fails with [`Error::TimedOut`]. A message that fits one datagram (up to
+    /// 64 KiB and 253 fds) is then not sent at all, and the connection goes on as before. A
+    /// larger one whose first part had already gone out cannot be taken back, and the peer
+    /// must not be left holding a fragment: the connection is shut down before `TimedOut` is
+    /// returned (the peer sees a hang-up, never a partial message), as for a
+    /// [`Connection::call`] whose request could not be sent in time. The timeout does not
+    /// bound the wait for another thread's message on this connection to finish going out
+    /// first (sends are serialised): give every sender a timeout.
     pub fn oneway<A: Serialize + ?Sized>(
         &self,
         iface: &'static InterfaceInfo,
         cmd: u32,
         args: &A,
+        timeout: Option<Duration>,
     ) -> Result<()> {
+        let deadline = timeout.map(|t| Instant::now() + t);
         let envelope = Envelope {
             kind: Kind::Oneway,
             cmd,
@@ -431,7 +445,9 @@ impl Connection {
         // No early check of an ended connection here: after `stop_reading` it has ended for
         // calls, but still sends.
         self.shared.trace_out(&envelope, iface);
-        self.shared.send(&envelope, args, None).map(drop)
+        // A byte string the message placed in the lane goes back to it if the send fails
+        // (`encode_and`).
+        self.shared.send(&envelope, args, deadline).map(drop)
     }
 }
 

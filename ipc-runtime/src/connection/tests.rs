@@ -44,7 +44,7 @@ fn a_caller_waiting_to_send_does_not_hold_the_reader_role() {
     // the send lock while it waits for room.
     let filler = {
         let a = a.clone();
-        std::thread::spawn(move || a.oneway(&IFACE, 1, &"x".repeat(32 << 20)))
+        std::thread::spawn(move || a.oneway(&IFACE, 1, &"x".repeat(32 << 20), None))
     };
     wait_until("the filler waits for room", || !writable(&a));
     let caller = {
@@ -209,7 +209,7 @@ fn a_oneway_goes_out_after_stop_reading() {
     a.stop_reading();
     a.run().unwrap(); // reads the end of its read side
     assert!(a.is_closed());
-    a.oneway(&IFACE, 1, &7u32).unwrap();
+    a.oneway(&IFACE, 1, &7u32, None).unwrap();
     let oneway = b.socket().recv().unwrap();
     let envelope = Envelope::read(&oneway.payload).unwrap();
     assert_eq!((envelope.kind, envelope.cmd), (Kind::Oneway, 1));
@@ -450,4 +450,131 @@ fn a_message_half_read_when_its_reader_gives_up_is_finished_by_the_next() {
     let call = b.socket().recv().unwrap();
     b.socket().send(&reply_to(&call, &42u64), &[]).unwrap();
     assert_eq!(second_call.join().unwrap().unwrap(), 42);
+}
+
+static HELD: InterfaceInfo = InterfaceInfo {
+    name: "Held",
+    id: 5,
+    signature: 6,
+    methods: &[
+        MethodInfo {
+            name: "hold",
+            cmd: 1,
+            signature: "fn hold(&self)",
+            oneway: true,
+        },
+        MethodInfo {
+            name: "note",
+            cmd: 2,
+            signature: "fn note(&self, seq: u64, padding: Vec<u8>)",
+            oneway: true,
+        },
+        MethodInfo {
+            name: "ping",
+            cmd: 3,
+            signature: "fn ping(&self) -> u32",
+            oneway: false,
+        },
+    ],
+};
+
+/// `hold` blocks its serving thread until the test opens the gate; `note` keeps the numbers
+/// it is sent, in order.
+struct Held {
+    gate: Mutex<mpsc::Receiver<()>>,
+    noted: std::sync::Arc<Mutex<Vec<u64>>>,
+}
+
+impl Service for Held {
+    fn info(&self) -> &'static InterfaceInfo {
+        &HELD
+    }
+    fn handle(&self, call: &mut Call<'_>) -> Result<()> {
+        match call.command() {
+            1 => {
+                self.gate.lock().unwrap().recv().unwrap();
+                Ok(())
+            }
+            2 => {
+                let (seq, Bytes(_)): (u64, Bytes<Vec<u8>>) = call.args()?;
+                self.noted.lock().unwrap().push(seq);
+                Ok(())
+            }
+            _ => call.reply(&7u32),
+        }
+    }
+}
+
+/// A oneway to a peer that has stopped reading fails with `TimedOut` once its timeout has
+/// passed, having sent nothing: the byte string it had placed in the lane goes back to it, the
+/// connection goes on, and the messages sent before it arrive in order.
+#[test]
+fn a_oneway_that_cannot_be_sent_in_time_times_out_and_gives_its_placement_back() {
+    let (a, b) = Connection::pair().unwrap();
+    let (open, gate) = mpsc::channel();
+    let noted = std::sync::Arc::new(Mutex::new(Vec::new()));
+    let server = {
+        let noted = noted.clone();
+        std::thread::spawn(move || {
+            b.serve(Held {
+                gate: Mutex::new(gate),
+                noted,
+            })
+        })
+    };
+    // The peer's lane word is in: `a` places byte strings of 1 KiB and more in the lane.
+    assert_eq!(a.call::<_, u32>(&HELD, 3, &(), None).unwrap(), 7);
+    // The peer's only serving thread waits for the gate; nobody reads its socket.
+    a.oneway(&HELD, 1, &(), None).unwrap();
+    let soon = Some(Duration::from_millis(50));
+    let small = vec![0u8; 512]; // under the lane's 1 KiB: through the socket
+    let mut sent = 0u64;
+    loop {
+        match a.oneway(&HELD, 2, &(sent, Bytes(&small)), soon) {
+            Ok(()) => sent += 1,
+            Err(Error::TimedOut) => break,
+            Err(e) => panic!("note {sent}: {e}"),
+        }
+        assert!(sent < 1 << 20, "the peer's socket never filled");
+    }
+    assert!(!a.lane_is_busy());
+    // A byte string the lane takes: placed while encoding, then the send times out.
+    let placed = vec![1u8; 4096];
+    let late = a.oneway(&HELD, 2, &(sent, Bytes(&placed)), soon);
+    assert!(matches!(late, Err(Error::TimedOut)), "{late:?}");
+    assert!(
+        !a.lane_is_busy(),
+        "the timed-out send gave its placement back"
+    );
+    assert!(!a.is_closed());
+    // Let the peer read again: the next message follows the last one sent.
+    open.send(()).unwrap();
+    a.oneway(&HELD, 2, &(sent, Bytes(&placed)), None).unwrap();
+    wait_until("the peer has run every note", || {
+        noted.lock().unwrap().len() as u64 > sent
+    });
+    let expected: Vec<u64> = (0..=sent).collect();
+    assert_eq!(*noted.lock().unwrap(), expected);
+    a.close();
+    server.join().unwrap().unwrap();
+}
+
+/// A oneway too large for one datagram whose timeout passes after its first part went out
+/// cannot be taken back: the connection is shut down, and the peer sees a hang-up, never a
+/// fragment or a message cut short.
+#[test]
+fn a_oneway_timing_out_part_way_shuts_the_connection_down_rather_than_send_a_fragment() {
+    let (a, b) = Connection::pair().unwrap();
+    // `b` reads nothing until the end; 32 MiB do not fit a socket buffer.
+    let big = "x".repeat(32 << 20);
+    let sent = a.oneway(&IFACE, 1, &big, Some(Duration::from_millis(50)));
+    assert!(matches!(sent, Err(Error::TimedOut)), "{sent:?}");
+    assert!(
+        matches!(b.socket().recv(), Err(Error::Disconnected)),
+        "the peer was left part of a message"
+    );
+    assert!(matches!(
+        a.oneway(&IFACE, 1, &7u32, None),
+        Err(Error::Disconnected)
+    ));
 }

@@ -400,12 +400,22 @@ impl AsyncConnection {
         result
     }
 
-    /// Sends a oneway message: resolves once it is sent, and gets no reply.
+    /// Sends a oneway message to method `cmd` of interface `iface`: resolves once it is sent,
+    /// and gets no reply. This is what generated async client stubs of `#[oneway]` methods
+    /// call.
+    ///
+    /// Sending waits while the peer's socket buffer is full, which it is when the peer has
+    /// stopped reading: with a `timeout`, for at most that long, then it fails with
+    /// [`Error::TimedOut`]. A message none of which went out is not sent (its place in the
+    /// shared memory region, if it had one, is given back); one that was part-way out is
+    /// finished in the background, as when its future is dropped, so the peer never holds a
+    /// fragment and the connection stays usable.
     pub async fn oneway<A: Serialize>(
         &self,
         iface: &'static InterfaceInfo,
         cmd: u32,
         args: A,
+        timeout: Option<Duration>,
     ) -> Result<()> {
         let envelope = Envelope {
             kind: Kind::Oneway,
@@ -414,7 +424,13 @@ impl AsyncConnection {
             interface: iface.id,
             signature: iface.signature,
         };
-        self.inner.send(envelope, args).await?;
+        let send = self.inner.send(envelope, args);
+        match timeout {
+            None => send.await?,
+            Some(timeout) => ::tokio::time::timeout(timeout, send)
+                .await
+                .unwrap_or(Err(Error::TimedOut))?,
+        };
         self.inner.trace_out(&envelope, iface);
         Ok(())
     }

@@ -35,8 +35,9 @@
 //! such work with `tokio::task::spawn_blocking`. [`current_peer`](crate::current_peer) works
 //! inside handlers, as does [`AsyncCall::peer_credentials`].
 //!
-//! Timeouts ([`AsyncConnection::call`] with a timeout, the generated clients' `with_timeout`)
-//! need a runtime with the time driver enabled (`enable_all()` or `#[tokio::main]`).
+//! Timeouts ([`AsyncConnection::call`] and [`AsyncConnection::oneway`] with a timeout, the
+//! generated clients' `with_timeout`) need a runtime with the time driver enabled
+//! (`enable_all()` or `#[tokio::main]`).
 
 mod call;
 mod connection;

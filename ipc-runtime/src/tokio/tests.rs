@@ -198,7 +198,7 @@ fn an_async_refused_oneway_gives_the_lane_back() {
         let data = vec![7u8; 8 << 10];
         let len = |bytes: &[u8]| client.call::<_, u64>(&SKIM, 2, &Bytes(bytes), None);
         assert_eq!(len(&data[..100]).unwrap(), 100); // both ends now know the other reads lanes
-        client.oneway(&ELSEWHERE, 1, &Bytes(&data)).unwrap();
+        client.oneway(&ELSEWHERE, 1, &Bytes(&data), None).unwrap();
         assert!(client.lane_is_busy(), "the oneway's string was placed");
         // The reply to this call carries the server's acknowledgement of the refused oneway.
         assert_eq!(len(&data[..100]).unwrap(), 100);
@@ -231,7 +231,7 @@ fn a_send_that_must_wait_keeps_its_bytes_and_the_messages_behind_it_in_order() {
     let client = runtime.block_on(async { super::AsyncConnection::new(ours).unwrap() });
     // 512 bytes each (under the lane's 1 KiB), numbered.
     let bytes = |i: u32| i.to_le_bytes().repeat(128);
-    let message = |i: u32| client.oneway(&BULK, 1, Bytes(bytes(i)));
+    let message = |i: u32| client.oneway(&BULK, 1, Bytes(bytes(i)), None);
     let mut cx = Context::from_waker(Waker::noop());
     // The peer reads nothing yet: send until its queue is full.
     let mut sent = 0u32;
@@ -272,6 +272,28 @@ fn a_send_that_must_wait_keeps_its_bytes_and_the_messages_behind_it_in_order() {
     }
 }
 
+/// A current-thread runtime, and an async connection on `ours` that has learnt from `peer`
+/// (a message it sent) that the peer reads lanes.
+fn client_of_a_lane_reader(
+    ours: Socket,
+    peer: &crate::Connection,
+) -> (::tokio::runtime::Runtime, super::AsyncConnection) {
+    let runtime = ::tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = runtime.block_on(async {
+        let client = super::AsyncConnection::new(ours).unwrap();
+        peer.oneway(&crate::connection::tests::BULK, 2, &(), None)
+            .unwrap();
+        while !client.test_lane().peer_reads() {
+            ::tokio::task::yield_now().await;
+        }
+        client
+    });
+    (runtime, client)
+}
+
 /// A send that has placed a byte string and then waits for the send lock (another message is
 /// waiting for room with it) gives its placement back when it is cancelled there; otherwise
 /// the lane stays busy, and every later byte string goes through the socket.
@@ -286,25 +308,13 @@ fn a_send_cancelled_while_it_waits_for_the_send_lock_gives_its_placement_back() 
 
     let (ours, theirs) = Socket::pair().unwrap();
     let peer = Connection::new(theirs);
-    let runtime = ::tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let client = runtime.block_on(async {
-        let client = super::AsyncConnection::new(ours).unwrap();
-        // A message from the peer says that it reads lanes.
-        peer.oneway(&BULK, 2, &()).unwrap();
-        while !client.test_lane().peer_reads() {
-            ::tokio::task::yield_now().await;
-        }
-        client
-    });
+    let (_runtime, client) = client_of_a_lane_reader(ours, &peer);
     let mut cx = Context::from_waker(Waker::noop());
     // The peer reads nothing: send small messages until one waits for room, holding the
     // send lock.
     let mut sent = 0u32;
     let _waiting = loop {
-        let mut send = Box::pin(client.oneway(&BULK, 1, Bytes(vec![0u8; 512])));
+        let mut send = Box::pin(client.oneway(&BULK, 1, Bytes(vec![0u8; 512]), None));
         if send.as_mut().poll(&mut cx).is_pending() {
             break send;
         }
@@ -312,7 +322,7 @@ fn a_send_cancelled_while_it_waits_for_the_send_lock_gives_its_placement_back() 
         assert!(sent < 1 << 20, "the peer's queue never filled");
     };
     // A byte string the lane takes: placed while encoding, then the send waits for the lock.
-    let mut placed = Box::pin(client.oneway(&BULK, 1, Bytes(vec![1u8; 4096])));
+    let mut placed = Box::pin(client.oneway(&BULK, 1, Bytes(vec![1u8; 4096]), None));
     assert!(placed.as_mut().poll(&mut cx).is_pending());
     assert!(client.test_lane().is_busy(), "the string was placed");
     drop(placed);
@@ -493,4 +503,61 @@ fn an_async_call_dropped_as_its_placed_reply_arrives_gives_the_lane_back() {
         settled,
         "a reply's placement leaked (by round {leaked_at:?})"
     );
+}
+
+/// An async oneway to a peer that has stopped reading fails with `TimedOut` once its timeout
+/// has passed, having sent nothing: the byte string it had placed in the lane goes back to it,
+/// and the next message follows the last one that was sent.
+#[test]
+fn an_async_oneway_that_cannot_be_sent_in_time_times_out_and_gives_its_placement_back() {
+    use std::time::Duration;
+
+    use crate::Connection;
+    use crate::codec::Bytes;
+    use crate::connection::tests::BULK;
+    use crate::error::Error;
+
+    let (ours, theirs) = Socket::pair().unwrap();
+    let peer = Connection::new(theirs);
+    let (runtime, client) = client_of_a_lane_reader(ours, &peer);
+    // 512 bytes each (under the lane's 1 KiB), numbered.
+    let bytes = |i: u32| i.to_le_bytes().repeat(128);
+    let soon = Some(Duration::from_millis(50));
+    let sent = runtime.block_on(async {
+        // The peer reads nothing: send until a message cannot go out in time.
+        let mut sent = 0u32;
+        loop {
+            match client.oneway(&BULK, 1, Bytes(bytes(sent)), soon).await {
+                Ok(()) => sent += 1,
+                Err(Error::TimedOut) => break,
+                Err(e) => panic!("message {sent}: {e}"),
+            }
+            assert!(sent < 1 << 20, "the peer's queue never filled");
+        }
+        // A byte string the lane takes: placed while encoding, then the send times out.
+        let late = client.oneway(&BULK, 1, Bytes(vec![1u8; 4096]), soon).await;
+        assert!(matches!(late, Err(Error::TimedOut)), "{late:?}");
+        assert!(
+            !client.test_lane().is_busy(),
+            "the timed-out send gave its placement back"
+        );
+        sent
+    });
+    let body = |i: u32| {
+        let frame = peer.socket().recv().unwrap();
+        assert!(
+            frame.payload.ends_with(&bytes(i)),
+            "message {i} arrived intact, in order"
+        );
+    };
+    for i in 0..sent {
+        body(i);
+    }
+    runtime.block_on(async {
+        client
+            .oneway(&BULK, 1, Bytes(bytes(sent)), None)
+            .await
+            .unwrap()
+    });
+    body(sent);
 }

@@ -1,0 +1,17 @@
+use typed_ipc::interface;
+
+// Both ends must agree on the command ids and the signature: a method that exists on one end
+// only cannot be expressed.
+#[interface]
+pub trait Renderer {
+    #[cfg(feature = "tokio")]
+    fn render(&self, frame: u32) -> u32;
+    #[cfg(not(feature = "tokio"))]
+    fn render(&self, frame: u32, quality: u8) -> u32;
+    #[cfg(any())]
+    fn debug_only(&self);
+    #[cfg_attr(debug_assertions, cmd(9))]
+    fn stats(&self) -> u64;
+}
+
+fn main() {}

@@ -1,0 +1,12 @@
+use typed_ipc::interface;
+
+// The generated `SessionClient` has `new`, `with_timeout` and `connection` of its own.
+#[interface]
+pub trait Session {
+    fn new(&self, name: String) -> u32;
+    fn with_timeout(&self, millis: u64);
+    fn connection(&self) -> String;
+    fn close(&self);
+}
+
+fn main() {}
