@@ -19,15 +19,20 @@ pub enum Error {
     /// out: it shuts the connection down rather than leave the peer a fragment (see
     /// [`Connection::oneway`](crate::Connection::oneway)).
     TimedOut,
-    /// A message is larger than the limit that applies to it (ours when sending, the
-    /// receiver's [`Limits`](crate::Limits) when receiving).
+    /// A message is larger than the limit that applies to it: this side's
+    /// [`Limits`](crate::Limits), whether it sends the message or receives it (and, sending,
+    /// the 4 GiB the wire format can express). Refused when sending, nothing of it was sent;
+    /// refused when receiving, it was read to its end and dropped, and only the call it
+    /// answers fails. Either way the connection is still usable.
     TooLarge {
         /// The message's payload size in bytes.
         size: u64,
         /// The limit it exceeds.
         limit: u64,
     },
-    /// A message carries more file descriptors than the limit that applies to it.
+    /// A message carries more file descriptors than the limit that applies to it, refused as
+    /// for [`Error::TooLarge`]. The fds of a refused incoming message are closed; those of an
+    /// outgoing one are left to their owner.
     TooManyFds {
         /// How many the message carries.
         count: u64,

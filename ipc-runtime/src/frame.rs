@@ -22,7 +22,12 @@ impl Frame {
 }
 
 /// What a receiver accepts from its peer. Checked against the sizes a message announces,
-/// before anything is allocated for it.
+/// before anything is allocated for it; a message over them is read to its end and dropped,
+/// and reported as [`Error::TooLarge`](crate::Error::TooLarge) or
+/// [`Error::TooManyFds`](crate::Error::TooManyFds).
+///
+/// A sender holds itself to its own limits too: a message over them is refused before any
+/// of it goes out, with the same errors, since a peer with the same limits would refuse it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
     /// Largest payload accepted, in bytes. Default 1 GiB; at most `u32::MAX`.

@@ -42,6 +42,10 @@ pub struct Socket {
     limits: Limits,
     /// Most payload bytes this side puts in one continuation datagram (from `SO_SNDBUF`).
     chunk: usize,
+    /// Most payload bytes and fds of a message that goes out as one datagram with no further
+    /// check: one that fits a datagram and is within `limits` ([`Socket::sends_whole`]).
+    whole_len: usize,
+    whole_fds: usize,
     send_lock: Mutex<()>,
     recv: Mutex<RecvState>,
     /// Nanoseconds to poll for a message before blocking; 0 = block at once.
@@ -50,7 +54,8 @@ pub struct Socket {
 
 #[derive(Debug, Default)]
 struct RecvState {
-    /// A message whose first datagram has arrived and whose rest has not.
+    /// A message whose first datagram has arrived and whose rest has not (or is being
+    /// dropped: see [`Refused`]).
     partial: Option<Partial>,
     /// An earlier message failed part-way: drop its continuations before reading on.
     discarding: bool,
@@ -65,7 +70,24 @@ struct Partial {
     fds_announced: usize,
     /// The kernel dropped fds of this message (`MSG_CTRUNC`).
     dropped: bool,
+    /// The message is over this side's limits: read to its end and dropped.
+    refused: Option<Refused>,
 }
+
+/// A message over this side's [`Limits`], read to its end and dropped, its fds closed as they
+/// arrive: its [`Partial::frame`] keeps only its first [`REFUSED_KEPT`] bytes, so the layer
+/// above can tell whose it was. Reported once all of it is in, and the stream is in sync.
+#[derive(Debug)]
+struct Refused {
+    /// What is reported: [`Error::TooLarge`] or [`Error::TooManyFds`].
+    why: Error,
+    /// Payload bytes of the message received so far, kept or not.
+    len: usize,
+}
+
+/// Most payload bytes of a refused message a receive leaves in its frame (the first ones):
+/// enough for the connection's envelope, which says whose the message was.
+pub(crate) const REFUSED_KEPT: usize = 64;
 
 impl Socket {
     /// A connected pair of sockets, like [`std::os::unix::net::UnixStream::pair`].
@@ -122,22 +144,28 @@ impl Socket {
         let chunk = sndbuf
             .saturating_sub(32 + HEADER_LEN)
             .clamp(4096, DATAGRAM_MAX);
+        let limits = Limits::default();
+        let (whole_len, whole_fds) = whole_sizes(chunk, limits);
         Ok(Socket {
             fd,
-            limits: Limits::default(),
+            limits,
             chunk,
+            whole_len,
+            whole_fds,
             send_lock: Mutex::new(()),
             recv: Mutex::new(RecvState::default()),
             spin_ns: AtomicU64::new(0),
         })
     }
 
-    /// Sets what this side accepts from the peer.
+    /// Sets what this side accepts from the peer, which is also the most it sends: a message
+    /// over these limits is refused before any of it goes out (see [`Socket::send`]).
     pub fn set_limits(&mut self, limits: Limits) {
         self.limits = limits;
+        (self.whole_len, self.whole_fds) = whole_sizes(self.chunk, limits);
     }
 
-    /// What this side accepts from the peer.
+    /// What this side accepts from the peer (and the most it sends).
     pub fn limits(&self) -> Limits {
         self.limits
     }
@@ -186,8 +214,10 @@ impl Socket {
     /// Sends one message, waiting as long as the peer's buffer is full.
     ///
     /// A message that fits one datagram (≤ 64 KiB and ≤ 253 fds) is one `sendmsg`; a larger
-    /// one is split, and the peer reassembles it. The peer's [`Limits`] decide what it
-    /// accepts; this side refuses only what the wire format cannot express (≥ 4 GiB).
+    /// one is split, and the peer reassembles it. A message over this side's own [`Limits`]
+    /// (what it would refuse to receive) is refused with [`Error::TooLarge`] or
+    /// [`Error::TooManyFds`] before any of it goes out, and so is one the wire format cannot
+    /// express (≥ 4 GiB); the socket stays usable. The peer's limits decide what it accepts.
     pub fn send(&self, payload: &[u8], fds: &[BorrowedFd<'_>]) -> Result<()> {
         self.send_deadline(payload, fds, None)
     }
@@ -212,8 +242,12 @@ impl Socket {
         fds: &[BorrowedFd<'_>],
         deadline: Option<Instant>,
     ) -> Result<()> {
+        let whole = self.sends_whole(payload, fds);
+        if !whole {
+            self.check_outgoing(payload.len(), fds.len())?;
+        }
         let _guard = lock(&self.send_lock);
-        if fits_one_datagram(payload, fds, self.chunk) {
+        if whole {
             // One datagram is never half-sent, so a full buffer is simply waited out.
             while !self.send_whole(payload, fds)? {
                 self.wait(PollFlags::POLLOUT, deadline)?;
@@ -238,9 +272,10 @@ impl Socket {
     /// nothing sent, if it would have to wait — for room in the socket buffer, for another
     /// thread's message to finish, or because it needs several datagrams. For a thread that
     /// must not block while it holds something others wait for (the connection's reader
-    /// role).
+    /// role). A message over this side's limits is refused, as by [`Socket::send`].
     pub(crate) fn try_send(&self, payload: &[u8], fds: &[BorrowedFd<'_>]) -> Result<bool> {
-        if !fits_one_datagram(payload, fds, self.chunk) {
+        if !self.sends_whole(payload, fds) {
+            self.check_outgoing(payload.len(), fds.len())?;
             return Ok(false);
         }
         let _guard = match self.send_lock.try_lock() {
@@ -249,6 +284,24 @@ impl Socket {
             Err(std::sync::TryLockError::WouldBlock) => return Ok(false),
         };
         self.send_whole(payload, fds)
+    }
+
+    /// Whether a message goes out as one datagram, with no check beyond these two compares:
+    /// it fits one, and is within this side's limits (for a message within them, the same
+    /// as `fits_one_datagram`).
+    #[inline(always)]
+    fn sends_whole(&self, payload: &[u8], fds: &[BorrowedFd<'_>]) -> bool {
+        payload.len() <= self.whole_len && fds.len() <= self.whole_fds
+    }
+
+    /// Refuses a message of `len` bytes and `fds` fds that is over this side's [`Limits`],
+    /// which it would refuse to receive: nothing of it may go out.
+    #[inline]
+    pub(crate) fn check_outgoing(&self, len: usize, fds: usize) -> Result<()> {
+        if len > self.limits.max_message_len || fds > self.limits.max_fds {
+            return Err(over_limits(len, fds, self.limits));
+        }
+        Ok(())
     }
 
     /// One `sendmsg` of a message that fits one datagram: `Ok(false)` if the socket buffer
@@ -385,6 +438,12 @@ impl Socket {
     /// This is the allocation-free receive: a frame reused across calls needs no new memory
     /// for messages up to 64 KiB. On [`Error::FdsDropped`] the message was consumed whole and
     /// its payload is left in `frame` (without fds), so the caller can tell what it was.
+    ///
+    /// A message over this side's [`Limits`] is refused: it is read to its end and dropped,
+    /// its fds closed as they arrive, and then reported as [`Error::TooLarge`] or
+    /// [`Error::TooManyFds`] with its first 64 payload bytes (all, if it has fewer) left in
+    /// `frame`; the stream is in sync. If another message interrupts it (a broken or hostile
+    /// peer), it is reported at once with `frame` empty, and the other message is read next.
     #[inline]
     pub fn recv_into(&self, frame: &mut Frame, deadline: Option<Instant>) -> Result<()> {
         self.recv_inner(frame, deadline.map_or(Wait::Forever, Wait::Until))
@@ -423,23 +482,9 @@ impl Socket {
             ));
         }
         let (total_len, total_fds) = (header.total_len as usize, header.total_fds as usize);
-        // If this message is refused, its continuations must not be read as new messages.
-        state.discarding = frame.payload.len() < total_len || (header.fds as usize) < total_fds;
-        if total_len > self.limits.max_message_len {
-            let limit = self.limits.max_message_len as u64;
-            return Err(Error::TooLarge {
-                size: total_len as u64,
-                limit,
-            });
+        if total_len > self.limits.max_message_len || total_fds > self.limits.max_fds {
+            return self.refuse(state, header, frame, wait);
         }
-        if total_fds > self.limits.max_fds {
-            let limit = self.limits.max_fds as u64;
-            return Err(Error::TooManyFds {
-                count: total_fds as u64,
-                limit,
-            });
-        }
-        state.discarding = false;
         if !dropped && frame.payload.len() == total_len && header.fds as usize == total_fds {
             return Ok(()); // the whole message in one datagram: the common case
         }
@@ -449,11 +494,40 @@ impl Socket {
             total_fds,
             fds_announced: header.fds as usize,
             dropped,
+            refused: None,
         };
         self.continue_message(state, partial, frame, wait)
     }
 
-    /// Reads datagrams until `p` is complete; on a timeout keeps it in `state` for later.
+    /// Refuses the message whose first datagram, with `header`, is in `frame`: it is over
+    /// this side's limits. Its datagrams are read and dropped ([`Socket::drop_refused`]).
+    #[cold]
+    #[inline(never)]
+    fn refuse(
+        &self,
+        state: &mut RecvState,
+        header: Header,
+        frame: &mut Frame,
+        wait: Wait,
+    ) -> Result<()> {
+        let (total_len, total_fds) = (header.total_len as usize, header.total_fds as usize);
+        let why = over_limits(total_len, total_fds, self.limits);
+        let len = frame.payload.len();
+        frame.payload.truncate(REFUSED_KEPT);
+        frame.fds.clear();
+        let partial = Partial {
+            frame: mem::take(frame),
+            total_len,
+            total_fds,
+            fds_announced: header.fds as usize,
+            dropped: false,
+            refused: Some(Refused { why, len }),
+        };
+        self.continue_message(state, partial, frame, wait)
+    }
+
+    /// Reads datagrams until `p` is complete (or, refused, dropped whole); on a timeout keeps
+    /// it in `state` for later.
     fn continue_message(
         &self,
         state: &mut RecvState,
@@ -461,12 +535,99 @@ impl Socket {
         out: &mut Frame,
         wait: Wait,
     ) -> Result<()> {
-        let result = self.complete(state, p, out, wait);
+        let result = match p.refused {
+            None => self.complete(state, p, out, wait),
+            Some(_) => self.drop_refused(state, p, out, wait),
+        };
         if let Err(e) = &result {
-            // The rest of a message that failed part-way must not be read as a new one.
-            state.discarding = !matches!(e, Error::TimedOut | Error::FdsDropped { .. });
+            // The rest of a message that failed part-way must not be read as a new one. A
+            // refusal is reported once its message is over (or interrupted by the next).
+            state.discarding = !matches!(
+                e,
+                Error::TimedOut
+                    | Error::FdsDropped { .. }
+                    | Error::TooLarge { .. }
+                    | Error::TooManyFds { .. }
+            );
         }
         result
+    }
+
+    /// Reads the rest of refused message `p` and drops it, closing its fds as they arrive;
+    /// on a timeout keeps it in `state` for later. Reports the refusal once the whole
+    /// message is in, with its first bytes in `out`; if a datagram that is not one of its
+    /// continuations comes first, reports it at once with `out` empty, leaving that datagram
+    /// to be read as usual.
+    fn drop_refused(
+        &self,
+        state: &mut RecvState,
+        mut p: Partial,
+        out: &mut Frame,
+        wait: Wait,
+    ) -> Result<()> {
+        let Refused { why, mut len } = p.refused.take().expect("a refused message");
+        loop {
+            if len > p.total_len || p.fds_announced > p.total_fds {
+                return Err(Error::Malformed(format!(
+                    "message announced {} bytes and {} fds, sent more",
+                    p.total_len, p.total_fds
+                )));
+            }
+            if len == p.total_len && p.fds_announced == p.total_fds {
+                *out = p.frame;
+                return Err(why);
+            }
+            let (head, size) = match self.peek(wait) {
+                Err(Error::TimedOut) => {
+                    p.refused = Some(Refused { why, len });
+                    state.partial = Some(p);
+                    return Err(Error::TimedOut);
+                }
+                r => r?,
+            };
+            let header = match Header::decode(&head, size.min(HEADER_LEN)) {
+                Ok(h)
+                    if h.kind == Kind::More
+                        && h.total_len as usize == p.total_len
+                        && h.total_fds as usize == p.total_fds =>
+                {
+                    h
+                }
+                _ => {
+                    // The rest never came: nothing is left to tell whose this message was.
+                    *out = p.frame;
+                    out.clear();
+                    return Err(why);
+                }
+            };
+            // Take the datagram, keeping the bytes still short of `REFUSED_KEPT`; the kernel
+            // cuts off the rest (`MSG_TRUNC`), and its fds are closed at once.
+            let room = REFUSED_KEPT.saturating_sub(p.frame.payload.len());
+            p.frame.payload.reserve(room);
+            let got = loop {
+                let mut head = [0u8; HEADER_LEN];
+                let spare = &mut p.frame.payload.spare_capacity_mut()[..room];
+                match sys::recv(self.fd.as_fd(), &mut head, spare, &mut p.frame.fds, true) {
+                    Ok(got) => break got,
+                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            let kept = got.len.saturating_sub(HEADER_LEN).min(room);
+            // SAFETY: the kernel wrote `kept` bytes into the spare capacity handed to recvmsg.
+            unsafe { p.frame.payload.set_len(p.frame.payload.len() + kept) };
+            let arrived = p.frame.fds.len();
+            p.frame.fds.clear();
+            if arrived > header.fds as usize || (!got.fds_dropped && arrived != header.fds as usize)
+            {
+                return Err(Error::Malformed(format!(
+                    "header announces {} fds, {arrived} arrived",
+                    header.fds
+                )));
+            }
+            len += size - HEADER_LEN;
+            p.fds_announced += header.fds as usize;
+        }
     }
 
     fn complete(
@@ -578,27 +739,7 @@ impl Socket {
     /// Drops the continuations of a message that failed, up to the next first datagram.
     fn discard(&self, state: &mut RecvState, wait: Wait) -> Result<()> {
         loop {
-            let mut head = [0u8; HEADER_LEN];
-            let peek = match wait {
-                Wait::Until(d) => self.wait(PollFlags::POLLIN, Some(d)),
-                _ => Ok(()),
-            };
-            peek?;
-            let flags = ns::MsgFlags::MSG_PEEK
-                | if wait == Wait::No {
-                    ns::MsgFlags::MSG_DONTWAIT
-                } else {
-                    ns::MsgFlags::empty()
-                };
-            let n = match ns::recv(self.fd.as_raw_fd(), &mut head, flags) {
-                Ok(n) => n,
-                Err(nix::Error::EINTR) => continue,
-                Err(nix::Error::EAGAIN) => return Err(Error::TimedOut),
-                Err(e) => return Err(e.into()),
-            };
-            if n == 0 {
-                return Err(Error::Disconnected);
-            }
+            let (mut head, n) = self.peek(wait)?;
             // Only a well-formed continuation belongs to the failed message; anything else
             // is read as usual (and reported, if it is garbage).
             if n < 4 || head[0..2] != *b"TI" || head[3] != Kind::More as u8 {
@@ -608,6 +749,32 @@ impl Socket {
             // Consume it; its bytes are cut off (MSG_TRUNC) and its fds closed with `junk`.
             let mut junk = Frame::default();
             sys::recv(self.fd.as_fd(), &mut head, &mut [], &mut junk.fds, true)?;
+        }
+    }
+
+    /// The header of the next datagram, without taking it, and the datagram's whole length
+    /// (`MSG_TRUNC`); [`Error::TimedOut`] if none comes in time.
+    fn peek(&self, wait: Wait) -> Result<([u8; HEADER_LEN], usize)> {
+        loop {
+            if let Wait::Until(deadline) = wait {
+                self.wait(PollFlags::POLLIN, Some(deadline))?;
+            }
+            let mut head = [0u8; HEADER_LEN];
+            let flags = ns::MsgFlags::MSG_PEEK
+                | ns::MsgFlags::MSG_TRUNC
+                | if wait == Wait::No {
+                    ns::MsgFlags::MSG_DONTWAIT
+                } else {
+                    ns::MsgFlags::empty()
+                };
+            return match ns::recv(self.fd.as_raw_fd(), &mut head, flags) {
+                Ok(0) => Err(Error::Disconnected),
+                Ok(n) => Ok((head, n)),
+                Err(nix::Error::EINTR) => continue,
+                Err(nix::Error::EAGAIN) if wait == Wait::No => Err(Error::TimedOut),
+                Err(nix::Error::EAGAIN) if wait != Wait::Forever => continue,
+                Err(e) => Err(e.into()),
+            };
         }
     }
 
@@ -711,6 +878,28 @@ enum Wait {
 /// Whether a message goes out as one datagram (what `send_some` decides for its first).
 fn fits_one_datagram(payload: &[u8], fds: &[BorrowedFd<'_>], chunk: usize) -> bool {
     payload.len() <= FIRST_MAX.min(chunk) && fds.len() <= FDS_PER_DATAGRAM
+}
+
+/// The most payload bytes and fds of a message that fits one datagram and `limits`.
+fn whole_sizes(chunk: usize, limits: Limits) -> (usize, usize) {
+    let len = FIRST_MAX.min(chunk).min(limits.max_message_len);
+    (len, FDS_PER_DATAGRAM.min(limits.max_fds))
+}
+
+/// Why a message of `len` bytes and `fds` fds is over `limits` (its size first).
+#[cold]
+fn over_limits(len: usize, fds: usize, limits: Limits) -> Error {
+    if len > limits.max_message_len {
+        Error::TooLarge {
+            size: len as u64,
+            limit: limits.max_message_len as u64,
+        }
+    } else {
+        Error::TooManyFds {
+            count: fds as u64,
+            limit: limits.max_fds as u64,
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -392,3 +392,150 @@ fn child_at_fd_limit() {
     };
     socket.send(verdict.as_bytes(), &[]).unwrap();
 }
+
+/// A pipe whose write end the test sends (as many copies as it likes) and then drops: once
+/// every copy the receiver got is closed too, the read end sees EOF.
+fn pipe() -> (OwnedFd, OwnedFd) {
+    let (read_end, write_end) = nix::unistd::pipe().unwrap();
+    nix::fcntl::fcntl(
+        &read_end,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )
+    .unwrap();
+    (read_end, write_end)
+}
+
+/// Whether every copy of the pipe's write end is closed (EOF, where an open one would leave
+/// the empty pipe waiting: `EAGAIN`).
+fn all_closed(read_end: &OwnedFd) -> bool {
+    match nix::unistd::read(read_end, &mut [0u8; 1]) {
+        Ok(0) => true,
+        Err(nix::errno::Errno::EAGAIN) => false,
+        other => panic!("a pipe read the test did not expect: {other:?}"),
+    }
+}
+
+#[test]
+fn a_message_over_the_senders_own_limits_is_refused_before_any_of_it_goes_out() {
+    let (mut a, b) = Socket::pair().unwrap();
+    a.set_limits(Limits {
+        max_message_len: 100_000,
+        max_fds: 300,
+    });
+    let file = memfd(b"kept");
+    // One datagram's worth, and more than one datagram's (fds, then bytes).
+    let cases: [(usize, usize, &str); 4] = [
+        (100_001, 0, "bytes"),
+        (10, 301, "fds"),
+        (100_001, 301, "bytes first"),
+        (5 << 20, 1, "bytes"),
+    ];
+    for (len, nfds, what) in cases {
+        let copies = vec![file.as_fd(); nfds];
+        match a.send(&pattern(len), &copies) {
+            Err(Error::TooLarge { size, limit }) if what != "fds" => {
+                assert_eq!((size, limit), (len as u64, 100_000));
+            }
+            Err(Error::TooManyFds { count, limit }) if what == "fds" => {
+                assert_eq!((count, limit), (nfds as u64, 300));
+            }
+            other => panic!("{len} bytes and {nfds} fds: expected a refusal, got {other:?}"),
+        }
+    }
+    assert!(b.try_recv().unwrap().is_none(), "nothing went out");
+    // The caller's fd is untouched, and the socket still sends what fits the limits.
+    a.send(b"within", &vec![file.as_fd(); 300]).unwrap();
+    let frame = b.recv().unwrap();
+    assert_eq!(
+        (frame.payload.as_slice(), frame.fds.len()),
+        (&b"within"[..], 300)
+    );
+    drop(frame);
+    assert_eq!(read_all(file), b"kept");
+}
+
+#[test]
+fn a_refused_message_is_read_to_its_end_and_keeps_its_first_bytes() {
+    let (a, mut b) = Socket::pair().unwrap();
+    b.set_limits(Limits {
+        max_message_len: 100_000,
+        max_fds: 4,
+    });
+    let payload = pattern(1000);
+    // 300 fds: a first datagram of fds only, then the bytes with the rest of the fds.
+    let (read_end, write_end) = pipe();
+    a.send(&payload, &vec![write_end.as_fd(); 300]).unwrap();
+    drop(write_end);
+    a.send(b"next", &[]).unwrap();
+    let mut frame = Frame::default();
+    match b.recv_into(&mut frame, None) {
+        Err(Error::TooManyFds {
+            count: 300,
+            limit: 4,
+        }) => {}
+        other => panic!("expected TooManyFds, got {other:?}"),
+    }
+    assert_eq!(frame.payload, payload[..64], "the first bytes are kept");
+    assert!(frame.fds.is_empty());
+    assert!(all_closed(&read_end), "every fd it carried is closed");
+    assert_eq!(b.recv().unwrap().payload, b"next");
+    // Too large, in several datagrams: the same, and the next message follows in sync.
+    let big = pattern(300_000);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            a.send(&big, &[]).unwrap();
+            a.send(b"after", &[]).unwrap();
+        });
+        match b.recv_into(&mut frame, None) {
+            Err(Error::TooLarge {
+                size: 300_000,
+                limit: 100_000,
+            }) => {}
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+        assert_eq!(frame.payload, big[..64]);
+        assert_eq!(b.recv().unwrap().payload, b"after");
+    });
+}
+
+#[test]
+fn a_refused_message_arriving_in_parts_is_reported_once_its_last_part_is_in() {
+    let (a, mut b) = Socket::pair().unwrap();
+    b.set_limits(Limits {
+        max_message_len: 100,
+        max_fds: 4,
+    });
+    let first = Header {
+        kind: Kind::First,
+        fds: 0,
+        total_len: 200,
+        total_fds: 0,
+    };
+    raw_send(&a, &first.encode(), &[]);
+    let mut frame = Frame::default();
+    assert!(!b.try_recv_into(&mut frame).unwrap(), "the rest is to come");
+    assert!(matches!(
+        b.recv_timeout(Duration::from_millis(1)),
+        Err(Error::TimedOut)
+    ));
+    let more = Header {
+        kind: Kind::More,
+        ..first
+    };
+    raw_send(&a, &more.encode(), &pattern(150));
+    assert!(
+        !b.try_recv_into(&mut frame).unwrap(),
+        "50 bytes are to come"
+    );
+    raw_send(&a, &more.encode(), &pattern(50));
+    match b.try_recv_into(&mut frame) {
+        Err(Error::TooLarge {
+            size: 200,
+            limit: 100,
+        }) => {}
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    assert_eq!(frame.payload, pattern(150)[..64]);
+    a.send(b"next", &[]).unwrap();
+    assert_eq!(b.recv().unwrap().payload, b"next");
+}

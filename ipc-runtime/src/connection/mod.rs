@@ -326,6 +326,10 @@ impl Connection {
 
     /// Calls method `cmd` of interface `iface` with `args` and waits for the reply, at most
     /// `timeout` if one is given. This is what generated client stubs call.
+    ///
+    /// A request over this side's [`Limits`](crate::Limits) (the socket's) fails with
+    /// [`Error::TooLarge`] or [`Error::TooManyFds`] before any of it is sent, and a reply
+    /// over them fails this call the same way: either way the connection stays usable.
     pub fn call<A: Serialize + ?Sized, R: DeserializeOwned>(
         &self,
         iface: &'static InterfaceInfo,
@@ -427,6 +431,9 @@ impl Connection {
     /// [`Connection::call`] whose request could not be sent in time. The timeout does not
     /// bound the wait for another thread's message on this connection to finish going out
     /// first (sends are serialised): give every sender a timeout.
+    ///
+    /// A message over this side's [`Limits`](crate::Limits) fails as in [`Connection::call`],
+    /// unsent.
     pub fn oneway<A: Serialize + ?Sized>(
         &self,
         iface: &'static InterfaceInfo,
@@ -571,6 +578,30 @@ pub(crate) fn decode_reply<R: DeserializeOwned>(
         return Err(failure.into_error(iface, cmd));
     }
     codec::with_store(lane, || codec::decode_from(body, &mut frame.fds))
+}
+
+/// Whether `e` refused a received message for its size ([`Limits`](crate::Limits)): the
+/// socket read it to its end, so the stream is in sync, and kept its first bytes, so its
+/// envelope says whose it was. For both flavours.
+pub(crate) fn is_refusal(e: &Error) -> bool {
+    matches!(e, Error::TooLarge { .. } | Error::TooManyFds { .. })
+}
+
+// A refused message keeps its envelope.
+const _: () = assert!(envelope::LEN <= crate::socket::REFUSED_KEPT);
+
+/// Why a message this side received as `e` (refused for its size, or its fds dropped by the
+/// kernel) is not run: for a call, the failure its caller gets; for a oneway, what stderr
+/// says. For both flavours.
+pub(crate) fn unreceived(e: &Error, oneway: bool) -> Failure {
+    match e {
+        Error::FdsDropped { .. } if !oneway => Failure::BadRequest(format!(
+            "the server could not receive the request's fds: {e}"
+        )),
+        Error::FdsDropped { .. } => Failure::Unanswered(e.to_string()),
+        _ if oneway => Failure::Unanswered(format!("over this side's limits: {e}")),
+        _ => Failure::Unanswered(format!("the request is over its limits: {e}")),
+    }
 }
 
 /// Hashes call cookies, which are this end's own sequential numbers: a multiply spreads them

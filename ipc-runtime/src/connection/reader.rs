@@ -2,14 +2,14 @@
 //! receives goes (see the module docs of [`connection`](super)).
 
 use std::collections::hash_map::Entry;
-use std::sync::PoisonError;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError};
 use std::time::Instant;
 
 use super::buffers::keep_thread_frame;
 use super::envelope::{self, Envelope, Kind};
-use super::failure::Failure;
-use super::{Guard, Shared, State, lock};
+use super::failure;
+use super::{Guard, Shared, State, is_refusal, lock, unreceived};
 use crate::error::{Error, Result};
 use crate::frame::Frame;
 
@@ -156,12 +156,15 @@ impl Shared {
         self.route(state, frame, result, reader)
     }
 
-    /// The reader's receive: the next message into `frame`, and its lane word taken in.
+    /// The reader's receive: the next message into `frame`, and its lane word taken in (also
+    /// that of a message refused for its size, whose envelope the socket keeps).
     #[inline]
     pub(super) fn receive(&self, frame: &mut Frame, deadline: Option<Instant>) -> Result<()> {
         let result = self.socket.recv_into(frame, deadline);
-        if result.is_ok() {
-            self.lane.on_word(envelope::lane(&frame.payload));
+        match &result {
+            Ok(()) => self.lane.on_word(envelope::lane(&frame.payload)),
+            Err(e) if is_refusal(e) => self.lane.on_word(envelope::lane(&frame.payload)),
+            Err(_) => {}
         }
         result
     }
@@ -177,8 +180,14 @@ impl Shared {
         reader: Reader,
     ) -> (Guard<'a>, Option<Taken>) {
         self.release_reader(&mut state);
-        // A message whose fds were dropped was still received whole: its envelope says whose.
-        let whole = matches!(result, Ok(()) | Err(Error::FdsDropped { .. }));
+        // A message whose fds were dropped was still received whole, and one refused for its
+        // size was read to its end with its envelope kept: either way the stream is in sync
+        // and the envelope says whose it was, so only that message fails. Without an
+        // envelope (a refused message interrupted by another), the connection ends.
+        let whole = match &result {
+            Ok(()) | Err(Error::FdsDropped { .. }) => true,
+            Err(e) => is_refusal(e),
+        };
         let envelope = match whole.then(|| Envelope::read(&frame.payload).ok()).flatten() {
             Some(envelope) => envelope,
             None => {
@@ -231,12 +240,25 @@ impl Shared {
             }
             (Kind::Call, Err(e)) => {
                 drop(state);
-                let why = format!("the server could not receive the request's fds: {e}");
-                let _ = self.reply_failure(&envelope, &Failure::BadRequest(why));
+                let _ = self.reply_failure(&envelope, &unreceived(&e, false));
                 state = lock(&self.state);
                 state.buffer = frame;
             }
-            (Kind::Oneway, Err(_)) => state.buffer = frame,
+            (Kind::Oneway, Err(e)) => {
+                drop(state);
+                // Nobody waits for a oneway's outcome, so say it here rather than lose it.
+                let registry =
+                    Arc::clone(&self.registry.lock().unwrap_or_else(PoisonError::into_inner));
+                let iface = registry
+                    .services
+                    .iter()
+                    .map(|s| s.info())
+                    .find(|i| i.id == envelope.interface);
+                failure::oneway_failed(self.trace, &envelope, iface, &unreceived(&e, true));
+                drop(registry);
+                state = lock(&self.state);
+                state.buffer = frame;
+            }
             (Kind::Announce, result) => {
                 if self.trace {
                     super::trace::incoming(&envelope, &frame, std::iter::empty());

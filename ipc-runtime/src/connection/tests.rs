@@ -350,7 +350,7 @@ pub(crate) static SKIM: InterfaceInfo = InterfaceInfo {
 };
 
 /// Answers `skip` without ever decoding its argument, and `len` by decoding it.
-struct Skimmer;
+pub(crate) struct Skimmer;
 
 impl Service for Skimmer {
     fn info(&self) -> &'static InterfaceInfo {
@@ -577,4 +577,122 @@ fn a_oneway_timing_out_part_way_shuts_the_connection_down_rather_than_send_a_fra
         a.oneway(&IFACE, 1, &7u32, None),
         Err(Error::Disconnected)
     ));
+}
+
+/// A connection over a socket with `limits`, and its peer with the default ones.
+fn limited_pair(limits: crate::frame::Limits) -> (Connection, Connection) {
+    let (mut a, b) = crate::socket::Socket::pair().unwrap();
+    a.set_limits(limits);
+    (Connection::new(a), Connection::new(b))
+}
+
+/// A call or oneway over this side's limits fails before anything is sent, leaves the
+/// caller's fds open and the connection usable, and gives back the byte string it placed
+/// in the lane.
+#[test]
+fn a_message_over_this_sides_limits_is_refused_unsent() {
+    use crate::codec::Fd;
+    let (a, b) = limited_pair(crate::frame::Limits {
+        max_message_len: 64 << 10,
+        max_fds: 4,
+    });
+    let files: Vec<std::os::fd::OwnedFd> = (0..5)
+        .map(|_| crate::memfd::new_memfd(1).unwrap())
+        .collect();
+    // (The timeout only keeps a regression from hanging: nobody would ever answer.)
+    let refused = a.call::<_, u32>(&IFACE, 1, &Fd(&files), Some(Duration::from_secs(60)));
+    assert!(
+        matches!(refused, Err(Error::TooManyFds { count: 5, limit: 4 })),
+        "{refused:?}"
+    );
+    let refused = a.oneway(&IFACE, 2, &Fd(&files), None);
+    assert!(
+        matches!(refused, Err(Error::TooManyFds { count: 5, limit: 4 })),
+        "{refused:?}"
+    );
+    assert!(
+        lock(&a.shared.state).pending.is_empty(),
+        "no call left waiting"
+    );
+    assert!(
+        !lock(&a.shared.state).reading,
+        "the reader role was given back"
+    );
+    for file in &files {
+        nix::fcntl::fcntl(file, nix::fcntl::FcntlArg::F_GETFD).expect("still open");
+    }
+    assert!(b.socket().try_recv().unwrap().is_none(), "nothing went out");
+    // A message within the limits goes out as usual, and is the first the peer sees.
+    let four: Vec<_> = files.into_iter().take(4).collect();
+    a.oneway(&IFACE, 3, &Fd(&four), None).unwrap();
+    let first = b.socket().recv().unwrap();
+    assert_eq!(Envelope::read(&first.payload).unwrap().cmd, 3);
+    assert_eq!(first.fds.len(), 4);
+    drop(b);
+    let (a, server) = {
+        let (a, b) = limited_pair(crate::frame::Limits {
+            max_message_len: 64 << 10,
+            max_fds: 4,
+        });
+        (a, std::thread::spawn(move || b.serve(Skimmer)))
+    };
+    // Too large, with a byte string placed in the lane: the placement is given back.
+    let small = a.call::<_, u64>(&SKIM, 2, &Bytes(&[1u8; 100][..]), None);
+    assert_eq!(small.unwrap(), 100); // both ends now know the other reads lanes
+    let (placed, inline) = (vec![7u8; 8 << 10], vec![1u8; 100 << 10]);
+    let refused = a.call::<_, u64>(&SKIM, 2, &(Bytes(&placed), Bytes(&inline)), None);
+    assert!(
+        matches!(refused, Err(Error::TooLarge { limit, .. }) if limit == 64 << 10),
+        "{refused:?}"
+    );
+    assert!(
+        !a.lane_is_busy(),
+        "the refused message's placement was given back"
+    );
+    // The next placement goes through the lane, announcing the region again.
+    skim_twice(&a);
+    a.close();
+    server.join().unwrap().unwrap();
+}
+
+/// A reply over the caller's limits fails that call only, whoever reads it: here a serving
+/// thread holds the reader role, so the refusal goes through the call's slot. Its fds are
+/// closed, and the connection, and the serving thread, carry on.
+#[test]
+fn a_reply_over_the_callers_limits_read_by_another_thread_fails_that_call_only() {
+    let (a, b) = limited_pair(crate::frame::Limits {
+        max_message_len: 1 << 20,
+        max_fds: 4,
+    });
+    let runner = {
+        let a = a.clone();
+        std::thread::spawn(move || a.run())
+    };
+    wait_until("the serving thread reads", || lock(&a.shared.state).reading);
+    let call = |cmd| {
+        let a = a.clone();
+        std::thread::spawn(move || a.call::<_, u32>(&IFACE, cmd, &(), None))
+    };
+    let first = call(1);
+    let request = b.socket().recv().unwrap();
+    let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK).unwrap();
+    let reply = reply_to(&request, &7u32);
+    b.socket().send(&reply, &[write_end.as_fd(); 5]).unwrap();
+    drop(write_end);
+    let refused = first.join().unwrap();
+    assert!(
+        matches!(refused, Err(Error::TooManyFds { count: 5, limit: 4 })),
+        "{refused:?}"
+    );
+    // Every copy of the write end is closed: the empty pipe reads as ended, not as waiting
+    // for a writer (`EAGAIN`).
+    assert_eq!(nix::unistd::read(&read_end, &mut [0u8; 1]), Ok(0));
+    // The next call is answered as usual.
+    let second = call(2);
+    let request = b.socket().recv().unwrap();
+    b.socket().send(&reply_to(&request, &8u32), &[]).unwrap();
+    assert_eq!(second.join().unwrap().unwrap(), 8);
+    assert!(!a.is_closed());
+    b.close();
+    runner.join().unwrap().unwrap();
 }

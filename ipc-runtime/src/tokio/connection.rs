@@ -26,9 +26,9 @@ use super::{AsyncService, BoxFuture};
 use crate::connection::Authorizer;
 use crate::connection::admit::admit;
 use crate::connection::buffers::with_buffers;
-use crate::connection::decode_reply;
 use crate::connection::lane::Lane;
 use crate::connection::trace;
+use crate::connection::{decode_reply, is_refusal, unreceived};
 use crate::error::{Error, Result};
 use crate::frame::Frame;
 use crate::service::{CallerScope, InterfaceInfo};
@@ -524,8 +524,10 @@ async fn read_messages(inner: Arc<Inner>) {
                 continue;
             }
             Ok(true) => Ok(()),
-            // The message was consumed whole without its fds; its bytes say whose it was.
+            // The message was consumed whole without its fds, or refused for its size and
+            // read to its end: its bytes (its envelope) say whose it was.
             Err(e @ Error::FdsDropped { .. }) => Err(e),
+            Err(e) if is_refusal(&e) => Err(e),
             Err(e) => break e,
         };
         drop(ready);
@@ -562,7 +564,9 @@ impl Inner {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Routes one received message; `Err` ends the connection.
+    /// Routes one received message; `Err` ends the connection. A message received as an
+    /// error (its fds dropped, or refused for its size) fails only its call, or is answered
+    /// with a failure if it is a request, as long as its envelope is there to say whose.
     fn route(self: &Arc<Self>, frame: Frame, received: Result<()>) -> Result<()> {
         let envelope = match (Envelope::read(&frame.payload), received) {
             (Ok(envelope), received) => (envelope, received),
@@ -573,10 +577,16 @@ impl Inner {
         if self.trace {
             self.trace_incoming(&envelope, &frame);
         }
-        match received {
+        match &received {
             Ok(()) => self.lane.on_word(envelope::lane(&frame.payload)),
-            // Delivered as an error (its fds were dropped), so never decoded.
-            Err(_) => self.lane.finished(&frame.payload),
+            // Delivered as an error, so never decoded; a refused message's lane word still
+            // counts (the blocking flavour's `receive` takes it in too).
+            Err(e) => {
+                if is_refusal(e) {
+                    self.lane.on_word(envelope::lane(&frame.payload));
+                }
+                self.lane.finished(&frame.payload);
+            }
         }
         match (envelope.kind, received) {
             (Kind::Reply | Kind::Failure, received) => {
@@ -599,16 +609,24 @@ impl Inner {
                 }
             }
             (Kind::Call, Err(e)) => {
-                let why = format!("the server could not receive the request's fds: {e}");
+                let failure = unreceived(&e, false);
                 let inner = self.clone();
                 let guard = self.tasks.enter();
                 self.runtime.spawn(async move {
-                    let failure = Failure::BadRequest(why);
                     let _ = reply_failure(inner, envelope, failure).await;
                     drop(guard);
                 });
             }
-            (Kind::Oneway, Err(_)) => {}
+            (Kind::Oneway, Err(e)) => {
+                // Nobody waits for a oneway's outcome, so say it here rather than lose it.
+                let services = self.services.read().unwrap_or_else(PoisonError::into_inner);
+                let iface = services
+                    .iter()
+                    .map(|s| s.info())
+                    .find(|i| i.id == envelope.interface);
+                let failure = unreceived(&e, true);
+                crate::connection::failure::oneway_failed(self.trace, &envelope, iface, &failure);
+            }
             (Kind::Announce, received) => {
                 let (mailbox, token) =
                     received.and_then(|()| envelope::announcement(&frame.payload))?;
@@ -729,7 +747,11 @@ impl Inner {
             let placed = self.lane.encode(&body, payload, fds, envelope.kind)?;
             let sent = match self.send_lock.try_lock() {
                 Ok(_lock) => self.socket().try_send(payload, fds),
-                Err(_) => Ok(false),
+                // Refused here, as `try_send` would, before the bytes are taken along.
+                Err(_) => self
+                    .socket()
+                    .check_outgoing(payload.len(), fds.len())
+                    .map(|()| false),
             };
             match sent {
                 Ok(true) => Ok((placed, None)),

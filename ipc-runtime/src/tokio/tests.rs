@@ -561,3 +561,103 @@ fn an_async_oneway_that_cannot_be_sent_in_time_times_out_and_gives_its_placement
     });
     body(sent);
 }
+
+/// The async side of `a_message_over_this_sides_limits_is_refused_unsent`: a call or oneway
+/// over this side's limits fails before anything goes out, also while another message holds
+/// the send lock (it would otherwise wait for it, then send), and gives back the byte string
+/// it placed in the lane.
+#[test]
+fn an_async_message_over_this_sides_limits_is_refused_unsent() {
+    use std::time::Duration;
+
+    use crate::codec::{Bytes, Fd};
+    use crate::connection::tests::SKIM;
+    use crate::{Connection, Error, Limits};
+
+    let limits = Limits {
+        max_message_len: 1 << 20,
+        max_fds: 4,
+    };
+    let runtime = ::tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // Refused with a placement in the lane, against a blocking server.
+    let (mut ours, theirs) = Socket::pair().unwrap();
+    ours.set_limits(limits);
+    let server = Connection::new(theirs);
+    let serving = {
+        let server = server.clone();
+        std::thread::spawn(move || server.serve(crate::connection::tests::Skimmer))
+    };
+    runtime.block_on(async {
+        let client = super::AsyncConnection::new(ours).unwrap();
+        let small = client.call::<_, u64>(&SKIM, 2, Bytes(vec![1u8; 100]), None);
+        assert_eq!(small.await.unwrap(), 100); // both ends now know the other reads lanes
+        let (placed, inline) = (vec![7u8; 8 << 10], vec![1u8; 2 << 20]);
+        let refused = client
+            .call::<_, u64>(&SKIM, 2, (Bytes(placed), Bytes(inline)), None)
+            .await;
+        assert!(
+            matches!(refused, Err(Error::TooLarge { limit, .. }) if limit == 1 << 20),
+            "{refused:?}"
+        );
+        assert!(
+            !client.test_lane().is_busy(),
+            "the placement was given back"
+        );
+        let len = client.call::<_, u64>(&SKIM, 2, Bytes(vec![7u8; 8 << 10]), None);
+        assert_eq!(len.await.unwrap(), 8 << 10, "the next placement is read");
+        client.close();
+    });
+    serving.join().unwrap().unwrap();
+
+    // Refused while another message holds the send lock: its peer reads nothing.
+    let (mut ours, theirs) = Socket::pair().unwrap();
+    ours.set_limits(limits);
+    runtime.block_on(async {
+        let client = super::AsyncConnection::new(ours).unwrap();
+        let filler = {
+            let client = client.clone();
+            ::tokio::spawn(async move {
+                loop {
+                    let sent = client
+                        .oneway(&SKIM, 1, Bytes(vec![0u8; 1 << 19]), None)
+                        .await;
+                    if sent.is_err() {
+                        return;
+                    }
+                }
+            })
+        };
+        // On this one thread, a filler that finds the socket full waits in its send, holding
+        // the lock.
+        while nix::poll::poll(
+            &mut [PollFd::new(client.as_fd(), PollFlags::POLLOUT)],
+            PollTimeout::ZERO,
+        )
+        .unwrap()
+            == 1
+        {
+            ::tokio::task::yield_now().await;
+        }
+        let files: Vec<OwnedFd> = (0..5).map(memfd).collect();
+        // (The timeout only keeps a regression from hanging: nobody reads the socket.)
+        let refused = ::tokio::time::timeout(
+            Duration::from_secs(60),
+            client.call::<_, u32>(&SKIM, 1, Fd(&files), None),
+        )
+        .await
+        .expect("refused at once, not sent after the filler");
+        assert!(
+            matches!(refused, Err(Error::TooManyFds { count: 5, limit: 4 })),
+            "{refused:?}"
+        );
+        for (i, file) in files.into_iter().enumerate() {
+            assert_eq!(index_of(file), i as u32, "the caller's fds are untouched");
+        }
+        client.close();
+        filler.await.unwrap();
+    });
+    drop(theirs);
+}

@@ -1,0 +1,358 @@
+//! `Limits` across real processes, in both flavours: a message over the sender's own limits
+//! fails on the sender, unsent; a reply over the caller's limits fails that call only; a
+//! request over the server's limits is answered with a failure. In every case the connection
+//! keeps working and no fd is left open.
+//!
+//! The worker is this test binary run again for one `#[ignore]`d test (`child_*`); it takes
+//! its limits from the environment ([`MAX_FDS`]). Every test takes `fd_count_lock`, so the
+//! fd counts see only its own.
+
+mod common;
+
+use std::os::fd::OwnedFd;
+
+use common::{child, fd_count_lock, memfd, open_fds};
+use typed_ipc::worker::{self, Exit, Worker};
+use typed_ipc::{Connection, Error, Limits, Socket, interface};
+
+/// The worker's `Limits::max_fds`, if not the default.
+const MAX_FDS: &str = "TYPED_IPC_TEST_MAX_FDS";
+
+/// Fds both ways.
+#[interface]
+pub trait Files {
+    /// How many fds came.
+    fn count(&self, files: Vec<OwnedFd>) -> u32;
+    /// `n` new memfds.
+    fn make(&self, n: u32) -> Vec<OwnedFd>;
+    /// Takes fds, and answers nothing.
+    #[oneway]
+    fn take(&self, files: Vec<OwnedFd>);
+}
+
+struct FilesImpl;
+
+impl Files for FilesImpl {
+    fn count(&self, files: Vec<OwnedFd>) -> u32 {
+        files.len() as u32
+    }
+    fn make(&self, n: u32) -> Vec<OwnedFd> {
+        (0..n).map(|_| memfd(b"made")).collect()
+    }
+    fn take(&self, _files: Vec<OwnedFd>) {}
+}
+
+fn memfds(n: usize) -> Vec<OwnedFd> {
+    (0..n).map(|_| memfd(b"sent")).collect()
+}
+
+/// Lets this process (and the workers it starts) hold `n` more fds than it has open: the
+/// usual soft limit, 1024, is below what these tests send.
+fn room_for_fds(n: u64) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    let want = open_fds() as u64 + n;
+    assert!(
+        want <= hard,
+        "these tests need {want} fds open at once; RLIMIT_NOFILE allows {hard}"
+    );
+    if soft < want {
+        setrlimit(Resource::RLIMIT_NOFILE, want, hard).unwrap();
+    }
+}
+
+/// A worker running `name`, whose socket accepts at most `max_fds` fds per message if given.
+fn spawn(name: &str, max_fds: Option<usize>) -> std::process::Command {
+    let mut command = child(name);
+    if let Some(max) = max_fds {
+        command.env(MAX_FDS, max.to_string());
+    }
+    command
+}
+
+/// The worker's end, with the limits the parent asked for.
+fn worker_socket() -> Socket {
+    let mut socket = worker::socket().unwrap();
+    if let Ok(max) = std::env::var(MAX_FDS) {
+        socket.set_limits(Limits {
+            max_fds: max.parse().unwrap(),
+            ..Limits::default()
+        });
+    }
+    socket
+}
+
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_files() {
+    let conn = Connection::new(worker_socket());
+    conn.serve(FilesServer::new(FilesImpl)).unwrap();
+}
+
+/// A blocking parent and its worker, with the worker's limits as given.
+fn blocking_worker(max_fds: Option<usize>) -> (Worker, FilesClient) {
+    let (worker, conn) = Worker::spawn(spawn("child_files", max_fds)).unwrap();
+    (worker, FilesClient::new(conn))
+}
+
+fn hang_up(mut worker: Worker, files: FilesClient) {
+    files.connection().close();
+    assert_eq!(
+        worker.wait().unwrap(),
+        Exit::Code(0),
+        "the worker served to the end"
+    );
+}
+
+#[test]
+fn too_many_fds_fail_the_call_on_the_sender_and_the_connection_keeps_working() {
+    let _fds = fd_count_lock();
+    room_for_fds(2100);
+    let (worker, files) = blocking_worker(None);
+    assert_eq!(files.count(memfds(1)).unwrap(), 1);
+    let before = open_fds();
+    let refused = files.count(memfds(2000));
+    assert!(
+        matches!(
+            refused,
+            Err(Error::TooManyFds {
+                count: 2000,
+                limit: 1024
+            })
+        ),
+        "{refused:?}"
+    );
+    let refused = files.take(memfds(2000));
+    assert!(
+        matches!(
+            refused,
+            Err(Error::TooManyFds {
+                count: 2000,
+                limit: 1024
+            })
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(open_fds(), before, "the refused messages' fds are closed");
+    assert_eq!(
+        files.count(memfds(3)).unwrap(),
+        3,
+        "the connection still works"
+    );
+    assert_eq!(files.count(memfds(1024)).unwrap(), 1024, "up to the limit");
+    assert_eq!(open_fds(), before);
+    hang_up(worker, files);
+}
+
+#[test]
+fn a_reply_over_the_callers_limit_fails_that_call_only() {
+    let _fds = fd_count_lock();
+    room_for_fds(2100);
+    // The worker may send (and receive) up to 4096 fds; this side takes 1024.
+    let (worker, files) = blocking_worker(Some(4096));
+    assert_eq!(files.make(1).unwrap().len(), 1);
+    let before = open_fds();
+    let refused = files.make(2000);
+    assert!(
+        matches!(
+            refused,
+            Err(Error::TooManyFds {
+                count: 2000,
+                limit: 1024
+            })
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(open_fds(), before, "the refused reply's fds are closed");
+    assert_eq!(files.make(3).unwrap().len(), 3, "the next call works");
+    assert_eq!(files.count(memfds(2)).unwrap(), 2);
+    assert!(!files.connection().is_closed());
+    assert_eq!(open_fds(), before);
+    hang_up(worker, files);
+}
+
+#[test]
+fn a_request_over_the_servers_limit_is_answered_with_a_failure() {
+    let _fds = fd_count_lock();
+    // The worker takes at most 8 fds; this side sends up to 1024.
+    let (worker, files) = blocking_worker(Some(8));
+    assert_eq!(files.count(memfds(8)).unwrap(), 8);
+    let before = open_fds();
+    match files.count(memfds(10)) {
+        Err(Error::Remote(why)) => {
+            assert!(
+                why.contains("over its limits") && why.contains("10 file descriptors"),
+                "{why}"
+            );
+        }
+        other => panic!("expected the server's failure, got {other:?}"),
+    }
+    assert_eq!(open_fds(), before);
+    // A oneway over the server's limits goes out, and is dropped there (and said on its
+    // stderr): the server keeps serving all the same.
+    files.take(memfds(10)).unwrap();
+    assert_eq!(
+        files.count(memfds(3)).unwrap(),
+        3,
+        "the server keeps serving"
+    );
+    hang_up(worker, files);
+}
+
+/// The same, with an async parent and an async worker.
+#[cfg(feature = "tokio")]
+mod asynchronous {
+    use std::os::fd::OwnedFd;
+
+    use typed_ipc::tokio::AsyncConnection;
+    use typed_ipc::worker::{Exit, Worker};
+    use typed_ipc::{Error, interface};
+
+    use super::{fd_count_lock, memfd, memfds, open_fds, room_for_fds, spawn, worker_socket};
+
+    #[interface]
+    pub trait Files {
+        async fn count(&self, files: Vec<OwnedFd>) -> u32;
+        async fn make(&self, n: u32) -> Vec<OwnedFd>;
+        #[oneway]
+        async fn take(&self, files: Vec<OwnedFd>);
+    }
+
+    struct FilesImpl;
+
+    impl Files for FilesImpl {
+        async fn count(&self, files: Vec<OwnedFd>) -> u32 {
+            files.len() as u32
+        }
+        async fn make(&self, n: u32) -> Vec<OwnedFd> {
+            (0..n).map(|_| memfd(b"made")).collect()
+        }
+        async fn take(&self, _files: Vec<OwnedFd>) {}
+    }
+
+    #[test]
+    #[ignore = "run as a child process by other tests"]
+    fn child_async_files() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let conn = AsyncConnection::new(worker_socket()).unwrap();
+            FilesServer::new(FilesImpl).serve(conn).await.unwrap();
+        });
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        super::common::two_worker_runtime()
+    }
+
+    fn async_worker(max_fds: Option<usize>) -> (Worker, FilesClient) {
+        let command = spawn("asynchronous::child_async_files", max_fds);
+        let (worker, conn) = typed_ipc::tokio::worker::spawn(command).unwrap();
+        (worker, FilesClient::new(conn))
+    }
+
+    async fn hang_up(mut worker: Worker, files: FilesClient) {
+        let conn = files.connection().clone();
+        drop(files);
+        conn.close();
+        conn.wait_closed().await;
+        let exit = typed_ipc::tokio::worker::wait(&mut worker).await.unwrap();
+        assert_eq!(exit, Exit::Code(0), "the worker served to the end");
+    }
+
+    #[test]
+    fn too_many_fds_fail_the_call_on_the_sender_and_the_connection_keeps_working() {
+        let _fds = fd_count_lock();
+        room_for_fds(2100);
+        runtime().block_on(async {
+            let (worker, files) = async_worker(None);
+            assert_eq!(files.count(memfds(1)).await.unwrap(), 1);
+            let before = open_fds();
+            let refused = files.count(memfds(2000)).await;
+            assert!(
+                matches!(
+                    refused,
+                    Err(Error::TooManyFds {
+                        count: 2000,
+                        limit: 1024
+                    })
+                ),
+                "{refused:?}"
+            );
+            let refused = files.take(memfds(2000)).await;
+            assert!(
+                matches!(
+                    refused,
+                    Err(Error::TooManyFds {
+                        count: 2000,
+                        limit: 1024
+                    })
+                ),
+                "{refused:?}"
+            );
+            assert_eq!(open_fds(), before, "the refused messages' fds are closed");
+            assert_eq!(files.count(memfds(3)).await.unwrap(), 3);
+            assert_eq!(
+                files.count(memfds(1024)).await.unwrap(),
+                1024,
+                "up to the limit"
+            );
+            assert_eq!(open_fds(), before);
+            hang_up(worker, files).await;
+        });
+    }
+
+    #[test]
+    fn a_reply_over_the_callers_limit_fails_that_call_only() {
+        let _fds = fd_count_lock();
+        room_for_fds(2100);
+        runtime().block_on(async {
+            let (worker, files) = async_worker(Some(4096));
+            assert_eq!(files.make(1).await.unwrap().len(), 1);
+            let before = open_fds();
+            let refused = files.make(2000).await;
+            assert!(
+                matches!(
+                    refused,
+                    Err(Error::TooManyFds {
+                        count: 2000,
+                        limit: 1024
+                    })
+                ),
+                "{refused:?}"
+            );
+            assert_eq!(open_fds(), before, "the refused reply's fds are closed");
+            assert_eq!(files.make(3).await.unwrap().len(), 3, "the next call works");
+            assert_eq!(files.count(memfds(2)).await.unwrap(), 2);
+            assert!(!files.connection().is_closed());
+            assert_eq!(open_fds(), before);
+            hang_up(worker, files).await;
+        });
+    }
+
+    #[test]
+    fn a_request_over_the_servers_limit_is_answered_with_a_failure() {
+        let _fds = fd_count_lock();
+        runtime().block_on(async {
+            let (worker, files) = async_worker(Some(8));
+            assert_eq!(files.count(memfds(8)).await.unwrap(), 8);
+            let before = open_fds();
+            match files.count(memfds(10)).await {
+                Err(Error::Remote(why)) => {
+                    assert!(
+                        why.contains("over its limits") && why.contains("10 file descriptors"),
+                        "{why}"
+                    );
+                }
+                other => panic!("expected the server's failure, got {other:?}"),
+            }
+            assert_eq!(open_fds(), before);
+            files.take(memfds(10)).await.unwrap();
+            assert_eq!(
+                files.count(memfds(3)).await.unwrap(),
+                3,
+                "the server keeps serving"
+            );
+            hang_up(worker, files).await;
+        });
+    }
+}
