@@ -717,7 +717,7 @@ impl Socket {
             }
         };
         if got.len == 0 {
-            return Err(Error::Disconnected);
+            return Err(self.nothing_received());
         }
         let len = got.len.saturating_sub(HEADER_LEN);
         // SAFETY: the kernel wrote `len` bytes into the spare capacity handed to recvmsg.
@@ -775,6 +775,25 @@ impl Socket {
                 Err(nix::Error::EAGAIN) if wait != Wait::Forever => continue,
                 Err(e) => Err(e.into()),
             };
+        }
+    }
+
+    /// Why `recvmsg` returned no bytes: the peer hung up (or this end stopped reading), or
+    /// it sent a datagram of no bytes, which no message of this protocol is. Only a hang-up
+    /// leaves the socket shut for reading (`POLLRDHUP`), so the empty datagram, consumed, is
+    /// told apart without waiting.
+    #[cold]
+    #[inline(never)]
+    fn nothing_received(&self) -> Error {
+        // nix names no POLLRDHUP.
+        let rdhup = PollFlags::from_bits_retain(libc::POLLRDHUP);
+        let mut fds = [PollFd::new(self.fd.as_fd(), rdhup)];
+        let hung_up = rdhup | PollFlags::POLLHUP | PollFlags::POLLERR;
+        match poll(&mut fds, PollTimeout::ZERO) {
+            Ok(_) if fds[0].revents().is_some_and(|r| !r.intersects(hung_up)) => {
+                Error::Malformed("a datagram of no bytes".into())
+            }
+            _ => Error::Disconnected,
         }
     }
 

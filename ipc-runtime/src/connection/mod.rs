@@ -23,6 +23,23 @@
 //! When the peer hangs up or dies, the reader sees it at once and every waiting caller gets
 //! [`Error::Disconnected`] — never [`Error::TimedOut`].
 //!
+//! # What a peer can make this end hold
+//!
+//! The peer is not trusted, and no stream of valid messages makes this end hold memory or fds
+//! without bound. Requests waiting for a serving thread (queued, not yet running; those
+//! running are bounded by the threads) are bounded per connection: at most 1,024 requests,
+//! 32 MiB of message buffers, or 4,096 fds (one request is always taken, whatever its size).
+//! At those bounds the serving threads stop reading, so the peer's sends wait, until a
+//! request leaves the queue. A caller waiting for its reply still reads, since its reply may
+//! come after more requests (a handler calling back into the peer would otherwise wait
+//! forever); it takes requests in up to twice the bounds, then ends the connection with
+//! [`Error::Malformed`] saying so. If no thread serves the connection at all, nothing would
+//! ever take those requests: a caller that finds the bounds reached ends the connection at
+//! once, and the requests held are dropped with their fds. Requests that arrive before a
+//! serving thread starts therefore wait for it, up to the bounds. The async flavour applies
+//! the same bounds (see its module docs, `typed_ipc::tokio`). A handler that can only finish
+//! once a later request from the peer arrives must not be relied on past the bounds.
+//!
 //! # Byte strings through shared memory
 //!
 //! A `Vec<u8>` (or `#[serde(with = "typed_ipc::bytes")]` field) of 1 KiB to 32 MiB does not go
@@ -57,6 +74,7 @@
 //! [`peer_memory`](crate::peer_memory) for why this is safe where lending pages is not.
 
 pub(crate) mod admit;
+pub(crate) mod backlog;
 pub(crate) mod buffers;
 pub(crate) mod envelope;
 pub(crate) mod failure;
@@ -85,6 +103,7 @@ use crate::peer_memory::PeerMemory;
 use crate::service::{InterfaceInfo, Service};
 use crate::socket::{PeerCredentials, Socket};
 
+use backlog::Backlog;
 use buffers::{RETAIN_MAX, keep_thread_frame, take_thread_frame, with_buffers};
 use envelope::{Envelope, Kind};
 use failure::Failure;
@@ -147,6 +166,8 @@ struct State {
     calls: VecDeque<(Frame, u64)>,
     /// Oneway messages, run one at a time in order.
     oneways: VecDeque<Frame>,
+    /// What the requests in `calls` and `oneways` hold (see [`backlog`]).
+    backlog: Backlog,
     oneway_running: bool,
     /// Oneway messages that arrived, and that have run.
     oneways_arrived: u64,

@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 use std::time::Instant;
 
+use super::backlog::Cost;
 use super::buffers::keep_thread_frame;
 use super::envelope::{self, Envelope, Kind};
 use super::failure;
@@ -230,12 +231,15 @@ impl Shared {
                 state.oneways_arrived += 1;
                 return (state, Some(Taken::Request(frame, true)));
             }
+            (Kind::Call | Kind::Oneway, Ok(())) if !self.admit(&mut state) => {}
             (Kind::Call, Ok(())) => {
                 let after = state.oneways_arrived;
+                state.backlog.add(Cost::of(&frame));
                 state.calls.push_back((frame, after));
             }
             (Kind::Oneway, Ok(())) => {
                 state.oneways_arrived += 1;
+                state.backlog.add(Cost::of(&frame));
                 state.oneways.push_back(frame);
             }
             (Kind::Call, Err(e)) => {
@@ -271,6 +275,27 @@ impl Shared {
             }
         }
         (state, None)
+    }
+
+    /// Whether a request the reader received may join the queue: not if the queue is at its
+    /// bounds and either nothing serves (no thread in `run` would ever take it) or it is at
+    /// [`HARD_FACTOR`](super::backlog::HARD_FACTOR) times them. Runners stop reading at
+    /// the bounds (`run_loop`), so only a caller waiting for its reply reads past them. A
+    /// request refused ends the connection, and the queued ones are dropped (with their
+    /// fds): nothing is to run after that.
+    #[inline]
+    fn admit(&self, state: &mut State) -> bool {
+        if !state.backlog.full() {
+            return true;
+        }
+        let Some(why) = state.backlog.refuse(state.runners > 0) else {
+            return true;
+        };
+        self.fail(state, why);
+        state.calls.clear();
+        state.oneways.clear();
+        state.backlog = Default::default();
+        false
     }
 
     /// Ends the connection with `why` and wakes everyone waiting on it.

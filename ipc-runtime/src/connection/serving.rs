@@ -8,6 +8,7 @@ use std::sync::{Arc, PoisonError};
 use serde::Serialize;
 
 use super::admit::admit;
+use super::backlog::Cost;
 use super::buffers::RETAIN_MAX;
 use super::envelope::{self, Envelope, Kind};
 use super::failure::{self, Failure};
@@ -28,6 +29,7 @@ impl Connection {
             if !state.oneway_running {
                 if let Some(frame) = state.oneways.pop_front() {
                     state.oneway_running = true;
+                    shared.dequeued(&mut state, &frame);
                     drop(state);
                     state = shared.run_request(frame, true, &mut registry);
                     continue;
@@ -39,6 +41,7 @@ impl Connection {
                 && after <= state.oneways_run
             {
                 let (frame, _) = state.calls.pop_front().expect("checked above");
+                shared.dequeued(&mut state, &frame);
                 drop(state);
                 state = shared.run_request(frame, false, &mut registry);
                 continue;
@@ -49,7 +52,10 @@ impl Connection {
                     e => Err(e.duplicate()),
                 };
             }
-            if state.reading {
+            // At the bounds of what the queue holds, a runner reads no more (the peer's
+            // sends wait) until a request has left it: one runs on another thread of the pool
+            // (a oneway, which all the queued requests wait for), and it wakes this one.
+            if state.reading || state.backlog.full() {
                 state = shared.sleep(state, None);
                 continue;
             }
@@ -86,6 +92,17 @@ impl Shared {
         self.registry_version.fetch_add(1, Ordering::Release);
         drop(registry);
         drop(old); // may drop implementations, whose code must not run under our lock
+    }
+
+    /// Takes a request `frame` out of the queue's backlog: the runners asleep at its bounds
+    /// may read again.
+    #[inline]
+    fn dequeued(&self, state: &mut State, frame: &Frame) {
+        let was_full = state.backlog.full();
+        state.backlog.remove(Cost::of(frame));
+        if was_full {
+            self.wake_all(state);
+        }
     }
 
     /// Runs a request (a oneway one marked running) against `registry`, brought up to date

@@ -1,5 +1,11 @@
 //! [`AsyncConnection`]: the blocking [`Connection`](crate::Connection)'s protocol, driven by
 //! tasks on a tokio runtime.
+//!
+//! What the peer's requests hold is bounded (`Inner::backlog`, the numbers in
+//! [`backlog`](crate::connection::backlog)): each request counts from the reader's receive
+//! until its handler has finished (its reply out). At the bounds the reader waits for `room`
+//! unless a call of this end waits for a reply; then it reads on, up to twice the bounds (or
+//! none past them with nothing serving), and ends the connection past that.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -8,7 +14,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 use std::pin::{Pin, pin};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -25,6 +31,7 @@ use super::failure::Failure;
 use super::{AsyncService, BoxFuture};
 use crate::connection::Authorizer;
 use crate::connection::admit::admit;
+use crate::connection::backlog::{AtomicBacklog, Cost};
 use crate::connection::buffers::with_buffers;
 use crate::connection::lane::Lane;
 use crate::connection::trace;
@@ -54,7 +61,7 @@ struct Owner(Arc<Inner>);
 
 impl Drop for Owner {
     fn drop(&mut self) {
-        let _ = self.0.socket().shutdown();
+        self.0.hang_up(Socket::shutdown);
     }
 }
 
@@ -87,6 +94,17 @@ pub(super) struct Inner {
     /// How many oneway messages have run (or been passed over once the connection ended):
     /// a call waits until the oneways that arrived before it have run.
     oneways_run: watch::Sender<u64>,
+    /// What the requests received and not finished hold (see
+    /// [`backlog`](crate::connection::backlog)): held, queued for the oneway task, or in
+    /// their handler's task until the reply is out.
+    backlog: AtomicBacklog,
+    /// The reader waits for `room`, at the backlog's bounds with no call of this end waiting
+    /// for a reply. Set under the state lock; a request that finishes or a call that starts
+    /// meanwhile signals `room`.
+    paused: AtomicBool,
+    room: Notify,
+    /// This end shut the socket down (`hang_up`): a reader waiting for room reads no more.
+    hung_up: AtomicBool,
 }
 
 #[derive(Default)]
@@ -98,9 +116,10 @@ struct State {
     /// Someone serves on this connection: requests are handled as they arrive.
     serving: bool,
     /// Requests that arrived before anyone served, in order.
-    held: Vec<(Frame, Envelope)>,
-    /// The task that runs oneway messages in order, once there is one.
-    oneways: Option<mpsc::UnboundedSender<(Frame, Envelope)>>,
+    held: Vec<(Frame, Envelope, Cost)>,
+    /// The task that runs oneway messages in order, once there is one (as many as the
+    /// backlog's bounds let in).
+    oneways: Option<mpsc::UnboundedSender<(Frame, Envelope, Cost)>>,
     /// How many oneway messages went to that task.
     oneways_queued: u64,
     /// That task is running (it may outlive `oneways`, finishing what it has).
@@ -176,6 +195,10 @@ impl AsyncConnection {
             send_lock: Arc::new(AsyncMutex::new(())),
             state: Mutex::new(State::default()),
             oneways_run: watch::Sender::new(0),
+            backlog: AtomicBacklog::default(),
+            paused: AtomicBool::new(false),
+            room: Notify::new(),
+            hung_up: AtomicBool::new(false),
             next_cookie: AtomicU64::new(1),
             services: RwLock::new(Vec::new()),
             authorizer: RwLock::new(None),
@@ -248,21 +271,22 @@ impl AsyncConnection {
     /// [`Error::Disconnected`], and [`AsyncConnection::run`] returns `Ok` once the handlers
     /// still running are done.
     pub fn close(&self) {
-        let _ = self.inner.socket().shutdown();
+        self.inner.hang_up(Socket::shutdown);
     }
 
     /// Stops taking new messages, as if the peer had gone quiet for good, but keeps sending:
     /// requests already running finish and their replies go out, then
     /// [`AsyncConnection::run`] returns. Used for graceful shutdown.
     pub fn stop_reading(&self) {
-        let _ = self.inner.socket().shutdown_read();
+        self.inner.hang_up(Socket::shutdown_read);
     }
 
     /// Answers calls to `service`'s interface on this connection. Several interfaces can be
     /// served on one connection; serving an interface twice replaces the first.
     ///
     /// Requests that arrive before the first service is added (or [`AsyncConnection::run`] is
-    /// called) wait for it, as they would wait for a serving thread in the blocking flavour;
+    /// called) wait for it, as they would wait for a serving thread in the blocking flavour,
+    /// up to the bounds of what a peer can make this end hold (see the [module docs](super));
     /// from then on each request is handled as it arrives, calls concurrently in tasks of
     /// their own (each once the oneways that arrived before it have run), oneway messages one
     /// at a time in order.
@@ -380,6 +404,10 @@ impl AsyncConnection {
             }
             // Registered before sending: the reply may come back before the send returns.
             state.pending.insert(cookie, slot);
+            if inner.paused.load(Ordering::Relaxed) {
+                // The reader waits for room in the backlog: it must read for this reply.
+                inner.room.notify_one();
+            }
         }
         let waiting = Waiting { inner, cookie };
         let envelope = Envelope {
@@ -531,8 +559,15 @@ async fn read_messages(inner: Arc<Inner>) {
             Err(e) => break e,
         };
         drop(ready);
-        if let Err(why) = inner.route(take_message(&mut buffer), result) {
-            break why;
+        match inner.route(take_message(&mut buffer), result) {
+            Ok(false) => {}
+            Ok(true) => {
+                if !inner.wait_for_room().await {
+                    // This end hung up meanwhile: what is still in the socket is not taken.
+                    break Error::Disconnected;
+                }
+            }
+            Err(why) => break why,
         }
     };
     inner.fail(why);
@@ -567,7 +602,9 @@ impl Inner {
     /// Routes one received message; `Err` ends the connection. A message received as an
     /// error (its fds dropped, or refused for its size) fails only its call, or is answered
     /// with a failure if it is a request, as long as its envelope is there to say whose.
-    fn route(self: &Arc<Self>, frame: Frame, received: Result<()>) -> Result<()> {
+    /// `Ok(true)`: the backlog is at its bounds and no call of this end waits for a reply, so
+    /// the reader waits for room.
+    fn route(self: &Arc<Self>, frame: Frame, received: Result<()>) -> Result<bool> {
         let envelope = match (Envelope::read(&frame.payload), received) {
             (Ok(envelope), received) => (envelope, received),
             (Err(_), Err(e)) => return Err(e),
@@ -590,7 +627,11 @@ impl Inner {
         }
         match (envelope.kind, received) {
             (Kind::Reply | Kind::Failure, received) => {
-                let slot = self.lock().pending.remove(&envelope.cookie);
+                let (slot, pause) = {
+                    let mut state = self.lock();
+                    let slot = state.pending.remove(&envelope.cookie);
+                    (slot, self.must_pause(&state))
+                };
                 let unread = match slot {
                     // If the call was dropped meanwhile, the frame comes back and is dropped
                     // here, closing its fds.
@@ -600,20 +641,27 @@ impl Inner {
                 if let Some(Ok(frame)) = unread {
                     self.lane.finished(&frame.payload); // its caller gave up
                 }
+                return Ok(pause);
             }
             (Kind::Call | Kind::Oneway, Ok(())) => {
                 let mut state = self.lock();
+                let cost = self.admit(&state, Cost::of(&frame))?;
                 match state.serving {
-                    true => self.dispatch(&mut state, frame, envelope),
-                    false => state.held.push((frame, envelope)),
+                    true => self.dispatch(&mut state, frame, envelope, cost),
+                    false => state.held.push((frame, envelope, cost)),
                 }
+                return Ok(self.must_pause(&state));
             }
             (Kind::Call, Err(e)) => {
+                // Counted until its failure is out, as a request.
+                let cost = self.admit(&self.lock(), Cost::default())?;
                 let failure = unreceived(&e, false);
                 let inner = self.clone();
                 let guard = self.tasks.enter();
                 self.runtime.spawn(async move {
-                    let _ = reply_failure(inner, envelope, failure).await;
+                    let _ = reply_failure(inner.clone(), envelope, failure).await;
+                    inner.finished(cost);
+                    drop(inner); // before `guard`: once the last guard goes, `run` returns
                     drop(guard);
                 });
             }
@@ -633,7 +681,70 @@ impl Inner {
                 self.lane.on_announce(mailbox, token);
             }
         }
-        Ok(())
+        Ok(false)
+    }
+
+    /// Takes a request that holds `cost` into the backlog, unless the connection must end
+    /// instead: at the bounds, the reader reads only for a call of this end waiting for its
+    /// reply, and takes requests in up to `HARD_FACTOR` times them if something serves, none
+    /// if nothing does (see [`backlog`](crate::connection::backlog)).
+    #[inline]
+    fn admit(&self, state: &State, cost: Cost) -> Result<Cost> {
+        let backlog = self.backlog.get();
+        if backlog.full() {
+            if let Some(why) = backlog.refuse(state.serving) {
+                return Err(why);
+            }
+        }
+        self.backlog.add(cost);
+        Ok(cost)
+    }
+
+    /// Whether the reader must wait for room before it reads again: the backlog is at its
+    /// bounds and no call of this end waits for a reply.
+    #[inline]
+    fn must_pause(&self, state: &State) -> bool {
+        state.pending.is_empty() && self.backlog.get().full()
+    }
+
+    /// Waits until the reader may read again: the backlog is below its bounds, or a call of
+    /// this end waits for a reply (`true`); or this end hung up (`false`).
+    #[cold]
+    async fn wait_for_room(&self) -> bool {
+        loop {
+            let mut room = pin!(self.room.notified());
+            room.as_mut().enable();
+            {
+                let state = self.lock();
+                // Set before the backlog is read, so that a request finishing after that
+                // read sees it and signals `room` (both `SeqCst`).
+                self.paused.store(true, Ordering::SeqCst);
+                let hung_up = self.hung_up.load(Ordering::SeqCst);
+                if hung_up || !self.must_pause(&state) {
+                    self.paused.store(false, Ordering::SeqCst);
+                    return !hung_up;
+                }
+            }
+            room.await;
+        }
+    }
+
+    /// Shuts the socket down with `shutdown` (all of it, or its reading side): the peer sees
+    /// it, the reader sees the end, and a reader waiting for room (which reads nothing, so
+    /// would not see it) stops waiting.
+    fn hang_up(&self, shutdown: impl FnOnce(&Socket) -> Result<()>) {
+        let _ = shutdown(self.socket());
+        self.hung_up.store(true, Ordering::SeqCst);
+        self.room.notify_one();
+    }
+
+    /// A request that held `cost` has finished: out of the backlog, and the reader told if
+    /// it waits for room.
+    fn finished(&self, cost: Cost) {
+        self.backlog.remove(cost);
+        if self.paused.load(Ordering::SeqCst) {
+            self.room.notify_one();
+        }
     }
 
     /// Starts handling requests: those held so far, then each as it arrives.
@@ -643,19 +754,19 @@ impl Inner {
             return;
         }
         state.serving = true;
-        for (frame, envelope) in std::mem::take(&mut state.held) {
-            self.dispatch(&mut state, frame, envelope);
+        for (frame, envelope, cost) in std::mem::take(&mut state.held) {
+            self.dispatch(&mut state, frame, envelope, cost);
         }
     }
 
     /// A call gets a task of its own, which runs once the oneways that arrived before it have
     /// run; a oneway goes to the task that runs them in order.
-    fn dispatch(self: &Arc<Self>, state: &mut State, frame: Frame, envelope: Envelope) {
+    fn dispatch(self: &Arc<Self>, state: &mut State, frame: Frame, envelope: Envelope, cost: Cost) {
         if envelope.kind == Kind::Call {
             let guard = self.tasks.enter();
             let after = state.oneways_queued;
-            self.runtime
-                .spawn(run_request(self.clone(), frame, envelope, after, guard));
+            let request = run_request(self.clone(), frame, envelope, cost, after, guard);
+            self.runtime.spawn(request);
             return;
         }
         if state.oneways.is_none() && state.closed.is_none() {
@@ -665,10 +776,13 @@ impl Inner {
             state.oneways = Some(tx);
             state.oneway_task = true;
         }
-        if let Some(oneways) = &state.oneways {
-            if oneways.send((frame, envelope)).is_ok() {
-                state.oneways_queued += 1;
-            }
+        let queued = match &state.oneways {
+            Some(oneways) => oneways.send((frame, envelope, cost)).is_ok(),
+            None => false,
+        };
+        match queued {
+            true => state.oneways_queued += 1,
+            false => self.finished(cost), // dropped: the connection has ended
         }
     }
 
@@ -875,7 +989,7 @@ impl Drop for Outgoing<'_, '_> {
             unsent.iter().map(|fd| fd.try_clone_to_owned()).collect();
         let Ok(fds) = fds else {
             // Out of fds: the message cannot be completed, so the stream cannot continue.
-            let _ = self.inner.socket().shutdown();
+            self.inner.hang_up(Socket::shutdown);
             return;
         };
         let mut cursor = self.cursor;
@@ -916,7 +1030,7 @@ struct Remainder {
 impl Drop for Remainder {
     fn drop(&mut self) {
         if !self.finished {
-            let _ = self.inner.socket().shutdown();
+            self.inner.hang_up(Socket::shutdown);
         }
     }
 }
@@ -928,6 +1042,7 @@ async fn run_request(
     inner: Arc<Inner>,
     frame: Frame,
     envelope: Envelope,
+    cost: Cost,
     after: u64,
     guard: TaskGuard,
 ) {
@@ -936,21 +1051,24 @@ async fn run_request(
         // The sender lives in `inner`, which this task holds: no error to expect.
         let _ = run.wait_for(|&n| n >= after).await;
     }
-    handle_request(inner, frame, envelope).await;
+    handle_request(inner.clone(), frame, envelope).await;
+    inner.finished(cost);
+    drop(inner); // before `guard`: once the last guard goes, `run` returns
     drop(guard);
 }
 
 /// Runs oneway messages one at a time, in the order they arrived, until the connection ends.
 async fn run_oneways(
     inner: Arc<Inner>,
-    mut queue: mpsc::UnboundedReceiver<(Frame, Envelope)>,
+    mut queue: mpsc::UnboundedReceiver<(Frame, Envelope, Cost)>,
     guard: TaskGuard,
 ) {
     let weak = Arc::downgrade(&inner);
     drop(inner); // the queue's sender lives in `Inner`; holding it would keep the queue open
-    while let Some((frame, envelope)) = queue.recv().await {
+    while let Some((frame, envelope, cost)) = queue.recv().await {
         if let Some(inner) = weak.upgrade() {
             handle_request(inner.clone(), frame, envelope).await;
+            inner.finished(cost);
             inner.oneways_run.send_modify(|n| *n += 1);
         }
     }

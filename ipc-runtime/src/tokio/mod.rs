@@ -26,6 +26,16 @@
 //!   the runtime shutting down) is the connection shut down instead.
 //! - **Peer death**: when the peer hangs up or dies, every waiting call gets
 //!   [`Error::Disconnected`] at once.
+//! - **Bounds**: the requests a connection has received and not finished (held for a server
+//!   to come, queued for the oneway task, or in their handler's task until the reply is out)
+//!   are at most 1,024, 32 MiB of message buffers, or 4,096 fds, as in the blocking flavour
+//!   (see [`Connection`](crate::Connection); one request is always taken, whatever its
+//!   size). At the bounds the reader stops reading, so the peer's sends wait, until a request
+//!   finishes, unless a call of this end waits for its reply (a handler calling back into
+//!   the peer, say): then it reads on, taking requests in up to twice the bounds before it
+//!   ends the connection with [`Error::Malformed`], or none past them if nothing serves the
+//!   connection (nothing would ever take them). So a peer that sends calls and never reads
+//!   the replies gets no further than the bounds.
 //! - **Byte strings** of 1 KiB to 32 MiB go through a shared memory region per connection and
 //!   direction, as in the blocking flavour (see [`Connection`](crate::Connection)); a call
 //!   cancelled before its message went out gives its place in the region back.

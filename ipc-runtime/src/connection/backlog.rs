@@ -1,0 +1,157 @@
+//! How much a peer can make this end hold for the requests it sent: the bounds both flavours
+//! apply, in one place (the module docs of [`connection`](super) and of the async flavour
+//! state them in words; keep those in step with the numbers here).
+//!
+//! A request counts from the moment the reader receives it until it no longer holds its
+//! frame: in the blocking flavour while it waits in the queue for a serving thread (the
+//! requests running are bounded by the threads), in the async flavour until its handler has
+//! finished and its reply is out (its task holds the frame and the reply meanwhile). Its
+//! bytes are its buffer's capacity, what it really keeps allocated.
+//!
+//! When the bounds are reached, the reader stops reading (the peer's sends wait: socket
+//! backpressure) if nothing of this end needs it to read. A call of this end waiting for its
+//! reply does need it, since the reply may come after more requests; then requests are taken
+//! in past the bounds, up to [`HARD_FACTOR`] times them, and the connection ends past that,
+//! or at once if nothing serves on this end (nothing would ever take those requests).
+
+#[cfg(feature = "tokio")]
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::error::Error;
+use crate::frame::Frame;
+
+/// Requests held at most before the reader stops reading.
+pub(crate) const MAX_REQUESTS: usize = 1024;
+/// Bytes of the frames of the requests held at most before the reader stops reading. A
+/// request is taken whatever its size when less is held (the transport's own limit,
+/// [`Limits::max_message_len`](crate::Limits), bounds one message).
+pub(crate) const MAX_REQUEST_BYTES: usize = 32 << 20;
+/// Fds carried by the requests held at most before the reader stops reading.
+pub(crate) const MAX_REQUEST_FDS: usize = 4096;
+/// How many times the bounds a reader that must read (a call of this end waits for its
+/// reply) takes in before it ends the connection.
+pub(crate) const HARD_FACTOR: usize = 2;
+
+/// What one request holds.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Cost {
+    bytes: usize,
+    fds: usize,
+}
+
+impl Cost {
+    /// What `frame` holds.
+    #[inline]
+    pub(crate) fn of(frame: &Frame) -> Cost {
+        Cost {
+            bytes: frame.payload.capacity(),
+            fds: frame.fds.len(),
+        }
+    }
+}
+
+/// The requests held: how many, their bytes and their fds.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Backlog {
+    requests: usize,
+    bytes: usize,
+    fds: usize,
+}
+
+impl Backlog {
+    /// At the bounds: the reader stops unless it must read.
+    #[inline]
+    pub(crate) fn full(&self) -> bool {
+        self.requests >= MAX_REQUESTS
+            || self.bytes >= MAX_REQUEST_BYTES
+            || self.fds >= MAX_REQUEST_FDS
+    }
+
+    /// Past what even a reader that must read takes in.
+    fn over_cap(&self) -> bool {
+        self.requests >= HARD_FACTOR * MAX_REQUESTS
+            || self.bytes >= HARD_FACTOR * MAX_REQUEST_BYTES
+            || self.fds >= HARD_FACTOR * MAX_REQUEST_FDS
+    }
+
+    #[inline]
+    pub(crate) fn add(&mut self, cost: Cost) {
+        self.requests += 1;
+        self.bytes += cost.bytes;
+        self.fds += cost.fds;
+    }
+
+    #[inline]
+    pub(crate) fn remove(&mut self, cost: Cost) {
+        self.requests = self.requests.saturating_sub(1);
+        self.bytes = self.bytes.saturating_sub(cost.bytes);
+        self.fds = self.fds.saturating_sub(cost.fds);
+    }
+
+    /// Why the connection must end rather than take one more request, if it must: the
+    /// bounds are reached and nothing serves on this end (`serving` false), or the reader
+    /// already took in [`HARD_FACTOR`] times them.
+    #[cold]
+    pub(crate) fn refuse(&self, serving: bool) -> Option<Error> {
+        if !self.full() {
+            return None;
+        }
+        let (n, mib, fds) = (MAX_REQUESTS, MAX_REQUEST_BYTES >> 20, MAX_REQUEST_FDS);
+        if !serving {
+            return Some(Error::Malformed(format!(
+                "the peer sent more requests than this end holds while nothing serves them \
+                 ({n} requests, {mib} MiB or {fds} fds)"
+            )));
+        }
+        self.over_cap().then(|| {
+            let (n, mib, fds) = (HARD_FACTOR * n, HARD_FACTOR * mib, HARD_FACTOR * fds);
+            Error::Malformed(format!(
+                "the peer sent more than {n} requests ({mib} MiB, {fds} fds) that wait to run \
+                 while this end waited for a reply"
+            ))
+        })
+    }
+}
+
+/// A [`Backlog`] that the tasks of the async flavour update without a lock: the reader adds
+/// what it takes in, each request removes its own when it finishes.
+#[cfg(feature = "tokio")]
+#[derive(Default)]
+pub(crate) struct AtomicBacklog {
+    requests: AtomicUsize,
+    bytes: AtomicUsize,
+    fds: AtomicUsize,
+}
+
+#[cfg(feature = "tokio")]
+impl AtomicBacklog {
+    /// What is held now (each count read on its own: a bound, not a snapshot).
+    #[inline]
+    pub(crate) fn get(&self) -> Backlog {
+        Backlog {
+            requests: self.requests.load(Ordering::SeqCst),
+            bytes: self.bytes.load(Ordering::SeqCst),
+            fds: self.fds.load(Ordering::SeqCst),
+        }
+    }
+
+    #[inline]
+    pub(crate) fn add(&self, cost: Cost) {
+        self.requests.fetch_add(1, Ordering::SeqCst);
+        self.bytes.fetch_add(cost.bytes, Ordering::SeqCst);
+        if cost.fds > 0 {
+            self.fds.fetch_add(cost.fds, Ordering::SeqCst);
+        }
+    }
+
+    /// Removes what `add` added (SeqCst, so that a reader that paused after reading the
+    /// counts is seen to have paused, see `tokio::connection`).
+    #[inline]
+    pub(crate) fn remove(&self, cost: Cost) {
+        self.requests.fetch_sub(1, Ordering::SeqCst);
+        self.bytes.fetch_sub(cost.bytes, Ordering::SeqCst);
+        if cost.fds > 0 {
+            self.fds.fetch_sub(cost.fds, Ordering::SeqCst);
+        }
+    }
+}

@@ -1,0 +1,478 @@
+//! A hostile peer that sends many messages, each of them valid: what the runtime keeps for
+//! them must stay bounded. Each test is `#[ignore]`d while the behaviour it checks is not
+//! there yet (see its reason); `cargo test --test hostile_floods -- --ignored` runs them.
+
+mod common;
+
+use std::os::fd::AsFd;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use typed_ipc::{Connection, Error, Listener, Server, Socket, interface};
+
+#[interface]
+pub trait Flood {
+    fn ping(&self, n: u64) -> u64;
+    fn bytes(&self, data: Vec<u8>) -> Vec<u8>;
+    #[oneway]
+    fn slow(&self, data: Vec<u8>);
+}
+
+/// `slow` waits until the gate closes (its sender is dropped), if there is one.
+struct Impl(std::sync::Mutex<Option<mpsc::Receiver<()>>>);
+
+impl Flood for Impl {
+    fn ping(&self, n: u64) -> u64 {
+        n + 1
+    }
+    fn bytes(&self, data: Vec<u8>) -> Vec<u8> {
+        data
+    }
+    fn slow(&self, _data: Vec<u8>) {
+        if let Some(gate) = self.0.lock().unwrap().as_ref() {
+            let _ = gate.recv();
+        }
+    }
+}
+
+fn ungated() -> Impl {
+    Impl(Default::default())
+}
+
+/// Resident memory is the process's: the tests that measure it, and those that make it grow
+/// by tens of MiB, run one at a time.
+fn memory_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Resident memory of this process, KiB.
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// An envelope as a hostile peer writes it (`lane`: the lane word's top byte).
+fn envelope(kind: u8, cmd: u32, cookie: u64, lane: u8) -> Vec<u8> {
+    let mut m = vec![kind, 0, 0, lane];
+    m.extend_from_slice(&cmd.to_le_bytes());
+    m.extend_from_slice(&cookie.to_le_bytes());
+    m.extend_from_slice(&FLOOD_INFO.id.to_le_bytes());
+    m.extend_from_slice(&FLOOD_INFO.signature.to_le_bytes());
+    m
+}
+
+/// A message of 60 KiB: `kind` of command `cmd` (1 `bytes`, 2 `slow`) whose byte string
+/// fills it, inline; the lane word says the sender reads no lanes, so replies come inline.
+fn sixty_kib(kind: u8, cmd: u32) -> Vec<u8> {
+    let mut m = envelope(kind, cmd, 0, 0);
+    m.push(0);
+    m.extend_from_slice(&((60u64 << 10) - 24 - 9).to_le_bytes());
+    m.resize(60 << 10, 7);
+    m
+}
+
+/// Sends `m` up to `n` times (a new cookie each) until a send would wait 2 s: how many went.
+fn flood(socket: &Socket, m: &mut [u8], n: u64) -> u64 {
+    for i in 0..n {
+        m[8..16].copy_from_slice(&(i + 1).to_le_bytes());
+        if socket.send_timeout(m, &[], Duration::from_secs(2)).is_err() {
+            return i;
+        }
+    }
+    n
+}
+
+/// `Flood` as `async fn`s: the same interface on the wire.
+#[cfg(feature = "tokio")]
+mod asynchronous {
+    #[typed_ipc::interface]
+    pub trait Flood {
+        async fn ping(&self, n: u64) -> u64;
+        async fn bytes(&self, data: Vec<u8>) -> Vec<u8>;
+        #[oneway]
+        async fn slow(&self, data: Vec<u8>);
+    }
+}
+#[cfg(feature = "tokio")]
+struct Async;
+#[cfg(feature = "tokio")]
+impl asynchronous::Flood for Async {
+    async fn ping(&self, n: u64) -> u64 {
+        n + 1
+    }
+    async fn bytes(&self, data: Vec<u8>) -> Vec<u8> {
+        data
+    }
+    async fn slow(&self, _data: Vec<u8>) {}
+}
+
+/// Requests a hostile server sends to a client that serves nothing (up to 2,000 calls of
+/// 60 KiB, the first 20 with 200 fds each) while the client waits for its reply: the client
+/// must read them to find its reply, and nothing will ever run them. It holds them up to
+/// its bounds (1,024 requests, 32 MiB, 4,096 fds), then ends the connection with an error
+/// that says why, rather than hold more, and drops them, fds included. (Before the bounds,
+/// every one was kept, with its fds, until the connection ended: 125 MiB and 4,000 fds.)
+#[test]
+fn a_client_that_serves_nothing_keeps_no_unsolicited_requests() {
+    let _fds = common::fd_count_lock();
+    let _memory = memory_lock();
+    let (ours, theirs) = Socket::pair().unwrap();
+    let client = FloodClient::new(Connection::new(ours));
+    let (fds_before, rss_before) = (common::open_fds(), rss_kib());
+    std::thread::scope(|s| {
+        let call = s.spawn(|| client.ping(1));
+        let frame = theirs.recv().unwrap();
+        let cookie = u64::from_le_bytes(frame.payload[8..16].try_into().unwrap());
+        let fd = common::memfd(b"x");
+        let mut sent = 0;
+        for i in 0..2000u64 {
+            let mut m = envelope(1, 0, 1000 + i, 0);
+            m.resize(60 << 10, 0);
+            let fds: Vec<_> = (0..if i < 20 { 200 } else { 0 })
+                .map(|_| fd.as_fd())
+                .collect();
+            if theirs.send(&m, &fds).is_err() {
+                break; // the client ended the connection
+            }
+            sent += 1;
+        }
+        let mut reply = envelope(3, 0, cookie, 0);
+        reply.extend_from_slice(&2u64.to_le_bytes());
+        let _ = theirs.send(&reply, &[]);
+        let result = call.join().unwrap();
+        assert!(
+            matches!(&result, Err(Error::Malformed(why)) if why.contains("nothing serves")),
+            "{result:?} after {sent} requests"
+        );
+        assert!(sent < 2000, "the client took all {sent} requests");
+    });
+    let (fds, grown) = (common::open_fds(), rss_kib().saturating_sub(rss_before));
+    assert!(fds < fds_before + 100, "{fds_before} fds before, {fds} now");
+    assert!(grown < 32 << 10, "RSS grew {grown} KiB");
+}
+
+/// The async flavour holds them up to the same bounds (`held`, in `tokio/connection.rs`),
+/// then ends the connection (126 MiB kept before the bounds).
+#[cfg(feature = "tokio")]
+#[test]
+fn an_async_client_that_serves_nothing_keeps_no_unsolicited_requests() {
+    let _memory = memory_lock();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (ours, theirs) = Socket::pair().unwrap();
+    let client = {
+        let _entered = runtime.enter();
+        asynchronous::FloodClient::new(typed_ipc::tokio::AsyncConnection::new(ours).unwrap())
+    };
+    let rss_before = rss_kib();
+    // While no call waits for a reply, the client stops reading at its bounds (a hostile
+    // sender's sends wait); once one waits, it must read, so it ends the connection there.
+    let call = runtime.spawn(async move { client.ping(1).await });
+    let frame = theirs.recv().unwrap();
+    let cookie = u64::from_le_bytes(frame.payload[8..16].try_into().unwrap());
+    let mut sent = 0;
+    for i in 0..2000u64 {
+        let mut m = envelope(1, 0, 1000 + i, 0);
+        m.resize(60 << 10, 0);
+        if theirs.send(&m, &[]).is_err() {
+            break; // the client ended the connection
+        }
+        sent += 1;
+    }
+    let mut reply = envelope(3, 0, cookie, 0);
+    reply.extend_from_slice(&2u64.to_le_bytes());
+    let _ = theirs.send(&reply, &[]);
+    let result = runtime.block_on(call).unwrap();
+    assert!(
+        matches!(&result, Err(typed_ipc::Error::Malformed(why)) if why.contains("nothing serves")),
+        "{result:?} after {sent} requests"
+    );
+    assert!(sent < 2000, "the client took all {sent} requests");
+    let grown = rss_kib().saturating_sub(rss_before);
+    assert!(grown < 32 << 10, "RSS grew {grown} KiB");
+}
+
+/// A client that sends calls and never reads a reply: the async server's reader stops at
+/// its bounds (32 MiB of requests not finished, ~512 of these), since each request counts
+/// until its reply is out. (It used to start a task for every request as it arrived and
+/// never stop reading: 4,000 calls of 60 KiB grew RSS by 705 MiB, where the blocking server
+/// stopped reading after ~220, its one thread waiting to send a reply.)
+#[cfg(feature = "tokio")]
+#[test]
+fn an_async_server_stops_reading_a_client_that_reads_no_replies() {
+    let _memory = memory_lock();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (ours, theirs) = Socket::pair().unwrap();
+    {
+        let _entered = runtime.enter();
+        let conn = typed_ipc::tokio::AsyncConnection::new(theirs).unwrap();
+        runtime.spawn(conn.serve(asynchronous::FloodServer::new(Async)));
+    }
+    let sent = flood(&ours, &mut sixty_kib(1, 1), 4000);
+    assert!(
+        sent < 1000,
+        "the server took {sent} calls of 60 KiB it cannot answer"
+    );
+}
+
+/// With a pool of threads, a oneway that takes its time leaves the other threads reading,
+/// and every oneway they read is queued behind it (`state.oneways`): they stop reading at
+/// the queue's bounds (32 MiB, ~512 of these). (4,000 of 60 KiB grew RSS by 245 MiB before.)
+#[test]
+fn a_pool_stops_reading_oneways_it_cannot_run() {
+    let _memory = memory_lock();
+    let (ours, theirs) = Socket::pair().unwrap();
+    let (gate, closed) = mpsc::channel::<()>();
+    let server = std::thread::spawn(move || {
+        Server::new()
+            .service(FloodServer::new(Impl(std::sync::Mutex::new(Some(closed)))))
+            .threads(2)
+            .serve(&Connection::new(theirs))
+    });
+    let sent = flood(&ours, &mut sixty_kib(2, 2), 4000);
+    drop((gate, ours));
+    server.join().unwrap().unwrap();
+    assert!(sent < 1000, "the server queued {sent} oneways of 60 KiB");
+}
+
+/// `Serving::shutdown` waits for every call in flight to send its reply, and a reply waits
+/// as long as its client does not read: one such client keeps `shutdown` (and `Serving`'s
+/// drop) from returning until it hangs up.
+#[test]
+#[ignore = "fails: shutdown waits forever for a client that does not read its reply"]
+fn shutdown_returns_although_a_client_does_not_read_its_reply() {
+    let name = format!("typed-ipc-flood-{}", std::process::id());
+    let serving = Server::new()
+        .service(FloodServer::new(ungated()))
+        .listen(Listener::bind_abstract(&name).unwrap())
+        .unwrap();
+    let hostile = Socket::connect_abstract(&name).unwrap();
+    // One call whose 64 MiB reply cannot fit the socket (inline: this peer reads no lanes).
+    let mut m = envelope(1, 1, 1, 0);
+    m.push(0);
+    m.extend_from_slice(&(64u64 << 20).to_le_bytes());
+    m.resize(m.len() + (64 << 20), 1);
+    hostile.send(&m, &[]).unwrap();
+    // The reply has started once its first datagram is here (left unread).
+    let mut ready = [nix::poll::PollFd::new(
+        hostile.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    nix::poll::poll(&mut ready, nix::poll::PollTimeout::NONE).unwrap();
+    let (done, shut) = mpsc::channel();
+    std::thread::spawn(move || {
+        serving.shutdown();
+        let _ = done.send(());
+    });
+    let returned = shut.recv_timeout(Duration::from_secs(20)).is_ok();
+    drop(hostile); // lets the shutdown finish either way
+    assert!(returned, "shutdown still waits for the client after 20 s");
+}
+
+/// A byte string that announces more bytes than the message holds is refused with a reason
+/// (it used to be "malformed message: io error: ", bincode's empty `UnexpectedEof`).
+#[test]
+fn a_byte_string_cut_short_is_refused_with_a_reason() {
+    let (ours, theirs) = Socket::pair().unwrap();
+    let server =
+        std::thread::spawn(move || Connection::new(theirs).serve(FloodServer::new(ungated())));
+    let mut m = envelope(1, 1, 7, 0x80); // bytes(data)
+    m.push(0); // inline
+    m.extend_from_slice(&100u64.to_le_bytes()); // 100 bytes announced
+    m.extend_from_slice(&[1; 10]); // 10 present
+    let reply = common::raw_call(&ours, &m, &[], 7);
+    let text = String::from_utf8_lossy(&reply[24..]).into_owned();
+    assert_eq!(reply[0], 4, "a failure reply");
+    assert!(!text.ends_with("io error: "), "{text:?}");
+    drop(ours);
+    server.join().unwrap().unwrap();
+}
+
+/// A zero-length datagram reads as the peer hanging up (`recvmsg` returns 0): `serve`
+/// returns `Ok(())` and the calls after it get `Disconnected`, as if the peer had left.
+#[test]
+fn a_zero_length_datagram_is_malformed_not_a_hang_up() {
+    let (ours, theirs) = Socket::pair().unwrap();
+    let server =
+        std::thread::spawn(move || Connection::new(theirs).serve(FloodServer::new(ungated())));
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&ours.as_fd());
+    nix::sys::socket::send(raw, &[], nix::sys::socket::MsgFlags::empty()).unwrap();
+    let served = server.join().unwrap();
+    assert!(
+        matches!(served, Err(typed_ipc::Error::Malformed(_))),
+        "serve returned {served:?}"
+    );
+}
+
+/// Counts the oneways it runs.
+#[cfg(feature = "tokio")]
+struct Counting(std::sync::Arc<std::sync::atomic::AtomicU64>);
+#[cfg(feature = "tokio")]
+impl asynchronous::Flood for Counting {
+    async fn ping(&self, n: u64) -> u64 {
+        n + 1
+    }
+    async fn bytes(&self, data: Vec<u8>) -> Vec<u8> {
+        data
+    }
+    async fn slow(&self, _data: Vec<u8>) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// An async connection that serves nothing yet, with no call of its own waiting for a reply,
+/// stops reading at its bounds (the sender waits) rather than fail: the requests it holds
+/// and those the sender still has all run once it serves.
+#[cfg(feature = "tokio")]
+#[test]
+fn requests_past_the_bounds_wait_for_an_async_server_that_comes_later() {
+    let _memory = memory_lock();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (ours, theirs) = Socket::pair().unwrap();
+    let conn = {
+        let _entered = runtime.enter();
+        typed_ipc::tokio::AsyncConnection::new(theirs).unwrap()
+    };
+    let mut m = sixty_kib(2, 2);
+    let sent = flood(&ours, &mut m, 2000);
+    assert!(
+        sent < 1000,
+        "{sent} oneways of 60 KiB taken with nothing serving"
+    );
+    let ran = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let served = runtime.spawn(conn.serve(asynchronous::FloodServer::new(Counting(ran.clone()))));
+    for i in sent..2000 {
+        m[8..16].copy_from_slice(&(i + 1).to_le_bytes());
+        ours.send(&m, &[]).unwrap();
+    }
+    drop(ours);
+    runtime.block_on(served).unwrap().unwrap();
+    assert_eq!(ran.load(std::sync::atomic::Ordering::SeqCst), 2000);
+    drop(conn);
+}
+
+/// Answers callbacks once as many as its barrier counts have arrived.
+#[cfg(feature = "tokio")]
+struct Gated(tokio::sync::Barrier);
+#[cfg(feature = "tokio")]
+impl asynchronous::Flood for Gated {
+    async fn ping(&self, n: u64) -> u64 {
+        self.0.wait().await;
+        n + 1
+    }
+    async fn bytes(&self, data: Vec<u8>) -> Vec<u8> {
+        data
+    }
+    async fn slow(&self, _data: Vec<u8>) {}
+}
+
+/// Calls its peer back for every call.
+#[cfg(feature = "tokio")]
+struct CallsBack(asynchronous::FloodClient);
+#[cfg(feature = "tokio")]
+impl asynchronous::Flood for CallsBack {
+    async fn ping(&self, n: u64) -> u64 {
+        self.0.ping(n).await.unwrap() + 1
+    }
+    async fn bytes(&self, data: Vec<u8>) -> Vec<u8> {
+        data
+    }
+    async fn slow(&self, _data: Vec<u8>) {}
+}
+
+/// A reader that stops at its bounds must still read the replies its own calls wait for: here
+/// 1,200 calls (more than the 1,024 requests an end holds before it stops reading) each call
+/// their caller back, and no callback is answered before all 1,200 have arrived. Both ends
+/// then hold more requests than their bound, each with calls of its own waiting.
+#[cfg(feature = "tokio")]
+#[test]
+fn nested_callbacks_past_the_bounds_do_not_deadlock() {
+    const N: u64 = 1200;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (client, server) = {
+        let _entered = runtime.enter();
+        typed_ipc::tokio::AsyncConnection::pair().unwrap()
+    };
+    let callback = asynchronous::FloodClient::new(server.clone());
+    server.add_service(asynchronous::FloodServer::new(CallsBack(callback)));
+    let gate = tokio::sync::Barrier::new(N as usize);
+    client.add_service(asynchronous::FloodServer::new(Gated(gate)));
+    let stub = asynchronous::FloodClient::new(client.clone());
+    let replies = runtime.block_on(async {
+        let calls: Vec<_> = (0..N)
+            .map(|n| {
+                let stub = stub.clone();
+                tokio::spawn(async move { stub.ping(n).await })
+            })
+            .collect();
+        let mut replies = Vec::new();
+        for call in calls {
+            replies.push(call.await.unwrap().unwrap());
+        }
+        replies
+    });
+    assert!(replies.iter().zip(0..).all(|(&r, n)| r == n + 2));
+    client.close();
+    server.close();
+}
+
+/// A blocking end whose runners stopped reading at the bounds still reads for a call of its
+/// own waiting for its reply (the reply may come after more requests), but a peer that keeps
+/// sending requests instead makes it end the connection at twice the bounds.
+#[test]
+fn a_caller_reads_past_the_bounds_up_to_twice_them() {
+    let _memory = memory_lock();
+    let (ours, theirs) = Socket::pair().unwrap();
+    let (gate, closed) = mpsc::channel::<()>();
+    let conn = Connection::new(theirs);
+    let server = std::thread::spawn({
+        let conn = conn.clone();
+        move || {
+            Server::new()
+                .service(FloodServer::new(Impl(std::sync::Mutex::new(Some(closed)))))
+                .threads(2)
+                .serve(&conn)
+        }
+    });
+    let mut m = sixty_kib(2, 2);
+    let before = flood(&ours, &mut m, 4000);
+    assert!(
+        before < 1000,
+        "the server queued {before} oneways of 60 KiB"
+    );
+    let call = std::thread::spawn(move || FloodClient::new(conn).ping(1));
+    ours.recv().unwrap(); // the call, left unanswered
+    let after = flood(&ours, &mut m, 4000);
+    assert!(
+        after < 4000,
+        "the caller took {after} more oneways of 60 KiB"
+    );
+    let result = call.join().unwrap();
+    assert!(
+        matches!(&result, Err(Error::Malformed(why)) if why.contains("waited for a reply")),
+        "{result:?} after {before} + {after} oneways"
+    );
+    drop(gate);
+    assert!(matches!(server.join().unwrap(), Err(Error::Malformed(_))));
+}
