@@ -103,12 +103,13 @@ const ONEWAY_REPORTS: u32 = 10;
 static ONEWAYS_REPORTED: AtomicU32 = AtomicU32::new(0);
 
 /// Says on stderr that a oneway message failed on this side: nobody waits for its outcome,
-/// so it would otherwise be lost. `iface` is this side's interface of that id, if it serves
-/// one. Without tracing (`TYPED_IPC_DEBUG`), only the first few of a process are said.
-pub(crate) fn oneway_failed(
+/// so it would otherwise be lost, naming its method if `served` (the interfaces this side
+/// serves) has its interface. Without tracing (`TYPED_IPC_DEBUG`), only the first few of a
+/// process are said.
+pub(crate) fn oneway_failed<'i>(
     tracing: bool,
     envelope: &Envelope,
-    iface: Option<&InterfaceInfo>,
+    served: impl IntoIterator<Item = &'i InterfaceInfo>,
     failure: &Failure,
 ) {
     let more = if tracing {
@@ -120,6 +121,7 @@ pub(crate) fn oneway_failed(
             _ => return,
         }
     };
+    let iface = served.into_iter().find(|i| i.id == envelope.interface);
     let method = match iface {
         Some(iface) => match iface.method(envelope.cmd) {
             Some(m) => format!("{}::{}", iface.name, m.name),

@@ -253,12 +253,8 @@ impl Shared {
                 // Nobody waits for a oneway's outcome, so say it here rather than lose it.
                 let registry =
                     Arc::clone(&self.registry.lock().unwrap_or_else(PoisonError::into_inner));
-                let iface = registry
-                    .services
-                    .iter()
-                    .map(|s| s.info())
-                    .find(|i| i.id == envelope.interface);
-                failure::oneway_failed(self.trace, &envelope, iface, &unreceived(&e, true));
+                let served = registry.services.iter().map(|s| s.info());
+                failure::oneway_failed(self.trace, &envelope, served, &unreceived(&e, true));
                 drop(registry);
                 state = lock(&self.state);
                 state.buffer = frame;

@@ -181,9 +181,8 @@ impl Shared {
                 let _ = self.reply_failure(&envelope, &failure);
             }
             Some(failure) => {
-                let services = registry.services.iter().map(|s| s.info());
-                let iface = services.into_iter().find(|i| i.id == envelope.interface);
-                failure::oneway_failed(self.trace, &envelope, iface, &failure);
+                let served = registry.services.iter().map(|s| s.info());
+                failure::oneway_failed(self.trace, &envelope, served, &failure);
             }
             None => {}
         }

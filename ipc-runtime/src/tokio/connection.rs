@@ -667,13 +667,7 @@ impl Inner {
             }
             (Kind::Oneway, Err(e)) => {
                 // Nobody waits for a oneway's outcome, so say it here rather than lose it.
-                let services = self.services.read().unwrap_or_else(PoisonError::into_inner);
-                let iface = services
-                    .iter()
-                    .map(|s| s.info())
-                    .find(|i| i.id == envelope.interface);
-                let failure = unreceived(&e, true);
-                crate::connection::failure::oneway_failed(self.trace, &envelope, iface, &failure);
+                self.oneway_failed(&envelope, &unreceived(&e, true));
             }
             (Kind::Announce, received) => {
                 let (mailbox, token) =
@@ -803,6 +797,13 @@ impl Inner {
         state.oneways = None;
         state.held.clear();
         state.closed = Some(why);
+    }
+
+    /// Says on stderr that the oneway `envelope` failed here (nobody waits for its outcome).
+    fn oneway_failed(&self, envelope: &Envelope, failure: &Failure) {
+        let services = self.services.read().unwrap_or_else(PoisonError::into_inner);
+        let served = services.iter().map(|s| s.info());
+        crate::connection::failure::oneway_failed(self.trace, envelope, served, failure);
     }
 
     /// Once the connection has ended and nothing will dispatch a request any more (the
@@ -1118,15 +1119,7 @@ async fn handle_request(inner: Arc<Inner>, frame: Frame, envelope: Envelope) {
             let _ = reply_failure(inner, envelope, failure).await;
         }
         Some(failure) => {
-            let services = inner
-                .services
-                .read()
-                .unwrap_or_else(PoisonError::into_inner);
-            let iface = services
-                .iter()
-                .map(|s| s.info())
-                .find(|i| i.id == envelope.interface);
-            crate::connection::failure::oneway_failed(inner.trace, &envelope, iface, &failure);
+            inner.oneway_failed(&envelope, &failure);
         }
         None => {}
     }
