@@ -74,6 +74,20 @@ struct Partial {
     refused: Option<Refused>,
 }
 
+impl Partial {
+    /// Whether `len` payload bytes and the fds announced so far are the whole message;
+    /// [`Error::Malformed`] if they are more than it announced.
+    fn is_whole(&self, len: usize) -> Result<bool> {
+        if len > self.total_len || self.fds_announced > self.total_fds {
+            return Err(Error::Malformed(format!(
+                "message announced {} bytes and {} fds, sent more",
+                self.total_len, self.total_fds
+            )));
+        }
+        Ok(len == self.total_len && self.fds_announced == self.total_fds)
+    }
+}
+
 /// A message over this side's [`Limits`], read to its end and dropped, its fds closed as they
 /// arrive: its [`Partial::frame`] keeps only its first [`REFUSED_KEPT`] bytes, so the layer
 /// above can tell whose it was. Reported once all of it is in, and the stream is in sync.
@@ -567,13 +581,7 @@ impl Socket {
     ) -> Result<()> {
         let Refused { why, mut len } = p.refused.take().expect("a refused message");
         loop {
-            if len > p.total_len || p.fds_announced > p.total_fds {
-                return Err(Error::Malformed(format!(
-                    "message announced {} bytes and {} fds, sent more",
-                    p.total_len, p.total_fds
-                )));
-            }
-            if len == p.total_len && p.fds_announced == p.total_fds {
+            if p.is_whole(len)? {
                 *out = p.frame;
                 return Err(why);
             }
@@ -639,13 +647,7 @@ impl Socket {
     ) -> Result<()> {
         loop {
             let have = p.frame.payload.len();
-            if have > p.total_len || p.fds_announced > p.total_fds {
-                return Err(Error::Malformed(format!(
-                    "message announced {} bytes and {} fds, sent more",
-                    p.total_len, p.total_fds
-                )));
-            }
-            if have == p.total_len && p.fds_announced == p.total_fds {
+            if p.is_whole(have)? {
                 break;
             }
             let room = (p.total_len - have).min(DATAGRAM_MAX);
