@@ -122,10 +122,14 @@ impl Error {
     /// Whether a send that failed with this error sent nothing: the message could not be
     /// encoded, or was refused before any of it went out.
     pub(crate) fn sent_nothing(&self) -> bool {
-        matches!(
-            self,
-            Error::Encode(_) | Error::TooLarge { .. } | Error::TooManyFds { .. }
-        )
+        matches!(self, Error::Encode(_)) || self.is_over_limits()
+    }
+
+    /// Whether this is a message over the [`Limits`](crate::Limits): refused before it was
+    /// sent, or when received, read to its end (the stream stays in sync) with its first bytes
+    /// kept, so its envelope says whose it was.
+    pub(crate) fn is_over_limits(&self) -> bool {
+        matches!(self, Error::TooLarge { .. } | Error::TooManyFds { .. })
     }
 
     /// A copy of this error for every caller a connection failure reaches.

@@ -556,13 +556,8 @@ impl Socket {
         if let Err(e) = &result {
             // The rest of a message that failed part-way must not be read as a new one. A
             // refusal is reported once its message is over (or interrupted by the next).
-            state.discarding = !matches!(
-                e,
-                Error::TimedOut
-                    | Error::FdsDropped { .. }
-                    | Error::TooLarge { .. }
-                    | Error::TooManyFds { .. }
-            );
+            state.discarding =
+                !(matches!(e, Error::TimedOut | Error::FdsDropped { .. }) || e.is_over_limits());
         }
         result
     }

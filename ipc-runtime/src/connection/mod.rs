@@ -601,13 +601,6 @@ pub(crate) fn decode_reply<R: DeserializeOwned>(
     codec::with_store(lane, || codec::decode_from(body, &mut frame.fds))
 }
 
-/// Whether `e` refused a received message for its size ([`Limits`](crate::Limits)): the
-/// socket read it to its end, so the stream is in sync, and kept its first bytes, so its
-/// envelope says whose it was. For both flavours.
-pub(crate) fn is_refusal(e: &Error) -> bool {
-    matches!(e, Error::TooLarge { .. } | Error::TooManyFds { .. })
-}
-
 // A refused message keeps its envelope.
 const _: () = assert!(envelope::LEN <= crate::socket::REFUSED_KEPT);
 

@@ -10,7 +10,7 @@ use super::backlog::Cost;
 use super::buffers::keep_thread_frame;
 use super::envelope::{self, Envelope, Kind};
 use super::failure;
-use super::{Guard, Shared, State, is_refusal, lock, unreceived};
+use super::{Guard, Shared, State, lock, unreceived};
 use crate::error::{Error, Result};
 use crate::frame::Frame;
 
@@ -164,7 +164,7 @@ impl Shared {
         let result = self.socket.recv_into(frame, deadline);
         match &result {
             Ok(()) => self.lane.on_word(envelope::lane(&frame.payload)),
-            Err(e) if is_refusal(e) => self.lane.on_word(envelope::lane(&frame.payload)),
+            Err(e) if e.is_over_limits() => self.lane.on_word(envelope::lane(&frame.payload)),
             Err(_) => {}
         }
         result
@@ -187,7 +187,7 @@ impl Shared {
         // envelope (a refused message interrupted by another), the connection ends.
         let whole = match &result {
             Ok(()) | Err(Error::FdsDropped { .. }) => true,
-            Err(e) => is_refusal(e),
+            Err(e) => e.is_over_limits(),
         };
         let envelope = match whole.then(|| Envelope::read(&frame.payload).ok()).flatten() {
             Some(envelope) => envelope,

@@ -35,7 +35,7 @@ use crate::connection::backlog::{AtomicBacklog, Cost};
 use crate::connection::buffers::with_buffers;
 use crate::connection::lane::Lane;
 use crate::connection::trace;
-use crate::connection::{decode_reply, is_refusal, unreceived};
+use crate::connection::{decode_reply, unreceived};
 use crate::error::{Error, Result};
 use crate::frame::Frame;
 use crate::service::{CallerScope, InterfaceInfo};
@@ -555,7 +555,7 @@ async fn read_messages(inner: Arc<Inner>) {
             // The message was consumed whole without its fds, or refused for its size and
             // read to its end: its bytes (its envelope) say whose it was.
             Err(e @ Error::FdsDropped { .. }) => Err(e),
-            Err(e) if is_refusal(&e) => Err(e),
+            Err(e) if e.is_over_limits() => Err(e),
             Err(e) => break e,
         };
         drop(ready);
@@ -619,7 +619,7 @@ impl Inner {
             // Delivered as an error, so never decoded; a refused message's lane word still
             // counts (the blocking flavour's `receive` takes it in too).
             Err(e) => {
-                if is_refusal(e) {
+                if e.is_over_limits() {
                     self.lane.on_word(envelope::lane(&frame.payload));
                 }
                 self.lane.finished(&frame.payload);
