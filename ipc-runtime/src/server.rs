@@ -187,9 +187,7 @@ impl Server {
             match client {
                 Ok(client) => {
                     trouble.accepted();
-                    let mut clients = lock(clients);
-                    clients.retain(|c| !c.thread.is_finished());
-                    clients.push(client);
+                    pruned(clients).push(client);
                 }
                 Err((what, why)) => {
                     if trouble.failed(what, &why, clients, stop) {
@@ -223,9 +221,12 @@ struct Client {
     thread: JoinHandle<Result<()>>,
 }
 
-/// Forgets the clients whose serving thread has returned, which closes their sockets.
-fn prune(clients: &Mutex<Vec<Client>>) {
-    lock(clients).retain(|c| !c.thread.is_finished());
+/// The clients, locked, once those whose serving thread has returned are forgotten (which
+/// closes their sockets).
+fn pruned(clients: &Mutex<Vec<Client>>) -> MutexGuard<'_, Vec<Client>> {
+    let mut clients = lock(clients);
+    clients.retain(|c| !c.thread.is_finished());
+    clients
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -278,7 +279,7 @@ impl Trouble {
         stop: &Receiver<()>,
     ) -> bool {
         self.report(what, why);
-        prune(clients);
+        drop(pruned(clients));
         let wait = self.back_off;
         self.back_off = (wait * 2).min(MAX_BACK_OFF);
         !matches!(stop.recv_timeout(wait), Err(RecvTimeoutError::Timeout))
@@ -337,9 +338,7 @@ pub struct Serving {
 impl Serving {
     /// How many clients are connected now.
     pub fn clients(&self) -> usize {
-        let mut clients = lock(&self.clients);
-        clients.retain(|c| !c.thread.is_finished());
-        clients.len()
+        pruned(&self.clients).len()
     }
 
     /// `Ok(())` while the listener accepts clients (or retries after running out of file
