@@ -17,9 +17,9 @@
 //! [`set_one_copy`] or `TYPED_IPC_ONE_COPY=always|never|measured` in the environment overrides
 //! the measurement for the whole process (tests that must see one path use it).
 
+use parking_lot::Mutex;
 use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{Mutex, TryLockError};
 use std::time::{Duration, Instant};
 
 use crate::connection::trace;
@@ -119,10 +119,8 @@ fn parse(value: &str) -> Option<OneCopy> {
 /// The measured verdict, probing again if the last probe is too old. A thread that finds
 /// another probing takes the last verdict rather than wait.
 fn measured() -> bool {
-    let mut probed = match PROBED.try_lock() {
-        Ok(probed) => probed,
-        Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
-        Err(TryLockError::WouldBlock) => return PAYS.load(Ordering::Relaxed),
+    let Some(mut probed) = PROBED.try_lock() else {
+        return PAYS.load(Ordering::Relaxed);
     };
     if probed.is_some_and(|at| at.elapsed() < REPROBE) {
         return PAYS.load(Ordering::Relaxed);

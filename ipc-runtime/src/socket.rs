@@ -1,10 +1,10 @@
 //! [`Socket`]: a connected `SOCK_SEQPACKET` socket that moves whole [`Frame`]s.
 
+use parking_lot::Mutex;
 use std::mem;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -260,7 +260,7 @@ impl Socket {
         if !whole {
             self.check_outgoing(payload.len(), fds.len())?;
         }
-        let _guard = lock(&self.send_lock);
+        let _guard = self.send_lock.lock();
         if whole {
             // One datagram is never half-sent, so a full buffer is simply waited out.
             while !self.send_whole(payload, fds)? {
@@ -292,10 +292,8 @@ impl Socket {
             self.check_outgoing(payload.len(), fds.len())?;
             return Ok(false);
         }
-        let _guard = match self.send_lock.try_lock() {
-            Ok(guard) => guard,
-            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => return Ok(false),
+        let Some(_guard) = self.send_lock.try_lock() else {
+            return Ok(false);
         };
         self.send_whole(payload, fds)
     }
@@ -466,7 +464,7 @@ impl Socket {
     /// A message is half received.
     #[cfg(test)]
     pub(crate) fn is_partial(&self) -> bool {
-        lock(&self.recv).partial.is_some()
+        self.recv.lock().partial.is_some()
     }
 
     // The single-datagram path is inlined down to the syscall (`start_message`,
@@ -476,7 +474,7 @@ impl Socket {
     #[inline]
     fn recv_inner(&self, frame: &mut Frame, wait: Wait) -> Result<()> {
         frame.clear();
-        let mut state = lock(&self.recv);
+        let mut state = self.recv.lock();
         if state.discarding {
             self.discard(&mut state, wait)?;
         }
@@ -916,11 +914,6 @@ fn over_limits(len: usize, fds: usize, limits: Limits) -> Error {
             limit: limits.max_fds as u64,
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Nothing under these locks is left half-updated by a panic, so poisoning is noise.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl AsFd for Socket {

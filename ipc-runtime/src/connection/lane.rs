@@ -52,9 +52,9 @@
 //!   over. Only while one copy costs less than the region's two on this machine, as
 //!   measured now ([`crate::one_copy`]); otherwise the region.
 
+use parking_lot::{Mutex, MutexGuard};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Mutex, PoisonError};
 
 use serde::Serialize;
 
@@ -169,7 +169,7 @@ impl Writer {
         if !one_copy::pays() {
             return None;
         }
-        let (mailbox, token) = (*mailbox.lock().unwrap_or_else(PoisonError::into_inner))?;
+        let (mailbox, token) = (*mailbox.lock())?;
         let written =
             memory
                 .read_mailbox(mailbox, token)
@@ -279,14 +279,14 @@ impl Lane {
     /// [`peer_memory::CAPACITY`] bytes straight into `memory`, the peer's, once the peer
     /// announces an inbox ([`Lane::on_announce`]).
     pub(crate) fn write_into_peer(&self, memory: PeerMemory) {
-        let mut out = self.out.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut out = self.out.lock();
         out.writer.memory = Some(memory);
     }
 
     /// Makes this end's inbox (once) and returns the announcement for the peer: the
     /// mailbox's address and token.
     pub(crate) fn accept_writes(&self) -> std::io::Result<(u64, u64)> {
-        let mut inbox = self.inbox.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut inbox = self.inbox.lock();
         if inbox.is_none() {
             *inbox = Some(Inbox::new()?);
         }
@@ -295,10 +295,7 @@ impl Lane {
 
     /// The peer announced its inbox: written into from now on, if this end may write it.
     pub(crate) fn on_announce(&self, mailbox: u64, token: u64) {
-        *self
-            .peer_mailbox
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some((mailbox, token));
+        *self.peer_mailbox.lock() = Some((mailbox, token));
     }
 
     /// Whether calls may pipe their large byte strings: the peer then reads this process's
@@ -313,15 +310,15 @@ impl Lane {
     /// so a lane idle here stays idle until [`Outgoing::start`]: no compare-and-swap needed
     /// (an atomic read-modify-write costs ~7 ns on these VMs).
     #[inline]
-    fn idle_out(&self) -> Option<std::sync::MutexGuard<'_, Outgoing>> {
-        let out = self.out.try_lock().ok()?;
+    fn idle_out(&self) -> Option<MutexGuard<'_, Outgoing>> {
+        let out = self.out.try_lock()?;
         (self.busy.load(Ordering::Acquire) == 0).then_some(out)
     }
 
     /// The generation of this end's inbox buffer, if it accepts writes.
     #[cfg(test)]
     pub(crate) fn inbox_generation(&self) -> Option<u64> {
-        let inbox = self.inbox.lock().unwrap_or_else(PoisonError::into_inner);
+        let inbox = self.inbox.lock();
         inbox.as_ref().map(Inbox::generation)
     }
 
@@ -361,7 +358,7 @@ impl Lane {
     /// [`Lane::settle_inbox_if_taken`]'s work, when a string was taken.
     #[cold]
     fn settle_inbox(&self) {
-        let mut inbox = self.inbox.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut inbox = self.inbox.lock();
         if let Some(seq) = inbox.as_mut().and_then(Inbox::renew_taken) {
             self.inbox_taken.store(false, Ordering::Release);
             self.record_done(seq, 0);
@@ -430,7 +427,7 @@ impl Lane {
             .compare_exchange(seq, 0, Ordering::AcqRel, Ordering::Relaxed)
             .is_ok()
         {
-            let mut out = self.out.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut out = self.out.lock();
             out.unpin(seq, false);
         }
     }
@@ -442,7 +439,7 @@ impl Lane {
         if seq == 0 {
             return;
         }
-        let mut out = self.out.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut out = self.out.lock();
         self.abort_locked(&mut out, seq);
     }
 
@@ -452,13 +449,9 @@ impl Lane {
     /// to do. While it is busy with `seq`, `out` is only ever held briefly.
     fn abort_for_reader(&self, seq: u32) {
         while self.busy.load(Ordering::Acquire) == seq {
-            let mut out = match self.out.try_lock() {
-                Ok(out) => out,
-                Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
-                Err(std::sync::TryLockError::WouldBlock) => {
-                    std::thread::yield_now();
-                    continue;
-                }
+            let Some(mut out) = self.out.try_lock() else {
+                std::thread::yield_now();
+                continue;
             };
             self.abort_locked(&mut out, seq);
             return;
@@ -578,10 +571,7 @@ impl OutOfLine for Lane {
         fd: Option<OwnedFd>,
         tail: &[u8],
     ) -> Result<Vec<u8>, String> {
-        let mut incoming = self
-            .incoming_pipe
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut incoming = self.incoming_pipe.lock();
         if let Some(fd) = fd {
             *incoming = Some(InPipe::new(fd).map_err(|e| e.to_string())?);
         }
@@ -651,7 +641,7 @@ impl OutOfLine for Lane {
                 written.len, written.seq, self.max_len
             ));
         }
-        let mut inbox = self.inbox.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut inbox = self.inbox.lock();
         let inbox = inbox
             .as_mut()
             .ok_or("a byte string written into this process, but it announced no inbox")?;
@@ -662,7 +652,7 @@ impl OutOfLine for Lane {
     }
 
     fn take(&self, placed: &Placed, fd: Option<OwnedFd>) -> Result<Vec<u8>, String> {
-        let mut incoming = self.incoming.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut incoming = self.incoming.lock();
         if let Some(fd) = fd {
             let view = RegionView::from_fd_with_limit(fd, self.max_len)
                 .map_err(|e| format!("the peer's shared region was refused: {e}"))?;

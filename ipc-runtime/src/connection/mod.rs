@@ -89,8 +89,10 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+
+use parking_lot::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -278,7 +280,7 @@ impl Connection {
 
     /// Whether the connection has ended (peer gone, closed, or a protocol error).
     pub fn is_closed(&self) -> bool {
-        lock(&self.shared.state).closed.is_some()
+        self.shared.state.lock().closed.is_some()
     }
 
     /// Ends the connection: the peer sees a hang-up, and every thread waiting on this
@@ -332,9 +334,9 @@ impl Connection {
     /// called, and the error otherwise. Run it on several threads for concurrent requests.
     pub fn run(&self) -> Result<()> {
         let shared = &*self.shared;
-        lock(&shared.state).runners += 1;
+        shared.state.lock().runners += 1;
         let result = self.run_loop();
-        let mut state = lock(&shared.state);
+        let mut state = shared.state.lock();
         state.runners -= 1;
         if state.runners == 0 && state.closed.is_some() {
             drop(state);
@@ -380,7 +382,7 @@ impl Connection {
             // between its send and its receive, and it receives into a buffer of its thread's
             // (the lone caller's path: one lock to start, one to end).
             let reads = {
-                let mut state = lock(&shared.state);
+                let mut state = shared.state.lock();
                 if let Some(closed) = &state.closed {
                     return Err(closed.duplicate());
                 }
@@ -420,7 +422,7 @@ impl Connection {
                 .send_deadline(buf, fds, deadline)
                 .map(|()| true)
                 .inspect_err(|_| {
-                    lock(&shared.state).pending.remove(&cookie);
+                    shared.state.lock().pending.remove(&cookie);
                 })
         });
         let placed = placed?.expect("the call's send sends the whole message or fails");
@@ -523,7 +525,8 @@ impl Shared {
     #[cold]
     #[inline(never)]
     fn why_ended(&self) -> Error {
-        lock(&self.state)
+        self.state
+            .lock()
             .closed
             .as_ref()
             .map_or(Error::Disconnected, Error::duplicate)
@@ -572,7 +575,7 @@ impl Shared {
         frame.clear();
         // Checked here too, so that a huge buffer is freed (unmapped) outside the lock.
         if frame.payload.capacity() <= RETAIN_MAX {
-            keep_buffer(&mut lock(&self.state), frame);
+            keep_buffer(&mut self.state.lock(), frame);
         }
     }
 
@@ -636,9 +639,4 @@ impl Hasher for CookieHasher {
     fn finish(&self) -> u64 {
         self.0
     }
-}
-
-fn lock(m: &Mutex<State>) -> Guard<'_> {
-    // Nothing under this lock is left half-updated by a panic, so poisoning is noise.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }

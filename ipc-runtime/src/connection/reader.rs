@@ -2,15 +2,15 @@
 //! receives goes (see the module docs of [`connection`](super)).
 
 use std::collections::hash_map::Entry;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, PoisonError};
 use std::time::Instant;
 
 use super::backlog::Cost;
 use super::buffers::keep_thread_frame;
 use super::envelope::{self, Envelope, Kind};
 use super::failure;
-use super::{Guard, Shared, State, lock, unreceived};
+use super::{Guard, Shared, State, unreceived};
 use crate::error::{Error, Result};
 use crate::frame::Frame;
 
@@ -19,7 +19,7 @@ impl Shared {
     /// `cookie`'s call to have its reply routed by whoever reads next.
     pub(super) fn stop_reading(&self, frame: Frame, cookie: Option<u64>) {
         keep_thread_frame(frame);
-        let mut state = lock(&self.state);
+        let mut state = self.state.lock();
         if let Some(cookie) = cookie {
             state.pending.insert(cookie, None);
         }
@@ -40,7 +40,7 @@ impl Shared {
         let result = self.receive(&mut frame, deadline);
         if result.is_ok() && envelope::is_reply_to(&frame.payload, cookie) {
             // The common case, without `route`'s general matching: ours, and whole.
-            self.release_reader(&mut lock(&self.state));
+            self.release_reader(&mut self.state.lock());
             if self.trace {
                 if let Ok(envelope) = Envelope::read(&frame.payload) {
                     self.trace_incoming(&envelope, &frame);
@@ -48,7 +48,7 @@ impl Shared {
             }
             return Ok((frame, true));
         }
-        let (mut state, own) = self.route(lock(&self.state), frame, result, Reader::Caller(cookie));
+        let (mut state, own) = self.route(self.state.lock(), frame, result, Reader::Caller(cookie));
         if let Some(Taken::Reply(reply)) = own {
             return reply.map(|frame| (frame, true));
         }
@@ -59,7 +59,7 @@ impl Shared {
 
     /// Waits for the reply to `cookie`, reading the socket whenever nobody else is.
     pub(super) fn wait_reply(&self, cookie: u64, deadline: Option<Instant>) -> Result<Frame> {
-        let mut state = lock(&self.state);
+        let mut state = self.state.lock();
         loop {
             if let Entry::Occupied(slot) = state.pending.entry(cookie) {
                 if slot.get().is_some() {
@@ -95,19 +95,12 @@ impl Shared {
         deadline: Option<Instant>,
     ) -> Guard<'a> {
         state.waiters += 1;
-        let mut state = match deadline {
-            None => self
-                .wake
-                .wait(state)
-                .unwrap_or_else(PoisonError::into_inner),
+        match deadline {
+            None => self.wake.wait(&mut state),
             Some(d) => {
-                let left = d.saturating_duration_since(Instant::now());
-                self.wake
-                    .wait_timeout(state, left)
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .0
+                let _ = self.wake.wait_until(&mut state, d);
             }
-        };
+        }
         state.waiters -= 1;
         state
     }
@@ -143,7 +136,7 @@ impl Shared {
         let mut frame = std::mem::take(&mut state.buffer);
         drop(state);
         let result = self.receive(&mut frame, deadline);
-        let mut state = lock(&self.state);
+        let mut state = self.state.lock();
         if reader == Reader::Runner
             && result.is_ok()
             && envelope::kind_byte(&frame.payload) == Some(Kind::Call as u8)
@@ -245,18 +238,17 @@ impl Shared {
             (Kind::Call, Err(e)) => {
                 drop(state);
                 let _ = self.reply_failure(&envelope, &unreceived(&e, false));
-                state = lock(&self.state);
+                state = self.state.lock();
                 state.buffer = frame;
             }
             (Kind::Oneway, Err(e)) => {
                 drop(state);
                 // Nobody waits for a oneway's outcome, so say it here rather than lose it.
-                let registry =
-                    Arc::clone(&self.registry.lock().unwrap_or_else(PoisonError::into_inner));
+                let registry = Arc::clone(&self.registry.lock());
                 let served = registry.services.iter().map(|s| s.info());
                 failure::oneway_failed(self.trace, &envelope, served, &unreceived(&e, true));
                 drop(registry);
-                state = lock(&self.state);
+                state = self.state.lock();
                 state.buffer = frame;
             }
             (Kind::Announce, result) => {

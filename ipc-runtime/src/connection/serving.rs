@@ -2,8 +2,8 @@
 //! the serving loop, and dispatching a request to its service and its reply back.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, PoisonError};
 
 use serde::Serialize;
 
@@ -13,7 +13,7 @@ use super::buffers::RETAIN_MAX;
 use super::envelope::{self, Envelope, Kind};
 use super::failure::{self, Failure};
 use super::reader::{Reader, Taken};
-use super::{Connection, Guard, Registry, Shared, State, lock, trace};
+use super::{Connection, Guard, Registry, Shared, State, trace};
 use crate::codec;
 use crate::error::{Error, Result};
 use crate::frame::Frame;
@@ -24,7 +24,7 @@ impl Connection {
     pub(super) fn run_loop(&self) -> Result<()> {
         let shared = &*self.shared;
         let mut registry = shared.registry();
-        let mut state = lock(&shared.state);
+        let mut state = shared.state.lock();
         loop {
             if !state.oneway_running {
                 if let Some(frame) = state.oneways.pop_front() {
@@ -76,7 +76,7 @@ impl Connection {
 impl Shared {
     /// What is served now.
     pub(super) fn registry(&self) -> Snapshot {
-        let registry = self.registry.lock().unwrap_or_else(PoisonError::into_inner);
+        let registry = self.registry.lock();
         Snapshot {
             version: self.registry_version.load(Ordering::Acquire),
             registry: registry.clone(),
@@ -85,7 +85,7 @@ impl Shared {
 
     /// Changes what is served: a new registry, and a new version for the snapshots to see.
     pub(super) fn update_registry(&self, change: impl FnOnce(&mut Registry)) {
-        let mut registry = self.registry.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut registry = self.registry.lock();
         let mut new = Registry::clone(&registry);
         change(&mut new);
         let old = std::mem::replace(&mut *registry, Arc::new(new));
@@ -120,7 +120,7 @@ impl Shared {
         let mut frame = self.dispatch(frame, oneway, &registry.registry);
         self.lane.finished(&frame.payload);
         frame.clear(); // closes fds the request left unclaimed, outside the lock
-        let mut state = lock(&self.state);
+        let mut state = self.state.lock();
         if oneway {
             state.oneway_running = false;
             state.oneways_run += 1;

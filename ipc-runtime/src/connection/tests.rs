@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
+use super::Connection;
 use super::envelope::{self, Envelope, Kind};
-use super::{Connection, lock};
 use crate::codec::{self, Bytes};
 use crate::error::{Error, Result};
 use crate::service::{Call, InterfaceInfo, MethodInfo, Service};
@@ -52,10 +52,10 @@ fn a_caller_waiting_to_send_does_not_hold_the_reader_role() {
         std::thread::spawn(move || a.call::<_, u64>(&IFACE, 2, &(), None))
     };
     wait_until("the caller registers its call to be answered", || {
-        !lock(&a.shared.state).pending.is_empty()
+        !a.shared.state.lock().pending.is_empty()
     });
     assert!(
-        !lock(&a.shared.state).reading,
+        !a.shared.state.lock().reading,
         "a caller waiting to send holds the reader role"
     );
     // Now let everything through, and answer the call by hand.
@@ -611,11 +611,11 @@ fn a_message_over_this_sides_limits_is_refused_unsent() {
         "{refused:?}"
     );
     assert!(
-        lock(&a.shared.state).pending.is_empty(),
+        a.shared.state.lock().pending.is_empty(),
         "no call left waiting"
     );
     assert!(
-        !lock(&a.shared.state).reading,
+        !a.shared.state.lock().reading,
         "the reader role was given back"
     );
     for file in &files {
@@ -668,7 +668,7 @@ fn a_reply_over_the_callers_limits_read_by_another_thread_fails_that_call_only()
         let a = a.clone();
         std::thread::spawn(move || a.run())
     };
-    wait_until("the serving thread reads", || lock(&a.shared.state).reading);
+    wait_until("the serving thread reads", || a.shared.state.lock().reading);
     let call = |cmd| {
         let a = a.clone();
         std::thread::spawn(move || a.call::<_, u32>(&IFACE, cmd, &(), None))

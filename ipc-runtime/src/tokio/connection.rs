@@ -14,8 +14,10 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 use std::pin::{Pin, pin};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+
+use parking_lot::{Mutex, MutexGuard, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -293,11 +295,7 @@ impl AsyncConnection {
     pub fn add_service(&self, service: impl AsyncService) {
         let service: Arc<dyn AsyncService> = Arc::new(service);
         {
-            let mut services = self
-                .inner
-                .services
-                .write()
-                .unwrap_or_else(PoisonError::into_inner);
+            let mut services = self.inner.services.write();
             services.retain(|s| s.info().id != service.info().id);
             services.push(service);
         }
@@ -313,11 +311,7 @@ impl AsyncConnection {
         + Sync
         + 'static,
     ) {
-        *self
-            .inner
-            .authorizer
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = Some(Box::new(authorize));
+        *self.inner.authorizer.write() = Some(Box::new(authorize));
     }
 
     /// Serves `service` ([`AsyncConnection::add_service`], at once) and returns a future that
@@ -595,8 +589,7 @@ impl Inner {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        // Nothing under this lock is left half-updated by a panic, so poisoning is noise.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        self.state.lock()
     }
 
     /// Routes one received message; `Err` ends the connection. A message received as an
@@ -801,7 +794,7 @@ impl Inner {
 
     /// Says on stderr that the oneway `envelope` failed here (nobody waits for its outcome).
     fn oneway_failed(&self, envelope: &Envelope, failure: &Failure) {
-        let services = self.services.read().unwrap_or_else(PoisonError::into_inner);
+        let services = self.services.read();
         let served = services.iter().map(|s| s.info());
         crate::connection::failure::oneway_failed(self.trace, envelope, served, failure);
     }
@@ -818,22 +811,14 @@ impl Inner {
             return;
         }
         drop(state);
-        let services = std::mem::take(
-            &mut *self
-                .services
-                .write()
-                .unwrap_or_else(PoisonError::into_inner),
-        );
+        let services = std::mem::take(&mut *self.services.write());
         drop(services);
     }
 
     /// Which service answers `envelope`, after the same checks as the blocking flavour.
     fn check(&self, envelope: &Envelope) -> Result<Arc<dyn AsyncService>, Failure> {
-        let services = self.services.read().unwrap_or_else(PoisonError::into_inner);
-        let authorizer = self
-            .authorizer
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
+        let services = self.services.read();
+        let authorizer = self.authorizer.read();
         admit(
             &services,
             |s| s.info(),
@@ -930,7 +915,7 @@ impl Inner {
     }
 
     fn trace_incoming(&self, envelope: &Envelope, frame: &Frame) {
-        let services = self.services.read().unwrap_or_else(PoisonError::into_inner);
+        let services = self.services.read();
         trace::incoming(envelope, frame, services.iter().map(|s| s.info()));
     }
 }
