@@ -1,7 +1,7 @@
 //! Each thread's reusable memory for the messages it sends (both flavours encode into it) and
 //! the replies it reads itself, so a call allocates nothing.
 
-use std::cell::Cell;
+use std::cell::RefCell;
 use std::os::fd::BorrowedFd;
 
 use crate::frame::Frame;
@@ -15,27 +15,33 @@ thread_local! {
     /// The frame this thread's calls receive their replies into when they read them
     /// themselves: kept by the thread, so a lone caller takes no lock to get or give back a
     /// buffer.
-    static FRAME: Cell<Frame> = const { Cell::new(Frame { payload: Vec::new(), fds: Vec::new() }) };
+    static FRAME: RefCell<Frame> =
+        const { RefCell::new(Frame { payload: Vec::new(), fds: Vec::new() }) };
     /// This thread's encoding buffers, reused so a call allocates nothing.
-    static BUFFERS: Cell<(Vec<u8>, Vec<BorrowedFd<'static>>)> =
-        const { Cell::new((Vec::new(), Vec::new())) };
+    static BUFFERS: RefCell<(Vec<u8>, Vec<BorrowedFd<'static>>)> =
+        const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// This thread's receive frame, for a caller about to read its own reply.
+/// Runs `f` with this thread's receive frame, for a caller reading its own reply, and
+/// empties it afterwards (closing any fds left in it).
 #[inline]
-pub(super) fn take_thread_frame() -> Frame {
-    FRAME.take()
-}
-
-/// Keeps `frame`, emptied, as this thread's receive frame, unless it is too big to hoard.
-#[inline]
-pub(super) fn keep_thread_frame(mut frame: Frame) {
-    frame.clear();
-    if frame.payload.capacity() <= RETAIN_MAX {
-        // `with` + `replace` rather than `LocalKey::set`, which goes through its
-        // initialisation path every time.
-        drop(FRAME.with(|f| f.replace(frame)));
-    }
+pub(super) fn with_thread_frame<R>(f: impl FnOnce(&mut Frame) -> R) -> R {
+    FRAME.with(|frame| {
+        // Borrowed in place, not moved out and back. `f` decodes the reply, which runs user
+        // `Deserialize` code that may itself call: that inner call gets a fresh frame.
+        let mut fresh = Frame::default();
+        let mut borrowed = frame.try_borrow_mut().ok();
+        let frame = match &mut borrowed {
+            Some(frame) => &mut **frame,
+            None => &mut fresh,
+        };
+        let result = f(frame);
+        frame.clear();
+        if frame.payload.capacity() > RETAIN_MAX {
+            *frame = Frame::default(); // don't keep a huge reply's buffer per thread
+        }
+        result
+    })
 }
 
 /// Runs `f` with this thread's (emptied) byte and fd buffers.
@@ -43,19 +49,33 @@ pub(super) fn keep_thread_frame(mut frame: Frame) {
 pub(crate) fn with_buffers<'a, R>(
     f: impl FnOnce(&mut Vec<u8>, &mut Vec<BorrowedFd<'a>>) -> R,
 ) -> R {
-    // Taken rather than borrowed: `f` runs user `Serialize` code, which may itself call.
-    let (mut buf, fds) = BUFFERS.with(Cell::take);
-    let mut fds: Vec<BorrowedFd<'a>> = fds;
-    buf.clear();
-    let result = f(&mut buf, &mut fds);
-    fds.clear();
-    // An empty vector changes lifetime without a new allocation (collected in place); a
-    // plain `filter` could not change the element type.
-    #[allow(clippy::unnecessary_filter_map)]
-    let fds: Vec<BorrowedFd<'static>> = fds.into_iter().filter_map(|_| None).collect();
-    if buf.capacity() > RETAIN_MAX {
-        buf = Vec::new(); // don't keep a huge message's buffer per thread
-    }
-    drop(BUFFERS.with(|b| b.replace((buf, fds))));
-    result
+    BUFFERS.with(|buffers| {
+        // Borrowed in place, not moved out and back (a tuple of two vectors each way). `f`
+        // runs user `Serialize` code, which may itself call: that inner message gets fresh
+        // buffers.
+        let mut fresh = (Vec::new(), Vec::new());
+        let mut borrowed = buffers.try_borrow_mut().ok();
+        let (buf, fds) = match &mut borrowed {
+            Some(buffers) => &mut **buffers,
+            None => &mut fresh,
+        };
+        buf.clear();
+        // An empty vector changes lifetime without a new allocation (collected in place); a
+        // plain `filter` could not change the element type.
+        #[allow(clippy::unnecessary_filter_map)]
+        let mut scoped: Vec<BorrowedFd<'a>> = std::mem::take(fds)
+            .into_iter()
+            .filter_map(|_| None)
+            .collect();
+        let result = f(buf, &mut scoped);
+        scoped.clear();
+        #[allow(clippy::unnecessary_filter_map)]
+        {
+            *fds = scoped.into_iter().filter_map(|_| None).collect();
+        }
+        if buf.capacity() > RETAIN_MAX {
+            *buf = Vec::new(); // don't keep a huge message's buffer per thread
+        }
+        result
+    })
 }

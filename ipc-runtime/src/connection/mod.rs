@@ -106,7 +106,7 @@ use crate::service::{InterfaceInfo, Service};
 use crate::socket::{PeerCredentials, Socket};
 
 use backlog::Backlog;
-use buffers::{RETAIN_MAX, keep_thread_frame, take_thread_frame, with_buffers};
+use buffers::{RETAIN_MAX, with_buffers, with_thread_frame};
 use envelope::{Envelope, Kind};
 use failure::Failure;
 use lane::Lane;
@@ -372,7 +372,7 @@ impl Connection {
         // An ended connection fails the call before its arguments are encoded (a byte string
         // among them could be written into the peer or a region for nothing).
         shared.check_open()?;
-        let (mut cookie, mut reader) = (0, None);
+        let (mut cookie, mut reads) = (0, false);
         // Encoded before this thread takes the reader role: encoding may write a byte string
         // into the peer's memory (`peer_memory`), which a hostile peer can make slow, and
         // nobody else's reply may wait for that.
@@ -381,7 +381,7 @@ impl Connection {
             // reply can reach nobody else, so it needs no slot in `pending` and no lock
             // between its send and its receive, and it receives into a buffer of its thread's
             // (the lone caller's path: one lock to start, one to end).
-            let reads = {
+            reads = {
                 let mut state = shared.state.lock();
                 if let Some(closed) = &state.closed {
                     return Err(closed.duplicate());
@@ -401,18 +401,18 @@ impl Connection {
             envelope::set_cookie(buf, cookie);
             shared.trace_out(&Envelope { cookie, ..envelope }, iface);
             if reads {
-                let frame = take_thread_frame();
                 // The reader must not wait to send: others may need it to read.
                 match shared.socket.try_send(buf, fds) {
-                    Ok(true) => {
-                        reader = Some(frame);
-                        return Ok(true);
-                    }
+                    Ok(true) => return Ok(true),
                     // It would have had to wait: give the role back, then send as any caller
                     // (the message as it is encoded).
-                    Ok(false) => shared.stop_reading(frame, Some(cookie)),
+                    Ok(false) => {
+                        reads = false;
+                        shared.stop_reading(Some(cookie));
+                    }
                     Err(e) => {
-                        shared.stop_reading(frame, None);
+                        reads = false;
+                        shared.stop_reading(None);
                         return Err(e);
                     }
                 }
@@ -426,19 +426,25 @@ impl Connection {
                 })
         });
         let placed = placed?.expect("the call's send sends the whole message or fails");
-        let (mut frame, ours) = match reader {
-            Some(frame) => shared.read_own(cookie, deadline, frame)?,
-            None => (shared.wait_reply(cookie, deadline)?, false),
+        let finish = |frame: &mut Frame| {
+            shared.lane.after_reply(placed, frame);
+            let result = decode_reply(frame, iface, cmd, &shared.lane);
+            shared.lane.finished(&frame.payload);
+            result
         };
-        shared.lane.after_reply(placed, &frame);
-        let result = decode_reply(&mut frame, iface, cmd, &shared.lane);
-        shared.lane.finished(&frame.payload);
-        if ours {
-            keep_thread_frame(frame);
-        } else {
+        // A reply another thread read for this one comes in a frame of the connection's.
+        let finish_routed = |mut frame: Frame| {
+            let result = finish(&mut frame);
             shared.recycle(frame);
+            result
+        };
+        if reads {
+            return with_thread_frame(|frame| match shared.read_own(cookie, deadline, frame)? {
+                None => finish(frame),
+                Some(routed) => finish_routed(routed),
+            });
         }
-        result
+        finish_routed(shared.wait_reply(cookie, deadline)?)
     }
 
     /// Sends a oneway message to method `cmd` of interface `iface`: returns once it is sent,

@@ -7,7 +7,6 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use super::backlog::Cost;
-use super::buffers::keep_thread_frame;
 use super::envelope::{self, Envelope, Kind};
 use super::failure;
 use super::{Guard, Shared, State, unreceived};
@@ -15,10 +14,9 @@ use crate::error::{Error, Result};
 use crate::frame::Frame;
 
 impl Shared {
-    /// Gives up the reader role a caller took with its thread's `frame`, and registers
-    /// `cookie`'s call to have its reply routed by whoever reads next.
-    pub(super) fn stop_reading(&self, frame: Frame, cookie: Option<u64>) {
-        keep_thread_frame(frame);
+    /// Gives up the reader role a caller took before sending, and registers `cookie`'s call
+    /// to have its reply routed by whoever reads next.
+    pub(super) fn stop_reading(&self, cookie: Option<u64>) {
         let mut state = self.state.lock();
         if let Some(cookie) = cookie {
             state.pending.insert(cookie, None);
@@ -28,33 +26,34 @@ impl Shared {
 
     /// The wait of a caller that took the reader role before sending, receiving into its
     /// thread's `frame`: the next message is most likely its reply. Anything else is routed
-    /// as any reader routes it, and the caller then waits as any caller does. Returns the
-    /// reply and whether it is in the thread's frame.
+    /// as any reader routes it, and the caller then waits as any caller does. Returns
+    /// `None` if the reply is in `frame`, else the frame it came in.
     #[inline]
     pub(super) fn read_own(
         &self,
         cookie: u64,
         deadline: Option<Instant>,
-        mut frame: Frame,
-    ) -> Result<(Frame, bool)> {
-        let result = self.receive(&mut frame, deadline);
+        frame: &mut Frame,
+    ) -> Result<Option<Frame>> {
+        let result = self.receive(frame, deadline);
         if result.is_ok() && envelope::is_reply_to(&frame.payload, cookie) {
             // The common case, without `route`'s general matching: ours, and whole.
             self.release_reader(&mut self.state.lock());
             if self.trace {
                 if let Ok(envelope) = Envelope::read(&frame.payload) {
-                    self.trace_incoming(&envelope, &frame);
+                    self.trace_incoming(&envelope, frame);
                 }
             }
-            return Ok((frame, true));
+            return Ok(None);
         }
+        let frame = std::mem::take(frame);
         let (mut state, own) = self.route(self.state.lock(), frame, result, Reader::Caller(cookie));
         if let Some(Taken::Reply(reply)) = own {
-            return reply.map(|frame| (frame, true));
+            return reply.map(Some);
         }
         state.pending.insert(cookie, None);
         drop(state);
-        Ok((self.wait_reply(cookie, deadline)?, false))
+        self.wait_reply(cookie, deadline).map(Some)
     }
 
     /// Waits for the reply to `cookie`, reading the socket whenever nobody else is.

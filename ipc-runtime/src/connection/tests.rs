@@ -161,6 +161,61 @@ fn a_caller_still_encoding_does_not_hold_the_reader_role() {
     server.join().unwrap().unwrap();
 }
 
+/// An argument whose encoding makes a call on the same connection from the same thread.
+struct CallsWhenEncoded<'a>(&'a Connection);
+
+impl serde::Serialize for CallsWhenEncoded<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        let data = [5u8; 10];
+        let len = self.0.call::<_, u64>(&SKIM, 2, &Bytes(&data[..]), None);
+        assert_eq!(len.unwrap(), 10, "the call made while encoding");
+        Bytes(&[1u8, 2, 3][..]).serialize(s)
+    }
+}
+
+std::thread_local! {
+    /// The connection [`CallsWhenDecoded`] calls on.
+    static DECODER_CALLS: std::cell::RefCell<Option<Connection>> = const { std::cell::RefCell::new(None) };
+}
+
+/// A reply whose decoding makes a call on the same connection from the same thread.
+struct CallsWhenDecoded(u64, u64);
+
+impl<'de> serde::Deserialize<'de> for CallsWhenDecoded {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let len = u64::deserialize(d)?;
+        let data = [6u8; 12];
+        let connection = DECODER_CALLS.with(|c| c.borrow().clone()).unwrap();
+        let inner = connection.call::<_, u64>(&SKIM, 2, &Bytes(&data[..]), None);
+        Ok(CallsWhenDecoded(len, inner.unwrap()))
+    }
+}
+
+/// A thread reuses its encoding buffers and its receive frame from call to call. User code
+/// that runs while they are in use (`Serialize` of an argument, `Deserialize` of a reply) may
+/// itself call on the same thread: that call gets buffers of its own, and both calls get
+/// their replies.
+#[test]
+fn a_call_made_while_encoding_or_decoding_gets_its_own_buffers() {
+    let (a, server) = skimmed();
+    let len = a.call::<_, u64>(&SKIM, 2, &CallsWhenEncoded(&a), None);
+    assert_eq!(len.unwrap(), 3);
+    DECODER_CALLS.with(|c| *c.borrow_mut() = Some(a.clone()));
+    let data = [7u8; 5];
+    let reply = a.call::<_, CallsWhenDecoded>(&SKIM, 2, &Bytes(&data[..]), None);
+    DECODER_CALLS.with(|c| *c.borrow_mut() = None);
+    let CallsWhenDecoded(outer, inner) = reply.unwrap();
+    assert_eq!((outer, inner), (5, 12));
+    // And the thread's own buffers still work afterwards.
+    assert_eq!(
+        a.call::<_, u64>(&SKIM, 2, &Bytes(&data[..2]), None)
+            .unwrap(),
+        2
+    );
+    a.close();
+    server.join().unwrap().unwrap();
+}
+
 /// An argument whose encoding panics, as user `Serialize` code may.
 struct PanicsWhenEncoded;
 
