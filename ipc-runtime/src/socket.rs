@@ -250,24 +250,53 @@ impl Socket {
         self.send_deadline(payload, fds, Some(Instant::now() + timeout))
     }
 
+    #[inline]
     pub(crate) fn send_deadline(
         &self,
         payload: &[u8],
         fds: &[BorrowedFd<'_>],
         deadline: Option<Instant>,
     ) -> Result<()> {
-        let whole = self.sends_whole(payload, fds);
-        if !whole {
-            self.check_outgoing(payload.len(), fds.len())?;
+        if !self.sends_whole(payload, fds) {
+            return self.send_pieces(payload, fds, deadline);
         }
         let _guard = self.send_lock.lock();
-        if whole {
-            // One datagram is never half-sent, so a full buffer is simply waited out.
-            while !self.send_whole(payload, fds)? {
-                self.wait(PollFlags::POLLOUT, deadline)?;
-            }
+        if self.send_whole(payload, fds)? {
             return Ok(());
         }
+        self.wait_to_send_whole(payload, fds, deadline)
+    }
+
+    /// The rest of [`Socket::send_deadline`] for one datagram that found the peer's buffer
+    /// full (out of line: the common send is one `sendmsg`). The caller holds the send lock.
+    #[cold]
+    #[inline(never)]
+    fn wait_to_send_whole(
+        &self,
+        payload: &[u8],
+        fds: &[BorrowedFd<'_>],
+        deadline: Option<Instant>,
+    ) -> Result<()> {
+        // One datagram is never half-sent, so a full buffer is simply waited out.
+        loop {
+            self.wait(PollFlags::POLLOUT, deadline)?;
+            if self.send_whole(payload, fds)? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// [`Socket::send_deadline`] of a message that needs several datagrams (or is over the
+    /// limits).
+    #[inline(never)]
+    fn send_pieces(
+        &self,
+        payload: &[u8],
+        fds: &[BorrowedFd<'_>],
+        deadline: Option<Instant>,
+    ) -> Result<()> {
+        self.check_outgoing(payload.len(), fds.len())?;
+        let _guard = self.send_lock.lock();
         let mut cursor = SendCursor::new(payload.len(), fds.len())?;
         // The datagrams are `send_some`'s; blocking only adds waiting for room between them.
         while !self.send_some(&mut cursor, payload, fds)? {
