@@ -150,7 +150,8 @@ struct Shared {
 /// What a connection serves: the services, by interface, and who may call them.
 #[derive(Clone, Default)]
 struct Registry {
-    services: Vec<Arc<dyn Service>>,
+    /// Each with its interface, read once here rather than through `dyn` per request.
+    services: Vec<(&'static InterfaceInfo, Arc<dyn Service>)>,
     authorizer: Option<Arc<Authorizer>>,
 }
 
@@ -300,12 +301,11 @@ impl Connection {
     /// [`Connection::run`]. Several interfaces can be served on one connection; serving an
     /// interface twice replaces the first.
     pub fn add_service(&self, service: impl Service) {
+        let info = service.info();
         let service: Arc<dyn Service> = Arc::new(service);
         self.shared.update_registry(|registry| {
-            registry
-                .services
-                .retain(|s| s.info().id != service.info().id);
-            registry.services.push(service);
+            registry.services.retain(|(served, _)| served.id != info.id);
+            registry.services.push((info, service));
         });
     }
 

@@ -244,7 +244,7 @@ impl Shared {
                 drop(state);
                 // Nobody waits for a oneway's outcome, so say it here rather than lose it.
                 let registry = Arc::clone(&self.registry.lock());
-                let served = registry.services.iter().map(|s| s.info());
+                let served = registry.services.iter().map(|(info, _)| *info);
                 failure::oneway_failed(self.trace, &envelope, served, &unreceived(&e, true));
                 drop(registry);
                 state = self.state.lock();

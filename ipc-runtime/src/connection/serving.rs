@@ -141,14 +141,14 @@ impl Shared {
         }
         let checked = admit(
             &registry.services,
-            |s| s.info(),
+            |(info, _)| info,
             &envelope,
             registry.authorizer.as_deref(),
             self.peer.as_ref(),
         );
         let failure = match checked {
             Err(failure) => Some(failure),
-            Ok(service) => {
+            Ok((_, service)) => {
                 let mut call = Call {
                     cmd: envelope.cmd,
                     body: &frame.payload[envelope::LEN..],
@@ -181,7 +181,7 @@ impl Shared {
                 let _ = self.reply_failure(&envelope, &failure);
             }
             Some(failure) => {
-                let served = registry.services.iter().map(|s| s.info());
+                let served = registry.services.iter().map(|(info, _)| *info);
                 failure::oneway_failed(self.trace, &envelope, served, &failure);
             }
             None => {}
@@ -207,7 +207,11 @@ impl Shared {
 
     pub(super) fn trace_incoming(&self, envelope: &Envelope, frame: &Frame) {
         let registry = self.registry().registry;
-        trace::incoming(envelope, frame, registry.services.iter().map(|s| s.info()));
+        trace::incoming(
+            envelope,
+            frame,
+            registry.services.iter().map(|(info, _)| *info),
+        );
     }
 }
 
