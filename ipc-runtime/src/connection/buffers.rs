@@ -29,11 +29,10 @@ pub(super) fn with_thread_frame<R>(f: impl FnOnce(&mut Frame) -> R) -> R {
     FRAME.with(|frame| {
         // Borrowed in place, not moved out and back. `f` decodes the reply, which runs user
         // `Deserialize` code that may itself call: that inner call gets a fresh frame.
-        let mut fresh = Frame::default();
-        let mut borrowed = frame.try_borrow_mut().ok();
+        let (mut borrowed, mut fresh) = (frame.try_borrow_mut().ok(), None);
         let frame = match &mut borrowed {
             Some(frame) => &mut **frame,
-            None => &mut fresh,
+            None => fresh.insert(Frame::default()),
         };
         let result = f(frame);
         frame.clear();
@@ -53,11 +52,10 @@ pub(crate) fn with_buffers<'a, R>(
         // Borrowed in place, not moved out and back (a tuple of two vectors each way). `f`
         // runs user `Serialize` code, which may itself call: that inner message gets fresh
         // buffers.
-        let mut fresh = (Vec::new(), Vec::new());
-        let mut borrowed = buffers.try_borrow_mut().ok();
+        let (mut borrowed, mut fresh) = (buffers.try_borrow_mut().ok(), None);
         let (buf, fds) = match &mut borrowed {
             Some(buffers) => &mut **buffers,
-            None => &mut fresh,
+            None => fresh.insert((Vec::new(), Vec::new())),
         };
         buf.clear();
         // An empty vector changes lifetime without a new allocation (collected in place); a
