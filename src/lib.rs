@@ -95,7 +95,9 @@
 //! [`Listener`] ([`Server::listen`], with graceful [`Serving::shutdown`]); its authorizer, and
 //! [`current_peer`] inside an implementation, see each caller's pid, uid and gid.
 //!
-//! Set `TYPED_IPC_DEBUG=1` to have every message printed to stderr as it is sent and received.
+//! Set `TYPED_IPC_DEBUG=1` to have every message printed to stderr: each one sent with its
+//! values (`-> Call #2 Ipa::configure(SensorConfig { width: 4096, height: 3072 })`), each one
+//! received with its size.
 
 #![warn(missing_docs)]
 

@@ -362,11 +362,20 @@ pub trait FdCarrier: Sized {
     fn deserialize_fds<'de, D: Deserializer<'de>>(d: D) -> Result<Self, D::Error>;
 }
 
+/// Writes an fd as its index in the message's table; for a human-readable serializer (the
+/// `TYPED_IPC_DEBUG` lines, or serde_json), as `fd(N)`, its number in this process.
+fn serialize_fd<S: Serializer>(fd: BorrowedFd<'_>, s: S) -> Result<S::Ok, S::Error> {
+    if s.is_human_readable() {
+        return s.serialize_newtype_struct("fd", &fd.as_raw_fd());
+    }
+    index_of(fd)
+        .map_err(serde::ser::Error::custom)?
+        .serialize(s)
+}
+
 impl FdCarrier for OwnedFd {
     fn serialize_fds<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        index_of(self.as_fd())
-            .map_err(serde::ser::Error::custom)?
-            .serialize(s)
+        serialize_fd(self.as_fd(), s)
     }
     fn deserialize_fds<'de, D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         take(u32::deserialize(d)?).map_err(serde::de::Error::custom)
@@ -456,6 +465,10 @@ impl<T: AsRef<[u8]>> Serialize for Bytes<T> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeTuple;
         let bytes = self.0.as_ref();
+        if s.is_human_readable() {
+            // What it is, not how it travels (no tag, never out of line).
+            return s.serialize_bytes(bytes);
+        }
         let mut t = s.serialize_tuple(2)?;
         let placed = match bytes.len() {
             OUT_OF_LINE_MIN.. => place(bytes),
@@ -491,6 +504,9 @@ pub(crate) fn serialize_shared<S: Serializer>(
     s: S,
 ) -> Result<S::Ok, S::Error> {
     use serde::ser::SerializeTuple;
+    if s.is_human_readable() {
+        return s.serialize_bytes(bytes.as_ref());
+    }
     let Some((mut piped, fd)) = place_shared(bytes) else {
         return Bytes(bytes.as_ref()).serialize(s);
     };
@@ -641,9 +657,7 @@ pub mod fd {
 
     /// Registers the fd in the message's table and writes its index.
     pub fn serialize<F: AsFd, S: Serializer>(fd: &F, s: S) -> Result<S::Ok, S::Error> {
-        index_of(fd.as_fd())
-            .map_err(serde::ser::Error::custom)?
-            .serialize(s)
+        serialize_fd(fd.as_fd(), s)
     }
 
     /// Takes the fd the index names from the message's table.

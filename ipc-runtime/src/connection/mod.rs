@@ -76,6 +76,7 @@
 pub(crate) mod admit;
 pub(crate) mod backlog;
 pub(crate) mod buffers;
+mod describe;
 pub(crate) mod envelope;
 pub(crate) mod failure;
 pub(crate) mod lane;
@@ -399,7 +400,7 @@ impl Connection {
                 reads
             };
             envelope::set_cookie(buf, cookie);
-            shared.trace_out(&Envelope { cookie, ..envelope }, iface);
+            shared.trace_out(&Envelope { cookie, ..envelope }, iface, args);
             if reads {
                 // The reader must not wait to send: others may need it to read.
                 match shared.socket.try_send(buf, fds) {
@@ -480,7 +481,7 @@ impl Connection {
         };
         // No early check of an ended connection here: after `stop_reading` it has ended for
         // calls, but still sends.
-        self.shared.trace_out(&envelope, iface);
+        self.shared.trace_out(&envelope, iface, args);
         // A byte string the message placed in the lane goes back to it if the send fails
         // (`encode_and`).
         self.shared.send(&envelope, args, deadline).map(drop)
@@ -585,9 +586,15 @@ impl Shared {
         }
     }
 
-    fn trace_out(&self, envelope: &Envelope, iface: &InterfaceInfo) {
+    #[inline]
+    fn trace_out<A: Serialize + ?Sized>(
+        &self,
+        envelope: &Envelope,
+        iface: &InterfaceInfo,
+        args: &A,
+    ) {
         if self.trace {
-            trace::outgoing(envelope, iface);
+            trace::outgoing(envelope, iface, args);
         }
     }
 }

@@ -246,13 +246,13 @@ impl Replier<'_> {
         match self.shared.send(&envelope, value, None) {
             Ok(_) => {
                 if self.shared.trace {
-                    trace::reply(envelope.cookie);
+                    trace::reply(envelope.cookie, value);
                 }
                 Ok(())
             }
             Err(e) => {
                 if self.shared.trace && !e.sent_nothing() {
-                    trace::reply(envelope.cookie);
+                    trace::reply(envelope.cookie, value);
                 }
                 Err(e)
             }

@@ -2,6 +2,9 @@
 
 use std::io::Write;
 
+use serde::Serialize;
+
+pub(crate) use super::describe::describe;
 use super::envelope::{self, Envelope};
 use crate::frame::Frame;
 use crate::service::InterfaceInfo;
@@ -19,11 +22,30 @@ pub(crate) fn line(text: &str) {
         .write_all(format!("{text}\n").as_bytes());
 }
 
-/// A message this process sends: `-> Call #3 Ipa::reverse`.
-pub(crate) fn outgoing(envelope: &Envelope, iface: &InterfaceInfo) {
+/// A message this process sends, with its arguments (the tuple the generated client
+/// sends): `-> Call #3 Ipa::reverse("hello")`. Out of line: only ever run with tracing on.
+#[cold]
+#[inline(never)]
+pub(crate) fn outgoing<A: Serialize + ?Sized>(
+    envelope: &Envelope,
+    iface: &InterfaceInfo,
+    args: &A,
+) {
+    outgoing_described(envelope, iface, &describe(args));
+}
+
+/// [`outgoing`] with its arguments described already (the async flavour describes them
+/// before they are moved into the send).
+pub(crate) fn outgoing_described(envelope: &Envelope, iface: &InterfaceInfo, args: &str) {
     let method = iface.method(envelope.cmd).map_or("?", |m| m.name);
+    // A tuple of arguments reads `(a, b)` and no arguments `()`; anything else is wrapped.
+    let (open, close) = if args.starts_with('(') {
+        ("", "")
+    } else {
+        ("(", ")")
+    };
     line(&format!(
-        "typed-ipc[{}] -> {:?} #{} {}::{method}",
+        "typed-ipc[{}] -> {:?} #{} {}::{method}{open}{args}{close}",
         std::process::id(),
         envelope.kind,
         envelope.cookie,
@@ -31,10 +53,18 @@ pub(crate) fn outgoing(envelope: &Envelope, iface: &InterfaceInfo) {
     ));
 }
 
-/// A reply this process sends.
-pub(crate) fn reply(cookie: u64) {
+/// A reply this process sends, with its value: `-> Reply #3 "olleh"`.
+#[cold]
+#[inline(never)]
+pub(crate) fn reply<T: Serialize + ?Sized>(cookie: u64, value: &T) {
+    reply_described(cookie, &describe(value));
+}
+
+/// [`reply`] with its value described already (the async flavour describes it before the
+/// value is moved into the send).
+pub(crate) fn reply_described(cookie: u64, value: &str) {
     line(&format!(
-        "typed-ipc[{}] -> Reply #{cookie}",
+        "typed-ipc[{}] -> Reply #{cookie} {value}",
         std::process::id()
     ));
 }

@@ -8,6 +8,7 @@ use serde::de::DeserializeOwned;
 use super::connection::Inner;
 use super::envelope::{self, Envelope, Kind};
 use crate::codec::{self, Bytes};
+use crate::connection::trace;
 use crate::error::{Error, Result};
 use crate::frame::Frame;
 use crate::socket::PeerCredentials;
@@ -81,11 +82,12 @@ impl AsyncCall {
             kind: Kind::Reply,
             ..self.envelope
         };
+        let traced = inner.trace.then(|| trace::describe(&value));
         let sent = inner.send(envelope, value).await;
         // As `Call::reply`: a reply that sent nothing leaves the call to be answered with why.
         self.replied = !sent.as_ref().is_err_and(Error::sent_nothing);
         if self.replied {
-            inner.trace_reply(envelope.cookie);
+            inner.trace_reply(envelope.cookie, traced);
         }
         sent.map(drop)
     }

@@ -16,10 +16,10 @@ use std::path::Path;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-
-use parking_lot::{Mutex, MutexGuard, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
+
+use parking_lot::{Mutex, MutexGuard, RwLock};
 
 use ::tokio::io::unix::AsyncFd;
 use ::tokio::runtime::Handle;
@@ -90,7 +90,7 @@ pub(super) struct Inner {
     services: RwLock<Vec<Arc<dyn AsyncService>>>,
     authorizer: RwLock<Option<Box<Authorizer>>>,
     tasks: Arc<Tasks>,
-    trace: bool,
+    pub(super) trace: bool,
     /// Byte strings through shared memory, as in the blocking flavour.
     lane: Lane,
     /// How many oneway messages have run (or been passed over once the connection ended):
@@ -411,8 +411,10 @@ impl AsyncConnection {
             interface: iface.id,
             signature: iface.signature,
         };
+        // Described before `send` takes the arguments.
+        let traced = inner.trace.then(|| trace::describe(&args));
         let placed = inner.send(envelope, args).await?;
-        inner.trace_out(&envelope, iface);
+        inner.trace_out(&envelope, iface, traced);
         let received = (&mut reply.rx).await;
         std::mem::forget(waiting); // the slot is gone: the reader or `fail` took it
         let mut frame = received.unwrap_or(Err(Error::Disconnected))?;
@@ -446,6 +448,7 @@ impl AsyncConnection {
             interface: iface.id,
             signature: iface.signature,
         };
+        let traced = self.inner.trace.then(|| trace::describe(&args));
         let send = self.inner.send(envelope, args);
         match timeout {
             None => send.await?,
@@ -453,7 +456,7 @@ impl AsyncConnection {
                 .await
                 .unwrap_or(Err(Error::TimedOut))?,
         };
-        self.inner.trace_out(&envelope, iface);
+        self.inner.trace_out(&envelope, iface, traced);
         Ok(())
     }
 }
@@ -902,15 +905,17 @@ impl Inner {
         result
     }
 
-    pub(super) fn trace_reply(&self, cookie: u64) {
-        if self.trace {
-            trace::reply(cookie);
+    /// Prints a reply sent, described (`Some`) before it was.
+    pub(super) fn trace_reply(&self, cookie: u64, value: Option<String>) {
+        if let Some(value) = value {
+            trace::reply_described(cookie, &value);
         }
     }
 
-    fn trace_out(&self, envelope: &Envelope, iface: &InterfaceInfo) {
-        if self.trace {
-            trace::outgoing(envelope, iface);
+    /// Prints a call or oneway sent, its arguments described (`Some`) before it was.
+    fn trace_out(&self, envelope: &Envelope, iface: &InterfaceInfo, args: Option<String>) {
+        if let Some(args) = args {
+            trace::outgoing_described(envelope, iface, &args);
         }
     }
 

@@ -1,0 +1,257 @@
+//! `TYPED_IPC_DEBUG=1`: every message a process sends is printed with its values decoded
+//! (arguments, replies, fds as their numbers, byte strings cut short), and every message it
+//! receives with its size.
+//!
+//! The scenario runs in a child process (this test binary again, `child_traced`) with the
+//! variable set, so that both of its ends trace: it starts a worker (`child_lab`, a
+//! grandchild) and calls it. The test reads their stderr. With the `tokio` feature, the same
+//! scenario runs again between the async flavour's client and server.
+
+mod common;
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::process::Stdio;
+
+use common::child;
+use serde::{Deserialize, Serialize};
+use typed_ipc::worker::{self, Worker};
+
+/// A configuration, to show how a struct reads.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Frame width.
+    pub width: u32,
+    /// A name.
+    pub name: String,
+}
+
+/// Why a configuration was refused.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub enum Refusal {
+    /// Wider than this.
+    TooWide {
+        /// The widest accepted.
+        max: u32,
+    },
+}
+
+/// What the worker serves.
+#[typed_ipc::interface]
+pub trait Lab {
+    /// `text` reversed.
+    fn reverse(&self, text: String) -> String;
+    /// Accepts configurations up to 1920 wide.
+    fn configure(&self, config: Config) -> Result<u32, Refusal>;
+    /// How many fds arrived.
+    fn count(&self, files: Vec<OwnedFd>) -> u64;
+    /// `data` back.
+    fn echo(&self, data: Vec<u8>) -> Vec<u8>;
+    /// Nothing back.
+    #[oneway]
+    fn note(&self, seq: u64);
+}
+
+struct Impl;
+
+impl Lab for Impl {
+    fn reverse(&self, text: String) -> String {
+        text.chars().rev().collect()
+    }
+    fn configure(&self, config: Config) -> Result<u32, Refusal> {
+        match config.width {
+            ..=1920 => Ok(config.width),
+            _ => Err(Refusal::TooWide { max: 1920 }),
+        }
+    }
+    fn count(&self, files: Vec<OwnedFd>) -> u64 {
+        files.len() as u64
+    }
+    fn echo(&self, data: Vec<u8>) -> Vec<u8> {
+        data
+    }
+    fn note(&self, _seq: u64) {}
+}
+
+/// The same interface, async flavour.
+#[cfg(feature = "tokio")]
+mod asynchronous {
+    use std::os::fd::OwnedFd;
+
+    use super::{Config, Refusal};
+
+    #[typed_ipc::interface]
+    pub trait Lab {
+        async fn reverse(&self, text: String) -> String;
+        async fn configure(&self, config: Config) -> Result<u32, Refusal>;
+        async fn count(&self, files: Vec<OwnedFd>) -> u64;
+        async fn echo(&self, data: Vec<u8>) -> Vec<u8>;
+        #[oneway]
+        async fn note(&self, seq: u64);
+    }
+
+    pub struct Impl;
+
+    impl Lab for Impl {
+        async fn reverse(&self, text: String) -> String {
+            super::Lab::reverse(&super::Impl, text)
+        }
+        async fn configure(&self, config: Config) -> Result<u32, Refusal> {
+            super::Lab::configure(&super::Impl, config)
+        }
+        async fn count(&self, files: Vec<OwnedFd>) -> u64 {
+            files.len() as u64
+        }
+        async fn echo(&self, data: Vec<u8>) -> Vec<u8> {
+            data
+        }
+        async fn note(&self, _seq: u64) {}
+    }
+}
+
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_lab() {
+    LabServer::new(Impl)
+        .serve(worker::connection().unwrap())
+        .unwrap();
+}
+
+#[cfg(feature = "tokio")]
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_async_lab() {
+    common::current_thread_runtime().block_on(async {
+        let conn = typed_ipc::tokio::worker::connection().unwrap();
+        let server = asynchronous::LabServer::new(asynchronous::Impl);
+        server.serve(conn).await.unwrap();
+    });
+}
+
+/// The async flavour of [`child_traced`].
+#[cfg(feature = "tokio")]
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_traced_async() {
+    common::current_thread_runtime().block_on(async {
+        let spawned = typed_ipc::tokio::worker::spawn(child("child_async_lab"));
+        let (mut lab, conn) = spawned.unwrap();
+        let client = asynchronous::LabClient::new(conn);
+        assert_eq!(client.reverse("hello".into()).await.unwrap(), "olleh");
+        let wide = Config {
+            width: 4096,
+            name: "cam0".into(),
+        };
+        assert_eq!(
+            client.configure(wide).await.unwrap(),
+            Err(Refusal::TooWide { max: 1920 })
+        );
+        let (files, raw) = two_files();
+        assert_eq!(client.count(files).await.unwrap(), 2);
+        assert_eq!(client.echo(vec![7u8; 100]).await.unwrap().len(), 100);
+        client.note(9).await.unwrap();
+        assert_eq!(client.reverse("ab".into()).await.unwrap(), "ba");
+        drop(client);
+        lab.wait().unwrap();
+        eprintln!("fds sent: fd({}), fd({})", raw[0], raw[1]);
+    });
+}
+
+/// Two fds to send, and their numbers.
+fn two_files() -> (Vec<OwnedFd>, Vec<i32>) {
+    let files: Vec<OwnedFd> = (0..2)
+        .map(|_| std::fs::File::open("/dev/null").unwrap().into())
+        .collect();
+    let raw = files.iter().map(AsRawFd::as_raw_fd).collect();
+    (files, raw)
+}
+
+/// The traced scenario: at the end it names the fds it sent (their numbers vary).
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_traced() {
+    let (mut lab, conn) = Worker::spawn(child("child_lab")).unwrap();
+    let client = LabClient::new(conn);
+    assert_eq!(client.reverse("hello".into()).unwrap(), "olleh");
+    let wide = Config {
+        width: 4096,
+        name: "cam0".into(),
+    };
+    assert_eq!(
+        client.configure(wide).unwrap(),
+        Err(Refusal::TooWide { max: 1920 })
+    );
+    let (files, raw) = two_files();
+    assert_eq!(client.count(files).unwrap(), 2);
+    assert_eq!(client.echo(vec![7u8; 100]).unwrap().len(), 100);
+    client.note(9).unwrap();
+    // A call after the oneway: the worker has run the oneway once this returns.
+    assert_eq!(client.reverse("ab".into()).unwrap(), "ba");
+    drop(client);
+    lab.wait().unwrap();
+    eprintln!("fds sent: fd({}), fd({})", raw[0], raw[1]);
+}
+
+/// Every message is printed: those sent with their values, those received with their sizes.
+#[test]
+fn every_message_is_printed_with_its_values() {
+    check_trace("child_traced");
+}
+
+/// The same from the async flavour's client and server.
+#[cfg(feature = "tokio")]
+#[test]
+fn every_message_is_printed_with_its_values_async() {
+    check_trace("child_traced_async");
+}
+
+/// Runs `scenario` traced and checks what it printed.
+fn check_trace(scenario: &str) {
+    let out = child(scenario)
+        .env("TYPED_IPC_DEBUG", "1")
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "the traced scenario failed:\n{stderr}"
+    );
+    // Lines start `typed-ipc[pid] `: drop the pids.
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("typed-ipc[")?
+                .split_once("] ")
+                .map(|(_, rest)| rest)
+        })
+        .collect();
+    let has = |want: &str| {
+        assert!(
+            lines.iter().any(|l| l == &want),
+            "no line {want:?} in:\n{stderr}"
+        )
+    };
+    // Calls as the client sent them; replies as the worker sent them.
+    has(r#"-> Call #1 Lab::reverse("hello")"#);
+    has(r#"-> Reply #1 "olleh""#);
+    has(r#"-> Call #2 Lab::configure(Config { width: 4096, name: "cam0" })"#);
+    has("-> Reply #2 Err(TooWide { max: 1920 })");
+    // Fds by their numbers in the sender.
+    let sent = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("fds sent: "))
+        .expect("the scenario names the fds it sent");
+    has(&format!("-> Call #3 Lab::count([{sent}])"));
+    has("-> Reply #3 2");
+    // A byte string is cut short, and says how long it was.
+    has(&format!(
+        r#"-> Call #4 Lab::echo(b"{}"… (100 bytes))"#,
+        r"\x07".repeat(32)
+    ));
+    has("-> Oneway #0 Lab::note(9)");
+    // What each end received, with its size and fds.
+    has("<- Call #1 Lab::reverse (13 bytes, 0 fds)");
+    has("<- Call #3 Lab::count (16 bytes, 2 fds)");
+    has("<- Reply #1 (13 bytes, 0 fds)");
+    has("<- Oneway #0 Lab::note (8 bytes, 0 fds)");
+}
