@@ -366,53 +366,10 @@ const HANG_GUARD: Duration = Duration::from_secs(60);
 
 #[test]
 fn a_listener_out_of_fds_says_so_and_accepts_again_once_clients_hang_up() {
-    use std::io::BufRead;
-    let _fds = fd_count_lock();
-    let name = format!("typed-ipc-emfile-{}", std::process::id());
-    let mut server = child("child_serves_at_a_low_fd_limit")
-        .env("TYPED_IPC_TEST_LISTENER", &name)
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let lines = {
-        let (tx, rx) = mpsc::channel();
-        let stderr = std::io::BufReader::new(server.stderr.take().unwrap());
-        std::thread::spawn(move || {
-            for line in stderr.lines().map_while(Result::ok) {
-                eprintln!("child: {line}");
-                let _ = tx.send(line);
-            }
-        });
-        rx
-    };
-    let wait_for = |what: &str| loop {
-        match lines.recv_timeout(HANG_GUARD) {
-            Ok(line) if line.contains(what) => return,
-            Ok(_) => continue,
-            Err(e) => panic!("the child never said {what:?} ({e:?})"),
-        }
-    };
-    wait_for("listening");
-    // More clients than the child has fds for. All of them connect (the kernel queues those
-    // the child has not accepted yet), and the child runs out of fds accepting them: until
-    // they hang up, each one it accepted holds an fd.
-    let clients: Vec<_> = (0..3 * ROOM)
-        .map(|_| LabClient::new(Connection::connect_abstract(&name).unwrap()))
-        .collect();
-    wait_for("Too many open files");
-    drop(clients);
-    // The child accepts the queued clients as the ones gone give their fds back, then this
-    // one, whose call it answers. It used to stop accepting for good at the first EMFILE.
-    let fresh = LabClient::new(Connection::connect_abstract(&name).unwrap());
-    assert_eq!(
-        fresh.with_timeout(HANG_GUARD).caller_pid().unwrap(),
-        std::process::id() as i32
-    );
-    wait_for("accepts clients again");
-    drop(fresh);
-    drop(server.stdin.take()); // the child's cue to shut down
-    assert!(server.wait().unwrap().success());
+    check_survives_running_out_of_fds("child_serves_at_a_low_fd_limit", ROOM, |fresh| {
+        let fresh = LabClient::new(fresh).with_timeout(HANG_GUARD);
+        assert_eq!(fresh.caller_pid().unwrap(), std::process::id() as i32);
+    });
 }
 
 /// The child of `a_listener_out_of_fds_says_so_and_accepts_again_once_clients_hang_up`:
@@ -421,25 +378,13 @@ fn a_listener_out_of_fds_says_so_and_accepts_again_once_clients_hang_up() {
 #[test]
 #[ignore = "run as a child process by other tests"]
 fn child_serves_at_a_low_fd_limit() {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
     use std::io::Read;
     let name = std::env::var("TYPED_IPC_TEST_LISTENER").unwrap();
     let serving = Server::new()
         .service(LabServer::new(LabImpl::new()))
         .listen(Listener::bind_abstract(&name).unwrap())
         .unwrap();
-    // The limit caps fd numbers, and an fd above it (one the child inherited, say) stays
-    // open: leave ROOM numbers free below it.
-    let open: Vec<usize> = std::fs::read_dir("/proc/self/fd")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
-    let mut limit = ROOM;
-    while limit - open.iter().filter(|&&fd| fd < limit).count() < ROOM {
-        limit += 1;
-    }
-    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
-    setrlimit(Resource::RLIMIT_NOFILE, limit as u64, hard).unwrap();
+    leave_room_for_fds(ROOM);
     eprintln!("listening");
     std::io::stdin().read_to_end(&mut Vec::new()).unwrap();
     serving.accepting().unwrap();

@@ -3,6 +3,7 @@
 
 #![warn(missing_docs)]
 
+mod accept_retry;
 mod bulk_copy;
 pub mod codec;
 mod connection;

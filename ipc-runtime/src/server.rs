@@ -1,15 +1,14 @@
 //! [`Server`]: which interfaces to serve, how many requests at once, who may call; on one
 //! connection or on every client of a [`Listener`].
 
-use std::fmt::Display;
+use std::io;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use nix::errno::Errno;
-
-use crate::connection::{Connection, trace};
+use crate::accept_retry::{self, Failure, Trouble};
+use crate::connection::Connection;
 use crate::error::{Error, Result};
 use crate::listener::Listener;
 use crate::service::{InterfaceInfo, Service};
@@ -127,10 +126,7 @@ impl Server {
             let (listener, clients, ended) = (listener.clone(), clients.clone(), ended.clone());
             std::thread::Builder::new().spawn(move || {
                 if let Err(e) = self.accept_loop(&listener, &clients, &stopping) {
-                    trace::line(&format!(
-                        "typed-ipc[{}]: the listener stopped accepting clients: {e}",
-                        std::process::id()
-                    ));
+                    accept_retry::stopped(&e);
                     *lock(&ended) = Some(e);
                     // New clients are refused rather than queued for nobody.
                     let _ = listener.shutdown();
@@ -156,26 +152,21 @@ impl Server {
         let stopping = || matches!(stop.try_recv(), Err(TryRecvError::Disconnected));
         let mut trouble = Trouble::new();
         loop {
-            let fd = match listener.accept_fd() {
+            let fd = match listener.accept_fd().map_err(io::Error::from) {
                 Ok(fd) => fd,
                 // Serving::stop shut the listening socket down (EINVAL), or it wants us to
                 // stop while accepting fails anyway.
                 Err(_) if stopping() => return Ok(()),
-                // That client is gone already (EINTR and ECONNABORTED are retried within).
-                Err(Errno::EPROTO) => continue,
-                Err(
-                    e @ (Errno::EMFILE
-                    | Errno::ENFILE
-                    | Errno::ENOBUFS
-                    | Errno::ENOMEM
-                    | Errno::EPERM),
-                ) => {
-                    if trouble.failed("cannot accept a client", &e, clients, stop) {
-                        return Ok(());
+                Err(e) => match accept_retry::classify(&e) {
+                    Failure::ClientGone => continue,
+                    Failure::OutOfResources => {
+                        if back_off(trouble.failed("cannot accept a client", &e), clients, stop) {
+                            return Ok(());
+                        }
+                        continue;
                     }
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
+                    Failure::Fatal => return Err(e.into()),
+                },
             };
             // A failure from here on concerns this one client, which sees a hang-up.
             let client = Socket::new(fd)
@@ -190,7 +181,7 @@ impl Server {
                     pruned(clients).push(client);
                 }
                 Err((what, why)) => {
-                    if trouble.failed(what, &why, clients, stop) {
+                    if back_off(trouble.failed(what, &why), clients, stop) {
                         return Ok(());
                     }
                 }
@@ -233,95 +224,11 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// The first wait after accepting failed for want of resources; each failure in a row
-/// doubles it, up to [`MAX_BACK_OFF`] (Go's `net/http` waits the same way).
-const MIN_BACK_OFF: Duration = Duration::from_millis(5);
-/// The longest wait between two tries to accept.
-const MAX_BACK_OFF: Duration = Duration::from_secs(1);
-/// While accepting keeps failing, at most one line on stderr this often.
-const REPORT_EVERY: Duration = Duration::from_secs(10);
-
-/// The accept loop's failures in a row: how long to wait before the next try, and what
-/// stderr has been told (every failure with `TYPED_IPC_DEBUG=1`, else a line when failures
-/// start and at most one every [`REPORT_EVERY`] after that).
-struct Trouble {
-    /// Failures since a client was last accepted.
-    failures: u64,
-    /// Failures not yet on stderr.
-    unreported: u64,
-    /// Whether a failure since the last accepted client is on stderr, so its end is too.
-    reported: bool,
-    last_report: Option<Instant>,
-    back_off: Duration,
-    trace: bool,
-}
-
-impl Trouble {
-    fn new() -> Trouble {
-        Trouble {
-            failures: 0,
-            unreported: 0,
-            reported: false,
-            last_report: None,
-            back_off: MIN_BACK_OFF,
-            trace: trace::enabled(),
-        }
-    }
-
-    /// Reports the failure (or counts it, to report later), closes the sockets of the
-    /// clients that have hung up since, and waits before the next try. Returns whether the
-    /// server is stopping.
-    fn failed(
-        &mut self,
-        what: &str,
-        why: &dyn Display,
-        clients: &Mutex<Vec<Client>>,
-        stop: &Receiver<()>,
-    ) -> bool {
-        self.report(what, why);
-        drop(pruned(clients));
-        let wait = self.back_off;
-        self.back_off = (wait * 2).min(MAX_BACK_OFF);
-        !matches!(stop.recv_timeout(wait), Err(RecvTimeoutError::Timeout))
-    }
-
-    fn report(&mut self, what: &str, why: &dyn Display) {
-        self.failures += 1;
-        self.unreported += 1;
-        if self.trace || self.last_report.is_none_or(|t| t.elapsed() >= REPORT_EVERY) {
-            let count = match self.unreported {
-                1 => String::new(),
-                n => format!(" ({n} failures since the last report)"),
-            };
-            trace::line(&format!(
-                "typed-ipc[{}]: the listener {what}: {why}{count}; retrying",
-                std::process::id()
-            ));
-            self.unreported = 0;
-            self.reported = true;
-            self.last_report = Some(Instant::now());
-        }
-    }
-
-    fn accepted(&mut self) {
-        if self.failures == 0 {
-            return;
-        }
-        if self.reported {
-            let failures = match self.failures {
-                1 => "1 failure".to_string(),
-                n => format!("{n} failures"),
-            };
-            trace::line(&format!(
-                "typed-ipc[{}]: the listener accepts clients again, after {failures}",
-                std::process::id()
-            ));
-            self.unreported = 0;
-        }
-        self.failures = 0;
-        self.reported = false;
-        self.back_off = MIN_BACK_OFF;
-    }
+/// Closes the sockets of the clients that have hung up, then waits `wait` before the next
+/// try to accept. Returns whether the server is stopping.
+fn back_off(wait: Duration, clients: &Mutex<Vec<Client>>, stop: &Receiver<()>) -> bool {
+    drop(pruned(clients));
+    !matches!(stop.recv_timeout(wait), Err(RecvTimeoutError::Timeout))
 }
 
 /// A [`Server`] accepting clients on a listener. Dropping it shuts it down.

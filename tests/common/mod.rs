@@ -162,3 +162,91 @@ impl serde::Serialize for Unsendable {
         ))
     }
 }
+
+/// The lines `child` writes to its piped stderr, each echoed to this process's stderr as it
+/// comes.
+pub fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            eprintln!("child: {line}");
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
+/// Waits for a line of `lines` that contains `what`; panics if none comes within `guard`
+/// (a hang guard: a test that waits this long has failed anyway) or the child's stderr ends.
+pub fn wait_for_line(
+    lines: &std::sync::mpsc::Receiver<String>,
+    what: &str,
+    guard: std::time::Duration,
+) {
+    loop {
+        match lines.recv_timeout(guard) {
+            Ok(line) if line.contains(what) => return,
+            Ok(_) => continue,
+            Err(e) => panic!("the child never said {what:?} ({e:?})"),
+        }
+    }
+}
+
+/// Lowers this process's `RLIMIT_NOFILE` so that it may open exactly `room` more fds. The
+/// limit caps fd numbers, and an fd above it (one inherited, say) stays open: the limit is
+/// put where `room` numbers below it are free.
+pub fn leave_room_for_fds(room: usize) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let open: Vec<usize> = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    let mut limit = room;
+    while limit - open.iter().filter(|&&fd| fd < limit).count() < room {
+        limit += 1;
+    }
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    setrlimit(Resource::RLIMIT_NOFILE, limit as u64, hard).unwrap();
+}
+
+/// Checks that a listener survives running out of fds. The child test `child_name` serves
+/// on the abstract name this passes in `TYPED_IPC_TEST_LISTENER`, with room for `room` more
+/// fds, and prints `listening`; it shuts down when its stdin ends. More clients than it has
+/// fds for connect and hang up once it says so; then `call` must be answered on a fresh
+/// connection (it panics if not), and the child must say it accepts clients again.
+pub fn check_survives_running_out_of_fds(
+    child_name: &str,
+    room: usize,
+    call: impl FnOnce(typed_ipc::Connection),
+) {
+    // Only guards against a hang: a test that waits this long has failed anyway.
+    let guard = std::time::Duration::from_secs(60);
+    let _fds = fd_count_lock();
+    let name = format!("typed-ipc-{child_name}-{}", std::process::id());
+    let mut server = child(child_name)
+        .env("TYPED_IPC_TEST_LISTENER", &name)
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = stderr_lines(&mut server);
+    let wait_for = |what: &str| wait_for_line(&lines, what, guard);
+    wait_for("listening");
+    // More clients than the child has fds for. All of them connect (the kernel queues those
+    // the child has not accepted yet), and the child runs out of fds accepting them: until
+    // they hang up, each one it accepted holds an fd.
+    let clients: Vec<_> = (0..3 * room)
+        .map(|_| typed_ipc::Connection::connect_abstract(&name).unwrap())
+        .collect();
+    wait_for("Too many open files");
+    drop(clients);
+    // The child accepts the queued clients as the ones gone give their fds back, then this
+    // one, whose call it answers. Accept loops used to end at the first EMFILE, and every
+    // later client was refused or waited for good.
+    call(typed_ipc::Connection::connect_abstract(&name).unwrap());
+    wait_for("accepts clients again");
+    drop(server.stdin.take()); // the child's cue to shut down
+    assert!(server.wait().unwrap().success());
+}

@@ -51,6 +51,7 @@
 
 mod call;
 mod connection;
+mod listener;
 mod server;
 #[cfg(test)]
 mod tests;
@@ -69,7 +70,8 @@ use ::tokio::io::unix::AsyncFd;
 
 pub use call::AsyncCall;
 pub use connection::AsyncConnection;
-pub use server::{AsyncListener, AsyncServer, AsyncServing};
+pub use listener::AsyncListener;
+pub use server::{AsyncServer, AsyncServing};
 
 use crate::error::{Error, Result};
 use crate::service::InterfaceInfo;

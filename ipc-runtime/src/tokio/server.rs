@@ -1,80 +1,21 @@
-//! [`AsyncServer`] and [`AsyncListener`]: serving async interfaces on one connection or on
-//! every client of a listening socket.
+//! [`AsyncServer`]: serving async interfaces on one connection or on every client of an
+//! [`AsyncListener`].
 
 use std::future::Future;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, RawFd};
-use std::path::Path;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
-use ::tokio::io::unix::AsyncFd;
 use ::tokio::task::JoinHandle;
-use nix::fcntl::{FcntlArg, OFlag, fcntl};
 
-use super::{AsyncConnection, AsyncService};
+use super::{AsyncConnection, AsyncListener, AsyncService};
+use crate::accept_retry::{self, Failure, Trouble};
 use crate::error::{Error, Result};
-use crate::listener::Listener;
 use crate::service::InterfaceInfo;
 use crate::socket::{PeerCredentials, Socket};
 
 type SharedAuthorizer =
     Arc<dyn Fn(Option<&PeerCredentials>, &InterfaceInfo, u32) -> Result<(), String> + Send + Sync>;
-
-/// A [`Listener`] whose `accept` waits on the tokio runtime instead of blocking a thread.
-#[derive(Debug)]
-pub struct AsyncListener {
-    io: AsyncFd<Registered>,
-}
-
-#[derive(Debug)]
-struct Registered(Listener);
-
-impl AsRawFd for Registered {
-    fn as_raw_fd(&self) -> RawFd {
-        self.0.as_fd().as_raw_fd()
-    }
-}
-
-// SAFETY: a `Listener` owns its fd and closes it only when dropped.
-unsafe impl super::OwnsFd for Registered {}
-
-impl AsyncListener {
-    /// Takes over `listener` (making its socket non-blocking) on the current tokio runtime.
-    pub fn new(listener: Listener) -> Result<AsyncListener> {
-        let flags = OFlag::from_bits_retain(fcntl(&listener, FcntlArg::F_GETFL)?);
-        fcntl(&listener, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
-        Ok(AsyncListener {
-            io: super::register(Registered(listener))?,
-        })
-    }
-
-    /// Listens on a filesystem path (see [`Listener::bind`]).
-    pub fn bind(path: impl AsRef<Path>) -> Result<AsyncListener> {
-        AsyncListener::new(Listener::bind(path)?)
-    }
-
-    /// Listens on a Linux abstract socket name (see [`Listener::bind_abstract`]).
-    pub fn bind_abstract(name: impl AsRef<[u8]>) -> Result<AsyncListener> {
-        AsyncListener::new(Listener::bind_abstract(name)?)
-    }
-
-    /// Waits for the next client and returns its socket; wrap it in
-    /// [`AsyncConnection::new`] (after [`Socket::set_limits`], if need be).
-    pub async fn accept(&self) -> Result<Socket> {
-        loop {
-            let mut ready = self.io.readable().await?;
-            match ready.try_io(|io| io.get_ref().0.accept().map_err(io::Error::from)) {
-                Ok(accepted) => return accepted.map_err(Error::from),
-                Err(_would_block) => continue,
-            }
-        }
-    }
-
-    /// The listening socket.
-    pub fn listener(&self) -> &Listener {
-        &self.io.get_ref().0
-    }
-}
 
 /// Serves a set of async interfaces: the async flavour of [`Server`](crate::Server).
 ///
@@ -146,26 +87,80 @@ impl AsyncServer {
 
     /// Accepts clients on `listener` and serves each, until [`AsyncServing::shutdown`]. Must be
     /// called inside a tokio runtime.
+    ///
+    /// Nothing here caps how many clients are connected at once: each one costs its tasks and
+    /// at least one file descriptor (its socket), so the process's limits (`RLIMIT_NOFILE`,
+    /// memory) are what bound them.
+    ///
+    /// When accepting fails for want of resources — this process or the system is out of
+    /// file descriptors (`EMFILE`, `ENFILE`) or memory (`ENOMEM`, `ENOBUFS`, a client's socket
+    /// that cannot be registered with the runtime), or a security module refuses (`EPERM`) —
+    /// the listener keeps going, as the blocking flavour's does: it says so on stderr (at most
+    /// one line every 10 seconds, and one when it accepts again), closes the sockets of
+    /// clients that have hung up, waits (5 ms, doubling up to 1 s) and tries again. Clients
+    /// that connect meanwhile wait, queued, until it can accept them (or until their calls
+    /// time out). Any other error ends accepting for good: the listener prints it, closes its
+    /// socket so that new clients are refused instead of left waiting (`ECONNREFUSED`, or
+    /// `ENOENT` for a path, whose socket file is removed), and [`AsyncServing::accepting`]
+    /// returns it; the clients already connected are served on.
     pub fn listen(self, listener: AsyncListener) -> AsyncServing {
         let clients: Arc<Mutex<Vec<Client>>> = Arc::default();
-        let acceptor = ::tokio::spawn(accept_loop(self, listener, clients.clone()));
-        AsyncServing { acceptor, clients }
+        let ended: Arc<Mutex<Option<Error>>> = Arc::default();
+        let acceptor = ::tokio::spawn({
+            let (clients, ended) = (clients.clone(), ended.clone());
+            async move {
+                let e = self.accept_loop(&listener, &clients).await;
+                // New clients are refused rather than queued for nobody.
+                drop(listener);
+                accept_retry::stopped(&e);
+                *lock(&ended) = Some(e);
+            }
+        });
+        AsyncServing {
+            acceptor,
+            clients,
+            ended,
+        }
+    }
+
+    /// Accepts clients until accepting fails for good, and returns why.
+    async fn accept_loop(&self, listener: &AsyncListener, clients: &Mutex<Vec<Client>>) -> Error {
+        let mut trouble = Trouble::new();
+        loop {
+            let fd = match listener.accept_fd().await {
+                Ok(fd) => fd,
+                Err(e) => match accept_retry::classify(&e) {
+                    Failure::ClientGone => continue,
+                    Failure::OutOfResources => {
+                        let wait = trouble.failed("cannot accept a client", &e);
+                        back_off(wait, clients).await;
+                        continue;
+                    }
+                    Failure::Fatal => return e.into(),
+                },
+            };
+            // A failure from here on concerns this one client, which sees a hang-up.
+            match Socket::new(fd).and_then(AsyncConnection::new) {
+                Ok(connection) => {
+                    trouble.accepted();
+                    let task = ::tokio::spawn(self.serve(&connection));
+                    pruned(clients).push(Client { connection, task });
+                }
+                Err(e) => {
+                    let wait = trouble.failed("cannot set up a client's connection", &e);
+                    back_off(wait, clients).await;
+                }
+            }
+        }
     }
 }
 
-async fn accept_loop(
-    server: AsyncServer,
-    listener: AsyncListener,
-    clients: Arc<Mutex<Vec<Client>>>,
-) -> Result<()> {
-    loop {
-        let socket = listener.accept().await?;
-        let connection = AsyncConnection::new(socket)?;
-        let task = ::tokio::spawn(server.serve(&connection));
-        let mut clients = clients.lock().unwrap_or_else(PoisonError::into_inner);
-        clients.retain(|c| !c.task.is_finished());
-        clients.push(Client { connection, task });
-    }
+/// Closes the sockets of the clients that have hung up, then waits `wait` before the next
+/// try to accept. On the blocking pool rather than tokio's timer: a runtime built without the
+/// time driver would panic here, and only once out of file descriptors.
+async fn back_off(wait: Duration, clients: &Mutex<Vec<Client>>) {
+    drop(pruned(clients));
+    let _ = ::tokio::task::spawn_blocking(move || std::thread::sleep(wait)).await;
 }
 
 struct Client {
@@ -173,19 +168,48 @@ struct Client {
     task: JoinHandle<Result<()>>,
 }
 
+/// The clients, locked, once those whose task has ended are forgotten (which closes their
+/// sockets).
+fn pruned(clients: &Mutex<Vec<Client>>) -> MutexGuard<'_, Vec<Client>> {
+    let mut clients = lock(clients);
+    clients.retain(|c| !c.task.is_finished());
+    clients
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// An [`AsyncServer`] accepting clients on a listener. Dropping it stops accepting and hangs
 /// up on every client at once; [`AsyncServing::shutdown`] lets calls in flight finish first.
 pub struct AsyncServing {
-    acceptor: JoinHandle<Result<()>>,
+    acceptor: JoinHandle<()>,
     clients: Arc<Mutex<Vec<Client>>>,
+    /// Why the acceptor stopped, if it stopped on its own.
+    ended: Arc<Mutex<Option<Error>>>,
 }
 
 impl AsyncServing {
     /// How many clients are connected now.
     pub fn clients(&self) -> usize {
-        let mut clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
-        clients.retain(|c| !c.task.is_finished());
-        clients.len()
+        pruned(&self.clients).len()
+    }
+
+    /// `Ok(())` while the listener accepts clients (or retries after running out of file
+    /// descriptors or memory), the error that made it stop for good otherwise (see
+    /// [`AsyncServer::listen`]; an error saying so if its task panicked or its runtime shut
+    /// down). The clients
+    /// already connected are served on either way.
+    pub fn accepting(&self) -> Result<()> {
+        // Before the error is read: a task that ended on its own has stored it.
+        let finished = self.acceptor.is_finished();
+        match &*lock(&self.ended) {
+            Some(e) => Err(e.duplicate()),
+            None if finished => Err(Error::Io(io::Error::other(
+                "the listener's task ended without a reason: it panicked, or its runtime shut down",
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Stops accepting (the listener is closed), stops reading new requests, lets every call
@@ -195,8 +219,7 @@ impl AsyncServing {
         self.acceptor.abort();
         // Once it has ended, the listener is closed (and its socket file removed).
         let _ = (&mut self.acceptor).await;
-        let clients =
-            std::mem::take(&mut *self.clients.lock().unwrap_or_else(PoisonError::into_inner));
+        let clients = std::mem::take(&mut *lock(&self.clients));
         for client in &clients {
             client.connection.stop_reading();
         }
@@ -210,8 +233,7 @@ impl AsyncServing {
 impl Drop for AsyncServing {
     fn drop(&mut self) {
         self.acceptor.abort();
-        let clients =
-            std::mem::take(&mut *self.clients.lock().unwrap_or_else(PoisonError::into_inner));
+        let clients = std::mem::take(&mut *lock(&self.clients));
         for client in clients {
             client.connection.close();
         }

@@ -1,0 +1,83 @@
+//! [`AsyncListener`]: a [`Listener`] that waits for clients on the tokio runtime.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::path::Path;
+
+use ::tokio::io::unix::AsyncFd;
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
+
+use crate::error::Result;
+use crate::listener::Listener;
+use crate::socket::Socket;
+
+/// A [`Listener`] whose `accept` waits on the tokio runtime instead of blocking a thread.
+#[derive(Debug)]
+pub struct AsyncListener {
+    io: AsyncFd<Registered>,
+}
+
+#[derive(Debug)]
+struct Registered(Listener);
+
+impl AsRawFd for Registered {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+// SAFETY: a `Listener` owns its fd and closes it only when dropped.
+unsafe impl super::OwnsFd for Registered {}
+
+impl AsyncListener {
+    /// Takes over `listener` (making its socket non-blocking) on the current tokio runtime.
+    pub fn new(listener: Listener) -> Result<AsyncListener> {
+        let flags = OFlag::from_bits_retain(fcntl(&listener, FcntlArg::F_GETFL)?);
+        fcntl(&listener, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+        Ok(AsyncListener {
+            io: super::register(Registered(listener))?,
+        })
+    }
+
+    /// Listens on a filesystem path (see [`Listener::bind`]).
+    pub fn bind(path: impl AsRef<Path>) -> Result<AsyncListener> {
+        AsyncListener::new(Listener::bind(path)?)
+    }
+
+    /// Listens on a Linux abstract socket name (see [`Listener::bind_abstract`]).
+    pub fn bind_abstract(name: impl AsRef<[u8]>) -> Result<AsyncListener> {
+        AsyncListener::new(Listener::bind_abstract(name)?)
+    }
+
+    /// Waits for the next client and returns its socket; wrap it in
+    /// [`AsyncConnection::new`](super::AsyncConnection::new) (after [`Socket::set_limits`], if
+    /// need be). Fails with `EINVAL` once the listening socket is shut down
+    /// ([`Listener::shutdown`]).
+    pub async fn accept(&self) -> Result<Socket> {
+        Socket::new(self.accept_fd().await?)
+    }
+
+    /// Waits for the next client and returns its descriptor (retrying past `EINTR` and
+    /// `ECONNABORTED`, as [`Listener`] does). Fails with `EINVAL` once the socket is shut down
+    /// ([`Listener::shutdown`]), as a blocking accept does: a non-blocking one would say
+    /// `EAGAIN` for good.
+    pub(crate) async fn accept_fd(&self) -> io::Result<OwnedFd> {
+        loop {
+            let mut ready = self.io.readable().await?;
+            // A listening socket reads as closed only once it is shut down.
+            let shut_down = ready.ready().is_read_closed();
+            match ready.try_io(|io| io.get_ref().0.accept_fd().map_err(io::Error::from)) {
+                Ok(accepted) => return accepted,
+                Err(_would_block) if shut_down => {
+                    return Err(io::Error::from_raw_os_error(libc::EINVAL));
+                }
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    /// The listening socket.
+    pub fn listener(&self) -> &Listener {
+        &self.io.get_ref().0
+    }
+}
