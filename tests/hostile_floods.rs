@@ -1,6 +1,6 @@
-//! A hostile peer that sends many messages, each of them valid: what the runtime keeps for
-//! them must stay bounded. Each test is `#[ignore]`d while the behaviour it checks is not
-//! there yet (see its reason); `cargo test --test hostile_floods -- --ignored` runs them.
+//! A hostile peer that sends many messages, each of them valid, or leaves what it is sent
+//! unread: what the runtime keeps for them, and how long it waits for them, must stay
+//! bounded.
 
 mod common;
 
@@ -97,6 +97,11 @@ mod asynchronous {
         async fn bytes(&self, data: Vec<u8>) -> Vec<u8>;
         #[oneway]
         async fn slow(&self, data: Vec<u8>);
+    }
+
+    #[typed_ipc::interface]
+    pub trait Held {
+        async fn held(&self) -> u64;
     }
 }
 #[cfg(feature = "tokio")]
@@ -248,44 +253,166 @@ fn a_pool_stops_reading_oneways_it_cannot_run() {
     assert!(sent < 1000, "the server queued {sent} oneways of 60 KiB");
 }
 
-/// `Serving::shutdown` waits for every call in flight to send its reply, and a reply waits
-/// as long as its client does not read: one such client keeps `shutdown` (and `Serving`'s
-/// drop) from returning until it hangs up.
-#[test]
-#[ignore = "fails: shutdown waits forever for a client that does not read its reply"]
-fn shutdown_returns_although_a_client_does_not_read_its_reply() {
-    let name = format!("typed-ipc-flood-{}", std::process::id());
-    let serving = Server::new()
-        .service(FloodServer::new(ungated()))
-        .listen(Listener::bind_abstract(&name).unwrap())
-        .unwrap();
-    let hostile = Socket::connect_abstract(&name).unwrap();
-    // One call whose 64 MiB reply cannot fit the socket (inline: this peer reads no lanes).
+/// Only guards against a hang: a test that waits this long has failed anyway.
+const HANG_GUARD: Duration = Duration::from_secs(30);
+
+/// Says it has started, then waits for its release before it replies.
+#[interface]
+pub trait Held {
+    fn held(&self) -> u64;
+}
+
+struct HeldImpl {
+    entered: mpsc::Sender<()>,
+    release: std::sync::Mutex<mpsc::Receiver<()>>,
+}
+
+impl Held for HeldImpl {
+    fn held(&self) -> u64 {
+        let _ = self.entered.send(());
+        let _ = self.release.lock().unwrap().recv();
+        42
+    }
+}
+
+/// A client that calls `bytes` with 64 MiB (inline: it reads no lanes, so the reply is
+/// inline too, and cannot fit the socket) and never reads the reply: returned once the
+/// reply has started (its first datagram is here, left unread).
+fn a_client_that_reads_no_reply(name: &str) -> Socket {
+    let hostile = Socket::connect_abstract(name).unwrap();
     let mut m = envelope(1, 1, 1, 0);
     m.push(0);
     m.extend_from_slice(&(64u64 << 20).to_le_bytes());
     m.resize(m.len() + (64 << 20), 1);
     hostile.send(&m, &[]).unwrap();
-    // The reply has started once its first datagram is here (left unread).
     let mut ready = [nix::poll::PollFd::new(
         hostile.as_fd(),
         nix::poll::PollFlags::POLLIN,
     )];
     nix::poll::poll(&mut ready, nix::poll::PollTimeout::NONE).unwrap();
+    hostile
+}
+
+/// Whether the server shut `socket`'s connection down (this end can read no more: `POLLRDHUP`)
+/// within `guard`.
+fn cut_within(socket: &Socket, guard: Duration) -> bool {
+    let rdhup = nix::poll::PollFlags::from_bits_retain(libc::POLLRDHUP);
+    let mut fds = [nix::poll::PollFd::new(socket.as_fd(), rdhup)];
+    let timeout = nix::poll::PollTimeout::try_from(guard).unwrap();
+    loop {
+        match nix::poll::poll(&mut fds, timeout) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            polled => return polled.unwrap() > 0,
+        }
+    }
+}
+
+/// `Serving::shutdown` lets every call in flight send its reply, and a reply waits as long as
+/// its client does not read: such a client kept `shutdown` (and `Serving`'s drop) from
+/// returning until it hung up. Now a reply that has waited 5 s for room without any of it
+/// going out gives up, and that client's connection is shut down; a client that reads still
+/// gets the reply of its call in flight, which here finishes only after that.
+#[test]
+fn shutdown_returns_although_a_client_does_not_read_its_reply() {
+    let _fds = common::fd_count_lock();
+    let _memory = memory_lock(); // the 64 MiB call and its reply
+    let before = common::open_fds();
+    let name = format!("typed-ipc-flood-{}", std::process::id());
+    let (entered, started) = mpsc::channel();
+    let (release, released) = mpsc::channel();
+    let serving = Server::new()
+        .service(FloodServer::new(ungated()))
+        .service(HeldServer::new(HeldImpl {
+            entered,
+            release: std::sync::Mutex::new(released),
+        }))
+        .listen(Listener::bind_abstract(&name).unwrap())
+        .unwrap();
+    let good = HeldClient::new(Connection::connect_abstract(&name).unwrap());
+    let in_flight = std::thread::spawn(move || good.held());
+    started.recv().unwrap();
+    let hostile = a_client_that_reads_no_reply(&name);
     let (done, shut) = mpsc::channel();
     std::thread::spawn(move || {
         serving.shutdown();
         let _ = done.send(());
     });
-    let returned = shut.recv_timeout(Duration::from_secs(20)).is_ok();
+    let cut = cut_within(&hostile, HANG_GUARD);
+    release.send(()).unwrap();
+    let reply = in_flight.join().unwrap();
+    let returned = shut.recv_timeout(HANG_GUARD).is_ok();
     drop(hostile); // lets the shutdown finish either way
-    assert!(returned, "shutdown still waits for the client after 20 s");
+    assert!(cut, "the client that does not read is still connected");
+    assert_eq!(reply.unwrap(), 42, "the call in flight was answered");
+    assert!(returned, "shutdown still waits");
+    assert_eq!(common::open_fds(), before);
+}
+
+/// `Held` as an `async fn`: says it has started, then waits for its release.
+#[cfg(feature = "tokio")]
+struct AsyncHeld {
+    entered: mpsc::Sender<()>,
+    release: std::sync::Arc<tokio::sync::Semaphore>,
+}
+#[cfg(feature = "tokio")]
+impl asynchronous::Held for AsyncHeld {
+    async fn held(&self) -> u64 {
+        let _ = self.entered.send(());
+        let _ = self.release.acquire().await;
+        42
+    }
+}
+
+/// The async flavour waited for such a client in the same way (`AsyncServing::shutdown`
+/// awaits every connection's tasks, the reply's among them), and bounds the wait the same way.
+#[cfg(feature = "tokio")]
+#[test]
+fn async_shutdown_returns_although_a_client_does_not_read_its_reply() {
+    use typed_ipc::tokio::{AsyncConnection, AsyncListener, AsyncServer};
+    let _fds = common::fd_count_lock();
+    let _memory = memory_lock(); // the 64 MiB call and its reply
+    let runtime = common::two_worker_runtime();
+    let before = common::open_fds();
+    let name = format!("typed-ipc-async-flood-{}", std::process::id());
+    let (entered, started) = mpsc::channel();
+    let release = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let serving = {
+        let _entered = runtime.enter();
+        AsyncServer::new()
+            .service(asynchronous::FloodServer::new(Async))
+            .service(asynchronous::HeldServer::new(AsyncHeld {
+                entered,
+                release: release.clone(),
+            }))
+            .listen(AsyncListener::bind_abstract(&name).unwrap())
+    };
+    let connection = runtime
+        .block_on(AsyncConnection::connect_abstract(&name))
+        .unwrap();
+    let good = asynchronous::HeldClient::new(connection.clone());
+    let in_flight = runtime.spawn(async move { good.held().await });
+    started.recv().unwrap();
+    let hostile = a_client_that_reads_no_reply(&name);
+    let shutdown = runtime.spawn(serving.shutdown());
+    let cut = cut_within(&hostile, HANG_GUARD);
+    release.add_permits(1);
+    let reply = runtime.block_on(in_flight).unwrap();
+    let returned = runtime.block_on(async { tokio::time::timeout(HANG_GUARD, shutdown).await });
+    drop(hostile); // lets the shutdown finish either way
+    connection.close();
+    runtime.block_on(connection.wait_closed());
+    drop(connection);
+    assert!(cut, "the client that does not read is still connected");
+    assert_eq!(reply.unwrap(), 42, "the call in flight was answered");
+    assert!(returned.is_ok(), "shutdown still waits");
+    assert_eq!(common::open_fds(), before);
 }
 
 /// A byte string that announces more bytes than the message holds is refused with a reason
 /// (it used to be "malformed message: io error: ", bincode's empty `UnexpectedEof`).
 #[test]
 fn a_byte_string_cut_short_is_refused_with_a_reason() {
+    let _fds = common::fd_count_lock();
     let (ours, theirs) = Socket::pair().unwrap();
     let server =
         std::thread::spawn(move || Connection::new(theirs).serve(FloodServer::new(ungated())));
@@ -305,6 +432,7 @@ fn a_byte_string_cut_short_is_refused_with_a_reason() {
 /// returns `Ok(())` and the calls after it get `Disconnected`, as if the peer had left.
 #[test]
 fn a_zero_length_datagram_is_malformed_not_a_hang_up() {
+    let _fds = common::fd_count_lock();
     let (ours, theirs) = Socket::pair().unwrap();
     let server =
         std::thread::spawn(move || Connection::new(theirs).serve(FloodServer::new(ungated())));
@@ -404,6 +532,7 @@ impl asynchronous::Flood for CallsBack {
 #[cfg(feature = "tokio")]
 #[test]
 fn nested_callbacks_past_the_bounds_do_not_deadlock() {
+    let _fds = common::fd_count_lock();
     const N: u64 = 1200;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -21,6 +21,7 @@ mod shared_bytes;
 pub mod shared_region;
 mod socket;
 mod spare;
+mod stall;
 mod sys;
 #[cfg(feature = "tokio")]
 pub mod tokio;

@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::listener::Listener;
 use crate::service::{InterfaceInfo, Service};
 use crate::socket::{PeerCredentials, Socket};
+use crate::stall;
 
 type SharedAuthorizer =
     Arc<dyn Fn(Option<&PeerCredentials>, &InterfaceInfo, u32) -> Result<(), String> + Send + Sync>;
@@ -260,6 +261,16 @@ impl Serving {
 
     /// Stops accepting, stops reading new requests, lets every call already running finish
     /// and send its reply, then returns. Clients see a hang-up afterwards.
+    ///
+    /// A reply waits for room in its client's socket buffer, and a client that does not read
+    /// would make it wait for good: so once a send to a client (a reply, or a call or oneway a
+    /// handler makes) has waited 5 seconds with none of its message going out, that client's
+    /// connection is shut down (and stderr says so), the send fails as if the client had hung
+    /// up, and the shutdown goes on. A client that reads gets its replies, however long they
+    /// take to go out, and the other clients are not affected. Handlers still running are
+    /// waited for, however long they take. (If no thread can be started to watch the sends,
+    /// for want of resources, every client is hung up on at once instead.) Dropping `Serving`
+    /// does the same.
     pub fn shutdown(mut self) {
         self.stop();
     }
@@ -272,13 +283,29 @@ impl Serving {
             let _ = acceptor.join();
         }
         let clients = std::mem::take(&mut *lock(&self.clients));
+        if clients.is_empty() {
+            return; // also the drop after `shutdown`
+        }
         for client in &clients {
             client.connection.stop_reading();
+        }
+        // A reply its client does not read must not hold the shutdown up for good.
+        let (ended, watch_ended) = mpsc::channel::<()>();
+        let connections = clients.iter().map(|c| c.connection.clone()).collect();
+        let watch = stall::watch(connections, move || drop(ended));
+        if watch.is_err() {
+            // Nothing can bound the wait: hang up on every client now.
+            for client in &clients {
+                client.connection.close();
+            }
         }
         for client in clients {
             let _ = client.thread.join();
             client.connection.close();
         }
+        drop(watch);
+        // Until the watch has dropped its clones of the connections (closing their sockets).
+        let _ = watch_ended.recv();
     }
 }
 

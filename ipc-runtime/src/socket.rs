@@ -50,6 +50,9 @@ pub struct Socket {
     recv: Mutex<RecvState>,
     /// Nanoseconds to poll for a message before blocking; 0 = block at once.
     spin_ns: AtomicU64,
+    /// Since when the send waiting for room (if one is) has waited with none of its message
+    /// going out: see [`Socket::send_stalled_for`]. Only a send that has to wait touches it.
+    stalled: Mutex<Option<Instant>>,
 }
 
 #[derive(Debug, Default)]
@@ -169,6 +172,7 @@ impl Socket {
             send_lock: Mutex::new(()),
             recv: Mutex::new(RecvState::default()),
             spin_ns: AtomicU64::new(0),
+            stalled: Mutex::new(None),
         })
     }
 
@@ -278,7 +282,9 @@ impl Socket {
         deadline: Option<Instant>,
     ) -> Result<()> {
         // One datagram is never half-sent, so a full buffer is simply waited out.
+        let mut waiting = self.send_wait();
         loop {
+            waiting.waiting(0);
             self.wait(PollFlags::POLLOUT, deadline)?;
             if self.send_whole(payload, fds)? {
                 return Ok(());
@@ -298,8 +304,10 @@ impl Socket {
         self.check_outgoing(payload.len(), fds.len())?;
         let _guard = self.send_lock.lock();
         let mut cursor = SendCursor::new(payload.len(), fds.len())?;
+        let mut waiting = self.send_wait();
         // The datagrams are `send_some`'s; blocking only adds waiting for room between them.
         while !self.send_some(&mut cursor, payload, fds)? {
+            waiting.waiting(cursor.sent());
             if let Err(e) = self.wait(PollFlags::POLLOUT, deadline) {
                 if cursor.in_progress() {
                     // The peer holds part of a message; the stream cannot be resynchronised.
@@ -309,6 +317,24 @@ impl Socket {
             }
         }
         Ok(())
+    }
+
+    /// Marks a send of this socket that has to wait for room (see [`SendWait`]).
+    pub(crate) fn send_wait(&self) -> SendWait<'_> {
+        SendWait {
+            socket: self,
+            sent: None,
+        }
+    }
+
+    /// How long the send now waiting for room in the socket buffer, if one is, has waited
+    /// with none of its message going out (at `now`): `None` if no send waits. A send to a
+    /// peer that does not read waits for good; one to a peer that reads, however slowly,
+    /// starts over from zero each time part of its message goes out.
+    pub(crate) fn send_stalled_for(&self, now: Instant) -> Option<Duration> {
+        self.stalled
+            .lock()
+            .map(|since| now.saturating_duration_since(since))
     }
 
     /// Sends a message that fits one datagram if it can go out at once: `Ok(false)`, with
@@ -848,6 +874,34 @@ impl Socket {
     }
 }
 
+/// A send that has to wait for room in the socket buffer, for [`Socket::send_stalled_for`]:
+/// stalled from its first wait, again from each wait after part of its message went out, and
+/// no longer once dropped. One send at a time waits on a socket (sends are serialised).
+pub(crate) struct SendWait<'a> {
+    socket: &'a Socket,
+    /// How far the message had gone out ([`SendCursor::sent`]) when the stall began.
+    sent: Option<usize>,
+}
+
+impl SendWait<'_> {
+    /// The send is about to wait for room, `sent` ([`SendCursor::sent`]; 0 for a message of
+    /// one datagram) of its message out.
+    pub(crate) fn waiting(&mut self, sent: usize) {
+        if self.sent != Some(sent) {
+            self.sent = Some(sent);
+            *self.socket.stalled.lock() = Some(Instant::now());
+        }
+    }
+}
+
+impl Drop for SendWait<'_> {
+    fn drop(&mut self) {
+        if self.sent.is_some() {
+            *self.socket.stalled.lock() = None;
+        }
+    }
+}
+
 /// Where a message stands that [`Socket::send_some`] is sending a piece at a time.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct SendCursor {
@@ -862,6 +916,11 @@ pub(crate) struct SendCursor {
 }
 
 impl SendCursor {
+    /// How far the message has gone out: grows with every datagram sent.
+    pub(crate) fn sent(&self) -> usize {
+        usize::from(self.started) + self.bytes_sent + self.fds_sent
+    }
+
     /// A cursor at the start of a message of `len` payload bytes and `fds` fds; refuses
     /// what the wire format cannot express (≥ 4 GiB, ≥ 2³² fds), as [`Socket::send`] does.
     pub(crate) fn new(len: usize, fds: usize) -> Result<SendCursor> {
@@ -954,5 +1013,100 @@ impl AsFd for Socket {
 impl From<Socket> for OwnedFd {
     fn from(s: Socket) -> OwnedFd {
         s.fd
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Spins (yielding) until `cond` holds; fails the test after a minute.
+    fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+        let give_up = Instant::now() + Duration::from_secs(60);
+        while !cond() {
+            assert!(Instant::now() < give_up, "gave up waiting until {what}");
+            std::thread::yield_now();
+        }
+    }
+
+    /// Receives one datagram of `socket`'s, if one is there: its length.
+    fn take_datagram(socket: &Socket) -> Option<usize> {
+        let mut buf = vec![0; DATAGRAM_MAX + HEADER_LEN];
+        let raw = socket.as_fd().as_raw_fd();
+        match ns::recv(raw, &mut buf, ns::MsgFlags::MSG_DONTWAIT) {
+            Ok(len) => Some(len),
+            Err(nix::Error::EAGAIN) => None,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// How many bytes `socket` has received and not read yet (`FIONREAD`: all its datagrams'
+    /// for a `SOCK_SEQPACKET` socket).
+    fn queued(socket: &Socket) -> usize {
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one c_int, into `n`, which lives across the call.
+        let r = unsafe { libc::ioctl(socket.as_fd().as_raw_fd(), libc::FIONREAD, &mut n) };
+        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+        n as usize
+    }
+
+    /// What a server shutting down looks for: a message of one datagram counts as stalled
+    /// while it waits for room, and no longer once it is out; one that goes out at once
+    /// never does.
+    #[test]
+    fn a_send_of_one_datagram_is_stalled_while_it_waits() {
+        let (a, b) = Socket::pair().unwrap();
+        let later = Instant::now() + Duration::from_secs(3600);
+        let m = vec![7u8; 60 << 10];
+        let mut queued = 0;
+        while a.try_send(&m, &[]).unwrap() {
+            queued += 1;
+        }
+        assert!(queued > 0);
+        assert_eq!(
+            a.send_stalled_for(later),
+            None,
+            "sends that went out at once"
+        );
+        std::thread::scope(|s| {
+            let sender = s.spawn(|| a.send(&m, &[]));
+            wait_until("the send waits", || a.send_stalled_for(later).is_some());
+            wait_until("the send is out", || {
+                take_datagram(&b);
+                sender.is_finished()
+            });
+            sender.join().unwrap().unwrap();
+        });
+        assert_eq!(a.send_stalled_for(later), None, "a send that is out");
+    }
+
+    /// A message of many datagrams counts as stalled from its first wait, and again from each
+    /// wait after part of it went out: a peer that reads keeps it from staying stalled.
+    #[test]
+    fn a_send_of_many_datagrams_is_stalled_again_after_each_progress() {
+        let (a, b) = Socket::pair().unwrap();
+        let later = Instant::now() + Duration::from_secs(3600);
+        let big = vec![7u8; 32 << 20];
+        std::thread::scope(|s| {
+            let sender = s.spawn(|| a.send(&big, &[]));
+            wait_until("the send waits", || a.send_stalled_for(later).is_some());
+            let first = a.send_stalled_for(later).unwrap();
+            // While it waits, what it sent is all queued: once that is read, it has room,
+            // sends until the buffer is full again (its message is far larger), and waits
+            // again with part of its message out.
+            let mut sent_before = queued(&b);
+            while sent_before > 0 {
+                sent_before -= take_datagram(&b).expect("queued");
+            }
+            wait_until("the stall starts over", || {
+                a.send_stalled_for(later).is_some_and(|since| since < first)
+            });
+            wait_until("the send is out", || {
+                take_datagram(&b);
+                sender.is_finished()
+            });
+            sender.join().unwrap().unwrap();
+        });
+        assert_eq!(a.send_stalled_for(later), None, "a send that is out");
     }
 }

@@ -936,7 +936,9 @@ async fn drive(
     if inner.socket().send_some(cursor, payload, fds)? {
         return Ok(());
     }
+    let mut waiting = inner.socket().send_wait();
     loop {
+        waiting.waiting(cursor.sent());
         let mut ready = inner.io.writable().await?;
         let attempt = ready.try_io(|io| match io.get_ref().0.send_some(cursor, payload, fds) {
             Ok(true) => Ok(Ok(())),

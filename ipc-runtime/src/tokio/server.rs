@@ -13,6 +13,7 @@ use crate::accept_retry::{self, Failure, Trouble};
 use crate::error::{Error, Result};
 use crate::service::InterfaceInfo;
 use crate::socket::{PeerCredentials, Socket};
+use crate::stall;
 
 type SharedAuthorizer =
     Arc<dyn Fn(Option<&PeerCredentials>, &InterfaceInfo, u32) -> Result<(), String> + Send + Sync>;
@@ -215,18 +216,42 @@ impl AsyncServing {
     /// Stops accepting (the listener is closed), stops reading new requests, lets every call
     /// already running finish and send its reply, then returns. Clients see a hang-up
     /// afterwards.
+    ///
+    /// As in the blocking flavour ([`Serving::shutdown`](crate::Serving::shutdown)), a send
+    /// to a client that does not read does not hold the shutdown up for good: once one has
+    /// waited 5 seconds with none of its message going out, that client's connection is shut
+    /// down and the send fails as if the client had hung up. A client that reads gets its
+    /// replies, however long they take; handlers still running are waited for. The sends are
+    /// watched from a thread of the shutdown's own, so this needs no time driver in the
+    /// runtime. (If that thread cannot be started, every client is hung up on at once.)
     pub async fn shutdown(mut self) {
         self.acceptor.abort();
         // Once it has ended, the listener is closed (and its socket file removed).
         let _ = (&mut self.acceptor).await;
         let clients = std::mem::take(&mut *lock(&self.clients));
+        if clients.is_empty() {
+            return;
+        }
         for client in &clients {
             client.connection.stop_reading();
+        }
+        // A reply its client does not read must not hold the shutdown up for good.
+        let (ended, watch_ended) = ::tokio::sync::oneshot::channel::<()>();
+        let connections = clients.iter().map(|c| c.connection.clone()).collect();
+        let watch = stall::watch(connections, move || drop(ended));
+        if watch.is_err() {
+            // Nothing can bound the wait: hang up on every client now.
+            for client in &clients {
+                client.connection.close();
+            }
         }
         for client in clients {
             let _ = client.task.await;
             client.connection.close();
         }
+        drop(watch);
+        // Until the watch has dropped its clones of the connections (closing their sockets).
+        let _ = watch_ended.await;
     }
 }
 

@@ -1,0 +1,96 @@
+//! Bounding a server's graceful shutdown ([`Serving::shutdown`](crate::Serving::shutdown), and
+//! the async flavour's): it lets the calls in flight send their replies, and a reply to a
+//! client that does not read would wait for room in the socket buffer for good. A thread of
+//! the shutdown's own watches the clients' sockets meanwhile and shuts down the connection of
+//! any client whose send has made no progress for [`STALL_LIMIT`]: the send then fails at once
+//! (`EPIPE`, [`Error::Disconnected`](crate::Error::Disconnected)), as if the client had hung
+//! up. Nothing of this runs before a shutdown: a send that has to wait only notes since when
+//! ([`Socket::send_stalled_for`]), and one that goes out at once does not even do that.
+
+use std::io;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
+
+use crate::connection::{Connection, trace};
+use crate::socket::Socket;
+
+/// How long, once its server is shutting down, a send to a client may wait for room with none
+/// of its message going out before that client's connection is shut down.
+pub(crate) const STALL_LIMIT: Duration = Duration::from_secs(5);
+
+/// A client's connection, as the watch sees it.
+pub(crate) trait Watched: Send + 'static {
+    /// Its socket, whose sends the watch checks.
+    fn socket(&self) -> &Socket;
+    /// Shuts the connection down both ways: a send waiting for room fails at once.
+    fn close(&self);
+}
+
+impl Watched for Connection {
+    fn socket(&self) -> &Socket {
+        Connection::socket(self)
+    }
+    fn close(&self) {
+        Connection::close(self);
+    }
+}
+
+#[cfg(feature = "tokio")]
+impl Watched for crate::tokio::AsyncConnection {
+    fn socket(&self) -> &Socket {
+        crate::tokio::AsyncConnection::socket(self)
+    }
+    fn close(&self) {
+        crate::tokio::AsyncConnection::close(self);
+    }
+}
+
+/// Starts a thread that shuts down each of `clients` whose send has waited [`STALL_LIMIT`]
+/// with none of its message going out, until the returned sender is dropped (or sent to);
+/// then it drops `clients` and runs `ended`. If the thread cannot be started, `clients` and
+/// `ended` are dropped and the error returned.
+pub(crate) fn watch<C: Watched>(
+    clients: Vec<C>,
+    ended: impl FnOnce() + Send + 'static,
+) -> io::Result<Sender<()>> {
+    let (stop, stopping) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("typed-ipc-shutdown".into())
+        .spawn(move || {
+            cut_stalled(clients, &stopping);
+            ended();
+        })?;
+    Ok(stop)
+}
+
+/// The body of [`watch`]'s thread: it wakes when the first of the sends waiting now would
+/// reach the limit, or after the limit (a send that starts waiting later cannot reach it
+/// sooner).
+fn cut_stalled<C: Watched>(mut clients: Vec<C>, stopping: &Receiver<()>) {
+    loop {
+        let now = Instant::now();
+        let mut next = STALL_LIMIT;
+        clients.retain(|client| match client.socket().send_stalled_for(now) {
+            Some(stalled) if stalled >= STALL_LIMIT => {
+                client.close();
+                let peer = client.socket().peer_credentials();
+                let pid = peer.map_or_else(|_| "?".into(), |p| p.pid.to_string());
+                trace::line(&format!(
+                    "typed-ipc[{}]: shutting down: hung up on a client (pid {pid}) that \
+                     left a message unread for {} s",
+                    std::process::id(),
+                    STALL_LIMIT.as_secs()
+                ));
+                false
+            }
+            Some(stalled) => {
+                next = next.min(STALL_LIMIT - stalled);
+                true
+            }
+            None => true,
+        });
+        if !matches!(stopping.recv_timeout(next), Err(RecvTimeoutError::Timeout)) {
+            return;
+        }
+    }
+}
