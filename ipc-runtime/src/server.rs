@@ -2,8 +2,10 @@
 //! connection or on every client of a [`Listener`].
 
 use std::io;
+use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use parking_lot::{Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -128,7 +130,7 @@ impl Server {
             std::thread::Builder::new().spawn(move || {
                 if let Err(e) = self.accept_loop(&listener, &clients, &stopping) {
                     accept_retry::stopped(&e);
-                    *lock(&ended) = Some(e);
+                    *ended.lock() = Some(e);
                     // New clients are refused rather than queued for nobody.
                     let _ = listener.shutdown();
                 }
@@ -216,13 +218,9 @@ struct Client {
 /// The clients, locked, once those whose serving thread has returned are forgotten (which
 /// closes their sockets).
 fn pruned(clients: &Mutex<Vec<Client>>) -> MutexGuard<'_, Vec<Client>> {
-    let mut clients = lock(clients);
+    let mut clients = clients.lock();
     clients.retain(|c| !c.thread.is_finished());
     clients
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Closes the sockets of the clients that have hung up, then waits `wait` before the next
@@ -253,7 +251,7 @@ impl Serving {
     /// descriptors or memory), the error that made it stop for good otherwise (see
     /// [`Server::listen`]). The clients already connected are served on either way.
     pub fn accepting(&self) -> Result<()> {
-        match &*lock(&self.ended) {
+        match &*self.ended.lock() {
             Some(e) => Err(e.duplicate()),
             None => Ok(()),
         }
@@ -282,7 +280,7 @@ impl Serving {
         if let Some(acceptor) = self.acceptor.take() {
             let _ = acceptor.join();
         }
-        let clients = std::mem::take(&mut *lock(&self.clients));
+        let clients = std::mem::take(&mut *self.clients.lock());
         if clients.is_empty() {
             return; // also the drop after `shutdown`
         }

@@ -3,7 +3,9 @@
 
 use std::future::Future;
 use std::io;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use ::tokio::task::JoinHandle;
@@ -114,7 +116,7 @@ impl AsyncServer {
                 // New clients are refused rather than queued for nobody.
                 drop(listener);
                 accept_retry::stopped(&e);
-                *lock(&ended) = Some(e);
+                *ended.lock() = Some(e);
             }
         });
         AsyncServing {
@@ -172,13 +174,9 @@ struct Client {
 /// The clients, locked, once those whose task has ended are forgotten (which closes their
 /// sockets).
 fn pruned(clients: &Mutex<Vec<Client>>) -> MutexGuard<'_, Vec<Client>> {
-    let mut clients = lock(clients);
+    let mut clients = clients.lock();
     clients.retain(|c| !c.task.is_finished());
     clients
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// An [`AsyncServer`] accepting clients on a listener. Dropping it stops accepting and hangs
@@ -204,7 +202,7 @@ impl AsyncServing {
     pub fn accepting(&self) -> Result<()> {
         // Before the error is read: a task that ended on its own has stored it.
         let finished = self.acceptor.is_finished();
-        match &*lock(&self.ended) {
+        match &*self.ended.lock() {
             Some(e) => Err(e.duplicate()),
             None if finished => Err(Error::Io(io::Error::other(
                 "the listener's task ended without a reason: it panicked, or its runtime shut down",
@@ -228,7 +226,7 @@ impl AsyncServing {
         self.acceptor.abort();
         // Once it has ended, the listener is closed (and its socket file removed).
         let _ = (&mut self.acceptor).await;
-        let clients = std::mem::take(&mut *lock(&self.clients));
+        let clients = std::mem::take(&mut *self.clients.lock());
         if clients.is_empty() {
             return;
         }
@@ -258,7 +256,7 @@ impl AsyncServing {
 impl Drop for AsyncServing {
     fn drop(&mut self) {
         self.acceptor.abort();
-        let clients = std::mem::take(&mut *lock(&self.clients));
+        let clients = std::mem::take(&mut *self.clients.lock());
         for client in clients {
             client.connection.close();
         }
