@@ -64,8 +64,13 @@ impl Server {
     /// Runs up to `n` requests of one connection at once, on a pool of `n` threads (`n` = 1,
     /// the default, is strictly in order). Oneway messages from one peer still run one at a
     /// time, in the order sent, and a call waits for the oneways that arrived before it.
+    ///
+    /// # Panics
+    ///
+    /// If `n` is 0: a connection nothing serves would queue its peer's requests unanswered.
     pub fn threads(mut self, n: usize) -> Server {
-        self.threads = n.max(1);
+        assert!(n > 0, "Server::threads(0): a server needs at least one thread");
+        self.threads = n;
         self
     }
 
@@ -310,5 +315,16 @@ impl Serving {
 impl Drop for Serving {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Server;
+
+    #[test]
+    #[should_panic(expected = "a server needs at least one thread")]
+    fn a_server_of_no_threads_is_refused() {
+        let _ = Server::new().threads(0);
     }
 }
