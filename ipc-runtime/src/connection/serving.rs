@@ -22,6 +22,15 @@ use crate::service::Call;
 impl Connection {
     /// The body of [`Connection::run`]: run what is queued, else read, until the end.
     pub(super) fn run_loop(&self) -> Result<()> {
+        // Set once for all the requests this thread runs, rather than per request: the peer
+        // `current_peer` names, and where out-of-line byte strings in requests are read from.
+        // (A handler that serves another connection on this thread sets and restores its own.)
+        let _caller = crate::service::CallerScope::enter(self.shared.peer);
+        codec::with_store(&self.shared.lane, || self.run_requests())
+    }
+
+    /// [`Connection::run_loop`] once its scope is set.
+    fn run_requests(&self) -> Result<()> {
         let shared = &*self.shared;
         let mut registry = shared.registry();
         let mut state = shared.state.lock();
@@ -160,10 +169,8 @@ impl Shared {
                     }),
                     replied: false,
                 };
-                let _caller = crate::service::CallerScope::enter(self.peer);
-                let outcome = codec::with_store(&self.lane, || {
-                    catch_unwind(AssertUnwindSafe(|| service.handle(&mut call)))
-                });
+                // `current_peer` and the out-of-line store are the thread's (`run_loop`).
+                let outcome = catch_unwind(AssertUnwindSafe(|| service.handle(&mut call)));
                 let replied = call.replied;
                 frame.fds = std::mem::take(&mut call.fds); // emptied; its capacity is reused
                 match (outcome, replied) {
