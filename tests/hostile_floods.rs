@@ -162,6 +162,30 @@ fn a_client_that_serves_nothing_keeps_no_unsolicited_requests() {
     assert!(grown < 32 << 10, "RSS grew {grown} KiB");
 }
 
+/// Small requests held count what they are, not the buffer they were received into (room
+/// for a whole datagram, 64 KiB): a client that serves nothing holds 900 small unsolicited
+/// calls, under its bound of 1,024 requests, and still gets its reply. (When each held a
+/// 64 KiB buffer, the 32 MiB bound ended the connection at the 512th.)
+#[test]
+fn small_requests_held_count_their_size_not_the_receive_buffer() {
+    let (ours, theirs) = Socket::pair().unwrap();
+    let client = FloodClient::new(Connection::new(ours));
+    std::thread::scope(|s| {
+        let call = s.spawn(|| client.ping(1));
+        let frame = theirs.recv().unwrap();
+        let cookie = u64::from_le_bytes(frame.payload[8..16].try_into().unwrap());
+        for i in 0..900u64 {
+            let mut m = envelope(1, 0, 1000 + i, 0);
+            m.extend_from_slice(&i.to_le_bytes());
+            theirs.send(&m, &[]).unwrap();
+        }
+        let mut reply = envelope(3, 0, cookie, 0);
+        reply.extend_from_slice(&2u64.to_le_bytes());
+        theirs.send(&reply, &[]).unwrap();
+        assert_eq!(call.join().unwrap().unwrap(), 2);
+    });
+}
+
 /// The async flavour holds them up to the same bounds (`held`, in `tokio/connection.rs`),
 /// then ends the connection (126 MiB kept before the bounds).
 #[cfg(feature = "tokio")]

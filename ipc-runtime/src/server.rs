@@ -69,7 +69,10 @@ impl Server {
     ///
     /// If `n` is 0: a connection nothing serves would queue its peer's requests unanswered.
     pub fn threads(mut self, n: usize) -> Server {
-        assert!(n > 0, "Server::threads(0): a server needs at least one thread");
+        assert!(
+            n > 0,
+            "Server::threads(0): a server needs at least one thread"
+        );
         self.threads = n;
         self
     }

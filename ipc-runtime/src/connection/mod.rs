@@ -28,7 +28,8 @@
 //! The peer is not trusted, and no stream of valid messages makes this end hold memory or fds
 //! without bound. Requests waiting for a serving thread (queued, not yet running; those
 //! running are bounded by the threads) are bounded per connection: at most 1,024 requests,
-//! 32 MiB of message buffers, or 4,096 fds (one request is always taken, whatever its size).
+//! 32 MiB of message buffers, or 4,096 fds (one request is always taken, whatever its size;
+//! a small request waits in a buffer of its own size, not in the 64 KiB it was received into).
 //! At those bounds the serving threads stop reading, so the peer's sends wait, until a
 //! request leaves the queue. A caller waiting for its reply still reads, since its reply may
 //! come after more requests (a handler calling back into the peer would otherwise wait

@@ -225,11 +225,13 @@ impl Shared {
             }
             (Kind::Call | Kind::Oneway, Ok(())) if !self.admit(&mut state) => {}
             (Kind::Call, Ok(())) => {
+                let frame = to_queue(&mut state, frame);
                 let after = state.oneways_arrived;
                 state.backlog.add(Cost::of(&frame));
                 state.calls.push_back((frame, after));
             }
             (Kind::Oneway, Ok(())) => {
+                let frame = to_queue(&mut state, frame);
                 state.oneways_arrived += 1;
                 state.backlog.add(Cost::of(&frame));
                 state.oneways.push_back(frame);
@@ -306,6 +308,24 @@ pub(super) enum Reader {
     Caller(u64),
     /// A thread inside [`Connection::run`].
     Runner,
+}
+
+/// A request about to wait in the queue, in a buffer of its own size if it is small: the
+/// reader's receive buffer has room for a whole datagram (64 KiB), which a queued request
+/// would otherwise hold, and count against the queue's bounds, however small it is. The
+/// large buffer stays with the connection for the next read.
+fn to_queue(state: &mut State, mut frame: Frame) -> Frame {
+    let len = frame.payload.len();
+    if frame.payload.capacity() / 2 < len {
+        return frame; // mostly full already
+    }
+    let queued = Frame {
+        payload: frame.payload.as_slice().to_vec(),
+        fds: std::mem::take(&mut frame.fds),
+    };
+    frame.clear();
+    super::serving::keep_buffer(state, frame);
+    queued
 }
 
 /// What a reader handles itself.
