@@ -1,0 +1,253 @@
+//! [`Socket`]: a connected `SOCK_SEQPACKET` socket that moves whole [`Frame`]s.
+//!
+//! This file holds the socket itself: how it is made, its options, shutdown, and what both
+//! directions share (waiting for readiness, the limits a message is held to). Sending is in
+//! `send.rs`, receiving in `recv.rs`.
+//!
+//! [`Frame`]: crate::Frame
+
+use parking_lot::Mutex;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::socket::{self as ns, AddressFamily, SockFlag, SockType, UnixAddr, sockopt};
+
+use crate::error::{Error, Result};
+use crate::frame::Limits;
+use crate::wire::{DATAGRAM_MAX, FDS_PER_DATAGRAM, FIRST_MAX, HEADER_LEN};
+
+mod recv;
+mod send;
+
+pub(crate) use recv::REFUSED_KEPT;
+use recv::RecvState;
+pub(crate) use send::SendCursor;
+
+/// The peer process of a socket, as the kernel saw it when the connection was made
+/// (`SO_PEERCRED`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerCredentials {
+    /// Process id.
+    pub pid: i32,
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+}
+
+/// A connected Unix `SOCK_SEQPACKET` socket that sends and receives whole [`Frame`]s.
+///
+/// Every method takes `&self` and the socket is `Sync`: one thread may send while another
+/// receives. Sends are serialised so the datagrams of a large message never interleave with
+/// another message's; receives likewise.
+///
+/// Blocking calls wait forever unless given a timeout; [`Socket::try_recv`] never waits, and
+/// the socket is [`AsFd`] so an event loop can wait for readability instead. Sends never
+/// block on a full socket buffer without a deadline to stop them: see [`Socket::send`].
+///
+/// [`Frame`]: crate::Frame
+#[derive(Debug)]
+pub struct Socket {
+    fd: OwnedFd,
+    limits: Limits,
+    /// Most payload bytes this side puts in one continuation datagram (from `SO_SNDBUF`).
+    chunk: usize,
+    /// Most payload bytes and fds of a message that goes out as one datagram with no further
+    /// check: one that fits a datagram and is within `limits` ([`Socket::sends_whole`]).
+    whole_len: usize,
+    whole_fds: usize,
+    send_lock: Mutex<()>,
+    recv: Mutex<RecvState>,
+    /// Nanoseconds to poll for a message before blocking; 0 = block at once.
+    spin_ns: AtomicU64,
+    /// Since when the send waiting for room (if one is) has waited with none of its message
+    /// going out: see [`Socket::send_stalled_for`]. Only a send that has to wait touches it.
+    stalled: Mutex<Option<Instant>>,
+}
+
+impl Socket {
+    /// A connected pair of sockets, like [`std::os::unix::net::UnixStream::pair`].
+    pub fn pair() -> Result<(Socket, Socket)> {
+        let (a, b) = ns::socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )?;
+        Ok((Socket::new(a)?, Socket::new(b)?))
+    }
+
+    /// Connects to a [`Listener`](crate::Listener) bound to a filesystem path.
+    pub fn connect(path: impl AsRef<Path>) -> Result<Socket> {
+        Socket::connect_addr(&UnixAddr::new(path.as_ref())?)
+    }
+
+    /// Connects to a [`Listener`](crate::Listener) bound to a Linux abstract name.
+    pub fn connect_abstract(name: impl AsRef<[u8]>) -> Result<Socket> {
+        Socket::connect_addr(&UnixAddr::new_abstract(name.as_ref())?)
+    }
+
+    fn connect_addr(addr: &UnixAddr) -> Result<Socket> {
+        let fd = ns::socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        ns::connect(fd.as_raw_fd(), addr)?;
+        Socket::new(fd)
+    }
+
+    /// Takes over a connected `SOCK_SEQPACKET` socket, for example one a parent process left
+    /// open for its child. Any other kind of fd is refused.
+    pub fn from_fd(fd: OwnedFd) -> Result<Socket> {
+        if ns::getsockopt(&fd, sockopt::SockType)? != SockType::SeqPacket {
+            return Err(Error::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a SOCK_SEQPACKET socket",
+            )));
+        }
+        Socket::new(fd)
+    }
+
+    pub(crate) fn new(fd: OwnedFd) -> Result<Socket> {
+        // A bigger send buffer means bigger datagrams, so fewer syscalls for bulk data. The
+        // kernel caps the request at net.core.wmem_max and doubles it; whatever we get, the
+        // largest datagram it accepts is the buffer less 32 bytes of bookkeeping.
+        let want = DATAGRAM_MAX + HEADER_LEN + 64;
+        let _ = ns::setsockopt(&fd, sockopt::SndBuf, &want);
+        let sndbuf = ns::getsockopt(&fd, sockopt::SndBuf)?;
+        let chunk = sndbuf
+            .saturating_sub(32 + HEADER_LEN)
+            .clamp(4096, DATAGRAM_MAX);
+        let limits = Limits::default();
+        let (whole_len, whole_fds) = whole_sizes(chunk, limits);
+        Ok(Socket {
+            fd,
+            limits,
+            chunk,
+            whole_len,
+            whole_fds,
+            send_lock: Mutex::new(()),
+            recv: Mutex::new(RecvState::default()),
+            spin_ns: AtomicU64::new(0),
+            stalled: Mutex::new(None),
+        })
+    }
+
+    /// Sets what this side accepts from the peer, which is also the most it sends: a message
+    /// over these limits is refused before any of it goes out (see [`Socket::send`]).
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+        (self.whole_len, self.whole_fds) = whole_sizes(self.chunk, limits);
+    }
+
+    /// What this side accepts from the peer (and the most it sends).
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Before a receive blocks, keep trying for up to `spin` (off, `Duration::ZERO`, by
+    /// default).
+    ///
+    /// On a machine where an idle CPU halts, waking a process blocked on another CPU costs
+    /// tens of microseconds, far more than the message itself; a receiver that spins a little
+    /// catches a quick reply while its CPU is still awake. The price is CPU time: a waiting
+    /// thread burns its CPU for up to `spin` per receive (non-blocking `recvmsg` calls back to
+    /// back), so enable it for latency-critical request/reply traffic across CPUs only.
+    pub fn set_spin(&self, spin: Duration) {
+        let ns = u64::try_from(spin.as_nanos()).unwrap_or(u64::MAX);
+        self.spin_ns.store(ns, Ordering::Relaxed);
+    }
+
+    /// The peer's pid, uid and gid as the kernel recorded them at connection time.
+    pub fn peer_credentials(&self) -> Result<PeerCredentials> {
+        let c = ns::getsockopt(&self.fd, sockopt::PeerCredentials)?;
+        Ok(PeerCredentials {
+            pid: c.pid(),
+            uid: c.uid(),
+            gid: c.gid(),
+        })
+    }
+
+    /// Shuts the socket down both ways: the peer sees a hang-up, and threads blocked on this
+    /// socket wake with [`Error::Disconnected`].
+    pub fn shutdown(&self) -> Result<()> {
+        match ns::shutdown(self.fd.as_raw_fd(), ns::Shutdown::Both) {
+            Err(nix::Error::ENOTCONN) => Ok(()),
+            r => Ok(r?),
+        }
+    }
+
+    /// Shuts the receiving side down: threads blocked receiving wake as if the peer had hung
+    /// up, while sends still go out (graceful shutdown: answer what is in flight).
+    pub fn shutdown_read(&self) -> Result<()> {
+        match ns::shutdown(self.fd.as_raw_fd(), ns::Shutdown::Read) {
+            Err(nix::Error::ENOTCONN) => Ok(()),
+            r => Ok(r?),
+        }
+    }
+
+    /// Waits until the socket is ready for `events` or the deadline passes.
+    fn wait(&self, events: PollFlags, deadline: Option<Instant>) -> Result<()> {
+        loop {
+            let timeout = match deadline {
+                None => PollTimeout::NONE,
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(Error::TimedOut);
+                    }
+                    // Round up so we never wake just before the deadline and spin.
+                    let ms = left.as_micros().div_ceil(1000);
+                    PollTimeout::try_from(ms.min(i32::MAX as u128) as i32)
+                        .unwrap_or(PollTimeout::MAX)
+                }
+            };
+            let mut fds = [PollFd::new(self.fd.as_fd(), events)];
+            match poll(&mut fds, timeout) {
+                Ok(0) => continue, // loop to re-check the deadline
+                Ok(_) => return Ok(()),
+                Err(nix::Error::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+/// The most payload bytes and fds of a message that fits one datagram and `limits`.
+fn whole_sizes(chunk: usize, limits: Limits) -> (usize, usize) {
+    let len = FIRST_MAX.min(chunk).min(limits.max_message_len);
+    (len, FDS_PER_DATAGRAM.min(limits.max_fds))
+}
+
+/// Why a message of `len` bytes and `fds` fds is over `limits` (its size first).
+#[cold]
+fn over_limits(len: usize, fds: usize, limits: Limits) -> Error {
+    if len > limits.max_message_len {
+        Error::TooLarge {
+            size: len as u64,
+            limit: limits.max_message_len as u64,
+        }
+    } else {
+        Error::TooManyFds {
+            count: fds as u64,
+            limit: limits.max_fds as u64,
+        }
+    }
+}
+
+impl AsFd for Socket {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl From<Socket> for OwnedFd {
+    fn from(s: Socket) -> OwnedFd {
+        s.fd
+    }
+}

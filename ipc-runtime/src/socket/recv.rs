@@ -1,0 +1,468 @@
+//! Receiving: [`Socket::recv`] and its kin, and the state a message part-way in leaves
+//! behind ([`RecvState`]): its reassembly, or its dropping once it is over this side's limits.
+
+use std::mem;
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::socket as ns;
+
+use super::{Socket, over_limits};
+use crate::error::{Error, Result};
+use crate::frame::Frame;
+use crate::sys;
+use crate::wire::{DATAGRAM_MAX, FIRST_MAX, HEADER_LEN, Header, Kind};
+
+#[derive(Debug, Default)]
+pub(super) struct RecvState {
+    /// A message whose first datagram has arrived and whose rest has not (or is being
+    /// dropped: see [`Refused`]).
+    partial: Option<Partial>,
+    /// An earlier message failed part-way: drop its continuations before reading on.
+    discarding: bool,
+}
+
+#[derive(Debug)]
+struct Partial {
+    frame: Frame,
+    total_len: usize,
+    total_fds: usize,
+    /// Fds the headers so far announced (the kernel may have dropped some of them).
+    fds_announced: usize,
+    /// The kernel dropped fds of this message (`MSG_CTRUNC`).
+    dropped: bool,
+    /// The message is over this side's limits: read to its end and dropped.
+    refused: Option<Refused>,
+}
+
+impl Partial {
+    /// Whether `len` payload bytes and the fds announced so far are the whole message;
+    /// [`Error::Malformed`] if they are more than it announced.
+    fn is_whole(&self, len: usize) -> Result<bool> {
+        if len > self.total_len || self.fds_announced > self.total_fds {
+            return Err(Error::Malformed(format!(
+                "message announced {} bytes and {} fds, sent more",
+                self.total_len, self.total_fds
+            )));
+        }
+        Ok(len == self.total_len && self.fds_announced == self.total_fds)
+    }
+}
+
+/// A message over this side's [`Limits`], read to its end and dropped, its fds closed as they
+/// arrive: its [`Partial::frame`] keeps only its first [`REFUSED_KEPT`] bytes, so the layer
+/// above can tell whose it was. Reported once all of it is in, and the stream is in sync.
+///
+/// [`Limits`]: crate::Limits
+#[derive(Debug)]
+struct Refused {
+    /// What is reported: [`Error::TooLarge`] or [`Error::TooManyFds`].
+    why: Error,
+    /// Payload bytes of the message received so far, kept or not.
+    len: usize,
+}
+
+/// Most payload bytes of a refused message a receive leaves in its frame (the first ones):
+/// enough for the connection's envelope, which says whose the message was.
+pub(crate) const REFUSED_KEPT: usize = 64;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    No,
+    Forever,
+    Until(Instant),
+}
+
+impl Socket {
+    /// [`Socket::recv_into`] that never waits: `Ok(true)` if a whole message was received into
+    /// `frame`, `Ok(false)` if none is ready. A message that is part-way in is kept and
+    /// completed by a later receive, so an event loop calls this whenever the socket is
+    /// readable. Errors are those of [`Socket::recv_into`].
+    pub fn try_recv_into(&self, frame: &mut Frame) -> Result<bool> {
+        match self.recv_inner(frame, Wait::No) {
+            Ok(()) => Ok(true),
+            Err(Error::TimedOut) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Receives the next message, waiting for it as long as it takes.
+    pub fn recv(&self) -> Result<Frame> {
+        let mut frame = Frame::default();
+        self.recv_into(&mut frame, None)?;
+        if frame.payload.capacity() > 2 * frame.payload.len() + 4096 {
+            frame.payload.shrink_to_fit();
+        }
+        Ok(frame)
+    }
+
+    /// Receives the next message, or fails with [`Error::TimedOut`] once `timeout` has passed.
+    /// A message that was part-way in is kept and completed by the next receive.
+    pub fn recv_timeout(&self, timeout: Duration) -> Result<Frame> {
+        let mut frame = Frame::default();
+        self.recv_into(&mut frame, Some(Instant::now() + timeout))?;
+        Ok(frame)
+    }
+
+    /// Receives a message if a whole one is ready, without waiting: `Ok(None)` otherwise.
+    pub fn try_recv(&self) -> Result<Option<Frame>> {
+        let mut frame = Frame::default();
+        match self.recv_inner(&mut frame, Wait::No) {
+            Ok(()) => Ok(Some(frame)),
+            Err(Error::TimedOut) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Receives the next message into `frame`, reusing its payload buffer; the fds `frame`
+    /// held are closed. With `deadline`, fails with [`Error::TimedOut`] once it has passed.
+    ///
+    /// This is the allocation-free receive: a frame reused across calls needs no new memory
+    /// for messages up to 64 KiB. On [`Error::FdsDropped`] the message was consumed whole and
+    /// its payload is left in `frame` (without fds), so the caller can tell what it was.
+    ///
+    /// A message over this side's [`Limits`] is refused: it is read to its end and dropped,
+    /// its fds closed as they arrive, and then reported as [`Error::TooLarge`] or
+    /// [`Error::TooManyFds`] with its first 64 payload bytes (all, if it has fewer) left in
+    /// `frame`; the stream is in sync. If another message interrupts it (a broken or hostile
+    /// peer), it is reported at once with `frame` empty, and the other message is read next.
+    ///
+    /// [`Limits`]: crate::Limits
+    #[inline]
+    pub fn recv_into(&self, frame: &mut Frame, deadline: Option<Instant>) -> Result<()> {
+        self.recv_inner(frame, deadline.map_or(Wait::Forever, Wait::Until))
+    }
+
+    /// A message is half received.
+    #[cfg(test)]
+    pub(crate) fn is_partial(&self) -> bool {
+        self.recv.lock().partial.is_some()
+    }
+
+    // The single-datagram path is inlined down to the syscall (`start_message`,
+    // `recv_datagram`, `sys::recv`, and `send_whole`, `sys::send` when sending): each level
+    // costs 15-20 instructions of prologue and epilogue per message, and together they were
+    // ~100 of a small call's ~1,750 a side (`ipc-bench --bin instructions`).
+    #[inline]
+    fn recv_inner(&self, frame: &mut Frame, wait: Wait) -> Result<()> {
+        frame.clear();
+        let mut state = self.recv.lock();
+        if state.discarding {
+            self.discard(&mut state, wait)?;
+        }
+        match state.partial.take() {
+            Some(partial) => self.continue_message(&mut state, partial, frame, wait),
+            None => self.start_message(&mut state, frame, wait),
+        }
+    }
+
+    #[inline(always)]
+    fn start_message(&self, state: &mut RecvState, frame: &mut Frame, wait: Wait) -> Result<()> {
+        frame.payload.reserve(FIRST_MAX);
+        let (header, dropped) = self.recv_datagram(frame, FIRST_MAX, wait)?;
+        if header.kind != Kind::First {
+            return Err(Error::Malformed(
+                "continuation datagram without a message".into(),
+            ));
+        }
+        let (total_len, total_fds) = (header.total_len as usize, header.total_fds as usize);
+        if total_len > self.limits.max_message_len || total_fds > self.limits.max_fds {
+            return self.refuse(state, header, frame, wait);
+        }
+        if !dropped && frame.payload.len() == total_len && header.fds as usize == total_fds {
+            return Ok(()); // the whole message in one datagram: the common case
+        }
+        let partial = Partial {
+            frame: mem::take(frame),
+            total_len,
+            total_fds,
+            fds_announced: header.fds as usize,
+            dropped,
+            refused: None,
+        };
+        self.continue_message(state, partial, frame, wait)
+    }
+
+    /// Refuses the message whose first datagram, with `header`, is in `frame`: it is over
+    /// this side's limits. Its datagrams are read and dropped ([`Socket::drop_refused`]).
+    #[cold]
+    #[inline(never)]
+    fn refuse(
+        &self,
+        state: &mut RecvState,
+        header: Header,
+        frame: &mut Frame,
+        wait: Wait,
+    ) -> Result<()> {
+        let (total_len, total_fds) = (header.total_len as usize, header.total_fds as usize);
+        let why = over_limits(total_len, total_fds, self.limits);
+        let len = frame.payload.len();
+        frame.payload.truncate(REFUSED_KEPT);
+        frame.fds.clear();
+        let partial = Partial {
+            frame: mem::take(frame),
+            total_len,
+            total_fds,
+            fds_announced: header.fds as usize,
+            dropped: false,
+            refused: Some(Refused { why, len }),
+        };
+        self.continue_message(state, partial, frame, wait)
+    }
+
+    /// Reads datagrams until `p` is complete (or, refused, dropped whole); on a timeout keeps
+    /// it in `state` for later.
+    fn continue_message(
+        &self,
+        state: &mut RecvState,
+        p: Partial,
+        out: &mut Frame,
+        wait: Wait,
+    ) -> Result<()> {
+        let result = match p.refused {
+            None => self.complete(state, p, out, wait),
+            Some(_) => self.drop_refused(state, p, out, wait),
+        };
+        if let Err(e) = &result {
+            // The rest of a message that failed part-way must not be read as a new one. A
+            // refusal is reported once its message is over (or interrupted by the next).
+            state.discarding =
+                !(matches!(e, Error::TimedOut | Error::FdsDropped { .. }) || e.is_over_limits());
+        }
+        result
+    }
+
+    /// Reads the rest of refused message `p` and drops it, closing its fds as they arrive;
+    /// on a timeout keeps it in `state` for later. Reports the refusal once the whole
+    /// message is in, with its first bytes in `out`; if a datagram that is not one of its
+    /// continuations comes first, reports it at once with `out` empty, leaving that datagram
+    /// to be read as usual.
+    fn drop_refused(
+        &self,
+        state: &mut RecvState,
+        mut p: Partial,
+        out: &mut Frame,
+        wait: Wait,
+    ) -> Result<()> {
+        let Refused { why, mut len } = p.refused.take().expect("a refused message");
+        loop {
+            if p.is_whole(len)? {
+                *out = p.frame;
+                return Err(why);
+            }
+            let (head, size) = match self.peek(wait) {
+                Err(Error::TimedOut) => {
+                    p.refused = Some(Refused { why, len });
+                    state.partial = Some(p);
+                    return Err(Error::TimedOut);
+                }
+                r => r?,
+            };
+            let header = match Header::decode(&head, size.min(HEADER_LEN)) {
+                Ok(h)
+                    if h.kind == Kind::More
+                        && h.total_len as usize == p.total_len
+                        && h.total_fds as usize == p.total_fds =>
+                {
+                    h
+                }
+                _ => {
+                    // The rest never came: nothing is left to tell whose this message was.
+                    *out = p.frame;
+                    out.clear();
+                    return Err(why);
+                }
+            };
+            // Take the datagram, keeping the bytes still short of `REFUSED_KEPT`; the kernel
+            // cuts off the rest (`MSG_TRUNC`), and its fds are closed at once.
+            let room = REFUSED_KEPT.saturating_sub(p.frame.payload.len());
+            p.frame.payload.reserve(room);
+            let got = loop {
+                let mut head = [0u8; HEADER_LEN];
+                let spare = &mut p.frame.payload.spare_capacity_mut()[..room];
+                match sys::recv(self.fd.as_fd(), &mut head, spare, &mut p.frame.fds, true) {
+                    Ok(got) => break got,
+                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            let kept = got.len.saturating_sub(HEADER_LEN).min(room);
+            // SAFETY: the kernel wrote `kept` bytes into the spare capacity handed to recvmsg.
+            unsafe { p.frame.payload.set_len(p.frame.payload.len() + kept) };
+            let arrived = p.frame.fds.len();
+            p.frame.fds.clear();
+            if arrived > header.fds as usize || (!got.fds_dropped && arrived != header.fds as usize)
+            {
+                return Err(Error::Malformed(format!(
+                    "header announces {} fds, {arrived} arrived",
+                    header.fds
+                )));
+            }
+            len += size - HEADER_LEN;
+            p.fds_announced += header.fds as usize;
+        }
+    }
+
+    fn complete(
+        &self,
+        state: &mut RecvState,
+        mut p: Partial,
+        out: &mut Frame,
+        wait: Wait,
+    ) -> Result<()> {
+        loop {
+            let have = p.frame.payload.len();
+            if p.is_whole(have)? {
+                break;
+            }
+            let room = (p.total_len - have).min(DATAGRAM_MAX);
+            // Grow with what arrives, not with what the peer announced.
+            let target = p.total_len.min((2 * have).max(have + room));
+            p.frame.payload.reserve_exact(target - have);
+            let (header, dropped) = match self.recv_datagram(&mut p.frame, room, wait) {
+                Err(Error::TimedOut) => {
+                    state.partial = Some(p);
+                    return Err(Error::TimedOut);
+                }
+                r => r?,
+            };
+            if header.kind != Kind::More
+                || header.total_len as usize != p.total_len
+                || header.total_fds as usize != p.total_fds
+            {
+                return Err(Error::Malformed("message interrupted by another".into()));
+            }
+            p.fds_announced += header.fds as usize;
+            p.dropped |= dropped;
+        }
+        *out = p.frame;
+        if p.dropped {
+            // The message is consumed whole, so the stream stays in sync; its bytes stay in
+            // `out` so the layer above can tell whose message it was.
+            let received = out.fds.len() as u64;
+            out.fds.clear();
+            return Err(Error::FdsDropped {
+                expected: p.total_fds as u64,
+                received,
+            });
+        }
+        Ok(())
+    }
+
+    /// Receives one datagram, appending at most `room` payload bytes to `frame`, and checks
+    /// it. Returns its header and whether the kernel dropped some of its fds.
+    #[inline(always)]
+    fn recv_datagram(&self, frame: &mut Frame, room: usize, wait: Wait) -> Result<(Header, bool)> {
+        let mut head = [0u8; HEADER_LEN];
+        let fds_before = frame.fds.len();
+        let mut spin_until = match self.spin_ns.load(Ordering::Relaxed) {
+            0 => None,
+            _ if wait == Wait::No => None,
+            ns => Some(Instant::now() + Duration::from_nanos(ns)),
+        };
+        let got = loop {
+            let spinning = spin_until.is_some_and(|end| Instant::now() < end);
+            if !spinning {
+                spin_until = None;
+                if let Wait::Until(deadline) = wait {
+                    self.wait(PollFlags::POLLIN, Some(deadline))?;
+                }
+            }
+            let dont_wait = wait == Wait::No || spinning;
+            let spare = &mut frame.payload.spare_capacity_mut()[..room];
+            match sys::recv(self.fd.as_fd(), &mut head, spare, &mut frame.fds, dont_wait) {
+                Ok(got) => break got,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && dont_wait => {
+                    if wait == Wait::No {
+                        return Err(Error::TimedOut);
+                    }
+                    std::hint::spin_loop();
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && wait != Wait::Forever => {}
+                Err(e) => return Err(e.into()),
+            }
+        };
+        if got.len == 0 {
+            return Err(self.nothing_received());
+        }
+        let len = got.len.saturating_sub(HEADER_LEN);
+        // SAFETY: the kernel wrote `len` bytes into the spare capacity handed to recvmsg.
+        unsafe { frame.payload.set_len(frame.payload.len() + len) };
+        let header = Header::decode(&head, got.len)?;
+        if got.truncated {
+            return Err(Error::Truncated);
+        }
+        let arrived = frame.fds.len() - fds_before;
+        if arrived > header.fds as usize || (!got.fds_dropped && arrived != header.fds as usize) {
+            return Err(Error::Malformed(format!(
+                "header announces {} fds, {arrived} arrived",
+                header.fds
+            )));
+        }
+        Ok((header, got.fds_dropped))
+    }
+
+    /// Drops the continuations of a message that failed, up to the next first datagram.
+    fn discard(&self, state: &mut RecvState, wait: Wait) -> Result<()> {
+        loop {
+            let (mut head, n) = self.peek(wait)?;
+            // Only a well-formed continuation belongs to the failed message; anything else
+            // is read as usual (and reported, if it is garbage).
+            if n < 4 || head[0..2] != *b"TI" || head[3] != Kind::More as u8 {
+                state.discarding = false;
+                return Ok(());
+            }
+            // Consume it; its bytes are cut off (MSG_TRUNC) and its fds closed with `junk`.
+            let mut junk = Frame::default();
+            sys::recv(self.fd.as_fd(), &mut head, &mut [], &mut junk.fds, true)?;
+        }
+    }
+
+    /// The header of the next datagram, without taking it, and the datagram's whole length
+    /// (`MSG_TRUNC`); [`Error::TimedOut`] if none comes in time.
+    fn peek(&self, wait: Wait) -> Result<([u8; HEADER_LEN], usize)> {
+        loop {
+            if let Wait::Until(deadline) = wait {
+                self.wait(PollFlags::POLLIN, Some(deadline))?;
+            }
+            let mut head = [0u8; HEADER_LEN];
+            let flags = ns::MsgFlags::MSG_PEEK
+                | ns::MsgFlags::MSG_TRUNC
+                | if wait == Wait::No {
+                    ns::MsgFlags::MSG_DONTWAIT
+                } else {
+                    ns::MsgFlags::empty()
+                };
+            return match ns::recv(self.fd.as_raw_fd(), &mut head, flags) {
+                Ok(0) => Err(Error::Disconnected),
+                Ok(n) => Ok((head, n)),
+                Err(nix::Error::EINTR) => continue,
+                Err(nix::Error::EAGAIN) if wait == Wait::No => Err(Error::TimedOut),
+                Err(nix::Error::EAGAIN) if wait != Wait::Forever => continue,
+                Err(e) => Err(e.into()),
+            };
+        }
+    }
+
+    /// Why `recvmsg` returned no bytes: the peer hung up (or this end stopped reading), or
+    /// it sent a datagram of no bytes, which no message of this protocol is. Only a hang-up
+    /// leaves the socket shut for reading (`POLLRDHUP`), so the empty datagram, consumed, is
+    /// told apart without waiting.
+    #[cold]
+    #[inline(never)]
+    fn nothing_received(&self) -> Error {
+        // nix names no POLLRDHUP.
+        let rdhup = PollFlags::from_bits_retain(libc::POLLRDHUP);
+        let mut fds = [PollFd::new(self.fd.as_fd(), rdhup)];
+        let hung_up = rdhup | PollFlags::POLLHUP | PollFlags::POLLERR;
+        match poll(&mut fds, PollTimeout::ZERO) {
+            Ok(_) if fds[0].revents().is_some_and(|r| !r.intersects(hung_up)) => {
+                Error::Malformed("a datagram of no bytes".into())
+            }
+            _ => Error::Disconnected,
+        }
+    }
+}

@@ -1,0 +1,449 @@
+//! Sending: [`Socket::send`] and its kin, one datagram at a time or a large message in
+//! pieces ([`SendCursor`]), and how long a send has waited for room ([`SendWait`]).
+
+use std::os::fd::{AsFd, BorrowedFd};
+use std::time::{Duration, Instant};
+
+use nix::poll::PollFlags;
+
+use super::{Socket, over_limits};
+use crate::error::{Error, Result};
+use crate::sys;
+use crate::wire::{FDS_PER_DATAGRAM, FIRST_MAX, Header, Kind};
+
+impl Socket {
+    /// Sends one message, waiting as long as the peer's buffer is full.
+    ///
+    /// A message that fits one datagram (≤ 64 KiB and ≤ 253 fds) is one `sendmsg`; a larger
+    /// one is split, and the peer reassembles it. A message over this side's own [`Limits`]
+    /// (what it would refuse to receive) is refused with [`Error::TooLarge`] or
+    /// [`Error::TooManyFds`] before any of it goes out, and so is one the wire format cannot
+    /// express (≥ 4 GiB); the socket stays usable. The peer's limits decide what it accepts.
+    ///
+    /// [`Limits`]: crate::Limits
+    pub fn send(&self, payload: &[u8], fds: &[BorrowedFd<'_>]) -> Result<()> {
+        self.send_deadline(payload, fds, None)
+    }
+
+    /// [`Socket::send`] that gives up with [`Error::TimedOut`] once `timeout` has passed.
+    ///
+    /// A message is never left half-sent: if the deadline passes after part of a large
+    /// message went out, the socket is shut down (the peer sees a hang-up) before
+    /// `TimedOut` is returned.
+    pub fn send_timeout(
+        &self,
+        payload: &[u8],
+        fds: &[BorrowedFd<'_>],
+        timeout: Duration,
+    ) -> Result<()> {
+        self.send_deadline(payload, fds, Some(Instant::now() + timeout))
+    }
+
+    #[inline]
+    pub(crate) fn send_deadline(
+        &self,
+        payload: &[u8],
+        fds: &[BorrowedFd<'_>],
+        deadline: Option<Instant>,
+    ) -> Result<()> {
+        if !self.sends_whole(payload, fds) {
+            return self.send_pieces(payload, fds, deadline);
+        }
+        let _guard = self.send_lock.lock();
+        if self.send_whole(payload, fds)? {
+            return Ok(());
+        }
+        self.wait_to_send_whole(payload, fds, deadline)
+    }
+
+    /// The rest of [`Socket::send_deadline`] for one datagram that found the peer's buffer
+    /// full (out of line: the common send is one `sendmsg`). The caller holds the send lock.
+    #[cold]
+    #[inline(never)]
+    fn wait_to_send_whole(
+        &self,
+        payload: &[u8],
+        fds: &[BorrowedFd<'_>],
+        deadline: Option<Instant>,
+    ) -> Result<()> {
+        // One datagram is never half-sent, so a full buffer is simply waited out.
+        let mut waiting = self.send_wait();
+        loop {
+            waiting.waiting(0);
+            self.wait(PollFlags::POLLOUT, deadline)?;
+            if self.send_whole(payload, fds)? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// [`Socket::send_deadline`] of a message that needs several datagrams (or is over the
+    /// limits).
+    #[inline(never)]
+    fn send_pieces(
+        &self,
+        payload: &[u8],
+        fds: &[BorrowedFd<'_>],
+        deadline: Option<Instant>,
+    ) -> Result<()> {
+        self.check_outgoing(payload.len(), fds.len())?;
+        let _guard = self.send_lock.lock();
+        let mut cursor = SendCursor::new(payload.len(), fds.len())?;
+        let mut waiting = self.send_wait();
+        // The datagrams are `send_some`'s; blocking only adds waiting for room between them.
+        while !self.send_some(&mut cursor, payload, fds)? {
+            waiting.waiting(cursor.sent());
+            if let Err(e) = self.wait(PollFlags::POLLOUT, deadline) {
+                if cursor.in_progress() {
+                    // The peer holds part of a message; the stream cannot be resynchronised.
+                    let _ = self.shutdown();
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks a send of this socket that has to wait for room (see [`SendWait`]).
+    pub(crate) fn send_wait(&self) -> SendWait<'_> {
+        SendWait {
+            socket: self,
+            sent: None,
+        }
+    }
+
+    /// How long the send now waiting for room in the socket buffer, if one is, has waited
+    /// with none of its message going out (at `now`): `None` if no send waits. A send to a
+    /// peer that does not read waits for good; one to a peer that reads, however slowly,
+    /// starts over from zero each time part of its message goes out.
+    pub(crate) fn send_stalled_for(&self, now: Instant) -> Option<Duration> {
+        self.stalled
+            .lock()
+            .map(|since| now.saturating_duration_since(since))
+    }
+
+    /// Sends a message that fits one datagram if it can go out at once: `Ok(false)`, with
+    /// nothing sent, if it would have to wait — for room in the socket buffer, for another
+    /// thread's message to finish, or because it needs several datagrams. For a thread that
+    /// must not block while it holds something others wait for (the connection's reader
+    /// role). A message over this side's limits is refused, as by [`Socket::send`].
+    pub(crate) fn try_send(&self, payload: &[u8], fds: &[BorrowedFd<'_>]) -> Result<bool> {
+        if !self.sends_whole(payload, fds) {
+            self.check_outgoing(payload.len(), fds.len())?;
+            return Ok(false);
+        }
+        let Some(_guard) = self.send_lock.try_lock() else {
+            return Ok(false);
+        };
+        self.send_whole(payload, fds)
+    }
+
+    /// Whether a message goes out as one datagram, with no check beyond these two compares:
+    /// it fits one, and is within this side's limits (for a message within them, the same
+    /// as `fits_one_datagram`).
+    #[inline(always)]
+    fn sends_whole(&self, payload: &[u8], fds: &[BorrowedFd<'_>]) -> bool {
+        payload.len() <= self.whole_len && fds.len() <= self.whole_fds
+    }
+
+    /// Refuses a message of `len` bytes and `fds` fds that is over this side's [`Limits`],
+    /// which it would refuse to receive: nothing of it may go out.
+    ///
+    /// [`Limits`]: crate::Limits
+    #[inline]
+    pub(crate) fn check_outgoing(&self, len: usize, fds: usize) -> Result<()> {
+        if len > self.limits.max_message_len || fds > self.limits.max_fds {
+            return Err(over_limits(len, fds, self.limits));
+        }
+        Ok(())
+    }
+
+    /// One `sendmsg` of a message that fits one datagram: `Ok(false)` if the socket buffer
+    /// is full. The caller holds the send lock.
+    #[inline(always)]
+    fn send_whole(&self, payload: &[u8], fds: &[BorrowedFd<'_>]) -> Result<bool> {
+        let header = Header {
+            kind: Kind::First,
+            fds: fds.len() as u16,
+            total_len: payload.len() as u32,
+            total_fds: fds.len() as u32,
+        };
+        loop {
+            return match sys::send(self.fd.as_fd(), &header.encode(), payload, fds) {
+                Ok(_) => Ok(true),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => Ok(false),
+                Err(e) => Err(e.into()),
+            };
+        }
+    }
+
+    /// Sends as much of the message `cursor` tracks as the socket takes without waiting:
+    /// `Ok(true)` once the whole message is out, `Ok(false)` when the socket buffer is full
+    /// (wait until the socket is writable, then call again with the same cursor, payload and
+    /// fds — or, after [`SendCursor::forget_sent_fds`], only the fds not sent yet). The
+    /// datagrams are those [`Socket::send`] would send.
+    ///
+    /// This is the event-loop form of [`Socket::send`] and does not take its lock: the caller
+    /// makes sure no other message goes out on this socket between the first and the last
+    /// datagram of this one. An error after part of the message went out shuts the socket
+    /// down, as [`Socket::send`] does.
+    pub(crate) fn send_some(
+        &self,
+        cursor: &mut SendCursor,
+        payload: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<bool> {
+        debug_assert_eq!(payload.len(), cursor.total_len as usize);
+        debug_assert_eq!(cursor.fds_base + fds.len(), cursor.total_fds as usize);
+        loop {
+            let (header, bytes, these) = if !cursor.started {
+                let whole = fits_one_datagram(payload, fds, self.chunk);
+                let first_len = if whole { payload.len() } else { 0 };
+                let first_fds = fds.len().min(FDS_PER_DATAGRAM);
+                let header = Header {
+                    kind: Kind::First,
+                    fds: first_fds as u16,
+                    total_len: cursor.total_len,
+                    total_fds: cursor.total_fds,
+                };
+                (header, &payload[..first_len], &fds[..first_fds])
+            } else {
+                let unsent = cursor.fds_sent - cursor.fds_base;
+                let (bytes, fds) = (&payload[cursor.bytes_sent..], &fds[unsent..]);
+                if bytes.is_empty() && fds.is_empty() {
+                    return Ok(true);
+                }
+                let chunk = &bytes[..bytes.len().min(self.chunk)];
+                let these = &fds[..fds.len().min(FDS_PER_DATAGRAM)];
+                let header = Header {
+                    kind: Kind::More,
+                    fds: these.len() as u16,
+                    total_len: cursor.total_len,
+                    total_fds: cursor.total_fds,
+                };
+                (header, chunk, these)
+            };
+            match sys::send(self.fd.as_fd(), &header.encode(), bytes, these) {
+                Ok(_) => {
+                    cursor.started = true;
+                    cursor.bytes_sent += bytes.len();
+                    cursor.fds_sent += these.len();
+                    if !cursor.in_progress() {
+                        return Ok(true); // no need to go round again to find out
+                    }
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => return Ok(false),
+                Err(e) => {
+                    if cursor.started {
+                        // The peer holds part of a message; the stream cannot be resynchronised.
+                        let _ = self.shutdown();
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+}
+
+/// A send that has to wait for room in the socket buffer, for [`Socket::send_stalled_for`]:
+/// stalled from its first wait, again from each wait after part of its message went out, and
+/// no longer once dropped. One send at a time waits on a socket (sends are serialised).
+pub(crate) struct SendWait<'a> {
+    socket: &'a Socket,
+    /// How far the message had gone out ([`SendCursor::sent`]) when the stall began.
+    sent: Option<usize>,
+}
+
+impl SendWait<'_> {
+    /// The send is about to wait for room, `sent` ([`SendCursor::sent`]; 0 for a message of
+    /// one datagram) of its message out.
+    pub(crate) fn waiting(&mut self, sent: usize) {
+        if self.sent != Some(sent) {
+            self.sent = Some(sent);
+            *self.socket.stalled.lock() = Some(Instant::now());
+        }
+    }
+}
+
+impl Drop for SendWait<'_> {
+    fn drop(&mut self) {
+        if self.sent.is_some() {
+            *self.socket.stalled.lock() = None;
+        }
+    }
+}
+
+/// Where a message stands that [`Socket::send_some`] is sending a piece at a time.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SendCursor {
+    total_len: u32,
+    total_fds: u32,
+    /// The first datagram went out.
+    started: bool,
+    bytes_sent: usize,
+    fds_sent: usize,
+    /// How many leading fds the caller no longer passes (see `forget_sent_fds`).
+    fds_base: usize,
+}
+
+impl SendCursor {
+    /// How far the message has gone out: grows with every datagram sent.
+    pub(crate) fn sent(&self) -> usize {
+        usize::from(self.started) + self.bytes_sent + self.fds_sent
+    }
+
+    /// A cursor at the start of a message of `len` payload bytes and `fds` fds; refuses
+    /// what the wire format cannot express (≥ 4 GiB, ≥ 2³² fds), as [`Socket::send`] does.
+    pub(crate) fn new(len: usize, fds: usize) -> Result<SendCursor> {
+        let total_len = u32::try_from(len).map_err(|_| Error::TooLarge {
+            size: len as u64,
+            limit: u32::MAX as u64,
+        })?;
+        let total_fds = u32::try_from(fds).map_err(|_| Error::TooManyFds {
+            count: fds as u64,
+            limit: u32::MAX as u64,
+        })?;
+        Ok(SendCursor {
+            total_len,
+            total_fds,
+            started: false,
+            bytes_sent: 0,
+            fds_sent: 0,
+            fds_base: 0,
+        })
+    }
+
+    /// Some of the message is out (perhaps all of it).
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn started(&self) -> bool {
+        self.started
+    }
+
+    /// Part of the message is out, but not all of it: stopping now would leave the peer
+    /// holding a fragment.
+    pub(crate) fn in_progress(&self) -> bool {
+        self.started
+            && (self.bytes_sent < self.total_len as usize
+                || self.fds_sent < self.total_fds as usize)
+    }
+
+    /// How many of the message's fds have been sent.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn fds_sent(&self) -> usize {
+        self.fds_sent
+    }
+
+    /// From now on the caller passes only the fds not sent yet (`fds[self.fds_sent()..]` of
+    /// the original list), e.g. because it keeps copies of those alone.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn forget_sent_fds(&mut self) {
+        self.fds_base = self.fds_sent;
+    }
+}
+
+/// Whether a message goes out as one datagram (what `send_some` decides for its first).
+fn fits_one_datagram(payload: &[u8], fds: &[BorrowedFd<'_>], chunk: usize) -> bool {
+    payload.len() <= FIRST_MAX.min(chunk) && fds.len() <= FDS_PER_DATAGRAM
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsRawFd;
+
+    use nix::sys::socket as ns;
+
+    use super::*;
+    use crate::wire::{DATAGRAM_MAX, HEADER_LEN};
+
+    /// Spins (yielding) until `cond` holds; fails the test after a minute.
+    fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+        let give_up = Instant::now() + Duration::from_secs(60);
+        while !cond() {
+            assert!(Instant::now() < give_up, "gave up waiting until {what}");
+            std::thread::yield_now();
+        }
+    }
+
+    /// Receives one datagram of `socket`'s, if one is there: its length.
+    fn take_datagram(socket: &Socket) -> Option<usize> {
+        let mut buf = vec![0; DATAGRAM_MAX + HEADER_LEN];
+        let raw = socket.as_fd().as_raw_fd();
+        match ns::recv(raw, &mut buf, ns::MsgFlags::MSG_DONTWAIT) {
+            Ok(len) => Some(len),
+            Err(nix::Error::EAGAIN) => None,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// How many bytes `socket` has received and not read yet (`FIONREAD`: all its datagrams'
+    /// for a `SOCK_SEQPACKET` socket).
+    fn queued(socket: &Socket) -> usize {
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one c_int, into `n`, which lives across the call.
+        let r = unsafe { libc::ioctl(socket.as_fd().as_raw_fd(), libc::FIONREAD, &mut n) };
+        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+        n as usize
+    }
+
+    /// What a server shutting down looks for: a message of one datagram counts as stalled
+    /// while it waits for room, and no longer once it is out; one that goes out at once
+    /// never does.
+    #[test]
+    fn a_send_of_one_datagram_is_stalled_while_it_waits() {
+        let (a, b) = Socket::pair().unwrap();
+        let later = Instant::now() + Duration::from_secs(3600);
+        let m = vec![7u8; 60 << 10];
+        let mut queued = 0;
+        while a.try_send(&m, &[]).unwrap() {
+            queued += 1;
+        }
+        assert!(queued > 0);
+        assert_eq!(
+            a.send_stalled_for(later),
+            None,
+            "sends that went out at once"
+        );
+        std::thread::scope(|s| {
+            let sender = s.spawn(|| a.send(&m, &[]));
+            wait_until("the send waits", || a.send_stalled_for(later).is_some());
+            wait_until("the send is out", || {
+                take_datagram(&b);
+                sender.is_finished()
+            });
+            sender.join().unwrap().unwrap();
+        });
+        assert_eq!(a.send_stalled_for(later), None, "a send that is out");
+    }
+
+    /// A message of many datagrams counts as stalled from its first wait, and again from each
+    /// wait after part of it went out: a peer that reads keeps it from staying stalled.
+    #[test]
+    fn a_send_of_many_datagrams_is_stalled_again_after_each_progress() {
+        let (a, b) = Socket::pair().unwrap();
+        let later = Instant::now() + Duration::from_secs(3600);
+        let big = vec![7u8; 32 << 20];
+        std::thread::scope(|s| {
+            let sender = s.spawn(|| a.send(&big, &[]));
+            wait_until("the send waits", || a.send_stalled_for(later).is_some());
+            let first = a.send_stalled_for(later).unwrap();
+            // While it waits, what it sent is all queued: once that is read, it has room,
+            // sends until the buffer is full again (its message is far larger), and waits
+            // again with part of its message out.
+            let mut sent_before = queued(&b);
+            while sent_before > 0 {
+                sent_before -= take_datagram(&b).expect("queued");
+            }
+            wait_until("the stall starts over", || {
+                a.send_stalled_for(later).is_some_and(|since| since < first)
+            });
+            wait_until("the send is out", || {
+                take_datagram(&b);
+                sender.is_finished()
+            });
+            sender.join().unwrap().unwrap();
+        });
+        assert_eq!(a.send_stalled_for(later), None, "a send that is out");
+    }
+}
