@@ -459,9 +459,9 @@ impl Connection {
     /// larger one whose first part had already gone out cannot be taken back, and the peer
     /// must not be left holding a fragment: the connection is shut down before `TimedOut` is
     /// returned (the peer sees a hang-up, never a partial message), as for a
-    /// [`Connection::call`] whose request could not be sent in time. The timeout does not
-    /// bound the wait for another thread's message on this connection to finish going out
-    /// first (sends are serialised): give every sender a timeout.
+    /// [`Connection::call`] whose request could not be sent in time. The timeout also bounds
+    /// the wait for another thread's message on this connection to finish going out first
+    /// (sends are serialised).
     ///
     /// A message over this side's [`Limits`](crate::Limits) fails as in [`Connection::call`],
     /// unsent.

@@ -69,6 +69,42 @@ fn a_caller_waiting_to_send_does_not_hold_the_reader_role() {
     filler.join().unwrap().unwrap();
 }
 
+/// A send with a timeout gives up when another thread's message holds the socket for
+/// longer (here a 32 MiB oneway to a peer that reads nothing), rather than wait for it to
+/// finish going out: nothing of it was sent, and once the peer reads, the connection goes on.
+#[test]
+fn a_timeout_bounds_the_wait_for_another_threads_send() {
+    let (a, b) = Connection::pair().unwrap();
+    let filler = {
+        let a = a.clone();
+        std::thread::spawn(move || a.oneway(&IFACE, 1, &"x".repeat(32 << 20), None))
+    };
+    wait_until("the filler waits for room", || !writable(&a));
+    // On a thread of its own, so that a send that waits for good fails the test rather than
+    // hanging it.
+    let (done, outcome) = mpsc::channel();
+    let sender = {
+        let a = a.clone();
+        std::thread::spawn(move || {
+            let timeout = Some(Duration::from_millis(50));
+            done.send(a.oneway(&IFACE, 2, &7u32, timeout)).unwrap();
+        })
+    };
+    let outcome = outcome.recv_timeout(Duration::from_secs(60));
+    assert!(
+        matches!(outcome, Ok(Err(Error::TimedOut))),
+        "a oneway with a timeout behind another thread's send: {outcome:?}"
+    );
+    sender.join().unwrap();
+    // The filler's message arrives whole, and nothing of the one that timed out.
+    let oneway = b.socket().recv().unwrap();
+    assert_eq!(Envelope::read(&oneway.payload).unwrap().cmd, 1);
+    filler.join().unwrap().unwrap();
+    a.oneway(&IFACE, 3, &8u32, None).unwrap();
+    let next = b.socket().recv().unwrap();
+    assert_eq!(Envelope::read(&next.payload).unwrap().cmd, 3);
+}
+
 pub(crate) static BULK: InterfaceInfo = InterfaceInfo {
     name: "Bulk",
     id: 3,

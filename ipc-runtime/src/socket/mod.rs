@@ -24,6 +24,7 @@ mod send;
 
 pub(crate) use recv::REFUSED_KEPT;
 use recv::RecvState;
+#[cfg(feature = "tokio")]
 pub(crate) use send::SendCursor;
 
 /// The peer process of a socket, as the kernel saw it when the connection was made

@@ -5,6 +5,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
 use nix::poll::PollFlags;
+use parking_lot::MutexGuard;
 
 use super::{Socket, over_limits};
 use crate::error::{Error, Result};
@@ -25,7 +26,9 @@ impl Socket {
         self.send_deadline(payload, fds, None)
     }
 
-    /// [`Socket::send`] that gives up with [`Error::TimedOut`] once `timeout` has passed.
+    /// [`Socket::send`] that gives up with [`Error::TimedOut`] once `timeout` has passed,
+    /// whether it is waiting for room in the peer's buffer or for another thread's message
+    /// on this socket to finish going out first (sends are serialised).
     ///
     /// A message is never left half-sent: if the deadline passes after part of a large
     /// message went out, the socket is shut down (the peer sees a hang-up) before
@@ -49,11 +52,25 @@ impl Socket {
         if !self.sends_whole(payload, fds) {
             return self.send_pieces(payload, fds, deadline);
         }
-        let _guard = self.send_lock.lock();
+        let _guard = self.lock_send(deadline)?;
         if self.send_whole(payload, fds)? {
             return Ok(());
         }
         self.wait_to_send_whole(payload, fds, deadline)
+    }
+
+    /// The send lock, waited for until `deadline` at most: another thread's message may take
+    /// long to go out (to a peer that does not read, for good), and a send with a deadline
+    /// must not wait past it. Nothing is sent yet, so the socket stays usable.
+    #[inline]
+    fn lock_send(&self, deadline: Option<Instant>) -> Result<MutexGuard<'_, ()>> {
+        match deadline {
+            None => Ok(self.send_lock.lock()),
+            Some(deadline) => self
+                .send_lock
+                .try_lock_until(deadline)
+                .ok_or(Error::TimedOut),
+        }
     }
 
     /// The rest of [`Socket::send_deadline`] for one datagram that found the peer's buffer
@@ -87,7 +104,7 @@ impl Socket {
         deadline: Option<Instant>,
     ) -> Result<()> {
         self.check_outgoing(payload.len(), fds.len())?;
-        let _guard = self.send_lock.lock();
+        let _guard = self.lock_send(deadline)?;
         let mut cursor = SendCursor::new(payload.len(), fds.len())?;
         let mut waiting = self.send_wait();
         // The datagrams are `send_some`'s; blocking only adds waiting for room between them.
