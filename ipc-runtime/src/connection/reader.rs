@@ -306,7 +306,7 @@ impl Shared {
 pub(super) enum Reader {
     /// A caller waiting for the reply with this cookie.
     Caller(u64),
-    /// A thread inside [`Connection::run`].
+    /// A thread inside [`Connection::run`](super::Connection::run).
     Runner,
 }
 
