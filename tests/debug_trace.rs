@@ -49,6 +49,33 @@ pub trait Lab {
     /// Nothing back.
     #[oneway]
     fn note(&self, seq: u64);
+    /// `tag` back.
+    fn tag(&self, tag: Tag) -> u32;
+}
+
+/// A number whose `Serialize` first makes a call on the client this thread set
+/// (`TAG_CALLS`), as user serialization code may: traced, it runs twice (once to be sent,
+/// once to be described).
+#[derive(Debug)]
+pub struct Tag(pub u32);
+
+std::thread_local! {
+    static TAG_CALLS: std::cell::RefCell<Option<LabClient>> = const { std::cell::RefCell::new(None) };
+}
+
+impl Serialize for Tag {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if let Some(client) = TAG_CALLS.with(|c| c.borrow().clone()) {
+            assert_eq!(client.reverse("tag".into()).unwrap(), "gat");
+        }
+        self.0.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Tag {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Tag, D::Error> {
+        u32::deserialize(d).map(Tag)
+    }
 }
 
 struct Impl;
@@ -70,6 +97,9 @@ impl Lab for Impl {
         data
     }
     fn note(&self, _seq: u64) {}
+    fn tag(&self, tag: Tag) -> u32 {
+        tag.0
+    }
 }
 
 /// The same interface, async flavour.
@@ -186,6 +216,12 @@ fn child_traced() {
     client.note(9).unwrap();
     // A call after the oneway: the worker has run the oneway once this returns.
     assert_eq!(client.reverse("ab".into()).unwrap(), "ba");
+    // An argument whose `Serialize` calls on the same connection, from the same thread.
+    // Traced, it is described before the caller takes the reader role: described while the
+    // caller held it, the nested call would wait for a reader that waits for it.
+    TAG_CALLS.with(|c| *c.borrow_mut() = Some(client.clone()));
+    assert_eq!(client.tag(Tag(5)).unwrap(), 5);
+    TAG_CALLS.with(|c| *c.borrow_mut() = None);
     drop(client);
     lab.wait().unwrap();
     eprintln!("fds sent: fd({}), fd({})", raw[0], raw[1]);
@@ -206,11 +242,20 @@ fn every_message_is_printed_with_its_values_async() {
 
 /// Runs `scenario` traced and checks what it printed.
 fn check_trace(scenario: &str) {
-    let out = child(scenario)
+    let traced = child(scenario)
         .env("TYPED_IPC_DEBUG", "1")
         .stderr(Stdio::piped())
-        .output()
+        .spawn()
         .unwrap();
+    let pid = nix::unistd::Pid::from_raw(traced.id() as i32);
+    let (done, output) = std::sync::mpsc::channel();
+    std::thread::spawn(move || done.send(traced.wait_with_output()));
+    // A hang guard only: the scenario takes milliseconds.
+    let Ok(out) = output.recv_timeout(std::time::Duration::from_secs(60)) else {
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        panic!("the traced scenario {scenario} hung");
+    };
+    let out = out.unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),

@@ -22,21 +22,11 @@ pub(crate) fn line(text: &str) {
         .write_all(format!("{text}\n").as_bytes());
 }
 
-/// A message this process sends, with its arguments (the tuple the generated client
-/// sends): `-> Call #3 Ipa::reverse("hello")`. Out of line: only ever run with tracing on.
-#[cold]
-#[inline(never)]
-pub(crate) fn outgoing<A: Serialize + ?Sized>(
-    envelope: &Envelope,
-    iface: &InterfaceInfo,
-    args: &A,
-) {
-    outgoing_described(envelope, iface, &describe(args));
-}
-
-/// [`outgoing`] with its arguments described already (the async flavour describes them
-/// before they are moved into the send).
-pub(crate) fn outgoing_described(envelope: &Envelope, iface: &InterfaceInfo, args: &str) {
+/// A message this process sends, with its arguments (the tuple the generated client sends)
+/// as [`describe`] wrote them: `-> Call #3 Ipa::reverse("hello")`. The arguments are
+/// described before the message is sent, and before a caller takes the reader role:
+/// describing runs their `Serialize` code, which may itself call.
+pub(crate) fn outgoing(envelope: &Envelope, iface: &InterfaceInfo, args: &str) {
     let method = iface.method(envelope.cmd).map_or("?", |m| m.name);
     // A tuple of arguments reads `(a, b)` and no arguments `()`; anything else is wrapped.
     let (open, close) = if args.starts_with('(') {

@@ -915,7 +915,7 @@ impl Inner {
     /// Prints a call or oneway sent, its arguments described (`Some`) before it was.
     fn trace_out(&self, envelope: &Envelope, iface: &InterfaceInfo, args: Option<String>) {
         if let Some(args) = args {
-            trace::outgoing_described(envelope, iface, &args);
+            trace::outgoing(envelope, iface, &args);
         }
     }
 
