@@ -91,7 +91,9 @@ thread_local! {
 }
 
 /// Inside an interface method while it handles a call: the credentials (pid, uid, gid) of the
-/// process that made the call. `None` outside a call, or if the kernel gave none.
+/// process that made the call. `None` outside a call, or if the kernel gave none. (A thread
+/// serving a connection of the blocking flavour names that connection's peer for as long as
+/// it serves, between calls too: it sets it once, not per call.)
 ///
 /// Implementations use it to decide per call; to refuse calls before they reach the
 /// implementation, see [`Server::authorize`](crate::Server::authorize).

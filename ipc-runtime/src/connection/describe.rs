@@ -104,7 +104,8 @@ impl Items<'_> {
 
     fn end(self) -> Result<(), Error> {
         if self.count > SHOWN_ITEMS {
-            let more = self.len.unwrap_or(self.count) - SHOWN_ITEMS;
+            // A `Serialize` may write more elements than it announced.
+            let more = self.len.unwrap_or(0).max(self.count) - SHOWN_ITEMS;
             self.text.put(format_args!(", … {more} more"));
         }
         self.text.put(self.close);
@@ -365,6 +366,27 @@ mod tests {
         assert_eq!(
             describe(&(Bytes(&b"ab\x01"[..]), Fd(&fds))),
             format!(r#"(b"ab\x01", [fd({raw})])"#)
+        );
+    }
+
+    /// A `Serialize` that writes more elements than it announced is described, not a panic.
+    #[test]
+    fn a_sequence_longer_than_announced_is_described() {
+        struct Liar;
+        impl Serialize for Liar {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                use serde::ser::SerializeSeq;
+                let mut seq = s.serialize_seq(Some(1))?;
+                for i in 0..20u8 {
+                    seq.serialize_element(&i)?;
+                }
+                seq.end()
+            }
+        }
+        assert!(
+            describe(&Liar).ends_with(", … 4 more]"),
+            "{}",
+            describe(&Liar)
         );
     }
 
