@@ -374,7 +374,7 @@ impl Connection {
         // An ended connection fails the call before its arguments are encoded (a byte string
         // among them could be written into the peer or a region for nothing).
         shared.check_open()?;
-        let traced = shared.describe_out(args);
+        let traced = trace::described(shared.trace, args);
         let (mut cookie, mut reads) = (0, false);
         // Encoded before this thread takes the reader role: encoding may write a byte string
         // into the peer's memory (`peer_memory`), which a hostile peer can make slow, and
@@ -402,9 +402,7 @@ impl Connection {
                 reads
             };
             envelope::set_cookie(buf, cookie);
-            if let Some(args) = &traced {
-                trace::outgoing(&Envelope { cookie, ..envelope }, iface, args);
-            }
+            trace::outgoing(&Envelope { cookie, ..envelope }, iface, traced.as_deref());
             if reads {
                 // The reader must not wait to send: others may need it to read.
                 match shared.socket.try_send(buf, fds) {
@@ -485,9 +483,8 @@ impl Connection {
         };
         // No early check of an ended connection here: after `stop_reading` it has ended for
         // calls, but still sends.
-        if let Some(args) = self.shared.describe_out(args) {
-            trace::outgoing(&envelope, iface, &args);
-        }
+        let traced = trace::described(self.shared.trace, args);
+        trace::outgoing(&envelope, iface, traced.as_deref());
         // A byte string the message placed in the lane goes back to it if the send fails
         // (`encode_and`).
         self.shared.send(&envelope, args, deadline).map(drop)
@@ -591,22 +588,6 @@ impl Shared {
             keep_buffer(&mut self.state.lock(), frame);
         }
     }
-
-    /// Arguments described for `TYPED_IPC_DEBUG`, if it is on (see [`trace::outgoing`]).
-    #[inline]
-    fn describe_out<A: Serialize + ?Sized>(&self, args: &A) -> Option<String> {
-        if self.trace {
-            return Some(describe_cold(args));
-        }
-        None
-    }
-}
-
-/// [`trace::describe`], out of line: only ever run with tracing on.
-#[cold]
-#[inline(never)]
-fn describe_cold<A: Serialize + ?Sized>(args: &A) -> String {
-    trace::describe(args)
 }
 
 /// The value (or the failure) a reply to method `cmd` of `iface` carries, reading byte

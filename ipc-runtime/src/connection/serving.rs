@@ -250,20 +250,12 @@ impl Replier<'_> {
             kind: Kind::Reply,
             ..self.envelope
         };
-        match self.shared.send(&envelope, value, None) {
-            Ok(_) => {
-                if self.shared.trace {
-                    trace::reply(envelope.cookie, value);
-                }
-                Ok(())
-            }
-            Err(e) => {
-                if self.shared.trace && !e.sent_nothing() {
-                    trace::reply(envelope.cookie, value);
-                }
-                Err(e)
-            }
+        let sent = self.shared.send(&envelope, value, None);
+        // Described once sent: this thread holds nothing another may wait for.
+        if self.shared.trace && !sent.as_ref().is_err_and(Error::sent_nothing) {
+            trace::reply(envelope.cookie, trace::described(true, value).as_deref());
         }
+        sent.map(drop)
     }
 }
 

@@ -4,7 +4,7 @@ use std::io::Write;
 
 use serde::Serialize;
 
-pub(crate) use super::describe::describe;
+use super::describe::describe;
 use super::envelope::{self, Envelope};
 use crate::frame::Frame;
 use crate::service::InterfaceInfo;
@@ -22,11 +22,38 @@ pub(crate) fn line(text: &str) {
         .write_all(format!("{text}\n").as_bytes());
 }
 
+/// `value` described for [`outgoing`] or [`reply`] if tracing is `on`, `None` otherwise. Both
+/// flavours describe what they send before sending it: the async flavour moves it into the
+/// send, and describing runs the value's `Serialize` code, which may itself call, so a caller
+/// must not hold the reader role meanwhile.
+#[inline]
+pub(crate) fn described<T: Serialize + ?Sized>(on: bool, value: &T) -> Option<String> {
+    if on {
+        return Some(describe_cold(value));
+    }
+    None
+}
+
+/// [`describe`], out of line: only ever run with tracing on.
+#[cold]
+#[inline(never)]
+fn describe_cold<T: Serialize + ?Sized>(value: &T) -> String {
+    describe(value)
+}
+
 /// A message this process sends, with its arguments (the tuple the generated client sends)
-/// as [`describe`] wrote them: `-> Call #3 Ipa::reverse("hello")`. The arguments are
-/// described before the message is sent, and before a caller takes the reader role:
-/// describing runs their `Serialize` code, which may itself call.
-pub(crate) fn outgoing(envelope: &Envelope, iface: &InterfaceInfo, args: &str) {
+/// as [`described`] wrote them: `-> Call #3 Ipa::reverse("hello")`. Nothing without them
+/// (tracing off).
+#[inline]
+pub(crate) fn outgoing(envelope: &Envelope, iface: &InterfaceInfo, args: Option<&str>) {
+    if let Some(args) = args {
+        outgoing_line(envelope, iface, args);
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn outgoing_line(envelope: &Envelope, iface: &InterfaceInfo, args: &str) {
     let method = iface.method(envelope.cmd).map_or("?", |m| m.name);
     // A tuple of arguments reads `(a, b)` and no arguments `()`; anything else is wrapped.
     let (open, close) = if args.starts_with('(') {
@@ -43,16 +70,18 @@ pub(crate) fn outgoing(envelope: &Envelope, iface: &InterfaceInfo, args: &str) {
     ));
 }
 
-/// A reply this process sends, with its value: `-> Reply #3 "olleh"`.
-#[cold]
-#[inline(never)]
-pub(crate) fn reply<T: Serialize + ?Sized>(cookie: u64, value: &T) {
-    reply_described(cookie, &describe(value));
+/// A reply this process sends, with its value as [`described`] wrote it:
+/// `-> Reply #3 "olleh"`. Nothing without it (tracing off).
+#[inline]
+pub(crate) fn reply(cookie: u64, value: Option<&str>) {
+    if let Some(value) = value {
+        reply_line(cookie, value);
+    }
 }
 
-/// [`reply`] with its value described already (the async flavour describes it before the
-/// value is moved into the send).
-pub(crate) fn reply_described(cookie: u64, value: &str) {
+#[cold]
+#[inline(never)]
+fn reply_line(cookie: u64, value: &str) {
     line(&format!(
         "typed-ipc[{}] -> Reply #{cookie} {value}",
         std::process::id()

@@ -82,12 +82,12 @@ impl AsyncCall {
             kind: Kind::Reply,
             ..self.envelope
         };
-        let traced = inner.trace.then(|| trace::describe(&value));
+        let traced = trace::described(inner.trace, &value);
         let sent = inner.send(envelope, value).await;
         // As `Call::reply`: a reply that sent nothing leaves the call to be answered with why.
         self.replied = !sent.as_ref().is_err_and(Error::sent_nothing);
         if self.replied {
-            inner.trace_reply(envelope.cookie, traced);
+            trace::reply(envelope.cookie, traced.as_deref());
         }
         sent.map(drop)
     }

@@ -411,10 +411,9 @@ impl AsyncConnection {
             interface: iface.id,
             signature: iface.signature,
         };
-        // Described before `send` takes the arguments.
-        let traced = inner.trace.then(|| trace::describe(&args));
+        let traced = trace::described(inner.trace, &args);
         let placed = inner.send(envelope, args).await?;
-        inner.trace_out(&envelope, iface, traced);
+        trace::outgoing(&envelope, iface, traced.as_deref());
         let received = (&mut reply.rx).await;
         std::mem::forget(waiting); // the slot is gone: the reader or `fail` took it
         let mut frame = received.unwrap_or(Err(Error::Disconnected))?;
@@ -448,7 +447,7 @@ impl AsyncConnection {
             interface: iface.id,
             signature: iface.signature,
         };
-        let traced = self.inner.trace.then(|| trace::describe(&args));
+        let traced = trace::described(self.inner.trace, &args);
         let send = self.inner.send(envelope, args);
         match timeout {
             None => send.await?,
@@ -456,7 +455,7 @@ impl AsyncConnection {
                 .await
                 .unwrap_or(Err(Error::TimedOut))?,
         };
-        self.inner.trace_out(&envelope, iface, traced);
+        trace::outgoing(&envelope, iface, traced.as_deref());
         Ok(())
     }
 }
@@ -903,20 +902,6 @@ impl Inner {
         let result = drive(self, &mut out.cursor, &out.payload, out.fds).await;
         out.finished = true;
         result
-    }
-
-    /// Prints a reply sent, described (`Some`) before it was.
-    pub(super) fn trace_reply(&self, cookie: u64, value: Option<String>) {
-        if let Some(value) = value {
-            trace::reply_described(cookie, &value);
-        }
-    }
-
-    /// Prints a call or oneway sent, its arguments described (`Some`) before it was.
-    fn trace_out(&self, envelope: &Envelope, iface: &InterfaceInfo, args: Option<String>) {
-        if let Some(args) = args {
-            trace::outgoing(envelope, iface, &args);
-        }
     }
 
     fn trace_incoming(&self, envelope: &Envelope, frame: &Frame) {
