@@ -26,14 +26,9 @@ thread_local! {
 /// empties it afterwards (closing any fds left in it).
 #[inline]
 pub(super) fn with_thread_frame<R>(f: impl FnOnce(&mut Frame) -> R) -> R {
-    FRAME.with(|frame| {
-        // Borrowed in place, not moved out and back. `f` decodes the reply, which runs user
-        // `Deserialize` code that may itself call: that inner call gets a fresh frame.
-        let (mut borrowed, mut fresh) = (frame.try_borrow_mut().ok(), None);
-        let frame = match &mut borrowed {
-            Some(frame) => &mut **frame,
-            None => fresh.insert(Frame::default()),
-        };
+    // `f` decodes the reply, which runs user `Deserialize` code that may itself call: that
+    // inner call gets a fresh frame.
+    borrowed_or_fresh(&FRAME, |frame| {
         let result = f(frame);
         frame.clear();
         if frame.payload.capacity() > RETAIN_MAX {
@@ -48,32 +43,44 @@ pub(super) fn with_thread_frame<R>(f: impl FnOnce(&mut Frame) -> R) -> R {
 pub(crate) fn with_buffers<'a, R>(
     f: impl FnOnce(&mut Vec<u8>, &mut Vec<BorrowedFd<'a>>) -> R,
 ) -> R {
-    BUFFERS.with(|buffers| {
-        // Borrowed in place, not moved out and back (a tuple of two vectors each way). `f`
-        // runs user `Serialize` code, which may itself call: that inner message gets fresh
-        // buffers.
-        let (mut borrowed, mut fresh) = (buffers.try_borrow_mut().ok(), None);
-        let (buf, fds) = match &mut borrowed {
-            Some(buffers) => &mut **buffers,
-            None => fresh.insert((Vec::new(), Vec::new())),
-        };
+    // `f` runs user `Serialize` code, which may itself call: that inner message gets fresh
+    // buffers.
+    borrowed_or_fresh(&BUFFERS, |(buf, fds)| {
         buf.clear();
-        // An empty vector changes lifetime without a new allocation (collected in place); a
-        // plain `filter` could not change the element type.
-        #[allow(clippy::unnecessary_filter_map)]
-        let mut scoped: Vec<BorrowedFd<'a>> = std::mem::take(fds)
-            .into_iter()
-            .filter_map(|_| None)
-            .collect();
+        let mut scoped = emptied(std::mem::take(fds));
         let result = f(buf, &mut scoped);
-        scoped.clear();
-        #[allow(clippy::unnecessary_filter_map)]
-        {
-            *fds = scoped.into_iter().filter_map(|_| None).collect();
-        }
+        *fds = emptied(scoped);
         if buf.capacity() > RETAIN_MAX {
             *buf = Vec::new(); // don't keep a huge message's buffer per thread
         }
         result
+    })
+}
+
+/// `fds` emptied, in the same allocation, with another lifetime: an empty vector changes
+/// lifetime without a new allocation (collected in place); a plain `filter` could not change
+/// the element type.
+#[inline]
+#[allow(clippy::unnecessary_filter_map)]
+fn emptied<'b>(mut fds: Vec<BorrowedFd<'_>>) -> Vec<BorrowedFd<'b>> {
+    fds.clear();
+    fds.into_iter().filter_map(|_| None).collect()
+}
+
+/// Runs `f` with `cell`'s value of this thread, borrowed in place rather than moved out and
+/// back; with a fresh value if it is borrowed already (a call made by user code while the
+/// thread's own is in use). The fresh value is only built on that path.
+#[inline]
+fn borrowed_or_fresh<T: Default + 'static, R>(
+    cell: &'static std::thread::LocalKey<RefCell<T>>,
+    f: impl FnOnce(&mut T) -> R,
+) -> R {
+    cell.with(|cell| {
+        let (mut borrowed, mut fresh) = (cell.try_borrow_mut().ok(), None);
+        let value = match &mut borrowed {
+            Some(value) => &mut **value,
+            None => fresh.insert(T::default()),
+        };
+        f(value)
     })
 }
