@@ -131,13 +131,16 @@ impl ser::Error for Error {
     }
 }
 
+/// Serializer methods that write a value as `Display` shows it, or (`?`) as `Debug` does.
 macro_rules! plain {
-    ($($method:ident: $ty:ty),* $(,)?) => {
+    ($($method:ident: $ty:ty $(as $debug:tt)?),* $(,)?) => {
         $(fn $method(self, v: $ty) -> Result<(), Error> {
-            self.put(v);
+            self.put(plain!(@show v $($debug)?));
             Ok(())
         })*
     };
+    (@show $v:ident) => { format_args!("{}", $v) };
+    (@show $v:ident ?) => { format_args!("{:?}", $v) };
 }
 
 impl<'t> Serializer for &'t mut Text {
@@ -155,18 +158,7 @@ impl<'t> Serializer for &'t mut Text {
         serialize_i64: i64, serialize_i128: i128, serialize_u8: u8, serialize_u16: u16,
         serialize_u32: u32, serialize_u64: u64, serialize_u128: u128);
 
-    fn serialize_f32(self, v: f32) -> Result<(), Error> {
-        self.put(format_args!("{v:?}"));
-        Ok(())
-    }
-    fn serialize_f64(self, v: f64) -> Result<(), Error> {
-        self.put(format_args!("{v:?}"));
-        Ok(())
-    }
-    fn serialize_char(self, v: char) -> Result<(), Error> {
-        self.put(format_args!("{v:?}"));
-        Ok(())
-    }
+    plain!(serialize_f32: f32 as ?, serialize_f64: f64 as ?, serialize_char: char as ?);
     fn serialize_str(self, v: &str) -> Result<(), Error> {
         match v.char_indices().nth(SHOWN_BYTES) {
             None => self.put(format_args!("{v:?}")),
