@@ -7,7 +7,6 @@
 //! up. Nothing of this runs before a shutdown: a send that has to wait only notes since when
 //! ([`Socket::send_stalled_for`]), and one that goes out at once does not even do that.
 
-use std::io;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
@@ -47,20 +46,26 @@ impl Watched for crate::tokio::AsyncConnection {
 
 /// Starts a thread that shuts down each of `clients` whose send has waited [`STALL_LIMIT`]
 /// with none of its message going out, until the returned sender is dropped (or sent to);
-/// then it drops `clients` and runs `ended`. If the thread cannot be started, `clients` and
-/// `ended` are dropped and the error returned.
-pub(crate) fn watch<C: Watched>(
+/// then it drops its clones of `clients` and runs `ended`. If the thread cannot be started,
+/// nothing can bound the wait: every client is shut down at once, `ended` is dropped, and
+/// `None` returned.
+pub(crate) fn watch<C: Watched + Clone>(
     clients: Vec<C>,
     ended: impl FnOnce() + Send + 'static,
-) -> io::Result<Sender<()>> {
+) -> Option<Sender<()>> {
     let (stop, stopping) = mpsc::channel();
-    std::thread::Builder::new()
+    let watched = clients.clone();
+    let started = std::thread::Builder::new()
         .name("typed-ipc-shutdown".into())
         .spawn(move || {
-            cut_stalled(clients, &stopping);
+            cut_stalled(watched, &stopping);
             ended();
-        })?;
-    Ok(stop)
+        });
+    if started.is_err() {
+        clients.iter().for_each(Watched::close);
+        return None;
+    }
+    Some(stop)
 }
 
 /// The body of [`watch`]'s thread: it wakes when the first of the sends waiting now would
