@@ -15,6 +15,12 @@
 //! received through nix 0.31 (`sendmsg` allocates its control buffer per call, `recvmsg`'s
 //! `ScmRights` a `Vec` of fds) and through stack control buffers (what typed-ipc does).
 //!
+//! `--send` compares, in one thread over a socketpair, a 64 B datagram without fds (16 B
+//! header + payload) sent with `sendmsg` and two iovecs (the floor's way) and with `send` of
+//! one buffer (typed-ipc's way since the tenth session), each received with `recvmsg`; and,
+//! for reference, received with `recv` (which cannot take fds). Rounds of each way are
+//! interleaved; prints the median and the 10th percentile of the rounds.
+//!
 //! After those, the async flavour's 64 B `echo`: a second worker serves `AsyncBench` on a
 //! current-thread tokio runtime, and the client drives each call with `block_on`.
 //!
@@ -142,6 +148,7 @@ fn parent(args: &[String]) -> Res<()> {
             "--strace" => strace = true,
             "--spin" => return spin_cost(),
             "--nix" => return nix_cmsg(),
+            "--send" => return send_or_sendmsg(),
             _ => {
                 return Err(format!(
                     "unknown argument {arg}; usage: hot-path [--calls N] [--strace]"
@@ -541,6 +548,80 @@ fn nix_cmsg() -> Res<()> {
             "| {way} | {:.0} ns | {:.2} |",
             elapsed.as_nanos() as f64 / f64::from(rounds),
             (after - before) as f64 / f64::from(rounds)
+        );
+    }
+    Ok(())
+}
+
+/// `--send`: what the kernel charges for `sendmsg` over `send`, and `recvmsg` over `recv`,
+/// for one 64 B datagram without fds (16 B header + payload), in one thread.
+fn send_or_sendmsg() -> Res<()> {
+    use std::io::{IoSlice, IoSliceMut};
+    use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+
+    /// `send(2)` of `buf`, as typed-ipc sends a message without fds.
+    fn send_plain(sock: BorrowedFd<'_>, buf: &[u8]) -> Res<()> {
+        // SAFETY: `buf` is live and only read for the length of the call.
+        let n = unsafe { libc::send(sock.as_raw_fd(), buf.as_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        Ok(())
+    }
+
+    pin()?;
+    let (a, b) = nix::sys::socket::socketpair(
+        nix::sys::socket::AddressFamily::Unix,
+        nix::sys::socket::SockType::SeqPacket,
+        None,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+    )?;
+    let framed = [0xa5u8; 16 + 64];
+    let (header, payload) = framed.split_at(16);
+    let ways = [
+        "`sendmsg` (two iovecs) + `recvmsg` (the floor)",
+        "`send` (one buffer) + `recvmsg` (typed-ipc)",
+        "`send` + `recv` (no fds can be received)",
+    ];
+    let (rounds, per_round) = (31, 20_000u32);
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); ways.len()];
+    let mut buf = [0u8; 256];
+    for round in 0..rounds {
+        for k in 0..ways.len() {
+            let way = (k + round) % ways.len(); // each way first in turn
+            let t = Instant::now();
+            for _ in 0..per_round {
+                if way == 0 {
+                    sys::send(
+                        a.as_fd(),
+                        &[IoSlice::new(header), IoSlice::new(payload)],
+                        None,
+                    )?;
+                } else {
+                    send_plain(a.as_fd(), &framed)?;
+                }
+                if way < 2 {
+                    sys::recv(b.as_fd(), &mut [IoSliceMut::new(&mut buf)])?;
+                } else {
+                    // SAFETY: `buf` is live and writable for the length of the call.
+                    let n =
+                        unsafe { libc::recv(b.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+                    if n < 0 {
+                        return Err(std::io::Error::last_os_error().into());
+                    }
+                }
+            }
+            times[way].push(t.elapsed().as_nanos() as f64 / f64::from(per_round));
+        }
+    }
+    println!("| way ({rounds} rounds of {per_round}: send + receive) | median | p10 |");
+    println!("| --- | ---: | ---: |");
+    for (way, mut t) in ways.iter().zip(times) {
+        t.sort_by(f64::total_cmp);
+        println!(
+            "| {way} | {:.0} ns | {:.0} ns |",
+            t[t.len() / 2],
+            t[t.len() / 10]
         );
     }
     Ok(())

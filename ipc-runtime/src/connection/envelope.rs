@@ -19,6 +19,11 @@ use crate::error::{Error, Result};
 /// Length of the envelope in bytes.
 pub const LEN: usize = 24;
 
+/// Where the envelope starts in a buffer a message is encoded into: after room for the
+/// transport's header, which the socket writes there so that the message goes out from one
+/// buffer ([`Socket::send_framed`](crate::Socket::send_framed)).
+pub const FRAMED_AT: usize = crate::wire::HEADER_LEN;
+
 /// What a message is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {

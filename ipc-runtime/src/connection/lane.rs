@@ -58,7 +58,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use serde::Serialize;
 
-use super::envelope::{self, Kind};
+use super::envelope::{self, Envelope, Kind};
 use crate::codec::{self, NO_FD, OutOfLine, Piped, Placed, Placement, Written};
 use crate::error::{Error, Result};
 use crate::frame::Frame;
@@ -469,25 +469,30 @@ impl Lane {
             .compare_exchange(seq, 0, Ordering::AcqRel, Ordering::Relaxed);
     }
 
-    /// Encodes `body` after the envelope already at the start of `buf`, placing a byte
-    /// string in this lane if it can, and writes the lane word into the envelope. Returns the
-    /// placement the message carries (0: none); the caller sends the message, and calls
-    /// [`Lane::abort`] with the placement if it fails to. `kind` is the message's: only a
-    /// call's [`SharedBytes`] may pipe.
+    /// Encodes a message into the emptied `buf`: room for the transport's header (see
+    /// [`envelope::FRAMED_AT`]), `envelope` with this lane's word, then `body`, placing a byte
+    /// string in this lane if it can. Returns the placement the message carries (0: none);
+    /// the caller sends the message, and calls [`Lane::abort`] with the placement if it fails
+    /// to. Only a call's [`SharedBytes`] may pipe.
     pub(crate) fn encode<'a, A: Serialize + ?Sized>(
         &self,
+        envelope: &Envelope,
         body: &'a A,
         buf: &mut Vec<u8>,
         fds: &mut Vec<BorrowedFd<'a>>,
-        kind: Kind,
     ) -> Result<u32> {
+        debug_assert!(buf.is_empty());
+        // Written on the stack first: at constant offsets, without a bounds check each.
+        let mut head = [0; envelope::FRAMED_AT + envelope::LEN];
+        envelope.write(&mut head[envelope::FRAMED_AT..]);
+        buf.extend_from_slice(&head);
         // Only a call's request pipes: its reply acknowledges the bytes, so the lane holds
         // them for the length of a call, not until some later message (a oneway's or a
         // reply's bytes could be pinned long after the sender is done with them).
-        let pipe = kind == Kind::Call;
+        let pipe = envelope.kind == Kind::Call;
         let (placed, encoded) = codec::encode_placing(body, buf, fds, self, pipe);
         // Read after encoding: acknowledges what was copied out up to this moment.
-        envelope::set_lane(buf, self.word(placed));
+        envelope::set_lane(&mut buf[envelope::FRAMED_AT..], self.word(placed));
         match encoded {
             Ok(()) => Ok(placed),
             Err(e) => {

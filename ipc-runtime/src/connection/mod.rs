@@ -401,11 +401,11 @@ impl Connection {
                 }
                 reads
             };
-            envelope::set_cookie(buf, cookie);
+            envelope::set_cookie(&mut buf[envelope::FRAMED_AT..], cookie);
             trace::outgoing(&Envelope { cookie, ..envelope }, iface, traced.as_deref());
             if reads {
                 // The reader must not wait to send: others may need it to read.
-                match shared.socket.try_send(buf, fds) {
+                match shared.socket.try_send_framed(buf, fds) {
                     Ok(true) => return Ok(true),
                     // It would have had to wait: give the role back, then send as any caller
                     // (the message as it is encoded).
@@ -422,7 +422,7 @@ impl Connection {
             }
             shared
                 .socket
-                .send_deadline(buf, fds, deadline)
+                .send_framed(buf, fds, deadline)
                 .map(|()| true)
                 .inspect_err(|_| {
                     shared.state.lock().pending.remove(&cookie);
@@ -553,13 +553,14 @@ impl Shared {
         deadline: Option<Instant>,
     ) -> Result<u32> {
         self.encode_and(envelope, body, |buf, fds| {
-            self.socket.send_deadline(buf, fds, deadline).map(|()| true)
+            self.socket.send_framed(buf, fds, deadline).map(|()| true)
         })
         .map(|placed| placed.expect("a waiting send sends the whole message or fails"))
     }
 
-    /// Encodes envelope + body in this thread's buffer and hands them to `send`, which says
-    /// whether it sent them. A placement the message carried goes back to the lane if not.
+    /// Encodes envelope + body in this thread's buffer and hands them to `send`, framed (see
+    /// [`Lane::encode`]), which says whether it sent them. A placement the message carried
+    /// goes back to the lane if not.
     fn encode_and<A: Serialize + ?Sized>(
         &self,
         envelope: &Envelope,
@@ -567,9 +568,7 @@ impl Shared {
         send: impl FnOnce(&mut [u8], &[BorrowedFd<'_>]) -> Result<bool>,
     ) -> Result<Option<u32>> {
         with_buffers(|buf, fds| {
-            buf.resize(envelope::LEN, 0);
-            envelope.write(buf);
-            let placed = self.lane.encode(body, buf, fds, envelope.kind)?;
+            let placed = self.lane.encode(envelope, body, buf, fds)?;
             match send(buf, fds) {
                 Ok(true) => Ok(Some(placed)),
                 unsent => {

@@ -10,7 +10,7 @@ use parking_lot::MutexGuard;
 use super::{Socket, over_limits};
 use crate::error::{Error, Result};
 use crate::sys;
-use crate::wire::{FDS_PER_DATAGRAM, FIRST_MAX, Header, Kind};
+use crate::wire::{FDS_PER_DATAGRAM, FIRST_MAX, HEADER_LEN, Header, Kind};
 
 impl Socket {
     /// Sends one message, waiting as long as the peer's buffer is full.
@@ -49,14 +49,39 @@ impl Socket {
         fds: &[BorrowedFd<'_>],
         deadline: Option<Instant>,
     ) -> Result<()> {
-        if !self.sends_whole(payload, fds) {
+        if !self.sends_whole(payload.len(), fds.len()) {
             return self.send_pieces(payload, fds, deadline);
         }
         let _guard = self.lock_send(deadline)?;
-        if self.send_whole(payload, fds)? {
+        let header = whole_header(payload.len(), fds.len());
+        let send = || sys::send(self.fd.as_fd(), &header, payload, fds);
+        if whole_sent(send)? {
             return Ok(());
         }
-        self.wait_to_send_whole(payload, fds, deadline)
+        self.wait_to_send_whole(deadline, send)
+    }
+
+    /// [`Socket::send_deadline`] of a message built in `framed` after [`HEADER_LEN`] bytes of
+    /// room. The header is written into the room, so that a message of one datagram goes out
+    /// from one buffer: a plain `send(2)` when it carries no fds ([`sys::send_framed`]).
+    #[inline]
+    pub(crate) fn send_framed(
+        &self,
+        framed: &mut [u8],
+        fds: &[BorrowedFd<'_>],
+        deadline: Option<Instant>,
+    ) -> Result<()> {
+        let len = framed.len() - HEADER_LEN;
+        if !self.sends_whole(len, fds.len()) {
+            return self.send_pieces(&framed[HEADER_LEN..], fds, deadline);
+        }
+        let _guard = self.lock_send(deadline)?;
+        framed[..HEADER_LEN].copy_from_slice(&whole_header(len, fds.len()));
+        let send = || sys::send_framed(self.fd.as_fd(), framed, fds);
+        if whole_sent(send)? {
+            return Ok(());
+        }
+        self.wait_to_send_whole(deadline, send)
     }
 
     /// The send lock, waited for until `deadline` at most: another thread's message may take
@@ -74,21 +99,21 @@ impl Socket {
     }
 
     /// The rest of [`Socket::send_deadline`] for one datagram that found the peer's buffer
-    /// full (out of line: the common send is one `sendmsg`). The caller holds the send lock.
+    /// full (out of line: the common send is one syscall), `send` sending it again. The
+    /// caller holds the send lock.
     #[cold]
     #[inline(never)]
     fn wait_to_send_whole(
         &self,
-        payload: &[u8],
-        fds: &[BorrowedFd<'_>],
         deadline: Option<Instant>,
+        send: impl FnMut() -> std::io::Result<usize> + Copy,
     ) -> Result<()> {
         // One datagram is never half-sent, so a full buffer is simply waited out.
         let mut waiting = self.send_wait();
         loop {
             waiting.waiting(0);
             self.wait(PollFlags::POLLOUT, deadline)?;
-            if self.send_whole(payload, fds)? {
+            if whole_sent(send)? {
                 return Ok(());
             }
         }
@@ -139,28 +164,35 @@ impl Socket {
             .map(|since| now.saturating_duration_since(since))
     }
 
-    /// Sends a message that fits one datagram if it can go out at once: `Ok(false)`, with
-    /// nothing sent, if it would have to wait — for room in the socket buffer, for another
-    /// thread's message to finish, or because it needs several datagrams. For a thread that
-    /// must not block while it holds something others wait for (the connection's reader
-    /// role). A message over this side's limits is refused, as by [`Socket::send`].
-    pub(crate) fn try_send(&self, payload: &[u8], fds: &[BorrowedFd<'_>]) -> Result<bool> {
-        if !self.sends_whole(payload, fds) {
-            self.check_outgoing(payload.len(), fds.len())?;
+    /// Sends a message built in `framed` (as for [`Socket::send_framed`]) if it fits one
+    /// datagram and can go out at once: `Ok(false)`, with nothing sent, if it would have to
+    /// wait — for room in the socket buffer, for another thread's message to finish, or
+    /// because it needs several datagrams. For a thread that must not block while it holds
+    /// something others wait for (the connection's reader role). A message over this side's
+    /// limits is refused, as by [`Socket::send`].
+    pub(crate) fn try_send_framed(
+        &self,
+        framed: &mut [u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<bool> {
+        let len = framed.len() - HEADER_LEN;
+        if !self.sends_whole(len, fds.len()) {
+            self.check_outgoing(len, fds.len())?;
             return Ok(false);
         }
         let Some(_guard) = self.send_lock.try_lock() else {
             return Ok(false);
         };
-        self.send_whole(payload, fds)
+        framed[..HEADER_LEN].copy_from_slice(&whole_header(len, fds.len()));
+        whole_sent(|| sys::send_framed(self.fd.as_fd(), framed, fds))
     }
 
-    /// Whether a message goes out as one datagram, with no check beyond these two compares:
-    /// it fits one, and is within this side's limits (for a message within them, the same
-    /// as `fits_one_datagram`).
+    /// Whether a message of `len` bytes and `fds` fds goes out as one datagram, with no check
+    /// beyond these two compares: it fits one, and is within this side's limits (for a
+    /// message within them, the same as `fits_one_datagram`).
     #[inline(always)]
-    fn sends_whole(&self, payload: &[u8], fds: &[BorrowedFd<'_>]) -> bool {
-        payload.len() <= self.whole_len && fds.len() <= self.whole_fds
+    fn sends_whole(&self, len: usize, fds: usize) -> bool {
+        len <= self.whole_len && fds <= self.whole_fds
     }
 
     /// Refuses a message of `len` bytes and `fds` fds that is over this side's [`Limits`],
@@ -173,26 +205,6 @@ impl Socket {
             return Err(over_limits(len, fds, self.limits));
         }
         Ok(())
-    }
-
-    /// One `sendmsg` of a message that fits one datagram: `Ok(false)` if the socket buffer
-    /// is full. The caller holds the send lock.
-    #[inline(always)]
-    fn send_whole(&self, payload: &[u8], fds: &[BorrowedFd<'_>]) -> Result<bool> {
-        let header = Header {
-            kind: Kind::First,
-            fds: fds.len() as u16,
-            total_len: payload.len() as u32,
-            total_fds: fds.len() as u32,
-        };
-        loop {
-            return match sys::send(self.fd.as_fd(), &header.encode(), payload, fds) {
-                Ok(_) => Ok(true),
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => Ok(false),
-                Err(e) => Err(e.into()),
-            };
-        }
     }
 
     /// Sends as much of the message `cursor` tracks as the socket takes without waiting:
@@ -261,6 +273,32 @@ impl Socket {
                 }
             }
         }
+    }
+}
+
+/// The header of a message of `len` bytes and `fds` fds that goes out as one datagram.
+#[inline(always)]
+fn whole_header(len: usize, fds: usize) -> [u8; HEADER_LEN] {
+    Header {
+        kind: Kind::First,
+        fds: fds as u16,
+        total_len: len as u32,
+        total_fds: fds as u32,
+    }
+    .encode()
+}
+
+/// The outcome of `send`, one syscall sending one whole datagram: `Ok(false)` if the socket
+/// buffer is full; retried if a signal interrupted it.
+#[inline(always)]
+fn whole_sent(mut send: impl FnMut() -> std::io::Result<usize>) -> Result<bool> {
+    loop {
+        return match send() {
+            Ok(_) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => Ok(false),
+            Err(e) => Err(e.into()),
+        };
     }
 }
 
@@ -404,6 +442,68 @@ mod tests {
         n as usize
     }
 
+    /// The datagrams of a message sent from a framed buffer (`send(2)` without fds) are
+    /// byte for byte those `Socket::send` sends (`sendmsg` with the header apart), with and
+    /// without fds, in one datagram and in several; and each arrives whole, fds included.
+    #[test]
+    fn a_framed_message_goes_out_as_the_same_datagrams() {
+        use std::os::fd::FromRawFd;
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let raw = |socket: &Socket| {
+            let mut buf = vec![0; DATAGRAM_MAX + HEADER_LEN];
+            let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 4]);
+            let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+            let msg = ns::recvmsg::<()>(
+                socket.as_fd().as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                ns::MsgFlags::MSG_DONTWAIT | ns::MsgFlags::MSG_CMSG_CLOEXEC,
+            )
+            .unwrap();
+            let mut fds = 0;
+            for c in msg.cmsgs().unwrap() {
+                if let ns::ControlMessageOwned::ScmRights(received) = c {
+                    for fd in received {
+                        // SAFETY: the kernel just installed this fd for this process.
+                        drop(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+                        fds += 1;
+                    }
+                }
+            }
+            let len = msg.bytes;
+            buf.truncate(len);
+            (buf, fds)
+        };
+        for len in [0, 64, FIRST_MAX - 1, 3 * FIRST_MAX + 5] {
+            let payload: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+            for fds in [&[][..], &[file.as_fd()][..]] {
+                let (a, b) = Socket::pair().unwrap();
+                let mut framed = vec![0xee; HEADER_LEN];
+                framed.extend_from_slice(&payload);
+                a.send_framed(&mut framed, fds, None).unwrap();
+                let mut sent_framed = Vec::new();
+                while queued(&b) > 0 {
+                    sent_framed.push(raw(&b));
+                }
+                a.send(&payload, fds).unwrap();
+                let mut sent = Vec::new();
+                while queued(&b) > 0 {
+                    sent.push(raw(&b));
+                }
+                assert!(!sent.is_empty());
+                assert_eq!(sent_framed, sent, "{len} bytes, {} fds", fds.len());
+
+                a.send_framed(&mut framed, fds, None).unwrap();
+                let frame = b.recv().unwrap();
+                assert_eq!(frame.payload, payload);
+                assert_eq!(frame.fds.len(), fds.len());
+                let mut framed = vec![0; HEADER_LEN + len.min(64)];
+                assert!(a.try_send_framed(&mut framed, fds).unwrap());
+                assert_eq!(b.recv().unwrap().payload.len(), len.min(64));
+            }
+        }
+    }
+
     /// What a server shutting down looks for: a message of one datagram counts as stalled
     /// while it waits for room, and no longer once it is out; one that goes out at once
     /// never does.
@@ -412,8 +512,9 @@ mod tests {
         let (a, b) = Socket::pair().unwrap();
         let later = Instant::now() + Duration::from_secs(3600);
         let m = vec![7u8; 60 << 10];
+        let mut framed = vec![0; HEADER_LEN + m.len()];
         let mut queued = 0;
-        while a.try_send(&m, &[]).unwrap() {
+        while a.try_send_framed(&mut framed, &[]).unwrap() {
             queued += 1;
         }
         assert!(queued > 0);

@@ -843,29 +843,27 @@ impl Inner {
         // Most messages go out at once: encoded in this thread's buffer and sent without
         // waiting, they allocate nothing. One that would have to wait (the socket full, or
         // another message going out) takes the bytes along.
-        let (placed, unsent) = with_buffers(|payload, fds| {
-            payload.resize(envelope::LEN, 0);
-            envelope.write(payload);
-            let placed = self.lane.encode(&body, payload, fds, envelope.kind)?;
+        let (placed, unsent) = with_buffers(|framed, fds| {
+            let placed = self.lane.encode(&envelope, &body, framed, fds)?;
             let sent = match self.send_lock.try_lock() {
-                Ok(_lock) => self.socket().try_send(payload, fds),
-                // Refused here, as `try_send` would, before the bytes are taken along.
+                Ok(_lock) => self.socket().try_send_framed(framed, fds),
+                // Refused here, as `try_send_framed` would, before the bytes are taken along.
                 Err(_) => self
                     .socket()
-                    .check_outgoing(payload.len(), fds.len())
+                    .check_outgoing(framed.len() - envelope::FRAMED_AT, fds.len())
                     .map(|()| false),
             };
             match sent {
                 Ok(true) => Ok((placed, None)),
-                Ok(false) => Ok((placed, Some((std::mem::take(payload), fds.clone())))),
+                Ok(false) => Ok((placed, Some((std::mem::take(framed), fds.clone())))),
                 Err(e) => {
                     self.lane.abort(placed);
                     Err(e)
                 }
             }
         })?;
-        if let Some((payload, fds)) = unsent {
-            self.send_encoded(payload, &fds, placed).await?;
+        if let Some((framed, fds)) = unsent {
+            self.send_encoded(framed, &fds, placed).await?;
         }
         Ok(placed)
     }
@@ -876,20 +874,20 @@ impl Inner {
 
     async fn send_encoded(
         self: &Arc<Self>,
-        payload: Vec<u8>,
+        framed: Vec<u8>,
         fds: &[BorrowedFd<'_>],
         placed: u32,
     ) -> Result<()> {
         // Too large for the wire: never sent, so the placement goes back (from here on,
         // `Outgoing`'s drop gives it back if none of the message went out).
-        let cursor =
-            SendCursor::new(payload.len(), fds.len()).inspect_err(|_| self.lane.abort(placed))?;
+        let cursor = SendCursor::new(framed.len() - envelope::FRAMED_AT, fds.len())
+            .inspect_err(|_| self.lane.abort(placed))?;
         // Made before waiting for the lock, so that a send cancelled while it waits gives its
         // placement back too.
         let mut out = Outgoing {
             inner: self,
             cursor,
-            payload,
+            framed,
             fds,
             lock: None,
             finished: false,
@@ -899,7 +897,7 @@ impl Inner {
             Ok(lock) => lock,
             Err(_) => self.send_lock.clone().lock_owned().await,
         });
-        let result = drive(self, &mut out.cursor, &out.payload, out.fds).await;
+        let result = drive(self, &mut out.cursor, &out.framed, out.fds).await;
         out.finished = true;
         result
     }
@@ -911,12 +909,14 @@ impl Inner {
 }
 
 /// Sends what is left of the message `cursor` tracks, waiting for the socket to take it.
+/// `framed` is the message as it was encoded, after room for the transport's header.
 async fn drive(
     inner: &Inner,
     cursor: &mut SendCursor,
-    payload: &[u8],
+    framed: &[u8],
     fds: &[BorrowedFd<'_>],
 ) -> Result<()> {
+    let payload = &framed[envelope::FRAMED_AT..];
     // Try at once: the socket is writable far more often than not.
     if inner.socket().send_some(cursor, payload, fds)? {
         return Ok(());
@@ -943,7 +943,8 @@ async fn drive(
 struct Outgoing<'a, 'f> {
     inner: &'a Arc<Inner>,
     cursor: SendCursor,
-    payload: Vec<u8>,
+    /// The message after room for the transport's header (see `drive`).
+    framed: Vec<u8>,
     fds: &'a [BorrowedFd<'f>],
     lock: Option<OwnedMutexGuard<()>>,
     finished: bool,
@@ -975,7 +976,7 @@ impl Drop for Outgoing<'_, '_> {
         let rest = Remainder {
             inner: self.inner.clone(),
             cursor,
-            payload: std::mem::take(&mut self.payload),
+            framed: std::mem::take(&mut self.framed),
             fds,
             _lock: self.lock.take(),
             finished: false,
@@ -985,7 +986,7 @@ impl Drop for Outgoing<'_, '_> {
             let mut rest = rest;
             let fds: Vec<BorrowedFd<'_>> = rest.fds.iter().map(|fd| fd.as_fd()).collect();
             // An error has shut the socket down already (`send_some` does, part-way).
-            let _ = drive(&rest.inner, &mut rest.cursor, &rest.payload, &fds).await;
+            let _ = drive(&rest.inner, &mut rest.cursor, &rest.framed, &fds).await;
             rest.finished = true;
         });
     }
@@ -997,7 +998,7 @@ impl Drop for Outgoing<'_, '_> {
 struct Remainder {
     inner: Arc<Inner>,
     cursor: SendCursor,
-    payload: Vec<u8>,
+    framed: Vec<u8>,
     fds: Vec<OwnedFd>,
     _lock: Option<OwnedMutexGuard<()>>,
     finished: bool,
