@@ -76,7 +76,7 @@ impl Socket {
             return self.send_pieces(&framed[HEADER_LEN..], fds, deadline);
         }
         let _guard = self.lock_send(deadline)?;
-        framed[..HEADER_LEN].copy_from_slice(&whole_header(len, fds.len()));
+        let framed = write_whole_header(framed, fds.len());
         let send = || sys::send_framed(self.fd.as_fd(), framed, fds);
         if whole_sent(send)? {
             return Ok(());
@@ -183,7 +183,7 @@ impl Socket {
         let Some(_guard) = self.send_lock.try_lock() else {
             return Ok(false);
         };
-        framed[..HEADER_LEN].copy_from_slice(&whole_header(len, fds.len()));
+        let framed = write_whole_header(framed, fds.len());
         whole_sent(|| sys::send_framed(self.fd.as_fd(), framed, fds))
     }
 
@@ -286,6 +286,15 @@ fn whole_header(len: usize, fds: usize) -> [u8; HEADER_LEN] {
         total_fds: fds as u32,
     }
     .encode()
+}
+
+/// `framed` (a message after [`HEADER_LEN`] bytes of room) with the header of a message of
+/// one datagram carrying `fds` fds written into the room, ready to go out whole.
+#[inline(always)]
+fn write_whole_header(framed: &mut [u8], fds: usize) -> &[u8] {
+    let len = framed.len() - HEADER_LEN;
+    framed[..HEADER_LEN].copy_from_slice(&whole_header(len, fds));
+    framed
 }
 
 /// The outcome of `send`, one syscall sending one whole datagram: `Ok(false)` if the socket
