@@ -17,8 +17,9 @@
 //!
 //! `--send` compares, in one thread over a socketpair, a 64 B datagram without fds (16 B
 //! header + payload) sent with `sendmsg` and two iovecs (the floor's way) and with `send` of
-//! one buffer (typed-ipc's way since the tenth session), each received with `recvmsg`; and,
-//! for reference, received with `recv` (which cannot take fds). Rounds of each way are
+//! one buffer (typed-ipc's way since the tenth session), each received with `recvmsg` of two
+//! iovecs (header, payload); then `send` with a `recvmsg` of one iovec; and, for reference,
+//! received with `recv` (which cannot take fds). Rounds of each way are
 //! interleaved; prints the median and the 10th percentile of the rounds.
 //!
 //! After those, the async flavour's 64 B `echo`: a second worker serves `AsyncBench` on a
@@ -579,8 +580,9 @@ fn send_or_sendmsg() -> Res<()> {
     let framed = [0xa5u8; 16 + 64];
     let (header, payload) = framed.split_at(16);
     let ways = [
-        "`sendmsg` (two iovecs) + `recvmsg` (the floor)",
-        "`send` (one buffer) + `recvmsg` (typed-ipc)",
+        "`sendmsg` (two iovecs) + `recvmsg` (two iovecs: the floor)",
+        "`send` (one buffer) + `recvmsg` (two iovecs: header, payload)",
+        "`send` + `recvmsg` (one iovec)",
         "`send` + `recv` (no fds can be received)",
     ];
     let (rounds, per_round) = (31, 20_000u32);
@@ -601,6 +603,12 @@ fn send_or_sendmsg() -> Res<()> {
                     send_plain(a.as_fd(), &framed)?;
                 }
                 if way < 2 {
+                    let (head, rest) = buf.split_at_mut(16);
+                    sys::recv(
+                        b.as_fd(),
+                        &mut [IoSliceMut::new(head), IoSliceMut::new(rest)],
+                    )?;
+                } else if way == 2 {
                     sys::recv(b.as_fd(), &mut [IoSliceMut::new(&mut buf)])?;
                 } else {
                     // SAFETY: `buf` is live and writable for the length of the call.
