@@ -6,6 +6,7 @@
 # counts are those of `--bin instructions`).
 #
 #   ipc-bench/scripts/attribute.sh [LEN] [LINES]     # LEN bytes per call (64), LINES shown (40)
+#   FEATURES=echo-fd ipc-bench/scripts/attribute.sh  # echo_fd calls, one fd each way
 set -euo pipefail
 
 len=${1:-64}
@@ -16,7 +17,8 @@ out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 
 CARGO_TARGET_DIR=$target CARGO_PROFILE_RELEASE_DEBUG=line-tables-only \
-    cargo build -q --manifest-path "$root/Cargo.toml" -p ipc-bench --release --bin instructions
+    cargo build -q --manifest-path "$root/Cargo.toml" -p ipc-bench --release --bin instructions \
+    --features "${FEATURES:-}"
 binary=$target/release/instructions
 for calls in 2000 12000; do
     mkdir "$out/$calls"
@@ -28,7 +30,7 @@ for side in client server; do
     if [ $side = client ]; then pick=-l; else pick=-L; fi
     a=$(grep $pick -e --client "$out"/2000/*)
     b=$(grep $pick -e --client "$out"/12000/*)
-    echo "== $side, echo(Vec<u8>) of $len bytes"
+    echo "== $side, ${FEATURES:+($FEATURES) }echo of $len bytes"
     python3 "$root/ipc-bench/scripts/attribute.py" "$a" "$b" 10000 "$binary" "$shown"
     echo
 done

@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! cargo run -p ipc-bench --release --bin instructions -- [--len BYTES]
+//! cargo run -p ipc-bench --release --bin instructions --features echo-fd   # one fd each way
 //! ```
 //!
 //! Runs this binary twice under `valgrind --tool=callgrind --trace-children=yes`: a client
@@ -64,10 +65,24 @@ fn client(args: &[String]) -> Res<()> {
     let (mut child, connection) = Worker::spawn(command)?;
     let client = BenchClient::new(connection);
     let payload = vec![0xa5; len];
+    #[cfg(not(feature = "echo-fd"))]
     for _ in 0..calls {
         let back = client.echo(payload.clone())?;
         if back.len() != len {
             return Err(format!("echo returned {} bytes, sent {len}", back.len()).into());
+        }
+    }
+    #[cfg(feature = "echo-fd")]
+    {
+        let mut fd: std::os::fd::OwnedFd = std::fs::File::open("/dev/null")?.into();
+        for _ in 0..calls {
+            let back = client.echo_fd(payload.clone(), fd)?;
+            if back.data.len() != len {
+                return Err(
+                    format!("echo_fd returned {} bytes, sent {len}", back.data.len()).into(),
+                );
+            }
+            fd = back.fd; // the fd goes round and round: one open fd, as in the benchmark
         }
     }
     drop(client);
@@ -114,7 +129,12 @@ fn parent(args: &[String]) -> Res<()> {
     std::fs::remove_dir_all(&dir)?;
     let per_call =
         |side: usize| (totals[1][side] - totals[0][side]) as f64 / (RUNS[1] - RUNS[0]) as f64;
-    println!("| `echo(Vec<u8>)` {len} B | client | server |");
+    let call = if cfg!(feature = "echo-fd") {
+        "echo_fd(Vec<u8>, OwnedFd)"
+    } else {
+        "echo(Vec<u8>)"
+    };
+    println!("| `{call}` {len} B | client | server |");
     println!("| --- | ---: | ---: |");
     println!(
         "| instructions per call | {:.0} | {:.0} |",
