@@ -607,3 +607,49 @@ fn a_call_runs_after_the_oneways_sent_before_it() {
         });
     }
 }
+
+/// `#[interface(name = "...")]` in the async flavour: the name is the interface's on the wire,
+/// so a blocking client of the same name and methods reaches an async server of it.
+mod async_named {
+    #[typed_ipc::interface(name = "org.example.Named")]
+    pub trait Named {
+        async fn answer(&self) -> u32;
+    }
+
+    pub struct Impl;
+
+    impl Named for Impl {
+        async fn answer(&self) -> u32 {
+            42
+        }
+    }
+}
+
+mod blocking_named {
+    #[typed_ipc::interface(name = "org.example.Named")]
+    pub trait Named {
+        fn answer(&self) -> u32;
+    }
+}
+
+#[test]
+fn an_async_server_answers_under_its_wire_name() {
+    assert_eq!(async_named::NAMED_INFO.name, "org.example.Named");
+    let (ours, theirs) = Socket::pair().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .unwrap();
+    let server = std::thread::spawn(move || {
+        runtime.block_on(async move {
+            let conn = AsyncConnection::new(theirs).unwrap();
+            async_named::NamedServer::new(async_named::Impl)
+                .serve(conn)
+                .await
+        })
+    });
+    let client = blocking_named::NamedClient::new(Connection::new(ours));
+    assert_eq!(client.answer().unwrap(), 42);
+    drop(client);
+    server.join().unwrap().unwrap();
+}

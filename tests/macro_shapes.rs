@@ -550,6 +550,99 @@ fn a_refused_caller_learns_nothing_of_what_is_served() {
     server.join().unwrap().unwrap();
 }
 
+/// Two plugins that each call their interface `Control`: named on the wire, both are
+/// served on one connection, each answering its own clients.
+mod camera_plugin {
+    #[typed_ipc::interface(name = "org.example.camera.Control")]
+    pub trait Control {
+        fn exposure(&self) -> u32;
+    }
+
+    pub struct Impl;
+
+    impl Control for Impl {
+        fn exposure(&self) -> u32 {
+            33
+        }
+    }
+}
+
+mod audio_plugin {
+    #[typed_ipc::interface(name = "org.example.audio.Control")]
+    pub trait Control {
+        fn volume(&self) -> u8;
+    }
+
+    pub struct Impl;
+
+    impl Control for Impl {
+        fn volume(&self) -> u8 {
+            7
+        }
+    }
+}
+
+/// The same trait as `camera_plugin`'s, under its Rust name only: another interface on the
+/// wire.
+mod unnamed_camera_plugin {
+    #[typed_ipc::interface]
+    pub trait Control {
+        fn exposure(&self) -> u32;
+    }
+}
+
+#[test]
+fn traits_of_one_name_are_told_apart_by_their_wire_names() {
+    let _serial = serial();
+    assert_eq!(
+        camera_plugin::CONTROL_INFO.name,
+        "org.example.camera.Control"
+    );
+    assert_eq!(
+        camera_plugin::CONTROL_INFO.id,
+        typed_ipc::service::fnv1a(b"org.example.camera.Control")
+    );
+    assert_ne!(
+        camera_plugin::CONTROL_INFO.id,
+        audio_plugin::CONTROL_INFO.id
+    );
+    assert_eq!(unnamed_camera_plugin::CONTROL_INFO.name, "Control");
+    // A name changes the id, not what the methods look like.
+    assert_eq!(
+        camera_plugin::CONTROL_INFO.signature,
+        unnamed_camera_plugin::CONTROL_INFO.signature
+    );
+
+    let (a, b) = Connection::pair().unwrap();
+    let server = typed_ipc::Server::new()
+        .service(camera_plugin::ControlServer::new(camera_plugin::Impl))
+        .service(audio_plugin::ControlServer::new(audio_plugin::Impl));
+    let server = std::thread::spawn(move || server.serve(&b));
+    assert_eq!(
+        camera_plugin::ControlClient::new(a.clone())
+            .exposure()
+            .unwrap(),
+        33
+    );
+    assert_eq!(
+        audio_plugin::ControlClient::new(a.clone())
+            .volume()
+            .unwrap(),
+        7
+    );
+    // Without the name, the same methods are another interface, which this server does not
+    // serve: the error names what it serves.
+    match unnamed_camera_plugin::ControlClient::new(a.clone()).exposure() {
+        Err(Error::InterfaceMismatch(why)) => {
+            assert!(why.contains("org.example.camera.Control"), "{why}");
+            assert!(why.contains("org.example.audio.Control"), "{why}");
+        }
+        other => panic!("expected Error::InterfaceMismatch, got {other:?}"),
+    }
+    drop(a);
+    server.join().unwrap().unwrap();
+}
+
 #[test]
 fn interface_info_describes_the_trait() {
     assert_eq!(SHAPES_INFO.name, "Shapes");

@@ -139,7 +139,7 @@ impl<'a> Generator<'a> {
     /// `<TRAIT>_INFO`: what both ends compare before a call.
     fn info_static(&self) -> TokenStream {
         let (p, vis, info, name) = (private(), &self.iface.vis, &self.info, &self.iface.name);
-        let name_text = name.unraw().to_string();
+        let name_text = &self.iface.wire_name;
         let name_bytes = LitByteStr::new(name_text.as_bytes(), Span::call_site());
         let signature = self.iface.canonical_signature();
         let signature = LitByteStr::new(signature.as_bytes(), Span::call_site());

@@ -66,6 +66,24 @@ use quote::quote;
 ///   decodes as an error or, if its encoding happens to fit, as wrong values. Rebuild both
 ///   ends when a shared type changes, or version the type itself.
 ///
+/// # The interface's name
+///
+/// On the wire an interface is known by its name (a request carries the name's 32-bit FNV-1a
+/// hash): by default the trait's name, so two traits called `Control` in two plugins are one
+/// interface to a connection, and serving both on one connection would replace the first
+/// with the second. Give each a name of its own:
+///
+/// ```ignore
+/// #[interface(name = "org.example.camera.Control")]
+/// pub trait Control { /* ... */ }
+/// ```
+///
+/// The name is what both ends compare and what error messages and `TYPED_IPC_DEBUG` lines
+/// show; the generated items are still named after the trait, so renaming the trait while
+/// keeping the name keeps the wire. It takes up to 128 bytes, without spaces or control
+/// characters. Both ends must use the same name, and a client of another name gets
+/// `Error::InterfaceMismatch` listing what the server serves.
+///
 /// # The async flavour
 ///
 /// A trait whose methods are all `async fn` gets an async client and server on tokio instead

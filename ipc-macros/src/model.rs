@@ -14,6 +14,9 @@ pub struct Interface {
     pub flavour: Flavour,
     /// The trait's name; the generated items are named after it.
     pub name: Ident,
+    /// The interface's name on the wire, which both ends compare (its hash is the
+    /// interface's id): `#[interface(name = "...")]`, or else the trait's name.
+    pub wire_name: String,
     /// The trait's visibility, given to every generated item.
     pub vis: Visibility,
     /// The methods, in declaration order.

@@ -36,16 +36,12 @@ pub fn interface(attr: TokenStream, item: TokenStream) -> Result<Interface, Reje
         Err(error) => return Err(Rejected { item, error }),
     };
     let mut errors = Errors::default();
-    if !attr.is_empty() {
-        errors.push(syn::Error::new_spanned(
-            attr,
-            "#[interface] takes no arguments",
-        ));
-    }
+    let wire_name = wire_name(attr, &mut errors).unwrap_or_else(|| item.ident.unraw().to_string());
     let methods = methods(&mut item, &mut errors);
     let flavour = flavour(&item, &mut errors);
     match errors.0 {
         None => Ok(Interface {
+            wire_name,
             name: item.ident.clone(),
             vis: item.vis.clone(),
             flavour,
@@ -65,6 +61,67 @@ pub fn interface(attr: TokenStream, item: TokenStream) -> Result<Interface, Reje
                 error,
             })
         }
+    }
+}
+
+/// The longest name `#[interface(name = "...")]` takes: it travels in error replies and
+/// traces, so it stays a name, not a document.
+const MAX_WIRE_NAME: usize = 128;
+
+/// `#[interface(name = "...")]`: the name the interface has on the wire (its id is this
+/// name's hash) and in error messages, when the trait's own name is not distinct enough
+/// (`None` when not given, or if the arguments are wrong, which `errors` then says).
+fn wire_name(attr: TokenStream, errors: &mut Errors) -> Option<String> {
+    if attr.is_empty() {
+        return None;
+    }
+    const USAGE: &str = "#[interface] takes one optional argument, the interface's name on the \
+                         wire: `#[interface(name = \"org.example.Ipa\")]`";
+    let mut name: Option<syn::LitStr> = None;
+    let parser = syn::meta::parser(|meta| {
+        if !meta.path.is_ident("name") {
+            return Err(meta.error(USAGE));
+        }
+        let lit: syn::LitStr = meta.value()?.parse().map_err(|e| {
+            syn::Error::new(
+                e.span(),
+                "the name is a string literal: `name = \"org.example.Ipa\"`",
+            )
+        })?;
+        if name.is_some() {
+            return Err(syn::Error::new(lit.span(), "the name is given twice"));
+        }
+        name = Some(lit);
+        Ok(())
+    });
+    if let Err(error) = syn::parse::Parser::parse2(parser, attr.clone()) {
+        errors.push(error);
+        return None;
+    }
+    let lit = name?;
+    let text = lit.value();
+    let bad = if text.is_empty() {
+        Some("the interface's name cannot be empty".to_string())
+    } else if text.len() > MAX_WIRE_NAME {
+        Some(format!(
+            "the interface's name is {} bytes long; at most {MAX_WIRE_NAME} are allowed",
+            text.len()
+        ))
+    } else if text.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        Some(
+            "the interface's name cannot hold spaces or control characters: write it like \
+             `org.example.Ipa`"
+                .to_string(),
+        )
+    } else {
+        None
+    };
+    match bad {
+        Some(message) => {
+            errors.push(syn::Error::new(lit.span(), message));
+            None
+        }
+        None => Some(text),
     }
 }
 

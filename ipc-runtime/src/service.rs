@@ -14,7 +14,7 @@ use crate::socket::PeerCredentials;
 /// same interface.
 #[derive(Debug)]
 pub struct InterfaceInfo {
-    /// The trait's name.
+    /// The interface's name: the trait's, or the one `#[interface(name = "...")]` gives.
     pub name: &'static str,
     /// [`fnv1a`] of `name`: how requests name their interface on the wire.
     pub id: u32,

@@ -301,7 +301,9 @@ impl Connection {
 
     /// Answers calls to `service`'s interface on this connection, from the threads that run
     /// [`Connection::run`]. Several interfaces can be served on one connection; serving an
-    /// interface twice replaces the first.
+    /// interface twice replaces the first. Interfaces are told apart by name (the trait's, or
+    /// the one `#[interface(name = "...")]` gives), so two traits of one name need names of
+    /// their own to be served side by side.
     pub fn add_service(&self, service: impl Service) {
         let info = service.info();
         let service: Arc<dyn Service> = Arc::new(service);

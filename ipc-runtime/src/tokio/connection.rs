@@ -284,7 +284,8 @@ impl AsyncConnection {
     }
 
     /// Answers calls to `service`'s interface on this connection. Several interfaces can be
-    /// served on one connection; serving an interface twice replaces the first.
+    /// served on one connection; serving an interface twice replaces the first. Interfaces are
+    /// told apart by name (the trait's, or the one `#[interface(name = "...")]` gives).
     ///
     /// Requests that arrive before the first service is added (or [`AsyncConnection::run`] is
     /// called) wait for it, as they would wait for a serving thread in the blocking flavour,
