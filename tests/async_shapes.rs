@@ -653,3 +653,20 @@ fn an_async_server_answers_under_its_wire_name() {
     drop(client);
     server.join().unwrap().unwrap();
 }
+
+#[test]
+fn an_async_server_refuses_an_interface_it_serves_already() {
+    let added = std::panic::catch_unwind(|| {
+        typed_ipc::tokio::AsyncServer::new()
+            .service(async_named::NamedServer::new(async_named::Impl))
+            .service(async_named::NamedServer::new(async_named::Impl))
+    });
+    let panic = added
+        .err()
+        .expect("the second `org.example.Named` is refused");
+    let message = panic.downcast_ref::<String>().expect("a formatted message");
+    assert!(
+        message.contains("AsyncServer::service: interface `org.example.Named` is already served"),
+        "{message}"
+    );
+}

@@ -589,6 +589,54 @@ mod unnamed_camera_plugin {
     pub trait Control {
         fn exposure(&self) -> u32;
     }
+
+    impl Control for super::camera_plugin::Impl {
+        fn exposure(&self) -> u32 {
+            34
+        }
+    }
+}
+
+/// Another plugin's `Control`, unnamed too: the wire cannot tell it from the one above.
+mod unnamed_audio_plugin {
+    #[typed_ipc::interface]
+    pub trait Control {
+        fn volume(&self) -> u8;
+    }
+
+    impl Control for super::audio_plugin::Impl {
+        fn volume(&self) -> u8 {
+            8
+        }
+    }
+}
+
+#[test]
+fn a_server_refuses_two_interfaces_the_wire_cannot_tell_apart() {
+    let added = std::panic::catch_unwind(|| {
+        typed_ipc::Server::new()
+            .service(unnamed_camera_plugin::ControlServer::new(
+                camera_plugin::Impl,
+            ))
+            .service(unnamed_audio_plugin::ControlServer::new(audio_plugin::Impl))
+    });
+    let panic = added.err().expect("the second `Control` is refused");
+    let message = panic.downcast_ref::<String>().expect("a formatted message");
+    assert!(
+        message.contains("interface `Control` is already served"),
+        "{message}"
+    );
+    assert!(
+        message.contains("#[interface(name = \"...\")]"),
+        "{message}"
+    );
+    // Named, both are served (`traits_of_one_name_are_told_apart_by_their_wire_names`); and
+    // an unnamed `Control` beside a named one is another interface too.
+    typed_ipc::Server::new()
+        .service(unnamed_camera_plugin::ControlServer::new(
+            camera_plugin::Impl,
+        ))
+        .service(camera_plugin::ControlServer::new(camera_plugin::Impl));
 }
 
 #[test]

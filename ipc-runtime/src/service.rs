@@ -51,6 +51,24 @@ impl InterfaceInfo {
     }
 }
 
+/// Panics if `adding` has the id of an interface in `served`: a server builder given two
+/// services that the wire cannot tell apart would otherwise let the second replace the first
+/// without a word.
+pub(crate) fn assert_distinct<'i>(
+    served: impl IntoIterator<Item = &'i InterfaceInfo>,
+    adding: &InterfaceInfo,
+    builder: &str,
+) {
+    if let Some(other) = served.into_iter().find(|s| s.id == adding.id) {
+        panic!(
+            "{builder}::service: interface `{}` is already served as `{}`, and the two cannot \
+             be told apart on the wire (interfaces are known by name): give the traits names \
+             of their own with #[interface(name = \"...\")], or serve each once",
+            adding.name, other.name
+        );
+    }
+}
+
 /// FNV-1a, 32 bits: stable across builds and platforms, and usable in `const` items.
 pub const fn fnv1a(bytes: &[u8]) -> u32 {
     let mut hash: u32 = 0x811c_9dc5;

@@ -53,7 +53,18 @@ impl AsyncServer {
     }
 
     /// Serves `service`'s interface too.
+    ///
+    /// # Panics
+    ///
+    /// If an interface of the same name is served already: the second would replace the
+    /// first on every connection. Two traits of one name take names of their own with
+    /// `#[interface(name = "...")]`.
     pub fn service(mut self, service: impl AsyncService) -> AsyncServer {
+        crate::service::assert_distinct(
+            self.services.iter().map(|s| s.info()),
+            service.info(),
+            "AsyncServer",
+        );
         self.services.push(Arc::new(service));
         self
     }
