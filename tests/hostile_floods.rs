@@ -280,6 +280,10 @@ fn a_pool_stops_reading_oneways_it_cannot_run() {
 /// Only guards against a hang: a test that waits this long has failed anyway.
 const HANG_GUARD: Duration = Duration::from_secs(30);
 
+/// The shutdown tests' `shutdown_stall_limit`: short, so that they do not wait the default
+/// 5 s for the client that does not read, yet far from the guard above.
+const STALL_LIMIT: Duration = Duration::from_millis(200);
+
 /// Says it has started, then waits for its release before it replies.
 #[interface]
 pub trait Held {
@@ -333,9 +337,10 @@ fn cut_within(socket: &Socket, guard: Duration) -> bool {
 
 /// `Serving::shutdown` lets every call in flight send its reply, and a reply waits as long as
 /// its client does not read: such a client kept `shutdown` (and `Serving`'s drop) from
-/// returning until it hung up. Now a reply that has waited 5 s for room without any of it
-/// going out gives up, and that client's connection is shut down; a client that reads still
-/// gets the reply of its call in flight, which here finishes only after that.
+/// returning until it hung up. Now a reply that has waited for room without any of it going
+/// out for the server's limit (5 s by default; [`STALL_LIMIT`] here) gives up, and that
+/// client's connection is shut down; a client that reads still gets the reply of its call in
+/// flight, which here finishes only after that.
 #[test]
 fn shutdown_returns_although_a_client_does_not_read_its_reply() {
     let _fds = common::fd_count_lock();
@@ -350,6 +355,7 @@ fn shutdown_returns_although_a_client_does_not_read_its_reply() {
             entered,
             release: std::sync::Mutex::new(released),
         }))
+        .shutdown_stall_limit(STALL_LIMIT)
         .listen(Listener::bind_abstract(&name).unwrap())
         .unwrap();
     let good = HeldClient::new(Connection::connect_abstract(&name).unwrap());
@@ -408,6 +414,7 @@ fn async_shutdown_returns_although_a_client_does_not_read_its_reply() {
                 entered,
                 release: release.clone(),
             }))
+            .shutdown_stall_limit(STALL_LIMIT)
             .listen(AsyncListener::bind_abstract(&name).unwrap())
     };
     let connection = runtime

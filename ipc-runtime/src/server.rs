@@ -37,11 +37,18 @@ type SharedAuthorizer =
 /// serving.shutdown();
 /// # Ok(()) }
 /// ```
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Server {
     services: Vec<Arc<dyn Service>>,
     threads: usize,
     authorizer: Option<SharedAuthorizer>,
+    stall_limit: Duration,
+}
+
+impl Default for Server {
+    fn default() -> Server {
+        Server::new()
+    }
 }
 
 impl Server {
@@ -52,6 +59,7 @@ impl Server {
             services: Vec::new(),
             threads: 1,
             authorizer: None,
+            stall_limit: stall::DEFAULT_LIMIT,
         }
     }
 
@@ -85,6 +93,18 @@ impl Server {
             "Server::threads(0): a server needs at least one thread"
         );
         self.threads = n;
+        self
+    }
+
+    /// How long, once [`Serving::shutdown`] has begun, a send to a client (a reply, or a call
+    /// or oneway a handler makes) may wait for room with none of its message going out before
+    /// that client is hung up on: 5 seconds unless set. A client that reads is never hung up
+    /// on, however long its replies take to go out; a shorter limit ends a shutdown sooner
+    /// when a client has stopped reading, at the risk of cutting off one that is merely slow
+    /// to be scheduled. Only the shutdown uses it: while serving, a send waits for a client
+    /// that does not read for as long as the client stays connected.
+    pub fn shutdown_stall_limit(mut self, limit: Duration) -> Server {
+        self.stall_limit = limit;
         self
     }
 
@@ -140,6 +160,7 @@ impl Server {
     /// (`ECONNREFUSED`) instead of left waiting, and [`Serving::accepting`] returns it; the
     /// clients already connected are served on.
     pub fn listen(self, listener: Listener) -> Result<Serving> {
+        let stall_limit = self.stall_limit;
         let listener = Arc::new(listener);
         let clients: Arc<Mutex<Vec<Client>>> = Arc::default();
         let ended: Arc<Mutex<Option<Error>>> = Arc::default();
@@ -156,6 +177,7 @@ impl Server {
             })?
         };
         Ok(Serving {
+            stall_limit,
             listener,
             clients,
             acceptor: Some(acceptor),
@@ -251,6 +273,8 @@ fn back_off(wait: Duration, clients: &Mutex<Vec<Client>>, stop: &Receiver<()>) -
 
 /// A [`Server`] accepting clients on a listener. Dropping it shuts it down.
 pub struct Serving {
+    /// [`Server::shutdown_stall_limit`].
+    stall_limit: Duration,
     listener: Arc<Listener>,
     clients: Arc<Mutex<Vec<Client>>>,
     acceptor: Option<JoinHandle<()>>,
@@ -281,7 +305,8 @@ impl Serving {
     ///
     /// A reply waits for room in its client's socket buffer, and a client that does not read
     /// would make it wait for good: so once a send to a client (a reply, or a call or oneway a
-    /// handler makes) has waited 5 seconds with none of its message going out, that client's
+    /// handler makes) has waited 5 seconds ([`Server::shutdown_stall_limit`]) with none of its
+    /// message going out, that client's
     /// connection is shut down (and stderr says so), the send fails as if the client had hung
     /// up, and the shutdown goes on. A client that reads gets its replies, however long they
     /// take to go out, and the other clients are not affected. Handlers still running are
@@ -309,7 +334,7 @@ impl Serving {
         // A reply its client does not read must not hold the shutdown up for good.
         let (ended, watch_ended) = mpsc::channel::<()>();
         let connections = clients.iter().map(|c| c.connection.clone()).collect();
-        let watch = stall::watch(connections, move || drop(ended));
+        let watch = stall::watch(connections, self.stall_limit, move || drop(ended));
         for client in clients {
             let _ = client.thread.join();
             client.connection.close();

@@ -2,7 +2,9 @@
 //! the async flavour's): it lets the calls in flight send their replies, and a reply to a
 //! client that does not read would wait for room in the socket buffer for good. A thread of
 //! the shutdown's own watches the clients' sockets meanwhile and shuts down the connection of
-//! any client whose send has made no progress for [`STALL_LIMIT`]: the send then fails at once
+//! any client whose send has made no progress for the server's limit
+//! ([`Server::shutdown_stall_limit`](crate::Server::shutdown_stall_limit), 5 s unless set;
+//! [`DEFAULT_LIMIT`]): the send then fails at once
 //! (`EPIPE`, [`Error::Disconnected`](crate::Error::Disconnected)), as if the client had hung
 //! up. Nothing of this runs before a shutdown: a send that has to wait only notes since when
 //! ([`Socket::send_stalled_for`]), and one that goes out at once does not even do that.
@@ -14,8 +16,12 @@ use crate::connection::{Connection, trace};
 use crate::socket::Socket;
 
 /// How long, once its server is shutting down, a send to a client may wait for room with none
-/// of its message going out before that client's connection is shut down.
-pub(crate) const STALL_LIMIT: Duration = Duration::from_secs(5);
+/// of its message going out before that client's connection is shut down, unless the server
+/// says otherwise. Long enough for a client that reads to be scheduled on a loaded machine.
+pub(crate) const DEFAULT_LIMIT: Duration = Duration::from_secs(5);
+
+/// The watch looks at the sends at most this often, however short the limit.
+const MIN_WAKE: Duration = Duration::from_millis(10);
 
 /// A client's connection, as the watch sees it.
 pub(crate) trait Watched: Send + 'static {
@@ -44,13 +50,14 @@ impl Watched for crate::tokio::AsyncConnection {
     }
 }
 
-/// Starts a thread that shuts down each of `clients` whose send has waited [`STALL_LIMIT`]
-/// with none of its message going out, until the returned sender is dropped (or sent to);
+/// Starts a thread that shuts down each of `clients` whose send has waited `limit` with none
+/// of its message going out, until the returned sender is dropped (or sent to);
 /// then it drops its clones of `clients` and runs `ended`. If the thread cannot be started,
 /// nothing can bound the wait: every client is shut down at once, `ended` is dropped, and
 /// `None` returned.
 pub(crate) fn watch<C: Watched + Clone>(
     clients: Vec<C>,
+    limit: Duration,
     ended: impl FnOnce() + Send + 'static,
 ) -> Option<Sender<()>> {
     let (stop, stopping) = mpsc::channel();
@@ -58,7 +65,7 @@ pub(crate) fn watch<C: Watched + Clone>(
     let started = std::thread::Builder::new()
         .name("typed-ipc-shutdown".into())
         .spawn(move || {
-            cut_stalled(watched, &stopping);
+            cut_stalled(watched, limit, &stopping);
             ended();
         });
     if started.is_err() {
@@ -71,29 +78,30 @@ pub(crate) fn watch<C: Watched + Clone>(
 /// The body of [`watch`]'s thread: it wakes when the first of the sends waiting now would
 /// reach the limit, or after the limit (a send that starts waiting later cannot reach it
 /// sooner).
-fn cut_stalled<C: Watched>(mut clients: Vec<C>, stopping: &Receiver<()>) {
+fn cut_stalled<C: Watched>(mut clients: Vec<C>, limit: Duration, stopping: &Receiver<()>) {
     loop {
         let now = Instant::now();
-        let mut next = STALL_LIMIT;
+        let mut next = limit;
         clients.retain(|client| match client.socket().send_stalled_for(now) {
-            Some(stalled) if stalled >= STALL_LIMIT => {
+            Some(stalled) if stalled >= limit => {
                 client.close();
                 let peer = client.socket().peer_credentials();
                 let pid = peer.map_or_else(|_| "?".into(), |p| p.pid.to_string());
                 trace::line(&format!(
                     "typed-ipc[{}]: shutting down: hung up on a client (pid {pid}) that \
-                     left a message unread for {} s",
+                     left a message unread for {limit:?}",
                     std::process::id(),
-                    STALL_LIMIT.as_secs()
                 ));
                 false
             }
             Some(stalled) => {
-                next = next.min(STALL_LIMIT - stalled);
+                next = next.min(limit - stalled);
                 true
             }
             None => true,
         });
+        // A limit of (nearly) zero must not make this a busy loop.
+        let next = next.max(MIN_WAKE);
         if !matches!(stopping.recv_timeout(next), Err(RecvTimeoutError::Timeout)) {
             return;
         }

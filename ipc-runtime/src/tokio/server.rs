@@ -40,10 +40,21 @@ type SharedAuthorizer =
 /// serving.shutdown().await;
 /// # Ok(()) }
 /// ```
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct AsyncServer {
     services: Vec<Arc<dyn AsyncService>>,
     authorizer: Option<SharedAuthorizer>,
+    stall_limit: Duration,
+}
+
+impl Default for AsyncServer {
+    fn default() -> AsyncServer {
+        AsyncServer {
+            services: Vec::new(),
+            authorizer: None,
+            stall_limit: stall::DEFAULT_LIMIT,
+        }
+    }
 }
 
 impl AsyncServer {
@@ -66,6 +77,15 @@ impl AsyncServer {
             "AsyncServer",
         );
         self.services.push(Arc::new(service));
+        self
+    }
+
+    /// How long, once [`AsyncServing::shutdown`] has begun, a send to a client may wait for
+    /// room with none of its message going out before that client is hung up on: 5 seconds
+    /// unless set. As the blocking flavour's
+    /// [`Server::shutdown_stall_limit`](crate::Server::shutdown_stall_limit).
+    pub fn shutdown_stall_limit(mut self, limit: Duration) -> AsyncServer {
+        self.stall_limit = limit;
         self
     }
 
@@ -118,6 +138,7 @@ impl AsyncServer {
     /// `ENOENT` for a path, whose socket file is removed), and [`AsyncServing::accepting`]
     /// returns it; the clients already connected are served on.
     pub fn listen(self, listener: AsyncListener) -> AsyncServing {
+        let stall_limit = self.stall_limit;
         let clients: Arc<Mutex<Vec<Client>>> = Arc::default();
         let ended: Arc<Mutex<Option<Error>>> = Arc::default();
         let acceptor = ::tokio::spawn({
@@ -134,6 +155,7 @@ impl AsyncServer {
             acceptor,
             clients,
             ended,
+            stall_limit,
         }
     }
 
@@ -197,6 +219,8 @@ pub struct AsyncServing {
     clients: Arc<Mutex<Vec<Client>>>,
     /// Why the acceptor stopped, if it stopped on its own.
     ended: Arc<Mutex<Option<Error>>>,
+    /// [`AsyncServer::shutdown_stall_limit`].
+    stall_limit: Duration,
 }
 
 impl AsyncServing {
@@ -228,7 +252,8 @@ impl AsyncServing {
     ///
     /// As in the blocking flavour ([`Serving::shutdown`](crate::Serving::shutdown)), a send
     /// to a client that does not read does not hold the shutdown up for good: once one has
-    /// waited 5 seconds with none of its message going out, that client's connection is shut
+    /// waited 5 seconds ([`AsyncServer::shutdown_stall_limit`]) with none of its message
+    /// going out, that client's connection is shut
     /// down and the send fails as if the client had hung up. A client that reads gets its
     /// replies, however long they take; handlers still running are waited for. The sends are
     /// watched from a thread of the shutdown's own, so this needs no time driver in the
@@ -247,7 +272,7 @@ impl AsyncServing {
         // A reply its client does not read must not hold the shutdown up for good.
         let (ended, watch_ended) = ::tokio::sync::oneshot::channel::<()>();
         let connections = clients.iter().map(|c| c.connection.clone()).collect();
-        let watch = stall::watch(connections, move || drop(ended));
+        let watch = stall::watch(connections, self.stall_limit, move || drop(ended));
         for client in clients {
             let _ = client.task.await;
             client.connection.close();
