@@ -60,11 +60,16 @@ pub(crate) fn assert_distinct<'i>(
     builder: &str,
 ) {
     if let Some(other) = served.into_iter().find(|s| s.id == adding.id) {
+        // Two names of one hash are as indistinguishable as one name twice.
+        let what = match other.name == adding.name {
+            true => String::new(),
+            false => format!(" (its name's hash is that of `{}`)", other.name),
+        };
         panic!(
-            "{builder}::service: interface `{}` is already served as `{}`, and the two cannot \
-             be told apart on the wire (interfaces are known by name): give the traits names \
-             of their own with #[interface(name = \"...\")], or serve each once",
-            adding.name, other.name
+            "{builder}::service: interface `{}` is already served{what}, and the wire cannot \
+             tell the two apart (interfaces are known by name): give the traits names of their \
+             own with #[interface(name = \"...\")], or serve each once",
+            adding.name
         );
     }
 }
