@@ -94,35 +94,28 @@ fn wire_name(attr: TokenStream, errors: &mut Errors) -> Option<String> {
         name = Some(lit);
         Ok(())
     });
-    if let Err(error) = syn::parse::Parser::parse2(parser, attr.clone()) {
+    if let Err(error) = syn::parse::Parser::parse2(parser, attr) {
         errors.push(error);
         return None;
     }
     let lit = name?;
     let text = lit.value();
-    let bad = if text.is_empty() {
-        Some("the interface's name cannot be empty".to_string())
+    let problem = if text.is_empty() {
+        "the interface's name cannot be empty".to_string()
     } else if text.len() > MAX_WIRE_NAME {
-        Some(format!(
+        format!(
             "the interface's name is {} bytes long; at most {MAX_WIRE_NAME} are allowed",
             text.len()
-        ))
-    } else if text.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        Some(
-            "the interface's name cannot hold spaces or control characters: write it like \
-             `org.example.Ipa`"
-                .to_string(),
         )
+    } else if text.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        "the interface's name cannot hold spaces or control characters: write it like \
+         `org.example.Ipa`"
+            .to_string()
     } else {
-        None
+        return Some(text);
     };
-    match bad {
-        Some(message) => {
-            errors.push(syn::Error::new(lit.span(), message));
-            None
-        }
-        None => Some(text),
-    }
+    errors.push(syn::Error::new(lit.span(), problem));
+    None
 }
 
 /// The trait's methods, checked one by one and then against each other.

@@ -61,9 +61,10 @@ pub(crate) fn assert_distinct<'i>(
 ) {
     if let Some(other) = served.into_iter().find(|s| s.id == adding.id) {
         // Two names of one hash are as indistinguishable as one name twice.
-        let what = match other.name == adding.name {
-            true => String::new(),
-            false => format!(" (its name's hash is that of `{}`)", other.name),
+        let what = if other.name == adding.name {
+            String::new()
+        } else {
+            format!(" (its name's hash is that of `{}`)", other.name)
         };
         panic!(
             "{builder}::service: interface `{}` is already served{what}, and the wire cannot \
