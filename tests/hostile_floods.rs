@@ -186,7 +186,7 @@ fn small_requests_held_count_their_size_not_the_receive_buffer() {
     });
 }
 
-/// The async flavour holds them up to the same bounds (`held`, in `tokio/connection.rs`),
+/// The async flavour holds them up to the same bounds (`held`, in `tokio/connection/mod.rs`),
 /// then ends the connection (126 MiB kept before the bounds).
 #[cfg(feature = "tokio")]
 #[test]

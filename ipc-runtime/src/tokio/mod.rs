@@ -10,15 +10,16 @@
 //!
 //! Everything runs on the tokio runtime the connection was created in, and no runtime thread
 //! ever blocks in a syscall: the socket is registered with tokio's [`AsyncFd`] and every
-//! `sendmsg`/`recvmsg` is non-blocking.
+//! `send`/`sendmsg`/`recvmsg` is non-blocking.
 //!
 //! - **One reader task per connection** receives whenever the socket is readable. A reply goes
 //!   to the call waiting for its cookie; a call request gets a task of its own, so a slow
 //!   handler stalls nobody else; oneway messages run one at a time, in the order sent, on one
 //!   task. The reader itself never waits for a handler or for a send.
 //! - **Sends** are whole messages. A message that fits one datagram (≤ 64 KiB, ≤ 253 fds) is
-//!   one non-blocking `sendmsg`; a larger one goes out a datagram at a time as the socket takes
-//!   them, under an async mutex so that no other message interleaves with it.
+//!   one non-blocking `send` (`sendmsg` when it carries fds, or once it has had to wait for
+//!   room or for another message to go out); a larger one goes out a datagram at a time as the
+//!   socket takes them, under an async mutex so that no other message interleaves with it.
 //! - **Cancellation**: dropping a call's future (a `select!`, a `timeout`, an aborted task) frees
 //!   its slot; a reply that comes later is dropped and its fds are closed. A message that was
 //!   part-way out when its future was dropped is finished by a task of its own (with copies of

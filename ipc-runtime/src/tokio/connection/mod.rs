@@ -1,0 +1,456 @@
+//! [`AsyncConnection`]: the blocking [`Connection`](crate::Connection)'s protocol, driven by
+//! tasks on a tokio runtime.
+//!
+//! What the peer's requests hold is bounded (`Inner::backlog`, the numbers in
+//! [`backlog`](crate::connection::backlog)): each request counts from the reader's receive
+//! until its handler has finished (its reply out). At the bounds the reader waits for `room`
+//! unless a call of this end waits for a reply; then it reads on, up to twice the bounds (or
+//! none past them with nothing serving), and ends the connection past that.
+
+mod calling;
+mod reader;
+mod sending;
+mod serving;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::path::Path;
+use std::pin::pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use parking_lot::{Mutex, MutexGuard, RwLock};
+
+use ::tokio::io::unix::AsyncFd;
+use ::tokio::runtime::Handle;
+use ::tokio::sync::{Mutex as AsyncMutex, Notify, mpsc, oneshot, watch};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::AsyncService;
+use super::envelope::{Envelope, Kind};
+use crate::connection::Authorizer;
+use crate::connection::backlog::{AtomicBacklog, Cost};
+use crate::connection::lane::Lane;
+use crate::connection::trace;
+use crate::error::{Error, Result};
+use crate::frame::Frame;
+use crate::service::InterfaceInfo;
+use crate::socket::{PeerCredentials, Socket};
+use reader::read_loop;
+
+/// A connection to a peer process on a tokio runtime: the async flavour of
+/// [`Connection`](crate::Connection), speaking the same protocol.
+///
+/// Cloning is cheap and clones share the connection. It has tasks of its own on the runtime
+/// it was created in (see the [module docs](super)): calls and served interfaces work as long
+/// as that runtime runs. When the last clone is dropped the connection shuts down: the peer
+/// sees a hang-up and the tasks end.
+#[derive(Clone)]
+pub struct AsyncConnection {
+    inner: Arc<Inner>,
+    /// Held by the user's clones only (not by the connection's own tasks): the last one to go
+    /// shuts the connection down.
+    _owner: Arc<Owner>,
+}
+
+/// Shuts the connection down when the last [`AsyncConnection`] is dropped.
+struct Owner(Arc<Inner>);
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        self.0.hang_up(Socket::shutdown);
+    }
+}
+
+/// The socket, as tokio's `AsyncFd` wants it.
+struct Registered(Socket);
+
+impl AsRawFd for Registered {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+// SAFETY: a `Socket` owns its fd and closes it only when dropped.
+unsafe impl super::OwnsFd for Registered {}
+
+pub(super) struct Inner {
+    io: AsyncFd<Registered>,
+    peer: Option<PeerCredentials>,
+    runtime: Handle,
+    /// Held from the first datagram of a message to its last.
+    send_lock: Arc<AsyncMutex<()>>,
+    state: Mutex<State>,
+    next_cookie: AtomicU64,
+    services: RwLock<Vec<Arc<dyn AsyncService>>>,
+    authorizer: RwLock<Option<Box<Authorizer>>>,
+    tasks: Arc<Tasks>,
+    pub(super) trace: bool,
+    /// Byte strings through shared memory, as in the blocking flavour.
+    lane: Lane,
+    /// How many oneway messages have run (or been passed over once the connection ended):
+    /// a call waits until the oneways that arrived before it have run.
+    oneways_run: watch::Sender<u64>,
+    /// What the requests received and not finished hold (see
+    /// [`backlog`](crate::connection::backlog)): held, queued for the oneway task, or in
+    /// their handler's task until the reply is out.
+    backlog: AtomicBacklog,
+    /// The reader waits for `room`, at the backlog's bounds with no call of this end waiting
+    /// for a reply. Set under the state lock; a request that finishes or a call that starts
+    /// meanwhile signals `room`.
+    paused: AtomicBool,
+    room: Notify,
+    /// This end shut the socket down (`hang_up`): a reader waiting for room reads no more.
+    hung_up: AtomicBool,
+}
+
+#[derive(Default)]
+struct State {
+    /// Calls waiting for replies, by cookie. A dropped receiver is a cancelled call.
+    pending: HashMap<u64, oneshot::Sender<Result<Frame>>>,
+    /// Why the connection ended; once set, it stays.
+    closed: Option<Error>,
+    /// Someone serves on this connection: requests are handled as they arrive.
+    serving: bool,
+    /// Requests that arrived before anyone served, in order.
+    held: Vec<(Frame, Envelope, Cost)>,
+    /// The task that runs oneway messages in order, once there is one (as many as the
+    /// backlog's bounds let in).
+    oneways: Option<mpsc::UnboundedSender<(Frame, Envelope, Cost)>>,
+    /// How many oneway messages went to that task.
+    oneways_queued: u64,
+    /// That task is running (it may outlive `oneways`, finishing what it has).
+    oneway_task: bool,
+}
+
+/// The connection's tasks still running, so that [`AsyncConnection::run`] can wait for them.
+#[derive(Default)]
+struct Tasks {
+    count: AtomicUsize,
+    idle: Notify,
+}
+
+/// One running task; dropped last in the task, after its `Arc<Inner>`.
+struct TaskGuard(Arc<Tasks>);
+
+impl Tasks {
+    fn enter(self: &Arc<Self>) -> TaskGuard {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        TaskGuard(self.clone())
+    }
+}
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+impl AsyncConnection {
+    /// A connected pair, e.g. for two tasks, or for a test.
+    pub fn pair() -> Result<(AsyncConnection, AsyncConnection)> {
+        let (a, b) = Socket::pair()?;
+        Ok((AsyncConnection::new(a)?, AsyncConnection::new(b)?))
+    }
+
+    /// Connects to a [`Listener`](crate::Listener) (or an [`AsyncListener`](super::AsyncListener))
+    /// bound to `path`. The `connect` syscall runs on tokio's blocking pool: it can wait while
+    /// the listener's backlog is full.
+    pub async fn connect(path: impl AsRef<Path>) -> Result<AsyncConnection> {
+        let path = path.as_ref().to_owned();
+        let socket = ::tokio::task::spawn_blocking(move || Socket::connect(path))
+            .await
+            .map_err(|e| Error::Io(io::Error::other(e)))??;
+        AsyncConnection::new(socket)
+    }
+
+    /// Connects to a listener bound to a Linux abstract name (see [`AsyncConnection::connect`]).
+    pub async fn connect_abstract(name: impl AsRef<[u8]>) -> Result<AsyncConnection> {
+        let name = name.as_ref().to_owned();
+        let socket = ::tokio::task::spawn_blocking(move || Socket::connect_abstract(name))
+            .await
+            .map_err(|e| Error::Io(io::Error::other(e)))??;
+        AsyncConnection::new(socket)
+    }
+
+    /// Runs a connection over `socket` on the current tokio runtime, which must have its IO
+    /// driver enabled. Fails outside a runtime. Set `TYPED_IPC_DEBUG=1` in the environment to
+    /// have every message printed to stderr.
+    pub fn new(socket: Socket) -> Result<AsyncConnection> {
+        let io = super::register(Registered(socket))?;
+        let runtime = Handle::current();
+        let peer = io.get_ref().0.peer_credentials().ok();
+        let lane = Lane::new(io.get_ref().0.limits().max_message_len);
+        let tasks = Arc::new(Tasks::default());
+        let reader = tasks.enter();
+        let inner = Arc::new(Inner {
+            io,
+            peer,
+            runtime,
+            send_lock: Arc::new(AsyncMutex::new(())),
+            state: Mutex::new(State::default()),
+            oneways_run: watch::Sender::new(0),
+            backlog: AtomicBacklog::default(),
+            paused: AtomicBool::new(false),
+            room: Notify::new(),
+            hung_up: AtomicBool::new(false),
+            next_cookie: AtomicU64::new(1),
+            services: RwLock::new(Vec::new()),
+            authorizer: RwLock::new(None),
+            tasks,
+            trace: trace::enabled(),
+            lane,
+        });
+        inner.runtime.spawn(read_loop(inner.clone(), reader));
+        Ok(AsyncConnection {
+            _owner: Arc::new(Owner(inner.clone())),
+            inner,
+        })
+    }
+
+    /// The peer's credentials, as the kernel recorded them when the connection was made.
+    pub fn peer_credentials(&self) -> Option<PeerCredentials> {
+        self.inner.peer
+    }
+
+    /// The underlying socket. Its blocking methods must not be used on a runtime thread, nor
+    /// its send and receive methods at all: the connection's tasks own the stream.
+    pub fn socket(&self) -> &Socket {
+        self.inner.socket()
+    }
+
+    /// Lets the peer copy this end's large call arguments straight out of this process's
+    /// pages, through a pipe: off by default, and only for a peer trusted with this
+    /// process's memory. As [`Connection::lend_pages_to_peer`](crate::Connection::lend_pages_to_peer),
+    /// which says why.
+    pub fn lend_pages_to_peer(&self, lend: bool) {
+        self.inner.lane.lend_pages(lend);
+    }
+
+    /// Lets the peer write byte strings of 256 KiB to 1 MiB straight into this process's
+    /// memory. As [`Connection::accept_writes_from_peer`](crate::Connection::accept_writes_from_peer),
+    /// which says when that is safe.
+    /// The announcement goes out from a task of the connection's runtime.
+    pub fn accept_writes_from_peer(&self) -> Result<()> {
+        let announcement = self.inner.lane.accept_writes()?;
+        let inner = self.inner.clone();
+        let guard = inner.tasks.enter();
+        self.inner.runtime.spawn(async move {
+            // A peer already gone shows on the connection itself.
+            if inner.send(Envelope::announce(), announcement).await.is_ok() && inner.trace {
+                trace::announce();
+            }
+            drop(guard);
+        });
+        Ok(())
+    }
+
+    /// Writes this end's byte strings of 256 KiB to 1 MiB straight into `memory`, the
+    /// peer's. As [`Connection::write_into_peer`](crate::Connection::write_into_peer).
+    pub fn write_into_peer(&self, memory: crate::peer_memory::PeerMemory) {
+        self.inner.lane.write_into_peer(memory);
+    }
+
+    /// The connection's lane, for tests of its state.
+    #[cfg(test)]
+    pub(super) fn test_lane(&self) -> &crate::connection::lane::Lane {
+        &self.inner.lane
+    }
+
+    /// Whether the connection has ended (peer gone, closed, or a protocol error).
+    pub fn is_closed(&self) -> bool {
+        self.inner.lock().closed.is_some()
+    }
+
+    /// Ends the connection: the peer sees a hang-up, every waiting call returns
+    /// [`Error::Disconnected`], and [`AsyncConnection::run`] returns `Ok` once the handlers
+    /// still running are done.
+    pub fn close(&self) {
+        self.inner.hang_up(Socket::shutdown);
+    }
+
+    /// Stops taking new messages, as if the peer had gone quiet for good, but keeps sending:
+    /// requests already running finish and their replies go out, then
+    /// [`AsyncConnection::run`] returns. Used for graceful shutdown.
+    pub fn stop_reading(&self) {
+        self.inner.hang_up(Socket::shutdown_read);
+    }
+
+    /// Answers calls to `service`'s interface on this connection. Several interfaces can be
+    /// served on one connection; serving an interface twice replaces the first. Interfaces are
+    /// told apart by name (the trait's, or the one `#[interface(name = "...")]` gives).
+    ///
+    /// Requests that arrive before the first service is added (or [`AsyncConnection::run`] is
+    /// called) wait for it, as they would wait for a serving thread in the blocking flavour,
+    /// up to the bounds of what a peer can make this end hold (see the [module docs](super));
+    /// from then on each request is handled as it arrives, calls concurrently in tasks of
+    /// their own (each once the oneways that arrived before it have run), oneway messages one
+    /// at a time in order.
+    pub fn add_service(&self, service: impl AsyncService) {
+        let service: Arc<dyn AsyncService> = Arc::new(service);
+        {
+            let mut services = self.inner.services.write();
+            services.retain(|s| s.info().id != service.info().id);
+            services.push(service);
+        }
+        self.inner.start_serving();
+    }
+
+    /// Lets `authorize` refuse calls: it sees the peer's credentials, the interface and the
+    /// command id, and its `Err(reason)` reaches the caller as [`Error::Refused`].
+    pub fn set_authorizer(
+        &self,
+        authorize: impl Fn(Option<&PeerCredentials>, &InterfaceInfo, u32) -> Result<(), String>
+        + Send
+        + Sync
+        + 'static,
+    ) {
+        *self.inner.authorizer.write() = Some(Box::new(authorize));
+    }
+
+    /// Serves `service` ([`AsyncConnection::add_service`], at once) and returns a future that
+    /// resolves when the connection has ended and every handler has finished
+    /// ([`AsyncConnection::run`]): `Ok(())` on a clean close. Requests are answered whether or
+    /// not the future is polled; it holds a clone of the connection, so spawning it keeps the
+    /// connection up until the peer hangs up.
+    pub fn serve<S: AsyncService>(
+        &self,
+        service: S,
+    ) -> impl Future<Output = Result<()>> + Send + 'static + use<S> {
+        self.add_service(service);
+        let this = self.clone();
+        async move { this.run().await }
+    }
+
+    /// Handles requests for the served interfaces (they are handled by the connection's tasks
+    /// whether or not this is awaited) and waits until the connection has ended and every
+    /// handler and send it started has finished. Returns `Ok(())` when the peer hung up or
+    /// [`AsyncConnection::close`] was called, and the error otherwise.
+    ///
+    /// Not to be awaited inside a handler of this same connection: it would wait for itself.
+    pub async fn run(&self) -> Result<()> {
+        self.inner.start_serving();
+        self.wait_closed().await;
+        match &self.inner.lock().closed {
+            None | Some(Error::Disconnected) => Ok(()),
+            Some(e) => Err(e.duplicate()),
+        }
+    }
+
+    /// Waits until the connection has ended and every task it started (its reader, handlers,
+    /// sends finishing in the background) has finished. Does not start serving. Once it
+    /// returns, dropping the last clone closes the socket at once.
+    ///
+    /// Not to be awaited inside a handler of this same connection: it would wait for itself.
+    pub async fn wait_closed(&self) {
+        let tasks = &self.inner.tasks;
+        loop {
+            let mut idle = pin!(tasks.idle.notified());
+            idle.as_mut().enable();
+            if tasks.count.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+
+    /// Calls method `cmd` of interface `iface` with `args` and waits for the reply, at most
+    /// `timeout` if one is given. This is what generated async client stubs call.
+    ///
+    /// Dropping the future cancels the call: the reply, when it comes, is dropped and its fds
+    /// closed. The implementation on the other side is not told; it runs to completion.
+    pub async fn call<A: Serialize, R: DeserializeOwned>(
+        &self,
+        iface: &'static InterfaceInfo,
+        cmd: u32,
+        args: A,
+        timeout: Option<Duration>,
+    ) -> Result<R> {
+        let call = self.call_inner(iface, cmd, args);
+        match timeout {
+            None => call.await,
+            Some(timeout) => ::tokio::time::timeout(timeout, call)
+                .await
+                .unwrap_or(Err(Error::TimedOut)),
+        }
+    }
+
+    /// Sends a oneway message to method `cmd` of interface `iface`: resolves once it is sent,
+    /// and gets no reply. This is what generated async client stubs of `#[oneway]` methods
+    /// call.
+    ///
+    /// Sending waits while the peer's socket buffer is full, which it is when the peer has
+    /// stopped reading: with a `timeout`, for at most that long, then it fails with
+    /// [`Error::TimedOut`]. A message none of which went out is not sent (its place in the
+    /// shared memory region, if it had one, is given back); one that was part-way out is
+    /// finished in the background, as when its future is dropped, so the peer never holds a
+    /// fragment and the connection stays usable.
+    pub async fn oneway<A: Serialize>(
+        &self,
+        iface: &'static InterfaceInfo,
+        cmd: u32,
+        args: A,
+        timeout: Option<Duration>,
+    ) -> Result<()> {
+        let envelope = Envelope {
+            kind: Kind::Oneway,
+            cmd,
+            cookie: 0,
+            interface: iface.id,
+            signature: iface.signature,
+        };
+        let traced = trace::described(self.inner.trace, &args);
+        let send = self.inner.send(envelope, args);
+        match timeout {
+            None => send.await?,
+            Some(timeout) => ::tokio::time::timeout(timeout, send)
+                .await
+                .unwrap_or(Err(Error::TimedOut))?,
+        };
+        trace::outgoing(&envelope, iface, traced.as_deref());
+        Ok(())
+    }
+}
+
+impl AsFd for AsyncConnection {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.inner.socket().as_fd()
+    }
+}
+
+impl std::fmt::Debug for AsyncConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AsyncConnection")
+            .field("peer", &self.inner.peer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Inner {
+    fn socket(&self) -> &Socket {
+        &self.io.get_ref().0
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock()
+    }
+
+    pub(super) fn lane(&self) -> &Lane {
+        &self.lane
+    }
+
+    /// Shuts the socket down with `shutdown` (all of it, or its reading side): the peer sees
+    /// it, the reader sees the end, and a reader waiting for room (which reads nothing, so
+    /// would not see it) stops waiting.
+    fn hang_up(&self, shutdown: impl FnOnce(&Socket) -> Result<()>) {
+        let _ = shutdown(self.socket());
+        self.hung_up.store(true, Ordering::SeqCst);
+        self.room.notify_one();
+    }
+}

@@ -1,0 +1,257 @@
+//! The reader task: it receives each message and routes it (a reply to its call, a request
+//! to be served), keeps what the peer's requests hold within the backlog's bounds (waiting
+//! for room at them), and ends the connection when reading ends. Apart because it is the one
+//! task every connection has, and the only one that reads.
+
+use std::io;
+use std::pin::pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use super::serving::reply_failure;
+use super::{Inner, State, TaskGuard};
+use crate::connection::backlog::Cost;
+use crate::connection::trace;
+use crate::connection::unreceived;
+use crate::error::{Error, Result};
+use crate::frame::Frame;
+use crate::tokio::envelope::{self, Envelope, Kind};
+
+/// Receives until the connection ends, routing each message.
+pub(super) async fn read_loop(inner: Arc<Inner>, guard: TaskGuard) {
+    // Dropped unfinished when the runtime shuts down: the connection must end then too, or
+    // its callers (on other runtimes) and its peer wait for good.
+    let mut ending = ReaderEnding {
+        inner: inner.clone(),
+        finished: false,
+    };
+    read_messages(inner).await;
+    ending.finished = true;
+    drop(ending);
+    drop(guard);
+}
+
+struct ReaderEnding {
+    inner: Arc<Inner>,
+    finished: bool,
+}
+
+impl Drop for ReaderEnding {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.inner.fail(Error::Io(io::Error::other(
+                "the tokio runtime running the connection shut down",
+            )));
+        }
+        self.inner.retire_services(false);
+    }
+}
+
+async fn read_messages(inner: Arc<Inner>) {
+    let mut buffer = Frame::default();
+    let why = loop {
+        let mut ready = match inner.io.readable().await {
+            Ok(ready) => ready,
+            Err(e) => break Error::from(e),
+        };
+        let result = match inner.socket().try_recv_into(&mut buffer) {
+            Ok(false) => {
+                ready.clear_ready();
+                continue;
+            }
+            Ok(true) => Ok(()),
+            // The message was consumed whole without its fds, or refused for its size and
+            // read to its end: its bytes (its envelope) say whose it was.
+            Err(e @ Error::FdsDropped { .. }) => Err(e),
+            Err(e) if e.is_over_limits() => Err(e),
+            Err(e) => break e,
+        };
+        drop(ready);
+        match inner.route(take_message(&mut buffer), result) {
+            Ok(false) => {}
+            Ok(true) => {
+                if !inner.wait_for_room().await {
+                    // This end hung up meanwhile: what is still in the socket is not taken.
+                    break Error::Disconnected;
+                }
+            }
+            Err(why) => break why,
+        }
+    };
+    inner.fail(why);
+}
+
+/// The message in `buffer`, leaving `buffer` ready for the next: a small message is copied out
+/// so the 64 KiB receive buffer is reused rather than kept by every request in flight.
+fn take_message(buffer: &mut Frame) -> Frame {
+    let fds = std::mem::take(&mut buffer.fds);
+    if buffer.payload.len() * 2 <= buffer.payload.capacity() {
+        let payload = buffer.payload.clone(); // exactly its length
+        buffer.payload.clear();
+        Frame { payload, fds }
+    } else {
+        Frame {
+            payload: std::mem::take(&mut buffer.payload),
+            fds,
+        }
+    }
+}
+
+impl Inner {
+    /// Routes one received message; `Err` ends the connection. A message received as an
+    /// error (its fds dropped, or refused for its size) fails only its call, or is answered
+    /// with a failure if it is a request, as long as its envelope is there to say whose.
+    /// `Ok(true)`: the backlog is at its bounds and no call of this end waits for a reply, so
+    /// the reader waits for room.
+    fn route(self: &Arc<Self>, frame: Frame, received: Result<()>) -> Result<bool> {
+        let envelope = match (Envelope::read(&frame.payload), received) {
+            (Ok(envelope), received) => (envelope, received),
+            (Err(_), Err(e)) => return Err(e),
+            (Err(_), Ok(())) => return Err(Error::Malformed("bad envelope".into())),
+        };
+        let (envelope, received) = envelope;
+        if self.trace {
+            self.trace_incoming(&envelope, &frame);
+        }
+        match &received {
+            Ok(()) => self.lane.on_word(envelope::lane(&frame.payload)),
+            // Delivered as an error, so never decoded; a refused message's lane word still
+            // counts (the blocking flavour's `receive` takes it in too).
+            Err(e) => {
+                if e.is_over_limits() {
+                    self.lane.on_word(envelope::lane(&frame.payload));
+                }
+                self.lane.finished(&frame.payload);
+            }
+        }
+        match (envelope.kind, received) {
+            (Kind::Reply | Kind::Failure, received) => {
+                let (slot, pause) = {
+                    let mut state = self.lock();
+                    let slot = state.pending.remove(&envelope.cookie);
+                    (slot, self.must_pause(&state))
+                };
+                let unread = match slot {
+                    // If the call was dropped meanwhile, the frame comes back and is dropped
+                    // here, closing its fds.
+                    Some(slot) => slot.send(received.map(|()| frame)).err(),
+                    None => Some(received.map(|()| frame)),
+                };
+                if let Some(Ok(frame)) = unread {
+                    self.lane.finished(&frame.payload); // its caller gave up
+                }
+                return Ok(pause);
+            }
+            (Kind::Call | Kind::Oneway, Ok(())) => {
+                let mut state = self.lock();
+                let cost = self.admit(&state, Cost::of(&frame))?;
+                match state.serving {
+                    true => self.dispatch(&mut state, frame, envelope, cost),
+                    false => state.held.push((frame, envelope, cost)),
+                }
+                return Ok(self.must_pause(&state));
+            }
+            (Kind::Call, Err(e)) => {
+                // Counted until its failure is out, as a request.
+                let cost = self.admit(&self.lock(), Cost::default())?;
+                let failure = unreceived(&e, false);
+                let inner = self.clone();
+                let guard = self.tasks.enter();
+                self.runtime.spawn(async move {
+                    let _ = reply_failure(inner.clone(), envelope, failure).await;
+                    inner.finished(cost);
+                    drop(inner); // before `guard`: once the last guard goes, `run` returns
+                    drop(guard);
+                });
+            }
+            (Kind::Oneway, Err(e)) => {
+                // Nobody waits for a oneway's outcome, so say it here rather than lose it.
+                self.oneway_failed(&envelope, &unreceived(&e, true));
+            }
+            (Kind::Announce, received) => {
+                let (mailbox, token) =
+                    received.and_then(|()| envelope::announcement(&frame.payload))?;
+                self.lane.on_announce(mailbox, token);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Takes a request that holds `cost` into the backlog, unless the connection must end
+    /// instead: at the bounds, the reader reads only for a call of this end waiting for its
+    /// reply, and takes requests in up to `HARD_FACTOR` times them if something serves, none
+    /// if nothing does (see [`backlog`](crate::connection::backlog)).
+    #[inline]
+    fn admit(&self, state: &State, cost: Cost) -> Result<Cost> {
+        let backlog = self.backlog.get();
+        if backlog.full() {
+            if let Some(why) = backlog.refuse(state.serving) {
+                return Err(why);
+            }
+        }
+        self.backlog.add(cost);
+        Ok(cost)
+    }
+
+    /// Whether the reader must wait for room before it reads again: the backlog is at its
+    /// bounds and no call of this end waits for a reply.
+    #[inline]
+    fn must_pause(&self, state: &State) -> bool {
+        state.pending.is_empty() && self.backlog.get().full()
+    }
+
+    /// Waits until the reader may read again: the backlog is below its bounds, or a call of
+    /// this end waits for a reply (`true`); or this end hung up (`false`).
+    #[cold]
+    async fn wait_for_room(&self) -> bool {
+        loop {
+            let mut room = pin!(self.room.notified());
+            room.as_mut().enable();
+            {
+                let state = self.lock();
+                // Set before the backlog is read, so that a request finishing after that
+                // read sees it and signals `room` (both `SeqCst`).
+                self.paused.store(true, Ordering::SeqCst);
+                let hung_up = self.hung_up.load(Ordering::SeqCst);
+                if hung_up || !self.must_pause(&state) {
+                    self.paused.store(false, Ordering::SeqCst);
+                    return !hung_up;
+                }
+            }
+            room.await;
+        }
+    }
+
+    /// A request that held `cost` has finished: out of the backlog, and the reader told if
+    /// it waits for room.
+    pub(super) fn finished(&self, cost: Cost) {
+        self.backlog.remove(cost);
+        if self.paused.load(Ordering::SeqCst) {
+            self.room.notify_one();
+        }
+    }
+
+    /// Ends the connection with `why`: every waiting call gets it, the oneway task finishes
+    /// what it has, and the reader stops.
+    fn fail(&self, why: Error) {
+        let mut state = self.lock();
+        if state.closed.is_some() {
+            return;
+        }
+        if !matches!(why, Error::Disconnected) {
+            // A protocol error leaves the stream unusable; make sure the peer sees it.
+            let _ = self.socket().shutdown();
+        }
+        for (_, slot) in state.pending.drain() {
+            let _ = slot.send(Err(why.duplicate()));
+        }
+        state.oneways = None;
+        state.held.clear();
+        state.closed = Some(why);
+    }
+
+    fn trace_incoming(&self, envelope: &Envelope, frame: &Frame) {
+        let services = self.services.read();
+        trace::incoming(envelope, frame, services.iter().map(|s| s.info()));
+    }
+}

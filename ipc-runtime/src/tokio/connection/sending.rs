@@ -1,0 +1,192 @@
+//! Sending a message: at once when the socket takes it, else by a future that waits for
+//! room under the send lock, and that hands a message dropped part-way to a task of its own
+//! so the peer never holds a fragment. Apart because it is the only code that sends on the
+//! socket.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+
+use ::tokio::sync::OwnedMutexGuard;
+use serde::Serialize;
+
+use super::{Inner, TaskGuard};
+use crate::connection::buffers::with_buffers;
+use crate::error::Result;
+use crate::socket::{SendCursor, Socket};
+use crate::tokio::envelope::{self, Envelope};
+
+impl Inner {
+    /// Encodes envelope + body and sends them as one message. `body` is taken by value so
+    /// that the future is `Send` whenever the body is: the fds it carries stay open, borrowed,
+    /// until the message is out.
+    /// Returns the lane placement the message carries (0: none).
+    pub(in crate::tokio) async fn send<A: Serialize>(
+        self: &Arc<Self>,
+        envelope: Envelope,
+        body: A,
+    ) -> Result<u32> {
+        // Most messages go out at once: encoded in this thread's buffer and sent without
+        // waiting, they allocate nothing. One that would have to wait (the socket full, or
+        // another message going out) takes the bytes along.
+        let (placed, unsent) = with_buffers(|framed, fds| {
+            let placed = self.lane.encode(&envelope, &body, framed, fds)?;
+            let sent = match self.send_lock.try_lock() {
+                Ok(_lock) => self.socket().try_send_framed(framed, fds),
+                // Refused here, as `try_send_framed` would, before the bytes are taken along.
+                Err(_) => self
+                    .socket()
+                    .check_outgoing(framed.len() - envelope::FRAMED_AT, fds.len())
+                    .map(|()| false),
+            };
+            match sent {
+                Ok(true) => Ok((placed, None)),
+                Ok(false) => Ok((placed, Some((std::mem::take(framed), fds.clone())))),
+                Err(e) => {
+                    self.lane.abort(placed);
+                    Err(e)
+                }
+            }
+        })?;
+        if let Some((framed, fds)) = unsent {
+            self.send_encoded(framed, &fds, placed).await?;
+        }
+        Ok(placed)
+    }
+
+    async fn send_encoded(
+        self: &Arc<Self>,
+        framed: Vec<u8>,
+        fds: &[BorrowedFd<'_>],
+        placed: u32,
+    ) -> Result<()> {
+        // Too large for the wire: never sent, so the placement goes back (from here on,
+        // `Outgoing`'s drop gives it back if none of the message went out).
+        let cursor = SendCursor::new(framed.len() - envelope::FRAMED_AT, fds.len())
+            .inspect_err(|_| self.lane.abort(placed))?;
+        // Made before waiting for the lock, so that a send cancelled while it waits gives its
+        // placement back too.
+        let mut out = Outgoing {
+            inner: self,
+            cursor,
+            framed,
+            fds,
+            lock: None,
+            finished: false,
+            placed,
+        };
+        out.lock = Some(match self.send_lock.clone().try_lock_owned() {
+            Ok(lock) => lock,
+            Err(_) => self.send_lock.clone().lock_owned().await,
+        });
+        let result = drive(self, &mut out.cursor, &out.framed, out.fds).await;
+        out.finished = true;
+        result
+    }
+}
+
+/// Sends what is left of the message `cursor` tracks, waiting for the socket to take it.
+/// `framed` is the message as it was encoded, after room for the transport's header.
+async fn drive(
+    inner: &Inner,
+    cursor: &mut SendCursor,
+    framed: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> Result<()> {
+    let payload = &framed[envelope::FRAMED_AT..];
+    // Try at once: the socket is writable far more often than not.
+    if inner.socket().send_some(cursor, payload, fds)? {
+        return Ok(());
+    }
+    let mut waiting = inner.socket().send_wait();
+    loop {
+        waiting.waiting(cursor.sent());
+        let mut ready = inner.io.writable().await?;
+        let attempt = ready.try_io(|io| match io.get_ref().0.send_some(cursor, payload, fds) {
+            Ok(true) => Ok(Ok(())),
+            Ok(false) => Err(io::ErrorKind::WouldBlock.into()),
+            Err(e) => Ok(Err(e)),
+        });
+        match attempt {
+            Ok(Ok(done)) => return done,
+            Ok(Err(e)) => return Err(e.into()), // not produced by the closure
+            Err(_would_block) => continue,
+        }
+    }
+}
+
+/// A message being sent. If its future is dropped part-way through the message, `drop`
+/// hands the rest to a task of its own, so the peer never holds a fragment.
+struct Outgoing<'a, 'f> {
+    inner: &'a Arc<Inner>,
+    cursor: SendCursor,
+    /// The message after room for the transport's header (see `drive`).
+    framed: Vec<u8>,
+    fds: &'a [BorrowedFd<'f>],
+    lock: Option<OwnedMutexGuard<()>>,
+    finished: bool,
+    /// The lane placement the message carries (0: none).
+    placed: u32,
+}
+
+impl Drop for Outgoing<'_, '_> {
+    fn drop(&mut self) {
+        if !self.cursor.started() {
+            // Failed or cancelled before any of it went out: the peer will never see this
+            // placement.
+            self.inner.lane.abort(self.placed);
+        }
+        if self.finished || !self.cursor.in_progress() {
+            return; // done, or nothing of it sent: the stream is in sync
+        }
+        // The fds still to go are borrowed from the caller, who is gone: send copies.
+        let unsent = &self.fds[self.cursor.fds_sent()..];
+        let fds: io::Result<Vec<OwnedFd>> =
+            unsent.iter().map(|fd| fd.try_clone_to_owned()).collect();
+        let Ok(fds) = fds else {
+            // Out of fds: the message cannot be completed, so the stream cannot continue.
+            self.inner.hang_up(Socket::shutdown);
+            return;
+        };
+        let mut cursor = self.cursor;
+        cursor.forget_sent_fds();
+        let rest = Remainder {
+            inner: self.inner.clone(),
+            cursor,
+            framed: std::mem::take(&mut self.framed),
+            fds,
+            _lock: self.lock.take(),
+            finished: false,
+            _task: self.inner.tasks.enter(),
+        };
+        self.inner.runtime.spawn(async move {
+            let mut rest = rest;
+            let fds: Vec<BorrowedFd<'_>> = rest.fds.iter().map(|fd| fd.as_fd()).collect();
+            // An error has shut the socket down already (`send_some` does, part-way).
+            let _ = drive(&rest.inner, &mut rest.cursor, &rest.framed, &fds).await;
+            rest.finished = true;
+        });
+    }
+}
+
+/// The rest of a message whose sender was dropped part-way. Holds the send lock until the
+/// message is out; if it is dropped before that (the runtime shutting down), the connection
+/// is shut down.
+struct Remainder {
+    inner: Arc<Inner>,
+    cursor: SendCursor,
+    framed: Vec<u8>,
+    fds: Vec<OwnedFd>,
+    _lock: Option<OwnedMutexGuard<()>>,
+    finished: bool,
+    /// Declared last: dropped after `inner`.
+    _task: TaskGuard,
+}
+
+impl Drop for Remainder {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.inner.hang_up(Socket::shutdown);
+        }
+    }
+}

@@ -1,0 +1,246 @@
+//! Running requests: starting to serve, dispatching each request to a task (a call to its
+//! own, a oneway to the one that runs them in order), checking and running it on its service,
+//! and replying; and dropping the services once nothing will dispatch again. Apart because it
+//! is where the user's handlers run.
+
+use std::future::Future;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use ::tokio::sync::mpsc;
+
+use super::{Inner, State, TaskGuard};
+use crate::connection::admit::admit;
+use crate::connection::backlog::Cost;
+use crate::connection::trace;
+use crate::error::Result;
+use crate::frame::Frame;
+use crate::service::CallerScope;
+use crate::socket::PeerCredentials;
+use crate::tokio::call::AsyncCall;
+use crate::tokio::envelope::{Envelope, Kind};
+use crate::tokio::failure::Failure;
+use crate::tokio::{AsyncService, BoxFuture};
+
+impl Inner {
+    /// Starts handling requests: those held so far, then each as it arrives.
+    pub(super) fn start_serving(self: &Arc<Self>) {
+        let mut state = self.lock();
+        if state.serving {
+            return;
+        }
+        state.serving = true;
+        for (frame, envelope, cost) in std::mem::take(&mut state.held) {
+            self.dispatch(&mut state, frame, envelope, cost);
+        }
+    }
+
+    /// A call gets a task of its own, which runs once the oneways that arrived before it have
+    /// run; a oneway goes to the task that runs them in order.
+    pub(super) fn dispatch(
+        self: &Arc<Self>,
+        state: &mut State,
+        frame: Frame,
+        envelope: Envelope,
+        cost: Cost,
+    ) {
+        if envelope.kind == Kind::Call {
+            let guard = self.tasks.enter();
+            let after = state.oneways_queued;
+            let request = run_request(self.clone(), frame, envelope, cost, after, guard);
+            self.runtime.spawn(request);
+            return;
+        }
+        if state.oneways.is_none() && state.closed.is_none() {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let guard = self.tasks.enter();
+            self.runtime.spawn(run_oneways(self.clone(), rx, guard));
+            state.oneways = Some(tx);
+            state.oneway_task = true;
+        }
+        let queued = match &state.oneways {
+            Some(oneways) => oneways.send((frame, envelope, cost)).is_ok(),
+            None => false,
+        };
+        match queued {
+            true => state.oneways_queued += 1,
+            false => self.finished(cost), // dropped: the connection has ended
+        }
+    }
+
+    /// Says on stderr that the oneway `envelope` failed here (nobody waits for its outcome).
+    pub(super) fn oneway_failed(&self, envelope: &Envelope, failure: &Failure) {
+        let services = self.services.read();
+        let served = services.iter().map(|s| s.info());
+        crate::connection::failure::oneway_failed(self.trace, envelope, served, failure);
+    }
+
+    /// Once the connection has ended and nothing will dispatch a request any more (the
+    /// reader is done, and the oneway task if there is one), drops the services: one of them
+    /// may hold a clone of this connection, a cycle that would keep it open for good.
+    pub(super) fn retire_services(&self, oneway_task_ending: bool) {
+        let mut state = self.lock();
+        if oneway_task_ending {
+            state.oneway_task = false;
+        }
+        if state.closed.is_none() || state.oneway_task {
+            return;
+        }
+        drop(state);
+        let services = std::mem::take(&mut *self.services.write());
+        drop(services);
+    }
+
+    /// Which service answers `envelope`, after the same checks as the blocking flavour.
+    fn check(&self, envelope: &Envelope) -> Result<Arc<dyn AsyncService>, Failure> {
+        let services = self.services.read();
+        let authorizer = self.authorizer.read();
+        admit(
+            &services,
+            |s| s.info(),
+            envelope,
+            authorizer.as_deref(),
+            self.peer.as_ref(),
+        )
+        .cloned()
+    }
+}
+
+/// Runs one call request and replies.
+/// Runs a call once the first `after` oneway messages have run: a peer that sends a oneway
+/// and then a call sees the call run after the oneway, as it would on one thread.
+async fn run_request(
+    inner: Arc<Inner>,
+    frame: Frame,
+    envelope: Envelope,
+    cost: Cost,
+    after: u64,
+    guard: TaskGuard,
+) {
+    if *inner.oneways_run.borrow() < after {
+        let mut run = inner.oneways_run.subscribe();
+        // The sender lives in `inner`, which this task holds: no error to expect.
+        let _ = run.wait_for(|&n| n >= after).await;
+    }
+    handle_request(inner.clone(), frame, envelope).await;
+    inner.finished(cost);
+    drop(inner); // before `guard`: once the last guard goes, `run` returns
+    drop(guard);
+}
+
+/// Runs oneway messages one at a time, in the order they arrived, until the connection ends.
+async fn run_oneways(
+    inner: Arc<Inner>,
+    mut queue: mpsc::UnboundedReceiver<(Frame, Envelope, Cost)>,
+    guard: TaskGuard,
+) {
+    let weak = Arc::downgrade(&inner);
+    drop(inner); // the queue's sender lives in `Inner`; holding it would keep the queue open
+    while let Some((frame, envelope, cost)) = queue.recv().await {
+        if let Some(inner) = weak.upgrade() {
+            handle_request(inner.clone(), frame, envelope).await;
+            inner.finished(cost);
+            inner.oneways_run.send_modify(|n| *n += 1);
+        }
+    }
+    if let Some(inner) = weak.upgrade() {
+        inner.retire_services(true);
+    }
+    drop(guard);
+}
+
+/// Checks a request, runs it on its service, and replies unless it is oneway.
+async fn handle_request(inner: Arc<Inner>, frame: Frame, envelope: Envelope) {
+    let oneway = envelope.kind == Kind::Oneway;
+    let failure = match inner.check(&envelope) {
+        Err(failure) => {
+            // Refused unread: a placement it carried is released now (a oneway's sender
+            // hears nothing else, and its lane would stay busy).
+            inner.lane().finished(&frame.payload);
+            Some(failure)
+        }
+        Ok(service) => {
+            let mut call = AsyncCall::new(envelope, frame, inner.peer, inner.clone());
+            let peer = inner.peer;
+            // `handle` itself may panic before it returns its future.
+            let outcome = {
+                let (service, call) = (&service, &mut call);
+                let started = catch_unwind(AssertUnwindSafe(move || {
+                    let (_caller, call) = (CallerScope::enter(peer), call); // FnOnce: moves `call`
+                    service.handle(call)
+                }));
+                match started {
+                    Ok(future) => Guarded { peer, future }.await,
+                    Err(panic) => Err(panic),
+                }
+            };
+            match (outcome, call.replied()) {
+                (_, true) => None,
+                (Ok(Ok(())), false) => {
+                    (!oneway).then(|| Failure::Unanswered("the service sent no reply".into()))
+                }
+                (Ok(Err(e)), false) => Some(Failure::of_handler(&e)),
+                (Err(panic), false) => Some(Failure::Panicked(panic_message(&panic))),
+            }
+        }
+    };
+    match failure {
+        Some(failure) if !oneway => {
+            let _ = reply_failure(inner, envelope, failure).await;
+        }
+        Some(failure) => {
+            inner.oneway_failed(&envelope, &failure);
+        }
+        None => {}
+    }
+}
+
+pub(super) async fn reply_failure(
+    inner: Arc<Inner>,
+    call: Envelope,
+    failure: Failure,
+) -> Result<()> {
+    let envelope = Envelope {
+        kind: Kind::Failure,
+        ..call
+    };
+    if inner.trace {
+        trace::line(&format!(
+            "typed-ipc[{}] -> Failure #{}: {failure:?}",
+            std::process::id(),
+            call.cookie
+        ));
+    }
+    inner.send(envelope, failure).await.map(drop)
+}
+
+/// A handler's future, polled with [`current_peer`](crate::current_peer) set and its panics
+/// caught.
+struct Guarded<'a> {
+    peer: Option<PeerCredentials>,
+    future: BoxFuture<'a, Result<()>>,
+}
+
+impl Future for Guarded<'_> {
+    type Output = std::thread::Result<Result<()>>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let _caller = CallerScope::enter(self.peer);
+        let future = self.future.as_mut();
+        match catch_unwind(AssertUnwindSafe(|| future.poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(result)) => Poll::Ready(Ok(result)),
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
+        (Some(s), _) => s.to_string(),
+        (_, Some(s)) => s.clone(),
+        _ => "a panic without a message".into(),
+    }
+}
