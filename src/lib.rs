@@ -70,7 +70,8 @@
 //! requests — takes turns reading the socket and routes each message: a reply to the caller
 //! whose cookie it carries, a request to a serving thread. So:
 //!
-//! - A lone call costs one `sendmsg` and one `recvmsg`; no thread hand-off, no allocation.
+//! - A lone call costs one send (`send`, or `sendmsg` when it carries fds) and one `recvmsg`;
+//!   no thread hand-off, no allocation.
 //! - Clients are `Clone + Send + Sync`; any number of threads may call through one connection
 //!   at once, and replies reach the right caller in whatever order they come back.
 //! - Requests run on serving threads only: [`Server::threads`] chooses strictly in order (1,

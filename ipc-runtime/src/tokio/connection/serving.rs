@@ -108,9 +108,9 @@ impl Inner {
     }
 }
 
-/// Runs one call request and replies.
-/// Runs a call once the first `after` oneway messages have run: a peer that sends a oneway
-/// and then a call sees the call run after the oneway, as it would on one thread.
+/// Runs one call request and replies, once the first `after` oneway messages have run: a
+/// peer that sends a oneway and then a call sees the call run after the oneway, as it would
+/// on one thread.
 async fn run_request(
     inner: Arc<Inner>,
     frame: Frame,
