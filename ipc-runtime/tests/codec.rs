@@ -75,7 +75,7 @@ fn fds_the_value_does_not_claim_are_closed() {
 fn hostile_indices_are_errors_that_close_every_fd() {
     let _lock = fd_count_lock();
     let before = open_fds();
-    for n in [0usize, 2, 20] {
+    for n in [0usize, 1, 2, 20] {
         let index = bincode_u32s(&[n as u32]);
         let fds: Vec<OwnedFd> = (0..n).map(|_| memfd(b"x")).collect();
         let why = malformed(codec::decode::<Fd<OwnedFd>>(&index, fds).unwrap_err());
@@ -139,6 +139,15 @@ impl<'de> Deserialize<'de> for PanicsAfterTaking {
     }
 }
 
+/// Panics before it takes any fd: a decode that unwinds with every fd still in the table.
+struct PanicsUntaken;
+
+impl<'de> Deserialize<'de> for PanicsUntaken {
+    fn deserialize<D: Deserializer<'de>>(_: D) -> Result<Self, D::Error> {
+        panic!("a user type panicking before it takes its fds");
+    }
+}
+
 /// Registers its fd, then panics: an encode that unwinds with a table set.
 struct PanicsAfterRegistering(OwnedFd);
 
@@ -156,6 +165,12 @@ fn a_panicking_value_leaves_no_table_behind() {
     let unwound =
         catch_unwind(|| codec::decode::<PanicsAfterTaking>(&bincode_u32s(&[0]), vec![memfd(b"x")]));
     assert!(unwound.is_err());
+    // One fd (a table of one slot) and several (the general table): all closed unclaimed.
+    for n in [1, 3] {
+        let fds: Vec<OwnedFd> = (0..n).map(|_| memfd(b"x")).collect();
+        let unwound = catch_unwind(|| codec::decode::<PanicsUntaken>(&[], fds));
+        assert!(unwound.is_err());
+    }
     let value = PanicsAfterRegistering(memfd(b"x"));
     let unwound = catch_unwind(AssertUnwindSafe(|| {
         let (mut buf, mut fds) = (Vec::new(), Vec::new());
