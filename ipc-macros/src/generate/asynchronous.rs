@@ -1,0 +1,189 @@
+//! The async flavour: the trait rewritten to return `Send` futures, the client and its
+//! `async fn` stubs over an `AsyncConnection`, and the server that awaits the implementation.
+
+use proc_macro2::{Span, TokenStream};
+use quote::quote;
+use syn::{ReturnType, TraitItem, parse_quote, parse_quote_spanned};
+
+use super::bounds::{Bound, serde_bounds};
+use super::wire::{decode_type, encode_arg};
+use super::{Generator, cmd, doc, private, result, stub_params};
+use crate::model::{Method, Wire};
+
+impl Generator<'_> {
+    /// The trait of the async flavour: each `async fn m(&self, ..) -> R` becomes
+    /// `fn m(&self, ..) -> impl Future<Output = R> + Send`, which an implementation still
+    /// writes as `async fn`, and whose futures the server can spawn. A default body becomes an
+    /// `async move` block.
+    pub(super) fn async_trait(&self) -> TokenStream {
+        let mut item = self.iface.item.clone();
+        for trait_item in &mut item.items {
+            let TraitItem::Fn(f) = trait_item else {
+                continue;
+            };
+            // At the `async` keyword: where rustc points when an implementation's future is
+            // not `Send`.
+            let span = f.sig.asyncness.take().map_or(Span::call_site(), |a| a.span);
+            let output = match &f.sig.output {
+                ReturnType::Default => quote!(()),
+                ReturnType::Type(_, ty) => quote!(#ty),
+            };
+            f.sig.output = parse_quote_spanned! {span=>
+                -> impl ::core::future::Future<Output = #output> + ::core::marker::Send
+            };
+            if let Some(body) = &f.default {
+                f.default = Some(parse_quote!({ async move #body }));
+            }
+        }
+        quote!(#item)
+    }
+
+    /// `<Trait>Client` of the async flavour: `async fn` stubs over an `AsyncConnection`.
+    pub(super) fn async_client(&self) -> TokenStream {
+        let stubs: Vec<_> = self
+            .iface
+            .methods
+            .iter()
+            .map(|m| self.async_stub(m))
+            .collect();
+        let name = &self.iface.name;
+        let docs = format!(
+            "The client side of [`{name}`]: each method calls the implementation at the other \
+             end of the connection and resolves to its reply (a `#[oneway]` method resolves \
+             once the message is sent). Dropping a call's future cancels the call.\n\n\
+             Clones share the connection."
+        );
+        self.client_item(
+            quote!(AsyncConnection),
+            &docs,
+            "\nThe runtime needs its time driver.",
+            &stubs,
+        )
+    }
+
+    /// The async client method for `m`: same name and parameters, the result wrapped.
+    fn async_stub(&self, m: &Method) -> TokenStream {
+        let (p, vis, info, method) = (private(), &self.iface.vis, &self.info, &m.name);
+        let (docs, params) = (self.stub_docs(m), stub_params(m));
+        // The arguments are moved into the call's future (fds borrowed: they are closed when
+        // the stub's future ends), so that it is `Send` whenever they are.
+        let args = m
+            .args
+            .iter()
+            .map(|a| encode_arg(&a.name, a.value.wire, m.oneway));
+        let cmd = cmd(m);
+        let (ret, body) = match (&m.ret, m.oneway) {
+            (_, true) => (
+                quote!(()),
+                quote!(self.connection.oneway(&#info, #cmd, (#(#args,)*), self.timeout).await),
+            ),
+            (None, false) => (
+                quote!(()),
+                quote! {
+                    self.connection.call::<_, ()>(&#info, #cmd, (#(#args,)*), self.timeout).await
+                },
+            ),
+            (Some(ret), false) => {
+                let (ty, decoded) = (&ret.ty, decode_type(ret));
+                let call = quote! {
+                    self.connection
+                        .call::<_, #decoded>(&#info, #cmd, (#(#args,)*), self.timeout)
+                        .await
+                };
+                let body = match ret.wire {
+                    Wire::Serde => call,
+                    Wire::Fd => quote!(#call.map(|#p::Fd(value)| value)),
+                    Wire::Bytes => quote!(#call.map(|#p::Bytes(value)| value)),
+                };
+                (quote!(#ty), body)
+            }
+        };
+        let ret = result(ret);
+        let serializable =
+            serde_bounds(m.args.iter().map(|a| &a.value), Bound::Serialize, |_| true);
+        quote! {
+            #docs
+            #vis async fn #method(&self, #(#params),*) -> #ret #serializable {
+                #body
+            }
+        }
+    }
+
+    /// `<Trait>Server` of the async flavour: owns the implementation, and answers each request
+    /// by awaiting it.
+    pub(super) fn async_server(&self) -> TokenStream {
+        let (p, vis, server, name) = (private(), &self.iface.vis, &self.server, &self.iface.name);
+        let (info, request, response) = (&self.info, &self.request, &self.response);
+        // As in the blocking server: nothing of ours in scope in the arms but `self`.
+        let arms = self
+            .iface
+            .methods
+            .iter()
+            .map(|m| self.dispatch_arm(m, quote!(.await)));
+        let bounds = quote!(#name + ::core::marker::Send + ::core::marker::Sync + 'static);
+        let decodable = self.server_bounds();
+        let ret_unit = result(quote!(()));
+        let docs = doc(format!(
+            "The server side of [`{name}`]: answers each request on a connection by awaiting \
+             the implementation it owns, concurrently with the others."
+        ));
+        quote! {
+            #docs
+            #[allow(dead_code)]
+            #vis struct #server<T> {
+                imp: T,
+            }
+
+            #[allow(dead_code)]
+            impl<T: #bounds> #server<T> {
+                /// A server answering with `imp`.
+                #vis fn new(imp: T) -> Self {
+                    Self { imp }
+                }
+
+                /// Starts answering the requests that arrive on `connection`, at once; the
+                /// future resolves when the peer has hung up and every handler has finished
+                /// (`Ok(())` on a clean close). Spawn it, or await it.
+                #vis fn serve(
+                    self,
+                    connection: #p::AsyncConnection,
+                ) -> impl ::core::future::Future<Output = #ret_unit>
+                       + ::core::marker::Send
+                       + 'static
+                #decodable
+                {
+                    connection.serve(self)
+                }
+
+                /// Runs `request` on the implementation: the response to send back, or `None`
+                /// for a `#[oneway]` method.
+                #vis async fn dispatch(
+                    &self,
+                    request: #request,
+                ) -> ::core::option::Option<#response> {
+                    match request {
+                        #(#arms)*
+                    }
+                }
+            }
+
+            impl<T: #bounds> #p::AsyncService for #server<T> #decodable {
+                fn info(&self) -> &'static #p::InterfaceInfo {
+                    &#info
+                }
+
+                fn handle<'a>(
+                    &'a self,
+                    call: &'a mut #p::AsyncCall,
+                ) -> #p::BoxFuture<'a, #ret_unit> {
+                    #p::boxed(async move {
+                        match self.dispatch(#request::decode(call)?).await {
+                            ::core::option::Option::Some(response) => response.send(call).await,
+                            ::core::option::Option::None => ::core::result::Result::Ok(()),
+                        }
+                    })
+                }
+            }
+        }
+    }
+}

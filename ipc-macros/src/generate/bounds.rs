@@ -1,0 +1,91 @@
+//! The serde `where` clauses on the generated items that encode or decode parameters, so
+//! that a parameter type that is not serde is reported at the type, in the trait.
+
+use proc_macro2::{Span, TokenStream, TokenTree};
+use quote::{quote, quote_spanned};
+
+use super::Generator;
+use crate::model::{Value, Wire};
+
+impl Generator<'_> {
+    /// The server's `where` clause: every parameter type that travels as a plain serde value
+    /// is `DeserializeOwned` (see [`serde_bounds`]). A type that names a `T` is left out: in the
+    /// server's items it would mean the server's type parameter.
+    pub(super) fn server_bounds(&self) -> TokenStream {
+        let params = self
+            .iface
+            .methods
+            .iter()
+            .flat_map(|m| m.args.iter().map(|a| &a.value));
+        serde_bounds(params, Bound::DeserializeOwned, |ty| {
+            !ty.clone().into_iter().any(|t| names_t(&t))
+        })
+    }
+}
+
+/// What [`serde_bounds`] asks of a type.
+#[derive(Clone, Copy)]
+pub(super) enum Bound {
+    /// Sent: the client encodes it.
+    Serialize,
+    /// Received: the server decodes it.
+    DeserializeOwned,
+}
+
+/// Types that need no bound spelled out: serde supports them, and they are common enough that
+/// listing them would only make the generated code harder to read.
+const ALWAYS_SERDE: [&str; 17] = [
+    "bool", "char", "u8", "u16", "u32", "u64", "u128", "usize", "i8", "i16", "i32", "i64", "i128",
+    "isize", "f32", "f64", "String",
+];
+
+/// `where A: Serialize, B: Serialize` (or `DeserializeOwned`) for the distinct types among
+/// `values` that travel as plain serde values and that `keep` accepts (given the type's tokens);
+/// nothing if there are none.
+///
+/// The arguments travel as one tuple, and a tuple that is not serde is reported where it is
+/// encoded or decoded, which in generated code is `#[interface]`. With the bound spelled out,
+/// spanned at the type, a type that is not serde is reported at the type, in the trait; the
+/// code inside can then rely on the bound.
+pub(super) fn serde_bounds<'v>(
+    values: impl IntoIterator<Item = &'v Value>,
+    bound: Bound,
+    keep: impl Fn(&TokenStream) -> bool,
+) -> TokenStream {
+    let mut seen = Vec::new();
+    let mut predicates = Vec::new();
+    for value in values.into_iter().filter(|v| v.wire == Wire::Serde) {
+        let ty = &value.ty;
+        let tokens = quote!(#ty);
+        let spelled = tokens.to_string();
+        if seen.contains(&spelled) || ALWAYS_SERDE.contains(&&*spelled) || !keep(&tokens) {
+            continue;
+        }
+        seen.push(spelled);
+        // At the type's last token, so that the predicate covers the type as written.
+        let span = match tokens.clone().into_iter().last() {
+            Some(TokenTree::Group(g)) => g.span_close(),
+            Some(other) => other.span(),
+            None => Span::call_site(),
+        };
+        predicates.push(match bound {
+            Bound::Serialize => quote_spanned!(span=> #ty: ::typed_ipc::__private::Serialize),
+            Bound::DeserializeOwned => {
+                quote_spanned!(span=> #ty: ::typed_ipc::__private::DeserializeOwned)
+            }
+        });
+    }
+    match predicates.is_empty() {
+        true => TokenStream::new(),
+        false => quote!(where #(#predicates,)*),
+    }
+}
+
+/// Whether `token` is, or contains, the identifier `T`.
+fn names_t(token: &TokenTree) -> bool {
+    match token {
+        TokenTree::Ident(ident) => ident == "T",
+        TokenTree::Group(g) => g.stream().into_iter().any(|t| names_t(&t)),
+        _ => false,
+    }
+}

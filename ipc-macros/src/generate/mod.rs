@@ -1,0 +1,457 @@
+//! From the [`Interface`] model to Rust. [`Generator`] computes the generated names once and
+//! has one method per emitted item; [`Generator::expand`] joins them. The two flavours share
+//! the interface description and the request and response enums (the wire format), and differ
+//! in the client, the server and the one method of each enum that touches a call: the async
+//! flavour's are [`Generator::async_client`], [`Generator::async_server`] and friends.
+//!
+//! Every path in the output is absolute (`::typed_ipc::__private::…`, `::core::…`), so that
+//! the user's own `Result`, `Option`, `core` or `std` cannot capture it; the user's types are
+//! emitted as written, to resolve in the user's scope.
+
+mod asynchronous;
+mod blocking;
+mod bounds;
+mod wire;
+
+use proc_macro2::{Ident, Literal, Span, TokenStream};
+use quote::{format_ident, quote};
+use syn::LitByteStr;
+use syn::ext::IdentExt;
+
+use crate::model::{Flavour, Interface, Method, Wire};
+use bounds::{Bound, serde_bounds};
+use wire::{decode_pattern, decode_type, encode, encode_owned};
+
+/// The generated code of one interface.
+pub struct Generator<'a> {
+    iface: &'a Interface,
+    /// `<Trait>Client`.
+    client: Ident,
+    /// `<Trait>Server`.
+    server: Ident,
+    /// `<Trait>Request`.
+    request: Ident,
+    /// `<Trait>Response`.
+    response: Ident,
+    /// `<TRAIT>_INFO`, the `InterfaceInfo` static.
+    info: Ident,
+}
+
+/// Where the generated code finds the runtime.
+fn private() -> TokenStream {
+    quote!(::typed_ipc::__private)
+}
+
+/// `Result<ok, typed_ipc::Error>`.
+fn result(ok: TokenStream) -> TokenStream {
+    let p = private();
+    quote!(::core::result::Result<#ok, #p::Error>)
+}
+
+/// A command id, unsuffixed (it reads better, and its type is always clear from context).
+fn cmd(method: &Method) -> Literal {
+    Literal::u32_unsuffixed(method.cmd)
+}
+
+/// `text` as doc comments: one `#[doc = " line"]` per line, as `///` would write them.
+fn doc(text: String) -> TokenStream {
+    let lines = text.lines().map(|line| match line {
+        "" => String::new(),
+        line => format!(" {line}"),
+    });
+    quote!(#(#[doc = #lines])*)
+}
+
+impl<'a> Generator<'a> {
+    /// Names the generated items after the trait.
+    pub fn new(iface: &'a Interface) -> Self {
+        let name = &iface.name;
+        let screaming = screaming_snake(&name.unraw().to_string());
+        Generator {
+            iface,
+            client: format_ident!("{}Client", name),
+            server: format_ident!("{}Server", name),
+            request: format_ident!("{}Request", name),
+            response: format_ident!("{}Response", name),
+            info: format_ident!("{}_INFO", screaming, span = name.span()),
+        }
+    }
+
+    /// The trait, followed by everything generated from it.
+    pub fn expand(&self) -> TokenStream {
+        match self.iface.flavour {
+            Flavour::Blocking => {
+                let item = &self.iface.item;
+                let items = [
+                    self.info_static(),
+                    self.request_enum(),
+                    self.response_enum(),
+                    self.client(),
+                    self.server(),
+                ];
+                quote!(#item #(#items)*)
+            }
+            Flavour::Async => {
+                let (p, item) = (private(), self.async_trait());
+                let items = [
+                    self.info_static(),
+                    self.request_enum(),
+                    self.response_enum(),
+                    self.async_client(),
+                    self.async_server(),
+                ];
+                // Without the `tokio` feature, `async_interface!` is one clear error instead of
+                // the generated items (which name what only that feature provides).
+                quote!(#item #p::async_interface! { #(#items)* })
+            }
+        }
+    }
+
+    /// The type of the call the request and response enums read from and reply to.
+    fn call_type(&self) -> TokenStream {
+        let p = private();
+        match self.iface.flavour {
+            Flavour::Blocking => quote!(#p::Call<'_>),
+            Flavour::Async => quote!(#p::AsyncCall),
+        }
+    }
+
+    /// `<TRAIT>_INFO`: what both ends compare before a call.
+    fn info_static(&self) -> TokenStream {
+        let (p, vis, info, name) = (private(), &self.iface.vis, &self.info, &self.iface.name);
+        let name_text = &self.iface.wire_name;
+        let name_bytes = LitByteStr::new(name_text.as_bytes(), Span::call_site());
+        let signature = self.iface.canonical_signature();
+        let signature = LitByteStr::new(signature.as_bytes(), Span::call_site());
+        let methods = self.iface.methods.iter().map(|m| {
+            let (name, cmd, signature, oneway) =
+                (m.name.unraw().to_string(), cmd(m), &m.signature, m.oneway);
+            quote! {
+                #p::MethodInfo { name: #name, cmd: #cmd, signature: #signature, oneway: #oneway }
+            }
+        });
+        let docs = doc(format!(
+            "What both ends of [`{name}`] compare before a call: its name, and every method's \
+             command id and signature."
+        ));
+        quote! {
+            #docs
+            #[allow(dead_code)]
+            #vis static #info: #p::InterfaceInfo = #p::InterfaceInfo {
+                name: #name_text,
+                id: #p::fnv1a(#name_bytes),
+                signature: #p::fnv1a(#signature),
+                methods: &[#(#methods),*],
+            };
+        }
+    }
+
+    /// `<Trait>Request`: one variant per method, holding its arguments.
+    fn request_enum(&self) -> TokenStream {
+        let (vis, request, name) = (&self.iface.vis, &self.request, &self.iface.name);
+        let methods = &self.iface.methods;
+        let variants = methods.iter().map(|m| {
+            let (variant, method) = (&m.variant, &m.name);
+            let docs = doc(format!("The arguments of [`{name}::{method}`]."));
+            let fields = m.args.iter().map(|a| {
+                let (field, ty) = (&a.name, &a.value.ty);
+                let docs = doc(format!("The `{}` argument.", field.unraw()));
+                quote!(#docs #field: #ty)
+            });
+            match m.args.is_empty() {
+                true => quote!(#docs #variant),
+                false => quote!(#docs #variant { #(#fields),* }),
+            }
+        });
+        let commands = methods.iter().map(|m| {
+            let (variant, cmd) = (&m.variant, cmd(m));
+            match m.args.is_empty() {
+                true => quote!(Self::#variant => #cmd),
+                false => quote!(Self::#variant { .. } => #cmd),
+            }
+        });
+        let decoders = methods.iter().map(|m| {
+            let (variant, cmd) = (&m.variant, cmd(m));
+            let pats = m.args.iter().map(|a| decode_pattern(&a.name, &a.value));
+            let tys = m.args.iter().map(|a| decode_type(&a.value));
+            let names = m.args.iter().map(|a| &a.name);
+            let value = match m.args.is_empty() {
+                true => quote!(Self::#variant),
+                false => quote!(Self::#variant { #(#names),* }),
+            };
+            quote! {
+                #cmd => {
+                    let (#(#pats,)*): (#(#tys,)*) = call.args()?;
+                    ::core::result::Result::Ok(#value)
+                }
+            }
+        });
+        let ret_self = result(quote!(Self));
+        let call_type = self.call_type();
+        let params = methods.iter().flat_map(|m| m.args.iter().map(|a| &a.value));
+        let decodable = serde_bounds(params, Bound::DeserializeOwned, |_| true);
+        let enum_docs = doc(format!(
+            "A request of [`{name}`]: one variant per method, holding its arguments."
+        ));
+        quote! {
+            #enum_docs
+            #[allow(dead_code)]
+            #vis enum #request {
+                #(#variants,)*
+            }
+
+            #[allow(dead_code)]
+            impl #request {
+                /// The command id of the method this request calls.
+                #vis fn command(&self) -> ::core::primitive::u32 {
+                    match self {
+                        #(#commands,)*
+                    }
+                }
+
+                /// Decodes the request `call` carries, taking the fds that came with it.
+                #vis fn decode(call: &mut #call_type) -> #ret_self #decodable {
+                    match call.command() {
+                        #(#decoders)*
+                        _ => ::core::result::Result::Err(call.unknown_command()),
+                    }
+                }
+            }
+        }
+    }
+
+    /// `<Trait>Response`: one variant per method that gets a reply, holding its return value.
+    fn response_enum(&self) -> TokenStream {
+        let (p, vis, response, name) =
+            (private(), &self.iface.vis, &self.response, &self.iface.name);
+        let replied: Vec<&Method> = self.iface.methods.iter().filter(|m| !m.oneway).collect();
+        let variants = replied.iter().map(|m| {
+            let (variant, method) = (&m.variant, &m.name);
+            let docs = doc(format!("The return value of [`{name}::{method}`]."));
+            match &m.ret {
+                Some(ret) => {
+                    let ty = &ret.ty;
+                    quote!(#docs #variant(#ty))
+                }
+                None => quote!(#docs #variant),
+            }
+        });
+        let ret_unit = result(quote!(()));
+        let send = match self.iface.flavour {
+            Flavour::Blocking => {
+                let senders = replied.iter().map(|m| {
+                    let variant = &m.variant;
+                    match &m.ret {
+                        Some(ret) => {
+                            let value = encode(quote!(value), ret.wire);
+                            quote!(Self::#variant(value) => call.reply(#value))
+                        }
+                        None => quote!(Self::#variant => call.reply(&())),
+                    }
+                });
+                // An interface of oneway methods only has an empty response enum, which only
+                // `*self` matches exhaustively.
+                let scrutinee = if replied.is_empty() {
+                    quote!(*self)
+                } else {
+                    quote!(self)
+                };
+                quote! {
+                    /// Sends this value as the reply to `call`.
+                    #vis fn send(&self, call: &mut #p::Call<'_>) -> #ret_unit {
+                        match #scrutinee {
+                            #(#senders,)*
+                        }
+                    }
+                }
+            }
+            Flavour::Async => {
+                let senders = replied.iter().map(|m| {
+                    let variant = &m.variant;
+                    match &m.ret {
+                        Some(ret) if ret.wire == Wire::Bytes => {
+                            quote!(Self::#variant(value) => call.reply_bytes(value).await)
+                        }
+                        Some(ret) => {
+                            let value = encode_owned(quote!(value), ret.wire);
+                            quote!(Self::#variant(value) => call.reply(#value).await)
+                        }
+                        None => quote!(Self::#variant => call.reply(()).await),
+                    }
+                });
+                // `call` is unused when every method is oneway.
+                let allow = replied
+                    .is_empty()
+                    .then(|| quote!(#[allow(unused_variables)]));
+                quote! {
+                    /// Sends this value as the reply to `call`. Takes the value, so that the
+                    /// future is `Send` whenever the value is.
+                    #allow
+                    #vis async fn send(self, call: &mut #p::AsyncCall) -> #ret_unit {
+                        match self {
+                            #(#senders,)*
+                        }
+                    }
+                }
+            }
+        };
+        let enum_docs = doc(format!(
+            "A reply of [`{name}`]: one variant per method that is not `#[oneway]`, holding its \
+             return value."
+        ));
+        quote! {
+            #enum_docs
+            #[allow(dead_code)]
+            #vis enum #response {
+                #(#variants,)*
+            }
+
+            #[allow(dead_code)]
+            impl #response {
+                #send
+            }
+        }
+    }
+
+    /// The client struct and its constructor, timeout and connection accessors around
+    /// `stubs`, over `connection` (a type in the private module): shared by both flavours.
+    fn client_item(
+        &self,
+        connection: TokenStream,
+        docs: &str,
+        timeout_note: &str,
+        stubs: &[TokenStream],
+    ) -> TokenStream {
+        let (p, vis, client) = (private(), &self.iface.vis, &self.client);
+        let docs = doc(docs.to_string());
+        let with_timeout = doc(format!(
+            "A copy of this client whose calls give up after `timeout` with `Error::TimedOut`:\n\
+             a call that has no reply by then, and a `#[oneway]` message that cannot be sent\n\
+             by then (the peer is not reading).{timeout_note}"
+        ));
+        quote! {
+            #docs
+            #[derive(::core::clone::Clone)]
+            #[allow(dead_code)]
+            #vis struct #client {
+                connection: #p::#connection,
+                timeout: ::core::option::Option<#p::Duration>,
+            }
+
+            // The stubs repeat the trait's parameter lists: the user's trait is where those
+            // lints belong.
+            #[allow(dead_code, clippy::too_many_arguments)]
+            impl #client {
+                /// A client calling the server at the other end of `connection`; its calls
+                /// wait as long as the peer is alive.
+                #vis fn new(connection: #p::#connection) -> Self {
+                    Self { connection, timeout: ::core::option::Option::None }
+                }
+
+                #with_timeout
+                #vis fn with_timeout(&self, timeout: #p::Duration) -> Self {
+                    Self {
+                        connection: ::core::clone::Clone::clone(&self.connection),
+                        timeout: ::core::option::Option::Some(timeout),
+                    }
+                }
+
+                /// The connection this client calls over.
+                #vis fn connection(&self) -> &#p::#connection {
+                    &self.connection
+                }
+
+                #(#stubs)*
+            }
+        }
+    }
+
+    /// A stub's doc comment: the trait method's own, or a line naming it.
+    fn stub_docs(&self, m: &Method) -> TokenStream {
+        if m.docs.is_empty() {
+            doc(format!(
+                "Calls [`{}::{}`] on the server.",
+                self.iface.name, m.name
+            ))
+        } else {
+            let docs = &m.docs;
+            quote!(#(#docs)*)
+        }
+    }
+
+    /// The server's match arm for `m`: run the implementation (followed by `then`, e.g.
+    /// `.await`) with the request's fields, and wrap its result in the response variant.
+    fn dispatch_arm(&self, m: &Method, then: TokenStream) -> TokenStream {
+        let (name, request, response) = (&self.iface.name, &self.request, &self.response);
+        let (variant, method) = (&m.variant, &m.name);
+        let names: Vec<&Ident> = m.args.iter().map(|a| &a.name).collect();
+        let pattern = match names.is_empty() {
+            true => quote!(#request::#variant),
+            false => quote!(#request::#variant { #(#names),* }),
+        };
+        let run = quote!(<T as #name>::#method(&self.imp, #(#names),*)#then);
+        match (&m.ret, m.oneway) {
+            (_, true) => quote! {
+                #pattern => {
+                    #run;
+                    ::core::option::Option::None
+                }
+            },
+            (None, false) => quote! {
+                #pattern => {
+                    #run;
+                    ::core::option::Option::Some(#response::#variant)
+                }
+            },
+            (Some(_), false) => {
+                quote!(#pattern => ::core::option::Option::Some(#response::#variant(#run)),)
+            }
+        }
+    }
+}
+
+/// `MyService` → `MY_SERVICE`, `HTTPServer` → `HTTP_SERVER`.
+fn screaming_snake(camel: &str) -> String {
+    let chars: Vec<char> = camel.chars().collect();
+    let mut out = String::new();
+    for (i, &c) in chars.iter().enumerate() {
+        let prev = i.checked_sub(1).map(|j| chars[j]);
+        let next = chars.get(i + 1);
+        let boundary = c.is_uppercase()
+            && prev.is_some_and(|p| {
+                p.is_lowercase()
+                    || p.is_numeric()
+                    || (p.is_uppercase() && next.is_some_and(|n| n.is_lowercase()))
+            });
+        if boundary && !out.ends_with('_') {
+            out.push('_');
+        }
+        out.extend(c.to_uppercase());
+    }
+    out
+}
+
+/// A stub's parameter list: the trait method's, as written.
+fn stub_params(m: &Method) -> Vec<TokenStream> {
+    m.args
+        .iter()
+        .map(|a| {
+            let (name, ty) = (&a.name, &a.value.ty);
+            quote!(#name: #ty)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn static_names() {
+        assert_eq!(screaming_snake("Ipa"), "IPA");
+        assert_eq!(screaming_snake("MyService"), "MY_SERVICE");
+        assert_eq!(screaming_snake("HTTPServer"), "HTTP_SERVER");
+        assert_eq!(screaming_snake("Ipa2Go"), "IPA2_GO");
+        assert_eq!(screaming_snake("my_trait"), "MY_TRAIT");
+    }
+}

@@ -1,0 +1,63 @@
+//! A value's wrapping for the codec, by how it travels ([`Wire`]): what the generated code
+//! encodes a value as, and the type and pattern it decodes one with.
+
+use proc_macro2::{Ident, TokenStream};
+use quote::quote;
+
+use super::private;
+use crate::model::{Value, Wire};
+
+/// A value the async flavour owns, wrapped for the codec and taken by value: `value`,
+/// `Fd(&value)` (the fds stay with `value`, which outlives the send) or `Bytes(value)`.
+pub(super) fn encode_owned(value: TokenStream, wire: Wire) -> TokenStream {
+    let p = private();
+    match wire {
+        Wire::Serde => value,
+        Wire::Fd => quote!(#p::Fd(&#value)),
+        Wire::Bytes => quote!(#p::Bytes(#value)),
+    }
+}
+
+/// A reference to a value, wrapped for the codec: `value`, `Fd(value)` or `Bytes(value)`.
+pub(super) fn encode(value: TokenStream, wire: Wire) -> TokenStream {
+    let p = private();
+    match wire {
+        Wire::Serde => value,
+        Wire::Fd => quote!(&#p::Fd(#value)),
+        Wire::Bytes => quote!(&#p::Bytes(#value)),
+    }
+}
+
+/// A client argument in the tuple that is sent: moved in, or borrowed into its wrapper (the
+/// parameter lives until the message is sent, and an fd is closed after). A call's `Vec<u8>`
+/// is moved into `CallBytes`, which the connection may pipe (it then keeps the bytes until
+/// the peer has read them).
+pub(super) fn encode_arg(name: &Ident, wire: Wire, oneway: bool) -> TokenStream {
+    let p = private();
+    match wire {
+        Wire::Serde => quote!(#name),
+        Wire::Fd => quote!(#p::Fd(&#name)),
+        Wire::Bytes if oneway => quote!(#p::Bytes(&#name)),
+        Wire::Bytes => quote!(#p::CallBytes::from(#name)),
+    }
+}
+
+/// The type a value is decoded as: `T`, `Fd<T>` or `Bytes<T>`.
+pub(super) fn decode_type(value: &Value) -> TokenStream {
+    let (p, ty) = (private(), &value.ty);
+    match value.wire {
+        Wire::Serde => quote!(#ty),
+        Wire::Fd => quote!(#p::Fd<#ty>),
+        Wire::Bytes => quote!(#p::Bytes<#ty>),
+    }
+}
+
+/// The pattern that unwraps a decoded value into `name`.
+pub(super) fn decode_pattern(name: &Ident, value: &Value) -> TokenStream {
+    let p = private();
+    match value.wire {
+        Wire::Serde => quote!(#name),
+        Wire::Fd => quote!(#p::Fd(#name)),
+        Wire::Bytes => quote!(#p::Bytes(#name)),
+    }
+}
