@@ -7,6 +7,7 @@
 #
 #   ipc-bench/scripts/attribute.sh [LEN] [LINES]     # LEN bytes per call (64), LINES shown (40)
 #   FEATURES=echo-fd ipc-bench/scripts/attribute.sh  # echo_fd calls, one fd each way
+#   FEATURES=echo-async ipc-bench/scripts/attribute.sh  # the async flavour's echo
 set -euo pipefail
 
 len=${1:-64}

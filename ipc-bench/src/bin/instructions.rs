@@ -4,6 +4,7 @@
 //! ```text
 //! cargo run -p ipc-bench --release --bin instructions -- [--len BYTES]
 //! cargo run -p ipc-bench --release --bin instructions --features echo-fd   # one fd each way
+//! cargo run -p ipc-bench --release --bin instructions --features echo-async   # async flavour
 //! ```
 //!
 //! Runs this binary twice under `valgrind --tool=callgrind --trace-children=yes`: a client
@@ -15,11 +16,20 @@
 //! how `docs/hot-path.md` tracks the hot path. They measure the fixed cost of a call: callgrind
 //! counts a `rep movsb` once per byte, so copies through the lane (1 KiB and up) look far
 //! dearer than they run.
+//!
+//! The async flavour's counts (`--features echo-async`) are less exact: how often tokio's
+//! reactor polls and parks depends on how the two processes interleave, and glibc's
+//! `posix_memalign` (every tokio task is allocated aligned) takes paths that depend on the
+//! heap's state, so a run's server count can differ from the next by a few hundred.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
+#[cfg(feature = "echo-async")]
+use ipc_bench::{AsyncBenchClient, AsyncBenchImpl, AsyncBenchServer};
+#[cfg(not(feature = "echo-async"))]
 use ipc_bench::{BenchClient, BenchImpl, BenchServer};
+#[cfg(not(feature = "echo-async"))]
 use typed_ipc::worker::{self, Worker};
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
@@ -47,10 +57,24 @@ fn pin() -> Res<()> {
     Ok(ipc_bench::pin(0)?)
 }
 
+#[cfg(not(feature = "echo-async"))]
 fn server() -> Res<()> {
     pin()?;
     BenchServer::new(BenchImpl::new(|| 0)).serve(worker::connection()?)?;
     Ok(())
+}
+
+/// The async flavour's server, on a current-thread runtime as in the benchmark.
+#[cfg(feature = "echo-async")]
+fn server() -> Res<()> {
+    pin()?;
+    ipc_bench::current_thread_runtime()?.block_on(async {
+        let connection = typed_ipc::tokio::worker::connection()?;
+        AsyncBenchServer::new(AsyncBenchImpl::new(|| 0))
+            .serve(connection)
+            .await?;
+        Ok(())
+    })
 }
 
 /// `--client LEN CALLS`: the measured process.
@@ -62,6 +86,12 @@ fn client(args: &[String]) -> Res<()> {
     pin()?;
     let mut command = Command::new(std::env::current_exe()?);
     command.arg("--server");
+    make_calls(command, len, calls)
+}
+
+/// Starts the worker and makes `calls` calls of `len` bytes.
+#[cfg(not(feature = "echo-async"))]
+fn make_calls(command: Command, len: usize, calls: u64) -> Res<()> {
     let (mut child, connection) = Worker::spawn(command)?;
     let client = BenchClient::new(connection);
     let payload = vec![0xa5; len];
@@ -87,6 +117,28 @@ fn client(args: &[String]) -> Res<()> {
     }
     drop(client);
     child.wait()?;
+    Ok(())
+}
+
+/// Starts the worker and makes `calls` async calls of `len` bytes, each through `block_on`
+/// on a current-thread runtime, as the benchmark's `typed-ipc/async` client does.
+#[cfg(feature = "echo-async")]
+fn make_calls(command: Command, len: usize, calls: u64) -> Res<()> {
+    let runtime = ipc_bench::current_thread_runtime()?;
+    let (mut child, connection) = {
+        let _context = runtime.enter(); // the connection registers with this runtime
+        typed_ipc::tokio::worker::spawn(command)?
+    };
+    let client = AsyncBenchClient::new(connection);
+    let payload = vec![0xa5; len];
+    for _ in 0..calls {
+        let back = runtime.block_on(client.echo(payload.clone()))?;
+        if back.len() != len {
+            return Err(format!("echo returned {} bytes, sent {len}", back.len()).into());
+        }
+    }
+    drop(client);
+    child.wait()?; // blocking: the async `wait` would need the runtime's timers
     Ok(())
 }
 
@@ -131,6 +183,8 @@ fn parent(args: &[String]) -> Res<()> {
         |side: usize| (totals[1][side] - totals[0][side]) as f64 / (RUNS[1] - RUNS[0]) as f64;
     let call = if cfg!(feature = "echo-fd") {
         "echo_fd(Vec<u8>, OwnedFd)"
+    } else if cfg!(feature = "echo-async") {
+        "async echo(Vec<u8>)"
     } else {
         "echo(Vec<u8>)"
     };
