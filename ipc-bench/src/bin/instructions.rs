@@ -181,10 +181,10 @@ fn parent(args: &[String]) -> Res<()> {
     std::fs::remove_dir_all(&dir)?;
     let per_call =
         |side: usize| (totals[1][side] - totals[0][side]) as f64 / (RUNS[1] - RUNS[0]) as f64;
-    let call = if cfg!(feature = "echo-fd") {
+    let call = if cfg!(feature = "echo-async") {
+        "async echo(Vec<u8>)" // takes precedence over `echo-fd`, as in `make_calls`
+    } else if cfg!(feature = "echo-fd") {
         "echo_fd(Vec<u8>, OwnedFd)"
-    } else if cfg!(feature = "echo-async") {
-        "async echo(Vec<u8>)"
     } else {
         "echo(Vec<u8>)"
     };
