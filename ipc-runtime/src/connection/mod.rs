@@ -630,7 +630,7 @@ pub(crate) fn unreceived(e: &Error, oneway: bool) -> Failure {
 /// over the table, and SipHash (the default) would only cost time on every call. A peer can
 /// only look cookies up, not insert them, so it cannot grow a probe sequence.
 #[derive(Default)]
-struct CookieHasher(u64);
+pub(crate) struct CookieHasher(u64);
 
 impl Hasher for CookieHasher {
     fn write(&mut self, bytes: &[u8]) {

@@ -14,6 +14,7 @@ mod serving;
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::hash::BuildHasherDefault;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::path::Path;
@@ -32,10 +33,10 @@ use serde::de::DeserializeOwned;
 
 use super::AsyncService;
 use super::envelope::{Envelope, Kind};
-use crate::connection::Authorizer;
 use crate::connection::backlog::{AtomicBacklog, Cost};
 use crate::connection::lane::Lane;
 use crate::connection::trace;
+use crate::connection::{Authorizer, CookieHasher};
 use crate::error::{Error, Result};
 use crate::frame::Frame;
 use crate::service::InterfaceInfo;
@@ -111,7 +112,7 @@ pub(super) struct Inner {
 #[derive(Default)]
 struct State {
     /// Calls waiting for replies, by cookie. A dropped receiver is a cancelled call.
-    pending: HashMap<u64, oneshot::Sender<Result<Frame>>>,
+    pending: HashMap<u64, oneshot::Sender<Result<Frame>>, BuildHasherDefault<CookieHasher>>,
     /// Why the connection ended; once set, it stays.
     closed: Option<Error>,
     /// Someone serves on this connection: requests are handled as they arrive.
