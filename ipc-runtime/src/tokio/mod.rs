@@ -14,8 +14,9 @@
 //!
 //! - **One reader task per connection** receives whenever the socket is readable. A reply goes
 //!   to the call waiting for its cookie; a call request gets a task of its own, so a slow
-//!   handler stalls nobody else; oneway messages run one at a time, in the order sent, on one
-//!   task. The reader itself never waits for a handler or for a send.
+//!   handler stalls nobody else (a task that ran an earlier call and waits idle for the next,
+//!   up to 8 a connection, or else a new one); oneway messages run one at a time, in the order
+//!   sent, on one task. The reader itself never waits for a handler or for a send.
 //! - **Sends** are whole messages. A message that fits one datagram (≤ 64 KiB, ≤ 253 fds) is
 //!   one non-blocking `send` (`sendmsg` when it carries fds, or once it has had to wait for
 //!   room or for another message to go out); a larger one goes out a datagram at a time as the

@@ -334,8 +334,12 @@ fn a_send_cancelled_while_it_waits_for_the_send_lock_gives_its_placement_back() 
 
 // ---- cancelled calls and the lane ----
 
-/// Echoes `BULK`'s `gated_echo` (1) at once, answers `ping` (2) with 7.
-struct QuickEcho;
+/// Echoes `BULK`'s `gated_echo` (1) at once, answers `ping` (2) with 7 (see `meeting`).
+#[derive(Default)]
+struct QuickEcho {
+    /// If set, `ping` answers only once this many callers are inside it at once.
+    meeting: Option<std::sync::Arc<::tokio::sync::Barrier>>,
+}
 
 impl super::AsyncService for QuickEcho {
     fn info(&self) -> &'static crate::service::InterfaceInfo {
@@ -351,7 +355,12 @@ impl super::AsyncService for QuickEcho {
                     let crate::codec::Bytes(data): crate::codec::Bytes<Vec<u8>> = call.args()?;
                     call.reply(crate::codec::Bytes(data)).await
                 }
-                _ => call.reply(7u32).await,
+                _ => {
+                    if let Some(meeting) = &self.meeting {
+                        meeting.wait().await;
+                    }
+                    call.reply(7u32).await
+                }
             }
         })
     }
@@ -395,7 +404,7 @@ fn async_calls_cancelled_at_random_moments_leave_no_lane_busy() {
     let rt = multi_thread_runtime(2);
     rt.block_on(async {
         let (client, server) = super::AsyncConnection::pair().unwrap();
-        server.add_service(QuickEcho);
+        server.add_service(QuickEcho::default());
         let mut x = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
@@ -447,7 +456,7 @@ fn an_async_call_dropped_as_its_placed_reply_arrives_gives_the_lane_back() {
     let rt = multi_thread_runtime(1);
     let (client, server) = rt.block_on(async {
         let (client, server) = super::AsyncConnection::pair().unwrap();
-        server.add_service(QuickEcho);
+        server.add_service(QuickEcho::default());
         (client, server)
     });
     let _enter = rt.enter();
@@ -660,4 +669,48 @@ fn an_async_message_over_this_sides_limits_is_refused_unsent() {
         filler.await.unwrap();
     });
     drop(theirs);
+}
+
+/// A call runs on a task that ran one before and waits for the next, if there is one. A burst
+/// of concurrent calls starts a task for each, after which at most `IDLE_RUNNERS` stay; they
+/// hold the connection only weakly and end with it, so `wait_closed` returns once the peer
+/// hangs up.
+#[test]
+fn after_a_burst_of_calls_eight_tasks_wait_for_more_and_end_with_the_connection() {
+    use super::connection::IDLE_RUNNERS;
+    use crate::connection::tests::BULK;
+    use std::time::Duration;
+
+    const BURST: usize = 20;
+    let rt = multi_thread_runtime(2);
+    rt.block_on(async {
+        let (client, server) = super::AsyncConnection::pair().unwrap();
+        let meeting = std::sync::Arc::new(::tokio::sync::Barrier::new(BURST));
+        server.add_service(QuickEcho {
+            meeting: Some(meeting),
+        });
+        let tasks = |server: &super::AsyncConnection| server.test_tasks();
+        let calls = (0..BURST).map(|_| {
+            let client = client.clone();
+            ::tokio::spawn(async move { client.call::<_, u32>(&BULK, 2, (), None).await })
+        });
+        for call in calls.collect::<Vec<_>>() {
+            assert_eq!(call.await.unwrap().unwrap(), 7);
+        }
+        // Each reply went out before its task went idle; a round trip more lets the last
+        // ones get there.
+        let settled = async {
+            while tasks(&server) != (1 + IDLE_RUNNERS, IDLE_RUNNERS) {
+                ::tokio::task::yield_now().await;
+            }
+        };
+        ::tokio::time::timeout(Duration::from_secs(10), settled)
+            .await
+            .unwrap_or_else(|_| panic!("tasks (all, idle): {:?}", tasks(&server)));
+        drop(client);
+        ::tokio::time::timeout(Duration::from_secs(10), server.wait_closed())
+            .await
+            .expect("the idle tasks ended with the connection");
+        assert_eq!(tasks(&server), (0, 0));
+    });
 }

@@ -12,6 +12,9 @@ mod reader;
 mod sending;
 mod serving;
 
+#[cfg(test)]
+pub(super) use serving::IDLE_RUNNERS;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::BuildHasherDefault;
@@ -126,6 +129,8 @@ struct State {
     oneways_queued: u64,
     /// That task is running (it may outlive `oneways`, finishing what it has).
     oneway_task: bool,
+    /// Tasks that ran a call and wait for the next, the most recently idle last.
+    idle_runners: Vec<Arc<serving::Runner>>,
 }
 
 /// The connection's tasks still running, so that [`AsyncConnection::run`] can wait for them.
@@ -262,6 +267,13 @@ impl AsyncConnection {
     #[cfg(test)]
     pub(super) fn test_lane(&self) -> &crate::connection::lane::Lane {
         &self.inner.lane
+    }
+
+    /// The connection's tasks still running, and how many of them wait idle for a call.
+    #[cfg(test)]
+    pub(super) fn test_tasks(&self) -> (usize, usize) {
+        let all = self.inner.tasks.count.load(Ordering::SeqCst);
+        (all, self.inner.lock().idle_runners.len())
     }
 
     /// Whether the connection has ended (peer gone, closed, or a protocol error).

@@ -247,6 +247,9 @@ impl Inner {
         }
         state.oneways = None;
         state.held.clear();
+        for runner in state.idle_runners.drain(..) {
+            runner.stop();
+        }
         state.closed = Some(why);
     }
 

@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use ::tokio::sync::mpsc;
+use ::tokio::sync::{Notify, mpsc};
 
 use super::{Inner, State, TaskGuard};
 use crate::connection::admit::admit;
@@ -37,8 +37,9 @@ impl Inner {
         }
     }
 
-    /// A call gets a task of its own, which runs once the oneways that arrived before it have
-    /// run; a oneway goes to the task that runs them in order.
+    /// A call goes to a task of its own, which runs it once the oneways that arrived before it
+    /// have run: a task that ran a call before and waits for the next, or a new one; a oneway
+    /// goes to the task that runs them in order.
     pub(super) fn dispatch(
         self: &Arc<Self>,
         state: &mut State,
@@ -47,10 +48,19 @@ impl Inner {
         cost: Cost,
     ) {
         if envelope.kind == Kind::Call {
-            let guard = self.tasks.enter();
-            let after = state.oneways_queued;
-            let request = run_request(self.clone(), frame, envelope, cost, after, guard);
-            self.runtime.spawn(request);
+            let request = Request {
+                frame,
+                envelope,
+                cost,
+                after: state.oneways_queued,
+            };
+            match state.idle_runners.pop() {
+                Some(runner) => runner.start(request),
+                None => {
+                    let guard = self.tasks.enter();
+                    self.runtime.spawn(run_calls(self.clone(), request, guard));
+                }
+            }
             return;
         }
         if state.oneways.is_none() && state.closed.is_none() {
@@ -108,17 +118,87 @@ impl Inner {
     }
 }
 
-/// Runs one call request and replies, once the first `after` oneway messages have run: a
-/// peer that sends a oneway and then a call sees the call run after the oneway, as it would
-/// on one thread.
-async fn run_request(
-    inner: Arc<Inner>,
+/// How many tasks that ran a call may wait idle for the next; past that, a task ends when
+/// its call is done. A burst of concurrent calls starts as many tasks, and this many stay.
+pub(in crate::tokio) const IDLE_RUNNERS: usize = 8;
+
+/// A call request, as the reader hands it to the task that runs it.
+struct Request {
     frame: Frame,
     envelope: Envelope,
     cost: Cost,
+    /// The oneways that arrived before it: it runs once that many have run.
     after: u64,
-    guard: TaskGuard,
-) {
+}
+
+/// A task that has run a call and waits for the next one ([`run_calls`]). Handing a call to
+/// it costs a lock and a wake-up; spawning a task for each call cost a 128-byte-aligned
+/// allocation (glibc's `posix_memalign`, several hundred instructions), and tokio copies the
+/// call's future into and out of the new task.
+#[derive(Default)]
+pub(super) struct Runner {
+    /// The call to run next; `None` when woken: the connection has ended.
+    next: parking_lot::Mutex<Option<Request>>,
+    wake: Notify,
+}
+
+impl Runner {
+    fn start(&self, request: Request) {
+        *self.next.lock() = Some(request);
+        self.wake.notify_one(); // stored if the task is not waiting yet
+    }
+
+    /// Ends the idle task: the connection has ended.
+    pub(super) fn stop(&self) {
+        self.wake.notify_one();
+    }
+}
+
+/// Runs `first`, then waits idle (see [`Runner`]) for more calls until the connection ends or
+/// [`IDLE_RUNNERS`] others already wait. While idle it holds the connection weakly, like
+/// the oneway task: the connection is not kept open by its idle tasks, which
+/// [`Inner::fail`] wakes to end.
+async fn run_calls(inner: Arc<Inner>, first: Request, guard: TaskGuard) {
+    let runner = Arc::new(Runner::default());
+    let weak = Arc::downgrade(&inner);
+    let (mut inner, mut request) = (inner, first);
+    loop {
+        run_request(&inner, request).await;
+        {
+            let mut state = inner.lock();
+            if state.closed.is_some() || state.idle_runners.len() >= IDLE_RUNNERS {
+                break;
+            }
+            state.idle_runners.push(runner.clone());
+        }
+        drop(inner);
+        runner.wake.notified().await;
+        let next = runner.next.lock().take();
+        match (next, weak.upgrade()) {
+            (Some(next), Some(strong)) => (inner, request) = (strong, next),
+            // Ended: the connection, or the only handle to it, is gone (a call handed over
+            // meanwhile is dropped with it, closing its fds).
+            ended => {
+                drop(ended); // before `guard`, as below
+                drop(guard);
+                return;
+            }
+        }
+    }
+    drop(inner); // before `guard`: once the last guard goes, `run` returns
+    drop(guard);
+}
+
+/// Runs one call request and replies, once the first `after` oneway messages have run: a
+/// peer that sends a oneway and then a call sees the call run after the oneway, as it would
+/// on one thread.
+async fn run_request(inner: &Arc<Inner>, request: Request) {
+    let Request {
+        frame,
+        envelope,
+        cost,
+        after,
+    } = request;
     if *inner.oneways_run.borrow() < after {
         let mut run = inner.oneways_run.subscribe();
         // The sender lives in `inner`, which this task holds: no error to expect.
@@ -126,8 +206,6 @@ async fn run_request(
     }
     handle_request(inner.clone(), frame, envelope).await;
     inner.finished(cost);
-    drop(inner); // before `guard`: once the last guard goes, `run` returns
-    drop(guard);
 }
 
 /// Runs oneway messages one at a time, in the order they arrived, until the connection ends.
@@ -188,9 +266,9 @@ async fn handle_request(inner: Arc<Inner>, frame: Frame, envelope: Envelope) {
     };
     match failure {
         Some(failure) if !oneway => {
-            // Boxed: inline, the send's future made every request's task 1,360 bytes instead
-            // of 544, and tokio copies a task's whole future or output in and out of it three
-            // times a request (~290 instructions of `memcpy`), for a path that is rare.
+            // Boxed, as the path is rare: inline, the send's future made the task that runs
+            // calls 1,360 bytes instead of 544, which tokio copies into the task when it
+            // starts and which each task waiting idle for a call keeps.
             let _ = Box::pin(reply_failure(inner, envelope, failure)).await;
         }
         Some(failure) => {
