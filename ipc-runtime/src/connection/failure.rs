@@ -40,6 +40,25 @@ impl Failure {
         }
     }
 
+    /// What a request's handler left to answer, from how it ended (`outcome`: returned, or
+    /// panicked) and whether it `replied`: `None` if nothing is (it replied, or a oneway
+    /// ended well). Both flavours' servers decide with this.
+    #[inline]
+    pub(crate) fn of_outcome(
+        outcome: std::thread::Result<Result<(), Error>>,
+        replied: bool,
+        oneway: bool,
+    ) -> Option<Failure> {
+        match (outcome, replied) {
+            (_, true) => None,
+            (Ok(Ok(())), false) => {
+                (!oneway).then(|| Failure::Unanswered("the service sent no reply".into()))
+            }
+            (Ok(Err(e)), false) => Some(Failure::of_handler(&e)),
+            (Err(panic), false) => Some(Failure::Panicked(panic_message(&panic))),
+        }
+    }
+
     /// The error the caller sees, worded against the caller's own view of the interface.
     pub fn into_error(self, ours: &InterfaceInfo, cmd: u32) -> Error {
         let method = ours.method(cmd).map_or("?", |m| m.name);
@@ -165,4 +184,13 @@ fn describe(ours: &InterfaceInfo, theirs: &[(u32, String, String)]) -> String {
         diffs.push("the signature hashes differ".into());
     }
     format!("interface `{}`: {}", ours.name, diffs.join("; "))
+}
+
+/// The message a panic carried, if it was a string.
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
+        (Some(s), _) => s.to_string(),
+        (_, Some(s)) => s.clone(),
+        _ => "a panic without a message".into(),
+    }
 }

@@ -173,14 +173,7 @@ impl Shared {
                 let outcome = catch_unwind(AssertUnwindSafe(|| service.handle(&mut call)));
                 let replied = call.replied;
                 frame.fds = std::mem::take(&mut call.fds); // emptied; its capacity is reused
-                match (outcome, replied) {
-                    (_, true) => None,
-                    (Ok(Ok(())), false) => {
-                        (!oneway).then(|| Failure::Unanswered("the service sent no reply".into()))
-                    }
-                    (Ok(Err(e)), false) => Some(Failure::of_handler(&e)),
-                    (Err(panic), false) => Some(Failure::Panicked(panic_message(&panic))),
-                }
+                Failure::of_outcome(outcome, replied, oneway)
             }
         };
         match failure {
@@ -256,13 +249,5 @@ impl Replier<'_> {
             trace::reply(envelope.cookie, trace::described(true, value).as_deref());
         }
         sent.map(drop)
-    }
-}
-
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
-    match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
-        (Some(s), _) => s.to_string(),
-        (_, Some(s)) => s.clone(),
-        _ => "a panic without a message".into(),
     }
 }

@@ -254,14 +254,7 @@ async fn handle_request(inner: Arc<Inner>, frame: Frame, envelope: Envelope) {
                     Err(panic) => Err(panic),
                 }
             };
-            match (outcome, call.replied()) {
-                (_, true) => None,
-                (Ok(Ok(())), false) => {
-                    (!oneway).then(|| Failure::Unanswered("the service sent no reply".into()))
-                }
-                (Ok(Err(e)), false) => Some(Failure::of_handler(&e)),
-                (Err(panic), false) => Some(Failure::Panicked(panic_message(&panic))),
-            }
+            Failure::of_outcome(outcome, call.replied(), oneway)
         }
     };
     match failure {
@@ -315,13 +308,5 @@ impl Future for Guarded<'_> {
             Ok(Poll::Ready(result)) => Poll::Ready(Ok(result)),
             Err(panic) => Poll::Ready(Err(panic)),
         }
-    }
-}
-
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
-    match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
-        (Some(s), _) => s.to_string(),
-        (_, Some(s)) => s.clone(),
-        _ => "a panic without a message".into(),
     }
 }
