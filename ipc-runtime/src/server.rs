@@ -309,9 +309,9 @@ impl Serving {
     /// message going out, that client's connection is shut down (and stderr says so), the
     /// send fails as if the client had hung up, and the shutdown goes on. A client that reads
     /// gets its replies, however long they take to go out, and the other clients are not
-    /// affected. Handlers still running are waited for, however long they take. (If no thread can be started to watch the sends,
-    /// for want of resources, every client is hung up on at once instead.) Dropping `Serving`
-    /// does the same.
+    /// affected. Handlers still running are waited for, however long they take. (If no
+    /// thread can be started to watch the sends, for want of resources, every client is hung
+    /// up on at once instead.) Dropping `Serving` does the same.
     pub fn shutdown(mut self) {
         self.stop();
     }

@@ -7,9 +7,10 @@
 //! takes the *reader* role, receives the next message and routes it: a reply goes to the
 //! caller whose cookie it carries, a request to a serving thread. So a lone caller sends its
 //! call and receives its own reply: one send (`send`, or `sendmsg` with fds), one `recvmsg`,
-//! no hand-off to another thread. A caller that finds nobody reading takes the role once its message is encoded
-//! and before it sends, so its reply needs no routing; if its message cannot go out at once
-//! it gives the role back first, since nobody else reads while the role is held. A serving
+//! no hand-off to another thread. A caller that finds nobody reading takes the role once its
+//! message is encoded and before it sends, so its reply needs no routing; if its message
+//! cannot go out at once it gives the role back first, since nobody else reads while the
+//! role is held. A serving
 //! thread that receives a request with nothing queued before it runs it at once. When the
 //! reader's own wait is over it passes the role to the next waiter.
 //!

@@ -256,7 +256,8 @@ impl AsyncServing {
     /// going out, that client's connection is shut down and the send fails as if the client
     /// had hung up. A client that reads gets its replies, however long they take; handlers
     /// still running are waited for. The sends are watched from a thread of the shutdown's
-    /// own, so this needs no time driver in the runtime. (If that thread cannot be started, every client is hung up on at once.)
+    /// own, so this needs no time driver in the runtime. (If that thread cannot be started,
+    /// every client is hung up on at once.)
     pub async fn shutdown(mut self) {
         self.acceptor.abort();
         // Once it has ended, the listener is closed (and its socket file removed).
