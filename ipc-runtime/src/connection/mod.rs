@@ -10,9 +10,9 @@
 //! no hand-off to another thread. A caller that finds nobody reading takes the role once its
 //! message is encoded and before it sends, so its reply needs no routing; if its message
 //! cannot go out at once it gives the role back first, since nobody else reads while the
-//! role is held. A serving
-//! thread that receives a request with nothing queued before it runs it at once. When the
-//! reader's own wait is over it passes the role to the next waiter.
+//! role is held. A serving thread that receives a request with nothing queued before it
+//! runs it at once. When the reader's own wait is over it passes the role to the next
+//! waiter.
 //!
 //! Requests run only on threads inside [`Connection::serve`] (or [`Connection::run`]), never
 //! on a thread waiting for a reply: a callback arriving while a caller waits is handed to a
