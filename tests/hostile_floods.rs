@@ -498,6 +498,19 @@ impl asynchronous::Flood for Counting {
 #[cfg(feature = "tokio")]
 #[test]
 fn requests_past_the_bounds_wait_for_an_async_server_that_comes_later() {
+    past_the_bounds_wait_for_an_async_server(false);
+}
+
+/// The same after a call of its own was answered: that call waits no more, so it does not
+/// keep the reader reading past its bounds.
+#[cfg(feature = "tokio")]
+#[test]
+fn requests_past_the_bounds_wait_for_an_async_server_after_a_call_was_answered() {
+    past_the_bounds_wait_for_an_async_server(true);
+}
+
+#[cfg(feature = "tokio")]
+fn past_the_bounds_wait_for_an_async_server(call_first: bool) {
     let _memory = memory_lock();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -509,6 +522,16 @@ fn requests_past_the_bounds_wait_for_an_async_server_that_comes_later() {
         let _entered = runtime.enter();
         typed_ipc::tokio::AsyncConnection::new(theirs).unwrap()
     };
+    if call_first {
+        let stub = asynchronous::FloodClient::new(conn.clone());
+        let call = runtime.spawn(async move { stub.ping(41).await });
+        let request = ours.recv().unwrap();
+        let cookie = u64::from_le_bytes(request.payload[8..16].try_into().unwrap());
+        let mut reply = envelope(3, 0, cookie, 0);
+        reply.extend_from_slice(&42u64.to_le_bytes());
+        ours.send(&reply, &[]).unwrap();
+        assert_eq!(runtime.block_on(call).unwrap().unwrap(), 42);
+    }
     let mut m = sixty_kib(2, 2);
     let sent = flood(&ours, &mut m, 2000);
     assert!(

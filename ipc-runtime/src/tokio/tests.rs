@@ -441,10 +441,12 @@ fn async_calls_cancelled_at_random_moments_leave_no_lane_busy() {
 }
 
 /// Aims the drop of a call at the moment its placed reply arrives: the reply must be finished
-/// (its placement acknowledged) whichever way the race goes. `Reply::drop` finds the channel
-/// empty, the reader then sends the reply into it, and the receiver, dropped next, drops the
-/// frame with it unfinished: the server's lane stays busy for good. Aimed by spinning for
-/// about a round trip; a run of 100,000 drops hit the window in 7 runs of 10 here.
+/// (its placement acknowledged) whichever way the race goes. When replies went through a
+/// one-shot channel per call, the dropped call could find the channel empty, the reader then
+/// send the reply into it, and the receiver, dropped next, drop the frame with it unfinished:
+/// the server's lane stayed busy for good. Aimed by spinning for about a round trip; a run of
+/// 100,000 drops hit that window in 7 runs of 10 here. Now the slot is taken under the state
+/// lock, and a drop that forgets to finish the reply it finds fails this test at once.
 #[test]
 fn an_async_call_dropped_as_its_placed_reply_arrives_gives_the_lane_back() {
     use crate::codec::Bytes;

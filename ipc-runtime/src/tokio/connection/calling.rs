@@ -1,19 +1,18 @@
-//! A call of this end, from its slot in `pending` to its decoded reply, and the guards that
-//! clean up after a call whose future is dropped on the way. Apart from
+//! A call of this end, from its slot in `pending` to its decoded reply, and the guard that
+//! cleans up after a call whose future is dropped on the way. Apart from
 //! [`AsyncConnection::call`], which only adds the timeout, so that the public API in
 //! [`connection`](super) reads in one piece.
 
+use std::future::poll_fn;
 use std::sync::atomic::Ordering;
 
-use ::tokio::sync::oneshot;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{AsyncConnection, Inner};
 use crate::connection::decode_reply;
 use crate::connection::trace;
-use crate::error::{Error, Result};
-use crate::frame::Frame;
+use crate::error::Result;
 use crate::service::InterfaceInfo;
 use crate::tokio::envelope::{Envelope, Kind};
 
@@ -26,15 +25,13 @@ impl AsyncConnection {
     ) -> Result<R> {
         let inner = &self.inner;
         let cookie = inner.next_cookie.fetch_add(1, Ordering::Relaxed);
-        let (slot, reply) = oneshot::channel();
-        let mut reply = Reply { inner, rx: reply };
         {
             let mut state = inner.lock();
             if let Some(closed) = &state.closed {
                 return Err(closed.duplicate());
             }
             // Registered before sending: the reply may come back before the send returns.
-            state.pending.insert(cookie, slot);
+            state.pending.insert(cookie);
             if inner.paused.load(Ordering::Relaxed) {
                 // The reader waits for room in the backlog: it must read for this reply.
                 inner.room.notify_one();
@@ -51,9 +48,9 @@ impl AsyncConnection {
         let traced = trace::described(inner.trace, &args);
         let placed = inner.send(envelope, args).await?;
         trace::outgoing(&envelope, iface, traced.as_deref());
-        let received = (&mut reply.rx).await;
-        std::mem::forget(waiting); // the slot is gone: the reader or `fail` took it
-        let mut frame = received.unwrap_or(Err(Error::Disconnected))?;
+        let received = poll_fn(|cx| inner.lock().pending.poll_take(cookie, cx)).await;
+        std::mem::forget(waiting); // the slot is gone with the reply
+        let mut frame = received?;
         inner.lane.after_reply(placed, &frame);
         let result = decode_reply(&mut frame, iface, cmd, &inner.lane);
         inner.lane.finished(&frame.payload);
@@ -61,27 +58,11 @@ impl AsyncConnection {
     }
 }
 
-/// Where a call's reply arrives. A reply that arrived but was never taken, because the call
-/// was dropped in between, is finished with unread (see [`Lane::finished`]).
+/// A call's slot in `pending`, removed if the call is dropped before it took its reply. A
+/// reply that arrived but was not taken is finished unread (see [`Lane::finished`]) and
+/// dropped, closing its fds; one arriving later finds no slot and the reader does the same.
 ///
 /// [`Lane::finished`]: crate::connection::lane::Lane::finished
-struct Reply<'a> {
-    inner: &'a Inner,
-    rx: oneshot::Receiver<Result<Frame>>,
-}
-
-impl Drop for Reply<'_> {
-    fn drop(&mut self) {
-        // Closed first: a reply sent after an empty `try_recv` would otherwise be dropped
-        // with the channel, unfinished.
-        self.rx.close();
-        if let Ok(Ok(frame)) = self.rx.try_recv() {
-            self.inner.lane.finished(&frame.payload);
-        }
-    }
-}
-
-/// A call's slot in `pending`, removed if the call is dropped before its reply came.
 struct Waiting<'a> {
     inner: &'a Inner,
     cookie: u64,
@@ -89,7 +70,9 @@ struct Waiting<'a> {
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        // A reply arriving later finds no slot and is dropped, closing its fds.
-        self.inner.lock().pending.remove(&self.cookie);
+        let unread = self.inner.lock().pending.cancel(self.cookie);
+        if let Some(frame) = unread {
+            self.inner.lane.finished(&frame.payload);
+        }
     }
 }

@@ -8,6 +8,7 @@
 //! none past them with nothing serving), and ends the connection past that.
 
 mod calling;
+mod pending;
 mod reader;
 mod sending;
 mod serving;
@@ -15,9 +16,7 @@ mod serving;
 #[cfg(test)]
 pub(super) use serving::IDLE_RUNNERS;
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::hash::BuildHasherDefault;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::path::Path;
@@ -30,16 +29,16 @@ use parking_lot::{Mutex, MutexGuard, RwLock};
 
 use ::tokio::io::unix::AsyncFd;
 use ::tokio::runtime::Handle;
-use ::tokio::sync::{Mutex as AsyncMutex, Notify, mpsc, oneshot, watch};
+use ::tokio::sync::{Mutex as AsyncMutex, Notify, mpsc, watch};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::AsyncService;
 use super::envelope::{Envelope, Kind};
+use crate::connection::Authorizer;
 use crate::connection::backlog::{AtomicBacklog, Cost};
 use crate::connection::lane::Lane;
 use crate::connection::trace;
-use crate::connection::{Authorizer, CookieHasher};
 use crate::error::{Error, Result};
 use crate::frame::Frame;
 use crate::service::InterfaceInfo;
@@ -114,8 +113,8 @@ pub(super) struct Inner {
 
 #[derive(Default)]
 struct State {
-    /// Calls waiting for replies, by cookie. A dropped receiver is a cancelled call.
-    pending: HashMap<u64, oneshot::Sender<Result<Frame>>, BuildHasherDefault<CookieHasher>>,
+    /// Calls waiting for replies, by cookie.
+    pending: pending::Pending,
     /// Why the connection ended; once set, it stays.
     closed: Option<Error>,
     /// Someone serves on this connection: requests are handled as they arrive.

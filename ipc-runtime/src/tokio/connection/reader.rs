@@ -7,6 +7,7 @@ use std::io;
 use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::Waker;
 
 use super::serving::reply_failure;
 use super::{Inner, State, TaskGuard};
@@ -126,19 +127,19 @@ impl Inner {
         }
         match (envelope.kind, received) {
             (Kind::Reply | Kind::Failure, received) => {
-                let (slot, pause) = {
+                let (answered, pause) = {
                     let mut state = self.lock();
-                    let slot = state.pending.remove(&envelope.cookie);
-                    (slot, self.must_pause(&state))
+                    let answered = state
+                        .pending
+                        .answer(envelope.cookie, received.map(|()| frame));
+                    (answered, self.must_pause(&state))
                 };
-                let unread = match slot {
-                    // If the call was dropped meanwhile, the frame comes back and is dropped
-                    // here, closing its fds.
-                    Some(slot) => slot.send(received.map(|()| frame)).err(),
-                    None => Some(received.map(|()| frame)),
-                };
-                if let Some(Ok(frame)) = unread {
-                    self.lane.finished(&frame.payload); // its caller gave up
+                match answered {
+                    Ok(Some(waker)) => waker.wake(),
+                    Ok(None) => {} // it has not waited yet: it finds the reply when it does
+                    // Its call was dropped: the frame is dropped here, closing its fds.
+                    Err(Ok(frame)) => self.lane.finished(&frame.payload),
+                    Err(Err(_)) => {}
                 }
                 return Ok(pause);
             }
@@ -197,7 +198,7 @@ impl Inner {
     /// bounds and no call of this end waits for a reply.
     #[inline]
     fn must_pause(&self, state: &State) -> bool {
-        state.pending.is_empty() && self.backlog.get().full()
+        state.pending.nobody_waits() && self.backlog.get().full()
     }
 
     /// Waits until the reader may read again: the backlog is below its bounds, or a call of
@@ -242,15 +243,15 @@ impl Inner {
             // A protocol error leaves the stream unusable; make sure the peer sees it.
             let _ = self.socket().shutdown();
         }
-        for (_, slot) in state.pending.drain() {
-            let _ = slot.send(Err(why.duplicate()));
-        }
+        let waiting = state.pending.fail_all(&why);
         state.oneways = None;
         state.held.clear();
         for runner in state.idle_runners.drain(..) {
             runner.stop();
         }
         state.closed = Some(why);
+        drop(state);
+        waiting.into_iter().for_each(Waker::wake);
     }
 
     fn trace_incoming(&self, envelope: &Envelope, frame: &Frame) {

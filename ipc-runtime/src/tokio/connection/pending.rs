@@ -1,0 +1,217 @@
+//! The calls of this end waiting for their replies, by cookie: where the reader puts a reply
+//! and wakes its call. A slot in a table under the state lock, rather than a channel per call,
+//! so that a call costs no allocation, and so that a call dropped as its reply arrives finds
+//! the reply in its slot or finds no slot taken: there is no moment in between.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::hash::BuildHasherDefault;
+use std::task::{Context, Poll, Waker};
+
+use crate::connection::CookieHasher;
+use crate::error::{Error, Result};
+use crate::frame::Frame;
+
+/// The calls waiting for replies, and the replies their calls have not taken yet.
+#[derive(Default)]
+pub(super) struct Pending {
+    slots: HashMap<u64, Slot, BuildHasherDefault<CookieHasher>>,
+    /// How many slots are `Waiting`: the reader must read on while any is.
+    waiting: usize,
+}
+
+enum Slot {
+    /// No reply yet; the waker of the call's task once the call has waited.
+    Waiting(Option<Waker>),
+    /// The reply, or why the connection ended, for the call to take.
+    Answered(Result<Frame>),
+}
+
+impl Pending {
+    /// A slot for the call `cookie`, before its request goes out: the reply may come back
+    /// before the send returns.
+    pub(super) fn insert(&mut self, cookie: u64) {
+        self.slots.insert(cookie, Slot::Waiting(None));
+        self.waiting += 1;
+    }
+
+    /// Whether no call waits for a reply still to come.
+    pub(super) fn nobody_waits(&self) -> bool {
+        self.waiting == 0
+    }
+
+    /// Puts the reply to `cookie` in its slot, giving back the waker to wake (once the state
+    /// lock is released); or gives the reply back if no call waits for it (it was dropped).
+    pub(super) fn answer(
+        &mut self,
+        cookie: u64,
+        reply: Result<Frame>,
+    ) -> std::result::Result<Option<Waker>, Result<Frame>> {
+        match self.slots.get_mut(&cookie) {
+            Some(slot @ Slot::Waiting(_)) => {
+                self.waiting -= 1;
+                match std::mem::replace(slot, Slot::Answered(reply)) {
+                    Slot::Waiting(waker) => Ok(waker),
+                    Slot::Answered(_) => unreachable!("matched as waiting"),
+                }
+            }
+            // A second reply to one call: the first stays, this one goes back.
+            Some(Slot::Answered(_)) | None => Err(reply),
+        }
+    }
+
+    /// Answers every waiting call with `why`, as the connection ends; the wakers to wake.
+    pub(super) fn fail_all(&mut self, why: &Error) -> Vec<Waker> {
+        let mut wakers = Vec::new();
+        for slot in self.slots.values_mut() {
+            if let Slot::Waiting(waker) = slot {
+                wakers.extend(waker.take());
+                *slot = Slot::Answered(Err(why.duplicate()));
+            }
+        }
+        self.waiting = 0;
+        wakers
+    }
+
+    /// The reply to `cookie` if it is in, its slot gone with it; otherwise the call waits,
+    /// to be woken through `cx` when it comes.
+    pub(super) fn poll_take(&mut self, cookie: u64, cx: &mut Context<'_>) -> Poll<Result<Frame>> {
+        let Entry::Occupied(mut entry) = self.slots.entry(cookie) else {
+            // Every slot is answered before it goes, and only its call takes it.
+            return Poll::Ready(Err(Error::Disconnected));
+        };
+        match entry.get_mut() {
+            Slot::Waiting(waker) => {
+                match waker {
+                    Some(waker) if waker.will_wake(cx.waker()) => {}
+                    _ => *waker = Some(cx.waker().clone()),
+                }
+                Poll::Pending
+            }
+            Slot::Answered(_) => match entry.remove() {
+                Slot::Answered(reply) => Poll::Ready(reply),
+                Slot::Waiting(_) => unreachable!("matched as answered"),
+            },
+        }
+    }
+
+    /// Removes the slot of a call dropped before it took its reply; the reply if it had come
+    /// (to be finished unread, and dropped with its fds, once the state lock is released).
+    pub(super) fn cancel(&mut self, cookie: u64) -> Option<Frame> {
+        match self.slots.remove(&cookie)? {
+            Slot::Waiting(_) => {
+                self.waiting -= 1;
+                None
+            }
+            Slot::Answered(reply) => reply.ok(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::Wake;
+
+    use super::*;
+
+    struct Count(AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn frame(byte: u8) -> Frame {
+        Frame {
+            payload: vec![byte],
+            fds: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_reply_wakes_its_waiting_call_which_takes_it_and_frees_the_slot() {
+        let woken = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(woken.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut pending = Pending::default();
+        pending.insert(7);
+        assert!(!pending.nobody_waits());
+        assert!(pending.poll_take(7, &mut cx).is_pending());
+        let to_wake = pending.answer(7, Ok(frame(1))).ok().unwrap().unwrap();
+        assert!(pending.nobody_waits(), "an answered call waits no more");
+        to_wake.wake();
+        assert_eq!(woken.0.load(Ordering::SeqCst), 1);
+        match pending.poll_take(7, &mut cx) {
+            Poll::Ready(Ok(reply)) => assert_eq!(reply.payload, [1]),
+            other => panic!("{other:?}"),
+        }
+        assert!(pending.slots.is_empty());
+    }
+
+    #[test]
+    fn a_reply_before_the_call_waits_is_taken_at_once_and_wakes_nobody() {
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut pending = Pending::default();
+        pending.insert(1);
+        assert!(pending.answer(1, Ok(frame(2))).ok().unwrap().is_none());
+        assert!(matches!(pending.poll_take(1, &mut cx), Poll::Ready(Ok(_))));
+        assert!(pending.slots.is_empty() && pending.nobody_waits());
+    }
+
+    #[test]
+    fn a_reply_nobody_waits_for_comes_back_to_be_dropped() {
+        let mut pending = Pending::default();
+        pending.insert(1);
+        assert!(pending.cancel(1).is_none());
+        assert!(pending.nobody_waits());
+        let back = pending.answer(1, Ok(frame(3))).unwrap_err().unwrap();
+        assert_eq!(back.payload, [3]);
+        // A second reply to an answered call comes back too, leaving the first in place.
+        pending.insert(2);
+        pending.answer(2, Ok(frame(4))).unwrap();
+        assert_eq!(
+            pending
+                .answer(2, Ok(frame(5)))
+                .unwrap_err()
+                .unwrap()
+                .payload,
+            [5]
+        );
+        assert_eq!(pending.cancel(2).unwrap().payload, [4]);
+        assert!(pending.slots.is_empty());
+    }
+
+    #[test]
+    fn the_end_of_the_connection_answers_every_waiting_call_and_keeps_replies_in() {
+        let woken = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(woken.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut pending = Pending::default();
+        for cookie in 1..=3 {
+            pending.insert(cookie);
+        }
+        assert!(pending.poll_take(1, &mut cx).is_pending());
+        assert!(pending.poll_take(2, &mut cx).is_pending());
+        pending.answer(2, Ok(frame(9))).unwrap().unwrap().wake();
+        let wakers = pending.fail_all(&Error::Disconnected);
+        assert_eq!(wakers.len(), 1, "only call 1 waited with a waker");
+        assert!(pending.nobody_waits());
+        for waker in wakers {
+            waker.wake();
+        }
+        assert_eq!(woken.0.load(Ordering::SeqCst), 2);
+        assert!(matches!(
+            pending.poll_take(1, &mut cx),
+            Poll::Ready(Err(Error::Disconnected))
+        ));
+        assert!(matches!(pending.poll_take(2, &mut cx), Poll::Ready(Ok(_))));
+        assert!(matches!(
+            pending.poll_take(3, &mut cx),
+            Poll::Ready(Err(Error::Disconnected))
+        ));
+        assert!(pending.slots.is_empty());
+    }
+}
