@@ -170,6 +170,7 @@ pub fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receive
     let (tx, rx) = std::sync::mpsc::channel();
     let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
     std::thread::spawn(move || {
+        // The loop owns `stderr` and closes it when it ends, before `tx` goes.
         for line in stderr.lines().map_while(Result::ok) {
             eprintln!("child: {line}");
             let _ = tx.send(line);
@@ -249,4 +250,8 @@ pub fn check_survives_running_out_of_fds(
     wait_for("accepts clients again");
     drop(server.stdin.take()); // the child's cue to shut down
     assert!(server.wait().unwrap().success());
+    // The thread reading the child's stderr closes its end of the pipe on reaching the end,
+    // and then drops its sender: wait for that, so the fd is gone before the lock is released
+    // (another test counts fds next).
+    for _ in lines.iter() {}
 }
