@@ -4,7 +4,6 @@
 //! the reply in its slot or finds no slot taken: there is no moment in between.
 
 use std::collections::HashMap;
-use std::collections::hash_map::Entry;
 use std::hash::BuildHasherDefault;
 use std::task::{Context, Poll, Waker};
 
@@ -15,7 +14,10 @@ use crate::frame::Frame;
 /// The calls waiting for replies, and the replies their calls have not taken yet.
 #[derive(Default)]
 pub(super) struct Pending {
-    slots: HashMap<u64, Slot, BuildHasherDefault<CookieHasher>>,
+    /// One slot outside the map, taken first: most connections have one call out at a time,
+    /// and this one costs a comparison rather than a hash table's insert and lookups.
+    first: Option<(u64, Slot)>,
+    others: HashMap<u64, Slot, BuildHasherDefault<CookieHasher>>,
     /// How many slots are `Waiting`: the reader must read on while any is.
     waiting: usize,
 }
@@ -31,7 +33,12 @@ impl Pending {
     /// A slot for the call `cookie`, before its request goes out: the reply may come back
     /// before the send returns.
     pub(super) fn insert(&mut self, cookie: u64) {
-        self.slots.insert(cookie, Slot::Waiting(None));
+        match self.first {
+            None => self.first = Some((cookie, Slot::Waiting(None))),
+            Some(_) => {
+                self.others.insert(cookie, Slot::Waiting(None));
+            }
+        }
         self.waiting += 1;
     }
 
@@ -47,13 +54,13 @@ impl Pending {
         cookie: u64,
         reply: Result<Frame>,
     ) -> std::result::Result<Option<Waker>, Result<Frame>> {
-        match self.slots.get_mut(&cookie) {
+        match self.slot(cookie) {
             Some(slot @ Slot::Waiting(_)) => {
+                let Slot::Waiting(waker) = std::mem::replace(slot, Slot::Answered(reply)) else {
+                    unreachable!("matched as waiting")
+                };
                 self.waiting -= 1;
-                match std::mem::replace(slot, Slot::Answered(reply)) {
-                    Slot::Waiting(waker) => Ok(waker),
-                    Slot::Answered(_) => unreachable!("matched as waiting"),
-                }
+                Ok(waker)
             }
             // A second reply to one call: the first stays, this one goes back.
             Some(Slot::Answered(_)) | None => Err(reply),
@@ -63,7 +70,8 @@ impl Pending {
     /// Answers every waiting call with `why`, as the connection ends; the wakers to wake.
     pub(super) fn fail_all(&mut self, why: &Error) -> Vec<Waker> {
         let mut wakers = Vec::new();
-        for slot in self.slots.values_mut() {
+        let first = self.first.iter_mut().map(|(_, slot)| slot);
+        for slot in first.chain(self.others.values_mut()) {
             if let Slot::Waiting(waker) = slot {
                 wakers.extend(waker.take());
                 *slot = Slot::Answered(Err(why.duplicate()));
@@ -76,34 +84,47 @@ impl Pending {
     /// The reply to `cookie` if it is in, its slot gone with it; otherwise the call waits,
     /// to be woken through `cx` when it comes.
     pub(super) fn poll_take(&mut self, cookie: u64, cx: &mut Context<'_>) -> Poll<Result<Frame>> {
-        let Entry::Occupied(mut entry) = self.slots.entry(cookie) else {
-            // Every slot is answered before it goes, and only its call takes it.
-            return Poll::Ready(Err(Error::Disconnected));
-        };
-        match entry.get_mut() {
-            Slot::Waiting(waker) => {
+        match self.slot(cookie) {
+            Some(Slot::Waiting(waker)) => {
                 match waker {
                     Some(waker) if waker.will_wake(cx.waker()) => {}
                     _ => *waker = Some(cx.waker().clone()),
                 }
-                Poll::Pending
+                return Poll::Pending;
             }
-            Slot::Answered(_) => match entry.remove() {
-                Slot::Answered(reply) => Poll::Ready(reply),
-                Slot::Waiting(_) => unreachable!("matched as answered"),
-            },
+            Some(Slot::Answered(_)) => {}
+            // Every slot is answered before it goes, and only its call takes it.
+            None => return Poll::Ready(Err(Error::Disconnected)),
+        }
+        match self.remove(cookie) {
+            Some(Slot::Answered(reply)) => Poll::Ready(reply),
+            _ => unreachable!("found answered above"),
         }
     }
 
     /// Removes the slot of a call dropped before it took its reply; the reply if it had come
     /// (to be finished unread, and dropped with its fds, once the state lock is released).
     pub(super) fn cancel(&mut self, cookie: u64) -> Option<Frame> {
-        match self.slots.remove(&cookie)? {
+        match self.remove(cookie)? {
             Slot::Waiting(_) => {
                 self.waiting -= 1;
                 None
             }
             Slot::Answered(reply) => reply.ok(),
+        }
+    }
+
+    fn slot(&mut self, cookie: u64) -> Option<&mut Slot> {
+        match &mut self.first {
+            Some((first, slot)) if *first == cookie => Some(slot),
+            _ => self.others.get_mut(&cookie),
+        }
+    }
+
+    fn remove(&mut self, cookie: u64) -> Option<Slot> {
+        match self.first {
+            Some((first, _)) if first == cookie => self.first.take().map(|(_, slot)| slot),
+            _ => self.others.remove(&cookie),
         }
     }
 }
@@ -121,6 +142,12 @@ mod tests {
     impl Wake for Count {
         fn wake(self: Arc<Self>) {
             self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    impl Pending {
+        fn is_empty(&self) -> bool {
+            self.first.is_none() && self.others.is_empty()
         }
     }
 
@@ -148,7 +175,7 @@ mod tests {
             Poll::Ready(Ok(reply)) => assert_eq!(reply.payload, [1]),
             other => panic!("{other:?}"),
         }
-        assert!(pending.slots.is_empty());
+        assert!(pending.is_empty());
     }
 
     #[test]
@@ -158,7 +185,7 @@ mod tests {
         pending.insert(1);
         assert!(pending.answer(1, Ok(frame(2))).ok().unwrap().is_none());
         assert!(matches!(pending.poll_take(1, &mut cx), Poll::Ready(Ok(_))));
-        assert!(pending.slots.is_empty() && pending.nobody_waits());
+        assert!(pending.is_empty() && pending.nobody_waits());
     }
 
     #[test]
@@ -181,7 +208,7 @@ mod tests {
             [5]
         );
         assert_eq!(pending.cancel(2).unwrap().payload, [4]);
-        assert!(pending.slots.is_empty());
+        assert!(pending.is_empty());
     }
 
     #[test]
@@ -212,6 +239,39 @@ mod tests {
             pending.poll_take(3, &mut cx),
             Poll::Ready(Err(Error::Disconnected))
         ));
-        assert!(pending.slots.is_empty());
+        assert!(pending.is_empty());
+    }
+
+    #[test]
+    fn calls_beside_the_first_are_answered_in_any_order_and_the_first_slot_is_reused() {
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut pending = Pending::default();
+        for cookie in 1..=3 {
+            pending.insert(cookie);
+            assert!(pending.poll_take(cookie, &mut cx).is_pending());
+        }
+        assert_eq!(pending.first.as_ref().map(|(cookie, _)| *cookie), Some(1));
+        assert_eq!(pending.others.len(), 2);
+        pending.answer(3, Ok(frame(3))).unwrap();
+        pending.answer(1, Ok(frame(1))).unwrap();
+        assert!(!pending.nobody_waits(), "call 2 still waits");
+        for cookie in [3, 1] {
+            match pending.poll_take(cookie, &mut cx) {
+                Poll::Ready(Ok(reply)) => assert_eq!(reply.payload, [cookie as u8]),
+                other => panic!("{other:?}"),
+            }
+        }
+        // The first slot is free again while call 2 waits in the map.
+        pending.insert(4);
+        assert_eq!(pending.first.as_ref().map(|(cookie, _)| *cookie), Some(4));
+        assert!(pending.cancel(2).is_none());
+        assert!(
+            pending.answer(2, Ok(frame(2))).is_err(),
+            "call 2 was dropped"
+        );
+        pending.answer(4, Ok(frame(4))).unwrap();
+        assert!(pending.nobody_waits());
+        assert!(matches!(pending.poll_take(4, &mut cx), Poll::Ready(Ok(_))));
+        assert!(pending.is_empty());
     }
 }
