@@ -7,8 +7,8 @@
 //! regions, pipes or inboxes that do not exist; fds of every kind attached where none are
 //! expected; a message split into datagrams sent out of order — and sends it:
 //!
-//! - to a server ([`Connection::serve`]) on the other end of a socket pair, on a thread of this
-//!   process, and to one in a real child process;
+//! - to a server ([`Connection::serve`](typed_ipc::Connection::serve)) on the other end of a
+//!   socket pair, on a thread of this process, and to one in a real child process;
 //! - with the `tokio` feature, to the async flavour's server too;
 //! - and, the other way round, as the *reply* to a real client's call.
 //!
@@ -17,11 +17,13 @@
 //! new one). Nothing may panic (a panic hook records every panic in this process; the child
 //! counts its own), hang (every wait has a deadline, and the test fails rather than waits),
 //! leak an fd (each connection's end brings the serving process's fd count back to its
-//! baseline) or allocate without bound (peak RSS stays under [`MEMORY_LIMIT_KIB`]).
+//! baseline) or allocate without bound (peak RSS stays under
+//! [`MEMORY_LIMIT_KIB`](budget::MEMORY_LIMIT_KIB)).
 //!
 //! The PRNG is a fixed-seed xorshift, so a run is reproducible. `FUZZ_ITERS=200000` runs more
 //! iterations than the default (which is tuned to a few seconds in a debug build),
 //! `FUZZ_SEED=n` other ones. A failure is reported with the mutations that trigger it,
+//! reduced to the fewest that still do, and the datagrams they make, in hex.
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -84,7 +86,8 @@ pub trait Target {
     fn ping(&self, n: u64) -> u64;
 }
 
-/// Command ids (a method's position in the trait), checked in [`capture_seeds`].
+/// Command ids (a method's position in the trait), checked in
+/// [`capture_seeds`](seeds::capture_seeds).
 const CMD_BYTES: u32 = 1;
 const CMD_RECORD: u32 = 5;
 const CMD_NOTE: u32 = 6;
