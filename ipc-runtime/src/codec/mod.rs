@@ -1,0 +1,373 @@
+//! Bytes and fds for serde types. The only module that calls bincode, so the byte encoding
+//! can be swapped in one place.
+//!
+//! Bytes are bincode 1.3 with fixed-size little-endian integers. A file descriptor is not
+//! bytes: [`encode`] collects every fd a value carries into the message's fd table and writes
+//! its index (a `u32`) in the bytes; [`decode`] hands each index back as the `OwnedFd` that
+//! arrived. Fd-carrying fields mark themselves with [`Fd`] or `#[serde(with = "typed_ipc::fd")]`;
+//! a thread-local points at the message's fd table for the duration of one `encode`/`decode`
+//! call, which is how serde's data model can carry something that is not data.
+//!
+//! Byte strings ([`Bytes`], [`bytes`]) are a tag byte and then either the bytes (tag 0) or,
+//! when the encoder runs with an out-of-line store that takes them (tag 1), a reference to
+//! where the store put them (sequence number, fd index, offset, length): the connection uses
+//! this to move byte strings through a shared region instead of the socket (see
+//! `connection/lane.rs`). [`SharedBytes`] may also be tag 2: a reference to the first bytes,
+//! which the store moved through a pipe, and then the rest of the bytes. Tag 3 is a
+//! reference to a buffer of the receiver's that the store wrote the bytes into
+//! (`peer_memory.rs`).
+
+mod byte_strings;
+mod fd_carriers;
+#[cfg(test)]
+mod tests;
+
+use std::cell::Cell;
+use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
+use std::ptr::NonNull;
+
+use bincode::Options;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::shared_bytes::SharedBytes;
+
+pub(crate) use byte_strings::serialize_shared;
+pub use byte_strings::{Bytes, bytes};
+pub use fd_carriers::{Fd, FdCarrier, fd, fds};
+
+thread_local! {
+    /// What the encode or decode running on this thread works with. Pointers rather than
+    /// owned tables: they point at the caller's fd table (encoding) and at a table on
+    /// `decode_from`'s stack (decoding), and [`Swap`] puts the outer values back on return
+    /// and on unwinding. Nothing here has a destructor, so reaching it is a plain
+    /// thread-local load; the earlier tables-per-thread (four `RefCell`s and two spares,
+    /// swapped in and out on every message) cost about 180 instructions a message.
+    static CONTEXT: Context = const {
+        Context {
+            outgoing: Cell::new(None),
+            incoming: Cell::new(None),
+            store: Cell::new(None),
+            placing: Cell::new(None),
+            fetched: Cell::new(false),
+        }
+    };
+}
+
+struct Context {
+    /// The fd table of the message being encoded: the `fds` passed to [`encode`].
+    outgoing: Cell<Option<NonNull<Vec<BorrowedFd<'static>>>>>,
+    /// The fds of the message being decoded, each taken at most once.
+    incoming: Cell<Option<NonNull<[Option<OwnedFd>]>>>,
+    /// Where out-of-line byte strings are read from while decoding.
+    store: Cell<Option<NonNull<dyn OutOfLine>>>,
+    /// Where byte strings may go out of line while encoding, and the placement made there
+    /// so far (0: none; one per message): set by [`encode_placing`] for one message, and
+    /// cleared by a plain [`encode`] nested in it, whose bytes must stay self-contained.
+    placing: Cell<Option<Placing>>,
+    /// The message being decoded has had an out-of-line byte string fetched: a sender places
+    /// at most one per message, and a second is refused, so that a short hostile message
+    /// cannot make the receiver fetch (and allocate) the same large string over and over.
+    fetched: Cell<bool>,
+}
+
+/// Where the message being encoded may place a byte string.
+#[derive(Clone, Copy)]
+struct Placing {
+    store: NonNull<dyn OutOfLine>,
+    /// The placement made (0: none yet).
+    seq: u32,
+    /// [`SharedBytes`] may pipe ([`encode_placing`]'s `pipe`).
+    pipe: bool,
+}
+
+/// Sets a context cell for a scope and puts the outer value back when dropped, also when
+/// the scope unwinds, so no pointer outlives what it points at.
+struct Swap<'c, T: Copy> {
+    cell: &'c Cell<T>,
+    outer: T,
+}
+
+impl<'c, T: Copy> Swap<'c, T> {
+    fn new(cell: &'c Cell<T>, value: T) -> Self {
+        Swap {
+            outer: cell.replace(value),
+            cell,
+        }
+    }
+}
+
+impl<T: Copy> Drop for Swap<'_, T> {
+    fn drop(&mut self) {
+        self.cell.set(self.outer);
+    }
+}
+
+/// Fd tables of up to this many fds live on the stack while decoding; larger ones (rare)
+/// are allocated.
+const SMALL_TABLE: usize = 16;
+
+/// Somewhere other than the message for large byte strings: the connection's shared region.
+pub(crate) trait OutOfLine: Send + Sync {
+    /// Offers `bytes` while encoding, at most once per message. `Some` if the store took
+    /// them: where (its `seq` is never 0).
+    fn put(&self, bytes: &[u8]) -> Option<Placement>;
+    /// Fetches placed bytes while decoding; `fd` is the fd the reference named, if any.
+    fn take(&self, placed: &Placed, fd: Option<OwnedFd>) -> std::result::Result<Vec<u8>, String>;
+    /// Offers bytes whose owner the store may keep until the peer has read them, so that
+    /// they can be read from the sender's own pages; at most once per message, like
+    /// [`OutOfLine::put`]. `Some`: the reference to write (how many of the bytes went
+    /// out of line: the rest follow it inline) and an fd the message must carry.
+    fn put_shared(&self, _bytes: &SharedBytes) -> Option<(Piped, Option<RawFd>)> {
+        None
+    }
+    /// Fetches piped bytes while decoding and appends `tail`, the rest of the string.
+    fn take_piped(
+        &self,
+        _piped: &Piped,
+        _fd: Option<OwnedFd>,
+        _tail: &[u8],
+    ) -> std::result::Result<Vec<u8>, String> {
+        Err("a piped byte string, but no pipe to read it from".into())
+    }
+    /// Fetches a byte string the peer wrote into this process's memory while decoding.
+    fn take_written(&self, _written: &Written) -> std::result::Result<Vec<u8>, String> {
+        Err("a byte string written into this process, but it accepts no writes".into())
+    }
+}
+
+/// Where [`OutOfLine::put`] put a byte string.
+pub(crate) enum Placement {
+    /// In a shared region (tag 1), with an fd the message must carry (a region the peer has
+    /// not seen yet), which the store keeps open until the message is sent.
+    Region(Placed, Option<RawFd>),
+    /// Into the peer's memory (tag 3).
+    Written(Written),
+}
+
+impl Placement {
+    fn seq(&self) -> u32 {
+        match self {
+            Placement::Region(placed, _) => placed.seq,
+            Placement::Written(written) => written.seq,
+        }
+    }
+}
+
+/// A byte string the sender wrote into the receiver's inbox buffer: the wire form of tag 3.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Written {
+    /// Which placement of the sender's store this is (acknowledged back to it).
+    pub seq: u32,
+    /// Which of the receiver's inbox buffers it went into.
+    pub generation: u64,
+    /// Its length.
+    pub len: u64,
+}
+
+/// Where the first bytes of a piped byte string are: the wire form of tag 2, followed by
+/// the rest of the string inline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Piped {
+    /// Which placement of the sender's store this is (acknowledged back to it).
+    pub seq: u32,
+    /// Index of the pipe's fd in the message's table, or [`NO_FD`]: the pipe announced
+    /// before.
+    pub fd: u32,
+    /// How many bytes are in the pipe.
+    pub len: u64,
+}
+
+/// Where an out-of-line byte string is: the wire form of tag 1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Placed {
+    /// Which placement of the sender's store this is (acknowledged back to it).
+    pub seq: u32,
+    /// Index of an fd in the message's table that the bytes live in, or `u32::MAX`: where
+    /// the previous placement's fd said.
+    pub fd: u32,
+    /// Offset of the bytes there.
+    pub offset: u64,
+    /// Their length.
+    pub len: u64,
+}
+
+/// Byte strings shorter than this always go inline: no store is asked to take them, so
+/// small messages pay nothing for the out-of-line path. Measured on 2026-12-02 (randomised
+/// A/B, echo round trips against the floor): a 1 KiB echo through the lane 1.14x, inline
+/// 1.17x; 256 B and 512 B the same either way (`docs/benchmarks-bulk.md`).
+pub(crate) const OUT_OF_LINE_MIN: usize = 1 << 10;
+
+/// No fd in [`Placed::fd`].
+pub(crate) const NO_FD: u32 = u32::MAX;
+
+/// Runs `f` with `store` giving out-of-line byte strings to the decodes on this thread.
+pub(crate) fn with_store<R>(store: &(dyn OutOfLine + 'static), f: impl FnOnce() -> R) -> R {
+    CONTEXT.with(|cx| {
+        let _outer = Swap::new(&cx.store, Some(NonNull::from(store)));
+        f()
+    })
+}
+
+/// Runs `f` with this thread's out-of-line store for decoding, if one is set.
+fn with_current_store<R>(f: impl FnOnce(&dyn OutOfLine) -> R) -> Option<R> {
+    // SAFETY: a pointer in `store` was made by `with_store` from a reference that outlives
+    // the `f` it runs, and its `Swap` takes it out again (on unwinding too) before returning;
+    // we are on the same thread, inside that `f`, so the reference is still live.
+    CONTEXT
+        .with(|cx| cx.store.get())
+        .map(|store| f(unsafe { store.as_ref() }))
+}
+
+/// Offers `bytes` to the store of the [`encode_placing`] running on this thread, unless it
+/// has placed a byte string for this message already.
+fn place(bytes: &[u8]) -> Option<Placement> {
+    place_with(false, |store| {
+        store
+            .put(bytes)
+            .map(|placement| (placement.seq(), placement))
+    })
+}
+
+/// [`place`] for bytes the store may keep hold of ([`OutOfLine::put_shared`]).
+fn place_shared(bytes: &SharedBytes) -> Option<(Piped, Option<RawFd>)> {
+    place_with(true, |store| {
+        store
+            .put_shared(bytes)
+            .map(|(piped, fd)| (piped.seq, (piped, fd)))
+    })
+}
+
+/// Runs `put` on the store of the message being encoded if it has placed nothing yet (and,
+/// for `pipe`, may pipe), and records the placement it made.
+fn place_with<R>(pipe: bool, put: impl FnOnce(&dyn OutOfLine) -> Option<(u32, R)>) -> Option<R> {
+    CONTEXT.with(|cx| {
+        let placing = cx.placing.get()?;
+        if placing.seq != 0 || pipe && !placing.pipe {
+            return None;
+        }
+        let store = placing.store;
+        // SAFETY: `placing` is set only by `encode_placing` from a reference that outlives
+        // its serialization, and its `Swap` takes it out again (on unwinding too) before
+        // returning; we are inside that serialization, on its thread.
+        let (seq, placed) = put(unsafe { store.as_ref() })?;
+        cx.placing.set(Some(Placing { seq, ..placing }));
+        Some(placed)
+    })
+}
+
+fn options() -> impl Options {
+    bincode::DefaultOptions::new()
+        .with_fixint_encoding()
+        .with_little_endian()
+}
+
+/// Appends the encoding of `value` to `buf`, and the fds it carries to `fds` (borrowed from
+/// `value`, so they stay open until the message is sent). An fd's index on the wire is its
+/// position in `fds`, so `fds` starts out as the message's (usually empty) fd table.
+pub fn encode<'a, T: Serialize + ?Sized>(
+    value: &'a T,
+    buf: &mut Vec<u8>,
+    fds: &mut Vec<BorrowedFd<'a>>,
+) -> Result<()> {
+    encode_with(value, buf, fds, None, false).1
+}
+
+/// [`encode`] that offers `store` the first byte string of [`OUT_OF_LINE_MIN`] bytes or more,
+/// and with `pipe` the first [`SharedBytes`] ([`OutOfLine::put_shared`]). Returns the `seq`
+/// of the placement the store made (0: none), also when encoding failed, so the caller can
+/// give it back.
+pub(crate) fn encode_placing<'a, T: Serialize + ?Sized>(
+    value: &'a T,
+    buf: &mut Vec<u8>,
+    fds: &mut Vec<BorrowedFd<'a>>,
+    store: &(dyn OutOfLine + 'static),
+    pipe: bool,
+) -> (u32, Result<()>) {
+    encode_with(value, buf, fds, Some(NonNull::from(store)), pipe)
+}
+
+/// The two encodes: `store` set for this message only, or cleared so that a plain encode
+/// nested in a message's never places.
+fn encode_with<'a, T: Serialize + ?Sized>(
+    value: &'a T,
+    buf: &mut Vec<u8>,
+    fds: &mut Vec<BorrowedFd<'a>>,
+    store: Option<NonNull<dyn OutOfLine>>,
+    pipe: bool,
+) -> (u32, Result<()>) {
+    // Only the lifetime is erased: `index_of` pushes fds that `value` holds, and `value`
+    // is borrowed for 'a.
+    let table = NonNull::from(fds).cast::<Vec<BorrowedFd<'static>>>();
+    CONTEXT.with(|cx| {
+        let _outer = Swap::new(&cx.outgoing, Some(table));
+        let placing = store.map(|store| Placing {
+            store,
+            seq: 0,
+            pipe,
+        });
+        let _placing = Swap::new(&cx.placing, placing);
+        let encoded = options().serialize_into(&mut *buf, value);
+        let placed = cx.placing.get().map_or(0, |placing| placing.seq);
+        (placed, encoded.map_err(|e| Error::Encode(e.to_string())))
+    })
+}
+
+/// Decodes a `T` from `bytes`, taking its fds from `fds`. Fds the value does not claim are
+/// closed. Bytes left over, an index out of range or used twice, or an fd claimed but
+/// missing are [`Error::Malformed`]; sizes announced in the bytes are checked against the
+/// bytes actually present before anything is allocated.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8], mut fds: Vec<OwnedFd>) -> Result<T> {
+    decode_from(bytes, &mut fds)
+}
+
+/// [`decode`] that drains `fds`, leaving its capacity for the next message.
+pub fn decode_from<T: DeserializeOwned>(bytes: &[u8], fds: &mut Vec<OwnedFd>) -> Result<T> {
+    let deserialize = || options().with_limit(bytes.len() as u64).deserialize(bytes);
+    let result = match fds.len() {
+        0 => with_incoming(&mut [], deserialize),
+        // The usual message with fds carries one: a table of one slot, nothing to fill or
+        // walk (the general arm costs ~20 instructions more).
+        1 => with_incoming(&mut [fds.pop()], deserialize),
+        n if n <= SMALL_TABLE => {
+            let mut table: [Option<OwnedFd>; SMALL_TABLE] = [const { None }; SMALL_TABLE];
+            for (slot, fd) in table.iter_mut().zip(fds.drain(..)) {
+                *slot = Some(fd);
+            }
+            let result = with_incoming(&mut table[..n], deserialize);
+            // Close the fds the value did not claim. Only the first `n` slots were ever
+            // filled, so the rest need no drop: dropping the whole array would test all
+            // sixteen (~50 instructions a message with fds). A panic in `deserialize`
+            // unwinds past this and drops the whole table, which is as correct.
+            table[..n].iter_mut().for_each(|slot| drop(slot.take()));
+            std::mem::forget(table);
+            result
+        }
+        _ => with_incoming(
+            &mut fds.drain(..).map(Some).collect::<Vec<_>>(),
+            deserialize,
+        ),
+    }; // the table is dropped here, closing the fds the value did not claim
+    result.map_err(|e| Error::Malformed(why_undecodable(*e)))
+}
+
+/// Words a decode error: bincode's own text for a message that ends early is empty.
+fn why_undecodable(e: bincode::ErrorKind) -> String {
+    match e {
+        bincode::ErrorKind::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            "the message ends before the value it holds (a length or a field is missing)".into()
+        }
+        e => e.to_string(),
+    }
+}
+
+/// Runs `f` with `table` as the fds the decoder takes from.
+fn with_incoming<R>(table: &mut [Option<OwnedFd>], f: impl FnOnce() -> R) -> R {
+    let table = NonNull::from(table);
+    CONTEXT.with(|cx| {
+        let _outer = Swap::new(&cx.incoming, Some(table));
+        let _fetched = Swap::new(&cx.fetched, false);
+        f()
+    })
+}

@@ -1,0 +1,116 @@
+//! The out-of-line store seen from the codec: one placement per message, a second refused
+//! on decoding, none from a plain encode.
+
+use std::sync::Mutex;
+
+use serde::Serializer;
+
+use super::byte_strings::InlineBuf;
+use super::*;
+
+/// Takes every byte string it is offered, numbering placements from 1.
+#[derive(Default)]
+struct Greedy {
+    taken: Mutex<Vec<Vec<u8>>>,
+}
+
+impl OutOfLine for Greedy {
+    fn put(&self, bytes: &[u8]) -> Option<Placement> {
+        let mut taken = self.taken.lock().unwrap();
+        taken.push(bytes.to_vec());
+        let placed = Placed {
+            seq: taken.len() as u32,
+            fd: NO_FD,
+            offset: 0,
+            len: bytes.len() as u64,
+        };
+        Some(Placement::Region(placed, None))
+    }
+
+    fn take(&self, placed: &Placed, _: Option<OwnedFd>) -> std::result::Result<Vec<u8>, String> {
+        let taken = self.taken.lock().unwrap();
+        Ok(taken[placed.seq as usize - 1].clone())
+    }
+}
+
+const BIG: usize = OUT_OF_LINE_MIN;
+
+#[test]
+fn one_placement_per_message() {
+    let store = Greedy::default();
+    let (a, b) = (vec![1u8; BIG], vec![2u8; BIG]);
+    let (mut buf, mut fds) = (Vec::new(), Vec::new());
+    let (placed, encoded) =
+        encode_placing(&(Bytes(&a), Bytes(&b)), &mut buf, &mut fds, &store, false);
+    encoded.unwrap();
+    assert_eq!(placed, 1);
+    assert_eq!(
+        store.taken.lock().unwrap().len(),
+        1,
+        "only the first string placed"
+    );
+    let (Bytes(x), Bytes(y)): (Bytes<Vec<u8>>, Bytes<Vec<u8>>) =
+        with_store(&store, || decode(&buf, Vec::new())).unwrap();
+    assert_eq!((x, y), (a, b));
+}
+
+#[test]
+fn a_second_out_of_line_string_in_one_message_is_refused() {
+    let store = Greedy::default();
+    let big = vec![3u8; BIG];
+    let (mut one, mut fds) = (Vec::new(), Vec::new());
+    let (placed, encoded) = encode_placing(&Bytes(&big), &mut one, &mut fds, &store, false);
+    encoded.unwrap();
+    assert_eq!(placed, 1);
+    // A hostile sender repeats the one reference: each copy would fetch the string again.
+    let twice = [one.as_slice(), one.as_slice()].concat();
+    type Two = (Bytes<Vec<u8>>, Bytes<Vec<u8>>);
+    let refused: Result<Two> = with_store(&store, || decode(&twice, Vec::new()));
+    match refused {
+        Err(Error::Malformed(why)) => assert!(why.contains("a second out-of-line"), "{why}"),
+        other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+    }
+    // Each message may still fetch its one string.
+    for _ in 0..2 {
+        let Bytes(v): Bytes<Vec<u8>> = with_store(&store, || decode(&one, Vec::new())).unwrap();
+        assert_eq!(v, big);
+    }
+}
+
+/// Encodes its bytes with the plain `encode` while being serialized, as user code may.
+struct EncodesInside(Vec<u8>);
+
+impl Serialize for EncodesInside {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut inner = Vec::new();
+        encode(&Bytes(&self.0), &mut inner, &mut Vec::new()).map_err(serde::ser::Error::custom)?;
+        s.serialize_bytes(&inner)
+    }
+}
+
+#[test]
+fn a_plain_encode_never_places() {
+    let store = Greedy::default();
+    let big = vec![3u8; BIG];
+    // Inside a scope that decodes with a store, as a server's handler runs.
+    let mut alone = Vec::new();
+    with_store(&store, || encode(&Bytes(&big), &mut alone, &mut Vec::new())).unwrap();
+    // Nested in a message's encode that may place.
+    let (mut outer, mut fds) = (Vec::new(), Vec::new());
+    let (placed, encoded) = encode_placing(
+        &EncodesInside(big.clone()),
+        &mut outer,
+        &mut fds,
+        &store,
+        false,
+    );
+    encoded.unwrap();
+    assert_eq!(placed, 0);
+    assert!(store.taken.lock().unwrap().is_empty());
+    // Both decode without any store: the bytes are all there.
+    let Bytes(v): Bytes<Vec<u8>> = decode(&alone, Vec::new()).unwrap();
+    assert_eq!(v, big);
+    let InlineBuf(inner) = decode(&outer, Vec::new()).unwrap();
+    let Bytes(v): Bytes<Vec<u8>> = decode(&inner, Vec::new()).unwrap();
+    assert_eq!(v, big);
+}
