@@ -12,7 +12,7 @@
 //! when the encoder runs with an out-of-line store that takes them (tag 1), a reference to
 //! where the store put them (sequence number, fd index, offset, length): the connection uses
 //! this to move byte strings through a shared region instead of the socket (see
-//! `connection/lane.rs`). [`SharedBytes`] may also be tag 2: a reference to the first bytes,
+//! `connection/lane/mod.rs`). [`SharedBytes`] may also be tag 2: a reference to the first bytes,
 //! which the store moved through a pipe, and then the rest of the bytes. Tag 3 is a
 //! reference to a buffer of the receiver's that the store wrote the bytes into
 //! (`peer_memory.rs`).

@@ -12,10 +12,10 @@
 //!
 //! # Protocol
 //!
-//! - A byte string of [`MIN`] (1 KiB) to [`MAX`] (32 MiB) bytes is *placed* in the sender's region, at offset
-//!   0, when the lane is idle and the peer has said that it reads lanes; it is then a
-//!   [`Placed`] reference on the wire (the codec's tag 1), carrying the region's fd the first
-//!   time. At most one string per message is placed; everything else stays inline.
+//! - A byte string of [`MIN`] (1 KiB) to [`MAX`] (32 MiB) bytes is *placed* in the sender's
+//!   region, at offset 0, when the lane is idle and the peer has said that it reads lanes; it
+//!   is then a [`Placed`] reference on the wire (the codec's tag 1), carrying the region's fd
+//!   the first time. At most one string per message is placed; everything else stays inline.
 //! - Every message's envelope carries a *lane word* (bytes 1..4): bit 23 says "I read lanes",
 //!   bits 11..21 the sequence number of the placement this message carries (0: none), bits
 //!   0..10 that of the last placement this end is done with, and bit 22 that it was done
@@ -38,11 +38,12 @@
 //!   deadlocks. A peer that never acknowledges (a oneway stream it never answers, a hostile
 //!   peer) costs speed, not correctness.
 //! - On a connection that lends its pages to its (trusted) peer, a call's [`SharedBytes`] of
-//!   [`PIPE_MIN`] to 1 MiB are *piped* instead (the codec's tag 2): `vmsplice`d into this end's pipe ([`crate::pipe`]), which the receiver copies them
-//!   out of, one copy instead of two. Same sequence numbers, acknowledgement and busy lane;
-//!   in addition the lane keeps a clone of the bytes until the acknowledgement (the receiver
-//!   reads the sender's own pages), and a placement given back unread is emptied out of the
-//!   pipe before the lane is idle again, so the next one starts at the front.
+//!   [`PIPE_MIN`] to 1 MiB are *piped* instead (the codec's tag 2): `vmsplice`d into this
+//!   end's pipe ([`crate::pipe`]), which the receiver copies them out of, one copy instead of
+//!   two. Same sequence numbers, acknowledgement and busy lane; in addition the lane keeps a
+//!   clone of the bytes until the acknowledgement (the receiver reads the sender's own
+//!   pages), and a placement given back unread is emptied out of the pipe before the lane is
+//!   idle again, so the next one starts at the front.
 //! - On a connection given the peer's memory ([`PeerMemory`]), once the peer has announced
 //!   an inbox, byte strings of [`peer_memory::MIN`] (256 KiB) to [`peer_memory::CAPACITY`]
 //!   (1 MiB) are *written* into the peer's inbox buffer instead (the codec's tag 3;
@@ -52,21 +53,29 @@
 //!   over. Only while one copy costs less than the region's two on this machine, as
 //!   measured now ([`crate::one_copy`]); otherwise the region.
 
+mod out_of_line;
+mod outgoing;
+#[cfg(test)]
+mod tests;
+
 use parking_lot::{Mutex, MutexGuard};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use serde::Serialize;
 
 use super::envelope::{self, Envelope, Kind};
-use crate::codec::{self, NO_FD, OutOfLine, Piped, Placed, Placement, Written};
-use crate::error::{Error, Result};
+use crate::codec;
+use crate::error::Result;
 use crate::frame::Frame;
-use crate::one_copy;
-use crate::peer_memory::{self, Inbox, PeerMemory};
-use crate::pipe::{self, InPipe, OutPipe};
-use crate::shared_bytes::SharedBytes;
-use crate::shared_region::{RegionView, SharedRegion};
+use crate::peer_memory::{Inbox, PeerMemory};
+use crate::pipe::{self, InPipe};
+use crate::shared_region::RegionView;
+#[cfg(doc)]
+use crate::{codec::Placed, peer_memory, shared_bytes::SharedBytes, shared_region::SharedRegion};
+#[cfg(doc)]
+use outgoing::Announcement;
+use outgoing::Outgoing;
 
 /// Smallest byte string placed. Placing saves the kernel's two copies of the bytes; at 4 KiB
 /// that took an echo from 1.35–1.41x to 1.24–1.28x the bare-socket floor (A/B runs of
@@ -127,133 +136,6 @@ pub(crate) struct Lane {
     /// A string was taken out of the inbox and its placement is not acknowledged yet: the
     /// inbox needs a new buffer first ([`Lane::settle_inbox`]).
     inbox_taken: AtomicBool,
-}
-
-#[derive(Default)]
-struct Outgoing {
-    region: Option<SharedRegion>,
-    /// Whether the peer has the region's fd.
-    region_sent: Announcement,
-    last_seq: u32,
-    /// This end's pipe, made when first wanted (and tried again while it cannot be made:
-    /// this process's pipes at their limit, or this user's).
-    pipe: Option<OutPipe>,
-    /// Whether the peer has the pipe's read end.
-    pipe_sent: Announcement,
-    /// The bytes of the placement in the pipe, kept unchanged until the peer has read them.
-    pinned: Option<(u32, SharedBytes)>,
-    /// This end's way into the peer's memory.
-    writer: Writer,
-}
-
-/// This end's way into the peer's memory ([`crate::peer_memory`]). It needs the peer's
-/// memory and the peer's mailbox ([`Lane::peer_mailbox`]), which may come in either order
-/// (an async connection's reader may take in the announcement first).
-#[derive(Default)]
-struct Writer {
-    /// The peer's memory, if this end may write strings into it.
-    memory: Option<PeerMemory>,
-    /// This end has shown the peer that it can write its memory (once per connection).
-    proven: bool,
-    /// A read or write failed: no more writing on this connection.
-    failed: bool,
-}
-
-impl Writer {
-    /// Writes `bytes` into the inbox buffer of the peer whose mailbox is `mailbox`; the
-    /// buffer's generation if it did. Any failure ends writing for the connection: the peer
-    /// cannot be written (it is gone, or not this process's to write), or announced a
-    /// buffer that is not one.
-    fn write(&mut self, mailbox: &Mutex<Option<(u64, u64)>>, bytes: &[u8]) -> Option<u64> {
-        let memory = self.memory.as_ref().filter(|_| !self.failed)?;
-        if !one_copy::pays() {
-            return None;
-        }
-        let (mailbox, token) = (*mailbox.lock())?;
-        let written =
-            memory
-                .read_mailbox(mailbox, token)
-                .and_then(|(generation, addr, capacity)| {
-                    if (bytes.len() as u64) > capacity {
-                        return Ok(None); // a smaller buffer than ours: not for this string
-                    }
-                    if one_copy::too_close(bytes.as_ptr() as usize, addr) {
-                        return Ok(None); // the kernel's copy would be slow: the region
-                    }
-                    if !self.proven {
-                        memory.prove(mailbox, token)?;
-                        self.proven = true;
-                    }
-                    memory.write(addr, bytes).map(|()| Some(generation))
-                });
-        written.unwrap_or_else(|_| {
-            self.failed = true;
-            None
-        })
-    }
-}
-
-/// Whether the peer has been sent an fd of this end's (the region's, the pipe's), and by
-/// which placement's message.
-#[derive(Default)]
-struct Announcement {
-    /// The placement whose message carried the fd.
-    by: Option<u32>,
-    done: bool,
-}
-
-impl Announcement {
-    /// `fd`, if placement `seq`'s message must carry it (the first placement since the fd
-    /// was made or given back).
-    #[inline]
-    fn carry(&mut self, seq: u32, fd: RawFd) -> Option<RawFd> {
-        if self.done {
-            return None;
-        }
-        self.done = true;
-        self.by = Some(seq);
-        Some(fd)
-    }
-
-    /// Placement `seq` was never read: if its message carried the fd, the peer closed it
-    /// unread, so the next placement carries it again.
-    fn unread(&mut self, seq: u32) {
-        if self.by == Some(seq) {
-            *self = Announcement::default();
-        }
-    }
-}
-
-impl Outgoing {
-    /// The next placement's sequence number, made this end's only one in flight. Skips
-    /// `peer_done`, the number the peer says it is done with: while this end is idle the
-    /// peer can only be reporting that one.
-    #[inline]
-    fn start(&mut self, busy: &AtomicU32, peer_done: &AtomicU32) -> u32 {
-        let mut seq = (self.last_seq % SEQ_MASK) + 1;
-        if seq == peer_done.load(Ordering::Relaxed) {
-            seq = (seq % SEQ_MASK) + 1;
-        }
-        self.last_seq = seq;
-        busy.store(seq, Ordering::Release);
-        seq
-    }
-
-    /// Lets go of the bytes placement `seq` piped, if it did; with `drain`, after emptying
-    /// the pipe of what the peer left of them (it will never read them), so the next string
-    /// starts at the front of the pipe.
-    fn unpin(&mut self, seq: u32, drain: bool) {
-        if self
-            .pinned
-            .as_ref()
-            .is_some_and(|(pinned, _)| *pinned == seq)
-        {
-            if let (true, Some(pipe)) = (drain, &self.pipe) {
-                pipe.drain();
-            }
-            self.pinned = None;
-        }
-    }
 }
 
 impl Lane {
@@ -521,188 +403,4 @@ fn newer(a: u32, b: u32) -> bool {
     }
     let ahead = (a + SEQ_MASK - b) % SEQ_MASK;
     ahead != 0 && ahead < SEQ_MASK / 2
-}
-
-impl Drop for Outgoing {
-    fn drop(&mut self) {
-        // Bytes still pinned were never acknowledged (a call given up, then the connection
-        // dropped): once their owner lets go they may change, so the peer must not read
-        // them. A late read finds the pipe short and refuses the message.
-        if let Some((seq, _)) = self.pinned {
-            self.unpin(seq, true);
-        }
-    }
-}
-
-impl OutOfLine for Lane {
-    fn put_shared(&self, bytes: &SharedBytes) -> Option<(Piped, Option<RawFd>)> {
-        let len = bytes.len();
-        if !pipes(len)
-            || !self.lends.load(Ordering::Relaxed)
-            || !self.peer_reads.load(Ordering::Relaxed)
-            || self.busy.load(Ordering::Acquire) != 0
-        {
-            return None;
-        }
-        let mut out = self.idle_out()?;
-        let out = &mut *out;
-        if out.pipe.is_none() {
-            out.pipe = Some(OutPipe::new().ok()?);
-        }
-        let pipe = out.pipe.as_ref()?;
-        // All of it, or all but up to a page when it starts mid-page (the pipe holds whole
-        // pages); anything less means the pipe was not empty (a peer that
-        // acknowledged bytes it did not read), and the bytes would mostly go inline.
-        let spliced = pipe.splice(bytes);
-        if spliced + pipe::page_size() < len {
-            pipe.drain();
-            return None;
-        }
-        let read_end = pipe.read_end().as_raw_fd();
-        let seq = out.start(&self.busy, &self.peer_done);
-        let fd = out.pipe_sent.carry(seq, read_end);
-        out.pinned = Some((seq, bytes.clone()));
-        let piped = Piped {
-            seq,
-            fd: NO_FD,
-            len: spliced as u64,
-        };
-        Some((piped, fd))
-    }
-
-    fn take_piped(
-        &self,
-        piped: &Piped,
-        fd: Option<OwnedFd>,
-        tail: &[u8],
-    ) -> Result<Vec<u8>, String> {
-        let mut incoming = self.incoming_pipe.lock();
-        if let Some(fd) = fd {
-            *incoming = Some(InPipe::new(fd).map_err(|e| e.to_string())?);
-        }
-        let pipe = incoming
-            .as_ref()
-            .ok_or("a piped byte string, but the peer announced no pipe")?;
-        let len = match usize::try_from(piped.len) {
-            Ok(len) if len <= pipe::CAPACITY && len + tail.len() <= self.max_len => len,
-            _ => {
-                return Err(format!(
-                    "a piped byte string of {} + {} bytes (at most {} accepted)",
-                    piped.len,
-                    tail.len(),
-                    self.max_len.min(pipe::CAPACITY)
-                ));
-            }
-        };
-        let mut bytes = pipe.read_vec(len, tail.len()).map_err(|e| e.to_string())?;
-        bytes.extend_from_slice(tail);
-        self.done_with(piped.seq & SEQ_MASK, 0);
-        Ok(bytes)
-    }
-
-    fn put(&self, bytes: &[u8]) -> Option<Placement> {
-        let len = bytes.len();
-        if !(MIN..=MAX).contains(&len)
-            || !self.peer_reads.load(Ordering::Relaxed)
-            || self.busy.load(Ordering::Acquire) != 0
-        {
-            return None;
-        }
-        let mut out = self.idle_out()?;
-        if (peer_memory::MIN..=peer_memory::CAPACITY).contains(&len)
-            && let Some(generation) = out.writer.write(&self.peer_mailbox, bytes)
-        {
-            let seq = out.start(&self.busy, &self.peer_done);
-            return Some(Placement::Written(Written {
-                seq,
-                generation,
-                len: len as u64,
-            }));
-        }
-        if out.region.as_ref().is_none_or(|r| r.len() < len) {
-            let region = SharedRegion::new(len.next_power_of_two().clamp(MIN_REGION, MAX)).ok()?;
-            out.region = Some(region);
-            out.region_sent = Announcement::default();
-        }
-        let out = &mut *out;
-        let seq = out.start(&self.busy, &self.peer_done);
-        let region = out.region.as_mut().expect("made above");
-        crate::bulk_copy::copy_into(&mut region[..len], bytes);
-        let fd = out.region_sent.carry(seq, region.as_fd().as_raw_fd());
-        let placed = Placed {
-            seq,
-            fd: NO_FD,
-            offset: 0,
-            len: len as u64,
-        };
-        Some(Placement::Region(placed, fd))
-    }
-
-    fn take_written(&self, written: &Written) -> Result<Vec<u8>, String> {
-        let seq = written.seq & SEQ_MASK;
-        if seq == 0 || written.len > self.max_len as u64 {
-            return Err(format!(
-                "a byte string of {} bytes written by placement {} (at most {} accepted)",
-                written.len, written.seq, self.max_len
-            ));
-        }
-        let mut inbox = self.inbox.lock();
-        let inbox = inbox
-            .as_mut()
-            .ok_or("a byte string written into this process, but it announced no inbox")?;
-        let bytes = inbox.take(written.generation, written.len, seq)?;
-        // Acknowledged by `settle_inbox`, once the inbox has its next buffer.
-        self.inbox_taken.store(true, Ordering::Release);
-        Ok(bytes)
-    }
-
-    fn take(&self, placed: &Placed, fd: Option<OwnedFd>) -> Result<Vec<u8>, String> {
-        let mut incoming = self.incoming.lock();
-        if let Some(fd) = fd {
-            let view = RegionView::from_fd_with_limit(fd, self.max_len)
-                .map_err(|e| format!("the peer's shared region was refused: {e}"))?;
-            *incoming = Some(view);
-        }
-        let view = incoming
-            .as_ref()
-            .ok_or("an out-of-line byte string, but the peer announced no shared region")?;
-        let (offset, len) = match (usize::try_from(placed.offset), usize::try_from(placed.len)) {
-            (Ok(offset), Ok(len)) if len <= self.max_len => (offset, len),
-            _ => {
-                return Err(format!(
-                    "an out-of-line byte string of {} bytes (at most {} accepted)",
-                    placed.len, self.max_len
-                ));
-            }
-        };
-        // The caller words the error as malformed; its own wording would say so twice.
-        let bytes = view.to_vec(offset, len).map_err(|e| match e {
-            Error::Malformed(why) => why,
-            e => e.to_string(),
-        })?;
-        self.done_with(placed.seq & SEQ_MASK, 0);
-        Ok(bytes)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_new_placement_never_takes_the_number_the_peer_last_acknowledged() {
-        let (busy, peer_done) = (AtomicU32::new(0), AtomicU32::new(0));
-        let mut out = Outgoing::default();
-        assert_eq!(out.start(&busy, &peer_done), 1);
-        // The peer still reports 5 as done with (say 2,046 placements since were never
-        // sent): 5 is skipped, or that old acknowledgement would release the new one.
-        out.last_seq = 4;
-        peer_done.store(5, Ordering::Relaxed);
-        assert_eq!(out.start(&busy, &peer_done), 6);
-        assert_eq!(busy.load(Ordering::Relaxed), 6);
-        // Also where the numbers wrap.
-        out.last_seq = SEQ_MASK;
-        peer_done.store(1, Ordering::Relaxed);
-        assert_eq!(out.start(&busy, &peer_done), 2);
-    }
 }

@@ -1,0 +1,165 @@
+//! The lane as the codec's out-of-line store ([`OutOfLine`]): byte strings placed, piped or
+//! written by this end, and taken out of the peer's region, its pipe or this end's inbox.
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::Ordering;
+
+use super::outgoing::Announcement;
+use super::{Lane, MAX, MIN, MIN_REGION, SEQ_MASK, pipes};
+use crate::codec::{NO_FD, OutOfLine, Piped, Placed, Placement, Written};
+use crate::error::{Error, Result};
+use crate::peer_memory;
+use crate::pipe::{self, InPipe, OutPipe};
+use crate::shared_bytes::SharedBytes;
+use crate::shared_region::{RegionView, SharedRegion};
+
+impl OutOfLine for Lane {
+    fn put_shared(&self, bytes: &SharedBytes) -> Option<(Piped, Option<RawFd>)> {
+        let len = bytes.len();
+        if !pipes(len)
+            || !self.lends.load(Ordering::Relaxed)
+            || !self.peer_reads.load(Ordering::Relaxed)
+            || self.busy.load(Ordering::Acquire) != 0
+        {
+            return None;
+        }
+        let mut out = self.idle_out()?;
+        let out = &mut *out;
+        if out.pipe.is_none() {
+            out.pipe = Some(OutPipe::new().ok()?);
+        }
+        let pipe = out.pipe.as_ref()?;
+        // All of it, or all but up to a page when it starts mid-page (the pipe holds whole
+        // pages); anything less means the pipe was not empty (a peer that
+        // acknowledged bytes it did not read), and the bytes would mostly go inline.
+        let spliced = pipe.splice(bytes);
+        if spliced + pipe::page_size() < len {
+            pipe.drain();
+            return None;
+        }
+        let read_end = pipe.read_end().as_raw_fd();
+        let seq = out.start(&self.busy, &self.peer_done);
+        let fd = out.pipe_sent.carry(seq, read_end);
+        out.pinned = Some((seq, bytes.clone()));
+        let piped = Piped {
+            seq,
+            fd: NO_FD,
+            len: spliced as u64,
+        };
+        Some((piped, fd))
+    }
+
+    fn take_piped(
+        &self,
+        piped: &Piped,
+        fd: Option<OwnedFd>,
+        tail: &[u8],
+    ) -> Result<Vec<u8>, String> {
+        let mut incoming = self.incoming_pipe.lock();
+        if let Some(fd) = fd {
+            *incoming = Some(InPipe::new(fd).map_err(|e| e.to_string())?);
+        }
+        let pipe = incoming
+            .as_ref()
+            .ok_or("a piped byte string, but the peer announced no pipe")?;
+        let len = match usize::try_from(piped.len) {
+            Ok(len) if len <= pipe::CAPACITY && len + tail.len() <= self.max_len => len,
+            _ => {
+                return Err(format!(
+                    "a piped byte string of {} + {} bytes (at most {} accepted)",
+                    piped.len,
+                    tail.len(),
+                    self.max_len.min(pipe::CAPACITY)
+                ));
+            }
+        };
+        let mut bytes = pipe.read_vec(len, tail.len()).map_err(|e| e.to_string())?;
+        bytes.extend_from_slice(tail);
+        self.done_with(piped.seq & SEQ_MASK, 0);
+        Ok(bytes)
+    }
+
+    fn put(&self, bytes: &[u8]) -> Option<Placement> {
+        let len = bytes.len();
+        if !(MIN..=MAX).contains(&len)
+            || !self.peer_reads.load(Ordering::Relaxed)
+            || self.busy.load(Ordering::Acquire) != 0
+        {
+            return None;
+        }
+        let mut out = self.idle_out()?;
+        if (peer_memory::MIN..=peer_memory::CAPACITY).contains(&len)
+            && let Some(generation) = out.writer.write(&self.peer_mailbox, bytes)
+        {
+            let seq = out.start(&self.busy, &self.peer_done);
+            return Some(Placement::Written(Written {
+                seq,
+                generation,
+                len: len as u64,
+            }));
+        }
+        if out.region.as_ref().is_none_or(|r| r.len() < len) {
+            let region = SharedRegion::new(len.next_power_of_two().clamp(MIN_REGION, MAX)).ok()?;
+            out.region = Some(region);
+            out.region_sent = Announcement::default();
+        }
+        let out = &mut *out;
+        let seq = out.start(&self.busy, &self.peer_done);
+        let region = out.region.as_mut().expect("made above");
+        crate::bulk_copy::copy_into(&mut region[..len], bytes);
+        let fd = out.region_sent.carry(seq, region.as_fd().as_raw_fd());
+        let placed = Placed {
+            seq,
+            fd: NO_FD,
+            offset: 0,
+            len: len as u64,
+        };
+        Some(Placement::Region(placed, fd))
+    }
+
+    fn take_written(&self, written: &Written) -> Result<Vec<u8>, String> {
+        let seq = written.seq & SEQ_MASK;
+        if seq == 0 || written.len > self.max_len as u64 {
+            return Err(format!(
+                "a byte string of {} bytes written by placement {} (at most {} accepted)",
+                written.len, written.seq, self.max_len
+            ));
+        }
+        let mut inbox = self.inbox.lock();
+        let inbox = inbox
+            .as_mut()
+            .ok_or("a byte string written into this process, but it announced no inbox")?;
+        let bytes = inbox.take(written.generation, written.len, seq)?;
+        // Acknowledged by `settle_inbox`, once the inbox has its next buffer.
+        self.inbox_taken.store(true, Ordering::Release);
+        Ok(bytes)
+    }
+
+    fn take(&self, placed: &Placed, fd: Option<OwnedFd>) -> Result<Vec<u8>, String> {
+        let mut incoming = self.incoming.lock();
+        if let Some(fd) = fd {
+            let view = RegionView::from_fd_with_limit(fd, self.max_len)
+                .map_err(|e| format!("the peer's shared region was refused: {e}"))?;
+            *incoming = Some(view);
+        }
+        let view = incoming
+            .as_ref()
+            .ok_or("an out-of-line byte string, but the peer announced no shared region")?;
+        let (offset, len) = match (usize::try_from(placed.offset), usize::try_from(placed.len)) {
+            (Ok(offset), Ok(len)) if len <= self.max_len => (offset, len),
+            _ => {
+                return Err(format!(
+                    "an out-of-line byte string of {} bytes (at most {} accepted)",
+                    placed.len, self.max_len
+                ));
+            }
+        };
+        // The caller words the error as malformed; its own wording would say so twice.
+        let bytes = view.to_vec(offset, len).map_err(|e| match e {
+            Error::Malformed(why) => why,
+            e => e.to_string(),
+        })?;
+        self.done_with(placed.seq & SEQ_MASK, 0);
+        Ok(bytes)
+    }
+}

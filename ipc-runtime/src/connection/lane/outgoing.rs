@@ -1,0 +1,158 @@
+//! This end's outgoing side ([`Outgoing`]): its region, its pipe and the bytes pinned in it,
+//! its way into the peer's memory ([`Writer`]), and whether the peer has been sent an fd of
+//! this end's ([`Announcement`]).
+
+use parking_lot::Mutex;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+#[cfg(doc)]
+use super::Lane;
+use super::SEQ_MASK;
+use crate::one_copy;
+use crate::peer_memory::PeerMemory;
+use crate::pipe::OutPipe;
+use crate::shared_bytes::SharedBytes;
+use crate::shared_region::SharedRegion;
+
+#[derive(Default)]
+pub(super) struct Outgoing {
+    pub(super) region: Option<SharedRegion>,
+    /// Whether the peer has the region's fd.
+    pub(super) region_sent: Announcement,
+    pub(super) last_seq: u32,
+    /// This end's pipe, made when first wanted (and tried again while it cannot be made:
+    /// this process's pipes at their limit, or this user's).
+    pub(super) pipe: Option<OutPipe>,
+    /// Whether the peer has the pipe's read end.
+    pub(super) pipe_sent: Announcement,
+    /// The bytes of the placement in the pipe, kept unchanged until the peer has read them.
+    pub(super) pinned: Option<(u32, SharedBytes)>,
+    /// This end's way into the peer's memory.
+    pub(super) writer: Writer,
+}
+
+/// This end's way into the peer's memory ([`crate::peer_memory`]). It needs the peer's
+/// memory and the peer's mailbox ([`Lane::peer_mailbox`]), which may come in either order
+/// (an async connection's reader may take in the announcement first).
+#[derive(Default)]
+pub(super) struct Writer {
+    /// The peer's memory, if this end may write strings into it.
+    pub(super) memory: Option<PeerMemory>,
+    /// This end has shown the peer that it can write its memory (once per connection).
+    proven: bool,
+    /// A read or write failed: no more writing on this connection.
+    failed: bool,
+}
+
+impl Writer {
+    /// Writes `bytes` into the inbox buffer of the peer whose mailbox is `mailbox`; the
+    /// buffer's generation if it did. Any failure ends writing for the connection: the peer
+    /// cannot be written (it is gone, or not this process's to write), or announced a
+    /// buffer that is not one.
+    pub(super) fn write(
+        &mut self,
+        mailbox: &Mutex<Option<(u64, u64)>>,
+        bytes: &[u8],
+    ) -> Option<u64> {
+        let memory = self.memory.as_ref().filter(|_| !self.failed)?;
+        if !one_copy::pays() {
+            return None;
+        }
+        let (mailbox, token) = (*mailbox.lock())?;
+        let written =
+            memory
+                .read_mailbox(mailbox, token)
+                .and_then(|(generation, addr, capacity)| {
+                    if (bytes.len() as u64) > capacity {
+                        return Ok(None); // a smaller buffer than ours: not for this string
+                    }
+                    if one_copy::too_close(bytes.as_ptr() as usize, addr) {
+                        return Ok(None); // the kernel's copy would be slow: the region
+                    }
+                    if !self.proven {
+                        memory.prove(mailbox, token)?;
+                        self.proven = true;
+                    }
+                    memory.write(addr, bytes).map(|()| Some(generation))
+                });
+        written.unwrap_or_else(|_| {
+            self.failed = true;
+            None
+        })
+    }
+}
+
+/// Whether the peer has been sent an fd of this end's (the region's, the pipe's), and by
+/// which placement's message.
+#[derive(Default)]
+pub(super) struct Announcement {
+    /// The placement whose message carried the fd.
+    by: Option<u32>,
+    done: bool,
+}
+
+impl Announcement {
+    /// `fd`, if placement `seq`'s message must carry it (the first placement since the fd
+    /// was made or given back).
+    #[inline]
+    pub(super) fn carry(&mut self, seq: u32, fd: RawFd) -> Option<RawFd> {
+        if self.done {
+            return None;
+        }
+        self.done = true;
+        self.by = Some(seq);
+        Some(fd)
+    }
+
+    /// Placement `seq` was never read: if its message carried the fd, the peer closed it
+    /// unread, so the next placement carries it again.
+    pub(super) fn unread(&mut self, seq: u32) {
+        if self.by == Some(seq) {
+            *self = Announcement::default();
+        }
+    }
+}
+
+impl Outgoing {
+    /// The next placement's sequence number, made this end's only one in flight. Skips
+    /// `peer_done`, the number the peer says it is done with: while this end is idle the
+    /// peer can only be reporting that one.
+    #[inline]
+    pub(super) fn start(&mut self, busy: &AtomicU32, peer_done: &AtomicU32) -> u32 {
+        let mut seq = (self.last_seq % SEQ_MASK) + 1;
+        if seq == peer_done.load(Ordering::Relaxed) {
+            seq = (seq % SEQ_MASK) + 1;
+        }
+        self.last_seq = seq;
+        busy.store(seq, Ordering::Release);
+        seq
+    }
+
+    /// Lets go of the bytes placement `seq` piped, if it did; with `drain`, after emptying
+    /// the pipe of what the peer left of them (it will never read them), so the next string
+    /// starts at the front of the pipe.
+    pub(super) fn unpin(&mut self, seq: u32, drain: bool) {
+        if self
+            .pinned
+            .as_ref()
+            .is_some_and(|(pinned, _)| *pinned == seq)
+        {
+            if let (true, Some(pipe)) = (drain, &self.pipe) {
+                pipe.drain();
+            }
+            self.pinned = None;
+        }
+    }
+}
+
+impl Drop for Outgoing {
+    fn drop(&mut self) {
+        // Bytes still pinned were never acknowledged (a call given up, then the connection
+        // dropped): once their owner lets go they may change, so the peer must not read
+        // them. A late read finds the pipe short and refuses the message.
+        if let Some((seq, _)) = self.pinned {
+            self.unpin(seq, true);
+        }
+    }
+}
