@@ -151,6 +151,12 @@ mod tests {
         }
     }
 
+    /// A waker that counts its wakes in the `Count` it comes with.
+    fn counting_waker() -> (Arc<Count>, Waker) {
+        let woken = Arc::new(Count(AtomicUsize::new(0)));
+        (woken.clone(), Waker::from(woken))
+    }
+
     fn frame(byte: u8) -> Frame {
         Frame {
             payload: vec![byte],
@@ -160,8 +166,7 @@ mod tests {
 
     #[test]
     fn a_reply_wakes_its_waiting_call_which_takes_it_and_frees_the_slot() {
-        let woken = Arc::new(Count(AtomicUsize::new(0)));
-        let waker = Waker::from(woken.clone());
+        let (woken, waker) = counting_waker();
         let mut cx = Context::from_waker(&waker);
         let mut pending = Pending::default();
         pending.insert(7);
@@ -213,8 +218,7 @@ mod tests {
 
     #[test]
     fn the_end_of_the_connection_answers_every_waiting_call_and_keeps_replies_in() {
-        let woken = Arc::new(Count(AtomicUsize::new(0)));
-        let waker = Waker::from(woken.clone());
+        let (woken, waker) = counting_waker();
         let mut cx = Context::from_waker(&waker);
         let mut pending = Pending::default();
         for cookie in 1..=3 {
