@@ -634,6 +634,7 @@ mod blocking_named {
 
 #[test]
 fn an_async_server_answers_under_its_wire_name() {
+    let _serial = fd_count_lock();
     assert_eq!(async_named::NAMED_INFO.name, "org.example.Named");
     let (ours, theirs) = Socket::pair().unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread()

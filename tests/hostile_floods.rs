@@ -1,6 +1,9 @@
 //! A hostile peer that sends many messages, each of them valid, or leaves what it is sent
 //! unread: what the runtime keeps for them, and how long it waits for them, must stay
 //! bounded.
+//!
+//! Every test takes `fd_count_lock`, so that the ones that count `/proc/self/fd` or measure
+//! resident memory see only their own fds and memory (some tests grow it by tens of MiB).
 
 mod common;
 
@@ -37,14 +40,6 @@ impl Flood for Impl {
 
 fn ungated() -> Impl {
     Impl(Default::default())
-}
-
-/// Resident memory is the process's: the tests that measure it, and those that make it grow
-/// by tens of MiB, run one at a time.
-fn memory_lock() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Resident memory of this process, KiB.
@@ -126,7 +121,6 @@ impl asynchronous::Flood for Async {
 #[test]
 fn a_client_that_serves_nothing_keeps_no_unsolicited_requests() {
     let _fds = common::fd_count_lock();
-    let _memory = memory_lock();
     let (ours, theirs) = Socket::pair().unwrap();
     let client = FloodClient::new(Connection::new(ours));
     let (fds_before, rss_before) = (common::open_fds(), rss_kib());
@@ -168,6 +162,7 @@ fn a_client_that_serves_nothing_keeps_no_unsolicited_requests() {
 /// 64 KiB buffer, the 32 MiB bound ended the connection at the 512th.)
 #[test]
 fn small_requests_held_count_their_size_not_the_receive_buffer() {
+    let _fds = common::fd_count_lock();
     let (ours, theirs) = Socket::pair().unwrap();
     let client = FloodClient::new(Connection::new(ours));
     std::thread::scope(|s| {
@@ -191,7 +186,7 @@ fn small_requests_held_count_their_size_not_the_receive_buffer() {
 #[cfg(feature = "tokio")]
 #[test]
 fn an_async_client_that_serves_nothing_keeps_no_unsolicited_requests() {
-    let _memory = memory_lock();
+    let _fds = common::fd_count_lock();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -238,7 +233,7 @@ fn an_async_client_that_serves_nothing_keeps_no_unsolicited_requests() {
 #[cfg(feature = "tokio")]
 #[test]
 fn an_async_server_stops_reading_a_client_that_reads_no_replies() {
-    let _memory = memory_lock();
+    let _fds = common::fd_count_lock();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -262,7 +257,7 @@ fn an_async_server_stops_reading_a_client_that_reads_no_replies() {
 /// the queue's bounds (32 MiB, ~512 of these). (4,000 of 60 KiB grew RSS by 245 MiB before.)
 #[test]
 fn a_pool_stops_reading_oneways_it_cannot_run() {
-    let _memory = memory_lock();
+    let _fds = common::fd_count_lock();
     let (ours, theirs) = Socket::pair().unwrap();
     let (gate, closed) = mpsc::channel::<()>();
     let server = std::thread::spawn(move || {
@@ -344,7 +339,6 @@ fn cut_within(socket: &Socket, guard: Duration) -> bool {
 #[test]
 fn shutdown_returns_although_a_client_does_not_read_its_reply() {
     let _fds = common::fd_count_lock();
-    let _memory = memory_lock(); // the 64 MiB call and its reply
     let before = common::open_fds();
     let name = format!("typed-ipc-flood-{}", std::process::id());
     let (entered, started) = mpsc::channel();
@@ -400,7 +394,6 @@ impl asynchronous::Held for AsyncHeld {
 fn async_shutdown_returns_although_a_client_does_not_read_its_reply() {
     use typed_ipc::tokio::{AsyncConnection, AsyncListener, AsyncServer};
     let _fds = common::fd_count_lock();
-    let _memory = memory_lock(); // the 64 MiB call and its reply
     let runtime = common::two_worker_runtime();
     let before = common::open_fds();
     let name = format!("typed-ipc-async-flood-{}", std::process::id());
@@ -511,7 +504,7 @@ fn requests_past_the_bounds_wait_for_an_async_server_after_a_call_was_answered()
 
 #[cfg(feature = "tokio")]
 fn past_the_bounds_wait_for_an_async_server(call_first: bool) {
-    let _memory = memory_lock();
+    let _fds = common::fd_count_lock();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -625,7 +618,7 @@ fn nested_callbacks_past_the_bounds_do_not_deadlock() {
 /// sending requests instead makes it end the connection at twice the bounds.
 #[test]
 fn a_caller_reads_past_the_bounds_up_to_twice_them() {
-    let _memory = memory_lock();
+    let _fds = common::fd_count_lock();
     let (ours, theirs) = Socket::pair().unwrap();
     let (gate, closed) = mpsc::channel::<()>();
     let conn = Connection::new(theirs);

@@ -6,19 +6,11 @@ mod common;
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::Mutex;
 
-use common::{memfd, open_fds, read_all};
+use common::{fd_count_lock, memfd, open_fds, read_all};
 use ipc_runtime::Error;
 use ipc_runtime::codec::{self, Fd};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-/// Tests that count this process's fds take this, so they do not see each other's.
-static FD_COUNT: Mutex<()> = Mutex::new(());
-
-fn fd_count_lock() -> std::sync::MutexGuard<'static, ()> {
-    FD_COUNT.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// What the peer would receive for `fds`: new descriptors for the same files.
 fn arrived(fds: &[BorrowedFd<'_>]) -> Vec<OwnedFd> {

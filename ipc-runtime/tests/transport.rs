@@ -1,4 +1,5 @@
 //! The transport: whole messages of any size with fds, limits, errors, leaks, processes.
+//! Every test takes `fd_count_lock` so the ones that count `/proc/self/fd` see only their own.
 
 mod common;
 
@@ -36,6 +37,7 @@ fn round_trip(a: &Socket, b: &Socket, len: usize, nfds: usize) {
 
 #[test]
 fn bytes_only_fds_only_both_and_empty() {
+    let _fds = fd_count_lock();
     let (a, b) = Socket::pair().unwrap();
     round_trip(&a, &b, 5, 0);
     round_trip(&a, &b, 0, 1);
@@ -45,6 +47,7 @@ fn bytes_only_fds_only_both_and_empty() {
 
 #[test]
 fn fd_counts_up_to_and_beyond_one_datagram() {
+    let _fds = fd_count_lock();
     let (a, b) = Socket::pair().unwrap();
     for n in [0, 1, 253, 254, 300, 1000] {
         round_trip(&a, &b, 10, n);
@@ -53,6 +56,7 @@ fn fd_counts_up_to_and_beyond_one_datagram() {
 
 #[test]
 fn payload_sizes_around_every_boundary() {
+    let _fds = fd_count_lock();
     let (a, b) = Socket::pair().unwrap();
     let chunk = 4 * 1024 * 1024; // the largest continuation datagram
     let mut sizes = vec![0, 1, FIRST_MAX - 1, FIRST_MAX, FIRST_MAX + 1];
@@ -72,12 +76,14 @@ fn payload_sizes_around_every_boundary() {
 
 #[test]
 fn a_256_mib_message_arrives_whole() {
+    let _fds = fd_count_lock();
     let (a, b) = Socket::pair().unwrap();
     round_trip(&a, &b, 256 << 20, 1);
 }
 
 #[test]
 fn a_received_fd_is_the_same_open_file() {
+    let _fds = fd_count_lock();
     let (a, b) = Socket::pair().unwrap();
     let file = memfd(b"");
     a.send(b"", &[file.as_fd()]).unwrap();
@@ -89,6 +95,7 @@ fn a_received_fd_is_the_same_open_file() {
 
 #[test]
 fn hang_up_while_receiving_is_disconnected() {
+    let _fds = fd_count_lock();
     let (a, b) = Socket::pair().unwrap();
     std::thread::scope(|s| {
         let waiter = s.spawn(|| b.recv());
@@ -99,6 +106,7 @@ fn hang_up_while_receiving_is_disconnected() {
 
 #[test]
 fn hang_up_in_the_middle_of_a_large_message_is_disconnected() {
+    let _fds = fd_count_lock();
     let (a, b) = Socket::pair().unwrap();
     let first = Header {
         kind: Kind::First,
@@ -126,6 +134,7 @@ fn raw_send(s: &Socket, header: &[u8], body: &[u8]) {
 
 #[test]
 fn an_oversized_announcement_is_refused_and_the_stream_stays_in_sync() {
+    let _fds = fd_count_lock();
     let (a, mut b) = Socket::pair().unwrap();
     b.set_limits(Limits {
         max_message_len: 1 << 20,
@@ -172,6 +181,7 @@ fn an_oversized_announcement_is_refused_and_the_stream_stays_in_sync() {
 
 #[test]
 fn garbage_is_malformed_and_the_stream_stays_in_sync() {
+    let _fds = fd_count_lock();
     let (a, b) = Socket::pair().unwrap();
     // A continuation out of the blue, then garbage of every kind, then a good message: all
     // sent before anything is read, so nothing depends on timing.
@@ -215,6 +225,7 @@ fn garbage_is_malformed_and_the_stream_stays_in_sync() {
 
 #[test]
 fn timeouts_and_try_recv() {
+    let _fds = fd_count_lock();
     let (a, b) = Socket::pair().unwrap();
     assert!(matches!(
         b.recv_timeout(Duration::from_millis(10)),
@@ -239,6 +250,7 @@ fn timeouts_and_try_recv() {
 
 #[test]
 fn no_fd_leaks_over_10_000_messages() {
+    let _fds = fd_count_lock();
     let (a, b) = Socket::pair().unwrap();
     let file = memfd(b"x");
     let before = open_fds();
@@ -256,6 +268,7 @@ fn no_fd_leaks_over_10_000_messages() {
 
 #[test]
 fn peer_credentials_name_the_peer() {
+    let _fds = fd_count_lock();
     let (a, _b) = Socket::pair().unwrap();
     let c = a.peer_credentials().unwrap();
     assert_eq!(c.pid as u32, std::process::id());
@@ -264,6 +277,7 @@ fn peer_credentials_name_the_peer() {
 
 #[test]
 fn listeners_on_paths_and_abstract_names() {
+    let _fds = fd_count_lock();
     let dir = std::env::temp_dir().join(format!("typed-ipc-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("sock");
@@ -314,11 +328,13 @@ fn stale_socket_file(path: &std::path::Path) {
 
 #[test]
 fn inherited_non_socket_fds_are_refused() {
+    let _fds = fd_count_lock();
     assert!(Socket::from_fd(memfd(b"")).is_err());
 }
 
 #[test]
 fn round_trip_with_a_child_process() {
+    let _fds = fd_count_lock();
     let (mut child, socket) = Worker::spawn_socket(child("child_echo")).unwrap();
     for (len, nfds) in [(6, 0), (0, 2), (300_000, 1), (5 << 20, 300)] {
         let payload = pattern(len);
@@ -360,6 +376,7 @@ fn child_echo() {
 
 #[test]
 fn fds_dropped_at_the_open_file_limit_are_reported_and_the_stream_stays_in_sync() {
+    let _fds = fd_count_lock();
     let (mut child, socket) = Worker::spawn_socket(child("child_at_fd_limit")).unwrap();
     // The child lowers its limit, then says how many fds it can still take.
     let room = u32::from_le_bytes(socket.recv().unwrap().payload.try_into().unwrap()) as usize;
@@ -417,6 +434,7 @@ fn all_closed(read_end: &OwnedFd) -> bool {
 
 #[test]
 fn a_message_over_the_senders_own_limits_is_refused_before_any_of_it_goes_out() {
+    let _fds = fd_count_lock();
     let (mut a, b) = Socket::pair().unwrap();
     a.set_limits(Limits {
         max_message_len: 100_000,
@@ -456,6 +474,7 @@ fn a_message_over_the_senders_own_limits_is_refused_before_any_of_it_goes_out() 
 
 #[test]
 fn a_refused_message_is_read_to_its_end_and_keeps_its_first_bytes() {
+    let _fds = fd_count_lock();
     let (a, mut b) = Socket::pair().unwrap();
     b.set_limits(Limits {
         max_message_len: 100_000,
@@ -500,6 +519,7 @@ fn a_refused_message_is_read_to_its_end_and_keeps_its_first_bytes() {
 
 #[test]
 fn a_refused_message_arriving_in_parts_is_reported_once_its_last_part_is_in() {
+    let _fds = fd_count_lock();
     let (a, mut b) = Socket::pair().unwrap();
     b.set_limits(Limits {
         max_message_len: 100,

@@ -11,6 +11,14 @@ pub fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
 
+/// Taken by every test of a binary whose tests count fds, so that threads of other tests don't
+/// move the count.
+pub fn fd_count_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// A memfd holding `contents`.
 pub fn memfd(contents: &[u8]) -> OwnedFd {
     let fd = nix::sys::memfd::memfd_create("test", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap();
