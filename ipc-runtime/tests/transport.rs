@@ -559,3 +559,48 @@ fn a_refused_message_arriving_in_parts_is_reported_once_its_last_part_is_in() {
     a.send(b"next", &[]).unwrap();
     assert_eq!(b.recv().unwrap().payload, b"next");
 }
+
+/// Whether thread `tid` of this process is inside the system call `nr`.
+fn in_syscall(tid: libc::pid_t, nr: libc::c_long) -> bool {
+    let path = format!("/proc/self/task/{tid}/syscall");
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<libc::c_long>().ok())
+        == Some(nr)
+}
+
+/// A receive that must not wait — `try_recv`, or `recv_timeout` past its deadline — returns
+/// while another thread is blocked in `recv` on the same socket (receives are serialised, but
+/// waiting for the other receiver is waiting too).
+#[test]
+fn a_receive_with_a_deadline_does_not_wait_for_a_blocked_receiver() {
+    let _fds = fd_count_lock();
+    let (a, b) = Socket::pair().unwrap();
+    let b = &b;
+    std::thread::scope(|s| {
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let blocked = s.spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            tid_tx.send(unsafe { libc::gettid() }).unwrap();
+            b.recv()
+        });
+        let tid = tid_rx.recv().unwrap();
+        while !in_syscall(tid, libc::SYS_recvmsg) {
+            std::thread::yield_now();
+        }
+        // The first thread holds the receive lock, blocked in recvmsg until a message comes.
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        s.spawn(move || {
+            let polled = b.try_recv().map(|f| f.is_none());
+            let timed = b.recv_timeout(Duration::from_millis(1)).map(|_| ());
+            done_tx.send((polled, timed)).unwrap();
+        });
+        // A watchdog, not a timing assertion: on failure the receives never return.
+        let outcome = done_rx.recv_timeout(Duration::from_secs(30));
+        a.send(b"wake", &[]).unwrap();
+        assert_eq!(blocked.join().unwrap().unwrap().payload, b"wake");
+        let (polled, timed) = outcome.expect("a receive that must not wait waited for another");
+        assert!(polled.unwrap(), "try_recv: nothing was ready for it");
+        assert!(matches!(timed, Err(Error::TimedOut)), "{timed:?}");
+    });
+}

@@ -77,9 +77,9 @@ enum Wait {
 
 impl Socket {
     /// [`Socket::recv_into`] that never waits: `Ok(true)` if a whole message was received into
-    /// `frame`, `Ok(false)` if none is ready. A message that is part-way in is kept and
-    /// completed by a later receive, so an event loop calls this whenever the socket is
-    /// readable. Errors are those of [`Socket::recv_into`].
+    /// `frame`, `Ok(false)` if none is ready (or another thread is receiving). A message that
+    /// is part-way in is kept and completed by a later receive, so an event loop calls this
+    /// whenever the socket is readable. Errors are those of [`Socket::recv_into`].
     pub fn try_recv_into(&self, frame: &mut Frame) -> Result<bool> {
         match self.recv_inner(frame, Wait::No) {
             Ok(()) => Ok(true),
@@ -98,15 +98,18 @@ impl Socket {
         Ok(frame)
     }
 
-    /// Receives the next message, or fails with [`Error::TimedOut`] once `timeout` has passed.
-    /// A message that was part-way in is kept and completed by the next receive.
+    /// Receives the next message, or fails with [`Error::TimedOut`] once `timeout` has passed,
+    /// whether it is waiting for a message or for another thread's receive on this socket to
+    /// finish first (receives are serialised). A message that was part-way in is kept and
+    /// completed by the next receive.
     pub fn recv_timeout(&self, timeout: Duration) -> Result<Frame> {
         let mut frame = Frame::default();
         self.recv_into(&mut frame, Some(Instant::now() + timeout))?;
         Ok(frame)
     }
 
-    /// Receives a message if a whole one is ready, without waiting: `Ok(None)` otherwise.
+    /// Receives a message if a whole one is ready, without waiting: `Ok(None)` otherwise
+    /// (also while another thread is receiving on this socket).
     pub fn try_recv(&self) -> Result<Option<Frame>> {
         let mut frame = Frame::default();
         match self.recv_inner(&mut frame, Wait::No) {
@@ -117,7 +120,8 @@ impl Socket {
     }
 
     /// Receives the next message into `frame`, reusing its payload buffer; the fds `frame`
-    /// held are closed. With `deadline`, fails with [`Error::TimedOut`] once it has passed.
+    /// held are closed. With `deadline`, fails with [`Error::TimedOut`] once it has passed, also
+    /// while another thread's receive on this socket holds it up (receives are serialised).
     ///
     /// This is the allocation-free receive: a frame reused across calls needs no new memory
     /// for messages up to 64 KiB. On [`Error::FdsDropped`] the message was consumed whole and
@@ -148,7 +152,13 @@ impl Socket {
     #[inline]
     fn recv_inner(&self, frame: &mut Frame, wait: Wait) -> Result<()> {
         frame.clear();
-        let mut state = self.recv.lock();
+        // Another thread may hold the lock for long, blocked receiving: a receive that must
+        // not wait past its deadline must not wait for it past the deadline either.
+        let mut state = match wait {
+            Wait::Forever => self.recv.lock(),
+            Wait::No => self.recv.try_lock().ok_or(Error::TimedOut)?,
+            Wait::Until(deadline) => self.recv.try_lock_until(deadline).ok_or(Error::TimedOut)?,
+        };
         if state.discarding {
             self.discard(&mut state, wait)?;
         }
