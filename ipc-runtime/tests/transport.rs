@@ -604,3 +604,48 @@ fn a_receive_with_a_deadline_does_not_wait_for_a_blocked_receiver() {
         assert!(matches!(timed, Err(Error::TimedOut)), "{timed:?}");
     });
 }
+
+/// A datagram of no bytes from a live peer is garbage, reported as [`Error::Malformed`] with
+/// the stream kept in sync, also when it comes where the transport only peeks: in the middle
+/// of a refused message, or after a message that failed part-way (whose continuations are
+/// being dropped). It is not a hang-up: the peer is there and what it sends next is read.
+#[test]
+fn an_empty_datagram_mid_message_is_malformed_not_a_hang_up() {
+    let _fds = fd_count_lock();
+    let (a, mut b) = Socket::pair().unwrap();
+    b.set_limits(Limits {
+        max_message_len: 1 << 10,
+        max_fds: 4,
+    });
+    let first = |total_len: u32| Header {
+        kind: Kind::First,
+        fds: 0,
+        total_len,
+        total_fds: 0,
+    };
+    // A refused message interrupted by an empty datagram.
+    raw_send(&a, &first(1 << 20).encode(), &[]);
+    raw_send(&a, &[], &[]);
+    a.send(b"after a refusal", &[]).unwrap();
+    // A message whose continuation is larger than it announced (it fails part-way, and its
+    // continuations are dropped), then an empty datagram.
+    raw_send(&a, &first(10).encode(), b"abc");
+    let more = Header {
+        kind: Kind::More,
+        ..first(10)
+    };
+    raw_send(&a, &more.encode(), &[0; 20]);
+    raw_send(&a, &[], &[]);
+    a.send(b"after a failure", &[]).unwrap();
+
+    let r = b.recv();
+    assert!(matches!(r, Err(Error::TooLarge { .. })), "{r:?}");
+    let r = b.recv();
+    assert!(matches!(r, Err(Error::Malformed(_))), "{r:?}");
+    assert_eq!(b.recv().unwrap().payload, b"after a refusal");
+    let r = b.recv();
+    assert!(matches!(r, Err(Error::Truncated)), "{r:?}");
+    let r = b.recv();
+    assert!(matches!(r, Err(Error::Malformed(_))), "{r:?}");
+    assert_eq!(b.recv().unwrap().payload, b"after a failure");
+}

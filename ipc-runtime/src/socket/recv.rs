@@ -432,7 +432,9 @@ impl Socket {
     }
 
     /// The header of the next datagram, without taking it, and the datagram's whole length
-    /// (`MSG_TRUNC`); [`Error::TimedOut`] if none comes in time.
+    /// (`MSG_TRUNC`); [`Error::TimedOut`] if none comes in time. A datagram of no bytes is
+    /// length 0 (no header: a receive reads it as usual and reports it); only a hang-up is
+    /// [`Error::Disconnected`].
     fn peek(&self, wait: Wait) -> Result<([u8; HEADER_LEN], usize)> {
         loop {
             if let Wait::Until(deadline) = wait {
@@ -447,7 +449,7 @@ impl Socket {
                     ns::MsgFlags::empty()
                 };
             return match ns::recv(self.fd.as_raw_fd(), &mut head, flags) {
-                Ok(0) => Err(Error::Disconnected),
+                Ok(0) if self.hung_up() => Err(Error::Disconnected),
                 Ok(n) => Ok((head, n)),
                 Err(nix::Error::EINTR) => continue,
                 Err(nix::Error::EAGAIN) if wait == Wait::No => Err(Error::TimedOut),
@@ -464,15 +466,24 @@ impl Socket {
     #[cold]
     #[inline(never)]
     fn nothing_received(&self) -> Error {
+        if self.hung_up() {
+            Error::Disconnected
+        } else {
+            Error::Malformed("a datagram of no bytes".into())
+        }
+    }
+
+    /// Whether the socket is shut for reading (the peer hung up, or this end stopped reading),
+    /// as opposed to holding a datagram of no bytes: what a receive of no bytes means.
+    #[cold]
+    #[inline(never)]
+    fn hung_up(&self) -> bool {
         // nix names no POLLRDHUP.
         let rdhup = PollFlags::from_bits_retain(libc::POLLRDHUP);
         let mut fds = [PollFd::new(self.fd.as_fd(), rdhup)];
         let hung_up = rdhup | PollFlags::POLLHUP | PollFlags::POLLERR;
-        match poll(&mut fds, PollTimeout::ZERO) {
-            Ok(_) if fds[0].revents().is_some_and(|r| !r.intersects(hung_up)) => {
-                Error::Malformed("a datagram of no bytes".into())
-            }
-            _ => Error::Disconnected,
-        }
+        let open = poll(&mut fds, PollTimeout::ZERO).is_ok()
+            && fds[0].revents().is_some_and(|r| !r.intersects(hung_up));
+        !open
     }
 }
