@@ -305,6 +305,46 @@ fn a_peer_announcing_bytes_its_pipe_lacks_fails_the_call_at_once_not_the_server(
     assert_eq!(open_fds(), before);
 }
 
+/// Bytes waiting in the pipe behind `fd` (either end).
+fn bytes_in(fd: &OwnedFd) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through the pointer, which is valid and ours.
+    let r = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(fd), libc::FIONREAD, &mut n) };
+    assert_eq!(r, 0);
+    n as usize
+}
+
+/// `vmsplice` on a pipe's write end goes the other way: it would put the receiver's own
+/// (uninitialised) memory into the peer's pipe, for the peer to read, and hand the call a
+/// `Vec` of uninitialised bytes. So only a read end is taken as the peer's pipe.
+#[test]
+fn a_peer_sending_its_pipes_write_end_is_refused_and_gets_none_of_our_memory() {
+    let _fds = fd_count_lock();
+    let before = open_fds();
+    let (ours, theirs) = Socket::pair().unwrap();
+    let server = std::thread::spawn(move || {
+        SinkServer::new(SinkImpl::default()).serve(Connection::new(theirs))
+    });
+    let (read, write) = nix::unistd::pipe().unwrap();
+    nix::unistd::write(&write, &[9; 1000]).unwrap();
+    let reply = raw_sum(&ours, 1, Some(&write), 1000, b"");
+    assert_eq!(
+        bytes_in(&read),
+        1000,
+        "the server put bytes of its own into the peer's pipe"
+    );
+    assert_eq!(reply[0], 4, "a failure reply: {reply:?}");
+    let text = String::from_utf8_lossy(&reply);
+    assert!(text.contains("read end"), "{text:?}");
+    // The server still serves.
+    let ok = raw_sum(&ours, 2, Some(&read), 1000, b"");
+    assert_eq!(ok[0], 3, "a reply");
+    assert!(ok.ends_with(&checksum(&[9; 1000]).to_le_bytes()), "{ok:?}");
+    drop((ours, read, write));
+    server.join().unwrap().unwrap();
+    assert_eq!(open_fds(), before);
+}
+
 /// `Sink` as `async fn`s: the same interface on the wire.
 #[cfg(feature = "tokio")]
 mod asynchronous {
