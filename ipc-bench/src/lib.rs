@@ -12,7 +12,7 @@ use nix::sys::resource::{UsageWho, getrusage};
 use nix::unistd::Pid;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use typed_ipc::shared_buffer::SealedBuffer;
-use typed_ipc::shared_region::RegionView;
+use typed_ipc::shared_region::{RegionView, RegionWord};
 use typed_ipc::{SharedBytes, interface};
 
 /// The runtime each side of the async rows runs on: current-thread, IO enabled (as a
@@ -245,7 +245,7 @@ pub fn checksum(bytes: &[u8]) -> u64 {
 
 /// [`checksum`] of the first `len` bytes of a shared region, read in place with relaxed atomic
 /// loads (plain loads on x86-64): the creator may be writing, so there is no `&[u8]` to read.
-pub fn checksum_words(words: &[AtomicU64], len: usize) -> u64 {
+pub fn checksum_words(words: &[RegionWord], len: usize) -> u64 {
     let full = len / 8;
     let mut sum = 0u64;
     for word in &words[..full] {

@@ -54,7 +54,7 @@
 use std::fmt;
 use std::ops::{Deref, DerefMut};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering, fence};
 
 use nix::fcntl::SealFlag;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -195,14 +195,24 @@ impl RegionView {
     /// The region as native-endian 64-bit words, read in place with atomic loads
     /// (`Ordering::Relaxed` compiles to a plain load). Covers every byte: a length that is
     /// not a multiple of 8 rounds up, and the bytes past the end read as zero.
-    pub fn words(&self) -> &[AtomicU64] {
+    ///
+    /// The words can only be loaded: the mapping is read-only, so a store, a swap or even a
+    /// compare-and-exchange would fault, which is why this is not an `&[AtomicU64]`.
+    ///
+    /// ```compile_fail,E0599
+    /// # use std::sync::atomic::Ordering;
+    /// # use ipc_runtime::shared_region::SharedRegion;
+    /// let view = SharedRegion::new(4096).unwrap().view().unwrap();
+    /// view.words()[0].store(1, Ordering::Relaxed);
+    /// ```
+    pub fn words(&self) -> &[RegionWord] {
         let words = self.map.len.div_ceil(8);
         // SAFETY: the mapping is page-aligned (so 8-aligned) and readable up to the end of its
         // last page, which covers `len.div_ceil(8)` words; its size is sealed, so it stays
-        // backed while `self` lives. `AtomicU64` has the size and alignment of `u64`. This
-        // process only ever loads through the slice (the mapping is read-only and the seals
-        // forbid making it writable), and atomic loads may race with the creator's writes.
-        unsafe { std::slice::from_raw_parts(self.map.ptr().cast::<AtomicU64>(), words) }
+        // backed while `self` lives. `RegionWord` is a transparent `AtomicU64`, which has the
+        // size and alignment of `u64`, and offers nothing but relaxed atomic loads, the only
+        // atomic access allowed on read-only memory; they may race with the creator's writes.
+        unsafe { std::slice::from_raw_parts(self.map.ptr().cast::<RegionWord>(), words) }
     }
 
     /// Copies `dst.len()` bytes starting at `offset` into `dst`. A creator writing meanwhile
@@ -239,6 +249,33 @@ impl RegionView {
                 self.len()
             ))),
         }
+    }
+}
+
+/// One 64-bit word of a peer's region ([`RegionView::words`]), which the peer may be writing:
+/// it can only be loaded, atomically.
+#[repr(transparent)]
+pub struct RegionWord(AtomicU64);
+
+impl RegionWord {
+    /// The word's value now: a relaxed atomic load (a plain load on x86-64), followed for
+    /// `Acquire` and `SeqCst` by a fence of that ordering. Panics on `Release` and `AcqRel`,
+    /// as [`AtomicU64::load`] does.
+    #[inline]
+    pub fn load(&self, order: Ordering) -> u64 {
+        let value = self.0.load(Ordering::Relaxed);
+        match order {
+            Ordering::Relaxed => {}
+            Ordering::Acquire | Ordering::SeqCst => fence(order),
+            _ => panic!("there is no such ordering for a load: {order:?}"),
+        }
+        value
+    }
+}
+
+impl fmt::Debug for RegionWord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.load(Ordering::Relaxed).fmt(f)
     }
 }
 
