@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket as ns;
+use parking_lot::MutexGuard;
 
 use super::{Socket, over_limits};
 use crate::error::{Error, Result};
@@ -152,12 +153,9 @@ impl Socket {
     #[inline]
     fn recv_inner(&self, frame: &mut Frame, wait: Wait) -> Result<()> {
         frame.clear();
-        // Another thread may hold the lock for long, blocked receiving: a receive that must
-        // not wait past its deadline must not wait for it past the deadline either.
-        let mut state = match wait {
-            Wait::Forever => self.recv.lock(),
-            Wait::No => self.recv.try_lock().ok_or(Error::TimedOut)?,
-            Wait::Until(deadline) => self.recv.try_lock_until(deadline).ok_or(Error::TimedOut)?,
+        let mut state = match self.recv.try_lock() {
+            Some(state) => state,
+            None => self.lock_recv_contended(wait)?,
         };
         if state.discarding {
             self.discard(&mut state, wait)?;
@@ -463,6 +461,19 @@ impl Socket {
     /// it sent a datagram of no bytes, which no message of this protocol is. Only a hang-up
     /// leaves the socket shut for reading (`POLLRDHUP`), so the empty datagram, consumed, is
     /// told apart without waiting.
+    /// The receive lock, which another thread's receive holds: possibly for long, blocked
+    /// receiving, so a receive that must not wait past its deadline does not wait for the
+    /// lock past it either ([`Error::TimedOut`]).
+    #[cold]
+    #[inline(never)]
+    fn lock_recv_contended(&self, wait: Wait) -> Result<MutexGuard<'_, RecvState>> {
+        match wait {
+            Wait::Forever => Ok(self.recv.lock()),
+            Wait::No => Err(Error::TimedOut),
+            Wait::Until(deadline) => self.recv.try_lock_until(deadline).ok_or(Error::TimedOut),
+        }
+    }
+
     #[cold]
     #[inline(never)]
     fn nothing_received(&self) -> Error {
