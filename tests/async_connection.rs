@@ -588,3 +588,41 @@ fn graceful_shutdown_finishes_calls_in_flight_and_stops_accepting() {
         );
     });
 }
+
+/// The authorizer is user code like a handler: a panic in it refuses that one request (its
+/// caller hears so at once) and ends no task of the connection's, so the requests after it
+/// still run — the calls that wait for a oneway it panicked on among them.
+#[test]
+fn a_panicking_authorizer_refuses_the_request_and_the_connection_serves_on() {
+    let _fds = fd_count_lock();
+    runtime().block_on(async {
+        let (a, b) = AsyncConnection::pair().unwrap();
+        let first_call = Arc::new(AtomicBool::new(true));
+        let server = AsyncServer::new()
+            .service(LabServer::new(LabImpl::new()))
+            .authorize(move |_, iface, cmd| {
+                let name = iface.method(cmd).map_or("?", |m| m.name);
+                let first = name == "caller_pid" && first_call.swap(false, Ordering::SeqCst);
+                if first || name == "count" {
+                    panic!("the authorizer's own bug ({name})");
+                }
+                Ok(())
+            });
+        let serving = tokio::spawn(server.serve(&b));
+        drop(b);
+        // (The timeout only keeps a regression from hanging: the answer comes at once.)
+        let client = LabClient::new(a).with_timeout(Duration::from_secs(60));
+        match client.caller_pid().await {
+            Err(Error::Refused(why)) => assert!(why.contains("authorizer panicked"), "{why}"),
+            other => panic!("expected Refused, got {other:?}"),
+        }
+        // A oneway it panics on, then a call that runs only once that oneway is done with.
+        client.count(0).await.unwrap();
+        assert_eq!(
+            client.caller_pid().await.unwrap(),
+            std::process::id() as i32
+        );
+        drop(client);
+        serving.await.unwrap().unwrap();
+    });
+}

@@ -559,3 +559,36 @@ fn a_worker_killed_between_calls_fails_the_next_call_at_once() {
     assert!(matches!(pipeline.process(1), Err(Error::Disconnected)));
     events.join().unwrap().unwrap();
 }
+
+/// The authorizer is user code like a handler: a panic in it refuses that one request (its
+/// caller hears so at once) and kills no serving thread, so the requests after it still run
+/// — the calls that wait for a oneway it panicked on among them.
+#[test]
+fn a_panicking_authorizer_refuses_the_request_and_the_connection_serves_on() {
+    let _fds = fd_count_lock();
+    let (a, b) = Connection::pair().unwrap();
+    let first_call = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let server = Server::new()
+        .service(LabServer::new(LabImpl::new()))
+        .threads(2)
+        .authorize(move |_, iface, cmd| {
+            let name = iface.method(cmd).map_or("?", |m| m.name);
+            let first = name == "caller_pid" && first_call.swap(false, Ordering::SeqCst);
+            if first || name == "count" {
+                panic!("the authorizer's own bug ({name})");
+            }
+            Ok(())
+        });
+    let serving = std::thread::spawn(move || server.serve(&b));
+    // (The timeout only keeps a regression from hanging: the answer comes at once.)
+    let client = LabClient::new(a).with_timeout(Duration::from_secs(60));
+    match client.caller_pid() {
+        Err(Error::Refused(why)) => assert!(why.contains("authorizer panicked"), "{why}"),
+        other => panic!("expected Refused, got {other:?}"),
+    }
+    // A oneway it panics on, then a call that runs only once that oneway is done with.
+    client.count(0).unwrap();
+    assert_eq!(client.caller_pid().unwrap(), std::process::id() as i32);
+    drop(client);
+    serving.join().expect("no serving thread panicked").unwrap();
+}

@@ -1,6 +1,8 @@
 //! Which service answers a request, and whether it may: the checks both flavours (blocking
 //! and async) make before running an implementation, so they cannot drift apart.
 
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
 use super::Authorizer;
 use super::envelope::Envelope;
 use super::failure::Failure;
@@ -33,7 +35,13 @@ pub(crate) fn admit<'s, S>(
     // The authorizer is only asked about commands the interface has.
     let known = iface.method(envelope.cmd).is_some();
     if let (Some(authorize), true) = (authorizer, known) {
-        authorize(peer, iface, envelope.cmd).map_err(Failure::Refused)?;
+        // User code, as a handler is: a panic refuses this request, and must not unwind
+        // through the serving thread or task (which would leave the request unanswered and
+        // a oneway marked running for good, so that nothing after it ran).
+        let asked = catch_unwind(AssertUnwindSafe(|| authorize(peer, iface, envelope.cmd)));
+        asked
+            .unwrap_or_else(|_| Err("the authorizer panicked".into()))
+            .map_err(Failure::Refused)?;
     }
     if iface.signature != envelope.signature {
         let methods = match (authorizer, known) {
