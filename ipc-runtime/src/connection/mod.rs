@@ -38,9 +38,12 @@
 //! [`Error::Malformed`] saying so. If no thread serves the connection at all, nothing would
 //! ever take those requests: a caller that finds the bounds reached ends the connection at
 //! once, and the requests held are dropped with their fds. Requests that arrive before a
-//! serving thread starts therefore wait for it, up to the bounds. The async flavour applies
-//! the same bounds (see its module docs, `typed_ipc::tokio`). A handler that can only finish
-//! once a later request from the peer arrives must not be relied on past the bounds.
+//! serving thread starts therefore wait for it, up to the bounds. So does the failure a caller
+//! owes for a call it took in that this end could not receive (over its limits, or its fds
+//! dropped) when the failure cannot go out at once: a caller never waits to send it. The async
+//! flavour applies the same bounds (see its module docs, `typed_ipc::tokio`). A handler that
+//! can only finish once a later request from the peer arrives must not be relied on past the
+//! bounds.
 //!
 //! # Byte strings through shared memory
 //!
@@ -172,6 +175,11 @@ struct State {
     calls: VecDeque<(Frame, u64)>,
     /// Oneway messages, run one at a time in order.
     oneways: VecDeque<Frame>,
+    /// Failures owed for calls this end could not receive (over its limits, or their fds
+    /// dropped), taken in by a caller reading for its reply, that could not go out at once: a
+    /// serving thread sends them, as it would a reply, so that the caller never waits for a
+    /// peer that does not read.
+    owed: VecDeque<(Envelope, Failure)>,
     /// What the requests in `calls` and `oneways` hold (see [`backlog`]).
     backlog: Backlog,
     oneway_running: bool,

@@ -237,9 +237,7 @@ impl Shared {
                 state.oneways.push_back(frame);
             }
             (Kind::Call, Err(e)) => {
-                drop(state);
-                let _ = self.reply_failure(&envelope, &unreceived(&e, false));
-                state = self.state.lock();
+                state = self.answer_unreceived(state, &envelope, &e, reader);
                 state.buffer = frame;
             }
             (Kind::Oneway, Err(e)) => {
@@ -266,6 +264,31 @@ impl Shared {
         (state, None)
     }
 
+    /// Answers a call this end could not receive (`e`: over its limits, or its fds dropped)
+    /// with a failure. A caller reading for its reply must not wait to send it (its peer may
+    /// not read, its timeout may pass): it tries once, and if the failure would have to wait,
+    /// a serving thread sends it (`owed`), as it would a reply.
+    #[cold]
+    #[inline(never)]
+    fn answer_unreceived<'a>(
+        &'a self,
+        state: Guard<'a>,
+        envelope: &Envelope,
+        e: &Error,
+        reader: Reader,
+    ) -> Guard<'a> {
+        drop(state);
+        let failure = unreceived(e, false);
+        let wait = !matches!(reader, Reader::Caller(_));
+        let sent = self.reply_failure(envelope, &failure, wait);
+        let mut state = self.state.lock();
+        if matches!(sent, Ok(false)) && self.admit(&mut state) {
+            state.backlog.add(Cost::default());
+            state.owed.push_back((*envelope, failure));
+        }
+        state
+    }
+
     /// Whether a request the reader received may join the queue: not if the queue is at its
     /// bounds and either nothing serves (no thread in `run` would ever take it) or it is at
     /// [`HARD_FACTOR`](super::backlog::HARD_FACTOR) times them. Runners stop reading at
@@ -283,6 +306,7 @@ impl Shared {
         self.fail(state, why);
         state.calls.clear();
         state.oneways.clear();
+        state.owed.clear();
         state.backlog = Default::default();
         false
     }

@@ -4,6 +4,7 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use serde::Serialize;
 
@@ -35,6 +36,17 @@ impl Connection {
         let mut registry = shared.registry();
         let mut state = shared.state.lock();
         loop {
+            if let Some((envelope, failure)) = state.owed.pop_front() {
+                let was_full = state.backlog.full();
+                state.backlog.remove(Cost::default());
+                if was_full {
+                    shared.wake_all(&state);
+                }
+                drop(state);
+                let _ = shared.reply_failure(&envelope, &failure, true);
+                state = shared.state.lock();
+                continue;
+            }
             if !state.oneway_running {
                 if let Some(frame) = state.oneways.pop_front() {
                     state.oneway_running = true;
@@ -178,7 +190,7 @@ impl Shared {
         };
         match failure {
             Some(failure) if !oneway => {
-                let _ = self.reply_failure(&envelope, &failure);
+                let _ = self.reply_failure(&envelope, &failure, true);
             }
             Some(failure) => {
                 let served = registry.services.iter().map(|(info, _)| *info);
@@ -189,12 +201,25 @@ impl Shared {
         frame
     }
 
-    pub(super) fn reply_failure(&self, call: &Envelope, failure: &Failure) -> Result<()> {
+    /// Answers `call` with `failure`. Without `wait`, only if it can go out at once: `Ok(false)`
+    /// if it would have had to wait (nothing is sent then).
+    pub(super) fn reply_failure(
+        &self,
+        call: &Envelope,
+        failure: &Failure,
+        wait: bool,
+    ) -> Result<bool> {
         let envelope = Envelope {
             kind: Kind::Failure,
             ..*call
         };
-        self.send(&envelope, failure, None)?;
+        // Without `wait`, a deadline already passed: one try (a failure is one datagram, so
+        // it goes out whole or not at all).
+        match self.send(&envelope, failure, (!wait).then(Instant::now)) {
+            Ok(_) => {}
+            Err(Error::TimedOut) if !wait => return Ok(false),
+            Err(e) => return Err(e),
+        }
         if self.trace {
             trace::line(&format!(
                 "typed-ipc[{}] -> failure #{}: {failure:?}",
@@ -202,7 +227,7 @@ impl Shared {
                 call.cookie
             ));
         }
-        Ok(())
+        Ok(true)
     }
 
     pub(super) fn trace_incoming(&self, envelope: &Envelope, frame: &Frame) {

@@ -787,3 +787,113 @@ fn a_reply_over_the_callers_limits_read_by_another_thread_fails_that_call_only()
     b.close();
     runner.join().unwrap().unwrap();
 }
+
+/// A caller with a timeout that takes in, while it reads for its reply, a request over this
+/// side's limits owes the peer a failure for it; if the peer reads nothing, that failure
+/// cannot go out, and the caller must still return once its timeout has passed, not wait
+/// with it for as long as the peer does not read: a serving thread sends it, as it would a
+/// reply.
+#[test]
+fn a_caller_owing_a_failure_to_a_peer_that_reads_nothing_still_times_out() {
+    let (a, b) = limited_pair(crate::frame::Limits {
+        max_message_len: 1 << 20,
+        max_fds: 4,
+    });
+    let (done, outcome) = mpsc::channel();
+    let caller = {
+        let a = a.clone();
+        std::thread::spawn(move || {
+            // Long enough for the request below to arrive first on a loaded machine.
+            let timeout = Some(Duration::from_secs(1));
+            done.send(a.call::<_, u32>(&IFACE, 1, &(), timeout))
+                .unwrap();
+        })
+    };
+    // The call is out; its caller reads for the reply.
+    let request = b.socket().recv().unwrap();
+    assert_eq!(Envelope::read(&request.payload).unwrap().kind, Kind::Call);
+    // `b` reads nothing more: fill its socket buffer.
+    let soon = Some(Duration::from_millis(10));
+    let mut sent = 0u64;
+    while a.oneway(&IFACE, 2, &"x".repeat(512), soon).is_ok() {
+        sent += 1;
+        assert!(sent < 1 << 20, "the peer's socket never filled");
+    }
+    // A request with more fds than `a` takes: refused, and answered with a failure.
+    send_call_with_five_fds(b.socket(), 77);
+    let outcome = outcome.recv_timeout(Duration::from_secs(60));
+    // A serving thread sends the failure, once the peer reads.
+    let runner = {
+        let a = a.clone();
+        std::thread::spawn(move || a.run())
+    };
+    // Let everything through before judging, so that a caller still stuck ends.
+    let mut failure = None;
+    while failure.is_none() {
+        let message = b.socket().recv().unwrap();
+        let envelope = Envelope::read(&message.payload).unwrap();
+        if envelope.cookie == 77 {
+            failure = Some(envelope.kind);
+        }
+    }
+    caller.join().unwrap();
+    assert!(
+        matches!(outcome, Ok(Err(Error::TimedOut))),
+        "a call with a timeout, owing the peer a failure: {outcome:?}"
+    );
+    assert_eq!(failure, Some(Kind::Failure), "the request was answered");
+    assert!(!a.is_closed());
+    b.close();
+    runner.join().unwrap().unwrap();
+}
+
+/// Sends, on `socket`, a call (cookie `cookie`) with five fds: more than `limited_pair`'s
+/// `max_fds: 4`, so the other end cannot receive it and owes a failure for it.
+fn send_call_with_five_fds(socket: &crate::socket::Socket, cookie: u64) {
+    let mut call = vec![0; envelope::LEN];
+    Envelope {
+        kind: Kind::Call,
+        cmd: 3,
+        cookie,
+        interface: IFACE.id,
+        signature: IFACE.signature,
+    }
+    .write(&mut call);
+    codec::encode(&(), &mut call, &mut Vec::new()).unwrap();
+    let (_read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK).unwrap();
+    socket.send(&call, &[write_end.as_fd(); 5]).unwrap();
+}
+
+/// A caller that takes in a call this end cannot receive answers it at once when the failure
+/// can go out at once, on a connection no thread serves too: only a failure that would have to
+/// wait is left to a serving thread.
+#[test]
+fn a_caller_owing_a_failure_to_a_peer_that_reads_sends_it_at_once() {
+    let (a, b) = limited_pair(crate::frame::Limits {
+        max_message_len: 1 << 20,
+        max_fds: 4,
+    });
+    // (The timeouts only keep a regression from hanging.)
+    let watchdog = Duration::from_secs(30);
+    std::thread::scope(|s| {
+        let caller = s.spawn(|| a.call::<_, u32>(&IFACE, 1, &(), Some(watchdog)));
+        let request = b.socket().recv().unwrap();
+        let call = Envelope::read(&request.payload).unwrap();
+        assert_eq!(call.kind, Kind::Call);
+        send_call_with_five_fds(b.socket(), 77);
+        // The failure comes while `a`'s caller still waits for its reply.
+        let answer = b.socket().recv_timeout(watchdog).unwrap();
+        let answer = Envelope::read(&answer.payload).unwrap();
+        assert_eq!((answer.kind, answer.cookie), (Kind::Failure, 77));
+        let mut reply = vec![0; envelope::LEN];
+        Envelope {
+            kind: Kind::Reply,
+            ..call
+        }
+        .write(&mut reply);
+        codec::encode(&7u32, &mut reply, &mut Vec::new()).unwrap();
+        b.socket().send(&reply, &[]).unwrap();
+        assert_eq!(caller.join().unwrap().unwrap(), 7);
+    });
+    assert!(!a.is_closed());
+}
