@@ -649,3 +649,39 @@ fn an_empty_datagram_mid_message_is_malformed_not_a_hang_up() {
     assert!(matches!(r, Err(Error::Malformed(_))), "{r:?}");
     assert_eq!(b.recv().unwrap().payload, b"after a failure");
 }
+
+/// A socket taken over with its fd non-blocking (`O_NONBLOCK`, as an event loop may have left
+/// it) still waits in a receive without a deadline, rather than failing with `WouldBlock`.
+#[test]
+fn a_non_blocking_fd_taken_over_still_waits_to_receive() {
+    let _fds = fd_count_lock();
+    let (a, b) = nix::sys::socket::socketpair(
+        nix::sys::socket::AddressFamily::Unix,
+        nix::sys::socket::SockType::SeqPacket,
+        None,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC | nix::sys::socket::SockFlag::SOCK_NONBLOCK,
+    )
+    .unwrap();
+    let (a, b) = (Socket::from_fd(a).unwrap(), Socket::from_fd(b).unwrap());
+    std::thread::scope(|s| {
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let receiver = s.spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            tid_tx.send(unsafe { libc::gettid() }).unwrap();
+            (b.recv(), b.recv_timeout(Duration::from_secs(30)))
+        });
+        let tid = tid_rx.recv().unwrap();
+        // Sent only once the receiver waits (or has given up, as it did before).
+        while !receiver.is_finished()
+            && !in_syscall(tid, libc::SYS_poll)
+            && !in_syscall(tid, libc::SYS_ppoll)
+        {
+            std::thread::yield_now();
+        }
+        a.send(b"first", &[]).unwrap();
+        a.send(b"second", &[]).unwrap();
+        let (first, second) = receiver.join().unwrap();
+        assert_eq!(first.unwrap().payload, b"first");
+        assert_eq!(second.unwrap().payload, b"second");
+    });
+}

@@ -103,7 +103,8 @@ impl Socket {
     }
 
     /// Takes over a connected `SOCK_SEQPACKET` socket, for example one a parent process left
-    /// open for its child. Any other kind of fd is refused.
+    /// open for its child. Any other kind of fd is refused. A socket left non-blocking
+    /// (`O_NONBLOCK`) works as any other: a receive without a deadline still waits.
     pub fn from_fd(fd: OwnedFd) -> Result<Socket> {
         if ns::getsockopt(&fd, sockopt::SockType)? != SockType::SeqPacket {
             return Err(Error::Io(std::io::Error::new(

@@ -389,7 +389,7 @@ impl Socket {
                     }
                     std::hint::spin_loop();
                 }
-                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && wait != Wait::Forever => {}
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => self.nothing_yet(wait)?,
                 Err(e) => return Err(e.into()),
             }
         };
@@ -451,7 +451,10 @@ impl Socket {
                 Ok(n) => Ok((head, n)),
                 Err(nix::Error::EINTR) => continue,
                 Err(nix::Error::EAGAIN) if wait == Wait::No => Err(Error::TimedOut),
-                Err(nix::Error::EAGAIN) if wait != Wait::Forever => continue,
+                Err(nix::Error::EAGAIN) => {
+                    self.nothing_yet(wait)?;
+                    continue;
+                }
                 Err(e) => Err(e.into()),
             };
         }
@@ -461,6 +464,18 @@ impl Socket {
     /// it sent a datagram of no bytes, which no message of this protocol is. Only a hang-up
     /// leaves the socket shut for reading (`POLLRDHUP`), so the empty datagram, consumed, is
     /// told apart without waiting.
+    /// After a receive that found nothing (`EAGAIN`) although it may wait, before it tries
+    /// again: with a deadline, the next try polls for it first; waiting for good, the fd is
+    /// non-blocking (`O_NONBLOCK`, left so by whoever made it), so this polls for a message.
+    #[cold]
+    #[inline(never)]
+    fn nothing_yet(&self, wait: Wait) -> Result<()> {
+        match wait {
+            Wait::Forever => self.wait(PollFlags::POLLIN, None),
+            Wait::No | Wait::Until(_) => Ok(()),
+        }
+    }
+
     /// The receive lock, which another thread's receive holds: possibly for long, blocked
     /// receiving, so a receive that must not wait past its deadline does not wait for the
     /// lock past it either ([`Error::TimedOut`]).
