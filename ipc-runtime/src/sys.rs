@@ -42,7 +42,6 @@ pub fn send(
     payload: &[u8],
     fds: &[BorrowedFd<'_>],
 ) -> io::Result<usize> {
-    debug_assert!(fds.len() <= FDS_PER_DATAGRAM);
     let iov = [IoSlice::new(header), IoSlice::new(payload)];
     // Not zeroed as a whole: a call without fds never looks at it, and one with fds zeroes
     // only the bytes it sends (a 1 KiB memset per call showed up in instruction counts).
@@ -52,6 +51,12 @@ pub fn send(
     msg.msg_iov = iov.as_ptr() as *mut libc::iovec; // IoSlice is ABI-compatible with iovec
     msg.msg_iovlen = if payload.is_empty() { 1 } else { 2 };
     if !fds.is_empty() {
+        // Checked here, not left to the callers (who all send at most this many), since more
+        // would be written past the control buffer on the stack.
+        assert!(
+            fds.len() <= FDS_PER_DATAGRAM,
+            "too many fds for one datagram"
+        );
         let data_len = (fds.len() * size_of::<RawFd>()) as u32;
         // SAFETY: CMSG_SPACE only computes a size; it fits the buffer (checked above).
         msg.msg_controllen = unsafe { libc::CMSG_SPACE(data_len) } as usize;
