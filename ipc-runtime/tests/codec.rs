@@ -235,3 +235,43 @@ fn a_message_cut_short_says_so() {
         "{why}"
     );
 }
+
+/// A recursive parameter type, as a user's interface may have.
+#[derive(Debug, Serialize, Deserialize)]
+enum Tree {
+    Leaf,
+    Node(Box<Tree>),
+}
+
+/// A hostile message nesting a recursive type a million levels deep is an error, not a
+/// stack overflow that aborts the receiving process: run in a child, which must exit well.
+#[test]
+fn a_deeply_nested_value_is_an_error_not_a_stack_overflow() {
+    let _lock = fd_count_lock(); // spawning opens fds for a moment
+    let status = common::child("deep_nesting_child").status().unwrap();
+    assert!(status.success(), "the decoding process died: {status}");
+}
+
+#[test]
+#[ignore = "run by a_deeply_nested_value_is_an_error_not_a_stack_overflow"]
+fn deep_nesting_child() {
+    let mut bytes = 1u32.to_le_bytes().repeat(1_000_000); // Node(Node(...
+    bytes.extend_from_slice(&0u32.to_le_bytes()); // Leaf
+    let why = malformed(codec::decode::<Tree>(&bytes, Vec::new()).unwrap_err());
+    assert!(why.contains("nests deeper"), "{why}");
+}
+
+/// The bound on nesting leaves room for values deep in earnest (a debug build decodes some 900
+/// levels of `Tree`, a release build some 4,000).
+#[test]
+fn a_value_hundreds_of_levels_deep_decodes() {
+    let mut bytes = 1u32.to_le_bytes().repeat(300);
+    bytes.extend_from_slice(&0u32.to_le_bytes());
+    let mut tree = codec::decode::<Tree>(&bytes, Vec::new()).unwrap();
+    let mut depth = 0;
+    while let Tree::Node(inner) = tree {
+        tree = *inner;
+        depth += 1;
+    }
+    assert_eq!(depth, 300);
+}

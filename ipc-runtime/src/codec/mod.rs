@@ -324,7 +324,21 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], mut fds: Vec<OwnedFd>) -> Resul
 
 /// [`decode`] that drains `fds`, leaving its capacity for the next message.
 pub fn decode_from<T: DeserializeOwned>(bytes: &[u8], fds: &mut Vec<OwnedFd>) -> Result<T> {
-    let deserialize = || options().with_limit(bytes.len() as u64).deserialize(bytes);
+    let deserialize = || {
+        let mut rest = bytes;
+        let reader = Reader {
+            rest: &mut rest,
+            base: stack_address(),
+        };
+        let value = options().deserialize_from_custom(reader)?;
+        match rest.is_empty() {
+            true => Ok(value),
+            false => Err(Box::new(bincode::ErrorKind::Custom(format!(
+                "{} bytes left over after the value",
+                rest.len()
+            )))),
+        }
+    };
     let result = match fds.len() {
         0 => with_incoming(&mut [], deserialize),
         // The usual message with fds carries one: a table of one slot, nothing to fill or
@@ -352,13 +366,106 @@ pub fn decode_from<T: DeserializeOwned>(bytes: &[u8], fds: &mut Vec<OwnedFd>) ->
     result.map_err(|e| Error::Malformed(why_undecodable(*e)))
 }
 
-/// Words a decode error: bincode's own text for a message that ends early is empty.
+/// Words a decode error: bincode's own text for a message that ends early is empty, and its
+/// text for [`Reader`]'s refusal of a deep value starts "io error".
 fn why_undecodable(e: bincode::ErrorKind) -> String {
     match e {
         bincode::ErrorKind::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
             "the message ends before the value it holds (a length or a field is missing)".into()
         }
+        bincode::ErrorKind::Io(io) => io.to_string(),
         e => e.to_string(),
+    }
+}
+
+/// Stack a decode may use below [`decode_from`]'s frame before it is refused. A value nests as
+/// deep as its bytes say (a recursive type, `enum Tree { Leaf, Node(Box<Tree>) }`, is 4 bytes a
+/// level), and serde decodes a level in a frame of its own, so without a bound a short hostile
+/// message overflows the stack and aborts the process. 256 KiB leaves the rest of a 2 MiB
+/// thread stack (std's and tokio's default) to the caller, and is thousands of levels in a
+/// release build (several hundred in a debug build).
+const STACK_BUDGET: usize = 256 << 10;
+
+/// The address of a local of the caller's frame: how far down the stack it runs. (A local's
+/// address, not `black_box`: that forced a store on every read, +14 instructions a decode.)
+#[inline(always)]
+fn stack_address() -> usize {
+    let here = 0u8;
+    &here as *const u8 as usize
+}
+
+/// bincode's slice reader, which also refuses a read made deeper than [`STACK_BUDGET`] below
+/// `base`: every level of a value that nests as its bytes say reads its tag or length through
+/// [`Read::read_exact`](std::io::Read::read_exact), so checking there bounds the depth.
+struct Reader<'r, 'de> {
+    rest: &'r mut &'de [u8],
+    base: usize,
+}
+
+impl<'de> Reader<'_, 'de> {
+    #[inline(always)]
+    fn take(&mut self, len: usize) -> std::io::Result<&'de [u8]> {
+        if len > self.rest.len() {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        let (taken, left) = self.rest.split_at(len);
+        *self.rest = left;
+        Ok(taken)
+    }
+}
+
+impl std::io::Read for Reader<'_, '_> {
+    #[inline(always)]
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        self.read_exact(out).map(|()| out.len())
+    }
+
+    #[inline(always)]
+    fn read_exact(&mut self, out: &mut [u8]) -> std::io::Result<()> {
+        // The stack grows down; within `decode_from`'s own frame a local may lie a little
+        // above `base`, which the signed difference takes for no depth at all.
+        if self.base.wrapping_sub(stack_address()) as isize > STACK_BUDGET as isize {
+            return Err(too_deep());
+        }
+        out.copy_from_slice(self.take(out.len())?);
+        Ok(())
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn too_deep() -> std::io::Error {
+    std::io::Error::other(format!(
+        "the value nests deeper than a decode may ({} KiB of stack)",
+        STACK_BUDGET >> 10
+    ))
+}
+
+impl<'de> bincode::BincodeRead<'de> for Reader<'_, 'de> {
+    #[inline(always)]
+    fn forward_read_str<V: serde::de::Visitor<'de>>(
+        &mut self,
+        len: usize,
+        visitor: V,
+    ) -> bincode::Result<V::Value> {
+        match std::str::from_utf8(self.take(len)?) {
+            Ok(s) => visitor.visit_borrowed_str(s),
+            Err(e) => Err(Box::new(bincode::ErrorKind::InvalidUtf8Encoding(e))),
+        }
+    }
+
+    #[inline(always)]
+    fn get_byte_buffer(&mut self, len: usize) -> bincode::Result<Vec<u8>> {
+        Ok(self.take(len)?.to_vec())
+    }
+
+    #[inline(always)]
+    fn forward_read_bytes<V: serde::de::Visitor<'de>>(
+        &mut self,
+        len: usize,
+        visitor: V,
+    ) -> bincode::Result<V::Value> {
+        visitor.visit_borrowed_bytes(self.take(len)?)
     }
 }
 
