@@ -296,7 +296,7 @@ impl Lane {
         }
         match word & UNREAD {
             0 => self.release(seq),
-            _ => self.abort_for_reader(seq),
+            _ => self.abort(seq),
         }
     }
 
@@ -304,38 +304,40 @@ impl Lane {
     /// it piped may change. (A stale [`Announcement::by`] left behind only matters to an `abort` of
     /// the same sequence number, which would announce the fd once more: harmless.)
     pub(crate) fn release(&self, seq: u32) {
-        if self
-            .busy
-            .compare_exchange(seq, 0, Ordering::AcqRel, Ordering::Relaxed)
-            .is_ok()
-        {
-            let mut out = self.out.lock();
+        self.while_busy_with(seq, |out| {
+            self.busy.store(0, Ordering::Release);
             out.unpin(seq, false);
-        }
+        });
     }
 
     /// The peer will never read placement `seq`: its message was not sent, or was refused
     /// unread. If it announced the region, the peer never took the fd, so the next placement
-    /// announces it again. Placement 0 (none) is ignored.
+    /// announces it again. Placement 0 (none) is ignored, and so is a placement the lane is
+    /// no longer busy with (acknowledged or given back meanwhile: nothing left to do).
     pub(crate) fn abort(&self, seq: u32) {
         if seq == 0 {
             return;
         }
-        let mut out = self.out.lock();
-        self.abort_locked(&mut out, seq);
+        self.while_busy_with(seq, |out| self.abort_locked(out, seq));
     }
 
-    /// [`Lane::abort`] for the connection's reader, which must never wait for a write into
-    /// the peer: once the lane is no longer busy with `seq` (a failure reply released it
-    /// meanwhile), another thread may hold `out` for such a write, and there is nothing left
-    /// to do. While it is busy with `seq`, `out` is only ever held briefly.
-    fn abort_for_reader(&self, seq: u32) {
+    /// Runs `f` with the outgoing side if the lane is busy with `seq`, holding `out` all the
+    /// while, so that the lane stays busy with `seq` until `f` makes it idle. Never waits for
+    /// a write into the peer, which holds `out` (and could be slow): such a write starts only
+    /// on an idle lane, and while the lane is busy with `seq` another thread holds `out` only
+    /// briefly. So neither the connection's reader nor a caller whose reply has arrived
+    /// waits for another caller's write; once the lane is no longer busy with `seq` there is
+    /// nothing left to do.
+    fn while_busy_with(&self, seq: u32, f: impl FnOnce(&mut Outgoing)) {
         while self.busy.load(Ordering::Acquire) == seq {
             let Some(mut out) = self.out.try_lock() else {
                 std::thread::yield_now();
                 continue;
             };
-            self.abort_locked(&mut out, seq);
+            // Only a holder of `out` changes `busy`: still `seq` now, it stays so.
+            if self.busy.load(Ordering::Acquire) == seq {
+                f(&mut out);
+            }
             return;
         }
     }

@@ -18,3 +18,122 @@ fn a_new_placement_never_takes_the_number_the_peer_last_acknowledged() {
     peer_done.store(1, Ordering::Relaxed);
     assert_eq!(out.start(&busy, &peer_done), 2);
 }
+
+/// A write into the peer that stalls (a hostile worker can make it wait as long as it likes,
+/// with a buffer served by a user-space filesystem; here a `userfaultfd` nobody answers, which
+/// needs privilege: skipped without it) holds the outgoing side. A call whose failure reply
+/// arrived after its placement was acknowledged must not wait for that write: only the
+/// writing thread waits.
+#[test]
+fn a_stalled_write_into_the_peer_holds_up_no_other_call() {
+    use crate::codec::{OutOfLine, Placement};
+    use crate::connection::envelope::{Envelope, Kind};
+    use crate::frame::Frame;
+    use crate::peer_memory::{OneCopy, PeerMemory, set_one_copy};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicU64;
+
+    const LEN: usize = 1 << 20;
+    // SAFETY: userfaultfd takes flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) };
+    if fd < 0 {
+        eprintln!(
+            "skipped: no userfaultfd ({})",
+            std::io::Error::last_os_error()
+        );
+        return;
+    }
+    // SAFETY: a new fd that nothing else owns.
+    let uffd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut api = [0xAAu64, 0, 0]; // struct uffdio_api { api, features, ioctls }
+    // SAFETY: UFFDIO_API reads and writes the 24-byte struct, which is ours.
+    assert_eq!(
+        unsafe { libc::ioctl(uffd.as_raw_fd(), 0xc018_aa3f, api.as_mut_ptr()) },
+        0
+    );
+    // SAFETY: a fresh private anonymous mapping, unmapped never (leaked: the test ends).
+    let target = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            LEN,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(target, libc::MAP_FAILED);
+    // struct uffdio_register { start, len, mode (MISSING), ioctls }
+    let mut register = [target as u64, LEN as u64, 1, 0];
+    // SAFETY: UFFDIO_REGISTER reads and writes the 32-byte struct, which is ours.
+    let r = unsafe { libc::ioctl(uffd.as_raw_fd(), 0xc020_aa00, register.as_mut_ptr()) };
+    if r != 0 {
+        eprintln!(
+            "skipped: UFFDIO_REGISTER ({})",
+            std::io::Error::last_os_error()
+        );
+        return;
+    }
+
+    set_one_copy(OneCopy::Always);
+    let lane = Arc::new(Lane::new(MAX));
+    lane.on_word(READS_LANES);
+    // The peer's mailbox (this process stands in for the peer): its buffer is the mapping.
+    let token = 0x5eed_u64 | 1;
+    let mailbox: &'static [AtomicU64; 5] = Box::leak(Box::new([
+        AtomicU64::new(token),
+        AtomicU64::new(1),
+        AtomicU64::new(target as u64),
+        AtomicU64::new(LEN as u64),
+        AtomicU64::new(0),
+    ]));
+    lane.on_announce(mailbox.as_ptr() as u64, token);
+    lane.write_into_peer(PeerMemory::of_pid(std::process::id()));
+
+    // A call places a string in the region; the peer acknowledges it (read).
+    let Some(Placement::Region(placed, _)) = lane.put(&[1u8; 4096]) else {
+        panic!("placed in the region");
+    };
+    lane.on_word(READS_LANES | placed.seq);
+    assert!(!lane.is_busy());
+    // Another call writes a string into the peer, and the write stalls.
+    let writer = {
+        let lane = Arc::clone(&lane);
+        std::thread::spawn(move || lane.put(&vec![2u8; 256 << 10]).is_some())
+    };
+    let mut fault = [0u8; 32];
+    // SAFETY: reads one 32-byte uffd_msg into `fault`, ours: the writer has faulted.
+    let n = unsafe { libc::read(uffd.as_raw_fd(), fault.as_mut_ptr().cast(), fault.len()) };
+    assert_eq!(n, 32);
+    // The first call's failure reply arrives (its lane word acknowledged the placement).
+    let mut failure = Frame {
+        payload: vec![0; envelope::LEN],
+        fds: Vec::new(),
+    };
+    Envelope {
+        kind: Kind::Failure,
+        cmd: 1,
+        cookie: 1,
+        interface: 1,
+        signature: 0,
+    }
+    .write(&mut failure.payload);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let caller = {
+        let lane = Arc::clone(&lane);
+        std::thread::spawn(move || {
+            lane.after_reply(placed.seq, &failure);
+            let _ = tx.send(());
+        })
+    };
+    // Only a bound on a hang: a caller that waits for the write never returns by itself.
+    let returned = rx.recv_timeout(std::time::Duration::from_secs(10)).is_ok();
+    drop(uffd); // the fault is served the ordinary way: the write completes
+    assert!(writer.join().unwrap(), "the write went through in the end");
+    caller.join().unwrap();
+    assert!(
+        returned,
+        "a call whose reply arrived waited for another call's write into the peer"
+    );
+}
