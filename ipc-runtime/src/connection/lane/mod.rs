@@ -108,7 +108,8 @@ const UNREAD: u32 = 1 << 22;
 /// One connection's lane: its outgoing region and its view of the peer's.
 pub(crate) struct Lane {
     out: Mutex<Outgoing>,
-    /// Sequence number of the placement the peer has not released yet; 0 when idle.
+    /// Token ([`Outgoing::start`]) of the placement the peer has not released yet; 0 when
+    /// idle.
     busy: AtomicU32,
     /// The last placement of ours the peer's lane words said it was done with: the next
     /// placement never takes this number, so an old acknowledgement can never pass for
@@ -291,38 +292,41 @@ impl Lane {
         if self.peer_done.load(Ordering::Relaxed) != seq {
             self.peer_done.store(seq, Ordering::Relaxed);
         }
-        if self.busy.load(Ordering::Acquire) != seq {
+        let busy = self.busy.load(Ordering::Acquire);
+        if busy & SEQ_MASK != seq {
             return; // nothing in flight, or an acknowledgement seen before
         }
         match word & UNREAD {
-            0 => self.release(seq),
-            _ => self.abort(seq),
+            0 => self.release(busy),
+            _ => self.abort(busy),
         }
     }
 
-    /// The placement `seq` is no longer read by the peer: the lane is idle again, and bytes
-    /// it piped may change. (A stale [`Announcement::by`] left behind only matters to an `abort` of
-    /// the same sequence number, which would announce the fd once more: harmless.)
-    pub(crate) fn release(&self, seq: u32) {
-        self.while_busy_with(seq, |out| {
+    /// The placement `token` is no longer read by the peer: the lane is idle again, and bytes
+    /// it piped may change. (A stale [`Announcement::by`] left behind only matters to an
+    /// `abort` of the same placement, which would announce the fd once more: harmless.)
+    pub(crate) fn release(&self, token: u32) {
+        self.while_busy_with(token, |out| {
             self.busy.store(0, Ordering::Release);
-            out.unpin(seq, false);
+            out.unpin(token, false);
         });
     }
 
-    /// The peer will never read placement `seq`: its message was not sent, or was refused
-    /// unread. If it announced the region, the peer never took the fd, so the next placement
-    /// announces it again. Placement 0 (none) is ignored, and so is a placement the lane is
-    /// no longer busy with (acknowledged or given back meanwhile: nothing left to do).
-    pub(crate) fn abort(&self, seq: u32) {
-        if seq == 0 {
+    /// The peer will never read placement `token` (as [`Lane::encode`] returned it): its
+    /// message was not sent, or was refused unread. If it announced the region, the peer
+    /// never took the fd, so the next placement announces it again. Placement 0 (none) is
+    /// ignored, and so is a placement the lane is no longer busy with (acknowledged or given
+    /// back meanwhile: nothing left to do).
+    pub(crate) fn abort(&self, token: u32) {
+        if token == 0 {
             return;
         }
-        self.while_busy_with(seq, |out| self.abort_locked(out, seq));
+        self.while_busy_with(token, |out| self.abort_locked(out, token));
     }
 
-    /// Runs `f` with the outgoing side if the lane is busy with `seq`, holding `out` all the
-    /// while, so that the lane stays busy with `seq` until `f` makes it idle. Never waits for
+    /// Runs `f` with the outgoing side if the lane is busy with placement `seq` (its token),
+    /// holding `out` all the while, so that the lane stays busy with `seq` until `f` makes it
+    /// idle. Never waits for
     /// a write into the peer, which holds `out` (and could be slow): such a write starts only
     /// on an idle lane, and while the lane is busy with `seq` another thread holds `out` only
     /// briefly. So neither the connection's reader nor a caller whose reply has arrived
@@ -355,8 +359,8 @@ impl Lane {
 
     /// Encodes a message into the emptied `buf`: room for the transport's header (see
     /// [`envelope::FRAMED_AT`]), `envelope` with this lane's word, then `body`, placing a byte
-    /// string in this lane if it can. Returns the placement the message carries (0: none);
-    /// the caller sends the message, and calls [`Lane::abort`] with the placement if it fails
+    /// string in this lane if it can. Returns the token of the placement the message carries
+    /// (0: none); the caller sends the message, and calls [`Lane::abort`] with it if it fails
     /// to. Only a call's [`SharedBytes`] may pipe.
     pub(crate) fn encode<'a, A: Serialize + ?Sized>(
         &self,
@@ -377,6 +381,10 @@ impl Lane {
         let (placed, encoded) = codec::encode_placing(body, buf, fds, self, pipe);
         // Read after encoding: acknowledges what was copied out up to this moment.
         envelope::set_lane(&mut buf[envelope::FRAMED_AT..], self.word(placed));
+        let placed = match placed {
+            0 => 0,
+            seq => self.token_of(seq),
+        };
         match encoded {
             Ok(()) => Ok(placed),
             Err(e) => {
@@ -386,9 +394,24 @@ impl Lane {
         }
     }
 
-    /// The reply to a call that carried placement `placed` arrived. A failure reply may
-    /// mean the request was refused unread: the peer will neither read nor acknowledge the
-    /// placement, nor have taken a region it announced, so it is given back as unsent.
+    /// The token of placement `seq`, which a message being encoded carries: the lane stays
+    /// busy with it until the message is sent, unless a peer acknowledged a placement it has
+    /// not been sent (then a token that matches nothing, and the lane is no longer this
+    /// message's to give back). Out of line: a small call places nothing.
+    #[inline(never)]
+    fn token_of(&self, seq: u32) -> u32 {
+        let busy = self.busy.load(Ordering::Acquire);
+        if busy & SEQ_MASK == seq {
+            busy
+        } else {
+            !SEQ_MASK
+        }
+    }
+
+    /// The reply to a call that carried placement `placed` (its token) arrived. A failure
+    /// reply may mean the request was refused unread: the peer will neither read nor
+    /// acknowledge the placement, nor have taken a region it announced, so it is given back
+    /// as unsent.
     pub(crate) fn after_reply(&self, placed: u32, reply: &Frame) {
         if placed != 0 && envelope::kind_byte(&reply.payload) == Some(Kind::Failure as u8) {
             self.abort(placed);

@@ -38,11 +38,11 @@ impl OutOfLine for Lane {
             return None;
         }
         let read_end = pipe.read_end().as_raw_fd();
-        let seq = out.start(&self.busy, &self.peer_done);
-        let fd = out.pipe_sent.carry(seq, read_end);
-        out.pinned = Some((seq, bytes.clone()));
+        let token = out.start(&self.busy, &self.peer_done);
+        let fd = out.pipe_sent.carry(token, read_end);
+        out.pinned = Some((token, bytes.clone()));
         let piped = Piped {
-            seq,
+            seq: token & SEQ_MASK,
             fd: NO_FD,
             len: spliced as u64,
         };
@@ -91,9 +91,9 @@ impl OutOfLine for Lane {
         if (peer_memory::MIN..=peer_memory::CAPACITY).contains(&len)
             && let Some(generation) = out.writer.write(&self.peer_mailbox, bytes)
         {
-            let seq = out.start(&self.busy, &self.peer_done);
+            let token = out.start(&self.busy, &self.peer_done);
             return Some(Placement::Written(Written {
-                seq,
+                seq: token & SEQ_MASK,
                 generation,
                 len: len as u64,
             }));
@@ -104,12 +104,12 @@ impl OutOfLine for Lane {
             out.region_sent = Announcement::default();
         }
         let out = &mut *out;
-        let seq = out.start(&self.busy, &self.peer_done);
+        let token = out.start(&self.busy, &self.peer_done);
         let region = out.region.as_mut().expect("made above");
         crate::bulk_copy::copy_into(&mut region[..len], bytes);
-        let fd = out.region_sent.carry(seq, region.as_fd().as_raw_fd());
+        let fd = out.region_sent.carry(token, region.as_fd().as_raw_fd());
         let placed = Placed {
-            seq,
+            seq: token & SEQ_MASK,
             fd: NO_FD,
             offset: 0,
             len: len as u64,

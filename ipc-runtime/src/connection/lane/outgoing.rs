@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 #[cfg(doc)]
 use super::Lane;
-use super::SEQ_MASK;
+use super::{SEQ_BITS, SEQ_MASK};
 use crate::one_copy;
 use crate::peer_memory::PeerMemory;
 use crate::pipe::OutPipe;
@@ -21,12 +21,15 @@ pub(super) struct Outgoing {
     /// Whether the peer has the region's fd.
     pub(super) region_sent: Announcement,
     pub(super) last_seq: u32,
+    /// Placements started, for [`Outgoing::start`]'s tokens (wrapping).
+    started: u32,
     /// This end's pipe, made when first wanted (and tried again while it cannot be made:
     /// this process's pipes at their limit, or this user's).
     pub(super) pipe: Option<OutPipe>,
     /// Whether the peer has the pipe's read end.
     pub(super) pipe_sent: Announcement,
-    /// The bytes of the placement in the pipe, kept unchanged until the peer has read them.
+    /// The bytes of the placement (its token) in the pipe, kept unchanged until the peer has
+    /// read them.
     pub(super) pinned: Option<(u32, SharedBytes)>,
     /// This end's way into the peer's memory.
     pub(super) writer: Writer,
@@ -87,7 +90,7 @@ impl Writer {
 /// which placement's message.
 #[derive(Default)]
 pub(super) struct Announcement {
-    /// The placement whose message carried the fd.
+    /// The placement (its token) whose message carried the fd.
     by: Option<u32>,
     done: bool,
 }
@@ -115,9 +118,13 @@ impl Announcement {
 }
 
 impl Outgoing {
-    /// The next placement's sequence number, made this end's only one in flight. Skips
-    /// `peer_done`, the number the peer says it is done with: while this end is idle the
-    /// peer can only be reporting that one.
+    /// The next placement, made this end's only one in flight: its token, the sequence
+    /// number (bits 0..11, the number on the wire) and the count of placements started
+    /// (above). Skips `peer_done`, the number the peer says it is done with: while this end
+    /// is idle the peer can only be reporting that one. The count tells a placement from
+    /// one that had the same number a lap (2,047 placements) earlier: a late failure reply
+    /// to the older one's call must not give the newer one back. Tokens repeat only after
+    /// 2^21 x 2,047 placements.
     #[inline]
     pub(super) fn start(&mut self, busy: &AtomicU32, peer_done: &AtomicU32) -> u32 {
         let mut seq = (self.last_seq % SEQ_MASK) + 1;
@@ -125,8 +132,10 @@ impl Outgoing {
             seq = (seq % SEQ_MASK) + 1;
         }
         self.last_seq = seq;
-        busy.store(seq, Ordering::Release);
-        seq
+        self.started = self.started.wrapping_add(1);
+        let token = seq | self.started << SEQ_BITS;
+        busy.store(token, Ordering::Release);
+        token
     }
 
     /// Lets go of the bytes placement `seq` piped, if it did; with `drain`, after emptying

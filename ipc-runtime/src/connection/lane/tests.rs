@@ -6,17 +6,17 @@ use super::*;
 fn a_new_placement_never_takes_the_number_the_peer_last_acknowledged() {
     let (busy, peer_done) = (AtomicU32::new(0), AtomicU32::new(0));
     let mut out = Outgoing::default();
-    assert_eq!(out.start(&busy, &peer_done), 1);
+    assert_eq!(out.start(&busy, &peer_done) & SEQ_MASK, 1);
     // The peer still reports 5 as done with (say 2,046 placements since were never
     // sent): 5 is skipped, or that old acknowledgement would release the new one.
     out.last_seq = 4;
     peer_done.store(5, Ordering::Relaxed);
-    assert_eq!(out.start(&busy, &peer_done), 6);
-    assert_eq!(busy.load(Ordering::Relaxed), 6);
+    assert_eq!(out.start(&busy, &peer_done) & SEQ_MASK, 6);
+    assert_eq!(busy.load(Ordering::Relaxed) & SEQ_MASK, 6);
     // Also where the numbers wrap.
     out.last_seq = SEQ_MASK;
     peer_done.store(1, Ordering::Relaxed);
-    assert_eq!(out.start(&busy, &peer_done), 2);
+    assert_eq!(out.start(&busy, &peer_done) & SEQ_MASK, 2);
 }
 
 /// A write into the peer that stalls (a hostile worker can make it wait as long as it likes,
@@ -135,5 +135,74 @@ fn a_stalled_write_into_the_peer_holds_up_no_other_call() {
     assert!(
         returned,
         "a call whose reply arrived waited for another call's write into the peer"
+    );
+}
+
+/// `a` places `bytes` in its region for `b`, which takes nothing yet: the placement, with a
+/// copy of the region's fd if its message announces it.
+#[cfg(test)]
+fn place(a: &Lane, bytes: &[u8]) -> (crate::codec::Placed, Option<std::os::fd::OwnedFd>) {
+    use crate::codec::{OutOfLine, Placement};
+    use std::os::fd::BorrowedFd;
+    let Some(Placement::Region(placed, fd)) = a.put(bytes) else {
+        panic!("placed in the region");
+    };
+    // SAFETY: the region's fd, open while `a` keeps its region (the whole test).
+    let fd = fd.map(|fd| {
+        unsafe { BorrowedFd::borrow_raw(fd) }
+            .try_clone_to_owned()
+            .unwrap()
+    });
+    (placed, fd)
+}
+
+/// `a` and `b`, and `a`'s placements taken by `b` and acknowledged until the next one
+/// takes the sequence number of `first`, which `b` took.
+#[cfg(test)]
+fn a_lap_of_placements() -> (Lane, Lane, u32, Vec<u8>) {
+    use crate::codec::OutOfLine;
+    let (a, b) = (Lane::new(MAX), Lane::new(MAX));
+    a.on_word(READS_LANES);
+    let first = vec![1u8; 4096];
+    let (placed, fd) = place(&a, &first);
+    assert_eq!(b.take(&placed, fd).unwrap(), first);
+    a.on_word(b.word(0));
+    for _ in 0..SEQ_MASK - 1 {
+        let (p, fd) = place(&a, &first);
+        b.take(&p, fd).unwrap();
+        a.on_word(b.word(0));
+    }
+    (a, b, placed.seq, first)
+}
+
+/// A failure reply to a call whose placement the peer read arrives a lap of sequence numbers
+/// later (2,047 placements, by other calls): it must not give back the placement in flight
+/// under the same number, which the peer has yet to copy out.
+#[test]
+fn a_failure_reply_a_lap_later_does_not_give_back_the_placement_of_its_number() {
+    use crate::codec::OutOfLine;
+    use crate::connection::envelope::{Envelope, Kind};
+    use crate::frame::Frame;
+    let (a, b, old, _) = a_lap_of_placements();
+    let new = vec![2u8; 4096];
+    let (placed, _) = place(&a, &new);
+    assert_eq!(placed.seq, old, "a lap later");
+    let mut failure = Frame {
+        payload: vec![0; envelope::LEN],
+        fds: Vec::new(),
+    };
+    Envelope {
+        kind: Kind::Failure,
+        cmd: 1,
+        cookie: 1,
+        interface: 1,
+        signature: 0,
+    }
+    .write(&mut failure.payload);
+    a.after_reply(old, &failure); // the old call's failure
+    let _ = a.put(&[3u8; 4096]); // the next string, if the lane were idle
+    assert!(
+        b.take(&placed, None).unwrap() == new,
+        "the bytes placed were overwritten"
     );
 }
