@@ -250,6 +250,14 @@ impl Lane {
 
     /// This end is done with the message whose payload (envelope first) is `payload`: if it
     /// carried a placement, the peer may reuse the region, whether or not it was read.
+    ///
+    /// Known gap (found 2026-12-03, not fixed): a message identifies its placement only by
+    /// its 11-bit number. If it is finished a lap late (its handler outlived 2,047 placements
+    /// the peer made on other calls) while a newer placement under the same number is in
+    /// flight and not yet copied out, this acknowledges that newer one as unread, and the
+    /// peer may overwrite it before it is read. A fix must tell the two apart without a lock
+    /// or a map on every placement-carrying message (the 4 KiB call's path): e.g. a stamp
+    /// taken when the message arrives, kept with its frame.
     pub(crate) fn finished(&self, payload: &[u8]) {
         let carried = envelope::lane(payload) >> SEQ_BITS & SEQ_MASK;
         if carried != 0 {
