@@ -155,8 +155,8 @@ impl Shared {
     pub(super) fn receive(&self, frame: &mut Frame, deadline: Option<Instant>) -> Result<()> {
         let result = self.socket.recv_into(frame, deadline);
         match &result {
-            Ok(()) => self.lane.on_word(envelope::lane(&frame.payload)),
-            Err(e) if e.is_over_limits() => self.lane.on_word(envelope::lane(&frame.payload)),
+            Ok(()) | Err(Error::FdsDropped { .. }) => self.lane.on_message(&mut frame.payload),
+            Err(e) if e.is_over_limits() => self.lane.on_message(&mut frame.payload),
             Err(_) => {}
         }
         result

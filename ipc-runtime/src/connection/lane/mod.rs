@@ -60,7 +60,7 @@ mod tests;
 
 use parking_lot::{Mutex, MutexGuard};
 use std::os::fd::BorrowedFd;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use serde::Serialize;
 
@@ -127,9 +127,12 @@ pub(crate) struct Lane {
     /// copy them: a reader that takes in an announcement must never wait for a write into
     /// the peer (which holds `out`, and could be slow).
     peer_mailbox: Mutex<Option<(u64, u64)>>,
-    /// Sequence number of the last placement of the peer's this end is done with, with
-    /// [`UNREAD`] if it was not read.
-    consumed: AtomicU32,
+    /// Low 32 bits: the sequence number of the last placement of the peer's this end is done
+    /// with, with [`UNREAD`] if it was not read. High 32 bits: how many of the peer's
+    /// messages that carry a placement have been taken in (wrapping), which
+    /// [`Lane::on_message`] stamps into each (see [`Lane::finished`]). One atomic, so that
+    /// an acknowledgement is recorded only if no such message came in meanwhile.
+    consumed: AtomicU64,
     /// Largest string (and region) accepted from the peer.
     max_len: usize,
     /// Where the peer writes strings into this process, once this end accepts that.
@@ -151,7 +154,7 @@ impl Lane {
             incoming: Mutex::new(None),
             incoming_pipe: Mutex::new(None),
             peer_mailbox: Mutex::new(None),
-            consumed: AtomicU32::new(0),
+            consumed: AtomicU64::new(0),
             max_len: max_len.min(MAX),
             inbox: Mutex::new(None),
             inbox_taken: AtomicBool::new(false),
@@ -221,7 +224,7 @@ impl Lane {
     #[inline]
     pub(crate) fn word(&self, placed: u32) -> u32 {
         self.settle_inbox_if_taken();
-        READS_LANES | placed << SEQ_BITS | self.consumed.load(Ordering::Acquire)
+        READS_LANES | placed << SEQ_BITS | self.consumed.load(Ordering::Acquire) as u32
     }
 
     /// Gives the inbox its next buffer and only then acknowledges the string taken out of
@@ -248,22 +251,32 @@ impl Lane {
         }
     }
 
-    /// This end is done with the message whose payload (envelope first) is `payload`: if it
-    /// carried a placement, the peer may reuse the region, whether or not it was read.
+    /// This end is done with the message whose payload (envelope first) is `payload`, taken
+    /// in by [`Lane::on_message`]: if it carried a placement, the peer may reuse the region,
+    /// whether or not it was read.
     ///
-    /// Known gap (found 2026-12-03, not fixed): a message identifies its placement only by
-    /// its 11-bit number. If it is finished a lap late (its handler outlived 2,047 placements
-    /// the peer made on other calls) while a newer placement under the same number is in
-    /// flight and not yet copied out, this acknowledges that newer one as unread, and the
-    /// peer may overwrite it before it is read. A fix must tell the two apart without a lock
-    /// or a map on every placement-carrying message (the 4 KiB call's path): e.g. a stamp
-    /// taken when the message arrives, kept with its frame.
+    /// Only while no other message carrying a placement has come in since this one (the
+    /// stamp `on_message` left in its lane word is still the count): the peer places one
+    /// string at a time, so a later placement means this one was acknowledged already (read,
+    /// when it was decoded), and its number, which wraps after 2,047, may now be a newer
+    /// placement's, in flight and not yet read, which this must not give back. (The stamp
+    /// keeps 11 bits of the count: a message finished a multiple of 2,048 placements late
+    /// that also carried the number of the one in flight would still pass for it.)
     pub(crate) fn finished(&self, payload: &[u8]) {
-        let carried = envelope::lane(payload) >> SEQ_BITS & SEQ_MASK;
-        if carried != 0 {
-            // If it was read, `take` recorded it already and this changes nothing.
-            self.done_with(carried, UNREAD);
+        let word = envelope::lane(payload);
+        let carried = word >> SEQ_BITS & SEQ_MASK;
+        if carried == 0 {
+            return;
         }
+        self.settle_inbox_if_taken(); // its acknowledgement comes first
+        let stamp = word & SEQ_MASK;
+        let _ = self
+            .consumed
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |last| {
+                let latest = (last >> 32) as u32 & SEQ_MASK == stamp;
+                (latest && newer(carried, last as u32 & SEQ_MASK))
+                    .then_some(last >> 32 << 32 | u64::from(carried | UNREAD))
+            });
     }
 
     /// Records placement `seq` as done with (`how`: 0 read, or [`UNREAD`]), unless it or a
@@ -281,8 +294,32 @@ impl Lane {
         let _ = self
             .consumed
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |last| {
-                newer(seq, last & SEQ_MASK).then_some(seq | how)
+                newer(seq, last as u32 & SEQ_MASK)
+                    .then_some(last >> 32 << 32 | u64::from(seq | how))
             });
+    }
+
+    /// Takes in the lane word of a message the peer sent, whose payload (envelope first) is
+    /// `payload`; if it carries a placement, stamps it for [`Lane::finished`]: the count of
+    /// such messages taken in (11 bits of it) replaces the acknowledgement the word carried,
+    /// which is taken in by then.
+    #[inline]
+    pub(crate) fn on_message(&self, payload: &mut [u8]) {
+        let word = envelope::lane(payload);
+        self.on_word(word);
+        let carried = word >> SEQ_BITS & SEQ_MASK;
+        if carried != 0 {
+            self.stamp(payload, word);
+        }
+    }
+
+    /// [`Lane::on_message`] for a message that carries a placement (out of line: small
+    /// messages carry none).
+    #[inline(never)]
+    fn stamp(&self, payload: &mut [u8], word: u32) {
+        let count = (self.consumed.fetch_add(1 << 32, Ordering::AcqRel) >> 32) as u32;
+        let stamp = count.wrapping_add(1) & SEQ_MASK;
+        envelope::set_lane(payload, word & !SEQ_MASK | stamp);
     }
 
     /// Takes in the lane word of an envelope the peer sent.

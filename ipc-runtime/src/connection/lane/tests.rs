@@ -206,3 +206,44 @@ fn a_failure_reply_a_lap_later_does_not_give_back_the_placement_of_its_number() 
         "the bytes placed were overwritten"
     );
 }
+
+/// A request's handler outlives a lap of sequence numbers (2,047 placements, by other
+/// calls); when it ends, the placement in flight has the number its request carried. Its
+/// end must not give that new placement back as unread: the peer would overwrite it while
+/// this end has yet to copy it out. The same message finished before anything else came in
+/// does give its placement back.
+#[test]
+fn a_message_finished_a_lap_later_does_not_give_back_the_placement_of_its_number() {
+    use crate::codec::OutOfLine;
+    let (a, b, old, _) = a_lap_of_placements();
+    // The old request, whose string `b` read, taken in by `b`'s reader before the lap.
+    let mut request = vec![0u8; envelope::LEN];
+    envelope::set_lane(&mut request, READS_LANES | old << SEQ_BITS);
+    b.on_message(&mut request);
+    let new = vec![2u8; 4096];
+    let (placed, _) = place(&a, &new);
+    assert_eq!(placed.seq, old, "a lap later");
+    let mut newer_request = vec![0u8; envelope::LEN];
+    envelope::set_lane(&mut newer_request, READS_LANES | placed.seq << SEQ_BITS);
+    b.on_message(&mut newer_request);
+    b.finished(&request); // the old handler ends
+    a.on_word(b.word(0));
+    let _ = a.put(&[3u8; 4096]); // the next string, if the lane were idle
+    assert!(
+        b.take(&placed, None).unwrap() == new,
+        "the bytes placed were overwritten"
+    );
+    b.finished(&newer_request);
+    a.on_word(b.word(0));
+    assert!(!a.is_busy(), "the placement read was acknowledged");
+    // A request refused unread (say), finished before anything else came in: its end gives
+    // its placement back.
+    let (refused, _) = place(&a, &[4u8; 4096]);
+    let mut refused_request = vec![0u8; envelope::LEN];
+    envelope::set_lane(&mut refused_request, READS_LANES | refused.seq << SEQ_BITS);
+    b.on_message(&mut refused_request);
+    b.finished(&refused_request);
+    assert_eq!(b.word(0) & (SEQ_MASK | UNREAD), refused.seq | UNREAD);
+    a.on_word(b.word(0));
+    assert!(!a.is_busy(), "the placement finished unread was given back");
+}

@@ -104,7 +104,7 @@ impl Inner {
     /// with a failure if it is a request, as long as its envelope is there to say whose.
     /// `Ok(true)`: the backlog is at its bounds and no call of this end waits for a reply, so
     /// the reader waits for room.
-    fn route(self: &Arc<Self>, frame: Frame, received: Result<()>) -> Result<bool> {
+    fn route(self: &Arc<Self>, mut frame: Frame, received: Result<()>) -> Result<bool> {
         let envelope = match (Envelope::read(&frame.payload), received) {
             (Ok(envelope), received) => (envelope, received),
             (Err(_), Err(e)) => return Err(e),
@@ -115,12 +115,13 @@ impl Inner {
             self.trace_incoming(&envelope, &frame);
         }
         match &received {
-            Ok(()) => self.lane.on_word(envelope::lane(&frame.payload)),
-            // Delivered as an error, so never decoded; a refused message's lane word still
-            // counts (the blocking flavour's `receive` takes it in too).
+            Ok(()) => self.lane.on_message(&mut frame.payload),
+            // Delivered as an error, so never decoded; the lane word of a message refused for
+            // its size or whose fds were dropped still counts (as in the blocking flavour's
+            // `receive`).
             Err(e) => {
-                if e.is_over_limits() {
-                    self.lane.on_word(envelope::lane(&frame.payload));
+                if e.is_over_limits() || matches!(e, Error::FdsDropped { .. }) {
+                    self.lane.on_message(&mut frame.payload);
                 }
                 self.lane.finished(&frame.payload);
             }
