@@ -306,6 +306,17 @@ fn method(f: &mut TraitItemFn, index: u32) -> syn::Result<(Method, Option<Attrib
                        the return type, or remove `#[oneway]` to wait for the reply";
         refuse(&mut errors, &sig.output, message);
     }
+    // The request and response variant: a method name that camel-cases to no identifier
+    // (`self_` to the keyword `Self`, `__` to nothing, `_1` to a number) cannot name one.
+    let variant = upper_camel(&sig.ident.unraw().to_string());
+    if syn::parse_str::<Ident>(&variant).is_err() {
+        let message = format!(
+            "`{}` becomes the request variant `{variant}`, which is not a usable name: rename \
+             this method",
+            sig.ident.unraw()
+        );
+        errors.push(syn::Error::new(sig.ident.span(), message));
+    }
     if let Err(error) = errors.finish() {
         // The trait is still emitted. A pattern parameter there would add rustc's E0642
         // ("patterns aren't allowed in methods without bodies") to our error, which already
@@ -326,7 +337,7 @@ fn method(f: &mut TraitItemFn, index: u32) -> syn::Result<(Method, Option<Attrib
         return Err(error);
     }
     let method = Method {
-        variant: format_ident!("{}", upper_camel(&sig.ident.unraw().to_string())),
+        variant: format_ident!("{}", variant),
         cmd: attrs.cmd.as_ref().map_or(index, |(cmd, _)| *cmd),
         signature: signature(&sig.ident, &args, &sig.output),
         name: sig.ident.clone(),
@@ -809,5 +820,46 @@ mod tests {
         assert_eq!(upper_camel("open_buffer"), "OpenBuffer");
         assert_eq!(upper_camel("_private__x"), "PrivateX");
         assert_eq!(upper_camel("getURL"), "GetURL");
+    }
+}
+
+#[cfg(test)]
+mod variant_name_tests {
+    use super::*;
+    use quote::quote;
+
+    /// A method whose name does not camel-case to a usable variant name (`self_` becomes the
+    /// keyword `Self`, `__` becomes nothing, `_1` a number) is refused at its name, not left to
+    /// a macro panic or a parse error inside the generated code.
+    #[test]
+    fn names_that_make_no_variant_are_refused() {
+        for item in [
+            quote!(
+                trait T {
+                    fn self_(&self);
+                }
+            ),
+            quote!(
+                trait T {
+                    fn __(&self);
+                }
+            ),
+            quote!(
+                trait T {
+                    fn _1(&self);
+                }
+            ),
+        ] {
+            let outcome = std::panic::catch_unwind(|| {
+                interface(TokenStream::new(), item.clone())
+                    .map(|_| ())
+                    .map_err(|r| r.error.to_string())
+            });
+            match outcome {
+                Ok(Err(error)) => assert!(error.contains("rename"), "{item}: {error}"),
+                Ok(Ok(())) => panic!("accepted {item}"),
+                Err(_) => panic!("panicked on {item}"),
+            }
+        }
     }
 }
