@@ -671,3 +671,32 @@ fn an_async_server_refuses_an_interface_it_serves_already() {
         "{message}"
     );
 }
+
+/// An async trait named like the server's type parameter.
+mod named_t {
+    #[typed_ipc::interface]
+    pub trait T {
+        async fn add(&self, a: u32, b: u32) -> u32;
+    }
+
+    pub struct Impl;
+
+    impl T for Impl {
+        async fn add(&self, a: u32, b: u32) -> u32 {
+            a + b
+        }
+    }
+}
+
+#[test]
+fn an_async_trait_named_t_works() {
+    let _serial = fd_count_lock();
+    runtime().block_on(async {
+        let (a, b) = AsyncConnection::pair().unwrap();
+        let server = tokio::spawn(named_t::TServer::new(named_t::Impl).serve(b));
+        let client = named_t::TClient::new(a);
+        assert_eq!(client.add(2, 3).await.unwrap(), 5);
+        drop(client);
+        server.await.unwrap().unwrap();
+    });
+}

@@ -141,3 +141,29 @@ fn an_interface_among_shadowed_names_works() {
     drop(client);
     server.join().unwrap().unwrap();
 }
+
+/// A trait named like the server's type parameter.
+mod named_t {
+    #[::typed_ipc::interface]
+    pub trait T {
+        fn add(&self, a: u32, b: u32) -> u32;
+    }
+
+    pub struct Impl;
+
+    impl T for Impl {
+        fn add(&self, a: u32, b: u32) -> u32 {
+            a + b
+        }
+    }
+}
+
+#[test]
+fn a_trait_named_t_works() {
+    let (a, b) = typed_ipc::Connection::pair().unwrap();
+    let server = std::thread::spawn(move || named_t::TServer::new(named_t::Impl).serve(b));
+    let client = named_t::TClient::new(a);
+    assert_eq!(client.add(2, 3).unwrap(), 5);
+    drop(client);
+    server.join().unwrap().unwrap();
+}

@@ -120,6 +120,7 @@ impl Generator<'_> {
             .methods
             .iter()
             .map(|m| self.dispatch_arm(m, quote!(.await)));
+        let imp = &self.imp;
         let bounds = quote!(#name + ::core::marker::Send + ::core::marker::Sync + 'static);
         let decodable = self.server_bounds();
         let ret_unit = result(quote!(()));
@@ -130,14 +131,14 @@ impl Generator<'_> {
         quote! {
             #docs
             #[allow(dead_code)]
-            #vis struct #server<T> {
-                imp: T,
+            #vis struct #server<#imp> {
+                imp: #imp,
             }
 
             #[allow(dead_code)]
-            impl<T: #bounds> #server<T> {
+            impl<#imp: #bounds> #server<#imp> {
                 /// A server answering with `imp`.
-                #vis fn new(imp: T) -> Self {
+                #vis fn new(imp: #imp) -> Self {
                     Self { imp }
                 }
 
@@ -167,7 +168,7 @@ impl Generator<'_> {
                 }
             }
 
-            impl<T: #bounds> #p::AsyncService for #server<T> #decodable {
+            impl<#imp: #bounds> #p::AsyncService for #server<#imp> #decodable {
                 fn info(&self) -> &'static #p::InterfaceInfo {
                     &#info
                 }

@@ -73,9 +73,10 @@ impl Generator<'_> {
         let (name, method, cmd) = (&self.iface.name, &m.name, cmd(m));
         let pats = m.args.iter().map(|a| decode_pattern(&a.name, &a.value));
         let names = m.args.iter().map(|a| &a.name);
+        let imp = &self.imp;
         let run = quote! {{
             let (#(#pats,)*) = call.args()?;
-            <T as #name>::#method(&self.imp, #(#names),*)
+            <#imp as #name>::#method(&self.imp, #(#names),*)
         }};
         match (&m.ret, m.oneway) {
             (_, true) => quote! {
@@ -120,6 +121,7 @@ impl Generator<'_> {
             .iter()
             .map(|m| self.dispatch_arm(m, quote!()));
         let handle_arms = self.iface.methods.iter().map(|m| self.handle_arm(m));
+        let imp = &self.imp;
         let bounds = quote!(#name + ::core::marker::Send + ::core::marker::Sync + 'static);
         let decodable = self.server_bounds();
         let ret_unit = result(quote!(()));
@@ -130,14 +132,14 @@ impl Generator<'_> {
         quote! {
             #docs
             #[allow(dead_code)]
-            #vis struct #server<T> {
-                imp: T,
+            #vis struct #server<#imp> {
+                imp: #imp,
             }
 
             #[allow(dead_code)]
-            impl<T: #bounds> #server<T> {
+            impl<#imp: #bounds> #server<#imp> {
                 /// A server answering with `imp`.
-                #vis fn new(imp: T) -> Self {
+                #vis fn new(imp: #imp) -> Self {
                     Self { imp }
                 }
 
@@ -156,7 +158,7 @@ impl Generator<'_> {
                 }
             }
 
-            impl<T: #bounds> #p::Service for #server<T> #decodable {
+            impl<#imp: #bounds> #p::Service for #server<#imp> #decodable {
                 fn info(&self) -> &'static #p::InterfaceInfo {
                     &#info
                 }

@@ -9,8 +9,9 @@ use crate::model::{Value, Wire};
 
 impl Generator<'_> {
     /// The server's `where` clause: every parameter type that travels as a plain serde value
-    /// is `DeserializeOwned` (see [`serde_bounds`]). A type that names a `T` is left out: in the
-    /// server's items it would mean the server's type parameter.
+    /// is `DeserializeOwned` (see [`serde_bounds`]). A type that names the server's type
+    /// parameter (`T`, or `Imp` for a trait named `T`) is left out: in the server's items it
+    /// would mean that parameter.
     pub(super) fn server_bounds(&self) -> TokenStream {
         let params = self
             .iface
@@ -18,7 +19,7 @@ impl Generator<'_> {
             .iter()
             .flat_map(|m| m.args.iter().map(|a| &a.value));
         serde_bounds(params, Bound::DeserializeOwned, |ty| {
-            !ty.clone().into_iter().any(|t| names_t(&t))
+            !ty.clone().into_iter().any(|t| names(&t, &self.imp))
         })
     }
 }
@@ -81,11 +82,11 @@ pub(super) fn serde_bounds<'v>(
     }
 }
 
-/// Whether `token` is, or contains, the identifier `T`.
-fn names_t(token: &TokenTree) -> bool {
+/// Whether `token` is, or contains, the identifier `imp`.
+fn names(token: &TokenTree, imp: &proc_macro2::Ident) -> bool {
     match token {
-        TokenTree::Ident(ident) => ident == "T",
-        TokenTree::Group(g) => g.stream().into_iter().any(|t| names_t(&t)),
+        TokenTree::Ident(ident) => ident == imp,
+        TokenTree::Group(g) => g.stream().into_iter().any(|t| names(&t, imp)),
         _ => false,
     }
 }

@@ -35,6 +35,9 @@ pub struct Generator<'a> {
     response: Ident,
     /// `<TRAIT>_INFO`, the `InterfaceInfo` static.
     info: Ident,
+    /// The server's type parameter, the implementation's type: `T`, or `Imp` for a trait
+    /// named `T` (which the parameter would shadow in the server's items).
+    imp: Ident,
 }
 
 /// Where the generated code finds the runtime.
@@ -74,6 +77,10 @@ impl<'a> Generator<'a> {
             request: format_ident!("{}Request", name),
             response: format_ident!("{}Response", name),
             info: format_ident!("{}_INFO", screaming, span = name.span()),
+            imp: match name.unraw() == "T" {
+                true => format_ident!("Imp"),
+                false => format_ident!("T"),
+            },
         }
     }
 
@@ -389,7 +396,8 @@ impl<'a> Generator<'a> {
             true => quote!(#request::#variant),
             false => quote!(#request::#variant { #(#names),* }),
         };
-        let run = quote!(<T as #name>::#method(&self.imp, #(#names),*)#then);
+        let imp = &self.imp;
+        let run = quote!(<#imp as #name>::#method(&self.imp, #(#names),*)#then);
         match (&m.ret, m.oneway) {
             (_, true) => quote! {
                 #pattern => {
