@@ -161,13 +161,14 @@ use quote::quote;
 /// # Not supported (compile errors that say what to write instead)
 ///
 /// Generic traits and methods, lifetime parameters, `impl Trait`, receivers other than `&self`,
-/// methods without a receiver, borrowed parameters and return values (`&str`, `&[u8]`, `&T`:
-/// take or return `String`, `Vec<u8>`, `T`; each end gets its own copy either way), `Self` in a
-/// parameter or return type, parameters that are patterns rather than names, `unsafe fn`,
-/// traits that mix `fn` and `async fn`, and `#[cfg]` or `#[cfg_attr]` on a method or a
-/// parameter: both ends must agree on every command id and on the interface signature, so put
-/// the `#[cfg]` on the whole trait, above `#[interface]`, or give the methods that differ an
-/// interface of their own.
+/// methods without a receiver, more than 16 parameters after `&self` (they travel as one
+/// tuple: group some into a struct), borrowed parameters and return values (`&str`, `&[u8]`,
+/// `&T`: take or return `String`, `Vec<u8>`, `T`; each end gets its own copy either way),
+/// `Self` in a parameter or return type, parameters that are patterns rather than names,
+/// `unsafe fn`, traits that mix `fn` and `async fn`, and `#[cfg]` or `#[cfg_attr]` on a method
+/// or a parameter: both ends must agree on every command id and on the interface signature, so
+/// put the `#[cfg]` on the whole trait, above `#[interface]`, or give the methods that differ
+/// an interface of their own.
 #[proc_macro_attribute]
 pub fn interface(
     attr: proc_macro::TokenStream,

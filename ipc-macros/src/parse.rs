@@ -278,6 +278,15 @@ fn method(f: &mut TraitItemFn, index: u32) -> syn::Result<(Method, Option<Attrib
     for input in inputs {
         match input {
             FnArg::Receiver(r) => refuse(&mut errors, r, "`self` goes first"),
+            FnArg::Typed(typed) if args.len() == MAX_PARAMS => {
+                let message = format!(
+                    "an interface method takes at most {MAX_PARAMS} parameters after `&self`: \
+                     they travel as one tuple, and serde's tuples stop at {MAX_PARAMS}; group \
+                     some of them into a serde struct of your own"
+                );
+                refuse(&mut errors, typed, &message);
+                break;
+            }
             FnArg::Typed(typed) => {
                 for attr in &typed.attrs {
                     if let Some(error) = conditional(attr, "parameter") {
@@ -348,6 +357,10 @@ fn method(f: &mut TraitItemFn, index: u32) -> syn::Result<(Method, Option<Attrib
     };
     Ok((method, attrs.cmd.map(|(_, attr)| attr)))
 }
+
+/// The most parameters a method takes after `&self`: the arguments travel as one tuple, and
+/// serde implements its traits for tuples of up to 16 elements.
+const MAX_PARAMS: usize = 16;
 
 /// The attributes of a method that concern us.
 struct MethodAttrs {
@@ -711,6 +724,33 @@ mod tests {
                     }
                 ),
                 "rename this method, e.g. `set_timeout`",
+            ),
+            (
+                quote!(
+                    trait T {
+                        fn a(
+                            &self,
+                            a1: u8,
+                            a2: u8,
+                            a3: u8,
+                            a4: u8,
+                            a5: u8,
+                            a6: u8,
+                            a7: u8,
+                            a8: u8,
+                            a9: u8,
+                            a10: u8,
+                            a11: u8,
+                            a12: u8,
+                            a13: u8,
+                            a14: u8,
+                            a15: u8,
+                            a16: u8,
+                            a17: u8,
+                        );
+                    }
+                ),
+                "at most 16 parameters after `&self`",
             ),
         ] {
             let error = parse(item.clone())
