@@ -708,3 +708,42 @@ fn interface_info_describes_the_trait() {
     assert_ne!(v1::VERSIONED_INFO.signature, v2::VERSIONED_INFO.signature);
     assert_eq!(v1::VERSIONED_INFO.id, v2::VERSIONED_INFO.id);
 }
+
+/// A trait, and a method, whose `where` clause only bounds `Self`: not generic.
+mod self_bounded {
+    #[typed_ipc::interface]
+    pub trait SelfBounded
+    where
+        Self: Send + Sync,
+    {
+        fn double(&self, n: u32) -> u32;
+        fn triple(&self, n: u32) -> u32
+        where
+            Self: Sized;
+    }
+
+    pub struct Impl;
+
+    impl SelfBounded for Impl {
+        fn double(&self, n: u32) -> u32 {
+            2 * n
+        }
+        fn triple(&self, n: u32) -> u32 {
+            3 * n
+        }
+    }
+}
+
+#[test]
+fn where_clauses_on_self_are_not_generic() {
+    let _serial = serial();
+    let (a, b) = Connection::pair().unwrap();
+    let server = std::thread::spawn(move || {
+        self_bounded::SelfBoundedServer::new(self_bounded::Impl).serve(b)
+    });
+    let client = self_bounded::SelfBoundedClient::new(a);
+    assert_eq!(client.double(21).unwrap(), 42);
+    assert_eq!(client.triple(14).unwrap(), 42);
+    drop(client);
+    server.join().unwrap().unwrap();
+}

@@ -8,7 +8,7 @@ use syn::ext::IdentExt;
 use syn::spanned::Spanned;
 use syn::{
     Attribute, FnArg, GenericParam, Item, ItemTrait, LitInt, Meta, Pat, PatWild, ReturnType, Token,
-    TraitItem, TraitItemFn, Type,
+    TraitItem, TraitItemFn, Type, WhereClause, WherePredicate,
 };
 
 use crate::model::{Arg, Flavour, Interface, Method, Value};
@@ -120,7 +120,7 @@ fn wire_name(attr: TokenStream, errors: &mut Errors) -> Option<String> {
 
 /// The trait's methods, checked one by one and then against each other.
 fn methods(item: &mut ItemTrait, errors: &mut Errors) -> Vec<Method> {
-    if !item.generics.params.is_empty() || item.generics.where_clause.is_some() {
+    if !item.generics.params.is_empty() || !bounds_only_self(&item.generics.where_clause) {
         let message = "generic interfaces are not supported: both ends must agree on one \
                        concrete interface; name the types";
         errors.push(syn::Error::new_spanned(&item.generics, message));
@@ -223,7 +223,7 @@ fn method(f: &mut TraitItemFn, index: u32) -> syn::Result<(Method, Option<Attrib
             "`extern` methods are not supported: remove the ABI",
         );
     }
-    if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
+    if !sig.generics.params.is_empty() || !bounds_only_self(&sig.generics.where_clause) {
         let only_lifetimes = sig
             .generics
             .params
@@ -361,6 +361,17 @@ fn method(f: &mut TraitItemFn, index: u32) -> syn::Result<(Method, Option<Attrib
 /// The most parameters a method takes after `&self`: the arguments travel as one tuple, and
 /// serde implements its traits for tuples of up to 16 elements.
 const MAX_PARAMS: usize = 16;
+
+/// Whether a `where` clause only bounds `Self` (`where Self: Send + Sync`, `where Self:
+/// Sized`), or is absent: that says what supertraits would, and makes nothing generic.
+fn bounds_only_self(clause: &Option<WhereClause>) -> bool {
+    clause.iter().flat_map(|c| &c.predicates).all(|predicate| {
+        matches!(predicate, WherePredicate::Type(t)
+            if t.lifetimes.is_none()
+                && matches!(&t.bounded_ty, Type::Path(p)
+                    if p.qself.is_none() && p.path.is_ident("Self")))
+    })
+}
 
 /// The attributes of a method that concern us.
 struct MethodAttrs {
@@ -751,6 +762,26 @@ mod tests {
                     }
                 ),
                 "at most 16 parameters after `&self`",
+            ),
+            (
+                quote!(
+                    trait T where
+                        String: Clone,
+                    {
+                        fn a(&self);
+                    }
+                ),
+                "generic interfaces",
+            ),
+            (
+                quote!(
+                    trait T {
+                        fn a(&self)
+                        where
+                            for<'a> Self: Sized;
+                    }
+                ),
+                "generic methods",
             ),
         ] {
             let error = parse(item.clone())
