@@ -206,3 +206,29 @@ fn calls_still_going_out_when_the_worker_is_killed_end_with_disconnected() {
     drop(rt);
     assert_eq!(ipc_fds(), before);
 }
+
+/// The same service holding its own connection, with the task that runs oneways started (a
+/// oneway has run), and the runtime dropped rather than the peer hanging up: the services
+/// must be dropped all the same, or the cycle keeps the socket open for good.
+#[test]
+fn a_service_holding_its_own_connection_is_freed_when_the_runtime_is_dropped_after_a_oneway() {
+    let _fds = fd_count_lock();
+    let rt = runtime();
+    let before = ipc_fds();
+    let client = rt.block_on(async {
+        let (a, b) = AsyncConnection::pair().unwrap();
+        let imp = FaultsImpl {
+            back: Some(BackClient::new(b.clone())),
+        };
+        b.add_service(FaultsServer::new(imp));
+        drop(b); // only the service holds this end now
+        let client = FaultsClient::new(a);
+        client.numbered(1, vec![]).await.unwrap();
+        // Runs once the oneway has: the oneway task is up and waits for the next.
+        assert_eq!(client.echo(vec![1, 2], vec![]).await.unwrap(), [2, 1]);
+        client
+    });
+    drop(rt);
+    drop(client);
+    assert_eq!(ipc_fds(), before, "the serving end's socket is still open");
+}

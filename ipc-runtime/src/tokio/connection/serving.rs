@@ -214,19 +214,37 @@ async fn run_oneways(
     mut queue: mpsc::UnboundedReceiver<(Frame, Envelope, Cost)>,
     guard: TaskGuard,
 ) {
-    let weak = Arc::downgrade(&inner);
+    // Retires the services when the task ends, also when it is dropped unfinished (the
+    // runtime shutting down): else `oneway_task` stays set and a service holding a clone of
+    // this connection keeps it open for good.
+    let ending = OnewaysEnding {
+        weak: Arc::downgrade(&inner),
+        _guard: guard,
+    };
     drop(inner); // the queue's sender lives in `Inner`; holding it would keep the queue open
     while let Some((frame, envelope, cost)) = queue.recv().await {
-        if let Some(inner) = weak.upgrade() {
+        if let Some(inner) = ending.weak.upgrade() {
             handle_request(inner.clone(), frame, envelope).await;
             inner.finished(cost);
             inner.oneways_run.send_modify(|n| *n += 1);
         }
     }
-    if let Some(inner) = weak.upgrade() {
-        inner.retire_services(true);
+    drop(ending);
+}
+
+/// The end of the task that runs oneways, however it ends.
+struct OnewaysEnding {
+    weak: std::sync::Weak<Inner>,
+    /// Declared last: dropped after the services are retired.
+    _guard: TaskGuard,
+}
+
+impl Drop for OnewaysEnding {
+    fn drop(&mut self) {
+        if let Some(inner) = self.weak.upgrade() {
+            inner.retire_services(true);
+        }
     }
-    drop(guard);
 }
 
 /// Checks a request, runs it on its service, and replies unless it is oneway.
