@@ -232,3 +232,25 @@ fn a_service_holding_its_own_connection_is_freed_when_the_runtime_is_dropped_aft
     drop(client);
     assert_eq!(ipc_fds(), before, "the serving end's socket is still open");
 }
+
+/// The same service, added only once the peer has hung up (it went before the server got to
+/// serving its connection): nothing will dispatch a request again, so it must be dropped
+/// all the same, or the cycle keeps the socket open for good.
+#[test]
+fn a_service_holding_its_own_connection_added_after_the_peer_hung_up_is_freed() {
+    let _fds = fd_count_lock();
+    let rt = runtime();
+    let before = ipc_fds();
+    rt.block_on(async {
+        let (a, b) = AsyncConnection::pair().unwrap();
+        drop(a);
+        b.wait_closed().await; // the reader has seen the hang-up and ended
+        assert!(b.is_closed());
+        let imp = FaultsImpl {
+            back: Some(BackClient::new(b.clone())),
+        };
+        FaultsServer::new(imp).serve(b).await.unwrap();
+    });
+    drop(rt);
+    assert_eq!(ipc_fds(), before, "the serving end's socket is still open");
+}

@@ -312,6 +312,10 @@ impl AsyncConnection {
             services.push(service);
         }
         self.inner.start_serving();
+        // Added after the connection ended (the peer hung up before this end served): no
+        // request will reach it, and one holding a clone of this connection would keep it
+        // open for good, so it goes now as the others went.
+        self.inner.retire_services(false);
     }
 
     /// Lets `authorize` refuse calls: it sees the peer's credentials, the interface and the
