@@ -108,12 +108,14 @@ impl AsyncServer {
         &self,
         connection: &AsyncConnection,
     ) -> impl Future<Output = Result<()>> + Send + 'static + use<> {
-        for service in &self.services {
-            connection.add_service(service.clone());
-        }
+        // The authorizer first: adding a service starts serving, and no request may be
+        // checked without it.
         if let Some(authorize) = &self.authorizer {
             let authorize = authorize.clone();
             connection.set_authorizer(move |peer, iface, cmd| authorize(peer, iface, cmd));
+        }
+        for service in &self.services {
+            connection.add_service(service.clone());
         }
         let connection = connection.clone();
         async move { connection.run().await }
