@@ -716,3 +716,25 @@ fn after_a_burst_of_calls_eight_tasks_wait_for_more_and_end_with_the_connection(
         assert_eq!(tasks(&server), (0, 0));
     });
 }
+
+/// `stop_reading` (graceful shutdown) lets requests already received run and their replies
+/// go out: a call read after it, from what the socket already held, must be answered, not
+/// refused because the services were dropped when the reader ended.
+#[test]
+fn a_call_received_before_the_read_side_closes_is_answered() {
+    use crate::codec::Bytes;
+    use crate::connection::tests::SKIM;
+
+    let (client, runtime, server) = client_and_async_server();
+    let calling = std::thread::spawn(move || {
+        let got = client.call::<_, u64>(&SKIM, 2, &Bytes(&[1u8, 2, 3][..]), None);
+        drop(client);
+        got
+    });
+    let mut fds = [PollFd::new(server.socket().as_fd(), PollFlags::POLLIN)];
+    poll(&mut fds, PollTimeout::NONE).unwrap(); // the call is in the socket
+    server.stop_reading();
+    runtime.block_on(server.serve(Skimmer)).unwrap();
+    let got = calling.join().unwrap();
+    assert_eq!(got.unwrap(), 3);
+}

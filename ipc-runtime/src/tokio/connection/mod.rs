@@ -128,6 +128,9 @@ struct State {
     oneways_queued: u64,
     /// That task is running (it may outlive `oneways`, finishing what it has).
     oneway_task: bool,
+    /// Calls dispatched to a task and not yet done: they still look their service up, so the
+    /// services are not dropped before they are ([`serving`]'s `call_done`).
+    calls_running: usize,
     /// Tasks that ran a call and wait for the next, the most recently idle last.
     idle_runners: Vec<Arc<serving::Runner>>,
 }

@@ -54,11 +54,17 @@ impl Inner {
                 cost,
                 after: state.oneways_queued,
             };
+            // Counted until done, however its task ends (see `call_done`).
+            state.calls_running += 1;
             match state.idle_runners.pop() {
                 Some(runner) => runner.start(request),
                 None => {
                     let guard = self.tasks.enter();
-                    self.runtime.spawn(run_calls(self.clone(), request, guard));
+                    let first = FirstCall {
+                        inner: self.clone(),
+                        request: Some(request),
+                    };
+                    self.runtime.spawn(run_calls(first, guard));
                 }
             }
             return;
@@ -95,12 +101,25 @@ impl Inner {
         if oneway_task_ending {
             state.oneway_task = false;
         }
-        if state.closed.is_none() || state.oneway_task {
+        if state.closed.is_none() || state.oneway_task || state.calls_running > 0 {
             return;
         }
         drop(state);
         let services = std::mem::take(&mut *self.services.write());
         drop(services);
+    }
+
+    /// A call dispatched is done, or will never run (its task was dropped, the runtime shutting
+    /// down): the last one retires the services if the connection has ended. Calls read before
+    /// it ended still find their service (`stop_reading` lets them run).
+    fn call_done(&self) {
+        let mut state = self.lock();
+        state.calls_running -= 1;
+        let last = state.calls_running == 0 && state.closed.is_some();
+        drop(state);
+        if last {
+            self.retire_services(false);
+        }
     }
 
     /// Which service answers `envelope`, after the same checks as the blocking flavour.
@@ -135,11 +154,54 @@ struct Request {
 /// it costs a lock and a wake-up; spawning a task for each call cost a 128-byte-aligned
 /// allocation (glibc's `posix_memalign`, several hundred instructions), and tokio copies the
 /// call's future into and out of the new task.
-#[derive(Default)]
 pub(super) struct Runner {
     /// The call to run next; `None` when woken: the connection has ended.
     next: parking_lot::Mutex<Option<Request>>,
     wake: Notify,
+    /// The connection, for a call handed over that the task never takes (see `Drop`).
+    inner: std::sync::Weak<Inner>,
+}
+
+impl Drop for Runner {
+    /// A call handed over and never taken (the task dropped, the runtime shutting down) is
+    /// done all the same.
+    fn drop(&mut self) {
+        if self.next.get_mut().take().is_some()
+            && let Some(inner) = self.inner.upgrade()
+        {
+            inner.call_done();
+        }
+    }
+}
+
+/// The call a new [`run_calls`] task starts with: if the task is dropped before it runs (the
+/// runtime shutting down), the call is done all the same.
+struct FirstCall {
+    inner: Arc<Inner>,
+    request: Option<Request>,
+}
+
+impl Drop for FirstCall {
+    fn drop(&mut self) {
+        if self.request.is_some() {
+            self.inner.call_done();
+        }
+    }
+}
+
+/// The call a [`run_calls`] task is running: if the task is dropped in the middle of it (the
+/// runtime shutting down), the call is done all the same.
+struct CallRunning<'a> {
+    inner: &'a Inner,
+    done: bool,
+}
+
+impl Drop for CallRunning<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.inner.call_done();
+        }
+    }
 }
 
 impl Runner {
@@ -158,15 +220,33 @@ impl Runner {
 /// [`IDLE_RUNNERS`] others already wait. While idle it holds the connection weakly, like
 /// the oneway task: the connection is not kept open by its idle tasks, which
 /// [`Inner::fail`] wakes to end.
-async fn run_calls(inner: Arc<Inner>, first: Request, guard: TaskGuard) {
-    let runner = Arc::new(Runner::default());
+async fn run_calls(mut first: FirstCall, guard: TaskGuard) {
+    let mut request = first.request.take().expect("a first call");
+    let mut inner = first.inner.clone();
+    drop(first);
     let weak = Arc::downgrade(&inner);
-    let (mut inner, mut request) = (inner, first);
+    let runner = Arc::new(Runner {
+        next: parking_lot::Mutex::new(None),
+        wake: Notify::new(),
+        inner: weak.clone(),
+    });
     loop {
+        let mut running = CallRunning {
+            inner: &inner,
+            done: false,
+        };
         run_request(&inner, request).await;
+        running.done = true;
+        drop(running);
         {
             let mut state = inner.lock();
-            if state.closed.is_some() || state.idle_runners.len() >= IDLE_RUNNERS {
+            state.calls_running -= 1;
+            if state.closed.is_some() {
+                drop(state);
+                inner.retire_services(false); // if it was the last call: nothing looks them up
+                break;
+            }
+            if state.idle_runners.len() >= IDLE_RUNNERS {
                 break;
             }
             state.idle_runners.push(runner.clone());
