@@ -132,6 +132,12 @@ impl Error {
         matches!(self, Error::TooLarge { .. } | Error::TooManyFds { .. })
     }
 
+    /// Whether a receive that failed with this still took a whole message in, envelope
+    /// included: its fds were dropped, or it was over the limits (and read to its end).
+    pub(crate) fn came_whole(&self) -> bool {
+        matches!(self, Error::FdsDropped { .. }) || self.is_over_limits()
+    }
+
     /// A copy of this error for every caller a connection failure reaches.
     pub(crate) fn duplicate(&self) -> Error {
         match self {

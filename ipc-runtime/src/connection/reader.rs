@@ -154,10 +154,8 @@ impl Shared {
     #[inline]
     pub(super) fn receive(&self, frame: &mut Frame, deadline: Option<Instant>) -> Result<()> {
         let result = self.socket.recv_into(frame, deadline);
-        match &result {
-            Ok(()) | Err(Error::FdsDropped { .. }) => self.lane.on_message(&mut frame.payload),
-            Err(e) if e.is_over_limits() => self.lane.on_message(&mut frame.payload),
-            Err(_) => {}
+        if result.as_ref().is_ok() || result.as_ref().is_err_and(Error::came_whole) {
+            self.lane.on_message(&mut frame.payload);
         }
         result
     }
@@ -177,10 +175,7 @@ impl Shared {
         // size was read to its end with its envelope kept: either way the stream is in sync
         // and the envelope says whose it was, so only that message fails. Without an
         // envelope (a refused message interrupted by another), the connection ends.
-        let whole = match &result {
-            Ok(()) | Err(Error::FdsDropped { .. }) => true,
-            Err(e) => e.is_over_limits(),
-        };
+        let whole = result.as_ref().is_ok() || result.as_ref().is_err_and(Error::came_whole);
         let envelope = match whole.then(|| Envelope::read(&frame.payload).ok()).flatten() {
             Some(envelope) => envelope,
             None => {

@@ -247,7 +247,7 @@ impl Lane {
         let mut inbox = self.inbox.lock();
         if let Some(seq) = inbox.as_mut().and_then(Inbox::renew_taken) {
             self.inbox_taken.store(false, Ordering::Release);
-            self.record_done(seq, 0);
+            self.record_done(seq, 0, None);
         }
     }
 
@@ -269,14 +269,7 @@ impl Lane {
             return;
         }
         self.settle_inbox_if_taken(); // its acknowledgement comes first
-        let stamp = word & SEQ_MASK;
-        let _ = self
-            .consumed
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |last| {
-                let latest = (last >> 32) as u32 & SEQ_MASK == stamp;
-                (latest && newer(carried, last as u32 & SEQ_MASK))
-                    .then_some(last >> 32 << 32 | u64::from(carried | UNREAD))
-            });
+        self.record_done(carried, UNREAD, Some(word & SEQ_MASK));
     }
 
     /// Records placement `seq` as done with (`how`: 0 read, or [`UNREAD`]), unless it or a
@@ -287,14 +280,18 @@ impl Lane {
             return;
         }
         self.settle_inbox_if_taken(); // its acknowledgement comes first
-        self.record_done(seq, how);
+        self.record_done(seq, how, None);
     }
 
-    fn record_done(&self, seq: u32, how: u32) {
+    /// Records placement `seq` as done with (`how`), unless it or a newer one already is; with
+    /// a `stamp` ([`Lane::finished`]), only if no placement-carrying message came in since the
+    /// one stamped so, in the same compare-and-swap.
+    fn record_done(&self, seq: u32, how: u32, stamp: Option<u32>) {
         let _ = self
             .consumed
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |last| {
-                newer(seq, last as u32 & SEQ_MASK)
+                let latest = stamp.is_none_or(|s| (last >> 32) as u32 & SEQ_MASK == s);
+                (latest && newer(seq, last as u32 & SEQ_MASK))
                     .then_some(last >> 32 << 32 | u64::from(seq | how))
             });
     }
@@ -323,7 +320,7 @@ impl Lane {
     }
 
     /// Takes in the lane word of an envelope the peer sent.
-    pub(crate) fn on_word(&self, word: u32) {
+    fn on_word(&self, word: u32) {
         if word & READS_LANES == 0 {
             return;
         }

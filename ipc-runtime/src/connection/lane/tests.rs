@@ -27,8 +27,6 @@ fn a_new_placement_never_takes_the_number_the_peer_last_acknowledged() {
 #[test]
 fn a_stalled_write_into_the_peer_holds_up_no_other_call() {
     use crate::codec::{OutOfLine, Placement};
-    use crate::connection::envelope::{Envelope, Kind};
-    use crate::frame::Frame;
     use crate::peer_memory::{OneCopy, PeerMemory, set_one_copy};
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     use std::sync::Arc;
@@ -107,18 +105,7 @@ fn a_stalled_write_into_the_peer_holds_up_no_other_call() {
     let n = unsafe { libc::read(uffd.as_raw_fd(), fault.as_mut_ptr().cast(), fault.len()) };
     assert_eq!(n, 32);
     // The first call's failure reply arrives (its lane word acknowledged the placement).
-    let mut failure = Frame {
-        payload: vec![0; envelope::LEN],
-        fds: Vec::new(),
-    };
-    Envelope {
-        kind: Kind::Failure,
-        cmd: 1,
-        cookie: 1,
-        interface: 1,
-        signature: 0,
-    }
-    .write(&mut failure.payload);
+    let failure = failure_reply();
     let (tx, rx) = std::sync::mpsc::channel();
     let caller = {
         let lane = Arc::clone(&lane);
@@ -181,24 +168,11 @@ fn a_lap_of_placements() -> (Lane, Lane, u32, Vec<u8>) {
 #[test]
 fn a_failure_reply_a_lap_later_does_not_give_back_the_placement_of_its_number() {
     use crate::codec::OutOfLine;
-    use crate::connection::envelope::{Envelope, Kind};
-    use crate::frame::Frame;
     let (a, b, old, _) = a_lap_of_placements();
     let new = vec![2u8; 4096];
     let (placed, _) = place(&a, &new);
     assert_eq!(placed.seq, old, "a lap later");
-    let mut failure = Frame {
-        payload: vec![0; envelope::LEN],
-        fds: Vec::new(),
-    };
-    Envelope {
-        kind: Kind::Failure,
-        cmd: 1,
-        cookie: 1,
-        interface: 1,
-        signature: 0,
-    }
-    .write(&mut failure.payload);
+    let failure = failure_reply();
     a.after_reply(old, &failure); // the old call's failure
     let _ = a.put(&[3u8; 4096]); // the next string, if the lane were idle
     assert!(
@@ -217,14 +191,12 @@ fn a_message_finished_a_lap_later_does_not_give_back_the_placement_of_its_number
     use crate::codec::OutOfLine;
     let (a, b, old, _) = a_lap_of_placements();
     // The old request, whose string `b` read, taken in by `b`'s reader before the lap.
-    let mut request = vec![0u8; envelope::LEN];
-    envelope::set_lane(&mut request, READS_LANES | old << SEQ_BITS);
+    let mut request = carrying(old);
     b.on_message(&mut request);
     let new = vec![2u8; 4096];
     let (placed, _) = place(&a, &new);
     assert_eq!(placed.seq, old, "a lap later");
-    let mut newer_request = vec![0u8; envelope::LEN];
-    envelope::set_lane(&mut newer_request, READS_LANES | placed.seq << SEQ_BITS);
+    let mut newer_request = carrying(placed.seq);
     b.on_message(&mut newer_request);
     b.finished(&request); // the old handler ends
     a.on_word(b.word(0));
@@ -239,11 +211,34 @@ fn a_message_finished_a_lap_later_does_not_give_back_the_placement_of_its_number
     // A request refused unread (say), finished before anything else came in: its end gives
     // its placement back.
     let (refused, _) = place(&a, &[4u8; 4096]);
-    let mut refused_request = vec![0u8; envelope::LEN];
-    envelope::set_lane(&mut refused_request, READS_LANES | refused.seq << SEQ_BITS);
+    let mut refused_request = carrying(refused.seq);
     b.on_message(&mut refused_request);
     b.finished(&refused_request);
     assert_eq!(b.word(0) & (SEQ_MASK | UNREAD), refused.seq | UNREAD);
     a.on_word(b.word(0));
     assert!(!a.is_busy(), "the placement finished unread was given back");
+}
+
+/// A failure reply's frame (envelope only), as a call of interface 1 would receive it.
+fn failure_reply() -> crate::frame::Frame {
+    let mut payload = vec![0; envelope::LEN];
+    Envelope {
+        kind: Kind::Failure,
+        cmd: 1,
+        cookie: 1,
+        interface: 1,
+        signature: 0,
+    }
+    .write(&mut payload);
+    crate::frame::Frame {
+        payload,
+        fds: Vec::new(),
+    }
+}
+
+/// A message's payload (envelope only) whose lane word carries the peer's placement `seq`.
+fn carrying(seq: u32) -> Vec<u8> {
+    let mut payload = vec![0u8; envelope::LEN];
+    envelope::set_lane(&mut payload, READS_LANES | seq << SEQ_BITS);
+    payload
 }

@@ -120,7 +120,7 @@ impl Inner {
             // its size or whose fds were dropped still counts (as in the blocking flavour's
             // `receive`).
             Err(e) => {
-                if e.is_over_limits() || matches!(e, Error::FdsDropped { .. }) {
+                if e.came_whole() {
                     self.lane.on_message(&mut frame.payload);
                 }
                 self.lane.finished(&frame.payload);
