@@ -597,17 +597,9 @@ fn a_panicking_authorizer_refuses_the_request_and_the_connection_serves_on() {
     let _fds = fd_count_lock();
     runtime().block_on(async {
         let (a, b) = AsyncConnection::pair().unwrap();
-        let first_call = Arc::new(AtomicBool::new(true));
         let server = AsyncServer::new()
             .service(LabServer::new(LabImpl::new()))
-            .authorize(move |_, iface, cmd| {
-                let name = iface.method(cmd).map_or("?", |m| m.name);
-                let first = name == "caller_pid" && first_call.swap(false, Ordering::SeqCst);
-                if first || name == "count" {
-                    panic!("the authorizer's own bug ({name})");
-                }
-                Ok(())
-            });
+            .authorize(common::panicking_authorizer());
         let serving = tokio::spawn(server.serve(&b));
         drop(b);
         // (The timeout only keeps a regression from hanging: the answer comes at once.)

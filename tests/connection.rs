@@ -567,18 +567,10 @@ fn a_worker_killed_between_calls_fails_the_next_call_at_once() {
 fn a_panicking_authorizer_refuses_the_request_and_the_connection_serves_on() {
     let _fds = fd_count_lock();
     let (a, b) = Connection::pair().unwrap();
-    let first_call = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let server = Server::new()
         .service(LabServer::new(LabImpl::new()))
         .threads(2)
-        .authorize(move |_, iface, cmd| {
-            let name = iface.method(cmd).map_or("?", |m| m.name);
-            let first = name == "caller_pid" && first_call.swap(false, Ordering::SeqCst);
-            if first || name == "count" {
-                panic!("the authorizer's own bug ({name})");
-            }
-            Ok(())
-        });
+        .authorize(panicking_authorizer());
     let serving = std::thread::spawn(move || server.serve(&b));
     // (The timeout only keeps a regression from hanging: the answer comes at once.)
     let client = LabClient::new(a).with_timeout(Duration::from_secs(60));

@@ -255,3 +255,22 @@ pub fn check_survives_running_out_of_fds(
     // (another test counts fds next).
     for _ in lines.iter() {}
 }
+
+/// An authorizer with a bug of its own: it panics on the first `caller_pid` call it is asked
+/// about and on every `count`, and allows the rest.
+pub fn panicking_authorizer()
+-> impl Fn(Option<&typed_ipc::PeerCredentials>, &InterfaceInfo, u32) -> Result<(), String>
++ Send
++ Sync
++ 'static {
+    let first_call = std::sync::atomic::AtomicBool::new(true);
+    move |_, iface, cmd| {
+        let name = iface.method(cmd).map_or("?", |m| m.name);
+        let first =
+            name == "caller_pid" && first_call.swap(false, std::sync::atomic::Ordering::SeqCst);
+        if first || name == "count" {
+            panic!("the authorizer's own bug ({name})");
+        }
+        Ok(())
+    }
+}
