@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
@@ -274,4 +275,59 @@ fn a_value_hundreds_of_levels_deep_decodes() {
         depth += 1;
     }
     assert_eq!(depth, 300);
+}
+
+/// A hostile length for a sequence of values that take no bytes would run the decode as many
+/// times as it says, reading nothing (2^64 is forever): it is refused at once.
+#[test]
+fn a_sequence_of_zero_byte_values_longer_than_the_message_allows_is_refused() {
+    let bytes = u64::MAX.to_le_bytes();
+    let why = malformed(codec::decode::<Vec<()>>(&bytes, Vec::new()).unwrap_err());
+    assert!(
+        why.contains("announces 18446744073709551615 elements"),
+        "{why}"
+    );
+    // A map of them, as much.
+    let why = malformed(codec::decode::<BTreeMap<(), ()>>(&bytes, Vec::new()).unwrap_err());
+    assert!(why.contains("more than the message can hold"), "{why}");
+    // Inside a tuple, an enum variant and an option: the bound holds at any depth.
+    let mut bytes = vec![1u8]; // Some(
+    bytes.extend_from_slice(&0u32.to_le_bytes()); // Variant::Units(
+    bytes.extend_from_slice(&u64::MAX.to_le_bytes());
+    let why = malformed(codec::decode::<(Option<Variant>,)>(&bytes, Vec::new()).unwrap_err());
+    assert!(why.contains("more than the message can hold"), "{why}");
+}
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+enum Variant {
+    Units(Vec<()>),
+}
+
+/// The bound leaves honest zero-byte sequences room: a million units in an 8-byte message, and
+/// sequences of bytes-taking values as long as the message holds.
+#[test]
+fn honest_sequences_decode_up_to_the_bound() {
+    let units = vec![(); 1 << 20];
+    let (mut bytes, mut fds) = (Vec::new(), Vec::new());
+    codec::encode(&units, &mut bytes, &mut fds).unwrap();
+    assert_eq!(codec::decode::<Vec<()>>(&bytes, Vec::new()).unwrap(), units);
+    let why = malformed(
+        codec::decode::<Vec<()>>(&((1u64 << 20) + 9).to_le_bytes(), Vec::new()).unwrap_err(),
+    );
+    assert!(why.contains("more than the message can hold"), "{why}");
+
+    type Mixed = (Vec<Vec<u8>>, BTreeMap<u32, Variant>, Option<Vec<String>>);
+    let value: Mixed = (
+        (0..300).map(|i| vec![i as u8; i]).collect(),
+        (0..50)
+            .map(|i| (i, Variant::Units(vec![(); i as usize])))
+            .collect(),
+        Some(vec!["a".into(), String::new(), "ccc".into()]),
+    );
+    let (mut bytes, mut fds) = (Vec::new(), Vec::new());
+    codec::encode(&value, &mut bytes, &mut fds).unwrap();
+    assert_eq!(
+        codec::decode::<(_, _, _)>(&bytes, Vec::new()).unwrap(),
+        value
+    );
 }

@@ -17,6 +17,7 @@
 //! reference to a buffer of the receiver's that the store wrote the bytes into
 //! (`peer_memory.rs`).
 
+mod bounded;
 mod byte_strings;
 mod fd_carriers;
 #[cfg(test)]
@@ -32,6 +33,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::shared_bytes::SharedBytes;
+use bounded::{Bounded, Budget};
 
 pub(crate) use byte_strings::serialize_shared;
 pub use byte_strings::{Bytes, bytes};
@@ -317,7 +319,10 @@ fn encode_with<'a, T: Serialize + ?Sized>(
 /// Decodes a `T` from `bytes`, taking its fds from `fds`. Fds the value does not claim are
 /// closed. Bytes left over, an index out of range or used twice, or an fd claimed but
 /// missing are [`Error::Malformed`]; sizes announced in the bytes are checked against the
-/// bytes actually present before anything is allocated.
+/// bytes actually present before anything is allocated. A message's sequences and maps may
+/// announce as many elements, all told, as it has bytes, plus 2^20 for values that take no
+/// bytes (`Vec<()>`); more is `Malformed`, and serde preallocates for no more than the
+/// message can hold.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8], mut fds: Vec<OwnedFd>) -> Result<T> {
     decode_from(bytes, &mut fds)
 }
@@ -330,7 +335,12 @@ pub fn decode_from<T: DeserializeOwned>(bytes: &[u8], fds: &mut Vec<OwnedFd>) ->
             rest: &mut rest,
             base: stack_address(),
         };
-        let value = options().deserialize_from_custom(reader)?;
+        let budget = Budget::new(bytes.len());
+        let mut bincode = bincode::Deserializer::with_bincode_read(reader, options());
+        let value = T::deserialize(Bounded {
+            inner: &mut bincode,
+            budget: &budget,
+        })?;
         match rest.is_empty() {
             true => Ok(value),
             false => Err(Box::new(bincode::ErrorKind::Custom(format!(
