@@ -75,35 +75,56 @@ pub(crate) struct Demand {
     pub because: &'static str,
 }
 
-/// Checks a received fd against `demand` and returns its size, which the seals have fixed:
-/// the fd must be a regular file (a memfd) carrying the demanded seals, of at most `max_len`
-/// bytes. A refusal is an [`Error::Io`] of kind `InvalidInput` (or [`Error::TooLarge`]).
-pub(crate) fn checked_len(fd: &OwnedFd, demand: &Demand, max_len: usize) -> Result<usize> {
-    let refused = |why: String| {
-        Error::Io(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("not {}: {why}", demand.what),
-        ))
-    };
+/// Checks a received fd against `demand` and maps it read-only: the fd must be a regular file
+/// (a memfd) carrying the demanded seals, of at most `max_len` bytes (a size the seals have
+/// fixed), and open for reading unless it is empty (nothing is mapped then). A refusal is an
+/// [`Error::Io`] of kind `InvalidInput` (or [`Error::TooLarge`]).
+pub(crate) fn map_received(fd: &OwnedFd, demand: &Demand, max_len: usize) -> Result<Mapping> {
+    let len = checked_len(fd, demand, max_len)?;
+    Mapping::new(fd, len, Access::Read).map_err(|e| match e {
+        // Sealed and a memfd, but opened write-only (reopened through /proc): as unreadable
+        // as any other fd that is not a buffer, so refused alike, not a permission failure.
+        Error::Io(e) if e.raw_os_error() == Some(libc::EACCES) => {
+            refused(demand, "the fd is not open for reading".into())
+        }
+        e => e,
+    })
+}
+
+/// The refusal of a received fd that is not what `demand` asks for.
+#[cold]
+fn refused(demand: &Demand, why: String) -> Error {
+    Error::Io(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("not {}: {why}", demand.what),
+    ))
+}
+
+/// The size of a received fd that meets `demand` (see [`map_received`]).
+fn checked_len(fd: &OwnedFd, demand: &Demand, max_len: usize) -> Result<usize> {
+    let refuse = |why: String| refused(demand, why);
     let seals = match fcntl(fd, FcntlArg::F_GET_SEALS) {
         Ok(bits) => SealFlag::from_bits_retain(bits),
         Err(Errno::EINVAL) => {
-            return Err(refused(format!(
+            return Err(refuse(format!(
                 "the fd cannot be sealed (not a memfd), so {}",
                 demand.because
             )));
         }
+        // The only other failure of F_GET_SEALS on an open fd: an O_PATH fd, which cannot be
+        // read or mapped either.
+        Err(Errno::EBADF) => return Err(refuse("the fd is not open for reading".into())),
         Err(e) => return Err(e.into()),
     };
     if !seals.contains(demand.all) {
-        return Err(refused(format!(
+        return Err(refuse(format!(
             "the memfd lacks the seals {:?}, so {}",
             demand.all.difference(seals),
             demand.because
         )));
     }
     if !demand.any.is_empty() && !seals.intersects(demand.any) {
-        return Err(refused(format!(
+        return Err(refuse(format!(
             "the memfd has none of the seals {:?}, so {}",
             demand.any, demand.because
         )));
@@ -111,7 +132,7 @@ pub(crate) fn checked_len(fd: &OwnedFd, demand: &Demand, max_len: usize) -> Resu
     // Sealed against shrinking and growing: the size read now is the size for good.
     let stat = fstat(fd)?;
     if SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
-        return Err(refused("the fd is not a regular file".into()));
+        return Err(refuse("the fd is not a regular file".into()));
     }
     let limit = max_len.min(isize::MAX as usize);
     usize::try_from(stat.st_size)

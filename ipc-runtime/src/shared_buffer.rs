@@ -54,7 +54,7 @@ use nix::fcntl::SealFlag;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::{Error, Result};
-use crate::memfd::{Access, Demand, Mapping, add_seals, checked_len, new_memfd};
+use crate::memfd::{Access, Demand, Mapping, add_seals, map_received, new_memfd};
 
 /// The seals a receiver requires before it reads a buffer in place.
 const REQUIRED: SealFlag = SealFlag::F_SEAL_WRITE
@@ -194,8 +194,7 @@ impl SealedBuffer {
 
     /// [`SealedBuffer::from_fd`] with another size limit.
     pub fn from_fd_with_limit(fd: OwnedFd, max_len: usize) -> Result<SealedBuffer> {
-        let len = checked_len(&fd, &DEMAND, max_len)?;
-        let map = Mapping::new(&fd, len, Access::Read)?;
+        let map = map_received(&fd, &DEMAND, max_len)?;
         Ok(SealedBuffer { fd, map })
     }
 

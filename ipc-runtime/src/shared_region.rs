@@ -61,7 +61,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::bulk_copy::copy_racy;
 use crate::error::{Error, Result};
-use crate::memfd::{Access, Demand, Mapping, add_seals, checked_len, new_memfd};
+use crate::memfd::{Access, Demand, Mapping, add_seals, map_received, new_memfd};
 
 /// The seals [`SharedRegion::new`] applies once its writable mapping exists.
 const APPLIED: SealFlag = SealFlag::F_SEAL_FUTURE_WRITE
@@ -177,8 +177,7 @@ impl RegionView {
 
     /// [`RegionView::from_fd`] with another size limit.
     pub fn from_fd_with_limit(fd: OwnedFd, max_len: usize) -> Result<RegionView> {
-        let len = checked_len(&fd, &DEMAND, max_len)?;
-        let map = Mapping::new(&fd, len, Access::Read)?;
+        let map = map_received(&fd, &DEMAND, max_len)?;
         Ok(RegionView { fd, map })
     }
 

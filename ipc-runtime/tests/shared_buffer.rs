@@ -274,3 +274,27 @@ fn buffers_are_send_and_sync() {
     });
     assert_eq!(sum, pattern(10_000).iter().map(|&b| u64::from(b)).sum());
 }
+
+#[test]
+fn fds_that_cannot_be_read_are_refused() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _guard = lock();
+    let buf = filled(b"sealed");
+    let path = format!("/proc/self/fd/{}", buf.as_fd().as_raw_fd());
+    // A sealed memfd reopened as O_PATH: no fcntl but F_GETFD/F_GETFL works on it.
+    let o_path: OwnedFd = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH)
+        .open(&path)
+        .unwrap()
+        .into();
+    refusal(SealedBuffer::from_fd(o_path));
+    // Reopened write-only: sealed and a memfd, yet it cannot be mapped for reading.
+    let write_only: OwnedFd = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .into();
+    refusal(SealedBuffer::from_fd(write_only));
+}
