@@ -87,20 +87,22 @@ impl SharedBytes {
     /// If the range is out of bounds or decreasing, as slicing a `[u8]` would.
     pub fn slice(&self, range: impl RangeBounds<usize>) -> SharedBytes {
         let len = self.end - self.start;
+        // Checked: a bound of `usize::MAX` would wrap past it (to 0 in a release build, where
+        // `..=usize::MAX` would slice nothing and `(Excluded(usize::MAX), ..)` everything).
         let start = match range.start_bound() {
-            Bound::Included(&i) => i,
-            Bound::Excluded(&i) => i + 1,
-            Bound::Unbounded => 0,
+            Bound::Included(&i) => Some(i),
+            Bound::Excluded(&i) => i.checked_add(1),
+            Bound::Unbounded => Some(0),
         };
         let end = match range.end_bound() {
-            Bound::Included(&i) => i + 1,
-            Bound::Excluded(&i) => i,
-            Bound::Unbounded => len,
+            Bound::Included(&i) => i.checked_add(1),
+            Bound::Excluded(&i) => Some(i),
+            Bound::Unbounded => Some(len),
         };
-        assert!(
-            start <= end && end <= len,
-            "range {start}..{end} out of bounds of {len} shared bytes"
-        );
+        let (start, end) = match (start, end) {
+            (Some(start), Some(end)) if start <= end && end <= len => (start, end),
+            _ => out_of_bounds(range.start_bound(), range.end_bound(), len),
+        };
         SharedBytes {
             owner: self.owner.clone(),
             start: self.start + start,
@@ -118,6 +120,13 @@ impl SharedBytes {
             owner => owner.all()[self.start..self.end].to_vec(),
         }
     }
+}
+
+/// The panic of [`SharedBytes::slice`] for a range outside the bytes.
+#[cold]
+#[track_caller]
+fn out_of_bounds(start: Bound<&usize>, end: Bound<&usize>, len: usize) -> ! {
+    panic!("range ({start:?}, {end:?}) out of bounds of {len} shared bytes")
 }
 
 impl From<Vec<u8>> for SharedBytes {
@@ -250,6 +259,27 @@ mod tests {
         assert!(std::panic::catch_unwind(|| mid.slice(5..11)).is_err());
         let (start, end) = (6, 5);
         assert!(std::panic::catch_unwind(|| mid.slice(start..end)).is_err());
+    }
+
+    #[test]
+    fn bounds_at_usize_max_are_out_of_bounds() {
+        let bytes = SharedBytes::from(vec![1u8, 2, 3]);
+        let ranges = [
+            (Bound::Excluded(usize::MAX), Bound::Unbounded),
+            (Bound::Included(0), Bound::Included(usize::MAX)),
+            (Bound::Excluded(usize::MAX), Bound::Included(usize::MAX)),
+        ];
+        for range in ranges {
+            let Err(panic) = std::panic::catch_unwind(|| bytes.slice(range)) else {
+                panic!("{range:?} sliced 3 bytes");
+            };
+            let message = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or(panic.downcast_ref::<&str>().copied())
+                .unwrap_or_default();
+            assert!(message.contains("out of bounds"), "{range:?}: {message}");
+        }
     }
 
     #[test]
