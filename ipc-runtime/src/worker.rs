@@ -40,8 +40,10 @@ pub const ENV: &str = "TYPED_IPC_FD";
 
 /// A child process started with [`Worker::spawn`], connected to this one.
 ///
-/// The child inherits exactly one extra fd, its end of the connection (at fd 3); every other
-/// fd of this process stays close-on-exec. Dropping a `Worker` kills the child and reaps it,
+/// The child inherits exactly one extra fd, its end of the connection (at fd 3): every other
+/// fd above 2 is made close-on-exec in the child before the exec, even one this process left
+/// inheritable (an fd it inherited itself, or one a library opened without `O_CLOEXEC`), so
+/// fds go to the worker only over the connection. Dropping a `Worker` kills the child and reaps it,
 /// so no zombie is left behind; call [`Worker::wait`] to let it finish instead. Keep it
 /// while you use the connection: `let (_, connection) = Worker::spawn(command)?` drops it,
 /// and kills the child, at once.
@@ -90,10 +92,12 @@ impl Worker {
         // The child's fd 3 is the same open socket, so it has the same inode there.
         let inode = fstat(&theirs)?.st_ino;
         command.env(ENV, format!("{CHILD_FD}:{inode}"));
-        // SAFETY: the closure runs in the child between fork and exec and only calls dup2 and
-        // fcntl, which are async-signal-safe.
+        // SAFETY: the closure runs in the child between fork and exec and only makes system
+        // calls (close_range or getrlimit and fcntl, dup2), which are async-signal-safe.
         unsafe {
             command.pre_exec(move || {
+                // Whatever this process left inheritable stays here.
+                cloexec_above(CHILD_FD)?;
                 if raw == CHILD_FD {
                     // Already in place: only clear close-on-exec.
                     if libc::fcntl(raw, libc::F_SETFD, 0) == -1 {
@@ -163,6 +167,39 @@ impl Drop for Worker {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Makes every open fd above `fd` close-on-exec. Runs in a forked child before exec, so it
+/// only makes async-signal-safe system calls and does not allocate.
+fn cloexec_above(fd: RawFd) -> io::Result<()> {
+    let first = (fd + 1) as libc::c_uint;
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets a flag on this process's fds.
+    let marked = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if marked == 0 {
+        return Ok(());
+    }
+    // Kernels before 5.11 lack the flag: mark the fds one by one, up to the limit on them.
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the limit into `limit`, which is valid for writes.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    let end = RawFd::try_from(limit.rlim_cur).unwrap_or(RawFd::MAX);
+    for fd in fd + 1..end {
+        // SAFETY: F_SETFD only sets the flag of `fd`, or fails with EBADF if it is not open.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    Ok(())
 }
 
 fn exit_of(status: ExitStatus) -> Exit {

@@ -145,3 +145,68 @@ fn child_not_a_worker() {
     assert!(std::env::var_os(ENV).is_some());
     assert!(worker::connection().is_err());
 }
+
+/// The variable that tells `child_reporting_inherited_fds` which file to look for:
+/// `<device>:<inode>`.
+const LEAKY: &str = "TYPED_IPC_TEST_LEAKY";
+
+#[test]
+fn a_worker_inherits_no_fd_of_its_parent_but_its_connection() {
+    // An fd of this process that is not close-on-exec, as a C library, another thread, or
+    // this process's own parent may leave it: the worker must not get it all the same. It is
+    // a copy of a close-on-exec memfd, so its number is above 3, where the worker's
+    // connection goes.
+    let file =
+        nix::sys::memfd::memfd_create("leaky", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap();
+    let leaky = nix::unistd::dup(&file).unwrap();
+    let stat = fstat(&leaky).unwrap();
+    let mut command = child("child_reporting_inherited_fds");
+    command.env(LEAKY, format!("{}:{}", stat.st_dev, stat.st_ino));
+    let (mut child, socket) = Worker::spawn_socket(command).unwrap();
+    let report = socket.recv();
+    assert_eq!(child.wait().unwrap(), Exit::Code(0));
+    drop(leaky);
+    assert_eq!(
+        String::from_utf8_lossy(&report.unwrap().payload),
+        "no fd of the parent's",
+        "the worker inherited an fd besides its connection"
+    );
+}
+
+/// The worker of `a_worker_inherits_no_fd_of_its_parent_but_its_connection`: reports which of
+/// its fds, if any, is the parent's file that [`LEAKY`] names.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_reporting_inherited_fds() {
+    let socket = worker::socket().unwrap();
+    let leaky = std::env::var(LEAKY).unwrap();
+    let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .map(|entry| {
+            entry
+                .unwrap()
+                .file_name()
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    let found: Vec<i32> = fds
+        .into_iter()
+        .filter(|&fd| {
+            // SAFETY: `libc::stat` is plain integers, for which all zeroes is a valid value.
+            let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+            // SAFETY: fstat only reads what `fd` is, if it is open (the directory listing's
+            // own fd no longer is: it fails with EBADF), into `stat`, valid for writes.
+            let open = unsafe { libc::fstat(fd, &mut stat) } == 0;
+            open && format!("{}:{}", stat.st_dev, stat.st_ino) == leaky
+        })
+        .collect();
+    let report = if found.is_empty() {
+        "no fd of the parent's".to_string()
+    } else {
+        format!("the parent's file at fds {found:?}")
+    };
+    socket.send(report.as_bytes(), &[]).unwrap();
+}
