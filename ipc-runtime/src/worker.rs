@@ -87,7 +87,10 @@ impl Worker {
     /// [`socket`] yields the other side.
     pub fn spawn_socket(mut command: Command) -> Result<(Worker, Socket)> {
         let (ours, theirs) = Socket::pair()?;
-        let theirs = OwnedFd::from(theirs);
+        let mut theirs = OwnedFd::from(theirs);
+        if theirs.as_raw_fd() < CHILD_FD {
+            theirs = above_stdio(&theirs)?;
+        }
         let raw = theirs.as_raw_fd();
         // The child's fd 3 is the same open socket, so it has the same inode there.
         let inode = fstat(&theirs)?.st_ino;
@@ -167,6 +170,16 @@ impl Drop for Worker {
             let _ = self.child.wait();
         }
     }
+}
+
+/// A copy of `fd` numbered 3 or above: in a process that had closed a standard stream, the
+/// socket can land on its number, where the child's stdio setup, which comes before
+/// [`CommandExt::pre_exec`], would replace it (with `/dev/null`, say) before it reached fd 3.
+#[cold]
+fn above_stdio(fd: &OwnedFd) -> io::Result<OwnedFd> {
+    let raw = fcntl(fd, FcntlArg::F_DUPFD_CLOEXEC(CHILD_FD))?;
+    // SAFETY: F_DUPFD_CLOEXEC returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
 /// Makes every open fd above `fd` close-on-exec. Runs in a forked child before exec, so it

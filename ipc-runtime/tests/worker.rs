@@ -210,3 +210,32 @@ fn child_reporting_inherited_fds() {
     };
     socket.send(report.as_bytes(), &[]).unwrap();
 }
+
+#[test]
+fn a_parent_without_stdin_and_stdout_hands_its_worker_the_socket() {
+    let status = child("child_without_stdin_and_stdout").status().unwrap();
+    assert!(status.success(), "its worker did not get its connection");
+}
+
+/// A process with fds 0 and 1 closed, so that its socket pairs land there, starting a worker
+/// whose stdout is `/dev/null` (as [`child`] makes it): the worker still gets the socket.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_without_stdin_and_stdout() {
+    for fd in [0, 1] {
+        // SAFETY: nothing in this process owns fds 0 and 1 but its standard streams, which
+        // this test does not use, and which take a closed fd as a stream gone.
+        assert_eq!(unsafe { libc::close(fd) }, 0);
+    }
+    let (mut worker, socket) = Worker::spawn_socket(child("child_taking_its_socket")).unwrap();
+    let verdict = socket.recv();
+    assert_eq!(worker.wait().unwrap(), Exit::Code(0));
+    assert_eq!(verdict.unwrap().payload, b"ok");
+}
+
+/// A worker that takes its socket and says so.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_taking_its_socket() {
+    worker::socket().unwrap().send(b"ok", &[]).unwrap();
+}
