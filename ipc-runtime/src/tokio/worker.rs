@@ -29,7 +29,10 @@ pub fn spawn(command: Command) -> Result<(Worker, AsyncConnection)> {
 /// ([`AsyncConnection::accept_writes_from_peer`]).
 pub fn connection() -> Result<AsyncConnection> {
     let connection = AsyncConnection::new(crate::worker::socket()?)?;
-    connection.accept_writes_from_peer()?;
+    // The socket is taken for good by now, so a worker that cannot accept writes (a sandbox
+    // that refuses `getrandom`, say) still gets its connection, on the shared region, as a
+    // blocking one does; an error here would lose the connection.
+    let _ = connection.accept_writes_from_peer();
     Ok(connection)
 }
 
