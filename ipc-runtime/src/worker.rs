@@ -131,12 +131,29 @@ impl Worker {
         self.child.id()
     }
 
-    /// Sends `SIGKILL`. Harmless if the child has already exited.
+    /// Sends `SIGKILL`. Harmless if the child has already exited, even if something else in
+    /// this process has reaped it (`SIGCHLD` ignored, or a `waitpid(-1)`): where the kernel
+    /// has pidfds, the signal goes through the child's pidfd, which cannot reach another
+    /// process that took its pid since.
     pub fn kill(&mut self) -> Result<()> {
         if self.status.is_none() {
-            self.child.kill()?;
+            self.send_kill()?;
         }
         Ok(())
+    }
+
+    /// `SIGKILL` for the child, through its pidfd if it has one; a child already gone is no
+    /// error.
+    fn send_kill(&mut self) -> io::Result<()> {
+        let sent = match &self.pidfd {
+            Some(pidfd) => pidfd_kill(pidfd.as_fd()),
+            // Without a pidfd there is only the pid, which the child may no longer own.
+            None => self.child.kill(),
+        };
+        match sent {
+            Err(error) if error.raw_os_error() == Some(libc::ESRCH) => Ok(()),
+            sent => sent,
+        }
     }
 
     /// Waits for the child to end and says how it ended.
@@ -165,9 +182,17 @@ impl Worker {
 
 impl Drop for Worker {
     fn drop(&mut self) {
-        if self.status.is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+        // A child the kill missed may still be running: waiting for it could hang.
+        if self.status.is_none() && self.send_kill().is_ok() {
+            // Fails at once (ECHILD) if the child was reaped elsewhere; nothing left to do.
+            let reaped = match &self.pidfd {
+                Some(pidfd) => pidfd_reap(pidfd.as_fd()),
+                None => self.child.wait().map(drop),
+            };
+            if reaped.is_err_and(|error| error.raw_os_error() == Some(libc::EINVAL)) {
+                // A kernel with pidfds but without waitid(P_PIDFD) (Linux 5.3).
+                let _ = self.child.wait();
+            }
         }
     }
 }
@@ -228,6 +253,52 @@ fn pidfd_open(pid: u32) -> Option<OwnedFd> {
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
     // SAFETY: a non-negative return is a new close-on-exec fd that nothing else owns.
     (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Sends `SIGKILL` to the process `pidfd` refers to; fails with `ESRCH` if it is gone.
+fn pidfd_kill(pidfd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: pidfd_send_signal takes an fd, a signal number, a null siginfo (the kernel
+    // fills in its own) and flags; it reads no memory of this process.
+    let sent = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0 as libc::c_uint,
+        )
+    };
+    if sent == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Waits for the process `pidfd` refers to, a child of this one, to end, and reaps it. Unlike
+/// a wait by pid, it cannot reap another child that took the pid after something else in this
+/// process reaped this one: it fails with `ECHILD` instead.
+fn pidfd_reap(pidfd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: `siginfo_t` is plain data, for which all zeroes is a valid value.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: waitid writes only into `info`, which is valid for writes.
+        let waited = unsafe {
+            libc::waitid(
+                libc::P_PIDFD,
+                pidfd.as_raw_fd() as libc::id_t,
+                &mut info,
+                libc::WEXITED,
+            )
+        };
+        if waited == 0 {
+            return Ok(());
+        }
+        let error = io::Error::last_os_error();
+        if error.kind() != io::ErrorKind::Interrupted {
+            return Err(error);
+        }
+    }
 }
 
 /// In a process started by [`Worker::spawn`]: this side of the connection. Call it once;

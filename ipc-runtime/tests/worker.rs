@@ -12,6 +12,7 @@ use std::process::Command;
 use common::*;
 use ipc_runtime::worker::{self, ENV, Exit, Worker};
 use nix::fcntl::OFlag;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
 use nix::sys::stat::fstat;
 
@@ -305,4 +306,32 @@ fn child_async_without_getrandom() {
     runtime.block_on(async {
         ipc_runtime::tokio::worker::connection().unwrap();
     });
+}
+
+#[test]
+fn killing_a_worker_the_kernel_has_reaped_is_harmless() {
+    let status = child("child_killing_its_reaped_worker").status().unwrap();
+    assert!(status.success(), "killing a reaped worker failed or hung");
+}
+
+/// A process that ignores `SIGCHLD`, so the kernel reaps its children as they exit (a
+/// process-wide setting, hence a process of its own): killing a worker that has exited, and
+/// dropping it, succeed.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_killing_its_reaped_worker() {
+    // SAFETY: setting a disposition takes plain integers; ignoring SIGCHLD only changes how
+    // this process's children are reaped, and this process runs nothing but this test.
+    assert_ne!(
+        unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) },
+        libc::SIG_ERR
+    );
+    let (mut worker, _socket) = Worker::spawn_socket(child("child_taking_its_socket")).unwrap();
+    let pidfd = worker.pidfd().expect("this kernel has pidfds");
+    // Readable once the worker has exited, and with SIGCHLD ignored, been reaped: its pid is
+    // free for another process to take.
+    let mut fds = [PollFd::new(pidfd, PollFlags::POLLIN)];
+    assert_eq!(poll(&mut fds, PollTimeout::NONE).unwrap(), 1);
+    worker.kill().unwrap();
+    drop(worker);
 }
