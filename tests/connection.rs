@@ -391,6 +391,90 @@ fn child_serves_at_a_low_fd_limit() {
     serving.shutdown();
 }
 
+/// The stack each thread of the child of
+/// `a_listener_out_of_threads_says_so_and_accepts_again_once_it_can_start_them` asks for: so
+/// large that its address-space limit leaves room for one more thread, not two.
+const HUGE_STACK: u64 = 256 << 20;
+
+#[test]
+fn a_listener_out_of_threads_says_so_and_accepts_again_once_it_can_start_them() {
+    use std::io::Write;
+    let _fds = fd_count_lock();
+    let name = format!("typed-ipc-out-of-threads-{}", std::process::id());
+    let mut server = child("child_serves_two_threads_a_client_at_a_low_memory_limit")
+        .env("TYPED_IPC_TEST_LISTENER", &name)
+        .env("RUST_MIN_STACK", HUGE_STACK.to_string())
+        // One arena for all threads: a thread's own would take address space of its own.
+        .env("MALLOC_ARENA_MAX", "1")
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = stderr_lines(&mut server);
+    wait_for_line(&lines, "listening", HANG_GUARD);
+    // The child has room for this client's first thread, not its second. Serving used to
+    // start the second with `std::thread::spawn`, which panicked on the client's thread
+    // (and the child, whose panics abort as a `panic = "abort"` build's do, died).
+    let first = Connection::connect_abstract(&name).unwrap();
+    wait_for_line(&lines, "cannot start a thread for a client", HANG_GUARD);
+    drop(first);
+    let mut stdin = server.stdin.take().unwrap();
+    stdin.write_all(b"room\n").unwrap(); // the child's cue to lift its limit
+    wait_for_line(&lines, "unlimited", HANG_GUARD);
+    let fresh =
+        LabClient::new(Connection::connect_abstract(&name).unwrap()).with_timeout(HANG_GUARD);
+    assert_eq!(fresh.caller_pid().unwrap(), std::process::id() as i32);
+    drop(fresh);
+    wait_for_line(&lines, "accepts clients again", HANG_GUARD);
+    drop(stdin); // the child's cue to shut down
+    assert!(server.wait().unwrap().success());
+    // Until the thread reading the child's stderr has closed its end of the pipe.
+    for _ in lines.iter() {}
+}
+
+/// The child of `a_listener_out_of_threads_says_so_and_accepts_again_once_it_can_start_them`:
+/// serves `Lab` with two threads a client on the listener the parent names, with address
+/// space for one more thread of [`HUGE_STACK`] only, until a line on its stdin lifts that
+/// limit; shuts down when its stdin ends. Any panic aborts it.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_serves_two_threads_a_client_at_a_low_memory_limit() {
+    use nix::sys::resource::{Resource, setrlimit};
+    use std::io::BufRead;
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("child panicked: {info}");
+        std::process::abort();
+    }));
+    let name = std::env::var("TYPED_IPC_TEST_LISTENER").unwrap();
+    let serving = Server::new()
+        .service(LabServer::new(LabImpl::new()))
+        .threads(2)
+        .listen(Listener::bind_abstract(&name).unwrap())
+        .unwrap();
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let vm_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmSize:"))
+        .and_then(|v| v.trim().strip_suffix("kB")?.trim().parse().ok())
+        .unwrap();
+    let limit = vm_kib * 1024 + HUGE_STACK + HUGE_STACK / 2;
+    setrlimit(Resource::RLIMIT_AS, limit, libc::RLIM_INFINITY).unwrap();
+    eprintln!("listening");
+    let mut stdin = std::io::stdin().lock();
+    let mut line = String::new();
+    stdin.read_line(&mut line).unwrap();
+    setrlimit(
+        Resource::RLIMIT_AS,
+        libc::RLIM_INFINITY,
+        libc::RLIM_INFINITY,
+    )
+    .unwrap();
+    eprintln!("unlimited");
+    while stdin.read_line(&mut line).unwrap() > 0 {}
+    serving.accepting().unwrap();
+    serving.shutdown();
+}
+
 #[test]
 fn a_listener_that_fails_for_good_says_why_and_serves_its_clients_on() {
     let _fds = fd_count_lock();

@@ -122,13 +122,39 @@ impl Server {
     }
 
     /// Serves `connection` until the peer hangs up, on this thread plus `threads - 1` more.
-    /// Returns `Ok(())` on a clean close.
+    /// Returns `Ok(())` on a clean close. If a thread cannot be started, returns that error
+    /// without serving anything (the connection stays open).
     pub fn serve(&self, connection: &Connection) -> Result<()> {
-        self.install(connection);
-        let helpers: Vec<_> = (1..self.threads)
+        let helpers = self.start_helpers(connection)?;
+        self.run(connection, helpers)
+    }
+
+    /// Starts the `threads - 1` threads that serve `connection` beside the one that calls
+    /// [`Server::run`]; each waits for its go-ahead there. Starting them all before any serves
+    /// lets a failure to start one (for want of memory or threads) be an error, not a panic
+    /// on a connection half served: the ones started already end without serving.
+    fn start_helpers(&self, connection: &Connection) -> io::Result<Vec<Helper>> {
+        (1..self.threads)
             .map(|_| {
+                let (go, told) = mpsc::channel::<()>();
                 let connection = connection.clone();
-                std::thread::spawn(move || connection.run())
+                let thread = std::thread::Builder::new().spawn(move || match told.recv() {
+                    Ok(()) => connection.run(),
+                    Err(_) => Ok(()), // `go` dropped: serving never started
+                })?;
+                Ok(Helper { go, thread })
+            })
+            .collect()
+    }
+
+    /// Serves `connection` on this thread and on `helpers` until the peer hangs up.
+    fn run(&self, connection: &Connection, helpers: Vec<Helper>) -> Result<()> {
+        self.install(connection);
+        let helpers: Vec<_> = helpers
+            .into_iter()
+            .map(|helper| {
+                let _ = helper.go.send(());
+                helper.thread
             })
             .collect();
         let mut result = connection.run();
@@ -233,10 +259,12 @@ impl Server {
         }
     }
 
-    /// Serves `connection` on a thread of its own.
+    /// Serves `connection` on threads of its own, all started here so that a failure to
+    /// start one is the acceptor's to report and wait out.
     fn spawn_client(&self, connection: Connection) -> std::io::Result<Client> {
+        let helpers = self.start_helpers(&connection)?;
         let (server, serving) = (self.clone(), connection.clone());
-        let thread = std::thread::Builder::new().spawn(move || server.serve(&serving))?;
+        let thread = std::thread::Builder::new().spawn(move || server.run(&serving, helpers))?;
         Ok(Client { connection, thread })
     }
 
@@ -251,6 +279,12 @@ impl Server {
             connection.add_service(service.clone());
         }
     }
+}
+
+/// A thread started to serve a connection, waiting for `go` before it does.
+struct Helper {
+    go: Sender<()>,
+    thread: JoinHandle<Result<()>>,
 }
 
 struct Client {
