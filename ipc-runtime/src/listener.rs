@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use nix::sys::socket::{self as ns, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::socket::Socket;
 
 /// A listening `SOCK_SEQPACKET` socket.
@@ -111,9 +111,18 @@ fn new_socket() -> Result<OwnedFd> {
     )?)
 }
 
-/// A socket file nobody listens on: connecting to it is refused.
+/// A socket file nobody listens on: connecting to it is refused. The probe does not block: a
+/// live listener whose queue is full would keep a blocking connect waiting (`EAGAIN` here).
 fn is_stale(path: &Path) -> bool {
     let is_socket = fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
-    is_socket
-        && matches!(Socket::connect(path), Err(Error::Io(e)) if e.raw_os_error() == Some(libc::ECONNREFUSED))
+    let refused = || -> Result<bool> {
+        let probe = ns::socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )?;
+        Ok(ns::connect(probe.as_raw_fd(), &UnixAddr::new(path)?) == Err(nix::Error::ECONNREFUSED))
+    };
+    is_socket && refused().unwrap_or(false)
 }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::Duration;
 
 use common::*;
@@ -306,6 +306,46 @@ fn listeners_on_paths_and_abstract_names() {
     let client = Socket::connect_abstract(&name).unwrap();
     round_trip(&client, &listener.accept().unwrap(), 10, 2);
 }
+
+#[test]
+fn a_live_listener_whose_queue_is_full_is_not_replaced_and_not_waited_for() {
+    use nix::sys::socket::{AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+    use nix::sys::socket::{bind, listen, socket};
+    let _fds = fd_count_lock();
+    let dir = std::env::temp_dir().join(format!("typed-ipc-test-full-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("sock");
+    // A live listener that accepts nobody yet, whose queue one client fills.
+    let live = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    bind(live.as_raw_fd(), &UnixAddr::new(&path).unwrap()).unwrap();
+    listen(&live, Backlog::new(0).unwrap()).unwrap();
+    let _queued = Socket::connect(&path).unwrap();
+    // Telling it from a stale file used to connect and wait for room in its queue: for good.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let bound = {
+        let path = path.clone();
+        std::thread::spawn(move || tx.send(Listener::bind(&path).map(drop)).unwrap())
+    };
+    let outcome = rx
+        .recv_timeout(HANG_GUARD)
+        .expect("bind waited for the live listener");
+    bound.join().unwrap();
+    assert!(
+        matches!(&outcome, Err(Error::Io(e)) if e.kind() == std::io::ErrorKind::AddrInUse),
+        "{outcome:?}"
+    );
+    drop(live);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Only guards against a hang: a test that waits this long has failed anyway.
+const HANG_GUARD: Duration = Duration::from_secs(60);
 
 /// Leaves a socket file that nobody listens on, as a process that died would.
 fn stale_socket_file(path: &std::path::Path) {
