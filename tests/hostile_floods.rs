@@ -432,6 +432,65 @@ fn async_shutdown_returns_although_a_client_does_not_read_its_reply() {
     assert_eq!(common::open_fds(), before);
 }
 
+/// `AsyncServing::shutdown` took the clients out of the `AsyncServing` before it waited for
+/// their calls: a shutdown future dropped meanwhile (under `tokio::time::timeout`, in a
+/// `select!`) left the `AsyncServing`'s drop no client to hang up on, so a client that does
+/// not read its reply kept its connection, and the server its task, for good. Now every
+/// client the dropped shutdown had not finished with is hung up on at once.
+#[cfg(feature = "tokio")]
+#[test]
+fn a_dropped_async_shutdown_hangs_up_on_the_clients_it_had_not_finished_with() {
+    use std::future::Future;
+    use std::task::Poll;
+    use typed_ipc::tokio::{AsyncListener, AsyncServer};
+    let _fds = common::fd_count_lock();
+    let runtime = common::two_worker_runtime();
+    let name = format!("typed-ipc-async-dropped-shutdown-{}", std::process::id());
+    let serving = {
+        let _entered = runtime.enter();
+        AsyncServer::new()
+            .service(asynchronous::FloodServer::new(Async))
+            // The shutdown must still be waiting for the client that does not read when it
+            // is dropped.
+            .shutdown_stall_limit(Duration::from_secs(3600))
+            .listen(AsyncListener::bind_abstract(&name).unwrap())
+    };
+    // A client served (its call answered) whose sends fail once the shutdown has taken the
+    // clients and stopped reading from them: it tells when that has happened.
+    let probe = Socket::connect_abstract(&name).unwrap();
+    let mut call = envelope(1, 1, 9, 0); // bytes(vec![])
+    call.push(0);
+    call.extend_from_slice(&0u64.to_le_bytes());
+    common::raw_call(&probe, &call, &[], 9);
+    let mut oneway = envelope(2, 2, 0, 0); // slow(vec![])
+    oneway.push(0);
+    oneway.extend_from_slice(&0u64.to_le_bytes());
+    let hostile = a_client_that_reads_no_reply(&name);
+    let mut shutdown = Box::pin(serving.shutdown());
+    runtime.block_on(async {
+        let since = std::time::Instant::now();
+        loop {
+            let polled = std::future::poll_fn(|cx| Poll::Ready(shutdown.as_mut().poll(cx))).await;
+            assert!(polled.is_pending(), "shutdown returned: it did not wait");
+            if probe.send(&oneway, &[]).is_err() {
+                break;
+            }
+            assert!(
+                since.elapsed() < HANG_GUARD,
+                "the shutdown never stopped reading"
+            );
+            tokio::task::yield_now().await;
+        }
+    });
+    drop(shutdown);
+    let rdhup = nix::poll::PollFlags::from_bits_retain(libc::POLLRDHUP);
+    let mut fds = [nix::poll::PollFd::new(hostile.as_fd(), rdhup)];
+    let cut = nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO).unwrap() > 0;
+    drop((hostile, probe));
+    drop(runtime);
+    assert!(cut, "the client that does not read is still connected");
+}
+
 /// A byte string that announces more bytes than the message holds is refused with a reason
 /// (it used to be "malformed message: io error: ", bincode's empty `UnexpectedEof`).
 #[test]

@@ -260,6 +260,10 @@ impl AsyncServing {
     /// still running are waited for. The sends are watched from a thread of the shutdown's
     /// own, so this needs no time driver in the runtime. (If that thread cannot be started,
     /// every client is hung up on at once.)
+    ///
+    /// Dropping the returned future before it completes (under a timeout, in a `select!`)
+    /// hangs up at once on every client it has not finished with, as dropping the
+    /// `AsyncServing` does.
     pub async fn shutdown(mut self) {
         self.acceptor.abort();
         // Once it has ended, the listener is closed (and its socket file removed).
@@ -275,13 +279,30 @@ impl AsyncServing {
         let (ended, watch_ended) = ::tokio::sync::oneshot::channel::<()>();
         let connections = clients.iter().map(|c| c.connection.clone()).collect();
         let watch = stall::watch(connections, self.stall_limit, move || drop(ended));
-        for client in clients {
-            let _ = client.task.await;
+        // Popped in the order they came; the rest are hung up on if this future is dropped.
+        let mut open = Unfinished(clients);
+        open.0.reverse();
+        while let Some(client) = open.0.last_mut() {
+            let _ = (&mut client.task).await;
             client.connection.close();
+            open.0.pop();
         }
         drop(watch);
         // Until the watch has dropped its clones of the connections (closing their sockets).
         let _ = watch_ended.await;
+    }
+}
+
+/// The clients [`AsyncServing::shutdown`] has taken and not yet closed: it owns them so that
+/// a shutdown future dropped halfway still hangs up on them, as [`AsyncServing`]'s drop would
+/// have, rather than leave their connections open (and their tasks running) for good.
+struct Unfinished(Vec<Client>);
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        for client in &self.0 {
+            client.connection.close();
+        }
     }
 }
 
