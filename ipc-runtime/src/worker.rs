@@ -51,7 +51,8 @@ pub const ENV: &str = "TYPED_IPC_FD";
 pub struct Worker {
     child: Child,
     pidfd: Option<OwnedFd>,
-    status: Option<ExitStatus>,
+    /// How the child ended, once this has reaped it.
+    exit: Option<Exit>,
 }
 
 /// How a worker ended.
@@ -120,7 +121,7 @@ impl Worker {
             Worker {
                 child,
                 pidfd,
-                status: None,
+                exit: None,
             },
             ours,
         ))
@@ -136,7 +137,7 @@ impl Worker {
     /// has pidfds, the signal goes through the child's pidfd, which cannot reach another
     /// process that took its pid since.
     pub fn kill(&mut self) -> Result<()> {
-        if self.status.is_none() {
+        if self.exit.is_none() {
             self.send_kill()?;
         }
         Ok(())
@@ -157,20 +158,75 @@ impl Worker {
     }
 
     /// Waits for the child to end and says how it ended.
+    ///
+    /// Where the kernel has pidfds, it waits through the child's pidfd, so it never reaps
+    /// another process that took the child's pid. If something else in this process reaped
+    /// the child first (`SIGCHLD` ignored, so that the kernel reaps children as they exit, or
+    /// a `waitpid(-1)`), how it ended is lost: this fails at once with an [`Error::Io`] that
+    /// says the worker was reaped elsewhere, rather than waiting for good.
     pub fn wait(&mut self) -> Result<Exit> {
-        let status = match self.status {
-            Some(status) => status,
-            None => *self.status.insert(self.child.wait()?),
-        };
-        Ok(exit_of(status))
+        match self.exit {
+            Some(exit) => Ok(exit),
+            None => self.reap(true)?.ok_or_else(|| {
+                // A blocking wait only returns once the child has ended.
+                Error::Io(io::Error::other(
+                    "waitid returned without a child that ended",
+                ))
+            }),
+        }
     }
 
-    /// How the child ended, if it has; never blocks.
+    /// How the child ended, if it has; never blocks. Fails as [`Worker::wait`] does if
+    /// something else in this process reaped the child.
     pub fn try_wait(&mut self) -> Result<Option<Exit>> {
-        if self.status.is_none() {
-            self.status = self.child.try_wait()?;
+        match self.exit {
+            Some(exit) => Ok(Some(exit)),
+            None => Ok(self.reap(false)?),
         }
-        Ok(self.status.map(exit_of))
+    }
+
+    /// Reaps the child once it has ended, waiting for that if `block`, and remembers how it
+    /// ended; `None` if it is still running (only without `block`).
+    fn reap(&mut self, block: bool) -> io::Result<Option<Exit>> {
+        let reaped = match &self.pidfd {
+            Some(pidfd) => match pidfd_reap(pidfd.as_fd(), block) {
+                // A kernel with pidfds but without waitid(P_PIDFD) (Linux 5.3).
+                Err(error) if error.raw_os_error() == Some(libc::EINVAL) => self.reap_by_pid(block),
+                reaped => reaped,
+            },
+            // Without a pidfd there is only the pid, which the child may no longer own.
+            None => self.reap_by_pid(block),
+        };
+        match reaped {
+            Ok(exit) => {
+                self.exit = exit;
+                Ok(exit)
+            }
+            Err(error) if error.raw_os_error() == Some(libc::ECHILD) => {
+                Err(self.reaped_elsewhere())
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// [`Worker::reap`] by the child's pid, where there is no other way.
+    #[cold]
+    fn reap_by_pid(&mut self, block: bool) -> io::Result<Option<Exit>> {
+        if block {
+            self.child.wait().map(|status| Some(exit_of(status)))
+        } else {
+            Ok(self.child.try_wait()?.map(exit_of))
+        }
+    }
+
+    /// The error for a child that something else in this process reaped.
+    #[cold]
+    fn reaped_elsewhere(&self) -> io::Error {
+        io::Error::other(format!(
+            "worker {} was reaped elsewhere in this process (SIGCHLD ignored, or a \
+             waitpid(-1)?): how it ended is lost",
+            self.id()
+        ))
     }
 
     /// A pidfd for the child, where the kernel has them (Linux ≥ 5.3): it becomes readable
@@ -182,17 +238,10 @@ impl Worker {
 
 impl Drop for Worker {
     fn drop(&mut self) {
-        // A child the kill missed may still be running: waiting for it could hang.
-        if self.status.is_none() && self.send_kill().is_ok() {
-            // Fails at once (ECHILD) if the child was reaped elsewhere; nothing left to do.
-            let reaped = match &self.pidfd {
-                Some(pidfd) => pidfd_reap(pidfd.as_fd()),
-                None => self.child.wait().map(drop),
-            };
-            if reaped.is_err_and(|error| error.raw_os_error() == Some(libc::EINVAL)) {
-                // A kernel with pidfds but without waitid(P_PIDFD) (Linux 5.3).
-                let _ = self.child.wait();
-            }
+        // A child the kill missed may still be running: waiting for it could hang. One reaped
+        // elsewhere fails at once (ECHILD); nothing is left to do then.
+        if self.exit.is_none() && self.send_kill().is_ok() {
+            let _ = self.reap(true);
         }
     }
 }
@@ -275,24 +324,42 @@ fn pidfd_kill(pidfd: BorrowedFd<'_>) -> io::Result<()> {
     }
 }
 
-/// Waits for the process `pidfd` refers to, a child of this one, to end, and reaps it. Unlike
-/// a wait by pid, it cannot reap another child that took the pid after something else in this
-/// process reaped this one: it fails with `ECHILD` instead.
-fn pidfd_reap(pidfd: BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: `siginfo_t` is plain data, for which all zeroes is a valid value.
-    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+/// Reaps the process `pidfd` refers to, a child of this one, once it has ended, waiting for
+/// that if `block`, and says how it ended; `None` if it is still running (only without
+/// `block`). Unlike a wait by pid, it cannot reap another child that took the pid after
+/// something else in this process reaped this one: it fails with `ECHILD` instead. Fails with
+/// `EINVAL` where the kernel lacks `waitid(P_PIDFD)` (Linux 5.3).
+fn pidfd_reap(pidfd: BorrowedFd<'_>, block: bool) -> io::Result<Option<Exit>> {
+    let options = if block {
+        libc::WEXITED
+    } else {
+        libc::WEXITED | libc::WNOHANG
+    };
     loop {
+        // SAFETY: `siginfo_t` is plain data, for which all zeroes is a valid value. Zeroed
+        // afresh for each try: with WNOHANG, a child still running leaves it untouched, and
+        // `si_pid` 0 is how that shows.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
         // SAFETY: waitid writes only into `info`, which is valid for writes.
         let waited = unsafe {
             libc::waitid(
                 libc::P_PIDFD,
                 pidfd.as_raw_fd() as libc::id_t,
                 &mut info,
-                libc::WEXITED,
+                options,
             )
         };
         if waited == 0 {
-            return Ok(());
+            // SAFETY: waitid succeeded, so `info` is the zeroes or what waitid wrote for a
+            // child, a SIGCHLD siginfo, whose pid and status fields these read.
+            let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
+            return Ok(match info.si_code {
+                _ if pid == 0 => None,
+                libc::CLD_EXITED => Some(Exit::Code(status)),
+                libc::CLD_KILLED | libc::CLD_DUMPED => Some(Exit::Signal(status)),
+                // WEXITED reports nothing else; stay total all the same.
+                _ => Some(Exit::Code(-1)),
+            });
         }
         let error = io::Error::last_os_error();
         if error.kind() != io::ErrorKind::Interrupted {

@@ -335,3 +335,94 @@ fn child_killing_its_reaped_worker() {
     worker.kill().unwrap();
     drop(worker);
 }
+
+/// Blocks until `worker` has exited (its pidfd is readable), without reaping it.
+fn until_exited(worker: &Worker) {
+    let pidfd = worker.pidfd().expect("this kernel has pidfds");
+    let mut fds = [PollFd::new(pidfd, PollFlags::POLLIN)];
+    assert_eq!(poll(&mut fds, PollTimeout::NONE).unwrap(), 1);
+}
+
+#[test]
+fn wait_and_try_wait_say_how_a_worker_ended() {
+    // One told to exit with code 7, one killed: `try_wait` says nothing while it runs (it
+    // blocks reading its socket until told), then both say how it ended, however often asked.
+    for (code, exit) in [(Some(7u8), Exit::Code(7)), (None, Exit::Signal(9))] {
+        let (mut worker, socket) = Worker::spawn_socket(child("child_exiting_when_told")).unwrap();
+        assert_eq!(worker.try_wait().unwrap(), None, "{exit:?}: still running");
+        match code {
+            Some(code) => socket.send(&[code], &[]).unwrap(),
+            None => worker.kill().unwrap(),
+        }
+        until_exited(&worker);
+        assert_eq!(worker.try_wait().unwrap(), Some(exit));
+        assert_eq!(worker.wait().unwrap(), exit);
+        assert_eq!(worker.try_wait().unwrap(), Some(exit));
+
+        // Waiting first: `wait` reaps it, and `try_wait` says the same afterwards.
+        let (mut worker, socket) = Worker::spawn_socket(child("child_exiting_when_told")).unwrap();
+        assert_eq!(worker.try_wait().unwrap(), None, "{exit:?}: still running");
+        match code {
+            Some(code) => socket.send(&[code], &[]).unwrap(),
+            None => worker.kill().unwrap(),
+        }
+        assert_eq!(worker.wait().unwrap(), exit);
+        assert_eq!(worker.wait().unwrap(), exit);
+        assert_eq!(worker.try_wait().unwrap(), Some(exit));
+    }
+}
+
+/// A worker that blocks reading its socket until told to exit, then exits with the code it
+/// was sent.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_exiting_when_told() {
+    let message = worker::socket().unwrap().recv().unwrap();
+    std::process::exit(i32::from(message.payload[0]));
+}
+
+#[test]
+fn waiting_for_a_worker_the_kernel_has_reaped_says_so() {
+    let status = child("child_waiting_for_its_reaped_worker")
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "waiting for a reaped worker did not say so, or hung"
+    );
+}
+
+/// A process that ignores `SIGCHLD`, so the kernel reaps its worker as it exits: `wait` and
+/// `try_wait` fail at once, saying the worker was reaped elsewhere.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_waiting_for_its_reaped_worker() {
+    // SAFETY: setting a disposition takes plain integers; ignoring SIGCHLD only changes how
+    // this process's children are reaped, and this process runs nothing but this test.
+    assert_ne!(
+        unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) },
+        libc::SIG_ERR
+    );
+    let (mut worker, _socket) = Worker::spawn_socket(child("child_taking_its_socket")).unwrap();
+    until_exited(&worker);
+    let waited = worker.wait();
+    assert!(says_reaped(waited.as_ref().err()), "{waited:?}");
+    let tried = worker.try_wait();
+    assert!(says_reaped(tried.as_ref().err()), "{tried:?}");
+    #[cfg(feature = "tokio")]
+    {
+        // The async wait too, which watches the pidfd and then tries.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let waited = runtime.block_on(ipc_runtime::tokio::worker::wait(&mut worker));
+        assert!(says_reaped(waited.as_ref().err()), "{waited:?}");
+    }
+}
+
+/// Whether `error` is the one for a worker something else reaped.
+fn says_reaped(error: Option<&ipc_runtime::Error>) -> bool {
+    matches!(error, Some(ipc_runtime::Error::Io(error))
+        if error.to_string().contains("reaped elsewhere"))
+}

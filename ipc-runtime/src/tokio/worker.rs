@@ -38,7 +38,8 @@ pub fn connection() -> Result<AsyncConnection> {
 
 /// Waits for `worker` to end without blocking a runtime thread, and says how it ended. Uses
 /// the worker's pidfd where the kernel has them (Linux ≥ 5.3); elsewhere it checks every
-/// 10 ms.
+/// 10 ms. Fails at once, as [`Worker::wait`] does, if something else in this process reaped
+/// the worker (`SIGCHLD` ignored, say).
 pub async fn wait(worker: &mut Worker) -> Result<Exit> {
     let pidfd = match worker.pidfd().map(|fd| fd.try_clone_to_owned()) {
         Some(Ok(fd)) => Some(super::register(fd)?),
