@@ -166,7 +166,7 @@ impl Shared {
     pub(super) fn route<'a>(
         &'a self,
         mut state: Guard<'a>,
-        frame: Frame,
+        mut frame: Frame,
         result: Result<()>,
         reader: Reader,
     ) -> (Guard<'a>, Option<Taken>) {
@@ -184,6 +184,8 @@ impl Shared {
                     Err(e) => self.fail(&mut state, e),
                     Ok(()) => self.fail(&mut state, Error::Malformed("bad envelope".into())),
                 }
+                // Its buffer is kept, not its fds: nothing reads again to clear them.
+                frame.fds.clear();
                 state.buffer = frame;
                 return (state, None);
             }
@@ -253,6 +255,9 @@ impl Shared {
                     Ok((mailbox, token)) => self.lane.on_announce(mailbox, token),
                     Err(e) => self.fail(&mut state, e),
                 }
+                // An announcement carries no fds; after a bad one nothing reads again to
+                // clear them.
+                frame.fds.clear();
                 state.buffer = frame;
             }
         }

@@ -897,3 +897,30 @@ fn a_caller_owing_a_failure_to_a_peer_that_reads_sends_it_at_once() {
     });
     assert!(!a.is_closed());
 }
+
+/// A message that ends the connection (one without an envelope, or an announcement of the
+/// wrong size) has the fds it carried closed then: the connection keeps the message's buffer,
+/// but must not keep the peer's fds with it for as long as a handle on it lives, since it
+/// reads no more (the next read is what would have cleared them).
+#[test]
+fn the_fds_of_a_message_that_ends_the_connection_are_closed() {
+    let mut announcement = vec![0; envelope::LEN + 3];
+    Envelope::announce().write(&mut announcement);
+    for message in [vec![9; 4], announcement] {
+        let (a, b) = Connection::pair().unwrap();
+        let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK).unwrap();
+        b.socket().send(&message, &[write_end.as_fd()]).unwrap();
+        drop(write_end);
+        let outcome = a.call::<_, u32>(&IFACE, 1, &(), None);
+        assert!(
+            matches!(outcome, Err(Error::Malformed(_))),
+            "a call answered by {message:?}: {outcome:?}"
+        );
+        // Every copy of the pipe's write end is closed once the connection closed its own.
+        assert_eq!(
+            nix::unistd::read(&read_end, &mut [0; 1]),
+            Ok(0),
+            "the connection still holds the fd of {message:?}, which ended it"
+        );
+    }
+}
