@@ -240,27 +240,29 @@ fn every_message_is_printed_with_its_values_async() {
     check_trace("child_traced_async");
 }
 
-/// Runs `scenario` traced and checks what it printed.
-fn check_trace(scenario: &str) {
-    let traced = child(scenario)
-        .env("TYPED_IPC_DEBUG", "1")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = nix::unistd::Pid::from_raw(traced.id() as i32);
+/// Runs the scenario `command` starts (a child of this test binary) to its end, and returns
+/// what it and its worker wrote to stderr; fails the test if it failed.
+fn scenario_stderr(mut command: std::process::Command) -> String {
+    let scenario = command.spawn().unwrap();
+    let pid = nix::unistd::Pid::from_raw(scenario.id() as i32);
     let (done, output) = std::sync::mpsc::channel();
-    std::thread::spawn(move || done.send(traced.wait_with_output()));
+    std::thread::spawn(move || done.send(scenario.wait_with_output()));
     // A hang guard only: the scenario takes milliseconds.
     let Ok(out) = output.recv_timeout(std::time::Duration::from_secs(60)) else {
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-        panic!("the traced scenario {scenario} hung");
+        panic!("the scenario {command:?} hung");
     };
     let out = out.unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "the traced scenario failed:\n{stderr}"
-    );
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "the scenario failed:\n{stderr}");
+    stderr
+}
+
+/// Runs `scenario` traced and checks what it printed.
+fn check_trace(scenario: &str) {
+    let mut command = child(scenario);
+    command.env("TYPED_IPC_DEBUG", "1").stderr(Stdio::piped());
+    let stderr = scenario_stderr(command);
     // Lines start `typed-ipc[pid] `: drop the pids.
     let lines: Vec<&str> = stderr
         .lines()
@@ -299,4 +301,97 @@ fn check_trace(scenario: &str) {
     has("<- Call #3 Lab::count (16 bytes, 2 fds)");
     has("<- Reply #1 (13 bytes, 0 fds)");
     has("<- Oneway #0 Lab::note (8 bytes, 0 fds)");
+}
+
+/// A name: letters and digits only, checked as it is decoded.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+#[serde(try_from = "String", into = "String")]
+pub struct Name(pub String);
+
+impl TryFrom<String> for Name {
+    type Error = String;
+    fn try_from(text: String) -> Result<Name, String> {
+        match text.chars().all(char::is_alphanumeric) {
+            true => Ok(Name(text)),
+            // As a validating type may well say it: with the text it refused.
+            false => Err(format!("not a name: {text}")),
+        }
+    }
+}
+
+impl From<Name> for String {
+    fn from(name: Name) -> String {
+        name.0
+    }
+}
+
+/// What `child_names` serves.
+#[typed_ipc::interface]
+pub trait Names {
+    /// Takes a name, answering nothing.
+    #[oneway]
+    fn greet(&self, name: Name);
+    /// Answers once the oneways sent before have run.
+    fn ping(&self) -> u32;
+}
+
+struct NamesImpl;
+
+impl Names for NamesImpl {
+    fn greet(&self, _name: Name) {}
+    fn ping(&self) -> u32 {
+        1
+    }
+}
+
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_names() {
+    NamesServer::new(NamesImpl)
+        .serve(worker::connection().unwrap())
+        .unwrap();
+}
+
+/// Control characters (a terminal's escape sequences among them) and a long text, in a
+/// name the worker refuses.
+fn hostile_name() -> String {
+    format!("\x1b[2J\x1b]0;owned\x07\u{202e}{}", "x".repeat(100_000))
+}
+
+/// Sends `child_names` a oneway with a name it refuses, then a call after it.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_sends_a_bad_name() {
+    let (mut names, conn) = Worker::spawn(child("child_names")).unwrap();
+    let client = NamesClient::new(conn);
+    client.greet(Name(hostile_name())).unwrap();
+    // A call after the oneway: the worker has run the oneway once this returns.
+    assert_eq!(client.ping().unwrap(), 1);
+    drop(client);
+    names.wait().unwrap();
+}
+
+/// A oneway that fails is said on stderr even untraced, with why, which may hold what the
+/// peer sent (here a decoding error that quotes the text it refused): it is said escaped
+/// and cut short, so that a peer can neither drive the terminal nor flood it.
+#[test]
+fn a_failed_oneway_is_said_escaped_and_cut_short() {
+    let mut command = child("child_sends_a_bad_name");
+    command.env_remove("TYPED_IPC_DEBUG").stderr(Stdio::piped());
+    let stderr = scenario_stderr(command);
+    let said = stderr
+        .lines()
+        .find(|l| l.contains("a oneway message Names::greet failed"))
+        .unwrap_or_else(|| panic!("the failed oneway is not said:\n{stderr:.2000}"));
+    let start: String = said.chars().take(200).collect();
+    assert!(
+        !said.contains(['\x1b', '\x07', '\u{202e}']),
+        "the peer's control characters reach stderr unescaped: {start:?}"
+    );
+    assert!(said.contains(r"not a name: \u{1b}[2J"), "{start:?}");
+    assert!(
+        said.len() < 2_000,
+        "a line of {} bytes for one failed oneway",
+        said.len()
+    );
 }

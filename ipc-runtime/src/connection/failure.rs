@@ -151,8 +151,10 @@ pub(crate) fn oneway_failed<'i>(
             envelope.interface, envelope.cmd
         ),
     };
+    // Why may quote the peer's message (a decoding error may): escaped and cut short.
+    let why = trace::printable(&failure.to_string());
     trace::line(&format!(
-        "typed-ipc[{}]: a oneway message {method} failed: {failure}{more}",
+        "typed-ipc[{}]: a oneway message {method} failed: {why}{more}",
         std::process::id()
     ));
 }

@@ -22,6 +22,30 @@ pub(crate) fn line(text: &str) {
         .write_all(format!("{text}\n").as_bytes());
 }
 
+/// The most characters of a text from elsewhere (why a message failed) that a line shows.
+const SHOWN_CHARS: usize = 1_000;
+
+/// `text`, which may hold what the peer sent (a decoding error may quote it), as a line on
+/// stderr may show it: with what a terminal would act on, or what reads other than it is
+/// (control characters, bidirectional overrides), escaped as `{:?}` escapes it, and cut
+/// short after [`SHOWN_CHARS`] characters, saying how many there were.
+#[cold]
+#[inline(never)]
+pub(crate) fn printable(text: &str) -> String {
+    let mut out = String::new();
+    for c in text.chars().take(SHOWN_CHARS) {
+        match c {
+            // Printable, though `escape_debug` escapes them (they delimit its literals).
+            '"' | '\'' | '\\' => out.push(c),
+            c => out.extend(c.escape_debug()),
+        }
+    }
+    if text.chars().nth(SHOWN_CHARS).is_some() {
+        out.push_str(&format!("… ({} chars)", text.chars().count()));
+    }
+    out
+}
+
 /// `value` described for [`outgoing`] or [`reply`] if tracing is `on`, `None` otherwise. Both
 /// flavours describe what they send before sending it: the async flavour moves it into the
 /// send, and describing runs the value's `Serialize` code, which may itself call, so a caller
