@@ -333,6 +333,8 @@ pub trait Names {
     fn greet(&self, name: Name);
     /// Answers once the oneways sent before have run.
     fn ping(&self) -> u32;
+    /// How long a name is.
+    fn measure(&self, name: Name) -> u64;
 }
 
 struct NamesImpl;
@@ -341,6 +343,9 @@ impl Names for NamesImpl {
     fn greet(&self, _name: Name) {}
     fn ping(&self) -> u32 {
         1
+    }
+    fn measure(&self, name: Name) -> u64 {
+        name.0.len() as u64
     }
 }
 
@@ -367,6 +372,8 @@ fn child_sends_a_bad_name() {
     client.greet(Name(hostile_name())).unwrap();
     // A call after the oneway: the worker has run the oneway once this returns.
     assert_eq!(client.ping().unwrap(), 1);
+    let refused = client.measure(Name(hostile_name()));
+    assert!(matches!(refused, Err(typed_ipc::Error::Remote(_))));
     drop(client);
     names.wait().unwrap();
 }
@@ -392,6 +399,25 @@ fn a_failed_oneway_is_said_escaped_and_cut_short() {
     assert!(
         said.len() < 2_000,
         "a line of {} bytes for one failed oneway",
+        said.len()
+    );
+}
+
+/// Traced, the failure a call is answered with is printed as sent, with why, which may
+/// hold what the peer sent: cut short, as every value a traced line shows is.
+#[test]
+fn a_traced_failure_is_cut_short() {
+    let mut command = child("child_sends_a_bad_name");
+    command.env("TYPED_IPC_DEBUG", "1").stderr(Stdio::piped());
+    let stderr = scenario_stderr(command);
+    let said = stderr
+        .lines()
+        .find(|l| l.contains("] -> failure #"))
+        .unwrap_or_else(|| panic!("the failure is not printed:\n{stderr:.2000}"));
+    assert!(said.contains(r"not a name: \u{1b}[2J"));
+    assert!(
+        said.len() < 2_000,
+        "a line of {} bytes for one failure",
         said.len()
     );
 }

@@ -221,10 +221,12 @@ impl Shared {
             Err(e) => return Err(e),
         }
         if self.trace {
+            // Why may quote the peer's message (a decoding error may): cut short.
             trace::line(&format!(
-                "typed-ipc[{}] -> failure #{}: {failure:?}",
+                "typed-ipc[{}] -> failure #{}: {}",
                 std::process::id(),
-                call.cookie
+                call.cookie,
+                trace::printable(&format!("{failure:?}"))
             ));
         }
         Ok(true)

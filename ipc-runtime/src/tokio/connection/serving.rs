@@ -379,10 +379,12 @@ pub(super) async fn reply_failure(
         ..call
     };
     if inner.trace {
+        // Why may quote the peer's message (a decoding error may): cut short.
         trace::line(&format!(
-            "typed-ipc[{}] -> Failure #{}: {failure:?}",
+            "typed-ipc[{}] -> Failure #{}: {}",
             std::process::id(),
-            call.cookie
+            call.cookie,
+            trace::printable(&format!("{failure:?}"))
         ));
     }
     inner.send(envelope, failure).await.map(drop)
