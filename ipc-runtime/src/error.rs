@@ -64,7 +64,12 @@ pub enum Error {
     /// A value could not be encoded (a `Serialize` implementation failed).
     Encode(String),
     /// The two ends disagree about an interface: it is not served by the peer, or one of its
-    /// methods differs. The message names what differs.
+    /// methods differs. The message names what differs (at most 16 differences, the rest
+    /// counted).
+    ///
+    /// Here and in [`Error::Refused`] and [`Error::Remote`], text that came from the peer is
+    /// escaped as `{:?}` escapes it (control characters, bidirectional overrides) and cut
+    /// after 1,000 characters, so that printing the error is safe whatever the peer sent.
     InterfaceMismatch(String),
     /// The server refused this caller (see `Connection::set_authorizer`); the reason is the
     /// server's.

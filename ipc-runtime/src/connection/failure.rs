@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use serde::{Deserialize, Serialize};
 
 use super::envelope::Envelope;
-use super::trace;
+use super::trace::{self, printable};
 use crate::error::Error;
 use crate::service::InterfaceInfo;
 
@@ -59,34 +59,61 @@ impl Failure {
         }
     }
 
-    /// The error the caller sees, worded against the caller's own view of the interface.
+    /// The error the caller sees, worded against the caller's own view of the interface. The
+    /// peer's text in it (a panic message, a reason, names) is made [`printable`] and lists
+    /// are cut at [`LISTED`] entries: a caller may print the error, and a hostile peer must
+    /// not reach its terminal or fill its logs through it.
     pub fn into_error(self, ours: &InterfaceInfo, cmd: u32) -> Error {
         let method = ours.method(cmd).map_or("?", |m| m.name);
         let name = ours.name;
         match self {
-            Failure::Panicked(msg) => Error::Remote(format!("{name}::{method} panicked: {msg}")),
+            Failure::Panicked(msg) => {
+                Error::Remote(format!("{name}::{method} panicked: {}", printable(&msg)))
+            }
             Failure::UnknownCommand(cmd) => {
                 Error::Remote(format!("the peer's {name} has no command {cmd} ({method})"))
             }
             Failure::BadRequest(why) => Error::Remote(format!(
-                "the peer could not decode {name}::{method}: {why} (were both ends built from \
-                 the same definitions of its types?)"
+                "the peer could not decode {name}::{method}: {} (were both ends built from \
+                 the same definitions of its types?)",
+                printable(&why)
             )),
-            Failure::Refused(why) => Error::Refused(why),
+            Failure::Refused(why) => Error::Refused(printable(&why)),
             Failure::Unanswered(why) => Error::Remote(format!(
-                "the peer's {name}::{method} could not answer: {why}"
+                "the peer's {name}::{method} could not answer: {}",
+                printable(&why)
             )),
             Failure::NotServed(served) => Error::InterfaceMismatch(format!(
                 "the peer does not serve interface `{name}` (it serves: {})",
                 if served.is_empty() {
                     "nothing".to_string()
                 } else {
-                    served.join(", ")
+                    listed(served.iter().map(|s| printable(s)), ", ")
                 }
             )),
             Failure::Mismatch(theirs) => Error::InterfaceMismatch(describe(ours, &theirs)),
         }
     }
+}
+
+/// How many entries of a list the peer sent an error names; the rest are counted.
+const LISTED: usize = 16;
+
+/// The first [`LISTED`] of `items` joined with `separator`, and how many more there were.
+fn listed(items: impl Iterator<Item = String>, separator: &str) -> String {
+    let mut shown = Vec::new();
+    let mut more = 0usize;
+    for item in items {
+        match shown.len() < LISTED {
+            true => shown.push(item),
+            false => more += 1,
+        }
+    }
+    let mut text = shown.join(separator);
+    if more > 0 {
+        text.push_str(&format!("{separator}and {more} more"));
+    }
+    text
 }
 
 impl std::fmt::Display for Failure {
@@ -161,31 +188,36 @@ pub(crate) fn oneway_failed<'i>(
 
 /// Names the methods that differ between our interface and the peer's.
 fn describe(ours: &InterfaceInfo, theirs: &[(u32, String, String)]) -> String {
-    let mut diffs = Vec::new();
-    for m in ours.methods {
-        match theirs.iter().find(|(cmd, ..)| *cmd == m.cmd) {
-            None => diffs.push(format!(
-                "method `{}` (cmd {}) is missing on the peer",
-                m.name, m.cmd
-            )),
-            Some((_, name, sig)) if name != m.name || sig != m.signature => diffs.push(format!(
-                "method {} differs: here `{}`, on the peer `{sig}`",
-                m.cmd, m.signature
-            )),
-            Some(_) => {}
-        }
-    }
-    for (cmd, name, _) in theirs {
-        if ours.method(*cmd).is_none() {
-            diffs.push(format!(
-                "the peer has method `{name}` (cmd {cmd}) that this side lacks"
-            ));
-        }
-    }
+    let differing =
+        ours.methods
+            .iter()
+            .filter_map(|m| match theirs.iter().find(|(cmd, ..)| *cmd == m.cmd) {
+                None => Some(format!(
+                    "method `{}` (cmd {}) is missing on the peer",
+                    m.name, m.cmd
+                )),
+                Some((_, name, sig)) if name != m.name || sig != m.signature => Some(format!(
+                    "method {} differs: here `{}`, on the peer `{}`",
+                    m.cmd,
+                    m.signature,
+                    printable(sig)
+                )),
+                Some(_) => None,
+            });
+    let extra = theirs
+        .iter()
+        .filter(|(cmd, ..)| ours.method(*cmd).is_none())
+        .map(|(cmd, name, _)| {
+            format!(
+                "the peer has method `{}` (cmd {cmd}) that this side lacks",
+                printable(name)
+            )
+        });
+    let mut diffs = listed(differing.chain(extra), "; ");
     if diffs.is_empty() {
-        diffs.push("the signature hashes differ".into());
+        diffs = "the signature hashes differ".into();
     }
-    format!("interface `{}`: {}", ours.name, diffs.join("; "))
+    format!("interface `{}`: {diffs}", ours.name)
 }
 
 /// The message a panic carried, if it was a string.
@@ -194,5 +226,67 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
         (Some(s), _) => s.to_string(),
         (_, Some(s)) => s.clone(),
         _ => "a panic without a message".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::MethodInfo;
+
+    static IFACE: InterfaceInfo = InterfaceInfo {
+        name: "Ipa",
+        id: 1,
+        signature: 1,
+        methods: &[MethodInfo {
+            name: "reverse",
+            cmd: 0,
+            signature: "fn reverse(&self, text: String) -> String",
+            oneway: false,
+        }],
+    };
+
+    /// What a terminal would act on, and far more of it than a line should hold.
+    fn hostile() -> String {
+        format!("\x1b[2J\x1b]0;owned\x07\u{202e}{}", "x".repeat(100_000))
+    }
+
+    fn text(error: Error) -> String {
+        match error {
+            Error::Remote(why) | Error::Refused(why) | Error::InterfaceMismatch(why) => why,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    /// The peer's text reaches the caller's error escaped and cut short, and the lists it
+    /// sends are cut at [`LISTED`] entries, whichever failure carries them.
+    #[test]
+    fn the_peers_text_in_an_error_is_escaped_and_bounded() {
+        let many = |n: usize| {
+            (0..n)
+                .map(|i| (100 + i as u32, hostile(), hostile()))
+                .collect()
+        };
+        let failures = [
+            Failure::Panicked(hostile()),
+            Failure::BadRequest(hostile()),
+            Failure::Refused(hostile()),
+            Failure::Unanswered(hostile()),
+            Failure::NotServed(vec![hostile(); 20]),
+            Failure::Mismatch(many(20)),
+            Failure::Mismatch(vec![(0, "reverse".into(), hostile())]),
+        ];
+        for failure in failures {
+            let shown = format!("{failure:?}").chars().take(40).collect::<String>();
+            let why = text(failure.into_error(&IFACE, 0));
+            let start = why.chars().take(80).collect::<String>();
+            assert!(
+                !why.chars().any(|c| c.is_control() || c == '\u{202e}'),
+                "{shown}: {start:?}"
+            );
+            assert!(why.len() < 40_000, "{shown}: {} bytes", why.len());
+        }
+        let why = text(Failure::NotServed(vec!["A".into(); 20]).into_error(&IFACE, 0));
+        assert!(why.ends_with("A, and 4 more)"), "{why}");
     }
 }
