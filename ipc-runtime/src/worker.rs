@@ -231,6 +231,11 @@ impl Worker {
 
     /// A pidfd for the child, where the kernel has them (Linux ≥ 5.3): it becomes readable
     /// when the child exits, so an event loop can watch it alongside its sockets.
+    ///
+    /// It is opened just after the child starts (std cannot yet hand one over from the
+    /// spawn itself), so a child that exits at once in a process that ignores `SIGCHLD`,
+    /// where the kernel reaps it at once, may leave it `None`; `kill` and `wait` then fall
+    /// back to the pid.
     pub fn pidfd(&self) -> Option<BorrowedFd<'_>> {
         self.pidfd.as_ref().map(|fd| fd.as_fd())
     }

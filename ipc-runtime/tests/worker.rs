@@ -326,17 +326,25 @@ fn child_killing_its_reaped_worker() {
         unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) },
         libc::SIG_ERR
     );
-    let (mut worker, _socket) = Worker::spawn_socket(child("child_taking_its_socket")).unwrap();
-    let pidfd = worker.pidfd().expect("this kernel has pidfds");
+    let (mut worker, socket) = told_to_exit();
     // Readable once the worker has exited, and with SIGCHLD ignored, been reaped: its pid is
     // free for another process to take.
-    let mut fds = [PollFd::new(pidfd, PollFlags::POLLIN)];
-    assert_eq!(poll(&mut fds, PollTimeout::NONE).unwrap(), 1);
+    drop(socket);
+    until_exited(&worker);
     worker.kill().unwrap();
     drop(worker);
 }
 
 /// Blocks until `worker` has exited (its pidfd is readable), without reaping it.
+/// A worker that exits (with code 0) once told, by a message or by the socket closing: one
+/// that exited at once could be gone, reaped by the kernel in a process that ignores
+/// `SIGCHLD`, before `Worker::spawn_socket` opened its pidfd, leaving it none.
+fn told_to_exit() -> (Worker, ipc_runtime::Socket) {
+    let (worker, socket) = Worker::spawn_socket(child("child_exiting_when_told")).unwrap();
+    assert!(worker.pidfd().is_some(), "this kernel has pidfds");
+    (worker, socket)
+}
+
 fn until_exited(worker: &Worker) {
     let pidfd = worker.pidfd().expect("this kernel has pidfds");
     let mut fds = [PollFd::new(pidfd, PollFlags::POLLIN)];
@@ -377,8 +385,9 @@ fn wait_and_try_wait_say_how_a_worker_ended() {
 #[test]
 #[ignore = "run as a child process by other tests"]
 fn child_exiting_when_told() {
-    let message = worker::socket().unwrap().recv().unwrap();
-    std::process::exit(i32::from(message.payload[0]));
+    // The socket closed (`Disconnected`): exit with 0.
+    let code = worker::socket().unwrap().recv().map_or(0, |m| m.payload[0]);
+    std::process::exit(i32::from(code));
 }
 
 #[test]
@@ -403,7 +412,8 @@ fn child_waiting_for_its_reaped_worker() {
         unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) },
         libc::SIG_ERR
     );
-    let (mut worker, _socket) = Worker::spawn_socket(child("child_taking_its_socket")).unwrap();
+    let (mut worker, socket) = told_to_exit();
+    drop(socket);
     until_exited(&worker);
     let waited = worker.wait();
     assert!(says_reaped(waited.as_ref().err()), "{waited:?}");
