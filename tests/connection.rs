@@ -668,3 +668,42 @@ fn a_panicking_authorizer_refuses_the_request_and_the_connection_serves_on() {
     drop(client);
     serving.join().expect("no serving thread panicked").unwrap();
 }
+
+#[test]
+fn a_client_of_another_wire_version_learns_the_servers_version_not_just_a_hang_up() {
+    use typed_ipc::Socket;
+    use typed_ipc::wire::{HEADER_LEN, Header, Kind, VERSION};
+    let _fds = fd_count_lock();
+    let (client, server_end) = Socket::pair().unwrap();
+    let server = std::thread::spawn(move || {
+        Connection::new(server_end).serve(LabServer::new(LabImpl::new()))
+    });
+    // `client` plays a typed-ipc of another release calling this one: its header carries
+    // its own wire version.
+    let mut theirs = Header {
+        kind: Kind::First,
+        fds: 0,
+        total_len: 24,
+        total_fds: 0,
+    }
+    .encode();
+    let other = VERSION.wrapping_add(1);
+    theirs[2] = other;
+    let call = [theirs.as_slice(), &[1; 24]].concat();
+    let raw = client.as_fd().as_raw_fd();
+    nix::sys::socket::send(raw, &call, nix::sys::socket::MsgFlags::empty()).unwrap();
+    assert!(matches!(
+        server.join().unwrap(),
+        Err(Error::VersionMismatch { theirs, .. }) if theirs == other
+    ));
+    // That release's stub reports `VersionMismatch`, as the README promises, only if this end
+    // told it its version before hanging up: its receive refuses a header of another version.
+    let mut head = [0u8; 64];
+    let n = nix::sys::socket::recv(raw, &mut head, nix::sys::socket::MsgFlags::MSG_DONTWAIT)
+        .expect("the server said nothing before it hung up");
+    assert_eq!(
+        n, HEADER_LEN,
+        "the server hung up without saying its version"
+    );
+    assert_eq!(head[..3], [b'T', b'I', VERSION]);
+}

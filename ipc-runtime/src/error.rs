@@ -54,7 +54,9 @@ pub enum Error {
     /// The peer sent bytes that are not a valid message: a bad header, or a body that does
     /// not decode as the type it should be.
     Malformed(String),
-    /// The peer speaks another version of the wire format.
+    /// The peer speaks another version of the wire format. The end that receives a message
+    /// of another version tells the peer its own before it hangs up, so both ends report
+    /// this, the caller of a method too, rather than a bare [`Error::Disconnected`].
     VersionMismatch {
         /// The version this side speaks.
         ours: u8,

@@ -30,8 +30,9 @@ use crate::error::{Error, Result};
 pub const HEADER_LEN: usize = 16;
 /// Version of the wire format this crate speaks, payload conventions included, so that
 /// peers built from different releases are refused with [`Error::VersionMismatch`] rather
-/// than misreading each other. 2: byte strings carry a tag (inline, or placed in the
-/// connection's shared region) and the envelope's spare bytes carry the lane word. 3: the
+/// than misreading each other (the end that refuses first sends a bare header of its own
+/// version, so the other reports it too). 2: byte strings carry a tag (inline, or placed in
+/// the connection's shared region) and the envelope's spare bytes carry the lane word. 3: the
 /// lane word also names the placement its message carries. 4: a byte string may also be
 /// piped (tag 2: its first bytes in the sender's pipe, the rest inline). 5: a byte string
 /// may also be written into the receiver's inbox (tag 3), which the receiver announces in

@@ -9,7 +9,7 @@
 use parking_lot::Mutex;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -67,6 +67,9 @@ pub struct Socket {
     /// Since when the send waiting for room (if one is) has waited with none of its message
     /// going out: see [`Socket::send_stalled_for`]. Only a send that has to wait touches it.
     stalled: Mutex<Option<Instant>>,
+    /// The peer, which speaks another wire version, has been told this side's (see
+    /// `Socket::refused_header`): once is enough.
+    told_version: AtomicBool,
 }
 
 impl Socket {
@@ -137,6 +140,7 @@ impl Socket {
             recv: Mutex::new(RecvState::default()),
             spin_ns: AtomicU64::new(0),
             stalled: Mutex::new(None),
+            told_version: AtomicBool::new(false),
         })
     }
 

@@ -399,7 +399,10 @@ impl Socket {
         let len = got.len.saturating_sub(HEADER_LEN);
         // SAFETY: the kernel wrote `len` bytes into the spare capacity handed to recvmsg.
         unsafe { frame.payload.set_len(frame.payload.len() + len) };
-        let header = Header::decode(&head, got.len)?;
+        let header = match Header::decode(&head, got.len) {
+            Ok(header) => header,
+            Err(e) => return Err(self.refused_header(e)),
+        };
         if got.truncated {
             return Err(Error::Truncated);
         }
@@ -411,6 +414,28 @@ impl Socket {
             )));
         }
         Ok((header, got.fds_dropped))
+    }
+
+    /// A datagram whose header this side refuses, as `e` says. A peer of another wire version
+    /// is told this side's version, once, before the layer above hangs up: a header of no
+    /// message, which its own receive refuses in turn as [`Error::VersionMismatch`]. Else it
+    /// would see only the hang-up (`Disconnected`), although it speaks the other version.
+    #[cold]
+    #[inline(never)]
+    fn refused_header(&self, e: Error) -> Error {
+        if matches!(e, Error::VersionMismatch { .. })
+            && !self.told_version.swap(true, Ordering::Relaxed)
+        {
+            let ours = Header {
+                kind: Kind::First,
+                fds: 0,
+                total_len: 0,
+                total_fds: 0,
+            };
+            // Never waits (`MSG_DONTWAIT`): a peer whose buffer is full sees the hang-up alone.
+            let _ = sys::send(self.fd.as_fd(), &ours.encode(), &[], &[]);
+        }
+        e
     }
 
     /// Drops the continuations of a message that failed, up to the next first datagram.
