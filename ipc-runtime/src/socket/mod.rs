@@ -46,8 +46,9 @@ pub struct PeerCredentials {
 /// another message's; receives likewise.
 ///
 /// Blocking calls wait forever unless given a timeout; [`Socket::try_recv`] never waits, and
-/// the socket is [`AsFd`] so an event loop can wait for readability instead. Sends never
-/// block on a full socket buffer without a deadline to stop them: see [`Socket::send`].
+/// the socket is [`AsFd`] so an event loop can wait for readability instead. A send waits
+/// while the peer's socket buffer is full, for as long as it takes ([`Socket::send`]: for
+/// good, if the peer never reads) or until its timeout ([`Socket::send_timeout`]).
 ///
 /// [`Frame`]: crate::Frame
 #[derive(Debug)]
