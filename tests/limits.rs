@@ -356,3 +356,67 @@ mod asynchronous {
         });
     }
 }
+
+/// Byte strings, which the connection moves through its shared region from 1 KiB.
+#[interface]
+pub trait Strings {
+    /// `data`, back.
+    fn echo(&self, data: Vec<u8>) -> Vec<u8>;
+}
+
+struct StringsImpl;
+
+impl Strings for StringsImpl {
+    fn echo(&self, data: Vec<u8>) -> Vec<u8> {
+        data
+    }
+}
+
+/// A connection whose ends accept at most `client` and `server` bytes a message, serving
+/// [`Strings`] on a thread, and ready to move byte strings through shared regions.
+fn strings_with_limits(
+    client: usize,
+    server: usize,
+) -> (
+    StringsClient,
+    std::thread::JoinHandle<typed_ipc::Result<()>>,
+) {
+    let (mut a, mut b) = Socket::pair().unwrap();
+    for (socket, max_message_len) in [(&mut a, client), (&mut b, server)] {
+        socket.set_limits(Limits {
+            max_message_len,
+            ..Limits::default()
+        });
+    }
+    let b = Connection::new(b);
+    let server = std::thread::spawn(move || StringsServer::new(StringsImpl).serve(b));
+    let strings = StringsClient::new(Connection::new(a));
+    // An end places strings in its region once the peer's messages say it reads them: one
+    // small call each way, so that the strings below take the region, not the socket.
+    assert_eq!(strings.echo(vec![0; 10]).unwrap(), vec![0; 10]);
+    (strings, server)
+}
+
+#[test]
+fn byte_strings_within_the_limits_cross_whatever_region_they_come_in() {
+    let _fds = fd_count_lock();
+    // Limits below the shared region's smallest size (64 KiB): a string within them, large
+    // enough to go through the region (1 KiB), still crosses both ways.
+    let (strings, server) = strings_with_limits(4096, 4096);
+    assert_eq!(strings.echo(vec![7; 3000]).unwrap(), vec![7; 3000]);
+    drop(strings);
+    server.join().unwrap().unwrap();
+
+    // A server that accepts less than its client: a string over its limits fails that call
+    // only, although the client's region grew for it past what the server accepts.
+    let (strings, server) = strings_with_limits(1 << 30, 100 << 10);
+    assert_eq!(strings.echo(vec![1; 2048]).unwrap(), vec![1; 2048]);
+    assert!(matches!(
+        strings.echo(vec![2; 200 << 10]),
+        Err(Error::Remote(_))
+    ));
+    assert_eq!(strings.echo(vec![3; 2048]).unwrap(), vec![3; 2048]);
+    assert_eq!(strings.echo(vec![4; 50 << 10]).unwrap(), vec![4; 50 << 10]);
+    drop(strings);
+    server.join().unwrap().unwrap();
+}

@@ -133,7 +133,11 @@ pub(crate) struct Lane {
     /// [`Lane::on_message`] stamps into each (see [`Lane::finished`]). One atomic, so that
     /// an acknowledgement is recorded only if no such message came in meanwhile.
     consumed: AtomicU64,
-    /// Largest string (and region) accepted from the peer.
+    /// Largest string accepted from the peer (this end's limits). Not its region's bound:
+    /// a region may be larger than the strings this end accepts (at least 64 KiB, grown for
+    /// the largest string the peer sent, even one refused here), and refusing it would fail
+    /// every later string with it. Regions of up to [`MAX`] are accepted; only the bytes of
+    /// a string (at most `max_len`) are ever read from one.
     max_len: usize,
     /// Where the peer writes strings into this process, once this end accepts that.
     inbox: Mutex<Option<Inbox>>,
@@ -143,7 +147,8 @@ pub(crate) struct Lane {
 }
 
 impl Lane {
-    /// A lane that accepts strings (and regions) of at most `max_len` bytes from the peer.
+    /// A lane that accepts strings of at most `max_len` bytes from the peer, and sends none
+    /// larger out of line.
     pub(crate) fn new(max_len: usize) -> Lane {
         Lane {
             out: Mutex::new(Outgoing::default()),

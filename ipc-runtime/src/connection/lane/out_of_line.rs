@@ -138,7 +138,7 @@ impl OutOfLine for Lane {
     fn take(&self, placed: &Placed, fd: Option<OwnedFd>) -> Result<Vec<u8>, String> {
         let mut incoming = self.incoming.lock();
         if let Some(fd) = fd {
-            let view = RegionView::from_fd_with_limit(fd, self.max_len)
+            let view = RegionView::from_fd_with_limit(fd, MAX)
                 .map_err(|e| format!("the peer's shared region was refused: {e}"))?;
             *incoming = Some(view);
         }
