@@ -420,3 +420,18 @@ fn byte_strings_within_the_limits_cross_whatever_region_they_come_in() {
     drop(strings);
     server.join().unwrap().unwrap();
 }
+
+#[test]
+fn a_byte_string_over_the_senders_limits_fails_unsent_with_too_large() {
+    let _fds = fd_count_lock();
+    let (strings, server) = strings_with_limits(4096, 1 << 30);
+    // Over this side's limits: refused before it is sent, as any message over them, although
+    // it would have travelled through the shared region rather than the socket.
+    match strings.echo(vec![7; 5000]) {
+        Err(Error::TooLarge { limit: 4096, .. }) => {}
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    assert_eq!(strings.echo(vec![1; 2000]).unwrap(), vec![1; 2000]);
+    drop(strings);
+    server.join().unwrap().unwrap();
+}

@@ -16,7 +16,10 @@ use crate::shared_region::{RegionView, SharedRegion};
 impl OutOfLine for Lane {
     fn put_shared(&self, bytes: &SharedBytes) -> Option<(Piped, Option<RawFd>)> {
         let len = bytes.len();
+        // Over this side's limits, the string goes inline and the socket refuses the message
+        // unsent (`TooLarge`), as it refuses any message over them.
         if !pipes(len)
+            || len > self.max_len
             || !self.lends.load(Ordering::Relaxed)
             || !self.peer_reads.load(Ordering::Relaxed)
             || self.busy.load(Ordering::Acquire) != 0
@@ -81,7 +84,9 @@ impl OutOfLine for Lane {
 
     fn put(&self, bytes: &[u8]) -> Option<Placement> {
         let len = bytes.len();
-        if !(MIN..=MAX).contains(&len)
+        // Not over this side's limits (`max_len`, at most `MAX`): such a string goes inline,
+        // and the socket refuses the message unsent (`TooLarge`), as any message over them.
+        if !(MIN..=self.max_len).contains(&len)
             || !self.peer_reads.load(Ordering::Relaxed)
             || self.busy.load(Ordering::Acquire) != 0
         {
