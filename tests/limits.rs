@@ -435,3 +435,25 @@ fn a_byte_string_over_the_senders_limits_fails_unsent_with_too_large() {
     drop(strings);
     server.join().unwrap().unwrap();
 }
+
+#[test]
+fn byte_strings_cross_a_connection_whose_limits_allow_no_fds() {
+    let _fds = fd_count_lock();
+    let limits = Limits {
+        max_fds: 0,
+        ..Limits::default()
+    };
+    let (mut a, mut b) = Socket::pair().unwrap();
+    a.set_limits(limits);
+    b.set_limits(limits);
+    let b = Connection::new(b);
+    let server = std::thread::spawn(move || StringsServer::new(StringsImpl).serve(b));
+    let strings = StringsClient::new(Connection::new(a));
+    assert_eq!(strings.echo(vec![0; 10]).unwrap(), vec![0; 10]);
+    // No fd in the call: the shared region's, which would carry it, must not make it one.
+    for _ in 0..2 {
+        assert_eq!(strings.echo(vec![5; 3000]).unwrap(), vec![5; 3000]);
+    }
+    drop(strings);
+    server.join().unwrap().unwrap();
+}

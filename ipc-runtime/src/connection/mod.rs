@@ -217,7 +217,8 @@ impl Connection {
     /// every message printed to stderr.
     pub fn new(socket: Socket) -> Connection {
         let peer = socket.peer_credentials().ok();
-        let lane = Lane::new(socket.limits().max_message_len);
+        let limits = socket.limits();
+        let lane = Lane::new(limits.max_message_len, limits.max_fds);
         Connection {
             shared: Arc::new(Shared {
                 socket,

@@ -139,6 +139,10 @@ pub(crate) struct Lane {
     /// every later string with it. Regions of up to [`MAX`] are accepted; only the bytes of
     /// a string (at most `max_len`) are ever read from one.
     max_len: usize,
+    /// This end's limits let a message carry an fd: the region's and the pipe's travel so,
+    /// and a message carrying one would be refused (`TooManyFds`) although its sender passed
+    /// no fd. Without, strings go inline (or into the peer's memory, which needs no fd).
+    sends_fds: bool,
     /// Where the peer writes strings into this process, once this end accepts that.
     inbox: Mutex<Option<Inbox>>,
     /// A string was taken out of the inbox and its placement is not acknowledged yet: the
@@ -148,8 +152,9 @@ pub(crate) struct Lane {
 
 impl Lane {
     /// A lane that accepts strings of at most `max_len` bytes from the peer, and sends none
-    /// larger out of line.
-    pub(crate) fn new(max_len: usize) -> Lane {
+    /// larger out of line; through its region or pipe only if a message may carry an fd
+    /// (`max_fds`, this end's limits).
+    pub(crate) fn new(max_len: usize, max_fds: usize) -> Lane {
         Lane {
             out: Mutex::new(Outgoing::default()),
             busy: AtomicU32::new(0),
@@ -161,6 +166,7 @@ impl Lane {
             peer_mailbox: Mutex::new(None),
             consumed: AtomicU64::new(0),
             max_len: max_len.min(MAX),
+            sends_fds: max_fds > 0,
             inbox: Mutex::new(None),
             inbox_taken: AtomicBool::new(false),
         }

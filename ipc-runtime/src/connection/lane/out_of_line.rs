@@ -20,6 +20,7 @@ impl OutOfLine for Lane {
         // unsent (`TooLarge`), as it refuses any message over them.
         if !pipes(len)
             || len > self.max_len
+            || !self.sends_fds
             || !self.lends.load(Ordering::Relaxed)
             || !self.peer_reads.load(Ordering::Relaxed)
             || self.busy.load(Ordering::Acquire) != 0
@@ -102,6 +103,9 @@ impl OutOfLine for Lane {
                 generation,
                 len: len as u64,
             }));
+        }
+        if !self.sends_fds {
+            return None; // the region's fd could never go out
         }
         if out.region.as_ref().is_none_or(|r| r.len() < len) {
             let region = SharedRegion::new(len.next_power_of_two().clamp(MIN_REGION, MAX)).ok()?;

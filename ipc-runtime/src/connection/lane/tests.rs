@@ -75,7 +75,7 @@ fn a_stalled_write_into_the_peer_holds_up_no_other_call() {
     }
 
     set_one_copy(OneCopy::Always);
-    let lane = Arc::new(Lane::new(MAX));
+    let lane = Arc::new(Lane::new(MAX, usize::MAX));
     lane.on_word(READS_LANES);
     // The peer's mailbox (this process stands in for the peer): its buffer is the mapping.
     let token = 0x5eed_u64 | 1;
@@ -148,7 +148,7 @@ fn place(a: &Lane, bytes: &[u8]) -> (crate::codec::Placed, Option<std::os::fd::O
 #[cfg(test)]
 fn a_lap_of_placements() -> (Lane, Lane, u32, Vec<u8>) {
     use crate::codec::OutOfLine;
-    let (a, b) = (Lane::new(MAX), Lane::new(MAX));
+    let (a, b) = (Lane::new(MAX, usize::MAX), Lane::new(MAX, usize::MAX));
     a.on_word(READS_LANES);
     let first = vec![1u8; 4096];
     let (placed, fd) = place(&a, &first);

@@ -194,7 +194,8 @@ impl AsyncConnection {
         let io = super::register(Registered(socket))?;
         let runtime = Handle::current();
         let peer = io.get_ref().0.peer_credentials().ok();
-        let lane = Lane::new(io.get_ref().0.limits().max_message_len);
+        let limits = io.get_ref().0.limits();
+        let lane = Lane::new(limits.max_message_len, limits.max_fds);
         let tasks = Arc::new(Tasks::default());
         let reader = tasks.enter();
         let inner = Arc::new(Inner {
