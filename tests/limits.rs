@@ -355,6 +355,64 @@ mod asynchronous {
             hang_up(worker, files).await;
         });
     }
+
+    /// [`super::Strings`], async.
+    #[interface]
+    pub trait Strings {
+        /// `data`, back.
+        async fn echo(&self, data: Vec<u8>) -> Vec<u8>;
+    }
+
+    struct StringsImpl;
+
+    impl Strings for StringsImpl {
+        async fn echo(&self, data: Vec<u8>) -> Vec<u8> {
+            data
+        }
+    }
+
+    /// [`super::byte_strings_cross_to_an_end_whose_limits_allow_no_fds`], async.
+    #[test]
+    fn byte_strings_cross_to_an_end_whose_limits_allow_no_fds() {
+        use typed_ipc::{Limits, Socket};
+        let _fds = fd_count_lock();
+        let before = open_fds();
+        runtime().block_on(async {
+            for (client, server) in [(1024, 0), (0, 1024)] {
+                for lend in [false, true] {
+                    let (mut a, mut b) = Socket::pair().unwrap();
+                    for (socket, max_fds) in [(&mut a, client), (&mut b, server)] {
+                        socket.set_limits(Limits {
+                            max_fds,
+                            ..Limits::default()
+                        });
+                    }
+                    let b = AsyncConnection::new(b).unwrap();
+                    let serving = tokio::spawn(StringsServer::new(StringsImpl).serve(b));
+                    let conn = AsyncConnection::new(a).unwrap();
+                    conn.lend_pages_to_peer(lend);
+                    let strings = StringsClient::new(conn.clone());
+                    for round in 0..3 {
+                        for len in super::OUT_OF_LINE_SIZES {
+                            let data = vec![round as u8 + 1; len];
+                            let got = strings.echo(data.clone()).await;
+                            assert!(
+                                got.as_ref().is_ok_and(|got| *got == data),
+                                "fds {client}/{server}, lend {lend}, round {round}, {len} \
+                                 bytes: {:?}",
+                                got.map(|got| got.len())
+                            );
+                        }
+                    }
+                    drop(strings);
+                    conn.close();
+                    conn.wait_closed().await;
+                    serving.await.unwrap().unwrap();
+                }
+            }
+        });
+        assert_eq!(open_fds(), before, "no fd left open");
+    }
 }
 
 /// Byte strings, which the connection moves through its shared region from 1 KiB.
@@ -456,4 +514,62 @@ fn byte_strings_cross_a_connection_whose_limits_allow_no_fds() {
     }
     drop(strings);
     server.join().unwrap().unwrap();
+}
+
+/// A connection whose client's socket accepts at most `client` fds a message and whose
+/// server's at most `server`, serving [`Strings`] on a thread; the client lends its pages
+/// (so a call's strings of 128 KiB to 1 MiB take the pipe) if `lend`.
+fn strings_with_fds(
+    client: usize,
+    server: usize,
+    lend: bool,
+) -> (
+    StringsClient,
+    std::thread::JoinHandle<typed_ipc::Result<()>>,
+) {
+    let (mut a, mut b) = Socket::pair().unwrap();
+    for (socket, max_fds) in [(&mut a, client), (&mut b, server)] {
+        socket.set_limits(Limits {
+            max_fds,
+            ..Limits::default()
+        });
+    }
+    let b = Connection::new(b);
+    let server = std::thread::spawn(move || StringsServer::new(StringsImpl).serve(b));
+    let conn = Connection::new(a);
+    conn.lend_pages_to_peer(lend);
+    (StringsClient::new(conn), server)
+}
+
+/// Sizes that take every way a byte string goes out of line: the region (2 KiB, and
+/// 64 KiB, its smallest size), the pipe if the client lends its pages (200 KiB), and a
+/// region grown past the pipe's bound (2 MiB). Each a few times: every call must work,
+/// the first ones as much as the later ones.
+const OUT_OF_LINE_SIZES: [usize; 4] = [2 << 10, 64 << 10, 200 << 10, 2 << 20];
+
+#[test]
+fn byte_strings_cross_to_an_end_whose_limits_allow_no_fds() {
+    let _fds = fd_count_lock();
+    let before = open_fds();
+    // (client, server): the server's socket takes no fds, then the client's, which would
+    // each refuse a message that carries the region's or the pipe's fd.
+    for (client, server) in [(1024, 0), (0, 1024)] {
+        for lend in [false, true] {
+            let (strings, handle) = strings_with_fds(client, server, lend);
+            for round in 0..3 {
+                for len in OUT_OF_LINE_SIZES {
+                    let data = vec![round as u8 + 1; len];
+                    let got = strings.echo(data.clone());
+                    assert!(
+                        got.as_ref().is_ok_and(|got| *got == data),
+                        "fds {client}/{server}, lend {lend}, round {round}, {len} bytes: {:?}",
+                        got.map(|got| got.len())
+                    );
+                }
+            }
+            drop(strings);
+            handle.join().unwrap().unwrap();
+        }
+    }
+    assert_eq!(open_fds(), before, "no fd left open");
 }

@@ -32,7 +32,10 @@ impl Frame {
 pub struct Limits {
     /// Largest payload accepted, in bytes. Default 1 GiB; at most `u32::MAX`.
     pub max_message_len: usize,
-    /// Most fds accepted in one message. Default 1024.
+    /// Most fds accepted in one message. Default 1024. With 0, a connection over this socket
+    /// also moves byte strings neither way through its shared region or pipe, which would
+    /// pass their fd: they go inline (or are written into this end's memory, if it accepts
+    /// that).
     pub max_fds: usize,
 }
 

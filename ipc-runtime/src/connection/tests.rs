@@ -345,6 +345,44 @@ fn a_written_request_refused_unread_leaves_the_inbox_buffer_to_the_next() {
     server.join().unwrap().unwrap();
 }
 
+/// An end whose limits allow no fds does not read lanes (its socket would refuse the
+/// region's fd), but strings written into its memory need no fd: they are still written,
+/// and acknowledged, while the region's sizes go inline.
+#[test]
+fn strings_are_written_into_an_end_whose_limits_allow_no_fds() {
+    // Written on any machine (a measured choice could take the region).
+    crate::peer_memory::set_one_copy(crate::peer_memory::OneCopy::Always);
+    let (a, mut b) = crate::Socket::pair().unwrap();
+    b.set_limits(crate::Limits {
+        max_fds: 0,
+        ..crate::Limits::default()
+    });
+    let (a, b) = (Connection::new(a), Connection::new(b));
+    b.accept_writes_from_peer().unwrap();
+    a.write_into_peer(crate::peer_memory::PeerMemory::of_pid(std::process::id()));
+    let (open, server) = serve_gated(&b);
+    assert_eq!(a.call::<_, u32>(&BULK, 2, &(), None).unwrap(), 7);
+    for (round, len) in [300_000, 2048, 300_000, 64 << 10, 300_000]
+        .into_iter()
+        .enumerate()
+    {
+        let data = vec![round as u8; len];
+        open.send(()).unwrap();
+        let Bytes(back) = a
+            .call::<_, Bytes<Vec<u8>>>(&BULK, 1, &Bytes(&data), None)
+            .unwrap();
+        assert_eq!(back, data);
+        assert!(!a.lane_is_busy(), "acknowledged");
+    }
+    assert_eq!(
+        b.shared.lane.inbox_generation(),
+        Some(4),
+        "each 300,000-byte string was written into the inbox and taken"
+    );
+    a.close();
+    server.join().unwrap().unwrap();
+}
+
 /// A reply that went through the lane but whose caller had given up is dropped unread. The
 /// caller's end must still tell the peer it is done with that placement, or the peer's lane
 /// stays busy, and its byte strings go through the socket, for the rest of the connection.

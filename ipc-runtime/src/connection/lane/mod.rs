@@ -20,6 +20,10 @@
 //!   bits 11..21 the sequence number of the placement this message carries (0: none), bits
 //!   0..10 that of the last placement this end is done with, and bit 22 that it was done
 //!   with that one *unread*. A peer that leaves the word zero is never sent a placement.
+//!   An end whose limits allow no fds (`Limits::max_fds` 0) leaves bit 23 clear: its socket
+//!   would refuse every message carrying the region's or the pipe's fd, so it is sent
+//!   strings inline, or written into its memory if it announced an inbox (no fd needed);
+//!   its acknowledgements (bits 0..10, 22) count all the same.
 //!   Both flavours (this connection and the async one) keep a `Lane` and speak this
 //!   protocol.
 //! - An end is done with a placement once it has copied it out, or once it is done with the
@@ -128,8 +132,9 @@ pub(crate) struct Lane {
     /// the peer (which holds `out`, and could be slow).
     peer_mailbox: Mutex<Option<(u64, u64)>>,
     /// Low 32 bits: the sequence number of the last placement of the peer's this end is done
-    /// with, with [`UNREAD`] if it was not read. High 32 bits: how many of the peer's
-    /// messages that carry a placement have been taken in (wrapping), which
+    /// with, with [`UNREAD`] if it was not read, and [`READS_LANES`] if this end reads lanes
+    /// (fixed, kept here so that [`Lane::word`] costs no other load). High 32 bits: how many
+    /// of the peer's messages that carry a placement have been taken in (wrapping), which
     /// [`Lane::on_message`] stamps into each (see [`Lane::finished`]). One atomic, so that
     /// an acknowledgement is recorded only if no such message came in meanwhile.
     consumed: AtomicU64,
@@ -153,7 +158,8 @@ pub(crate) struct Lane {
 impl Lane {
     /// A lane that accepts strings of at most `max_len` bytes from the peer, and sends none
     /// larger out of line; through its region or pipe only if a message may carry an fd
-    /// (`max_fds`, this end's limits).
+    /// (`max_fds`, this end's limits). For the same reason it tells the peer that it reads
+    /// lanes only if its messages may carry an fd: the one a placement announces.
     pub(crate) fn new(max_len: usize, max_fds: usize) -> Lane {
         Lane {
             out: Mutex::new(Outgoing::default()),
@@ -164,7 +170,7 @@ impl Lane {
             incoming: Mutex::new(None),
             incoming_pipe: Mutex::new(None),
             peer_mailbox: Mutex::new(None),
-            consumed: AtomicU64::new(0),
+            consumed: AtomicU64::new(if max_fds > 0 { READS_LANES.into() } else { 0 }),
             max_len: max_len.min(MAX),
             sends_fds: max_fds > 0,
             inbox: Mutex::new(None),
@@ -235,7 +241,8 @@ impl Lane {
     #[inline]
     pub(crate) fn word(&self, placed: u32) -> u32 {
         self.settle_inbox_if_taken();
-        READS_LANES | placed << SEQ_BITS | self.consumed.load(Ordering::Acquire) as u32
+        // `consumed` holds `READS_LANES` too, if this end reads lanes.
+        placed << SEQ_BITS | self.consumed.load(Ordering::Acquire) as u32
     }
 
     /// Gives the inbox its next buffer and only then acknowledges the string taken out of
@@ -302,8 +309,9 @@ impl Lane {
             .consumed
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |last| {
                 let latest = stamp.is_none_or(|s| (last >> 32) as u32 & SEQ_MASK == s);
+                let reads = last as u32 & READS_LANES;
                 (latest && newer(seq, last as u32 & SEQ_MASK))
-                    .then_some(last >> 32 << 32 | u64::from(seq | how))
+                    .then_some(last >> 32 << 32 | u64::from(seq | how | reads))
             });
     }
 
@@ -330,12 +338,11 @@ impl Lane {
         envelope::set_lane(payload, word & !SEQ_MASK | stamp);
     }
 
-    /// Takes in the lane word of an envelope the peer sent.
+    /// Takes in the lane word of an envelope the peer sent. Its acknowledgement counts even
+    /// if the peer does not read lanes: one whose limits allow no fds takes strings written
+    /// into its memory all the same (a peer that ignores lanes acknowledges nothing).
     fn on_word(&self, word: u32) {
-        if word & READS_LANES == 0 {
-            return;
-        }
-        if !self.peer_reads.load(Ordering::Relaxed) {
+        if word & READS_LANES != 0 && !self.peer_reads.load(Ordering::Relaxed) {
             self.peer_reads.store(true, Ordering::Relaxed);
         }
         let seq = word & SEQ_MASK;

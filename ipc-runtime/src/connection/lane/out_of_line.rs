@@ -87,16 +87,18 @@ impl OutOfLine for Lane {
         let len = bytes.len();
         // Not over this side's limits (`max_len`, at most `MAX`): such a string goes inline,
         // and the socket refuses the message unsent (`TooLarge`), as any message over them.
-        if !(MIN..=self.max_len).contains(&len)
-            || !self.peer_reads.load(Ordering::Relaxed)
-            || self.busy.load(Ordering::Acquire) != 0
-        {
+        if !(MIN..=self.max_len).contains(&len) || self.busy.load(Ordering::Acquire) != 0 {
+            return None;
+        }
+        // A peer that does not read lanes takes no fd: no region, but it may still take a
+        // string written into its memory (if it announced an inbox).
+        let reads = self.peer_reads.load(Ordering::Relaxed);
+        let writes = (peer_memory::MIN..=peer_memory::CAPACITY).contains(&len);
+        if !reads && !writes {
             return None;
         }
         let mut out = self.idle_out()?;
-        if (peer_memory::MIN..=peer_memory::CAPACITY).contains(&len)
-            && let Some(generation) = out.writer.write(&self.peer_mailbox, bytes)
-        {
+        if writes && let Some(generation) = out.writer.write(&self.peer_mailbox, bytes) {
             let token = out.start(&self.busy, &self.peer_done);
             return Some(Placement::Written(Written {
                 seq: token & SEQ_MASK,
@@ -104,8 +106,8 @@ impl OutOfLine for Lane {
                 len: len as u64,
             }));
         }
-        if !self.sends_fds {
-            return None; // the region's fd could never go out
+        if !self.sends_fds || !reads {
+            return None; // the region's fd could never go out, or would be refused
         }
         if out.region.as_ref().is_none_or(|r| r.len() < len) {
             let region = SharedRegion::new(len.next_power_of_two().clamp(MIN_REGION, MAX)).ok()?;
