@@ -270,7 +270,8 @@ impl Serialize for SealedBuffer {
 }
 
 /// Takes the memfd from the message's fd table and checks it as [`SealedBuffer::from_fd`]
-/// does; an unsealed or oversized fd fails decoding (the call gets [`Error::Malformed`]).
+/// does; an unsealed or oversized fd fails decoding: a reply's caller gets
+/// [`Error::Malformed`], a request's caller [`Error::Remote`] (the server could not decode it).
 impl<'de> Deserialize<'de> for SealedBuffer {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let fd: OwnedFd = crate::codec::fd::deserialize(d)?;
