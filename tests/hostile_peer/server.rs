@@ -226,9 +226,15 @@ fn probe(socket: &Socket, cookie: u64) -> Result<Probe, Finding> {
         Err(e) => return Err(finding("probe failed", format!("sending the probe: {e}"))),
     }
     let deadline = Instant::now() + PATIENCE;
+    // A server that refused a header of another version tells its own, once a connection, in
+    // a datagram that is a header only: to a peer of this version, an empty message.
+    let mut told_version = false;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match socket.recv_timeout(left) {
+            Ok(frame) if frame.payload.is_empty() && frame.fds.is_empty() && !told_version => {
+                told_version = true;
+            }
             Ok(frame) => {
                 if judge_incoming(&frame, cookie)? {
                     return Ok(Probe::Alive);
@@ -352,21 +358,28 @@ pub(crate) fn fuzz_server(
         let plan = random_plan(&mut rng, seeds);
         cookie += 1;
         let live = socket.as_ref().unwrap();
-        let alive = match attack(live, &plan, seeds, cookie) {
-            Ok(alive) => alive,
-            Err(f) => {
-                let fatal = f.kind == "hang";
+        let (alive, ended) = match attack(live, &plan, seeds, cookie) {
+            Ok(alive) => (alive, None),
+            Err(f) if f.kind == "hang" => {
                 report(server, &plan, f, i);
-                if fatal {
-                    return (findings, tally);
-                }
-                false
+                return (findings, tally);
+            }
+            Err(f) => {
+                // Reducing replays the plan on connections of its own, so this one ends
+                // first (the server keeps one connection's outcome at a time).
+                drop(socket.take());
+                let ended = check_end(server);
+                report(server, &plan, f, i);
+                (false, Some(ended))
             }
         };
         // Now and then hang up ourselves, to check what a connection leaves behind.
         if !alive || rng.chance(50) || i + 1 == iters {
-            drop(socket.take());
-            match check_end(server) {
+            let ended = ended.unwrap_or_else(|| {
+                drop(socket.take());
+                check_end(server)
+            });
+            match ended {
                 Ok(outcome) => tally.add(&outcome),
                 Err(f) => {
                     let fatal = f.kind == "hang";
