@@ -430,25 +430,20 @@ impl Strings for StringsImpl {
     }
 }
 
-/// A connection whose ends accept at most `client` and `server` bytes a message, serving
-/// [`Strings`] on a thread, and ready to move byte strings through shared regions.
-fn strings_with_limits(
-    client: usize,
-    server: usize,
-) -> (
+/// A [`Strings`] client, and the thread serving it.
+type Served = (
     StringsClient,
     std::thread::JoinHandle<typed_ipc::Result<()>>,
-) {
-    let (mut a, mut b) = Socket::pair().unwrap();
-    for (socket, max_message_len) in [(&mut a, client), (&mut b, server)] {
-        socket.set_limits(Limits {
-            max_message_len,
-            ..Limits::default()
-        });
-    }
-    let b = Connection::new(b);
-    let server = std::thread::spawn(move || StringsServer::new(StringsImpl).serve(b));
-    let strings = StringsClient::new(Connection::new(a));
+);
+
+/// A connection whose ends accept at most `client` and `server` bytes a message, serving
+/// [`Strings`] on a thread, and ready to move byte strings through shared regions.
+fn strings_with_limits(client: usize, server: usize) -> Served {
+    let limits = |max_message_len| Limits {
+        max_message_len,
+        ..Limits::default()
+    };
+    let (strings, server) = strings_between(limits(client), limits(server), false);
     // An end places strings in its region once the peer's messages say it reads them: one
     // small call each way, so that the strings below take the region, not the socket.
     assert_eq!(strings.echo(vec![0; 10]).unwrap(), vec![0; 10]);
@@ -519,21 +514,20 @@ fn byte_strings_cross_a_connection_whose_limits_allow_no_fds() {
 /// A connection whose client's socket accepts at most `client` fds a message and whose
 /// server's at most `server`, serving [`Strings`] on a thread; the client lends its pages
 /// (so a call's strings of 128 KiB to 1 MiB take the pipe) if `lend`.
-fn strings_with_fds(
-    client: usize,
-    server: usize,
-    lend: bool,
-) -> (
-    StringsClient,
-    std::thread::JoinHandle<typed_ipc::Result<()>>,
-) {
+fn strings_with_fds(client: usize, server: usize, lend: bool) -> Served {
+    let limits = |max_fds| Limits {
+        max_fds,
+        ..Limits::default()
+    };
+    strings_between(limits(client), limits(server), lend)
+}
+
+/// A client and a server of [`Strings`] (on a thread) whose sockets have these limits; the
+/// client lends its pages to the server if `lend`.
+fn strings_between(client: Limits, server: Limits, lend: bool) -> Served {
     let (mut a, mut b) = Socket::pair().unwrap();
-    for (socket, max_fds) in [(&mut a, client), (&mut b, server)] {
-        socket.set_limits(Limits {
-            max_fds,
-            ..Limits::default()
-        });
-    }
+    a.set_limits(client);
+    b.set_limits(server);
     let b = Connection::new(b);
     let server = std::thread::spawn(move || StringsServer::new(StringsImpl).serve(b));
     let conn = Connection::new(a);

@@ -320,17 +320,7 @@ fn killing_a_worker_the_kernel_has_reaped_is_harmless() {
 #[test]
 #[ignore = "run as a child process by other tests"]
 fn child_killing_its_reaped_worker() {
-    // SAFETY: setting a disposition takes plain integers; ignoring SIGCHLD only changes how
-    // this process's children are reaped, and this process runs nothing but this test.
-    assert_ne!(
-        unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) },
-        libc::SIG_ERR
-    );
-    let (mut worker, socket) = told_to_exit();
-    // Readable once the worker has exited, and with SIGCHLD ignored, been reaped: its pid is
-    // free for another process to take.
-    drop(socket);
-    until_exited(&worker);
+    let mut worker = reaped_worker();
     worker.kill().unwrap();
     drop(worker);
 }
@@ -343,6 +333,22 @@ fn told_to_exit() -> (Worker, ipc_runtime::Socket) {
     let (worker, socket) = Worker::spawn_socket(child("child_exiting_when_told")).unwrap();
     assert!(worker.pidfd().is_some(), "this kernel has pidfds");
     (worker, socket)
+}
+
+/// In a process of its own (the setting is process-wide), ignores `SIGCHLD`, so the kernel
+/// reaps children as they exit, and returns a worker that has exited and been reaped: its pid
+/// is free for another process to take.
+fn reaped_worker() -> Worker {
+    // SAFETY: setting a disposition takes plain integers; ignoring SIGCHLD only changes how
+    // this process's children are reaped, and the process runs nothing but one test.
+    assert_ne!(
+        unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) },
+        libc::SIG_ERR
+    );
+    let (worker, socket) = told_to_exit();
+    drop(socket);
+    until_exited(&worker);
+    worker
 }
 
 fn until_exited(worker: &Worker) {
@@ -406,15 +412,7 @@ fn waiting_for_a_worker_the_kernel_has_reaped_says_so() {
 #[test]
 #[ignore = "run as a child process by other tests"]
 fn child_waiting_for_its_reaped_worker() {
-    // SAFETY: setting a disposition takes plain integers; ignoring SIGCHLD only changes how
-    // this process's children are reaped, and this process runs nothing but this test.
-    assert_ne!(
-        unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) },
-        libc::SIG_ERR
-    );
-    let (mut worker, socket) = told_to_exit();
-    drop(socket);
-    until_exited(&worker);
+    let mut worker = reaped_worker();
     let waited = worker.wait();
     assert!(says_reaped(waited.as_ref().err()), "{waited:?}");
     let tried = worker.try_wait();
