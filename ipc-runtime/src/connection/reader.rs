@@ -166,7 +166,7 @@ impl Shared {
     pub(super) fn route<'a>(
         &'a self,
         mut state: Guard<'a>,
-        mut frame: Frame,
+        frame: Frame,
         result: Result<()>,
         reader: Reader,
     ) -> (Guard<'a>, Option<Taken>) {
@@ -184,9 +184,7 @@ impl Shared {
                     Err(e) => self.fail(&mut state, e),
                     Ok(()) => self.fail(&mut state, Error::Malformed("bad envelope".into())),
                 }
-                // Its buffer is kept, not its fds: nothing reads again to clear them.
-                frame.fds.clear();
-                state.buffer = frame;
+                keep_unread(&mut state, frame);
                 return (state, None);
             }
         };
@@ -235,7 +233,7 @@ impl Shared {
             }
             (Kind::Call, Err(e)) => {
                 state = self.answer_unreceived(state, &envelope, &e, reader);
-                state.buffer = frame;
+                keep_unread(&mut state, frame);
             }
             (Kind::Oneway, Err(e)) => {
                 drop(state);
@@ -245,7 +243,7 @@ impl Shared {
                 failure::oneway_failed(self.trace, &envelope, served, &unreceived(&e, true));
                 drop(registry);
                 state = self.state.lock();
-                state.buffer = frame;
+                keep_unread(&mut state, frame);
             }
             (Kind::Announce, result) => {
                 if self.trace {
@@ -255,10 +253,7 @@ impl Shared {
                     Ok((mailbox, token)) => self.lane.on_announce(mailbox, token),
                     Err(e) => self.fail(&mut state, e),
                 }
-                // An announcement carries no fds; after a bad one nothing reads again to
-                // clear them.
-                frame.fds.clear();
-                state.buffer = frame;
+                keep_unread(&mut state, frame);
             }
         }
         (state, None)
@@ -358,4 +353,13 @@ pub(super) enum Taken {
     Reply(Result<Frame>),
     /// A request to run now; `true` for a oneway one, already marked running.
     Request(Frame, bool),
+}
+
+/// Keeps the frame of a message that nothing takes as the read buffer: its memory, not its
+/// fds, which are closed here (after a message that ended the connection, nothing reads again
+/// to clear them).
+#[cold]
+fn keep_unread(state: &mut State, mut frame: Frame) {
+    frame.fds.clear();
+    state.buffer = frame;
 }
