@@ -239,6 +239,9 @@ impl Server {
                 },
             };
             // A failure from here on concerns this one client, which sees a hang-up.
+            // Locked before its thread starts, so that `clients()` never misses a client that
+            // has already been served.
+            let mut list = pruned(clients);
             let client = Socket::new(fd)
                 .map_err(|e| ("cannot set up a client's socket", e.to_string()))
                 .and_then(|socket| {
@@ -248,9 +251,10 @@ impl Server {
             match client {
                 Ok(client) => {
                     trouble.accepted();
-                    pruned(clients).push(client);
+                    list.push(client);
                 }
                 Err((what, why)) => {
+                    drop(list);
                     if back_off(trouble.failed(what, &why), clients, stop) {
                         return Ok(());
                     }

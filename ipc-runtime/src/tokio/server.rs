@@ -181,8 +181,11 @@ impl AsyncServer {
             match Socket::new(fd).and_then(AsyncConnection::new) {
                 Ok(connection) => {
                     trouble.accepted();
+                    // Locked before the task starts, so that `clients()` never misses a
+                    // client that has already been served.
+                    let mut clients = pruned(clients);
                     let task = ::tokio::spawn(self.serve(&connection));
-                    pruned(clients).push(Client { connection, task });
+                    clients.push(Client { connection, task });
                 }
                 Err(e) => {
                     let wait = trouble.failed("cannot set up a client's connection", &e);
