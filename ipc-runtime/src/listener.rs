@@ -23,8 +23,8 @@ use crate::socket::Socket;
 #[derive(Debug)]
 pub struct Listener {
     fd: OwnedFd,
-    /// The file we created, by path and inode, so drop removes only our own.
-    path: Option<(PathBuf, u64)>,
+    /// The file we created, by path and (device, inode), so drop removes only our own.
+    path: Option<(PathBuf, (u64, u64))>,
 }
 
 impl Listener {
@@ -40,12 +40,14 @@ impl Listener {
             }
             r => r?,
         }
-        let ino = fs::metadata(path)?.ino();
-        ns::listen(&fd, Backlog::MAXCONN)?;
-        Ok(Listener {
+        let file = fs::metadata(path)?;
+        // Made before `listen`, so that a failure there removes the file again.
+        let listener = Listener {
             fd,
-            path: Some((path.to_owned(), ino)),
-        })
+            path: Some((path.to_owned(), (file.dev(), file.ino()))),
+        };
+        ns::listen(&listener.fd, Backlog::MAXCONN)?;
+        Ok(listener)
     }
 
     /// Listens on a Linux abstract socket name (no file; it disappears with the listener).
@@ -94,8 +96,8 @@ impl AsFd for Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        if let Some((path, ino)) = &self.path {
-            if fs::metadata(path).is_ok_and(|m| m.ino() == *ino) {
+        if let Some((path, id)) = &self.path {
+            if fs::metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == *id) {
                 let _ = fs::remove_file(path);
             }
         }
