@@ -238,6 +238,11 @@ impl Server {
                     Failure::Fatal => return Err(e.into()),
                 },
             };
+            // The listening socket's shutdown still hands out the clients queued before it:
+            // once stopping, they are hung up on, not served.
+            if stopping() {
+                return Ok(());
+            }
             // A failure from here on concerns this one client, which sees a hang-up.
             // Locked before its thread starts, so that `clients()` never misses a client that
             // has already been served.
