@@ -157,6 +157,99 @@ fn child_async_lab() {
     });
 }
 
+/// A worker that accepts one fd a message, so that `count` with two is refused unread.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_lab_of_one_fd() {
+    let mut socket = worker::socket().unwrap();
+    socket.set_limits(one_fd());
+    LabServer::new(Impl)
+        .serve(typed_ipc::Connection::new(socket))
+        .unwrap();
+}
+
+/// The async flavour of [`child_lab_of_one_fd`].
+#[cfg(feature = "tokio")]
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_async_lab_of_one_fd() {
+    common::current_thread_runtime().block_on(async {
+        let mut socket = worker::socket().unwrap();
+        socket.set_limits(one_fd());
+        let conn = typed_ipc::tokio::AsyncConnection::new(socket).unwrap();
+        let server = asynchronous::LabServer::new(asynchronous::Impl);
+        server.serve(conn).await.unwrap();
+    });
+}
+
+fn one_fd() -> typed_ipc::Limits {
+    typed_ipc::Limits {
+        max_fds: 1,
+        ..Default::default()
+    }
+}
+
+/// Sends `child_lab_of_one_fd` a call it refuses unread (two fds), then one it answers.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_refused_traced() {
+    let (mut lab, conn) = Worker::spawn(child("child_lab_of_one_fd")).unwrap();
+    let client = LabClient::new(conn);
+    let refused = client.count(two_files().0);
+    assert!(
+        matches!(refused, Err(typed_ipc::Error::Remote(_))),
+        "{refused:?}"
+    );
+    assert_eq!(client.reverse("ab".into()).unwrap(), "ba");
+    drop(client);
+    lab.wait().unwrap();
+}
+
+/// The async flavour of [`child_refused_traced`].
+#[cfg(feature = "tokio")]
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_refused_traced_async() {
+    common::current_thread_runtime().block_on(async {
+        let spawned = typed_ipc::tokio::worker::spawn(child("child_async_lab_of_one_fd"));
+        let (mut lab, conn) = spawned.unwrap();
+        let client = asynchronous::LabClient::new(conn);
+        let refused = client.count(two_files().0).await;
+        assert!(
+            matches!(refused, Err(typed_ipc::Error::Remote(_))),
+            "{refused:?}"
+        );
+        assert_eq!(client.reverse("ab".into()).await.unwrap(), "ba");
+        drop(client);
+        lab.wait().unwrap();
+    });
+}
+
+/// A request refused before it could run (here for its fds) is printed as received too,
+/// as is the failure it is answered with.
+#[test]
+fn a_refused_request_is_printed_as_received() {
+    check_refused("child_refused_traced");
+}
+
+/// The same from the async flavour's client and server.
+#[cfg(feature = "tokio")]
+#[test]
+fn a_refused_request_is_printed_as_received_async() {
+    check_refused("child_refused_traced_async");
+}
+
+fn check_refused(scenario: &str) {
+    let stderr = traced_stderr(scenario);
+    let has = |want: &str| assert_line(&stderr, want);
+    has("<- Call #1 Lab::count (16 bytes, 0 fds)");
+    has(concat!(
+        r#"-> Failure #1: Unanswered("the request is over its limits: "#,
+        r#"message carries 2 file descriptors, the limit is 1")"#
+    ));
+    has("<- Call #2 Lab::reverse (10 bytes, 0 fds)");
+}
+
 /// The async flavour of [`child_traced`].
 #[cfg(feature = "tokio")]
 #[test]
@@ -258,26 +351,27 @@ fn scenario_stderr(mut command: std::process::Command) -> String {
     stderr
 }
 
-/// Runs `scenario` traced and checks what it printed.
-fn check_trace(scenario: &str) {
+/// What `scenario` (a child of this test binary) and its worker print to stderr, traced.
+fn traced_stderr(scenario: &str) -> String {
     let mut command = child(scenario);
     command.env("TYPED_IPC_DEBUG", "1").stderr(Stdio::piped());
-    let stderr = scenario_stderr(command);
-    // Lines start `typed-ipc[pid] `: drop the pids.
-    let lines: Vec<&str> = stderr
-        .lines()
-        .filter_map(|l| {
-            l.strip_prefix("typed-ipc[")?
-                .split_once("] ")
-                .map(|(_, rest)| rest)
-        })
-        .collect();
-    let has = |want: &str| {
-        assert!(
-            lines.iter().any(|l| l == &want),
-            "no line {want:?} in:\n{stderr}"
-        )
-    };
+    scenario_stderr(command)
+}
+
+/// Fails unless `stderr` has the traced line `want`, after its `typed-ipc[pid] ` prefix.
+fn assert_line(stderr: &str, want: &str) {
+    let found = stderr.lines().any(|l| {
+        l.strip_prefix("typed-ipc[")
+            .and_then(|l| l.split_once("] "))
+            .is_some_and(|(_, rest)| rest == want)
+    });
+    assert!(found, "no line {want:?} in:\n{stderr}");
+}
+
+/// Runs `scenario` traced and checks what it printed.
+fn check_trace(scenario: &str) {
+    let stderr = traced_stderr(scenario);
+    let has = |want: &str| assert_line(&stderr, want);
     // Calls as the client sent them; replies as the worker sent them.
     has(r#"-> Call #1 Lab::reverse("hello")"#);
     has(r#"-> Reply #1 "olleh""#);
@@ -412,7 +506,7 @@ fn a_traced_failure_is_cut_short() {
     let stderr = scenario_stderr(command);
     let said = stderr
         .lines()
-        .find(|l| l.contains("] -> failure #"))
+        .find(|l| l.contains("] -> Failure #"))
         .unwrap_or_else(|| panic!("the failure is not printed:\n{stderr:.2000}"));
     assert!(said.contains(r"not a name: \u{1b}[2J"));
     assert!(

@@ -218,7 +218,10 @@ impl Shared {
                 state.oneways_arrived += 1;
                 return (state, Some(Taken::Request(frame, true)));
             }
-            (Kind::Call | Kind::Oneway, Ok(())) if !self.admit(&mut state) => {}
+            // Refused by the backlog, which ends the connection.
+            (Kind::Call | Kind::Oneway, Ok(())) if !self.admit(&mut state) => {
+                state = self.trace_refused(state, &envelope, &frame);
+            }
             (Kind::Call, Ok(())) => {
                 let frame = to_queue(&mut state, frame);
                 let after = state.oneways_arrived;
@@ -232,11 +235,12 @@ impl Shared {
                 state.oneways.push_back(frame);
             }
             (Kind::Call, Err(e)) => {
+                state = self.trace_refused(state, &envelope, &frame);
                 state = self.answer_unreceived(state, &envelope, &e, reader);
                 keep_unread(&mut state, frame);
             }
             (Kind::Oneway, Err(e)) => {
-                drop(state);
+                drop(self.trace_refused(state, &envelope, &frame));
                 // Nobody waits for a oneway's outcome, so say it here rather than lose it.
                 let registry = Arc::clone(&self.registry.lock());
                 let served = registry.services.iter().map(|(info, _)| *info);
@@ -257,6 +261,25 @@ impl Shared {
             }
         }
         (state, None)
+    }
+
+    /// Traces a request that will not run (refused for its size or its fds, or by the
+    /// backlog) as received, which a request that runs is when it does. The lock is let go
+    /// meanwhile, as naming the request takes the registry's.
+    #[cold]
+    #[inline(never)]
+    fn trace_refused<'a>(
+        &'a self,
+        state: Guard<'a>,
+        envelope: &Envelope,
+        frame: &Frame,
+    ) -> Guard<'a> {
+        if !self.trace {
+            return state;
+        }
+        drop(state);
+        self.trace_incoming(envelope, frame);
+        self.state.lock()
     }
 
     /// Answers a call this end could not receive (`e`: over its limits, or its fds dropped)

@@ -221,13 +221,7 @@ impl Shared {
             Err(e) => return Err(e),
         }
         if self.trace {
-            // Why may quote the peer's message (a decoding error may): cut short.
-            trace::line(&format!(
-                "typed-ipc[{}] -> failure #{}: {}",
-                std::process::id(),
-                call.cookie,
-                trace::printable(&format!("{failure:?}"))
-            ));
+            trace::failure(call.cookie, failure);
         }
         Ok(true)
     }

@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use super::describe::describe;
 use super::envelope::{self, Envelope};
+use super::failure::Failure;
 use crate::frame::Frame;
 use crate::service::InterfaceInfo;
 
@@ -109,6 +110,18 @@ fn reply_line(cookie: u64, value: &str) {
     line(&format!(
         "typed-ipc[{}] -> Reply #{cookie} {value}",
         std::process::id()
+    ));
+}
+
+/// The failure this process answers call `cookie` with: `-> Failure #3: Unanswered("…")`.
+/// Why may quote the peer's message (a decoding error may), so it is cut short.
+#[cold]
+#[inline(never)]
+pub(crate) fn failure(cookie: u64, failure: &Failure) {
+    line(&format!(
+        "typed-ipc[{}] -> Failure #{cookie}: {}",
+        std::process::id(),
+        printable(&format!("{failure:?}"))
     ));
 }
 

@@ -379,13 +379,7 @@ pub(super) async fn reply_failure(
         ..call
     };
     if inner.trace {
-        // Why may quote the peer's message (a decoding error may): cut short.
-        trace::line(&format!(
-            "typed-ipc[{}] -> Failure #{}: {}",
-            std::process::id(),
-            call.cookie,
-            trace::printable(&format!("{failure:?}"))
-        ));
+        trace::failure(call.cookie, &failure);
     }
     inner.send(envelope, failure).await.map(drop)
 }
