@@ -738,3 +738,101 @@ fn a_call_received_before_the_read_side_closes_is_answered() {
     let got = calling.join().unwrap();
     assert_eq!(got.unwrap(), 3);
 }
+
+/// Blocks the first wake until `release` is dropped, after saying so on `entered`.
+struct BlockingWaker {
+    entered: parking_lot::Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    release: parking_lot::Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl std::task::Wake for BlockingWaker {
+    fn wake(self: std::sync::Arc<Self>) {
+        if let Some(entered) = self.entered.lock().take() {
+            entered.send(()).unwrap();
+            let _ = self.release.lock().recv(); // until the sender is dropped
+        }
+    }
+}
+
+/// A call that reaches the reader as its runtime shuts down (on another worker, which has
+/// closed the runtime to new tasks) gets a task the runtime drops at once, inside `spawn`.
+/// That task's drop takes the state lock, which the reader held around the spawn: the reader
+/// deadlocked, and dropping the runtime waited for it for good. The reader is held between
+/// a reply and the call behind it by the waker of the call the reply answers, which returns
+/// only once the runtime has dropped a task of its own (it has closed itself by then).
+#[test]
+fn a_call_that_arrives_as_the_runtime_shuts_down_does_not_deadlock_it() {
+    use crate::codec::Bytes;
+    use crate::connection::tests::BULK;
+    use crate::tokio::envelope::{self, Envelope, Kind};
+    use std::future::Future;
+    use std::sync::mpsc;
+    use std::task::{Context, Poll, Waker};
+    use std::time::Duration;
+
+    let rt = multi_thread_runtime(2);
+    let (a, peer) = Socket::pair().unwrap();
+    let conn = {
+        let _in = rt.enter();
+        super::AsyncConnection::new(a).unwrap()
+    };
+    conn.add_service(QuickEcho::default());
+    let (release, released) = mpsc::channel::<()>();
+    // Dropped, releasing the waker, only when the runtime drops its tasks: it is closed then.
+    rt.spawn(async move {
+        let _release = release;
+        std::future::pending::<()>().await
+    });
+    let (entered, in_wake) = mpsc::channel();
+    let waker = Waker::from(std::sync::Arc::new(BlockingWaker {
+        entered: parking_lot::Mutex::new(Some(entered)),
+        release: parking_lot::Mutex::new(released),
+    }));
+    let mut call = Box::pin(conn.call::<_, u32>(&BULK, 2, (), None));
+    let mut cx = Context::from_waker(&waker);
+    assert!(call.as_mut().poll(&mut cx).is_pending());
+
+    // The reply to that call, then a call of the peer's, both in the socket at once.
+    let request = peer.recv().unwrap();
+    let asked = Envelope::read(&request.payload).unwrap();
+    let message = |envelope: Envelope| {
+        let mut payload = vec![0; envelope::LEN];
+        envelope.write(&mut payload);
+        payload
+    };
+    let mut reply = message(Envelope {
+        kind: Kind::Reply,
+        ..asked
+    });
+    reply.extend_from_slice(&7u32.to_le_bytes());
+    peer.send(&reply, &[]).unwrap();
+    let mut echo = message(Envelope {
+        kind: Kind::Call,
+        cmd: 1,
+        cookie: 1,
+        interface: BULK.id,
+        signature: BULK.signature,
+    });
+    crate::codec::encode(&Bytes(&b"hi"[..]), &mut echo, &mut Vec::new()).unwrap();
+    peer.send(&echo, &[]).unwrap();
+    in_wake.recv().unwrap(); // the reader wakes the call, and waits there
+
+    let (dropped, runtime_gone) = mpsc::channel();
+    std::thread::spawn(move || {
+        drop(rt);
+        dropped.send(()).unwrap();
+    });
+    if runtime_gone.recv_timeout(Duration::from_secs(60)).is_err() {
+        // The reader holds the state lock for good: dropping the call would wait for it.
+        std::mem::forget(call);
+        panic!("dropping the runtime deadlocked in the connection's reader");
+    }
+    // The reader ended with its runtime, failing the connection: the call has its reply or
+    // the error, and the peer sees the hang-up.
+    assert!(matches!(
+        call.as_mut().poll(&mut Context::from_waker(Waker::noop())),
+        Poll::Ready(_)
+    ));
+    assert!(conn.is_closed());
+    assert!(matches!(peer.recv(), Err(crate::Error::Disconnected)));
+}

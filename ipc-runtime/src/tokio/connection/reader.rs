@@ -147,11 +147,19 @@ impl Inner {
             (Kind::Call | Kind::Oneway, Ok(())) => {
                 let mut state = self.lock();
                 let cost = self.admit(&state, Cost::of(&frame))?;
-                match state.serving {
+                let task = match state.serving {
                     true => self.dispatch(&mut state, frame, envelope, cost),
-                    false => state.held.push((frame, envelope, cost)),
+                    false => {
+                        state.held.push((frame, envelope, cost));
+                        None
+                    }
+                };
+                let pause = self.must_pause(&state);
+                drop(state);
+                if let Some(task) = task {
+                    self.spawn(task); // not under the lock (see `spawn`)
                 }
-                return Ok(self.must_pause(&state));
+                return Ok(pause);
             }
             (Kind::Call, Err(e)) => {
                 // Counted until its failure is out, as a request.

@@ -32,21 +32,26 @@ impl Inner {
             return;
         }
         state.serving = true;
-        for (frame, envelope, cost) in std::mem::take(&mut state.held) {
-            self.dispatch(&mut state, frame, envelope, cost);
-        }
+        let held = std::mem::take(&mut state.held);
+        let tasks: Vec<Task> = held
+            .into_iter()
+            .filter_map(|(frame, envelope, cost)| self.dispatch(&mut state, frame, envelope, cost))
+            .collect();
+        drop(state);
+        tasks.into_iter().for_each(|task| self.spawn(task));
     }
 
     /// A call goes to a task of its own, which runs it once the oneways that arrived before it
     /// have run: a task that ran a call before and waits for the next, or a new one; a oneway
-    /// goes to the task that runs them in order.
+    /// goes to the task that runs them in order. A task to start is returned, for
+    /// [`Inner::spawn`] once the state lock is released.
     pub(super) fn dispatch(
         self: &Arc<Self>,
         state: &mut State,
         frame: Frame,
         envelope: Envelope,
         cost: Cost,
-    ) {
+    ) -> Option<Task> {
         if envelope.kind == Kind::Call {
             let request = Request {
                 frame,
@@ -56,23 +61,24 @@ impl Inner {
             };
             // Counted until done, however its task ends (see `call_done`).
             state.calls_running += 1;
-            match state.idle_runners.pop() {
-                Some(runner) => runner.start(request),
-                None => {
-                    let guard = self.tasks.enter();
-                    let first = FirstCall {
+            return match state.idle_runners.pop() {
+                Some(runner) => {
+                    runner.start(request);
+                    None
+                }
+                None => Some(Task::Calls(
+                    FirstCall {
                         inner: self.clone(),
                         request: Some(request),
-                    };
-                    self.runtime.spawn(run_calls(first, guard));
-                }
-            }
-            return;
+                    },
+                    self.tasks.enter(),
+                )),
+            };
         }
+        let mut task = None;
         if state.oneways.is_none() && state.closed.is_none() {
             let (tx, rx) = mpsc::unbounded_channel();
-            let guard = self.tasks.enter();
-            self.runtime.spawn(run_oneways(self.clone(), rx, guard));
+            task = Some(Task::Oneways(rx, self.tasks.enter()));
             state.oneways = Some(tx);
             state.oneway_task = true;
         }
@@ -83,6 +89,21 @@ impl Inner {
         match queued {
             true => state.oneways_queued += 1,
             false => self.finished(cost), // dropped: the connection has ended
+        }
+        task
+    }
+
+    /// Starts a task [`Inner::dispatch`] returned. Not under the state lock: a runtime that is
+    /// shutting down drops the task at once, inside `spawn`, and a call's task takes the lock
+    /// as it goes ([`FirstCall`]).
+    pub(super) fn spawn(self: &Arc<Self>, task: Task) {
+        match task {
+            Task::Calls(first, guard) => {
+                self.runtime.spawn(run_calls(first, guard));
+            }
+            Task::Oneways(queue, guard) => {
+                self.runtime.spawn(run_oneways(self.clone(), queue, guard));
+            }
         }
     }
 
@@ -141,6 +162,16 @@ impl Inner {
 /// its call is done. A burst of concurrent calls starts as many tasks, and this many stay.
 pub(in crate::tokio) const IDLE_RUNNERS: usize = 8;
 
+/// A task for requests, made by [`Inner::dispatch`] and started by [`Inner::spawn`].
+pub(super) enum Task {
+    /// A new [`run_calls`] task, with its first call.
+    Calls(FirstCall, TaskGuard),
+    /// The [`run_oneways`] task, with its queue.
+    Oneways(OnewayQueue, TaskGuard),
+}
+
+type OnewayQueue = mpsc::UnboundedReceiver<(Frame, Envelope, Cost)>;
+
 /// A call request, as the reader hands it to the task that runs it.
 struct Request {
     frame: Frame,
@@ -176,7 +207,7 @@ impl Drop for Runner {
 
 /// The call a new [`run_calls`] task starts with: if the task is dropped before it runs (the
 /// runtime shutting down), the call is done all the same.
-struct FirstCall {
+pub(super) struct FirstCall {
     inner: Arc<Inner>,
     request: Option<Request>,
 }
@@ -289,11 +320,7 @@ async fn run_request(inner: &Arc<Inner>, request: Request) {
 }
 
 /// Runs oneway messages one at a time, in the order they arrived, until the connection ends.
-async fn run_oneways(
-    inner: Arc<Inner>,
-    mut queue: mpsc::UnboundedReceiver<(Frame, Envelope, Cost)>,
-    guard: TaskGuard,
-) {
+async fn run_oneways(inner: Arc<Inner>, mut queue: OnewayQueue, guard: TaskGuard) {
     // Retires the services when the task ends, also when it is dropped unfinished (the
     // runtime shutting down): else `oneway_task` stays set and a service holding a clone of
     // this connection keeps it open for good.
