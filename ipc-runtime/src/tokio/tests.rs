@@ -754,14 +754,16 @@ impl std::task::Wake for BlockingWaker {
     }
 }
 
-/// A call that reaches the reader as its runtime shuts down (on another worker, which has
-/// closed the runtime to new tasks) gets a task the runtime drops at once, inside `spawn`.
-/// That task's drop takes the state lock, which the reader held around the spawn: the reader
-/// deadlocked, and dropping the runtime waited for it for good. The reader is held between
-/// a reply and the call behind it by the waker of the call the reply answers, which returns
-/// only once the runtime has dropped a task of its own (it has closed itself by then).
-#[test]
-fn a_call_that_arrives_as_the_runtime_shuts_down_does_not_deadlock_it() {
+/// Holds the reader of a connection serving `service` between a reply and the request
+/// behind it (`kind`: a call or a oneway of the peer's) until its runtime, dropped meanwhile
+/// on another thread, has closed itself to new tasks: the reader then routes the request as
+/// the runtime shuts down. The reader is held by the waker of the call the reply answers,
+/// which returns only once the runtime has dropped a task of its own. Returns whether
+/// dropping the runtime returned, the connection, and the peer's end.
+fn request_as_the_runtime_closes<S: super::AsyncService>(
+    service: impl FnOnce(&super::AsyncConnection) -> S,
+    kind: crate::tokio::envelope::Kind,
+) -> (bool, super::AsyncConnection, Socket) {
     use crate::codec::Bytes;
     use crate::connection::tests::BULK;
     use crate::tokio::envelope::{self, Envelope, Kind};
@@ -776,7 +778,7 @@ fn a_call_that_arrives_as_the_runtime_shuts_down_does_not_deadlock_it() {
         let _in = rt.enter();
         super::AsyncConnection::new(a).unwrap()
     };
-    conn.add_service(QuickEcho::default());
+    conn.add_service(service(&conn));
     let (release, released) = mpsc::channel::<()>();
     // Dropped, releasing the waker, only when the runtime drops its tasks: it is closed then.
     rt.spawn(async move {
@@ -792,7 +794,7 @@ fn a_call_that_arrives_as_the_runtime_shuts_down_does_not_deadlock_it() {
     let mut cx = Context::from_waker(&waker);
     assert!(call.as_mut().poll(&mut cx).is_pending());
 
-    // The reply to that call, then a call of the peer's, both in the socket at once.
+    // The reply to that call, then the peer's request, both in the socket at once.
     let request = peer.recv().unwrap();
     let asked = Envelope::read(&request.payload).unwrap();
     let message = |envelope: Envelope| {
@@ -807,9 +809,9 @@ fn a_call_that_arrives_as_the_runtime_shuts_down_does_not_deadlock_it() {
     reply.extend_from_slice(&7u32.to_le_bytes());
     peer.send(&reply, &[]).unwrap();
     let mut echo = message(Envelope {
-        kind: Kind::Call,
+        kind,
         cmd: 1,
-        cookie: 1,
+        cookie: if kind == Kind::Call { 1 } else { 0 },
         interface: BULK.id,
         signature: BULK.signature,
     });
@@ -825,14 +827,76 @@ fn a_call_that_arrives_as_the_runtime_shuts_down_does_not_deadlock_it() {
     if runtime_gone.recv_timeout(Duration::from_secs(60)).is_err() {
         // The reader holds the state lock for good: dropping the call would wait for it.
         std::mem::forget(call);
-        panic!("dropping the runtime deadlocked in the connection's reader");
+        return (false, conn, peer);
     }
     // The reader ended with its runtime, failing the connection: the call has its reply or
-    // the error, and the peer sees the hang-up.
+    // the error.
     assert!(matches!(
         call.as_mut().poll(&mut Context::from_waker(Waker::noop())),
         Poll::Ready(_)
     ));
+    drop(call);
+    (true, conn, peer)
+}
+
+/// A call that reaches the reader as its runtime shuts down (on another worker, which has
+/// closed the runtime to new tasks) gets a task the runtime drops at once, inside `spawn`.
+/// That task's drop takes the state lock, which the reader held around the spawn: the reader
+/// deadlocked, and dropping the runtime waited for it for good.
+#[test]
+fn a_call_that_arrives_as_the_runtime_shuts_down_does_not_deadlock_it() {
+    use crate::tokio::envelope::Kind;
+
+    let (returned, conn, peer) =
+        request_as_the_runtime_closes(|_| QuickEcho::default(), Kind::Call);
+    assert!(
+        returned,
+        "dropping the runtime deadlocked in the connection's reader"
+    );
     assert!(conn.is_closed());
     assert!(matches!(peer.recv(), Err(crate::Error::Disconnected)));
+}
+
+/// Holds a clone of its own connection, as a service that calls back may; says when it goes.
+struct HoldingItsConnection {
+    _connection: super::AsyncConnection,
+    _alive: std::sync::mpsc::Sender<()>,
+}
+
+impl super::AsyncService for HoldingItsConnection {
+    fn info(&self) -> &'static crate::service::InterfaceInfo {
+        &crate::connection::tests::BULK
+    }
+    fn handle<'a>(
+        &'a self,
+        _call: &'a mut super::AsyncCall,
+    ) -> super::BoxFuture<'a, crate::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// The first oneway, reaching the reader as the runtime shuts down, gets the task that runs
+/// oneways, which the runtime drops at once, inside `spawn`, before it ever ran. That task
+/// retires the services when it ends; dropped unstarted, it left the connection thinking it
+/// still ran, so the services were never dropped, and one holding a clone of its connection
+/// kept the connection (and its socket) for good.
+#[test]
+fn a_oneway_that_arrives_as_the_runtime_shuts_down_leaves_no_service_behind() {
+    use crate::tokio::envelope::Kind;
+    use std::sync::mpsc;
+
+    let (alive, service_gone) = mpsc::channel();
+    let service = |conn: &super::AsyncConnection| HoldingItsConnection {
+        _connection: conn.clone(),
+        _alive: alive,
+    };
+    let (returned, conn, _peer) = request_as_the_runtime_closes(service, Kind::Oneway);
+    assert!(returned, "dropping the runtime deadlocked");
+    assert!(conn.is_closed());
+    drop(conn);
+    assert_eq!(
+        service_gone.try_recv(),
+        Err(mpsc::TryRecvError::Disconnected),
+        "the service, and the connection it holds, are still there"
+    );
 }

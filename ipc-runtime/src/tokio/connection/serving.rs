@@ -78,7 +78,13 @@ impl Inner {
         let mut task = None;
         if state.oneways.is_none() && state.closed.is_none() {
             let (tx, rx) = mpsc::unbounded_channel();
-            task = Some(Task::Oneways(rx, self.tasks.enter()));
+            // Made here, so that the task retires the services however it ends, also dropped
+            // before it ever ran (see `spawn`).
+            let ending = OnewaysEnding {
+                weak: Arc::downgrade(self),
+                _guard: self.tasks.enter(),
+            };
+            task = Some(Task::Oneways(rx, ending));
             state.oneways = Some(tx);
             state.oneway_task = true;
         }
@@ -101,8 +107,8 @@ impl Inner {
             Task::Calls(first, guard) => {
                 self.runtime.spawn(run_calls(first, guard));
             }
-            Task::Oneways(queue, guard) => {
-                self.runtime.spawn(run_oneways(self.clone(), queue, guard));
+            Task::Oneways(queue, ending) => {
+                self.runtime.spawn(run_oneways(queue, ending));
             }
         }
     }
@@ -167,7 +173,7 @@ pub(super) enum Task {
     /// A new [`run_calls`] task, with its first call.
     Calls(FirstCall, TaskGuard),
     /// The [`run_oneways`] task, with its queue.
-    Oneways(OnewayQueue, TaskGuard),
+    Oneways(OnewayQueue, OnewaysEnding),
 }
 
 type OnewayQueue = mpsc::UnboundedReceiver<(Frame, Envelope, Cost)>;
@@ -320,15 +326,11 @@ async fn run_request(inner: &Arc<Inner>, request: Request) {
 }
 
 /// Runs oneway messages one at a time, in the order they arrived, until the connection ends.
-async fn run_oneways(inner: Arc<Inner>, mut queue: OnewayQueue, guard: TaskGuard) {
-    // Retires the services when the task ends, also when it is dropped unfinished (the
-    // runtime shutting down): else `oneway_task` stays set and a service holding a clone of
-    // this connection keeps it open for good.
-    let ending = OnewaysEnding {
-        weak: Arc::downgrade(&inner),
-        _guard: guard,
-    };
-    drop(inner); // the queue's sender lives in `Inner`; holding it would keep the queue open
+/// `ending` retires the services when the task ends, also when it is dropped unfinished or
+/// unstarted (the runtime shutting down): else `oneway_task` stays set and a service holding
+/// a clone of this connection keeps it open for good. It holds the connection weakly: the
+/// queue's sender lives in `Inner`, and holding it would keep the queue open.
+async fn run_oneways(mut queue: OnewayQueue, ending: OnewaysEnding) {
     while let Some((frame, envelope, cost)) = queue.recv().await {
         if let Some(inner) = ending.weak.upgrade() {
             handle_request(inner.clone(), frame, envelope).await;
@@ -340,7 +342,7 @@ async fn run_oneways(inner: Arc<Inner>, mut queue: OnewayQueue, guard: TaskGuard
 }
 
 /// The end of the task that runs oneways, however it ends.
-struct OnewaysEnding {
+pub(super) struct OnewaysEnding {
     weak: std::sync::Weak<Inner>,
     /// Declared last: dropped after the services are retired.
     _guard: TaskGuard,
