@@ -161,6 +161,8 @@ use quote::quote;
 /// # Not supported (compile errors that say what to write instead)
 ///
 /// Generic traits and methods, lifetime parameters, `impl Trait`, receivers other than `&self`,
+/// a method `where Self:` bound other than `Sized`, `Send`, `Sync` or `'static` (the server
+/// calls every method on any implementation: bound the trait instead),
 /// methods without a receiver, more than 16 parameters after `&self` (they travel as one
 /// tuple: group some into a struct), borrowed parameters and return values (`&str`, `&[u8]`,
 /// `&T`: take or return `String`, `Vec<u8>`, `T`; each end gets its own copy either way),

@@ -8,7 +8,7 @@ use syn::ext::IdentExt;
 use syn::spanned::Spanned;
 use syn::{
     Attribute, FnArg, GenericParam, Item, ItemTrait, LitInt, Meta, Pat, PatWild, ReturnType, Token,
-    TraitItem, TraitItemFn, Type, WhereClause, WherePredicate,
+    TraitBoundModifier, TraitItem, TraitItemFn, Type, TypeParamBound, WhereClause, WherePredicate,
 };
 
 use crate::model::{Arg, Flavour, Interface, Method, Value};
@@ -241,6 +241,11 @@ fn method(f: &mut TraitItemFn, index: u32) -> syn::Result<(Method, Option<Attrib
             true => refuse(&mut errors, &sig.generics.where_clause, message),
             false => refuse(&mut errors, &sig.generics, message),
         }
+    } else if let Some(bound) = unserved_self_bound(&sig.generics.where_clause) {
+        let message = "a method cannot ask more of `Self` than `Sized + Send + Sync + 'static`: \
+                       the generated server calls it on any such implementation; put the bound \
+                       on the trait (`trait Name: Bound`), which every implementation meets";
+        refuse(&mut errors, bound, message);
     }
     let mut inputs = sig.inputs.iter();
     match inputs.next() {
@@ -371,6 +376,32 @@ fn bounds_only_self(clause: &Option<WhereClause>) -> bool {
                 && matches!(&t.bounded_ty, Type::Path(p)
                     if p.qself.is_none() && p.path.is_ident("Self")))
     })
+}
+
+/// The first bound of a method's `where Self: ..` clause that the generated server does not
+/// meet: it calls the method on any `T: Trait + Send + Sync + 'static`, so `Self: Clone` there
+/// would not compile (on the trait, such a bound is a supertrait, which `T: Trait` implies).
+fn unserved_self_bound(clause: &Option<WhereClause>) -> Option<&TypeParamBound> {
+    let served = |bound: &TypeParamBound| match bound {
+        TypeParamBound::Lifetime(l) => l.ident == "static",
+        TypeParamBound::Trait(t) => {
+            matches!(t.modifier, TraitBoundModifier::None)
+                && t.lifetimes.is_none()
+                && t.path.segments.last().is_some_and(|s| {
+                    s.arguments.is_none() && ["Sized", "Send", "Sync"].iter().any(|n| s.ident == n)
+                })
+        }
+        _ => false,
+    };
+    clause
+        .iter()
+        .flat_map(|c| &c.predicates)
+        .filter_map(|predicate| match predicate {
+            WherePredicate::Type(t) => Some(&t.bounds),
+            _ => None,
+        })
+        .flatten()
+        .find(|bound| !served(bound))
 }
 
 /// The attributes of a method that concern us.
