@@ -747,3 +747,43 @@ fn where_clauses_on_self_are_not_generic() {
     drop(client);
     server.join().unwrap().unwrap();
 }
+
+/// A deprecated method, in a trait that is deprecated as a whole: the generated server calls
+/// them, which is no use of the user's and must not warn (`-D warnings` would fail the build
+/// at the trait, where nothing can silence it).
+#[deny(deprecated)]
+mod deprecated_method {
+    #[deprecated(note = "use `Old2` instead")]
+    #[typed_ipc::interface]
+    pub trait Old {
+        #[deprecated(note = "use `answer` instead")]
+        fn legacy_answer(&self) -> u32;
+        fn answer(&self) -> u32;
+    }
+
+    pub struct Impl;
+
+    #[allow(deprecated)]
+    impl Old for Impl {
+        fn legacy_answer(&self) -> u32 {
+            41
+        }
+        fn answer(&self) -> u32 {
+            42
+        }
+    }
+}
+
+#[test]
+fn deprecated_methods_are_served_without_warnings() {
+    let _serial = serial();
+    let (a, b) = Connection::pair().unwrap();
+    let server = std::thread::spawn(move || {
+        deprecated_method::OldServer::new(deprecated_method::Impl).serve(b)
+    });
+    let client = deprecated_method::OldClient::new(a);
+    assert_eq!(client.legacy_answer().unwrap(), 41);
+    assert_eq!(client.answer().unwrap(), 42);
+    drop(client);
+    server.join().unwrap().unwrap();
+}

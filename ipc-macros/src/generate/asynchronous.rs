@@ -135,7 +135,9 @@ impl Generator<'_> {
                 imp: #imp,
             }
 
-            #[allow(dead_code)]
+            // The trait and its methods are the user's to deprecate: calling them here is
+            // no use of the user's.
+            #[allow(dead_code, deprecated)]
             impl<#imp: #bounds> #server<#imp> {
                 /// A server answering with `imp`.
                 #vis fn new(imp: #imp) -> Self {
@@ -168,6 +170,7 @@ impl Generator<'_> {
                 }
             }
 
+            #[allow(deprecated)]
             impl<#imp: #bounds> #p::AsyncService for #server<#imp> #decodable {
                 fn info(&self) -> &'static #p::InterfaceInfo {
                     &#info

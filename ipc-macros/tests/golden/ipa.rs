@@ -347,7 +347,7 @@ impl IpaClient {
 pub struct IpaServer<T> {
     imp: T,
 }
-#[allow(dead_code)]
+#[allow(dead_code, deprecated)]
 impl<T: Ipa + ::core::marker::Send + ::core::marker::Sync + 'static> IpaServer<T> {
     /// A server answering with `imp`.
     pub fn new(imp: T) -> Self {
@@ -409,6 +409,7 @@ impl<T: Ipa + ::core::marker::Send + ::core::marker::Sync + 'static> IpaServer<T
         }
     }
 }
+#[allow(deprecated)]
 impl<
     T: Ipa + ::core::marker::Send + ::core::marker::Sync + 'static,
 > ::typed_ipc::__private::Service for IpaServer<T>
