@@ -700,3 +700,44 @@ fn an_async_trait_named_t_works() {
         server.await.unwrap().unwrap();
     });
 }
+
+/// A default body that uses `self`: its future holds `&Self`, which is `Send` only for a
+/// `Sync` implementation (the only kind the server serves).
+mod default_uses_self {
+    #[typed_ipc::interface]
+    pub trait Counter {
+        async fn one(&self) -> u32;
+        async fn two(&self) -> u32 {
+            self.one().await + 1
+        }
+        async fn three(&self, plus: u32) -> u32
+        where
+            Self: Sized,
+        {
+            self.two().await + plus
+        }
+    }
+
+    pub struct Impl;
+
+    impl Counter for Impl {
+        async fn one(&self) -> u32 {
+            1
+        }
+    }
+}
+
+#[test]
+fn a_default_body_may_use_self() {
+    let _serial = fd_count_lock();
+    runtime().block_on(async {
+        let (a, b) = AsyncConnection::pair().unwrap();
+        let server =
+            tokio::spawn(default_uses_self::CounterServer::new(default_uses_self::Impl).serve(b));
+        let client = default_uses_self::CounterClient::new(a);
+        assert_eq!(client.two().await.unwrap(), 2);
+        assert_eq!(client.three(1).await.unwrap(), 3);
+        drop(client);
+        server.await.unwrap().unwrap();
+    });
+}

@@ -112,7 +112,8 @@ use quote::quote;
 /// - The trait is emitted with each `async fn m(&self, ..) -> R` as
 ///   `fn m(&self, ..) -> impl Future<Output = R> + Send`: implementations still write
 ///   `async fn`, and their futures must be `Send` (the server runs them on any runtime thread).
-///   Default bodies are kept.
+///   Default bodies are kept, their methods bounded `where Self: Sync` (the future holds
+///   `&self`; the server serves only `Sync` implementations).
 /// - `IpaClient` takes an `AsyncConnection`; its methods are `async fn`s with the same
 ///   parameters returning `Result<R, typed_ipc::Error>`. Dropping a call's future cancels the
 ///   call (the late reply is dropped, its fds closed). `with_timeout` needs tokio's time driver.

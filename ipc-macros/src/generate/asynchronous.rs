@@ -14,7 +14,7 @@ impl Generator<'_> {
     /// The trait of the async flavour: each `async fn m(&self, ..) -> R` becomes
     /// `fn m(&self, ..) -> impl Future<Output = R> + Send`, which an implementation still
     /// writes as `async fn`, and whose futures the server can spawn. A default body becomes an
-    /// `async move` block.
+    /// `async move` block, and its method gets `where Self: Sync`.
     pub(super) fn async_trait(&self) -> TokenStream {
         let mut item = self.iface.item.clone();
         for trait_item in &mut item.items {
@@ -33,6 +33,12 @@ impl Generator<'_> {
             };
             if let Some(body) = &f.default {
                 f.default = Some(parse_quote!({ async move #body }));
+                // The block holds `&self`, which is `Send` only if `Self` is `Sync` (as every
+                // implementation the server serves is).
+                let clause = f.sig.generics.make_where_clause();
+                clause
+                    .predicates
+                    .push(parse_quote!(Self: ::core::marker::Sync));
             }
         }
         quote!(#item)

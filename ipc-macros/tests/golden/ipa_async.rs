@@ -39,7 +39,10 @@ pub trait Ipa {
         &self,
         fd: Option<OwnedFd>,
     ) -> impl ::core::future::Future<Output = Option<OwnedFd>> + ::core::marker::Send;
-    fn ping(&self) -> impl ::core::future::Future<Output = ()> + ::core::marker::Send {
+    fn ping(&self) -> impl ::core::future::Future<Output = ()> + ::core::marker::Send
+    where
+        Self: ::core::marker::Sync,
+    {
         async move {}
     }
 }
