@@ -248,13 +248,17 @@ impl AsyncConnection {
     /// The announcement goes out from a task of the connection's runtime.
     pub fn accept_writes_from_peer(&self) -> Result<()> {
         let announcement = self.inner.lane.accept_writes()?;
-        let inner = self.inner.clone();
-        let guard = inner.tasks.enter();
+        // The connection is let go before the task counts as ended, also if the task is
+        // dropped unstarted (a tuple drops its fields in order): once `wait_closed` returns,
+        // dropping the last clone must close the socket at once.
+        let task = (self.inner.clone(), self.inner.tasks.enter());
         self.inner.runtime.spawn(async move {
+            let (inner, guard) = task;
             // A peer already gone shows on the connection itself.
             if inner.send(Envelope::announce(), announcement).await.is_ok() && inner.trace {
                 trace::announce();
             }
+            drop(inner);
             drop(guard);
         });
         Ok(())
