@@ -153,11 +153,13 @@ use quote::quote;
 ///   field); an `OwnedFd` anywhere else in a parameter or return type is a compile error.
 /// - `Vec<u8>` travels as one byte string rather than byte by byte.
 ///
-/// A parameter type that is not serde is reported at the type, as the bound the generated
-/// code spells out: `where T: Serialize` on the client's stub, `where T: DeserializeOwned` on
-/// the server (both ends of the interface are usually compiled together). A type named `T`
-/// is reported where the arguments are decoded instead, since in the server's items `T` is
-/// the server's type parameter.
+/// A parameter or return type that is not serde is reported at the type, as the bound the
+/// generated code spells out: for a parameter, `where T: Serialize` on the client's stub,
+/// `where T: DeserializeOwned` on the server (both ends of the interface are usually compiled
+/// together); for a return type, `where T: Serialize` on the server (the client's stub
+/// decodes it as that type, `DeserializeOwned`). A type named `T` is reported where the
+/// arguments are decoded or the reply is sent instead, since in the server's items `T` is the
+/// server's type parameter.
 ///
 /// # Not supported (compile errors that say what to write instead)
 ///

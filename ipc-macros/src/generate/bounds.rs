@@ -1,5 +1,6 @@
-//! The serde `where` clauses on the generated items that encode or decode parameters, so
-//! that a parameter type that is not serde is reported at the type, in the trait.
+//! The serde `where` clauses on the generated items that encode or decode parameters and
+//! return values, so that a parameter or return type that is not serde is reported at the
+//! type, in the trait.
 
 use proc_macro2::{Span, TokenStream, TokenTree};
 use quote::{quote, quote_spanned};
@@ -9,18 +10,22 @@ use crate::model::{Value, Wire};
 
 impl Generator<'_> {
     /// The server's `where` clause: every parameter type that travels as a plain serde value
-    /// is `DeserializeOwned` (see [`serde_bounds`]). A type that names the server's type
-    /// parameter (`T`, or `Imp` for a trait named `T`) is left out: in the server's items it
-    /// would mean that parameter.
+    /// is `DeserializeOwned`, and every such return type `Serialize` (see [`serde_bounds`]). A
+    /// type that names the server's type parameter (`T`, or `Imp` for a trait named `T`) is
+    /// left out: in the server's items it would mean that parameter.
     pub(super) fn server_bounds(&self) -> TokenStream {
-        let params = self
-            .iface
-            .methods
-            .iter()
-            .flat_map(|m| m.args.iter().map(|a| &a.value));
-        serde_bounds(params, Bound::DeserializeOwned, |ty| {
-            !ty.clone().into_iter().any(|t| names(&t, &self.imp))
-        })
+        let methods = &self.iface.methods;
+        let params = methods.iter().flat_map(|m| m.args.iter().map(|a| &a.value));
+        let keep = |ty: &TokenStream| !ty.clone().into_iter().any(|t| names(&t, &self.imp));
+        let mut predicates = serde_predicates(params, Bound::DeserializeOwned, keep);
+        predicates.extend(serde_predicates(self.returns(), Bound::Serialize, keep));
+        where_clause(predicates)
+    }
+
+    /// The return types of the methods that get a reply.
+    pub(super) fn returns(&self) -> impl Iterator<Item = &Value> {
+        let methods = self.iface.methods.iter().filter(|m| !m.oneway);
+        methods.filter_map(|m| m.ret.as_ref())
     }
 }
 
@@ -44,15 +49,32 @@ const ALWAYS_SERDE: [&str; 17] = [
 /// `values` that travel as plain serde values and that `keep` accepts (given the type's tokens);
 /// nothing if there are none.
 ///
-/// The arguments travel as one tuple, and a tuple that is not serde is reported where it is
-/// encoded or decoded, which in generated code is `#[interface]`. With the bound spelled out,
-/// spanned at the type, a type that is not serde is reported at the type, in the trait; the
-/// code inside can then rely on the bound.
+/// The arguments travel as one tuple, and a tuple (or a return value) that is not serde is
+/// reported where it is encoded or decoded, which in generated code is `#[interface]`. With
+/// the bound spelled out, spanned at the type, a type that is not serde is reported at the
+/// type, in the trait; the code inside can then rely on the bound.
 pub(super) fn serde_bounds<'v>(
     values: impl IntoIterator<Item = &'v Value>,
     bound: Bound,
     keep: impl Fn(&TokenStream) -> bool,
 ) -> TokenStream {
+    where_clause(serde_predicates(values, bound, keep))
+}
+
+/// `where` and `predicates`, or nothing if there are none.
+fn where_clause(predicates: Vec<TokenStream>) -> TokenStream {
+    match predicates.is_empty() {
+        true => TokenStream::new(),
+        false => quote!(where #(#predicates,)*),
+    }
+}
+
+/// The predicates of [`serde_bounds`].
+fn serde_predicates<'v>(
+    values: impl IntoIterator<Item = &'v Value>,
+    bound: Bound,
+    keep: impl Fn(&TokenStream) -> bool,
+) -> Vec<TokenStream> {
     let mut seen = Vec::new();
     let mut predicates = Vec::new();
     for value in values.into_iter().filter(|v| v.wire == Wire::Serde) {
@@ -76,10 +98,7 @@ pub(super) fn serde_bounds<'v>(
             }
         });
     }
-    match predicates.is_empty() {
-        true => TokenStream::new(),
-        false => quote!(where #(#predicates,)*),
-    }
+    predicates
 }
 
 /// Whether `token` is, or contains, the identifier `imp`.

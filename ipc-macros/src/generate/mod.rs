@@ -244,6 +244,8 @@ impl<'a> Generator<'a> {
             }
         });
         let ret_unit = result(quote!(()));
+        // The response enum is not generic: a type named `T` here is the user's.
+        let serializable = serde_bounds(self.returns(), Bound::Serialize, |_| true);
         let send = match self.iface.flavour {
             Flavour::Blocking => {
                 let senders = replied.iter().map(|m| {
@@ -265,7 +267,7 @@ impl<'a> Generator<'a> {
                 };
                 quote! {
                     /// Sends this value as the reply to `call`.
-                    #vis fn send(&self, call: &mut #p::Call<'_>) -> #ret_unit {
+                    #vis fn send(&self, call: &mut #p::Call<'_>) -> #ret_unit #serializable {
                         match #scrutinee {
                             #(#senders,)*
                         }
@@ -294,7 +296,9 @@ impl<'a> Generator<'a> {
                     /// Sends this value as the reply to `call`. Takes the value, so that the
                     /// future is `Send` whenever the value is.
                     #allow
-                    #vis async fn send(self, call: &mut #p::AsyncCall) -> #ret_unit {
+                    #vis async fn send(self, call: &mut #p::AsyncCall) -> #ret_unit
+                    #serializable
+                    {
                         match self {
                             #(#senders,)*
                         }

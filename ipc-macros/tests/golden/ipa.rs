@@ -209,7 +209,10 @@ impl IpaResponse {
     pub fn send(
         &self,
         call: &mut ::typed_ipc::__private::Call<'_>,
-    ) -> ::core::result::Result<(), ::typed_ipc::__private::Error> {
+    ) -> ::core::result::Result<(), ::typed_ipc::__private::Error>
+    where
+        Result<Caps, ConfigError>: ::typed_ipc::__private::Serialize,
+    {
         match self {
             Self::Reverse(value) => call.reply(value),
             Self::TotalLen(value) => call.reply(value),
@@ -361,6 +364,7 @@ impl<T: Ipa + ::core::marker::Send + ::core::marker::Sync + 'static> IpaServer<T
     ) -> ::core::result::Result<(), ::typed_ipc::__private::Error>
     where
         Config: ::typed_ipc::__private::DeserializeOwned,
+        Result<Caps, ConfigError>: ::typed_ipc::__private::Serialize,
     {
         connection.serve(self)
     }
@@ -415,6 +419,7 @@ impl<
 > ::typed_ipc::__private::Service for IpaServer<T>
 where
     Config: ::typed_ipc::__private::DeserializeOwned,
+    Result<Caps, ConfigError>: ::typed_ipc::__private::Serialize,
 {
     fn info(&self) -> &'static ::typed_ipc::__private::InterfaceInfo {
         &IPA_INFO

@@ -241,7 +241,10 @@ impl IpaResponse {
     pub async fn send(
         self,
         call: &mut ::typed_ipc::__private::AsyncCall,
-    ) -> ::core::result::Result<(), ::typed_ipc::__private::Error> {
+    ) -> ::core::result::Result<(), ::typed_ipc::__private::Error>
+    where
+        Result<Caps, ConfigError>: ::typed_ipc::__private::Serialize,
+    {
         match self {
             Self::Reverse(value) => call.reply(value).await,
             Self::TotalLen(value) => call.reply(value).await,
@@ -407,6 +410,7 @@ impl<T: Ipa + ::core::marker::Send + ::core::marker::Sync + 'static> IpaServer<T
     > + ::core::marker::Send + 'static
     where
         Config: ::typed_ipc::__private::DeserializeOwned,
+        Result<Caps, ConfigError>: ::typed_ipc::__private::Serialize,
     {
         connection.serve(self)
     }
@@ -464,6 +468,7 @@ impl<
 > ::typed_ipc::__private::AsyncService for IpaServer<T>
 where
     Config: ::typed_ipc::__private::DeserializeOwned,
+    Result<Caps, ConfigError>: ::typed_ipc::__private::Serialize,
 {
     fn info(&self) -> &'static ::typed_ipc::__private::InterfaceInfo {
         &IPA_INFO

@@ -1,0 +1,18 @@
+use serde::Deserialize;
+use typed_ipc::interface;
+
+#[derive(Deserialize)]
+pub struct Report(u32);
+
+#[derive(Deserialize)]
+pub struct Failure(u32);
+
+// A return type the server cannot send is reported at the type, as a parameter type is: the
+// whole type, and a `Result` whose error is not `Serialize`.
+#[interface]
+pub trait Jobs {
+    async fn report(&self) -> Report;
+    async fn run(&self, id: u32) -> Result<u32, Failure>;
+}
+
+fn main() {}
