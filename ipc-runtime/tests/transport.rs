@@ -725,3 +725,48 @@ fn a_non_blocking_fd_taken_over_still_waits_to_receive() {
         assert_eq!(second.unwrap().payload, b"second");
     });
 }
+
+/// A connected pair whose second end is taken over ([`Socket::from_fd`]) with the socket
+/// option `option` (`SO_PASS...`) on, as a service manager may leave it.
+fn taken_over_with(option: libc::c_int) -> (Socket, Socket) {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+    let (a, b) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .unwrap();
+    let on: libc::c_int = 1;
+    // SAFETY: `on` is a live c_int of the length given, only read by the call.
+    let r = unsafe {
+        libc::setsockopt(
+            b.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            (&on as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0, "setsockopt: {}", std::io::Error::last_os_error());
+    (Socket::from_fd(a).unwrap(), Socket::from_fd(b).unwrap())
+}
+
+#[test]
+fn a_socket_taken_over_with_extra_control_messages_on_gets_every_fd_and_no_other() {
+    let _fds = fd_count_lock();
+    // Credentials (or a timestamp) beside a datagram's 253 fds left no room for all of them
+    // (MSG_CTRUNC).
+    for option in [libc::SO_PASSCRED, libc::SO_TIMESTAMP, libc::SO_TIMESTAMPNS] {
+        let (a, b) = taken_over_with(option);
+        round_trip(&a, &b, 10, 253);
+    }
+    // A pidfd came with every datagram, and nothing closed it.
+    let (a, b) = taken_over_with(libc::SO_PASSPIDFD);
+    let before = open_fds();
+    for _ in 0..10 {
+        a.send(b"x", &[]).unwrap();
+        assert_eq!(b.recv().unwrap().payload, b"x");
+    }
+    assert_eq!(open_fds(), before, "fds left open by ten receives");
+}

@@ -108,7 +108,10 @@ impl Socket {
 
     /// Takes over a connected `SOCK_SEQPACKET` socket, for example one a parent process left
     /// open for its child. Any other kind of fd is refused. A socket left non-blocking
-    /// (`O_NONBLOCK`) works as any other: a receive without a deadline still waits.
+    /// (`O_NONBLOCK`) works as any other: a receive without a deadline still waits. Options
+    /// that make the kernel add credentials or a timestamp to every datagram received
+    /// (`SO_PASSCRED`, `SO_PASSPIDFD`, `SO_PASSSEC`, `SO_TIMESTAMP`, as a service manager may
+    /// set) are turned off: the peer is known by [`Socket::peer_credentials`].
     pub fn from_fd(fd: OwnedFd) -> Result<Socket> {
         if ns::getsockopt(&fd, sockopt::SockType)? != SockType::SeqPacket {
             return Err(Error::Io(std::io::Error::new(
@@ -116,6 +119,7 @@ impl Socket {
                 "not a SOCK_SEQPACKET socket",
             )));
         }
+        stop_adding_control_messages(&fd);
         Socket::new(fd)
     }
 
@@ -222,6 +226,35 @@ impl Socket {
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+}
+
+/// Turns off the options under which the kernel adds a control message of its own
+/// (credentials, a timestamp) to every datagram `fd` receives. A receive reads `SCM_RIGHTS`
+/// alone, into room for the most fds one datagram carries: beside another message they no
+/// longer fit, and the kernel drops fds (`MSG_CTRUNC`); and `SCM_PIDFD` installs an fd of its
+/// own that nothing would close. (`SO_TIMESTAMP` off also turns `SO_TIMESTAMPNS` off.)
+#[cold]
+fn stop_adding_control_messages(fd: &OwnedFd) {
+    let off: libc::c_int = 0;
+    let options = [
+        libc::SO_PASSCRED,
+        libc::SO_PASSPIDFD,
+        libc::SO_PASSSEC,
+        libc::SO_TIMESTAMP,
+    ];
+    for option in options {
+        // SAFETY: `off` is a live c_int of the length given, only read by the call. A kernel
+        // that lacks the option refuses it (`ENOPROTOOPT`), and then never adds its message.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (&off as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
     }
 }
 
