@@ -19,7 +19,9 @@
 //! serving thread, so there is no nested event loop and no re-entrancy. A connection that
 //! receives calls must therefore have a serving thread, or those calls wait. Oneway messages
 //! run in the order they were sent, one at a time, and a call runs only once the oneways that
-//! arrived before it have run, on however many serving threads.
+//! arrived before it have run, on however many serving threads; a oneway starts only once
+//! the calls that arrived before it have started (so one serving thread runs everything in
+//! the order it arrived).
 //!
 //! When the peer hangs up or dies, the reader sees it at once and every waiting caller gets
 //! [`Error::Disconnected`] — never [`Error::TimedOut`].

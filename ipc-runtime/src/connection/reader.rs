@@ -212,7 +212,8 @@ impl Shared {
             (Kind::Oneway, Ok(()))
                 if reader == Reader::Runner
                     && state.oneways.is_empty()
-                    && !state.oneway_running =>
+                    && !state.oneway_running
+                    && state.calls.is_empty() =>
             {
                 state.oneway_running = true;
                 state.oneways_arrived += 1;

@@ -47,6 +47,23 @@ impl Connection {
                 state = shared.state.lock();
                 continue;
             }
+            // A call waits for the oneways that arrived before it (they may run on another
+            // thread of the pool). One that may run arrived before every oneway still queued,
+            // so it starts first: with one thread, requests run in the order they arrived.
+            if let Some(&(_, after)) = state.calls.front()
+                && after <= state.oneways_run
+            {
+                let (frame, _) = state.calls.pop_front().expect("checked above");
+                shared.dequeued(&mut state, &frame);
+                if !state.oneway_running && !state.oneways.is_empty() {
+                    // A oneway that waited for this call to start may start now, on a thread
+                    // asleep while another reads.
+                    shared.wake_all(&state);
+                }
+                drop(state);
+                state = shared.run_request(frame, false, &mut registry);
+                continue;
+            }
             if !state.oneway_running {
                 if let Some(frame) = state.oneways.pop_front() {
                     state.oneway_running = true;
@@ -55,17 +72,6 @@ impl Connection {
                     state = shared.run_request(frame, true, &mut registry);
                     continue;
                 }
-            }
-            // A call waits for the oneways that arrived before it (they may run on another
-            // thread of the pool).
-            if let Some(&(_, after)) = state.calls.front()
-                && after <= state.oneways_run
-            {
-                let (frame, _) = state.calls.pop_front().expect("checked above");
-                shared.dequeued(&mut state, &frame);
-                drop(state);
-                state = shared.run_request(frame, false, &mut registry);
-                continue;
             }
             if let Some(closed) = &state.closed {
                 return match closed {

@@ -962,3 +962,117 @@ fn the_fds_of_a_message_that_ends_the_connection_are_closed() {
         );
     }
 }
+
+static ORDERED: InterfaceInfo = InterfaceInfo {
+    name: "Ordered",
+    id: 7,
+    signature: 8,
+    methods: &[
+        MethodInfo {
+            name: "hold",
+            cmd: 1,
+            signature: "fn hold(&self)",
+            oneway: false,
+        },
+        MethodInfo {
+            name: "mark",
+            cmd: 2,
+            signature: "fn mark(&self, seq: u64)",
+            oneway: false,
+        },
+        MethodInfo {
+            name: "note",
+            cmd: 3,
+            signature: "fn note(&self, seq: u64)",
+            oneway: true,
+        },
+    ],
+};
+
+/// `hold` says it started, then blocks its serving thread until the test opens the gate;
+/// `mark` (a call) and `note` (a oneway) keep the numbers they are sent, in the order run.
+struct Ordered {
+    started: mpsc::Sender<()>,
+    gate: Mutex<mpsc::Receiver<()>>,
+    run: std::sync::Arc<Mutex<Vec<u64>>>,
+}
+
+impl Service for Ordered {
+    fn info(&self) -> &'static InterfaceInfo {
+        &ORDERED
+    }
+    fn handle(&self, call: &mut Call<'_>) -> Result<()> {
+        if call.command() == 1 {
+            self.started.send(()).unwrap();
+            self.gate.lock().unwrap().recv().unwrap();
+        } else {
+            let seq: u64 = call.args()?;
+            self.run.lock().unwrap().push(seq);
+        }
+        match call.command() {
+            3 => Ok(()),
+            _ => call.reply(&()),
+        }
+    }
+}
+
+/// A request of `ORDERED`, as the peer would send it by hand.
+fn ordered_request(kind: Kind, cmd: u32, cookie: u64, seq: u64) -> Vec<u8> {
+    let mut message = vec![0; envelope::LEN];
+    Envelope {
+        kind,
+        cmd,
+        cookie,
+        interface: ORDERED.id,
+        signature: ORDERED.signature,
+    }
+    .write(&mut message);
+    codec::encode(&seq, &mut message, &mut Vec::new()).unwrap();
+    message
+}
+
+/// One serving thread runs requests strictly in the order they arrive (`Server::new`), also
+/// those that a caller of the serving end took in while it waited for its own reply: a oneway
+/// that arrived after a call does not run before it.
+#[test]
+fn one_serving_thread_runs_a_call_before_a_oneway_that_arrived_after_it() {
+    let (a, b) = Connection::pair().unwrap();
+    let (started, has_started) = mpsc::channel();
+    let (open, gate) = mpsc::channel();
+    let run = std::sync::Arc::new(Mutex::new(Vec::new()));
+    let server = {
+        let (b, run) = (b.clone(), run.clone());
+        std::thread::spawn(move || {
+            b.serve(Ordered {
+                started,
+                gate: Mutex::new(gate),
+                run,
+            })
+        })
+    };
+    // `b`'s one serving thread runs `hold`: nobody reads `b`'s socket.
+    let peer = a.socket();
+    peer.send(&ordered_request(Kind::Call, 1, 1, 0), &[])
+        .unwrap();
+    has_started.recv().unwrap();
+    // A caller of `b` reads for its reply, and takes in a call and then a oneway before it.
+    let caller = std::thread::spawn(move || b.call::<_, u32>(&IFACE, 9, &(), None));
+    let call = peer.recv().unwrap();
+    peer.send(&ordered_request(Kind::Call, 2, 2, 1), &[])
+        .unwrap();
+    peer.send(&ordered_request(Kind::Oneway, 3, 0, 2), &[])
+        .unwrap();
+    peer.send(&reply_to(&call, &5u32), &[]).unwrap();
+    assert_eq!(caller.join().unwrap().unwrap(), 5);
+    // Both wait in the queue; `hold` ends, and the serving thread runs them.
+    open.send(()).unwrap();
+    peer.send(&ordered_request(Kind::Call, 2, 3, 3), &[])
+        .unwrap();
+    for cookie in 1..=3 {
+        let reply = Envelope::read(&peer.recv().unwrap().payload).unwrap();
+        assert_eq!((reply.kind, reply.cookie), (Kind::Reply, cookie));
+    }
+    assert_eq!(*run.lock().unwrap(), [1, 2, 3], "run out of arrival order");
+    a.close();
+    server.join().unwrap().unwrap();
+}
