@@ -16,9 +16,11 @@ const LEGEND_ROW: f64 = 22.0;
 const LEGEND_COLS: usize = 3;
 /// 0 B cannot sit on a log axis; it is drawn where 8 B would be, labelled "0".
 const ZERO_AT: f64 = 8.0;
+/// One per system of a full run (20), so that no two lines of the plot share a colour.
 const COLORS: &[&str] = &[
     "#222222", "#7f7f7f", "#bcbd22", "#d62728", "#1f77b4", "#9467bd", "#2ca02c", "#ff7f0e",
     "#17becf", "#8c564b", "#e377c2", "#000080", "#808000", "#008080", "#800000", "#ff00ff",
+    "#aec7e8", "#ffbb78", "#98df8a", "#c5b0d5", "#f7b6d2", "#9edae5",
 ];
 
 /// The plot for `rows`, one panel per pass, shared axes.
@@ -227,4 +229,60 @@ fn escape(text: &str) -> String {
     text.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::harness::Stats;
+
+    /// A full run's legend: every system of the registry (both passes, both workloads) gets a
+    /// colour no other system has, so each line of the plot names one row of the tables.
+    #[test]
+    fn every_system_has_a_colour_of_its_own() {
+        let stats = Stats {
+            median: 1000.0,
+            p99: 2000.0,
+            mean: 1000.0,
+            spread: 0.0,
+            samples: 100,
+            batch: 1,
+        };
+        let rows: Vec<Row> = crate::SYSTEMS
+            .iter()
+            .map(|s| Row {
+                pass: 0,
+                system: s.name(),
+                kind: s.kinds()[0],
+                size: s.kinds()[0].sizes()[0],
+                stats,
+                cpu: None,
+            })
+            .collect();
+        let pass = Pass {
+            label: "same CPU",
+            client_cpu: 0,
+            server_cpu: 0,
+        };
+        let plot = svg(&[pass], &rows);
+        let mut seen: Vec<(&str, &str)> = Vec::new();
+        for line in plot
+            .lines()
+            .filter(|l| l.contains("<text") && l.contains("<circle"))
+        {
+            let color = line
+                .split("stroke=\"")
+                .nth(1)
+                .and_then(|r| r.split('"').next());
+            let name = line.rsplit("\">").next().and_then(|r| r.split('<').next());
+            let (Some(color), Some(name)) = (color, name) else {
+                panic!("unexpected legend entry {line}");
+            };
+            if let Some((other, _)) = seen.iter().find(|(_, c)| *c == color) {
+                panic!("{name} and {other} are both drawn in {color}");
+            }
+            seen.push((name, color));
+        }
+        assert_eq!(seen.len(), crate::SYSTEMS.len());
+    }
 }
