@@ -38,7 +38,9 @@ done | sort | awk '
     { k = $1 " " $2; s[k] += $3; q[k] += $3 * $3; n[k]++ }
     END {
         for (k in s) {
-            m = s[k] / n[k]; v = q[k] / n[k] - m * m; sd = v > 0 ? sqrt(v) : 0
+            # Sample variance (n - 1): the standard error of a mean of n rounds.
+            m = s[k] / n[k]; v = n[k] > 1 ? (q[k] - n[k] * m * m) / (n[k] - 1) : 0
+            sd = v > 0 ? sqrt(v) : 0
             printf "%-32s n=%d mean %.3f sd %.3f se %.3f\n", k, n[k], m, sd, sd / sqrt(n[k])
         }
     }' | sort -k2
