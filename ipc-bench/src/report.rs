@@ -38,7 +38,7 @@ pub struct Row {
     pub cpu: Option<Cpu>,
 }
 
-/// CPU time per call (user + system), in nanoseconds, warm-up included.
+/// CPU time per call (user + system), in nanoseconds, over the repetitions (not the warm-up).
 #[derive(Clone, Copy, Debug)]
 pub struct Cpu {
     /// The client's thread.

@@ -20,7 +20,7 @@ use crate::system::{Client, Kind, Launcher, MAX_PAYLOAD, System, inherited_fd};
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Flavor {
     /// `echo(Vec<u8>) -> Vec<u8>`; bulk: `put(bytes) -> u64`. Set up as `Worker::spawn` and
-    /// `worker::connection` set up a worker's connection: from 64 KiB to 1 MiB the client
+    /// `worker::connection` set up a worker's connection: from 256 KiB to 1 MiB the client
     /// writes the bytes straight into the server (`Connection::write_into_peer`) while one copy
     /// pays on the machine (`typed_ipc::peer_memory::OneCopy`).
     Plain,

@@ -14,7 +14,7 @@ const TOP: f64 = 40.0;
 const BOTTOM: f64 = 56.0;
 const LEGEND_ROW: f64 = 22.0;
 const LEGEND_COLS: usize = 3;
-/// 0 B cannot sit on a log axis; it is drawn where 8 B would be, labelled "0".
+/// 0 B cannot sit on a log axis; it is drawn where 8 B would be, labelled "0 B".
 const ZERO_AT: f64 = 8.0;
 /// One per system of a full run (20), so that no two lines of the plot share a colour.
 const COLORS: &[&str] = &[
