@@ -476,9 +476,10 @@ fn targets(md: &mut String, passes: &[Pass], rows: &[Row]) {
              or a fresh sealed memfd per message that the receiver checks and copies out. On \
              the bare socket (`floor`: fragments; `floor/memfd`: the receiver copies into a \
              buffer it reuses) and through typed-ipc (`typed-ipc`: written into the \
-             server's inbox from 256 KiB to 1 MiB, the connection's shared region otherwise, \
-             up to 32 MiB; `typed-ipc/memfd`; both received as a new owned `Vec<u8>`). Ratio \
-             > 1: the memfd is slower.\n"
+             server's inbox from 256 KiB to 1 MiB while the client's probe says one copy pays \
+             (the CPU/call of its rows shows which: one copy leaves the server little to do), \
+             the connection's shared region otherwise, up to 32 MiB; `typed-ipc/memfd`; both \
+             received as a new owned `Vec<u8>`). Ratio > 1: the memfd is slower.\n"
         );
         let _ = writeln!(
             md,
