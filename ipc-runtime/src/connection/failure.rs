@@ -1,5 +1,6 @@
 //! Why a call got no answer: the body of a failure reply, and how the caller words it.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use serde::{Deserialize, Serialize};
@@ -88,7 +89,7 @@ impl Failure {
                 if served.is_empty() {
                     "nothing".to_string()
                 } else {
-                    listed(served.iter().map(|s| printable(s)), ", ")
+                    listed(served.iter(), |s| printable(s), ", ")
                 }
             )),
             Failure::Mismatch(theirs) => Error::InterfaceMismatch(describe(ours, &theirs)),
@@ -99,16 +100,15 @@ impl Failure {
 /// How many entries of a list the peer sent an error names; the rest are counted.
 const LISTED: usize = 16;
 
-/// The first [`LISTED`] of `items` joined with `separator`, and how many more there were.
-fn listed(items: impl Iterator<Item = String>, separator: &str) -> String {
-    let mut shown = Vec::new();
-    let mut more = 0usize;
-    for item in items {
-        match shown.len() < LISTED {
-            true => shown.push(item),
-            false => more += 1,
-        }
-    }
+/// The first [`LISTED`] of `items`, each written by `show`, joined with `separator`, and how
+/// many more there were (counted, not written: a hostile list may be long).
+fn listed<T>(
+    mut items: impl Iterator<Item = T>,
+    show: impl Fn(T) -> String,
+    separator: &str,
+) -> String {
+    let shown: Vec<String> = items.by_ref().take(LISTED).map(show).collect();
+    let more = items.count();
     let mut text = shown.join(separator);
     if more > 0 {
         text.push_str(&format!("{separator}and {more} more"));
@@ -188,32 +188,38 @@ pub(crate) fn oneway_failed<'i>(
 
 /// Names the methods that differ between our interface and the peer's.
 fn describe(ours: &InterfaceInfo, theirs: &[(u32, String, String)]) -> String {
-    let differing =
-        ours.methods
-            .iter()
-            .filter_map(|m| match theirs.iter().find(|(cmd, ..)| *cmd == m.cmd) {
-                None => Some(format!(
-                    "method `{}` (cmd {}) is missing on the peer",
-                    m.name, m.cmd
-                )),
-                Some((_, name, sig)) if name != m.name || sig != m.signature => Some(format!(
-                    "method {} differs: here `{}`, on the peer `{}`",
-                    m.cmd,
-                    m.signature,
-                    printable(sig)
-                )),
-                Some(_) => None,
-            });
-    let extra = theirs
+    // Looked up by id, not searched: the peer's list is as long as its message allows.
+    let mut by_cmd = HashMap::with_capacity(theirs.len().min(ours.methods.len()));
+    let our_cmds: HashSet<u32> = ours.methods.iter().map(|m| m.cmd).collect();
+    for entry in theirs.iter().filter(|(cmd, ..)| our_cmds.contains(cmd)) {
+        by_cmd.entry(entry.0).or_insert(entry);
+    }
+    let differing = ours
+        .methods
         .iter()
-        .filter(|(cmd, ..)| ours.method(*cmd).is_none())
-        .map(|(cmd, name, _)| {
-            format!(
-                "the peer has method `{}` (cmd {cmd}) that this side lacks",
-                printable(name)
-            )
+        .filter_map(|m| match by_cmd.get(&m.cmd) {
+            None => Some(format!(
+                "method `{}` (cmd {}) is missing on the peer",
+                m.name, m.cmd
+            )),
+            Some((_, name, sig)) if *name != m.name || *sig != m.signature => Some(format!(
+                "method {} differs: here `{}`, on the peer `{}`",
+                m.cmd,
+                m.signature,
+                printable(sig)
+            )),
+            Some(_) => None,
         });
-    let mut diffs = listed(differing.chain(extra), "; ");
+    // The peer's methods that this side lacks, written only if shown.
+    let extra = theirs.iter().filter(|(cmd, ..)| !our_cmds.contains(cmd));
+    let show = |diff: Result<String, &(u32, String, String)>| match diff {
+        Ok(written) => written,
+        Err((cmd, name, _)) => format!(
+            "the peer has method `{}` (cmd {cmd}) that this side lacks",
+            printable(name)
+        ),
+    };
+    let mut diffs = listed(differing.map(Ok).chain(extra.map(Err)), show, "; ");
     if diffs.is_empty() {
         diffs = "the signature hashes differ".into();
     }
@@ -288,5 +294,13 @@ mod tests {
         }
         let why = text(Failure::NotServed(vec!["A".into(); 20]).into_error(&IFACE, 0));
         assert!(why.ends_with("A, and 4 more)"), "{why}");
+        // Each of ours found among many of theirs, the rest counted.
+        let mut theirs: Vec<_> = (1..=100_000)
+            .map(|cmd| (cmd, "x".into(), "y".into()))
+            .collect();
+        theirs.push((0, "reverse".into(), IFACE.methods[0].signature.into()));
+        let why = text(Failure::Mismatch(theirs).into_error(&IFACE, 0));
+        assert!(why.ends_with("; and 99984 more"), "{why}");
+        assert!(!why.contains("`reverse`"), "{why}");
     }
 }
