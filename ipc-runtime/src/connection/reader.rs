@@ -188,8 +188,8 @@ impl Shared {
                 return (state, None);
             }
         };
-        if self.trace && matches!(envelope.kind, Kind::Reply | Kind::Failure) {
-            self.trace_incoming(&envelope, &frame);
+        if matches!(envelope.kind, Kind::Reply | Kind::Failure) {
+            state = self.trace_unlocked(state, &envelope, &frame);
         }
         if result.is_err() {
             // Delivered as an error (its fds were dropped), so never decoded.
@@ -221,7 +221,7 @@ impl Shared {
             }
             // Refused by the backlog, which ends the connection.
             (Kind::Call | Kind::Oneway, Ok(())) if !self.admit(&mut state) => {
-                state = self.trace_refused(state, &envelope, &frame);
+                state = self.trace_unlocked(state, &envelope, &frame);
             }
             (Kind::Call, Ok(())) => {
                 let frame = to_queue(&mut state, frame);
@@ -236,12 +236,12 @@ impl Shared {
                 state.oneways.push_back(frame);
             }
             (Kind::Call, Err(e)) => {
-                state = self.trace_refused(state, &envelope, &frame);
+                state = self.trace_unlocked(state, &envelope, &frame);
                 state = self.answer_unreceived(state, &envelope, &e, reader);
                 keep_unread(&mut state, frame);
             }
             (Kind::Oneway, Err(e)) => {
-                drop(self.trace_refused(state, &envelope, &frame));
+                drop(self.trace_unlocked(state, &envelope, &frame));
                 // Nobody waits for a oneway's outcome, so say it here rather than lose it.
                 let registry = Arc::clone(&self.registry.lock());
                 let served = registry.services.iter().map(|(info, _)| *info);
@@ -264,20 +264,31 @@ impl Shared {
         (state, None)
     }
 
-    /// Traces a request that will not run (refused for its size or its fds, or by the
-    /// backlog) as received, which a request that runs is when it does. The lock is let go
-    /// meanwhile, as naming the request takes the registry's.
-    #[cold]
-    #[inline(never)]
-    fn trace_refused<'a>(
+    /// Traces a message as received, if tracing is on: a reply, or a request that will not
+    /// run (refused for its size or its fds, or by the backlog; one that runs is traced when
+    /// it does). The lock is let go meanwhile: a write to stderr may wait, and other callers
+    /// must not wait for it.
+    #[inline]
+    fn trace_unlocked<'a>(
         &'a self,
         state: Guard<'a>,
         envelope: &Envelope,
         frame: &Frame,
     ) -> Guard<'a> {
-        if !self.trace {
-            return state;
+        match self.trace {
+            false => state,
+            true => self.trace_with_lock_let_go(state, envelope, frame),
         }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn trace_with_lock_let_go<'a>(
+        &'a self,
+        state: Guard<'a>,
+        envelope: &Envelope,
+        frame: &Frame,
+    ) -> Guard<'a> {
         drop(state);
         self.trace_incoming(envelope, frame);
         self.state.lock()
