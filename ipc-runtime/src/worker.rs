@@ -47,12 +47,39 @@ pub const ENV: &str = "TYPED_IPC_FD";
 /// so no zombie is left behind; call [`Worker::wait`] to let it finish instead. Keep it
 /// while you use the connection: `let (_, connection) = Worker::spawn(command)?` drops it,
 /// and kills the child, at once.
+///
+/// The connection [`Worker::spawn`] (or [`crate::tokio::worker::spawn`]) returned lives no
+/// longer than the child: once [`Worker::kill`] has signalled it, or [`Worker::wait`] or
+/// [`Worker::try_wait`] has seen it end (or found it reaped elsewhere), the connection is
+/// closed, and callers still waiting get [`Error::Disconnected`] at once. The child's death
+/// alone ends the connection only when the last copy of the child's end of the socket is
+/// closed, which a process the worker forked, or the worker's own end sent back over the
+/// connection, may prevent; the `Worker` does not wait for that. (A socket from
+/// [`Worker::spawn_socket`] is left to its owner.)
 #[derive(Debug)]
 pub struct Worker {
     child: Child,
     pidfd: Option<OwnedFd>,
     /// How the child ended, once this has reaped it.
     exit: Option<Exit>,
+    /// Closes the connection [`Worker::spawn`] returned, once the child is gone.
+    closer: Option<Closer>,
+}
+
+/// Closes a connection to a worker once the worker is gone, without keeping it open
+/// meanwhile: it holds the connection weakly.
+pub(crate) struct Closer(Box<dyn Fn() + Send + Sync>);
+
+impl Closer {
+    pub(crate) fn new(close: impl Fn() + Send + Sync + 'static) -> Closer {
+        Closer(Box::new(close))
+    }
+}
+
+impl std::fmt::Debug for Closer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Closer")
+    }
 }
 
 /// How a worker ended.
@@ -72,10 +99,24 @@ impl Worker {
     /// ([`Connection::write_into_peer`]); a child that serves with [`connection`] accepts
     /// that.
     pub fn spawn(command: Command) -> Result<(Worker, Connection)> {
-        let (worker, socket) = Worker::spawn_socket(command)?;
+        let (mut worker, socket) = Worker::spawn_socket(command)?;
         let connection = Connection::new(socket);
         connection.write_into_peer(worker.memory());
+        worker.closes(connection.closer());
         Ok((worker, connection))
+    }
+
+    /// Closes the connection `closer` holds once the child is gone (see [`Worker`]).
+    pub(crate) fn closes(&mut self, closer: Closer) {
+        self.closer = Some(closer);
+    }
+
+    /// The child is gone, or as good as gone (killed): its connection ends, whoever else
+    /// holds the socket's other end.
+    fn gone(&mut self) {
+        if let Some(Closer(close)) = self.closer.take() {
+            close();
+        }
     }
 
     /// The child's memory, to give its connection when it was started with
@@ -122,6 +163,7 @@ impl Worker {
                 child,
                 pidfd,
                 exit: None,
+                closer: None,
             },
             ours,
         ))
@@ -140,6 +182,7 @@ impl Worker {
         if self.exit.is_none() {
             self.send_kill()?;
         }
+        self.gone();
         Ok(())
     }
 
@@ -200,9 +243,13 @@ impl Worker {
         match reaped {
             Ok(exit) => {
                 self.exit = exit;
+                if exit.is_some() {
+                    self.gone();
+                }
                 Ok(exit)
             }
             Err(error) if error.raw_os_error() == Some(libc::ECHILD) => {
+                self.gone();
                 Err(self.reaped_elsewhere())
             }
             Err(error) => Err(error),

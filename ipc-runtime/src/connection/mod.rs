@@ -304,6 +304,17 @@ impl Connection {
         let _ = self.shared.socket.shutdown();
     }
 
+    /// [`Connection::close`], for a [`Worker`](crate::worker::Worker) to call once its child
+    /// is gone, holding the connection weakly meanwhile.
+    pub(crate) fn closer(&self) -> crate::worker::Closer {
+        let shared = Arc::downgrade(&self.shared);
+        crate::worker::Closer::new(move || {
+            if let Some(shared) = shared.upgrade() {
+                let _ = shared.socket.shutdown();
+            }
+        })
+    }
+
     /// Stops taking new messages, as if the peer had gone quiet for good, but keeps sending:
     /// requests already running finish and their replies go out. Serving threads return once
     /// they are done. Used for graceful shutdown.

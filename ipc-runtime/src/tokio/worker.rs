@@ -14,9 +14,10 @@ use crate::worker::{Exit, Worker};
 /// Starts `command` as a worker (see [`Worker::spawn`]) and returns it with this side's
 /// [`AsyncConnection`]. Must be called inside a tokio runtime.
 pub fn spawn(command: Command) -> Result<(Worker, AsyncConnection)> {
-    let (worker, socket) = Worker::spawn_socket(command)?;
+    let (mut worker, socket) = Worker::spawn_socket(command)?;
     let connection = AsyncConnection::new(socket)?;
     connection.write_into_peer(worker.memory());
+    worker.closes(connection.closer());
     Ok((worker, connection))
 }
 

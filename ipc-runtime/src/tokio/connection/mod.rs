@@ -295,6 +295,17 @@ impl AsyncConnection {
         self.inner.hang_up(Socket::shutdown);
     }
 
+    /// [`AsyncConnection::close`], for a [`Worker`](crate::worker::Worker) to call once its
+    /// child is gone, holding the connection weakly meanwhile.
+    pub(crate) fn closer(&self) -> crate::worker::Closer {
+        let inner = Arc::downgrade(&self.inner);
+        crate::worker::Closer::new(move || {
+            if let Some(inner) = inner.upgrade() {
+                inner.hang_up(Socket::shutdown);
+            }
+        })
+    }
+
     /// Stops taking new messages, as if the peer had gone quiet for good, but keeps sending:
     /// requests already running finish and their replies go out, then
     /// [`AsyncConnection::run`] returns. Used for graceful shutdown.
