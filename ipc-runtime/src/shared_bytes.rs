@@ -44,8 +44,9 @@ use crate::codec::{self, Bytes};
 /// way a `Vec<u8>` would.
 ///
 /// ```
+/// # extern crate ipc_runtime as typed_ipc;
 /// use std::sync::Arc;
-/// use ipc_runtime::SharedBytes;
+/// use typed_ipc::SharedBytes;
 ///
 /// let frame: Arc<Vec<u8>> = Arc::new(vec![7; 1 << 20]);
 /// let first_half = SharedBytes::from(Arc::clone(&frame)).slice(..512 << 10);

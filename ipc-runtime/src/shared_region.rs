@@ -38,10 +38,11 @@
 //! reads rather than a slice.
 //!
 //! ```
+//! # extern crate ipc_runtime as typed_ipc;
 //! use std::sync::atomic::Ordering;
-//! use ipc_runtime::shared_region::{RegionView, SharedRegion};
+//! use typed_ipc::shared_region::{RegionView, SharedRegion};
 //!
-//! # fn main() -> ipc_runtime::Result<()> {
+//! # fn main() -> typed_ipc::Result<()> {
 //! let mut region = SharedRegion::new(4096)?;
 //! let view: RegionView = region.view()?; // in real use: sent to the peer once
 //! region[..5].copy_from_slice(b"hello");
