@@ -23,7 +23,8 @@ pub enum Error {
     /// [`Limits`](crate::Limits), whether it sends the message or receives it (and, sending,
     /// the 4 GiB the wire format can express). Refused when sending, nothing of it was sent;
     /// refused when receiving, it was read to its end and dropped, and only the call it
-    /// answers fails. Either way the connection is still usable.
+    /// answers fails. Either way the connection is still usable. A request over the *peer's*
+    /// limits fails its call with [`Error::Remote`] instead, saying so.
     TooLarge {
         /// The message's payload size in bytes.
         size: u64,
@@ -76,8 +77,10 @@ pub enum Error {
     /// The server refused this caller (see `Connection::set_authorizer`); the reason is the
     /// server's.
     Refused(String),
-    /// The remote implementation failed while handling this call (it panicked, or the peer
-    /// does not know the command). The connection is still usable.
+    /// The peer failed to handle this call: its implementation panicked, it does not know the
+    /// command, it could not receive the request (over its [`Limits`](crate::Limits), or its
+    /// fds dropped) or decode the arguments, or it could not send its answer. The message says
+    /// which. The connection is still usable.
     Remote(String),
     /// An operating-system error, with its errno.
     Io(io::Error),
