@@ -160,7 +160,8 @@ impl OutOfLine for Lane {
             (Ok(offset), Ok(len)) if len <= self.max_len => (offset, len),
             _ => {
                 return Err(format!(
-                    "an out-of-line byte string of {} bytes (at most {} accepted)",
+                    "an out-of-line byte string of {} bytes, over the receiver's limit of {} \
+                     bytes (its `Limits`)",
                     placed.len, self.max_len
                 ));
             }
