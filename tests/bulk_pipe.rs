@@ -288,7 +288,10 @@ fn a_peer_announcing_bytes_its_pipe_lacks_fails_the_call_at_once_not_the_server(
         "holds 1000 bytes",
     );
     // More than a pipe can hold, before anything is allocated.
-    failure(&raw_sum(&ours, 4, None, 1 << 40, b""), "at most");
+    failure(
+        &raw_sum(&ours, 4, None, 1 << 40, b""),
+        "over the receiver's limit",
+    );
     // And the server still serves: the 1000 bytes and a tail make one string.
     let ok = raw_sum(&ours, 5, None, 1000, b"xyz");
     assert_eq!(ok[0], 3, "a reply");

@@ -70,7 +70,7 @@ impl OutOfLine for Lane {
             Ok(len) if len <= pipe::CAPACITY && len + tail.len() <= self.max_len => len,
             _ => {
                 return Err(format!(
-                    "a piped byte string of {} + {} bytes (at most {} accepted)",
+                    "a piped byte string of {} + {} bytes, over the receiver's limit of {} bytes",
                     piped.len,
                     tail.len(),
                     self.max_len.min(pipe::CAPACITY)
@@ -161,7 +161,7 @@ impl OutOfLine for Lane {
             _ => {
                 return Err(format!(
                     "an out-of-line byte string of {} bytes, over the receiver's limit of {} \
-                     bytes (its `Limits`)",
+                     bytes",
                     placed.len, self.max_len
                 ));
             }
