@@ -196,6 +196,9 @@ struct State {
     next_cookie: u64,
     /// Why the connection ended; once set, it stays.
     closed: Option<Error>,
+    /// This end closed the connection ([`Connection::close`]): no request runs from then on,
+    /// and those read after it are dropped.
+    closed_here: bool,
 }
 
 impl Connection {
@@ -299,9 +302,18 @@ impl Connection {
     }
 
     /// Ends the connection: the peer sees a hang-up, and every thread waiting on this
-    /// connection returns ([`Error::Disconnected`] for callers, `Ok` from `serve`).
+    /// connection returns ([`Error::Disconnected`] for callers, `Ok` from `serve`). Requests
+    /// of the peer's that have not started never run: those waiting in the queue for a
+    /// serving thread are dropped at once, closing the fds they carry, and those still unread
+    /// in the socket are dropped if a thread waiting on the connection reads them, or else go
+    /// with the socket when the last clone is dropped. Handlers already running finish (their
+    /// replies fail), and each serving thread returns once its own is done. (When the peer
+    /// hangs up instead, or after [`Connection::stop_reading`], the requests it sent before
+    /// still run, in order.)
     pub fn close(&self) {
+        let dropped = self.shared.close_here();
         let _ = self.shared.socket.shutdown();
+        drop(dropped); // closes their fds, outside the lock
     }
 
     /// [`Connection::close`], for a [`Worker`](crate::worker::Worker) to call once its child

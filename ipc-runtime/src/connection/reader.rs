@@ -1,6 +1,7 @@
 //! The reader role: whichever waiting thread receives the next message, and where what it
 //! receives goes (see the module docs of [`connection`](super)).
 
+use std::collections::VecDeque;
 use std::collections::hash_map::Entry;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -209,6 +210,11 @@ impl Shared {
                     None => self.lane.finished(&frame.payload),
                 }
             }
+            // This end closed the connection: what the peer sent before is not run.
+            (Kind::Call | Kind::Oneway, _) if state.closed_here => {
+                state = self.trace_unlocked(state, &envelope, &frame);
+                keep_unread(&mut state, frame);
+            }
             (Kind::Oneway, Ok(()))
                 if reader == Reader::Runner
                     && state.oneways.is_empty()
@@ -339,6 +345,26 @@ impl Shared {
         state.owed.clear();
         state.backlog = Default::default();
         false
+    }
+
+    /// Ends the connection for [`Connection::close`](super::Connection::close): from now on
+    /// no request runs (`route` drops those read later), and those queued are taken out,
+    /// with the failures owed, for the caller to drop outside the lock (closing their fds).
+    /// Everyone waiting is woken: the serving threads return once their handlers are done.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn close_here(&self) -> (VecDeque<(Frame, u64)>, VecDeque<Frame>) {
+        let mut state = self.state.lock();
+        state.closed_here = true;
+        // A oneway owed for good (none runs, nor arrives, from now on): so the runner's
+        // common case in `read` (a call with no oneway before it), which does not look at
+        // `closed_here`, never takes a request again; `route` drops it.
+        state.oneways_arrived = u64::MAX;
+        state.owed.clear();
+        state.backlog = Default::default();
+        self.fail(&mut state, Error::Disconnected);
+        let calls = std::mem::take(&mut state.calls);
+        (calls, std::mem::take(&mut state.oneways))
     }
 
     /// Ends the connection with `why` and wakes everyone waiting on it.

@@ -528,7 +528,7 @@ fn a_placed_request_its_handler_never_decoded_gives_the_lane_back() {
 }
 
 /// The reply to `call` (a frame the peer read by hand), with `body` encoded inline.
-fn reply_to(call: &crate::frame::Frame, body: &impl serde::Serialize) -> Vec<u8> {
+pub(crate) fn reply_to(call: &crate::frame::Frame, body: &impl serde::Serialize) -> Vec<u8> {
     let envelope = Envelope::read(&call.payload).unwrap();
     let mut reply = vec![0; envelope::LEN];
     Envelope {
@@ -963,7 +963,7 @@ fn the_fds_of_a_message_that_ends_the_connection_are_closed() {
     }
 }
 
-static ORDERED: InterfaceInfo = InterfaceInfo {
+pub(crate) static ORDERED: InterfaceInfo = InterfaceInfo {
     name: "Ordered",
     id: 7,
     signature: 8,
@@ -1017,7 +1017,7 @@ impl Service for Ordered {
 }
 
 /// A request of `ORDERED`, as the peer would send it by hand.
-fn ordered_request(kind: Kind, cmd: u32, cookie: u64, seq: u64) -> Vec<u8> {
+pub(crate) fn ordered_request(kind: Kind, cmd: u32, cookie: u64, seq: u64) -> Vec<u8> {
     let mut message = vec![0; envelope::LEN];
     Envelope {
         kind,
@@ -1075,4 +1075,90 @@ fn one_serving_thread_runs_a_call_before_a_oneway_that_arrived_after_it() {
     assert_eq!(*run.lock().unwrap(), [1, 2, 3], "run out of arrival order");
     a.close();
     server.join().unwrap().unwrap();
+}
+
+/// `b`, serving `Ordered` on one thread that `hold` (cookie 1) keeps busy, with calls and
+/// oneways of the peer's (`mark` and `note`, numbered 1 to 8, each carrying a copy of the
+/// returned pipe's write end) waiting in its queue: a caller of `b` took them in before its
+/// reply. Then one more call (20, no fd) stays unread in the socket. Returns the peer's end,
+/// the gate that ends `hold`, the serving thread, what ran and the pipe's read end.
+#[allow(clippy::type_complexity)]
+fn queued_behind_hold() -> (
+    Connection,
+    Connection,
+    mpsc::Sender<()>,
+    std::thread::JoinHandle<Result<()>>,
+    std::sync::Arc<Mutex<Vec<u64>>>,
+    std::os::fd::OwnedFd,
+) {
+    let (a, b) = Connection::pair().unwrap();
+    let (started, has_started) = mpsc::channel();
+    let (open, gate) = mpsc::channel();
+    let run = std::sync::Arc::new(Mutex::new(Vec::new()));
+    let server = {
+        let (b, run) = (b.clone(), run.clone());
+        std::thread::spawn(move || {
+            b.serve(Ordered {
+                started,
+                gate: Mutex::new(gate),
+                run,
+            })
+        })
+    };
+    let peer = a.socket();
+    peer.send(&ordered_request(Kind::Call, 1, 1, 0), &[])
+        .unwrap();
+    has_started.recv().unwrap();
+    let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK).unwrap();
+    let caller = {
+        let b = b.clone();
+        std::thread::spawn(move || b.call::<_, u32>(&IFACE, 9, &(), None))
+    };
+    let call = peer.recv().unwrap();
+    for seq in 1..=8 {
+        let (kind, cmd) = match seq % 2 {
+            0 => (Kind::Call, 2),
+            _ => (Kind::Oneway, 3),
+        };
+        peer.send(
+            &ordered_request(kind, cmd, 1 + seq, seq),
+            &[write_end.as_fd()],
+        )
+        .unwrap();
+    }
+    peer.send(&reply_to(&call, &5u32), &[]).unwrap();
+    assert_eq!(caller.join().unwrap().unwrap(), 5);
+    peer.send(&ordered_request(Kind::Call, 2, 20, 20), &[])
+        .unwrap();
+    (a, b, open, server, run, read_end)
+}
+
+/// `close` drops the peer's requests that have not started: those queued for a serving
+/// thread (their fds closed at once, while the handler running goes on) and those still
+/// unread in the socket (Linux delivers them after the shutdown); the handler running
+/// finishes, and `serve` returns `Ok` once it has. (They all ran after `close` before.)
+#[test]
+fn close_drops_the_requests_not_started_and_closes_their_fds() {
+    let (_a, b, open, server, run, read_end) = queued_behind_hold();
+    b.close();
+    assert_eq!(
+        nix::unistd::read(&read_end, &mut [0; 1]),
+        Ok(0),
+        "the queued requests still hold their fds after close"
+    );
+    open.send(()).unwrap();
+    server.join().unwrap().unwrap();
+    assert_eq!(*run.lock().unwrap(), [], "requests ran after close");
+}
+
+/// When the peer hangs up instead, the requests it sent before still run, in order: those
+/// queued and those unread in the socket.
+#[test]
+fn a_peer_hanging_up_leaves_its_queued_requests_to_run() {
+    let (a, _b, open, server, run, read_end) = queued_behind_hold();
+    a.close();
+    open.send(()).unwrap();
+    server.join().unwrap().unwrap();
+    assert_eq!(*run.lock().unwrap(), [1, 2, 3, 4, 5, 6, 7, 8, 20]);
+    assert_eq!(nix::unistd::read(&read_end, &mut [0; 1]), Ok(0));
 }
