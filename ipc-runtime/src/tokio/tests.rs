@@ -900,3 +900,110 @@ fn a_oneway_that_arrives_as_the_runtime_shuts_down_leaves_no_service_behind() {
         "the service, and the connection it holds, are still there"
     );
 }
+
+/// `ORDERED` served async: the oneway `note` 0 says it started, then waits for `gate`; the
+/// other `note`s and the calls `mark` keep the numbers they are sent.
+struct AsyncOrdered {
+    started: std::sync::mpsc::Sender<()>,
+    gate: std::sync::Arc<::tokio::sync::Notify>,
+    run: std::sync::Arc<parking_lot::Mutex<Vec<u64>>>,
+}
+
+impl super::AsyncService for AsyncOrdered {
+    fn info(&self) -> &'static crate::service::InterfaceInfo {
+        &crate::connection::tests::ORDERED
+    }
+    fn handle<'a>(
+        &'a self,
+        call: &'a mut super::AsyncCall,
+    ) -> super::BoxFuture<'a, crate::Result<()>> {
+        Box::pin(async move {
+            let seq: u64 = call.args()?;
+            if seq == 0 {
+                self.started.send(()).unwrap();
+                self.gate.notified().await;
+            } else {
+                self.run.lock().push(seq);
+            }
+            match call.command() {
+                3 => Ok(()),
+                _ => call.reply(()).await,
+            }
+        })
+    }
+}
+
+/// Runs an async connection serving [`AsyncOrdered`] whose oneway `note` 0 holds the task
+/// that runs oneways, with calls and oneways of the peer's (numbered 1 to 8, each carrying a
+/// copy of a pipe's write end) received behind it: the oneways wait in that task's queue, the
+/// calls for the oneways before them (a call of this end's read them before its reply).
+/// Then `end` ends the connection (given it and the peer's end), the gate opens, and `run`
+/// must return `Ok`. Returns what ran, sorted, and whether every copy of the pipe's write end
+/// was closed by then, with the connection still held.
+fn queued_behind_a_oneway(end: impl FnOnce(&super::AsyncConnection, Socket)) -> (Vec<u64>, bool) {
+    use crate::connection::tests::{ordered_request, reply_to};
+    use crate::tokio::envelope::Kind;
+
+    let runtime = multi_thread_runtime(2);
+    let (peer, theirs) = Socket::pair().unwrap();
+    let (started, has_started) = std::sync::mpsc::channel();
+    let gate = std::sync::Arc::new(::tokio::sync::Notify::new());
+    let run = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK).unwrap();
+    let _server = runtime.block_on(async {
+        let server = super::AsyncConnection::new(theirs).unwrap();
+        let serving = ::tokio::spawn(server.serve(AsyncOrdered {
+            started,
+            gate: gate.clone(),
+            run: run.clone(),
+        }));
+        peer.send(&ordered_request(Kind::Oneway, 3, 0, 0), &[])
+            .unwrap();
+        has_started.recv().unwrap();
+        let calling = {
+            let server = server.clone();
+            ::tokio::spawn(async move {
+                let iface = &crate::connection::tests::SKIM;
+                server.call::<_, u32>(iface, 9, (), None).await
+            })
+        };
+        let call = peer.recv().unwrap();
+        for seq in 1..=8 {
+            let (kind, cmd) = match seq % 2 {
+                0 => (Kind::Call, 2),
+                _ => (Kind::Oneway, 3),
+            };
+            peer.send(&ordered_request(kind, cmd, seq, seq), &[write_end.as_fd()])
+                .unwrap();
+        }
+        peer.send(&reply_to(&call, &5u32), &[]).unwrap();
+        assert_eq!(calling.await.unwrap().unwrap(), 5);
+        drop(write_end);
+        end(&server, peer);
+        gate.notify_one();
+        serving.await.unwrap().unwrap();
+        server
+    });
+    let mut ran = run.lock().clone();
+    ran.sort();
+    let closed = nix::unistd::read(&read_end, &mut [0; 1]) == Ok(0);
+    (ran, closed)
+}
+
+/// `close` drops the requests not started: the oneways queued behind the one running, and
+/// the calls waiting for them; their fds are closed, and `run` returns `Ok` once the oneway
+/// running is done. (They all ran after `close` before.)
+#[test]
+fn async_close_drops_the_requests_not_started_and_closes_their_fds() {
+    let (ran, closed) = queued_behind_a_oneway(|server, _peer| server.close());
+    assert_eq!(ran, [], "requests ran after close");
+    assert!(closed, "the dropped requests still hold their fds");
+}
+
+/// When the peer hangs up instead, the requests it sent before still run.
+#[test]
+fn async_a_peer_hanging_up_leaves_its_queued_requests_to_run() {
+    let (ran, closed) = queued_behind_a_oneway(|_server, peer| drop(peer));
+    assert_eq!(ran, [1, 2, 3, 4, 5, 6, 7, 8]);
+    assert!(closed);
+}

@@ -109,6 +109,9 @@ pub(super) struct Inner {
     room: Notify,
     /// This end shut the socket down (`hang_up`): a reader waiting for room reads no more.
     hung_up: AtomicBool,
+    /// This end closed the connection ([`AsyncConnection::close`]): the requests not started
+    /// by then never run, and those read after it are dropped.
+    closed_here: AtomicBool,
 }
 
 #[derive(Default)]
@@ -209,6 +212,7 @@ impl AsyncConnection {
             paused: AtomicBool::new(false),
             room: Notify::new(),
             hung_up: AtomicBool::new(false),
+            closed_here: AtomicBool::new(false),
             next_cookie: AtomicU64::new(1),
             services: RwLock::new(Vec::new()),
             authorizer: RwLock::new(None),
@@ -290,9 +294,19 @@ impl AsyncConnection {
 
     /// Ends the connection: the peer sees a hang-up, every waiting call returns
     /// [`Error::Disconnected`], and [`AsyncConnection::run`] returns `Ok` once the handlers
-    /// still running are done.
+    /// still running are done (their replies fail). Requests of the peer's that have not
+    /// started never run, and are dropped with the fds they carry: calls waiting for the
+    /// oneways sent before them at once, oneway messages waiting for the one running once it
+    /// is done, requests held until something serves at once, and requests still unread in
+    /// the socket as the connection's reader reads them. (A call with no oneway to wait for
+    /// starts as soon as it is read.) When the peer hangs up instead, or after
+    /// [`AsyncConnection::stop_reading`], the requests it sent before still run.
     pub fn close(&self) {
+        self.inner.closed_here.store(true, Ordering::SeqCst);
         self.inner.hang_up(Socket::shutdown);
+        self.inner.fail(Error::Disconnected);
+        // The calls waiting for oneways look again, and see they are not to run.
+        self.inner.oneways_run.send_modify(|_| {});
     }
 
     /// [`AsyncConnection::close`], for a [`Worker`](crate::worker::Worker) to call once its

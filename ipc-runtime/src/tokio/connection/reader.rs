@@ -144,6 +144,9 @@ impl Inner {
                 }
                 return Ok(pause);
             }
+            // This end closed the connection: what the peer sent before is not run (dropped
+            // here, closing its fds).
+            (Kind::Call | Kind::Oneway, _) if self.closed_here.load(Ordering::SeqCst) => {}
             (Kind::Call | Kind::Oneway, Ok(())) => {
                 let mut state = self.lock();
                 let cost = self.admit(&state, Cost::of(&frame))?;
@@ -243,7 +246,7 @@ impl Inner {
 
     /// Ends the connection with `why`: every waiting call gets it, the oneway task finishes
     /// what it has, and the reader stops.
-    fn fail(&self, why: Error) {
+    pub(super) fn fail(&self, why: Error) {
         let mut state = self.lock();
         if state.closed.is_some() {
             return;

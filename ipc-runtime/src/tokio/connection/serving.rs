@@ -7,6 +7,7 @@ use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
 use ::tokio::sync::{Notify, mpsc};
@@ -318,8 +319,15 @@ async fn run_request(inner: &Arc<Inner>, request: Request) {
     } = request;
     if *inner.oneways_run.borrow() < after {
         let mut run = inner.oneways_run.subscribe();
-        // The sender lives in `inner`, which this task holds: no error to expect.
-        let _ = run.wait_for(|&n| n >= after).await;
+        // The sender lives in `inner`, which this task holds: no error to expect. A call still
+        // waiting when this end closes the connection never runs (`close` wakes it).
+        let closed_here = || inner.closed_here.load(Ordering::SeqCst);
+        let _ = run.wait_for(|&n| n >= after || closed_here()).await;
+        if closed_here() {
+            drop(frame); // closes its fds
+            inner.finished(cost);
+            return;
+        }
     }
     handle_request(inner.clone(), frame, envelope).await;
     inner.finished(cost);
@@ -333,7 +341,12 @@ async fn run_request(inner: &Arc<Inner>, request: Request) {
 async fn run_oneways(mut queue: OnewayQueue, ending: OnewaysEnding) {
     while let Some((frame, envelope, cost)) = queue.recv().await {
         if let Some(inner) = ending.weak.upgrade() {
-            handle_request(inner.clone(), frame, envelope).await;
+            // Once this end has closed the connection, those still queued are dropped unrun
+            // (closing their fds), and still counted as run for the calls that wait for them.
+            match inner.closed_here.load(Ordering::SeqCst) {
+                false => handle_request(inner.clone(), frame, envelope).await,
+                true => drop(frame),
+            }
             inner.finished(cost);
             inner.oneways_run.send_modify(|n| *n += 1);
         }
