@@ -171,7 +171,6 @@ impl Shared {
         result: Result<()>,
         reader: Reader,
     ) -> (Guard<'a>, Option<Taken>) {
-        self.release_reader(&mut state);
         // A message whose fds were dropped was still received whole, and one refused for its
         // size was read to its end with its envelope kept: either way the stream is in sync
         // and the envelope says whose it was, so only that message fails. Without an
@@ -180,6 +179,7 @@ impl Shared {
         let envelope = match whole.then(|| Envelope::read(&frame.payload).ok()).flatten() {
             Some(envelope) => envelope,
             None => {
+                self.release_reader(&mut state);
                 match result {
                     Err(Error::TimedOut) => {}
                     Err(e) => self.fail(&mut state, e),
@@ -190,8 +190,11 @@ impl Shared {
             }
         };
         if matches!(envelope.kind, Kind::Reply | Kind::Failure) {
+            // Still the reader meanwhile: a caller woken without its reply routed would read
+            // for it, in a socket that has nothing more for it.
             state = self.trace_unlocked(state, &envelope, &frame);
         }
+        self.release_reader(&mut state);
         if result.is_err() {
             // Delivered as an error (its fds were dropped), so never decoded.
             self.lane.finished(&frame.payload);

@@ -1162,3 +1162,41 @@ fn a_peer_hanging_up_leaves_its_queued_requests_to_run() {
     assert_eq!(*run.lock().unwrap(), [1, 2, 3, 4, 5, 6, 7, 8, 20]);
     assert_eq!(nix::unistd::read(&read_end, &mut [0; 1]), Ok(0));
 }
+
+/// With tracing on, a reader that takes in another caller's reply prints it with the lock
+/// let go. It must still hold the reader role meanwhile: else that caller, woken as the role
+/// is released, finds its slot still empty, becomes the reader and waits in the socket for a
+/// message that is not coming, while its reply is put in its slot behind it.
+#[test]
+fn a_reply_traced_by_another_reader_reaches_its_caller() {
+    let (mut a, b) = Connection::pair().unwrap();
+    std::sync::Arc::get_mut(&mut a.shared).unwrap().trace = true;
+    let call = |cmd| {
+        let a = a.clone();
+        std::thread::spawn(move || a.call::<_, u32>(&IFACE, cmd, &(), None))
+    };
+    // The first caller finds nobody reading: it reads for both.
+    let reader = call(1);
+    let to_reader = b.socket().recv().unwrap();
+    let (done, finished) = mpsc::channel();
+    let second = {
+        let a = a.clone();
+        std::thread::spawn(move || done.send(a.call::<_, u32>(&IFACE, 2, &(), None)))
+    };
+    let to_second = b.socket().recv().unwrap();
+    // The reader prints the second caller's reply, and waits for stderr meanwhile.
+    let stderr = std::io::stderr().lock();
+    b.socket().send(&reply_to(&to_second, &8u32), &[]).unwrap();
+    wait_until("the reply is printed with the reader role held", || {
+        std::sync::Arc::strong_count(&a.shared.registry.lock()) == 2
+            && a.shared.state.lock().reading
+    });
+    drop(stderr);
+    let answer = finished
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the second caller was left reading, its reply in its slot");
+    assert_eq!(answer.unwrap(), 8);
+    second.join().unwrap().unwrap();
+    b.socket().send(&reply_to(&to_reader, &7u32), &[]).unwrap();
+    assert_eq!(reader.join().unwrap().unwrap(), 7);
+}
