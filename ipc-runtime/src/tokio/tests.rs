@@ -1007,3 +1007,61 @@ fn async_a_peer_hanging_up_leaves_its_queued_requests_to_run() {
     assert_eq!(ran, [1, 2, 3, 4, 5, 6, 7, 8]);
     assert!(closed);
 }
+
+/// `ORDERED` served async: the oneway `note` 1 closes the connection; the other requests
+/// keep the numbers they are sent.
+struct ClosingOrdered {
+    connection: parking_lot::Mutex<Option<super::AsyncConnection>>,
+    run: std::sync::Arc<parking_lot::Mutex<Vec<u64>>>,
+}
+
+impl super::AsyncService for ClosingOrdered {
+    fn info(&self) -> &'static crate::service::InterfaceInfo {
+        &crate::connection::tests::ORDERED
+    }
+    fn handle<'a>(
+        &'a self,
+        call: &'a mut super::AsyncCall,
+    ) -> super::BoxFuture<'a, crate::Result<()>> {
+        Box::pin(async move {
+            let seq: u64 = call.args()?;
+            match seq {
+                1 => self.connection.lock().take().expect("closed once").close(),
+                seq => self.run.lock().push(seq),
+            }
+            match call.command() {
+                3 => Ok(()),
+                _ => call.reply(()).await,
+            }
+        })
+    }
+}
+
+/// A call waiting for a oneway that closes the connection never runs, also when its task is
+/// first polled only after that oneway is done (the oneways dropped or run by then no longer
+/// hold it back). Both requests are read at once, before either task runs.
+#[test]
+fn async_close_drops_a_call_whose_task_starts_after_it() {
+    use crate::connection::tests::ordered_request;
+    use crate::tokio::envelope::Kind;
+
+    let (peer, theirs) = Socket::pair().unwrap();
+    peer.send(&ordered_request(Kind::Oneway, 3, 0, 1), &[])
+        .unwrap();
+    peer.send(&ordered_request(Kind::Call, 2, 1, 2), &[])
+        .unwrap();
+    let run = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let runtime = ::tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let server = super::AsyncConnection::new(theirs).unwrap();
+        let service = ClosingOrdered {
+            connection: parking_lot::Mutex::new(Some(server.clone())),
+            run: run.clone(),
+        };
+        server.serve(service).await.unwrap();
+    });
+    assert_eq!(*run.lock(), [], "a call ran after close");
+}

@@ -323,11 +323,13 @@ async fn run_request(inner: &Arc<Inner>, request: Request) {
         // waiting when this end closes the connection never runs (`close` wakes it).
         let closed_here = || inner.closed_here.load(Ordering::SeqCst);
         let _ = run.wait_for(|&n| n >= after || closed_here()).await;
-        if closed_here() {
-            drop(frame); // closes its fds
-            inner.finished(cost);
-            return;
-        }
+    }
+    // Nor does one whose task starts only once this end has closed it: the oneways before it
+    // may all count as run by then (those dropped do too).
+    if inner.closed_here.load(Ordering::SeqCst) {
+        drop(frame); // closes its fds
+        inner.finished(cost);
+        return;
     }
     handle_request(inner.clone(), frame, envelope).await;
     inner.finished(cost);
