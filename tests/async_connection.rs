@@ -618,3 +618,171 @@ fn a_panicking_authorizer_refuses_the_request_and_the_connection_serves_on() {
         serving.await.unwrap().unwrap();
     });
 }
+
+// ---- a service per client: `AsyncServer::service_with` ----
+
+/// What `AsyncServer::service_with` makes for each client here.
+#[interface]
+pub trait Tally {
+    /// Adds one to this client's count and returns it.
+    async fn bump(&self) -> u64;
+    /// Asks the caller's `Back::times` for `n` times its factor, mid-call, and returns that.
+    async fn ask_back(&self, n: u64) -> u64;
+}
+
+/// What each client serves on its end, for its `Tally` to call it back.
+#[interface]
+pub trait Back {
+    /// `n` times this client's factor.
+    async fn times(&self, n: u64) -> u64;
+}
+
+/// One client's `Tally`: its own count, and that client to call back. Says its client's id
+/// on `dropped` when dropped.
+struct TallyImpl {
+    count: std::sync::atomic::AtomicU64,
+    caller: BackClient,
+    id: u64,
+    dropped: mpsc::UnboundedSender<u64>,
+}
+
+impl Tally for TallyImpl {
+    async fn bump(&self) -> u64 {
+        self.count.fetch_add(1, Ordering::SeqCst) + 1
+    }
+    async fn ask_back(&self, n: u64) -> u64 {
+        self.caller.times(n).await.unwrap()
+    }
+}
+
+impl Drop for TallyImpl {
+    fn drop(&mut self) {
+        let _ = self.dropped.send(self.id);
+    }
+}
+
+struct Factor(u64);
+
+impl Back for Factor {
+    async fn times(&self, n: u64) -> u64 {
+        n * self.0
+    }
+}
+
+/// A server of a `Tally` per client, numbered from 1 in the order they connect; each one's
+/// id goes to `dropped` when it is dropped.
+fn tally_per_client(dropped: mpsc::UnboundedSender<u64>) -> AsyncServer {
+    let made = std::sync::atomic::AtomicU64::new(0);
+    AsyncServer::new().service_with(move |connection| {
+        TallyServer::new(TallyImpl {
+            count: Default::default(),
+            caller: BackClient::new(connection.clone()),
+            id: made.fetch_add(1, Ordering::SeqCst) + 1,
+            dropped: dropped.clone(),
+        })
+    })
+}
+
+/// A client of `name` that serves `Back` with `factor` on its end.
+async fn tally_client(name: &str, factor: u64) -> TallyClient {
+    let connection = AsyncConnection::connect_abstract(name).await.unwrap();
+    connection.add_service(BackServer::new(Factor(factor)));
+    TallyClient::new(connection)
+}
+
+/// Hangs `client` up and waits until its socket can close.
+async fn hang_up(client: TallyClient) {
+    let connection = client.connection().clone();
+    drop(client);
+    connection.close();
+    connection.wait_closed().await;
+}
+
+/// Only guards against a hang: a test that waits this long has failed anyway.
+const HANG_GUARD: Duration = Duration::from_secs(60);
+
+#[test]
+fn service_with_gives_each_client_a_service_of_its_own_that_calls_it_back() {
+    let _fds = fd_count_lock();
+    let rt = runtime();
+    let before = open_fds();
+    rt.block_on(async {
+        let name = format!("typed-ipc-async-per-client-{}", std::process::id());
+        let (dropped, mut drops) = mpsc::unbounded_channel();
+        let serving =
+            tally_per_client(dropped).listen(AsyncListener::bind_abstract(&name).unwrap());
+        let a = tally_client(&name, 2).await;
+        assert_eq!(a.bump().await.unwrap(), 1);
+        let b = tally_client(&name, 3).await;
+        assert_eq!(a.bump().await.unwrap(), 2);
+        assert_eq!(b.bump().await.unwrap(), 1, "b counts on its own");
+        assert_eq!(a.bump().await.unwrap(), 3);
+        // Each handler calls back its own caller, through the connection it was made with.
+        assert_eq!(a.ask_back(5).await.unwrap(), 10);
+        assert_eq!(b.ask_back(5).await.unwrap(), 15);
+        // `a` hangs up: its service, which holds a clone of its connection, is dropped.
+        hang_up(a).await;
+        let a_dropped = tokio::time::timeout(HANG_GUARD, drops.recv()).await;
+        assert_eq!(a_dropped, Ok(Some(1)), "a's service is dropped");
+        // `b` is served on, with its own state.
+        assert_eq!(b.bump().await.unwrap(), 2);
+        assert_eq!(b.ask_back(7).await.unwrap(), 21);
+        hang_up(b).await;
+        let b_dropped = tokio::time::timeout(HANG_GUARD, drops.recv()).await;
+        assert_eq!(b_dropped, Ok(Some(2)), "b's service is dropped");
+        serving.shutdown().await;
+    });
+    // No cycle connection -> service -> connection kept a socket open.
+    assert_eq!(open_fds(), before);
+}
+
+#[test]
+fn serve_with_a_service_per_connection_closes_the_socket_once_the_peer_hangs_up() {
+    let _fds = fd_count_lock();
+    let rt = runtime();
+    let before = open_fds();
+    rt.block_on(async {
+        let (dropped, mut drops) = mpsc::unbounded_channel();
+        let (ours, theirs) = AsyncConnection::pair().unwrap();
+        let served = tally_per_client(dropped).serve(&ours);
+        drop(ours);
+        theirs.add_service(BackServer::new(Factor(4)));
+        let tally = TallyClient::new(theirs);
+        assert_eq!(tally.bump().await.unwrap(), 1);
+        assert_eq!(tally.ask_back(3).await.unwrap(), 12);
+        hang_up(tally).await;
+        served.await.unwrap();
+        let dropped = tokio::time::timeout(HANG_GUARD, drops.recv()).await;
+        assert_eq!(dropped, Ok(Some(1)));
+    });
+    // `ours` went with the future `serve` returned: nothing holds the socket any more.
+    assert_eq!(open_fds(), before);
+}
+
+#[test]
+fn serve_panics_on_an_interface_a_service_with_serves_twice() {
+    let _fds = fd_count_lock();
+    let rt = runtime();
+    rt.block_on(async {
+        let (ours, _theirs) = AsyncConnection::pair().unwrap();
+        let (dropped, _drops) = mpsc::unbounded_channel();
+        let again = dropped.clone();
+        let server = tally_per_client(dropped).service_with(move |connection| {
+            TallyServer::new(TallyImpl {
+                count: Default::default(),
+                caller: BackClient::new(connection.clone()),
+                id: 0,
+                dropped: again.clone(),
+            })
+        });
+        let panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            drop(server.serve(&ours));
+        }))
+        .unwrap_err();
+        let message = panic.downcast_ref::<String>().unwrap();
+        assert!(
+            message.contains("AsyncServer::service_with: interface `Tally` is already served"),
+            "{message}"
+        );
+    });
+}

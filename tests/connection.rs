@@ -707,3 +707,233 @@ fn a_client_of_another_wire_version_learns_the_servers_version_not_just_a_hang_u
     );
     assert_eq!(head[..3], [b'T', b'I', VERSION]);
 }
+
+// ---- a service per client: `Server::service_with` ----
+
+/// What `Server::service_with` makes for each client here.
+#[interface]
+pub trait Tally {
+    /// Adds one to this client's count and returns it.
+    fn bump(&self) -> u64;
+    /// Asks the caller's `Back::times` for `n` times its factor, mid-call, and returns that.
+    fn ask_back(&self, n: u64) -> u64;
+}
+
+/// What each client serves on its end, for its `Tally` to call it back.
+#[interface]
+pub trait Back {
+    /// `n` times this client's factor.
+    fn times(&self, n: u64) -> u64;
+}
+
+/// One client's `Tally`: its own count, and that client to call back. Says its client's id
+/// on `dropped` when dropped.
+struct TallyImpl {
+    count: AtomicU64,
+    caller: BackClient,
+    id: u64,
+    dropped: mpsc::Sender<u64>,
+}
+
+impl Tally for TallyImpl {
+    fn bump(&self) -> u64 {
+        self.count.fetch_add(1, Ordering::SeqCst) + 1
+    }
+    fn ask_back(&self, n: u64) -> u64 {
+        self.caller.times(n).unwrap()
+    }
+}
+
+impl Drop for TallyImpl {
+    fn drop(&mut self) {
+        let _ = self.dropped.send(self.id);
+    }
+}
+
+struct Factor(u64);
+
+impl Back for Factor {
+    fn times(&self, n: u64) -> u64 {
+        n * self.0
+    }
+}
+
+/// A server of a `Tally` per client, numbered from 1 in the order they connect; each one's
+/// id goes to `dropped` when it is dropped.
+fn tally_per_client(dropped: mpsc::Sender<u64>) -> Server {
+    let made = AtomicU64::new(0);
+    Server::new().service_with(move |connection| {
+        TallyServer::new(TallyImpl {
+            count: AtomicU64::new(0),
+            caller: BackClient::new(connection.clone()),
+            id: made.fetch_add(1, Ordering::SeqCst) + 1,
+            dropped: dropped.clone(),
+        })
+    })
+}
+
+/// A client of `name` that serves `Back` with `factor` on its end, on a thread of its own.
+fn tally_client(
+    name: &str,
+    factor: u64,
+) -> (
+    TallyClient,
+    Connection,
+    std::thread::JoinHandle<typed_ipc::Result<()>>,
+) {
+    let connection = Connection::connect_abstract(name).unwrap();
+    let serving = {
+        let connection = connection.clone();
+        std::thread::spawn(move || connection.serve(BackServer::new(Factor(factor))))
+    };
+    let tally = TallyClient::new(connection.clone()).with_timeout(HANG_GUARD);
+    (tally, connection, serving)
+}
+
+#[test]
+fn service_with_gives_each_client_a_service_of_its_own_that_calls_it_back() {
+    let _fds = fd_count_lock();
+    let before = open_fds();
+    let name = format!("typed-ipc-per-client-{}", std::process::id());
+    let (dropped, drops) = mpsc::channel();
+    let serving = tally_per_client(dropped)
+        .threads(2)
+        .listen(Listener::bind_abstract(&name).unwrap())
+        .unwrap();
+    let (a, a_connection, a_serving) = tally_client(&name, 2);
+    assert_eq!(a.bump().unwrap(), 1);
+    let (b, b_connection, b_serving) = tally_client(&name, 3);
+    assert_eq!(a.bump().unwrap(), 2);
+    assert_eq!(b.bump().unwrap(), 1, "b counts on its own");
+    assert_eq!(a.bump().unwrap(), 3);
+    // Each handler calls back its own caller, through the connection it was made with.
+    assert_eq!(a.ask_back(5).unwrap(), 10);
+    assert_eq!(b.ask_back(5).unwrap(), 15);
+    // `a` hangs up: its service, which holds a clone of its connection, is dropped.
+    a_connection.close();
+    a_serving.join().unwrap().unwrap();
+    drop((a, a_connection));
+    assert_eq!(
+        drops.recv_timeout(HANG_GUARD),
+        Ok(1),
+        "a's service is dropped"
+    );
+    // `b` is served on, with its own state.
+    assert_eq!(b.bump().unwrap(), 2);
+    assert_eq!(b.ask_back(7).unwrap(), 21);
+    b_connection.close();
+    b_serving.join().unwrap().unwrap();
+    drop((b, b_connection));
+    assert_eq!(
+        drops.recv_timeout(HANG_GUARD),
+        Ok(2),
+        "b's service is dropped"
+    );
+    serving.shutdown();
+    // No cycle connection -> service -> connection kept a socket open.
+    assert_eq!(open_fds(), before);
+}
+
+#[test]
+fn serve_with_a_service_per_connection_closes_the_socket_once_the_peer_hangs_up() {
+    let _fds = fd_count_lock();
+    let before = open_fds();
+    let (dropped, drops) = mpsc::channel();
+    let (ours, theirs) = Connection::pair().unwrap();
+    let server = std::thread::spawn(move || tally_per_client(dropped).serve(&ours));
+    let back = {
+        let theirs = theirs.clone();
+        std::thread::spawn(move || theirs.serve(BackServer::new(Factor(4))))
+    };
+    let tally = TallyClient::new(theirs.clone()).with_timeout(HANG_GUARD);
+    assert_eq!(tally.bump().unwrap(), 1);
+    assert_eq!(tally.ask_back(3).unwrap(), 12);
+    theirs.close();
+    back.join().unwrap().unwrap();
+    server.join().unwrap().unwrap();
+    assert_eq!(drops.recv_timeout(HANG_GUARD), Ok(1));
+    drop((tally, theirs));
+    // `ours` went with the server's thread: nothing holds the socket any more.
+    assert_eq!(open_fds(), before);
+}
+
+#[test]
+fn serve_panics_on_an_interface_a_service_with_serves_twice() {
+    let _fds = fd_count_lock();
+    let (ours, _theirs) = Connection::pair().unwrap();
+    let (dropped, _drops) = mpsc::channel();
+    let server = tally_per_client(dropped.clone()).service_with(move |connection| {
+        TallyServer::new(TallyImpl {
+            count: AtomicU64::new(0),
+            caller: BackClient::new(connection.clone()),
+            id: 0,
+            dropped: dropped.clone(),
+        })
+    });
+    let panic =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| server.serve(&ours))).unwrap_err();
+    let message = panic.downcast_ref::<String>().unwrap();
+    assert!(
+        message.contains("Server::service_with: interface `Tally` is already served"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_listener_whose_service_with_serves_an_interface_twice_says_so_and_stops() {
+    let _fds = fd_count_lock();
+    let name = format!("typed-ipc-served-twice-{}", std::process::id());
+    let mut server = child("child_serves_tally_twice")
+        .env("TYPED_IPC_TEST_LISTENER", &name)
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = stderr_lines(&mut server);
+    wait_for_line(&lines, "listening", HANG_GUARD);
+    let (tally, connection, serving) = tally_client(&name, 2);
+    assert!(matches!(tally.bump(), Err(Error::Disconnected)));
+    wait_for_line(
+        &lines,
+        // The shared one, added after the one made per client, is the second.
+        "stopped accepting clients: Server::service: interface `Tally` is already served",
+        HANG_GUARD,
+    );
+    connection.close();
+    serving.join().unwrap().unwrap();
+    drop(server.stdin.take()); // the child's cue to check and shut down
+    assert!(server.wait().unwrap().success());
+    // Until the thread reading the child's stderr has closed its end of the pipe.
+    for _ in lines.iter() {}
+}
+
+/// The child of `a_listener_whose_service_with_serves_an_interface_twice_says_so_and_stops`:
+/// serves `Tally` twice (once per client, once shared) on the listener the parent names,
+/// until its stdin ends; then checks that the listener says why it stopped.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_serves_tally_twice() {
+    use std::io::Read;
+    let name = std::env::var("TYPED_IPC_TEST_LISTENER").unwrap();
+    let (dropped, _drops) = mpsc::channel();
+    let (ours, _theirs) = Connection::pair().unwrap();
+    let shared = TallyImpl {
+        count: AtomicU64::new(0),
+        caller: BackClient::new(ours),
+        id: 0,
+        dropped: dropped.clone(),
+    };
+    let serving = tally_per_client(dropped)
+        .service(TallyServer::new(shared))
+        .listen(Listener::bind_abstract(&name).unwrap())
+        .unwrap();
+    eprintln!("listening");
+    std::io::stdin().read_to_end(&mut Vec::new()).unwrap();
+    let why = serving.accepting().unwrap_err().to_string();
+    assert!(why.contains("interface `Tally` is already served"), "{why}");
+    assert!(
+        Connection::connect_abstract(&name).is_err(),
+        "new clients are refused"
+    );
+    serving.shutdown();
+}

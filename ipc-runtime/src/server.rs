@@ -2,6 +2,7 @@
 //! connection or on every client of a [`Listener`].
 
 use std::io;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 
@@ -19,6 +20,16 @@ use crate::stall;
 
 type SharedAuthorizer =
     Arc<dyn Fn(Option<&PeerCredentials>, &InterfaceInfo, u32) -> Result<(), String> + Send + Sync>;
+
+/// What [`Server::service_with`] makes each connection's service with.
+type MakeService = Arc<dyn Fn(&Connection) -> Arc<dyn Service> + Send + Sync>;
+
+/// One service a server serves: the same to every connection, or one made for each.
+#[derive(Clone)]
+enum Provided {
+    Shared(Arc<dyn Service>),
+    PerConnection(MakeService),
+}
 
 /// Serves a set of interfaces.
 ///
@@ -39,7 +50,8 @@ type SharedAuthorizer =
 /// ```
 #[derive(Clone)]
 pub struct Server {
-    services: Vec<Arc<dyn Service>>,
+    /// In the order they were added.
+    services: Vec<Provided>,
     threads: usize,
     authorizer: Option<SharedAuthorizer>,
     stall_limit: Duration,
@@ -71,12 +83,88 @@ impl Server {
     /// first on every connection. Two traits of one name take names of their own with
     /// `#[interface(name = "...")]`.
     pub fn service(mut self, service: impl Service) -> Server {
-        crate::service::assert_distinct(
-            self.services.iter().map(|s| s.info()),
-            service.info(),
-            "Server",
-        );
-        self.services.push(Arc::new(service));
+        let shared = self.services.iter().filter_map(|s| match s {
+            Provided::Shared(s) => Some(s.info()),
+            Provided::PerConnection(_) => None,
+        });
+        crate::service::assert_distinct(shared, service.info(), "Server");
+        self.services.push(Provided::Shared(Arc::new(service)));
+        self
+    }
+
+    /// Serves the interface of the services `make` makes, a service of its own for each
+    /// connection: for every client [`Server::listen`] accepts, and for the connection
+    /// [`Server::serve`] is given. A handler can then keep state for its one client, and call
+    /// that client back: `make` may keep a clone of the connection (in a generated client,
+    /// for an interface the client serves on its end).
+    ///
+    /// `make` runs once per connection, before any of its requests is served, on the thread
+    /// that accepts clients (or calls `serve`): the services of all the calls to `service` and
+    /// `service_with` in the order they were made, so a slow `make` holds up the clients
+    /// that connect meanwhile. Once the connection has ended and its requests have run, its
+    /// services are dropped, and with them the clones of the connection they hold: its socket
+    /// is closed when the server's own clone goes (at once for `serve`; for `listen`, when it
+    /// accepts its next client, when [`Serving::clients`] is asked, or at the shutdown).
+    ///
+    /// A `make` that panics on a listener's thread hangs up on that client (the panic is on
+    /// stderr) and the listener accepts on; under `serve`, the panic is the caller's.
+    ///
+    /// # Panics
+    ///
+    /// An interface served twice is only known once `make` has made a service: when the
+    /// first connection is served. Then `serve` panics, saying which interface it is, as
+    /// [`Server::service`] does; `listen` hangs up on the client, stops accepting for good
+    /// with that message as its error (on stderr, and from [`Serving::accepting`]), and new
+    /// clients are refused.
+    ///
+    /// ```no_run
+    /// # use ipc_runtime::service::{Call, InterfaceInfo, Service};
+    /// # use ipc_runtime::{Connection, Listener, Server};
+    /// # use std::sync::atomic::{AtomicU32, Ordering};
+    /// # struct EventsClient(Connection);
+    /// # impl EventsClient {
+    /// #     fn new(connection: Connection) -> EventsClient { EventsClient(connection) }
+    /// #     fn frame_done(&self, _frame: u32) -> ipc_runtime::Result<()> { Ok(()) }
+    /// # }
+    /// # struct PlayerServer<T>(T);
+    /// # impl<T> PlayerServer<T> { fn new(t: T) -> PlayerServer<T> { PlayerServer(t) } }
+    /// # impl<T: Send + Sync + 'static> Service for PlayerServer<T> {
+    /// #     fn info(&self) -> &'static InterfaceInfo { unimplemented!() }
+    /// #     fn handle(&self, _: &mut Call<'_>) -> ipc_runtime::Result<()> { unimplemented!() }
+    /// # }
+    /// /// One client's `Player` (an `#[interface]` trait): its own frame count, and a way to
+    /// /// call that client's `Events` back.
+    /// struct Session {
+    ///     frames: AtomicU32,
+    ///     caller: EventsClient,
+    /// }
+    ///
+    /// impl Session {
+    ///     // In `impl Player for Session`:
+    ///     fn play(&self) -> u32 {
+    ///         let frame = self.frames.fetch_add(1, Ordering::SeqCst);
+    ///         let _ = self.caller.frame_done(frame); // a call to the caller, mid-call
+    ///         frame
+    ///     }
+    /// }
+    ///
+    /// # fn demo() -> ipc_runtime::Result<()> {
+    /// let serving = Server::new()
+    ///     .service_with(|connection| {
+    ///         PlayerServer::new(Session {
+    ///             frames: AtomicU32::new(0),
+    ///             caller: EventsClient::new(connection.clone()),
+    ///         })
+    ///     })
+    ///     .listen(Listener::bind("/run/my.sock")?)?;
+    /// # Ok(()) }
+    /// ```
+    pub fn service_with<S: Service>(
+        mut self,
+        make: impl Fn(&Connection) -> S + Send + Sync + 'static,
+    ) -> Server {
+        let make: MakeService = Arc::new(move |connection| Arc::new(make(connection)));
+        self.services.push(Provided::PerConnection(make));
         self
     }
 
@@ -124,9 +212,32 @@ impl Server {
     /// Serves `connection` until the peer hangs up, on this thread plus `threads - 1` more.
     /// Returns `Ok(())` on a clean close. If a thread cannot be started, returns that error
     /// without serving anything (the connection stays open).
+    ///
+    /// # Panics
+    ///
+    /// If a service [`Server::service_with`] makes serves an interface served already.
     pub fn serve(&self, connection: &Connection) -> Result<()> {
         let helpers = self.start_helpers(connection)?;
-        self.run(connection, helpers)
+        let services = self
+            .services_for(connection)
+            .unwrap_or_else(|twice| panic!("{twice}"));
+        self.run(connection, services, helpers)
+    }
+
+    /// What `connection` serves, in the order added: the shared services, and one made for it
+    /// by each [`Server::service_with`]. `Err` says which interface two of them serve.
+    fn services_for(&self, connection: &Connection) -> Result<Vec<Arc<dyn Service>>, String> {
+        let mut services: Vec<Arc<dyn Service>> = Vec::with_capacity(self.services.len());
+        for provided in &self.services {
+            let (service, added_by) = match provided {
+                Provided::Shared(service) => (service.clone(), "Server::service"),
+                Provided::PerConnection(make) => (make(connection), "Server::service_with"),
+            };
+            let served = services.iter().map(|s| s.info());
+            crate::service::distinct(served, service.info(), added_by)?;
+            services.push(service);
+        }
+        Ok(services)
     }
 
     /// Starts the `threads - 1` threads that serve `connection` beside the one that calls
@@ -147,9 +258,15 @@ impl Server {
             .collect()
     }
 
-    /// Serves `connection` on this thread and on `helpers` until the peer hangs up.
-    fn run(&self, connection: &Connection, helpers: Vec<Helper>) -> Result<()> {
-        self.install(connection);
+    /// Serves `services` on `connection`, on this thread and on `helpers`, until the peer
+    /// hangs up.
+    fn run(
+        &self,
+        connection: &Connection,
+        services: Vec<Arc<dyn Service>>,
+        helpers: Vec<Helper>,
+    ) -> Result<()> {
+        self.install(connection, services);
         let helpers: Vec<_> = helpers
             .into_iter()
             .map(|helper| {
@@ -244,13 +361,26 @@ impl Server {
                 return Ok(());
             }
             // A failure from here on concerns this one client, which sees a hang-up.
+            let socket = Socket::new(fd);
+            let made = socket.map(|socket| {
+                let connection = Connection::new(socket);
+                // A `make` that panics (the panic hook has said so) fails this client only.
+                let made = catch_unwind(AssertUnwindSafe(|| self.services_for(&connection)));
+                (connection, made)
+            });
+            let made = match made {
+                Ok((connection, Ok(Ok(services)))) => Ok((connection, services)),
+                Ok((_, Ok(Err(twice)))) => return Err(Error::Io(io::Error::other(twice))),
+                Ok((_, Err(_panicked))) => continue,
+                Err(e) => Err(e),
+            };
             // Locked before its thread starts, so that `clients()` never misses a client that
             // has already been served.
             let mut list = pruned(clients);
-            let client = Socket::new(fd)
+            let client = made
                 .map_err(|e| ("cannot set up a client's socket", e.to_string()))
-                .and_then(|socket| {
-                    self.spawn_client(Connection::new(socket))
+                .and_then(|(connection, services)| {
+                    self.spawn_client(connection, services)
                         .map_err(|e| ("cannot start a thread for a client", e.to_string()))
                 });
             match client {
@@ -270,22 +400,27 @@ impl Server {
 
     /// Serves `connection` on threads of its own, all started here so that a failure to
     /// start one is the acceptor's to report and wait out.
-    fn spawn_client(&self, connection: Connection) -> std::io::Result<Client> {
+    fn spawn_client(
+        &self,
+        connection: Connection,
+        services: Vec<Arc<dyn Service>>,
+    ) -> std::io::Result<Client> {
         let helpers = self.start_helpers(&connection)?;
         let (server, serving) = (self.clone(), connection.clone());
-        let thread = std::thread::Builder::new().spawn(move || server.run(&serving, helpers))?;
+        let thread =
+            std::thread::Builder::new().spawn(move || server.run(&serving, services, helpers))?;
         Ok(Client { connection, thread })
     }
 
-    fn install(&self, connection: &Connection) {
+    fn install(&self, connection: &Connection, services: Vec<Arc<dyn Service>>) {
         // The authorizer first: adding a service starts serving, and no request may be
         // checked without it.
         if let Some(authorize) = &self.authorizer {
             let authorize = authorize.clone();
             connection.set_authorizer(move |peer, iface, cmd| authorize(peer, iface, cmd));
         }
-        for service in &self.services {
-            connection.add_service(service.clone());
+        for service in services {
+            connection.add_service(service);
         }
     }
 }

@@ -59,20 +59,33 @@ pub(crate) fn assert_distinct<'i>(
     adding: &InterfaceInfo,
     builder: &str,
 ) {
-    if let Some(other) = served.into_iter().find(|s| s.id == adding.id) {
-        // Two names of one hash are as indistinguishable as one name twice.
-        let what = if other.name == adding.name {
-            String::new()
-        } else {
-            format!(" (its name's hash is that of `{}`)", other.name)
-        };
-        panic!(
-            "{builder}::service: interface `{}` is already served{what}, and the wire cannot \
-             tell the two apart (interfaces are known by name): give the traits names of their \
-             own with #[interface(name = \"...\")], or serve each once",
-            adding.name
-        );
+    if let Err(why) = distinct(served, adding, &format!("{builder}::service")) {
+        panic!("{why}");
     }
+}
+
+/// Why `adding` may not join `served` (`method` names what added it), if it has the id of an
+/// interface there: the message [`assert_distinct`] panics with.
+pub(crate) fn distinct<'i>(
+    served: impl IntoIterator<Item = &'i InterfaceInfo>,
+    adding: &InterfaceInfo,
+    method: &str,
+) -> std::result::Result<(), String> {
+    let Some(other) = served.into_iter().find(|s| s.id == adding.id) else {
+        return Ok(());
+    };
+    // Two names of one hash are as indistinguishable as one name twice.
+    let what = if other.name == adding.name {
+        String::new()
+    } else {
+        format!(" (its name's hash is that of `{}`)", other.name)
+    };
+    Err(format!(
+        "{method}: interface `{}` is already served{what}, and the wire cannot tell the two \
+         apart (interfaces are known by name): give the traits names of their own with \
+         #[interface(name = \"...\")], or serve each once",
+        adding.name
+    ))
 }
 
 /// FNV-1a, 32 bits: stable across builds and platforms, and usable in `const` items.

@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::io;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, MutexGuard};
@@ -19,6 +20,16 @@ use crate::stall;
 
 type SharedAuthorizer =
     Arc<dyn Fn(Option<&PeerCredentials>, &InterfaceInfo, u32) -> Result<(), String> + Send + Sync>;
+
+/// What [`AsyncServer::service_with`] makes each connection's service with.
+type MakeService = Arc<dyn Fn(&AsyncConnection) -> Arc<dyn AsyncService> + Send + Sync>;
+
+/// One service a server serves: the same to every connection, or one made for each.
+#[derive(Clone)]
+enum Provided {
+    Shared(Arc<dyn AsyncService>),
+    PerConnection(MakeService),
+}
 
 /// Serves a set of async interfaces: the async flavour of [`Server`](crate::Server).
 ///
@@ -42,7 +53,8 @@ type SharedAuthorizer =
 /// ```
 #[derive(Clone)]
 pub struct AsyncServer {
-    services: Vec<Arc<dyn AsyncService>>,
+    /// In the order they were added.
+    services: Vec<Provided>,
     authorizer: Option<SharedAuthorizer>,
     stall_limit: Duration,
 }
@@ -71,12 +83,92 @@ impl AsyncServer {
     /// first on every connection. Two traits of one name take names of their own with
     /// `#[interface(name = "...")]`.
     pub fn service(mut self, service: impl AsyncService) -> AsyncServer {
-        crate::service::assert_distinct(
-            self.services.iter().map(|s| s.info()),
-            service.info(),
-            "AsyncServer",
-        );
-        self.services.push(Arc::new(service));
+        let shared = self.services.iter().filter_map(|s| match s {
+            Provided::Shared(s) => Some(s.info()),
+            Provided::PerConnection(_) => None,
+        });
+        crate::service::assert_distinct(shared, service.info(), "AsyncServer");
+        self.services.push(Provided::Shared(Arc::new(service)));
+        self
+    }
+
+    /// Serves the interface of the services `make` makes, a service of its own for each
+    /// connection: for every client [`AsyncServer::listen`] accepts, and for the connection
+    /// [`AsyncServer::serve`] is given. A handler can then keep state for its one client, and
+    /// call that client back: `make` may keep a clone of the connection (in a generated
+    /// client, for an interface the client serves on its end).
+    ///
+    /// `make` runs once per connection, before any of its requests is served, in the task that
+    /// accepts clients (or in the call to `serve`): the services of all the calls to `service`
+    /// and `service_with` in the order they were made, so a slow `make` holds up the clients
+    /// that connect meanwhile. Once the connection has ended and nothing will run its
+    /// requests any more, its services are dropped, and with them the clones of the
+    /// connection they hold: its socket is closed when the server's own clone goes (for
+    /// `listen`, when it accepts its next client, when [`AsyncServing::clients`] is asked, or
+    /// at the shutdown).
+    ///
+    /// A `make` that panics in the listener's task hangs up on that client (the panic is on
+    /// stderr) and the listener accepts on; under `serve`, the panic is the caller's.
+    ///
+    /// # Panics
+    ///
+    /// An interface served twice is only known once `make` has made a service: when the
+    /// first connection is served. Then `serve` panics, saying which interface it is, as
+    /// [`AsyncServer::service`] does; `listen` hangs up on the client, stops accepting for
+    /// good with that message as its error (on stderr, and from [`AsyncServing::accepting`]),
+    /// and new clients are refused.
+    ///
+    /// ```no_run
+    /// # use ipc_runtime::tokio::{AsyncCall, AsyncConnection, AsyncListener, AsyncServer};
+    /// # use ipc_runtime::tokio::{AsyncService, BoxFuture};
+    /// # use ipc_runtime::{Result, service::InterfaceInfo};
+    /// # use std::sync::atomic::{AtomicU32, Ordering};
+    /// # struct EventsClient(AsyncConnection);
+    /// # impl EventsClient {
+    /// #     fn new(connection: AsyncConnection) -> EventsClient { EventsClient(connection) }
+    /// #     async fn frame_done(&self, _frame: u32) -> Result<()> { Ok(()) }
+    /// # }
+    /// # struct PlayerServer<T>(T);
+    /// # impl<T> PlayerServer<T> { fn new(t: T) -> PlayerServer<T> { PlayerServer(t) } }
+    /// # impl<T: Send + Sync + 'static> AsyncService for PlayerServer<T> {
+    /// #     fn info(&self) -> &'static InterfaceInfo { unimplemented!() }
+    /// #     fn handle<'a>(&'a self, _: &'a mut AsyncCall) -> BoxFuture<'a, Result<()>> {
+    /// #         unimplemented!()
+    /// #     }
+    /// # }
+    /// /// One client's `Player` (an `#[interface]` trait of `async fn`s): its own frame count,
+    /// /// and a way to call that client's `Events` back.
+    /// struct Session {
+    ///     frames: AtomicU32,
+    ///     caller: EventsClient,
+    /// }
+    ///
+    /// impl Session {
+    ///     // In `impl Player for Session`:
+    ///     async fn play(&self) -> u32 {
+    ///         let frame = self.frames.fetch_add(1, Ordering::SeqCst);
+    ///         let _ = self.caller.frame_done(frame).await; // a call to the caller, mid-call
+    ///         frame
+    ///     }
+    /// }
+    ///
+    /// # async fn demo() -> Result<()> {
+    /// let serving = AsyncServer::new()
+    ///     .service_with(|connection| {
+    ///         PlayerServer::new(Session {
+    ///             frames: AtomicU32::new(0),
+    ///             caller: EventsClient::new(connection.clone()),
+    ///         })
+    ///     })
+    ///     .listen(AsyncListener::bind("/run/my.sock")?);
+    /// # Ok(()) }
+    /// ```
+    pub fn service_with<S: AsyncService>(
+        mut self,
+        make: impl Fn(&AsyncConnection) -> S + Send + Sync + 'static,
+    ) -> AsyncServer {
+        let make: MakeService = Arc::new(move |connection| Arc::new(make(connection)));
+        self.services.push(Provided::PerConnection(make));
         self
     }
 
@@ -104,9 +196,44 @@ impl AsyncServer {
 
     /// Serves `connection` (at once) and returns a future that resolves when the peer has
     /// hung up and every handler has finished: `Ok(())` on a clean close.
+    ///
+    /// # Panics
+    ///
+    /// If a service [`AsyncServer::service_with`] makes serves an interface served already.
     pub fn serve(
         &self,
         connection: &AsyncConnection,
+    ) -> impl Future<Output = Result<()>> + Send + 'static + use<> {
+        let services = self
+            .services_for(connection)
+            .unwrap_or_else(|twice| panic!("{twice}"));
+        self.serve_services(connection, services)
+    }
+
+    /// What `connection` serves, in the order added: the shared services, and one made for it
+    /// by each [`AsyncServer::service_with`]. `Err` says which interface two of them serve.
+    fn services_for(
+        &self,
+        connection: &AsyncConnection,
+    ) -> Result<Vec<Arc<dyn AsyncService>>, String> {
+        let mut services: Vec<Arc<dyn AsyncService>> = Vec::with_capacity(self.services.len());
+        for provided in &self.services {
+            let (service, added_by) = match provided {
+                Provided::Shared(service) => (service.clone(), "AsyncServer::service"),
+                Provided::PerConnection(make) => (make(connection), "AsyncServer::service_with"),
+            };
+            let served = services.iter().map(|s| s.info());
+            crate::service::distinct(served, service.info(), added_by)?;
+            services.push(service);
+        }
+        Ok(services)
+    }
+
+    /// [`AsyncServer::serve`] with the services made for `connection`.
+    fn serve_services(
+        &self,
+        connection: &AsyncConnection,
+        services: Vec<Arc<dyn AsyncService>>,
     ) -> impl Future<Output = Result<()>> + Send + 'static + use<> {
         // The authorizer first: adding a service starts serving, and no request may be
         // checked without it.
@@ -114,8 +241,8 @@ impl AsyncServer {
             let authorize = authorize.clone();
             connection.set_authorizer(move |peer, iface, cmd| authorize(peer, iface, cmd));
         }
-        for service in &self.services {
-            connection.add_service(service.clone());
+        for service in services {
+            connection.add_service(service);
         }
         let connection = connection.clone();
         async move { connection.run().await }
@@ -181,10 +308,17 @@ impl AsyncServer {
             match Socket::new(fd).and_then(AsyncConnection::new) {
                 Ok(connection) => {
                     trouble.accepted();
+                    // A `make` that panics (the panic hook has said so) fails this client only.
+                    let services =
+                        match catch_unwind(AssertUnwindSafe(|| self.services_for(&connection))) {
+                            Ok(Ok(services)) => services,
+                            Ok(Err(twice)) => return Error::Io(io::Error::other(twice)),
+                            Err(_panicked) => continue,
+                        };
                     // Locked before the task starts, so that `clients()` never misses a
                     // client that has already been served.
                     let mut clients = pruned(clients);
-                    let task = ::tokio::spawn(self.serve(&connection));
+                    let task = ::tokio::spawn(self.serve_services(&connection, services));
                     clients.push(Client { connection, task });
                 }
                 Err(e) => {
