@@ -809,26 +809,23 @@ fn service_with_gives_each_client_a_service_of_its_own_that_calls_it_back() {
     // Each handler calls back its own caller, through the connection it was made with.
     assert_eq!(a.ask_back(5).unwrap(), 10);
     assert_eq!(b.ask_back(5).unwrap(), 15);
-    // `a` hangs up: its service, which holds a clone of its connection, is dropped.
-    a_connection.close();
-    a_serving.join().unwrap().unwrap();
-    drop((a, a_connection));
-    assert_eq!(
-        drops.recv_timeout(HANG_GUARD),
-        Ok(1),
-        "a's service is dropped"
-    );
+    // A client hangs up: its service, which holds a clone of its connection, is dropped.
+    let hang_up = |(client, connection, serving): (TallyClient, Connection, _), dropped| {
+        connection.close();
+        let serving: std::thread::JoinHandle<typed_ipc::Result<()>> = serving;
+        serving.join().unwrap().unwrap();
+        drop((client, connection));
+        assert_eq!(
+            drops.recv_timeout(HANG_GUARD),
+            Ok(dropped),
+            "the service is dropped"
+        );
+    };
+    hang_up((a, a_connection, a_serving), 1);
     // `b` is served on, with its own state.
     assert_eq!(b.bump().unwrap(), 2);
     assert_eq!(b.ask_back(7).unwrap(), 21);
-    b_connection.close();
-    b_serving.join().unwrap().unwrap();
-    drop((b, b_connection));
-    assert_eq!(
-        drops.recv_timeout(HANG_GUARD),
-        Ok(2),
-        "b's service is dropped"
-    );
+    hang_up((b, b_connection, b_serving), 2);
     serving.shutdown();
     // No cycle connection -> service -> connection kept a socket open.
     assert_eq!(open_fds(), before);

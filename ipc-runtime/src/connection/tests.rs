@@ -1031,11 +1031,17 @@ pub(crate) fn ordered_request(kind: Kind, cmd: u32, cookie: u64, seq: u64) -> Ve
     message
 }
 
-/// One serving thread runs requests strictly in the order they arrive (`Server::new`), also
-/// those that a caller of the serving end took in while it waited for its own reply: a oneway
-/// that arrived after a call does not run before it.
-#[test]
-fn one_serving_thread_runs_a_call_before_a_oneway_that_arrived_after_it() {
+/// `b` serving `Ordered` on one thread, which `hold` (cookie 1, sent by `a` by hand) keeps
+/// busy until the returned gate is opened: nobody reads `b`'s socket meanwhile. Returns both
+/// ends, the gate, the serving thread and what ran.
+#[allow(clippy::type_complexity)]
+fn serving_held() -> (
+    Connection,
+    Connection,
+    mpsc::Sender<()>,
+    std::thread::JoinHandle<Result<()>>,
+    std::sync::Arc<Mutex<Vec<u64>>>,
+) {
     let (a, b) = Connection::pair().unwrap();
     let (started, has_started) = mpsc::channel();
     let (open, gate) = mpsc::channel();
@@ -1050,11 +1056,20 @@ fn one_serving_thread_runs_a_call_before_a_oneway_that_arrived_after_it() {
             })
         })
     };
-    // `b`'s one serving thread runs `hold`: nobody reads `b`'s socket.
-    let peer = a.socket();
-    peer.send(&ordered_request(Kind::Call, 1, 1, 0), &[])
+    a.socket()
+        .send(&ordered_request(Kind::Call, 1, 1, 0), &[])
         .unwrap();
     has_started.recv().unwrap();
+    (a, b, open, server, run)
+}
+
+/// One serving thread runs requests strictly in the order they arrive (`Server::new`), also
+/// those that a caller of the serving end took in while it waited for its own reply: a oneway
+/// that arrived after a call does not run before it.
+#[test]
+fn one_serving_thread_runs_a_call_before_a_oneway_that_arrived_after_it() {
+    let (a, b, open, server, run) = serving_held();
+    let peer = a.socket();
     // A caller of `b` reads for its reply, and takes in a call and then a oneway before it.
     let caller = std::thread::spawn(move || b.call::<_, u32>(&IFACE, 9, &(), None));
     let call = peer.recv().unwrap();
@@ -1091,24 +1106,8 @@ fn queued_behind_hold() -> (
     std::sync::Arc<Mutex<Vec<u64>>>,
     std::os::fd::OwnedFd,
 ) {
-    let (a, b) = Connection::pair().unwrap();
-    let (started, has_started) = mpsc::channel();
-    let (open, gate) = mpsc::channel();
-    let run = std::sync::Arc::new(Mutex::new(Vec::new()));
-    let server = {
-        let (b, run) = (b.clone(), run.clone());
-        std::thread::spawn(move || {
-            b.serve(Ordered {
-                started,
-                gate: Mutex::new(gate),
-                run,
-            })
-        })
-    };
+    let (a, b, open, server, run) = serving_held();
     let peer = a.socket();
-    peer.send(&ordered_request(Kind::Call, 1, 1, 0), &[])
-        .unwrap();
-    has_started.recv().unwrap();
     let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK).unwrap();
     let caller = {
         let b = b.clone();
