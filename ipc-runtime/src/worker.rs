@@ -50,8 +50,9 @@ pub const ENV: &str = "TYPED_IPC_FD";
 ///
 /// The connection [`Worker::spawn`] (or [`crate::tokio::worker::spawn`]) returned lives no
 /// longer than the child: once [`Worker::kill`] has signalled it, or [`Worker::wait`] or
-/// [`Worker::try_wait`] has seen it end (or found it reaped elsewhere), the connection is
-/// closed, and callers still waiting get [`Error::Disconnected`] at once. The child's death
+/// [`Worker::try_wait`] has seen it end (or found it reaped elsewhere), the connection ends
+/// as if the child had hung up: callers still waiting get [`Error::Disconnected`] at once,
+/// and requests the child sent before still run, in order. The child's death
 /// alone ends the connection only when the last copy of the child's end of the socket is
 /// closed, which a process the worker forked, or the worker's own end sent back over the
 /// connection, may prevent; the `Worker` does not wait for that. (A socket from
