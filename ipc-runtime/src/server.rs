@@ -312,10 +312,12 @@ impl Server {
             let (listener, clients, ended) = (listener.clone(), clients.clone(), ended.clone());
             std::thread::Builder::new().spawn(move || {
                 if let Err(e) = self.accept_loop(&listener, &clients, &stopping) {
-                    accept_retry::stopped(&e);
-                    *ended.lock() = Some(e);
-                    // New clients are refused rather than queued for nobody.
+                    // New clients are refused rather than queued for nobody. Said last, so
+                    // that whoever reads it finds `accepting` and the listener as it says.
                     let _ = listener.shutdown();
+                    let said = e.to_string();
+                    *ended.lock() = Some(e);
+                    accept_retry::stopped(&said);
                 }
             })?
         };

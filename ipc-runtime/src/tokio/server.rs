@@ -274,10 +274,12 @@ impl AsyncServer {
             let (clients, ended) = (clients.clone(), ended.clone());
             async move {
                 let e = self.accept_loop(&listener, &clients).await;
-                // New clients are refused rather than queued for nobody.
+                // New clients are refused rather than queued for nobody. Said last, so that
+                // whoever reads it finds `accepting` and the listener as it says.
                 drop(listener);
-                accept_retry::stopped(&e);
+                let said = e.to_string();
                 *ended.lock() = Some(e);
+                accept_retry::stopped(&said);
             }
         });
         AsyncServing {
