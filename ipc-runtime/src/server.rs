@@ -363,36 +363,34 @@ impl Server {
                 return Ok(());
             }
             // A failure from here on concerns this one client, which sees a hang-up.
-            let socket = Socket::new(fd);
-            let made = socket.map(|socket| {
-                let connection = Connection::new(socket);
-                // A `make` that panics (the panic hook has said so) fails this client only.
-                let made = catch_unwind(AssertUnwindSafe(|| self.services_for(&connection)));
-                (connection, made)
-            });
-            let made = match made {
-                Ok((connection, Ok(Ok(services)))) => Ok((connection, services)),
-                Ok((_, Ok(Err(twice)))) => return Err(Error::Io(io::Error::other(twice))),
-                Ok((_, Err(_panicked))) => continue,
-                Err(e) => Err(e),
+            let connection = match Socket::new(fd) {
+                Ok(socket) => Connection::new(socket),
+                Err(e) => {
+                    let wait = trouble.failed("cannot set up a client's socket", &e);
+                    if back_off(wait, clients, stop) {
+                        return Ok(());
+                    }
+                    continue;
+                }
+            };
+            // A `make` that panics (the panic hook has said so) fails this client only.
+            let services = match catch_unwind(AssertUnwindSafe(|| self.services_for(&connection))) {
+                Ok(Ok(services)) => services,
+                Ok(Err(twice)) => return Err(Error::Io(io::Error::other(twice))),
+                Err(_panicked) => continue,
             };
             // Locked before its thread starts, so that `clients()` never misses a client that
             // has already been served.
             let mut list = pruned(clients);
-            let client = made
-                .map_err(|e| ("cannot set up a client's socket", e.to_string()))
-                .and_then(|(connection, services)| {
-                    self.spawn_client(connection, services)
-                        .map_err(|e| ("cannot start a thread for a client", e.to_string()))
-                });
-            match client {
+            match self.spawn_client(connection, services) {
                 Ok(client) => {
                     trouble.accepted();
                     list.push(client);
                 }
-                Err((what, why)) => {
+                Err(e) => {
                     drop(list);
-                    if back_off(trouble.failed(what, &why), clients, stop) {
+                    let wait = trouble.failed("cannot start a thread for a client", &e);
+                    if back_off(wait, clients, stop) {
                         return Ok(());
                     }
                 }
