@@ -401,17 +401,12 @@ fn a_listener_out_of_threads_says_so_and_accepts_again_once_it_can_start_them() 
     use std::io::Write;
     let _fds = fd_count_lock();
     let name = format!("typed-ipc-out-of-threads-{}", std::process::id());
-    let mut server = child("child_serves_two_threads_a_client_at_a_low_memory_limit")
-        .env("TYPED_IPC_TEST_LISTENER", &name)
+    let mut command = child("child_serves_two_threads_a_client_at_a_low_memory_limit");
+    command
         .env("RUST_MIN_STACK", HUGE_STACK.to_string())
         // One arena for all threads: a thread's own would take address space of its own.
-        .env("MALLOC_ARENA_MAX", "1")
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let lines = stderr_lines(&mut server);
-    wait_for_line(&lines, "listening", HANG_GUARD);
+        .env("MALLOC_ARENA_MAX", "1");
+    let (mut server, lines) = start_listener_child(command, &name);
     // The child has room for this client's first thread, not its second. Serving used to
     // start the second with `std::thread::spawn`, which panicked on the client's thread
     // (and the child, whose panics abort as a `panic = "abort"` build's do, died).
@@ -880,14 +875,7 @@ fn serve_panics_on_an_interface_a_service_with_serves_twice() {
 fn a_listener_whose_service_with_serves_an_interface_twice_says_so_and_stops() {
     let _fds = fd_count_lock();
     let name = format!("typed-ipc-served-twice-{}", std::process::id());
-    let mut server = child("child_serves_tally_twice")
-        .env("TYPED_IPC_TEST_LISTENER", &name)
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let lines = stderr_lines(&mut server);
-    wait_for_line(&lines, "listening", HANG_GUARD);
+    let (mut server, lines) = start_listener_child(child("child_serves_tally_twice"), &name);
     let (tally, connection, serving) = tally_client(&name, 2);
     assert!(matches!(tally.bump(), Err(Error::Disconnected)));
     wait_for_line(

@@ -212,6 +212,24 @@ pub fn leave_room_for_fds(room: usize) {
     setrlimit(Resource::RLIMIT_NOFILE, limit as u64, hard).unwrap();
 }
 
+/// Starts `command`, a child test that listens on the abstract name `name` (passed in
+/// `TYPED_IPC_TEST_LISTENER`), prints `listening` on stderr once it does, and shuts down when
+/// its stdin ends; returns it once it listens, with the rest of its stderr, line by line.
+pub fn start_listener_child(
+    mut command: Command,
+    name: &str,
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    let mut server = command
+        .env("TYPED_IPC_TEST_LISTENER", name)
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = stderr_lines(&mut server);
+    wait_for_line(&lines, "listening", std::time::Duration::from_secs(60));
+    (server, lines)
+}
+
 /// Checks that a listener survives running out of fds. The child test `child_name` serves
 /// on the abstract name this passes in `TYPED_IPC_TEST_LISTENER`, with room for `room` more
 /// fds, and prints `listening`; it shuts down when its stdin ends. More clients than it has
@@ -226,15 +244,8 @@ pub fn check_survives_running_out_of_fds(
     let guard = std::time::Duration::from_secs(60);
     let _fds = fd_count_lock();
     let name = format!("typed-ipc-{child_name}-{}", std::process::id());
-    let mut server = child(child_name)
-        .env("TYPED_IPC_TEST_LISTENER", &name)
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let lines = stderr_lines(&mut server);
+    let (mut server, lines) = start_listener_child(child(child_name), &name);
     let wait_for = |what: &str| wait_for_line(&lines, what, guard);
-    wait_for("listening");
     // More clients than the child has fds for. All of them connect (the kernel queues those
     // the child has not accepted yet), and the child runs out of fds accepting them: until
     // they hang up, each one it accepted holds an fd.

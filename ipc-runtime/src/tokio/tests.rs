@@ -901,12 +901,23 @@ fn a_oneway_that_arrives_as_the_runtime_shuts_down_leaves_no_service_behind() {
     );
 }
 
-/// `ORDERED` served async: the oneway `note` 0 says it started, then waits for `gate`; the
-/// other `note`s and the calls `mark` keep the numbers they are sent.
+/// `ORDERED` served async: the request numbered `at` does `action`; the other `note`s
+/// (oneways) and `mark`s (calls) keep the numbers they are sent.
 struct AsyncOrdered {
-    started: std::sync::mpsc::Sender<()>,
-    gate: std::sync::Arc<::tokio::sync::Notify>,
+    at: u64,
+    action: AtSeq,
     run: std::sync::Arc<parking_lot::Mutex<Vec<u64>>>,
+}
+
+/// What [`AsyncOrdered`] does with the request numbered `at`.
+enum AtSeq {
+    /// Says it started, then waits for `gate`.
+    Hold {
+        started: std::sync::mpsc::Sender<()>,
+        gate: std::sync::Arc<::tokio::sync::Notify>,
+    },
+    /// Closes the connection (once).
+    Close(parking_lot::Mutex<Option<super::AsyncConnection>>),
 }
 
 impl super::AsyncService for AsyncOrdered {
@@ -919,11 +930,13 @@ impl super::AsyncService for AsyncOrdered {
     ) -> super::BoxFuture<'a, crate::Result<()>> {
         Box::pin(async move {
             let seq: u64 = call.args()?;
-            if seq == 0 {
-                self.started.send(()).unwrap();
-                self.gate.notified().await;
-            } else {
-                self.run.lock().push(seq);
+            match &self.action {
+                _ if seq != self.at => self.run.lock().push(seq),
+                AtSeq::Hold { started, gate } => {
+                    started.send(()).unwrap();
+                    gate.notified().await;
+                }
+                AtSeq::Close(connection) => connection.lock().take().expect("closed once").close(),
             }
             match call.command() {
                 3 => Ok(()),
@@ -953,8 +966,11 @@ fn queued_behind_a_oneway(end: impl FnOnce(&super::AsyncConnection, Socket)) -> 
     let _server = runtime.block_on(async {
         let server = super::AsyncConnection::new(theirs).unwrap();
         let serving = ::tokio::spawn(server.serve(AsyncOrdered {
-            started,
-            gate: gate.clone(),
+            at: 0,
+            action: AtSeq::Hold {
+                started,
+                gate: gate.clone(),
+            },
             run: run.clone(),
         }));
         peer.send(&ordered_request(Kind::Oneway, 3, 0, 0), &[])
@@ -1008,35 +1024,6 @@ fn async_a_peer_hanging_up_leaves_its_queued_requests_to_run() {
     assert!(closed);
 }
 
-/// `ORDERED` served async: the oneway `note` 1 closes the connection; the other requests
-/// keep the numbers they are sent.
-struct ClosingOrdered {
-    connection: parking_lot::Mutex<Option<super::AsyncConnection>>,
-    run: std::sync::Arc<parking_lot::Mutex<Vec<u64>>>,
-}
-
-impl super::AsyncService for ClosingOrdered {
-    fn info(&self) -> &'static crate::service::InterfaceInfo {
-        &crate::connection::tests::ORDERED
-    }
-    fn handle<'a>(
-        &'a self,
-        call: &'a mut super::AsyncCall,
-    ) -> super::BoxFuture<'a, crate::Result<()>> {
-        Box::pin(async move {
-            let seq: u64 = call.args()?;
-            match seq {
-                1 => self.connection.lock().take().expect("closed once").close(),
-                seq => self.run.lock().push(seq),
-            }
-            match call.command() {
-                3 => Ok(()),
-                _ => call.reply(()).await,
-            }
-        })
-    }
-}
-
 /// A call waiting for a oneway that closes the connection never runs, also when its task is
 /// first polled only after that oneway is done (the oneways dropped or run by then no longer
 /// hold it back). Both requests are read at once, before either task runs.
@@ -1057,8 +1044,9 @@ fn async_close_drops_a_call_whose_task_starts_after_it() {
         .unwrap();
     runtime.block_on(async {
         let server = super::AsyncConnection::new(theirs).unwrap();
-        let service = ClosingOrdered {
-            connection: parking_lot::Mutex::new(Some(server.clone())),
+        let service = AsyncOrdered {
+            at: 1,
+            action: AtSeq::Close(parking_lot::Mutex::new(Some(server.clone()))),
             run: run.clone(),
         };
         server.serve(service).await.unwrap();
