@@ -739,10 +739,12 @@ fn a_call_received_before_the_read_side_closes_is_answered() {
     assert_eq!(got.unwrap(), 3);
 }
 
-/// Blocks the first wake until `release` is dropped, after saying so on `entered`.
+/// Blocks the first wake until `release` is dropped, after saying so on `entered`, and then
+/// until `then` returns.
 struct BlockingWaker {
     entered: parking_lot::Mutex<Option<std::sync::mpsc::Sender<()>>>,
     release: parking_lot::Mutex<std::sync::mpsc::Receiver<()>>,
+    then: Box<dyn Fn() + Send + Sync>,
 }
 
 impl std::task::Wake for BlockingWaker {
@@ -750,19 +752,44 @@ impl std::task::Wake for BlockingWaker {
         if let Some(entered) = self.entered.lock().take() {
             entered.send(()).unwrap();
             let _ = self.release.lock().recv(); // until the sender is dropped
+            (self.then)();
         }
     }
+}
+
+/// Polls `done` until it holds, for a moment that no event marks; panics after 60 s.
+fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still waiting: {what}"
+        );
+        std::thread::yield_now();
+    }
+}
+
+/// What the connection has when its runtime closes (see [`request_as_the_runtime_closes`]).
+#[derive(Clone, Copy, PartialEq)]
+enum AtClose {
+    /// Only the reader.
+    Reader,
+    /// Also a task that ran a call and waits idle for the next; the runtime has dropped it
+    /// when the reader routes the request.
+    IdleRunnerDropped,
 }
 
 /// Holds the reader of a connection serving `service` between a reply and the request
 /// behind it (`kind`: a call or a oneway of the peer's) until its runtime, dropped meanwhile
 /// on another thread, has closed itself to new tasks: the reader then routes the request as
 /// the runtime shuts down. The reader is held by the waker of the call the reply answers,
-/// which returns only once the runtime has dropped a task of its own. Returns whether
-/// dropping the runtime returned, the connection, and the peer's end.
+/// which returns only once the runtime has dropped a task of its own (and, with `at_close`
+/// [`AtClose::IdleRunnerDropped`], the connection's idle task). Returns whether dropping the
+/// runtime returned, the connection, and the peer's end.
 fn request_as_the_runtime_closes<S: super::AsyncService>(
     service: impl FnOnce(&super::AsyncConnection) -> S,
     kind: crate::tokio::envelope::Kind,
+    at_close: AtClose,
 ) -> (bool, super::AsyncConnection, Socket) {
     use crate::codec::Bytes;
     use crate::connection::tests::BULK;
@@ -779,6 +806,27 @@ fn request_as_the_runtime_closes<S: super::AsyncService>(
         super::AsyncConnection::new(a).unwrap()
     };
     conn.add_service(service(&conn));
+    let message = |envelope: Envelope| {
+        let mut payload = vec![0; envelope::LEN];
+        envelope.write(&mut payload);
+        payload
+    };
+    let echo = |kind: Kind, cookie: u64| {
+        let mut echo = message(Envelope {
+            kind,
+            cmd: 1,
+            cookie,
+            interface: BULK.id,
+            signature: BULK.signature,
+        });
+        crate::codec::encode(&Bytes(&b"hi"[..]), &mut echo, &mut Vec::new()).unwrap();
+        echo
+    };
+    if at_close == AtClose::IdleRunnerDropped {
+        peer.send(&echo(Kind::Call, 9), &[]).unwrap();
+        peer.recv().unwrap();
+        wait_until("a task waits idle", || conn.test_tasks().1 == 1);
+    }
     let (release, released) = mpsc::channel::<()>();
     // Dropped, releasing the waker, only when the runtime drops its tasks: it is closed then.
     rt.spawn(async move {
@@ -789,6 +837,17 @@ fn request_as_the_runtime_closes<S: super::AsyncService>(
     let waker = Waker::from(std::sync::Arc::new(BlockingWaker {
         entered: parking_lot::Mutex::new(Some(entered)),
         release: parking_lot::Mutex::new(released),
+        then: match at_close {
+            AtClose::Reader => Box::new(|| {}),
+            AtClose::IdleRunnerDropped => {
+                let conn = conn.clone();
+                Box::new(move || {
+                    wait_until("the runtime drops the idle task", || {
+                        conn.test_tasks().0 == 1 // the reader's
+                    })
+                })
+            }
+        },
     }));
     let mut call = Box::pin(conn.call::<_, u32>(&BULK, 2, (), None));
     let mut cx = Context::from_waker(&waker);
@@ -797,26 +856,14 @@ fn request_as_the_runtime_closes<S: super::AsyncService>(
     // The reply to that call, then the peer's request, both in the socket at once.
     let request = peer.recv().unwrap();
     let asked = Envelope::read(&request.payload).unwrap();
-    let message = |envelope: Envelope| {
-        let mut payload = vec![0; envelope::LEN];
-        envelope.write(&mut payload);
-        payload
-    };
     let mut reply = message(Envelope {
         kind: Kind::Reply,
         ..asked
     });
     reply.extend_from_slice(&7u32.to_le_bytes());
     peer.send(&reply, &[]).unwrap();
-    let mut echo = message(Envelope {
-        kind,
-        cmd: 1,
-        cookie: if kind == Kind::Call { 1 } else { 0 },
-        interface: BULK.id,
-        signature: BULK.signature,
-    });
-    crate::codec::encode(&Bytes(&b"hi"[..]), &mut echo, &mut Vec::new()).unwrap();
-    peer.send(&echo, &[]).unwrap();
+    let cookie = if kind == Kind::Call { 1 } else { 0 };
+    peer.send(&echo(kind, cookie), &[]).unwrap();
     in_wake.recv().unwrap(); // the reader wakes the call, and waits there
 
     let (dropped, runtime_gone) = mpsc::channel();
@@ -848,7 +895,29 @@ fn a_call_that_arrives_as_the_runtime_shuts_down_does_not_deadlock_it() {
     use crate::tokio::envelope::Kind;
 
     let (returned, conn, peer) =
-        request_as_the_runtime_closes(|_| QuickEcho::default(), Kind::Call);
+        request_as_the_runtime_closes(|_| QuickEcho::default(), Kind::Call, AtClose::Reader);
+    assert!(
+        returned,
+        "dropping the runtime deadlocked in the connection's reader"
+    );
+    assert!(conn.is_closed());
+    assert!(matches!(peer.recv(), Err(crate::Error::Disconnected)));
+}
+
+/// A call that reaches the reader as its runtime shuts down goes to a task that waits idle
+/// for one; if the runtime has already dropped that task, the reader holds the last handle to
+/// it. Dropped under the state lock, that handle finished the call it had just been handed,
+/// which takes the state lock: the reader deadlocked, and dropping the runtime waited for it
+/// for good (CI hung so in `hostile_floods`).
+#[test]
+fn a_call_handed_to_an_idle_task_the_runtime_dropped_does_not_deadlock_it() {
+    use crate::tokio::envelope::Kind;
+
+    let (returned, conn, peer) = request_as_the_runtime_closes(
+        |_| QuickEcho::default(),
+        Kind::Call,
+        AtClose::IdleRunnerDropped,
+    );
     assert!(
         returned,
         "dropping the runtime deadlocked in the connection's reader"
@@ -890,7 +959,8 @@ fn a_oneway_that_arrives_as_the_runtime_shuts_down_leaves_no_service_behind() {
         _connection: conn.clone(),
         _alive: alive,
     };
-    let (returned, conn, _peer) = request_as_the_runtime_closes(service, Kind::Oneway);
+    let (returned, conn, _peer) =
+        request_as_the_runtime_closes(service, Kind::Oneway, AtClose::Reader);
     assert!(returned, "dropping the runtime deadlocked");
     assert!(conn.is_closed());
     drop(conn);

@@ -258,11 +258,12 @@ impl Inner {
         let waiting = state.pending.fail_all(&why);
         state.oneways = None;
         state.held.clear();
-        for runner in state.idle_runners.drain(..) {
-            runner.stop();
-        }
+        // Let go after the lock, as a runner's drop may take it.
+        let idle = std::mem::take(&mut state.idle_runners);
         state.closed = Some(why);
         drop(state);
+        idle.iter().for_each(|runner| runner.stop());
+        drop(idle);
         waiting.into_iter().for_each(Waker::wake);
     }
 

@@ -44,8 +44,8 @@ impl Inner {
 
     /// A call goes to a task of its own, which runs it once the oneways that arrived before it
     /// have run: a task that ran a call before and waits for the next, or a new one; a oneway
-    /// goes to the task that runs them in order. A task to start is returned, for
-    /// [`Inner::spawn`] once the state lock is released.
+    /// goes to the task that runs them in order. A task to start (or the idle one handed the
+    /// call) is returned, for [`Inner::spawn`] once the state lock is released.
     pub(super) fn dispatch(
         self: &Arc<Self>,
         state: &mut State,
@@ -65,7 +65,9 @@ impl Inner {
             return match state.idle_runners.pop() {
                 Some(runner) => {
                     runner.start(request);
-                    None
+                    // Let go after the lock: if the runtime has dropped the runner's task, this
+                    // is its last handle, whose drop finishes the call, taking the lock.
+                    Some(Task::Handed(runner))
                 }
                 None => Some(Task::Calls(
                     FirstCall {
@@ -102,9 +104,10 @@ impl Inner {
 
     /// Starts a task [`Inner::dispatch`] returned. Not under the state lock: a runtime that is
     /// shutting down drops the task at once, inside `spawn`, and a call's task takes the lock
-    /// as it goes ([`FirstCall`]).
+    /// as it goes ([`FirstCall`]); so does the last handle to a [`Runner`] handed a call.
     pub(super) fn spawn(self: &Arc<Self>, task: Task) {
         match task {
+            Task::Handed(runner) => drop(runner),
             Task::Calls(first, guard) => {
                 self.runtime.spawn(run_calls(first, guard));
             }
@@ -171,6 +174,8 @@ pub(in crate::tokio) const IDLE_RUNNERS: usize = 8;
 
 /// A task for requests, made by [`Inner::dispatch`] and started by [`Inner::spawn`].
 pub(super) enum Task {
+    /// An idle [`run_calls`] task, already handed its call: only its handle to let go.
+    Handed(Arc<Runner>),
     /// A new [`run_calls`] task, with its first call.
     Calls(FirstCall, TaskGuard),
     /// The [`run_oneways`] task, with its queue.
