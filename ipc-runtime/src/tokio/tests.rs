@@ -1123,3 +1123,34 @@ fn async_close_drops_a_call_whose_task_starts_after_it() {
     });
     assert_eq!(*run.lock(), [], "a call ran after close");
 }
+
+/// A connection whose runtime shuts down before its reader task ever ran (made in `block_on`
+/// and the runtime dropped right after, or as the runtime closes to new tasks, when `spawn`
+/// drops the reader at once) must end as one whose reader the runtime dropped mid-way does:
+/// it was left open with nobody reading, so a call from another runtime waited for good for
+/// a reply nobody would read, and the peer was never hung up on.
+#[test]
+fn a_connection_whose_runtime_shuts_down_before_its_reader_ran_ends() {
+    use crate::connection::tests::BULK;
+    use std::time::Duration;
+
+    let current_thread = || {
+        ::tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let (ours, peer) = Socket::pair().unwrap();
+    let runtime = current_thread();
+    let conn = runtime.block_on(async { super::AsyncConnection::new(ours).unwrap() });
+    drop(runtime); // the reader, spawned in `new`, never ran
+    let elsewhere = current_thread();
+    let called =
+        elsewhere.block_on(conn.call::<_, u32>(&BULK, 2, (), Some(Duration::from_secs(60))));
+    match called {
+        Err(crate::Error::Io(e)) => assert!(e.to_string().contains("shut down"), "{e}"),
+        other => panic!("the call should fail as its runtime shut down: {other:?}"),
+    }
+    assert!(conn.is_closed());
+    assert!(matches!(peer.recv(), Err(crate::Error::Disconnected)));
+}

@@ -43,7 +43,7 @@ use crate::error::{Error, Result};
 use crate::frame::Frame;
 use crate::service::InterfaceInfo;
 use crate::socket::{PeerCredentials, Socket};
-use reader::read_loop;
+use reader::{ReaderEnding, read_loop};
 
 /// A connection to a peer process on a tokio runtime: the async flavour of
 /// [`Connection`](crate::Connection), speaking the same protocol.
@@ -220,7 +220,10 @@ impl AsyncConnection {
             trace: trace::enabled(),
             lane,
         });
-        inner.runtime.spawn(read_loop(inner.clone(), reader));
+        // Not under any lock: a runtime closing drops the task at once, inside `spawn`, and
+        // its `ReaderEnding` ends the connection, taking the state lock.
+        let ending = ReaderEnding::new(inner.clone(), reader);
+        inner.runtime.spawn(read_loop(ending));
         Ok(AsyncConnection {
             _owner: Arc::new(Owner(inner.clone())),
             inner,

@@ -18,23 +18,35 @@ use crate::error::{Error, Result};
 use crate::frame::Frame;
 use crate::tokio::envelope::{self, Envelope, Kind};
 
-/// Receives until the connection ends, routing each message.
-pub(super) async fn read_loop(inner: Arc<Inner>, guard: TaskGuard) {
-    // Dropped unfinished when the runtime shuts down: the connection must end then too, or
-    // its callers (on other runtimes) and its peer wait for good.
-    let mut ending = ReaderEnding {
-        inner: inner.clone(),
-        finished: false,
-    };
-    read_messages(inner).await;
+/// Receives until the connection ends, routing each message. `ending` is made before the task
+/// is spawned, so that it ends the connection however the task ends, also dropped before it
+/// ever ran (see [`ReaderEnding`]).
+pub(super) async fn read_loop(mut ending: ReaderEnding) {
+    read_messages(ending.inner.clone()).await;
     ending.finished = true;
-    drop(ending);
-    drop(guard);
 }
 
-struct ReaderEnding {
+/// The end of the reader task, however it ends. Dropped unfinished when the runtime shuts
+/// down, also before the task ever ran (the runtime dropped without running it, or closing,
+/// which drops a task inside `spawn`): the connection must end then too, or its callers (on
+/// other runtimes) wait for good for replies nobody reads, and its peer for a hang-up.
+pub(super) struct ReaderEnding {
     inner: Arc<Inner>,
     finished: bool,
+    /// Declared last: dropped after `inner`, as the task's last act (once the last guard
+    /// goes, `run` returns).
+    _guard: TaskGuard,
+}
+
+impl ReaderEnding {
+    /// The end of the reader of `inner`, the task `guard` counts.
+    pub(super) fn new(inner: Arc<Inner>, guard: TaskGuard) -> ReaderEnding {
+        ReaderEnding {
+            inner,
+            finished: false,
+            _guard: guard,
+        }
+    }
 }
 
 impl Drop for ReaderEnding {
