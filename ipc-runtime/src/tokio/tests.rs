@@ -1154,3 +1154,53 @@ fn a_connection_whose_runtime_shuts_down_before_its_reader_ran_ends() {
     assert!(conn.is_closed());
     assert!(matches!(peer.recv(), Err(crate::Error::Disconnected)));
 }
+
+/// A connect that waits for a listener whose backlog is full (a server that does not accept:
+/// stopped, stuck, or flooded), given up by its caller (here by a timeout), must not hold up
+/// the runtime's shutdown: it ran on tokio's blocking pool, whose threads dropping the runtime
+/// waits for, so dropping it waited for good for a listener that never accepted.
+#[test]
+fn a_connect_waiting_for_a_listener_that_never_accepts_does_not_hold_up_the_runtime_shutdown() {
+    use nix::sys::socket::{self as ns, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+    use std::os::fd::AsRawFd;
+    use std::time::Duration;
+
+    let name = format!("typed-ipc-test-full-backlog-{}", std::process::id());
+    let addr = UnixAddr::new_abstract(name.as_bytes()).unwrap();
+    let socket = |flags| ns::socket(AddressFamily::Unix, SockType::SeqPacket, flags, None);
+    let listener = socket(SockFlag::SOCK_CLOEXEC).unwrap();
+    ns::bind(listener.as_raw_fd(), &addr).unwrap();
+    // A backlog of 0 holds one connection not accepted; it takes the next.
+    ns::listen(&listener, Backlog::new(0).unwrap()).unwrap();
+    let nonblocking = SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK;
+    let queued = socket(nonblocking).unwrap();
+    ns::connect(queued.as_raw_fd(), &addr).unwrap();
+    let refused = socket(nonblocking).unwrap();
+    assert_eq!(
+        ns::connect(refused.as_raw_fd(), &addr),
+        Err(nix::errno::Errno::EAGAIN),
+        "the listener's backlog is full"
+    );
+
+    let runtime = ::tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let connecting = super::AsyncConnection::connect_abstract(name.as_bytes());
+    let given_up = runtime
+        .block_on(async { ::tokio::time::timeout(Duration::from_millis(100), connecting).await });
+    assert!(
+        given_up.is_err(),
+        "the connect waits while the backlog is full"
+    );
+    let (dropped, runtime_gone) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        drop(runtime);
+        dropped.send(()).unwrap();
+    });
+    assert!(
+        runtime_gone.recv_timeout(Duration::from_secs(60)).is_ok(),
+        "dropping the runtime waits for the connect, for a listener that never accepts"
+    );
+    drop(listener);
+}

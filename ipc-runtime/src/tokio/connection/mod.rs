@@ -171,23 +171,17 @@ impl AsyncConnection {
     }
 
     /// Connects to a [`Listener`](crate::Listener) (or an [`AsyncListener`](super::AsyncListener))
-    /// bound to `path`. The `connect` syscall runs on tokio's blocking pool: it can wait while
-    /// the listener's backlog is full.
+    /// bound to `path`. The `connect` syscall runs on a thread of its own: it can wait while
+    /// the listener's backlog is full, and neither the runtime nor its shutdown waits for it.
     pub async fn connect(path: impl AsRef<Path>) -> Result<AsyncConnection> {
         let path = path.as_ref().to_owned();
-        let socket = ::tokio::task::spawn_blocking(move || Socket::connect(path))
-            .await
-            .map_err(|e| Error::Io(io::Error::other(e)))??;
-        AsyncConnection::new(socket)
+        AsyncConnection::new(connect_on_a_thread(move || Socket::connect(path)).await?)
     }
 
     /// Connects to a listener bound to a Linux abstract name (see [`AsyncConnection::connect`]).
     pub async fn connect_abstract(name: impl AsRef<[u8]>) -> Result<AsyncConnection> {
         let name = name.as_ref().to_owned();
-        let socket = ::tokio::task::spawn_blocking(move || Socket::connect_abstract(name))
-            .await
-            .map_err(|e| Error::Io(io::Error::other(e)))??;
-        AsyncConnection::new(socket)
+        AsyncConnection::new(connect_on_a_thread(move || Socket::connect_abstract(name)).await?)
     }
 
     /// Runs a connection over `socket` on the current tokio runtime, which must have its IO
@@ -482,6 +476,25 @@ impl std::fmt::Debug for AsyncConnection {
             .field("peer", &self.inner.peer)
             .finish_non_exhaustive()
     }
+}
+
+/// Runs `connect` on a thread of its own and waits for it without blocking the runtime. Not
+/// on tokio's blocking pool: a connect waits for as long as the listener's backlog is full (a
+/// server that does not accept: stopped, stuck, or flooded), and dropping a runtime waits for
+/// every thread of that pool, so a connect given up on held the runtime's shutdown up for
+/// good. Given up on here, the socket is closed once the connect returns.
+async fn connect_on_a_thread(
+    connect: impl FnOnce() -> Result<Socket> + Send + 'static,
+) -> Result<Socket> {
+    let (connected, outcome) = ::tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("typed-ipc-connect".into())
+        .spawn(move || {
+            let _ = connected.send(connect());
+        })?;
+    outcome
+        .await
+        .map_err(|_| Error::Io(io::Error::other("the connecting thread panicked")))?
 }
 
 impl Inner {
