@@ -161,9 +161,10 @@ impl Shared {
         result
     }
 
-    /// Releases the reader role and routes what it received (see [`Shared::read`]). The
-    /// readers take their common cases before calling this — a caller's own whole reply
-    /// (`read_own`), a call a runner can run now (`read`) — so it never sees the latter.
+    /// Releases the reader role (for a call this end could not receive, once it is answered)
+    /// and routes what it received (see [`Shared::read`]). The readers take their common
+    /// cases before calling this — a caller's own whole reply (`read_own`), a call a runner
+    /// can run now (`read`) — so it never sees the latter.
     pub(super) fn route<'a>(
         &'a self,
         mut state: Guard<'a>,
@@ -194,7 +195,12 @@ impl Shared {
             // for it, in a socket that has nothing more for it.
             state = self.trace_unlocked(state, &envelope, &frame);
         }
-        self.release_reader(&mut state);
+        // A call this end could not receive is answered with the role still held: see
+        // `answer_unreceived`, which gives it back.
+        let owes = envelope.kind == Kind::Call && result.is_err() && !state.closed_here;
+        if !owes {
+            self.release_reader(&mut state);
+        }
         if result.is_err() {
             // Delivered as an error (its fds were dropped), so never decoded.
             self.lane.finished(&frame.payload);
@@ -307,23 +313,36 @@ impl Shared {
     /// with a failure. A caller reading for its reply must not wait to send it (its peer may
     /// not read, its timeout may pass): it tries once, and if the failure would have to wait,
     /// a serving thread sends it (`owed`), as it would a reply.
+    ///
+    /// Called with the reader role held, and gives it back: a runner before it waits to
+    /// send, a caller only once the failure is out or queued. Otherwise a runner woken as
+    /// the caller lets go could take the role first and wait in the socket, with no
+    /// deadline, while the failure it would send is queued behind it: then nothing answers
+    /// the peer until it sends something more, which it may not before it has its answer.
     #[cold]
     #[inline(never)]
     fn answer_unreceived<'a>(
         &'a self,
-        state: Guard<'a>,
+        mut state: Guard<'a>,
         envelope: &Envelope,
         e: &Error,
         reader: Reader,
     ) -> Guard<'a> {
+        let wait = !matches!(reader, Reader::Caller(_));
+        if wait {
+            self.release_reader(&mut state);
+        }
         drop(state);
         let failure = unreceived(e, false);
-        let wait = !matches!(reader, Reader::Caller(_));
         let sent = self.reply_failure(envelope, &failure, wait);
         let mut state = self.state.lock();
         if matches!(sent, Ok(false)) && self.admit(&mut state) {
             state.backlog.add(Cost::default());
             state.owed.push_back((*envelope, failure));
+        }
+        if !wait {
+            // Wakes the runners, which take the failure queued before they read.
+            self.release_reader(&mut state);
         }
         state
     }

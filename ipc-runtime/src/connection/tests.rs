@@ -1199,3 +1199,79 @@ fn a_reply_traced_by_another_reader_reaches_its_caller() {
     b.socket().send(&reply_to(&to_reader, &7u32), &[]).unwrap();
     assert_eq!(reader.join().unwrap().unwrap(), 7);
 }
+
+/// A caller that takes in a call this end cannot receive, and cannot send its failure at
+/// once, leaves the failure to a serving thread. The serving thread asleep while the caller
+/// read must not take the reader role before the failure is queued: a runner reading waits
+/// in the socket, with no deadline, and nothing would send the failure until the peer sent
+/// something more, while the peer waits for the failure. (Here the caller prints the call,
+/// with tracing on, while the runner is woken; without tracing it is the same race, lost
+/// more rarely.)
+#[test]
+fn a_failure_owed_by_a_caller_is_sent_by_the_runner_it_wakes() {
+    let (mut a, b) = limited_pair(crate::frame::Limits {
+        max_message_len: 1 << 20,
+        max_fds: 4,
+    });
+    std::sync::Arc::get_mut(&mut a.shared).unwrap().trace = true;
+    // The caller finds nobody reading: it reads for its reply.
+    let caller = {
+        let a = a.clone();
+        std::thread::spawn(move || a.call::<_, u32>(&IFACE, 1, &(), None))
+    };
+    let request = b.socket().recv().unwrap();
+    let runner = {
+        let a = a.clone();
+        std::thread::spawn(move || a.run())
+    };
+    wait_until("the serving thread sleeps while the caller reads", || {
+        let state = a.shared.state.lock();
+        state.runners == 1 && state.waiters == 1
+    });
+    // `b` reads nothing for now: fill its socket buffer, so that the failure cannot go out
+    // at once.
+    let soon = Some(Duration::from_millis(10));
+    let mut sent = 0u64;
+    while a.oneway(&IFACE, 2, &"x".repeat(16 << 10), soon).is_ok() {
+        sent += 1;
+        assert!(sent < 1 << 20, "the peer's socket never filled");
+    }
+    // The caller prints the refused call, and waits for stderr meanwhile.
+    let stderr = std::io::stderr().lock();
+    send_call_with_five_fds(b.socket(), 77);
+    wait_until(
+        "the call is printed, and someone holds the reader role",
+        || {
+            // The registry's own handle, the runner's snapshot and the printing caller's.
+            std::sync::Arc::strong_count(&a.shared.registry.lock()) == 3
+                && a.shared.state.lock().reading
+        },
+    );
+    drop(stderr);
+    // `b` reads again: everything `a` sent, then the failure.
+    let (done, answered) = mpsc::channel();
+    let peer = std::thread::spawn(move || {
+        loop {
+            let Ok(message) = b.socket().recv() else {
+                break;
+            };
+            let envelope = Envelope::read(&message.payload).unwrap();
+            if envelope.cookie == 77 {
+                let _ = done.send(envelope.kind);
+            }
+        }
+        b
+    });
+    let answer = answered.recv_timeout(Duration::from_secs(60));
+    // Either way, end the connection so that every thread returns.
+    a.close();
+    let b = peer.join().unwrap();
+    assert_eq!(
+        answer,
+        Ok(Kind::Failure),
+        "the failure owed for the refused call never went out"
+    );
+    assert!(matches!(caller.join().unwrap(), Err(Error::Disconnected)));
+    runner.join().unwrap().unwrap();
+    drop((b, request));
+}
