@@ -357,6 +357,54 @@ fn graceful_shutdown_finishes_calls_in_flight_and_stops_accepting() {
     );
 }
 
+/// Shuts its own server down, from inside a handler: a client asking the server to quit.
+#[interface]
+pub trait Quit {
+    fn quit(&self) -> u32;
+}
+
+/// Holds the server it stops, put there once it listens.
+struct Quitter(Arc<Mutex<Option<typed_ipc::Serving>>>);
+
+impl Quit for Quitter {
+    fn quit(&self) -> u32 {
+        let serving = self.0.lock().unwrap().take();
+        serving.expect("asked to quit once").shutdown();
+        7
+    }
+}
+
+/// A handler that shuts its own server down cannot wait for itself: the shutdown waits for
+/// every other call in flight, then the handler's reply goes out. (It joined the very thread
+/// it ran on: a panic on the client's serving thread, and, on a thread of its pool, a wait
+/// for good, the client's serving thread waiting for that one to return.)
+#[test]
+fn a_handler_can_shut_its_own_server_down() {
+    let _fds = fd_count_lock();
+    // With two, the handler runs on either thread.
+    for (run, threads) in [1, 2, 2, 2].into_iter().enumerate() {
+        let name = format!("typed-ipc-quit-{}-{run}", std::process::id());
+        let slot = Arc::new(Mutex::new(None));
+        let serving = Server::new()
+            .service(QuitServer::new(Quitter(slot.clone())))
+            .threads(threads)
+            .listen(Listener::bind_abstract(&name).unwrap())
+            .unwrap();
+        *slot.lock().unwrap() = Some(serving);
+        let client = QuitClient::new(Connection::connect_abstract(&name).unwrap());
+        let (done, outcome) = mpsc::channel();
+        std::thread::spawn(move || done.send(client.quit()));
+        let outcome = outcome
+            .recv_timeout(HANG_GUARD)
+            .expect("the shutdown waited for the handler it was called from");
+        assert_eq!(outcome.unwrap(), 7, "{threads} threads");
+        assert!(
+            Connection::connect_abstract(&name).is_err(),
+            "no longer accepting"
+        );
+    }
+}
+
 /// How many more fds than it has open the child of
 /// `a_listener_out_of_fds_says_so_and_accepts_again_once_clients_hang_up` may open.
 const ROOM: usize = 8;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 
 use parking_lot::{Mutex, MutexGuard};
-use std::thread::JoinHandle;
+use std::thread::{JoinHandle, ThreadId};
 use std::time::Duration;
 
 use crate::accept_retry::{self, Failure, Trouble};
@@ -406,10 +406,16 @@ impl Server {
         services: Vec<Arc<dyn Service>>,
     ) -> std::io::Result<Client> {
         let helpers = self.start_helpers(&connection)?;
+        let mut threads: Vec<ThreadId> = helpers.iter().map(|h| h.thread.thread().id()).collect();
         let (server, serving) = (self.clone(), connection.clone());
         let thread =
             std::thread::Builder::new().spawn(move || server.run(&serving, services, helpers))?;
-        Ok(Client { connection, thread })
+        threads.push(thread.thread().id());
+        Ok(Client {
+            connection,
+            thread,
+            threads,
+        })
     }
 
     fn install(&self, connection: &Connection, services: Vec<Arc<dyn Service>>) {
@@ -434,6 +440,9 @@ struct Helper {
 struct Client {
     connection: Connection,
     thread: JoinHandle<Result<()>>,
+    /// The threads that serve it, `thread` and its helpers: a handler on one of them that
+    /// shuts the server down must not wait for them (it would wait for itself).
+    threads: Vec<ThreadId>,
 }
 
 /// The clients, locked, once those whose serving thread has returned are forgotten (which
@@ -492,6 +501,11 @@ impl Serving {
     /// affected. Handlers still running are waited for, however long they take. (If no
     /// thread can be started to watch the sends, for want of resources, every client is hung
     /// up on at once instead.) Dropping `Serving` does the same.
+    ///
+    /// A handler may call this (a client asking the server to quit), or drop the last owner
+    /// of `Serving`: the shutdown then waits for every other client, not for the one whose
+    /// handler it runs in, which cannot have finished yet; that client's reply goes out once
+    /// the handler returns, and its connection ends after it.
     pub fn shutdown(mut self) {
         self.stop();
     }
@@ -514,7 +528,14 @@ impl Serving {
         let (ended, watch_ended) = mpsc::channel::<()>();
         let connections = clients.iter().map(|c| c.connection.clone()).collect();
         let watch = stall::watch(connections, self.stall_limit, move || drop(ended));
+        let this = std::thread::current().id();
         for client in clients {
+            if client.threads.contains(&this) {
+                // Called from one of this client's handlers (or dropped there): its threads
+                // end once that handler has returned and its reply has gone out, which the
+                // shutdown cannot wait for.
+                continue;
+            }
             let _ = client.thread.join();
             client.connection.close();
         }
