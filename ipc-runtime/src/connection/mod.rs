@@ -14,6 +14,13 @@
 //! runs it at once. When the reader's own wait is over it passes the role to the next
 //! waiter.
 //!
+//! A thread waiting to send does not read. So if each end's only thread waits to send to the
+//! other, nothing moves: say this end gave up on a call whose large reply the peer's one
+//! serving thread is now sending, and this end's one thread sends a next call as large, each
+//! bigger than the socket's buffer (messages go out as they are, apart from byte strings,
+//! which go through shared memory). A thread in [`Connection::serve`] reads while others
+//! send, and a call with a timeout ends at it.
+//!
 //! Requests run only on threads inside [`Connection::serve`] (or [`Connection::run`]), never
 //! on a thread waiting for a reply: a callback arriving while a caller waits is handed to a
 //! serving thread, so there is no nested event loop and no re-entrancy. A connection that
