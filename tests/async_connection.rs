@@ -18,9 +18,9 @@ use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
 
-use common::{fd_count_lock, memfd, open_fds, read_all};
+use common::{fd_count_lock, ipc_fds, memfd, open_fds, read_all};
 use tokio::sync::{Barrier, mpsc, watch};
-use typed_ipc::tokio::{AsyncConnection, AsyncListener, AsyncServer};
+use typed_ipc::tokio::{AsyncConnection, AsyncListener, AsyncServer, AsyncServing};
 use typed_ipc::{Connection, Error, current_peer, interface};
 
 /// The interface most scenarios use.
@@ -587,6 +587,69 @@ fn graceful_shutdown_finishes_calls_in_flight_and_stops_accepting() {
             "no longer accepting"
         );
     });
+}
+
+/// Stops its own server, from inside a handler: a client asking the server to quit.
+#[interface]
+pub trait Quit {
+    /// Awaits the server's `shutdown`, then answers 7.
+    async fn quit(&self) -> u32;
+}
+
+/// Holds the server it stops, put there once it listens.
+struct Quitter(Arc<Mutex<Option<AsyncServing>>>);
+
+impl Quit for Quitter {
+    async fn quit(&self) -> u32 {
+        let serving = self.0.lock().unwrap().take();
+        serving.expect("asked to quit once").shutdown().await;
+        7
+    }
+}
+
+/// A handler that shuts its own server down cannot wait for itself: the shutdown hangs up on
+/// the other clients, its handler's reply goes out, and its connection ends after. (It waited
+/// for its own client's task, which ends only once that handler has returned: for good.)
+#[test]
+fn a_handler_can_shut_its_own_server_down() {
+    let _fds = fd_count_lock();
+    // Sockets and the like: each run's runtime is dropped, whose own fds a thread of it may
+    // hold for a moment after.
+    let before = ipc_fds();
+    // On several worker threads, the handler and the client's task may run on different
+    // ones; on one, on the same.
+    for (run, threads) in [4, 1, 4, 1].into_iter().enumerate() {
+        let rt = match threads {
+            1 => common::current_thread_runtime(),
+            _ => runtime(),
+        };
+        rt.block_on(async {
+            let name = format!("typed-ipc-async-quit-{}-{run}", std::process::id());
+            let slot = Arc::new(Mutex::new(None));
+            let serving = AsyncServer::new()
+                .service(QuitServer::new(Quitter(slot.clone())))
+                .listen(AsyncListener::bind_abstract(&name).unwrap());
+            *slot.lock().unwrap() = Some(serving);
+            // Accepted first: a client the shutdown hangs up on like any other.
+            let other = AsyncConnection::connect_abstract(&name).await.unwrap();
+            let client = QuitClient::new(AsyncConnection::connect_abstract(&name).await.unwrap());
+            let outcome = tokio::time::timeout(HANG_GUARD, client.quit())
+                .await
+                .expect("the shutdown waited for the handler it was called from");
+            assert_eq!(outcome.unwrap(), 7, "{threads} threads");
+            assert!(
+                AsyncConnection::connect_abstract(&name).await.is_err(),
+                "no longer accepting"
+            );
+            // Both connections end: the server's ends hang up.
+            for connection in [&other, client.connection()] {
+                let ended = tokio::time::timeout(HANG_GUARD, connection.wait_closed()).await;
+                ended.expect("the server hangs up on every client");
+            }
+        });
+    }
+    // Every socket of the server's is closed, its own client's too.
+    assert_eq!(ipc_fds(), before);
 }
 
 /// The authorizer is user code like a handler: a panic in it refuses that one request (its

@@ -403,11 +403,18 @@ impl AsyncServing {
     /// Dropping the returned future before it completes (under a timeout, in a `select!`)
     /// hangs up at once on every client it has not finished with, as dropping the
     /// `AsyncServing` does.
+    ///
+    /// A handler may await this (a client asking the server to quit): the shutdown then waits
+    /// for every other client, not for the one whose handler it runs in, which cannot have
+    /// finished yet; that client's reply goes out once the handler returns, and its
+    /// connection ends after it. (Only when awaited in the handler's own future: spawned
+    /// into a task of its own, the shutdown waits for that client too, so the handler must
+    /// not wait for that task.)
     pub async fn shutdown(mut self) {
         self.acceptor.abort();
         // Once it has ended, the listener is closed (and its socket file removed).
         let _ = (&mut self.acceptor).await;
-        let clients = std::mem::take(&mut *self.clients.lock());
+        let mut clients = std::mem::take(&mut *self.clients.lock());
         if clients.is_empty() {
             return;
         }
@@ -418,6 +425,13 @@ impl AsyncServing {
         let (ended, watch_ended) = ::tokio::sync::oneshot::channel::<()>();
         let connections = clients.iter().map(|c| c.connection.clone()).collect();
         let watch = stall::watch(connections, self.stall_limit, move || drop(ended));
+        // Awaited in one of a client's handlers (a client asking the server to quit): that
+        // client's task ends only once the handler has returned and its reply has gone out,
+        // which the shutdown cannot wait for. Let go, it has stopped reading like the others;
+        // its connection ends when its task does.
+        if let Some(own) = clients.iter().position(|c| c.connection.handling_here()) {
+            drop(clients.remove(own));
+        }
         // Popped in the order they came; the rest are hung up on if this future is dropped.
         let mut open = Unfinished(clients);
         open.0.reverse();

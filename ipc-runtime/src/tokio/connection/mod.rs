@@ -284,6 +284,13 @@ impl AsyncConnection {
         (all, self.inner.lock().idle_runners.len())
     }
 
+    /// Whether this thread is running a handler of this connection's now: an
+    /// [`AsyncServing`](super::AsyncServing) shut down from a handler does not wait for the
+    /// connection it runs in.
+    pub(in crate::tokio) fn handling_here(&self) -> bool {
+        serving::polling_handler_of(&self.inner)
+    }
+
     /// Whether the connection has ended (peer gone, closed, or a protocol error).
     pub fn is_closed(&self) -> bool {
         self.inner.lock().closed.is_some()
