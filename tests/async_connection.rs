@@ -594,6 +594,8 @@ fn graceful_shutdown_finishes_calls_in_flight_and_stops_accepting() {
 pub trait Quit {
     /// Awaits the server's `shutdown`, then answers 7.
     async fn quit(&self) -> u32;
+    /// Drops the server, then answers 7.
+    async fn quit_by_drop(&self) -> u32;
 }
 
 /// Holds the server it stops, put there once it listens.
@@ -605,11 +607,17 @@ impl Quit for Quitter {
         serving.expect("asked to quit once").shutdown().await;
         7
     }
+    async fn quit_by_drop(&self) -> u32 {
+        drop(self.0.lock().unwrap().take().expect("asked to quit once"));
+        7
+    }
 }
 
 /// A handler that shuts its own server down cannot wait for itself: the shutdown hangs up on
 /// the other clients, its handler's reply goes out, and its connection ends after. (It waited
-/// for its own client's task, which ends only once that handler has returned: for good.)
+/// for its own client's task, which ends only once that handler has returned: for good.) The
+/// same when the handler drops the server instead (which hung up on its own client too, so
+/// that its reply could not go out).
 #[test]
 fn a_handler_can_shut_its_own_server_down() {
     let _fds = fd_count_lock();
@@ -618,7 +626,10 @@ fn a_handler_can_shut_its_own_server_down() {
     let before = ipc_fds();
     // On several worker threads, the handler and the client's task may run on different
     // ones; on one, on the same.
-    for (run, threads) in [4, 1, 4, 1].into_iter().enumerate() {
+    let ways = [false, true]
+        .into_iter()
+        .flat_map(|by_drop| [4, 1, 4, 1].map(|t| (by_drop, t)));
+    for (run, (by_drop, threads)) in ways.enumerate() {
         let rt = match threads {
             1 => common::current_thread_runtime(),
             _ => runtime(),
@@ -633,10 +644,12 @@ fn a_handler_can_shut_its_own_server_down() {
             // Accepted first: a client the shutdown hangs up on like any other.
             let other = AsyncConnection::connect_abstract(&name).await.unwrap();
             let client = QuitClient::new(AsyncConnection::connect_abstract(&name).await.unwrap());
-            let outcome = tokio::time::timeout(HANG_GUARD, client.quit())
-                .await
-                .expect("the shutdown waited for the handler it was called from");
-            assert_eq!(outcome.unwrap(), 7, "{threads} threads");
+            let outcome = match by_drop {
+                false => tokio::time::timeout(HANG_GUARD, client.quit()).await,
+                true => tokio::time::timeout(HANG_GUARD, client.quit_by_drop()).await,
+            };
+            let outcome = outcome.expect("the shutdown waited for the handler it was called from");
+            assert_eq!(outcome.unwrap(), 7, "{threads} threads, by drop: {by_drop}");
             assert!(
                 AsyncConnection::connect_abstract(&name).await.is_err(),
                 "no longer accepting"

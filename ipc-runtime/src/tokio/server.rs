@@ -355,6 +355,9 @@ fn pruned(clients: &Mutex<Vec<Client>>) -> MutexGuard<'_, Vec<Client>> {
 
 /// An [`AsyncServer`] accepting clients on a listener. Dropping it stops accepting and hangs
 /// up on every client at once; [`AsyncServing::shutdown`] lets calls in flight finish first.
+/// Dropped in a handler (a client asking the server to quit), it spares that handler's
+/// client: that client is read from no more, and hung up on once its calls in flight, the
+/// handler's among them, have replied.
 pub struct AsyncServing {
     acceptor: JoinHandle<()>,
     clients: Arc<Mutex<Vec<Client>>>,
@@ -464,7 +467,13 @@ impl Drop for AsyncServing {
         self.acceptor.abort();
         let clients = std::mem::take(&mut *self.clients.lock());
         for client in clients {
-            client.connection.close();
+            // Dropped in one of this client's handlers (a client asking the server to quit):
+            // hung up on at once, it would not get that handler's reply. It stops reading, as
+            // at a shutdown, and its connection ends once its calls in flight have replied.
+            match client.connection.handling_here() {
+                true => client.connection.stop_reading(),
+                false => client.connection.close(),
+            }
         }
     }
 }

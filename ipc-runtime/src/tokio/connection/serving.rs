@@ -472,7 +472,8 @@ thread_local! {
 
 /// Whether this thread is polling a handler of `connection` (the future of one of its
 /// requests): an [`AsyncServing`](crate::tokio::AsyncServing) shut down there must not wait
-/// for that connection's requests to finish, one of them being its caller.
+/// for that connection's requests to finish, one of them being its caller, nor, dropped
+/// there, hang up on that connection before its caller's reply.
 pub(super) fn polling_handler_of(connection: &Inner) -> bool {
     HANDLER_OF.with(|c| std::ptr::eq(c.get(), connection))
 }
