@@ -391,16 +391,22 @@ fn a_handler_can_shut_its_own_server_down() {
             .listen(Listener::bind_abstract(&name).unwrap())
             .unwrap();
         *slot.lock().unwrap() = Some(serving);
-        let client = QuitClient::new(Connection::connect_abstract(&name).unwrap());
+        let client =
+            QuitClient::new(Connection::connect_abstract(&name).unwrap()).with_timeout(HANG_GUARD);
         let (done, outcome) = mpsc::channel();
-        std::thread::spawn(move || done.send(client.quit()));
-        let outcome = outcome
+        std::thread::spawn(move || done.send((client.quit(), client)));
+        let (outcome, client) = outcome
             .recv_timeout(HANG_GUARD)
             .expect("the shutdown waited for the handler it was called from");
         assert_eq!(outcome.unwrap(), 7, "{threads} threads");
         assert!(
             Connection::connect_abstract(&name).is_err(),
             "no longer accepting"
+        );
+        // Its connection ends once the handler has replied: the server's end hangs up.
+        assert!(
+            matches!(client.quit(), Err(Error::Disconnected)),
+            "{threads} threads: the quitting client's connection stays open"
         );
     }
 }
