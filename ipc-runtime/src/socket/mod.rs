@@ -233,7 +233,10 @@ impl Socket {
 /// (credentials, a timestamp) to every datagram `fd` receives. A receive reads `SCM_RIGHTS`
 /// alone, into room for the most fds one datagram carries: beside another message they no
 /// longer fit, and the kernel drops fds (`MSG_CTRUNC`); and `SCM_PIDFD` installs an fd of its
-/// own that nothing would close. (`SO_TIMESTAMP` off also turns `SO_TIMESTAMPNS` off.)
+/// own that nothing would close. (`SO_TIMESTAMP` off also turns `SO_TIMESTAMPNS` off. The
+/// other options that add a message elsewhere, `SO_TIMESTAMPING`, `SO_RXQ_OVFL`,
+/// `SO_RCVMARK` and `SO_RCVPRIORITY`, add none to a Unix socket's datagrams: checked on
+/// Linux 6.18.)
 #[cold]
 fn stop_adding_control_messages(fd: &OwnedFd) {
     let off: libc::c_int = 0;
