@@ -123,8 +123,21 @@ impl<S: Service + ?Sized> Service for std::sync::Arc<S> {
     }
 }
 
+/// The call this thread is handling: its peer, and the connection it came on (only compared,
+/// never read through; null outside a call).
+#[derive(Clone, Copy)]
+struct Caller {
+    peer: Option<PeerCredentials>,
+    connection: *const (),
+}
+
 thread_local! {
-    static CALLER: std::cell::Cell<Option<PeerCredentials>> = const { std::cell::Cell::new(None) };
+    static CALLER: std::cell::Cell<Caller> = const {
+        std::cell::Cell::new(Caller {
+            peer: None,
+            connection: std::ptr::null(),
+        })
+    };
 }
 
 /// Inside an interface method while it handles a call: the credentials (pid, uid, gid) of the
@@ -135,15 +148,22 @@ thread_local! {
 /// Implementations use it to decide per call; to refuse calls before they reach the
 /// implementation, see [`Server::authorize`](crate::Server::authorize).
 pub fn current_peer() -> Option<PeerCredentials> {
-    CALLER.with(|c| c.get())
+    CALLER.with(|c| c.get().peer)
 }
 
-/// Sets [`current_peer`] for the duration of one call.
-pub(crate) struct CallerScope(Option<PeerCredentials>);
+/// Whether this thread is handling a call that came on `connection` (a pointer to the
+/// connection's shared state, as given to [`CallerScope::enter`]): a server shut down from a
+/// handler must not wait for that handler's connection.
+pub(crate) fn handling_a_call_of(connection: *const ()) -> bool {
+    CALLER.with(|c| std::ptr::eq(c.get().connection, connection))
+}
+
+/// Sets [`current_peer`] and [`handling_a_call_of`] for the duration of one call.
+pub(crate) struct CallerScope(Caller);
 
 impl CallerScope {
-    pub(crate) fn enter(peer: Option<PeerCredentials>) -> CallerScope {
-        CallerScope(CALLER.with(|c| c.replace(peer)))
+    pub(crate) fn enter(peer: Option<PeerCredentials>, connection: *const ()) -> CallerScope {
+        CallerScope(CALLER.with(|c| c.replace(Caller { peer, connection })))
     }
 }
 

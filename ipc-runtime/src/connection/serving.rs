@@ -26,7 +26,8 @@ impl Connection {
         // Set once for all the requests this thread runs, rather than per request: the peer
         // `current_peer` names, and where out-of-line byte strings in requests are read from.
         // (A handler that serves another connection on this thread sets and restores its own.)
-        let _caller = crate::service::CallerScope::enter(self.shared.peer);
+        let connection = Arc::as_ptr(&self.shared).cast();
+        let _caller = crate::service::CallerScope::enter(self.shared.peer, connection);
         codec::with_store(&self.shared.lane, || self.run_requests())
     }
 

@@ -288,7 +288,7 @@ impl AsyncConnection {
     /// [`AsyncServing`](super::AsyncServing) shut down from a handler does not wait for the
     /// connection it runs in.
     pub(in crate::tokio) fn handling_here(&self) -> bool {
-        serving::polling_handler_of(&self.inner)
+        crate::service::handling_a_call_of(Arc::as_ptr(&self.inner).cast())
     }
 
     /// Whether the connection has ended (peer gone, closed, or a protocol error).

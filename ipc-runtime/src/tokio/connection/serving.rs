@@ -3,7 +3,6 @@
 //! and replying; and dropping the services once nothing will dispatch again. Apart because it
 //! is where the user's handlers run.
 
-use std::cell::Cell;
 use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
@@ -393,13 +392,14 @@ async fn handle_request(inner: Arc<Inner>, frame: Frame, envelope: Envelope) {
             // `handle` itself may panic before it returns its future.
             let outcome = {
                 let (service, call) = (&service, &mut call);
+                let connection = &*inner;
                 let started = catch_unwind(AssertUnwindSafe(move || {
-                    let (_caller, call) = (CallerScope::enter(peer), call); // FnOnce: moves `call`
+                    let scope = CallerScope::enter(peer, std::ptr::from_ref(connection).cast());
+                    let (_caller, call) = (scope, call); // FnOnce: moves `call`
                     service.handle(call)
                 }));
                 match started {
                     Ok(future) => {
-                        let connection = &*inner;
                         Guarded {
                             peer,
                             connection,
@@ -442,8 +442,9 @@ pub(super) async fn reply_failure(
     inner.send(envelope, failure).await.map(drop)
 }
 
-/// A handler's future, polled with [`current_peer`](crate::current_peer) and
-/// [`polling_handler_of`] set and its panics caught.
+/// A handler's future, polled with [`current_peer`](crate::current_peer) (and
+/// [`handling_a_call_of`](crate::service::handling_a_call_of) its connection) set and its
+/// panics caught.
 struct Guarded<'a> {
     peer: Option<PeerCredentials>,
     connection: &'a Inner,
@@ -454,41 +455,12 @@ impl Future for Guarded<'_> {
     type Output = std::thread::Result<Result<()>>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let _caller = CallerScope::enter(self.peer);
-        let _handler = HandlerScope::enter(self.connection);
+        let _caller = CallerScope::enter(self.peer, std::ptr::from_ref(self.connection).cast());
         let future = self.future.as_mut();
         match catch_unwind(AssertUnwindSafe(|| future.poll(cx))) {
             Ok(Poll::Pending) => Poll::Pending,
             Ok(Poll::Ready(result)) => Poll::Ready(Ok(result)),
             Err(panic) => Poll::Ready(Err(panic)),
         }
-    }
-}
-
-thread_local! {
-    /// The connection a handler of which this thread is polling, null outside a handler.
-    static HANDLER_OF: Cell<*const Inner> = const { Cell::new(std::ptr::null()) };
-}
-
-/// Whether this thread is polling a handler of `connection` (the future of one of its
-/// requests): an [`AsyncServing`](crate::tokio::AsyncServing) shut down there must not wait
-/// for that connection's requests to finish, one of them being its caller, nor, dropped
-/// there, hang up on that connection before its caller's reply.
-pub(super) fn polling_handler_of(connection: &Inner) -> bool {
-    HANDLER_OF.with(|c| std::ptr::eq(c.get(), connection))
-}
-
-/// Sets [`polling_handler_of`] for one poll of a handler's future.
-struct HandlerScope(*const Inner);
-
-impl HandlerScope {
-    fn enter(connection: &Inner) -> HandlerScope {
-        HandlerScope(HANDLER_OF.with(|c| c.replace(connection)))
-    }
-}
-
-impl Drop for HandlerScope {
-    fn drop(&mut self) {
-        HANDLER_OF.with(|c| c.set(self.0));
     }
 }
