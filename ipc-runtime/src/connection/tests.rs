@@ -20,7 +20,7 @@ static IFACE: InterfaceInfo = InterfaceInfo {
 };
 
 /// Spins (yielding) until `cond` holds; fails the test after a minute.
-fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+pub(crate) fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let give_up = Instant::now() + Duration::from_secs(60);
     while !cond() {
         assert!(Instant::now() < give_up, "gave up waiting until {what}");

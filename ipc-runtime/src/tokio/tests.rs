@@ -757,18 +757,6 @@ impl std::task::Wake for BlockingWaker {
     }
 }
 
-/// Polls `done` until it holds, for a moment that no event marks; panics after 60 s.
-fn wait_until(what: &str, done: impl Fn() -> bool) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !done() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "still waiting: {what}"
-        );
-        std::thread::yield_now();
-    }
-}
-
 /// What the connection has when its runtime closes (see [`request_as_the_runtime_closes`]).
 #[derive(Clone, Copy, PartialEq)]
 enum AtClose {
@@ -825,7 +813,7 @@ fn request_as_the_runtime_closes<S: super::AsyncService>(
     if at_close == AtClose::IdleRunnerDropped {
         peer.send(&echo(Kind::Call, 9), &[]).unwrap();
         peer.recv().unwrap();
-        wait_until("a task waits idle", || conn.test_tasks().1 == 1);
+        crate::connection::tests::wait_until("a task waits idle", || conn.test_tasks().1 == 1);
     }
     let (release, released) = mpsc::channel::<()>();
     // Dropped, releasing the waker, only when the runtime drops its tasks: it is closed then.
@@ -842,7 +830,7 @@ fn request_as_the_runtime_closes<S: super::AsyncService>(
             AtClose::IdleRunnerDropped => {
                 let conn = conn.clone();
                 Box::new(move || {
-                    wait_until("the runtime drops the idle task", || {
+                    crate::connection::tests::wait_until("the runtime drops the idle task", || {
                         conn.test_tasks().0 == 1 // the reader's
                     })
                 })
