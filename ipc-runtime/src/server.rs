@@ -406,15 +406,14 @@ impl Server {
         services: Vec<Arc<dyn Service>>,
     ) -> std::io::Result<Client> {
         let helpers = self.start_helpers(&connection)?;
-        let mut threads: Vec<ThreadId> = helpers.iter().map(|h| h.thread.thread().id()).collect();
+        let helper_threads = helpers.iter().map(|h| h.thread.thread().id()).collect();
         let (server, serving) = (self.clone(), connection.clone());
         let thread =
             std::thread::Builder::new().spawn(move || server.run(&serving, services, helpers))?;
-        threads.push(thread.thread().id());
         Ok(Client {
             connection,
             thread,
-            threads,
+            helper_threads,
         })
     }
 
@@ -440,9 +439,16 @@ struct Helper {
 struct Client {
     connection: Connection,
     thread: JoinHandle<Result<()>>,
-    /// The threads that serve it, `thread` and its helpers: a handler on one of them that
-    /// shuts the server down must not wait for them (it would wait for itself).
-    threads: Vec<ThreadId>,
+    /// The helpers' threads (their handles are `thread`'s to join).
+    helper_threads: Vec<ThreadId>,
+}
+
+impl Client {
+    /// Whether `id` is one of the threads that serve this client: a handler on one of them
+    /// that shuts the server down must not wait for them (it would wait for itself).
+    fn served_on(&self, id: ThreadId) -> bool {
+        self.thread.thread().id() == id || self.helper_threads.contains(&id)
+    }
 }
 
 /// The clients, locked, once those whose serving thread has returned are forgotten (which
@@ -530,7 +536,7 @@ impl Serving {
         let watch = stall::watch(connections, self.stall_limit, move || drop(ended));
         let this = std::thread::current().id();
         for client in clients {
-            if client.threads.contains(&this) {
+            if client.served_on(this) {
                 // Called from one of this client's handlers (or dropped there): its threads
                 // end once that handler has returned and its reply has gone out, which the
                 // shutdown cannot wait for.
