@@ -274,8 +274,9 @@ impl Inner {
         let idle = std::mem::take(&mut state.idle_runners);
         state.closed = Some(why);
         drop(state);
-        idle.iter().for_each(|runner| runner.stop());
-        drop(idle);
+        for runner in idle {
+            runner.stop();
+        }
         waiting.into_iter().for_each(Waker::wake);
     }
 
