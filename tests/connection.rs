@@ -381,6 +381,7 @@ impl Quit for Quitter {
 #[test]
 fn a_handler_can_shut_its_own_server_down() {
     let _fds = fd_count_lock();
+    let before = ipc_fds();
     // With two, the handler runs on either thread.
     for (run, threads) in [1, 2, 2, 2].into_iter().enumerate() {
         let name = format!("typed-ipc-quit-{}-{run}", std::process::id());
@@ -408,6 +409,19 @@ fn a_handler_can_shut_its_own_server_down() {
             matches!(client.quit(), Err(Error::Disconnected)),
             "{threads} threads: the quitting client's connection stays open"
         );
+        drop(client);
+        // The quitting client's serving thread, which the shutdown could not wait for, closes
+        // the server's end of its socket just after the hang-up the client saw. No event marks
+        // that, so this polls (bounded): a socket left open would move the count of the next
+        // test that counts fds.
+        let since = std::time::Instant::now();
+        while ipc_fds() != before {
+            assert!(
+                since.elapsed() < HANG_GUARD,
+                "{threads} threads: the server's end of the quitting client's socket stays open"
+            );
+            std::thread::yield_now();
+        }
     }
 }
 
