@@ -228,8 +228,7 @@ fn an_async_client_that_serves_nothing_keeps_no_unsolicited_requests() {
 /// A client that sends calls and never reads a reply: the async server's reader stops at
 /// its bounds (32 MiB of requests not finished, ~512 of these), since each request counts
 /// until its reply is out. (It used to start a task for every request as it arrived and
-/// never stop reading: 4,000 calls of 60 KiB grew RSS by 705 MiB, where the blocking server
-/// stopped reading after ~220, its one thread waiting to send a reply.)
+/// never stop reading: 4,000 calls of 60 KiB grew RSS by 705 MiB.)
 #[cfg(feature = "tokio")]
 #[test]
 fn an_async_server_stops_reading_a_client_that_reads_no_replies() {
@@ -250,6 +249,28 @@ fn an_async_server_stops_reading_a_client_that_reads_no_replies() {
         sent < 1000,
         "the server took {sent} calls of 60 KiB it cannot answer"
     );
+}
+
+/// The same client against the blocking server: its one thread, waiting for room to send a
+/// reply, reads meanwhile (so that two ends each sending the other more than a socket buffer
+/// holds both get through), but only up to the queue's bounds (32 MiB, ~512 of these): then
+/// the client's sends wait: ~680 here, RSS up ~34 MiB. (Before it read while waiting, ~250.)
+#[test]
+fn a_server_waiting_to_send_reads_a_client_that_reads_no_replies_only_to_its_bounds() {
+    let _fds = common::fd_count_lock();
+    let rss_before = rss_kib();
+    let (ours, theirs) = Socket::pair().unwrap();
+    let server = std::thread::spawn(move || {
+        Server::new()
+            .service(FloodServer::new(ungated()))
+            .serve(&Connection::new(theirs))
+    });
+    let sent = flood(&ours, &mut sixty_kib(1, 1), 4000);
+    let grown = rss_kib().saturating_sub(rss_before);
+    drop(ours);
+    server.join().unwrap().unwrap();
+    assert!(sent < 1000, "the server took {sent} calls of 60 KiB");
+    assert!(grown < 96 << 10, "RSS grew {grown} KiB");
 }
 
 /// With a pool of threads, a oneway that takes its time leaves the other threads reading,

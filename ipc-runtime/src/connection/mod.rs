@@ -9,17 +9,22 @@
 //! call and receives its own reply: one send (`send`, or `sendmsg` with fds), one `recvmsg`,
 //! no hand-off to another thread. A caller that finds nobody reading takes the role once its
 //! message is encoded and before it sends, so its reply needs no routing; if its message
-//! cannot go out at once it gives the role back first, since nobody else reads while the
-//! role is held. A serving thread that receives a request with nothing queued before it
+//! cannot go out at once it gives the role back, and waits for room as any sender does
+//! (below). A serving thread that receives a request with nothing queued before it
 //! runs it at once. When the reader's own wait is over it passes the role to the next
 //! waiter.
 //!
-//! A thread waiting to send does not read. So if each end's only thread waits to send to the
-//! other, nothing moves: say this end gave up on a call whose large reply the peer's one
-//! serving thread is now sending, and this end's one thread sends a next call as large, each
-//! bigger than the socket's buffer (messages go out as they are, apart from byte strings,
-//! which go through shared memory). A thread in [`Connection::serve`] reads while others
-//! send, and a call with a timeout ends at it.
+//! A thread waiting for room to send reads meanwhile: if nobody else is reading it takes
+//! the role, and routes what comes as any reader does, taking nothing for itself (a request
+//! is queued for a serving thread, a reply goes to its caller); if another thread reads, it
+//! takes the role once that one lets it go. So two ends that each send the other more than
+//! the socket buffer holds at once, each from its only thread, both get through: say a
+//! worker's one serving thread, in a handler, sends its parent a large message while the
+//! parent's one thread sends the worker a large call (messages go out as they are, apart
+//! from byte strings, which go through shared memory). A thread waiting for another's
+//! message to finish going out first (sends are serialised) does not read: the thread whose
+//! message it is does. Like a serving thread, a waiting sender reads nothing past the bounds
+//! of the request queue (below).
 //!
 //! Requests run only on threads inside [`Connection::serve`] (or [`Connection::run`]), never
 //! on a thread waiting for a reply: a callback arriving while a caller waits is handed to a
@@ -40,8 +45,8 @@
 //! running are bounded by the threads) are bounded per connection: at most 1,024 requests,
 //! 32 MiB of message buffers, or 4,096 fds (one request is always taken, whatever its size;
 //! a small request waits in a buffer of its own size, not in the 64 KiB it was received into).
-//! At those bounds the serving threads stop reading, so the peer's sends wait, until a
-//! request leaves the queue. A caller waiting for its reply still reads, since its reply may
+//! At those bounds the serving threads (and threads waiting to send) stop reading, so the
+//! peer's sends wait, until a request leaves the queue. A caller waiting for its reply still reads, since its reply may
 //! come after more requests (a handler calling back into the peer would otherwise wait
 //! forever); it takes requests in up to twice the bounds, then ends the connection with
 //! [`Error::Malformed`] saying so. If no thread serves the connection at all, nothing would
@@ -95,6 +100,7 @@ pub(crate) mod envelope;
 pub(crate) mod failure;
 pub(crate) mod lane;
 mod reader;
+mod sending;
 mod serving;
 #[cfg(test)]
 pub(crate) mod tests;
@@ -175,6 +181,9 @@ struct Registry {
 struct State {
     /// A thread is receiving.
     reading: bool,
+    /// How many times the reader role was let go (wrapping): a thread waiting to send tells
+    /// by it whether the reader it waits for has taken a message since it looked.
+    releases: u64,
     /// The reader's buffer, reused from one message to the next.
     buffer: Frame,
     /// Calls waiting for replies, by cookie; `Some` once the reply is in.
@@ -448,7 +457,8 @@ impl Connection {
             envelope::set_cookie(&mut buf[envelope::FRAMED_AT..], cookie);
             trace::outgoing(&Envelope { cookie, ..envelope }, iface, traced.as_deref());
             if reads {
-                // The reader must not wait to send: others may need it to read.
+                // A reader that waits to send gives the role back first: the wait reads only
+                // with the role free for it to take (`wait_for_room`).
                 match shared.socket.try_send_framed(buf, fds) {
                     Ok(true) => return Ok(true),
                     // It would have had to wait: give the role back, then send as any caller
@@ -465,7 +475,6 @@ impl Connection {
                 }
             }
             shared
-                .socket
                 .send_framed(buf, fds, deadline)
                 .map(|()| true)
                 .inspect_err(|_| {
@@ -597,7 +606,7 @@ impl Shared {
         deadline: Option<Instant>,
     ) -> Result<u32> {
         self.encode_and(envelope, body, |buf, fds| {
-            self.socket.send_framed(buf, fds, deadline).map(|()| true)
+            self.send_framed(buf, fds, deadline).map(|()| true)
         })
         .map(|placed| placed.expect("a waiting send sends the whole message or fails"))
     }

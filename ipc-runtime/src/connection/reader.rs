@@ -107,8 +107,9 @@ impl Shared {
 
     /// Gives the reader role back and wakes whoever may want it.
     #[inline]
-    fn release_reader(&self, state: &mut State) {
+    pub(super) fn release_reader(&self, state: &mut State) {
         state.reading = false;
+        state.releases = state.releases.wrapping_add(1);
         self.wake_all(state);
     }
 
@@ -155,6 +156,12 @@ impl Shared {
     #[inline]
     pub(super) fn receive(&self, frame: &mut Frame, deadline: Option<Instant>) -> Result<()> {
         let result = self.socket.recv_into(frame, deadline);
+        self.received(frame, result)
+    }
+
+    /// The outcome of a receive into `frame`, once the lane has taken in its lane word.
+    #[inline(always)]
+    pub(super) fn received(&self, frame: &mut Frame, result: Result<()>) -> Result<()> {
         if result.as_ref().is_ok() || result.as_ref().is_err_and(Error::came_whole) {
             self.lane.on_message(&mut frame.payload);
         }
@@ -311,12 +318,13 @@ impl Shared {
 
     /// Answers a call this end could not receive (`e`: over its limits, or its fds dropped)
     /// with a failure. A caller reading for its reply must not wait to send it (its peer may
-    /// not read, its timeout may pass): it tries once, and if the failure would have to wait,
-    /// a serving thread sends it (`owed`), as it would a reply.
+    /// not read, its timeout may pass), nor may a thread reading while it waits to send (it
+    /// holds the send lock): it tries once, and if the failure would have to wait, a serving
+    /// thread sends it (`owed`), as it would a reply.
     ///
     /// Called with the reader role held, and gives it back: a runner before it waits to
-    /// send, a caller only once the failure is out or queued. Otherwise a runner woken as
-    /// the caller lets go could take the role first and wait in the socket, with no
+    /// send, a caller or sender only once the failure is out or queued. Otherwise a runner
+    /// woken as the caller lets go could take the role first and wait in the socket, with no
     /// deadline, while the failure it would send is queued behind it: then nothing answers
     /// the peer until it sends something more, which it may not before it has its answer.
     #[cold]
@@ -328,7 +336,7 @@ impl Shared {
         e: &Error,
         reader: Reader,
     ) -> Guard<'a> {
-        let wait = !matches!(reader, Reader::Caller(_));
+        let wait = reader == Reader::Runner;
         if wait {
             self.release_reader(&mut state);
         }
@@ -410,6 +418,9 @@ pub(super) enum Reader {
     Caller(u64),
     /// A thread inside [`Connection::run`](super::Connection::run).
     Runner,
+    /// A thread waiting for room to send, which takes nothing for itself
+    /// ([`Shared::send_framed`]).
+    Sender,
 }
 
 /// A request about to wait in the queue, in a buffer of its own size if it is small: the

@@ -33,39 +33,64 @@ fn writable(c: &Connection) -> bool {
     poll(&mut fds, PollTimeout::ZERO).unwrap() == 1
 }
 
-/// A caller that finds nobody reading takes the reader role before it sends. If its message
-/// cannot go out at once it must give the role back before waiting, or nobody reads for as
-/// long as it waits (a runner that needs to read sleeps, and a peer that needs us to read
-/// first deadlocks with us).
+/// A thread waiting for room to send reads meanwhile, also once the reader role it found
+/// taken is let go: here the peer's only thread sends this end 1 MiB while this end's only
+/// thread that could read waits to send 32 MiB to it. Neither fits the socket buffer, and
+/// before, neither end read until its own send was done: both waited for good.
 #[test]
-fn a_caller_waiting_to_send_does_not_hold_the_reader_role() {
+fn a_thread_waiting_to_send_takes_the_reader_role_once_it_is_let_go() {
     let (a, b) = Connection::pair().unwrap();
-    // `b` reads nothing until the end. A 32 MiB oneway fills `a`'s socket buffer and keeps
-    // the send lock while it waits for room.
+    // A caller whose call goes out at once, and which then reads for its reply.
+    let caller = {
+        let a = a.clone();
+        std::thread::spawn(move || a.call::<_, u64>(&IFACE, 2, &(), None))
+    };
+    let call = b.socket().recv().unwrap();
+    // `b` reads nothing more until the end, so the filler waits for room, with the role
+    // taken by the caller.
     let filler = {
         let a = a.clone();
         std::thread::spawn(move || a.oneway(&IFACE, 1, &"x".repeat(32 << 20), None))
     };
     wait_until("the filler waits for room", || !writable(&a));
-    let caller = {
-        let a = a.clone();
-        std::thread::spawn(move || a.call::<_, u64>(&IFACE, 2, &(), None))
-    };
-    wait_until("the caller registers its call to be answered", || {
-        !a.shared.state.lock().pending.is_empty()
-    });
-    assert!(
-        !a.shared.state.lock().reading,
-        "a caller waiting to send holds the reader role"
-    );
-    // Now let everything through, and answer the call by hand.
-    let oneway = b.socket().recv().unwrap();
-    assert_eq!(Envelope::read(&oneway.payload).unwrap().kind, Kind::Oneway);
-    let call = b.socket().recv().unwrap();
-    let envelope = Envelope::read(&call.payload).unwrap();
-    assert_eq!((envelope.kind, envelope.cmd), (Kind::Call, 2));
+    // The caller gets its reply and lets the role go: only the filler is left to read.
     b.socket().send(&reply_to(&call, &42u64), &[]).unwrap();
     assert_eq!(caller.join().unwrap().unwrap(), 42);
+    let big = {
+        let mut message = vec![0; envelope::LEN];
+        let envelope = Envelope {
+            kind: Kind::Oneway,
+            cmd: 3,
+            cookie: 0,
+            interface: IFACE.id,
+            signature: IFACE.signature,
+        };
+        envelope.write(&mut message);
+        codec::encode(&"y".repeat(1 << 20), &mut message, &mut Vec::new()).unwrap();
+        message
+    };
+    let big_len = big.len();
+    let (done, sent) = mpsc::channel();
+    let peer = {
+        let b = b.clone();
+        std::thread::spawn(move || done.send(b.socket().send(&big, &[])).unwrap())
+    };
+    let sent = sent.recv_timeout(Duration::from_secs(60));
+    assert!(
+        matches!(sent, Ok(Ok(()))),
+        "nobody read while the filler waited to send: {sent:?}"
+    );
+    peer.join().unwrap();
+    // Queued for a serving thread (`a` has none), whole, once its last datagram is read.
+    wait_until("the filler queues the peer's oneway", || {
+        !a.shared.state.lock().oneways.is_empty()
+    });
+    let queued = a.shared.state.lock().oneways.pop_front().unwrap();
+    assert_eq!(Envelope::read(&queued.payload).unwrap().cmd, 3);
+    assert_eq!(queued.payload.len(), big_len);
+    // Now let the filler's message through.
+    let oneway = b.socket().recv().unwrap();
+    assert_eq!(Envelope::read(&oneway.payload).unwrap().cmd, 1);
     filler.join().unwrap().unwrap();
 }
 
@@ -934,6 +959,37 @@ fn a_caller_owing_a_failure_to_a_peer_that_reads_sends_it_at_once() {
         assert_eq!(caller.join().unwrap().unwrap(), 7);
     });
     assert!(!a.is_closed());
+}
+
+/// A thread reading while it waits to send, which takes in a call this end cannot receive,
+/// does not send the failure itself: it holds the send lock, so the failure could only go out
+/// after its own message, and it must not wait on itself. A serving thread sends it, once
+/// the message that held the socket has gone out.
+#[test]
+fn a_failure_owed_by_a_thread_waiting_to_send_is_sent_by_a_serving_thread() {
+    let (a, b) = limited_pair(crate::frame::Limits {
+        max_message_len: 64 << 20,
+        max_fds: 4,
+    });
+    // (The timeout only keeps a regression from hanging.)
+    let watchdog = Some(Duration::from_secs(60));
+    std::thread::scope(|s| {
+        let filler = s.spawn(|| a.oneway(&IFACE, 1, &"x".repeat(32 << 20), watchdog));
+        wait_until("the filler waits for room", || !writable(&a));
+        send_call_with_five_fds(b.socket(), 77);
+        wait_until("the filler takes the call in and owes its failure", || {
+            !a.shared.state.lock().owed.is_empty()
+        });
+        let runner = s.spawn(|| a.run());
+        let oneway = b.socket().recv().unwrap();
+        assert_eq!(Envelope::read(&oneway.payload).unwrap().cmd, 1);
+        filler.join().unwrap().unwrap();
+        let answer = b.socket().recv().unwrap();
+        let answer = Envelope::read(&answer.payload).unwrap();
+        assert_eq!((answer.kind, answer.cookie), (Kind::Failure, 77));
+        a.close();
+        runner.join().unwrap().unwrap();
+    });
 }
 
 /// A message that ends the connection (one without an envelope, or an announcement of the

@@ -204,6 +204,12 @@ impl Socket {
 
     /// Waits until the socket is ready for `events` or the deadline passes.
     fn wait(&self, events: PollFlags, deadline: Option<Instant>) -> Result<()> {
+        self.ready(events, deadline).map(drop)
+    }
+
+    /// Waits until the socket is ready for some of `events` or the deadline passes, and says
+    /// what it is ready for (a hang-up or an error among it, whatever was asked).
+    pub(crate) fn ready(&self, events: PollFlags, deadline: Option<Instant>) -> Result<PollFlags> {
         loop {
             let timeout = match deadline {
                 None => PollTimeout::NONE,
@@ -221,7 +227,7 @@ impl Socket {
             let mut fds = [PollFd::new(self.fd.as_fd(), events)];
             match poll(&mut fds, timeout) {
                 Ok(0) => continue, // loop to re-check the deadline
-                Ok(_) => return Ok(()),
+                Ok(_) => return Ok(fds[0].revents().unwrap_or(PollFlags::empty())),
                 Err(nix::Error::EINTR) => continue,
                 Err(e) => return Err(e.into()),
             }

@@ -150,7 +150,9 @@ impl Socket {
     // `recv_datagram`, `sys::recv`, and `send_whole`, `sys::send` when sending): each level
     // costs 15-20 instructions of prologue and epilogue per message, and together they were
     // ~100 of a small call's ~1,750 a side (`ipc-bench --bin instructions`).
-    #[inline]
+    // Always: with a second caller in the connection (a sender reading while it waits), it
+    // was no longer inlined, ~34 instructions a call.
+    #[inline(always)]
     fn recv_inner(&self, frame: &mut Frame, wait: Wait) -> Result<()> {
         frame.clear();
         let mut state = match self.recv.try_lock() {

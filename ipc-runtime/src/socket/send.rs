@@ -50,7 +50,9 @@ impl Socket {
         deadline: Option<Instant>,
     ) -> Result<()> {
         if !self.sends_whole(payload.len(), fds.len()) {
-            return self.send_pieces(payload, fds, deadline);
+            return self.send_pieces(payload, fds, deadline, &mut |deadline| {
+                self.wait(PollFlags::POLLOUT, deadline)
+            });
         }
         let _guard = self.lock_send(deadline)?;
         let header = whole_header(payload.len(), fds.len());
@@ -58,22 +60,28 @@ impl Socket {
         if whole_sent(send)? {
             return Ok(());
         }
-        self.wait_to_send_whole(deadline, send)
+        self.wait_to_send_whole(deadline, send, &mut |deadline| {
+            self.wait(PollFlags::POLLOUT, deadline)
+        })
     }
 
     /// [`Socket::send_deadline`] of a message built in `framed` after [`HEADER_LEN`] bytes of
     /// room. The header is written into the room, so that a message of one datagram goes out
     /// from one buffer: a plain `send(2)` when it carries no fds ([`sys::send_framed`]).
+    /// It waits for room in the socket buffer with `wait_for_room` (until `deadline`, failing
+    /// with [`Error::TimedOut`] after it): the connection's, which reads meanwhile. That
+    /// returns once there may be room, and is called again if there was none after all.
     #[inline]
     pub(crate) fn send_framed(
         &self,
         framed: &mut [u8],
         fds: &[BorrowedFd<'_>],
         deadline: Option<Instant>,
+        wait_for_room: WaitForRoom<'_>,
     ) -> Result<()> {
         let len = framed.len() - HEADER_LEN;
         if !self.sends_whole(len, fds.len()) {
-            return self.send_pieces(&framed[HEADER_LEN..], fds, deadline);
+            return self.send_pieces(&framed[HEADER_LEN..], fds, deadline, wait_for_room);
         }
         let _guard = self.lock_send(deadline)?;
         let framed = write_whole_header(framed, fds.len());
@@ -81,7 +89,7 @@ impl Socket {
         if whole_sent(send)? {
             return Ok(());
         }
-        self.wait_to_send_whole(deadline, send)
+        self.wait_to_send_whole(deadline, send, wait_for_room)
     }
 
     /// The send lock, waited for until `deadline` at most: another thread's message may take
@@ -107,12 +115,13 @@ impl Socket {
         &self,
         deadline: Option<Instant>,
         send: impl FnMut() -> std::io::Result<usize> + Copy,
+        wait_for_room: WaitForRoom<'_>,
     ) -> Result<()> {
         // One datagram is never half-sent, so a full buffer is simply waited out.
         let mut waiting = self.send_wait();
         loop {
             waiting.waiting(0);
-            self.wait(PollFlags::POLLOUT, deadline)?;
+            wait_for_room(deadline)?;
             if whole_sent(send)? {
                 return Ok(());
             }
@@ -127,6 +136,7 @@ impl Socket {
         payload: &[u8],
         fds: &[BorrowedFd<'_>],
         deadline: Option<Instant>,
+        wait_for_room: WaitForRoom<'_>,
     ) -> Result<()> {
         self.check_outgoing(payload.len(), fds.len())?;
         let _guard = self.lock_send(deadline)?;
@@ -135,7 +145,7 @@ impl Socket {
         // The datagrams are `send_some`'s; blocking only adds waiting for room between them.
         while !self.send_some(&mut cursor, payload, fds)? {
             waiting.waiting(cursor.sent());
-            if let Err(e) = self.wait(PollFlags::POLLOUT, deadline) {
+            if let Err(e) = wait_for_room(deadline) {
                 if cursor.in_progress() {
                     // The peer holds part of a message; the stream cannot be resynchronised.
                     let _ = self.shutdown();
@@ -275,6 +285,10 @@ impl Socket {
         }
     }
 }
+
+/// How a send waits for room in the socket buffer, until a deadline: by polling the socket
+/// ([`Socket::send`]), or by the connection's wait, which reads meanwhile.
+pub(crate) type WaitForRoom<'a> = &'a mut dyn FnMut(Option<Instant>) -> Result<()>;
 
 /// The header of a message of `len` bytes and `fds` fds that goes out as one datagram.
 #[inline(always)]
@@ -489,7 +503,10 @@ mod tests {
                 let (a, b) = Socket::pair().unwrap();
                 let mut framed = vec![0xee; HEADER_LEN];
                 framed.extend_from_slice(&payload);
-                a.send_framed(&mut framed, fds, None).unwrap();
+                a.send_framed(&mut framed, fds, None, &mut |d| {
+                    a.wait(PollFlags::POLLOUT, d)
+                })
+                .unwrap();
                 let mut sent_framed = Vec::new();
                 while queued(&b) > 0 {
                     sent_framed.push(raw(&b));
@@ -502,7 +519,10 @@ mod tests {
                 assert!(!sent.is_empty());
                 assert_eq!(sent_framed, sent, "{len} bytes, {} fds", fds.len());
 
-                a.send_framed(&mut framed, fds, None).unwrap();
+                a.send_framed(&mut framed, fds, None, &mut |d| {
+                    a.wait(PollFlags::POLLOUT, d)
+                })
+                .unwrap();
                 let frame = b.recv().unwrap();
                 assert_eq!(frame.payload, payload);
                 assert_eq!(frame.fds.len(), fds.len());
