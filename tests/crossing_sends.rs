@@ -94,3 +94,53 @@ fn large_messages_crossing_each_other_both_arrive() {
     serving.join().unwrap().unwrap();
     assert_eq!(child.wait().unwrap(), Exit::Code(0));
 }
+
+/// The same interfaces, async flavour: the same wire.
+#[cfg(feature = "tokio")]
+mod asynchronous {
+    #[typed_ipc::interface]
+    pub trait Talker {
+        #[oneway]
+        async fn talk(&self, len: u32);
+        async fn measure(&self, text: String) -> (u64, bool);
+    }
+
+    #[typed_ipc::interface]
+    pub trait Hearer {
+        #[oneway]
+        async fn heard(&self, text: String);
+    }
+}
+
+#[cfg(feature = "tokio")]
+struct AsyncHeard(tokio::sync::mpsc::UnboundedSender<String>);
+
+#[cfg(feature = "tokio")]
+impl asynchronous::Hearer for AsyncHeard {
+    async fn heard(&self, text: String) {
+        self.0.send(text).unwrap();
+    }
+}
+
+/// An async parent, on a runtime of one thread, crossing the same worker's oneway with its
+/// call: its reader reads on while the call waits to go out.
+#[cfg(feature = "tokio")]
+#[test]
+fn large_messages_crossing_an_async_parents_call_both_arrive() {
+    use asynchronous::{HearerServer, TalkerClient};
+    common::current_thread_runtime().block_on(async {
+        let (mut child, conn) = typed_ipc::tokio::worker::spawn(child("child_talker")).unwrap();
+        let (heard, mut hearing) = tokio::sync::mpsc::unbounded_channel();
+        conn.add_service(HearerServer::new(AsyncHeard(heard)));
+        let talker = TalkerClient::new(conn.clone()).with_timeout(HANG_GUARD);
+        talker.talk(BIG).await.unwrap();
+        let text = "y".repeat(BIG as usize);
+        assert_eq!(talker.measure(text).await.unwrap(), (BIG as u64, true));
+        let text = tokio::time::timeout(HANG_GUARD, hearing.recv()).await;
+        let text = text.expect("the oneway arrives").unwrap();
+        assert_eq!(text.len(), BIG as usize);
+        assert!(text.bytes().all(|b| b == b'z'));
+        conn.close();
+        assert_eq!(child.wait().unwrap(), Exit::Code(0));
+    });
+}
