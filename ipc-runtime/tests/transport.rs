@@ -248,6 +248,47 @@ fn timeouts_and_try_recv() {
     assert!(matches!(err, Error::TimedOut));
 }
 
+/// A receive that spins before it blocks (`set_spin`) still receives what comes, during its
+/// spin and after it, and a deadline bounds it: a spin longer than the time left stops at
+/// the deadline. (It spun on past it, for as long as the spin lasted.)
+#[test]
+fn a_spinning_receive_gets_its_messages_and_keeps_its_deadline() {
+    let _fds = fd_count_lock();
+    let (a, b) = Socket::pair().unwrap();
+    let b = std::sync::Arc::new(b);
+    // Far longer than the guard: only the deadline can end this receive in time. (Not a
+    // scoped thread: a failing test must not wait for it.)
+    b.set_spin(Duration::from_secs(3600));
+    let (done, outcome) = std::sync::mpsc::channel();
+    let receiver = {
+        let b = b.clone();
+        std::thread::spawn(move || {
+            done.send(b.recv_timeout(Duration::from_millis(10)))
+                .unwrap()
+        })
+    };
+    let outcome = outcome
+        .recv_timeout(HANG_GUARD)
+        .expect("the receive spun past its deadline");
+    assert!(matches!(outcome, Err(Error::TimedOut)), "{outcome:?}");
+    receiver.join().unwrap();
+    // A message that comes while it spins, with and without a deadline.
+    a.send(b"during", &[]).unwrap();
+    assert_eq!(b.recv_timeout(HANG_GUARD).unwrap().payload, b"during");
+    std::thread::scope(|s| {
+        let receiver = s.spawn(|| b.recv().unwrap().payload);
+        a.send(b"later", &[]).unwrap();
+        assert_eq!(receiver.join().unwrap(), b"later");
+    });
+    // And one that comes once a short spin has ended and the receive blocks.
+    b.set_spin(Duration::from_micros(1));
+    std::thread::scope(|s| {
+        let receiver = s.spawn(|| b.recv().unwrap().payload);
+        a.send(b"blocked", &[]).unwrap();
+        assert_eq!(receiver.join().unwrap(), b"blocked");
+    });
+}
+
 #[test]
 fn no_fd_leaks_over_10_000_messages() {
     let _fds = fd_count_lock();

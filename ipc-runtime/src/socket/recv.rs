@@ -370,7 +370,7 @@ impl Socket {
         let mut spin_until = match self.spin_ns.load(Ordering::Relaxed) {
             0 => None,
             _ if wait == Wait::No => None,
-            ns => Some(Instant::now() + Duration::from_nanos(ns)),
+            ns => Some(spin_end(ns, wait)),
         };
         let got = loop {
             let spinning = spin_until.is_some_and(|end| Instant::now() < end);
@@ -538,5 +538,17 @@ impl Socket {
         let open = poll(&mut fds, PollTimeout::ZERO).is_ok()
             && fds[0].revents().is_some_and(|r| !r.intersects(hung_up));
         !open
+    }
+}
+
+/// When a receive that spins for `ns` before it blocks stops spinning: not after its
+/// deadline, which a spin longer than the time left would overrun.
+#[cold]
+#[inline(never)]
+fn spin_end(ns: u64, wait: Wait) -> Instant {
+    let end = Instant::now() + Duration::from_nanos(ns);
+    match wait {
+        Wait::Until(deadline) => end.min(deadline),
+        Wait::No | Wait::Forever => end,
     }
 }
