@@ -14,17 +14,17 @@
 //! runs it at once. When the reader's own wait is over it passes the role to the next
 //! waiter.
 //!
-//! A thread waiting for room to send reads meanwhile: if nobody else is reading it takes
-//! the role, and routes what comes as any reader does, taking nothing for itself (a request
-//! is queued for a serving thread, a reply goes to its caller); if another thread reads, it
-//! takes the role once that one lets it go. So two ends that each send the other more than
-//! the socket buffer holds at once, each from its only thread, both get through: say a
-//! worker's one serving thread, in a handler, sends its parent a large message while the
-//! parent's one thread sends the worker a large call (messages go out as they are, apart
-//! from byte strings, which go through shared memory). A thread waiting for another's
-//! message to finish going out first (sends are serialised) does not read: the thread whose
-//! message it is does. Like a serving thread, a waiting sender reads nothing past the bounds
-//! of the request queue (below).
+//! A thread waiting for room to send reads meanwhile: if nobody else is reading it takes the role,
+//! and routes what comes as any reader does, taking nothing for itself (a request is queued for a
+//! serving thread, a reply goes to its caller); if another thread reads, it takes the role once
+//! that one lets it go, and sends on if room comes first (that reader may wait for the rest of a
+//! message the peer sends only once ours is through). So two ends that each send the other more
+//! than the socket buffer holds at once, each from its only thread, both get through: say a
+//! worker's one serving thread, in a handler, sends its parent a large message while the parent's
+//! one thread sends the worker a large call (messages go out as they are, apart from byte strings,
+//! which go through shared memory). A thread waiting for another's message to finish going out
+//! first (sends are serialised) does not read: the thread whose message it is does. Like a serving
+//! thread, a waiting sender reads nothing past the bounds of the request queue (below).
 //!
 //! Requests run only on threads inside [`Connection::serve`] (or [`Connection::run`]), never
 //! on a thread waiting for a reply: a callback arriving while a caller waits is handed to a
@@ -41,23 +41,22 @@
 //! # What a peer can make this end hold
 //!
 //! The peer is not trusted, and no stream of valid messages makes this end hold memory or fds
-//! without bound. Requests waiting for a serving thread (queued, not yet running; those
-//! running are bounded by the threads) are bounded per connection: at most 1,024 requests,
-//! 32 MiB of message buffers, or 4,096 fds (one request is always taken, whatever its size;
-//! a small request waits in a buffer of its own size, not in the 64 KiB it was received into).
-//! At those bounds the serving threads (and threads waiting to send) stop reading, so the
-//! peer's sends wait, until a request leaves the queue. A caller waiting for its reply still reads, since its reply may
-//! come after more requests (a handler calling back into the peer would otherwise wait
-//! forever); it takes requests in up to twice the bounds, then ends the connection with
-//! [`Error::Malformed`] saying so. If no thread serves the connection at all, nothing would
-//! ever take those requests: a caller that finds the bounds reached ends the connection at
-//! once, and the requests held are dropped with their fds. Requests that arrive before a
-//! serving thread starts therefore wait for it, up to the bounds. So does the failure a caller
-//! owes for a call it took in that this end could not receive (over its limits, or its fds
-//! dropped) when the failure cannot go out at once: a caller never waits to send it. The async
-//! flavour applies the same bounds (see its module docs, `typed_ipc::tokio`). A handler that
-//! can only finish once a later request from the peer arrives must not be relied on past the
-//! bounds.
+//! without bound. Requests waiting for a serving thread (queued, not yet running; those running are
+//! bounded by the threads) are bounded per connection: at most 1,024 requests, 32 MiB of message
+//! buffers, or 4,096 fds (one request is always taken, whatever its size; a small request waits in
+//! a buffer of its own size, not in the 64 KiB it was received into). At those bounds the serving
+//! threads (and threads waiting to send) stop reading, so the peer's sends wait, until a request
+//! leaves the queue. A caller waiting for its reply still reads, since its reply may come after
+//! more requests (a handler calling back into the peer would otherwise wait forever); it takes
+//! requests in up to twice the bounds, then ends the connection with [`Error::Malformed`] saying
+//! so. If no thread serves the connection at all, nothing would ever take those requests: a caller
+//! that finds the bounds reached ends the connection at once, and the requests held are dropped
+//! with their fds. Requests that arrive before a serving thread starts therefore wait for it, up to
+//! the bounds. So does the failure a caller owes for a call it took in that this end could not
+//! receive (over its limits, or its fds dropped) when the failure cannot go out at once: a caller
+//! never waits to send it. The async flavour applies the same bounds (see its module docs,
+//! `typed_ipc::tokio`). A handler that can only finish once a later request from the peer arrives
+//! must not be relied on past the bounds.
 //!
 //! # Byte strings through shared memory
 //!
@@ -108,7 +107,7 @@ pub(crate) mod trace;
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, RawFd};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -206,6 +205,10 @@ struct State {
     oneways_run: u64,
     /// Threads asleep on `wake`: a notify costs a futex syscall, so only wake if any.
     waiters: usize,
+    /// The eventfd of a thread waiting to send that waits for the reader to let the role go
+    /// and, meanwhile, for room (see [`Shared::wait_for_room`]): woken with the others (it
+    /// counts among `waiters`).
+    sender_wake: Option<RawFd>,
     /// Threads inside `run`.
     runners: usize,
     /// The cookie of the last call made.

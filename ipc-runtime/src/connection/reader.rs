@@ -118,6 +118,9 @@ impl Shared {
     pub(super) fn wake_all(&self, state: &State) {
         if state.waiters > 0 {
             self.wake.notify_all();
+            if let Some(fd) = state.sender_wake {
+                super::sending::signal(fd);
+            }
         }
     }
 

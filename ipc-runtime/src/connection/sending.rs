@@ -3,13 +3,13 @@
 //! holds do not wait for each other for good (see the module docs of
 //! [`connection`](super)).
 
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Instant;
 
-use nix::poll::PollFlags;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
-use super::Shared;
 use super::reader::Reader;
+use super::{Guard, Shared};
 use crate::error::{Error, Result};
 
 impl Shared {
@@ -35,8 +35,9 @@ impl Shared {
     /// any reader does, taking nothing for itself (a request is queued for a serving thread,
     /// a reply goes to its caller). If another thread reads, this one waits for room or, when
     /// a message comes, for that reader to take it and let the role go, which it may then
-    /// take. It reads what a serving thread would: nothing once the connection has ended, and
-    /// nothing past the bounds of the request queue (see the module docs).
+    /// take, or for room, whichever comes first (`room_or_release`). It reads what a serving
+    /// thread would: nothing once the connection has ended, and nothing past the bounds of
+    /// the request queue (see the module docs).
     ///
     /// The caller holds the socket's send lock throughout, so whatever the routing has to
     /// send (a failure owed for a call this end could not receive) is queued for a serving
@@ -44,6 +45,8 @@ impl Shared {
     #[cold]
     #[inline(never)]
     fn wait_for_room(&self, deadline: Option<Instant>) -> Result<()> {
+        // Made the first time this thread waits for another reader, kept until it returns.
+        let mut wake = None;
         loop {
             let mut state = self.state.lock();
             let may_read = state.closed.is_none() && !state.backlog.full();
@@ -65,8 +68,7 @@ impl Shared {
                     return Err(e);
                 }
             };
-            let room =
-                ready.intersects(PollFlags::POLLOUT | PollFlags::POLLHUP | PollFlags::POLLERR);
+            let mut room = has_room(ready);
             let message = ready.contains(PollFlags::POLLIN);
             if reads && message {
                 self.read_while_sending();
@@ -78,13 +80,75 @@ impl Shared {
                 // message may be gone, and with it the next wake-up.
                 let state = self.state.lock();
                 if state.reading && state.releases == releases {
-                    drop(self.sleep(state, deadline));
+                    room = self.room_or_release(state, deadline, &mut wake);
                 }
             }
             if room {
                 return Ok(());
             }
         }
+    }
+
+    /// Waits, with `state` locked by a thread waiting to send (see
+    /// [`Shared::wait_for_room`]), until the reader lets the role go or something else wakes
+    /// the connection's waiters, or until the socket has room, or `deadline` passes; whether
+    /// it has room. Room counts too: the reader may have taken the first part of a message
+    /// and wait for the rest, which the peer may send only once this end's message is
+    /// through (its own sender waiting on its own reader, say). Waits on `wake`, an eventfd
+    /// made the first time; without one (out of fds), on the condvar alone, as before.
+    #[cold]
+    #[inline(never)]
+    fn room_or_release(
+        &self,
+        mut state: Guard<'_>,
+        deadline: Option<Instant>,
+        wake: &mut Option<OwnedFd>,
+    ) -> bool {
+        if wake.is_none() {
+            *wake = eventfd();
+        }
+        let Some(fd) = wake.as_ref() else {
+            drop(self.sleep(state, deadline));
+            return false;
+        };
+        debug_assert!(state.sender_wake.is_none(), "one thread sends at a time");
+        state.sender_wake = Some(fd.as_raw_fd());
+        state.waiters += 1;
+        drop(state);
+        let room = loop {
+            let timeout = match deadline {
+                None => PollTimeout::NONE,
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break false; // the caller's next poll says so
+                    }
+                    let ms = left.as_micros().div_ceil(1000);
+                    PollTimeout::try_from(ms.min(i32::MAX as u128) as i32)
+                        .unwrap_or(PollTimeout::MAX)
+                }
+            };
+            let mut fds = [
+                PollFd::new(self.socket.as_fd(), PollFlags::POLLOUT),
+                PollFd::new(fd.as_fd(), PollFlags::POLLIN),
+            ];
+            match poll(&mut fds, timeout) {
+                Ok(0) | Err(nix::Error::EINTR) => continue,
+                Ok(_) => break fds[0].revents().is_some_and(has_room),
+                // Not this wait's to report: the caller's next poll fails as well, or sees.
+                Err(_) => break false,
+            }
+        };
+        let mut state = self.state.lock();
+        state.waiters -= 1;
+        state.sender_wake = None;
+        drop(state);
+        // Nobody signals it any more: empty it for the next wait.
+        let mut count = 0u64;
+        // SAFETY: reads at most 8 bytes into `count`, a live u64; the fd is an eventfd of
+        // ours, non-blocking.
+        let _ = unsafe { libc::read(fd.as_raw_fd(), (&raw mut count).cast(), 8) };
+        room
     }
 
     /// Receives the message that has come, if it is whole (a large one may take several
@@ -100,4 +164,28 @@ impl Shared {
         let (_state, taken) = self.route(self.state.lock(), frame, result, Reader::Sender);
         debug_assert!(taken.is_none(), "a sender takes nothing for itself");
     }
+}
+
+/// Whether a socket polled as ready for `ready` may have room to send (or will fail at once).
+fn has_room(ready: PollFlags) -> bool {
+    ready.intersects(PollFlags::POLLOUT | PollFlags::POLLHUP | PollFlags::POLLERR)
+}
+
+/// A new eventfd (close-on-exec, non-blocking), if the process may open one.
+#[cold]
+fn eventfd() -> Option<OwnedFd> {
+    // SAFETY: `eventfd` takes no pointers.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    // SAFETY: a non-negative result is a new fd, owned by nobody else.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Wakes the thread waiting on eventfd `fd` (`State::sender_wake`).
+#[cold]
+#[inline(never)]
+pub(super) fn signal(fd: RawFd) {
+    let one = 1u64;
+    // SAFETY: writes the 8 bytes of `one`, a live u64, to an fd its owner keeps open while
+    // it is in `State::sender_wake` (under the lock the caller holds).
+    let _ = unsafe { libc::write(fd, (&raw const one).cast(), 8) };
 }

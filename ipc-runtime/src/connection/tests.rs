@@ -28,6 +28,11 @@ pub(crate) fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+fn readable(c: &Connection) -> bool {
+    let mut fds = [PollFd::new(c.as_fd(), PollFlags::POLLIN)];
+    poll(&mut fds, PollTimeout::ZERO).unwrap() == 1
+}
+
 fn writable(c: &Connection) -> bool {
     let mut fds = [PollFd::new(c.as_fd(), PollFlags::POLLOUT)];
     poll(&mut fds, PollTimeout::ZERO).unwrap() == 1
@@ -1330,4 +1335,78 @@ fn a_failure_owed_by_a_caller_is_sent_by_the_runner_it_wakes() {
     assert!(matches!(caller.join().unwrap(), Err(Error::Disconnected)));
     runner.join().unwrap().unwrap();
     drop((b, request));
+}
+
+/// A thread waiting for room to send that finds another thread reading, and a message
+/// come, must still see the room its peer makes meanwhile: the reader may take the message
+/// and then wait for the rest of it, which the peer may only send once this end's message
+/// is through (as a peer whose own sender waits on its own reader does). Here the peer
+/// sends the first datagram of a message whose rest it holds back until it has read this
+/// end's 32 MiB oneway; the reader (a serving thread) is held up for a moment, so that the
+/// sender sees that datagram before the reader takes it. The sender used to sleep until
+/// the reader let the role go, which it does only once that message is whole: both ends
+/// waited for good.
+#[test]
+fn a_thread_waiting_to_send_sees_room_while_the_reader_waits_for_the_rest_of_a_message() {
+    use crate::wire::{Header, Kind as Part};
+    use nix::sys::socket::{MsgFlags, send};
+    use std::os::fd::AsRawFd;
+
+    // (Only keeps a regression from hanging.)
+    const GUARD: Duration = Duration::from_secs(20);
+    let (a, b) = Connection::pair().unwrap();
+    let held = a.socket().hold_recv();
+    // The serving thread takes the reader role, and waits for the receive lock.
+    let runner = {
+        let a = a.clone();
+        std::thread::spawn(move || a.run())
+    };
+    wait_until("the serving thread takes the reader role", || {
+        a.shared.state.lock().reading
+    });
+    let filler = {
+        let a = a.clone();
+        std::thread::spawn(move || a.oneway(&IFACE, 1, &"x".repeat(32 << 20), None))
+    };
+    wait_until("the filler waits for room", || !writable(&a));
+    // The first datagram of a oneway that comes in two.
+    let mut message = vec![0; envelope::LEN];
+    Envelope {
+        kind: Kind::Oneway,
+        cmd: 3,
+        cookie: 0,
+        interface: IFACE.id,
+        signature: IFACE.signature,
+    }
+    .write(&mut message);
+    codec::encode(&"y".repeat(100), &mut message, &mut Vec::new()).unwrap();
+    let header = |kind| Header {
+        kind,
+        fds: 0,
+        total_len: message.len() as u32,
+        total_fds: 0,
+    };
+    let fd = b.socket().as_fd().as_raw_fd();
+    send(fd, &header(Part::First).encode(), MsgFlags::empty()).unwrap();
+    // The filler sees it, and finds the role taken.
+    wait_until("the filler waits for the reader", || {
+        a.shared.state.lock().waiters == 1
+    });
+    // The reader takes the first datagram, and waits for the rest.
+    drop(held);
+    wait_until("the reader takes the first datagram", || !readable(&a));
+    // The peer reads this end's oneway, and only then sends the rest of its own.
+    let oneway = b.socket().recv_timeout(GUARD);
+    let oneway = oneway.expect("the filler's oneway goes out as the peer reads it");
+    assert_eq!(Envelope::read(&oneway.payload).unwrap().cmd, 1);
+    filler.join().unwrap().unwrap();
+    let mut more = header(Part::More).encode().to_vec();
+    more.extend_from_slice(&message);
+    send(fd, &more, MsgFlags::empty()).unwrap();
+    // (Run, and refused: nothing is served.)
+    wait_until("the serving thread runs the peer's oneway", || {
+        a.shared.state.lock().oneways_run == 1
+    });
+    a.close();
+    runner.join().unwrap().unwrap();
 }

@@ -146,6 +146,13 @@ impl Socket {
         self.recv.lock().partial.is_some()
     }
 
+    /// Holds the receive lock until the guard is dropped: a receive on another thread waits
+    /// for it meanwhile, before it takes anything out of the socket.
+    #[cfg(test)]
+    pub(crate) fn hold_recv(&self) -> impl Sized + '_ {
+        self.recv.lock()
+    }
+
     // The single-datagram path is inlined down to the syscall (`start_message`,
     // `recv_datagram`, `sys::recv`, and `send_whole`, `sys::send` when sending): each level
     // costs 15-20 instructions of prologue and epilogue per message, and together they were
