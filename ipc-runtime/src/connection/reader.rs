@@ -48,11 +48,15 @@ impl Shared {
             return Ok(None);
         }
         let frame = std::mem::take(frame);
-        let (mut state, own) = self.route(self.state.lock(), frame, result, Reader::Caller(cookie));
+        // Registered before the role is let go: routing may let the lock go too (to report a
+        // refused oneway, say), and a reader that takes the role meanwhile may read the
+        // reply, which must find its slot. (Our own reply, routed here, takes it out.)
+        let mut state = self.state.lock();
+        state.pending.insert(cookie, None);
+        let (state, own) = self.route(state, frame, result, Reader::Caller(cookie));
         if let Some(Taken::Reply(reply)) = own {
             return reply.map(Some);
         }
-        state.pending.insert(cookie, None);
         drop(state);
         self.wait_reply(cookie, deadline).map(Some)
     }

@@ -1410,3 +1410,55 @@ fn a_thread_waiting_to_send_sees_room_while_the_reader_waits_for_the_rest_of_a_m
     a.close();
     runner.join().unwrap().unwrap();
 }
+
+/// A caller that took the reader role before sending, and reads a oneway this end refuses
+/// (over its limits), lets the role go and then the lock, to say so on stderr, before it waits
+/// for its reply as any caller does: its call must be registered by then, or a reader that
+/// takes the role meanwhile (here a thread waiting to send) takes its reply for one whose
+/// caller gave up, and drops it. The caller then waited for good (here until its timeout).
+#[test]
+fn a_reply_read_while_its_caller_reports_a_refused_oneway_reaches_it() {
+    // (Only keeps a regression from hanging.)
+    const GUARD: Duration = Duration::from_secs(20);
+    let (a, b) = limited_pair(crate::frame::Limits {
+        max_message_len: 64 << 20,
+        max_fds: 4,
+    });
+    // Nobody reads: the caller takes the role before it sends, and reads for its reply.
+    let caller = {
+        let a = a.clone();
+        std::thread::spawn(move || a.call::<_, u64>(&IFACE, 2, &(), Some(GUARD)))
+    };
+    let call = b.socket().recv().unwrap();
+    let filler = {
+        let a = a.clone();
+        std::thread::spawn(move || a.oneway(&IFACE, 1, &"x".repeat(32 << 20), None))
+    };
+    wait_until("the filler waits for room", || !writable(&a));
+    // The caller, once it has read the refused oneway, waits for this to say so.
+    let held = a.shared.registry.lock();
+    let releases = a.shared.state.lock().releases;
+    let mut oneway = vec![0; envelope::LEN];
+    Envelope {
+        kind: Kind::Oneway,
+        cmd: 3,
+        cookie: 0,
+        interface: IFACE.id,
+        signature: IFACE.signature,
+    }
+    .write(&mut oneway);
+    codec::encode(&(), &mut oneway, &mut Vec::new()).unwrap();
+    let (_read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK).unwrap();
+    b.socket().send(&oneway, &[write_end.as_fd(); 5]).unwrap();
+    b.socket().send(&reply_to(&call, &42u64), &[]).unwrap();
+    // The caller lets the role go, and the filler takes it and reads the reply.
+    wait_until("the filler reads the reply", || {
+        !readable(&a) && a.shared.state.lock().releases.wrapping_sub(releases) >= 2
+    });
+    drop(held);
+    let answer = caller.join().unwrap();
+    assert!(matches!(answer, Ok(42)), "the reply was lost: {answer:?}");
+    let oneway = b.socket().recv().unwrap();
+    assert_eq!(Envelope::read(&oneway.payload).unwrap().cmd, 1);
+    filler.join().unwrap().unwrap();
+}
