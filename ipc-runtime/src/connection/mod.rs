@@ -107,7 +107,7 @@ pub(crate) mod trace;
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
-use std::os::fd::{AsFd, BorrowedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -208,7 +208,7 @@ struct State {
     /// The eventfd of a thread waiting to send that waits for the reader to let the role go
     /// and, meanwhile, for room (see [`Shared::wait_for_room`]): woken with the others (it
     /// counts among `waiters`).
-    sender_wake: Option<RawFd>,
+    sender_wake: Option<Arc<nix::sys::eventfd::EventFd>>,
     /// Threads inside `run`.
     runners: usize,
     /// The cookie of the last call made.

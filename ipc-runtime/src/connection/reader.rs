@@ -52,7 +52,7 @@ impl Shared {
         // refused oneway, say), and a reader that takes the role meanwhile may read the
         // reply, which must find its slot. (Our own reply, routed here, takes it out.)
         let mut state = self.state.lock();
-        state.pending.insert(cookie, None);
+        register(&mut state, cookie);
         let (state, own) = self.route(state, frame, result, Reader::Caller(cookie));
         if let Some(Taken::Reply(reply)) = own {
             return reply.map(Some);
@@ -121,10 +121,18 @@ impl Shared {
     #[inline]
     pub(super) fn wake_all(&self, state: &State) {
         if state.waiters > 0 {
-            self.wake.notify_all();
-            if let Some(fd) = state.sender_wake {
-                super::sending::signal(fd);
-            }
+            self.wake_sleepers(state);
+        }
+    }
+
+    /// [`Shared::wake_all`] once there are sleepers: on the condvar, and a thread waiting to
+    /// send that also waits for room (`State::sender_wake`).
+    #[cold]
+    #[inline(never)]
+    fn wake_sleepers(&self, state: &State) {
+        self.wake.notify_all();
+        if let Some(sender) = &state.sender_wake {
+            let _ = sender.write(1);
         }
     }
 
@@ -463,4 +471,12 @@ pub(super) enum Taken {
 fn keep_unread(state: &mut State, mut frame: Frame) {
     frame.fds.clear();
     state.buffer = frame;
+}
+
+/// Registers call `cookie` to have its reply routed by whoever reads it (out of line: only a
+/// caller that read something other than its reply does).
+#[cold]
+#[inline(never)]
+fn register(state: &mut State, cookie: u64) {
+    state.pending.insert(cookie, None);
 }

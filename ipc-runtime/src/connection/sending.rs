@@ -3,10 +3,12 @@
 //! holds do not wait for each other for good (see the module docs of
 //! [`connection`](super)).
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::Arc;
 use std::time::Instant;
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use super::reader::Reader;
 use super::{Guard, Shared};
@@ -102,17 +104,18 @@ impl Shared {
         &self,
         mut state: Guard<'_>,
         deadline: Option<Instant>,
-        wake: &mut Option<OwnedFd>,
+        wake: &mut Option<Arc<EventFd>>,
     ) -> bool {
         if wake.is_none() {
-            *wake = eventfd();
+            let flags = EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK;
+            *wake = EventFd::from_flags(flags).ok().map(Arc::new);
         }
         let Some(fd) = wake.as_ref() else {
             drop(self.sleep(state, deadline));
             return false;
         };
         debug_assert!(state.sender_wake.is_none(), "one thread sends at a time");
-        state.sender_wake = Some(fd.as_raw_fd());
+        state.sender_wake = Some(fd.clone());
         state.waiters += 1;
         drop(state);
         let room = loop {
@@ -123,6 +126,7 @@ impl Shared {
                     if left.is_zero() {
                         break false; // the caller's next poll says so
                     }
+                    // Rounded up, as `Socket::wait` does, not to wake just before it.
                     let ms = left.as_micros().div_ceil(1000);
                     PollTimeout::try_from(ms.min(i32::MAX as u128) as i32)
                         .unwrap_or(PollTimeout::MAX)
@@ -143,11 +147,8 @@ impl Shared {
         state.waiters -= 1;
         state.sender_wake = None;
         drop(state);
-        // Nobody signals it any more: empty it for the next wait.
-        let mut count = 0u64;
-        // SAFETY: reads at most 8 bytes into `count`, a live u64; the fd is an eventfd of
-        // ours, non-blocking.
-        let _ = unsafe { libc::read(fd.as_raw_fd(), (&raw mut count).cast(), 8) };
+        // Nobody signals it any more: empty it for the next wait (non-blocking).
+        let _ = fd.read();
         room
     }
 
@@ -169,23 +170,4 @@ impl Shared {
 /// Whether a socket polled as ready for `ready` may have room to send (or will fail at once).
 fn has_room(ready: PollFlags) -> bool {
     ready.intersects(PollFlags::POLLOUT | PollFlags::POLLHUP | PollFlags::POLLERR)
-}
-
-/// A new eventfd (close-on-exec, non-blocking), if the process may open one.
-#[cold]
-fn eventfd() -> Option<OwnedFd> {
-    // SAFETY: `eventfd` takes no pointers.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    // SAFETY: a non-negative result is a new fd, owned by nobody else.
-    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Wakes the thread waiting on eventfd `fd` (`State::sender_wake`).
-#[cold]
-#[inline(never)]
-pub(super) fn signal(fd: RawFd) {
-    let one = 1u64;
-    // SAFETY: writes the 8 bytes of `one`, a live u64, to an fd its owner keeps open while
-    // it is in `State::sender_wake` (under the lock the caller holds).
-    let _ = unsafe { libc::write(fd, (&raw const one).cast(), 8) };
 }

@@ -61,19 +61,7 @@ fn a_thread_waiting_to_send_takes_the_reader_role_once_it_is_let_go() {
     // The caller gets its reply and lets the role go: only the filler is left to read.
     b.socket().send(&reply_to(&call, &42u64), &[]).unwrap();
     assert_eq!(caller.join().unwrap().unwrap(), 42);
-    let big = {
-        let mut message = vec![0; envelope::LEN];
-        let envelope = Envelope {
-            kind: Kind::Oneway,
-            cmd: 3,
-            cookie: 0,
-            interface: IFACE.id,
-            signature: IFACE.signature,
-        };
-        envelope.write(&mut message);
-        codec::encode(&"y".repeat(1 << 20), &mut message, &mut Vec::new()).unwrap();
-        message
-    };
+    let big = oneway_message(3, &"y".repeat(1 << 20));
     let big_len = big.len();
     let (done, sent) = mpsc::channel();
     let peer = {
@@ -97,6 +85,22 @@ fn a_thread_waiting_to_send_takes_the_reader_role_once_it_is_let_go() {
     let oneway = b.socket().recv().unwrap();
     assert_eq!(Envelope::read(&oneway.payload).unwrap().cmd, 1);
     filler.join().unwrap().unwrap();
+}
+
+/// A oneway message to method `cmd` of `IFACE` carrying `body` inline, as the peer would send
+/// it by hand.
+fn oneway_message(cmd: u32, body: &impl serde::Serialize) -> Vec<u8> {
+    let mut message = vec![0; envelope::LEN];
+    Envelope {
+        kind: Kind::Oneway,
+        cmd,
+        cookie: 0,
+        interface: IFACE.id,
+        signature: IFACE.signature,
+    }
+    .write(&mut message);
+    codec::encode(body, &mut message, &mut Vec::new()).unwrap();
+    message
 }
 
 /// A send with a timeout gives up when another thread's message holds the socket for
@@ -1370,16 +1374,7 @@ fn a_thread_waiting_to_send_sees_room_while_the_reader_waits_for_the_rest_of_a_m
     };
     wait_until("the filler waits for room", || !writable(&a));
     // The first datagram of a oneway that comes in two.
-    let mut message = vec![0; envelope::LEN];
-    Envelope {
-        kind: Kind::Oneway,
-        cmd: 3,
-        cookie: 0,
-        interface: IFACE.id,
-        signature: IFACE.signature,
-    }
-    .write(&mut message);
-    codec::encode(&"y".repeat(100), &mut message, &mut Vec::new()).unwrap();
+    let message = oneway_message(3, &"y".repeat(100));
     let header = |kind| Header {
         kind,
         fds: 0,
@@ -1438,16 +1433,7 @@ fn a_reply_read_while_its_caller_reports_a_refused_oneway_reaches_it() {
     // The caller, once it has read the refused oneway, waits for this to say so.
     let held = a.shared.registry.lock();
     let releases = a.shared.state.lock().releases;
-    let mut oneway = vec![0; envelope::LEN];
-    Envelope {
-        kind: Kind::Oneway,
-        cmd: 3,
-        cookie: 0,
-        interface: IFACE.id,
-        signature: IFACE.signature,
-    }
-    .write(&mut oneway);
-    codec::encode(&(), &mut oneway, &mut Vec::new()).unwrap();
+    let oneway = oneway_message(3, &());
     let (_read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK).unwrap();
     b.socket().send(&oneway, &[write_end.as_fd(); 5]).unwrap();
     b.socket().send(&reply_to(&call, &42u64), &[]).unwrap();
