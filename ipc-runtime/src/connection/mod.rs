@@ -206,8 +206,9 @@ struct State {
     /// Threads asleep on `wake`: a notify costs a futex syscall, so only wake if any.
     waiters: usize,
     /// The eventfd of a thread waiting to send that waits for the reader to let the role go
-    /// and, meanwhile, for room (see [`Shared::wait_for_room`]): woken with the others (it
-    /// counts among `waiters`).
+    /// (or, at the bounds of the request queue, for a request to leave it) and, meanwhile,
+    /// for room (see [`Shared::wait_for_room`]): woken with the others (it counts among
+    /// `waiters`).
     sender_wake: Option<Arc<nix::sys::eventfd::EventFd>>,
     /// Threads inside `run`.
     runners: usize,

@@ -39,7 +39,8 @@ impl Shared {
     /// a message comes, for that reader to take it and let the role go, which it may then
     /// take, or for room, whichever comes first (`room_or_release`). It reads what a serving
     /// thread would: nothing once the connection has ended, and nothing past the bounds of
-    /// the request queue (see the module docs).
+    /// the request queue (see the module docs), until a request leaves it
+    /// (`room_or_dequeued`).
     ///
     /// The caller holds the socket's send lock throughout, so whatever the routing has to
     /// send (a failure owed for a call this end could not receive) is queued for a serving
@@ -47,11 +48,18 @@ impl Shared {
     #[cold]
     #[inline(never)]
     fn wait_for_room(&self, deadline: Option<Instant>) -> Result<()> {
-        // Made the first time this thread waits for another reader, kept until it returns.
+        // Made the first time this thread waits for another reader (or for the queue to drain),
+        // kept until it returns.
         let mut wake = None;
         loop {
             let mut state = self.state.lock();
-            let may_read = state.closed.is_none() && !state.backlog.full();
+            if state.closed.is_none() && state.backlog.full() {
+                if self.room_or_dequeued(state, deadline, &mut wake)? {
+                    return Ok(());
+                }
+                continue;
+            }
+            let may_read = state.closed.is_none();
             let reads = may_read && !state.reading;
             state.reading |= reads;
             let releases = state.releases;
@@ -91,6 +99,34 @@ impl Shared {
         }
     }
 
+    /// Waits, with `state` locked by a thread waiting to send that found the request queue at
+    /// its bounds (see [`Shared::wait_for_room`]), until the socket has room or something
+    /// wakes the connection's waiters (a request leaving the queue does), or `deadline`
+    /// passes: whether it has room. The sender may read again once the queue has room, and
+    /// must: the serving threads may all wait to send behind it (a reply each), and the peer
+    /// may read this end's message only once its own requests are through. Without an
+    /// eventfd (out of fds), it waits for room alone.
+    #[cold]
+    #[inline(never)]
+    fn room_or_dequeued(
+        &self,
+        state: Guard<'_>,
+        deadline: Option<Instant>,
+        wake: &mut Option<Arc<EventFd>>,
+    ) -> Result<bool> {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(Error::TimedOut);
+        }
+        let Some(fd) = sender_wake(wake) else {
+            drop(state);
+            return self
+                .socket
+                .ready(PollFlags::POLLOUT, deadline)
+                .map(has_room);
+        };
+        Ok(self.room_or_wake(state, deadline, fd))
+    }
+
     /// Waits, with `state` locked by a thread waiting to send (see
     /// [`Shared::wait_for_room`]), until the reader lets the role go or something else wakes
     /// the connection's waiters, or until the socket has room, or `deadline` passes; whether
@@ -102,18 +138,26 @@ impl Shared {
     #[inline(never)]
     fn room_or_release(
         &self,
-        mut state: Guard<'_>,
+        state: Guard<'_>,
         deadline: Option<Instant>,
         wake: &mut Option<Arc<EventFd>>,
     ) -> bool {
-        if wake.is_none() {
-            let flags = EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK;
-            *wake = EventFd::from_flags(flags).ok().map(Arc::new);
-        }
-        let Some(fd) = wake.as_ref() else {
+        let Some(fd) = sender_wake(wake) else {
             drop(self.sleep(state, deadline));
             return false;
         };
+        self.room_or_wake(state, deadline, fd)
+    }
+
+    /// Waits, with `state` locked by a thread waiting to send, until the socket has room, or
+    /// `deadline` passes, or the connection's waiters are woken, which signals `fd` while it
+    /// is registered (`State::sender_wake`); whether it has room.
+    fn room_or_wake(
+        &self,
+        mut state: Guard<'_>,
+        deadline: Option<Instant>,
+        fd: &Arc<EventFd>,
+    ) -> bool {
         debug_assert!(state.sender_wake.is_none(), "one thread sends at a time");
         state.sender_wake = Some(fd.clone());
         state.waiters += 1;
@@ -165,6 +209,17 @@ impl Shared {
         let (_state, taken) = self.route(self.state.lock(), frame, result, Reader::Sender);
         debug_assert!(taken.is_none(), "a sender takes nothing for itself");
     }
+}
+
+/// The eventfd a thread waiting to send waits on (see [`Shared::wait_for_room`]), made the
+/// first time it is needed and kept in `wake` until the wait is over: `None` if none can be
+/// made (out of fds).
+fn sender_wake(wake: &mut Option<Arc<EventFd>>) -> Option<&Arc<EventFd>> {
+    if wake.is_none() {
+        let flags = EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK;
+        *wake = EventFd::from_flags(flags).ok().map(Arc::new);
+    }
+    wake.as_ref()
 }
 
 /// Whether a socket polled as ready for `ready` may have room to send (or will fail at once).

@@ -1448,3 +1448,133 @@ fn a_reply_read_while_its_caller_reports_a_refused_oneway_reaches_it() {
     assert_eq!(Envelope::read(&oneway.payload).unwrap().cmd, 1);
     filler.join().unwrap().unwrap();
 }
+
+/// A thread waiting for room to send stops reading at the bounds of the request queue, as a
+/// serving thread does, and must read again once requests leave the queue, as a serving
+/// thread does. Here the peer's oneways fill the queue, with a call last, and its further
+/// requests fill the socket buffer: the peer reads only once its last request is through.
+/// The only serving thread runs the oneways, then the call, whose reply waits for the
+/// sender's message to go out: only the sender can read. It used to wait for room alone, and
+/// nothing woke it when the queue drained: both ends waited for good.
+#[test]
+fn a_thread_waiting_to_send_reads_again_once_requests_leave_the_full_queue() {
+    use super::backlog::{MAX_REQUEST_BYTES, MAX_REQUESTS};
+    use crate::wire::HEADER_LEN;
+
+    // (Only keeps a regression from hanging.)
+    const GUARD: Duration = Duration::from_secs(20);
+    let (a, b) = Connection::pair().unwrap();
+    let peer = a.socket();
+    let (started, has_started) = mpsc::channel();
+    let (open, gate) = mpsc::channel();
+    let runner = {
+        let b = b.clone();
+        std::thread::spawn(move || {
+            b.serve(Ordered {
+                started,
+                gate: Mutex::new(gate),
+                run: Default::default(),
+            })
+        })
+    };
+    // `hold`, as a oneway: the serving thread has no reply to send when it ends.
+    peer.send(&ordered_request(Kind::Oneway, 1, 0, 0), &[])
+        .unwrap();
+    has_started.recv().unwrap();
+    let filler = {
+        let b = b.clone();
+        std::thread::spawn(move || b.oneway(&IFACE, 1, &"x".repeat(32 << 20), None))
+    };
+    wait_until("the filler waits for room", || !writable(&b));
+    // The filler reads the peer's requests meanwhile, and queues them up to the bounds.
+    for seq in 1..MAX_REQUESTS as u64 {
+        peer.send(&ordered_request(Kind::Oneway, 3, 0, seq), &[])
+            .unwrap();
+    }
+    peer.send(&ordered_request(Kind::Call, 2, 2, 0), &[])
+        .unwrap();
+    wait_until("the filler stops reading at the bounds", || {
+        b.shared.state.lock().backlog.full()
+    });
+    // More oneways (`hold`s of 60 KiB, which it does not decode: far fewer than the bounds
+    // fill the socket buffer), until the peer's next send would wait; that last one waits.
+    let mut hold = ordered_request(Kind::Oneway, 1, 0, 0);
+    hold.resize(60 << 10, 0);
+    let mut framed = vec![0; HEADER_LEN];
+    framed.extend_from_slice(&hold);
+    let mut holds = 1;
+    while peer.try_send_framed(&mut framed, &[]).unwrap() {
+        holds += 1;
+    }
+    assert!(
+        holds < MAX_REQUESTS / 2 && holds * (60 << 10) < MAX_REQUEST_BYTES / 2,
+        "the socket buffer holds as much as the queue ({holds} of 60 KiB)"
+    );
+    let (done, last_sent) = mpsc::channel();
+    let last = {
+        let a = a.clone();
+        std::thread::spawn(move || done.send(a.socket().send(&hold, &[])).unwrap())
+    };
+    // `hold` ends (and so will the others): the serving thread runs the queued oneways,
+    // then the call.
+    for _ in 0..=holds {
+        open.send(()).unwrap();
+    }
+    let last_sent = last_sent.recv_timeout(GUARD);
+    assert!(
+        matches!(last_sent, Ok(Ok(()))),
+        "nobody read the peer's requests once the queue had room: {last_sent:?}"
+    );
+    last.join().unwrap();
+    // The peer reads now: the filler's message first.
+    let oneway = peer.recv().unwrap();
+    assert_eq!(Envelope::read(&oneway.payload).unwrap().cmd, 1);
+    filler.join().unwrap().unwrap();
+    b.close();
+    runner.join().unwrap().unwrap();
+}
+
+/// A send with a timeout that waits, at the bounds of the request queue, for room or for a
+/// request to leave the queue still gives up by its deadline: here nothing leaves the queue
+/// (its only serving thread is held) and the peer reads nothing.
+#[test]
+fn a_send_waiting_at_the_bounds_of_the_queue_times_out() {
+    use super::backlog::MAX_REQUESTS;
+
+    let (a, b) = Connection::pair().unwrap();
+    let peer = a.socket();
+    let (started, has_started) = mpsc::channel();
+    let (open, gate) = mpsc::channel();
+    let runner = {
+        let b = b.clone();
+        std::thread::spawn(move || {
+            b.serve(Ordered {
+                started,
+                gate: Mutex::new(gate),
+                run: Default::default(),
+            })
+        })
+    };
+    peer.send(&ordered_request(Kind::Oneway, 1, 0, 0), &[])
+        .unwrap();
+    has_started.recv().unwrap();
+    // A caller of `b` takes the peer's oneways in, up to the bounds, before its reply.
+    let caller = {
+        let b = b.clone();
+        std::thread::spawn(move || b.call::<_, u32>(&IFACE, 9, &(), None))
+    };
+    let call = peer.recv().unwrap();
+    for seq in 1..=MAX_REQUESTS as u64 {
+        peer.send(&ordered_request(Kind::Oneway, 3, 0, seq), &[])
+            .unwrap();
+    }
+    peer.send(&reply_to(&call, &5u32), &[]).unwrap();
+    assert_eq!(caller.join().unwrap().unwrap(), 5);
+    assert!(b.shared.state.lock().backlog.full());
+    let timeout = Some(Duration::from_millis(50));
+    let sent = b.oneway(&IFACE, 1, &"x".repeat(32 << 20), timeout);
+    assert!(matches!(sent, Err(Error::TimedOut)), "{sent:?}");
+    open.send(()).unwrap();
+    b.close();
+    runner.join().unwrap().unwrap();
+}
