@@ -1128,6 +1128,37 @@ fn serving_held() -> (
     (a, b, open, server, run)
 }
 
+/// `b` serving `Ordered` on one thread, which `hold`, sent by `peer` by hand as a oneway (no
+/// reply to send when it ends), keeps busy until the returned gate is opened. Returns the
+/// gate, the receiver of the `hold`s' starts (keep it: a `hold` that finds it gone panics),
+/// and the serving thread.
+#[allow(clippy::type_complexity)]
+fn serving_a_held_oneway(
+    b: &Connection,
+    peer: &crate::socket::Socket,
+) -> (
+    mpsc::Sender<()>,
+    mpsc::Receiver<()>,
+    std::thread::JoinHandle<Result<()>>,
+) {
+    let (started, has_started) = mpsc::channel();
+    let (open, gate) = mpsc::channel();
+    let runner = {
+        let b = b.clone();
+        std::thread::spawn(move || {
+            b.serve(Ordered {
+                started,
+                gate: Mutex::new(gate),
+                run: Default::default(),
+            })
+        })
+    };
+    peer.send(&ordered_request(Kind::Oneway, 1, 0, 0), &[])
+        .unwrap();
+    has_started.recv().unwrap();
+    (open, has_started, runner)
+}
+
 /// One serving thread runs requests strictly in the order they arrive (`Server::new`), also
 /// those that a caller of the serving end took in while it waited for its own reply: a oneway
 /// that arrived after a call does not run before it.
@@ -1465,22 +1496,7 @@ fn a_thread_waiting_to_send_reads_again_once_requests_leave_the_full_queue() {
     const GUARD: Duration = Duration::from_secs(20);
     let (a, b) = Connection::pair().unwrap();
     let peer = a.socket();
-    let (started, has_started) = mpsc::channel();
-    let (open, gate) = mpsc::channel();
-    let runner = {
-        let b = b.clone();
-        std::thread::spawn(move || {
-            b.serve(Ordered {
-                started,
-                gate: Mutex::new(gate),
-                run: Default::default(),
-            })
-        })
-    };
-    // `hold`, as a oneway: the serving thread has no reply to send when it ends.
-    peer.send(&ordered_request(Kind::Oneway, 1, 0, 0), &[])
-        .unwrap();
-    has_started.recv().unwrap();
+    let (open, _started, runner) = serving_a_held_oneway(&b, peer);
     let filler = {
         let b = b.clone();
         std::thread::spawn(move || b.oneway(&IFACE, 1, &"x".repeat(32 << 20), None))
@@ -1543,21 +1559,7 @@ fn a_send_waiting_at_the_bounds_of_the_queue_times_out() {
 
     let (a, b) = Connection::pair().unwrap();
     let peer = a.socket();
-    let (started, has_started) = mpsc::channel();
-    let (open, gate) = mpsc::channel();
-    let runner = {
-        let b = b.clone();
-        std::thread::spawn(move || {
-            b.serve(Ordered {
-                started,
-                gate: Mutex::new(gate),
-                run: Default::default(),
-            })
-        })
-    };
-    peer.send(&ordered_request(Kind::Oneway, 1, 0, 0), &[])
-        .unwrap();
-    has_started.recv().unwrap();
+    let (open, _started, runner) = serving_a_held_oneway(&b, peer);
     // A caller of `b` takes the peer's oneways in, up to the bounds, before its reply.
     let caller = {
         let b = b.clone();
