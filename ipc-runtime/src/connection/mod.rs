@@ -24,7 +24,10 @@
 //! one thread sends the worker a large call (messages go out as they are, apart from byte strings,
 //! which go through shared memory). A thread waiting for another's message to finish going out
 //! first (sends are serialised) does not read: the thread whose message it is does. Like a serving
-//! thread, a waiting sender reads nothing past the bounds of the request queue (below).
+//! thread, a waiting sender reads nothing past the bounds of the request queue (below), until a
+//! request leaves it. While it waits on another reader, or on the queue, it holds one eventfd of
+//! its own, to be woken either by room in the socket or by the others (out of fds, it waits as
+//! before, without).
 //!
 //! Requests run only on threads inside [`Connection::serve`] (or [`Connection::run`]), never
 //! on a thread waiting for a reply: a callback arriving while a caller waits is handed to a
