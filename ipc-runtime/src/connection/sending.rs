@@ -7,12 +7,13 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 use std::time::Instant;
 
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::poll::{PollFd, PollFlags, poll};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use super::reader::Reader;
 use super::{Guard, Shared};
 use crate::error::{Error, Result};
+use crate::socket::poll_timeout;
 
 impl Shared {
     /// Sends a message built in `framed` (see [`Socket::send_framed`]), waiting for room as
@@ -37,10 +38,10 @@ impl Shared {
     /// any reader does, taking nothing for itself (a request is queued for a serving thread,
     /// a reply goes to its caller). If another thread reads, this one waits for room or, when
     /// a message comes, for that reader to take it and let the role go, which it may then
-    /// take, or for room, whichever comes first (`room_or_release`). It reads what a serving
+    /// take, or for room, whichever comes first (`room_or_wake`). It reads what a serving
     /// thread would: nothing once the connection has ended, and nothing past the bounds of
-    /// the request queue (see the module docs), until a request leaves it
-    /// (`room_or_dequeued`).
+    /// the request queue (see the module docs), until a request leaves it (`room_or_wake`
+    /// again).
     ///
     /// The caller holds the socket's send lock throughout, so whatever the routing has to
     /// send (a failure owed for a call this end could not receive) is queued for a serving
@@ -54,7 +55,17 @@ impl Shared {
         loop {
             let mut state = self.state.lock();
             if state.closed.is_none() && state.backlog.full() {
-                if self.room_or_dequeued(state, deadline, &mut wake)? {
+                // It must read again once a request leaves the queue: the serving threads may
+                // all wait to send behind it (a reply each), and the peer may read this end's
+                // message only once its own requests are through. Out of fds, it waits for
+                // room alone.
+                let alone = |state: Guard<'_>| {
+                    drop(state);
+                    self.socket
+                        .ready(PollFlags::POLLOUT, deadline)
+                        .map(has_room)
+                };
+                if self.room_or_wake(state, deadline, &mut wake, alone)? {
                     return Ok(());
                 }
                 continue;
@@ -88,9 +99,17 @@ impl Shared {
                 // The reader takes it: once it lets the role go, this thread may take it, and
                 // polls again. Not if it already has (and maybe taken the role again): the
                 // message may be gone, and with it the next wake-up.
+                // Room counts too: the reader may have taken the first part of a message and
+                // wait for the rest, which the peer may send only once this end's message is
+                // through (its own sender waiting on its own reader, say). Out of fds, it
+                // waits on the condvar alone.
                 let state = self.state.lock();
                 if state.reading && state.releases == releases {
-                    room = self.room_or_release(state, deadline, &mut wake);
+                    let alone = |state| {
+                        drop(self.sleep(state, deadline));
+                        Ok(false)
+                    };
+                    room = self.room_or_wake(state, deadline, &mut wake, alone)?;
                 }
             }
             if room {
@@ -99,82 +118,38 @@ impl Shared {
         }
     }
 
-    /// Waits, with `state` locked by a thread waiting to send that found the request queue at
-    /// its bounds (see [`Shared::wait_for_room`]), until the socket has room or something
-    /// wakes the connection's waiters (a request leaving the queue does), or `deadline`
-    /// passes: whether it has room. The sender may read again once the queue has room, and
-    /// must: the serving threads may all wait to send behind it (a reply each), and the peer
-    /// may read this end's message only once its own requests are through. Without an
-    /// eventfd (out of fds), it waits for room alone.
+    /// Waits, with `state` locked by a thread waiting to send (see
+    /// [`Shared::wait_for_room`]), until the socket has room, or the connection's waiters are
+    /// woken (the reader lets the role go, a request leaves the queue, the connection ends),
+    /// or `deadline` passes: whether it has room. It waits on `wake`, an eventfd made the
+    /// first time and signalled with the condvar while it is registered
+    /// (`State::sender_wake`); without one (out of fds), `alone` waits instead.
     #[cold]
     #[inline(never)]
-    fn room_or_dequeued(
-        &self,
-        state: Guard<'_>,
+    fn room_or_wake<'a>(
+        &'a self,
+        mut state: Guard<'a>,
         deadline: Option<Instant>,
         wake: &mut Option<Arc<EventFd>>,
+        alone: impl FnOnce(Guard<'a>) -> Result<bool>,
     ) -> Result<bool> {
-        if deadline.is_some_and(|d| Instant::now() >= d) {
+        if poll_timeout(deadline).is_none() {
             return Err(Error::TimedOut);
         }
-        let Some(fd) = sender_wake(wake) else {
-            drop(state);
-            return self
-                .socket
-                .ready(PollFlags::POLLOUT, deadline)
-                .map(has_room);
+        if wake.is_none() {
+            let flags = EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK;
+            *wake = EventFd::from_flags(flags).ok().map(Arc::new);
+        }
+        let Some(fd) = wake.as_ref() else {
+            return alone(state);
         };
-        Ok(self.room_or_wake(state, deadline, fd))
-    }
-
-    /// Waits, with `state` locked by a thread waiting to send (see
-    /// [`Shared::wait_for_room`]), until the reader lets the role go or something else wakes
-    /// the connection's waiters, or until the socket has room, or `deadline` passes; whether
-    /// it has room. Room counts too: the reader may have taken the first part of a message
-    /// and wait for the rest, which the peer may send only once this end's message is
-    /// through (its own sender waiting on its own reader, say). Waits on `wake`, an eventfd
-    /// made the first time; without one (out of fds), on the condvar alone, as before.
-    #[cold]
-    #[inline(never)]
-    fn room_or_release(
-        &self,
-        state: Guard<'_>,
-        deadline: Option<Instant>,
-        wake: &mut Option<Arc<EventFd>>,
-    ) -> bool {
-        let Some(fd) = sender_wake(wake) else {
-            drop(self.sleep(state, deadline));
-            return false;
-        };
-        self.room_or_wake(state, deadline, fd)
-    }
-
-    /// Waits, with `state` locked by a thread waiting to send, until the socket has room, or
-    /// `deadline` passes, or the connection's waiters are woken, which signals `fd` while it
-    /// is registered (`State::sender_wake`); whether it has room.
-    fn room_or_wake(
-        &self,
-        mut state: Guard<'_>,
-        deadline: Option<Instant>,
-        fd: &Arc<EventFd>,
-    ) -> bool {
         debug_assert!(state.sender_wake.is_none(), "one thread sends at a time");
         state.sender_wake = Some(fd.clone());
         state.waiters += 1;
         drop(state);
         let room = loop {
-            let timeout = match deadline {
-                None => PollTimeout::NONE,
-                Some(d) => {
-                    let left = d.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        break false; // the caller's next poll says so
-                    }
-                    // Rounded up, as `Socket::wait` does, not to wake just before it.
-                    let ms = left.as_micros().div_ceil(1000);
-                    PollTimeout::try_from(ms.min(i32::MAX as u128) as i32)
-                        .unwrap_or(PollTimeout::MAX)
-                }
+            let Some(timeout) = poll_timeout(deadline) else {
+                break false; // the caller's next wait says so
             };
             let mut fds = [
                 PollFd::new(self.socket.as_fd(), PollFlags::POLLOUT),
@@ -193,7 +168,7 @@ impl Shared {
         drop(state);
         // Nobody signals it any more: empty it for the next wait (non-blocking).
         let _ = fd.read();
-        room
+        Ok(room)
     }
 
     /// Receives the message that has come, if it is whole (a large one may take several
@@ -209,17 +184,6 @@ impl Shared {
         let (_state, taken) = self.route(self.state.lock(), frame, result, Reader::Sender);
         debug_assert!(taken.is_none(), "a sender takes nothing for itself");
     }
-}
-
-/// The eventfd a thread waiting to send waits on (see [`Shared::wait_for_room`]), made the
-/// first time it is needed and kept in `wake` until the wait is over: `None` if none can be
-/// made (out of fds).
-fn sender_wake(wake: &mut Option<Arc<EventFd>>) -> Option<&Arc<EventFd>> {
-    if wake.is_none() {
-        let flags = EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK;
-        *wake = EventFd::from_flags(flags).ok().map(Arc::new);
-    }
-    wake.as_ref()
 }
 
 /// Whether a socket polled as ready for `ready` may have room to send (or will fail at once).

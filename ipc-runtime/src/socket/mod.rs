@@ -211,18 +211,8 @@ impl Socket {
     /// what it is ready for (a hang-up or an error among it, whatever was asked).
     pub(crate) fn ready(&self, events: PollFlags, deadline: Option<Instant>) -> Result<PollFlags> {
         loop {
-            let timeout = match deadline {
-                None => PollTimeout::NONE,
-                Some(d) => {
-                    let left = d.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return Err(Error::TimedOut);
-                    }
-                    // Round up so we never wake just before the deadline and spin.
-                    let ms = left.as_micros().div_ceil(1000);
-                    PollTimeout::try_from(ms.min(i32::MAX as u128) as i32)
-                        .unwrap_or(PollTimeout::MAX)
-                }
+            let Some(timeout) = poll_timeout(deadline) else {
+                return Err(Error::TimedOut);
             };
             let mut fds = [PollFd::new(self.fd.as_fd(), events)];
             match poll(&mut fds, timeout) {
@@ -233,6 +223,21 @@ impl Socket {
             }
         }
     }
+}
+
+/// The timeout of a `poll` that must return by `deadline`: `None` once it has passed.
+#[inline(always)]
+pub(crate) fn poll_timeout(deadline: Option<Instant>) -> Option<PollTimeout> {
+    let Some(deadline) = deadline else {
+        return Some(PollTimeout::NONE);
+    };
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return None;
+    }
+    // Round up so we never wake just before the deadline and spin.
+    let ms = left.as_micros().div_ceil(1000);
+    Some(PollTimeout::try_from(ms.min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX))
 }
 
 /// Turns off the options under which the kernel adds a control message of its own
