@@ -197,7 +197,10 @@ fn child_refused_traced() {
     let client = LabClient::new(conn);
     let refused = client.count(two_files().0);
     assert!(
-        matches!(refused, Err(typed_ipc::Error::Remote(_))),
+        matches!(
+            refused,
+            Err(typed_ipc::Error::TooManyFds { by_peer: true, .. })
+        ),
         "{refused:?}"
     );
     assert_eq!(client.reverse("ab".into()).unwrap(), "ba");
@@ -216,7 +219,10 @@ fn child_refused_traced_async() {
         let client = asynchronous::LabClient::new(conn);
         let refused = client.count(two_files().0).await;
         assert!(
-            matches!(refused, Err(typed_ipc::Error::Remote(_))),
+            matches!(
+                refused,
+                Err(typed_ipc::Error::TooManyFds { by_peer: true, .. })
+            ),
             "{refused:?}"
         );
         assert_eq!(client.reverse("ab".into()).await.unwrap(), "ba");
@@ -243,10 +249,7 @@ fn check_refused(scenario: &str) {
     let stderr = traced_stderr(scenario);
     let has = |want: &str| assert_line(&stderr, want);
     has("<- Call #1 Lab::count (16 bytes, 0 fds)");
-    has(concat!(
-        r#"-> Failure #1: Unanswered("the request is over its limits: "#,
-        r#"message carries 2 file descriptors, the limit is 1")"#
-    ));
+    has("-> Failure #1: TooManyFds { count: 2, limit: 1 }");
     has("<- Call #2 Lab::reverse (10 bytes, 0 fds)");
 }
 

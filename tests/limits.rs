@@ -117,7 +117,9 @@ fn too_many_fds_fail_the_call_on_the_sender_and_the_connection_keeps_working() {
             refused,
             Err(Error::TooManyFds {
                 count: 2000,
-                limit: 1024
+                limit: 1024,
+                by_peer: false,
+                ..
             })
         ),
         "{refused:?}"
@@ -128,7 +130,9 @@ fn too_many_fds_fail_the_call_on_the_sender_and_the_connection_keeps_working() {
             refused,
             Err(Error::TooManyFds {
                 count: 2000,
-                limit: 1024
+                limit: 1024,
+                by_peer: false,
+                ..
             })
         ),
         "{refused:?}"
@@ -158,7 +162,9 @@ fn a_reply_over_the_callers_limit_fails_that_call_only() {
             refused,
             Err(Error::TooManyFds {
                 count: 2000,
-                limit: 1024
+                limit: 1024,
+                by_peer: false,
+                ..
             })
         ),
         "{refused:?}"
@@ -178,14 +184,21 @@ fn a_request_over_the_servers_limit_is_answered_with_a_failure() {
     let (worker, files) = blocking_worker(Some(8));
     assert_eq!(files.count(memfds(8)).unwrap(), 8);
     let before = open_fds();
+    // The caller is told it was the server's limit, as a match on `TooManyFds` expects; the
+    // method did not run.
     match files.count(memfds(10)) {
-        Err(Error::Remote(why)) => {
-            assert!(
-                why.contains("over its limits") && why.contains("10 file descriptors"),
-                "{why}"
-            );
-        }
-        other => panic!("expected the server's failure, got {other:?}"),
+        Err(
+            e @ Error::TooManyFds {
+                count: 10,
+                limit: 8,
+                by_peer: true,
+                ..
+            },
+        ) => assert_eq!(
+            e.to_string(),
+            "message carries 10 file descriptors, the peer's limit is 8"
+        ),
+        other => panic!("expected the server's refusal, got {other:?}"),
     }
     assert_eq!(open_fds(), before);
     // A oneway over the server's limits goes out, and is dropped there (and said on its
@@ -273,7 +286,9 @@ mod asynchronous {
                     refused,
                     Err(Error::TooManyFds {
                         count: 2000,
-                        limit: 1024
+                        limit: 1024,
+                        by_peer: false,
+                        ..
                     })
                 ),
                 "{refused:?}"
@@ -284,7 +299,9 @@ mod asynchronous {
                     refused,
                     Err(Error::TooManyFds {
                         count: 2000,
-                        limit: 1024
+                        limit: 1024,
+                        by_peer: false,
+                        ..
                     })
                 ),
                 "{refused:?}"
@@ -315,7 +332,9 @@ mod asynchronous {
                     refused,
                     Err(Error::TooManyFds {
                         count: 2000,
-                        limit: 1024
+                        limit: 1024,
+                        by_peer: false,
+                        ..
                     })
                 ),
                 "{refused:?}"
@@ -337,13 +356,13 @@ mod asynchronous {
             assert_eq!(files.count(memfds(8)).await.unwrap(), 8);
             let before = open_fds();
             match files.count(memfds(10)).await {
-                Err(Error::Remote(why)) => {
-                    assert!(
-                        why.contains("over its limits") && why.contains("10 file descriptors"),
-                        "{why}"
-                    );
-                }
-                other => panic!("expected the server's failure, got {other:?}"),
+                Err(Error::TooManyFds {
+                    count: 10,
+                    limit: 8,
+                    by_peer: true,
+                    ..
+                }) => {}
+                other => panic!("expected the server's refusal, got {other:?}"),
             }
             assert_eq!(open_fds(), before);
             files.take(memfds(10)).await.unwrap();
@@ -361,6 +380,8 @@ mod asynchronous {
     pub trait Strings {
         /// `data`, back.
         async fn echo(&self, data: Vec<u8>) -> Vec<u8>;
+        /// `len` bytes.
+        async fn make(&self, len: u64) -> Vec<u8>;
     }
 
     struct StringsImpl;
@@ -369,29 +390,108 @@ mod asynchronous {
         async fn echo(&self, data: Vec<u8>) -> Vec<u8> {
             data
         }
+        async fn make(&self, len: u64) -> Vec<u8> {
+            vec![9; len as usize]
+        }
+    }
+
+    /// A client and a server of [`Strings`] (a task) whose sockets have these limits; the
+    /// client lends its pages if `lend`.
+    fn strings_between(
+        client: typed_ipc::Limits,
+        server: typed_ipc::Limits,
+        lend: bool,
+    ) -> (StringsClient, Served) {
+        let (mut a, mut b) = typed_ipc::Socket::pair().unwrap();
+        a.set_limits(client);
+        b.set_limits(server);
+        let b = AsyncConnection::new(b).unwrap();
+        let serving = tokio::spawn(StringsServer::new(StringsImpl).serve(b));
+        let conn = AsyncConnection::new(a).unwrap();
+        conn.lend_pages_to_peer(lend);
+        (StringsClient::new(conn.clone()), (conn, serving))
+    }
+
+    /// A client's connection, and the task serving it.
+    type Served = (
+        AsyncConnection,
+        tokio::task::JoinHandle<typed_ipc::Result<()>>,
+    );
+
+    /// Hangs up `strings` and waits until its server is done.
+    async fn finish(strings: StringsClient, (conn, serving): Served) {
+        drop(strings);
+        conn.close();
+        conn.wait_closed().await;
+        serving.await.unwrap().unwrap();
+    }
+
+    /// [`super::a_byte_string_out_of_the_socket_over_the_receivers_limit_is_too_large`],
+    /// async: the server's refusal of a request's string in its region, or its pipe, and the
+    /// client's of a reply's.
+    #[test]
+    fn a_byte_string_out_of_the_socket_over_the_receivers_limit_is_too_large() {
+        use typed_ipc::Limits;
+        let _fds = fd_count_lock();
+        let before = open_fds();
+        runtime().block_on(async {
+            // The requests, as the server's refusal (in its region, or its pipe), then the
+            // reply, as the client's.
+            for (server_limit, lend) in [(100 << 10, false), (100 << 10, true), (1 << 30, false)] {
+                let limits = |max_message_len| Limits {
+                    max_message_len,
+                    ..Limits::default()
+                };
+                let (strings, served) =
+                    strings_between(limits(300 << 10), limits(server_limit), lend);
+                assert_eq!(strings.echo(vec![1; 10]).await.unwrap(), vec![1; 10]);
+                if server_limit < 200 << 10 {
+                    let pipes = super::common::fds_named("pipe:");
+                    match strings.echo(vec![2; 200 << 10]).await {
+                        Err(Error::TooLarge {
+                            size: 204_800,
+                            limit: 102_400,
+                            by_peer: true,
+                            ..
+                        }) => {}
+                        other => panic!("lend {lend}: expected the refusal, got {other:?}"),
+                    }
+                    let piped = super::common::fds_named("pipe:") > pipes;
+                    assert_eq!(piped, lend, "piped if lent");
+                    let after = strings.echo(vec![3; 50 << 10]).await;
+                    assert_eq!(after.unwrap(), vec![3; 50 << 10]);
+                } else {
+                    match strings.make(400 << 10).await {
+                        Err(Error::TooLarge {
+                            size: 409_600,
+                            limit: 307_200,
+                            by_peer: false,
+                            ..
+                        }) => {}
+                        other => panic!("expected the reply refused, got {other:?}"),
+                    }
+                    assert_eq!(strings.make(250 << 10).await.unwrap(), vec![9; 250 << 10]);
+                }
+                finish(strings, served).await;
+            }
+        });
+        assert_eq!(open_fds(), before, "no fd left open");
     }
 
     /// [`super::byte_strings_cross_to_an_end_whose_limits_allow_no_fds`], async.
     #[test]
     fn byte_strings_cross_to_an_end_whose_limits_allow_no_fds() {
-        use typed_ipc::{Limits, Socket};
+        use typed_ipc::Limits;
         let _fds = fd_count_lock();
         let before = open_fds();
         runtime().block_on(async {
             for (client, server) in [(1024, 0), (0, 1024)] {
                 for lend in [false, true] {
-                    let (mut a, mut b) = Socket::pair().unwrap();
-                    for (socket, max_fds) in [(&mut a, client), (&mut b, server)] {
-                        socket.set_limits(Limits {
-                            max_fds,
-                            ..Limits::default()
-                        });
-                    }
-                    let b = AsyncConnection::new(b).unwrap();
-                    let serving = tokio::spawn(StringsServer::new(StringsImpl).serve(b));
-                    let conn = AsyncConnection::new(a).unwrap();
-                    conn.lend_pages_to_peer(lend);
-                    let strings = StringsClient::new(conn.clone());
+                    let limits = |max_fds| Limits {
+                        max_fds,
+                        ..Limits::default()
+                    };
+                    let (strings, served) = strings_between(limits(client), limits(server), lend);
                     for round in 0..3 {
                         for len in super::OUT_OF_LINE_SIZES {
                             let data = vec![round as u8 + 1; len];
@@ -404,10 +504,7 @@ mod asynchronous {
                             );
                         }
                     }
-                    drop(strings);
-                    conn.close();
-                    conn.wait_closed().await;
-                    serving.await.unwrap().unwrap();
+                    finish(strings, served).await;
                 }
             }
         });
@@ -420,6 +517,8 @@ mod asynchronous {
 pub trait Strings {
     /// `data`, back.
     fn echo(&self, data: Vec<u8>) -> Vec<u8>;
+    /// `len` bytes.
+    fn make(&self, len: u64) -> Vec<u8>;
 }
 
 struct StringsImpl;
@@ -427,6 +526,9 @@ struct StringsImpl;
 impl Strings for StringsImpl {
     fn echo(&self, data: Vec<u8>) -> Vec<u8> {
         data
+    }
+    fn make(&self, len: u64) -> Vec<u8> {
+        vec![9; len as usize]
     }
 }
 
@@ -464,13 +566,72 @@ fn byte_strings_within_the_limits_cross_whatever_region_they_come_in() {
     // only, although the client's region grew for it past what the server accepts.
     let (strings, server) = strings_with_limits(1 << 30, 100 << 10);
     assert_eq!(strings.echo(vec![1; 2048]).unwrap(), vec![1; 2048]);
-    // The caller is told it was the server's limits, not that the ends disagree on types.
+    // The caller is told it was the server's limit, as for a message over it that came
+    // through the socket, not that the ends disagree on types.
     match strings.echo(vec![2; 200 << 10]) {
-        Err(Error::Remote(why)) => assert!(why.contains("over the receiver's limit"), "{why}"),
-        other => panic!("expected the server's failure, got {other:?}"),
+        Err(
+            e @ Error::TooLarge {
+                size: 204_800,
+                limit: 102_400,
+                by_peer: true,
+                ..
+            },
+        ) => assert_eq!(
+            e.to_string(),
+            "message of 204800 bytes exceeds the peer's limit of 102400 bytes"
+        ),
+        other => panic!("expected the server's refusal, got {other:?}"),
     }
     assert_eq!(strings.echo(vec![3; 2048]).unwrap(), vec![3; 2048]);
     assert_eq!(strings.echo(vec![4; 50 << 10]).unwrap(), vec![4; 50 << 10]);
+    drop(strings);
+    server.join().unwrap().unwrap();
+}
+
+/// A byte string that travels out of the socket (through the sender's shared region, or its
+/// pipe when it lends its pages) and is over the receiver's limit fails its call as
+/// `TooLarge`, as a message over them that came through the socket: `by_peer` when the
+/// server refused the request (its method did not run), not when the client refused the
+/// reply. Both ends keep working.
+#[test]
+fn a_byte_string_out_of_the_socket_over_the_receivers_limit_is_too_large() {
+    let _fds = fd_count_lock();
+    let limits = |max_message_len| Limits {
+        max_message_len,
+        ..Limits::default()
+    };
+    for lend in [false, true] {
+        let (strings, server) = strings_between(limits(300 << 10), limits(100 << 10), lend);
+        assert_eq!(strings.echo(vec![1; 10]).unwrap(), vec![1; 10]);
+        let pipes = common::fds_named("pipe:");
+        match strings.echo(vec![2; 200 << 10]) {
+            Err(Error::TooLarge {
+                size: 204_800,
+                limit: 102_400,
+                by_peer: true,
+                ..
+            }) => {}
+            other => panic!("lend {lend}: expected the server's refusal, got {other:?}"),
+        }
+        assert_eq!(common::fds_named("pipe:") > pipes, lend, "piped if lent");
+        assert_eq!(strings.echo(vec![3; 50 << 10]).unwrap(), vec![3; 50 << 10]);
+        drop(strings);
+        server.join().unwrap().unwrap();
+    }
+    // A reply goes through the server's region (replies never pipe), which its limits allow
+    // and the client's do not.
+    let (strings, server) = strings_between(limits(300 << 10), limits(1 << 30), false);
+    assert_eq!(strings.echo(vec![1; 10]).unwrap(), vec![1; 10]);
+    match strings.make(400 << 10) {
+        Err(Error::TooLarge {
+            size: 409_600,
+            limit: 307_200,
+            by_peer: false,
+            ..
+        }) => {}
+        other => panic!("expected the reply refused, got {other:?}"),
+    }
+    assert_eq!(strings.make(250 << 10).unwrap(), vec![9; 250 << 10]);
     drop(strings);
     server.join().unwrap().unwrap();
 }

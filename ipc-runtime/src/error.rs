@@ -21,24 +21,31 @@ pub enum Error {
     TimedOut,
     /// A message is larger than the limit that applies to it: this side's
     /// [`Limits`](crate::Limits), whether it sends the message or receives it (and, sending,
-    /// the 4 GiB the wire format can express). Refused when sending, nothing of it was sent;
-    /// refused when receiving, it was read to its end and dropped, and only the call it
-    /// answers fails. Either way the connection is still usable. A request over the *peer's*
-    /// limits fails its call with [`Error::Remote`] instead, saying so.
+    /// the 4 GiB the wire format can express), or the peer's, for a request it refused on
+    /// receipt (`by_peer`). Refused when sending, nothing of it was sent; refused when
+    /// receiving, it was read to its end and dropped, and only the call it answers fails; refused
+    /// by the peer, the method did not run. Either way the connection is still usable.
+    #[non_exhaustive]
     TooLarge {
-        /// The message's payload size in bytes.
+        /// The message's payload size in bytes (for a byte string that travelled out of the
+        /// socket, through shared memory or a pipe, the string's).
         size: u64,
         /// The limit it exceeds.
         limit: u64,
+        /// Whether the limit is the peer's: it refused this call's request on receipt.
+        by_peer: bool,
     },
     /// A message carries more file descriptors than the limit that applies to it, refused as
     /// for [`Error::TooLarge`]. The fds of a refused incoming message are closed; those of an
     /// outgoing one are left to their owner.
+    #[non_exhaustive]
     TooManyFds {
         /// How many the message carries.
         count: u64,
         /// The limit it exceeds.
         limit: u64,
+        /// Whether the limit is the peer's, as for [`Error::TooLarge`].
+        by_peer: bool,
     },
     /// The kernel dropped file descriptors of this message because this process is at its
     /// open-file limit (`RLIMIT_NOFILE`; `MSG_CTRUNC`). The message is discarded whole, the
@@ -78,9 +85,10 @@ pub enum Error {
     /// server's.
     Refused(String),
     /// The peer failed to handle this call: its implementation panicked, it does not know the
-    /// command, it could not receive the request (over its [`Limits`](crate::Limits), or its
-    /// fds dropped) or decode the arguments, or it could not send its answer. The message says
-    /// which. The connection is still usable.
+    /// command, it could not receive the request's fds or decode its arguments, or it could
+    /// not send its answer. The message says which. The connection is still usable. (A
+    /// request over the peer's [`Limits`](crate::Limits) is [`Error::TooLarge`] or
+    /// [`Error::TooManyFds`], `by_peer`.)
     Remote(String),
     /// An operating-system error, with its errno.
     Io(io::Error),
@@ -94,16 +102,26 @@ impl fmt::Display for Error {
         match self {
             Error::Disconnected => f.write_str("peer disconnected"),
             Error::TimedOut => f.write_str("timed out"),
-            Error::TooLarge { size, limit } => {
+            Error::TooLarge {
+                size,
+                limit,
+                by_peer,
+            } => {
+                let whose = if *by_peer { "the peer's" } else { "the" };
                 write!(
                     f,
-                    "message of {size} bytes exceeds the limit of {limit} bytes"
+                    "message of {size} bytes exceeds {whose} limit of {limit} bytes"
                 )
             }
-            Error::TooManyFds { count, limit } => {
+            Error::TooManyFds {
+                count,
+                limit,
+                by_peer,
+            } => {
+                let whose = if *by_peer { "the peer's" } else { "the" };
                 write!(
                     f,
-                    "message carries {count} file descriptors, the limit is {limit}"
+                    "message carries {count} file descriptors, {whose} limit is {limit}"
                 )
             }
             Error::FdsDropped { expected, received } => write!(
@@ -153,13 +171,23 @@ impl Error {
         match self {
             Error::Disconnected => Error::Disconnected,
             Error::TimedOut => Error::TimedOut,
-            Error::TooLarge { size, limit } => Error::TooLarge {
+            Error::TooLarge {
+                size,
+                limit,
+                by_peer,
+            } => Error::TooLarge {
                 size: *size,
                 limit: *limit,
+                by_peer: *by_peer,
             },
-            Error::TooManyFds { count, limit } => Error::TooManyFds {
+            Error::TooManyFds {
+                count,
+                limit,
+                by_peer,
+            } => Error::TooManyFds {
                 count: *count,
                 limit: *limit,
+                by_peer: *by_peer,
             },
             Error::FdsDropped { expected, received } => Error::FdsDropped {
                 expected: *expected,

@@ -43,6 +43,7 @@ pub(crate) fn new_memfd(len: usize) -> Result<OwnedFd> {
         let size = i64::try_from(len).map_err(|_| Error::TooLarge {
             size: len as u64,
             limit: i64::MAX as u64,
+            by_peer: false,
         })?;
         ftruncate(&fd, size)?;
     }
@@ -141,6 +142,7 @@ fn checked_len(fd: &OwnedFd, demand: &Demand, max_len: usize) -> Result<usize> {
         .ok_or(Error::TooLarge {
             size: stat.st_size as u64,
             limit: limit as u64,
+            by_peer: false,
         })
 }
 

@@ -182,6 +182,9 @@ pub struct Call<'a> {
     /// `None` for oneway messages.
     pub(crate) replier: Option<crate::connection::Replier<'a>>,
     pub(crate) replied: bool,
+    /// The arguments were refused as over this side's limits (a byte string sent out of
+    /// the socket): the caller hears so as [`Error::TooLarge`](crate::Error::TooLarge).
+    pub(crate) unreceived: bool,
 }
 
 impl Call<'_> {
@@ -203,7 +206,15 @@ impl Call<'_> {
 
     /// Decodes the arguments, taking the fds that came with them. Fds not claimed are closed.
     pub fn args<T: DeserializeOwned>(&mut self) -> Result<T> {
-        codec::decode_from(self.body, &mut self.fds)
+        codec::decode_from(self.body, &mut self.fds).map_err(|e| self.undecoded(e))
+    }
+
+    /// Notes why the arguments did not decode (see [`Call::unreceived`]).
+    #[cold]
+    #[inline(never)]
+    fn undecoded(&mut self, e: Error) -> Error {
+        self.unreceived = e.is_over_limits();
+        e
     }
 
     /// Sends `value` as the reply. Ignored for oneway calls, which get no reply.

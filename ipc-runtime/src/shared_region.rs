@@ -95,6 +95,7 @@ impl SharedRegion {
         let len = len.checked_next_multiple_of(page).ok_or(Error::TooLarge {
             size: len as u64,
             limit: isize::MAX as u64,
+            by_peer: false,
         })?;
         let fd = new_memfd(len)?;
         let map = Mapping::new(&fd, len, Access::ReadWrite)?;

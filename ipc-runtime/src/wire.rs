@@ -36,8 +36,9 @@ pub const HEADER_LEN: usize = 16;
 /// lane word also names the placement its message carries. 4: a byte string may also be
 /// piped (tag 2: its first bytes in the sender's pipe, the rest inline). 5: a byte string
 /// may also be written into the receiver's inbox (tag 3), which the receiver announces in
-/// a message of its own (envelope kind 5).
-pub const VERSION: u8 = 5;
+/// a message of its own (envelope kind 5). 6: a failure reply may say that the request was
+/// over the receiver's limits (`Failure::TooLarge`, `Failure::TooManyFds`).
+pub const VERSION: u8 = 6;
 const MAGIC: [u8; 2] = *b"TI";
 /// Most payload bytes a first datagram may carry: the receiver reads first datagrams into a
 /// buffer of this size, so small messages need no allocation.

@@ -229,6 +229,8 @@ fn size_limit() {
         Err(Error::TooLarge {
             size: 5000,
             limit: 4096,
+            by_peer: false,
+            ..
         }) => {}
         other => panic!("{other:?}"),
     }

@@ -208,7 +208,9 @@ fn size_limit() {
         RegionView::from_fd_with_limit(fd, 2 * 4096),
         Err(Error::TooLarge {
             size: 12288,
-            limit: 8192
+            limit: 8192,
+            by_peer: false,
+            ..
         })
     ));
 }

@@ -159,7 +159,12 @@ fn an_oversized_announcement_is_refused_and_the_stream_stays_in_sync() {
     );
     a.send(b"after", &[]).unwrap();
     match b.recv() {
-        Err(Error::TooLarge { size, limit }) => {
+        Err(Error::TooLarge {
+            size,
+            limit,
+            by_peer: false,
+            ..
+        }) => {
             assert_eq!((size, limit), (u32::MAX as u64, 1 << 20));
         }
         other => panic!("expected TooLarge, got {other:?}"),
@@ -172,7 +177,12 @@ fn an_oversized_announcement_is_refused_and_the_stream_stays_in_sync() {
     drop(many);
     assert!(matches!(
         b.recv(),
-        Err(Error::TooManyFds { count: 5, limit: 4 })
+        Err(Error::TooManyFds {
+            count: 5,
+            limit: 4,
+            by_peer: false,
+            ..
+        })
     ));
     assert_eq!(open_fds(), before);
     a.send(b"ok", &[]).unwrap();
@@ -532,10 +542,20 @@ fn a_message_over_the_senders_own_limits_is_refused_before_any_of_it_goes_out() 
     for (len, nfds, what) in cases {
         let copies = vec![file.as_fd(); nfds];
         match a.send(&pattern(len), &copies) {
-            Err(Error::TooLarge { size, limit }) if what != "fds" => {
+            Err(Error::TooLarge {
+                size,
+                limit,
+                by_peer: false,
+                ..
+            }) if what != "fds" => {
                 assert_eq!((size, limit), (len as u64, 100_000));
             }
-            Err(Error::TooManyFds { count, limit }) if what == "fds" => {
+            Err(Error::TooManyFds {
+                count,
+                limit,
+                by_peer: false,
+                ..
+            }) if what == "fds" => {
                 assert_eq!((count, limit), (nfds as u64, 300));
             }
             other => panic!("{len} bytes and {nfds} fds: expected a refusal, got {other:?}"),
@@ -572,6 +592,8 @@ fn a_refused_message_is_read_to_its_end_and_keeps_its_first_bytes() {
         Err(Error::TooManyFds {
             count: 300,
             limit: 4,
+            by_peer: false,
+            ..
         }) => {}
         other => panic!("expected TooManyFds, got {other:?}"),
     }
@@ -590,6 +612,8 @@ fn a_refused_message_is_read_to_its_end_and_keeps_its_first_bytes() {
             Err(Error::TooLarge {
                 size: 300_000,
                 limit: 100_000,
+                by_peer: false,
+                ..
             }) => {}
             other => panic!("expected TooLarge, got {other:?}"),
         }
@@ -633,6 +657,8 @@ fn a_refused_message_arriving_in_parts_is_reported_once_its_last_part_is_in() {
         Err(Error::TooLarge {
             size: 200,
             limit: 100,
+            by_peer: false,
+            ..
         }) => {}
         other => panic!("expected TooLarge, got {other:?}"),
     }

@@ -87,6 +87,17 @@ pub fn raw_call(socket: &Socket, msg: &[u8], fds: &[BorrowedFd<'_>], cookie: u64
     reply.payload
 }
 
+/// Checks that `payload` is a failure reply saying the request was `size` bytes, over the
+/// server's limits (`Failure::TooLarge`: variant 7, then size and limit), and returns the
+/// limit.
+pub fn assert_too_large(payload: &[u8], size: u64) -> u64 {
+    assert_eq!(payload[0], 4, "a failure reply: {payload:?}");
+    let body = &payload[payload.len() - 20..];
+    assert_eq!(body[..4], 7u32.to_le_bytes(), "TooLarge: {payload:?}");
+    assert_eq!(body[4..12], size.to_le_bytes(), "its size: {payload:?}");
+    u64::from_le_bytes(body[12..].try_into().unwrap())
+}
+
 /// Fds of this process whose `/proc/self/fd` link starts with `prefix` (`"pipe:"`,
 /// `"/memfd:typed-ipc-buffer"`).
 pub fn fds_named(prefix: &str) -> u64 {

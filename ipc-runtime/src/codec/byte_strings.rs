@@ -8,8 +8,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::fd_carriers::{index_of, take};
 use super::{
-    CONTEXT, NO_FD, OUT_OF_LINE_MIN, Piped, Placed, Placement, Written, place, place_shared,
-    with_current_store,
+    CONTEXT, Fetched, NO_FD, OUT_OF_LINE_MIN, Piped, Placed, Placement, Unfetched, Written, place,
+    place_shared, with_current_store,
 };
 use crate::error::Result;
 use crate::shared_bytes::SharedBytes;
@@ -147,7 +147,7 @@ impl<'de> Deserialize<'de> for Bytes<Vec<u8>> {
                                     "an out-of-line byte string, but no shared region to read it from",
                                 )
                             })?
-                            .map_err(A::Error::custom)
+                            .map_err(unfetched)
                     }
                     2 => take_piped(&mut seq),
                     3 => take_written(&mut seq),
@@ -178,17 +178,37 @@ fn take_piped<'de, A: serde::de::SeqAccess<'de>>(seq: &mut A) -> Result<Vec<u8>,
     let tail = seq.next_element::<InlineBuf>()?.ok_or_else(missing)?;
     with_current_store(|store| store.take_piped(&piped, fd, &tail.0))
         .ok_or_else(|| A::Error::custom("a piped byte string, but no pipe to read it from"))?
-        .map_err(A::Error::custom)
+        .map_err(unfetched)
 }
 
 /// Refuses a second out-of-line byte string in the message being decoded (see
 /// [`Context::fetched`](super::Context::fetched)).
 fn fetch_once<E: serde::de::Error>() -> Result<(), E> {
-    match CONTEXT.with(|cx| cx.fetched.replace(true)) {
-        false => Ok(()),
-        true => Err(E::custom(
+    match CONTEXT.with(|cx| cx.fetched.replace(Fetched::One)) {
+        Fetched::Nothing => Ok(()),
+        _ => Err(E::custom(
             "a second out-of-line byte string in one message (a sender places at most one)",
         )),
+    }
+}
+
+/// The serde error for a byte string the store could not fetch. One over this side's
+/// limits is also noted in the decode's context, so that the decode fails as
+/// [`Error::TooLarge`](crate::Error::TooLarge) (see `undecodable`).
+#[cold]
+#[inline(never)]
+fn unfetched<E: serde::de::Error>(why: Unfetched) -> E {
+    match why {
+        Unfetched::Bad(why) => E::custom(why),
+        Unfetched::OverLimit { len, limit } => {
+            CONTEXT.with(|cx| {
+                cx.fetched.set(Fetched::OverLimit);
+                cx.over_limit.set((len, limit));
+            });
+            E::custom(format!(
+                "a byte string of {len} bytes, over this side's limit of {limit} bytes"
+            ))
+        }
     }
 }
 
@@ -205,7 +225,7 @@ fn take_written<'de, A: serde::de::SeqAccess<'de>>(seq: &mut A) -> Result<Vec<u8
         .ok_or_else(|| {
             A::Error::custom("a byte string written into this process, but it accepts no writes")
         })?
-        .map_err(A::Error::custom)
+        .map_err(unfetched)
 }
 
 /// `#[serde(with = "typed_ipc::bytes")]` for a `Vec<u8>` field inside your own serde types:

@@ -52,7 +52,8 @@ thread_local! {
             incoming: Cell::new(None),
             store: Cell::new(None),
             placing: Cell::new(None),
-            fetched: Cell::new(false),
+            fetched: Cell::new(Fetched::Nothing),
+            over_limit: Cell::new((0, 0)),
         }
     };
 }
@@ -68,10 +69,25 @@ struct Context {
     /// so far (0: none; one per message): set by [`encode_placing`] for one message, and
     /// cleared by a plain [`encode`] nested in it, whose bytes must stay self-contained.
     placing: Cell<Option<Placing>>,
-    /// The message being decoded has had an out-of-line byte string fetched: a sender places
-    /// at most one per message, and a second is refused, so that a short hostile message
-    /// cannot make the receiver fetch (and allocate) the same large string over and over.
-    fetched: Cell<bool>,
+    /// Whether the message being decoded has had an out-of-line byte string fetched: a sender
+    /// places at most one per message, and a second is refused, so that a short hostile
+    /// message cannot make the receiver fetch (and allocate) the same large string over and
+    /// over.
+    fetched: Cell<Fetched>,
+    /// The size and limit of the byte string refused as [`Fetched::OverLimit`]: read only in
+    /// that state, which is the current decode's, so never a stale value.
+    over_limit: Cell<(u64, u64)>,
+}
+
+/// What the message being decoded has fetched out of line.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fetched {
+    Nothing,
+    /// One byte string (or a try at one).
+    One,
+    /// A byte string over this side's limits, refused ([`Context::over_limit`]): the decode
+    /// fails with [`Error::TooLarge`] rather than [`Error::Malformed`].
+    OverLimit,
 }
 
 /// Where the message being encoded may place a byte string.
@@ -110,13 +126,37 @@ impl<T: Copy> Drop for Swap<'_, T> {
 /// are allocated.
 const SMALL_TABLE: usize = 16;
 
+/// Why an [`OutOfLine`] store could not fetch a byte string.
+#[derive(Debug)]
+pub(crate) enum Unfetched {
+    /// The string is over this side's limits: `len` bytes, `limit` allowed. The decode fails
+    /// with [`Error::TooLarge`], so that the sender hears its string was too large, as for
+    /// one that came inline.
+    OverLimit { len: u64, limit: u64 },
+    /// The reference is bad, or the bytes could not be read: [`Error::Malformed`].
+    Bad(String),
+}
+
+impl From<String> for Unfetched {
+    fn from(why: String) -> Self {
+        Unfetched::Bad(why)
+    }
+}
+
+impl From<&str> for Unfetched {
+    fn from(why: &str) -> Self {
+        Unfetched::Bad(why.into())
+    }
+}
+
 /// Somewhere other than the message for large byte strings: the connection's shared region.
 pub(crate) trait OutOfLine: Send + Sync {
     /// Offers `bytes` while encoding, at most once per message. `Some` if the store took
     /// them: where (its `seq` is never 0).
     fn put(&self, bytes: &[u8]) -> Option<Placement>;
     /// Fetches placed bytes while decoding; `fd` is the fd the reference named, if any.
-    fn take(&self, placed: &Placed, fd: Option<OwnedFd>) -> std::result::Result<Vec<u8>, String>;
+    fn take(&self, placed: &Placed, fd: Option<OwnedFd>)
+    -> std::result::Result<Vec<u8>, Unfetched>;
     /// Offers bytes whose owner the store may keep until the peer has read them, so that
     /// they can be read from the sender's own pages; at most once per message, like
     /// [`OutOfLine::put`]. `Some`: the reference to write (how many of the bytes went
@@ -130,11 +170,11 @@ pub(crate) trait OutOfLine: Send + Sync {
         _piped: &Piped,
         _fd: Option<OwnedFd>,
         _tail: &[u8],
-    ) -> std::result::Result<Vec<u8>, String> {
+    ) -> std::result::Result<Vec<u8>, Unfetched> {
         Err("a piped byte string, but no pipe to read it from".into())
     }
     /// Fetches a byte string the peer wrote into this process's memory while decoding.
-    fn take_written(&self, _written: &Written) -> std::result::Result<Vec<u8>, String> {
+    fn take_written(&self, _written: &Written) -> std::result::Result<Vec<u8>, Unfetched> {
         Err("a byte string written into this process, but it accepts no writes".into())
     }
 }
@@ -340,13 +380,14 @@ pub fn decode_from<T: DeserializeOwned>(bytes: &[u8], fds: &mut Vec<OwnedFd>) ->
         let value = T::deserialize(Bounded {
             inner: &mut bincode,
             budget: &budget,
-        })?;
+        })
+        .map_err(undecodable)?;
         match rest.is_empty() {
             true => Ok(value),
-            false => Err(Box::new(bincode::ErrorKind::Custom(format!(
+            false => Err(Error::Malformed(format!(
                 "{} bytes left over after the value",
                 rest.len()
-            )))),
+            ))),
         }
     };
     let result = match fds.len() {
@@ -373,7 +414,26 @@ pub fn decode_from<T: DeserializeOwned>(bytes: &[u8], fds: &mut Vec<OwnedFd>) ->
             deserialize,
         ),
     }; // the table is dropped here, closing the fds the value did not claim
-    result.map_err(|e| Error::Malformed(why_undecodable(*e)))
+    result
+}
+
+/// The error of a decode that failed: [`Error::TooLarge`] if it refused a byte string over
+/// this side's limits (the serde error only has its text), else [`Error::Malformed`]. Called
+/// while the decode's context is current.
+#[cold]
+#[inline(never)]
+fn undecodable(e: Box<bincode::ErrorKind>) -> Error {
+    CONTEXT.with(|cx| match cx.fetched.get() {
+        Fetched::OverLimit => {
+            let (size, limit) = cx.over_limit.get();
+            Error::TooLarge {
+                size,
+                limit,
+                by_peer: false,
+            }
+        }
+        _ => Error::Malformed(why_undecodable(*e)),
+    })
 }
 
 /// Words a decode error: bincode's own text for a message that ends early is empty, and its
@@ -484,7 +544,7 @@ fn with_incoming<R>(table: &mut [Option<OwnedFd>], f: impl FnOnce() -> R) -> R {
     let table = NonNull::from(table);
     CONTEXT.with(|cx| {
         let _outer = Swap::new(&cx.incoming, Some(table));
-        let _fetched = Swap::new(&cx.fetched, false);
+        let _fetched = Swap::new(&cx.fetched, Fetched::Nothing);
         f()
     })
 }

@@ -27,7 +27,7 @@ impl OutOfLine for Greedy {
         Some(Placement::Region(placed, None))
     }
 
-    fn take(&self, placed: &Placed, _: Option<OwnedFd>) -> std::result::Result<Vec<u8>, String> {
+    fn take(&self, placed: &Placed, _: Option<OwnedFd>) -> std::result::Result<Vec<u8>, Unfetched> {
         let taken = self.taken.lock().unwrap();
         Ok(taken[placed.seq as usize - 1].clone())
     }

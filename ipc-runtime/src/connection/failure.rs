@@ -29,25 +29,45 @@ pub enum Failure {
     /// The method ran but its answer could not be sent (its result could not be encoded, or
     /// was over the limits), or the service sent none.
     Unanswered(String),
+    /// The request was over the receiver's limits: `size` payload bytes (or a byte string's,
+    /// sent out of the socket), `limit` allowed. The method did not run.
+    TooLarge { size: u64, limit: u64 },
+    /// The request carried more fds than the receiver's limits allow. The method did not run.
+    TooManyFds { count: u64, limit: u64 },
 }
 
 impl Failure {
     /// The failure for a request whose handler returned `error` without replying: its
-    /// arguments did not decode, or its reply could not be sent.
-    pub(crate) fn of_handler(error: &Error) -> Failure {
+    /// arguments did not decode (`unreceived`: they were over this side's limits), or its
+    /// reply could not be sent.
+    pub(crate) fn of_handler(error: &Error, unreceived: bool) -> Failure {
         match error {
             Error::Malformed(_) => Failure::BadRequest(error.to_string()),
+            _ if unreceived => Failure::over_limits(error)
+                .unwrap_or_else(|| Failure::BadRequest(error.to_string())),
             _ => Failure::Unanswered(error.to_string()),
+        }
+    }
+
+    /// The failure for a request refused as over this side's limits (`error`, as the socket
+    /// or the decoding of its arguments reports it), if it is that.
+    pub(crate) fn over_limits(error: &Error) -> Option<Failure> {
+        match *error {
+            Error::TooLarge { size, limit, .. } => Some(Failure::TooLarge { size, limit }),
+            Error::TooManyFds { count, limit, .. } => Some(Failure::TooManyFds { count, limit }),
+            _ => None,
         }
     }
 
     /// What a request's handler left to answer, from how it ended (`outcome`: returned, or
     /// panicked) and whether it `replied`: `None` if nothing is (it replied, or a oneway
-    /// ended well). Both flavours' servers decide with this.
+    /// ended well). `unreceived`: its arguments were refused as over this side's limits.
+    /// Both flavours' servers decide with this.
     #[inline]
     pub(crate) fn of_outcome(
         outcome: std::thread::Result<Result<(), Error>>,
         replied: bool,
+        unreceived: bool,
         oneway: bool,
     ) -> Option<Failure> {
         match (outcome, replied) {
@@ -55,7 +75,7 @@ impl Failure {
             (Ok(Ok(())), false) => {
                 (!oneway).then(|| Failure::Unanswered("the service sent no reply".into()))
             }
-            (Ok(Err(e)), false) => Some(Failure::of_handler(&e)),
+            (Ok(Err(e)), false) => Some(Failure::of_handler(&e, unreceived)),
             (Err(panic), false) => Some(Failure::Panicked(panic_message(&panic))),
         }
     }
@@ -93,6 +113,16 @@ impl Failure {
                 }
             )),
             Failure::Mismatch(theirs) => Error::InterfaceMismatch(describe(ours, &theirs)),
+            Failure::TooLarge { size, limit } => Error::TooLarge {
+                size,
+                limit,
+                by_peer: true,
+            },
+            Failure::TooManyFds { count, limit } => Error::TooManyFds {
+                count,
+                limit,
+                by_peer: true,
+            },
         }
     }
 }
@@ -137,6 +167,15 @@ impl std::fmt::Display for Failure {
             Failure::BadRequest(why) => write!(f, "its arguments did not decode: {why}"),
             Failure::Refused(why) => write!(f, "refused: {why}"),
             Failure::Unanswered(why) => write!(f, "{why}"),
+            Failure::TooLarge { size, limit } => write!(
+                f,
+                "the request is over this side's limits: {size} bytes, at most {limit}"
+            ),
+            Failure::TooManyFds { count, limit } => write!(
+                f,
+                "the request is over this side's limits: {count} file descriptors, at most \
+                 {limit}"
+            ),
         }
     }
 }

@@ -678,9 +678,7 @@ pub(crate) fn unreceived(e: &Error, oneway: bool) -> Failure {
         Error::FdsDropped { .. } if !oneway => Failure::BadRequest(format!(
             "the server could not receive the request's fds: {e}"
         )),
-        Error::FdsDropped { .. } => Failure::Unanswered(e.to_string()),
-        _ if oneway => Failure::Unanswered(format!("over this side's limits: {e}")),
-        _ => Failure::Unanswered(format!("the request is over its limits: {e}")),
+        _ => Failure::over_limits(e).unwrap_or_else(|| Failure::Unanswered(e.to_string())),
     }
 }
 

@@ -187,12 +187,13 @@ impl Shared {
                         envelope,
                     }),
                     replied: false,
+                    unreceived: false,
                 };
                 // `current_peer` and the out-of-line store are the thread's (`run_loop`).
                 let outcome = catch_unwind(AssertUnwindSafe(|| service.handle(&mut call)));
-                let replied = call.replied;
+                let (replied, unreceived) = (call.replied, call.unreceived);
                 frame.fds = std::mem::take(&mut call.fds); // emptied; its capacity is reused
-                Failure::of_outcome(outcome, replied, oneway)
+                Failure::of_outcome(outcome, replied, unreceived, oneway)
             }
         };
         match failure {

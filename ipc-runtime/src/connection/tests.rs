@@ -765,12 +765,28 @@ fn a_message_over_this_sides_limits_is_refused_unsent() {
     // (The timeout only keeps a regression from hanging: nobody would ever answer.)
     let refused = a.call::<_, u32>(&IFACE, 1, &Fd(&files), Some(Duration::from_secs(60)));
     assert!(
-        matches!(refused, Err(Error::TooManyFds { count: 5, limit: 4 })),
+        matches!(
+            refused,
+            Err(Error::TooManyFds {
+                count: 5,
+                limit: 4,
+                by_peer: false,
+                ..
+            })
+        ),
         "{refused:?}"
     );
     let refused = a.oneway(&IFACE, 2, &Fd(&files), None);
     assert!(
-        matches!(refused, Err(Error::TooManyFds { count: 5, limit: 4 })),
+        matches!(
+            refused,
+            Err(Error::TooManyFds {
+                count: 5,
+                limit: 4,
+                by_peer: false,
+                ..
+            })
+        ),
         "{refused:?}"
     );
     assert!(
@@ -844,7 +860,15 @@ fn a_reply_over_the_callers_limits_read_by_another_thread_fails_that_call_only()
     drop(write_end);
     let refused = first.join().unwrap();
     assert!(
-        matches!(refused, Err(Error::TooManyFds { count: 5, limit: 4 })),
+        matches!(
+            refused,
+            Err(Error::TooManyFds {
+                count: 5,
+                limit: 4,
+                by_peer: false,
+                ..
+            })
+        ),
         "{refused:?}"
     );
     // Every copy of the write end is closed: the empty pipe reads as ended, not as waiting

@@ -285,11 +285,13 @@ fn over_limits(len: usize, fds: usize, limits: Limits) -> Error {
         Error::TooLarge {
             size: len as u64,
             limit: limits.max_message_len as u64,
+            by_peer: false,
         }
     } else {
         Error::TooManyFds {
             count: fds as u64,
             limit: limits.max_fds as u64,
+            by_peer: false,
         }
     }
 }

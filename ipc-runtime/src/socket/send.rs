@@ -378,10 +378,12 @@ impl SendCursor {
         let total_len = u32::try_from(len).map_err(|_| Error::TooLarge {
             size: len as u64,
             limit: u32::MAX as u64,
+            by_peer: false,
         })?;
         let total_fds = u32::try_from(fds).map_err(|_| Error::TooManyFds {
             count: fds as u64,
             limit: u32::MAX as u64,
+            by_peer: false,
         })?;
         Ok(SendCursor {
             total_len,

@@ -23,6 +23,8 @@ pub struct AsyncCall {
     /// The connection: where the reply goes, and whose lane the arguments may be in.
     inner: Arc<Inner>,
     replied: bool,
+    /// The arguments were refused as over this side's limits (as [`Call`](crate::Call)'s).
+    unreceived: bool,
 }
 
 impl AsyncCall {
@@ -38,11 +40,17 @@ impl AsyncCall {
             peer,
             inner,
             replied: false,
+            unreceived: false,
         }
     }
 
     pub(super) fn replied(&self) -> bool {
         self.replied
+    }
+
+    /// Whether the arguments were refused as over this side's limits.
+    pub(super) fn unreceived(&self) -> bool {
+        self.unreceived
     }
 
     /// The command id of the method called.
@@ -65,7 +73,11 @@ impl AsyncCall {
     pub fn args<T: DeserializeOwned>(&mut self) -> Result<T> {
         let fds = std::mem::take(&mut self.frame.fds);
         let body = &self.frame.payload[envelope::LEN..];
-        codec::with_store(self.inner.lane(), || codec::decode(body, fds))
+        let args = codec::with_store(self.inner.lane(), || codec::decode(body, fds));
+        if let Err(e) = &args {
+            self.unreceived = e.is_over_limits();
+        }
+        args
     }
 
     /// Sends `value` as the reply. Ignored for oneway calls, which get no reply, and after the

@@ -661,7 +661,15 @@ fn an_async_message_over_this_sides_limits_is_refused_unsent() {
         .await
         .expect("refused at once, not sent after the filler");
         assert!(
-            matches!(refused, Err(Error::TooManyFds { count: 5, limit: 4 })),
+            matches!(
+                refused,
+                Err(Error::TooManyFds {
+                    count: 5,
+                    limit: 4,
+                    by_peer: false,
+                    ..
+                })
+            ),
             "{refused:?}"
         );
         for (i, file) in files.into_iter().enumerate() {

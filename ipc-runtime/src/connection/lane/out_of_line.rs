@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 
 use super::outgoing::Announcement;
 use super::{Lane, MAX, MIN, MIN_REGION, SEQ_MASK, pipes};
-use crate::codec::{NO_FD, OutOfLine, Piped, Placed, Placement, Written};
+use crate::codec::{NO_FD, OutOfLine, Piped, Placed, Placement, Unfetched, Written};
 use crate::error::{Error, Result};
 use crate::peer_memory;
 use crate::pipe::{self, InPipe, OutPipe};
@@ -58,7 +58,7 @@ impl OutOfLine for Lane {
         piped: &Piped,
         fd: Option<OwnedFd>,
         tail: &[u8],
-    ) -> Result<Vec<u8>, String> {
+    ) -> Result<Vec<u8>, Unfetched> {
         let mut incoming = self.incoming_pipe.lock();
         if let Some(fd) = fd {
             *incoming = Some(InPipe::new(fd).map_err(|e| e.to_string())?);
@@ -67,16 +67,22 @@ impl OutOfLine for Lane {
             .as_ref()
             .ok_or("a piped byte string, but the peer announced no pipe")?;
         let len = match usize::try_from(piped.len) {
-            Ok(len) if len <= pipe::CAPACITY && len + tail.len() <= self.max_len => len,
+            Ok(len) if len <= pipe::CAPACITY => len,
             _ => {
                 return Err(format!(
-                    "a piped byte string of {} + {} bytes, over the receiver's limit of {} bytes",
+                    "a piped byte string of {} bytes, more than a pipe holds ({} bytes)",
                     piped.len,
-                    tail.len(),
-                    self.max_len.min(pipe::CAPACITY)
-                ));
+                    pipe::CAPACITY
+                )
+                .into());
             }
         };
+        if len + tail.len() > self.max_len {
+            return Err(Unfetched::OverLimit {
+                len: (len + tail.len()) as u64,
+                limit: self.max_len as u64,
+            });
+        }
         let mut bytes = pipe.read_vec(len, tail.len()).map_err(|e| e.to_string())?;
         bytes.extend_from_slice(tail);
         self.done_with(piped.seq & SEQ_MASK, 0);
@@ -128,13 +134,16 @@ impl OutOfLine for Lane {
         Some(Placement::Region(placed, fd))
     }
 
-    fn take_written(&self, written: &Written) -> Result<Vec<u8>, String> {
+    fn take_written(&self, written: &Written) -> Result<Vec<u8>, Unfetched> {
         let seq = written.seq & SEQ_MASK;
-        if seq == 0 || written.len > self.max_len as u64 {
-            return Err(format!(
-                "a byte string of {} bytes written by placement {} (at most {} accepted)",
-                written.len, written.seq, self.max_len
-            ));
+        if seq == 0 {
+            return Err("a byte string written by placement 0".into());
+        }
+        if written.len > self.max_len as u64 {
+            return Err(Unfetched::OverLimit {
+                len: written.len,
+                limit: self.max_len as u64,
+            });
         }
         let mut inbox = self.inbox.lock();
         let inbox = inbox
@@ -146,7 +155,7 @@ impl OutOfLine for Lane {
         Ok(bytes)
     }
 
-    fn take(&self, placed: &Placed, fd: Option<OwnedFd>) -> Result<Vec<u8>, String> {
+    fn take(&self, placed: &Placed, fd: Option<OwnedFd>) -> Result<Vec<u8>, Unfetched> {
         let mut incoming = self.incoming.lock();
         if let Some(fd) = fd {
             let view = RegionView::from_fd_with_limit(fd, MAX)
@@ -159,11 +168,10 @@ impl OutOfLine for Lane {
         let (offset, len) = match (usize::try_from(placed.offset), usize::try_from(placed.len)) {
             (Ok(offset), Ok(len)) if len <= self.max_len => (offset, len),
             _ => {
-                return Err(format!(
-                    "an out-of-line byte string of {} bytes, over the receiver's limit of {} \
-                     bytes",
-                    placed.len, self.max_len
-                ));
+                return Err(Unfetched::OverLimit {
+                    len: placed.len,
+                    limit: self.max_len as u64,
+                });
             }
         };
         // The caller words the error as malformed; its own wording would say so twice.

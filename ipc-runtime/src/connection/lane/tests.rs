@@ -242,3 +242,39 @@ fn carrying(seq: u32) -> Vec<u8> {
     envelope::set_lane(&mut payload, READS_LANES | seq << SEQ_BITS);
     payload
 }
+
+/// A byte string out of the socket over the lane's limit is refused as over the limits (the
+/// decode then fails as `TooLarge`), whichever way it came: the peer's region, its pipe, or
+/// this process's inbox. Checked before anything is read or allocated.
+#[test]
+fn a_byte_string_over_the_limit_is_refused_as_over_it_whichever_way_it_came() {
+    use crate::codec::{NO_FD, OutOfLine, Piped, Unfetched, Written};
+    let lane = Lane::new(1500, usize::MAX);
+    let over = |got: Result<Vec<u8>, Unfetched>| match got {
+        Err(Unfetched::OverLimit { len, limit }) => (len, limit),
+        other => panic!("expected OverLimit, got {other:?}"),
+    };
+    // The peer's region, announced with this string, whose limits allow more.
+    let peer = Lane::new(MAX, usize::MAX);
+    peer.on_word(READS_LANES);
+    let (placed, fd) = place(&peer, &[7; 2000]);
+    assert!(fd.is_some(), "the message announces the region");
+    assert_eq!(over(lane.take(&placed, fd)), (2000, 1500));
+    // A pipe, announced with this string: its bytes and the tail inline count together.
+    let (read, _write) = nix::unistd::pipe().unwrap();
+    let piped = Piped {
+        seq: 2,
+        fd: NO_FD,
+        len: 1400,
+    };
+    assert_eq!(
+        over(lane.take_piped(&piped, Some(read), &[0; 101])),
+        (1501, 1500)
+    );
+    let written = Written {
+        seq: 3,
+        generation: 1,
+        len: 5000,
+    };
+    assert_eq!(over(lane.take_written(&written)), (5000, 1500));
+}

@@ -410,7 +410,7 @@ async fn handle_request(inner: Arc<Inner>, frame: Frame, envelope: Envelope) {
                     Err(panic) => Err(panic),
                 }
             };
-            Failure::of_outcome(outcome, call.replied(), oneway)
+            Failure::of_outcome(outcome, call.replied(), call.unreceived(), oneway)
         }
     };
     match failure {
