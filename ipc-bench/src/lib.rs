@@ -7,7 +7,7 @@ use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
-use nix::sched::{CpuSet, sched_setaffinity};
+use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
 use nix::sys::resource::{UsageWho, getrusage};
 use nix::unistd::Pid;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -29,6 +29,15 @@ pub fn pin(cpu: usize) -> std::io::Result<()> {
     set.set(cpu)?;
     sched_setaffinity(Pid::from_raw(0), &set)?;
     Ok(())
+}
+
+/// The CPUs the calling thread may run on (`taskset`, a cpuset cgroup), ascending. Read it
+/// before [`pin`] narrows it.
+pub fn allowed_cpus() -> std::io::Result<Vec<usize>> {
+    let set = sched_getaffinity(Pid::from_raw(0))?;
+    Ok((0..CpuSet::count())
+        .filter(|&cpu| set.is_set(cpu).unwrap_or(false))
+        .collect())
 }
 
 /// Every method the benchmarks call, written the way a typed-ipc user would.

@@ -83,19 +83,27 @@ static SYSTEMS: &[&dyn System] = &[
     },
 ];
 
-/// Both processes on one CPU (primary: no cross-CPU wake-ups), then on two.
-const PASSES: &[Pass] = &[
-    Pass {
-        label: "same CPU",
-        client_cpu: 0,
-        server_cpu: 0,
-    },
-    Pass {
-        label: "cross CPU",
-        client_cpu: 0,
-        server_cpu: 1,
-    },
-];
+/// The passes on the CPUs this process may run on (`allowed`, read before any pinning): both
+/// processes on the first allowed CPU (primary: no cross-CPU wake-ups), then the client on
+/// the first and the server on the second. With one CPU allowed there is no cross-CPU pass.
+fn passes(allowed: &[usize]) -> Vec<Pass> {
+    let mut cpus = allowed.to_vec();
+    cpus.sort_unstable();
+    cpus.dedup();
+    let pass = |label, client_cpu, server_cpu| Pass {
+        label,
+        client_cpu,
+        server_cpu,
+    };
+    match cpus[..] {
+        [] => Vec::new(),
+        [cpu] => vec![pass("same CPU", cpu, cpu)],
+        [first, second, ..] => vec![
+            pass("same CPU", first, first),
+            pass("cross CPU", first, second),
+        ],
+    }
+}
 
 /// Command-line options of a harness run.
 struct Args {
@@ -168,17 +176,19 @@ fn serve(argv: &[String]) -> io::Result<bool> {
 
 /// Harness side: every pass, every selected system, then the report.
 fn run(args: Args) -> io::Result<bool> {
-    let machine = Machine::probe(args.quick); // Before pinning narrows the CPU count.
+    // Before pinning narrows the CPUs this process may use.
+    let machine = Machine::probe(args.quick)?;
+    if let Some(note) = machine.no_cross_pass() {
+        eprintln!("ipc-bench: no cross-CPU pass: {note}");
+    }
     let plan = if args.quick { Plan::QUICK } else { Plan::FULL };
-    let passes: Vec<Pass> = PASSES
-        .iter()
-        .filter(|p| p.server_cpu < machine.cpus && p.client_cpu < machine.cpus)
+    let passes: Vec<Pass> = passes(&machine.allowed)
+        .into_iter()
         .filter(|p| {
             args.pass
                 .as_ref()
                 .is_none_or(|want| p.label.starts_with(want.as_str()))
         })
-        .copied()
         .collect();
     let selected = |s: &&&dyn System| {
         args.only
@@ -337,4 +347,38 @@ fn run_pass(
         }
     }
     ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// (label, client CPU, server CPU) of each pass.
+    fn cpus(allowed: &[usize]) -> Vec<(&'static str, usize, usize)> {
+        passes(allowed)
+            .iter()
+            .map(|p| (p.label, p.client_cpu, p.server_cpu))
+            .collect()
+    }
+
+    #[test]
+    fn passes_use_the_first_two_allowed_cpus() {
+        let both = [("same CPU", 0, 0), ("cross CPU", 0, 1)];
+        assert_eq!(cpus(&[0, 1]), both);
+        assert_eq!(cpus(&[0, 1, 2, 3]), both);
+        assert_eq!(
+            cpus(&[1, 0]),
+            both,
+            "in CPU order, whatever the set's order"
+        );
+        assert_eq!(cpus(&[2, 3, 5]), [("same CPU", 2, 2), ("cross CPU", 2, 3)]);
+        assert_eq!(cpus(&[1, 7]), [("same CPU", 1, 1), ("cross CPU", 1, 7)]);
+    }
+
+    #[test]
+    fn one_allowed_cpu_has_no_cross_pass() {
+        assert_eq!(cpus(&[1]), [("same CPU", 1, 1)]);
+        assert_eq!(cpus(&[3, 3]), [("same CPU", 3, 3)]);
+        assert_eq!(cpus(&[]), []);
+    }
 }

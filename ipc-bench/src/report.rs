@@ -51,8 +51,11 @@ pub struct Cpu {
 pub struct Machine {
     kernel: String,
     cpu_model: String,
-    /// Online CPUs, counted before the harness pins itself.
-    pub cpus: usize,
+    /// CPUs available to the harness, counted before it pins itself.
+    cpus: usize,
+    /// The CPUs the harness may run on (`sched_getaffinity`, before it pins itself),
+    /// ascending: the passes use the first two.
+    pub allowed: Vec<usize>,
     date: String,
     rustc: &'static str,
     quick: bool,
@@ -60,7 +63,7 @@ pub struct Machine {
 
 impl Machine {
     /// Reads the machine description; call before pinning.
-    pub fn probe(quick: bool) -> Machine {
+    pub fn probe(quick: bool) -> std::io::Result<Machine> {
         let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
         let cpu_model = read("/proc/cpuinfo")
             .lines()
@@ -70,15 +73,46 @@ impl Machine {
                     .map(|(_, m)| m.trim().to_owned())
             })
             .unwrap_or_else(|| "unknown".into());
-        Machine {
+        Ok(Machine {
             kernel: read("/proc/sys/kernel/osrelease").trim().to_owned(),
             cpu_model,
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            allowed: ipc_bench::allowed_cpus()?,
             date: utc_now(),
             rustc: env!("IPC_BENCH_RUSTC"),
             quick,
+        })
+    }
+
+    /// Why there is no cross-CPU pass, if the harness may run on one CPU only.
+    pub fn no_cross_pass(&self) -> Option<String> {
+        (self.allowed.len() < 2).then(|| {
+            format!(
+                "the harness may only run on CPU {} (`sched_getaffinity`)",
+                fmt_cpus(&self.allowed)
+            )
+        })
+    }
+}
+
+/// A CPU list as `taskset -c` takes it: "1", "0,1", "0-3,6".
+fn fmt_cpus(cpus: &[usize]) -> String {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for &cpu in cpus {
+        match runs.last_mut() {
+            Some((_, last)) if *last + 1 == cpu => *last = cpu,
+            _ => runs.push((cpu, cpu)),
         }
     }
+    let runs: Vec<String> = runs
+        .into_iter()
+        .map(|(first, last)| match last - first {
+            0 => first.to_string(),
+            1 => format!("{first},{last}"),
+            _ => format!("{first}-{last}"),
+        })
+        .collect();
+    runs.join(",")
 }
 
 /// The whole markdown report.
@@ -105,9 +139,17 @@ pub fn markdown(machine: &Machine, passes: &[Pass], rows: &[Row], elapsed: Durat
     let _ = writeln!(md, "| | |\n| --- | --- |");
     let _ = writeln!(md, "| kernel (`uname -r`) | {} |", machine.kernel);
     let _ = writeln!(md, "| CPU | {} |", machine.cpu_model);
-    let _ = writeln!(md, "| CPUs (`nproc`) | {} |", machine.cpus);
+    let _ = writeln!(
+        md,
+        "| CPUs (`nproc`) | {} (allowed: {}) |",
+        machine.cpus,
+        fmt_cpus(&machine.allowed)
+    );
     let _ = writeln!(md, "| date | {} |", machine.date);
     let _ = writeln!(md, "| rustc | {} |\n", machine.rustc);
+    if let Some(note) = machine.no_cross_pass() {
+        let _ = writeln!(md, "**No cross-CPU pass:** {note}.\n");
+    }
     let _ = writeln!(
         md,
         "**Method.** The server is a child process (this binary re-executed), each process \
@@ -570,4 +612,18 @@ fn utc_now() -> String {
         rem / 3600,
         rem % 3600 / 60
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists_read_as_taskset_writes_them() {
+        assert_eq!(fmt_cpus(&[1]), "1");
+        assert_eq!(fmt_cpus(&[0, 1]), "0,1");
+        assert_eq!(fmt_cpus(&[0, 1, 2, 3, 6]), "0-3,6");
+        assert_eq!(fmt_cpus(&[0, 2, 3, 4, 7, 8]), "0,2-4,7,8");
+        assert_eq!(fmt_cpus(&[]), "");
+    }
 }
