@@ -55,6 +55,9 @@ static SYSTEMS: &[&dyn System] = &[
         mode: Mode::ReplyPerCall,
     },
     &IpcChannel { mode: Mode::Bytes },
+    &IpcChannel {
+        mode: Mode::SharedMemory,
+    },
     &TypedIpc {
         flavor: Flavor::Plain,
     },

@@ -170,7 +170,9 @@ pub fn markdown(machine: &Machine, passes: &[Pass], rows: &[Row], elapsed: Durat
          `typed-ipc/oneway` is the time per message sent back to back (the sender waits only \
          when the socket buffer is full); `typed-ipc/spin` runs in the cross-CPU pass only. \
          The zero-copy rows (`typed-ipc/shared`, `typed-ipc/shared-region`) have the client \
-         fill N bytes in place and the server read every one of them in place. Each row is \
+         fill N bytes in place and the server read every one of them in place; \
+         `ipc-channel/shared-memory` copies them into a fresh `IpcSharedMemory` per message, \
+         which the server reads in place the same way. Each row is \
          described in `ipc-bench/README.md`. *CPU/call* is user + system time of the client \
          thread and of the whole server process, divided by the calls made (typed-ipc rows \
          only). Absolute times move with the host's load from day to day; compare ratios \

@@ -1,4 +1,5 @@
-//! ipc-channel 0.23: typed channels (postcard-encoded), and its raw bytes channels.
+//! ipc-channel 0.23: typed channels (postcard-encoded), its raw bytes channels, and its
+//! shared memory (`IpcSharedMemory`) sent inside a typed message.
 //!
 //! Bootstrap: the harness makes an `IpcOneShotServer` and passes its name to the
 //! child; the child creates the request and reply channels and sends the parent the
@@ -6,9 +7,11 @@
 
 use std::io;
 
+use ipc_bench::{checksum, checksum_of_fill};
 use ipc_channel::IpcError;
 use ipc_channel::ipc::{
     self, IpcBytesReceiver, IpcBytesSender, IpcOneShotServer, IpcReceiver, IpcSender,
+    IpcSharedMemory,
 };
 use serde::{Deserialize, Serialize};
 
@@ -24,6 +27,10 @@ pub enum Mode {
     ReplyPerCall,
     /// `IpcBytesSender` both ways; the first byte of a request says echo or sink.
     Bytes,
+    /// Bulk only: a fresh `IpcSharedMemory` per message (`from_bytes`, a memfd on Linux) sent
+    /// inside a typed message; the server reads every byte in place and replies with their
+    /// checksum (see [`SharedMemoryClient`] for what is timed).
+    SharedMemory,
 }
 
 /// An ipc-channel row.
@@ -60,6 +67,13 @@ impl From<Kind> for Op {
 /// its reply receiver.
 type TypedBoot = (IpcSender<Request>, IpcReceiver<Vec<u8>>);
 type BytesBoot = (IpcBytesSender, IpcBytesReceiver);
+type SharedBoot = (IpcSender<SharedRequest>, IpcReceiver<u64>);
+
+/// A bulk request of the shared-memory row: the bytes, in shared memory of their own.
+#[derive(Serialize, Deserialize)]
+struct SharedRequest {
+    data: IpcSharedMemory,
+}
 
 impl System for IpcChannel {
     fn name(&self) -> &'static str {
@@ -67,11 +81,16 @@ impl System for IpcChannel {
             Mode::Typed => "ipc-channel",
             Mode::ReplyPerCall => "ipc-channel/reply-per-call",
             Mode::Bytes => "ipc-channel/bytes",
+            Mode::SharedMemory => "ipc-channel/shared-memory",
         }
     }
 
     fn kinds(&self) -> &'static [Kind] {
-        &[Kind::Small, Kind::Bulk]
+        match self.mode {
+            // A memfd created, mapped and sent per message is no way to echo 64 bytes.
+            Mode::SharedMemory => &[Kind::Bulk],
+            Mode::Typed | Mode::ReplyPerCall | Mode::Bytes => &[Kind::Small, Kind::Bulk],
+        }
     }
 
     fn start(&self, launcher: &mut Launcher) -> io::Result<Box<dyn Client>> {
@@ -89,6 +108,16 @@ impl System for IpcChannel {
                 payload,
             }));
         }
+        if self.mode == Mode::SharedMemory {
+            let (server, name) = IpcOneShotServer::<SharedBoot>::new()?;
+            launcher.spawn(&name)?;
+            let (_, (requests, replies)) = server.accept().map_err(io::Error::other)?;
+            return Ok(Box::new(SharedMemoryClient {
+                requests,
+                replies,
+                payload: vec![FILL; MAX_PAYLOAD],
+            }));
+        }
         let (server, name) = IpcOneShotServer::<TypedBoot>::new()?;
         launcher.spawn(&name)?;
         let (_, (requests, replies)) = server.accept().map_err(io::Error::other)?;
@@ -101,8 +130,10 @@ impl System for IpcChannel {
     }
 
     fn serve(&self, name: &str) -> io::Result<()> {
-        if self.mode == Mode::Bytes {
-            return serve_bytes(name);
+        match self.mode {
+            Mode::Bytes => return serve_bytes(name),
+            Mode::SharedMemory => return serve_shared_memory(name),
+            Mode::Typed | Mode::ReplyPerCall => {}
         }
         let (requests, inbox) = ipc::channel::<Request>()?;
         let (replies, outbox) = ipc::channel::<Vec<u8>>()?;
@@ -217,6 +248,65 @@ fn serve_bytes(name: &str) -> io::Result<()> {
             Some(1) => replies.send(&((request.len() - 1) as u64).to_le_bytes())?,
             _ => return Err(io::Error::other("bad bytes request")),
         }
+    }
+    Ok(())
+}
+
+/// The byte the shared-memory row's payload is made of (the other rows send 0xa5 too).
+const FILL: u8 = 0xa5;
+
+/// `ipc-channel/shared-memory`, as an `IpcSharedMemory` user sends bytes it has: each call
+/// copies them into a fresh `IpcSharedMemory` and sends it inside a [`SharedRequest`]; the
+/// server reads every byte in place (through `Deref`) and replies with their checksum.
+///
+/// Timed, as for `typed-ipc/shared` (a fresh sealed memfd per message, read in place): on the
+/// client `memfd_create`, `ftruncate`, `mmap`, the copy from `payload` into the fresh pages
+/// (faulting them in), the send (ipc-channel's `Serialize` clones the mapping to send it:
+/// a `dup` and a second `mmap`, undone after the send), then `munmap` and `close`; on the
+/// server `recvmsg`, `fstat`, `mmap`, the checksum (loads of every byte, faulting in the
+/// mapping's pages), `munmap` and `close` before the reply (as typed-ipc's server drops the
+/// buffer before replying); and the reply, a postcard `u64`. Not timed: producing the bytes,
+/// which sit in a buffer the client keeps (as the `Blob` of typed-ipc's bulk rows does).
+/// Unlike `typed-ipc/shared`, which fills its buffer in place, this copies from a source,
+/// since that is what `from_bytes` does; and nothing seals the memory, so the server reads
+/// pages the client could still change.
+struct SharedMemoryClient {
+    requests: IpcSender<SharedRequest>,
+    replies: IpcReceiver<u64>,
+    payload: Vec<u8>,
+}
+
+impl Client for SharedMemoryClient {
+    fn call(&mut self, kind: Kind, len: usize) -> io::Result<()> {
+        if kind != Kind::Bulk {
+            return Err(io::Error::other(format!(
+                "ipc-channel/shared-memory does not run {kind:?}"
+            )));
+        }
+        let data = IpcSharedMemory::from_bytes(&self.payload[..len]);
+        self.requests
+            .send(SharedRequest { data })
+            .map_err(io::Error::other)?;
+        let sum = self.replies.recv().map_err(io::Error::other)?;
+        match checksum_of_fill(FILL, len) {
+            want if want == sum => Ok(()),
+            want => Err(io::Error::other(format!(
+                "ipc-channel/shared-memory: checksum {sum:#x} read in place, expected {want:#x}"
+            ))),
+        }
+    }
+}
+
+fn serve_shared_memory(name: &str) -> io::Result<()> {
+    let (requests, inbox) = ipc::channel::<SharedRequest>()?;
+    let (replies, outbox) = ipc::channel::<u64>()?;
+    IpcSender::<SharedBoot>::connect(name.to_owned())?
+        .send((requests, outbox))
+        .map_err(io::Error::other)?;
+    while let Some(request) = next(inbox.recv())? {
+        let sum = checksum(&request.data);
+        drop(request); // Unmapped and closed before the reply, as typed-ipc's server does.
+        replies.send(sum).map_err(io::Error::other)?;
     }
     Ok(())
 }

@@ -16,7 +16,7 @@ const LEGEND_ROW: f64 = 22.0;
 const LEGEND_COLS: usize = 3;
 /// 0 B cannot sit on a log axis; it is drawn where 8 B would be, labelled "0 B".
 const ZERO_AT: f64 = 8.0;
-/// One per system of a full run (20), so that no two lines of the plot share a colour.
+/// One per system of a full run (21), so that no two lines of the plot share a colour.
 const COLORS: &[&str] = &[
     "#222222", "#7f7f7f", "#bcbd22", "#d62728", "#1f77b4", "#9467bd", "#2ca02c", "#ff7f0e",
     "#17becf", "#8c564b", "#e377c2", "#000080", "#808000", "#008080", "#800000", "#ff00ff",
