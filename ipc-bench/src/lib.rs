@@ -40,6 +40,23 @@ pub fn allowed_cpus() -> std::io::Result<Vec<usize>> {
         .collect())
 }
 
+/// The `n`th (from 0) of the CPUs this process could run on when it first asked, which is
+/// before it first pinned itself through here: the single-purpose binaries (`hot-path`,
+/// `instructions`, `copies`) pin to `nth_allowed_cpu(0)`, and a cross-CPU server to the next.
+pub fn nth_allowed_cpu(n: usize) -> std::io::Result<usize> {
+    static ALLOWED: std::sync::OnceLock<Vec<usize>> = std::sync::OnceLock::new();
+    let allowed = match ALLOWED.get() {
+        Some(allowed) => allowed,
+        None => ALLOWED.get_or_init(|| allowed_cpus().unwrap_or_default()),
+    };
+    allowed.get(n).copied().ok_or_else(|| {
+        std::io::Error::other(format!(
+            "this process may run on {} CPUs, and CPU number {n} (from 0) of them was asked for",
+            allowed.len()
+        ))
+    })
+}
+
 /// Every method the benchmarks call, written the way a typed-ipc user would.
 #[interface]
 pub trait Bench {

@@ -5,7 +5,8 @@
 //! cargo run -p ipc-bench --release --bin copies
 //! ```
 //!
-//! One process, pinned to CPU 0. The source is a `SharedRegion`'s first byte (page-aligned, as
+//! One process, pinned to the first CPU it may run on (CPU 0 unless `taskset` says
+//! otherwise). The source is a `SharedRegion`'s first byte (page-aligned, as
 //! the connection's out-of-line strings are); the destination lies 0 to 2,056 bytes past a
 //! page, so that many bytes ahead of the source counted modulo 4 KiB (16 is where glibc's
 //! `malloc` puts large blocks), plus a fresh `Vec` as a receiver gets one
@@ -28,7 +29,8 @@ const SIZES: [usize; 4] = [4 << 10, 64 << 10, 1 << 20, 16 << 20];
 const OFFSETS: [usize; 7] = [0, 4, 8, 16, 32, 72, 2056];
 
 fn main() {
-    ipc_bench::pin(0).expect("pin to CPU 0");
+    let cpu = ipc_bench::nth_allowed_cpu(0).expect("a CPU to run on");
+    ipc_bench::pin(cpu).expect("pin to the first CPU this process may run on");
 
     println!("| size | destination | `memcpy` | `RegionView` | ratio | one `rep movsb` | ratio |");
     println!("| ---: | --- | ---: | ---: | ---: | ---: | ---: |");

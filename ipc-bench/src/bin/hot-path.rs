@@ -5,7 +5,8 @@
 //! cargo run -p ipc-bench --release --bin hot-path -- --spin
 //! ```
 //!
-//! Starts a worker (this binary again, through `typed_ipc::worker`), both pinned to CPU 0,
+//! Starts a worker (this binary again, through `typed_ipc::worker`), both pinned to the
+//! first CPU this process may run on (CPU 0 unless `taskset` says otherwise),
 //! and makes N calls (default 10,000) of each kind after a warm-up. Every process counts its
 //! heap allocations with a counting global allocator; the server reports its count through the
 //! interface. With `--strace` the whole run goes under `strace -ff -ttt` and the syscalls each
@@ -25,8 +26,9 @@
 //! After those, the async flavour's 64 B `echo`: a second worker serves `AsyncBench` on a
 //! current-thread tokio runtime, and the client drives each call with `block_on`.
 //!
-//! `--spin` measures instead what `Socket::set_spin` buys and costs across CPUs (client on
-//! CPU 0, server on CPU 1, spin set on both sides): latency and CPU time per 64 B call, for
+//! `--spin` measures instead what `Socket::set_spin` buys and costs across CPUs (client on the
+//! first CPU this process may run on, server on the second, spin set on both sides): latency
+//! and CPU time per 64 B call, for
 //! calls back to back and for calls 1 ms apart.
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -112,12 +114,17 @@ fn main() -> ExitCode {
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
+/// Pins this process to the first CPU it may run on.
 fn pin() -> Res<()> {
-    Ok(ipc_bench::pin(0)?)
+    Ok(ipc_bench::pin(ipc_bench::nth_allowed_cpu(0)?)?)
 }
 
 fn child() -> Res<()> {
-    ipc_bench::pin(env_num("HOT_PATH_CPU").unwrap_or(0) as usize)?;
+    let cpu = match env_num("HOT_PATH_CPU") {
+        Some(cpu) => cpu as usize,
+        None => ipc_bench::nth_allowed_cpu(0)?,
+    };
+    ipc_bench::pin(cpu)?;
     if std::env::var_os("HOT_PATH_ASYNC").is_some() {
         return ipc_bench::current_thread_runtime()?.block_on(async {
             let connection = typed_ipc::tokio::worker::connection()?;
@@ -418,9 +425,10 @@ const SPINS: &[u64] = &[0, 5, 20, 50, 200];
 
 /// `--spin`: latency and CPU per 64 B call across CPUs, for each spin bound.
 fn spin_cost() -> Res<()> {
-    if std::thread::available_parallelism()?.get() < 2 {
+    // The worker's CPU: the second this process may run on (read before `pin` narrows it).
+    let Ok(server_cpu) = ipc_bench::nth_allowed_cpu(1) else {
         return Err("--spin needs two CPUs".into());
-    }
+    };
     println!("| spin | calls | median | p99 | client CPU/call | server CPU/call |");
     println!("| ---: | --- | ---: | ---: | ---: | ---: |");
     for &us in SPINS {
@@ -428,7 +436,7 @@ fn spin_cost() -> Res<()> {
         let mut command = Command::new(std::env::current_exe()?);
         command
             .arg("--child")
-            .env("HOT_PATH_CPU", "1")
+            .env("HOT_PATH_CPU", server_cpu.to_string())
             .env("HOT_PATH_SPIN_US", us.to_string());
         let (mut worker, connection) = Worker::spawn(command)?;
         connection.socket().set_spin(Duration::from_micros(us));

@@ -12,7 +12,7 @@
 //! 4,000, `echo(Vec<u8>)` calls of `--len` bytes (default 64), each with a fresh `Vec` as the
 //! benchmark's client does. Per call and per side it prints the difference of the two runs'
 //! totals divided by 2,000, so start-up and shutdown cancel out. Both processes are pinned to
-//! CPU 0. Instruction counts are exact and repeatable, unlike times on these VMs; they are
+//! the first CPU this process may run on. Instruction counts are exact and repeatable, unlike times on these VMs; they are
 //! how `docs/hot-path.md` tracks the hot path. They measure the fixed cost of a call: callgrind
 //! counts a `rep movsb` once per byte, so copies through the lane (1 KiB and up) look far
 //! dearer than they run.
@@ -53,8 +53,9 @@ fn main() -> ExitCode {
     }
 }
 
+/// Pins this process to the first CPU it may run on.
 fn pin() -> Res<()> {
-    Ok(ipc_bench::pin(0)?)
+    Ok(ipc_bench::pin(ipc_bench::nth_allowed_cpu(0)?)?)
 }
 
 #[cfg(not(feature = "echo-async"))]
