@@ -28,8 +28,7 @@
 //!
 //! `--spin` measures instead what `Socket::set_spin` buys and costs across CPUs (client on the
 //! first CPU this process may run on, server on the second, spin set on both sides): latency
-//! and CPU time per 64 B call, for
-//! calls back to back and for calls 1 ms apart.
+//! and CPU time per 64 B call, for calls back to back and for calls 1 ms apart.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
