@@ -183,7 +183,7 @@ pub struct Call<'a> {
     pub(crate) replier: Option<crate::connection::Replier<'a>>,
     pub(crate) replied: bool,
     /// The arguments were refused as over this side's limits (a byte string sent out of
-    /// the socket): the caller hears so as [`Error::TooLarge`](crate::Error::TooLarge).
+    /// the socket): the caller hears so as [`Error::TooLarge`].
     pub(crate) unreceived: bool,
 }
 

@@ -23,7 +23,8 @@ pub struct AsyncCall {
     /// The connection: where the reply goes, and whose lane the arguments may be in.
     inner: Arc<Inner>,
     replied: bool,
-    /// The arguments were refused as over this side's limits (as [`Call`](crate::Call)'s).
+    /// The arguments were refused as over this side's limits (as for
+    /// [`Call`](crate::service::Call)).
     unreceived: bool,
 }
 
