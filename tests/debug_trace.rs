@@ -276,6 +276,7 @@ fn child_traced_async() {
         assert_eq!(client.echo(vec![7u8; 100]).await.unwrap().len(), 100);
         client.note(9).await.unwrap();
         assert_eq!(client.reverse("ab".into()).await.unwrap(), "ba");
+        client.connection().close();
         drop(client);
         lab.wait().unwrap();
         eprintln!("fds sent: fd({}), fd({})", raw[0], raw[1]);
@@ -318,6 +319,7 @@ fn child_traced() {
     TAG_CALLS.with(|c| *c.borrow_mut() = Some(client.clone()));
     assert_eq!(client.tag(Tag(5)).unwrap(), 5);
     TAG_CALLS.with(|c| *c.borrow_mut() = None);
+    client.connection().close();
     drop(client);
     lab.wait().unwrap();
     eprintln!("fds sent: fd({}), fd({})", raw[0], raw[1]);
@@ -392,12 +394,16 @@ fn check_trace(scenario: &str) {
         r#"-> Call #4 Lab::echo(b"{}"… (100 bytes))"#,
         r"\x07".repeat(32)
     ));
-    has("-> Oneway #0 Lab::note(9)");
+    // A oneway has no cookie to pair it with anything.
+    has("-> Oneway Lab::note(9)");
     // What each end received, with its size and fds.
     has("<- Call #1 Lab::reverse (13 bytes, 0 fds)");
     has("<- Call #3 Lab::count (16 bytes, 2 fds)");
     has("<- Reply #1 (13 bytes, 0 fds)");
-    has("<- Oneway #0 Lab::note (8 bytes, 0 fds)");
+    has("<- Oneway Lab::note (8 bytes, 0 fds)");
+    // The connection ends: the client closed it, and the worker sees it hang up.
+    has("-- Ended: closed by this side");
+    has("-- Ended: peer disconnected");
 }
 
 /// A name: letters and digits only, checked as it is decoded.

@@ -419,6 +419,11 @@ impl Shared {
                 // A protocol error leaves the stream unusable; make sure the peer sees it.
                 let _ = self.socket.shutdown();
             }
+            if self.trace {
+                // Under the lock, unlike a message's line (`trace_unlocked`): once a
+                // connection, and only when tracing.
+                super::trace::ended(&why, state.closed_here);
+            }
             state.closed = Some(why);
             self.ended.store(true, Ordering::Release);
         }

@@ -87,11 +87,43 @@ fn outgoing_line(envelope: &Envelope, iface: &InterfaceInfo, args: &str) {
         ("(", ")")
     };
     line(&format!(
-        "typed-ipc[{}] -> {:?} #{} {}::{method}{open}{args}{close}",
+        "typed-ipc[{}] -> {:?}{} {}::{method}{open}{args}{close}",
         std::process::id(),
         envelope.kind,
-        envelope.cookie,
+        cookie(envelope),
         iface.name
+    ));
+}
+
+/// ` #3` for a call or a reply, which the cookie pairs; nothing for a oneway or an
+/// announcement, whose cookie is always 0 and says nothing.
+fn cookie(envelope: &Envelope) -> String {
+    match envelope.kind {
+        envelope::Kind::Oneway | envelope::Kind::Announce => String::new(),
+        _ => format!(" #{}", envelope.cookie),
+    }
+}
+
+/// `1 byte`, `2 bytes`.
+fn counted(n: usize, what: &str) -> String {
+    match n {
+        1 => format!("1 {what}"),
+        n => format!("{n} {what}s"),
+    }
+}
+
+/// The connection ended: `why`, as every caller still waiting gets it, or that this side
+/// closed it (`here`, which callers see as the peer gone).
+#[cold]
+#[inline(never)]
+pub(crate) fn ended(why: &crate::error::Error, here: bool) {
+    let why = match why {
+        crate::error::Error::Disconnected if here => "closed by this side".to_string(),
+        why => why.to_string(),
+    };
+    line(&format!(
+        "typed-ipc[{}] -- Ended: {why}",
+        std::process::id()
     ));
 }
 
@@ -149,11 +181,24 @@ pub(crate) fn incoming<'i>(
             )
         });
     line(&format!(
-        "typed-ipc[{}] <- {:?} #{}{name} ({} bytes, {} fds)",
+        "typed-ipc[{}] <- {:?}{}{name} ({}, {})",
         std::process::id(),
         envelope.kind,
-        envelope.cookie,
-        frame.payload.len() - envelope::LEN.min(frame.payload.len()),
-        frame.fds.len()
+        cookie(envelope),
+        counted(
+            frame.payload.len() - envelope::LEN.min(frame.payload.len()),
+            "byte"
+        ),
+        counted(frame.fds.len(), "fd")
     ));
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counts_read_as_words() {
+        assert_eq!(super::counted(0, "fd"), "0 fds");
+        assert_eq!(super::counted(1, "byte"), "1 byte");
+        assert_eq!(super::counted(4096, "byte"), "4096 bytes");
+    }
 }

@@ -272,8 +272,13 @@ impl Inner {
         state.held.clear();
         // Let go after the lock, as a runner's drop may take it.
         let idle = std::mem::take(&mut state.idle_runners);
+        // Said once the lock is let go (a write to stderr may wait).
+        let traced = self.trace.then(|| why.duplicate());
         state.closed = Some(why);
         drop(state);
+        if let Some(why) = traced {
+            trace::ended(&why, self.closed_here.load(Ordering::SeqCst));
+        }
         for runner in idle {
             runner.stop();
         }
