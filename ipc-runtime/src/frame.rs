@@ -28,6 +28,9 @@ impl Frame {
 ///
 /// A sender holds itself to its own limits too: a message over them is refused before any
 /// of it goes out, with the same errors, since a peer with the same limits would refuse it.
+/// On a connection, a request this side refuses fails its caller with the same errors,
+/// `by_peer` (the method does not run); a byte string that came through shared memory or a
+/// pipe counts against `max_message_len` on its own, as it would inline.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
     /// Largest payload accepted, in bytes. Default 1 GiB; at most `u32::MAX`.
