@@ -64,7 +64,9 @@ pub enum Error {
     Malformed(String),
     /// The peer speaks another version of the wire format. The end that receives a message
     /// of another version tells the peer its own before it hangs up, so both ends report
-    /// this, the caller of a method too, rather than a bare [`Error::Disconnected`].
+    /// this, the caller of a method too, rather than a bare [`Error::Disconnected`]: also a
+    /// caller whose send finds the peer already gone (a thread that only sends oneways, say),
+    /// which reads what the peer said last to tell why.
     VersionMismatch {
         /// The version this side speaks.
         ours: u8,

@@ -488,7 +488,9 @@ impl Connection {
                     shared.state.lock().pending.remove(&cookie);
                 })
         });
-        let placed = placed?.expect("the call's send sends the whole message or fails");
+        let placed = placed
+            .map_err(|e| shared.why_unsent(e))?
+            .expect("the call's send sends the whole message or fails");
         let finish = |frame: &mut Frame| {
             shared.lane.after_reply(placed, frame);
             let result = decode_reply(frame, iface, cmd, &shared.lane);
@@ -547,7 +549,10 @@ impl Connection {
         trace::outgoing(&envelope, iface, traced.as_deref());
         // A byte string the message placed in the lane goes back to it if the send fails
         // (`encode_and`).
-        self.shared.send(&envelope, args, deadline).map(drop)
+        match self.shared.send(&envelope, args, deadline) {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.shared.why_unsent(e)),
+        }
     }
 }
 

@@ -186,6 +186,44 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// Why a send failed, from its error `e`: for a peer gone (`Disconnected`: `EPIPE`), what
+    /// the peer said before it went, if this end has not read it yet, so that the caller
+    /// hears that the peer speaks another wire version, say, and not only that it hung up
+    /// (a peer of another version says its own and hangs up on the first message it reads;
+    /// a thread that only sends oneways would otherwise never learn why). This thread reads
+    /// what has come if nobody else does, without waiting for more; if another thread
+    /// reads and the peer has hung up for good (`POLLHUP`), that reader is about to read the
+    /// rest and the end, and this thread waits until it has.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn why_unsent(&self, e: Error) -> Error {
+        if !matches!(e, Error::Disconnected) {
+            return e;
+        }
+        loop {
+            let mut state = self.state.lock();
+            if let Some(closed) = &state.closed {
+                return closed.duplicate();
+            }
+            let readable = self.socket.ready_now(PollFlags::POLLIN);
+            if !state.reading {
+                if !readable.contains(PollFlags::POLLIN) {
+                    // Nothing to read: the peer shut only its reading side, say.
+                    return e;
+                }
+                state.reading = true;
+                drop(state);
+                self.read_while_sending(); // one message, or the end
+            } else if readable.contains(PollFlags::POLLHUP) {
+                drop(self.sleep(state, None));
+            } else {
+                return e;
+            }
+        }
+    }
+}
+
 /// Whether a socket polled as ready for `ready` may have room to send (or will fail at once).
 fn has_room(ready: PollFlags) -> bool {
     ready.intersects(PollFlags::POLLOUT | PollFlags::POLLHUP | PollFlags::POLLERR)

@@ -1604,3 +1604,52 @@ fn a_send_waiting_at_the_bounds_of_the_queue_times_out() {
     b.close();
     runner.join().unwrap().unwrap();
 }
+
+/// A send that finds the peer gone while another thread holds the reader role: the peer
+/// said something first (here that it speaks another wire version, as a peer of another
+/// release says on the first message it reads, and hangs up), which that reader is about to
+/// read. The sender waits until it has, and reports what the peer said rather than a bare
+/// `Disconnected` (which it did, and a thread that only sends oneways never learnt more).
+#[test]
+fn a_send_to_a_peer_gone_waits_for_the_reader_to_read_why() {
+    use crate::wire::{Header, Kind as Part, VERSION};
+    use nix::sys::socket::{MsgFlags, send};
+    use std::os::fd::AsRawFd;
+
+    let (ours, theirs) = crate::Socket::pair().unwrap();
+    let a = Connection::new(ours);
+    let held = a.socket().hold_recv();
+    let runner = {
+        let a = a.clone();
+        std::thread::spawn(move || a.run())
+    };
+    wait_until("the serving thread takes the reader role", || {
+        a.shared.state.lock().reading
+    });
+    let mut header = Header {
+        kind: Part::First,
+        fds: 0,
+        total_len: 0,
+        total_fds: 0,
+    }
+    .encode();
+    header[2] = VERSION.wrapping_add(1);
+    send(theirs.as_fd().as_raw_fd(), &header, MsgFlags::empty()).unwrap();
+    drop(theirs);
+    let sender = {
+        let a = a.clone();
+        std::thread::spawn(move || a.oneway(&IFACE, 1, &"x", None))
+    };
+    wait_until("the sender waits for the reader", || {
+        a.shared.state.lock().waiters == 1
+    });
+    drop(held);
+    match sender.join().unwrap() {
+        Err(Error::VersionMismatch { theirs, .. }) => assert_eq!(theirs, VERSION.wrapping_add(1)),
+        other => panic!("expected VersionMismatch, got {other:?}"),
+    }
+    assert!(matches!(
+        runner.join().unwrap(),
+        Err(Error::VersionMismatch { .. })
+    ));
+}

@@ -207,6 +207,18 @@ impl Socket {
         self.ready(events, deadline).map(drop)
     }
 
+    /// The events of `events` the socket has now, without waiting (none if the poll fails),
+    /// with `POLLHUP` and `POLLERR`, which poll always reports.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn ready_now(&self, events: PollFlags) -> PollFlags {
+        let mut fds = [PollFd::new(self.fd.as_fd(), events)];
+        match poll(&mut fds, PollTimeout::ZERO) {
+            Ok(_) => fds[0].revents().unwrap_or(PollFlags::empty()),
+            Err(_) => PollFlags::empty(),
+        }
+    }
+
     /// Waits until the socket is ready for some of `events` or the deadline passes, and says
     /// what it is ready for (a hang-up or an error among it, whatever was asked).
     pub(crate) fn ready(&self, events: PollFlags, deadline: Option<Instant>) -> Result<PollFlags> {

@@ -46,7 +46,11 @@ impl AsyncConnection {
             signature: iface.signature,
         };
         let traced = trace::described(inner.trace, &args);
-        let placed = inner.send(envelope, args).await?;
+        let placed = match inner.send(envelope, args).await {
+            Ok(placed) => placed,
+            // Boxed, as the path is rare (see `serving::handle_request`).
+            Err(e) => return Err(Box::pin(inner.why_unsent(e)).await),
+        };
         trace::outgoing(&envelope, iface, traced.as_deref());
         let received = poll_fn(|cx| inner.lock().pending.poll_take(cookie, cx)).await;
         std::mem::forget(waiting); // the slot is gone with the reply

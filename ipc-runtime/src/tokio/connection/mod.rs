@@ -112,6 +112,9 @@ pub(super) struct Inner {
     /// This end closed the connection ([`AsyncConnection::close`]): the requests not started
     /// by then never run, and those read after it are dropped.
     closed_here: AtomicBool,
+    /// Signalled once `State::closed` is set, for a sender that found the peer gone and
+    /// waits to learn why (`Inner::why_unsent`).
+    ended: Notify,
 }
 
 #[derive(Default)]
@@ -207,6 +210,7 @@ impl AsyncConnection {
             room: Notify::new(),
             hung_up: AtomicBool::new(false),
             closed_here: AtomicBool::new(false),
+            ended: Notify::new(),
             next_cookie: AtomicU64::new(1),
             services: RwLock::new(Vec::new()),
             authorizer: RwLock::new(None),
@@ -459,7 +463,12 @@ impl AsyncConnection {
             signature: iface.signature,
         };
         let traced = trace::described(self.inner.trace, &args);
-        let send = self.inner.send(envelope, args);
+        let send = async {
+            match self.inner.send(envelope, args).await {
+                Err(e) => Err(Box::pin(self.inner.why_unsent(e)).await),
+                sent => sent,
+            }
+        };
         match timeout {
             None => send.await?,
             Some(timeout) => ::tokio::time::timeout(timeout, send)

@@ -279,6 +279,7 @@ impl Inner {
         if let Some(why) = traced {
             trace::ended(&why, self.closed_here.load(Ordering::SeqCst));
         }
+        self.ended.notify_waiters();
         for runner in idle {
             runner.stop();
         }

@@ -5,14 +5,17 @@
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::pin::pin;
 use std::sync::Arc;
+
+use nix::poll::PollFlags;
 
 use ::tokio::sync::OwnedMutexGuard;
 use serde::Serialize;
 
 use super::{Inner, TaskGuard};
 use crate::connection::buffers::with_buffers;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::socket::{SendCursor, Socket};
 use crate::tokio::envelope::{self, Envelope};
 
@@ -82,6 +85,35 @@ impl Inner {
         let result = drive(self, &mut out.cursor, &out.framed, out.fds).await;
         out.finished = true;
         result
+    }
+}
+
+impl Inner {
+    /// Why a send failed, from its error `e`: for a peer gone (`Disconnected`: `EPIPE`),
+    /// what the peer said before it went, as the blocking flavour's `Shared::why_unsent`
+    /// finds it. The reader task reads everything: if the peer has hung up for good
+    /// (`POLLHUP`), it is about to read the rest and the end, and this waits until it has.
+    #[cold]
+    #[inline(never)]
+    pub(super) async fn why_unsent(&self, e: Error) -> Error {
+        if !matches!(e, Error::Disconnected) {
+            return e;
+        }
+        loop {
+            let mut ended = pin!(self.ended.notified());
+            ended.as_mut().enable();
+            if let Some(closed) = &self.lock().closed {
+                return closed.duplicate();
+            }
+            if !self
+                .socket()
+                .ready_now(PollFlags::POLLIN)
+                .contains(PollFlags::POLLHUP)
+            {
+                return e; // the peer shut only its reading side, say
+            }
+            ended.await;
+        }
     }
 }
 
