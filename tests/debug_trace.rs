@@ -404,6 +404,105 @@ fn check_trace(scenario: &str) {
     // The connection ends: the client closed it, and the worker sees it hang up.
     has("-- Ended: closed by this side");
     has("-- Ended: peer disconnected");
+    assert_ended_once_each(&stderr);
+}
+
+/// Fails unless every process in `stderr` said its connection's end exactly once (each has
+/// one connection here).
+fn assert_ended_once_each(stderr: &str) {
+    let mut ends = std::collections::BTreeMap::<&str, usize>::new();
+    for l in stderr.lines() {
+        if let Some((pid, rest)) = l
+            .strip_prefix("typed-ipc[")
+            .and_then(|l| l.split_once("] "))
+        {
+            let count = ends.entry(pid).or_default();
+            *count += usize::from(rest.starts_with("-- Ended: "));
+        }
+    }
+    assert!(
+        !ends.is_empty() && ends.values().all(|&n| n == 1),
+        "ends said per process {ends:?} in:\n{stderr}"
+    );
+}
+
+/// A thread that holds stderr's lock (as `writeln!(io::stderr().lock(), "{:?}", call())`
+/// does while the call runs) and waits for a call on a connection that another thread
+/// closes: the connection says its end once the lock is let go, and the call returns.
+/// Said while the connection's state was locked, or before the call was woken, that line
+/// waited for stderr, whose holder waited for the connection: both hung.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_closed_while_its_caller_holds_stderr() {
+    use std::os::fd::AsFd;
+    let (a, b) = typed_ipc::Socket::pair().unwrap();
+    let conn = typed_ipc::Connection::new(a);
+    let client = LabClient::new(conn.clone());
+    let stderr = std::io::stderr().lock();
+    let closer = std::thread::spawn(move || {
+        // The call is out: its caller waits for a reply that never comes.
+        let mut request = [0u8; 256];
+        let raw = b.as_fd().as_raw_fd();
+        nix::sys::socket::recv(raw, &mut request, nix::sys::socket::MsgFlags::empty()).unwrap();
+        conn.close();
+        drop(b);
+    });
+    let got = client.reverse("hi".into());
+    drop(stderr);
+    assert!(
+        matches!(got, Err(typed_ipc::Error::Disconnected)),
+        "{got:?}"
+    );
+    closer.join().unwrap();
+}
+
+/// [`child_closed_while_its_caller_holds_stderr`], async: the caller holds stderr's lock
+/// around `block_on`, and the connection's tasks run on the runtime's workers.
+#[cfg(feature = "tokio")]
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_closed_while_its_async_caller_holds_stderr() {
+    use std::os::fd::AsFd;
+    let runtime = common::two_worker_runtime();
+    let (a, b) = typed_ipc::Socket::pair().unwrap();
+    let conn = runtime
+        .block_on(async { typed_ipc::tokio::AsyncConnection::new(a) })
+        .unwrap();
+    let client = asynchronous::LabClient::new(conn.clone());
+    let stderr = std::io::stderr().lock();
+    let closer = std::thread::spawn(move || {
+        let mut request = [0u8; 256];
+        let raw = b.as_fd().as_raw_fd();
+        nix::sys::socket::recv(raw, &mut request, nix::sys::socket::MsgFlags::empty()).unwrap();
+        conn.close();
+        drop(b);
+    });
+    let got = runtime.block_on(client.reverse("hi".into()));
+    drop(stderr);
+    assert!(
+        matches!(got, Err(typed_ipc::Error::Disconnected)),
+        "{got:?}"
+    );
+    closer.join().unwrap();
+}
+
+/// A connection closed while a caller holds stderr's lock says its end once the caller has
+/// its answer and lets go: never with the connection's lock held, nor before the caller is
+/// woken.
+#[test]
+fn the_end_is_said_after_a_caller_holding_stderr_is_answered() {
+    let stderr = traced_stderr("child_closed_while_its_caller_holds_stderr");
+    assert_line(&stderr, "-- Ended: closed by this side");
+    assert_ended_once_each(&stderr);
+}
+
+/// The same, async.
+#[cfg(feature = "tokio")]
+#[test]
+fn the_end_is_said_after_an_async_caller_holding_stderr_is_answered() {
+    let stderr = traced_stderr("child_closed_while_its_async_caller_holds_stderr");
+    assert_line(&stderr, "-- Ended: closed by this side");
+    assert_ended_once_each(&stderr);
 }
 
 /// A name: letters and digits only, checked as it is decoded.

@@ -222,6 +222,10 @@ struct State {
     /// This end closed the connection ([`Connection::close`]): no request runs from then on,
     /// and those read after it are dropped.
     closed_here: bool,
+    /// The traced line saying why the connection ended, until a thread that let the lock go
+    /// prints it ([`Shared::say_end`]): said under the lock, it would wait for stderr's
+    /// lock, whose holder may be waiting for this connection.
+    end_unsaid: Option<String>,
 }
 
 impl Connection {
@@ -337,6 +341,11 @@ impl Connection {
         let dropped = self.shared.close_here();
         let _ = self.shared.socket.shutdown();
         drop(dropped); // closes their fds, outside the lock
+        if self.shared.trace {
+            // Once the socket is shut down: a caller reading it, which may hold stderr's
+            // lock, has its answer first.
+            self.shared.say_end_unlocked();
+        }
     }
 
     /// [`Connection::close`], for a [`Worker`](crate::worker::Worker) to call once its child

@@ -209,7 +209,7 @@ impl Shared {
                     Ok(()) => self.fail(&mut state, Error::Malformed("bad envelope".into())),
                 }
                 keep_unread(&mut state, frame);
-                return (state, None);
+                return (self.say_end(state), None);
             }
         };
         if matches!(envelope.kind, Kind::Reply | Kind::Failure) {
@@ -298,7 +298,43 @@ impl Shared {
                 keep_unread(&mut state, frame);
             }
         }
-        (state, None)
+        // Said here if this message ended the connection (`fail`, maybe by way of `admit`).
+        (self.say_end(state), None)
+    }
+
+    /// Prints the line saying why the connection ended, if it is still unsaid, with the lock
+    /// let go meanwhile (and taken again): a thread holding stderr's lock may be waiting for
+    /// this connection (a caller inside `writeln!(io::stderr().lock(), "{:?}", call())`), and
+    /// the waiters are woken already (`fail`). Nothing without tracing.
+    #[inline]
+    fn say_end<'a>(&'a self, state: Guard<'a>) -> Guard<'a> {
+        match self.trace {
+            false => state,
+            true => self.say_end_with_lock_let_go(state),
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn say_end_with_lock_let_go<'a>(&'a self, mut state: Guard<'a>) -> Guard<'a> {
+        match state.end_unsaid.take() {
+            None => state,
+            Some(line) => {
+                drop(state);
+                super::trace::line(&line);
+                self.state.lock()
+            }
+        }
+    }
+
+    /// [`Shared::say_end`] for a thread that does not hold the lock.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn say_end_unlocked(&self) {
+        let line = self.state.lock().end_unsaid.take();
+        if let Some(line) = line {
+            super::trace::line(&line);
+        }
     }
 
     /// Traces a message as received, if tracing is on: a reply, or a request that will not
@@ -420,9 +456,8 @@ impl Shared {
                 let _ = self.socket.shutdown();
             }
             if self.trace {
-                // Under the lock, unlike a message's line (`trace_unlocked`): once a
-                // connection, and only when tracing.
-                super::trace::ended(&why, state.closed_here);
+                // Printed once the lock is let go, as a message's line (`say_end`).
+                state.end_unsaid = Some(super::trace::ended(&why, state.closed_here));
             }
             state.closed = Some(why);
             self.ended.store(true, Ordering::Release);

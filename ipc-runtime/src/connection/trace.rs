@@ -112,19 +112,18 @@ fn counted(n: usize, what: &str) -> String {
     }
 }
 
-/// The connection ended: `why`, as every caller still waiting gets it, or that this side
-/// closed it (`here`, which callers see as the peer gone).
+/// The line saying that the connection ended, for [`line()`]: `why`, as every caller still
+/// waiting gets it, or that this side closed it (`here`, which callers see as the peer
+/// gone). Printed by the caller once it holds no lock of the connection's and has woken
+/// whoever waits: a thread that holds stderr's lock may be waiting for the connection.
 #[cold]
 #[inline(never)]
-pub(crate) fn ended(why: &crate::error::Error, here: bool) {
+pub(crate) fn ended(why: &crate::error::Error, here: bool) -> String {
     let why = match why {
         crate::error::Error::Disconnected if here => "closed by this side".to_string(),
         why => why.to_string(),
     };
-    line(&format!(
-        "typed-ipc[{}] -- Ended: {why}",
-        std::process::id()
-    ));
+    format!("typed-ipc[{}] -- Ended: {why}", std::process::id())
 }
 
 /// A reply this process sends, with its value as [`described`] wrote it:

@@ -272,18 +272,21 @@ impl Inner {
         state.held.clear();
         // Let go after the lock, as a runner's drop may take it.
         let idle = std::mem::take(&mut state.idle_runners);
-        // Said once the lock is let go (a write to stderr may wait).
-        let traced = self.trace.then(|| why.duplicate());
+        // Said once the lock is let go and the waiting calls are woken: a write to stderr may
+        // wait, for a thread that holds stderr's lock and waits for one of those calls.
+        let traced = self
+            .trace
+            .then(|| trace::ended(&why, self.closed_here.load(Ordering::SeqCst)));
         state.closed = Some(why);
         drop(state);
-        if let Some(why) = traced {
-            trace::ended(&why, self.closed_here.load(Ordering::SeqCst));
-        }
         self.ended.notify_waiters();
         for runner in idle {
             runner.stop();
         }
         waiting.into_iter().for_each(Waker::wake);
+        if let Some(line) = traced {
+            trace::line(&line);
+        }
     }
 
     fn trace_incoming(&self, envelope: &Envelope, frame: &Frame) {
