@@ -205,9 +205,7 @@ fn unfetched<E: serde::de::Error>(why: Unfetched) -> E {
                 cx.fetched.set(Fetched::OverLimit);
                 cx.over_limit.set((len, limit));
             });
-            E::custom(format!(
-                "a byte string of {len} bytes, over this side's limit of {limit} bytes"
-            ))
+            E::custom(super::over_limit(len, limit))
         }
     }
 }

@@ -417,23 +417,36 @@ pub fn decode_from<T: DeserializeOwned>(bytes: &[u8], fds: &mut Vec<OwnedFd>) ->
     result
 }
 
-/// The error of a decode that failed: [`Error::TooLarge`] if it refused a byte string over
-/// this side's limits (the serde error only has its text), else [`Error::Malformed`]. Called
-/// while the decode's context is current.
+/// The error of a decode that failed: [`Error::TooLarge`] if it failed with the refusal of a
+/// byte string over this side's limits, else [`Error::Malformed`]. The serde error only has
+/// its text, so it must be that refusal's, not just come after it: user code may let the
+/// refusal pass (a lenient field), and the decode then fail for another reason, which the
+/// sender must hear as such. Called while the decode's context is current.
 #[cold]
 #[inline(never)]
 fn undecodable(e: Box<bincode::ErrorKind>) -> Error {
-    CONTEXT.with(|cx| match cx.fetched.get() {
-        Fetched::OverLimit => {
-            let (size, limit) = cx.over_limit.get();
-            Error::TooLarge {
-                size,
-                limit,
-                by_peer: false,
+    CONTEXT.with(|cx| {
+        let (size, limit) = cx.over_limit.get();
+        match (cx.fetched.get(), &*e) {
+            (Fetched::OverLimit, bincode::ErrorKind::Custom(why))
+                if *why == over_limit(size, limit) =>
+            {
+                Error::TooLarge {
+                    size,
+                    limit,
+                    by_peer: false,
+                }
             }
+            _ => Error::Malformed(why_undecodable(*e)),
         }
-        _ => Error::Malformed(why_undecodable(*e)),
     })
+}
+
+/// The text of the serde error that refuses a byte string of `len` bytes over this side's
+/// `limit` (see [`undecodable`]).
+#[cold]
+fn over_limit(len: u64, limit: u64) -> String {
+    format!("a byte string of {len} bytes, over this side's limit of {limit} bytes")
 }
 
 /// Words a decode error: bincode's own text for a message that ends early is empty, and its

@@ -114,3 +114,69 @@ fn a_plain_encode_never_places() {
     let Bytes(v): Bytes<Vec<u8>> = decode(&inner, Vec::new()).unwrap();
     assert_eq!(v, big);
 }
+
+/// Refuses every out-of-line byte string as over its limit of 10 bytes, as a receiver whose
+/// limits are below the string's.
+struct Refusing;
+
+impl OutOfLine for Refusing {
+    fn put(&self, _: &[u8]) -> Option<Placement> {
+        None
+    }
+
+    fn take(&self, placed: &Placed, _: Option<OwnedFd>) -> std::result::Result<Vec<u8>, Unfetched> {
+        Err(Unfetched::OverLimit {
+            len: placed.len,
+            limit: 10,
+        })
+    }
+}
+
+/// A byte string that user code reads leniently: none if it cannot be read.
+struct Lenient(Option<Vec<u8>>);
+
+impl<'de> Deserialize<'de> for Lenient {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        Ok(Lenient(
+            Bytes::<Vec<u8>>::deserialize(d).ok().map(|Bytes(v)| v),
+        ))
+    }
+}
+
+/// A byte string over this side's limits fails the decode as `TooLarge`; but one that user
+/// code let pass (the decode went on, the reference read whole) does not make a later,
+/// unrelated failure of the same decode `TooLarge`: that message is malformed, and its
+/// sender must not hear that it was too large.
+#[test]
+fn an_over_limit_string_let_pass_leaves_a_later_failure_malformed() {
+    let big = vec![3u8; BIG];
+    let (mut buf, mut fds) = (Vec::new(), Vec::new());
+    let (placed, encoded) = encode_placing(
+        &(Bytes(&big), 2u8),
+        &mut buf,
+        &mut fds,
+        &Greedy::default(),
+        false,
+    );
+    encoded.unwrap();
+    assert_eq!(placed, 1);
+    let refused: Result<(Bytes<Vec<u8>>, u8)> = with_store(&Refusing, || decode(&buf, vec![]));
+    match refused {
+        Err(Error::TooLarge {
+            size,
+            limit: 10,
+            by_peer: false,
+        }) if size == BIG as u64 => {}
+        other => panic!("expected TooLarge, got {:?}", other.map(|_| ())),
+    }
+    // Let pass, the string leaves the decode to go on: the `bool` after it is 2, malformed.
+    let malformed: Result<(Lenient, bool)> = with_store(&Refusing, || decode(&buf, vec![]));
+    match malformed {
+        Err(Error::Malformed(_)) => {}
+        other => panic!("expected Malformed, got {:?}", other.map(|_| ())),
+    }
+    // Let pass and nothing else wrong, the value decodes.
+    let (Lenient(none), two): (Lenient, u8) = with_store(&Refusing, || decode(&buf, vec![]))
+        .expect("the decode goes on past the string let pass");
+    assert_eq!((none, two), (None, 2));
+}
