@@ -183,7 +183,8 @@ pub struct Call<'a> {
     pub(crate) replier: Option<crate::connection::Replier<'a>>,
     pub(crate) replied: bool,
     /// The arguments were refused as over this side's limits (a byte string sent out of
-    /// the socket): the caller hears so as [`Error::TooLarge`].
+    /// the socket): the caller hears so as [`Error::TooLarge`]. Cleared if the handler
+    /// goes on to reply (it ran) and its reply fails.
     pub(crate) unreceived: bool,
 }
 
@@ -217,6 +218,18 @@ impl Call<'_> {
         e
     }
 
+    /// Notes a reply that failed with `e`; whether the call counts as answered anyway (some of
+    /// the reply went out). The handler ran, whatever became of its arguments: a failure left
+    /// to answer is the reply's, never that the arguments were refused (`unreceived`), which
+    /// would tell the caller that the method did not run, with the reply's size for its
+    /// request's.
+    #[cold]
+    #[inline(never)]
+    fn unsent(&mut self, e: &Error) -> bool {
+        self.unreceived = false;
+        !e.sent_nothing()
+    }
+
     /// Sends `value` as the reply. Ignored for oneway calls, which get no reply.
     pub fn reply<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<()> {
         match &self.replier {
@@ -226,7 +239,7 @@ impl Call<'_> {
                 let sent = replier.send(value);
                 self.replied = match &sent {
                     Ok(()) => true,
-                    Err(e) => !e.sent_nothing(),
+                    Err(e) => self.unsent(e),
                 };
                 sent
             }

@@ -1653,3 +1653,64 @@ fn a_send_to_a_peer_gone_waits_for_the_reader_to_read_why() {
         Err(Error::VersionMismatch { .. })
     ));
 }
+
+/// `SKIM`'s `len`, answered with its argument's bytes; if they were refused (over this
+/// side's limits), the handler runs anyway and answers 200 KiB of zeros instead, more than
+/// this side's limits let it send.
+pub(crate) struct RunsAnyway;
+
+/// How large the answer of [`RunsAnyway`] to a refused argument is.
+pub(crate) const ANYWAY: usize = 200 << 10;
+
+impl Service for RunsAnyway {
+    fn info(&self) -> &'static InterfaceInfo {
+        &SKIM
+    }
+    fn handle(&self, call: &mut Call<'_>) -> Result<()> {
+        match call.args::<Bytes<Vec<u8>>>() {
+            Ok(Bytes(data)) => call.reply(&(data.len() as u64)),
+            Err(_) => call.reply(&Bytes(vec![0u8; ANYWAY])),
+        }
+    }
+}
+
+/// Calls [`RunsAnyway`] (on a server whose limits allow 100 KiB) with a string over its
+/// limits, which travels through the caller's region and is refused by the server's
+/// decode: the handler ran all the same, and its answer could not be sent. The caller must
+/// not hear `TooLarge` `by_peer` (its request refused, the method not run, with the size of
+/// the answer as if it were the request's), but that the answer could not be sent.
+pub(crate) fn call_one_that_runs_anyway(client: &Connection) {
+    let small = client.call::<_, u64>(&SKIM, 2, &Bytes(&[1u8; 10][..]), None);
+    assert_eq!(
+        small.unwrap(),
+        10,
+        "both ends now know the other reads lanes"
+    );
+    let data = vec![7u8; 150 << 10];
+    match client.call::<_, u64>(&SKIM, 2, &Bytes(&data), None) {
+        Err(Error::Remote(why)) => assert!(why.contains("exceeds the limit"), "{why}"),
+        other => panic!("expected the answer's refusal, got {other:?}"),
+    }
+    let small = client.call::<_, u64>(&SKIM, 2, &Bytes(&[1u8; 10][..]), None);
+    assert_eq!(small.unwrap(), 10, "the connection still works");
+}
+
+/// Limits of 100 KiB a message.
+pub(crate) fn limits_of_100_kib() -> crate::Limits {
+    crate::Limits {
+        max_message_len: 100 << 10,
+        ..crate::Limits::default()
+    }
+}
+
+#[test]
+fn a_handler_that_ran_after_its_arguments_were_refused_is_not_reported_unrun() {
+    let (a, mut b) = crate::Socket::pair().unwrap();
+    b.set_limits(limits_of_100_kib());
+    let b = Connection::new(b);
+    let server = std::thread::spawn(move || b.serve(RunsAnyway));
+    let a = Connection::new(a);
+    call_one_that_runs_anyway(&a);
+    a.close();
+    server.join().unwrap().unwrap();
+}

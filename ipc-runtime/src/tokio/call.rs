@@ -23,8 +23,8 @@ pub struct AsyncCall {
     /// The connection: where the reply goes, and whose lane the arguments may be in.
     inner: Arc<Inner>,
     replied: bool,
-    /// The arguments were refused as over this side's limits (as for
-    /// [`Call`](crate::service::Call)).
+    /// The arguments were refused as over this side's limits, and the handler has not tried
+    /// to reply since (as for [`Call`](crate::service::Call)).
     unreceived: bool,
 }
 
@@ -81,6 +81,15 @@ impl AsyncCall {
         args
     }
 
+    /// Notes a reply that failed with `e`, as [`Call`](crate::service::Call)'s does; whether
+    /// the call counts as answered anyway.
+    #[cold]
+    #[inline(never)]
+    fn unsent(&mut self, e: &Error) -> bool {
+        self.unreceived = false;
+        !e.sent_nothing()
+    }
+
     /// Sends `value` as the reply. Ignored for oneway calls, which get no reply, and after the
     /// first reply.
     ///
@@ -97,8 +106,12 @@ impl AsyncCall {
         };
         let traced = trace::described(inner.trace, &value);
         let sent = inner.send(envelope, value).await;
-        // As `Call::reply`: a reply that sent nothing leaves the call to be answered with why.
-        self.replied = !sent.as_ref().is_err_and(Error::sent_nothing);
+        // As `Call::reply`: a reply that sent nothing leaves the call to be answered with why
+        // (the reply's, not that the arguments were refused: the handler ran).
+        self.replied = match &sent {
+            Ok(_) => true,
+            Err(e) => self.unsent(e),
+        };
         if self.replied {
             trace::reply(envelope.cookie, traced.as_deref());
         }

@@ -177,6 +177,47 @@ fn an_async_request_never_decoded_gives_the_lane_back() {
     calling.join().unwrap();
 }
 
+/// The async flavour's [`crate::connection::tests::RunsAnyway`].
+struct RunsAnyway;
+
+impl super::AsyncService for RunsAnyway {
+    fn info(&self) -> &'static crate::service::InterfaceInfo {
+        &crate::connection::tests::SKIM
+    }
+    fn handle<'a>(
+        &'a self,
+        call: &'a mut super::AsyncCall,
+    ) -> super::BoxFuture<'a, crate::Result<()>> {
+        use crate::codec::Bytes;
+        use crate::connection::tests::ANYWAY;
+        Box::pin(async move {
+            match call.args::<Bytes<Vec<u8>>>() {
+                Ok(Bytes(data)) => call.reply(data.len() as u64).await,
+                Err(_) => call.reply(Bytes(vec![0u8; ANYWAY])).await,
+            }
+        })
+    }
+}
+
+/// `connection::tests::a_handler_that_ran_after_its_arguments_were_refused_is_not_reported_unrun`,
+/// served by the async flavour.
+#[test]
+fn an_async_handler_that_ran_after_its_arguments_were_refused_is_not_reported_unrun() {
+    use crate::connection::tests::{call_one_that_runs_anyway, limits_of_100_kib};
+    let (ours, mut theirs) = Socket::pair().unwrap();
+    theirs.set_limits(limits_of_100_kib());
+    let runtime = ::tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = runtime.block_on(async { super::AsyncConnection::new(theirs).unwrap() });
+    let client = crate::Connection::new(ours);
+    // The client hangs up when its thread is done, which ends `serve`.
+    let calling = std::thread::spawn(move || call_one_that_runs_anyway(&client));
+    runtime.block_on(server.serve(RunsAnyway)).unwrap();
+    calling.join().unwrap();
+}
+
 /// A oneway message for an interface the async end does not serve is refused before any
 /// handler sees it; a byte string it placed must still be released, or the sender, who hears
 /// nothing back about a oneway, keeps its lane busy for good.
