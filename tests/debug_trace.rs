@@ -505,6 +505,61 @@ fn the_end_is_said_after_an_async_caller_holding_stderr_is_answered() {
     assert_ended_once_each(&stderr);
 }
 
+/// Serves a peer that sends a datagram that is no message of this protocol, then says what
+/// serving returned (`serve: ...`).
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_served_garbage() {
+    let (a, b) = typed_ipc::Socket::pair().unwrap();
+    let raw = std::os::fd::AsFd::as_fd(&b).as_raw_fd();
+    nix::sys::socket::send(raw, b"not a message", nix::sys::socket::MsgFlags::empty()).unwrap();
+    let served = LabServer::new(Impl).serve(typed_ipc::Connection::new(a));
+    let e = served.expect_err("garbage ends the connection");
+    eprintln!("serve: {e}");
+    drop(b);
+}
+
+/// [`child_served_garbage`], async.
+#[cfg(feature = "tokio")]
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_served_garbage_async() {
+    common::current_thread_runtime().block_on(async {
+        let (a, b) = typed_ipc::Socket::pair().unwrap();
+        let raw = std::os::fd::AsFd::as_fd(&b).as_raw_fd();
+        nix::sys::socket::send(raw, b"not a message", nix::sys::socket::MsgFlags::empty()).unwrap();
+        let conn = typed_ipc::tokio::AsyncConnection::new(a).unwrap();
+        let served = asynchronous::LabServer::new(asynchronous::Impl)
+            .serve(conn)
+            .await;
+        let e = served.expect_err("garbage ends the connection");
+        eprintln!("serve: {e}");
+        drop(b);
+    });
+}
+
+/// A connection ended by a protocol error says so once, with the error.
+fn check_ended_by_garbage(scenario: &str) {
+    let stderr = traced_stderr(scenario);
+    let why = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("serve: "))
+        .unwrap_or_else(|| panic!("serving did not fail:\n{stderr}"));
+    assert_line(&stderr, &format!("-- Ended: {why}"));
+    assert_ended_once_each(&stderr);
+}
+
+#[test]
+fn a_connection_ended_by_a_protocol_error_says_the_error() {
+    check_ended_by_garbage("child_served_garbage");
+}
+
+#[cfg(feature = "tokio")]
+#[test]
+fn a_connection_ended_by_a_protocol_error_says_the_error_async() {
+    check_ended_by_garbage("child_served_garbage_async");
+}
+
 /// A name: letters and digits only, checked as it is decoded.
 #[derive(Serialize, Deserialize, Clone, Debug)]
 #[serde(try_from = "String", into = "String")]
