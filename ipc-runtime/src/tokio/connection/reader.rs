@@ -290,7 +290,9 @@ impl Inner {
     }
 
     fn trace_incoming(&self, envelope: &Envelope, frame: &Frame) {
-        let services = self.services.read();
-        trace::incoming(envelope, frame, services.iter().map(|s| s.info()));
+        // Copied out before printing: a thread holding stderr's lock may be adding a service
+        // (which waits for the write lock) meanwhile.
+        let served: Vec<_> = self.services.read().iter().map(|s| s.info()).collect();
+        trace::incoming(envelope, frame, served.into_iter());
     }
 }
