@@ -192,9 +192,11 @@ impl Shared {
     /// hears that the peer speaks another wire version, say, and not only that it hung up
     /// (a peer of another version says its own and hangs up on the first message it reads;
     /// a thread that only sends oneways would otherwise never learn why). This thread reads
-    /// what has come if nobody else does, without waiting for more; if another thread
-    /// reads and the peer has hung up for good (`POLLHUP`), that reader is about to read the
-    /// rest and the end, and this thread waits until it has.
+    /// what has come if nobody else does, without waiting for more, and as a serving thread
+    /// would: nothing past the bounds of the request queue (the requests there wait for a
+    /// serving thread, which may come later; one more would end the connection if nothing
+    /// serves). If another thread reads and the peer has hung up for good (`POLLHUP`), that
+    /// reader is about to read the rest and the end, and this thread waits until it has.
     #[cold]
     #[inline(never)]
     pub(super) fn why_unsent(&self, e: Error) -> Error {
@@ -208,8 +210,9 @@ impl Shared {
             }
             let readable = self.socket.ready_now(PollFlags::POLLIN);
             if !state.reading {
-                if !readable.contains(PollFlags::POLLIN) {
-                    // Nothing to read: the peer shut only its reading side, say.
+                if !readable.contains(PollFlags::POLLIN) || state.backlog.full() {
+                    // Nothing to read (the peer shut only its reading side, say), or nothing
+                    // this thread may read.
                     return e;
                 }
                 state.reading = true;

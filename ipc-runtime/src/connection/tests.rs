@@ -1714,3 +1714,40 @@ fn a_handler_that_ran_after_its_arguments_were_refused_is_not_reported_unrun() {
     a.close();
     server.join().unwrap().unwrap();
 }
+
+/// A send that finds the peer gone does not read past the bounds of the request queue to
+/// learn why, as a serving thread or a thread waiting for room would not: the requests
+/// there wait for a serving thread that comes later, which may still run them, and the peer
+/// (which stopped reading, as `Connection::stop_reading` does, but may still send oneways)
+/// broke no rule. Here nothing serves yet: reading one request more ended the connection
+/// with `Malformed` (nothing serves them), dropped the requests held, and reported that
+/// instead of `Disconnected`.
+#[test]
+fn a_send_to_a_peer_gone_reads_nothing_past_the_bounds_of_the_queue() {
+    use super::backlog::MAX_REQUESTS;
+
+    let (a, b) = Connection::pair().unwrap();
+    let peer = a.socket();
+    // A caller of `b` takes the peer's oneways in, up to the bounds, before its reply.
+    let caller = {
+        let b = b.clone();
+        std::thread::spawn(move || b.call::<_, u32>(&IFACE, 9, &(), None))
+    };
+    let call = peer.recv().unwrap();
+    for seq in 1..=MAX_REQUESTS as u64 {
+        peer.send(&ordered_request(Kind::Oneway, 3, 0, seq), &[])
+            .unwrap();
+    }
+    peer.send(&reply_to(&call, &5u32), &[]).unwrap();
+    assert_eq!(caller.join().unwrap().unwrap(), 5);
+    assert!(b.shared.state.lock().backlog.full());
+    // One more, which nobody reads, and the peer reads no more: `b`'s sends fail (`EPIPE`).
+    peer.send(&ordered_request(Kind::Oneway, 3, 0, 0), &[])
+        .unwrap();
+    peer.shutdown_read().unwrap();
+    let sent = b.oneway(&IFACE, 1, &"x", None);
+    assert!(matches!(sent, Err(Error::Disconnected)), "{sent:?}");
+    let state = b.shared.state.lock();
+    assert!(state.closed.is_none(), "ended: {:?}", state.closed);
+    assert_eq!(state.oneways.len(), MAX_REQUESTS);
+}
