@@ -498,7 +498,7 @@ impl Connection {
                 })
         });
         let placed = placed
-            .map_err(|e| shared.why_unsent(e))?
+            .map_err(|e| shared.why_unsent(e, deadline))?
             .expect("the call's send sends the whole message or fails");
         let finish = |frame: &mut Frame| {
             shared.lane.after_reply(placed, frame);
@@ -560,7 +560,7 @@ impl Connection {
         // (`encode_and`).
         match self.shared.send(&envelope, args, deadline) {
             Ok(_) => Ok(()),
-            Err(e) => Err(self.shared.why_unsent(e)),
+            Err(e) => Err(self.shared.why_unsent(e, deadline)),
         }
     }
 }

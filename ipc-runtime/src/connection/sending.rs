@@ -196,10 +196,12 @@ impl Shared {
     /// would: nothing past the bounds of the request queue (the requests there wait for a
     /// serving thread, which may come later; one more would end the connection if nothing
     /// serves). If another thread reads and the peer has hung up for good (`POLLHUP`), that
-    /// reader is about to read the rest and the end, and this thread waits until it has.
+    /// reader is about to read the rest and the end, and this thread waits until it has, or
+    /// until `deadline` (the send's): that reader may itself wait meanwhile (for stderr, say,
+    /// to print a message it routes, whose lock this thread may hold).
     #[cold]
     #[inline(never)]
-    pub(super) fn why_unsent(&self, e: Error) -> Error {
+    pub(super) fn why_unsent(&self, e: Error, deadline: Option<Instant>) -> Error {
         if !matches!(e, Error::Disconnected) {
             return e;
         }
@@ -218,8 +220,8 @@ impl Shared {
                 state.reading = true;
                 drop(state);
                 self.read_while_sending(); // one message, or the end
-            } else if readable.contains(PollFlags::POLLHUP) {
-                drop(self.sleep(state, None));
+            } else if readable.contains(PollFlags::POLLHUP) && poll_timeout(deadline).is_some() {
+                drop(self.sleep(state, deadline));
             } else {
                 return e;
             }

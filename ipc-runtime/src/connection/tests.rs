@@ -1751,3 +1751,53 @@ fn a_send_to_a_peer_gone_reads_nothing_past_the_bounds_of_the_queue() {
     assert!(state.closed.is_none(), "ended: {:?}", state.closed);
     assert_eq!(state.oneways.len(), MAX_REQUESTS);
 }
+
+/// A send with a timeout that finds the peer gone while another thread holds the reader
+/// role waits for that reader to read why only until its deadline. Here the reader prints a
+/// reply it routes (tracing on) and waits for stderr, whose lock the sender holds (as
+/// `writeln!(io::stderr().lock(), "{:?}", conn.oneway(..))` does): the sender waited for good,
+/// past its timeout, and the reader with it.
+#[test]
+fn a_send_to_a_peer_gone_waits_for_the_reader_only_until_its_deadline() {
+    let (mut a, b) = Connection::pair().unwrap();
+    std::sync::Arc::get_mut(&mut a.shared).unwrap().trace = true;
+    let call = |cmd| {
+        let a = a.clone();
+        std::thread::spawn(move || a.call::<_, u32>(&IFACE, cmd, &(), None))
+    };
+    // The first caller finds nobody reading: it reads for both.
+    let reader = call(1);
+    let _to_reader = b.socket().recv().unwrap();
+    let second = call(2);
+    let to_second = b.socket().recv().unwrap();
+    let (locked, has_locked) = mpsc::channel();
+    let (go, gone) = mpsc::channel::<()>();
+    let (done, sent) = mpsc::channel();
+    let sender = {
+        let a = a.clone();
+        std::thread::spawn(move || {
+            let stderr = std::io::stderr().lock();
+            locked.send(()).unwrap();
+            gone.recv().unwrap();
+            let sent = a.oneway(&IFACE, 3, &"x", Some(Duration::from_millis(100)));
+            drop(stderr);
+            done.send(sent).unwrap();
+        })
+    };
+    has_locked.recv().unwrap();
+    // The reader prints the second caller's reply, and waits for stderr meanwhile.
+    b.socket().send(&reply_to(&to_second, &8u32), &[]).unwrap();
+    wait_until("the reply is printed with the reader role held", || {
+        std::sync::Arc::strong_count(&a.shared.registry.lock()) == 2
+            && a.shared.state.lock().reading
+    });
+    drop(b);
+    go.send(()).unwrap();
+    let sent = sent
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the sender waited past its deadline");
+    assert!(matches!(sent, Err(Error::Disconnected)), "{sent:?}");
+    sender.join().unwrap();
+    assert_eq!(second.join().unwrap().unwrap(), 8);
+    assert!(matches!(reader.join().unwrap(), Err(Error::Disconnected)));
+}
