@@ -1241,3 +1241,42 @@ fn a_connect_waiting_for_a_listener_that_never_accepts_does_not_hold_up_the_runt
     );
     drop(listener);
 }
+
+/// A oneway that finds the peer gone while the reader waits for room at the backlog's bounds
+/// does not wait for the reader to read why: it reads nothing until a request finishes,
+/// which may be never (the requests may wait for this very oneway, sent from a handler).
+/// Here the oneway running is held: the oneway sent waited for good (until its timeout).
+#[test]
+fn a_oneway_to_a_peer_gone_does_not_wait_for_a_reader_paused_at_the_bounds() {
+    use crate::connection::backlog::MAX_REQUESTS;
+    use crate::connection::tests::{ORDERED, ordered_request, wait_until};
+    use crate::tokio::envelope::Kind;
+    use std::time::Duration;
+
+    let runtime = multi_thread_runtime(2);
+    let (peer, theirs) = Socket::pair().unwrap();
+    let (started, has_started) = std::sync::mpsc::channel();
+    let gate = std::sync::Arc::new(::tokio::sync::Notify::new());
+    let server = runtime.block_on(async { super::AsyncConnection::new(theirs).unwrap() });
+    let serving = runtime.spawn(server.serve(AsyncOrdered {
+        at: 0,
+        action: AtSeq::Hold {
+            started,
+            gate: gate.clone(),
+        },
+        run: Default::default(),
+    }));
+    // The first oneway holds the task that runs them; the others wait behind it, up to the
+    // bounds (the one running counts), and one more waits in the socket.
+    for seq in 0..=MAX_REQUESTS as u64 {
+        peer.send(&ordered_request(Kind::Oneway, 3, 0, seq), &[])
+            .unwrap();
+    }
+    has_started.recv().unwrap();
+    wait_until("the reader waits for room", || server.test_reader_paused());
+    drop(peer);
+    let sent = runtime.block_on(server.oneway(&ORDERED, 3, 0u64, Some(Duration::from_secs(60))));
+    assert!(matches!(sent, Err(crate::Error::Disconnected)), "{sent:?}");
+    gate.notify_one();
+    runtime.block_on(serving).unwrap().unwrap();
+}

@@ -112,8 +112,9 @@ pub(super) struct Inner {
     /// This end closed the connection ([`AsyncConnection::close`]): the requests not started
     /// by then never run, and those read after it are dropped.
     closed_here: AtomicBool,
-    /// Signalled once `State::closed` is set, for a sender that found the peer gone and
-    /// waits to learn why (`Inner::why_unsent`).
+    /// Signalled once `State::closed` is set, and when the reader starts to wait for `room`
+    /// (it reads nothing then), for a sender that found the peer gone and waits to learn why
+    /// (`Inner::why_unsent`).
     ended: Notify,
 }
 
@@ -286,6 +287,13 @@ impl AsyncConnection {
     pub(super) fn test_tasks(&self) -> (usize, usize) {
         let all = self.inner.tasks.count.load(Ordering::SeqCst);
         (all, self.inner.lock().idle_runners.len())
+    }
+
+    /// Whether the reader waits for room, at the backlog's bounds.
+    #[cfg(test)]
+    pub(super) fn test_reader_paused(&self) -> bool {
+        let _state = self.inner.lock(); // set and cleared under it
+        self.inner.paused.load(Ordering::SeqCst)
     }
 
     /// Whether this thread is running a handler of this connection's now: an

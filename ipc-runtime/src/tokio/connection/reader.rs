@@ -221,7 +221,7 @@ impl Inner {
     /// Whether the reader must wait for room before it reads again: the backlog is at its
     /// bounds and no call of this end waits for a reply.
     #[inline]
-    fn must_pause(&self, state: &State) -> bool {
+    pub(super) fn must_pause(&self, state: &State) -> bool {
         state.pending.nobody_waits() && self.backlog.get().full()
     }
 
@@ -243,6 +243,9 @@ impl Inner {
                     return !hung_up;
                 }
             }
+            // A sender waiting for this reader to read why the peer went waits no more
+            // (`Inner::why_unsent`).
+            self.ended.notify_waiters();
             room.await;
         }
     }

@@ -7,6 +7,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::pin::pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use nix::poll::PollFlags;
 
@@ -93,6 +94,9 @@ impl Inner {
     /// what the peer said before it went, as the blocking flavour's `Shared::why_unsent`
     /// finds it. The reader task reads everything: if the peer has hung up for good
     /// (`POLLHUP`), it is about to read the rest and the end, and this waits until it has.
+    /// Not while the reader waits for room at the backlog's bounds with no call waiting for
+    /// a reply: it reads nothing until a request finishes, which may be never (the requests
+    /// may wait for this very send, from a handler); it signals `ended` when it starts to.
     #[cold]
     #[inline(never)]
     pub(super) async fn why_unsent(&self, e: Error) -> Error {
@@ -102,8 +106,15 @@ impl Inner {
         loop {
             let mut ended = pin!(self.ended.notified());
             ended.as_mut().enable();
-            if let Some(closed) = &self.lock().closed {
-                return closed.duplicate();
+            {
+                let state = self.lock();
+                if let Some(closed) = &state.closed {
+                    return closed.duplicate();
+                }
+                // Set and cleared under the lock (`wait_for_room`).
+                if self.paused.load(Ordering::SeqCst) && self.must_pause(&state) {
+                    return e;
+                }
             }
             if !self
                 .socket()
