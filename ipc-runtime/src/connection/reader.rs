@@ -205,6 +205,8 @@ impl Shared {
                 self.release_reader(&mut state);
                 match result {
                     Err(Error::TimedOut) => {}
+                    // The peer's reset, said before what it sent: the next read takes that.
+                    Err(Error::Disconnected) if self.socket.reset_with_more_queued() => {}
                     Err(e) => self.fail(&mut state, e),
                     Ok(()) => self.fail(&mut state, Error::Malformed("bad envelope".into())),
                 }

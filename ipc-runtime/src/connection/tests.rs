@@ -1801,3 +1801,48 @@ fn a_send_to_a_peer_gone_waits_for_the_reader_only_until_its_deadline() {
     assert_eq!(second.join().unwrap().unwrap(), 8);
     assert!(matches!(reader.join().unwrap(), Err(Error::Disconnected)));
 }
+
+/// [`a_send_to_a_peer_gone_waits_for_the_reader_to_read_why`], with a message of this end's
+/// that the peer never read when it hung up (this end sent two before the peer read the
+/// first, say): the kernel then fails this end's next receive with `ECONNRESET`, once, before
+/// the datagrams still queued, the peer's header among them. That receive ended the
+/// connection as a bare `Disconnected`, unread: the serving thread returned `Ok`, and a
+/// sender that found the peer gone reported `Disconnected` too, although the peer had said
+/// why. (It reads first here: it waited for its receive lock as the peer said its version
+/// and went.)
+#[test]
+fn a_reader_whose_peer_hung_up_on_a_message_unread_still_reads_what_it_said() {
+    use crate::wire::{Header, Kind as Part, VERSION};
+    use nix::sys::socket::{MsgFlags, send};
+    use std::os::fd::AsRawFd;
+
+    let (ours, theirs) = crate::Socket::pair().unwrap();
+    let a = Connection::new(ours);
+    // Sent while the peer is there; it never reads it.
+    a.oneway(&IFACE, 1, &"x", None).unwrap();
+    let held = a.socket().hold_recv();
+    let runner = {
+        let a = a.clone();
+        std::thread::spawn(move || a.run())
+    };
+    wait_until("the serving thread takes the reader role", || {
+        a.shared.state.lock().reading
+    });
+    let mut header = Header {
+        kind: Part::First,
+        fds: 0,
+        total_len: 0,
+        total_fds: 0,
+    }
+    .encode();
+    header[2] = VERSION.wrapping_add(1);
+    send(theirs.as_fd().as_raw_fd(), &header, MsgFlags::empty()).unwrap();
+    drop(theirs);
+    drop(held);
+    let ran = runner.join().unwrap();
+    assert!(matches!(ran, Err(Error::VersionMismatch { .. })), "{ran:?}");
+    match a.oneway(&IFACE, 1, &"x", None) {
+        Err(Error::VersionMismatch { theirs, .. }) => assert_eq!(theirs, VERSION.wrapping_add(1)),
+        other => panic!("expected VersionMismatch, got {other:?}"),
+    }
+}

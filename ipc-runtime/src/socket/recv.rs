@@ -484,6 +484,8 @@ impl Socket {
                 Ok(0) if self.hung_up() => Err(Error::Disconnected),
                 Ok(n) => Ok((head, n)),
                 Err(nix::Error::EINTR) => continue,
+                // (See `Socket::reset_with_more_queued`.)
+                Err(nix::Error::ECONNRESET) => continue,
                 Err(nix::Error::EAGAIN) if wait == Wait::No => Err(Error::TimedOut),
                 Err(nix::Error::EAGAIN) => {
                     self.nothing_yet(wait)?;
@@ -492,6 +494,19 @@ impl Socket {
                 Err(e) => Err(e.into()),
             };
         }
+    }
+
+    /// Whether a datagram is still queued after a receive that failed as
+    /// [`Error::Disconnected`]: then the peer closed its socket with messages of this side's
+    /// unread, which the kernel reports once (`ECONNRESET`, as the error of the next receive or
+    /// send) before what the peer sent that is still queued, and a receive takes that next. It
+    /// may say why the peer went: a peer of another wire version says its own first. A hang-up
+    /// otherwise shows only once the queue is empty. For the reader that received the error
+    /// (nobody else receives meanwhile).
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn reset_with_more_queued(&self) -> bool {
+        matches!(self.peek(Wait::No), Ok((_, n)) if n > 0)
     }
 
     /// Why `recvmsg` returned no bytes: the peer hung up (or this end stopped reading), or

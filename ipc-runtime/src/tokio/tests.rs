@@ -1280,3 +1280,43 @@ fn a_oneway_to_a_peer_gone_does_not_wait_for_a_reader_paused_at_the_bounds() {
     gate.notify_one();
     runtime.block_on(serving).unwrap().unwrap();
 }
+
+/// `connection::tests::a_reader_whose_peer_hung_up_on_a_message_unread_still_reads_what_it_said`,
+/// async: the peer says it speaks another wire version and hangs up with a message of this
+/// end's unread while the reader task cannot run (its runtime is not driven), so its next
+/// receive fails with `ECONNRESET` before the peer's header. It ended the connection as a
+/// bare `Disconnected` there.
+#[test]
+fn an_async_reader_whose_peer_hung_up_on_a_message_unread_still_reads_what_it_said() {
+    use crate::connection::tests::BULK;
+    use crate::wire::{Header, Kind, VERSION};
+    use nix::sys::socket::{MsgFlags, send};
+    use std::os::fd::AsRawFd;
+
+    let runtime = ::tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (ours, theirs) = Socket::pair().unwrap();
+    let conn = runtime.block_on(async {
+        let conn = super::AsyncConnection::new(ours).unwrap();
+        // Sent while the peer is there; it never reads it.
+        conn.oneway(&BULK, 3, (), None).await.unwrap();
+        conn
+    });
+    let mut header = Header {
+        kind: Kind::First,
+        fds: 0,
+        total_len: 0,
+        total_fds: 0,
+    }
+    .encode();
+    header[2] = VERSION.wrapping_add(1);
+    send(theirs.as_fd().as_raw_fd(), &header, MsgFlags::empty()).unwrap();
+    drop(theirs);
+    let ran = runtime.block_on(conn.run());
+    assert!(
+        matches!(ran, Err(crate::Error::VersionMismatch { .. })),
+        "{ran:?}"
+    );
+}
