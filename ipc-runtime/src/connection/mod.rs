@@ -39,7 +39,12 @@
 //! the order it arrived).
 //!
 //! When the peer hangs up or dies, the reader sees it at once and every waiting caller gets
-//! [`Error::Disconnected`] — never [`Error::TimedOut`].
+//! [`Error::Disconnected`] — never [`Error::TimedOut`]. What the peer sent before it went is
+//! read first (a peer of another wire version says its own, and callers get
+//! [`Error::VersionMismatch`]). A send that finds the peer gone (`EPIPE`) reads that too if
+//! nobody else reads (as a waiting sender does, `Reader::Sender`, but not holding the send
+//! lock, and nothing past the request queue's bounds), or waits, at most until its deadline,
+//! for the thread that reads to read the end (`Shared::why_unsent`).
 //!
 //! # What a peer can make this end hold
 //!

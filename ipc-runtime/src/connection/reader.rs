@@ -476,7 +476,8 @@ pub(super) enum Reader {
     /// A thread inside [`Connection::run`](super::Connection::run).
     Runner,
     /// A thread waiting for room to send, which takes nothing for itself
-    /// ([`Shared::send_framed`]).
+    /// ([`Shared::send_framed`]), or one whose send found the peer gone and reads why
+    /// (`Shared::why_unsent`).
     Sender,
 }
 
