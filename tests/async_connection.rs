@@ -868,24 +868,9 @@ fn serve_panics_on_an_interface_a_service_with_serves_twice() {
 /// wire version that said so and hung up report its version, not a bare `Disconnected`.
 #[test]
 fn a_send_to_a_peer_that_said_its_other_version_and_hung_up_reports_the_version() {
-    use std::os::fd::{AsFd, AsRawFd};
-    use typed_ipc::Socket;
-    use typed_ipc::wire::{Header, Kind, VERSION};
     let _fds = fd_count_lock();
-    let other = VERSION.wrapping_add(1);
     for oneway in [false, true] {
-        let (ours, theirs) = Socket::pair().unwrap();
-        let mut header = Header {
-            kind: Kind::First,
-            fds: 0,
-            total_len: 0,
-            total_fds: 0,
-        }
-        .encode();
-        header[2] = other;
-        let raw = theirs.as_fd().as_raw_fd();
-        nix::sys::socket::send(raw, &header, nix::sys::socket::MsgFlags::empty()).unwrap();
-        drop(theirs);
+        let (ours, other) = common::peer_said_another_version();
         runtime().block_on(async {
             let client = LabClient::new(AsyncConnection::new(ours).unwrap());
             let sent = match oneway {

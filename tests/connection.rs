@@ -996,23 +996,9 @@ fn child_serves_tally_twice() {
 /// `Disconnected`; a thread that only sends oneways learns it too.
 #[test]
 fn a_call_to_a_peer_that_said_its_other_version_and_hung_up_reports_the_version() {
-    use typed_ipc::Socket;
-    use typed_ipc::wire::{Header, Kind, VERSION};
     let _fds = fd_count_lock();
-    let other = VERSION.wrapping_add(1);
     for oneway in [false, true] {
-        let (ours, theirs) = Socket::pair().unwrap();
-        let mut header = Header {
-            kind: Kind::First,
-            fds: 0,
-            total_len: 0,
-            total_fds: 0,
-        }
-        .encode();
-        header[2] = other;
-        let raw = theirs.as_fd().as_raw_fd();
-        nix::sys::socket::send(raw, &header, nix::sys::socket::MsgFlags::empty()).unwrap();
-        drop(theirs);
+        let (ours, other) = common::peer_said_another_version();
         // (The timeout only keeps a regression from hanging.)
         let client = LabClient::new(Connection::new(ours)).with_timeout(Duration::from_secs(60));
         let sent = match oneway {

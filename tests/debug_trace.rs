@@ -426,6 +426,21 @@ fn assert_ended_once_each(stderr: &str) {
     );
 }
 
+/// A thread that, once a call has come to `peer` (its caller now waits for a reply that never
+/// comes), runs `close` and hangs `peer` up.
+fn close_once_called(
+    peer: typed_ipc::Socket,
+    close: impl FnOnce() + Send + 'static,
+) -> std::thread::JoinHandle<()> {
+    use std::os::fd::AsFd;
+    std::thread::spawn(move || {
+        let mut request = [0u8; 256];
+        let raw = peer.as_fd().as_raw_fd();
+        nix::sys::socket::recv(raw, &mut request, nix::sys::socket::MsgFlags::empty()).unwrap();
+        close();
+    })
+}
+
 /// A thread that holds stderr's lock (as `writeln!(io::stderr().lock(), "{:?}", call())`
 /// does while the call runs) and waits for a call on a connection that another thread
 /// closes: the connection says its end once the lock is let go, and the call returns.
@@ -434,19 +449,11 @@ fn assert_ended_once_each(stderr: &str) {
 #[test]
 #[ignore = "run as a child process by other tests"]
 fn child_closed_while_its_caller_holds_stderr() {
-    use std::os::fd::AsFd;
     let (a, b) = typed_ipc::Socket::pair().unwrap();
     let conn = typed_ipc::Connection::new(a);
     let client = LabClient::new(conn.clone());
     let stderr = std::io::stderr().lock();
-    let closer = std::thread::spawn(move || {
-        // The call is out: its caller waits for a reply that never comes.
-        let mut request = [0u8; 256];
-        let raw = b.as_fd().as_raw_fd();
-        nix::sys::socket::recv(raw, &mut request, nix::sys::socket::MsgFlags::empty()).unwrap();
-        conn.close();
-        drop(b);
-    });
+    let closer = close_once_called(b, move || conn.close());
     let got = client.reverse("hi".into());
     drop(stderr);
     assert!(
@@ -462,7 +469,6 @@ fn child_closed_while_its_caller_holds_stderr() {
 #[test]
 #[ignore = "run as a child process by other tests"]
 fn child_closed_while_its_async_caller_holds_stderr() {
-    use std::os::fd::AsFd;
     let runtime = common::two_worker_runtime();
     let (a, b) = typed_ipc::Socket::pair().unwrap();
     let conn = runtime
@@ -470,13 +476,7 @@ fn child_closed_while_its_async_caller_holds_stderr() {
         .unwrap();
     let client = asynchronous::LabClient::new(conn.clone());
     let stderr = std::io::stderr().lock();
-    let closer = std::thread::spawn(move || {
-        let mut request = [0u8; 256];
-        let raw = b.as_fd().as_raw_fd();
-        nix::sys::socket::recv(raw, &mut request, nix::sys::socket::MsgFlags::empty()).unwrap();
-        conn.close();
-        drop(b);
-    });
+    let closer = close_once_called(b, move || conn.close());
     let got = runtime.block_on(client.reverse("hi".into()));
     drop(stderr);
     assert!(

@@ -98,6 +98,26 @@ pub fn assert_too_large(payload: &[u8], size: u64) -> u64 {
     u64::from_le_bytes(body[12..].try_into().unwrap())
 }
 
+/// One end of a socket pair whose other end played a typed-ipc of another release refusing
+/// this one: it said its wire version (a bare header) and hung up. Also that version.
+pub fn peer_said_another_version() -> (Socket, u8) {
+    use std::os::fd::{AsFd, AsRawFd};
+    use typed_ipc::wire::{Header, Kind, VERSION};
+    let (ours, theirs) = Socket::pair().unwrap();
+    let other = VERSION.wrapping_add(1);
+    let mut header = Header {
+        kind: Kind::First,
+        fds: 0,
+        total_len: 0,
+        total_fds: 0,
+    }
+    .encode();
+    header[2] = other;
+    let raw = theirs.as_fd().as_raw_fd();
+    nix::sys::socket::send(raw, &header, nix::sys::socket::MsgFlags::empty()).unwrap();
+    (ours, other)
+}
+
 /// Fds of this process whose `/proc/self/fd` link starts with `prefix` (`"pipe:"`,
 /// `"/memfd:typed-ipc-buffer"`).
 pub fn fds_named(prefix: &str) -> u64 {

@@ -1414,15 +1414,7 @@ fn a_thread_waiting_to_send_sees_room_while_the_reader_waits_for_the_rest_of_a_m
     // (Only keeps a regression from hanging.)
     const GUARD: Duration = Duration::from_secs(20);
     let (a, b) = Connection::pair().unwrap();
-    let held = a.socket().hold_recv();
-    // The serving thread takes the reader role, and waits for the receive lock.
-    let runner = {
-        let a = a.clone();
-        std::thread::spawn(move || a.run())
-    };
-    wait_until("the serving thread takes the reader role", || {
-        a.shared.state.lock().reading
-    });
+    let (held, runner) = run_held_up(&a);
     let filler = {
         let a = a.clone();
         std::thread::spawn(move || a.oneway(&IFACE, 1, &"x".repeat(32 << 20), None))
@@ -1605,19 +1597,9 @@ fn a_send_waiting_at_the_bounds_of_the_queue_times_out() {
     runner.join().unwrap().unwrap();
 }
 
-/// A send that finds the peer gone while another thread holds the reader role: the peer
-/// said something first (here that it speaks another wire version, as a peer of another
-/// release says on the first message it reads, and hangs up), which that reader is about to
-/// read. The sender waits until it has, and reports what the peer said rather than a bare
-/// `Disconnected` (which it did, and a thread that only sends oneways never learnt more).
-#[test]
-fn a_send_to_a_peer_gone_waits_for_the_reader_to_read_why() {
-    use crate::wire::{Header, Kind as Part, VERSION};
-    use nix::sys::socket::{MsgFlags, send};
-    use std::os::fd::AsRawFd;
-
-    let (ours, theirs) = crate::Socket::pair().unwrap();
-    let a = Connection::new(ours);
+/// A serving thread of `a` that has taken the reader role and waits for the receive lock,
+/// which the guard holds until it is dropped.
+fn run_held_up(a: &Connection) -> (impl Sized + '_, std::thread::JoinHandle<Result<()>>) {
     let held = a.socket().hold_recv();
     let runner = {
         let a = a.clone();
@@ -1626,16 +1608,40 @@ fn a_send_to_a_peer_gone_waits_for_the_reader_to_read_why() {
     wait_until("the serving thread takes the reader role", || {
         a.shared.state.lock().reading
     });
+    (held, runner)
+}
+
+/// The wire version of a peer of another release (the next one).
+pub(crate) const OTHER_VERSION: u8 = crate::wire::VERSION.wrapping_add(1);
+
+/// Plays, on `theirs`, a peer of another release refusing this end: it says its version
+/// (a bare header, as `Socket::refused_header` sends) and hangs up.
+pub(crate) fn say_another_version_and_hang_up(theirs: crate::Socket) {
+    use crate::wire::{Header, Kind};
+    use nix::sys::socket::{MsgFlags, send};
+    use std::os::fd::AsRawFd;
     let mut header = Header {
-        kind: Part::First,
+        kind: Kind::First,
         fds: 0,
         total_len: 0,
         total_fds: 0,
     }
     .encode();
-    header[2] = VERSION.wrapping_add(1);
+    header[2] = OTHER_VERSION;
     send(theirs.as_fd().as_raw_fd(), &header, MsgFlags::empty()).unwrap();
-    drop(theirs);
+}
+
+/// A send that finds the peer gone while another thread holds the reader role: the peer
+/// said something first (here that it speaks another wire version, as a peer of another
+/// release says on the first message it reads, and hangs up), which that reader is about to
+/// read. The sender waits until it has, and reports what the peer said rather than a bare
+/// `Disconnected` (which it did, and a thread that only sends oneways never learnt more).
+#[test]
+fn a_send_to_a_peer_gone_waits_for_the_reader_to_read_why() {
+    let (ours, theirs) = crate::Socket::pair().unwrap();
+    let a = Connection::new(ours);
+    let (held, runner) = run_held_up(&a);
+    say_another_version_and_hang_up(theirs);
     let sender = {
         let a = a.clone();
         std::thread::spawn(move || a.oneway(&IFACE, 1, &"x", None))
@@ -1645,7 +1651,7 @@ fn a_send_to_a_peer_gone_waits_for_the_reader_to_read_why() {
     });
     drop(held);
     match sender.join().unwrap() {
-        Err(Error::VersionMismatch { theirs, .. }) => assert_eq!(theirs, VERSION.wrapping_add(1)),
+        Err(Error::VersionMismatch { theirs, .. }) => assert_eq!(theirs, OTHER_VERSION),
         other => panic!("expected VersionMismatch, got {other:?}"),
     }
     assert!(matches!(
@@ -1812,37 +1818,17 @@ fn a_send_to_a_peer_gone_waits_for_the_reader_only_until_its_deadline() {
 /// and went.)
 #[test]
 fn a_reader_whose_peer_hung_up_on_a_message_unread_still_reads_what_it_said() {
-    use crate::wire::{Header, Kind as Part, VERSION};
-    use nix::sys::socket::{MsgFlags, send};
-    use std::os::fd::AsRawFd;
-
     let (ours, theirs) = crate::Socket::pair().unwrap();
     let a = Connection::new(ours);
     // Sent while the peer is there; it never reads it.
     a.oneway(&IFACE, 1, &"x", None).unwrap();
-    let held = a.socket().hold_recv();
-    let runner = {
-        let a = a.clone();
-        std::thread::spawn(move || a.run())
-    };
-    wait_until("the serving thread takes the reader role", || {
-        a.shared.state.lock().reading
-    });
-    let mut header = Header {
-        kind: Part::First,
-        fds: 0,
-        total_len: 0,
-        total_fds: 0,
-    }
-    .encode();
-    header[2] = VERSION.wrapping_add(1);
-    send(theirs.as_fd().as_raw_fd(), &header, MsgFlags::empty()).unwrap();
-    drop(theirs);
+    let (held, runner) = run_held_up(&a);
+    say_another_version_and_hang_up(theirs);
     drop(held);
     let ran = runner.join().unwrap();
     assert!(matches!(ran, Err(Error::VersionMismatch { .. })), "{ran:?}");
     match a.oneway(&IFACE, 1, &"x", None) {
-        Err(Error::VersionMismatch { theirs, .. }) => assert_eq!(theirs, VERSION.wrapping_add(1)),
+        Err(Error::VersionMismatch { theirs, .. }) => assert_eq!(theirs, OTHER_VERSION),
         other => panic!("expected VersionMismatch, got {other:?}"),
     }
 }

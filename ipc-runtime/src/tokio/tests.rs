@@ -1289,9 +1289,6 @@ fn a_oneway_to_a_peer_gone_does_not_wait_for_a_reader_paused_at_the_bounds() {
 #[test]
 fn an_async_reader_whose_peer_hung_up_on_a_message_unread_still_reads_what_it_said() {
     use crate::connection::tests::BULK;
-    use crate::wire::{Header, Kind, VERSION};
-    use nix::sys::socket::{MsgFlags, send};
-    use std::os::fd::AsRawFd;
 
     let runtime = ::tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -1304,16 +1301,7 @@ fn an_async_reader_whose_peer_hung_up_on_a_message_unread_still_reads_what_it_sa
         conn.oneway(&BULK, 3, (), None).await.unwrap();
         conn
     });
-    let mut header = Header {
-        kind: Kind::First,
-        fds: 0,
-        total_len: 0,
-        total_fds: 0,
-    }
-    .encode();
-    header[2] = VERSION.wrapping_add(1);
-    send(theirs.as_fd().as_raw_fd(), &header, MsgFlags::empty()).unwrap();
-    drop(theirs);
+    crate::connection::tests::say_another_version_and_hang_up(theirs);
     let ran = runtime.block_on(conn.run());
     assert!(
         matches!(ran, Err(crate::Error::VersionMismatch { .. })),
