@@ -108,24 +108,20 @@ impl fmt::Display for Error {
                 size,
                 limit,
                 by_peer,
-            } => {
-                let whose = if *by_peer { "the peer's" } else { "the" };
-                write!(
-                    f,
-                    "message of {size} bytes exceeds {whose} limit of {limit} bytes"
-                )
-            }
+            } => write!(
+                f,
+                "message of {size} bytes exceeds {} limit of {limit} bytes",
+                whose(*by_peer)
+            ),
             Error::TooManyFds {
                 count,
                 limit,
                 by_peer,
-            } => {
-                let whose = if *by_peer { "the peer's" } else { "the" };
-                write!(
-                    f,
-                    "message carries {count} file descriptors, {whose} limit is {limit}"
-                )
-            }
+            } => write!(
+                f,
+                "message carries {count} file descriptors, {} limit is {limit}",
+                whose(*by_peer)
+            ),
             Error::FdsDropped { expected, received } => write!(
                 f,
                 "the kernel dropped file descriptors ({received} of {expected} arrived): \
@@ -146,6 +142,11 @@ impl fmt::Display for Error {
             Error::Io(e) => write!(f, "{e}"),
         }
     }
+}
+
+/// Whose limit a `TooLarge` or `TooManyFds` says was exceeded.
+fn whose(by_peer: bool) -> &'static str {
+    if by_peer { "the peer's" } else { "the" }
 }
 
 impl Error {

@@ -333,10 +333,7 @@ impl Shared {
     #[cold]
     #[inline(never)]
     pub(super) fn say_end_unlocked(&self) {
-        let line = self.state.lock().end_unsaid.take();
-        if let Some(line) = line {
-            super::trace::line(&line);
-        }
+        drop(self.say_end_with_lock_let_go(self.state.lock()));
     }
 
     /// Traces a message as received, if tracing is on: a reply, or a request that will not

@@ -184,9 +184,7 @@ impl Shared {
         let (_state, taken) = self.route(self.state.lock(), frame, result, Reader::Sender);
         debug_assert!(taken.is_none(), "a sender takes nothing for itself");
     }
-}
 
-impl Shared {
     /// Why a send failed, from its error `e`: for a peer gone (`Disconnected`: `EPIPE`), what
     /// the peer said before it went, if this end has not read it yet, so that the caller
     /// hears that the peer speaks another wire version, say, and not only that it hung up
