@@ -7,9 +7,10 @@
 //! (which may race) and writing it to the destination. The worst a concurrent writer can do is
 //! change which values are copied.
 //!
-//! Why not one `rep movsb`, as here before: on AMD Zen 4 (the EPYC hosts these VMs sometimes
-//! run on) `rep movsb` slows down sharply when the destination lies a short distance ahead of
-//! the source, counted modulo 4 KiB: 15–25x at 1–15 bytes, 1.5–2x at 16–31. The region's bytes
+//! Why not one `rep movsb`, as here before: on the AMD EPYC host these VMs sometimes run on,
+//! `rep movsb` slows down sharply when the destination lies a short distance ahead of the
+//! source, counted modulo 4 KiB: 15–25x at 1–15 bytes, 1.5–2x at 16–31 (on 2026-12-04, with
+//! cpuinfo saying Zen 3, 10–16x at every distance from 1 to 31). The region's bytes
 //! start on a page and glibc's `malloc` puts a large block 16 bytes past one, so every large
 //! string received hit the milder case (16 MiB in 2.1–2.3x `memcpy`'s time), and a caller's
 //! bytes can meet the worse one. A loop of 32-byte loads and aligned 32-byte stores (what

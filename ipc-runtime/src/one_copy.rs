@@ -8,9 +8,9 @@
 //! page it copies, and that is the work that differs (a bare syscall, too: ~0.1 against
 //! 0.18–0.25 µs). Written strings took 1.75x a `memcpy` at 1 MiB on the Xeon and 4.4x on the
 //! EPYC, against 3.2x and 2.9x through the region. So the choice is measured: a *probe*
-//! copies 256 KiB within this process both ways, with `process_vm_readv` and with `memcpy`
-//! (the fastest of three each), and one copy is used while the kernel's takes at most
-//! [`THRESHOLD`] times the `memcpy`. The probe runs when a string first could take one copy,
+//! copies 256 KiB within this process, between two buffers that start on pages, both ways:
+//! with `process_vm_readv` and with `memcpy` (the fastest of three each), and one copy is used
+//! while the kernel's takes at most [`THRESHOLD`] times the `memcpy`. The probe runs when a string first could take one copy,
 //! and again when one could and the last probe is [`REPROBE`] old: 0.3–0.5 ms on the EPYC
 //! host (mostly faulting in its two buffers), at most every ten seconds, and no memory kept.
 //!
@@ -53,6 +53,8 @@ const THRESHOLD: f64 = 2.0;
 const REPROBE: Duration = Duration::from_secs(10);
 /// Bytes the probe copies: the smallest string that takes one copy.
 const PROBE: usize = crate::peer_memory::MIN;
+/// The distance that matters to `rep movsb` is counted modulo a page.
+const PAGE: usize = 4096;
 
 /// `0`: not read from the environment yet; else a [`OneCopy`] + 1.
 static POLICY: AtomicU8 = AtomicU8::new(0);
@@ -71,19 +73,21 @@ pub(crate) fn pays() -> bool {
 }
 
 /// Whether a string at `src` that [`pays`] to write should take the region instead, because
-/// it would land at `dst` in the peer 1–15 bytes ahead of where it lies, counted modulo 4 KiB.
-/// There the kernel's copy (`rep movsb`) runs 4–6x slower on AMD Zen 4: `process_vm_writev` of
-/// 1 MiB within one process took 78–100 µs at distances 0 and 16–4,088, 388–555 µs at 1–15
+/// it would land at `dst` in the peer 1–31 bytes ahead of where it lies, counted modulo 4 KiB.
+/// There the kernel's copy (`rep movsb`) runs 4–6x slower on the AMD EPYC host:
+/// `process_vm_writev` of 1 MiB within one process took 78–100 µs at distances 0 and
+/// 16–4,088, 388–555 µs at 1–15 until 2026-12-03; on 2026-12-04 (the host's cpuinfo: family
+/// 25, model 1, Zen 3) 89–100 µs at 0 and 32–4,095, 420–436 µs at 1–31
 /// (`ipc-bench --bin copies` times it).
-/// The probe's two buffers lie alike, so it cannot see this. Only a measured choice steps
-/// aside (for 15 in 4,096 placements, if they fall at random); `Always` writes anyway.
+/// The probe's two buffers both start on a page ([`on_pages`]), so it cannot see this. Only a measured choice steps
+/// aside (for 31 in 4,096 placements, if they fall at random); `Always` writes anyway.
 pub(crate) fn too_close(src: usize, dst: u64) -> bool {
     policy() == OneCopy::Measured && short_distance(src as u64, dst)
 }
 
-/// `dst` lies 1–15 bytes ahead of `src`, counted modulo 4 KiB.
+/// `dst` lies 1–31 bytes ahead of `src`, counted modulo 4 KiB.
 fn short_distance(src: u64, dst: u64) -> bool {
-    (1..16).contains(&(dst.wrapping_sub(src) % 4096))
+    (1..32).contains(&(dst.wrapping_sub(src) % PAGE as u64))
 }
 
 fn policy() -> OneCopy {
@@ -163,8 +167,10 @@ fn probe() -> Option<(Duration, Duration)> {
         }
         Some(best)
     }
-    let source = vec![1u8; PROBE];
-    let mut target = vec![0u8; PROBE];
+    let mut buffer = vec![0u8; 2 * PROBE + PAGE];
+    let (source, target) = on_pages(&mut buffer);
+    source.fill(1);
+    let source = &*source;
     // SAFETY: getpid has no preconditions.
     let pid = unsafe { libc::getpid() };
     let kernel = fastest(|| {
@@ -182,11 +188,24 @@ fn probe() -> Option<(Duration, Duration)> {
         n == PROBE as isize
     })?;
     let memcpy = fastest(|| {
-        target.copy_from_slice(black_box(&source));
+        target.copy_from_slice(black_box(source));
         black_box(&target);
         true
     })?;
     Some((kernel, memcpy))
+}
+
+/// [`PROBE`] bytes for the probe's source and as many for its target, out of `buffer`, both
+/// starting on a page. Where `malloc` puts two blocks is luck: once a large block has been
+/// freed, glibc serves 256 KiB from its heap, the second block 16 bytes ahead of the first
+/// counted modulo 4 KiB, and there `memcpy` (`rep movsb`) took 88 µs against 7 µs on the
+/// EPYC host. The probe then read 1.25x and chose one copy, slower than the region there
+/// (the 2026-12-04 benchmark run). The region's copies avoid such distances
+/// ([`crate::bulk_copy`]) and [`too_close`] keeps one copy away from them, so the probe
+/// compares the two copies where neither falls off that cliff.
+fn on_pages(buffer: &mut [u8]) -> (&mut [u8], &mut [u8]) {
+    let start = buffer.as_ptr().align_offset(PAGE);
+    buffer[start..start + 2 * PROBE].split_at_mut(PROBE)
 }
 
 #[cfg(test)]
@@ -202,18 +221,19 @@ mod tests {
     }
 
     #[test]
-    fn a_short_distance_is_1_to_15_bytes_ahead_modulo_4_kib() {
+    fn a_short_distance_is_1_to_31_bytes_ahead_modulo_4_kib() {
         let page = 7 << 12;
         assert!(!short_distance(page, page));
         assert!(short_distance(page, page + 1));
-        assert!(short_distance(page, page + 15));
-        assert!(!short_distance(page, page + 16));
+        assert!(short_distance(page, page + 16));
+        assert!(short_distance(page, page + 31));
+        assert!(!short_distance(page, page + 32));
         assert!(short_distance(page + 4090, page + 4096 + 4)); // across a page: 10 ahead
-        assert!(short_distance(page + 100, page + 4096 + 108)); // a page and 8 ahead
+        assert!(short_distance(page + 100, page + 4096 + 124)); // a page and 24 ahead
         assert!(!short_distance(page + 8, page)); // behind
         assert!(!short_distance(page + 1, page)); // 1 behind: 4,095 ahead
         assert!(!short_distance(page, page + 4096)); // a whole page ahead
-        assert!(short_distance(u64::MAX - 3, 4)); // wrapping: 8 ahead
+        assert!(short_distance(u64::MAX - 3, 20)); // wrapping: 24 ahead
     }
 
     #[test]
@@ -222,6 +242,18 @@ mod tests {
         assert_eq!(parse("never"), Some(OneCopy::Never));
         assert_eq!(parse("measured"), Some(OneCopy::Measured));
         assert_eq!(parse("1"), None);
+    }
+
+    #[test]
+    fn the_probes_buffers_start_on_pages_wherever_the_allocation_lies() {
+        let mut buffer = vec![0u8; 2 * PROBE + 3 * PAGE];
+        let page = buffer.as_ptr().align_offset(PAGE);
+        for skew in [0, 1, 16, 4095] {
+            let (source, target) = on_pages(&mut buffer[page + skew..][..2 * PROBE + PAGE]);
+            assert_eq!((source.len(), target.len()), (PROBE, PROBE));
+            assert_eq!(source.as_ptr() as usize % PAGE, 0, "skew {skew}");
+            assert_eq!(target.as_ptr() as usize % PAGE, 0, "skew {skew}");
+        }
     }
 
     #[test]

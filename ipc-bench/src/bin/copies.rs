@@ -14,7 +14,7 @@
 //! `RegionView` ran before 2026-12-02. Each cell is the median of many samples (copies under
 //! 64 KiB timed in batches), the ways taking turns in a rotating order. `RegionView` reads
 //! through the region's second, read-only mapping, as a receiver does. Prints markdown. On
-//! AMD Zen 4, `rep movsb` (which glibc's `memcpy` runs from 2,112 bytes to 1 MiB) slows down
+//! the AMD EPYC host, `rep movsb` (which glibc's `memcpy` runs from 2,112 bytes to 1 MiB) slows down
 //! sharply when the destination lies a few bytes ahead of the source: see
 //! `docs/benchmarks-bulk.md`, "Copies at every alignment". A second table times the kernel's
 //! copy (`process_vm_writev` within this process, as a parent writing into its worker) by the
@@ -85,7 +85,7 @@ fn kernel_copies() {
     let src = &src[src.as_ptr().align_offset(page)..][..LEN];
     println!("\n| `process_vm_writev` of 1 MiB, destination | time |");
     println!("| --- | ---: |");
-    for distance in [0usize, 1, 2, 4, 8, 12, 15, 16, 32, 64, 2048, 4095] {
+    for distance in [0usize, 1, 2, 4, 8, 12, 15, 16, 24, 31, 32, 64, 2048, 4095] {
         let at = &mut dst[base + distance..][..LEN];
         let [t] = race(200, 1, at, [&mut |at| write_into_self(at, src)]);
         println!("| {distance} bytes ahead | {t:.1} µs |");
