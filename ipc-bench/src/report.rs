@@ -156,8 +156,9 @@ pub fn markdown(machine: &Machine, passes: &[Pass], rows: &[Row], elapsed: Durat
          pinned with `sched_setaffinity`. **calls** (0 B–4 KiB): the client sends N bytes, \
          the server echoes them; ratio to `floor` (`+fd` rows: to `floor+fd`). **bulk** \
          (64 KiB–16 MiB): the client sends N bytes, the server takes them as owned bytes and \
-         replies with their count; ratio to `memcpy` of N bytes. Each cell: warm-up, then \
-         {REPETITIONS} repetitions of about {} (≥ {} samples), every call timed on its own \
+         replies with their count; ratio to `memcpy` of N bytes (between two buffers on \
+         pages). Each cell: warm-up, then {REPETITIONS} repetitions of about {} \
+         (≥ {} samples), every call timed on its own \
          (calls under 2 µs in batches); all servers of a pass run at once and the \
          repetitions of a cell go round the systems in turn, so a ratio compares figures \
          taken seconds apart, not minutes; median and p99 are the median over repetitions of \

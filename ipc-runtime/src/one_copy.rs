@@ -10,9 +10,10 @@
 //! EPYC, against 3.2x and 2.9x through the region. So the choice is measured: a *probe*
 //! copies 256 KiB within this process, between two buffers that start on pages, both ways:
 //! with `process_vm_readv` and with `memcpy` (the fastest of three each), and one copy is used
-//! while the kernel's takes at most [`THRESHOLD`] times the `memcpy`. The probe runs when a string first could take one copy,
-//! and again when one could and the last probe is [`REPROBE`] old: 0.3–0.5 ms on the EPYC
-//! host (mostly faulting in its two buffers), at most every ten seconds, and no memory kept.
+//! while the kernel's takes at most [`THRESHOLD`] times the `memcpy`. The probe runs when a
+//! string first could take one copy, and again when one could and the last probe is
+//! [`REPROBE`] old: 0.3–0.5 ms on the EPYC host (mostly faulting in its two buffers), at most
+//! every ten seconds, and no memory kept.
 //!
 //! [`set_one_copy`] or `TYPED_IPC_ONE_COPY=always|never|measured` in the environment overrides
 //! the measurement for the whole process (tests that must see one path use it).
@@ -79,8 +80,9 @@ pub(crate) fn pays() -> bool {
 /// 16–4,088, 388–555 µs at 1–15 until 2026-12-03; on 2026-12-04 (the host's cpuinfo: family
 /// 25, model 1, Zen 3) 89–100 µs at 0 and 32–4,095, 420–436 µs at 1–31
 /// (`ipc-bench --bin copies` times it).
-/// The probe's two buffers both start on a page ([`on_pages`]), so it cannot see this. Only a measured choice steps
-/// aside (for 31 in 4,096 placements, if they fall at random); `Always` writes anyway.
+/// The probe's two buffers both start on a page ([`on_pages`]), so it cannot see this. Only a
+/// measured choice steps aside (for 31 in 4,096 placements, if they fall at random); `Always`
+/// writes anyway.
 pub(crate) fn too_close(src: usize, dst: u64) -> bool {
     policy() == OneCopy::Measured && short_distance(src as u64, dst)
 }
