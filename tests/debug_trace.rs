@@ -505,6 +505,57 @@ fn the_end_is_said_after_an_async_caller_holding_stderr_is_answered() {
     assert_ended_once_each(&stderr);
 }
 
+/// Serves on a thread, answers one call, then stops reading; serving returns.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_stopped_reading() {
+    let (client, server) = typed_ipc::Connection::pair().unwrap();
+    let serving = {
+        let server = server.clone();
+        std::thread::spawn(move || LabServer::new(Impl).serve(server))
+    };
+    assert_eq!(LabClient::new(client).reverse("hi".into()).unwrap(), "ih");
+    server.stop_reading();
+    serving.join().unwrap().unwrap();
+}
+
+/// [`child_stopped_reading`], async.
+#[cfg(feature = "tokio")]
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_stopped_reading_async() {
+    use typed_ipc::tokio::AsyncConnection;
+    common::current_thread_runtime().block_on(async {
+        let (a, b) = typed_ipc::Socket::pair().unwrap();
+        let server = AsyncConnection::new(a).unwrap();
+        let client = asynchronous::LabClient::new(AsyncConnection::new(b).unwrap());
+        let serving = asynchronous::LabServer::new(asynchronous::Impl).serve(server.clone());
+        let calling = async {
+            assert_eq!(client.reverse("hi".into()).await.unwrap(), "ih");
+            server.stop_reading();
+        };
+        let (served, ()) = tokio::join!(serving, calling);
+        served.unwrap();
+    });
+}
+
+/// A connection whose reading this side stopped says so, not that the peer went: its reader
+/// reads the end of the stream either way.
+#[test]
+fn a_connection_that_stopped_reading_says_so() {
+    let stderr = traced_stderr("child_stopped_reading");
+    assert_line(&stderr, "-- Ended: this side stopped reading");
+    assert!(!stderr.contains("-- Ended: peer disconnected"), "{stderr}");
+}
+
+/// The same, async.
+#[cfg(feature = "tokio")]
+#[test]
+fn an_async_connection_that_stopped_reading_says_so() {
+    let stderr = traced_stderr("child_stopped_reading_async");
+    assert_line(&stderr, "-- Ended: this side stopped reading");
+}
+
 /// Serves a peer that sends a datagram that is no message of this protocol, then says what
 /// serving returned (`serve: ...`).
 #[test]

@@ -227,10 +227,24 @@ struct State {
     /// This end closed the connection ([`Connection::close`]): no request runs from then on,
     /// and those read after it are dropped.
     closed_here: bool,
+    /// This end stopped reading ([`Connection::stop_reading`]), for the traced line saying
+    /// why the connection ended.
+    stopped_reading: bool,
     /// The traced line saying why the connection ended, until a thread that let the lock go
     /// prints it ([`Shared::say_end`]): said under the lock, it would wait for stderr's
     /// lock, whose holder may be waiting for this connection.
     end_unsaid: Option<String>,
+}
+
+impl State {
+    /// What this end did that ends the connection, for the traced line saying why.
+    fn ended_here(&self) -> trace::EndedHere {
+        match (self.closed_here, self.stopped_reading) {
+            (true, _) => trace::EndedHere::Closed,
+            (false, true) => trace::EndedHere::StoppedReading,
+            (false, false) => trace::EndedHere::No,
+        }
+    }
 }
 
 impl Connection {
@@ -368,6 +382,7 @@ impl Connection {
     /// requests already running finish and their replies go out. Serving threads return once
     /// they are done. Used for graceful shutdown.
     pub fn stop_reading(&self) {
+        self.shared.state.lock().stopped_reading = true;
         let _ = self.shared.socket.shutdown_read();
     }
 

@@ -456,7 +456,7 @@ impl Shared {
             }
             if self.trace {
                 // Printed once the lock is let go, as a message's line (`say_end`).
-                state.end_unsaid = Some(super::trace::ended(&why, state.closed_here));
+                state.end_unsaid = Some(super::trace::ended(&why, state.ended_here()));
             }
             state.closed = Some(why);
             self.ended.store(true, Ordering::Release);

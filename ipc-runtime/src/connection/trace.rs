@@ -112,16 +112,49 @@ fn counted(n: usize, what: &str) -> String {
     }
 }
 
+/// What this end did that ended its connection, for the line [`ended`] says: the reader that
+/// reads the end of the stream cannot tell a shutdown of ours from the peer's hang-up.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum EndedHere {
+    /// Nothing: the peer hung up, or an error ended it.
+    #[default]
+    No,
+    /// `close`.
+    Closed,
+    /// `stop_reading`.
+    StoppedReading,
+    /// The last handle of an async connection was dropped.
+    Dropped,
+}
+
+impl EndedHere {
+    /// Back from `self as u8`, as an atomic holds it.
+    pub(crate) fn from_u8(n: u8) -> EndedHere {
+        match n {
+            0 => EndedHere::No,
+            1 => EndedHere::Closed,
+            2 => EndedHere::StoppedReading,
+            _ => EndedHere::Dropped,
+        }
+    }
+}
+
 /// The line saying that the connection ended, for [`line()`]: `why`, as every caller still
-/// waiting gets it, or that this side closed it (`here`, which callers see as the peer
-/// gone). Printed by the caller once it holds no lock of the connection's and has woken
-/// whoever waits: a thread that holds stderr's lock may be waiting for the connection.
+/// waiting gets it, or what this side did (`here`), which callers see as the peer gone.
+/// Printed by the caller once it holds no lock of the connection's and has woken whoever
+/// waits: a thread that holds stderr's lock may be waiting for the connection.
 #[cold]
 #[inline(never)]
-pub(crate) fn ended(why: &crate::error::Error, here: bool) -> String {
-    let why = match why {
-        crate::error::Error::Disconnected if here => "closed by this side".to_string(),
-        why => why.to_string(),
+pub(crate) fn ended(why: &crate::error::Error, here: EndedHere) -> String {
+    let why = match (why, here) {
+        (crate::error::Error::Disconnected, EndedHere::Closed) => "closed by this side",
+        (crate::error::Error::Disconnected, EndedHere::StoppedReading) => {
+            "this side stopped reading"
+        }
+        (crate::error::Error::Disconnected, EndedHere::Dropped) => {
+            "closed by this side: its last handle was dropped"
+        }
+        (why, _) => &why.to_string(),
     };
     format!("typed-ipc[{}] -- Ended: {why}", std::process::id())
 }
@@ -194,6 +227,43 @@ pub(crate) fn incoming<'i>(
 
 #[cfg(test)]
 mod tests {
+    use super::EndedHere;
+    use crate::error::Error;
+
+    #[test]
+    fn the_end_says_what_this_side_did_when_the_peer_seems_gone() {
+        let said = |why: Error, here| {
+            super::ended(&why, here)
+                .split_once("] ")
+                .unwrap()
+                .1
+                .to_owned()
+        };
+        for (here, want) in [
+            (EndedHere::No, "peer disconnected"),
+            (EndedHere::Closed, "closed by this side"),
+            (EndedHere::StoppedReading, "this side stopped reading"),
+            (
+                EndedHere::Dropped,
+                "closed by this side: its last handle was dropped",
+            ),
+        ] {
+            assert_eq!(said(Error::Disconnected, here), format!("-- Ended: {want}"));
+        }
+        // An error is said as it is, whatever this side did.
+        let malformed = Error::Malformed("bad".into());
+        let text = format!("-- Ended: {malformed}");
+        assert_eq!(said(malformed, EndedHere::StoppedReading), text);
+        for here in [
+            EndedHere::No,
+            EndedHere::Closed,
+            EndedHere::StoppedReading,
+            EndedHere::Dropped,
+        ] {
+            assert_eq!(EndedHere::from_u8(here as u8), here);
+        }
+    }
+
     #[test]
     fn counts_read_as_words() {
         assert_eq!(super::counted(0, "fd"), "0 fds");

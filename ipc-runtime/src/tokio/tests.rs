@@ -252,6 +252,40 @@ fn an_async_refused_oneway_gives_the_lane_back() {
     calling.join().unwrap();
 }
 
+/// Dropping the last handle of a connection shuts its socket down, and its reader then reads
+/// the end of the stream as if the peer had hung up: the connection notes which it was, for
+/// the traced line that says why it ended. `stop_reading` before the drop is what is said.
+#[test]
+fn the_end_is_noted_as_this_sides_when_the_last_handle_goes_or_it_stopped_reading() {
+    use crate::connection::trace::EndedHere;
+
+    let runtime = ::tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _entered = runtime.enter();
+    let (a, _peer) = Socket::pair().unwrap();
+    let conn = super::AsyncConnection::new(a).unwrap();
+    let ended_here = conn.test_ended_here();
+    let clone = conn.clone();
+    drop(conn);
+    assert_eq!(ended_here(), EndedHere::No, "a handle is left");
+    drop(clone);
+    assert_eq!(ended_here(), EndedHere::Dropped);
+
+    let (a, _peer) = Socket::pair().unwrap();
+    let conn = super::AsyncConnection::new(a).unwrap();
+    let ended_here = conn.test_ended_here();
+    conn.stop_reading();
+    assert_eq!(ended_here(), EndedHere::StoppedReading);
+    drop(conn);
+    assert_eq!(
+        ended_here(),
+        EndedHere::StoppedReading,
+        "said first, so said"
+    );
+}
+
 /// A small message normally goes out at once from the sending thread's buffer; one that finds
 /// the socket full takes its bytes along and waits, and the messages after it wait behind it
 /// (even once there is room), in order, with their bytes intact.

@@ -22,7 +22,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::path::Path;
 use std::pin::pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use parking_lot::{Mutex, MutexGuard, RwLock};
@@ -65,6 +65,7 @@ struct Owner(Arc<Inner>);
 
 impl Drop for Owner {
     fn drop(&mut self) {
+        self.0.ended_here(trace::EndedHere::Dropped);
         self.0.hang_up(Socket::shutdown);
     }
 }
@@ -112,6 +113,10 @@ pub(super) struct Inner {
     /// This end closed the connection ([`AsyncConnection::close`]): the requests not started
     /// by then never run, and those read after it are dropped.
     closed_here: AtomicBool,
+    /// What else of this end's ended the connection ([`trace::EndedHere`] as a `u8`): the
+    /// first of [`AsyncConnection::stop_reading`] and dropping the last handle, for the
+    /// traced line saying why it ended.
+    ended_here: AtomicU8,
     /// Signalled once `State::closed` is set, and when the reader starts to wait for `room`
     /// (it reads nothing then), for a sender that found the peer gone and waits to learn why
     /// (`Inner::why_unsent`).
@@ -211,6 +216,7 @@ impl AsyncConnection {
             room: Notify::new(),
             hung_up: AtomicBool::new(false),
             closed_here: AtomicBool::new(false),
+            ended_here: AtomicU8::new(trace::EndedHere::No as u8),
             ended: Notify::new(),
             next_cookie: AtomicU64::new(1),
             services: RwLock::new(Vec::new()),
@@ -289,6 +295,14 @@ impl AsyncConnection {
         (all, self.inner.lock().idle_runners.len())
     }
 
+    /// What this end did that ends the connection, as its traced line will say, read through
+    /// a handle that does not keep the connection open.
+    #[cfg(test)]
+    pub(super) fn test_ended_here(&self) -> impl Fn() -> trace::EndedHere + use<> {
+        let inner = Arc::clone(&self.inner);
+        move || trace::EndedHere::from_u8(inner.ended_here.load(Ordering::SeqCst))
+    }
+
     /// Whether the reader waits for room, at the backlog's bounds.
     #[cfg(test)]
     pub(super) fn test_reader_paused(&self) -> bool {
@@ -340,6 +354,7 @@ impl AsyncConnection {
     /// requests already running finish and their replies go out, then
     /// [`AsyncConnection::run`] returns. Used for graceful shutdown.
     pub fn stop_reading(&self) {
+        self.inner.ended_here(trace::EndedHere::StoppedReading);
         self.inner.hang_up(Socket::shutdown_read);
     }
 
@@ -537,6 +552,12 @@ impl Inner {
     /// Shuts the socket down with `shutdown` (all of it, or its reading side): the peer sees
     /// it, the reader sees the end, and a reader waiting for room (which reads nothing, so
     /// would not see it) stops waiting.
+    /// Notes what this end did that ends the connection, unless it did something before.
+    fn ended_here(&self, what: trace::EndedHere) {
+        let (none, seq) = (trace::EndedHere::No as u8, Ordering::SeqCst);
+        let _ = self.ended_here.compare_exchange(none, what as u8, seq, seq);
+    }
+
     fn hang_up(&self, shutdown: impl FnOnce(&Socket) -> Result<()>) {
         let _ = shutdown(self.socket());
         self.hung_up.store(true, Ordering::SeqCst);
