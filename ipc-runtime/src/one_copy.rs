@@ -12,8 +12,8 @@
 //! with `process_vm_readv` and with `memcpy` (the fastest of three each), and one copy is used
 //! while the kernel's takes at most [`THRESHOLD`] times the `memcpy`. The probe runs when a
 //! string first could take one copy, and again when one could and the last probe is
-//! [`REPROBE`] old: 0.3–0.5 ms on the EPYC host (mostly faulting in its two buffers), at most
-//! every ten seconds, and no memory kept.
+//! [`REPROBE`] old: 0.4–0.8 ms on the EPYC host (faulting in its two buffers, and the kernel's
+//! copy 16 bytes ahead, [`too_close`]), at most every ten seconds, and no memory kept.
 //!
 //! [`set_one_copy`] or `TYPED_IPC_ONE_COPY=always|never|measured` in the environment overrides
 //! the measurement for the whole process (tests that must see one path use it).
@@ -61,6 +61,8 @@ const PAGE: usize = 4096;
 static POLICY: AtomicU8 = AtomicU8::new(0);
 /// The last probe's verdict, for threads that find another one probing.
 static PAYS: AtomicBool = AtomicBool::new(false);
+/// The last probe found the kernel's copy slow 16 bytes ahead too ([`too_close`]).
+static WIDE_CLIFF: AtomicBool = AtomicBool::new(true);
 /// When the last probe ran.
 static PROBED: Mutex<Option<Instant>> = Mutex::new(None);
 
@@ -74,22 +76,30 @@ pub(crate) fn pays() -> bool {
 }
 
 /// Whether a string at `src` that [`pays`] to write should take the region instead, because
-/// it would land at `dst` in the peer 1–31 bytes ahead of where it lies, counted modulo 4 KiB.
-/// There the kernel's copy (`rep movsb`) runs 4–6x slower on the AMD EPYC host:
-/// `process_vm_writev` of 1 MiB within one process took 78–100 µs at distances 0 and
-/// 16–4,088, 388–555 µs at 1–15 until 2026-12-03; on 2026-12-04 (the host's cpuinfo: family
-/// 25, model 1, Zen 3) 89–100 µs at 0 and 32–4,095, 420–436 µs at 1–31
-/// (`ipc-bench --bin copies` times it).
-/// The probe's two buffers both start on a page ([`on_pages`]), so it cannot see this. Only a
-/// measured choice steps aside (for 31 in 4,096 placements, if they fall at random); `Always`
+/// it would land at `dst` in the peer a short distance ahead of where it lies, counted modulo
+/// 4 KiB. There the kernel's copy (`rep movsb`) runs 4–6x slower on the AMD EPYC host, and how
+/// short is short differs from one day's host to the next. `process_vm_writev` of 1 MiB
+/// within one process took:
+/// - until 2026-12-03: 78–100 µs at distances 0 and 16–4,088, 388–555 µs at 1–15;
+/// - on 2026-12-04 (the host's cpuinfo: family 25, model 1, Zen 3): 89–100 µs at 0 and
+///   32–4,095, 420–436 µs at 1–31.
+///
+/// (`ipc-bench --bin copies` times it.) So the probe also times its kernel copy 16 bytes
+/// ahead: slow there ([`cliff_is_wide`]), strings 1–31 bytes ahead step aside, else 1–15. A
+/// page-aligned source (an `mmap`, a
+/// [`SharedBuffer`](crate::shared_buffer::SharedBuffer)) lands 16 bytes ahead in an inbox
+/// `malloc` placed, so on a host without the wide cliff it is still written. Only a measured
+/// choice steps aside (for 15 or 31 in 4,096 placements, if they fall at random); `Always`
 /// writes anyway.
 pub(crate) fn too_close(src: usize, dst: u64) -> bool {
-    policy() == OneCopy::Measured && short_distance(src as u64, dst)
+    policy() == OneCopy::Measured
+        && short_distance(src as u64, dst, WIDE_CLIFF.load(Ordering::Relaxed))
 }
 
-/// `dst` lies 1–31 bytes ahead of `src`, counted modulo 4 KiB.
-fn short_distance(src: u64, dst: u64) -> bool {
-    (1..32).contains(&(dst.wrapping_sub(src) % PAGE as u64))
+/// `dst` lies 1–15 bytes ahead of `src` (with `wide`, 1–31), counted modulo 4 KiB.
+fn short_distance(src: u64, dst: u64, wide: bool) -> bool {
+    let end = if wide { 32 } else { 16 };
+    (1..end).contains(&(dst.wrapping_sub(src) % PAGE as u64))
 }
 
 fn policy() -> OneCopy {
@@ -131,12 +141,18 @@ fn measured() -> bool {
     if probed.is_some_and(|at| at.elapsed() < REPROBE) {
         return PAYS.load(Ordering::Relaxed);
     }
-    let pays = probe().is_some_and(|(kernel, memcpy)| {
-        let pays = verdict(kernel, memcpy);
+    let pays = probe().is_some_and(|probe| {
+        let pays = verdict(probe.kernel, probe.memcpy);
+        let wide = cliff_is_wide(probe.kernel, probe.kernel_16_ahead);
+        WIDE_CLIFF.store(wide, Ordering::Relaxed);
         if trace::enabled() {
             trace::line(&format!(
-                "typed-ipc[{}] one copy: {PROBE} bytes in {kernel:?} through the kernel, {memcpy:?} by memcpy: {}",
+                "typed-ipc[{}] one copy: {PROBE} bytes in {:?} through the kernel ({:?} 16 \
+                 bytes ahead), {:?} by memcpy: {}",
                 std::process::id(),
+                probe.kernel,
+                probe.kernel_16_ahead,
+                probe.memcpy,
                 if pays { "one copy" } else { "two copies" }
             ));
         }
@@ -153,11 +169,28 @@ fn verdict(kernel: Duration, memcpy: Duration) -> bool {
     kernel.as_secs_f64() <= THRESHOLD * memcpy.as_secs_f64()
 }
 
-/// The fastest of three copies of [`PROBE`] bytes within this process through the kernel
-/// (`process_vm_readv`: the same page pinning as a write into a peer) and by `memcpy`; `None`
-/// if the kernel
-/// refuses (then no peer copy would work either).
-fn probe() -> Option<(Duration, Duration)> {
+/// The kernel's copy falls off its cliff 16 bytes ahead too if it takes more than twice as
+/// long there as 0 bytes ahead: 4.2x on the 2026-12-04 host (110 µs against 26 µs for the
+/// probe's 256 KiB); within 1.1x on the earlier one (16 bytes ahead was 119.5 µs for 1 MiB,
+/// 0 bytes ahead 99.5–109.3 µs).
+fn cliff_is_wide(kernel: Duration, kernel_16_ahead: Duration) -> bool {
+    kernel_16_ahead.as_secs_f64() > 2.0 * kernel.as_secs_f64()
+}
+
+/// What a probe timed, each the fastest of three copies of [`PROBE`] bytes.
+struct Probe {
+    /// Through the kernel, between two buffers that start on pages.
+    kernel: Duration,
+    /// Through the kernel, to 16 bytes past a page.
+    kernel_16_ahead: Duration,
+    /// By `memcpy`, between the two buffers on pages.
+    memcpy: Duration,
+}
+
+/// Copies [`PROBE`] bytes within this process through the kernel (`process_vm_readv`: the
+/// same page pinning as a write into a peer) and by `memcpy`; `None` if the kernel refuses
+/// (then no peer copy would work either).
+fn probe() -> Option<Probe> {
     fn fastest(mut copy: impl FnMut() -> bool) -> Option<Duration> {
         let mut best = Duration::MAX;
         for _ in 0..3 {
@@ -169,13 +202,12 @@ fn probe() -> Option<(Duration, Duration)> {
         }
         Some(best)
     }
-    let mut buffer = vec![0u8; 2 * PROBE + PAGE];
+    let mut buffer = vec![0u8; 2 * PROBE + 3 * PAGE];
     let (source, target) = on_pages(&mut buffer);
     source.fill(1);
     let source = &*source;
-    // SAFETY: getpid has no preconditions.
-    let pid = unsafe { libc::getpid() };
-    let kernel = fastest(|| {
+    let mut kernel_copy = |ahead: usize| {
+        let target = &mut target[ahead..ahead + PROBE];
         let local = libc::iovec {
             iov_base: target.as_mut_ptr().cast(),
             iov_len: PROBE,
@@ -184,30 +216,37 @@ fn probe() -> Option<(Duration, Duration)> {
             iov_base: source.as_ptr() as *mut libc::c_void,
             iov_len: PROBE,
         };
-        // SAFETY: `local` is `target`'s buffer, writable for PROBE bytes; `remote` is
-        // `source`'s, in this process, only read.
-        let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+        // SAFETY: getpid has no preconditions. `local` is `target`'s bytes, writable for
+        // PROBE bytes; `remote` is `source`'s, in this process, only read.
+        let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
         n == PROBE as isize
-    })?;
+    };
+    let kernel = fastest(|| kernel_copy(0))?;
+    let kernel_16_ahead = fastest(|| kernel_copy(16))?;
     let memcpy = fastest(|| {
-        target.copy_from_slice(black_box(source));
+        target[..PROBE].copy_from_slice(black_box(source));
         black_box(&target);
         true
     })?;
-    Some((kernel, memcpy))
+    Some(Probe {
+        kernel,
+        kernel_16_ahead,
+        memcpy,
+    })
 }
 
-/// [`PROBE`] bytes for the probe's source and as many for its target, out of `buffer`, both
-/// starting on a page. Where `malloc` puts two blocks is luck: once a large block has been
-/// freed, glibc serves 256 KiB from its heap, the second block 16 bytes ahead of the first
-/// counted modulo 4 KiB, and there `memcpy` (`rep movsb`) took 88 µs against 7 µs on the
-/// EPYC host. The probe then read 1.25x and chose one copy, slower than the region there
-/// (the 2026-12-04 benchmark run). The region's copies avoid such distances
-/// ([`crate::bulk_copy`]) and [`too_close`] keeps one copy away from them, so the probe
-/// compares the two copies where neither falls off that cliff.
+/// [`PROBE`] bytes for the probe's source, and the rest of `buffer` after them for its target
+/// (at least `PROBE` + 16 bytes, given `2 * PROBE + PAGE + 16`), both starting on a page.
+/// Where `malloc` puts two blocks is luck: once a large block has been freed, glibc serves
+/// 256 KiB from its heap, the second block 16 bytes ahead of the first counted modulo 4 KiB,
+/// and there `memcpy` (`rep movsb`) took 88 µs against 7 µs on the EPYC host. The probe then
+/// read 1.25x and chose one copy, slower than the region there (the 2026-12-04 benchmark run).
+/// The region's copies avoid such distances ([`crate::bulk_copy`]) and [`too_close`] keeps one
+/// copy away from them, so the probe compares the two copies where neither falls off that
+/// cliff.
 fn on_pages(buffer: &mut [u8]) -> (&mut [u8], &mut [u8]) {
     let start = buffer.as_ptr().align_offset(PAGE);
-    buffer[start..start + 2 * PROBE].split_at_mut(PROBE)
+    buffer[start..].split_at_mut(PROBE)
 }
 
 #[cfg(test)]
@@ -223,19 +262,32 @@ mod tests {
     }
 
     #[test]
-    fn a_short_distance_is_1_to_31_bytes_ahead_modulo_4_kib() {
+    fn a_short_distance_is_1_to_15_bytes_ahead_modulo_4_kib_or_with_a_wide_cliff_1_to_31() {
         let page = 7 << 12;
-        assert!(!short_distance(page, page));
-        assert!(short_distance(page, page + 1));
-        assert!(short_distance(page, page + 16));
-        assert!(short_distance(page, page + 31));
-        assert!(!short_distance(page, page + 32));
-        assert!(short_distance(page + 4090, page + 4096 + 4)); // across a page: 10 ahead
-        assert!(short_distance(page + 100, page + 4096 + 124)); // a page and 24 ahead
-        assert!(!short_distance(page + 8, page)); // behind
-        assert!(!short_distance(page + 1, page)); // 1 behind: 4,095 ahead
-        assert!(!short_distance(page, page + 4096)); // a whole page ahead
-        assert!(short_distance(u64::MAX - 3, 20)); // wrapping: 24 ahead
+        for wide in [false, true] {
+            assert!(!short_distance(page, page, wide));
+            assert!(short_distance(page, page + 1, wide));
+            assert!(short_distance(page, page + 15, wide));
+            assert!(!short_distance(page, page + 32, wide));
+            assert!(short_distance(page + 4090, page + 4096 + 4, wide)); // across a page: 10
+            assert!(!short_distance(page + 8, page, wide)); // behind
+            assert!(!short_distance(page + 1, page, wide)); // 1 behind: 4,095 ahead
+            assert!(!short_distance(page, page + 4096, wide)); // a whole page ahead
+            assert!(short_distance(u64::MAX - 3, 4, wide)); // wrapping: 8 ahead
+        }
+        assert!(!short_distance(page, page + 16, false));
+        assert!(short_distance(page, page + 16, true));
+        assert!(short_distance(page, page + 31, true));
+        assert!(short_distance(page + 100, page + 4096 + 124, true)); // a page and 24 ahead
+        assert!(!short_distance(page + 100, page + 4096 + 124, false));
+    }
+
+    #[test]
+    fn the_cliff_is_wide_where_16_bytes_ahead_takes_over_twice_as_long() {
+        let us = Duration::from_micros;
+        assert!(cliff_is_wide(us(26), us(110)), "the 2026-12-04 host: 4.2x");
+        assert!(!cliff_is_wide(us(100), us(120)), "the host before: 1.2x");
+        assert!(!cliff_is_wide(us(26), us(52)), "2.0x");
     }
 
     #[test]
@@ -248,20 +300,22 @@ mod tests {
 
     #[test]
     fn the_probes_buffers_start_on_pages_wherever_the_allocation_lies() {
-        let mut buffer = vec![0u8; 2 * PROBE + 3 * PAGE];
+        let mut buffer = vec![0u8; 2 * PROBE + 5 * PAGE];
         let page = buffer.as_ptr().align_offset(PAGE);
         for skew in [0, 1, 16, 4095] {
-            let (source, target) = on_pages(&mut buffer[page + skew..][..2 * PROBE + PAGE]);
-            assert_eq!((source.len(), target.len()), (PROBE, PROBE));
+            let (source, target) = on_pages(&mut buffer[page + skew..][..2 * PROBE + 3 * PAGE]);
+            assert_eq!(source.len(), PROBE);
+            assert!(target.len() >= PROBE + 16, "skew {skew}");
             assert_eq!(source.as_ptr() as usize % PAGE, 0, "skew {skew}");
             assert_eq!(target.as_ptr() as usize % PAGE, 0, "skew {skew}");
         }
     }
 
     #[test]
-    fn a_probe_measures_both_copies() {
-        let (kernel, memcpy) = probe().expect("a process may read its own memory");
-        assert!(kernel > Duration::ZERO && memcpy > Duration::ZERO);
-        assert!(kernel < Duration::MAX && memcpy < Duration::MAX);
+    fn a_probe_measures_every_copy() {
+        let probe = probe().expect("a process may read its own memory");
+        for copy in [probe.kernel, probe.kernel_16_ahead, probe.memcpy] {
+            assert!(copy > Duration::ZERO && copy < Duration::MAX);
+        }
     }
 }
