@@ -170,6 +170,10 @@ struct Shared {
     registry_version: AtomicU64,
     /// Set once `State::closed` is, so a caller can fail before it encodes, without the lock.
     ended: AtomicBool,
+    /// This end stopped reading ([`Connection::stop_reading`]), for the traced line saying
+    /// why the connection ended. Not under the lock: `stop_reading` may be called from
+    /// anywhere, a service's `Drop` too.
+    stopped_reading: AtomicBool,
     trace: bool,
     /// Large byte strings through shared memory.
     lane: Lane,
@@ -227,24 +231,10 @@ struct State {
     /// This end closed the connection ([`Connection::close`]): no request runs from then on,
     /// and those read after it are dropped.
     closed_here: bool,
-    /// This end stopped reading ([`Connection::stop_reading`]), for the traced line saying
-    /// why the connection ended.
-    stopped_reading: bool,
     /// The traced line saying why the connection ended, until a thread that let the lock go
     /// prints it ([`Shared::say_end`]): said under the lock, it would wait for stderr's
     /// lock, whose holder may be waiting for this connection.
     end_unsaid: Option<String>,
-}
-
-impl State {
-    /// What this end did that ends the connection, for the traced line saying why.
-    fn ended_here(&self) -> trace::EndedHere {
-        match (self.closed_here, self.stopped_reading) {
-            (true, _) => trace::EndedHere::Closed,
-            (false, true) => trace::EndedHere::StoppedReading,
-            (false, false) => trace::EndedHere::No,
-        }
-    }
 }
 
 impl Connection {
@@ -279,6 +269,7 @@ impl Connection {
                 registry: Mutex::new(Arc::new(Registry::default())),
                 registry_version: AtomicU64::new(0),
                 ended: AtomicBool::new(false),
+                stopped_reading: AtomicBool::new(false),
                 trace: trace::enabled(),
                 lane,
             }),
@@ -382,7 +373,7 @@ impl Connection {
     /// requests already running finish and their replies go out. Serving threads return once
     /// they are done. Used for graceful shutdown.
     pub fn stop_reading(&self) {
-        self.shared.state.lock().stopped_reading = true;
+        self.shared.stopped_reading.store(true, Ordering::SeqCst);
         let _ = self.shared.socket.shutdown_read();
     }
 

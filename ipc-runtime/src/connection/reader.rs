@@ -447,6 +447,19 @@ impl Shared {
         (calls, std::mem::take(&mut state.oneways))
     }
 
+    /// What this end did that ends the connection, for the traced line saying why.
+    fn ended_here(&self, state: &State) -> super::trace::EndedHere {
+        use super::trace::EndedHere;
+        match (
+            state.closed_here,
+            self.stopped_reading.load(Ordering::SeqCst),
+        ) {
+            (true, _) => EndedHere::Closed,
+            (false, true) => EndedHere::StoppedReading,
+            (false, false) => EndedHere::No,
+        }
+    }
+
     /// Ends the connection with `why` and wakes everyone waiting on it.
     pub(super) fn fail(&self, state: &mut State, why: Error) {
         if state.closed.is_none() {
@@ -456,7 +469,7 @@ impl Shared {
             }
             if self.trace {
                 // Printed once the lock is let go, as a message's line (`say_end`).
-                state.end_unsaid = Some(super::trace::ended(&why, state.ended_here()));
+                state.end_unsaid = Some(super::trace::ended(&why, self.ended_here(state)));
             }
             state.closed = Some(why);
             self.ended.store(true, Ordering::Release);
