@@ -665,6 +665,45 @@ fn a_handler_can_shut_its_own_server_down() {
     assert_eq!(ipc_fds(), before);
 }
 
+/// A dropped runtime's own fds (its epoll instance and its eventfd) are closed once the drop
+/// returns, also when it connected and shut a server down. The threads of the library's own
+/// those wait on (the connect, which may wait for good; the shutdown's watch of stalled sends)
+/// told the waiting task through a tokio oneshot, whose sender holds the task's waker, and
+/// through it the runtime, until it drops its half of the channel: just after the task may
+/// have gone on. A runtime dropped meanwhile left its fds open until that thread ran again,
+/// which on a loaded machine was after the next test had counted its fds. Pinned to one CPU,
+/// the woken task usually runs first.
+#[test]
+fn a_dropped_runtime_closes_its_fds_although_it_connected_and_shut_a_server_down() {
+    let _fds = fd_count_lock();
+    common::pin_to_one_cpu();
+    let runtime_fds =
+        || common::fds_named("anon_inode:[eventfd]") + common::fds_named("anon_inode:[eventpoll]");
+    let before = runtime_fds();
+    for round in 0..100 {
+        let rt = common::current_thread_runtime();
+        rt.block_on(async {
+            let name = format!("typed-ipc-runtime-fds-{}-{round}", std::process::id());
+            let serving = AsyncServer::new()
+                .service(LabServer::new(LabImpl::new()))
+                .listen(AsyncListener::bind_abstract(&name).unwrap());
+            let client = LabClient::new(AsyncConnection::connect_abstract(&name).await.unwrap());
+            // Served: the shutdown has a client whose sends it watches.
+            assert_eq!(
+                client.caller_pid().await.unwrap(),
+                std::process::id() as i32
+            );
+            serving.shutdown().await;
+        });
+        drop(rt);
+        assert_eq!(
+            runtime_fds(),
+            before,
+            "round {round}: the dropped runtime's fds are still open"
+        );
+    }
+}
+
 /// The authorizer is user code like a handler: a panic in it refuses that one request (its
 /// caller hears so at once) and ends no task of the connection's, so the requests after it
 /// still run — the calls that wait for a oneway it panicked on among them.

@@ -316,3 +316,18 @@ pub fn panicking_authorizer()
         Ok(())
     }
 }
+
+/// Pins the calling thread, and so the threads it starts from now on, to one of the CPUs it
+/// may run on: a thread woken by another then usually runs before the waker's thread goes on,
+/// which makes the races of a thread that wakes a task and then lets go of something likely.
+pub fn pin_to_one_cpu() {
+    use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
+    use nix::unistd::Pid;
+    let allowed = sched_getaffinity(Pid::from_raw(0)).unwrap();
+    let cpu = (0..CpuSet::count())
+        .find(|&cpu| allowed.is_set(cpu).unwrap_or(false))
+        .expect("a CPU to run on");
+    let mut one = CpuSet::new();
+    one.set(cpu).unwrap();
+    sched_setaffinity(Pid::from_raw(0), &one).unwrap();
+}

@@ -53,6 +53,7 @@
 
 mod call;
 mod connection;
+mod handoff;
 mod listener;
 mod server;
 #[cfg(test)]

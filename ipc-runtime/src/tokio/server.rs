@@ -425,9 +425,10 @@ impl AsyncServing {
             client.connection.stop_reading();
         }
         // A reply its client does not read must not hold the shutdown up for good.
-        let (ended, watch_ended) = ::tokio::sync::oneshot::channel::<()>();
+        // Not a tokio oneshot: see `handoff`.
+        let (ended, watch_ended) = super::handoff::channel::<()>();
         let connections = clients.iter().map(|c| c.connection.clone()).collect();
-        let watch = stall::watch(connections, self.stall_limit, move || drop(ended));
+        let watch = stall::watch(connections, self.stall_limit, move || ended.give(()));
         // Awaited in one of a client's handlers (a client asking the server to quit): that
         // client's task ends only once the handler has returned and its reply has gone out,
         // which the shutdown cannot wait for. Let go, it has stopped reading like the others;

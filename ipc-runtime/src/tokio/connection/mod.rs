@@ -525,15 +525,14 @@ impl std::fmt::Debug for AsyncConnection {
 async fn connect_on_a_thread(
     connect: impl FnOnce() -> Result<Socket> + Send + 'static,
 ) -> Result<Socket> {
-    let (connected, outcome) = ::tokio::sync::oneshot::channel();
+    // Not a tokio oneshot: see `handoff`.
+    let (connected, outcome) = super::handoff::channel();
     std::thread::Builder::new()
         .name("typed-ipc-connect".into())
-        .spawn(move || {
-            let _ = connected.send(connect());
-        })?;
+        .spawn(move || connected.give(connect()))?;
     outcome
         .await
-        .map_err(|_| Error::Io(io::Error::other("the connecting thread panicked")))?
+        .ok_or_else(|| Error::Io(io::Error::other("the connecting thread panicked")))?
 }
 
 impl Inner {
