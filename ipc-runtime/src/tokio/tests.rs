@@ -515,6 +515,10 @@ fn async_calls_cancelled_at_random_moments_leave_no_lane_busy() {
     });
 }
 
+/// How long, in all, `an_async_call_dropped_as_its_placed_reply_arrives_gives_the_lane_back`
+/// spins between a call and its drop.
+const SPIN_BUDGET: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Aims the drop of a call at the moment its placed reply arrives: the reply must be finished
 /// (its placement acknowledged) whichever way the race goes. When replies went through a
 /// one-shot channel per call, the dropped call could find the channel empty, the reader then
@@ -560,6 +564,11 @@ fn an_async_call_dropped_as_its_placed_reply_arrives_gives_the_lane_back() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(100_000);
+    // Each round spins for about a round trip, and a round trip on a loaded machine, or on
+    // one CPU, is a timeslice: 16 ms under `taskset -c 0` beside two busy loops, where 100,000
+    // rounds took over 25 minutes (a hang, to CI's watchdog). The spinning is bounded, well
+    // above what 100,000 rounds of an idle machine's round trip spin.
+    let rounds = rounds.min(SPIN_BUDGET.as_nanos() as u64 / median.max(1));
     let mut x = 88172645463325252u64;
     let mut leaked_at = None;
     for i in 0..rounds {
