@@ -665,6 +665,36 @@ fn a_handler_can_shut_its_own_server_down() {
     assert_eq!(ipc_fds(), before);
 }
 
+/// Dropping an `AsyncServing` stops accepting at once, also while its runtime does not run
+/// (a handler that dropped its own server, a runtime between `block_on`s): a new client is
+/// refused, and one that connected before and was not accepted yet is hung up on, rather
+/// than left waiting. The listener is the acceptor task's, which the runtime drops only when
+/// it next runs the task; a connect made before then succeeded, and waited for nobody.
+#[test]
+fn a_dropped_async_serving_refuses_clients_at_once() {
+    let _fds = fd_count_lock();
+    let before = ipc_fds();
+    let rt = common::current_thread_runtime();
+    let name = format!("typed-ipc-async-dropped-refuses-{}", std::process::id());
+    let serving = {
+        let _entered = rt.enter();
+        AsyncServer::new()
+            .service(LabServer::new(LabImpl::new()))
+            .listen(AsyncListener::bind_abstract(&name).unwrap())
+    };
+    // Nothing has run the acceptor task: this client waits in the listener's queue.
+    let queued = typed_ipc::Socket::connect_abstract(&name).unwrap();
+    drop(serving);
+    match typed_ipc::Socket::connect_abstract(&name) {
+        Err(Error::Io(e)) => assert_eq!(e.raw_os_error(), Some(libc::ECONNREFUSED), "{e}"),
+        other => panic!("a client connected to a dropped server: {other:?}"),
+    }
+    let got = queued.recv_timeout(HANG_GUARD);
+    assert!(matches!(got, Err(Error::Disconnected)), "{got:?}");
+    drop((queued, rt));
+    assert_eq!(ipc_fds(), before);
+}
+
 /// A dropped runtime's own fds (its epoll instance and its eventfd) are closed once the drop
 /// returns, also when it connected and shut a server down. The threads of the library's own
 /// those wait on (the connect, which may wait for good; the shutdown's watch of stalled sends)

@@ -3,8 +3,12 @@
 
 use std::future::Future;
 use std::io;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use nix::sys::socket as ns;
 
 use parking_lot::{Mutex, MutexGuard};
 use std::time::Duration;
@@ -270,13 +274,22 @@ impl AsyncServer {
         let stall_limit = self.stall_limit;
         let clients: Arc<Mutex<Vec<Client>>> = Arc::default();
         let ended: Arc<Mutex<Option<Error>>> = Arc::default();
+        let stopped = Arc::new(AtomicBool::new(false));
+        // For `AsyncServing` to stop accepting at once, although the listener is the task's.
+        // Without it (no fd to spare), the listener stops once its task is next polled.
+        let listening = listener.listener().as_fd().try_clone_to_owned().ok();
         let acceptor = ::tokio::spawn({
-            let (clients, ended) = (clients.clone(), ended.clone());
+            let (clients, ended, stopped) = (clients.clone(), ended.clone(), stopped.clone());
             async move {
                 let e = self.accept_loop(&listener, &clients).await;
-                // New clients are refused rather than queued for nobody. Said last, so that
-                // whoever reads it finds `accepting` and the listener as it says.
+                // New clients are refused rather than queued for nobody: shut down first, as
+                // `AsyncServing` holds the socket open too. Said last, so that whoever reads
+                // it finds `accepting` and the listener as it says.
+                let _ = listener.listener().shutdown();
                 drop(listener);
+                if stopped.load(Ordering::SeqCst) {
+                    return; // `AsyncServing` stopped it (`EINVAL`): nothing went wrong
+                }
                 let said = e.to_string();
                 *ended.lock() = Some(e);
                 accept_retry::stopped(&said);
@@ -284,6 +297,8 @@ impl AsyncServer {
         });
         AsyncServing {
             acceptor,
+            listening,
+            stopped,
             clients,
             ended,
             stall_limit,
@@ -354,12 +369,19 @@ fn pruned(clients: &Mutex<Vec<Client>>) -> MutexGuard<'_, Vec<Client>> {
 }
 
 /// An [`AsyncServer`] accepting clients on a listener. Dropping it stops accepting and hangs
-/// up on every client at once; [`AsyncServing::shutdown`] lets calls in flight finish first.
+/// up on every client at once (new clients are refused, and those that connected and were
+/// not accepted yet hung up on, whether or not its runtime is running);
+/// [`AsyncServing::shutdown`] lets calls in flight finish first.
 /// Dropped in a handler (a client asking the server to quit), it spares that handler's
 /// client: that client is read from no more, and hung up on once its calls in flight, the
 /// handler's among them, have replied.
 pub struct AsyncServing {
     acceptor: JoinHandle<()>,
+    /// The listening socket, also: shut down (and its queue of clients not yet accepted
+    /// hung up on) when this stops, rather than once the runtime next polls the acceptor.
+    listening: Option<OwnedFd>,
+    /// Set when this stops the acceptor, which then says nothing of the error it gets.
+    stopped: Arc<AtomicBool>,
     clients: Arc<Mutex<Vec<Client>>>,
     /// Why the acceptor stopped, if it stopped on its own.
     ended: Arc<Mutex<Option<Error>>>,
@@ -414,7 +436,7 @@ impl AsyncServing {
     /// into a task of its own, the shutdown waits for that client too, so the handler must
     /// not wait for that task.)
     pub async fn shutdown(mut self) {
-        self.acceptor.abort();
+        self.stop_accepting();
         // Once it has ended, the listener is closed (and its socket file removed).
         let _ = (&mut self.acceptor).await;
         let mut clients = std::mem::take(&mut *self.clients.lock());
@@ -463,9 +485,32 @@ impl Drop for Unfinished {
     }
 }
 
+impl AsyncServing {
+    /// Stops accepting at once: new clients are refused (`ECONNREFUSED`), those queued and
+    /// not accepted yet hung up on, and the acceptor task aborted. The listener itself is
+    /// the task's, closed (and its socket file removed) once the runtime drops the task.
+    fn stop_accepting(&mut self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        if let Some(listening) = self.listening.take() {
+            let raw = listening.as_raw_fd();
+            let _ = ns::shutdown(raw, ns::Shutdown::Both);
+            // Non-blocking, as the listener made its socket: until none is left.
+            loop {
+                match ns::accept4(raw, ns::SockFlag::SOCK_CLOEXEC) {
+                    // SAFETY: accept4 returned a new descriptor that nothing else owns.
+                    Ok(client) => drop(unsafe { OwnedFd::from_raw_fd(client) }),
+                    Err(nix::Error::EINTR | nix::Error::ECONNABORTED) => continue,
+                    Err(_) => break,
+                }
+            }
+        }
+        self.acceptor.abort();
+    }
+}
+
 impl Drop for AsyncServing {
     fn drop(&mut self) {
-        self.acceptor.abort();
+        self.stop_accepting();
         let clients = std::mem::take(&mut *self.clients.lock());
         for client in clients {
             // Dropped in one of this client's handlers (a client asking the server to quit):
