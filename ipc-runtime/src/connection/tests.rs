@@ -575,7 +575,9 @@ pub(crate) fn reply_to(call: &crate::frame::Frame, body: &impl serde::Serialize)
 }
 
 /// A reply whose first datagram a caller read before it timed out is finished by whoever
-/// reads next, not mistaken for a new message when its continuation arrives.
+/// reads next, not mistaken for a new message when its continuation arrives. The timeout must
+/// outlast this thread's receive and send of the first datagram: 2 s, since a loaded machine
+/// may stall a thread for hundreds of milliseconds (a flake hunt's suspicion at 500 ms).
 #[test]
 fn a_message_half_read_when_its_reader_gives_up_is_finished_by_the_next() {
     use crate::wire::{FIRST_MAX, Header, Kind as Part};
@@ -583,7 +585,7 @@ fn a_message_half_read_when_its_reader_gives_up_is_finished_by_the_next() {
     let first_call = {
         let a = a.clone();
         std::thread::spawn(move || {
-            a.call::<_, Bytes<Vec<u8>>>(&IFACE, 1, &(), Some(Duration::from_millis(500)))
+            a.call::<_, Bytes<Vec<u8>>>(&IFACE, 1, &(), Some(Duration::from_secs(2)))
         })
     };
     // Reply with a message of two datagrams, and send only the first.
