@@ -122,6 +122,8 @@ fn an_async_listener_that_fails_for_good_says_why_and_serves_its_clients_on() {
             AsyncConnection::connect_abstract(&name).await.is_err(),
             "no longer accepting"
         );
+        // And the name is free to listen on again, although `serving` lives on.
+        drop(AsyncListener::bind_abstract(&name).expect("the name is free again"));
         // The client already connected is still served.
         assert_eq!(
             client.caller_pid().await.unwrap(),

@@ -277,15 +277,18 @@ impl AsyncServer {
         let stopped = Arc::new(AtomicBool::new(false));
         // For `AsyncServing` to stop accepting at once, although the listener is the task's.
         // Without it (no fd to spare), the listener stops once its task is next polled.
-        let listening = listener.listener().as_fd().try_clone_to_owned().ok();
+        let listening = Arc::new(Mutex::new(
+            listener.listener().as_fd().try_clone_to_owned().ok(),
+        ));
         let acceptor = ::tokio::spawn({
             let (clients, ended, stopped) = (clients.clone(), ended.clone(), stopped.clone());
+            let listening = listening.clone();
             async move {
                 let e = self.accept_loop(&listener, &clients).await;
-                // New clients are refused rather than queued for nobody: shut down first, as
-                // `AsyncServing` holds the socket open too. Said last, so that whoever reads
-                // it finds `accepting` and the listener as it says.
-                let _ = listener.listener().shutdown();
+                // New clients are refused rather than queued for nobody, and the name or path
+                // is free to listen on again. Said last, so that whoever reads it finds
+                // `accepting` and the listener as it says.
+                drop(listening.lock().take());
                 drop(listener);
                 if stopped.load(Ordering::SeqCst) {
                     return; // `AsyncServing` stopped it (`EINVAL`): nothing went wrong
@@ -379,7 +382,8 @@ pub struct AsyncServing {
     acceptor: JoinHandle<()>,
     /// The listening socket, also: shut down (and its queue of clients not yet accepted
     /// hung up on) when this stops, rather than once the runtime next polls the acceptor.
-    listening: Option<OwnedFd>,
+    /// Taken by whichever stops first, this or the acceptor.
+    listening: Arc<Mutex<Option<OwnedFd>>>,
     /// Set when this stops the acceptor, which then says nothing of the error it gets.
     stopped: Arc<AtomicBool>,
     clients: Arc<Mutex<Vec<Client>>>,
@@ -491,7 +495,7 @@ impl AsyncServing {
     /// the task's, closed (and its socket file removed) once the runtime drops the task.
     fn stop_accepting(&mut self) {
         self.stopped.store(true, Ordering::SeqCst);
-        if let Some(listening) = self.listening.take() {
+        if let Some(listening) = self.listening.lock().take() {
             let raw = listening.as_raw_fd();
             let _ = ns::shutdown(raw, ns::Shutdown::Both);
             // Non-blocking, as the listener made its socket: until none is left.
