@@ -565,6 +565,14 @@ fn a_listener_that_fails_for_good_says_why_and_serves_its_clients_on() {
         matches!(&why, Error::Io(e) if e.raw_os_error() == Some(libc::EINVAL)),
         "{why:?}"
     );
+    // A new client is refused rather than left waiting, and the name is free to listen on
+    // again, although `serving` lives on.
+    drop(same_socket);
+    assert!(
+        Connection::connect_abstract(&name).is_err(),
+        "no longer accepting"
+    );
+    drop(Listener::bind_abstract(&name).expect("the name is free again"));
     // The client already connected is still served.
     assert_eq!(client.caller_pid().unwrap(), std::process::id() as i32);
     drop(client);

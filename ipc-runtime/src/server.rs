@@ -2,10 +2,12 @@
 //! connection or on every client of a [`Listener`].
 
 use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 
+use nix::sys::socket as ns;
 use parking_lot::{Mutex, MutexGuard};
 use std::thread::{JoinHandle, ThreadId};
 use std::time::Duration;
@@ -299,22 +301,28 @@ impl Server {
     /// again), closes the sockets of clients that have hung up, waits (5 ms, doubling up to
     /// 1 s) and tries again. Clients that connect meanwhile wait, queued, until it can accept
     /// them (or until their calls time out). Any other error ends accepting for good: the
-    /// listener prints it, shuts its socket down so that new clients are refused
-    /// (`ECONNREFUSED`) instead of left waiting, and [`Serving::accepting`] returns it; the
+    /// listener prints it, closes its socket so that new clients are refused instead of left
+    /// waiting (`ECONNREFUSED`, or `ENOENT` for a path, whose socket file is removed) and the
+    /// name or path is free to listen on again, and [`Serving::accepting`] returns it; the
     /// clients already connected are served on.
     pub fn listen(self, listener: Listener) -> Result<Serving> {
         let stall_limit = self.stall_limit;
-        let listener = Arc::new(listener);
+        // For `Serving` to wake the acceptor from its `accept`; the listener is the thread's.
+        let listening = Arc::new(Mutex::new(Some(listener.as_fd().try_clone_to_owned()?)));
         let clients: Arc<Mutex<Vec<Client>>> = Arc::default();
         let ended: Arc<Mutex<Option<Error>>> = Arc::default();
         let (stop, stopping) = mpsc::channel();
         let acceptor = {
-            let (listener, clients, ended) = (listener.clone(), clients.clone(), ended.clone());
+            let (listening, clients, ended) = (listening.clone(), clients.clone(), ended.clone());
             std::thread::Builder::new().spawn(move || {
-                if let Err(e) = self.accept_loop(&listener, &clients, &stopping) {
-                    // New clients are refused rather than queued for nobody. Said last, so
-                    // that whoever reads it finds `accepting` and the listener as it says.
-                    let _ = listener.shutdown();
+                let accepted = self.accept_loop(&listener, &clients, &stopping);
+                // Closed, the dup too: new clients are refused rather than queued for
+                // nobody, and the name or path is free to listen on again.
+                drop(listening.lock().take());
+                drop(listener);
+                if let Err(e) = accepted {
+                    // Said last, so that whoever reads it finds `accepting` and the listener
+                    // as it says.
                     let said = e.to_string();
                     *ended.lock() = Some(e);
                     accept_retry::stopped(&said);
@@ -323,7 +331,7 @@ impl Server {
         };
         Ok(Serving {
             stall_limit,
-            listener,
+            listening,
             clients,
             acceptor: Some(acceptor),
             stop: Some(stop),
@@ -470,7 +478,9 @@ fn back_off(wait: Duration, clients: &Mutex<Vec<Client>>, stop: &Receiver<()>) -
 pub struct Serving {
     /// [`Server::shutdown_stall_limit`].
     stall_limit: Duration,
-    listener: Arc<Listener>,
+    /// The listening socket, also, to shut down (which wakes the acceptor from `accept`):
+    /// taken by whichever stops first, this or the acceptor, which owns the listener.
+    listening: Arc<Mutex<Option<OwnedFd>>>,
     clients: Arc<Mutex<Vec<Client>>>,
     acceptor: Option<JoinHandle<()>>,
     /// Dropped to stop the acceptor, even while it waits between two tries.
@@ -519,7 +529,9 @@ impl Serving {
     fn stop(&mut self) {
         // Before the shutdown, so that the acceptor takes the error it causes for a stop.
         drop(self.stop.take());
-        let _ = self.listener.shutdown();
+        if let Some(listening) = self.listening.lock().take() {
+            let _ = ns::shutdown(listening.as_raw_fd(), ns::Shutdown::Both);
+        }
         if let Some(acceptor) = self.acceptor.take() {
             let _ = acceptor.join();
         }
