@@ -447,29 +447,25 @@ mod asynchronous {
                 assert_eq!(strings.echo(vec![1; 10]).await.unwrap(), vec![1; 10]);
                 if server_limit < 200 << 10 {
                     let pipes = super::common::fds_named("pipe:");
-                    match strings.echo(vec![2; 200 << 10]).await {
-                        Err(Error::TooLarge {
-                            size: 204_800,
-                            limit: 102_400,
-                            by_peer: true,
-                            ..
-                        }) => {}
-                        other => panic!("lend {lend}: expected the refusal, got {other:?}"),
-                    }
+                    super::assert_too_large(
+                        strings.echo(vec![2; 200 << 10]).await,
+                        204_800,
+                        102_400,
+                        true,
+                        &format!("lend {lend}"),
+                    );
                     let piped = super::common::fds_named("pipe:") > pipes;
                     assert_eq!(piped, lend, "piped if lent");
                     let after = strings.echo(vec![3; 50 << 10]).await;
                     assert_eq!(after.unwrap(), vec![3; 50 << 10]);
                 } else {
-                    match strings.make(400 << 10).await {
-                        Err(Error::TooLarge {
-                            size: 409_600,
-                            limit: 307_200,
-                            by_peer: false,
-                            ..
-                        }) => {}
-                        other => panic!("expected the reply refused, got {other:?}"),
-                    }
+                    super::assert_too_large(
+                        strings.make(400 << 10).await,
+                        409_600,
+                        307_200,
+                        false,
+                        "the reply",
+                    );
                     assert_eq!(strings.make(250 << 10).await.unwrap(), vec![9; 250 << 10]);
                 }
                 finish(strings, served).await;
@@ -589,6 +585,26 @@ fn byte_strings_within_the_limits_cross_whatever_region_they_come_in() {
     server.join().unwrap().unwrap();
 }
 
+/// Fails unless `got` is `TooLarge` of `size` bytes over `limit`, the peer's if `by_peer`;
+/// `context` starts the failure's message.
+fn assert_too_large<T: std::fmt::Debug>(
+    got: Result<T, Error>,
+    size: u64,
+    limit: u64,
+    by_peer: bool,
+    context: &str,
+) {
+    match got {
+        Err(Error::TooLarge {
+            size: s,
+            limit: l,
+            by_peer: p,
+            ..
+        }) if (s, l, p) == (size, limit, by_peer) => {}
+        other => panic!("{context}: expected TooLarge {size} over {limit}, got {other:?}"),
+    }
+}
+
 /// A byte string that travels out of the socket (through the sender's shared region, or its
 /// pipe when it lends its pages) and is over the receiver's limit fails its call as
 /// `TooLarge`, as a message over them that came through the socket: `by_peer` when the
@@ -600,15 +616,13 @@ fn a_byte_string_out_of_the_socket_over_the_receivers_limit_is_too_large() {
     for lend in [false, true] {
         let (strings, server) = strings_with_limits(300 << 10, 100 << 10, lend);
         let pipes = common::fds_named("pipe:");
-        match strings.echo(vec![2; 200 << 10]) {
-            Err(Error::TooLarge {
-                size: 204_800,
-                limit: 102_400,
-                by_peer: true,
-                ..
-            }) => {}
-            other => panic!("lend {lend}: expected the server's refusal, got {other:?}"),
-        }
+        assert_too_large(
+            strings.echo(vec![2; 200 << 10]),
+            204_800,
+            102_400,
+            true,
+            &format!("lend {lend}"),
+        );
         assert_eq!(common::fds_named("pipe:") > pipes, lend, "piped if lent");
         assert_eq!(strings.echo(vec![3; 50 << 10]).unwrap(), vec![3; 50 << 10]);
         drop(strings);
@@ -617,15 +631,13 @@ fn a_byte_string_out_of_the_socket_over_the_receivers_limit_is_too_large() {
     // A reply goes through the server's region (replies never pipe), which its limits allow
     // and the client's do not.
     let (strings, server) = strings_with_limits(300 << 10, 1 << 30, false);
-    match strings.make(400 << 10) {
-        Err(Error::TooLarge {
-            size: 409_600,
-            limit: 307_200,
-            by_peer: false,
-            ..
-        }) => {}
-        other => panic!("expected the reply refused, got {other:?}"),
-    }
+    assert_too_large(
+        strings.make(400 << 10),
+        409_600,
+        307_200,
+        false,
+        "the reply",
+    );
     assert_eq!(strings.make(250 << 10).unwrap(), vec![9; 250 << 10]);
     drop(strings);
     server.join().unwrap().unwrap();

@@ -751,6 +751,22 @@ fn limited_pair(limits: crate::frame::Limits) -> (Connection, Connection) {
     (Connection::new(a), Connection::new(b))
 }
 
+/// Fails unless `refused` is this side's refusal of 5 fds over its limit of 4.
+pub(crate) fn assert_five_fds_over_this_sides_four<T: std::fmt::Debug>(refused: &Result<T>) {
+    assert!(
+        matches!(
+            refused,
+            Err(Error::TooManyFds {
+                count: 5,
+                limit: 4,
+                by_peer: false,
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+}
+
 /// A call or oneway over this side's limits fails before anything is sent, leaves the
 /// caller's fds open and the connection usable, and gives back the byte string it placed
 /// in the lane.
@@ -766,31 +782,9 @@ fn a_message_over_this_sides_limits_is_refused_unsent() {
         .collect();
     // (The timeout only keeps a regression from hanging: nobody would ever answer.)
     let refused = a.call::<_, u32>(&IFACE, 1, &Fd(&files), Some(Duration::from_secs(60)));
-    assert!(
-        matches!(
-            refused,
-            Err(Error::TooManyFds {
-                count: 5,
-                limit: 4,
-                by_peer: false,
-                ..
-            })
-        ),
-        "{refused:?}"
-    );
+    assert_five_fds_over_this_sides_four(&refused);
     let refused = a.oneway(&IFACE, 2, &Fd(&files), None);
-    assert!(
-        matches!(
-            refused,
-            Err(Error::TooManyFds {
-                count: 5,
-                limit: 4,
-                by_peer: false,
-                ..
-            })
-        ),
-        "{refused:?}"
-    );
+    assert_five_fds_over_this_sides_four(&refused);
     assert!(
         a.shared.state.lock().pending.is_empty(),
         "no call left waiting"
@@ -861,18 +855,7 @@ fn a_reply_over_the_callers_limits_read_by_another_thread_fails_that_call_only()
     b.socket().send(&reply, &[write_end.as_fd(); 5]).unwrap();
     drop(write_end);
     let refused = first.join().unwrap();
-    assert!(
-        matches!(
-            refused,
-            Err(Error::TooManyFds {
-                count: 5,
-                limit: 4,
-                by_peer: false,
-                ..
-            })
-        ),
-        "{refused:?}"
-    );
+    assert_five_fds_over_this_sides_four(&refused);
     // Every copy of the write end is closed: the empty pipe reads as ended, not as waiting
     // for a writer (`EAGAIN`).
     assert_eq!(nix::unistd::read(&read_end, &mut [0u8; 1]), Ok(0));
@@ -1568,29 +1551,32 @@ fn a_thread_waiting_to_send_reads_again_once_requests_leave_the_full_queue() {
     runner.join().unwrap().unwrap();
 }
 
-/// A send with a timeout that waits, at the bounds of the request queue, for room or for a
-/// request to leave the queue still gives up by its deadline: here nothing leaves the queue
-/// (its only serving thread is held) and the peer reads nothing.
-#[test]
-fn a_send_waiting_at_the_bounds_of_the_queue_times_out() {
-    use super::backlog::MAX_REQUESTS;
-
-    let (a, b) = Connection::pair().unwrap();
-    let peer = a.socket();
-    let (open, _started, runner) = serving_a_held_oneway(&b, peer);
-    // A caller of `b` takes the peer's oneways in, up to the bounds, before its reply.
+/// Fills `b`'s request queue to its bounds with the peer's oneways: a caller of `b` takes
+/// them in, as it reads, before its reply.
+fn fill_the_queue_through_a_call(b: &Connection, peer: &crate::socket::Socket) {
     let caller = {
         let b = b.clone();
         std::thread::spawn(move || b.call::<_, u32>(&IFACE, 9, &(), None))
     };
     let call = peer.recv().unwrap();
-    for seq in 1..=MAX_REQUESTS as u64 {
+    for seq in 1..=super::backlog::MAX_REQUESTS as u64 {
         peer.send(&ordered_request(Kind::Oneway, 3, 0, seq), &[])
             .unwrap();
     }
     peer.send(&reply_to(&call, &5u32), &[]).unwrap();
     assert_eq!(caller.join().unwrap().unwrap(), 5);
     assert!(b.shared.state.lock().backlog.full());
+}
+
+/// A send with a timeout that waits, at the bounds of the request queue, for room or for a
+/// request to leave the queue still gives up by its deadline: here nothing leaves the queue
+/// (its only serving thread is held) and the peer reads nothing.
+#[test]
+fn a_send_waiting_at_the_bounds_of_the_queue_times_out() {
+    let (a, b) = Connection::pair().unwrap();
+    let peer = a.socket();
+    let (open, _started, runner) = serving_a_held_oneway(&b, peer);
+    fill_the_queue_through_a_call(&b, peer);
     let timeout = Some(Duration::from_millis(50));
     let sent = b.oneway(&IFACE, 1, &"x".repeat(32 << 20), timeout);
     assert!(matches!(sent, Err(Error::TimedOut)), "{sent:?}");
@@ -1736,19 +1722,7 @@ fn a_send_to_a_peer_gone_reads_nothing_past_the_bounds_of_the_queue() {
 
     let (a, b) = Connection::pair().unwrap();
     let peer = a.socket();
-    // A caller of `b` takes the peer's oneways in, up to the bounds, before its reply.
-    let caller = {
-        let b = b.clone();
-        std::thread::spawn(move || b.call::<_, u32>(&IFACE, 9, &(), None))
-    };
-    let call = peer.recv().unwrap();
-    for seq in 1..=MAX_REQUESTS as u64 {
-        peer.send(&ordered_request(Kind::Oneway, 3, 0, seq), &[])
-            .unwrap();
-    }
-    peer.send(&reply_to(&call, &5u32), &[]).unwrap();
-    assert_eq!(caller.join().unwrap().unwrap(), 5);
-    assert!(b.shared.state.lock().backlog.full());
+    fill_the_queue_through_a_call(&b, peer);
     // One more, which nobody reads, and the peer reads no more: `b`'s sends fail (`EPIPE`).
     peer.send(&ordered_request(Kind::Oneway, 3, 0, 0), &[])
         .unwrap();

@@ -744,18 +744,7 @@ fn an_async_message_over_this_sides_limits_is_refused_unsent() {
         )
         .await
         .expect("refused at once, not sent after the filler");
-        assert!(
-            matches!(
-                refused,
-                Err(Error::TooManyFds {
-                    count: 5,
-                    limit: 4,
-                    by_peer: false,
-                    ..
-                })
-            ),
-            "{refused:?}"
-        );
+        crate::connection::tests::assert_five_fds_over_this_sides_four(&refused);
         for (i, file) in files.into_iter().enumerate() {
             assert_eq!(index_of(file), i as u32, "the caller's fds are untouched");
         }
