@@ -113,9 +113,9 @@ pub(super) struct Inner {
     /// This end closed the connection ([`AsyncConnection::close`]): the requests not started
     /// by then never run, and those read after it are dropped.
     closed_here: AtomicBool,
-    /// What else of this end's ended the connection ([`trace::EndedHere`] as a `u8`): the
-    /// first of [`AsyncConnection::stop_reading`] and dropping the last handle, for the
-    /// traced line saying why it ended.
+    /// What this end did that ended the connection ([`trace::EndedHere`] as a `u8`), for the
+    /// traced line saying why: [`AsyncConnection::close`], else the first of
+    /// [`AsyncConnection::stop_reading`] and dropping the last handle.
     ended_here: AtomicU8,
     /// Signalled once `State::closed` is set, and when the reader starts to wait for `room`
     /// (it reads nothing then), for a sender that found the peer gone and waits to learn why
@@ -333,6 +333,9 @@ impl AsyncConnection {
     /// [`AsyncConnection::stop_reading`], the requests it sent before still run.
     pub fn close(&self) {
         self.inner.closed_here.store(true, Ordering::SeqCst);
+        // Over a `stop_reading` or a drop before it: this is what ends the connection now.
+        let closed = trace::EndedHere::Closed as u8;
+        self.inner.ended_here.store(closed, Ordering::SeqCst);
         self.inner.hang_up(Socket::shutdown);
         self.inner.fail(Error::Disconnected);
         // The calls waiting for oneways look again, and see they are not to run.

@@ -280,10 +280,7 @@ impl Inner {
         // Said once the lock is let go and the waiting calls are woken: a write to stderr may
         // wait, for a thread that holds stderr's lock and waits for one of those calls.
         let traced = self.trace.then(|| {
-            let here = match self.closed_here.load(Ordering::SeqCst) {
-                true => trace::EndedHere::Closed,
-                false => trace::EndedHere::from_u8(self.ended_here.load(Ordering::SeqCst)),
-            };
+            let here = trace::EndedHere::from_u8(self.ended_here.load(Ordering::SeqCst));
             trace::ended(&why, here)
         });
         state.closed = Some(why);

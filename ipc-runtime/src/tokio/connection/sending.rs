@@ -87,9 +87,7 @@ impl Inner {
         out.finished = true;
         result
     }
-}
 
-impl Inner {
     /// Why a send failed, from its error `e`: for a peer gone (`Disconnected`: `EPIPE`),
     /// what the peer said before it went, as the blocking flavour's `Shared::why_unsent`
     /// finds it. The reader task reads everything: if the peer has hung up for good
