@@ -695,6 +695,34 @@ fn a_dropped_async_serving_refuses_clients_at_once() {
     assert_eq!(ipc_fds(), before);
 }
 
+/// An `AsyncServing` that outlives its runtime has stopped accepting for good (the runtime
+/// dropped the acceptor task, and the listener with it): a new client is refused rather than
+/// queued for nobody, and the name is free to listen on again, as after any other end of
+/// accepting. The dup of the listening socket that `AsyncServing` keeps to stop it must not
+/// keep it listening.
+#[test]
+fn an_async_serving_that_outlived_its_runtime_refuses_clients_and_frees_its_name() {
+    let _fds = fd_count_lock();
+    let before = ipc_fds();
+    let rt = common::current_thread_runtime();
+    let name = format!("typed-ipc-async-outlived-{}", std::process::id());
+    let serving = {
+        let _entered = rt.enter();
+        AsyncServer::new()
+            .service(LabServer::new(LabImpl::new()))
+            .listen(AsyncListener::bind_abstract(&name).unwrap())
+    };
+    drop(rt);
+    assert!(serving.accepting().is_err(), "the acceptor has ended");
+    match typed_ipc::Socket::connect_abstract(&name) {
+        Err(Error::Io(e)) => assert_eq!(e.raw_os_error(), Some(libc::ECONNREFUSED), "{e}"),
+        other => panic!("a client connected to a server whose runtime is gone: {other:?}"),
+    }
+    drop(typed_ipc::Listener::bind_abstract(&name).expect("the name is free again"));
+    drop(serving);
+    assert_eq!(ipc_fds(), before);
+}
+
 /// A dropped runtime's own fds (its epoll instance and its eventfd) are closed once the drop
 /// returns, also when it connected and shut a server down. The threads of the library's own
 /// those wait on (the connect, which may wait for good; the shutdown's watch of stalled sends)

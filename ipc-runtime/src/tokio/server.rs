@@ -282,13 +282,13 @@ impl AsyncServer {
         ));
         let acceptor = ::tokio::spawn({
             let (clients, ended, stopped) = (clients.clone(), ended.clone(), stopped.clone());
-            let listening = listening.clone();
+            let dup = CloseDup(listening.clone());
             async move {
                 let e = self.accept_loop(&listener, &clients).await;
                 // New clients are refused rather than queued for nobody, and the name or path
                 // is free to listen on again. Said last, so that whoever reads it finds
                 // `accepting` and the listener as it says.
-                drop(listening.lock().take());
+                drop(dup);
                 drop(listener);
                 if stopped.load(Ordering::SeqCst) {
                     return; // `AsyncServing` stopped it (`EINVAL`): nothing went wrong
@@ -356,6 +356,18 @@ impl AsyncServer {
 async fn back_off(wait: Duration, clients: &Mutex<Vec<Client>>) {
     drop(pruned(clients));
     let _ = ::tokio::task::spawn_blocking(move || std::thread::sleep(wait)).await;
+}
+
+/// The acceptor task's share of the dup of the listening socket that [`AsyncServing`] keeps:
+/// closes it (unless `AsyncServing` took it first) when the task ends, and also when the
+/// runtime drops the task unfinished (the runtime shut down, or the task panicked), which
+/// closes the listener but would leave the dup listening, for clients to queue on for nobody.
+struct CloseDup(Arc<Mutex<Option<OwnedFd>>>);
+
+impl Drop for CloseDup {
+    fn drop(&mut self) {
+        drop(self.0.lock().take());
+    }
 }
 
 struct Client {
