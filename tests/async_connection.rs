@@ -723,6 +723,44 @@ fn an_async_serving_that_outlived_its_runtime_refuses_clients_and_frees_its_name
     assert_eq!(ipc_fds(), before);
 }
 
+/// A client the acceptor task had accepted, and was setting up (its `service_with` ran),
+/// when `AsyncServing` was dropped on another thread is hung up on like the clients served
+/// already, not served on by a task that nothing ends any more.
+#[test]
+fn a_client_accepted_as_the_async_serving_is_dropped_is_hung_up_on() {
+    let _fds = fd_count_lock();
+    let before = ipc_fds();
+    let rt = common::two_worker_runtime();
+    let client_rt = common::current_thread_runtime();
+    let name = format!("typed-ipc-async-dropped-mid-accept-{}", std::process::id());
+    // Met twice by the client's `service_with`: once it runs, and once the test has dropped
+    // the server.
+    let meet = Arc::new(std::sync::Barrier::new(2));
+    let serving = {
+        let _entered = rt.enter();
+        let meet = meet.clone();
+        AsyncServer::new()
+            .service_with(move |_| {
+                meet.wait();
+                meet.wait();
+                LabServer::new(LabImpl::new())
+            })
+            .listen(AsyncListener::bind_abstract(&name).unwrap())
+    };
+    let client = client_rt.block_on(async {
+        LabClient::new(AsyncConnection::connect_abstract(&name).await.unwrap())
+    });
+    meet.wait();
+    drop(serving);
+    meet.wait();
+    let got =
+        client_rt.block_on(async { tokio::time::timeout(HANG_GUARD, client.caller_pid()).await });
+    let got = got.expect("the client is hung up on");
+    assert!(matches!(got, Err(Error::Disconnected)), "{got:?}");
+    drop((client, client_rt, rt));
+    assert_eq!(ipc_fds(), before);
+}
+
 /// A dropped runtime's own fds (its epoll instance and its eventfd) are closed once the drop
 /// returns, also when it connected and shut a server down. The threads of the library's own
 /// those wait on (the connect, which may wait for good; the shutdown's watch of stalled sends)

@@ -284,7 +284,7 @@ impl AsyncServer {
             let (clients, ended, stopped) = (clients.clone(), ended.clone(), stopped.clone());
             let dup = CloseDup(listening.clone());
             async move {
-                let e = self.accept_loop(&listener, &clients).await;
+                let e = self.accept_loop(&listener, &clients, &stopped).await;
                 // New clients are refused rather than queued for nobody, and the name or path
                 // is free to listen on again. Said last, so that whoever reads it finds
                 // `accepting` and the listener as it says.
@@ -308,8 +308,13 @@ impl AsyncServer {
         }
     }
 
-    /// Accepts clients until accepting fails for good, and returns why.
-    async fn accept_loop(&self, listener: &AsyncListener, clients: &Mutex<Vec<Client>>) -> Error {
+    /// Accepts clients until accepting fails for good, or `stopped` is set, and returns why.
+    async fn accept_loop(
+        &self,
+        listener: &AsyncListener,
+        clients: &Mutex<Vec<Client>>,
+        stopped: &AtomicBool,
+    ) -> Error {
         let mut trouble = Trouble::new();
         loop {
             let fd = match listener.accept_fd().await {
@@ -338,6 +343,9 @@ impl AsyncServer {
                     // Locked before the task starts, so that `clients()` never misses a
                     // client that has already been served.
                     let mut clients = pruned(clients);
+                    if stopped.load(Ordering::SeqCst) {
+                        return stopped_mid_accept(&connection);
+                    }
                     let task = ::tokio::spawn(self.serve_services(&connection, services));
                     clients.push(Client { connection, task });
                 }
@@ -348,6 +356,18 @@ impl AsyncServer {
             }
         }
     }
+}
+
+/// Hangs up on `connection`, accepted as [`AsyncServing`] stopped (dropped on another thread
+/// while its `service_with` ran): `AsyncServing` set `stopped` before it took the clients,
+/// under the lock the caller holds, so it has hung up on the others already and will never
+/// see this one, which a task of its own would serve on for good. Returns the error the
+/// stopped listener gives (`EINVAL`), which the acceptor keeps quiet about.
+#[cold]
+#[inline(never)]
+fn stopped_mid_accept(connection: &AsyncConnection) -> Error {
+    connection.close();
+    Error::Io(io::Error::from_raw_os_error(libc::EINVAL))
 }
 
 /// Closes the sockets of the clients that have hung up, then waits `wait` before the next
@@ -396,7 +416,8 @@ pub struct AsyncServing {
     /// hung up on) when this stops, rather than once the runtime next polls the acceptor.
     /// Taken by whichever stops first, this or the acceptor.
     listening: Arc<Mutex<Option<OwnedFd>>>,
-    /// Set when this stops the acceptor, which then says nothing of the error it gets.
+    /// Set when this stops the acceptor, which then says nothing of the error it gets, and
+    /// serves no client it accepted meanwhile.
     stopped: Arc<AtomicBool>,
     clients: Arc<Mutex<Vec<Client>>>,
     /// Why the acceptor stopped, if it stopped on its own.
