@@ -425,6 +425,57 @@ fn a_handler_can_shut_its_own_server_down() {
     }
 }
 
+/// A server dropped on its acceptor thread, by the `service_with` of a client it is setting
+/// up (a server of a fixed number of clients), stops as when dropped anywhere else: it hangs
+/// up on every client, the one being set up too, and refuses new ones.
+#[test]
+fn a_server_dropped_by_its_own_service_with_stops_and_hangs_up_on_every_client() {
+    let _fds = fd_count_lock();
+    let before = ipc_fds();
+    let name = format!("typed-ipc-dropped-by-make-{}", std::process::id());
+    let slot: Arc<Mutex<Option<typed_ipc::Serving>>> = Arc::default();
+    let made = Arc::new(AtomicU64::new(0));
+    let serving = Server::new()
+        .service_with({
+            let (slot, made) = (slot.clone(), made.clone());
+            move |_| {
+                // The second client is one too many.
+                if made.fetch_add(1, Ordering::SeqCst) == 1 {
+                    drop(slot.lock().unwrap().take());
+                }
+                LabServer::new(LabImpl::new())
+            }
+        })
+        .listen(Listener::bind_abstract(&name).unwrap())
+        .unwrap();
+    *slot.lock().unwrap() = Some(serving);
+    let first =
+        LabClient::new(Connection::connect_abstract(&name).unwrap()).with_timeout(HANG_GUARD);
+    assert_eq!(first.caller_pid().unwrap(), std::process::id() as i32);
+    let second =
+        LabClient::new(Connection::connect_abstract(&name).unwrap()).with_timeout(HANG_GUARD);
+    for (which, client) in [("the second", &second), ("the first", &first)] {
+        let got = client.caller_pid();
+        assert!(matches!(got, Err(Error::Disconnected)), "{which}: {got:?}");
+    }
+    assert!(slot.lock().unwrap().is_none(), "dropped");
+    assert!(
+        Connection::connect_abstract(&name).is_err(),
+        "no longer accepting"
+    );
+    drop((first, second));
+    // The acceptor thread, which the drop could not wait for, closes the listener just after
+    // the hang-ups. No event marks that, so this polls (bounded).
+    let since = std::time::Instant::now();
+    while ipc_fds() != before {
+        assert!(
+            since.elapsed() < HANG_GUARD,
+            "a socket of the server's stays open"
+        );
+        std::thread::yield_now();
+    }
+}
+
 /// How many more fds than it has open the child of
 /// `a_listener_out_of_fds_says_so_and_accepts_again_once_clients_hang_up` may open.
 const ROOM: usize = 8;

@@ -390,6 +390,10 @@ impl Server {
             // Locked before its thread starts, so that `clients()` never misses a client that
             // has already been served.
             let mut list = pruned(clients);
+            if stopping() {
+                stopped_mid_accept(&connection);
+                return Ok(());
+            }
             match self.spawn_client(connection, services) {
                 Ok(client) => {
                     trouble.accepted();
@@ -467,6 +471,17 @@ fn pruned(clients: &Mutex<Vec<Client>>) -> MutexGuard<'_, Vec<Client>> {
     clients
 }
 
+/// Hangs up on `connection`, accepted as [`Serving`] stopped without waiting for the acceptor
+/// (dropped by the `service_with` of this very client, on the acceptor's thread): it dropped
+/// `stop` before it took the clients, under the lock the caller holds, so it has hung up on
+/// the others already and will never see this one, which threads of its own would serve on
+/// for good.
+#[cold]
+#[inline(never)]
+fn stopped_mid_accept(connection: &Connection) {
+    connection.close();
+}
+
 /// Closes the sockets of the clients that have hung up, then waits `wait` before the next
 /// try to accept. Returns whether the server is stopping.
 fn back_off(wait: Duration, clients: &Mutex<Vec<Client>>, stop: &Receiver<()>) -> bool {
@@ -521,7 +536,9 @@ impl Serving {
     /// A handler may call this (a client asking the server to quit), or drop the last owner
     /// of `Serving`: the shutdown then waits for every other client, not for the one whose
     /// handler it runs in, which cannot have finished yet; that client's reply goes out once
-    /// the handler returns, and its connection ends after it.
+    /// the handler returns, and its connection ends after it. So may a `make` of
+    /// [`Server::service_with`] (a server of so many clients): the client it makes a service
+    /// for is hung up on, and the listener closes once `make` has returned.
     pub fn shutdown(mut self) {
         self.stop();
     }
@@ -532,8 +549,13 @@ impl Serving {
         if let Some(listening) = self.listening.lock().take() {
             let _ = ns::shutdown(listening.as_raw_fd(), ns::Shutdown::Both);
         }
-        if let Some(acceptor) = self.acceptor.take() {
-            let _ = acceptor.join();
+        // Not when stopped on the acceptor's own thread (from a `service_with`), which would
+        // wait for itself; the acceptor returns once that has returned.
+        match self.acceptor.take() {
+            Some(acceptor) if acceptor.thread().id() != std::thread::current().id() => {
+                let _ = acceptor.join();
+            }
+            _ => {}
         }
         let clients = std::mem::take(&mut *self.clients.lock());
         if clients.is_empty() {
