@@ -732,3 +732,71 @@ fn a_traced_failure_is_cut_short() {
         said.len()
     );
 }
+
+/// The reply a raw peer sends to `call` (as `socket.recv()` received it) from `Lab::reverse`:
+/// its envelope as a reply, and `text` reversed.
+fn reversed_reply(call: &typed_ipc::Frame, text: &str) -> Vec<u8> {
+    let mut reply = call.payload[..24].to_vec();
+    reply[0] = 3; // a reply
+    reply[1..4].fill(0); // no lane word
+    let reversed: String = text.chars().rev().collect();
+    reply.extend_from_slice(&(reversed.len() as u64).to_le_bytes());
+    reply.extend_from_slice(reversed.as_bytes());
+    reply
+}
+
+/// An announcement, as a worker sends it first: an inbox at mailbox 0 (never written here).
+fn announcement() -> Vec<u8> {
+    let mut announce = vec![0u8; 24 + 16];
+    announce[0] = 5;
+    announce
+}
+
+/// A caller on another thread (`reverse("c")`) holds the reader role, its call received by
+/// the raw peer `b`; then this thread takes stderr's lock, as
+/// `writeln!(io::stderr().lock(), "{:?}", call())` does, and calls `reverse("m")`; once the
+/// peer has that call it sends `peer_sends` (given both calls), which the first caller reads.
+fn call_while_another_reads(peer_sends: fn(&typed_ipc::Frame, &typed_ipc::Frame) -> Vec<Vec<u8>>) {
+    let (a, b) = typed_ipc::Socket::pair().unwrap();
+    let client = LabClient::new(typed_ipc::Connection::new(a));
+    let reader = {
+        let client = client.clone();
+        std::thread::spawn(move || client.reverse("c".into()))
+    };
+    let first = b.recv().unwrap(); // the reader's call: it holds the role until a message
+    let stderr = std::io::stderr().lock();
+    let peer = std::thread::spawn(move || {
+        let second = b.recv().unwrap();
+        for message in peer_sends(&first, &second) {
+            b.send(&message, &[]).unwrap();
+        }
+        b
+    });
+    let got = client.reverse("m".into());
+    drop(stderr);
+    assert_eq!(got.unwrap(), "m");
+    assert_eq!(reader.join().unwrap().unwrap(), "c");
+    drop(peer.join().unwrap());
+}
+
+/// The peer announces an inbox while another thread reads: the reader's line for it.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_announced_while_its_caller_holds_stderr() {
+    call_while_another_reads(|first, second| {
+        vec![
+            announcement(),
+            reversed_reply(first, "c"),
+            reversed_reply(second, "m"),
+        ]
+    });
+}
+
+/// A caller holding stderr's lock gets its reply although another thread reads the
+/// announcement before it and says so: said with the connection's state locked, that line
+/// waited for stderr, whose holder waited for the lock (or for a wake-up under it).
+#[test]
+fn an_announcement_is_said_without_the_connections_lock() {
+    let stderr = traced_stderr("child_announced_while_its_caller_holds_stderr");
+    assert_line(&stderr, "<- Announce (16 bytes, 0 fds)");
+}

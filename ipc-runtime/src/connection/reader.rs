@@ -290,9 +290,8 @@ impl Shared {
                 keep_unread(&mut state, frame);
             }
             (Kind::Announce, result) => {
-                if self.trace {
-                    super::trace::incoming(&envelope, &frame, std::iter::empty());
-                }
+                // Not with the lock held: a thread holding stderr's lock may want it.
+                state = self.trace_unlocked(state, &envelope, &frame);
                 match result.and_then(|()| envelope::announcement(&frame.payload)) {
                     Ok((mailbox, token)) => self.lane.on_announce(mailbox, token),
                     Err(e) => self.fail(&mut state, e),
