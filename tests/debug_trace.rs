@@ -800,3 +800,22 @@ fn an_announcement_is_said_without_the_connections_lock() {
     let stderr = traced_stderr("child_announced_while_its_caller_holds_stderr");
     assert_line(&stderr, "<- Announce (16 bytes, 0 fds)");
 }
+
+/// The peer answers this thread's call while another thread reads.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_answered_while_its_caller_holds_stderr() {
+    call_while_another_reads(|first, second| {
+        vec![reversed_reply(second, "m"), reversed_reply(first, "c")]
+    });
+}
+
+/// A caller holding stderr's lock gets its reply when another thread reads it: said before
+/// the reply reached its caller, the reader's line waited for stderr, whose holder waited for
+/// the reply.
+#[test]
+fn a_reply_read_for_another_caller_reaches_it_before_it_is_said() {
+    let stderr = traced_stderr("child_answered_while_its_caller_holds_stderr");
+    assert_line(&stderr, "<- Reply #2 (9 bytes, 0 fds)");
+    assert_line(&stderr, "<- Reply #1 (9 bytes, 0 fds)");
+}

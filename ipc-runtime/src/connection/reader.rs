@@ -214,11 +214,15 @@ impl Shared {
                 return (self.say_end(state), None);
             }
         };
-        if matches!(envelope.kind, Kind::Reply | Kind::Failure) {
-            // Still the reader meanwhile: a caller woken without its reply routed would read
-            // for it, in a socket that has nothing more for it.
-            state = self.trace_unlocked(state, &envelope, &frame);
-        }
+        // A reply is said once it is where its caller finds it and the role is given back:
+        // its caller may hold stderr's lock meanwhile. (Said with the role still held, its
+        // caller waited for the reader, which waited for stderr.)
+        let reply_line = match envelope.kind {
+            Kind::Reply | Kind::Failure if self.trace => {
+                Some(self.incoming_line(&envelope, &frame))
+            }
+            _ => None,
+        };
         // A call this end could not receive is answered with the role still held: see
         // `answer_unreceived`, which gives it back.
         let owes = envelope.kind == Kind::Call && result.is_err() && !state.closed_here;
@@ -234,6 +238,7 @@ impl Shared {
                 if !state.pending.is_empty() {
                     state.pending.remove(&envelope.cookie);
                 }
+                let state = self.say_unlocked(state, reply_line);
                 return (state, Some(Taken::Reply(result.map(|()| frame))));
             }
             (Kind::Reply | Kind::Failure, result) => {
@@ -242,6 +247,7 @@ impl Shared {
                     // Its caller gave up: dropped unread.
                     None => self.lane.finished(&frame.payload),
                 }
+                state = self.say_unlocked(state, reply_line);
             }
             // This end closed the connection: what the peer sent before is not run.
             (Kind::Call | Kind::Oneway, _) if state.closed_here => {
@@ -326,6 +332,23 @@ impl Shared {
                 self.state.lock()
             }
         }
+    }
+
+    /// Says `line`, if there is one, with the lock let go meanwhile (and taken again).
+    #[inline]
+    fn say_unlocked<'a>(&'a self, state: Guard<'a>, line: Option<String>) -> Guard<'a> {
+        match line {
+            None => state,
+            Some(line) => self.say_with_lock_let_go(state, &line),
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn say_with_lock_let_go<'a>(&'a self, state: Guard<'a>, line: &str) -> Guard<'a> {
+        drop(state);
+        super::trace::line(line);
+        self.state.lock()
     }
 
     /// [`Shared::say_end`] for a thread that does not hold the lock.

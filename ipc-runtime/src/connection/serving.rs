@@ -242,6 +242,18 @@ impl Shared {
             registry.services.iter().map(|(info, _)| *info),
         );
     }
+
+    /// What [`Shared::trace_incoming`] says (out of line: only ever with tracing on).
+    #[cold]
+    #[inline(never)]
+    pub(super) fn incoming_line(&self, envelope: &Envelope, frame: &Frame) -> String {
+        let registry = self.registry().registry;
+        trace::incoming_line(
+            envelope,
+            frame,
+            registry.services.iter().map(|(info, _)| *info),
+        )
+    }
 }
 
 /// A serving thread's copy of the registry, and the version it was taken at.

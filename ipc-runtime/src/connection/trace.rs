@@ -201,8 +201,18 @@ pub(crate) fn announce() {
 pub(crate) fn incoming<'i>(
     envelope: &Envelope,
     frame: &Frame,
-    mut served: impl Iterator<Item = &'i InterfaceInfo>,
+    served: impl Iterator<Item = &'i InterfaceInfo>,
 ) {
+    line(&incoming_line(envelope, frame, served));
+}
+
+/// The line saying a message this process received, named after the served interface it is
+/// for, if any: for [`line()`], which the reader of a reply calls once the reply is routed.
+pub(crate) fn incoming_line<'i>(
+    envelope: &Envelope,
+    frame: &Frame,
+    mut served: impl Iterator<Item = &'i InterfaceInfo>,
+) -> String {
     let name = served
         .find(|i| i.id == envelope.interface)
         .map_or(String::new(), |i| {
@@ -212,7 +222,7 @@ pub(crate) fn incoming<'i>(
                 i.method(envelope.cmd).map_or("?", |m| m.name)
             )
         });
-    line(&format!(
+    format!(
         "typed-ipc[{}] <- {:?}{}{name} ({}, {})",
         std::process::id(),
         envelope.kind,
@@ -222,7 +232,7 @@ pub(crate) fn incoming<'i>(
             "byte"
         ),
         counted(frame.fds.len(), "fd")
-    ));
+    )
 }
 
 #[cfg(test)]
