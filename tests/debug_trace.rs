@@ -819,3 +819,36 @@ fn a_reply_read_for_another_caller_reaches_it_before_it_is_said() {
     assert_line(&stderr, "<- Reply #2 (9 bytes, 0 fds)");
     assert_line(&stderr, "<- Reply #1 (9 bytes, 0 fds)");
 }
+
+/// [`child_answered_while_its_caller_holds_stderr`], async: the caller holds stderr's lock
+/// around `block_on`, and the connection's reader task, on a worker of the runtime, reads its
+/// reply.
+#[cfg(feature = "tokio")]
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_answered_while_its_async_caller_holds_stderr() {
+    let runtime = common::two_worker_runtime();
+    let (a, b) = typed_ipc::Socket::pair().unwrap();
+    let conn = runtime
+        .block_on(async { typed_ipc::tokio::AsyncConnection::new(a) })
+        .unwrap();
+    let client = asynchronous::LabClient::new(conn);
+    let stderr = std::io::stderr().lock();
+    let peer = std::thread::spawn(move || {
+        let call = b.recv().unwrap();
+        b.send(&reversed_reply(&call, "m"), &[]).unwrap();
+        b
+    });
+    let got = runtime.block_on(client.reverse("m".into()));
+    drop(stderr);
+    assert_eq!(got.unwrap(), "m");
+    drop(peer.join().unwrap());
+}
+
+/// The same, async: the reader task says the reply once its caller has it.
+#[cfg(feature = "tokio")]
+#[test]
+fn a_reply_reaches_its_async_caller_before_it_is_said() {
+    let stderr = traced_stderr("child_answered_while_its_async_caller_holds_stderr");
+    assert_line(&stderr, "<- Reply #1 (9 bytes, 0 fds)");
+}

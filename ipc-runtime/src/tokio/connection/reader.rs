@@ -125,9 +125,12 @@ impl Inner {
             (Err(_), Ok(())) => return Err(Error::Malformed("bad envelope".into())),
         };
         let (envelope, received) = envelope;
-        if self.trace {
-            self.trace_incoming(&envelope, &frame);
-        }
+        // A reply is said once its caller has it: the caller may hold stderr's lock until it
+        // does, and this task is the only one that reads.
+        let reply_line = match self.trace {
+            true => self.trace_incoming(&envelope, &frame),
+            false => None,
+        };
         match &received {
             Ok(()) => self.lane.on_message(&mut frame.payload),
             // Delivered as an error, so never decoded; the lane word of a message refused for
@@ -155,6 +158,9 @@ impl Inner {
                     // Its call was dropped: the frame is dropped here, closing its fds.
                     Err(Ok(frame)) => self.lane.finished(&frame.payload),
                     Err(Err(_)) => {}
+                }
+                if let Some(line) = reply_line {
+                    trace::line(&line);
                 }
                 return Ok(pause);
             }
@@ -295,10 +301,20 @@ impl Inner {
         }
     }
 
-    fn trace_incoming(&self, envelope: &Envelope, frame: &Frame) {
+    /// Says a received message, or for a reply returns what to say once it is routed.
+    #[cold]
+    #[inline(never)]
+    fn trace_incoming(&self, envelope: &Envelope, frame: &Frame) -> Option<String> {
         // Copied out before printing: a thread holding stderr's lock may be adding a service
         // (which waits for the write lock) meanwhile.
         let served: Vec<_> = self.services.read().iter().map(|s| s.info()).collect();
-        trace::incoming(envelope, frame, served.into_iter());
+        let line = trace::incoming_line(envelope, frame, served.into_iter());
+        match envelope.kind {
+            Kind::Reply | Kind::Failure => Some(line),
+            _ => {
+                trace::line(&line);
+                None
+            }
+        }
     }
 }
