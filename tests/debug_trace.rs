@@ -852,3 +852,27 @@ fn a_reply_reaches_its_async_caller_before_it_is_said() {
     let stderr = traced_stderr("child_answered_while_its_async_caller_holds_stderr");
     assert_line(&stderr, "<- Reply #1 (9 bytes, 0 fds)");
 }
+
+/// Calls a worker, then drops the connection's last handle without closing it.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_dropped_traced() {
+    let (mut lab, conn) = Worker::spawn(child("child_lab")).unwrap();
+    let client = LabClient::new(conn);
+    assert_eq!(client.reverse("hi".into()).unwrap(), "ih");
+    drop(client);
+    lab.wait().unwrap();
+}
+
+/// A connection whose last handle is dropped says so, as an async one does: it ended,
+/// though no thread was there to read its end.
+#[test]
+fn a_connection_dropped_says_so() {
+    let stderr = traced_stderr("child_dropped_traced");
+    assert_line(
+        &stderr,
+        "-- Ended: closed by this side: its last handle was dropped",
+    );
+    assert_line(&stderr, "-- Ended: peer disconnected");
+    assert_ended_once_each(&stderr);
+}

@@ -179,6 +179,14 @@ struct Shared {
     lane: Lane,
 }
 
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if self.trace {
+            self.say_end_on_drop();
+        }
+    }
+}
+
 /// What a connection serves: the services, by interface, and who may call them.
 #[derive(Clone, Default)]
 struct Registry {

@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use nix::poll::PollFlags;
+
 use super::backlog::Cost;
 use super::envelope::{self, Envelope, Kind};
 use super::failure;
@@ -356,6 +358,28 @@ impl Shared {
     #[inline(never)]
     pub(super) fn say_end_unlocked(&self) {
         drop(self.say_end_with_lock_let_go(self.state.lock()));
+    }
+
+    /// The last handle is gone, and with it the connection: it says its end now if no
+    /// thread read it (nothing reads a connection whose handles are all dropped). A hang-up
+    /// of the peer's that nobody read is still the peer's; else this side ended it.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn say_end_on_drop(&self) {
+        use super::trace::EndedHere;
+        let mut state = self.state.lock();
+        if state.closed.is_none() {
+            let gone = self.socket.ready_now(PollFlags::POLLIN);
+            let here = match self.ended_here(&state) {
+                EndedHere::No if !gone.contains(PollFlags::POLLHUP) => EndedHere::Dropped,
+                here => here,
+            };
+            state.end_unsaid = Some(super::trace::ended(&Error::Disconnected, here));
+        }
+        if let Some(line) = state.end_unsaid.take() {
+            drop(state);
+            super::trace::line(&line);
+        }
     }
 
     /// Traces a message as received, if tracing is on: a reply, or a request that will not

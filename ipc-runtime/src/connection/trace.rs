@@ -123,7 +123,7 @@ pub(crate) enum EndedHere {
     Closed,
     /// `stop_reading`.
     StoppedReading,
-    /// The last handle of an async connection was dropped.
+    /// The last handle of the connection was dropped.
     Dropped,
 }
 
