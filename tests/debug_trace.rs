@@ -9,7 +9,7 @@
 
 mod common;
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::process::Stdio;
 
 use common::child;
@@ -875,4 +875,62 @@ fn a_connection_dropped_says_so() {
     );
     assert_line(&stderr, "-- Ended: peer disconnected");
     assert_ended_once_each(&stderr);
+}
+
+/// Bytes `socket` sent that its peer has not read yet (`SIOCOUTQ`).
+fn unread_by_peer(socket: &typed_ipc::Socket) -> i32 {
+    let mut unread: libc::c_int = 0;
+    let fd = std::os::fd::AsFd::as_fd(socket).as_raw_fd();
+    // SAFETY: `fd` is a socket this function borrows; `TIOCOUTQ` (`SIOCOUTQ`) writes one int.
+    let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut unread) };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    unread
+}
+
+/// A thread sends a call larger than the socket buffer (64 MiB), which the raw peer `b` does not read
+/// yet: it holds the connection's send lock, and reads meanwhile. This thread then takes
+/// stderr's lock and calls, waiting for that send lock; the peer announces an inbox, which
+/// the sending thread reads and says, and only then reads both calls and answers them.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_announced_to_a_sender_while_a_caller_holds_stderr() {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let (a, b) = typed_ipc::Socket::pair().unwrap();
+    let client = LabClient::new(typed_ipc::Connection::new(a));
+    let large = "x".repeat(64 << 20);
+    let sender = {
+        let (client, large) = (client.clone(), large.clone());
+        std::thread::spawn(move || client.reverse(large))
+    };
+    // Part of the large call is in: its sender holds the send lock until the rest is out.
+    let mut ready = [PollFd::new(b.as_fd(), PollFlags::POLLIN)];
+    poll(&mut ready, PollTimeout::NONE).unwrap();
+    let stderr = std::io::stderr().lock();
+    let peer = std::thread::spawn(move || {
+        b.send(&announcement(), &[]).unwrap();
+        // Read by the only thread that may read now: the sender, mid-send.
+        while unread_by_peer(&b) > 0 {
+            std::thread::yield_now();
+        }
+        let large = b.recv().unwrap();
+        let text = String::from_utf8(large.payload[32..].to_vec()).unwrap();
+        b.send(&reversed_reply(&large, &text), &[]).unwrap();
+        let small = b.recv().unwrap();
+        b.send(&reversed_reply(&small, "m"), &[]).unwrap();
+        b
+    });
+    let got = client.reverse("m".into());
+    drop(stderr);
+    assert_eq!(got.unwrap(), "m");
+    assert_eq!(sender.join().unwrap().unwrap(), large);
+    drop(peer.join().unwrap());
+}
+
+/// A thread waiting for room to send, which reads meanwhile holding the send lock, says what
+/// it reads without waiting for stderr's lock: a caller holding it (as
+/// `writeln!(io::stderr().lock(), "{:?}", call())` does) may be waiting for the send lock.
+#[test]
+fn a_sender_reading_says_what_it_reads_without_waiting_for_stderr() {
+    let stderr = traced_stderr("child_announced_to_a_sender_while_a_caller_holds_stderr");
+    assert_line(&stderr, "<- Announce (16 bytes, 0 fds)");
 }

@@ -1,6 +1,8 @@
 //! `TYPED_IPC_DEBUG=1`: one line on stderr per message sent or received, for both flavours.
 
+use std::cell::Cell;
 use std::io::Write;
+use std::os::fd::AsFd;
 
 use serde::Serialize;
 
@@ -16,11 +18,49 @@ pub(crate) fn enabled() -> bool {
 }
 
 /// Writes one line to stderr in one `write`, so the lines of two processes sharing a terminal
-/// do not interleave.
+/// do not interleave. Inside [`without_waiting_for_stderr`], without stderr's lock.
 pub(crate) fn line(text: &str) {
-    let _ = std::io::stderr()
-        .lock()
-        .write_all(format!("{text}\n").as_bytes());
+    let text = format!("{text}\n");
+    if WITHOUT_WAITING.get() {
+        write_unlocked(text.as_bytes());
+        return;
+    }
+    let _ = std::io::stderr().lock().write_all(text.as_bytes());
+}
+
+thread_local! {
+    /// This thread holds what other threads may wait for, so its lines do not wait for
+    /// stderr's lock ([`without_waiting_for_stderr`]).
+    static WITHOUT_WAITING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with this thread's lines written without stderr's lock: for a thread that holds
+/// what a thread holding stderr's lock may wait for (the send lock, while it reads waiting for
+/// room), which the line would then wait for in turn, for good. Such a line may fall between
+/// the writes of a `write!` that holds the lock, rather than after it.
+pub(crate) fn without_waiting_for_stderr<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            WITHOUT_WAITING.set(self.0);
+        }
+    }
+    let _restore = Restore(WITHOUT_WAITING.replace(true));
+    f()
+}
+
+/// Writes `bytes` to stderr's fd, not taking stderr's lock.
+#[cold]
+#[inline(never)]
+fn write_unlocked(mut bytes: &[u8]) {
+    while !bytes.is_empty() {
+        match nix::unistd::write(std::io::stderr().as_fd(), bytes) {
+            Ok(0) => return,
+            Ok(n) => bytes = &bytes[n..],
+            Err(nix::Error::EINTR) => {}
+            Err(_) => return,
+        }
+    }
 }
 
 /// The most characters of a text from elsewhere (why a message failed) that a line shows.
