@@ -934,3 +934,71 @@ fn a_sender_reading_says_what_it_reads_without_waiting_for_stderr() {
     let stderr = traced_stderr("child_announced_to_a_sender_while_a_caller_holds_stderr");
     assert_line(&stderr, "<- Announce (16 bytes, 0 fds)");
 }
+
+/// [`child_answered_while_its_async_caller_holds_stderr`], with a oneway of the peer's before
+/// the reply: the reader task reads and says it first.
+#[cfg(feature = "tokio")]
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_answered_after_a_oneway_while_its_async_caller_holds_stderr() {
+    let runtime = common::two_worker_runtime();
+    let (a, b) = typed_ipc::Socket::pair().unwrap();
+    let conn = runtime
+        .block_on(async { typed_ipc::tokio::AsyncConnection::new(a) })
+        .unwrap();
+    let client = asynchronous::LabClient::new(conn);
+    let stderr = std::io::stderr().lock();
+    let peer = std::thread::spawn(move || {
+        let call = b.recv().unwrap();
+        let mut oneway = reversed_reply(&call, "");
+        oneway[0] = 2; // a oneway, of no arguments
+        oneway[8..16].fill(0);
+        b.send(&oneway, &[]).unwrap();
+        b.send(&reversed_reply(&call, "m"), &[]).unwrap();
+        b
+    });
+    let got = runtime.block_on(client.reverse("m".into()));
+    drop(stderr);
+    assert_eq!(got.unwrap(), "m");
+    drop(peer.join().unwrap());
+}
+
+/// The async reader task says what it reads without waiting for stderr's lock: every call's
+/// reply waits for it, and a caller may hold that lock until its reply comes.
+#[cfg(feature = "tokio")]
+#[test]
+fn the_async_reader_says_what_it_reads_without_waiting_for_stderr() {
+    let stderr = traced_stderr("child_answered_after_a_oneway_while_its_async_caller_holds_stderr");
+    assert_line(&stderr, "<- Oneway (8 bytes, 0 fds)");
+    assert_line(&stderr, "<- Reply #1 (9 bytes, 0 fds)");
+}
+
+/// Serves an async connection whose peer hangs up, holding stderr's lock around `block_on`
+/// (as `writeln!(io::stderr().lock(), "{:?}", rt.block_on(serve))` does): serving returns
+/// once the reader task is done, and that task says the end.
+#[cfg(feature = "tokio")]
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_served_async_while_holding_stderr() {
+    let runtime = common::two_worker_runtime();
+    let (a, b) = typed_ipc::Socket::pair().unwrap();
+    let conn = runtime
+        .block_on(async { typed_ipc::tokio::AsyncConnection::new(a) })
+        .unwrap();
+    let serving = asynchronous::LabServer::new(asynchronous::Impl).serve(conn);
+    let stderr = std::io::stderr().lock();
+    drop(b);
+    let served = runtime.block_on(serving);
+    drop(stderr);
+    served.unwrap();
+}
+
+/// The async reader task says the end without waiting for stderr's lock, whose holder may
+/// wait for serving to return, which waits for that task.
+#[cfg(feature = "tokio")]
+#[test]
+fn serving_returns_to_an_async_caller_holding_stderr() {
+    let stderr = traced_stderr("child_served_async_while_holding_stderr");
+    assert_line(&stderr, "-- Ended: peer disconnected");
+    assert_ended_once_each(&stderr);
+}

@@ -93,7 +93,9 @@ async fn read_messages(inner: Arc<Inner>) {
             Err(why) => break why,
         }
     };
-    inner.fail(why);
+    // Said without waiting for stderr's lock, as all this task says: `run` returns once
+    // this task is done, and a thread holding stderr's lock may be waiting for that.
+    trace::without_waiting_for_stderr(|| inner.fail(why));
 }
 
 /// The message in `buffer`, leaving `buffer` ready for the next: a small message is copied out
@@ -160,7 +162,7 @@ impl Inner {
                     Err(Err(_)) => {}
                 }
                 if let Some(line) = reply_line {
-                    trace::line(&line);
+                    trace::without_waiting_for_stderr(|| trace::line(&line));
                 }
                 return Ok(pause);
             }
@@ -199,7 +201,8 @@ impl Inner {
             }
             (Kind::Oneway, Err(e)) => {
                 // Nobody waits for a oneway's outcome, so say it here rather than lose it.
-                self.oneway_failed(&envelope, &unreceived(&e, true));
+                let failure = unreceived(&e, true);
+                trace::without_waiting_for_stderr(|| self.oneway_failed(&envelope, &failure));
             }
             (Kind::Announce, received) => {
                 let (mailbox, token) =
@@ -301,7 +304,9 @@ impl Inner {
         }
     }
 
-    /// Says a received message, or for a reply returns what to say once it is routed.
+    /// Says a received message, or for a reply returns what to say once it is routed. Every
+    /// call's reply waits for this task, and a caller may hold stderr's lock until its own
+    /// comes: what this task says does not wait for that lock.
     #[cold]
     #[inline(never)]
     fn trace_incoming(&self, envelope: &Envelope, frame: &Frame) -> Option<String> {
@@ -312,7 +317,7 @@ impl Inner {
         match envelope.kind {
             Kind::Reply | Kind::Failure => Some(line),
             _ => {
-                trace::line(&line);
+                trace::without_waiting_for_stderr(|| trace::line(&line));
                 None
             }
         }
