@@ -551,15 +551,15 @@ impl Inner {
         &self.lane
     }
 
-    /// Shuts the socket down with `shutdown` (all of it, or its reading side): the peer sees
-    /// it, the reader sees the end, and a reader waiting for room (which reads nothing, so
-    /// would not see it) stops waiting.
     /// Notes what this end did that ends the connection, unless it did something before.
     fn ended_here(&self, what: trace::EndedHere) {
         let (none, seq) = (trace::EndedHere::No as u8, Ordering::SeqCst);
         let _ = self.ended_here.compare_exchange(none, what as u8, seq, seq);
     }
 
+    /// Shuts the socket down with `shutdown` (all of it, or its reading side): the peer sees
+    /// it, the reader sees the end, and a reader waiting for room (which reads nothing, so
+    /// would not see it) stops waiting.
     fn hang_up(&self, shutdown: impl FnOnce(&Socket) -> Result<()>) {
         let _ = shutdown(self.socket());
         self.hung_up.store(true, Ordering::SeqCst);
