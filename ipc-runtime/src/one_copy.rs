@@ -236,7 +236,8 @@ fn probe() -> Option<Probe> {
 }
 
 /// [`PROBE`] bytes for the probe's source, and the rest of `buffer` after them for its target
-/// (at least `PROBE` + 16 bytes, given `2 * PROBE + PAGE + 16`), both starting on a page.
+/// (at least `PROBE` + 16 bytes for a `buffer` of `2 * PROBE + PAGE + 16`; the probe gives
+/// `2 * PROBE + 3 * PAGE`), both starting on a page.
 /// Where `malloc` puts two blocks is luck: once a large block has been freed, glibc serves
 /// 256 KiB from its heap, the second block 16 bytes ahead of the first counted modulo 4 KiB,
 /// and there `memcpy` (`rep movsb`) took 88 µs against 7 µs on the EPYC host. The probe then
