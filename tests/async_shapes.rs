@@ -320,8 +320,8 @@ fn a_panic_is_an_error_reply_and_the_server_goes_on() {
         let running = start();
         let ipa = &running.client;
         match ipa.explode("kaboom".into()).await {
-            Err(Error::Remote(why)) => assert!(why.contains("kaboom"), "{why}"),
-            other => panic!("expected Error::Remote, got {other:?}"),
+            Err(Error::Panicked(why)) => assert_eq!(why, "Shapes::explode: kaboom"),
+            other => panic!("expected Error::Panicked, got {other:?}"),
         }
         assert_eq!(
             ipa.reverse("still here".into()).await.unwrap(),

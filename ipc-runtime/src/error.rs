@@ -79,18 +79,25 @@ pub enum Error {
     /// methods differs. The message names what differs (at most 16 differences, the rest
     /// counted).
     ///
-    /// Here and in [`Error::Refused`] and [`Error::Remote`], text that came from the peer is
-    /// escaped as `{:?}` escapes it (control characters, bidirectional overrides) and cut
-    /// after 1,000 characters, so that printing the error is safe whatever the peer sent.
+    /// Here and in [`Error::Refused`], [`Error::Panicked`] and [`Error::Remote`], text that
+    /// came from the peer is escaped as `{:?}` escapes it (control characters, bidirectional
+    /// overrides) and cut after 1,000 characters, so that printing the error is safe whatever
+    /// the peer sent.
     InterfaceMismatch(String),
     /// The server refused this caller (see `Connection::set_authorizer`); the reason is the
     /// server's.
     Refused(String),
-    /// The peer failed to handle this call: its implementation panicked, it does not know the
-    /// command, it could not receive the request's fds or decode its arguments, or it could
-    /// not send its answer. The message says which. The connection is still usable. (A
-    /// request over the peer's [`Limits`](crate::Limits) is [`Error::TooLarge`] or
-    /// [`Error::TooManyFds`], `by_peer`.)
+    /// The peer's implementation of the method panicked; the message names the method and
+    /// gives the panic's message. The peer caught the panic and serves on, so the connection
+    /// is still usable, but the service may have been stopped half-way through a change to
+    /// its state: a caller that cannot trust it after that restarts the peer (a worker:
+    /// [`Worker::kill`](crate::worker::Worker::kill), then spawn it again).
+    Panicked(String),
+    /// The peer failed to handle this call: it does not know the command, it could not
+    /// receive the request's fds or decode its arguments, or it could not send its answer.
+    /// The message says which. The connection is still usable. (A request over the peer's
+    /// [`Limits`](crate::Limits) is [`Error::TooLarge`] or [`Error::TooManyFds`], `by_peer`;
+    /// a panic is [`Error::Panicked`].)
     Remote(String),
     /// An operating-system error, with its errno.
     Io(io::Error),
@@ -138,6 +145,7 @@ impl fmt::Display for Error {
             Error::Encode(why) => write!(f, "cannot encode value: {why}"),
             Error::InterfaceMismatch(why) => write!(f, "interface mismatch: {why}"),
             Error::Refused(why) => write!(f, "call refused: {why}"),
+            Error::Panicked(why) => write!(f, "remote call panicked: {why}"),
             Error::Remote(why) => write!(f, "remote call failed: {why}"),
             Error::Io(e) => write!(f, "{e}"),
         }
@@ -205,6 +213,7 @@ impl Error {
             Error::Encode(s) => Error::Encode(s.clone()),
             Error::InterfaceMismatch(s) => Error::InterfaceMismatch(s.clone()),
             Error::Refused(s) => Error::Refused(s.clone()),
+            Error::Panicked(s) => Error::Panicked(s.clone()),
             Error::Remote(s) => Error::Remote(s.clone()),
             Error::Io(e) => match e.raw_os_error() {
                 Some(errno) => Error::Io(io::Error::from_raw_os_error(errno)),

@@ -280,7 +280,9 @@ impl Server {
         for helper in helpers {
             let outcome = helper
                 .join()
-                .unwrap_or(Err(Error::Remote("serving thread panicked".into())));
+                // Handlers' panics are caught and answered, so this is a bug of this side's,
+                // not anything the peer did.
+                .unwrap_or_else(|_| Err(io::Error::other("a serving thread panicked").into()));
             result = result.and(outcome);
         }
         result

@@ -89,7 +89,7 @@ impl Failure {
         let name = ours.name;
         match self {
             Failure::Panicked(msg) => {
-                Error::Remote(format!("{name}::{method} panicked: {}", printable(&msg)))
+                Error::Panicked(format!("{name}::{method}: {}", printable(&msg)))
             }
             Failure::UnknownCommand(cmd) => {
                 Error::Remote(format!("the peer's {name} has no command {cmd} ({method})"))
@@ -298,7 +298,10 @@ mod tests {
 
     fn text(error: Error) -> String {
         match error {
-            Error::Remote(why) | Error::Refused(why) | Error::InterfaceMismatch(why) => why,
+            Error::Remote(why)
+            | Error::Panicked(why)
+            | Error::Refused(why)
+            | Error::InterfaceMismatch(why) => why,
             other => panic!("unexpected {other:?}"),
         }
     }
