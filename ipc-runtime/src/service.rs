@@ -128,6 +128,9 @@ impl<S: Service + ?Sized> Service for std::sync::Arc<S> {
 #[derive(Clone, Copy)]
 struct Caller {
     peer: Option<PeerCredentials>,
+    // Only the async flavour asks (its server may be shut down from a handler's task); the
+    // blocking one knows its clients' threads by their ids.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     connection: *const (),
 }
 
@@ -154,11 +157,13 @@ pub fn current_peer() -> Option<PeerCredentials> {
 /// Whether this thread is handling a call that came on `connection` (a pointer to the
 /// connection's shared state, as given to [`CallerScope::enter`]): a server shut down from a
 /// handler must not wait for that handler's connection.
+#[cfg(feature = "tokio")]
 pub(crate) fn handling_a_call_of(connection: *const ()) -> bool {
     CALLER.with(|c| std::ptr::eq(c.get().connection, connection))
 }
 
-/// Sets [`current_peer`] and [`handling_a_call_of`] for the duration of one call.
+/// Sets [`current_peer`] (and, for the async flavour, `handling_a_call_of`) for the duration
+/// of one call.
 pub(crate) struct CallerScope(Caller);
 
 impl CallerScope {

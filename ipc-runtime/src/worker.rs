@@ -48,7 +48,7 @@ pub const ENV: &str = "TYPED_IPC_FD";
 /// while you use the connection: `let (_, connection) = Worker::spawn(command)?` drops it,
 /// and kills the child, at once.
 ///
-/// The connection [`Worker::spawn`] (or [`crate::tokio::worker::spawn`]) returned lives no
+/// The connection [`Worker::spawn`] (or, async, `tokio::worker::spawn`) returned lives no
 /// longer than the child: once [`Worker::kill`] has signalled it, or [`Worker::wait`] or
 /// [`Worker::try_wait`] has seen it end (or found it reaped elsewhere), the connection ends
 /// as if the child had hung up: callers still waiting get [`Error::Disconnected`] at once,

@@ -168,7 +168,8 @@ pub(crate) enum EndedHere {
 }
 
 impl EndedHere {
-    /// Back from `self as u8`, as an atomic holds it.
+    /// Back from `self as u8`, as the async flavour's atomic holds it.
+    #[cfg(feature = "tokio")]
     pub(crate) fn from_u8(n: u8) -> EndedHere {
         match n {
             0 => EndedHere::No,
@@ -304,6 +305,11 @@ mod tests {
         let malformed = Error::Malformed("bad".into());
         let text = format!("-- Ended: {malformed}");
         assert_eq!(said(malformed, EndedHere::StoppedReading), text);
+    }
+
+    #[cfg(feature = "tokio")]
+    #[test]
+    fn what_this_side_did_survives_the_atomic() {
         for here in [
             EndedHere::No,
             EndedHere::Closed,
