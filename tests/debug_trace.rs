@@ -758,6 +758,19 @@ fn announcement() -> Vec<u8> {
 /// peer has that call it sends `peer_sends` (given both calls), which the first caller reads.
 fn call_while_another_reads(peer_sends: fn(&typed_ipc::Frame, &typed_ipc::Frame) -> Vec<Vec<u8>>) {
     let (a, b) = typed_ipc::Socket::pair().unwrap();
+    call_on_while_another_reads(a, b, move |b, first, second| {
+        for message in peer_sends(first, second) {
+            b.send(&message, &[]).unwrap();
+        }
+    });
+}
+
+/// [`call_while_another_reads`] on `a`, whose raw peer is `b`, where `peer_sends` sends what
+/// it sends itself (fds too).
+fn call_on_while_another_reads<F>(a: typed_ipc::Socket, b: typed_ipc::Socket, peer_sends: F)
+where
+    F: FnOnce(&typed_ipc::Socket, &typed_ipc::Frame, &typed_ipc::Frame) + Send + 'static,
+{
     let client = LabClient::new(typed_ipc::Connection::new(a));
     let reader = {
         let client = client.clone();
@@ -767,9 +780,7 @@ fn call_while_another_reads(peer_sends: fn(&typed_ipc::Frame, &typed_ipc::Frame)
     let stderr = std::io::stderr().lock();
     let peer = std::thread::spawn(move || {
         let second = b.recv().unwrap();
-        for message in peer_sends(&first, &second) {
-            b.send(&message, &[]).unwrap();
-        }
+        peer_sends(&b, &first, &second);
         b
     });
     let got = client.reverse("m".into());
@@ -799,6 +810,44 @@ fn child_announced_while_its_caller_holds_stderr() {
 fn an_announcement_is_said_without_the_connections_lock() {
     let stderr = traced_stderr("child_announced_while_its_caller_holds_stderr");
     assert_line(&stderr, "<- Announce (16 bytes, 0 fds)");
+}
+
+/// `call` (as `socket.recv()` received it: a call of `Lab::reverse`) made again by a raw
+/// peer, with cookie `cookie` and argument `text`.
+fn reverse_call_like(call: &typed_ipc::Frame, cookie: u64, text: &str) -> Vec<u8> {
+    let mut message = call.payload[..24].to_vec();
+    message[1..4].fill(0); // no lane word
+    message[8..16].copy_from_slice(&cookie.to_le_bytes());
+    message.extend_from_slice(&(text.len() as u64).to_le_bytes());
+    message.extend_from_slice(text.as_bytes());
+    message
+}
+
+/// The peer sends a call this end refuses (two fds, on an end that takes one) while another
+/// thread reads: that reader answers it with a failure and says both.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_refused_a_call_while_its_caller_holds_stderr() {
+    let (mut a, b) = typed_ipc::Socket::pair().unwrap();
+    a.set_limits(one_fd());
+    call_on_while_another_reads(a, b, |b, first, second| {
+        let (files, _) = two_files();
+        let fds: Vec<_> = files.iter().map(AsFd::as_fd).collect();
+        b.send(&reverse_call_like(first, 77, "r"), &fds).unwrap();
+        b.send(&reversed_reply(first, "c"), &[]).unwrap();
+        b.send(&reversed_reply(second, "m"), &[]).unwrap();
+    });
+}
+
+/// A caller holding stderr's lock gets its reply although another thread, reading for its
+/// own, takes in a call this end refuses and says it: said with the reader role held (before
+/// the failure went out and the role was given back), that line waited for stderr, whose
+/// holder waited for the reader.
+#[test]
+fn a_refused_call_is_said_once_its_reader_has_let_the_role_go() {
+    let stderr = traced_stderr("child_refused_a_call_while_its_caller_holds_stderr");
+    assert_line(&stderr, "<- Call #77 (9 bytes, 0 fds)");
+    assert_line(&stderr, "-> Failure #77: TooManyFds { count: 2, limit: 1 }");
 }
 
 /// The peer answers this thread's call while another thread reads.

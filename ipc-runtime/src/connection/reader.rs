@@ -283,8 +283,7 @@ impl Shared {
                 state.oneways.push_back(frame);
             }
             (Kind::Call, Err(e)) => {
-                state = self.trace_unlocked(state, &envelope, &frame);
-                state = self.answer_unreceived(state, &envelope, &e, reader);
+                state = self.answer_unreceived(state, &envelope, &frame, &e, reader);
                 keep_unread(&mut state, frame);
             }
             (Kind::Oneway, Err(e)) => {
@@ -382,10 +381,11 @@ impl Shared {
         }
     }
 
-    /// Traces a message as received, if tracing is on: a reply, or a request that will not
-    /// run (refused for its size or its fds, or by the backlog; one that runs is traced when
-    /// it does). The lock is let go meanwhile: a write to stderr may wait, and other callers
-    /// must not wait for it.
+    /// Traces a message as received, if tracing is on: a request that will not run (a oneway
+    /// refused for its size or its fds, a request refused by the backlog or read after
+    /// `close`; a call refused for its size or fds is said by `answer_unreceived`, and one
+    /// that runs when it does). Called with the role given back, and the lock is let go
+    /// meanwhile: a write to stderr may wait, and other callers must not wait for it.
     #[inline]
     fn trace_unlocked<'a>(
         &'a self,
@@ -423,12 +423,17 @@ impl Shared {
     /// woken as the caller lets go could take the role first and wait in the socket, with no
     /// deadline, while the failure it would send is queued behind it: then nothing answers
     /// the peer until it sends something more, which it may not before it has its answer.
+    ///
+    /// The call (`frame`), and the failure if it went out, are said once the role is given
+    /// back, with the lock let go: a thread holding stderr's lock may be waiting for the
+    /// reader (a caller inside `writeln!(io::stderr().lock(), "{:?}", call())`).
     #[cold]
     #[inline(never)]
     fn answer_unreceived<'a>(
         &'a self,
         mut state: Guard<'a>,
         envelope: &Envelope,
+        frame: &Frame,
         e: &Error,
         reader: Reader,
     ) -> Guard<'a> {
@@ -437,18 +442,34 @@ impl Shared {
             self.release_reader(&mut state);
         }
         drop(state);
+        let received = self.trace.then(|| self.incoming_line(envelope, frame));
         let failure = unreceived(e, false);
-        let sent = self.reply_failure(envelope, &failure, wait);
+        let sent = self.send_failure(envelope, &failure, wait);
         let mut state = self.state.lock();
-        if matches!(sent, Ok(false)) && self.admit(&mut state) {
-            state.backlog.add(Cost::default());
-            state.owed.push_back((*envelope, failure));
-        }
+        let answered = match sent {
+            Ok(true) => Some(failure),
+            Ok(false) => {
+                if self.admit(&mut state) {
+                    state.backlog.add(Cost::default());
+                    state.owed.push_back((*envelope, failure));
+                }
+                None
+            }
+            Err(_) => None,
+        };
         if !wait {
             // Wakes the runners, which take the failure queued before they read.
             self.release_reader(&mut state);
         }
-        state
+        let Some(received) = received else {
+            return state;
+        };
+        drop(state);
+        super::trace::line(&received);
+        if let Some(failure) = answered {
+            super::trace::failure(envelope.cookie, &failure);
+        }
+        self.state.lock()
     }
 
     /// Whether a request the reader received may join the queue: not if the queue is at its

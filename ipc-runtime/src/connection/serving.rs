@@ -44,7 +44,7 @@ impl Connection {
                     shared.wake_all(&state);
                 }
                 drop(state);
-                let _ = shared.reply_failure(&envelope, &failure, true);
+                shared.reply_failure(&envelope, &failure);
                 state = shared.state.lock();
                 continue;
             }
@@ -198,7 +198,7 @@ impl Shared {
         };
         match failure {
             Some(failure) if !oneway => {
-                let _ = self.reply_failure(&envelope, &failure, true);
+                self.reply_failure(&envelope, &failure);
             }
             Some(failure) => {
                 let served = registry.services.iter().map(|(info, _)| *info);
@@ -209,9 +209,17 @@ impl Shared {
         frame
     }
 
-    /// Answers `call` with `failure`. Without `wait`, only if it can go out at once: `Ok(false)`
-    /// if it would have had to wait (nothing is sent then).
-    pub(super) fn reply_failure(
+    /// Answers `call` with `failure`, waiting for room as long as it takes, and says so.
+    pub(super) fn reply_failure(&self, call: &Envelope, failure: &Failure) {
+        let sent = self.send_failure(call, failure, true);
+        if self.trace && sent.is_ok() {
+            trace::failure(call.cookie, failure);
+        }
+    }
+
+    /// Answers `call` with `failure`, unsaid. Without `wait`, only if it can go out at once:
+    /// `Ok(false)` if it would have had to wait (nothing is sent then).
+    pub(super) fn send_failure(
         &self,
         call: &Envelope,
         failure: &Failure,
@@ -224,14 +232,10 @@ impl Shared {
         // Without `wait`, a deadline already passed: one try (a failure is one datagram, so
         // it goes out whole or not at all).
         match self.send(&envelope, failure, (!wait).then(Instant::now)) {
-            Ok(_) => {}
-            Err(Error::TimedOut) if !wait => return Ok(false),
-            Err(e) => return Err(e),
+            Ok(_) => Ok(true),
+            Err(Error::TimedOut) if !wait => Ok(false),
+            Err(e) => Err(e),
         }
-        if self.trace {
-            trace::failure(call.cookie, failure);
-        }
-        Ok(true)
     }
 
     pub(super) fn trace_incoming(&self, envelope: &Envelope, frame: &Frame) {

@@ -1305,9 +1305,10 @@ fn a_reply_traced_by_another_reader_reaches_its_caller() {
 /// once, leaves the failure to a serving thread. The serving thread asleep while the caller
 /// read must not take the reader role before the failure is queued: a runner reading waits
 /// in the socket, with no deadline, and nothing would send the failure until the peer sent
-/// something more, while the peer waits for the failure. (Here the caller prints the call,
-/// with tracing on, while the runner is woken; without tracing it is the same race, lost
-/// more rarely.)
+/// something more, while the peer waits for the failure. (Here the caller, with tracing on,
+/// names the call for its line before it answers it, which waits for the registry's lock,
+/// held here: a runner woken too early takes the role meanwhile. Without tracing it is the
+/// same race, lost more rarely.)
 #[test]
 fn a_failure_owed_by_a_caller_is_sent_by_the_runner_it_wakes() {
     let (mut a, b) = limited_pair(crate::frame::Limits {
@@ -1337,18 +1338,14 @@ fn a_failure_owed_by_a_caller_is_sent_by_the_runner_it_wakes() {
         sent += 1;
         assert!(sent < 1 << 20, "the peer's socket never filled");
     }
-    // The caller prints the refused call, and waits for stderr meanwhile.
-    let stderr = std::io::stderr().lock();
+    // The caller names the refused call, and waits for the registry meanwhile.
+    let held = a.shared.registry.lock();
     send_call_with_five_fds(b.socket(), 77);
     wait_until(
-        "the call is printed, and someone holds the reader role",
-        || {
-            // The registry's own handle, the runner's snapshot and the printing caller's.
-            std::sync::Arc::strong_count(&a.shared.registry.lock()) == 3
-                && a.shared.state.lock().reading
-        },
+        "the caller takes the call in, holding the reader role",
+        || !readable(&a) && a.shared.state.lock().reading,
     );
-    drop(stderr);
+    drop(held);
     // `b` reads again: everything `a` sent, then the failure.
     let (done, answered) = mpsc::channel();
     let peer = std::thread::spawn(move || {
@@ -1731,11 +1728,11 @@ fn a_send_to_a_peer_gone_reads_nothing_past_the_bounds_of_the_queue() {
 }
 
 /// A send with a timeout that finds the peer gone while another thread holds the reader
-/// role waits for that reader to read why only until its deadline. Here the reader prints a
-/// call it cannot receive (tracing on), which it answers before it lets the role go, and
-/// waits for stderr, whose lock the sender holds (as
-/// `writeln!(io::stderr().lock(), "{:?}", conn.oneway(..))` does): the sender waited for good,
-/// past its timeout, and the reader with it.
+/// role waits for that reader to read why only until its deadline. Here the reader, with
+/// tracing on, names a call it cannot receive for its line before it answers it and lets
+/// the role go, which waits for the registry's lock, held here (a reader may hold the role
+/// as long for the rest of a message, or for the peer to take a failure): the sender waited
+/// for good, past its timeout.
 #[test]
 fn a_send_to_a_peer_gone_waits_for_the_reader_only_until_its_deadline() {
     let (mut a, b) = limited_pair(crate::frame::Limits {
@@ -1749,32 +1746,24 @@ fn a_send_to_a_peer_gone_waits_for_the_reader_only_until_its_deadline() {
         std::thread::spawn(move || a.call::<_, u32>(&IFACE, 1, &(), None))
     };
     let _to_reader = b.socket().recv().unwrap();
-    let (locked, has_locked) = mpsc::channel();
-    let (go, gone) = mpsc::channel::<()>();
+    let held = a.shared.registry.lock();
+    send_call_with_five_fds(b.socket(), 77);
+    wait_until(
+        "the reader takes the call in, holding the reader role",
+        || !readable(&a) && a.shared.state.lock().reading,
+    );
+    drop(b);
     let (done, sent) = mpsc::channel();
     let sender = {
         let a = a.clone();
         std::thread::spawn(move || {
-            let stderr = std::io::stderr().lock();
-            locked.send(()).unwrap();
-            gone.recv().unwrap();
             let sent = a.oneway(&IFACE, 3, &"x", Some(Duration::from_millis(100)));
-            drop(stderr);
             done.send(sent).unwrap();
         })
     };
-    has_locked.recv().unwrap();
-    // The reader prints the call it refuses, and waits for stderr meanwhile.
-    send_call_with_five_fds(b.socket(), 77);
-    wait_until("the call is printed with the reader role held", || {
-        std::sync::Arc::strong_count(&a.shared.registry.lock()) == 2
-            && a.shared.state.lock().reading
-    });
-    drop(b);
-    go.send(()).unwrap();
-    let sent = sent
-        .recv_timeout(Duration::from_secs(60))
-        .expect("the sender waited past its deadline");
+    let sent = sent.recv_timeout(Duration::from_secs(60));
+    drop(held);
+    let sent = sent.expect("the sender waited past its deadline");
     assert!(matches!(sent, Err(Error::Disconnected)), "{sent:?}");
     sender.join().unwrap();
     assert!(matches!(reader.join().unwrap(), Err(Error::Disconnected)));
