@@ -1,6 +1,7 @@
 //! The reader role's hand-offs, which only the connection's insides can observe.
 
 use std::os::fd::AsFd;
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Mutex, mpsc};
 use std::time::{Duration, Instant};
 
@@ -1299,6 +1300,53 @@ fn a_reply_traced_by_another_reader_reaches_its_caller() {
     second.join().unwrap().unwrap();
     b.socket().send(&reply_to(&to_reader, &7u32), &[]).unwrap();
     assert_eq!(reader.join().unwrap().unwrap(), 7);
+}
+
+/// With tracing on, a caller that finds nobody reading takes the reader role before it sends,
+/// and says its call without waiting for stderr's lock: a thread holding it (as
+/// `writeln!(io::stderr().lock(), "{:?}", call())` does, here this one) may be calling
+/// meanwhile, and waits for that reader to read its reply. (Said waiting for the lock, the
+/// reader waited for this thread, which waited for the reader: both hung.)
+#[test]
+fn a_caller_taking_the_reader_role_says_its_call_without_waiting_for_stderr() {
+    let (mut a, b) = Connection::pair().unwrap();
+    std::sync::Arc::get_mut(&mut a.shared).unwrap().trace = true;
+    let stderr = std::io::stderr().lock();
+    let reader = {
+        let a = a.clone();
+        std::thread::spawn(move || a.call::<_, u32>(&IFACE, 1, &(), None))
+    };
+    wait_until("the first caller takes the reader role", || {
+        a.shared.state.lock().reading
+    });
+    // The peer answers each call with its command times ten.
+    let peer = std::thread::spawn(move || {
+        while let Ok(call) = b.socket().recv() {
+            let cmd = Envelope::read(&call.payload).unwrap().cmd;
+            let _ = b.socket().send(&reply_to(&call, &(cmd * 10)), &[]);
+        }
+    });
+    // (Only keeps a regression from hanging: ends the connection, which wakes this caller.)
+    let (answered, in_time) = mpsc::channel::<()>();
+    let watchdog = {
+        let a = a.clone();
+        std::thread::spawn(move || {
+            if in_time.recv_timeout(Duration::from_secs(60)) == Err(RecvTimeoutError::Timeout) {
+                a.close();
+            }
+        })
+    };
+    let got = a.call::<_, u32>(&IFACE, 2, &(), None);
+    drop(answered);
+    drop(stderr);
+    watchdog.join().unwrap();
+    assert!(
+        matches!(got, Ok(20)),
+        "the call waited for a reader: {got:?}"
+    );
+    assert_eq!(reader.join().unwrap().unwrap(), 10);
+    a.close();
+    peer.join().unwrap();
 }
 
 /// A caller that takes in a call this end cannot receive, and cannot send its failure at

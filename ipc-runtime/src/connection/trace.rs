@@ -49,6 +49,24 @@ pub(crate) fn without_waiting_for_stderr<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// How a line reaches stderr: see [`line()`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stderr {
+    /// Under stderr's lock, once its holder lets it go.
+    Locked,
+    /// Straight to its fd, as inside [`without_waiting_for_stderr`]: for a line said while
+    /// its thread holds what a thread holding stderr's lock may wait for.
+    WithoutWaiting,
+}
+
+/// [`line()`], written as `stderr` says.
+fn say(text: &str, stderr: Stderr) {
+    match stderr {
+        Stderr::Locked => line(text),
+        Stderr::WithoutWaiting => without_waiting_for_stderr(|| line(text)),
+    }
+}
+
 /// Writes `bytes` to stderr's fd, not taking stderr's lock.
 #[cold]
 #[inline(never)]
@@ -107,18 +125,23 @@ fn describe_cold<T: Serialize + ?Sized>(value: &T) -> String {
 }
 
 /// A message this process sends, with its arguments (the tuple the generated client sends)
-/// as [`described`] wrote them: `-> Call #3 Ipa::reverse("hello")`. Nothing without them
-/// (tracing off).
+/// as [`described`] wrote them: `-> Call #3 Ipa::reverse("hello")`, written as `stderr`
+/// says. Nothing without them (tracing off).
 #[inline]
-pub(crate) fn outgoing(envelope: &Envelope, iface: &InterfaceInfo, args: Option<&str>) {
+pub(crate) fn outgoing(
+    envelope: &Envelope,
+    iface: &InterfaceInfo,
+    args: Option<&str>,
+    stderr: Stderr,
+) {
     if let Some(args) = args {
-        outgoing_line(envelope, iface, args);
+        outgoing_line(envelope, iface, args, stderr);
     }
 }
 
 #[cold]
 #[inline(never)]
-fn outgoing_line(envelope: &Envelope, iface: &InterfaceInfo, args: &str) {
+fn outgoing_line(envelope: &Envelope, iface: &InterfaceInfo, args: &str, stderr: Stderr) {
     let method = iface.method(envelope.cmd).map_or("?", |m| m.name);
     // A tuple of arguments reads `(a, b)` and no arguments `()`; anything else is wrapped.
     let (open, close) = if args.starts_with('(') {
@@ -126,13 +149,14 @@ fn outgoing_line(envelope: &Envelope, iface: &InterfaceInfo, args: &str) {
     } else {
         ("(", ")")
     };
-    line(&format!(
+    let text = format!(
         "typed-ipc[{}] -> {:?}{} {}::{method}{open}{args}{close}",
         std::process::id(),
         envelope.kind,
         cookie(envelope),
         iface.name
-    ));
+    );
+    say(&text, stderr);
 }
 
 /// ` #3` for a call or a reply, which the cookie pairs; nothing for a oneway or an

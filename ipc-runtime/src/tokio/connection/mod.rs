@@ -501,7 +501,7 @@ impl AsyncConnection {
                 .await
                 .unwrap_or(Err(Error::TimedOut))?,
         };
-        trace::outgoing(&envelope, iface, traced.as_deref());
+        trace::outgoing(&envelope, iface, traced.as_deref(), trace::Stderr::Locked);
         Ok(())
     }
 }
