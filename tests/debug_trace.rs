@@ -850,6 +850,56 @@ fn a_refused_call_is_said_once_its_reader_has_let_the_role_go() {
     assert_line(&stderr, "-> Failure #77: TooManyFds { count: 2, limit: 1 }");
 }
 
+/// Whether `message` (as `socket.recv()` received it) is the reply to call `cookie`.
+fn is_reply_to(message: &typed_ipc::Frame, cookie: u64) -> bool {
+    message.payload[0] == 3 && message.payload[8..16] == cookie.to_le_bytes()
+}
+
+/// This end serves `Lab` on a thread, and this thread, holding stderr's lock, calls the raw
+/// peer, which calls back (`reverse("yz")`) and answers only once it has its answer, as a
+/// handler calling back into its caller does.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_called_back_while_its_caller_holds_stderr() {
+    let (a, b) = typed_ipc::Socket::pair().unwrap();
+    let conn = typed_ipc::Connection::new(a);
+    let serving = {
+        let conn = conn.clone();
+        std::thread::spawn(move || LabServer::new(Impl).serve(conn))
+    };
+    let client = LabClient::new(conn.clone());
+    let stderr = std::io::stderr().lock();
+    let peer = std::thread::spawn(move || {
+        let call = b.recv().unwrap();
+        b.send(&reverse_call_like(&call, 99, "yz"), &[]).unwrap();
+        assert!(
+            is_reply_to(&b.recv().unwrap(), 99),
+            "the callback is answered"
+        );
+        b.send(&reversed_reply(&call, "m"), &[]).unwrap();
+        b
+    });
+    let got = client.reverse("m".into());
+    drop(stderr);
+    assert_eq!(got.unwrap(), "m");
+    let b = peer.join().unwrap();
+    conn.close();
+    serving.join().unwrap().unwrap();
+    drop(b);
+}
+
+/// A serving thread says what it runs and answers without waiting for stderr's lock: a
+/// thread holding it (as `writeln!(io::stderr().lock(), "{:?}", call())` does) may be
+/// waiting for a call whose answer waits for a request to this end, which only a serving
+/// thread runs. Said waiting for the lock, the serving thread waited for that thread, which
+/// waited for the peer, which waited for the serving thread.
+#[test]
+fn a_serving_thread_says_what_it_runs_without_waiting_for_stderr() {
+    let stderr = traced_stderr("child_called_back_while_its_caller_holds_stderr");
+    assert_line(&stderr, "<- Call #99 Lab::reverse (10 bytes, 0 fds)");
+    assert_line(&stderr, r#"-> Reply #99 "zy""#);
+}
+
 /// The peer answers this thread's call while another thread reads.
 #[test]
 #[ignore = "run as a child process by other tests"]

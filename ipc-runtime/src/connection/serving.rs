@@ -28,7 +28,13 @@ impl Connection {
         // (A handler that serves another connection on this thread sets and restores its own.)
         let connection = Arc::as_ptr(&self.shared).cast();
         let _caller = crate::service::CallerScope::enter(self.shared.peer, connection);
-        codec::with_store(&self.shared.lane, || self.run_requests())
+        // What this thread says (the requests it runs and reads, their answers, and what its
+        // handlers' own calls say) does not wait for stderr's lock: a thread holding it may be
+        // waiting for a call whose answer waits for a request that only a serving thread runs
+        // (the peer's handler calling back into this end, say).
+        trace::without_waiting_for_stderr(|| {
+            codec::with_store(&self.shared.lane, || self.run_requests())
+        })
     }
 
     /// [`Connection::run_loop`] once its scope is set.

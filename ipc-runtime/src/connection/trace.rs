@@ -36,8 +36,9 @@ thread_local! {
 
 /// Runs `f` with this thread's lines written without stderr's lock: for a thread that holds
 /// what a thread holding stderr's lock may wait for (the send lock, while it reads waiting for
-/// room), which the line would then wait for in turn, for good. Such a line may fall between
-/// the writes of a `write!` that holds the lock, rather than after it.
+/// room; a serving thread, which requests wait for), which the line would then wait for in
+/// turn, for good. Such a line may fall between the writes of a `write!` that holds the lock,
+/// rather than after it.
 pub(crate) fn without_waiting_for_stderr<R>(f: impl FnOnce() -> R) -> R {
     struct Restore(bool);
     impl Drop for Restore {
