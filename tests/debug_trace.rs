@@ -952,6 +952,93 @@ fn a_reply_reaches_its_async_caller_before_it_is_said() {
     assert_line(&stderr, "<- Reply #1 (9 bytes, 0 fds)");
 }
 
+/// [`child_called_back_while_its_caller_holds_stderr`], async, on `runtime`: this end serves
+/// the async `Lab`, and this thread holds stderr's lock around `block_on`. The peer's
+/// callback is `callback` (given the call); it answers once the callback is answered with a
+/// message of kind `answered` (3 a reply, 4 a failure).
+#[cfg(feature = "tokio")]
+fn async_called_back(
+    runtime: tokio::runtime::Runtime,
+    callback: fn(&typed_ipc::Frame) -> Vec<u8>,
+    answered: u8,
+) {
+    let (a, b) = typed_ipc::Socket::pair().unwrap();
+    let conn = runtime
+        .block_on(async { typed_ipc::tokio::AsyncConnection::new(a) })
+        .unwrap();
+    drop(asynchronous::LabServer::new(asynchronous::Impl).serve(conn.clone()));
+    let client = asynchronous::LabClient::new(conn.clone());
+    let stderr = std::io::stderr().lock();
+    let peer = std::thread::spawn(move || {
+        let call = b.recv().unwrap();
+        b.send(&callback(&call), &[]).unwrap();
+        let answer = b.recv().unwrap();
+        assert_eq!(answer.payload[0], answered, "the callback's answer");
+        assert_eq!(
+            answer.payload[8..16],
+            99u64.to_le_bytes(),
+            "the callback's answer"
+        );
+        b.send(&reversed_reply(&call, "m"), &[]).unwrap();
+        b
+    });
+    let got = runtime.block_on(client.reverse("m".into()));
+    drop(stderr);
+    assert_eq!(got.unwrap(), "m");
+    drop(peer.join().unwrap());
+    conn.close();
+    runtime.block_on(conn.wait_closed());
+}
+
+/// A runtime of one worker, whose handler task answers the peer's callback.
+#[cfg(feature = "tokio")]
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_async_called_back_on_one_worker_while_its_caller_holds_stderr() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    async_called_back(runtime, |call| reverse_call_like(call, 99, "yz"), 3);
+}
+
+/// A callback of a command this end does not have, which its handler task answers with a
+/// failure.
+#[cfg(feature = "tokio")]
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_async_called_back_in_vain_while_its_caller_holds_stderr() {
+    let unknown = |call: &typed_ipc::Frame| {
+        let mut callback = reverse_call_like(call, 99, "yz");
+        callback[4..8].copy_from_slice(&999u32.to_le_bytes());
+        callback
+    };
+    async_called_back(common::two_worker_runtime(), unknown, 4);
+}
+
+/// The async flavour's tasks say what they send without waiting for stderr's lock: a thread
+/// holding it around `block_on` may be waiting for a call whose answer waits for a request
+/// to this end, and so for the runtime's workers, which the line would hold. Here the
+/// handler task said its reply once it was out, holding the runtime's only worker, which the
+/// reader task needed to read the caller's reply: both hung.
+#[cfg(feature = "tokio")]
+#[test]
+fn async_tasks_say_what_they_send_without_waiting_for_stderr() {
+    let stderr =
+        traced_stderr("child_async_called_back_on_one_worker_while_its_caller_holds_stderr");
+    assert_line(&stderr, r#"-> Reply #99 "zy""#);
+}
+
+/// The same for a failure, which the task said before it sent it: the peer waited for it
+/// however many workers the runtime has.
+#[cfg(feature = "tokio")]
+#[test]
+fn an_async_failure_goes_out_without_waiting_for_stderr() {
+    let stderr = traced_stderr("child_async_called_back_in_vain_while_its_caller_holds_stderr");
+    assert_line(&stderr, "-> Failure #99: UnknownCommand(999)");
+}
+
 /// Calls a worker, then drops the connection's last handle without closing it.
 #[test]
 #[ignore = "run as a child process by other tests"]

@@ -297,7 +297,9 @@ impl Replier<'_> {
         let sent = self.shared.send(&envelope, value, None);
         // Described once sent: this thread holds nothing another may wait for.
         if self.shared.trace && !sent.as_ref().is_err_and(Error::sent_nothing) {
-            trace::reply(envelope.cookie, trace::described(true, value).as_deref());
+            let value = trace::described(true, value);
+            // Without waiting for stderr's lock all the same: a serving thread's (`run_loop`).
+            trace::reply(envelope.cookie, value.as_deref(), trace::Stderr::Locked);
         }
         sent.map(drop)
     }

@@ -56,7 +56,8 @@ pub(crate) enum Stderr {
     /// Under stderr's lock, once its holder lets it go.
     Locked,
     /// Straight to its fd, as inside [`without_waiting_for_stderr`]: for a line said while
-    /// its thread holds what a thread holding stderr's lock may wait for.
+    /// its thread holds what a thread holding stderr's lock may wait for, and every line of
+    /// the async flavour (see `AsyncConnection`'s module docs).
     WithoutWaiting,
 }
 
@@ -226,21 +227,22 @@ pub(crate) fn ended(why: &crate::error::Error, here: EndedHere) -> String {
 }
 
 /// A reply this process sends, with its value as [`described`] wrote it:
-/// `-> Reply #3 "olleh"`. Nothing without it (tracing off).
+/// `-> Reply #3 "olleh"`, written as `stderr` says. Nothing without it (tracing off).
 #[inline]
-pub(crate) fn reply(cookie: u64, value: Option<&str>) {
+pub(crate) fn reply(cookie: u64, value: Option<&str>, stderr: Stderr) {
     if let Some(value) = value {
-        reply_line(cookie, value);
+        reply_line(cookie, value, stderr);
     }
 }
 
 #[cold]
 #[inline(never)]
-fn reply_line(cookie: u64, value: &str) {
-    line(&format!(
+fn reply_line(cookie: u64, value: &str, stderr: Stderr) {
+    let text = format!(
         "typed-ipc[{}] -> Reply #{cookie} {value}",
         std::process::id()
-    ));
+    );
+    say(&text, stderr);
 }
 
 /// The failure this process answers call `cookie` with: `-> Failure #3: Unanswered("…")`.

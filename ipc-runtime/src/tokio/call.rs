@@ -113,7 +113,11 @@ impl AsyncCall {
             Err(e) => self.unsent(e),
         };
         if self.replied {
-            trace::reply(envelope.cookie, traced.as_deref());
+            trace::reply(
+                envelope.cookie,
+                traced.as_deref(),
+                trace::Stderr::WithoutWaiting,
+            );
         }
         sent.map(drop)
     }

@@ -93,9 +93,9 @@ async fn read_messages(inner: Arc<Inner>) {
             Err(why) => break why,
         }
     };
-    // Said without waiting for stderr's lock, as all this task says: `run` returns once
-    // this task is done, and a thread holding stderr's lock may be waiting for that.
-    trace::without_waiting_for_stderr(|| inner.fail(why));
+    // Its end said without waiting for stderr's lock, as all this flavour says (`fail`):
+    // `run` returns once this task is done, and a thread holding that lock may wait for it.
+    inner.fail(why);
 }
 
 /// The message in `buffer`, leaving `buffer` ready for the next: a small message is copied out
@@ -202,7 +202,7 @@ impl Inner {
             (Kind::Oneway, Err(e)) => {
                 // Nobody waits for a oneway's outcome, so say it here rather than lose it.
                 let failure = unreceived(&e, true);
-                trace::without_waiting_for_stderr(|| self.oneway_failed(&envelope, &failure));
+                self.oneway_failed(&envelope, &failure);
             }
             (Kind::Announce, received) => {
                 let (mailbox, token) =
@@ -286,8 +286,8 @@ impl Inner {
         state.held.clear();
         // Let go after the lock, as a runner's drop may take it.
         let idle = std::mem::take(&mut state.idle_runners);
-        // Said once the lock is let go and the waiting calls are woken: a write to stderr may
-        // wait, for a thread that holds stderr's lock and waits for one of those calls.
+        // Said once the lock is let go and the waiting calls are woken, without waiting for
+        // stderr's lock: a thread holding it may wait for one of those calls, or for `run`.
         let traced = self.trace.then(|| {
             let here = trace::EndedHere::from_u8(self.ended_here.load(Ordering::SeqCst));
             trace::ended(&why, here)
@@ -300,7 +300,7 @@ impl Inner {
         }
         waiting.into_iter().for_each(Waker::wake);
         if let Some(line) = traced {
-            trace::line(&line);
+            trace::without_waiting_for_stderr(|| trace::line(&line));
         }
     }
 
