@@ -850,6 +850,57 @@ fn a_refused_call_is_said_once_its_reader_has_let_the_role_go() {
     assert_line(&stderr, "-> Failure #77: TooManyFds { count: 2, limit: 1 }");
 }
 
+/// While another thread reads for its own call, on an end that takes one fd a message, this
+/// thread holds stderr's lock and calls; the peer sends a oneway this end refuses (two fds),
+/// a failure for this thread's call, and hangs up, which ends the reader's call.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_failed_and_hung_up_on_while_its_caller_holds_stderr() {
+    let (mut a, b) = typed_ipc::Socket::pair().unwrap();
+    a.set_limits(one_fd());
+    let client = LabClient::new(typed_ipc::Connection::new(a));
+    let reader = {
+        let client = client.clone();
+        std::thread::spawn(move || client.reverse("c".into()))
+    };
+    let first = b.recv().unwrap(); // the reader's call: it holds the role until a message
+    let stderr = std::io::stderr().lock();
+    let peer = std::thread::spawn(move || {
+        let second = b.recv().unwrap();
+        let mut oneway = reverse_call_like(&first, 0, "o");
+        oneway[0] = 2;
+        let (files, _) = two_files();
+        let fds: Vec<_> = files.iter().map(AsFd::as_fd).collect();
+        b.send(&oneway, &fds).unwrap();
+        let mut failure = second.payload[..24].to_vec();
+        failure[0] = 4;
+        failure[1..4].fill(0);
+        failure.extend_from_slice(&1u32.to_le_bytes()); // Failure::UnknownCommand
+        failure.extend_from_slice(&7u32.to_le_bytes());
+        b.send(&failure, &[]).unwrap();
+    });
+    let got = client.reverse("m".into());
+    drop(stderr);
+    assert!(matches!(got, Err(typed_ipc::Error::Remote(_))), "{got:?}");
+    peer.join().unwrap();
+    let ended = reader.join().unwrap();
+    assert!(
+        matches!(ended, Err(typed_ipc::Error::Disconnected)),
+        "{ended:?}"
+    );
+}
+
+/// A caller holding stderr's lock (and waiting with no timeout) gets its failure, while
+/// another thread reads it, a oneway refused before it and the end after it: that reader
+/// says each once the role is given back and the connection's lock let go.
+#[test]
+fn a_failure_a_refused_oneway_and_the_end_are_said_after_the_role_is_given_back() {
+    let stderr = traced_stderr("child_failed_and_hung_up_on_while_its_caller_holds_stderr");
+    assert_line(&stderr, "<- Failure #2 (8 bytes, 0 fds)");
+    assert_line(&stderr, "-- Ended: peer disconnected");
+    assert!(stderr.contains("a oneway message"), "{stderr}");
+}
+
 /// Whether `message` (as `socket.recv()` received it) is the reply to call `cookie`.
 fn is_reply_to(message: &typed_ipc::Frame, cookie: u64) -> bool {
     message.payload[0] == 3 && message.payload[8..16] == cookie.to_le_bytes()
