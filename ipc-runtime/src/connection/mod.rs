@@ -490,14 +490,8 @@ impl Connection {
                 reads
             };
             envelope::set_cookie(&mut buf[envelope::FRAMED_AT..], cookie);
-            // A reader says it without waiting for stderr's lock: a thread holding it may
-            // call meanwhile, and wait for this one to read its reply.
-            let stderr = match reads {
-                true => trace::Stderr::WithoutWaiting,
-                false => trace::Stderr::Locked,
-            };
             let sent = Envelope { cookie, ..envelope };
-            trace::outgoing(&sent, iface, traced.as_deref(), stderr);
+            trace::outgoing(&sent, iface, traced.as_deref());
             if reads {
                 // A reader that waits to send gives the role back first: the wait reads only
                 // with the role free for it to take (`wait_for_room`).
@@ -581,7 +575,7 @@ impl Connection {
         // No early check of an ended connection here: after `stop_reading` it has ended for
         // calls, but still sends.
         let traced = trace::described(self.shared.trace, args);
-        trace::outgoing(&envelope, iface, traced.as_deref(), trace::Stderr::Locked);
+        trace::outgoing(&envelope, iface, traced.as_deref());
         // A byte string the message placed in the lane goes back to it if the send fails
         // (`encode_and`).
         match self.shared.send(&envelope, args, deadline) {

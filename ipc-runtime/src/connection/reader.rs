@@ -216,9 +216,9 @@ impl Shared {
                 return (self.say_end(state), None);
             }
         };
-        // A reply is said once it is where its caller finds it and the role is given back:
-        // its caller may hold stderr's lock meanwhile. (Said with the role still held, its
-        // caller waited for the reader, which waited for stderr.)
+        // A reply is said once it is where its caller finds it and the role is given back: a
+        // write to stderr may block (a pipe nobody empties), and neither the caller nor the
+        // next reader need wait for it.
         let reply_line = match envelope.kind {
             Kind::Reply | Kind::Failure if self.trace => {
                 Some(self.incoming_line(&envelope, &frame))
@@ -297,7 +297,7 @@ impl Shared {
                 keep_unread(&mut state, frame);
             }
             (Kind::Announce, result) => {
-                // Not with the lock held: a thread holding stderr's lock may want it.
+                // Not with the lock held: a write to stderr may block.
                 state = self.trace_unlocked(state, &envelope, &frame);
                 match result.and_then(|()| envelope::announcement(&frame.payload)) {
                     Ok((mailbox, token)) => self.lane.on_announce(mailbox, token),
@@ -311,9 +311,8 @@ impl Shared {
     }
 
     /// Prints the line saying why the connection ended, if it is still unsaid, with the lock
-    /// let go meanwhile (and taken again): a thread holding stderr's lock may be waiting for
-    /// this connection (a caller inside `writeln!(io::stderr().lock(), "{:?}", call())`), and
-    /// the waiters are woken already (`fail`). Nothing without tracing.
+    /// let go meanwhile (and taken again): a write to stderr may block, and the waiters are
+    /// woken already (`fail`). Nothing without tracing.
     #[inline]
     fn say_end<'a>(&'a self, state: Guard<'a>) -> Guard<'a> {
         match self.trace {
@@ -425,8 +424,8 @@ impl Shared {
     /// the peer until it sends something more, which it may not before it has its answer.
     ///
     /// The call (`frame`), and the failure if it went out, are said once the role is given
-    /// back, with the lock let go: a thread holding stderr's lock may be waiting for the
-    /// reader (a caller inside `writeln!(io::stderr().lock(), "{:?}", call())`).
+    /// back, with the lock let go: a write to stderr may block, and every caller may be
+    /// waiting for the reader.
     #[cold]
     #[inline(never)]
     fn answer_unreceived<'a>(

@@ -92,8 +92,7 @@ impl Shared {
             let mut room = has_room(ready);
             let message = ready.contains(PollFlags::POLLIN);
             if reads && message {
-                // Holding the send lock, which a caller holding stderr's lock may wait for.
-                super::trace::without_waiting_for_stderr(|| self.read_while_sending());
+                self.read_while_sending();
             } else if reads {
                 self.release_reader(&mut self.state.lock());
             } else if message && !room {

@@ -28,13 +28,7 @@ impl Connection {
         // (A handler that serves another connection on this thread sets and restores its own.)
         let connection = Arc::as_ptr(&self.shared).cast();
         let _caller = crate::service::CallerScope::enter(self.shared.peer, connection);
-        // What this thread says (the requests it runs and reads, their answers, and what its
-        // handlers' own calls say) does not wait for stderr's lock: a thread holding it may be
-        // waiting for a call whose answer waits for a request that only a serving thread runs
-        // (the peer's handler calling back into this end, say).
-        trace::without_waiting_for_stderr(|| {
-            codec::with_store(&self.shared.lane, || self.run_requests())
-        })
+        codec::with_store(&self.shared.lane, || self.run_requests())
     }
 
     /// [`Connection::run_loop`] once its scope is set.
@@ -298,8 +292,7 @@ impl Replier<'_> {
         // Described once sent: this thread holds nothing another may wait for.
         if self.shared.trace && !sent.as_ref().is_err_and(Error::sent_nothing) {
             let value = trace::described(true, value);
-            // Without waiting for stderr's lock all the same: a serving thread's (`run_loop`).
-            trace::reply(envelope.cookie, value.as_deref(), trace::Stderr::Locked);
+            trace::reply(envelope.cookie, value.as_deref());
         }
         sent.map(drop)
     }

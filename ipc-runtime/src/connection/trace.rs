@@ -1,7 +1,5 @@
 //! `TYPED_IPC_DEBUG=1`: one line on stderr per message sent or received, for both flavours.
 
-use std::cell::Cell;
-use std::io::Write;
 use std::os::fd::AsFd;
 
 use serde::Serialize;
@@ -18,60 +16,20 @@ pub(crate) fn enabled() -> bool {
 }
 
 /// Writes one line to stderr in one `write`, so the lines of two processes sharing a terminal
-/// do not interleave. Inside [`without_waiting_for_stderr`], without stderr's lock.
+/// do not interleave; straight to fd 2, never waiting for stderr's lock. A line is said by
+/// whichever thread sent or read the message, and that thread may hold what a thread holding
+/// stderr's lock waits for: the reader role or a reply others wait for, the send lock, a
+/// runtime's worker, a serving thread a callback needs (`writeln!(io::stderr().lock(), "{:?}",
+/// client.call())` holds the lock while it calls). Waiting for the lock there hung such
+/// programs, and only with tracing on. The price: a line may fall between the pieces of a
+/// `write!` to stderr that another thread of this process makes, rather than after it.
+/// A write to fd 2 may still block (a pipe nobody empties), so lines are said, where they can
+/// be, with no lock of the connection's held and whoever waits woken.
 pub(crate) fn line(text: &str) {
-    let text = format!("{text}\n");
-    if WITHOUT_WAITING.get() {
-        write_unlocked(text.as_bytes());
-        return;
-    }
-    let _ = std::io::stderr().lock().write_all(text.as_bytes());
-}
-
-thread_local! {
-    /// This thread holds what other threads may wait for, so its lines do not wait for
-    /// stderr's lock ([`without_waiting_for_stderr`]).
-    static WITHOUT_WAITING: Cell<bool> = const { Cell::new(false) };
-}
-
-/// Runs `f` with this thread's lines written without stderr's lock: for a thread that holds
-/// what a thread holding stderr's lock may wait for (the send lock, while it reads waiting for
-/// room; a serving thread, which requests wait for), which the line would then wait for in
-/// turn, for good. Such a line may fall between the writes of a `write!` that holds the lock,
-/// rather than after it.
-pub(crate) fn without_waiting_for_stderr<R>(f: impl FnOnce() -> R) -> R {
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            WITHOUT_WAITING.set(self.0);
-        }
-    }
-    let _restore = Restore(WITHOUT_WAITING.replace(true));
-    f()
-}
-
-/// How a line reaches stderr: see [`line()`].
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Stderr {
-    /// Under stderr's lock, once its holder lets it go.
-    Locked,
-    /// Straight to its fd, as inside [`without_waiting_for_stderr`]: for a line said while
-    /// its thread holds what a thread holding stderr's lock may wait for, and every line of
-    /// the async flavour (see `AsyncConnection`'s module docs).
-    WithoutWaiting,
-}
-
-/// [`line()`], written as `stderr` says.
-fn say(text: &str, stderr: Stderr) {
-    match stderr {
-        Stderr::Locked => line(text),
-        Stderr::WithoutWaiting => without_waiting_for_stderr(|| line(text)),
-    }
+    write_unlocked(format!("{text}\n").as_bytes());
 }
 
 /// Writes `bytes` to stderr's fd, not taking stderr's lock.
-#[cold]
-#[inline(never)]
 fn write_unlocked(mut bytes: &[u8]) {
     while !bytes.is_empty() {
         match nix::unistd::write(std::io::stderr().as_fd(), bytes) {
@@ -127,23 +85,18 @@ fn describe_cold<T: Serialize + ?Sized>(value: &T) -> String {
 }
 
 /// A message this process sends, with its arguments (the tuple the generated client sends)
-/// as [`described`] wrote them: `-> Call #3 Ipa::reverse("hello")`, written as `stderr`
-/// says. Nothing without them (tracing off).
+/// as [`described`] wrote them: `-> Call #3 Ipa::reverse("hello")`. Nothing without them
+/// (tracing off).
 #[inline]
-pub(crate) fn outgoing(
-    envelope: &Envelope,
-    iface: &InterfaceInfo,
-    args: Option<&str>,
-    stderr: Stderr,
-) {
+pub(crate) fn outgoing(envelope: &Envelope, iface: &InterfaceInfo, args: Option<&str>) {
     if let Some(args) = args {
-        outgoing_line(envelope, iface, args, stderr);
+        outgoing_line(envelope, iface, args);
     }
 }
 
 #[cold]
 #[inline(never)]
-fn outgoing_line(envelope: &Envelope, iface: &InterfaceInfo, args: &str, stderr: Stderr) {
+fn outgoing_line(envelope: &Envelope, iface: &InterfaceInfo, args: &str) {
     let method = iface.method(envelope.cmd).map_or("?", |m| m.name);
     // A tuple of arguments reads `(a, b)` and no arguments `()`; anything else is wrapped.
     let (open, close) = if args.starts_with('(') {
@@ -158,7 +111,7 @@ fn outgoing_line(envelope: &Envelope, iface: &InterfaceInfo, args: &str, stderr:
         cookie(envelope),
         iface.name
     );
-    say(&text, stderr);
+    line(&text);
 }
 
 /// ` #3` for a call or a reply, which the cookie pairs; nothing for a oneway or an
@@ -209,7 +162,7 @@ impl EndedHere {
 /// The line saying that the connection ended, for [`line()`]: `why`, as every caller still
 /// waiting gets it, or what this side did (`here`), which callers see as the peer gone.
 /// Printed by the caller once it holds no lock of the connection's and has woken whoever
-/// waits: a thread that holds stderr's lock may be waiting for the connection.
+/// waits: a write to stderr may block.
 #[cold]
 #[inline(never)]
 pub(crate) fn ended(why: &crate::error::Error, here: EndedHere) -> String {
@@ -227,22 +180,22 @@ pub(crate) fn ended(why: &crate::error::Error, here: EndedHere) -> String {
 }
 
 /// A reply this process sends, with its value as [`described`] wrote it:
-/// `-> Reply #3 "olleh"`, written as `stderr` says. Nothing without it (tracing off).
+/// `-> Reply #3 "olleh"`. Nothing without it (tracing off).
 #[inline]
-pub(crate) fn reply(cookie: u64, value: Option<&str>, stderr: Stderr) {
+pub(crate) fn reply(cookie: u64, value: Option<&str>) {
     if let Some(value) = value {
-        reply_line(cookie, value, stderr);
+        reply_line(cookie, value);
     }
 }
 
 #[cold]
 #[inline(never)]
-fn reply_line(cookie: u64, value: &str, stderr: Stderr) {
+fn reply_line(cookie: u64, value: &str) {
     let text = format!(
         "typed-ipc[{}] -> Reply #{cookie} {value}",
         std::process::id()
     );
-    say(&text, stderr);
+    line(&text);
 }
 
 /// The failure this process answers call `cookie` with: `-> Failure #3: Unanswered("…")`.

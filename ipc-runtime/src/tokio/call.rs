@@ -113,11 +113,7 @@ impl AsyncCall {
             Err(e) => self.unsent(e),
         };
         if self.replied {
-            trace::reply(
-                envelope.cookie,
-                traced.as_deref(),
-                trace::Stderr::WithoutWaiting,
-            );
+            trace::reply(envelope.cookie, traced.as_deref());
         }
         sent.map(drop)
     }

@@ -51,8 +51,7 @@ impl AsyncConnection {
             // Boxed, as the path is rare (see `serving::handle_request`).
             Err(e) => return Err(Box::pin(inner.why_unsent(e)).await),
         };
-        let stderr = trace::Stderr::WithoutWaiting;
-        trace::outgoing(&envelope, iface, traced.as_deref(), stderr);
+        trace::outgoing(&envelope, iface, traced.as_deref());
         let received = poll_fn(|cx| inner.lock().pending.poll_take(cookie, cx)).await;
         std::mem::forget(waiting); // the slot is gone with the reply
         let mut frame = received?;

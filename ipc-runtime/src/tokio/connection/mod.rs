@@ -6,11 +6,6 @@
 //! until its handler has finished (its reply out). At the bounds the reader waits for `room`
 //! unless a call of this end waits for a reply; then it reads on, up to twice the bounds (or
 //! none past them with nothing serving), and ends the connection past that.
-//!
-//! Traced lines (`TYPED_IPC_DEBUG`) never wait for stderr's lock: they are said on a worker
-//! of the runtime more often than not, which the reader task, and so every call's reply,
-//! may need; and a thread holding that lock may be waiting in `block_on` for such a call
-//! (`writeln!(io::stderr().lock(), "{:?}", rt.block_on(call))`).
 
 mod calling;
 mod pending;
@@ -273,7 +268,7 @@ impl AsyncConnection {
             let (inner, guard) = task;
             // A peer already gone shows on the connection itself.
             if inner.send(Envelope::announce(), announcement).await.is_ok() && inner.trace {
-                trace::without_waiting_for_stderr(trace::announce);
+                trace::announce();
             }
             drop(inner);
             drop(guard);
@@ -506,8 +501,7 @@ impl AsyncConnection {
                 .await
                 .unwrap_or(Err(Error::TimedOut))?,
         };
-        let stderr = trace::Stderr::WithoutWaiting;
-        trace::outgoing(&envelope, iface, traced.as_deref(), stderr);
+        trace::outgoing(&envelope, iface, traced.as_deref());
         Ok(())
     }
 }

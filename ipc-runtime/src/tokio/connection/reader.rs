@@ -93,8 +93,6 @@ async fn read_messages(inner: Arc<Inner>) {
             Err(why) => break why,
         }
     };
-    // Its end said without waiting for stderr's lock, as all this flavour says (`fail`):
-    // `run` returns once this task is done, and a thread holding that lock may wait for it.
     inner.fail(why);
 }
 
@@ -127,8 +125,8 @@ impl Inner {
             (Err(_), Ok(())) => return Err(Error::Malformed("bad envelope".into())),
         };
         let (envelope, received) = envelope;
-        // A reply is said once its caller has it: the caller may hold stderr's lock until it
-        // does, and this task is the only one that reads.
+        // A reply is said once its caller has it: a write to stderr may block (a pipe nobody
+        // empties), and this task is the only one that reads.
         let reply_line = match self.trace {
             true => self.trace_incoming(&envelope, &frame),
             false => None,
@@ -162,7 +160,7 @@ impl Inner {
                     Err(Err(_)) => {}
                 }
                 if let Some(line) = reply_line {
-                    trace::without_waiting_for_stderr(|| trace::line(&line));
+                    trace::line(&line);
                 }
                 return Ok(pause);
             }
@@ -286,8 +284,8 @@ impl Inner {
         state.held.clear();
         // Let go after the lock, as a runner's drop may take it.
         let idle = std::mem::take(&mut state.idle_runners);
-        // Said once the lock is let go and the waiting calls are woken, without waiting for
-        // stderr's lock: a thread holding it may wait for one of those calls, or for `run`.
+        // Said once the lock is let go and the waiting calls are woken: a write to stderr may
+        // block.
         let traced = self.trace.then(|| {
             let here = trace::EndedHere::from_u8(self.ended_here.load(Ordering::SeqCst));
             trace::ended(&why, here)
@@ -300,24 +298,23 @@ impl Inner {
         }
         waiting.into_iter().for_each(Waker::wake);
         if let Some(line) = traced {
-            trace::without_waiting_for_stderr(|| trace::line(&line));
+            trace::line(&line);
         }
     }
 
-    /// Says a received message, or for a reply returns what to say once it is routed. Every
-    /// call's reply waits for this task, and a caller may hold stderr's lock until its own
-    /// comes: what this task says does not wait for that lock.
+    /// Says a received message, or for a reply returns what to say once it is routed: a
+    /// write to stderr may block, and the caller need not wait for it.
     #[cold]
     #[inline(never)]
     fn trace_incoming(&self, envelope: &Envelope, frame: &Frame) -> Option<String> {
-        // Copied out before printing: a thread holding stderr's lock may be adding a service
-        // (which waits for the write lock) meanwhile.
+        // Copied out before printing: a write to stderr may block, and a service being added
+        // (which waits for the write lock) would wait for it.
         let served: Vec<_> = self.services.read().iter().map(|s| s.info()).collect();
         let line = trace::incoming_line(envelope, frame, served.into_iter());
         match envelope.kind {
             Kind::Reply | Kind::Failure => Some(line),
             _ => {
-                trace::without_waiting_for_stderr(|| trace::line(&line));
+                trace::line(&line);
                 None
             }
         }

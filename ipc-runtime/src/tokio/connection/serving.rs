@@ -117,14 +117,11 @@ impl Inner {
         }
     }
 
-    /// Says on stderr that the oneway `envelope` failed here (nobody waits for its outcome),
-    /// without waiting for stderr's lock (see the module docs of [`connection`](super)).
+    /// Says on stderr that the oneway `envelope` failed here (nobody waits for its outcome).
     pub(super) fn oneway_failed(&self, envelope: &Envelope, failure: &Failure) {
         let services = self.services.read();
         let served = services.iter().map(|s| s.info());
-        trace::without_waiting_for_stderr(|| {
-            crate::connection::failure::oneway_failed(self.trace, envelope, served, failure);
-        });
+        crate::connection::failure::oneway_failed(self.trace, envelope, served, failure);
     }
 
     /// Once the connection has ended and nothing will dispatch a request any more (the
@@ -440,7 +437,7 @@ pub(super) async fn reply_failure(
         ..call
     };
     if inner.trace {
-        trace::without_waiting_for_stderr(|| trace::failure(call.cookie, &failure));
+        trace::failure(call.cookie, &failure);
     }
     inner.send(envelope, failure).await.map(drop)
 }
