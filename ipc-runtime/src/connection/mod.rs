@@ -490,8 +490,7 @@ impl Connection {
                 reads
             };
             envelope::set_cookie(&mut buf[envelope::FRAMED_AT..], cookie);
-            let sent = Envelope { cookie, ..envelope };
-            trace::outgoing(&sent, iface, traced.as_deref());
+            trace::outgoing(&Envelope { cookie, ..envelope }, iface, traced.as_deref());
             if reads {
                 // A reader that waits to send gives the role back first: the wait reads only
                 // with the role free for it to take (`wait_for_room`).

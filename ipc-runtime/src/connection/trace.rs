@@ -104,14 +104,13 @@ fn outgoing_line(envelope: &Envelope, iface: &InterfaceInfo, args: &str) {
     } else {
         ("(", ")")
     };
-    let text = format!(
+    line(&format!(
         "typed-ipc[{}] -> {:?}{} {}::{method}{open}{args}{close}",
         std::process::id(),
         envelope.kind,
         cookie(envelope),
         iface.name
-    );
-    line(&text);
+    ));
 }
 
 /// ` #3` for a call or a reply, which the cookie pairs; nothing for a oneway or an
@@ -191,11 +190,10 @@ pub(crate) fn reply(cookie: u64, value: Option<&str>) {
 #[cold]
 #[inline(never)]
 fn reply_line(cookie: u64, value: &str) {
-    let text = format!(
+    line(&format!(
         "typed-ipc[{}] -> Reply #{cookie} {value}",
         std::process::id()
-    );
-    line(&text);
+    ));
 }
 
 /// The failure this process answers call `cookie` with: `-> Failure #3: Unanswered("…")`.
