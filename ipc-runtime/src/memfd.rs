@@ -153,7 +153,9 @@ pub(crate) enum Access {
 }
 
 /// A shared mapping of a whole file; unmapped on drop. Empty files are not mapped (`mmap`
-/// refuses length 0) and get a dangling, never-dereferenced pointer.
+/// refuses length 0) and get a dangling, never-dereferenced pointer, aligned for the words
+/// a [`RegionView`](crate::shared_region::RegionView) reads: an empty slice of them must
+/// still start at an aligned address.
 pub(crate) struct Mapping {
     ptr: NonNull<u8>,
     pub len: usize,
@@ -170,7 +172,7 @@ impl Mapping {
     pub fn new(fd: &OwnedFd, len: usize, access: Access) -> Result<Mapping> {
         let Some(length) = NonZeroUsize::new(len) else {
             return Ok(Mapping {
-                ptr: NonNull::dangling(),
+                ptr: NonNull::<u64>::dangling().cast(),
                 len: 0,
             });
         };
@@ -202,8 +204,8 @@ impl Mapping {
         Ok(map)
     }
 
-    /// The first byte. Page-aligned, valid for reads of `len` bytes (and up to the end of the
-    /// last page), for writes too if mapped writable.
+    /// The first byte. Page-aligned (8-aligned if `len` is 0), valid for reads of `len` bytes
+    /// (and up to the end of the last page), for writes too if mapped writable.
     pub fn ptr(&self) -> *mut u8 {
         self.ptr.as_ptr()
     }

@@ -208,11 +208,12 @@ impl RegionView {
     /// ```
     pub fn words(&self) -> &[RegionWord] {
         let words = self.map.len.div_ceil(8);
-        // SAFETY: the mapping is page-aligned (so 8-aligned) and readable up to the end of its
-        // last page, which covers `len.div_ceil(8)` words; its size is sealed, so it stays
-        // backed while `self` lives. `RegionWord` is a transparent `AtomicU64`, which has the
-        // size and alignment of `u64`, and offers nothing but relaxed atomic loads, the only
-        // atomic access allowed on read-only memory; they may race with the creator's writes.
+        // SAFETY: the mapping is page-aligned (an empty one's placeholder 8-aligned, for no
+        // words at all) and readable up to the end of its last page, which covers
+        // `len.div_ceil(8)` words; its size is sealed, so it stays backed while `self` lives.
+        // `RegionWord` is a transparent `AtomicU64`, which has the size and alignment of `u64`,
+        // and offers nothing but relaxed atomic loads, the only atomic access allowed on
+        // read-only memory; they may race with the creator's writes.
         unsafe { std::slice::from_raw_parts(self.map.ptr().cast::<RegionWord>(), words) }
     }
 
@@ -351,5 +352,19 @@ mod tests {
             view.copy_to(4097, &mut []),
             Err(Error::Malformed(_))
         ));
+    }
+
+    /// A peer may send an empty region (a sealed memfd it never sized), which maps nothing:
+    /// its words are an empty slice, not a slice at the unaligned placeholder address.
+    #[test]
+    fn an_empty_region_has_no_words() {
+        let fd = new_memfd(0).unwrap();
+        add_seals(&fd, APPLIED).unwrap();
+        let view = RegionView::from_fd(fd).unwrap();
+        assert!(view.is_empty());
+        let words = view.words();
+        assert!(words.is_empty());
+        assert!(words.as_ptr().is_aligned(), "{:p}", words.as_ptr());
+        assert_eq!(view.to_vec(0, 0).unwrap(), b"");
     }
 }
