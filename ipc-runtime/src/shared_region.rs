@@ -195,7 +195,9 @@ impl RegionView {
 
     /// The region as native-endian 64-bit words, read in place with atomic loads
     /// (`Ordering::Relaxed` compiles to a plain load). Covers every byte: a length that is
-    /// not a multiple of 8 rounds up, and the bytes past the end read as zero.
+    /// not a multiple of 8 rounds up. The bytes past the end are whatever the creator's
+    /// mapping, which spans the whole last page, put there: zero for a [`SharedRegion`]
+    /// (whole pages, nothing past the end), anything for a region a peer sized otherwise.
     ///
     /// The words can only be loaded: the mapping is read-only, so a store, a swap or even a
     /// compare-and-exchange would fault, which is why this is not an `&[AtomicU64]`.
@@ -366,5 +368,19 @@ mod tests {
         assert!(words.is_empty());
         assert!(words.as_ptr().is_aligned(), "{:p}", words.as_ptr());
         assert_eq!(view.to_vec(0, 0).unwrap(), b"");
+    }
+
+    /// The last page of a region sized to no multiple of 8 is the creator's to write past the
+    /// end, and its last word shows those bytes: they are not zero, whatever the length says.
+    #[test]
+    fn the_last_word_shows_what_the_creator_wrote_past_the_end() {
+        let fd = new_memfd(100).unwrap();
+        let map = Mapping::new(&fd, 100, Access::ReadWrite).unwrap();
+        // SAFETY: byte 100 lies in the mapping's only page, which nothing else accesses.
+        unsafe { *map.ptr().add(100) = 0xff };
+        add_seals(&fd, APPLIED).unwrap();
+        let view = RegionView::from_fd(fd).unwrap();
+        let last = view.words()[12].load(Ordering::Relaxed).to_le_bytes();
+        assert_eq!(last, [0, 0, 0, 0, 0xff, 0, 0, 0], "bytes 96..104 of 100");
     }
 }
