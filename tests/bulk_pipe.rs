@@ -117,8 +117,11 @@ impl Spawned {
 #[test]
 #[ignore = "run as a child process by other tests"]
 fn child_sink() {
+    // Trusts its parent with pipes: the parent's calls pipe once the parent lends too.
+    let connection = worker::connection().unwrap();
+    connection.lend_pages_to_peer(true);
     SinkServer::new(SinkImpl::default())
-        .serve(worker::connection().unwrap())
+        .serve(connection)
         .unwrap();
 }
 
@@ -247,6 +250,27 @@ fn a_connection_lends_its_pages_only_when_told_to() {
     spawned.finish();
 }
 
+/// A peer that does not trust this end with pipes is not sent any: the call's bytes go
+/// through the region, and the call works.
+#[test]
+fn a_connection_pipes_only_to_a_peer_that_trusts_it_too() {
+    let _fds = fd_count_lock();
+    let base = pipes();
+    let (ours, theirs) = Connection::pair().unwrap();
+    let server = std::thread::spawn(move || SinkServer::new(SinkImpl::default()).serve(theirs));
+    ours.lend_pages_to_peer(true);
+    let sink = SinkClient::new(ours);
+    sink.pipes().unwrap(); // a first reply: the server reads lanes
+    let data = vec![3; 200_000];
+    assert_eq!(
+        sink.sum(SharedBytes::from(data.clone())).unwrap(),
+        checksum(&data)
+    );
+    assert_eq!(pipes(), base, "through the region, not a pipe");
+    drop(sink);
+    server.join().unwrap().unwrap();
+}
+
 /// A call of `sum` as a hostile client writes it: envelope (with a lane word saying it reads
 /// lanes), then the argument as a piped reference to `pipe` (if given) claiming `len`
 /// bytes, and `tail` inline.
@@ -262,14 +286,22 @@ fn raw_sum(socket: &Socket, cookie: u64, pipe: Option<&OwnedFd>, len: u64, tail:
     common::raw_call(socket, &msg, &fds, cookie)
 }
 
+/// A server on `theirs` that trusts its peer with pipes, so that it reads the pipes a
+/// hostile client (`ours`, whose announcement of that it takes in here) sends.
+fn trusting_server(ours: &Socket, theirs: Socket) -> JoinHandle<typed_ipc::Result<()>> {
+    let connection = Connection::new(theirs);
+    connection.lend_pages_to_peer(true);
+    let announced = ours.recv().unwrap();
+    assert_eq!(announced.payload[0], 5, "an announcement first");
+    std::thread::spawn(move || SinkServer::new(SinkImpl::default()).serve(connection))
+}
+
 #[test]
 fn a_peer_announcing_bytes_its_pipe_lacks_fails_the_call_at_once_not_the_server() {
     let _fds = fd_count_lock();
     let before = open_fds();
     let (ours, theirs) = Socket::pair().unwrap();
-    let server = std::thread::spawn(move || {
-        SinkServer::new(SinkImpl::default()).serve(Connection::new(theirs))
-    });
+    let server = trusting_server(&ours, theirs);
     let failure = |payload: &[u8], why: &str| {
         assert_eq!(payload[0], 4, "a failure reply");
         let text = String::from_utf8_lossy(payload);
@@ -308,6 +340,95 @@ fn a_peer_announcing_bytes_its_pipe_lacks_fails_the_call_at_once_not_the_server(
     assert_eq!(open_fds(), before);
 }
 
+/// The threads of this process in uninterruptible sleep (`D`) inside the pipe code, by the
+/// kernel's word for where they wait (`wchan`).
+fn threads_stuck_on_a_pipe() -> Vec<String> {
+    let mut stuck = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        let state = stat
+            .rsplit(") ")
+            .next()
+            .and_then(|rest| rest.chars().next());
+        let wchan = std::fs::read_to_string(task.path().join("wchan")).unwrap_or_default();
+        if state == Some('D') && wchan.starts_with("pipe") {
+            stuck.push(wchan);
+        }
+    }
+    stuck
+}
+
+/// Every read of a pipe (`FIONREAD`, `read`, `vmsplice`) first takes the pipe's lock, and a
+/// peer that holds the other end can hold that lock for as long as it likes: a `splice` from
+/// a socket with nothing to read into the pipe sleeps with it held. A receiver that reads an
+/// untrusted peer's pipe then waits in uninterruptible sleep, where not even `SIGKILL` ends
+/// the process, until the peer lets go. So a server that trusts nobody must answer a piped
+/// byte string without touching the pipe.
+#[test]
+fn a_peer_holding_its_pipes_lock_does_not_stall_the_server() {
+    use std::os::fd::AsRawFd;
+    let _fds = fd_count_lock();
+    let (ours, theirs) = Socket::pair().unwrap();
+    let server = std::thread::spawn(move || {
+        SinkServer::new(SinkImpl::default()).serve(Connection::new(theirs))
+    });
+    let (read, write) = nix::unistd::pipe().unwrap();
+    let (idle, wake) = std::os::unix::net::UnixStream::pair().unwrap();
+    let (tid_tx, tid_rx) = channel();
+    let holder = std::thread::spawn(move || {
+        // SAFETY: gettid has no preconditions.
+        tid_tx.send(unsafe { libc::gettid() }).unwrap();
+        // SAFETY: plain fds of ours; splice only moves bytes between them. It sleeps, holding
+        // the pipe's lock, until a byte arrives on `idle`.
+        let n = unsafe {
+            libc::splice(
+                idle.as_raw_fd(),
+                std::ptr::null_mut(),
+                write.as_raw_fd(),
+                std::ptr::null_mut(),
+                4096,
+                0,
+            )
+        };
+        assert_eq!(n, 1);
+        write
+    });
+    let stat = format!("/proc/self/task/{}/stat", tid_rx.recv().unwrap());
+    while !std::fs::read_to_string(&stat).unwrap().contains(") S ") {
+        std::thread::yield_now(); // until the holder sleeps in `splice`, the lock held
+    }
+    let caller = {
+        let read = read.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let reply = raw_sum(&ours, 1, Some(&read), 10, b"");
+            (ours, reply)
+        })
+    };
+    let stuck = loop {
+        if caller.is_finished() {
+            break Vec::new();
+        }
+        let stuck = threads_stuck_on_a_pipe();
+        if !stuck.is_empty() {
+            break stuck;
+        }
+        std::thread::yield_now();
+    };
+    // Let go of the lock, so that a stuck server thread goes on.
+    std::io::Write::write_all(&mut &wake, b"x").unwrap();
+    let write = holder.join().unwrap();
+    let (ours, reply) = caller.join().unwrap();
+    assert!(
+        stuck.is_empty(),
+        "the server waited on the peer's pipe lock ({stuck:?})"
+    );
+    assert_eq!(reply[0], 4, "a failure reply");
+    let text = String::from_utf8_lossy(&reply);
+    assert!(text.contains("reads no pipes from its peer"), "{text}");
+    drop((ours, read, write));
+    server.join().unwrap().unwrap();
+}
+
 /// Bytes waiting in the pipe behind `fd` (either end).
 fn bytes_in(fd: &OwnedFd) -> usize {
     let mut n: libc::c_int = 0;
@@ -325,9 +446,7 @@ fn a_peer_sending_its_pipes_write_end_is_refused_and_gets_none_of_our_memory() {
     let _fds = fd_count_lock();
     let before = open_fds();
     let (ours, theirs) = Socket::pair().unwrap();
-    let server = std::thread::spawn(move || {
-        SinkServer::new(SinkImpl::default()).serve(Connection::new(theirs))
-    });
+    let server = trusting_server(&ours, theirs);
     let (read, write) = nix::unistd::pipe().unwrap();
     nix::unistd::write(&write, &[9; 1000]).unwrap();
     let reply = raw_sum(&ours, 1, Some(&write), 1000, b"");
@@ -434,6 +553,7 @@ fn held_server() -> Held {
         fed: fed.clone(),
         gate: Some((entered, Mutex::new(wait))),
     };
+    theirs.lend_pages_to_peer(true);
     let server = std::thread::spawn(move || SinkServer::new(sink).serve(theirs));
     ours.lend_pages_to_peer(true);
     let sink = SinkClient::new(ours);
@@ -493,6 +613,7 @@ fn a_refused_call_empties_the_pipe_and_announces_it_again() {
             false => Ok(()),
         }
     });
+    theirs.lend_pages_to_peer(true);
     let server = std::thread::spawn(move || SinkServer::new(SinkImpl::default()).serve(theirs));
     ours.lend_pages_to_peer(true);
     let sink = SinkClient::new(ours);
@@ -556,6 +677,7 @@ fn a_process_keeps_at_most_sixteen_pipes_then_uses_regions() {
     let mut conns = Vec::new();
     for i in 0..17u8 {
         let (ours, theirs) = Connection::pair().unwrap();
+        theirs.lend_pages_to_peer(true);
         let server = std::thread::spawn(move || SinkServer::new(SinkImpl::default()).serve(theirs));
         ours.lend_pages_to_peer(true);
         let sink = SinkClient::new(ours);

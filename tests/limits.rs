@@ -406,6 +406,7 @@ mod asynchronous {
         a.set_limits(client);
         b.set_limits(server);
         let b = AsyncConnection::new(b).unwrap();
+        b.lend_pages_to_peer(lend); // pipes need the trust of both ends
         let serving = tokio::spawn(StringsServer::new(StringsImpl).serve(b));
         let conn = AsyncConnection::new(a).unwrap();
         conn.lend_pages_to_peer(lend);
@@ -692,12 +693,13 @@ fn strings_with_fds(client: usize, server: usize, lend: bool) -> Served {
 }
 
 /// A client and a server of [`Strings`] (on a thread) whose sockets have these limits; the
-/// client lends its pages to the server if `lend`.
+/// client lends its pages to the server if `lend` (and the server trusts it with pipes).
 fn strings_between(client: Limits, server: Limits, lend: bool) -> Served {
     let (mut a, mut b) = Socket::pair().unwrap();
     a.set_limits(client);
     b.set_limits(server);
     let b = Connection::new(b);
+    b.lend_pages_to_peer(lend); // pipes need the trust of both ends
     let server = std::thread::spawn(move || StringsServer::new(StringsImpl).serve(b));
     let conn = Connection::new(a);
     conn.lend_pages_to_peer(lend);

@@ -142,6 +142,8 @@ impl System for TypedIpc {
         if self.flavor == Flavor::Plain {
             connection.accept_writes_from_peer().map_err(other)?;
         }
+        // A parent that lends its pages pipes only to a worker that trusts it with pipes too.
+        connection.lend_pages_to_peer(self.flavor == Flavor::Lent);
         BenchServer::new(BenchImpl::new(|| 0))
             .serve(connection)
             .map_err(other)

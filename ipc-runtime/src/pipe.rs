@@ -15,11 +15,20 @@
 //! pipes only when told that its peer is trusted with this process's memory
 //! ([`Connection::lend_pages_to_peer`](crate::Connection::lend_pages_to_peer)).
 //!
-//! Neither end ever waits on the pipe. The sender splices without blocking and sends only what
-//! fitted (the rest of the string goes inline in the message); the receiver checks that the
-//! whole announced length is in the pipe before it allocates, and reads without blocking. Both
-//! use `SPLICE_F_NONBLOCK` rather than `O_NONBLOCK`: the peer holds the same open pipe and
-//! could clear a file status flag, but not a flag of our call.
+//! Nor is the receiver safe from a hostile sender: every read of a pipe (`read`, `vmsplice`,
+//! even `FIONREAD`) first takes the pipe's lock, and the sender, which holds the pipe too, can
+//! hold that lock as long as it likes (a `splice` into the pipe from a socket with nothing to
+//! read sleeps with it held); the reading thread then waits, uninterruptibly, where not even
+//! `SIGKILL` ends the process. So a receiver reads only the pipes of a peer it trusts too
+//! (the same `lend_pages_to_peer`, which tells the peer so), and a sender pipes only to a peer
+//! that said it does.
+//!
+//! Between such peers neither end waits on the pipe's contents. The sender splices without
+//! blocking and sends only what fitted (the rest of the string goes inline in the message);
+//! the receiver checks that the whole announced length is in the pipe before it allocates,
+//! and reads without blocking. Both use `SPLICE_F_NONBLOCK` rather than `O_NONBLOCK`: the
+//! peer holds the same open pipe and could clear a file status flag, but not a flag of our
+//! call.
 
 use std::io;
 use std::mem::MaybeUninit;

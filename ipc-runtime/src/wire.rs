@@ -37,8 +37,10 @@ pub const HEADER_LEN: usize = 16;
 /// piped (tag 2: its first bytes in the sender's pipe, the rest inline). 5: a byte string
 /// may also be written into the receiver's inbox (tag 3), which the receiver announces in
 /// a message of its own (envelope kind 5). 6: a failure reply may say that the request was
-/// over the receiver's limits (`Failure::TooLarge`, `Failure::TooManyFds`).
-pub const VERSION: u8 = 6;
+/// over the receiver's limits (`Failure::TooLarge`, `Failure::TooManyFds`). 7: an
+/// announcement (kind 5) with mailbox 0 says whether its sender reads pipes (token 1 or 0),
+/// and an end pipes only to a peer that said it does.
+pub const VERSION: u8 = 7;
 const MAGIC: [u8; 2] = *b"TI";
 /// Most payload bytes a first datagram may carry: the receiver reads first datagrams into a
 /// buffer of this size, so small messages need no allocation.

@@ -81,6 +81,7 @@ impl Server for AsyncServer {
             if setup.accept_writes {
                 conn.accept_writes_from_peer().unwrap();
             }
+            conn.lend_pages_to_peer(setup.trusts_pipes);
             let served = conn.serve(asynchronous::TargetServer::new(Impl));
             drop(conn);
             let _ = tx.send(served.await);

@@ -51,8 +51,12 @@ pub(crate) fn capture_seeds() -> Seeds {
     }
     let (client_end, relay_client) = Socket::pair().unwrap();
     let (relay_server, server_end) = Socket::pair().unwrap();
-    let server =
-        std::thread::spawn(move || Connection::new(server_end).serve(TargetServer::new(Impl)));
+    // The server trusts its client with pipes (so that the client's calls may pipe), and
+    // says so first.
+    let server_end = Connection::new(server_end);
+    server_end.lend_pages_to_peer(true);
+    let server = std::thread::spawn(move || server_end.serve(TargetServer::new(Impl)));
+    send_frame(&relay_client, &relay_server.recv_timeout(PATIENCE).unwrap());
     let client = TargetClient::new(Connection::new(client_end)).with_timeout(PATIENCE);
     let (mut calls, mut replies) = (Vec::new(), Vec::new());
     let mut relay = |name: &str, call: &(dyn Fn(&TargetClient) + Sync), oneway: bool| {
@@ -152,6 +156,8 @@ pub(crate) fn capture_seeds() -> Seeds {
         false,
     );
     client.connection().lend_pages_to_peer(true);
+    // Which it tells the server first, in an announcement that gets no reply.
+    send_frame(&relay_server, &relay_client.recv_timeout(PATIENCE).unwrap());
     relay(
         "piped bytes",
         &|c| drop(c.bytes(vec![7; 200 << 10]).unwrap()),

@@ -59,6 +59,8 @@ pub struct Setup {
     pub small_limits: bool,
     /// Serving threads: 1 runs requests in order, more queue them.
     pub threads: u32,
+    /// Trusts the peer with pipes (`lend_pages_to_peer`), so reads the pipes it sends.
+    pub trusts_pipes: bool,
 }
 
 impl Setup {
@@ -67,6 +69,7 @@ impl Setup {
             accept_writes: rng.chance(4),
             small_limits: rng.chance(4),
             threads: rng.pick(&[1, 1, 2]),
+            trusts_pipes: rng.chance(2),
         }
     }
 }
@@ -84,6 +87,7 @@ pub(crate) fn serve_target(mut socket: Socket, setup: Setup) -> typed_ipc::Resul
     if setup.accept_writes {
         conn.accept_writes_from_peer()?;
     }
+    conn.lend_pages_to_peer(setup.trusts_pipes);
     let served = typed_ipc::Server::new()
         .service(TargetServer::new(Impl))
         .threads(setup.threads as usize)

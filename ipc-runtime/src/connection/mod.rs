@@ -78,8 +78,8 @@
 //! the next power of two above the largest string it sent, up to 32 MiB) open for the
 //! connection's lifetime. The async flavour does the same, on the same wire.
 //!
-//! On a connection that lends its pages to a trusted peer
-//! ([`Connection::lend_pages_to_peer`], off by default), a call's `Vec<u8>` or
+//! Between two ends that trust each other ([`Connection::lend_pages_to_peer`] on both, off
+//! by default), a call's `Vec<u8>` or
 //! [`SharedBytes`](crate::SharedBytes) argument of 128 KiB to 1 MiB goes with one
 //! copy instead: its pages are `vmsplice`d into a pipe the caller's end makes once per
 //! connection (read end sent to the peer the first time), and the receiver copies them out
@@ -294,17 +294,26 @@ impl Connection {
         &self.shared.socket
     }
 
-    /// Lets the peer copy this end's large call arguments (`Vec<u8>` and
-    /// [`SharedBytes`](crate::SharedBytes) of 128 KiB to 1 MiB) straight out of this
-    /// process's pages, through a pipe: one copy instead of two (1 MiB: 2.1–2.9x a `memcpy`
-    /// instead of 3.7–3.9x). Off by default, because it is only safe with a peer you trust
-    /// with that memory: a peer can keep references to the pages it was lent (`tee(2)`
-    /// duplicates them into a pipe of its own) and read, at any later time, whatever this
-    /// process then stores in the same bytes of memory after the allocator reuses them.
-    /// So turn it on towards a trusted peer (a worker calling its parent, say), never
-    /// towards the untrusted side. See `docs/benchmarks-bulk.md`.
+    /// Trusts the peer with pipes, both ways: it may copy this end's large call arguments
+    /// (`Vec<u8>` and [`SharedBytes`](crate::SharedBytes) of 128 KiB to 1 MiB) straight out
+    /// of this process's pages, through a pipe, one copy instead of two (1 MiB: 2.1–2.9x a
+    /// `memcpy` instead of 3.7–3.9x); and this end reads the pipes the peer lends it. Calls
+    /// pipe only between two ends that both turned this on (each tells the other, in a
+    /// short message sent now); a piped string from a peer this end does not trust fails
+    /// its call. Off by default, because it is only safe with a peer you trust: a peer can
+    /// keep references to the pages it was lent (`tee(2)` duplicates them into a pipe of
+    /// its own) and read, at any later time, whatever this process then stores in the same
+    /// bytes of memory after the allocator reuses them; and a peer whose pipe this end reads
+    /// can hold the pipe's lock (a `splice` into it that sleeps) and keep the reading thread
+    /// waiting, where not even `SIGKILL` ends it, for as long as it likes. So turn it on
+    /// between a worker and its parent that trust each other, say, never towards an
+    /// untrusted side. Turned off, the peer's strings piped before it heard so fail their
+    /// calls. See `docs/benchmarks-bulk.md`.
     pub fn lend_pages_to_peer(&self, lend: bool) {
-        self.shared.lane.lend_pages(lend);
+        if let Some(announcement) = self.shared.lane.lend_pages(lend) {
+            // A peer already gone shows on the connection itself.
+            let _ = self.shared.send(&Envelope::announce(), &announcement, None);
+        }
     }
 
     /// Lets the peer write byte strings of 256 KiB to 1 MiB straight into this process's

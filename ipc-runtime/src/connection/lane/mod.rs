@@ -41,7 +41,9 @@
 //!   first datagram). While it is busy, byte strings go inline: nobody waits, and nothing
 //!   deadlocks. A peer that never acknowledges (a oneway stream it never answers, a hostile
 //!   peer) costs speed, not correctness.
-//! - On a connection that lends its pages to its (trusted) peer, a call's [`SharedBytes`] of
+//! - On a connection that lends its pages to its (trusted) peer, once that peer has said it
+//!   trusts this end too (an announcement with mailbox [`PIPES_MAILBOX`]: it reads pipes
+//!   only then, since a pipe's holder can stall its reader), a call's [`SharedBytes`] of
 //!   [`PIPE_MIN`] to 1 MiB are *piped* instead (the codec's tag 2): `vmsplice`d into this
 //!   end's pipe ([`crate::pipe`]), which the receiver copies them out of, one copy instead of
 //!   two. Same sequence numbers, acknowledgement and busy lane; in addition the lane keeps a
@@ -103,6 +105,9 @@ pub(crate) fn pipes(len: usize) -> bool {
 }
 
 const READS_LANES: u32 = 1 << 23;
+/// The mailbox address of an announcement that says whether its sender reads this end's pipes
+/// (no inbox lies at address 0).
+const PIPES_MAILBOX: u64 = 0;
 /// Bits of a sequence number in the lane word.
 const SEQ_BITS: u32 = 11;
 const SEQ_MASK: u32 = (1 << SEQ_BITS) - 1;
@@ -121,8 +126,12 @@ pub(crate) struct Lane {
     peer_done: AtomicU32,
     /// The peer's lane words say it reads lanes.
     peer_reads: AtomicBool,
-    /// This end may pipe: lend the peer its pages ([`Lane::lend_pages`]).
+    /// This end trusts the peer with its pipes both ways ([`Lane::lend_pages`]): it may lend
+    /// the peer its pages, and it reads the pipes the peer lends it.
     lends: AtomicBool,
+    /// The peer said it reads this end's pipes ([`PIPES_MAILBOX`]): only then does this end
+    /// pipe, since the peer refuses pipes from a peer it does not trust.
+    peer_takes_pipes: AtomicBool,
     /// The peer's region, as last announced.
     incoming: Mutex<Option<RegionView>>,
     /// The peer's pipe, as last announced.
@@ -167,6 +176,7 @@ impl Lane {
             peer_done: AtomicU32::new(0),
             peer_reads: AtomicBool::new(false),
             lends: AtomicBool::new(false),
+            peer_takes_pipes: AtomicBool::new(false),
             incoming: Mutex::new(None),
             incoming_pipe: Mutex::new(None),
             peer_mailbox: Mutex::new(None),
@@ -196,16 +206,25 @@ impl Lane {
         Ok(inbox.as_ref().expect("made above").announcement())
     }
 
-    /// The peer announced its inbox: written into from now on, if this end may write it.
+    /// The peer announced its inbox: written into from now on, if this end may write it. Or,
+    /// with [`PIPES_MAILBOX`], whether it reads this end's pipes (`token` 1) or not (0).
     pub(crate) fn on_announce(&self, mailbox: u64, token: u64) {
+        if mailbox == PIPES_MAILBOX {
+            self.peer_takes_pipes.store(token != 0, Ordering::Relaxed);
+            return;
+        }
         *self.peer_mailbox.lock() = Some((mailbox, token));
     }
 
-    /// Whether calls may pipe their large byte strings: the peer then reads this process's
-    /// own pages, and can keep references to them (`tee`) to read whatever the process
-    /// stores there later, so only towards a trusted peer (`Connection::lend_pages_to_peer`).
-    pub(crate) fn lend_pages(&self, lend: bool) {
-        self.lends.store(lend, Ordering::Relaxed);
+    /// Whether this end trusts the peer with pipes (`Connection::lend_pages_to_peer`), both
+    /// ways: calls may pipe their large byte strings (once the peer trusts this end too), and
+    /// the peer's pipes are read. Lending lets the peer read this process's own pages and keep
+    /// references to them (`tee`), to read whatever the process stores there later; reading
+    /// the peer's pipe lets the peer hold the pipe's lock (a `splice` into it that sleeps) and
+    /// so keep the reading thread waiting, uninterruptibly, for as long as it likes. So only
+    /// with a trusted peer. Returns the announcement that tells the peer, if this changed.
+    pub(crate) fn lend_pages(&self, lend: bool) -> Option<(u64, u64)> {
+        (self.lends.swap(lend, Ordering::AcqRel) != lend).then_some((PIPES_MAILBOX, lend.into()))
     }
 
     /// The outgoing side, if the lane is idle and nobody else is placing: the one place a

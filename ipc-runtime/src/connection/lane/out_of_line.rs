@@ -22,6 +22,7 @@ impl OutOfLine for Lane {
             || len > self.max_len
             || !self.sends_fds
             || !self.lends.load(Ordering::Relaxed)
+            || !self.peer_takes_pipes.load(Ordering::Relaxed)
             || !self.peer_reads.load(Ordering::Relaxed)
             || self.busy.load(Ordering::Acquire) != 0
         {
@@ -59,6 +60,11 @@ impl OutOfLine for Lane {
         fd: Option<OwnedFd>,
         tail: &[u8],
     ) -> Result<Vec<u8>, Unfetched> {
+        // Before the fd is touched: every read of a pipe takes its lock, which the peer can
+        // hold (sleeping in a `splice` into it) for as long as it likes.
+        if !self.lends.load(Ordering::Acquire) {
+            return Err(untrusted_pipe());
+        }
         let mut incoming = self.incoming_pipe.lock();
         if let Some(fd) = fd {
             *incoming = Some(InPipe::new(fd).map_err(|e| e.to_string())?);
@@ -182,4 +188,11 @@ impl OutOfLine for Lane {
         self.done_with(placed.seq & SEQ_MASK, 0);
         Ok(bytes)
     }
+}
+
+#[cold]
+fn untrusted_pipe() -> Unfetched {
+    "a piped byte string, but this end reads no pipes from its peer: it does not trust it with \
+     them (`lend_pages_to_peer`), since a peer can hold its pipe's lock and stall the reader"
+        .into()
 }

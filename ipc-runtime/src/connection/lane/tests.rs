@@ -260,7 +260,9 @@ fn a_byte_string_over_the_limit_is_refused_as_over_it_whichever_way_it_came() {
     let (placed, fd) = place(&peer, &[7; 2000]);
     assert!(fd.is_some(), "the message announces the region");
     assert_eq!(over(lane.take(&placed, fd)), (2000, 1500));
-    // A pipe, announced with this string: its bytes and the tail inline count together.
+    // A pipe, announced with this string (read only from a peer this end trusts with pipes):
+    // its bytes and the tail inline count together.
+    let _ = lane.lend_pages(true);
     let (read, _write) = nix::unistd::pipe().unwrap();
     let piped = Piped {
         seq: 2,

@@ -246,12 +246,24 @@ impl AsyncConnection {
         self.inner.socket()
     }
 
-    /// Lets the peer copy this end's large call arguments straight out of this process's
-    /// pages, through a pipe: off by default, and only for a peer trusted with this
-    /// process's memory. As [`Connection::lend_pages_to_peer`](crate::Connection::lend_pages_to_peer),
-    /// which says why.
+    /// Trusts the peer with pipes, both ways: it may copy this end's large call arguments
+    /// straight out of this process's pages, and this end reads the pipes it lends. Off by
+    /// default, and only for a trusted peer. As
+    /// [`Connection::lend_pages_to_peer`](crate::Connection::lend_pages_to_peer), which says
+    /// why; the message that tells the peer goes out from a task of the connection's runtime.
     pub fn lend_pages_to_peer(&self, lend: bool) {
-        self.inner.lane.lend_pages(lend);
+        let Some(announcement) = self.inner.lane.lend_pages(lend) else {
+            return;
+        };
+        // As in `accept_writes_from_peer`: the connection is let go before the task ends.
+        let task = (self.inner.clone(), self.inner.tasks.enter());
+        self.inner.runtime.spawn(async move {
+            let (inner, guard) = task;
+            // A peer already gone shows on the connection itself.
+            let _ = inner.send(Envelope::announce(), announcement).await;
+            drop(inner);
+            drop(guard);
+        });
     }
 
     /// Lets the peer write byte strings of 256 KiB to 1 MiB straight into this process's
