@@ -451,7 +451,7 @@ fn a_peer_holding_its_pipes_lock_does_not_stall_the_server() {
 /// unread (any fd it drops would do). Not fixed: closing every fd a peer sends is the
 /// transport's, and no close avoids the lock.
 #[test]
-#[ignore = "a known bug: closing a hostile peer's pipe waits for its lock (see the review)"]
+#[ignore = "known, not fixed: closing a hostile peer's pipe waits for its lock (README)"]
 fn closing_a_peers_pipe_does_not_stall_the_server() {
     let _fds = fd_count_lock();
     let (ours, theirs) = Socket::pair().unwrap();
