@@ -15,8 +15,8 @@ use crate::codec::{self, Bytes};
 ///
 /// A byte string of 1 KiB or more is copied into the connection's shared region and out of
 /// it by the receiver. On a connection that lends its pages
-/// ([`Connection::lend_pages_to_peer`](crate::Connection::lend_pages_to_peer), off by
-/// default and only for a peer trusted with this process's memory), a call's `SharedBytes`
+/// ([`Connection::lend_pages_to_peer`](crate::Connection::lend_pages_to_peer) on both ends,
+/// off by default and only between peers that trust each other), a call's `SharedBytes`
 /// argument of 128 KiB to 1 MiB skips the first copy: the connection `vmsplice`s the
 /// sender's own pages into a pipe, and the
 /// receiver copies them out of it into the `Vec` it gets (at 1 MiB 2.9x the time of a

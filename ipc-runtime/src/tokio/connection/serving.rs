@@ -118,9 +118,11 @@ impl Inner {
     }
 
     /// Says on stderr that the oneway `envelope` failed here (nobody waits for its outcome).
+    #[cold]
     pub(super) fn oneway_failed(&self, envelope: &Envelope, failure: &Failure) {
-        let services = self.services.read();
-        let served = services.iter().map(|s| s.info());
+        // Copied out before printing: a write to stderr may block (a pipe nobody empties),
+        // and a service being added (which waits for the write lock) would wait for it.
+        let served: Vec<_> = self.services.read().iter().map(|s| s.info()).collect();
         crate::connection::failure::oneway_failed(self.trace, envelope, served, failure);
     }
 
