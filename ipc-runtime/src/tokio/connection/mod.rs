@@ -250,12 +250,23 @@ impl AsyncConnection {
     /// straight out of this process's pages, and this end reads the pipes it lends. Off by
     /// default, and only for a trusted peer. As
     /// [`Connection::lend_pages_to_peer`](crate::Connection::lend_pages_to_peer), which says
-    /// why; the message that tells the peer goes out from a task of the connection's runtime.
+    /// why. The message that tells the peer goes out at once, before anything this end sends
+    /// next, unless the socket is full: then from a task of the connection's runtime.
     pub fn lend_pages_to_peer(&self, lend: bool) {
         let Some(announcement) = self.inner.lane.lend_pages(lend) else {
             return;
         };
-        // As in `accept_writes_from_peer`: the connection is let go before the task ends.
+        // Sent now when it can be, so that it goes before anything this end sends next: the
+        // peer pipes to this end only once it has it. A peer already gone shows on the
+        // connection itself.
+        if !matches!(
+            self.inner.send_now(Envelope::announce(), announcement),
+            Ok(false)
+        ) {
+            return;
+        }
+        // Else from a task, as in `accept_writes_from_peer`, which lets the connection go
+        // before it ends.
         let task = (self.inner.clone(), self.inner.tasks.enter());
         self.inner.runtime.spawn(async move {
             let (inner, guard) = task;

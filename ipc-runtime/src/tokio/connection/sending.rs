@@ -58,6 +58,24 @@ impl Inner {
         Ok(placed)
     }
 
+    /// Sends a message of one datagram now, if it can go out without waiting (the send lock
+    /// free, room in the socket): whether it did. For a message that must go before anything
+    /// this end sends later, from a function that cannot wait.
+    #[cold]
+    pub(super) fn send_now<A: Serialize>(&self, envelope: Envelope, body: A) -> Result<bool> {
+        with_buffers(|framed, fds| {
+            let placed = self.lane.encode(&envelope, &body, framed, fds)?;
+            let sent = match self.send_lock.try_lock() {
+                Ok(_lock) => self.socket().try_send_framed(framed, fds),
+                Err(_) => Ok(false),
+            };
+            if !matches!(sent, Ok(true)) {
+                self.lane.abort(placed);
+            }
+            sent
+        })
+    }
+
     async fn send_encoded(
         self: &Arc<Self>,
         framed: Vec<u8>,
