@@ -279,13 +279,26 @@ impl AsyncConnection {
 
     /// Lets the peer write byte strings of 256 KiB to 1 MiB straight into this process's
     /// memory. As [`Connection::accept_writes_from_peer`](crate::Connection::accept_writes_from_peer),
-    /// which says when that is safe.
-    /// The announcement goes out from a task of the connection's runtime.
+    /// which says when that is safe. The announcement goes out at once, before anything this
+    /// end sends next, unless the socket is full: then from a task of the connection's runtime.
     pub fn accept_writes_from_peer(&self) -> Result<()> {
         let announcement = self.inner.lane.accept_writes()?;
-        // The connection is let go before the task counts as ended, also if the task is
-        // dropped unstarted (a tuple drops its fields in order): once `wait_closed` returns,
-        // dropping the last clone must close the socket at once.
+        // Sent now when it can be, so that it goes before anything this end sends next (a
+        // reply the peer may follow with a call it would write here). A peer already gone
+        // shows on the connection itself.
+        match self.inner.send_now(Envelope::announce(), announcement) {
+            Ok(false) => {}
+            Ok(true) => {
+                if self.inner.trace {
+                    trace::announce();
+                }
+                return Ok(());
+            }
+            Err(_) => return Ok(()),
+        }
+        // Else from a task. The connection is let go before the task counts as ended, also if
+        // the task is dropped unstarted (a tuple drops its fields in order): once
+        // `wait_closed` returns, dropping the last clone must close the socket at once.
         let task = (self.inner.clone(), self.inner.tasks.enter());
         self.inner.runtime.spawn(async move {
             let (inner, guard) = task;
