@@ -239,12 +239,7 @@ impl Shared {
     }
 
     pub(super) fn trace_incoming(&self, envelope: &Envelope, frame: &Frame) {
-        let registry = self.registry().registry;
-        trace::incoming(
-            envelope,
-            frame,
-            registry.services.iter().map(|(info, _)| *info),
-        );
+        trace::line(&self.incoming_line(envelope, frame));
     }
 
     /// What [`Shared::trace_incoming`] says (out of line: only ever with tracing on).

@@ -216,15 +216,6 @@ pub(crate) fn announce() {
     ));
 }
 
-/// A message this process received, named after the served interface it is for, if any.
-pub(crate) fn incoming<'i>(
-    envelope: &Envelope,
-    frame: &Frame,
-    served: impl Iterator<Item = &'i InterfaceInfo>,
-) {
-    line(&incoming_line(envelope, frame, served));
-}
-
 /// The line saying a message this process received, named after the served interface it is
 /// for, if any: for [`line()`], which the reader of a reply calls once the reply is routed.
 pub(crate) fn incoming_line<'i>(

@@ -35,15 +35,7 @@ impl Inner {
         // another message going out) takes the bytes along.
         let (placed, unsent) = with_buffers(|framed, fds| {
             let placed = self.lane.encode(&envelope, &body, framed, fds)?;
-            let sent = match self.send_lock.try_lock() {
-                Ok(_lock) => self.socket().try_send_framed(framed, fds),
-                // Refused here, as `try_send_framed` would, before the bytes are taken along.
-                Err(_) => self
-                    .socket()
-                    .check_outgoing(framed.len() - envelope::FRAMED_AT, fds.len())
-                    .map(|()| false),
-            };
-            match sent {
+            match self.try_send_at_once(framed, fds) {
                 Ok(true) => Ok((placed, None)),
                 Ok(false) => Ok((placed, Some((std::mem::take(framed), fds.clone())))),
                 Err(e) => {
@@ -65,15 +57,26 @@ impl Inner {
     pub(super) fn send_now<A: Serialize>(&self, envelope: Envelope, body: A) -> Result<bool> {
         with_buffers(|framed, fds| {
             let placed = self.lane.encode(&envelope, &body, framed, fds)?;
-            let sent = match self.send_lock.try_lock() {
-                Ok(_lock) => self.socket().try_send_framed(framed, fds),
-                Err(_) => Ok(false),
-            };
+            let sent = self.try_send_at_once(framed, fds);
             if !matches!(sent, Ok(true)) {
                 self.lane.abort(placed);
             }
             sent
         })
+    }
+
+    /// Sends the message in `framed` if it can go out without waiting (the send lock free,
+    /// room in the socket, one datagram): whether it did. A message over the limits is
+    /// refused either way, as `try_send_framed` would, before its bytes are taken along.
+    #[inline]
+    fn try_send_at_once(&self, framed: &mut [u8], fds: &[BorrowedFd<'_>]) -> Result<bool> {
+        match self.send_lock.try_lock() {
+            Ok(_lock) => self.socket().try_send_framed(framed, fds),
+            Err(_) => self
+                .socket()
+                .check_outgoing(framed.len() - envelope::FRAMED_AT, fds.len())
+                .map(|()| false),
+        }
     }
 
     async fn send_encoded(
