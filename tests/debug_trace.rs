@@ -463,6 +463,39 @@ fn child_closed_while_its_caller_holds_stderr() {
     closer.join().unwrap();
 }
 
+/// An async connection made on `runtime`, and its peer's end.
+#[cfg(feature = "tokio")]
+fn async_connection(
+    runtime: &tokio::runtime::Runtime,
+) -> (typed_ipc::tokio::AsyncConnection, typed_ipc::Socket) {
+    let (a, b) = typed_ipc::Socket::pair().unwrap();
+    let conn = runtime
+        .block_on(async { typed_ipc::tokio::AsyncConnection::new(a) })
+        .unwrap();
+    (conn, b)
+}
+
+/// Calls `reverse("m")` through `conn` on `runtime`, this thread holding stderr's lock around
+/// `block_on`, while `peer` answers through `b` on a thread of its own; the call returns "m".
+#[cfg(feature = "tokio")]
+fn async_call_holding_stderr(
+    runtime: &tokio::runtime::Runtime,
+    conn: typed_ipc::tokio::AsyncConnection,
+    b: typed_ipc::Socket,
+    peer: impl FnOnce(&typed_ipc::Socket) + Send + 'static,
+) {
+    let client = asynchronous::LabClient::new(conn);
+    let stderr = std::io::stderr().lock();
+    let peer = std::thread::spawn(move || {
+        peer(&b);
+        b
+    });
+    let got = runtime.block_on(client.reverse("m".into()));
+    drop(stderr);
+    assert_eq!(got.unwrap(), "m");
+    drop(peer.join().unwrap());
+}
+
 /// [`child_closed_while_its_caller_holds_stderr`], async: the caller holds stderr's lock
 /// around `block_on`, and the connection's tasks run on the runtime's workers.
 #[cfg(feature = "tokio")]
@@ -470,10 +503,7 @@ fn child_closed_while_its_caller_holds_stderr() {
 #[ignore = "run as a child process by other tests"]
 fn child_closed_while_its_async_caller_holds_stderr() {
     let runtime = common::two_worker_runtime();
-    let (a, b) = typed_ipc::Socket::pair().unwrap();
-    let conn = runtime
-        .block_on(async { typed_ipc::tokio::AsyncConnection::new(a) })
-        .unwrap();
+    let (conn, b) = async_connection(&runtime);
     let client = asynchronous::LabClient::new(conn.clone());
     let stderr = std::io::stderr().lock();
     let closer = close_once_called(b, move || conn.close());
@@ -978,21 +1008,11 @@ fn a_reply_read_for_another_caller_reaches_it_before_it_is_said() {
 #[ignore = "run as a child process by other tests"]
 fn child_answered_while_its_async_caller_holds_stderr() {
     let runtime = common::two_worker_runtime();
-    let (a, b) = typed_ipc::Socket::pair().unwrap();
-    let conn = runtime
-        .block_on(async { typed_ipc::tokio::AsyncConnection::new(a) })
-        .unwrap();
-    let client = asynchronous::LabClient::new(conn);
-    let stderr = std::io::stderr().lock();
-    let peer = std::thread::spawn(move || {
+    let (conn, b) = async_connection(&runtime);
+    async_call_holding_stderr(&runtime, conn, b, |b| {
         let call = b.recv().unwrap();
         b.send(&reversed_reply(&call, "m"), &[]).unwrap();
-        b
     });
-    let got = runtime.block_on(client.reverse("m".into()));
-    drop(stderr);
-    assert_eq!(got.unwrap(), "m");
-    drop(peer.join().unwrap());
 }
 
 /// The same, async: the reader task says the reply once its caller has it.
@@ -1013,14 +1033,9 @@ fn async_called_back(
     callback: fn(&typed_ipc::Frame) -> Vec<u8>,
     answered: u8,
 ) {
-    let (a, b) = typed_ipc::Socket::pair().unwrap();
-    let conn = runtime
-        .block_on(async { typed_ipc::tokio::AsyncConnection::new(a) })
-        .unwrap();
+    let (conn, b) = async_connection(&runtime);
     drop(asynchronous::LabServer::new(asynchronous::Impl).serve(conn.clone()));
-    let client = asynchronous::LabClient::new(conn.clone());
-    let stderr = std::io::stderr().lock();
-    let peer = std::thread::spawn(move || {
+    async_call_holding_stderr(&runtime, conn.clone(), b, move |b| {
         let call = b.recv().unwrap();
         b.send(&callback(&call), &[]).unwrap();
         let answer = b.recv().unwrap();
@@ -1031,12 +1046,7 @@ fn async_called_back(
             "the callback's answer"
         );
         b.send(&reversed_reply(&call, "m"), &[]).unwrap();
-        b
     });
-    let got = runtime.block_on(client.reverse("m".into()));
-    drop(stderr);
-    assert_eq!(got.unwrap(), "m");
-    drop(peer.join().unwrap());
     conn.close();
     runtime.block_on(conn.wait_closed());
 }
@@ -1179,25 +1189,15 @@ fn a_sender_reading_says_what_it_reads_without_waiting_for_stderr() {
 #[ignore = "run as a child process by other tests"]
 fn child_answered_after_a_oneway_while_its_async_caller_holds_stderr() {
     let runtime = common::two_worker_runtime();
-    let (a, b) = typed_ipc::Socket::pair().unwrap();
-    let conn = runtime
-        .block_on(async { typed_ipc::tokio::AsyncConnection::new(a) })
-        .unwrap();
-    let client = asynchronous::LabClient::new(conn);
-    let stderr = std::io::stderr().lock();
-    let peer = std::thread::spawn(move || {
+    let (conn, b) = async_connection(&runtime);
+    async_call_holding_stderr(&runtime, conn, b, |b| {
         let call = b.recv().unwrap();
         let mut oneway = reversed_reply(&call, "");
         oneway[0] = 2; // a oneway, of no arguments
         oneway[8..16].fill(0);
         b.send(&oneway, &[]).unwrap();
         b.send(&reversed_reply(&call, "m"), &[]).unwrap();
-        b
     });
-    let got = runtime.block_on(client.reverse("m".into()));
-    drop(stderr);
-    assert_eq!(got.unwrap(), "m");
-    drop(peer.join().unwrap());
 }
 
 /// The async reader task says what it reads without waiting for stderr's lock: every call's
@@ -1218,10 +1218,7 @@ fn the_async_reader_says_what_it_reads_without_waiting_for_stderr() {
 #[ignore = "run as a child process by other tests"]
 fn child_served_async_while_holding_stderr() {
     let runtime = common::two_worker_runtime();
-    let (a, b) = typed_ipc::Socket::pair().unwrap();
-    let conn = runtime
-        .block_on(async { typed_ipc::tokio::AsyncConnection::new(a) })
-        .unwrap();
+    let (conn, b) = async_connection(&runtime);
     let serving = asynchronous::LabServer::new(asynchronous::Impl).serve(conn);
     let stderr = std::io::stderr().lock();
     drop(b);
