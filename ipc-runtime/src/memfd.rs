@@ -13,6 +13,7 @@ use nix::fcntl::{FcntlArg, SealFlag, fcntl};
 use nix::sys::memfd::{MFdFlags, memfd_create};
 use nix::sys::mman::{MapFlags, MmapAdvise, ProtFlags, madvise, mmap, munmap};
 use nix::sys::stat::{SFlag, fstat};
+use nix::sys::statfs::{HUGETLBFS_MAGIC, fstatfs};
 use nix::unistd::ftruncate;
 
 use crate::error::{Error, Result};
@@ -77,9 +78,9 @@ pub(crate) struct Demand {
 }
 
 /// Checks a received fd against `demand` and maps it read-only: the fd must be a regular file
-/// (a memfd) carrying the demanded seals, of at most `max_len` bytes (a size the seals have
-/// fixed), and open for reading unless it is empty (nothing is mapped then). A refusal is an
-/// [`Error::Io`] of kind `InvalidInput` (or [`Error::TooLarge`]).
+/// (a memfd, not on hugetlbfs) carrying the demanded seals, of at most `max_len` bytes (a
+/// size the seals have fixed), and open for reading unless it is empty (nothing is mapped
+/// then). A refusal is an [`Error::Io`] of kind `InvalidInput` (or [`Error::TooLarge`]).
 pub(crate) fn map_received(fd: &OwnedFd, demand: &Demand, max_len: usize) -> Result<Mapping> {
     let len = checked_len(fd, demand, max_len)?;
     Mapping::new(fd, len, Access::Read).map_err(|e| match e {
@@ -134,6 +135,14 @@ fn checked_len(fd: &OwnedFd, demand: &Demand, max_len: usize) -> Result<usize> {
     let stat = fstat(fd)?;
     if SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
         return Err(refuse("the fd is not a regular file".into()));
+    }
+    if fstatfs(fd)?.filesystem_type() == HUGETLBFS_MAGIC {
+        // Seals hold there too, but a huge page is allocated when a page the sender never
+        // wrote is first read, and where none can be had (a hugetlb cgroup limit: it is
+        // charged at fault time) the reader gets a `SIGBUS` instead of an error.
+        return Err(refuse(
+            "the memfd is on hugetlbfs (MFD_HUGETLB), where reading it can raise SIGBUS".into(),
+        ));
     }
     let limit = max_len.min(isize::MAX as usize);
     usize::try_from(stat.st_size)

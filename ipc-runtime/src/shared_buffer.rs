@@ -28,9 +28,12 @@
 //! The receiver does not trust the sender to have done this: [`SealedBuffer::from_fd`] (and
 //! deserialization) reads the seals back with `F_GET_SEALS` and refuses any fd that lacks
 //! `F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW` — an unsealed memfd, a plain file, a pipe —
-//! before mapping anything. Only then is the size read (it can no longer change) and the file
-//! mapped read-only. Copy-on-receive would give the same safety at the price of a copy; sealing
-//! gives it for free, which is the point of this type.
+//! before mapping anything. It also refuses a memfd on hugetlbfs (`MFD_HUGETLB`): there a read
+//! of a page the sender never wrote allocates a huge page, and where none can be had (a
+//! hugetlb cgroup limit is charged at that fault) the read is a `SIGBUS`. Only then is the
+//! size read (it can no longer change) and the file mapped read-only. Copy-on-receive would
+//! give the same safety at the price of a copy; sealing gives it for free, which is the point
+//! of this type.
 //!
 //! # Cost
 //!
@@ -185,9 +188,10 @@ impl SealedBuffer {
     }
 
     /// Takes a received fd as a sealed buffer, if it is one: it must carry at least
-    /// `F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW` (so its bytes and size can never change)
-    /// and be at most [`SealedBuffer::DEFAULT_MAX_LEN`] bytes. Anything else is refused with
-    /// an [`Error::Io`] of kind `InvalidInput` (or [`Error::TooLarge`]), and the fd is closed.
+    /// `F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW` (so its bytes and size can never change),
+    /// not be on hugetlbfs, and be at most [`SealedBuffer::DEFAULT_MAX_LEN`] bytes. Anything
+    /// else is refused with an [`Error::Io`] of kind `InvalidInput` (or [`Error::TooLarge`]),
+    /// and the fd is closed.
     pub fn from_fd(fd: OwnedFd) -> Result<SealedBuffer> {
         SealedBuffer::from_fd_with_limit(fd, SealedBuffer::DEFAULT_MAX_LEN)
     }

@@ -18,7 +18,8 @@
 //!   receiver can neither write the creator's memory nor turn its read-only mapping writable
 //!   (`mprotect` fails), and the creator's `&mut [u8]` is sound.
 //! - **The size never changes.** `F_SEAL_SHRINK | F_SEAL_GROW`: a mapping stays fully backed,
-//!   so no read can `SIGBUS`.
+//!   so no read can `SIGBUS`. A memfd on hugetlbfs (`MFD_HUGETLB`) is refused: a read there
+//!   can still `SIGBUS`, where the huge page it needs cannot be had.
 //! - **The reader never assumes the bytes hold still.** The creator may write while the
 //!   reader reads (a hostile or buggy one will), so a [`RegionView`] never hands out `&[u8]`
 //!   — that would be a data race, undefined behaviour, and a time-of-check/time-of-use hole.
@@ -170,9 +171,9 @@ impl RegionView {
 
     /// Takes a received fd as a region, if it is one: a memfd sealed against resizing
     /// (`F_SEAL_SHRINK | F_SEAL_GROW`) and against writes by anyone but its creator
-    /// (`F_SEAL_FUTURE_WRITE` or `F_SEAL_WRITE`), of at most [`RegionView::DEFAULT_MAX_LEN`]
-    /// bytes. Anything else is refused with an [`Error::Io`] of kind `InvalidInput` (or
-    /// [`Error::TooLarge`]), and the fd is closed.
+    /// (`F_SEAL_FUTURE_WRITE` or `F_SEAL_WRITE`), not on hugetlbfs, of at most
+    /// [`RegionView::DEFAULT_MAX_LEN`] bytes. Anything else is refused with an [`Error::Io`]
+    /// of kind `InvalidInput` (or [`Error::TooLarge`]), and the fd is closed.
     pub fn from_fd(fd: OwnedFd) -> Result<RegionView> {
         RegionView::from_fd_with_limit(fd, RegionView::DEFAULT_MAX_LEN)
     }

@@ -205,6 +205,20 @@ fn fds_that_are_not_memfds_are_refused() {
     refusal(SealedBuffer::from_fd(devnull));
 }
 
+/// A memfd on hugetlbfs allocates a huge page when a page its sender never wrote is read,
+/// and where none can be had (a hugetlb cgroup limit) that read is a `SIGBUS`: refused.
+#[test]
+fn a_hugetlb_memfd_is_refused() {
+    let _guard = lock();
+    let before = open_fds();
+    let fd = common::hugetlb_memfd_with(
+        SealFlag::F_SEAL_WRITE | SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW,
+    );
+    let why = refusal(SealedBuffer::from_fd(fd));
+    assert!(why.contains("hugetlbfs"), "{why}");
+    assert_eq!(open_fds(), before);
+}
+
 #[test]
 fn an_unsealed_memfd_fails_decoding() {
     let _guard = lock();

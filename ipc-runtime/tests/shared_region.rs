@@ -185,6 +185,19 @@ fn fds_that_are_not_regions_are_refused() {
     );
 }
 
+/// A region on hugetlbfs: see `shared_buffer.rs`'s `a_hugetlb_memfd_is_refused`.
+#[test]
+fn a_hugetlb_memfd_is_refused() {
+    let _guard = lock();
+    let before = open_fds();
+    let fd = common::hugetlb_memfd_with(
+        SealFlag::F_SEAL_FUTURE_WRITE | SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW,
+    );
+    let why = refusal(RegionView::from_fd(fd));
+    assert!(why.contains("hugetlbfs"), "{why}");
+    assert_eq!(open_fds(), before);
+}
+
 #[test]
 fn a_refused_fd_fails_decoding() {
     let _guard = lock();

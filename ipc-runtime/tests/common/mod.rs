@@ -58,6 +58,20 @@ pub fn pattern(len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// A memfd on hugetlbfs (`MFD_HUGETLB`) of one huge page, never written, with `seals` added,
+/// as a hostile sender could make one. Needs no huge pages: none is allocated until a read.
+pub fn hugetlb_memfd_with(seals: nix::fcntl::SealFlag) -> OwnedFd {
+    use nix::sys::memfd::MFdFlags;
+    let flags = MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING | MFdFlags::MFD_HUGETLB;
+    let fd = nix::sys::memfd::memfd_create(c"hostile", flags).unwrap();
+    let page = nix::sys::statfs::fstatfs(&fd)
+        .unwrap()
+        .optimal_transfer_size();
+    nix::unistd::ftruncate(&fd, page).unwrap();
+    nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_ADD_SEALS(seals)).unwrap();
+    fd
+}
+
 /// A memfd holding `content`, with `seals` added (none if empty), as a hostile sender could
 /// make one.
 pub fn memfd_with(content: &[u8], sealing: bool, seals: nix::fcntl::SealFlag) -> OwnedFd {
