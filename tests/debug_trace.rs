@@ -1236,3 +1236,72 @@ fn serving_returns_to_an_async_caller_holding_stderr() {
     assert_line(&stderr, "-- Ended: peer disconnected");
     assert_ended_once_each(&stderr);
 }
+
+/// Two ends that trust each other with pipes, then one that no longer does: each end's
+/// announcement is a message it sends, and the peer's line for it says it received one.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_lent_pages() {
+    let (client, server) = typed_ipc::Connection::pair().unwrap();
+    client.lend_pages_to_peer(true);
+    server.lend_pages_to_peer(true);
+    let serving = std::thread::spawn(move || LabServer::new(Impl).serve(server));
+    let client = LabClient::new(client);
+    assert_eq!(client.reverse("hi".into()).unwrap(), "ih");
+    client.connection().lend_pages_to_peer(false);
+    drop(client);
+    serving.join().unwrap().unwrap();
+}
+
+/// [`child_lent_pages`], async.
+#[cfg(feature = "tokio")]
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_lent_pages_async() {
+    use typed_ipc::tokio::AsyncConnection;
+    common::current_thread_runtime().block_on(async {
+        let (client, server) = AsyncConnection::pair().unwrap();
+        client.lend_pages_to_peer(true);
+        server.lend_pages_to_peer(true);
+        let serving = asynchronous::LabServer::new(asynchronous::Impl).serve(server);
+        let client = asynchronous::LabClient::new(client);
+        assert_eq!(client.reverse("hi".into()).await.unwrap(), "ih");
+        client.connection().lend_pages_to_peer(false);
+        client.connection().close();
+        drop(client);
+        serving.await.unwrap();
+    });
+}
+
+/// Fails unless `stderr` says both ends announced their trust, and one took it back.
+fn check_lent_pages(scenario: &str) {
+    let stderr = traced_stderr(scenario);
+    let lines = |want: &str| {
+        let suffix = format!("] {want}");
+        stderr.lines().filter(|l| l.ends_with(&suffix)).count()
+    };
+    assert_eq!(
+        lines("-> Announce (trusts the peer with pipes)"),
+        2,
+        "{stderr}"
+    );
+    assert_eq!(
+        lines("-> Announce (no longer trusts the peer with pipes)"),
+        1,
+        "{stderr}"
+    );
+    assert_eq!(lines("<- Announce (16 bytes, 0 fds)"), 3, "{stderr}");
+}
+
+/// `TYPED_IPC_DEBUG` prints every message sent: also the one `lend_pages_to_peer` sends.
+#[test]
+fn a_connection_says_it_announces_its_trust_in_pipes() {
+    check_lent_pages("child_lent_pages");
+}
+
+/// The same, async.
+#[cfg(feature = "tokio")]
+#[test]
+fn an_async_connection_says_it_announces_its_trust_in_pipes() {
+    check_lent_pages("child_lent_pages_async");
+}

@@ -312,7 +312,10 @@ impl Connection {
     pub fn lend_pages_to_peer(&self, lend: bool) {
         if let Some(announcement) = self.shared.lane.lend_pages(lend) {
             // A peer already gone shows on the connection itself.
-            let _ = self.shared.send(&Envelope::announce(), &announcement, None);
+            let sent = self.shared.send(&Envelope::announce(), &announcement, None);
+            if sent.is_ok() && self.shared.trace {
+                trace::announce_pipes(lend);
+            }
         }
     }
 

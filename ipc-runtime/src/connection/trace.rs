@@ -216,6 +216,15 @@ pub(crate) fn announce() {
     ));
 }
 
+/// This process announced whether it trusts its peer with pipes (`lend_pages_to_peer`).
+pub(crate) fn announce_pipes(trusts: bool) {
+    let trust = if trusts { "trusts" } else { "no longer trusts" };
+    line(&format!(
+        "typed-ipc[{}] -> Announce ({trust} the peer with pipes)",
+        std::process::id()
+    ));
+}
+
 /// The line saying a message this process received, named after the served interface it is
 /// for, if any: for [`line()`], which the reader of a reply calls once the reply is routed.
 pub(crate) fn incoming_line<'i>(

@@ -259,11 +259,15 @@ impl AsyncConnection {
         // Sent now when it can be, so that it goes before anything this end sends next: the
         // peer pipes to this end only once it has it. A peer already gone shows on the
         // connection itself.
-        if !matches!(
-            self.inner.send_now(Envelope::announce(), announcement),
-            Ok(false)
-        ) {
-            return;
+        match self.inner.send_now(Envelope::announce(), announcement) {
+            Ok(false) => {}
+            Ok(true) => {
+                if self.inner.trace {
+                    trace::announce_pipes(lend);
+                }
+                return;
+            }
+            Err(_) => return,
         }
         // Else from a task, as in `accept_writes_from_peer`, which lets the connection go
         // before it ends.
@@ -271,7 +275,9 @@ impl AsyncConnection {
         self.inner.runtime.spawn(async move {
             let (inner, guard) = task;
             // A peer already gone shows on the connection itself.
-            let _ = inner.send(Envelope::announce(), announcement).await;
+            if inner.send(Envelope::announce(), announcement).await.is_ok() && inner.trace {
+                trace::announce_pipes(lend);
+            }
             drop(inner);
             drop(guard);
         });
