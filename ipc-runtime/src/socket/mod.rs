@@ -41,9 +41,10 @@ pub struct PeerCredentials {
 
 /// A connected Unix `SOCK_SEQPACKET` socket that sends and receives whole [`Frame`]s.
 ///
-/// Every method takes `&self` and the socket is `Sync`: one thread may send while another
-/// receives. Sends are serialised so the datagrams of a large message never interleave with
-/// another message's; receives likewise.
+/// Every method but [`Socket::set_limits`] (set before the socket is shared) takes `&self`,
+/// and the socket is `Sync`: one thread may send while another receives. Sends are
+/// serialised so the datagrams of a large message never interleave with another message's;
+/// receives likewise.
 ///
 /// Blocking calls wait forever unless given a timeout; [`Socket::try_recv`] never waits, and
 /// the socket is [`AsFd`] so an event loop can wait for readability instead. A send waits
