@@ -31,6 +31,13 @@ unsafe impl super::OwnsFd for Registered {}
 
 impl AsyncListener {
     /// Takes over `listener` (making its socket non-blocking) on the current tokio runtime.
+    /// Fails outside a runtime.
+    ///
+    /// # Panics
+    ///
+    /// In a runtime built without its IO driver, as [`AsyncConnection::new`] does.
+    ///
+    /// [`AsyncConnection::new`]: super::AsyncConnection::new
     pub fn new(listener: Listener) -> Result<AsyncListener> {
         let flags = OFlag::from_bits_retain(fcntl(&listener, FcntlArg::F_GETFL)?);
         fcntl(&listener, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;

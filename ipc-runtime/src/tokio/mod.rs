@@ -47,9 +47,11 @@
 //! such work with `tokio::task::spawn_blocking`. [`current_peer`](crate::current_peer) works
 //! inside handlers, as does [`AsyncCall::peer_credentials`].
 //!
-//! Timeouts ([`AsyncConnection::call`] and [`AsyncConnection::oneway`] with a timeout, the
-//! generated clients' `with_timeout`) need a runtime with the time driver enabled
-//! (`enable_all()` or `#[tokio::main]`).
+//! Connections and listeners need a runtime with the IO driver enabled (`enable_io()`,
+//! `enable_all()` or `#[tokio::main]`): made outside a runtime they fail, but in a runtime
+//! built without that driver tokio's `AsyncFd` panics. Timeouts ([`AsyncConnection::call`]
+//! and [`AsyncConnection::oneway`] with a timeout, the generated clients' `with_timeout`)
+//! need the time driver too (`enable_all()` or `#[tokio::main]`).
 
 mod call;
 mod connection;

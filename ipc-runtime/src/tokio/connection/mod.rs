@@ -196,6 +196,11 @@ impl AsyncConnection {
     /// Runs a connection over `socket` on the current tokio runtime, which must have its IO
     /// driver enabled. Fails outside a runtime. Set `TYPED_IPC_DEBUG=1` in the environment to
     /// have every message printed to stderr.
+    ///
+    /// # Panics
+    ///
+    /// In a runtime built without its IO driver (no `enable_io()` or `enable_all()`), as
+    /// tokio's `AsyncFd` does.
     pub fn new(socket: Socket) -> Result<AsyncConnection> {
         let io = super::register(Registered(socket))?;
         let runtime = Handle::current();
