@@ -89,6 +89,42 @@ fn child_files() {
     conn.serve(FilesServer::new(FilesImpl)).unwrap();
 }
 
+/// [`child_files`] in a process that can open only 10 more fds than it has open.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_files_at_the_open_file_limit() {
+    use nix::sys::resource::{Resource, setrlimit};
+    let conn = Connection::new(worker_socket());
+    let limit = open_fds() as u64 + 10;
+    setrlimit(Resource::RLIMIT_NOFILE, limit, limit).unwrap();
+    conn.serve(FilesServer::new(FilesImpl)).unwrap();
+}
+
+/// A request whose fds the server's kernel dropped (the server at its `RLIMIT_NOFILE`) fails
+/// with an error that says so of the server: the caller's own limit is not the one to raise,
+/// and the arguments' types are not in question.
+#[test]
+fn a_request_whose_fds_the_server_could_not_receive_says_whose_limit_it_hit() {
+    let _fds = fd_count_lock();
+    let (worker, conn) = Worker::spawn(child("child_files_at_the_open_file_limit")).unwrap();
+    let files = FilesClient::new(conn);
+    match files.count(memfds(40)) {
+        Err(Error::Remote(why)) => {
+            assert!(why.contains("open-file limit"), "{why}");
+            assert!(!why.contains("this process"), "{why}");
+            assert!(!why.contains("decode"), "{why}");
+            assert!(!why.contains("definitions of its types"), "{why}");
+        }
+        other => panic!("expected Error::Remote, got {other:?}"),
+    }
+    assert_eq!(
+        files.count(memfds(2)).unwrap(),
+        2,
+        "the connection still works"
+    );
+    hang_up(worker, files);
+}
+
 /// A blocking parent and its worker, with the worker's limits as given.
 fn blocking_worker(max_fds: Option<usize>) -> (Worker, FilesClient) {
     let (worker, conn) = Worker::spawn(spawn("child_files", max_fds)).unwrap();

@@ -27,7 +27,8 @@ pub enum Failure {
     /// The server refused the caller.
     Refused(String),
     /// The method ran but its answer could not be sent (its result could not be encoded, or
-    /// was over the limits), or the service sent none.
+    /// was over the limits), or the service sent none; or the request's fds could not be
+    /// received, so the method did not run.
     Unanswered(String),
     /// The request was over the receiver's limits: `size` payload bytes (or a byte string's,
     /// sent out of the socket), `limit` allowed. The method did not run.

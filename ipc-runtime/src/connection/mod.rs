@@ -719,9 +719,12 @@ const _: () = assert!(envelope::LEN <= crate::socket::REFUSED_KEPT);
 /// kernel) is not run: for a call, the failure its caller gets; for a oneway, what stderr
 /// says. For both flavours.
 pub(crate) fn unreceived(e: &Error, oneway: bool) -> Failure {
-    match e {
-        Error::FdsDropped { .. } if !oneway => Failure::BadRequest(format!(
-            "the server could not receive the request's fds: {e}"
+    match *e {
+        // Worded for the caller, whose process is not the one at its limit, and whose
+        // arguments' types are not in question (a `BadRequest` would say so).
+        Error::FdsDropped { expected, received } if !oneway => Failure::Unanswered(format!(
+            "it could not receive the request's fds ({received} of {expected} arrived): it \
+             is at its open-file limit (RLIMIT_NOFILE), and the method did not run"
         )),
         _ => Failure::over_limits(e).unwrap_or_else(|| Failure::Unanswered(e.to_string())),
     }
