@@ -105,13 +105,14 @@ impl Failure {
                 "the peer's {name}::{method} could not answer: {}",
                 printable(&why)
             )),
+            // A peer that may refuse callers names none of its interfaces (`admit`): that
+            // says nothing of whether it serves any.
+            Failure::NotServed(served) if served.is_empty() => Error::InterfaceMismatch(format!(
+                "the peer does not serve interface `{name}`, and named none that it does"
+            )),
             Failure::NotServed(served) => Error::InterfaceMismatch(format!(
                 "the peer does not serve interface `{name}` (it serves: {})",
-                if served.is_empty() {
-                    "nothing".to_string()
-                } else {
-                    listed(served.iter(), |s| printable(s), ", ")
-                }
+                listed(served.iter(), |s| printable(s), ", ")
             )),
             Failure::Mismatch(theirs) => Error::InterfaceMismatch(describe(ours, &theirs)),
             Failure::TooLarge { size, limit } => Error::TooLarge {
