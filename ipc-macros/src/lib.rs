@@ -132,8 +132,9 @@ use quote::quote;
 ///
 /// - `#[cmd(N)]` pins the method's command id to `N`; otherwise its id is its position in the
 ///   trait (0, 1, ...). Two methods with one id are a compile error. Pinned ids stay the same
-///   when methods are inserted or removed (in `TYPED_IPC_DEBUG` output, and for code that
-///   routes `IpaRequest`s itself); the ends still compare the whole trait, so a client and a
+///   when methods are inserted or removed (in `Error::InterfaceMismatch` messages, which
+///   name methods by id, and for code that routes `IpaRequest`s itself; `TYPED_IPC_DEBUG`
+///   lines name methods, not ids); the ends still compare the whole trait, so a client and a
 ///   server built from different versions of it get `Error::InterfaceMismatch` on every call.
 /// - `#[oneway]`: the client sends and does not wait; the method must return `()`.
 ///
