@@ -235,7 +235,8 @@ impl Call<'_> {
         !e.sent_nothing()
     }
 
-    /// Sends `value` as the reply. Ignored for oneway calls, which get no reply.
+    /// Sends `value` as the reply. Ignored for oneway calls, which get no reply, and after the
+    /// first reply (one that failed having sent nothing does not count).
     pub fn reply<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<()> {
         match &self.replier {
             Some(replier) if !self.replied => {
