@@ -99,7 +99,10 @@ pub enum Error {
     /// [`Limits`](crate::Limits) is [`Error::TooLarge`] or [`Error::TooManyFds`], `by_peer`;
     /// a panic is [`Error::Panicked`].)
     Remote(String),
-    /// An operating-system error, with its errno.
+    /// An operating-system error, with its errno; or a local failure that has none, only a
+    /// kind and a message (`raw_os_error()` is `None`): a process not started as a worker, a
+    /// worker reaped elsewhere, an fd refused as a socket or a sealed buffer, the async
+    /// flavour used outside a tokio runtime, a listener that serves an interface twice.
     Io(io::Error),
 }
 
