@@ -10,6 +10,7 @@ use common::*;
 use ipc_runtime::wire::{FIRST_MAX, HEADER_LEN, Header, Kind};
 use ipc_runtime::worker::{self, Exit, Worker};
 use ipc_runtime::{Error, Frame, Limits, Listener, Socket};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 fn fds(n: usize) -> Vec<OwnedFd> {
     (0..n).map(|i| memfd(&i.to_le_bytes())).collect()
@@ -122,6 +123,73 @@ fn hang_up_in_the_middle_of_a_large_message_is_disconnected() {
     raw_send(&a, &more.encode(), &[7; 1000]);
     drop(a);
     assert!(matches!(b.recv(), Err(Error::Disconnected)));
+}
+
+/// A peer that exits with a message of this end's unread makes the kernel fail this end's
+/// next receive once (`ECONNRESET`) before the datagrams the peer sent that are still queued,
+/// also in the middle of a message of several. That receive dropped the part taken in (its
+/// fds closed) and the rest after it: the peer's last message was lost, as a bare
+/// `Disconnected`, although all of it had been sent.
+#[test]
+fn a_message_finished_by_a_peer_that_then_exits_with_ours_unread_arrives_whole() {
+    let _fds = fd_count_lock();
+    let before = open_fds();
+    let (go_read, go_write) = nix::unistd::pipe().unwrap();
+    let mut command = child("child_sends_a_message_in_two_parts_and_exits");
+    command.stdin(std::process::Stdio::from(go_read));
+    let (mut child, socket) = Worker::spawn_socket(command).unwrap();
+    // The child never reads it, so its exit resets this end's socket.
+    socket.send(b"unread", &[]).unwrap();
+    let mut frame = Frame::default();
+    let mut readable = [PollFd::new(socket.as_fd(), PollFlags::POLLIN)];
+    poll(&mut readable, PollTimeout::NONE).unwrap();
+    assert!(
+        !socket.try_recv_into(&mut frame).unwrap(),
+        "only the first part is in"
+    );
+    nix::unistd::write(&go_write, b"!").unwrap();
+    assert_eq!(child.wait().unwrap(), Exit::Code(0));
+    let message = socket.recv().expect("the message the child sent whole");
+    assert!(message.payload == pattern(TWO_PARTS_LEN));
+    assert_eq!(message.fds.len(), TWO_PARTS_FDS);
+    for (i, fd) in message.fds.into_iter().enumerate() {
+        assert_eq!(read_all(fd), i.to_le_bytes(), "fd {i}");
+    }
+    assert!(matches!(socket.recv(), Err(Error::Disconnected)));
+    drop((socket, go_write, child));
+    assert_eq!(open_fds(), before);
+}
+
+const TWO_PARTS_LEN: usize = 100;
+const TWO_PARTS_FDS: usize = 300;
+
+/// The child of the test above: sends the first datagram of a message (253 fds), waits for a
+/// byte on stdin, sends the rest (47 fds and the bytes) and exits, reading nothing.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_sends_a_message_in_two_parts_and_exits() {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    use std::io::Read;
+    let socket = worker::socket().unwrap();
+    let sent = fds(TWO_PARTS_FDS);
+    let raw: Vec<_> = sent.iter().map(|fd| fd.as_raw_fd()).collect();
+    let (first_fds, more_fds) = raw.split_at(253);
+    let header = |kind, fds: &[i32]| Header {
+        kind,
+        fds: fds.len() as u16,
+        total_len: TWO_PARTS_LEN as u32,
+        total_fds: TWO_PARTS_FDS as u32,
+    };
+    let send = |kind, body: &[u8], fds: &[i32]| {
+        let head = header(kind, fds).encode();
+        let iov = [std::io::IoSlice::new(&head), std::io::IoSlice::new(body)];
+        let rights = [ControlMessage::ScmRights(fds)];
+        let fd = socket.as_fd().as_raw_fd();
+        sendmsg::<()>(fd, &iov, &rights, MsgFlags::empty(), None).unwrap();
+    };
+    send(Kind::First, &[], first_fds);
+    std::io::stdin().read_exact(&mut [0]).unwrap();
+    send(Kind::More, &pattern(TWO_PARTS_LEN), more_fds);
 }
 
 /// Sends one raw datagram, bypassing the transport's framing.

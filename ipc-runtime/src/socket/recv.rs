@@ -343,6 +343,8 @@ impl Socket {
                     state.partial = Some(p);
                     return Err(Error::TimedOut);
                 }
+                // The peer's reset, said once before the rest of this message it sent.
+                Err(Error::Disconnected) if self.reset_with_more_queued() => continue,
                 r => r?,
             };
             if header.kind != Kind::More
