@@ -160,6 +160,43 @@ fn a_message_finished_by_a_peer_that_then_exits_with_ours_unread_arrives_whole()
     assert_eq!(open_fds(), before);
 }
 
+/// The same at the start of a message: a worker that answers a request and exits with the
+/// next one unread. The receive failed with `Disconnected`, the answer still queued behind
+/// the reset, so that a worker's last answer was lost to a caller of `Socket::recv`.
+#[test]
+fn the_answer_of_a_worker_that_then_exits_with_ours_unread_arrives() {
+    let _fds = fd_count_lock();
+    let before = open_fds();
+    let (mut child, socket) = Worker::spawn_socket(child("child_answers_once_and_exits")).unwrap();
+    let sent = fds(2);
+    socket.send(b"question", &borrow(&sent)).unwrap();
+    socket.send(b"unread", &[]).unwrap();
+    assert_eq!(child.wait().unwrap(), Exit::Code(0));
+    let answer = socket.recv().expect("the worker's answer");
+    assert_eq!(answer.payload, b"answer");
+    assert_eq!(answer.fds.len(), 2);
+    for (i, fd) in answer.fds.into_iter().enumerate() {
+        assert_eq!(read_all(fd), i.to_le_bytes(), "fd {i}");
+    }
+    assert!(matches!(socket.recv(), Err(Error::Disconnected)));
+    drop((socket, sent, child));
+    assert_eq!(open_fds(), before);
+}
+
+/// The child of the test above: answers the first message with its fds, and exits without
+/// reading the next.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_answers_once_and_exits() {
+    let socket = worker::socket().unwrap();
+    let question = socket.recv().unwrap();
+    assert_eq!(question.payload, b"question");
+    socket.send(b"answer", &borrow(&question.fds)).unwrap();
+    // The next message is still queued: the exit resets the parent's socket.
+    let mut queued = [PollFd::new(socket.as_fd(), PollFlags::POLLIN)];
+    poll(&mut queued, PollTimeout::NONE).unwrap();
+}
+
 const TWO_PARTS_LEN: usize = 100;
 const TWO_PARTS_FDS: usize = 300;
 

@@ -172,7 +172,7 @@ impl Shared {
     /// that of a message refused for its size, whose envelope the socket keeps).
     #[inline]
     pub(super) fn receive(&self, frame: &mut Frame, deadline: Option<Instant>) -> Result<()> {
-        let result = self.socket.recv_into(frame, deadline);
+        let result = self.socket.recv_into_until_reset(frame, deadline);
         self.received(frame, result)
     }
 

@@ -82,7 +82,7 @@ impl Socket {
     /// is part-way in is kept and completed by a later receive, so an event loop calls this
     /// whenever the socket is readable. Errors are those of [`Socket::recv_into`].
     pub fn try_recv_into(&self, frame: &mut Frame) -> Result<bool> {
-        match self.recv_inner(frame, Wait::No) {
+        match self.recv_past_reset(frame, Wait::No) {
             Ok(()) => Ok(true),
             Err(Error::TimedOut) => Ok(false),
             Err(e) => Err(e),
@@ -113,7 +113,7 @@ impl Socket {
     /// (also while another thread is receiving on this socket).
     pub fn try_recv(&self) -> Result<Option<Frame>> {
         let mut frame = Frame::default();
-        match self.recv_inner(&mut frame, Wait::No) {
+        match self.recv_past_reset(&mut frame, Wait::No) {
             Ok(()) => Ok(Some(frame)),
             Err(Error::TimedOut) => Ok(None),
             Err(e) => Err(e),
@@ -134,10 +134,50 @@ impl Socket {
     /// `frame`; the stream is in sync. If another message interrupts it (a broken or hostile
     /// peer), it is reported at once with `frame` empty, and the other message is read next.
     ///
+    /// [`Error::Disconnected`] comes once everything the peer sent before it hung up is read.
+    ///
     /// [`Limits`]: crate::Limits
     #[inline]
     pub fn recv_into(&self, frame: &mut Frame, deadline: Option<Instant>) -> Result<()> {
+        self.recv_past_reset(frame, deadline.map_or(Wait::Forever, Wait::Until))
+    }
+
+    /// [`Socket::recv_into`] that fails with [`Error::Disconnected`] at the peer's reset
+    /// although what the peer sent before it may still be queued (see
+    /// [`Socket::reset_with_more_queued`]): for the connection's reader, which reads past it
+    /// itself, once it has said what it received.
+    #[inline]
+    pub(crate) fn recv_into_until_reset(
+        &self,
+        frame: &mut Frame,
+        deadline: Option<Instant>,
+    ) -> Result<()> {
         self.recv_inner(frame, deadline.map_or(Wait::Forever, Wait::Until))
+    }
+
+    /// A receive that reads past the peer's reset to what the peer sent before it.
+    #[inline(always)]
+    fn recv_past_reset(&self, frame: &mut Frame, wait: Wait) -> Result<()> {
+        match self.recv_inner(frame, wait) {
+            Err(Error::Disconnected) => self.recv_after_reset(frame, wait),
+            received => received,
+        }
+    }
+
+    /// [`Socket::recv_past_reset`] once a receive failed as [`Error::Disconnected`]: the next
+    /// message, if the peer's reset was all it was (see [`Socket::reset_with_more_queued`]).
+    /// Else a caller took the reset for the end of what the peer sent, and lost what it sent
+    /// last: a worker's last answer, given before it exited with a message of ours unread.
+    #[cold]
+    #[inline(never)]
+    fn recv_after_reset(&self, frame: &mut Frame, wait: Wait) -> Result<()> {
+        while self.reset_with_more_queued() {
+            match self.recv_inner(frame, wait) {
+                Err(Error::Disconnected) => continue,
+                received => return received,
+            }
+        }
+        Err(Error::Disconnected)
     }
 
     /// A message is half received.
