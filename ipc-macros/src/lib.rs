@@ -50,8 +50,9 @@ use quote::quote;
 ///   as long as the peer is alive), `connection()`, and one method per trait method with the
 ///   same name, parameters and doc comments, returning `Result<R, typed_ipc::Error>` for a
 ///   declared return type `R`. A `#[oneway]` method returns `Ok(())` once the message is
-///   sent. Cheap to clone. A trait method cannot be named `new`, `with_timeout` or
-///   `connection` (a compile error says so).
+///   sent. Cheap to clone. A trait method cannot be named `new`, `with_timeout`,
+///   `connection` or `clone` (whose stub would shadow `Clone::clone`; a compile error says
+///   so).
 /// - `IpaServer<T: Ipa + Send + Sync + 'static>`: `new(T)`, `serve(self, Connection)`
 ///   (answers requests until the peer hangs up; `Ok(())` on a clean close),
 ///   `dispatch(&self, IpaRequest)`, and the runtime's `Service` implementation.

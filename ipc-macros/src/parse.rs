@@ -485,11 +485,13 @@ fn conditional(attr: &Attribute, what: &str) -> Option<syn::Error> {
 }
 
 /// What the generated client defines itself, which a method of the same name would clash
-/// with, and a name to suggest instead.
-const CLIENT_METHODS: [(&str, &str); 3] = [
+/// with, and a name to suggest instead. `clone` is `Clone`'s: a stub of that name would not
+/// clash but shadow it, so that `client.clone()` made a call instead of a second handle.
+const CLIENT_METHODS: [(&str, &str); 4] = [
     ("new", "create"),
     ("with_timeout", "set_timeout"),
     ("connection", "connection_info"),
+    ("clone", "duplicate"),
 ];
 
 /// The error for a method named like one of the generated client's own methods.
