@@ -434,3 +434,65 @@ fn says_reaped(error: Option<&ipc_runtime::Error>) -> bool {
     matches!(error, Some(ipc_runtime::Error::Io(error))
         if error.to_string().contains("reaped elsewhere"))
 }
+
+/// Outside a runtime the async `spawn` fails before it starts anything: a worker started only
+/// to be killed again may already have acted (written a file, taken a lock).
+#[cfg(feature = "tokio")]
+#[test]
+fn an_async_spawn_outside_a_runtime_starts_no_worker() {
+    let (started, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).unwrap();
+    let raw = write.as_raw_fd();
+    let mut command = Command::new("true");
+    // SAFETY: the closure runs in the child between fork and exec and only calls write, which
+    // is async-signal-safe, on a buffer of its own.
+    unsafe {
+        command.pre_exec(move || {
+            libc::write(raw, [1u8].as_ptr().cast(), 1);
+            Ok(())
+        });
+    }
+    let Err(refused) = ipc_runtime::tokio::worker::spawn(command) else {
+        panic!("spawned outside a runtime");
+    };
+    assert!(
+        refused.to_string().contains("inside a tokio runtime"),
+        "{refused}"
+    );
+    drop(write);
+    let mut seen = Vec::new();
+    File::from(started).read_to_end(&mut seen).unwrap();
+    assert_eq!(seen, b"", "a child was started");
+}
+
+#[cfg(feature = "tokio")]
+#[test]
+fn an_async_worker_asking_outside_a_runtime_keeps_its_connection_for_later() {
+    let (mut worker, _socket) =
+        Worker::spawn_socket(child("child_async_asking_outside_a_runtime")).unwrap();
+    assert_eq!(
+        worker.wait().unwrap(),
+        Exit::Code(0),
+        "the worker lost its connection"
+    );
+}
+
+/// An async worker that asks for its connection before it has a runtime: refused, and the
+/// socket is still there when it asks again inside one.
+#[cfg(feature = "tokio")]
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_async_asking_outside_a_runtime() {
+    let Err(refused) = ipc_runtime::tokio::worker::connection() else {
+        panic!("a connection outside a runtime");
+    };
+    assert!(
+        refused.to_string().contains("inside a tokio runtime"),
+        "{refused}"
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let connection = runtime.block_on(async { ipc_runtime::tokio::worker::connection() });
+    drop(connection.unwrap());
+}

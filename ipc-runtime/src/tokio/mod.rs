@@ -127,12 +127,18 @@ unsafe impl OwnsFd for OwnedFd {}
 
 /// Registers `inner`'s fd with the current runtime's reactor.
 fn register<T: OwnsFd>(inner: T) -> Result<AsyncFd<T>> {
-    if ::tokio::runtime::Handle::try_current().is_err() {
-        return Err(Error::Io(io::Error::other(
-            "typed-ipc's async flavour must be used inside a tokio runtime",
-        )));
-    }
+    in_runtime()?;
     // SAFETY: `OwnsFd` promises what `register` requires: the fd stays open and the same for
     // as long as the `AsyncFd` owns `inner`.
     unsafe { AsyncFd::register(inner) }.map_err(|e| Error::from(io::Error::from(e)))
+}
+
+/// Fails outside a tokio runtime, where the async flavour cannot run (tokio would panic).
+fn in_runtime() -> Result<()> {
+    match ::tokio::runtime::Handle::try_current() {
+        Ok(_) => Ok(()),
+        Err(_) => Err(Error::Io(io::Error::other(
+            "typed-ipc's async flavour must be used inside a tokio runtime",
+        ))),
+    }
 }

@@ -12,8 +12,11 @@ use crate::error::Result;
 use crate::worker::{Exit, Worker};
 
 /// Starts `command` as a worker (see [`Worker::spawn`]) and returns it with this side's
-/// [`AsyncConnection`]. Must be called inside a tokio runtime.
+/// [`AsyncConnection`]. Must be called inside a tokio runtime: outside one it fails before it
+/// starts the worker.
 pub fn spawn(command: Command) -> Result<(Worker, AsyncConnection)> {
+    // Checked first: a worker started only to be killed again may already have acted.
+    super::in_runtime()?;
     let (mut worker, socket) = Worker::spawn_socket(command)?;
     let connection = AsyncConnection::new(socket)?;
     connection.write_into_peer(worker.memory());
@@ -28,7 +31,11 @@ pub fn spawn(command: Command) -> Result<(Worker, AsyncConnection)> {
 ///
 /// Like the blocking one, it accepts byte strings written into this process by the parent
 /// ([`AsyncConnection::accept_writes_from_peer`]).
+///
+/// Outside a runtime it fails and leaves the socket for a later call inside one.
 pub fn connection() -> Result<AsyncConnection> {
+    // Checked before the socket is taken, which can be taken only once.
+    super::in_runtime()?;
     let connection = AsyncConnection::new(crate::worker::socket()?)?;
     // The socket is taken for good by now, so a worker that cannot accept writes (a sandbox
     // that refuses `getrandom`, say) still gets its connection, on the shared region, as a
