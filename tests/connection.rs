@@ -275,6 +275,49 @@ fn a_hundred_concurrent_clients_on_one_listener() {
     assert_eq!(open_fds(), before);
 }
 
+/// A client that hung up takes its connection's resources with it: the server's end of its
+/// socket, the shared-memory region the server's end sent its byte strings through, and its
+/// mapping of the client's. Not at the next accept, nor when the clients are next counted:
+/// a listener no client comes to again would keep them for good.
+#[test]
+fn a_departed_clients_socket_and_shared_memory_go_once_its_serving_ends() {
+    let _fds = fd_count_lock();
+    let name = format!("typed-ipc-departed-{}", std::process::id());
+    let serving = Server::new()
+        .service(LabServer::new(LabImpl::new()))
+        .threads(2)
+        .listen(Listener::bind_abstract(&name).unwrap())
+        .unwrap();
+    let (before, mapped_before) = (ipc_fds(), memfd_mappings());
+    let client =
+        LabClient::new(Connection::connect_abstract(&name).unwrap()).with_timeout(HANG_GUARD);
+    // Through the lane both ways: each end maps a region of its own and the other's.
+    let data = filled(64 * 1024, 1);
+    let mut expected = data.clone();
+    expected.reverse();
+    assert_eq!(client.echo(data, Vec::new()).unwrap(), expected);
+    assert!(
+        memfd_mappings() > mapped_before,
+        "the echo went through shared memory"
+    );
+    drop(client);
+    // The client's serving threads end just after its hang-up; no event marks that (and
+    // `Serving::clients`, which would wait for it, also forgets it), so this polls, bounded.
+    let since = std::time::Instant::now();
+    while ipc_fds() != before || memfd_mappings() != mapped_before {
+        assert!(
+            since.elapsed() < HANG_GUARD,
+            "a departed client's connection is kept: {} fds, {} memfd mappings, for {}, {}",
+            ipc_fds(),
+            memfd_mappings(),
+            before,
+            mapped_before,
+        );
+        std::thread::yield_now();
+    }
+    serving.shutdown();
+}
+
 #[test]
 fn the_implementation_sees_peer_credentials_and_the_server_can_refuse() {
     let _fds = fd_count_lock();

@@ -13,7 +13,7 @@ use std::thread::{JoinHandle, ThreadId};
 use std::time::Duration;
 
 use crate::accept_retry::{self, Failure, Trouble};
-use crate::connection::Connection;
+use crate::connection::{Connection, WeakConnection};
 use crate::error::{Error, Result};
 use crate::listener::Listener;
 use crate::service::{InterfaceInfo, Service};
@@ -105,8 +105,10 @@ impl Server {
     /// `service_with` in the order they were made, so a slow `make` holds up the clients
     /// that connect meanwhile. Once the connection has ended and its requests have run, its
     /// services are dropped, and with them the clones of the connection they hold: its socket
-    /// is closed when the server's own clone goes (at once for `serve`; for `listen`, when it
-    /// accepts its next client, when [`Serving::clients`] is asked, or at the shutdown).
+    /// and shared memory then go with the server's own handles, at once (for `listen`, with
+    /// the client's serving threads, before any new client or [`Serving::clients`]). A clone
+    /// the service hands elsewhere (to a thread or a global of its own) keeps the connection
+    /// open as long as it lives: that one is the service's to drop.
     ///
     /// A `make` that panics on a listener's thread hangs up on that client (the panic is on
     /// stderr) and the listener accepts on; under `serve`, the panic is the caller's.
@@ -294,19 +296,20 @@ impl Server {
     /// Each client has [`Server::threads`] threads of its own for as long as it stays
     /// connected, and nothing here caps how many clients are connected at once: each one
     /// costs its threads and at least one file descriptor (its socket), so the process's
-    /// limits (`RLIMIT_NOFILE`, `RLIMIT_NPROC`, memory) are what bound them.
+    /// limits (`RLIMIT_NOFILE`, `RLIMIT_NPROC`, memory) are what bound them. A client that
+    /// hangs up costs nothing once its calls have run: its threads end, and its connection
+    /// (socket, buffers, shared memory) goes with them.
     ///
     /// When accepting fails for want of resources — this process or the system is out of
     /// file descriptors (`EMFILE`, `ENFILE`) or memory (`ENOMEM`, `ENOBUFS`, a thread that
     /// cannot be started), or a security module refuses (`EPERM`) — the listener keeps going:
     /// it says so on stderr (at most one line every 10 seconds, and one when it accepts
-    /// again), closes the sockets of clients that have hung up, waits (5 ms, doubling up to
-    /// 1 s) and tries again. Clients that connect meanwhile wait, queued, until it can accept
-    /// them (or until their calls time out). Any other error ends accepting for good: the
-    /// listener prints it, closes its socket so that new clients are refused instead of left
-    /// waiting (`ECONNREFUSED`, or `ENOENT` for a path, whose socket file is removed) and the
-    /// name or path is free to listen on again, and [`Serving::accepting`] returns it; the
-    /// clients already connected are served on.
+    /// again), waits (5 ms, doubling up to 1 s) and tries again. Clients that connect
+    /// meanwhile wait, queued, until it can accept them (or until their calls time out). Any
+    /// other error ends accepting for good: the listener prints it, closes its socket so that
+    /// new clients are refused instead of left waiting (`ECONNREFUSED`, or `ENOENT` for a
+    /// path, whose socket file is removed) and the name or path is free to listen on again,
+    /// and [`Serving::accepting`] returns it; the clients already connected are served on.
     pub fn listen(self, listener: Listener) -> Result<Serving> {
         let stall_limit = self.stall_limit;
         // For `Serving` to wake the acceptor from its `accept`; the listener is the thread's.
@@ -414,6 +417,10 @@ impl Server {
 
     /// Serves `connection` on threads of its own, all started here so that a failure to
     /// start one is the acceptor's to report and wait out.
+    ///
+    /// The threads own the connection's only handles (apart from those the services keep):
+    /// the client's list entry holds it weakly, so that the connection, with its socket and
+    /// shared memory, goes as soon as its serving is done, not when the list is next pruned.
     fn spawn_client(
         &self,
         connection: Connection,
@@ -421,11 +428,12 @@ impl Server {
     ) -> std::io::Result<Client> {
         let helpers = self.start_helpers(&connection)?;
         let helper_threads = helpers.iter().map(|h| h.thread.thread().id()).collect();
-        let (server, serving) = (self.clone(), connection.clone());
-        let thread =
-            std::thread::Builder::new().spawn(move || server.run(&serving, services, helpers))?;
+        let weak = connection.downgrade();
+        let server = self.clone();
+        let thread = std::thread::Builder::new()
+            .spawn(move || server.run(&connection, services, helpers))?;
         Ok(Client {
-            connection,
+            connection: weak,
             thread,
             helper_threads,
         })
@@ -451,7 +459,8 @@ struct Helper {
 }
 
 struct Client {
-    connection: Connection,
+    /// Held weakly: the client's threads own the connection (see [`Server::spawn_client`]).
+    connection: WeakConnection,
     thread: JoinHandle<Result<()>>,
     /// The helpers' threads (their handles are `thread`'s to join).
     helper_threads: Vec<ThreadId>,
@@ -465,8 +474,8 @@ impl Client {
     }
 }
 
-/// The clients, locked, once those whose serving thread has returned are forgotten (which
-/// closes their sockets).
+/// The clients, locked, once those whose serving thread has returned are forgotten (their
+/// connections went with their threads).
 fn pruned(clients: &Mutex<Vec<Client>>) -> MutexGuard<'_, Vec<Client>> {
     let mut clients = clients.lock();
     clients.retain(|c| !c.thread.is_finished());
@@ -484,8 +493,8 @@ fn stopped_mid_accept(connection: &Connection) {
     connection.close();
 }
 
-/// Closes the sockets of the clients that have hung up, then waits `wait` before the next
-/// try to accept. Returns whether the server is stopping.
+/// Forgets the clients that have hung up, then waits `wait` before the next try to accept.
+/// Returns whether the server is stopping.
 fn back_off(wait: Duration, clients: &Mutex<Vec<Client>>, stop: &Receiver<()>) -> bool {
     drop(pruned(clients));
     !matches!(stop.recv_timeout(wait), Err(RecvTimeoutError::Timeout))
@@ -563,15 +572,19 @@ impl Serving {
         if clients.is_empty() {
             return; // also the drop after `shutdown`
         }
-        for client in &clients {
-            client.connection.stop_reading();
+        // Held from here to the close: a client whose connection is gone already has ended,
+        // and its thread, which dropped it, is all that is left to wait for.
+        let connections: Vec<Option<Connection>> =
+            clients.iter().map(|c| c.connection.upgrade()).collect();
+        for connection in connections.iter().flatten() {
+            connection.stop_reading();
         }
         // A reply its client does not read must not hold the shutdown up for good.
         let (ended, watch_ended) = mpsc::channel::<()>();
-        let connections = clients.iter().map(|c| c.connection.clone()).collect();
-        let watch = stall::watch(connections, self.stall_limit, move || drop(ended));
+        let watched = connections.iter().flatten().cloned().collect();
+        let watch = stall::watch(watched, self.stall_limit, move || drop(ended));
         let this = std::thread::current().id();
-        for client in clients {
+        for (client, connection) in clients.into_iter().zip(connections) {
             if client.served_on(this) {
                 // Called from one of this client's handlers (or dropped there): its threads
                 // end once that handler has returned and its reply has gone out, which the
@@ -579,7 +592,9 @@ impl Serving {
                 continue;
             }
             let _ = client.thread.join();
-            client.connection.close();
+            if let Some(connection) = connection {
+                connection.close();
+            }
         }
         drop(watch);
         // Until the watch has dropped its clones of the connections (closing their sockets).

@@ -133,6 +133,16 @@ pub fn regions() -> u64 {
     fds_named("/memfd:typed-ipc-buffer")
 }
 
+/// Mappings of typed-ipc's memfds (shared regions, and peers' regions mapped) in this
+/// process: what a region kept alive shows as once its fd is closed.
+pub fn memfd_mappings() -> u64 {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .filter(|line| line.contains("/memfd:typed-ipc-buffer"))
+        .count() as u64
+}
+
 /// Fds of the kinds a connection or a worker holds (sockets, pipes, memfds, pidfds): what a
 /// leak of theirs shows as, without files the test harness may have open for a moment.
 pub fn ipc_fds() -> u64 {

@@ -151,6 +151,16 @@ pub struct Connection {
     shared: Arc<Shared>,
 }
 
+/// A [`Connection`] held without keeping it open ([`Connection::downgrade`]).
+pub(crate) struct WeakConnection(std::sync::Weak<Shared>);
+
+impl WeakConnection {
+    /// The connection, unless every [`Connection`] handle of it is gone.
+    pub(crate) fn upgrade(&self) -> Option<Connection> {
+        self.0.upgrade().map(|shared| Connection { shared })
+    }
+}
+
 /// Decides whether a peer may call a method: `Err(reason)` refuses the call.
 pub type Authorizer =
     dyn Fn(Option<&PeerCredentials>, &InterfaceInfo, u32) -> Result<(), String> + Send + Sync;
@@ -387,6 +397,13 @@ impl Connection {
                 let _ = shared.socket.shutdown();
             }
         })
+    }
+
+    /// A handle that does not keep the connection open: a listening [`Server`](crate::Server)
+    /// keeps one of each client's, so that the connection goes (its socket, buffers and
+    /// shared memory) as soon as its serving threads are done with it.
+    pub(crate) fn downgrade(&self) -> WeakConnection {
+        WeakConnection(Arc::downgrade(&self.shared))
     }
 
     /// Stops taking new messages, as if the peer had gone quiet for good, but keeps sending:
