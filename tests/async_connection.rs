@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
 
-use common::{fd_count_lock, ipc_fds, memfd, open_fds, read_all};
+use common::{fd_count_lock, filled, ipc_fds, memfd, memfd_mappings, open_fds, read_all};
 use tokio::sync::{Barrier, mpsc, watch};
 use typed_ipc::tokio::{AsyncConnection, AsyncListener, AsyncServer, AsyncServing};
 use typed_ipc::{Connection, Error, current_peer, interface};
@@ -440,6 +440,55 @@ fn dropping_every_handle_hangs_up() {
         let Running { client, server, .. } = running;
         drop(client); // the last handle of that end
         server.await.unwrap().unwrap();
+    });
+}
+
+/// A client that hung up takes its connection's resources with it, as in the blocking
+/// flavour: the server's end of its socket, the shared-memory region the server's end sent
+/// its byte strings through, and its mapping of the client's. Not at the next accept, nor
+/// when the clients are next counted: a listener no client comes to again would keep them
+/// for good.
+#[test]
+fn a_departed_async_clients_socket_and_shared_memory_go_once_its_serving_ends() {
+    let _fds = fd_count_lock();
+    let rt = runtime();
+    rt.block_on(async {
+        let name = format!("typed-ipc-async-departed-{}", std::process::id());
+        let serving = AsyncServer::new()
+            .service(LabServer::new(LabImpl::new()))
+            .listen(AsyncListener::bind_abstract(&name).unwrap());
+        let (before, mapped_before) = (ipc_fds(), memfd_mappings());
+        let connection = AsyncConnection::connect_abstract(&name).await.unwrap();
+        let client = LabClient::new(connection.clone());
+        // Through the lane both ways: each end maps a region of its own and the other's.
+        let data = filled(64 * 1024, 1);
+        let mut expected = data.clone();
+        expected.reverse();
+        assert_eq!(client.echo(data, Vec::new()).await.unwrap(), expected);
+        assert!(
+            memfd_mappings() > mapped_before,
+            "the echo went through shared memory"
+        );
+        drop(client);
+        connection.close();
+        connection.wait_closed().await;
+        drop(connection);
+        // The client's task on the server ends just after its hang-up; no event marks that
+        // (and `AsyncServing::clients`, which would wait for it, also forgets it), so this
+        // polls, bounded.
+        let since = std::time::Instant::now();
+        while ipc_fds() != before || memfd_mappings() != mapped_before {
+            assert!(
+                since.elapsed() < HANG_GUARD,
+                "a departed client's connection is kept: {} fds, {} memfd mappings, for {}, {}",
+                ipc_fds(),
+                memfd_mappings(),
+                before,
+                mapped_before,
+            );
+            tokio::task::yield_now().await;
+        }
+        serving.shutdown().await;
     });
 }
 

@@ -75,6 +75,7 @@ use ::tokio::io::unix::AsyncFd;
 
 pub use call::AsyncCall;
 pub use connection::AsyncConnection;
+use connection::WeakAsyncConnection;
 pub use listener::AsyncListener;
 pub use server::{AsyncServer, AsyncServing};
 

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use ::tokio::task::JoinHandle;
 
-use super::{AsyncConnection, AsyncListener, AsyncService};
+use super::{AsyncConnection, AsyncListener, AsyncService, WeakAsyncConnection};
 use crate::accept_retry::{self, Failure, Trouble};
 use crate::error::{Error, Result};
 use crate::service::InterfaceInfo;
@@ -107,9 +107,11 @@ impl AsyncServer {
     /// and `service_with` in the order they were made, so a slow `make` holds up the clients
     /// that connect meanwhile. Once the connection has ended and nothing will run its
     /// requests any more, its services are dropped, and with them the clones of the
-    /// connection they hold: its socket is closed when the server's own clone goes (for
-    /// `listen`, when it accepts its next client, when [`AsyncServing::clients`] is asked, or
-    /// at the shutdown).
+    /// connection they hold: its socket and shared memory then go with the server's own
+    /// handle (for `listen`, with the client's task, before any new client or
+    /// [`AsyncServing::clients`]). A clone the service hands elsewhere (to a task or a global
+    /// of its own) keeps the connection open as long as it lives: that one is the service's
+    /// to drop.
     ///
     /// A `make` that panics in the listener's task hangs up on that client (the panic is on
     /// stderr) and the listener accepts on; under `serve`, the panic is the caller's.
@@ -257,19 +259,19 @@ impl AsyncServer {
     ///
     /// Nothing here caps how many clients are connected at once: each one costs its tasks and
     /// at least one file descriptor (its socket), so the process's limits (`RLIMIT_NOFILE`,
-    /// memory) are what bound them.
+    /// memory) are what bound them. A client that hangs up costs nothing once its calls have
+    /// run: its task ends, and its connection (socket, buffers, shared memory) goes with it.
     ///
     /// When accepting fails for want of resources — this process or the system is out of
     /// file descriptors (`EMFILE`, `ENFILE`) or memory (`ENOMEM`, `ENOBUFS`, a client's socket
     /// that cannot be registered with the runtime), or a security module refuses (`EPERM`) —
     /// the listener keeps going, as the blocking flavour's does: it says so on stderr (at most
-    /// one line every 10 seconds, and one when it accepts again), closes the sockets of
-    /// clients that have hung up, waits (5 ms, doubling up to 1 s) and tries again. Clients
-    /// that connect meanwhile wait, queued, until it can accept them (or until their calls
-    /// time out). Any other error ends accepting for good: the listener prints it, closes its
-    /// socket so that new clients are refused instead of left waiting (`ECONNREFUSED`, or
-    /// `ENOENT` for a path, whose socket file is removed), and [`AsyncServing::accepting`]
-    /// returns it; the clients already connected are served on.
+    /// one line every 10 seconds, and one when it accepts again), waits (5 ms, doubling up to
+    /// 1 s) and tries again. Clients that connect meanwhile wait, queued, until it can accept
+    /// them (or until their calls time out). Any other error ends accepting for good: the
+    /// listener prints it, closes its socket so that new clients are refused instead of left
+    /// waiting (`ECONNREFUSED`, or `ENOENT` for a path, whose socket file is removed), and
+    /// [`AsyncServing::accepting`] returns it; the clients already connected are served on.
     pub fn listen(self, listener: AsyncListener) -> AsyncServing {
         let stall_limit = self.stall_limit;
         let clients: Arc<Mutex<Vec<Client>>> = Arc::default();
@@ -346,7 +348,12 @@ impl AsyncServer {
                     if stopped.load(Ordering::SeqCst) {
                         return stopped_mid_accept(&connection);
                     }
+                    // The task owns the connection's only handles (apart from those the
+                    // services keep): held weakly here, the connection, with its socket and
+                    // shared memory, goes as soon as the task has served it to the end, not
+                    // when the list is next pruned.
                     let task = ::tokio::spawn(self.serve_services(&connection, services));
+                    let connection = connection.downgrade();
                     clients.push(Client { connection, task });
                 }
                 Err(e) => {
@@ -370,8 +377,8 @@ fn stopped_mid_accept(connection: &AsyncConnection) -> Error {
     Error::Io(io::Error::from_raw_os_error(libc::EINVAL))
 }
 
-/// Closes the sockets of the clients that have hung up, then waits `wait` before the next
-/// try to accept. On the blocking pool rather than tokio's timer: a runtime built without the
+/// Forgets the clients that have hung up, then waits `wait` before the next try to accept.
+/// On the blocking pool rather than tokio's timer: a runtime built without the
 /// time driver would panic here, and only once out of file descriptors.
 async fn back_off(wait: Duration, clients: &Mutex<Vec<Client>>) {
     drop(pruned(clients));
@@ -391,12 +398,29 @@ impl Drop for CloseDup {
 }
 
 struct Client {
-    connection: AsyncConnection,
+    /// Held weakly: the client's task owns the connection (see `accept_loop`).
+    connection: WeakAsyncConnection,
     task: JoinHandle<Result<()>>,
 }
 
-/// The clients, locked, once those whose task has ended are forgotten (which closes their
-/// sockets).
+impl Client {
+    /// The client, its connection held (`None`: gone with its task, which has ended).
+    fn held(self) -> Held {
+        Held {
+            connection: self.connection.upgrade(),
+            task: self.task,
+        }
+    }
+}
+
+/// A client [`AsyncServing`] stops, its connection held until it is closed.
+struct Held {
+    connection: Option<AsyncConnection>,
+    task: JoinHandle<Result<()>>,
+}
+
+/// The clients, locked, once those whose task has ended are forgotten (their connections
+/// went with their tasks).
 fn pruned(clients: &Mutex<Vec<Client>>) -> MutexGuard<'_, Vec<Client>> {
     let mut clients = clients.lock();
     clients.retain(|c| !c.task.is_finished());
@@ -476,23 +500,26 @@ impl AsyncServing {
         self.stop_accepting();
         // Once it has ended, the listener is closed (and its socket file removed).
         let _ = (&mut self.acceptor).await;
-        let mut clients = std::mem::take(&mut *self.clients.lock());
+        let clients = std::mem::take(&mut *self.clients.lock());
         if clients.is_empty() {
             return;
         }
-        for client in &clients {
-            client.connection.stop_reading();
+        let mut clients: Vec<Held> = clients.into_iter().map(Client::held).collect();
+        let connections = || clients.iter().filter_map(|c| c.connection.as_ref());
+        for connection in connections() {
+            connection.stop_reading();
         }
         // A reply its client does not read must not hold the shutdown up for good.
         // Not a tokio oneshot: see `handoff`.
         let (ended, watch_ended) = super::handoff::channel::<()>();
-        let connections = clients.iter().map(|c| c.connection.clone()).collect();
-        let watch = stall::watch(connections, self.stall_limit, move || ended.give(()));
+        let watched = connections().cloned().collect();
+        let watch = stall::watch(watched, self.stall_limit, move || ended.give(()));
         // Awaited in one of a client's handlers (a client asking the server to quit): that
         // client's task ends only once the handler has returned and its reply has gone out,
         // which the shutdown cannot wait for. Let go, it has stopped reading like the others;
         // its connection ends when its task does.
-        if let Some(own) = clients.iter().position(|c| c.connection.handling_here()) {
+        let handling_here = |c: &Held| c.connection.as_ref().is_some_and(|c| c.handling_here());
+        if let Some(own) = clients.iter().position(handling_here) {
             drop(clients.remove(own));
         }
         // Popped in the order they came; the rest are hung up on if this future is dropped.
@@ -500,7 +527,9 @@ impl AsyncServing {
         open.0.reverse();
         while let Some(client) = open.0.last_mut() {
             let _ = (&mut client.task).await;
-            client.connection.close();
+            if let Some(connection) = &client.connection {
+                connection.close();
+            }
             open.0.pop();
         }
         drop(watch);
@@ -512,12 +541,12 @@ impl AsyncServing {
 /// The clients [`AsyncServing::shutdown`] has taken and not yet closed: it owns them so that
 /// a shutdown future dropped halfway still hangs up on them, as [`AsyncServing`]'s drop would
 /// have, rather than leave their connections open (and their tasks running) for good.
-struct Unfinished(Vec<Client>);
+struct Unfinished(Vec<Held>);
 
 impl Drop for Unfinished {
     fn drop(&mut self) {
-        for client in &self.0 {
-            client.connection.close();
+        for connection in self.0.iter().filter_map(|c| c.connection.as_ref()) {
+            connection.close();
         }
     }
 }
@@ -549,13 +578,14 @@ impl Drop for AsyncServing {
     fn drop(&mut self) {
         self.stop_accepting();
         let clients = std::mem::take(&mut *self.clients.lock());
-        for client in clients {
+        // A client whose connection is gone has ended already.
+        for connection in clients.iter().filter_map(|c| c.connection.upgrade()) {
             // Dropped in one of this client's handlers (a client asking the server to quit):
             // hung up on at once, it would not get that handler's reply. It stops reading, as
             // at a shutdown, and its connection ends once its calls in flight have replied.
-            match client.connection.handling_here() {
-                true => client.connection.stop_reading(),
-                false => client.connection.close(),
+            match connection.handling_here() {
+                true => connection.stop_reading(),
+                false => connection.close(),
             }
         }
     }

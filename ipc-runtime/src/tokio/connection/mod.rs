@@ -70,6 +70,21 @@ impl Drop for Owner {
     }
 }
 
+/// An [`AsyncConnection`] held without keeping it open ([`AsyncConnection::downgrade`]).
+pub(in crate::tokio) struct WeakAsyncConnection(std::sync::Weak<Owner>);
+
+impl WeakAsyncConnection {
+    /// The connection, unless every [`AsyncConnection`] handle of it is gone (which shut it
+    /// down).
+    pub(in crate::tokio) fn upgrade(&self) -> Option<AsyncConnection> {
+        let owner = self.0.upgrade()?;
+        Some(AsyncConnection {
+            inner: owner.0.clone(),
+            _owner: owner,
+        })
+    }
+}
+
 /// The socket, as tokio's `AsyncFd` wants it.
 struct Registered(Socket);
 
@@ -355,6 +370,14 @@ impl AsyncConnection {
     pub(super) fn test_reader_paused(&self) -> bool {
         let _state = self.inner.lock(); // set and cleared under it
         self.inner.paused.load(Ordering::SeqCst)
+    }
+
+    /// A handle that does not keep the connection open: an
+    /// [`AsyncServing`](super::AsyncServing) keeps one of each client's, so that the
+    /// connection goes (its socket, buffers and shared memory) as soon as its task has
+    /// served it to the end.
+    pub(in crate::tokio) fn downgrade(&self) -> WeakAsyncConnection {
+        WeakAsyncConnection(Arc::downgrade(&self._owner))
     }
 
     /// Whether this thread is running a handler of this connection's now: an
