@@ -9,7 +9,7 @@
 use parking_lot::Mutex;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -58,6 +58,9 @@ pub struct Socket {
     limits: Limits,
     /// Most payload bytes this side puts in one continuation datagram (from `SO_SNDBUF`).
     chunk: usize,
+    /// Most payload bytes this side puts in one continuation datagram now: `chunk`, or less
+    /// once the kernel could not allocate one that large (see `Socket::send_some`).
+    datagram_cap: AtomicUsize,
     /// Most payload bytes and fds of a message that goes out as one datagram with no further
     /// check: one that fits a datagram and is within `limits` ([`Socket::sends_whole`]).
     whole_len: usize,
@@ -140,6 +143,7 @@ impl Socket {
             fd,
             limits,
             chunk,
+            datagram_cap: AtomicUsize::new(chunk),
             whole_len,
             whole_fds,
             send_lock: Mutex::new(()),

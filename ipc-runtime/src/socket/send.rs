@@ -2,6 +2,7 @@
 //! pieces ([`SendCursor`]), and how long a send has waited for room ([`SendWait`]).
 
 use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use nix::poll::PollFlags;
@@ -253,7 +254,8 @@ impl Socket {
                 if bytes.is_empty() && fds.is_empty() {
                     return Ok(true);
                 }
-                let chunk = &bytes[..bytes.len().min(self.chunk)];
+                let cap = self.datagram_cap.load(Ordering::Relaxed);
+                let chunk = &bytes[..bytes.len().min(cap)];
                 let these = &fds[..fds.len().min(FDS_PER_DATAGRAM)];
                 let header = Header {
                     kind: Kind::More,
@@ -274,6 +276,7 @@ impl Socket {
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => return Ok(false),
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) && self.smaller(bytes.len()) => {}
                 Err(e) => {
                     if cursor.started {
                         // The peer holds part of a message; the stream cannot be resynchronised.
@@ -283,6 +286,24 @@ impl Socket {
                 }
             }
         }
+    }
+
+    /// After `ENOBUFS` for a datagram of `len` payload bytes, which went out not at all:
+    /// whether a smaller one may do, with `datagram_cap` now lowered to half of it.
+    /// The kernel wants one contiguous block for nearly all of a large datagram (a 4 MiB one
+    /// is an order-10 page allocation), and on a machine whose memory is fragmented it may
+    /// have none; such a block gets no likelier on the next try, so the cap stays lowered for
+    /// this socket's sends. Down to [`FIRST_MAX`] (a block of 16 KiB, the rest in pages),
+    /// below which the failure is the caller's.
+    #[cold]
+    #[inline(never)]
+    fn smaller(&self, len: usize) -> bool {
+        if len <= FIRST_MAX {
+            return false;
+        }
+        let half = (len / 2).max(FIRST_MAX) & !4095;
+        self.datagram_cap.fetch_min(half, Ordering::Relaxed);
+        true
     }
 }
 
@@ -594,5 +615,32 @@ mod tests {
             sender.join().unwrap().unwrap();
         });
         assert_eq!(a.send_stalled_for(later), None, "a send that is out");
+    }
+
+    /// A datagram the kernel cannot allocate (`ENOBUFS`: it wants one block of contiguous
+    /// memory for nearly all of it, and a fragmented machine may have no 4 MiB block free)
+    /// is sent again in smaller datagrams, not failed with the message half out. Forged here
+    /// with datagrams above the largest block the kernel ever allocates (4 MiB + 68 KiB), which
+    /// fail the same way on any machine.
+    #[test]
+    fn datagrams_the_kernel_cannot_allocate_go_out_smaller() {
+        let (mut a, b) = Socket::pair().unwrap();
+        let sndbuf = ns::getsockopt(&a.fd, ns::sockopt::SndBuf).unwrap();
+        assert!(
+            sndbuf > 6 << 20,
+            "needs net.core.wmem_max ≥ 3 MiB: {sndbuf}"
+        );
+        a.chunk = 6 << 20;
+        a.datagram_cap = std::sync::atomic::AtomicUsize::new(a.chunk);
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let payload: Vec<u8> = (0..20 << 20).map(|i: usize| (i * 7 % 251) as u8).collect();
+        std::thread::scope(|s| {
+            let receiver = s.spawn(|| b.recv());
+            a.send(&payload, &[file.as_fd(); 300]).unwrap();
+            let frame = receiver.join().unwrap().unwrap();
+            assert!(frame.payload == payload, "the message arrived changed");
+            assert_eq!(frame.fds.len(), 300);
+        });
+        assert!(a.datagram_cap.load(Ordering::Relaxed) <= DATAGRAM_MAX);
     }
 }
