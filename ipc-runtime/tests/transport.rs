@@ -862,6 +862,50 @@ fn an_empty_datagram_mid_message_is_malformed_not_a_hang_up() {
     assert_eq!(b.recv().unwrap().payload, b"after a failure");
 }
 
+/// A datagram of no bytes in the middle of a message is garbage also from a peer that has
+/// hung up since. It was taken for the peer's reset (said before what the peer sent), and
+/// skipped: the message went on, and the fds the empty datagram carried were handed out as
+/// the message's, past this side's limit on fds and past what its headers announced.
+#[test]
+fn an_empty_datagram_mid_message_from_a_peer_since_gone_is_malformed() {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    let _fds = fd_count_lock();
+    let before = open_fds();
+    let (a, mut b) = Socket::pair().unwrap();
+    b.set_limits(Limits {
+        max_message_len: 1 << 10,
+        max_fds: 4,
+    });
+    let first = Header {
+        kind: Kind::First,
+        fds: 0,
+        total_len: 3,
+        total_fds: 0,
+    };
+    raw_send(&a, &first.encode(), &[]);
+    // No bytes, 200 fds.
+    let (read_end, write_end) = pipe();
+    let smuggled = vec![write_end.as_raw_fd(); 200];
+    let rights = [ControlMessage::ScmRights(&smuggled)];
+    sendmsg::<()>(a.as_fd().as_raw_fd(), &[], &rights, MsgFlags::empty(), None).unwrap();
+    drop(write_end);
+    let more = Header {
+        kind: Kind::More,
+        ..first
+    };
+    raw_send(&a, &more.encode(), b"abc");
+    drop(a);
+    let r = b.recv();
+    assert!(
+        matches!(r, Err(Error::Malformed(_))),
+        "{:?}",
+        r.map(|f| f.fds.len())
+    );
+    assert!(matches!(b.recv(), Err(Error::Disconnected)));
+    drop((b, read_end));
+    assert_eq!(open_fds(), before);
+}
+
 /// A socket taken over with its fd non-blocking (`O_NONBLOCK`, as an event loop may have left
 /// it) still waits in a receive without a deadline, rather than failing with `WouldBlock`.
 #[test]

@@ -551,10 +551,6 @@ impl Socket {
         matches!(self.peek(Wait::No), Ok((_, n)) if n > 0)
     }
 
-    /// Why `recvmsg` returned no bytes: the peer hung up (or this end stopped reading), or
-    /// it sent a datagram of no bytes, which no message of this protocol is. Only a hang-up
-    /// leaves the socket shut for reading (`POLLRDHUP`), so the empty datagram, consumed, is
-    /// told apart without waiting.
     /// After a receive that found nothing (`EAGAIN`) although it may wait, before it tries
     /// again: with a deadline, the next try polls for it first; waiting for good, the fd is
     /// non-blocking (`O_NONBLOCK`, left so by whoever made it), so this polls for a message.
@@ -580,10 +576,19 @@ impl Socket {
         }
     }
 
+    /// Why `recvmsg` returned no bytes: the peer hung up (or this end stopped reading), or
+    /// it sent a datagram of no bytes, which no message of this protocol is. Only a hang-up
+    /// leaves the socket shut for reading (`POLLRDHUP`), so the empty datagram, consumed, is
+    /// told apart without waiting.
+    ///
+    /// But a peer that hung up may have sent an empty datagram before: a datagram still
+    /// queued behind it says so (a hang-up shows only once the queue is empty), and it is
+    /// garbage then too. Taken for the hang-up, it would pass for the peer's reset, which is
+    /// read past (`reset_with_more_queued`), mid-message too: its fds with the message's.
     #[cold]
     #[inline(never)]
     fn nothing_received(&self) -> Error {
-        if self.hung_up() {
+        if self.hung_up() && !self.reset_with_more_queued() {
             Error::Disconnected
         } else {
             Error::Malformed("a datagram of no bytes".into())
