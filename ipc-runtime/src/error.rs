@@ -47,9 +47,10 @@ pub enum Error {
         /// Whether the limit is the peer's, as for [`Error::TooLarge`].
         by_peer: bool,
     },
-    /// The kernel dropped file descriptors of this message because this process is at its
-    /// open-file limit (`RLIMIT_NOFILE`; `MSG_CTRUNC`). The message is discarded whole, the
-    /// fds that did arrive are closed, and the stream stays in sync.
+    /// The kernel dropped file descriptors of this message (`MSG_CTRUNC`): this process is at
+    /// its open-file limit (`RLIMIT_NOFILE`), or, more rarely, a security module refused to
+    /// let it receive them. The message is discarded whole, the fds that did arrive are
+    /// closed, and the stream stays in sync.
     FdsDropped {
         /// How many fds the message carried.
         expected: u64,
@@ -135,7 +136,8 @@ impl fmt::Display for Error {
             Error::FdsDropped { expected, received } => write!(
                 f,
                 "the kernel dropped file descriptors ({received} of {expected} arrived): \
-                 this process is at its open-file limit (RLIMIT_NOFILE)"
+                 this process is at its open-file limit (RLIMIT_NOFILE), or a security \
+                 module refused them"
             ),
             Error::Truncated => f.write_str("peer sent a datagram larger than the protocol allows"),
             Error::Malformed(why) => write!(f, "malformed message: {why}"),

@@ -741,7 +741,8 @@ pub(crate) fn unreceived(e: &Error, oneway: bool) -> Failure {
         // arguments' types are not in question (a `BadRequest` would say so).
         Error::FdsDropped { expected, received } if !oneway => Failure::Unanswered(format!(
             "it could not receive the request's fds ({received} of {expected} arrived): it \
-             is at its open-file limit (RLIMIT_NOFILE), and the method did not run"
+             is at its open-file limit (RLIMIT_NOFILE), or a security module refused them, \
+             and the method did not run"
         )),
         _ => Failure::over_limits(e).unwrap_or_else(|| Failure::Unanswered(e.to_string())),
     }
