@@ -77,8 +77,7 @@ async fn read_messages(inner: Arc<Inner>) {
             // read to its end: its bytes (its envelope) say whose it was.
             Err(e @ Error::FdsDropped { .. }) => Err(e),
             Err(e) if e.is_over_limits() => Err(e),
-            // The peer's reset, said before what it sent: the next read takes that.
-            Err(Error::Disconnected) if inner.socket().reset_with_more_queued() => continue,
+            // (The peer's reset, said before what it sent, `try_recv_into` reads past.)
             Err(e) => break e,
         };
         drop(ready);
