@@ -18,7 +18,10 @@ use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
 
-use common::{fd_count_lock, filled, ipc_fds, memfd, memfd_mappings, open_fds, read_all};
+use common::{
+    connection_resources, fd_count_lock, filled, ipc_fds, memfd, memfd_mappings, open_fds,
+    read_all, resources_back,
+};
 use tokio::sync::{Barrier, mpsc, watch};
 use typed_ipc::tokio::{AsyncConnection, AsyncListener, AsyncServer, AsyncServing};
 use typed_ipc::{Connection, Error, current_peer, interface};
@@ -457,7 +460,7 @@ fn a_departed_async_clients_socket_and_shared_memory_go_once_its_serving_ends() 
         let serving = AsyncServer::new()
             .service(LabServer::new(LabImpl::new()))
             .listen(AsyncListener::bind_abstract(&name).unwrap());
-        let (before, mapped_before) = (ipc_fds(), memfd_mappings());
+        let before @ (_, mapped_before) = connection_resources();
         let connection = AsyncConnection::connect_abstract(&name).await.unwrap();
         let client = LabClient::new(connection.clone());
         // Through the lane both ways: each end maps a region of its own and the other's.
@@ -477,15 +480,7 @@ fn a_departed_async_clients_socket_and_shared_memory_go_once_its_serving_ends() 
         // (and `AsyncServing::clients`, which would wait for it, also forgets it), so this
         // polls, bounded.
         let since = std::time::Instant::now();
-        while ipc_fds() != before || memfd_mappings() != mapped_before {
-            assert!(
-                since.elapsed() < HANG_GUARD,
-                "a departed client's connection is kept: {} fds, {} memfd mappings, for {}, {}",
-                ipc_fds(),
-                memfd_mappings(),
-                before,
-                mapped_before,
-            );
+        while !resources_back(before, since, HANG_GUARD) {
             tokio::task::yield_now().await;
         }
         serving.shutdown().await;

@@ -390,12 +390,14 @@ fn hold_pipe_lock(write: OwnedFd) -> (JoinHandle<OwnedFd>, std::os::unix::net::U
     (holder, wake)
 }
 
-/// Waits until `caller` has finished or a thread of this process is stuck on a pipe (which
-/// one, then); then lets the `holder` of the pipe's lock go, so that everything goes on.
-fn stuck_until_done<T>(
-    caller: &JoinHandle<T>,
+/// Waits until `caller` has finished or a thread of this process is stuck on a pipe; then
+/// lets the `holder` of the pipe's lock go, so that everything goes on, and returns what
+/// `caller` returned and the pipe's write end, once no thread was found stuck (the server
+/// would have been, waiting for the lock).
+fn joined_never_stuck_on_the_pipe<T>(
+    caller: JoinHandle<T>,
     (holder, wake): (JoinHandle<OwnedFd>, std::os::unix::net::UnixStream),
-) -> (Vec<String>, OwnedFd) {
+) -> (T, OwnedFd) {
     let stuck = loop {
         if caller.is_finished() {
             break Vec::new();
@@ -407,7 +409,13 @@ fn stuck_until_done<T>(
         std::thread::yield_now();
     };
     std::io::Write::write_all(&mut &wake, b"x").unwrap();
-    (stuck, holder.join().unwrap())
+    let write = holder.join().unwrap();
+    let returned = caller.join().unwrap();
+    assert!(
+        stuck.is_empty(),
+        "the server waited on the peer's pipe lock ({stuck:?})"
+    );
+    (returned, write)
 }
 
 /// Every read of a pipe (`FIONREAD`, `read`, `vmsplice`) first takes the pipe's lock, and a
@@ -432,12 +440,7 @@ fn a_peer_holding_its_pipes_lock_does_not_stall_the_server() {
             (ours, reply)
         })
     };
-    let (stuck, write) = stuck_until_done(&caller, held);
-    let (ours, reply) = caller.join().unwrap();
-    assert!(
-        stuck.is_empty(),
-        "the server waited on the peer's pipe lock ({stuck:?})"
-    );
+    let ((ours, reply), write) = joined_never_stuck_on_the_pipe(caller, held);
     assert_eq!(reply[0], 4, "a failure reply");
     let text = String::from_utf8_lossy(&reply);
     assert!(text.contains("reads no pipes from its peer"), "{text}");
@@ -483,12 +486,7 @@ fn closing_a_peers_pipe_does_not_stall_the_server() {
         let replies = [ours.recv().unwrap(), ours.recv().unwrap()];
         (ours, replies)
     });
-    let (stuck, write) = stuck_until_done(&caller, held);
-    let (ours, _replies) = caller.join().unwrap();
-    assert!(
-        stuck.is_empty(),
-        "the server waited on the peer's pipe lock ({stuck:?})"
-    );
+    let ((ours, _replies), write) = joined_never_stuck_on_the_pipe(caller, held);
     drop((ours, write));
     server.join().unwrap().unwrap();
 }

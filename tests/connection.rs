@@ -288,7 +288,7 @@ fn a_departed_clients_socket_and_shared_memory_go_once_its_serving_ends() {
         .threads(2)
         .listen(Listener::bind_abstract(&name).unwrap())
         .unwrap();
-    let (before, mapped_before) = (ipc_fds(), memfd_mappings());
+    let before @ (_, mapped_before) = connection_resources();
     let client =
         LabClient::new(Connection::connect_abstract(&name).unwrap()).with_timeout(HANG_GUARD);
     // Through the lane both ways: each end maps a region of its own and the other's.
@@ -304,15 +304,7 @@ fn a_departed_clients_socket_and_shared_memory_go_once_its_serving_ends() {
     // The client's serving threads end just after its hang-up; no event marks that (and
     // `Serving::clients`, which would wait for it, also forgets it), so this polls, bounded.
     let since = std::time::Instant::now();
-    while ipc_fds() != before || memfd_mappings() != mapped_before {
-        assert!(
-            since.elapsed() < HANG_GUARD,
-            "a departed client's connection is kept: {} fds, {} memfd mappings, for {}, {}",
-            ipc_fds(),
-            memfd_mappings(),
-            before,
-            mapped_before,
-        );
+    while !resources_back(before, since, HANG_GUARD) {
         std::thread::yield_now();
     }
     serving.shutdown();

@@ -801,6 +801,31 @@ fn call_on_while_another_reads<F>(a: typed_ipc::Socket, b: typed_ipc::Socket, pe
 where
     F: FnOnce(&typed_ipc::Socket, &typed_ipc::Frame, &typed_ipc::Frame) + Send + 'static,
 {
+    let (got, reader, peer) = call_holding_stderr_while_another_reads(a, b, |b, first, second| {
+        peer_sends(&b, &first, &second);
+        b
+    });
+    assert_eq!(got.unwrap(), "m");
+    assert_eq!(reader.join().unwrap().unwrap(), "c");
+    drop(peer.join().unwrap());
+}
+
+/// The calls of [`call_while_another_reads`] over `a`, whose raw peer `b` is `peer`'s (given
+/// both calls as received, on a thread of its own): what this thread's `reverse("m")` got,
+/// and the reader's and the peer's threads, for the caller to join in its own order.
+fn call_holding_stderr_while_another_reads<P, R>(
+    a: typed_ipc::Socket,
+    b: typed_ipc::Socket,
+    peer: P,
+) -> (
+    typed_ipc::Result<String>,
+    std::thread::JoinHandle<typed_ipc::Result<String>>,
+    std::thread::JoinHandle<R>,
+)
+where
+    P: FnOnce(typed_ipc::Socket, typed_ipc::Frame, typed_ipc::Frame) -> R + Send + 'static,
+    R: Send + 'static,
+{
     let client = LabClient::new(typed_ipc::Connection::new(a));
     let reader = {
         let client = client.clone();
@@ -810,14 +835,11 @@ where
     let stderr = std::io::stderr().lock();
     let peer = std::thread::spawn(move || {
         let second = b.recv().unwrap();
-        peer_sends(&b, &first, &second);
-        b
+        peer(b, first, second)
     });
     let got = client.reverse("m".into());
     drop(stderr);
-    assert_eq!(got.unwrap(), "m");
-    assert_eq!(reader.join().unwrap().unwrap(), "c");
-    drop(peer.join().unwrap());
+    (got, reader, peer)
 }
 
 /// The peer announces an inbox while another thread reads: the reader's line for it.
@@ -888,15 +910,7 @@ fn a_refused_call_is_said_once_its_reader_has_let_the_role_go() {
 fn child_failed_and_hung_up_on_while_its_caller_holds_stderr() {
     let (mut a, b) = typed_ipc::Socket::pair().unwrap();
     a.set_limits(one_fd());
-    let client = LabClient::new(typed_ipc::Connection::new(a));
-    let reader = {
-        let client = client.clone();
-        std::thread::spawn(move || client.reverse("c".into()))
-    };
-    let first = b.recv().unwrap(); // the reader's call: it holds the role until a message
-    let stderr = std::io::stderr().lock();
-    let peer = std::thread::spawn(move || {
-        let second = b.recv().unwrap();
+    let (got, reader, peer) = call_holding_stderr_while_another_reads(a, b, |b, first, second| {
         let mut oneway = reverse_call_like(&first, 0, "o");
         oneway[0] = 2;
         let (files, _) = two_files();
@@ -909,8 +923,6 @@ fn child_failed_and_hung_up_on_while_its_caller_holds_stderr() {
         failure.extend_from_slice(&7u32.to_le_bytes());
         b.send(&failure, &[]).unwrap();
     });
-    let got = client.reverse("m".into());
-    drop(stderr);
     assert!(matches!(got, Err(typed_ipc::Error::Remote(_))), "{got:?}");
     peer.join().unwrap();
     let ended = reader.join().unwrap();

@@ -20,6 +20,13 @@ fn borrow(fds: &[OwnedFd]) -> Vec<BorrowedFd<'_>> {
     fds.iter().map(|f| f.as_fd()).collect()
 }
 
+/// Checks that `received` are the fds of [`fds`], in order, and closes them.
+fn assert_numbered(received: Vec<OwnedFd>) {
+    for (i, fd) in received.into_iter().enumerate() {
+        assert_eq!(read_all(fd), i.to_le_bytes(), "fd {i}");
+    }
+}
+
 /// Sends `len` bytes and `nfds` fds from `a` to `b` and checks every byte and fd.
 fn round_trip(a: &Socket, b: &Socket, len: usize, nfds: usize) {
     let payload = pattern(len);
@@ -30,9 +37,7 @@ fn round_trip(a: &Socket, b: &Socket, len: usize, nfds: usize) {
         assert_eq!(frame.payload.len(), len);
         assert!(frame.payload == payload, "payload of {len} bytes differs");
         assert_eq!(frame.fds.len(), nfds);
-        for (i, fd) in frame.fds.into_iter().enumerate() {
-            assert_eq!(read_all(fd), i.to_le_bytes());
-        }
+        assert_numbered(frame.fds);
     });
 }
 
@@ -152,9 +157,7 @@ fn a_message_finished_by_a_peer_that_then_exits_with_ours_unread_arrives_whole()
     let message = socket.recv().expect("the message the child sent whole");
     assert!(message.payload == pattern(TWO_PARTS_LEN));
     assert_eq!(message.fds.len(), TWO_PARTS_FDS);
-    for (i, fd) in message.fds.into_iter().enumerate() {
-        assert_eq!(read_all(fd), i.to_le_bytes(), "fd {i}");
-    }
+    assert_numbered(message.fds);
     assert!(matches!(socket.recv(), Err(Error::Disconnected)));
     drop((socket, go_write, child));
     assert_eq!(open_fds(), before);
@@ -175,9 +178,7 @@ fn the_answer_of_a_worker_that_then_exits_with_ours_unread_arrives() {
     let answer = socket.recv().expect("the worker's answer");
     assert_eq!(answer.payload, b"answer");
     assert_eq!(answer.fds.len(), 2);
-    for (i, fd) in answer.fds.into_iter().enumerate() {
-        assert_eq!(read_all(fd), i.to_le_bytes(), "fd {i}");
-    }
+    assert_numbered(answer.fds);
     assert!(matches!(socket.recv(), Err(Error::Disconnected)));
     drop((socket, sent, child));
     assert_eq!(open_fds(), before);
@@ -205,7 +206,6 @@ const TWO_PARTS_FDS: usize = 300;
 #[test]
 #[ignore = "run as a child process by other tests"]
 fn child_sends_a_message_in_two_parts_and_exits() {
-    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
     use std::io::Read;
     let socket = worker::socket().unwrap();
     let sent = fds(TWO_PARTS_FDS);
@@ -218,11 +218,7 @@ fn child_sends_a_message_in_two_parts_and_exits() {
         total_fds: TWO_PARTS_FDS as u32,
     };
     let send = |kind, body: &[u8], fds: &[i32]| {
-        let head = header(kind, fds).encode();
-        let iov = [std::io::IoSlice::new(&head), std::io::IoSlice::new(body)];
-        let rights = [ControlMessage::ScmRights(fds)];
-        let fd = socket.as_fd().as_raw_fd();
-        sendmsg::<()>(fd, &iov, &rights, MsgFlags::empty(), None).unwrap();
+        raw_send_fds(&socket, &header(kind, fds).encode(), body, fds);
     };
     send(Kind::First, &[], first_fds);
     std::io::stdin().read_exact(&mut [0]).unwrap();
@@ -231,10 +227,17 @@ fn child_sends_a_message_in_two_parts_and_exits() {
 
 /// Sends one raw datagram, bypassing the transport's framing.
 fn raw_send(s: &Socket, header: &[u8], body: &[u8]) {
+    raw_send_fds(s, header, body, &[]);
+}
+
+/// [`raw_send`] with `fds` in the datagram.
+fn raw_send_fds(s: &Socket, header: &[u8], body: &[u8], fds: &[std::os::fd::RawFd]) {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
     let iov = [std::io::IoSlice::new(header), std::io::IoSlice::new(body)];
+    let rights = [ControlMessage::ScmRights(fds)];
+    let cmsgs = if fds.is_empty() { &[][..] } else { &rights[..] };
     let fd = std::os::fd::AsRawFd::as_raw_fd(&s.as_fd());
-    nix::sys::socket::sendmsg::<()>(fd, &iov, &[], nix::sys::socket::MsgFlags::empty(), None)
-        .unwrap();
+    sendmsg::<()>(fd, &iov, cmsgs, MsgFlags::empty(), None).unwrap();
 }
 
 #[test]
@@ -868,7 +871,6 @@ fn an_empty_datagram_mid_message_is_malformed_not_a_hang_up() {
 /// the message's, past this side's limit on fds and past what its headers announced.
 #[test]
 fn an_empty_datagram_mid_message_from_a_peer_since_gone_is_malformed() {
-    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
     let _fds = fd_count_lock();
     let before = open_fds();
     let (a, mut b) = Socket::pair().unwrap();
@@ -885,9 +887,7 @@ fn an_empty_datagram_mid_message_from_a_peer_since_gone_is_malformed() {
     raw_send(&a, &first.encode(), &[]);
     // No bytes, 200 fds.
     let (read_end, write_end) = pipe();
-    let smuggled = vec![write_end.as_raw_fd(); 200];
-    let rights = [ControlMessage::ScmRights(&smuggled)];
-    sendmsg::<()>(a.as_fd().as_raw_fd(), &[], &rights, MsgFlags::empty(), None).unwrap();
+    raw_send_fds(&a, &[], &[], &[write_end.as_raw_fd(); 200]);
     drop(write_end);
     let more = Header {
         kind: Kind::More,

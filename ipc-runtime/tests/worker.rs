@@ -241,13 +241,27 @@ fn child_taking_its_socket() {
     worker::socket().unwrap().send(b"ok", &[]).unwrap();
 }
 
+/// How the worker `child(name)` ended, its socket held meanwhile.
+#[cfg(feature = "tokio")]
+fn worker_exit(name: &str) -> Exit {
+    let (mut worker, _socket) = Worker::spawn_socket(child(name)).unwrap();
+    worker.wait().unwrap()
+}
+
+/// A runtime for an async worker's side of a test.
+#[cfg(feature = "tokio")]
+fn current_thread_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 #[cfg(feature = "tokio")]
 #[test]
 fn an_async_worker_gets_its_connection_where_it_cannot_accept_writes() {
-    let (mut worker, _socket) =
-        Worker::spawn_socket(child("child_async_without_getrandom")).unwrap();
     assert_eq!(
-        worker.wait().unwrap(),
+        worker_exit("child_async_without_getrandom"),
         Exit::Code(0),
         "the worker did not get its connection"
     );
@@ -260,10 +274,7 @@ fn an_async_worker_gets_its_connection_where_it_cannot_accept_writes() {
 #[test]
 #[ignore = "run as a child process by other tests"]
 fn child_async_without_getrandom() {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = current_thread_runtime();
     // Load the syscall number; getrandom fails with ENOSYS; everything else is allowed.
     let stmt = |code: u32, k: u32| libc::sock_filter {
         code: code as u16,
@@ -420,10 +431,7 @@ fn child_waiting_for_its_reaped_worker() {
     #[cfg(feature = "tokio")]
     {
         // The async wait too, which watches the pidfd and then tries.
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = current_thread_runtime();
         let waited = runtime.block_on(ipc_runtime::tokio::worker::wait(&mut worker));
         assert!(says_reaped(waited.as_ref().err()), "{waited:?}");
     }
@@ -467,10 +475,8 @@ fn an_async_spawn_outside_a_runtime_starts_no_worker() {
 #[cfg(feature = "tokio")]
 #[test]
 fn an_async_worker_asking_outside_a_runtime_keeps_its_connection_for_later() {
-    let (mut worker, _socket) =
-        Worker::spawn_socket(child("child_async_asking_outside_a_runtime")).unwrap();
     assert_eq!(
-        worker.wait().unwrap(),
+        worker_exit("child_async_asking_outside_a_runtime"),
         Exit::Code(0),
         "the worker lost its connection"
     );
@@ -489,10 +495,7 @@ fn child_async_asking_outside_a_runtime() {
         refused.to_string().contains("inside a tokio runtime"),
         "{refused}"
     );
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = current_thread_runtime();
     let connection = runtime.block_on(async { ipc_runtime::tokio::worker::connection() });
     drop(connection.unwrap());
 }

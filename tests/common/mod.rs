@@ -6,6 +6,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::OwnedFd;
 use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use std::os::fd::BorrowedFd;
 use typed_ipc::Socket;
@@ -141,6 +142,23 @@ pub fn memfd_mappings() -> u64 {
         .lines()
         .filter(|line| line.contains("/memfd:typed-ipc-buffer"))
         .count() as u64
+}
+
+/// What a connection holds in this process: its ipc fds and typed-ipc's memfd mappings.
+pub fn connection_resources() -> (u64, u64) {
+    (ipc_fds(), memfd_mappings())
+}
+
+/// Whether [`connection_resources`] are back at `before`, for a poll that has run since
+/// `since`: fails the test once that is `limit` ago, the resources of a departed client's
+/// connection kept.
+pub fn resources_back(before: (u64, u64), since: Instant, limit: Duration) -> bool {
+    let now = connection_resources();
+    assert!(
+        now == before || since.elapsed() < limit,
+        "a departed client's connection is kept: {now:?} fds and memfd mappings, for {before:?}"
+    );
+    now == before
 }
 
 /// Fds of the kinds a connection or a worker holds (sockets, pipes, memfds, pidfds): what a

@@ -929,6 +929,19 @@ fn a_caller_owing_a_failure_to_a_peer_that_reads_nothing_still_times_out() {
     runner.join().unwrap().unwrap();
 }
 
+/// Has `a`'s reader, which waits for a message, take in a call (77, from `b`) with more fds
+/// than `a` takes while `a`'s registry is held: the reader then keeps its role, naming the
+/// refused call, until the registry returned is dropped.
+fn reader_holding_a_refused_call<'a>(a: &'a Connection, b: &Connection) -> impl Sized + 'a {
+    let held = a.shared.registry.lock();
+    send_call_with_five_fds(b.socket(), 77);
+    wait_until(
+        "the reader takes the call in, holding the reader role",
+        || !readable(a) && a.shared.state.lock().reading,
+    );
+    held
+}
+
 /// Sends, on `socket`, a call (cookie `cookie`) with five fds: more than `limited_pair`'s
 /// `max_fds: 4`, so the other end cannot receive it and owes a failure for it.
 fn send_call_with_five_fds(socket: &crate::socket::Socket, cookie: u64) {
@@ -1387,12 +1400,7 @@ fn a_failure_owed_by_a_caller_is_sent_by_the_runner_it_wakes() {
         assert!(sent < 1 << 20, "the peer's socket never filled");
     }
     // The caller names the refused call, and waits for the registry meanwhile.
-    let held = a.shared.registry.lock();
-    send_call_with_five_fds(b.socket(), 77);
-    wait_until(
-        "the caller takes the call in, holding the reader role",
-        || !readable(&a) && a.shared.state.lock().reading,
-    );
+    let held = reader_holding_a_refused_call(&a, &b);
     drop(held);
     // `b` reads again: everything `a` sent, then the failure.
     let (done, answered) = mpsc::channel();
@@ -1794,12 +1802,7 @@ fn a_send_to_a_peer_gone_waits_for_the_reader_only_until_its_deadline() {
         std::thread::spawn(move || a.call::<_, u32>(&IFACE, 1, &(), None))
     };
     let _to_reader = b.socket().recv().unwrap();
-    let held = a.shared.registry.lock();
-    send_call_with_five_fds(b.socket(), 77);
-    wait_until(
-        "the reader takes the call in, holding the reader role",
-        || !readable(&a) && a.shared.state.lock().reading,
-    );
+    let held = reader_holding_a_refused_call(&a, &b);
     drop(b);
     let (done, sent) = mpsc::channel();
     let sender = {
