@@ -172,7 +172,7 @@ impl Shared {
     /// that of a message refused for its size, whose envelope the socket keeps).
     #[inline]
     pub(super) fn receive(&self, frame: &mut Frame, deadline: Option<Instant>) -> Result<()> {
-        let result = self.socket.recv_into_until_reset(frame, deadline);
+        let result = self.socket.recv_into(frame, deadline);
         self.received(frame, result)
     }
 
@@ -207,8 +207,6 @@ impl Shared {
                 self.release_reader(&mut state);
                 match result {
                     Err(Error::TimedOut) => {}
-                    // The peer's reset, said before what it sent: the next read takes that.
-                    Err(Error::Disconnected) if self.socket.reset_with_more_queued() => {}
                     Err(e) => self.fail(&mut state, e),
                     Ok(()) => self.fail(&mut state, Error::Malformed("bad envelope".into())),
                 }

@@ -69,6 +69,13 @@ struct Refused {
 /// enough for the connection's envelope, which says whose the message was.
 pub(crate) const REFUSED_KEPT: usize = 64;
 
+/// The error (`ECONNRESET`) a receive fails with once, and with nothing taken, after the peer
+/// closed its socket with messages of this side's unread: the datagrams the peer sent before
+/// that are still queued behind it, and may say why it went (a peer of another wire version
+/// says its own first). So a receive tries again: it takes those, and finds the hang-up only
+/// once the queue is empty.
+const PEER_RESET: i32 = libc::ECONNRESET;
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Wait {
     No,
@@ -82,7 +89,7 @@ impl Socket {
     /// is part-way in is kept and completed by a later receive, so an event loop calls this
     /// whenever the socket is readable. Errors are those of [`Socket::recv_into`].
     pub fn try_recv_into(&self, frame: &mut Frame) -> Result<bool> {
-        match self.recv_past_reset(frame, Wait::No) {
+        match self.recv_inner(frame, Wait::No) {
             Ok(()) => Ok(true),
             Err(Error::TimedOut) => Ok(false),
             Err(e) => Err(e),
@@ -113,7 +120,7 @@ impl Socket {
     /// (also while another thread is receiving on this socket).
     pub fn try_recv(&self) -> Result<Option<Frame>> {
         let mut frame = Frame::default();
-        match self.recv_past_reset(&mut frame, Wait::No) {
+        match self.recv_inner(&mut frame, Wait::No) {
             Ok(()) => Ok(Some(frame)),
             Err(Error::TimedOut) => Ok(None),
             Err(e) => Err(e),
@@ -139,45 +146,7 @@ impl Socket {
     /// [`Limits`]: crate::Limits
     #[inline]
     pub fn recv_into(&self, frame: &mut Frame, deadline: Option<Instant>) -> Result<()> {
-        self.recv_past_reset(frame, deadline.map_or(Wait::Forever, Wait::Until))
-    }
-
-    /// [`Socket::recv_into`] that fails with [`Error::Disconnected`] at the peer's reset
-    /// although what the peer sent before it may still be queued (see
-    /// [`Socket::reset_with_more_queued`]): for the connection's reader, which reads past it
-    /// itself, once it has said what it received.
-    #[inline]
-    pub(crate) fn recv_into_until_reset(
-        &self,
-        frame: &mut Frame,
-        deadline: Option<Instant>,
-    ) -> Result<()> {
         self.recv_inner(frame, deadline.map_or(Wait::Forever, Wait::Until))
-    }
-
-    /// A receive that reads past the peer's reset to what the peer sent before it.
-    #[inline(always)]
-    fn recv_past_reset(&self, frame: &mut Frame, wait: Wait) -> Result<()> {
-        match self.recv_inner(frame, wait) {
-            Err(Error::Disconnected) => self.recv_after_reset(frame, wait),
-            received => received,
-        }
-    }
-
-    /// [`Socket::recv_past_reset`] once a receive failed as [`Error::Disconnected`]: the next
-    /// message, if the peer's reset was all it was (see [`Socket::reset_with_more_queued`]).
-    /// Else a caller took the reset for the end of what the peer sent, and lost what it sent
-    /// last: a worker's last answer, given before it exited with a message of ours unread.
-    #[cold]
-    #[inline(never)]
-    fn recv_after_reset(&self, frame: &mut Frame, wait: Wait) -> Result<()> {
-        while self.reset_with_more_queued() {
-            match self.recv_inner(frame, wait) {
-                Err(Error::Disconnected) => continue,
-                received => return received,
-            }
-        }
-        Err(Error::Disconnected)
     }
 
     /// A message is half received.
@@ -341,7 +310,9 @@ impl Socket {
                 let spare = &mut p.frame.payload.spare_capacity_mut()[..room];
                 match sys::recv(self.fd.as_fd(), &mut head, spare, &mut p.frame.fds, true) {
                     Ok(got) => break got,
-                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | PEER_RESET)) => {
+                        continue;
+                    }
                     Err(e) => return Err(e.into()),
                 }
             };
@@ -383,8 +354,6 @@ impl Socket {
                     state.partial = Some(p);
                     return Err(Error::TimedOut);
                 }
-                // The peer's reset, said once before the rest of this message it sent.
-                Err(Error::Disconnected) if self.reset_with_more_queued() => continue,
                 r => r?,
             };
             if header.kind != Kind::More
@@ -433,7 +402,9 @@ impl Socket {
             let spare = &mut frame.payload.spare_capacity_mut()[..room];
             match sys::recv(self.fd.as_fd(), &mut head, spare, &mut frame.fds, dont_wait) {
                 Ok(got) => break got,
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                // The peer's reset is no datagram: the next try takes what the peer sent
+                // before it, or finds the hang-up.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | PEER_RESET)) => continue,
                 Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && dont_wait => {
                     if wait == Wait::No {
                         return Err(Error::TimedOut);
@@ -501,7 +472,12 @@ impl Socket {
             }
             // Consume it; its bytes are cut off (MSG_TRUNC) and its fds closed with `junk`.
             let mut junk = Frame::default();
-            sys::recv(self.fd.as_fd(), &mut head, &mut [], &mut junk.fds, true)?;
+            match sys::recv(self.fd.as_fd(), &mut head, &mut [], &mut junk.fds, true) {
+                Err(e) if !matches!(e.raw_os_error(), Some(libc::EINTR | PEER_RESET)) => {
+                    return Err(e.into());
+                }
+                _ => {} // taken, or to be looked at again
+            }
         }
     }
 
@@ -526,8 +502,7 @@ impl Socket {
                 Ok(0) if self.hung_up() => Err(Error::Disconnected),
                 Ok(n) => Ok((head, n)),
                 Err(nix::Error::EINTR) => continue,
-                // (See `Socket::reset_with_more_queued`.)
-                Err(nix::Error::ECONNRESET) => continue,
+                Err(nix::Error::ECONNRESET) => continue, // `PEER_RESET`
                 Err(nix::Error::EAGAIN) if wait == Wait::No => Err(Error::TimedOut),
                 Err(nix::Error::EAGAIN) => {
                     self.nothing_yet(wait)?;
@@ -538,16 +513,10 @@ impl Socket {
         }
     }
 
-    /// Whether a datagram is still queued after a receive that failed as
-    /// [`Error::Disconnected`]: then the peer closed its socket with messages of this side's
-    /// unread, which the kernel reports once (`ECONNRESET`, as the error of the next receive or
-    /// send) before what the peer sent that is still queued, and a receive takes that next. It
-    /// may say why the peer went: a peer of another wire version says its own first. A hang-up
-    /// otherwise shows only once the queue is empty. For the reader that received the error
-    /// (nobody else receives meanwhile).
+    /// Whether a datagram is still queued.
     #[cold]
     #[inline(never)]
-    pub(crate) fn reset_with_more_queued(&self) -> bool {
+    fn more_queued(&self) -> bool {
         matches!(self.peek(Wait::No), Ok((_, n)) if n > 0)
     }
 
@@ -583,12 +552,11 @@ impl Socket {
     ///
     /// But a peer that hung up may have sent an empty datagram before: a datagram still
     /// queued behind it says so (a hang-up shows only once the queue is empty), and it is
-    /// garbage then too. Taken for the hang-up, it would pass for the peer's reset, which is
-    /// read past (`reset_with_more_queued`), mid-message too: its fds with the message's.
+    /// garbage then too.
     #[cold]
     #[inline(never)]
     fn nothing_received(&self) -> Error {
-        if self.hung_up() && !self.reset_with_more_queued() {
+        if self.hung_up() && !self.more_queued() {
             Error::Disconnected
         } else {
             Error::Malformed("a datagram of no bytes".into())
