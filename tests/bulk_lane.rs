@@ -6,8 +6,9 @@ mod common;
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
-use common::{checksum, child, fd_count_lock, filled, open_fds, regions};
+use common::{checksum, child, fd_count_lock, filled, memfd_mappings, open_fds, regions};
 use typed_ipc::shared_region::SharedRegion;
 use typed_ipc::worker::{self, Exit, Worker};
 use typed_ipc::{Connection, Socket, interface};
@@ -108,6 +109,48 @@ fn big_byte_strings_cross_through_shared_regions_both_ways() {
         before,
         "regions are closed with their connection"
     );
+}
+
+/// Calls the worker until it holds `n` regions: a message that announces a region given
+/// back is taken in by whichever of its threads reads it, which may still be at it when the
+/// next call runs. Fails the test after 10 s.
+fn worker_comes_to_hold(n: u64, regions: impl Fn() -> u64) {
+    let since = Instant::now();
+    while regions() != n {
+        assert!(
+            since.elapsed() < Duration::from_secs(10),
+            "the worker still maps the region given back"
+        );
+    }
+}
+
+#[test]
+fn shared_memory_released_goes_at_both_ends_and_comes_back_when_needed() {
+    let _fds = fd_count_lock();
+    let (mut child, conn) = Worker::spawn(child("child_bulk")).unwrap();
+    let bulk = BulkClient::new(conn);
+    bulk.regions().unwrap(); // the worker has spoken: the lane may be used from now on
+    bump_rounds(&bulk, &[32 << 20], 1);
+    assert_eq!((regions(), bulk.regions().unwrap()), (2, 2));
+    assert_eq!(bulk.connection().release_shared_memory(), 32 << 20);
+    assert_eq!(
+        (regions(), memfd_mappings()),
+        (1, 1),
+        "ours is gone: only the worker's is left, mapped"
+    );
+    worker_comes_to_hold(1, || bulk.regions().unwrap());
+    assert_eq!(
+        bulk.connection().release_shared_memory(),
+        0,
+        "given back once"
+    );
+    // The next large string makes a new region, of its own size.
+    bump_rounds(&bulk, &[100_000], 2);
+    assert_eq!((regions(), bulk.regions().unwrap()), (2, 2));
+    assert_eq!(bulk.connection().release_shared_memory(), 128 << 10);
+    worker_comes_to_hold(1, || bulk.regions().unwrap());
+    drop(bulk);
+    assert_eq!(child.wait().unwrap(), Exit::Code(0));
 }
 
 #[test]
@@ -296,6 +339,53 @@ mod async_flavour {
             );
         });
         assert_eq!(open_fds(), before);
+    }
+
+    /// `release_shared_memory` from an async parent: the blocking worker unmaps the region
+    /// too, and the next large string makes a new one.
+    #[test]
+    fn shared_memory_released_by_an_async_parent_goes_at_both_ends() {
+        let _fds = fd_count_lock();
+        common::current_thread_runtime().block_on(async {
+            let (mut child, conn) = typed_ipc::tokio::worker::spawn(child("child_bulk")).unwrap();
+            let bulk = asynchronous::BulkClient::new(conn);
+            bulk.regions().await.unwrap(); // the worker has spoken: the lane may be used
+            for len in [(3 << 20) + 5, 1024] {
+                let data = filled(len, 7);
+                assert!(bulk.bump(data.clone()).await.unwrap() == bumped(&data));
+            }
+            assert_eq!((regions(), bulk.regions().await.unwrap()), (2, 2));
+            assert_eq!(bulk.connection().release_shared_memory(), 4 << 20);
+            assert_eq!(
+                (regions(), memfd_mappings()),
+                (1, 1),
+                "only the worker's is left"
+            );
+            let since = Instant::now();
+            while bulk.regions().await.unwrap() != 1 {
+                assert!(
+                    since.elapsed() < Duration::from_secs(10),
+                    "the worker still maps it"
+                );
+            }
+            assert_eq!(
+                bulk.connection().release_shared_memory(),
+                0,
+                "given back once"
+            );
+            let data = filled(5000, 8);
+            assert!(bulk.bump(data.clone()).await.unwrap() == bumped(&data));
+            assert_eq!(
+                (regions(), bulk.regions().await.unwrap()),
+                (2, 2),
+                "a new one"
+            );
+            drop(bulk);
+            assert_eq!(
+                typed_ipc::tokio::worker::wait(&mut child).await.unwrap(),
+                Exit::Code(0)
+            );
+        });
     }
 
     #[test]

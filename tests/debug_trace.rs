@@ -276,6 +276,8 @@ fn child_traced_async() {
         assert_eq!(client.echo(vec![7u8; 100]).await.unwrap().len(), 100);
         client.note(9).await.unwrap();
         assert_eq!(client.reverse("ab".into()).await.unwrap(), "ba");
+        assert_eq!(client.echo(vec![7u8; 2000]).await.unwrap().len(), 2000);
+        assert_eq!(client.connection().release_shared_memory(), 64 << 10);
         client.connection().close();
         drop(client);
         lab.wait().unwrap();
@@ -313,6 +315,9 @@ fn child_traced() {
     client.note(9).unwrap();
     // A call after the oneway: the worker has run the oneway once this returns.
     assert_eq!(client.reverse("ab".into()).unwrap(), "ba");
+    // A string through the shared region, which is then given back.
+    assert_eq!(client.echo(vec![7u8; 2000]).unwrap().len(), 2000);
+    assert_eq!(client.connection().release_shared_memory(), 64 << 10);
     // An argument whose `Serialize` calls on the same connection, from the same thread.
     // Traced, it is described before the caller takes the reader role: described while the
     // caller held it, the nested call would wait for a reader that waits for it.
@@ -401,6 +406,7 @@ fn check_trace(scenario: &str) {
     has("<- Call #3 Lab::count (16 bytes, 2 fds)");
     has("<- Reply #1 (13 bytes, 0 fds)");
     has("<- Oneway Lab::note (8 bytes, 0 fds)");
+    has("-> Announce (gave back its shared region of 65536 bytes)");
     // The connection ends: the client closed it, and the worker sees it hang up.
     has("-- Ended: closed by this side");
     has("-- Ended: peer disconnected");

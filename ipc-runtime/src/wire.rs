@@ -39,8 +39,10 @@ pub const HEADER_LEN: usize = 16;
 /// a message of its own (envelope kind 5). 6: a failure reply may say that the request was
 /// over the receiver's limits (`Failure::TooLarge`, `Failure::TooManyFds`). 7: an
 /// announcement (kind 5) with mailbox 0 says whether its sender reads pipes (token 1 or 0),
-/// and an end pipes only to a peer that said it does.
-pub const VERSION: u8 = 7;
+/// and an end pipes only to a peer that said it does. 8: an announcement with mailbox 1 says
+/// that its sender gave back its shared region (token: the region's inode number), which the
+/// receiver unmaps too.
+pub const VERSION: u8 = 8;
 const MAGIC: [u8; 2] = *b"TI";
 /// Most payload bytes a first datagram may carry: the receiver reads first datagrams into a
 /// buffer of this size, so small messages need no allocation.

@@ -35,9 +35,11 @@ pub enum Kind {
     Reply = 3,
     /// A call could not be answered: the body is a [`Failure`](super::failure::Failure).
     Failure = 4,
-    /// The sender accepts byte strings written into its memory: the body is its inbox's
-    /// mailbox address and token (two `u64`s, [`announcement`]); `cmd`, `cookie`,
-    /// `interface` and `signature` are zero.
+    /// Something about the sender's lane: the body is a mailbox address and a token (two
+    /// `u64`s, [`announcement`]). An inbox's address: the sender accepts byte strings written
+    /// into its memory there. Address 0: whether it reads the peer's pipes (token 1 or 0).
+    /// Address 1: it gave back its shared region, whose inode number is the token. `cmd`,
+    /// `cookie`, `interface` and `signature` are zero.
     Announce = 5,
 }
 

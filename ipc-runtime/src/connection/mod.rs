@@ -329,6 +329,33 @@ impl Connection {
         }
     }
 
+    /// Gives back the shared memory this end's large byte strings go through, now rather
+    /// than when the connection ends, and tells the peer to unmap it too (in a short message
+    /// sent now). Returns its size in bytes: 0 if this end holds none, or if a string in it
+    /// has not been copied out by the peer yet (a call still waiting for its reply; try again
+    /// once it has returned). The next large string makes a new region. The message waits
+    /// for room in the socket like any other; a peer already gone shows on the connection
+    /// itself, and the memory is given back all the same.
+    ///
+    /// A connection keeps its region between strings, so that their pages are allocated
+    /// once. It grows with the largest string sent (a power of two, up to 32 MiB), and
+    /// shrinks on its own only when a string is placed after ten seconds of strings a
+    /// quarter of its size or less: call this once a burst of large strings is over and the
+    /// connection goes on without them. Strings written into the peer's memory or piped do not
+    /// use the region.
+    pub fn release_shared_memory(&self) -> usize {
+        let Some((len, announcement)) = self.shared.lane.retire_region() else {
+            return 0;
+        };
+        if let Some(announcement) = announcement {
+            let sent = self.shared.send(&Envelope::announce(), &announcement, None);
+            if sent.is_ok() && self.shared.trace {
+                trace::announce_retired(len);
+            }
+        }
+        len
+    }
+
     /// Lets the peer write byte strings of 256 KiB to 1 MiB straight into this process's
     /// memory, one copy instead of two (1 MiB: ~1.8x a `memcpy` instead of ~3.5x): this end
     /// keeps a 1 MiB buffer ready for the next such string and tells the peer, in one short

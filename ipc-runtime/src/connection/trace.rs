@@ -225,6 +225,16 @@ pub(crate) fn announce_pipes(trusts: bool) {
     ));
 }
 
+/// This process gave back its shared region of `len` bytes
+/// (`Connection::release_shared_memory`).
+pub(crate) fn announce_retired(len: usize) {
+    line(&format!(
+        "typed-ipc[{}] -> Announce (gave back its shared region of {})",
+        std::process::id(),
+        counted(len, "byte")
+    ));
+}
+
 /// The line saying a message this process received, named after the served interface it is
 /// for, if any: for [`line()`], which the reader of a reply calls once the reply is routed.
 pub(crate) fn incoming_line<'i>(

@@ -41,6 +41,14 @@
 //!   first datagram). While it is busy, byte strings go inline: nobody waits, and nothing
 //!   deadlocks. A peer that never acknowledges (a oneway stream it never answers, a hostile
 //!   peer) costs speed, not correctness.
+//! - The region is replaced (announced anew, and the peer maps the new one instead) by a
+//!   larger one when a string does not fit, and by a smaller one when a string of a quarter
+//!   of its size or less is placed [`SHRINK_AFTER`] or more after the last larger one: so a
+//!   burst of large strings does not keep its pages for the rest of the connection, and
+//!   sizes that swing cost one new region per period at most. An idle lane's region can also
+//!   be given back at once (`release_shared_memory`): an announcement with mailbox
+//!   [`RETIRED_MAILBOX`] and the region's inode number tells the peer to unmap it too, if it
+//!   is the one it maps (an async end may send it after a newer region's placement).
 //! - On a connection that lends its pages to its (trusted) peer, once that peer has said it
 //!   trusts this end too (an announcement with mailbox [`PIPES_MAILBOX`]: it reads pipes
 //!   only then, since a pipe's holder can stall its reader), a call's [`SharedBytes`] of
@@ -65,7 +73,7 @@ mod outgoing;
 mod tests;
 
 use parking_lot::{Mutex, MutexGuard};
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use serde::Serialize;
@@ -79,9 +87,9 @@ use crate::pipe::{self, InPipe};
 use crate::shared_region::RegionView;
 #[cfg(doc)]
 use crate::{codec::Placed, peer_memory, shared_bytes::SharedBytes, shared_region::SharedRegion};
-#[cfg(doc)]
-use outgoing::Announcement;
 use outgoing::Outgoing;
+#[cfg(doc)]
+use outgoing::{Announcement, SHRINK_AFTER};
 
 /// Smallest byte string placed. Placing saves the kernel's two copies of the bytes; at 4 KiB
 /// that took an echo from 1.35–1.41x to 1.24–1.28x the bare-socket floor (A/B runs of
@@ -108,6 +116,11 @@ const READS_LANES: u32 = 1 << 23;
 /// The mailbox address of an announcement that says whether its sender reads this end's pipes
 /// (no inbox lies at address 0).
 const PIPES_MAILBOX: u64 = 0;
+/// The mailbox address of an announcement that says its sender gave back its region, whose
+/// inode number is the token (no inbox lies at address 1 either): the peer unmaps it too,
+/// if it is the one it maps. By inode, not by order: an async end may send the announcement
+/// from a task, after a placement that announced a new region.
+const RETIRED_MAILBOX: u64 = 1;
 /// Bits of a sequence number in the lane word.
 const SEQ_BITS: u32 = 11;
 const SEQ_MASK: u32 = (1 << SEQ_BITS) - 1;
@@ -209,11 +222,37 @@ impl Lane {
     /// The peer announced its inbox: written into from now on, if this end may write it. Or,
     /// with [`PIPES_MAILBOX`], whether it reads this end's pipes (`token` 1) or not (0).
     pub(crate) fn on_announce(&self, mailbox: u64, token: u64) {
-        if mailbox == PIPES_MAILBOX {
-            self.peer_takes_pipes.store(token != 0, Ordering::Relaxed);
-            return;
+        match mailbox {
+            PIPES_MAILBOX => self.peer_takes_pipes.store(token != 0, Ordering::Relaxed),
+            RETIRED_MAILBOX => self.unmap_retired(token),
+            _ => *self.peer_mailbox.lock() = Some((mailbox, token)),
         }
-        *self.peer_mailbox.lock() = Some((mailbox, token));
+    }
+
+    /// The peer gave back its region whose inode number is `inode`: unmapped here too, if it
+    /// is the one mapped, so that its pages go back to the kernel. The peer's next placement
+    /// announces a new region.
+    #[cold]
+    fn unmap_retired(&self, inode: u64) {
+        let mut incoming = self.incoming.lock();
+        if incoming.as_ref().and_then(|view| inode_of(view.as_fd())) == Some(inode) {
+            let view = incoming.take();
+            drop(incoming);
+            drop(view); // not under the lock: unmapping 32 MiB takes milliseconds
+        }
+    }
+
+    /// Gives back this end's region, unless a string in it is still in flight (the peer has
+    /// not copied it out): its size, and the announcement that tells the peer to unmap it
+    /// too (`None` if the peer was never sent it). `None` if there is no region, or the lane
+    /// is busy.
+    pub(crate) fn retire_region(&self) -> Option<(usize, Option<(u64, u64)>)> {
+        let (region, sent) = self.idle_out()?.take_region()?;
+        let announcement = sent
+            .then(|| inode_of(region.as_fd()))
+            .flatten()
+            .map(|inode| (RETIRED_MAILBOX, inode));
+        Some((region.len(), announcement))
     }
 
     /// Whether this end trusts the peer with pipes (`Connection::lend_pages_to_peer`), both
@@ -496,6 +535,12 @@ impl Lane {
             self.abort(placed);
         }
     }
+}
+
+/// The inode number of the memfd `fd`, which names a region to its peer; `None` if `fstat`
+/// fails, which it does not on an open fd.
+fn inode_of(fd: BorrowedFd<'_>) -> Option<u64> {
+    nix::sys::stat::fstat(fd).ok().map(|stat| stat.st_ino)
 }
 
 /// Whether sequence number `a` comes after `b` (0: none yet, before everything). Numbers

@@ -4,14 +4,13 @@
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering;
 
-use super::outgoing::Announcement;
-use super::{Lane, MAX, MIN, MIN_REGION, SEQ_MASK, pipes};
+use super::{Lane, MAX, MIN, SEQ_MASK, pipes};
 use crate::codec::{NO_FD, OutOfLine, Piped, Placed, Placement, Unfetched, Written};
 use crate::error::{Error, Result};
 use crate::peer_memory;
 use crate::pipe::{self, InPipe, OutPipe};
 use crate::shared_bytes::SharedBytes;
-use crate::shared_region::{RegionView, SharedRegion};
+use crate::shared_region::RegionView;
 
 impl OutOfLine for Lane {
     fn put_shared(&self, bytes: &SharedBytes) -> Option<(Piped, Option<RawFd>)> {
@@ -121,12 +120,8 @@ impl OutOfLine for Lane {
         if !self.sends_fds || !reads {
             return None; // the region's fd could never go out, or would be refused
         }
-        if out.region.as_ref().is_none_or(|r| r.len() < len) {
-            let region = SharedRegion::new(len.next_power_of_two().clamp(MIN_REGION, MAX)).ok()?;
-            out.region = Some(region);
-            out.region_sent = Announcement::default();
-        }
         let out = &mut *out;
+        out.region_for(len)?;
         let token = out.start(&self.busy, &self.peer_done);
         let region = out.region.as_mut().expect("made above");
         crate::bulk_copy::copy_into(&mut region[..len], bytes);

@@ -5,10 +5,11 @@
 use parking_lot::Mutex;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
 #[cfg(doc)]
 use super::Lane;
-use super::{SEQ_BITS, SEQ_MASK};
+use super::{MAX, MIN_REGION, SEQ_BITS, SEQ_MASK};
 use crate::one_copy;
 use crate::peer_memory::PeerMemory;
 use crate::pipe::OutPipe;
@@ -20,6 +21,10 @@ pub(super) struct Outgoing {
     pub(super) region: Option<SharedRegion>,
     /// Whether the peer has the region's fd.
     pub(super) region_sent: Announcement,
+    /// When the region last held a string of more than a quarter of its size (or was made),
+    /// and the largest string it held since: what [`Outgoing::region_for`] sizes it by.
+    large_at: Option<Instant>,
+    small_max: usize,
     pub(super) last_seq: u32,
     /// Placements started, for [`Outgoing::start`]'s tokens (wrapping).
     started: u32,
@@ -88,6 +93,14 @@ impl Writer {
     }
 }
 
+/// How long a region goes without a string of more than a quarter of its size before the
+/// next string placed replaces it with one sized for the strings it held since. Making a
+/// 32 MiB region costs ~20 ms here and dropping it ~7 ms, so strings whose sizes swing
+/// between large and small pay for at most one such swing per period: under 0.3% of a CPU.
+/// Shorter would shrink and regrow regions that are used every few seconds; longer would keep
+/// the pages of a burst that has ended for that much longer.
+pub(super) const SHRINK_AFTER: Duration = Duration::from_secs(10);
+
 /// Whether the peer has been sent an fd of this end's (the region's, the pipe's), and by
 /// which placement's message.
 #[derive(Default)]
@@ -138,6 +151,64 @@ impl Outgoing {
         let token = seq | self.started << SEQ_BITS;
         busy.store(token, Ordering::Release);
         token
+    }
+
+    /// The region to place a string of `len` bytes in (at most [`MAX`]): the current one, or
+    /// a new one, announced anew, if there is none or it is too small, or if it is over four
+    /// times the size the strings it held for [`SHRINK_AFTER`] need. A region grows to the
+    /// next power of two above its string, at least [`MIN_REGION`]. `None` if a new one
+    /// cannot be made (out of memory, or of fds): the string goes inline.
+    pub(super) fn region_for(&mut self, len: usize) -> Option<&mut SharedRegion> {
+        let current = self.region.as_ref().map_or(0, SharedRegion::len);
+        if let Some(size) = self.resize(len, current, Instant::now) {
+            // The old one first: both at once could be 64 MiB.
+            self.region = None;
+            self.region = Some(SharedRegion::new(size).ok()?);
+            self.region_sent = Announcement::default();
+            (self.large_at, self.small_max) = (Some(Instant::now()), 0);
+        }
+        self.region.as_mut()
+    }
+
+    /// The size of the region to make for a string of `len` bytes, if the `current` one (0:
+    /// none) will not do. Reads the clock (`now`) only if the region could shrink.
+    pub(super) fn resize(
+        &mut self,
+        len: usize,
+        current: usize,
+        now: impl FnOnce() -> Instant,
+    ) -> Option<usize> {
+        let fit = |len: usize| len.next_power_of_two().clamp(MIN_REGION, MAX);
+        if current < len {
+            return Some(fit(len));
+        }
+        if current <= MIN_REGION {
+            return None;
+        }
+        let now = now();
+        if len > current / 4 {
+            (self.large_at, self.small_max) = (Some(now), 0);
+            return None;
+        }
+        self.small_max = self.small_max.max(len);
+        let since = self
+            .large_at
+            .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+        (since >= SHRINK_AFTER).then(|| fit(self.small_max))
+    }
+
+    /// Makes the region's last string of more than a quarter of its size `by` older.
+    #[cfg(test)]
+    pub(super) fn age(&mut self, by: Duration) {
+        self.large_at = self.large_at.and_then(|t| t.checked_sub(by));
+    }
+
+    /// Gives back the region, if there is one: it, and whether the peer was sent its fd.
+    pub(super) fn take_region(&mut self) -> Option<(SharedRegion, bool)> {
+        let region = self.region.take()?;
+        let sent = std::mem::take(&mut self.region_sent).done;
+        (self.large_at, self.small_max) = (None, 0);
+        Some((region, sent))
     }
 
     /// Lets go of the bytes placement `seq` piped, if it did; with `drain`, after emptying

@@ -280,3 +280,125 @@ fn a_byte_string_over_the_limit_is_refused_as_over_it_whichever_way_it_came() {
     };
     assert_eq!(over(lane.take_written(&written)), (5000, 1500));
 }
+
+/// The sizing rule alone, on a clock of the test's: a region grows at once, and shrinks to
+/// fit the strings it held only once none of more than a quarter of its size came for
+/// [`SHRINK_AFTER`].
+#[test]
+fn a_region_shrinks_to_its_strings_only_after_the_period_without_a_large_one() {
+    use outgoing::SHRINK_AFTER;
+    let t0 = std::time::Instant::now();
+    let at = |s: u64| move || t0 + std::time::Duration::from_secs(s);
+    let mut out = Outgoing::default();
+    assert_eq!(
+        out.resize(10, 0, at(0)),
+        Some(MIN_REGION),
+        "none yet: the smallest"
+    );
+    assert_eq!(
+        out.resize(3 << 20, 1 << 20, at(0)),
+        Some(4 << 20),
+        "too small: grown"
+    );
+    assert_eq!(out.resize(MAX, MAX, at(0)), None, "it fits");
+    assert_eq!(
+        out.resize(1000, MIN_REGION, at(100)),
+        None,
+        "the smallest never shrinks"
+    );
+    // A 16 MiB region that held a 5 MiB string (over a quarter of it) at 0 s.
+    let region = 16 << 20;
+    assert_eq!(out.resize(5 << 20, region, at(0)), None);
+    assert_eq!(out.resize(100 << 10, region, at(3)), None, "too soon");
+    let later = SHRINK_AFTER.as_secs();
+    assert_eq!(
+        out.resize(2000, region, at(later - 1)),
+        None,
+        "still too soon"
+    );
+    assert_eq!(
+        out.resize(2000, region, at(later)),
+        Some(128 << 10),
+        "shrunk to fit the largest string since (100 KiB), not the last"
+    );
+    // A new region starts a period of its own (`region_for`): here a new `Outgoing`. A string
+    // of over a quarter starts the period again, one of a quarter does not.
+    let mut out = Outgoing::default();
+    assert_eq!(out.resize(5 << 20, region, at(0)), None);
+    assert_eq!(out.resize((4 << 20) + 1, region, at(later - 1)), None);
+    assert_eq!(
+        out.resize(1000, region, at(later)),
+        None,
+        "too soon after it"
+    );
+    assert_eq!(
+        out.resize(4 << 20, region, at(2 * later - 1)),
+        Some(4 << 20),
+        "a quarter is small"
+    );
+}
+
+/// Across two lanes: a region that held no large string for the period is replaced by a
+/// smaller one at the next placement, announced anew, and the peer maps that one instead.
+#[test]
+fn a_region_replaced_by_a_smaller_one_is_announced_and_mapped_instead() {
+    use crate::codec::OutOfLine;
+    let (a, b) = (Lane::new(MAX, usize::MAX), Lane::new(MAX, usize::MAX));
+    a.on_word(READS_LANES);
+    let exchange = |len: usize| {
+        let bytes = vec![len as u8; len];
+        let (placed, fd) = place(&a, &bytes);
+        let announced = fd.is_some();
+        assert!(b.take(&placed, fd).unwrap() == bytes);
+        a.on_word(b.word(0));
+        announced
+    };
+    let mapped = || b.incoming.lock().as_ref().map(RegionView::len);
+    assert!(exchange(4 << 20), "the first string announces the region");
+    assert!(!exchange(4096), "then it is reused");
+    assert_eq!(mapped(), Some(4 << 20));
+    a.out.lock().age(outgoing::SHRINK_AFTER);
+    assert!(exchange(8192), "a new region, announced");
+    assert_eq!(
+        a.out.lock().region.as_ref().map(|r| r.len()),
+        Some(MIN_REGION)
+    );
+    assert_eq!(mapped(), Some(MIN_REGION), "the peer maps the new one only");
+    assert!(exchange(1 << 20), "grown again when needed");
+    assert_eq!(mapped(), Some(1 << 20));
+}
+
+/// A region given back is unmapped by the peer too, if it is the one the peer maps; an
+/// announcement that comes after a newer region's (the async flavour may send it late)
+/// leaves the newer one mapped. A busy lane keeps its region.
+#[test]
+fn a_retired_region_is_unmapped_by_the_peer_if_it_is_the_one_mapped() {
+    use crate::codec::OutOfLine;
+    let (a, b) = (Lane::new(MAX, usize::MAX), Lane::new(MAX, usize::MAX));
+    a.on_word(READS_LANES);
+    assert_eq!(a.retire_region(), None, "no region yet");
+    let bytes = vec![7u8; 1 << 20];
+    let (placed, fd) = place(&a, &bytes);
+    assert_eq!(a.retire_region(), None, "a string in flight keeps it");
+    b.take(&placed, fd).unwrap();
+    a.on_word(b.word(0));
+    let (len, announcement) = a.retire_region().expect("idle: given back");
+    assert_eq!(len, 1 << 20);
+    let (mailbox, inode) = announcement.expect("the peer had it");
+    assert_eq!(a.retire_region(), None, "given back once");
+    b.on_announce(mailbox, inode);
+    assert!(b.incoming.lock().is_none(), "the peer unmapped it");
+
+    // Late: after the next region was announced and taken.
+    let (placed, fd) = place(&a, &bytes);
+    assert!(fd.is_some(), "a new region, announced anew");
+    let (_, newer) = a.retire_region().map_or((0, None), |r| r);
+    assert!(newer.is_none(), "busy: kept");
+    b.take(&placed, fd).unwrap();
+    a.on_word(b.word(0));
+    b.on_announce(mailbox, inode);
+    assert_eq!(
+        b.incoming.lock().as_ref().map(RegionView::len),
+        Some(1 << 20)
+    );
+}

@@ -344,6 +344,45 @@ impl AsyncConnection {
         self.inner.lane.write_into_peer(memory);
     }
 
+    /// Gives back the shared memory this end's large byte strings go through, now rather
+    /// than when the connection ends, and tells the peer to unmap it too: its size in bytes,
+    /// or 0 if there is none or a string in it has not been copied out yet. As
+    /// [`Connection::release_shared_memory`](crate::Connection::release_shared_memory),
+    /// which says when to. The message that tells the peer goes out at once, unless the
+    /// socket is full: then from a task of the connection's runtime.
+    pub fn release_shared_memory(&self) -> usize {
+        let Some((len, announcement)) = self.inner.lane.retire_region() else {
+            return 0;
+        };
+        let Some(announcement) = announcement else {
+            return len; // the peer never had it
+        };
+        // A peer already gone shows on the connection itself.
+        match self.inner.send_now(Envelope::announce(), announcement) {
+            Ok(false) => {}
+            Ok(true) => {
+                if self.inner.trace {
+                    trace::announce_retired(len);
+                }
+                return len;
+            }
+            Err(_) => return len,
+        }
+        // Else from a task, as in `accept_writes_from_peer`. Unlike the pipes' announcement
+        // it may come after what this end sends next: it names the region by inode, so a
+        // region announced meanwhile is not the one unmapped.
+        let task = (self.inner.clone(), self.inner.tasks.enter());
+        self.inner.runtime.spawn(async move {
+            let (inner, guard) = task;
+            if inner.send(Envelope::announce(), announcement).await.is_ok() && inner.trace {
+                trace::announce_retired(len);
+            }
+            drop(inner);
+            drop(guard);
+        });
+        len
+    }
+
     /// The connection's lane, for tests of its state.
     #[cfg(test)]
     pub(super) fn test_lane(&self) -> &crate::connection::lane::Lane {
