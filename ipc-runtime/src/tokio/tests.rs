@@ -1340,3 +1340,90 @@ fn an_async_reader_whose_peer_hung_up_on_a_message_unread_still_reads_what_it_sa
         "{ran:?}"
     );
 }
+
+// ---- announcements ----
+
+/// `lend_pages_to_peer` twice, the first announcement finding the socket full (so sent from
+/// a task) and the second finding room: the peer must end with this end's last trust, as its
+/// next large call shows (piped only to an end that reads pipes). The task sent its stale
+/// announcement after the second: a peer told "no longer trusts", then "trusts", piped to an
+/// end that refuses pipes and every such call failed; told the reverse, it never piped again.
+fn lend_pages_twice_the_first_announcement_waiting_for_room(last: bool) {
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+
+    use crate::SharedBytes;
+    use crate::codec::Bytes;
+    use crate::connection::tests::{BULK, SKIM};
+
+    let (ours, theirs) = Socket::pair().unwrap();
+    let runtime = ::tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = runtime.block_on(async { super::AsyncConnection::new(ours).unwrap() });
+    server.add_service(Skimmer);
+    let client = crate::Connection::new(theirs);
+    client.lend_pages_to_peer(true);
+    // From `last` (sent at once, if a change), so that `!last` and then `last` are changes.
+    server.lend_pages_to_peer(last);
+    // The client reads nothing yet, and the runtime is not driven: send until the socket is
+    // full. The send that finds it so is dropped: a small message is one datagram, none of it
+    // went out, and the send lock is free again.
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut unread = usize::from(last);
+    while let Poll::Ready(sent) = Box::pin(server.oneway(&BULK, 1, (), None))
+        .as_mut()
+        .poll(&mut cx)
+    {
+        sent.unwrap();
+        unread += 1;
+        assert!(unread < 1 << 20, "the peer's queue never filled");
+    }
+    let (tasks, _) = server.test_tasks();
+    server.lend_pages_to_peer(!last);
+    assert_eq!(
+        server.test_tasks().0,
+        tasks + 1,
+        "the announcement waits for room in a task"
+    );
+    // Room again before that task has run: the next announcement finds it.
+    for _ in 0..unread {
+        client.socket().recv().unwrap();
+    }
+    server.lend_pages_to_peer(last);
+    runtime.block_on(async {
+        while server.test_tasks().0 > tasks {
+            ::tokio::task::yield_now().await;
+        }
+    });
+    let (done, calls_done) = ::tokio::sync::oneshot::channel();
+    let calling = std::thread::spawn(move || {
+        // Its reply tells the client that the server reads lanes; the announcements came
+        // before it.
+        let small = client.call::<_, u64>(&SKIM, 2, &Bytes(&[1u8; 100][..]), None);
+        assert_eq!(small.unwrap(), 100);
+        let large = SharedBytes::from(vec![2u8; 200 << 10]);
+        let len = client.call::<_, u64>(&SKIM, 2, &large, None);
+        let _ = done.send(());
+        len
+    });
+    runtime.block_on(calls_done).unwrap();
+    let len = calling.join().unwrap();
+    assert!(matches!(len, Ok(len) if len == 200 << 10), "{len:?}");
+    assert_eq!(
+        server.test_lane().reads_a_pipe(),
+        last,
+        "the client piped its string only to a server that reads pipes"
+    );
+}
+
+#[test]
+fn a_peer_told_late_that_this_end_trusts_pipes_does_not_pipe_once_it_no_longer_does() {
+    lend_pages_twice_the_first_announcement_waiting_for_room(false);
+}
+
+#[test]
+fn a_peer_told_late_that_this_end_no_longer_trusts_pipes_pipes_once_it_does_again() {
+    lend_pages_twice_the_first_announcement_waiting_for_room(true);
+}

@@ -266,6 +266,11 @@ impl Lane {
         (self.lends.swap(lend, Ordering::AcqRel) != lend).then_some((PIPES_MAILBOX, lend.into()))
     }
 
+    /// The announcement that tells the peer whether this end reads its pipes now.
+    pub(crate) fn pipes_announcement(&self) -> (u64, u64) {
+        (PIPES_MAILBOX, self.lends.load(Ordering::Acquire).into())
+    }
+
     /// The outgoing side, if the lane is idle and nobody else is placing: the one place a
     /// placement starts. Only a placement makes the lane busy, and only under `out`'s lock,
     /// so a lane idle here stays idle until [`Outgoing::start`]: no compare-and-swap needed
@@ -287,6 +292,12 @@ impl Lane {
     #[cfg(all(test, feature = "tokio"))]
     pub(crate) fn peer_reads(&self) -> bool {
         self.peer_reads.load(Ordering::Relaxed)
+    }
+
+    /// This end has taken in a pipe the peer lent it.
+    #[cfg(all(test, feature = "tokio"))]
+    pub(crate) fn reads_a_pipe(&self) -> bool {
+        self.incoming_pipe.lock().is_some()
     }
 
     /// A placement of this end's is in flight.

@@ -271,70 +271,28 @@ impl AsyncConnection {
     /// default, and only for a trusted peer. As
     /// [`Connection::lend_pages_to_peer`](crate::Connection::lend_pages_to_peer), which says
     /// why. The message that tells the peer goes out at once, before anything this end sends
-    /// next, unless the socket is full: then from a task of the connection's runtime.
+    /// next, unless the socket is full: then from a task of the connection's runtime, after
+    /// what this end sends meanwhile, saying the trust this end has when it goes. So the peer
+    /// ends with the last word of several calls; turned off, its calls that pipe before the
+    /// word reaches it fail.
     pub fn lend_pages_to_peer(&self, lend: bool) {
-        let Some(announcement) = self.inner.lane.lend_pages(lend) else {
-            return;
-        };
-        // Sent now when it can be, so that it goes before anything this end sends next: the
-        // peer pipes to this end only once it has it. A peer already gone shows on the
-        // connection itself.
-        match self.inner.send_now(Envelope::announce(), announcement) {
-            Ok(false) => {}
-            Ok(true) => {
-                if self.inner.trace {
-                    trace::announce_pipes(lend);
-                }
-                return;
-            }
-            Err(_) => return,
+        if self.inner.lane.lend_pages(lend).is_some() {
+            self.inner.announce(Lane::pipes_announcement, |(_, lends)| {
+                trace::announce_pipes(lends != 0);
+            });
         }
-        // Else from a task, as in `accept_writes_from_peer`, which lets the connection go
-        // before it ends.
-        let task = (self.inner.clone(), self.inner.tasks.enter());
-        self.inner.runtime.spawn(async move {
-            let (inner, guard) = task;
-            // A peer already gone shows on the connection itself.
-            if inner.send(Envelope::announce(), announcement).await.is_ok() && inner.trace {
-                trace::announce_pipes(lend);
-            }
-            drop(inner);
-            drop(guard);
-        });
     }
 
     /// Lets the peer write byte strings of 256 KiB to 1 MiB straight into this process's
     /// memory. As [`Connection::accept_writes_from_peer`](crate::Connection::accept_writes_from_peer),
     /// which says when that is safe. The announcement goes out at once, before anything this
-    /// end sends next, unless the socket is full: then from a task of the connection's runtime.
+    /// end sends next, unless the socket is full: then from a task of the connection's
+    /// runtime, after what this end sends meanwhile (until it arrives the peer sends its
+    /// strings the other ways).
     pub fn accept_writes_from_peer(&self) -> Result<()> {
         let announcement = self.inner.lane.accept_writes()?;
-        // Sent now when it can be, so that it goes before anything this end sends next (a
-        // reply the peer may follow with a call it would write here). A peer already gone
-        // shows on the connection itself.
-        match self.inner.send_now(Envelope::announce(), announcement) {
-            Ok(false) => {}
-            Ok(true) => {
-                if self.inner.trace {
-                    trace::announce();
-                }
-                return Ok(());
-            }
-            Err(_) => return Ok(()),
-        }
-        // Else from a task. The connection is let go before the task counts as ended, also if
-        // the task is dropped unstarted (a tuple drops its fields in order): once
-        // `wait_closed` returns, dropping the last clone must close the socket at once.
-        let task = (self.inner.clone(), self.inner.tasks.enter());
-        self.inner.runtime.spawn(async move {
-            let (inner, guard) = task;
-            // A peer already gone shows on the connection itself.
-            if inner.send(Envelope::announce(), announcement).await.is_ok() && inner.trace {
-                trace::announce();
-            }
-            drop(inner);
-            drop(guard);
-        });
+        self.inner
+            .announce(move |_| announcement, |_| trace::announce());
         Ok(())
     }
 

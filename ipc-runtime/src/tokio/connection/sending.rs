@@ -16,6 +16,7 @@ use serde::Serialize;
 
 use super::{Inner, TaskGuard};
 use crate::connection::buffers::with_buffers;
+use crate::connection::lane::Lane;
 use crate::error::{Error, Result};
 use crate::socket::{SendCursor, Socket};
 use crate::tokio::envelope::{self, Envelope};
@@ -50,19 +51,87 @@ impl Inner {
         Ok(placed)
     }
 
-    /// Sends a message of one datagram now, if it can go out without waiting (the send lock
-    /// free, room in the socket): whether it did. For a message that must go before anything
-    /// this end sends later, from a function that cannot wait.
+    /// Tells the peer what `made` makes of the lane: at once if the message can go out
+    /// without waiting (the send lock free, room in the socket), so that it goes before
+    /// anything this end sends next; else from a task, once there is room. Made under the
+    /// send lock, as late as that: an announcement that waits says what is true when it goes
+    /// (a later one may have gone out at once meanwhile), and the one sent last says what is
+    /// true after the last change. `said` traces the announcement that went out. A peer
+    /// already gone shows on the connection itself.
     #[cold]
-    pub(super) fn send_now<A: Serialize>(&self, envelope: Envelope, body: A) -> Result<bool> {
-        with_buffers(|framed, fds| {
-            let placed = self.lane.encode(&envelope, &body, framed, fds)?;
-            let sent = self.try_send_at_once(framed, fds);
-            if !matches!(sent, Ok(true)) {
-                self.lane.abort(placed);
+    pub(super) fn announce(
+        self: &Arc<Self>,
+        made: impl Fn(&Lane) -> (u64, u64) + Send + 'static,
+        said: fn((u64, u64)),
+    ) {
+        if let Ok(_sending) = self.send_lock.try_lock() {
+            let announcement = made(&self.lane);
+            let sent = with_buffers(|framed, fds| {
+                let placed = self
+                    .lane
+                    .encode(&Envelope::announce(), &announcement, framed, fds)?;
+                let sent = self.socket().try_send_framed(framed, fds);
+                if !matches!(sent, Ok(true)) {
+                    self.lane.abort(placed);
+                }
+                sent
+            });
+            match sent {
+                Ok(false) => {}
+                Ok(true) => {
+                    if self.trace {
+                        said(announcement);
+                    }
+                    return;
+                }
+                Err(_) => return,
             }
-            sent
-        })
+        }
+        // The connection is let go before the task counts as ended, also if the task is
+        // dropped unstarted (a tuple drops its fields in order): once `wait_closed` returns,
+        // dropping the last clone must close the socket at once.
+        let task = (self.clone(), self.tasks.enter());
+        self.runtime.spawn(async move {
+            let (inner, guard) = task;
+            let sending = inner.send_lock.clone().lock_owned().await;
+            let announcement = made(&inner.lane);
+            let sent = inner.send_holding(sending, announcement).await;
+            if sent.is_ok() && inner.trace {
+                said(announcement);
+            }
+            drop(inner);
+            drop(guard);
+        });
+    }
+
+    /// Sends `announcement` holding the send lock already (`sending`), waiting for room.
+    #[cold]
+    async fn send_holding(
+        self: &Arc<Self>,
+        sending: OwnedMutexGuard<()>,
+        announcement: (u64, u64),
+    ) -> Result<()> {
+        let (framed, placed) = with_buffers(|framed, fds| {
+            let placed = self
+                .lane
+                .encode(&Envelope::announce(), &announcement, framed, fds)?;
+            debug_assert!(fds.is_empty(), "an announcement carries no fds");
+            Ok::<_, Error>((framed.clone(), placed))
+        })?;
+        let cursor = SendCursor::new(framed.len() - envelope::FRAMED_AT, 0)
+            .inspect_err(|_| self.lane.abort(placed))?;
+        let mut out = Outgoing {
+            inner: self,
+            cursor,
+            framed,
+            fds: &[],
+            lock: Some(sending),
+            finished: false,
+            placed,
+        };
+        let result = drive(self, &mut out.cursor, &out.framed, out.fds).await;
+        out.finished = true;
+        result
     }
 
     /// Sends the message in `framed` if it can go out without waiting (the send lock free,
