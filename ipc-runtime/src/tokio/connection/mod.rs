@@ -312,32 +312,12 @@ impl AsyncConnection {
         let Some((len, announcement)) = self.inner.lane.retire_region() else {
             return 0;
         };
-        let Some(announcement) = announcement else {
-            return len; // the peer never had it
-        };
-        // A peer already gone shows on the connection itself.
-        match self.inner.send_now(Envelope::announce(), announcement) {
-            Ok(false) => {}
-            Ok(true) => {
-                if self.inner.trace {
-                    trace::announce_retired(len);
-                }
-                return len;
-            }
-            Err(_) => return len,
+        if let Some(announcement) = announcement {
+            // It may come after what this end sends meanwhile, also after a placement that
+            // announces a new region: it names the region by inode, so that one stays mapped.
+            self.inner
+                .announce(move |_| announcement, move |_| trace::announce_retired(len));
         }
-        // Else from a task, as in `accept_writes_from_peer`. Unlike the pipes' announcement
-        // it may come after what this end sends next: it names the region by inode, so a
-        // region announced meanwhile is not the one unmapped.
-        let task = (self.inner.clone(), self.inner.tasks.enter());
-        self.inner.runtime.spawn(async move {
-            let (inner, guard) = task;
-            if inner.send(Envelope::announce(), announcement).await.is_ok() && inner.trace {
-                trace::announce_retired(len);
-            }
-            drop(inner);
-            drop(guard);
-        });
         len
     }
 

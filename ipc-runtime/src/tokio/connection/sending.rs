@@ -62,7 +62,7 @@ impl Inner {
     pub(super) fn announce(
         self: &Arc<Self>,
         made: impl Fn(&Lane) -> (u64, u64) + Send + 'static,
-        said: fn((u64, u64)),
+        said: impl FnOnce((u64, u64)) + Send + 'static,
     ) {
         if let Ok(_sending) = self.send_lock.try_lock() {
             let announcement = made(&self.lane);
