@@ -266,7 +266,9 @@ impl Lane {
         (self.lends.swap(lend, Ordering::AcqRel) != lend).then_some((PIPES_MAILBOX, lend.into()))
     }
 
-    /// The announcement that tells the peer whether this end reads its pipes now.
+    /// The announcement that tells the peer whether this end reads its pipes now (the async
+    /// flavour makes it under its send lock).
+    #[cfg(feature = "tokio")]
     pub(crate) fn pipes_announcement(&self) -> (u64, u64) {
         (PIPES_MAILBOX, self.lends.load(Ordering::Acquire).into())
     }
