@@ -163,6 +163,18 @@ pub(crate) fn capture_seeds() -> Seeds {
         &|c| drop(c.bytes(vec![7; 200 << 10]).unwrap()),
         false,
     );
+    // The region given back: an announcement that gets no reply. The next placement
+    // announces a new region.
+    relay(
+        "region given back",
+        &|c| assert_eq!(c.connection().release_shared_memory(), 64 << 10),
+        true,
+    );
+    relay(
+        "placed bytes, new region announced",
+        &|c| drop(c.bytes(vec![8; 5000]).unwrap()),
+        false,
+    );
     drop((client, relay_client, relay_server));
     server.join().unwrap().unwrap();
     let tagged = |calls: &[Seed], tag: u8| {
