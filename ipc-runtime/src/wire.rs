@@ -41,7 +41,8 @@ pub const HEADER_LEN: usize = 16;
 /// announcement (kind 5) with mailbox 0 says whether its sender reads pipes (token 1 or 0),
 /// and an end pipes only to a peer that said it does. 8: an announcement with mailbox 1 says
 /// that its sender gave back its shared region (token: the region's inode number), which the
-/// receiver unmaps too.
+/// receiver unmaps too; with mailbox 0, the token's bits above bit 0 count the changes, and
+/// the receiver keeps the latest change, whatever order two announcements arrive in.
 pub const VERSION: u8 = 8;
 const MAGIC: [u8; 2] = *b"TI";
 /// Most payload bytes a first datagram may carry: the receiver reads first datagrams into a

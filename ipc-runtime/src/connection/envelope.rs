@@ -37,7 +37,8 @@ pub enum Kind {
     Failure = 4,
     /// Something about the sender's lane: the body is a mailbox address and a token (two
     /// `u64`s, [`announcement`]). An inbox's address: the sender accepts byte strings written
-    /// into its memory there. Address 0: whether it reads the peer's pipes (token 1 or 0).
+    /// into its memory there. Address 0: whether it reads the peer's pipes (bit 0 of the
+    /// token; the bits above count the changes, and the receiver keeps the latest).
     /// Address 1: it gave back its shared region, whose inode number is the token. `cmd`,
     /// `cookie`, `interface` and `signature` are zero.
     Announce = 5,

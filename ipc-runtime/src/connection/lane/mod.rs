@@ -139,12 +139,16 @@ pub(crate) struct Lane {
     peer_done: AtomicU32,
     /// The peer's lane words say it reads lanes.
     peer_reads: AtomicBool,
-    /// This end trusts the peer with its pipes both ways ([`Lane::lend_pages`]): it may lend
-    /// the peer its pages, and it reads the pipes the peer lends it.
-    lends: AtomicBool,
-    /// The peer said it reads this end's pipes ([`PIPES_MAILBOX`]): only then does this end
-    /// pipe, since the peer refuses pipes from a peer it does not trust.
-    peer_takes_pipes: AtomicBool,
+    /// Bit 0: this end trusts the peer with its pipes both ways ([`Lane::lend_pages`]): it
+    /// may lend the peer its pages, and it reads the pipes the peer lends it. Above: how many
+    /// times that changed. The word is the token of the announcement that tells the peer.
+    lends: AtomicU64,
+    /// The token of the latest announcement ([`PIPES_MAILBOX`]) in which the peer said
+    /// whether it reads this end's pipes (bit 0): only then does this end pipe, since the
+    /// peer refuses pipes from a peer it does not trust. Latest by the count of changes it
+    /// carries, not by arrival: two announcements may arrive in the other order (sent by two
+    /// threads, or one from a task that another overtook).
+    peer_takes_pipes: AtomicU64,
     /// The peer's region, as last announced.
     incoming: Mutex<Option<RegionView>>,
     /// The peer's pipe, as last announced.
@@ -188,8 +192,8 @@ impl Lane {
             busy: AtomicU32::new(0),
             peer_done: AtomicU32::new(0),
             peer_reads: AtomicBool::new(false),
-            lends: AtomicBool::new(false),
-            peer_takes_pipes: AtomicBool::new(false),
+            lends: AtomicU64::new(0),
+            peer_takes_pipes: AtomicU64::new(0),
             incoming: Mutex::new(None),
             incoming_pipe: Mutex::new(None),
             peer_mailbox: Mutex::new(None),
@@ -220,10 +224,14 @@ impl Lane {
     }
 
     /// The peer announced its inbox: written into from now on, if this end may write it. Or,
-    /// with [`PIPES_MAILBOX`], whether it reads this end's pipes (`token` 1) or not (0).
+    /// with [`PIPES_MAILBOX`], whether it reads this end's pipes (bit 0 of `token`), kept if it
+    /// is the latest change (the count above); or, with [`RETIRED_MAILBOX`], that it gave back
+    /// its region.
     pub(crate) fn on_announce(&self, mailbox: u64, token: u64) {
         match mailbox {
-            PIPES_MAILBOX => self.peer_takes_pipes.store(token != 0, Ordering::Relaxed),
+            PIPES_MAILBOX => {
+                self.peer_takes_pipes.fetch_max(token, Ordering::Relaxed);
+            }
             RETIRED_MAILBOX => self.unmap_retired(token),
             _ => *self.peer_mailbox.lock() = Some((mailbox, token)),
         }
@@ -263,14 +271,28 @@ impl Lane {
     /// so keep the reading thread waiting, uninterruptibly, for as long as it likes. So only
     /// with a trusted peer. Returns the announcement that tells the peer, if this changed.
     pub(crate) fn lend_pages(&self, lend: bool) -> Option<(u64, u64)> {
-        (self.lends.swap(lend, Ordering::AcqRel) != lend).then_some((PIPES_MAILBOX, lend.into()))
+        let lend = u64::from(lend);
+        let changed = self
+            .lends
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |word| {
+                (word & 1 != lend).then(|| ((word >> 1) + 1) << 1 | lend)
+            });
+        changed
+            .ok()
+            .map(|word| (PIPES_MAILBOX, ((word >> 1) + 1) << 1 | lend))
+    }
+
+    /// Whether this end trusts the peer with pipes ([`Lane::lend_pages`]).
+    #[inline]
+    fn lends(&self, order: Ordering) -> bool {
+        self.lends.load(order) & 1 != 0
     }
 
     /// The announcement that tells the peer whether this end reads its pipes now (the async
     /// flavour makes it under its send lock).
     #[cfg(feature = "tokio")]
     pub(crate) fn pipes_announcement(&self) -> (u64, u64) {
-        (PIPES_MAILBOX, self.lends.load(Ordering::Acquire).into())
+        (PIPES_MAILBOX, self.lends.load(Ordering::Acquire))
     }
 
     /// The outgoing side, if the lane is idle and nobody else is placing: the one place a
@@ -300,6 +322,12 @@ impl Lane {
     #[cfg(all(test, feature = "tokio"))]
     pub(crate) fn reads_a_pipe(&self) -> bool {
         self.incoming_pipe.lock().is_some()
+    }
+
+    /// The peer said it reads this end's pipes.
+    #[cfg(test)]
+    pub(crate) fn peer_takes_pipes(&self) -> bool {
+        self.peer_takes_pipes.load(Ordering::Relaxed) & 1 != 0
     }
 
     /// A placement of this end's is in flight.

@@ -20,8 +20,8 @@ impl OutOfLine for Lane {
         if !pipes(len)
             || len > self.max_len
             || !self.sends_fds
-            || !self.lends.load(Ordering::Relaxed)
-            || !self.peer_takes_pipes.load(Ordering::Relaxed)
+            || !self.lends(Ordering::Relaxed)
+            || self.peer_takes_pipes.load(Ordering::Relaxed) & 1 == 0
             || !self.peer_reads.load(Ordering::Relaxed)
             || self.busy.load(Ordering::Acquire) != 0
         {
@@ -61,7 +61,7 @@ impl OutOfLine for Lane {
     ) -> Result<Vec<u8>, Unfetched> {
         // Before the fd is touched: every read of a pipe takes its lock, which the peer can
         // hold (sleeping in a `splice` into it) for as long as it likes.
-        if !self.lends.load(Ordering::Acquire) {
+        if !self.lends(Ordering::Acquire) {
             return Err(untrusted_pipe());
         }
         let mut incoming = self.incoming_pipe.lock();

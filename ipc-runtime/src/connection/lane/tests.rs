@@ -402,3 +402,23 @@ fn a_retired_region_is_unmapped_by_the_peer_if_it_is_the_one_mapped() {
         Some(1 << 20)
     );
 }
+
+/// Two announcements of whether this end reads pipes that reach the peer in the other order
+/// (two threads of the blocking flavour each sending its own, or the async flavour's task
+/// overtaken): the peer keeps the later change, not the later arrival.
+#[test]
+fn the_peer_keeps_the_latest_word_on_pipes_whatever_order_it_comes_in() {
+    let (a, b) = (Lane::new(MAX, usize::MAX), Lane::new(MAX, usize::MAX));
+    let on = a.lend_pages(true).expect("a change");
+    let off = a.lend_pages(false).expect("a change");
+    assert_eq!(a.lend_pages(false), None, "no change, no announcement");
+    b.on_announce(off.0, off.1);
+    b.on_announce(on.0, on.1);
+    assert!(
+        !b.peer_takes_pipes(),
+        "the older word was taken over the newer"
+    );
+    let again = a.lend_pages(true).expect("a change");
+    b.on_announce(again.0, again.1);
+    assert!(b.peer_takes_pipes());
+}

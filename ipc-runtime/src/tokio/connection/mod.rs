@@ -278,7 +278,7 @@ impl AsyncConnection {
     pub fn lend_pages_to_peer(&self, lend: bool) {
         if self.inner.lane.lend_pages(lend).is_some() {
             self.inner.announce(Lane::pipes_announcement, |(_, lends)| {
-                trace::announce_pipes(lends != 0);
+                trace::announce_pipes(lends & 1 != 0);
             });
         }
     }
