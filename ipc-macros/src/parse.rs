@@ -484,22 +484,26 @@ fn conditional(attr: &Attribute, what: &str) -> Option<syn::Error> {
     Some(syn::Error::new_spanned(attr, message))
 }
 
-/// What the generated client defines itself, which a method of the same name would clash
-/// with, and a name to suggest instead. `clone` is `Clone`'s: a stub of that name would not
-/// clash but shadow it, so that `client.clone()` made a call instead of a second handle.
-const CLIENT_METHODS: [(&str, &str); 4] = [
-    ("new", "create"),
-    ("with_timeout", "set_timeout"),
-    ("connection", "connection_info"),
-    ("clone", "duplicate"),
+/// What the generated client has already, which a stub of the same name would clash with
+/// (its own methods) or shadow (those of `Clone`, which it derives, and of `ToOwned`, which
+/// comes with `Clone`: `client.clone()` or `client.to_owned()` would make a call instead of
+/// a second handle); where it comes from, and a name to suggest instead.
+const CLIENT_METHODS: [(&str, &str, &str); 7] = [
+    ("new", " itself", "create"),
+    ("with_timeout", " itself", "set_timeout"),
+    ("connection", " itself", "connection_info"),
+    ("clone", " (from `Clone`)", "duplicate"),
+    ("clone_from", " (from `Clone`)", "copy_from"),
+    ("to_owned", " (from `ToOwned`)", "make_owned"),
+    ("clone_into", " (from `ToOwned`)", "copy_into"),
 ];
 
-/// The error for a method named like one of the generated client's own methods.
+/// The error for a method named like one the generated client has already.
 fn clashes_with_client(name: &Ident, trait_name: &Ident) -> Option<syn::Error> {
     let unraw = name.unraw().to_string();
-    let (_, instead) = CLIENT_METHODS.iter().find(|(ours, _)| *ours == unraw)?;
+    let (_, from, instead) = CLIENT_METHODS.iter().find(|(ours, ..)| *ours == unraw)?;
     let message = format!(
-        "`{unraw}` is a method of the generated `{trait_name}Client` itself, so the client \
+        "`{unraw}` is a method of the generated `{trait_name}Client`{from}, so the client \
          cannot have a stub of that name: rename this method, e.g. `{instead}`"
     );
     Some(syn::Error::new(name.span(), message))
