@@ -153,6 +153,34 @@ fn shared_memory_released_goes_at_both_ends_and_comes_back_when_needed() {
     assert_eq!(child.wait().unwrap(), Exit::Code(0));
 }
 
+/// An interface the worker does not serve: it refuses its calls without reading them.
+#[interface]
+pub trait Unserved {
+    fn take(&self, data: Vec<u8>) -> u64;
+}
+
+/// Our region is replaced by a larger one in a call the worker refuses unread (an interface
+/// it does not serve): it closed the new region's fd unread and still maps the old one,
+/// which we no longer have. Giving ours back must unmap that one there too.
+#[test]
+fn shared_memory_released_after_an_unread_region_goes_at_both_ends() {
+    let _fds = fd_count_lock();
+    let (mut child, conn) = Worker::spawn(child("child_bulk")).unwrap();
+    let bulk = BulkClient::new(conn);
+    let unserved = UnservedClient::new(bulk.connection().clone());
+    bulk.regions().unwrap(); // the worker has spoken: the lane may be used from now on
+    // Over the 1 MiB a parent may write into its worker: through our region (2 MiB).
+    let small = bulk.lens(vec![1; (1 << 20) + 1], Vec::new()).unwrap();
+    assert_eq!(small, ((1 << 20) + 1, 0));
+    assert_eq!((regions(), bulk.regions().unwrap()), (1, 1));
+    assert!(unserved.take(vec![2; 3 << 20]).is_err(), "refused unread");
+    assert_eq!(bulk.connection().release_shared_memory(), 4 << 20);
+    assert_eq!((regions(), memfd_mappings()), (0, 0), "ours is gone");
+    worker_comes_to_hold(0, || bulk.regions().unwrap());
+    drop((bulk, unserved));
+    assert_eq!(child.wait().unwrap(), Exit::Code(0));
+}
+
 #[test]
 fn concurrent_bulk_callers_each_get_their_own_bytes() {
     let _fds = fd_count_lock(); // opens fds: keep them out of the counting tests' windows

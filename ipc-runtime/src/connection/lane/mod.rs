@@ -47,8 +47,9 @@
 //!   burst of large strings does not keep its pages for the rest of the connection, and
 //!   sizes that swing cost one new region per period at most. An idle lane's region can also
 //!   be given back at once (`release_shared_memory`): an announcement with mailbox
-//!   [`RETIRED_MAILBOX`] and the region's inode number tells the peer to unmap it too, if it
-//!   is the one it maps (an async end may send it after a newer region's placement).
+//!   [`RETIRED_MAILBOX`] and the inode number of the last region whose announcing placement
+//!   the peer read (an older one, if this one's went unread) tells the peer to unmap it,
+//!   if it is the one it maps (an async end may send it after a newer region's placement).
 //! - On a connection that lends its pages to its (trusted) peer, once that peer has said it
 //!   trusts this end too (an announcement with mailbox [`PIPES_MAILBOX`]: it reads pipes
 //!   only then, since a pipe's holder can stall its reader), a call's [`SharedBytes`] of
@@ -251,16 +252,18 @@ impl Lane {
     }
 
     /// Gives back this end's region, unless a string in it is still in flight (the peer has
-    /// not copied it out): its size, and the announcement that tells the peer to unmap it
-    /// too (`None` if the peer was never sent it). `None` if there is no region, or the lane
-    /// is busy.
+    /// not copied it out): its size (0 if there is none), and the announcement that tells the
+    /// peer to unmap the region of this end's it maps (`None` if it maps none). That may be
+    /// an older region than this one, which this end dropped when it made this one: if the
+    /// message that announced this one went unread, the peer never took it. `None` if there
+    /// is nothing to give back at either end, or the lane is busy.
     pub(crate) fn retire_region(&self) -> Option<(usize, Option<(u64, u64)>)> {
-        let (region, sent) = self.idle_out()?.take_region()?;
-        let announcement = sent
-            .then(|| inode_of(region.as_fd()))
-            .flatten()
-            .map(|inode| (RETIRED_MAILBOX, inode));
-        Some((region.len(), announcement))
+        let (region, mapped) = self.idle_out()?.take_region();
+        if region.is_none() && mapped.is_none() {
+            return None;
+        }
+        let announcement = mapped.map(|inode| (RETIRED_MAILBOX, inode));
+        Some((region.map_or(0, |r| r.len()), announcement))
     }
 
     /// Whether this end trusts the peer with pipes (`Connection::lend_pages_to_peer`), both
@@ -461,13 +464,15 @@ impl Lane {
         }
     }
 
-    /// The placement `token` is no longer read by the peer: the lane is idle again, and bytes
-    /// it piped may change. (A stale [`Announcement::by`] left behind only matters to an
-    /// `abort` of the same placement, which would announce the fd once more: harmless.)
+    /// The peer read placement `token`: the lane is idle again, bytes it piped may change, and
+    /// a region its message announced is the one the peer maps. (A stale
+    /// [`Announcement::by`] left behind only matters to an `abort` of the same placement,
+    /// which would announce the fd once more: harmless.)
     pub(crate) fn release(&self, token: u32) {
         self.while_busy_with(token, |out| {
             self.busy.store(0, Ordering::Release);
             out.unpin(token, false);
+            out.read(token);
         });
     }
 

@@ -3,13 +3,13 @@
 //! this end's ([`Announcement`]).
 
 use parking_lot::Mutex;
-use std::os::fd::RawFd;
+use std::os::fd::{AsFd, RawFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 #[cfg(doc)]
 use super::Lane;
-use super::{MAX, MIN_REGION, SEQ_BITS, SEQ_MASK};
+use super::{MAX, MIN_REGION, SEQ_BITS, SEQ_MASK, inode_of};
 use crate::one_copy;
 use crate::peer_memory::PeerMemory;
 use crate::pipe::OutPipe;
@@ -25,6 +25,11 @@ pub(super) struct Outgoing {
     /// and the largest string it held since: what [`Outgoing::region_for`] sizes it by.
     large_at: Option<Instant>,
     small_max: usize,
+    /// The inode number of the region the peer maps: the last one whose fd it took (it read
+    /// the placement that carried it). Not always the current one: if that one's
+    /// announcement went unread, or it could not be made, the peer maps the one before,
+    /// which this end no longer has, and only [`Outgoing::take_region`] can name.
+    peer_maps: Option<u64>,
     pub(super) last_seq: u32,
     /// Placements started, for [`Outgoing::start`]'s tokens (wrapping).
     started: u32,
@@ -203,12 +208,22 @@ impl Outgoing {
         self.large_at = self.large_at.and_then(|t| t.checked_sub(by));
     }
 
-    /// Gives back the region, if there is one: it, and whether the peer was sent its fd.
-    pub(super) fn take_region(&mut self) -> Option<(SharedRegion, bool)> {
-        let region = self.region.take()?;
-        let sent = std::mem::take(&mut self.region_sent).done;
+    /// Placement `token` was read: if its message carried the region's fd, the peer maps this
+    /// region now, and no older one. Out of line: inlined, it cost the reader of every
+    /// message, placement or not, two instructions.
+    #[inline(never)]
+    pub(super) fn read(&mut self, token: u32) {
+        if self.region_sent.by == Some(token) {
+            self.peer_maps = self.region.as_ref().and_then(|r| inode_of(r.as_fd()));
+        }
+    }
+
+    /// Gives back the region, if there is one, and the inode number of the one the peer maps
+    /// (which may be an older one), if it maps one: from now on it maps none.
+    pub(super) fn take_region(&mut self) -> (Option<SharedRegion>, Option<u64>) {
+        self.region_sent = Announcement::default();
         (self.large_at, self.small_max) = (None, 0);
-        Some((region, sent))
+        (self.region.take(), self.peer_maps.take())
     }
 
     /// Lets go of the bytes placement `seq` piped, if it did; with `drain`, after emptying

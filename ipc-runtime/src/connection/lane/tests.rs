@@ -422,3 +422,39 @@ fn the_peer_keeps_the_latest_word_on_pipes_whatever_order_it_comes_in() {
     b.on_announce(again.0, again.1);
     assert!(b.peer_takes_pipes());
 }
+
+/// A region replaced by a smaller one whose announcing message the peer never read (a reply
+/// to a caller that gave up, a request refused unread): the peer still maps the old region,
+/// which this end no longer has. Giving the region back must tell the peer to unmap that one.
+#[test]
+fn a_region_given_back_after_its_announcement_went_unread_is_unmapped_by_the_peer_too() {
+    use crate::codec::OutOfLine;
+    let (a, b) = (Lane::new(MAX, usize::MAX), Lane::new(MAX, usize::MAX));
+    a.on_word(READS_LANES);
+    let (placed, fd) = place(&a, &vec![1u8; 1 << 20]);
+    b.take(&placed, fd).unwrap();
+    a.on_word(b.word(0));
+    a.out.lock().age(outgoing::SHRINK_AFTER);
+    let (placed, fd) = place(&a, &[2u8; 4096]);
+    assert!(fd.is_some(), "a new, smaller region, announced");
+    // The message carrying it is done with unread: its fd closed unread.
+    let mut message = carrying(placed.seq);
+    b.on_message(&mut message);
+    drop(fd);
+    b.finished(&message);
+    a.on_word(b.word(0));
+    assert!(!a.is_busy(), "given back unread");
+    assert_eq!(
+        b.incoming.lock().as_ref().map(RegionView::len),
+        Some(1 << 20)
+    );
+    let (len, announcement) = a.retire_region().expect("idle: given back");
+    assert_eq!(len, MIN_REGION);
+    if let Some((mailbox, token)) = announcement {
+        b.on_announce(mailbox, token);
+    }
+    assert!(
+        b.incoming.lock().is_none(),
+        "the peer still maps the region of 1 MiB"
+    );
+}
