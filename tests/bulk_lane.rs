@@ -270,8 +270,9 @@ fn bad_references_and_bad_regions_fail_the_call_not_the_server() {
     );
     common::assert_too_large(&raw_bump(&ours, 4, None, 0, 1 << 40), 1 << 40);
     // And the server is still serving: a good reference is read from the region in place.
+    // The region is announced again: a call that failed did not leave it with the server.
     region[..3].copy_from_slice(b"abc");
-    let ok = raw_bump(&ours, 5, None, 0, 3);
+    let ok = raw_bump(&ours, 5, Some(&fd), 0, 3);
     assert_eq!(ok[0], 3, "a reply");
     assert!(ok.ends_with(b"bcd"), "{ok:?}");
     // The reply acknowledged placement 5 in its lane word.

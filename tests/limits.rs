@@ -695,6 +695,38 @@ fn a_byte_string_over_the_senders_limits_fails_unsent_with_too_large() {
     server.join().unwrap().unwrap();
 }
 
+/// A string over the server's limit comes in a region announced with it (the client's grew
+/// for it): the server refuses the call unread, so the client takes it to map its old region
+/// still, and names that one when it gives its memory back. The server must not have swapped
+/// its view of the old region for the new one to find the string over its limit.
+#[test]
+fn shared_memory_released_after_a_string_over_the_peers_limit_goes_at_both_ends() {
+    let _fds = fd_count_lock();
+    let (strings, server) = strings_with_limits(1 << 30, 100 << 10, false);
+    assert_eq!(strings.echo(vec![1; 2048]).unwrap(), vec![1; 2048]);
+    // Each end's region (64 KiB) and its view of the other's.
+    assert_eq!(common::regions(), 4);
+    assert_too_large(
+        strings.echo(vec![2; 200 << 10]),
+        204_800,
+        102_400,
+        true,
+        "over the server's limit",
+    );
+    let client = strings.connection();
+    assert_eq!(client.release_shared_memory(), 256 << 10);
+    // The server has taken in the announcement once it answers the next call (one thread
+    // serves it, in order); that reply crosses inline.
+    assert_eq!(strings.echo(vec![3; 10]).unwrap(), vec![3; 10]);
+    assert_eq!(
+        (common::regions(), common::memfd_mappings()),
+        (2, 2),
+        "only the server's region and the client's view of it are left"
+    );
+    drop(strings);
+    server.join().unwrap().unwrap();
+}
+
 #[test]
 fn byte_strings_cross_a_connection_whose_limits_allow_no_fds() {
     let _fds = fd_count_lock();

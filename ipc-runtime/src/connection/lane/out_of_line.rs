@@ -157,15 +157,6 @@ impl OutOfLine for Lane {
     }
 
     fn take(&self, placed: &Placed, fd: Option<OwnedFd>) -> Result<Vec<u8>, Unfetched> {
-        let mut incoming = self.incoming.lock();
-        if let Some(fd) = fd {
-            let view = RegionView::from_fd_with_limit(fd, MAX)
-                .map_err(|e| format!("the peer's shared region was refused: {e}"))?;
-            *incoming = Some(view);
-        }
-        let view = incoming
-            .as_ref()
-            .ok_or("an out-of-line byte string, but the peer announced no shared region")?;
         let (offset, len) = match (usize::try_from(placed.offset), usize::try_from(placed.len)) {
             (Ok(offset), Ok(len)) if len <= self.max_len => (offset, len),
             _ => {
@@ -175,11 +166,26 @@ impl OutOfLine for Lane {
                 });
             }
         };
+        let announced = fd
+            .map(|fd| RegionView::from_fd_with_limit(fd, MAX))
+            .transpose()
+            .map_err(|e| format!("the peer's shared region was refused: {e}"))?;
+        let mut incoming = self.incoming.lock();
+        let view = announced
+            .as_ref()
+            .or(incoming.as_ref())
+            .ok_or("an out-of-line byte string, but the peer announced no shared region")?;
         // The caller words the error as malformed; its own wording would say so twice.
         let bytes = view.to_vec(offset, len).map_err(|e| match e {
             Error::Malformed(why) => why,
             e => e.to_string(),
         })?;
+        // Mapped from now on only with its string read: the peer takes a region this end
+        // refused the string of as never taken (it is told "unread"), and goes on naming the
+        // one before when it gives its memory back (`Lane::retire_region`).
+        if announced.is_some() {
+            *incoming = announced;
+        }
         self.done_with(placed.seq & SEQ_MASK, 0);
         Ok(bytes)
     }
