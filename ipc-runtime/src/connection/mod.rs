@@ -331,11 +331,14 @@ impl Connection {
 
     /// Gives back the shared memory this end's large byte strings go through, now rather
     /// than when the connection ends, and tells the peer to unmap it too (in a short message
-    /// sent now). Returns its size in bytes: 0 if this end holds none, or if a string in it
-    /// has not been copied out by the peer yet (a call still waiting for its reply; try again
-    /// once it has returned). The next large string makes a new region. The message waits
-    /// for room in the socket like any other; a peer already gone shows on the connection
-    /// itself, and the memory is given back all the same.
+    /// sent now). Returns its size in bytes: 0 if this end holds none, or while the peer has
+    /// not acknowledged the last large string this end sent (also one piped or written into
+    /// its memory), or another thread is sending one. The peer acknowledges in the next
+    /// message it sends: a call's reply does, so try again once the call has returned; after
+    /// a oneway message, or a reply this end sent, only once the peer sends something. The
+    /// next large string makes a new region. The message waits for room in the socket like
+    /// any other; a peer already gone shows on the connection itself, and the memory is
+    /// given back all the same.
     ///
     /// A connection keeps its region between strings, so that their pages are allocated
     /// once. It grows with the largest string sent (a power of two, up to 32 MiB), and

@@ -304,7 +304,8 @@ impl AsyncConnection {
 
     /// Gives back the shared memory this end's large byte strings go through, now rather
     /// than when the connection ends, and tells the peer to unmap it too: its size in bytes,
-    /// or 0 if there is none or a string in it has not been copied out yet. As
+    /// or 0 if there is none or the peer has not acknowledged the last large string yet (it
+    /// does in its next message). As
     /// [`Connection::release_shared_memory`](crate::Connection::release_shared_memory),
     /// which says when to. The message that tells the peer goes out at once, unless the
     /// socket is full: then from a task of the connection's runtime.
