@@ -333,19 +333,19 @@ impl Connection {
     /// than when the connection ends, and tells the peer to unmap it too (in a short message
     /// sent now). Returns its size in bytes: 0 if this end holds none, or while the peer has
     /// not acknowledged the last large string this end sent (also one piped or written into
-    /// its memory), or another thread is sending one. The peer acknowledges in the next
-    /// message it sends: a call's reply does, so try again once the call has returned; after
-    /// a oneway message, or a reply this end sent, only once the peer sends something. The
-    /// next large string makes a new region. The message waits for room in the socket like
-    /// any other; a peer already gone shows on the connection itself, and the memory is
-    /// given back all the same.
+    /// its memory), or a message that carries one is still on its way out. The peer
+    /// acknowledges in the next message it sends: a call's reply does, so try again once the
+    /// call has returned; after a oneway message, or a reply this end sent, only once the
+    /// peer sends something. The next large string makes a new region. The message waits
+    /// for room in the socket like any other; a peer already gone shows on the connection
+    /// itself, and the memory is given back all the same.
     ///
     /// A connection keeps its region between strings, so that their pages are allocated
     /// once. It grows with the largest string sent (a power of two, up to 32 MiB), and
-    /// shrinks on its own only when a string is placed after ten seconds of strings a
-    /// quarter of its size or less: call this once a burst of large strings is over and the
-    /// connection goes on without them. Strings written into the peer's memory or piped do not
-    /// use the region.
+    /// shrinks on its own only when a string of a quarter of its size or less is placed ten
+    /// seconds or more after the last larger one: call this once a burst of large strings is
+    /// over and the connection goes on without them. Strings written into the peer's memory
+    /// or piped do not use the region.
     pub fn release_shared_memory(&self) -> usize {
         let Some((len, announcement)) = self.shared.lane.retire_region() else {
             return 0;
@@ -721,7 +721,9 @@ impl Shared {
     ) -> Result<Option<u32>> {
         with_buffers(|buf, fds| {
             let placed = self.lane.encode(envelope, body, buf, fds)?;
-            match send(buf, fds) {
+            let sent = send(buf, fds);
+            self.lane.sent(placed);
+            match sent {
                 Ok(true) => Ok(Some(placed)),
                 unsent => {
                     self.lane.abort(placed);

@@ -1427,3 +1427,81 @@ fn a_peer_told_late_that_this_end_trusts_pipes_does_not_pipe_once_it_no_longer_d
 fn a_peer_told_late_that_this_end_no_longer_trusts_pipes_pipes_once_it_does_again() {
     lend_pages_twice_the_first_announcement_waiting_for_room(true);
 }
+
+/// A hostile peer acknowledges a placement before the message that carries it is out (it
+/// stops reading to keep that message waiting, and guesses the sequence number): the lane is
+/// idle, but the message still names the region's fd by its number. Giving the region back
+/// then would close that number, the next file this process opened would take it, and the
+/// message would carry that file to the peer. The region is kept until the message is out.
+#[test]
+fn a_region_named_by_a_message_still_going_out_is_not_given_back() {
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+
+    use crate::codec::Bytes;
+    use crate::connection::envelope::{self, Envelope};
+    use crate::connection::tests::BULK;
+    use crate::shared_region::RegionView;
+
+    let (ours, theirs) = Socket::pair().unwrap();
+    let runtime = ::tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let conn = runtime.block_on(async { super::AsyncConnection::new(ours).unwrap() });
+    let say = |lane: u32| {
+        let mut msg = vec![0u8; envelope::LEN + 16];
+        Envelope::announce().write(&mut msg);
+        envelope::set_lane(&mut msg, lane);
+        theirs.send(&msg, &[]).unwrap();
+    };
+    say(1 << 23); // reads lanes
+    runtime.block_on(async {
+        while !conn.test_lane().peer_reads() {
+            ::tokio::task::yield_now().await;
+        }
+    });
+    // Fill the socket, then a oneway whose byte string announces the region waits for room.
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut unread = 0;
+    while let Poll::Ready(sent) = Box::pin(conn.oneway(&BULK, 1, (), None))
+        .as_mut()
+        .poll(&mut cx)
+    {
+        sent.unwrap();
+        unread += 1;
+    }
+    let data = vec![5u8; 4096];
+    let mut pending = Box::pin(conn.oneway(&BULK, 1, Bytes(&data[..]), None));
+    assert!(pending.as_mut().poll(&mut cx).is_pending());
+    assert!(conn.test_lane().is_busy());
+    say(1 << 23 | 1); // acknowledges placement 1, which it has not received
+    runtime.block_on(async {
+        while conn.test_lane().is_busy() {
+            ::tokio::task::yield_now().await;
+        }
+    });
+    assert_eq!(
+        conn.release_shared_memory(),
+        0,
+        "the region was given back while a message still names its fd"
+    );
+    let unrelated = memfd(0xdead); // takes the lowest free number, the region's if closed
+    for _ in 0..unread {
+        theirs.recv().unwrap();
+    }
+    runtime.block_on(async { pending.await.unwrap() });
+    let frame = theirs.recv().unwrap();
+    let fd = frame
+        .fds
+        .into_iter()
+        .next()
+        .expect("the message carries the region");
+    assert_eq!(RegionView::from_fd(fd).unwrap().len(), 64 << 10);
+    drop(unrelated);
+    assert_eq!(
+        conn.release_shared_memory(),
+        64 << 10,
+        "out: given back now"
+    );
+}

@@ -175,6 +175,13 @@ pub(crate) struct Lane {
     /// and a message carrying one would be refused (`TooManyFds`) although its sender passed
     /// no fd. Without, strings go inline (or into the peer's memory, which needs no fd).
     sends_fds: bool,
+    /// Messages that carry a placement of this end's and may still be on their way out:
+    /// encoded, and not yet sent or given up ([`Lane::sent`]). While there are any, the
+    /// region is neither replaced nor given back. Such a message names the region's fd by its
+    /// number, borrowed from the lane, and a peer may acknowledge a placement before its
+    /// message is out (a hostile one, stopping its reads): the number closed, the next file
+    /// this process opened would take it, and the message would carry that file to the peer.
+    sending: AtomicU32,
     /// Where the peer writes strings into this process, once this end accepts that.
     inbox: Mutex<Option<Inbox>>,
     /// A string was taken out of the inbox and its placement is not acknowledged yet: the
@@ -201,6 +208,7 @@ impl Lane {
             consumed: AtomicU64::new(if max_fds > 0 { READS_LANES.into() } else { 0 }),
             max_len: max_len.min(MAX),
             sends_fds: max_fds > 0,
+            sending: AtomicU32::new(0),
             inbox: Mutex::new(None),
             inbox_taken: AtomicBool::new(false),
         }
@@ -258,7 +266,12 @@ impl Lane {
     /// message that announced this one went unread, the peer never took it. `None` if there
     /// is nothing to give back at either end, or the lane is busy.
     pub(crate) fn retire_region(&self) -> Option<(usize, Option<(u64, u64)>)> {
-        let (region, mapped) = self.idle_out()?.take_region();
+        let mut out = self.idle_out()?;
+        if !self.all_sent() {
+            return None; // a message on its way out may name the region's fd
+        }
+        let (region, mapped) = out.take_region();
+        drop(out);
         if region.is_none() && mapped.is_none() {
             return None;
         }
@@ -306,6 +319,39 @@ impl Lane {
     fn idle_out(&self) -> Option<MutexGuard<'_, Outgoing>> {
         let out = self.out.try_lock()?;
         (self.busy.load(Ordering::Acquire) == 0).then_some(out)
+    }
+
+    /// The next placement ([`Outgoing::start`]), counted as on its way out until its message
+    /// is sent or given up ([`Lane::sent`]).
+    #[inline]
+    fn start(&self, out: &mut Outgoing) -> u32 {
+        self.sending.fetch_add(1, Ordering::Relaxed);
+        out.start(&self.busy, &self.peer_done)
+    }
+
+    /// The message that carried placement `placed` (its token; 0: none) is out, or will never
+    /// go out whole (its send failed, or was given up before any of it went): it no longer
+    /// names the region's fd ([`Lane::sending`]). Every message [`Lane::encode`] returned a
+    /// placement for must come here once.
+    #[inline]
+    pub(crate) fn sent(&self, placed: u32) {
+        if placed != 0 {
+            self.placement_sent();
+        }
+    }
+
+    /// [`Lane::sent`] for a message that carried a placement (out of line: a small one
+    /// carries none).
+    #[inline(never)]
+    fn placement_sent(&self) {
+        self.sending.fetch_sub(1, Ordering::Release);
+    }
+
+    /// No message that carries a placement is on its way out, so the region's fd may be
+    /// closed. Asked under `out`, which every placement starts under: only [`Lane::sent`]
+    /// changes the count meanwhile, downwards.
+    fn all_sent(&self) -> bool {
+        self.sending.load(Ordering::Acquire) == 0
     }
 
     /// The generation of this end's inbox buffer, if it accepts writes.
@@ -524,8 +570,9 @@ impl Lane {
     /// Encodes a message into the emptied `buf`: room for the transport's header (see
     /// [`envelope::FRAMED_AT`]), `envelope` with this lane's word, then `body`, placing a byte
     /// string in this lane if it can. Returns the token of the placement the message carries
-    /// (0: none); the caller sends the message, and calls [`Lane::abort`] with it if it fails
-    /// to. Only a call's [`SharedBytes`] may pipe.
+    /// (0: none); the caller sends the message, calls [`Lane::abort`] with it if it fails
+    /// to, and [`Lane::sent`] once the send is over either way. Only a call's
+    /// [`SharedBytes`] may pipe.
     pub(crate) fn encode<'a, A: Serialize + ?Sized>(
         &self,
         envelope: &Envelope,
@@ -553,6 +600,7 @@ impl Lane {
             Ok(()) => Ok(placed),
             Err(e) => {
                 self.abort(placed);
+                self.sent(placed);
                 Err(e)
             }
         }

@@ -42,7 +42,7 @@ impl OutOfLine for Lane {
             return None;
         }
         let read_end = pipe.read_end().as_raw_fd();
-        let token = out.start(&self.busy, &self.peer_done);
+        let token = self.start(out);
         let fd = out.pipe_sent.carry(token, read_end);
         out.pinned = Some((token, bytes.clone()));
         let piped = Piped {
@@ -110,7 +110,7 @@ impl OutOfLine for Lane {
         }
         let mut out = self.idle_out()?;
         if writes && let Some(generation) = out.writer.write(&self.peer_mailbox, bytes) {
-            let token = out.start(&self.busy, &self.peer_done);
+            let token = self.start(&mut out);
             return Some(Placement::Written(Written {
                 seq: token & SEQ_MASK,
                 generation,
@@ -121,8 +121,8 @@ impl OutOfLine for Lane {
             return None; // the region's fd could never go out, or would be refused
         }
         let out = &mut *out;
-        out.region_for(len)?;
-        let token = out.start(&self.busy, &self.peer_done);
+        out.region_for(len, self.all_sent())?;
+        let token = self.start(out);
         let region = out.region.as_mut().expect("made above");
         crate::bulk_copy::copy_into(&mut region[..len], bytes);
         let fd = out.region_sent.carry(token, region.as_fd().as_raw_fd());

@@ -162,10 +162,14 @@ impl Outgoing {
     /// a new one, announced anew, if there is none or it is too small, or if it is over four
     /// times the size the strings it held for [`SHRINK_AFTER`] need. A region grows to the
     /// next power of two above its string, at least [`MIN_REGION`]. `None` if a new one
-    /// cannot be made (out of memory, or of fds): the string goes inline.
-    pub(super) fn region_for(&mut self, len: usize) -> Option<&mut SharedRegion> {
+    /// cannot be made (out of memory, or of fds), or the current one may not be dropped yet
+    /// (`all_sent` false: a message on its way out may name its fd): the string goes inline.
+    pub(super) fn region_for(&mut self, len: usize, all_sent: bool) -> Option<&mut SharedRegion> {
         let current = self.region.as_ref().map_or(0, SharedRegion::len);
         if let Some(size) = self.resize(len, current, Instant::now) {
+            if self.region.is_some() && !all_sent {
+                return None;
+            }
             // The old one first: both at once could be 64 MiB.
             self.region = None;
             self.region = Some(SharedRegion::new(size).ok()?);

@@ -125,8 +125,8 @@ fn a_stalled_write_into_the_peer_holds_up_no_other_call() {
     );
 }
 
-/// `a` places `bytes` in its region for `b`, which takes nothing yet: the placement, with a
-/// copy of the region's fd if its message announces it.
+/// `a` places `bytes` in its region for `b`, which takes nothing yet, and its message is out:
+/// the placement, with a copy of the region's fd if its message announces it.
 #[cfg(test)]
 fn place(a: &Lane, bytes: &[u8]) -> (crate::codec::Placed, Option<std::os::fd::OwnedFd>) {
     use crate::codec::{OutOfLine, Placement};
@@ -134,6 +134,7 @@ fn place(a: &Lane, bytes: &[u8]) -> (crate::codec::Placed, Option<std::os::fd::O
     let Some(Placement::Region(placed, fd)) = a.put(bytes) else {
         panic!("placed in the region");
     };
+    a.sent(placed.seq); // its message is out
     // SAFETY: the region's fd, open while `a` keeps its region (the whole test).
     let fd = fd.map(|fd| {
         unsafe { BorrowedFd::borrow_raw(fd) }
@@ -456,5 +457,35 @@ fn a_region_given_back_after_its_announcement_went_unread_is_unmapped_by_the_pee
     assert!(
         b.incoming.lock().is_none(),
         "the peer still maps the region of 1 MiB"
+    );
+}
+
+/// A placement acknowledged before its message is out (a hostile peer's early word): the
+/// region its message names by fd number is neither given back nor replaced until the
+/// message is sent ([`Lane::sent`]); a string that would need a new region goes inline.
+#[test]
+fn a_region_is_kept_while_a_message_naming_it_is_on_its_way_out() {
+    use crate::codec::{OutOfLine, Placement};
+    let a = Lane::new(MAX, usize::MAX);
+    a.on_word(READS_LANES);
+    let Some(Placement::Region(placed, fd)) = a.put(&[1u8; 4096]) else {
+        panic!("placed in the region");
+    };
+    assert!(fd.is_some(), "the message announces the region");
+    a.on_word(READS_LANES | placed.seq); // acknowledged before it was sent
+    assert!(!a.is_busy());
+    assert_eq!(
+        a.retire_region(),
+        None,
+        "given back while a message names its fd"
+    );
+    assert!(
+        a.put(&vec![2u8; 1 << 20]).is_none(),
+        "grown: the old fd closed"
+    );
+    a.sent(placed.seq);
+    assert!(
+        a.put(&vec![2u8; 1 << 20]).is_some(),
+        "grown once the message is out"
     );
 }

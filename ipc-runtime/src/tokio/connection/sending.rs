@@ -37,10 +37,15 @@ impl Inner {
         let (placed, unsent) = with_buffers(|framed, fds| {
             let placed = self.lane.encode(&envelope, &body, framed, fds)?;
             match self.try_send_at_once(framed, fds) {
-                Ok(true) => Ok((placed, None)),
+                Ok(true) => {
+                    self.lane.sent(placed);
+                    Ok((placed, None))
+                }
+                // `send_encoded` says when it is sent.
                 Ok(false) => Ok((placed, Some((std::mem::take(framed), fds.clone())))),
                 Err(e) => {
                     self.lane.abort(placed);
+                    self.lane.sent(placed);
                     Err(e)
                 }
             }
@@ -155,9 +160,13 @@ impl Inner {
         placed: u32,
     ) -> Result<()> {
         // Too large for the wire: never sent, so the placement goes back (from here on,
-        // `Outgoing`'s drop gives it back if none of the message went out).
-        let cursor = SendCursor::new(framed.len() - envelope::FRAMED_AT, fds.len())
-            .inspect_err(|_| self.lane.abort(placed))?;
+        // `Outgoing`'s drop gives it back if none of the message went out, and says when the
+        // send is over).
+        let cursor =
+            SendCursor::new(framed.len() - envelope::FRAMED_AT, fds.len()).inspect_err(|_| {
+                self.lane.abort(placed);
+                self.lane.sent(placed);
+            })?;
         // Made before waiting for the lock, so that a send cancelled while it waits gives its
         // placement back too.
         let mut out = Outgoing {
@@ -262,6 +271,16 @@ struct Outgoing<'a, 'f> {
 
 impl Drop for Outgoing<'_, '_> {
     fn drop(&mut self) {
+        self.finish();
+        // Sent, failed, or the rest handed over with copies of its fds: the message no longer
+        // names the region's fd.
+        self.inner.lane.sent(self.placed);
+    }
+}
+
+impl Outgoing<'_, '_> {
+    /// What is left to do when the send is over or given up.
+    fn finish(&mut self) {
         if !self.cursor.started() {
             // Failed or cancelled before any of it went out: the peer will never see this
             // placement.
