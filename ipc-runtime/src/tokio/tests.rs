@@ -23,6 +23,18 @@ fn index_of(fd: OwnedFd) -> u32 {
     u32::from_le_bytes(b)
 }
 
+/// An async connection on a current-thread runtime that nothing drives (its futures are
+/// polled by hand, or in `block_on`), and its peer's raw socket.
+fn undriven_connection() -> (::tokio::runtime::Runtime, super::AsyncConnection, Socket) {
+    let (ours, theirs) = Socket::pair().unwrap();
+    let runtime = ::tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let conn = runtime.block_on(async { super::AsyncConnection::new(ours).unwrap() });
+    (runtime, conn, theirs)
+}
+
 fn wait_writable(socket: &Socket) {
     let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLOUT)];
     poll(&mut fds, PollTimeout::NONE).unwrap();
@@ -157,13 +169,8 @@ fn client_and_async_server() -> (
     ::tokio::runtime::Runtime,
     super::AsyncConnection,
 ) {
-    let (ours, theirs) = Socket::pair().unwrap();
-    let runtime = ::tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let server = runtime.block_on(async { super::AsyncConnection::new(theirs).unwrap() });
-    (crate::Connection::new(ours), runtime, server)
+    let (runtime, server, theirs) = undriven_connection();
+    (crate::Connection::new(theirs), runtime, server)
 }
 
 #[test]
@@ -298,12 +305,7 @@ fn a_send_that_must_wait_keeps_its_bytes_and_the_messages_behind_it_in_order() {
     use crate::codec::Bytes;
     use crate::connection::tests::BULK;
 
-    let (ours, theirs) = Socket::pair().unwrap();
-    let runtime = ::tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let client = runtime.block_on(async { super::AsyncConnection::new(ours).unwrap() });
+    let (runtime, client, theirs) = undriven_connection();
     // 512 bytes each (under the lane's 1 KiB), numbered.
     let bytes = |i: u32| i.to_le_bytes().repeat(128);
     let message = |i: u32| client.oneway(&BULK, 1, Bytes(bytes(i)), None);
@@ -1356,12 +1358,7 @@ fn lend_pages_twice_the_first_announcement_waiting_for_room(last: bool) {
     use crate::codec::Bytes;
     use crate::connection::tests::{BULK, SKIM};
 
-    let (ours, theirs) = Socket::pair().unwrap();
-    let runtime = ::tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let server = runtime.block_on(async { super::AsyncConnection::new(ours).unwrap() });
+    let (runtime, server, theirs) = undriven_connection();
     server.add_service(Skimmer);
     let client = crate::Connection::new(theirs);
     client.lend_pages_to_peer(true);
@@ -1443,12 +1440,7 @@ fn a_region_named_by_a_message_still_going_out_is_not_given_back() {
     use crate::connection::tests::BULK;
     use crate::shared_region::RegionView;
 
-    let (ours, theirs) = Socket::pair().unwrap();
-    let runtime = ::tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let conn = runtime.block_on(async { super::AsyncConnection::new(ours).unwrap() });
+    let (runtime, conn, theirs) = undriven_connection();
     let say = |lane: u32| {
         let mut msg = vec![0u8; envelope::LEN + 16];
         Envelope::announce().write(&mut msg);
