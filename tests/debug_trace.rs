@@ -253,6 +253,52 @@ fn check_refused(scenario: &str) {
     has("<- Call #2 Lab::reverse (10 bytes, 0 fds)");
 }
 
+/// Sends a oneway to a peer already gone: the send fails, so nothing was sent.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_oneway_unsent() {
+    let (ours, theirs) = typed_ipc::Connection::pair().unwrap();
+    drop(theirs);
+    let client = LabClient::new(ours);
+    assert!(client.note(9).is_err(), "sent to a peer gone");
+    assert!(client.reverse("ab".into()).is_err());
+}
+
+/// The async flavour of [`child_oneway_unsent`].
+#[cfg(feature = "tokio")]
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_oneway_unsent_async() {
+    common::current_thread_runtime().block_on(async {
+        let (ours, theirs) = typed_ipc::tokio::AsyncConnection::pair().unwrap();
+        drop(theirs);
+        let client = asynchronous::LabClient::new(ours);
+        assert!(client.note(9).await.is_err(), "sent to a peer gone");
+        assert!(client.reverse("ab".into()).await.is_err());
+    });
+}
+
+/// A message that was not sent is not printed as sent.
+#[test]
+fn a_oneway_that_could_not_be_sent_is_not_printed() {
+    check_unsent("child_oneway_unsent");
+}
+
+/// The same from the async flavour.
+#[cfg(feature = "tokio")]
+#[test]
+fn a_oneway_that_could_not_be_sent_is_not_printed_async() {
+    check_unsent("child_oneway_unsent_async");
+}
+
+fn check_unsent(scenario: &str) {
+    let stderr = traced_stderr(scenario);
+    assert!(
+        !stderr.contains("-> Oneway"),
+        "a oneway never sent was printed:\n{stderr}"
+    );
+}
+
 /// The async flavour of [`child_traced`].
 #[cfg(feature = "tokio")]
 #[test]

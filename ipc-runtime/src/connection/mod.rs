@@ -632,12 +632,16 @@ impl Connection {
         };
         // No early check of an ended connection here: after `stop_reading` it has ended for
         // calls, but still sends.
+        // Described before the send (as everywhere: see `trace::described`), printed
+        // once it went out, as in the async flavour: a oneway that was not sent is not said.
         let traced = trace::described(self.shared.trace, args);
-        trace::outgoing(&envelope, iface, traced.as_deref());
         // A byte string the message placed in the lane goes back to it if the send fails
         // (`encode_and`).
         match self.shared.send(&envelope, args, deadline) {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                trace::outgoing(&envelope, iface, traced.as_deref());
+                Ok(())
+            }
             Err(e) => Err(self.shared.why_unsent(e, deadline)),
         }
     }
