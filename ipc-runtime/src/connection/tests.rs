@@ -1844,3 +1844,67 @@ fn a_reader_whose_peer_hung_up_on_a_message_unread_still_reads_what_it_said() {
         other => panic!("expected VersionMismatch, got {other:?}"),
     }
 }
+
+/// The attack of the async flavour's
+/// `a_region_named_by_a_message_still_going_out_is_not_given_back`, on this flavour: a thread
+/// whose message announces the region waits for room, and reads meanwhile, so it is the one
+/// that takes in the peer's early acknowledgement of that placement. The lane is idle then,
+/// but the message still names the region's fd by its number: given back, the number would
+/// go to the next file this process opened, and the message would carry that file.
+#[test]
+fn a_region_named_by_a_message_waiting_for_room_is_not_given_back() {
+    use crate::shared_region::RegionView;
+
+    let (ours, theirs) = crate::Socket::pair().unwrap();
+    let a = Connection::new(ours);
+    // A call answered with a lane word that says the peer reads lanes.
+    let caller = {
+        let a = a.clone();
+        std::thread::spawn(move || a.call::<_, u32>(&IFACE, 1, &(), None))
+    };
+    let mut reply = reply_to(&theirs.recv().unwrap(), &7u32);
+    envelope::set_lane(&mut reply, 1 << 23);
+    theirs.send(&reply, &[]).unwrap();
+    assert_eq!(caller.join().unwrap().unwrap(), 7);
+    // Fill the socket (a send that would wait is not sent), then a oneway whose byte string
+    // announces the region waits for room.
+    let mut unread = 0;
+    while a.oneway(&IFACE, 1, &(), Some(Duration::ZERO)).is_ok() {
+        unread += 1;
+    }
+    let sender = {
+        let a = a.clone();
+        std::thread::spawn(move || a.oneway(&IFACE, 1, &Bytes(&[5u8; 4096][..]), None))
+    };
+    wait_until("the oneway's string is placed", || a.lane_is_busy());
+    // Acknowledges placement 1, which it has not received: the waiting sender reads it, and
+    // lets the reader role go once the lane has taken it in (the only message it can read).
+    let releases = a.shared.state.lock().releases;
+    let mut ack = vec![0u8; envelope::LEN + 16];
+    Envelope::announce().write(&mut ack);
+    envelope::set_lane(&mut ack, 1 << 23 | 1);
+    theirs.send(&ack, &[]).unwrap();
+    wait_until("the sender reads the acknowledgement", || {
+        a.shared.state.lock().releases != releases
+    });
+    assert!(!a.lane_is_busy(), "acknowledged");
+    // Asked of the lane: `release_shared_memory` would go on to tell the peer, and wait for
+    // the send lock, which the sender holds.
+    assert_eq!(
+        a.shared.lane.retire_region(),
+        None,
+        "the region was given back while a message still names its fd"
+    );
+    // Takes the lowest free number: the region's, had it been closed.
+    let unrelated =
+        nix::sys::memfd::memfd_create("unrelated", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap();
+    for _ in 0..unread {
+        theirs.recv().unwrap();
+    }
+    sender.join().unwrap().unwrap();
+    let fd = theirs.recv().unwrap().fds.into_iter().next();
+    let fd = fd.expect("the message carries the region");
+    assert_eq!(RegionView::from_fd(fd).unwrap().len(), 64 << 10);
+    drop(unrelated);
+    assert_eq!(a.release_shared_memory(), 64 << 10, "out: given back now");
+}
