@@ -66,9 +66,10 @@ struct Context {
     /// Where out-of-line byte strings are read from while decoding.
     store: Cell<Option<NonNull<dyn OutOfLine>>>,
     /// Where byte strings may go out of line while encoding, and the placement made there
-    /// so far (0: none; one per message): set by [`encode_placing`] for one message, and
-    /// cleared by a plain [`encode`] nested in it, whose bytes must stay self-contained.
-    placing: Cell<Option<Placing>>,
+    /// so far (0: none; one per message): set by [`encode_placing`] for one message (a
+    /// pointer, which costs the swap less than the value did), and cleared by a plain
+    /// [`encode`] nested in it, whose bytes must stay self-contained.
+    placing: Cell<Option<NonNull<Placing>>>,
     /// Whether the message being decoded has had an out-of-line byte string fetched: a sender
     /// places at most one per message, and a second is refused, so that a short hostile
     /// message cannot make the receiver fetch (and allocate) the same large string over and
@@ -92,14 +93,30 @@ enum Fetched {
     OverLimit,
 }
 
-/// Where the message being encoded may place a byte string.
-#[derive(Clone, Copy)]
+/// Where the message being encoded may place a byte string: on [`encode_with`]'s stack,
+/// which [`Context::placing`] points at while it serializes.
+///
+/// Dropped only if the serialization unwinds (a panic in user `Serialize` code; forgotten
+/// on return, at no cost there), when it gives back the placement made: the caller never
+/// learns of it, and the store's lane would stay busy for good with a message never sent.
 struct Placing {
     store: NonNull<dyn OutOfLine>,
     /// The placement made (0: none yet).
-    seq: u32,
+    seq: Cell<u32>,
     /// [`SharedBytes`] may pipe ([`encode_placing`]'s `pipe`).
     pipe: bool,
+}
+
+impl Drop for Placing {
+    #[cold]
+    fn drop(&mut self) {
+        let seq = self.seq.get();
+        if seq != 0 {
+            // SAFETY: as in `place_with`: `store` outlives the serialization, which is
+            // unwinding through the frame this lives in.
+            unsafe { self.store.as_ref() }.abandon(seq);
+        }
+    }
 }
 
 /// Sets a context cell for a scope and puts the outer value back when dropped, also when
@@ -179,6 +196,9 @@ pub(crate) trait OutOfLine: Send + Sync {
     fn take_written(&self, _written: &Written) -> std::result::Result<Vec<u8>, Unfetched> {
         Err("a byte string written into this process, but it accepts no writes".into())
     }
+    /// The encode that placed `seq` unwound (a panic in user `Serialize` code): its message
+    /// will never be sent, and its caller never learns of the placement.
+    fn abandon(&self, _seq: u32) {}
 }
 
 /// Where [`OutOfLine::put`] put a byte string.
@@ -287,16 +307,16 @@ fn place_shared(bytes: &SharedBytes) -> Option<(Piped, Option<RawFd>)> {
 /// for `pipe`, may pipe), and records the placement it made.
 fn place_with<R>(pipe: bool, put: impl FnOnce(&dyn OutOfLine) -> Option<(u32, R)>) -> Option<R> {
     CONTEXT.with(|cx| {
-        let placing = cx.placing.get()?;
-        if placing.seq != 0 || pipe && !placing.pipe {
+        // SAFETY: `placing` is set only by `encode_with`, to a `Placing` on its stack made
+        // from a store that outlives its serialization, and its `Swap` takes it out again (on
+        // unwinding too) before either goes; we are inside that serialization, on its thread.
+        let placing = unsafe { cx.placing.get()?.as_ref() };
+        if placing.seq.get() != 0 || pipe && !placing.pipe {
             return None;
         }
-        let store = placing.store;
-        // SAFETY: `placing` is set only by `encode_placing` from a reference that outlives
-        // its serialization, and its `Swap` takes it out again (on unwinding too) before
-        // returning; we are inside that serialization, on its thread.
-        let (seq, placed) = put(unsafe { store.as_ref() })?;
-        cx.placing.set(Some(Placing { seq, ..placing }));
+        // SAFETY: as above.
+        let (seq, placed) = put(unsafe { placing.store.as_ref() })?;
+        placing.seq.set(seq);
         Some(placed)
     })
 }
@@ -348,12 +368,17 @@ fn encode_with<'a, T: Serialize + ?Sized>(
         let _outer = Swap::new(&cx.outgoing, Some(table));
         let placing = store.map(|store| Placing {
             store,
-            seq: 0,
+            seq: Cell::new(0),
             pipe,
         });
-        let _placing = Swap::new(&cx.placing, placing);
+        // Declared after `placing`, the scope ends before it, also when unwinding: the
+        // context never points at a `Placing` gone.
+        let scope = Swap::new(&cx.placing, placing.as_ref().map(NonNull::from));
         let encoded = options().serialize_into(&mut *buf, value);
-        let placed = cx.placing.get().map_or(0, |placing| placing.seq);
+        drop(scope);
+        let placed = placing.as_ref().map_or(0, |placing| placing.seq.get());
+        // Returned: the caller gives the placement back if need be.
+        std::mem::forget(placing);
         (placed, encoded.map_err(|e| Error::Encode(e.to_string())))
     })
 }

@@ -313,6 +313,40 @@ fn a_panic_while_encoding_leaves_the_connection_usable() {
     server.join().unwrap().unwrap();
 }
 
+/// A call whose argument panics while encoded, after a byte string of it was placed in the
+/// lane: the message is never sent, so the placement goes back (the lane idle, and nothing
+/// counted as on its way out). It stayed the lane's for good: every later string went
+/// through the socket, and `release_shared_memory` never gave the region back.
+#[test]
+fn a_panic_while_encoding_after_a_placement_gives_the_placement_back() {
+    let (a, server) = skimmed();
+    let data = [9u8; 4096];
+    for _ in 0..2 {
+        // The first goes inline (neither end has heard that the other reads lanes), the
+        // second through the lane, which makes and announces the region.
+        let len = a.call::<_, u64>(&SKIM, 2, &Bytes(&data[..]), None);
+        assert_eq!(len.unwrap(), 4096);
+    }
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        a.call::<_, u64>(&SKIM, 2, &(Bytes(&data[..]), PanicsWhenEncoded), None)
+    }));
+    assert!(panicked.is_err());
+    assert!(
+        !a.lane_is_busy(),
+        "the placement of a message never sent is kept"
+    );
+    assert_eq!(a.release_shared_memory(), 64 << 10, "the region is kept");
+    let len = a.call::<_, u64>(&SKIM, 2, &Bytes(&data[..]), None);
+    assert_eq!(
+        len.unwrap(),
+        4096,
+        "the next string goes through a new region"
+    );
+    assert_eq!(a.release_shared_memory(), 64 << 10);
+    a.close();
+    server.join().unwrap().unwrap();
+}
+
 /// A call on a connection that has ended fails with why it ended before its arguments are
 /// encoded, so no byte string is copied into a region or written into the peer for nothing
 /// (`PanicsWhenEncoded` would panic).

@@ -135,6 +135,14 @@ impl OutOfLine for Lane {
         Some(Placement::Region(placed, fd))
     }
 
+    /// Never sent: given back, and counted as out, as [`Lane::encode`] does when an encode
+    /// fails.
+    fn abandon(&self, seq: u32) {
+        let token = self.token_of(seq);
+        self.abort(token);
+        self.sent(token);
+    }
+
     fn take_written(&self, written: &Written) -> Result<Vec<u8>, Unfetched> {
         let seq = written.seq & SEQ_MASK;
         if seq == 0 {
