@@ -79,6 +79,10 @@ impl Inner {
                 if !matches!(sent, Ok(true)) {
                     self.lane.abort(placed);
                 }
+                // An announcement places nothing (`placed` is 0), but every encode says when
+                // its send is over, so that this stays right if that changes (`send_holding`'s
+                // `Outgoing` does on drop).
+                self.lane.sent(placed);
                 sent
             });
             match sent {
