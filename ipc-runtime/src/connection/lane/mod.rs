@@ -288,14 +288,14 @@ impl Lane {
     /// with a trusted peer. Returns the announcement that tells the peer, if this changed.
     pub(crate) fn lend_pages(&self, lend: bool) -> Option<(u64, u64)> {
         let lend = u64::from(lend);
+        // One more change, to `lend`.
+        let next = |word: u64| ((word >> 1) + 1) << 1 | lend;
         let changed = self
             .lends
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |word| {
-                (word & 1 != lend).then(|| ((word >> 1) + 1) << 1 | lend)
+                (word & 1 != lend).then(|| next(word))
             });
-        changed
-            .ok()
-            .map(|word| (PIPES_MAILBOX, ((word >> 1) + 1) << 1 | lend))
+        changed.ok().map(|word| (PIPES_MAILBOX, next(word)))
     }
 
     /// Whether this end trusts the peer with pipes ([`Lane::lend_pages`]).
@@ -340,6 +340,13 @@ impl Lane {
         }
     }
 
+    /// The message that carried placement `placed` (0: none) will never be sent: given back
+    /// ([`Lane::abort`]), and its send over ([`Lane::sent`]).
+    pub(crate) fn never_sent(&self, placed: u32) {
+        self.abort(placed);
+        self.sent(placed);
+    }
+
     /// [`Lane::sent`] for a message that carried a placement (out of line: a small one
     /// carries none).
     #[inline(never)]
@@ -373,8 +380,8 @@ impl Lane {
         self.incoming_pipe.lock().is_some()
     }
 
-    /// The peer said it reads this end's pipes.
-    #[cfg(test)]
+    /// The peer said it reads this end's pipes (its latest word).
+    #[inline]
     pub(crate) fn peer_takes_pipes(&self) -> bool {
         self.peer_takes_pipes.load(Ordering::Relaxed) & 1 != 0
     }
@@ -599,8 +606,7 @@ impl Lane {
         match encoded {
             Ok(()) => Ok(placed),
             Err(e) => {
-                self.abort(placed);
-                self.sent(placed);
+                self.never_sent(placed);
                 Err(e)
             }
         }

@@ -21,7 +21,7 @@ impl OutOfLine for Lane {
             || len > self.max_len
             || !self.sends_fds
             || !self.lends(Ordering::Relaxed)
-            || self.peer_takes_pipes.load(Ordering::Relaxed) & 1 == 0
+            || !self.peer_takes_pipes()
             || !self.peer_reads.load(Ordering::Relaxed)
             || self.busy.load(Ordering::Acquire) != 0
         {
@@ -138,9 +138,7 @@ impl OutOfLine for Lane {
     /// Never sent: given back, and counted as out, as [`Lane::encode`] does when an encode
     /// fails.
     fn abandon(&self, seq: u32) {
-        let token = self.token_of(seq);
-        self.abort(token);
-        self.sent(token);
+        self.never_sent(self.token_of(seq));
     }
 
     fn take_written(&self, written: &Written) -> Result<Vec<u8>, Unfetched> {

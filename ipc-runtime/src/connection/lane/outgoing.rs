@@ -158,13 +158,14 @@ impl Outgoing {
         token
     }
 
-    /// The region to place a string of `len` bytes in (at most [`MAX`]): the current one, or
-    /// a new one, announced anew, if there is none or it is too small, or if it is over four
-    /// times the size the strings it held for [`SHRINK_AFTER`] need. A region grows to the
-    /// next power of two above its string, at least [`MIN_REGION`]. `None` if a new one
-    /// cannot be made (out of memory, or of fds), or the current one may not be dropped yet
-    /// (`all_sent` false: a message on its way out may name its fd): the string goes inline.
-    pub(super) fn region_for(&mut self, len: usize, all_sent: bool) -> Option<&mut SharedRegion> {
+    /// Readies `region` for a string of `len` bytes (at most [`MAX`]): keeps the current one,
+    /// or makes a new one, announced anew, if there is none or it is too small, or if it is
+    /// over four times the size the strings it held for [`SHRINK_AFTER`] need. A region grows
+    /// to the next power of two above its string, at least [`MIN_REGION`]. `None` if a new
+    /// one cannot be made (out of memory, or of fds), or the current one may not be dropped
+    /// yet (`all_sent` false: a message on its way out may name its fd): the string goes
+    /// inline.
+    pub(super) fn region_for(&mut self, len: usize, all_sent: bool) -> Option<()> {
         let current = self.region.as_ref().map_or(0, SharedRegion::len);
         if let Some(size) = self.resize(len, current, Instant::now) {
             if self.region.is_some() && !all_sent {
@@ -176,7 +177,7 @@ impl Outgoing {
             self.region_sent = Announcement::default();
             (self.large_at, self.small_max) = (Some(Instant::now()), 0);
         }
-        self.region.as_mut()
+        self.region.as_ref().map(drop)
     }
 
     /// The size of the region to make for a string of `len` bytes, if the `current` one (0:

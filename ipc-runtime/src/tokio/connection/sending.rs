@@ -44,14 +44,13 @@ impl Inner {
                 // `send_encoded` says when it is sent.
                 Ok(false) => Ok((placed, Some((std::mem::take(framed), fds.clone())))),
                 Err(e) => {
-                    self.lane.abort(placed);
-                    self.lane.sent(placed);
+                    self.lane.never_sent(placed);
                     Err(e)
                 }
             }
         })?;
         if let Some((framed, fds)) = unsent {
-            self.send_encoded(framed, &fds, placed).await?;
+            self.send_encoded(framed, &fds, placed, None).await?;
         }
         Ok(placed)
     }
@@ -76,13 +75,12 @@ impl Inner {
                     .lane
                     .encode(&Envelope::announce(), &announcement, framed, fds)?;
                 let sent = self.socket().try_send_framed(framed, fds);
-                if !matches!(sent, Ok(true)) {
-                    self.lane.abort(placed);
-                }
                 // An announcement places nothing (`placed` is 0), but every encode says when
-                // its send is over, so that this stays right if that changes (`send_holding`'s
-                // `Outgoing` does on drop).
-                self.lane.sent(placed);
+                // its send is over, so that this stays right if that changes.
+                match sent {
+                    Ok(true) => self.lane.sent(placed),
+                    _ => self.lane.never_sent(placed),
+                }
                 sent
             });
             match sent {
@@ -127,20 +125,7 @@ impl Inner {
             debug_assert!(fds.is_empty(), "an announcement carries no fds");
             Ok::<_, Error>((framed.clone(), placed))
         })?;
-        let cursor = SendCursor::new(framed.len() - envelope::FRAMED_AT, 0)
-            .inspect_err(|_| self.lane.abort(placed))?;
-        let mut out = Outgoing {
-            inner: self,
-            cursor,
-            framed,
-            fds: &[],
-            lock: Some(sending),
-            finished: false,
-            placed,
-        };
-        let result = drive(self, &mut out.cursor, &out.framed, out.fds).await;
-        out.finished = true;
-        result
+        self.send_encoded(framed, &[], placed, Some(sending)).await
     }
 
     /// Sends the message in `framed` if it can go out without waiting (the send lock free,
@@ -157,20 +142,20 @@ impl Inner {
         }
     }
 
+    /// Sends the message encoded in `framed`, waiting for room, with the send lock (`held`
+    /// already, or taken here).
     async fn send_encoded(
         self: &Arc<Self>,
         framed: Vec<u8>,
         fds: &[BorrowedFd<'_>],
         placed: u32,
+        held: Option<OwnedMutexGuard<()>>,
     ) -> Result<()> {
         // Too large for the wire: never sent, so the placement goes back (from here on,
         // `Outgoing`'s drop gives it back if none of the message went out, and says when the
         // send is over).
-        let cursor =
-            SendCursor::new(framed.len() - envelope::FRAMED_AT, fds.len()).inspect_err(|_| {
-                self.lane.abort(placed);
-                self.lane.sent(placed);
-            })?;
+        let cursor = SendCursor::new(framed.len() - envelope::FRAMED_AT, fds.len())
+            .inspect_err(|_| self.lane.never_sent(placed))?;
         // Made before waiting for the lock, so that a send cancelled while it waits gives its
         // placement back too.
         let mut out = Outgoing {
@@ -178,14 +163,16 @@ impl Inner {
             cursor,
             framed,
             fds,
-            lock: None,
+            lock: held,
             finished: false,
             placed,
         };
-        out.lock = Some(match self.send_lock.clone().try_lock_owned() {
-            Ok(lock) => lock,
-            Err(_) => self.send_lock.clone().lock_owned().await,
-        });
+        if out.lock.is_none() {
+            out.lock = Some(match self.send_lock.clone().try_lock_owned() {
+                Ok(lock) => lock,
+                Err(_) => self.send_lock.clone().lock_owned().await,
+            });
+        }
         let result = drive(self, &mut out.cursor, &out.framed, out.fds).await;
         out.finished = true;
         result
