@@ -1105,3 +1105,37 @@ fn a_call_to_a_peer_that_said_its_other_version_and_hung_up_reports_the_version(
         }
     }
 }
+
+/// An end that adds a service but runs no thread to serve it (`add_service` without
+/// `Connection::run`), while its peer sends it oneways during a call, fails that call once
+/// it holds too many: the error must say how to serve, not only that nothing does. It said
+/// "nothing serves them", which a caller that had added the service could not act on.
+#[test]
+fn requests_past_the_bounds_of_an_end_that_runs_no_service_say_how_to_serve() {
+    let _fds = fd_count_lock();
+    let (host, worker) = Connection::pair().unwrap();
+    host.add_service(LabServer::new(LabImpl::new()));
+    let lab = LabImpl::new();
+    let serving = {
+        let (worker, lab) = (worker.clone(), lab.clone());
+        std::thread::spawn(move || worker.serve(LabServer::new(lab)))
+    };
+    let flood = std::thread::spawn(move || {
+        let to_host = LabClient::new(worker);
+        // Past the documented bound of 1,024 held requests; the host ends the connection.
+        for seq in 0..2_000 {
+            if to_host.count(seq).is_err() {
+                break;
+            }
+        }
+        lab.released.lock().unwrap().push(1);
+        lab.changed.notify_all();
+    });
+    let result = LabClient::new(host).wait_for(1);
+    flood.join().unwrap();
+    serving.join().unwrap().unwrap();
+    assert!(
+        matches!(&result, Err(Error::Malformed(why)) if why.contains("Connection::run")),
+        "{result:?}"
+    );
+}

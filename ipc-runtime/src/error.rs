@@ -61,7 +61,10 @@ pub enum Error {
     /// hostile. The message is discarded.
     Truncated,
     /// The peer sent bytes that are not a valid message: a bad header, or a body that does
-    /// not decode as the type it should be.
+    /// not decode as the type it should be. Also the peer's sending more requests than this
+    /// end holds for it: most often this end's own mistake, a connection the peer calls
+    /// back (`#[oneway]` progress reports, say) that nothing on this end serves (see
+    /// [`Connection`](crate::Connection) for the bounds). The message says which.
     Malformed(String),
     /// The peer speaks another version of the wire format. The end that receives a message
     /// of another version tells the peer its own before it hangs up, so both ends report

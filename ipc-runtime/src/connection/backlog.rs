@@ -98,9 +98,12 @@ impl Backlog {
         }
         let (n, mib, fds) = (MAX_REQUESTS, MAX_REQUEST_BYTES >> 20, MAX_REQUEST_FDS);
         if !serving {
+            // Most often this end's own mistake, not the peer's: say how to serve.
             return Some(Error::Malformed(format!(
                 "the peer sent more requests than this end holds while nothing serves them \
-                 ({n} requests, {mib} MiB or {fds} fds)"
+                 ({n} requests, {mib} MiB or {fds} fds): an end the peer calls or sends \
+                 oneways to must serve them (a thread in `Connection::run` or `serve`, since \
+                 `add_service` alone runs nothing; async: `add_service` or `serve`)"
             )));
         }
         self.over_cap().then(|| {
