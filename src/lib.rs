@@ -105,8 +105,8 @@
 pub use ipc_macros::interface;
 pub use ipc_runtime::*;
 
-/// The async flavour, on tokio (cargo feature `tokio`): `#[interface]` on a trait of `async fn`s
-/// generates a client and a server for these. See [`tokio::AsyncConnection`].
+// No doc comment here: rustdoc would put it before the module's own, and the summary in
+// the crate's list of modules would say the same thing twice.
 #[cfg(feature = "tokio")]
 pub use ipc_runtime::tokio;
 
