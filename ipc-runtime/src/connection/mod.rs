@@ -146,6 +146,31 @@ use serving::keep_buffer;
 ///
 /// Cloning is cheap and clones share the connection: hand one to each thread that calls, and
 /// one to each thread that serves. The socket closes when the last clone is dropped.
+///
+/// # Threads
+///
+/// A connection has no thread of its own: whichever thread waits on it (a caller waiting for
+/// its reply, a thread in [`Connection::run`] or [`Connection::serve`] waiting for requests)
+/// reads the socket and routes what comes, a reply to its caller, a request to a serving
+/// thread. Requests run only on serving threads, never on a thread waiting for a reply, so
+/// an end the peer calls or sends `#[oneway]` messages to (a host taking a worker's
+/// callbacks, say) must have a thread in `run` or `serve` (or
+/// [`Server::serve`](crate::Server::serve)): [`Connection::add_service`] alone runs nothing.
+/// It needs as many serving threads as calls may nest (one call at a time per thread).
+/// Oneway messages run one at a time, in the order sent, and a call runs only once the
+/// oneways that arrived before it have run. When the peer hangs up or dies, every waiting
+/// caller gets [`Error::Disconnected`] at once.
+///
+/// # What a peer can make this end hold
+///
+/// Requests waiting for a serving thread are bounded per connection: at most 1,024
+/// requests, 32 MiB of message buffers, or 4,096 fds (one request is always taken, whatever
+/// its size). At those bounds serving threads stop reading, so the peer's sends wait until
+/// a serving thread takes a request. A caller waiting for its reply reads on, since its
+/// reply may come after more requests: up to twice the bounds, then it ends the connection
+/// with [`Error::Malformed`]. If no thread serves the connection at all, a caller that finds the
+/// bounds reached ends it at once, and the requests held are dropped with their fds. The
+/// async flavour applies the same bounds.
 #[derive(Clone)]
 pub struct Connection {
     shared: Arc<Shared>,
