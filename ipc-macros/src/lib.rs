@@ -47,12 +47,13 @@ use quote::quote;
 /// - `IpaClient`: `new(Connection)`, `with_timeout(&self, Duration) -> Self` (a copy whose
 ///   calls give up after that long with `Error::TimedOut`, and whose `#[oneway]` messages do
 ///   if they cannot be sent by then because the peer is not reading; by default a call waits
-///   as long as the peer is alive), `connection()`, and one method per trait method with the
-///   same name, parameters and doc comments, returning `Result<R, typed_ipc::Error>` for a
-///   declared return type `R`. A `#[oneway]` method returns `Ok(())` once the message is
-///   sent. Cheap to clone. A trait method cannot be named `new`, `with_timeout`,
-///   `connection` or `clone` (whose stub would shadow `Clone::clone`; a compile error says
-///   so).
+///   as long as the peer is alive; the peer is not told, and its method runs on to its end:
+///   with one serving thread, later calls wait behind it), `connection()`, and one method
+///   per trait method with the same name, parameters and doc comments, returning
+///   `Result<R, typed_ipc::Error>` for a declared return type `R`. A `#[oneway]` method
+///   returns `Ok(())` once the message is sent. Cheap to clone. A trait method cannot be
+///   named `new`, `with_timeout`, `connection` or `clone` (whose stub would shadow
+///   `Clone::clone`; a compile error says so).
 /// - `IpaServer<T: Ipa + Send + Sync + 'static>`: `new(T)`, `serve(self, Connection)`
 ///   (answers requests until the peer hangs up; `Ok(())` on a clean close),
 ///   `dispatch(&self, IpaRequest)`, and the runtime's `Service` implementation.

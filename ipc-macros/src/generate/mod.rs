@@ -338,7 +338,9 @@ impl<'a> Generator<'a> {
         let with_timeout = doc(format!(
             "A copy of this client whose calls give up after `timeout` with `Error::TimedOut`:\n\
              a call that has no reply by then, and a `#[oneway]` message that cannot be sent\n\
-             by then (the peer is not reading).{timeout_note}"
+             by then (the peer is not reading). The peer is not told: its method runs on to\n\
+             its end, and a server with one thread runs nothing else meanwhile, so later\n\
+             calls wait behind it (kill a worker that is stuck for good).{timeout_note}"
         ));
         quote! {
             #docs

@@ -279,7 +279,9 @@ impl IpaClient {
     }
     /// A copy of this client whose calls give up after `timeout` with `Error::TimedOut`:
     /// a call that has no reply by then, and a `#[oneway]` message that cannot be sent
-    /// by then (the peer is not reading).
+    /// by then (the peer is not reading). The peer is not told: its method runs on to
+    /// its end, and a server with one thread runs nothing else meanwhile, so later
+    /// calls wait behind it (kill a worker that is stuck for good).
     /// The runtime needs its time driver.
     pub fn with_timeout(&self, timeout: ::typed_ipc::__private::Duration) -> Self {
         Self {
