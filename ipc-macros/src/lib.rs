@@ -50,8 +50,11 @@ use quote::quote;
 ///   as long as the peer is alive; the peer is not told, and its method runs on to its end:
 ///   with one serving thread, later calls wait behind it), `connection()`, and one method
 ///   per trait method with the same name, parameters and doc comments, returning
-///   `Result<R, typed_ipc::Error>` for a declared return type `R`. A `#[oneway]` method
-///   returns `Ok(())` once the message is sent. Cheap to clone. A trait method cannot be
+///   `Result<R, typed_ipc::Error>` for a declared return type `R`: a method declared
+///   `-> Result<Caps, ConfigError>` returns `Result<Result<Caps, ConfigError>, Error>`, the
+///   outer error typed-ipc's, the inner the method's own (`ipa.configure(cfg)??` where both
+///   convert into the caller's error). A `#[oneway]` method returns `Ok(())` once the
+///   message is sent. Cheap to clone. A trait method cannot be
 ///   named `new`, `with_timeout`, `connection` or `clone` (whose stub would shadow
 ///   `Clone::clone`; a compile error says so).
 /// - `IpaServer<T: Ipa + Send + Sync + 'static>`: `new(T)`, `serve(self, Connection)`
