@@ -31,6 +31,13 @@ impl Frame {
 /// On a connection, a request this side refuses fails its caller with the same errors,
 /// `by_peer` (the method does not run); a byte string that came through shared memory or a
 /// pipe counts against `max_message_len` on its own, as it would inline.
+///
+/// Only the message and the byte strings the connection moves for it count: the files a
+/// message carries as fds do not, whatever their size. A
+/// [`SealedBuffer`](crate::shared_buffer::SealedBuffer) or
+/// [`RegionView`](crate::shared_region::RegionView) is one fd, checked on receipt against its
+/// own bound (1 GiB, `DEFAULT_MAX_LEN`); to accept less from an untrusted peer, take an
+/// `OwnedFd` and use its `from_fd_with_limit`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
     /// Largest payload accepted, in bytes. Default 1 GiB; at most `u32::MAX`.

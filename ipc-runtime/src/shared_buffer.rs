@@ -166,8 +166,10 @@ pub struct SealedBuffer {
 }
 
 impl SealedBuffer {
-    /// The largest buffer [`SealedBuffer::from_fd`] and deserialization accept: 1 GiB, as
-    /// [`Limits::max_message_len`](crate::Limits::max_message_len) by default.
+    /// The largest buffer [`SealedBuffer::from_fd`] and deserialization accept: 1 GiB, the
+    /// default of [`Limits::max_message_len`](crate::Limits::max_message_len) but not tied to
+    /// it: a connection's `Limits` do not bound the buffers its messages carry. To accept less
+    /// from a peer, take an `OwnedFd` and check it with [`SealedBuffer::from_fd_with_limit`].
     pub const DEFAULT_MAX_LEN: usize = 1 << 30;
 
     /// A sealed buffer holding a copy of `bytes`, written with `write(2)`: one copy, and no

@@ -165,8 +165,10 @@ pub struct RegionView {
 }
 
 impl RegionView {
-    /// The largest region [`RegionView::from_fd`] and deserialization accept: 1 GiB, as
-    /// [`Limits::max_message_len`](crate::Limits::max_message_len) by default.
+    /// The largest region [`RegionView::from_fd`] and deserialization accept: 1 GiB, the
+    /// default of [`Limits::max_message_len`](crate::Limits::max_message_len) but not tied to
+    /// it: a connection's `Limits` do not bound the regions its messages carry. To accept less
+    /// from a peer, take an `OwnedFd` and check it with [`RegionView::from_fd_with_limit`].
     pub const DEFAULT_MAX_LEN: usize = 1 << 30;
 
     /// Takes a received fd as a region, if it is one: a memfd sealed against resizing
