@@ -160,6 +160,11 @@ impl fmt::Debug for SharedBuffer {
 /// Immutable bytes in a sealed memfd, mapped read-only: derefs to `&[u8]` and travels as one
 /// fd (no copy of the bytes). See the [module docs](self) for why reading it in place is safe
 /// even when the sender is hostile.
+///
+/// Code that reads the fd itself (a copy of it from [`AsFd`], sent on as an `OwnedFd`) must
+/// read by position (`pread`, [`FileExt::read_at`](std::os::unix::fs::FileExt::read_at)):
+/// the file offset is shared by every copy of the fd, the peer's too, and is not 0 in general
+/// ([`SealedBuffer::copy_from`] leaves it at the end), so a plain `read` may find nothing.
 pub struct SealedBuffer {
     fd: OwnedFd,
     map: Mapping,
