@@ -216,7 +216,7 @@ async fn pipeline(args: &[String]) -> Result<ExitCode, Box<dyn Error>> {
             Err(e) => {
                 println!("[pipeline] the IPA failed: {e}");
                 let exit = worker::wait(&mut child).await?;
-                println!("[pipeline] the worker ended: {exit:?}");
+                println!("[pipeline] the worker ended: {exit}");
                 return Ok(ExitCode::FAILURE);
             }
         }
@@ -238,7 +238,7 @@ async fn pipeline(args: &[String]) -> Result<ExitCode, Box<dyn Error>> {
     connection.run().await?;
     match worker::wait(&mut child).await? {
         Exit::Code(0) => println!("[pipeline] the worker exited cleanly"),
-        exit => println!("[pipeline] the worker ended: {exit:?}"),
+        exit => println!("[pipeline] the worker ended: {exit}"),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -195,9 +195,9 @@ fn run_parent(crash: bool) -> Result<(), Box<dyn Error>> {
     let served = serving.join().expect("the serving thread panicked");
     let exit = worker.wait()?;
     if let Err(e) = driven.and(served.map_err(Box::from)) {
-        return Err(format!("{e}; the worker ended with {exit:?}").into());
+        return Err(format!("{e}; the worker ended with {exit}").into());
     }
-    println!("[parent] worker exited: {exit:?}");
+    println!("[parent] worker exited ({exit})");
     if exit != Exit::Code(0) {
         return Err("the worker failed".into());
     }

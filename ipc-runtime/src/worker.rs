@@ -92,6 +92,20 @@ pub enum Exit {
     Signal(i32),
 }
 
+/// Written as std writes an `ExitStatus`, with the signal's name: `exit status: 0`,
+/// `signal: 6 (SIGABRT)`.
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Exit::Code(code) => write!(f, "exit status: {code}"),
+            Exit::Signal(signal) => match nix::sys::signal::Signal::try_from(signal) {
+                Ok(name) => write!(f, "signal: {signal} ({})", name.as_str()),
+                Err(_) => write!(f, "signal: {signal}"),
+            },
+        }
+    }
+}
+
 impl Worker {
     /// Starts `command` as a worker and returns it with this side's [`Connection`]. In the
     /// child, [`connection`] yields the other side.
@@ -511,7 +525,14 @@ fn is_the_socket(fd: BorrowedFd<'_>, inode: u64) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::parse;
+    use super::{Exit, parse};
+
+    #[test]
+    fn an_exit_reads_as_std_writes_an_exit_status() {
+        assert_eq!(Exit::Code(0).to_string(), "exit status: 0");
+        assert_eq!(Exit::Signal(6).to_string(), "signal: 6 (SIGABRT)");
+        assert_eq!(Exit::Signal(200).to_string(), "signal: 200");
+    }
 
     #[test]
     fn the_variable_names_an_fd_and_an_inode() {
