@@ -57,6 +57,11 @@ pub trait Shapes {
     /// An fd in: writes `content` into it.
     async fn write_into(&self, file: OwnedFd, content: String);
     async fn maybe_open(&self, content: Option<String>) -> Option<OwnedFd>;
+    /// The first of `files`, or why there is none: fallible fds both ways.
+    async fn first_of(
+        &self,
+        files: Result<Vec<OwnedFd>, String>,
+    ) -> Result<Option<OwnedFd>, String>;
     /// Writes `content` into `file` if there is one; whether there was.
     async fn maybe_write(&self, file: Option<OwnedFd>, content: String) -> bool;
     /// `count` new files, the i-th holding `i`.
@@ -127,6 +132,12 @@ impl Shapes for Impl {
     }
     async fn maybe_open(&self, content: Option<String>) -> Option<OwnedFd> {
         content.map(|c| memfd(&c))
+    }
+    async fn first_of(
+        &self,
+        files: Result<Vec<OwnedFd>, String>,
+    ) -> Result<Option<OwnedFd>, String> {
+        files.map(|files| files.into_iter().next())
     }
     async fn maybe_write(&self, file: Option<OwnedFd>, content: String) -> bool {
         file.map(|f| write(f, &content)).is_some()
@@ -243,6 +254,10 @@ fn fds_in_and_out() {
             let files = ipa.maybe_open(Some("maybe".into())).await.unwrap();
             assert_eq!(contents(&files.unwrap()), "maybe");
             assert!(ipa.maybe_open(None).await.unwrap().is_none());
+            let first = ipa.first_of(Ok(vec![memfd("one"), memfd("two")])).await;
+            assert_eq!(contents(&first.unwrap().unwrap().unwrap()), "one");
+            let why = ipa.first_of(Err("none here".into())).await.unwrap();
+            assert_eq!(why.unwrap_err(), "none here");
             let mine = memfd("");
             let wrote = ipa.maybe_write(Some(mine.try_clone().unwrap()), "some".into());
             assert!(wrote.await.unwrap());

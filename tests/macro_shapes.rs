@@ -32,6 +32,11 @@ pub enum ConfigError {
     TooLoud { gain: u32, max: u32 },
 }
 
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+pub enum OpenError {
+    Empty,
+}
+
 /// A user type carrying fds among its fields.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Labelled {
@@ -55,6 +60,10 @@ pub trait Shapes {
     /// An fd in: writes `content` into it.
     fn write_into(&self, file: OwnedFd, content: String);
     fn maybe_open(&self, content: Option<String>) -> Option<OwnedFd>;
+    /// A file of its own holding `content`, if there is any: a fallible fd.
+    fn open_nonempty(&self, content: String) -> Result<OwnedFd, OpenError>;
+    /// The first of `files`, or why there is none: fallible fds both ways.
+    fn first_of(&self, files: Result<Vec<OwnedFd>, String>) -> Result<Option<OwnedFd>, String>;
     /// Writes `content` into `file` if there is one; whether there was.
     fn maybe_write(&self, file: Option<OwnedFd>, content: String) -> bool;
     /// `count` new files, the i-th holding `i`.
@@ -122,6 +131,15 @@ impl Shapes for Impl {
     }
     fn maybe_open(&self, content: Option<String>) -> Option<OwnedFd> {
         content.map(|c| memfd(&c))
+    }
+    fn open_nonempty(&self, content: String) -> Result<OwnedFd, OpenError> {
+        match content.is_empty() {
+            true => Err(OpenError::Empty),
+            false => Ok(memfd(&content)),
+        }
+    }
+    fn first_of(&self, files: Result<Vec<OwnedFd>, String>) -> Result<Option<OwnedFd>, String> {
+        files.map(|files| files.into_iter().next())
     }
     fn maybe_write(&self, file: Option<OwnedFd>, content: String) -> bool {
         file.map(|f| write(f, &content)).is_some()
@@ -273,6 +291,18 @@ fn fds_in_and_out() {
         );
         assert_eq!(contents(&mine), "some");
         assert!(!ipa.maybe_write(None, "none".into()).unwrap());
+    }
+    {
+        // Result<OwnedFd, E>, Result<Vec<OwnedFd>, E> and Result<Option<OwnedFd>, E>.
+        let opened = ipa.open_nonempty("fallible".into()).unwrap();
+        assert_eq!(contents(&opened.unwrap()), "fallible");
+        let refused = ipa.open_nonempty(String::new()).unwrap();
+        assert_eq!(refused.unwrap_err(), OpenError::Empty);
+        let first = ipa.first_of(Ok(vec![memfd("one"), memfd("two")])).unwrap();
+        assert_eq!(contents(&first.unwrap().unwrap()), "one");
+        assert!(ipa.first_of(Ok(Vec::new())).unwrap().unwrap().is_none());
+        let why = ipa.first_of(Err("none here".into())).unwrap();
+        assert_eq!(why.unwrap_err(), "none here");
     }
     {
         // Vec<OwnedFd> both ways.

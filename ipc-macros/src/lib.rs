@@ -148,8 +148,11 @@ use quote::quote;
 /// Parameters and return values are serde types, encoded with bincode, with these exceptions,
 /// decided from how the type is spelled (its last path segment; an alias is not recognised):
 ///
-/// - `OwnedFd`, `Option<OwnedFd>` and `Vec<OwnedFd>` travel in the message's fd table. An
-///   `OwnedFd` parameter is closed once sent. A `File` or `UnixStream` converts with `.into()`;
+/// - `OwnedFd`, `Option<OwnedFd>` and `Vec<OwnedFd>` travel in the message's fd table, and
+///   so do they as the `Ok` of a `Result<_, E>` whose `E` is a serde type (a broker's
+///   `fn open(&self, path: String) -> Result<OwnedFd, OpenError>`; `io::Result<OwnedFd>`
+///   names no error type, and `io::Error` is not serde). An `OwnedFd` parameter is closed
+///   once sent. A `File` or `UnixStream` converts with `.into()`;
 ///   a parameter or return type spelled `File`, `UnixStream`, `BorrowedFd` or `RawFd` (alone
 ///   or under `std::`, `fs::`, `net::`, ...) is a compile error that says so, since only an
 ///   `OwnedFd` passes the fd itself (a `RawFd` would travel as a number, meaningless in the

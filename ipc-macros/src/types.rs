@@ -23,14 +23,21 @@ pub enum Role {
 
 /// How a value of type `ty` travels.
 pub fn wire(ty: &Type) -> Wire {
-    if is_fd(ty) {
-        return Wire::Fd;
+    if is_fd_form(ty) || ok_arg(ty).is_some_and(is_fd_form) {
+        Wire::Fd
+    } else if single_arg(ty, "Vec").is_some_and(|inner| is_plain(inner, "u8")) {
+        Wire::Bytes
+    } else {
+        Wire::Serde
     }
-    match single_arg(ty, "Option").or_else(|| single_arg(ty, "Vec")) {
-        Some(inner) if is_fd(inner) => Wire::Fd,
-        Some(inner) if is_plain(inner, "u8") && single_arg(ty, "Vec").is_some() => Wire::Bytes,
-        _ => Wire::Serde,
-    }
+}
+
+/// `OwnedFd`, `Option<OwnedFd>` or `Vec<OwnedFd>`: the shapes of fds the codec carries.
+fn is_fd_form(ty: &Type) -> bool {
+    is_fd(ty)
+        || single_arg(ty, "Option")
+            .or_else(|| single_arg(ty, "Vec"))
+            .is_some_and(is_fd)
 }
 
 /// Rejects a type that cannot travel, at its span, saying what to write instead.
@@ -44,13 +51,18 @@ pub fn check(ty: &Type, role: Role, wire: Wire) -> syn::Result<()> {
     if let Some(error) = checker.error {
         return Err(error);
     }
-    // The fd forms are a whole type: an `OwnedFd` anywhere else has no way onto the wire.
-    if wire == Wire::Serde && checker.fds > 0 {
+    // The fd forms are a whole type (or a `Result`'s `Ok`): an `OwnedFd` anywhere else has
+    // no way onto the wire. Each form names `OwnedFd` once.
+    let misplaced = match wire {
+        Wire::Fd => checker.fds > 1,
+        _ => checker.fds > 0,
+    };
+    if misplaced {
         return Err(syn::Error::new_spanned(
             ty,
             "an `OwnedFd` travels only as the whole type `OwnedFd`, `Option<OwnedFd>` or \
-             `Vec<OwnedFd>`; inside your own serde type, mark the field \
-             `#[serde(with = \"typed_ipc::fd\")]`",
+             `Vec<OwnedFd>`, or as the `Ok` of a `Result<_, E>`; inside your own serde \
+             type, mark the field `#[serde(with = \"typed_ipc::fd\")]`",
         ));
     }
     Ok(())
@@ -226,8 +238,24 @@ fn is_fd(ty: &Type) -> bool {
     is_plain(ty, "OwnedFd")
 }
 
+/// The `T` of a `Result<T, E>` (any path ending in `Result`, with both arguments written).
+fn ok_arg(ty: &Type) -> Option<&Type> {
+    match generic_args(ty, "Result")?[..] {
+        [GenericArgument::Type(ok), GenericArgument::Type(_)] => Some(ok),
+        _ => None,
+    }
+}
+
 /// The `T` of a `name<T>` (any path ending in `name`).
 fn single_arg<'a>(ty: &'a Type, name: &str) -> Option<&'a Type> {
+    match generic_args(ty, name)?[..] {
+        [GenericArgument::Type(inner)] => Some(inner),
+        _ => None,
+    }
+}
+
+/// The arguments of a `name<..>` (any path ending in `name`).
+fn generic_args<'a>(ty: &'a Type, name: &str) -> Option<Vec<&'a GenericArgument>> {
     let Type::Path(p) = peel(ty) else { return None };
     let last = p
         .path
@@ -237,10 +265,7 @@ fn single_arg<'a>(ty: &'a Type, name: &str) -> Option<&'a Type> {
     let PathArguments::AngleBracketed(args) = &last.arguments else {
         return None;
     };
-    match (args.args.len(), args.args.first()) {
-        (1, Some(GenericArgument::Type(inner))) => Some(inner),
-        _ => None,
-    }
+    Some(args.args.iter().collect())
 }
 
 /// Spells tokens the way rustfmt writes a signature (`Result<Vec<u8>, E>`, `&'a str`,
@@ -379,7 +404,13 @@ mod tests {
         assert_eq!(wire(&ty("Option<u8>")), Wire::Serde);
         assert_eq!(wire(&ty("Vec<u16>")), Wire::Serde);
         assert_eq!(wire(&ty("Fd")), Wire::Serde);
-        assert_eq!(wire(&ty("Result<OwnedFd, E>")), Wire::Serde);
+        assert_eq!(wire(&ty("Result<OwnedFd, E>")), Wire::Fd);
+        assert_eq!(wire(&ty("std::result::Result<Vec<OwnedFd>, E>")), Wire::Fd);
+        assert_eq!(wire(&ty("Result<Option<OwnedFd>, E>")), Wire::Fd);
+        // An alias's one argument says nothing of its error type.
+        assert_eq!(wire(&ty("io::Result<OwnedFd>")), Wire::Serde);
+        assert_eq!(wire(&ty("Result<u8, E>")), Wire::Serde);
+        assert_eq!(wire(&ty("Option<Result<OwnedFd, E>>")), Wire::Serde);
     }
 
     #[test]
@@ -394,9 +425,16 @@ mod tests {
         assert!(message("&mut Config").ends_with("take `Config` instead"));
         assert!(message("Option<&Path>").ends_with("take `PathBuf` instead"));
         assert!(message("Cow<'_, str>").contains("use an owned type"));
-        assert!(message("Result<OwnedFd, E>").contains("typed_ipc::fd"));
+        assert!(message("(OwnedFd, u8)").contains("typed_ipc::fd"));
         assert!(check(&ty("Cow<'static, str>"), Role::Param, Wire::Serde).is_ok());
         assert!(check(&ty("Vec<OwnedFd>"), Role::Param, Wire::Fd).is_ok());
+        let fallible = |s: &str| check(&ty(s), Role::Return, wire(&ty(s)));
+        assert!(fallible("Result<OwnedFd, OpenError>").is_ok());
+        // The error half is a plain serde value: an fd there has no way onto the wire.
+        let both = fallible("Result<OwnedFd, OwnedFd>")
+            .unwrap_err()
+            .to_string();
+        assert!(both.contains("the `Ok` of a `Result"), "{both}");
         // A borrowed return type says what to return.
         let returned = check(&ty("&str"), Role::Return, Wire::Serde).unwrap_err();
         assert!(returned.to_string().ends_with("return `String` instead"));

@@ -4,13 +4,14 @@
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::CONTEXT;
 use crate::error::Result;
 
 /// Something that is one or more fds on the wire: [`OwnedFd`], `Option<OwnedFd>`,
-/// `Vec<OwnedFd>`. Used through [`Fd`].
+/// `Vec<OwnedFd>`, and a `Result` whose `Ok` is one of these. Used through [`Fd`].
 pub trait FdCarrier: Sized {
     /// Writes the fds' indices, registering the fds in the message's table.
     fn serialize_fds<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error>;
@@ -56,6 +57,17 @@ impl FdCarrier for Vec<OwnedFd> {
             .into_iter()
             .map(|Fd(fd)| fd)
             .collect())
+    }
+}
+
+/// A method's fallible fds, `Result<OwnedFd, E>` (or of an `Option` or `Vec` of them): the
+/// fds of `Ok` in the message's table, an `Err` as a plain serde value.
+impl<T: FdCarrier, E: Serialize + DeserializeOwned> FdCarrier for std::result::Result<T, E> {
+    fn serialize_fds<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.as_ref().map(Fd).serialize(s)
+    }
+    fn deserialize_fds<'de, D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(std::result::Result::<Fd<T>, E>::deserialize(d)?.map(|Fd(fds)| fds))
     }
 }
 
@@ -129,8 +141,8 @@ pub mod fd {
 }
 
 /// `#[serde(with = "typed_ipc::fds")]` for an `Option<OwnedFd>` or `Vec<OwnedFd>` field (or an
-/// `OwnedFd`) inside your own serde types: the shapes of fds a method's parameter may take, as
-/// fields.
+/// `OwnedFd`, or a `Result` whose `Ok` is one of these) inside your own serde types: the shapes
+/// of fds a method's parameter may take, as fields.
 pub mod fds {
     use super::*;
 

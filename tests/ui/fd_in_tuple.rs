@@ -4,7 +4,7 @@ use typed_ipc::interface;
 
 #[interface]
 pub trait Opener {
-    fn open(&self, path: String) -> Result<OwnedFd, String>;
+    fn open(&self, path: String) -> (OwnedFd, u64);
 }
 
 fn main() {}
