@@ -712,8 +712,7 @@ fn a_handler_can_shut_its_own_server_down() {
 /// Dropping an `AsyncServing` stops accepting at once, also while its runtime does not run
 /// (a handler that dropped its own server, a runtime between `block_on`s): a new client is
 /// refused, and one that connected before and was not accepted yet is hung up on, rather
-/// than left waiting. The listener is the acceptor task's, which the runtime drops only when
-/// it next runs the task; a connect made before then succeeded, and waited for nobody.
+/// than left waiting.
 #[test]
 fn a_dropped_async_serving_refuses_clients_at_once() {
     let _fds = fd_count_lock();
@@ -739,11 +738,44 @@ fn a_dropped_async_serving_refuses_clients_at_once() {
     assert_eq!(ipc_fds(), before);
 }
 
+/// Dropping an `AsyncServing` frees its name or path at once, as dropping a blocking
+/// `Serving` does, although its runtime has not run the acceptor task since: a server
+/// restarted in the same task (a current-thread runtime runs nothing else meanwhile) can
+/// listen on the same name, and a path's socket file is gone (new clients get `ENOENT`).
+/// The listener was the task's, closed only once the runtime dropped the aborted task.
+#[test]
+fn a_dropped_async_serving_frees_its_name_and_path_at_once() {
+    let _fds = fd_count_lock();
+    let before = ipc_fds();
+    let rt = common::current_thread_runtime();
+    let name = format!("typed-ipc-async-dropped-frees-{}", std::process::id());
+    let serve = |listener| {
+        AsyncServer::new()
+            .service(LabServer::new(LabImpl::new()))
+            .listen(listener)
+    };
+    rt.block_on(async {
+        let serving = serve(AsyncListener::bind_abstract(&name).unwrap());
+        drop(serving);
+        let again = AsyncListener::bind_abstract(&name).expect("the name is free at once");
+        serve(again).shutdown().await;
+    });
+    let path = std::env::temp_dir().join(format!("{name}.sock"));
+    let serving = {
+        let _entered = rt.enter();
+        serve(AsyncListener::bind(&path).unwrap())
+    };
+    drop(serving);
+    assert!(!path.exists(), "the socket file outlived its server");
+    drop(rt);
+    assert_eq!(ipc_fds(), before);
+}
+
 /// An `AsyncServing` that outlives its runtime has stopped accepting for good (the runtime
 /// dropped the acceptor task, and the listener with it): a new client is refused rather than
 /// queued for nobody, and the name is free to listen on again, as after any other end of
-/// accepting. The dup of the listening socket that `AsyncServing` keeps to stop it must not
-/// keep it listening.
+/// accepting. The listener, which `AsyncServing` shares with the task to close it, must not
+/// be kept listening by the share `AsyncServing` holds.
 #[test]
 fn an_async_serving_that_outlived_its_runtime_refuses_clients_and_frees_its_name() {
     let _fds = fd_count_lock();

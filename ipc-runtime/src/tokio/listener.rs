@@ -3,8 +3,9 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
+use std::task::{Context, Poll, ready};
 
-use ::tokio::io::unix::AsyncFd;
+use ::tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 
 use crate::error::Result;
@@ -70,15 +71,19 @@ impl AsyncListener {
     /// `EAGAIN` for good.
     pub(crate) async fn accept_fd(&self) -> io::Result<OwnedFd> {
         loop {
-            let mut ready = self.io.readable().await?;
-            // A listening socket reads as closed only once it is shut down.
-            let shut_down = ready.ready().is_read_closed();
-            match ready.try_io(|io| io.get_ref().0.accept_fd().map_err(io::Error::from)) {
-                Ok(accepted) => return accepted,
-                Err(_would_block) if shut_down => {
-                    return Err(io::Error::from_raw_os_error(libc::EINVAL));
-                }
-                Err(_would_block) => continue,
+            if let Some(accepted) = try_accept(self.io.readable().await?) {
+                return accepted;
+            }
+        }
+    }
+
+    /// [`AsyncListener::accept_fd`] as a poll, for the one task that accepts on a listener it
+    /// must not hold while it waits (`AsyncServer::listen`, whose `AsyncServing` closes the
+    /// listener at once when dropped). Only the task that polled last is woken.
+    pub(crate) fn poll_accept_fd(&self, cx: &mut Context<'_>) -> Poll<io::Result<OwnedFd>> {
+        loop {
+            if let Some(accepted) = try_accept(ready!(self.io.poll_read_ready(cx))?) {
+                return Poll::Ready(accepted);
             }
         }
     }
@@ -86,5 +91,17 @@ impl AsyncListener {
     /// The listening socket.
     pub fn listener(&self) -> &Listener {
         &self.io.get_ref().0
+    }
+}
+
+/// Accepts a client on a listener that reads ready: `None` if none is queued after all (the
+/// readiness is then cleared, to wait for the next).
+fn try_accept(mut ready: AsyncFdReadyGuard<'_, Registered>) -> Option<io::Result<OwnedFd>> {
+    // A listening socket reads as closed only once it is shut down.
+    let shut_down = ready.ready().is_read_closed();
+    match ready.try_io(|io| io.get_ref().0.accept_fd().map_err(io::Error::from)) {
+        Ok(accepted) => Some(accepted),
+        Err(_would_block) if shut_down => Some(Err(io::Error::from_raw_os_error(libc::EINVAL))),
+        Err(_would_block) => None,
     }
 }

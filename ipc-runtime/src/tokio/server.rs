@@ -1,14 +1,12 @@
 //! [`AsyncServer`]: serving async interfaces on one connection or on every client of an
 //! [`AsyncListener`].
 
-use std::future::Future;
+use std::future::{Future, poll_fn};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-
-use nix::sys::socket as ns;
+use std::task::Poll;
 
 use parking_lot::{Mutex, MutexGuard};
 use std::time::Duration;
@@ -277,20 +275,17 @@ impl AsyncServer {
         let clients: Arc<Mutex<Vec<Client>>> = Arc::default();
         let ended: Arc<Mutex<Option<Error>>> = Arc::default();
         let stopped = Arc::new(AtomicBool::new(false));
-        // For `AsyncServing` to stop accepting at once, although the listener is the task's.
-        // Without it (no fd to spare), the listener stops once its task is next polled.
-        let listening = Arc::new(Mutex::new(
-            listener.listener().as_fd().try_clone_to_owned().ok(),
-        ));
+        // Shared, not the task's: `AsyncServing` closes it at once when it stops, whether or
+        // not the runtime runs the task meanwhile.
+        let listener = Arc::new(Mutex::new(Some(listener)));
         let acceptor = ::tokio::spawn({
             let (clients, ended, stopped) = (clients.clone(), ended.clone(), stopped.clone());
-            let dup = CloseDup(listening.clone());
+            let listener = CloseListener(listener.clone());
             async move {
-                let e = self.accept_loop(&listener, &clients, &stopped).await;
+                let e = self.accept_loop(&listener.0, &clients, &stopped).await;
                 // New clients are refused rather than queued for nobody, and the name or path
                 // is free to listen on again. Said last, so that whoever reads it finds
                 // `accepting` and the listener as it says.
-                drop(dup);
                 drop(listener);
                 if stopped.load(Ordering::SeqCst) {
                     return; // `AsyncServing` stopped it (`EINVAL`): nothing went wrong
@@ -302,7 +297,7 @@ impl AsyncServer {
         });
         AsyncServing {
             acceptor,
-            listening,
+            listener,
             stopped,
             clients,
             ended,
@@ -313,13 +308,19 @@ impl AsyncServer {
     /// Accepts clients until accepting fails for good, or `stopped` is set, and returns why.
     async fn accept_loop(
         &self,
-        listener: &AsyncListener,
+        listener: &Mutex<Option<AsyncListener>>,
         clients: &Mutex<Vec<Client>>,
         stopped: &AtomicBool,
     ) -> Error {
         let mut trouble = Trouble::new();
         loop {
-            let fd = match listener.accept_fd().await {
+            // Locked for a try at a time, never across a wait: `AsyncServing` may take it.
+            let accepted = poll_fn(|cx| match &*listener.lock() {
+                Some(listener) => listener.poll_accept_fd(cx),
+                // `AsyncServing` closed it: as if it had been shut down.
+                None => Poll::Ready(Err(io::Error::from_raw_os_error(libc::EINVAL))),
+            });
+            let fd = match accepted.await {
                 Ok(fd) => fd,
                 Err(e) => match accept_retry::classify(&e) {
                     Failure::ClientGone => continue,
@@ -385,15 +386,16 @@ async fn back_off(wait: Duration, clients: &Mutex<Vec<Client>>) {
     let _ = ::tokio::task::spawn_blocking(move || std::thread::sleep(wait)).await;
 }
 
-/// The acceptor task's share of the dup of the listening socket that [`AsyncServing`] keeps:
-/// closes it (unless `AsyncServing` took it first) when the task ends, and also when the
-/// runtime drops the task unfinished (the runtime shut down, or the task panicked), which
-/// closes the listener but would leave the dup listening, for clients to queue on for nobody.
-struct CloseDup(Arc<Mutex<Option<OwnedFd>>>);
+/// The acceptor task's share of the listener it shares with [`AsyncServing`]: closes it
+/// (unless `AsyncServing` took it first) when the task ends, and also when the runtime drops
+/// the task unfinished (the runtime shut down, or the task panicked), which would otherwise
+/// leave it listening, for clients to queue on for nobody, until `AsyncServing` goes.
+struct CloseListener(Arc<Mutex<Option<AsyncListener>>>);
 
-impl Drop for CloseDup {
+impl Drop for CloseListener {
     fn drop(&mut self) {
-        drop(self.0.lock().take());
+        let listener = self.0.lock().take();
+        drop(listener);
     }
 }
 
@@ -428,18 +430,19 @@ fn pruned(clients: &Mutex<Vec<Client>>) -> MutexGuard<'_, Vec<Client>> {
 }
 
 /// An [`AsyncServer`] accepting clients on a listener. Dropping it stops accepting and hangs
-/// up on every client at once (new clients are refused, and those that connected and were
-/// not accepted yet hung up on, whether or not its runtime is running);
+/// up on every client at once (the listener is closed, whether or not its runtime is
+/// running: new clients are refused, those that connected and were not accepted yet hung up
+/// on, and its name or path is free to listen on again when the drop returns);
 /// [`AsyncServing::shutdown`] lets calls in flight finish first.
 /// Dropped in a handler (a client asking the server to quit), it spares that handler's
 /// client: that client is read from no more, and hung up on once its calls in flight, the
 /// handler's among them, have replied.
 pub struct AsyncServing {
     acceptor: JoinHandle<()>,
-    /// The listening socket, also: shut down (and its queue of clients not yet accepted
-    /// hung up on) when this stops, rather than once the runtime next polls the acceptor.
-    /// Taken by whichever stops first, this or the acceptor.
-    listening: Arc<Mutex<Option<OwnedFd>>>,
+    /// The listener the acceptor accepts on: closed (its queue of clients not yet accepted
+    /// hung up on, its name or path freed) when this stops, rather than once the runtime next
+    /// polls the acceptor. Taken by whichever stops first, this or the acceptor.
+    listener: Arc<Mutex<Option<AsyncListener>>>,
     /// Set when this stops the acceptor, which then says nothing of the error it gets, and
     /// serves no client it accepted meanwhile.
     stopped: Arc<AtomicBool>,
@@ -552,23 +555,19 @@ impl Drop for Unfinished {
 }
 
 impl AsyncServing {
-    /// Stops accepting at once: new clients are refused (`ECONNREFUSED`), those queued and
-    /// not accepted yet hung up on, and the acceptor task aborted. The listener itself is
-    /// the task's, closed (and its socket file removed) once the runtime drops the task.
+    /// Stops accepting at once: the listener is closed (its socket file removed, its name
+    /// free to listen on again), new clients are refused, those queued and not accepted yet
+    /// hung up on, and the acceptor task aborted.
     fn stop_accepting(&mut self) {
         self.stopped.store(true, Ordering::SeqCst);
-        if let Some(listening) = self.listening.lock().take() {
-            let raw = listening.as_raw_fd();
-            let _ = ns::shutdown(raw, ns::Shutdown::Both);
-            // Non-blocking, as the listener made its socket: until none is left.
-            loop {
-                match ns::accept4(raw, ns::SockFlag::SOCK_CLOEXEC) {
-                    // SAFETY: accept4 returned a new descriptor that nothing else owns.
-                    Ok(client) => drop(unsafe { OwnedFd::from_raw_fd(client) }),
-                    Err(nix::Error::EINTR | nix::Error::ECONNABORTED) => continue,
-                    Err(_) => break,
-                }
-            }
+        let listener = self.listener.lock().take();
+        if let Some(listener) = listener {
+            // Shut down and emptied as well as closed: a copy of the socket made elsewhere
+            // would keep it listening.
+            let listener = listener.listener();
+            let _ = listener.shutdown();
+            // Non-blocking, as `AsyncListener` made its socket: until none is left.
+            while listener.accept_fd().is_ok() {}
         }
         self.acceptor.abort();
     }
