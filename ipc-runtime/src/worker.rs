@@ -18,7 +18,7 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::{Child, Command, ExitStatus};
+use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use nix::fcntl::{FcntlArg, FdFlag, fcntl};
@@ -189,6 +189,26 @@ impl Worker {
         self.child.id()
     }
 
+    /// The child's standard input, if its command piped it (`Stdio::piped()`), for this
+    /// process to write to; `None` if it was not piped, or was taken before. Left here, it
+    /// is closed by [`Worker::wait`], as [`Child::wait`] closes it, so that a child that
+    /// reads it to the end can exit.
+    pub fn take_stdin(&mut self) -> Option<ChildStdin> {
+        self.child.stdin.take()
+    }
+
+    /// The child's standard output, if its command piped it, for this process to read: a
+    /// child that writes more than the pipe holds waits until it is read. `None` if it was
+    /// not piped, or was taken before.
+    pub fn take_stdout(&mut self) -> Option<ChildStdout> {
+        self.child.stdout.take()
+    }
+
+    /// The child's standard error, as [`Worker::take_stdout`] its standard output.
+    pub fn take_stderr(&mut self) -> Option<ChildStderr> {
+        self.child.stderr.take()
+    }
+
     /// Sends `SIGKILL`. Harmless if the child has already exited, even if something else in
     /// this process has reaped it (`SIGCHLD` ignored, or a `waitpid(-1)`): where the kernel
     /// has pidfds, the signal goes through the child's pidfd, which cannot reach another
@@ -222,7 +242,11 @@ impl Worker {
     /// the child first (`SIGCHLD` ignored, so that the kernel reaps children as they exit, or
     /// a `waitpid(-1)`), how it ended is lost: this fails at once with an [`Error::Io`] that
     /// says the worker was reaped elsewhere, rather than waiting for good.
+    ///
+    /// A piped standard input not taken ([`Worker::take_stdin`]) is closed first, as
+    /// [`Child::wait`] does.
     pub fn wait(&mut self) -> Result<Exit> {
+        drop(self.take_stdin());
         match self.exit {
             Some(exit) => Ok(exit),
             None => self.reap(true)?.ok_or_else(|| {

@@ -499,3 +499,83 @@ fn child_async_asking_outside_a_runtime() {
     let connection = runtime.block_on(async { ipc_runtime::tokio::worker::connection() });
     drop(connection.unwrap());
 }
+
+/// Only guards against a hang: a test that waits this long has failed anyway.
+const HANG_GUARD: std::time::Duration = std::time::Duration::from_secs(60);
+
+#[test]
+fn wait_closes_a_piped_stdin_as_std_does() {
+    // A worker that reads its stdin to the end before it exits: piped, and never written to
+    // nor closed by this process, `wait` must close it (as `std::process::Child::wait` does),
+    // else both wait for good.
+    let reader = || {
+        let mut command = child("child_reading_stdin_to_its_end");
+        command.stdin(std::process::Stdio::piped());
+        Worker::spawn_socket(command).unwrap()
+    };
+    let (mut worker, socket) = reader();
+    let (exited, exit) = std::sync::mpsc::channel();
+    std::thread::spawn(move || exited.send(worker.wait().unwrap()));
+    let exit = exit
+        .recv_timeout(HANG_GUARD)
+        .expect("wait closes the worker's stdin");
+    assert_eq!(exit, Exit::Code(0));
+    assert_eq!(socket.recv().unwrap().payload, b"read to the end");
+    // The async wait likewise.
+    #[cfg(feature = "tokio")]
+    {
+        let (mut worker, socket) = reader();
+        let waited = current_thread_runtime().block_on(async {
+            let wait = ipc_runtime::tokio::worker::wait(&mut worker);
+            tokio::time::timeout(HANG_GUARD, wait).await
+        });
+        let exit = waited.expect("the async wait closes the worker's stdin");
+        assert_eq!(exit.unwrap(), Exit::Code(0));
+        assert_eq!(socket.recv().unwrap().payload, b"read to the end");
+    }
+}
+
+/// A worker that reads its stdin to the end, says so, and exits.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_reading_stdin_to_its_end() {
+    let socket = worker::socket().unwrap();
+    std::io::stdin().read_to_end(&mut Vec::new()).unwrap();
+    socket.send(b"read to the end", &[]).unwrap();
+}
+
+/// More than a pipe holds (64 KiB).
+const LOGGED: usize = 1 << 20;
+
+#[test]
+fn the_parent_takes_and_reads_a_worker_s_piped_stderr() {
+    // A worker whose stderr its parent pipes, to log it, say: the parent takes the pipe and
+    // reads it. It had no way to: the pipe stayed in the `Worker`, and a worker that wrote
+    // more than a pipe holds waited for good.
+    let mut command = child("child_logging_a_lot");
+    command.stderr(std::process::Stdio::piped());
+    let (mut worker, socket) = Worker::spawn_socket(command).unwrap();
+    let mut stderr = worker.take_stderr().expect("the piped stderr");
+    assert!(worker.take_stderr().is_none(), "taken once");
+    assert!(worker.take_stdout().is_none(), "stdout is not piped");
+    let reading = std::thread::spawn(move || {
+        let mut logged = Vec::new();
+        stderr.read_to_end(&mut logged).unwrap();
+        logged.len()
+    });
+    let said = socket
+        .recv_timeout(HANG_GUARD)
+        .expect("the worker finished logging");
+    assert_eq!(said.payload, b"logged");
+    assert_eq!(worker.wait().unwrap(), Exit::Code(0));
+    assert!(reading.join().unwrap() >= LOGGED);
+}
+
+/// A worker that writes [`LOGGED`] bytes to stderr, then says so.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_logging_a_lot() {
+    let socket = worker::socket().unwrap();
+    std::io::stderr().write_all(&vec![b'.'; LOGGED]).unwrap();
+    socket.send(b"logged", &[]).unwrap();
+}

@@ -47,8 +47,10 @@ pub fn connection() -> Result<AsyncConnection> {
 /// Waits for `worker` to end without blocking a runtime thread, and says how it ended. Uses
 /// the worker's pidfd where the kernel has them (Linux ≥ 5.3); elsewhere it checks every
 /// 10 ms. Fails at once, as [`Worker::wait`] does, if something else in this process reaped
-/// the worker (`SIGCHLD` ignored, say).
+/// the worker (`SIGCHLD` ignored, say). Closes a piped standard input not taken first, as
+/// [`Worker::wait`] does.
 pub async fn wait(worker: &mut Worker) -> Result<Exit> {
+    drop(worker.take_stdin());
     let pidfd = match worker.pidfd().map(|fd| fd.try_clone_to_owned()) {
         Some(Ok(fd)) => Some(super::register(fd)?),
         _ => None,
