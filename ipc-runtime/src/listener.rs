@@ -31,6 +31,10 @@ impl Listener {
     /// Listens on a filesystem path.
     pub fn bind(path: impl AsRef<Path>) -> Result<Listener> {
         let path = path.as_ref();
+        // What drop removes: absolute, so that it still names the file once the process has
+        // changed directory. Bound as given, which may be shorter than the kernel's limit
+        // when the absolute path is not.
+        let absolute = std::path::absolute(path)?;
         let addr = UnixAddr::new(path)?;
         let fd = new_socket()?;
         match ns::bind(fd.as_raw_fd(), &addr) {
@@ -44,7 +48,7 @@ impl Listener {
         // Made before `listen`, so that a failure there removes the file again.
         let listener = Listener {
             fd,
-            path: Some((path.to_owned(), (file.dev(), file.ino()))),
+            path: Some((absolute, (file.dev(), file.ino()))),
         };
         ns::listen(&listener.fd, Backlog::MAXCONN)?;
         Ok(listener)
@@ -82,7 +86,8 @@ impl Listener {
         Ok(ns::shutdown(self.fd.as_raw_fd(), ns::Shutdown::Both)?)
     }
 
-    /// The path this listener is bound to, if it is bound to one.
+    /// The path this listener is bound to, if it is bound to one: made absolute when it was
+    /// bound, so that it names the same file whatever the current directory is now.
     pub fn path(&self) -> Option<&Path> {
         self.path.as_ref().map(|(p, _)| p.as_path())
     }

@@ -467,6 +467,30 @@ fn listeners_on_paths_and_abstract_names() {
 }
 
 #[test]
+fn a_listener_on_a_relative_path_removes_its_file_after_a_change_of_directory() {
+    // The current directory is the process's: changed in a process of its own.
+    let status = child("child_binding_a_relative_path").status().unwrap();
+    assert!(status.success(), "the socket file outlived its listener");
+}
+
+/// Binds a relative path, then changes directory, as a daemon does once set up: the path
+/// the listener names, and removes when dropped, is still its socket file.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_binding_a_relative_path() {
+    let dir = std::env::temp_dir().join(format!("typed-ipc-relative-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::env::set_current_dir(&dir).unwrap();
+    let listener = Listener::bind("sock").unwrap();
+    std::env::set_current_dir("/").unwrap();
+    let file = dir.join("sock");
+    assert_eq!(listener.path(), Some(file.as_path()));
+    drop(listener);
+    assert!(!file.exists(), "the socket file outlived its listener");
+    std::fs::remove_dir(&dir).unwrap();
+}
+
+#[test]
 fn a_live_listener_whose_queue_is_full_is_not_replaced_and_not_waited_for() {
     use nix::sys::socket::{AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
     use nix::sys::socket::{bind, listen, socket};
