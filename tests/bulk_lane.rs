@@ -473,3 +473,95 @@ fn a_refused_call_that_announced_the_region_announces_it_again() {
     drop(bulk);
     server.join().unwrap().unwrap();
 }
+
+/// A worker whose handler decodes its arguments twice, calling the parent back in between.
+#[interface]
+pub trait Twice {
+    /// What decoding `data` gave, then what decoding it again after `Poke::poke` gave (if it
+    /// is 1 KiB or more: it may have come out of line).
+    fn keep(&self, data: Vec<u8>) -> String;
+    #[oneway]
+    fn note(&self, data: Vec<u8>);
+}
+
+/// The parent's side: the worker calls it back.
+#[interface]
+pub trait Poke {
+    fn poke(&self);
+}
+
+/// `Twice` by hand: `keep` calls `Call::args` twice, which the generated server never does.
+struct DecodesTwice(PokeClient);
+
+impl typed_ipc::service::Service for DecodesTwice {
+    fn info(&self) -> &'static typed_ipc::service::InterfaceInfo {
+        &TWICE_INFO
+    }
+    fn handle(&self, call: &mut typed_ipc::service::Call<'_>) -> typed_ipc::Result<()> {
+        type Args = (typed_ipc::codec::Bytes<Vec<u8>>,);
+        let (typed_ipc::codec::Bytes(first),): Args = call.args()?;
+        if call.is_oneway() || first.len() < 1024 {
+            return call.reply(&String::new()); // `note` (no reply), or a string kept inline
+        }
+        self.0.poke()?;
+        let again = match call.args::<Args>() {
+            Ok((typed_ipc::codec::Bytes(v),)) => format!("{:x}", checksum(&v)),
+            Err(e) => format!("refused: {e}"),
+        };
+        call.reply(&format!("{:x} then {again}", checksum(&first)))
+    }
+}
+
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_decodes_twice() {
+    typed_ipc::Server::new()
+        .service_with(|connection| DecodesTwice(PokeClient::new(connection.clone())))
+        .serve(&worker::connection().unwrap())
+        .unwrap();
+}
+
+/// Places a string of its own (a `note`) when poked: over the one the worker decoded first,
+/// whose placement the poke acknowledged.
+struct PlacesWhenPoked(TwiceClient);
+
+impl Poke for PlacesWhenPoked {
+    fn poke(&self) {
+        self.0.note(filled(64 << 10, 0)).unwrap();
+    }
+}
+
+/// A handler that decodes its arguments a second time, after its first decode acknowledged
+/// the string placed in our region and we placed another there: the second decode must
+/// fail, saying why, not return the other string's bytes.
+#[test]
+fn a_second_decode_of_a_large_argument_fails_rather_than_read_a_later_string() {
+    let _fds = fd_count_lock(); // opens fds: keep them out of the counting tests' windows
+    let (mut child, conn) = Worker::spawn(child("child_decodes_twice")).unwrap();
+    let twice = TwiceClient::new(conn.clone());
+    conn.add_service(PokeServer::new(PlacesWhenPoked(twice.clone())));
+    let serving = std::thread::spawn({
+        let conn = conn.clone();
+        move || conn.run()
+    });
+    // The first string announces our region (its fd is taken by the first decode), the
+    // second finds it announced.
+    for round in 1..=2 {
+        // Our lane is idle: the worker has spoken (the first time), or acknowledged the last
+        // `note` (run before this call).
+        twice.keep(vec![0; 10]).unwrap();
+        let data = filled(64 << 10, round);
+        let said = twice.keep(data.clone()).unwrap();
+        let (first, again) = said.split_once(" then ").unwrap();
+        assert_eq!(first, format!("{:x}", checksum(&data)));
+        assert!(
+            again.starts_with("refused: ") && again.contains("taken already"),
+            "round {round}: decoded again: {again} (the later string's checksum is {:x})",
+            checksum(&filled(64 << 10, 0))
+        );
+    }
+    conn.close();
+    serving.join().unwrap().unwrap();
+    drop((twice, conn));
+    assert_eq!(child.wait().unwrap(), Exit::Code(0));
+}

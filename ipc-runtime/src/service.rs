@@ -211,6 +211,11 @@ impl Call<'_> {
     }
 
     /// Decodes the arguments, taking the fds that came with them. Fds not claimed are closed.
+    ///
+    /// Decode them once: the first call takes the fds, and a large byte string that came
+    /// through shared memory, out of the message. A second call on a message that carried
+    /// either fails with [`Error::Malformed`] (for such a string, saying it was taken
+    /// already): once this end has copied a string out, the peer may put its next one there.
     pub fn args<T: DeserializeOwned>(&mut self) -> Result<T> {
         codec::decode_from(self.body, &mut self.fds).map_err(|e| self.undecoded(e))
     }

@@ -8,8 +8,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::fd_carriers::{index_of, take};
 use super::{
-    CONTEXT, Fetched, NO_FD, OUT_OF_LINE_MIN, Piped, Placed, Placement, Unfetched, Written, place,
-    place_shared, with_current_store,
+    CONTEXT, FdNamed, Fetched, NO_FD, OUT_OF_LINE_MIN, Piped, Placed, Placement, Unfetched,
+    Written, place, place_shared, with_current_store,
 };
 use crate::error::Result;
 use crate::shared_bytes::SharedBytes;
@@ -137,10 +137,7 @@ impl<'de> Deserialize<'de> for Bytes<Vec<u8>> {
                     1 => {
                         fetch_once()?;
                         let placed: Placed = seq.next_element()?.ok_or_else(missing)?;
-                        let fd = match placed.fd {
-                            NO_FD => None,
-                            index => Some(take(index).map_err(A::Error::custom)?),
-                        };
+                        let fd = named_fd(placed.fd);
                         with_current_store(|store| store.take(&placed, fd))
                             .ok_or_else(|| {
                                 A::Error::custom(
@@ -171,14 +168,20 @@ fn take_piped<'de, A: serde::de::SeqAccess<'de>>(seq: &mut A) -> Result<Vec<u8>,
     fetch_once()?;
     let missing = || A::Error::custom("a byte string ended early");
     let piped: Piped = seq.next_element()?.ok_or_else(missing)?;
-    let fd = match piped.fd {
-        NO_FD => None,
-        index => Some(take(index).map_err(A::Error::custom)?),
-    };
+    let fd = named_fd(piped.fd);
     let tail = seq.next_element::<InlineBuf>()?.ok_or_else(missing)?;
     with_current_store(|store| store.take_piped(&piped, fd, &tail.0))
         .ok_or_else(|| A::Error::custom("a piped byte string, but no pipe to read it from"))?
         .map_err(unfetched)
+}
+
+/// The fd at `index` in the message's table ([`NO_FD`]: none), for the store to take with
+/// the reference that named it.
+fn named_fd(index: u32) -> FdNamed {
+    match index {
+        NO_FD => Ok(None),
+        index => take(index).map(Some),
+    }
 }
 
 /// Refuses a second out-of-line byte string in the message being decoded (see

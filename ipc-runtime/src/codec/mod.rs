@@ -173,9 +173,10 @@ pub(crate) trait OutOfLine: Send + Sync {
     /// Offers `bytes` while encoding, at most once per message. `Some` if the store took
     /// them: where (its `seq` is never 0).
     fn put(&self, bytes: &[u8]) -> Option<Placement>;
-    /// Fetches placed bytes while decoding; `fd` is the fd the reference named, if any.
-    fn take(&self, placed: &Placed, fd: Option<OwnedFd>)
-    -> std::result::Result<Vec<u8>, Unfetched>;
+    /// Fetches placed bytes while decoding; `fd` is the fd the reference named, if any, or
+    /// why the message's table does not hold it: a message decoded twice has no fds left,
+    /// and the store says that its string was taken already rather than that.
+    fn take(&self, placed: &Placed, fd: FdNamed) -> std::result::Result<Vec<u8>, Unfetched>;
     /// Offers bytes whose owner the store may keep until the peer has read them, so that
     /// they can be read from the sender's own pages; at most once per message, like
     /// [`OutOfLine::put`]. `Some`: the reference to write (how many of the bytes went
@@ -183,11 +184,12 @@ pub(crate) trait OutOfLine: Send + Sync {
     fn put_shared(&self, _bytes: &SharedBytes) -> Option<(Piped, Option<RawFd>)> {
         None
     }
-    /// Fetches piped bytes while decoding and appends `tail`, the rest of the string.
+    /// Fetches piped bytes while decoding and appends `tail`, the rest of the string; `fd`
+    /// as in [`OutOfLine::take`].
     fn take_piped(
         &self,
         _piped: &Piped,
-        _fd: Option<OwnedFd>,
+        _fd: FdNamed,
         _tail: &[u8],
     ) -> std::result::Result<Vec<u8>, Unfetched> {
         Err("a piped byte string, but no pipe to read it from".into())
@@ -200,6 +202,10 @@ pub(crate) trait OutOfLine: Send + Sync {
     /// will never be sent, and its caller never learns of the placement.
     fn abandon(&self, _seq: u32) {}
 }
+
+/// The fd an out-of-line reference named (`None`: it named none), or why the message's table
+/// does not hold it.
+pub(crate) type FdNamed = std::result::Result<Option<OwnedFd>, String>;
 
 /// Where [`OutOfLine::put`] put a byte string.
 pub(crate) enum Placement {

@@ -27,7 +27,7 @@ impl OutOfLine for Greedy {
         Some(Placement::Region(placed, None))
     }
 
-    fn take(&self, placed: &Placed, _: Option<OwnedFd>) -> std::result::Result<Vec<u8>, Unfetched> {
+    fn take(&self, placed: &Placed, _: FdNamed) -> std::result::Result<Vec<u8>, Unfetched> {
         let taken = self.taken.lock().unwrap();
         Ok(taken[placed.seq as usize - 1].clone())
     }
@@ -124,7 +124,7 @@ impl OutOfLine for Refusing {
         None
     }
 
-    fn take(&self, placed: &Placed, _: Option<OwnedFd>) -> std::result::Result<Vec<u8>, Unfetched> {
+    fn take(&self, placed: &Placed, _: FdNamed) -> std::result::Result<Vec<u8>, Unfetched> {
         Err(Unfetched::OverLimit {
             len: placed.len,
             limit: 10,

@@ -71,6 +71,7 @@ impl AsyncCall {
     }
 
     /// Decodes the arguments, taking the fds that came with them. Fds not claimed are closed.
+    /// Decode them once, as [`Call::args`](crate::service::Call::args) says.
     pub fn args<T: DeserializeOwned>(&mut self) -> Result<T> {
         let fds = std::mem::take(&mut self.frame.fds);
         let body = &self.frame.payload[envelope::LEN..];

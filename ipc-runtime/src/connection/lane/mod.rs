@@ -33,7 +33,10 @@
 //!   is treated by its sender as never sent: if its message announced the region, the
 //!   region's fd was closed unread, so the next placement announces it again. Sequence
 //!   numbers run from 1 to 2047 and wrap; with one placement in flight at a time, "newer" is
-//!   well defined.
+//!   well defined. Once copied out, a placement is not read again: a second decode of its
+//!   message (`Call::args` called twice, a decode nested in a decode) is refused, as the
+//!   peer may have placed its next string over it by then ([`Lane::taken`]); a message
+//!   carrying the same number makes it readable again (2,047 placements later).
 //! - A placement keeps the lane busy until the peer's lane word acknowledges it, or until a
 //!   failure reply to the call that carried it arrives (the request may never have been
 //!   decoded, so a region it announced is announced again), or the message carrying it
@@ -127,6 +130,8 @@ const SEQ_BITS: u32 = 11;
 const SEQ_MASK: u32 = (1 << SEQ_BITS) - 1;
 /// In the lane word: the placement acknowledged was done with unread.
 const UNREAD: u32 = 1 << 22;
+/// Words of [`Lane::taken`]: a bit for every sequence number.
+const TAKEN_WORDS: usize = (SEQ_MASK as usize + 1) / 64;
 
 /// One connection's lane: its outgoing region and its view of the peer's.
 pub(crate) struct Lane {
@@ -165,6 +170,11 @@ pub(crate) struct Lane {
     /// [`Lane::on_message`] stamps into each (see [`Lane::finished`]). One atomic, so that
     /// an acknowledgement is recorded only if no such message came in meanwhile.
     consumed: AtomicU64,
+    /// One bit per sequence number: a decode has taken the peer's placement of that number
+    /// since a message carrying it last came in. A message decoded again (a handler calling
+    /// `Call::args` twice) must not take its string again: the first decode acknowledged it,
+    /// so the peer may have placed its next string over it, or piped it behind it.
+    taken: [AtomicU64; TAKEN_WORDS],
     /// Largest string accepted from the peer (this end's limits). Not its region's bound:
     /// a region may be larger than the strings this end accepts (at least 64 KiB, grown for
     /// the largest string the peer sent, even one refused here), and refusing it would fail
@@ -206,6 +216,7 @@ impl Lane {
             incoming_pipe: Mutex::new(None),
             peer_mailbox: Mutex::new(None),
             consumed: AtomicU64::new(if max_fds > 0 { READS_LANES.into() } else { 0 }),
+            taken: [const { AtomicU64::new(0) }; TAKEN_WORDS],
             max_len: max_len.min(MAX),
             sends_fds: max_fds > 0,
             sending: AtomicU32::new(0),
@@ -488,9 +499,34 @@ impl Lane {
     /// messages carry none).
     #[inline(never)]
     fn stamp(&self, payload: &mut [u8], word: u32) {
+        self.arrived(word >> SEQ_BITS & SEQ_MASK);
         let count = (self.consumed.fetch_add(1 << 32, Ordering::AcqRel) >> 32) as u32;
         let stamp = count.wrapping_add(1) & SEQ_MASK;
         envelope::set_lane(payload, word & !SEQ_MASK | stamp);
+    }
+
+    /// A message carrying the peer's placement `seq` came in: its string is there to take,
+    /// once ([`Lane::taken`]).
+    fn arrived(&self, seq: u32) {
+        let (word, bit) = taken_bit(seq);
+        self.taken[word].fetch_and(!bit, Ordering::Relaxed);
+    }
+
+    /// Refuses the peer's placement `seq` if a decode took it since the message carrying
+    /// it came in: the message is being decoded again. (Decodes of one message run on one
+    /// thread, one after the other; the reader hands messages over under a lock.)
+    fn untaken(&self, seq: u32) -> std::result::Result<(), codec::Unfetched> {
+        let (word, bit) = taken_bit(seq);
+        match self.taken[word].load(Ordering::Relaxed) & bit {
+            0 => Ok(()),
+            _ => Err(taken_already(seq)),
+        }
+    }
+
+    /// A decode took the peer's placement `seq`.
+    fn took(&self, seq: u32) {
+        let (word, bit) = taken_bit(seq);
+        self.taken[word].fetch_or(bit, Ordering::Relaxed);
     }
 
     /// Takes in the lane word of an envelope the peer sent. Its acknowledgement counts even
@@ -635,6 +671,23 @@ impl Lane {
             self.abort(placed);
         }
     }
+}
+
+/// Where sequence number `seq` is in [`Lane::taken`]: its word and its bit there.
+fn taken_bit(seq: u32) -> (usize, u64) {
+    let seq = (seq & SEQ_MASK) as usize;
+    (seq / 64, 1 << (seq % 64))
+}
+
+/// Why a second decode of a message gets no out-of-line string: the first took it.
+#[cold]
+fn taken_already(seq: u32) -> codec::Unfetched {
+    format!(
+        "its large byte string (placement {seq}) was taken already: the message was decoded \
+         before, and such a string is taken out of the peer's shared memory once, as an fd is \
+         (decode a message once)"
+    )
+    .into()
 }
 
 /// The inode number of the memfd `fd`, which names a region to its peer; `None` if `fstat`

@@ -1,11 +1,11 @@
 //! The lane as the codec's out-of-line store ([`OutOfLine`]): byte strings placed, piped or
 //! written by this end, and taken out of the peer's region, its pipe or this end's inbox.
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 
 use super::{Lane, MAX, MIN, SEQ_MASK, pipes};
-use crate::codec::{NO_FD, OutOfLine, Piped, Placed, Placement, Unfetched, Written};
+use crate::codec::{FdNamed, NO_FD, OutOfLine, Piped, Placed, Placement, Unfetched, Written};
 use crate::error::{Error, Result};
 use crate::peer_memory;
 use crate::pipe::{self, InPipe, OutPipe};
@@ -53,17 +53,16 @@ impl OutOfLine for Lane {
         Some((piped, fd))
     }
 
-    fn take_piped(
-        &self,
-        piped: &Piped,
-        fd: Option<OwnedFd>,
-        tail: &[u8],
-    ) -> Result<Vec<u8>, Unfetched> {
+    fn take_piped(&self, piped: &Piped, fd: FdNamed, tail: &[u8]) -> Result<Vec<u8>, Unfetched> {
         // Before the fd is touched: every read of a pipe takes its lock, which the peer can
         // hold (sleeping in a `splice` into it) for as long as it likes.
         if !self.lends(Ordering::Acquire) {
             return Err(untrusted_pipe());
         }
+        // Read again, the pipe would give the bytes of the string piped after this one.
+        let seq = piped.seq & SEQ_MASK;
+        self.untaken(seq)?;
+        let fd = fd?;
         let mut incoming = self.incoming_pipe.lock();
         if let Some(fd) = fd {
             *incoming = Some(InPipe::new(fd).map_err(|e| e.to_string())?);
@@ -90,7 +89,8 @@ impl OutOfLine for Lane {
         }
         let mut bytes = pipe.read_vec(len, tail.len()).map_err(|e| e.to_string())?;
         bytes.extend_from_slice(tail);
-        self.done_with(piped.seq & SEQ_MASK, 0);
+        self.took(seq);
+        self.done_with(seq, 0);
         Ok(bytes)
     }
 
@@ -152,17 +152,24 @@ impl OutOfLine for Lane {
                 limit: self.max_len as u64,
             });
         }
+        self.untaken(seq)?;
         let mut inbox = self.inbox.lock();
         let inbox = inbox
             .as_mut()
             .ok_or("a byte string written into this process, but it announced no inbox")?;
         let bytes = inbox.take(written.generation, written.len, seq)?;
+        self.took(seq);
         // Acknowledged by `settle_inbox`, once the inbox has its next buffer.
         self.inbox_taken.store(true, Ordering::Release);
         Ok(bytes)
     }
 
-    fn take(&self, placed: &Placed, fd: Option<OwnedFd>) -> Result<Vec<u8>, Unfetched> {
+    fn take(&self, placed: &Placed, fd: FdNamed) -> Result<Vec<u8>, Unfetched> {
+        // Read again, the region may hold the peer's next string: the first read acknowledged
+        // this one.
+        let seq = placed.seq & SEQ_MASK;
+        self.untaken(seq)?;
+        let fd = fd?;
         let (offset, len) = match (usize::try_from(placed.offset), usize::try_from(placed.len)) {
             (Ok(offset), Ok(len)) if len <= self.max_len => (offset, len),
             _ => {
@@ -192,7 +199,8 @@ impl OutOfLine for Lane {
         if announced.is_some() {
             *incoming = announced;
         }
-        self.done_with(placed.seq & SEQ_MASK, 0);
+        self.took(seq);
+        self.done_with(seq, 0);
         Ok(bytes)
     }
 }

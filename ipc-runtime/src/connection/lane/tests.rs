@@ -153,11 +153,13 @@ fn a_lap_of_placements() -> (Lane, Lane, u32, Vec<u8>) {
     a.on_word(READS_LANES);
     let first = vec![1u8; 4096];
     let (placed, fd) = place(&a, &first);
-    assert_eq!(b.take(&placed, fd).unwrap(), first);
+    b.on_message(&mut carrying(placed.seq));
+    assert_eq!(b.take(&placed, Ok(fd)).unwrap(), first);
     a.on_word(b.word(0));
     for _ in 0..SEQ_MASK - 1 {
         let (p, fd) = place(&a, &first);
-        b.take(&p, fd).unwrap();
+        b.on_message(&mut carrying(p.seq));
+        b.take(&p, Ok(fd)).unwrap();
         a.on_word(b.word(0));
     }
     (a, b, placed.seq, first)
@@ -176,8 +178,9 @@ fn a_failure_reply_a_lap_later_does_not_give_back_the_placement_of_its_number() 
     let failure = failure_reply();
     a.after_reply(old, &failure); // the old call's failure
     let _ = a.put(&[3u8; 4096]); // the next string, if the lane were idle
+    b.on_message(&mut carrying(placed.seq));
     assert!(
-        b.take(&placed, None).unwrap() == new,
+        b.take(&placed, Ok(None)).unwrap() == new,
         "the bytes placed were overwritten"
     );
 }
@@ -203,7 +206,7 @@ fn a_message_finished_a_lap_later_does_not_give_back_the_placement_of_its_number
     a.on_word(b.word(0));
     let _ = a.put(&[3u8; 4096]); // the next string, if the lane were idle
     assert!(
-        b.take(&placed, None).unwrap() == new,
+        b.take(&placed, Ok(None)).unwrap() == new,
         "the bytes placed were overwritten"
     );
     b.finished(&newer_request);
@@ -260,7 +263,7 @@ fn a_byte_string_over_the_limit_is_refused_as_over_it_whichever_way_it_came() {
     peer.on_word(READS_LANES);
     let (placed, fd) = place(&peer, &[7; 2000]);
     assert!(fd.is_some(), "the message announces the region");
-    assert_eq!(over(lane.take(&placed, fd)), (2000, 1500));
+    assert_eq!(over(lane.take(&placed, Ok(fd))), (2000, 1500));
     // A pipe, announced with this string (read only from a peer this end trusts with pipes):
     // its bytes and the tail inline count together.
     let _ = lane.lend_pages(true);
@@ -271,7 +274,7 @@ fn a_byte_string_over_the_limit_is_refused_as_over_it_whichever_way_it_came() {
         len: 1400,
     };
     assert_eq!(
-        over(lane.take_piped(&piped, Some(read), &[0; 101])),
+        over(lane.take_piped(&piped, Ok(Some(read)), &[0; 101])),
         (1501, 1500)
     );
     let written = Written {
@@ -350,7 +353,7 @@ fn a_region_replaced_by_a_smaller_one_is_announced_and_mapped_instead() {
         let bytes = vec![len as u8; len];
         let (placed, fd) = place(&a, &bytes);
         let announced = fd.is_some();
-        assert!(b.take(&placed, fd).unwrap() == bytes);
+        assert!(b.take(&placed, Ok(fd)).unwrap() == bytes);
         a.on_word(b.word(0));
         announced
     };
@@ -381,7 +384,7 @@ fn a_retired_region_is_unmapped_by_the_peer_if_it_is_the_one_mapped() {
     let bytes = vec![7u8; 1 << 20];
     let (placed, fd) = place(&a, &bytes);
     assert_eq!(a.retire_region(), None, "a string in flight keeps it");
-    b.take(&placed, fd).unwrap();
+    b.take(&placed, Ok(fd)).unwrap();
     a.on_word(b.word(0));
     let (len, announcement) = a.retire_region().expect("idle: given back");
     assert_eq!(len, 1 << 20);
@@ -395,7 +398,7 @@ fn a_retired_region_is_unmapped_by_the_peer_if_it_is_the_one_mapped() {
     assert!(fd.is_some(), "a new region, announced anew");
     let (_, newer) = a.retire_region().map_or((0, None), |r| r);
     assert!(newer.is_none(), "busy: kept");
-    b.take(&placed, fd).unwrap();
+    b.take(&placed, Ok(fd)).unwrap();
     a.on_word(b.word(0));
     b.on_announce(mailbox, inode);
     assert_eq!(
@@ -433,7 +436,7 @@ fn a_region_given_back_after_its_announcement_went_unread_is_unmapped_by_the_pee
     let (a, b) = (Lane::new(MAX, usize::MAX), Lane::new(MAX, usize::MAX));
     a.on_word(READS_LANES);
     let (placed, fd) = place(&a, &vec![1u8; 1 << 20]);
-    b.take(&placed, fd).unwrap();
+    b.take(&placed, Ok(fd)).unwrap();
     a.on_word(b.word(0));
     a.out.lock().age(outgoing::SHRINK_AFTER);
     let (placed, fd) = place(&a, &[2u8; 4096]);
@@ -488,4 +491,111 @@ fn a_region_is_kept_while_a_message_naming_it_is_on_its_way_out() {
         a.put(&vec![2u8; 1 << 20]).is_some(),
         "grown once the message is out"
     );
+}
+
+/// A message decoded twice (a handler calling `Call::args` again): its placement was
+/// acknowledged by the first decode, so the peer may have placed its next string over it.
+/// The second decode must fail, saying so, and not hand out whatever the region holds now.
+#[test]
+fn a_placement_is_taken_once_per_message_that_carries_it() {
+    use crate::codec::{OutOfLine, Unfetched};
+    let (a, b) = (Lane::new(MAX, usize::MAX), Lane::new(MAX, usize::MAX));
+    a.on_word(READS_LANES);
+    let first = vec![1u8; 4096];
+    let (placed, fd) = place(&a, &first);
+    b.on_message(&mut carrying(placed.seq));
+    assert!(b.take(&placed, Ok(fd)).unwrap() == first);
+    a.on_word(b.word(0));
+    let (next, _) = place(&a, &[2u8; 4096]); // over the first, at offset 0
+    match b.take(&placed, Ok(None)) {
+        Err(Unfetched::Bad(why)) => assert!(why.contains("taken already"), "{why}"),
+        Ok(bytes) => panic!(
+            "decoded again: {} bytes, of value {}",
+            bytes.len(),
+            bytes[0]
+        ),
+        Err(e) => panic!("{e:?}"),
+    }
+    // The next message's string is its own, once.
+    b.on_message(&mut carrying(next.seq));
+    assert!(b.take(&next, Ok(None)).unwrap() == [2u8; 4096]);
+    assert!(b.take(&next, Ok(None)).is_err());
+}
+
+/// The same through a pipe: a second decode would read the next string's bytes out of the
+/// pipe, and that string's own message would then find the pipe short.
+#[test]
+fn a_piped_string_is_taken_once_per_message_that_carries_it() {
+    use crate::codec::OutOfLine;
+    use crate::shared_bytes::SharedBytes;
+    use std::os::fd::BorrowedFd;
+    let (a, b) = (Lane::new(MAX, usize::MAX), Lane::new(MAX, usize::MAX));
+    a.on_word(READS_LANES);
+    let (_, a_lends) = a.lend_pages(true).expect("a change");
+    let (mailbox, b_lends) = b.lend_pages(true).expect("a change");
+    a.on_announce(mailbox, b_lends);
+    b.on_announce(mailbox, a_lends);
+    let pipe = |bytes: &SharedBytes| {
+        let (piped, fd) = a.put_shared(bytes).expect("piped");
+        a.sent(piped.seq);
+        // SAFETY: the pipe's read end, open while `a` keeps its pipe (the whole test).
+        let fd = fd.map(|fd| unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned());
+        (piped, fd.transpose().unwrap())
+    };
+    let len = 256 << 10;
+    let first = SharedBytes::from(vec![1u8; len]);
+    let (piped, fd) = pipe(&first);
+    b.on_message(&mut carrying(piped.seq));
+    assert!(b.take_piped(&piped, Ok(fd), &[]).unwrap() == *first);
+    a.on_word(b.word(0));
+    let second = SharedBytes::from(vec![2u8; len]);
+    let (next, _) = pipe(&second);
+    b.on_message(&mut carrying(next.seq));
+    assert!(
+        b.take_piped(&piped, Ok(None), &[]).is_err(),
+        "the first message decoded again"
+    );
+    assert!(b.take_piped(&next, Ok(None), &[]).unwrap() == *second);
+}
+
+/// A value whose `Deserialize` decodes a byte string of the message as a message of its own,
+/// as user code may: the nested decode is a decode of its own, with the store still set.
+struct DecodesInside;
+
+impl<'de> serde::Deserialize<'de> for DecodesInside {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        use crate::codec::Bytes;
+        let Bytes(inner): Bytes<Vec<u8>> = serde::Deserialize::deserialize(d)?;
+        let _: Bytes<Vec<u8>> =
+            codec::decode(&inner, Vec::new()).map_err(serde::de::Error::custom)?;
+        Ok(DecodesInside)
+    }
+}
+
+/// A hostile message names the one placement it carries twice, the second time inside a
+/// byte string that a nested decode reads: each decode may fetch one string, but the
+/// placement is fetched once.
+#[test]
+fn a_nested_decode_does_not_take_the_placement_of_its_message_again() {
+    use crate::codec::{Bytes, OutOfLine};
+    let (a, b) = (Lane::new(MAX, usize::MAX), Lane::new(MAX, usize::MAX));
+    a.on_word(READS_LANES);
+    let (announcing, fd) = place(&a, &[4u8; 4096]);
+    b.on_message(&mut carrying(announcing.seq));
+    b.take(&announcing, Ok(fd)).unwrap();
+    a.on_word(b.word(0));
+    let big = vec![5u8; 4096];
+    let (placed, fd) = place(&a, &big);
+    assert!(fd.is_none(), "the region is announced already");
+    let mut reference = Vec::new();
+    codec::encode(&(1u8, placed), &mut reference, &mut Vec::new()).unwrap();
+    let mut body = reference.clone();
+    codec::encode(&Bytes(&reference), &mut body, &mut Vec::new()).unwrap();
+    b.on_message(&mut carrying(placed.seq));
+    type Both = (Bytes<Vec<u8>>, DecodesInside);
+    match codec::with_store(&b, || codec::decode::<Both>(&body, Vec::new())) {
+        Err(crate::Error::Malformed(why)) => assert!(why.contains("taken already"), "{why}"),
+        Ok(_) => panic!("the placement was fetched twice"),
+        Err(e) => panic!("{e:?}"),
+    }
 }
