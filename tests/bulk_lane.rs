@@ -565,3 +565,44 @@ fn a_second_decode_of_a_large_argument_fails_rather_than_read_a_later_string() {
     drop((twice, conn));
     assert_eq!(child.wait().unwrap(), Exit::Code(0));
 }
+
+/// A value whose encoding fails, after the byte string before it was placed.
+struct Unencodable;
+
+impl serde::Serialize for Unencodable {
+    fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+        Err(serde::ser::Error::custom("not today"))
+    }
+}
+
+/// Calls whose arguments fail to encode after a large byte string was placed use up a
+/// sequence number each. Over a thousand of them in a row must not keep the worker from
+/// acknowledging the next string it reads: our lane would stay busy for good (every later
+/// string inline, and no shared memory to give back).
+#[test]
+fn many_calls_that_failed_to_encode_do_not_stop_the_lane() {
+    let _fds = fd_count_lock(); // opens fds: keep them out of the counting tests' windows
+    let (mut child, conn) = Worker::spawn(child("child_bulk")).unwrap();
+    let bulk = BulkClient::new(conn);
+    bulk.regions().unwrap(); // the worker has spoken: the lane may be used from now on
+    bump_rounds(&bulk, &[64 << 10], 1); // the worker has read a string of ours
+    let data = filled(64 << 10, 7);
+    for _ in 0..1100 {
+        let args = (typed_ipc::codec::Bytes(&data[..]), Unencodable);
+        let failed = bulk
+            .connection()
+            .call::<_, Vec<u8>>(&BULK_INFO, 0, &args, None);
+        assert!(
+            matches!(failed, Err(typed_ipc::Error::Encode(_))),
+            "{failed:?}"
+        );
+    }
+    bump_rounds(&bulk, &[64 << 10], 1); // its reply acknowledges the string
+    assert_eq!(
+        bulk.connection().release_shared_memory(),
+        64 << 10,
+        "the lane is still busy with the string the worker read"
+    );
+    drop(bulk);
+    assert_eq!(child.wait().unwrap(), Exit::Code(0));
+}

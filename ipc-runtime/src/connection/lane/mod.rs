@@ -32,11 +32,12 @@
 //!   envelope is what lets it say so without decoding the body. A placement done with unread
 //!   is treated by its sender as never sent: if its message announced the region, the
 //!   region's fd was closed unread, so the next placement announces it again. Sequence
-//!   numbers run from 1 to 2047 and wrap; with one placement in flight at a time, "newer" is
-//!   well defined. Once copied out, a placement is not read again: a second decode of its
-//!   message (`Call::args` called twice, a decode nested in a decode) is refused, as the
-//!   peer may have placed its next string over it by then ([`Lane::taken`]); a message
-//!   carrying the same number makes it readable again (2,047 placements later).
+//!   numbers run from 1 to 2047 and wrap, and placements never sent use numbers too; with
+//!   one placement in flight at a time, the latest is the one in flight. Once copied out,
+//!   a placement is not read again: a second decode of its message (`Call::args` called
+//!   twice, a decode nested in a decode) is refused, as the peer may have placed its next
+//!   string over it by then ([`Lane::taken`]); a message carrying the same number makes it
+//!   readable again (2,047 placements later).
 //! - A placement keeps the lane busy until the peer's lane word acknowledges it, or until a
 //!   failure reply to the call that carried it arrives (the request may never have been
 //!   decoded, so a region it announced is announced again), or the message carrying it
@@ -456,9 +457,8 @@ impl Lane {
         self.record_done(carried, UNREAD, Some(word & SEQ_MASK));
     }
 
-    /// Records placement `seq` as done with (`how`: 0 read, or [`UNREAD`]), unless it or a
-    /// newer one already is (messages may be finished out of order: a request's handler can
-    /// outlive the next placement).
+    /// Records placement `seq` as done with (`how`: 0 read, or [`UNREAD`]), unless it already
+    /// is.
     fn done_with(&self, seq: u32, how: u32) {
         if seq == 0 {
             return;
@@ -467,16 +467,25 @@ impl Lane {
         self.record_done(seq, how, None);
     }
 
-    /// Records placement `seq` as done with (`how`), unless it or a newer one already is; with
-    /// a `stamp` ([`Lane::finished`]), only if no placement-carrying message came in since the
-    /// one stamped so, in the same compare-and-swap.
+    /// Records placement `seq` as done with (`how`), unless it already is; with a `stamp`
+    /// ([`Lane::finished`]), only if no placement-carrying message came in since the one
+    /// stamped so, in the same compare-and-swap.
+    ///
+    /// Any other number is the peer's latest placement, whatever its distance from the last
+    /// one recorded: a read is of the one placement in flight (a message decoded again takes
+    /// nothing, [`Lane::taken`]), an inbox's deferred acknowledgement comes before the next
+    /// ([`Lane::settle_inbox_if_taken`]), and a message finished out of order fails its
+    /// stamp. The peer's numbers are not consecutive: placements whose messages never went
+    /// out (an encode that failed, a send that timed out) use up numbers too, so a rule that
+    /// took a number half a lap ahead (1,024) for an older one would leave the placement
+    /// after that many unacknowledged, and the peer's lane busy for good.
     fn record_done(&self, seq: u32, how: u32, stamp: Option<u32>) {
         let _ = self
             .consumed
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |last| {
                 let latest = stamp.is_none_or(|s| (last >> 32) as u32 & SEQ_MASK == s);
                 let reads = last as u32 & READS_LANES;
-                (latest && newer(seq, last as u32 & SEQ_MASK))
+                (latest && seq != last as u32 & SEQ_MASK)
                     .then_some(last >> 32 << 32 | u64::from(seq | how | reads))
             });
     }
@@ -694,15 +703,4 @@ fn taken_already(seq: u32) -> codec::Unfetched {
 /// fails, which it does not on an open fd.
 fn inode_of(fd: BorrowedFd<'_>) -> Option<u64> {
     nix::sys::stat::fstat(fd).ok().map(|stat| stat.st_ino)
-}
-
-/// Whether sequence number `a` comes after `b` (0: none yet, before everything). Numbers
-/// run 1..=SEQ_MASK and wrap; only one placement is in flight at a time, so anything within
-/// half the range ahead is newer.
-fn newer(a: u32, b: u32) -> bool {
-    if b == 0 {
-        return a != 0;
-    }
-    let ahead = (a + SEQ_MASK - b) % SEQ_MASK;
-    ahead != 0 && ahead < SEQ_MASK / 2
 }

@@ -599,3 +599,33 @@ fn a_nested_decode_does_not_take_the_placement_of_its_message_again() {
         Err(e) => panic!("{e:?}"),
     }
 }
+
+/// Placements whose messages never went out (encodes that failed, sends that timed out
+/// before any of it went) still use up sequence numbers. Half a lap of them in a row (1,024)
+/// and the next placement's number looks older to the peer than the one it last read: it
+/// must still acknowledge it, or this end's lane stays busy for good (every later string
+/// inline, `release_shared_memory` 0).
+#[test]
+fn placements_never_sent_do_not_keep_the_peer_from_acknowledging_the_next() {
+    use crate::codec::{OutOfLine, Placement};
+    let (a, b) = (Lane::new(MAX, usize::MAX), Lane::new(MAX, usize::MAX));
+    a.on_word(READS_LANES);
+    let (placed, fd) = place(&a, &[1u8; 4096]);
+    b.on_message(&mut carrying(placed.seq));
+    b.take(&placed, Ok(fd)).unwrap();
+    a.on_word(b.word(0));
+    for _ in 0..SEQ_MASK / 2 + 1 {
+        let Some(Placement::Region(unsent, _)) = a.put(&[2u8; 4096]) else {
+            panic!("placed in the region");
+        };
+        a.abandon(unsent.seq); // its encode failed: never sent
+    }
+    let (placed, _) = place(&a, &[3u8; 4096]);
+    b.on_message(&mut carrying(placed.seq));
+    assert!(b.take(&placed, Ok(None)).unwrap() == [3u8; 4096]);
+    a.on_word(b.word(0));
+    assert!(
+        !a.is_busy(),
+        "the peer did not acknowledge the string it read"
+    );
+}
