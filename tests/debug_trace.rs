@@ -376,6 +376,80 @@ fn child_traced() {
     eprintln!("fds sent: fd({}), fd({})", raw[0], raw[1]);
 }
 
+/// A worker that takes byte strings and answers with their lengths.
+#[typed_ipc::interface]
+pub trait Sink {
+    fn len(&self, data: Vec<u8>) -> u64;
+}
+
+impl Sink for Impl {
+    fn len(&self, data: Vec<u8>) -> u64 {
+        data.len() as u64
+    }
+}
+
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_sink() {
+    SinkServer::new(Impl)
+        .serve(worker::connection().unwrap())
+        .unwrap();
+}
+
+/// Runs `f` with this process unable to make a file over 64 KiB, so a shared region too: its
+/// memfd's `ftruncate` fails (`EFBIG`; `SIGXFSZ` ignored meanwhile).
+fn files_up_to_64_kib<R>(f: impl FnOnce() -> R) -> R {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_FSIZE).unwrap();
+    // SAFETY: SIG_IGN runs no code of ours; the old disposition is put back below.
+    let old = unsafe { signal(Signal::SIGXFSZ, SigHandler::SigIgn) }.unwrap();
+    setrlimit(Resource::RLIMIT_FSIZE, 64 << 10, hard).unwrap();
+    let result = f();
+    setrlimit(Resource::RLIMIT_FSIZE, soft, hard).unwrap();
+    // SAFETY: the disposition this process had.
+    unsafe { signal(Signal::SIGXFSZ, old) }.unwrap();
+    result
+}
+
+/// A region the worker maps, and none of ours: the larger region that was to replace it
+/// could not be made, and its string went inline. Giving back our shared
+/// memory then tells the worker to unmap the old region.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_region_unmade() {
+    let (mut sink, conn) = Worker::spawn(child("child_sink")).unwrap();
+    let client = SinkClient::new(conn);
+    assert_eq!(client.len(Vec::new()).unwrap(), 0); // the worker has spoken
+    assert_eq!(client.len(vec![7; 2000]).unwrap(), 2000); // a region of 64 KiB, mapped there
+    let inline = files_up_to_64_kib(|| client.len(vec![7; 100_000]));
+    assert_eq!(inline.unwrap(), 100_000);
+    assert_eq!(
+        client.connection().release_shared_memory(),
+        0,
+        "ours is gone"
+    );
+    client.connection().close();
+    drop(client);
+    sink.wait().unwrap();
+}
+
+/// The line that says the region was given back names the one the peer mapped: not "of 0
+/// bytes" when this end held none.
+#[test]
+fn a_region_given_back_when_this_end_held_none_is_named_as_the_peer_mapped_it() {
+    let stderr = traced_stderr("child_region_unmade");
+    assert!(
+        !stderr.contains("of 0 bytes"),
+        "a region of 0 bytes given back:\n{stderr}"
+    );
+    assert_line(
+        &stderr,
+        "-> Announce (gave back its older shared region of 65536 bytes, which only the peer \
+         still mapped)",
+    );
+}
+
 /// Every message is printed: those sent with their values, those received with their sizes.
 #[test]
 fn every_message_is_printed_with_its_values() {

@@ -372,16 +372,16 @@ impl Connection {
     /// over and the connection goes on without them. Strings written into the peer's memory
     /// or piped do not use the region.
     pub fn release_shared_memory(&self) -> usize {
-        let Some((len, announcement)) = self.shared.lane.retire_region() else {
+        let Some(retired) = self.shared.lane.retire_region() else {
             return 0;
         };
-        if let Some(announcement) = announcement {
+        if let Some(announcement) = retired.announcement {
             let sent = self.shared.send(&Envelope::announce(), &announcement, None);
             if sent.is_ok() && self.shared.trace {
-                trace::announce_retired(len);
+                trace::announce_retired(retired.len, retired.older);
             }
         }
-        len
+        retired.len
     }
 
     /// Lets the peer write byte strings of 256 KiB to 1 MiB straight into this process's

@@ -225,13 +225,26 @@ pub(crate) fn announce_pipes(trusts: bool) {
     ));
 }
 
-/// This process gave back its shared region of `len` bytes
+/// This process gave back its shared region of `len` bytes (0: it had none), and the one the
+/// peer maps, of `older` bytes if that is another, older one
 /// (`Connection::release_shared_memory`).
-pub(crate) fn announce_retired(len: usize) {
+pub(crate) fn announce_retired(len: usize, older: Option<usize>) {
+    let older_one = |len| format!("older shared region of {}", counted(len, "byte"));
+    let what = match (len, older) {
+        (len, None) => format!("its shared region of {}", counted(len, "byte")),
+        (0, Some(mapped)) => format!(
+            "its {}, which only the peer still mapped",
+            older_one(mapped)
+        ),
+        (len, Some(mapped)) => format!(
+            "its shared region of {}, and its {}, which only the peer still mapped",
+            counted(len, "byte"),
+            older_one(mapped)
+        ),
+    };
     line(&format!(
-        "typed-ipc[{}] -> Announce (gave back its shared region of {})",
-        std::process::id(),
-        counted(len, "byte")
+        "typed-ipc[{}] -> Announce (gave back {what})",
+        std::process::id()
     ));
 }
 

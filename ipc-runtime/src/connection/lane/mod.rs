@@ -134,6 +134,19 @@ const UNREAD: u32 = 1 << 22;
 /// Words of [`Lane::taken`]: a bit for every sequence number.
 const TAKEN_WORDS: usize = (SEQ_MASK as usize + 1) / 64;
 
+/// What [`Lane::retire_region`] gave back.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Retired {
+    /// The size of this end's region (0: it had none).
+    pub(crate) len: usize,
+    /// The announcement that tells the peer to unmap the region of this end's it maps
+    /// (`None`: it maps none).
+    pub(crate) announcement: Option<(u64, u64)>,
+    /// The size of the region the peer maps, if that is an older one than this end's (which
+    /// it never took), or this end had none.
+    pub(crate) older: Option<usize>,
+}
+
 /// One connection's lane: its outgoing region and its view of the peer's.
 pub(crate) struct Lane {
     out: Mutex<Outgoing>,
@@ -272,12 +285,12 @@ impl Lane {
     }
 
     /// Gives back this end's region, unless a string in it is still in flight (the peer has
-    /// not copied it out): its size (0 if there is none), and the announcement that tells the
-    /// peer to unmap the region of this end's it maps (`None` if it maps none). That may be
-    /// an older region than this one, which this end dropped when it made this one: if the
-    /// message that announced this one went unread, the peer never took it. `None` if there
-    /// is nothing to give back at either end, or the lane is busy.
-    pub(crate) fn retire_region(&self) -> Option<(usize, Option<(u64, u64)>)> {
+    /// not copied it out), and tells the peer to unmap the region of this end's it maps
+    /// ([`Retired`]). That may be an older region than this one, which this end dropped when
+    /// it made this one: if the message that announced this one went unread, the peer never
+    /// took it; if this one could not be made, this end has none. `None` if there is nothing
+    /// to give back at either end, or the lane is busy.
+    pub(crate) fn retire_region(&self) -> Option<Retired> {
         let mut out = self.idle_out()?;
         if !self.all_sent() {
             return None; // a message on its way out may name the region's fd
@@ -287,8 +300,14 @@ impl Lane {
         if region.is_none() && mapped.is_none() {
             return None;
         }
-        let announcement = mapped.map(|inode| (RETIRED_MAILBOX, inode));
-        Some((region.map_or(0, |r| r.len()), announcement))
+        let current = region.as_ref().and_then(|r| inode_of(r.as_fd()));
+        Some(Retired {
+            len: region.map_or(0, |r| r.len()),
+            announcement: mapped.map(|(inode, _)| (RETIRED_MAILBOX, inode)),
+            older: mapped
+                .filter(|&(inode, _)| Some(inode) != current)
+                .map(|(_, len)| len),
+        })
     }
 
     /// Whether this end trusts the peer with pipes (`Connection::lend_pages_to_peer`), both

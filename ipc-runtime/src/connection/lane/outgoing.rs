@@ -25,11 +25,11 @@ pub(super) struct Outgoing {
     /// and the largest string it held since: what [`Outgoing::region_for`] sizes it by.
     large_at: Option<Instant>,
     small_max: usize,
-    /// The inode number of the region the peer maps: the last one whose fd it took (it read
-    /// the placement that carried it). Not always the current one: if that one's
+    /// The inode number and size of the region the peer maps: the last one whose fd it took
+    /// (it read the placement that carried it). Not always the current one: if that one's
     /// announcement went unread, or it could not be made, the peer maps the one before,
     /// which this end no longer has, and only [`Outgoing::take_region`] can name.
-    peer_maps: Option<u64>,
+    peer_maps: Option<(u64, usize)>,
     pub(super) last_seq: u32,
     /// Placements started, for [`Outgoing::start`]'s tokens (wrapping).
     started: u32,
@@ -219,13 +219,16 @@ impl Outgoing {
     #[inline(never)]
     pub(super) fn read(&mut self, token: u32) {
         if self.region_sent.by == Some(token) {
-            self.peer_maps = self.region.as_ref().and_then(|r| inode_of(r.as_fd()));
+            self.peer_maps = self
+                .region
+                .as_ref()
+                .and_then(|r| Some((inode_of(r.as_fd())?, r.len())));
         }
     }
 
-    /// Gives back the region, if there is one, and the inode number of the one the peer maps
-    /// (which may be an older one), if it maps one: from now on it maps none.
-    pub(super) fn take_region(&mut self) -> (Option<SharedRegion>, Option<u64>) {
+    /// Gives back the region, if there is one, and the inode number and size of the one the
+    /// peer maps (which may be an older one), if it maps one: from now on it maps none.
+    pub(super) fn take_region(&mut self) -> (Option<SharedRegion>, Option<(u64, usize)>) {
         self.region_sent = Announcement::default();
         (self.large_at, self.small_max) = (None, 0);
         (self.region.take(), self.peer_maps.take())

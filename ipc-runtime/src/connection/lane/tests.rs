@@ -386,7 +386,9 @@ fn a_retired_region_is_unmapped_by_the_peer_if_it_is_the_one_mapped() {
     assert_eq!(a.retire_region(), None, "a string in flight keeps it");
     b.take(&placed, Ok(fd)).unwrap();
     a.on_word(b.word(0));
-    let (len, announcement) = a.retire_region().expect("idle: given back");
+    let Retired {
+        len, announcement, ..
+    } = a.retire_region().expect("idle: given back");
     assert_eq!(len, 1 << 20);
     let (mailbox, inode) = announcement.expect("the peer had it");
     assert_eq!(a.retire_region(), None, "given back once");
@@ -396,7 +398,7 @@ fn a_retired_region_is_unmapped_by_the_peer_if_it_is_the_one_mapped() {
     // Late: after the next region was announced and taken.
     let (placed, fd) = place(&a, &bytes);
     assert!(fd.is_some(), "a new region, announced anew");
-    let (_, newer) = a.retire_region().map_or((0, None), |r| r);
+    let newer = a.retire_region().and_then(|r| r.announcement);
     assert!(newer.is_none(), "busy: kept");
     b.take(&placed, Ok(fd)).unwrap();
     a.on_word(b.word(0));
@@ -452,7 +454,9 @@ fn a_region_given_back_after_its_announcement_went_unread_is_unmapped_by_the_pee
         b.incoming.lock().as_ref().map(RegionView::len),
         Some(1 << 20)
     );
-    let (len, announcement) = a.retire_region().expect("idle: given back");
+    let Retired {
+        len, announcement, ..
+    } = a.retire_region().expect("idle: given back");
     assert_eq!(len, MIN_REGION);
     if let Some((mailbox, token)) = announcement {
         b.on_announce(mailbox, token);

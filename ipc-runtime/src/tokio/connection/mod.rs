@@ -310,16 +310,19 @@ impl AsyncConnection {
     /// which says when to. The message that tells the peer goes out at once, unless the
     /// socket is full: then from a task of the connection's runtime.
     pub fn release_shared_memory(&self) -> usize {
-        let Some((len, announcement)) = self.inner.lane.retire_region() else {
+        let Some(retired) = self.inner.lane.retire_region() else {
             return 0;
         };
-        if let Some(announcement) = announcement {
+        if let Some(announcement) = retired.announcement {
             // It may come after what this end sends meanwhile, also after a placement that
             // announces a new region: it names the region by inode, so that one stays mapped.
-            self.inner
-                .announce(move |_| announcement, move |_| trace::announce_retired(len));
+            let (len, older) = (retired.len, retired.older);
+            self.inner.announce(
+                move |_| announcement,
+                move |_| trace::announce_retired(len, older),
+            );
         }
-        len
+        retired.len
     }
 
     /// The connection's lane, for tests of its state.
