@@ -161,6 +161,10 @@ use quote::quote;
 ///   field (`#[serde(with = "typed_ipc::fds")]` for an `Option<OwnedFd>` or `Vec<OwnedFd>`
 ///   field); an `OwnedFd` anywhere else in a parameter or return type is a compile error.
 /// - `Vec<u8>` travels as one byte string rather than byte by byte.
+/// - typed-ipc's writable shared memory stays with the process that made it: a parameter or
+///   return type spelled `SharedBuffer` or `SharedRegion` (alone or under typed-ipc's paths)
+///   is a compile error that names the read-only form to send, a `SealedBuffer`
+///   (`buffer.seal()?`) or a `RegionView` (`region.view()?`).
 ///
 /// A parameter or return type that is not serde is reported at the type, as the bound the
 /// generated code spells out: for a parameter, `where T: Serialize` on the client's stub,

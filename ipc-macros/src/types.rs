@@ -156,6 +156,21 @@ fn fd_spelling(p: &Path) -> Option<&'static str> {
     standard.then_some(name)
 }
 
+/// Whether `p` names typed-ipc's writable shared memory, `SharedBuffer` or `SharedRegion`,
+/// which only the process that made it may hold: written alone, or under a path that says
+/// it is typed-ipc's (`typed_ipc::SharedBuffer`, `shared_region::SharedRegion`). A type of
+/// your own of that name is left alone when its path says it is yours. Returns the name.
+fn writable_memory(p: &Path) -> Option<&'static str> {
+    let last = p.segments.last()?;
+    let name = ["SharedBuffer", "SharedRegion"]
+        .into_iter()
+        .find(|name| last.ident == name)?;
+    let ours = ["typed_ipc", "ipc_runtime", "shared_buffer", "shared_region"];
+    let typed_ipc =
+        p.segments.len() == 1 || p.segments.iter().any(|s| ours.iter().any(|o| s.ident == o));
+    typed_ipc.then_some(name)
+}
+
 impl<'ast> Visit<'ast> for Checker {
     fn visit_type_reference(&mut self, r: &'ast TypeReference) {
         let owned = owned_form(&r.elem);
@@ -186,6 +201,20 @@ impl<'ast> Visit<'ast> for Checker {
         }
         if let Some(name) = fd_spelling(p) {
             self.not_an_owned_fd(p, name);
+        }
+        if let Some(writable) = writable_memory(p) {
+            let verb = self.verb();
+            let message = match writable {
+                "SharedBuffer" => format!(
+                    "a `SharedBuffer` is this process's writable buffer and cannot travel: \
+                     {verb} a `SealedBuffer` instead, which `buffer.seal()?` makes of it"
+                ),
+                _ => format!(
+                    "a `SharedRegion` is its creator's writable mapping and cannot travel: \
+                     {verb} a `RegionView` instead, which `region.view()?` makes of it"
+                ),
+            };
+            self.fail(p, message);
         }
         self.fds += p.segments.iter().filter(|s| s.ident == "OwnedFd").count();
         visit::visit_path(self, p);
@@ -440,14 +469,36 @@ mod tests {
         assert!(returned.to_string().ends_with("return `String` instead"));
     }
 
+    /// The error `check` gives a type spelled `s`, as a serde value in `role`.
+    fn message(s: &str, role: Role) -> String {
+        check(&ty(s), role, Wire::Serde)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_else(|| panic!("{s} accepted"))
+    }
+
+    #[test]
+    fn writable_shared_memory_suggests_what_to_send_instead() {
+        for spelled in [
+            "SharedBuffer",
+            "typed_ipc::SharedBuffer",
+            "Vec<SharedBuffer>",
+        ] {
+            let param = message(spelled, Role::Param);
+            assert!(
+                param.contains("take a `SealedBuffer`"),
+                "{spelled}: {param}"
+            );
+        }
+        let region = message("typed_ipc::shared_region::SharedRegion", Role::Return);
+        assert!(region.contains("return a `RegionView`"), "{region}");
+        // Types of your own with these names travel as serde values.
+        assert!(check(&ty("crate::SharedBuffer"), Role::Param, Wire::Serde).is_ok());
+        assert!(check(&ty("model::SharedRegion"), Role::Param, Wire::Serde).is_ok());
+    }
+
     #[test]
     fn fd_wrappers_and_raw_fds_suggest_an_owned_fd() {
-        let message = |s: &str, role: Role| {
-            check(&ty(s), role, Wire::Serde)
-                .err()
-                .map(|e| e.to_string())
-                .unwrap_or_else(|| panic!("{s} accepted"))
-        };
         for spelled in [
             "File",
             "std::fs::File",
