@@ -16,7 +16,8 @@ use crate::socket::Socket;
 /// Binding to a path that holds a *stale* socket file (one nobody listens on any more, left by
 /// a process that died) replaces it; a path where a live listener answers fails with
 /// `AddrInUse`, and a path holding anything but a socket is never touched. The listener
-/// removes its socket file when dropped, unless another listener has replaced it since.
+/// removes its socket file when dropped, unless another listener has replaced it since, or
+/// the drop is in a child forked after the bind (the parent still listens on it).
 ///
 /// Telling stale from live means trying to connect, so a live listener that a second
 /// `bind` probed sees one connection that hangs up at once.
@@ -25,6 +26,9 @@ pub struct Listener {
     fd: OwnedFd,
     /// The file we created, by path and (device, inode), so drop removes only our own.
     path: Option<(PathBuf, (u64, u64))>,
+    /// The process that bound it: a copy in a forked child (a pre-forking server's worker)
+    /// leaves the file to the parent, which still listens on it.
+    bound_by: u32,
 }
 
 impl Listener {
@@ -49,6 +53,7 @@ impl Listener {
         let listener = Listener {
             fd,
             path: Some((absolute, (file.dev(), file.ino()))),
+            bound_by: std::process::id(),
         };
         ns::listen(&listener.fd, Backlog::MAXCONN)?;
         Ok(listener)
@@ -59,7 +64,12 @@ impl Listener {
         let fd = new_socket()?;
         ns::bind(fd.as_raw_fd(), &UnixAddr::new_abstract(name.as_ref())?)?;
         ns::listen(&fd, Backlog::MAXCONN)?;
-        Ok(Listener { fd, path: None })
+        let bound_by = std::process::id();
+        Ok(Listener {
+            fd,
+            path: None,
+            bound_by,
+        })
     }
 
     /// Waits for the next connection.
@@ -101,10 +111,11 @@ impl AsFd for Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        if let Some((path, id)) = &self.path {
-            if fs::metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == *id) {
-                let _ = fs::remove_file(path);
-            }
+        if let Some((path, id)) = &self.path
+            && self.bound_by == std::process::id()
+            && fs::metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == *id)
+        {
+            let _ = fs::remove_file(path);
         }
     }
 }

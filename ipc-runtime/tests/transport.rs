@@ -490,6 +490,40 @@ fn child_binding_a_relative_path() {
     std::fs::remove_dir(&dir).unwrap();
 }
 
+/// A pre-forking server's worker that drops its copy of the listener (returning from its
+/// loop, say) must leave the socket file to the parent, which still listens on it.
+#[test]
+fn a_listener_dropped_in_a_forked_child_leaves_the_socket_file_to_the_parent() {
+    use nix::sys::wait::{WaitStatus, waitpid};
+    use nix::unistd::{ForkResult, fork};
+    let _fds = fd_count_lock();
+    let dir = std::env::temp_dir().join(format!("typed-ipc-test-fork-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("sock");
+    let listener = Listener::bind(&path).unwrap();
+    // SAFETY: the child only drops the listener (a stat, an unlink of a short path that std
+    // converts on the stack, a close: no allocation, no lock) and exits at once.
+    match unsafe { fork() }.unwrap() {
+        ForkResult::Child => {
+            drop(listener);
+            // SAFETY: ends the forked child without running anything of the parent's.
+            unsafe { libc::_exit(0) }
+        }
+        ForkResult::Parent { child } => {
+            assert_eq!(waitpid(child, None).unwrap(), WaitStatus::Exited(child, 0));
+        }
+    }
+    assert!(
+        path.exists(),
+        "the child's drop removed the parent's socket file"
+    );
+    let client = Socket::connect(&path).unwrap();
+    round_trip(&client, &listener.accept().unwrap(), 1, 0);
+    drop(listener);
+    assert!(!path.exists(), "the parent's drop left its socket file");
+    std::fs::remove_dir(&dir).unwrap();
+}
+
 #[test]
 fn a_live_listener_whose_queue_is_full_is_not_replaced_and_not_waited_for() {
     use nix::sys::socket::{AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
