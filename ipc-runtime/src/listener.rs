@@ -20,7 +20,10 @@ use crate::socket::Socket;
 /// the drop is in a child forked after the bind (the parent still listens on it).
 ///
 /// Telling stale from live means trying to connect, so a live listener that a second
-/// `bind` probed sees one connection that hangs up at once.
+/// `bind` probed sees one connection that hangs up at once. The probe, the removal and the
+/// bind are separate steps: two processes replacing the same stale file at the same moment
+/// can both succeed, the first left listening on a file the second removed. Start one
+/// instance at a time (or hold a lock file of your own) where that matters.
 #[derive(Debug)]
 pub struct Listener {
     fd: OwnedFd,
