@@ -606,3 +606,108 @@ fn many_calls_that_failed_to_encode_do_not_stop_the_lane() {
     drop(bulk);
     assert_eq!(child.wait().unwrap(), Exit::Code(0));
 }
+
+/// A worker that calls its parent back before it decodes `keep`'s argument, and whose
+/// authorizer refuses `refused` unread.
+#[interface]
+pub trait Late {
+    /// The checksum of `data`, decoded once `Poke::poke` has returned.
+    fn keep(&self, data: Vec<u8>) -> u64;
+    /// Never runs: refused before its argument is decoded.
+    fn refused(&self, data: Vec<u8>) -> u64;
+    #[oneway]
+    fn note(&self, data: Vec<u8>);
+}
+
+/// `Late` by hand: `keep` calls the parent back before `Call::args`, which the generated
+/// server never does (a handler free to decode when it likes).
+struct PokesFirst(PokeClient);
+
+impl typed_ipc::service::Service for PokesFirst {
+    fn info(&self) -> &'static typed_ipc::service::InterfaceInfo {
+        &LATE_INFO
+    }
+    fn handle(&self, call: &mut typed_ipc::service::Call<'_>) -> typed_ipc::Result<()> {
+        if call.command() == 0 {
+            self.0.poke()?;
+        }
+        let (typed_ipc::codec::Bytes(data),): (typed_ipc::codec::Bytes<Vec<u8>>,) = call.args()?;
+        call.reply(&checksum(&data))
+    }
+}
+
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_pokes_first() {
+    typed_ipc::Server::new()
+        .service_with(|connection| PokesFirst(PokeClient::new(connection.clone())))
+        .authorize(|_, _, cmd| match cmd {
+            1 => Err("not this one".into()),
+            _ => Ok(()),
+        })
+        .serve(&worker::connection().unwrap())
+        .unwrap();
+}
+
+/// Once armed, places a string of its own (a `note`) when poked.
+struct NotesWhenArmed(LateClient, std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Poke for NotesWhenArmed {
+    fn poke(&self) {
+        if self.1.load(std::sync::atomic::Ordering::SeqCst) {
+            self.0.note(filled(64 << 10, 0)).unwrap();
+        }
+    }
+}
+
+/// A request refused unread is acknowledged as done with by the worker only after its
+/// failure reply has gone out, so we give its placement back (the failure says it went
+/// unread) without having heard the worker's acknowledgement. Placements never sent (calls
+/// whose arguments fail to encode) then bring the sequence numbers round to that one:
+/// placed again, the worker's stale acknowledgement of it, in the next message it sends,
+/// must not pass for this placement's, or we place our next string over it before the
+/// worker has read it.
+#[test]
+fn a_placement_numbered_as_one_refused_a_lap_earlier_is_not_given_back_by_its_stale_ack() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let _fds = fd_count_lock(); // opens fds: keep them out of the counting tests' windows
+    let (mut child, conn) = Worker::spawn(child("child_pokes_first")).unwrap();
+    let late = LateClient::new(conn.clone());
+    let armed = Arc::new(AtomicBool::new(false));
+    conn.add_service(PokeServer::new(NotesWhenArmed(late.clone(), armed.clone())));
+    let serving = std::thread::spawn({
+        let conn = conn.clone();
+        move || conn.run()
+    });
+    late.keep(vec![0; 10]).unwrap(); // the worker has spoken: the lane may be used from now on
+    let first = filled(64 << 10, 1);
+    assert_eq!(late.keep(first.clone()).unwrap(), checksum(&first)); // placement 1, read
+    assert!(matches!(
+        late.refused(filled(64 << 10, 2)), // placement 2, refused unread
+        Err(typed_ipc::Error::Refused(_))
+    ));
+    // Placements 3 to 2,047, never sent; 1 is skipped (the last the worker said it read),
+    // so the next placement is numbered 2 again.
+    let data = filled(64 << 10, 3);
+    for _ in 3..=2047 {
+        let args = (typed_ipc::codec::Bytes(&data[..]), Unencodable);
+        let failed = late.connection().call::<_, u64>(&LATE_INFO, 0, &args, None);
+        assert!(
+            matches!(failed, Err(typed_ipc::Error::Encode(_))),
+            "{failed:?}"
+        );
+    }
+    armed.store(true, Ordering::SeqCst);
+    let last = filled(64 << 10, 4);
+    assert_eq!(
+        late.keep(last.clone()).unwrap(),
+        checksum(&last),
+        "the worker read another string (the note's checksum is {})",
+        checksum(&filled(64 << 10, 0))
+    );
+    conn.close();
+    serving.join().unwrap().unwrap();
+    drop((late, conn));
+    assert_eq!(child.wait().unwrap(), Exit::Code(0));
+}

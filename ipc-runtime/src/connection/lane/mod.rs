@@ -33,7 +33,10 @@
 //!   is treated by its sender as never sent: if its message announced the region, the
 //!   region's fd was closed unread, so the next placement announces it again. Sequence
 //!   numbers run from 1 to 2047 and wrap, and placements never sent use numbers too; with
-//!   one placement in flight at a time, the latest is the one in flight. Once copied out,
+//!   one placement in flight at a time, the latest is the one in flight. A new placement
+//!   never takes a number the peer may still be reporting (the last it said it was done
+//!   with, or one whose request it refused, which it finishes after its failure reply):
+//!   its stale acknowledgement would give back the new one unread. Once copied out,
 //!   a placement is not read again: a second decode of its message (`Call::args` called
 //!   twice, a decode nested in a decode) is refused, as the peer may have placed its next
 //!   string over it by then ([`Lane::taken`]); a message carrying the same number makes it
@@ -696,8 +699,19 @@ impl Lane {
     /// as unsent.
     pub(crate) fn after_reply(&self, placed: u32, reply: &Frame) {
         if placed != 0 && envelope::kind_byte(&reply.payload) == Some(Kind::Failure as u8) {
-            self.abort(placed);
+            self.failed(placed);
         }
+    }
+
+    /// [`Lane::after_reply`]'s giving back, remembering the placement's number: the peer
+    /// finishes a request it refused after its failure reply has gone out, so it may say it
+    /// is done with this number in a later message ([`Outgoing::start`] skips it).
+    #[cold]
+    fn failed(&self, token: u32) {
+        self.while_busy_with(token, |out| {
+            out.failed = token & SEQ_MASK;
+            self.abort_locked(out, token);
+        });
     }
 }
 

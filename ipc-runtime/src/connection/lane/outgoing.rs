@@ -31,6 +31,11 @@ pub(super) struct Outgoing {
     /// which this end no longer has, and only [`Outgoing::take_region`] can name.
     peer_maps: Option<(u64, usize)>,
     pub(super) last_seq: u32,
+    /// The number of the last placement given back because a failure reply to its call came
+    /// ([`Lane::after_reply`]): the peer may say that it is done with it, unread, after that
+    /// reply, in a message not read yet, so [`Outgoing::start`] skips it as it skips the
+    /// number the peer last said it was done with.
+    pub(super) failed: u32,
     /// Placements started, for [`Outgoing::start`]'s tokens (wrapping).
     started: u32,
     /// This end's pipe, made when first wanted (and tried again while it cannot be made:
@@ -140,15 +145,20 @@ impl Announcement {
 impl Outgoing {
     /// The next placement, made this end's only one in flight: its token, the sequence
     /// number (bits 0..11, the number on the wire) and the count of placements started
-    /// (above). Skips `peer_done`, the number the peer says it is done with: while this end
-    /// is idle the peer can only be reporting that one. The count tells a placement from
+    /// (above). Skips `peer_done`, the number the peer says it is done with, and the one
+    /// given back on a failure reply (`failed`), which the peer may say it is done with next:
+    /// while this end is idle the peer can only be reporting one of those, and a placement
+    /// that took its number would be taken for acknowledged before the peer read it, its
+    /// bytes overwritten by the next (placements never sent bring the numbers round to
+    /// either without a word from the peer). The count tells a placement from
     /// one that had the same number a lap (2,047 placements) earlier: a late failure reply
     /// to the older one's call must not give the newer one back. Tokens repeat only after
     /// 2^21 x 2,047 placements.
     #[inline]
     pub(super) fn start(&mut self, busy: &AtomicU32, peer_done: &AtomicU32) -> u32 {
+        let peer_done = peer_done.load(Ordering::Relaxed);
         let mut seq = (self.last_seq % SEQ_MASK) + 1;
-        if seq == peer_done.load(Ordering::Relaxed) {
+        while seq == peer_done || seq == self.failed {
             seq = (seq % SEQ_MASK) + 1;
         }
         self.last_seq = seq;
