@@ -578,7 +578,8 @@ impl Connection {
             if reads {
                 // A reader that waits to send gives the role back first: the wait reads only
                 // with the role free for it to take (`wait_for_room`).
-                match shared.socket.try_send_framed(buf, fds) {
+                let acknowledge = |payload: &mut [u8]| shared.lane.acknowledge_in(payload);
+                match shared.socket.try_send_framed(buf, fds, acknowledge) {
                     Ok(true) => return Ok(true),
                     // It would have had to wait: give the role back, then send as any caller
                     // (the message as it is encoded).
@@ -750,6 +751,8 @@ impl Shared {
     ) -> Result<Option<u32>> {
         with_buffers(|buf, fds| {
             let placed = self.lane.encode(envelope, body, buf, fds)?;
+            #[cfg(test)]
+            between_encode_and_send();
             let sent = send(buf, fds);
             self.lane.sent(placed);
             match sent {
@@ -788,6 +791,21 @@ pub(crate) fn decode_reply<R: DeserializeOwned>(
         return Err(failure.into_error(iface, cmd));
     }
     codec::with_store(lane, || codec::decode_from(body, &mut frame.fds))
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Run by this thread's next message once it is encoded and before it is sent: where the
+    /// scheduler may stop a thread while others send, made to happen in a test.
+    pub(crate) static BETWEEN_ENCODE_AND_SEND: std::cell::Cell<Option<Box<dyn FnOnce()>>> =
+        const { std::cell::Cell::new(None) };
+}
+
+#[cfg(test)]
+fn between_encode_and_send() {
+    if let Some(f) = BETWEEN_ENCODE_AND_SEND.take() {
+        f();
+    }
 }
 
 // A refused message keeps its envelope.

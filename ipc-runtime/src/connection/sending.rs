@@ -18,6 +18,7 @@ use crate::socket::poll_timeout;
 impl Shared {
     /// Sends a message built in `framed` (see [`Socket::send_framed`]), waiting for room as
     /// long as it takes (or until `deadline`) and reading meanwhile ([`Shared::wait_for_room`]).
+    /// Its lane word's acknowledgement is written under the send lock (`Lane::acknowledge_in`).
     ///
     /// [`Socket::send_framed`]: crate::Socket
     #[inline(always)]
@@ -27,10 +28,13 @@ impl Shared {
         fds: &[BorrowedFd<'_>],
         deadline: Option<Instant>,
     ) -> Result<()> {
-        self.socket
-            .send_framed(framed, fds, deadline, &mut |deadline| {
-                self.wait_for_room(deadline)
-            })
+        self.socket.send_framed(
+            framed,
+            fds,
+            deadline,
+            |payload| self.lane.acknowledge_in(payload),
+            &mut |deadline| self.wait_for_room(deadline),
+        )
     }
 
     /// Waits until the socket may have room for a send that found its buffer full, reading

@@ -1603,7 +1603,7 @@ fn a_thread_waiting_to_send_reads_again_once_requests_leave_the_full_queue() {
     let mut framed = vec![0; HEADER_LEN];
     framed.extend_from_slice(&hold);
     let mut holds = 1;
-    while peer.try_send_framed(&mut framed, &[]).unwrap() {
+    while peer.try_send_framed(&mut framed, &[], |_| ()).unwrap() {
         holds += 1;
     }
     assert!(

@@ -72,19 +72,24 @@ impl Socket {
     /// It waits for room in the socket buffer with `wait_for_room` (until `deadline`, failing
     /// with [`Error::TimedOut`] after it): the connection's, which reads meanwhile. That
     /// returns once there may be room, and is called again if there was none after all.
+    /// `stamp` finishes the payload (after the header's room) once the send lock is taken,
+    /// before any of it goes: what it writes goes out in the order of the sends.
     #[inline]
     pub(crate) fn send_framed(
         &self,
         framed: &mut [u8],
         fds: &[BorrowedFd<'_>],
         deadline: Option<Instant>,
+        stamp: impl Fn(&mut [u8]),
         wait_for_room: WaitForRoom<'_>,
     ) -> Result<()> {
         let len = framed.len() - HEADER_LEN;
         if !self.sends_whole(len, fds.len()) {
-            return self.send_pieces(&framed[HEADER_LEN..], fds, deadline, wait_for_room);
+            let payload = &mut framed[HEADER_LEN..];
+            return self.send_framed_pieces(payload, fds, deadline, &stamp, wait_for_room);
         }
         let _guard = self.lock_send(deadline)?;
+        stamp(&mut framed[HEADER_LEN..]);
         let framed = write_whole_header(framed, fds.len());
         let send = || sys::send_framed(self.fd.as_fd(), framed, fds);
         if whole_sent(send)? {
@@ -140,7 +145,36 @@ impl Socket {
         wait_for_room: WaitForRoom<'_>,
     ) -> Result<()> {
         self.check_outgoing(payload.len(), fds.len())?;
-        let _guard = self.lock_send(deadline)?;
+        let guard = self.lock_send(deadline)?;
+        self.send_pieces_locked(payload, fds, deadline, wait_for_room, guard)
+    }
+
+    /// [`Socket::send_pieces`] of a message built for [`Socket::send_framed`], `stamp`ed
+    /// under the send lock.
+    #[inline(never)]
+    fn send_framed_pieces(
+        &self,
+        payload: &mut [u8],
+        fds: &[BorrowedFd<'_>],
+        deadline: Option<Instant>,
+        stamp: &dyn Fn(&mut [u8]),
+        wait_for_room: WaitForRoom<'_>,
+    ) -> Result<()> {
+        self.check_outgoing(payload.len(), fds.len())?;
+        let guard = self.lock_send(deadline)?;
+        stamp(payload);
+        self.send_pieces_locked(payload, fds, deadline, wait_for_room, guard)
+    }
+
+    /// The datagrams of [`Socket::send_pieces`], the send lock taken (`_guard`).
+    fn send_pieces_locked(
+        &self,
+        payload: &[u8],
+        fds: &[BorrowedFd<'_>],
+        deadline: Option<Instant>,
+        wait_for_room: WaitForRoom<'_>,
+        _guard: MutexGuard<'_, ()>,
+    ) -> Result<()> {
         let mut cursor = SendCursor::new(payload.len(), fds.len())?;
         let mut waiting = self.send_wait();
         // The datagrams are `send_some`'s; blocking only adds waiting for room between them.
@@ -180,11 +214,12 @@ impl Socket {
     /// wait — for room in the socket buffer, for another thread's message to finish, or
     /// because it needs several datagrams. For a thread that must not block while it holds
     /// something others wait for (the connection's reader role). A message over this side's
-    /// limits is refused, as by [`Socket::send`].
+    /// limits is refused, as by [`Socket::send`]. `stamp` as for [`Socket::send_framed`].
     pub(crate) fn try_send_framed(
         &self,
         framed: &mut [u8],
         fds: &[BorrowedFd<'_>],
+        stamp: impl FnOnce(&mut [u8]),
     ) -> Result<bool> {
         let len = framed.len() - HEADER_LEN;
         if !self.sends_whole(len, fds.len()) {
@@ -194,6 +229,7 @@ impl Socket {
         let Some(_guard) = self.send_lock.try_lock() else {
             return Ok(false);
         };
+        stamp(&mut framed[HEADER_LEN..]);
         let framed = write_whole_header(framed, fds.len());
         whole_sent(|| sys::send_framed(self.fd.as_fd(), framed, fds))
     }
@@ -526,7 +562,7 @@ mod tests {
                 let (a, b) = Socket::pair().unwrap();
                 let mut framed = vec![0xee; HEADER_LEN];
                 framed.extend_from_slice(&payload);
-                a.send_framed(&mut framed, fds, None, &mut |d| {
+                a.send_framed(&mut framed, fds, None, |_| (), &mut |d| {
                     a.wait(PollFlags::POLLOUT, d)
                 })
                 .unwrap();
@@ -542,7 +578,7 @@ mod tests {
                 assert!(!sent.is_empty());
                 assert_eq!(sent_framed, sent, "{len} bytes, {} fds", fds.len());
 
-                a.send_framed(&mut framed, fds, None, &mut |d| {
+                a.send_framed(&mut framed, fds, None, |_| (), &mut |d| {
                     a.wait(PollFlags::POLLOUT, d)
                 })
                 .unwrap();
@@ -550,7 +586,7 @@ mod tests {
                 assert_eq!(frame.payload, payload);
                 assert_eq!(frame.fds.len(), fds.len());
                 let mut framed = vec![0; HEADER_LEN + len.min(64)];
-                assert!(a.try_send_framed(&mut framed, fds).unwrap());
+                assert!(a.try_send_framed(&mut framed, fds, |_| ()).unwrap());
                 assert_eq!(b.recv().unwrap().payload.len(), len.min(64));
             }
         }
@@ -566,7 +602,7 @@ mod tests {
         let m = vec![7u8; 60 << 10];
         let mut framed = vec![0; HEADER_LEN + m.len()];
         let mut queued = 0;
-        while a.try_send_framed(&mut framed, &[]).unwrap() {
+        while a.try_send_framed(&mut framed, &[], |_| ()).unwrap() {
             queued += 1;
         }
         assert!(queued > 0);

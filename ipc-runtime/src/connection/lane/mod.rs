@@ -182,10 +182,10 @@ pub(crate) struct Lane {
     peer_mailbox: Mutex<Option<(u64, u64)>>,
     /// Low 32 bits: the sequence number of the last placement of the peer's this end is done
     /// with, with [`UNREAD`] if it was not read, and [`READS_LANES`] if this end reads lanes
-    /// (fixed, kept here so that [`Lane::word`] costs no other load). High 32 bits: how many
-    /// of the peer's messages that carry a placement have been taken in (wrapping), which
-    /// [`Lane::on_message`] stamps into each (see [`Lane::finished`]). One atomic, so that
-    /// an acknowledgement is recorded only if no such message came in meanwhile.
+    /// (fixed, kept here so that [`Lane::acknowledge_in`] costs no other load). High 32 bits:
+    /// how many of the peer's messages that carry a placement have been taken in (wrapping),
+    /// which [`Lane::on_message`] stamps into each (see [`Lane::finished`]). One atomic, so
+    /// that an acknowledgement is recorded only if no such message came in meanwhile.
     consumed: AtomicU64,
     /// One bit per sequence number: a decode has taken the peer's placement of that number
     /// since a message carrying it last came in. A message decoded again (a handler calling
@@ -426,12 +426,36 @@ impl Lane {
         self.busy.load(Ordering::Acquire) != 0
     }
 
-    /// The lane word for an outgoing envelope that carries placement `placed` (0: none).
-    #[inline]
+    /// The lane word for an outgoing envelope that carries placement `placed` (0: none), as
+    /// [`Lane::acknowledge_in`] writes it.
+    #[cfg(test)]
     pub(crate) fn word(&self, placed: u32) -> u32 {
         self.settle_inbox_if_taken();
         // `consumed` holds `READS_LANES` too, if this end reads lanes.
         placed << SEQ_BITS | self.consumed.load(Ordering::Acquire) as u32
+    }
+
+    /// Writes this end's acknowledgement into the lane word of the encoded message whose
+    /// payload (envelope first) is `payload`, keeping the placement it carries. Called under
+    /// the socket's send lock, before any of the message goes out (again if it goes out
+    /// later after all), so that lane words leave in the order they were read: a word read
+    /// before the peer is done with a placement, sent after one read since, would tell the
+    /// peer that this end is done with an older one than it is, and the peer's next
+    /// placement could take the newer one's number ([`Outgoing::start`]), which this end
+    /// still reports. However many threads send, the peer then sees this end's
+    /// acknowledgements in the order they were made.
+    #[inline]
+    pub(crate) fn acknowledge_in(&self, payload: &mut [u8]) {
+        self.settle_inbox_if_taken();
+        // The word is bytes 1..4: one load and one store of the first four, which keep the
+        // kind (byte 0) and the placement carried.
+        let Some(head) = payload.first_chunk_mut::<4>() else {
+            return;
+        };
+        let kept = u32::from_le_bytes(*head) & (0xff | (SEQ_MASK << SEQ_BITS) << 8);
+        // `consumed` holds `READS_LANES` too, if this end reads lanes.
+        let acknowledged = (self.consumed.load(Ordering::Acquire) as u32) << 8;
+        *head = (kept | acknowledged).to_le_bytes();
     }
 
     /// Gives the inbox its next buffer and only then acknowledges the string taken out of
@@ -664,11 +688,10 @@ impl Lane {
         // reply's bytes could be pinned long after the sender is done with them).
         let pipe = envelope.kind == Kind::Call;
         let (placed, encoded) = codec::encode_placing(body, buf, fds, self, pipe);
-        // Read after encoding: acknowledges what was copied out up to this moment.
-        envelope::set_lane(&mut buf[envelope::FRAMED_AT..], self.word(placed));
+        // The acknowledgement goes in under the send lock ([`Lane::acknowledge_in`]).
         let placed = match placed {
             0 => 0,
-            seq => self.token_of(seq),
+            seq => self.carried(&mut buf[envelope::FRAMED_AT..], seq),
         };
         match encoded {
             Ok(()) => Ok(placed),
@@ -679,11 +702,19 @@ impl Lane {
         }
     }
 
+    /// [`Lane::token_of`] placement `seq`, which the message being encoded, whose payload
+    /// (envelope first) is `payload`, carries: its lane word says so. Out of line: a small
+    /// call places nothing.
+    #[inline(never)]
+    fn carried(&self, payload: &mut [u8], seq: u32) -> u32 {
+        envelope::set_lane(payload, seq << SEQ_BITS);
+        self.token_of(seq)
+    }
+
     /// The token of placement `seq`, which a message being encoded carries: the lane stays
     /// busy with it until the message is sent, unless a peer acknowledged a placement it has
     /// not been sent (then a token that matches nothing, and the lane is no longer this
-    /// message's to give back). Out of line: a small call places nothing.
-    #[inline(never)]
+    /// message's to give back).
     fn token_of(&self, seq: u32) -> u32 {
         let busy = self.busy.load(Ordering::Acquire);
         if busy & SEQ_MASK == seq {

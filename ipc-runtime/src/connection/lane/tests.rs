@@ -633,3 +633,66 @@ fn placements_never_sent_do_not_keep_the_peer_from_acknowledging_the_next() {
         "the peer did not acknowledge the string it read"
     );
 }
+
+/// Two threads of the peer each send a message, the first stopped between encoding its
+/// message and sending it (as the scheduler may stop it) while the peer reads this end's
+/// next placement and the second sends. The first's lane word must not reach this end after
+/// the second's with what the peer was done with before: the number this end skips
+/// ([`Outgoing::start`]) would go back to the older placement's. Placements never sent then
+/// bring the numbers round to the newer one, the next placement takes it, and the peer's
+/// next word gives it back before the peer has read it: the next string overwrites it.
+#[test]
+fn a_lane_word_read_before_another_does_not_reach_this_end_after_it() {
+    use super::super::{BETWEEN_ENCODE_AND_SEND, Connection};
+    use crate::codec::{OutOfLine, Placement};
+    let (a, b) = crate::Socket::pair().unwrap();
+    let (a, b) = (Connection::new(a), Connection::new(b));
+    let (a, b) = (a.shared.clone(), b.shared.clone());
+    a.lane.on_word(READS_LANES);
+    let (first, fd) = place(&a.lane, &[1u8; 4096]);
+    b.lane.on_message(&mut carrying(first.seq));
+    b.lane.take(&first, Ok(fd)).unwrap();
+    a.lane.on_word(b.lane.word(0)); // an earlier message of the peer's
+    let oneway = Envelope {
+        kind: Kind::Oneway,
+        cmd: 1,
+        cookie: 0,
+        interface: 1,
+        signature: 0,
+    };
+    let (a2, b2) = (a.clone(), b.clone());
+    let meanwhile = move || {
+        let (second, _) = place(&a2.lane, &[2u8; 4096]);
+        b2.lane.on_message(&mut carrying(second.seq));
+        b2.lane.take(&second, Ok(None)).unwrap();
+        b2.send(&oneway, &(), None).unwrap(); // the second thread's message
+    };
+    BETWEEN_ENCODE_AND_SEND.set(Some(Box::new(meanwhile)));
+    b.send(&oneway, &(), None).unwrap(); // the first thread's
+    let mut frame = crate::frame::Frame {
+        payload: Vec::new(),
+        fds: Vec::new(),
+    };
+    for _ in 0..2 {
+        a.receive(&mut frame, None).unwrap();
+    }
+    assert!(!a.lane.is_busy(), "the second placement was acknowledged");
+    // This end gives up a lap of placements less two before their messages go out
+    // (arguments that fail to encode, say), with no word from the peer meanwhile.
+    for _ in 0..SEQ_MASK - 2 {
+        let Some(Placement::Region(unsent, _)) = a.lane.put(&[3u8; 4096]) else {
+            panic!("placed in the region");
+        };
+        a.lane.abandon(unsent.seq);
+    }
+    let new = vec![4u8; 4096];
+    let (placed, _) = place(&a.lane, &new);
+    b.lane.on_message(&mut carrying(placed.seq));
+    a.lane.on_word(b.lane.word(0)); // the peer's next message, before it reads the string
+    let _ = a.lane.put(&[5u8; 4096]); // the next string, if the lane were idle
+    assert!(
+        b.lane.take(&placed, Ok(None)).unwrap() == new,
+        "the bytes placed (placement {}) were overwritten",
+        placed.seq
+    );
+}

@@ -74,7 +74,8 @@ impl Inner {
                 let placed = self
                     .lane
                     .encode(&Envelope::announce(), &announcement, framed, fds)?;
-                let sent = self.socket().try_send_framed(framed, fds);
+                let acknowledge = |payload: &mut [u8]| self.lane.acknowledge_in(payload);
+                let sent = self.socket().try_send_framed(framed, fds, acknowledge);
                 // An announcement places nothing (`placed` is 0), but every encode says when
                 // its send is over, so that this stays right if that changes.
                 match sent {
@@ -134,7 +135,10 @@ impl Inner {
     #[inline]
     fn try_send_at_once(&self, framed: &mut [u8], fds: &[BorrowedFd<'_>]) -> Result<bool> {
         match self.send_lock.try_lock() {
-            Ok(_lock) => self.socket().try_send_framed(framed, fds),
+            Ok(_lock) => {
+                let acknowledge = |payload: &mut [u8]| self.lane.acknowledge_in(payload);
+                self.socket().try_send_framed(framed, fds, acknowledge)
+            }
             Err(_) => self
                 .socket()
                 .check_outgoing(framed.len() - envelope::FRAMED_AT, fds.len())
@@ -173,6 +177,9 @@ impl Inner {
                 Err(_) => self.send_lock.clone().lock_owned().await,
             });
         }
+        // Under the send lock, before any of it goes (`Lane::acknowledge_in`).
+        self.lane
+            .acknowledge_in(&mut out.framed[envelope::FRAMED_AT..]);
         let result = drive(self, &mut out.cursor, &out.framed, out.fds).await;
         out.finished = true;
         result
