@@ -1942,3 +1942,69 @@ fn a_region_named_by_a_message_waiting_for_room_is_not_given_back() {
     drop(unrelated);
     assert_eq!(a.release_shared_memory(), 64 << 10, "out: given back now");
 }
+
+/// A send waiting for room in the socket of a peer that then shuts its reading side
+/// (`shutdown(SHUT_RD)`) fails with `Disconnected`: no send can ever go out to it again
+/// (`EPIPE`), though poll says nothing of it (neither room nor a hang-up). Before, the send
+/// waited until the peer read or hung up: for good, without a timeout. A oneway and a call,
+/// neither with a timeout.
+#[test]
+fn a_send_waiting_for_room_fails_once_the_peer_shuts_its_reading_side() {
+    for call in [false, true] {
+        let (ours, theirs) = crate::Socket::pair().unwrap();
+        let a = Connection::new(ours);
+        // 32 MiB do not fit a socket buffer: the send waits for room, having sent some.
+        let big = "x".repeat(32 << 20);
+        let (done, sent) = mpsc::channel();
+        let sender = {
+            let a = a.clone();
+            std::thread::spawn(move || {
+                let sent = match call {
+                    false => a.oneway(&IFACE, 1, &big, None),
+                    true => a.call::<_, u32>(&IFACE, 1, &big, None).map(drop),
+                };
+                let _ = done.send(sent);
+            })
+        };
+        let later = Instant::now() + Duration::from_secs(3600);
+        wait_until("the send waits for room", || {
+            a.socket().send_stalled_for(later).is_some()
+        });
+        theirs.shutdown_read().unwrap();
+        let sent = sent.recv_timeout(Duration::from_secs(60));
+        assert!(
+            matches!(sent, Ok(Err(Error::Disconnected))),
+            "call {call}: {sent:?}"
+        );
+        sender.join().unwrap();
+        drop(theirs);
+    }
+}
+
+/// A send that fails part-way because the peer shut its reading side leaves this end able to
+/// read: a call sent before gets the reply the peer sends after (as a server shutting down
+/// gracefully answers the calls it has). Nothing can follow the fragment the peer holds, so
+/// the socket need not be shut down for it.
+#[test]
+fn a_send_cut_short_by_the_peer_shutting_its_reading_side_leaves_replies_to_come() {
+    let (ours, theirs) = crate::Socket::pair().unwrap();
+    let a = Connection::new(ours);
+    let caller = {
+        let a = a.clone();
+        std::thread::spawn(move || a.call::<_, u64>(&IFACE, 2, &(), None))
+    };
+    let call = theirs.recv().unwrap();
+    let sender = {
+        let a = a.clone();
+        std::thread::spawn(move || a.oneway(&IFACE, 1, &"x".repeat(32 << 20), None))
+    };
+    let later = Instant::now() + Duration::from_secs(3600);
+    wait_until("the send waits for room", || {
+        a.socket().send_stalled_for(later).is_some()
+    });
+    theirs.shutdown_read().unwrap();
+    let sent = sender.join().unwrap();
+    assert!(matches!(sent, Err(Error::Disconnected)), "{sent:?}");
+    theirs.send(&reply_to(&call, &42u64), &[]).unwrap();
+    assert_eq!(caller.join().unwrap().unwrap(), 42);
+}

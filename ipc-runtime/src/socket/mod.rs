@@ -25,7 +25,7 @@ mod send;
 pub(crate) use recv::REFUSED_KEPT;
 use recv::RecvState;
 #[cfg(feature = "tokio")]
-pub(crate) use send::SendCursor;
+pub(crate) use send::{RETRY_SEND, SendCursor};
 
 /// The peer process of a socket, as the kernel saw it when the connection was made
 /// (`SO_PEERCRED`).
@@ -49,7 +49,9 @@ pub struct PeerCredentials {
 /// Blocking calls wait forever unless given a timeout; [`Socket::try_recv`] never waits, and
 /// the socket is [`AsFd`] so an event loop can wait for readability instead. A send waits
 /// while the peer's socket buffer is full, for as long as it takes ([`Socket::send`]: for
-/// good, if the peer never reads) or until its timeout ([`Socket::send_timeout`]).
+/// good, if the peer never reads) or until its timeout ([`Socket::send_timeout`]); once the
+/// peer has shut its reading side (`shutdown(SHUT_RD)`), within a second, with
+/// [`Error::Disconnected`] (no send can go out to it again, and poll never says so).
 ///
 /// [`Frame`]: crate::Frame
 #[derive(Debug)]

@@ -127,7 +127,7 @@ impl Socket {
         let mut waiting = self.send_wait();
         loop {
             waiting.waiting(0);
-            wait_for_room(deadline)?;
+            wait_for_room_or_retry(wait_for_room, deadline)?;
             if whole_sent(send)? {
                 return Ok(());
             }
@@ -180,7 +180,7 @@ impl Socket {
         // The datagrams are `send_some`'s; blocking only adds waiting for room between them.
         while !self.send_some(&mut cursor, payload, fds)? {
             waiting.waiting(cursor.sent());
-            if let Err(e) = wait_for_room(deadline) {
+            if let Err(e) = wait_for_room_or_retry(wait_for_room, deadline) {
                 if cursor.in_progress() {
                     // The peer holds part of a message; the stream cannot be resynchronised.
                     let _ = self.shutdown();
@@ -263,7 +263,7 @@ impl Socket {
     /// This is the event-loop form of [`Socket::send`] and does not take its lock: the caller
     /// makes sure no other message goes out on this socket between the first and the last
     /// datagram of this one. An error after part of the message went out shuts the socket
-    /// down, as [`Socket::send`] does.
+    /// down, as [`Socket::send`] does, unless no send can go out any more (`EPIPE`).
     pub(crate) fn send_some(
         &self,
         cursor: &mut SendCursor,
@@ -314,8 +314,10 @@ impl Socket {
                 Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => return Ok(false),
                 Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) && self.smaller(bytes.len()) => {}
                 Err(e) => {
-                    if cursor.started {
+                    if cursor.started && e.raw_os_error() != Some(libc::EPIPE) {
                         // The peer holds part of a message; the stream cannot be resynchronised.
+                        // Not after `EPIPE`: nothing can follow the fragment, and the peer (one
+                        // that shut only its reading side) may still answer calls sent before.
                         let _ = self.shutdown();
                     }
                     return Err(e.into());
@@ -346,6 +348,28 @@ impl Socket {
 /// How a send waits for room in the socket buffer, until a deadline: by polling the socket
 /// ([`Socket::send`]), or by the connection's wait, which reads meanwhile.
 pub(crate) type WaitForRoom<'a> = &'a mut dyn FnMut(Option<Instant>) -> Result<()>;
+
+/// How long a send waits for room before it tries again anyway (see
+/// [`wait_for_room_or_retry`]).
+pub(crate) const RETRY_SEND: Duration = Duration::from_secs(1);
+
+/// Waits for room with `wait_for_room` until `deadline`, but no longer than [`RETRY_SEND`]
+/// at a time: `Ok` then too, so that the send tries again. A peer that has shut its reading
+/// side (`shutdown(SHUT_RD)`) while this end's messages fill its socket makes every send
+/// fail (`EPIPE`: [`Error::Disconnected`]), but poll says nothing of it, neither room nor a
+/// hang-up, until that peer reads or goes: only trying again finds out.
+#[cold]
+#[inline(never)]
+fn wait_for_room_or_retry(wait_for_room: WaitForRoom<'_>, deadline: Option<Instant>) -> Result<()> {
+    let retry = Instant::now() + RETRY_SEND;
+    if deadline.is_some_and(|deadline| deadline <= retry) {
+        return wait_for_room(deadline);
+    }
+    match wait_for_room(Some(retry)) {
+        Err(Error::TimedOut) => Ok(()),
+        waited => waited,
+    }
+}
 
 /// The header of a message of `len` bytes and `fds` fds that goes out as one datagram.
 #[inline(always)]

@@ -1497,3 +1497,59 @@ fn a_region_named_by_a_message_still_going_out_is_not_given_back() {
         "out: given back now"
     );
 }
+
+/// A send waiting for room in the socket of a peer that then shuts its reading side
+/// (`shutdown(SHUT_RD)`) fails with `Disconnected`, as in the blocking flavour: no send can
+/// ever go out to it again, though the socket never reads as writable nor hung up. Before,
+/// the send waited until the peer read or hung up: for good, without a timeout. On a runtime
+/// without the time driver, which the connection must not need for it; a oneway and a call.
+#[test]
+fn a_send_waiting_for_room_fails_once_the_peer_shuts_its_reading_side() {
+    use std::future::{Future, poll_fn};
+    use std::pin::pin;
+    use std::sync::mpsc;
+    use std::task::Poll;
+    use std::time::{Duration, Instant};
+
+    use crate::connection::tests::BULK;
+    use crate::error::Error;
+    for call in [false, true] {
+        let (done, sent) = mpsc::channel();
+        // On a thread of its own, so that a send that never ends fails the test instead.
+        std::thread::spawn(move || {
+            let (ours, theirs) = Socket::pair().unwrap();
+            let runtime = ::tokio::runtime::Builder::new_current_thread()
+                .enable_io()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let conn = super::AsyncConnection::new(ours).unwrap();
+                // 32 MiB do not fit a socket buffer: the send waits for room, having sent
+                // some.
+                let big = "x".repeat(32 << 20);
+                let mut send = pin!(async {
+                    match call {
+                        false => conn.oneway(&BULK, 1, big, None).await,
+                        true => conn.call::<_, u32>(&BULK, 1, big, None).await.map(drop),
+                    }
+                });
+                // Polled once by hand: it tries until the socket is full, then waits for it
+                // to be writable (the peer's shutdown comes after its last try).
+                poll_fn(|cx| match send.as_mut().poll(cx) {
+                    Poll::Ready(sent) => panic!("not sent at once: {sent:?}"),
+                    Poll::Pending => Poll::Ready(()),
+                })
+                .await;
+                let later = Instant::now() + Duration::from_secs(3600);
+                assert!(conn.socket().send_stalled_for(later).is_some());
+                theirs.shutdown_read().unwrap();
+                let _ = done.send(send.await);
+            });
+        });
+        let sent = sent.recv_timeout(Duration::from_secs(60));
+        assert!(
+            matches!(sent, Ok(Err(Error::Disconnected))),
+            "call {call}: {sent:?}"
+        );
+    }
+}

@@ -9,16 +9,22 @@ use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use std::future::{Future, poll_fn};
+use std::task::Poll;
+
+use ::tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
 use nix::poll::PollFlags;
+use nix::sys::time::TimeSpec;
+use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 
 use ::tokio::sync::OwnedMutexGuard;
 use serde::Serialize;
 
-use super::{Inner, TaskGuard};
+use super::{Inner, Registered, TaskGuard};
 use crate::connection::buffers::with_buffers;
 use crate::connection::lane::Lane;
 use crate::error::{Error, Result};
-use crate::socket::{SendCursor, Socket};
+use crate::socket::{RETRY_SEND, SendCursor, Socket};
 use crate::tokio::envelope::{self, Envelope};
 
 impl Inner {
@@ -237,9 +243,18 @@ async fn drive(
         return Ok(());
     }
     let mut waiting = inner.socket().send_wait();
+    // Made at the first wait; none out of fds (the send then waits for room alone).
+    let mut retry: Option<Option<AsyncFd<OwnedFd>>> = None;
     loop {
         waiting.waiting(cursor.sent());
-        let mut ready = inner.io.writable().await?;
+        let retry = retry.get_or_insert_with(retry_timer).as_ref();
+        let Some(mut ready) = writable_or_retry(inner, retry).await? else {
+            // The time to try again came first.
+            if inner.socket().send_some(cursor, payload, fds)? {
+                return Ok(());
+            }
+            continue;
+        };
         let attempt = ready.try_io(|io| match io.get_ref().0.send_some(cursor, payload, fds) {
             Ok(true) => Ok(Ok(())),
             Ok(false) => Err(io::ErrorKind::WouldBlock.into()),
@@ -251,6 +266,58 @@ async fn drive(
             Err(_would_block) => continue,
         }
     }
+}
+
+/// A timer that reads as readable every [`RETRY_SEND`] (a `timerfd`, since the runtime may
+/// have no time driver), for a send waiting for room to try again (see
+/// `wait_for_room_or_retry` in the blocking flavour, which says why); `None` if it cannot
+/// be made.
+#[cold]
+#[inline(never)]
+fn retry_timer() -> Option<AsyncFd<OwnedFd>> {
+    let flags = TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC;
+    let timer = TimerFd::new(ClockId::CLOCK_MONOTONIC, flags).ok()?;
+    let every = Expiration::Interval(TimeSpec::from_duration(RETRY_SEND));
+    timer.set(every, TimerSetTimeFlags::empty()).ok()?;
+    crate::tokio::register(OwnedFd::from(timer)).ok()
+}
+
+/// Waits until the socket is writable, or until `retry` ticks (`None`), whichever comes
+/// first.
+#[cold]
+#[inline(never)]
+async fn writable_or_retry<'a>(
+    inner: &'a Inner,
+    retry: Option<&AsyncFd<OwnedFd>>,
+) -> io::Result<Option<AsyncFdReadyGuard<'a, Registered>>> {
+    let Some(retry) = retry else {
+        return inner.io.writable().await.map(Some);
+    };
+    let mut writable = pin!(inner.io.writable());
+    let mut tick = pin!(retry.readable());
+    let mut timer_broke = false;
+    poll_fn(|cx| {
+        if let Poll::Ready(ready) = writable.as_mut().poll(cx) {
+            return Poll::Ready(ready.map(Some));
+        }
+        if timer_broke {
+            return Poll::Pending; // the send waits for room alone
+        }
+        match tick.as_mut().poll(cx) {
+            Poll::Ready(Ok(mut ticked)) => {
+                // Takes the ticks so far: the next makes it readable again.
+                let _ = nix::unistd::read(ticked.get_inner(), &mut [0u8; 8]);
+                ticked.clear_ready();
+                Poll::Ready(Ok(None))
+            }
+            Poll::Ready(Err(_)) => {
+                timer_broke = true;
+                Poll::Pending
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
 }
 
 /// A message being sent. If its future is dropped part-way through the message, `drop`
