@@ -1443,3 +1443,56 @@ fn a_connection_says_it_announces_its_trust_in_pipes() {
 fn an_async_connection_says_it_announces_its_trust_in_pipes() {
     check_lent_pages("child_lent_pages_async");
 }
+
+/// A traced worker whose stderr is a full pipe (its parent reads it only later, say), called
+/// a few times; then the pipe is emptied, one more call made, and what the worker wrote
+/// once there was room is printed here.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_traced_worker_with_a_full_stderr() {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    use std::io::Read;
+    let (read_end, write_end) = nix::unistd::pipe2(OFlag::O_CLOEXEC).unwrap();
+    // Filled through the pipe's one open file, which the worker then shares: made
+    // non-blocking only meanwhile.
+    let blocking = OFlag::from_bits_truncate(fcntl(&write_end, FcntlArg::F_GETFL).unwrap());
+    fcntl(&write_end, FcntlArg::F_SETFL(blocking | OFlag::O_NONBLOCK)).unwrap();
+    while nix::unistd::write(&write_end, &[b'.'; 4096]).is_ok() {}
+    fcntl(&write_end, FcntlArg::F_SETFL(blocking)).unwrap();
+    let mut command = child("child_lab");
+    command.stderr(Stdio::from(write_end));
+    let (mut lab, conn) = Worker::spawn(command).unwrap();
+    let client = LabClient::new(conn);
+    for _ in 0..3 {
+        assert_eq!(client.reverse("abc".into()).unwrap(), "cba");
+    }
+    let mut pipe = std::fs::File::from(read_end);
+    fcntl(&pipe, FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).unwrap();
+    let mut filler = vec![0u8; 1 << 20];
+    while pipe.read(&mut filler).is_ok_and(|n| n > 0) {}
+    fcntl(&pipe, FcntlArg::F_SETFL(OFlag::empty())).unwrap();
+    assert_eq!(client.reverse("ab".into()).unwrap(), "ba");
+    client.connection().close();
+    drop(client);
+    lab.wait().unwrap();
+    let mut written = String::new();
+    pipe.read_to_string(&mut written).unwrap();
+    eprint!("{written}");
+}
+
+/// A traced process whose stderr is a pipe nobody empties goes on: the lines it cannot
+/// write at once are left out, and counted in a line of their own once there is room.
+/// Before, its first traced line waited for room, and with it the process's calls and
+/// their callers: here the worker, and the parent calling it.
+#[test]
+fn a_full_stderr_holds_no_traced_process_up() {
+    let stderr = traced_stderr("child_traced_worker_with_a_full_stderr");
+    let said = |want: &str| {
+        stderr
+            .lines()
+            .position(|l| l.starts_with("typed-ipc[") && l.ends_with(want))
+            .unwrap_or_else(|| panic!("no line ending {want:?} in:\n{stderr}"))
+    };
+    let unprinted = said("not printed: stderr was full");
+    assert!(said(r#"-> Reply #4 "ba""#) > unprinted, "{stderr}");
+}

@@ -1,6 +1,7 @@
 //! `TYPED_IPC_DEBUG=1`: one line on stderr per message sent or received, for both flavours.
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use serde::Serialize;
 
@@ -23,22 +24,104 @@ pub(crate) fn enabled() -> bool {
 /// client.call())` holds the lock while it calls). Waiting for the lock there hung such
 /// programs, and only with tracing on. The price: a line may fall between the pieces of a
 /// `write!` to stderr that another thread of this process makes, rather than after it.
-/// A write to fd 2 may still block (a pipe nobody empties), so lines are said, where they can
-/// be, with no lock of the connection's held and whoever waits woken.
+///
+/// Nor does it wait for room in a pipe or socket that nobody empties (a parent that reads a
+/// worker's stderr only once it has exited, say): such a wait held up the calls of a traced
+/// process, and their callers, for good. A line that does not fit is left out (or cut short,
+/// if longer than the pipe writes at once), and the next line that goes out is preceded by one
+/// saying how many were ([`UNPRINTED`]). Lines are still said, where they can be, with no lock
+/// of the connection's held and whoever waits woken: a terminal or a file may block.
 pub(crate) fn line(text: &str) {
-    write_unlocked(format!("{text}\n").as_bytes());
+    let unprinted = UNPRINTED.swap(0, Ordering::Relaxed);
+    let (said, text) = match unprinted {
+        0 => (0, format!("{text}\n")),
+        n => unprinted_then(n, text),
+    };
+    let written = write_unlocked(text.as_bytes());
+    if written < text.len() {
+        let unsaid = if written < said { unprinted } else { 0 };
+        left_out(unsaid, written > 0);
+    }
 }
 
-/// Writes `bytes` to stderr's fd, not taking stderr's lock.
-fn write_unlocked(mut bytes: &[u8]) {
-    while !bytes.is_empty() {
-        match nix::unistd::write(std::io::stderr().as_fd(), bytes) {
-            Ok(0) => return,
-            Ok(n) => bytes = &bytes[n..],
+/// Lines of this process left out because stderr had no room, not said yet.
+static UNPRINTED: AtomicU64 = AtomicU64::new(0);
+/// The last line written was cut short: the next starts on a line of its own.
+static CUT: AtomicBool = AtomicBool::new(false);
+
+/// Counts a line left out, with the `unprinted` ones its write did not say first; `cut` if
+/// part of it went out.
+#[cold]
+#[inline(never)]
+fn left_out(unprinted: u64, cut: bool) {
+    UNPRINTED.fetch_add(unprinted + 1, Ordering::Relaxed);
+    if cut {
+        CUT.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The line saying that `n` lines were left out, then `text`'s line; and how many bytes
+/// the first takes.
+#[cold]
+#[inline(never)]
+fn unprinted_then(n: u64, text: &str) -> (usize, String) {
+    let pid = std::process::id();
+    let lines = counted(n as usize, "line");
+    let start = if CUT.swap(false, Ordering::Relaxed) {
+        "\n"
+    } else {
+        ""
+    };
+    let said = format!("{start}typed-ipc[{pid}] -- {lines} not printed: stderr was full\n");
+    (said.len(), format!("{said}{text}\n"))
+}
+
+/// Writes `bytes` to stderr's fd, not taking stderr's lock, and not waiting for room in a
+/// pipe or socket: how many of them went out.
+fn write_unlocked(bytes: &[u8]) -> usize {
+    let stderr = std::io::stderr();
+    let mut written = 0;
+    while written < bytes.len() {
+        match write_now(stderr.as_fd(), &bytes[written..]) {
+            Ok(0) => break,
+            Ok(n) => written += n,
             Err(nix::Error::EINTR) => {}
-            Err(_) => return,
+            Err(_) => break,
         }
     }
+    written
+}
+
+/// One `write` of `bytes` to `fd` that fails with `EAGAIN` rather than wait for room in a
+/// pipe or socket (`pwritev2` with `RWF_NOWAIT`: `O_NONBLOCK` would change the file for every
+/// process sharing it). Elsewhere a plain `write`, which may wait: a terminal takes no
+/// `RWF_NOWAIT` (`EOPNOTSUPP`), and a file system that does may fail it for a wait on the
+/// disk, which is no reason to leave a line out.
+fn write_now(fd: BorrowedFd<'_>, bytes: &[u8]) -> nix::Result<usize> {
+    let iov = [libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    }];
+    // SAFETY: `iov` names `bytes`, which outlive the call and are only read; offset -1 writes
+    // at the file's own position, as `write` does.
+    let written = unsafe { libc::pwritev2(fd.as_raw_fd(), iov.as_ptr(), 1, -1, libc::RWF_NOWAIT) };
+    match nix::Error::result(written) {
+        Err(nix::Error::EAGAIN) if !is_pipe_or_socket(fd) => nix::unistd::write(fd, bytes),
+        Err(nix::Error::EOPNOTSUPP | nix::Error::ENOSYS | nix::Error::EINVAL) => {
+            nix::unistd::write(fd, bytes)
+        }
+        written => written.map(|n| n as usize),
+    }
+}
+
+/// Whether `fd` is a pipe or a socket, whose lack of room `RWF_NOWAIT` reports.
+#[cold]
+fn is_pipe_or_socket(fd: BorrowedFd<'_>) -> bool {
+    use nix::sys::stat::{SFlag, fstat};
+    fstat(fd).is_ok_and(|stat| {
+        let kind = SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT;
+        kind == SFlag::S_IFIFO || kind == SFlag::S_IFSOCK
+    })
 }
 
 /// The most characters of a text from elsewhere (why a message failed) that a line shows.
