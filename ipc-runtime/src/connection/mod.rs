@@ -64,7 +64,12 @@
 //! receive (over its limits, or its fds dropped) when the failure cannot go out at once: a caller
 //! never waits to send it. The async flavour applies the same bounds (see its module docs,
 //! `typed_ipc::tokio`). A handler that can only finish once a later request from the peer arrives
-//! must not be relied on past the bounds.
+//! must not be relied on past the bounds. Nor may two ends whose handlers send to each other
+//! (a oneway answering a oneway, say) send each other requests past the bounds without waiting
+//! for replies: once both queues are full and every serving thread of both ends waits to send
+//! (or for another's send to finish), neither end reads, and both wait for good. Bound what
+//! each end sends ahead of the other's answers (calls, or a window of oneways acknowledged by a
+//! call) below the bounds.
 //!
 //! # Byte strings through shared memory
 //!

@@ -37,7 +37,10 @@
 //!   the peer, say): then it reads on, taking requests in up to twice the bounds before it
 //!   ends the connection with [`Error::Malformed`], or none past them if nothing serves the
 //!   connection (nothing would ever take them). So a peer that sends calls and never reads
-//!   the replies gets no further than the bounds.
+//!   the replies gets no further than the bounds. As in the blocking flavour, two ends whose
+//!   handlers send to each other must not send each other requests past the bounds without
+//!   waiting for answers: with both readers paused and every handler waiting to send, both
+//!   wait for good.
 //! - **Byte strings** of 1 KiB to 32 MiB go through a shared memory region per connection and
 //!   direction, as in the blocking flavour (see [`Connection`](crate::Connection)); a call
 //!   cancelled before its message went out gives its place in the region back.
