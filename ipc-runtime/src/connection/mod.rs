@@ -252,6 +252,9 @@ struct State {
     calls: VecDeque<(Frame, u64)>,
     /// Oneway messages, run one at a time in order.
     oneways: VecDeque<Frame>,
+    /// The fds of messages nothing took, closed by the reader that read them once it lets
+    /// the lock go (`Shared::close_unclaimed`): closing one may wait for the peer.
+    unclaimed: Vec<std::os::fd::OwnedFd>,
     /// Failures owed for calls this end could not receive (over its limits, or their fds
     /// dropped), taken in by a caller reading for its reply, that could not go out at once: a
     /// serving thread sends them, as it would a reply, so that the caller never waits for a

@@ -188,11 +188,41 @@ impl Shared {
     /// Releases the reader role (for a call this end could not receive, once it is answered)
     /// and routes what it received (see [`Shared::read`]). The readers take their common
     /// cases before calling this — a caller's own whole reply (`read_own`), a call a runner
-    /// can run now (`read`) — so it never sees the latter.
+    /// can run now (`read`) — so it never sees the latter. The fds of what nothing takes are
+    /// closed with the lock let go ([`Shared::close_unclaimed`]).
     pub(super) fn route<'a>(
         &'a self,
-        mut state: Guard<'a>,
+        state: Guard<'a>,
         frame: Frame,
+        result: Result<()>,
+        reader: Reader,
+    ) -> (Guard<'a>, Option<Taken>) {
+        let (state, taken) = self.route_claimed(state, frame, result, reader);
+        match state.unclaimed.is_empty() {
+            true => (state, taken),
+            false => (self.close_unclaimed(state), taken),
+        }
+    }
+
+    /// Closes the fds of messages nothing took (`State::unclaimed`), with the lock let go
+    /// meanwhile (and taken again): closing an fd may wait for as long as the peer that sent
+    /// it likes (a pipe whose lock it holds, a TCP socket whose unsent data lingers), and
+    /// only the thread that read them waits, not every thread that needs the lock.
+    #[cold]
+    #[inline(never)]
+    fn close_unclaimed<'a>(&'a self, mut state: Guard<'a>) -> Guard<'a> {
+        let unclaimed = std::mem::take(&mut state.unclaimed);
+        drop(state);
+        drop(unclaimed);
+        self.state.lock()
+    }
+
+    /// [`Shared::route`], leaving the fds of what nothing takes in `State::unclaimed`.
+    #[inline(always)]
+    fn route_claimed<'a>(
+        &'a self,
+        mut state: Guard<'a>,
+        mut frame: Frame,
         result: Result<()>,
         reader: Reader,
     ) -> (Guard<'a>, Option<Taken>) {
@@ -245,7 +275,10 @@ impl Shared {
                 match state.pending.get_mut(&envelope.cookie) {
                     Some(slot) => *slot = Some(result.map(|()| frame)),
                     // Its caller gave up: dropped unread.
-                    None => self.lane.finished(&frame.payload),
+                    None => {
+                        self.lane.finished(&frame.payload);
+                        unclaimed(&mut state, &mut frame);
+                    }
                 }
                 state = self.say_unlocked(state, reply_line);
             }
@@ -484,8 +517,12 @@ impl Shared {
             return true;
         };
         self.fail(state, why);
-        state.calls.clear();
-        state.oneways.clear();
+        let calls = std::mem::take(&mut state.calls)
+            .into_iter()
+            .map(|(frame, _)| frame);
+        for mut frame in calls.chain(std::mem::take(&mut state.oneways)) {
+            unclaimed(state, &mut frame);
+        }
         state.owed.clear();
         state.backlog = Default::default();
         false
@@ -582,12 +619,19 @@ pub(super) enum Taken {
 }
 
 /// Keeps the frame of a message that nothing takes as the read buffer: its memory, not its
-/// fds, which are closed here (after a message that ended the connection, nothing reads again
-/// to clear them).
+/// fds, which are closed once the lock is let go ([`unclaimed`]; after a message that ended
+/// the connection, nothing reads again to clear them).
 #[cold]
 fn keep_unread(state: &mut State, mut frame: Frame) {
-    frame.fds.clear();
+    unclaimed(state, &mut frame);
     state.buffer = frame;
+}
+
+/// Takes the fds of `frame`, a message nothing takes, to be closed once the lock is let go
+/// (`Shared::close_unclaimed`).
+#[cold]
+fn unclaimed(state: &mut State, frame: &mut Frame) {
+    state.unclaimed.append(&mut frame.fds);
 }
 
 /// Registers call `cookie` to have its reply routed by whoever reads it (out of line: only a

@@ -2008,3 +2008,87 @@ fn a_send_cut_short_by_the_peer_shutting_its_reading_side_leaves_replies_to_come
     theirs.send(&reply_to(&call, &42u64), &[]).unwrap();
     assert_eq!(caller.join().unwrap().unwrap(), 42);
 }
+
+/// A TCP socket whose close waits while its unsent data stays unsent, for up to 10 minutes
+/// (`SO_LINGER`), as a hostile peer may send one; and its receiving end, which has read
+/// nothing yet: once it has read everything, a close no longer waits.
+fn lingering_socket() -> (std::os::fd::OwnedFd, std::net::TcpStream) {
+    use nix::sys::socket::{setsockopt, sockopt::Linger};
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut stream = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (silent, _) = listener.accept().unwrap();
+    stream.set_nonblocking(true).unwrap();
+    while stream.write(&[0u8; 1 << 16]).is_ok() {}
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 600,
+    };
+    setsockopt(&stream, Linger, &linger).unwrap();
+    (stream.into(), silent)
+}
+
+/// Whether this process has an fd open on the socket of inode `inode`.
+fn socket_open(inode: u64) -> bool {
+    let name = format!("socket:[{inode}]");
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .any(|target| target.as_os_str() == name.as_str())
+}
+
+/// The fds of a message nothing takes (here a reply to a call nobody made) are closed with
+/// the connection's lock let go. Closing an fd may wait for as long as the peer that sent it
+/// likes (a TCP socket with unsent data and `SO_LINGER`, a pipe whose lock it holds): that
+/// stalls the thread that read the message, as the README says, and no other. Before, the
+/// lock was held meanwhile, and every other thread of the connection waited for it, callers
+/// with a timeout past their timeout.
+#[test]
+fn fds_nothing_takes_are_closed_without_the_connections_lock() {
+    use std::os::fd::AsFd;
+    let (ours, theirs) = crate::Socket::pair().unwrap();
+    let a = Connection::new(ours);
+    let (lingering, silent) = lingering_socket();
+    let inode = nix::sys::stat::fstat(lingering.as_fd()).unwrap().st_ino;
+    let mut for_nobody = vec![0; envelope::LEN];
+    Envelope {
+        kind: Kind::Reply,
+        cmd: 1,
+        cookie: 999,
+        interface: IFACE.id,
+        signature: IFACE.signature,
+    }
+    .write(&mut for_nobody);
+    codec::encode(&0u64, &mut for_nobody, &mut Vec::new()).unwrap();
+    theirs.send(&for_nobody, &[lingering.as_fd()]).unwrap();
+    // Sent before anything reads, so that the close that waits is the reader's, not this.
+    drop(lingering);
+    let reader = {
+        let a = a.clone();
+        std::thread::spawn(move || a.call::<_, u64>(&IFACE, 1, &(), None))
+    };
+    let call = theirs.recv().unwrap();
+    wait_until("the reader takes the reply for nobody", || !readable(&a));
+    wait_until("the reader closes its socket", || !socket_open(inode));
+    // The reader waits in `close` until the socket's data is out: for good, here.
+    let (done, timed_out) = mpsc::channel();
+    let impatient = {
+        let a = a.clone();
+        std::thread::spawn(move || {
+            let called = a.call::<_, u64>(&IFACE, 2, &(), Some(Duration::from_millis(50)));
+            let _ = done.send(called);
+        })
+    };
+    let timed_out = timed_out.recv_timeout(Duration::from_secs(30));
+    // Its data read, the socket closes. Read rather than dropped: a child another test forks
+    // meanwhile may hold a copy of the receiving end, which would keep it open.
+    let mut silent = silent;
+    std::io::copy(&mut silent, &mut std::io::sink()).unwrap();
+    assert!(
+        matches!(timed_out, Ok(Err(Error::TimedOut))),
+        "a caller with a timeout waited for the close: {timed_out:?}"
+    );
+    impatient.join().unwrap();
+    theirs.send(&reply_to(&call, &42u64), &[]).unwrap();
+    assert_eq!(reader.join().unwrap().unwrap(), 42);
+}
