@@ -299,6 +299,65 @@ fn check_unsent(scenario: &str) {
     );
 }
 
+/// A call that times out: its peer holds the connection open and never answers.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_call_timed_out() {
+    let (ours, _silent) = typed_ipc::Connection::pair().unwrap();
+    let client = LabClient::new(ours).with_timeout(std::time::Duration::from_millis(1));
+    let gave_up = client.reverse("ab".into());
+    assert!(
+        matches!(gave_up, Err(typed_ipc::Error::TimedOut)),
+        "{gave_up:?}"
+    );
+}
+
+/// The async flavour of [`child_call_timed_out`].
+#[cfg(feature = "tokio")]
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_call_timed_out_async() {
+    common::current_thread_runtime().block_on(async {
+        let (ours, _silent) = typed_ipc::tokio::AsyncConnection::pair().unwrap();
+        let client =
+            asynchronous::LabClient::new(ours).with_timeout(std::time::Duration::from_millis(1));
+        let gave_up = client.reverse("ab".into()).await;
+        assert!(
+            matches!(gave_up, Err(typed_ipc::Error::TimedOut)),
+            "{gave_up:?}"
+        );
+    });
+}
+
+/// A call that timed out says so after its `->` line: otherwise the trace shows a call and
+/// nothing more, and a reply that comes later only as received.
+#[test]
+fn a_call_that_timed_out_is_said_to_have_given_up() {
+    check_gave_up("child_call_timed_out", "timed out");
+}
+
+/// The same from the async flavour.
+#[cfg(feature = "tokio")]
+#[test]
+fn a_call_that_timed_out_is_said_to_have_given_up_async() {
+    check_gave_up(
+        "child_call_timed_out_async",
+        "timed out, or its future was dropped",
+    );
+}
+
+fn check_gave_up(scenario: &str, why: &str) {
+    let stderr = traced_stderr(scenario);
+    let cookie = stderr
+        .lines()
+        .find_map(|l| l.split_once("-> Call #")?.1.split_once(' '))
+        .map(|(cookie, _)| cookie.to_owned())
+        .unwrap_or_else(|| panic!("no call printed:\n{stderr}"));
+    let want =
+        format!("-- Call #{cookie} gave up waiting ({why}): a reply that comes later is dropped");
+    assert_line(&stderr, &want);
+}
+
 /// The async flavour of [`child_traced`].
 #[cfg(feature = "tokio")]
 #[test]

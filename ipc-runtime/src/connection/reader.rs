@@ -80,6 +80,9 @@ impl Shared {
             if timed_out {
                 // A late reply finds no slot and is dropped, closing its fds.
                 state.pending.remove(&cookie);
+                if self.trace {
+                    super::trace::gave_up(cookie, "timed out");
+                }
                 return Err(Error::TimedOut);
             }
             if state.reading {

@@ -279,6 +279,18 @@ fn reply_line(cookie: u64, value: &str) {
     ));
 }
 
+/// This process stopped waiting for the reply to its call `cookie`, `why` (timed out, or
+/// cancelled): the reply, if it comes, is dropped unprinted but for its `<-` line.
+#[cold]
+#[inline(never)]
+pub(crate) fn gave_up(cookie: u64, why: &str) {
+    line(&format!(
+        "typed-ipc[{}] -- Call #{cookie} gave up waiting ({why}): a reply that comes later is \
+         dropped",
+        std::process::id()
+    ));
+}
+
 /// The failure this process answers call `cookie` with: `-> Failure #3: Unanswered("…")`.
 /// Why may quote the peer's message (a decoding error may), so it is cut short.
 #[cold]

@@ -37,7 +37,11 @@ impl AsyncConnection {
                 inner.room.notify_one();
             }
         }
-        let waiting = Waiting { inner, cookie };
+        let mut waiting = Waiting {
+            inner,
+            cookie,
+            sent: false,
+        };
         let envelope = Envelope {
             kind: Kind::Call,
             cmd,
@@ -52,6 +56,7 @@ impl AsyncConnection {
             Err(e) => return Err(Box::pin(inner.why_unsent(e)).await),
         };
         trace::outgoing(&envelope, iface, traced.as_deref());
+        waiting.sent = true;
         let received = poll_fn(|cx| inner.lock().pending.poll_take(cookie, cx)).await;
         std::mem::forget(waiting); // the slot is gone with the reply
         let mut frame = received?;
@@ -70,10 +75,16 @@ impl AsyncConnection {
 struct Waiting<'a> {
     inner: &'a Inner,
     cookie: u64,
+    /// The call went out: dropped now, its caller gave up waiting for the reply (a timeout,
+    /// or its future dropped), which the trace says.
+    sent: bool,
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
+        if self.sent && self.inner.trace {
+            trace::gave_up(self.cookie, "timed out, or its future was dropped");
+        }
         let unread = self.inner.lock().pending.cancel(self.cookie);
         if let Some(frame) = unread {
             self.inner.lane.finished(&frame.payload);
