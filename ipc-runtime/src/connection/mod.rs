@@ -810,7 +810,7 @@ thread_local! {
 }
 
 #[cfg(test)]
-fn between_encode_and_send() {
+pub(crate) fn between_encode_and_send() {
     if let Some(f) = BETWEEN_ENCODE_AND_SEND.take() {
         f();
     }

@@ -696,3 +696,79 @@ fn a_lane_word_read_before_another_does_not_reach_this_end_after_it() {
         placed.seq
     );
 }
+
+/// [`a_lane_word_read_before_another_does_not_reach_this_end_after_it`] in the async flavour:
+/// the peer's task is stopped between encoding its message and sending it (a test-only hook in
+/// its send, where a runtime may run other tasks on other threads meanwhile) while the peer
+/// reads this end's next placement and a second message of the peer's goes out at once.
+#[cfg(feature = "tokio")]
+#[test]
+fn an_async_lane_word_read_before_another_does_not_reach_this_end_after_it() {
+    use super::super::{BETWEEN_ENCODE_AND_SEND, Connection};
+    use crate::codec::{OutOfLine, Placement};
+    use crate::service::InterfaceInfo;
+    use crate::tokio::AsyncConnection;
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+
+    static LANES: InterfaceInfo = InterfaceInfo {
+        name: "Lanes",
+        id: 1,
+        signature: 0,
+        methods: &[],
+    };
+    let (ours, theirs) = crate::Socket::pair().unwrap();
+    let a = Connection::new(ours);
+    let a = a.shared.clone();
+    let runtime = ::tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let b = runtime.block_on(async { AsyncConnection::new(theirs).unwrap() });
+    a.lane.on_word(READS_LANES);
+    let (first, fd) = place(&a.lane, &[1u8; 4096]);
+    b.test_lane().on_message(&mut carrying(first.seq));
+    b.test_lane().take(&first, Ok(fd)).unwrap();
+    a.lane.on_word(b.test_lane().word(0)); // an earlier message of the peer's
+    let (a2, b2) = (a.clone(), b.clone());
+    let meanwhile = move || {
+        let (second, _) = place(&a2.lane, &[2u8; 4096]);
+        b2.test_lane().on_message(&mut carrying(second.seq));
+        b2.test_lane().take(&second, Ok(None)).unwrap();
+        // The second task's message, which finds the socket free and goes out at once.
+        let second = std::pin::pin!(b2.oneway(&LANES, 1, (), None));
+        let sent = second.poll(&mut Context::from_waker(Waker::noop()));
+        assert!(
+            matches!(sent, Poll::Ready(Ok(()))),
+            "sent at once: {sent:?}"
+        );
+    };
+    BETWEEN_ENCODE_AND_SEND.set(Some(Box::new(meanwhile)));
+    runtime.block_on(b.oneway(&LANES, 1, (), None)).unwrap(); // the first task's
+    let mut frame = crate::frame::Frame {
+        payload: Vec::new(),
+        fds: Vec::new(),
+    };
+    for _ in 0..2 {
+        a.receive(&mut frame, None).unwrap();
+    }
+    assert!(!a.lane.is_busy(), "the second placement was acknowledged");
+    // This end gives up a lap of placements less two before their messages go out, with no
+    // word from the peer meanwhile.
+    for _ in 0..SEQ_MASK - 2 {
+        let Some(Placement::Region(unsent, _)) = a.lane.put(&[3u8; 4096]) else {
+            panic!("placed in the region");
+        };
+        a.lane.abandon(unsent.seq);
+    }
+    let new = vec![4u8; 4096];
+    let (placed, _) = place(&a.lane, &new);
+    b.test_lane().on_message(&mut carrying(placed.seq));
+    a.lane.on_word(b.test_lane().word(0)); // the peer's next message, before it reads it
+    let _ = a.lane.put(&[5u8; 4096]); // the next string, if the lane were idle
+    assert!(
+        b.test_lane().take(&placed, Ok(None)).unwrap() == new,
+        "the bytes placed (placement {}) were overwritten",
+        placed.seq
+    );
+}

@@ -327,7 +327,7 @@ impl AsyncConnection {
 
     /// The connection's lane, for tests of its state.
     #[cfg(test)]
-    pub(super) fn test_lane(&self) -> &crate::connection::lane::Lane {
+    pub(crate) fn test_lane(&self) -> &crate::connection::lane::Lane {
         &self.inner.lane
     }
 

@@ -42,6 +42,8 @@ impl Inner {
         // another message going out) takes the bytes along.
         let (placed, unsent) = with_buffers(|framed, fds| {
             let placed = self.lane.encode(&envelope, &body, framed, fds)?;
+            #[cfg(test)]
+            crate::connection::between_encode_and_send();
             match self.try_send_at_once(framed, fds) {
                 Ok(true) => {
                     self.lane.sent(placed);
