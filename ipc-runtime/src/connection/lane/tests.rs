@@ -772,3 +772,48 @@ fn an_async_lane_word_read_before_another_does_not_reach_this_end_after_it() {
         placed.seq
     );
 }
+
+/// The acknowledgement written under the send lock replaces only bits 0..10, 22 and 23 of the
+/// word (what the receiver's [`Lane::on_word`] reads as the acknowledgement and "reads
+/// lanes"): the kind byte, the placement carried (bits 11..21) and the rest of the envelope
+/// stay, and a message stamped again (it waited for room) carries the newer acknowledgement.
+#[test]
+fn an_acknowledgement_written_under_the_send_lock_keeps_the_rest_of_the_envelope() {
+    let lane = Lane::new(MAX, usize::MAX);
+    let envelope = Envelope {
+        kind: Kind::Reply,
+        cmd: 0xdead_beef,
+        cookie: u64::MAX,
+        interface: 7,
+        signature: 9,
+    };
+    let mut payload = vec![0xee; envelope::LEN + 4];
+    envelope.write(&mut payload);
+    envelope::set_lane(&mut payload, SEQ_MASK << SEQ_BITS | UNREAD | SEQ_MASK); // stale bits
+    let kept = payload.clone();
+    lane.record_done(SEQ_MASK - 1, UNREAD, None);
+    lane.acknowledge_in(&mut payload);
+    let word = SEQ_MASK << SEQ_BITS | READS_LANES | UNREAD | (SEQ_MASK - 1);
+    assert_eq!(envelope::lane(&payload), word);
+    assert_eq!(
+        lane.word(SEQ_MASK),
+        word,
+        "as the word read at encode time was"
+    );
+    assert_eq!(payload[0], kept[0]);
+    assert_eq!(payload[4..], kept[4..]);
+    lane.record_done(1, 0, None);
+    lane.acknowledge_in(&mut payload);
+    assert_eq!(
+        envelope::lane(&payload),
+        SEQ_MASK << SEQ_BITS | READS_LANES | 1
+    );
+    // An end whose limits allow no fds does not say it reads lanes; nor is a payload too
+    // short for an envelope touched.
+    let no_fds = Lane::new(MAX, 0);
+    no_fds.acknowledge_in(&mut payload);
+    assert_eq!(envelope::lane(&payload), SEQ_MASK << SEQ_BITS);
+    let mut short = [Kind::Oneway as u8, 0xff, 0xff];
+    no_fds.acknowledge_in(&mut short);
+    assert_eq!(short, [Kind::Oneway as u8, 0xff, 0xff]);
+}
