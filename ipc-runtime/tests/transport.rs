@@ -526,22 +526,8 @@ fn a_listener_dropped_in_a_forked_child_leaves_the_socket_file_to_the_parent() {
 
 #[test]
 fn a_live_listener_whose_queue_is_full_is_not_replaced_and_not_waited_for() {
-    use nix::sys::socket::{AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
-    use nix::sys::socket::{bind, listen, socket};
     let _fds = fd_count_lock();
-    let dir = std::env::temp_dir().join(format!("typed-ipc-test-full-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("sock");
-    // A live listener that accepts nobody yet, whose queue one client fills.
-    let live = socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .unwrap();
-    bind(live.as_raw_fd(), &UnixAddr::new(&path).unwrap()).unwrap();
-    listen(&live, Backlog::new(0).unwrap()).unwrap();
+    let (dir, path, live) = listener_accepting_nobody("full");
     let _queued = Socket::connect(&path).unwrap();
     // Telling it from a stale file used to connect and wait for room in its queue: for good.
     let (tx, rx) = std::sync::mpsc::channel();
@@ -559,6 +545,65 @@ fn a_live_listener_whose_queue_is_full_is_not_replaced_and_not_waited_for() {
     );
     drop(live);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A service that stopped accepting, its queue of clients full: a client that gives a
+/// timeout is told at once it ran out, rather than wait for good, and leaks nothing; once
+/// the service accepts again, it connects, and the connection sends as usual.
+#[test]
+fn a_connect_with_a_timeout_to_a_listener_whose_queue_is_full_times_out() {
+    use nix::sys::socket::accept;
+    use std::os::fd::FromRawFd;
+    let _fds = fd_count_lock();
+    let (dir, path, stuck) = listener_accepting_nobody("ctimeout");
+    let queued = Socket::connect_timeout(&path, HANG_GUARD).unwrap();
+    let before = open_fds();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let connecting = {
+        let path = path.clone();
+        std::thread::spawn(move || {
+            let outcome = Socket::connect_timeout(&path, Duration::from_millis(1)).map(drop);
+            tx.send(outcome).unwrap()
+        })
+    };
+    let outcome = rx
+        .recv_timeout(HANG_GUARD)
+        .expect("the connect waited for good");
+    connecting.join().unwrap();
+    assert!(matches!(outcome, Err(Error::TimedOut)), "{outcome:?}");
+    assert_eq!(
+        open_fds(),
+        before,
+        "the socket of the connect that timed out leaked"
+    );
+    // SAFETY: accept returned a new descriptor that nothing else owns.
+    let first = unsafe { OwnedFd::from_raw_fd(accept(stuck.as_raw_fd()).unwrap()) };
+    let second = Socket::connect_timeout(&path, HANG_GUARD).unwrap();
+    // SAFETY: as above.
+    let accepted = unsafe { OwnedFd::from_raw_fd(accept(stuck.as_raw_fd()).unwrap()) };
+    round_trip(&second, &Socket::from_fd(accepted).unwrap(), 70_000, 1);
+    round_trip(&queued, &Socket::from_fd(first).unwrap(), 10, 0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A live listener that accepts nobody yet, whose queue one client fills (backlog 0), on
+/// `sock` in a directory of its own named after `test`: the directory, the path, the socket.
+fn listener_accepting_nobody(test: &str) -> (std::path::PathBuf, std::path::PathBuf, OwnedFd) {
+    use nix::sys::socket::{AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+    use nix::sys::socket::{bind, listen, socket};
+    let dir = std::env::temp_dir().join(format!("typed-ipc-test-{test}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("sock");
+    let live = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    bind(live.as_raw_fd(), &UnixAddr::new(&path).unwrap()).unwrap();
+    listen(&live, Backlog::new(0).unwrap()).unwrap();
+    (dir, path, live)
 }
 
 /// Only guards against a hang: a test that waits this long has failed anyway.

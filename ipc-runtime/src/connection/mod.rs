@@ -305,6 +305,24 @@ impl Connection {
         Ok(Connection::new(Socket::connect_abstract(name)?))
     }
 
+    /// [`Connection::connect`], waiting at most `timeout` while the listener's queue of
+    /// clients not yet accepted is full (a service that stopped accepting, with many clients
+    /// queued), then failing with [`Error::TimedOut`]; `connect` waits for good.
+    pub fn connect_timeout(path: impl AsRef<Path>, timeout: Duration) -> Result<Connection> {
+        Ok(Connection::new(Socket::connect_timeout(path, timeout)?))
+    }
+
+    /// [`Connection::connect_abstract`], waiting at most `timeout` as
+    /// [`Connection::connect_timeout`] does.
+    pub fn connect_abstract_timeout(
+        name: impl AsRef<[u8]>,
+        timeout: Duration,
+    ) -> Result<Connection> {
+        Ok(Connection::new(Socket::connect_abstract_timeout(
+            name, timeout,
+        )?))
+    }
+
     /// Runs a connection over `socket`. Set `TYPED_IPC_DEBUG=1` in the environment to have
     /// every message printed to stderr.
     pub fn new(socket: Socket) -> Connection {

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{self as ns, AddressFamily, SockFlag, SockType, UnixAddr, sockopt};
+use nix::sys::time::TimeVal;
 
 use crate::error::{Error, Result};
 use crate::frame::Limits;
@@ -91,24 +92,54 @@ impl Socket {
         Ok((Socket::new(a)?, Socket::new(b)?))
     }
 
-    /// Connects to a [`Listener`](crate::Listener) bound to a filesystem path.
+    /// Connects to a [`Listener`](crate::Listener) bound to a filesystem path. Waits, for
+    /// good, while the listener's queue of clients not yet accepted is full (a listener that
+    /// stopped accepting): see [`Socket::connect_timeout`].
     pub fn connect(path: impl AsRef<Path>) -> Result<Socket> {
-        Socket::connect_addr(&UnixAddr::new(path.as_ref())?)
+        Socket::connect_addr(&UnixAddr::new(path.as_ref())?, None)
     }
 
-    /// Connects to a [`Listener`](crate::Listener) bound to a Linux abstract name.
+    /// [`Socket::connect`], waiting at most `timeout` while the listener's queue is full,
+    /// then failing with [`Error::TimedOut`].
+    pub fn connect_timeout(path: impl AsRef<Path>, timeout: Duration) -> Result<Socket> {
+        Socket::connect_addr(&UnixAddr::new(path.as_ref())?, Some(timeout))
+    }
+
+    /// Connects to a [`Listener`](crate::Listener) bound to a Linux abstract name, waiting
+    /// as [`Socket::connect`] does.
     pub fn connect_abstract(name: impl AsRef<[u8]>) -> Result<Socket> {
-        Socket::connect_addr(&UnixAddr::new_abstract(name.as_ref())?)
+        Socket::connect_addr(&UnixAddr::new_abstract(name.as_ref())?, None)
     }
 
-    fn connect_addr(addr: &UnixAddr) -> Result<Socket> {
+    /// [`Socket::connect_abstract`], waiting at most `timeout` as
+    /// [`Socket::connect_timeout`] does.
+    pub fn connect_abstract_timeout(name: impl AsRef<[u8]>, timeout: Duration) -> Result<Socket> {
+        Socket::connect_addr(&UnixAddr::new_abstract(name.as_ref())?, Some(timeout))
+    }
+
+    fn connect_addr(addr: &UnixAddr, timeout: Option<Duration>) -> Result<Socket> {
         let fd = ns::socket(
             AddressFamily::Unix,
             SockType::SeqPacket,
             SockFlag::SOCK_CLOEXEC,
             None,
         )?;
-        ns::connect(fd.as_raw_fd(), addr)?;
+        let Some(timeout) = timeout else {
+            ns::connect(fd.as_raw_fd(), addr)?;
+            return Socket::new(fd);
+        };
+        // A Unix socket's `connect` waits for room in the listener's queue as long as the
+        // socket's send timeout says, then fails with `EAGAIN`. Zero would mean for good.
+        let wait = timeout.max(Duration::from_micros(1));
+        let secs = libc::time_t::try_from(wait.as_secs()).unwrap_or(libc::time_t::MAX);
+        let wait = TimeVal::new(secs, wait.subsec_micros().into());
+        ns::setsockopt(&fd, sockopt::SendTimeout, &wait)?;
+        match ns::connect(fd.as_raw_fd(), addr) {
+            Err(nix::Error::EAGAIN) => return Err(Error::TimedOut),
+            connected => connected?,
+        }
+        // Sends wait by their own deadlines (`poll`), never by the socket's timeout.
+        ns::setsockopt(&fd, sockopt::SendTimeout, &TimeVal::new(0, 0))?;
         Socket::new(fd)
     }
 

@@ -197,6 +197,9 @@ impl AsyncConnection {
     /// Connects to a [`Listener`](crate::Listener) (or an [`AsyncListener`](super::AsyncListener))
     /// bound to `path`. The `connect` syscall runs on a thread of its own: it can wait while
     /// the listener's backlog is full, and neither the runtime nor its shutdown waits for it.
+    /// Bound the wait with `tokio::time::timeout`; the thread then waits on, until the
+    /// listener takes the client or goes, and closes its socket (the blocking
+    /// [`Socket::connect_timeout`] bounds the `connect` itself).
     pub async fn connect(path: impl AsRef<Path>) -> Result<AsyncConnection> {
         let path = path.as_ref().to_owned();
         AsyncConnection::new(connect_on_a_thread(move || Socket::connect(path)).await?)
