@@ -47,12 +47,13 @@ impl AsyncListener {
         })
     }
 
-    /// Listens on a filesystem path (see [`Listener::bind`]).
+    /// Listens on a filesystem path (see [`Listener::bind`]: who may connect, stale files).
     pub fn bind(path: impl AsRef<Path>) -> Result<AsyncListener> {
         AsyncListener::new(Listener::bind(path)?)
     }
 
-    /// Listens on a Linux abstract socket name (see [`Listener::bind_abstract`]).
+    /// Listens on a Linux abstract socket name (see [`Listener::bind_abstract`]: anyone may
+    /// connect).
     pub fn bind_abstract(name: impl AsRef<[u8]>) -> Result<AsyncListener> {
         AsyncListener::new(Listener::bind_abstract(name)?)
     }
