@@ -141,7 +141,11 @@ use quote::quote;
 ///   name methods by id, and for code that routes `IpaRequest`s itself; `TYPED_IPC_DEBUG`
 ///   lines name methods, not ids); the ends still compare the whole trait, so a client and a
 ///   server built from different versions of it get `Error::InterfaceMismatch` on every call.
-/// - `#[oneway]`: the client sends and does not wait; the method must return `()`.
+/// - `#[oneway]`: the client sends and does not wait; the method must return `()`. Its
+///   `Ok(())` says only that the message went out: if the server does not run it (its
+///   authorizer refuses it, its arguments do not decode) or it panics, the sender is not
+///   told; the server's stderr says so (the first 10 failed oneways of a process, all of
+///   them under `TYPED_IPC_DEBUG=1`).
 ///
 /// # Types
 ///

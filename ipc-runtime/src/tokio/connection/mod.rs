@@ -441,6 +441,12 @@ impl AsyncConnection {
 
     /// Lets `authorize` refuse calls: it sees the peer's credentials, the interface and the
     /// command id, and its `Err(reason)` reaches the caller as [`Error::Refused`].
+    ///
+    /// It runs for every request, oneway messages too, before the method does, and may run
+    /// on several threads at once; `iface.method(cmd)` names the method. A refused
+    /// `#[oneway]` message is dropped: its sender already had `Ok(())`, and only this end's
+    /// stderr says so (the first 10 failed oneways of a process, all of them under
+    /// `TYPED_IPC_DEBUG=1`).
     pub fn set_authorizer(
         &self,
         authorize: impl Fn(Option<&PeerCredentials>, &InterfaceInfo, u32) -> Result<(), String>
