@@ -46,7 +46,7 @@ enum Provided {
 ///         _ => Err("only uid 1000 may call".into()),
 ///     });
 /// let serving = server.listen(Listener::bind("/run/my.sock")?)?;
-/// // ... later: finish the calls in flight, stop accepting, return.
+/// // ... later: stop accepting, let the calls in flight finish and reply, hang up.
 /// serving.shutdown();
 /// # Ok(()) }
 /// ```

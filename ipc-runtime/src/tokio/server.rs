@@ -49,7 +49,7 @@ enum Provided {
 ///         _ => Err("only uid 1000 may call".into()),
 ///     })
 ///     .listen(AsyncListener::bind("/run/my.sock")?);
-/// // ... later: finish the calls in flight, stop accepting, return.
+/// // ... later: stop accepting, let the calls in flight finish and reply, hang up.
 /// serving.shutdown().await;
 /// # Ok(()) }
 /// ```
