@@ -644,7 +644,7 @@ fn placements_never_sent_do_not_keep_the_peer_from_acknowledging_the_next() {
 #[test]
 fn a_lane_word_read_before_another_does_not_reach_this_end_after_it() {
     use super::super::{BETWEEN_ENCODE_AND_SEND, Connection};
-    use crate::codec::{OutOfLine, Placement};
+    use crate::codec::OutOfLine;
     let (a, b) = crate::Socket::pair().unwrap();
     let (a, b) = (Connection::new(a), Connection::new(b));
     let (a, b) = (a.shared.clone(), b.shared.clone());
@@ -669,6 +669,15 @@ fn a_lane_word_read_before_another_does_not_reach_this_end_after_it() {
     };
     BETWEEN_ENCODE_AND_SEND.set(Some(Box::new(meanwhile)));
     b.send(&oneway, &(), None).unwrap(); // the first thread's
+    a_lap_after_the_peers_two_messages(&a, &b.lane);
+}
+
+/// The end of the two tests of lane words sent out of order: this end (`a`) takes in the
+/// peer's two messages, gives up a lap of placements less two before their messages go out
+/// (arguments that fail to encode, say) with no word from the peer meanwhile, and places a
+/// string, which the peer's next word must not give back before the peer reads it.
+fn a_lap_after_the_peers_two_messages(a: &super::super::Shared, peer: &Lane) {
+    use crate::codec::{OutOfLine, Placement};
     let mut frame = crate::frame::Frame {
         payload: Vec::new(),
         fds: Vec::new(),
@@ -677,8 +686,6 @@ fn a_lane_word_read_before_another_does_not_reach_this_end_after_it() {
         a.receive(&mut frame, None).unwrap();
     }
     assert!(!a.lane.is_busy(), "the second placement was acknowledged");
-    // This end gives up a lap of placements less two before their messages go out
-    // (arguments that fail to encode, say), with no word from the peer meanwhile.
     for _ in 0..SEQ_MASK - 2 {
         let Some(Placement::Region(unsent, _)) = a.lane.put(&[3u8; 4096]) else {
             panic!("placed in the region");
@@ -687,11 +694,11 @@ fn a_lane_word_read_before_another_does_not_reach_this_end_after_it() {
     }
     let new = vec![4u8; 4096];
     let (placed, _) = place(&a.lane, &new);
-    b.lane.on_message(&mut carrying(placed.seq));
-    a.lane.on_word(b.lane.word(0)); // the peer's next message, before it reads the string
+    peer.on_message(&mut carrying(placed.seq));
+    a.lane.on_word(peer.word(0)); // the peer's next message, before it reads the string
     let _ = a.lane.put(&[5u8; 4096]); // the next string, if the lane were idle
     assert!(
-        b.lane.take(&placed, Ok(None)).unwrap() == new,
+        peer.take(&placed, Ok(None)).unwrap() == new,
         "the bytes placed (placement {}) were overwritten",
         placed.seq
     );
@@ -705,7 +712,7 @@ fn a_lane_word_read_before_another_does_not_reach_this_end_after_it() {
 #[test]
 fn an_async_lane_word_read_before_another_does_not_reach_this_end_after_it() {
     use super::super::{BETWEEN_ENCODE_AND_SEND, Connection};
-    use crate::codec::{OutOfLine, Placement};
+    use crate::codec::OutOfLine;
     use crate::service::InterfaceInfo;
     use crate::tokio::AsyncConnection;
     use std::future::Future;
@@ -745,32 +752,7 @@ fn an_async_lane_word_read_before_another_does_not_reach_this_end_after_it() {
     };
     BETWEEN_ENCODE_AND_SEND.set(Some(Box::new(meanwhile)));
     runtime.block_on(b.oneway(&LANES, 1, (), None)).unwrap(); // the first task's
-    let mut frame = crate::frame::Frame {
-        payload: Vec::new(),
-        fds: Vec::new(),
-    };
-    for _ in 0..2 {
-        a.receive(&mut frame, None).unwrap();
-    }
-    assert!(!a.lane.is_busy(), "the second placement was acknowledged");
-    // This end gives up a lap of placements less two before their messages go out, with no
-    // word from the peer meanwhile.
-    for _ in 0..SEQ_MASK - 2 {
-        let Some(Placement::Region(unsent, _)) = a.lane.put(&[3u8; 4096]) else {
-            panic!("placed in the region");
-        };
-        a.lane.abandon(unsent.seq);
-    }
-    let new = vec![4u8; 4096];
-    let (placed, _) = place(&a.lane, &new);
-    b.test_lane().on_message(&mut carrying(placed.seq));
-    a.lane.on_word(b.test_lane().word(0)); // the peer's next message, before it reads it
-    let _ = a.lane.put(&[5u8; 4096]); // the next string, if the lane were idle
-    assert!(
-        b.test_lane().take(&placed, Ok(None)).unwrap() == new,
-        "the bytes placed (placement {}) were overwritten",
-        placed.seq
-    );
+    a_lap_after_the_peers_two_messages(&a, b.test_lane());
 }
 
 /// The acknowledgement written under the send lock replaces only bits 0..10, 22 and 23 of the
