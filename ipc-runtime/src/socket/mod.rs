@@ -9,7 +9,7 @@
 use parking_lot::Mutex;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -22,11 +22,13 @@ use crate::wire::{DATAGRAM_MAX, FDS_PER_DATAGRAM, FIRST_MAX, HEADER_LEN};
 
 mod recv;
 mod send;
+mod version_notice;
 
 pub(crate) use recv::REFUSED_KEPT;
 use recv::RecvState;
 #[cfg(feature = "tokio")]
 pub(crate) use send::{RETRY_SEND, SendCursor};
+use version_notice::VersionNotice;
 
 /// The peer process of a socket, as the kernel saw it when the connection was made
 /// (`SO_PEERCRED`).
@@ -75,9 +77,8 @@ pub struct Socket {
     /// Since when the send waiting for room (if one is) has waited with none of its message
     /// going out: see [`Socket::send_stalled_for`]. Only a send that has to wait touches it.
     stalled: Mutex<Option<Instant>>,
-    /// The peer, which speaks another wire version, has been told this side's (see
-    /// `Socket::refused_header`): once is enough.
-    told_version: AtomicBool,
+    /// When a peer of another wire version is told this side's (`Socket::refused_header`).
+    version_notice: VersionNotice,
 }
 
 impl Socket {
@@ -183,7 +184,7 @@ impl Socket {
             recv: Mutex::new(RecvState::default()),
             spin_ns: AtomicU64::new(0),
             stalled: Mutex::new(None),
-            told_version: AtomicBool::new(false),
+            version_notice: VersionNotice::default(),
         })
     }
 

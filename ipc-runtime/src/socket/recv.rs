@@ -442,20 +442,15 @@ impl Socket {
     /// is told this side's version, once, before the layer above hangs up: a header of no
     /// message, which its own receive refuses in turn as [`Error::VersionMismatch`]. Else it
     /// would see only the hang-up (`Disconnected`), although it speaks the other version.
+    /// Never inside a message of several datagrams going out: that message's sender tells it
+    /// after its last datagram (see `VersionNotice`).
     #[cold]
     #[inline(never)]
     fn refused_header(&self, e: Error) -> Error {
-        if matches!(e, Error::VersionMismatch { .. })
-            && !self.told_version.swap(true, Ordering::Relaxed)
-        {
-            let ours = Header {
-                kind: Kind::First,
-                fds: 0,
-                total_len: 0,
-                total_fds: 0,
-            };
-            // Never waits (`MSG_DONTWAIT`): a peer whose buffer is full sees the hang-up alone.
-            let _ = sys::send(self.fd.as_fd(), &ours.encode(), &[], &[]);
+        if matches!(e, Error::VersionMismatch { .. }) && self.version_notice.due_now() {
+            // A peer whose buffer is full sees the hang-up alone.
+            let _ = self.tell_version();
+            self.version_notice.told();
         }
         e
     }

@@ -283,12 +283,15 @@ impl Socket {
                     total_len: cursor.total_len,
                     total_fds: cursor.total_fds,
                 };
+                if !whole {
+                    self.version_notice.message_starts();
+                }
                 (header, &payload[..first_len], &fds[..first_fds])
             } else {
                 let unsent = cursor.fds_sent - cursor.fds_base;
                 let (bytes, fds) = (&payload[cursor.bytes_sent..], &fds[unsent..]);
                 if bytes.is_empty() && fds.is_empty() {
-                    return Ok(true);
+                    return self.message_out();
                 }
                 let cap = self.datagram_cap.load(Ordering::Relaxed);
                 let chunk = &bytes[..bytes.len().min(cap)];
@@ -307,6 +310,9 @@ impl Socket {
                     cursor.bytes_sent += bytes.len();
                     cursor.fds_sent += these.len();
                     if !cursor.in_progress() {
+                        if header.kind == Kind::More {
+                            return self.message_out();
+                        }
                         return Ok(true); // no need to go round again to find out
                     }
                 }
@@ -314,7 +320,9 @@ impl Socket {
                 Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => return Ok(false),
                 Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) && self.smaller(bytes.len()) => {}
                 Err(e) => {
-                    if cursor.started && e.raw_os_error() != Some(libc::EPIPE) {
+                    if !cursor.started {
+                        self.message_failed(); // nothing went out: the socket stays usable
+                    } else if e.raw_os_error() != Some(libc::EPIPE) {
                         // The peer holds part of a message; the stream cannot be resynchronised.
                         // Not after `EPIPE`: nothing can follow the fragment, and the peer (one
                         // that shut only its reading side) may still answer calls sent before.
@@ -324,6 +332,53 @@ impl Socket {
                 }
             }
         }
+    }
+
+    /// The last datagram of a message of several is out: `Ok(true)`, or `Ok(false)` if a
+    /// version notice owed meanwhile (see `VersionNotice`) found no room, so that the caller
+    /// waits for room and calls [`Socket::send_some`] again, which tells it then. The message
+    /// is out either way (the cursor is no longer [`SendCursor::in_progress`]).
+    #[cold]
+    #[inline(never)]
+    fn message_out(&self) -> Result<bool> {
+        loop {
+            if self.version_notice.is_owed() {
+                match self.tell_version() {
+                    Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => return Ok(false),
+                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                    // Told, or it cannot be (the peer is gone, say): the peer learns no more.
+                    _ => {}
+                }
+            }
+            // Over, unless a notice became owed meanwhile: then round again to tell it.
+            if !self.version_notice.message_over() {
+                return Ok(true);
+            }
+        }
+    }
+
+    /// A message of several datagrams failed before any of it went out: a version notice
+    /// owed meanwhile is told now, if there is room.
+    #[cold]
+    #[inline(never)]
+    fn message_failed(&self) {
+        if self.version_notice.message_over() {
+            let _ = self.tell_version();
+        }
+    }
+
+    /// Tells a peer of another wire version this side's: a header of no message. Never waits
+    /// (`MSG_DONTWAIT`).
+    #[cold]
+    #[inline(never)]
+    pub(super) fn tell_version(&self) -> std::io::Result<usize> {
+        let ours = Header {
+            kind: Kind::First,
+            fds: 0,
+            total_len: 0,
+            total_fds: 0,
+        };
+        sys::send(self.fd.as_fd(), &ours.encode(), &[], &[])
     }
 
     /// After `ENOBUFS` for a datagram of `len` payload bytes, which went out not at all:
@@ -675,6 +730,51 @@ mod tests {
             sender.join().unwrap().unwrap();
         });
         assert_eq!(a.send_stalled_for(later), None, "a send that is out");
+    }
+
+    /// A peer of another wire version is told this side's version between two messages, never
+    /// inside one: a notice due while a message of several datagrams is part-way out waits for
+    /// its last datagram. Else the peer saw "message interrupted by another", not the version.
+    #[test]
+    fn the_version_notice_waits_for_a_message_part_way_out() {
+        use std::os::fd::AsRawFd;
+        let (a, b) = Socket::pair().unwrap();
+        let payload: Vec<u8> = (0..32 << 20).map(|i: usize| (i % 253) as u8).collect();
+        let mut cursor = SendCursor::new(payload.len(), 0).unwrap();
+        assert!(!a.send_some(&mut cursor, &payload, &[]).unwrap());
+        assert!(cursor.in_progress());
+        // The peer takes what came so far (room for a notice now), then speaks another version.
+        assert!(b.try_recv().unwrap().is_none());
+        assert!(b.is_partial());
+        let mut other = Header {
+            kind: Kind::First,
+            fds: 0,
+            total_len: 0,
+            total_fds: 0,
+        }
+        .encode();
+        other[2] = crate::wire::VERSION.wrapping_add(1);
+        ns::send(b.as_fd().as_raw_fd(), &other, ns::MsgFlags::empty()).unwrap();
+        assert!(matches!(a.try_recv(), Err(Error::VersionMismatch { .. })));
+        // Each end closes once it is done, so that neither can wait for the other for good.
+        let reader = std::thread::spawn(move || (b.recv(), b.recv()));
+        let sent = loop {
+            match a.send_some(&mut cursor, &payload, &[]) {
+                Ok(false) => a.wait(PollFlags::POLLOUT, None).unwrap(),
+                done => break done,
+            }
+        };
+        drop(a);
+        let (message, notice) = reader.join().unwrap();
+        assert!(
+            message.unwrap().payload == payload,
+            "the message arrived changed"
+        );
+        // The notice: this side's header of no message, which `b`, of this side's version
+        // too, reads as an empty message (a peer of the other version refuses it).
+        let notice = notice.unwrap();
+        assert!(notice.payload.is_empty() && notice.fds.is_empty());
+        assert!(sent.unwrap());
     }
 
     /// A datagram the kernel cannot allocate (`ENOBUFS`: it wants one block of contiguous
