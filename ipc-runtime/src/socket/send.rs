@@ -185,6 +185,7 @@ impl Socket {
                     // The peer holds part of a message; the stream cannot be resynchronised.
                     let _ = self.shutdown();
                 }
+                self.send_given_up(&cursor);
                 return Err(e);
             }
         }
@@ -354,6 +355,18 @@ impl Socket {
             if !self.version_notice.message_over() {
                 return Ok(true);
             }
+        }
+    }
+
+    /// The send of the message `cursor` tracks is given up (timed out, or its future
+    /// dropped): if none of it went out, it is no longer part-way out, as `send_some` marked
+    /// it before its first try, and a version notice owed meanwhile is told now. Else the
+    /// notice would wait for the end of a message that never comes.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn send_given_up(&self, cursor: &SendCursor) {
+        if !cursor.started {
+            self.message_failed();
         }
     }
 
@@ -775,6 +788,42 @@ mod tests {
         let notice = notice.unwrap();
         assert!(notice.payload.is_empty() && notice.fds.is_empty());
         assert!(sent.unwrap());
+    }
+
+    /// A blocking send of a message of several datagrams that times out before its first
+    /// datagram went out (the socket full) must not leave the socket thinking a message is
+    /// part-way out: a peer of another wire version that speaks next is told this side's
+    /// version. Before, the notice was owed to a message that would never end.
+    #[test]
+    fn a_send_timed_out_unstarted_does_not_hold_back_the_version_notice() {
+        use std::os::fd::AsRawFd;
+        let (a, b) = Socket::pair().unwrap();
+        let mut unread = 0;
+        while a.send_timeout(b"x", &[], Duration::ZERO).is_ok() {
+            unread += 1;
+        }
+        let payload = vec![7u8; 1 << 20];
+        let sent = a.send_timeout(&payload, &[], Duration::ZERO);
+        assert!(matches!(sent, Err(Error::TimedOut)), "{sent:?}");
+        for _ in 0..unread {
+            b.recv().unwrap();
+        }
+        let mut other = Header {
+            kind: Kind::First,
+            fds: 0,
+            total_len: 0,
+            total_fds: 0,
+        }
+        .encode();
+        other[2] = crate::wire::VERSION.wrapping_add(1);
+        ns::send(b.as_fd().as_raw_fd(), &other, ns::MsgFlags::empty()).unwrap();
+        assert!(matches!(a.try_recv(), Err(Error::VersionMismatch { .. })));
+        drop(a);
+        let notice = b.recv();
+        assert!(
+            matches!(&notice, Ok(frame) if frame.payload.is_empty() && frame.fds.is_empty()),
+            "the peer was not told this side's version: {notice:?}"
+        );
     }
 
     /// A datagram the kernel cannot allocate (`ENOBUFS`: it wants one block of contiguous

@@ -1553,3 +1553,65 @@ fn a_send_waiting_for_room_fails_once_the_peer_shuts_its_reading_side() {
         );
     }
 }
+
+// ---- cancelled sends and the version notice ----
+
+/// A send of a message of several datagrams dropped before its first datagram went out (the
+/// socket full: a timeout, a `select!`) must not leave the socket thinking a message is
+/// part-way out: a peer of another wire version that speaks next is told this side's
+/// version, as it would be had the send never started. Before, the notice was owed to a
+/// message that would never end, and the peer saw a bare hang-up.
+#[test]
+fn a_send_of_several_datagrams_dropped_unstarted_does_not_hold_back_the_version_notice() {
+    use std::future::Future;
+    use std::os::fd::AsRawFd;
+    use std::task::{Context, Poll, Waker};
+
+    use crate::connection::tests::BULK;
+    use crate::wire::{Header, Kind};
+
+    let (runtime, conn, theirs) = undriven_connection();
+    let mut cx = Context::from_waker(Waker::noop());
+    // Fill the peer's queue with small messages; the one that finds it full is dropped (one
+    // datagram, none of it out).
+    let mut unread = 0;
+    while let Poll::Ready(sent) = Box::pin(conn.oneway(&BULK, 1, (), None))
+        .as_mut()
+        .poll(&mut cx)
+    {
+        sent.unwrap();
+        unread += 1;
+        assert!(unread < 1 << 20, "the peer's queue never filled");
+    }
+    // A message of several datagrams waits for room for its first, and is dropped there.
+    let big = vec![7u8; 1 << 20];
+    let mut send = Box::pin(conn.oneway(&BULK, 1, big, None));
+    assert!(send.as_mut().poll(&mut cx).is_pending());
+    drop(send);
+    for _ in 0..unread {
+        theirs.recv().unwrap();
+    }
+    // The peer speaks another wire version.
+    let mut other = Header {
+        kind: Kind::First,
+        fds: 0,
+        total_len: 0,
+        total_fds: 0,
+    }
+    .encode();
+    other[2] = crate::wire::VERSION.wrapping_add(1);
+    let raw = theirs.as_fd().as_raw_fd();
+    nix::sys::socket::send(raw, &other, nix::sys::socket::MsgFlags::empty()).unwrap();
+    runtime.block_on(async {
+        while !conn.is_closed() {
+            ::tokio::task::yield_now().await;
+        }
+    });
+    // The notice: this side's header of no message, which `theirs`, of this side's version,
+    // reads as an empty message.
+    let notice = theirs.recv();
+    assert!(
+        matches!(&notice, Ok(frame) if frame.payload.is_empty() && frame.fds.is_empty()),
+        "the peer was not told this side's version: {notice:?}"
+    );
+}

@@ -379,6 +379,12 @@ impl Outgoing<'_, '_> {
             // Failed or cancelled before any of it went out: the peer will never see this
             // placement.
             self.inner.lane.abort(self.placed);
+            // Nor the rest of this message, which the socket counts as part-way out once it
+            // has tried its first datagram; only under the send lock, as another message
+            // may be part-way out while this one waits for it.
+            if self.lock.is_some() {
+                self.inner.socket().send_given_up(&self.cursor);
+            }
         }
         if self.finished || !self.cursor.in_progress() {
             return; // done, or nothing of it sent: the stream is in sync
