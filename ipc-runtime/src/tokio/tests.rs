@@ -1615,3 +1615,38 @@ fn a_send_of_several_datagrams_dropped_unstarted_does_not_hold_back_the_version_
         "the peer was not told this side's version: {notice:?}"
     );
 }
+
+/// The runtime a connection was made on shuts down while a send from elsewhere (another
+/// runtime, or no runtime at all) waits for room: the send must fail saying what happened
+/// to the connection, as the calls waiting for replies do, not with the reactor's "A Tokio
+/// 1.x context was found, but it is being shutdown", which speaks of a runtime the caller
+/// may not even have.
+#[test]
+fn a_send_waiting_for_room_when_the_connections_runtime_shuts_down_says_so() {
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+
+    use crate::connection::tests::BULK;
+
+    let (runtime, conn, _theirs) = undriven_connection();
+    let mut cx = Context::from_waker(Waker::noop());
+    // Polled here, outside any runtime: fill the peer's queue until a send waits for room.
+    let mut sent = 0u32;
+    let mut waiting = loop {
+        let mut send = Box::pin(conn.oneway(&BULK, 1, (), None));
+        if send.as_mut().poll(&mut cx).is_pending() {
+            break send;
+        }
+        sent += 1;
+        assert!(sent < 1 << 20, "the peer's queue never filled");
+    };
+    drop(runtime);
+    let Poll::Ready(failed) = waiting.as_mut().poll(&mut cx) else {
+        panic!("the send still waits, its runtime gone");
+    };
+    let said = failed.unwrap_err().to_string();
+    assert!(
+        said.contains("the tokio runtime running the connection shut down"),
+        "{said}"
+    );
+}

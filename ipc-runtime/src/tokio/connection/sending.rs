@@ -277,7 +277,11 @@ async fn wait_and_send(
     loop {
         waiting.waiting(cursor.sent());
         let retry = retry.get_or_insert_with(retry_timer).as_ref();
-        let Some(mut ready) = writable_or_retry(inner, retry).await? else {
+        let ready = match writable_or_retry(inner, retry).await {
+            Ok(ready) => ready,
+            Err(e) => return Err(inner.reactor_gone(e)),
+        };
+        let Some(mut ready) = ready else {
             // The time to try again came first.
             if inner.socket().send_some(cursor, payload, fds)? {
                 return Ok(());
@@ -293,6 +297,22 @@ async fn wait_and_send(
             Ok(Ok(done)) => return done,
             Ok(Err(e)) => return Err(e.into()), // not produced by the closure
             Err(_would_block) => continue,
+        }
+    }
+}
+
+impl Inner {
+    /// Why a send failed whose wait for room failed with `e`: the reactor the socket is
+    /// registered with has shut down with the connection's runtime, which ended the
+    /// connection first (its reader's drop), saying so; tokio's own words ("A Tokio 1.x
+    /// context was found, but it is being shutdown") would speak of a runtime the caller
+    /// may not be on.
+    #[cold]
+    #[inline(never)]
+    fn reactor_gone(&self, e: io::Error) -> Error {
+        match &self.lock().closed {
+            Some(why) => why.duplicate(),
+            None => e.into(),
         }
     }
 }
