@@ -1688,6 +1688,12 @@ pub(crate) const OTHER_VERSION: u8 = crate::wire::VERSION.wrapping_add(1);
 /// Plays, on `theirs`, a peer of another release refusing this end: it says its version
 /// (a bare header, as `Socket::refused_header` sends) and hangs up.
 pub(crate) fn say_another_version_and_hang_up(theirs: crate::Socket) {
+    say_another_version(&theirs);
+}
+
+/// Sends, on `theirs`, a bare header of another wire version ([`OTHER_VERSION`]): what a
+/// peer of another release sends.
+pub(crate) fn say_another_version(theirs: &crate::Socket) {
     use crate::wire::{Header, Kind};
     use nix::sys::socket::{MsgFlags, send};
     use std::os::fd::AsRawFd;

@@ -181,6 +181,11 @@ impl Socket {
         while !self.send_some(&mut cursor, payload, fds)? {
             waiting.waiting(cursor.sent());
             if let Err(e) = wait_for_room_or_retry(wait_for_room, deadline) {
+                if cursor.started() && !cursor.in_progress() {
+                    // The message is out: only a version notice owed meanwhile waited.
+                    self.send_given_up(&cursor);
+                    return Ok(());
+                }
                 if cursor.in_progress() {
                     // The peer holds part of a message; the stream cannot be resynchronised.
                     let _ = self.shutdown();
@@ -359,19 +364,20 @@ impl Socket {
     }
 
     /// The send of the message `cursor` tracks is given up (timed out, or its future
-    /// dropped): if none of it went out, it is no longer part-way out, as `send_some` marked
-    /// it before its first try, and a version notice owed meanwhile is told now. Else the
-    /// notice would wait for the end of a message that never comes.
+    /// dropped), the send lock held: if none of it went out, or all of it (a version notice
+    /// owed meanwhile found no room), it is no longer part-way out, as `send_some` marked it
+    /// before its first try, and the notice is told now if there is room. Else the notice
+    /// would wait for the end of a message that never comes.
     #[cold]
     #[inline(never)]
     pub(crate) fn send_given_up(&self, cursor: &SendCursor) {
-        if !cursor.started {
+        if !cursor.in_progress() {
             self.message_failed();
         }
     }
 
-    /// A message of several datagrams failed before any of it went out: a version notice
-    /// owed meanwhile is told now, if there is room.
+    /// A message of several datagrams failed before any of it went out, or was given up
+    /// once all of it had: a version notice owed meanwhile is told now, if there is room.
     #[cold]
     #[inline(never)]
     fn message_failed(&self) {
@@ -545,7 +551,6 @@ impl SendCursor {
     }
 
     /// Some of the message is out (perhaps all of it).
-    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     pub(crate) fn started(&self) -> bool {
         self.started
     }
@@ -750,7 +755,6 @@ mod tests {
     /// its last datagram. Else the peer saw "message interrupted by another", not the version.
     #[test]
     fn the_version_notice_waits_for_a_message_part_way_out() {
-        use std::os::fd::AsRawFd;
         let (a, b) = Socket::pair().unwrap();
         let payload: Vec<u8> = (0..32 << 20).map(|i: usize| (i % 253) as u8).collect();
         let mut cursor = SendCursor::new(payload.len(), 0).unwrap();
@@ -759,15 +763,7 @@ mod tests {
         // The peer takes what came so far (room for a notice now), then speaks another version.
         assert!(b.try_recv().unwrap().is_none());
         assert!(b.is_partial());
-        let mut other = Header {
-            kind: Kind::First,
-            fds: 0,
-            total_len: 0,
-            total_fds: 0,
-        }
-        .encode();
-        other[2] = crate::wire::VERSION.wrapping_add(1);
-        ns::send(b.as_fd().as_raw_fd(), &other, ns::MsgFlags::empty()).unwrap();
+        crate::connection::tests::say_another_version(&b);
         assert!(matches!(a.try_recv(), Err(Error::VersionMismatch { .. })));
         // Each end closes once it is done, so that neither can wait for the other for good.
         let reader = std::thread::spawn(move || (b.recv(), b.recv()));
@@ -796,7 +792,6 @@ mod tests {
     /// version. Before, the notice was owed to a message that would never end.
     #[test]
     fn a_send_timed_out_unstarted_does_not_hold_back_the_version_notice() {
-        use std::os::fd::AsRawFd;
         let (a, b) = Socket::pair().unwrap();
         let mut unread = 0;
         while a.send_timeout(b"x", &[], Duration::ZERO).is_ok() {
@@ -808,15 +803,7 @@ mod tests {
         for _ in 0..unread {
             b.recv().unwrap();
         }
-        let mut other = Header {
-            kind: Kind::First,
-            fds: 0,
-            total_len: 0,
-            total_fds: 0,
-        }
-        .encode();
-        other[2] = crate::wire::VERSION.wrapping_add(1);
-        ns::send(b.as_fd().as_raw_fd(), &other, ns::MsgFlags::empty()).unwrap();
+        crate::connection::tests::say_another_version(&b);
         assert!(matches!(a.try_recv(), Err(Error::VersionMismatch { .. })));
         drop(a);
         let notice = b.recv();
@@ -824,6 +811,42 @@ mod tests {
             matches!(&notice, Ok(frame) if frame.payload.is_empty() && frame.fds.is_empty()),
             "the peer was not told this side's version: {notice:?}"
         );
+    }
+
+    /// A send whose message is all out, while a version notice owed meanwhile waits for room
+    /// and its deadline passes, succeeds: the message went out, and only the notice (which
+    /// the peer then misses) is given up. It failed with `TimedOut` for a message delivered.
+    #[test]
+    fn a_send_whose_message_is_out_succeeds_while_only_the_notice_waits() {
+        let (mut a, b) = Socket::pair().unwrap();
+        // Datagrams of half the send buffer: two fill it (a datagram goes while the buffer
+        // holds less than its size), so the send waits for the peer after every second one,
+        // and after the last (an even count), the notice finds no room.
+        ns::setsockopt(&a.fd, ns::sockopt::SndBuf, &4096).unwrap();
+        let sndbuf = ns::getsockopt(&a.fd, ns::sockopt::SndBuf).unwrap();
+        a.chunk = sndbuf / 2;
+        a.datagram_cap = std::sync::atomic::AtomicUsize::new(a.chunk);
+        let payload: Vec<u8> = (0..16 * a.chunk).map(|i| (i % 251) as u8).collect();
+        let mut arrived = None;
+        let mut told = false;
+        // The wait for room plays the peer: it reads what came, and speaks another version
+        // once; once the whole message is in, the send's deadline passes.
+        let mut peer = |_deadline: Option<Instant>| {
+            if let Some(frame) = b.try_recv().unwrap() {
+                arrived = Some(frame);
+                return Err(Error::TimedOut);
+            }
+            if !told {
+                told = true;
+                crate::connection::tests::say_another_version(&b);
+                assert!(matches!(a.try_recv(), Err(Error::VersionMismatch { .. })));
+            }
+            Ok(())
+        };
+        // A deadline, which `peer` says has passed; without one, the send would try again.
+        let sent = a.send_pieces(&payload, &[], Some(Instant::now()), &mut peer);
+        assert!(arrived.is_some_and(|frame| frame.payload == payload));
+        sent.unwrap();
     }
 
     /// A datagram the kernel cannot allocate (`ENOBUFS`: it wants one block of contiguous

@@ -1564,11 +1564,9 @@ fn a_send_waiting_for_room_fails_once_the_peer_shuts_its_reading_side() {
 #[test]
 fn a_send_of_several_datagrams_dropped_unstarted_does_not_hold_back_the_version_notice() {
     use std::future::Future;
-    use std::os::fd::AsRawFd;
     use std::task::{Context, Poll, Waker};
 
     use crate::connection::tests::BULK;
-    use crate::wire::{Header, Kind};
 
     let (runtime, conn, theirs) = undriven_connection();
     let mut cx = Context::from_waker(Waker::noop());
@@ -1592,16 +1590,7 @@ fn a_send_of_several_datagrams_dropped_unstarted_does_not_hold_back_the_version_
         theirs.recv().unwrap();
     }
     // The peer speaks another wire version.
-    let mut other = Header {
-        kind: Kind::First,
-        fds: 0,
-        total_len: 0,
-        total_fds: 0,
-    }
-    .encode();
-    other[2] = crate::wire::VERSION.wrapping_add(1);
-    let raw = theirs.as_fd().as_raw_fd();
-    nix::sys::socket::send(raw, &other, nix::sys::socket::MsgFlags::empty()).unwrap();
+    crate::connection::tests::say_another_version(&theirs);
     runtime.block_on(async {
         while !conn.is_closed() {
             ::tokio::task::yield_now().await;

@@ -190,6 +190,11 @@ impl Inner {
             .acknowledge_in(&mut out.framed[envelope::FRAMED_AT..]);
         let result = drive(self, &mut out.cursor, &out.framed, out.fds).await;
         out.finished = true;
+        if result.is_err() && out.cursor.started() && !out.cursor.in_progress() {
+            // The message is out: only a version notice owed meanwhile waited, and failed.
+            self.socket().send_given_up(&out.cursor);
+            return Ok(());
+        }
         result
     }
 
@@ -399,12 +404,12 @@ impl Outgoing<'_, '_> {
             // Failed or cancelled before any of it went out: the peer will never see this
             // placement.
             self.inner.lane.abort(self.placed);
-            // Nor the rest of this message, which the socket counts as part-way out once it
-            // has tried its first datagram; only under the send lock, as another message
-            // may be part-way out while this one waits for it.
-            if self.lock.is_some() {
-                self.inner.socket().send_given_up(&self.cursor);
-            }
+        }
+        if !self.finished && !self.cursor.in_progress() && self.lock.is_some() {
+            // None of it out, or all of it but a version notice owed meanwhile: the socket
+            // counts the message part-way out from its first try. Only under the send lock,
+            // as another message may be part-way out while this one waits for it.
+            self.inner.socket().send_given_up(&self.cursor);
         }
         if self.finished || !self.cursor.in_progress() {
             return; // done, or nothing of it sent: the stream is in sync
