@@ -1139,3 +1139,22 @@ fn requests_past_the_bounds_of_an_end_that_runs_no_service_say_how_to_serve() {
         "{result:?}"
     );
 }
+
+/// A timeout too long for the clock to add (`Duration::MAX`, or seconds from a config file)
+/// means no timeout, as it does for std's `recv_timeout`; it must not panic.
+#[test]
+fn a_timeout_past_the_clocks_range_waits_as_if_there_were_none() {
+    let _fds = fd_count_lock();
+    let (a, b) = Connection::pair().unwrap();
+    let serving = std::thread::spawn(move || LabServer::new(LabImpl::new()).serve(b));
+    let lab = LabClient::new(a).with_timeout(Duration::MAX);
+    lab.count(0).unwrap();
+    assert!(lab.counted(1).unwrap(), "the oneway, then the call");
+
+    let (x, y) = typed_ipc::Socket::pair().unwrap();
+    x.send_timeout(b"hello", &[], Duration::MAX).unwrap();
+    assert_eq!(y.recv_timeout(Duration::MAX).unwrap().payload, b"hello");
+
+    drop(lab);
+    serving.join().unwrap().unwrap();
+}

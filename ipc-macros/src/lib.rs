@@ -46,8 +46,9 @@ use quote::quote;
 ///
 /// - `IpaClient`: `new(Connection)`, `with_timeout(&self, Duration) -> Self` (a copy whose
 ///   calls give up after that long with `Error::TimedOut`, and whose `#[oneway]` messages do
-///   if they cannot be sent by then because the peer is not reading; by default a call waits
-///   as long as the peer is alive; the peer is not told, and its method runs on to its end:
+///   if they cannot be sent by then because the peer is not reading; by default, or with a
+///   timeout too long for the clock (`Duration::MAX`), a call waits as long as the peer is
+///   alive; the peer is not told, and its method runs on to its end:
 ///   with one serving thread, later calls wait behind it), `connection()`, and one method
 ///   per trait method with the same name, parameters and doc comments, returning
 ///   `Result<R, typed_ipc::Error>` for a declared return type `R`: a method declared

@@ -136,7 +136,7 @@ use crate::error::{Error, Result};
 use crate::frame::Frame;
 use crate::peer_memory::PeerMemory;
 use crate::service::{InterfaceInfo, Service};
-use crate::socket::{PeerCredentials, Socket};
+use crate::socket::{PeerCredentials, Socket, deadline_after};
 
 use backlog::Backlog;
 use buffers::{RETAIN_MAX, with_buffers, with_thread_frame};
@@ -567,7 +567,7 @@ impl Connection {
         timeout: Option<Duration>,
     ) -> Result<R> {
         let shared = &*self.shared;
-        let deadline = timeout.map(|t| Instant::now() + t);
+        let deadline = timeout.and_then(deadline_after);
         let envelope = Envelope {
             kind: Kind::Call,
             cmd,
@@ -680,7 +680,7 @@ impl Connection {
         args: &A,
         timeout: Option<Duration>,
     ) -> Result<()> {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        let deadline = timeout.and_then(deadline_after);
         let envelope = Envelope {
             kind: Kind::Oneway,
             cmd,

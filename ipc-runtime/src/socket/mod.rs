@@ -276,6 +276,14 @@ impl Socket {
     }
 }
 
+/// The deadline `timeout` from now, or none at all for a timeout past what the clock can
+/// express (`Duration::MAX`, say), as std's `recv_timeout` takes one: adding it would panic.
+/// Out of line: a call without a timeout, the usual one, carries none of it.
+#[inline(never)]
+pub(crate) fn deadline_after(timeout: Duration) -> Option<Instant> {
+    Instant::now().checked_add(timeout)
+}
+
 /// The timeout of a `poll` that must return by `deadline`: `None` once it has passed.
 #[inline(always)]
 pub(crate) fn poll_timeout(deadline: Option<Instant>) -> Option<PollTimeout> {

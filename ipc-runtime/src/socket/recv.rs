@@ -112,7 +112,7 @@ impl Socket {
     /// completed by the next receive.
     pub fn recv_timeout(&self, timeout: Duration) -> Result<Frame> {
         let mut frame = Frame::default();
-        self.recv_into(&mut frame, Some(Instant::now() + timeout))?;
+        self.recv_into(&mut frame, super::deadline_after(timeout))?;
         Ok(frame)
     }
 

@@ -40,7 +40,7 @@ impl Socket {
         fds: &[BorrowedFd<'_>],
         timeout: Duration,
     ) -> Result<()> {
-        self.send_deadline(payload, fds, Some(Instant::now() + timeout))
+        self.send_deadline(payload, fds, super::deadline_after(timeout))
     }
 
     #[inline]
