@@ -1158,3 +1158,34 @@ fn a_timeout_past_the_clocks_range_waits_as_if_there_were_none() {
     drop(lab);
     serving.join().unwrap().unwrap();
 }
+
+/// A worker that takes its connection and hangs up, then runs on until killed: an
+/// untrusted worker that does not exit when its parent hangs up.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_hangs_up_and_runs_on() {
+    drop(worker::connection().unwrap());
+    loop {
+        std::thread::park();
+    }
+}
+
+#[test]
+fn wait_timeout_gives_up_on_a_worker_that_runs_on_and_reaps_one_that_ends() {
+    let _fds = fd_count_lock();
+    let before = ipc_fds();
+    let (mut child, conn) = Worker::spawn(child("child_hangs_up_and_runs_on")).unwrap();
+    // Its hang-up, seen here, says the child has taken its connection and is parking.
+    let lab = LabClient::new(conn);
+    assert!(matches!(lab.caller_pid(), Err(Error::Disconnected)));
+    // It never exits by itself: however short the timeout, the answer is `None`.
+    assert_eq!(child.wait_timeout(Duration::from_millis(50)).unwrap(), None);
+    assert_eq!(child.try_wait().unwrap(), None, "left running");
+    child.kill().unwrap();
+    // A hang guard only: a killed child is reaped as soon as it has died.
+    let exit = child.wait_timeout(Duration::from_secs(60)).unwrap();
+    assert_eq!(exit, Some(Exit::Signal(9)));
+    assert_eq!(child.wait().unwrap(), Exit::Signal(9), "remembered");
+    drop((child, lab));
+    assert_eq!(ipc_fds(), before);
+}

@@ -20,8 +20,10 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+use nix::poll::{PollFd, PollFlags, poll};
 use nix::sys::socket::{
     self as ns, AddressFamily, SockType, SockaddrLike, SockaddrStorage, sockopt,
 };
@@ -30,7 +32,7 @@ use nix::sys::stat::{SFlag, fstat};
 use crate::connection::Connection;
 use crate::error::{Error, Result};
 use crate::peer_memory::PeerMemory;
-use crate::socket::Socket;
+use crate::socket::{Socket, deadline_after, poll_timeout};
 
 /// The fd number the child finds its end of the connection at.
 const CHILD_FD: i32 = 3;
@@ -255,6 +257,38 @@ impl Worker {
                     "waitid returned without a child that ended",
                 ))
             }),
+        }
+    }
+
+    /// [`Worker::wait`] for at most `timeout`: how the child ended, or `None` if it is still
+    /// running by then (it is left running). A parent that has hung up on a worker it does
+    /// not trust waits so, and kills it ([`Worker::kill`]) if it has not gone by then: a
+    /// worker that ignores the hang-up would keep [`Worker::wait`] waiting for good.
+    ///
+    /// Where the kernel has pidfds, it waits on the child's pidfd; elsewhere it checks every
+    /// 10 ms. Fails as [`Worker::wait`] does if something else in this process reaped the
+    /// child, and closes a piped standard input not taken first, as it does.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<Exit>> {
+        drop(self.take_stdin());
+        let deadline = deadline_after(timeout);
+        loop {
+            if let Some(exit) = self.try_wait()? {
+                return Ok(Some(exit));
+            }
+            let Some(poll_timeout) = poll_timeout(deadline) else {
+                return Ok(None);
+            };
+            match &self.pidfd {
+                // Readable once the child has exited; `try_wait` then reaps it.
+                Some(pidfd) => {
+                    let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+                    match poll(&mut fds, poll_timeout) {
+                        Ok(_) | Err(nix::Error::EINTR) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                None => std::thread::sleep(Duration::from_millis(10)),
+            }
         }
     }
 
