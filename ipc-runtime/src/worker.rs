@@ -48,7 +48,9 @@ pub const ENV: &str = "TYPED_IPC_FD";
 /// fds go to the worker only over the connection. Dropping a `Worker` kills the child and reaps it,
 /// so no zombie is left behind; call [`Worker::wait`] to let it finish instead. Keep it
 /// while you use the connection: `let (_, connection) = Worker::spawn(command)?` drops it,
-/// and kills the child, at once.
+/// and kills the child, at once. Nothing kills the child if this process ends without
+/// dropping it (killed, or [`std::process::exit`]): an idle worker sees the hang-up and its
+/// `serve` returns, but one busy in a method (stuck, say) runs on, orphaned.
 ///
 /// The connection [`Worker::spawn`] (or, async, `tokio::worker::spawn`) returned lives no
 /// longer than the child: once [`Worker::kill`] has signalled it, or [`Worker::wait`] or
