@@ -67,7 +67,10 @@ use quote::quote;
 /// - `IPA_INFO`: the interface's name, and each method's command id and signature, which both
 ///   ends compare: a client and a server built from different versions of the trait get
 ///   `Error::InterfaceMismatch` naming the method that differs, never a garbage decode of a
-///   changed method. The signature is the trait's text (names, ids, types as spelled), not the
+///   changed method. The check is of the interface as a whole: any difference, a method
+///   added at one end only too, fails every call of it, those of unchanged methods too; a
+///   new version that must live beside the old one takes a name of its own (below). The
+///   signature is the trait's text (names, ids, types as spelled), not the
 ///   definitions of the types it names: a struct changed on one end only is not detected, and
 ///   decodes as an error or, if its encoding happens to fit, as wrong values. Rebuild both
 ///   ends when a shared type changes, or version the type itself.
