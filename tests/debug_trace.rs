@@ -590,18 +590,148 @@ fn check_trace(scenario: &str) {
     has("-- Ended: closed by this side");
     has("-- Ended: peer disconnected");
     assert_ended_once_each(&stderr);
+    // Each end names its connection by its number and the other end's pid.
+    let names: std::collections::BTreeSet<_> = stderr.lines().filter_map(name_of).collect();
+    let [client, worker] = [
+        r#"-> Call #1 Lab::reverse("hello")"#,
+        r#"-> Reply #1 "olleh""#,
+    ]
+    .map(|want| {
+        stderr
+            .lines()
+            .find(|l| l.ends_with(want))
+            .and_then(name_of)
+            .unwrap()
+    });
+    assert_eq!(names, [client, worker].into(), "in:\n{stderr}");
+    let pid = |name: &str| name.split_once(' ').unwrap().0.to_owned();
+    assert!(
+        client.ends_with(&format!(" peer {}", pid(worker))),
+        "{client}"
+    );
+    assert!(
+        worker.ends_with(&format!(" peer {}", pid(client))),
+        "{worker}"
+    );
 }
 
-/// Fails unless every process in `stderr` said its connection's end exactly once (each has
-/// one connection here).
+/// The name of the connection a traced line is about, `1234 c2 peer 5678`.
+fn name_of(line: &str) -> Option<&str> {
+    let (name, _) = line.strip_prefix("typed-ipc[")?.split_once("] ")?;
+    Some(name)
+}
+
+/// A host with two workers calls each once: both calls are #1, of different connections.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_two_workers() {
+    let (mut a, to_a) = Worker::spawn(child("child_lab")).unwrap();
+    let (mut b, to_b) = Worker::spawn(child("child_lab")).unwrap();
+    let (a_client, b_client) = (LabClient::new(to_a), LabClient::new(to_b));
+    assert_eq!(a_client.reverse("to a".into()).unwrap(), "a ot");
+    assert_eq!(b_client.reverse("to b".into()).unwrap(), "b ot");
+    a_client.connection().close();
+    b_client.connection().close();
+    drop((a_client, b_client));
+    a.wait().unwrap();
+    b.wait().unwrap();
+    eprintln!("workers: {} {}", a.id(), b.id());
+}
+
+/// The async flavour of [`child_two_workers`].
+#[cfg(feature = "tokio")]
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_two_workers_async() {
+    common::current_thread_runtime().block_on(async {
+        use typed_ipc::tokio::worker::spawn;
+        let (mut a, to_a) = spawn(child("child_async_lab")).unwrap();
+        let (mut b, to_b) = spawn(child("child_async_lab")).unwrap();
+        let a_client = asynchronous::LabClient::new(to_a);
+        let b_client = asynchronous::LabClient::new(to_b);
+        assert_eq!(a_client.reverse("to a".into()).await.unwrap(), "a ot");
+        assert_eq!(b_client.reverse("to b".into()).await.unwrap(), "b ot");
+        a_client.connection().close();
+        b_client.connection().close();
+        drop((a_client, b_client));
+        a.wait().unwrap();
+        b.wait().unwrap();
+        eprintln!("workers: {} {}", a.id(), b.id());
+    });
+}
+
+/// A host's lines about two workers are told apart: each names its connection, and the
+/// worker's pid; each worker's lines name the host.
+#[test]
+fn the_lines_of_two_connections_are_told_apart() {
+    check_two_workers("child_two_workers");
+}
+
+/// The same in the async flavour.
+#[cfg(feature = "tokio")]
+#[test]
+fn the_lines_of_two_async_connections_are_told_apart() {
+    check_two_workers("child_two_workers_async");
+}
+
+fn check_two_workers(scenario: &str) {
+    let stderr = traced_stderr(scenario);
+    let workers: Vec<&str> = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("workers: "))
+        .expect("the scenario names its workers")
+        .split(' ')
+        .collect();
+    let named = |want: &str| {
+        let line = stderr.lines().find(|l| l.ends_with(want));
+        line.and_then(name_of)
+            .unwrap_or_else(|| panic!("no {want:?} in:\n{stderr}"))
+    };
+    let to = [
+        r#"-> Call #1 Lab::reverse("to a")"#,
+        r#"-> Call #1 Lab::reverse("to b")"#,
+    ];
+    let [to_a, to_b] = to.map(named);
+    assert_ne!(to_a, to_b);
+    let host = to_a.split_once(' ').unwrap().0;
+    assert_eq!(
+        to_b.split_once(' ').unwrap().0,
+        host,
+        "one process, two connections"
+    );
+    for (name, worker, reply) in [(to_a, workers[0], "a ot"), (to_b, workers[1], "b ot")] {
+        assert!(
+            name.ends_with(&format!(" peer {worker}")),
+            "{name} is not to {worker}"
+        );
+        // Every line of the host about this worker names it: the reply, the end.
+        for want in [
+            "<- Reply #1 (12 bytes, 0 fds)",
+            "-- Ended: closed by this side",
+        ] {
+            let told = format!("typed-ipc[{name}] {want}");
+            assert!(
+                stderr.lines().any(|l| l == told),
+                "no {told:?} in:\n{stderr}"
+            );
+        }
+        // And the worker's lines name the host.
+        let said = named(&format!("-> Reply #1 {reply:?}"));
+        assert!(said.starts_with(&format!("{worker} ")), "{said}");
+        assert!(said.ends_with(&format!(" peer {host}")), "{said}");
+    }
+    assert_ended_once_each(&stderr);
+}
+
+/// Fails unless every connection in `stderr` said its end exactly once.
 fn assert_ended_once_each(stderr: &str) {
     let mut ends = std::collections::BTreeMap::<&str, usize>::new();
     for l in stderr.lines() {
-        if let Some((pid, rest)) = l
+        if let Some((name, rest)) = l
             .strip_prefix("typed-ipc[")
             .and_then(|l| l.split_once("] "))
         {
-            let count = ends.entry(pid).or_default();
+            let count = ends.entry(name).or_default();
             *count += usize::from(rest.starts_with("-- Ended: "));
         }
     }

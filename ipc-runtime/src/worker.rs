@@ -119,7 +119,7 @@ impl Worker {
     /// that.
     pub fn spawn(command: Command) -> Result<(Worker, Connection)> {
         let (mut worker, socket) = Worker::spawn_socket(command)?;
-        let connection = Connection::new(socket);
+        let connection = Connection::to(socket, Some(worker.id()));
         connection.write_into_peer(worker.memory());
         worker.closes(connection.closer());
         Ok((worker, connection))

@@ -194,6 +194,7 @@ static ONEWAYS_REPORTED: AtomicU32 = AtomicU32::new(0);
 /// serves) has its interface. Without tracing (`TYPED_IPC_DEBUG`), only the first few of a
 /// process are said.
 pub(crate) fn oneway_failed<'i>(
+    name: &trace::Name,
     tracing: bool,
     envelope: &Envelope,
     served: impl IntoIterator<Item = &'i InterfaceInfo>,
@@ -222,8 +223,7 @@ pub(crate) fn oneway_failed<'i>(
     // Why may quote the peer's message (a decoding error may): escaped and cut short.
     let why = trace::printable(&failure.to_string());
     trace::line(&format!(
-        "typed-ipc[{}]: a oneway message {method} failed: {why}{more}",
-        std::process::id()
+        "{name}: a oneway message {method} failed: {why}{more}"
     ));
 }
 

@@ -215,6 +215,8 @@ struct Shared {
     /// anywhere, a service's `Drop` too.
     stopped_reading: AtomicBool,
     trace: bool,
+    /// How traced lines name the connection.
+    name: trace::Name,
     /// Large byte strings through shared memory.
     lane: Lane,
 }
@@ -326,6 +328,11 @@ impl Connection {
     /// Runs a connection over `socket`. Set `TYPED_IPC_DEBUG=1` in the environment to have
     /// every message printed to stderr.
     pub fn new(socket: Socket) -> Connection {
+        Connection::to(socket, None)
+    }
+
+    /// [`Connection::new`], to the worker `worker` if this process spawned it.
+    pub(crate) fn to(socket: Socket, worker: Option<u32>) -> Connection {
         let peer = socket.peer_credentials().ok();
         let limits = socket.limits();
         let lane = Lane::new(limits.max_message_len, limits.max_fds);
@@ -340,6 +347,7 @@ impl Connection {
                 ended: AtomicBool::new(false),
                 stopped_reading: AtomicBool::new(false),
                 trace: trace::enabled(),
+                name: trace::Name::next(worker, peer.as_ref()),
                 lane,
             }),
         }
@@ -375,7 +383,7 @@ impl Connection {
             // A peer already gone shows on the connection itself.
             let sent = self.shared.send(&Envelope::announce(), &announcement, None);
             if sent.is_ok() && self.shared.trace {
-                trace::announce_pipes(lend);
+                trace::announce_pipes(&self.shared.name, lend);
             }
         }
     }
@@ -404,7 +412,7 @@ impl Connection {
         if let Some(announcement) = retired.announcement {
             let sent = self.shared.send(&Envelope::announce(), &announcement, None);
             if sent.is_ok() && self.shared.trace {
-                trace::announce_retired(retired.len, retired.older);
+                trace::announce_retired(&self.shared.name, retired.len, retired.older);
             }
         }
         retired.len
@@ -430,7 +438,7 @@ impl Connection {
         self.shared
             .send(&Envelope::announce(), &announcement, None)?;
         if self.shared.trace {
-            trace::announce();
+            trace::announce(&self.shared.name);
         }
         Ok(())
     }
@@ -606,7 +614,12 @@ impl Connection {
                 reads
             };
             envelope::set_cookie(&mut buf[envelope::FRAMED_AT..], cookie);
-            trace::outgoing(&Envelope { cookie, ..envelope }, iface, traced.as_deref());
+            trace::outgoing(
+                &shared.name,
+                &Envelope { cookie, ..envelope },
+                iface,
+                traced.as_deref(),
+            );
             if reads {
                 // A reader that waits to send gives the role back first: the wait reads only
                 // with the role free for it to take (`wait_for_room`).
@@ -697,7 +710,7 @@ impl Connection {
         // (`encode_and`).
         match self.shared.send(&envelope, args, deadline) {
             Ok(_) => {
-                trace::outgoing(&envelope, iface, traced.as_deref());
+                trace::outgoing(&self.shared.name, &envelope, iface, traced.as_deref());
                 Ok(())
             }
             Err(e) => Err(self.shared.why_unsent(e, deadline)),

@@ -81,7 +81,7 @@ impl Shared {
                 // A late reply finds no slot and is dropped, closing its fds.
                 state.pending.remove(&cookie);
                 if self.trace {
-                    super::trace::gave_up(cookie, "timed out");
+                    super::trace::gave_up(&self.name, cookie, "timed out");
                 }
                 return Err(Error::TimedOut);
             }
@@ -325,7 +325,13 @@ impl Shared {
                 // Nobody waits for a oneway's outcome, so say it here rather than lose it.
                 let registry = Arc::clone(&self.registry.lock());
                 let served = registry.services.iter().map(|(info, _)| *info);
-                failure::oneway_failed(self.trace, &envelope, served, &unreceived(&e, true));
+                failure::oneway_failed(
+                    &self.name,
+                    self.trace,
+                    &envelope,
+                    served,
+                    &unreceived(&e, true),
+                );
                 drop(registry);
                 state = self.state.lock();
                 keep_unread(&mut state, frame);
@@ -406,7 +412,7 @@ impl Shared {
                 EndedHere::No if !gone.contains(PollFlags::POLLHUP) => EndedHere::Dropped,
                 here => here,
             };
-            state.end_unsaid = Some(super::trace::ended(&Error::Disconnected, here));
+            state.end_unsaid = Some(super::trace::ended(&self.name, &Error::Disconnected, here));
         }
         if let Some(line) = state.end_unsaid.take() {
             drop(state);
@@ -500,7 +506,7 @@ impl Shared {
         drop(state);
         super::trace::line(&received);
         if let Some(failure) = answered {
-            super::trace::failure(envelope.cookie, &failure);
+            super::trace::failure(&self.name, envelope.cookie, &failure);
         }
         self.state.lock()
     }
@@ -573,7 +579,11 @@ impl Shared {
             }
             if self.trace {
                 // Printed once the lock is let go, as a message's line (`say_end`).
-                state.end_unsaid = Some(super::trace::ended(&why, self.ended_here(state)));
+                state.end_unsaid = Some(super::trace::ended(
+                    &self.name,
+                    &why,
+                    self.ended_here(state),
+                ));
             }
             state.closed = Some(why);
             self.ended.store(true, Ordering::Release);

@@ -202,7 +202,7 @@ impl Shared {
             }
             Some(failure) => {
                 let served = registry.services.iter().map(|(info, _)| *info);
-                failure::oneway_failed(self.trace, &envelope, served, &failure);
+                failure::oneway_failed(&self.name, self.trace, &envelope, served, &failure);
             }
             None => {}
         }
@@ -213,7 +213,7 @@ impl Shared {
     pub(super) fn reply_failure(&self, call: &Envelope, failure: &Failure) {
         let sent = self.send_failure(call, failure, true);
         if self.trace && sent.is_ok() {
-            trace::failure(call.cookie, failure);
+            trace::failure(&self.name, call.cookie, failure);
         }
     }
 
@@ -248,6 +248,7 @@ impl Shared {
     pub(super) fn incoming_line(&self, envelope: &Envelope, frame: &Frame) -> String {
         let registry = self.registry().registry;
         trace::incoming_line(
+            &self.name,
             envelope,
             frame,
             registry.services.iter().map(|(info, _)| *info),
@@ -287,7 +288,7 @@ impl Replier<'_> {
         // Described once sent: this thread holds nothing another may wait for.
         if self.shared.trace && !sent.as_ref().is_err_and(Error::sent_nothing) {
             let value = trace::described(true, value);
-            trace::reply(envelope.cookie, value.as_deref());
+            trace::reply(&self.shared.name, envelope.cookie, value.as_deref());
         }
         sent.map(drop)
     }

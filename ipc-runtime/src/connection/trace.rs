@@ -1,5 +1,6 @@
 //! `TYPED_IPC_DEBUG=1`: one line on stderr per message sent or received, for both flavours.
 
+use std::fmt;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -10,10 +11,61 @@ use super::envelope::{self, Envelope};
 use super::failure::Failure;
 use crate::frame::Frame;
 use crate::service::InterfaceInfo;
+use crate::socket::PeerCredentials;
 
 /// Whether the environment asks for tracing; read once per connection.
 pub(crate) fn enabled() -> bool {
     std::env::var_os("TYPED_IPC_DEBUG").is_some_and(|v| v != "0")
+}
+
+/// Which connection a line is about, as its lines start: `typed-ipc[1234 c2 peer 5678]`,
+/// this process's pid, the connection's number in this process, and the peer's pid where
+/// it is known.
+///
+/// The number tells the connections of one process apart: cookies restart per connection,
+/// and two connections may share a peer (a client that connects twice, the two ends of a
+/// `Socket::pair`). It is counted per process from 1 and never reused, unlike an fd number.
+/// The peer's pid lets a reader match the line with the peer's own lines. The kernel
+/// records it (`SO_PEERCRED`) when a client connects to a listener; a socket pair records
+/// its creator for both ends, so a pair's pid is shown only where it is another process's
+/// (in a worker, the parent that made the pair), and a parent that spawned the worker
+/// names the worker's pid instead.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Name {
+    number: u64,
+    peer: Option<u32>,
+}
+
+/// Connections this process made: the last [`Name`]'s number.
+static CONNECTIONS: AtomicU64 = AtomicU64::new(0);
+
+impl Name {
+    /// The next connection's name: its peer is `worker` if this process spawned it, else
+    /// what the kernel recorded (`credentials`; a pid in another pid namespace reads 0).
+    /// Made for every connection, traced or not (a failed oneway is said untraced too), so
+    /// it costs one atomic add: this process's pid, which `getpid` asks the kernel for, is
+    /// left to the lines.
+    pub(crate) fn next(worker: Option<u32>, credentials: Option<&PeerCredentials>) -> Name {
+        let recorded = credentials
+            .and_then(|c| u32::try_from(c.pid).ok())
+            .filter(|&pid| pid != 0);
+        Name {
+            number: CONNECTIONS.fetch_add(1, Ordering::Relaxed) + 1,
+            peer: worker.or(recorded),
+        }
+    }
+}
+
+impl fmt::Display for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let pid = std::process::id();
+        write!(f, "typed-ipc[{pid} c{}", self.number)?;
+        match self.peer {
+            // A socket pair's creator, recorded for both its ends: not the peer.
+            Some(peer) if peer != pid => write!(f, " peer {peer}]"),
+            _ => f.write_str("]"),
+        }
+    }
 }
 
 /// Writes one line to stderr in one `write`, so the lines of two processes sharing a terminal
@@ -171,15 +223,20 @@ fn describe_cold<T: Serialize + ?Sized>(value: &T) -> String {
 /// as [`described`] wrote them: `-> Call #3 Ipa::reverse("hello")`. Nothing without them
 /// (tracing off).
 #[inline]
-pub(crate) fn outgoing(envelope: &Envelope, iface: &InterfaceInfo, args: Option<&str>) {
+pub(crate) fn outgoing(
+    name: &Name,
+    envelope: &Envelope,
+    iface: &InterfaceInfo,
+    args: Option<&str>,
+) {
     if let Some(args) = args {
-        outgoing_line(envelope, iface, args);
+        outgoing_line(name, envelope, iface, args);
     }
 }
 
 #[cold]
 #[inline(never)]
-fn outgoing_line(envelope: &Envelope, iface: &InterfaceInfo, args: &str) {
+fn outgoing_line(name: &Name, envelope: &Envelope, iface: &InterfaceInfo, args: &str) {
     let method = iface.method(envelope.cmd).map_or("?", |m| m.name);
     // A tuple of arguments reads `(a, b)` and no arguments `()`; anything else is wrapped.
     let (open, close) = if args.starts_with('(') {
@@ -188,8 +245,7 @@ fn outgoing_line(envelope: &Envelope, iface: &InterfaceInfo, args: &str) {
         ("(", ")")
     };
     line(&format!(
-        "typed-ipc[{}] -> {:?}{} {}::{method}{open}{args}{close}",
-        std::process::id(),
+        "{name} -> {:?}{} {}::{method}{open}{args}{close}",
         envelope.kind,
         cookie(envelope),
         iface.name
@@ -247,7 +303,7 @@ impl EndedHere {
 /// waits: a write to stderr may block.
 #[cold]
 #[inline(never)]
-pub(crate) fn ended(why: &crate::error::Error, here: EndedHere) -> String {
+pub(crate) fn ended(name: &Name, why: &crate::error::Error, here: EndedHere) -> String {
     let why = match (why, here) {
         (crate::error::Error::Disconnected, EndedHere::Closed) => "closed by this side",
         (crate::error::Error::Disconnected, EndedHere::StoppedReading) => {
@@ -258,36 +314,31 @@ pub(crate) fn ended(why: &crate::error::Error, here: EndedHere) -> String {
         }
         (why, _) => &why.to_string(),
     };
-    format!("typed-ipc[{}] -- Ended: {why}", std::process::id())
+    format!("{name} -- Ended: {why}")
 }
 
 /// A reply this process sends, with its value as [`described`] wrote it:
 /// `-> Reply #3 "olleh"`. Nothing without it (tracing off).
 #[inline]
-pub(crate) fn reply(cookie: u64, value: Option<&str>) {
+pub(crate) fn reply(name: &Name, cookie: u64, value: Option<&str>) {
     if let Some(value) = value {
-        reply_line(cookie, value);
+        reply_line(name, cookie, value);
     }
 }
 
 #[cold]
 #[inline(never)]
-fn reply_line(cookie: u64, value: &str) {
-    line(&format!(
-        "typed-ipc[{}] -> Reply #{cookie} {value}",
-        std::process::id()
-    ));
+fn reply_line(name: &Name, cookie: u64, value: &str) {
+    line(&format!("{name} -> Reply #{cookie} {value}"));
 }
 
 /// This process stopped waiting for the reply to its call `cookie`, `why` (timed out, or
 /// cancelled): the reply, if it comes, is dropped unprinted but for its `<-` line.
 #[cold]
 #[inline(never)]
-pub(crate) fn gave_up(cookie: u64, why: &str) {
+pub(crate) fn gave_up(name: &Name, cookie: u64, why: &str) {
     line(&format!(
-        "typed-ipc[{}] -- Call #{cookie} gave up waiting ({why}): a reply that comes later is \
-         dropped",
-        std::process::id()
+        "{name} -- Call #{cookie} gave up waiting ({why}): a reply that comes later is dropped"
     ));
 }
 
@@ -295,35 +346,30 @@ pub(crate) fn gave_up(cookie: u64, why: &str) {
 /// Why may quote the peer's message (a decoding error may), so it is cut short.
 #[cold]
 #[inline(never)]
-pub(crate) fn failure(cookie: u64, failure: &Failure) {
+pub(crate) fn failure(name: &Name, cookie: u64, failure: &Failure) {
     line(&format!(
-        "typed-ipc[{}] -> Failure #{cookie}: {}",
-        std::process::id(),
+        "{name} -> Failure #{cookie}: {}",
         printable(&format!("{failure:?}"))
     ));
 }
 
 /// This process announced its inbox: it accepts byte strings written into its memory.
-pub(crate) fn announce() {
+pub(crate) fn announce(name: &Name) {
     line(&format!(
-        "typed-ipc[{}] -> Announce (accepts byte strings written into its memory)",
-        std::process::id()
+        "{name} -> Announce (accepts byte strings written into its memory)"
     ));
 }
 
 /// This process announced whether it trusts its peer with pipes (`lend_pages_to_peer`).
-pub(crate) fn announce_pipes(trusts: bool) {
+pub(crate) fn announce_pipes(name: &Name, trusts: bool) {
     let trust = if trusts { "trusts" } else { "no longer trusts" };
-    line(&format!(
-        "typed-ipc[{}] -> Announce ({trust} the peer with pipes)",
-        std::process::id()
-    ));
+    line(&format!("{name} -> Announce ({trust} the peer with pipes)"));
 }
 
 /// This process gave back its shared region of `len` bytes (0: it had none), and the one the
 /// peer maps, of `older` bytes if that is another, older one
 /// (`Connection::release_shared_memory`).
-pub(crate) fn announce_retired(len: usize, older: Option<usize>) {
+pub(crate) fn announce_retired(name: &Name, len: usize, older: Option<usize>) {
     let older_one = |len| format!("older shared region of {}", counted(len, "byte"));
     let what = match (len, older) {
         (len, None) => format!("its shared region of {}", counted(len, "byte")),
@@ -337,20 +383,18 @@ pub(crate) fn announce_retired(len: usize, older: Option<usize>) {
             older_one(mapped)
         ),
     };
-    line(&format!(
-        "typed-ipc[{}] -> Announce (gave back {what})",
-        std::process::id()
-    ));
+    line(&format!("{name} -> Announce (gave back {what})"));
 }
 
 /// The line saying a message this process received, named after the served interface it is
 /// for, if any: for [`line()`], which the reader of a reply calls once the reply is routed.
 pub(crate) fn incoming_line<'i>(
+    name: &Name,
     envelope: &Envelope,
     frame: &Frame,
     mut served: impl Iterator<Item = &'i InterfaceInfo>,
 ) -> String {
-    let name = served
+    let method = served
         .find(|i| i.id == envelope.interface)
         .map_or(String::new(), |i| {
             format!(
@@ -360,8 +404,7 @@ pub(crate) fn incoming_line<'i>(
             )
         });
     format!(
-        "typed-ipc[{}] <- {:?}{}{name} ({}, {})",
-        std::process::id(),
+        "{name} <- {:?}{}{method} ({}, {})",
         envelope.kind,
         cookie(envelope),
         counted(
@@ -374,13 +417,15 @@ pub(crate) fn incoming_line<'i>(
 
 #[cfg(test)]
 mod tests {
-    use super::EndedHere;
+    use super::{EndedHere, Name};
     use crate::error::Error;
+    use crate::socket::PeerCredentials;
 
     #[test]
     fn the_end_says_what_this_side_did_when_the_peer_seems_gone() {
+        let name = super::Name::next(None, None);
         let said = |why: Error, here| {
-            super::ended(&why, here)
+            super::ended(&name, &why, here)
                 .split_once("] ")
                 .unwrap()
                 .1
@@ -414,6 +459,46 @@ mod tests {
         ] {
             assert_eq!(EndedHere::from_u8(here as u8), here);
         }
+    }
+
+    #[test]
+    fn a_name_tells_the_connections_of_a_process_apart() {
+        let pid = std::process::id();
+        let (first, second) = (Name::next(None, None), Name::next(None, None));
+        let number = |name: Name| {
+            let text = name.to_string();
+            let rest = text.strip_prefix(&format!("typed-ipc[{pid} c")).unwrap();
+            rest.strip_suffix(']').unwrap().parse::<u64>().unwrap()
+        };
+        assert!(number(second) > number(first));
+        // Named as often as lines are said, a connection keeps its name.
+        assert_eq!(first.to_string(), first.to_string());
+    }
+
+    #[test]
+    fn a_name_shows_the_peers_pid_only_if_it_is_another_process() {
+        let credentials = |pid| PeerCredentials {
+            pid,
+            uid: 0,
+            gid: 0,
+        };
+        let shown = |name: Name| {
+            name.to_string()
+                .split_once(" peer ")
+                .map(|(_, p)| p.to_owned())
+        };
+        let other = credentials(1);
+        assert_eq!(shown(Name::next(None, Some(&other))), Some("1]".to_owned()));
+        // A socket pair's end records this process, its creator: not the peer.
+        let pair = credentials(std::process::id() as i32);
+        assert_eq!(shown(Name::next(None, Some(&pair))), None);
+        // A pid in another namespace reads 0.
+        assert_eq!(shown(Name::next(None, Some(&credentials(0)))), None);
+        // The worker this process spawned is its peer, whatever the pair recorded.
+        assert_eq!(
+            shown(Name::next(Some(7), Some(&pair))),
+            Some("7]".to_owned())
+        );
     }
 
     #[test]

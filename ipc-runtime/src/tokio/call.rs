@@ -114,7 +114,7 @@ impl AsyncCall {
             Err(e) => self.unsent(e),
         };
         if self.replied {
-            trace::reply(envelope.cookie, traced.as_deref());
+            trace::reply(&inner.name, envelope.cookie, traced.as_deref());
         }
         sent.map(drop)
     }

@@ -18,7 +18,7 @@ pub fn spawn(command: Command) -> Result<(Worker, AsyncConnection)> {
     // Checked first: a worker started only to be killed again may already have acted.
     super::in_runtime()?;
     let (mut worker, socket) = Worker::spawn_socket(command)?;
-    let connection = AsyncConnection::new(socket)?;
+    let connection = AsyncConnection::to(socket, Some(worker.id()))?;
     connection.write_into_peer(worker.memory());
     worker.closes(connection.closer());
     Ok((worker, connection))

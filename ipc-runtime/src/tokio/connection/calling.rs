@@ -55,7 +55,7 @@ impl AsyncConnection {
             // Boxed, as the path is rare (see `serving::handle_request`).
             Err(e) => return Err(Box::pin(inner.why_unsent(e)).await),
         };
-        trace::outgoing(&envelope, iface, traced.as_deref());
+        trace::outgoing(&inner.name, &envelope, iface, traced.as_deref());
         waiting.sent = true;
         let received = poll_fn(|cx| inner.lock().pending.poll_take(cookie, cx)).await;
         std::mem::forget(waiting); // the slot is gone with the reply
@@ -83,7 +83,11 @@ struct Waiting<'a> {
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         if self.sent && self.inner.trace {
-            trace::gave_up(self.cookie, "timed out, or its future was dropped");
+            trace::gave_up(
+                &self.inner.name,
+                self.cookie,
+                "timed out, or its future was dropped",
+            );
         }
         let unread = self.inner.lock().pending.cancel(self.cookie);
         if let Some(frame) = unread {

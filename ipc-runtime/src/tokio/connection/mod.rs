@@ -109,6 +109,8 @@ pub(super) struct Inner {
     authorizer: RwLock<Option<Box<Authorizer>>>,
     tasks: Arc<Tasks>,
     pub(super) trace: bool,
+    /// How traced lines name the connection.
+    pub(super) name: trace::Name,
     /// Byte strings through shared memory, as in the blocking flavour.
     lane: Lane,
     /// How many oneway messages have run (or been passed over once the connection ended):
@@ -220,6 +222,11 @@ impl AsyncConnection {
     /// In a runtime built without its IO driver (no `enable_io()` or `enable_all()`), as
     /// tokio's `AsyncFd` does.
     pub fn new(socket: Socket) -> Result<AsyncConnection> {
+        AsyncConnection::to(socket, None)
+    }
+
+    /// [`AsyncConnection::new`], to the worker `worker` if this process spawned it.
+    pub(crate) fn to(socket: Socket, worker: Option<u32>) -> Result<AsyncConnection> {
         let io = super::register(Registered(socket))?;
         let runtime = Handle::current();
         let peer = io.get_ref().0.peer_credentials().ok();
@@ -246,6 +253,7 @@ impl AsyncConnection {
             authorizer: RwLock::new(None),
             tasks,
             trace: trace::enabled(),
+            name: trace::Name::next(worker, peer.as_ref()),
             lane,
         });
         // Not under any lock: a runtime closing drops the task at once, inside `spawn`, and
@@ -280,9 +288,11 @@ impl AsyncConnection {
     /// word reaches it fail.
     pub fn lend_pages_to_peer(&self, lend: bool) {
         if self.inner.lane.lend_pages(lend).is_some() {
-            self.inner.announce(Lane::pipes_announcement, |(_, lends)| {
-                trace::announce_pipes(lends & 1 != 0);
-            });
+            let name = self.inner.name;
+            self.inner
+                .announce(Lane::pipes_announcement, move |(_, lends)| {
+                    trace::announce_pipes(&name, lends & 1 != 0);
+                });
         }
     }
 
@@ -294,8 +304,9 @@ impl AsyncConnection {
     /// strings the other ways).
     pub fn accept_writes_from_peer(&self) -> Result<()> {
         let announcement = self.inner.lane.accept_writes()?;
+        let name = self.inner.name;
         self.inner
-            .announce(move |_| announcement, |_| trace::announce());
+            .announce(move |_| announcement, move |_| trace::announce(&name));
         Ok(())
     }
 
@@ -319,10 +330,10 @@ impl AsyncConnection {
         if let Some(announcement) = retired.announcement {
             // It may come after what this end sends meanwhile, also after a placement that
             // announces a new region: it names the region by inode, so that one stays mapped.
-            let (len, older) = (retired.len, retired.older);
+            let (len, older, name) = (retired.len, retired.older, self.inner.name);
             self.inner.announce(
                 move |_| announcement,
-                move |_| trace::announce_retired(len, older),
+                move |_| trace::announce_retired(&name, len, older),
             );
         }
         retired.len
@@ -561,7 +572,7 @@ impl AsyncConnection {
                 .await
                 .unwrap_or(Err(Error::TimedOut))?,
         };
-        trace::outgoing(&envelope, iface, traced.as_deref());
+        trace::outgoing(&self.inner.name, &envelope, iface, traced.as_deref());
         Ok(())
     }
 }

@@ -287,7 +287,7 @@ impl Inner {
         // block.
         let traced = self.trace.then(|| {
             let here = trace::EndedHere::from_u8(self.ended_here.load(Ordering::SeqCst));
-            trace::ended(&why, here)
+            trace::ended(&self.name, &why, here)
         });
         state.closed = Some(why);
         drop(state);
@@ -309,7 +309,7 @@ impl Inner {
         // Copied out before printing: a write to stderr may block, and a service being added
         // (which waits for the write lock) would wait for it.
         let served: Vec<_> = self.services.read().iter().map(|s| s.info()).collect();
-        let line = trace::incoming_line(envelope, frame, served.into_iter());
+        let line = trace::incoming_line(&self.name, envelope, frame, served.into_iter());
         match envelope.kind {
             Kind::Reply | Kind::Failure => Some(line),
             _ => {

@@ -123,7 +123,9 @@ impl Inner {
         // Copied out before printing: a write to stderr may block (a pipe nobody empties),
         // and a service being added (which waits for the write lock) would wait for it.
         let served: Vec<_> = self.services.read().iter().map(|s| s.info()).collect();
-        crate::connection::failure::oneway_failed(self.trace, envelope, served, failure);
+        crate::connection::failure::oneway_failed(
+            &self.name, self.trace, envelope, served, failure,
+        );
     }
 
     /// Once the connection has ended and nothing will dispatch a request any more (the
@@ -439,7 +441,7 @@ pub(super) async fn reply_failure(
         ..call
     };
     if inner.trace {
-        trace::failure(call.cookie, &failure);
+        trace::failure(&inner.name, call.cookie, &failure);
     }
     inner.send(envelope, failure).await.map(drop)
 }
