@@ -209,6 +209,48 @@ impl SealedBuffer {
         Ok(SealedBuffer { fd, map })
     }
 
+    /// Another `SealedBuffer` over the same sealed memory, as [`File::try_clone`] is another
+    /// handle on the same file: a duplicate of the fd ([`OwnedFd::try_clone`]), mapped
+    /// read-only again. No byte is copied, and nothing is checked again: seals can never be
+    /// removed, and those this buffer was made or accepted with fix its bytes and its size,
+    /// so the clone reads these `len` bytes for good. Each owns its fd and its mapping: send or
+    /// drop either, the other stays whole. The two fds share the file offset (see
+    /// [`SealedBuffer`]).
+    ///
+    /// Generated clients take a buffer by value, so this is how a caller sends one and keeps
+    /// it, to send it again to a worker that restarted, say:
+    ///
+    /// ```
+    /// # extern crate ipc_runtime as typed_ipc;
+    /// use std::os::fd::AsFd;
+    /// use typed_ipc::Socket;
+    /// use typed_ipc::shared_buffer::SealedBuffer;
+    ///
+    /// # fn main() -> typed_ipc::Result<()> {
+    /// let frame = SealedBuffer::copy_from(b"frame 1")?;
+    /// let (host, worker) = Socket::pair()?;
+    /// for _worker_started in 0..2 {
+    ///     // With a generated client: `client.process(frame.try_clone()?)`.
+    ///     let copy = frame.try_clone()?;
+    ///     host.send(b"frame", &[copy.as_fd()])?;
+    ///     drop(copy);
+    ///     let fd = worker.recv()?.fds.pop().unwrap();
+    ///     assert_eq!(SealedBuffer::from_fd(fd)?.as_bytes(), b"frame 1");
+    /// }
+    /// assert_eq!(frame.as_bytes(), b"frame 1"); // still here
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// Fails as `dup` or `mmap` does: out of fds, or of address space.
+    ///
+    /// [`File::try_clone`]: std::fs::File::try_clone
+    pub fn try_clone(&self) -> std::io::Result<SealedBuffer> {
+        let fd = self.fd.try_clone()?;
+        let map = Mapping::new(&fd, self.map.len, Access::Read)?;
+        Ok(SealedBuffer { fd, map })
+    }
+
     /// Length in bytes.
     pub fn len(&self) -> usize {
         self.map.len

@@ -314,3 +314,69 @@ fn fds_that_cannot_be_read_are_refused() {
         .into();
     refusal(SealedBuffer::from_fd(write_only));
 }
+
+/// The inode behind `fd`: a clone must read the very file the original does.
+fn inode(fd: impl AsFd) -> u64 {
+    nix::sys::stat::fstat(fd.as_fd()).unwrap().st_ino
+}
+
+#[test]
+fn a_clone_reads_the_same_sealed_memory() {
+    let _guard = lock();
+    for len in [0, 1, 4096, 70_000] {
+        let content = pattern(len);
+        let original = filled(&content);
+        let clone = original.try_clone().unwrap();
+        assert_eq!(clone.len(), len);
+        assert!(
+            clone.as_bytes() == content,
+            "content differs at {len} bytes"
+        );
+        assert_eq!(inode(&clone), inode(&original), "the same file");
+        let fd = |b: &SealedBuffer| std::os::fd::AsRawFd::as_raw_fd(&b.as_fd());
+        assert_ne!(fd(&clone), fd(&original), "a file of its own");
+        let seals = SealFlag::from_bits_retain(fcntl(&clone, FcntlArg::F_GET_SEALS).unwrap());
+        assert!(seals.contains(SealFlag::F_SEAL_WRITE | SealFlag::F_SEAL_SHRINK));
+        // Each owns its mapping: dropping the original leaves the clone readable.
+        drop(original);
+        assert!(clone.as_bytes() == content);
+    }
+}
+
+#[test]
+fn a_clone_is_sent_while_the_original_is_kept() {
+    let _guard = lock();
+    let (a, b) = Socket::pair().unwrap();
+    let content = pattern(100_000);
+    let frame = filled(&content);
+    // Sent twice, as to a worker and to the one that replaced it: by value each time.
+    for _ in 0..2 {
+        let (mut bytes, mut fds) = (Vec::new(), Vec::new());
+        let value = (7u32, frame.try_clone().unwrap());
+        codec::encode(&value, &mut bytes, &mut fds).unwrap();
+        a.send(&bytes, &fds).unwrap();
+        drop(fds);
+        drop(value);
+        let got = b.recv().unwrap();
+        let (n, got): (u32, SealedBuffer) = codec::decode(&got.payload, got.fds).unwrap();
+        assert_eq!(n, 7);
+        assert!(got.as_bytes() == content, "the receiver reads the frame");
+    }
+    assert!(frame.as_bytes() == content, "the sender kept it");
+}
+
+#[test]
+fn clones_close_their_fds() {
+    let _guard = lock();
+    let before = open_fds();
+    let original = filled(&pattern(10_000));
+    let empty = SealedBuffer::copy_from(b"").unwrap();
+    let clones: Vec<SealedBuffer> = (0..10)
+        .flat_map(|_| [original.try_clone().unwrap(), empty.try_clone().unwrap()])
+        .collect();
+    assert_eq!(open_fds(), before + 2 + 20, "one fd each");
+    drop(clones);
+    assert_eq!(open_fds(), before + 2);
+    drop((original, empty));
+    assert_eq!(open_fds(), before);
+}
