@@ -186,6 +186,38 @@ impl RegionView {
         Ok(RegionView { fd, map })
     }
 
+    /// Another view of the same region, as [`File::try_clone`] is another handle on the
+    /// same file: a duplicate of the fd ([`OwnedFd::try_clone`]), mapped read-only again, to
+    /// pass the region on (to a second worker, or one that restarted) and keep reading it.
+    /// Nothing is checked again: the seals this view was accepted with can never be removed,
+    /// so the clone's size is fixed and nobody but the creator can write its pages, and it
+    /// reads them as this view does, through atomic loads. Each owns its fd and its mapping:
+    /// send or drop either, the other stays whole.
+    ///
+    /// ```
+    /// # extern crate ipc_runtime as typed_ipc;
+    /// use typed_ipc::shared_region::SharedRegion;
+    ///
+    /// # fn main() -> typed_ipc::Result<()> {
+    /// let mut region = SharedRegion::new(4096)?;
+    /// let view = region.view()?; // in real use: received from the creator
+    /// let passed_on = view.try_clone()?; // in real use: sent to another process
+    /// region[..5].copy_from_slice(b"hello");
+    /// assert_eq!(passed_on.to_vec(0, 5)?, b"hello");
+    /// assert_eq!(view.to_vec(0, 5)?, b"hello");
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// Fails as `dup` or `mmap` does: out of fds, or of address space.
+    ///
+    /// [`File::try_clone`]: std::fs::File::try_clone
+    pub fn try_clone(&self) -> std::io::Result<RegionView> {
+        let fd = self.fd.try_clone()?;
+        let map = Mapping::new(&fd, self.map.len, Access::Read)?;
+        Ok(RegionView { fd, map })
+    }
+
     /// Length in bytes.
     pub fn len(&self) -> usize {
         self.map.len

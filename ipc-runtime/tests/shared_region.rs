@@ -248,3 +248,68 @@ fn regions_are_send_and_sync() {
     check::<SharedRegion>();
     check::<RegionView>();
 }
+
+#[test]
+fn a_cloned_view_reads_the_same_region_and_cannot_write_it() {
+    let _guard = lock();
+    let mut region = SharedRegion::new(8192).unwrap();
+    let view = region.view().unwrap();
+    let clone = view.try_clone().unwrap();
+    assert_eq!(clone.len(), 8192);
+    assert_ne!(clone.as_fd().as_raw_fd(), view.as_fd().as_raw_fd());
+    drop(view);
+    // The same pages: the creator's later writes show through the clone.
+    region[8000..8005].copy_from_slice(b"later");
+    assert_eq!(clone.to_vec(8000, 5).unwrap(), b"later");
+    // As sealed as the view it came from.
+    let fd = clone.as_fd();
+    assert_eq!(nix::unistd::write(fd, b"x").unwrap_err(), Errno::EPERM);
+    // SAFETY: a new mapping at a kernel-chosen address; it is refused anyway.
+    let writable = unsafe {
+        mmap(
+            None,
+            4096.try_into().unwrap(),
+            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+            MapFlags::MAP_SHARED,
+            fd,
+            0,
+        )
+    };
+    assert_eq!(writable.unwrap_err(), Errno::EPERM, "a writable mapping");
+}
+
+#[test]
+fn a_cloned_view_is_sent_while_the_original_is_kept() {
+    let _guard = lock();
+    let (a, b) = Socket::pair().unwrap();
+    let mut region = SharedRegion::new(4096).unwrap();
+    region[..5].copy_from_slice(b"hello");
+    let view = region.view().unwrap();
+    let (mut bytes, mut fds) = (Vec::new(), Vec::new());
+    let value = view.try_clone().unwrap();
+    codec::encode(&value, &mut bytes, &mut fds).unwrap();
+    a.send(&bytes, &fds).unwrap();
+    drop(fds);
+    drop(value);
+    let got = b.recv().unwrap();
+    let got: RegionView = codec::decode(&got.payload, got.fds).unwrap();
+    assert_eq!(got.to_vec(0, 5).unwrap(), b"hello");
+    assert_eq!(
+        view.to_vec(0, 5).unwrap(),
+        b"hello",
+        "the sender kept its view"
+    );
+}
+
+#[test]
+fn cloned_views_close_their_fds() {
+    let _guard = lock();
+    let before = open_fds();
+    let region = SharedRegion::new(4096).unwrap();
+    let view = region.view().unwrap();
+    let clones: Vec<RegionView> = (0..10).map(|_| view.try_clone().unwrap()).collect();
+    assert_eq!(open_fds(), before + 2 + 10, "one fd each");
+    drop(clones);
+    drop((view, region));
+    assert_eq!(open_fds(), before);
+}
