@@ -29,10 +29,16 @@ pub enum Error {
     /// receipt (`by_peer`). Refused when sending, nothing of it was sent; refused when
     /// receiving, it was read to its end and dropped, and only the call it answers fails; refused
     /// by the peer, the method did not run. Either way the connection is still usable.
+    ///
+    /// Also a [`SealedBuffer`](crate::shared_buffer::SealedBuffer) or
+    /// [`RegionView`](crate::shared_region::RegionView) in a message, over its receiver's
+    /// [`Limits::max_shared_len`](crate::Limits::max_shared_len): refused on receipt alike, its
+    /// fd closed unmapped (a sender does not check it: the limit is the receiver's own).
     #[non_exhaustive]
     TooLarge {
         /// The message's payload size in bytes (for a byte string that travelled out of the
-        /// socket, through shared memory or a pipe, the string's).
+        /// socket, through shared memory or a pipe, the string's; for a sealed buffer or
+        /// region view, its file's).
         size: u64,
         /// The limit it exceeds.
         limit: u64,

@@ -26,18 +26,23 @@ impl Frame {
 /// and reported as [`Error::TooLarge`](crate::Error::TooLarge) or
 /// [`Error::TooManyFds`](crate::Error::TooManyFds).
 ///
-/// A sender holds itself to its own limits too: a message over them is refused before any
-/// of it goes out, with the same errors, since a peer with the same limits would refuse it.
+/// A sender holds itself to its own `max_message_len` and `max_fds` too: a message over them
+/// is refused before any of it goes out, with the same errors, since a peer with the same
+/// limits would refuse it.
 /// On a connection, a request this side refuses fails its caller with the same errors,
 /// `by_peer` (the method does not run); a byte string that came through shared memory or a
 /// pipe counts against `max_message_len` on its own, as it would inline.
 ///
-/// Only the message and the byte strings the connection moves for it count: the files a
-/// message carries as fds do not, whatever their size. A
+/// Only the message and the byte strings the connection moves for it count against
+/// `max_message_len`: the files a message carries as fds do not, whatever their size. A
 /// [`SealedBuffer`](crate::shared_buffer::SealedBuffer) or
-/// [`RegionView`](crate::shared_region::RegionView) is one fd, checked on receipt against its
-/// own bound (1 GiB, `DEFAULT_MAX_LEN`); to accept less from an untrusted peer, take an
-/// `OwnedFd` and use its `from_fd_with_limit`.
+/// [`RegionView`](crate::shared_region::RegionView) that a connection decodes (a method's
+/// parameter or result, or a field of one) is bounded by `max_shared_len` instead: one over it
+/// fails the call as [`Error::TooLarge`](crate::Error::TooLarge), with the buffer's size, and
+/// its fd is closed unmapped. A bare `OwnedFd` is not checked at all.
+///
+/// New fields may be added: build `Limits` from [`Limits::default`] with struct-update syntax
+/// (`Limits { max_shared_len: 64 << 20, ..Limits::default() }`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
     /// Largest payload accepted, in bytes. Default 1 GiB; at most `u32::MAX`.
@@ -47,6 +52,12 @@ pub struct Limits {
     /// pass their fd: they go inline (or are written into this end's memory, if it accepts
     /// that).
     pub max_fds: usize,
+    /// Largest [`SealedBuffer`](crate::shared_buffer::SealedBuffer) or
+    /// [`RegionView`](crate::shared_region::RegionView) accepted in a message, in bytes: the
+    /// size of its file, which is what reading it can make this process allocate. Default
+    /// 1 GiB (their `DEFAULT_MAX_LEN`). Checked on receipt only: this side sends larger ones,
+    /// and the peer's own limit decides.
+    pub max_shared_len: usize,
 }
 
 impl Default for Limits {
@@ -54,6 +65,7 @@ impl Default for Limits {
         Limits {
             max_message_len: 1 << 30,
             max_fds: 1024,
+            max_shared_len: 1 << 30,
         }
     }
 }

@@ -44,9 +44,11 @@
 //! write it, and its reader reads with atomic loads rather than through `&[u8]`.
 //!
 //! A received buffer is charged to whoever faults its pages in: reading a sparse (never
-//! written) region allocates zeroed pages in the receiver. [`SealedBuffer::from_fd`] therefore
-//! refuses files over [`SealedBuffer::DEFAULT_MAX_LEN`]; use
-//! [`SealedBuffer::from_fd_with_limit`] for another bound.
+//! written) region allocates zeroed pages in the receiver. A connection therefore refuses
+//! buffers over its [`Limits::max_shared_len`](crate::Limits::max_shared_len) (default 1 GiB):
+//! the call fails with [`Error::TooLarge`], the fd is closed unmapped, and the connection
+//! serves on. [`SealedBuffer::from_fd`] refuses files over [`SealedBuffer::DEFAULT_MAX_LEN`];
+//! use [`SealedBuffer::from_fd_with_limit`] for another bound.
 
 use std::fmt;
 use std::ops::{Deref, DerefMut};
@@ -171,10 +173,9 @@ pub struct SealedBuffer {
 }
 
 impl SealedBuffer {
-    /// The largest buffer [`SealedBuffer::from_fd`] and deserialization accept: 1 GiB, the
-    /// default of [`Limits::max_message_len`](crate::Limits::max_message_len) but not tied to
-    /// it: a connection's `Limits` do not bound the buffers its messages carry. To accept less
-    /// from a peer, take an `OwnedFd` and check it with [`SealedBuffer::from_fd_with_limit`].
+    /// The largest buffer [`SealedBuffer::from_fd`] accepts: 1 GiB, the default of
+    /// [`Limits::max_shared_len`](crate::Limits::max_shared_len), which bounds the buffers a
+    /// connection decodes (set it lower to accept less from an untrusted peer).
     pub const DEFAULT_MAX_LEN: usize = 1 << 30;
 
     /// A sealed buffer holding a copy of `bytes`, written with `write(2)`: one copy, and no
@@ -322,12 +323,15 @@ impl Serialize for SealedBuffer {
     }
 }
 
-/// Takes the memfd from the message's fd table and checks it as [`SealedBuffer::from_fd`]
-/// does; an unsealed or oversized fd fails decoding: a reply's caller gets
-/// [`Error::Malformed`], a request's caller [`Error::Remote`] (the server could not decode it).
+/// Takes the memfd from the message's fd table and checks it as
+/// [`SealedBuffer::from_fd_with_limit`] does, with the decoding connection's
+/// [`Limits::max_shared_len`](crate::Limits::max_shared_len) as the limit
+/// ([`SealedBuffer::DEFAULT_MAX_LEN`] outside a connection). A refused fd is closed and fails
+/// decoding: one over the limit as [`Error::TooLarge`] (a request's caller gets it `by_peer`),
+/// any other as [`Error::Malformed`] (a request's caller gets [`Error::Remote`]: the server
+/// could not decode it).
 impl<'de> Deserialize<'de> for SealedBuffer {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let fd: OwnedFd = crate::codec::fd::deserialize(d)?;
-        SealedBuffer::from_fd(fd).map_err(serde::de::Error::custom)
+        crate::codec::shared_fd(d, DEMAND.what, SealedBuffer::from_fd_with_limit)
     }
 }

@@ -31,7 +31,11 @@
 //!
 //! The receiver does not trust the creator to have sealed: [`RegionView::from_fd`] (and
 //! deserialization) checks the seals before mapping anything and refuses an fd that lacks
-//! `F_SEAL_SHRINK | F_SEAL_GROW` or one of `F_SEAL_WRITE`/`F_SEAL_FUTURE_WRITE`.
+//! `F_SEAL_SHRINK | F_SEAL_GROW` or one of `F_SEAL_WRITE`/`F_SEAL_FUTURE_WRITE`. Nor does it
+//! trust the creator's size: a region read is charged to the reader, so a connection refuses
+//! one over its [`Limits::max_shared_len`](crate::Limits::max_shared_len) (default 1 GiB) with
+//! [`Error::TooLarge`], closing the fd, and [`RegionView::from_fd`] one over
+//! [`RegionView::DEFAULT_MAX_LEN`].
 //!
 //! Compared with [`SealedBuffer`](crate::shared_buffer::SealedBuffer), whose bytes can never
 //! change again: a sealed buffer is a snapshot the reader may borrow as `&[u8]`, but every
@@ -165,10 +169,9 @@ pub struct RegionView {
 }
 
 impl RegionView {
-    /// The largest region [`RegionView::from_fd`] and deserialization accept: 1 GiB, the
-    /// default of [`Limits::max_message_len`](crate::Limits::max_message_len) but not tied to
-    /// it: a connection's `Limits` do not bound the regions its messages carry. To accept less
-    /// from a peer, take an `OwnedFd` and check it with [`RegionView::from_fd_with_limit`].
+    /// The largest region [`RegionView::from_fd`] accepts: 1 GiB, the default of
+    /// [`Limits::max_shared_len`](crate::Limits::max_shared_len), which bounds the regions a
+    /// connection decodes (set it lower to accept less from an untrusted peer).
     pub const DEFAULT_MAX_LEN: usize = 1 << 30;
 
     /// Takes a received fd as a region, if it is one: a memfd sealed against resizing
@@ -348,12 +351,15 @@ impl Serialize for RegionView {
     }
 }
 
-/// Takes the memfd from the message's fd table and checks it as [`RegionView::from_fd`] does;
-/// a refused fd fails decoding (the call gets [`Error::Malformed`]).
+/// Takes the memfd from the message's fd table and checks it as
+/// [`RegionView::from_fd_with_limit`] does, with the decoding connection's
+/// [`Limits::max_shared_len`](crate::Limits::max_shared_len) as the limit
+/// ([`RegionView::DEFAULT_MAX_LEN`] outside a connection). A refused fd is closed and fails
+/// decoding: one over the limit as [`Error::TooLarge`] (a request's caller gets it `by_peer`),
+/// any other as [`Error::Malformed`] (a request's caller gets [`Error::Remote`]).
 impl<'de> Deserialize<'de> for RegionView {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let fd: OwnedFd = crate::codec::fd::deserialize(d)?;
-        RegionView::from_fd(fd).map_err(serde::de::Error::custom)
+        crate::codec::shared_fd(d, DEMAND.what, RegionView::from_fd_with_limit)
     }
 }
 

@@ -247,6 +247,7 @@ fn an_oversized_announcement_is_refused_and_the_stream_stays_in_sync() {
     b.set_limits(Limits {
         max_message_len: 1 << 20,
         max_fds: 4,
+        ..Default::default()
     });
     // Announces 4 GiB − 1, sends 1 MiB of it, then a good message follows.
     let huge = Header {
@@ -741,6 +742,7 @@ fn a_message_over_the_senders_own_limits_is_refused_before_any_of_it_goes_out() 
     a.set_limits(Limits {
         max_message_len: 100_000,
         max_fds: 300,
+        ..Default::default()
     });
     let file = memfd(b"kept");
     // One datagram's worth, and more than one datagram's (fds, then bytes).
@@ -791,6 +793,7 @@ fn a_refused_message_is_read_to_its_end_and_keeps_its_first_bytes() {
     b.set_limits(Limits {
         max_message_len: 100_000,
         max_fds: 4,
+        ..Default::default()
     });
     let payload = pattern(1000);
     // 300 fds: a first datagram of fds only, then the bytes with the rest of the fds.
@@ -840,6 +843,7 @@ fn a_refused_message_arriving_in_parts_is_reported_once_its_last_part_is_in() {
     b.set_limits(Limits {
         max_message_len: 100,
         max_fds: 4,
+        ..Default::default()
     });
     let first = Header {
         kind: Kind::First,
@@ -934,6 +938,7 @@ fn an_empty_datagram_mid_message_is_malformed_not_a_hang_up() {
     b.set_limits(Limits {
         max_message_len: 1 << 10,
         max_fds: 4,
+        ..Default::default()
     });
     let first = |total_len: u32| Header {
         kind: Kind::First,
@@ -980,6 +985,7 @@ fn an_empty_datagram_mid_message_from_a_peer_since_gone_is_malformed() {
     b.set_limits(Limits {
         max_message_len: 1 << 10,
         max_fds: 4,
+        ..Default::default()
     });
     let first = Header {
         kind: Kind::First,

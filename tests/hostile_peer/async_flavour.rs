@@ -74,6 +74,7 @@ impl Server for AsyncServer {
             theirs.set_limits(Limits {
                 max_message_len: 16 << 10,
                 max_fds: 4,
+                ..Default::default()
             });
         }
         self.runtime.spawn(async move {

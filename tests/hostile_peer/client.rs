@@ -69,6 +69,7 @@ pub(crate) fn client_socket(n: &mut u64) -> (Socket, Socket) {
         ours.set_limits(Limits {
             max_message_len: 16 << 10,
             max_fds: 4,
+            ..Default::default()
         });
     }
     (ours, theirs)

@@ -81,6 +81,7 @@ pub(crate) fn serve_target(mut socket: Socket, setup: Setup) -> typed_ipc::Resul
         socket.set_limits(Limits {
             max_message_len: 16 << 10,
             max_fds: 4,
+            ..Default::default()
         });
     }
     let conn = Connection::new(socket);

@@ -187,8 +187,13 @@ fn named_fd(index: u32) -> FdNamed {
 /// Refuses a second out-of-line byte string in the message being decoded (see
 /// [`Context::fetched`](super::Context::fetched)).
 fn fetch_once<E: serde::de::Error>() -> Result<(), E> {
-    match CONTEXT.with(|cx| cx.fetched.replace(Fetched::One)) {
-        Fetched::Nothing => Ok(()),
+    let before = CONTEXT.with(|cx| {
+        let before = cx.fetched.get();
+        cx.fetched.set(Fetched(before.0 | Fetched::ONE));
+        before
+    });
+    match before.0 & Fetched::ONE {
+        0 => Ok(()),
         _ => Err(E::custom(
             "a second out-of-line byte string in one message (a sender places at most one)",
         )),
@@ -203,13 +208,11 @@ fn fetch_once<E: serde::de::Error>() -> Result<(), E> {
 fn unfetched<E: serde::de::Error>(why: Unfetched) -> E {
     match why {
         Unfetched::Bad(why) => E::custom(why),
-        Unfetched::OverLimit { len, limit } => {
-            CONTEXT.with(|cx| {
-                cx.fetched.set(Fetched::OverLimit);
-                cx.over_limit.set((len, limit));
-            });
-            E::custom(super::over_limit(len, limit))
-        }
+        Unfetched::OverLimit { len, limit } => super::refuse_over_limit(super::OverLimit {
+            what: "a byte string",
+            size: len,
+            limit,
+        }),
     }
 }
 

@@ -52,8 +52,12 @@ thread_local! {
             incoming: Cell::new(None),
             store: Cell::new(None),
             placing: Cell::new(None),
-            fetched: Cell::new(Fetched::Nothing),
-            over_limit: Cell::new((0, 0)),
+            fetched: Cell::new(Fetched::NOTHING),
+            over_limit: Cell::new(OverLimit {
+                what: "",
+                size: 0,
+                limit: 0,
+            }),
         }
     };
 }
@@ -73,24 +77,38 @@ struct Context {
     /// Whether the message being decoded has had an out-of-line byte string fetched: a sender
     /// places at most one per message, and a second is refused, so that a short hostile
     /// message cannot make the receiver fetch (and allocate) the same large string over and
-    /// over.
+    /// over. Also whether it has had something refused as over this side's limits.
     fetched: Cell<Fetched>,
-    /// The size and limit of the byte string refused as [`Fetched::OverLimit`]: read only in
-    /// that state, which is the current decode's, so never a stale value. Kept apart from
-    /// `fetched`, which every decode swaps: carried in `Fetched::OverLimit`, they made that
-    /// swap cost 8 instructions a call on each side.
-    over_limit: Cell<(u64, u64)>,
+    /// The last thing refused as over this side's limits ([`Fetched::OVER_LIMIT`]): read only
+    /// in that state, which is the current decode's, so never a stale value. Kept apart from
+    /// `fetched`, which every decode swaps: carried in it, they made that swap cost 8
+    /// instructions a call on each side.
+    over_limit: Cell<OverLimit>,
 }
 
-/// What the message being decoded has fetched out of line.
+/// What the message being decoded has fetched out of line, and whether it has had something
+/// refused as over this side's limits: two bits, since a refusal a lenient field lets pass
+/// must not count as a fetch (nor a fetch undo a refusal).
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Fetched {
-    Nothing,
+struct Fetched(u8);
+
+impl Fetched {
+    const NOTHING: Fetched = Fetched(0);
     /// One byte string (or a try at one).
-    One,
-    /// A byte string over this side's limits, refused ([`Context::over_limit`]): the decode
-    /// fails with [`Error::TooLarge`] rather than [`Error::Malformed`].
-    OverLimit,
+    const ONE: u8 = 1;
+    /// A byte string, sealed buffer or region view over this side's limits, refused
+    /// ([`Context::over_limit`]): the decode fails with [`Error::TooLarge`] rather than
+    /// [`Error::Malformed`].
+    const OVER_LIMIT: u8 = 2;
+}
+
+/// Something refused as over this side's limits while decoding: what (`"a byte string"`,
+/// `"a sealed buffer"`), its size, and the limit.
+#[derive(Clone, Copy)]
+struct OverLimit {
+    what: &'static str,
+    size: u64,
+    limit: u64,
 }
 
 /// Where the message being encoded may place a byte string: on [`encode_with`]'s stack,
@@ -197,6 +215,11 @@ pub(crate) trait OutOfLine: Send + Sync {
     /// Fetches a byte string the peer wrote into this process's memory while decoding.
     fn take_written(&self, _written: &Written) -> std::result::Result<Vec<u8>, Unfetched> {
         Err("a byte string written into this process, but it accepts no writes".into())
+    }
+    /// The largest sealed buffer or region view a decode with this store accepts
+    /// (`Limits::max_shared_len`).
+    fn max_shared_len(&self) -> usize {
+        crate::Limits::default().max_shared_len
     }
     /// The encode that placed `seq` unwound (a panic in user `Serialize` code): its message
     /// will never be sent, and its caller never learns of the placement.
@@ -459,14 +482,14 @@ pub fn decode_from<T: DeserializeOwned>(bytes: &[u8], fds: &mut Vec<OwnedFd>) ->
 #[inline(never)]
 fn undecodable(e: Box<bincode::ErrorKind>) -> Error {
     CONTEXT.with(|cx| {
-        let (size, limit) = cx.over_limit.get();
-        match (cx.fetched.get(), &*e) {
-            (Fetched::OverLimit, bincode::ErrorKind::Custom(why))
-                if *why == over_limit(size, limit) =>
+        let refused = cx.over_limit.get();
+        match (cx.fetched.get().0 & Fetched::OVER_LIMIT, &*e) {
+            (Fetched::OVER_LIMIT, bincode::ErrorKind::Custom(why))
+                if *why == over_limit(refused) =>
             {
                 Error::TooLarge {
-                    size,
-                    limit,
+                    size: refused.size,
+                    limit: refused.limit,
                     by_peer: false,
                 }
             }
@@ -475,11 +498,44 @@ fn undecodable(e: Box<bincode::ErrorKind>) -> Error {
     })
 }
 
-/// The text of the serde error that refuses a byte string of `len` bytes over this side's
-/// `limit` (see [`undecodable`]).
+/// The text of the serde error that refuses something over this side's limit (see
+/// [`undecodable`]).
 #[cold]
-fn over_limit(len: u64, limit: u64) -> String {
-    format!("a byte string of {len} bytes, over this side's limit of {limit} bytes")
+fn over_limit(refused: OverLimit) -> String {
+    let OverLimit { what, size, limit } = refused;
+    format!("{what} of {size} bytes, over this side's limit of {limit} bytes")
+}
+
+/// Notes `refused` in the decode's context, so that the decode fails as [`Error::TooLarge`]
+/// (see [`undecodable`]), and returns the serde error that refuses it.
+#[cold]
+#[inline(never)]
+fn refuse_over_limit<E: serde::de::Error>(refused: OverLimit) -> E {
+    CONTEXT.with(|cx| {
+        cx.fetched
+            .set(Fetched(cx.fetched.get().0 | Fetched::OVER_LIMIT));
+        cx.over_limit.set(refused);
+    });
+    E::custom(over_limit(refused))
+}
+
+/// Takes the fd of a received sealed buffer or region view (`what`) and checks it with
+/// `check`, under the limit of the connection decoding it (its store's
+/// [`OutOfLine::max_shared_len`]; the default outside a connection). One over it fails the
+/// decode as [`Error::TooLarge`], as a byte string over the limits does; any other refusal as
+/// [`Error::Malformed`]. A refused fd is closed.
+pub(crate) fn shared_fd<'de, T, D: serde::Deserializer<'de>>(
+    d: D,
+    what: &'static str,
+    check: impl FnOnce(OwnedFd, usize) -> Result<T>,
+) -> std::result::Result<T, D::Error> {
+    let fd: OwnedFd = fd::deserialize(d)?;
+    let limit = with_current_store(|store| store.max_shared_len())
+        .unwrap_or(crate::Limits::default().max_shared_len);
+    check(fd, limit).map_err(|e| match e {
+        Error::TooLarge { size, limit, .. } => refuse_over_limit(OverLimit { what, size, limit }),
+        e => serde::de::Error::custom(e),
+    })
 }
 
 /// Words a decode error: bincode's own text for a message that ends early is empty, and its
@@ -590,7 +646,7 @@ fn with_incoming<R>(table: &mut [Option<OwnedFd>], f: impl FnOnce() -> R) -> R {
     let table = NonNull::from(table);
     CONTEXT.with(|cx| {
         let _outer = Swap::new(&cx.incoming, Some(table));
-        let _fetched = Swap::new(&cx.fetched, Fetched::Nothing);
+        let _fetched = Swap::new(&cx.fetched, Fetched::NOTHING);
         f()
     })
 }

@@ -7,6 +7,7 @@ use serde::Serializer;
 
 use super::byte_strings::InlineBuf;
 use super::*;
+use crate::shared_buffer::SealedBuffer;
 
 /// Takes every byte string it is offered, numbering placements from 1.
 #[derive(Default)]
@@ -179,4 +180,86 @@ fn an_over_limit_string_let_pass_leaves_a_later_failure_malformed() {
     let (Lenient(none), two): (Lenient, u8) = with_store(&Refusing, || decode(&buf, vec![]))
         .expect("the decode goes on past the string let pass");
     assert_eq!((none, two), (None, 2));
+}
+
+/// [`Greedy`], on a connection that takes sealed buffers of at most 100 bytes.
+#[derive(Default)]
+struct SmallShared(Greedy);
+
+impl OutOfLine for SmallShared {
+    fn put(&self, bytes: &[u8]) -> Option<Placement> {
+        self.0.put(bytes)
+    }
+    fn take(&self, placed: &Placed, fd: FdNamed) -> std::result::Result<Vec<u8>, Unfetched> {
+        self.0.take(placed, fd)
+    }
+    fn max_shared_len(&self) -> usize {
+        100
+    }
+}
+
+/// A sealed buffer that user code reads leniently: none if it was refused.
+struct LenientBuffer(Option<SealedBuffer>);
+
+impl<'de> Deserialize<'de> for LenientBuffer {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        Ok(LenientBuffer(SealedBuffer::deserialize(d).ok()))
+    }
+}
+
+/// A sealed buffer over the store's `max_shared_len` fails the decode as `TooLarge`, and its
+/// fd is closed; one at the limit passes; without a store the default limit holds.
+#[test]
+fn a_sealed_buffer_over_the_stores_limit_is_too_large() {
+    let encoded = |len: usize| {
+        let buffer = SealedBuffer::copy_from(&vec![1u8; len]).unwrap();
+        let (mut buf, mut fds) = (Vec::new(), Vec::new());
+        encode(&buffer, &mut buf, &mut fds).unwrap();
+        let fd = fds[0].try_clone_to_owned().unwrap();
+        (buf, fd)
+    };
+    let (buf, fd) = encoded(100);
+    let at_limit: SealedBuffer = with_store(&SmallShared::default(), || decode(&buf, vec![fd]))
+        .expect("a buffer at the limit passes");
+    assert_eq!(at_limit.len(), 100);
+    let (buf, fd) = encoded(101);
+    let refused: Result<SealedBuffer> =
+        with_store(&SmallShared::default(), || decode(&buf, vec![fd]));
+    match refused {
+        Err(Error::TooLarge {
+            size: 101,
+            limit: 100,
+            by_peer: false,
+        }) => {}
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    let (buf, fd) = encoded(101);
+    let unbounded: SealedBuffer = decode(&buf, vec![fd]).expect("no store: the default limit");
+    assert_eq!(unbounded.len(), 101);
+}
+
+/// A buffer over the limit that user code let pass neither counts as the message's one
+/// out-of-line byte string (a string after it is still fetched) nor makes a later, unrelated
+/// failure `TooLarge`.
+#[test]
+fn an_over_limit_buffer_let_pass_is_not_a_fetch_and_leaves_a_later_failure_malformed() {
+    let store = SmallShared::default();
+    let big = vec![3u8; BIG];
+    let buffer = SealedBuffer::copy_from(&[1u8; 101]).unwrap();
+    let value = (&buffer, Bytes(&big), 2u8);
+    let (mut buf, mut fds) = (Vec::new(), Vec::new());
+    let (placed, encoded) = encode_placing(&value, &mut buf, &mut fds, &store, false);
+    encoded.unwrap();
+    assert_eq!(placed, 1);
+    let fd = || vec![fds[0].try_clone_to_owned().unwrap()];
+    let (LenientBuffer(none), Bytes(string), two): (LenientBuffer, Bytes<Vec<u8>>, u8) =
+        with_store(&store, || decode(&buf, fd())).expect("the string after it is fetched");
+    assert!(none.is_none());
+    assert_eq!((string, two), (big.clone(), 2));
+    let malformed: Result<(LenientBuffer, Bytes<Vec<u8>>, bool)> =
+        with_store(&store, || decode(&buf, fd()));
+    match malformed {
+        Err(Error::Malformed(_)) => {}
+        other => panic!("expected Malformed, got {:?}", other.map(|_| ())),
+    }
 }

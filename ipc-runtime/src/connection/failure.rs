@@ -31,7 +31,8 @@ pub enum Failure {
     /// received, so the method did not run.
     Unanswered(String),
     /// The request was over the receiver's limits: `size` payload bytes (or a byte string's,
-    /// sent out of the socket), `limit` allowed. The method did not run.
+    /// sent out of the socket, or a sealed buffer's or region view's file), `limit` allowed.
+    /// The method did not run.
     TooLarge { size: u64, limit: u64 },
     /// The request carried more fds than the receiver's limits allow. The method did not run.
     TooManyFds { count: u64, limit: u64 },

@@ -335,7 +335,8 @@ impl Connection {
     pub(crate) fn to(socket: Socket, worker: Option<u32>) -> Connection {
         let peer = socket.peer_credentials().ok();
         let limits = socket.limits();
-        let lane = Lane::new(limits.max_message_len, limits.max_fds);
+        let lane = Lane::new(limits.max_message_len, limits.max_fds)
+            .with_max_shared_len(limits.max_shared_len);
         Connection {
             shared: Arc::new(Shared {
                 socket,

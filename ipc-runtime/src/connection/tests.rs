@@ -811,6 +811,7 @@ fn a_message_over_this_sides_limits_is_refused_unsent() {
     let (a, b) = limited_pair(crate::frame::Limits {
         max_message_len: 64 << 10,
         max_fds: 4,
+        ..Default::default()
     });
     let files: Vec<std::os::fd::OwnedFd> = (0..5)
         .map(|_| crate::memfd::new_memfd(1).unwrap())
@@ -843,6 +844,7 @@ fn a_message_over_this_sides_limits_is_refused_unsent() {
         let (a, b) = limited_pair(crate::frame::Limits {
             max_message_len: 64 << 10,
             max_fds: 4,
+            ..Default::default()
         });
         (a, std::thread::spawn(move || b.serve(Skimmer)))
     };
@@ -873,6 +875,7 @@ fn a_reply_over_the_callers_limits_read_by_another_thread_fails_that_call_only()
     let (a, b) = limited_pair(crate::frame::Limits {
         max_message_len: 1 << 20,
         max_fds: 4,
+        ..Default::default()
     });
     let runner = {
         let a = a.clone();
@@ -914,6 +917,7 @@ fn a_caller_owing_a_failure_to_a_peer_that_reads_nothing_still_times_out() {
     let (a, b) = limited_pair(crate::frame::Limits {
         max_message_len: 1 << 20,
         max_fds: 4,
+        ..Default::default()
     });
     let (done, outcome) = mpsc::channel();
     let caller = {
@@ -1001,6 +1005,7 @@ fn a_caller_owing_a_failure_to_a_peer_that_reads_sends_it_at_once() {
     let (a, b) = limited_pair(crate::frame::Limits {
         max_message_len: 1 << 20,
         max_fds: 4,
+        ..Default::default()
     });
     // (The timeouts only keep a regression from hanging.)
     let watchdog = Duration::from_secs(30);
@@ -1036,6 +1041,7 @@ fn a_failure_owed_by_a_thread_waiting_to_send_is_sent_by_a_serving_thread() {
     let (a, b) = limited_pair(crate::frame::Limits {
         max_message_len: 64 << 20,
         max_fds: 4,
+        ..Default::default()
     });
     // (The timeout only keeps a regression from hanging.)
     let watchdog = Some(Duration::from_secs(60));
@@ -1409,6 +1415,7 @@ fn a_failure_owed_by_a_caller_is_sent_by_the_runner_it_wakes() {
     let (mut a, b) = limited_pair(crate::frame::Limits {
         max_message_len: 1 << 20,
         max_fds: 4,
+        ..Default::default()
     });
     std::sync::Arc::get_mut(&mut a.shared).unwrap().trace = true;
     // The caller finds nobody reading: it reads for its reply.
@@ -1533,6 +1540,7 @@ fn a_reply_read_while_its_caller_reports_a_refused_oneway_reaches_it() {
     let (a, b) = limited_pair(crate::frame::Limits {
         max_message_len: 64 << 20,
         max_fds: 4,
+        ..Default::default()
     });
     // Nobody reads: the caller takes the role before it sends, and reads for its reply.
     let caller = {
@@ -1834,6 +1842,7 @@ fn a_send_to_a_peer_gone_waits_for_the_reader_only_until_its_deadline() {
     let (mut a, b) = limited_pair(crate::frame::Limits {
         max_message_len: 1 << 20,
         max_fds: 4,
+        ..Default::default()
     });
     std::sync::Arc::get_mut(&mut a.shared).unwrap().trace = true;
     // The caller finds nobody reading: it reads.

@@ -189,7 +189,9 @@ impl Socket {
     }
 
     /// Sets what this side accepts from the peer, which is also the most it sends: a message
-    /// over these limits is refused before any of it goes out (see [`Socket::send`]).
+    /// over these limits is refused before any of it goes out (see [`Socket::send`]). Not
+    /// `max_shared_len`, which only a connection made over this socket afterwards checks,
+    /// on receipt (see [`Limits`]).
     pub fn set_limits(&mut self, limits: Limits) {
         self.limits = limits;
         (self.whole_len, self.whole_fds) = whole_sizes(self.chunk, limits);

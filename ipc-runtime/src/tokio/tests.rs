@@ -674,6 +674,7 @@ fn an_async_message_over_this_sides_limits_is_refused_unsent() {
     let limits = Limits {
         max_message_len: 1 << 20,
         max_fds: 4,
+        ..Default::default()
     };
     let runtime = ::tokio::runtime::Builder::new_current_thread()
         .enable_all()

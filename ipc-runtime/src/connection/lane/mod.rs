@@ -198,6 +198,10 @@ pub(crate) struct Lane {
     /// every later string with it. Regions of up to [`MAX`] are accepted; only the bytes of
     /// a string (at most `max_len`) are ever read from one.
     max_len: usize,
+    /// Largest sealed buffer or region view a decode on this connection accepts
+    /// (`Limits::max_shared_len`): the codec asks the store it decodes with
+    /// ([`OutOfLine::max_shared_len`](crate::codec::OutOfLine::max_shared_len)).
+    max_shared_len: usize,
     /// This end's limits let a message carry an fd: the region's and the pipe's travel so,
     /// and a message carrying one would be refused (`TooManyFds`) although its sender passed
     /// no fd. Without, strings go inline (or into the peer's memory, which needs no fd).
@@ -239,6 +243,16 @@ impl Lane {
             sending: AtomicU32::new(0),
             inbox: Mutex::new(None),
             inbox_taken: AtomicBool::new(false),
+            max_shared_len: crate::Limits::default().max_shared_len,
+        }
+    }
+
+    /// This lane, with decodes on it accepting sealed buffers and region views of at most
+    /// `max_shared_len` bytes.
+    pub(crate) fn with_max_shared_len(self, max_shared_len: usize) -> Lane {
+        Lane {
+            max_shared_len,
+            ..self
         }
     }
 

@@ -13,6 +13,10 @@ use crate::shared_bytes::SharedBytes;
 use crate::shared_region::RegionView;
 
 impl OutOfLine for Lane {
+    fn max_shared_len(&self) -> usize {
+        self.max_shared_len
+    }
+
     fn put_shared(&self, bytes: &SharedBytes) -> Option<(Piped, Option<RawFd>)> {
         let len = bytes.len();
         // Over this side's limits, the string goes inline and the socket refuses the message
