@@ -304,3 +304,53 @@ fn async_a_reply_buffer_over_the_callers_limit_fails_its_call_and_the_fd_is_clos
         );
     });
 }
+
+/// The limits a worker's parent gives its side without giving up what `Worker::spawn` sets
+/// up (writes into the worker, the connection closed when the worker is gone).
+fn parent_limits() -> Limits {
+    Limits {
+        max_shared_len: LIMIT,
+        ..Limits::default()
+    }
+}
+
+#[test]
+fn a_worker_spawned_with_limits_has_its_replies_checked_against_them() {
+    let _fds = fd_count_lock();
+    let mut command = child("child_buffers");
+    command.env(MAX_SHARED, LIMIT.to_string());
+    let (mut worker, conn) = Worker::spawn_with_limits(command, parent_limits()).unwrap();
+    let buffers = blocking::BuffersClient::new(conn);
+    assert_eq!(buffers.make(LIMIT as u64).unwrap().len(), LIMIT);
+    let over = buffers.make(LIMIT as u64 + 1);
+    assert!(refused(&over, false), "{over:?}");
+    assert_eq!(buffers.make(1).unwrap().len(), 1, "the next call works");
+    buffers.connection().close();
+    assert_eq!(worker.wait().unwrap(), Exit::Code(0));
+}
+
+#[cfg(feature = "tokio")]
+#[test]
+fn async_a_worker_spawned_with_limits_has_its_replies_checked_against_them() {
+    let _fds = fd_count_lock();
+    common::current_thread_runtime().block_on(async {
+        let mut command = child("child_async_buffers");
+        command.env(MAX_SHARED, LIMIT.to_string());
+        let (mut worker, conn) =
+            typed_ipc::tokio::worker::spawn_with_limits(command, parent_limits()).unwrap();
+        let buffers = asynchronous::BuffersClient::new(conn.clone());
+        assert_eq!(buffers.make(LIMIT as u64).await.unwrap().len(), LIMIT);
+        let over = buffers.make(LIMIT as u64 + 1).await;
+        assert!(refused(&over, false), "{over:?}");
+        assert_eq!(
+            buffers.make(1).await.unwrap().len(),
+            1,
+            "the next call works"
+        );
+        conn.close();
+        assert_eq!(
+            typed_ipc::tokio::worker::wait(&mut worker).await.unwrap(),
+            Exit::Code(0)
+        );
+    });
+}

@@ -31,6 +31,7 @@ use nix::sys::stat::{SFlag, fstat};
 
 use crate::connection::Connection;
 use crate::error::{Error, Result};
+use crate::frame::Limits;
 use crate::peer_memory::PeerMemory;
 use crate::socket::{Socket, deadline_after, poll_timeout};
 
@@ -118,7 +119,15 @@ impl Worker {
     /// ([`Connection::write_into_peer`]); a child that serves with [`connection`] accepts
     /// that.
     pub fn spawn(command: Command) -> Result<(Worker, Connection)> {
-        let (mut worker, socket) = Worker::spawn_socket(command)?;
+        Worker::spawn_with_limits(command, Limits::default())
+    }
+
+    /// [`Worker::spawn`], with `limits` on this side's connection: what it accepts from the
+    /// worker (a worker you do not trust: [`Limits::max_shared_len`] for the buffers it may
+    /// hand you, say), and the most it sends.
+    pub fn spawn_with_limits(command: Command, limits: Limits) -> Result<(Worker, Connection)> {
+        let (mut worker, mut socket) = Worker::spawn_socket(command)?;
+        socket.set_limits(limits);
         let connection = Connection::to(socket, Some(worker.id()));
         connection.write_into_peer(worker.memory());
         worker.closes(connection.closer());

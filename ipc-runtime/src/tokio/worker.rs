@@ -9,15 +9,23 @@ use std::time::Duration;
 
 use super::AsyncConnection;
 use crate::error::Result;
+use crate::frame::Limits;
 use crate::worker::{Exit, Worker};
 
 /// Starts `command` as a worker (see [`Worker::spawn`]) and returns it with this side's
 /// [`AsyncConnection`]. Must be called inside a tokio runtime: outside one it fails before it
 /// starts the worker.
 pub fn spawn(command: Command) -> Result<(Worker, AsyncConnection)> {
+    spawn_with_limits(command, Limits::default())
+}
+
+/// [`spawn`], with `limits` on this side's connection, as
+/// [`Worker::spawn_with_limits`](crate::worker::Worker::spawn_with_limits).
+pub fn spawn_with_limits(command: Command, limits: Limits) -> Result<(Worker, AsyncConnection)> {
     // Checked first: a worker started only to be killed again may already have acted.
     super::in_runtime()?;
-    let (mut worker, socket) = Worker::spawn_socket(command)?;
+    let (mut worker, mut socket) = Worker::spawn_socket(command)?;
+    socket.set_limits(limits);
     let connection = AsyncConnection::to(socket, Some(worker.id()))?;
     connection.write_into_peer(worker.memory());
     worker.closes(connection.closer());
