@@ -348,17 +348,20 @@ impl Socket {
     #[inline(never)]
     fn message_out(&self) -> Result<bool> {
         loop {
-            if self.version_notice.is_owed() {
-                match self.tell_version() {
-                    Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => return Ok(false),
-                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                    // Told, or it cannot be (the peer is gone, say): the peer learns no more.
-                    _ => {}
-                }
-            }
-            // Over, unless a notice became owed meanwhile: then round again to tell it.
-            if !self.version_notice.message_over() {
+            #[cfg(test)]
+            before_message_over(self);
+            // One step, which a notice falling due cannot come between: ended, or owed.
+            if !self.version_notice.message_ends() {
                 return Ok(true);
+            }
+            match self.tell_version() {
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => return Ok(false),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                // Told, or it cannot be (the peer is gone, say): the peer learns no more.
+                _ => {
+                    self.version_notice.message_over();
+                    return Ok(true);
+                }
             }
         }
     }
@@ -577,6 +580,22 @@ impl SendCursor {
     }
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Run by this thread's next message of several datagrams once its last datagram is out,
+    /// before it ends: where the scheduler may stop the sender while another thread receives
+    /// the header of a peer of another wire version, made to happen in a test.
+    static BEFORE_MESSAGE_OVER: std::cell::Cell<Option<fn(&Socket)>> =
+        const { std::cell::Cell::new(None) };
+}
+
+#[cfg(test)]
+fn before_message_over(socket: &Socket) {
+    if let Some(f) = BEFORE_MESSAGE_OVER.take() {
+        f(socket);
+    }
+}
+
 /// Whether a message goes out as one datagram (what `send_some` decides for its first).
 fn fits_one_datagram(payload: &[u8], fds: &[BorrowedFd<'_>], chunk: usize) -> bool {
     payload.len() <= FIRST_MAX.min(chunk) && fds.len() <= FDS_PER_DATAGRAM
@@ -784,6 +803,31 @@ mod tests {
         let notice = notice.unwrap();
         assert!(notice.payload.is_empty() && notice.fds.is_empty());
         assert!(sent.unwrap());
+    }
+
+    /// A notice that falls due after the last datagram of a message of several is out, while
+    /// its sender is about to end the message, is told then: the sender finds it owed. It was
+    /// lost: the sender saw no notice owed, then ended the message and with it the owed
+    /// notice, and the peer saw only the hang-up.
+    #[test]
+    fn a_notice_due_as_a_message_ends_is_told() {
+        let (a, b) = Socket::pair().unwrap();
+        // In `a`'s receive queue, read where the sender is about to end the message.
+        crate::connection::tests::say_another_version(&b);
+        BEFORE_MESSAGE_OVER.set(Some(|a| {
+            assert!(matches!(a.try_recv(), Err(Error::VersionMismatch { .. })));
+        }));
+        // Several datagrams, which go out at once: the socket buffer holds them.
+        let payload: Vec<u8> = (0..2 * FIRST_MAX).map(|i| (i % 251) as u8).collect();
+        a.send(&payload, &[]).unwrap();
+        assert!(BEFORE_MESSAGE_OVER.take().is_none(), "the notice fell due");
+        drop(a);
+        assert!(b.recv().unwrap().payload == payload);
+        let notice = b.recv();
+        assert!(
+            matches!(&notice, Ok(frame) if frame.payload.is_empty() && frame.fds.is_empty()),
+            "the peer was not told this side's version: {notice:?}"
+        );
     }
 
     /// A blocking send of a message of several datagrams that times out before its first

@@ -73,10 +73,11 @@ impl VersionNotice {
         }
     }
 
-    /// The notice is owed to the peer: only the message part-way out (whose sender asks)
-    /// ends that, with [`VersionNotice::message_over`].
-    pub(super) fn is_owed(&self) -> bool {
-        self.state.load(SeqCst) == OWED
+    /// The last datagram of the message is out: ends the message (`false`), unless the notice
+    /// is owed (`true`), which the caller tells, then calls [`VersionNotice::message_over`].
+    /// One step: checked apart, a notice falling due between the check and the end was lost.
+    pub(super) fn message_ends(&self) -> bool {
+        self.state.compare_exchange(PART_WAY, IDLE, SeqCst, SeqCst) == Err(OWED)
     }
 
     /// The message is out, or failed before any of it went: `true` if the notice was owed,
@@ -109,9 +110,9 @@ mod tests {
         inside.message_starts();
         inside.message_starts(); // its first datagram tried again
         assert!(!inside.due_now(), "a notice inside a message");
-        assert!(inside.is_owed());
+        assert!(inside.message_ends(), "owed");
         assert!(inside.message_over(), "the owed notice");
-        assert!(!inside.is_owed());
+        assert!(!inside.message_ends(), "told");
         assert!(
             !inside.due_now() && !inside.message_over(),
             "a second notice"
