@@ -39,6 +39,9 @@ mod blocking {
         fn make_region(&self, len: u64) -> RegionView;
         /// Fds this process has open.
         fn open_fds(&self) -> u64;
+        /// Takes the buffer, and nothing else.
+        #[oneway]
+        fn take(&self, buffer: SealedBuffer);
     }
 }
 
@@ -54,6 +57,8 @@ mod asynchronous {
         async fn make(&self, len: u64) -> SealedBuffer;
         async fn make_region(&self, len: u64) -> RegionView;
         async fn open_fds(&self) -> u64;
+        #[oneway]
+        async fn take(&self, buffer: SealedBuffer);
     }
 }
 
@@ -85,6 +90,7 @@ impl blocking::Buffers for BuffersImpl {
     fn open_fds(&self) -> u64 {
         open_fds() as u64
     }
+    fn take(&self, _buffer: SealedBuffer) {}
 }
 
 #[cfg(feature = "tokio")]
@@ -104,6 +110,7 @@ impl asynchronous::Buffers for BuffersImpl {
     async fn open_fds(&self) -> u64 {
         open_fds() as u64
     }
+    async fn take(&self, _buffer: SealedBuffer) {}
 }
 
 fn limited(mut socket: Socket, max_shared_len: usize) -> Socket {
@@ -148,6 +155,34 @@ fn spawn(name: &str) -> (Worker, Socket) {
     command.env(MAX_SHARED, LIMIT.to_string());
     let (worker, socket) = Worker::spawn_socket(command).unwrap();
     (worker, limited(socket, LIMIT))
+}
+
+/// `spawn` with the worker's stderr in a file of its own (named after `name` and this process),
+/// for a test to read what the worker reported; the file is gone once read.
+fn spawn_reporting(name: &str) -> (Worker, Socket, std::path::PathBuf) {
+    let path = std::env::temp_dir().join(format!("{name}-{}.stderr", std::process::id()));
+    let mut command = child(name);
+    command.env(MAX_SHARED, LIMIT.to_string());
+    command.stderr(std::fs::File::create(&path).unwrap());
+    let (worker, socket) = Worker::spawn_socket(command).unwrap();
+    (worker, limited(socket, LIMIT), path)
+}
+
+/// What the worker reported on stderr (see `spawn_reporting`).
+fn reported(path: &std::path::Path) -> String {
+    let report = std::fs::read_to_string(path).unwrap();
+    std::fs::remove_file(path).unwrap();
+    report
+}
+
+/// Whether `report` (a worker's stderr) says that a oneway `take` failed for a buffer over
+/// its limit, as documented for a oneway whose arguments do not decode.
+fn says_take_refused(report: &str) -> bool {
+    report.lines().any(|line| {
+        line.contains("a oneway message Buffers::take failed")
+            && line.contains("over this side's limits")
+            && line.contains(&format!("{} bytes, at most {LIMIT}", LIMIT + 1))
+    })
 }
 
 /// Whether `result` is the refusal of a buffer one byte over `LIMIT` (or, for a region,
@@ -213,6 +248,33 @@ fn a_reply_buffer_over_the_callers_limit_fails_its_call_and_the_fd_is_closed() {
     assert_eq!(buffers.make(1).unwrap().len(), 1, "the next call works");
     buffers.connection().close();
     assert_eq!(worker.wait().unwrap(), Exit::Code(0));
+}
+
+/// A oneway carrying a buffer over the worker's limit: its sender learns nothing (the message
+/// went out), the worker closes the fd, says so on its stderr, and serves on.
+#[test]
+fn a_oneway_buffer_over_the_workers_limit_is_dropped_reported_and_its_fd_closed() {
+    let _fds = fd_count_lock();
+    let (mut worker, socket, stderr) = spawn_reporting("child_buffers");
+    let buffers = blocking::BuffersClient::new(Connection::new(socket));
+    buffers.take(sealed(LIMIT)).unwrap();
+    let before = buffers.open_fds().unwrap();
+    buffers.take(sealed(LIMIT + 1)).unwrap();
+    // A call runs after the oneways sent before it.
+    assert_eq!(
+        buffers.open_fds().unwrap(),
+        before,
+        "the worker closed the refused fd"
+    );
+    assert_eq!(
+        buffers.measure(sealed(1)).unwrap(),
+        1,
+        "the next call works"
+    );
+    buffers.connection().close();
+    assert_eq!(worker.wait().unwrap(), Exit::Code(0));
+    let report = reported(&stderr);
+    assert!(says_take_refused(&report), "{report}");
 }
 
 /// The default limit is 1 GiB, as `DEFAULT_MAX_LEN` was before `max_shared_len`: a buffer
@@ -302,6 +364,37 @@ fn async_a_reply_buffer_over_the_callers_limit_fails_its_call_and_the_fd_is_clos
             typed_ipc::tokio::worker::wait(&mut worker).await.unwrap(),
             Exit::Code(0)
         );
+    });
+}
+
+#[cfg(feature = "tokio")]
+#[test]
+fn async_a_oneway_buffer_over_the_workers_limit_is_dropped_reported_and_its_fd_closed() {
+    let _fds = fd_count_lock();
+    common::current_thread_runtime().block_on(async {
+        let (mut worker, socket, stderr) = spawn_reporting("child_async_buffers");
+        let conn = typed_ipc::tokio::AsyncConnection::new(socket).unwrap();
+        let buffers = asynchronous::BuffersClient::new(conn.clone());
+        buffers.take(sealed(LIMIT)).await.unwrap();
+        let before = buffers.open_fds().await.unwrap();
+        buffers.take(sealed(LIMIT + 1)).await.unwrap();
+        assert_eq!(
+            buffers.open_fds().await.unwrap(),
+            before,
+            "the worker closed the refused fd"
+        );
+        assert_eq!(
+            buffers.measure(sealed(1)).await.unwrap(),
+            1,
+            "the next call works"
+        );
+        conn.close();
+        assert_eq!(
+            typed_ipc::tokio::worker::wait(&mut worker).await.unwrap(),
+            Exit::Code(0)
+        );
+        let report = reported(&stderr);
+        assert!(says_take_refused(&report), "{report}");
     });
 }
 
