@@ -29,6 +29,8 @@ pub(crate) trait Watched: Send + 'static {
     fn socket(&self) -> &Socket;
     /// Shuts the connection down both ways: a send waiting for room fails at once.
     fn close(&self);
+    /// How its traced lines name it.
+    fn name(&self) -> trace::Name;
 }
 
 impl Watched for Connection {
@@ -37,6 +39,9 @@ impl Watched for Connection {
     }
     fn close(&self) {
         Connection::close(self);
+    }
+    fn name(&self) -> trace::Name {
+        Connection::trace_name(self)
     }
 }
 
@@ -47,6 +52,9 @@ impl Watched for crate::tokio::AsyncConnection {
     }
     fn close(&self) {
         crate::tokio::AsyncConnection::close(self);
+    }
+    fn name(&self) -> trace::Name {
+        crate::tokio::AsyncConnection::trace_name(self)
     }
 }
 
@@ -85,13 +93,7 @@ fn cut_stalled<C: Watched>(mut clients: Vec<C>, limit: Duration, stopping: &Rece
         clients.retain(|client| match client.socket().send_stalled_for(now) {
             Some(stalled) if stalled >= limit => {
                 client.close();
-                let peer = client.socket().peer_credentials();
-                let pid = peer.map_or_else(|_| "?".into(), |p| p.pid.to_string());
-                trace::line(&format!(
-                    "typed-ipc[{}]: shutting down: hung up on a client (pid {pid}) that \
-                     left a message unread for {limit:?}",
-                    std::process::id(),
-                ));
+                trace::line(&stalled_line(&client.name(), limit));
                 false
             }
             Some(stalled) => {
@@ -105,5 +107,32 @@ fn cut_stalled<C: Watched>(mut clients: Vec<C>, limit: Duration, stopping: &Rece
         if !matches!(stopping.recv_timeout(next), Err(RecvTimeoutError::Timeout)) {
             return;
         }
+    }
+}
+
+/// The line saying that the shutdown hung up on the client of the connection `name`, whose
+/// send waited `limit`: named as every other line about the connection (with the client's
+/// pid, where known).
+#[cold]
+fn stalled_line(name: &trace::Name, limit: Duration) -> String {
+    format!("{name}: shutting down: hung up on a client that left a message unread for {limit:?}")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::connection::trace::Name;
+
+    /// The line that says a client was hung up on starts as every other line about that
+    /// client's connection, with its name (number and peer pid): it said only this process's
+    /// pid, and the client's in words of its own.
+    #[test]
+    fn the_hang_up_line_names_the_connection() {
+        let name = Name::next(Some(7), None);
+        let said = super::stalled_line(&name, Duration::from_secs(5));
+        assert!(said.starts_with(&format!("{name}: ")), "{said}");
+        assert!(said.contains(" peer 7]"), "{said}");
+        assert!(said.ends_with("left a message unread for 5s"), "{said}");
     }
 }

@@ -364,6 +364,11 @@ impl Connection {
         &self.shared.socket
     }
 
+    /// How traced lines name this connection.
+    pub(crate) fn trace_name(&self) -> trace::Name {
+        self.shared.name
+    }
+
     /// Trusts the peer with pipes, both ways: it may copy this end's large call arguments
     /// (`Vec<u8>` and [`SharedBytes`](crate::SharedBytes) of 128 KiB to 1 MiB) straight out
     /// of this process's pages, through a pipe, one copy instead of two (1 MiB: 2.1–2.9x a

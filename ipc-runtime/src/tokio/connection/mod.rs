@@ -278,6 +278,11 @@ impl AsyncConnection {
         self.inner.socket()
     }
 
+    /// How traced lines name this connection.
+    pub(crate) fn trace_name(&self) -> trace::Name {
+        self.inner.name
+    }
+
     /// Trusts the peer with pipes, both ways: it may copy this end's large call arguments
     /// straight out of this process's pages, and this end reads the pipes it lends. Off by
     /// default, and only for a trusted peer. As
