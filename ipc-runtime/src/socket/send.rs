@@ -323,7 +323,12 @@ impl Socket {
                     }
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => return Ok(false),
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                    if !cursor.started && !fits_one_datagram(payload, fds, self.chunk) {
+                        self.first_found_no_room();
+                    }
+                    return Ok(false);
+                }
                 Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) && self.smaller(bytes.len()) => {}
                 Err(e) => {
                     if !cursor.started {
@@ -364,6 +369,17 @@ impl Socket {
                 }
             }
         }
+    }
+
+    /// The first datagram of a message of several found no room: none of it is out, so a
+    /// notice may go out before it while it waits, rather than be owed to its end (a
+    /// connection that reads the peer's header of another version shuts its socket down at
+    /// once, and a notice owed is lost). One owed already stays owed; the next try marks the
+    /// message part-way again (`message_starts`).
+    #[cold]
+    #[inline(never)]
+    fn first_found_no_room(&self) {
+        let _owed = self.version_notice.message_ends();
     }
 
     /// The send of the message `cursor` tracks is given up (timed out, or its future
@@ -823,6 +839,36 @@ mod tests {
         assert!(BEFORE_MESSAGE_OVER.take().is_none(), "the notice fell due");
         drop(a);
         assert!(b.recv().unwrap().payload == payload);
+        let notice = b.recv();
+        assert!(
+            matches!(&notice, Ok(frame) if frame.payload.is_empty() && frame.fds.is_empty()),
+            "the peer was not told this side's version: {notice:?}"
+        );
+    }
+
+    /// A notice that falls due while a message of several datagrams waits for room for its
+    /// first is told at once: none of the message is out, so it cannot land inside it. It
+    /// was owed to the message's end, and a connection, which shuts its socket down once it
+    /// reads the peer's header of another version, so lost it: the peer saw the hang-up.
+    #[test]
+    fn a_notice_due_before_a_message_starts_going_out_is_told_at_once() {
+        let (a, b) = Socket::pair().unwrap();
+        let mut unread = 0;
+        while a.send_timeout(b"x", &[], Duration::ZERO).is_ok() {
+            unread += 1;
+        }
+        let payload = vec![7u8; 1 << 20];
+        let mut cursor = SendCursor::new(payload.len(), 0).unwrap();
+        assert!(!a.send_some(&mut cursor, &payload, &[]).unwrap());
+        assert!(!cursor.started(), "the first datagram found no room");
+        // The peer reads (room now), then speaks another version; this side's connection
+        // reads that and ends, shutting its socket down.
+        for _ in 0..unread {
+            b.recv().unwrap();
+        }
+        crate::connection::tests::say_another_version(&b);
+        assert!(matches!(a.try_recv(), Err(Error::VersionMismatch { .. })));
+        a.shutdown().unwrap();
         let notice = b.recv();
         assert!(
             matches!(&notice, Ok(frame) if frame.payload.is_empty() && frame.fds.is_empty()),

@@ -73,8 +73,9 @@ impl VersionNotice {
         }
     }
 
-    /// The last datagram of the message is out: ends the message (`false`), unless the notice
-    /// is owed (`true`), which the caller tells, then calls [`VersionNotice::message_over`].
+    /// The last datagram of the message is out (or its first found no room, and it starts
+    /// again later): ends the message (`false`), unless the notice is owed (`true`), which
+    /// the caller tells, then calls [`VersionNotice::message_over`].
     /// One step: checked apart, a notice falling due between the check and the end was lost.
     pub(super) fn message_ends(&self) -> bool {
         self.state.compare_exchange(PART_WAY, IDLE, SeqCst, SeqCst) == Err(OWED)
