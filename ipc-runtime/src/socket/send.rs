@@ -181,17 +181,14 @@ impl Socket {
         while !self.send_some(&mut cursor, payload, fds)? {
             waiting.waiting(cursor.sent());
             if let Err(e) = wait_for_room_or_retry(wait_for_room, deadline) {
-                if cursor.started() && !cursor.in_progress() {
-                    // The message is out: only a version notice owed meanwhile waited.
-                    self.send_given_up(&cursor);
-                    return Ok(());
-                }
                 if cursor.in_progress() {
                     // The peer holds part of a message; the stream cannot be resynchronised.
                     let _ = self.shutdown();
+                    return Err(e);
                 }
                 self.send_given_up(&cursor);
-                return Err(e);
+                // Out already, if started: only a version notice owed meanwhile waited.
+                return if cursor.started() { Ok(()) } else { Err(e) };
             }
         }
         Ok(())
@@ -332,7 +329,7 @@ impl Socket {
                 Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) && self.smaller(bytes.len()) => {}
                 Err(e) => {
                     if !cursor.started {
-                        self.message_failed(); // nothing went out: the socket stays usable
+                        self.send_given_up(cursor); // nothing went out: the socket stays usable
                     } else if e.raw_os_error() != Some(libc::EPIPE) {
                         // The peer holds part of a message; the stream cannot be resynchronised.
                         // Not after `EPIPE`: nothing can follow the fragment, and the peer (one
@@ -390,17 +387,7 @@ impl Socket {
     #[cold]
     #[inline(never)]
     pub(crate) fn send_given_up(&self, cursor: &SendCursor) {
-        if !cursor.in_progress() {
-            self.message_failed();
-        }
-    }
-
-    /// A message of several datagrams failed before any of it went out, or was given up
-    /// once all of it had: a version notice owed meanwhile is told now, if there is room.
-    #[cold]
-    #[inline(never)]
-    fn message_failed(&self) {
-        if self.version_notice.message_over() {
+        if !cursor.in_progress() && self.version_notice.message_over() {
             let _ = self.tell_version();
         }
     }
