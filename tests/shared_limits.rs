@@ -113,12 +113,27 @@ impl asynchronous::Buffers for BuffersImpl {
     async fn take(&self, _buffer: SealedBuffer) {}
 }
 
-fn limited(mut socket: Socket, max_shared_len: usize) -> Socket {
-    socket.set_limits(Limits {
+/// The default limits, but for `max_shared_len`.
+fn limits(max_shared_len: usize) -> Limits {
+    Limits {
         max_shared_len,
         ..Limits::default()
-    });
+    }
+}
+
+fn limited(mut socket: Socket, max_shared_len: usize) -> Socket {
+    socket.set_limits(limits(max_shared_len));
     socket
+}
+
+/// Hangs up on the worker, which then exits cleanly.
+#[cfg(feature = "tokio")]
+async fn hang_up_and_reap(conn: &typed_ipc::tokio::AsyncConnection, worker: &mut Worker) {
+    conn.close();
+    assert_eq!(
+        typed_ipc::tokio::worker::wait(worker).await.unwrap(),
+        Exit::Code(0)
+    );
 }
 
 /// The worker's socket, with the limit the parent asked for.
@@ -327,11 +342,7 @@ fn async_a_request_buffer_over_the_workers_limit_fails_its_call_and_the_fd_is_cl
             1,
             "the next call works"
         );
-        conn.close();
-        assert_eq!(
-            typed_ipc::tokio::worker::wait(&mut worker).await.unwrap(),
-            Exit::Code(0)
-        );
+        hang_up_and_reap(&conn, &mut worker).await;
     });
 }
 
@@ -359,11 +370,7 @@ fn async_a_reply_buffer_over_the_callers_limit_fails_its_call_and_the_fd_is_clos
             1,
             "the next call works"
         );
-        conn.close();
-        assert_eq!(
-            typed_ipc::tokio::worker::wait(&mut worker).await.unwrap(),
-            Exit::Code(0)
-        );
+        hang_up_and_reap(&conn, &mut worker).await;
     });
 }
 
@@ -388,23 +395,10 @@ fn async_a_oneway_buffer_over_the_workers_limit_is_dropped_reported_and_its_fd_c
             1,
             "the next call works"
         );
-        conn.close();
-        assert_eq!(
-            typed_ipc::tokio::worker::wait(&mut worker).await.unwrap(),
-            Exit::Code(0)
-        );
+        hang_up_and_reap(&conn, &mut worker).await;
         let report = reported(&stderr);
         assert!(says_take_refused(&report), "{report}");
     });
-}
-
-/// The limits a worker's parent gives its side without giving up what `Worker::spawn` sets
-/// up (writes into the worker, the connection closed when the worker is gone).
-fn parent_limits() -> Limits {
-    Limits {
-        max_shared_len: LIMIT,
-        ..Limits::default()
-    }
 }
 
 #[test]
@@ -412,7 +406,7 @@ fn a_worker_spawned_with_limits_has_its_replies_checked_against_them() {
     let _fds = fd_count_lock();
     let mut command = child("child_buffers");
     command.env(MAX_SHARED, LIMIT.to_string());
-    let (mut worker, conn) = Worker::spawn_with_limits(command, parent_limits()).unwrap();
+    let (mut worker, conn) = Worker::spawn_with_limits(command, limits(LIMIT)).unwrap();
     let buffers = blocking::BuffersClient::new(conn);
     assert_eq!(buffers.make(LIMIT as u64).unwrap().len(), LIMIT);
     let over = buffers.make(LIMIT as u64 + 1);
@@ -430,7 +424,7 @@ fn async_a_worker_spawned_with_limits_has_its_replies_checked_against_them() {
         let mut command = child("child_async_buffers");
         command.env(MAX_SHARED, LIMIT.to_string());
         let (mut worker, conn) =
-            typed_ipc::tokio::worker::spawn_with_limits(command, parent_limits()).unwrap();
+            typed_ipc::tokio::worker::spawn_with_limits(command, limits(LIMIT)).unwrap();
         let buffers = asynchronous::BuffersClient::new(conn.clone());
         assert_eq!(buffers.make(LIMIT as u64).await.unwrap().len(), LIMIT);
         let over = buffers.make(LIMIT as u64 + 1).await;
@@ -440,10 +434,6 @@ fn async_a_worker_spawned_with_limits_has_its_replies_checked_against_them() {
             1,
             "the next call works"
         );
-        conn.close();
-        assert_eq!(
-            typed_ipc::tokio::worker::wait(&mut worker).await.unwrap(),
-            Exit::Code(0)
-        );
+        hang_up_and_reap(&conn, &mut worker).await;
     });
 }

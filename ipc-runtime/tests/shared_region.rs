@@ -5,7 +5,7 @@
 //! without another test's fds coming and going.
 
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -32,6 +32,22 @@ fn open_fds() -> usize {
 /// A memfd of `len` bytes with `seals` added, as a hostile creator could make one.
 fn memfd_with(len: usize, seals: SealFlag) -> OwnedFd {
     common::memfd_with(&vec![1; len], true, seals)
+}
+
+/// Tries to map `fd` writable and shared, which a region's seals refuse: why it failed.
+fn map_writable(fd: BorrowedFd<'_>) -> Errno {
+    // SAFETY: a new mapping at a kernel-chosen address; it is refused anyway.
+    let writable = unsafe {
+        mmap(
+            None,
+            4096.try_into().unwrap(),
+            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+            MapFlags::MAP_SHARED,
+            fd,
+            0,
+        )
+    };
+    writable.expect_err("a writable mapping of a sealed region")
 }
 
 fn refusal(result: Result<RegionView, Error>) -> String {
@@ -108,18 +124,7 @@ fn the_peer_cannot_write_the_region() {
         file.set_len(0).is_err() && file.set_len(1 << 20).is_err(),
         "resize"
     );
-    // SAFETY: a new mapping at a kernel-chosen address; it is refused anyway.
-    let writable = unsafe {
-        mmap(
-            None,
-            4096.try_into().unwrap(),
-            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-            MapFlags::MAP_SHARED,
-            fd,
-            0,
-        )
-    };
-    assert_eq!(writable.unwrap_err(), Errno::EPERM, "a writable mapping");
+    assert_eq!(map_writable(fd), Errno::EPERM, "a writable mapping");
     // A read-only mapping cannot be made writable later.
     // SAFETY: a new read-only mapping at a kernel-chosen address, unmapped below.
     let ro = unsafe {
@@ -264,18 +269,7 @@ fn a_cloned_view_reads_the_same_region_and_cannot_write_it() {
     // As sealed as the view it came from.
     let fd = clone.as_fd();
     assert_eq!(nix::unistd::write(fd, b"x").unwrap_err(), Errno::EPERM);
-    // SAFETY: a new mapping at a kernel-chosen address; it is refused anyway.
-    let writable = unsafe {
-        mmap(
-            None,
-            4096.try_into().unwrap(),
-            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-            MapFlags::MAP_SHARED,
-            fd,
-            0,
-        )
-    };
-    assert_eq!(writable.unwrap_err(), Errno::EPERM, "a writable mapping");
+    assert_eq!(map_writable(fd), Errno::EPERM, "a writable mapping");
 }
 
 #[test]

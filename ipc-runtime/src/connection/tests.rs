@@ -1699,6 +1699,16 @@ pub(crate) fn say_another_version_and_hang_up(theirs: crate::Socket) {
     say_another_version(&theirs);
 }
 
+/// Checks that `received`, the next message the peer read, is this side's version notice: a
+/// header of no message, which a peer of this side's version reads as an empty message (one
+/// of the other version refuses it).
+pub(crate) fn assert_told_version(received: Result<crate::Frame>) {
+    assert!(
+        matches!(&received, Ok(frame) if frame.payload.is_empty() && frame.fds.is_empty()),
+        "the peer was not told this side's version: {received:?}"
+    );
+}
+
 /// Sends, on `theirs`, a bare header of another wire version ([`OTHER_VERSION`]): what a
 /// peer of another release sends.
 pub(crate) fn say_another_version(theirs: &crate::Socket) {

@@ -801,10 +801,7 @@ mod tests {
             message.unwrap().payload == payload,
             "the message arrived changed"
         );
-        // The notice: this side's header of no message, which `b`, of this side's version
-        // too, reads as an empty message (a peer of the other version refuses it).
-        let notice = notice.unwrap();
-        assert!(notice.payload.is_empty() && notice.fds.is_empty());
+        crate::connection::tests::assert_told_version(notice);
         assert!(sent.unwrap());
     }
 
@@ -826,11 +823,7 @@ mod tests {
         assert!(BEFORE_MESSAGE_OVER.take().is_none(), "the notice fell due");
         drop(a);
         assert!(b.recv().unwrap().payload == payload);
-        let notice = b.recv();
-        assert!(
-            matches!(&notice, Ok(frame) if frame.payload.is_empty() && frame.fds.is_empty()),
-            "the peer was not told this side's version: {notice:?}"
-        );
+        crate::connection::tests::assert_told_version(b.recv());
     }
 
     /// A notice that falls due while a message of several datagrams waits for room for its
@@ -856,11 +849,7 @@ mod tests {
         crate::connection::tests::say_another_version(&b);
         assert!(matches!(a.try_recv(), Err(Error::VersionMismatch { .. })));
         a.shutdown().unwrap();
-        let notice = b.recv();
-        assert!(
-            matches!(&notice, Ok(frame) if frame.payload.is_empty() && frame.fds.is_empty()),
-            "the peer was not told this side's version: {notice:?}"
-        );
+        crate::connection::tests::assert_told_version(b.recv());
     }
 
     /// A blocking send of a message of several datagrams that times out before its first
@@ -883,11 +872,7 @@ mod tests {
         crate::connection::tests::say_another_version(&b);
         assert!(matches!(a.try_recv(), Err(Error::VersionMismatch { .. })));
         drop(a);
-        let notice = b.recv();
-        assert!(
-            matches!(&notice, Ok(frame) if frame.payload.is_empty() && frame.fds.is_empty()),
-            "the peer was not told this side's version: {notice:?}"
-        );
+        crate::connection::tests::assert_told_version(b.recv());
     }
 
     /// A send whose message is all out, while a version notice owed meanwhile waits for room

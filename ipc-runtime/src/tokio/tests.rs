@@ -35,6 +35,25 @@ fn undriven_connection() -> (::tokio::runtime::Runtime, super::AsyncConnection, 
     (runtime, conn, theirs)
 }
 
+/// Sends small oneways on `conn`, each polled once by hand, until one finds the peer's queue
+/// full (that one is dropped, none of it out): how many went out, all unread.
+fn fill_with_oneways(conn: &super::AsyncConnection) -> usize {
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut unread = 0;
+    while let Poll::Ready(sent) =
+        Box::pin(conn.oneway(&crate::connection::tests::BULK, 1, (), None))
+            .as_mut()
+            .poll(&mut cx)
+    {
+        sent.unwrap();
+        unread += 1;
+        assert!(unread < 1 << 20, "the peer's queue never filled");
+    }
+    unread
+}
+
 fn wait_writable(socket: &Socket) {
     let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLOUT)];
     poll(&mut fds, PollTimeout::NONE).unwrap();
@@ -1434,7 +1453,7 @@ fn a_peer_told_late_that_this_end_no_longer_trusts_pipes_pipes_once_it_does_agai
 #[test]
 fn a_region_named_by_a_message_still_going_out_is_not_given_back() {
     use std::future::Future;
-    use std::task::{Context, Poll, Waker};
+    use std::task::{Context, Waker};
 
     use crate::codec::Bytes;
     use crate::connection::envelope::{self, Envelope};
@@ -1455,15 +1474,8 @@ fn a_region_named_by_a_message_still_going_out_is_not_given_back() {
         }
     });
     // Fill the socket, then a oneway whose byte string announces the region waits for room.
+    let unread = fill_with_oneways(&conn);
     let mut cx = Context::from_waker(Waker::noop());
-    let mut unread = 0;
-    while let Poll::Ready(sent) = Box::pin(conn.oneway(&BULK, 1, (), None))
-        .as_mut()
-        .poll(&mut cx)
-    {
-        sent.unwrap();
-        unread += 1;
-    }
     let data = vec![5u8; 4096];
     let mut pending = Box::pin(conn.oneway(&BULK, 1, Bytes(&data[..]), None));
     assert!(pending.as_mut().poll(&mut cx).is_pending());
@@ -1565,23 +1577,13 @@ fn a_send_waiting_for_room_fails_once_the_peer_shuts_its_reading_side() {
 #[test]
 fn a_send_of_several_datagrams_dropped_unstarted_does_not_hold_back_the_version_notice() {
     use std::future::Future;
-    use std::task::{Context, Poll, Waker};
+    use std::task::{Context, Waker};
 
     use crate::connection::tests::BULK;
 
     let (runtime, conn, theirs) = undriven_connection();
+    let unread = fill_with_oneways(&conn);
     let mut cx = Context::from_waker(Waker::noop());
-    // Fill the peer's queue with small messages; the one that finds it full is dropped (one
-    // datagram, none of it out).
-    let mut unread = 0;
-    while let Poll::Ready(sent) = Box::pin(conn.oneway(&BULK, 1, (), None))
-        .as_mut()
-        .poll(&mut cx)
-    {
-        sent.unwrap();
-        unread += 1;
-        assert!(unread < 1 << 20, "the peer's queue never filled");
-    }
     // A message of several datagrams waits for room for its first, and is dropped there.
     let big = vec![7u8; 1 << 20];
     let mut send = Box::pin(conn.oneway(&BULK, 1, big, None));
@@ -1597,13 +1599,7 @@ fn a_send_of_several_datagrams_dropped_unstarted_does_not_hold_back_the_version_
             ::tokio::task::yield_now().await;
         }
     });
-    // The notice: this side's header of no message, which `theirs`, of this side's version,
-    // reads as an empty message.
-    let notice = theirs.recv();
-    assert!(
-        matches!(&notice, Ok(frame) if frame.payload.is_empty() && frame.fds.is_empty()),
-        "the peer was not told this side's version: {notice:?}"
-    );
+    crate::connection::tests::assert_told_version(theirs.recv());
 }
 
 /// The runtime a connection was made on shuts down while a send from elsewhere (another
