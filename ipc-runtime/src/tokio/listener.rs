@@ -61,7 +61,8 @@ impl AsyncListener {
     /// Waits for the next client and returns its socket; wrap it in
     /// [`AsyncConnection::new`](super::AsyncConnection::new) (after [`Socket::set_limits`], if
     /// need be). Fails with `EINVAL` once the listening socket is shut down
-    /// ([`Listener::shutdown`]).
+    /// ([`Listener::shutdown`]), and with an error saying so once the runtime it was made on
+    /// has shut down (whichever runtime accepts).
     pub async fn accept(&self) -> Result<Socket> {
         Socket::new(self.accept_fd().await?)
     }
@@ -72,7 +73,8 @@ impl AsyncListener {
     /// `EAGAIN` for good.
     pub(crate) async fn accept_fd(&self) -> io::Result<OwnedFd> {
         loop {
-            if let Some(accepted) = try_accept(self.io.readable().await?) {
+            let ready = self.io.readable().await.map_err(runtime_gone)?;
+            if let Some(accepted) = try_accept(ready) {
                 return accepted;
             }
         }
@@ -83,7 +85,8 @@ impl AsyncListener {
     /// listener at once when dropped). Only the task that polled last is woken.
     pub(crate) fn poll_accept_fd(&self, cx: &mut Context<'_>) -> Poll<io::Result<OwnedFd>> {
         loop {
-            if let Some(accepted) = try_accept(ready!(self.io.poll_read_ready(cx))?) {
+            let ready = ready!(self.io.poll_read_ready(cx)).map_err(runtime_gone)?;
+            if let Some(accepted) = try_accept(ready) {
                 return Poll::Ready(accepted);
             }
         }
@@ -93,6 +96,19 @@ impl AsyncListener {
     pub fn listener(&self) -> &Listener {
         &self.io.get_ref().0
     }
+}
+
+/// Why a wait for a client failed with `e`: the reactor the listener is registered with has
+/// shut down with the runtime it was made on. Tokio's own words ("A Tokio 1.x context was
+/// found, but it is being shutdown") would speak of a runtime the caller may not be on.
+#[cold]
+#[inline(never)]
+fn runtime_gone(e: io::Error) -> io::Error {
+    io::Error::new(
+        e.kind(),
+        "the tokio runtime this listener was made on has shut down: make an AsyncListener \
+         on the runtime that accepts on it",
+    )
 }
 
 /// Accepts a client on a listener that reads ready: `None` if none is queued after all (the

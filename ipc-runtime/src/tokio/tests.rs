@@ -1636,3 +1636,32 @@ fn a_send_waiting_for_room_when_the_connections_runtime_shuts_down_says_so() {
         "{said}"
     );
 }
+
+/// A listener made on a runtime that has since shut down, accepting from elsewhere (another
+/// runtime): the accept must fail saying that the listener's runtime is gone, not with the
+/// reactor's "A Tokio 1.x context was found, but it is being shutdown", which speaks of a
+/// runtime the caller may not even have.
+#[test]
+fn an_accept_on_a_listener_whose_runtime_shut_down_says_so() {
+    let made_on = ::tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let name = format!("typed-ipc-test-listener-runtime-{}", std::process::id());
+    let listener = made_on
+        .block_on(async { super::AsyncListener::bind_abstract(&name) })
+        .unwrap();
+    drop(made_on);
+    let accepting_on = ::tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let said = accepting_on
+        .block_on(listener.accept())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        said.contains("the tokio runtime this listener was made on has shut down"),
+        "{said}"
+    );
+}
