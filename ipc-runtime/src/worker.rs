@@ -118,6 +118,9 @@ impl Worker {
     /// The connection may write large byte strings straight into the child's memory
     /// ([`Connection::write_into_peer`]); a child that serves with [`connection`] accepts
     /// that.
+    ///
+    /// A program that cannot start fails with [`Error::Io`] of the OS error's kind
+    /// (`NotFound`, `PermissionDenied`, ...), whose message names the program.
     pub fn spawn(command: Command) -> Result<(Worker, Connection)> {
         Worker::spawn_with_limits(command, Limits::default())
     }
@@ -183,7 +186,7 @@ impl Worker {
                 Ok(())
             });
         }
-        let child = command.spawn()?;
+        let child = command.spawn().map_err(|e| cannot_start(&command, e))?;
         drop(theirs);
         let pidfd = pidfd_open(child.id());
         Ok((
@@ -571,6 +574,18 @@ pub fn socket() -> Result<Socket> {
     Socket::from_fd(fd)
 }
 
+/// Why `command` did not start, naming its program: std's error alone ("No such file or
+/// directory") does not say which, and a host may start several. The kind stays; the OS
+/// error number is in the message only.
+#[cold]
+fn cannot_start(command: &Command, e: io::Error) -> Error {
+    let program = command.get_program();
+    Error::Io(io::Error::new(
+        e.kind(),
+        format!("cannot start worker {program:?}: {e}"),
+    ))
+}
+
 fn not_found(message: String) -> Error {
     Error::Io(io::Error::new(io::ErrorKind::NotFound, message))
 }
@@ -594,7 +609,25 @@ fn is_the_socket(fd: BorrowedFd<'_>, inode: u64) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{Exit, parse};
+    use super::{Exit, Worker, parse};
+    use crate::Error;
+
+    /// A worker that cannot start says which program, keeping the error's kind: a host
+    /// starting several plugins learns which one is missing.
+    #[test]
+    fn a_worker_that_cannot_start_names_its_program() {
+        let missing = std::process::Command::new("./no-such-typed-ipc-plugin");
+        let Err(Error::Io(e)) = Worker::spawn(missing) else {
+            panic!("a missing program started, or failed otherwise");
+        };
+        assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
+        let said = e.to_string();
+        assert!(
+            said.starts_with("cannot start worker \"./no-such-typed-ipc-plugin\": ")
+                && said.contains("No such file or directory"),
+            "{said}"
+        );
+    }
 
     #[test]
     fn an_exit_reads_as_std_writes_an_exit_status() {
