@@ -686,6 +686,47 @@ fn a_return_type_changed_as_written_fails_every_call_quoting_both_signatures() {
     hang_up(worker, conn);
 }
 
+/// A call made `#[oneway]` at one end: its text is unchanged, but the ends disagree about
+/// whether it is answered. The mismatch is caught; the error says that a `#[oneway]`
+/// differs, though not which (the peer's answer does not carry its `#[oneway]`s).
+#[test]
+fn a_call_made_oneway_at_one_end_fails_every_call_naming_it() {
+    let _fds = common::fd_count_lock();
+    let (worker, conn, _diag) = spawn("reset_oneway");
+    let ipa = v1::IpaClient::new(conn.clone()).with_timeout(HANG_GUARD);
+    let why = every_v1_call_is_a_mismatch(&ipa);
+    assert_eq!(
+        why,
+        format!(
+            "interface `{IPA}`: every method has the same id, name and signature at both \
+             ends: a method is `#[oneway]` at one end only (the peer does not say which of \
+             its methods are; `#[oneway]` here: `stats_ready`), or the ends' versions of \
+             typed-ipc hash interfaces differently"
+        )
+    );
+    hang_up(worker, conn);
+}
+
+/// Methods pinned to their ids with `#[cmd]` and declared in another order: every message
+/// is as before, but the check compares declaration order too, so every call fails; the
+/// error says that this is what differs.
+#[test]
+fn methods_declared_in_another_order_fail_every_call_saying_so() {
+    let _fds = common::fd_count_lock();
+    let (worker, conn, _diag) = spawn("reordered");
+    let ipa = v1::IpaClient::new(conn.clone()).with_timeout(HANG_GUARD);
+    let why = every_v1_call_is_a_mismatch(&ipa);
+    assert_eq!(
+        why,
+        format!(
+            "interface `{IPA}`: the methods are the same but declared in another order \
+             (their ids here: 0, 1, 2, 3, 4, 5; on the peer: 1, 0, 2, 3, 4, 5), which the \
+             interface check compares too"
+        )
+    );
+    hang_up(worker, conn);
+}
+
 /// Renaming the trait keeps the wire, so long as `#[interface(name)]` is kept; dropping the
 /// name (the trait's own is then the wire name) makes it an interface the plugin does not
 /// serve, which the error names.

@@ -263,9 +263,40 @@ fn describe(ours: &InterfaceInfo, theirs: &[(u32, String, String)]) -> String {
     };
     let mut diffs = listed(differing.map(Ok).chain(extra.map(Err)), show, "; ");
     if diffs.is_empty() {
-        diffs = "the signature hashes differ".into();
+        diffs = unlisted_difference(ours, theirs);
     }
     format!("interface `{}`: {diffs}", ours.name)
+}
+
+/// What differs between two interfaces whose methods agree in id, name and signature: what
+/// the signature hash covers and the peer's list does not show, the order the methods are
+/// declared in (which the list keeps) and their `#[oneway]`s (which it does not).
+#[cold]
+fn unlisted_difference(ours: &InterfaceInfo, theirs: &[(u32, String, String)]) -> String {
+    let declared_here = ours.methods.iter().map(|m| m.cmd);
+    if !declared_here
+        .clone()
+        .eq(theirs.iter().map(|(cmd, ..)| *cmd))
+    {
+        let ids = |cmds: &mut dyn Iterator<Item = u32>| listed(cmds, |c| c.to_string(), ", ");
+        return format!(
+            "the methods are the same but declared in another order (their ids here: {}; on \
+             the peer: {}), which the interface check compares too",
+            ids(&mut declared_here.clone()),
+            ids(&mut theirs.iter().map(|(cmd, ..)| *cmd))
+        );
+    }
+    let oneways = ours.methods.iter().filter(|m| m.oneway);
+    let oneways = match listed(oneways, |m| format!("`{}`", m.name), ", ") {
+        none if none.is_empty() => "none".to_string(),
+        some => some,
+    };
+    format!(
+        "every method has the same id, name and signature at both ends: a method is \
+         `#[oneway]` at one end only (the peer does not say which of its methods are; \
+         `#[oneway]` here: {oneways}), or the ends' versions of typed-ipc hash interfaces \
+         differently"
+    )
 }
 
 /// The message a panic carried, if it was a string.
@@ -326,6 +357,11 @@ mod tests {
             Failure::NotServed(vec![hostile(); 20]),
             Failure::Mismatch(many(20)),
             Failure::Mismatch(vec![(0, "reverse".into(), hostile())]),
+            // No method differs, and the order is said: its ids are listed.
+            Failure::Mismatch(vec![
+                (0, "reverse".into(), IFACE.methods[0].signature.into());
+                100_000
+            ]),
         ];
         for failure in failures {
             let shown = format!("{failure:?}").chars().take(40).collect::<String>();
