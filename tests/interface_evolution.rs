@@ -558,6 +558,10 @@ fn plugin() {
         .service(blob_v1::BlobServer::new(Diagnostics));
     let server = match std::env::var("EVOLVE_PLUGIN").unwrap().as_str() {
         "v1" => server.service(v1::IpaServer::new(Plugin)),
+        // A plugin that may refuse callers (it lets everyone in).
+        "v1 authorizing" => server
+            .service(v1::IpaServer::new(Plugin))
+            .authorize(|_, _, _| Ok(())),
         "added" => server.service(added::IpaServer::new(Plugin)),
         "retired" => server.service(retired::IpaServer::new(Plugin)),
         "widened_return" => server.service(widened_return::IpaServer::new(Plugin)),
@@ -640,6 +644,28 @@ fn a_method_added_at_one_end_fails_every_call_naming_it() {
     );
     assert_eq!(mismatch(ipa.exposure()), why);
     assert_eq!(diag.stats_seen().unwrap(), 0);
+    hang_up(worker, conn);
+}
+
+/// A plugin that may refuse callers names its methods only to a caller of one it has: a
+/// host calling the method it added gets an error that says so, not one that calls every
+/// method missing; a call of a method both have gets the whole story.
+#[test]
+fn a_plugin_that_may_refuse_callers_is_not_said_to_lack_every_method() {
+    let _fds = common::fd_count_lock();
+    let (worker, conn, _diag) = spawn("v1 authorizing");
+    let ipa = added::IpaClient::new(conn.clone()).with_timeout(HANG_GUARD);
+    assert_eq!(
+        mismatch(ipa.gain()),
+        format!(
+            "interface `{IPA}`: the peer's differs, and it named none of its methods (a peer \
+             that may refuse callers names them only to a caller of a method it has)"
+        )
+    );
+    assert_eq!(
+        mismatch(ipa.exposure()),
+        format!("interface `{IPA}`: method `gain` (cmd 6) is missing on the peer")
+    );
     hang_up(worker, conn);
 }
 

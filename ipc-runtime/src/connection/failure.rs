@@ -230,6 +230,15 @@ pub(crate) fn oneway_failed<'i>(
 
 /// Names the methods that differ between our interface and the peer's.
 fn describe(ours: &InterfaceInfo, theirs: &[(u32, String, String)]) -> String {
+    if theirs.is_empty() {
+        // Sent by a peer that may refuse callers, to a caller of a command it lacks
+        // (`admit`): it says nothing of which methods it has, and none may be called missing.
+        return format!(
+            "interface `{}`: the peer's differs, and it named none of its methods (a peer that \
+             may refuse callers names them only to a caller of a method it has)",
+            ours.name
+        );
+    }
     // Looked up by id, not searched: the peer's list is as long as its message allows.
     let mut by_cmd = HashMap::with_capacity(theirs.len().min(ours.methods.len()));
     let our_cmds: HashSet<u32> = ours.methods.iter().map(|m| m.cmd).collect();
