@@ -66,14 +66,17 @@ use quote::quote;
 ///   `send(call)`).
 /// - `IPA_INFO`: the interface's name, and each method's command id and signature, which both
 ///   ends compare: a client and a server built from different versions of the trait get
-///   `Error::InterfaceMismatch` naming the method that differs, never a garbage decode of a
-///   changed method. The check is of the interface as a whole: any difference, a method
-///   added at one end only too, fails every call of it, those of unchanged methods too; a
-///   new version that must live beside the old one takes a name of its own (below). The
-///   signature is the trait's text (names, ids, types as spelled), not the
-///   definitions of the types it names: a struct changed on one end only is not detected, and
-///   decodes as an error or, if its encoding happens to fit, as wrong values. Rebuild both
-///   ends when a shared type changes, or version the type itself.
+///   `Error::InterfaceMismatch` naming the method that differs (a `#[oneway]` added or
+///   dropped is said, but not on which method: the peer does not say which of its methods
+///   are oneway), never a garbage decode of a changed method; the call did not run, and a
+///   oneway of a mismatched interface is dropped by the peer (see `#[oneway]`). The check is
+///   of the interface as a whole: any difference, a method added at one end only too, fails
+///   every call of it, those of unchanged methods too; a new version that must live beside
+///   the old one takes a name of its own (below). The signature is the trait's text (names,
+///   ids, the methods' order, types as spelled), not the definitions of the types it names:
+///   a struct changed on one end only is not detected, and decodes as an error or, if its
+///   encoding happens to fit, as wrong values. Rebuild both ends when a shared type changes,
+///   or version the type itself.
 ///
 /// # The interface's name
 ///
@@ -144,10 +147,12 @@ use quote::quote;
 ///   when methods are inserted or removed (in `Error::InterfaceMismatch` messages, which
 ///   name methods by id, and for code that routes `IpaRequest`s itself; `TYPED_IPC_DEBUG`
 ///   lines name methods, not ids); the ends still compare the whole trait, so a client and a
-///   server built from different versions of it get `Error::InterfaceMismatch` on every call.
+///   server built from different versions of it get `Error::InterfaceMismatch` on every call,
+///   as do two ends that declare the same methods with the same ids in another order.
 /// - `#[oneway]`: the client sends and does not wait; the method must return `()`. Its
 ///   `Ok(())` says only that the message went out: if the server does not run it (its
-///   authorizer refuses it, its arguments do not decode) or it panics, the sender is not
+///   authorizer refuses it, its arguments do not decode, its interface differs at the two
+///   ends) or it panics, the sender is not
 ///   told; the server's stderr says so (the first 10 failed oneways of a process, all of
 ///   them under `TYPED_IPC_DEBUG=1`).
 ///
