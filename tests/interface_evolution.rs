@@ -63,6 +63,8 @@ mod blob_v1 {
     #[typed_ipc::interface(name = "org.example.camera.Blob")]
     pub trait Blob {
         fn digest(&self, data: Vec<u8>) -> u64;
+        #[oneway]
+        fn hand_over(&self, buffer: std::os::fd::OwnedFd);
     }
 }
 
@@ -71,6 +73,8 @@ mod blob_v2 {
     #[typed_ipc::interface(name = "org.example.camera.Blob")]
     pub trait Blob {
         fn digest(&self, data: Vec<u8>) -> u64;
+        #[oneway]
+        fn hand_over(&self, buffer: std::os::fd::OwnedFd);
         fn digest_many(&self, data: Vec<Vec<u8>>) -> Vec<u64>;
     }
 }
@@ -79,6 +83,7 @@ impl blob_v1::Blob for Diagnostics {
     fn digest(&self, data: Vec<u8>) -> u64 {
         common::checksum(&data)
     }
+    fn hand_over(&self, _buffer: OwnedFd) {}
 }
 
 /// The plugin, whichever release it implements.
@@ -773,8 +778,8 @@ fn the_wire_name_not_the_trait_name_is_the_interface() {
     hang_up(worker, conn);
 }
 
-/// The files a refused call carried are closed at both ends: the caller's once sent, the
-/// plugin's with the refused request.
+/// The files a refused call or a dropped oneway carried are closed at both ends: the
+/// caller's once sent, the plugin's with the refused request.
 #[test]
 fn a_refused_call_leaks_no_fd_at_either_end() {
     let _fds = common::fd_count_lock();
@@ -785,6 +790,11 @@ fn a_refused_call_leaks_no_fd_at_either_end() {
     let (ours, theirs) = (common::open_fds(), diag.open_fds().unwrap());
     for frame in 0..20 {
         mismatch(ipa.process(frame, common::memfd(b"frame")));
+    }
+    // Oneways too, which the plugin drops (and runs no later call before it has).
+    let blob = blob_v2::BlobClient::new(conn.clone()).with_timeout(HANG_GUARD);
+    for _ in 0..20 {
+        blob.hand_over(common::memfd(b"frame")).unwrap();
     }
     assert_eq!(common::open_fds(), ours);
     assert_eq!(diag.open_fds().unwrap(), theirs);
@@ -1005,7 +1015,7 @@ fn refused_calls_carrying_byte_strings_leave_the_connection_working() {
         for _ in 0..3 {
             let why = mismatch(new.digest(data.clone()));
             assert!(
-                why.contains("`digest_many` (cmd 1) is missing on the peer"),
+                why.contains("`digest_many` (cmd 2) is missing on the peer"),
                 "{why}"
             );
         }
