@@ -12,15 +12,66 @@ use std::os::fd::BorrowedFd;
 use typed_ipc::Socket;
 use typed_ipc::service::InterfaceInfo;
 
-/// Open fds of this process.
+/// Open fds of this process, but for tokio's own sockets (see [`TOKIO_SOCKETS`]).
 pub fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
+    let tokio = TOKIO_SOCKETS.get().map_or(&[][..], Vec::as_slice);
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter(|e| {
+            let link = e
+                .as_ref()
+                .ok()
+                .and_then(|e| std::fs::read_link(e.path()).ok());
+            link.is_none_or(|link| !tokio.contains(&link))
+        })
+        .count()
 }
 
 /// Tests that count fds take this, so threads of other tests don't move the count.
 pub fn fd_count_lock() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+    let guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    #[cfg(feature = "tokio")]
+    TOKIO_SOCKETS.get_or_init(tokio_sockets);
+    guard
+}
+
+/// The sockets tokio keeps for itself, as `/proc/self/fd` names them: with its `signal`
+/// feature on (for examples/daemon.rs), the first runtime with an IO driver makes a stream
+/// socket pair that tokio keeps for the process's life, and each runtime holds a copy of one
+/// end. They are not a connection's, so the counts leave them out.
+static TOKIO_SOCKETS: std::sync::OnceLock<Vec<std::path::PathBuf>> = std::sync::OnceLock::new();
+
+/// Finds tokio's sockets: the stream sockets a first runtime leaves behind.
+#[cfg(feature = "tokio")]
+fn tokio_sockets() -> Vec<std::path::PathBuf> {
+    let sockets = || -> Vec<std::path::PathBuf> {
+        fd_links()
+            .filter(|l| l.to_string_lossy().starts_with("socket:"))
+            .collect()
+    };
+    let before = sockets();
+    drop(current_thread_runtime());
+    let streams = std::fs::read_to_string("/proc/net/unix").unwrap();
+    // A line ends "... <type> <state> <inode>[ <path>]"; a stream socket's type is 0001.
+    let is_stream = |link: &std::path::PathBuf| {
+        let inode = link.to_string_lossy();
+        let inode = inode.trim_start_matches("socket:[").trim_end_matches(']');
+        streams.lines().any(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.get(4) == Some(&"0001") && fields.get(6) == Some(&inode)
+        })
+    };
+    sockets()
+        .into_iter()
+        .filter(|s| !before.contains(s) && is_stream(s))
+        .collect()
+}
+
+fn fd_links() -> impl Iterator<Item = std::path::PathBuf> {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
 }
 
 /// A memfd holding `contents`.
@@ -122,10 +173,9 @@ pub fn peer_said_another_version() -> (Socket, u8) {
 /// Fds of this process whose `/proc/self/fd` link starts with `prefix` (`"pipe:"`,
 /// `"/memfd:typed-ipc-buffer"`).
 pub fn fds_named(prefix: &str) -> u64 {
-    std::fs::read_dir("/proc/self/fd")
-        .unwrap()
-        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-        .filter(|target| target.to_string_lossy().starts_with(prefix))
+    let tokio = TOKIO_SOCKETS.get().map_or(&[][..], Vec::as_slice);
+    fd_links()
+        .filter(|target| target.to_string_lossy().starts_with(prefix) && !tokio.contains(target))
         .count() as u64
 }
 

@@ -1,0 +1,573 @@
+//! A system daemon: "thumbnailer", an [`AsyncServer`] on a socket path that many client
+//! processes use at once.
+//!
+//! A client connects, serves a `Progress` interface of its own on the same connection, and
+//! asks for thumbnails: it hands the daemon an 8-bit grey image (a [`SealedBuffer`], or a
+//! bare memfd as an `OwnedFd`), and while that call is in flight the daemon calls the client
+//! back: `progress` oneways, then `proceed`, a call the client may answer `false` to decline
+//! the job. The reply is a new sealed buffer, the image halved in each direction.
+//!
+//! The daemon serves only the uids it is told to (`authorize`), keeps per-client state
+//! (`service_with`), copes with clients that die mid-call, flood it, or stop reading, and on
+//! `SIGTERM` stops accepting, lets the calls in flight finish and reply, removes its socket
+//! file and exits 0.
+//!
+//! ```text
+//! cargo run --example daemon --features tokio -- daemon /tmp/thumbnailer.sock &
+//! cargo run --example daemon --features tokio -- client /tmp/thumbnailer.sock
+//! kill %1
+//! ```
+//!
+//! The clients are of the blocking flavour (`Connection::connect`, the generated
+//! `ThumbnailerClient`), in processes of their own; `tests/daemon.rs` adds an async one and
+//! checks what every side reports.
+
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+use typed_ipc::shared_buffer::SealedBuffer;
+use typed_ipc::tokio::{AsyncListener, AsyncServer};
+use typed_ipc::{Connection, Error, Result};
+
+/// The size of an image, in pixels of one byte each.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Size {
+    pub width: u32,
+    pub height: u32,
+}
+
+/// A thumbnail: the image halved in each direction, each pixel the mean of four.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Thumb {
+    pub size: Size,
+    pub pixels: SealedBuffer,
+    /// The daemon's number for the job, as its `progress` callbacks named it.
+    pub job: u64,
+}
+
+/// Why the daemon refuses a job: an answer, not a failure of the daemon.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum ThumbError {
+    /// The image does not hold `width * height` bytes.
+    SizeMismatch { expected: u64, got: u64 },
+    /// The client answered `proceed` with `false`.
+    Declined { job: u64 },
+    /// The client could not be asked (it hung up or died mid-call).
+    ClientGone { job: u64 },
+    /// The fd is not a readable file.
+    Unreadable(String),
+}
+
+/// Who the daemon says is calling, and how many calls that connection has made.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Whoami {
+    pub pid: i32,
+    pub uid: u32,
+    pub calls_here: u32,
+}
+
+/// The daemon's own view of itself.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Status {
+    pub clients: u64,
+    pub open_fds: u64,
+    pub notes: u64,
+}
+
+/// The two interfaces, blocking flavour: what the clients use.
+pub mod blocking {
+    use super::{SealedBuffer, Size, Status, Thumb, ThumbError, Whoami};
+    use std::os::fd::OwnedFd;
+
+    /// What the daemon serves.
+    #[typed_ipc::interface(name = "org.example.Thumbnailer")]
+    pub trait Thumbnailer {
+        fn thumbnail(&self, image: SealedBuffer, size: Size) -> Result<Thumb, ThumbError>;
+        fn thumbnail_fd(&self, image: OwnedFd, size: Size) -> Result<Thumb, ThumbError>;
+        fn whoami(&self) -> Whoami;
+        #[oneway]
+        fn note(&self, seq: u64);
+        fn status(&self) -> Status;
+    }
+
+    /// What each client serves, on its connection to the daemon.
+    #[typed_ipc::interface(name = "org.example.Thumbnailer.Progress")]
+    pub trait Progress {
+        #[oneway]
+        fn progress(&self, job: u64, rows_done: u32, rows: u32);
+        fn proceed(&self, job: u64, pixels: u64) -> bool;
+        /// The job was let proceed, and the daemon is reading the image.
+        #[oneway]
+        fn started(&self, job: u64);
+    }
+}
+
+/// The same two interfaces, async flavour: what the daemon (and an async client) uses.
+pub mod asynchronous {
+    use super::{SealedBuffer, Size, Status, Thumb, ThumbError, Whoami};
+    use std::os::fd::OwnedFd;
+
+    #[typed_ipc::interface(name = "org.example.Thumbnailer")]
+    pub trait Thumbnailer {
+        async fn thumbnail(&self, image: SealedBuffer, size: Size) -> Result<Thumb, ThumbError>;
+        async fn thumbnail_fd(&self, image: OwnedFd, size: Size) -> Result<Thumb, ThumbError>;
+        async fn whoami(&self) -> Whoami;
+        #[oneway]
+        async fn note(&self, seq: u64);
+        async fn status(&self) -> Status;
+    }
+
+    #[typed_ipc::interface(name = "org.example.Thumbnailer.Progress")]
+    pub trait Progress {
+        #[oneway]
+        async fn progress(&self, job: u64, rows_done: u32, rows: u32);
+        async fn proceed(&self, job: u64, pixels: u64) -> bool;
+        #[oneway]
+        async fn started(&self, job: u64);
+    }
+}
+
+/// How long a client may take to write an image it sends as a pipe: a pipe whose writer
+/// never closes it would otherwise hold its call, and a graceful shutdown, up for good.
+const PIPE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Up to `limit` bytes of the file or pipe `image`.
+async fn read_image(image: OwnedFd, limit: u64) -> Result<Vec<u8>, ThumbError> {
+    use nix::sys::stat::{SFlag, fstat};
+    let is_pipe = fstat(&image).map_err(|e| unreadable(&e))?.st_mode & SFlag::S_IFMT.bits()
+        == SFlag::S_IFIFO.bits();
+    if !is_pipe {
+        // A file reads to its end at once: off the runtime's threads.
+        let read = tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let mut bytes = Vec::new();
+            let file = std::fs::File::from(image);
+            (&file).take(limit).read_to_end(&mut bytes).map(|_| bytes)
+        });
+        return read
+            .await
+            .map_err(|e| unreadable(&e))?
+            .map_err(|e| unreadable(&e));
+    }
+    // A pipe is read on the runtime, for at most `PIPE_TIMEOUT`.
+    let pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(image);
+    let pipe = pipe.map_err(|e| unreadable(&e))?;
+    let mut bytes = Vec::new();
+    let read_all = async {
+        let mut chunk = [0u8; 4096];
+        while (bytes.len() as u64) < limit {
+            pipe.readable().await?;
+            match pipe.try_read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => bytes.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(PIPE_TIMEOUT, read_all).await {
+        Ok(Ok(())) => Ok(bytes),
+        Ok(Err(e)) => Err(unreadable(&e)),
+        Err(_) => Err(ThumbError::Unreadable(
+            "the pipe was not closed in time".into(),
+        )),
+    }
+}
+
+/// The thumbnail of `pixels`, of `size`: each output pixel the mean of a 2x2 block.
+pub fn halve(pixels: &[u8], size: Size) -> (Size, Vec<u8>) {
+    let out = Size {
+        width: size.width / 2,
+        height: size.height / 2,
+    };
+    let w = size.width as usize;
+    let mut thumb = Vec::with_capacity(out.width as usize * out.height as usize);
+    for y in 0..out.height as usize {
+        for x in 0..out.width as usize {
+            let at = |dx, dy| pixels[(2 * y + dy) * w + 2 * x + dx] as u32;
+            thumb.push(((at(0, 0) + at(1, 0) + at(0, 1) + at(1, 1)) / 4) as u8);
+        }
+    }
+    (out, thumb)
+}
+
+/// A test image of `size`, different for every `seed`.
+pub fn image(size: Size, seed: u8) -> Vec<u8> {
+    let len = size.width as usize * size.height as usize;
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+        .collect()
+}
+
+// ---- the daemon ----
+
+/// What the whole daemon counts.
+#[derive(Default)]
+struct Shared {
+    /// Sessions alive: a client's goes once it has hung up and its calls have run.
+    sessions: AtomicU64,
+    jobs: AtomicU64,
+    notes: AtomicU64,
+}
+
+/// One client's session: its calls, and a way to call it back.
+struct Session {
+    shared: std::sync::Arc<Shared>,
+    progress: asynchronous::ProgressClient,
+    calls: AtomicU32,
+}
+
+/// Open fds of this process.
+pub fn open_fds() -> u64 {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64)
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.shared.sessions.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Session {
+    /// Tells the client how the job goes and asks it whether to proceed (the work here is
+    /// too quick to report on as it goes: the reports stand for a long job's). `Ok(job)`:
+    /// proceed.
+    async fn ask(&self, size: Size) -> Result<u64, ThumbError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let job = self.shared.jobs.fetch_add(1, Ordering::Relaxed) + 1;
+        // Oneways: the client's `proceed` runs only once they have all run.
+        const STEPS: u32 = 4;
+        for step in 1..=STEPS {
+            let rows = size.height;
+            if self
+                .progress
+                .progress(job, rows * step / STEPS, rows)
+                .await
+                .is_err()
+            {
+                return Err(ThumbError::ClientGone { job });
+            }
+        }
+        let pixels = size.width as u64 * size.height as u64;
+        match self.progress.proceed(job, pixels).await {
+            Ok(true) => {}
+            Ok(false) => return Err(ThumbError::Declined { job }),
+            Err(_) => return Err(ThumbError::ClientGone { job }),
+        }
+        match self.progress.started(job).await {
+            Ok(()) => Ok(job),
+            Err(_) => Err(ThumbError::ClientGone { job }),
+        }
+    }
+}
+
+/// The thumbnail of `pixels`, which should be an image of `size`.
+fn thumbnail_of(job: u64, pixels: &[u8], size: Size) -> Result<Thumb, ThumbError> {
+    let expected = size.width as u64 * size.height as u64;
+    if pixels.len() as u64 != expected {
+        let got = pixels.len() as u64;
+        return Err(ThumbError::SizeMismatch { expected, got });
+    }
+    let (size, thumb) = halve(pixels, size);
+    let pixels = SealedBuffer::copy_from(&thumb).map_err(|e| unreadable(&e))?;
+    Ok(Thumb { size, pixels, job })
+}
+
+fn unreadable(e: &dyn std::fmt::Display) -> ThumbError {
+    ThumbError::Unreadable(e.to_string())
+}
+
+impl asynchronous::Thumbnailer for Session {
+    async fn thumbnail(&self, image: SealedBuffer, size: Size) -> Result<Thumb, ThumbError> {
+        let job = self.ask(size).await?;
+        thumbnail_of(job, image.as_bytes(), size)
+    }
+
+    async fn thumbnail_fd(&self, image: OwnedFd, size: Size) -> Result<Thumb, ThumbError> {
+        let job = self.ask(size).await?;
+        // A bare fd is not checked on receipt: read at most what the size says, plus one
+        // byte to tell a file too long.
+        let limit = size.width as u64 * size.height as u64 + 1;
+        let pixels = read_image(image, limit).await?;
+        thumbnail_of(job, &pixels, size)
+    }
+
+    async fn whoami(&self) -> Whoami {
+        let calls_here = self.calls.fetch_add(1, Ordering::Relaxed) + 1;
+        let peer = typed_ipc::current_peer().expect("a listener's client has credentials");
+        Whoami {
+            pid: peer.pid,
+            uid: peer.uid,
+            calls_here,
+        }
+    }
+
+    async fn note(&self, _seq: u64) {
+        self.shared.notes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    async fn status(&self) -> Status {
+        Status {
+            clients: self.shared.sessions.load(Ordering::SeqCst),
+            open_fds: open_fds(),
+            notes: self.shared.notes.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// How the daemon runs.
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    pub path: std::path::PathBuf,
+    /// The uids that may call; everyone else is refused.
+    pub allowed_uids: Vec<u32>,
+    /// How long a reply a client does not read may hold the shutdown up.
+    pub stall_limit: std::time::Duration,
+}
+
+/// Runs the daemon until `SIGTERM`, then shuts down gracefully. Says `listening` on stderr
+/// once clients may connect, `draining` once `SIGTERM` came, and `stopped` at the end.
+pub fn run_daemon(config: DaemonConfig) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(serve_until_sigterm(config))
+}
+
+async fn serve_until_sigterm(config: DaemonConfig) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    // Before the socket exists: a SIGTERM sent once a client could connect is ours to handle.
+    let mut term = signal(SignalKind::terminate())?;
+    let shared = std::sync::Arc::new(Shared::default());
+    let allowed = config.allowed_uids.clone();
+    let listener = AsyncListener::bind(&config.path)?;
+    let serving = AsyncServer::new()
+        .service_with({
+            let shared = shared.clone();
+            move |connection| {
+                shared.sessions.fetch_add(1, Ordering::SeqCst);
+                asynchronous::ThumbnailerServer::new(Session {
+                    shared: shared.clone(),
+                    progress: asynchronous::ProgressClient::new(connection.clone()),
+                    calls: AtomicU32::new(0),
+                })
+            }
+        })
+        .authorize(move |peer, iface, cmd| match peer {
+            Some(p) if allowed.contains(&p.uid) => Ok(()),
+            Some(p) => Err(format!(
+                "uid {} may not call {}::{}",
+                p.uid,
+                iface.name,
+                iface.method(cmd).map_or("?", |m| m.name)
+            )),
+            None => Err("no credentials".into()),
+        })
+        .shutdown_stall_limit(config.stall_limit)
+        .listen(listener);
+    eprintln!("thumbnailer: listening on {}", config.path.display());
+    term.recv().await;
+    eprintln!("thumbnailer: draining {} clients", serving.clients());
+    serving.shutdown().await;
+    eprintln!(
+        "thumbnailer: stopped after {} jobs",
+        shared.jobs.load(Ordering::Relaxed)
+    );
+    Ok(())
+}
+
+// ---- the clients (blocking flavour) ----
+
+/// A client's `Progress`: counts the progress reports, and answers `proceed` with `decide`.
+pub struct ClientProgress<F> {
+    pub reports: AtomicU32,
+    pub decide: F,
+}
+
+impl<F: Fn(u64, u32) -> bool + Send + Sync + 'static> blocking::Progress
+    for std::sync::Arc<ClientProgress<F>>
+{
+    fn progress(&self, _job: u64, _rows_done: u32, _rows: u32) {
+        self.reports.fetch_add(1, Ordering::SeqCst);
+    }
+    fn proceed(&self, job: u64, _pixels: u64) -> bool {
+        // Every report sent before this call has run: oneways run before a later call.
+        let reports = self.reports.swap(0, Ordering::SeqCst);
+        (self.decide)(job, reports)
+    }
+    fn started(&self, _job: u64) {}
+}
+
+/// A connected client: its stub, and the thread that serves its `Progress`.
+pub struct Client {
+    pub thumbnailer: blocking::ThumbnailerClient,
+    serving: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl Client {
+    /// Connects to the daemon at `path` and serves `progress` on the connection.
+    pub fn connect<F>(path: &Path, progress: std::sync::Arc<ClientProgress<F>>) -> Result<Client>
+    where
+        F: Fn(u64, u32) -> bool + Send + Sync + 'static,
+    {
+        let connection = Connection::connect(path)?;
+        let serving = connection.clone();
+        let serving =
+            std::thread::spawn(move || serving.serve(blocking::ProgressServer::new(progress)));
+        Ok(Client {
+            thumbnailer: blocking::ThumbnailerClient::new(connection),
+            serving: Some(serving),
+        })
+    }
+
+    /// Hangs up and waits for the serving thread.
+    pub fn close(mut self) -> Result<()> {
+        self.thumbnailer.connection().close();
+        self.serving
+            .take()
+            .unwrap()
+            .join()
+            .expect("the serving thread panicked")
+    }
+}
+
+/// What a well-behaved client saw.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ClientReport {
+    pub whoami: Whoami,
+    /// The thumbnails, as sent back and as computed here, compared.
+    pub sealed_correct: bool,
+    pub fd_correct: bool,
+    pub mismatch: ThumbError,
+    pub declined: ThumbError,
+}
+
+/// A client that behaves: asks who it is, then for thumbnails of both kinds, one of the
+/// wrong size and one it declines.
+pub fn run_client(path: &Path, seed: u8) -> Result<ClientReport> {
+    const DECLINE: u32 = 4; // the fourth job: the one after the short image
+    let asked = std::sync::Arc::new(AtomicU32::new(0));
+    let progress = std::sync::Arc::new(ClientProgress {
+        reports: AtomicU32::new(0),
+        decide: {
+            let asked = asked.clone();
+            move |_job, reports| {
+                assert_eq!(reports, 4, "every progress report before `proceed`");
+                asked.fetch_add(1, Ordering::SeqCst) + 1 != DECLINE
+            }
+        },
+    });
+    let client = Client::connect(path, progress)?;
+    let daemon = &client.thumbnailer;
+    let whoami = daemon.whoami()?;
+    let size = Size {
+        width: 64,
+        height: 48,
+    };
+    let pixels = image(size, seed);
+    let expected = halve(&pixels, size);
+
+    let thumb = daemon.thumbnail(SealedBuffer::copy_from(&pixels)?, size)?;
+    let thumb = thumb.map_err(|e| Error::Io(std::io::Error::other(format!("{e:?}"))))?;
+    let sealed_correct = (thumb.size, thumb.pixels.as_bytes().to_vec()) == expected;
+
+    let memfd = memfd_with(&pixels)?;
+    let thumb = daemon.thumbnail_fd(memfd, size)?;
+    let thumb = thumb.map_err(|e| Error::Io(std::io::Error::other(format!("{e:?}"))))?;
+    let fd_correct = (thumb.size, thumb.pixels.as_bytes().to_vec()) == expected;
+
+    let short = SealedBuffer::copy_from(&pixels[..100])?;
+    let mismatch = daemon.thumbnail(short, size)?.expect_err("a short image");
+    let declined = daemon.thumbnail(SealedBuffer::copy_from(&pixels)?, size)?;
+    let declined = declined.expect_err("declined");
+    client.close()?;
+    Ok(ClientReport {
+        whoami,
+        sealed_correct,
+        fd_correct,
+        mismatch,
+        declined,
+    })
+}
+
+/// A memfd holding `bytes`, its offset at the start (not sealed: a bare fd).
+pub fn memfd_with(bytes: &[u8]) -> Result<OwnedFd> {
+    use nix::sys::memfd::{MFdFlags, memfd_create};
+    use std::io::Write;
+    let fd = memfd_create("thumbnailer-image", MFdFlags::MFD_CLOEXEC).map_err(io_error)?;
+    let mut file = std::fs::File::from(fd);
+    file.write_all(bytes)?;
+    std::io::Seek::rewind(&mut file)?;
+    Ok(file.into())
+}
+
+fn io_error(e: nix::Error) -> Error {
+    Error::Io(e.into())
+}
+
+/// A client that dies mid-call: inside the daemon's `proceed` callback it aborts.
+pub fn run_vanishing_client(path: &Path) -> Result<()> {
+    let progress = std::sync::Arc::new(ClientProgress {
+        reports: AtomicU32::new(0),
+        decide: |_job, _reports| std::process::abort(),
+    });
+    let client = Client::connect(path, progress)?;
+    let size = Size {
+        width: 8,
+        height: 8,
+    };
+    let image = SealedBuffer::copy_from(&image(size, 7))?;
+    let _ = client.thumbnailer.thumbnail(image, size);
+    unreachable!("the process aborted in `proceed`");
+}
+
+/// A client that floods the daemon with oneways and calls from several threads, and says
+/// `flooding` on stderr once it has sent `announce_after` oneways. Never returns.
+pub fn run_flooding_client(path: &Path, announce_after: u64) -> Result<()> {
+    let progress = std::sync::Arc::new(ClientProgress {
+        reports: AtomicU32::new(0),
+        decide: |_job, _reports| true,
+    });
+    let client = Client::connect(path, progress)?;
+    let daemon = client.thumbnailer.clone();
+    for _ in 0..4 {
+        let daemon = daemon.clone();
+        std::thread::spawn(move || while daemon.whoami().is_ok() {});
+    }
+    for seq in 0.. {
+        daemon.note(seq)?;
+        if seq == announce_after {
+            eprintln!("flooding");
+        }
+    }
+    unreachable!()
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let path = Path::new(args.get(1).map_or("/tmp/thumbnailer.sock", String::as_str));
+    let outcome = match args.first().map(String::as_str) {
+        Some("daemon") => run_daemon(DaemonConfig {
+            path: path.into(),
+            allowed_uids: vec![nix::unistd::getuid().as_raw()],
+            stall_limit: std::time::Duration::from_secs(5),
+        }),
+        Some("client") => run_client(path, 1).map(|report| println!("{report:#?}")),
+        _ => {
+            eprintln!("usage: daemon (daemon|client) [SOCKET_PATH]");
+            return ExitCode::from(2);
+        }
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
