@@ -1095,3 +1095,73 @@ fn a_send_to_a_peer_that_said_its_other_version_and_hung_up_reports_the_version(
         });
     }
 }
+
+/// A client's `Back` that says when it is called, then answers only once released.
+struct GatedBack {
+    entered: mpsc::UnboundedSender<()>,
+    release: watch::Receiver<bool>,
+}
+
+impl Back for GatedBack {
+    async fn times(&self, n: u64) -> u64 {
+        let _ = self.entered.send(());
+        let _ = self.release.clone().wait_for(|&released| released).await;
+        n * 2
+    }
+}
+
+/// A graceful shutdown (`stop_reading`, as `AsyncServing::shutdown` does) lets the calls in
+/// flight finish: one whose handler waits for a call back into its client, as a service of
+/// `service_with` makes, gets that reply, and then the client its own. (The read side was
+/// shut at once: the client's reply could not be sent, and the handler's call back failed
+/// with `Disconnected` with the client alive and answering.)
+#[test]
+fn a_call_back_in_flight_when_the_server_stops_reading_is_answered() {
+    let _fds = fd_count_lock();
+    let rt = runtime();
+    let before = ipc_fds();
+    rt.block_on(async {
+        let (client_end, server_end) = AsyncConnection::pair().unwrap();
+        let (dropped, _drops) = mpsc::unbounded_channel();
+        let serving = server_end.serve(TallyServer::new(TallyImpl {
+            count: Default::default(),
+            caller: BackClient::new(server_end.clone()),
+            id: 1,
+            dropped,
+        }));
+        let (entered, mut called_back) = mpsc::unbounded_channel();
+        let (release, gate) = watch::channel(false);
+        client_end.add_service(BackServer::new(GatedBack {
+            entered,
+            release: gate,
+        }));
+        let tally = TallyClient::new(client_end.clone());
+        let call = tokio::spawn({
+            let tally = tally.clone();
+            async move { tally.ask_back(3).await }
+        });
+        called_back.recv().await.unwrap(); // the server's handler waits for the client
+        server_end.stop_reading();
+        drop(server_end);
+        release.send(true).unwrap();
+        let answered = tokio::time::timeout(HANG_GUARD, call)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(answered.unwrap(), 6);
+        // Then the server hangs up: later calls fail, and both ends end.
+        let after = tokio::time::timeout(HANG_GUARD, tally.bump())
+            .await
+            .unwrap();
+        assert!(matches!(after, Err(Error::Disconnected)), "{after:?}");
+        tokio::time::timeout(HANG_GUARD, serving)
+            .await
+            .unwrap()
+            .unwrap();
+        drop(tally);
+        client_end.close();
+        client_end.wait_closed().await;
+    });
+    drop(rt);
+    assert_eq!(ipc_fds(), before);
+}

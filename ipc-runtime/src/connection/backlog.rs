@@ -67,6 +67,12 @@ impl Backlog {
             || self.fds >= MAX_REQUEST_FDS
     }
 
+    /// Nothing held: no request in flight.
+    #[cfg(feature = "tokio")]
+    pub(crate) fn is_empty(&self) -> bool {
+        self.requests == 0
+    }
+
     /// Past what even a reader that must read takes in.
     fn over_cap(&self) -> bool {
         self.requests >= HARD_FACTOR * MAX_REQUESTS

@@ -486,6 +486,12 @@ impl AsyncServing {
     /// already running finish and send its reply, then returns. Clients see a hang-up
     /// afterwards.
     ///
+    /// A handler that calls its client back (a service of [`AsyncServer::service_with`])
+    /// gets the client's answers meanwhile: the connection reads on for them until its last
+    /// call in flight has finished ([`AsyncConnection::stop_reading`]). So a client that
+    /// never answers holds the shutdown up as a handler that never returns does: give such
+    /// calls a timeout (the generated client's `with_timeout`).
+    ///
     /// As in the blocking flavour ([`Serving::shutdown`](crate::Serving::shutdown)), a send
     /// to a client that does not read does not hold the shutdown up for good: once one has
     /// waited 5 seconds ([`AsyncServer::shutdown_stall_limit`]) with none of its message

@@ -842,6 +842,46 @@ fn a_call_received_before_the_read_side_closes_is_answered() {
     assert_eq!(got.unwrap(), 3);
 }
 
+/// `stop_reading` on a connection that serves nothing, with a request of the peer's held for
+/// a server to come: nothing will run it, so nothing is waited for, and the connection ends
+/// (its reader too) as when the read side is shut at once. (Draining for the replies of
+/// requests in flight must not wait for requests that never run.)
+#[test]
+fn stop_reading_with_a_request_held_for_nobody_ends_the_connection() {
+    use crate::codec::Bytes;
+    use crate::connection::tests::SKIM;
+    use crate::error::Error;
+    use std::time::Duration;
+
+    let (client, runtime, server) = client_and_async_server();
+    let calling = std::thread::spawn(move || {
+        let got = client.call::<_, u64>(&SKIM, 2, &Bytes(&[1u8, 2, 3][..]), None);
+        drop(client);
+        got
+    });
+    // The reader runs only while the runtime is driven.
+    runtime.block_on(async {
+        let held = ::tokio::time::timeout(Duration::from_secs(60), async {
+            while !server.test_requests_in_flight() {
+                ::tokio::task::yield_now().await;
+            }
+        });
+        held.await.expect("the call is held");
+    });
+    server.stop_reading();
+    let ended = runtime.block_on(async {
+        ::tokio::time::timeout(Duration::from_secs(60), server.wait_closed()).await
+    });
+    assert!(
+        ended.is_ok(),
+        "the connection read on for a request nobody runs"
+    );
+    assert!(server.is_closed());
+    drop(server);
+    let got = calling.join().unwrap();
+    assert!(matches!(got, Err(Error::Disconnected)), "{got:?}");
+}
+
 /// Blocks the first wake until `release` is dropped, after saying so on `entered`, and then
 /// until `then` returns.
 struct BlockingWaker {

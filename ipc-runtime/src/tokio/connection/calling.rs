@@ -32,7 +32,7 @@ impl AsyncConnection {
             }
             // Registered before sending: the reply may come back before the send returns.
             state.pending.insert(cookie);
-            if inner.paused.load(Ordering::Relaxed) {
+            if inner.reader_paused(Ordering::Relaxed) {
                 // The reader waits for room in the backlog: it must read for this reply.
                 inner.room.notify_one();
             }

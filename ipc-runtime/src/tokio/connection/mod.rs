@@ -120,16 +120,20 @@ pub(super) struct Inner {
     /// [`backlog`](crate::connection::backlog)): held, queued for the oneway task, or in
     /// their handler's task until the reply is out.
     backlog: AtomicBacklog,
-    /// The reader waits for `room`, at the backlog's bounds with no call of this end waiting
-    /// for a reply. Set under the state lock; a request that finishes or a call that starts
-    /// meanwhile signals `room`.
-    paused: AtomicBool,
+    /// What a request that finishes must see to: [`PAUSED`], the reader waits for `room`, at
+    /// the backlog's bounds with no call of this end waiting for a reply (set under the state
+    /// lock; a call that starts meanwhile signals `room` too); [`DRAINING`], this end stopped
+    /// reading while requests were in flight, and the read side shuts with the last of them.
+    /// One word, so that a request's finish reads one atomic, as before there were two.
+    on_finish: AtomicU8,
     room: Notify,
     /// This end shut the socket down (`hang_up`): a reader waiting for room reads no more.
     hung_up: AtomicBool,
-    /// This end closed the connection ([`AsyncConnection::close`]): the requests not started
-    /// by then never run, and those read after it are dropped.
-    closed_here: AtomicBool,
+    /// [`CLOSED`]: this end closed the connection ([`AsyncConnection::close`]): the requests
+    /// not started by then never run, and those read after it are dropped. [`DRAINING`]: it
+    /// stopped reading while requests were in flight, and reads on only for the replies
+    /// their handlers wait for: the requests read meanwhile are dropped.
+    dropping_requests: AtomicU8,
     /// What this end did that ended the connection ([`trace::EndedHere`] as a `u8`), for the
     /// traced line saying why: [`AsyncConnection::close`], else the first of
     /// [`AsyncConnection::stop_reading`] and dropping the last handle.
@@ -243,10 +247,10 @@ impl AsyncConnection {
             state: Mutex::new(State::default()),
             oneways_run: watch::Sender::new(0),
             backlog: AtomicBacklog::default(),
-            paused: AtomicBool::new(false),
+            on_finish: AtomicU8::new(0),
             room: Notify::new(),
             hung_up: AtomicBool::new(false),
-            closed_here: AtomicBool::new(false),
+            dropping_requests: AtomicU8::new(0),
             ended_here: AtomicU8::new(trace::EndedHere::No as u8),
             ended: Notify::new(),
             next_cookie: AtomicU64::new(1),
@@ -366,11 +370,17 @@ impl AsyncConnection {
         move || trace::EndedHere::from_u8(inner.ended_here.load(Ordering::SeqCst))
     }
 
+    /// Whether any of the peer's requests is held, queued or running.
+    #[cfg(test)]
+    pub(super) fn test_requests_in_flight(&self) -> bool {
+        !self.inner.backlog.get().is_empty()
+    }
+
     /// Whether the reader waits for room, at the backlog's bounds.
     #[cfg(test)]
     pub(super) fn test_reader_paused(&self) -> bool {
         let _state = self.inner.lock(); // set and cleared under it
-        self.inner.paused.load(Ordering::SeqCst)
+        self.inner.reader_paused(Ordering::SeqCst)
     }
 
     /// A handle that does not keep the connection open: an
@@ -403,7 +413,9 @@ impl AsyncConnection {
     /// starts as soon as it is read.) When the peer hangs up instead, or after
     /// [`AsyncConnection::stop_reading`], the requests it sent before still run.
     pub fn close(&self) {
-        self.inner.closed_here.store(true, Ordering::SeqCst);
+        self.inner
+            .dropping_requests
+            .fetch_or(CLOSED, Ordering::SeqCst);
         // Over a `stop_reading` or a drop before it: this is what ends the connection now.
         let closed = trace::EndedHere::Closed as u8;
         self.inner.ended_here.store(closed, Ordering::SeqCst);
@@ -424,12 +436,26 @@ impl AsyncConnection {
         })
     }
 
-    /// Stops taking new messages, as if the peer had gone quiet for good, but keeps sending:
-    /// requests already running finish and their replies go out, then
-    /// [`AsyncConnection::run`] returns. Used for graceful shutdown.
+    /// Stops taking new requests, but keeps sending: requests already running finish and
+    /// their replies go out, then [`AsyncConnection::run`] returns. Used for graceful
+    /// shutdown.
+    ///
+    /// With none of the peer's requests in flight (or only some held for a service to
+    /// come), the socket's read side is shut at once (the peer's sends fail; requests it sent
+    /// before, still in the socket, run). With some in flight, this end reads on until the
+    /// last has finished, for the replies to the calls their handlers make back into the
+    /// peer (a service of [`AsyncServer::service_with`](super::AsyncServer::service_with)
+    /// calling its client): the requests it reads meanwhile are dropped, their callers told
+    /// [`Error::Disconnected`] once the connection ends.
     pub fn stop_reading(&self) {
         self.inner.ended_here(trace::EndedHere::StoppedReading);
-        self.inner.hang_up(Socket::shutdown_read);
+        // Requests held for a server that has not come would never finish: nothing to wait
+        // for (they run if one comes, as those still in the socket do).
+        let in_flight = !self.inner.backlog.get().is_empty() && self.inner.lock().serving;
+        match in_flight {
+            true => self.inner.drain(),
+            false => self.inner.hang_up(Socket::shutdown_read),
+        }
     }
 
     /// Answers calls to `service`'s interface on this connection. Several interfaces can be
@@ -615,6 +641,14 @@ async fn connect_on_a_thread(
         .ok_or_else(|| Error::Io(io::Error::other("the connecting thread panicked")))?
 }
 
+/// In [`Inner::on_finish`]: the reader waits for room.
+const PAUSED: u8 = 1;
+/// In [`Inner::on_finish`] and [`Inner::dropping_requests`]: this end stopped reading with
+/// requests in flight (see [`AsyncConnection::stop_reading`]).
+const DRAINING: u8 = 2;
+/// In [`Inner::dropping_requests`]: this end closed the connection.
+const CLOSED: u8 = 4;
+
 impl Inner {
     fn socket(&self) -> &Socket {
         &self.io.get_ref().0
@@ -632,6 +666,37 @@ impl Inner {
     fn ended_here(&self, what: trace::EndedHere) {
         let (none, seq) = (trace::EndedHere::No as u8, Ordering::SeqCst);
         let _ = self.ended_here.compare_exchange(none, what as u8, seq, seq);
+    }
+
+    /// Whether this end closed the connection ([`AsyncConnection::close`]).
+    #[inline]
+    fn closed_here(&self) -> bool {
+        self.dropping_requests.load(Ordering::SeqCst) & CLOSED != 0
+    }
+
+    /// Whether the reader waits for room at the backlog's bounds.
+    #[inline]
+    fn reader_paused(&self, order: Ordering) -> bool {
+        self.on_finish.load(order) & PAUSED != 0
+    }
+
+    /// [`AsyncConnection::stop_reading`] with requests in flight: the requests read from now
+    /// on are dropped, and the read side shuts once the last in flight has finished.
+    #[cold]
+    #[inline(never)]
+    fn drain(&self) {
+        self.dropping_requests.fetch_or(DRAINING, Ordering::SeqCst);
+        // Before the backlog is read again, so that a request finishing after that read sees
+        // it (both `SeqCst`).
+        self.on_finish.fetch_or(DRAINING, Ordering::SeqCst);
+        self.stop_reading_once_idle();
+    }
+
+    /// Shuts the read side once no request is in flight, while draining.
+    fn stop_reading_once_idle(&self) {
+        if self.backlog.get().is_empty() {
+            self.hang_up(Socket::shutdown_read);
+        }
     }
 
     /// Shuts the socket down with `shutdown` (all of it, or its reading side): the peer sees

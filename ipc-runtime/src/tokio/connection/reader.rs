@@ -163,9 +163,11 @@ impl Inner {
                 }
                 return Ok(pause);
             }
-            // This end closed the connection: what the peer sent before is not run (dropped
-            // here, closing its fds).
-            (Kind::Call | Kind::Oneway, _) if self.closed_here.load(Ordering::SeqCst) => {}
+            // This end closed the connection, or stopped reading and reads on only for the
+            // replies its handlers wait for: what the peer sends is not run (dropped here,
+            // closing its fds).
+            (Kind::Call | Kind::Oneway, _)
+                if self.dropping_requests.load(Ordering::SeqCst) != 0 => {}
             (Kind::Call | Kind::Oneway, Ok(())) => {
                 let mut state = self.lock();
                 let cost = self.admit(&state, Cost::of(&frame))?;
@@ -244,10 +246,10 @@ impl Inner {
                 let state = self.lock();
                 // Set before the backlog is read, so that a request finishing after that
                 // read sees it and signals `room` (both `SeqCst`).
-                self.paused.store(true, Ordering::SeqCst);
+                self.on_finish.fetch_or(super::PAUSED, Ordering::SeqCst);
                 let hung_up = self.hung_up.load(Ordering::SeqCst);
                 if hung_up || !self.must_pause(&state) {
-                    self.paused.store(false, Ordering::SeqCst);
+                    self.on_finish.fetch_and(!super::PAUSED, Ordering::SeqCst);
                     return !hung_up;
                 }
             }
@@ -262,8 +264,21 @@ impl Inner {
     /// it waits for room.
     pub(super) fn finished(&self, cost: Cost) {
         self.backlog.remove(cost);
-        if self.paused.load(Ordering::SeqCst) {
+        let on_finish = self.on_finish.load(Ordering::SeqCst);
+        if on_finish != 0 {
+            self.finished_while(on_finish);
+        }
+    }
+
+    /// [`Inner::finished`] while the reader waits for room, or this end drains.
+    #[cold]
+    #[inline(never)]
+    fn finished_while(&self, on_finish: u8) {
+        if on_finish & super::PAUSED != 0 {
             self.room.notify_one();
+        }
+        if on_finish & super::DRAINING != 0 {
+            self.stop_reading_once_idle();
         }
     }
 

@@ -220,7 +220,7 @@ impl Inner {
                     return closed.duplicate();
                 }
                 // Set and cleared under the lock (`wait_for_room`).
-                if self.paused.load(Ordering::SeqCst) && self.must_pause(&state) {
+                if self.reader_paused(Ordering::SeqCst) && self.must_pause(&state) {
                     return e;
                 }
             }

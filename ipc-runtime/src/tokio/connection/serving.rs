@@ -7,7 +7,6 @@ use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
 use ::tokio::sync::{Notify, mpsc};
@@ -330,12 +329,11 @@ async fn run_request(inner: &Arc<Inner>, request: Request) {
         let mut run = inner.oneways_run.subscribe();
         // The sender lives in `inner`, which this task holds: no error to expect. A call still
         // waiting when this end closes the connection never runs (`close` wakes it).
-        let closed_here = || inner.closed_here.load(Ordering::SeqCst);
-        let _ = run.wait_for(|&n| n >= after || closed_here()).await;
+        let _ = run.wait_for(|&n| n >= after || inner.closed_here()).await;
     }
     // Nor does one whose task starts only once this end has closed it: the oneways before it
     // may all count as run by then (those dropped do too).
-    if inner.closed_here.load(Ordering::SeqCst) {
+    if inner.closed_here() {
         drop(frame); // closes its fds
         inner.finished(cost);
         return;
@@ -354,7 +352,7 @@ async fn run_oneways(mut queue: OnewayQueue, ending: OnewaysEnding) {
         if let Some(inner) = ending.weak.upgrade() {
             // Once this end has closed the connection, those still queued are dropped unrun
             // (closing their fds), and still counted as run for the calls that wait for them.
-            match inner.closed_here.load(Ordering::SeqCst) {
+            match inner.closed_here() {
                 false => handle_request(inner.clone(), frame, envelope).await,
                 true => drop(frame),
             }
