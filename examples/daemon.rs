@@ -130,6 +130,9 @@ pub mod asynchronous {
     }
 }
 
+/// How long a client may take to answer the daemon's call back into it.
+const CALLBACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// How long a client may take to write an image it sends as a pipe: a pipe whose writer
 /// never closes it would otherwise hold its call, and a graceful shutdown, up for good.
 const PIPE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -353,7 +356,10 @@ async fn serve_until_sigterm(config: DaemonConfig) -> Result<()> {
                 shared.sessions.fetch_add(1, Ordering::SeqCst);
                 asynchronous::ThumbnailerServer::new(Session {
                     shared: shared.clone(),
-                    progress: asynchronous::ProgressClient::new(connection.clone()),
+                    // A client that never answers must not hold its call, nor a graceful
+                    // shutdown (which waits for the calls in flight), up for good.
+                    progress: asynchronous::ProgressClient::new(connection.clone())
+                        .with_timeout(CALLBACK_TIMEOUT),
                     calls: AtomicU32::new(0),
                 })
             }

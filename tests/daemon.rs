@@ -25,6 +25,7 @@ use daemon::{DaemonConfig, Size, ThumbError};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use typed_ipc::Error;
+use typed_ipc::shared_buffer::SealedBuffer;
 use typed_ipc::tokio::AsyncConnection;
 
 const PATH_VAR: &str = "TYPED_IPC_TEST_DAEMON_PATH";
@@ -128,10 +129,13 @@ fn client(name: &str, path: &std::path::Path) -> Command {
     command
 }
 
-/// The async client's `Progress`: says when a job has started.
+/// The async client's `Progress`: says when it is asked to let a job proceed, and when a
+/// job has started; answers `proceed` only with a permit of `answer`.
 struct WatchedProgress {
     reports: AtomicU32,
     started: tokio::sync::Notify,
+    asked: tokio::sync::Notify,
+    answer: tokio::sync::Semaphore,
 }
 
 impl asynchronous::Progress for Arc<WatchedProgress> {
@@ -139,6 +143,8 @@ impl asynchronous::Progress for Arc<WatchedProgress> {
         self.reports.fetch_add(1, Ordering::SeqCst);
     }
     async fn proceed(&self, _job: u64, _pixels: u64) -> bool {
+        self.asked.notify_one();
+        self.answer.acquire().await.unwrap().forget();
         true
     }
     async fn started(&self, _job: u64) {
@@ -162,6 +168,8 @@ fn a_thumbnailer_daemon_serves_survives_bad_clients_and_drains_on_sigterm() {
     let progress = Arc::new(WatchedProgress {
         reports: AtomicU32::new(0),
         started: tokio::sync::Notify::new(),
+        asked: tokio::sync::Notify::new(),
+        answer: tokio::sync::Semaphore::new(1), // for the piped job
     });
     let connection = runtime.block_on(AsyncConnection::connect(&path)).unwrap();
     connection.add_service(asynchronous::ProgressServer::new(progress.clone()));
@@ -208,33 +216,42 @@ fn a_thumbnailer_daemon_serves_survives_bad_clients_and_drains_on_sigterm() {
     let status = runtime.block_on(thumbnailer.status()).unwrap();
     assert!(status.notes > 0 && status.clients == 2, "{status:?}");
 
-    // A call in flight when SIGTERM comes: the daemon reads the image from a pipe that this
-    // client writes only once the daemon is draining.
+    // Two calls in flight when SIGTERM comes: the daemon reads one's image from a pipe that
+    // this client writes only once the daemon is draining; the other waits in the daemon's
+    // call back into this client (`proceed`), answered only then.
     let size = Size {
         width: 16,
         height: 8,
     };
     let pixels = daemon::image(size, 9);
     let (image, mut writer) = std::io::pipe().unwrap();
-    let in_flight = runtime.spawn({
+    let piped = runtime.spawn({
         let thumbnailer = thumbnailer.clone();
         async move { thumbnailer.thumbnail_fd(image.into(), size).await }
     });
+    runtime.block_on(progress.asked.notified());
     runtime.block_on(progress.started.notified());
+    let sealed = runtime.spawn({
+        let thumbnailer = thumbnailer.clone();
+        let image = SealedBuffer::copy_from(&pixels).unwrap();
+        async move { thumbnailer.thumbnail(image, size).await }
+    });
+    runtime.block_on(progress.asked.notified());
     daemon.sigterm();
     common::wait_for_line(&daemon.lines, "draining", GUARD);
     std::io::Write::write_all(&mut writer, &pixels).unwrap();
     drop(writer);
-    let thumb = runtime.block_on(in_flight).unwrap();
-    let thumb = thumb
-        .expect("the call in flight is answered")
-        .expect("a thumbnail");
-    assert_eq!(
-        (thumb.size, thumb.pixels.as_bytes().to_vec()),
-        daemon::halve(&pixels, size)
-    );
-    assert_eq!(progress.reports.load(Ordering::SeqCst), 4);
-    drop(thumb);
+    progress.answer.add_permits(1);
+    for in_flight in [piped, sealed] {
+        let thumb = runtime.block_on(in_flight).unwrap();
+        let thumb = thumb.expect("the call in flight is answered");
+        let thumb = thumb.expect("a thumbnail");
+        assert_eq!(
+            (thumb.size, thumb.pixels.as_bytes().to_vec()),
+            daemon::halve(&pixels, size)
+        );
+    }
+    assert_eq!(progress.reports.load(Ordering::SeqCst), 8);
 
     daemon.exited();
     assert!(!path.exists(), "the socket file is removed");
