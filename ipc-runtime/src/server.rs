@@ -540,6 +540,11 @@ impl Serving {
     /// Stops accepting, stops reading new requests, lets every call already running finish
     /// and send its reply, then returns. Clients see a hang-up afterwards.
     ///
+    /// Reading stops at once ([`Connection::stop_reading`]): a handler that calls its client
+    /// back meanwhile (a service of [`Server::service_with`]) gets [`Error::Disconnected`]
+    /// from that call, though the client is alive, and must answer its own caller without it.
+    /// The async flavour's `AsyncServing::shutdown` gets such a call its answer.
+    ///
     /// A reply waits for room in its client's socket buffer, and a client that does not read
     /// would make it wait for good: so once a send to a client (a reply, or a call or oneway a
     /// handler makes) has waited 5 seconds ([`Server::shutdown_stall_limit`]) with none of its

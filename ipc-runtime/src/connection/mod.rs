@@ -504,6 +504,12 @@ impl Connection {
     /// Stops taking new messages, as if the peer had gone quiet for good, but keeps sending:
     /// requests already running finish and their replies go out. Serving threads return once
     /// they are done. Used for graceful shutdown.
+    ///
+    /// The socket's read side is shut at once, so a call this end makes from then on, or was
+    /// waiting on, gets no reply: a handler running that calls the peer back (a service of
+    /// [`Server::service_with`](crate::Server::service_with)) fails with
+    /// [`Error::Disconnected`], the peer alive or not. (The async flavour's `stop_reading`
+    /// reads on for such replies until its requests in flight have finished.)
     pub fn stop_reading(&self) {
         self.shared.stopped_reading.store(true, Ordering::SeqCst);
         let _ = self.shared.socket.shutdown_read();
