@@ -437,3 +437,52 @@ fn async_a_worker_spawned_with_limits_has_its_replies_checked_against_them() {
         hang_up_and_reap(&conn, &mut worker).await;
     });
 }
+
+// ---- a listener's clients: `Server::client_limits`, `AsyncServer::client_limits` ----
+
+/// A listening server bounds what each client it accepts may send: a buffer over its
+/// `client_limits` fails the client's call, refused by the server (`by_peer`), and the next
+/// call works. (Before `client_limits`, a server's clients had the default limits, 1 GiB,
+/// with no way to lower them short of writing one's own accept loop.)
+#[test]
+fn a_listening_server_holds_its_clients_to_its_client_limits() {
+    let _fds = fd_count_lock();
+    let name = format!("typed-ipc-client-limits-{}", std::process::id());
+    let serving = typed_ipc::Server::new()
+        .service(blocking::BuffersServer::new(BuffersImpl))
+        .client_limits(limits(LIMIT))
+        .listen(typed_ipc::Listener::bind_abstract(&name).unwrap())
+        .unwrap();
+    let buffers = blocking::BuffersClient::new(Connection::connect_abstract(&name).unwrap());
+    assert_eq!(buffers.measure(sealed(LIMIT)).unwrap(), LIMIT as u64);
+    let over = buffers.measure(sealed(LIMIT + 1));
+    assert!(refused(&over, true), "{over:?}");
+    assert_eq!(
+        buffers.measure(sealed(1)).unwrap(),
+        1,
+        "the next call works"
+    );
+    drop(buffers);
+    serving.shutdown();
+}
+
+#[cfg(feature = "tokio")]
+#[test]
+fn an_async_listening_server_holds_its_clients_to_its_client_limits() {
+    let _fds = fd_count_lock();
+    let name = format!("typed-ipc-async-client-limits-{}", std::process::id());
+    common::current_thread_runtime().block_on(async {
+        let serving = typed_ipc::tokio::AsyncServer::new()
+            .service(asynchronous::BuffersServer::new(BuffersImpl))
+            .client_limits(limits(LIMIT))
+            .listen(typed_ipc::tokio::AsyncListener::bind_abstract(&name).unwrap());
+        let connection = typed_ipc::tokio::AsyncConnection::connect_abstract(&name).await;
+        let buffers = asynchronous::BuffersClient::new(connection.unwrap());
+        assert_eq!(buffers.measure(sealed(LIMIT)).await.unwrap(), LIMIT as u64);
+        let over = buffers.measure(sealed(LIMIT + 1)).await;
+        assert!(refused(&over, true), "{over:?}");
+        assert_eq!(buffers.measure(sealed(1)).await.unwrap(), 1);
+        drop(buffers);
+        serving.shutdown().await;
+    });
+}

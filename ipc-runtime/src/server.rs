@@ -15,6 +15,7 @@ use std::time::Duration;
 use crate::accept_retry::{self, Failure, Trouble};
 use crate::connection::{Connection, WeakConnection};
 use crate::error::{Error, Result};
+use crate::frame::Limits;
 use crate::listener::Listener;
 use crate::service::{InterfaceInfo, Service};
 use crate::socket::{PeerCredentials, Socket};
@@ -57,6 +58,7 @@ pub struct Server {
     threads: usize,
     authorizer: Option<SharedAuthorizer>,
     stall_limit: Duration,
+    client_limits: Limits,
 }
 
 impl Default for Server {
@@ -74,6 +76,7 @@ impl Server {
             threads: 1,
             authorizer: None,
             stall_limit: stall::DEFAULT_LIMIT,
+            client_limits: Limits::default(),
         }
     }
 
@@ -185,6 +188,17 @@ impl Server {
             "Server::threads(0): a server needs at least one thread"
         );
         self.threads = n;
+        self
+    }
+
+    /// The [`Limits`] every client [`Server::listen`] accepts is held to: the largest message
+    /// and the most fds it may send, and the largest sealed buffer or region view it may hand
+    /// over ([`Limits::max_shared_len`]); also the most this end sends it. [`Limits::default`]
+    /// (1 GiB, 1,024 fds) unless set: a server for clients it does not trust (other users of
+    /// the machine) sets what its interfaces need. Not for [`Server::serve`], whose
+    /// connection's socket has its limits already ([`Socket::set_limits`]).
+    pub fn client_limits(mut self, limits: Limits) -> Server {
+        self.client_limits = limits;
         self
     }
 
@@ -383,7 +397,10 @@ impl Server {
             }
             // A failure from here on concerns this one client, which sees a hang-up.
             let connection = match Socket::new(fd) {
-                Ok(socket) => Connection::new(socket),
+                Ok(mut socket) => {
+                    socket.set_limits(self.client_limits);
+                    Connection::new(socket)
+                }
                 Err(e) => {
                     let wait = trouble.failed("cannot set up a client's socket", &e);
                     if back_off(wait, clients, stop) {

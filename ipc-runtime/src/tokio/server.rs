@@ -16,6 +16,7 @@ use ::tokio::task::JoinHandle;
 use super::{AsyncConnection, AsyncListener, AsyncService, WeakAsyncConnection};
 use crate::accept_retry::{self, Failure, Trouble};
 use crate::error::{Error, Result};
+use crate::frame::Limits;
 use crate::service::InterfaceInfo;
 use crate::socket::{PeerCredentials, Socket};
 use crate::stall;
@@ -59,6 +60,7 @@ pub struct AsyncServer {
     services: Vec<Provided>,
     authorizer: Option<SharedAuthorizer>,
     stall_limit: Duration,
+    client_limits: Limits,
 }
 
 impl Default for AsyncServer {
@@ -67,6 +69,7 @@ impl Default for AsyncServer {
             services: Vec::new(),
             authorizer: None,
             stall_limit: stall::DEFAULT_LIMIT,
+            client_limits: Limits::default(),
         }
     }
 }
@@ -182,6 +185,16 @@ impl AsyncServer {
     /// [`Server::shutdown_stall_limit`](crate::Server::shutdown_stall_limit).
     pub fn shutdown_stall_limit(mut self, limit: Duration) -> AsyncServer {
         self.stall_limit = limit;
+        self
+    }
+
+    /// The [`Limits`] every client [`AsyncServer::listen`] accepts is held to, as the
+    /// blocking flavour's [`Server::client_limits`](crate::Server::client_limits): what it
+    /// may send (a message's size and fds, [`Limits::max_shared_len`] for the sealed buffers
+    /// and region views it hands over) and the most this end sends it. [`Limits::default`]
+    /// unless set. Not for [`AsyncServer::serve`], whose connection's socket has its limits.
+    pub fn client_limits(mut self, limits: Limits) -> AsyncServer {
+        self.client_limits = limits;
         self
     }
 
@@ -339,7 +352,11 @@ impl AsyncServer {
                 },
             };
             // A failure from here on concerns this one client, which sees a hang-up.
-            match Socket::new(fd).and_then(AsyncConnection::new) {
+            let limited = |mut socket: Socket| {
+                socket.set_limits(self.client_limits);
+                socket
+            };
+            match Socket::new(fd).map(limited).and_then(AsyncConnection::new) {
                 Ok(connection) => {
                     trouble.accepted();
                     // A `make` that panics (the panic hook has said so) fails this client only.
