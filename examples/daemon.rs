@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use serde::{Deserialize, Serialize};
 use typed_ipc::shared_buffer::SealedBuffer;
 use typed_ipc::tokio::{AsyncListener, AsyncServer};
-use typed_ipc::{Connection, Error, Result};
+use typed_ipc::{Connection, Error, Limits, Result};
 
 /// The size of an image, in pixels of one byte each.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -59,6 +59,8 @@ pub enum ThumbError {
     ClientGone { job: u64 },
     /// The fd is not a readable file.
     Unreadable(String),
+    /// The image is larger than the daemon takes.
+    TooLarge { pixels: u64, max: u64 },
 }
 
 /// Who the daemon says is calling, and how many calls that connection has made.
@@ -127,6 +129,24 @@ pub mod asynchronous {
         async fn proceed(&self, job: u64, pixels: u64) -> bool;
         #[oneway]
         async fn started(&self, job: u64);
+    }
+}
+
+/// The largest image the daemon takes: a sealed buffer's size is checked on receipt (the
+/// clients' `max_shared_len`), a bare fd's by the daemon as it reads.
+pub const MAX_PIXELS: u64 = 64 << 20;
+
+/// What a client may send: its messages are small (the images are fds), and it hands over
+/// one image at a time.
+pub fn client_limits() -> Limits {
+    // `..Limits::default()` as its docs advise, for the fields it may gain; clippy calls
+    // that needless while every field is set.
+    #[allow(clippy::needless_update)]
+    Limits {
+        max_message_len: 64 << 10,
+        max_fds: 4,
+        max_shared_len: MAX_PIXELS as usize,
+        ..Limits::default()
     }
 }
 
@@ -291,10 +311,18 @@ impl asynchronous::Thumbnailer for Session {
     }
 
     async fn thumbnail_fd(&self, image: OwnedFd, size: Size) -> Result<Thumb, ThumbError> {
+        // A bare fd is not checked on receipt, and may be endless (`/dev/zero`): read at most
+        // what the size says, plus one byte to tell a file too long, and only for a size the
+        // daemon takes.
+        let pixels = size.width as u64 * size.height as u64;
+        if pixels > MAX_PIXELS {
+            return Err(ThumbError::TooLarge {
+                pixels,
+                max: MAX_PIXELS,
+            });
+        }
         let job = self.ask(size).await?;
-        // A bare fd is not checked on receipt: read at most what the size says, plus one
-        // byte to tell a file too long.
-        let limit = size.width as u64 * size.height as u64 + 1;
+        let limit = pixels + 1;
         let pixels = read_image(image, limit).await?;
         thumbnail_of(job, &pixels, size)
     }
@@ -375,6 +403,7 @@ async fn serve_until_sigterm(config: DaemonConfig) -> Result<()> {
             None => Err("no credentials".into()),
         })
         .shutdown_stall_limit(config.stall_limit)
+        .client_limits(client_limits())
         .listen(listener);
     eprintln!("thumbnailer: listening on {}", config.path.display());
     term.recv().await;

@@ -177,6 +177,28 @@ fn a_thumbnailer_daemon_serves_survives_bad_clients_and_drains_on_sigterm() {
     let baseline = runtime.block_on(thumbnailer.status()).unwrap();
     assert_eq!(baseline.clients, 1, "{baseline:?}");
 
+    // Images over what the daemon takes: a sealed buffer is refused on receipt, by the
+    // daemon's limits for its clients; a bare fd by the daemon itself, before it reads.
+    let huge = daemon::MAX_PIXELS as usize + 1;
+    let buffer = typed_ipc::shared_buffer::SharedBuffer::new(huge).unwrap();
+    let size = Size {
+        width: huge as u32,
+        height: 1,
+    };
+    let refused = runtime.block_on(thumbnailer.thumbnail(buffer.seal().unwrap(), size));
+    match refused {
+        Err(Error::TooLarge { by_peer: true, .. }) => {}
+        other => panic!("not refused by the daemon's limits: {other:?}"),
+    }
+    let endless = std::fs::File::open("/dev/zero").unwrap();
+    let refused = runtime.block_on(thumbnailer.thumbnail_fd(endless.into(), size));
+    let max = daemon::MAX_PIXELS;
+    let expected = ThumbError::TooLarge {
+        pixels: max + 1,
+        max,
+    };
+    assert_eq!(refused.unwrap().unwrap_err(), expected);
+
     // Three well-behaved blocking clients at once, each in a process of its own.
     let clients: Vec<Child> = (0..3)
         .map(|_| client("client_process", &path).spawn().unwrap())
