@@ -126,6 +126,8 @@ pub mod __private {
     // `async_interface!`, which without the `tokio` feature is a single clear error instead of
     // a wave of unresolved names.
     pub use crate::__typed_ipc_async_interface as async_interface;
+    // The same for the async client of a blocking trait, `#[interface(async_client)]`.
+    pub use crate::__typed_ipc_async_client as async_client;
     #[cfg(feature = "tokio")]
     pub use ipc_runtime::tokio::{AsyncCall, AsyncConnection, AsyncService, BoxFuture, boxed};
 
@@ -134,6 +136,28 @@ pub mod __private {
     #[macro_export]
     macro_rules! __typed_ipc_async_interface {
         ($($item:tt)*) => { $($item)* };
+    }
+
+    #[cfg(feature = "tokio")]
+    #[doc(hidden)]
+    #[macro_export]
+    macro_rules! __typed_ipc_async_client {
+        ($($item:tt)*) => { $($item)* };
+    }
+
+    #[cfg(not(feature = "tokio"))]
+    #[doc(hidden)]
+    #[macro_export]
+    macro_rules! __typed_ipc_async_client {
+        ($($item:tt)*) => {
+            ::core::compile_error! {
+                ::core::concat!(
+                    "`async_client` generates an async client, which needs typed-ipc's ",
+                    "`tokio` feature: `typed-ipc = { version = \"0.1\", features = ",
+                    "[\"tokio\"] }`; or drop `async_client` for the blocking client only",
+                )
+            }
+        };
     }
 
     #[cfg(not(feature = "tokio"))]

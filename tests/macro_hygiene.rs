@@ -34,6 +34,12 @@ mod shadowed {
     pub struct InterfaceInfo;
     pub struct MethodInfo;
     pub fn fnv1a() {}
+    pub struct AsyncConnection;
+    pub struct AsyncCall;
+    pub struct AsyncService;
+    pub struct BoxFuture;
+    pub fn boxed() {}
+    pub trait Future {}
     pub mod std {}
     pub mod core {}
     pub mod typed_ipc {}
@@ -120,6 +126,132 @@ mod shadowed {
         fn nudge(&self, _call: ::core::primitive::u32) {}
         fn nothing(&self) {}
     }
+
+    /// A blocking trait with an async client too.
+    #[cfg(feature = "tokio")]
+    #[::typed_ipc::interface(async_client)]
+    pub trait BlockingTwin {
+        fn check(
+            &self,
+            n: ::core::primitive::u32,
+        ) -> ::core::result::Result<::core::primitive::u32, ::std::string::String>;
+        fn swap(
+            &self,
+            fd: ::core::option::Option<::std::os::fd::OwnedFd>,
+        ) -> ::core::option::Option<::std::os::fd::OwnedFd>;
+        fn echo(
+            &self,
+            data: ::std::vec::Vec<::core::primitive::u8>,
+        ) -> ::std::vec::Vec<::core::primitive::u8>;
+        fn locals(
+            &self,
+            call: ::core::primitive::u32,
+            value: ::core::primitive::u32,
+            connection: ::core::primitive::u32,
+            timeout: ::core::primitive::u32,
+        ) -> ::core::primitive::u32;
+        fn payload(&self, t: T) -> T;
+        #[oneway]
+        fn nudge(&self, call: ::core::primitive::u32);
+    }
+
+    /// An async trait with a blocking client too.
+    #[cfg(feature = "tokio")]
+    #[::typed_ipc::interface(blocking_client)]
+    pub trait AsyncTwin {
+        async fn check(
+            &self,
+            n: ::core::primitive::u32,
+        ) -> ::core::result::Result<::core::primitive::u32, ::std::string::String>;
+        async fn swap(
+            &self,
+            fd: ::core::option::Option<::std::os::fd::OwnedFd>,
+        ) -> ::core::option::Option<::std::os::fd::OwnedFd>;
+        async fn echo(
+            &self,
+            data: ::std::vec::Vec<::core::primitive::u8>,
+        ) -> ::std::vec::Vec<::core::primitive::u8>;
+        async fn locals(
+            &self,
+            call: ::core::primitive::u32,
+            value: ::core::primitive::u32,
+            connection: ::core::primitive::u32,
+            timeout: ::core::primitive::u32,
+        ) -> ::core::primitive::u32;
+        async fn payload(&self, t: T) -> T;
+        #[oneway]
+        async fn nudge(&self, call: ::core::primitive::u32);
+    }
+
+    #[cfg(feature = "tokio")]
+    impl BlockingTwin for Impl {
+        fn check(
+            &self,
+            n: ::core::primitive::u32,
+        ) -> ::core::result::Result<::core::primitive::u32, ::std::string::String> {
+            Hygienic::check(self, n)
+        }
+        fn swap(
+            &self,
+            fd: ::core::option::Option<::std::os::fd::OwnedFd>,
+        ) -> ::core::option::Option<::std::os::fd::OwnedFd> {
+            fd
+        }
+        fn echo(
+            &self,
+            data: ::std::vec::Vec<::core::primitive::u8>,
+        ) -> ::std::vec::Vec<::core::primitive::u8> {
+            data
+        }
+        fn locals(
+            &self,
+            call: ::core::primitive::u32,
+            value: ::core::primitive::u32,
+            connection: ::core::primitive::u32,
+            timeout: ::core::primitive::u32,
+        ) -> ::core::primitive::u32 {
+            call + value + connection + timeout
+        }
+        fn payload(&self, t: T) -> T {
+            super::Payload(t.0 + 1)
+        }
+        fn nudge(&self, _call: ::core::primitive::u32) {}
+    }
+
+    #[cfg(feature = "tokio")]
+    impl AsyncTwin for Impl {
+        async fn check(
+            &self,
+            n: ::core::primitive::u32,
+        ) -> ::core::result::Result<::core::primitive::u32, ::std::string::String> {
+            Hygienic::check(self, n)
+        }
+        async fn swap(
+            &self,
+            fd: ::core::option::Option<::std::os::fd::OwnedFd>,
+        ) -> ::core::option::Option<::std::os::fd::OwnedFd> {
+            fd
+        }
+        async fn echo(
+            &self,
+            data: ::std::vec::Vec<::core::primitive::u8>,
+        ) -> ::std::vec::Vec<::core::primitive::u8> {
+            data
+        }
+        async fn locals(
+            &self,
+            call: ::core::primitive::u32,
+            value: ::core::primitive::u32,
+            connection: ::core::primitive::u32,
+            timeout: ::core::primitive::u32,
+        ) -> ::core::primitive::u32 {
+            call + value + connection + timeout
+        }
+        async fn payload(&self, t: T) -> T {
+            super::Payload(t.0 + 1)
+        }
+        async fn nudge(&self, _call: ::core::primitive::u32) {}
+    }
 }
 
 use shadowed::{HygienicClient, HygienicServer};
@@ -140,6 +272,55 @@ fn an_interface_among_shadowed_names_works() {
     client.nothing().unwrap();
     drop(client);
     server.join().unwrap().unwrap();
+}
+
+/// The client of the other flavour among the same shadowed names: an async client of a
+/// blocking server, and a blocking client of an async one.
+#[cfg(feature = "tokio")]
+#[test]
+fn a_client_of_the_other_flavour_among_shadowed_names_works() {
+    use shadowed::{AsyncTwinBlockingClient, AsyncTwinServer};
+    use shadowed::{BlockingTwinAsyncClient, BlockingTwinServer};
+    use typed_ipc::tokio::AsyncConnection;
+    use typed_ipc::{Connection, Socket};
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    // (An `AsyncConnection` is made inside a runtime.)
+    let _runtime = runtime.enter();
+
+    let (a, b) = Socket::pair().unwrap();
+    let served = std::thread::spawn(move || {
+        BlockingTwinServer::new(shadowed::Impl).serve(Connection::new(b))
+    });
+    runtime.block_on(async {
+        let client = BlockingTwinAsyncClient::new(AsyncConnection::new(a).unwrap());
+        assert_eq!(client.check(3).await.unwrap(), Ok(3));
+        assert_eq!(client.check(0).await.unwrap(), Err("zero".to_string()));
+        assert!(client.swap(None).await.unwrap().is_none());
+        assert_eq!(client.echo(vec![1, 2, 3]).await.unwrap(), [1, 2, 3]);
+        assert_eq!(client.locals(1, 2, 3, 4).await.unwrap(), 10);
+        assert_eq!(client.payload(Payload(41)).await.unwrap(), Payload(42));
+        client.nudge(1).await.unwrap();
+    });
+    served.join().unwrap().unwrap();
+
+    let (a, b) = Socket::pair().unwrap();
+    let serving =
+        runtime.spawn(AsyncTwinServer::new(shadowed::Impl).serve(AsyncConnection::new(b).unwrap()));
+    let client = AsyncTwinBlockingClient::new(Connection::new(a));
+    assert_eq!(client.check(3).unwrap(), Ok(3));
+    assert_eq!(client.check(0).unwrap(), Err("zero".to_string()));
+    assert!(client.swap(None).unwrap().is_none());
+    assert_eq!(client.echo(vec![1, 2, 3]).unwrap(), [1, 2, 3]);
+    assert_eq!(client.locals(1, 2, 3, 4).unwrap(), 10);
+    assert_eq!(client.payload(Payload(41)).unwrap(), Payload(42));
+    client.nudge(1).unwrap();
+    drop(client);
+    runtime.block_on(serving).unwrap().unwrap();
 }
 
 /// A trait named like the server's type parameter.

@@ -1,7 +1,7 @@
 //! What `#[interface]` knows about a trait once it is parsed: everything the generator needs,
 //! so that it never looks at the syntax tree again.
 
-use proc_macro2::Ident;
+use proc_macro2::{Ident, Span};
 use syn::{Attribute, ItemTrait, Type, Visibility};
 
 /// A trait marked `#[interface]`.
@@ -17,6 +17,11 @@ pub struct Interface {
     /// The interface's name on the wire, which both ends compare (its hash is the
     /// interface's id): `#[interface(name = "...")]`, or else the trait's name.
     pub wire_name: String,
+    /// `#[interface(async_client)]` on a blocking trait or `#[interface(blocking_client)]` on
+    /// an async one: also a client of the other flavour, `<Trait>AsyncClient` or
+    /// `<Trait>BlockingClient` (same wire, same interface). The argument's span, where an
+    /// error about it (a missing `tokio` feature) points.
+    pub other_client: Option<Span>,
     /// The trait's visibility, given to every generated item.
     pub vis: Visibility,
     /// The methods, in declaration order.

@@ -36,15 +36,22 @@ pub fn interface(attr: TokenStream, item: TokenStream) -> Result<Interface, Reje
         Err(error) => return Err(Rejected { item, error }),
     };
     let mut errors = Errors::default();
-    let wire_name = wire_name(attr, &mut errors).unwrap_or_else(|| item.ident.unraw().to_string());
+    let args = Args::parse(attr, &mut errors);
+    let wire_name = args.wire_name(&mut errors);
+    let wire_name = wire_name.unwrap_or_else(|| item.ident.unraw().to_string());
     let methods = methods(&mut item, &mut errors);
     let flavour = flavour(&item, &mut errors);
+    let other_client = args.other_client(flavour, &item.ident, &mut errors);
+    // (A trait that mixes `fn` and `async fn` is refused already; the rest of its errors are
+    // those of an async trait.)
+    let flavour = flavour.unwrap_or(Flavour::Async);
     match errors.0 {
         None => Ok(Interface {
             wire_name,
             name: item.ident.clone(),
             vis: item.vis.clone(),
             flavour,
+            other_client,
             methods,
             item,
         }),
@@ -68,54 +75,138 @@ pub fn interface(attr: TokenStream, item: TokenStream) -> Result<Interface, Reje
 /// traces, so it stays a name, not a document.
 const MAX_WIRE_NAME: usize = 128;
 
-/// `#[interface(name = "...")]`: the name the interface has on the wire (its id is this
-/// name's hash) and in error messages, when the trait's own name is not distinct enough
-/// (`None` when not given, or if the arguments are wrong, which `errors` then says).
-fn wire_name(attr: TokenStream, errors: &mut Errors) -> Option<String> {
-    if attr.is_empty() {
-        return None;
-    }
-    const USAGE: &str = "#[interface] takes one optional argument, the interface's name on the \
-                         wire: `#[interface(name = \"org.example.Ipa\")]`";
-    let mut name: Option<syn::LitStr> = None;
-    let parser = syn::meta::parser(|meta| {
-        if !meta.path.is_ident("name") {
-            return Err(meta.error(USAGE));
+/// What `#[interface(...)]` says, as written: checked against the trait once it is parsed.
+#[derive(Default)]
+struct Args {
+    /// `name = "..."`.
+    name: Option<syn::LitStr>,
+    /// `async_client` or `blocking_client`: which, and where it is written.
+    other_client: Option<(Flavour, Ident)>,
+}
+
+/// What an unknown argument is told.
+const USAGE: &str = "#[interface] takes these optional arguments: `name = \"org.example.Ipa\"` \
+                     (the interface's name on the wire), and `async_client` on a trait of \
+                     `fn`s or `blocking_client` on a trait of `async fn`s (a client of the \
+                     other flavour too): `#[interface(name = \"org.example.Ipa\", \
+                     async_client)]`";
+
+impl Args {
+    /// The arguments, each known and given once (`errors` says what is not).
+    fn parse(attr: TokenStream, errors: &mut Errors) -> Args {
+        let mut args = Args::default();
+        if attr.is_empty() {
+            return args;
         }
+        let parser = syn::meta::parser(|meta| {
+            let client_flavour = if meta.path.is_ident("name") {
+                return args.parse_name(meta);
+            } else if meta.path.is_ident("async_client") {
+                Flavour::Async
+            } else if meta.path.is_ident("blocking_client") {
+                Flavour::Blocking
+            } else {
+                return Err(meta.error(USAGE));
+            };
+            let ident = meta.path.require_ident()?.clone();
+            if !meta.input.is_empty() && !meta.input.peek(Token![,]) {
+                let message = format!("`{ident}` takes no value: write `#[interface({ident})]`");
+                return Err(meta.error(message));
+            }
+            match &args.other_client {
+                Some((_, first)) if *first == ident => {
+                    Err(meta.error(format!("`{ident}` is given twice")))
+                }
+                Some((_, first)) => Err(meta.error(format!(
+                    "`{first}` and `{ident}` cannot both be given: the trait's own client is of \
+                     its flavour already; keep the one that asks for the other flavour \
+                     (`async_client` on a trait of `fn`s, `blocking_client` on a trait of \
+                     `async fn`s)"
+                ))),
+                None => {
+                    args.other_client = Some((client_flavour, ident));
+                    Ok(())
+                }
+            }
+        });
+        if let Err(error) = syn::parse::Parser::parse2(parser, attr) {
+            errors.push(error);
+            // The arguments are wrong as written: nothing more is said about them.
+            args = Args::default();
+        }
+        args
+    }
+
+    /// `name = "..."`, after the `name`.
+    fn parse_name(&mut self, meta: syn::meta::ParseNestedMeta<'_>) -> syn::Result<()> {
         let lit: syn::LitStr = meta.value()?.parse().map_err(|e| {
             syn::Error::new(
                 e.span(),
                 "the name is a string literal: `name = \"org.example.Ipa\"`",
             )
         })?;
-        if name.is_some() {
+        if self.name.is_some() {
             return Err(syn::Error::new(lit.span(), "the name is given twice"));
         }
-        name = Some(lit);
+        self.name = Some(lit);
         Ok(())
-    });
-    if let Err(error) = syn::parse::Parser::parse2(parser, attr) {
-        errors.push(error);
-        return None;
     }
-    let lit = name?;
-    let text = lit.value();
-    let problem = if text.is_empty() {
-        "the interface's name cannot be empty".to_string()
-    } else if text.len() > MAX_WIRE_NAME {
-        format!(
-            "the interface's name is {} bytes long; at most {MAX_WIRE_NAME} are allowed",
-            text.len()
-        )
-    } else if text.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        "the interface's name cannot hold spaces or control characters: write it like \
-         `org.example.Ipa`"
-            .to_string()
-    } else {
-        return Some(text);
-    };
-    errors.push(syn::Error::new(lit.span(), problem));
-    None
+
+    /// `#[interface(name = "...")]`: the name the interface has on the wire (its id is this
+    /// name's hash) and in error messages, when the trait's own name is not distinct enough
+    /// (`None` when not given, or if it is not a name, which `errors` then says).
+    fn wire_name(&self, errors: &mut Errors) -> Option<String> {
+        let lit = self.name.as_ref()?;
+        let text = lit.value();
+        let problem = if text.is_empty() {
+            "the interface's name cannot be empty".to_string()
+        } else if text.len() > MAX_WIRE_NAME {
+            format!(
+                "the interface's name is {} bytes long; at most {MAX_WIRE_NAME} are allowed",
+                text.len()
+            )
+        } else if text.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            "the interface's name cannot hold spaces or control characters: write it like \
+             `org.example.Ipa`"
+                .to_string()
+        } else {
+            return Some(text);
+        };
+        errors.push(syn::Error::new(lit.span(), problem));
+        None
+    }
+
+    /// `async_client` on a trait of `fn`s, `blocking_client` on a trait of `async fn`s: the
+    /// span of the argument (where a missing `tokio` feature is reported), if it is given and
+    /// asks for the flavour the trait is not.
+    fn other_client(
+        &self,
+        flavour: Option<Flavour>,
+        name: &Ident,
+        errors: &mut Errors,
+    ) -> Option<Span> {
+        let (wanted, ident) = self.other_client.as_ref()?;
+        // A trait that mixes `fn` and `async fn` (`None`) has its error already.
+        let flavour = flavour?;
+        if *wanted != flavour {
+            return Some(ident.span());
+        }
+        let name = name.unraw();
+        let message = match flavour {
+            Flavour::Async => format!(
+                "`async_client` is for a trait of `fn`s: this trait's methods are \
+                 `async fn`, so `{name}Client` is async already; for a blocking client \
+                 as well, write `#[interface(blocking_client)]`"
+            ),
+            Flavour::Blocking => format!(
+                "`blocking_client` is for a trait of `async fn`s: this trait's methods are \
+                 `fn`, so `{name}Client` is blocking already; for an async client as \
+                 well, write `#[interface(async_client)]`"
+            ),
+        };
+        errors.push(syn::Error::new(ident.span(), message));
+        None
+    }
 }
 
 /// The trait's methods, checked one by one and then against each other.
@@ -180,8 +271,8 @@ fn methods(item: &mut ItemTrait, errors: &mut Errors) -> Vec<Method> {
 }
 
 /// All `async fn` (the async flavour) or all `fn` (the blocking one): a trait that mixes them
-/// is refused at each `fn` that is not async.
-fn flavour(item: &ItemTrait, errors: &mut Errors) -> Flavour {
+/// is refused at each `fn` that is not async (`None`).
+fn flavour(item: &ItemTrait, errors: &mut Errors) -> Option<Flavour> {
     let sigs = || {
         item.items.iter().filter_map(|i| match i {
             TraitItem::Fn(f) => Some(&f.sig),
@@ -189,9 +280,11 @@ fn flavour(item: &ItemTrait, errors: &mut Errors) -> Flavour {
         })
     };
     let Some(first_async) = sigs().find(|sig| sig.asyncness.is_some()) else {
-        return Flavour::Blocking;
+        return Some(Flavour::Blocking);
     };
+    let mut mixed = false;
     for sig in sigs().filter(|sig| sig.asyncness.is_none()) {
+        mixed = true;
         let message = format!(
             "`{}` is not `async` but `{}` is: an interface is either all `async fn` (the async \
              flavour, on tokio) or all `fn` (the blocking flavour); declare every method \
@@ -200,7 +293,7 @@ fn flavour(item: &ItemTrait, errors: &mut Errors) -> Flavour {
         );
         errors.push(syn::Error::new_spanned(sig.fn_token, message));
     }
-    Flavour::Async
+    (!mixed).then_some(Flavour::Async)
 }
 
 /// One method, and its `#[cmd]` if it has one. Removes our attributes from `f`.

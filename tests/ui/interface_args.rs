@@ -1,4 +1,5 @@
-// What `#[interface(...)]` takes: one optional `name = "..."`, a name without spaces.
+// What `#[interface(...)]` takes: one optional `name = "..."`, a name without spaces, and one
+// optional `async_client` or `blocking_client`, a bare word.
 #[typed_ipc::interface(nme = "org.example.Typo")]
 pub trait Typo {
     fn ping(&self) -> u32;
@@ -22,6 +23,31 @@ pub trait Twice {
 #[typed_ipc::interface(name = org.example.Bare)]
 pub trait Bare {
     fn ping(&self) -> u32;
+}
+
+#[typed_ipc::interface(async_clients)]
+pub trait Misspelt {
+    fn ping(&self) -> u32;
+}
+
+#[typed_ipc::interface(async_client, name = "org.example.Repeated", async_client)]
+pub trait Repeated {
+    fn ping(&self) -> u32;
+}
+
+#[typed_ipc::interface(blocking_client, async_client)]
+pub trait Both {
+    fn ping(&self) -> u32;
+}
+
+#[typed_ipc::interface(async_client = true)]
+pub trait Valued {
+    fn ping(&self) -> u32;
+}
+
+#[typed_ipc::interface(blocking_client("Blocking"))]
+pub trait Called {
+    async fn ping(&self) -> u32;
 }
 
 fn main() {}

@@ -1,7 +1,7 @@
 //! The async flavour: the trait rewritten to return `Send` futures, the client and its
 //! `async fn` stubs over an `AsyncConnection`, and the server that awaits the implementation.
 
-use proc_macro2::{Span, TokenStream};
+use proc_macro2::{Ident, Span, TokenStream};
 use quote::quote;
 use syn::{ReturnType, TraitItem, parse_quote, parse_quote_spanned};
 
@@ -44,22 +44,24 @@ impl Generator<'_> {
         quote!(#item)
     }
 
-    /// `<Trait>Client` of the async flavour: `async fn` stubs over an `AsyncConnection`.
-    pub(super) fn async_client(&self) -> TokenStream {
+    /// `<Trait>Client` of the async flavour (or `<Trait>AsyncClient` of a blocking trait,
+    /// `client`): `async fn` stubs over an `AsyncConnection`.
+    pub(super) fn async_client(&self, client: &Ident) -> TokenStream {
         let stubs: Vec<_> = self
             .iface
             .methods
             .iter()
             .map(|m| self.async_stub(m))
             .collect();
-        let name = &self.iface.name;
+        let (name, note) = (&self.iface.name, self.other_client_note(client));
         let docs = format!(
             "The client side of [`{name}`]: each method calls the implementation at the other \
              end of the connection and resolves to its reply (a `#[oneway]` method resolves \
              once the message is sent). Dropping a call's future cancels the call.\n\n\
-             Clones share the connection."
+             Clones share the connection.{note}"
         );
         self.client_item(
+            client,
             quote!(AsyncConnection),
             &docs,
             "\nThe runtime needs its time driver.",

@@ -1,7 +1,7 @@
 //! The blocking flavour: the client and its stubs, and the server with its `dispatch` and
 //! the `handle` that answers a call in one match.
 
-use proc_macro2::TokenStream;
+use proc_macro2::{Ident, TokenStream};
 use quote::quote;
 
 use super::bounds::{Bound, serde_bounds};
@@ -10,16 +10,17 @@ use super::{Generator, cmd, doc, private, result, stub_params};
 use crate::model::{Method, Wire};
 
 impl Generator<'_> {
-    /// `<Trait>Client`: the stub, one method per trait method.
-    pub(super) fn client(&self) -> TokenStream {
+    /// `<Trait>Client` of a blocking trait (or `<Trait>BlockingClient` of an async one,
+    /// `client`): the stub, one method per trait method.
+    pub(super) fn client(&self, client: &Ident) -> TokenStream {
         let stubs: Vec<_> = self.iface.methods.iter().map(|m| self.stub(m)).collect();
-        let name = &self.iface.name;
+        let (name, note) = (&self.iface.name, self.other_client_note(client));
         let docs = format!(
             "The client side of [`{name}`]: each method calls the implementation at the other \
              end of the connection and waits for its reply (a `#[oneway]` method only sends).\n\n\
-             Clones share the connection."
+             Clones share the connection.{note}"
         );
-        self.client_item(quote!(Connection), &docs, "", &stubs)
+        self.client_item(client, quote!(Connection), &docs, "", &stubs)
     }
 
     /// The client method for `m`: same name and parameters, the result wrapped.
