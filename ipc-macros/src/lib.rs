@@ -77,6 +77,8 @@ use quote::quote;
 ///   a struct changed on one end only is not detected, and decodes as an error or, if its
 ///   encoding happens to fit, as wrong values. Rebuild both ends when a shared type changes,
 ///   or version the type itself.
+/// - With `#[interface(async_client)]`, `IpaAsyncClient` too (below, "A client of the other
+///   flavour").
 ///
 /// # The interface's name
 ///
@@ -139,6 +141,39 @@ use quote::quote;
 ///   takes an `AsyncCall`, and `send` is `async fn send(self, &mut AsyncCall)`), and the
 ///   interface signature does not include `async`: an async client talks to a blocking server
 ///   of the same trait and the other way round.
+///
+/// # A client of the other flavour
+///
+/// A server of one flavour with clients of the other (an async daemon with blocking clients,
+/// a blocking worker driven by an async host) declares its trait once and asks for the other
+/// client too, rather than declaring a second trait that must be kept identical by hand:
+///
+/// ```ignore
+/// // An async daemon: `ThumbnailerServer` and `ThumbnailerClient` are async, and
+/// // `ThumbnailerBlockingClient` is the blocking client of the same interface.
+/// #[interface(name = "org.example.Thumbnailer", blocking_client)]
+/// pub trait Thumbnailer {
+///     async fn thumbnail(&self, image: OwnedFd, size: Size) -> Result<Thumb, ThumbError>;
+/// }
+///
+/// // A blocking worker: `IpaServer` and `IpaClient` are blocking, and `IpaAsyncClient`
+/// // (`async fn` stubs over an `AsyncConnection`) is the async host's client.
+/// #[interface(async_client)]
+/// pub trait Ipa {
+///     fn reverse(&self, text: String) -> String;
+/// }
+/// ```
+///
+/// - `async_client`, on a trait of `fn`s, adds `IpaAsyncClient`: the async flavour's client,
+///   as an `async fn` trait's `IpaClient` is. It needs typed-ipc's `tokio` feature; without
+///   it, a compile error at `async_client` says so (the blocking items still compile).
+/// - `blocking_client`, on a trait of `async fn`s, adds `IpaBlockingClient`: the blocking
+///   flavour's client, as a `fn` trait's `IpaClient` is.
+///
+/// The added client calls the same `IPA_INFO`, so it talks to the trait's server (and any
+/// server of the interface, of either flavour) and cannot drift from it. Only the client is
+/// added: a server of each flavour still needs a trait of each flavour. `async_client` on a
+/// trait of `async fn`s, `blocking_client` on a trait of `fn`s, or both, are compile errors.
 ///
 /// # Method attributes
 ///
