@@ -19,8 +19,9 @@
 //! ```
 //!
 //! The clients are of the blocking flavour (`Connection::connect`, the generated
-//! `ThumbnailerClient`), in processes of their own; `tests/daemon.rs` adds an async one and
-//! checks what every side reports.
+//! `ThumbnailerBlockingClient`), in processes of their own; `tests/daemon.rs` adds an async one
+//! and checks what every side reports. Each interface is declared once, in the flavour of its
+//! server, and asks for the client of the other flavour (`blocking_client`, `async_client`).
 
 use std::os::fd::OwnedFd;
 use std::path::Path;
@@ -79,57 +80,29 @@ pub struct Status {
     pub notes: u64,
 }
 
-/// The two interfaces, blocking flavour: what the clients use.
-pub mod blocking {
-    use super::{SealedBuffer, Size, Status, Thumb, ThumbError, Whoami};
-    use std::os::fd::OwnedFd;
-
-    /// What the daemon serves.
-    #[typed_ipc::interface(name = "org.example.Thumbnailer")]
-    pub trait Thumbnailer {
-        fn thumbnail(&self, image: SealedBuffer, size: Size) -> Result<Thumb, ThumbError>;
-        fn thumbnail_fd(&self, image: OwnedFd, size: Size) -> Result<Thumb, ThumbError>;
-        fn whoami(&self) -> Whoami;
-        #[oneway]
-        fn note(&self, seq: u64);
-        fn status(&self) -> Status;
-    }
-
-    /// What each client serves, on its connection to the daemon.
-    #[typed_ipc::interface(name = "org.example.Thumbnailer.Progress")]
-    pub trait Progress {
-        #[oneway]
-        fn progress(&self, job: u64, rows_done: u32, rows: u32);
-        fn proceed(&self, job: u64, pixels: u64) -> bool;
-        /// The job was let proceed, and the daemon is reading the image.
-        #[oneway]
-        fn started(&self, job: u64);
-    }
+/// What the daemon serves: an async trait, which the daemon implements. Its clients call it
+/// through `ThumbnailerBlockingClient` (`blocking_client`); an async client, as in
+/// `tests/daemon.rs`, through `ThumbnailerClient`.
+#[typed_ipc::interface(name = "org.example.Thumbnailer", blocking_client)]
+pub trait Thumbnailer {
+    async fn thumbnail(&self, image: SealedBuffer, size: Size) -> Result<Thumb, ThumbError>;
+    async fn thumbnail_fd(&self, image: OwnedFd, size: Size) -> Result<Thumb, ThumbError>;
+    async fn whoami(&self) -> Whoami;
+    #[oneway]
+    async fn note(&self, seq: u64);
+    async fn status(&self) -> Status;
 }
 
-/// The same two interfaces, async flavour: what the daemon (and an async client) uses.
-pub mod asynchronous {
-    use super::{SealedBuffer, Size, Status, Thumb, ThumbError, Whoami};
-    use std::os::fd::OwnedFd;
-
-    #[typed_ipc::interface(name = "org.example.Thumbnailer")]
-    pub trait Thumbnailer {
-        async fn thumbnail(&self, image: SealedBuffer, size: Size) -> Result<Thumb, ThumbError>;
-        async fn thumbnail_fd(&self, image: OwnedFd, size: Size) -> Result<Thumb, ThumbError>;
-        async fn whoami(&self) -> Whoami;
-        #[oneway]
-        async fn note(&self, seq: u64);
-        async fn status(&self) -> Status;
-    }
-
-    #[typed_ipc::interface(name = "org.example.Thumbnailer.Progress")]
-    pub trait Progress {
-        #[oneway]
-        async fn progress(&self, job: u64, rows_done: u32, rows: u32);
-        async fn proceed(&self, job: u64, pixels: u64) -> bool;
-        #[oneway]
-        async fn started(&self, job: u64);
-    }
+/// What each client serves, on its connection to the daemon: a blocking trait, which the
+/// daemon calls through `ProgressAsyncClient` (`async_client`).
+#[typed_ipc::interface(name = "org.example.Thumbnailer.Progress", async_client)]
+pub trait Progress {
+    #[oneway]
+    fn progress(&self, job: u64, rows_done: u32, rows: u32);
+    fn proceed(&self, job: u64, pixels: u64) -> bool;
+    /// The job was let proceed, and the daemon is reading the image.
+    #[oneway]
+    fn started(&self, job: u64);
 }
 
 /// The largest image the daemon takes: a sealed buffer's size is checked on receipt (the
@@ -240,7 +213,7 @@ struct Shared {
 /// One client's session: its calls, and a way to call it back.
 struct Session {
     shared: std::sync::Arc<Shared>,
-    progress: asynchronous::ProgressClient,
+    progress: ProgressAsyncClient,
     calls: AtomicU32,
 }
 
@@ -304,7 +277,7 @@ fn unreadable(e: &dyn std::fmt::Display) -> ThumbError {
     ThumbError::Unreadable(e.to_string())
 }
 
-impl asynchronous::Thumbnailer for Session {
+impl Thumbnailer for Session {
     async fn thumbnail(&self, image: SealedBuffer, size: Size) -> Result<Thumb, ThumbError> {
         let job = self.ask(size).await?;
         thumbnail_of(job, image.as_bytes(), size)
@@ -382,11 +355,11 @@ async fn serve_until_sigterm(config: DaemonConfig) -> Result<()> {
             let shared = shared.clone();
             move |connection| {
                 shared.sessions.fetch_add(1, Ordering::SeqCst);
-                asynchronous::ThumbnailerServer::new(Session {
+                ThumbnailerServer::new(Session {
                     shared: shared.clone(),
                     // A client that never answers must not hold its call, nor a graceful
                     // shutdown (which waits for the calls in flight), up for good.
-                    progress: asynchronous::ProgressClient::new(connection.clone())
+                    progress: ProgressAsyncClient::new(connection.clone())
                         .with_timeout(CALLBACK_TIMEOUT),
                     calls: AtomicU32::new(0),
                 })
@@ -424,7 +397,7 @@ pub struct ClientProgress<F> {
     pub decide: F,
 }
 
-impl<F: Fn(u64, u32) -> bool + Send + Sync + 'static> blocking::Progress
+impl<F: Fn(u64, u32) -> bool + Send + Sync + 'static> Progress
     for std::sync::Arc<ClientProgress<F>>
 {
     fn progress(&self, _job: u64, _rows_done: u32, _rows: u32) {
@@ -440,7 +413,7 @@ impl<F: Fn(u64, u32) -> bool + Send + Sync + 'static> blocking::Progress
 
 /// A connected client: its stub, and the thread that serves its `Progress`.
 pub struct Client {
-    pub thumbnailer: blocking::ThumbnailerClient,
+    pub thumbnailer: ThumbnailerBlockingClient,
     serving: Option<std::thread::JoinHandle<Result<()>>>,
 }
 
@@ -452,10 +425,9 @@ impl Client {
     {
         let connection = Connection::connect(path)?;
         let serving = connection.clone();
-        let serving =
-            std::thread::spawn(move || serving.serve(blocking::ProgressServer::new(progress)));
+        let serving = std::thread::spawn(move || serving.serve(ProgressServer::new(progress)));
         Ok(Client {
-            thumbnailer: blocking::ThumbnailerClient::new(connection),
+            thumbnailer: ThumbnailerBlockingClient::new(connection),
             serving: Some(serving),
         })
     }

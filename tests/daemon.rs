@@ -20,8 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use daemon::asynchronous::{self, ThumbnailerClient};
-use daemon::{DaemonConfig, Size, ThumbError};
+use daemon::{DaemonConfig, Size, ThumbError, ThumbnailerClient};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use typed_ipc::Error;
@@ -127,6 +126,29 @@ fn client(name: &str, path: &std::path::Path) -> Command {
     let mut command = common::child(name);
     command.env(PATH_VAR, path);
     command
+}
+
+/// The async client serves `Progress` with an async server, which needs a trait of that
+/// flavour: the example's is blocking (its clients are), so this is its async twin, held to
+/// it by `the_async_progress_is_the_examples`.
+mod asynchronous {
+    #[typed_ipc::interface(name = "org.example.Thumbnailer.Progress")]
+    pub trait Progress {
+        #[oneway]
+        async fn progress(&self, job: u64, rows_done: u32, rows: u32);
+        async fn proceed(&self, job: u64, pixels: u64) -> bool;
+        #[oneway]
+        async fn started(&self, job: u64);
+    }
+}
+
+#[test]
+fn the_async_progress_is_the_examples() {
+    assert_eq!(asynchronous::PROGRESS_INFO.id, daemon::PROGRESS_INFO.id);
+    assert_eq!(
+        asynchronous::PROGRESS_INFO.signature,
+        daemon::PROGRESS_INFO.signature
+    );
 }
 
 /// The async client's `Progress`: says when it is asked to let a job proceed, and when a
@@ -298,7 +320,7 @@ fn a_uid_the_daemon_does_not_serve_is_refused_by_name() {
     let path = socket_path("thumbnailer-refusing");
     let daemon = start_daemon(&path, &[my_uid().wrapping_add(1)]);
     let connection = typed_ipc::Connection::connect(&path).unwrap();
-    let thumbnailer = daemon::blocking::ThumbnailerClient::new(connection);
+    let thumbnailer = daemon::ThumbnailerBlockingClient::new(connection);
     match thumbnailer.whoami() {
         Err(Error::Refused(why)) => assert!(
             why.contains(&format!("uid {} may not call", my_uid()))
