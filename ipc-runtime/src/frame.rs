@@ -42,7 +42,9 @@ impl Frame {
 /// its fd is closed unmapped. A bare `OwnedFd` is not checked at all.
 ///
 /// New fields may be added: build `Limits` from [`Limits::default`] with struct-update syntax
-/// (`Limits { max_shared_len: 64 << 20, ..Limits::default() }`).
+/// (`Limits { max_shared_len: 64 << 20, ..Limits::default() }`), even when you set every field
+/// today (allow clippy's `needless_update` there: it is what keeps your code compiling when a
+/// field comes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
     /// Largest payload accepted, in bytes. Default 1 GiB; at most `u32::MAX`.
