@@ -1011,6 +1011,72 @@ fn serve_with_a_service_per_connection_closes_the_socket_once_the_peer_hangs_up(
     assert_eq!(open_fds(), before);
 }
 
+/// A client's `Back` that says when it is called, then answers only once released.
+struct GatedBack {
+    entered: mpsc::Sender<()>,
+    release: Mutex<mpsc::Receiver<()>>,
+}
+
+impl Back for GatedBack {
+    fn times(&self, n: u64) -> u64 {
+        let _ = self.entered.send(());
+        let _ = self.release.lock().unwrap().recv();
+        n * 2
+    }
+}
+
+/// A graceful shutdown (`stop_reading`, as `Serving::shutdown` does) lets the calls in
+/// flight finish: one whose handler waits for a call back into its client, as a service of
+/// `service_with` makes, gets that reply, and then the client its own. (The read side was
+/// shut at once: the client's reply could not be read, and the handler's call back failed
+/// with `Disconnected` with the client alive and answering.)
+#[test]
+fn a_call_back_in_flight_when_the_server_stops_reading_is_answered() {
+    let _fds = fd_count_lock();
+    let before = ipc_fds();
+    let (client_end, server_end) = Connection::pair().unwrap();
+    let (dropped, _drops) = mpsc::channel();
+    let serving = {
+        let service = TallyServer::new(TallyImpl {
+            count: AtomicU64::new(0),
+            caller: BackClient::new(server_end.clone()),
+            id: 1,
+            dropped,
+        });
+        let server_end = server_end.clone();
+        std::thread::spawn(move || server_end.serve(service))
+    };
+    let (entered, called_back) = mpsc::channel();
+    let (release, gate) = mpsc::channel();
+    let back = {
+        let service = BackServer::new(GatedBack {
+            entered,
+            release: Mutex::new(gate),
+        });
+        let client_end = client_end.clone();
+        std::thread::spawn(move || client_end.serve(service))
+    };
+    let tally = TallyClient::new(client_end.clone()).with_timeout(HANG_GUARD);
+    let call = {
+        let tally = tally.clone();
+        std::thread::spawn(move || tally.ask_back(3))
+    };
+    called_back.recv_timeout(HANG_GUARD).unwrap(); // the server's handler waits for the client
+    server_end.stop_reading();
+    drop(server_end);
+    release.send(()).unwrap();
+    assert_eq!(call.join().unwrap().unwrap(), 6);
+    // Then the server hangs up: later calls fail, and both ends end.
+    let after = tally.bump();
+    assert!(matches!(after, Err(Error::Disconnected)), "{after:?}");
+    serving.join().unwrap().unwrap();
+    drop(tally);
+    client_end.close();
+    back.join().unwrap().unwrap();
+    drop(client_end);
+    assert_eq!(ipc_fds(), before);
+}
+
 #[test]
 fn serve_panics_on_an_interface_a_service_with_serves_twice() {
     let _fds = fd_count_lock();

@@ -557,10 +557,12 @@ impl Serving {
     /// Stops accepting, stops reading new requests, lets every call already running finish
     /// and send its reply, then returns. Clients see a hang-up afterwards.
     ///
-    /// Reading stops at once ([`Connection::stop_reading`]): a handler that calls its client
-    /// back meanwhile (a service of [`Server::service_with`]) gets [`Error::Disconnected`]
-    /// from that call, though the client is alive, and must answer its own caller without it.
-    /// The async flavour's `AsyncServing::shutdown` gets such a call its answer.
+    /// A handler that calls its client back (a service of [`Server::service_with`]) gets the
+    /// client's answers meanwhile: the connection reads on for them until its last call in
+    /// flight has finished ([`Connection::stop_reading`]), as in the async flavour's
+    /// `AsyncServing::shutdown`. So a client that never answers holds the shutdown up as a
+    /// handler that never returns does: give such calls a timeout (the generated client's
+    /// `with_timeout`).
     ///
     /// A reply waits for room in its client's socket buffer, and a client that does not read
     /// would make it wait for good: so once a send to a client (a reply, or a call or oneway a

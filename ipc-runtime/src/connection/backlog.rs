@@ -67,8 +67,8 @@ impl Backlog {
             || self.fds >= MAX_REQUEST_FDS
     }
 
-    /// Nothing held: no request in flight.
-    #[cfg(feature = "tokio")]
+    /// Nothing held: no request in flight (async), none waiting for a serving thread nor any
+    /// failure owed (blocking).
     pub(crate) fn is_empty(&self) -> bool {
         self.requests == 0
     }

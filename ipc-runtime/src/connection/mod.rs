@@ -264,6 +264,16 @@ struct State {
     owed: VecDeque<(Envelope, Failure)>,
     /// What the requests in `calls` and `oneways` hold (see [`backlog`]).
     backlog: Backlog,
+    /// What keeps the read side open while this end drains ([`Connection::stop_reading`]),
+    /// with `backlog`: one for each request of the peer's taken from the queue or handed to a
+    /// runner by its read, and each failure owed taken from `owed`, until it has finished;
+    /// and one until this end drains. So it reaches 0 only while draining, with the last
+    /// request's finish, which then needs no other test on its path (the server's hot one).
+    holds: usize,
+    /// This end stopped reading with requests in flight ([`Connection::stop_reading`]): it
+    /// reads on only for the replies their handlers wait for, drops the requests it reads
+    /// meanwhile, and shuts its read side once the last in flight has finished.
+    draining: bool,
     oneway_running: bool,
     /// Oneway messages that arrived, and that have run.
     oneways_arrived: u64,
@@ -288,6 +298,15 @@ struct State {
     /// prints it ([`Shared::say_end`]): said under the lock, it would wait for stderr's
     /// lock, whose holder may be waiting for this connection.
     end_unsaid: Option<String>,
+}
+
+impl State {
+    /// Whether the reader drops the requests it reads rather than queue or run them: this end
+    /// closed the connection, or drains ([`Connection::stop_reading`]).
+    #[inline]
+    fn drops_requests(&self) -> bool {
+        self.closed_here || self.draining
+    }
 }
 
 impl Connection {
@@ -341,7 +360,10 @@ impl Connection {
             shared: Arc::new(Shared {
                 socket,
                 peer,
-                state: Mutex::new(State::default()),
+                state: Mutex::new(State {
+                    holds: 1, // until this end drains
+                    ..State::default()
+                }),
                 wake: Condvar::new(),
                 registry: Mutex::new(Arc::new(Registry::default())),
                 registry_version: AtomicU64::new(0),
@@ -501,18 +523,23 @@ impl Connection {
         WeakConnection(Arc::downgrade(&self.shared))
     }
 
-    /// Stops taking new messages, as if the peer had gone quiet for good, but keeps sending:
-    /// requests already running finish and their replies go out. Serving threads return once
-    /// they are done. Used for graceful shutdown.
+    /// Stops taking new requests, but keeps sending: requests already running finish and
+    /// their replies go out. Serving threads return once they are done. Used for graceful
+    /// shutdown.
     ///
-    /// The socket's read side is shut at once, so a call this end makes from then on, or was
-    /// waiting on, gets no reply: a handler running that calls the peer back (a service of
-    /// [`Server::service_with`](crate::Server::service_with)) fails with
-    /// [`Error::Disconnected`], the peer alive or not. (The async flavour's `stop_reading`
-    /// reads on for such replies until its requests in flight have finished.)
+    /// With none of the peer's requests in flight (or only some held for a serving thread,
+    /// with none in [`Connection::run`] to take them), the socket's read side is shut at once
+    /// (the peer's sends fail; requests it sent before, still in the socket, run). With some
+    /// in flight (running, or queued for a serving thread), this end reads on until the last
+    /// has finished, for the replies to the calls their handlers make back into the peer (a
+    /// service of [`Server::service_with`](crate::Server::service_with) calling its client):
+    /// the requests it reads meanwhile are dropped, their callers told
+    /// [`Error::Disconnected`] once the connection ends.
     pub fn stop_reading(&self) {
         self.shared.stopped_reading.store(true, Ordering::SeqCst);
-        let _ = self.shared.socket.shutdown_read();
+        if !self.shared.drain() {
+            let _ = self.shared.socket.shutdown_read();
+        }
     }
 
     /// Answers calls to `service`'s interface on this connection, from the threads that run

@@ -258,7 +258,7 @@ impl Shared {
         };
         // A call this end could not receive is answered with the role still held: see
         // `answer_unreceived`, which gives it back.
-        let owes = envelope.kind == Kind::Call && result.is_err() && !state.closed_here;
+        let owes = envelope.kind == Kind::Call && result.is_err() && !state.drops_requests();
         if !owes {
             self.release_reader(&mut state);
         }
@@ -285,8 +285,10 @@ impl Shared {
                 }
                 state = self.say_unlocked(state, reply_line);
             }
-            // This end closed the connection: what the peer sent before is not run.
-            (Kind::Call | Kind::Oneway, _) if state.closed_here => {
+            // This end closed the connection, or stopped reading and reads on only for the
+            // replies its handlers wait for: what the peer sends is not run (dropped here,
+            // closing its fds).
+            (Kind::Call | Kind::Oneway, _) if state.drops_requests() => {
                 state = self.trace_unlocked(state, &envelope, &frame);
                 keep_unread(&mut state, frame);
             }
@@ -555,6 +557,41 @@ impl Shared {
         self.fail(&mut state, Error::Disconnected);
         let calls = std::mem::take(&mut state.calls);
         (calls, std::mem::take(&mut state.oneways))
+    }
+
+    /// [`Connection::stop_reading`](super::Connection::stop_reading) on a connection that
+    /// serves: with requests of the peer's in flight (running, or queued for the serving
+    /// threads), the requests read from now on are dropped, and the read side shuts once the
+    /// last in flight has finished. Returns whether it drains; if not, the caller shuts the
+    /// read side now. (Requests queued with no serving thread would never finish: nothing to
+    /// wait for; they run if one comes, as those still in the socket do.)
+    #[cold]
+    #[inline(never)]
+    pub(super) fn drain(&self) -> bool {
+        let mut state = self.state.lock();
+        if state.draining {
+            return true;
+        }
+        let in_flight = state.holds > 1 || !state.backlog.is_empty();
+        if !in_flight || state.runners == 0 || state.closed.is_some() {
+            return false;
+        }
+        state.draining = true;
+        state.holds -= 1; // the hold of reading as usual
+        // As for `close_here`: a oneway owed for good, so that a runner's common case in
+        // `read`, which does not look at `draining`, never takes a request again.
+        state.oneways_arrived = u64::MAX;
+        true
+    }
+
+    /// Shuts the read side once no request is in flight, while draining: the reader then
+    /// reads the end, and the connection ends as if it had been shut at once.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn stop_reading_once_idle(&self, state: &State) {
+        if state.holds == 0 && state.backlog.is_empty() {
+            let _ = self.socket.shutdown_read();
+        }
     }
 
     /// What this end did that ends the connection, for the traced line saying why.

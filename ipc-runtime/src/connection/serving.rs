@@ -43,9 +43,11 @@ impl Connection {
                 if was_full {
                     shared.wake_all(&state);
                 }
+                state.holds += 1;
                 drop(state);
                 shared.reply_failure(&envelope, &failure);
                 state = shared.state.lock();
+                shared.finished(&mut state);
                 continue;
             }
             // A call waits for the oneways that arrived before it (they may run on another
@@ -56,6 +58,7 @@ impl Connection {
             {
                 let (frame, _) = state.calls.pop_front().expect("checked above");
                 shared.dequeued(&mut state, &frame);
+                state.holds += 1;
                 if !state.oneway_running && !state.oneways.is_empty() {
                     // A oneway that waited for this call to start may start now, on a thread
                     // asleep while another reads.
@@ -69,6 +72,7 @@ impl Connection {
                 if let Some(frame) = state.oneways.pop_front() {
                     state.oneway_running = true;
                     shared.dequeued(&mut state, &frame);
+                    state.holds += 1;
                     drop(state);
                     state = shared.run_request(frame, true, &mut registry);
                     continue;
@@ -94,6 +98,7 @@ impl Connection {
             let taken;
             (state, taken) = shared.read(state, None, Reader::Runner);
             if let Some(Taken::Request(frame, oneway)) = taken {
+                state.holds += 1;
                 drop(state);
                 state = shared.run_request(frame, oneway, &mut registry);
             }
@@ -133,6 +138,16 @@ impl Shared {
         }
     }
 
+    /// A request (or a failure owed) counted in `State::holds` has finished: while this end
+    /// drains ([`Connection::stop_reading`]), the last one shuts the read side.
+    #[inline]
+    fn finished(&self, state: &mut State) {
+        state.holds -= 1;
+        if state.holds == 0 {
+            self.stop_reading_once_idle(state);
+        }
+    }
+
     /// Runs a request (a oneway one marked running) against `registry`, brought up to date
     /// first, and takes the lock back to keep its buffer and, for a oneway, let the next one
     /// run.
@@ -149,6 +164,7 @@ impl Shared {
         self.lane.finished(&frame.payload);
         frame.clear(); // closes fds the request left unclaimed, outside the lock
         let mut state = self.state.lock();
+        self.finished(&mut state);
         if oneway {
             state.oneway_running = false;
             state.oneways_run += 1;

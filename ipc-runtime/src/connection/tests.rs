@@ -375,6 +375,109 @@ fn a_oneway_goes_out_after_stop_reading() {
     assert_eq!((envelope.kind, envelope.cmd), (Kind::Oneway, 1));
 }
 
+/// `stop_reading` on a connection that nothing serves, with a request of the peer's held for
+/// a serving thread to come: nothing will run it, so nothing is waited for, and the read side
+/// shuts at once: a call made then reads the end. (Draining for the replies of requests in
+/// flight must not wait for requests that never run.)
+#[test]
+fn stop_reading_with_a_request_held_for_nobody_ends_the_connection() {
+    let (a, b) = Connection::pair().unwrap();
+    // Held by `a`'s caller, which reads it before its own reply.
+    b.socket()
+        .send(&ordered_request(Kind::Call, 1, 7, 0), &[])
+        .unwrap();
+    let caller = {
+        let a = a.clone();
+        std::thread::spawn(move || a.call::<_, u64>(&IFACE, 2, &(), None))
+    };
+    let call = b.socket().recv().unwrap();
+    wait_until("the peer's call is held", || {
+        !a.shared.state.lock().calls.is_empty()
+    });
+    b.socket().send(&reply_to(&call, &42u64), &[]).unwrap();
+    assert_eq!(caller.join().unwrap().unwrap(), 42);
+    a.stop_reading();
+    // Nobody answers this call: it ends only with the read side shut (a hang guard else).
+    let after = a.call::<_, u64>(&IFACE, 2, &(), Some(Duration::from_secs(60)));
+    assert!(matches!(after, Err(Error::Disconnected)), "{after:?}");
+    assert!(a.is_closed());
+}
+
+static CALLS_BACK: InterfaceInfo = InterfaceInfo {
+    name: "CallsBack",
+    id: 9,
+    signature: 10,
+    methods: &[MethodInfo {
+        name: "ask_back",
+        cmd: 1,
+        signature: "fn ask_back(&self) -> u64",
+        oneway: false,
+    }],
+};
+
+/// Answers every call with what a call back into the peer (`IFACE`'s command 9) answers.
+struct CallsBack {
+    back: Connection,
+}
+
+impl Service for CallsBack {
+    fn info(&self) -> &'static InterfaceInfo {
+        &CALLS_BACK
+    }
+    fn handle(&self, call: &mut Call<'_>) -> Result<()> {
+        let n: u64 = self.back.call(&IFACE, 9, &(), None)?;
+        call.reply(&n)
+    }
+}
+
+/// While this end drains (`stop_reading` with a request running), a request of the peer's
+/// read by the running handler's call back, the only thread reading, is dropped, not queued
+/// to run once the handler is done; the call back still gets its reply, and the handler's
+/// caller its answer, and the read side shuts after it.
+#[test]
+fn a_request_read_by_a_call_back_while_draining_is_dropped() {
+    let (a, b) = Connection::pair().unwrap();
+    let (served, serving) = mpsc::channel();
+    {
+        let (a, back) = (a.clone(), a.clone());
+        std::thread::spawn(move || served.send(a.serve(CallsBack { back })));
+    }
+    let peer = b.socket();
+    let mut request = vec![0; envelope::LEN];
+    Envelope {
+        kind: Kind::Call,
+        cmd: 1,
+        cookie: 1,
+        interface: CALLS_BACK.id,
+        signature: CALLS_BACK.signature,
+    }
+    .write(&mut request);
+    codec::encode(&(), &mut request, &mut Vec::new()).unwrap();
+    peer.send(&request, &[]).unwrap();
+    let back = peer.recv().unwrap(); // the handler waits for its reply, reading
+    a.stop_reading();
+    // Read before the reply, by the handler's call back. Were it queued, it would run once
+    // the handler is done, and be answered (with a failure: `Ordered` is not served here).
+    peer.send(&ordered_request(Kind::Call, 1, 2, 0), &[])
+        .unwrap();
+    peer.send(&reply_to(&back, &21u64), &[]).unwrap();
+    let answer = peer.recv().unwrap();
+    let envelope = Envelope::read(&answer.payload).unwrap();
+    assert_eq!((envelope.kind, envelope.cookie), (Kind::Reply, 1));
+    let body = &answer.payload[envelope::LEN..];
+    assert_eq!(
+        codec::decode_from::<u64>(body, &mut Vec::new()).unwrap(),
+        21
+    );
+    // A hang guard: the read side shuts once the handler is done, and serving ends.
+    let served = serving.recv_timeout(Duration::from_secs(60));
+    assert!(matches!(served, Ok(Ok(()))), "{served:?}");
+    assert!(
+        !readable(&b),
+        "the request read while draining was answered"
+    );
+}
+
 /// Byte strings written into the peer, in one process (writing its own memory stands in
 /// for a parent writing its worker's): a request refused unread leaves the inbox buffer to
 /// the next string, and a string taken is acknowledged only once the inbox has a new
