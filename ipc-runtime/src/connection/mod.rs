@@ -492,8 +492,9 @@ impl Connection {
     /// in the socket are dropped if a thread waiting on the connection reads them, or else go
     /// with the socket when the last clone is dropped. Handlers already running finish (their
     /// replies fail), and each serving thread returns once its own is done. (When the peer
-    /// hangs up instead, or after [`Connection::stop_reading`], the requests it sent before
-    /// still run, in order.)
+    /// hangs up instead, the requests it sent before still run, in order; after
+    /// [`Connection::stop_reading`], those received by then do, and those still unread in
+    /// the socket too if none was in flight: see there.)
     pub fn close(&self) {
         let dropped = self.shared.close_here();
         let _ = self.shared.socket.shutdown();

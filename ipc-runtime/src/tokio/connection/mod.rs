@@ -410,8 +410,9 @@ impl AsyncConnection {
     /// oneways sent before them at once, oneway messages waiting for the one running once it
     /// is done, requests held until something serves at once, and requests still unread in
     /// the socket as the connection's reader reads them. (A call with no oneway to wait for
-    /// starts as soon as it is read.) When the peer hangs up instead, or after
-    /// [`AsyncConnection::stop_reading`], the requests it sent before still run.
+    /// starts as soon as it is read.) When the peer hangs up instead, the requests it sent
+    /// before still run; after [`AsyncConnection::stop_reading`], those received by then do
+    /// (those still unread in the socket too if none was in flight: see there).
     pub fn close(&self) {
         self.inner
             .dropping_requests
