@@ -270,9 +270,9 @@ struct State {
     /// and one until this end drains. So it reaches 0 only while draining, with the last
     /// request's finish, which then needs no other test on its path (the server's hot one).
     holds: usize,
-    /// This end stopped reading with requests in flight ([`Connection::stop_reading`]): it
-    /// reads on only for the replies their handlers wait for, drops the requests it reads
-    /// meanwhile, and shuts its read side once the last in flight has finished.
+    /// This end stopped reading with a thread serving ([`Connection::stop_reading`]): it
+    /// reads on only for the replies its handlers in flight wait for, drops the requests it
+    /// reads meanwhile, and shuts its read side once the last in flight has finished.
     draining: bool,
     oneway_running: bool,
     /// Oneway messages that arrived, and that have run.
@@ -494,7 +494,7 @@ impl Connection {
     /// replies fail), and each serving thread returns once its own is done. (When the peer
     /// hangs up instead, the requests it sent before still run, in order; after
     /// [`Connection::stop_reading`], those received by then do, and those still unread in
-    /// the socket too if none was in flight: see there.)
+    /// the socket too if no thread was in [`Connection::run`]: see there.)
     pub fn close(&self) {
         let dropped = self.shared.close_here();
         let _ = self.shared.socket.shutdown();
@@ -528,14 +528,16 @@ impl Connection {
     /// their replies go out. Serving threads return once they are done. Used for graceful
     /// shutdown.
     ///
-    /// With none of the peer's requests in flight (or only some held for a serving thread,
-    /// with none in [`Connection::run`] to take them), the socket's read side is shut at once
-    /// (the peer's sends fail; requests it sent before, still in the socket, run). With some
-    /// in flight (running, or queued for a serving thread), this end reads on until the last
-    /// has finished, for the replies to the calls their handlers make back into the peer (a
-    /// service of [`Server::service_with`](crate::Server::service_with) calling its client):
-    /// the requests it reads meanwhile are dropped, their callers told
-    /// [`Error::Disconnected`] once the connection ends.
+    /// With a thread in [`Connection::run`], the requests received from then on are dropped,
+    /// their callers told [`Error::Disconnected`] once the connection ends: those still unread
+    /// in the socket too, which, run, could not have the answers to the calls their handlers
+    /// make back into the peer. With none of the peer's requests in flight, the socket's read
+    /// side is shut at once (the peer's sends fail). With some in flight (running, or queued
+    /// for a serving thread), this end reads on until the last has finished, for the replies
+    /// to those calls back (a service of [`Server::service_with`](crate::Server::service_with)
+    /// calling its client). With no thread in `run` (nothing would run a request held for
+    /// one), the read side is shut at once, and the requests still in the socket run if a
+    /// thread comes (their calls back fail).
     pub fn stop_reading(&self) {
         self.shared.stopped_reading.store(true, Ordering::SeqCst);
         if !self.shared.drain() {

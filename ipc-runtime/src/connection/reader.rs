@@ -560,11 +560,13 @@ impl Shared {
     }
 
     /// [`Connection::stop_reading`](super::Connection::stop_reading) on a connection that
-    /// serves: with requests of the peer's in flight (running, or queued for the serving
-    /// threads), the requests read from now on are dropped, and the read side shuts once the
-    /// last in flight has finished. Returns whether it drains; if not, the caller shuts the
-    /// read side now. (Requests queued with no serving thread would never finish: nothing to
-    /// wait for; they run if one comes, as those still in the socket do.)
+    /// serves: the requests read from now on are dropped (also those still in the socket,
+    /// whose calls back into the peer would fail once the read side shuts), and with
+    /// requests of the peer's in flight (running, or queued for the serving threads), the
+    /// read side shuts once the last has finished. Returns whether it waits for them; if
+    /// not, the caller shuts the read side now. (Requests queued with no serving thread
+    /// would never finish: nothing to wait for; they run if one comes, as those still in
+    /// the socket do then.)
     #[cold]
     #[inline(never)]
     pub(super) fn drain(&self) -> bool {
@@ -572,16 +574,16 @@ impl Shared {
         if state.draining {
             return true;
         }
-        let in_flight = state.holds > 1 || !state.backlog.is_empty();
-        if !in_flight || state.runners == 0 || state.closed.is_some() {
+        if state.runners == 0 || state.closed.is_some() {
             return false;
         }
+        let in_flight = state.holds > 1 || !state.backlog.is_empty();
         state.draining = true;
         state.holds -= 1; // the hold of reading as usual
         // As for `close_here`: a oneway owed for good, so that a runner's common case in
         // `read`, which does not look at `draining`, never takes a request again.
         state.oneways_arrived = u64::MAX;
-        true
+        in_flight
     }
 
     /// Shuts the read side once no request is in flight, while draining: the reader then

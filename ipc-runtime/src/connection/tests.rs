@@ -403,7 +403,7 @@ fn stop_reading_with_a_request_held_for_nobody_ends_the_connection() {
     assert!(a.is_closed());
 }
 
-static CALLS_BACK: InterfaceInfo = InterfaceInfo {
+pub(crate) static CALLS_BACK: InterfaceInfo = InterfaceInfo {
     name: "CallsBack",
     id: 9,
     signature: 10,
@@ -475,6 +475,45 @@ fn a_request_read_by_a_call_back_while_draining_is_dropped() {
     assert!(
         !readable(&b),
         "the request read while draining was answered"
+    );
+}
+
+/// `stop_reading` on a connection with a serving thread and none of the peer's requests in
+/// flight, and a call of the peer's still unread in the socket: that call is dropped as one
+/// read while draining is, not run. Run, its handler's call back into the peer failed with
+/// `Disconnected` (the read side shut at once, the peer's reply could not be sent), the peer
+/// alive: the graceful shutdown's promise of answers to call backs, broken for it. (The
+/// serving thread is held up on the registry's lock, before its first read, so that the call
+/// stays in the socket.)
+#[test]
+fn stop_reading_drops_a_call_still_unread_on_a_served_connection() {
+    let (a, b) = Connection::pair().unwrap();
+    b.add_service(CallsBack { back: b.clone() });
+    let registry = b.shared.registry.lock();
+    let runner = {
+        let b = b.clone();
+        std::thread::spawn(move || b.run())
+    };
+    wait_until("the serving thread waits for the registry", || {
+        b.shared.state.lock().runners == 1
+    });
+    let mut request = vec![0; envelope::LEN];
+    Envelope {
+        kind: Kind::Call,
+        cmd: 1,
+        cookie: 1,
+        interface: CALLS_BACK.id,
+        signature: CALLS_BACK.signature,
+    }
+    .write(&mut request);
+    codec::encode(&(), &mut request, &mut Vec::new()).unwrap();
+    a.socket().send(&request, &[]).unwrap();
+    b.stop_reading();
+    drop(registry);
+    runner.join().unwrap().unwrap();
+    assert!(
+        !readable(&a),
+        "the call ran after stop_reading: it called the peer back"
     );
 }
 

@@ -842,6 +842,68 @@ fn a_call_received_before_the_read_side_closes_is_answered() {
     assert_eq!(got.unwrap(), 3);
 }
 
+/// Answers every call with what a call back into the peer (`SKIM`'s command 2) answers, as
+/// a service of `service_with` calling its client does.
+struct AsyncCallsBack {
+    back: super::AsyncConnection,
+}
+
+impl super::AsyncService for AsyncCallsBack {
+    fn info(&self) -> &'static crate::service::InterfaceInfo {
+        &crate::connection::tests::CALLS_BACK
+    }
+    fn handle<'a>(
+        &'a self,
+        call: &'a mut super::AsyncCall,
+    ) -> super::BoxFuture<'a, crate::Result<()>> {
+        Box::pin(async move {
+            let skim = &crate::connection::tests::SKIM;
+            let n: u64 = self.back.call(skim, 2, (), None).await?;
+            call.reply(n).await
+        })
+    }
+}
+
+/// `stop_reading` on a serving connection with none of the peer's requests in flight, and a
+/// call of the peer's still unread in the socket: that call is dropped as one read while
+/// draining is, not run. Run, its handler's call back into the peer failed with
+/// `Disconnected` (the read side shut at once, the peer's reply could not be sent), the peer
+/// alive: the graceful shutdown's promise of answers to call backs, broken for it.
+#[test]
+fn stop_reading_drops_a_call_still_unread_on_a_serving_connection() {
+    use crate::connection::envelope::LEN;
+    use crate::connection::tests::CALLS_BACK;
+    use crate::tokio::envelope::{Envelope, Kind};
+    use std::time::Duration;
+
+    let (runtime, server, peer) = undriven_connection();
+    server.add_service(AsyncCallsBack {
+        back: server.clone(),
+    });
+    let mut request = vec![0; LEN];
+    Envelope {
+        kind: Kind::Call,
+        cmd: 1,
+        cookie: 1,
+        interface: CALLS_BACK.id,
+        signature: CALLS_BACK.signature,
+    }
+    .write(&mut request);
+    crate::codec::encode(&(), &mut request, &mut Vec::new()).unwrap();
+    peer.send(&request, &[]).unwrap();
+    // The reader runs only while the runtime is driven: the call waits in the socket.
+    server.stop_reading();
+    let ran = runtime
+        .block_on(async { ::tokio::time::timeout(Duration::from_secs(60), server.run()).await });
+    assert!(matches!(ran, Ok(Ok(()))), "{ran:?}");
+    let mut fds = [PollFd::new(peer.as_fd(), PollFlags::POLLIN)];
+    let sent = poll(&mut fds, PollTimeout::ZERO).unwrap();
+    assert_eq!(
+        sent, 0,
+        "the call ran after stop_reading: it called the peer back"
+    );
+}
+
 /// `stop_reading` on a connection that serves nothing, with a request of the peer's held for
 /// a server to come: nothing will run it, so nothing is waited for, and the connection ends
 /// (its reader too) as when the read side is shut at once. (Draining for the replies of

@@ -123,7 +123,7 @@ pub(super) struct Inner {
     /// What a request that finishes must see to: [`PAUSED`], the reader waits for `room`, at
     /// the backlog's bounds with no call of this end waiting for a reply (set under the state
     /// lock; a call that starts meanwhile signals `room` too); [`DRAINING`], this end stopped
-    /// reading while requests were in flight, and the read side shuts with the last of them.
+    /// reading while it served, and the read side shuts with the last request in flight.
     /// One word, so that a request's finish reads one atomic, as before there were two.
     on_finish: AtomicU8,
     room: Notify,
@@ -131,8 +131,8 @@ pub(super) struct Inner {
     hung_up: AtomicBool,
     /// [`CLOSED`]: this end closed the connection ([`AsyncConnection::close`]): the requests
     /// not started by then never run, and those read after it are dropped. [`DRAINING`]: it
-    /// stopped reading while requests were in flight, and reads on only for the replies
-    /// their handlers wait for: the requests read meanwhile are dropped.
+    /// stopped reading while it served, and reads on only for the replies its handlers in
+    /// flight wait for: the requests read meanwhile are dropped.
     dropping_requests: AtomicU8,
     /// What this end did that ended the connection ([`trace::EndedHere`] as a `u8`), for the
     /// traced line saying why: [`AsyncConnection::close`], else the first of
@@ -412,7 +412,7 @@ impl AsyncConnection {
     /// the socket as the connection's reader reads them. (A call with no oneway to wait for
     /// starts as soon as it is read.) When the peer hangs up instead, the requests it sent
     /// before still run; after [`AsyncConnection::stop_reading`], those received by then do
-    /// (those still unread in the socket too if none was in flight: see there).
+    /// (those still unread in the socket too if it served nothing then: see there).
     pub fn close(&self) {
         self.inner
             .dropping_requests
@@ -441,19 +441,21 @@ impl AsyncConnection {
     /// their replies go out, then [`AsyncConnection::run`] returns. Used for graceful
     /// shutdown.
     ///
-    /// With none of the peer's requests in flight (or only some held for a service to
-    /// come), the socket's read side is shut at once (the peer's sends fail; requests it sent
-    /// before, still in the socket, run). With some in flight, this end reads on until the
-    /// last has finished, for the replies to the calls their handlers make back into the
-    /// peer (a service of [`AsyncServer::service_with`](super::AsyncServer::service_with)
-    /// calling its client): the requests it reads meanwhile are dropped, their callers told
-    /// [`Error::Disconnected`] once the connection ends.
+    /// On a connection that serves, the requests received from then on are dropped, their
+    /// callers told [`Error::Disconnected`] once the connection ends: those still unread in
+    /// the socket too, which, run, could not have the answers to the calls their handlers
+    /// make back into the peer. With none of the peer's requests in flight, the socket's read
+    /// side is shut at once (the peer's sends fail). With some in flight, this end reads on
+    /// until the last has finished, for the replies to those calls back (a service of
+    /// [`AsyncServer::service_with`](super::AsyncServer::service_with) calling its client).
+    /// On one that serves nothing yet, the read side is shut at once, and the requests held
+    /// or still in the socket run if a service comes (their calls back fail).
     pub fn stop_reading(&self) {
         self.inner.ended_here(trace::EndedHere::StoppedReading);
         // Requests held for a server that has not come would never finish: nothing to wait
-        // for (they run if one comes, as those still in the socket do).
-        let in_flight = !self.inner.backlog.get().is_empty() && self.inner.lock().serving;
-        match in_flight {
+        // for (they run if one comes, as those still in the socket do then).
+        let serving = self.inner.lock().serving;
+        match serving {
             true => self.inner.drain(),
             false => self.inner.hang_up(Socket::shutdown_read),
         }
@@ -644,8 +646,8 @@ async fn connect_on_a_thread(
 
 /// In [`Inner::on_finish`]: the reader waits for room.
 const PAUSED: u8 = 1;
-/// In [`Inner::on_finish`] and [`Inner::dropping_requests`]: this end stopped reading with
-/// requests in flight (see [`AsyncConnection::stop_reading`]).
+/// In [`Inner::on_finish`] and [`Inner::dropping_requests`]: this end stopped reading while
+/// it served (see [`AsyncConnection::stop_reading`]).
 const DRAINING: u8 = 2;
 /// In [`Inner::dropping_requests`]: this end closed the connection.
 const CLOSED: u8 = 4;
@@ -681,8 +683,9 @@ impl Inner {
         self.on_finish.load(order) & PAUSED != 0
     }
 
-    /// [`AsyncConnection::stop_reading`] with requests in flight: the requests read from now
-    /// on are dropped, and the read side shuts once the last in flight has finished.
+    /// [`AsyncConnection::stop_reading`] on a connection that serves: the requests read from
+    /// now on are dropped, and the read side shuts once none is in flight (at once if none
+    /// is).
     #[cold]
     #[inline(never)]
     fn drain(&self) {
