@@ -450,6 +450,10 @@ impl Server {
         services: Vec<Arc<dyn Service>>,
     ) -> std::io::Result<Client> {
         let helpers = self.start_helpers(&connection)?;
+        // Before the client is listed for `Serving::shutdown` to stop, and the threads take
+        // a while to start: a call still in the socket then is dropped, as on a client whose
+        // threads serve, not run once they come with its calls back failing.
+        connection.runners_coming();
         let helper_threads = helpers.iter().map(|h| h.thread.thread().id()).collect();
         let weak = connection.downgrade();
         let server = self.clone();
@@ -641,6 +645,37 @@ impl Drop for Serving {
 #[cfg(test)]
 mod tests {
     use super::Server;
+
+    /// `Serving::shutdown` stopping a client accepted whose serving thread has not started
+    /// yet (held here before it installs the services, on the registry's lock), with a call
+    /// of the client's still in the socket: the call is dropped, as on a client whose thread
+    /// serves. It ran once the thread came, the read side shut already: its handler's call
+    /// back into the client failed with `Disconnected`, the client alive (seen under load,
+    /// clients calling back while the server shut down).
+    #[test]
+    fn stop_reading_before_a_clients_thread_serves_drops_the_calls_in_the_socket() {
+        use crate::Connection;
+        use crate::connection::tests::{CallsBack, calls_back_request, readable};
+        use crate::service::Service;
+        use std::sync::Arc;
+
+        let (peer, connection) = Connection::pair().unwrap();
+        let services: Vec<Arc<dyn Service>> = vec![Arc::new(CallsBack {
+            back: connection.clone(),
+        })];
+        let registry = connection.test_hold_registry();
+        let client = Server::new()
+            .spawn_client(connection.clone(), services)
+            .unwrap();
+        peer.socket().send(&calls_back_request(1), &[]).unwrap();
+        connection.stop_reading();
+        drop(registry);
+        client.thread.join().unwrap().unwrap();
+        assert!(
+            !readable(&peer),
+            "the call ran after stop_reading: it called the client back"
+        );
+    }
 
     #[test]
     #[should_panic(expected = "a server needs at least one thread")]

@@ -287,6 +287,9 @@ struct State {
     sender_wake: Option<Arc<nix::sys::eventfd::EventFd>>,
     /// Threads inside `run`.
     runners: usize,
+    /// A listening [`Server`](crate::Server) has started the threads that will serve this
+    /// connection, which may not be in `run` yet: what they will read is to be served.
+    runners_coming: bool,
     /// The cookie of the last call made.
     next_cookie: u64,
     /// Why the connection ended; once set, it stays.
@@ -517,6 +520,20 @@ impl Connection {
         })
     }
 
+    /// Holds the registry's lock: a thread about to serve waits on it before it reads.
+    #[cfg(test)]
+    pub(crate) fn test_hold_registry(&self) -> impl Drop + '_ {
+        self.shared.registry.lock()
+    }
+
+    /// Says that threads have been started to serve this connection ([`State::runners_coming`]),
+    /// before they are in [`Connection::run`].
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn runners_coming(&self) {
+        self.shared.state.lock().runners_coming = true;
+    }
+
     /// A handle that does not keep the connection open: a listening [`Server`](crate::Server)
     /// keeps one of each client's, so that the connection goes (its socket, buffers and
     /// shared memory) as soon as its serving threads are done with it.
@@ -528,7 +545,8 @@ impl Connection {
     /// their replies go out. Serving threads return once they are done. Used for graceful
     /// shutdown.
     ///
-    /// With a thread in [`Connection::run`], the requests received from then on are dropped,
+    /// With a thread in [`Connection::run`] (or started for it by a listening
+    /// [`Server`](crate::Server)), the requests received from then on are dropped,
     /// their callers told [`Error::Disconnected`] once the connection ends: those still unread
     /// in the socket too, which, run, could not have the answers to the calls their handlers
     /// make back into the peer. With none of the peer's requests in flight, the socket's read

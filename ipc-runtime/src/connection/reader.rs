@@ -564,9 +564,9 @@ impl Shared {
     /// whose calls back into the peer would fail once the read side shuts), and with
     /// requests of the peer's in flight (running, or queued for the serving threads), the
     /// read side shuts once the last has finished. Returns whether it waits for them; if
-    /// not, the caller shuts the read side now. (Requests queued with no serving thread
-    /// would never finish: nothing to wait for; they run if one comes, as those still in
-    /// the socket do then.)
+    /// not, the caller shuts the read side now. (Requests queued with no serving thread,
+    /// none started either, would never finish: nothing to wait for; they run if one comes,
+    /// as those still in the socket do then.)
     #[cold]
     #[inline(never)]
     pub(super) fn drain(&self) -> bool {
@@ -574,7 +574,7 @@ impl Shared {
         if state.draining {
             return true;
         }
-        if state.runners == 0 || state.closed.is_some() {
+        if (state.runners == 0 && !state.runners_coming) || state.closed.is_some() {
             return false;
         }
         let in_flight = state.holds > 1 || !state.backlog.is_empty();

@@ -29,7 +29,7 @@ pub(crate) fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-fn readable(c: &Connection) -> bool {
+pub(crate) fn readable(c: &Connection) -> bool {
     let mut fds = [PollFd::new(c.as_fd(), PollFlags::POLLIN)];
     poll(&mut fds, PollTimeout::ZERO).unwrap() == 1
 }
@@ -415,9 +415,24 @@ pub(crate) static CALLS_BACK: InterfaceInfo = InterfaceInfo {
     }],
 };
 
+/// A call of `CALLS_BACK`'s `ask_back`, as the peer would send it by hand.
+pub(crate) fn calls_back_request(cookie: u64) -> Vec<u8> {
+    let mut request = vec![0; envelope::LEN];
+    Envelope {
+        kind: Kind::Call,
+        cmd: 1,
+        cookie,
+        interface: CALLS_BACK.id,
+        signature: CALLS_BACK.signature,
+    }
+    .write(&mut request);
+    codec::encode(&(), &mut request, &mut Vec::new()).unwrap();
+    request
+}
+
 /// Answers every call with what a call back into the peer (`IFACE`'s command 9) answers.
-struct CallsBack {
-    back: Connection,
+pub(crate) struct CallsBack {
+    pub(crate) back: Connection,
 }
 
 impl Service for CallsBack {
@@ -443,16 +458,7 @@ fn a_request_read_by_a_call_back_while_draining_is_dropped() {
         std::thread::spawn(move || served.send(a.serve(CallsBack { back })));
     }
     let peer = b.socket();
-    let mut request = vec![0; envelope::LEN];
-    Envelope {
-        kind: Kind::Call,
-        cmd: 1,
-        cookie: 1,
-        interface: CALLS_BACK.id,
-        signature: CALLS_BACK.signature,
-    }
-    .write(&mut request);
-    codec::encode(&(), &mut request, &mut Vec::new()).unwrap();
+    let request = calls_back_request(1);
     peer.send(&request, &[]).unwrap();
     let back = peer.recv().unwrap(); // the handler waits for its reply, reading
     a.stop_reading();
@@ -497,16 +503,7 @@ fn stop_reading_drops_a_call_still_unread_on_a_served_connection() {
     wait_until("the serving thread waits for the registry", || {
         b.shared.state.lock().runners == 1
     });
-    let mut request = vec![0; envelope::LEN];
-    Envelope {
-        kind: Kind::Call,
-        cmd: 1,
-        cookie: 1,
-        interface: CALLS_BACK.id,
-        signature: CALLS_BACK.signature,
-    }
-    .write(&mut request);
-    codec::encode(&(), &mut request, &mut Vec::new()).unwrap();
+    let request = calls_back_request(1);
     a.socket().send(&request, &[]).unwrap();
     b.stop_reading();
     drop(registry);
