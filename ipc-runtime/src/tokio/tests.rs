@@ -864,35 +864,27 @@ impl super::AsyncService for AsyncCallsBack {
     }
 }
 
-/// `stop_reading` on a serving connection with none of the peer's requests in flight, and a
-/// call of the peer's still unread in the socket: that call is dropped as one read while
-/// draining is, not run. Run, its handler's call back into the peer failed with
-/// `Disconnected` (the read side shut at once, the peer's reply could not be sent), the peer
-/// alive: the graceful shutdown's promise of answers to call backs, broken for it.
-#[test]
-fn stop_reading_drops_a_call_still_unread_on_a_serving_connection() {
-    use crate::connection::envelope::LEN;
-    use crate::connection::tests::CALLS_BACK;
-    use crate::tokio::envelope::{Envelope, Kind};
-    use std::time::Duration;
-
+/// A connection serving `AsyncCallsBack` on an undriven runtime, and its peer, which has sent
+/// it a call, still unread in the socket.
+fn a_call_back_unread() -> (::tokio::runtime::Runtime, super::AsyncConnection, Socket) {
     let (runtime, server, peer) = undriven_connection();
     server.add_service(AsyncCallsBack {
         back: server.clone(),
     });
-    let mut request = vec![0; LEN];
-    Envelope {
-        kind: Kind::Call,
-        cmd: 1,
-        cookie: 1,
-        interface: CALLS_BACK.id,
-        signature: CALLS_BACK.signature,
-    }
-    .write(&mut request);
-    crate::codec::encode(&(), &mut request, &mut Vec::new()).unwrap();
-    peer.send(&request, &[]).unwrap();
-    // The reader runs only while the runtime is driven: the call waits in the socket.
-    server.stop_reading();
+    peer.send(&crate::connection::tests::calls_back_request(1), &[])
+        .unwrap();
+    (runtime, server, peer)
+}
+
+/// Serves `server` to its end, and checks that the peer's call did not run: it would have
+/// called the peer back.
+fn assert_served_without_the_call(
+    runtime: &::tokio::runtime::Runtime,
+    server: &super::AsyncConnection,
+    peer: &Socket,
+) {
+    use std::time::Duration;
+
     let ran = runtime
         .block_on(async { ::tokio::time::timeout(Duration::from_secs(60), server.run()).await });
     assert!(matches!(ran, Ok(Ok(()))), "{ran:?}");
@@ -902,6 +894,31 @@ fn stop_reading_drops_a_call_still_unread_on_a_serving_connection() {
         sent, 0,
         "the call ran after stop_reading: it called the peer back"
     );
+}
+
+/// `stop_reading` on a serving connection with none of the peer's requests in flight, and a
+/// call of the peer's still unread in the socket: that call is dropped as one read while
+/// draining is, not run. Run, its handler's call back into the peer failed with
+/// `Disconnected` (the read side shut at once, the peer's reply could not be sent), the peer
+/// alive: the graceful shutdown's promise of answers to call backs, broken for it.
+#[test]
+fn stop_reading_drops_a_call_still_unread_on_a_serving_connection() {
+    let (runtime, server, peer) = a_call_back_unread();
+    // The reader runs only while the runtime is driven: the call waits in the socket.
+    server.stop_reading();
+    assert_served_without_the_call(&runtime, &server, &peer);
+}
+
+/// `stop_reading` on a serving connection just as its reader has taken a call of the peer's
+/// and checked that it may run it, before it counts it in flight: the call must be dropped
+/// (the drain found nothing in flight and shut the read side), not run with its call back
+/// into the peer failing.
+#[test]
+fn stop_reading_as_the_reader_takes_a_call_drops_it() {
+    let (runtime, server, peer) = a_call_back_unread();
+    let stopping = server.clone();
+    super::connection::before_admit(Box::new(move || stopping.stop_reading()));
+    assert_served_without_the_call(&runtime, &server, &peer);
 }
 
 /// `stop_reading` on a connection that serves nothing, with a request of the peer's held for

@@ -644,6 +644,28 @@ async fn connect_on_a_thread(
         .ok_or_else(|| Error::Io(io::Error::other("the connecting thread panicked")))?
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Run by this thread's reader once it has checked that a request it read may run,
+    /// before it takes the state lock to count it in flight: where the scheduler may stop it
+    /// while another thread calls `stop_reading`, made to happen in a test.
+    static BEFORE_ADMIT: std::cell::RefCell<Option<Box<dyn FnOnce()>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Sets what this thread's reader runs before it next counts a request in flight.
+#[cfg(test)]
+pub(super) fn before_admit(f: Box<dyn FnOnce()>) {
+    BEFORE_ADMIT.set(Some(f));
+}
+
+#[cfg(test)]
+fn run_before_admit() {
+    if let Some(f) = BEFORE_ADMIT.take() {
+        f();
+    }
+}
+
 /// In [`Inner::on_finish`]: the reader waits for room.
 const PAUSED: u8 = 1;
 /// In [`Inner::on_finish`] and [`Inner::dropping_requests`]: this end stopped reading while
@@ -689,7 +711,12 @@ impl Inner {
     #[cold]
     #[inline(never)]
     fn drain(&self) {
+        // Under the state lock, which the reader checks it under before it counts a request
+        // in flight: checked apart, a request taken as this finds nothing in flight ran
+        // after the read side shut, its calls back failing.
+        let state = self.lock();
         self.dropping_requests.fetch_or(DRAINING, Ordering::SeqCst);
+        drop(state);
         // Before the backlog is read again, so that a request finishing after that read sees
         // it (both `SeqCst`).
         self.on_finish.fetch_or(DRAINING, Ordering::SeqCst);

@@ -166,10 +166,17 @@ impl Inner {
             // This end closed the connection, or stopped reading and reads on only for the
             // replies its handlers wait for: what the peer sends is not run (dropped here,
             // closing its fds).
-            (Kind::Call | Kind::Oneway, _)
+            (Kind::Call | Kind::Oneway, Err(_))
                 if self.dropping_requests.load(Ordering::SeqCst) != 0 => {}
             (Kind::Call | Kind::Oneway, Ok(())) => {
+                #[cfg(test)]
+                super::run_before_admit();
                 let mut state = self.lock();
+                // Checked under the lock that `drain` sets it under: a request is either
+                // counted in flight before a drain looks, or dropped.
+                if self.dropping_requests.load(Ordering::SeqCst) != 0 {
+                    return Ok(false);
+                }
                 let cost = self.admit(&state, Cost::of(&frame))?;
                 let task = match state.serving {
                     true => self.dispatch(&mut state, frame, envelope, cost),
