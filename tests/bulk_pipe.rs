@@ -555,11 +555,7 @@ mod asynchronous {
 fn an_async_caller_pipes_shared_bytes_to_a_blocking_worker() {
     let _fds = fd_count_lock();
     let before = open_fds();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = common::two_worker_runtime();
     runtime.block_on(async {
         let (mut child, conn) = typed_ipc::tokio::worker::spawn(child("child_sink")).unwrap();
         conn.lend_pages_to_peer(true);

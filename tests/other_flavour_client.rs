@@ -160,11 +160,7 @@ const HELD: Duration = Duration::from_millis(20);
 fn the_async_client_of_a_blocking_trait_calls_its_blocking_server() {
     let _fds = fd_count_lock();
     let before = open_fds();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = common::two_worker_runtime();
     runtime.block_on(async {
         let (mut worker, conn) =
             typed_ipc::tokio::worker::spawn(child("child_blocking_store")).unwrap();
