@@ -561,12 +561,12 @@ impl Shared {
 
     /// [`Connection::stop_reading`](super::Connection::stop_reading) on a connection that
     /// serves: the requests read from now on are dropped (also those still in the socket,
-    /// whose calls back into the peer would fail once the read side shuts), and with
-    /// requests of the peer's in flight (running, or queued for the serving threads), the
-    /// read side shuts once the last has finished. Returns whether it waits for them; if
-    /// not, the caller shuts the read side now. (Requests queued with no serving thread,
-    /// none started either, would never finish: nothing to wait for; they run if one comes,
-    /// as those still in the socket do then.)
+    /// whose calls back into the peer would fail once the read side shuts), and the read side
+    /// shuts once none of the peer's requests is in flight (running, or queued for the
+    /// serving threads): at once if none is. Returns whether it drains; if not, the caller
+    /// shuts the read side now. (Requests queued with no serving thread, none started
+    /// either, would never finish: nothing to wait for; they run if one comes, as those still
+    /// in the socket do then.)
     #[cold]
     #[inline(never)]
     pub(super) fn drain(&self) -> bool {
@@ -577,13 +577,13 @@ impl Shared {
         if (state.runners == 0 && !state.runners_coming) || state.closed.is_some() {
             return false;
         }
-        let in_flight = state.holds > 1 || !state.backlog.is_empty();
         state.draining = true;
         state.holds -= 1; // the hold of reading as usual
         // As for `close_here`: a oneway owed for good, so that a runner's common case in
         // `read`, which does not look at `draining`, never takes a request again.
         state.oneways_arrived = u64::MAX;
-        in_flight
+        self.stop_reading_once_idle(&state);
+        true
     }
 
     /// Shuts the read side once no request is in flight, while draining: the reader then
