@@ -500,10 +500,10 @@ fn an_interface_the_peer_does_not_serve_is_named() {
         let server = tokio::spawn(v2::VersionedServer::new(v2::Impl).serve(b));
         let shapes = ShapesClient::new(a.clone());
         match shapes.reverse("x".into()).await {
-            Err(Error::InterfaceMismatch(why)) => {
+            Err(Error::NotServed(why)) => {
                 assert!(why.contains("Shapes") && why.contains("Versioned"), "{why}")
             }
-            other => panic!("expected Error::InterfaceMismatch, got {other:?}"),
+            other => panic!("expected Error::NotServed, got {other:?}"),
         }
         assert_eq!(v2::VersionedClient::new(a.clone()).same().await.unwrap(), 2);
         a.close();

@@ -5,9 +5,10 @@
 //! test binary, re-run) serves the release `EVOLVE_PLUGIN` names, and the parent calls it
 //! through another.
 //!
-//! What the interface check catches (methods added, retired, retyped, made oneway; the
-//! interface renamed) fails every call of the interface with `InterfaceMismatch`, naming
-//! what differs; what it cannot see (the types' definitions) fails to decode (`Remote`,
+//! What the interface check catches (methods added, retired, retyped, made oneway) fails
+//! every call of the interface with `InterfaceMismatch`, naming what differs; an interface
+//! renamed is another one, which the peer does not serve (`NotServed`, naming what it does
+//! serve); what it cannot see (the types' definitions) fails to decode (`Remote`,
 //! `Malformed`) or, where the encodings happen to fit, decodes as wrong values, pinned here
 //! so that nobody mistakes it for safe.
 
@@ -554,6 +555,40 @@ mod v2 {
     }
 }
 
+/// Release 2 built from another copy of its trait, one whose `gain` returns an `f64`: a
+/// plugin of a broken build, not an old one.
+mod v2_other {
+    use super::*;
+
+    #[typed_ipc::interface(name = "org.example.camera.Ipa2")]
+    pub trait Ipa2 {
+        fn configure(&self, cfg: v2::Config) -> v1::Caps;
+        fn exposure(&self) -> u64;
+        fn process(&self, frame: u32, buffer: OwnedFd) -> u64;
+        #[oneway]
+        fn stats_ready(&self, frame: u32);
+        fn gain(&self) -> f64;
+    }
+
+    impl Ipa2 for Plugin {
+        fn configure(&self, cfg: v2::Config) -> v1::Caps {
+            v2::Ipa2::configure(self, cfg)
+        }
+        fn exposure(&self) -> u64 {
+            v2::Ipa2::exposure(self)
+        }
+        fn process(&self, frame: u32, buffer: OwnedFd) -> u64 {
+            v2::Ipa2::process(self, frame, buffer)
+        }
+        fn stats_ready(&self, frame: u32) {
+            v2::Ipa2::stats_ready(self, frame)
+        }
+        fn gain(&self) -> f64 {
+            1.5
+        }
+    }
+}
+
 /// The plugin process: serves the release `EVOLVE_PLUGIN` names, with `Diag` beside it.
 #[test]
 #[ignore = "run as a child process by other tests"]
@@ -579,6 +614,9 @@ fn plugin() {
         "v1+v2" => server
             .service(v1::IpaServer::new(Plugin))
             .service(v2::Ipa2Server::new(Plugin)),
+        "v1+v2_other" => server
+            .service(v1::IpaServer::new(Plugin))
+            .service(v2_other::Ipa2Server::new(Plugin)),
         other => panic!("no plugin release {other}"),
     };
     server.serve(&worker::connection().unwrap()).unwrap();
@@ -605,6 +643,15 @@ fn mismatch<T: std::fmt::Debug>(result: Result<T, Error>) -> String {
     match result {
         Err(Error::InterfaceMismatch(why)) => why,
         other => panic!("expected Error::InterfaceMismatch, got {other:?}"),
+    }
+}
+
+/// The text of a `NotServed`; anything else fails the test.
+#[track_caller]
+fn not_served<T: std::fmt::Debug>(result: Result<T, Error>) -> String {
+    match result {
+        Err(Error::NotServed(why)) => why,
+        other => panic!("expected Error::NotServed, got {other:?}"),
     }
 }
 
@@ -769,7 +816,7 @@ fn the_wire_name_not_the_trait_name_is_the_interface() {
     assert_eq!(ipa.exposure().unwrap(), 10_000);
     let unnamed = unnamed::IpaClient::new(conn.clone()).with_timeout(HANG_GUARD);
     assert_eq!(
-        mismatch(unnamed.exposure()),
+        not_served(unnamed.exposure()),
         format!(
             "the peer does not serve interface `Ipa` (it serves: org.example.camera.Diag, \
              org.example.camera.Blob, {IPA})"
@@ -934,15 +981,17 @@ enum Plugged {
 }
 
 /// Asks the plugin on `conn` for release 2 and falls back to release 1: a plugin that does
-/// not serve release 2 answers `InterfaceMismatch` without running anything.
-fn plug(conn: &Connection) -> Plugged {
+/// not serve release 2 answers `NotServed` without running anything. Any other failure is
+/// the plugin's, not its age: a release 2 built from another copy of the trait answers
+/// `InterfaceMismatch`, and must not be driven as release 1.
+fn plug(conn: &Connection) -> Result<Plugged, Error> {
     let ipa2 = v2::Ipa2Client::new(conn.clone()).with_timeout(HANG_GUARD);
     match ipa2.exposure() {
-        Ok(_) => Plugged::V2(ipa2),
-        Err(Error::InterfaceMismatch(_)) => {
-            Plugged::V1(v1::IpaClient::new(conn.clone()).with_timeout(HANG_GUARD))
-        }
-        Err(other) => panic!("the plugin failed: {other:?}"),
+        Ok(_) => Ok(Plugged::V2(ipa2)),
+        Err(Error::NotServed(_)) => Ok(Plugged::V1(
+            v1::IpaClient::new(conn.clone()).with_timeout(HANG_GUARD),
+        )),
+        Err(other) => Err(other),
     }
 }
 
@@ -967,7 +1016,7 @@ fn release_2_under_its_own_name_lives_beside_release_1() {
     let old_host = v1::IpaClient::new(conn.clone()).with_timeout(HANG_GUARD);
     assert_eq!(old_host.exposure().unwrap(), 10_000);
     assert!(old_host.legacy_mode().unwrap());
-    let Plugged::V2(new_host) = plug(&conn) else {
+    let Ok(Plugged::V2(new_host)) = plug(&conn) else {
         panic!("the plugin serves release 2")
     };
     assert_eq!(new_host.configure(cfg2.clone()).unwrap(), caps);
@@ -979,7 +1028,7 @@ fn release_2_under_its_own_name_lives_beside_release_1() {
 
     // An old plugin under the new host: found out, and driven through release 1.
     let (worker, conn, diag) = spawn("v1");
-    let Plugged::V1(fallback) = plug(&conn) else {
+    let Ok(Plugged::V1(fallback)) = plug(&conn) else {
         panic!("the plugin serves release 1 only")
     };
     assert_eq!(fallback.exposure().unwrap(), 10_000);
@@ -991,12 +1040,32 @@ fn release_2_under_its_own_name_lives_beside_release_1() {
     let (worker, conn, _diag) = spawn("v2");
     let old_host = v1::IpaClient::new(conn.clone()).with_timeout(HANG_GUARD);
     assert_eq!(
-        mismatch(old_host.exposure()),
+        not_served(old_host.exposure()),
         format!(
             "the peer does not serve interface `{IPA}` (it serves: org.example.camera.Diag, \
              org.example.camera.Blob, org.example.camera.Ipa2)"
         )
     );
+    hang_up(worker, conn);
+}
+
+/// A plugin whose release 2 was built from another copy of the trait is not taken for an old
+/// plugin: the new host's probe fails with `InterfaceMismatch`, naming the method, where an
+/// old plugin's fails with `NotServed`; the plugin's release 1 still works.
+#[test]
+fn a_broken_release_2_is_not_mistaken_for_an_old_plugin() {
+    let _fds = common::fd_count_lock();
+    let (worker, conn, _diag) = spawn("v1+v2_other");
+    match plug(&conn) {
+        Err(Error::InterfaceMismatch(why)) => assert!(
+            why.contains("fn gain(&self) -> f32") && why.contains("fn gain(&self) -> f64"),
+            "{why}"
+        ),
+        Err(other) => panic!("expected Error::InterfaceMismatch, got {other:?}"),
+        Ok(_) => panic!("a broken release 2 was plugged"),
+    }
+    let old_host = v1::IpaClient::new(conn.clone()).with_timeout(HANG_GUARD);
+    assert_eq!(old_host.exposure().unwrap(), 10_000);
     hang_up(worker, conn);
 }
 

@@ -542,11 +542,11 @@ fn a_different_interface_is_a_mismatch_that_names_the_method() {
     }
     // The whole interface is refused, not just the method that differs.
     assert!(matches!(client.same(), Err(Error::InterfaceMismatch(_))));
-    // An interface the server does not serve at all is named.
+    // An interface the server does not serve at all is another error, and named.
     let shapes = ShapesClient::new(a.clone());
     match shapes.reverse("x".into()) {
-        Err(Error::InterfaceMismatch(why)) => assert!(why.contains("Shapes"), "{why}"),
-        other => panic!("expected Error::InterfaceMismatch, got {other:?}"),
+        Err(Error::NotServed(why)) => assert!(why.contains("Shapes"), "{why}"),
+        other => panic!("expected Error::NotServed, got {other:?}"),
     }
     // The matching client works on the same connection.
     assert_eq!(v2::VersionedClient::new(a.clone()).same().unwrap(), 2);
@@ -570,13 +570,13 @@ fn a_refused_caller_learns_nothing_of_what_is_served() {
         other => panic!("expected Error::Refused, got {other:?}"),
     }
     match ShapesClient::new(a.clone()).reverse("x".into()) {
-        Err(Error::InterfaceMismatch(why)) => {
+        Err(Error::NotServed(why)) => {
             assert!(!why.contains("Versioned"), "{why}");
             // Nor that it serves nothing, which it does not say either.
             assert!(why.contains("named none that it does"), "{why}");
             assert!(!why.contains("nothing"), "{why}");
         }
-        other => panic!("expected Error::InterfaceMismatch, got {other:?}"),
+        other => panic!("expected Error::NotServed, got {other:?}"),
     }
     drop(a);
     server.join().unwrap().unwrap();
@@ -713,11 +713,11 @@ fn traits_of_one_name_are_told_apart_by_their_wire_names() {
     // Without the name, the same methods are another interface, which this server does not
     // serve: the error names what it serves.
     match unnamed_camera_plugin::ControlClient::new(a.clone()).exposure() {
-        Err(Error::InterfaceMismatch(why)) => {
+        Err(Error::NotServed(why)) => {
             assert!(why.contains("org.example.camera.Control"), "{why}");
             assert!(why.contains("org.example.audio.Control"), "{why}");
         }
-        other => panic!("expected Error::InterfaceMismatch, got {other:?}"),
+        other => panic!("expected Error::NotServed, got {other:?}"),
     }
     drop(a);
     server.join().unwrap().unwrap();

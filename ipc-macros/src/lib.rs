@@ -96,7 +96,7 @@ use quote::quote;
 /// show; the generated items are still named after the trait, so renaming the trait while
 /// keeping the name keeps the wire. It takes up to 128 bytes, without spaces or control
 /// characters. Both ends must use the same name, and a client of another name gets
-/// `Error::InterfaceMismatch` listing what the server serves.
+/// `Error::NotServed` listing what the server serves.
 ///
 /// # The async flavour
 ///

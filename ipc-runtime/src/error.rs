@@ -89,15 +89,24 @@ pub enum Error {
     },
     /// A value could not be encoded (a `Serialize` implementation failed).
     Encode(String),
-    /// The two ends disagree about an interface: it is not served by the peer, or one of its
-    /// methods differs. The message names what differs (at most 16 differences, the rest
-    /// counted).
+    /// The peer serves this interface, but built from another version of it: a method
+    /// added, retired or changed, a `#[oneway]` differs, or the methods are in another order.
+    /// The message names what differs (at most 16 differences, the rest counted). The call
+    /// did not run.
     ///
-    /// Here and in [`Error::Refused`], [`Error::Panicked`] and [`Error::Remote`], text that
-    /// came from the peer is escaped as `{:?}` escapes it (control characters, bidirectional
-    /// overrides) and cut after 1,000 characters, so that printing the error is safe whatever
-    /// the peer sent.
+    /// Here and in [`Error::NotServed`], [`Error::Refused`], [`Error::Panicked`] and
+    /// [`Error::Remote`], text that came from the peer is escaped as `{:?}` escapes it
+    /// (control characters, bidirectional overrides) and cut after 1,000 characters, so that
+    /// printing the error is safe whatever the peer sent.
     InterfaceMismatch(String),
+    /// The peer serves no interface of this one's wire name. The message lists what it
+    /// serves, unless it may refuse callers (`authorize`), which tells a caller nothing of
+    /// its interfaces. The call did not run.
+    ///
+    /// Apart from [`Error::InterfaceMismatch`] so that a caller can fall back to an older
+    /// interface when a newer one is not served, without mistaking a peer built from a
+    /// broken or other copy of the newer one for an old peer.
+    NotServed(String),
     /// The server refused this caller (see `Connection::set_authorizer`); the reason is the
     /// server's.
     Refused(String),
@@ -162,6 +171,8 @@ impl fmt::Display for Error {
             }
             Error::Encode(why) => write!(f, "cannot encode value: {why}"),
             Error::InterfaceMismatch(why) => write!(f, "interface mismatch: {why}"),
+            // The message says it all: "the peer does not serve interface `X` ...".
+            Error::NotServed(why) => f.write_str(why),
             Error::Refused(why) => write!(f, "call refused: {why}"),
             Error::Panicked(why) => write!(f, "remote call panicked: {why}"),
             Error::Remote(why) => write!(f, "remote call failed: {why}"),
@@ -230,6 +241,7 @@ impl Error {
             },
             Error::Encode(s) => Error::Encode(s.clone()),
             Error::InterfaceMismatch(s) => Error::InterfaceMismatch(s.clone()),
+            Error::NotServed(s) => Error::NotServed(s.clone()),
             Error::Refused(s) => Error::Refused(s.clone()),
             Error::Panicked(s) => Error::Panicked(s.clone()),
             Error::Remote(s) => Error::Remote(s.clone()),

@@ -108,10 +108,10 @@ impl Failure {
             )),
             // A peer that may refuse callers names none of its interfaces (`admit`): that
             // says nothing of whether it serves any.
-            Failure::NotServed(served) if served.is_empty() => Error::InterfaceMismatch(format!(
+            Failure::NotServed(served) if served.is_empty() => Error::NotServed(format!(
                 "the peer does not serve interface `{name}`, and named none that it does"
             )),
-            Failure::NotServed(served) => Error::InterfaceMismatch(format!(
+            Failure::NotServed(served) => Error::NotServed(format!(
                 "the peer does not serve interface `{name}` (it serves: {})",
                 listed(served.iter(), |s| printable(s), ", ")
             )),
@@ -344,7 +344,8 @@ mod tests {
             Error::Remote(why)
             | Error::Panicked(why)
             | Error::Refused(why)
-            | Error::InterfaceMismatch(why) => why,
+            | Error::InterfaceMismatch(why)
+            | Error::NotServed(why) => why,
             other => panic!("unexpected {other:?}"),
         }
     }
