@@ -172,6 +172,8 @@ fn run_parent(crash: bool) -> Result<(), Box<dyn Error>> {
     if crash {
         command.arg("--crash");
     }
+    // The worker dies with this thread (the main one), however this process ends.
+    worker::exit_with_parent(&mut command);
     let (mut worker, connection) = Worker::spawn(command)?;
     println!("[parent] started the IPA worker, pid {}", worker.id());
 

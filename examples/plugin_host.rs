@@ -144,7 +144,10 @@ struct Plugin {
 
 impl Plugin {
     fn start(name: char, config: &HostConfig) -> Result<Plugin> {
-        let (worker, connection) = Worker::spawn((config.worker)())?;
+        // A plugin stuck in a frame must not outlive a host that dies without stopping it.
+        let mut command = (config.worker)();
+        worker::exit_with_parent(&mut command);
+        let (worker, connection) = Worker::spawn(command)?;
         let filter = ImageFilterClient::new(connection).with_timeout(config.timeout);
         println!("[host] plugin {name}: started, pid {}", worker.id());
         Ok(Plugin {

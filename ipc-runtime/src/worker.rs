@@ -51,7 +51,8 @@ pub const ENV: &str = "TYPED_IPC_FD";
 /// while you use the connection: `let (_, connection) = Worker::spawn(command)?` drops it,
 /// and kills the child, at once. Nothing kills the child if this process ends without
 /// dropping it (killed, or [`std::process::exit`]): an idle worker sees the hang-up and its
-/// `serve` returns, but one busy in a method (stuck, say) runs on, orphaned.
+/// `serve` returns, but one busy in a method (stuck, say) runs on, orphaned, unless it was
+/// started with [`exit_with_parent`].
 ///
 /// The connection [`Worker::spawn`] (or, async, `tokio::worker::spawn`) returned lives no
 /// longer than the child: once [`Worker::kill`] has signalled it, or [`Worker::wait`] or
@@ -505,6 +506,50 @@ fn pidfd_reap(pidfd: BorrowedFd<'_>, block: bool) -> io::Result<Option<Exit>> {
             return Err(error);
         }
     }
+}
+
+/// Makes the process `command` starts die (`SIGKILL`) when the thread that starts it ends,
+/// which, from the main thread, is when this process ends, however it ends: a worker busy in
+/// a method, or stuck, is not left running orphaned. Works with [`Worker::spawn`] and its
+/// siblings (async too), or any `Command`; returns `command`, for chaining.
+///
+/// ```no_run
+/// # use std::process::Command;
+/// # use ipc_runtime::worker::{self, Worker};
+/// let mut command = Command::new("ipa-plugin");
+/// worker::exit_with_parent(&mut command);
+/// let (worker, connection) = Worker::spawn(command)?;
+/// # Ok::<(), ipc_runtime::Error>(())
+/// ```
+///
+/// It is Linux's parent-death signal (`PR_SET_PDEATHSIG`), whose "parent" is the *thread*
+/// that forked: start such workers from the main thread or from one that lives as long as
+/// they should, not from a short-lived thread (a pool's, or tokio's blocking pool, whose idle
+/// threads end after a while), or they die with it. If this process has already died when
+/// the child sets it up, the child does not run the program (and the spawn fails). The
+/// setting survives `exec` of an ordinary program; the kernel clears it for a set-user-ID or
+/// set-group-ID one, or one with file capabilities, and the child itself may clear it, so it
+/// is no containment against a hostile worker: kill one from a process that outlives it.
+pub fn exit_with_parent(command: &mut Command) -> &mut Command {
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs in the child between fork and exec and only makes system
+    // calls (prctl, getppid), which are async-signal-safe; it does not allocate.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            // This process died before the signal was set up: the child was handed to
+            // another parent, and would never get it.
+            // (An error made from a message would allocate, which a child forked from a
+            // process of several threads must not.)
+            if libc::getppid() != parent {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+    command
 }
 
 /// In a process started by [`Worker::spawn`]: this side of the connection. Call it once;
