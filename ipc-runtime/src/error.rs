@@ -108,7 +108,11 @@ pub enum Error {
     /// broken or other copy of the newer one for an old peer.
     NotServed(String),
     /// The server refused this caller (see `Connection::set_authorizer`); the reason is the
-    /// server's.
+    /// server's. Also every call of a client a listener turned away as it connected
+    /// ([`Server::admit`](crate::Server::admit),
+    /// [`Server::max_clients`](crate::Server::max_clients)): the connection has ended, and a
+    /// caller whose send finds it gone reads the reason the server sent before it hung up, as
+    /// for [`Error::VersionMismatch`].
     Refused(String),
     /// The peer's implementation of the method panicked; the message names the method and
     /// gives the panic's message. The peer caught the panic and serves on, so the connection

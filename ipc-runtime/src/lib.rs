@@ -4,6 +4,7 @@
 #![warn(missing_docs)]
 
 mod accept_retry;
+mod admission;
 mod bulk_copy;
 pub mod codec;
 mod connection;

@@ -13,6 +13,7 @@ use std::thread::{JoinHandle, ThreadId};
 use std::time::Duration;
 
 use crate::accept_retry::{self, Failure, Trouble};
+use crate::admission::{self, Admission};
 use crate::connection::{Connection, WeakConnection};
 use crate::error::{Error, Result};
 use crate::frame::Limits;
@@ -59,6 +60,7 @@ pub struct Server {
     authorizer: Option<SharedAuthorizer>,
     stall_limit: Duration,
     client_limits: Limits,
+    admission: Admission,
 }
 
 impl Default for Server {
@@ -77,6 +79,7 @@ impl Server {
             authorizer: None,
             stall_limit: stall::DEFAULT_LIMIT,
             client_limits: Limits::default(),
+            admission: Admission::default(),
         }
     }
 
@@ -233,6 +236,63 @@ impl Server {
         self
     }
 
+    /// Lets `admit` turn clients of [`Server::listen`] away when they connect: it sees the
+    /// client's credentials (`None` if the kernel would not say) and returns `Err(reason)` for
+    /// a client this server will never serve. Where [`Server::authorize`] refuses calls one by
+    /// one, a client turned away costs nothing: `admit` runs once per client, on the thread
+    /// that accepts, before [`Server::service_with`]'s `make` and before any of the client's
+    /// threads starts; the client is told why and hung up on at once. Its calls then fail
+    /// with [`Error::Refused`] (the reason escaped and cut, as the peer's text always is),
+    /// also those it sends after the hang-up; a `#[oneway]` message it sent before it was
+    /// turned away had `Ok(())` and is dropped unread.
+    ///
+    /// A slow `admit` holds up the clients that connect meanwhile, as a slow `make` does; one
+    /// that panics turns that client away ("the server's admission check panicked", the panic
+    /// on stderr) and the listener accepts on. Not for [`Server::serve`], whose connection is
+    /// the caller's to take or not.
+    ///
+    /// ```no_run
+    /// # use ipc_runtime::{Listener, Server};
+    /// # fn demo() -> ipc_runtime::Result<()> {
+    /// let serving = Server::new()
+    ///     .admit(|peer| match peer {
+    ///         Some(p) if p.uid == 1000 => Ok(()),
+    ///         _ => Err("only uid 1000 may connect".into()),
+    ///     })
+    ///     .max_clients(64)
+    ///     .listen(Listener::bind("/run/my.sock")?)?;
+    /// # Ok(()) }
+    /// ```
+    pub fn admit(
+        mut self,
+        admit: impl Fn(Option<&PeerCredentials>) -> Result<(), String> + Send + Sync + 'static,
+    ) -> Server {
+        self.admission.admit = Some(Arc::new(admit));
+        self
+    }
+
+    /// Serves at most `n` clients of [`Server::listen`] at once. A client that connects while
+    /// `n` are connected is turned away at once, as by [`Server::admit`]: its calls fail with
+    /// `Error::Refused("the server is at its limit of n clients")`, and it may try again later.
+    /// It is not left waiting in the kernel's queue, where it would hold up the clients behind
+    /// it and learn nothing. A client counts from its acceptance until it has hung up and its
+    /// calls have run (as [`Serving::clients`] counts it); the limit is checked before
+    /// `admit` runs. No limit unless set: the process's (`RLIMIT_NOFILE`, `RLIMIT_NPROC`,
+    /// memory) are then what bound the clients, each of which costs its threads and at least
+    /// one file descriptor.
+    ///
+    /// # Panics
+    ///
+    /// If `n` is 0: a server that serves nobody.
+    pub fn max_clients(mut self, n: usize) -> Server {
+        assert!(
+            n > 0,
+            "Server::max_clients(0): a server must serve a client"
+        );
+        self.admission.max_clients = Some(n);
+        self
+    }
+
     /// Serves `connection` until the peer hangs up, on this thread plus `threads - 1` more.
     /// Returns `Ok(())` on a clean close. If a thread cannot be started, returns that error
     /// without serving anything (the connection stays open).
@@ -314,11 +374,12 @@ impl Server {
     /// [`Serving::shutdown`].
     ///
     /// Each client has [`Server::threads`] threads of its own for as long as it stays
-    /// connected, and nothing here caps how many clients are connected at once: each one
-    /// costs its threads and at least one file descriptor (its socket), so the process's
-    /// limits (`RLIMIT_NOFILE`, `RLIMIT_NPROC`, memory) are what bound them. A client that
-    /// hangs up costs nothing once its calls have run: its threads end, and its connection
-    /// (socket, buffers, shared memory) goes with them.
+    /// connected: each one costs its threads and at least one file descriptor (its socket).
+    /// [`Server::max_clients`] caps how many are connected at once, and [`Server::admit`]
+    /// turns clients away by their credentials before anything is spent on them; without
+    /// them, the process's limits (`RLIMIT_NOFILE`, `RLIMIT_NPROC`, memory) are what bound
+    /// the clients. A client that hangs up costs nothing once its calls have run: its threads
+    /// end, and its connection (socket, buffers, shared memory) goes with them.
     ///
     /// When accepting fails for want of resources — this process or the system is out of
     /// file descriptors (`EMFILE`, `ENFILE`) or memory (`ENOMEM`, `ENOBUFS`, a thread that
@@ -399,6 +460,13 @@ impl Server {
             let connection = match Socket::new(fd) {
                 Ok(mut socket) => {
                     socket.set_limits(self.client_limits);
+                    // Only the acceptor adds clients, so the count holds until it does.
+                    let connected = || pruned(clients).len();
+                    if let Err(reason) = self.admission.check(&socket, connected) {
+                        trouble.accepted();
+                        admission::turn_away(socket, &reason);
+                        continue;
+                    }
                     Connection::new(socket)
                 }
                 Err(e) => {
@@ -543,7 +611,8 @@ pub struct Serving {
 }
 
 impl Serving {
-    /// How many clients are connected now.
+    /// How many clients are connected now: those [`Server::max_clients`] counts, not those
+    /// turned away.
     pub fn clients(&self) -> usize {
         pruned(&self.clients).len()
     }

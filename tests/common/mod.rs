@@ -409,3 +409,13 @@ pub fn pin_to_one_cpu() {
     one.set(cpu).unwrap();
     sched_setaffinity(Pid::from_raw(0), &one).unwrap();
 }
+
+/// Yields until `cond` holds (a client's hang-up reaching a server, say); panics after a
+/// minute, a hang guard: a test that waits this long has failed anyway.
+pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let give_up = Instant::now() + Duration::from_secs(60);
+    while !cond() {
+        assert!(Instant::now() < give_up, "gave up waiting until {what}");
+        std::thread::yield_now();
+    }
+}

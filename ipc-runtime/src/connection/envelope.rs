@@ -3,7 +3,7 @@
 //!
 //! | offset | size | field       | meaning                                                  |
 //! |-------:|-----:|-------------|----------------------------------------------------------|
-//! | 0      | 1    | `kind`      | 1 call, 2 oneway, 3 reply, 4 failure reply, 5 announce   |
+//! | 0      | 1    | `kind`      | 1 call, 2 oneway, 3 reply, 4 failure, 5 announce, 6 refusal |
 //! | 1      | 3    | `lane`      | the blocking flavour's [lane word](super::lane); else 0  |
 //! | 4      | 4    | `cmd`       | command id of the method (calls, oneways)                |
 //! | 8      | 8    | `cookie`    | matches a reply to its call; 0 for oneways               |
@@ -42,6 +42,10 @@ pub enum Kind {
     /// Address 1: it gave back its shared region, whose inode number is the token. `cmd`,
     /// `cookie`, `interface` and `signature` are zero.
     Announce = 5,
+    /// The sender will not serve the receiver and hangs up after this, its last message: the
+    /// body is the reason (UTF-8, at most [`REASON_MAX`] bytes), which the receiver's calls
+    /// fail with ([`refusal`]). `cmd`, `cookie`, `interface` and `signature` are zero.
+    Refusal = 6,
 }
 
 /// A decoded envelope.
@@ -90,6 +94,7 @@ impl Envelope {
             3 => Kind::Reply,
             4 => Kind::Failure,
             5 => Kind::Announce,
+            6 => Kind::Refusal,
             k => return Err(Error::Malformed(format!("unknown message kind {k}"))),
         };
         let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
@@ -152,6 +157,34 @@ pub fn announcement(payload: &[u8]) -> Result<(u64, u64)> {
     }
 }
 
+/// Most bytes of reason a [`Kind::Refusal`] carries: a small datagram, which a socket just
+/// accepted has room for.
+pub const REASON_MAX: usize = 4096;
+
+/// A [`Kind::Refusal`] message saying `reason` (its first [`REASON_MAX`] bytes, cut between
+/// two characters).
+#[cold]
+#[inline(never)]
+pub fn refusal(reason: &str) -> Vec<u8> {
+    let mut end = reason.len().min(REASON_MAX);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut payload = vec![0u8; LEN + end];
+    payload[0] = Kind::Refusal as u8;
+    payload[LEN..].copy_from_slice(&reason.as_bytes()[..end]);
+    payload
+}
+
+/// The error a [`Kind::Refusal`] message ends the connection with: the peer's reason, made
+/// printable (it is the peer's text, and may be anything).
+#[cold]
+#[inline(never)]
+pub fn refused(payload: &[u8]) -> Error {
+    let reason = String::from_utf8_lossy(payload.get(LEN..).unwrap_or_default());
+    Error::Refused(super::trace::printable(&reason))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,5 +223,21 @@ mod tests {
         assert_eq!(lane(&b[..2]), 0);
         b[0] = 9;
         assert!(matches!(Envelope::read(&b), Err(Error::Malformed(_))));
+    }
+
+    /// A refusal carries its reason, cut between two characters, and the receiver's error
+    /// shows it escaped.
+    #[test]
+    fn a_refusal_says_why_escaped_and_cut() {
+        let message = refusal("not you\x1b[2J");
+        assert_eq!(Envelope::read(&message).unwrap().kind, Kind::Refusal);
+        match refused(&message) {
+            Error::Refused(why) => assert_eq!(why, "not you\\u{1b}[2J"),
+            other => panic!("{other:?}"),
+        }
+        let long = "é".repeat(REASON_MAX);
+        let message = refusal(&long);
+        assert_eq!(message.len(), LEN + REASON_MAX);
+        assert!(std::str::from_utf8(&message[LEN..]).is_ok());
     }
 }

@@ -338,6 +338,13 @@ impl Shared {
                 state = self.state.lock();
                 keep_unread(&mut state, frame);
             }
+            // The peer's last words: it hangs up after them.
+            (Kind::Refusal, result) => {
+                state = self.trace_unlocked(state, &envelope, &frame);
+                let why = result.map_or_else(|e| e, |()| envelope::refused(&frame.payload));
+                self.fail(&mut state, why);
+                keep_unread(&mut state, frame);
+            }
             (Kind::Announce, result) => {
                 // Not with the lock held: a write to stderr may block.
                 state = self.trace_unlocked(state, &envelope, &frame);

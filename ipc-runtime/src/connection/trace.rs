@@ -252,11 +252,13 @@ fn outgoing_line(name: &Name, envelope: &Envelope, iface: &InterfaceInfo, args: 
     ));
 }
 
-/// ` #3` for a call or a reply, which the cookie pairs; nothing for a oneway or an
-/// announcement, whose cookie is always 0 and says nothing.
+/// ` #3` for a call or a reply, which the cookie pairs; nothing for a oneway, an announcement
+/// or a refusal, whose cookie is always 0 and says nothing.
 fn cookie(envelope: &Envelope) -> String {
     match envelope.kind {
-        envelope::Kind::Oneway | envelope::Kind::Announce => String::new(),
+        envelope::Kind::Oneway | envelope::Kind::Announce | envelope::Kind::Refusal => {
+            String::new()
+        }
         _ => format!(" #{}", envelope.cookie),
     }
 }

@@ -392,6 +392,22 @@ impl Socket {
         }
     }
 
+    /// Sends `payload` as a message of one datagram, at once or not at all (`MSG_DONTWAIT`):
+    /// the last words to a peer this side will not serve, which must not wait on a peer that
+    /// does not read. `payload` must fit a first datagram ([`FIRST_MAX`]).
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn send_now(&self, payload: &[u8]) -> std::io::Result<usize> {
+        debug_assert!(payload.len() <= FIRST_MAX);
+        let header = Header {
+            kind: Kind::First,
+            fds: 0,
+            total_len: payload.len() as u32,
+            total_fds: 0,
+        };
+        sys::send(self.fd.as_fd(), &header.encode(), payload, &[])
+    }
+
     /// Tells a peer of another wire version this side's: a header of no message. Never waits
     /// (`MSG_DONTWAIT`).
     #[cold]

@@ -15,6 +15,7 @@ use ::tokio::task::JoinHandle;
 
 use super::{AsyncConnection, AsyncListener, AsyncService, WeakAsyncConnection};
 use crate::accept_retry::{self, Failure, Trouble};
+use crate::admission::{self, Admission};
 use crate::error::{Error, Result};
 use crate::frame::Limits;
 use crate::service::InterfaceInfo;
@@ -61,6 +62,7 @@ pub struct AsyncServer {
     authorizer: Option<SharedAuthorizer>,
     stall_limit: Duration,
     client_limits: Limits,
+    admission: Admission,
 }
 
 impl Default for AsyncServer {
@@ -70,6 +72,7 @@ impl Default for AsyncServer {
             authorizer: None,
             stall_limit: stall::DEFAULT_LIMIT,
             client_limits: Limits::default(),
+            admission: Admission::default(),
         }
     }
 }
@@ -217,6 +220,41 @@ impl AsyncServer {
         self
     }
 
+    /// Lets `admit` turn clients of [`AsyncServer::listen`] away when they connect, as the
+    /// blocking flavour's [`Server::admit`](crate::Server::admit) does: it sees the client's
+    /// credentials and returns `Err(reason)` for a client this server will never serve. It
+    /// runs once per client, in the acceptor task, before [`AsyncServer::service_with`]'s
+    /// `make` and before the client's task is spawned; the client is told why and hung up on
+    /// at once, and its calls fail with [`Error::Refused`]. One that panics turns that client
+    /// away ("the server's admission check panicked") and the listener accepts on. It runs in
+    /// the acceptor task: it must not block for long.
+    pub fn admit(
+        mut self,
+        admit: impl Fn(Option<&PeerCredentials>) -> Result<(), String> + Send + Sync + 'static,
+    ) -> AsyncServer {
+        self.admission.admit = Some(Arc::new(admit));
+        self
+    }
+
+    /// Serves at most `n` clients of [`AsyncServer::listen`] at once, as the blocking
+    /// flavour's [`Server::max_clients`](crate::Server::max_clients): a client that connects
+    /// while `n` are connected is turned away at once, its calls failing with
+    /// `Error::Refused("the server is at its limit of n clients")`, not left in the kernel's
+    /// queue. A client counts until it has hung up and its calls have run (as
+    /// [`AsyncServing::clients`] counts it). No limit unless set.
+    ///
+    /// # Panics
+    ///
+    /// If `n` is 0: a server that serves nobody.
+    pub fn max_clients(mut self, n: usize) -> AsyncServer {
+        assert!(
+            n > 0,
+            "AsyncServer::max_clients(0): a server must serve a client"
+        );
+        self.admission.max_clients = Some(n);
+        self
+    }
+
     /// Serves `connection` (at once) and returns a future that resolves when the peer has
     /// hung up and every handler has finished: `Ok(())` on a clean close.
     ///
@@ -274,9 +312,11 @@ impl AsyncServer {
     /// Accepts clients on `listener` and serves each, until [`AsyncServing::shutdown`]. Must be
     /// called inside a tokio runtime.
     ///
-    /// Nothing here caps how many clients are connected at once: each one costs its tasks and
-    /// at least one file descriptor (its socket), so the process's limits (`RLIMIT_NOFILE`,
-    /// memory) are what bound them. A client that hangs up costs nothing once its calls have
+    /// Each client costs its tasks and at least one file descriptor (its socket):
+    /// [`AsyncServer::max_clients`] caps how many are connected at once, and
+    /// [`AsyncServer::admit`] turns clients away by their credentials before anything is spent
+    /// on them; without them, the process's limits (`RLIMIT_NOFILE`, memory) are what bound
+    /// the clients. A client that hangs up costs nothing once its calls have
     /// run: its task ends, and its connection (socket, buffers, shared memory) goes with it.
     ///
     /// When accepting fails for want of resources — this process or the system is out of
@@ -356,7 +396,22 @@ impl AsyncServer {
                 socket.set_limits(self.client_limits);
                 socket
             };
-            match Socket::new(fd).map(limited).and_then(AsyncConnection::new) {
+            let socket = match Socket::new(fd).map(limited) {
+                Ok(socket) => socket,
+                Err(e) => {
+                    let wait = trouble.failed("cannot set up a client's connection", &e);
+                    back_off(wait, clients).await;
+                    continue;
+                }
+            };
+            // Only the acceptor adds clients, so the count holds until it does.
+            let connected = || pruned(clients).len();
+            if let Err(reason) = self.admission.check(&socket, connected) {
+                trouble.accepted();
+                admission::turn_away(socket, &reason);
+                continue;
+            }
+            match AsyncConnection::new(socket) {
                 Ok(connection) => {
                     trouble.accepted();
                     // A `make` that panics (the panic hook has said so) fails this client only.
@@ -477,7 +532,8 @@ pub struct AsyncServing {
 }
 
 impl AsyncServing {
-    /// How many clients are connected now.
+    /// How many clients are connected now: those [`AsyncServer::max_clients`] counts, not
+    /// those turned away.
     pub fn clients(&self) -> usize {
         pruned(&self.clients).len()
     }

@@ -210,6 +210,10 @@ impl Inner {
                 let failure = unreceived(&e, true);
                 self.oneway_failed(&envelope, &failure);
             }
+            // The peer's last words: it hangs up after them.
+            (Kind::Refusal, received) => {
+                return Err(received.map_or_else(|e| e, |()| envelope::refused(&frame.payload)));
+            }
             (Kind::Announce, received) => {
                 let (mailbox, token) =
                     received.and_then(|()| envelope::announcement(&frame.payload))?;

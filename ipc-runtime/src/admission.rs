@@ -1,0 +1,130 @@
+//! Whether a listener takes a client in at all, asked once when it accepts the client, before
+//! anything is spent on it: the same rules for both flavours' servers ([`Server::admit`],
+//! [`Server::max_clients`]).
+//!
+//! [`Server::admit`]: crate::Server::admit
+//! [`Server::max_clients`]: crate::Server::max_clients
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+
+use crate::connection::envelope;
+use crate::socket::{PeerCredentials, Socket};
+
+/// What `Server::admit` asks about each client.
+pub(crate) type Admit = Arc<dyn Fn(Option<&PeerCredentials>) -> Result<(), String> + Send + Sync>;
+
+/// A listener's rules for taking clients in.
+#[derive(Clone, Default)]
+pub(crate) struct Admission {
+    pub(crate) admit: Option<Admit>,
+    pub(crate) max_clients: Option<usize>,
+}
+
+impl Admission {
+    /// Whether the client on `socket` is taken in (`connected` counts the clients served
+    /// already): `Err(reason)` if not. The limit first: a client over it costs no call to
+    /// `admit`.
+    #[inline]
+    pub(crate) fn check(
+        &self,
+        socket: &Socket,
+        connected: impl FnOnce() -> usize,
+    ) -> Result<(), String> {
+        match self.max_clients {
+            Some(max) if connected() >= max => return Err(at_limit(max)),
+            _ => {}
+        }
+        match &self.admit {
+            Some(admit) => asked(admit, socket),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The reason a client over [`Admission::max_clients`] is turned away with.
+#[cold]
+#[inline(never)]
+fn at_limit(max: usize) -> String {
+    let clients = if max == 1 { "client" } else { "clients" };
+    format!("the server is at its limit of {max} {clients}")
+}
+
+/// `admit`'s answer about the peer of `socket`. User code: a panic (on stderr already, by the
+/// panic hook) refuses this client, and must not unwind through the accept loop, which would
+/// stop accepting for good.
+#[cold]
+#[inline(never)]
+fn asked(admit: &Admit, socket: &Socket) -> Result<(), String> {
+    let peer = socket.peer_credentials().ok();
+    catch_unwind(AssertUnwindSafe(|| admit(peer.as_ref())))
+        .unwrap_or_else(|_| Err("the server's admission check panicked".into()))
+}
+
+/// Tells the client on `socket` that it is turned away, and why, then hangs up on it: its
+/// calls fail with [`Error::Refused`](crate::Error::Refused) rather than a bare
+/// `Disconnected`. The refusal goes out at once or not at all: a client whose socket has no
+/// room (one that does not read, with a receive buffer made tiny) sees the hang-up alone, and
+/// the accept loop never waits on it.
+#[cold]
+#[inline(never)]
+pub(crate) fn turn_away(socket: Socket, reason: &str) {
+    let _ = socket.send_now(&envelope::refusal(reason));
+    drop(socket);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Error;
+    use crate::frame::Frame;
+
+    /// A client whose socket has no room left (one that never reads, its queue full) is hung
+    /// up on without the refusal, and the accept loop does not wait for it to read.
+    #[test]
+    fn a_client_with_no_room_is_hung_up_on_without_waiting() {
+        let (server_end, client) = Socket::pair().unwrap();
+        let filler = envelope::refusal("filler");
+        while server_end.send_now(&filler).is_ok() {}
+        turn_away(server_end, "not you");
+        // What was queued before is still there; the end follows, with no refusal after it.
+        let mut frame = Frame::default();
+        loop {
+            match client.recv_into(&mut frame, None) {
+                Ok(()) => {
+                    let said = envelope::refused(&frame.payload).to_string();
+                    assert_eq!(said, "call refused: filler");
+                }
+                Err(Error::Disconnected) => break,
+                Err(e) => panic!("{e}"),
+            }
+            frame.clear();
+        }
+    }
+
+    /// The limit is checked first, and an admit that panics refuses.
+    #[test]
+    fn the_limit_comes_first_and_a_panic_refuses() {
+        let (socket, _peer) = Socket::pair().unwrap();
+        let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let admission = Admission {
+            admit: Some(Arc::new({
+                let asked = asked.clone();
+                move |_| {
+                    asked.store(true, std::sync::atomic::Ordering::SeqCst);
+                    panic!("a bug of the check's own")
+                }
+            })),
+            max_clients: Some(1),
+        };
+        assert_eq!(
+            admission.check(&socket, || 1).unwrap_err(),
+            "the server is at its limit of 1 client"
+        );
+        assert!(!asked.load(std::sync::atomic::Ordering::SeqCst));
+        assert_eq!(
+            admission.check(&socket, || 0).unwrap_err(),
+            "the server's admission check panicked"
+        );
+    }
+}
