@@ -7,10 +7,11 @@
 //! back: `progress` oneways, then `proceed`, a call the client may answer `false` to decline
 //! the job. The reply is a new sealed buffer, the image halved in each direction.
 //!
-//! The daemon serves only the uids it is told to (`authorize`), keeps per-client state
-//! (`service_with`), copes with clients that die mid-call, flood it, or stop reading, and on
-//! `SIGTERM` stops accepting, lets the calls in flight finish and reply, removes its socket
-//! file and exits 0.
+//! The daemon serves only the uids it is told to, turning the others away as they connect
+//! (`admit`), before any session is made for them; it serves at most `MAX_CLIENTS` clients at
+//! once (`max_clients`), keeps per-client state (`service_with`), copes with clients that die
+//! mid-call, flood it, or stop reading, and on `SIGTERM` stops accepting, lets the calls in
+//! flight finish and reply, removes its socket file and exits 0.
 //!
 //! ```text
 //! cargo run --example daemon --features tokio -- daemon /tmp/thumbnailer.sock &
@@ -124,6 +125,10 @@ pub fn client_limits() -> Limits {
 }
 
 /// How long a client may take to answer the daemon's call back into it.
+/// The most clients the daemon serves at once: each one costs a session and a socket, and a
+/// local user must not be able to take them all. The next one is refused, told so.
+pub const MAX_CLIENTS: usize = 256;
+
 const CALLBACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// How long a client may take to write an image it sends as a pipe: a pipe whose writer
@@ -327,7 +332,7 @@ impl Thumbnailer for Session {
 #[derive(Clone, Debug)]
 pub struct DaemonConfig {
     pub path: std::path::PathBuf,
-    /// The uids that may call; everyone else is refused.
+    /// The uids served; everyone else is refused as it connects.
     pub allowed_uids: Vec<u32>,
     /// How long a reply a client does not read may hold the shutdown up.
     pub stall_limit: std::time::Duration,
@@ -365,16 +370,14 @@ async fn serve_until_sigterm(config: DaemonConfig) -> Result<()> {
                 })
             }
         })
-        .authorize(move |peer, iface, cmd| match peer {
+        // Who may connect is all there is to decide: every uid served may call every method.
+        // Decided once per client, before `service_with` makes a session for it.
+        .admit(move |peer| match peer {
             Some(p) if allowed.contains(&p.uid) => Ok(()),
-            Some(p) => Err(format!(
-                "uid {} may not call {}::{}",
-                p.uid,
-                iface.name,
-                iface.method(cmd).map_or("?", |m| m.name)
-            )),
+            Some(p) => Err(format!("uid {} may not use the thumbnailer", p.uid)),
             None => Err("no credentials".into()),
         })
+        .max_clients(MAX_CLIENTS)
         .shutdown_stall_limit(config.stall_limit)
         .client_limits(client_limits())
         .listen(listener);
