@@ -124,11 +124,11 @@ pub fn client_limits() -> Limits {
     }
 }
 
-/// How long a client may take to answer the daemon's call back into it.
 /// The most clients the daemon serves at once: each one costs a session and a socket, and a
 /// local user must not be able to take them all. The next one is refused, told so.
 pub const MAX_CLIENTS: usize = 256;
 
+/// How long a client may take to answer the daemon's call back into it.
 const CALLBACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// How long a client may take to write an image it sends as a pipe: a pipe whose writer
