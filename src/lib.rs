@@ -103,7 +103,7 @@
 
 #![warn(missing_docs)]
 
-pub use ipc_macros::interface;
+pub use ipc_macros::{Shape, interface};
 pub use ipc_runtime::*;
 
 // No doc comment here: rustdoc would put it before the module's own, and the summary in
@@ -117,6 +117,7 @@ pub mod __private {
     pub use ipc_runtime::CallBytes;
     pub use ipc_runtime::codec::{Bytes, Fd};
     pub use ipc_runtime::service::{Call, InterfaceInfo, MethodInfo, Service, fnv1a};
+    pub use ipc_runtime::shape::{self, Shape};
     pub use ipc_runtime::{Connection, Error};
     pub use serde::Serialize;
     pub use serde::de::DeserializeOwned;

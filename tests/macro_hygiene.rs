@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, PartialEq, Serialize, Deserialize, typed_ipc::Shape)]
 pub struct Payload(pub u32);
 
 mod shadowed {
@@ -44,6 +44,9 @@ mod shadowed {
     pub mod core {}
     pub mod typed_ipc {}
     pub mod serde {}
+    pub struct Shape;
+    pub mod shape {}
+    pub struct Recursion;
     /// A type named like the server's type parameter.
     pub use super::Payload as T;
 
@@ -125,6 +128,64 @@ mod shadowed {
         }
         fn nudge(&self, _call: ::core::primitive::u32) {}
         fn nothing(&self) {}
+    }
+
+    /// A derived shape, generic and directly recursive, among the shadowed names.
+    #[derive(::serde::Serialize, ::serde::Deserialize, ::typed_ipc::Shape)]
+    pub struct Tree<X> {
+        pub value: X,
+        pub kids: ::std::vec::Vec<Tree<X>>,
+        #[serde(skip)]
+        pub cache: ::core::option::Option<::core::primitive::u32>,
+    }
+
+    #[derive(::serde::Serialize, ::serde::Deserialize, ::typed_ipc::Shape)]
+    pub enum Choice {
+        Nothing,
+        One(::core::primitive::u32),
+        Named {
+            fd: ::core::option::Option<::core::primitive::u8>,
+        },
+    }
+
+    /// `check_types`: the shapes are named by absolute paths too.
+    #[::typed_ipc::interface(check_types)]
+    pub trait Checked {
+        fn tree(&self, t: Tree<T>, choice: Choice) -> ::core::primitive::u32;
+        fn echo(
+            &self,
+            data: ::std::vec::Vec<::core::primitive::u8>,
+        ) -> ::std::vec::Vec<::core::primitive::u8>;
+        fn swap(
+            &self,
+            fd: ::core::option::Option<::std::os::fd::OwnedFd>,
+        ) -> ::core::option::Option<::std::os::fd::OwnedFd>;
+        #[oneway]
+        fn nudge(&self, call: ::core::primitive::u32);
+    }
+
+    impl Checked for Impl {
+        fn tree(&self, t: Tree<T>, choice: Choice) -> ::core::primitive::u32 {
+            let picked = match choice {
+                Choice::Nothing => 0,
+                Choice::One(n) => n,
+                Choice::Named { .. } => 100,
+            };
+            t.value.0 + t.kids.len() as ::core::primitive::u32 + picked
+        }
+        fn echo(
+            &self,
+            data: ::std::vec::Vec<::core::primitive::u8>,
+        ) -> ::std::vec::Vec<::core::primitive::u8> {
+            data
+        }
+        fn swap(
+            &self,
+            fd: ::core::option::Option<::std::os::fd::OwnedFd>,
+        ) -> ::core::option::Option<::std::os::fd::OwnedFd> {
+            fd
+        }
+        fn nudge(&self, _call: ::core::primitive::u32) {}
     }
 
     /// A blocking trait with an async client too.
@@ -321,6 +382,31 @@ fn a_client_of_the_other_flavour_among_shadowed_names_works() {
     client.nudge(1).unwrap();
     drop(client);
     runtime.block_on(serving).unwrap().unwrap();
+}
+
+/// `check_types` and `#[derive(Shape)]` among the shadowed names.
+#[test]
+fn a_type_checked_interface_among_shadowed_names_works() {
+    use shadowed::{CheckedClient, CheckedServer, Choice, Tree};
+    let (a, b) = typed_ipc::Connection::pair().unwrap();
+    let server = std::thread::spawn(move || CheckedServer::new(shadowed::Impl).serve(b));
+    let client = CheckedClient::new(a);
+    let leaf = || Tree {
+        value: Payload(0),
+        kids: vec![],
+        cache: None,
+    };
+    let tree = Tree {
+        value: Payload(40),
+        kids: vec![leaf(), leaf()],
+        cache: Some(7),
+    };
+    assert_eq!(client.tree(tree, Choice::One(1)).unwrap(), 43);
+    assert_eq!(client.echo(vec![1, 2, 3]).unwrap(), [1, 2, 3]);
+    assert!(client.swap(None).unwrap().is_none());
+    client.nudge(1).unwrap();
+    drop(client);
+    server.join().unwrap().unwrap();
 }
 
 /// A trait named like the server's type parameter.

@@ -1,9 +1,10 @@
 //! The golden-file tests: the expansion of sample interfaces, pretty-printed, checked in as
 //! `tests/golden/ipa.rs` (blocking) and `tests/golden/ipa_async.rs` (async), and with a client
 //! of the other flavour as `tests/golden/ipa_async_client.rs` (`async_client` on the blocking
-//! sample) and `tests/golden/ipa_blocking_client.rs` (`blocking_client` on the async one), so
-//! that every change to the generated code shows up in review. `TYPED_IPC_BLESS=1 cargo test -p
-//! ipc-macros` rewrites the files.
+//! sample) and `tests/golden/ipa_blocking_client.rs` (`blocking_client` on the async one), and
+//! with the types checked as `tests/golden/ipa_check_types.rs` (`check_types` on the blocking
+//! sample), so that every change to the generated code shows up in review.
+//! `TYPED_IPC_BLESS=1 cargo test -p ipc-macros` rewrites the files.
 
 use std::path::Path;
 
@@ -89,6 +90,16 @@ fn blocking_client_expansion_matches_the_golden_file() {
         async_sample(),
         "tests/golden/ipa_blocking_client.rs",
         "`#[interface(blocking_client)]` on the async sample",
+    );
+}
+
+#[test]
+fn check_types_expansion_matches_the_golden_file() {
+    check(
+        quote!(check_types),
+        sample(),
+        "tests/golden/ipa_check_types.rs",
+        "`#[interface(check_types)]` on the sample",
     );
 }
 

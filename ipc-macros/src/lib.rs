@@ -8,6 +8,7 @@
 mod generate;
 mod model;
 mod parse;
+mod shape;
 mod types;
 
 #[cfg(test)]
@@ -76,7 +77,8 @@ use quote::quote;
 ///   ids, the methods' order, types as spelled), not the definitions of the types it names:
 ///   a struct changed on one end only is not detected, and decodes as an error or, if its
 ///   encoding happens to fit, as wrong values. Rebuild both ends when a shared type changes,
-///   or version the type itself.
+///   version the type itself, or have the check cover the types with
+///   `#[interface(check_types)]` (below).
 /// - With `#[interface(async_client)]`, `IpaAsyncClient` too (below, "A client of the other
 ///   flavour").
 ///
@@ -175,6 +177,41 @@ use quote::quote;
 /// added: a server of each flavour still needs a trait of each flavour. `async_client` on a
 /// trait of `async fn`s, `blocking_client` on a trait of `fn`s, or both, are compile errors.
 ///
+/// # Checking the types' definitions too
+///
+/// ```ignore
+/// #[derive(Serialize, Deserialize, typed_ipc::Shape)]
+/// pub struct Caps { pub max_width: u32, pub max_height: u32 }
+///
+/// #[interface(name = "org.example.camera.Ipa", check_types)]
+/// pub trait Ipa {
+///     fn configure(&self, cfg: Config) -> Caps;
+/// }
+/// ```
+///
+/// With `check_types`, the interface signature also covers each method's parameter and
+/// return types' wire forms: their `typed_ipc::Shape`s, compile-time hashes of how bincode
+/// writes them (field order, count and types; an enum's variants in order; not names).
+/// `Caps` repacked at one end into `{ max_width: u16, max_height: u16, max_fps: u32 }`, the
+/// same eight bytes, then fails every call of the interface with `Error::InterfaceMismatch`
+/// (``"`configure`: same signature, but the definitions of its types differ"``) instead of
+/// decoding wrong values. Renaming a field or a type, or adding a `#[serde(skip)]` field,
+/// changes nothing. The signature is still a constant: a call does no more work.
+///
+/// - Every parameter and return type must implement `typed_ipc::Shape`: typed-ipc implements
+///   it for the standard types serde carries and for its own (`OwnedFd`, `SealedBuffer`,
+///   `SharedBytes`, ...); `#[derive(typed_ipc::Shape)]` writes it for your structs and enums
+///   (fields with `#[serde(with = "typed_ipc::fd")]`, `"typed_ipc::fds"` or
+///   `"typed_ipc::bytes"` included). A missing one is a compile error at the type.
+/// - Both ends must ask for it: an end with `check_types` and one without have different
+///   signatures, and the mismatch says that only one end checks.
+/// - It sees what derives see: a type whose `Serialize` is written by hand implements
+///   `Shape` by hand, and must describe what it writes honestly.
+/// - The signature is a 32-bit hash: two different interfaces collide once in about 2^32.
+///
+/// (`check_types` rather than `shapes`: it says what the option does to the interface check,
+/// to a reader of the trait who has not met `Shape`.)
+///
 /// # Method attributes
 ///
 /// - `#[cmd(N)]` pins the method's command id to `N`; otherwise its id is its position in the
@@ -241,6 +278,54 @@ pub fn interface(
     item: proc_macro::TokenStream,
 ) -> proc_macro::TokenStream {
     expand(attr.into(), item.into()).into()
+}
+
+/// Derives `typed_ipc::Shape`: the type's bincode wire form as a compile-time hash, which
+/// `#[interface(check_types)]` compares between the two ends of an interface.
+///
+/// ```ignore
+/// #[derive(Serialize, Deserialize, typed_ipc::Shape)]
+/// pub struct Frame {
+///     pub number: u32,
+///     #[serde(with = "typed_ipc::fd")]
+///     pub buffer: OwnedFd,
+///     #[serde(skip)] // not on the wire, not in the shape
+///     pub received: Option<Instant>,
+/// }
+///
+/// #[derive(Serialize, Deserialize, typed_ipc::Shape)]
+/// pub enum Mode { Off, Fixed(u32), Auto { min: u32, max: u32 } }
+/// ```
+///
+/// The shape is of the fields in order (each by its type's `Shape`) and, for an enum, of the
+/// variants in order; names do not count, as bincode writes none. Type parameters are bound
+/// `T: Shape`.
+///
+/// serde attributes: `rename`, `alias`, `default`, `bound` and the like change nothing;
+/// `skip`, `skip_serializing` and `skip_deserializing` leave the field out; `transparent` is
+/// the shape of the one field; `with = "typed_ipc::fd"`, `"typed_ipc::fds"` and
+/// `"typed_ipc::bytes"` are typed-ipc's own. The others change the wire form in ways the
+/// derive cannot see (`with`, `serialize_with`, `deserialize_with`, `flatten`,
+/// `skip_serializing_if`, `tag`, `content`, `untagged`, `into`, `from`, `try_from`, `remote`,
+/// a skipped variant, ...) and are compile errors at the attribute: implement `Shape` by
+/// hand instead, from what is written, in order:
+///
+/// ```ignore
+/// impl typed_ipc::Shape for Stamp {
+///     const SHAPE: u64 = typed_ipc::shape::product(&[u64::SHAPE, String::SHAPE]);
+/// }
+/// ```
+///
+/// A type that names itself (`struct Tree { kids: Vec<Tree> }`, or `Self`) gets a fixed
+/// marker where it does, so directly recursive types work. Types that name each other
+/// (`A` holds a `B`, `B` an `A`) are a cycle rustc reports ("cycle detected when
+/// const-evaluating"): implement `Shape` by hand for one of them, spelling out the other's
+/// fields with `typed_ipc::shape::RECURSION` where the other names the first.
+#[proc_macro_derive(Shape)]
+pub fn derive_shape(input: proc_macro::TokenStream) -> proc_macro::TokenStream {
+    shape::derive(input.into())
+        .unwrap_or_else(syn::Error::into_compile_error)
+        .into()
 }
 
 /// The whole expansion, on `proc_macro2` types so that tests can run it.

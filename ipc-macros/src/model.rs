@@ -22,6 +22,9 @@ pub struct Interface {
     /// `<Trait>BlockingClient` (same wire, same interface). The argument's span, where an
     /// error about it (a missing `tokio` feature) points.
     pub other_client: Option<Span>,
+    /// `#[interface(check_types)]`: the methods' type shapes (`typed_ipc::Shape`) are folded
+    /// into the signature, and each method's is recorded in its `MethodInfo`.
+    pub check_types: bool,
     /// The trait's visibility, given to every generated item.
     pub vis: Visibility,
     /// The methods, in declaration order.

@@ -52,6 +52,7 @@ pub fn interface(attr: TokenStream, item: TokenStream) -> Result<Interface, Reje
             vis: item.vis.clone(),
             flavour,
             other_client,
+            check_types: args.check_types.is_some(),
             methods,
             item,
         }),
@@ -82,13 +83,16 @@ struct Args {
     name: Option<syn::LitStr>,
     /// `async_client` or `blocking_client`: which, and where it is written.
     other_client: Option<(Flavour, Ident)>,
+    /// `check_types`: where it is written, if it is.
+    check_types: Option<Ident>,
 }
 
 /// What an unknown argument is told.
 const USAGE: &str = "#[interface] takes these optional arguments: `name = \"org.example.Ipa\"` \
-                     (the interface's name on the wire), and `async_client` on a trait of \
+                     (the interface's name on the wire), `async_client` on a trait of \
                      `fn`s or `blocking_client` on a trait of `async fn`s (a client of the \
-                     other flavour too): `#[interface(name = \"org.example.Ipa\", \
+                     other flavour too), and `check_types` (the interface check covers the \
+                     definitions of the types too): `#[interface(name = \"org.example.Ipa\", \
                      async_client)]`";
 
 impl Args {
@@ -101,6 +105,8 @@ impl Args {
         let parser = syn::meta::parser(|meta| {
             let client_flavour = if meta.path.is_ident("name") {
                 return args.parse_name(meta);
+            } else if meta.path.is_ident("check_types") {
+                return args.parse_check_types(meta);
             } else if meta.path.is_ident("async_client") {
                 Flavour::Async
             } else if meta.path.is_ident("blocking_client") {
@@ -135,6 +141,21 @@ impl Args {
             args = Args::default();
         }
         args
+    }
+
+    /// `check_types`, which takes no value.
+    fn parse_check_types(&mut self, meta: syn::meta::ParseNestedMeta<'_>) -> syn::Result<()> {
+        let ident = meta.path.require_ident()?.clone();
+        if !meta.input.is_empty() && !meta.input.peek(Token![,]) {
+            return Err(
+                meta.error("`check_types` takes no value: write `#[interface(check_types)]`")
+            );
+        }
+        if self.check_types.is_some() {
+            return Err(meta.error("`check_types` is given twice"));
+        }
+        self.check_types = Some(ident);
+        Ok(())
     }
 
     /// `name = "..."`, after the `name`.

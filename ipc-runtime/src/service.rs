@@ -19,7 +19,8 @@ pub struct InterfaceInfo {
     /// [`fnv1a`] of `name`: how requests name their interface on the wire.
     pub id: u32,
     /// [`fnv1a`] of every method's id, name and signature: equal on both ends or the
-    /// interface differs.
+    /// interface differs. With `#[interface(check_types)]`, the methods' [`MethodInfo::shape`]s
+    /// are folded in too ([`shape::signature`](crate::shape::signature)).
     pub signature: u32,
     /// The methods, in declaration order.
     pub methods: &'static [MethodInfo],
@@ -36,6 +37,10 @@ pub struct MethodInfo {
     pub signature: &'static str,
     /// Whether it is `#[oneway]`: sent without waiting for a reply.
     pub oneway: bool,
+    /// With `#[interface(check_types)]`, the hash of its parameters' and result's wire forms
+    /// ([`shape::method`](crate::shape::method)), which names the method whose types differ
+    /// when its text does not; 0 without (the types are not checked).
+    pub shape: u64,
 }
 
 impl InterfaceInfo {
@@ -283,6 +288,7 @@ mod tests {
             cmd,
             signature: "",
             oneway: false,
+            shape: 0,
         }
     }
 

@@ -45,8 +45,9 @@ pub const HEADER_LEN: usize = 16;
 /// the receiver keeps the latest change, whatever order two announcements arrive in. 9: a
 /// refusal (envelope kind 6, its body the reason) is an end's last message before it hangs
 /// up, which the receiver reports as `Error::Refused`: a listener's word to a client it turns
-/// away at accept.
-pub const VERSION: u8 = 9;
+/// away at accept. 10: a mismatch reply (`Failure::Mismatch`) lists each method's type shape
+/// too (its `MethodInfo::shape`), so that a method whose types alone differ is named.
+pub const VERSION: u8 = 10;
 const MAGIC: [u8; 2] = *b"TI";
 /// Most payload bytes a first datagram may carry: the receiver reads first datagrams into a
 /// buffer of this size, so small messages need no allocation.

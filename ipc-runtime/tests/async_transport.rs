@@ -124,12 +124,14 @@ static ECHO_INFO: InterfaceInfo = InterfaceInfo {
             cmd: 0,
             signature: "fn echo(&self, text: String, fd: OwnedFd) -> (String, OwnedFd)",
             oneway: false,
+            shape: 0,
         },
         MethodInfo {
             name: "explode",
             cmd: 1,
             signature: "fn explode(&self)",
             oneway: false,
+            shape: 0,
         },
     ],
 };

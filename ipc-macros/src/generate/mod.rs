@@ -17,6 +17,7 @@ use proc_macro2::{Ident, Literal, Span, TokenStream};
 use quote::{format_ident, quote, quote_spanned};
 use syn::LitByteStr;
 use syn::ext::IdentExt;
+use syn::spanned::Spanned;
 
 use crate::model::{Flavour, Interface, Method, Wire};
 use bounds::{Bound, serde_bounds};
@@ -148,11 +149,21 @@ impl<'a> Generator<'a> {
         let name_bytes = LitByteStr::new(name_text.as_bytes(), Span::call_site());
         let signature = self.iface.canonical_signature();
         let signature = LitByteStr::new(signature.as_bytes(), Span::call_site());
-        let methods = self.iface.methods.iter().map(|m| {
+        let mut signature = quote!(#p::fnv1a(#signature));
+        let shapes: Vec<TokenStream> = match self.iface.check_types {
+            true => self.iface.methods.iter().map(method_shape).collect(),
+            false => self.iface.methods.iter().map(|_| quote!(0)).collect(),
+        };
+        if self.iface.check_types {
+            signature = quote!(#p::shape::signature(#signature, &[#(#shapes),*]));
+        }
+        let methods = self.iface.methods.iter().zip(&shapes).map(|(m, shape)| {
             let (name, cmd, signature, oneway) =
                 (m.name.unraw().to_string(), cmd(m), &m.signature, m.oneway);
             quote! {
-                #p::MethodInfo { name: #name, cmd: #cmd, signature: #signature, oneway: #oneway }
+                #p::MethodInfo {
+                    name: #name, cmd: #cmd, signature: #signature, oneway: #oneway, shape: #shape
+                }
             }
         });
         let docs = doc(format!(
@@ -165,7 +176,7 @@ impl<'a> Generator<'a> {
             #vis static #info: #p::InterfaceInfo = #p::InterfaceInfo {
                 name: #name_text,
                 id: #p::fnv1a(#name_bytes),
-                signature: #p::fnv1a(#signature),
+                signature: #signature,
                 methods: &[#(#methods),*],
             };
         }
@@ -481,6 +492,26 @@ fn screaming_snake(camel: &str) -> String {
         out.extend(c.to_uppercase());
     }
     out
+}
+
+/// `m`'s shape, `typed_ipc::shape::method` of its parameters' and result's, as they travel: a
+/// `Vec<u8>` as a byte string, the rest as their types' `Shape`s (a missing one is reported
+/// at the type).
+fn method_shape(m: &Method) -> TokenStream {
+    let p = private();
+    let shape = |value: &crate::model::Value| match value.wire {
+        Wire::Bytes => quote!(#p::shape::BYTE_STRING),
+        Wire::Serde | Wire::Fd => {
+            let ty = &value.ty;
+            quote_spanned!(ty.span()=> <#ty as #p::Shape>::SHAPE)
+        }
+    };
+    let params = m.args.iter().map(|a| shape(&a.value));
+    let result = match &m.ret {
+        Some(ret) => shape(ret),
+        None => quote!(<() as #p::Shape>::SHAPE),
+    };
+    quote!(#p::shape::method(&[#(#params),*], #result))
 }
 
 /// A stub's parameter list: the trait method's, as written.

@@ -49,7 +49,7 @@ pub(crate) fn admit<'s, S>(
             _ => iface
                 .methods
                 .iter()
-                .map(|m| (m.cmd, m.name.to_string(), m.signature.to_string()))
+                .map(|m| (m.cmd, m.name.to_string(), m.signature.to_string(), m.shape))
                 .collect(),
         };
         return Err(Failure::Mismatch(methods));

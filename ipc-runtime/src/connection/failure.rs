@@ -8,7 +8,11 @@ use serde::{Deserialize, Serialize};
 use super::envelope::Envelope;
 use super::trace::{self, printable};
 use crate::error::Error;
-use crate::service::InterfaceInfo;
+use crate::service::{InterfaceInfo, MethodInfo};
+
+/// A method of the peer's interface, as a mismatch reply lists it: `(cmd, name, signature,
+/// shape)`, from its `MethodInfo`.
+pub type PeerMethod = (u32, String, String, u64);
 
 /// Sent instead of a reply when a call could not be answered.
 #[derive(Debug, Serialize, Deserialize)]
@@ -20,8 +24,8 @@ pub enum Failure {
     /// The peer does not serve the interface at all; these are the ones it serves.
     NotServed(Vec<String>),
     /// The peer serves an interface of that name with other methods: its methods as
-    /// `(cmd, name, signature)`.
-    Mismatch(Vec<(u32, String, String)>),
+    /// `(cmd, name, signature, shape)` (the shape 0 if its interface does not check types).
+    Mismatch(Vec<PeerMethod>),
     /// The request did not decode as the method's arguments.
     BadRequest(String),
     /// The server refused the caller.
@@ -229,7 +233,7 @@ pub(crate) fn oneway_failed<'i>(
 }
 
 /// Names the methods that differ between our interface and the peer's.
-fn describe(ours: &InterfaceInfo, theirs: &[(u32, String, String)]) -> String {
+fn describe(ours: &InterfaceInfo, theirs: &[PeerMethod]) -> String {
     if theirs.is_empty() {
         // Sent by a peer that may refuse callers, to a caller of a command it lacks
         // (`admit`): it says nothing of which methods it has, and none may be called missing.
@@ -253,19 +257,20 @@ fn describe(ours: &InterfaceInfo, theirs: &[(u32, String, String)]) -> String {
                 "method `{}` (cmd {}) is missing on the peer",
                 m.name, m.cmd
             )),
-            Some((_, name, sig)) if *name != m.name || *sig != m.signature => Some(format!(
+            Some((_, name, sig, _)) if *name != m.name || *sig != m.signature => Some(format!(
                 "method {} differs: here `{}`, on the peer `{}`",
                 m.cmd,
                 m.signature,
                 printable(sig)
             )),
+            Some((.., shape)) if *shape != m.shape => Some(shape_difference(m, *shape)),
             Some(_) => None,
         });
     // The peer's methods that this side lacks, written only if shown.
     let extra = theirs.iter().filter(|(cmd, ..)| !our_cmds.contains(cmd));
-    let show = |diff: Result<String, &(u32, String, String)>| match diff {
+    let show = |diff: Result<String, &PeerMethod>| match diff {
         Ok(written) => written,
-        Err((cmd, name, _)) => format!(
+        Err((cmd, name, ..)) => format!(
             "the peer has method `{}` (cmd {cmd}) that this side lacks",
             printable(name)
         ),
@@ -277,11 +282,34 @@ fn describe(ours: &InterfaceInfo, theirs: &[(u32, String, String)]) -> String {
     format!("interface `{}`: {diffs}", ours.name)
 }
 
+/// What differs in method `m`, whose text is the same at both ends, but not its shape
+/// (`theirs` at the peer): the definitions of the types it names, or whether they are checked.
+#[cold]
+fn shape_difference(m: &MethodInfo, theirs: u64) -> String {
+    match (m.shape, theirs) {
+        (0, _) | (_, 0) => {
+            let (checks, does_not) = match m.shape {
+                0 => ("the peer", "this side"),
+                _ => ("this side", "the peer"),
+            };
+            format!(
+                "`{}`: same signature, but only one end checks its types ({checks} has \
+                 #[interface(check_types)], {does_not} not)",
+                m.name
+            )
+        }
+        _ => format!(
+            "`{}`: same signature, but the definitions of its types differ",
+            m.name
+        ),
+    }
+}
+
 /// What differs between two interfaces whose methods agree in id, name and signature: what
 /// the signature hash covers and the peer's list does not show, the order the methods are
 /// declared in (which the list keeps) and their `#[oneway]`s (which it does not).
 #[cold]
-fn unlisted_difference(ours: &InterfaceInfo, theirs: &[(u32, String, String)]) -> String {
+fn unlisted_difference(ours: &InterfaceInfo, theirs: &[PeerMethod]) -> String {
     let declared_here = ours.methods.iter().map(|m| m.cmd);
     if !declared_here
         .clone()
@@ -320,7 +348,6 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::service::MethodInfo;
 
     static IFACE: InterfaceInfo = InterfaceInfo {
         name: "Ipa",
@@ -331,6 +358,7 @@ mod tests {
             cmd: 0,
             signature: "fn reverse(&self, text: String) -> String",
             oneway: false,
+            shape: 0,
         }],
     };
 
@@ -356,7 +384,7 @@ mod tests {
     fn the_peers_text_in_an_error_is_escaped_and_bounded() {
         let many = |n: usize| {
             (0..n)
-                .map(|i| (100 + i as u32, hostile(), hostile()))
+                .map(|i| (100 + i as u32, hostile(), hostile(), 0))
                 .collect()
         };
         let failures = [
@@ -366,10 +394,15 @@ mod tests {
             Failure::Unanswered(hostile()),
             Failure::NotServed(vec![hostile(); 20]),
             Failure::Mismatch(many(20)),
-            Failure::Mismatch(vec![(0, "reverse".into(), hostile())]),
+            Failure::Mismatch(vec![(0, "reverse".into(), hostile(), 0)]),
             // No method differs, and the order is said: its ids are listed.
             Failure::Mismatch(vec![
-                (0, "reverse".into(), IFACE.methods[0].signature.into());
+                (
+                    0,
+                    "reverse".into(),
+                    IFACE.methods[0].signature.into(),
+                    0
+                );
                 100_000
             ]),
         ];
@@ -387,11 +420,52 @@ mod tests {
         assert!(why.ends_with("A, and 4 more)"), "{why}");
         // Each of ours found among many of theirs, the rest counted.
         let mut theirs: Vec<_> = (1..=100_000)
-            .map(|cmd| (cmd, "x".into(), "y".into()))
+            .map(|cmd| (cmd, "x".into(), "y".into(), 0))
             .collect();
-        theirs.push((0, "reverse".into(), IFACE.methods[0].signature.into()));
+        theirs.push((0, "reverse".into(), IFACE.methods[0].signature.into(), 0));
         let why = text(Failure::Mismatch(theirs).into_error(&IFACE, 0));
         assert!(why.ends_with("; and 99984 more"), "{why}");
         assert!(!why.contains("`reverse`"), "{why}");
+    }
+
+    /// A method whose text is the same at both ends but whose shape is not is named, saying
+    /// whether its types differ or only one end checks them.
+    #[test]
+    fn a_method_whose_shape_alone_differs_is_named() {
+        static CHECKED: InterfaceInfo = InterfaceInfo {
+            name: "Ipa",
+            id: 1,
+            signature: 2,
+            methods: &[MethodInfo {
+                name: "reverse",
+                cmd: 0,
+                signature: "fn reverse(&self, text: String) -> String",
+                oneway: false,
+                shape: 7,
+            }],
+        };
+        let peer = |shape| {
+            let sig = CHECKED.methods[0].signature.to_string();
+            Failure::Mismatch(vec![(0, "reverse".into(), sig, shape)])
+        };
+        let why = text(peer(8).into_error(&CHECKED, 0));
+        assert_eq!(
+            why,
+            "interface `Ipa`: `reverse`: same signature, but the definitions of its types differ"
+        );
+        let why = text(peer(0).into_error(&CHECKED, 0));
+        assert_eq!(
+            why,
+            "interface `Ipa`: `reverse`: same signature, but only one end checks its types \
+             (this side has #[interface(check_types)], the peer not)"
+        );
+        let why = text(peer(7).into_error(&IFACE, 0));
+        assert!(
+            why.contains("only one end checks its types (the peer has"),
+            "{why}"
+        );
+        // The same shape: what differs is elsewhere (here, the oneways or the hash).
+        let why = text(peer(7).into_error(&CHECKED, 0));
+        assert!(why.contains("every method has the same id"), "{why}");
     }
 }

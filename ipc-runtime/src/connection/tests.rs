@@ -150,12 +150,14 @@ pub(crate) static BULK: InterfaceInfo = InterfaceInfo {
             cmd: 1,
             signature: "fn gated_echo(&self, data: Vec<u8>) -> Vec<u8>",
             oneway: false,
+            shape: 0,
         },
         MethodInfo {
             name: "ping",
             cmd: 2,
             signature: "fn ping(&self) -> u32",
             oneway: false,
+            shape: 0,
         },
     ],
 };
@@ -412,6 +414,7 @@ pub(crate) static CALLS_BACK: InterfaceInfo = InterfaceInfo {
         cmd: 1,
         signature: "fn ask_back(&self) -> u64",
         oneway: false,
+        shape: 0,
     }],
 };
 
@@ -629,6 +632,7 @@ static PINGER: InterfaceInfo = InterfaceInfo {
         cmd: 1,
         signature: "fn ping(&self) -> u32",
         oneway: false,
+        shape: 0,
     }],
 };
 
@@ -676,12 +680,14 @@ pub(crate) static SKIM: InterfaceInfo = InterfaceInfo {
             cmd: 1,
             signature: "fn skip(&self, data: Vec<u8>) -> u32",
             oneway: false,
+            shape: 0,
         },
         MethodInfo {
             name: "len",
             cmd: 2,
             signature: "fn len(&self, data: Vec<u8>) -> u64",
             oneway: false,
+            shape: 0,
         },
     ],
 };
@@ -801,18 +807,21 @@ static HELD: InterfaceInfo = InterfaceInfo {
             cmd: 1,
             signature: "fn hold(&self)",
             oneway: true,
+            shape: 0,
         },
         MethodInfo {
             name: "note",
             cmd: 2,
             signature: "fn note(&self, seq: u64, padding: Vec<u8>)",
             oneway: true,
+            shape: 0,
         },
         MethodInfo {
             name: "ping",
             cmd: 3,
             signature: "fn ping(&self) -> u32",
             oneway: false,
+            shape: 0,
         },
     ],
 };
@@ -1240,18 +1249,21 @@ pub(crate) static ORDERED: InterfaceInfo = InterfaceInfo {
             cmd: 1,
             signature: "fn hold(&self)",
             oneway: false,
+            shape: 0,
         },
         MethodInfo {
             name: "mark",
             cmd: 2,
             signature: "fn mark(&self, seq: u64)",
             oneway: false,
+            shape: 0,
         },
         MethodInfo {
             name: "note",
             cmd: 3,
             signature: "fn note(&self, seq: u64)",
             oneway: true,
+            shape: 0,
         },
     ],
 };

@@ -1,0 +1,256 @@
+//! `#[derive(Shape)]`: a struct's or enum's wire shape, from its fields and variants as serde
+//! writes them with bincode. serde attributes that leave the form alone (`rename`, `alias`,
+//! `default`, `bound`, ...) are ignored, those that drop a field (`skip`) are followed, and
+//! those whose form the derive cannot see (`with`, `flatten`, `tag`, `untagged`, ...) are
+//! compile errors that say to implement `Shape` by hand.
+
+use proc_macro2::{Span, TokenStream};
+use quote::{quote, quote_spanned};
+use syn::spanned::Spanned;
+use syn::visit_mut::VisitMut;
+use syn::{Attribute, Data, DeriveInput, Fields, Ident, Type};
+
+/// Where the derive's output finds the trait and its combinators.
+fn shape_module() -> TokenStream {
+    quote!(::typed_ipc::shape)
+}
+
+/// The `impl Shape` for `input`, or why not.
+pub fn derive(input: TokenStream) -> syn::Result<TokenStream> {
+    let mut input: DeriveInput = syn::parse2(input)?;
+    let m = shape_module();
+    let container = Container::parse(&input.attrs)?;
+    let name = input.ident.clone();
+    let shape = match &input.data {
+        Data::Struct(data) => {
+            let fields = fields(&data.fields, &name)?;
+            match container.transparent {
+                Some(span) => match <[TokenStream; 1]>::try_from(fields) {
+                    Ok([field]) => field,
+                    Err(_) => {
+                        return Err(syn::Error::new(
+                            span,
+                            "`transparent` needs exactly one field that is not skipped",
+                        ));
+                    }
+                },
+                None => quote!(#m::product(&[#(#fields),*])),
+            }
+        }
+        Data::Enum(data) => {
+            if let Some(span) = container.transparent {
+                return Err(syn::Error::new(span, "`transparent` is for structs"));
+            }
+            let mut variants = Vec::new();
+            for variant in &data.variants {
+                refuse_variant_attributes(&variant.attrs)?;
+                let fields = fields(&variant.fields, &name)?;
+                variants.push(quote!(#m::product(&[#(#fields),*])));
+            }
+            quote!(#m::sum(&[#(#variants),*]))
+        }
+        Data::Union(union) => {
+            return Err(syn::Error::new(
+                union.union_token.span(),
+                "serde does not derive unions: implement `typed_ipc::Shape` by hand from what \
+                 your `Serialize` writes",
+            ));
+        }
+    };
+    // Every type parameter's shape is part of the type's.
+    for param in input.generics.type_params_mut() {
+        param.bounds.push(syn::parse_quote!(::typed_ipc::Shape));
+    }
+    let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
+    Ok(quote! {
+        #[automatically_derived]
+        impl #impl_generics ::typed_ipc::Shape for #name #ty_generics #where_clause {
+            const SHAPE: ::core::primitive::u64 = #shape;
+        }
+    })
+}
+
+/// What to write instead of a serde attribute the derive cannot see through.
+fn by_hand(what: &str) -> String {
+    format!(
+        "#[derive(typed_ipc::Shape)] cannot see the wire form `{what}` gives: implement \
+         `typed_ipc::Shape` by hand from what is written, in order, e.g. \
+         `impl typed_ipc::Shape for T {{ const SHAPE: u64 = \
+         typed_ipc::shape::product(&[u64::SHAPE, String::SHAPE]); }}`"
+    )
+}
+
+/// The container's serde attributes that matter here.
+#[derive(Default)]
+struct Container {
+    /// `#[serde(transparent)]`: the shape of the one field.
+    transparent: Option<Span>,
+}
+
+impl Container {
+    fn parse(attrs: &[Attribute]) -> syn::Result<Container> {
+        let mut container = Container::default();
+        serde_items(attrs, |item, span| match item.as_str() {
+            "transparent" => {
+                container.transparent = Some(span);
+                Ok(())
+            }
+            "tag" | "content" | "untagged" | "into" | "from" | "try_from" | "remote"
+            | "variant_identifier" | "field_identifier" => {
+                Err(syn::Error::new(span, by_hand(&format!("#[serde({item})]"))))
+            }
+            _ => Ok(()),
+        })?;
+        Ok(container)
+    }
+}
+
+/// A variant attribute that changes the variant's form or index is refused.
+fn refuse_variant_attributes(attrs: &[Attribute]) -> syn::Result<()> {
+    serde_items(attrs, |item, span| match item.as_str() {
+        "skip" | "skip_serializing" | "skip_deserializing" | "other" | "untagged" | "with"
+        | "serialize_with" | "deserialize_with" => {
+            Err(syn::Error::new(span, by_hand(&format!("#[serde({item})]"))))
+        }
+        _ => Ok(()),
+    })
+}
+
+/// How a field travels, from its serde attributes.
+enum FieldForm {
+    /// As its type: `<T as Shape>::SHAPE`.
+    Type,
+    /// Not at all (`skip`).
+    Skipped,
+    /// Through one of typed-ipc's own `with` modules: this shape.
+    Known(TokenStream),
+}
+
+/// The `with = "..."` modules of typed-ipc, and the shape each gives its field.
+fn known_with(path: &str, ty: &Type) -> Option<TokenStream> {
+    let m = shape_module();
+    let path = path.trim_start_matches("::");
+    match path {
+        "typed_ipc::fd" => Some(quote!(#m::FD)),
+        // The fds' carriers (`OwnedFd`, `Option<OwnedFd>`, `Vec<OwnedFd>`, `Result<_, E>`)
+        // are written as their types are, each fd as an index.
+        "typed_ipc::fds" => Some(quote_spanned!(ty.span()=> <#ty as ::typed_ipc::Shape>::SHAPE)),
+        "typed_ipc::bytes" => Some(quote!(#m::BYTE_STRING)),
+        _ => None,
+    }
+}
+
+fn field_form(attrs: &[Attribute], ty: &Type) -> syn::Result<FieldForm> {
+    let mut form = FieldForm::Type;
+    for attr in attrs.iter().filter(|a| a.path().is_ident("serde")) {
+        attr.parse_nested_meta(|meta| {
+            let item = meta
+                .path
+                .get_ident()
+                .map(Ident::to_string)
+                .unwrap_or_default();
+            let span = meta.path.span();
+            match item.as_str() {
+                "skip" | "skip_serializing" | "skip_deserializing" => {
+                    form = FieldForm::Skipped;
+                    skip_value(&meta)
+                }
+                "with" => {
+                    let lit: syn::LitStr = meta.value()?.parse()?;
+                    match known_with(&lit.value(), ty) {
+                        Some(shape) => {
+                            if !matches!(form, FieldForm::Skipped) {
+                                form = FieldForm::Known(shape);
+                            }
+                            Ok(())
+                        }
+                        None => Err(syn::Error::new(
+                            lit.span(),
+                            by_hand(&format!("#[serde(with = \"{}\")]", lit.value())),
+                        )),
+                    }
+                }
+                "serialize_with"
+                | "deserialize_with"
+                | "flatten"
+                | "skip_serializing_if"
+                | "getter" => Err(syn::Error::new(span, by_hand(&format!("#[serde({item})]")))),
+                _ => skip_value(&meta),
+            }
+        })?;
+    }
+    Ok(form)
+}
+
+/// Calls `each` with every item of the `#[serde(...)]` attributes in `attrs` (its name and
+/// span), skipping values.
+fn serde_items(
+    attrs: &[Attribute],
+    mut each: impl FnMut(String, Span) -> syn::Result<()>,
+) -> syn::Result<()> {
+    for attr in attrs.iter().filter(|a| a.path().is_ident("serde")) {
+        attr.parse_nested_meta(|meta| {
+            let item = meta
+                .path
+                .get_ident()
+                .map(Ident::to_string)
+                .unwrap_or_default();
+            each(item, meta.path.span())?;
+            skip_value(&meta)
+        })?;
+    }
+    Ok(())
+}
+
+/// Consumes the value of a serde item, `= value` or `(...)`, which the shape does not need.
+fn skip_value(meta: &syn::meta::ParseNestedMeta<'_>) -> syn::Result<()> {
+    if meta.input.peek(syn::Token![=]) {
+        meta.value()?.parse::<syn::Expr>()?;
+    } else if meta.input.peek(syn::token::Paren) {
+        let content;
+        syn::parenthesized!(content in meta.input);
+        content.parse::<TokenStream>()?;
+    }
+    Ok(())
+}
+
+/// The shapes of `fields` that travel, in order. `name` is the type being derived: where a
+/// field's type names it (or `Self`), its shape is `typed_ipc::shape::RECURSION`, so that
+/// a directly recursive type is not defined by itself.
+fn fields(fields: &Fields, name: &Ident) -> syn::Result<Vec<TokenStream>> {
+    let mut shapes = Vec::new();
+    for field in fields {
+        let mut ty = field.ty.clone();
+        SelfReference { name }.visit_type_mut(&mut ty);
+        match field_form(&field.attrs, &ty)? {
+            FieldForm::Skipped => {}
+            FieldForm::Known(shape) => shapes.push(shape),
+            FieldForm::Type => shapes.push(quote_spanned! {field.ty.span()=>
+                <#ty as ::typed_ipc::Shape>::SHAPE
+            }),
+        }
+    }
+    Ok(shapes)
+}
+
+/// Replaces the type being derived, and `Self`, with `typed_ipc::shape::Recursion`.
+struct SelfReference<'a> {
+    name: &'a Ident,
+}
+
+impl VisitMut for SelfReference<'_> {
+    fn visit_type_mut(&mut self, ty: &mut Type) {
+        if let Type::Path(path) = ty {
+            let segments = &path.path.segments;
+            let is_self = path.qself.is_none()
+                && path.path.leading_colon.is_none()
+                && segments.len() == 1
+                && (segments[0].ident == *self.name || segments[0].ident == "Self");
+            if is_self {
+                *ty = syn::parse_quote!(::typed_ipc::shape::Recursion);
+                return;
+            }
+        }
+        syn::visit_mut::visit_type_mut(self, ty);
+    }
+}

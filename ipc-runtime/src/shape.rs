@@ -1,0 +1,439 @@
+//! Type shapes: what `#[interface(check_types)]` folds into an interface's signature, so that
+//! two ends whose types differ in their bincode form (a `u32` split into two `u16`s, a `u32`
+//! made an `f32`, fields of one type reordered) fail with `Error::InterfaceMismatch` naming
+//! the method, instead of decoding wrong values.
+//!
+//! A [`Shape`] is a 64-bit hash of a type's *wire form*, computed at compile time: names do
+//! not count (bincode writes none), order, count and each part's shape do. `#[derive(Shape)]`
+//! (`typed_ipc::Shape`) writes it for your structs and enums; this module has the impls for
+//! what serde and typed-ipc carry.
+//!
+//! The hash describes the structure, which is a little stricter than bincode's bytes: a field
+//! group moved into a struct of its own (`(a, b, c)` → `(Pair(a, b), c)`) counts as a change
+//! though bincode writes the same bytes, and `String` differs from `Vec<u8>` (the receiver
+//! checks UTF-8). It cannot see a hand-written `Serialize`: such a type implements `Shape`
+//! by hand, honestly (see [`Shape`]).
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet, LinkedList, VecDeque};
+use std::marker::PhantomData;
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// A type's bincode wire form as a compile-time hash: what `#[interface(check_types)]`
+/// compares between the ends, per method.
+///
+/// Derive it for your types, next to `Serialize` and `Deserialize`:
+///
+/// ```ignore
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Serialize, Deserialize, typed_ipc::Shape)]
+/// pub struct Config {
+///     pub width: u32,
+///     pub height: u32,
+///     #[serde(skip)] // not on the wire, not in the shape
+///     pub cached: Option<String>,
+/// }
+/// ```
+///
+/// A type whose wire form the derive cannot see (a hand-written `Serialize`, or serde
+/// attributes such as `with`, `flatten`, `tag` or `untagged`) implements it by hand, from
+/// the shapes of what it writes, in order; the combinators are in [`shape`](self):
+///
+/// ```
+/// # extern crate ipc_runtime as typed_ipc;
+/// use typed_ipc::shape::{self, Shape};
+/// // Written by hand as a `u64` of seconds followed by a `String`.
+/// pub struct Stamp { /* ... */ }
+/// impl Shape for Stamp {
+///     const SHAPE: u64 = shape::product(&[u64::SHAPE, String::SHAPE]);
+/// }
+/// ```
+///
+/// `&T`, `Box<T>`, `Arc<T>`, `Rc<T>` and `Cow<T>` have `T`'s shape, as bincode writes them
+/// as `T`; so does a type sent borrowed and received owned (`BorrowedFd` and `OwnedFd` are
+/// both an fd index).
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` has no wire shape, which `#[interface(check_types)]` compares",
+    label = "`{Self}` does not implement `typed_ipc::Shape`",
+    note = "add #[derive(typed_ipc::Shape)] to `{Self}` (next to its Serialize and Deserialize), \
+            or implement `typed_ipc::Shape` by hand if its `Serialize` is hand-written"
+)]
+pub trait Shape {
+    /// The hash of the type's wire form.
+    const SHAPE: u64;
+}
+
+/// Hashes one step: `shape` into `hash` (FNV-1a, 64 bits, over its bytes).
+const fn mix(mut hash: u64, shape: u64) -> u64 {
+    let bytes = shape.to_le_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        hash ^= bytes[i] as u64;
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        i += 1;
+    }
+    hash
+}
+
+/// `tag` followed by `parts`, in order: the shape of a compound.
+pub const fn compound(tag: u64, parts: &[u64]) -> u64 {
+    let mut hash = mix(0xcbf2_9ce4_8422_2325, tag);
+    hash = mix(hash, parts.len() as u64);
+    let mut i = 0;
+    while i < parts.len() {
+        hash = mix(hash, parts[i]);
+        i += 1;
+    }
+    // Never 0, which `MethodInfo::shape` keeps for "not checked".
+    if hash == 0 { 1 } else { hash }
+}
+
+/// The tags of the shapes: one per kind of wire form. Stable: changing one changes every
+/// signature of an interface that checks types.
+mod tag {
+    pub const BOOL: u64 = 1;
+    pub const U8: u64 = 2;
+    pub const U16: u64 = 3;
+    pub const U32: u64 = 4;
+    pub const U64: u64 = 5;
+    pub const U128: u64 = 6;
+    pub const I8: u64 = 7;
+    pub const I16: u64 = 8;
+    pub const I32: u64 = 9;
+    pub const I64: u64 = 10;
+    pub const I128: u64 = 11;
+    pub const F32: u64 = 12;
+    pub const F64: u64 = 13;
+    pub const CHAR: u64 = 14;
+    pub const STR: u64 = 15;
+    pub const BYTE_STRING: u64 = 16;
+    pub const OPTION: u64 = 17;
+    pub const SEQ: u64 = 18;
+    pub const MAP: u64 = 19;
+    pub const ARRAY: u64 = 20;
+    pub const PRODUCT: u64 = 21;
+    pub const SUM: u64 = 22;
+    pub const FD: u64 = 23;
+    pub const SEALED_BUFFER: u64 = 24;
+    pub const REGION_VIEW: u64 = 25;
+    pub const RECURSION: u64 = 26;
+    pub const METHOD: u64 = 27;
+    pub const INTERFACE: u64 = 28;
+}
+
+/// A struct's, tuple's or enum variant's fields, in order (`&[]` for a unit struct or
+/// variant).
+pub const fn product(fields: &[u64]) -> u64 {
+    compound(tag::PRODUCT, fields)
+}
+
+/// An enum's variants (each a [`product`] of its fields), in declaration order: bincode
+/// writes the variant's index, then its fields.
+pub const fn sum(variants: &[u64]) -> u64 {
+    compound(tag::SUM, variants)
+}
+
+/// A sequence of `element`s, its length first (`Vec`, slices, sets).
+pub const fn seq(element: u64) -> u64 {
+    compound(tag::SEQ, &[element])
+}
+
+/// A map from `key`s to `value`s, its length first.
+pub const fn map(key: u64, value: u64) -> u64 {
+    compound(tag::MAP, &[key, value])
+}
+
+/// `len` `element`s, no length written (`[T; N]`).
+pub const fn array(element: u64, len: usize) -> u64 {
+    compound(tag::ARRAY, &[element, len as u64])
+}
+
+/// An `Option` of `some`: a one-byte tag, then the value.
+pub const fn option(some: u64) -> u64 {
+    compound(tag::OPTION, &[some])
+}
+
+/// One file descriptor, as its index in the message's fd table: `OwnedFd`, `BorrowedFd`, and
+/// a field `#[serde(with = "typed_ipc::fd")]`.
+pub const FD: u64 = compound(tag::FD, &[]);
+
+/// A byte string as typed-ipc sends it (a tag, then the bytes inline or where they were
+/// placed): a `Vec<u8>` parameter or result, `SharedBytes`, and a field
+/// `#[serde(with = "typed_ipc::bytes")]`.
+pub const BYTE_STRING: u64 = compound(tag::BYTE_STRING, &[]);
+
+/// Where a directly recursive type (`struct Tree { kids: Vec<Tree> }`) names itself: the
+/// derive writes this in place of the type, so that its shape is not defined by itself.
+pub const RECURSION: u64 = compound(tag::RECURSION, &[]);
+
+/// A method's shape: its parameters' shapes, in order, and its result's.
+pub const fn method(params: &[u64], result: u64) -> u64 {
+    compound(tag::METHOD, &[product(params), result])
+}
+
+/// An interface's signature with its methods' shapes folded in: `text` is the hash of the
+/// trait's text, `methods` each method's [`method`] shape in declaration order. 32 bits, as
+/// the signature travels in each request's envelope.
+pub const fn signature(text: u32, methods: &[u64]) -> u32 {
+    let hash = compound(
+        tag::INTERFACE,
+        &[text as u64, compound(tag::INTERFACE, methods)],
+    );
+    (hash ^ (hash >> 32)) as u32
+}
+
+/// Stands for a directly recursive type inside its own definition (see [`RECURSION`]).
+#[doc(hidden)]
+pub struct Recursion;
+
+impl Shape for Recursion {
+    const SHAPE: u64 = RECURSION;
+}
+
+macro_rules! leaves {
+    ($($ty:ty => $tag:expr),* $(,)?) => {
+        $(impl Shape for $ty {
+            const SHAPE: u64 = compound($tag, &[]);
+        })*
+    };
+}
+
+leaves! {
+    bool => tag::BOOL,
+    u8 => tag::U8, u16 => tag::U16, u32 => tag::U32, u64 => tag::U64, u128 => tag::U128,
+    i8 => tag::I8, i16 => tag::I16, i32 => tag::I32, i64 => tag::I64, i128 => tag::I128,
+    // bincode 1 writes `usize` and `isize` as 64-bit integers.
+    usize => tag::U64, isize => tag::I64,
+    f32 => tag::F32, f64 => tag::F64,
+    char => tag::CHAR,
+    str => tag::STR, String => tag::STR,
+}
+
+macro_rules! same_as_inner {
+    ($($ty:ty),* $(,)?) => {
+        $(impl<T: Shape + ?Sized> Shape for $ty {
+            const SHAPE: u64 = T::SHAPE;
+        })*
+    };
+}
+
+same_as_inner!(&T, &mut T, Box<T>, Arc<T>, Rc<T>);
+
+impl<T: Shape + ToOwned + ?Sized> Shape for Cow<'_, T> {
+    const SHAPE: u64 = T::SHAPE;
+}
+
+macro_rules! sequences {
+    ($($ty:ty),* $(,)?) => {
+        $(impl<T: Shape> Shape for $ty {
+            const SHAPE: u64 = seq(T::SHAPE);
+        })*
+    };
+}
+
+sequences!(
+    Vec<T>,
+    VecDeque<T>,
+    LinkedList<T>,
+    BinaryHeap<T>,
+    BTreeSet<T>,
+    [T]
+);
+
+impl<T: Shape, S> Shape for HashSet<T, S> {
+    const SHAPE: u64 = seq(T::SHAPE);
+}
+
+impl<K: Shape, V: Shape, S> Shape for HashMap<K, V, S> {
+    const SHAPE: u64 = map(K::SHAPE, V::SHAPE);
+}
+
+impl<K: Shape, V: Shape> Shape for BTreeMap<K, V> {
+    const SHAPE: u64 = map(K::SHAPE, V::SHAPE);
+}
+
+impl<T: Shape, const N: usize> Shape for [T; N] {
+    const SHAPE: u64 = array(T::SHAPE, N);
+}
+
+impl<T: Shape> Shape for Option<T> {
+    const SHAPE: u64 = option(T::SHAPE);
+}
+
+/// As an enum of two variants, `Ok` first: bincode writes a `Result` as it writes such an
+/// enum.
+impl<T: Shape, E: Shape> Shape for Result<T, E> {
+    const SHAPE: u64 = sum(&[product(&[T::SHAPE]), product(&[E::SHAPE])]);
+}
+
+impl<T: ?Sized> Shape for PhantomData<T> {
+    const SHAPE: u64 = product(&[]);
+}
+
+/// serde writes a `Duration` as a struct of its seconds and nanoseconds.
+impl Shape for Duration {
+    const SHAPE: u64 = product(&[u64::SHAPE, u32::SHAPE]);
+}
+
+/// serde writes a `SystemTime` as its `Duration` since the epoch.
+impl Shape for SystemTime {
+    const SHAPE: u64 = Duration::SHAPE;
+}
+
+macro_rules! tuples {
+    ($(($($t:ident),*)),* $(,)?) => {
+        $(impl<$($t: Shape),*> Shape for ($($t,)*) {
+            const SHAPE: u64 = product(&[$($t::SHAPE),*]);
+        })*
+    };
+}
+
+tuples! {
+    (),
+    (A),
+    (A, B),
+    (A, B, C),
+    (A, B, C, D),
+    (A, B, C, D, E),
+    (A, B, C, D, E, F),
+    (A, B, C, D, E, F, G),
+    (A, B, C, D, E, F, G, H),
+    (A, B, C, D, E, F, G, H, I),
+    (A, B, C, D, E, F, G, H, I, J),
+    (A, B, C, D, E, F, G, H, I, J, K),
+    (A, B, C, D, E, F, G, H, I, J, K, L),
+    (A, B, C, D, E, F, G, H, I, J, K, L, M),
+    (A, B, C, D, E, F, G, H, I, J, K, L, M, N),
+    (A, B, C, D, E, F, G, H, I, J, K, L, M, N, O),
+    (A, B, C, D, E, F, G, H, I, J, K, L, M, N, O, P),
+}
+
+// typed-ipc's own wire types.
+
+impl Shape for OwnedFd {
+    const SHAPE: u64 = FD;
+}
+
+impl Shape for BorrowedFd<'_> {
+    const SHAPE: u64 = FD;
+}
+
+/// The codec's fd marker has the shape of the fds it carries.
+impl<T: Shape> Shape for crate::codec::Fd<T> {
+    const SHAPE: u64 = T::SHAPE;
+}
+
+impl<T> Shape for crate::codec::Bytes<T> {
+    const SHAPE: u64 = BYTE_STRING;
+}
+
+impl Shape for crate::SharedBytes {
+    const SHAPE: u64 = BYTE_STRING;
+}
+
+impl Shape for crate::CallBytes {
+    const SHAPE: u64 = BYTE_STRING;
+}
+
+/// An fd on the wire, as an `OwnedFd` is, but checked as a sealed buffer by its receiver:
+/// a shape of its own, so that the two ends agree on what the fd is.
+impl Shape for crate::shared_buffer::SealedBuffer {
+    const SHAPE: u64 = compound(tag::SEALED_BUFFER, &[FD]);
+}
+
+/// As [`SealedBuffer`](crate::shared_buffer::SealedBuffer)'s, for a region's view.
+impl Shape for crate::shared_region::RegionView {
+    const SHAPE: u64 = compound(tag::REGION_VIEW, &[FD]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const fn of<T: Shape + ?Sized>() -> u64 {
+        T::SHAPE
+    }
+
+    /// Forms of the same size that bincode would decode as one another are told apart.
+    #[test]
+    fn same_sized_forms_differ() {
+        let four_bytes = [
+            of::<u32>(),
+            of::<i32>(),
+            of::<f32>(),
+            of::<(u16, u16)>(),
+            of::<[u8; 4]>(),
+            of::<[u16; 2]>(),
+            of::<char>(),
+        ];
+        for (i, a) in four_bytes.iter().enumerate() {
+            for b in &four_bytes[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+        assert_ne!(of::<Vec<u8>>(), of::<String>());
+        assert_ne!(of::<Vec<u8>>(), BYTE_STRING);
+        assert_ne!(of::<Option<u32>>(), of::<u32>());
+        assert_ne!(of::<Option<u32>>(), of::<Result<u32, ()>>());
+        assert_ne!(of::<(u32, f32)>(), of::<(f32, u32)>());
+        assert_ne!(of::<Vec<u32>>(), of::<[u32; 1]>());
+        assert_ne!(of::<Vec<(u32, u8)>>(), of::<HashMap<u32, u8>>());
+        assert_ne!(of::<OwnedFd>(), of::<u32>());
+        assert_ne!(of::<OwnedFd>(), of::<crate::shared_buffer::SealedBuffer>());
+        assert_ne!(
+            of::<crate::shared_buffer::SealedBuffer>(),
+            of::<crate::shared_region::RegionView>()
+        );
+        // An enum's variants in another order.
+        assert_ne!(
+            sum(&[product(&[u32::SHAPE]), product(&[])]),
+            sum(&[product(&[]), product(&[u32::SHAPE])])
+        );
+        assert_ne!(product(&[]), sum(&[]));
+        assert_ne!(seq(of::<u8>()), seq(seq(of::<u8>())));
+    }
+
+    /// What bincode writes the same way has one shape.
+    #[test]
+    fn same_forms_are_equal() {
+        assert_eq!(of::<&u32>(), of::<u32>());
+        assert_eq!(of::<&str>(), of::<String>());
+        assert_eq!(of::<Box<str>>(), of::<String>());
+        assert_eq!(of::<Cow<'static, str>>(), of::<String>());
+        assert_eq!(of::<Arc<Vec<u8>>>(), of::<Vec<u8>>());
+        assert_eq!(of::<&[u32]>(), of::<Vec<u32>>());
+        assert_eq!(of::<BTreeSet<u8>>(), of::<HashSet<u8>>());
+        assert_eq!(of::<BTreeMap<u8, String>>(), of::<HashMap<u8, String>>());
+        assert_eq!(of::<BorrowedFd<'static>>(), of::<OwnedFd>());
+        assert_eq!(of::<crate::codec::Fd<OwnedFd>>(), of::<OwnedFd>());
+        assert_eq!(of::<Option<OwnedFd>>(), option(FD));
+        assert_eq!(
+            of::<crate::SharedBytes>(),
+            of::<crate::codec::Bytes<Vec<u8>>>()
+        );
+        assert_eq!(of::<crate::CallBytes>(), BYTE_STRING);
+        assert_eq!(of::<usize>(), of::<u64>());
+        assert_eq!(of::<PhantomData<String>>(), of::<()>());
+        assert_eq!(
+            of::<Result<u8, String>>(),
+            sum(&[product(&[u8::SHAPE]), product(&[String::SHAPE])])
+        );
+    }
+
+    /// The folded signature differs from the text's alone and follows each method's shape.
+    #[test]
+    fn signatures_follow_the_shapes() {
+        let text = 0x1234_5678;
+        let a = method(&[u32::SHAPE], u32::SHAPE);
+        let b = method(&[f32::SHAPE], u32::SHAPE);
+        assert_ne!(signature(text, &[a]), text);
+        assert_ne!(signature(text, &[a]), signature(text, &[b]));
+        assert_ne!(signature(text, &[a, b]), signature(text, &[b, a]));
+        assert_eq!(signature(text, &[a]), signature(text, &[a]));
+        assert_ne!(a, 0);
+    }
+}
