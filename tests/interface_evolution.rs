@@ -8,9 +8,9 @@
 //! What the interface check catches (methods added, retired, retyped, made oneway) fails
 //! every call of the interface with `InterfaceMismatch`, naming what differs; an interface
 //! renamed is another one, which the peer does not serve (`NotServed`, naming what it does
-//! serve); what it cannot see (the types' definitions) fails to decode (`Remote`,
-//! `Malformed`) or, where the encodings happen to fit, decodes as wrong values, pinned here
-//! so that nobody mistakes it for safe.
+//! serve); what it cannot see without `#[interface(check_types)]` (the types' definitions)
+//! fails to decode (`Remote`, `Malformed`) or, where the encodings happen to fit, decodes as
+//! wrong values, pinned here so that nobody mistakes it for safe.
 
 mod common;
 
@@ -949,8 +949,10 @@ fn a_field_added_to_a_returned_struct_fails_only_that_method_with_malformed() {
 
 /// A struct a method returns, changed to fields of the same total size: nothing can tell,
 /// and the host gets wrong values as a success. This is the limit of the interface check
-/// (it compares the trait's text, not the types' definitions), pinned so that it is known:
-/// version such a type (a new name, so the trait's text changes) or rebuild both ends.
+/// without `#[interface(check_types)]` (it compares the trait's text, not the types'
+/// definitions), pinned so that it is known: opt in (tests/type_shapes.rs makes the same
+/// change under it, a mismatch naming the method), version such a type (a new name, so the
+/// trait's text changes) or rebuild both ends.
 #[test]
 fn a_returned_struct_repacked_to_the_same_size_decodes_as_wrong_values() {
     let _fds = common::fd_count_lock();
