@@ -53,7 +53,15 @@ mod v1 {
         pub max_height: u32,
     }
 
-    #[typed_ipc::interface(name = "org.example.camera.ShapedIpa", check_types, async_client)]
+    // The async client needs the `tokio` feature; the blocking tests run without it.
+    #[cfg_attr(
+        feature = "tokio",
+        typed_ipc::interface(name = "org.example.camera.ShapedIpa", check_types, async_client)
+    )]
+    #[cfg_attr(
+        not(feature = "tokio"),
+        typed_ipc::interface(name = "org.example.camera.ShapedIpa", check_types)
+    )]
     pub trait Ipa {
         fn configure(&self, cfg: Config) -> Caps;
         fn process(&self, frame: Frame) -> u64;
