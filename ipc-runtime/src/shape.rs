@@ -22,6 +22,8 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use crate::service::MethodInfo;
+
 /// A type's bincode wire form as a compile-time hash: what `#[interface(check_types)]`
 /// compares between the ends, per method.
 ///
@@ -81,14 +83,23 @@ const fn mix(mut hash: u64, shape: u64) -> u64 {
 
 /// `tag` followed by `parts`, in order: the shape of a compound.
 pub const fn compound(tag: u64, parts: &[u64]) -> u64 {
-    let mut hash = mix(0xcbf2_9ce4_8422_2325, tag);
-    hash = mix(hash, parts.len() as u64);
+    let mut hash = start(tag, parts.len());
     let mut i = 0;
     while i < parts.len() {
         hash = mix(hash, parts[i]);
         i += 1;
     }
-    // Never 0, which `MethodInfo::shape` keeps for "not checked".
+    finish(hash)
+}
+
+/// The hash of a compound of `tag` with `len` parts, before its parts.
+const fn start(tag: u64, len: usize) -> u64 {
+    mix(mix(0xcbf2_9ce4_8422_2325, tag), len as u64)
+}
+
+/// A compound's hash once its parts are in: never 0, which `MethodInfo::shape` keeps for
+/// "not checked".
+const fn finish(hash: u64) -> u64 {
     if hash == 0 { 1 } else { hash }
 }
 
@@ -176,13 +187,16 @@ pub const fn method(params: &[u64], result: u64) -> u64 {
 }
 
 /// An interface's signature with its methods' shapes folded in: `text` is the hash of the
-/// trait's text, `methods` each method's [`method`] shape in declaration order. 32 bits, as
-/// the signature travels in each request's envelope.
-pub const fn signature(text: u32, methods: &[u64]) -> u32 {
-    let hash = compound(
-        tag::INTERFACE,
-        &[text as u64, compound(tag::INTERFACE, methods)],
-    );
+/// trait's text, `methods` the methods in declaration order, each with its [`method`] shape.
+/// 32 bits, as the signature travels in each request's envelope.
+pub const fn signature(text: u32, methods: &[MethodInfo]) -> u32 {
+    let mut shapes = start(tag::INTERFACE, methods.len());
+    let mut i = 0;
+    while i < methods.len() {
+        shapes = mix(shapes, methods[i].shape);
+        i += 1;
+    }
+    let hash = compound(tag::INTERFACE, &[text as u64, finish(shapes)]);
     (hash ^ (hash >> 32)) as u32
 }
 
@@ -430,10 +444,23 @@ mod tests {
         let text = 0x1234_5678;
         let a = method(&[u32::SHAPE], u32::SHAPE);
         let b = method(&[f32::SHAPE], u32::SHAPE);
-        assert_ne!(signature(text, &[a]), text);
-        assert_ne!(signature(text, &[a]), signature(text, &[b]));
-        assert_ne!(signature(text, &[a, b]), signature(text, &[b, a]));
-        assert_eq!(signature(text, &[a]), signature(text, &[a]));
+        let signature = |shapes: &[u64]| {
+            let methods: Vec<MethodInfo> = shapes
+                .iter()
+                .map(|&shape| MethodInfo {
+                    name: "m",
+                    cmd: 0,
+                    signature: "fn m(&self)",
+                    oneway: false,
+                    shape,
+                })
+                .collect();
+            super::signature(text, &methods)
+        };
+        assert_ne!(signature(&[a]), text);
+        assert_ne!(signature(&[a]), signature(&[b]));
+        assert_ne!(signature(&[a, b]), signature(&[b, a]));
+        assert_eq!(signature(&[a]), signature(&[a]));
         assert_ne!(a, 0);
     }
 }

@@ -149,17 +149,14 @@ impl<'a> Generator<'a> {
         let name_bytes = LitByteStr::new(name_text.as_bytes(), Span::call_site());
         let signature = self.iface.canonical_signature();
         let signature = LitByteStr::new(signature.as_bytes(), Span::call_site());
-        let mut signature = quote!(#p::fnv1a(#signature));
-        let shapes: Vec<TokenStream> = match self.iface.check_types {
-            true => self.iface.methods.iter().map(method_shape).collect(),
-            false => self.iface.methods.iter().map(|_| quote!(0)).collect(),
-        };
-        if self.iface.check_types {
-            signature = quote!(#p::shape::signature(#signature, &[#(#shapes),*]));
-        }
-        let methods = self.iface.methods.iter().zip(&shapes).map(|(m, shape)| {
+        let signature = quote!(#p::fnv1a(#signature));
+        let methods = self.iface.methods.iter().map(|m| {
             let (name, cmd, signature, oneway) =
                 (m.name.unraw().to_string(), cmd(m), &m.signature, m.oneway);
+            let shape = match self.iface.check_types {
+                true => method_shape(m),
+                false => quote!(0),
+            };
             quote! {
                 #p::MethodInfo {
                     name: #name, cmd: #cmd, signature: #signature, oneway: #oneway, shape: #shape
@@ -170,15 +167,36 @@ impl<'a> Generator<'a> {
             "What both ends of [`{name}`] compare before a call: its name, and every method's \
              command id and signature."
         ));
+        // With the types checked, the signature folds in the methods' shapes, written once in
+        // the methods' list.
+        let value = match self.iface.check_types {
+            false => quote! {
+                #p::InterfaceInfo {
+                    name: #name_text,
+                    id: #p::fnv1a(#name_bytes),
+                    signature: #signature,
+                    methods: &[#(#methods),*],
+                }
+            },
+            // Named after the static (`IPA_METHODS`), not a name a user type or constant in
+            // the methods' signatures could have and this would shadow.
+            true => {
+                let list = format_ident!("{}_METHODS", info.to_string().trim_end_matches("_INFO"));
+                quote! {{
+                    const #list: &[#p::MethodInfo] = &[#(#methods),*];
+                    #p::InterfaceInfo {
+                        name: #name_text,
+                        id: #p::fnv1a(#name_bytes),
+                        signature: #p::shape::signature(#signature, #list),
+                        methods: #list,
+                    }
+                }}
+            }
+        };
         quote! {
             #docs
             #[allow(dead_code)]
-            #vis static #info: #p::InterfaceInfo = #p::InterfaceInfo {
-                name: #name_text,
-                id: #p::fnv1a(#name_bytes),
-                signature: #signature,
-                methods: &[#(#methods),*],
-            };
+            #vis static #info: #p::InterfaceInfo = #value;
         }
     }
 

@@ -17,52 +17,8 @@ pub trait Ipa {
 }
 /// What both ends of [`Ipa`] compare before a call: its name, and every method's command id and signature.
 #[allow(dead_code)]
-pub static IPA_INFO: ::typed_ipc::__private::InterfaceInfo = ::typed_ipc::__private::InterfaceInfo {
-    name: "Ipa",
-    id: ::typed_ipc::__private::fnv1a(b"Ipa"),
-    signature: ::typed_ipc::__private::shape::signature(
-        ::typed_ipc::__private::fnv1a(
-            b"#[cmd(0)] fn reverse(&self, text: String) -> String; #[cmd(1)] fn total_len(&self, files: Vec<OwnedFd>) -> u64; #[cmd(2)] fn configure(&self, cfg: Config) -> Result<Caps, ConfigError>; #[cmd(3)] fn open_buffer(&self, id: u32) -> OwnedFd; #[cmd(4)] #[oneway] fn stats_ready(&self, frame: u32, stats: OwnedFd); #[cmd(5)] fn echo(&self, data: Vec<u8>) -> Vec<u8>; #[cmd(6)] fn swap_fd(&self, fd: Option<OwnedFd>) -> Option<OwnedFd>; #[cmd(7)] fn ping(&self);",
-        ),
-        &[
-            ::typed_ipc::__private::shape::method(
-                &[<String as ::typed_ipc::__private::Shape>::SHAPE],
-                <String as ::typed_ipc::__private::Shape>::SHAPE,
-            ),
-            ::typed_ipc::__private::shape::method(
-                &[<Vec<OwnedFd> as ::typed_ipc::__private::Shape>::SHAPE],
-                <u64 as ::typed_ipc::__private::Shape>::SHAPE,
-            ),
-            ::typed_ipc::__private::shape::method(
-                &[<Config as ::typed_ipc::__private::Shape>::SHAPE],
-                <Result<Caps, ConfigError> as ::typed_ipc::__private::Shape>::SHAPE,
-            ),
-            ::typed_ipc::__private::shape::method(
-                &[<u32 as ::typed_ipc::__private::Shape>::SHAPE],
-                <OwnedFd as ::typed_ipc::__private::Shape>::SHAPE,
-            ),
-            ::typed_ipc::__private::shape::method(
-                &[
-                    <u32 as ::typed_ipc::__private::Shape>::SHAPE,
-                    <OwnedFd as ::typed_ipc::__private::Shape>::SHAPE,
-                ],
-                <() as ::typed_ipc::__private::Shape>::SHAPE,
-            ),
-            ::typed_ipc::__private::shape::method(
-                &[::typed_ipc::__private::shape::BYTE_STRING],
-                ::typed_ipc::__private::shape::BYTE_STRING,
-            ),
-            ::typed_ipc::__private::shape::method(
-                &[<Option<OwnedFd> as ::typed_ipc::__private::Shape>::SHAPE],
-                <Option<OwnedFd> as ::typed_ipc::__private::Shape>::SHAPE,
-            ),
-            ::typed_ipc::__private::shape::method(
-                &[],
-                <() as ::typed_ipc::__private::Shape>::SHAPE,
-            ),
-        ],
-    ),
-    methods: &[
+pub static IPA_INFO: ::typed_ipc::__private::InterfaceInfo = {
+    const IPA_METHODS: &[::typed_ipc::__private::MethodInfo] = &[
         ::typed_ipc::__private::MethodInfo {
             name: "reverse",
             cmd: 0,
@@ -146,7 +102,18 @@ pub static IPA_INFO: ::typed_ipc::__private::InterfaceInfo = ::typed_ipc::__priv
                 <() as ::typed_ipc::__private::Shape>::SHAPE,
             ),
         },
-    ],
+    ];
+    ::typed_ipc::__private::InterfaceInfo {
+        name: "Ipa",
+        id: ::typed_ipc::__private::fnv1a(b"Ipa"),
+        signature: ::typed_ipc::__private::shape::signature(
+            ::typed_ipc::__private::fnv1a(
+                b"#[cmd(0)] fn reverse(&self, text: String) -> String; #[cmd(1)] fn total_len(&self, files: Vec<OwnedFd>) -> u64; #[cmd(2)] fn configure(&self, cfg: Config) -> Result<Caps, ConfigError>; #[cmd(3)] fn open_buffer(&self, id: u32) -> OwnedFd; #[cmd(4)] #[oneway] fn stats_ready(&self, frame: u32, stats: OwnedFd); #[cmd(5)] fn echo(&self, data: Vec<u8>) -> Vec<u8>; #[cmd(6)] fn swap_fd(&self, fd: Option<OwnedFd>) -> Option<OwnedFd>; #[cmd(7)] fn ping(&self);",
+            ),
+            IPA_METHODS,
+        ),
+        methods: IPA_METHODS,
+    }
 };
 /// A request of [`Ipa`]: one variant per method, holding its arguments.
 #[allow(dead_code)]
