@@ -15,6 +15,11 @@ use crate::worker::{Exit, Worker};
 /// Starts `command` as a worker (see [`Worker::spawn`]) and returns it with this side's
 /// [`AsyncConnection`]. Must be called inside a tokio runtime: outside one it fails before it
 /// starts the worker.
+///
+/// The worker starts from the calling thread, which is what a `command` given
+/// [`exit_with_parent`](crate::worker::exit_with_parent) dies with: a runtime's own thread
+/// lasts as long as the runtime, but one of its blocking pool (`spawn_blocking`) ends once
+/// idle for a while, and would take such a worker with it.
 pub fn spawn(command: Command) -> Result<(Worker, AsyncConnection)> {
     spawn_with_limits(command, Limits::default())
 }
