@@ -3,7 +3,7 @@
 use std::os::fd::{AsFd, OwnedFd};
 
 use nix::fcntl::OFlag;
-use typed_ipc::{Connection, Frame, Socket};
+use typed_ipc::{Connection, Frame, Listener, Server, Socket};
 
 use crate::budget::PATIENCE;
 use crate::common;
@@ -186,7 +186,42 @@ pub(crate) fn capture_seeds() -> Seeds {
         tagged(&calls, 0) && tagged(&calls, 1) && tagged(&calls, 2),
         "the seeds cover tags 0-2"
     );
+    // An end's last words, which either end may send: last, so that a valid reply is
+    // still found first by its command id.
+    for refusal in refusals() {
+        replies.push(Seed {
+            name: refusal.name.clone(),
+            payload: refusal.payload.clone(),
+            fds: Vec::new(),
+        });
+        calls.push(refusal);
+    }
     Seeds { calls, replies }
+}
+
+/// The refusals a listener's `admit` sends the clients it turns away, as they receive them:
+/// a short reason, and one cut at its most bytes.
+fn refusals() -> Vec<Seed> {
+    let name = format!("typed-ipc-hostile-peer-refusals-{}", std::process::id());
+    let reasons = ["not you".to_string(), "é".repeat(3000)];
+    let asked = std::sync::atomic::AtomicUsize::new(0);
+    let serving = Server::new()
+        .service(TargetServer::new(Impl))
+        .admit(move |_| {
+            let n = asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Err(reasons[n % 2].clone())
+        })
+        .listen(Listener::bind_abstract(&name).unwrap())
+        .unwrap();
+    let seeds = ["refusal", "long refusal"]
+        .iter()
+        .map(|what| {
+            let client = Socket::connect_abstract(&name).unwrap();
+            Seed::capture(what, &client.recv_timeout(PATIENCE).unwrap())
+        })
+        .collect();
+    serving.shutdown();
+    seeds
 }
 
 fn send_frame(socket: &Socket, frame: &Frame) {
