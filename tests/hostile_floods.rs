@@ -732,3 +732,58 @@ fn a_caller_reads_past_the_bounds_up_to_twice_them() {
     drop(gate);
     assert!(matches!(server.join().unwrap(), Err(Error::Malformed(_))));
 }
+
+/// A request an async connection read and held before it served anything, for the second of
+/// the services an `AsyncServer` serves it with, runs once they are served: the first
+/// service's arrival must not dispatch it while the second is not there yet (it was refused as
+/// not served, the caller told to fall back to an interface it need not).
+#[cfg(feature = "tokio")]
+#[test]
+fn a_held_request_for_the_second_service_of_an_async_server_runs() {
+    use typed_ipc::tokio::{AsyncConnection, AsyncServer};
+    let _fds = common::fd_count_lock();
+    let runtime = common::two_worker_runtime();
+    let (ours, theirs) = Socket::pair().unwrap();
+    let conn = {
+        let _entered = runtime.enter();
+        AsyncConnection::new(theirs).unwrap()
+    };
+    // A call of its own, answered after a request for `Held` is in the socket: once the call
+    // returns, the reader has read that request and holds it for a service to come.
+    let stub = asynchronous::FloodClient::new(conn.clone());
+    let call = runtime.spawn(async move { stub.ping(41).await });
+    let request = ours.recv().unwrap();
+    let cookie = u64::from_le_bytes(request.payload[8..16].try_into().unwrap());
+    let held_cookie = 7;
+    let held = common::call_envelope(&asynchronous::HELD_INFO, 0, held_cookie);
+    ours.send(&held, &[]).unwrap();
+    let mut reply = envelope(3, 0, cookie, 0);
+    reply.extend_from_slice(&42u64.to_le_bytes());
+    ours.send(&reply, &[]).unwrap();
+    assert_eq!(runtime.block_on(call).unwrap().unwrap(), 42);
+
+    let (entered, started) = mpsc::channel();
+    let release = std::sync::Arc::new(tokio::sync::Semaphore::new(1));
+    let server = AsyncServer::new()
+        .service(asynchronous::FloodServer::new(Async))
+        .service(asynchronous::HeldServer::new(AsyncHeld {
+            entered,
+            release,
+        }));
+    let served = {
+        let _entered = runtime.enter();
+        runtime.spawn(server.serve(&conn))
+    };
+    let answer = ours.recv().unwrap();
+    assert_eq!(
+        answer.payload[0],
+        3,
+        "a reply, not a failure: {:?}",
+        String::from_utf8_lossy(&answer.payload)
+    );
+    assert_eq!(&answer.payload[8..16], &held_cookie.to_le_bytes());
+    started.recv().unwrap();
+    drop(ours);
+    runtime.block_on(served).unwrap().unwrap();
+    drop(conn);
+}

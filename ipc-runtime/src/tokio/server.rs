@@ -302,9 +302,8 @@ impl AsyncServer {
             let authorize = authorize.clone();
             connection.set_authorizer(move |peer, iface, cmd| authorize(peer, iface, cmd));
         }
-        for service in services {
-            connection.add_service(service);
-        }
+        // All at once: requests held until now are handled only once every service is there.
+        connection.add_services(services);
         let connection = connection.clone();
         async move { connection.run().await }
     }

@@ -470,13 +470,24 @@ impl AsyncConnection {
     /// up to the bounds of what a peer can make this end hold (see the [module docs](super));
     /// from then on each request is handled as it arrives, calls concurrently in tasks of
     /// their own (each once the oneways that arrived before it have run), oneway messages one
-    /// at a time in order.
+    /// at a time in order. So a request for a second service added after the first may be
+    /// refused as not served ([`Error::NotServed`]) if it came
+    /// before it; [`AsyncServer::serve`](super::AsyncServer::serve) adds all of its services
+    /// at once.
     pub fn add_service(&self, service: impl AsyncService) {
-        let service: Arc<dyn AsyncService> = Arc::new(service);
+        self.add_services(vec![Arc::new(service)]);
+    }
+
+    /// [`AsyncConnection::add_service`] for each of `services` at once: no request is handled
+    /// before all of them are there, so that none held meanwhile is refused as not served
+    /// because the first started serving before the others came.
+    pub(crate) fn add_services(&self, added: Vec<Arc<dyn AsyncService>>) {
         {
             let mut services = self.inner.services.write();
-            services.retain(|s| s.info().id != service.info().id);
-            services.push(service);
+            for service in added {
+                services.retain(|s| s.info().id != service.info().id);
+                services.push(service);
+            }
         }
         self.inner.start_serving();
         // Added after the connection ended (the peer hung up before this end served): no
