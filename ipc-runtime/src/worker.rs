@@ -526,15 +526,16 @@ fn pidfd_reap(pidfd: BorrowedFd<'_>, block: bool) -> io::Result<Option<Exit>> {
 /// that forked: start such workers from the main thread or from one that lives as long as
 /// they should, not from a short-lived thread (a pool's, or tokio's blocking pool, whose idle
 /// threads end after a while), or they die with it. If this process has already died when
-/// the child sets it up, the child does not run the program (and the spawn fails). The
-/// setting survives `exec` of an ordinary program, and the `uid` and `gid` of
-/// [`CommandExt`], which std applies before it is set.
-/// The kernel clears it whenever the child's user or group IDs change after that: `exec` of
-/// a set-user-ID or set-group-ID program or one with file capabilities, a `pre_exec` of yours
-/// added after this call that changes them, or a worker that drops privileges itself
-/// (`setuid`, `setgid`: such a worker must set it again, with `prctl`). The child may also
-/// clear it outright, so it is no containment against a hostile worker: kill one from a
-/// process that outlives it.
+/// the child sets it up, the child does not run the program (and the spawn fails): it tells
+/// by this process's id, taken now, so call it in the process that spawns `command` (a
+/// `command` set up before a `fork` and spawned in the forked process fails with `ESRCH`).
+/// The setting survives `exec` of an ordinary program, and the `uid` and `gid` of
+/// [`CommandExt`], which std applies before it is set. The kernel clears it whenever the
+/// child's user or group IDs change after that: `exec` of a set-user-ID or set-group-ID
+/// program or one with file capabilities, a `pre_exec` of yours added after this call that
+/// changes them, or a worker that drops privileges itself (`setuid`, `setgid`: such a worker
+/// must set it again, with `prctl`). The child may also clear it outright, so it is no
+/// containment against a hostile worker: kill one from a process that outlives it.
 pub fn exit_with_parent(command: &mut Command) -> &mut Command {
     let parent = std::process::id() as libc::pid_t;
     // SAFETY: the closure runs in the child between fork and exec and only makes system
