@@ -626,6 +626,47 @@ mod derived {
         assert_ne!(of::<Tree<u32>>(), of::<Wrapper<u32>>());
     }
 
+    /// A recursive type nested in a field group of its own, `(Vec<Self>, u8)`, and the same
+    /// fields with the recursion moved into a struct (`Inner`): each `Vec` holds a whole
+    /// `Nested` (with its `u16`) in one, an `Inner` (without) in the other, so the bytes of
+    /// one are not the other's. Where the recursion points has to be in the shape.
+    #[derive(Debug, PartialEq, Serialize, Deserialize, Shape)]
+    struct Nested {
+        group: (Vec<Nested>, u8),
+        tail: u16,
+    }
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize, Shape)]
+    struct OfInner {
+        group: Inner,
+        tail: u16,
+    }
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize, Shape)]
+    struct Inner {
+        kids: Vec<Inner>,
+        byte: u8,
+    }
+
+    #[test]
+    fn where_a_recursion_points_is_in_the_shape() {
+        let leaf = Nested {
+            group: (vec![], 1),
+            tail: 2,
+        };
+        let bytes = bincode::serialize(&Nested {
+            group: (vec![leaf], 3),
+            tail: 4,
+        })
+        .unwrap();
+        let read: Result<OfInner, _> = bincode::deserialize(&bytes);
+        assert!(
+            read.is_err() || bincode::serialize(&read.unwrap()).unwrap() != bytes,
+            "the forms differ"
+        );
+        assert_ne!(of::<Nested>(), of::<OfInner>());
+    }
+
     /// typed-ipc's own `with` modules: an fd is an fd, whatever type holds it, and one sent
     /// borrowed has the shape of one received owned.
     #[test]

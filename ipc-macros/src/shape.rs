@@ -21,9 +21,10 @@ pub fn derive(input: TokenStream) -> syn::Result<TokenStream> {
     let m = shape_module();
     let container = Container::parse(&input.attrs)?;
     let name = input.ident.clone();
+    let mut recursive = false;
     let shape = match &input.data {
         Data::Struct(data) => {
-            let fields = fields(&data.fields, &name)?;
+            let fields = fields(&data.fields, &name, &mut recursive)?;
             match container.transparent {
                 Some(span) => match <[TokenStream; 1]>::try_from(fields) {
                     Ok([field]) => field,
@@ -44,7 +45,7 @@ pub fn derive(input: TokenStream) -> syn::Result<TokenStream> {
             let mut variants = Vec::new();
             for variant in &data.variants {
                 refuse_variant_attributes(&variant.attrs)?;
-                let fields = fields(&variant.fields, &name)?;
+                let fields = fields(&variant.fields, &name, &mut recursive)?;
                 variants.push(quote!(#m::product(&[#(#fields),*])));
             }
             quote!(#m::sum(&[#(#variants),*]))
@@ -56,6 +57,11 @@ pub fn derive(input: TokenStream) -> syn::Result<TokenStream> {
                  your `Serialize` writes",
             ));
         }
+    };
+    // Says which type its `RECURSION`s stand for: this one, not an enclosing one.
+    let shape = match recursive {
+        true => quote!(#m::recursive(#shape)),
+        false => shape,
     };
     // Every type parameter's shape is part of the type's.
     for param in input.generics.type_params_mut() {
@@ -216,26 +222,39 @@ fn skip_value(meta: &syn::meta::ParseNestedMeta<'_>) -> syn::Result<()> {
 
 /// The shapes of `fields` that travel, in order. `name` is the type being derived: where a
 /// field's type names it (or `Self`), its shape is `typed_ipc::shape::RECURSION`, so that
-/// a directly recursive type is not defined by itself.
-fn fields(fields: &Fields, name: &Ident) -> syn::Result<Vec<TokenStream>> {
+/// a directly recursive type is not defined by itself, and `recursive` is set.
+fn fields(fields: &Fields, name: &Ident, recursive: &mut bool) -> syn::Result<Vec<TokenStream>> {
     let mut shapes = Vec::new();
     for field in fields {
         let mut ty = field.ty.clone();
-        SelfReference { name }.visit_type_mut(&mut ty);
+        let mut names_itself = false;
+        SelfReference {
+            name,
+            found: &mut names_itself,
+        }
+        .visit_type_mut(&mut ty);
         match field_form(&field.attrs, &ty)? {
             FieldForm::Skipped => {}
-            FieldForm::Known(shape) => shapes.push(shape),
-            FieldForm::Type => shapes.push(quote_spanned! {field.ty.span()=>
-                <#ty as ::typed_ipc::Shape>::SHAPE
-            }),
+            FieldForm::Known(shape) => {
+                *recursive |= names_itself;
+                shapes.push(shape)
+            }
+            FieldForm::Type => {
+                *recursive |= names_itself;
+                shapes.push(quote_spanned! {field.ty.span()=>
+                    <#ty as ::typed_ipc::Shape>::SHAPE
+                })
+            }
         }
     }
     Ok(shapes)
 }
 
-/// Replaces the type being derived, and `Self`, with `typed_ipc::shape::Recursion`.
+/// Replaces the type being derived, and `Self`, with `typed_ipc::shape::Recursion`, and says
+/// whether it did in `found`.
 struct SelfReference<'a> {
     name: &'a Ident,
+    found: &'a mut bool,
 }
 
 impl VisitMut for SelfReference<'_> {
@@ -248,6 +267,7 @@ impl VisitMut for SelfReference<'_> {
                 && (segments[0].ident == *self.name || segments[0].ident == "Self");
             if is_self {
                 *ty = syn::parse_quote!(::typed_ipc::shape::Recursion);
+                *self.found = true;
                 return;
             }
         }

@@ -134,6 +134,7 @@ mod tag {
     pub const RECURSION: u64 = 26;
     pub const METHOD: u64 = 27;
     pub const INTERFACE: u64 = 28;
+    pub const RECURSIVE: u64 = 29;
 }
 
 /// A struct's, tuple's or enum variant's fields, in order (`&[]` for a unit struct or
@@ -178,8 +179,18 @@ pub const FD: u64 = compound(tag::FD, &[]);
 pub const BYTE_STRING: u64 = compound(tag::BYTE_STRING, &[]);
 
 /// Where a directly recursive type (`struct Tree { kids: Vec<Tree> }`) names itself: the
-/// derive writes this in place of the type, so that its shape is not defined by itself.
+/// derive writes this in place of the type, so that its shape is not defined by itself, and
+/// wraps the type's shape in [`recursive`].
 pub const RECURSION: u64 = compound(tag::RECURSION, &[]);
+
+/// A type that names itself (`body` holds [`RECURSION`] where it does): the derive wraps such
+/// a type's shape in this, so that a [`RECURSION`] says which type it stands for, the
+/// nearest enclosing `recursive`. Without it, `struct A { g: (Vec<A>, u8), t: u16 }` and
+/// `struct B { g: C, t: u16 }` with `struct C { kids: Vec<C>, b: u8 }` would have one shape,
+/// though `A`'s vector holds `A`s and `C`'s holds `C`s.
+pub const fn recursive(body: u64) -> u64 {
+    compound(tag::RECURSIVE, &[body])
+}
 
 /// A method's shape: its parameters' shapes, in order, and its result's.
 pub const fn method(params: &[u64], result: u64) -> u64 {
