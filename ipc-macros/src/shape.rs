@@ -22,9 +22,19 @@ pub fn derive(input: TokenStream) -> syn::Result<TokenStream> {
     let container = Container::parse(&input.attrs)?;
     let name = input.ident.clone();
     let mut recursive = false;
+    let own_arguments: Vec<String> = input
+        .generics
+        .params
+        .iter()
+        .filter_map(|p| match p {
+            syn::GenericParam::Type(t) => Some(t.ident.to_string()),
+            syn::GenericParam::Const(c) => Some(c.ident.to_string()),
+            syn::GenericParam::Lifetime(_) => None,
+        })
+        .collect();
     let shape = match &input.data {
         Data::Struct(data) => {
-            let fields = fields(&data.fields, &name, &mut recursive)?;
+            let fields = fields(&data.fields, &name, &own_arguments, &mut recursive)?;
             match container.transparent {
                 Some(span) => match <[TokenStream; 1]>::try_from(fields) {
                     Ok([field]) => field,
@@ -45,7 +55,7 @@ pub fn derive(input: TokenStream) -> syn::Result<TokenStream> {
             let mut variants = Vec::new();
             for variant in &data.variants {
                 refuse_variant_attributes(&variant.attrs)?;
-                let fields = fields(&variant.fields, &name, &mut recursive)?;
+                let fields = fields(&variant.fields, &name, &own_arguments, &mut recursive)?;
                 variants.push(quote!(#m::product(&[#(#fields),*])));
             }
             quote!(#m::sum(&[#(#variants),*]))
@@ -222,17 +232,37 @@ fn skip_value(meta: &syn::meta::ParseNestedMeta<'_>) -> syn::Result<()> {
 
 /// The shapes of `fields` that travel, in order. `name` is the type being derived: where a
 /// field's type names it (or `Self`), its shape is `typed_ipc::shape::RECURSION`, so that
-/// a directly recursive type is not defined by itself, and `recursive` is set.
-fn fields(fields: &Fields, name: &Ident, recursive: &mut bool) -> syn::Result<Vec<TokenStream>> {
+/// a directly recursive type is not defined by itself, and `recursive` is set. It must name
+/// it with `own_arguments` (its type and const parameters): `Chain<u8>` inside `Chain<T>` is
+/// another type, which `RECURSION` would pass for this one.
+fn fields(
+    fields: &Fields,
+    name: &Ident,
+    own_arguments: &[String],
+    recursive: &mut bool,
+) -> syn::Result<Vec<TokenStream>> {
     let mut shapes = Vec::new();
     for field in fields {
         let mut ty = field.ty.clone();
         let mut names_itself = false;
-        SelfReference {
+        let mut reference = SelfReference {
             name,
+            own_arguments,
             found: &mut names_itself,
+            other_arguments: None,
+        };
+        reference.visit_type_mut(&mut ty);
+        if let Some(span) = reference.other_arguments {
+            return Err(syn::Error::new(
+                span,
+                format!(
+                    "#[derive(typed_ipc::Shape)] follows a type that names itself only with its \
+                     own type arguments (`{name}<{}>` or `Self`): implement `typed_ipc::Shape` \
+                     by hand",
+                    own_arguments.join(", ")
+                ),
+            ));
         }
-        .visit_type_mut(&mut ty);
         match field_form(&field.attrs, &ty)? {
             FieldForm::Skipped => {}
             FieldForm::Known(shape) => {
@@ -254,7 +284,28 @@ fn fields(fields: &Fields, name: &Ident, recursive: &mut bool) -> syn::Result<Ve
 /// whether it did in `found`.
 struct SelfReference<'a> {
     name: &'a Ident,
+    own_arguments: &'a [String],
     found: &'a mut bool,
+    /// Where the type names itself with other arguments than its parameters.
+    other_arguments: Option<Span>,
+}
+
+impl SelfReference<'_> {
+    /// Whether `arguments` (lifetimes aside, which do not change a shape) are the type's
+    /// own parameters, in order.
+    fn are_own(&self, arguments: &syn::PathArguments) -> bool {
+        let given: Vec<String> = match arguments {
+            syn::PathArguments::None => return true,
+            syn::PathArguments::AngleBracketed(angled) => angled
+                .args
+                .iter()
+                .filter(|a| !matches!(a, syn::GenericArgument::Lifetime(_)))
+                .map(|a| quote!(#a).to_string())
+                .collect(),
+            syn::PathArguments::Parenthesized(_) => return false,
+        };
+        given == self.own_arguments
+    }
 }
 
 impl VisitMut for SelfReference<'_> {
@@ -266,6 +317,9 @@ impl VisitMut for SelfReference<'_> {
                 && segments.len() == 1
                 && (segments[0].ident == *self.name || segments[0].ident == "Self");
             if is_self {
+                if !self.are_own(&segments[0].arguments) {
+                    self.other_arguments = Some(segments[0].span());
+                }
                 *ty = syn::parse_quote!(::typed_ipc::shape::Recursion);
                 *self.found = true;
                 return;
