@@ -667,6 +667,38 @@ mod derived {
         assert_ne!(of::<Nested>(), of::<OfInner>());
     }
 
+    /// What serde asks of a type parameter, the derive asks of it too, no more: a handle typed
+    /// by what it refers to (only in a `PhantomData`), a skipped cache of `T`, or a field of an
+    /// associated type (`C::Wire`, which is what needs a shape, not `C`).
+    struct NoShape;
+
+    trait Codec {
+        type Wire;
+    }
+
+    impl Codec for NoShape {
+        type Wire = u32;
+    }
+
+    #[derive(Serialize, Deserialize, Shape)]
+    struct Handle<T> {
+        id: u32,
+        #[serde(skip)]
+        _cache: Option<T>,
+        _kind: std::marker::PhantomData<T>,
+    }
+
+    #[derive(Serialize, Deserialize, Shape)]
+    struct Encoded<C: Codec> {
+        wire: C::Wire,
+    }
+
+    #[test]
+    fn parameters_are_bound_as_serde_binds_them() {
+        assert_eq!(of::<Handle<NoShape>>(), of::<(u32, ())>());
+        assert_eq!(of::<Encoded<NoShape>>(), of::<(u32,)>());
+    }
+
     /// typed-ipc's own `with` modules: an fd is an fd, whatever type holds it, and one sent
     /// borrowed has the shape of one received owned.
     #[test]

@@ -22,6 +22,15 @@ pub fn derive(input: TokenStream) -> syn::Result<TokenStream> {
     let container = Container::parse(&input.attrs)?;
     let name = input.ident.clone();
     let mut recursive = false;
+    let mut bounded = Bounded {
+        params: input
+            .generics
+            .type_params()
+            .map(|p| p.ident.clone())
+            .collect(),
+        used: Vec::new(),
+        projections: Vec::new(),
+    };
     let own_arguments: Vec<String> = input
         .generics
         .params
@@ -34,7 +43,13 @@ pub fn derive(input: TokenStream) -> syn::Result<TokenStream> {
         .collect();
     let shape = match &input.data {
         Data::Struct(data) => {
-            let fields = fields(&data.fields, &name, &own_arguments, &mut recursive)?;
+            let fields = fields(
+                &data.fields,
+                &name,
+                &own_arguments,
+                &mut recursive,
+                &mut bounded,
+            )?;
             match container.transparent {
                 Some(span) => match <[TokenStream; 1]>::try_from(fields) {
                     Ok([field]) => field,
@@ -55,7 +70,13 @@ pub fn derive(input: TokenStream) -> syn::Result<TokenStream> {
             let mut variants = Vec::new();
             for variant in &data.variants {
                 refuse_variant_attributes(&variant.attrs)?;
-                let fields = fields(&variant.fields, &name, &own_arguments, &mut recursive)?;
+                let fields = fields(
+                    &variant.fields,
+                    &name,
+                    &own_arguments,
+                    &mut recursive,
+                    &mut bounded,
+                )?;
                 variants.push(quote!(#m::product(&[#(#fields),*])));
             }
             quote!(#m::sum(&[#(#variants),*]))
@@ -73,9 +94,21 @@ pub fn derive(input: TokenStream) -> syn::Result<TokenStream> {
         true => quote!(#m::recursive(#shape)),
         false => shape,
     };
-    // Every type parameter's shape is part of the type's.
+    // What the shaped fields need of the parameters, as serde's derive bounds them: a
+    // parameter only in a `PhantomData` or a skipped field needs nothing, a field of an
+    // associated type bounds that type, not its parameter.
     for param in input.generics.type_params_mut() {
-        param.bounds.push(syn::parse_quote!(::typed_ipc::Shape));
+        if bounded.used.contains(&param.ident) {
+            param.bounds.push(syn::parse_quote!(::typed_ipc::Shape));
+        }
+    }
+    let projections = &bounded.projections;
+    if !projections.is_empty() {
+        input.generics.make_where_clause().predicates.extend(
+            projections
+                .iter()
+                .map(|ty| -> syn::WherePredicate { syn::parse_quote!(#ty: ::typed_ipc::Shape) }),
+        );
     }
     let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
     Ok(quote! {
@@ -142,21 +175,21 @@ enum FieldForm {
     Known(TokenStream),
 }
 
-/// The `with = "..."` modules of typed-ipc, and the shape each gives its field.
-fn known_with(path: &str, ty: &Type) -> Option<TokenStream> {
+/// The `with = "..."` modules of typed-ipc, and how each writes its field.
+fn known_with(path: &str) -> Option<FieldForm> {
     let m = shape_module();
     let path = path.trim_start_matches("::");
     match path {
-        "typed_ipc::fd" => Some(quote!(#m::FD)),
+        "typed_ipc::fd" => Some(FieldForm::Known(quote!(#m::FD))),
         // The fds' carriers (`OwnedFd`, `Option<OwnedFd>`, `Vec<OwnedFd>`, `Result<_, E>`)
         // are written as their types are, each fd as an index.
-        "typed_ipc::fds" => Some(quote_spanned!(ty.span()=> <#ty as ::typed_ipc::Shape>::SHAPE)),
-        "typed_ipc::bytes" => Some(quote!(#m::BYTE_STRING)),
+        "typed_ipc::fds" => Some(FieldForm::Type),
+        "typed_ipc::bytes" => Some(FieldForm::Known(quote!(#m::BYTE_STRING))),
         _ => None,
     }
 }
 
-fn field_form(attrs: &[Attribute], ty: &Type) -> syn::Result<FieldForm> {
+fn field_form(attrs: &[Attribute]) -> syn::Result<FieldForm> {
     let mut form = FieldForm::Type;
     for attr in attrs.iter().filter(|a| a.path().is_ident("serde")) {
         attr.parse_nested_meta(|meta| {
@@ -173,10 +206,10 @@ fn field_form(attrs: &[Attribute], ty: &Type) -> syn::Result<FieldForm> {
                 }
                 "with" => {
                     let lit: syn::LitStr = meta.value()?.parse()?;
-                    match known_with(&lit.value(), ty) {
-                        Some(shape) => {
+                    match known_with(&lit.value()) {
+                        Some(with) => {
                             if !matches!(form, FieldForm::Skipped) {
-                                form = FieldForm::Known(shape);
+                                form = with;
                             }
                             Ok(())
                         }
@@ -240,6 +273,7 @@ fn fields(
     name: &Ident,
     own_arguments: &[String],
     recursive: &mut bool,
+    bounded: &mut Bounded,
 ) -> syn::Result<Vec<TokenStream>> {
     let mut shapes = Vec::new();
     for field in fields {
@@ -263,7 +297,7 @@ fn fields(
                 ),
             ));
         }
-        match field_form(&field.attrs, &ty)? {
+        match field_form(&field.attrs)? {
             FieldForm::Skipped => {}
             FieldForm::Known(shape) => {
                 *recursive |= names_itself;
@@ -271,6 +305,7 @@ fn fields(
             }
             FieldForm::Type => {
                 *recursive |= names_itself;
+                syn::visit::Visit::visit_type(bounded, &ty);
                 shapes.push(quote_spanned! {field.ty.span()=>
                     <#ty as ::typed_ipc::Shape>::SHAPE
                 })
@@ -326,5 +361,39 @@ impl VisitMut for SelfReference<'_> {
             }
         }
         syn::visit_mut::visit_type_mut(self, ty);
+    }
+}
+
+/// The type parameters and associated types (`T::Wire`, `<T as Codec>::Wire`) the shaped
+/// fields' types name, outside `PhantomData`s (whose shape is the same whatever they hold):
+/// what the impl must bound by `Shape`.
+struct Bounded {
+    params: Vec<Ident>,
+    used: Vec<Ident>,
+    projections: Vec<Type>,
+}
+
+impl<'ast> syn::visit::Visit<'ast> for Bounded {
+    fn visit_type_path(&mut self, path: &'ast syn::TypePath) {
+        let segments = &path.path.segments;
+        let first = segments.first().map(|s| &s.ident);
+        let from_param = first.is_some_and(|first| self.params.contains(first));
+        if path.qself.is_some() || (from_param && segments.len() > 1) {
+            let ty = Type::Path(path.clone());
+            if !self.projections.contains(&ty) {
+                self.projections.push(ty);
+            }
+            return;
+        }
+        if let (true, Some(first)) = (from_param && path.path.leading_colon.is_none(), first) {
+            if !self.used.contains(first) {
+                self.used.push(first.clone());
+            }
+            return;
+        }
+        if segments.last().is_some_and(|s| s.ident == "PhantomData") {
+            return;
+        }
+        syn::visit::visit_type_path(self, path);
     }
 }
