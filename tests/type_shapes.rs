@@ -352,7 +352,10 @@ fn checking_at_one_end_only_is_a_mismatch_that_says_so() {
     let (worker, conn, ipa) = spawn("unchecked");
     let why = mismatch(ipa.configure(config()));
     assert!(
-        why.contains("`configure`: same signature, but only one end checks its types"),
+        why.ends_with(
+            "interface `org.example.camera.ShapedIpa`: only one end checks its types (this side \
+             has #[interface(check_types)], the peer not)"
+        ),
         "{why}"
     );
     hang_up(worker, conn);

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::envelope::Envelope;
 use super::trace::{self, printable};
 use crate::error::Error;
-use crate::service::{InterfaceInfo, MethodInfo};
+use crate::service::InterfaceInfo;
 
 /// A method of the peer's interface, as a mismatch reply lists it: `(cmd, name, signature,
 /// shape)`, from its `MethodInfo`.
@@ -263,7 +263,12 @@ fn describe(ours: &InterfaceInfo, theirs: &[PeerMethod]) -> String {
                 m.signature,
                 printable(sig)
             )),
-            Some((.., shape)) if *shape != m.shape => Some(shape_difference(m, *shape)),
+            // Said once for the interface, when one end alone checks.
+            Some((.., shape)) if (*shape == 0) != (m.shape == 0) => None,
+            Some((.., shape)) if *shape != m.shape => Some(format!(
+                "`{}`: same signature, but the definitions of its types differ",
+                m.name
+            )),
             Some(_) => None,
         });
     // The peer's methods that this side lacks, written only if shown.
@@ -275,34 +280,37 @@ fn describe(ours: &InterfaceInfo, theirs: &[PeerMethod]) -> String {
             printable(name)
         ),
     };
-    let mut diffs = listed(differing.map(Ok).chain(extra.map(Err)), show, "; ");
+    let one_end = one_end_checks(ours, theirs);
+    let mut diffs = listed(
+        one_end
+            .map(Ok)
+            .into_iter()
+            .chain(differing.map(Ok))
+            .chain(extra.map(Err)),
+        show,
+        "; ",
+    );
     if diffs.is_empty() {
         diffs = unlisted_difference(ours, theirs);
     }
     format!("interface `{}`: {diffs}", ours.name)
 }
 
-/// What differs in method `m`, whose text is the same at both ends, but not its shape
-/// (`theirs` at the peer): the definitions of the types it names, or whether they are checked.
+/// Whether only one end checks the types (`#[interface(check_types)]`, which gives every
+/// method a shape), said once: every method's shape differs then.
 #[cold]
-fn shape_difference(m: &MethodInfo, theirs: u64) -> String {
-    match (m.shape, theirs) {
-        (0, _) | (_, 0) => {
-            let (checks, does_not) = match m.shape {
-                0 => ("the peer", "this side"),
-                _ => ("this side", "the peer"),
-            };
-            format!(
-                "`{}`: same signature, but only one end checks its types ({checks} has \
-                 #[interface(check_types)], {does_not} not)",
-                m.name
-            )
-        }
-        _ => format!(
-            "`{}`: same signature, but the definitions of its types differ",
-            m.name
-        ),
-    }
+fn one_end_checks(ours: &InterfaceInfo, theirs: &[PeerMethod]) -> Option<String> {
+    let we_check = ours.methods.iter().any(|m| m.shape != 0);
+    let they_check = theirs.iter().any(|(.., shape)| *shape != 0);
+    let (checks, does_not) = match (we_check, they_check) {
+        (true, false) => ("this side", "the peer"),
+        (false, true) => ("the peer", "this side"),
+        _ => return None,
+    };
+    Some(format!(
+        "only one end checks its types ({checks} has #[interface(check_types)], {does_not} \
+         not)"
+    ))
 }
 
 /// What differs between two interfaces whose methods agree in id, name and signature: what
@@ -348,6 +356,7 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::service::MethodInfo;
 
     static IFACE: InterfaceInfo = InterfaceInfo {
         name: "Ipa",
@@ -428,6 +437,53 @@ mod tests {
         assert!(!why.contains("`reverse`"), "{why}");
     }
 
+    /// One end opting in to check_types is said once, not once for each method (all of
+    /// them differ then); a method that differs otherwise is still named.
+    #[test]
+    fn checking_at_one_end_only_is_said_once() {
+        const fn method(name: &'static str, cmd: u32, signature: &'static str) -> MethodInfo {
+            MethodInfo {
+                name,
+                cmd,
+                signature,
+                oneway: false,
+                shape: 7,
+            }
+        }
+        static CHECKED: InterfaceInfo = InterfaceInfo {
+            name: "Ipa",
+            id: 1,
+            signature: 2,
+            methods: &[
+                method("a", 0, "fn a(&self)"),
+                method("b", 1, "fn b(&self)"),
+                method("c", 2, "fn c(&self)"),
+            ],
+        };
+        let unchecked = |changed: &str| -> Vec<PeerMethod> {
+            CHECKED
+                .methods
+                .iter()
+                .map(|m| match m.name == changed {
+                    true => (m.cmd, m.name.into(), "fn other(&self)".into(), 0),
+                    false => (m.cmd, m.name.into(), m.signature.into(), 0),
+                })
+                .collect()
+        };
+        let one_end = "only one end checks its types (this side has \
+                       #[interface(check_types)], the peer not)";
+        let why = text(Failure::Mismatch(unchecked("")).into_error(&CHECKED, 0));
+        assert_eq!(why, format!("interface `Ipa`: {one_end}"));
+        let why = text(Failure::Mismatch(unchecked("b")).into_error(&CHECKED, 0));
+        assert_eq!(
+            why,
+            format!(
+                "interface `Ipa`: {one_end}; method 1 differs: here `fn b(&self)`, on the peer \
+                 `fn other(&self)`"
+            )
+        );
+    }
+
     /// A method whose text is the same at both ends but whose shape is not is named, saying
     /// whether its types differ or only one end checks them.
     #[test]
@@ -456,8 +512,8 @@ mod tests {
         let why = text(peer(0).into_error(&CHECKED, 0));
         assert_eq!(
             why,
-            "interface `Ipa`: `reverse`: same signature, but only one end checks its types \
-             (this side has #[interface(check_types)], the peer not)"
+            "interface `Ipa`: only one end checks its types (this side has \
+             #[interface(check_types)], the peer not)"
         );
         let why = text(peer(7).into_error(&IFACE, 0));
         assert!(
