@@ -135,6 +135,7 @@ mod tag {
     pub const METHOD: u64 = 27;
     pub const INTERFACE: u64 = 28;
     pub const RECURSIVE: u64 = 29;
+    pub const NON_ZERO: u64 = 30;
 }
 
 /// A struct's, tuple's or enum variant's fields, in order (`&[]` for a unit struct or
@@ -309,6 +310,119 @@ impl Shape for SystemTime {
     const SHAPE: u64 = Duration::SHAPE;
 }
 
+/// serde writes these as the value they wrap.
+impl<T: Shape> Shape for std::num::Wrapping<T> {
+    const SHAPE: u64 = T::SHAPE;
+}
+
+impl<T: Shape> Shape for std::num::Saturating<T> {
+    const SHAPE: u64 = T::SHAPE;
+}
+
+impl<T: Shape> Shape for std::cmp::Reverse<T> {
+    const SHAPE: u64 = T::SHAPE;
+}
+
+impl<T: Shape + ?Sized> Shape for std::cell::RefCell<T> {
+    const SHAPE: u64 = T::SHAPE;
+}
+
+impl<T: Shape + Copy> Shape for std::cell::Cell<T> {
+    const SHAPE: u64 = T::SHAPE;
+}
+
+impl<T: Shape + ?Sized> Shape for std::sync::Mutex<T> {
+    const SHAPE: u64 = T::SHAPE;
+}
+
+impl<T: Shape + ?Sized> Shape for std::sync::RwLock<T> {
+    const SHAPE: u64 = T::SHAPE;
+}
+
+/// serde writes a path as its text (and refuses one that is not UTF-8).
+impl Shape for std::path::Path {
+    const SHAPE: u64 = String::SHAPE;
+}
+
+impl Shape for std::path::PathBuf {
+    const SHAPE: u64 = String::SHAPE;
+}
+
+/// serde writes a range as a struct of its ends.
+impl<T: Shape> Shape for std::ops::Range<T> {
+    const SHAPE: u64 = product(&[T::SHAPE, T::SHAPE]);
+}
+
+impl<T: Shape> Shape for std::ops::RangeInclusive<T> {
+    const SHAPE: u64 = product(&[T::SHAPE, T::SHAPE]);
+}
+
+impl<T: Shape> Shape for std::ops::RangeFrom<T> {
+    const SHAPE: u64 = product(&[T::SHAPE]);
+}
+
+impl<T: Shape> Shape for std::ops::RangeTo<T> {
+    const SHAPE: u64 = product(&[T::SHAPE]);
+}
+
+/// As the enum `Unbounded`, `Included(T)`, `Excluded(T)`.
+impl<T: Shape> Shape for std::ops::Bound<T> {
+    const SHAPE: u64 = sum(&[product(&[]), product(&[T::SHAPE]), product(&[T::SHAPE])]);
+}
+
+/// The same bytes as the integer, but a receiver refuses a 0 (as it refuses a `String` that
+/// is not UTF-8): a form of its own, so that an end that may send a 0 is not taken for one
+/// that cannot.
+macro_rules! non_zero {
+    ($($ty:ty => $int:ty),* $(,)?) => {
+        $(impl Shape for $ty {
+            const SHAPE: u64 = compound(tag::NON_ZERO, &[<$int>::SHAPE]);
+        })*
+    };
+}
+
+non_zero! {
+    std::num::NonZeroU8 => u8, std::num::NonZeroU16 => u16, std::num::NonZeroU32 => u32,
+    std::num::NonZeroU64 => u64, std::num::NonZeroU128 => u128,
+    std::num::NonZeroUsize => usize,
+    std::num::NonZeroI8 => i8, std::num::NonZeroI16 => i16, std::num::NonZeroI32 => i32,
+    std::num::NonZeroI64 => i64, std::num::NonZeroI128 => i128,
+    std::num::NonZeroIsize => isize,
+}
+
+// serde writes addresses, for a format that is not human-readable (bincode), as their octets,
+// a socket address as its IP and port, and each `V4`/`V6` choice as an enum.
+impl Shape for std::net::Ipv4Addr {
+    const SHAPE: u64 = <[u8; 4]>::SHAPE;
+}
+
+impl Shape for std::net::Ipv6Addr {
+    const SHAPE: u64 = <[u8; 16]>::SHAPE;
+}
+
+impl Shape for std::net::IpAddr {
+    const SHAPE: u64 = sum(&[
+        product(&[std::net::Ipv4Addr::SHAPE]),
+        product(&[std::net::Ipv6Addr::SHAPE]),
+    ]);
+}
+
+impl Shape for std::net::SocketAddrV4 {
+    const SHAPE: u64 = product(&[std::net::Ipv4Addr::SHAPE, u16::SHAPE]);
+}
+
+/// Its flow information and scope id are not written.
+impl Shape for std::net::SocketAddrV6 {
+    const SHAPE: u64 = product(&[std::net::Ipv6Addr::SHAPE, u16::SHAPE]);
+}
+
+impl Shape for std::net::SocketAddr {
+    const SHAPE: u64 = sum(&[
+        product(&[std::net::SocketAddrV4::SHAPE]),
+        product(&[std::net::SocketAddrV6::SHAPE]),
+    ]);
+}
+
 macro_rules! tuples {
     ($(($($t:ident),*)),* $(,)?) => {
         $(impl<$($t: Shape),*> Shape for ($($t,)*) {
@@ -446,6 +560,50 @@ mod tests {
         assert_eq!(
             of::<Result<u8, String>>(),
             sum(&[product(&[u8::SHAPE]), product(&[String::SHAPE])])
+        );
+    }
+
+    /// The standard types serde carries that an IPC type commonly holds, each as serde writes
+    /// it for bincode (not human-readable).
+    #[test]
+    fn common_standard_types_have_their_serde_forms() {
+        use std::cmp::Reverse;
+        use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+        use std::num::{NonZeroU32, NonZeroUsize, Saturating, Wrapping};
+        use std::ops::{Bound, Range, RangeInclusive};
+        use std::path::{Path, PathBuf};
+        assert_eq!(of::<PathBuf>(), of::<String>());
+        assert_eq!(of::<&Path>(), of::<String>());
+        assert_eq!(of::<Wrapping<u32>>(), of::<u32>());
+        assert_eq!(of::<Saturating<u16>>(), of::<u16>());
+        assert_eq!(of::<Reverse<u8>>(), of::<u8>());
+        assert_eq!(of::<std::cell::RefCell<u8>>(), of::<u8>());
+        assert_eq!(of::<std::sync::Mutex<u8>>(), of::<u8>());
+        assert_eq!(of::<Range<u32>>(), of::<(u32, u32)>());
+        assert_eq!(of::<RangeInclusive<u32>>(), of::<(u32, u32)>());
+        assert_eq!(
+            of::<Bound<u32>>(),
+            sum(&[product(&[]), product(&[u32::SHAPE]), product(&[u32::SHAPE])])
+        );
+        // The same bytes, but the receiver refuses a 0, as it refuses a `String` that is not
+        // UTF-8: a form of its own, as `String`'s is.
+        assert_ne!(of::<NonZeroU32>(), of::<u32>());
+        assert_ne!(of::<NonZeroU32>(), of::<std::num::NonZeroI32>());
+        assert_ne!(of::<NonZeroUsize>(), of::<NonZeroU32>());
+        assert_eq!(of::<Ipv4Addr>(), of::<[u8; 4]>());
+        assert_eq!(of::<Ipv6Addr>(), of::<[u8; 16]>());
+        assert_eq!(
+            of::<IpAddr>(),
+            sum(&[product(&[of::<Ipv4Addr>()]), product(&[of::<Ipv6Addr>()])])
+        );
+        assert_eq!(of::<SocketAddrV4>(), of::<(Ipv4Addr, u16)>());
+        assert_eq!(of::<SocketAddrV6>(), of::<(Ipv6Addr, u16)>());
+        assert_eq!(
+            of::<SocketAddr>(),
+            sum(&[
+                product(&[of::<SocketAddrV4>()]),
+                product(&[of::<SocketAddrV6>()])
+            ])
         );
     }
 
