@@ -191,6 +191,7 @@ fn known_with(path: &str) -> Option<FieldForm> {
 
 fn field_form(attrs: &[Attribute]) -> syn::Result<FieldForm> {
     let mut form = FieldForm::Type;
+    let (mut skipped, mut not_written, mut not_read) = (false, None, None);
     for attr in attrs.iter().filter(|a| a.path().is_ident("serde")) {
         attr.parse_nested_meta(|meta| {
             let item = meta
@@ -200,17 +201,23 @@ fn field_form(attrs: &[Attribute]) -> syn::Result<FieldForm> {
                 .unwrap_or_default();
             let span = meta.path.span();
             match item.as_str() {
-                "skip" | "skip_serializing" | "skip_deserializing" => {
-                    form = FieldForm::Skipped;
+                "skip" => {
+                    skipped = true;
+                    skip_value(&meta)
+                }
+                "skip_serializing" => {
+                    not_written = Some(span);
+                    skip_value(&meta)
+                }
+                "skip_deserializing" => {
+                    not_read = Some(span);
                     skip_value(&meta)
                 }
                 "with" => {
                     let lit: syn::LitStr = meta.value()?.parse()?;
                     match known_with(&lit.value()) {
                         Some(with) => {
-                            if !matches!(form, FieldForm::Skipped) {
-                                form = with;
-                            }
+                            form = with;
                             Ok(())
                         }
                         None => Err(syn::Error::new(
@@ -228,7 +235,18 @@ fn field_form(attrs: &[Attribute]) -> syn::Result<FieldForm> {
             }
         })?;
     }
-    Ok(form)
+    // Skipped one way only, a field is written and not read back, or read and never written:
+    // bincode's form then differs by direction, which no one shape describes.
+    match (skipped, not_written, not_read) {
+        (true, ..) | (false, Some(_), Some(_)) => Ok(FieldForm::Skipped),
+        (false, Some(span), None) | (false, None, Some(span)) => Err(syn::Error::new(
+            span,
+            "a field skipped one way only is written and not read, or read and not written: \
+             bincode, which writes no field names, then reads the next field's bytes as this \
+             one's, or this one's as the next's; skip it both ways (`#[serde(skip)]`)",
+        )),
+        (false, None, None) => Ok(form),
+    }
 }
 
 /// Calls `each` with every item of the `#[serde(...)]` attributes in `attrs` (its name and
