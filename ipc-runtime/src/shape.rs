@@ -10,9 +10,18 @@
 //!
 //! The hash describes the structure, which is a little stricter than bincode's bytes: a field
 //! group moved into a struct of its own (`(a, b, c)` → `(Pair(a, b), c)`) counts as a change
-//! though bincode writes the same bytes, and `String` differs from `Vec<u8>` (the receiver
-//! checks UTF-8). It cannot see a hand-written `Serialize`: such a type implements `Shape`
-//! by hand, honestly (see [`Shape`]).
+//! though bincode writes the same bytes, as do `[u32; 2]` against `(u32, u32)` and a map
+//! against a `Vec` of pairs; `String` differs from `Vec<u8>`, and a `NonZeroU32` from a
+//! `u32` (the receiver checks UTF-8, or refuses a 0). What is one form has one shape:
+//! `HashMap` and `BTreeMap`, `Vec`, `VecDeque` and the sets, `&T`, `Box<T>` and `T`,
+//! `usize` and `u64`. It cannot see a hand-written `Serialize`: such a type implements
+//! `Shape` by hand, honestly (see [`Shape`]).
+//!
+//! The derive follows a type that names itself (`struct Tree { kids: Vec<Tree> }`, or
+//! `Self`), with its own type arguments; two types that name each other, or a type named
+//! through an alias of itself, are a compile error (a cycle evaluating `SHAPE`): implement
+//! one of them by hand, the other's fields written out rather than its `SHAPE` named, with
+//! [`RECURSION`] where it names the first, the whole inside [`recursive`].
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet, LinkedList, VecDeque};
