@@ -302,8 +302,22 @@ fn fields(
             own_arguments,
             found: &mut names_itself,
             other_arguments: None,
+            inside: 0,
+            inside_other_type: None,
         };
         reference.visit_type_mut(&mut ty);
+        if let Some(span) = reference.inside_other_type {
+            return Err(syn::Error::new(
+                span,
+                format!(
+                    "#[derive(typed_ipc::Shape)] follows a type that names itself only directly \
+                     or inside the standard containers (`Box`, `Vec`, `Option`, a map, a tuple, \
+                     ...): inside another generic type, which may name itself too, the two \
+                     recursions would not be told apart. Implement `typed_ipc::Shape` for \
+                     `{name}` by hand"
+                ),
+            ));
+        }
         if let Some(span) = reference.other_arguments {
             return Err(syn::Error::new(
                 span,
@@ -341,7 +355,44 @@ struct SelfReference<'a> {
     found: &'a mut bool,
     /// Where the type names itself with other arguments than its parameters.
     other_arguments: Option<Span>,
+    /// How many generic types outside [`CONTAINERS`] the visit is inside.
+    inside: usize,
+    /// Where the type names itself inside one of those: a type that names itself too binds
+    /// the `RECURSION` it is given as its own, so the derive refuses it.
+    inside_other_type: Option<Span>,
 }
+
+/// The generic types whose shapes hold no `shape::recursive` of their own, so that a
+/// `RECURSION` given to them still stands for the type being derived.
+const CONTAINERS: &[&str] = &[
+    "Box",
+    "Vec",
+    "Option",
+    "Result",
+    "Rc",
+    "Arc",
+    "Cow",
+    "VecDeque",
+    "LinkedList",
+    "BinaryHeap",
+    "BTreeSet",
+    "HashSet",
+    "BTreeMap",
+    "HashMap",
+    "PhantomData",
+    "RefCell",
+    "Cell",
+    "Mutex",
+    "RwLock",
+    "Reverse",
+    "Wrapping",
+    "Saturating",
+    "Range",
+    "RangeInclusive",
+    "RangeFrom",
+    "RangeTo",
+    "Bound",
+];
 
 impl SelfReference<'_> {
     /// Whether `arguments` (lifetimes aside, which do not change a shape) are the type's
@@ -373,10 +424,21 @@ impl VisitMut for SelfReference<'_> {
                 if !self.are_own(&segments[0].arguments) {
                     self.other_arguments = Some(segments[0].span());
                 }
+                if self.inside > 0 {
+                    self.inside_other_type.get_or_insert(segments[0].span());
+                }
                 *ty = syn::parse_quote!(::typed_ipc::shape::Recursion);
                 *self.found = true;
                 return;
             }
+            let other = segments.last().is_some_and(|last| {
+                !matches!(last.arguments, syn::PathArguments::None)
+                    && !CONTAINERS.iter().any(|c| last.ident == c)
+            });
+            self.inside += usize::from(other);
+            syn::visit_mut::visit_type_mut(self, ty);
+            self.inside -= usize::from(other);
+            return;
         }
         syn::visit_mut::visit_type_mut(self, ty);
     }

@@ -18,7 +18,9 @@
 //! `Shape` by hand, honestly (see [`Shape`]).
 //!
 //! The derive follows a type that names itself (`struct Tree { kids: Vec<Tree> }`, or
-//! `Self`), with its own type arguments; two types that name each other, or a type named
+//! `Self`), with its own type arguments, directly or inside the standard containers (inside
+//! another generic type, which may name itself too, it refuses); two types that name each
+//! other, or a type named
 //! through an alias of itself, are a compile error (a cycle evaluating `SHAPE`): implement
 //! one of them by hand, the other's fields written out rather than its `SHAPE` named, with
 //! [`RECURSION`] where it names the first, the whole inside [`recursive`].
