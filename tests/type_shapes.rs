@@ -714,4 +714,57 @@ mod derived {
         assert_ne!(of::<WithBytes>(), of::<WithPlainBytes>());
         assert_ne!(of::<WithFd>(), of::<(u32,)>());
     }
+
+    /// A type of another crate's, which cannot implement `Shape` here, written by a `with`
+    /// module as a `[u8; 16]`.
+    #[derive(Debug, PartialEq)]
+    pub struct Foreign(u128);
+
+    mod as_bytes {
+        pub fn serialize<S: serde::Serializer>(
+            v: &super::Foreign,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
+            serde::Serialize::serialize(&v.0.to_le_bytes(), s)
+        }
+        pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+            d: D,
+        ) -> Result<super::Foreign, D::Error> {
+            let bytes: [u8; 16] = serde::Deserialize::deserialize(d)?;
+            Ok(super::Foreign(u128::from_le_bytes(bytes)))
+        }
+    }
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize, Shape)]
+    struct Job {
+        #[serde(with = "as_bytes")]
+        #[shape(same_as = "[u8; 16]")]
+        id: Foreign,
+        step: u32,
+    }
+
+    #[derive(Serialize, Deserialize, Shape)]
+    struct JobAsWritten {
+        id: [u8; 16],
+        step: u32,
+    }
+
+    /// `#[shape(same_as)]` lets a field of a type without a shape through a `with` module,
+    /// with the shape of what the module writes, which is what bincode writes.
+    #[test]
+    fn a_field_says_what_its_with_module_writes() {
+        assert_eq!(of::<Job>(), of::<JobAsWritten>());
+        assert_ne!(of::<Job>(), of::<(u128, u32)>());
+        let job = Job {
+            id: Foreign(7 << 100),
+            step: 3,
+        };
+        let written = bincode::serialize(&job).unwrap();
+        let as_written = JobAsWritten {
+            id: (7u128 << 100).to_le_bytes(),
+            step: 3,
+        };
+        assert_eq!(written, bincode::serialize(&as_written).unwrap());
+        assert_eq!(bincode::deserialize::<Job>(&written).unwrap(), job);
+    }
 }

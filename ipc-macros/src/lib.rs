@@ -307,8 +307,21 @@ pub fn interface(
 /// `"typed_ipc::bytes"` are typed-ipc's own. The others change the wire form in ways the
 /// derive cannot see (`with`, `serialize_with`, `deserialize_with`, `flatten`,
 /// `skip_serializing_if`, `tag`, `content`, `untagged`, `into`, `from`, `try_from`, `remote`,
-/// a skipped variant, ...) and are compile errors at the attribute: implement `Shape` by
-/// hand instead, from what is written, in order:
+/// a skipped variant, ...) and are compile errors at the attribute. A field whose `with`
+/// writes the form of a type that has a shape says which, and may then use `with`,
+/// `serialize_with` and `deserialize_with` (a field of another crate's type, which cannot
+/// implement `Shape` here):
+///
+/// ```ignore
+/// #[derive(Serialize, Deserialize, typed_ipc::Shape)]
+/// pub struct Job {
+///     #[serde(with = "uuid_as_bytes")] // writes the 16 bytes as a `[u8; 16]`
+///     #[shape(same_as = "[u8; 16]")]
+///     pub id: uuid::Uuid,
+/// }
+/// ```
+///
+/// Otherwise implement `Shape` by hand, from what is written, in order:
 ///
 /// ```ignore
 /// impl typed_ipc::Shape for Stamp {
@@ -321,7 +334,7 @@ pub fn interface(
 /// (`A` holds a `B`, `B` an `A`) are a cycle rustc reports ("cycle detected when
 /// const-evaluating"): implement `Shape` by hand for one of them, spelling out the other's
 /// fields with `typed_ipc::shape::RECURSION` where the other names the first.
-#[proc_macro_derive(Shape)]
+#[proc_macro_derive(Shape, attributes(shape))]
 pub fn derive_shape(input: proc_macro::TokenStream) -> proc_macro::TokenStream {
     shape::derive(input.into())
         .unwrap_or_else(syn::Error::into_compile_error)

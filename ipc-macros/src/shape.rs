@@ -129,6 +129,15 @@ fn by_hand(what: &str) -> String {
     )
 }
 
+/// What to write instead of a field's `with` the derive does not know.
+fn unvouched(what: &str) -> String {
+    format!(
+        "#[derive(typed_ipc::Shape)] cannot see the wire form `{what}` gives: say which type's \
+         form it writes with `#[shape(same_as = \"T\")]` on the field (e.g. \
+         `#[shape(same_as = \"[u8; 16]\")]`), or implement `typed_ipc::Shape` by hand"
+    )
+}
+
 /// The container's serde attributes that matter here.
 #[derive(Default)]
 struct Container {
@@ -165,7 +174,7 @@ fn refuse_variant_attributes(attrs: &[Attribute]) -> syn::Result<()> {
     })
 }
 
-/// How a field travels, from its serde attributes.
+/// How a field travels, from its serde attributes (and `#[shape(same_as)]`).
 enum FieldForm {
     /// As its type: `<T as Shape>::SHAPE`.
     Type,
@@ -173,6 +182,30 @@ enum FieldForm {
     Skipped,
     /// Through one of typed-ipc's own `with` modules: this shape.
     Known(TokenStream),
+    /// As `#[shape(same_as = "T")]` says: `<T as Shape>::SHAPE`.
+    SameAs(Type),
+}
+
+/// `#[shape(same_as = "T")]` on a field: the type whose wire form the field has, which the
+/// user vouches for (a field of another crate's type, written through `serde(with)`).
+fn same_as(attrs: &[Attribute]) -> syn::Result<Option<Type>> {
+    let mut same = None;
+    for attr in attrs.iter().filter(|a| a.path().is_ident("shape")) {
+        attr.parse_nested_meta(|meta| {
+            if !meta.path.is_ident("same_as") {
+                return Err(meta.error(
+                    "unknown `shape` attribute: the one there is `#[shape(same_as = \"T\")]`, \
+                     the type whose wire form this field has",
+                ));
+            }
+            let lit: syn::LitStr = meta.value()?.parse()?;
+            same = Some(lit.parse::<Type>().map_err(|e| {
+                syn::Error::new(lit.span(), format!("`same_as` names a type: {e}"))
+            })?);
+            Ok(())
+        })?;
+    }
+    Ok(same)
 }
 
 /// The `with = "..."` modules of typed-ipc, and how each writes its field.
@@ -190,7 +223,13 @@ fn known_with(path: &str) -> Option<FieldForm> {
 }
 
 fn field_form(attrs: &[Attribute]) -> syn::Result<FieldForm> {
-    let mut form = FieldForm::Type;
+    let same = same_as(attrs)?;
+    // With `same_as`, the user has said what a `with` writes.
+    let vouched = same.is_some();
+    let mut form = match same {
+        Some(ty) => FieldForm::SameAs(ty),
+        None => FieldForm::Type,
+    };
     let (mut skipped, mut not_written, mut not_read) = (false, None, None);
     for attr in attrs.iter().filter(|a| a.path().is_ident("serde")) {
         attr.parse_nested_meta(|meta| {
@@ -213,6 +252,7 @@ fn field_form(attrs: &[Attribute]) -> syn::Result<FieldForm> {
                     not_read = Some(span);
                     skip_value(&meta)
                 }
+                "with" | "serialize_with" | "deserialize_with" if vouched => skip_value(&meta),
                 "with" => {
                     let lit: syn::LitStr = meta.value()?.parse()?;
                     match known_with(&lit.value()) {
@@ -222,15 +262,17 @@ fn field_form(attrs: &[Attribute]) -> syn::Result<FieldForm> {
                         }
                         None => Err(syn::Error::new(
                             lit.span(),
-                            by_hand(&format!("#[serde(with = \"{}\")]", lit.value())),
+                            unvouched(&format!("#[serde(with = \"{}\")]", lit.value())),
                         )),
                     }
                 }
-                "serialize_with"
-                | "deserialize_with"
-                | "flatten"
-                | "skip_serializing_if"
-                | "getter" => Err(syn::Error::new(span, by_hand(&format!("#[serde({item})]")))),
+                "serialize_with" | "deserialize_with" => Err(syn::Error::new(
+                    span,
+                    unvouched(&format!("#[serde({item})]")),
+                )),
+                "flatten" | "skip_serializing_if" | "getter" => {
+                    Err(syn::Error::new(span, by_hand(&format!("#[serde({item})]"))))
+                }
                 _ => skip_value(&meta),
             }
         })?;
@@ -340,6 +382,12 @@ fn fields(
                 syn::visit::Visit::visit_type(bounded, &ty);
                 shapes.push(quote_spanned! {field.ty.span()=>
                     <#ty as ::typed_ipc::Shape>::SHAPE
+                })
+            }
+            FieldForm::SameAs(same) => {
+                syn::visit::Visit::visit_type(bounded, &same);
+                shapes.push(quote_spanned! {same.span()=>
+                    <#same as ::typed_ipc::Shape>::SHAPE
                 })
             }
         }
