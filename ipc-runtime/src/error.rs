@@ -105,7 +105,10 @@ pub enum Error {
     ///
     /// Apart from [`Error::InterfaceMismatch`] so that a caller can fall back to an older
     /// interface when a newer one is not served, without mistaking a peer built from a
-    /// broken or other copy of the newer one for an old peer.
+    /// broken or other copy of the newer one for an old peer. The failed call's arguments are
+    /// gone (fds among them went to the peer, which closed them): find out which interface a
+    /// peer serves once per connection, with a call that costs nothing, or keep a copy of the
+    /// fds (`try_clone`) for the older interface's call.
     NotServed(String),
     /// The server refused this caller (see `Connection::set_authorizer`); the reason is the
     /// server's. Also every call of a client a listener turned away as it connected
