@@ -320,6 +320,16 @@ impl Connection {
     }
 
     /// Connects to a [`Listener`](crate::Listener) bound to `path`.
+    ///
+    /// The errors are the kernel's, as [`Error::Io`] with their errno (which name no path):
+    /// `NotFound` (`ENOENT`), nothing at `path`; `ConnectionRefused` (`ECONNREFUSED`), a
+    /// socket file nothing listens on, left by a listener that died (the next
+    /// [`Listener::bind`](crate::Listener::bind) of it replaces it); `PermissionDenied`
+    /// (`EACCES`), the socket file's mode does not let this user write it, which the
+    /// listener's owner widens if this user is to be served. A client a server turns away
+    /// ([`Server::admit`](crate::Server::admit),
+    /// [`Server::max_clients`](crate::Server::max_clients)) connects without error: its
+    /// first call fails with [`Error::Refused`], saying why.
     pub fn connect(path: impl AsRef<Path>) -> Result<Connection> {
         Ok(Connection::new(Socket::connect(path)?))
     }
