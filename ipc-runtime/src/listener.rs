@@ -39,11 +39,12 @@ impl Listener {
     ///
     /// The socket file gets the mode the process's umask leaves (`srwxr-xr-x` under the
     /// usual 022), and the kernel lets only a process that may write the file connect: others
-    /// get `PermissionDenied` (`EACCES`) from their `connect`, before this end or its
-    /// authorizer ([`Server::authorize`](crate::Server::authorize)) hears of them. A service
-    /// for other users widens the mode after binding
-    /// (`fs::set_permissions(path, Permissions::from_mode(0o666))`) and lets its authorizer
-    /// decide by uid.
+    /// get `PermissionDenied` (`EACCES`) from their `connect`, before this end, its
+    /// [`Server::admit`](crate::Server::admit) or its authorizer
+    /// ([`Server::authorize`](crate::Server::authorize)) hears of them. A service for other
+    /// users widens the mode after binding
+    /// (`fs::set_permissions(path, Permissions::from_mode(0o666))`) and decides by uid in
+    /// `admit` (once per client, as it connects) or `authorize` (per call).
     pub fn bind(path: impl AsRef<Path>) -> Result<Listener> {
         let path = path.as_ref();
         // What drop removes: absolute, so that it still names the file once the process has
@@ -73,8 +74,8 @@ impl Listener {
     /// Listens on a Linux abstract socket name (no file; it disappears with the listener).
     ///
     /// An abstract name has no permissions: any process in this network namespace can
-    /// connect, so an authorizer ([`Server::authorize`](crate::Server::authorize)) is what
-    /// keeps other users out.
+    /// connect, so [`Server::admit`](crate::Server::admit) or an authorizer
+    /// ([`Server::authorize`](crate::Server::authorize)) is what keeps other users out.
     pub fn bind_abstract(name: impl AsRef<[u8]>) -> Result<Listener> {
         let fd = new_socket()?;
         ns::bind(fd.as_raw_fd(), &UnixAddr::new_abstract(name.as_ref())?)?;
