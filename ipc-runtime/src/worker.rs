@@ -262,6 +262,12 @@ impl Worker {
     ///
     /// A piped standard input not taken ([`Worker::take_stdin`]) is closed first, as
     /// [`Child::wait`] does.
+    ///
+    /// It blocks the calling thread, as [`Worker::wait_timeout`] does: in async code (a worker
+    /// from `typed_ipc::tokio::worker::spawn`, which returns this same `Worker`), wait with
+    /// `typed_ipc::tokio::worker::wait(&mut worker).await` instead, which blocks no runtime
+    /// thread. (`worker.wait().await` does not compile, and the compiler's fix, dropping the
+    /// `.await`, blocks the runtime's thread until the worker ends.)
     pub fn wait(&mut self) -> Result<Exit> {
         drop(self.take_stdin());
         match self.exit {
