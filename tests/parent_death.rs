@@ -113,13 +113,15 @@ fn reaped(pidfd: &OwnedFd) -> Exit {
 fn orphan_a_stuck_worker(exit_with_parent: bool) -> OwnedFd {
     reap_orphans();
     let (mut parent, connection) = Worker::spawn(common::child("parent")).unwrap();
-    let pid = ParentClient::new(connection)
-        .with_timeout(GUARD)
-        .start_stuck_worker(exit_with_parent)
-        .unwrap();
+    // Kept until the parent is reaped: a parent that saw this end hang up would return from
+    // `serve` and drop its `Worker`s, killing the stuck worker itself, with `SIGKILL`, before
+    // the test's own `SIGKILL` reached it.
+    let client = ParentClient::new(connection).with_timeout(GUARD);
+    let pid = client.start_stuck_worker(exit_with_parent).unwrap();
     let stuck = pidfd(pid);
     parent.kill().unwrap();
     assert_eq!(parent.wait().unwrap(), Exit::Signal(libc::SIGKILL));
+    drop(client);
     stuck
 }
 
