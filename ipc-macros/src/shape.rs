@@ -270,7 +270,15 @@ fn field_form(attrs: &[Attribute]) -> syn::Result<FieldForm> {
                     span,
                     unvouched(&format!("#[serde({item})]")),
                 )),
-                "flatten" | "skip_serializing_if" | "getter" => {
+                // No shape could help: bincode writes no field names, so the reader cannot
+                // tell a field left out from the next one.
+                "skip_serializing_if" => Err(syn::Error::new(
+                    span,
+                    "`#[serde(skip_serializing_if)]` breaks bincode, which writes no field \
+                     names: a field left out makes the reader take the next field's bytes for \
+                     it. Remove it (or skip the field both ways, `#[serde(skip)]`)",
+                )),
+                "flatten" | "getter" => {
                     Err(syn::Error::new(span, by_hand(&format!("#[serde({item})]"))))
                 }
                 _ => skip_value(&meta),

@@ -34,6 +34,13 @@ pub enum SkippedVariant {
     B,
 }
 
+// A field bincode cannot leave out: no shape helps, and the message says to remove it.
+#[derive(Serialize, Deserialize, typed_ipc::Shape)]
+pub struct Conditional {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
 // A field that names a type without a `Shape` is reported at its type.
 #[derive(Serialize, Deserialize, typed_ipc::Shape)]
 pub struct Unshaped {

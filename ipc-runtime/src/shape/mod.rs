@@ -67,7 +67,10 @@ mod impls;
     message = "`{Self}` has no wire shape, which `#[interface(check_types)]` compares",
     label = "`{Self}` does not implement `typed_ipc::Shape`",
     note = "add #[derive(typed_ipc::Shape)] to `{Self}` (next to its Serialize and Deserialize), \
-            or implement `typed_ipc::Shape` by hand if its `Serialize` is hand-written"
+            or implement `typed_ipc::Shape` by hand if its `Serialize` is hand-written",
+    note = "a type of another crate's: in a field written by a `#[serde(with)]` module, say \
+            what that writes (`#[shape(same_as = \"[u8; 16]\")]`); elsewhere wrap it in a \
+            type of your own that implements `Shape`"
 )]
 pub trait Shape {
     /// The hash of the type's wire form.
