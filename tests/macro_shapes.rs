@@ -195,6 +195,7 @@ fn serial() -> MutexGuard<'static, ()> {
 }
 
 fn open_fds() -> usize {
+    typed_ipc::__private::wait_for_closes(); // typed-ipc closes what it drops on its own
     let v: Vec<_> = std::fs::read_dir("/proc/self/fd")
         .unwrap()
         .map(|e| std::fs::read_link(e.unwrap().path()).ok())

@@ -14,10 +14,28 @@ pub struct Frame {
 }
 
 impl Frame {
-    /// Empties the frame, closing its fds and keeping the payload's capacity for reuse.
+    /// Empties the frame, closing its fds (here, on this thread: the frame is yours) and
+    /// keeping the payload's capacity for reuse.
     pub fn clear(&mut self) {
         self.payload.clear();
         self.fds.clear();
+    }
+
+    /// Empties the frame of a message the library itself drops (nothing claimed its fds):
+    /// the fds go to the [`closer`](crate::closer), as closing one may wait as long as the
+    /// peer that sent it likes.
+    #[inline]
+    pub(crate) fn discard(&mut self) {
+        self.payload.clear();
+        self.discard_fds();
+    }
+
+    /// Hands the fds left in the frame to the [`closer`](crate::closer).
+    #[inline]
+    pub(crate) fn discard_fds(&mut self) {
+        if !self.fds.is_empty() {
+            crate::closer::close_all(&mut self.fds);
+        }
     }
 }
 

@@ -215,7 +215,9 @@ impl Call<'_> {
         self.peer
     }
 
-    /// Decodes the arguments, taking the fds that came with them. Fds not claimed are closed.
+    /// Decodes the arguments, taking the fds that came with them. Fds not claimed are closed
+    /// off this thread, by typed-ipc's closer (a peer's fd may be slow to close: README,
+    /// "slow closes"); so are those of a call whose arguments the handler never decodes.
     ///
     /// Decode them once: the first call takes the fds, and a large byte string that came
     /// through shared memory, out of the message. A second call on a message that carried

@@ -12,8 +12,10 @@ use std::os::fd::BorrowedFd;
 use typed_ipc::Socket;
 use typed_ipc::service::InterfaceInfo;
 
-/// Open fds of this process, but for tokio's own sockets (see [`TOKIO_SOCKETS`]).
+/// Open fds of this process, but for tokio's own sockets (see [`TOKIO_SOCKETS`]), once the
+/// fds typed-ipc dropped so far are closed (it closes them on threads of its own).
 pub fn open_fds() -> usize {
+    typed_ipc::__private::wait_for_closes();
     let tokio = TOKIO_SOCKETS.get().map_or(&[][..], Vec::as_slice);
     std::fs::read_dir("/proc/self/fd")
         .unwrap()
@@ -173,6 +175,7 @@ pub fn peer_said_another_version() -> (Socket, u8) {
 /// Fds of this process whose `/proc/self/fd` link starts with `prefix` (`"pipe:"`,
 /// `"/memfd:typed-ipc-buffer"`).
 pub fn fds_named(prefix: &str) -> u64 {
+    typed_ipc::__private::wait_for_closes(); // see `open_fds`
     let tokio = TOKIO_SOCKETS.get().map_or(&[][..], Vec::as_slice);
     fd_links()
         .filter(|target| target.to_string_lossy().starts_with(prefix) && !tokio.contains(target))

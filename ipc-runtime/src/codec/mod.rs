@@ -413,7 +413,8 @@ fn encode_with<'a, T: Serialize + ?Sized>(
 }
 
 /// Decodes a `T` from `bytes`, taking its fds from `fds`. Fds the value does not claim are
-/// closed. Bytes left over, an index out of range or used twice, or an fd claimed but
+/// closed off this thread, by typed-ipc's closer (a peer's fd may be slow to close: README,
+/// "slow closes"). Bytes left over, an index out of range or used twice, or an fd claimed but
 /// missing are [`Error::Malformed`]; sizes announced in the bytes are checked against the
 /// bytes actually present before anything is allocated. A message's sequences and maps may
 /// announce as many elements, all told, as it has bytes, plus 2^20 for values that take no
@@ -446,11 +447,17 @@ pub fn decode_from<T: DeserializeOwned>(bytes: &[u8], fds: &mut Vec<OwnedFd>) ->
             ))),
         }
     };
-    let result = match fds.len() {
+    match fds.len() {
         0 => with_incoming(&mut [], deserialize),
         // The usual message with fds carries one: a table of one slot, nothing to fill or
         // walk (the general arm costs ~20 instructions more).
-        1 => with_incoming(&mut [fds.pop()], deserialize),
+        1 => {
+            let mut table = [fds.pop()];
+            let result = with_incoming(&mut table, deserialize);
+            let [slot] = table;
+            close_unclaimed(slot);
+            result
+        }
         n if n <= SMALL_TABLE => {
             let mut table: [Option<OwnedFd>; SMALL_TABLE] = [const { None }; SMALL_TABLE];
             for (slot, fd) in table.iter_mut().zip(fds.drain(..)) {
@@ -461,16 +468,36 @@ pub fn decode_from<T: DeserializeOwned>(bytes: &[u8], fds: &mut Vec<OwnedFd>) ->
             // filled, so the rest need no drop: dropping the whole array would test all
             // sixteen (~50 instructions a message with fds). A panic in `deserialize`
             // unwinds past this and drops the whole table, which is as correct.
-            table[..n].iter_mut().for_each(|slot| drop(slot.take()));
+            table[..n]
+                .iter_mut()
+                .for_each(|slot| close_unclaimed(slot.take()));
             std::mem::forget(table);
             result
         }
-        _ => with_incoming(
-            &mut fds.drain(..).map(Some).collect::<Vec<_>>(),
-            deserialize,
-        ),
-    }; // the table is dropped here, closing the fds the value did not claim
-    result
+        _ => {
+            let mut table = fds.drain(..).map(Some).collect::<Vec<_>>();
+            let result = with_incoming(&mut table, deserialize);
+            unclaimed_of_many(table);
+            result
+        }
+    }
+}
+
+/// Hands the fds the value did not claim, of a message with more than `SMALL_TABLE`, to the
+/// [`closer`](crate::closer). Out of line: rare, and inline it grew the common path.
+#[cold]
+#[inline(never)]
+fn unclaimed_of_many(table: Vec<Option<OwnedFd>>) {
+    table.into_iter().for_each(close_unclaimed);
+}
+
+/// Hands an fd the value did not claim, if any, to the [`closer`](crate::closer): it is the
+/// peer's, and closing it may wait for as long as the peer likes.
+#[inline]
+fn close_unclaimed(slot: Option<OwnedFd>) {
+    if let Some(fd) = slot {
+        crate::closer::close(fd);
+    }
 }
 
 /// The error of a decode that failed: [`Error::TooLarge`] if it failed with the refusal of a

@@ -501,7 +501,8 @@ impl Connection {
     /// Ends the connection: the peer sees a hang-up, and every thread waiting on this
     /// connection returns ([`Error::Disconnected`] for callers, `Ok` from `serve`). Requests
     /// of the peer's that have not started never run: those waiting in the queue for a
-    /// serving thread are dropped at once, closing the fds they carry, and those still unread
+    /// serving thread are dropped at once, the fds they carry handed to typed-ipc's closer
+    /// (its threads close them: README, "slow closes"), and those still unread
     /// in the socket are dropped if a thread waiting on the connection reads them, or else go
     /// with the socket when the last clone is dropped. Handlers already running finish (their
     /// replies fail), and each serving thread returns once its own is done. (When the peer
@@ -511,7 +512,10 @@ impl Connection {
     pub fn close(&self) {
         let dropped = self.shared.close_here();
         let _ = self.shared.socket.shutdown();
-        drop(dropped); // closes their fds, outside the lock
+        let (calls, oneways) = dropped;
+        for mut frame in calls.into_iter().map(|(frame, _)| frame).chain(oneways) {
+            frame.discard_fds(); // their fds to the closer
+        }
         if self.shared.trace {
             // Once the socket is shut down: a caller reading it, which may hold stderr's
             // lock, has its answer first.

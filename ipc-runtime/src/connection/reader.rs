@@ -207,17 +207,15 @@ impl Shared {
         }
     }
 
-    /// Closes the fds of messages nothing took (`State::unclaimed`), with the lock let go
-    /// meanwhile (and taken again): closing an fd may wait for as long as the peer that sent
-    /// it likes (a pipe whose lock it holds, a TCP socket whose unsent data lingers), and
-    /// only the thread that read them waits, not every thread that needs the lock.
+    /// Hands the fds of messages nothing took (`State::unclaimed`) to the
+    /// [`closer`](crate::closer): closing an fd may wait for as long as the peer that sent it
+    /// likes (a pipe whose lock it holds, a TCP socket whose unsent data lingers), and no
+    /// thread of the connection's may wait for that.
     #[cold]
     #[inline(never)]
     fn close_unclaimed<'a>(&'a self, mut state: Guard<'a>) -> Guard<'a> {
-        let unclaimed = std::mem::take(&mut state.unclaimed);
-        drop(state);
-        drop(unclaimed);
-        self.state.lock()
+        crate::closer::close_all(&mut state.unclaimed);
+        state
     }
 
     /// [`Shared::route`], leaving the fds of what nothing takes in `State::unclaimed`.

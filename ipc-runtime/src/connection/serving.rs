@@ -162,7 +162,10 @@ impl Shared {
         }
         let mut frame = self.dispatch(frame, oneway, &registry.registry);
         self.lane.finished(&frame.payload);
-        frame.clear(); // closes fds the request left unclaimed, outside the lock
+        if !frame.fds.is_empty() {
+            frame = crate::closer::frame_discarded(frame);
+        }
+        frame.payload.clear();
         let mut state = self.state.lock();
         self.finished(&mut state);
         if oneway {

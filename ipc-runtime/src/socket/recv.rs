@@ -136,7 +136,8 @@ impl Socket {
     /// its payload is left in `frame` (without fds), so the caller can tell what it was.
     ///
     /// A message over this side's [`Limits`] is refused: it is read to its end and dropped,
-    /// its fds closed as they arrive, and then reported as [`Error::TooLarge`] or
+    /// its fds handed as they arrive to typed-ipc's closer (its threads close them: a peer's
+    /// fd may be slow to close, README "slow closes"), and then reported as [`Error::TooLarge`] or
     /// [`Error::TooManyFds`] with its first 64 payload bytes (all, if it has fewer) left in
     /// `frame`; the stream is in sync. If another message interrupts it (a broken or hostile
     /// peer), it is reported at once with `frame` empty, and the other message is read next.
@@ -226,7 +227,7 @@ impl Socket {
         let why = over_limits(total_len, total_fds, self.limits);
         let len = frame.payload.len();
         frame.payload.truncate(REFUSED_KEPT);
-        frame.fds.clear();
+        frame.discard_fds(); // to the closer: a hostile peer's fd may be slow to close
         let partial = Partial {
             frame: mem::take(frame),
             total_len,
@@ -297,7 +298,7 @@ impl Socket {
                 _ => {
                     // The rest never came: nothing is left to tell whose this message was.
                     *out = p.frame;
-                    out.clear();
+                    out.discard();
                     return Err(why);
                 }
             };
@@ -320,7 +321,7 @@ impl Socket {
             // SAFETY: the kernel wrote `kept` bytes into the spare capacity handed to recvmsg.
             unsafe { p.frame.payload.set_len(p.frame.payload.len() + kept) };
             let arrived = p.frame.fds.len();
-            p.frame.fds.clear();
+            p.frame.discard_fds();
             if arrived > header.fds as usize || (!got.fds_dropped && arrived != header.fds as usize)
             {
                 return Err(Error::Malformed(format!(
@@ -370,6 +371,9 @@ impl Socket {
             // The message is consumed whole, so the stream stays in sync; its bytes stay in
             // `out` so the layer above can tell whose message it was.
             let received = out.fds.len() as u64;
+            // Closed here, not by the closer: this process is at its open-file limit (the
+            // kernel had no room for them all), and the next message's fds need the room
+            // now. (A peer can make this wait only while this process is at its limit.)
             out.fds.clear();
             return Err(Error::FdsDropped {
                 expected: p.total_fds as u64,

@@ -70,7 +70,9 @@ impl AsyncCall {
         self.peer
     }
 
-    /// Decodes the arguments, taking the fds that came with them. Fds not claimed are closed.
+    /// Decodes the arguments, taking the fds that came with them. Fds not claimed are closed
+    /// off the runtime's threads, by typed-ipc's closer (a peer's fd may be slow to close:
+    /// README, "slow closes"); so are those of a call whose arguments are never decoded.
     /// Decode them once, as [`Call::args`](crate::service::Call::args) says.
     pub fn args<T: DeserializeOwned>(&mut self) -> Result<T> {
         let fds = std::mem::take(&mut self.frame.fds);
@@ -138,6 +140,8 @@ impl Drop for AsyncCall {
     fn drop(&mut self) {
         // Done with the request, whether or not its arguments were decoded.
         self.inner.lane().finished(&self.frame.payload);
+        // Fds the handler left unclaimed: not closed on the runtime's thread.
+        self.frame.discard_fds();
     }
 }
 

@@ -22,7 +22,9 @@
 //!   room or for another message to go out); a larger one goes out a datagram at a time as the
 //!   socket takes them, under an async mutex so that no other message interleaves with it.
 //! - **Cancellation**: dropping a call's future (a `select!`, a `timeout`, an aborted task) frees
-//!   its slot; a reply that comes later is dropped and its fds are closed. A message that was
+//!   its slot; a reply that comes later is dropped and its fds are closed (by typed-ipc's
+//!   closer, off the runtime's threads, as every fd typed-ipc drops: README, "slow
+//!   closes"). A message that was
 //!   part-way out when its future was dropped is finished by a task of its own (with copies of
 //!   its remaining fds), so the stream stays in sync; only if that is impossible (no fds left,
 //!   the runtime shutting down) is the connection shut down instead.

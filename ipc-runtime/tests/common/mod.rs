@@ -8,6 +8,8 @@ use std::process::Command;
 
 /// Open fds of this process.
 pub fn open_fds() -> usize {
+    // Once the fds typed-ipc dropped on its own are closed (on its closer's threads).
+    ipc_runtime::__wait_for_closes();
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
 

@@ -90,8 +90,9 @@ impl Drop for Waiting<'_> {
             );
         }
         let unread = self.inner.lock().pending.cancel(self.cookie);
-        if let Some(frame) = unread {
+        if let Some(mut frame) = unread {
             self.inner.lane.finished(&frame.payload);
+            frame.discard_fds();
         }
     }
 }

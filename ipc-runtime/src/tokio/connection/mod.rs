@@ -406,7 +406,8 @@ impl AsyncConnection {
     /// Ends the connection: the peer sees a hang-up, every waiting call returns
     /// [`Error::Disconnected`], and [`AsyncConnection::run`] returns `Ok` once the handlers
     /// still running are done (their replies fail). Requests of the peer's that have not
-    /// started never run, and are dropped with the fds they carry: calls waiting for the
+    /// started never run, and are dropped, the fds they carry closed by typed-ipc's closer
+    /// (off this thread: README, "slow closes"): calls waiting for the
     /// oneways sent before them at once, oneway messages waiting for the one running once it
     /// is done, requests held until something serves at once, and requests still unread in
     /// the socket as the connection's reader reads them. (A call with no oneway to wait for

@@ -121,9 +121,14 @@ impl Inner {
         let envelope = match (Envelope::read(&frame.payload), received) {
             (Ok(envelope), received) => (envelope, received),
             (Err(_), Err(e)) => return Err(e),
-            (Err(_), Ok(())) => return Err(Error::Malformed("bad envelope".into())),
+            (Err(_), Ok(())) => {
+                frame.discard_fds();
+                return Err(Error::Malformed("bad envelope".into()));
+            }
         };
         let (envelope, received) = envelope;
+        // (Every arm that drops `frame` hands its fds to the closer: this is the connection's
+        // only reader, and closing a peer's fd may wait as long as the peer likes.)
         // A reply is said once its caller has it: a write to stderr may block (a pipe nobody
         // empties), and this task is the only one that reads.
         let reply_line = match self.trace {
@@ -154,8 +159,12 @@ impl Inner {
                 match answered {
                     Ok(Some(waker)) => waker.wake(),
                     Ok(None) => {} // it has not waited yet: it finds the reply when it does
-                    // Its call was dropped: the frame is dropped here, closing its fds.
-                    Err(Ok(frame)) => self.lane.finished(&frame.payload),
+                    // Its call was dropped: the frame is dropped here, its fds closed by the
+                    // closer (not on this task: a close may wait as long as the peer likes).
+                    Err(Ok(mut frame)) => {
+                        self.lane.finished(&frame.payload);
+                        frame.discard_fds();
+                    }
                     Err(Err(_)) => {}
                 }
                 if let Some(line) = reply_line {
@@ -175,9 +184,18 @@ impl Inner {
                 // Checked under the lock that `drain` sets it under: a request is either
                 // counted in flight before a drain looks, or dropped.
                 if self.dropping_requests.load(Ordering::SeqCst) != 0 {
+                    drop(state);
+                    frame.discard_fds();
                     return Ok(false);
                 }
-                let cost = self.admit(&state, Cost::of(&frame))?;
+                let cost = match self.admit(&state, Cost::of(&frame)) {
+                    Ok(cost) => cost,
+                    Err(why) => {
+                        drop(state);
+                        frame.discard_fds();
+                        return Err(why);
+                    }
+                };
                 let task = match state.serving {
                     true => self.dispatch(&mut state, frame, envelope, cost),
                     false => {
@@ -212,9 +230,11 @@ impl Inner {
             }
             // The peer's last words: it hangs up after them.
             (Kind::Refusal, received) => {
+                frame.discard_fds();
                 return Err(received.map_or_else(|e| e, |()| envelope::refused(&frame.payload)));
             }
             (Kind::Announce, received) => {
+                frame.discard_fds();
                 let (mailbox, token) =
                     received.and_then(|()| envelope::announcement(&frame.payload))?;
                 self.lane.on_announce(mailbox, token);
@@ -306,7 +326,7 @@ impl Inner {
         }
         let waiting = state.pending.fail_all(&why);
         state.oneways = None;
-        state.held.clear();
+        let held = std::mem::take(&mut state.held);
         // Let go after the lock, as a runner's drop may take it.
         let idle = std::mem::take(&mut state.idle_runners);
         // Said once the lock is let go and the waiting calls are woken: a write to stderr may
@@ -317,6 +337,9 @@ impl Inner {
         });
         state.closed = Some(why);
         drop(state);
+        for (mut frame, ..) in held {
+            frame.discard_fds();
+        }
         self.ended.notify_waiters();
         for runner in idle {
             runner.stop();

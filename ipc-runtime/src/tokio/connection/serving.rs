@@ -320,7 +320,7 @@ async fn run_calls(mut first: FirstCall, guard: TaskGuard) {
 /// on one thread.
 async fn run_request(inner: &Arc<Inner>, request: Request) {
     let Request {
-        frame,
+        mut frame,
         envelope,
         cost,
         after,
@@ -334,7 +334,7 @@ async fn run_request(inner: &Arc<Inner>, request: Request) {
     // Nor does one whose task starts only once this end has closed it: the oneways before it
     // may all count as run by then (those dropped do too).
     if inner.closed_here() {
-        drop(frame); // closes its fds
+        frame.discard_fds();
         inner.finished(cost);
         return;
     }
@@ -348,13 +348,13 @@ async fn run_request(inner: &Arc<Inner>, request: Request) {
 /// a clone of this connection keeps it open for good. It holds the connection weakly: the
 /// queue's sender lives in `Inner`, and holding it would keep the queue open.
 async fn run_oneways(mut queue: OnewayQueue, ending: OnewaysEnding) {
-    while let Some((frame, envelope, cost)) = queue.recv().await {
+    while let Some((mut frame, envelope, cost)) = queue.recv().await {
         if let Some(inner) = ending.weak.upgrade() {
             // Once this end has closed the connection, those still queued are dropped unrun
             // (closing their fds), and still counted as run for the calls that wait for them.
             match inner.closed_here() {
                 false => handle_request(inner.clone(), frame, envelope).await,
-                true => drop(frame),
+                true => frame.discard_fds(),
             }
             inner.finished(cost);
             inner.oneways_run.send_modify(|n| *n += 1);
@@ -379,13 +379,15 @@ impl Drop for OnewaysEnding {
 }
 
 /// Checks a request, runs it on its service, and replies unless it is oneway.
-async fn handle_request(inner: Arc<Inner>, frame: Frame, envelope: Envelope) {
+async fn handle_request(inner: Arc<Inner>, mut frame: Frame, envelope: Envelope) {
     let oneway = envelope.kind == Kind::Oneway;
     let failure = match inner.check(&envelope) {
         Err(failure) => {
             // Refused unread: a placement it carried is released now (a oneway's sender
             // hears nothing else, and its lane would stay busy).
             inner.lane().finished(&frame.payload);
+            // Its fds unclaimed: closed by the closer, not on this runtime's thread.
+            frame.discard_fds();
             Some(failure)
         }
         Ok(service) => {

@@ -1,0 +1,249 @@
+//! The closer: closes the fds typed-ipc drops on its own (fds of a message nothing claimed: a
+//! request refused or not served, a reply nobody waits for, fds a value did not take), on
+//! threads of its own rather than the thread that received them.
+//!
+//! Closing an fd may wait for as long as the peer that sent it likes: the last fd of a pipe
+//! whose lock the peer holds (a `splice` into it that sleeps) waits until it lets go, a TCP
+//! socket with unsent data and `SO_LINGER` for the linger time, a FUSE file for its server. On
+//! the thread that read the message, that would stall a serving thread, or an async
+//! connection's reader task (and a runtime worker with it). Handed here, such a close stalls
+//! a closer thread only.
+//!
+//! Threads are started lazily, one more whenever fds wait and no closer thread is idle, up to
+//! [`MAX_THREADS`]: a close that never returns holds one thread, and the next fds go to
+//! another. Past the cap (that many closes stalled at once), fds wait in the queue, still
+//! open, until a stalled close returns; none is lost. The first thread stays for the
+//! process's life; the others end after [`LINGER`] idle.
+//!
+//! Fds your own code drops (an `OwnedFd` it received and let go) are closed where you drop
+//! them, as Rust does: not here.
+
+use std::collections::VecDeque;
+use std::os::fd::OwnedFd;
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+/// Most closer threads at once: as many closes may be stalled by peers before the next fds
+/// wait in the queue for one of them.
+pub(crate) const MAX_THREADS: usize = 16;
+
+/// How long a closer thread other than the first waits idle for more fds before it ends.
+pub(crate) const LINGER: Duration = Duration::from_secs(10);
+
+struct Queue {
+    fds: VecDeque<OwnedFd>,
+    /// Closer threads alive, in this process.
+    threads: usize,
+    /// Of them, those waiting for fds.
+    idle: usize,
+    /// Fds taken from the queue and not yet closed.
+    closing: usize,
+    /// The process the counts are of: a child forked with fds queued has none of the threads.
+    pid: u32,
+}
+
+static QUEUE: Mutex<Queue> = Mutex::new(Queue {
+    fds: VecDeque::new(),
+    threads: 0,
+    idle: 0,
+    closing: 0,
+    pid: 0,
+});
+/// Signalled when fds are queued for an idle thread.
+static WORK: Condvar = Condvar::new();
+/// Signalled when the queue is empty and nothing is being closed.
+static DONE: Condvar = Condvar::new();
+
+fn lock() -> MutexGuard<'static, Queue> {
+    // Nothing panics under the lock but an allocation; the counts stay sound either way.
+    let mut queue = QUEUE.lock().unwrap_or_else(PoisonError::into_inner);
+    let pid = std::process::id();
+    if queue.pid != pid {
+        queue.pid = pid;
+        queue.threads = 0;
+        queue.idle = 0;
+        queue.closing = 0;
+    }
+    queue
+}
+
+/// Closes the fds in `fds` (emptied, its capacity kept) on a closer thread.
+#[cold]
+#[inline(never)]
+pub(crate) fn close_all(fds: &mut Vec<OwnedFd>) {
+    hand(fds.drain(..));
+}
+
+/// `frame` with its fds handed to [`close_all`]; by value, so that the caller's frame need
+/// not live in memory on its common path.
+#[cold]
+#[inline(never)]
+pub(crate) fn frame_discarded(mut frame: crate::Frame) -> crate::Frame {
+    close_all(&mut frame.fds);
+    frame
+}
+
+/// Closes `fd` on a closer thread.
+#[cold]
+#[inline(never)]
+pub(crate) fn close(fd: OwnedFd) {
+    hand(std::iter::once(fd));
+}
+
+fn hand(fds: impl Iterator<Item = OwnedFd>) {
+    let mut queue = lock();
+    queue.fds.extend(fds);
+    if !queue.fds.is_empty() {
+        queue = more_hands(queue);
+    }
+    drop(queue);
+}
+
+/// With fds waiting: wakes an idle closer thread, or starts one if none is idle and there
+/// are fewer than [`MAX_THREADS`]. If none can start and none is alive, closes them here
+/// (never lost; this thread waits as it would without a closer).
+fn more_hands(mut queue: MutexGuard<'static, Queue>) -> MutexGuard<'static, Queue> {
+    if queue.idle > 0 {
+        WORK.notify_one();
+        return queue;
+    }
+    if queue.threads >= MAX_THREADS {
+        return queue; // waits for a stalled close to return
+    }
+    queue.threads += 1;
+    let first = queue.threads == 1;
+    let started = std::thread::Builder::new()
+        .name("typed-ipc-closer".into())
+        .spawn(move || run(first));
+    if started.is_err() {
+        queue.threads -= 1;
+        if queue.threads == 0 {
+            let fds = std::mem::take(&mut queue.fds);
+            drop(queue);
+            drop(fds);
+            queue = lock();
+            DONE.notify_all();
+        }
+    }
+    queue
+}
+
+/// A closer thread: closes fds one at a time, with the lock let go, making sure before each
+/// close that the fds behind it have a thread of their own to go to.
+fn run(first: bool) {
+    let mut queue = lock();
+    loop {
+        match queue.fds.pop_front() {
+            Some(fd) => {
+                queue.closing += 1;
+                if !queue.fds.is_empty() {
+                    queue = more_hands(queue);
+                }
+                drop(queue);
+                drop(fd); // may wait as long as the peer that sent it likes
+                queue = lock();
+                queue.closing -= 1;
+                if queue.closing == 0 && queue.fds.is_empty() {
+                    DONE.notify_all();
+                }
+            }
+            None => {
+                queue.idle += 1;
+                let (woken, waited) = match first {
+                    true => (WORK.wait(queue), None),
+                    false => {
+                        let (woken, timeout) = WORK
+                            .wait_timeout(queue, LINGER)
+                            .unwrap_or_else(PoisonError::into_inner);
+                        (Ok(woken), Some(timeout))
+                    }
+                };
+                queue = woken.unwrap_or_else(PoisonError::into_inner);
+                queue.idle -= 1;
+                if waited.is_some_and(|w| w.timed_out()) && queue.fds.is_empty() {
+                    queue.threads -= 1;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Waits until every fd handed to the closer so far is closed: for tests that count fds
+/// right after something dropped some. Waits for as long as a stalled close does.
+pub fn wait_idle() {
+    let mut queue = lock();
+    while !queue.fds.is_empty() || queue.closing > 0 {
+        queue = DONE.wait(queue).unwrap_or_else(PoisonError::into_inner);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::{AsFd, AsRawFd};
+    use std::os::unix::net::UnixStream;
+    use std::sync::mpsc::channel;
+    use std::thread::JoinHandle;
+
+    /// A thread holding the lock of the pipe whose write end is `write` (sleeping in a
+    /// `splice` into it), as a hostile peer can; returned once it sleeps, with the socket end
+    /// whose byte lets it go.
+    fn hold_pipe_lock(write: OwnedFd) -> (JoinHandle<OwnedFd>, UnixStream) {
+        let (idle, wake) = UnixStream::pair().unwrap();
+        let (tid_tx, tid_rx) = channel();
+        let holder = std::thread::spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            tid_tx.send(unsafe { libc::gettid() }).unwrap();
+            // SAFETY: plain fds of ours; splice only moves bytes between them.
+            let n = unsafe {
+                let (null, raw) = (std::ptr::null_mut(), write.as_raw_fd());
+                libc::splice(idle.as_raw_fd(), null, raw, null, 4096, 0)
+            };
+            assert_eq!(n, 1);
+            write
+        });
+        let stat = format!("/proc/self/task/{}/stat", tid_rx.recv().unwrap());
+        while !std::fs::read_to_string(&stat).unwrap().contains(") S ") {
+            std::thread::yield_now(); // until the holder sleeps in `splice`, the lock held
+        }
+        (holder, wake)
+    }
+
+    /// Whether the read end of the pipe whose write end is `write` is closed, waiting up to
+    /// a minute for it (a hang guard: it comes at once when it comes).
+    fn reader_gone(write: &OwnedFd) -> bool {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        let mut fds = [PollFd::new(write.as_fd(), PollFlags::empty())];
+        poll(&mut fds, PollTimeout::try_from(60_000).unwrap()).unwrap();
+        fds[0].revents().unwrap().contains(PollFlags::POLLERR)
+    }
+
+    /// A close that cannot finish (the last fd of a pipe whose lock is held) holds up neither
+    /// the fds handed after it nor those handed with it; and `wait_idle` waits for it.
+    #[test]
+    fn a_stalled_close_holds_up_no_other() {
+        let (stalled, held_write) = nix::unistd::pipe().unwrap();
+        let (holder, wake) = hold_pipe_lock(held_write);
+        let (read_a, write_a) = nix::unistd::pipe().unwrap();
+        let (read_b, write_b) = nix::unistd::pipe().unwrap();
+        // Handed together, the stalled one first.
+        close_all(&mut vec![stalled, read_a]);
+        close(read_b);
+        let (a, b) = (reader_gone(&write_a), reader_gone(&write_b));
+        let (idle_tx, idle_rx) = channel();
+        let waiter = std::thread::spawn(move || {
+            wait_idle();
+            idle_tx.send(()).unwrap();
+        });
+        // Still stalled, so not idle. (Not a proof that it waits, but a `wait_idle` that
+        // did not would usually have said so by the time the lock is let go.)
+        let early = idle_rx.try_recv().is_ok();
+        std::io::Write::write_all(&mut &wake, b"x").unwrap();
+        drop(holder.join().unwrap());
+        assert!(a && b, "closes waited behind a stalled one: {a} {b}");
+        assert!(!early, "wait_idle returned with a close still stalled");
+        idle_rx.recv().unwrap();
+        waiter.join().unwrap();
+    }
+}

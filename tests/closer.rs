@@ -1,0 +1,183 @@
+//! Fds the transport drops on its own (nothing claimed them) are closed off the threads that
+//! serve: closing one may wait for as long as the peer that sent it likes (the last fd of a
+//! pipe whose lock the peer holds), and the connection must go on meanwhile.
+//!
+//! The hostile peer is a raw socket of this process; a thread of it holds the lock of the
+//! pipe whose read end it sends (sleeping in a `splice` into the pipe), so that whoever closes
+//! that read end, its last fd, waits until the peer lets go.
+
+mod common;
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::mpsc::{RecvTimeoutError, channel};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use typed_ipc::{Connection, Socket};
+
+#[typed_ipc::interface]
+pub trait Echo {
+    fn echo(&self, x: u32) -> u32;
+}
+
+/// Not served by the servers here: a call of it is refused unread, its fds unclaimed.
+#[typed_ipc::interface]
+pub trait Sink {
+    fn take(&self, fd: OwnedFd);
+}
+
+struct Echoing;
+
+impl Echo for Echoing {
+    fn echo(&self, x: u32) -> u32 {
+        x
+    }
+}
+
+#[cfg(feature = "tokio")]
+mod asynchronous {
+    #[typed_ipc::interface]
+    pub trait Echo {
+        async fn echo(&self, x: u32) -> u32;
+    }
+
+    pub struct Echoing;
+
+    impl Echo for Echoing {
+        async fn echo(&self, x: u32) -> u32 {
+            x
+        }
+    }
+}
+
+/// A thread holding the lock of the pipe whose write end is `write`, the way a hostile peer
+/// can: sleeping in a `splice` into the pipe from a socket with nothing to read. Returned once
+/// it sleeps, with the socket end whose byte lets it go.
+fn hold_pipe_lock(write: OwnedFd) -> (JoinHandle<OwnedFd>, UnixStream) {
+    use std::os::fd::AsRawFd;
+    let (idle, wake) = UnixStream::pair().unwrap();
+    let (tid_tx, tid_rx) = channel();
+    let holder = std::thread::spawn(move || {
+        // SAFETY: gettid has no preconditions.
+        tid_tx.send(unsafe { libc::gettid() }).unwrap();
+        // SAFETY: plain fds of ours; splice only moves bytes between them. It sleeps, holding
+        // the pipe's lock, until a byte arrives on `idle`.
+        let n = unsafe {
+            libc::splice(
+                idle.as_raw_fd(),
+                std::ptr::null_mut(),
+                write.as_raw_fd(),
+                std::ptr::null_mut(),
+                4096,
+                0,
+            )
+        };
+        assert_eq!(n, 1);
+        write
+    });
+    let stat = format!("/proc/self/task/{}/stat", tid_rx.recv().unwrap());
+    while !std::fs::read_to_string(&stat).unwrap().contains(") S ") {
+        std::thread::yield_now(); // until the holder sleeps in `splice`, the lock held
+    }
+    (holder, wake)
+}
+
+/// The peer's side: sends, on `ours`, a call of the unserved `Sink` carrying the read end of
+/// a pipe whose lock a thread of it holds, and closes its own copy, so that the server's
+/// close is the last. Then `serve` starts the server on the other end, `theirs`; and the
+/// peer, through a client on `ours`, calls `Echo` and must get its answer while the lock is
+/// still held. The lock is let go only once that call returned (or after a minute, a hang
+/// turned into a failure).
+fn next_call_gets_through_while_the_pipe_lock_is_held(
+    serve: impl FnOnce(Socket) -> JoinHandle<()>,
+) {
+    let (ours, theirs) = Socket::pair().unwrap();
+    let (read, write) = nix::unistd::pipe().unwrap();
+    let (holder, wake) = hold_pipe_lock(write);
+    let mut take = common::call_envelope(&SINK_INFO, 0, 1 << 40); // no cookie of the client
+    take.extend_from_slice(&0u32.to_le_bytes()); // the fd's index
+    ours.send(&take, &[read.as_fd()]).unwrap();
+    drop(read); // the message in flight holds the last reference now
+    let server = serve(theirs);
+
+    let (done_tx, done_rx) = channel();
+    let caller = std::thread::spawn(move || {
+        let echo = EchoClient::new(Connection::new(ours));
+        done_tx.send(echo.echo(7)).unwrap();
+        echo
+    });
+    let answered = done_rx.recv_timeout(Duration::from_secs(60));
+    // Let go (the hang guard too, so that everything ends), and only now.
+    std::io::Write::write_all(&mut &wake, b"x").unwrap();
+    drop(holder.join().unwrap());
+    match answered {
+        Ok(answer) => assert_eq!(answer.unwrap(), 7),
+        Err(RecvTimeoutError::Timeout) => {
+            panic!("the next call waited for the close of the peer's pipe (lock held 60 s)")
+        }
+        Err(RecvTimeoutError::Disconnected) => panic!("the caller panicked"),
+    }
+    drop(caller.join().unwrap()); // hangs up: the server ends
+    server.join().unwrap();
+}
+
+#[test]
+fn blocking_server_serves_on_while_a_dropped_fd_of_the_peer_cannot_close() {
+    next_call_gets_through_while_the_pipe_lock_is_held(|theirs| {
+        std::thread::spawn(move || {
+            // One serving thread: the one that refuses the call and drops its fd.
+            let _ = EchoServer::new(Echoing).serve(Connection::new(theirs));
+        })
+    });
+}
+
+/// The same for a request over the server's limits (more fds than it takes): refused as it
+/// is read, its fds dropped by the transport.
+#[test]
+fn blocking_server_serves_on_while_a_refused_fd_of_the_peer_cannot_close() {
+    next_call_gets_through_while_the_pipe_lock_is_held(|mut theirs| {
+        theirs.set_limits(typed_ipc::Limits {
+            max_fds: 0,
+            ..typed_ipc::Limits::default()
+        });
+        std::thread::spawn(move || {
+            let _ = EchoServer::new(Echoing).serve(Connection::new(theirs));
+        })
+    });
+}
+
+#[cfg(feature = "tokio")]
+#[test]
+fn async_server_serves_on_while_a_refused_fd_of_the_peer_cannot_close() {
+    next_call_gets_through_while_the_pipe_lock_is_held(|mut theirs| {
+        theirs.set_limits(typed_ipc::Limits {
+            max_fds: 0,
+            ..typed_ipc::Limits::default()
+        });
+        std::thread::spawn(move || {
+            common::current_thread_runtime().block_on(async move {
+                let connection = typed_ipc::tokio::AsyncConnection::new(theirs).unwrap();
+                let _ = asynchronous::EchoServer::new(asynchronous::Echoing)
+                    .serve(connection)
+                    .await;
+            })
+        })
+    });
+}
+
+#[cfg(feature = "tokio")]
+#[test]
+fn async_server_serves_on_while_a_dropped_fd_of_the_peer_cannot_close() {
+    next_call_gets_through_while_the_pipe_lock_is_held(|theirs| {
+        std::thread::spawn(move || {
+            // One thread runs the whole connection, its reader and its handlers.
+            common::current_thread_runtime().block_on(async move {
+                let connection = typed_ipc::tokio::AsyncConnection::new(theirs).unwrap();
+                let _ = asynchronous::EchoServer::new(asynchronous::Echoing)
+                    .serve(connection)
+                    .await;
+            })
+        })
+    });
+}
