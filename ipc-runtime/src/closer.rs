@@ -16,10 +16,13 @@
 //! process's life; the others end after [`LINGER`] idle.
 //!
 //! Fds your own code drops (an `OwnedFd` it received and let go) are closed where you drop
-//! them, as Rust does: not here.
+//! them, as Rust does: not here. Nor in a child forked (without exec) from a process that used
+//! the closer: it closes them where they drop, since the parent may have forked it while one of
+//! its threads held the closer's lock.
 
 use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -49,6 +52,9 @@ static QUEUE: Mutex<Queue> = Mutex::new(Queue {
     closing: 0,
     pid: 0,
 });
+/// The process that uses the closer: set before its first use of the queue's lock, so that a
+/// child forked from it, even while the lock was held, knows not to take it.
+static USER: AtomicU32 = AtomicU32::new(0);
 /// Signalled when fds are queued for an idle thread.
 static WORK: Condvar = Condvar::new();
 /// Signalled when the queue is empty and nothing is being closed.
@@ -91,6 +97,16 @@ pub(crate) fn close(fd: OwnedFd) {
 }
 
 fn hand(fds: impl Iterator<Item = OwnedFd>) {
+    // A child forked (without exec) from a process that used the closer may have been forked
+    // while another thread held the queue's lock, which no thread of the child would ever let
+    // go: it closes here, as it would without a closer, and never takes the lock.
+    let pid = std::process::id();
+    if let Err(user) = USER.compare_exchange(0, pid, Ordering::SeqCst, Ordering::SeqCst) {
+        if user != pid {
+            fds.for_each(drop);
+            return;
+        }
+    }
     let mut queue = lock();
     queue.fds.extend(fds);
     if !queue.fds.is_empty() {
@@ -217,6 +233,51 @@ mod tests {
         let mut fds = [PollFd::new(write.as_fd(), PollFlags::empty())];
         poll(&mut fds, PollTimeout::try_from(60_000).unwrap()).unwrap();
         fds[0].revents().unwrap().contains(PollFlags::POLLERR)
+    }
+
+    /// A child forked while another thread held the closer's lock (a pre-forking server, say)
+    /// closes what it drops itself: the lock's holder does not exist in the child, and taking
+    /// the lock would wait for good.
+    #[test]
+    fn a_child_forked_with_the_lock_held_still_closes() {
+        use nix::sys::wait::{WaitStatus, waitpid};
+        use nix::unistd::{ForkResult, fork};
+        // This process is the closer's user.
+        let (used, _) = nix::unistd::pipe().unwrap();
+        close(used);
+        let (read, write) = nix::unistd::pipe().unwrap();
+        let (held_tx, held_rx) = channel();
+        let (release_tx, release_rx) = channel::<()>();
+        let holder = std::thread::spawn(move || {
+            let _queue = lock();
+            held_tx.send(()).unwrap();
+            release_rx.recv().unwrap();
+        });
+        held_rx.recv().unwrap();
+        // SAFETY: the child only closes an fd (the code under test, which takes no lock in
+        // a child) and exits with `_exit`, both async-signal-safe.
+        match unsafe { fork() }.unwrap() {
+            ForkResult::Child => {
+                drop(write);
+                close(read);
+                // SAFETY: ends the child at once, running nothing of the parent's.
+                unsafe { libc::_exit(0) }
+            }
+            ForkResult::Parent { child } => {
+                drop(read);
+                release_tx.send(()).unwrap();
+                holder.join().unwrap();
+                // The child's close of the read end shows as an error on the write end; a
+                // child stuck on the lock never closes it (a hang guard of a minute).
+                let gone = reader_gone(&write);
+                if !gone {
+                    let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+                }
+                let ended = waitpid(child, None).unwrap();
+                assert!(gone, "the forked child waited for the lock");
+                assert_eq!(ended, WaitStatus::Exited(child, 0));
+            }
+        }
     }
 
     /// A close that cannot finish (the last fd of a pipe whose lock is held) holds up neither
