@@ -11,7 +11,7 @@ use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use common::{checksum, child, fd_count_lock, fds_named, fill, filled, open_fds};
+use common::{checksum, child, fd_count_lock, fds_named, fill, filled, hold_pipe_lock, open_fds};
 use typed_ipc::worker::{self, Exit, Worker};
 use typed_ipc::{Connection, SharedBytes, Socket, interface};
 
@@ -356,38 +356,6 @@ fn threads_stuck_on_a_pipe() -> Vec<String> {
         }
     }
     stuck
-}
-
-/// A thread of this process holding the lock of the pipe whose write end is `write`, the way
-/// a hostile peer can: sleeping in a `splice` into the pipe from a socket with nothing to
-/// read. Returned once it sleeps, with the socket end whose byte lets it go.
-fn hold_pipe_lock(write: OwnedFd) -> (JoinHandle<OwnedFd>, std::os::unix::net::UnixStream) {
-    use std::os::fd::AsRawFd;
-    let (idle, wake) = std::os::unix::net::UnixStream::pair().unwrap();
-    let (tid_tx, tid_rx) = channel();
-    let holder = std::thread::spawn(move || {
-        // SAFETY: gettid has no preconditions.
-        tid_tx.send(unsafe { libc::gettid() }).unwrap();
-        // SAFETY: plain fds of ours; splice only moves bytes between them. It sleeps, holding
-        // the pipe's lock, until a byte arrives on `idle`.
-        let n = unsafe {
-            libc::splice(
-                idle.as_raw_fd(),
-                std::ptr::null_mut(),
-                write.as_raw_fd(),
-                std::ptr::null_mut(),
-                4096,
-                0,
-            )
-        };
-        assert_eq!(n, 1);
-        write
-    });
-    let stat = format!("/proc/self/task/{}/stat", tid_rx.recv().unwrap());
-    while !std::fs::read_to_string(&stat).unwrap().contains(") S ") {
-        std::thread::yield_now(); // until the holder sleeps in `splice`, the lock held
-    }
-    (holder, wake)
 }
 
 /// Waits until `caller` has finished or a thread of this process is stuck on a pipe; then

@@ -9,7 +9,6 @@
 mod common;
 
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::net::UnixStream;
 use std::sync::mpsc::{RecvTimeoutError, channel};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -51,38 +50,6 @@ mod asynchronous {
     }
 }
 
-/// A thread holding the lock of the pipe whose write end is `write`, the way a hostile peer
-/// can: sleeping in a `splice` into the pipe from a socket with nothing to read. Returned once
-/// it sleeps, with the socket end whose byte lets it go.
-fn hold_pipe_lock(write: OwnedFd) -> (JoinHandle<OwnedFd>, UnixStream) {
-    use std::os::fd::AsRawFd;
-    let (idle, wake) = UnixStream::pair().unwrap();
-    let (tid_tx, tid_rx) = channel();
-    let holder = std::thread::spawn(move || {
-        // SAFETY: gettid has no preconditions.
-        tid_tx.send(unsafe { libc::gettid() }).unwrap();
-        // SAFETY: plain fds of ours; splice only moves bytes between them. It sleeps, holding
-        // the pipe's lock, until a byte arrives on `idle`.
-        let n = unsafe {
-            libc::splice(
-                idle.as_raw_fd(),
-                std::ptr::null_mut(),
-                write.as_raw_fd(),
-                std::ptr::null_mut(),
-                4096,
-                0,
-            )
-        };
-        assert_eq!(n, 1);
-        write
-    });
-    let stat = format!("/proc/self/task/{}/stat", tid_rx.recv().unwrap());
-    while !std::fs::read_to_string(&stat).unwrap().contains(") S ") {
-        std::thread::yield_now(); // until the holder sleeps in `splice`, the lock held
-    }
-    (holder, wake)
-}
-
 /// The peer's side: sends, on `ours`, a call of the unserved `Sink` carrying the read end of
 /// a pipe whose lock a thread of it holds, and closes its own copy, so that the server's
 /// close is the last. Then `serve` starts the server on the other end, `theirs`; and the
@@ -94,7 +61,7 @@ fn next_call_gets_through_while_the_pipe_lock_is_held(
 ) {
     let (ours, theirs) = Socket::pair().unwrap();
     let (read, write) = nix::unistd::pipe().unwrap();
-    let (holder, wake) = hold_pipe_lock(write);
+    let (holder, wake) = common::hold_pipe_lock(write);
     let mut take = common::call_envelope(&SINK_INFO, 0, 1 << 40); // no cookie of the client
     take.extend_from_slice(&0u32.to_le_bytes()); // the fd's index
     ours.send(&take, &[read.as_fd()]).unwrap();

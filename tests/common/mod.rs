@@ -422,3 +422,40 @@ pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
         std::thread::yield_now();
     }
 }
+
+/// A thread of this process holding the lock of the pipe whose write end is `write`, the way
+/// a hostile peer can: sleeping in a `splice` into the pipe from a socket with nothing to
+/// read. Returned once it sleeps, with the socket end whose byte lets it go.
+pub fn hold_pipe_lock(
+    write: OwnedFd,
+) -> (
+    std::thread::JoinHandle<OwnedFd>,
+    std::os::unix::net::UnixStream,
+) {
+    use std::os::fd::AsRawFd;
+    let (idle, wake) = std::os::unix::net::UnixStream::pair().unwrap();
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let holder = std::thread::spawn(move || {
+        // SAFETY: gettid has no preconditions.
+        tid_tx.send(unsafe { libc::gettid() }).unwrap();
+        // SAFETY: plain fds of ours; splice only moves bytes between them. It sleeps, holding
+        // the pipe's lock, until a byte arrives on `idle`.
+        let n = unsafe {
+            libc::splice(
+                idle.as_raw_fd(),
+                std::ptr::null_mut(),
+                write.as_raw_fd(),
+                std::ptr::null_mut(),
+                4096,
+                0,
+            )
+        };
+        assert_eq!(n, 1);
+        write
+    });
+    let stat = format!("/proc/self/task/{}/stat", tid_rx.recv().unwrap());
+    while !std::fs::read_to_string(&stat).unwrap().contains(") S ") {
+        std::thread::yield_now(); // until the holder sleeps in `splice`, the lock held
+    }
+    (holder, wake)
+}
