@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::{child, fd_count_lock, open_fds, wait_until};
-use typed_ipc::{Connection, Error, Listener, Server, current_peer};
+use typed_ipc::{Connection, Error, Listener, PeerCredentials, Server, current_peer};
 
 /// Only guards against a hang: a test that waits this long has failed anyway.
 const HANG_GUARD: Duration = Duration::from_secs(60);
@@ -84,11 +84,16 @@ fn this_process_only(made: &Arc<AtomicUsize>) -> Server {
             made.fetch_add(1, Ordering::SeqCst);
             ProbeServer::new(Session)
         })
-        .admit(|peer| match peer {
-            Some(p) if p.pid as u32 == std::process::id() => Ok(()),
-            Some(p) => Err(format!("pid {} is not served\x1b[2J", p.pid)),
-            None => Err("no credentials".into()),
-        })
+        .admit(this_process)
+}
+
+/// Admits this process only; the reason carries an escape the client must see escaped.
+fn this_process(peer: Option<&PeerCredentials>) -> Result<(), String> {
+    match peer {
+        Some(p) if p.pid as u32 == std::process::id() => Ok(()),
+        Some(p) => Err(format!("pid {} is not served\x1b[2J", p.pid)),
+        None => Err("no credentials".into()),
+    }
 }
 
 #[test]
@@ -220,11 +225,7 @@ mod asynchronous {
                 made.fetch_add(1, Ordering::SeqCst);
                 ProbeServer::new(Session)
             })
-            .admit(|peer| match peer {
-                Some(p) if p.pid as u32 == std::process::id() => Ok(()),
-                Some(p) => Err(format!("pid {} is not served\x1b[2J", p.pid)),
-                None => Err("no credentials".into()),
-            })
+            .admit(super::this_process)
     }
 
     #[test]
