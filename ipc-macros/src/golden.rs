@@ -10,8 +10,8 @@ use std::path::Path;
 
 use quote::quote;
 
-/// The interface of the `#[interface]` issue, plus a byte buffer, an optional fd and a pinned
-/// command id.
+/// The interface of the `#[interface]` issue, plus a byte buffer, an optional fd, a pinned
+/// command id, and an optional and a fallible byte buffer.
 fn sample() -> proc_macro2::TokenStream {
     quote! {
         /// An image-processing algorithm, running in its own process.
@@ -30,6 +30,7 @@ fn sample() -> proc_macro2::TokenStream {
             fn swap_fd(&self, fd: Option<OwnedFd>) -> Option<OwnedFd>;
             #[cmd(7)]
             fn ping(&self);
+            fn decode(&self, image: Option<Vec<u8>>) -> Result<Vec<u8>, DecodeError>;
         }
     }
 }
@@ -54,6 +55,7 @@ fn async_sample() -> proc_macro2::TokenStream {
             async fn swap_fd(&self, fd: Option<OwnedFd>) -> Option<OwnedFd>;
             #[cmd(7)]
             async fn ping(&self) {}
+            async fn decode(&self, image: Option<Vec<u8>>) -> Result<Vec<u8>, DecodeError>;
         }
     }
 }

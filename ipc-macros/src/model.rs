@@ -94,6 +94,9 @@ pub enum Wire {
     /// `Vec<u8>`: one byte string, wrapped in the codec's `Bytes` (serde's default goes byte
     /// by byte).
     Bytes,
+    /// `Option<Vec<u8>>` or `Result<Vec<u8>, E>`: the `Some` or `Ok` bytes as one byte
+    /// string, wrapped in the codec's `CarriedBytes`.
+    CarriedBytes,
 }
 
 impl Interface {

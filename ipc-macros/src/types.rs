@@ -25,11 +25,21 @@ pub enum Role {
 pub fn wire(ty: &Type) -> Wire {
     if is_fd_form(ty) || ok_arg(ty).is_some_and(is_fd_form) {
         Wire::Fd
-    } else if single_arg(ty, "Vec").is_some_and(|inner| is_plain(inner, "u8")) {
+    } else if is_byte_vec(ty) {
         Wire::Bytes
+    } else if single_arg(ty, "Option")
+        .or_else(|| ok_arg(ty))
+        .is_some_and(is_byte_vec)
+    {
+        Wire::CarriedBytes
     } else {
         Wire::Serde
     }
+}
+
+/// `Vec<u8>`, as written.
+fn is_byte_vec(ty: &Type) -> bool {
+    single_arg(ty, "Vec").is_some_and(|inner| is_plain(inner, "u8"))
 }
 
 /// `OwnedFd`, `Option<OwnedFd>` or `Vec<OwnedFd>`: the shapes of fds the codec carries.
@@ -431,6 +441,16 @@ mod tests {
         assert_eq!(wire(&ty("Vec<OwnedFd>")), Wire::Fd);
         assert_eq!(wire(&ty("Vec<u8>")), Wire::Bytes);
         assert_eq!(wire(&ty("Option<u8>")), Wire::Serde);
+        assert_eq!(wire(&ty("Option<Vec<u8>>")), Wire::CarriedBytes);
+        assert_eq!(wire(&ty("Result<Vec<u8>, E>")), Wire::CarriedBytes);
+        assert_eq!(
+            wire(&ty("std::result::Result<Vec<u8>, E>")),
+            Wire::CarriedBytes
+        );
+        assert_eq!(wire(&ty("io::Result<Vec<u8>>")), Wire::Serde);
+        assert_eq!(wire(&ty("Option<Vec<u16>>")), Wire::Serde);
+        assert_eq!(wire(&ty("Result<E, Vec<u8>>")), Wire::Serde);
+        assert_eq!(wire(&ty("Option<Option<Vec<u8>>>")), Wire::Serde);
         assert_eq!(wire(&ty("Vec<u16>")), Wire::Serde);
         assert_eq!(wire(&ty("Fd")), Wire::Serde);
         assert_eq!(wire(&ty("Result<OwnedFd, E>")), Wire::Fd);

@@ -46,8 +46,10 @@ pub const HEADER_LEN: usize = 16;
 /// refusal (envelope kind 6, its body the reason) is an end's last message before it hangs
 /// up, which the receiver reports as `Error::Refused`: a listener's word to a client it turns
 /// away at accept. 10: a mismatch reply (`Failure::Mismatch`) lists each method's type shape
-/// too (its `MethodInfo::shape`), so that a method whose types alone differ is named.
-pub const VERSION: u8 = 10;
+/// too (its `MethodInfo::shape`), so that a method whose types alone differ is named. 11: a
+/// method's `Option<Vec<u8>>` or `Result<Vec<u8>, E>` carries its bytes as one byte string,
+/// as a `Vec<u8>` does, no longer as serde's sequence of `u8`s.
+pub const VERSION: u8 = 11;
 const MAGIC: [u8; 2] = *b"TI";
 /// Most payload bytes a first datagram may carry: the receiver reads first datagrams into a
 /// buffer of this size, so small messages need no allocation.

@@ -50,6 +50,7 @@ impl Generator<'_> {
                     Wire::Serde => call,
                     Wire::Fd => quote!(#call.map(|#p::Fd(value)| value)),
                     Wire::Bytes => quote!(#call.map(|#p::Bytes(value)| value)),
+                    Wire::CarriedBytes => quote!(#call.map(|#p::CarriedBytes(value)| value)),
                 };
                 (quote!(#ty), body)
             }

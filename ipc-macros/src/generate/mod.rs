@@ -513,12 +513,18 @@ fn screaming_snake(camel: &str) -> String {
 }
 
 /// `m`'s shape, `typed_ipc::shape::method` of its parameters' and result's, as they travel: a
-/// `Vec<u8>` as a byte string, the rest as their types' `Shape`s (a missing one is reported
-/// at the type).
+/// `Vec<u8>` as a byte string; an `Option<Vec<u8>>` or `Result<Vec<u8>, E>` as the shape of
+/// its `CarriedBytes` (an `Option` or `Result` of a byte string, distinct from the serde
+/// form's `Option` or `Result` of a sequence of `u8`s, as the bytes on the wire are); the
+/// rest as their types' `Shape`s (a missing one is reported at the type).
 fn method_shape(m: &Method) -> TokenStream {
     let p = private();
     let shape = |value: &crate::model::Value| match value.wire {
         Wire::Bytes => quote!(#p::shape::BYTE_STRING),
+        Wire::CarriedBytes => {
+            let ty = &value.ty;
+            quote_spanned!(ty.span()=> <#p::CarriedBytes<#ty> as #p::Shape>::SHAPE)
+        }
         Wire::Serde | Wire::Fd => {
             let ty = &value.ty;
             quote_spanned!(ty.span()=> <#ty as #p::Shape>::SHAPE)

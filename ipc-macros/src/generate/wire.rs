@@ -15,6 +15,7 @@ pub(super) fn encode_owned(value: TokenStream, wire: Wire) -> TokenStream {
         Wire::Serde => value,
         Wire::Fd => quote!(#p::Fd(&#value)),
         Wire::Bytes => quote!(#p::Bytes(#value)),
+        Wire::CarriedBytes => quote!(#p::CarriedBytes(&#value)),
     }
 }
 
@@ -25,13 +26,14 @@ pub(super) fn encode(value: TokenStream, wire: Wire) -> TokenStream {
         Wire::Serde => value,
         Wire::Fd => quote!(&#p::Fd(#value)),
         Wire::Bytes => quote!(&#p::Bytes(#value)),
+        Wire::CarriedBytes => quote!(&#p::CarriedBytes(#value)),
     }
 }
 
 /// A client argument in the tuple that is sent: moved in, or borrowed into its wrapper (the
 /// parameter lives until the message is sent, and an fd is closed after). A call's `Vec<u8>`
 /// is moved into `CallBytes`, which the connection may pipe (it then keeps the bytes until
-/// the peer has read them).
+/// the peer has read them); so are the bytes of an `Option<Vec<u8>>` or `Result<Vec<u8>, E>`.
 pub(super) fn encode_arg(name: &Ident, wire: Wire, oneway: bool) -> TokenStream {
     let p = private();
     match wire {
@@ -39,6 +41,8 @@ pub(super) fn encode_arg(name: &Ident, wire: Wire, oneway: bool) -> TokenStream 
         Wire::Fd => quote!(#p::Fd(&#name)),
         Wire::Bytes if oneway => quote!(#p::Bytes(&#name)),
         Wire::Bytes => quote!(#p::CallBytes::from(#name)),
+        Wire::CarriedBytes if oneway => quote!(#p::CarriedBytes(&#name)),
+        Wire::CarriedBytes => quote!(#p::BytesCarrier::into_call(#name)),
     }
 }
 
@@ -49,6 +53,7 @@ pub(super) fn decode_type(value: &Value) -> TokenStream {
         Wire::Serde => quote!(#ty),
         Wire::Fd => quote!(#p::Fd<#ty>),
         Wire::Bytes => quote!(#p::Bytes<#ty>),
+        Wire::CarriedBytes => quote!(#p::CarriedBytes<#ty>),
     }
 }
 
@@ -59,5 +64,6 @@ pub(super) fn decode_pattern(name: &Ident, value: &Value) -> TokenStream {
         Wire::Serde => quote!(#name),
         Wire::Fd => quote!(#p::Fd(#name)),
         Wire::Bytes => quote!(#p::Bytes(#name)),
+        Wire::CarriedBytes => quote!(#p::CarriedBytes(#name)),
     }
 }

@@ -14,6 +14,7 @@ pub trait Ipa {
     fn echo(&self, data: Vec<u8>) -> Vec<u8>;
     fn swap_fd(&self, fd: Option<OwnedFd>) -> Option<OwnedFd>;
     fn ping(&self);
+    fn decode(&self, image: Option<Vec<u8>>) -> Result<Vec<u8>, DecodeError>;
 }
 /// What both ends of [`Ipa`] compare before a call: its name, and every method's command id and signature.
 #[allow(dead_code)]
@@ -21,7 +22,7 @@ pub static IPA_INFO: ::typed_ipc::__private::InterfaceInfo = ::typed_ipc::__priv
     name: "Ipa",
     id: ::typed_ipc::__private::fnv1a(b"Ipa"),
     signature: ::typed_ipc::__private::fnv1a(
-        b"#[cmd(0)] fn reverse(&self, text: String) -> String; #[cmd(1)] fn total_len(&self, files: Vec<OwnedFd>) -> u64; #[cmd(2)] fn configure(&self, cfg: Config) -> Result<Caps, ConfigError>; #[cmd(3)] fn open_buffer(&self, id: u32) -> OwnedFd; #[cmd(4)] #[oneway] fn stats_ready(&self, frame: u32, stats: OwnedFd); #[cmd(5)] fn echo(&self, data: Vec<u8>) -> Vec<u8>; #[cmd(6)] fn swap_fd(&self, fd: Option<OwnedFd>) -> Option<OwnedFd>; #[cmd(7)] fn ping(&self);",
+        b"#[cmd(0)] fn reverse(&self, text: String) -> String; #[cmd(1)] fn total_len(&self, files: Vec<OwnedFd>) -> u64; #[cmd(2)] fn configure(&self, cfg: Config) -> Result<Caps, ConfigError>; #[cmd(3)] fn open_buffer(&self, id: u32) -> OwnedFd; #[cmd(4)] #[oneway] fn stats_ready(&self, frame: u32, stats: OwnedFd); #[cmd(5)] fn echo(&self, data: Vec<u8>) -> Vec<u8>; #[cmd(6)] fn swap_fd(&self, fd: Option<OwnedFd>) -> Option<OwnedFd>; #[cmd(7)] fn ping(&self); #[cmd(8)] fn decode(&self, image: Option<Vec<u8>>) -> Result<Vec<u8>, DecodeError>;",
     ),
     methods: &[
         ::typed_ipc::__private::MethodInfo {
@@ -80,6 +81,13 @@ pub static IPA_INFO: ::typed_ipc::__private::InterfaceInfo = ::typed_ipc::__priv
             oneway: false,
             shape: 0,
         },
+        ::typed_ipc::__private::MethodInfo {
+            name: "decode",
+            cmd: 8,
+            signature: "fn decode(&self, image: Option<Vec<u8>>) -> Result<Vec<u8>, DecodeError>",
+            oneway: false,
+            shape: 0,
+        },
     ],
 };
 /// A request of [`Ipa`]: one variant per method, holding its arguments.
@@ -124,6 +132,11 @@ pub enum IpaRequest {
     },
     /// The arguments of [`Ipa::ping`].
     Ping,
+    /// The arguments of [`Ipa::decode`].
+    Decode {
+        /// The `image` argument.
+        image: Option<Vec<u8>>,
+    },
 }
 #[allow(dead_code)]
 impl IpaRequest {
@@ -138,6 +151,7 @@ impl IpaRequest {
             Self::Echo { .. } => 5,
             Self::SwapFd { .. } => 6,
             Self::Ping => 7,
+            Self::Decode { .. } => 8,
         }
     }
     /// Decodes the request `call` carries, taking the fds that came with it.
@@ -189,6 +203,13 @@ impl IpaRequest {
                 let (): () = call.args()?;
                 ::core::result::Result::Ok(Self::Ping)
             }
+            8 => {
+                let (
+                    ::typed_ipc::__private::CarriedBytes(image),
+                ): (::typed_ipc::__private::CarriedBytes<Option<Vec<u8>>>,) = call
+                    .args()?;
+                ::core::result::Result::Ok(Self::Decode { image })
+            }
             _ => ::core::result::Result::Err(call.unknown_command()),
         }
     }
@@ -210,6 +231,8 @@ pub enum IpaResponse {
     SwapFd(Option<OwnedFd>),
     /// The return value of [`Ipa::ping`].
     Ping,
+    /// The return value of [`Ipa::decode`].
+    Decode(Result<Vec<u8>, DecodeError>),
 }
 #[allow(dead_code)]
 impl IpaResponse {
@@ -229,6 +252,9 @@ impl IpaResponse {
             Self::Echo(value) => call.reply(&::typed_ipc::__private::Bytes(value)),
             Self::SwapFd(value) => call.reply(&::typed_ipc::__private::Fd(value)),
             Self::Ping => call.reply(&()),
+            Self::Decode(value) => {
+                call.reply(&::typed_ipc::__private::CarriedBytes(value))
+            }
         }
     }
 }
@@ -354,6 +380,26 @@ impl IpaClient {
     pub fn ping(&self) -> ::core::result::Result<(), ::typed_ipc::__private::Error> {
         self.connection.call::<_, ()>(&IPA_INFO, 7, &(), self.timeout)
     }
+    /// Calls [`Ipa::decode`] on the server.
+    pub fn decode(
+        &self,
+        image: Option<Vec<u8>>,
+    ) -> ::core::result::Result<
+        Result<Vec<u8>, DecodeError>,
+        ::typed_ipc::__private::Error,
+    > {
+        self.connection
+            .call::<
+                _,
+                ::typed_ipc::__private::CarriedBytes<Result<Vec<u8>, DecodeError>>,
+            >(
+                &IPA_INFO,
+                8,
+                &(::typed_ipc::__private::BytesCarrier::into_call(image),),
+                self.timeout,
+            )
+            .map(|::typed_ipc::__private::CarriedBytes(value)| value)
+    }
 }
 /// The server side of [`Ipa`]: answers each request on a connection by calling the implementation it owns.
 #[allow(dead_code)]
@@ -419,6 +465,11 @@ impl<T: Ipa + ::core::marker::Send + ::core::marker::Sync + 'static> IpaServer<T
             IpaRequest::Ping => {
                 <T as Ipa>::ping(&self.imp);
                 ::core::option::Option::Some(IpaResponse::Ping)
+            }
+            IpaRequest::Decode { image } => {
+                ::core::option::Option::Some(
+                    IpaResponse::Decode(<T as Ipa>::decode(&self.imp, image)),
+                )
             }
         }
     }
@@ -494,6 +545,13 @@ where
                     <T as Ipa>::ping(&self.imp)
                 };
                 call.reply(&())
+            }
+            8 => {
+                let value = {
+                    let (::typed_ipc::__private::CarriedBytes(image),) = call.args()?;
+                    <T as Ipa>::decode(&self.imp, image)
+                };
+                call.reply(&::typed_ipc::__private::CarriedBytes(&value))
             }
             _ => ::core::result::Result::Err(call.unknown_command()),
         }

@@ -45,6 +45,12 @@ pub trait Ipa {
     {
         async move {}
     }
+    fn decode(
+        &self,
+        image: Option<Vec<u8>>,
+    ) -> impl ::core::future::Future<
+        Output = Result<Vec<u8>, DecodeError>,
+    > + ::core::marker::Send;
 }
 /// What both ends of [`Ipa`] compare before a call: its name, and every method's command id and signature.
 #[allow(dead_code)]
@@ -52,7 +58,7 @@ pub static IPA_INFO: ::typed_ipc::__private::InterfaceInfo = ::typed_ipc::__priv
     name: "Ipa",
     id: ::typed_ipc::__private::fnv1a(b"Ipa"),
     signature: ::typed_ipc::__private::fnv1a(
-        b"#[cmd(0)] fn reverse(&self, text: String) -> String; #[cmd(1)] fn total_len(&self, files: Vec<OwnedFd>) -> u64; #[cmd(2)] fn configure(&self, cfg: Config) -> Result<Caps, ConfigError>; #[cmd(3)] fn open_buffer(&self, id: u32) -> OwnedFd; #[cmd(4)] #[oneway] fn stats_ready(&self, frame: u32, stats: OwnedFd); #[cmd(5)] fn echo(&self, data: Vec<u8>) -> Vec<u8>; #[cmd(6)] fn swap_fd(&self, fd: Option<OwnedFd>) -> Option<OwnedFd>; #[cmd(7)] fn ping(&self);",
+        b"#[cmd(0)] fn reverse(&self, text: String) -> String; #[cmd(1)] fn total_len(&self, files: Vec<OwnedFd>) -> u64; #[cmd(2)] fn configure(&self, cfg: Config) -> Result<Caps, ConfigError>; #[cmd(3)] fn open_buffer(&self, id: u32) -> OwnedFd; #[cmd(4)] #[oneway] fn stats_ready(&self, frame: u32, stats: OwnedFd); #[cmd(5)] fn echo(&self, data: Vec<u8>) -> Vec<u8>; #[cmd(6)] fn swap_fd(&self, fd: Option<OwnedFd>) -> Option<OwnedFd>; #[cmd(7)] fn ping(&self); #[cmd(8)] fn decode(&self, image: Option<Vec<u8>>) -> Result<Vec<u8>, DecodeError>;",
     ),
     methods: &[
         ::typed_ipc::__private::MethodInfo {
@@ -111,6 +117,13 @@ pub static IPA_INFO: ::typed_ipc::__private::InterfaceInfo = ::typed_ipc::__priv
             oneway: false,
             shape: 0,
         },
+        ::typed_ipc::__private::MethodInfo {
+            name: "decode",
+            cmd: 8,
+            signature: "fn decode(&self, image: Option<Vec<u8>>) -> Result<Vec<u8>, DecodeError>",
+            oneway: false,
+            shape: 0,
+        },
     ],
 };
 /// A request of [`Ipa`]: one variant per method, holding its arguments.
@@ -155,6 +168,11 @@ pub enum IpaRequest {
     },
     /// The arguments of [`Ipa::ping`].
     Ping,
+    /// The arguments of [`Ipa::decode`].
+    Decode {
+        /// The `image` argument.
+        image: Option<Vec<u8>>,
+    },
 }
 #[allow(dead_code)]
 impl IpaRequest {
@@ -169,6 +187,7 @@ impl IpaRequest {
             Self::Echo { .. } => 5,
             Self::SwapFd { .. } => 6,
             Self::Ping => 7,
+            Self::Decode { .. } => 8,
         }
     }
     /// Decodes the request `call` carries, taking the fds that came with it.
@@ -220,6 +239,13 @@ impl IpaRequest {
                 let (): () = call.args()?;
                 ::core::result::Result::Ok(Self::Ping)
             }
+            8 => {
+                let (
+                    ::typed_ipc::__private::CarriedBytes(image),
+                ): (::typed_ipc::__private::CarriedBytes<Option<Vec<u8>>>,) = call
+                    .args()?;
+                ::core::result::Result::Ok(Self::Decode { image })
+            }
             _ => ::core::result::Result::Err(call.unknown_command()),
         }
     }
@@ -241,6 +267,8 @@ pub enum IpaResponse {
     SwapFd(Option<OwnedFd>),
     /// The return value of [`Ipa::ping`].
     Ping,
+    /// The return value of [`Ipa::decode`].
+    Decode(Result<Vec<u8>, DecodeError>),
 }
 #[allow(dead_code)]
 impl IpaResponse {
@@ -263,6 +291,9 @@ impl IpaResponse {
             Self::Echo(value) => call.reply_bytes(value).await,
             Self::SwapFd(value) => call.reply(::typed_ipc::__private::Fd(&value)).await,
             Self::Ping => call.reply(()).await,
+            Self::Decode(value) => {
+                call.reply(::typed_ipc::__private::CarriedBytes(&value)).await
+            }
         }
     }
 }
@@ -397,6 +428,27 @@ impl IpaClient {
     ) -> ::core::result::Result<(), ::typed_ipc::__private::Error> {
         self.connection.call::<_, ()>(&IPA_INFO, 7, (), self.timeout).await
     }
+    /// Calls [`Ipa::decode`] on the server.
+    pub async fn decode(
+        &self,
+        image: Option<Vec<u8>>,
+    ) -> ::core::result::Result<
+        Result<Vec<u8>, DecodeError>,
+        ::typed_ipc::__private::Error,
+    > {
+        self.connection
+            .call::<
+                _,
+                ::typed_ipc::__private::CarriedBytes<Result<Vec<u8>, DecodeError>>,
+            >(
+                &IPA_INFO,
+                8,
+                (::typed_ipc::__private::BytesCarrier::into_call(image),),
+                self.timeout,
+            )
+            .await
+            .map(|::typed_ipc::__private::CarriedBytes(value)| value)
+    }
 }
 /// The server side of [`Ipa`]: answers each request on a connection by awaiting the implementation it owns, concurrently with the others.
 #[allow(dead_code)]
@@ -468,6 +520,11 @@ impl<T: Ipa + ::core::marker::Send + ::core::marker::Sync + 'static> IpaServer<T
             IpaRequest::Ping => {
                 <T as Ipa>::ping(&self.imp).await;
                 ::core::option::Option::Some(IpaResponse::Ping)
+            }
+            IpaRequest::Decode { image } => {
+                ::core::option::Option::Some(
+                    IpaResponse::Decode(<T as Ipa>::decode(&self.imp, image).await),
+                )
             }
         }
     }

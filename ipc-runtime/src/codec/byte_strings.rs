@@ -4,6 +4,7 @@
 
 use std::os::fd::BorrowedFd;
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::fd_carriers::{index_of, take};
@@ -12,7 +13,7 @@ use super::{
     Written, place, place_shared, with_current_store,
 };
 use crate::error::Result;
-use crate::shared_bytes::SharedBytes;
+use crate::shared_bytes::{CallBytes, SharedBytes};
 
 /// Marks a `Vec<u8>` (or `&[u8]` when sending) as a byte string: serde's default encodes
 /// `Vec<u8>` element by element, this copies it in one go. The generated code wraps `Vec<u8>`
@@ -53,6 +54,68 @@ impl<T: AsRef<[u8]>> Serialize for Bytes<T> {
             }
         }
         t.end()
+    }
+}
+
+/// A method's byte string that may be absent, `Option<Vec<u8>>`, or fallible,
+/// `Result<Vec<u8>, E>`: the `Some` or `Ok` bytes as one byte string (a [`Bytes`]), the rest
+/// as serde writes an `Option` or `Result`. Used through [`CarriedBytes`].
+pub trait BytesCarrier: Sized {
+    /// What a call stub sends for it: the bytes as a [`CallBytes`], which the connection
+    /// may pipe.
+    type Call: Serialize;
+    /// Writes the value, its bytes as one byte string.
+    fn serialize_bytes<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error>;
+    /// Reads what [`serialize_bytes`](Self::serialize_bytes) (or the [`Call`](Self::Call))
+    /// wrote.
+    fn deserialize_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<Self, D::Error>;
+    /// The value as a call stub sends it, taking its bytes.
+    fn into_call(self) -> Self::Call;
+}
+
+impl BytesCarrier for Option<Vec<u8>> {
+    type Call = Option<CallBytes>;
+    fn serialize_bytes<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.as_ref().map(Bytes).serialize(s)
+    }
+    fn deserialize_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Option::<Bytes<Vec<u8>>>::deserialize(d)?.map(|Bytes(v)| v))
+    }
+    fn into_call(self) -> Self::Call {
+        self.map(CallBytes::from)
+    }
+}
+
+impl<E: Serialize + DeserializeOwned> BytesCarrier for std::result::Result<Vec<u8>, E> {
+    type Call = std::result::Result<CallBytes, E>;
+    fn serialize_bytes<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.as_ref().map(Bytes).serialize(s)
+    }
+    fn deserialize_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(std::result::Result::<Bytes<Vec<u8>>, E>::deserialize(d)?.map(|Bytes(v)| v))
+    }
+    fn into_call(self) -> Self::Call {
+        self.map(CallBytes::from)
+    }
+}
+
+/// Marks an `Option<Vec<u8>>` or a `Result<Vec<u8>, E>` as carrying a byte string (see
+/// [`BytesCarrier`]): `CarriedBytes(&value)` serializes, `CarriedBytes<T>` deserializes. The
+/// generated code wraps such parameters and results in it. A type of its own, not [`Bytes`]:
+/// `Bytes<T>` serializes any `T: AsRef<[u8]>`, which the standard library may one day say of
+/// an `Option` too.
+#[derive(Debug)]
+pub struct CarriedBytes<T>(pub T);
+
+impl<T: BytesCarrier> Serialize for CarriedBytes<&T> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize_bytes(s)
+    }
+}
+
+impl<'de, T: BytesCarrier> Deserialize<'de> for CarriedBytes<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        T::deserialize_bytes(d).map(CarriedBytes)
     }
 }
 

@@ -36,7 +36,7 @@ use crate::shared_bytes::SharedBytes;
 use bounded::{Bounded, Budget};
 
 pub(crate) use byte_strings::serialize_shared;
-pub use byte_strings::{Bytes, bytes};
+pub use byte_strings::{Bytes, BytesCarrier, CarriedBytes, bytes};
 pub use fd_carriers::{Fd, FdCarrier, fd, fds};
 
 thread_local! {

@@ -261,6 +261,19 @@ impl<T> Shape for crate::codec::Bytes<T> {
     const SHAPE: u64 = BYTE_STRING;
 }
 
+/// An `Option<Vec<u8>>` whose bytes travel as one byte string: not the shape of the
+/// `Option<Vec<u8>>` serde writes element by element, so that two ends that disagree on how
+/// it travels are told.
+impl Shape for crate::codec::CarriedBytes<Option<Vec<u8>>> {
+    const SHAPE: u64 = option(BYTE_STRING);
+}
+
+/// A `Result<Vec<u8>, E>` whose `Ok` bytes travel as one byte string: as a `Result`'s shape,
+/// with [`BYTE_STRING`] for the `Ok`, so distinct from the serde form's.
+impl<E: Shape> Shape for crate::codec::CarriedBytes<Result<Vec<u8>, E>> {
+    const SHAPE: u64 = sum(&[product(&[BYTE_STRING]), product(&[E::SHAPE])]);
+}
+
 impl Shape for crate::SharedBytes {
     const SHAPE: u64 = BYTE_STRING;
 }

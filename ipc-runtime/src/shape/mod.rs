@@ -300,6 +300,20 @@ mod tests {
             of::<crate::codec::Bytes<Vec<u8>>>()
         );
         assert_eq!(of::<crate::CallBytes>(), BYTE_STRING);
+        use crate::codec::CarriedBytes;
+        assert_eq!(of::<CarriedBytes<Option<Vec<u8>>>>(), option(BYTE_STRING));
+        assert_ne!(
+            of::<CarriedBytes<Option<Vec<u8>>>>(),
+            of::<Option<Vec<u8>>>()
+        );
+        assert_eq!(
+            of::<CarriedBytes<Result<Vec<u8>, String>>>(),
+            sum(&[product(&[BYTE_STRING]), product(&[String::SHAPE])])
+        );
+        assert_ne!(
+            of::<CarriedBytes<Result<Vec<u8>, String>>>(),
+            of::<Result<Vec<u8>, String>>()
+        );
         assert_eq!(of::<usize>(), of::<u64>());
         assert_eq!(of::<PhantomData<String>>(), of::<()>());
         assert_eq!(
