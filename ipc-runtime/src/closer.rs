@@ -60,7 +60,21 @@ static WORK: Condvar = Condvar::new();
 /// Signalled when the queue is empty and nothing is being closed.
 static DONE: Condvar = Condvar::new();
 
+/// Whether this process may take the queue's lock: it is the closer's user, made so now if
+/// no process was. A child forked from the user may have been forked while another thread
+/// held the lock, which no thread of the child would ever let go.
+fn is_user() -> bool {
+    let pid = std::process::id();
+    match USER.compare_exchange(0, pid, Ordering::SeqCst, Ordering::SeqCst) {
+        Ok(_) => true,
+        Err(user) => user == pid,
+    }
+}
+
+/// The queue's lock, taken only by the closer's user ([`is_user`]), which every path to it
+/// has checked: claimed here too, so that no use of the lock comes before the claim.
 fn lock() -> MutexGuard<'static, Queue> {
+    let _ = is_user();
     // Nothing panics under the lock but an allocation; the counts stay sound either way.
     let mut queue = QUEUE.lock().unwrap_or_else(PoisonError::into_inner);
     let pid = std::process::id();
@@ -100,12 +114,9 @@ fn hand(fds: impl Iterator<Item = OwnedFd>) {
     // A child forked (without exec) from a process that used the closer may have been forked
     // while another thread held the queue's lock, which no thread of the child would ever let
     // go: it closes here, as it would without a closer, and never takes the lock.
-    let pid = std::process::id();
-    if let Err(user) = USER.compare_exchange(0, pid, Ordering::SeqCst, Ordering::SeqCst) {
-        if user != pid {
-            fds.for_each(drop);
-            return;
-        }
+    if !is_user() {
+        fds.for_each(drop);
+        return;
     }
     let mut queue = lock();
     queue.fds.extend(fds);
@@ -188,6 +199,9 @@ fn run(first: bool) {
 /// Waits until every fd handed to the closer so far is closed: for tests that count fds
 /// right after something dropped some. Waits for as long as a stalled close does.
 pub fn wait_idle() {
+    if !is_user() {
+        return; // a forked child closes where fds drop: none wait for it
+    }
     let mut queue = lock();
     while !queue.fds.is_empty() || queue.closing > 0 {
         queue = DONE.wait(queue).unwrap_or_else(PoisonError::into_inner);
@@ -278,6 +292,64 @@ mod tests {
                 assert_eq!(ended, WaitStatus::Exited(child, 0));
             }
         }
+    }
+
+    /// [`a_child_forked_while_wait_idle_held_the_lock_still_closes`], in a process of its own
+    /// that has handed nothing to the closer yet.
+    #[test]
+    #[ignore = "run in a process of its own by the test below"]
+    fn fork_while_only_wait_idle_used_the_lock() {
+        use nix::sys::wait::{WaitStatus, waitpid};
+        use nix::unistd::{ForkResult, fork};
+        assert_eq!(
+            USER.load(Ordering::SeqCst),
+            0,
+            "this process handed an fd already"
+        );
+        let (read, write) = nix::unistd::pipe().unwrap();
+        let (held_tx, held_rx) = channel();
+        let (release_tx, release_rx) = channel::<()>();
+        // The lock as `wait_idle` takes it: the first use of the closer in this process.
+        let holder = std::thread::spawn(move || {
+            let _queue = lock();
+            held_tx.send(()).unwrap();
+            release_rx.recv().unwrap();
+        });
+        held_rx.recv().unwrap();
+        // SAFETY: the child only closes an fd (the code under test) and exits with `_exit`.
+        match unsafe { fork() }.unwrap() {
+            ForkResult::Child => {
+                drop(write);
+                close(read);
+                // SAFETY: ends the child at once, running nothing of the parent's.
+                unsafe { libc::_exit(0) }
+            }
+            ForkResult::Parent { child } => {
+                drop(read);
+                release_tx.send(()).unwrap();
+                holder.join().unwrap();
+                let gone = reader_gone(&write);
+                if !gone {
+                    let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+                }
+                let ended = waitpid(child, None).unwrap();
+                assert!(gone, "the forked child waited for the lock wait_idle held");
+                assert_eq!(ended, WaitStatus::Exited(child, 0));
+            }
+        }
+    }
+
+    /// `wait_idle` (behind `wait_for_closes`, which tests call from any thread) takes the
+    /// queue's lock too: a child forked meanwhile, in a process that had handed nothing to the
+    /// closer yet, must still know the lock is not its to take.
+    #[test]
+    fn a_child_forked_while_wait_idle_held_the_lock_still_closes() {
+        let name = "closer::tests::fork_while_only_wait_idle_used_the_lock";
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([name, "--exact", "--ignored", "--test-threads=1"])
+            .status()
+            .unwrap();
+        assert!(status.success(), "{status}");
     }
 
     /// A close that cannot finish (the last fd of a pipe whose lock is held) holds up neither
