@@ -148,3 +148,55 @@ fn async_server_serves_on_while_a_dropped_fd_of_the_peer_cannot_close() {
         })
     });
 }
+
+/// Served: a method whose argument checks the fd it takes, and refuses one that is not a
+/// sealed memfd.
+#[typed_ipc::interface]
+pub trait Viewer {
+    fn size(&self, buffer: typed_ipc::shared_buffer::SealedBuffer) -> u64;
+}
+
+struct Viewing;
+
+impl Viewer for Viewing {
+    fn size(&self, buffer: typed_ipc::shared_buffer::SealedBuffer) -> u64 {
+        buffer.len() as u64
+    }
+}
+
+/// A sealed buffer's fd the decode takes and then refuses (here a pipe's read end, not a
+/// sealed memfd) is a peer's fd typed-ipc drops on its own: closed off the serving thread
+/// like one no value claimed, so the next call gets through while its close waits.
+#[test]
+fn blocking_server_serves_on_while_a_refused_sealed_buffer_of_the_peer_cannot_close() {
+    let (ours, theirs) = Socket::pair().unwrap();
+    let (read, write) = nix::unistd::pipe().unwrap();
+    let (holder, wake) = common::hold_pipe_lock(write);
+    let mut size = common::call_envelope(&VIEWER_INFO, 0, 1 << 40); // no cookie of the client
+    size.extend_from_slice(&0u32.to_le_bytes()); // the fd's index
+    ours.send(&size, &[read.as_fd()]).unwrap();
+    drop(read); // the message in flight holds the last reference now
+    let server = std::thread::spawn(move || {
+        let connection = Connection::new(theirs);
+        connection.add_service(ViewerServer::new(Viewing));
+        let _ = connection.serve(EchoServer::new(Echoing));
+    });
+    let (done_tx, done_rx) = channel();
+    let caller = std::thread::spawn(move || {
+        let echo = EchoClient::new(Connection::new(ours));
+        done_tx.send(echo.echo(7)).unwrap();
+        echo
+    });
+    let answered = done_rx.recv_timeout(Duration::from_secs(60));
+    std::io::Write::write_all(&mut &wake, b"x").unwrap();
+    drop(holder.join().unwrap());
+    match answered {
+        Ok(answer) => assert_eq!(answer.unwrap(), 7),
+        Err(RecvTimeoutError::Timeout) => {
+            panic!("the next call waited for the close of the refused fd (lock held 60 s)")
+        }
+        Err(RecvTimeoutError::Disconnected) => panic!("the caller panicked"),
+    }
+    drop(caller.join().unwrap());
+    server.join().unwrap();
+}

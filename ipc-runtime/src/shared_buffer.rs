@@ -326,12 +326,13 @@ impl Serialize for SealedBuffer {
 /// Takes the memfd from the message's fd table and checks it as
 /// [`SealedBuffer::from_fd_with_limit`] does, with the decoding connection's
 /// [`Limits::max_shared_len`](crate::Limits::max_shared_len) as the limit
-/// ([`SealedBuffer::DEFAULT_MAX_LEN`] outside a connection). A refused fd is closed and fails
-/// decoding: one over the limit as [`Error::TooLarge`] (a request's caller gets it `by_peer`),
-/// any other as [`Error::Malformed`] (a request's caller gets [`Error::Remote`]: the server
-/// could not decode it).
+/// ([`SealedBuffer::DEFAULT_MAX_LEN`] outside a connection). A refused fd is closed, by
+/// typed-ipc's closer (off this thread: README, "slow closes"), and fails decoding: one over
+/// the limit as [`Error::TooLarge`] (a request's caller gets it `by_peer`), any
+/// other as [`Error::Malformed`] (a request's caller gets [`Error::Remote`]: the server could
+/// not decode it).
 impl<'de> Deserialize<'de> for SealedBuffer {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        crate::codec::shared_fd(d, DEMAND.what, SealedBuffer::from_fd_with_limit)
+        crate::codec::shared_fd(d, &DEMAND, |fd, map| SealedBuffer { fd, map })
     }
 }

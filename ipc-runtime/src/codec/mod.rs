@@ -546,23 +546,37 @@ fn refuse_over_limit<E: serde::de::Error>(refused: OverLimit) -> E {
     E::custom(over_limit(refused))
 }
 
-/// Takes the fd of a received sealed buffer or region view (`what`) and checks it with
-/// `check`, under the limit of the connection decoding it (its store's
-/// [`OutOfLine::max_shared_len`]; the default outside a connection). One over it fails the
-/// decode as [`Error::TooLarge`], as a byte string over the limits does; any other refusal as
-/// [`Error::Malformed`]. A refused fd is closed.
+/// Takes the fd of a received sealed buffer or region view and checks it against `demand`,
+/// under the limit of the connection decoding it (its store's
+/// [`OutOfLine::max_shared_len`]; the default outside a connection), then `make`s the value
+/// of it. One over the limit fails the decode as [`Error::TooLarge`], as a byte string over the
+/// limits does; any other refusal as [`Error::Malformed`]. A refused fd is the peer's, dropped
+/// by typed-ipc: closed by the [`closer`](crate::closer), as closing it may wait for as long
+/// as the peer likes (a pipe whose lock it holds sent in place of a memfd).
 pub(crate) fn shared_fd<'de, T, D: serde::Deserializer<'de>>(
     d: D,
-    what: &'static str,
-    check: impl FnOnce(OwnedFd, usize) -> Result<T>,
+    demand: &crate::memfd::Demand,
+    make: impl FnOnce(OwnedFd, crate::memfd::Mapping) -> T,
 ) -> std::result::Result<T, D::Error> {
     let fd: OwnedFd = fd::deserialize(d)?;
     let limit = with_current_store(|store| store.max_shared_len())
         .unwrap_or(crate::Limits::default().max_shared_len);
-    check(fd, limit).map_err(|e| match e {
+    match crate::memfd::map_received(&fd, demand, limit) {
+        Ok(map) => Ok(make(fd, map)),
+        Err(e) => Err(refused_shared_fd(fd, demand.what, e)),
+    }
+}
+
+/// The decode error for a sealed buffer or region view (`what`) whose fd was refused, the fd
+/// handed to the closer.
+#[cold]
+#[inline(never)]
+fn refused_shared_fd<E: serde::de::Error>(fd: OwnedFd, what: &'static str, e: Error) -> E {
+    crate::closer::close(fd);
+    match e {
         Error::TooLarge { size, limit, .. } => refuse_over_limit(OverLimit { what, size, limit }),
-        e => serde::de::Error::custom(e),
-    })
+        e => E::custom(e),
+    }
 }
 
 /// Words a decode error: bincode's own text for a message that ends early is empty, and its
