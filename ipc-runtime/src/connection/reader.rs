@@ -210,12 +210,15 @@ impl Shared {
     /// Hands the fds of messages nothing took (`State::unclaimed`) to the
     /// [`closer`](crate::closer): closing an fd may wait for as long as the peer that sent it
     /// likes (a pipe whose lock it holds, a TCP socket whose unsent data lingers), and no
-    /// thread of the connection's may wait for that.
+    /// thread of the connection's may wait for that. Handed with the lock let go (and taken
+    /// again): the hand-off may start a closer thread, or, if none can start, close them here.
     #[cold]
     #[inline(never)]
     fn close_unclaimed<'a>(&'a self, mut state: Guard<'a>) -> Guard<'a> {
-        crate::closer::close_all(&mut state.unclaimed);
-        state
+        let mut unclaimed = std::mem::take(&mut state.unclaimed);
+        drop(state);
+        crate::closer::close_all(&mut unclaimed);
+        self.state.lock()
     }
 
     /// [`Shared::route`], leaving the fds of what nothing takes in `State::unclaimed`.
