@@ -126,12 +126,20 @@ fn hand(fds: impl Iterator<Item = OwnedFd>) {
     drop(queue);
 }
 
-/// With fds waiting: wakes an idle closer thread, or starts one if none is idle and there
-/// are fewer than [`MAX_THREADS`]. If none can start and none is alive, closes them here
-/// (never lost; this thread waits as it would without a closer).
+/// With fds waiting: leaves them to a closer thread that is not busy closing (waking it if
+/// idle; one starting, or back from a close, takes them as it loops), or starts one if every
+/// thread is busy and there are fewer than [`MAX_THREADS`]. If none can start and none is
+/// alive, closes them here (never lost; this thread waits as it would without a closer).
+///
+/// Only a thread stalled in a close calls for another: a burst of fds handed one at a time
+/// starts one thread, not one each. (Each thread costs a stack, and a process past 8 threads
+/// that allocate has glibc open a file for a moment to size its arenas, which tests that
+/// count fds saw as a stray fd.)
 fn more_hands(mut queue: MutexGuard<'static, Queue>) -> MutexGuard<'static, Queue> {
-    if queue.idle > 0 {
-        WORK.notify_one();
+    if queue.threads > queue.closing {
+        if queue.idle > 0 {
+            WORK.notify_one();
+        }
         return queue;
     }
     if queue.threads >= MAX_THREADS {
