@@ -41,8 +41,6 @@ struct Queue {
     idle: usize,
     /// Fds taken from the queue and not yet closed.
     closing: usize,
-    /// The process the counts are of: a child forked with fds queued has none of the threads.
-    pid: u32,
 }
 
 static QUEUE: Mutex<Queue> = Mutex::new(Queue {
@@ -50,7 +48,6 @@ static QUEUE: Mutex<Queue> = Mutex::new(Queue {
     threads: 0,
     idle: 0,
     closing: 0,
-    pid: 0,
 });
 /// The process that uses the closer: set before its first use of the queue's lock, so that a
 /// child forked from it, even while the lock was held, knows not to take it.
@@ -72,19 +69,13 @@ fn is_user() -> bool {
 }
 
 /// The queue's lock, taken only by the closer's user ([`is_user`]), which every path to it
-/// has checked: claimed here too, so that no use of the lock comes before the claim.
+/// has checked: claimed here too, so that no use of the lock comes before the claim. (So the
+/// counts are only ever the user's: a child forked from a process that never claimed the
+/// closer finds them as they started.)
 fn lock() -> MutexGuard<'static, Queue> {
     let _ = is_user();
     // Nothing panics under the lock but an allocation; the counts stay sound either way.
-    let mut queue = QUEUE.lock().unwrap_or_else(PoisonError::into_inner);
-    let pid = std::process::id();
-    if queue.pid != pid {
-        queue.pid = pid;
-        queue.threads = 0;
-        queue.idle = 0;
-        queue.closing = 0;
-    }
-    queue
+    QUEUE.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Closes the fds in `fds` (emptied, its capacity kept) on a closer thread.
