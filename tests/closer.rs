@@ -13,6 +13,7 @@ use std::sync::mpsc::{RecvTimeoutError, channel};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use typed_ipc::service::InterfaceInfo;
 use typed_ipc::{Connection, Socket};
 
 #[typed_ipc::interface]
@@ -50,19 +51,20 @@ mod asynchronous {
     }
 }
 
-/// The peer's side: sends, on `ours`, a call of the unserved `Sink` carrying the read end of
-/// a pipe whose lock a thread of it holds, and closes its own copy, so that the server's
-/// close is the last. Then `serve` starts the server on the other end, `theirs`; and the
-/// peer, through a client on `ours`, calls `Echo` and must get its answer while the lock is
-/// still held. The lock is let go only once that call returned (or after a minute, a hang
-/// turned into a failure).
+/// The peer's side: sends, on `ours`, a call of `iface`'s command 0 carrying the read end of
+/// a pipe whose lock a thread of it holds (its one argument, the fd), and closes its own
+/// copy, so that the server's close is the last. Then `serve` starts the server on the other
+/// end, `theirs`; and the peer, through a client on `ours`, calls `Echo` and must get its
+/// answer while the lock is still held. The lock is let go only once that call returned (or
+/// after a minute, a hang turned into a failure).
 fn next_call_gets_through_while_the_pipe_lock_is_held(
+    iface: &InterfaceInfo,
     serve: impl FnOnce(Socket) -> JoinHandle<()>,
 ) {
     let (ours, theirs) = Socket::pair().unwrap();
     let (read, write) = nix::unistd::pipe().unwrap();
     let (holder, wake) = common::hold_pipe_lock(write);
-    let mut take = common::call_envelope(&SINK_INFO, 0, 1 << 40); // no cookie of the client
+    let mut take = common::call_envelope(iface, 0, 1 << 40); // no cookie of the client
     take.extend_from_slice(&0u32.to_le_bytes()); // the fd's index
     ours.send(&take, &[read.as_fd()]).unwrap();
     drop(read); // the message in flight holds the last reference now
@@ -91,62 +93,60 @@ fn next_call_gets_through_while_the_pipe_lock_is_held(
 
 #[test]
 fn blocking_server_serves_on_while_a_dropped_fd_of_the_peer_cannot_close() {
-    next_call_gets_through_while_the_pipe_lock_is_held(|theirs| {
-        std::thread::spawn(move || {
-            // One serving thread: the one that refuses the call and drops its fd.
-            let _ = EchoServer::new(Echoing).serve(Connection::new(theirs));
+    next_call_gets_through_while_the_pipe_lock_is_held(&SINK_INFO, serve_blocking);
+}
+
+/// An `Echo` server on one thread: the one that refuses the call and drops its fd.
+fn serve_blocking(theirs: Socket) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let _ = EchoServer::new(Echoing).serve(Connection::new(theirs));
+    })
+}
+
+/// An async `Echo` server on a current-thread runtime: one thread runs the whole
+/// connection, its reader and its handlers.
+#[cfg(feature = "tokio")]
+fn serve_async(theirs: Socket) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        common::current_thread_runtime().block_on(async move {
+            let connection = typed_ipc::tokio::AsyncConnection::new(theirs).unwrap();
+            let _ = asynchronous::EchoServer::new(asynchronous::Echoing)
+                .serve(connection)
+                .await;
         })
+    })
+}
+
+/// `socket` taking no fds: a request with one is over its limits.
+fn taking_no_fds(mut socket: Socket) -> Socket {
+    socket.set_limits(typed_ipc::Limits {
+        max_fds: 0,
+        ..typed_ipc::Limits::default()
     });
+    socket
 }
 
 /// The same for a request over the server's limits (more fds than it takes): refused as it
 /// is read, its fds dropped by the transport.
 #[test]
 fn blocking_server_serves_on_while_a_refused_fd_of_the_peer_cannot_close() {
-    next_call_gets_through_while_the_pipe_lock_is_held(|mut theirs| {
-        theirs.set_limits(typed_ipc::Limits {
-            max_fds: 0,
-            ..typed_ipc::Limits::default()
-        });
-        std::thread::spawn(move || {
-            let _ = EchoServer::new(Echoing).serve(Connection::new(theirs));
-        })
+    next_call_gets_through_while_the_pipe_lock_is_held(&SINK_INFO, |theirs| {
+        serve_blocking(taking_no_fds(theirs))
     });
 }
 
 #[cfg(feature = "tokio")]
 #[test]
 fn async_server_serves_on_while_a_refused_fd_of_the_peer_cannot_close() {
-    next_call_gets_through_while_the_pipe_lock_is_held(|mut theirs| {
-        theirs.set_limits(typed_ipc::Limits {
-            max_fds: 0,
-            ..typed_ipc::Limits::default()
-        });
-        std::thread::spawn(move || {
-            common::current_thread_runtime().block_on(async move {
-                let connection = typed_ipc::tokio::AsyncConnection::new(theirs).unwrap();
-                let _ = asynchronous::EchoServer::new(asynchronous::Echoing)
-                    .serve(connection)
-                    .await;
-            })
-        })
+    next_call_gets_through_while_the_pipe_lock_is_held(&SINK_INFO, |theirs| {
+        serve_async(taking_no_fds(theirs))
     });
 }
 
 #[cfg(feature = "tokio")]
 #[test]
 fn async_server_serves_on_while_a_dropped_fd_of_the_peer_cannot_close() {
-    next_call_gets_through_while_the_pipe_lock_is_held(|theirs| {
-        std::thread::spawn(move || {
-            // One thread runs the whole connection, its reader and its handlers.
-            common::current_thread_runtime().block_on(async move {
-                let connection = typed_ipc::tokio::AsyncConnection::new(theirs).unwrap();
-                let _ = asynchronous::EchoServer::new(asynchronous::Echoing)
-                    .serve(connection)
-                    .await;
-            })
-        })
-    });
+    next_call_gets_through_while_the_pipe_lock_is_held(&SINK_INFO, serve_async);
 }
 
 /// Served: a method whose argument checks the fd it takes, and refuses one that is not a
@@ -169,34 +169,11 @@ impl Viewer for Viewing {
 /// like one no value claimed, so the next call gets through while its close waits.
 #[test]
 fn blocking_server_serves_on_while_a_refused_sealed_buffer_of_the_peer_cannot_close() {
-    let (ours, theirs) = Socket::pair().unwrap();
-    let (read, write) = nix::unistd::pipe().unwrap();
-    let (holder, wake) = common::hold_pipe_lock(write);
-    let mut size = common::call_envelope(&VIEWER_INFO, 0, 1 << 40); // no cookie of the client
-    size.extend_from_slice(&0u32.to_le_bytes()); // the fd's index
-    ours.send(&size, &[read.as_fd()]).unwrap();
-    drop(read); // the message in flight holds the last reference now
-    let server = std::thread::spawn(move || {
-        let connection = Connection::new(theirs);
-        connection.add_service(ViewerServer::new(Viewing));
-        let _ = connection.serve(EchoServer::new(Echoing));
+    next_call_gets_through_while_the_pipe_lock_is_held(&VIEWER_INFO, |theirs| {
+        std::thread::spawn(move || {
+            let connection = Connection::new(theirs);
+            connection.add_service(ViewerServer::new(Viewing));
+            let _ = connection.serve(EchoServer::new(Echoing));
+        })
     });
-    let (done_tx, done_rx) = channel();
-    let caller = std::thread::spawn(move || {
-        let echo = EchoClient::new(Connection::new(ours));
-        done_tx.send(echo.echo(7)).unwrap();
-        echo
-    });
-    let answered = done_rx.recv_timeout(Duration::from_secs(60));
-    std::io::Write::write_all(&mut &wake, b"x").unwrap();
-    drop(holder.join().unwrap());
-    match answered {
-        Ok(answer) => assert_eq!(answer.unwrap(), 7),
-        Err(RecvTimeoutError::Timeout) => {
-            panic!("the next call waited for the close of the refused fd (lock held 60 s)")
-        }
-        Err(RecvTimeoutError::Disconnected) => panic!("the caller panicked"),
-    }
-    drop(caller.join().unwrap());
-    server.join().unwrap();
 }
