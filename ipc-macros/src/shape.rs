@@ -233,11 +233,7 @@ fn field_form(attrs: &[Attribute]) -> syn::Result<FieldForm> {
     let (mut skipped, mut not_written, mut not_read) = (false, None, None);
     for attr in attrs.iter().filter(|a| a.path().is_ident("serde")) {
         attr.parse_nested_meta(|meta| {
-            let item = meta
-                .path
-                .get_ident()
-                .map(Ident::to_string)
-                .unwrap_or_default();
+            let item = item_name(&meta);
             let span = meta.path.span();
             match item.as_str() {
                 "skip" => {
@@ -299,6 +295,14 @@ fn field_form(attrs: &[Attribute]) -> syn::Result<FieldForm> {
     }
 }
 
+/// The name of a `#[serde(...)]` item (`skip`, `with`, ...), empty for a path of several.
+fn item_name(meta: &syn::meta::ParseNestedMeta<'_>) -> String {
+    meta.path
+        .get_ident()
+        .map(Ident::to_string)
+        .unwrap_or_default()
+}
+
 /// Calls `each` with every item of the `#[serde(...)]` attributes in `attrs` (its name and
 /// span), skipping values.
 fn serde_items(
@@ -307,11 +311,7 @@ fn serde_items(
 ) -> syn::Result<()> {
     for attr in attrs.iter().filter(|a| a.path().is_ident("serde")) {
         attr.parse_nested_meta(|meta| {
-            let item = meta
-                .path
-                .get_ident()
-                .map(Ident::to_string)
-                .unwrap_or_default();
+            let item = item_name(&meta);
             each(item, meta.path.span())?;
             skip_value(&meta)
         })?;
