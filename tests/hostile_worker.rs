@@ -2,8 +2,9 @@
 //! speaks the wire itself and sends the parent its own end of the connection (as a request
 //! to a parent that serves nothing, which keeps requests with their fds for a service that
 //! may come later). The child's death then closes nothing; a process it forked would do the
-//! same. The parent must still see it go once its `Worker` says it has gone: its next call
-//! fails with `Disconnected` at once, never waits for a reply from nobody.
+//! same. The parent must still see it go, whether its `Worker` says it has gone or nothing
+//! waits for it: its calls fail with `Disconnected` at once, never wait for a reply from
+//! nobody.
 
 mod common;
 
@@ -33,7 +34,8 @@ fn envelope(kind: u8, cookie: u64) -> Vec<u8> {
 
 /// The worker: sends its own end of the connection in a oneway (`ping` is no oneway, but a
 /// parent that serves nothing cannot tell), then answers the parent's first call; then, in
-/// mode `exit`, exits, and in mode `hold`, reads on and never answers, until killed.
+/// mode `exit`, exits, in mode `hold`, reads on and never answers, until killed, and in mode
+/// `die`, exits as soon as it has read the parent's next call.
 #[test]
 #[ignore = "run as a child process by other tests"]
 fn child_sends_its_own_socket() {
@@ -46,10 +48,15 @@ fn child_sends_its_own_socket() {
     let mut reply = envelope(3, cookie);
     reply.extend_from_slice(&2u64.to_le_bytes());
     socket.send(&reply, &[]).unwrap();
-    if std::env::var(MODE).unwrap() == "hold" {
-        loop {
+    match std::env::var(MODE).unwrap().as_str() {
+        "hold" => loop {
             let _ = socket.recv();
+        },
+        "die" => {
+            let _ = socket.recv();
+            std::process::exit(3);
         }
+        _ => {}
     }
 }
 
@@ -96,6 +103,17 @@ fn a_killed_worker_ends_its_connection_though_its_socket_lives_on() {
     assert_eq!(worker.wait().unwrap(), Exit::Signal(9));
 }
 
+#[test]
+fn a_worker_that_dies_unseen_ends_its_connection_though_its_socket_lives_on() {
+    // The `Worker` is kept, but nothing waits for it: its death alone must end the call.
+    let (_worker, connection) = Worker::spawn(worker("die")).unwrap();
+    let client = HostileClient::new(connection).with_timeout(GUARD);
+    assert_eq!(client.ping(1).unwrap(), 2);
+    // The worker reads this call and exits without answering it.
+    assert_gone(client.ping(2));
+    assert_gone(client.ping(3));
+}
+
 #[cfg(feature = "tokio")]
 mod asynchronous {
     #[typed_ipc::interface]
@@ -136,5 +154,18 @@ fn an_async_killed_worker_ends_its_connection_though_its_socket_lives_on() {
         assert_gone(client.ping(3).await);
         let exit = typed_ipc::tokio::worker::wait(&mut worker).await.unwrap();
         assert_eq!(exit, Exit::Signal(9));
+    });
+}
+
+/// [`a_worker_that_dies_unseen_ends_its_connection_though_its_socket_lives_on`], async.
+#[cfg(feature = "tokio")]
+#[test]
+fn an_async_worker_that_dies_unseen_ends_its_connection_though_its_socket_lives_on() {
+    common::current_thread_runtime().block_on(async {
+        let (_worker, connection) = typed_ipc::tokio::worker::spawn(worker("die")).unwrap();
+        let client = asynchronous::HostileClient::new(connection).with_timeout(GUARD);
+        assert_eq!(client.ping(1).await.unwrap(), 2);
+        assert_gone(client.ping(2).await);
+        assert_gone(client.ping(3).await);
     });
 }

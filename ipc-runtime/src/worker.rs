@@ -20,10 +20,11 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use nix::fcntl::{FcntlArg, FdFlag, fcntl};
-use nix::poll::{PollFd, PollFlags, poll};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{
     self as ns, AddressFamily, SockType, SockaddrLike, SockaddrStorage, sockopt,
 };
@@ -55,14 +56,17 @@ pub const ENV: &str = "TYPED_IPC_FD";
 /// started with [`exit_with_parent`].
 ///
 /// The connection [`Worker::spawn`] (or, async, `tokio::worker::spawn`) returned lives no
-/// longer than the child: once [`Worker::kill`] has signalled it, or [`Worker::wait`] or
-/// [`Worker::try_wait`] has seen it end (or found it reaped elsewhere), the connection ends
-/// as if the child had hung up: callers still waiting get [`Error::Disconnected`] at once,
-/// and requests the child sent before still run, in order. The child's death
-/// alone ends the connection only when the last copy of the child's end of the socket is
-/// closed, which a process the worker forked, or the worker's own end sent back over the
-/// connection, may prevent; the `Worker` does not wait for that. (A socket from
-/// [`Worker::spawn_socket`] is left to its owner.)
+/// longer than the child process: once the child exits, or [`Worker::kill`] has signalled
+/// it, the connection ends as if the child had hung up, even if the child's end of the socket
+/// lives on (in a process the worker forked, or sent back over the connection): callers still
+/// waiting get [`Error::Disconnected`] at once, and requests the child sent before still
+/// run, in order. A thread of this process, one per worker and asleep on the child's pidfd,
+/// sees the exit; it ends once the child has exited, and [`Worker::wait`] and the drop wait
+/// for it to let go of its copy of the pidfd, so counting fds after either finds none extra.
+/// On kernels without pidfds (Linux < 5.3) there is no such thread, and the death is seen
+/// only when the `Worker` is told ([`Worker::kill`], or [`Worker::wait`] and
+/// [`Worker::try_wait`] seeing it end or finding it reaped elsewhere) or the socket's last
+/// copy is closed. (A socket from [`Worker::spawn_socket`] is left to its owner.)
 #[derive(Debug)]
 pub struct Worker {
     child: Child,
@@ -71,15 +75,23 @@ pub struct Worker {
     exit: Option<Exit>,
     /// Closes the connection [`Worker::spawn`] returned, once the child is gone.
     closer: Option<Closer>,
+    /// The thread that closes it as soon as the child exits, until this has reaped it.
+    watch: Option<ExitWatch>,
 }
 
 /// Closes a connection to a worker once the worker is gone, without keeping it open
-/// meanwhile: it holds the connection weakly.
-pub(crate) struct Closer(Box<dyn Fn() + Send + Sync>);
+/// meanwhile: it holds the connection weakly. Closing twice is harmless, so the `Worker`
+/// and the watch on the child's exit each hold one.
+#[derive(Clone)]
+pub(crate) struct Closer(Arc<dyn Fn() + Send + Sync>);
 
 impl Closer {
     pub(crate) fn new(close: impl Fn() + Send + Sync + 'static) -> Closer {
-        Closer(Box::new(close))
+        Closer(Arc::new(close))
+    }
+
+    pub(crate) fn close(&self) {
+        (self.0)()
     }
 }
 
@@ -121,7 +133,8 @@ impl Worker {
     /// that.
     ///
     /// A program that cannot start fails with [`Error::Io`] of the OS error's kind
-    /// (`NotFound`, `PermissionDenied`, ...), whose message names the program.
+    /// (`NotFound`, `PermissionDenied`, ...), whose message names the program. So does one
+    /// whose exit cannot be watched (no thread could start): the child is killed then.
     pub fn spawn(command: Command) -> Result<(Worker, Connection)> {
         Worker::spawn_with_limits(command, Limits::default())
     }
@@ -134,20 +147,39 @@ impl Worker {
         socket.set_limits(limits);
         let connection = Connection::to(socket, Some(worker.id()));
         connection.write_into_peer(worker.memory());
-        worker.closes(connection.closer());
+        worker.closes(connection.closer())?;
         Ok((worker, connection))
     }
 
-    /// Closes the connection `closer` holds once the child is gone (see [`Worker`]).
-    pub(crate) fn closes(&mut self, closer: Closer) {
-        self.closer = Some(closer);
+    /// Closes the connection `closer` holds once the child is gone (see [`Worker`]): when
+    /// this sees it go, and, where the kernel has pidfds, as soon as it exits, which a
+    /// thread watches for. Fails if that thread cannot start (dropping the worker then
+    /// kills it).
+    pub(crate) fn closes(&mut self, closer: Closer) -> Result<()> {
+        self.closer = Some(closer.clone());
+        if let Some(pidfd) = &self.pidfd {
+            let watch = ExitWatch::start(pidfd.try_clone()?, closer)
+                .map_err(|e| cannot_watch(self.id(), e))?;
+            self.watch = Some(watch);
+        }
+        Ok(())
     }
 
     /// The child is gone, or as good as gone (killed): its connection ends, whoever else
     /// holds the socket's other end.
     fn gone(&mut self) {
-        if let Some(Closer(close)) = self.closer.take() {
-            close();
+        if let Some(closer) = self.closer.take() {
+            closer.close();
+        }
+    }
+
+    /// The child has ended and been reaped: its connection ends, and once this returns the
+    /// watch on its exit has closed its copy of the pidfd, so a process that counts its fds
+    /// after a `wait` or a drop finds none left over.
+    fn ended(&mut self) {
+        self.gone();
+        if let Some(watch) = self.watch.take() {
+            watch.finished();
         }
     }
 
@@ -196,6 +228,7 @@ impl Worker {
                 pidfd,
                 exit: None,
                 closer: None,
+                watch: None,
             },
             ours,
         ))
@@ -338,12 +371,12 @@ impl Worker {
             Ok(exit) => {
                 self.exit = exit;
                 if exit.is_some() {
-                    self.gone();
+                    self.ended();
                 }
                 Ok(exit)
             }
             Err(error) if error.raw_os_error() == Some(libc::ECHILD) => {
-                self.gone();
+                self.ended();
                 Err(self.reaped_elsewhere())
             }
             Err(error) => Err(error),
@@ -390,6 +423,73 @@ impl Drop for Worker {
             let _ = self.reap(true);
         }
     }
+}
+
+/// A thread that closes a worker's connection as soon as the worker exits, whoever else
+/// holds the socket's other end (a process the worker forked, say). A thread rather than a
+/// task of the async flavour's runtime, so that [`ExitWatch::finished`] can wait for it
+/// anywhere, inside a runtime too.
+#[derive(Debug)]
+struct ExitWatch {
+    /// Whether the thread is done: it has closed its pidfd and let go of the connection.
+    done: Arc<(Mutex<bool>, Condvar)>,
+    thread: std::thread::ThreadId,
+}
+
+impl ExitWatch {
+    /// Starts the thread, which waits for `pidfd` to become readable (its process has
+    /// exited), closes it, then has `closer` close the connection. A failed wait closes
+    /// nothing: the child's death is then seen through the socket, as without the watch.
+    fn start(pidfd: OwnedFd, closer: Closer) -> io::Result<ExitWatch> {
+        let done = Arc::new((Mutex::new(false), Condvar::new()));
+        let thread = std::thread::Builder::new()
+            .name("typed-ipc-worker".into())
+            .spawn({
+                let done = done.clone();
+                move || {
+                    let exited = loop {
+                        let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+                        match poll(&mut fds, PollTimeout::NONE) {
+                            Err(nix::Error::EINTR) => continue,
+                            polled => break polled.is_ok(),
+                        }
+                    };
+                    drop(pidfd);
+                    if exited {
+                        // It holds the connection for a moment: a caller that drops its own
+                        // handles after a `wait` would otherwise find the socket still open.
+                        closer.close();
+                    }
+                    *done.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
+                    done.1.notify_all();
+                }
+            })?;
+        let thread = thread.thread().id();
+        Ok(ExitWatch { done, thread })
+    }
+
+    /// Waits until the thread is done: at once, once the process has exited. On the thread
+    /// itself (the last handle of a connection it closed, dropped there, held the `Worker`),
+    /// returns at once: its pidfd is closed by then.
+    fn finished(self) {
+        if std::thread::current().id() == self.thread {
+            return;
+        }
+        let (done, changed) = &*self.done;
+        let mut done = done.lock().unwrap_or_else(|e| e.into_inner());
+        while !*done {
+            done = changed.wait(done).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// The error for a worker whose exit cannot be watched, which is not started.
+#[cold]
+fn cannot_watch(pid: u32, error: io::Error) -> Error {
+    Error::Io(io::Error::new(
+        error.kind(),
+        format!("cannot start a thread to watch worker {pid}'s exit: {error}"),
+    ))
 }
 
 /// A copy of `fd` numbered 3 or above: in a process that had closed a standard stream, the

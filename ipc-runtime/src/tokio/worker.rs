@@ -33,7 +33,7 @@ pub fn spawn_with_limits(command: Command, limits: Limits) -> Result<(Worker, As
     socket.set_limits(limits);
     let connection = AsyncConnection::to(socket, Some(worker.id()))?;
     connection.write_into_peer(worker.memory());
-    worker.closes(connection.closer());
+    worker.closes(connection.closer())?;
     Ok((worker, connection))
 }
 
