@@ -194,6 +194,17 @@ fn whose(by_peer: bool) -> &'static str {
 }
 
 impl Error {
+    /// This error, if it is the OS's, saying what failed on what (an errno names no path):
+    /// `connecting to /run/app.sock: No such file or directory (os error 2)`, of the same
+    /// kind. Other errors are left as they are.
+    #[cold]
+    pub(crate) fn doing(self, what: impl FnOnce() -> String) -> Error {
+        match self {
+            Error::Io(e) => Error::Io(io::Error::new(e.kind(), format!("{}: {e}", what()))),
+            other => other,
+        }
+    }
+
     /// Whether a send that failed with this error sent nothing: the message could not be
     /// encoded, or was refused before any of it went out.
     pub(crate) fn sent_nothing(&self) -> bool {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use nix::sys::socket::{self as ns, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
 
 use crate::error::Result;
-use crate::socket::Socket;
+use crate::socket::{Socket, abstract_name};
 
 /// A listening `SOCK_SEQPACKET` socket.
 ///
@@ -45,8 +45,18 @@ impl Listener {
     /// users widens the mode after binding
     /// (`fs::set_permissions(path, Permissions::from_mode(0o666))`) and decides by uid in
     /// `admit` (once per client, as it connects) or `authorize` (per call).
+    ///
+    /// An OS error is an [`Error::Io`](crate::Error::Io) of its kind whose message names
+    /// `path` (`binding /run/app.sock: Address already in use (os error 98)`, a live
+    /// listener there or a file that is not a socket); so are
+    /// [`Listener::bind_abstract`]'s, naming `@name`.
     pub fn bind(path: impl AsRef<Path>) -> Result<Listener> {
         let path = path.as_ref();
+        Listener::bind_path(path).map_err(|e| e.doing(|| format!("binding {}", path.display())))
+    }
+
+    /// [`Listener::bind`], with errors that name no path.
+    fn bind_path(path: &Path) -> Result<Listener> {
         // What drop removes: absolute, so that it still names the file once the process has
         // changed directory. Bound as given, which may be shorter than the kernel's limit
         // when the absolute path is not.
@@ -77,15 +87,19 @@ impl Listener {
     /// connect, so [`Server::admit`](crate::Server::admit) or an authorizer
     /// ([`Server::authorize`](crate::Server::authorize)) is what keeps other users out.
     pub fn bind_abstract(name: impl AsRef<[u8]>) -> Result<Listener> {
-        let fd = new_socket()?;
-        ns::bind(fd.as_raw_fd(), &UnixAddr::new_abstract(name.as_ref())?)?;
-        ns::listen(&fd, Backlog::MAXCONN)?;
-        let bound_by = std::process::id();
-        Ok(Listener {
-            fd,
-            path: None,
-            bound_by,
-        })
+        let name = name.as_ref();
+        let bind = || -> Result<Listener> {
+            let fd = new_socket()?;
+            ns::bind(fd.as_raw_fd(), &UnixAddr::new_abstract(name)?)?;
+            ns::listen(&fd, Backlog::MAXCONN)?;
+            let bound_by = std::process::id();
+            Ok(Listener {
+                fd,
+                path: None,
+                bound_by,
+            })
+        };
+        bind().map_err(|e| e.doing(|| format!("binding {}", abstract_name(name))))
     }
 
     /// Waits for the next connection.

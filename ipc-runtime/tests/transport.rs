@@ -435,6 +435,69 @@ fn peer_credentials_name_the_peer() {
     assert_eq!(c.uid, nix::unistd::getuid().as_raw());
 }
 
+/// What an error from binding or connecting says: the path or name (the kernel's errno names
+/// none) and the OS error, and it keeps the errno's kind.
+fn assert_names(error: Error, kind: std::io::ErrorKind, errno: i32, named: &str) {
+    let Error::Io(error) = error else {
+        panic!("{error:?}: not an Io error");
+    };
+    assert_eq!(error.kind(), kind, "{error}");
+    let message = error.to_string();
+    assert!(
+        message.contains(named),
+        "{message:?} does not name {named:?}"
+    );
+    let os_error = format!("(os error {errno})");
+    assert!(
+        message.ends_with(&os_error),
+        "{message:?} does not end {os_error:?}"
+    );
+}
+
+#[test]
+fn errors_binding_and_connecting_name_the_path() {
+    let _fds = fd_count_lock();
+    let dir = std::env::temp_dir().join(format!("typed-ipc-paths-{}", std::process::id()));
+    let missing = dir.join("no-such-dir/sock");
+    let name = missing.display().to_string();
+    let error = Socket::connect(&missing).unwrap_err();
+    assert_names(error, std::io::ErrorKind::NotFound, libc::ENOENT, &name);
+    let error = Socket::connect_timeout(&missing, Duration::from_secs(60)).unwrap_err();
+    assert_names(error, std::io::ErrorKind::NotFound, libc::ENOENT, &name);
+    let error = Listener::bind(&missing).unwrap_err();
+    assert_names(error, std::io::ErrorKind::NotFound, libc::ENOENT, &name);
+    // A regular file in the way.
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("file");
+    std::fs::write(&file, b"").unwrap();
+    let error = Listener::bind(&file).unwrap_err();
+    let name = file.display().to_string();
+    assert_names(
+        error,
+        std::io::ErrorKind::AddrInUse,
+        libc::EADDRINUSE,
+        &name,
+    );
+    let error = Socket::connect(&file).unwrap_err();
+    assert_names(
+        error,
+        std::io::ErrorKind::ConnectionRefused,
+        libc::ECONNREFUSED,
+        &name,
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    // Nothing listening on an abstract name: named as `@name`, as ss and netstat show it.
+    let abstract_name = format!("typed-ipc-nobody-{}", std::process::id());
+    let error = Socket::connect_abstract(&abstract_name).unwrap_err();
+    let shown = format!("@{abstract_name}");
+    assert_names(
+        error,
+        std::io::ErrorKind::ConnectionRefused,
+        libc::ECONNREFUSED,
+        &shown,
+    );
+}
+
 #[test]
 fn listeners_on_paths_and_abstract_names() {
     let _fds = fd_count_lock();

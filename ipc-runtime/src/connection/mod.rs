@@ -321,7 +321,8 @@ impl Connection {
 
     /// Connects to a [`Listener`](crate::Listener) bound to `path`.
     ///
-    /// The errors are the kernel's, as [`Error::Io`] with their errno (which name no path):
+    /// The errors are the kernel's, as [`Error::Io`] of the errno's kind, whose message names
+    /// `path` (`connecting to /run/app.sock: No such file or directory (os error 2)`):
     /// `NotFound` (`ENOENT`), nothing at `path`; `ConnectionRefused` (`ECONNREFUSED`), a
     /// socket file nothing listens on, left by a listener that died (the next
     /// [`Listener::bind`](crate::Listener::bind) of it replaces it); `PermissionDenied`

@@ -95,27 +95,44 @@ impl Socket {
 
     /// Connects to a [`Listener`](crate::Listener) bound to a filesystem path. Waits, for
     /// good, while the listener's queue of clients not yet accepted is full (a listener that
-    /// stopped accepting): see [`Socket::connect_timeout`].
+    /// stopped accepting): see [`Socket::connect_timeout`]. An OS error names `path`, as
+    /// [`Connection::connect`](crate::Connection::connect)'s do.
     pub fn connect(path: impl AsRef<Path>) -> Result<Socket> {
-        Socket::connect_addr(&UnixAddr::new(path.as_ref())?, None)
+        Socket::connect_path(path.as_ref(), None)
     }
 
     /// [`Socket::connect`], waiting at most `timeout` while the listener's queue is full,
     /// then failing with [`Error::TimedOut`].
     pub fn connect_timeout(path: impl AsRef<Path>, timeout: Duration) -> Result<Socket> {
-        Socket::connect_addr(&UnixAddr::new(path.as_ref())?, Some(timeout))
+        Socket::connect_path(path.as_ref(), Some(timeout))
     }
 
     /// Connects to a [`Listener`](crate::Listener) bound to a Linux abstract name, waiting
     /// as [`Socket::connect`] does.
     pub fn connect_abstract(name: impl AsRef<[u8]>) -> Result<Socket> {
-        Socket::connect_addr(&UnixAddr::new_abstract(name.as_ref())?, None)
+        Socket::connect_abstract_name(name.as_ref(), None)
     }
 
     /// [`Socket::connect_abstract`], waiting at most `timeout` as
     /// [`Socket::connect_timeout`] does.
     pub fn connect_abstract_timeout(name: impl AsRef<[u8]>, timeout: Duration) -> Result<Socket> {
-        Socket::connect_addr(&UnixAddr::new_abstract(name.as_ref())?, Some(timeout))
+        Socket::connect_abstract_name(name.as_ref(), Some(timeout))
+    }
+
+    /// Connects to `path`; an OS error names it.
+    fn connect_path(path: &Path, timeout: Option<Duration>) -> Result<Socket> {
+        UnixAddr::new(path)
+            .map_err(Error::from)
+            .and_then(|addr| Socket::connect_addr(&addr, timeout))
+            .map_err(|e| e.doing(|| format!("connecting to {}", path.display())))
+    }
+
+    /// Connects to the abstract `name`; an OS error names it.
+    fn connect_abstract_name(name: &[u8], timeout: Option<Duration>) -> Result<Socket> {
+        UnixAddr::new_abstract(name)
+            .map_err(Error::from)
+            .and_then(|addr| Socket::connect_addr(&addr, timeout))
+            .map_err(|e| e.doing(|| format!("connecting to {}", abstract_name(name))))
     }
 
     fn connect_addr(addr: &UnixAddr, timeout: Option<Duration>) -> Result<Socket> {
@@ -367,4 +384,10 @@ impl From<Socket> for OwnedFd {
     fn from(s: Socket) -> OwnedFd {
         s.fd
     }
+}
+
+/// An abstract socket name as `ss` and `netstat` show it: `@name`, with bytes that are not
+/// printable ASCII escaped.
+pub(crate) fn abstract_name(name: &[u8]) -> String {
+    format!("@{}", name.escape_ascii())
 }
