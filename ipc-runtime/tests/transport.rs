@@ -950,6 +950,42 @@ fn a_refused_message_arriving_in_parts_is_reported_once_its_last_part_is_in() {
     assert_eq!(b.recv().unwrap().payload, b"next");
 }
 
+#[test]
+fn a_refused_message_whose_part_carries_fds_it_did_not_announce_is_malformed() {
+    let _fds = fd_count_lock();
+    let (a, mut b) = Socket::pair().unwrap();
+    b.set_limits(Limits {
+        max_message_len: 100,
+        ..Default::default()
+    });
+    let before = open_fds();
+    let first = Header {
+        kind: Kind::First,
+        fds: 0,
+        total_len: 200,
+        total_fds: 1,
+    };
+    raw_send(&a, &first.encode(), &[]);
+    let more = Header {
+        kind: Kind::More,
+        ..first
+    };
+    // Says it carries none of the message's fds, and carries two, one more than it has.
+    let extra = fds(2);
+    let raw: Vec<_> = extra.iter().map(|f| f.as_raw_fd()).collect();
+    raw_send_fds(&a, &more.encode(), &pattern(200), &raw);
+    drop(extra);
+    match b.recv() {
+        Err(Error::Malformed(why)) => assert!(why.contains("announces 0 fds, 2 arrived"), "{why}"),
+        other => panic!("expected Malformed, got {other:?}"),
+    }
+    assert_eq!(
+        open_fds(),
+        before,
+        "the fds that came with the refused part are closed"
+    );
+}
+
 /// Whether thread `tid` of this process is inside the system call `nr`.
 fn in_syscall(tid: libc::pid_t, nr: libc::c_long) -> bool {
     let path = format!("/proc/self/task/{tid}/syscall");
