@@ -729,7 +729,7 @@ fn a_dropped_async_serving_refuses_clients_at_once() {
     let queued = typed_ipc::Socket::connect_abstract(&name).unwrap();
     drop(serving);
     match typed_ipc::Socket::connect_abstract(&name) {
-        Err(Error::Io(e)) => assert_eq!(e.raw_os_error(), Some(libc::ECONNREFUSED), "{e}"),
+        Err(Error::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}"),
         other => panic!("a client connected to a dropped server: {other:?}"),
     }
     let got = queued.recv_timeout(HANG_GUARD);
@@ -791,7 +791,7 @@ fn an_async_serving_that_outlived_its_runtime_refuses_clients_and_frees_its_name
     drop(rt);
     assert!(serving.accepting().is_err(), "the acceptor has ended");
     match typed_ipc::Socket::connect_abstract(&name) {
-        Err(Error::Io(e)) => assert_eq!(e.raw_os_error(), Some(libc::ECONNREFUSED), "{e}"),
+        Err(Error::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}"),
         other => panic!("a client connected to a server whose runtime is gone: {other:?}"),
     }
     drop(typed_ipc::Listener::bind_abstract(&name).expect("the name is free again"));

@@ -132,7 +132,9 @@ pub enum Error {
     /// An operating-system error, with its errno; or a local failure that has none, only a
     /// kind and a message (`raw_os_error()` is `None`): a process not started as a worker, a
     /// worker reaped elsewhere, an fd refused as a socket or a sealed buffer, the async
-    /// flavour used outside a tokio runtime, a listener that serves an interface twice.
+    /// flavour used outside a tokio runtime, a listener that serves an interface twice. An
+    /// OS error from binding or connecting is worded with the path or name it was about and
+    /// keeps the errno's kind (`ConnectionRefused`, `NotFound`), not the errno itself.
     Io(io::Error),
 }
 
