@@ -346,6 +346,49 @@ fn a_call_that_timed_out_is_said_to_have_given_up_async() {
     );
 }
 
+/// An async call given up while its 16 MiB argument was part-way out: the rest goes out in
+/// the background and the peer runs the call, so the trace must show it as sent.
+#[cfg(feature = "tokio")]
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_call_cut_off_async() {
+    let (ours, theirs) = typed_ipc::Socket::pair().unwrap();
+    common::current_thread_runtime().block_on(async {
+        let conn = typed_ipc::tokio::AsyncConnection::new(ours).unwrap();
+        let client = asynchronous::LabClient::new(conn.clone());
+        // The peer reads nothing yet and never said it reads the lane: the argument goes
+        // inline, more than the socket holds. A zero timeout polls the call once: it sends
+        // what fits, and is dropped part-way.
+        let call = client.echo(vec![7; 16 << 20]);
+        let cut_off = tokio::time::timeout(std::time::Duration::ZERO, call).await;
+        assert!(cut_off.is_err(), "{cut_off:?}");
+        let peer = std::thread::spawn(move || theirs.recv().map(|frame| frame.payload.len()));
+        let received = tokio::task::spawn_blocking(move || peer.join().unwrap()).await;
+        assert!(
+            received.unwrap().unwrap() > 16 << 20,
+            "the whole call arrived"
+        );
+        drop(client);
+        drop(conn);
+    });
+}
+
+/// A call cut off part-way was sent all the same, by the connection: the trace says so.
+#[cfg(feature = "tokio")]
+#[test]
+fn a_call_cut_off_part_way_is_printed_as_sent_async() {
+    let stderr = traced_stderr("child_call_cut_off_async");
+    let sent = stderr.lines().any(|l| l.contains("-> Call #1 Lab::echo("));
+    assert!(
+        sent,
+        "the call the peer received is not printed as sent:\n{stderr}"
+    );
+    check_gave_up(
+        "child_call_cut_off_async",
+        "timed out, or its future was dropped",
+    );
+}
+
 fn check_gave_up(scenario: &str, why: &str) {
     let stderr = traced_stderr(scenario);
     let cookie = stderr

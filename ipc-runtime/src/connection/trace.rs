@@ -334,6 +334,29 @@ fn reply_line(name: &Name, cookie: u64, value: &str) {
     line(&format!("{name} -> Reply #{cookie} {value}"));
 }
 
+/// A message whose sender gave up with it part-way out (a dropped future, or a timeout):
+/// `outgoing`'s line, since the rest goes out from a task and the peer gets it whole, and
+/// then why the caller heard otherwise.
+#[cold]
+#[inline(never)]
+pub(crate) fn finished_in_background(
+    name: &Name,
+    envelope: &Envelope,
+    iface: &InterfaceInfo,
+    args: &str,
+) {
+    outgoing_line(name, envelope, iface, args);
+    let why = "timed out, or its future was dropped";
+    match envelope.kind {
+        envelope::Kind::Call => gave_up(name, envelope.cookie, why),
+        kind => line(&format!(
+            "{name} -- {kind:?}{} went out in the background: its sender gave up part-way \
+             ({why})",
+            cookie(envelope)
+        )),
+    }
+}
+
 /// This process stopped waiting for the reply to its call `cookie`, `why` (timed out, or
 /// cancelled): the reply, if it comes, is dropped unprinted but for its `<-` line.
 #[cold]

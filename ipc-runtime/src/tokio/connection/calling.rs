@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use super::sending::TracedSend;
 use super::{AsyncConnection, Inner};
 use crate::connection::decode_reply;
 use crate::connection::trace;
@@ -49,13 +50,16 @@ impl AsyncConnection {
             interface: iface.id,
             signature: iface.signature,
         };
-        let traced = trace::described(inner.trace, &args);
+        let traced = trace::described(inner.trace, &args)
+            .map(|args| TracedSend::new(inner.name, envelope, iface, args));
         let placed = match inner.send(envelope, args).await {
             Ok(placed) => placed,
             // Boxed, as the path is rare (see `serving::handle_request`).
             Err(e) => return Err(Box::pin(inner.why_unsent(e)).await),
         };
-        trace::outgoing(&inner.name, &envelope, iface, traced.as_deref());
+        if let Some(traced) = traced {
+            traced.sent();
+        }
         waiting.sent = true;
         let received = poll_fn(|cx| inner.lock().pending.poll_take(cookie, cx)).await;
         std::mem::forget(waiting); // the slot is gone with the reply

@@ -44,6 +44,7 @@ use crate::frame::Frame;
 use crate::service::InterfaceInfo;
 use crate::socket::{PeerCredentials, Socket};
 use reader::{ReaderEnding, read_loop};
+use sending::TracedSend;
 
 /// A connection to a peer process on a tokio runtime: the async flavour of
 /// [`Connection`](crate::Connection), speaking the same protocol.
@@ -606,7 +607,8 @@ impl AsyncConnection {
             interface: iface.id,
             signature: iface.signature,
         };
-        let traced = trace::described(self.inner.trace, &args);
+        let traced = trace::described(self.inner.trace, &args)
+            .map(|args| TracedSend::new(self.inner.name, envelope, iface, args));
         let send = async {
             match self.inner.send(envelope, args).await {
                 Err(e) => Err(Box::pin(self.inner.why_unsent(e)).await),
@@ -619,7 +621,9 @@ impl AsyncConnection {
                 .await
                 .unwrap_or(Err(Error::TimedOut))?,
         };
-        trace::outgoing(&self.inner.name, &envelope, iface, traced.as_deref());
+        if let Some(traced) = traced {
+            traced.sent();
+        }
         Ok(())
     }
 }

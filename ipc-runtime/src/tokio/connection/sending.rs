@@ -3,6 +3,7 @@
 //! so the peer never holds a fragment. Apart because it is the only code that sends on the
 //! socket.
 
+use std::cell::Cell;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::pin::pin;
@@ -23,9 +24,67 @@ use serde::Serialize;
 use super::{Inner, Registered, TaskGuard};
 use crate::connection::buffers::with_buffers;
 use crate::connection::lane::Lane;
+use crate::connection::trace::{self, Name};
 use crate::error::{Error, Result};
+use crate::service::InterfaceInfo;
 use crate::socket::{RETRY_SEND, SendCursor, Socket};
 use crate::tokio::envelope::{self, Envelope};
+
+thread_local! {
+    /// A send dropped part-way handed its rest to a task (`Outgoing::finish`, tracing on):
+    /// for the [`TracedSend`] dropped next on this thread, in the same future as that send.
+    static HANDED_OVER: Cell<bool> = const { Cell::new(false) };
+}
+
+/// A call's or oneway's traced line (tracing on) while its message is being sent. Printed
+/// by the caller once the send returns, or, if the future is dropped with the message
+/// part-way out, here: the rest goes out from a task and the peer gets the message, so the
+/// trace must show it sent. Declared before the send's future, so dropped after it, once
+/// `Outgoing::finish` has said whether it handed the rest over.
+pub(in crate::tokio) struct TracedSend {
+    name: Name,
+    envelope: Envelope,
+    iface: &'static InterfaceInfo,
+    /// The arguments as described, until the line is printed or given up.
+    args: Option<String>,
+}
+
+impl TracedSend {
+    #[cold]
+    #[inline(never)]
+    pub(in crate::tokio) fn new(
+        name: Name,
+        envelope: Envelope,
+        iface: &'static InterfaceInfo,
+        args: String,
+    ) -> Box<TracedSend> {
+        HANDED_OVER.set(false);
+        // Boxed: the future of every call and oneway holds it, traced or not, and an
+        // `Option<Box<_>>` is one word.
+        Box::new(TracedSend {
+            name,
+            envelope,
+            iface,
+            args: Some(args),
+        })
+    }
+
+    /// The message went out: prints its line.
+    pub(in crate::tokio) fn sent(mut self: Box<Self>) {
+        let args = self.args.take();
+        trace::outgoing(&self.name, &self.envelope, self.iface, args.as_deref());
+    }
+}
+
+impl Drop for TracedSend {
+    fn drop(&mut self) {
+        if let Some(args) = self.args.take()
+            && HANDED_OVER.replace(false)
+        {
+            trace::finished_in_background(&self.name, &self.envelope, self.iface, &args);
+        }
+    }
+}
 
 impl Inner {
     /// Encodes envelope + body and sends them as one message. `body` is taken by value so
@@ -434,6 +493,9 @@ impl Outgoing<'_, '_> {
             finished: false,
             _task: self.inner.tasks.enter(),
         };
+        if self.inner.trace {
+            HANDED_OVER.set(true);
+        }
         self.inner.runtime.spawn(async move {
             let mut rest = rest;
             let fds: Vec<BorrowedFd<'_>> = rest.fds.iter().map(|fd| fd.as_fd()).collect();
