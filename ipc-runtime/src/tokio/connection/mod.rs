@@ -52,7 +52,9 @@ use sending::TracedSend;
 /// Cloning is cheap and clones share the connection. It has tasks of its own on the runtime
 /// it was created in (see the [module docs](super)): calls and served interfaces work as long
 /// as that runtime runs. When the last clone is dropped the connection shuts down: the peer
-/// sees a hang-up and the tasks end.
+/// sees a hang-up and the tasks end. A clone that a served implementation holds counts too
+/// (a client of the peer, to call it back from a handler): the connection then stays up
+/// after this end's other handles are gone, so hang up with [`AsyncConnection::close`].
 #[derive(Clone)]
 pub struct AsyncConnection {
     inner: Arc<Inner>,
@@ -452,6 +454,10 @@ impl AsyncConnection {
     /// [`AsyncServer::service_with`](super::AsyncServer::service_with) calling its client).
     /// On one that serves nothing yet, the read side is shut at once, and the requests held
     /// or still in the socket run if a service comes (their calls back fail).
+    ///
+    /// So a handler in flight whose call into the peer makes the peer call this end again
+    /// (callbacks nested two deep) waits until the connection ends: that request is dropped
+    /// and its caller, the peer's handler, is told only then. Give such calls a timeout.
     pub fn stop_reading(&self) {
         self.inner.ended_here(trace::EndedHere::StoppedReading);
         // Requests held for a server that has not come would never finish: nothing to wait
@@ -476,6 +482,11 @@ impl AsyncConnection {
     /// refused as not served ([`Error::NotServed`]) if it came
     /// before it; [`AsyncServer::serve`](super::AsyncServer::serve) adds all of its services
     /// at once.
+    ///
+    /// The connection holds `service` until it has ended. A service that holds a clone of
+    /// this connection (a generated client of the peer's interface) keeps it up: dropping
+    /// every other handle then hangs up nothing, and a worker serving the other end never
+    /// sees the hang-up. End such a connection with [`AsyncConnection::close`].
     pub fn add_service(&self, service: impl AsyncService) {
         self.add_services(vec![Arc::new(service)]);
     }
