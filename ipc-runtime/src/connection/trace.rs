@@ -337,6 +337,7 @@ fn reply_line(name: &Name, cookie: u64, value: &str) {
 /// A message whose sender gave up with it part-way out (a dropped future, or a timeout):
 /// `outgoing`'s line, since the rest goes out from a task and the peer gets it whole, and
 /// then why the caller heard otherwise.
+#[cfg(feature = "tokio")]
 #[cold]
 #[inline(never)]
 pub(crate) fn finished_in_background(
