@@ -57,7 +57,7 @@ impl AsyncConnection {
             // Boxed, as the path is rare (see `serving::handle_request`).
             Err(e) => return Err(Box::pin(inner.why_unsent(e)).await),
         };
-        if let Some(traced) = traced {
+        if let Some(mut traced) = traced {
             traced.sent();
         }
         waiting.sent = true;

@@ -632,7 +632,7 @@ impl AsyncConnection {
                 .await
                 .unwrap_or(Err(Error::TimedOut))?,
         };
-        if let Some(traced) = traced {
+        if let Some(mut traced) = traced {
             traced.sent();
         }
         Ok(())

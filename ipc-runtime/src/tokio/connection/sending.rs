@@ -70,7 +70,7 @@ impl TracedSend {
     }
 
     /// The message went out: prints its line.
-    pub(in crate::tokio) fn sent(mut self: Box<Self>) {
+    pub(in crate::tokio) fn sent(&mut self) {
         let args = self.args.take();
         trace::outgoing(&self.name, &self.envelope, self.iface, args.as_deref());
     }
