@@ -418,6 +418,8 @@ mod asynchronous {
         async fn echo(&self, data: Vec<u8>) -> Vec<u8>;
         /// `len` bytes.
         async fn make(&self, len: u64) -> Vec<u8>;
+        /// How many bytes `data` has, and whether each is `byte`.
+        async fn check(&self, data: Vec<u8>, byte: u8) -> (u64, bool);
     }
 
     struct StringsImpl;
@@ -429,6 +431,32 @@ mod asynchronous {
         async fn make(&self, len: u64) -> Vec<u8> {
             vec![9; len as usize]
         }
+        async fn check(&self, data: Vec<u8>, byte: u8) -> (u64, bool) {
+            super::checked(&data, byte)
+        }
+    }
+
+    /// [`super::a_side_may_send_more_than_it_accepts`], async.
+    #[test]
+    fn a_side_may_send_more_than_it_accepts() {
+        let _fds = fd_count_lock();
+        let before = open_fds();
+        runtime().block_on(async {
+            for lend in [false, true] {
+                let (client, server) = super::sends_more_than_it_accepts();
+                let (strings, served) = strings_between(client, server, lend);
+                for (i, &len) in super::SENT_SIZES.iter().enumerate() {
+                    let byte = i as u8 + 1;
+                    let got = strings.check(vec![byte; len], byte).await.unwrap();
+                    assert_eq!(got, (len as u64, true), "{len} bytes, lend {lend}");
+                }
+                let unsent = strings.check(vec![1; super::SENT_MAX + 1], 1).await;
+                super::assert_over(unsent, super::SENT_MAX, "unsent");
+                super::assert_over(strings.make(8 << 10).await, 4096, "the reply");
+                finish(strings, served).await;
+            }
+        });
+        assert_eq!(open_fds(), before, "no fd left open");
     }
 
     /// A client and a server of [`Strings`] (a task) whose sockets have these limits; the
@@ -552,6 +580,8 @@ pub trait Strings {
     fn echo(&self, data: Vec<u8>) -> Vec<u8>;
     /// `len` bytes.
     fn make(&self, len: u64) -> Vec<u8>;
+    /// How many bytes `data` has, and whether each is `byte`.
+    fn check(&self, data: Vec<u8>, byte: u8) -> (u64, bool);
 }
 
 struct StringsImpl;
@@ -562,6 +592,66 @@ impl Strings for StringsImpl {
     }
     fn make(&self, len: u64) -> Vec<u8> {
         vec![9; len as usize]
+    }
+    fn check(&self, data: Vec<u8>, byte: u8) -> (u64, bool) {
+        checked(&data, byte)
+    }
+}
+
+/// What [`Strings::check`] answers.
+fn checked(data: &[u8], byte: u8) -> (u64, bool) {
+    (data.len() as u64, data.iter().all(|&b| b == byte))
+}
+
+/// The most [`sends_more_than_it_accepts`] lets its client send.
+const SENT_MAX: usize = 4 << 20;
+
+/// Strings of every way out of a client that accepts 4 KiB and sends up to [`SENT_MAX`]:
+/// inline, through its region or pipe (1 KiB up), and over several datagrams.
+const SENT_SIZES: [usize; 4] = [3000, 200 << 10, 1 << 20, SENT_MAX - 13];
+
+/// Limits for a client that accepts at most 4 KiB from its server but sends it up to
+/// [`SENT_MAX`], and for a server that accepts anything.
+fn sends_more_than_it_accepts() -> (Limits, Limits) {
+    let client = Limits {
+        max_message_len: 4096,
+        max_send_len: Some(SENT_MAX),
+        ..Limits::default()
+    };
+    (client, Limits::default())
+}
+
+/// Fails unless `got` is `TooLarge` over this side's `limit` (whatever the message's size, which
+/// counts its envelope).
+fn assert_over<T: std::fmt::Debug>(got: Result<T, Error>, limit: usize, context: &str) {
+    match got {
+        Err(Error::TooLarge {
+            limit: l,
+            by_peer: false,
+            ..
+        }) if l == limit as u64 => {}
+        other => panic!("{context}: expected TooLarge over this side's {limit}, got {other:?}"),
+    }
+}
+
+/// A host that takes little back from a worker it does not trust may still send it large
+/// requests (`Limits::max_send_len`): they cross, whichever way they go out; one over what it
+/// sends is refused unsent, and a reply over what it accepts fails that call only.
+#[test]
+fn a_side_may_send_more_than_it_accepts() {
+    let _fds = fd_count_lock();
+    for lend in [false, true] {
+        let (client, server) = sends_more_than_it_accepts();
+        let (strings, server) = strings_between(client, server, lend);
+        for (i, &len) in SENT_SIZES.iter().enumerate() {
+            let byte = i as u8 + 1;
+            let got = strings.check(vec![byte; len], byte).unwrap();
+            assert_eq!(got, (len as u64, true), "{len} bytes, lend {lend}");
+        }
+        assert_over(strings.check(vec![1; SENT_MAX + 1], 1), SENT_MAX, "unsent");
+        assert_over(strings.make(8 << 10), 4096, "the reply");
+        drop(strings);
+        server.join().unwrap().unwrap();
     }
 }
 

@@ -44,9 +44,9 @@ impl Frame {
 /// and reported as [`Error::TooLarge`](crate::Error::TooLarge) or
 /// [`Error::TooManyFds`](crate::Error::TooManyFds).
 ///
-/// A sender holds itself to its own `max_message_len` and `max_fds` too: a message over them
-/// is refused before any of it goes out, with the same errors, since a peer with the same
-/// limits would refuse it.
+/// A sender holds itself to its own `max_message_len` (or `max_send_len`, if set) and
+/// `max_fds` too: a message over them is refused before any of it goes out, with the same
+/// errors, since a peer with the same limits would refuse it.
 /// On a connection, a request this side refuses fails its caller with the same errors,
 /// `by_peer` (the method does not run); a byte string that came through shared memory or a
 /// pipe counts against `max_message_len` on its own, as it would inline.
@@ -78,6 +78,22 @@ pub struct Limits {
     /// 1 GiB (their `DEFAULT_MAX_LEN`). Checked on receipt only: this side sends larger ones,
     /// and the peer's own limit decides.
     pub max_shared_len: usize,
+    /// Largest payload this side sends, in bytes, counted as `max_message_len` counts it: a
+    /// message over it is refused before any of it goes out. `None` (the default):
+    /// `max_message_len`, what a peer with this side's limits accepts. Set it where the peer
+    /// accepts more than this side does: a host that takes at most 1 MiB back from a worker
+    /// it does not trust, and sends it 8 MiB images, sets `max_message_len: 1 << 20` and
+    /// `max_send_len: Some(8 << 20)`. The peer's own limits still decide what it accepts.
+    /// At most `u32::MAX`, as `max_message_len`.
+    pub max_send_len: Option<usize>,
+}
+
+impl Limits {
+    /// The largest payload this side sends: [`Limits::max_send_len`], or `max_message_len`
+    /// if that is `None`.
+    pub fn send_len(&self) -> usize {
+        self.max_send_len.unwrap_or(self.max_message_len)
+    }
 }
 
 impl Default for Limits {
@@ -86,6 +102,7 @@ impl Default for Limits {
             max_message_len: 1 << 30,
             max_fds: 1024,
             max_shared_len: 1 << 30,
+            max_send_len: None,
         }
     }
 }

@@ -205,8 +205,9 @@ impl Socket {
         })
     }
 
-    /// Sets what this side accepts from the peer, which is also the most it sends: a message
-    /// over these limits is refused before any of it goes out (see [`Socket::send`]). Not
+    /// Sets what this side accepts from the peer, which is also the most it sends unless
+    /// [`Limits::max_send_len`] says otherwise: a message over these limits is refused before
+    /// any of it goes out (see [`Socket::send`]). Not
     /// `max_shared_len`, which only a connection made over this socket afterwards checks,
     /// on receipt (see [`Limits`]).
     pub fn set_limits(&mut self, limits: Limits) {
@@ -214,7 +215,7 @@ impl Socket {
         (self.whole_len, self.whole_fds) = whole_sizes(self.chunk, limits);
     }
 
-    /// What this side accepts from the peer (and the most it sends).
+    /// What this side accepts from the peer (and the most it sends: [`Limits::send_len`]).
     pub fn limits(&self) -> Limits {
         self.limits
     }
@@ -352,17 +353,17 @@ fn stop_adding_control_messages(fd: &OwnedFd) {
 
 /// The most payload bytes and fds of a message that fits one datagram and `limits`.
 fn whole_sizes(chunk: usize, limits: Limits) -> (usize, usize) {
-    let len = FIRST_MAX.min(chunk).min(limits.max_message_len);
+    let len = FIRST_MAX.min(chunk).min(limits.send_len());
     (len, FDS_PER_DATAGRAM.min(limits.max_fds))
 }
 
 /// Why a message of `len` bytes and `fds` fds is over `limits` (its size first).
 #[cold]
 fn over_limits(len: usize, fds: usize, limits: Limits) -> Error {
-    if len > limits.max_message_len {
+    if len > limits.send_len() {
         Error::TooLarge {
             size: len as u64,
-            limit: limits.max_message_len as u64,
+            limit: limits.send_len() as u64,
             by_peer: false,
         }
     } else {

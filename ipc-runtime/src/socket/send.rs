@@ -251,7 +251,7 @@ impl Socket {
     /// [`Limits`]: crate::Limits
     #[inline]
     pub(crate) fn check_outgoing(&self, len: usize, fds: usize) -> Result<()> {
-        if len > self.limits.max_message_len || fds > self.limits.max_fds {
+        if len > self.limits.send_len() || fds > self.limits.max_fds {
             return Err(over_limits(len, fds, self.limits));
         }
         Ok(())

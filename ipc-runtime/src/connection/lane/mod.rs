@@ -198,6 +198,9 @@ pub(crate) struct Lane {
     /// every later string with it. Regions of up to [`MAX`] are accepted; only the bytes of
     /// a string (at most `max_len`) are ever read from one.
     max_len: usize,
+    /// Largest string this end sends out of line (`Limits::send_len`); one over it goes
+    /// inline, where the socket refuses its message unsent (`TooLarge`).
+    max_send_len: usize,
     /// Largest sealed buffer or region view a decode on this connection accepts
     /// (`Limits::max_shared_len`): the codec asks the store it decodes with
     /// ([`OutOfLine::max_shared_len`](crate::codec::OutOfLine::max_shared_len)).
@@ -239,6 +242,7 @@ impl Lane {
             consumed: AtomicU64::new(if max_fds > 0 { READS_LANES.into() } else { 0 }),
             taken: [const { AtomicU64::new(0) }; TAKEN_WORDS],
             max_len: max_len.min(MAX),
+            max_send_len: max_len.min(MAX),
             sends_fds: max_fds > 0,
             sending: AtomicU32::new(0),
             inbox: Mutex::new(None),
@@ -252,6 +256,15 @@ impl Lane {
     pub(crate) fn with_max_shared_len(self, max_shared_len: usize) -> Lane {
         Lane {
             max_shared_len,
+            ..self
+        }
+    }
+
+    /// This lane, sending strings of at most `max_send_len` bytes out of line rather than the
+    /// `max_len` it accepts ([`Limits::send_len`](crate::Limits::send_len)).
+    pub(crate) fn with_max_send_len(self, max_send_len: usize) -> Lane {
+        Lane {
+            max_send_len: max_send_len.min(MAX),
             ..self
         }
     }

@@ -22,7 +22,7 @@ impl OutOfLine for Lane {
         // Over this side's limits, the string goes inline and the socket refuses the message
         // unsent (`TooLarge`), as it refuses any message over them.
         if !pipes(len)
-            || len > self.max_len
+            || len > self.max_send_len
             || !self.sends_fds
             || !self.lends(Ordering::Relaxed)
             || !self.peer_takes_pipes()
@@ -100,9 +100,9 @@ impl OutOfLine for Lane {
 
     fn put(&self, bytes: &[u8]) -> Option<Placement> {
         let len = bytes.len();
-        // Not over this side's limits (`max_len`, at most `MAX`): such a string goes inline,
-        // and the socket refuses the message unsent (`TooLarge`), as any message over them.
-        if !(MIN..=self.max_len).contains(&len) || self.busy.load(Ordering::Acquire) != 0 {
+        // Not over this side's limits (`max_send_len`, at most `MAX`): such a string goes
+        // inline, and the socket refuses the message unsent (`TooLarge`), as any over them.
+        if !(MIN..=self.max_send_len).contains(&len) || self.busy.load(Ordering::Acquire) != 0 {
             return None;
         }
         // A peer that does not read lanes takes no fd: no region, but it may still take a

@@ -239,7 +239,8 @@ impl AsyncConnection {
         let peer = io.get_ref().0.peer_credentials().ok();
         let limits = io.get_ref().0.limits();
         let lane = Lane::new(limits.max_message_len, limits.max_fds)
-            .with_max_shared_len(limits.max_shared_len);
+            .with_max_shared_len(limits.max_shared_len)
+            .with_max_send_len(limits.send_len());
         let tasks = Arc::new(Tasks::default());
         let reader = tasks.enter();
         let inner = Arc::new(Inner {
