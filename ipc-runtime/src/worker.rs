@@ -79,6 +79,32 @@ pub struct Worker {
     watch: Option<ExitWatch>,
 }
 
+/// Kills a worker through its pidfd: [`Worker::killer`]. Clones kill the same worker. Each
+/// holds a copy of the pidfd (one fd, shared by its clones) until the last is dropped.
+#[derive(Clone, Debug)]
+pub struct Killer {
+    pidfd: Arc<OwnedFd>,
+    /// Ends the worker's connection, as [`Worker::kill`] does.
+    closer: Option<Closer>,
+}
+
+impl Killer {
+    /// Sends `SIGKILL` to the worker and ends its connection at once, as [`Worker::kill`]
+    /// does: callers still waiting get [`Error::Disconnected`]. Harmless once the worker has
+    /// ended, even reaped: its pidfd reaches no other process. The `Worker` still reaps it
+    /// ([`Worker::wait`], or its drop).
+    pub fn kill(&self) -> Result<()> {
+        match pidfd_kill(self.pidfd.as_fd()) {
+            Err(error) if error.raw_os_error() != Some(libc::ESRCH) => return Err(error.into()),
+            _ => {}
+        }
+        if let Some(closer) = &self.closer {
+            closer.close();
+        }
+        Ok(())
+    }
+}
+
 /// Closes a connection to a worker once the worker is gone, without keeping it open
 /// meanwhile: it holds the connection weakly. Closing twice is harmless, so the `Worker`
 /// and the watch on the child's exit each hold one.
@@ -257,6 +283,23 @@ impl Worker {
     /// The child's standard error, as [`Worker::take_stdout`] its standard output.
     pub fn take_stderr(&mut self) -> Option<ChildStderr> {
         self.child.stderr.take()
+    }
+
+    /// A handle that kills the child from anywhere, for a watchdog that does not own this
+    /// `Worker` (another thread or task waits for the child's end with it, say). Fails with
+    /// an [`Error::Io`] of kind `Unsupported` where the child has no pidfd (see
+    /// [`Worker::pidfd`]): only a pidfd cannot reach another process that took its pid.
+    pub fn killer(&self) -> Result<Killer> {
+        let Some(pidfd) = &self.pidfd else {
+            return Err(Error::Io(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("worker {} has no pidfd to kill it through", self.id()),
+            )));
+        };
+        Ok(Killer {
+            pidfd: Arc::new(pidfd.try_clone()?),
+            closer: self.closer.clone(),
+        })
     }
 
     /// Sends `SIGKILL`. Harmless if the child has already exited, even if something else in

@@ -397,6 +397,28 @@ fn wait_and_try_wait_say_how_a_worker_ended() {
     }
 }
 
+/// A watchdog kills a worker whose `Worker` another thread owns, waiting for its end: the
+/// wait says it was killed, the connection ends with the kill, and killing it again once it
+/// has been reaped is harmless.
+#[test]
+fn a_killer_kills_a_worker_that_another_thread_waits_for() {
+    let (mut worker, connection) = Worker::spawn(child("child_serving_nothing")).unwrap();
+    let killer = worker.killer().unwrap();
+    let waiting = std::thread::spawn(move || worker.wait().unwrap());
+    killer.kill().unwrap();
+    assert_eq!(waiting.join().unwrap(), Exit::Signal(9));
+    // Serving nothing, `run` returns once the connection has ended.
+    connection.run().unwrap();
+    killer.kill().unwrap();
+}
+
+/// A worker that serves nothing until its parent hangs up.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_serving_nothing() {
+    worker::connection().unwrap().run().unwrap();
+}
+
 /// A worker that blocks reading its socket until told to exit, then exits with the code it
 /// was sent.
 #[test]
