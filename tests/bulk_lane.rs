@@ -282,6 +282,45 @@ fn bad_references_and_bad_regions_fail_the_call_not_the_server() {
     assert_eq!(open_fds(), before);
 }
 
+/// A hostile client's placement names, in place of its region, the read end of a pipe whose
+/// lock a thread of the client holds (a `splice` into the pipe that sleeps), the client's own
+/// copy closed: whoever closes the server's copy, the last, waits until the client lets go.
+/// The server refuses the fd (not a region), and a region over the string limit is refused
+/// before it is looked at; either way it must not close the fd on a thread that serves.
+#[test]
+fn a_refused_region_fd_is_not_closed_on_the_serving_thread() {
+    let _fds = fd_count_lock();
+    let before = open_fds();
+    for (cookie, len, why) in [(1, 10u64, "not a shared region"), (2, 1 << 40, "")] {
+        let (ours, theirs) = Socket::pair().unwrap();
+        let (read, write) = nix::unistd::pipe().unwrap();
+        let mut msg = common::call_envelope(&BULK_INFO, 0, cookie); // cmd 0: bump
+        msg.push(1); // tag: out of line
+        msg.extend_from_slice(&(cookie as u32).to_le_bytes()); // seq
+        msg.extend_from_slice(&0u32.to_le_bytes()); // fd index
+        msg.extend_from_slice(&0u64.to_le_bytes()); // offset
+        msg.extend_from_slice(&len.to_le_bytes());
+        ours.send(&msg, &[read.as_fd()]).unwrap();
+        // Before the server runs: its copy, queued in the socket, is then the last.
+        drop(read);
+        let held = common::hold_pipe_lock(write);
+        let server = std::thread::spawn(move || {
+            BulkServer::new(BulkImpl::default()).serve(Connection::new(theirs))
+        });
+        let caller = std::thread::spawn(move || {
+            let reply = ours.recv().unwrap().payload;
+            (ours, reply)
+        });
+        let ((ours, reply), write) = common::joined_never_stuck_on_the_pipe(caller, held);
+        assert_eq!(reply[0], 4, "a failure reply");
+        let text = String::from_utf8_lossy(&reply);
+        assert!(text.contains(why), "{why:?} not in {text:?}");
+        drop((ours, write));
+        server.join().unwrap().unwrap();
+    }
+    assert_eq!(open_fds(), before);
+}
+
 /// The async flavour places and reads byte strings too, and shares regions with blocking
 /// peers both ways.
 #[cfg(feature = "tokio")]

@@ -142,21 +142,33 @@ impl InPipe {
     /// Takes `fd` if it is a pipe (or any FIFO) open for reading only. `vmsplice` picks its
     /// direction by the fd's access mode: on an fd open for writing (a pipe's write end, a
     /// FIFO opened read-write) [`read_some`] would put this process's own memory into the
-    /// peer's pipe instead of reading from it.
+    /// peer's pipe instead of reading from it. A refused fd is the peer's, closed by typed-ipc's
+    /// closer, off this thread: closing it may wait for as long as the peer likes.
     pub(crate) fn new(fd: OwnedFd) -> io::Result<InPipe> {
-        let stat = fstat(&fd)?;
+        match InPipe::check(&fd) {
+            Ok(()) => Ok(InPipe { fd }),
+            Err(e) => {
+                crate::closer::close(fd);
+                Err(e)
+            }
+        }
+    }
+
+    /// Whether `fd` is what [`InPipe::new`] takes.
+    fn check(fd: &OwnedFd) -> io::Result<()> {
+        let stat = fstat(fd)?;
         if SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT != SFlag::S_IFIFO {
             return Err(io::Error::other(
                 "the fd the peer sent as its pipe is not a pipe",
             ));
         }
-        let flags = OFlag::from_bits_retain(fcntl(&fd, FcntlArg::F_GETFL)?);
+        let flags = OFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GETFL)?);
         if flags & OFlag::O_ACCMODE != OFlag::O_RDONLY {
             return Err(io::Error::other(
                 "the fd the peer sent as its pipe is not a pipe's read end",
             ));
         }
-        Ok(InPipe { fd })
+        Ok(())
     }
 
     /// Reads exactly `len` bytes into a new `Vec` with room for `extra` more, or fails at

@@ -189,6 +189,19 @@ impl RegionView {
         Ok(RegionView { fd, map })
     }
 
+    /// [`RegionView::from_fd_with_limit`] for an fd a peer sent (the connection's lane): one
+    /// refused is closed by typed-ipc's closer, off this thread, as closing it may wait for as
+    /// long as the peer likes (a pipe whose lock it holds, sent in place of a memfd).
+    pub(crate) fn from_peer_fd(fd: OwnedFd, max_len: usize) -> Result<RegionView> {
+        match map_received(&fd, &DEMAND, max_len) {
+            Ok(map) => Ok(RegionView { fd, map }),
+            Err(e) => {
+                crate::closer::close(fd);
+                Err(e)
+            }
+        }
+    }
+
     /// Another view of the same region, as [`File::try_clone`] is another handle on the
     /// same file: a duplicate of the fd ([`OwnedFd::try_clone`]), mapped read-only again, to
     /// pass the region on (to a second worker, or one that restarted) and keep reading it.

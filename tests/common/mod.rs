@@ -462,6 +462,60 @@ pub fn hold_pipe_lock(
     (holder, wake)
 }
 
+/// The threads of this process in uninterruptible sleep (`D`) inside the pipe code, by the
+/// kernel's word for where they wait (`wchan`); but for typed-ipc's closer threads, which
+/// close a peer's fds so that no other thread waits for that (their name, cut to 15 bytes).
+pub fn threads_stuck_on_a_pipe() -> Vec<String> {
+    let mut stuck = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if name.trim_end() == "typed-ipc-close" {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        let state = stat
+            .rsplit(") ")
+            .next()
+            .and_then(|rest| rest.chars().next());
+        let wchan = std::fs::read_to_string(task.path().join("wchan")).unwrap_or_default();
+        if state == Some('D') && wchan.starts_with("pipe") {
+            stuck.push(wchan);
+        }
+    }
+    stuck
+}
+
+/// Waits until `caller` has finished or a thread of this process is stuck on a pipe; then
+/// lets the `holder` of the pipe's lock go, so that everything goes on, and returns what
+/// `caller` returned and the pipe's write end, once no thread was found stuck (the server
+/// would have been, waiting for the lock).
+pub fn joined_never_stuck_on_the_pipe<T>(
+    caller: std::thread::JoinHandle<T>,
+    (holder, wake): (
+        std::thread::JoinHandle<OwnedFd>,
+        std::os::unix::net::UnixStream,
+    ),
+) -> (T, OwnedFd) {
+    let stuck = loop {
+        if caller.is_finished() {
+            break Vec::new();
+        }
+        let stuck = threads_stuck_on_a_pipe();
+        if !stuck.is_empty() {
+            break stuck;
+        }
+        std::thread::yield_now();
+    };
+    std::io::Write::write_all(&mut &wake, b"x").unwrap();
+    let write = holder.join().unwrap();
+    let returned = caller.join().unwrap();
+    assert!(
+        stuck.is_empty(),
+        "the server waited on the peer's pipe lock ({stuck:?})"
+    );
+    (returned, write)
+}
+
 /// Spares the fd counts a stray fd of glibc's: once a process has more than 8 threads that
 /// allocate, glibc opens `/sys/devices/system/cpu/online` for a moment to size its malloc
 /// arenas (strace shows it on whichever thread comes ninth), which a test counting fds then

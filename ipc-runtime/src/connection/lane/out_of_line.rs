@@ -1,7 +1,7 @@
 //! The lane as the codec's out-of-line store ([`OutOfLine`]): byte strings placed, piped or
 //! written by this end, and taken out of the peer's region, its pipe or this end's inbox.
 
-use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering;
 
 use super::{Lane, MAX, MIN, SEQ_MASK, pipes};
@@ -58,6 +58,7 @@ impl OutOfLine for Lane {
     }
 
     fn take_piped(&self, piped: &Piped, fd: FdNamed, tail: &[u8]) -> Result<Vec<u8>, Unfetched> {
+        let fd = fd.map(PeerFd);
         // Before the fd is touched: every read of a pipe takes its lock, which the peer can
         // hold (sleeping in a `splice` into it) for as long as it likes.
         if !self.lends(Ordering::Acquire) {
@@ -68,7 +69,7 @@ impl OutOfLine for Lane {
         self.untaken(seq)?;
         let fd = fd?;
         let mut incoming = self.incoming_pipe.lock();
-        if let Some(fd) = fd {
+        if let Some(fd) = fd.kept() {
             *incoming = Some(InPipe::new(fd).map_err(|e| e.to_string())?);
         }
         let pipe = incoming
@@ -172,6 +173,7 @@ impl OutOfLine for Lane {
         // Read again, the region may hold the peer's next string: the first read acknowledged
         // this one.
         let seq = placed.seq & SEQ_MASK;
+        let fd = fd.map(PeerFd);
         self.untaken(seq)?;
         let fd = fd?;
         let (offset, len) = match (usize::try_from(placed.offset), usize::try_from(placed.len)) {
@@ -184,7 +186,8 @@ impl OutOfLine for Lane {
             }
         };
         let announced = fd
-            .map(|fd| RegionView::from_fd_with_limit(fd, MAX))
+            .kept()
+            .map(|fd| RegionView::from_peer_fd(fd, MAX))
             .transpose()
             .map_err(|e| format!("the peer's shared region was refused: {e}"))?;
         let mut incoming = self.incoming.lock();
@@ -206,6 +209,28 @@ impl OutOfLine for Lane {
         self.took(seq);
         self.done_with(seq, 0);
         Ok(bytes)
+    }
+}
+
+/// The fd an out-of-line reference named (if any), until the lane keeps it. One refused or
+/// never looked at is the peer's, and closing it may wait for as long as the peer likes (the
+/// last fd of a pipe whose lock it holds, sent in place of a region or to an end that reads no
+/// pipes): the closer closes it, off the decoding thread (README, "slow closes").
+struct PeerFd(Option<OwnedFd>);
+
+impl PeerFd {
+    /// The fd, now the lane's to keep or to refuse (as [`RegionView::from_peer_fd`] and
+    /// [`InPipe::new`] do, through the closer).
+    fn kept(mut self) -> Option<OwnedFd> {
+        self.0.take()
+    }
+}
+
+impl Drop for PeerFd {
+    fn drop(&mut self) {
+        if let Some(fd) = self.0.take() {
+            crate::closer::close(fd);
+        }
     }
 }
 
