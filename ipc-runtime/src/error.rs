@@ -213,6 +213,15 @@ impl Error {
         matches!(self, Error::Encode(_)) || self.is_over_limits()
     }
 
+    /// Whether a call whose reply failed with this error may still be answered with a
+    /// failure: unless the peer is gone. A reply refused before it went out
+    /// ([`Error::sent_nothing`]), or whose one datagram the kernel refused (it goes out whole
+    /// or not at all), left the caller waiting; one cut off part-way shut the socket down, so
+    /// the failure fails too, harmlessly.
+    pub(crate) fn reply_may_follow(&self) -> bool {
+        !matches!(self, Error::Disconnected)
+    }
+
     /// Whether this is a message over the [`Limits`](crate::Limits): refused before it was
     /// sent, or when received, read to its end (the stream stays in sync) with its first bytes
     /// kept, so its envelope says whose it was.

@@ -235,16 +235,16 @@ impl Call<'_> {
         e
     }
 
-    /// Notes a reply that failed with `e`; whether the call counts as answered anyway (some of
-    /// the reply went out). The handler ran, whatever became of its arguments: a failure left
-    /// to answer is the reply's, never that the arguments were refused (`unreceived`), which
-    /// would tell the caller that the method did not run, with the reply's size for its
-    /// request's.
+    /// Notes a reply that failed with `e`; whether the call counts as answered anyway (the
+    /// peer is gone: see [`Error::reply_may_follow`]). The handler ran, whatever became of its
+    /// arguments: a failure left to answer is the reply's, never that the arguments were
+    /// refused (`unreceived`), which would tell the caller that the method did not run, with
+    /// the reply's size for its request's.
     #[cold]
     #[inline(never)]
     fn unsent(&mut self, e: &Error) -> bool {
         self.unreceived = false;
-        !e.sent_nothing()
+        !e.reply_may_follow()
     }
 
     /// Sends `value` as the reply. Ignored for oneway calls, which get no reply, and after the

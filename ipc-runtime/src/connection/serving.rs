@@ -228,12 +228,35 @@ impl Shared {
         frame
     }
 
-    /// Answers `call` with `failure`, waiting for room as long as it takes, and says so.
+    /// Answers `call` with `failure`, waiting for room as long as it takes, and says so. If
+    /// it cannot go out, the connection ends ([`Shared::unanswerable`]).
     pub(super) fn reply_failure(&self, call: &Envelope, failure: &Failure) {
-        let sent = self.send_failure(call, failure, true);
-        if self.trace && sent.is_ok() {
-            trace::failure(&self.name, call.cookie, failure);
+        match self.send_failure(call, failure, true) {
+            Ok(_) if self.trace => trace::failure(&self.name, call.cookie, failure),
+            Ok(_) => {}
+            Err(e) => self.unanswerable(&mut self.state.lock(), &e),
         }
+    }
+
+    /// After the failure owed to a caller could not be sent either (`e`): ends the connection,
+    /// whose caller would otherwise wait for good for an answer that never comes. Whatever
+    /// refused it (a seccomp filter or a security module refusing `send`, say) would refuse
+    /// this end's next message too. Nothing to do once the peer is gone.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn unanswerable(&self, state: &mut State, e: &Error) {
+        if matches!(e, Error::Disconnected) {
+            return;
+        }
+        let kind = match e {
+            Error::Io(e) => e.kind(),
+            _ => std::io::ErrorKind::Other,
+        };
+        let why = std::io::Error::new(
+            kind,
+            format!("a call of the peer's could not be answered: {e}"),
+        );
+        self.fail(state, Error::Io(why));
     }
 
     /// Answers `call` with `failure`, unsaid. Without `wait`, only if it can go out at once:
