@@ -308,6 +308,104 @@ fn a_worker_that_can_answer_nothing_ends_the_connection() {
     assert_eq!(worker.wait().unwrap(), Exit::Code(101));
 }
 
+/// The same refusals in a worker of the async flavour.
+#[cfg(feature = "tokio")]
+mod asynchronous {
+    use std::os::fd::OwnedFd;
+
+    use super::{Error, Exit, FILTER, GUARD, REFUSE, Worker, child, memfd, read_all, sandbox};
+
+    #[typed_ipc::interface(blocking_client)]
+    pub trait Sandboxed {
+        async fn echo(&self, data: Vec<u8>) -> Vec<u8>;
+        async fn pass_back(&self, fd: OwnedFd) -> OwnedFd;
+    }
+
+    struct SandboxedImpl;
+
+    impl Sandboxed for SandboxedImpl {
+        async fn echo(&self, mut data: Vec<u8>) -> Vec<u8> {
+            data.reverse();
+            data
+        }
+        async fn pass_back(&self, fd: OwnedFd) -> OwnedFd {
+            fd
+        }
+    }
+
+    #[test]
+    #[ignore = "run as a child process by other tests"]
+    fn child_async_sandboxed() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let connection = typed_ipc::tokio::worker::connection().unwrap();
+            let refuse = std::env::var(REFUSE).unwrap_or_default();
+            let refuse: Vec<&str> = refuse.split(',').collect();
+            sandbox::install(&std::env::var(FILTER).unwrap(), &refuse).unwrap();
+            SandboxedServer::new(SandboxedImpl)
+                .serve(connection)
+                .await
+                .unwrap();
+        });
+    }
+
+    fn sandboxed_without(
+        refuse: &str,
+        stderr: std::process::Stdio,
+    ) -> (Worker, SandboxedBlockingClient) {
+        let mut command = child("asynchronous::child_async_sandboxed");
+        command
+            .env(FILTER, "errno")
+            .env(REFUSE, refuse)
+            .stderr(stderr);
+        let (worker, connection) = Worker::spawn(command).unwrap();
+        let client = SandboxedBlockingClient::new(connection).with_timeout(GUARD);
+        (worker, client)
+    }
+
+    #[test]
+    fn an_async_worker_serves_under_a_filter_that_kills() {
+        let mut command = child("asynchronous::child_async_sandboxed");
+        command.env(FILTER, "kill");
+        let (mut worker, connection) = Worker::spawn(command).unwrap();
+        let client = SandboxedBlockingClient::new(connection).with_timeout(GUARD);
+        assert_eq!(client.echo(vec![1, 2, 3]).unwrap(), vec![3, 2, 1]);
+        let big = vec![7u8; 64 << 10];
+        assert_eq!(client.echo(big.clone()).unwrap(), big);
+        let back = client.pass_back(memfd(b"kept")).unwrap();
+        assert_eq!(read_all(back), b"kept");
+        drop(client);
+        assert_eq!(worker.wait().unwrap(), Exit::Code(0));
+    }
+
+    #[test]
+    fn a_reply_the_filter_refuses_fails_its_call_saying_why() {
+        let (mut worker, client) = sandboxed_without("sendmsg", std::process::Stdio::inherit());
+        let refused = client.pass_back(memfd(b"head"));
+        assert!(
+            matches!(&refused, Err(Error::Remote(why)) if why.contains("Operation not permitted")),
+            "{refused:?}"
+        );
+        assert_eq!(client.echo(vec![1, 2, 3]).unwrap(), vec![3, 2, 1]);
+        drop(client);
+        assert_eq!(worker.wait().unwrap(), Exit::Code(0));
+    }
+
+    #[test]
+    fn a_worker_that_can_answer_nothing_ends_the_connection() {
+        let (mut worker, client) = sandboxed_without("sendmsg,sendto", std::process::Stdio::null());
+        let unanswered = client.echo(vec![1, 2, 3]);
+        assert!(
+            matches!(unanswered, Err(Error::Disconnected)),
+            "{unanswered:?}"
+        );
+        assert_eq!(worker.wait().unwrap(), Exit::Code(101));
+    }
+}
+
 /// The filter: an allowlist of system calls, as a BPF program over the call's number.
 mod sandbox {
     use std::io;
@@ -366,6 +464,11 @@ mod sandbox {
         ("exit_group", libc::SYS_exit_group),
         ("rt_sigreturn", libc::SYS_rt_sigreturn),
         ("restart_syscall", libc::SYS_restart_syscall),
+        // The async flavour's runtime (tokio): waiting on its sockets.
+        ("epoll_pwait", libc::SYS_epoll_pwait),
+        #[cfg(target_arch = "x86_64")]
+        ("epoll_wait", libc::SYS_epoll_wait),
+        ("epoll_ctl", libc::SYS_epoll_ctl),
         // This test's own methods (reading and writing the files they are given) and its
         // harness's report on stdout.
         ("read", libc::SYS_read),

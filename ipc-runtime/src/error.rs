@@ -222,6 +222,22 @@ impl Error {
         !matches!(self, Error::Disconnected)
     }
 
+    /// Why a connection ends whose failure owed to a caller could not be sent either, with
+    /// this error: the caller would otherwise wait for good for an answer that never comes,
+    /// and whatever refused it (a seccomp filter or a security module refusing `send`, say)
+    /// would refuse the connection's next message too. `None` once the peer is gone.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn unanswerable(&self) -> Option<Error> {
+        let kind = match self {
+            Error::Disconnected => return None,
+            Error::Io(e) => e.kind(),
+            _ => std::io::ErrorKind::Other,
+        };
+        let why = format!("a call of the peer's could not be answered: {self}");
+        Some(Error::Io(std::io::Error::new(kind, why)))
+    }
+
     /// Whether this is a message over the [`Limits`](crate::Limits): refused before it was
     /// sent, or when received, read to its end (the stream stays in sync) with its first bytes
     /// kept, so its envelope says whose it was.

@@ -238,25 +238,14 @@ impl Shared {
         }
     }
 
-    /// After the failure owed to a caller could not be sent either (`e`): ends the connection,
-    /// whose caller would otherwise wait for good for an answer that never comes. Whatever
-    /// refused it (a seccomp filter or a security module refusing `send`, say) would refuse
-    /// this end's next message too. Nothing to do once the peer is gone.
+    /// After the failure owed to a caller could not be sent either (`e`): ends the connection
+    /// ([`Error::unanswerable`]).
     #[cold]
     #[inline(never)]
     pub(super) fn unanswerable(&self, state: &mut State, e: &Error) {
-        if matches!(e, Error::Disconnected) {
-            return;
+        if let Some(why) = e.unanswerable() {
+            self.fail(state, why);
         }
-        let kind = match e {
-            Error::Io(e) => e.kind(),
-            _ => std::io::ErrorKind::Other,
-        };
-        let why = std::io::Error::new(
-            kind,
-            format!("a call of the peer's could not be answered: {e}"),
-        );
-        self.fail(state, Error::Io(why));
     }
 
     /// Answers `call` with `failure`, unsaid. Without `wait`, only if it can go out at once:

@@ -90,7 +90,7 @@ impl AsyncCall {
     #[inline(never)]
     fn unsent(&mut self, e: &Error) -> bool {
         self.unreceived = false;
-        !e.sent_nothing()
+        !e.reply_may_follow()
     }
 
     /// Sends `value` as the reply. Ignored for oneway calls, which get no reply, and after the

@@ -443,7 +443,21 @@ pub(super) async fn reply_failure(
     if inner.trace {
         trace::failure(&inner.name, call.cookie, &failure);
     }
-    inner.send(envelope, failure).await.map(drop)
+    let sent = inner.send(envelope, failure).await.map(drop);
+    if let Err(e) = &sent {
+        unanswerable(&inner, e);
+    }
+    sent
+}
+
+/// After the failure owed to a caller could not be sent either (`e`): ends the connection
+/// ([`crate::error::Error::unanswerable`]).
+#[cold]
+#[inline(never)]
+fn unanswerable(inner: &Inner, e: &crate::error::Error) {
+    if let Some(why) = e.unanswerable() {
+        inner.fail(why);
+    }
 }
 
 /// A handler's future, polled with [`current_peer`](crate::current_peer) (and
