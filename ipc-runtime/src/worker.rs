@@ -14,6 +14,10 @@
 //! holds for a stale variable inherited from a shell. (A process the worker starts *before*
 //! taking its connection inherits the socket itself, as it inherits any fd that is not
 //! close-on-exec; take the connection first.)
+//!
+//! A worker that sandboxes itself (seccomp, dropped privileges) does so right after
+//! [`connection`] returns: README.md, "Sandboxing a worker", lists the system calls serving
+//! makes from then on, and what fails, and how, if one is refused.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
