@@ -282,6 +282,8 @@ fn sandboxed_without(refuse: &str, stderr: std::process::Stdio) -> (Worker, Sand
 /// (which goes out with `send`); the others are answered.
 #[test]
 fn a_reply_the_filter_refuses_fails_its_call_saying_why() {
+    // Its fds would move the counts of the tests that count them.
+    let _fds = fd_count_lock();
     let (mut worker, client) = sandboxed_without("sendmsg", std::process::Stdio::inherit());
     let refused = client.pass_back(memfd(b"head"), b"+tail".to_vec());
     assert!(
@@ -298,6 +300,8 @@ fn a_reply_the_filter_refuses_fails_its_call_saying_why() {
 /// returns the error (which the child's `unwrap` turns into exit status 101).
 #[test]
 fn a_worker_that_can_answer_nothing_ends_the_connection() {
+    // Its fds would move the counts of the tests that count them.
+    let _fds = fd_count_lock();
     // Its panic, expected, is left off the test's output.
     let (mut worker, client) = sandboxed_without("sendmsg,sendto", std::process::Stdio::null());
     let unanswered = client.echo(vec![1, 2, 3]);
@@ -313,7 +317,9 @@ fn a_worker_that_can_answer_nothing_ends_the_connection() {
 mod asynchronous {
     use std::os::fd::OwnedFd;
 
-    use super::{Error, Exit, FILTER, GUARD, REFUSE, Worker, child, memfd, read_all, sandbox};
+    use super::{
+        Error, Exit, FILTER, GUARD, REFUSE, Worker, child, fd_count_lock, memfd, read_all, sandbox,
+    };
 
     #[typed_ipc::interface(blocking_client)]
     pub trait Sandboxed {
@@ -368,6 +374,8 @@ mod asynchronous {
 
     #[test]
     fn an_async_worker_serves_under_a_filter_that_kills() {
+        // Its fds would move the counts of the tests that count them.
+        let _fds = fd_count_lock();
         let mut command = child("asynchronous::child_async_sandboxed");
         command.env(FILTER, "kill");
         let (mut worker, connection) = Worker::spawn(command).unwrap();
@@ -383,6 +391,8 @@ mod asynchronous {
 
     #[test]
     fn a_reply_the_filter_refuses_fails_its_call_saying_why() {
+        // Its fds would move the counts of the tests that count them.
+        let _fds = fd_count_lock();
         let (mut worker, client) = sandboxed_without("sendmsg", std::process::Stdio::inherit());
         let refused = client.pass_back(memfd(b"head"));
         assert!(
@@ -396,6 +406,8 @@ mod asynchronous {
 
     #[test]
     fn a_worker_that_can_answer_nothing_ends_the_connection() {
+        // Its fds would move the counts of the tests that count them.
+        let _fds = fd_count_lock();
         let (mut worker, client) = sandboxed_without("sendmsg,sendto", std::process::Stdio::null());
         let unanswered = client.echo(vec![1, 2, 3]);
         assert!(
