@@ -295,6 +295,31 @@ fn a_reply_the_filter_refuses_fails_its_call_saying_why() {
     assert_eq!(worker.wait().unwrap(), Exit::Code(0));
 }
 
+/// A filter that refuses `fstatfs`: the worker cannot check the parent's shared memory (that
+/// it is not on hugetlbfs), so it maps none. A call that brings some (a byte string through the
+/// parent's region, a `SealedBuffer`) fails saying why, as this end's failure, not as a message
+/// that blames the types the two ends were built from; the others are answered.
+#[test]
+fn shared_memory_the_worker_cannot_map_fails_its_call_saying_why() {
+    let _fds = fd_count_lock();
+    let (mut worker, client) = sandboxed_without("fstatfs", std::process::Stdio::inherit());
+    // Answered: and the parent learns from the reply that the worker reads its region.
+    assert_eq!(client.echo(vec![1, 2, 3]).unwrap(), vec![3, 2, 1]);
+    let through_region = client.echo(vec![7; 64 * KIB]).map(drop);
+    let sealed = SealedBuffer::copy_from(&[1; 4096]).unwrap();
+    let sealed = client.sum_sealed(sealed).map(drop);
+    for refused in [through_region, sealed] {
+        assert!(
+            matches!(&refused, Err(Error::Remote(why))
+                if why.contains("Operation not permitted") && !why.contains("types")),
+            "{refused:?}"
+        );
+    }
+    assert_eq!(client.echo(vec![1, 2, 3]).unwrap(), vec![3, 2, 1]);
+    drop(client);
+    assert_eq!(worker.wait().unwrap(), Exit::Code(0));
+}
+
 /// A filter that refuses `sendto` too: no reply can go out, nor a failure saying why. The
 /// worker ends the connection rather than leave its caller waiting for good, and its `serve`
 /// returns the error (which the child's `unwrap` turns into exit status 101).

@@ -271,6 +271,7 @@ fn fetch_once<E: serde::de::Error>() -> Result<(), E> {
 fn unfetched<E: serde::de::Error>(why: Unfetched) -> E {
     match why {
         Unfetched::Bad(why) => E::custom(why),
+        Unfetched::FailedHere(e) => super::refuse_here("the shared region it was sent through", &e),
         Unfetched::OverLimit { len, limit } => super::refuse_over_limit(super::OverLimit {
             what: "a byte string",
             size: len,

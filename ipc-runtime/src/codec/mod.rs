@@ -100,6 +100,9 @@ impl Fetched {
     /// ([`Context::over_limit`]): the decode fails with [`Error::TooLarge`] rather than
     /// [`Error::Malformed`].
     const OVER_LIMIT: u8 = 2;
+    /// Shared memory this side failed to map ([`refuse_here`]): the decode fails with
+    /// [`Error::Io`] rather than [`Error::Malformed`].
+    const FAILED_HERE: u8 = 4;
 }
 
 /// Something refused as over this side's limits while decoding: what (`"a byte string"`,
@@ -172,6 +175,9 @@ pub(crate) enum Unfetched {
     OverLimit { len: u64, limit: u64 },
     /// The reference is bad, or the bytes could not be read: [`Error::Malformed`].
     Bad(String),
+    /// The peer's shared memory could not be mapped for a failure of this side's own (a
+    /// system call refused by a seccomp filter, memory): [`Error::Io`], not the peer's fault.
+    FailedHere(Error),
 }
 
 impl From<String> for Unfetched {
@@ -510,7 +516,8 @@ fn close_unclaimed(slot: Option<OwnedFd>) {
 fn undecodable(e: Box<bincode::ErrorKind>) -> Error {
     CONTEXT.with(|cx| {
         let refused = cx.over_limit.get();
-        match (cx.fetched.get().0 & Fetched::OVER_LIMIT, &*e) {
+        let fetched = cx.fetched.get().0;
+        match (fetched & Fetched::OVER_LIMIT, &*e) {
             (Fetched::OVER_LIMIT, bincode::ErrorKind::Custom(why))
                 if *why == over_limit(refused) =>
             {
@@ -519,6 +526,11 @@ fn undecodable(e: Box<bincode::ErrorKind>) -> Error {
                     limit: refused.limit,
                     by_peer: false,
                 }
+            }
+            (_, bincode::ErrorKind::Custom(why))
+                if fetched & Fetched::FAILED_HERE != 0 && why.starts_with(FAILED_HERE) =>
+            {
+                Error::Io(std::io::Error::other(why.clone()))
             }
             _ => Error::Malformed(why_undecodable(*e)),
         }
@@ -544,6 +556,30 @@ fn refuse_over_limit<E: serde::de::Error>(refused: OverLimit) -> E {
         cx.over_limit.set(refused);
     });
     E::custom(over_limit(refused))
+}
+
+/// How the text of a [`refuse_here`] refusal starts, which tells it from any other serde
+/// error (see [`undecodable`]). Worded for the peer, which is told it.
+const FAILED_HERE: &str = "the receiver could not map ";
+
+/// Whether `e`, from mapping a received sealed memfd, is a failure of this side's own (a
+/// system call refused, memory) rather than a refusal of the fd ([`crate::memfd`] words
+/// those as `InvalidInput`) or of its size.
+pub(crate) fn failed_here(e: &Error) -> bool {
+    matches!(e, Error::Io(e) if e.kind() != std::io::ErrorKind::InvalidInput)
+}
+
+/// Notes in the decode's context that this side failed to map `what` (`e`, a
+/// [`failed_here`] error), so that the decode fails as [`Error::Io`] (see [`undecodable`]),
+/// and returns the serde error that says so.
+#[cold]
+#[inline(never)]
+pub(crate) fn refuse_here<E: serde::de::Error>(what: &str, e: &Error) -> E {
+    CONTEXT.with(|cx| {
+        cx.fetched
+            .set(Fetched(cx.fetched.get().0 | Fetched::FAILED_HERE));
+    });
+    E::custom(format!("{FAILED_HERE}{what}: {e}"))
 }
 
 /// Takes the fd of a received sealed buffer or region view and checks it against `demand`,
@@ -575,6 +611,7 @@ fn refused_shared_fd<E: serde::de::Error>(fd: OwnedFd, what: &'static str, e: Er
     crate::closer::close(fd);
     match e {
         Error::TooLarge { size, limit, .. } => refuse_over_limit(OverLimit { what, size, limit }),
+        e if failed_here(&e) => refuse_here(what, &e),
         e => E::custom(e),
     }
 }

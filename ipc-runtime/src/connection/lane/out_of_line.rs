@@ -189,7 +189,10 @@ impl OutOfLine for Lane {
             .kept()
             .map(|fd| RegionView::from_peer_fd(fd, MAX))
             .transpose()
-            .map_err(|e| format!("the peer's shared region was refused: {e}"))?;
+            .map_err(|e| match e {
+                e if crate::codec::failed_here(&e) => Unfetched::FailedHere(e),
+                e => format!("the peer's shared region was refused: {e}").into(),
+            })?;
         let mut incoming = self.incoming.lock();
         let view = announced
             .as_ref()
