@@ -436,6 +436,31 @@ mod asynchronous {
         }
     }
 
+    /// [`super::a_failure_that_cannot_be_sent_for_a_refused_request_ends_the_connection`],
+    /// async.
+    #[test]
+    fn a_failure_that_cannot_be_sent_for_a_refused_request_ends_the_connection() {
+        use typed_ipc::Limits;
+        let _fds = fd_count_lock();
+        runtime().block_on(async {
+            let server = Limits {
+                max_message_len: 100,
+                max_send_len: Some(30),
+                ..Limits::default()
+            };
+            let (strings, (conn, serving)) = strings_between(Limits::default(), server, false);
+            let strings = strings.with_timeout(std::time::Duration::from_secs(60)); // a guard
+            let refused = strings.echo(vec![7; 200]).await;
+            assert!(matches!(refused, Err(Error::Disconnected)), "{refused:?}");
+            drop((strings, conn));
+            let served = serving.await.unwrap();
+            assert!(
+                matches!(&served, Err(Error::Io(e)) if e.to_string().contains("answered")),
+                "{served:?}"
+            );
+        });
+    }
+
     /// [`super::a_side_may_send_more_than_it_accepts`], async.
     #[test]
     fn a_side_may_send_more_than_it_accepts() {
@@ -783,6 +808,30 @@ fn a_byte_string_over_the_senders_limits_fails_unsent_with_too_large() {
     assert_eq!(strings.echo(vec![1; 2000]).unwrap(), vec![1; 2000]);
     drop(strings);
     server.join().unwrap().unwrap();
+}
+
+/// A server that cannot send even the failure it owes for a request it refused on receipt
+/// (its own `max_send_len` is below the failure's size) ends the connection: its caller is
+/// told at once, and does not wait for good for an answer that cannot come.
+#[test]
+fn a_failure_that_cannot_be_sent_for_a_refused_request_ends_the_connection() {
+    let _fds = fd_count_lock();
+    let client = Limits::default();
+    let server = Limits {
+        max_message_len: 100,
+        max_send_len: Some(30),
+        ..Limits::default()
+    };
+    let (strings, server) = strings_between(client, server, false);
+    let strings = strings.with_timeout(std::time::Duration::from_secs(60)); // a hang guard
+    let refused = strings.echo(vec![7; 200]);
+    assert!(matches!(refused, Err(Error::Disconnected)), "{refused:?}");
+    drop(strings);
+    let served = server.join().unwrap();
+    assert!(
+        matches!(&served, Err(Error::Io(e)) if e.to_string().contains("could not be answered")),
+        "{served:?}"
+    );
 }
 
 /// A string over the server's limit comes in a region announced with it (the client's grew

@@ -504,7 +504,11 @@ impl Shared {
                 }
                 None
             }
-            Err(_) => None,
+            Err(e) => {
+                // The caller would wait for good for an answer that cannot come.
+                self.unanswerable(&mut state, &e);
+                None
+            }
         };
         if !wait {
             // Wakes the runners, which take the failure queued before they read.
