@@ -431,13 +431,17 @@ impl AsyncConnection {
         self.inner.oneways_run.send_modify(|_| {});
     }
 
-    /// [`AsyncConnection::close`], for a [`Worker`](crate::worker::Worker) to call once its
-    /// child is gone, holding the connection weakly meanwhile.
+    /// Ends the connection as if the child had hung up, for a
+    /// [`Worker`](crate::worker::Worker) to call once its child is gone, holding the
+    /// connection weakly meanwhile. Only the socket is shut: a reader waiting for room reads
+    /// on once there is some, so the requests the child sent before it went still run (a
+    /// hang-up of this end would drop those still in the socket). Nothing waits on the reader
+    /// meanwhile: a call made now wakes it to read, and a send fails at once.
     pub(crate) fn closer(&self) -> crate::worker::Closer {
         let inner = Arc::downgrade(&self.inner);
         crate::worker::Closer::new(move || {
             if let Some(inner) = inner.upgrade() {
-                inner.hang_up(Socket::shutdown);
+                let _ = inner.socket().shutdown();
             }
         })
     }

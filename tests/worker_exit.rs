@@ -1,0 +1,125 @@
+//! A worker that exits normally right after sending: its connection ends as its exit is seen
+//! (the `Worker`'s watch on the child's pidfd, or a `wait`), yet every request it sent before
+//! exiting still runs, in both flavours, however many wait in the socket behind a slow one.
+//!
+//! Nothing here synchronises by sleeping.
+
+mod common;
+
+use std::sync::{Arc, Condvar, Mutex};
+
+use typed_ipc::worker::{Exit, Worker};
+
+/// Oneways the worker sends before it exits: more than a connection holds before its reader
+/// stops reading for room (1024 requests), so that some still wait in the socket when the
+/// parent sees the worker exit.
+const SENT: u64 = 2000;
+
+#[typed_ipc::interface]
+pub trait Sink {
+    /// The first blocks until the test releases it, so the rest pile up behind it.
+    #[oneway]
+    fn put(&self, n: u64);
+}
+
+/// What the parent's `put`s have seen.
+#[derive(Default)]
+struct Puts {
+    /// The `n` of each `put` run, in the order they ran; and whether the first is released.
+    state: Mutex<(Vec<u64>, bool)>,
+    changed: Condvar,
+}
+
+impl Puts {
+    fn release(&self) {
+        self.state.lock().unwrap().1 = true;
+        self.changed.notify_all();
+    }
+
+    fn ran(&self) -> Vec<u64> {
+        self.state.lock().unwrap().0.clone()
+    }
+}
+
+#[derive(Clone, Default)]
+struct SinkImpl(Arc<Puts>);
+
+impl Sink for SinkImpl {
+    fn put(&self, n: u64) {
+        let mut state = self.0.state.lock().unwrap();
+        while n == 0 && !state.1 {
+            state = self.0.changed.wait(state).unwrap();
+        }
+        state.0.push(n);
+    }
+}
+
+/// The worker: sends `SENT` oneways and exits at once, exit code 0.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_sends_oneways_and_exits() {
+    let client = SinkClient::new(typed_ipc::worker::connection().unwrap());
+    for n in 0..SENT {
+        client.put(n).unwrap();
+    }
+}
+
+fn all_sent() -> Vec<u64> {
+    (0..SENT).collect()
+}
+
+#[test]
+fn every_request_a_worker_sent_before_it_exited_runs() {
+    let (mut worker, connection) =
+        Worker::spawn(common::child("child_sends_oneways_and_exits")).unwrap();
+    let puts = SinkImpl::default();
+    let serving = std::thread::spawn({
+        let puts = puts.clone();
+        move || SinkServer::new(puts).serve(connection)
+    });
+    assert_eq!(worker.wait().unwrap(), Exit::Code(0));
+    puts.0.release();
+    serving.join().unwrap().unwrap();
+    let ran = puts.0.ran();
+    assert_eq!(ran.len(), all_sent().len(), "requests run");
+    assert!(ran == all_sent(), "requests run out of order");
+}
+
+#[cfg(feature = "tokio")]
+mod asynchronous {
+    #[typed_ipc::interface]
+    pub trait Sink {
+        #[oneway]
+        async fn put(&self, n: u64);
+    }
+}
+
+#[cfg(feature = "tokio")]
+impl asynchronous::Sink for SinkImpl {
+    async fn put(&self, n: u64) {
+        // Blocks the runtime's thread: the test's runtime has a second one for the reader.
+        Sink::put(self, n);
+    }
+}
+
+/// [`every_request_a_worker_sent_before_it_exited_runs`], async: the reader, stopped for
+/// room behind the slow first `put`, must read on once there is room, not stop for good
+/// because the worker's exit ended the connection.
+#[cfg(feature = "tokio")]
+#[test]
+fn every_request_an_async_worker_sent_before_it_exited_runs() {
+    common::two_worker_runtime().block_on(async {
+        let (mut worker, connection) =
+            typed_ipc::tokio::worker::spawn(common::child("child_sends_oneways_and_exits"))
+                .unwrap();
+        let puts = SinkImpl::default();
+        let serving = tokio::spawn(asynchronous::SinkServer::new(puts.clone()).serve(connection));
+        let exit = typed_ipc::tokio::worker::wait(&mut worker).await.unwrap();
+        assert_eq!(exit, Exit::Code(0));
+        puts.0.release();
+        serving.await.unwrap().unwrap();
+        let ran = puts.0.ran();
+        assert_eq!(ran.len(), all_sent().len(), "requests run");
+        assert!(ran == all_sent(), "requests run out of order");
+    });
+}
