@@ -1199,3 +1199,42 @@ fn a_socket_taken_over_with_extra_control_messages_on_gets_every_fd_and_no_other
     }
     assert_eq!(open_fds(), before, "fds left open by ten receives");
 }
+
+/// A side that sends more than it accepts (`Limits::max_send_len`) refuses what it receives
+/// by what it accepts, and says so: a message over `max_message_len` is `TooLarge` over it,
+/// one over `max_fds` only is `TooManyFds`, whatever this side sends.
+#[test]
+fn a_message_refused_on_receipt_is_over_what_this_side_accepts_not_what_it_sends() {
+    let (a, mut b) = Socket::pair().unwrap();
+    for max_send_len in [1 << 20, 100] {
+        b.set_limits(Limits {
+            max_message_len: 4096,
+            max_fds: 2,
+            max_send_len: Some(max_send_len),
+            ..Limits::default()
+        });
+        a.send(&[1; 8192], &[]).unwrap();
+        match b.recv() {
+            Err(Error::TooLarge {
+                size: 8192,
+                limit: 4096,
+                by_peer: false,
+                ..
+            }) => {}
+            other => panic!("sending {max_send_len}: expected TooLarge over 4096, got {other:?}"),
+        }
+        let many = fds(3);
+        a.send(&[2; 1000], &borrow(&many)).unwrap();
+        match b.recv() {
+            Err(Error::TooManyFds {
+                count: 3,
+                limit: 2,
+                by_peer: false,
+                ..
+            }) => {}
+            other => panic!("sending {max_send_len}: expected TooManyFds over 2, got {other:?}"),
+        }
+        a.send(b"after", &[]).unwrap();
+        assert_eq!(b.recv().unwrap().payload, b"after");
+    }
+}

@@ -357,19 +357,21 @@ fn whole_sizes(chunk: usize, limits: Limits) -> (usize, usize) {
     (len, FDS_PER_DATAGRAM.min(limits.max_fds))
 }
 
-/// Why a message of `len` bytes and `fds` fds is over `limits` (its size first).
+/// Why a message of `len` bytes and `fds` fds is over `max_len` bytes or `max_fds` fds (its
+/// size first): `max_len` is what this side sends ([`Limits::send_len`]) for a message going
+/// out, what it accepts (`max_message_len`) for one coming in.
 #[cold]
-fn over_limits(len: usize, fds: usize, limits: Limits) -> Error {
-    if len > limits.send_len() {
+fn over_limits(len: usize, fds: usize, max_len: usize, max_fds: usize) -> Error {
+    if len > max_len {
         Error::TooLarge {
             size: len as u64,
-            limit: limits.send_len() as u64,
+            limit: max_len as u64,
             by_peer: false,
         }
     } else {
         Error::TooManyFds {
             count: fds as u64,
-            limit: limits.max_fds as u64,
+            limit: max_fds as u64,
             by_peer: false,
         }
     }

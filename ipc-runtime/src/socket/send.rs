@@ -252,7 +252,12 @@ impl Socket {
     #[inline]
     pub(crate) fn check_outgoing(&self, len: usize, fds: usize) -> Result<()> {
         if len > self.limits.send_len() || fds > self.limits.max_fds {
-            return Err(over_limits(len, fds, self.limits));
+            return Err(over_limits(
+                len,
+                fds,
+                self.limits.send_len(),
+                self.limits.max_fds,
+            ));
         }
         Ok(())
     }
