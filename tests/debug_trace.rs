@@ -1728,3 +1728,81 @@ fn a_full_stderr_holds_no_traced_process_up() {
     let unprinted = said("not printed: stderr was full");
     assert!(said(r#"-> Reply #4 "ba""#) > unprinted, "{stderr}");
 }
+
+/// Serves `Lab` by replying to any call with 16 MiB, given up after one poll (a timeout
+/// around [`AsyncCall::reply`](typed_ipc::tokio::AsyncCall::reply)): what the socket takes
+/// goes out, the rest from the connection's task, as for a call cut off part-way; but a
+/// reply has no traced line to print.
+#[cfg(feature = "tokio")]
+struct CutsOffItsReply;
+
+#[cfg(feature = "tokio")]
+impl typed_ipc::tokio::AsyncService for CutsOffItsReply {
+    fn info(&self) -> &'static typed_ipc::service::InterfaceInfo {
+        &asynchronous::LAB_INFO
+    }
+    fn handle<'a>(
+        &'a self,
+        call: &'a mut typed_ipc::tokio::AsyncCall,
+    ) -> typed_ipc::tokio::BoxFuture<'a, typed_ipc::Result<()>> {
+        Box::pin(async move {
+            let reply = call.reply("r".repeat(16 << 20));
+            let cut_off = tokio::time::timeout(std::time::Duration::ZERO, reply).await;
+            assert!(cut_off.is_err(), "{cut_off:?}");
+            Ok(())
+        })
+    }
+}
+
+/// Polls `future` once, and says it is still pending.
+#[cfg(feature = "tokio")]
+async fn pending_after_one_poll<F: std::future::Future>(future: std::pin::Pin<&mut F>) {
+    tokio::select! {
+        biased;
+        _ = future => panic!("it finished"),
+        () = std::future::ready(()) => {}
+    }
+}
+
+/// A call given up before any of it went out, after a reply on this thread was cut off
+/// part-way: nothing of the call was sent.
+#[cfg(feature = "tokio")]
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_unsent_after_a_reply_cut_off_async() {
+    common::current_thread_runtime().block_on(async {
+        // A call that waits for the send lock, which a 16 MiB call part-way out to a peer
+        // that reads nothing holds.
+        let (ours, _theirs) = typed_ipc::Socket::pair().unwrap();
+        let conn = typed_ipc::tokio::AsyncConnection::new(ours).unwrap();
+        let stuck = asynchronous::LabClient::new(conn);
+        let mut big = Box::pin(stuck.echo(vec![7; 16 << 20]));
+        pending_after_one_poll(big.as_mut()).await;
+        let mut unsent = Box::pin(stuck.reverse("never sent".into()));
+        pending_after_one_poll(unsent.as_mut()).await;
+        // Meanwhile, on another connection, a reply is cut off part-way.
+        let (server, client) = typed_ipc::tokio::AsyncConnection::pair().unwrap();
+        server.add_service(CutsOffItsReply);
+        let client = asynchronous::LabClient::new(client);
+        let answer = client.reverse("z".into()).await.unwrap();
+        assert_eq!(answer.len(), 16 << 20);
+        // Given up, unsent.
+        drop(unsent);
+    });
+}
+
+/// The call given up unsent is not printed as sent: the reply cut off part-way before it,
+/// on the same thread, which the connection sent on in the background, is no call's.
+#[cfg(feature = "tokio")]
+#[test]
+fn a_reply_cut_off_part_way_makes_no_unsent_call_print_as_sent_async() {
+    let stderr = traced_stderr("child_unsent_after_a_reply_cut_off_async");
+    assert!(
+        stderr.contains("Lab::echo(") && stderr.contains("Reply #1"),
+        "the scenario did not run:\n{stderr}"
+    );
+    assert!(
+        !stderr.contains("never sent"),
+        "a call that never went out is printed as sent:\n{stderr}"
+    );
+}

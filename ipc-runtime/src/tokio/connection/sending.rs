@@ -31,8 +31,9 @@ use crate::socket::{RETRY_SEND, SendCursor, Socket};
 use crate::tokio::envelope::{self, Envelope};
 
 thread_local! {
-    /// A send dropped part-way handed its rest to a task (`Outgoing::finish`, tracing on):
-    /// for the [`TracedSend`] dropped next on this thread, in the same future as that send.
+    /// A call or oneway dropped part-way handed its rest to a task (`Outgoing::finish`,
+    /// tracing on): for the [`TracedSend`] dropped next on this thread, in the same future as
+    /// that send. Not for a reply, which has no `TracedSend` to take it.
     static HANDED_OVER: Cell<bool> = const { Cell::new(false) };
 }
 
@@ -482,6 +483,9 @@ impl Outgoing<'_, '_> {
             self.inner.hang_up(Socket::shutdown);
             return;
         };
+        if self.inner.trace && sent_by_a_traced_send(&self.framed) {
+            HANDED_OVER.set(true);
+        }
         let mut cursor = self.cursor;
         cursor.forget_sent_fds();
         let rest = Remainder {
@@ -493,9 +497,6 @@ impl Outgoing<'_, '_> {
             finished: false,
             _task: self.inner.tasks.enter(),
         };
-        if self.inner.trace {
-            HANDED_OVER.set(true);
-        }
         self.inner.runtime.spawn(async move {
             let mut rest = rest;
             let fds: Vec<BorrowedFd<'_>> = rest.fds.iter().map(|fd| fd.as_fd()).collect();
@@ -504,6 +505,16 @@ impl Outgoing<'_, '_> {
             rest.finished = true;
         });
     }
+}
+
+/// Whether the message in `framed` is a call or a oneway, whose sender holds a [`TracedSend`]
+/// (tracing on) to take the flag: a reply (an [`AsyncCall::reply`](crate::tokio::AsyncCall)
+/// cut off by its handler) or an announcement has none, and its flag, left set, would make
+/// the next call given up on this thread print as sent, though none of it went out.
+#[cold]
+fn sent_by_a_traced_send(framed: &[u8]) -> bool {
+    let kind = framed.get(envelope::FRAMED_AT).copied();
+    kind == Some(envelope::Kind::Call as u8) || kind == Some(envelope::Kind::Oneway as u8)
 }
 
 /// The rest of a message whose sender was dropped part-way. Holds the send lock until the
