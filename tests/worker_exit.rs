@@ -97,8 +97,9 @@ mod asynchronous {
 #[cfg(feature = "tokio")]
 impl asynchronous::Sink for SinkImpl {
     async fn put(&self, n: u64) {
-        // Blocks the runtime's thread: the test's runtime has a second one for the reader.
-        Sink::put(self, n);
+        // Waits outside the runtime: a worker thread blocked in a task can leave the other
+        // one parked away from the IO driver, and then nothing reads (it hung so under load).
+        tokio::task::block_in_place(|| Sink::put(self, n));
     }
 }
 
