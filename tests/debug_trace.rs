@@ -60,7 +60,8 @@ pub trait Lab {
 pub struct Tag(pub u32);
 
 std::thread_local! {
-    static TAG_CALLS: std::cell::RefCell<Option<LabClient>> = const { std::cell::RefCell::new(None) };
+    static TAG_CALLS: std::cell::RefCell<Option<LabClient>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 impl Serialize for Tag {
@@ -1504,8 +1505,8 @@ fn unread_by_peer(socket: &typed_ipc::Socket) -> i32 {
     unread
 }
 
-/// A thread sends a call larger than the socket buffer (64 MiB), which the raw peer `b` does not read
-/// yet: it holds the connection's send lock, and reads meanwhile. This thread then takes
+/// A thread sends a call larger than the socket buffer (64 MiB), which the raw peer `b` does
+/// not read yet: it holds the connection's send lock, and reads meanwhile. This thread then takes
 /// stderr's lock and calls, waiting for that send lock; the peer announces an inbox, which
 /// the sending thread reads and says, and only then reads both calls and answers them.
 #[test]

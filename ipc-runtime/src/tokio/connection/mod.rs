@@ -311,11 +311,13 @@ impl AsyncConnection {
     }
 
     /// Lets the peer write byte strings of 256 KiB to 1 MiB straight into this process's
-    /// memory. As [`Connection::accept_writes_from_peer`](crate::Connection::accept_writes_from_peer),
-    /// which says when that is safe. The announcement goes out at once, before anything this
+    /// memory. As [`Connection::accept_writes_from_peer`][accept], which says when that is
+    /// safe. The announcement goes out at once, before anything this
     /// end sends next, unless the socket is full: then from a task of the connection's
     /// runtime, after what this end sends meanwhile (until it arrives the peer sends its
     /// strings the other ways).
+    ///
+    /// [accept]: crate::Connection::accept_writes_from_peer
     pub fn accept_writes_from_peer(&self) -> Result<()> {
         let announcement = self.inner.lane.accept_writes()?;
         let name = self.inner.name;
