@@ -373,6 +373,46 @@ mod async_flavour {
         });
     }
 
+    /// `a_refused_region_fd_is_not_closed_on_the_serving_thread`, async, for a piped string
+    /// (tag 2) cut off after its reference: the decode fails reading the rest of the string,
+    /// and the fd the reference named, a pipe whose lock the client holds, must not be closed
+    /// on the runtime's thread.
+    #[test]
+    fn an_async_server_leaves_the_pipe_of_a_string_cut_short_to_the_closer() {
+        let _fds = fd_count_lock();
+        let (ours, theirs) = Socket::pair().unwrap();
+        let (read, write) = nix::unistd::pipe().unwrap();
+        let mut msg = common::call_envelope(&BULK_INFO, 0, 1); // cmd 0: bump
+        msg.push(2); // tag: piped
+        msg.extend_from_slice(&1u32.to_le_bytes()); // seq
+        msg.extend_from_slice(&0u32.to_le_bytes()); // fd index
+        msg.extend_from_slice(&10u64.to_le_bytes()); // piped length; the message ends here
+        ours.send(&msg, &[read.as_fd()]).unwrap();
+        // Before the server runs: its copy, queued in the socket, is then the last.
+        drop(read);
+        let held = common::hold_pipe_lock(write);
+        let server = std::thread::spawn(move || {
+            common::current_thread_runtime().block_on(async move {
+                let connection = typed_ipc::tokio::AsyncConnection::new(theirs).unwrap();
+                asynchronous::BulkServer::new(AsyncBulkImpl::default())
+                    .serve(connection)
+                    .await
+            })
+        });
+        let caller = std::thread::spawn(move || {
+            // Up to the failure for the call, or the server's hang-up.
+            while let Ok(reply) = ours.recv() {
+                if reply.payload[0] == 4 {
+                    break;
+                }
+            }
+            ours
+        });
+        let (ours, write) = common::joined_never_stuck_on_the_pipe(caller, held);
+        drop((ours, write));
+        let _ = server.join().unwrap();
+    }
+
     const SIZES: [usize; 5] = [1023, 1024, 100_000, (3 << 20) + 5, (32 << 20) + 1];
 
     #[test]

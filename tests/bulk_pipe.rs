@@ -414,6 +414,80 @@ fn closing_a_peers_pipe_does_not_stall_the_server() {
     server.join().unwrap().unwrap();
 }
 
+/// The same peer, its piped string cut off after the reference, before the rest of the
+/// string (its tail): the decode has taken the fd from the message's table by then, and fails
+/// reading the tail. The fd must still go to the closer, not be closed on the serving thread.
+#[test]
+fn a_peers_pipe_named_by_a_string_cut_short_does_not_stall_the_server() {
+    let _fds = fd_count_lock();
+    let (ours, theirs) = Socket::pair().unwrap();
+    let (entered, held) = channel();
+    let (go, wait) = channel();
+    let sink = SinkImpl {
+        fed: Arc::default(),
+        gate: Some((entered, Mutex::new(wait))),
+    };
+    let server = std::thread::spawn(move || SinkServer::new(sink).serve(Connection::new(theirs)));
+    // `hold` (cmd 7) keeps the only serving thread until `go`: the next call waits, queued.
+    ours.send(&common::call_envelope(&SINK_INFO, 7, 1), &[])
+        .unwrap();
+    held.recv().unwrap();
+    let (read, write) = nix::unistd::pipe().unwrap();
+    let mut msg = common::call_envelope(&SINK_INFO, 0, 2); // cmd 0: sum, piped
+    msg.push(2);
+    for word in [2u32, 0] {
+        msg.extend_from_slice(&word.to_le_bytes()); // seq, fd index
+    }
+    msg.extend_from_slice(&10u64.to_le_bytes()); // piped length; no tail: the message ends
+    ours.send(&msg, &[read.as_fd()]).unwrap();
+    drop(read); // the server's copy, queued, is the last
+    let held = hold_pipe_lock(write);
+    go.send(()).unwrap();
+    let caller = std::thread::spawn(move || {
+        // Whatever the server answers, up to its failure for the call, or its hang-up.
+        while let Ok(reply) = ours.recv() {
+            if reply.payload[0] == 4 {
+                break;
+            }
+        }
+        ours
+    });
+    let (ours, write) = joined_never_stuck_on_the_pipe(caller, held);
+    drop((ours, write));
+    let _ = server.join().unwrap();
+}
+
+/// `codec::decode` promises that the fds a value does not claim are closed off the decoding
+/// thread. A byte string out of line (placed, or piped) decoded with no connection to fetch it
+/// from is refused; the fd its reference named is the peer's, and must go to the closer too.
+#[test]
+fn decoding_a_string_out_of_line_without_a_connection_leaves_its_fd_to_the_closer() {
+    let _fds = fd_count_lock();
+    for tag in [1u8, 2] {
+        let mut bytes = vec![tag];
+        bytes.extend_from_slice(&1u32.to_le_bytes()); // seq
+        bytes.extend_from_slice(&0u32.to_le_bytes()); // fd index
+        if tag == 1 {
+            bytes.extend_from_slice(&0u64.to_le_bytes()); // offset
+        }
+        bytes.extend_from_slice(&10u64.to_le_bytes()); // length
+        if tag == 2 {
+            bytes.extend_from_slice(&0u64.to_le_bytes()); // tail length
+        }
+        let (read, write) = nix::unistd::pipe().unwrap();
+        let held = hold_pipe_lock(write);
+        let caller = std::thread::spawn(move || {
+            typed_ipc::codec::decode::<SharedBytes>(&bytes, vec![read]).map(drop)
+        });
+        let (decoded, write) = joined_never_stuck_on_the_pipe(caller, held);
+        assert!(
+            decoded.is_err(),
+            "tag {tag}: no connection to fetch it from"
+        );
+        drop(write);
+    }
+}
+
 /// Bytes waiting in the pipe behind `fd` (either end).
 fn bytes_in(fd: &OwnedFd) -> usize {
     let mut n: libc::c_int = 0;

@@ -200,8 +200,9 @@ impl<'de> Deserialize<'de> for Bytes<Vec<u8>> {
                     1 => {
                         fetch_once()?;
                         let placed: Placed = seq.next_element()?.ok_or_else(missing)?;
-                        let fd = named_fd(placed.fd);
-                        with_current_store(|store| store.take(&placed, fd))
+                        // Taken from the table only by the store, which hands an fd it
+                        // refuses to the closer; one left there goes to the closer too.
+                        with_current_store(|store| store.take(&placed, named_fd(placed.fd)))
                             .ok_or_else(|| {
                                 A::Error::custom(
                                     "an out-of-line byte string, but no shared region to read it from",
@@ -231,9 +232,11 @@ fn take_piped<'de, A: serde::de::SeqAccess<'de>>(seq: &mut A) -> Result<Vec<u8>,
     fetch_once()?;
     let missing = || A::Error::custom("a byte string ended early");
     let piped: Piped = seq.next_element()?.ok_or_else(missing)?;
-    let fd = named_fd(piped.fd);
     let tail = seq.next_element::<InlineBuf>()?.ok_or_else(missing)?;
-    with_current_store(|store| store.take_piped(&piped, fd, &tail.0))
+    // The fd is taken from the table only now, by the store: taken before a tail that is
+    // missing, it was dropped here, on the decoding thread, where closing a peer's pipe may
+    // wait for as long as the peer likes (README, "slow closes").
+    with_current_store(|store| store.take_piped(&piped, named_fd(piped.fd), &tail.0))
         .ok_or_else(|| A::Error::custom("a piped byte string, but no pipe to read it from"))?
         .map_err(unfetched)
 }
