@@ -75,6 +75,9 @@ pub const ENV: &str = "TYPED_IPC_FD";
 pub struct Worker {
     child: Child,
     pidfd: Option<OwnedFd>,
+    /// The kernel has pidfds, but the child was reaped before its pidfd could be opened
+    /// (`SIGCHLD` ignored): its pid may be another process's now, so nothing uses it.
+    gone: bool,
     /// How the child ended, once this has reaped it.
     exit: Option<Exit>,
     /// Closes the connection [`Worker::spawn`] returned, once the child is gone.
@@ -251,11 +254,15 @@ impl Worker {
         }
         let child = command.spawn().map_err(|e| cannot_start(&command, e))?;
         drop(theirs);
-        let pidfd = pidfd_open(child.id());
+        let (pidfd, gone) = match child_pidfd(child.id()) {
+            Ok(pidfd) => (Some(pidfd), false),
+            Err(error) => (None, error.raw_os_error() == Some(libc::ESRCH)),
+        };
         Ok((
             Worker {
                 child,
                 pidfd,
+                gone,
                 exit: None,
                 closer: None,
                 watch: None,
@@ -323,6 +330,7 @@ impl Worker {
     fn send_kill(&mut self) -> io::Result<()> {
         let sent = match &self.pidfd {
             Some(pidfd) => pidfd_kill(pidfd.as_fd()),
+            None if self.gone => Ok(()),
             // Without a pidfd there is only the pid, which the child may no longer own.
             None => self.child.kill(),
         };
@@ -411,6 +419,7 @@ impl Worker {
                 Err(error) if error.raw_os_error() == Some(libc::EINVAL) => self.reap_by_pid(block),
                 reaped => reaped,
             },
+            None if self.gone => Err(io::Error::from_raw_os_error(libc::ECHILD)),
             // Without a pidfd there is only the pid, which the child may no longer own.
             None => self.reap_by_pid(block),
         };
@@ -455,8 +464,9 @@ impl Worker {
     ///
     /// It is opened just after the child starts (std cannot yet hand one over from the
     /// spawn itself), so a child that exits at once in a process that ignores `SIGCHLD`,
-    /// where the kernel reaps it at once, may leave it `None`; `kill` and `wait` then fall
-    /// back to the pid.
+    /// where the kernel reaps it at once, may leave it `None`. Then `kill` does nothing and
+    /// `wait` fails at once, saying the worker was reaped elsewhere: its pid may be another
+    /// process's by then, so neither uses it. (Without pidfds, both use the pid.)
     pub fn pidfd(&self) -> Option<BorrowedFd<'_>> {
         self.pidfd.as_ref().map(|fd| fd.as_fd())
     }
@@ -590,11 +600,39 @@ fn exit_of(status: ExitStatus) -> Exit {
     }
 }
 
-fn pidfd_open(pid: u32) -> Option<OwnedFd> {
+fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
     // SAFETY: a non-negative return is a new close-on-exec fd that nothing else owns.
-    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// A pidfd for `pid`, a child this process just started; `ESRCH` if that child is gone,
+/// reaped already. Opened after the spawn, it could name a stranger: a child that exited at
+/// once in a process that ignores `SIGCHLD` is reaped by the kernel, and its pid may be taken
+/// before the open; `kill` and the exit watch would then act on that other process. A
+/// `waitid` that leaves the child as it is (`WNOWAIT`) fails with `ECHILD` for a process that
+/// is not this one's child. Kept unchecked where the kernel lacks `waitid(P_PIDFD)` (5.3).
+fn child_pidfd(pid: u32) -> io::Result<OwnedFd> {
+    let pidfd = pidfd_open(pid)?;
+    loop {
+        // SAFETY: `siginfo_t` is plain data, for which all zeroes is a valid value.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let options = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
+        let id = pidfd.as_raw_fd() as libc::id_t;
+        // SAFETY: waitid writes only into `info`, which is valid for writes.
+        if unsafe { libc::waitid(libc::P_PIDFD, id, &mut info, options) } == 0 {
+            return Ok(pidfd);
+        }
+        match io::Error::last_os_error().raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::ECHILD) => return Err(io::Error::from_raw_os_error(libc::ESRCH)),
+            _ => return Ok(pidfd),
+        }
+    }
 }
 
 /// Sends `SIGKILL` to the process `pidfd` refers to; fails with `ESRCH` if it is gone.
@@ -813,8 +851,21 @@ fn is_the_socket(fd: BorrowedFd<'_>, inode: u64) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{Exit, Worker, parse};
+    use super::{Exit, Worker, child_pidfd, parse};
     use crate::Error;
+
+    /// A pidfd opened after the spawn is kept only for a process that is still this one's
+    /// child: a pid the kernel gave to another process (this one's parent here, as a stranger
+    /// that took a reaped child's pid) gets none, so that nothing is killed through it.
+    #[test]
+    fn a_pidfd_is_kept_only_for_a_child_of_this_process() {
+        let stranger = std::os::unix::process::parent_id();
+        let error = child_pidfd(stranger).expect_err("a pidfd for this process's parent");
+        assert_eq!(error.raw_os_error(), Some(libc::ESRCH), "{error}");
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        assert!(child_pidfd(child.id()).is_ok(), "no pidfd for a child");
+        child.wait().unwrap();
+    }
 
     /// A worker that cannot start says which program, keeping the error's kind: a host
     /// starting several plugins learns which one is missing.
