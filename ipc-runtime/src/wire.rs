@@ -48,8 +48,10 @@ pub const HEADER_LEN: usize = 16;
 /// away at accept. 10: a mismatch reply (`Failure::Mismatch`) lists each method's type shape
 /// too (its `MethodInfo::shape`), so that a method whose types alone differ is named. 11: a
 /// method's `Option<Vec<u8>>` or `Result<Vec<u8>, E>` carries its bytes as one byte string,
-/// as a `Vec<u8>` does, no longer as serde's sequence of `u8`s.
-pub const VERSION: u8 = 11;
+/// as a `Vec<u8>` does, no longer as serde's sequence of `u8`s. 12: a cancel (envelope kind
+/// 7, no body) tells the receiver that the sender no longer waits for the reply to its call
+/// with that cookie, and the receiver drops that call if it can.
+pub const VERSION: u8 = 12;
 const MAGIC: [u8; 2] = *b"TI";
 /// Most payload bytes a first datagram may carry: the receiver reads first datagrams into a
 /// buffer of this size, so small messages need no allocation.

@@ -3,7 +3,7 @@
 //!
 //! | offset | size | field       | meaning                                                  |
 //! |-------:|-----:|-------------|----------------------------------------------------------|
-//! | 0      | 1    | `kind`      | 1 call, 2 oneway, 3 reply, 4 failure, 5 announce, 6 refusal |
+//! | 0      | 1    | `kind`      | [`Kind`]: 1 call, 2 oneway, 3 reply, 4 failure, ... 7 cancel |
 //! | 1      | 3    | `lane`      | the blocking flavour's [lane word](super::lane); else 0  |
 //! | 4      | 4    | `cmd`       | command id of the method (calls, oneways)                |
 //! | 8      | 8    | `cookie`    | matches a reply to its call; 0 for oneways               |
@@ -46,6 +46,15 @@ pub enum Kind {
     /// body is the reason (UTF-8, at most [`REASON_MAX`] bytes), which the receiver's calls
     /// fail with ([`refusal`]). `cmd`, `cookie`, `interface` and `signature` are zero.
     Refusal = 6,
+    /// The sender no longer waits for the reply to its call `cookie` (it timed out, or its
+    /// future was dropped): the receiver drops the call unrun if it is still queued, stops
+    /// its handler if it can (the async flavour drops the handler's future), and sends no
+    /// reply. A cookie the receiver does not know (the reply went already: a race, not an
+    /// error) is ignored. Cookie 0 cancels nothing: the message only carries its sender's
+    /// lane word, the acknowledgement of a placement whose request was dropped unread, which
+    /// no reply carries now. No body, no fds (any the receiver finds are dropped); `cmd`,
+    /// `interface` and `signature` are zero.
+    Cancel = 7,
 }
 
 /// A decoded envelope.
@@ -95,6 +104,7 @@ impl Envelope {
             4 => Kind::Failure,
             5 => Kind::Announce,
             6 => Kind::Refusal,
+            7 => Kind::Cancel,
             k => return Err(Error::Malformed(format!("unknown message kind {k}"))),
         };
         let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
@@ -221,6 +231,18 @@ mod tests {
         assert_eq!(kind_byte(&b), Some(Kind::Failure as u8));
         assert_eq!(kind_byte(&b[..LEN - 1]), None);
         assert_eq!(lane(&b[..2]), 0);
+        let mut c = [0u8; LEN];
+        let cancel = Envelope {
+            kind: Kind::Cancel,
+            cookie: 5,
+            ..Envelope::announce()
+        };
+        cancel.write(&mut c);
+        let cancel = Envelope::read(&c).unwrap();
+        assert_eq!(
+            (cancel.kind, cancel.cookie, cancel.cmd),
+            (Kind::Cancel, 5, 0)
+        );
         b[0] = 9;
         assert!(matches!(Envelope::read(&b), Err(Error::Malformed(_))));
     }

@@ -346,6 +346,15 @@ impl Shared {
                 self.fail(&mut state, why);
                 keep_unread(&mut state, frame);
             }
+            // A cancel: taken in (its lane word counts), and dropped with whatever else it
+            // holds (a hostile peer's body or fds).
+            (Kind::Cancel, result) => {
+                state = self.trace_unlocked(state, &envelope, &frame);
+                if result.is_ok() {
+                    self.lane.finished(&frame.payload);
+                }
+                keep_unread(&mut state, frame);
+            }
             (Kind::Announce, result) => {
                 // Not with the lock held: a write to stderr may block.
                 state = self.trace_unlocked(state, &envelope, &frame);

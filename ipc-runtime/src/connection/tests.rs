@@ -797,6 +797,30 @@ fn a_message_half_read_when_its_reader_gives_up_is_finished_by_the_next() {
     assert_eq!(second_call.join().unwrap().unwrap(), 42);
 }
 
+/// A cancel (envelope kind 7) for a call that is not running, with a body and an fd a
+/// hostile peer put in, is dropped whole: the connection goes on. Before wire version 12 the
+/// kind was unknown and ended the connection as malformed.
+#[test]
+fn a_cancel_of_no_call_is_ignored_with_what_it_holds() {
+    let (a, b) = Connection::pair().unwrap();
+    let (open, serving) = serve_gated(&b);
+    let mut cancel = vec![0u8; envelope::LEN];
+    Envelope {
+        kind: Kind::Cancel,
+        cookie: 77,
+        ..Envelope::announce()
+    }
+    .write(&mut cancel);
+    cancel.extend_from_slice(b"a body no cancel has");
+    let fd = crate::memfd::new_memfd(8).unwrap();
+    a.socket().send(&cancel, &[fd.as_fd()]).unwrap();
+    open.send(()).unwrap();
+    let Bytes(back): Bytes<Vec<u8>> = a.call(&BULK, 1, &Bytes(vec![1, 2, 3]), None).unwrap();
+    assert_eq!(back, [1, 2, 3]);
+    drop(a);
+    serving.join().unwrap().unwrap();
+}
+
 static HELD: InterfaceInfo = InterfaceInfo {
     name: "Held",
     id: 5,

@@ -489,6 +489,32 @@ async fn settle(client: &super::AsyncConnection, server: &super::AsyncConnection
     false
 }
 
+/// A cancel (envelope kind 7) for a call that is not running, with a body and an fd a
+/// hostile peer put in, is dropped whole: the connection goes on. Before wire version 12 the
+/// kind was unknown and ended the connection as malformed.
+#[test]
+fn an_async_cancel_of_no_call_is_ignored_with_what_it_holds() {
+    use crate::connection::envelope::{self, Envelope, Kind};
+    use crate::connection::tests::BULK;
+
+    let rt = multi_thread_runtime(2);
+    rt.block_on(async {
+        let (client, server) = super::AsyncConnection::pair().unwrap();
+        server.add_service(QuickEcho::default());
+        let mut cancel = vec![0u8; envelope::LEN];
+        Envelope {
+            kind: Kind::Cancel,
+            cookie: 77,
+            ..Envelope::announce()
+        }
+        .write(&mut cancel);
+        cancel.extend_from_slice(b"a body no cancel has");
+        // A small message on an idle connection: the blocking send does not wait.
+        client.socket().send(&cancel, &[memfd(1).as_fd()]).unwrap();
+        assert_eq!(client.call::<_, u32>(&BULK, 2, (), None).await.unwrap(), 7);
+    });
+}
+
 /// Calls cancelled at random moments, with placed byte strings both ways: afterwards no lane
 /// is left busy.
 #[test]

@@ -233,6 +233,12 @@ impl Inner {
                 frame.discard_fds();
                 return Err(received.map_or_else(|e| e, |()| envelope::refused(&frame.payload)));
             }
+            // A cancel: taken in (its lane word counts, above), and dropped with whatever else
+            // it holds (a hostile peer's body or fds).
+            (Kind::Cancel, _) => {
+                self.lane.finished(&frame.payload);
+                frame.discard_fds();
+            }
             (Kind::Announce, received) => {
                 frame.discard_fds();
                 let (mailbox, token) =
