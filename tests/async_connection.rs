@@ -132,8 +132,10 @@ impl Lab for LabImpl {
         self.0.in_order.load(Ordering::SeqCst)
     }
     async fn slow_fd(&self, key: u32) -> OwnedFd {
-        self.until_released(key).await;
+        // Taken before it waits: a call cancelled meanwhile has its future, and the fd with
+        // it, dropped; one that runs on returns it.
         let fd = self.0.late_fds.lock().unwrap().remove(&key);
+        self.until_released(key).await;
         fd.unwrap_or_else(|| memfd(b"late"))
     }
     async fn meet(&self, n: u32) -> u32 {
@@ -290,7 +292,7 @@ fn a_slow_handler_does_not_stall_the_others() {
 }
 
 #[test]
-fn a_timed_out_call_drops_its_late_reply_and_closes_its_fds() {
+fn a_timed_out_call_is_dropped_at_the_server_and_its_fds_closed() {
     let _fds = fd_count_lock();
     let rt = runtime();
     let before = open_fds();
@@ -307,8 +309,9 @@ fn a_timed_out_call_drops_its_late_reply_and_closes_its_fds() {
             std::process::id() as i32
         );
         running.lab.release_key(3);
-        // The late reply carries the pipe's write end: EOF means the server sent it and this
-        // side dropped it.
+        // The handler holds the pipe's write end: EOF means the server dropped it on the
+        // call's cancel (or, had the reply crossed the cancel, sent it and this side dropped
+        // it).
         until_eof(read_end).await;
         assert!(!running.client.connection().is_closed());
         running.stop().await;
@@ -316,8 +319,10 @@ fn a_timed_out_call_drops_its_late_reply_and_closes_its_fds() {
     assert_eq!(open_fds(), before);
 }
 
+/// A call dropped (by `select!`, or its task aborted) once the server has started on it has
+/// its handler dropped there: the write end it holds closes (EOF), and the connection goes on.
 #[test]
-fn dropping_a_call_frees_its_slot_and_the_late_reply_is_dropped() {
+fn dropping_a_call_frees_its_slot_and_drops_its_handler() {
     let _fds = fd_count_lock();
     let rt = runtime();
     let before = open_fds();

@@ -79,6 +79,16 @@ impl Envelope {
         }
     }
 
+    /// The envelope of a [`Kind::Cancel`] message for the call `cookie` (0: none).
+    #[cfg(feature = "tokio")]
+    pub fn cancel(cookie: u64) -> Envelope {
+        Envelope {
+            kind: Kind::Cancel,
+            cookie,
+            ..Envelope::announce()
+        }
+    }
+
     /// Writes the envelope at the start of `buf`, which must hold at least [`LEN`] bytes.
     pub fn write(&self, buf: &mut [u8]) {
         buf[0] = self.kind as u8;

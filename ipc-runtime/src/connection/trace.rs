@@ -368,6 +368,35 @@ pub(crate) fn gave_up(name: &Name, cookie: u64, why: &str) {
     ));
 }
 
+/// This process told the peer that it no longer waits for the reply to call `cookie`
+/// (`-> Cancel #3`), or, for cookie 0, only acknowledged a placement of a call it dropped.
+#[cfg(feature = "tokio")]
+#[cold]
+#[inline(never)]
+pub(crate) fn cancelled(name: &Name, cookie: u64) {
+    match cookie {
+        0 => line(&format!(
+            "{name} -> Cancel #0 (acknowledges a dropped call's bytes)"
+        )),
+        cookie => line(&format!("{name} -> Cancel #{cookie}")),
+    }
+}
+
+/// The peer's call `cookie` was dropped on its cancel, before it ran (`running`: its
+/// handler was running, and stopped), and gets no reply.
+#[cfg(feature = "tokio")]
+#[cold]
+#[inline(never)]
+pub(crate) fn dropped_cancelled(name: &Name, cookie: u64, running: bool) {
+    let how = match running {
+        true => "its handler dropped",
+        false => "unrun",
+    };
+    line(&format!(
+        "{name} -- Call #{cookie} cancelled by the peer: {how}, no reply"
+    ));
+}
+
 /// The failure this process answers call `cookie` with: `-> Failure #3: Unanswered("…")`.
 /// Why may quote the peer's message (a decoding error may), so it is cut short.
 #[cold]

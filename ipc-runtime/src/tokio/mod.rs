@@ -24,7 +24,15 @@
 //! - **Cancellation**: dropping a call's future (a `select!`, a `timeout`, an aborted task) frees
 //!   its slot; a reply that comes later is dropped and its fds are closed (by typed-ipc's
 //!   closer, off the runtime's threads, as every fd typed-ipc drops: README, "slow
-//!   closes"). A message that was
+//!   closes"). A call dropped after its request went out and before its reply came also
+//!   tells the peer (a cancel message, sent at once if the socket takes it, else from a
+//!   task: a drop never waits). An async peer then drops the call: unrun if it has not
+//!   started (held for a server, or waiting for the oneways before it), else its handler's
+//!   future, at its next `.await` (the handler's locals are dropped, its fds closed); it
+//!   sends no reply. A blocking peer drops the call only if it is still queued when it reads
+//!   the cancel (see [`Error::TimedOut`]). A call dropped before its request went out sends
+//!   nothing; one dropped while its request was part-way out is not cancelled (see below).
+//!   A message that was
 //!   part-way out when its future was dropped is finished by a task of its own (with copies of
 //!   its remaining fds), so the stream stays in sync; only if that is impossible (no fds left,
 //!   the runtime shutting down) is the connection shut down instead.

@@ -1811,3 +1811,136 @@ fn an_accept_on_a_listener_whose_runtime_shut_down_says_so() {
         "{said}"
     );
 }
+
+// ---- cancellation: the peer drops what a caller gave up on ----
+
+/// A service whose `gated_echo` (command 1) never decodes its arguments and never returns:
+/// it says it started, then waits for good holding a guard that says when it is dropped.
+/// `ping` answers 7.
+#[derive(Clone, Default)]
+struct Stuck {
+    started: std::sync::Arc<::tokio::sync::Notify>,
+    dropped: std::sync::Arc<::tokio::sync::Notify>,
+}
+
+/// Says on its `Notify` when dropped.
+struct SaysDropped(std::sync::Arc<::tokio::sync::Notify>);
+
+impl Drop for SaysDropped {
+    fn drop(&mut self) {
+        self.0.notify_one();
+    }
+}
+
+impl super::AsyncService for Stuck {
+    fn info(&self) -> &'static crate::service::InterfaceInfo {
+        &crate::connection::tests::BULK
+    }
+    fn handle<'a>(
+        &'a self,
+        call: &'a mut super::AsyncCall,
+    ) -> super::BoxFuture<'a, crate::Result<()>> {
+        Box::pin(async move {
+            match call.command() {
+                1 => {
+                    let _guard = SaysDropped(self.dropped.clone());
+                    self.started.notify_one();
+                    std::future::pending::<()>().await;
+                    unreachable!("never woken")
+                }
+                _ => call.reply(7u32).await,
+            }
+        })
+    }
+}
+
+/// Only guards against a hang: a test that waits this long has failed anyway.
+const HANG_GUARD: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A call dropped while its handler waits has the handler's future dropped on the server (its
+/// guard says so), no reply, and the placement its request carried, never decoded, given back
+/// by a message of the server's own, with no later call to carry the acknowledgement. Before
+/// cancellation reached the peer, the handler waited for good (the guard never spoke) and the
+/// client's lane stayed busy until the server sent something else.
+#[test]
+fn a_dropped_call_has_its_handler_dropped_and_its_placement_given_back() {
+    use crate::codec::Bytes;
+    use crate::connection::tests::BULK;
+
+    let rt = multi_thread_runtime(2);
+    rt.block_on(async {
+        let (client, server) = super::AsyncConnection::pair().unwrap();
+        let stuck = Stuck::default();
+        server.add_service(stuck.clone());
+        // The server's reply says it reads lanes: the next string is placed.
+        assert_eq!(client.call::<_, u32>(&BULK, 2, (), None).await.unwrap(), 7);
+        let call = ::tokio::spawn({
+            let client = client.clone();
+            async move {
+                client
+                    .call::<_, Bytes<Vec<u8>>>(&BULK, 1, Bytes(vec![5u8; 8 << 10]), None)
+                    .await
+            }
+        });
+        stuck.started.notified().await;
+        assert!(client.test_lane().is_busy(), "the string was placed");
+        call.abort();
+        assert!(call.await.unwrap_err().is_cancelled());
+        ::tokio::time::timeout(HANG_GUARD, stuck.dropped.notified())
+            .await
+            .expect("the handler was never dropped");
+        ::tokio::time::timeout(HANG_GUARD, async {
+            while client.test_lane().is_busy() {
+                ::tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the client's lane stayed busy");
+        assert_eq!(client.call::<_, u32>(&BULK, 2, (), None).await.unwrap(), 7);
+    });
+}
+
+/// A call held for a server still to come, cancelled meanwhile, never runs once one comes:
+/// the client hangs up and the server's `run` returns, which it would not with the stuck
+/// handler running. Before, the held call ran when the service came, and `run` waited for it
+/// for good.
+#[test]
+fn a_call_cancelled_while_held_for_a_server_never_runs() {
+    use crate::connection::tests::BULK;
+    use std::future::Future;
+    use std::task::{Context, Waker};
+
+    let rt = multi_thread_runtime(2);
+    rt.block_on(async {
+        let (client, server) = super::AsyncConnection::pair().unwrap();
+        {
+            let mut call = Box::pin(client.call::<_, crate::codec::Bytes<Vec<u8>>>(
+                &BULK,
+                1,
+                crate::codec::Bytes(vec![1]),
+                None,
+            ));
+            let mut cx = Context::from_waker(Waker::noop());
+            assert!(
+                call.as_mut().poll(&mut cx).is_pending(),
+                "sent, no reply yet"
+            );
+        } // dropped: its cancel goes out
+        // Sent after the cancel: once the server has taken it in, it has read the cancel.
+        client.lend_pages_to_peer(true);
+        ::tokio::time::timeout(HANG_GUARD, async {
+            while !server.test_lane().peer_takes_pipes() {
+                ::tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the announcement never came");
+        let stuck = Stuck::default();
+        server.add_service(stuck.clone());
+        drop(client);
+        ::tokio::time::timeout(HANG_GUARD, server.run())
+            .await
+            .expect("the cancelled call ran, and waits for good")
+            .unwrap();
+    });
+}

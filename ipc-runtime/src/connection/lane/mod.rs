@@ -530,6 +530,16 @@ impl Lane {
         self.record_done(carried, UNREAD, Some(word & SEQ_MASK));
     }
 
+    /// Whether the message whose payload (envelope first) is `payload` carries a placement
+    /// of the peer's: done with it unread ([`Lane::finished`]) without a reply to carry the
+    /// acknowledgement, this end owes the peer a message that does (a call dropped on the
+    /// peer's cancel).
+    #[cfg(feature = "tokio")]
+    #[inline]
+    pub(crate) fn carries_placement(payload: &[u8]) -> bool {
+        envelope::lane(payload) >> SEQ_BITS & SEQ_MASK != 0
+    }
+
     /// Records placement `seq` as done with (`how`: 0 read, or [`UNREAD`]), unless it already
     /// is.
     fn done_with(&self, seq: u32, how: u32) {

@@ -4,6 +4,7 @@
 //! [`connection`](super) reads in one piece.
 
 use std::future::poll_fn;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use serde::Serialize;
@@ -74,10 +75,12 @@ impl AsyncConnection {
 /// A call's slot in `pending`, removed if the call is dropped before it took its reply. A
 /// reply that arrived but was not taken is finished unread (see [`Lane::finished`]) and
 /// dropped, closing its fds; one arriving later finds no slot and the reader does the same.
+/// A call dropped after its request went out and before its reply came tells the peer to
+/// drop it ([`Kind::Cancel`], by [`Inner::send_cancel`]: never waiting, as this is a drop).
 ///
 /// [`Lane::finished`]: crate::connection::lane::Lane::finished
 struct Waiting<'a> {
-    inner: &'a Inner,
+    inner: &'a Arc<Inner>,
     cookie: u64,
     /// The call went out: dropped now, its caller gave up waiting for the reply (a timeout,
     /// or its future dropped), which the trace says.
@@ -93,10 +96,20 @@ impl Drop for Waiting<'_> {
                 "timed out, or its future was dropped",
             );
         }
-        let unread = self.inner.lock().pending.cancel(self.cookie);
-        if let Some(mut frame) = unread {
-            self.inner.lane.finished(&frame.payload);
-            frame.discard_fds();
+        let unread = {
+            let mut state = self.inner.lock();
+            let unread = state.pending.cancel(self.cookie);
+            // No reply yet, and the request is out: the peer may still queue or run the
+            // call, for nobody. A connection that has ended has no peer to tell.
+            (unread, state.closed.is_none())
+        };
+        match unread {
+            (Ok(mut frame), _) => {
+                self.inner.lane.finished(&frame.payload);
+                frame.discard_fds();
+            }
+            (Err(true), true) if self.sent => self.inner.send_cancel(self.cookie),
+            _ => {}
         }
     }
 }

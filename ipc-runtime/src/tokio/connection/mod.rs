@@ -16,7 +16,9 @@ mod serving;
 #[cfg(test)]
 pub(super) use serving::IDLE_RUNNERS;
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::hash::BuildHasherDefault;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::path::Path;
@@ -35,10 +37,10 @@ use serde::de::DeserializeOwned;
 
 use super::AsyncService;
 use super::envelope::{Envelope, Kind};
-use crate::connection::Authorizer;
 use crate::connection::backlog::{AtomicBacklog, Cost};
 use crate::connection::lane::Lane;
 use crate::connection::trace;
+use crate::connection::{Authorizer, CookieHasher};
 use crate::error::{Error, Result};
 use crate::frame::Frame;
 use crate::service::InterfaceInfo;
@@ -132,6 +134,13 @@ pub(super) struct Inner {
     room: Notify,
     /// This end shut the socket down (`hang_up`): a reader waiting for room reads no more.
     hung_up: AtomicBool,
+    /// A task sends cancels of cookie 0 (acknowledgements, `Inner::send_cancel`) until none
+    /// is owed: one task at most, so that a peer that does not read, cancelling calls that
+    /// claim placements, makes one task, not one each.
+    ack_queued: AtomicBool,
+    /// Acknowledgements owed to that task, counted: it sends again if one came after it
+    /// read the count (its word may have been written before the acknowledgement).
+    acks_owed: AtomicU64,
     /// [`CLOSED`]: this end closed the connection ([`AsyncConnection::close`]): the requests
     /// not started by then never run, and those read after it are dropped. [`DRAINING`]: it
     /// stopped reading while it served, and reads on only for the replies its handlers in
@@ -169,6 +178,11 @@ struct State {
     calls_running: usize,
     /// Tasks that ran a call and wait for the next, the most recently idle last.
     idle_runners: Vec<Arc<serving::Runner>>,
+    /// The task running each call dispatched and not yet done, by the peer's cookie: where a
+    /// [`Kind::Cancel`] finds the call to drop. Bounded by the backlog; a cookie the peer
+    /// reuses while its first call runs is not entered again (that call cannot be
+    /// cancelled).
+    running: HashMap<u64, Arc<serving::Runner>, BuildHasherDefault<CookieHasher>>,
 }
 
 /// The connection's tasks still running, so that [`AsyncConnection::run`] can wait for them.
@@ -254,6 +268,8 @@ impl AsyncConnection {
             on_finish: AtomicU8::new(0),
             room: Notify::new(),
             hung_up: AtomicBool::new(false),
+            ack_queued: AtomicBool::new(false),
+            acks_owed: AtomicU64::new(0),
             dropping_requests: AtomicU8::new(0),
             ended_here: AtomicU8::new(trace::EndedHere::No as u8),
             ended: Notify::new(),
@@ -583,8 +599,14 @@ impl AsyncConnection {
     /// Calls method `cmd` of interface `iface` with `args` and waits for the reply, at most
     /// `timeout` if one is given. This is what generated async client stubs call.
     ///
-    /// Dropping the future cancels the call: the reply, when it comes, is dropped and its fds
-    /// closed. The implementation on the other side is not told; it runs to completion.
+    /// Dropping the future cancels the call: if its request went out and its reply has not
+    /// come, the peer is told (a cancel message, best effort, sent without waiting): an async
+    /// peer drops the call unrun if it has not started yet, or drops its handler's future
+    /// (so the handler stops at its next `.await`), and sends no reply; a blocking peer drops
+    /// the call if it is still queued, and lets a running handler finish. A reply that comes
+    /// anyway (it crossed the cancel) is dropped and its fds closed. A call dropped while its
+    /// request was part-way out (a large message, finished in the background) is not
+    /// cancelled: its handler runs and its reply is dropped.
     pub async fn call<A: Serialize, R: DeserializeOwned>(
         &self,
         iface: &'static InterfaceInfo,

@@ -103,14 +103,16 @@ impl Pending {
     }
 
     /// Removes the slot of a call dropped before it took its reply; the reply if it had come
-    /// (to be finished unread, and dropped with its fds, once the state lock is released).
-    pub(super) fn cancel(&mut self, cookie: u64) -> Option<Frame> {
-        match self.remove(cookie)? {
-            Slot::Waiting(_) => {
+    /// (to be finished unread, and dropped with its fds, once the state lock is released),
+    /// else whether the call still waited for it (the peer may be working on it).
+    pub(super) fn cancel(&mut self, cookie: u64) -> std::result::Result<Frame, bool> {
+        match self.remove(cookie) {
+            Some(Slot::Waiting(_)) => {
                 self.waiting -= 1;
-                None
+                Err(true)
             }
-            Slot::Answered(reply) => reply.ok(),
+            Some(Slot::Answered(Ok(reply))) => Ok(reply),
+            Some(Slot::Answered(Err(_))) | None => Err(false),
         }
     }
 
@@ -197,7 +199,7 @@ mod tests {
     fn a_reply_nobody_waits_for_comes_back_to_be_dropped() {
         let mut pending = Pending::default();
         pending.insert(1);
-        assert!(pending.cancel(1).is_none());
+        assert!(pending.cancel(1).unwrap_err(), "it waited");
         assert!(pending.nobody_waits());
         let back = pending.answer(1, Ok(frame(3))).unwrap_err().unwrap();
         assert_eq!(back.payload, [3]);
@@ -213,6 +215,7 @@ mod tests {
             [5]
         );
         assert_eq!(pending.cancel(2).unwrap().payload, [4]);
+        assert!(!pending.cancel(2).unwrap_err(), "no slot left");
         assert!(pending.is_empty());
     }
 
@@ -268,7 +271,7 @@ mod tests {
         // The first slot is free again while call 2 waits in the map.
         pending.insert(4);
         assert_eq!(pending.first.as_ref().map(|(cookie, _)| *cookie), Some(4));
-        assert!(pending.cancel(2).is_none());
+        assert!(pending.cancel(2).unwrap_err());
         assert!(
             pending.answer(2, Ok(frame(2))).is_err(),
             "call 2 was dropped"

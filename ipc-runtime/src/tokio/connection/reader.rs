@@ -233,11 +233,13 @@ impl Inner {
                 frame.discard_fds();
                 return Err(received.map_or_else(|e| e, |()| envelope::refused(&frame.payload)));
             }
-            // A cancel: taken in (its lane word counts, above), and dropped with whatever else
-            // it holds (a hostile peer's body or fds).
+            // The peer gave up on its call: dropped here if it can be. Whatever else the
+            // message holds (a hostile peer's body or fds) is dropped with it; its lane word
+            // was taken in above.
             (Kind::Cancel, _) => {
                 self.lane.finished(&frame.payload);
                 frame.discard_fds();
+                self.cancel_served(envelope.cookie);
             }
             (Kind::Announce, received) => {
                 frame.discard_fds();
@@ -335,6 +337,7 @@ impl Inner {
         let held = std::mem::take(&mut state.held);
         // Let go after the lock, as a runner's drop may take it.
         let idle = std::mem::take(&mut state.idle_runners);
+        let running = std::mem::take(&mut state.running);
         // Said once the lock is let go and the waiting calls are woken: a write to stderr may
         // block.
         let traced = self.trace.then(|| {
@@ -350,6 +353,7 @@ impl Inner {
         for runner in idle {
             runner.stop();
         }
+        drop(running);
         waiting.into_iter().for_each(Waker::wake);
         if let Some(line) = traced {
             trace::line(&line);

@@ -180,6 +180,71 @@ impl Inner {
         });
     }
 
+    /// Tells the peer that this end no longer waits for the reply to its call `cookie`, or,
+    /// with cookie 0, only what this end's lane word says ([`Kind::Cancel`]). Never waits,
+    /// as it is called from a drop: at once if the message can go out so (the send lock
+    /// free, room in the socket), else from a task of the connection's runtime, after what
+    /// is being sent meanwhile (a task rather than a queue the next sender empties: this end
+    /// may send nothing more for a long time, and the peer would work on for nobody). Best
+    /// effort: a runtime shutting down drops the task, and a peer gone shows on the
+    /// connection itself.
+    ///
+    /// [`Kind::Cancel`]: crate::connection::envelope::Kind::Cancel
+    #[cold]
+    #[inline(never)]
+    pub(super) fn send_cancel(self: &Arc<Self>, cookie: u64) {
+        let envelope = Envelope::cancel(cookie);
+        if let Ok(_sending) = self.send_lock.try_lock() {
+            let sent = with_buffers(|framed, fds| {
+                let placed = self.lane.encode(&envelope, &(), framed, fds)?;
+                let acknowledge = |payload: &mut [u8]| self.lane.acknowledge_in(payload);
+                let sent = self.socket().try_send_framed(framed, fds, acknowledge);
+                // A cancel places nothing, but every encode says when its send is over.
+                match sent {
+                    Ok(true) => self.lane.sent(placed),
+                    _ => self.lane.never_sent(placed),
+                }
+                sent
+            });
+            if self.trace && matches!(sent, Ok(true)) {
+                trace::cancelled(&self.name, cookie);
+            }
+            if !matches!(sent, Ok(false)) {
+                return;
+            }
+        }
+        if cookie == 0 {
+            self.acks_owed.fetch_add(1, Ordering::SeqCst);
+            if self.ack_queued.swap(true, Ordering::SeqCst) {
+                return; // the task sending them sends this one too
+            }
+        }
+        // Let go before the task counts as ended, as for an announcement.
+        let task = (self.clone(), self.tasks.enter());
+        self.runtime.spawn(async move {
+            let (inner, guard) = task;
+            loop {
+                // Read before the word is written (under the send lock, as it goes).
+                let seen = inner.acks_owed.load(Ordering::SeqCst);
+                let sent = inner.send(envelope, ()).await.is_ok();
+                if sent && inner.trace {
+                    trace::cancelled(&inner.name, cookie);
+                }
+                if cookie != 0 {
+                    break;
+                }
+                inner.ack_queued.store(false, Ordering::SeqCst);
+                // Owed since `seen`, and no task took it: this one sends again.
+                let again = sent && inner.acks_owed.load(Ordering::SeqCst) != seen;
+                if !again || inner.ack_queued.swap(true, Ordering::SeqCst) {
+                    break;
+                }
+            }
+            drop(inner);
+            drop(guard);
+        });
+    }
+
     /// Sends `announcement` holding the send lock already (`sending`), waiting for room.
     #[cold]
     async fn send_holding(

@@ -3,17 +3,19 @@
 //! and replying; and dropping the services once nothing will dispatch again. Apart because it
 //! is where the user's handlers run.
 
-use std::future::Future;
+use std::future::{Future, poll_fn};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::pin::Pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll, Waker};
 
 use ::tokio::sync::{Notify, mpsc};
 
 use super::{Inner, State, TaskGuard};
 use crate::connection::admit::admit;
 use crate::connection::backlog::Cost;
+use crate::connection::lane::Lane;
 use crate::connection::trace;
 use crate::error::Result;
 use crate::frame::Frame;
@@ -61,17 +63,29 @@ impl Inner {
             };
             // Counted until done, however its task ends (see `call_done`).
             state.calls_running += 1;
-            return match state.idle_runners.pop() {
-                Some(runner) => {
+            let (runner, idle) = match state.idle_runners.pop() {
+                Some(runner) => (runner, true),
+                // Made here rather than in its task, so that a cancel finds the first call too.
+                None => (Arc::new(Runner::new(Arc::downgrade(self))), false),
+            };
+            // Not entered again for a cookie the peer reuses while its first call runs (a
+            // hostile peer's): that one's entry stays until it is done.
+            let cookie = envelope.cookie;
+            if cookie != 0 && !state.running.contains_key(&cookie) {
+                state.running.insert(cookie, runner.clone());
+            }
+            return match idle {
+                true => {
                     runner.start(request);
                     // Let go after the lock: if the runtime has dropped the runner's task, this
                     // is its last handle, whose drop finishes the call, taking the lock.
                     Some(Task::Handed(runner))
                 }
-                None => Some(Task::Calls(
+                false => Some(Task::Calls(
                     FirstCall {
                         inner: self.clone(),
                         request: Some(request),
+                        runner,
                     },
                     self.tasks.enter(),
                 )),
@@ -113,6 +127,50 @@ impl Inner {
             Task::Oneways(queue, ending) => {
                 self.runtime.spawn(run_oneways(queue, ending));
             }
+        }
+    }
+
+    /// The peer no longer waits for the reply to its call `cookie` ([`Kind::Cancel`]): a
+    /// call held for a server to come is dropped unrun here; a dispatched one's task is told
+    /// to drop it, unrun if it has not started, else its handler's future; no reply goes
+    /// out. A cookie of no call held or running (its reply went already, or a hostile
+    /// peer's) changes nothing.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn cancel_served(self: &Arc<Self>, cookie: u64) {
+        if cookie == 0 {
+            return; // cancels nothing: the message carried a lane word only
+        }
+        let mut state = self.lock();
+        if let Some(runner) = state.running.get(&cookie) {
+            runner.cancel(cookie);
+            return;
+        }
+        let held = state
+            .held
+            .iter()
+            .position(|(_, envelope, _)| envelope.kind == Kind::Call && envelope.cookie == cookie);
+        let Some(at) = held else {
+            return;
+        };
+        let (mut frame, _, cost) = state.held.remove(at);
+        drop(state);
+        if self.trace {
+            trace::dropped_cancelled(&self.name, cookie, false);
+        }
+        self.dropped_unrun(&mut frame);
+        self.finished(cost);
+    }
+
+    /// A request dropped without a handler (its call cancelled): done with a placement it
+    /// carried unread, which the peer then hears of in a message of its own, as no reply
+    /// will carry it; its fds closed by the closer.
+    fn dropped_unrun(self: &Arc<Self>, frame: &mut Frame) {
+        let owed = Lane::carries_placement(&frame.payload);
+        self.lane().finished(&frame.payload);
+        frame.discard_fds();
+        if owed {
+            self.send_cancel(0);
         }
     }
 
@@ -206,6 +264,13 @@ pub(super) struct Runner {
     wake: Notify,
     /// The connection, for a call handed over that the task never takes (see `Drop`).
     inner: std::sync::Weak<Inner>,
+    /// The cookie of the last call the peer cancelled while this task had it (0: none):
+    /// the call it runs stops if it is this one. A cookie rather than a flag, so that a
+    /// cancel that comes as one call finishes does not stop the next.
+    cancelled: AtomicU64,
+    /// The task's waker, once its call has waited (a call done in its first poll, the
+    /// usual case, never stores it): a cancel wakes it.
+    waker: parking_lot::Mutex<Option<Waker>>,
 }
 
 impl Drop for Runner {
@@ -225,6 +290,7 @@ impl Drop for Runner {
 pub(super) struct FirstCall {
     inner: Arc<Inner>,
     request: Option<Request>,
+    runner: Arc<Runner>,
 }
 
 impl Drop for FirstCall {
@@ -251,6 +317,38 @@ impl Drop for CallRunning<'_> {
 }
 
 impl Runner {
+    fn new(inner: std::sync::Weak<Inner>) -> Runner {
+        Runner {
+            next: parking_lot::Mutex::new(None),
+            wake: Notify::new(),
+            inner,
+            cancelled: AtomicU64::new(0),
+            waker: parking_lot::Mutex::new(None),
+        }
+    }
+
+    /// Tells the task that the peer cancelled its call `cookie` (under the state lock, with
+    /// the call still in `running`, so the task has not taken another since).
+    fn cancel(&self, cookie: u64) {
+        self.cancelled.store(cookie, Ordering::SeqCst);
+        if let Some(waker) = self.waker.lock().as_ref() {
+            waker.wake_by_ref();
+        }
+    }
+
+    /// Whether the call `cookie` was cancelled, leaving `waker` to be woken if it is later.
+    fn cancelled(&self, cookie: u64, waker: &Waker) -> bool {
+        {
+            let mut stored = self.waker.lock();
+            match &*stored {
+                Some(stored) if stored.will_wake(waker) => {}
+                _ => *stored = Some(waker.clone()),
+            }
+        }
+        // After the waker is in: a cancel that stores its cookie later wakes it.
+        self.cancelled.load(Ordering::SeqCst) == cookie
+    }
+
     fn start(&self, request: Request) {
         *self.next.lock() = Some(request);
         self.wake.notify_one(); // stored if the task is not waiting yet
@@ -269,24 +367,27 @@ impl Runner {
 async fn run_calls(mut first: FirstCall, guard: TaskGuard) {
     let mut request = first.request.take().expect("a first call");
     let mut inner = first.inner.clone();
+    let runner = first.runner.clone();
     drop(first);
     let weak = Arc::downgrade(&inner);
-    let runner = Arc::new(Runner {
-        next: parking_lot::Mutex::new(None),
-        wake: Notify::new(),
-        inner: weak.clone(),
-    });
     loop {
         let mut running = CallRunning {
             inner: &inner,
             done: false,
         };
-        run_request(&inner, request).await;
+        let cookie = request.envelope.cookie;
+        run_request(&inner, &runner, request).await;
         running.done = true;
         drop(running);
         {
             let mut state = inner.lock();
             state.calls_running -= 1;
+            if let Some(entry) = state.running.get(&cookie)
+                && Arc::ptr_eq(entry, &runner)
+            {
+                // Not the last handle: this task holds one.
+                state.running.remove(&cookie);
+            }
             if state.closed.is_some() {
                 drop(state);
                 inner.retire_services(false); // if it was the last call: nothing looks them up
@@ -317,14 +418,81 @@ async fn run_calls(mut first: FirstCall, guard: TaskGuard) {
 
 /// Runs one call request and replies, once the first `after` oneway messages have run: a
 /// peer that sends a oneway and then a call sees the call run after the oneway, as it would
-/// on one thread.
-async fn run_request(inner: &Arc<Inner>, request: Request) {
+/// on one thread. Unless the peer cancels it meanwhile ([`Runner::cancel`]): then it is
+/// dropped where it is, unrun or its handler's future, and nothing is sent for it (but an
+/// acknowledgement of a placement it carried that no reply will carry now).
+async fn run_request(inner: &Arc<Inner>, runner: &Runner, request: Request) {
+    let cookie = request.envelope.cookie;
+    let cost = request.cost;
+    let owes = Lane::carries_placement(&request.frame.payload);
     let Request {
-        mut frame,
+        frame,
         envelope,
-        cost,
+        cost: _,
         after,
     } = request;
+    // Made out here: a future dropped before its first poll drops its arguments, never
+    // having run a line of its body.
+    let unrun = Unrun { inner, frame };
+    let started = AtomicBool::new(false);
+    let mut work = pin!(Some(serve_request(inner, unrun, envelope, after, &started)));
+    let cancelled = poll_fn(|cx| {
+        let Some(future) = work.as_mut().as_pin_mut() else {
+            return Poll::Ready(false);
+        };
+        // Checked before each poll, so that a call cancelled before it started never does
+        // (one atomic load; the waker is stored only once the call waits, so a call done in
+        // its first poll, the usual case, costs nothing more).
+        if runner.cancelled.load(Ordering::SeqCst) == cookie && cookie != 0 {
+            return Poll::Ready(true);
+        }
+        if future.poll(cx).is_ready() {
+            return Poll::Ready(false);
+        }
+        match cookie != 0 && runner.cancelled(cookie, cx.waker()) {
+            true => Poll::Ready(true),
+            false => Poll::Pending,
+        }
+    })
+    .await;
+    if cancelled {
+        // Dropped in place, now: the handler's own drops run here (a guard of the
+        // implementation's; its `AsyncCall`, which finishes the request and closes its fds).
+        // A panic in them is the handler's, caught as one in its poll is (the hook said it).
+        let _ = catch_unwind(AssertUnwindSafe(|| work.as_mut().set(None)));
+        if inner.trace {
+            trace::dropped_cancelled(&inner.name, cookie, started.load(Ordering::Relaxed));
+        }
+        if owes {
+            inner.send_cancel(0);
+        }
+    }
+    inner.finished(cost);
+}
+
+/// A request's frame until its handler takes it: dropped before (its call cancelled while
+/// it waited for the oneways before it), it is finished unread and its fds go to the closer.
+struct Unrun<'a> {
+    inner: &'a Inner,
+    frame: Frame,
+}
+
+impl Drop for Unrun<'_> {
+    fn drop(&mut self) {
+        self.inner.lane().finished(&self.frame.payload);
+        self.frame.discard_fds();
+    }
+}
+
+/// [`run_request`]'s work: waits for the oneways before it, then handles the request and
+/// replies, unless this end has closed the connection meanwhile.
+async fn serve_request(
+    inner: &Arc<Inner>,
+    mut unrun: Unrun<'_>,
+    envelope: Envelope,
+    after: u64,
+    started: &AtomicBool,
+) {
     if *inner.oneways_run.borrow() < after {
         let mut run = inner.oneways_run.subscribe();
         // The sender lives in `inner`, which this task holds: no error to expect. A call still
@@ -334,12 +502,12 @@ async fn run_request(inner: &Arc<Inner>, request: Request) {
     // Nor does one whose task starts only once this end has closed it: the oneways before it
     // may all count as run by then (those dropped do too).
     if inner.closed_here() {
-        frame.discard_fds();
-        inner.finished(cost);
-        return;
+        return; // `unrun` closes its fds
     }
+    let frame = std::mem::take(&mut unrun.frame);
+    drop(unrun); // finishes nothing: an empty frame carries no lane word
+    started.store(true, Ordering::Relaxed);
     handle_request(inner.clone(), frame, envelope).await;
-    inner.finished(cost);
 }
 
 /// Runs oneway messages one at a time, in the order they arrived, until the connection ends.

@@ -1,0 +1,222 @@
+//! Cancellation across processes: a caller that gives up on a call (its future dropped, or
+//! its timeout passed) tells the worker, which drops the call if it can. What the worker
+//! does is seen from the parent through pipes whose write ends the worker's handlers hold:
+//! a byte when a handler starts, the end of the stream once every write end is closed, so
+//! a handler dropped (or a request dropped unrun, its fds closed) shows as end of stream.
+//!
+//! The worker is this test binary run again for one `#[ignore]`d test (`child_*`).
+
+#![cfg(feature = "tokio")]
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::OwnedFd;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{child, fd_count_lock, open_fds};
+use typed_ipc::worker::Exit;
+
+/// The interface, async flavour.
+mod asynchronous {
+    use std::os::fd::OwnedFd;
+
+    #[typed_ipc::interface]
+    pub trait Camera {
+        async fn hang(&self, signal: OwnedFd);
+        #[oneway]
+        async fn gate(&self, signal: OwnedFd, gate: OwnedFd);
+        async fn mark(&self, mark: OwnedFd) -> u32;
+    }
+}
+
+fn write_byte(fd: &OwnedFd) {
+    std::fs::File::from(fd.try_clone().unwrap())
+        .write_all(b"!")
+        .unwrap();
+}
+
+/// Reads `fd` to its end.
+fn read_to_end(fd: OwnedFd) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    std::fs::File::from(fd).read_to_end(&mut bytes).unwrap();
+    bytes
+}
+
+struct AsyncCamera;
+
+impl asynchronous::Camera for AsyncCamera {
+    async fn hang(&self, signal: OwnedFd) {
+        write_byte(&signal);
+        // Holds `signal` until this future is dropped.
+        std::future::pending::<()>().await;
+        drop(signal);
+    }
+    async fn gate(&self, signal: OwnedFd, gate: OwnedFd) {
+        write_byte(&signal);
+        tokio::task::spawn_blocking(move || read_to_end(gate))
+            .await
+            .unwrap();
+    }
+    async fn mark(&self, mark: OwnedFd) -> u32 {
+        write_byte(&mark);
+        1
+    }
+}
+
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_async_camera() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let conn = typed_ipc::tokio::worker::connection().unwrap();
+        asynchronous::CameraServer::new(AsyncCamera)
+            .serve(conn)
+            .await
+            .unwrap();
+    });
+}
+
+fn pipe() -> (OwnedFd, OwnedFd) {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap()
+}
+
+/// Reads one byte from `fd`, on a thread, so that a hang fails the test instead.
+fn read_byte(fd: &OwnedFd) -> u8 {
+    let mut file = std::fs::File::from(fd.try_clone().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut b = [0u8];
+        let read = file.read_exact(&mut b).map(|()| b[0]);
+        drop(file); // closed before the test goes on to count fds
+        let _ = tx.send(read);
+    });
+    rx.recv_timeout(HANG_GUARD).expect("no byte came").unwrap()
+}
+
+/// Reads `fd` to its end, on a thread, so that a hang fails the test instead.
+fn read_to_end_guarded(fd: OwnedFd, what: &str) -> Vec<u8> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(read_to_end(fd));
+    });
+    rx.recv_timeout(HANG_GUARD)
+        .unwrap_or_else(|_| panic!("{what}"))
+}
+
+/// Only guards against a hang: a test that waits this long has failed anyway.
+const HANG_GUARD: Duration = Duration::from_secs(60);
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A call whose future is dropped while its async handler waits has that handler's future
+/// dropped in the worker: the fd it held is closed there. The connection goes on, and no fd
+/// is left open in the parent. Before, the handler waited for good and so did this test.
+#[test]
+fn an_async_worker_drops_the_handler_of_a_call_whose_future_was_dropped() {
+    let _fds = fd_count_lock();
+    let before = open_fds();
+    let rt = runtime();
+    rt.block_on(async {
+        let (mut worker, conn) =
+            typed_ipc::tokio::worker::spawn(child("child_async_camera")).unwrap();
+        let camera = asynchronous::CameraClient::new(conn);
+        let (signal, held) = pipe();
+        let call = tokio::spawn({
+            let camera = camera.clone();
+            async move { camera.hang(held).await }
+        });
+        assert_eq!(read_byte(&signal), b'!', "the handler started");
+        call.abort();
+        assert!(call.await.unwrap_err().is_cancelled());
+        let rest = read_to_end_guarded(signal, "the worker's handler was never dropped");
+        assert!(rest.is_empty());
+        // The connection works on.
+        let (mark, marked) = pipe();
+        assert_eq!(camera.mark(marked).await.unwrap(), 1);
+        assert_eq!(read_byte(&mark), b'!');
+        drop(camera);
+        assert!(matches!(worker.wait().unwrap(), Exit::Code(0)));
+    });
+    drop(rt);
+    assert_eq!(open_fds(), before);
+}
+
+/// What the worker's trace says, line by line, read on a thread of its own, which ends (its
+/// end of the pipe closed) once the worker has exited.
+fn trace_lines(
+    stderr: std::process::ChildStderr,
+) -> (
+    std::sync::mpsc::Receiver<String>,
+    std::thread::JoinHandle<()>,
+) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reading = std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { return };
+            let _ = tx.send(line);
+        }
+    });
+    (rx, reading)
+}
+
+/// Waits until the worker's trace says `what`.
+fn wait_for_line(lines: &std::sync::mpsc::Receiver<String>, what: &str) {
+    loop {
+        let line = lines
+            .recv_timeout(HANG_GUARD)
+            .unwrap_or_else(|_| panic!("the worker never said {what:?}"));
+        if line.contains(what) {
+            return;
+        }
+    }
+}
+
+/// A call queued behind a slow oneway in an async worker, its future dropped, is dropped
+/// there unrun: it never writes its byte, whatever runs after, and its fd is closed. The
+/// worker's trace says when it dropped the call, so the gate opens only after that.
+/// Before, the call ran once the oneway was done.
+#[test]
+fn an_async_worker_never_runs_a_call_cancelled_while_it_waited_behind_a_oneway() {
+    let _fds = fd_count_lock();
+    let before = open_fds();
+    let rt = runtime();
+    rt.block_on(async {
+        let mut command = child("child_async_camera");
+        command.env("TYPED_IPC_DEBUG", "1").stderr(Stdio::piped());
+        let (mut worker, conn) = typed_ipc::tokio::worker::spawn(command).unwrap();
+        let (lines, reading) = trace_lines(worker.take_stderr().expect("piped"));
+        let camera = asynchronous::CameraClient::new(conn);
+        let (signal, signalled) = pipe();
+        let (gate, gated) = pipe();
+        camera.gate(signalled, gated).await.unwrap();
+        assert_eq!(read_byte(&signal), b'!', "the gate is running");
+        let (mark, marked) = pipe();
+        {
+            use std::future::Future;
+            use std::task::{Context, Waker};
+            let mut call = Box::pin(camera.mark(marked));
+            let mut cx = Context::from_waker(Waker::noop());
+            assert!(
+                call.as_mut().poll(&mut cx).is_pending(),
+                "sent, not answered"
+            );
+        } // dropped: the cancel goes out
+        wait_for_line(&lines, "cancelled by the peer: unrun");
+        drop(gate);
+        let marks = read_to_end_guarded(mark, "the cancelled call's fd was never closed");
+        assert!(marks.is_empty(), "the cancelled call ran");
+        drop(camera);
+        assert!(matches!(worker.wait().unwrap(), Exit::Code(0)));
+        reading.join().unwrap();
+    });
+    drop(rt);
+    assert_eq!(open_fds(), before);
+}
