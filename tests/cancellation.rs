@@ -16,9 +16,27 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::{child, fd_count_lock, open_fds};
-use typed_ipc::worker::Exit;
+use typed_ipc::Error;
+use typed_ipc::worker::{Exit, Worker};
 
-/// The interface, async flavour.
+/// The interface, blocking flavour.
+mod blocking {
+    use std::os::fd::OwnedFd;
+
+    /// What the worker serves.
+    #[typed_ipc::interface]
+    pub trait Camera {
+        /// Writes a byte to `signal`, then never returns, holding `signal` open.
+        fn hang(&self, signal: OwnedFd);
+        /// Writes a byte to `signal`, then waits until `gate` reads end of stream.
+        #[oneway]
+        fn gate(&self, signal: OwnedFd, gate: OwnedFd);
+        /// Writes a byte to `mark`: what a call that must never run does.
+        fn mark(&self, mark: OwnedFd) -> u32;
+    }
+}
+
+/// The same interface, async flavour.
 mod asynchronous {
     use std::os::fd::OwnedFd;
 
@@ -65,6 +83,27 @@ impl asynchronous::Camera for AsyncCamera {
     }
 }
 
+struct BlockingCamera;
+
+impl blocking::Camera for BlockingCamera {
+    fn hang(&self, signal: OwnedFd) {
+        write_byte(&signal);
+        // A blocking handler cannot be stopped: it holds `signal` until the worker is
+        // killed.
+        loop {
+            std::thread::park();
+        }
+    }
+    fn gate(&self, signal: OwnedFd, gate: OwnedFd) {
+        write_byte(&signal);
+        read_to_end(gate);
+    }
+    fn mark(&self, mark: OwnedFd) -> u32 {
+        write_byte(&mark);
+        1
+    }
+}
+
 #[test]
 #[ignore = "run as a child process by other tests"]
 fn child_async_camera() {
@@ -76,6 +115,23 @@ fn child_async_camera() {
             .await
             .unwrap();
     });
+}
+
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_blocking_camera() {
+    let conn = typed_ipc::worker::connection().unwrap();
+    conn.add_service(blocking::CameraServer::new(BlockingCamera));
+    // Two serving threads: one runs the gate while the other reads.
+    let threads: Vec<_> = (0..2)
+        .map(|_| {
+            let conn = conn.clone();
+            std::thread::spawn(move || conn.run())
+        })
+        .collect();
+    for thread in threads {
+        let _ = thread.join().unwrap();
+    }
 }
 
 fn pipe() -> (OwnedFd, OwnedFd) {
@@ -218,5 +274,59 @@ fn an_async_worker_never_runs_a_call_cancelled_while_it_waited_behind_a_oneway()
         reading.join().unwrap();
     });
     drop(rt);
+    assert_eq!(open_fds(), before);
+}
+
+/// A blocking call that times out tells the async worker, which drops its handler (or the
+/// call unrun, if the cancel came first): the fd it held is closed either way.
+#[test]
+fn a_blocking_call_that_times_out_has_an_async_worker_drop_it() {
+    let _fds = fd_count_lock();
+    let before = open_fds();
+    let (mut worker, conn) = Worker::spawn(child("child_async_camera")).unwrap();
+    let camera = blocking::CameraClient::new(conn.clone());
+    let (signal, held) = pipe();
+    let timed = camera.with_timeout(Duration::from_millis(50));
+    assert!(matches!(timed.hang(held), Err(Error::TimedOut)));
+    // A byte if the handler started before the cancel came, then the end.
+    let rest = read_to_end_guarded(signal, "the worker's handler was never dropped");
+    assert!(rest.len() <= 1);
+    let (mark, marked) = pipe();
+    assert_eq!(camera.mark(marked).unwrap(), 1);
+    assert_eq!(read_byte(&mark), b'!');
+    drop((mark, camera, timed, conn));
+    assert!(matches!(worker.wait().unwrap(), Exit::Code(0)));
+    drop(worker);
+    assert_eq!(open_fds(), before);
+}
+
+/// A blocking worker drops a call still queued when its caller's timeout passes: queued
+/// behind a oneway running on one serving thread while the other reads. The worker's trace
+/// says when it read the cancel, so the gate opens only after that. Before, the call ran
+/// once the oneway was done.
+#[test]
+fn a_blocking_worker_never_runs_a_queued_call_whose_caller_timed_out() {
+    let _fds = fd_count_lock();
+    let before = open_fds();
+    let mut command = child("child_blocking_camera");
+    command.env("TYPED_IPC_DEBUG", "1").stderr(Stdio::piped());
+    let (mut worker, conn) = Worker::spawn(command).unwrap();
+    let (lines, reading) = trace_lines(worker.take_stderr().expect("piped"));
+    let camera = blocking::CameraClient::new(conn.clone());
+    let (signal, signalled) = pipe();
+    let (gate, gated) = pipe();
+    camera.gate(signalled, gated).unwrap();
+    assert_eq!(read_byte(&signal), b'!', "the gate is running");
+    let (mark, marked) = pipe();
+    let timed = camera.with_timeout(Duration::from_millis(50));
+    assert!(matches!(timed.mark(marked), Err(Error::TimedOut)));
+    wait_for_line(&lines, "<- Cancel");
+    drop(gate);
+    let marks = read_to_end_guarded(mark, "the cancelled call's fd was never closed");
+    assert!(marks.is_empty(), "the cancelled call ran");
+    drop((camera, timed, conn));
+    assert!(matches!(worker.wait().unwrap(), Exit::Code(0)));
+    reading.join().unwrap();
+    drop((signal, worker));
     assert_eq!(open_fds(), before);
 }

@@ -17,11 +17,14 @@ pub enum Error {
     /// The deadline passed before the operation completed. The connection is still usable,
     /// unless the blocking flavour timed out sending a large message part of which had gone
     /// out: it shuts the connection down rather than leave the peer a fragment (see
-    /// [`Connection::oneway`](crate::Connection::oneway)). A call that timed out is not
-    /// cancelled at the peer: its method runs on to its end (its reply is dropped), and a
-    /// peer serving on one thread answers no other call meanwhile, so a retry waits behind
-    /// it: kill a worker that is stuck for good
-    /// ([`Worker::kill`](crate::worker::Worker::kill)).
+    /// [`Connection::oneway`](crate::Connection::oneway)). A call that timed out waiting for
+    /// its reply tells the peer that it gave up (a small cancel message, best effort: one
+    /// try, not sent if the socket has no room at once): the peer drops the call if it has
+    /// not started it (an async peer also drops a running handler's future, at its next
+    /// `.await`), and sends no reply; a late reply is dropped here. A blocking handler that
+    /// is already running runs on to its end, and a peer serving on one thread reads nothing
+    /// meanwhile (so it neither sees the cancel nor answers another call until then): kill
+    /// a worker that is stuck for good ([`Worker::kill`](crate::worker::Worker::kill)).
     TimedOut,
     /// A message is larger than the limit that applies to it: this side's
     /// [`Limits`](crate::Limits), whether it sends the message or receives it (and, sending,

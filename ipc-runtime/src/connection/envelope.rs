@@ -80,7 +80,6 @@ impl Envelope {
     }
 
     /// The envelope of a [`Kind::Cancel`] message for the call `cookie` (0: none).
-    #[cfg(feature = "tokio")]
     pub fn cancel(cookie: u64) -> Envelope {
         Envelope {
             kind: Kind::Cancel,

@@ -640,6 +640,14 @@ impl Connection {
     /// Calls method `cmd` of interface `iface` with `args` and waits for the reply, at most
     /// `timeout` if one is given. This is what generated client stubs call.
     ///
+    /// A call whose timeout passes after its request went out tells the peer that it gave up
+    /// (a cancel message; one try, after the timeout, not sent if the socket has no room at
+    /// once): a blocking peer then drops the call if it is still queued (it reads the
+    /// cancel only while one of its threads reads: a peer serving on one thread, busy with
+    /// the call before it, runs this one first), and runs on a handler already running (it
+    /// cannot be interrupted); an async peer drops the call unrun, or its handler's future.
+    /// Either sends no reply, and a reply that crossed the cancel is dropped here.
+    ///
     /// A request over this side's [`Limits`](crate::Limits) (the socket's) fails with
     /// [`Error::TooLarge`] or [`Error::TooManyFds`] before any of it is sent, and a reply
     /// over them fails this call the same way: either way the connection stays usable.
@@ -859,6 +867,22 @@ impl Shared {
             self.send_framed(buf, fds, deadline).map(|()| true)
         })
         .map(|placed| placed.expect("a waiting send sends the whole message or fails"))
+    }
+
+    /// Tells the peer that this end no longer waits for the reply to its call `cookie`
+    /// ([`Kind::Cancel`]): one try, never waiting (the caller has waited its timeout out
+    /// already), so not sent if the socket has no room at once or another thread's message
+    /// is going out. A peer gone shows on the connection itself.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn send_cancel(&self, cookie: u64) {
+        let sent = self.encode_and(&Envelope::cancel(cookie), &(), |buf, fds| {
+            let acknowledge = |payload: &mut [u8]| self.lane.acknowledge_in(payload);
+            self.socket.try_send_framed(buf, fds, acknowledge)
+        });
+        if self.trace && matches!(sent, Ok(Some(_))) {
+            trace::cancelled(&self.name, cookie);
+        }
     }
 
     /// Encodes envelope + body in this thread's buffer and hands them to `send`, framed (see

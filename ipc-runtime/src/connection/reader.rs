@@ -80,9 +80,13 @@ impl Shared {
             if timed_out {
                 // A late reply finds no slot and is dropped, closing its fds.
                 state.pending.remove(&cookie);
+                drop(state);
                 if self.trace {
                     super::trace::gave_up(&self.name, cookie, "timed out");
                 }
+                // The request went out (this waits only for calls that sent theirs) and no
+                // reply came: the peer may still queue or run it, for nobody.
+                self.send_cancel(cookie);
                 return Err(Error::TimedOut);
             }
             if state.reading {
@@ -346,9 +350,12 @@ impl Shared {
                 self.fail(&mut state, why);
                 keep_unread(&mut state, frame);
             }
-            // A cancel: taken in (its lane word counts), and dropped with whatever else it
-            // holds (a hostile peer's body or fds).
+            // The peer gave up on its call: dropped unrun if it is still queued (one running
+            // cannot be stopped: it is this end's code, on a thread of its own). Whatever
+            // else the message holds (a hostile peer's body or fds) is dropped with it.
             (Kind::Cancel, result) => {
+                // Before it is said: the trace shows the call gone once it says the cancel.
+                self.cancel_queued(&mut state, envelope.cookie);
                 state = self.trace_unlocked(state, &envelope, &frame);
                 if result.is_ok() {
                     self.lane.finished(&frame.payload);
@@ -689,6 +696,30 @@ pub(super) enum Taken {
     Reply(Result<Frame>),
     /// A request to run now; `true` for a oneway one, already marked running.
     Request(Frame, bool),
+}
+
+impl Shared {
+    /// Drops the peer's call `cookie` unrun if it is still queued ([`Kind::Cancel`]): its
+    /// fds closed once the lock is let go, a placement it carried done with unread (the
+    /// acknowledgement goes out with this end's next message: no reply will carry it). A
+    /// cookie of no queued call (running, answered, or never sent) changes nothing.
+    #[cold]
+    #[inline(never)]
+    fn cancel_queued(&self, state: &mut State, cookie: u64) {
+        if cookie == 0 {
+            return;
+        }
+        let queued = state.calls.iter().position(|(frame, _)| {
+            Envelope::read(&frame.payload).is_ok_and(|e| e.cookie == cookie)
+        });
+        let Some(at) = queued else {
+            return;
+        };
+        let (mut call, _) = state.calls.remove(at).expect("found above");
+        self.dequeued(state, &call);
+        self.lane.finished(&call.payload);
+        unclaimed(state, &mut call);
+    }
 }
 
 /// Keeps the frame of a message that nothing takes as the read buffer: its memory, not its

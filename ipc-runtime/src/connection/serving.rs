@@ -130,7 +130,7 @@ impl Shared {
     /// Takes a request `frame` out of the queue's backlog: the runners asleep at its bounds
     /// may read again.
     #[inline]
-    fn dequeued(&self, state: &mut State, frame: &Frame) {
+    pub(super) fn dequeued(&self, state: &mut State, frame: &Frame) {
         let was_full = state.backlog.full();
         state.backlog.remove(Cost::of(frame));
         if was_full {

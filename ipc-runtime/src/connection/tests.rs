@@ -784,6 +784,14 @@ fn a_message_half_read_when_its_reader_gives_up_is_finished_by_the_next() {
         a.shared.socket.is_partial(),
         "the caller read the first datagram before giving up"
     );
+    // The caller that gave up said so.
+    let cancel = b.socket().recv().unwrap();
+    let cancelled = Envelope::read(&cancel.payload).unwrap();
+    assert_eq!(cancelled.kind, Kind::Cancel);
+    assert_eq!(
+        cancelled.cookie,
+        Envelope::read(&call.payload).unwrap().cookie
+    );
     // The next caller takes the half-read message with the role: the continuation
     // completes it (a late reply, dropped), then its own reply comes.
     let second_call = {

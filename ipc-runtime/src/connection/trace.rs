@@ -370,7 +370,6 @@ pub(crate) fn gave_up(name: &Name, cookie: u64, why: &str) {
 
 /// This process told the peer that it no longer waits for the reply to call `cookie`
 /// (`-> Cancel #3`), or, for cookie 0, only acknowledged a placement of a call it dropped.
-#[cfg(feature = "tokio")]
 #[cold]
 #[inline(never)]
 pub(crate) fn cancelled(name: &Name, cookie: u64) {
