@@ -1944,3 +1944,64 @@ fn a_call_cancelled_while_held_for_a_server_never_runs() {
             .unwrap();
     });
 }
+
+/// A hostile peer's cancels: one for a call that is running, carrying a body and an fd it
+/// should not, drops that call (its handler's guard speaks) and sends no reply for it; cancels
+/// of cookies that run nothing (0, one never sent, the same one again) change nothing; and the
+/// connection answers the next call, whose reply is the first message the peer gets.
+#[test]
+fn hostile_cancels_drop_only_the_call_they_name_and_send_nothing_back() {
+    use crate::codec::{self, Bytes};
+    use crate::connection::envelope::{self, Envelope, Kind};
+    use crate::connection::tests::BULK;
+
+    let (ours, theirs) = Socket::pair().unwrap();
+    let rt = multi_thread_runtime(2);
+    rt.block_on(async {
+        let server = super::AsyncConnection::new(ours).unwrap();
+        let stuck = Stuck::default();
+        server.add_service(stuck.clone());
+        let message = |kind, cmd, cookie, body: &dyn Fn(&mut Vec<u8>)| {
+            let mut m = vec![0u8; envelope::LEN];
+            Envelope {
+                kind,
+                cmd,
+                cookie,
+                interface: BULK.id,
+                signature: BULK.signature,
+            }
+            .write(&mut m);
+            body(&mut m);
+            m
+        };
+        let echo_args = |m: &mut Vec<u8>| {
+            codec::encode(&Bytes(vec![1u8, 2]), m, &mut Vec::new()).unwrap();
+        };
+        let call = message(Kind::Call, 1, 5, &echo_args);
+        theirs.send(&call, &[]).unwrap();
+        ::tokio::time::timeout(HANG_GUARD, stuck.started.notified())
+            .await
+            .expect("the call never started");
+        let junk = |m: &mut Vec<u8>| m.extend_from_slice(&[0xff; 40]);
+        for cookie in [0, 99, 5, 5] {
+            let cancel = message(Kind::Cancel, 7, cookie, &junk);
+            theirs
+                .send(&cancel, &[memfd(cookie as u32).as_fd()])
+                .unwrap();
+        }
+        ::tokio::time::timeout(HANG_GUARD, stuck.dropped.notified())
+            .await
+            .expect("the cancelled handler was never dropped");
+        let ping = message(Kind::Call, 2, 6, &|_: &mut Vec<u8>| {});
+        theirs.send(&ping, &[]).unwrap();
+        let reply = ::tokio::task::spawn_blocking(move || theirs.recv().unwrap())
+            .await
+            .unwrap();
+        let envelope = Envelope::read(&reply.payload).unwrap();
+        assert_eq!(
+            (envelope.kind, envelope.cookie),
+            (Kind::Reply, 6),
+            "nothing went out for the cancelled call"
+        );
+    });
+}
