@@ -13,7 +13,7 @@ use std::os::fd::OwnedFd;
 
 use common::{child, fd_count_lock, memfd, open_fds};
 use typed_ipc::worker::{self, Exit, Worker};
-use typed_ipc::{Connection, Error, Limits, Socket, interface};
+use typed_ipc::{Connection, Error, Limits, SharedBytes, Socket, interface};
 
 /// The worker's `Limits::max_fds`, if not the default.
 const MAX_FDS: &str = "TYPED_IPC_TEST_MAX_FDS";
@@ -255,7 +255,7 @@ mod asynchronous {
 
     use typed_ipc::tokio::AsyncConnection;
     use typed_ipc::worker::{Exit, Worker};
-    use typed_ipc::{Error, interface};
+    use typed_ipc::{Error, SharedBytes, interface};
 
     use super::{fd_count_lock, memfd, memfds, open_fds, room_for_fds, spawn, worker_socket};
 
@@ -484,6 +484,100 @@ mod asynchronous {
         assert_eq!(open_fds(), before, "no fd left open");
     }
 
+    /// [`super::Images`], async.
+    #[interface]
+    pub trait Images {
+        /// What the file behind `image` holds, read through it.
+        async fn read(&self, image: OwnedFd) -> Vec<u8>;
+        /// How many bytes `data` has, and whether each is `byte`.
+        async fn check(&self, data: Vec<u8>, byte: u8) -> (u64, bool);
+        /// [`Images::check`] of shared bytes.
+        async fn check_shared(&self, data: SharedBytes, byte: u8) -> (u64, bool);
+        /// `len` bytes.
+        async fn make(&self, len: u64) -> Vec<u8>;
+        /// A file of the worker's.
+        async fn file(&self) -> OwnedFd;
+    }
+
+    struct ImagesImpl;
+
+    impl Images for ImagesImpl {
+        async fn read(&self, image: OwnedFd) -> Vec<u8> {
+            super::common::read_all(image)
+        }
+        async fn check(&self, data: Vec<u8>, byte: u8) -> (u64, bool) {
+            super::checked(&data, byte)
+        }
+        async fn check_shared(&self, data: SharedBytes, byte: u8) -> (u64, bool) {
+            super::checked(&data, byte)
+        }
+        async fn make(&self, len: u64) -> Vec<u8> {
+            vec![9; len as usize]
+        }
+        async fn file(&self) -> OwnedFd {
+            memfd(b"from the worker")
+        }
+    }
+
+    /// [`super::child_images`], async.
+    #[test]
+    #[ignore = "run as a child process by other tests"]
+    fn child_async_images() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let conn = typed_ipc::tokio::worker::connection().unwrap();
+            conn.lend_pages_to_peer(true);
+            ImagesServer::new(ImagesImpl).serve(conn).await.unwrap();
+        });
+    }
+
+    /// [`super::a_side_may_send_fds_when_it_accepts_none`], async.
+    #[test]
+    fn a_side_may_send_fds_when_it_accepts_none() {
+        use super::{PIPED_LEN, REGION_LEN, assert_no_fd_taken, common};
+        let _fds = fd_count_lock();
+        runtime().block_on(async {
+            for lend in [false, true] {
+                let command = super::child("asynchronous::child_async_images");
+                let limits = super::takes_no_fd_but_sends_some();
+                let (mut worker, conn) =
+                    typed_ipc::tokio::worker::spawn_with_limits(command, limits).unwrap();
+                conn.lend_pages_to_peer(lend);
+                let images = ImagesClient::new(conn.clone());
+                let got = images.read(memfd(b"an image")).await.unwrap();
+                assert_eq!(got, b"an image", "lend {lend}");
+                let regions = common::regions();
+                let got = images.check(vec![2; REGION_LEN], 2).await.unwrap();
+                assert_eq!(got, (REGION_LEN as u64, true), "lend {lend}");
+                assert!(
+                    common::regions() > regions,
+                    "through the host's region, lend {lend}"
+                );
+                let pipes = common::fds_named("pipe:");
+                let shared = SharedBytes::from(vec![3; PIPED_LEN]);
+                let got = images.check_shared(shared, 3).await.unwrap();
+                assert_eq!(got, (PIPED_LEN as u64, true), "lend {lend}");
+                assert_eq!(common::fds_named("pipe:") > pipes, lend, "piped if lent");
+                let made = images.make(3000).await.unwrap();
+                assert_eq!(made, vec![9; 3000], "lend {lend}");
+                let before = open_fds();
+                assert_no_fd_taken(images.file().await, &format!("lend {lend}"));
+                assert_eq!(
+                    open_fds(),
+                    before,
+                    "the refused reply's fd is closed, lend {lend}"
+                );
+                let after = images.read(memfd(b"after")).await.unwrap();
+                assert_eq!(after, b"after", "still works");
+                drop(images);
+                conn.close();
+                conn.wait_closed().await;
+                let exit = typed_ipc::tokio::worker::wait(&mut worker).await.unwrap();
+                assert_eq!(exit, Exit::Code(0), "the worker served to the end");
+            }
+        });
+    }
+
     /// A client and a server of [`Strings`] (a task) whose sockets have these limits; the
     /// client lends its pages if `lend`.
     fn strings_between(
@@ -677,6 +771,131 @@ fn a_side_may_send_more_than_it_accepts() {
         assert_over(strings.make(8 << 10), 4096, "the reply");
         drop(strings);
         server.join().unwrap().unwrap();
+    }
+}
+
+/// What a host sends a worker it does not trust (a file, large images), and a file such a
+/// worker would hand it back.
+#[interface]
+pub trait Images {
+    /// What the file behind `image` holds, read through it.
+    fn read(&self, image: OwnedFd) -> Vec<u8>;
+    /// How many bytes `data` has, and whether each is `byte`.
+    fn check(&self, data: Vec<u8>, byte: u8) -> (u64, bool);
+    /// [`Images::check`] of shared bytes, which pipe once both ends lend their pages.
+    fn check_shared(&self, data: SharedBytes, byte: u8) -> (u64, bool);
+    /// `len` bytes: a reply large enough for the worker's region, were it the host's way.
+    fn make(&self, len: u64) -> Vec<u8>;
+    /// A file of the worker's.
+    fn file(&self) -> OwnedFd;
+}
+
+struct ImagesImpl;
+
+impl Images for ImagesImpl {
+    fn read(&self, image: OwnedFd) -> Vec<u8> {
+        common::read_all(image)
+    }
+    fn check(&self, data: Vec<u8>, byte: u8) -> (u64, bool) {
+        checked(&data, byte)
+    }
+    fn check_shared(&self, data: SharedBytes, byte: u8) -> (u64, bool) {
+        checked(&data, byte)
+    }
+    fn make(&self, len: u64) -> Vec<u8> {
+        vec![9; len as usize]
+    }
+    fn file(&self) -> OwnedFd {
+        memfd(b"from the worker")
+    }
+}
+
+/// A worker serving [`Images`] with the default limits, trusting its parent with pipes.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_images() {
+    let conn = worker::connection().unwrap();
+    conn.lend_pages_to_peer(true);
+    conn.serve(ImagesServer::new(ImagesImpl)).unwrap();
+}
+
+/// What a host sends its worker out of line: a string over the worker's memory (1 MiB), so
+/// the host's region, and shared bytes for the host's pipe (128 KiB to 1 MiB).
+const REGION_LEN: usize = 2 << 20;
+const PIPED_LEN: usize = 512 << 10;
+
+/// A host that accepts no fd from its worker, and little else, but sends it fds and large
+/// strings (`Limits::max_send_fds`, `Limits::max_send_len`).
+fn takes_no_fd_but_sends_some() -> Limits {
+    Limits {
+        max_message_len: 4096,
+        max_fds: 0,
+        max_send_len: Some(SENT_MAX),
+        max_send_fds: Some(8),
+        ..Limits::default()
+    }
+}
+
+/// Fails unless `got` is `TooManyFds`: one fd over this side's limit of none.
+fn assert_no_fd_taken<T: std::fmt::Debug>(got: Result<T, Error>, context: &str) {
+    match got {
+        Err(Error::TooManyFds {
+            count: 1,
+            limit: 0,
+            by_peer: false,
+            ..
+        }) => {}
+        other => panic!("{context}: expected TooManyFds of 1 over this side's 0, got {other:?}"),
+    }
+}
+
+/// A host that accepts no fd from a worker it does not trust still sends it fds (a file it
+/// reads through) and large strings through its region and pipe (`Limits::max_send_fds`);
+/// the worker's strings never come with an fd (its reply of 3 KiB, which its region would
+/// carry to a host that took fds, crosses), and a file it returns fails that call, its fd
+/// closed.
+#[test]
+fn a_side_may_send_fds_when_it_accepts_none() {
+    let _fds = fd_count_lock();
+    for lend in [false, true] {
+        let command = child("child_images");
+        let (mut worker, conn) =
+            Worker::spawn_with_limits(command, takes_no_fd_but_sends_some()).unwrap();
+        conn.lend_pages_to_peer(lend);
+        let images = ImagesClient::new(conn);
+        let got = images.read(memfd(b"an image")).unwrap();
+        assert_eq!(got, b"an image", "lend {lend}");
+        let regions = common::regions();
+        let got = images.check(vec![2; REGION_LEN], 2).unwrap();
+        assert_eq!(got, (REGION_LEN as u64, true), "lend {lend}");
+        assert!(
+            common::regions() > regions,
+            "through the host's region, lend {lend}"
+        );
+        let pipes = common::fds_named("pipe:");
+        let shared = SharedBytes::from(vec![3; PIPED_LEN]);
+        let got = images.check_shared(shared, 3).unwrap();
+        assert_eq!(got, (PIPED_LEN as u64, true), "lend {lend}");
+        assert_eq!(common::fds_named("pipe:") > pipes, lend, "piped if lent");
+        assert_eq!(images.make(3000).unwrap(), vec![9; 3000], "lend {lend}");
+        let before = open_fds();
+        assert_no_fd_taken(images.file(), &format!("lend {lend}"));
+        assert_eq!(
+            open_fds(),
+            before,
+            "the refused reply's fd is closed, lend {lend}"
+        );
+        assert_eq!(
+            images.read(memfd(b"after")).unwrap(),
+            b"after",
+            "still works"
+        );
+        images.connection().close();
+        assert_eq!(
+            worker.wait().unwrap(),
+            Exit::Code(0),
+            "the worker served to the end"
+        );
     }
 }
 

@@ -44,9 +44,9 @@ impl Frame {
 /// and reported as [`Error::TooLarge`](crate::Error::TooLarge) or
 /// [`Error::TooManyFds`](crate::Error::TooManyFds).
 ///
-/// A sender holds itself to its own `max_message_len` (or `max_send_len`, if set) and
-/// `max_fds` too: a message over them is refused before any of it goes out, with the same
-/// errors, since a peer with the same limits would refuse it.
+/// A sender holds itself to its own `max_message_len` and `max_fds` too (or `max_send_len`
+/// and `max_send_fds`, if set): a message over them is refused before any of it goes out,
+/// with the same errors, since a peer with the same limits would refuse it.
 /// On a connection, a request this side refuses fails its caller with the same errors,
 /// `by_peer` (the method does not run); a byte string that came through shared memory or a
 /// pipe counts against `max_message_len` on its own, as it would inline.
@@ -67,10 +67,10 @@ impl Frame {
 pub struct Limits {
     /// Largest payload accepted, in bytes. Default 1 GiB; at most `u32::MAX`.
     pub max_message_len: usize,
-    /// Most fds accepted in one message. Default 1024. With 0, a connection over this socket
-    /// also moves byte strings neither way through its shared region or pipe, which would
+    /// Most fds accepted in one message. Default 1024. With 0, the peer of a connection over
+    /// this socket sends it no byte string through its shared region or pipe, which would
     /// pass their fd: they go inline (or are written into this end's memory, if it accepts
-    /// that).
+    /// that). Nor does this end, unless `max_send_fds` lets it send fds.
     pub max_fds: usize,
     /// Largest [`SealedBuffer`](crate::shared_buffer::SealedBuffer) or
     /// [`RegionView`](crate::shared_region::RegionView) accepted in a message, in bytes: the
@@ -86,6 +86,16 @@ pub struct Limits {
     /// `max_send_len: Some(8 << 20)`. The peer's own limits still decide what it accepts.
     /// At most `u32::MAX`, as `max_message_len`.
     pub max_send_len: Option<usize>,
+    /// Most fds this side sends in one message: a message over it is refused before any of
+    /// it goes out. `None` (the default): `max_fds`, what a peer with this side's limits
+    /// accepts. Set it where this side accepts fewer fds than it sends: a host that takes
+    /// no fd from a worker it does not trust (`max_fds: 0`, so the worker cannot hand it
+    /// pipes, sockets or FUSE files to block on) may still pass it a memfd or dmabuf of an
+    /// image, with `max_send_fds: Some(8)`. Its connection then also sends large byte
+    /// strings through its shared region or pipe, whose fd the message carries, while the
+    /// worker still sends it every string without one. The peer's own limits still decide
+    /// what it accepts.
+    pub max_send_fds: Option<usize>,
 }
 
 impl Limits {
@@ -93,6 +103,12 @@ impl Limits {
     /// if that is `None`.
     pub fn send_len(&self) -> usize {
         self.max_send_len.unwrap_or(self.max_message_len)
+    }
+
+    /// The most fds this side sends in one message: [`Limits::max_send_fds`], or `max_fds`
+    /// if that is `None`.
+    pub fn send_fds(&self) -> usize {
+        self.max_send_fds.unwrap_or(self.max_fds)
     }
 }
 
@@ -103,6 +119,7 @@ impl Default for Limits {
             max_fds: 1024,
             max_shared_len: 1 << 30,
             max_send_len: None,
+            max_send_fds: None,
         }
     }
 }

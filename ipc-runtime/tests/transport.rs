@@ -1238,3 +1238,47 @@ fn a_message_refused_on_receipt_is_over_what_this_side_accepts_not_what_it_sends
         assert_eq!(b.recv().unwrap().payload, b"after");
     }
 }
+
+/// A side that sends more fds than it accepts (`Limits::max_send_fds`) sends up to that many,
+/// in one datagram or in pieces, and refuses more unsent; what it receives it still refuses by
+/// `max_fds`, and says so.
+#[test]
+fn a_side_sends_up_to_its_send_fds_and_refuses_what_it_receives_by_max_fds() {
+    let _fds = fd_count_lock();
+    let (mut a, b) = Socket::pair().unwrap();
+    a.set_limits(Limits {
+        max_fds: 0,
+        max_send_fds: Some(3),
+        ..Limits::default()
+    });
+    let before = open_fds();
+    // One datagram, then a message large enough to go in pieces.
+    for len in [10, 200 << 10] {
+        a.send(&vec![1; len], &borrow(&fds(3))).unwrap();
+        let got = b.recv().unwrap();
+        assert_eq!(got.payload.len(), len);
+        assert_numbered(got.fds);
+    }
+    match a.send(b"four", &borrow(&fds(4))) {
+        Err(Error::TooManyFds {
+            count: 4,
+            limit: 3,
+            by_peer: false,
+            ..
+        }) => {}
+        other => panic!("expected TooManyFds over the 3 sent, got {other:?}"),
+    }
+    b.send(b"one", &borrow(&fds(1))).unwrap();
+    match a.recv() {
+        Err(Error::TooManyFds {
+            count: 1,
+            limit: 0,
+            by_peer: false,
+            ..
+        }) => {}
+        other => panic!("expected TooManyFds over the 0 accepted, got {other:?}"),
+    }
+    b.send(b"after", &[]).unwrap();
+    assert_eq!(a.recv().unwrap().payload, b"after");
+    assert_eq!(open_fds(), before, "every fd closed");
+}

@@ -370,7 +370,8 @@ impl Connection {
         let limits = socket.limits();
         let lane = Lane::new(limits.max_message_len, limits.max_fds)
             .with_max_shared_len(limits.max_shared_len)
-            .with_max_send_len(limits.send_len());
+            .with_max_send_len(limits.send_len())
+            .with_max_send_fds(limits.send_fds());
         Connection {
             shared: Arc::new(Shared {
                 socket,

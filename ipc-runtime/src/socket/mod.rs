@@ -206,8 +206,8 @@ impl Socket {
     }
 
     /// Sets what this side accepts from the peer, which is also the most it sends unless
-    /// [`Limits::max_send_len`] says otherwise: a message over these limits is refused before
-    /// any of it goes out (see [`Socket::send`]). Not
+    /// [`Limits::max_send_len`] or [`Limits::max_send_fds`] says otherwise: a message over
+    /// these limits is refused before any of it goes out (see [`Socket::send`]). Not
     /// `max_shared_len`, which only a connection made over this socket afterwards checks,
     /// on receipt (see [`Limits`]).
     pub fn set_limits(&mut self, limits: Limits) {
@@ -215,7 +215,8 @@ impl Socket {
         (self.whole_len, self.whole_fds) = whole_sizes(self.chunk, limits);
     }
 
-    /// What this side accepts from the peer (and the most it sends: [`Limits::send_len`]).
+    /// What this side accepts from the peer (and the most it sends: [`Limits::send_len`],
+    /// [`Limits::send_fds`]).
     pub fn limits(&self) -> Limits {
         self.limits
     }
@@ -354,12 +355,13 @@ fn stop_adding_control_messages(fd: &OwnedFd) {
 /// The most payload bytes and fds of a message that fits one datagram and `limits`.
 fn whole_sizes(chunk: usize, limits: Limits) -> (usize, usize) {
     let len = FIRST_MAX.min(chunk).min(limits.send_len());
-    (len, FDS_PER_DATAGRAM.min(limits.max_fds))
+    (len, FDS_PER_DATAGRAM.min(limits.send_fds()))
 }
 
 /// Why a message of `len` bytes and `fds` fds is over `max_len` bytes or `max_fds` fds (its
-/// size first): `max_len` is what this side sends ([`Limits::send_len`]) for a message going
-/// out, what it accepts (`max_message_len`) for one coming in.
+/// size first): the limits are what this side sends ([`Limits::send_len`],
+/// [`Limits::send_fds`]) for a message going out, what it accepts (`max_message_len`,
+/// `max_fds`) for one coming in.
 #[cold]
 fn over_limits(len: usize, fds: usize, max_len: usize, max_fds: usize) -> Error {
     if len > max_len {

@@ -18,7 +18,8 @@ impl Socket {
     ///
     /// A message that fits one datagram (≤ 64 KiB and ≤ 253 fds) is one `sendmsg`; a larger
     /// one is split, and the peer reassembles it. A message over this side's own [`Limits`]
-    /// (what it would refuse to receive) is refused with [`Error::TooLarge`] or
+    /// (what it would refuse to receive, unless `max_send_len` or `max_send_fds` allows
+    /// more) is refused with [`Error::TooLarge`] or
     /// [`Error::TooManyFds`] before any of it goes out, and so is one the wire format cannot
     /// express (≥ 4 GiB); the socket stays usable. The peer's limits decide what it accepts.
     ///
@@ -245,18 +246,19 @@ impl Socket {
         len <= self.whole_len && fds <= self.whole_fds
     }
 
-    /// Refuses a message of `len` bytes and `fds` fds that is over this side's [`Limits`],
-    /// which it would refuse to receive: nothing of it may go out.
+    /// Refuses a message of `len` bytes and `fds` fds that is over what this side sends
+    /// ([`Limits::send_len`], [`Limits::send_fds`]): nothing of it may go out.
     ///
-    /// [`Limits`]: crate::Limits
+    /// [`Limits::send_len`]: crate::Limits::send_len
+    /// [`Limits::send_fds`]: crate::Limits::send_fds
     #[inline]
     pub(crate) fn check_outgoing(&self, len: usize, fds: usize) -> Result<()> {
-        if len > self.limits.send_len() || fds > self.limits.max_fds {
+        if len > self.limits.send_len() || fds > self.limits.send_fds() {
             return Err(over_limits(
                 len,
                 fds,
                 self.limits.send_len(),
-                self.limits.max_fds,
+                self.limits.send_fds(),
             ));
         }
         Ok(())

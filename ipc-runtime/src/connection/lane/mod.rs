@@ -23,7 +23,9 @@
 //!   An end whose limits allow no fds (`Limits::max_fds` 0) leaves bit 23 clear: its socket
 //!   would refuse every message carrying the region's or the pipe's fd, so it is sent
 //!   strings inline, or written into its memory if it announced an inbox (no fd needed);
-//!   its acknowledgements (bits 0..10, 22) count all the same.
+//!   its acknowledgements (bits 0..10, 22) count all the same. What it sends is another
+//!   limit (`Limits::send_fds`): one that accepts no fd but sends some still places and
+//!   pipes its own strings, if the peer reads lanes.
 //!   Both flavours (this connection and the async one) keep a `Lane` and speak this
 //!   protocol.
 //! - An end is done with a placement once it has copied it out, or once it is done with the
@@ -205,9 +207,12 @@ pub(crate) struct Lane {
     /// (`Limits::max_shared_len`): the codec asks the store it decodes with
     /// ([`OutOfLine::max_shared_len`](crate::codec::OutOfLine::max_shared_len)).
     max_shared_len: usize,
-    /// This end's limits let a message carry an fd: the region's and the pipe's travel so,
-    /// and a message carrying one would be refused (`TooManyFds`) although its sender passed
-    /// no fd. Without, strings go inline (or into the peer's memory, which needs no fd).
+    /// This end's limits let a message it sends carry an fd (`Limits::send_fds`): the
+    /// region's and the pipe's travel so, and a message carrying one would be refused
+    /// unsent (`TooManyFds`) although its sender passed no fd. Without, strings go inline
+    /// (or into the peer's memory, which needs no fd). Whether this end reads the peer's
+    /// lanes is `max_fds`'s alone ([`READS_LANES`] in `consumed`): an end may send fds and
+    /// accept none.
     sends_fds: bool,
     /// Messages that carry a placement of this end's and may still be on their way out:
     /// encoded, and not yet sent or given up ([`Lane::sent`]). While there are any, the
@@ -226,8 +231,9 @@ pub(crate) struct Lane {
 impl Lane {
     /// A lane that accepts strings of at most `max_len` bytes from the peer, and sends none
     /// larger out of line; through its region or pipe only if a message may carry an fd
-    /// (`max_fds`, this end's limits). For the same reason it tells the peer that it reads
-    /// lanes only if its messages may carry an fd: the one a placement announces.
+    /// (`max_fds`, this end's limits, unless [`Lane::with_max_send_fds`] says otherwise).
+    /// For the same reason it tells the peer that it reads lanes only if the messages it
+    /// accepts may carry an fd: the one a placement announces.
     pub(crate) fn new(max_len: usize, max_fds: usize) -> Lane {
         Lane {
             out: Mutex::new(Outgoing::default()),
@@ -256,6 +262,18 @@ impl Lane {
     pub(crate) fn with_max_shared_len(self, max_shared_len: usize) -> Lane {
         Lane {
             max_shared_len,
+            ..self
+        }
+    }
+
+    /// This lane, sending its region's or pipe's fd if this end sends up to `max_send_fds`
+    /// fds a message rather than the `max_fds` it accepts
+    /// ([`Limits::send_fds`](crate::Limits::send_fds)). What it tells the peer it reads
+    /// stays `max_fds`'s: a peer that sent this end an fd out of line would have its message
+    /// refused.
+    pub(crate) fn with_max_send_fds(self, max_send_fds: usize) -> Lane {
+        Lane {
+            sends_fds: max_send_fds > 0,
             ..self
         }
     }

@@ -254,7 +254,8 @@ impl AsyncConnection {
         let limits = io.get_ref().0.limits();
         let lane = Lane::new(limits.max_message_len, limits.max_fds)
             .with_max_shared_len(limits.max_shared_len)
-            .with_max_send_len(limits.send_len());
+            .with_max_send_len(limits.send_len())
+            .with_max_send_fds(limits.send_fds());
         let tasks = Arc::new(Tasks::default());
         let reader = tasks.enter();
         let inner = Arc::new(Inner {
