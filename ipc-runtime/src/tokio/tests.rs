@@ -1821,13 +1821,19 @@ fn an_accept_on_a_listener_whose_runtime_shut_down_says_so() {
 struct Stuck {
     started: std::sync::Arc<::tokio::sync::Notify>,
     dropped: std::sync::Arc<::tokio::sync::Notify>,
+    /// How many guards were dropped, for a test that waits for more than one.
+    drops: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
-/// Says on its `Notify` when dropped.
-struct SaysDropped(std::sync::Arc<::tokio::sync::Notify>);
+/// Says on its `Notify` when dropped, and counts.
+struct SaysDropped(
+    std::sync::Arc<::tokio::sync::Notify>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+);
 
 impl Drop for SaysDropped {
     fn drop(&mut self) {
+        self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.0.notify_one();
     }
 }
@@ -1843,7 +1849,7 @@ impl super::AsyncService for Stuck {
         Box::pin(async move {
             match call.command() {
                 1 => {
-                    let _guard = SaysDropped(self.dropped.clone());
+                    let _guard = SaysDropped(self.dropped.clone(), self.drops.clone());
                     self.started.notify_one();
                     std::future::pending::<()>().await;
                     unreachable!("never woken")
@@ -2002,6 +2008,60 @@ fn hostile_cancels_drop_only_the_call_they_name_and_send_nothing_back() {
             (envelope.kind, envelope.cookie),
             (Kind::Reply, 6),
             "nothing went out for the cancelled call"
+        );
+    });
+}
+
+/// A hostile peer that uses cookie 5 for two calls at once, both waiting for good, then
+/// cancels 5: both are dropped (it waits for neither), nothing is sent for them, and the
+/// cancel does not linger: a third call 5 after them is answered. Before, the cancel reached
+/// only the first call (the second waited for good), and the runner that had a cancelled call
+/// dropped a later call of the same cookie unrun.
+#[test]
+fn a_cancel_of_a_reused_cookie_drops_every_call_that_has_it_and_no_later_one() {
+    use crate::connection::envelope::{self, Envelope, Kind};
+    use crate::connection::tests::BULK;
+    use std::sync::atomic::Ordering;
+
+    let (ours, theirs) = Socket::pair().unwrap();
+    let rt = multi_thread_runtime(2);
+    rt.block_on(async {
+        let server = super::AsyncConnection::new(ours).unwrap();
+        let stuck = Stuck::default();
+        server.add_service(stuck.clone());
+        let message = |kind, cmd, cookie| {
+            let mut m = vec![0u8; envelope::LEN];
+            Envelope {
+                kind,
+                cmd,
+                cookie,
+                interface: BULK.id,
+                signature: BULK.signature,
+            }
+            .write(&mut m);
+            m
+        };
+        for _ in 0..2 {
+            theirs.send(&message(Kind::Call, 1, 5), &[]).unwrap();
+            ::tokio::time::timeout(HANG_GUARD, stuck.started.notified())
+                .await
+                .expect("the call never started");
+        }
+        theirs.send(&message(Kind::Cancel, 0, 5), &[]).unwrap();
+        while stuck.drops.load(Ordering::SeqCst) < 2 {
+            ::tokio::time::timeout(HANG_GUARD, stuck.dropped.notified())
+                .await
+                .expect("a call of the cookie cancelled was never dropped");
+        }
+        theirs.send(&message(Kind::Call, 2, 5), &[]).unwrap();
+        let reply = ::tokio::task::spawn_blocking(move || theirs.recv().unwrap())
+            .await
+            .unwrap();
+        let envelope = Envelope::read(&reply.payload).unwrap();
+        assert_eq!(
+            (envelope.kind, envelope.cookie),
+            (Kind::Reply, 5),
+            "nothing went out for the cancelled calls, and the later one was answered"
         );
     });
 }

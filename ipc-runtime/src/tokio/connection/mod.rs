@@ -16,9 +16,7 @@ mod serving;
 #[cfg(test)]
 pub(super) use serving::IDLE_RUNNERS;
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::hash::BuildHasherDefault;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::path::Path;
@@ -37,10 +35,10 @@ use serde::de::DeserializeOwned;
 
 use super::AsyncService;
 use super::envelope::{Envelope, Kind};
+use crate::connection::Authorizer;
 use crate::connection::backlog::{AtomicBacklog, Cost};
 use crate::connection::lane::Lane;
 use crate::connection::trace;
-use crate::connection::{Authorizer, CookieHasher};
 use crate::error::{Error, Result};
 use crate::frame::Frame;
 use crate::service::InterfaceInfo;
@@ -178,11 +176,12 @@ struct State {
     calls_running: usize,
     /// Tasks that ran a call and wait for the next, the most recently idle last.
     idle_runners: Vec<Arc<serving::Runner>>,
-    /// The task running each call dispatched and not yet done, by the peer's cookie: where a
-    /// [`Kind::Cancel`] finds the call to drop. Bounded by the backlog; a cookie the peer
-    /// reuses while its first call runs is not entered again (that call cannot be
-    /// cancelled).
-    running: HashMap<u64, Arc<serving::Runner>, BuildHasherDefault<CookieHasher>>,
+    /// Every task that runs calls, idle or busy, each entered when it is made and removed
+    /// when it is dropped (held weakly: the last handle to a runner handed a call finishes
+    /// that call, see `Runner`'s drop). Where a [`Kind::Cancel`] looks for the call it names,
+    /// by the cookie each runner records for the call it has: a scan, as cancels are rare,
+    /// rather than a map that every call would enter and leave.
+    runners: Vec<std::sync::Weak<serving::Runner>>,
 }
 
 /// The connection's tasks still running, so that [`AsyncConnection::run`] can wait for them.

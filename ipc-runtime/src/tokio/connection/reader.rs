@@ -337,7 +337,6 @@ impl Inner {
         let held = std::mem::take(&mut state.held);
         // Let go after the lock, as a runner's drop may take it.
         let idle = std::mem::take(&mut state.idle_runners);
-        let running = std::mem::take(&mut state.running);
         // Said once the lock is let go and the waiting calls are woken: a write to stderr may
         // block.
         let traced = self.trace.then(|| {
@@ -353,7 +352,6 @@ impl Inner {
         for runner in idle {
             runner.stop();
         }
-        drop(running);
         waiting.into_iter().for_each(Waker::wake);
         if let Some(line) = traced {
             trace::line(&line);

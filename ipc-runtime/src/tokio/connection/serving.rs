@@ -7,7 +7,7 @@ use std::future::{Future, poll_fn};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, Waker};
 
 use ::tokio::sync::{Notify, mpsc};
@@ -66,14 +66,14 @@ impl Inner {
             let (runner, idle) = match state.idle_runners.pop() {
                 Some(runner) => (runner, true),
                 // Made here rather than in its task, so that a cancel finds the first call too.
-                None => (Arc::new(Runner::new(Arc::downgrade(self))), false),
+                None => {
+                    let runner = Arc::new(Runner::new(Arc::downgrade(self)));
+                    state.runners.push(Arc::downgrade(&runner));
+                    (runner, false)
+                }
             };
-            // Not entered again for a cookie the peer reuses while its first call runs (a
-            // hostile peer's): that one's entry stays until it is done.
-            let cookie = envelope.cookie;
-            if cookie != 0 && !state.running.contains_key(&cookie) {
-                state.running.insert(cookie, runner.clone());
-            }
+            // Under the state lock, as a cancel reads it (and the task clears it, done).
+            runner.cookie.store(envelope.cookie, Ordering::Relaxed);
             return match idle {
                 true => {
                     runner.start(request);
@@ -142,8 +142,24 @@ impl Inner {
             return; // cancels nothing: the message carried a lane word only
         }
         let mut state = self.lock();
-        if let Some(runner) = state.running.get(&cookie) {
-            runner.cancel(cookie);
+        // Every runner that has the call: a hostile peer may have reused the cookie while
+        // its first call ran, and waits for neither. Handles let go after the lock: one may
+        // be the last (its task just ended), whose drop takes the lock.
+        let runners: Vec<Arc<Runner>> = state
+            .runners
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .collect();
+        let mut found = false;
+        for runner in &runners {
+            if runner.cookie.load(Ordering::Relaxed) == cookie {
+                runner.cancel(cookie);
+                found = true;
+            }
+        }
+        if found {
+            drop(state);
+            drop(runners);
             return;
         }
         let held = state
@@ -151,10 +167,13 @@ impl Inner {
             .iter()
             .position(|(_, envelope, _)| envelope.kind == Kind::Call && envelope.cookie == cookie);
         let Some(at) = held else {
+            drop(state);
+            drop(runners);
             return;
         };
         let (mut frame, _, cost) = state.held.remove(at);
         drop(state);
+        drop(runners);
         if self.trace {
             trace::dropped_cancelled(&self.name, cookie, false);
         }
@@ -264,6 +283,9 @@ pub(super) struct Runner {
     wake: Notify,
     /// The connection, for a call handed over that the task never takes (see `Drop`).
     inner: std::sync::Weak<Inner>,
+    /// The peer's cookie of the call this task has, from its dispatch until it is done (0:
+    /// none), written and read under the state lock: where a cancel finds the call.
+    cookie: AtomicU64,
     /// The cookie of the last call the peer cancelled while this task had it (0: none):
     /// the call it runs stops if it is this one. A cookie rather than a flag, so that a
     /// cancel that comes as one call finishes does not stop the next.
@@ -277,10 +299,16 @@ impl Drop for Runner {
     /// A call handed over and never taken (the task dropped, the runtime shutting down) is
     /// done all the same.
     fn drop(&mut self) {
-        if self.next.get_mut().take().is_some()
-            && let Some(inner) = self.inner.upgrade()
-        {
+        let Some(inner) = self.inner.upgrade() else {
+            return; // nor is there a list to leave
+        };
+        if self.next.get_mut().take().is_some() {
             inner.call_done();
+        }
+        let mut state = inner.lock();
+        let this: *const Runner = self;
+        if let Some(at) = state.runners.iter().position(|r| r.as_ptr() == this) {
+            state.runners.swap_remove(at);
         }
     }
 }
@@ -322,13 +350,14 @@ impl Runner {
             next: parking_lot::Mutex::new(None),
             wake: Notify::new(),
             inner,
+            cookie: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
             waker: parking_lot::Mutex::new(None),
         }
     }
 
     /// Tells the task that the peer cancelled its call `cookie` (under the state lock, with
-    /// the call still in `running`, so the task has not taken another since).
+    /// the call still its `cookie`, so the task has not taken another since).
     fn cancel(&self, cookie: u64) {
         self.cancelled.store(cookie, Ordering::SeqCst);
         if let Some(waker) = self.waker.lock().as_ref() {
@@ -375,19 +404,16 @@ async fn run_calls(mut first: FirstCall, guard: TaskGuard) {
             inner: &inner,
             done: false,
         };
-        let cookie = request.envelope.cookie;
         run_request(&inner, &runner, request).await;
         running.done = true;
         drop(running);
         {
             let mut state = inner.lock();
             state.calls_running -= 1;
-            if let Some(entry) = state.running.get(&cookie)
-                && Arc::ptr_eq(entry, &runner)
-            {
-                // Not the last handle: this task holds one.
-                state.running.remove(&cookie);
-            }
+            // Done: a cancel that comes now finds nothing, and one that came since no longer
+            // counts (should the peer use the cookie again for the next call).
+            runner.cookie.store(0, Ordering::Relaxed);
+            runner.cancelled.store(0, Ordering::Relaxed);
             if state.closed.is_some() {
                 drop(state);
                 inner.retire_services(false); // if it was the last call: nothing looks them up
@@ -422,46 +448,61 @@ async fn run_calls(mut first: FirstCall, guard: TaskGuard) {
 /// dropped where it is, unrun or its handler's future, and nothing is sent for it (but an
 /// acknowledgement of a placement it carried that no reply will carry now).
 async fn run_request(inner: &Arc<Inner>, runner: &Runner, request: Request) {
-    let cookie = request.envelope.cookie;
-    let cost = request.cost;
-    let owes = Lane::carries_placement(&request.frame.payload);
     let Request {
         frame,
         envelope,
-        cost: _,
+        cost,
         after,
     } = request;
-    // Made out here: a future dropped before its first poll drops its arguments, never
-    // having run a line of its body.
-    let unrun = Unrun { inner, frame };
-    let started = AtomicBool::new(false);
-    let mut work = pin!(Some(serve_request(inner, unrun, envelope, after, &started)));
-    let cancelled = poll_fn(|cx| {
-        let Some(future) = work.as_mut().as_pin_mut() else {
-            return Poll::Ready(false);
-        };
-        // Checked before each poll, so that a call cancelled before it started never does
-        // (one atomic load; the waker is stored only once the call waits, so a call done in
-        // its first poll, the usual case, costs nothing more).
-        if runner.cancelled.load(Ordering::SeqCst) == cookie && cookie != 0 {
-            return Poll::Ready(true);
+    let cookie = envelope.cookie;
+    let owes = Lane::carries_placement(&frame.payload);
+    // Out here, not in the call's future: the frame is finished however the call ends
+    // before its handler takes it (cancelled while it waits for the oneways before it, or
+    // before its first poll; this end closed; the task dropped).
+    let mut unrun = Unrun {
+        inner,
+        frame: Some(frame),
+    };
+    let cancelled = {
+        let mut work = pin!(Some(serve_request(
+            inner,
+            &mut unrun.frame,
+            envelope,
+            after
+        )));
+        let cancelled = poll_fn(|cx| {
+            let Some(future) = work.as_mut().as_pin_mut() else {
+                return Poll::Ready(false);
+            };
+            // Checked before each poll, so that a call cancelled before it started never
+            // does (one atomic load; the waker is stored only once the call waits, so a call
+            // done in its first poll, the usual case, costs nothing more).
+            if runner.cancelled.load(Ordering::SeqCst) == cookie && cookie != 0 {
+                return Poll::Ready(true);
+            }
+            if future.poll(cx).is_ready() {
+                return Poll::Ready(false);
+            }
+            match cookie != 0 && runner.cancelled(cookie, cx.waker()) {
+                true => Poll::Ready(true),
+                false => Poll::Pending,
+            }
+        })
+        .await;
+        if cancelled {
+            // Dropped in place, now: the handler's own drops run here (a guard of the
+            // implementation's; its `AsyncCall`, which finishes the request and closes its
+            // fds). A panic in them is the handler's, caught as one in its poll is (the hook
+            // said it).
+            let _ = catch_unwind(AssertUnwindSafe(|| work.as_mut().set(None)));
         }
-        if future.poll(cx).is_ready() {
-            return Poll::Ready(false);
-        }
-        match cookie != 0 && runner.cancelled(cookie, cx.waker()) {
-            true => Poll::Ready(true),
-            false => Poll::Pending,
-        }
-    })
-    .await;
+        cancelled
+    };
+    let started = unrun.frame.is_none();
+    drop(unrun); // before the acknowledgement below, which carries its lane word
     if cancelled {
-        // Dropped in place, now: the handler's own drops run here (a guard of the
-        // implementation's; its `AsyncCall`, which finishes the request and closes its fds).
-        // A panic in them is the handler's, caught as one in its poll is (the hook said it).
-        let _ = catch_unwind(AssertUnwindSafe(|| work.as_mut().set(None)));
         if inner.trace {
-            trace::dropped_cancelled(&inner.name, cookie, started.load(Ordering::Relaxed));
+            trace::dropped_cancelled(&inner.name, cookie, started);
         }
         if owes {
             inner.send_cancel(0);
@@ -470,28 +511,30 @@ async fn run_request(inner: &Arc<Inner>, runner: &Runner, request: Request) {
     inner.finished(cost);
 }
 
-/// A request's frame until its handler takes it: dropped before (its call cancelled while
-/// it waited for the oneways before it), it is finished unread and its fds go to the closer.
+/// A request's frame until its handler takes it: still here when the call ends (cancelled
+/// while it waited for the oneways before it), it is finished unread and its fds go to the
+/// closer.
 struct Unrun<'a> {
     inner: &'a Inner,
-    frame: Frame,
+    frame: Option<Frame>,
 }
 
 impl Drop for Unrun<'_> {
     fn drop(&mut self) {
-        self.inner.lane().finished(&self.frame.payload);
-        self.frame.discard_fds();
+        if let Some(frame) = &mut self.frame {
+            self.inner.lane().finished(&frame.payload);
+            frame.discard_fds();
+        }
     }
 }
 
-/// [`run_request`]'s work: waits for the oneways before it, then handles the request and
-/// replies, unless this end has closed the connection meanwhile.
+/// [`run_request`]'s work: waits for the oneways before it, then takes the request's `frame`
+/// and handles it and replies, unless this end has closed the connection meanwhile.
 async fn serve_request(
     inner: &Arc<Inner>,
-    mut unrun: Unrun<'_>,
+    frame: &mut Option<Frame>,
     envelope: Envelope,
     after: u64,
-    started: &AtomicBool,
 ) {
     if *inner.oneways_run.borrow() < after {
         let mut run = inner.oneways_run.subscribe();
@@ -502,12 +545,11 @@ async fn serve_request(
     // Nor does one whose task starts only once this end has closed it: the oneways before it
     // may all count as run by then (those dropped do too).
     if inner.closed_here() {
-        return; // `unrun` closes its fds
+        return; // the frame is left to `Unrun`, which closes its fds
     }
-    let frame = std::mem::take(&mut unrun.frame);
-    drop(unrun); // finishes nothing: an empty frame carries no lane word
-    started.store(true, Ordering::Relaxed);
-    handle_request(inner.clone(), frame, envelope).await;
+    if let Some(frame) = frame.take() {
+        handle_request(inner.clone(), frame, envelope).await;
+    }
 }
 
 /// Runs oneway messages one at a time, in the order they arrived, until the connection ends.
