@@ -176,11 +176,11 @@ struct State {
     calls_running: usize,
     /// Tasks that ran a call and wait for the next, the most recently idle last.
     idle_runners: Vec<Arc<serving::Runner>>,
-    /// Every task that runs calls, idle or busy, each entered when it is made and removed
-    /// when it is dropped (held weakly: the last handle to a runner handed a call finishes
-    /// that call, see `Runner`'s drop). Where a [`Kind::Cancel`] looks for the call it names,
-    /// by the cookie each runner records for the call it has: a scan, as cancels are rare,
-    /// rather than a map that every call would enter and leave.
+    /// Every task that runs calls, idle or busy, each entered when it is made (held weakly:
+    /// the last handle to a runner handed a call finishes that call, see `Runner`'s drop;
+    /// those dropped leave when the next is made). Where a [`Kind::Cancel`] looks for the
+    /// call it names, by the cookie each runner records for the call it has: a scan, as
+    /// cancels are rare, rather than a map that every call would enter and leave.
     runners: Vec<std::sync::Weak<serving::Runner>>,
 }
 

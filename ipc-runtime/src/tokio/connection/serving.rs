@@ -68,6 +68,9 @@ impl Inner {
                 // Made here rather than in its task, so that a cancel finds the first call too.
                 None => {
                     let runner = Arc::new(Runner::new(Arc::downgrade(self)));
+                    // The runners gone since the last was made leave the list here, not in
+                    // their drop, which would take the lock and the connection with it.
+                    state.runners.retain(|runner| runner.strong_count() > 0);
                     state.runners.push(Arc::downgrade(&runner));
                     (runner, false)
                 }
@@ -299,16 +302,10 @@ impl Drop for Runner {
     /// A call handed over and never taken (the task dropped, the runtime shutting down) is
     /// done all the same.
     fn drop(&mut self) {
-        let Some(inner) = self.inner.upgrade() else {
-            return; // nor is there a list to leave
-        };
-        if self.next.get_mut().take().is_some() {
+        if self.next.get_mut().take().is_some()
+            && let Some(inner) = self.inner.upgrade()
+        {
             inner.call_done();
-        }
-        let mut state = inner.lock();
-        let this: *const Runner = self;
-        if let Some(at) = state.runners.iter().position(|r| r.as_ptr() == this) {
-            state.runners.swap_remove(at);
         }
     }
 }
