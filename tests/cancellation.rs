@@ -33,6 +33,8 @@ mod blocking {
         fn gate(&self, signal: OwnedFd, gate: OwnedFd);
         /// Writes a byte to `mark`: what a call that must never run does.
         fn mark(&self, mark: OwnedFd) -> u32;
+        /// As `mark`, with a large byte string (placed in the caller's shared region).
+        fn mark_data(&self, mark: OwnedFd, data: Vec<u8>) -> u32;
     }
 }
 
@@ -46,6 +48,7 @@ mod asynchronous {
         #[oneway]
         async fn gate(&self, signal: OwnedFd, gate: OwnedFd);
         async fn mark(&self, mark: OwnedFd) -> u32;
+        async fn mark_data(&self, mark: OwnedFd, data: Vec<u8>) -> u32;
     }
 }
 
@@ -81,6 +84,10 @@ impl asynchronous::Camera for AsyncCamera {
         write_byte(&mark);
         1
     }
+    async fn mark_data(&self, mark: OwnedFd, data: Vec<u8>) -> u32 {
+        write_byte(&mark);
+        data.len() as u32
+    }
 }
 
 struct BlockingCamera;
@@ -101,6 +108,10 @@ impl blocking::Camera for BlockingCamera {
     fn mark(&self, mark: OwnedFd) -> u32 {
         write_byte(&mark);
         1
+    }
+    fn mark_data(&self, mark: OwnedFd, data: Vec<u8>) -> u32 {
+        write_byte(&mark);
+        data.len() as u32
     }
 }
 
@@ -329,4 +340,68 @@ fn a_blocking_worker_never_runs_a_queued_call_whose_caller_timed_out() {
     reading.join().unwrap();
     drop((signal, worker));
     assert_eq!(open_fds(), before);
+}
+
+/// A call carrying a large byte string (placed in the parent's shared region), queued in the
+/// worker behind a running oneway and cancelled there, gives the placement back: the worker
+/// sends no reply for it, so it must say so in a message of its own, and the parent's lane is
+/// idle again (`release_shared_memory` gives the region back) before anything else is sent.
+fn a_cancelled_queued_call_gives_its_placement_back(worker_test: &str) {
+    let _fds = fd_count_lock();
+    let before = open_fds();
+    let rt = runtime();
+    rt.block_on(async {
+        let mut command = child(worker_test);
+        command.env("TYPED_IPC_DEBUG", "1").stderr(Stdio::piped());
+        let (mut worker, conn) = typed_ipc::tokio::worker::spawn(command).unwrap();
+        let (lines, reading) = trace_lines(worker.take_stderr().expect("piped"));
+        let camera = asynchronous::CameraClient::new(conn.clone());
+        // The worker's reply says it reads lanes: the next large string is placed.
+        let (mark, marked) = pipe();
+        assert_eq!(camera.mark(marked).await.unwrap(), 1);
+        assert_eq!(read_byte(&mark), b'!');
+        let (signal, signalled) = pipe();
+        let (gate, gated) = pipe();
+        camera.gate(signalled, gated).await.unwrap();
+        assert_eq!(read_byte(&signal), b'!', "the gate is running");
+        let (mark, marked) = pipe();
+        {
+            use std::future::Future;
+            use std::task::{Context, Waker};
+            let mut call = Box::pin(camera.mark_data(marked, vec![7u8; 64 << 10]));
+            let mut cx = Context::from_waker(Waker::noop());
+            assert!(
+                call.as_mut().poll(&mut cx).is_pending(),
+                "sent, not answered"
+            );
+        } // dropped: the cancel goes out
+        assert_eq!(conn.release_shared_memory(), 0, "the string was placed");
+        wait_for_line(&lines, "<- Cancel");
+        tokio::time::timeout(HANG_GUARD, async {
+            while conn.release_shared_memory() == 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the parent's lane stayed busy with the cancelled call's placement");
+        drop(gate);
+        let marks = read_to_end_guarded(mark, "the cancelled call's fd was never closed");
+        assert!(marks.is_empty(), "the cancelled call ran");
+        drop((camera, conn));
+        assert!(matches!(worker.wait().unwrap(), Exit::Code(0)));
+        reading.join().unwrap();
+        drop((signal, worker));
+    });
+    drop(rt);
+    assert_eq!(open_fds(), before);
+}
+
+#[test]
+fn an_async_worker_gives_back_the_placement_of_a_queued_call_it_dropped() {
+    a_cancelled_queued_call_gives_its_placement_back("child_async_camera");
+}
+
+#[test]
+fn a_blocking_worker_gives_back_the_placement_of_a_queued_call_it_dropped() {
+    a_cancelled_queued_call_gives_its_placement_back("child_blocking_camera");
 }

@@ -552,7 +552,6 @@ impl Lane {
     /// of the peer's: done with it unread ([`Lane::finished`]) without a reply to carry the
     /// acknowledgement, this end owes the peer a message that does (a call dropped on the
     /// peer's cancel).
-    #[cfg(feature = "tokio")]
     #[inline]
     pub(crate) fn carries_placement(payload: &[u8]) -> bool {
         envelope::lane(payload) >> SEQ_BITS & SEQ_MASK != 0
