@@ -313,8 +313,8 @@ fn a_blocking_call_that_times_out_has_an_async_worker_drop_it() {
 
 /// A blocking worker drops a call still queued when its caller's timeout passes: queued
 /// behind a oneway running on one serving thread while the other reads. The worker's trace
-/// says when it read the cancel, so the gate opens only after that. Before, the call ran
-/// once the oneway was done.
+/// says when it dropped the call (as an async worker's does), so the gate opens only after
+/// that. Before, the call ran once the oneway was done.
 #[test]
 fn a_blocking_worker_never_runs_a_queued_call_whose_caller_timed_out() {
     let _fds = fd_count_lock();
@@ -331,7 +331,7 @@ fn a_blocking_worker_never_runs_a_queued_call_whose_caller_timed_out() {
     let (mark, marked) = pipe();
     let timed = camera.with_timeout(Duration::from_millis(50));
     assert!(matches!(timed.mark(marked), Err(Error::TimedOut)));
-    wait_for_line(&lines, "<- Cancel");
+    wait_for_line(&lines, "cancelled by the peer: unrun");
     drop(gate);
     let marks = read_to_end_guarded(mark, "the cancelled call's fd was never closed");
     assert!(marks.is_empty(), "the cancelled call ran");

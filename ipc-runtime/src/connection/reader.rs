@@ -356,14 +356,14 @@ impl Shared {
             // else the message holds (a hostile peer's body or fds) is dropped with it.
             (Kind::Cancel, result) => {
                 // Before it is said: the trace shows the call gone once it says the cancel.
-                let owed = self.cancel_queued(&mut state, envelope.cookie);
+                let dropped = self.cancel_queued(&mut state, envelope.cookie);
                 state = self.trace_unlocked(state, &envelope, &frame);
                 if result.is_ok() {
                     self.lane.finished(&frame.payload);
                 }
                 keep_unread(&mut state, frame);
-                if owed {
-                    state = self.acknowledge_dropped(state);
+                if let Some(owed) = dropped {
+                    state = self.dropped_cancelled(state, envelope.cookie, owed);
                 }
             }
             (Kind::Announce, result) => {
@@ -705,40 +705,45 @@ pub(super) enum Taken {
 impl Shared {
     /// Drops the peer's call `cookie` unrun if it is still queued ([`Kind::Cancel`]): its
     /// fds closed once the lock is let go, a placement it carried done with unread. Returns
-    /// whether it carried one: no reply will carry that acknowledgement, so this end owes
-    /// the peer a message that does ([`Shared::acknowledge_dropped`]). A cookie of no queued
-    /// call (running, answered, or never sent) changes nothing.
+    /// whether it dropped one, and then whether it carried a placement: no reply will carry
+    /// that acknowledgement, so this end owes the peer a message that does
+    /// ([`Shared::dropped_cancelled`]). A cookie of no queued call (running, answered, or
+    /// never sent) changes nothing.
     #[cold]
     #[inline(never)]
-    fn cancel_queued(&self, state: &mut State, cookie: u64) -> bool {
+    fn cancel_queued(&self, state: &mut State, cookie: u64) -> Option<bool> {
         if cookie == 0 {
-            return false;
+            return None;
         }
         let queued = state.calls.iter().position(|(frame, _)| {
             Envelope::read(&frame.payload).is_ok_and(|e| e.cookie == cookie)
         });
-        let Some(at) = queued else {
-            return false;
-        };
-        let (mut call, _) = state.calls.remove(at).expect("found above");
+        let (mut call, _) = state.calls.remove(queued?).expect("found above");
         self.dequeued(state, &call);
         let owed = Lane::carries_placement(&call.payload);
         self.lane.finished(&call.payload);
         unclaimed(state, &mut call);
-        owed
+        Some(owed)
     }
 
-    /// Sends the acknowledgement of a placement whose call was dropped on the peer's cancel
-    /// (a cancel of cookie 0, which cancels nothing), with the lock let go: else the peer's
-    /// lane stays busy until this end sends something else, which a server that only answers
-    /// may not do for a long time (an async peer reads it at once, and its next large string
-    /// goes out of line again). One try, never waiting, as for a cancel
+    /// After [`Shared::cancel_queued`] dropped the peer's call `cookie`, with the lock let go:
+    /// the trace says so (as the async flavour's does; the line that says the cancel cannot
+    /// tell a call dropped from one that runs on), and if the call carried a placement, its
+    /// acknowledgement goes out in a cancel of cookie 0, which cancels nothing: else the
+    /// peer's lane stays busy until this end sends something else, which a server that only
+    /// answers may not do for a long time (an async peer reads it at once, and its next large
+    /// string goes out of line again). One try, never waiting, as for a cancel
     /// ([`Shared::send_cancel`]): if it cannot go at once, this end's next message says it.
     #[cold]
     #[inline(never)]
-    fn acknowledge_dropped<'a>(&'a self, state: Guard<'a>) -> Guard<'a> {
+    fn dropped_cancelled<'a>(&'a self, state: Guard<'a>, cookie: u64, owed: bool) -> Guard<'a> {
         drop(state);
-        self.send_cancel(0);
+        if self.trace {
+            super::trace::dropped_cancelled(&self.name, cookie, false);
+        }
+        if owed {
+            self.send_cancel(0);
+        }
         self.state.lock()
     }
 }

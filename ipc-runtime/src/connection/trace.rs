@@ -383,7 +383,6 @@ pub(crate) fn cancelled(name: &Name, cookie: u64) {
 
 /// The peer's call `cookie` was dropped on its cancel, before it ran (`running`: its
 /// handler was running, and stopped), and gets no reply.
-#[cfg(feature = "tokio")]
 #[cold]
 #[inline(never)]
 pub(crate) fn dropped_cancelled(name: &Name, cookie: u64, running: bool) {
