@@ -268,6 +268,64 @@ mod asynchronous {
         });
         assert_eq!(open_fds(), before);
     }
+    /// Calls whose strings are written into the worker's inbox, dropped at random moments
+    /// (a short timeout; the worker drops them unrun, or the reply crosses the cancel): the
+    /// calls that return get their own answers, and afterwards strings are still written
+    /// into the inbox (the inbox and the lane were given back each time), no region made.
+    #[test]
+    fn async_calls_written_into_the_inbox_dropped_at_random_leave_it_usable() {
+        let _fds = fd_count_lock();
+        common::one_copy_always();
+        let before = open_fds();
+        common::current_thread_runtime().block_on(async {
+            let (mut child, conn) =
+                typed_ipc::tokio::worker::spawn(child("asynchronous::child_keep_async")).unwrap();
+            let keep = KeepClient::new(conn);
+            assert_eq!(keep.regions().await.unwrap(), 0);
+            let rounds: u64 = std::env::var("ROUNDS")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(100);
+            let mut x = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1;
+            eprintln!("seed {x}");
+            let mut answered = 0;
+            for round in 0..rounds {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let len = [300_000, 700_000, MIB][(x >> 5) as usize % 3];
+                let data = filled(len, round);
+                let want = checksum(&data);
+                let us = (x >> 40) % 3000;
+                let got =
+                    tokio::time::timeout(std::time::Duration::from_micros(us), keep.keep(data))
+                        .await;
+                if let Ok(got) = got {
+                    assert_eq!(got.unwrap().0, want, "round {round}: another call's answer");
+                    answered += 1;
+                }
+            }
+            eprintln!("answered {answered} of {rounds}");
+            for round in 0..3 {
+                let data = filled(MIB, 1 << 40 | round);
+                let want = checksum(&data);
+                let (sum, capacity) = keep.keep(data).await.unwrap();
+                assert_eq!(sum, want);
+                assert_eq!(capacity, MIB as u64, "handed over in the inbox buffer");
+            }
+            assert_eq!(keep.regions().await.unwrap(), 0, "all written");
+            drop(keep);
+            assert_eq!(
+                typed_ipc::tokio::worker::wait(&mut child).await.unwrap(),
+                Exit::Code(0)
+            );
+        });
+        assert_eq!(open_fds(), before);
+    }
 }
 
 /// A call of `keep` as a hostile client writes it: its argument a reference to a string it

@@ -19,6 +19,15 @@ use common::{child, fd_count_lock, open_fds};
 use typed_ipc::Error;
 use typed_ipc::worker::{Exit, Worker};
 
+/// What `echo` returns: what it was given.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct Echoed {
+    tag: u64,
+    #[serde(with = "typed_ipc::fd")]
+    fd: OwnedFd,
+    data: Vec<u8>,
+}
+
 /// The interface, blocking flavour.
 mod blocking {
     use std::os::fd::OwnedFd;
@@ -35,6 +44,9 @@ mod blocking {
         fn mark(&self, mark: OwnedFd) -> u32;
         /// As `mark`, with a large byte string (placed in the caller's shared region).
         fn mark_data(&self, mark: OwnedFd, data: Vec<u8>) -> u32;
+        /// `fd` and `data` back, tagged with `tag` (the async flavour yields first, as many
+        /// times as `tag % 4`).
+        fn echo(&self, tag: u64, fd: OwnedFd, data: Vec<u8>) -> super::Echoed;
     }
 }
 
@@ -49,6 +61,7 @@ mod asynchronous {
         async fn gate(&self, signal: OwnedFd, gate: OwnedFd);
         async fn mark(&self, mark: OwnedFd) -> u32;
         async fn mark_data(&self, mark: OwnedFd, data: Vec<u8>) -> u32;
+        async fn echo(&self, tag: u64, fd: OwnedFd, data: Vec<u8>) -> super::Echoed;
     }
 }
 
@@ -88,6 +101,12 @@ impl asynchronous::Camera for AsyncCamera {
         write_byte(&mark);
         data.len() as u32
     }
+    async fn echo(&self, tag: u64, fd: OwnedFd, data: Vec<u8>) -> Echoed {
+        for _ in 0..tag % 4 {
+            tokio::task::yield_now().await;
+        }
+        Echoed { tag, fd, data }
+    }
 }
 
 struct BlockingCamera;
@@ -112,6 +131,9 @@ impl blocking::Camera for BlockingCamera {
     fn mark_data(&self, mark: OwnedFd, data: Vec<u8>) -> u32 {
         write_byte(&mark);
         data.len() as u32
+    }
+    fn echo(&self, tag: u64, fd: OwnedFd, data: Vec<u8>) -> Echoed {
+        Echoed { tag, fd, data }
     }
 }
 
@@ -404,4 +426,165 @@ fn an_async_worker_gives_back_the_placement_of_a_queued_call_it_dropped() {
 #[test]
 fn a_blocking_worker_gives_back_the_placement_of_a_queued_call_it_dropped() {
     a_cancelled_queued_call_gives_its_placement_back("child_blocking_camera");
+}
+
+/// The storm's round `round`: its tag, and a string of one of the sizes that go inline, through
+/// the shared region or through the pipe, its bytes the round's.
+fn storm_round(x: u64, round: u64) -> (u64, Vec<u8>) {
+    let len = [16usize, 2000, 8 << 10, 70_000, 300_000][(x >> 3) as usize % 5];
+    let tag = round << 2 | (x & 3);
+    (tag, common::filled(len, tag))
+}
+
+/// Calls to an async worker dropped at random moments (a short timeout), each with an fd and
+/// a large string, which come back: every call that returns gets its own reply (tag, string,
+/// the very fd it sent), never one that crossed an earlier call's cancel; the fds of the
+/// replies that crossed a cancel are closed; afterwards large strings still go through the
+/// shared region, and the connection works on.
+#[test]
+fn async_calls_to_an_async_worker_dropped_at_random_get_their_own_replies() {
+    async_calls_dropped_at_random("child_async_camera");
+}
+
+/// As above, against a blocking worker (which runs on the handlers it has started).
+#[test]
+fn async_calls_to_a_blocking_worker_dropped_at_random_get_their_own_replies() {
+    async_calls_dropped_at_random("child_blocking_camera");
+}
+
+fn async_calls_dropped_at_random(worker_test: &str) {
+    use std::os::fd::AsRawFd;
+    let _fds = fd_count_lock();
+    let before = open_fds();
+    let rt = runtime();
+    rt.block_on(async {
+        let (mut worker, conn) = typed_ipc::tokio::worker::spawn(child(worker_test)).unwrap();
+        conn.lend_pages_to_peer(true);
+        let camera = asynchronous::CameraClient::new(conn.clone());
+        let rounds: u64 = std::env::var("ROUNDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(1000);
+        let mut x = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+            | 1;
+        eprintln!("seed {x}");
+        let mut answered = 0;
+        for round in 0..rounds {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let (tag, data) = storm_round(x, round);
+            let (keep, sent) = pipe();
+            let sent_ino = nix::sys::stat::fstat(&sent).unwrap().st_ino;
+            let us = (x >> 40) % 100;
+            let got = tokio::time::timeout(
+                Duration::from_micros(us),
+                camera.echo(tag, sent, data.clone()),
+            )
+            .await;
+            if let Ok(got) = got {
+                let Echoed {
+                    tag: back_tag,
+                    fd,
+                    data: back,
+                } = got.unwrap();
+                assert_eq!(back_tag, tag, "round {round}: another call's reply");
+                assert!(back == data, "round {round}: another call's string");
+                let ino = nix::sys::stat::fstat(&fd).unwrap().st_ino;
+                assert_eq!(ino, sent_ino, "round {round}: another call's fd");
+                assert!(fd.as_raw_fd() >= 0);
+                answered += 1;
+            }
+            drop(keep);
+        }
+        eprintln!("answered {answered} of {rounds}");
+        let (tag, data) = storm_round(3, rounds);
+        let (_keep, sent) = pipe();
+        let Echoed {
+            tag: back_tag,
+            data: back,
+            ..
+        } = camera.echo(tag, sent, data.clone()).await.unwrap();
+        assert_eq!(back_tag, tag);
+        assert!(back == data);
+        assert_ne!(conn.release_shared_memory(), 0, "the lane stayed busy");
+        drop((camera, conn));
+        assert!(matches!(worker.wait().unwrap(), Exit::Code(0)));
+    });
+    drop(rt);
+    assert_eq!(open_fds(), before);
+}
+
+/// The blocking twin: calls to an async worker that time out at random moments.
+#[test]
+fn blocking_calls_to_an_async_worker_timing_out_at_random_get_their_own_replies() {
+    blocking_calls_timing_out_at_random("child_async_camera");
+}
+
+/// As above, against a blocking worker.
+#[test]
+fn blocking_calls_to_a_blocking_worker_timing_out_at_random_get_their_own_replies() {
+    blocking_calls_timing_out_at_random("child_blocking_camera");
+}
+
+fn blocking_calls_timing_out_at_random(worker_test: &str) {
+    let _fds = fd_count_lock();
+    let before = open_fds();
+    let (mut worker, conn) = Worker::spawn(child(worker_test)).unwrap();
+    conn.lend_pages_to_peer(true);
+    let camera = blocking::CameraClient::new(conn.clone());
+    let rounds: u64 = std::env::var("ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1000);
+    let mut x = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    eprintln!("seed {x}");
+    let mut answered = 0;
+    for round in 0..rounds {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let (tag, data) = storm_round(x, round);
+        let (keep, sent) = pipe();
+        let sent_ino = nix::sys::stat::fstat(&sent).unwrap().st_ino;
+        let timed = camera.with_timeout(Duration::from_micros(1 + (x >> 40) % 100));
+        match timed.echo(tag, sent, data.clone()) {
+            Ok(Echoed {
+                tag: back_tag,
+                fd,
+                data: back,
+            }) => {
+                assert_eq!(back_tag, tag, "round {round}: another call's reply");
+                assert!(back == data, "round {round}: another call's string");
+                let ino = nix::sys::stat::fstat(&fd).unwrap().st_ino;
+                assert_eq!(ino, sent_ino, "round {round}: another call's fd");
+                answered += 1;
+            }
+            Err(Error::TimedOut) => {}
+            Err(e) => panic!("round {round}: {e}"),
+        }
+        drop(keep);
+    }
+    eprintln!("answered {answered} of {rounds}");
+    let (tag, data) = storm_round(3, rounds);
+    let (keep, sent) = pipe();
+    let Echoed {
+        tag: back_tag,
+        data: back,
+        ..
+    } = camera.echo(tag, sent, data.clone()).unwrap();
+    drop(keep);
+    assert_eq!(back_tag, tag);
+    assert!(back == data);
+    drop((camera, conn));
+    assert!(matches!(worker.wait().unwrap(), Exit::Code(0)));
+    drop(worker);
+    assert_eq!(open_fds(), before);
 }

@@ -2065,3 +2065,399 @@ fn a_cancel_of_a_reused_cookie_drops_every_call_that_has_it_and_no_later_one() {
         );
     });
 }
+
+/// Echoes byte strings after yielding as many times as the first byte says (mod 4), so that
+/// a cancel finds handlers at every point: unrun, waiting, replying.
+#[derive(Clone, Default)]
+struct YieldingEcho;
+
+impl super::AsyncService for YieldingEcho {
+    fn info(&self) -> &'static crate::service::InterfaceInfo {
+        &crate::connection::tests::BULK
+    }
+    fn handle<'a>(
+        &'a self,
+        call: &'a mut super::AsyncCall,
+    ) -> super::BoxFuture<'a, crate::Result<()>> {
+        Box::pin(async move {
+            match call.command() {
+                1 => {
+                    let crate::codec::Bytes(data): crate::codec::Bytes<Vec<u8>> = call.args()?;
+                    for _ in 0..data.first().map_or(0, |b| b % 4) {
+                        ::tokio::task::yield_now().await;
+                    }
+                    call.reply(crate::codec::Bytes(data)).await
+                }
+                _ => call.reply(7u32).await,
+            }
+        })
+    }
+}
+
+/// A string of `len` bytes no other round sends: its first byte says how often the handler
+/// yields, the next eight the round.
+fn storm_data(len: usize, round: u64, x: u64) -> Vec<u8> {
+    let mut data = vec![(x >> 24) as u8; len];
+    data[0] = x as u8;
+    data[1..9].copy_from_slice(&round.to_le_bytes());
+    data
+}
+
+/// Both ends call each other at once, each call dropped at a random moment, with strings
+/// placed or piped both ways: every call that returns gets its own reply (never one that
+/// crossed an earlier call's cancel), and afterwards no lane is left busy either way.
+#[test]
+fn calls_both_ways_cancelled_at_random_get_their_own_replies_and_leave_no_lane_busy() {
+    use crate::codec::Bytes;
+    use crate::connection::tests::BULK;
+    use std::time::Duration;
+
+    let rt = multi_thread_runtime(2);
+    rt.block_on(async {
+        let (a, b) = super::AsyncConnection::pair().unwrap();
+        a.add_service(YieldingEcho);
+        b.add_service(YieldingEcho);
+        a.lend_pages_to_peer(true);
+        b.lend_pages_to_peer(true);
+        let rounds: u64 = std::env::var("ROUNDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(3000);
+        let storm = |conn: super::AsyncConnection, seed: u64| async move {
+            let mut x = seed | 1;
+            let mut answered = 0u64;
+            for round in 0..rounds {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let len = [16usize, 2000, 8 << 10, 70_000, 300_000][(x >> 3) as usize % 5];
+                let data = storm_data(len, round, x);
+                let us = (x >> 40) % 60;
+                let got = ::tokio::time::timeout(
+                    Duration::from_micros(us),
+                    conn.call::<_, Bytes<Vec<u8>>>(&BULK, 1, Bytes(data.clone()), None),
+                )
+                .await;
+                if let Ok(got) = got {
+                    let Bytes(back) = got.unwrap();
+                    assert!(back == data, "round {round}: another call's reply");
+                    answered += 1;
+                }
+            }
+            answered
+        };
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        eprintln!("seed {seed}");
+        let one = ::tokio::spawn(storm(a.clone(), seed));
+        let two = ::tokio::spawn(storm(b.clone(), seed.rotate_left(17)));
+        let answered = (one.await.unwrap(), two.await.unwrap());
+        eprintln!("answered {answered:?} of {rounds} each");
+        assert!(settle(&a, &b).await, "a lane stayed busy");
+        assert!(settle(&b, &a).await, "a lane stayed busy");
+        for conn in [&a, &b] {
+            let data = storm_data(300_000, u64::MAX, 0x55);
+            let Bytes(back) = conn
+                .call::<_, Bytes<Vec<u8>>>(&BULK, 1, Bytes(data.clone()), None)
+                .await
+                .unwrap();
+            assert!(back == data);
+        }
+    });
+}
+
+/// A blocking client whose calls time out at random moments, against an async server whose
+/// handlers yield: every call that returns gets its own reply, and the connection and both
+/// lanes are fine afterwards.
+#[test]
+fn blocking_calls_timing_out_at_random_against_an_async_server_get_their_own_replies() {
+    use crate::codec::Bytes;
+    use crate::connection::tests::BULK;
+    use std::time::Duration;
+
+    let (ours, theirs) = Socket::pair().unwrap();
+    let rt = multi_thread_runtime(2);
+    let server = rt.block_on(async { super::AsyncConnection::new(theirs).unwrap() });
+    server.add_service(YieldingEcho);
+    let client = crate::Connection::new(ours);
+    let rounds: u64 = std::env::var("ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3000);
+    let mut x = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    eprintln!("seed {x}");
+    let mut answered = 0;
+    for round in 0..rounds {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let len = [16usize, 2000, 8 << 10, 70_000, 300_000][(x >> 3) as usize % 5];
+        let data = storm_data(len, round, x);
+        let us = 1 + (x >> 40) % 60;
+        match client.call::<_, Bytes<Vec<u8>>>(
+            &BULK,
+            1,
+            &Bytes(data.clone()),
+            Some(Duration::from_micros(us)),
+        ) {
+            Ok(Bytes(back)) => {
+                assert!(back == data, "round {round}: another call's reply");
+                answered += 1;
+            }
+            Err(crate::Error::TimedOut) => {}
+            Err(e) => panic!("round {round}: {e}"),
+        }
+    }
+    eprintln!("answered {answered} of {rounds}");
+    for _ in 0..3 {
+        let data = storm_data(300_000, u64::MAX, 0x55);
+        let Bytes(back) = client
+            .call::<_, Bytes<Vec<u8>>>(&BULK, 1, &Bytes(data.clone()), None)
+            .unwrap();
+        assert!(back == data);
+    }
+    assert_ne!(
+        client.release_shared_memory(),
+        0,
+        "the client's lane stayed busy"
+    );
+    drop(client);
+    drop(server);
+    drop(rt);
+}
+
+/// Calls back into its caller (the same connection) and waits for that call's reply.
+struct CallsBack {
+    conn: std::sync::OnceLock<super::AsyncConnection>,
+    dropped: std::sync::Arc<::tokio::sync::Notify>,
+}
+
+impl super::AsyncService for CallsBack {
+    fn info(&self) -> &'static crate::service::InterfaceInfo {
+        &crate::connection::tests::BULK
+    }
+    fn handle<'a>(
+        &'a self,
+        call: &'a mut super::AsyncCall,
+    ) -> super::BoxFuture<'a, crate::Result<()>> {
+        Box::pin(async move {
+            match call.command() {
+                1 => {
+                    let _guard = SaysDropped(self.dropped.clone(), Default::default());
+                    let conn = self.conn.get().expect("set").clone();
+                    let back: crate::codec::Bytes<Vec<u8>> = conn
+                        .call(
+                            &crate::connection::tests::BULK,
+                            1,
+                            crate::codec::Bytes(vec![1u8]),
+                            None,
+                        )
+                        .await?;
+                    call.reply(back).await
+                }
+                _ => call.reply(7u32).await,
+            }
+        })
+    }
+}
+
+/// A handler cancelled while it waits for a call back into its caller drops that call, so
+/// its caller's handler for it is dropped too (the chain of cancels goes back and forth on
+/// one connection), and both ends answer calls afterwards.
+#[test]
+fn a_handler_cancelled_during_its_call_back_cancels_the_call_back() {
+    use crate::codec::Bytes;
+    use crate::connection::tests::BULK;
+
+    let rt = multi_thread_runtime(2);
+    rt.block_on(async {
+        let (a, b) = super::AsyncConnection::pair().unwrap();
+        let stuck = Stuck::default();
+        a.add_service(stuck.clone());
+        let calls_back = std::sync::Arc::new(CallsBack {
+            conn: std::sync::OnceLock::new(),
+            dropped: Default::default(),
+        });
+        let _ = calls_back.conn.set(b.clone());
+        struct Shared(std::sync::Arc<CallsBack>);
+        impl super::AsyncService for Shared {
+            fn info(&self) -> &'static crate::service::InterfaceInfo {
+                &BULK
+            }
+            fn handle<'a>(
+                &'a self,
+                call: &'a mut super::AsyncCall,
+            ) -> super::BoxFuture<'a, crate::Result<()>> {
+                self.0.handle(call)
+            }
+        }
+        b.add_service(Shared(calls_back.clone()));
+        let outer = ::tokio::spawn({
+            let a = a.clone();
+            async move {
+                a.call::<_, Bytes<Vec<u8>>>(&BULK, 1, Bytes(vec![2u8]), None)
+                    .await
+            }
+        });
+        ::tokio::time::timeout(HANG_GUARD, stuck.started.notified())
+            .await
+            .expect("the call back never started");
+        outer.abort();
+        assert!(outer.await.unwrap_err().is_cancelled());
+        ::tokio::time::timeout(HANG_GUARD, calls_back.dropped.notified())
+            .await
+            .expect("the cancelled handler was never dropped");
+        ::tokio::time::timeout(HANG_GUARD, stuck.dropped.notified())
+            .await
+            .expect("its call back's handler was never dropped");
+        assert_eq!(a.call::<_, u32>(&BULK, 2, (), None).await.unwrap(), 7);
+        assert_eq!(b.call::<_, u32>(&BULK, 2, (), None).await.unwrap(), 7);
+        assert!(settle(&a, &b).await, "a lane stayed busy");
+        let _ = calls_back.conn.get().map(super::AsyncConnection::close);
+    });
+}
+
+/// A hostile peer's cancels that name no call of its own: the cookie of the call this end
+/// is making to it (the other direction), the largest cookie, and a flood of cookies it never
+/// used, each with an fd. None drops the peer's running call nor this end's own call, whose
+/// reply still comes; the connection answers the next call.
+#[test]
+fn hostile_cancels_of_the_other_direction_drop_nothing() {
+    use crate::connection::envelope::{self, Envelope, Kind};
+    use crate::connection::tests::BULK;
+    use std::future::Future;
+    use std::task::{Context, Waker};
+
+    let (ours, theirs) = Socket::pair().unwrap();
+    let theirs = std::sync::Arc::new(theirs);
+    let rt = multi_thread_runtime(2);
+    rt.block_on(async {
+        let server = super::AsyncConnection::new(ours).unwrap();
+        let stuck = Stuck::default();
+        server.add_service(stuck.clone());
+        let message = |kind, cmd, cookie| {
+            let mut m = vec![0u8; envelope::LEN];
+            Envelope {
+                kind,
+                cmd,
+                cookie,
+                interface: BULK.id,
+                signature: BULK.signature,
+            }
+            .write(&mut m);
+            m
+        };
+        let recv = |socket: std::sync::Arc<Socket>| async move {
+            ::tokio::task::spawn_blocking(move || socket.recv().unwrap())
+                .await
+                .unwrap()
+        };
+        // This end calls the peer.
+        let ours_call = ::tokio::spawn({
+            let server = server.clone();
+            async move { server.call::<_, u32>(&BULK, 2, (), None).await }
+        });
+        let request = recv(theirs.clone()).await;
+        let ours_cookie = Envelope::read(&request.payload).unwrap().cookie;
+        // The peer's own call, which runs for good.
+        let mut call = message(Kind::Call, 1, 5);
+        crate::codec::encode(&crate::codec::Bytes(vec![1u8]), &mut call, &mut Vec::new()).unwrap();
+        theirs.send(&call, &[]).unwrap();
+        ::tokio::time::timeout(HANG_GUARD, stuck.started.notified())
+            .await
+            .expect("the call never started");
+        let mut cookies = vec![ours_cookie, u64::MAX, u64::MAX - 1, 4, 6];
+        cookies.extend((0..5000u64).map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1 << 63));
+        for cookie in cookies {
+            let cancel = message(Kind::Cancel, 0, cookie);
+            let fd = memfd(1);
+            let sent = ::tokio::task::spawn_blocking({
+                let theirs = theirs.clone();
+                move || theirs.send(&cancel, &[fd.as_fd()])
+            });
+            sent.await.unwrap().unwrap();
+        }
+        // The peer's ping, then its answer to this end's call.
+        theirs.send(&message(Kind::Call, 2, 6), &[]).unwrap();
+        let reply = recv(theirs.clone()).await;
+        let envelope = Envelope::read(&reply.payload).unwrap();
+        assert_eq!((envelope.kind, envelope.cookie), (Kind::Reply, 6));
+        let mut dropped = std::pin::pin!(stuck.dropped.notified());
+        assert!(
+            dropped
+                .as_mut()
+                .poll(&mut Context::from_waker(Waker::noop()))
+                .is_pending(),
+            "a cancel of no call of the peer's dropped its running call"
+        );
+        let mut answer = message(Kind::Reply, 2, ours_cookie);
+        crate::codec::encode(&9u32, &mut answer, &mut Vec::new()).unwrap();
+        theirs.send(&answer, &[]).unwrap();
+        let got = ::tokio::time::timeout(HANG_GUARD, ours_call)
+            .await
+            .expect("this end's call never got its reply");
+        assert_eq!(got.unwrap().unwrap(), 9, "this end's own call was dropped");
+    });
+}
+
+/// Calls whose requests went out to a peer that reads nothing, dropped as their runtime shuts
+/// down: their cancels cannot go at once (the socket is full) and the task that would send
+/// them cannot run. Nothing panics, and the peer finds every message it reads whole.
+#[test]
+fn calls_dropped_as_the_runtime_shuts_down_with_the_socket_full_do_not_panic() {
+    use crate::connection::envelope::{Envelope, Kind};
+    use crate::connection::tests::BULK;
+
+    let (ours, theirs) = Socket::pair().unwrap();
+    let rt = multi_thread_runtime(2);
+    let client = rt.block_on(async { super::AsyncConnection::new(ours).unwrap() });
+    let calls: Vec<_> = (0..2000)
+        .map(|_| {
+            let client = client.clone();
+            rt.spawn(async move {
+                client
+                    .call::<_, crate::codec::Bytes<Vec<u8>>>(
+                        &BULK,
+                        1,
+                        crate::codec::Bytes(vec![3u8; 2000]),
+                        None,
+                    )
+                    .await
+            })
+        })
+        .collect();
+    // Until the socket is full: a oneway's send from here would have to wait.
+    rt.block_on(async {
+        ::tokio::time::timeout(HANG_GUARD, async {
+            while client
+                .socket()
+                .ready_now(PollFlags::POLLOUT)
+                .contains(PollFlags::POLLOUT)
+            {
+                ::tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the socket never filled");
+    });
+    drop(calls);
+    drop(client);
+    drop(rt);
+    // Everything that went out is whole: calls, then perhaps cancels.
+    let mut read = 0;
+    while let Ok(Some(frame)) = theirs.try_recv() {
+        read += 1;
+        let envelope = Envelope::read(&frame.payload).unwrap();
+        assert!(matches!(
+            envelope.kind,
+            Kind::Call | Kind::Cancel | Kind::Announce
+        ));
+    }
+    assert!(read > 0, "the calls went out");
+}
