@@ -366,8 +366,9 @@ fn a_blocking_worker_never_runs_a_queued_call_whose_caller_timed_out() {
 
 /// A call carrying a large byte string (placed in the parent's shared region), queued in the
 /// worker behind a running oneway and cancelled there, gives the placement back: the worker
-/// sends no reply for it, so it must say so in a message of its own, and the parent's lane is
-/// idle again (`release_shared_memory` gives the region back) before anything else is sent.
+/// sends no reply for it, so it must say so in a message of its own (a cancel of cookie 0,
+/// which its trace shows), and the parent's lane is idle again (`release_shared_memory` gives
+/// the region back) before anything else is sent.
 fn a_cancelled_queued_call_gives_its_placement_back(worker_test: &str) {
     let _fds = fd_count_lock();
     let before = open_fds();
@@ -398,7 +399,9 @@ fn a_cancelled_queued_call_gives_its_placement_back(worker_test: &str) {
             );
         } // dropped: the cancel goes out
         assert_eq!(conn.release_shared_memory(), 0, "the string was placed");
-        wait_for_line(&lines, "<- Cancel");
+        // The worker says it dropped the call, then sends the acknowledgement no reply carries.
+        wait_for_line(&lines, "cancelled by the peer: unrun, no reply");
+        wait_for_line(&lines, "-> Cancel #0 (acknowledges a dropped call's bytes)");
         tokio::time::timeout(HANG_GUARD, async {
             while conn.release_shared_memory() == 0 {
                 tokio::task::yield_now().await;
