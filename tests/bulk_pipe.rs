@@ -373,13 +373,18 @@ fn a_peer_holding_its_pipes_lock_does_not_stall_the_server() {
     server.join().unwrap().unwrap();
 }
 
-/// Closing a pipe's last fd takes the pipe's lock too (`pipe_release`): a hostile peer that
-/// sends its pipe's read end, closes its own copy and holds the lock stalls whichever thread
-/// of ours closes the fd. The server, which reads no pipes from this peer, refuses the piped
-/// string unread: the fd it named goes to typed-ipc's closer, not closed on a serving thread.
-#[test]
-fn closing_a_peers_pipe_does_not_stall_the_server() {
-    let _fds = fd_count_lock();
+/// A server over `ours`'s peer, its only serving thread held in `hold` (cmd 7), is sent
+/// `sum` (cmd 0) with a piped string (seq 2, fd index 0, then `rest`) naming the read end of
+/// a pipe whose lock this test then holds, its own copy closed, so that the server's queued
+/// copy is the last; then the server is let go. Returns the client socket, the lock holder
+/// (for `joined_never_stuck_on_the_pipe`) and the serving thread.
+fn a_held_server_sent_a_peers_pipe(
+    rest: &[u8],
+) -> (
+    Socket,
+    (JoinHandle<OwnedFd>, std::os::unix::net::UnixStream),
+    JoinHandle<typed_ipc::Result<()>>,
+) {
     let (ours, theirs) = Socket::pair().unwrap();
     let (entered, held) = channel();
     let (go, wait) = channel();
@@ -398,13 +403,24 @@ fn closing_a_peers_pipe_does_not_stall_the_server() {
     for word in [2u32, 0] {
         msg.extend_from_slice(&word.to_le_bytes()); // seq, fd index
     }
-    for word in [10u64, 0] {
-        msg.extend_from_slice(&word.to_le_bytes()); // piped length, tail length
-    }
+    msg.extend_from_slice(rest);
     ours.send(&msg, &[read.as_fd()]).unwrap();
     drop(read); // the server's copy, queued, is the last
     let held = hold_pipe_lock(write);
     go.send(()).unwrap();
+    (ours, held, server)
+}
+
+/// Closing a pipe's last fd takes the pipe's lock too (`pipe_release`): a hostile peer that
+/// sends its pipe's read end, closes its own copy and holds the lock stalls whichever thread
+/// of ours closes the fd. The server, which reads no pipes from this peer, refuses the piped
+/// string unread: the fd it named goes to typed-ipc's closer, not closed on a serving thread.
+#[test]
+fn closing_a_peers_pipe_does_not_stall_the_server() {
+    let _fds = fd_count_lock();
+    let mut rest = 10u64.to_le_bytes().to_vec(); // piped length
+    rest.extend_from_slice(&0u64.to_le_bytes()); // tail length
+    let (ours, held, server) = a_held_server_sent_a_peers_pipe(&rest);
     let caller = std::thread::spawn(move || {
         let replies = [ours.recv().unwrap(), ours.recv().unwrap()];
         (ours, replies)
@@ -420,29 +436,8 @@ fn closing_a_peers_pipe_does_not_stall_the_server() {
 #[test]
 fn a_peers_pipe_named_by_a_string_cut_short_does_not_stall_the_server() {
     let _fds = fd_count_lock();
-    let (ours, theirs) = Socket::pair().unwrap();
-    let (entered, held) = channel();
-    let (go, wait) = channel();
-    let sink = SinkImpl {
-        fed: Arc::default(),
-        gate: Some((entered, Mutex::new(wait))),
-    };
-    let server = std::thread::spawn(move || SinkServer::new(sink).serve(Connection::new(theirs)));
-    // `hold` (cmd 7) keeps the only serving thread until `go`: the next call waits, queued.
-    ours.send(&common::call_envelope(&SINK_INFO, 7, 1), &[])
-        .unwrap();
-    held.recv().unwrap();
-    let (read, write) = nix::unistd::pipe().unwrap();
-    let mut msg = common::call_envelope(&SINK_INFO, 0, 2); // cmd 0: sum, piped
-    msg.push(2);
-    for word in [2u32, 0] {
-        msg.extend_from_slice(&word.to_le_bytes()); // seq, fd index
-    }
-    msg.extend_from_slice(&10u64.to_le_bytes()); // piped length; no tail: the message ends
-    ours.send(&msg, &[read.as_fd()]).unwrap();
-    drop(read); // the server's copy, queued, is the last
-    let held = hold_pipe_lock(write);
-    go.send(()).unwrap();
+    // The piped length, and no tail: the message ends.
+    let (ours, held, server) = a_held_server_sent_a_peers_pipe(&10u64.to_le_bytes());
     let caller = std::thread::spawn(move || {
         // Whatever the server answers, up to its failure for the call, or its hang-up.
         while let Ok(reply) = ours.recv() {
