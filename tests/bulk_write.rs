@@ -282,21 +282,10 @@ mod asynchronous {
                 typed_ipc::tokio::worker::spawn(child("asynchronous::child_keep_async")).unwrap();
             let keep = KeepClient::new(conn);
             assert_eq!(keep.regions().await.unwrap(), 0);
-            let rounds: u64 = std::env::var("ROUNDS")
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(100);
-            let mut x = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1;
-            eprintln!("seed {x}");
+            let mut storm = common::Storm::new(100);
             let mut answered = 0;
-            for round in 0..rounds {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
+            for round in 0..storm.rounds {
+                let x = storm.next();
                 let len = [300_000, 700_000, MIB][(x >> 5) as usize % 3];
                 let data = filled(len, round);
                 let want = checksum(&data);
@@ -309,7 +298,7 @@ mod asynchronous {
                     answered += 1;
                 }
             }
-            eprintln!("answered {answered} of {rounds}");
+            eprintln!("answered {answered} of {}", storm.rounds);
             for round in 0..3 {
                 let data = filled(MIB, 1 << 40 | round);
                 let want = checksum(&data);

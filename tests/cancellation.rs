@@ -15,7 +15,7 @@ use std::os::fd::OwnedFd;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{child, fd_count_lock, open_fds};
+use common::{Storm, child, fd_count_lock, open_fds};
 use typed_ipc::Error;
 use typed_ipc::worker::{Exit, Worker};
 
@@ -468,21 +468,10 @@ fn async_calls_dropped_at_random(worker_test: &str) {
         let (mut worker, conn) = typed_ipc::tokio::worker::spawn(child(worker_test)).unwrap();
         conn.lend_pages_to_peer(true);
         let camera = asynchronous::CameraClient::new(conn.clone());
-        let rounds: u64 = std::env::var("ROUNDS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(1000);
-        let mut x = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64
-            | 1;
-        eprintln!("seed {x}");
+        let mut storm = Storm::new(1000);
         let mut answered = 0;
-        for round in 0..rounds {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
+        for round in 0..storm.rounds {
+            let x = storm.next();
             let (tag, data) = storm_round(x, round);
             let (keep, sent) = pipe();
             let sent_ino = nix::sys::stat::fstat(&sent).unwrap().st_ino;
@@ -507,8 +496,8 @@ fn async_calls_dropped_at_random(worker_test: &str) {
             }
             drop(keep);
         }
-        eprintln!("answered {answered} of {rounds}");
-        let (tag, data) = storm_round(3, rounds);
+        eprintln!("answered {answered} of {}", storm.rounds);
+        let (tag, data) = storm_round(3, storm.rounds);
         let (_keep, sent) = pipe();
         let Echoed {
             tag: back_tag,
@@ -543,25 +532,14 @@ fn blocking_calls_timing_out_at_random(worker_test: &str) {
     let (mut worker, conn) = Worker::spawn(child(worker_test)).unwrap();
     conn.lend_pages_to_peer(true);
     let camera = blocking::CameraClient::new(conn.clone());
-    let rounds: u64 = std::env::var("ROUNDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1000);
-    let mut x = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-        | 1;
-    eprintln!("seed {x}");
+    let mut storm = Storm::new(1000);
     let mut answered = 0;
     // A request too large for one datagram (inline: its lane busy) whose timeout passed
     // while it waited for room, part of it sent: the connection is then shut down, as
     // `Connection::call` documents, and the next call fails with `Disconnected`.
     let mut maybe_cut_off = false;
-    for round in 0..rounds {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
+    for round in 0..storm.rounds {
+        let x = storm.next();
         let (tag, data) = storm_round(x, round);
         let (keep, sent) = pipe();
         let sent_ino = nix::sys::stat::fstat(&sent).unwrap().st_ino;
@@ -594,8 +572,8 @@ fn blocking_calls_timing_out_at_random(worker_test: &str) {
         }
         drop(keep);
     }
-    eprintln!("answered {answered} of {rounds}");
-    let (tag, data) = storm_round(3, rounds);
+    eprintln!("answered {answered} of {}", storm.rounds);
+    let (tag, data) = storm_round(3, storm.rounds);
     let (keep, sent) = pipe();
     let Echoed {
         tag: back_tag,

@@ -246,6 +246,40 @@ pub fn filled(len: usize, seed: u64) -> Vec<u8> {
     v
 }
 
+/// The random source of a storm test: xorshift64, seeded from the clock and printed (so a
+/// failing run can be read back), and how many rounds it runs: `ROUNDS` from the
+/// environment, or the test's default.
+pub struct Storm {
+    /// Rounds to run.
+    pub rounds: u64,
+    x: u64,
+}
+
+impl Storm {
+    /// A storm of `ROUNDS` rounds, else `default_rounds`.
+    pub fn new(default_rounds: u64) -> Storm {
+        let rounds = std::env::var("ROUNDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default_rounds);
+        let x = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+            | 1;
+        eprintln!("seed {x}");
+        Storm { rounds, x }
+    }
+
+    /// The next random number.
+    pub fn next(&mut self) -> u64 {
+        self.x ^= self.x << 13;
+        self.x ^= self.x >> 7;
+        self.x ^= self.x << 17;
+        self.x
+    }
+}
+
 /// A current-thread tokio runtime, as a worker's `main` would start.
 #[cfg(feature = "tokio")]
 pub fn current_thread_runtime() -> tokio::runtime::Runtime {
