@@ -618,20 +618,12 @@ fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
 /// is not this one's child. Kept unchecked where the kernel lacks `waitid(P_PIDFD)` (5.3).
 fn child_pidfd(pid: u32) -> io::Result<OwnedFd> {
     let pidfd = pidfd_open(pid)?;
-    loop {
-        // SAFETY: `siginfo_t` is plain data, for which all zeroes is a valid value.
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        let options = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
-        let id = pidfd.as_raw_fd() as libc::id_t;
-        // SAFETY: waitid writes only into `info`, which is valid for writes.
-        if unsafe { libc::waitid(libc::P_PIDFD, id, &mut info, options) } == 0 {
-            return Ok(pidfd);
+    let options = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
+    match waitid_pidfd(pidfd.as_fd(), options) {
+        Err(error) if error.raw_os_error() == Some(libc::ECHILD) => {
+            Err(io::Error::from_raw_os_error(libc::ESRCH))
         }
-        match io::Error::last_os_error().raw_os_error() {
-            Some(libc::EINTR) => continue,
-            Some(libc::ECHILD) => return Err(io::Error::from_raw_os_error(libc::ESRCH)),
-            _ => return Ok(pidfd),
-        }
+        _ => Ok(pidfd),
     }
 }
 
@@ -666,31 +658,31 @@ fn pidfd_reap(pidfd: BorrowedFd<'_>, block: bool) -> io::Result<Option<Exit>> {
     } else {
         libc::WEXITED | libc::WNOHANG
     };
+    let info = waitid_pidfd(pidfd, options)?;
+    // SAFETY: waitid succeeded, so `info` is the zeroes or what waitid wrote for a child, a
+    // SIGCHLD siginfo, whose pid and status fields these read.
+    let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
+    Ok(match info.si_code {
+        _ if pid == 0 => None,
+        libc::CLD_EXITED => Some(Exit::Code(status)),
+        libc::CLD_KILLED | libc::CLD_DUMPED => Some(Exit::Signal(status)),
+        // WEXITED reports nothing else; stay total all the same.
+        _ => Some(Exit::Code(-1)),
+    })
+}
+
+/// `waitid(P_PIDFD, pidfd, ..., options)`, tried again when a signal interrupts it: the
+/// `siginfo_t` it filled, or all zeroes (`si_pid` 0) for a child still running under
+/// `WNOHANG`.
+fn waitid_pidfd(pidfd: BorrowedFd<'_>, options: libc::c_int) -> io::Result<libc::siginfo_t> {
     loop {
         // SAFETY: `siginfo_t` is plain data, for which all zeroes is a valid value. Zeroed
-        // afresh for each try: with WNOHANG, a child still running leaves it untouched, and
-        // `si_pid` 0 is how that shows.
+        // afresh for each try: with WNOHANG, a child still running leaves it untouched.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let id = pidfd.as_raw_fd() as libc::id_t;
         // SAFETY: waitid writes only into `info`, which is valid for writes.
-        let waited = unsafe {
-            libc::waitid(
-                libc::P_PIDFD,
-                pidfd.as_raw_fd() as libc::id_t,
-                &mut info,
-                options,
-            )
-        };
-        if waited == 0 {
-            // SAFETY: waitid succeeded, so `info` is the zeroes or what waitid wrote for a
-            // child, a SIGCHLD siginfo, whose pid and status fields these read.
-            let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
-            return Ok(match info.si_code {
-                _ if pid == 0 => None,
-                libc::CLD_EXITED => Some(Exit::Code(status)),
-                libc::CLD_KILLED | libc::CLD_DUMPED => Some(Exit::Signal(status)),
-                // WEXITED reports nothing else; stay total all the same.
-                _ => Some(Exit::Code(-1)),
-            });
+        if unsafe { libc::waitid(libc::P_PIDFD, id, &mut info, options) } == 0 {
+            return Ok(info);
         }
         let error = io::Error::last_os_error();
         if error.kind() != io::ErrorKind::Interrupted {
