@@ -123,6 +123,7 @@ pub mod __private {
     pub use ipc_runtime::{Connection, Error};
     pub use serde::Serialize;
     pub use serde::de::DeserializeOwned;
+    pub use std::sync::Arc;
     pub use std::time::Duration;
 
     // The async flavour. Generated code for a trait of `async fn`s is wrapped in

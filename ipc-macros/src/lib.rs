@@ -59,9 +59,13 @@ use quote::quote;
 ///   message is sent. Cheap to clone. A trait method cannot be
 ///   named `new`, `with_timeout`, `connection` or `clone` (whose stub would shadow
 ///   `Clone::clone`; a compile error says so).
-/// - `IpaServer<T: Ipa + Send + Sync + 'static>`: `new(T)`, `serve(self, Connection)`
-///   (answers requests until the peer hangs up; `Ok(())` on a clean close),
-///   `dispatch(&self, IpaRequest)`, and the runtime's `Service` implementation.
+/// - `IpaServer<T: Ipa + Send + Sync + ?Sized + 'static>`: `new(T)`, `from_arc(Arc<T>)`
+///   (an implementation the program keeps handles to, to read or change the state its calls
+///   build; or an `Arc<dyn Ipa + Send + Sync>` chosen at run time, in the blocking flavour,
+///   whose traits are object-safe), `serve(self, Connection)` (answers requests until the
+///   peer hangs up; `Ok(())` on a clean close), `dispatch(&self, IpaRequest)`, and the
+///   runtime's `Service` implementation. It holds the implementation in an `Arc`, so a clone
+///   (cheap) answers with the same one, e.g. on each client of a listener in `service_with`.
 /// - `IpaRequest` (a variant per method, holding its arguments; `command()`, `decode(call)`)
 ///   and `IpaResponse` (a variant per method that gets a reply, holding its return value;
 ///   `send(call)`).

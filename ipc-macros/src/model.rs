@@ -60,6 +60,9 @@ pub struct Method {
     pub ret: Option<Value>,
     /// Whether the method is `#[oneway]`: sent without waiting for a reply.
     pub oneway: bool,
+    /// Whether the method asks `where Self: Sized`: then the server cannot call it on an
+    /// unsized implementation (`dyn Trait`), and serves only sized ones.
+    pub needs_sized: bool,
     /// The doc comments, carried onto the client stub.
     pub docs: Vec<Attribute>,
     /// The signature as written with whitespace normalised, e.g.

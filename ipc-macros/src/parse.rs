@@ -472,6 +472,7 @@ fn method(f: &mut TraitItemFn, index: u32) -> syn::Result<(Method, Option<Attrib
         args,
         ret,
         oneway: attrs.oneway,
+        needs_sized: self_bounds(&sig.generics.where_clause).any(is_sized),
         docs: std::mem::take(&mut attrs.docs),
     };
     Ok((method, attrs.cmd.map(|(_, attr)| attr)))
@@ -507,6 +508,11 @@ fn unserved_self_bound(clause: &Option<WhereClause>) -> Option<&TypeParamBound> 
         }
         _ => false,
     };
+    self_bounds(clause).find(|bound| !served(bound))
+}
+
+/// The bounds of a method's `where Self: ..` clause (one that [`bounds_only_self`] accepted).
+fn self_bounds(clause: &Option<WhereClause>) -> impl Iterator<Item = &TypeParamBound> {
     clause
         .iter()
         .flat_map(|c| &c.predicates)
@@ -515,7 +521,13 @@ fn unserved_self_bound(clause: &Option<WhereClause>) -> Option<&TypeParamBound> 
             _ => None,
         })
         .flatten()
-        .find(|bound| !served(bound))
+}
+
+/// Whether `bound` is `Sized` (by any path: `core::marker::Sized` too), not `?Sized`.
+fn is_sized(bound: &TypeParamBound) -> bool {
+    matches!(bound, TypeParamBound::Trait(t)
+        if matches!(t.modifier, TraitBoundModifier::None)
+            && t.path.segments.last().is_some_and(|s| s.ident == "Sized"))
 }
 
 /// The attributes of a method that concern us.

@@ -130,28 +130,23 @@ impl Generator<'_> {
             .iter()
             .map(|m| self.dispatch_arm(m, quote!(.await)));
         let imp = &self.imp;
-        let bounds = quote!(#name + ::core::marker::Send + ::core::marker::Sync + 'static);
+        let bounds = self.server_bounds_on_imp();
         let decodable = self.server_bounds();
         let ret_unit = result(quote!(()));
         let docs = doc(format!(
             "The server side of [`{name}`]: answers each request on a connection by awaiting \
              the implementation it owns, concurrently with the others."
         ));
+        let server_struct = self.server_struct(docs);
+        let constructors = self.server_constructors();
         quote! {
-            #docs
-            #[allow(dead_code)]
-            #vis struct #server<#imp> {
-                imp: #imp,
-            }
+            #server_struct
 
             // The trait and its methods are the user's to deprecate: calling them here is
             // no use of the user's.
             #[allow(dead_code, deprecated)]
             impl<#imp: #bounds> #server<#imp> {
-                /// A server answering with `imp`.
-                #vis fn new(imp: #imp) -> Self {
-                    Self { imp }
-                }
+                #constructors
 
                 /// Starts answering the requests that arrive on `connection`, at once; the
                 /// future resolves when the peer has hung up and every handler has finished

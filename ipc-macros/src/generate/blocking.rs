@@ -78,7 +78,7 @@ impl Generator<'_> {
         let imp = &self.imp;
         let run = quote! {{
             let (#(#pats,)*) = call.args()?;
-            <#imp as #name>::#method(&self.imp, #(#names),*)
+            <#imp as #name>::#method(&*self.imp, #(#names),*)
         }};
         match (&m.ret, m.oneway) {
             (_, true) => quote! {
@@ -124,28 +124,23 @@ impl Generator<'_> {
             .map(|m| self.dispatch_arm(m, quote!()));
         let handle_arms = self.iface.methods.iter().map(|m| self.handle_arm(m));
         let imp = &self.imp;
-        let bounds = quote!(#name + ::core::marker::Send + ::core::marker::Sync + 'static);
+        let bounds = self.server_bounds_on_imp();
         let decodable = self.server_bounds();
         let ret_unit = result(quote!(()));
         let docs = doc(format!(
             "The server side of [`{name}`]: answers each request on a connection by calling \
              the implementation it owns."
         ));
+        let server_struct = self.server_struct(docs);
+        let constructors = self.server_constructors();
         quote! {
-            #docs
-            #[allow(dead_code)]
-            #vis struct #server<#imp> {
-                imp: #imp,
-            }
+            #server_struct
 
             // The trait and its methods are the user's to deprecate: calling them here is
             // no use of the user's.
             #[allow(dead_code, deprecated)]
             impl<#imp: #bounds> #server<#imp> {
-                /// A server answering with `imp`.
-                #vis fn new(imp: #imp) -> Self {
-                    Self { imp }
-                }
+                #constructors
 
                 /// Answers the requests that arrive on `connection` until the peer hangs up;
                 /// `Ok(())` when it closes cleanly.

@@ -459,6 +459,59 @@ impl<'a> Generator<'a> {
         }
     }
 
+    /// The server struct, shared by both flavours: it holds the implementation behind an
+    /// `Arc`, so that `from_arc` can serve one the program keeps a handle to (or a
+    /// `dyn Trait`, in the blocking flavour), and cloning the server shares it.
+    fn server_struct(&self, docs: TokenStream) -> TokenStream {
+        let (p, vis, server, imp) = (private(), &self.iface.vis, &self.server, &self.imp);
+        quote! {
+            #docs
+            #[allow(dead_code)]
+            #vis struct #server<#imp: ?::core::marker::Sized> {
+                imp: #p::Arc<#imp>,
+            }
+
+            impl<#imp: ?::core::marker::Sized> ::core::clone::Clone for #server<#imp> {
+                /// Another server answering with the same implementation.
+                fn clone(&self) -> Self {
+                    Self { imp: #p::Arc::clone(&self.imp) }
+                }
+            }
+        }
+    }
+
+    /// What the server asks of its implementation: the trait, `Send + Sync + 'static`, and
+    /// `?Sized` unless a method asks `where Self: Sized` (the server could not call it on a
+    /// `dyn Trait`).
+    fn server_bounds_on_imp(&self) -> TokenStream {
+        let name = &self.iface.name;
+        let unsized_ok = match self.iface.methods.iter().any(|m| m.needs_sized) {
+            true => quote!(),
+            false => quote!(+ ?::core::marker::Sized),
+        };
+        quote!(#name + ::core::marker::Send + ::core::marker::Sync #unsized_ok + 'static)
+    }
+
+    /// The server's two constructors, shared by both flavours.
+    fn server_constructors(&self) -> TokenStream {
+        let (p, vis, imp) = (private(), &self.iface.vis, &self.imp);
+        quote! {
+            /// A server answering with `imp`.
+            #vis fn new(imp: #imp) -> Self
+            where
+                #imp: ::core::marker::Sized,
+            {
+                Self { imp: #p::Arc::new(imp) }
+            }
+
+            /// A server answering with an implementation the program shares: its state stays
+            /// reachable through the other handles while the server runs.
+            #vis fn from_arc(imp: #p::Arc<#imp>) -> Self {
+                Self { imp }
+            }
+        }
+    }
+
     /// The server's match arm for `m`: run the implementation (followed by `then`, e.g.
     /// `.await`) with the request's fields, and wrap its result in the response variant.
     fn dispatch_arm(&self, m: &Method, then: TokenStream) -> TokenStream {
@@ -470,7 +523,7 @@ impl<'a> Generator<'a> {
             false => quote!(#request::#variant { #(#names),* }),
         };
         let imp = &self.imp;
-        let run = quote!(<#imp as #name>::#method(&self.imp, #(#names),*)#then);
+        let run = quote!(<#imp as #name>::#method(&*self.imp, #(#names),*)#then);
         match (&m.ret, m.oneway) {
             (_, true) => quote! {
                 #pattern => {

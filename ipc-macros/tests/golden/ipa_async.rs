@@ -452,13 +452,34 @@ impl IpaClient {
 }
 /// The server side of [`Ipa`]: answers each request on a connection by awaiting the implementation it owns, concurrently with the others.
 #[allow(dead_code)]
-pub struct IpaServer<T> {
-    imp: T,
+pub struct IpaServer<T: ?::core::marker::Sized> {
+    imp: ::typed_ipc::__private::Arc<T>,
+}
+impl<T: ?::core::marker::Sized> ::core::clone::Clone for IpaServer<T> {
+    /// Another server answering with the same implementation.
+    fn clone(&self) -> Self {
+        Self {
+            imp: ::typed_ipc::__private::Arc::clone(&self.imp),
+        }
+    }
 }
 #[allow(dead_code, deprecated)]
-impl<T: Ipa + ::core::marker::Send + ::core::marker::Sync + 'static> IpaServer<T> {
+impl<
+    T: Ipa + ::core::marker::Send + ::core::marker::Sync + ?::core::marker::Sized
+        + 'static,
+> IpaServer<T> {
     /// A server answering with `imp`.
-    pub fn new(imp: T) -> Self {
+    pub fn new(imp: T) -> Self
+    where
+        T: ::core::marker::Sized,
+    {
+        Self {
+            imp: ::typed_ipc::__private::Arc::new(imp),
+        }
+    }
+    /// A server answering with an implementation the program shares: its state stays
+    /// reachable through the other handles while the server runs.
+    pub fn from_arc(imp: ::typed_ipc::__private::Arc<T>) -> Self {
         Self { imp }
     }
     /// Starts answering the requests that arrive on `connection`, at once; the
@@ -485,45 +506,47 @@ impl<T: Ipa + ::core::marker::Send + ::core::marker::Sync + 'static> IpaServer<T
         match request {
             IpaRequest::Reverse { text } => {
                 ::core::option::Option::Some(
-                    IpaResponse::Reverse(<T as Ipa>::reverse(&self.imp, text).await),
+                    IpaResponse::Reverse(<T as Ipa>::reverse(&*self.imp, text).await),
                 )
             }
             IpaRequest::TotalLen { files } => {
                 ::core::option::Option::Some(
-                    IpaResponse::TotalLen(<T as Ipa>::total_len(&self.imp, files).await),
+                    IpaResponse::TotalLen(<T as Ipa>::total_len(&*self.imp, files).await),
                 )
             }
             IpaRequest::Configure { cfg } => {
                 ::core::option::Option::Some(
-                    IpaResponse::Configure(<T as Ipa>::configure(&self.imp, cfg).await),
+                    IpaResponse::Configure(<T as Ipa>::configure(&*self.imp, cfg).await),
                 )
             }
             IpaRequest::OpenBuffer { id } => {
                 ::core::option::Option::Some(
-                    IpaResponse::OpenBuffer(<T as Ipa>::open_buffer(&self.imp, id).await),
+                    IpaResponse::OpenBuffer(
+                        <T as Ipa>::open_buffer(&*self.imp, id).await,
+                    ),
                 )
             }
             IpaRequest::StatsReady { frame, stats } => {
-                <T as Ipa>::stats_ready(&self.imp, frame, stats).await;
+                <T as Ipa>::stats_ready(&*self.imp, frame, stats).await;
                 ::core::option::Option::None
             }
             IpaRequest::Echo { data } => {
                 ::core::option::Option::Some(
-                    IpaResponse::Echo(<T as Ipa>::echo(&self.imp, data).await),
+                    IpaResponse::Echo(<T as Ipa>::echo(&*self.imp, data).await),
                 )
             }
             IpaRequest::SwapFd { fd } => {
                 ::core::option::Option::Some(
-                    IpaResponse::SwapFd(<T as Ipa>::swap_fd(&self.imp, fd).await),
+                    IpaResponse::SwapFd(<T as Ipa>::swap_fd(&*self.imp, fd).await),
                 )
             }
             IpaRequest::Ping => {
-                <T as Ipa>::ping(&self.imp).await;
+                <T as Ipa>::ping(&*self.imp).await;
                 ::core::option::Option::Some(IpaResponse::Ping)
             }
             IpaRequest::Decode { image } => {
                 ::core::option::Option::Some(
-                    IpaResponse::Decode(<T as Ipa>::decode(&self.imp, image).await),
+                    IpaResponse::Decode(<T as Ipa>::decode(&*self.imp, image).await),
                 )
             }
         }
@@ -531,7 +554,8 @@ impl<T: Ipa + ::core::marker::Send + ::core::marker::Sync + 'static> IpaServer<T
 }
 #[allow(deprecated)]
 impl<
-    T: Ipa + ::core::marker::Send + ::core::marker::Sync + 'static,
+    T: Ipa + ::core::marker::Send + ::core::marker::Sync + ?::core::marker::Sized
+        + 'static,
 > ::typed_ipc::__private::AsyncService for IpaServer<T>
 where
     Config: ::typed_ipc::__private::DeserializeOwned,

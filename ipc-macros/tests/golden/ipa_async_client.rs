@@ -405,13 +405,34 @@ impl IpaClient {
 }
 /// The server side of [`Ipa`]: answers each request on a connection by calling the implementation it owns.
 #[allow(dead_code)]
-pub struct IpaServer<T> {
-    imp: T,
+pub struct IpaServer<T: ?::core::marker::Sized> {
+    imp: ::typed_ipc::__private::Arc<T>,
+}
+impl<T: ?::core::marker::Sized> ::core::clone::Clone for IpaServer<T> {
+    /// Another server answering with the same implementation.
+    fn clone(&self) -> Self {
+        Self {
+            imp: ::typed_ipc::__private::Arc::clone(&self.imp),
+        }
+    }
 }
 #[allow(dead_code, deprecated)]
-impl<T: Ipa + ::core::marker::Send + ::core::marker::Sync + 'static> IpaServer<T> {
+impl<
+    T: Ipa + ::core::marker::Send + ::core::marker::Sync + ?::core::marker::Sized
+        + 'static,
+> IpaServer<T> {
     /// A server answering with `imp`.
-    pub fn new(imp: T) -> Self {
+    pub fn new(imp: T) -> Self
+    where
+        T: ::core::marker::Sized,
+    {
+        Self {
+            imp: ::typed_ipc::__private::Arc::new(imp),
+        }
+    }
+    /// A server answering with an implementation the program shares: its state stays
+    /// reachable through the other handles while the server runs.
+    pub fn from_arc(imp: ::typed_ipc::__private::Arc<T>) -> Self {
         Self { imp }
     }
     /// Answers the requests that arrive on `connection` until the peer hangs up;
@@ -432,45 +453,45 @@ impl<T: Ipa + ::core::marker::Send + ::core::marker::Sync + 'static> IpaServer<T
         match request {
             IpaRequest::Reverse { text } => {
                 ::core::option::Option::Some(
-                    IpaResponse::Reverse(<T as Ipa>::reverse(&self.imp, text)),
+                    IpaResponse::Reverse(<T as Ipa>::reverse(&*self.imp, text)),
                 )
             }
             IpaRequest::TotalLen { files } => {
                 ::core::option::Option::Some(
-                    IpaResponse::TotalLen(<T as Ipa>::total_len(&self.imp, files)),
+                    IpaResponse::TotalLen(<T as Ipa>::total_len(&*self.imp, files)),
                 )
             }
             IpaRequest::Configure { cfg } => {
                 ::core::option::Option::Some(
-                    IpaResponse::Configure(<T as Ipa>::configure(&self.imp, cfg)),
+                    IpaResponse::Configure(<T as Ipa>::configure(&*self.imp, cfg)),
                 )
             }
             IpaRequest::OpenBuffer { id } => {
                 ::core::option::Option::Some(
-                    IpaResponse::OpenBuffer(<T as Ipa>::open_buffer(&self.imp, id)),
+                    IpaResponse::OpenBuffer(<T as Ipa>::open_buffer(&*self.imp, id)),
                 )
             }
             IpaRequest::StatsReady { frame, stats } => {
-                <T as Ipa>::stats_ready(&self.imp, frame, stats);
+                <T as Ipa>::stats_ready(&*self.imp, frame, stats);
                 ::core::option::Option::None
             }
             IpaRequest::Echo { data } => {
                 ::core::option::Option::Some(
-                    IpaResponse::Echo(<T as Ipa>::echo(&self.imp, data)),
+                    IpaResponse::Echo(<T as Ipa>::echo(&*self.imp, data)),
                 )
             }
             IpaRequest::SwapFd { fd } => {
                 ::core::option::Option::Some(
-                    IpaResponse::SwapFd(<T as Ipa>::swap_fd(&self.imp, fd)),
+                    IpaResponse::SwapFd(<T as Ipa>::swap_fd(&*self.imp, fd)),
                 )
             }
             IpaRequest::Ping => {
-                <T as Ipa>::ping(&self.imp);
+                <T as Ipa>::ping(&*self.imp);
                 ::core::option::Option::Some(IpaResponse::Ping)
             }
             IpaRequest::Decode { image } => {
                 ::core::option::Option::Some(
-                    IpaResponse::Decode(<T as Ipa>::decode(&self.imp, image)),
+                    IpaResponse::Decode(<T as Ipa>::decode(&*self.imp, image)),
                 )
             }
         }
@@ -478,7 +499,8 @@ impl<T: Ipa + ::core::marker::Send + ::core::marker::Sync + 'static> IpaServer<T
 }
 #[allow(deprecated)]
 impl<
-    T: Ipa + ::core::marker::Send + ::core::marker::Sync + 'static,
+    T: Ipa + ::core::marker::Send + ::core::marker::Sync + ?::core::marker::Sized
+        + 'static,
 > ::typed_ipc::__private::Service for IpaServer<T>
 where
     Config: ::typed_ipc::__private::DeserializeOwned,
@@ -495,63 +517,63 @@ where
             0 => {
                 let value = {
                     let (text,) = call.args()?;
-                    <T as Ipa>::reverse(&self.imp, text)
+                    <T as Ipa>::reverse(&*self.imp, text)
                 };
                 call.reply(&value)
             }
             1 => {
                 let value = {
                     let (::typed_ipc::__private::Fd(files),) = call.args()?;
-                    <T as Ipa>::total_len(&self.imp, files)
+                    <T as Ipa>::total_len(&*self.imp, files)
                 };
                 call.reply(&value)
             }
             2 => {
                 let value = {
                     let (cfg,) = call.args()?;
-                    <T as Ipa>::configure(&self.imp, cfg)
+                    <T as Ipa>::configure(&*self.imp, cfg)
                 };
                 call.reply(&value)
             }
             3 => {
                 let value = {
                     let (id,) = call.args()?;
-                    <T as Ipa>::open_buffer(&self.imp, id)
+                    <T as Ipa>::open_buffer(&*self.imp, id)
                 };
                 call.reply(&::typed_ipc::__private::Fd(&value))
             }
             4 => {
                 {
                     let (frame, ::typed_ipc::__private::Fd(stats)) = call.args()?;
-                    <T as Ipa>::stats_ready(&self.imp, frame, stats)
+                    <T as Ipa>::stats_ready(&*self.imp, frame, stats)
                 };
                 ::core::result::Result::Ok(())
             }
             5 => {
                 let value = {
                     let (::typed_ipc::__private::Bytes(data),) = call.args()?;
-                    <T as Ipa>::echo(&self.imp, data)
+                    <T as Ipa>::echo(&*self.imp, data)
                 };
                 call.reply_bytes(value)
             }
             6 => {
                 let value = {
                     let (::typed_ipc::__private::Fd(fd),) = call.args()?;
-                    <T as Ipa>::swap_fd(&self.imp, fd)
+                    <T as Ipa>::swap_fd(&*self.imp, fd)
                 };
                 call.reply(&::typed_ipc::__private::Fd(&value))
             }
             7 => {
                 {
                     let () = call.args()?;
-                    <T as Ipa>::ping(&self.imp)
+                    <T as Ipa>::ping(&*self.imp)
                 };
                 call.reply(&())
             }
             8 => {
                 let value = {
                     let (::typed_ipc::__private::CarriedBytes(image),) = call.args()?;
-                    <T as Ipa>::decode(&self.imp, image)
+                    <T as Ipa>::decode(&*self.imp, image)
                 };
                 call.reply(&::typed_ipc::__private::CarriedBytes(&value))
             }
