@@ -132,6 +132,10 @@ pub mod __private {
     pub use crate::__typed_ipc_async_interface as async_interface;
     // The same for the async client of a blocking trait, `#[interface(async_client)]`.
     pub use crate::__typed_ipc_async_client as async_client;
+    // And for its async server, `#[interface(async_server)]`.
+    pub use crate::__typed_ipc_async_server as async_server;
+    #[cfg(feature = "tokio")]
+    pub use ipc_runtime::service::run_blocking;
     #[cfg(feature = "tokio")]
     pub use ipc_runtime::tokio::{AsyncCall, AsyncConnection, AsyncService, BoxFuture, boxed};
 
@@ -159,6 +163,28 @@ pub mod __private {
                     "`async_client` generates an async client, which needs typed-ipc's ",
                     "`tokio` feature: `typed-ipc = { version = \"0.1\", features = ",
                     "[\"tokio\"] }`; or drop `async_client` for the blocking client only",
+                )
+            }
+        };
+    }
+
+    #[cfg(feature = "tokio")]
+    #[doc(hidden)]
+    #[macro_export]
+    macro_rules! __typed_ipc_async_server {
+        ($($item:tt)*) => { $($item)* };
+    }
+
+    #[cfg(not(feature = "tokio"))]
+    #[doc(hidden)]
+    #[macro_export]
+    macro_rules! __typed_ipc_async_server {
+        ($($item:tt)*) => {
+            ::core::compile_error! {
+                ::core::concat!(
+                    "`async_server` generates an async server, which needs typed-ipc's ",
+                    "`tokio` feature: `typed-ipc = { version = \"0.1\", features = ",
+                    "[\"tokio\"] }`; or drop `async_server` for the blocking server only",
                 )
             }
         };

@@ -1,5 +1,7 @@
 //! Across processes, in every pairing of flavours: an async parent with an async worker, an
-//! async parent with a blocking worker, a blocking parent with an async worker. Each pairing
+//! async parent with a blocking worker, a blocking parent with an async worker; and a worker
+//! that serves the blocking trait's implementation on tokio (`#[interface(async_server)]`,
+//! each call on the blocking pool), driven by both kinds of parent. Each pairing
 //! runs typed fds both ways, `Result`s, oneways in order, concurrent calls, callbacks from the
 //! worker into the parent during a call, and peer death (the worker killed with SIGKILL while
 //! calls wait).
@@ -23,7 +25,7 @@ mod blocking {
     use std::os::fd::OwnedFd;
 
     /// What the worker serves.
-    #[typed_ipc::interface]
+    #[typed_ipc::interface(async_server)]
     pub trait Lab {
         /// The bytes reversed; each fd must be a memfd holding its index.
         fn echo(&self, data: Vec<u8>, files: Vec<OwnedFd>) -> Vec<u8>;
@@ -124,8 +126,10 @@ fn signal_then_park(signal: OwnedFd) {
     std::fs::File::from(signal).write_all(b"!").unwrap();
 }
 
+/// The blocking implementation, served by a blocking worker and, on tokio's blocking pool, by
+/// an async one: they differ in how they call the parent back.
 struct BlockingLab {
-    events: blocking::EventsClient,
+    frame_done: Box<dyn Fn(u32) -> u32 + Send + Sync>,
     counter: Counter,
 }
 
@@ -147,7 +151,7 @@ impl blocking::Lab for BlockingLab {
     }
     fn process(&self, frames: u32) -> u32 {
         (0..frames)
-            .map(|f| self.events.frame_done(f).unwrap())
+            .map(|f| (self.frame_done)(f))
             .last()
             .unwrap_or(0)
     }
@@ -234,8 +238,9 @@ fn child_async_lab() {
 #[ignore = "run as a child process by other tests"]
 fn child_blocking_lab() {
     let conn = typed_ipc::worker::connection().unwrap();
+    let events = blocking::EventsClient::new(conn.clone());
     conn.add_service(blocking::LabServer::new(BlockingLab {
-        events: blocking::EventsClient::new(conn.clone()),
+        frame_done: Box::new(move |frame| events.frame_done(frame).unwrap()),
         counter: Counter::default(),
     }));
     // Enough serving threads for the concurrent calls and the hanging ones.
@@ -248,6 +253,29 @@ fn child_blocking_lab() {
     for thread in threads {
         thread.join().unwrap().unwrap();
     }
+}
+
+/// The blocking implementation served by an async worker: each call runs on tokio's blocking
+/// pool, from where it calls the parent back through the async client.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_pooled_lab() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let conn = typed_ipc::tokio::worker::connection().unwrap();
+        let (events, runtime) = (
+            asynchronous::EventsClient::new(conn.clone()),
+            tokio::runtime::Handle::current(),
+        );
+        let lab = BlockingLab {
+            frame_done: Box::new(move |f| runtime.block_on(events.frame_done(f)).unwrap()),
+            counter: Counter::default(),
+        };
+        blocking::LabAsyncServer::new(lab)
+            .serve(conn)
+            .await
+            .unwrap();
+    });
 }
 
 fn indexed_fds(n: usize) -> Vec<OwnedFd> {
@@ -333,6 +361,12 @@ fn an_async_parent_drives_a_blocking_worker() {
     runtime().block_on(drive_from_async("child_blocking_lab"));
 }
 
+#[test]
+fn an_async_parent_drives_an_async_worker_serving_a_blocking_implementation() {
+    let _fds = fd_count_lock();
+    runtime().block_on(drive_from_async("child_pooled_lab"));
+}
+
 /// SIGKILL while calls wait: every waiting future gets `Disconnected`, the connection is seen
 /// to be dead, and nothing leaks.
 async fn killed_under_async_calls(worker: &str) {
@@ -384,6 +418,12 @@ fn sigkill_releases_every_async_caller_of_a_blocking_worker() {
 }
 
 #[test]
+fn sigkill_releases_every_async_caller_of_an_async_worker_serving_a_blocking_implementation() {
+    let _fds = fd_count_lock();
+    runtime().block_on(killed_under_async_calls("child_pooled_lab"));
+}
+
+#[test]
 fn an_async_worker_killed_between_calls_fails_the_next_call_at_once() {
     let _fds = fd_count_lock();
     runtime().block_on(async {
@@ -403,7 +443,18 @@ fn an_async_worker_killed_between_calls_fails_the_next_call_at_once() {
 #[test]
 fn a_blocking_parent_drives_an_async_worker() {
     let _fds = fd_count_lock();
-    let (mut child, conn) = Worker::spawn(child("child_async_lab")).unwrap();
+    drive_from_blocking("child_async_lab");
+}
+
+#[test]
+fn a_blocking_parent_drives_an_async_worker_serving_a_blocking_implementation() {
+    let _fds = fd_count_lock();
+    drive_from_blocking("child_pooled_lab");
+}
+
+/// Everything a blocking parent does with an async worker.
+fn drive_from_blocking(worker: &str) {
+    let (mut child, conn) = Worker::spawn(child(worker)).unwrap();
     let seen = Seen::default();
     conn.add_service(blocking::EventsServer::new(seen.clone()));
     let serving = {

@@ -39,6 +39,9 @@ mod shadowed {
     pub struct AsyncService;
     pub struct BoxFuture;
     pub fn boxed() {}
+    pub fn run_blocking() {}
+    pub struct Arc;
+    pub trait Sized {}
     pub trait Future {}
     pub mod std {}
     pub mod core {}
@@ -188,9 +191,9 @@ mod shadowed {
         fn nudge(&self, _call: ::core::primitive::u32) {}
     }
 
-    /// A blocking trait with an async client too.
+    /// A blocking trait with an async client and an async server too.
     #[cfg(feature = "tokio")]
-    #[::typed_ipc::interface(async_client)]
+    #[::typed_ipc::interface(async_client, async_server)]
     pub trait BlockingTwin {
         fn check(
             &self,
@@ -210,6 +213,7 @@ mod shadowed {
             value: ::core::primitive::u32,
             connection: ::core::primitive::u32,
             timeout: ::core::primitive::u32,
+            imp: ::core::primitive::u32,
         ) -> ::core::primitive::u32;
         fn payload(&self, t: T) -> T;
         #[oneway]
@@ -270,8 +274,9 @@ mod shadowed {
             value: ::core::primitive::u32,
             connection: ::core::primitive::u32,
             timeout: ::core::primitive::u32,
+            imp: ::core::primitive::u32,
         ) -> ::core::primitive::u32 {
-            call + value + connection + timeout
+            call + value + connection + timeout + imp
         }
         fn payload(&self, t: T) -> T {
             super::Payload(t.0 + 1)
@@ -335,13 +340,27 @@ fn an_interface_among_shadowed_names_works() {
     server.join().unwrap().unwrap();
 }
 
+/// Every method of `BlockingTwin`, through its async client on `connection`.
+#[cfg(feature = "tokio")]
+async fn blocking_twin_works(connection: typed_ipc::tokio::AsyncConnection) {
+    let client = shadowed::BlockingTwinAsyncClient::new(connection);
+    assert_eq!(client.check(3).await.unwrap(), Ok(3));
+    assert_eq!(client.check(0).await.unwrap(), Err("zero".to_string()));
+    assert!(client.swap(None).await.unwrap().is_none());
+    assert_eq!(client.echo(vec![1, 2, 3]).await.unwrap(), [1, 2, 3]);
+    assert_eq!(client.locals(1, 2, 3, 4, 5).await.unwrap(), 15);
+    assert_eq!(client.payload(Payload(41)).await.unwrap(), Payload(42));
+    client.nudge(1).await.unwrap();
+}
+
 /// The client of the other flavour among the same shadowed names: an async client of a
-/// blocking server, and a blocking client of an async one.
+/// blocking server, a blocking client of an async one, and an async client of a blocking
+/// trait's async server.
 #[cfg(feature = "tokio")]
 #[test]
 fn a_client_of_the_other_flavour_among_shadowed_names_works() {
     use shadowed::{AsyncTwinBlockingClient, AsyncTwinServer};
-    use shadowed::{BlockingTwinAsyncClient, BlockingTwinServer};
+    use shadowed::{BlockingTwinAsyncServer, BlockingTwinServer};
     use typed_ipc::tokio::AsyncConnection;
     use typed_ipc::{Connection, Socket};
 
@@ -357,17 +376,16 @@ fn a_client_of_the_other_flavour_among_shadowed_names_works() {
     let served = std::thread::spawn(move || {
         BlockingTwinServer::new(shadowed::Impl).serve(Connection::new(b))
     });
-    runtime.block_on(async {
-        let client = BlockingTwinAsyncClient::new(AsyncConnection::new(a).unwrap());
-        assert_eq!(client.check(3).await.unwrap(), Ok(3));
-        assert_eq!(client.check(0).await.unwrap(), Err("zero".to_string()));
-        assert!(client.swap(None).await.unwrap().is_none());
-        assert_eq!(client.echo(vec![1, 2, 3]).await.unwrap(), [1, 2, 3]);
-        assert_eq!(client.locals(1, 2, 3, 4).await.unwrap(), 10);
-        assert_eq!(client.payload(Payload(41)).await.unwrap(), Payload(42));
-        client.nudge(1).await.unwrap();
-    });
+    runtime.block_on(blocking_twin_works(AsyncConnection::new(a).unwrap()));
     served.join().unwrap().unwrap();
+
+    // The blocking trait's async server, among the same names.
+    let (a, b) = Socket::pair().unwrap();
+    let serving = runtime.spawn(
+        BlockingTwinAsyncServer::new(shadowed::Impl).serve(AsyncConnection::new(b).unwrap()),
+    );
+    runtime.block_on(blocking_twin_works(AsyncConnection::new(a).unwrap()));
+    runtime.block_on(serving).unwrap().unwrap();
 
     let (a, b) = Socket::pair().unwrap();
     let serving =

@@ -3,7 +3,8 @@
 //! of the other flavour as `tests/golden/ipa_async_client.rs` (`async_client` on the blocking
 //! sample) and `tests/golden/ipa_blocking_client.rs` (`blocking_client` on the async one), and
 //! with the types checked as `tests/golden/ipa_check_types.rs` (`check_types` on the blocking
-//! sample), so that every change to the generated code shows up in review.
+//! sample), and with the async server of the blocking sample as
+//! `tests/golden/ipa_async_server.rs` (`async_server`), so that every change to the generated code shows up in review.
 //! `TYPED_IPC_BLESS=1 cargo test -p ipc-macros` rewrites the files.
 
 use std::path::Path;
@@ -96,6 +97,16 @@ fn blocking_client_expansion_matches_the_golden_file() {
 }
 
 #[test]
+fn async_server_expansion_matches_the_golden_file() {
+    check(
+        quote!(async_server),
+        sample(),
+        "tests/golden/ipa_async_server.rs",
+        "`#[interface(async_server)]` on the sample",
+    );
+}
+
+#[test]
 fn check_types_expansion_matches_the_golden_file() {
     check(
         quote!(check_types),
@@ -120,6 +131,7 @@ fn check(
         Some(gate) => {
             let (what, shown) = match gate {
                 "async_client" => ("The async client, the last item, is", "it is"),
+                "async_server" => ("The async server, the last item, is", "it is"),
                 _ => ("The items after the trait are", "they are"),
             };
             format!(
@@ -150,7 +162,8 @@ fn check(
     }
 }
 
-/// Replaces an `async_interface! { items }` or `async_client! { items }` invocation (which
+/// Replaces an `async_interface! { items }`, `async_client! { items }` or
+/// `async_server! { items }` invocation (which
 /// need the `tokio` feature) by its items, so that they are pretty-printed too. Which macro
 /// there was.
 fn unwrap_feature_gates(file: &mut syn::File) -> Option<&'static str> {
@@ -160,7 +173,7 @@ fn unwrap_feature_gates(file: &mut syn::File) -> Option<&'static str> {
         let gate = match &item {
             syn::Item::Macro(m) => {
                 let name = &m.mac.path.segments.last().unwrap().ident;
-                ["async_interface", "async_client"]
+                ["async_interface", "async_client", "async_server"]
                     .into_iter()
                     .find(|gate| name == gate)
             }

@@ -66,6 +66,11 @@ use quote::quote;
 ///   peer hangs up; `Ok(())` on a clean close), `dispatch(&self, IpaRequest)`, and the
 ///   runtime's `Service` implementation. It holds the implementation in an `Arc`, so a clone
 ///   (cheap) answers with the same one, e.g. on each client of a listener in `service_with`.
+/// - With `#[interface(async_server)]` on a trait of `fn`s (and typed-ipc's `tokio`
+///   feature): `IpaAsyncServer<T>`, the same constructors, `serve(self, AsyncConnection)` (a
+///   future), and the runtime's `AsyncService` implementation. It runs each method on tokio's
+///   blocking pool, with `current_peer()` set there and a panic turned into the caller's
+///   `Error::Panicked`; a cancelled call's method runs to its end.
 /// - `IpaRequest` (a variant per method, holding its arguments; `command()`, `decode(call)`)
 ///   and `IpaResponse` (a variant per method that gets a reply, holding its return value;
 ///   `send(call)`).
@@ -84,7 +89,7 @@ use quote::quote;
 ///   version the type itself, or have the check cover the types with
 ///   `#[interface(check_types)]` (below).
 /// - With `#[interface(async_client)]`, `IpaAsyncClient` too (below, "A client of the other
-///   flavour").
+///   flavour"), and with `#[interface(async_server)]`, `IpaAsyncServer` (above).
 ///
 /// # The interface's name
 ///
@@ -177,9 +182,16 @@ use quote::quote;
 ///   flavour's client, as a `fn` trait's `IpaClient` is.
 ///
 /// The added client calls the same `IPA_INFO`, so it talks to the trait's server (and any
-/// server of the interface, of either flavour) and cannot drift from it. Only the client is
-/// added: a server of each flavour still needs a trait of each flavour. `async_client` on a
+/// server of the interface, of either flavour) and cannot drift from it. `async_client` on a
 /// trait of `async fn`s, `blocking_client` on a trait of `fn`s, or both, are compile errors.
+///
+/// A server of the other flavour exists one way only: `async_server`, on a trait of `fn`s,
+/// adds `IpaAsyncServer`, which serves an `AsyncConnection` with the blocking implementation,
+/// each method on tokio's blocking pool (a hand-off per call; the README's "Async flavour"
+/// says what it keeps and costs). It needs the `tokio` feature as `async_client` does, and is
+/// a compile error on a trait of `async fn`s, whose `IpaServer` is async already. A blocking
+/// server of an async trait is not generated: it would need a runtime to run each future on,
+/// which is what the async server is.
 ///
 /// # Checking the types' definitions too
 ///

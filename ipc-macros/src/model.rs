@@ -22,6 +22,10 @@ pub struct Interface {
     /// `<Trait>BlockingClient` (same wire, same interface). The argument's span, where an
     /// error about it (a missing `tokio` feature) points.
     pub other_client: Option<Span>,
+    /// `#[interface(async_server)]` on a blocking trait: also `<Trait>AsyncServer`, serving an
+    /// `AsyncConnection` with the blocking implementation, each call on tokio's blocking pool.
+    /// The argument's span, where an error about it (a missing `tokio` feature) points.
+    pub async_server: Option<Span>,
     /// `#[interface(check_types)]`: the methods' type shapes (`typed_ipc::Shape`) are folded
     /// into the signature, and each method's is recorded in its `MethodInfo`.
     pub check_types: bool,

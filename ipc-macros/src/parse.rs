@@ -42,6 +42,7 @@ pub fn interface(attr: TokenStream, item: TokenStream) -> Result<Interface, Reje
     let methods = methods(&mut item, &mut errors);
     let flavour = flavour(&item, &mut errors);
     let other_client = args.other_client(flavour, &item.ident, &mut errors);
+    let async_server = args.async_server(flavour, &item.ident, &mut errors);
     // (A trait that mixes `fn` and `async fn` is refused already; the rest of its errors are
     // those of an async trait.)
     let flavour = flavour.unwrap_or(Flavour::Async);
@@ -52,6 +53,7 @@ pub fn interface(attr: TokenStream, item: TokenStream) -> Result<Interface, Reje
             vis: item.vis.clone(),
             flavour,
             other_client,
+            async_server,
             check_types: args.check_types.is_some(),
             methods,
             item,
@@ -85,14 +87,18 @@ struct Args {
     other_client: Option<(Flavour, Ident)>,
     /// `check_types`: where it is written, if it is.
     check_types: Option<Ident>,
+    /// `async_server`: where it is written, if it is.
+    async_server: Option<Ident>,
 }
 
 /// What an unknown argument is told.
 const USAGE: &str = "#[interface] takes these optional arguments: `name = \"org.example.Ipa\"` \
                      (the interface's name on the wire), `async_client` on a trait of \
                      `fn`s or `blocking_client` on a trait of `async fn`s (a client of the \
-                     other flavour too), and `check_types` (the interface check covers the \
-                     definitions of the types too): `#[interface(name = \"org.example.Ipa\", \
+                     other flavour too), `async_server` on a trait of `fn`s (an async server \
+                     running the blocking implementation on tokio's blocking pool), and \
+                     `check_types` (the interface check covers the definitions of the types \
+                     too): `#[interface(name = \"org.example.Ipa\", \
                      async_client)]`";
 
 impl Args {
@@ -107,6 +113,8 @@ impl Args {
                 return args.parse_name(meta);
             } else if meta.path.is_ident("check_types") {
                 return args.parse_check_types(meta);
+            } else if meta.path.is_ident("async_server") {
+                return args.parse_async_server(meta);
             } else if meta.path.is_ident("async_client") {
                 Flavour::Async
             } else if meta.path.is_ident("blocking_client") {
@@ -156,6 +164,44 @@ impl Args {
         }
         self.check_types = Some(ident);
         Ok(())
+    }
+
+    /// `async_server`, which takes no value.
+    fn parse_async_server(&mut self, meta: syn::meta::ParseNestedMeta<'_>) -> syn::Result<()> {
+        let ident = meta.path.require_ident()?.clone();
+        if !meta.input.is_empty() && !meta.input.peek(Token![,]) {
+            return Err(
+                meta.error("`async_server` takes no value: write `#[interface(async_server)]`")
+            );
+        }
+        if self.async_server.is_some() {
+            return Err(meta.error("`async_server` is given twice"));
+        }
+        self.async_server = Some(ident);
+        Ok(())
+    }
+
+    /// `async_server` on a trait of `fn`s: the span of the argument (where a missing `tokio`
+    /// feature is reported), if it is given; on an async trait, an error.
+    fn async_server(
+        &self,
+        flavour: Option<Flavour>,
+        name: &Ident,
+        errors: &mut Errors,
+    ) -> Option<Span> {
+        let ident = self.async_server.as_ref()?;
+        match flavour? {
+            Flavour::Blocking => Some(ident.span()),
+            Flavour::Async => {
+                let message = format!(
+                    "`async_server` is for a trait of `fn`s: this trait's methods are \
+                     `async fn`, so `{}Server` is async already",
+                    name.unraw()
+                );
+                errors.push(syn::Error::new(ident.span(), message));
+                None
+            }
+        }
     }
 
     /// `name = "..."`, after the `name`.

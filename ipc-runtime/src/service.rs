@@ -167,6 +167,36 @@ pub(crate) fn handling_a_call_of(connection: *const ()) -> bool {
     CALLER.with(|c| std::ptr::eq(c.get().connection, connection))
 }
 
+/// Runs `f` on `imp` on tokio's blocking pool, with this call's [`current_peer`] (and
+/// connection) current there too: how an async server answers with a blocking
+/// implementation (`#[interface(async_server)]`). A panic in `f` resumes here, where the
+/// serving code turns it into the caller's [`Error::Panicked`]. Dropping the future (the
+/// call cancelled) leaves `f` to run to its end, as a blocking server's handler does.
+#[cfg(feature = "tokio")]
+#[doc(hidden)]
+pub async fn run_blocking<T, R>(
+    imp: std::sync::Arc<T>,
+    f: impl FnOnce(&T) -> R + Send + 'static,
+) -> R
+where
+    T: ?Sized + Send + Sync + 'static,
+    R: Send + 'static,
+{
+    let Caller { peer, connection } = CALLER.with(|c| c.get());
+    // The connection is only compared, never followed: its address is all that crosses.
+    let connection = connection.addr();
+    let task = tokio::task::spawn_blocking(move || {
+        let _caller = CallerScope::enter(peer, std::ptr::without_provenance(connection));
+        f(&imp)
+    });
+    match task.await {
+        Ok(value) => value,
+        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+        // Cancelled unrun: the runtime is shutting down, and drops this call with it.
+        Err(_) => std::future::pending().await,
+    }
+}
+
 /// Sets [`current_peer`] (and, for the async flavour, `handling_a_call_of`) for the duration
 /// of one call.
 pub(crate) struct CallerScope(Caller);

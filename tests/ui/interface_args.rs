@@ -1,5 +1,5 @@
 // What `#[interface(...)]` takes: one optional `name = "..."`, a name without spaces, and one
-// optional `async_client` or `blocking_client`, a bare word.
+// optional `async_client` or `blocking_client` and one optional `async_server`, bare words.
 #[typed_ipc::interface(nme = "org.example.Typo")]
 pub trait Typo {
     fn ping(&self) -> u32;
@@ -48,6 +48,16 @@ pub trait Valued {
 #[typed_ipc::interface(blocking_client("Blocking"))]
 pub trait Called {
     async fn ping(&self) -> u32;
+}
+
+#[typed_ipc::interface(async_server, async_server)]
+pub trait ServedTwice {
+    fn ping(&self) -> u32;
+}
+
+#[typed_ipc::interface(async_server = "pooled")]
+pub trait ServerValued {
+    fn ping(&self) -> u32;
 }
 
 fn main() {}

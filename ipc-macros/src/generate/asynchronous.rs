@@ -121,8 +121,8 @@ impl Generator<'_> {
     /// `<Trait>Server` of the async flavour: owns the implementation, and answers each request
     /// by awaiting it.
     pub(super) fn async_server(&self) -> TokenStream {
-        let (p, vis, server, name) = (private(), &self.iface.vis, &self.server, &self.iface.name);
-        let (info, request, response) = (&self.info, &self.request, &self.response);
+        let (vis, server, name) = (&self.iface.vis, &self.server, &self.iface.name);
+        let (request, response) = (&self.request, &self.response);
         // As in the blocking server: nothing of ours in scope in the arms but `self`.
         let arms = self
             .iface
@@ -131,14 +131,22 @@ impl Generator<'_> {
             .map(|m| self.dispatch_arm(m, quote!(.await)));
         let imp = &self.imp;
         let bounds = self.server_bounds_on_imp();
-        let decodable = self.server_bounds();
-        let ret_unit = result(quote!(()));
         let docs = doc(format!(
             "The server side of [`{name}`]: answers each request on a connection by awaiting \
              the implementation it owns, concurrently with the others."
         ));
-        let server_struct = self.server_struct(docs);
+        let server_struct = self.server_struct(server, docs);
         let constructors = self.server_constructors();
+        let serve = self.async_serve();
+        let service = self.async_service(
+            server,
+            quote! {
+                match self.dispatch(#request::decode(call)?).await {
+                    ::core::option::Option::Some(response) => response.send(call).await,
+                    ::core::option::Option::None => ::core::result::Result::Ok(()),
+                }
+            },
+        );
         quote! {
             #server_struct
 
@@ -148,19 +156,7 @@ impl Generator<'_> {
             impl<#imp: #bounds> #server<#imp> {
                 #constructors
 
-                /// Starts answering the requests that arrive on `connection`, at once; the
-                /// future resolves when the peer has hung up and every handler has finished
-                /// (`Ok(())` on a clean close). Spawn it, or await it.
-                #vis fn serve(
-                    self,
-                    connection: #p::AsyncConnection,
-                ) -> impl ::core::future::Future<Output = #ret_unit>
-                       + ::core::marker::Send
-                       + 'static
-                #decodable
-                {
-                    connection.serve(self)
-                }
+                #serve
 
                 /// Runs `request` on the implementation: the response to send back, or `None`
                 /// for a `#[oneway]` method.
@@ -174,6 +170,37 @@ impl Generator<'_> {
                 }
             }
 
+            #service
+        }
+    }
+    /// The `serve` method of an async server.
+    pub(super) fn async_serve(&self) -> TokenStream {
+        let (p, vis) = (private(), &self.iface.vis);
+        let (ret_unit, decodable) = (result(quote!(())), self.server_bounds());
+        quote! {
+            /// Starts answering the requests that arrive on `connection`, at once; the
+            /// future resolves when the peer has hung up and every handler has finished
+            /// (`Ok(())` on a clean close). Spawn it, or await it.
+            #vis fn serve(
+                self,
+                connection: #p::AsyncConnection,
+            ) -> impl ::core::future::Future<Output = #ret_unit>
+                   + ::core::marker::Send
+                   + 'static
+            #decodable
+            {
+                connection.serve(self)
+            }
+        }
+    }
+
+    /// The runtime's `AsyncService` for `server`, whose `handle` is `body` (in an
+    /// `async move` block that has `self` and `call`).
+    pub(super) fn async_service(&self, server: &Ident, body: TokenStream) -> TokenStream {
+        let (p, info, imp) = (private(), &self.info, &self.imp);
+        let (bounds, decodable) = (self.server_bounds_on_imp(), self.server_bounds());
+        let ret_unit = result(quote!(()));
+        quote! {
             #[allow(deprecated)]
             impl<#imp: #bounds> #p::AsyncService for #server<#imp> #decodable {
                 fn info(&self) -> &'static #p::InterfaceInfo {
@@ -184,12 +211,7 @@ impl Generator<'_> {
                     &'a self,
                     call: &'a mut #p::AsyncCall,
                 ) -> #p::BoxFuture<'a, #ret_unit> {
-                    #p::boxed(async move {
-                        match self.dispatch(#request::decode(call)?).await {
-                            ::core::option::Option::Some(response) => response.send(call).await,
-                            ::core::option::Option::None => ::core::result::Result::Ok(()),
-                        }
-                    })
+                    #p::boxed(async move { #body })
                 }
             }
         }

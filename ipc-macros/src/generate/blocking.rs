@@ -1,13 +1,23 @@
 //! The blocking flavour: the client and its stubs, and the server with its `dispatch` and
 //! the `handle` that answers a call in one match.
 
-use proc_macro2::{Ident, TokenStream};
+use proc_macro2::{Ident, Span, TokenStream};
 use quote::quote;
 
 use super::bounds::{Bound, serde_bounds};
-use super::wire::{decode_pattern, decode_type, encode, encode_arg};
+use super::wire::{decode_pattern, decode_type, encode, encode_arg, encode_owned};
 use super::{Generator, cmd, doc, private, result, stub_params};
 use crate::model::{Method, Wire};
+
+/// Where a blocking trait's server runs the implementation.
+#[derive(Clone, Copy)]
+pub(super) enum Runs {
+    /// On the thread that serves the call: the blocking server.
+    Inline,
+    /// On tokio's blocking pool, awaited: the async server of a blocking trait
+    /// (`#[interface(async_server)]`).
+    Pooled,
+}
 
 impl Generator<'_> {
     /// `<Trait>Client` of a blocking trait (or `<Trait>BlockingClient` of an async one,
@@ -66,19 +76,38 @@ impl Generator<'_> {
         }
     }
 
-    /// The match arm of the blocking `handle` for `m`: decode the arguments, run the
-    /// implementation, send its reply. The arguments are bound inside a block that only runs
-    /// the implementation, so a parameter named like one of ours (`call`, `value`) cannot
-    /// shadow it where it is used; their types are left to inference from the method's
-    /// signature, since a user type named `T` would mean the server's type parameter here.
-    fn handle_arm(&self, m: &Method) -> TokenStream {
-        let (name, method, cmd) = (&self.iface.name, &m.name, cmd(m));
+    /// The match arm of a blocking trait's `handle` for `m`: decode the arguments, run the
+    /// implementation where `runs` says, send its reply. The arguments are bound inside a block
+    /// that only runs the implementation, so a parameter named like one of ours (`call`,
+    /// `value`) cannot shadow it where it is used; their types are left to inference from the
+    /// method's signature, since a user type named `T` would mean the server's type parameter
+    /// here. On the pool, the implementation's handle in the closure is hygienic
+    /// (`Span::mixed_site`), so a parameter named `imp` is the parameter.
+    pub(super) fn handle_arm(&self, m: &Method, runs: Runs) -> TokenStream {
+        let (p, name, method, cmd) = (private(), &self.iface.name, &m.name, cmd(m));
         let pats = m.args.iter().map(|a| decode_pattern(&a.name, &a.value));
-        let names = m.args.iter().map(|a| &a.name);
+        let names: Vec<&Ident> = m.args.iter().map(|a| &a.name).collect();
         let imp = &self.imp;
+        let (run, then, unit) = match runs {
+            Runs::Inline => (
+                quote!(<#imp as #name>::#method(&*self.imp, #(#names),*)),
+                quote!(),
+                quote!(&()),
+            ),
+            Runs::Pooled => {
+                let this = Ident::new("imp", Span::mixed_site());
+                let run = quote! {
+                    #p::run_blocking(#p::Arc::clone(&self.imp), move |#this: &#imp| {
+                        <#imp as #name>::#method(#this, #(#names),*)
+                    })
+                    .await
+                };
+                (run, quote!(.await), quote!(()))
+            }
+        };
         let run = quote! {{
             let (#(#pats,)*) = call.args()?;
-            <#imp as #name>::#method(&*self.imp, #(#names),*)
+            #run
         }};
         match (&m.ret, m.oneway) {
             (_, true) => quote! {
@@ -90,21 +119,24 @@ impl Generator<'_> {
             (None, false) => quote! {
                 #cmd => {
                     #run;
-                    call.reply(&())
+                    call.reply(#unit)#then
                 }
             },
             (Some(ret), false) if ret.wire == Wire::Bytes => quote! {
                 #cmd => {
                     let value = #run;
-                    call.reply_bytes(value)
+                    call.reply_bytes(value)#then
                 }
             },
             (Some(ret), false) => {
-                let reply = encode(quote!(&value), ret.wire);
+                let reply = match runs {
+                    Runs::Inline => encode(quote!(&value), ret.wire),
+                    Runs::Pooled => encode_owned(quote!(value), ret.wire),
+                };
                 quote! {
                     #cmd => {
                         let value = #run;
-                        call.reply(#reply)
+                        call.reply(#reply)#then
                     }
                 }
             }
@@ -122,7 +154,11 @@ impl Generator<'_> {
             .methods
             .iter()
             .map(|m| self.dispatch_arm(m, quote!()));
-        let handle_arms = self.iface.methods.iter().map(|m| self.handle_arm(m));
+        let handle_arms = self
+            .iface
+            .methods
+            .iter()
+            .map(|m| self.handle_arm(m, Runs::Inline));
         let imp = &self.imp;
         let bounds = self.server_bounds_on_imp();
         let decodable = self.server_bounds();
@@ -131,7 +167,7 @@ impl Generator<'_> {
             "The server side of [`{name}`]: answers each request on a connection by calling \
              the implementation it owns."
         ));
-        let server_struct = self.server_struct(docs);
+        let server_struct = self.server_struct(server, docs);
         let constructors = self.server_constructors();
         quote! {
             #server_struct

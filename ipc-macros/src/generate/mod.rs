@@ -11,6 +11,7 @@
 mod asynchronous;
 mod blocking;
 mod bounds;
+mod pooled;
 mod wire;
 
 use proc_macro2::{Ident, Literal, Span, TokenStream};
@@ -33,6 +34,9 @@ pub struct Generator<'a> {
     other_client: Ident,
     /// `<Trait>Server`.
     server: Ident,
+    /// `<Trait>AsyncServer`: the async server of a blocking trait, with
+    /// `#[interface(async_server)]`.
+    async_server: Ident,
     /// `<Trait>Request`.
     request: Ident,
     /// `<Trait>Response`.
@@ -82,6 +86,7 @@ impl<'a> Generator<'a> {
                 Flavour::Async => format_ident!("{}BlockingClient", name),
             },
             server: format_ident!("{}Server", name),
+            async_server: format_ident!("{}AsyncServer", name),
             request: format_ident!("{}Request", name),
             response: format_ident!("{}Response", name),
             info: format_ident!("{}_INFO", screaming, span = name.span()),
@@ -111,7 +116,11 @@ impl<'a> Generator<'a> {
                     let client = self.async_client(&self.other_client);
                     quote_spanned!(span=> ::typed_ipc::__private::async_client! { #client })
                 });
-                quote!(#item #(#items)* #async_client)
+                let async_server = self.iface.async_server.map(|span| {
+                    let server = self.pooled_server();
+                    quote_spanned!(span=> ::typed_ipc::__private::async_server! { #server })
+                });
+                quote!(#item #(#items)* #async_client #async_server)
             }
             Flavour::Async => {
                 let (p, item) = (private(), self.async_trait());
@@ -462,8 +471,8 @@ impl<'a> Generator<'a> {
     /// The server struct, shared by both flavours: it holds the implementation behind an
     /// `Arc`, so that `from_arc` can serve one the program keeps a handle to (or a
     /// `dyn Trait`, in the blocking flavour), and cloning the server shares it.
-    fn server_struct(&self, docs: TokenStream) -> TokenStream {
-        let (p, vis, server, imp) = (private(), &self.iface.vis, &self.server, &self.imp);
+    fn server_struct(&self, server: &Ident, docs: TokenStream) -> TokenStream {
+        let (p, vis, imp) = (private(), &self.iface.vis, &self.imp);
         quote! {
             #docs
             #[allow(dead_code)]

@@ -1,0 +1,179 @@
+//! `#[interface(async_server)]`: a blocking trait's implementation served on an async
+//! connection, each call on tokio's blocking pool. Across processes it is driven in
+//! `async_interop.rs` (fds, bytes, oneways in order, callbacks, peer death); here, in one
+//! process, what is its own: calls run at once even on a current-thread runtime, the method
+//! sees its caller, a panic is the caller's error, and a cancelled call's method runs to its
+//! end without holding the connection up.
+
+#![cfg(feature = "tokio")]
+
+mod common;
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use common::{current_thread_runtime, fd_count_lock, open_fds};
+use typed_ipc::tokio::AsyncConnection;
+use typed_ipc::{Error, current_peer};
+
+/// A blocking interface, served by an async server; called through its async client.
+#[typed_ipc::interface(async_server, async_client)]
+pub trait Desk {
+    /// Returns once `n` callers are in `meet` at the same time (false after a minute: the
+    /// guard of a test that would otherwise hang).
+    fn meet(&self, n: u32) -> bool;
+    /// Waits until the test opens the gate; counts the return.
+    fn wait_for_gate(&self);
+    /// How many `wait_for_gate` calls have returned.
+    fn returned(&self) -> u32;
+    /// The pid of the caller, as the method sees it.
+    fn caller_pid(&self) -> Option<i32>;
+    fn panic(&self);
+}
+
+#[derive(Default)]
+struct State {
+    meeting: u32,
+    gate_open: bool,
+    returned: u32,
+}
+
+/// The implementation: blocking waits on a condition variable.
+#[derive(Default)]
+struct Office {
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+impl Office {
+    fn open_gate(&self) {
+        self.state.lock().unwrap().gate_open = true;
+        self.changed.notify_all();
+    }
+
+    /// Waits until `n` `wait_for_gate` calls have returned (false after a minute: the guard
+    /// of a test that would otherwise hang).
+    fn wait_until_returned(&self, n: u32) -> bool {
+        let state = self.state.lock().unwrap();
+        let guard = Duration::from_secs(60);
+        let (state, waited) = self
+            .changed
+            .wait_timeout_while(state, guard, |s| s.returned < n)
+            .unwrap();
+        drop(state);
+        !waited.timed_out()
+    }
+}
+
+impl Desk for Office {
+    fn meet(&self, n: u32) -> bool {
+        let mut state = self.state.lock().unwrap();
+        state.meeting += 1;
+        self.changed.notify_all();
+        let guard = Duration::from_secs(60);
+        let (state, waited) = self
+            .changed
+            .wait_timeout_while(state, guard, |s| s.meeting < n)
+            .unwrap();
+        drop(state);
+        !waited.timed_out()
+    }
+    fn wait_for_gate(&self) {
+        let state = self.state.lock().unwrap();
+        let mut state = self.changed.wait_while(state, |s| !s.gate_open).unwrap();
+        state.returned += 1;
+        self.changed.notify_all();
+    }
+    fn returned(&self) -> u32 {
+        self.state.lock().unwrap().returned
+    }
+    fn caller_pid(&self) -> Option<i32> {
+        current_peer().map(|peer| peer.pid)
+    }
+    fn panic(&self) {
+        panic!("the desk is on fire");
+    }
+}
+
+/// A client of an `Office` served by `DeskAsyncServer` on one end of a fresh pair; the
+/// office; the serving task.
+fn start() -> (
+    DeskAsyncClient,
+    Arc<Office>,
+    tokio::task::JoinHandle<typed_ipc::Result<()>>,
+) {
+    let (client_end, server_end) = AsyncConnection::pair().unwrap();
+    let office = Arc::new(Office::default());
+    let server = DeskAsyncServer::from_arc(Arc::clone(&office));
+    let serving = tokio::spawn(server.serve(server_end));
+    (DeskAsyncClient::new(client_end), office, serving)
+}
+
+#[test]
+fn blocking_methods_run_at_once_on_the_blocking_pool_even_on_a_current_thread_runtime() {
+    // Three callers meet only if their methods run at the same time: run on the runtime's
+    // one thread, the first would block it, and the others would never start.
+    current_thread_runtime().block_on(async {
+        let (desk, _office, serving) = start();
+        let (a, b, c) = tokio::join!(desk.meet(3), desk.meet(3), desk.meet(3));
+        assert_eq!((a.unwrap(), b.unwrap(), c.unwrap()), (true, true, true));
+        drop(desk);
+        serving.await.unwrap().unwrap();
+    });
+}
+
+#[test]
+fn a_blocking_method_sees_its_caller_on_the_blocking_pool() {
+    current_thread_runtime().block_on(async {
+        let (desk, _office, serving) = start();
+        // Both ends are this process: the caller's credentials are its own.
+        let pid = std::process::id() as i32;
+        assert_eq!(desk.caller_pid().await.unwrap(), Some(pid));
+        drop(desk);
+        serving.await.unwrap().unwrap();
+    });
+}
+
+#[test]
+fn a_panic_in_a_blocking_method_is_its_callers_error_and_the_connection_goes_on() {
+    current_thread_runtime().block_on(async {
+        let (desk, _office, serving) = start();
+        match desk.panic().await {
+            Err(Error::Panicked(why)) => assert!(why.contains("the desk is on fire"), "{why}"),
+            other => panic!("expected the method's panic, got {other:?}"),
+        }
+        assert_eq!(desk.returned().await.unwrap(), 0);
+        drop(desk);
+        serving.await.unwrap().unwrap();
+    });
+}
+
+#[test]
+fn a_cancelled_calls_blocking_method_runs_to_its_end_and_holds_nothing_up() {
+    let _fds = fd_count_lock();
+    let before = open_fds();
+    current_thread_runtime().block_on(async {
+        let (desk, office, serving) = start();
+        // The call is dropped while its method waits at the gate...
+        let cancelled = tokio::time::timeout(Duration::from_millis(10), desk.wait_for_gate());
+        assert!(
+            cancelled.await.is_err(),
+            "the gate is shut: the call cannot return"
+        );
+        // ...and the connection answers other calls meanwhile.
+        assert_eq!(desk.returned().await.unwrap(), 0);
+        // A blocking method cannot be stopped: once the gate opens, it returns, unanswered.
+        office.open_gate();
+        desk.wait_for_gate().await.unwrap();
+        let waiting = Arc::clone(&office);
+        let both = tokio::task::spawn_blocking(move || waiting.wait_until_returned(2));
+        assert!(
+            both.await.unwrap(),
+            "the cancelled call's method never returned"
+        );
+        assert_eq!(desk.returned().await.unwrap(), 2);
+        drop(desk);
+        serving.await.unwrap().unwrap();
+    });
+    assert_eq!(open_fds(), before);
+}
