@@ -47,6 +47,10 @@ mod blocking {
         /// `fd` and `data` back, tagged with `tag` (the async flavour yields first, as many
         /// times as `tag % 4`).
         fn echo(&self, tag: u64, fd: OwnedFd, data: Vec<u8>) -> super::Echoed;
+        /// Keeps `signal` and `gate` for the refusing worker's authorizer: the next
+        /// `mark_data` it refuses writes a byte to `signal`, then waits until `gate` reads end
+        /// of stream, and only then refuses.
+        fn arm(&self, signal: OwnedFd, gate: OwnedFd);
     }
 }
 
@@ -62,6 +66,7 @@ mod asynchronous {
         async fn mark(&self, mark: OwnedFd) -> u32;
         async fn mark_data(&self, mark: OwnedFd, data: Vec<u8>) -> u32;
         async fn echo(&self, tag: u64, fd: OwnedFd, data: Vec<u8>) -> super::Echoed;
+        async fn arm(&self, signal: OwnedFd, gate: OwnedFd);
     }
 }
 
@@ -107,6 +112,9 @@ impl asynchronous::Camera for AsyncCamera {
         }
         Echoed { tag, fd, data }
     }
+    async fn arm(&self, signal: OwnedFd, gate: OwnedFd) {
+        *ARMED.lock().unwrap() = Some((signal, gate));
+    }
 }
 
 struct BlockingCamera;
@@ -135,6 +143,26 @@ impl blocking::Camera for BlockingCamera {
     fn echo(&self, tag: u64, fd: OwnedFd, data: Vec<u8>) -> Echoed {
         Echoed { tag, fd, data }
     }
+    fn arm(&self, signal: OwnedFd, gate: OwnedFd) {
+        *ARMED.lock().unwrap() = Some((signal, gate));
+    }
+}
+
+/// What `arm` left for the refusing worker's authorizer.
+static ARMED: std::sync::Mutex<Option<(OwnedFd, OwnedFd)>> = std::sync::Mutex::new(None);
+
+/// The refusing worker's authorizer: refuses `mark_data` (after the gate `arm` left, if
+/// any), allows the rest.
+fn refuse_data(iface: &typed_ipc::service::InterfaceInfo, cmd: u32) -> Result<(), String> {
+    if iface.method(cmd).map(|m| m.name) != Some("mark_data") {
+        return Ok(());
+    }
+    let armed = ARMED.lock().unwrap().take();
+    if let Some((signal, gate)) = armed {
+        write_byte(&signal);
+        read_to_end(gate);
+    }
+    Err("no data taken here".into())
 }
 
 #[test]
@@ -156,6 +184,41 @@ fn child_blocking_camera() {
     let conn = typed_ipc::worker::connection().unwrap();
     conn.add_service(blocking::CameraServer::new(BlockingCamera));
     // Two serving threads: one runs the gate while the other reads.
+    let threads: Vec<_> = (0..2)
+        .map(|_| {
+            let conn = conn.clone();
+            std::thread::spawn(move || conn.run())
+        })
+        .collect();
+    for thread in threads {
+        let _ = thread.join().unwrap();
+    }
+}
+
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_refusing_async_camera() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let conn = typed_ipc::tokio::worker::connection().unwrap();
+        // The gate is waited for off the runtime's threads: the reader reads on meanwhile.
+        conn.set_authorizer(|_, iface, cmd| {
+            tokio::task::block_in_place(|| refuse_data(iface, cmd))
+        });
+        asynchronous::CameraServer::new(AsyncCamera)
+            .serve(conn)
+            .await
+            .unwrap();
+    });
+}
+
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_refusing_blocking_camera() {
+    let conn = typed_ipc::worker::connection().unwrap();
+    conn.set_authorizer(|_, iface, cmd| refuse_data(iface, cmd));
+    conn.add_service(blocking::CameraServer::new(BlockingCamera));
+    // Two serving threads: one refuses (after the gate) while the other reads.
     let threads: Vec<_> = (0..2)
         .map(|_| {
             let conn = conn.clone();
@@ -429,6 +492,124 @@ fn an_async_worker_gives_back_the_placement_of_a_queued_call_it_dropped() {
 #[test]
 fn a_blocking_worker_gives_back_the_placement_of_a_queued_call_it_dropped() {
     a_cancelled_queued_call_gives_its_placement_back("child_blocking_camera");
+}
+
+/// A call carrying a large byte string (placed in the parent's shared region) that the worker
+/// refuses (its authorizer) after the caller gave up on it (its future dropped) gives the
+/// placement back all the same: the worker never reads the string, nobody waits for its
+/// failure reply, and that reply must carry the acknowledgement (the worker sends nothing
+/// else). The authorizer waits at a gate until the caller has given up, and the parent's
+/// lane must then become idle (`release_shared_memory` gives the region back).
+fn a_refused_cancelled_call_gives_its_placement_back(worker_test: &str) {
+    let _fds = fd_count_lock();
+    let before = open_fds();
+    let rt = runtime();
+    rt.block_on(async {
+        let mut command = child(worker_test);
+        command.env("TYPED_IPC_DEBUG", "1").stderr(Stdio::piped());
+        let (mut worker, conn) = typed_ipc::tokio::worker::spawn(command).unwrap();
+        let (lines, reading) = trace_lines(worker.take_stderr().expect("piped"));
+        let camera = asynchronous::CameraClient::new(conn.clone());
+        // The worker's reply says it reads lanes: the next large string is placed.
+        let (signal, signalled) = pipe();
+        let (gate, gated) = pipe();
+        camera.arm(signalled, gated).await.unwrap();
+        let (mark, marked) = pipe();
+        {
+            use std::future::Future;
+            use std::task::{Context, Waker};
+            let mut call = Box::pin(camera.mark_data(marked, vec![7u8; 64 << 10]));
+            let mut cx = Context::from_waker(Waker::noop());
+            assert!(
+                call.as_mut().poll(&mut cx).is_pending(),
+                "sent, not answered"
+            );
+            assert_eq!(read_byte(&signal), b'!', "the authorizer is at the gate");
+        } // dropped: the cancel goes out
+        assert_eq!(conn.release_shared_memory(), 0, "the string was placed");
+        wait_for_line(&lines, "<- Cancel #");
+        drop(gate);
+        wait_for_line(&lines, "-> Failure #");
+        tokio::time::timeout(HANG_GUARD, async {
+            while conn.release_shared_memory() == 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the parent's lane stayed busy with the refused call's placement");
+        let marks = read_to_end_guarded(mark, "the refused call's fd was never closed");
+        assert!(marks.is_empty(), "the refused call ran");
+        drop((camera, conn));
+        assert!(matches!(worker.wait().unwrap(), Exit::Code(0)));
+        reading.join().unwrap();
+        drop((signal, worker));
+    });
+    drop(rt);
+    assert_eq!(open_fds(), before);
+}
+
+#[test]
+fn an_async_worker_acknowledges_the_placement_of_a_dropped_call_it_refused() {
+    a_refused_cancelled_call_gives_its_placement_back("child_refusing_async_camera");
+}
+
+#[test]
+fn a_blocking_worker_acknowledges_the_placement_of_a_dropped_call_it_refused() {
+    a_refused_cancelled_call_gives_its_placement_back("child_refusing_blocking_camera");
+}
+
+/// The blocking twin: a blocking call that times out while the worker's authorizer waits at
+/// the gate, refused afterwards. A thread of the parent's serves the connection (`run`), so
+/// it reads what the worker sends though no call waits; the failure reply nobody waits for
+/// must give the lane back.
+fn a_refused_timed_out_call_gives_its_placement_back(worker_test: &str) {
+    let _fds = fd_count_lock();
+    let before = open_fds();
+    let mut command = child(worker_test);
+    command.env("TYPED_IPC_DEBUG", "1").stderr(Stdio::piped());
+    let (mut worker, conn) = Worker::spawn(command).unwrap();
+    let (lines, reading) = trace_lines(worker.take_stderr().expect("piped"));
+    let serving = std::thread::spawn({
+        let conn = conn.clone();
+        move || conn.run()
+    });
+    let camera = blocking::CameraClient::new(conn.clone());
+    let (signal, signalled) = pipe();
+    let (gate, gated) = pipe();
+    camera.arm(signalled, gated).unwrap();
+    let (mark, marked) = pipe();
+    let timed = camera.with_timeout(Duration::from_millis(50));
+    assert!(matches!(
+        timed.mark_data(marked, vec![7u8; 64 << 10]),
+        Err(Error::TimedOut)
+    ));
+    assert_eq!(conn.release_shared_memory(), 0, "the string was placed");
+    assert_eq!(read_byte(&signal), b'!', "the authorizer is at the gate");
+    wait_for_line(&lines, "<- Cancel #");
+    drop(gate);
+    wait_for_line(&lines, "-> Failure #");
+    common::wait_until("the parent's lane is idle again", || {
+        conn.release_shared_memory() != 0
+    });
+    let marks = read_to_end_guarded(mark, "the refused call's fd was never closed");
+    assert!(marks.is_empty(), "the refused call ran");
+    conn.close();
+    serving.join().unwrap().unwrap();
+    drop((camera, timed, conn));
+    assert!(matches!(worker.wait().unwrap(), Exit::Code(0)));
+    reading.join().unwrap();
+    drop((signal, worker));
+    assert_eq!(open_fds(), before);
+}
+
+#[test]
+fn an_async_worker_acknowledges_the_placement_of_a_timed_out_call_it_refused() {
+    a_refused_timed_out_call_gives_its_placement_back("child_refusing_async_camera");
+}
+
+#[test]
+fn a_blocking_worker_acknowledges_the_placement_of_a_timed_out_call_it_refused() {
+    a_refused_timed_out_call_gives_its_placement_back("child_refusing_blocking_camera");
 }
 
 /// The storm's round `round`: its tag, and a string of one of the sizes that go inline, through

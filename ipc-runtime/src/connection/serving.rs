@@ -217,6 +217,12 @@ impl Shared {
         };
         match failure {
             Some(failure) if !oneway => {
+                // Done with a placement the request carried (refused unread, or its handler
+                // done) before the failure goes out, so that the failure carries the
+                // acknowledgement: a caller that gave up on the call (timed out, its future
+                // dropped) finds nothing else to give its lane back, and this end may send
+                // nothing more for a long time. As the async flavour does.
+                self.lane.finished(&frame.payload);
                 self.reply_failure(&envelope, &failure);
             }
             Some(failure) => {
