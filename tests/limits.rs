@@ -578,6 +578,82 @@ mod asynchronous {
         });
     }
 
+    /// [`super::Bundles`], async.
+    #[interface]
+    pub trait Bundles {
+        async fn check(
+            &self,
+            before: Vec<OwnedFd>,
+            data: Vec<u8>,
+            after: Vec<OwnedFd>,
+        ) -> (u32, u64);
+    }
+
+    struct BundlesImpl;
+
+    impl Bundles for BundlesImpl {
+        async fn check(
+            &self,
+            before: Vec<OwnedFd>,
+            data: Vec<u8>,
+            after: Vec<OwnedFd>,
+        ) -> (u32, u64) {
+            ((before.len() + after.len()) as u32, data.len() as u64)
+        }
+    }
+
+    /// [`super::a_message_with_all_the_fds_a_side_sends_still_carries_a_large_string`], async.
+    #[test]
+    fn a_message_with_all_the_fds_a_side_sends_still_carries_a_large_string() {
+        use typed_ipc::Limits;
+        let _fds = fd_count_lock();
+        let before = open_fds();
+        runtime().block_on(async {
+            for lend in [false, true] {
+                let (mut a, mut b) = typed_ipc::Socket::pair().unwrap();
+                a.set_limits(super::sends_two_fds());
+                b.set_limits(Limits::default());
+                let b = AsyncConnection::new(b).unwrap();
+                b.lend_pages_to_peer(lend);
+                let serving = tokio::spawn(BundlesServer::new(BundlesImpl).serve(b));
+                let conn = AsyncConnection::new(a).unwrap();
+                conn.lend_pages_to_peer(lend);
+                let bundles = BundlesClient::new(conn.clone());
+                // The first reply says the server reads lanes.
+                assert_eq!(
+                    bundles.check(memfds(0), vec![], memfds(0)).await.unwrap(),
+                    (0, 0)
+                );
+                for (round, (first, then)) in super::FD_SPLITS.into_iter().enumerate() {
+                    for len in super::BUNDLED_SIZES {
+                        let got = bundles
+                            .check(memfds(first), vec![1; len], memfds(then))
+                            .await;
+                        assert!(
+                            matches!(got, Ok((2, n)) if n == len as u64),
+                            "lend {lend}, round {round}, {len} bytes: {got:?}"
+                        );
+                    }
+                }
+                super::assert_three_over_two(
+                    bundles.check(memfds(3), vec![1; 64 << 10], memfds(0)).await,
+                );
+                let got = bundles.check(memfds(0), vec![2; 64 << 10], memfds(0)).await;
+                assert_eq!(got.unwrap(), (0, 64 << 10), "lend {lend}");
+                assert_ne!(
+                    conn.release_shared_memory(),
+                    0,
+                    "through the region, lend {lend}"
+                );
+                drop(bundles);
+                conn.close();
+                conn.wait_closed().await;
+                serving.await.unwrap().unwrap();
+            }
+        });
+        assert_eq!(open_fds(), before, "no fd left open");
+    }
+
     /// A client and a server of [`Strings`] (a task) whose sockets have these limits; the
     /// client lends its pages if `lend`.
     fn strings_between(
@@ -1161,6 +1237,95 @@ fn byte_strings_cross_to_an_end_whose_limits_allow_no_fds() {
             drop(strings);
             handle.join().unwrap().unwrap();
         }
+    }
+    assert_eq!(open_fds(), before, "no fd left open");
+}
+
+/// Fds around a large byte string.
+#[interface]
+pub trait Bundles {
+    /// How many fds came, and how many bytes.
+    fn check(&self, before: Vec<OwnedFd>, data: Vec<u8>, after: Vec<OwnedFd>) -> (u32, u64);
+}
+
+struct BundlesImpl;
+
+impl Bundles for BundlesImpl {
+    fn check(&self, before: Vec<OwnedFd>, data: Vec<u8>, after: Vec<OwnedFd>) -> (u32, u64) {
+        ((before.len() + after.len()) as u32, data.len() as u64)
+    }
+}
+
+/// A side that sends at most two fds a message (and accepts the default).
+fn sends_two_fds() -> Limits {
+    Limits {
+        max_send_fds: Some(2),
+        ..Limits::default()
+    }
+}
+
+/// Two fds, split before and after the string in every way: the string is placed with the
+/// fd table already full, half full, or empty (and filled after it).
+const FD_SPLITS: [(usize, usize); 3] = [(2, 0), (1, 1), (0, 2)];
+
+/// Through the region (a new one, which the message announces, each time the last
+/// placement's was given back), and the pipe if lent (128 KiB to 1 MiB).
+const BUNDLED_SIZES: [usize; 3] = [2 << 10, 64 << 10, 300 << 10];
+
+/// Fails unless `got` is `TooManyFds` of the three fds the caller passed over its limit of
+/// two (not four: the region's fd is no fd of the caller's).
+fn assert_three_over_two<T: std::fmt::Debug>(got: Result<T, Error>) {
+    match got {
+        Err(Error::TooManyFds {
+            count: 3,
+            limit: 2,
+            by_peer: false,
+            ..
+        }) => {}
+        other => panic!("expected TooManyFds of 3 over this side's 2, got {other:?}"),
+    }
+}
+
+/// A message carrying exactly as many fds as its side sends (`Limits::send_fds`) and a large
+/// byte string goes out: the string inline if the region's or the pipe's fd, which the
+/// message would carry too, leaves no room, however the fds and the string are ordered. One
+/// with more fds than that is refused with the caller's count. Large strings go out of line
+/// again afterwards.
+#[test]
+fn a_message_with_all_the_fds_a_side_sends_still_carries_a_large_string() {
+    let _fds = fd_count_lock();
+    let before = open_fds();
+    for lend in [false, true] {
+        let (mut a, mut b) = Socket::pair().unwrap();
+        a.set_limits(sends_two_fds());
+        b.set_limits(Limits::default());
+        let b = Connection::new(b);
+        b.lend_pages_to_peer(lend);
+        let server = std::thread::spawn(move || BundlesServer::new(BundlesImpl).serve(b));
+        let conn = Connection::new(a);
+        conn.lend_pages_to_peer(lend);
+        let bundles = BundlesClient::new(conn.clone());
+        // The first reply says the server reads lanes.
+        assert_eq!(bundles.check(memfds(0), vec![], memfds(0)).unwrap(), (0, 0));
+        for (round, (first, then)) in FD_SPLITS.into_iter().enumerate() {
+            for len in BUNDLED_SIZES {
+                let got = bundles.check(memfds(first), vec![1; len], memfds(then));
+                assert!(
+                    matches!(got, Ok((2, n)) if n == len as u64),
+                    "lend {lend}, round {round}, {len} bytes: {got:?}"
+                );
+            }
+        }
+        assert_three_over_two(bundles.check(memfds(3), vec![1; 64 << 10], memfds(0)));
+        let got = bundles.check(memfds(0), vec![2; 64 << 10], memfds(0));
+        assert_eq!(got.unwrap(), (0, 64 << 10), "lend {lend}");
+        assert_ne!(
+            conn.release_shared_memory(),
+            0,
+            "through the region, lend {lend}"
+        );
+        drop((bundles, conn));
+        server.join().unwrap().unwrap();
     }
     assert_eq!(open_fds(), before, "no fd left open");
 }

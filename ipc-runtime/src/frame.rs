@@ -94,7 +94,8 @@ pub struct Limits {
     /// image, with `max_send_fds: Some(8)`. Its connection then also sends large byte
     /// strings through its shared region or pipe, whose fd the message carries, while the
     /// worker still sends it every string without one. The peer's own limits still decide
-    /// what it accepts.
+    /// what it accepts. A message that carries as many fds of its own as this side sends
+    /// has no room left for that fd: its large byte string goes inline.
     pub max_send_fds: Option<usize>,
 }
 

@@ -207,13 +207,14 @@ pub(crate) struct Lane {
     /// (`Limits::max_shared_len`): the codec asks the store it decodes with
     /// ([`OutOfLine::max_shared_len`](crate::codec::OutOfLine::max_shared_len)).
     max_shared_len: usize,
-    /// This end's limits let a message it sends carry an fd (`Limits::send_fds`): the
-    /// region's and the pipe's travel so, and a message carrying one would be refused
-    /// unsent (`TooManyFds`) although its sender passed no fd. Without, strings go inline
-    /// (or into the peer's memory, which needs no fd). Whether this end reads the peer's
-    /// lanes is `max_fds`'s alone ([`READS_LANES`] in `consumed`): an end may send fds and
-    /// accept none.
-    sends_fds: bool,
+    /// Most fds a message this end sends may carry (`Limits::send_fds`): the region's and
+    /// the pipe's travel so, and a message carrying one over this would be refused unsent
+    /// (`TooManyFds`) although its sender passed no more fds than it may send. With none,
+    /// strings go inline (or into the peer's memory, which needs no fd); a message whose own
+    /// fds leave no room for the lane's is encoded again with its string inline
+    /// ([`Lane::encode`]). Whether this end reads the peer's lanes is `max_fds`'s alone
+    /// ([`READS_LANES`] in `consumed`): an end may send fds and accept none.
+    max_send_fds: usize,
     /// Messages that carry a placement of this end's and may still be on their way out:
     /// encoded, and not yet sent or given up ([`Lane::sent`]). While there are any, the
     /// region is neither replaced nor given back. Such a message names the region's fd by its
@@ -249,7 +250,7 @@ impl Lane {
             taken: [const { AtomicU64::new(0) }; TAKEN_WORDS],
             max_len: max_len.min(MAX),
             max_send_len: max_len.min(MAX),
-            sends_fds: max_fds > 0,
+            max_send_fds: max_fds,
             sending: AtomicU32::new(0),
             inbox: Mutex::new(None),
             inbox_taken: AtomicBool::new(false),
@@ -273,7 +274,7 @@ impl Lane {
     /// refused.
     pub(crate) fn with_max_send_fds(self, max_send_fds: usize) -> Lane {
         Lane {
-            sends_fds: max_send_fds > 0,
+            max_send_fds,
             ..self
         }
     }
@@ -745,6 +746,9 @@ impl Lane {
         // The acknowledgement goes in under the send lock ([`Lane::acknowledge_in`]).
         let placed = match placed {
             0 => 0,
+            seq if fds.len() > self.max_send_fds => {
+                return self.encode_inline(body, buf, fds, seq, encoded);
+            }
             seq => self.carried(&mut buf[envelope::FRAMED_AT..], seq),
         };
         match encoded {
@@ -754,6 +758,30 @@ impl Lane {
                 Err(e)
             }
         }
+    }
+
+    /// [`Lane::encode`] of a message whose placement `seq` left it with more fds than this end
+    /// sends (`encoded`: how its encode went): the region's or pipe's fd did not fit beside
+    /// the message's own (placed before them, the string could not know how many would
+    /// follow). The placement is given back and the message encoded again with every string
+    /// inline, so that it goes out after all, or, with more fds of its own than this end
+    /// sends, is refused with their count rather than one more.
+    #[cold]
+    #[inline(never)]
+    fn encode_inline<'a, A: Serialize + ?Sized>(
+        &self,
+        body: &'a A,
+        buf: &mut Vec<u8>,
+        fds: &mut Vec<BorrowedFd<'a>>,
+        seq: u32,
+        encoded: Result<()>,
+    ) -> Result<u32> {
+        self.never_sent(self.token_of(seq));
+        encoded?;
+        buf.truncate(envelope::FRAMED_AT + envelope::LEN);
+        fds.clear();
+        codec::encode(body, buf, fds)?;
+        Ok(0)
     }
 
     /// [`Lane::token_of`] placement `seq`, which the message being encoded, whose payload

@@ -23,7 +23,7 @@ impl OutOfLine for Lane {
         // unsent (`TooLarge`), as it refuses any message over them.
         if !pipes(len)
             || len > self.max_send_len
-            || !self.sends_fds
+            || self.max_send_fds == 0
             || !self.lends(Ordering::Relaxed)
             || !self.peer_takes_pipes()
             || !self.peer_reads.load(Ordering::Relaxed)
@@ -122,7 +122,7 @@ impl OutOfLine for Lane {
                 len: len as u64,
             }));
         }
-        if !self.sends_fds || !reads {
+        if self.max_send_fds == 0 || !reads {
             return None; // the region's fd could never go out, or would be refused
         }
         let out = &mut *out;
