@@ -578,6 +578,61 @@ mod asynchronous {
         });
     }
 
+    /// [`super::Sums`], async.
+    #[interface]
+    pub trait Sums {
+        async fn sum(&self, data: Vec<u8>) -> u32;
+    }
+
+    struct SumsImpl;
+
+    impl Sums for SumsImpl {
+        async fn sum(&self, data: Vec<u8>) -> u32 {
+            super::sum(&data)
+        }
+    }
+
+    /// [`super::child_sums_sending_little`], async.
+    #[test]
+    #[ignore = "run as a child process by other tests"]
+    fn child_async_sums_sending_little() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let conn = AsyncConnection::new(super::little_sender_socket()).unwrap();
+            super::assert_no_room_to_announce(conn.accept_writes_from_peer());
+            conn.lend_pages_to_peer(true);
+            SumsServer::new(SumsImpl).serve(conn).await.unwrap();
+        });
+    }
+
+    /// [`super::calls_work_with_no_room_for_announcements`], async.
+    #[test]
+    fn calls_work_with_no_room_for_announcements() {
+        let _fds = fd_count_lock();
+        runtime().block_on(async {
+            for max_fds in [None, Some(0)] {
+                let mut command = spawn("asynchronous::child_async_sums_sending_little", max_fds);
+                command
+                    .env("TYPED_IPC_DEBUG", "1")
+                    .stderr(std::process::Stdio::piped());
+                let (mut worker, conn) = typed_ipc::tokio::worker::spawn(command).unwrap();
+                let trace = super::read_on_a_thread(worker.take_stderr().expect("piped"));
+                conn.lend_pages_to_peer(true);
+                let sums = SumsClient::new(conn.clone());
+                for len in super::SUMMED_SIZES {
+                    let data = super::common::filled(len, len as u64);
+                    let got = sums.sum(data.clone()).await;
+                    assert_eq!(got.unwrap(), super::sum(&data), "{len} bytes, {max_fds:?}");
+                }
+                drop(sums);
+                conn.close();
+                let exit = typed_ipc::tokio::worker::wait(&mut worker).await.unwrap();
+                assert_eq!(exit, Exit::Code(0), "the worker served to the end");
+                super::assert_said_unsent(&trace.join().unwrap());
+            }
+        });
+    }
+
     /// [`super::Bundles`], async.
     #[interface]
     pub trait Bundles {
@@ -1328,4 +1383,116 @@ fn a_message_with_all_the_fds_a_side_sends_still_carries_a_large_string() {
         server.join().unwrap().unwrap();
     }
     assert_eq!(open_fds(), before, "no fd left open");
+}
+
+/// Sums of byte strings: a reply of 28 bytes, which a side sending at most 32 can send.
+#[interface]
+pub trait Sums {
+    /// The bytes of `data`, added up.
+    fn sum(&self, data: Vec<u8>) -> u32;
+}
+
+struct SumsImpl;
+
+impl Sums for SumsImpl {
+    fn sum(&self, data: Vec<u8>) -> u32 {
+        sum(&data)
+    }
+}
+
+fn sum(data: &[u8]) -> u32 {
+    data.iter().fold(0u32, |sum, &b| sum.wrapping_add(b.into()))
+}
+
+/// The worker's end, sending at most 32 bytes a message (less than an announcement's 40),
+/// accepting at most the fds the parent asked for ([`MAX_FDS`]), or the default.
+fn little_sender_socket() -> Socket {
+    let mut socket = worker::socket().unwrap();
+    let max_fds =
+        std::env::var(MAX_FDS).map_or(Limits::default().max_fds, |max| max.parse().unwrap());
+    socket.set_limits(Limits {
+        max_send_len: Some(32),
+        max_fds,
+        ..Limits::default()
+    });
+    socket
+}
+
+/// Fails unless `got` is the `TooLarge` of an announcement (40 bytes) over 32.
+fn assert_no_room_to_announce(got: Result<(), Error>) {
+    match got {
+        Err(Error::TooLarge {
+            size: 40,
+            limit: 32,
+            by_peer: false,
+            ..
+        }) => {}
+        other => panic!("expected TooLarge of 40 bytes over 32, got {other:?}"),
+    }
+}
+
+/// A worker serving [`Sums`] that sends at most 32 bytes a message: it cannot announce
+/// that it accepts writes into its memory (which fails) nor that it trusts its parent with
+/// pipes (dropped, as only its trace says).
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_sums_sending_little() {
+    let conn = Connection::new(little_sender_socket());
+    assert_no_room_to_announce(conn.accept_writes_from_peer());
+    conn.lend_pages_to_peer(true);
+    conn.serve(SumsServer::new(SumsImpl)).unwrap();
+}
+
+/// Inline, and sizes that would take the worker's pipe (if it could say it reads the
+/// parent's) or its memory (if it could announce its inbox), and the region.
+const SUMMED_SIZES: [usize; 5] = [16, 2 << 10, 64 << 10, 300 << 10, 2 << 20];
+
+/// What `stderr` says until its end, read on a thread.
+fn read_on_a_thread(mut stderr: std::process::ChildStderr) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut said = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut said).unwrap();
+        said
+    })
+}
+
+/// Fails unless the worker's trace says both its announcements did not go out.
+fn assert_said_unsent(trace: &str) {
+    let unsent = trace.matches("Announce not sent").count();
+    assert_eq!(
+        unsent, 2,
+        "the trace says so of both announcements:\n{trace}"
+    );
+}
+
+/// A side whose `Limits::max_send_len` leaves no room for an announcement (40 bytes) does
+/// without them: it cannot offer its peer its memory (`accept_writes_from_peer` fails with
+/// `TooLarge`) nor its trust with pipes (dropped, which its trace says), and the peer's large
+/// strings go through the peer's region, or inline to a side that takes no fds. Every call
+/// works.
+#[test]
+fn calls_work_with_no_room_for_announcements() {
+    let _fds = fd_count_lock();
+    for max_fds in [None, Some(0)] {
+        let mut command = spawn("child_sums_sending_little", max_fds);
+        command
+            .env("TYPED_IPC_DEBUG", "1")
+            .stderr(std::process::Stdio::piped());
+        let (mut worker, conn) = Worker::spawn(command).unwrap();
+        let trace = read_on_a_thread(worker.take_stderr().expect("piped"));
+        conn.lend_pages_to_peer(true);
+        let sums = SumsClient::new(conn);
+        for len in SUMMED_SIZES {
+            let data = common::filled(len, len as u64);
+            let got = sums.sum(data.clone());
+            assert_eq!(got.unwrap(), sum(&data), "{len} bytes, {max_fds:?}");
+        }
+        sums.connection().close();
+        assert_eq!(
+            worker.wait().unwrap(),
+            Exit::Code(0),
+            "the worker served to the end"
+        );
+        assert_said_unsent(&trace.join().unwrap());
+    }
 }

@@ -84,7 +84,11 @@ pub struct Limits {
     /// accepts more than this side does: a host that takes at most 1 MiB back from a worker
     /// it does not trust, and sends it 8 MiB images, sets `max_message_len: 1 << 20` and
     /// `max_send_len: Some(8 << 20)`. The peer's own limits still decide what it accepts.
-    /// At most `u32::MAX`, as `max_message_len`.
+    /// At most `u32::MAX`, as `max_message_len`. Below 40 bytes, the short messages in which
+    /// a connection offers its peer faster ways for the peer's large byte strings cannot go
+    /// out (`lend_pages_to_peer`'s is dropped, `accept_writes_from_peer` fails with
+    /// `TooLarge`; `TYPED_IPC_DEBUG` says so): the peer then sends them through its shared
+    /// region, or inline. Calls work all the same.
     pub max_send_len: Option<usize>,
     /// Most fds this side sends in one message: a message over it is refused before any of
     /// it goes out. `None` (the default): `max_fds`, what a peer with this side's limits

@@ -162,10 +162,14 @@ pub fn lane(payload: &[u8]) -> u32 {
     }
 }
 
+/// The payload length of an [`Kind::Announce`] message: its envelope, a mailbox address and
+/// a token. A side whose `Limits::max_send_len` is below it sends no announcement.
+pub const ANNOUNCE_LEN: usize = LEN + 16;
+
 /// The mailbox address and token an [`Kind::Announce`] message carries after its envelope.
 pub fn announcement(payload: &[u8]) -> Result<(u64, u64)> {
     match payload.get(LEN..) {
-        Some(body) if body.len() == 16 => Ok((
+        Some(body) if body.len() == ANNOUNCE_LEN - LEN => Ok((
             u64::from_le_bytes(body[..8].try_into().expect("8 bytes")),
             u64::from_le_bytes(body[8..].try_into().expect("8 bytes")),
         )),

@@ -426,8 +426,10 @@ impl Connection {
         if let Some(announcement) = self.shared.lane.lend_pages(lend) {
             // A peer already gone shows on the connection itself.
             let sent = self.shared.send(&Envelope::announce(), &announcement, None);
-            if sent.is_ok() && self.shared.trace {
-                trace::announce_pipes(&self.shared.name, lend);
+            match sent {
+                Ok(_) if self.shared.trace => trace::announce_pipes(&self.shared.name, lend),
+                Err(e) => self.shared.announce_unsent(&e),
+                Ok(_) => {}
             }
         }
     }
@@ -455,8 +457,12 @@ impl Connection {
         };
         if let Some(announcement) = retired.announcement {
             let sent = self.shared.send(&Envelope::announce(), &announcement, None);
-            if sent.is_ok() && self.shared.trace {
-                trace::announce_retired(&self.shared.name, retired.len, retired.older);
+            match sent {
+                Ok(_) if self.shared.trace => {
+                    trace::announce_retired(&self.shared.name, retired.len, retired.older);
+                }
+                Err(e) => self.shared.announce_unsent(&e),
+                Ok(_) => {}
             }
         }
         retired.len
@@ -477,7 +483,17 @@ impl Connection {
     /// go back to the kernel, but its address range (1 MiB) is never reused: a write under
     /// way at that moment must not land in memory the allocator has handed out since.
     /// See [`peer_memory`](crate::peer_memory).
+    ///
+    /// Fails with [`Error::TooLarge`] if this side's
+    /// [`Limits::max_send_len`](crate::Limits::max_send_len) leaves no room for the message.
     pub fn accept_writes_from_peer(&self) -> Result<()> {
+        // No inbox made for nothing: over this side's limits
+        // ([`Limits::max_send_len`](crate::Limits::max_send_len)), the announcement could
+        // never go out.
+        let socket = &self.shared.socket;
+        socket
+            .check_outgoing(envelope::ANNOUNCE_LEN, 0)
+            .inspect_err(|e| self.shared.announce_unsent(e))?;
         let announcement = self.shared.lane.accept_writes()?;
         self.shared
             .send(&Envelope::announce(), &announcement, None)?;
@@ -868,6 +884,16 @@ impl Shared {
             self.send_framed(buf, fds, deadline).map(|()| true)
         })
         .map(|placed| placed.expect("a waiting send sends the whole message or fails"))
+    }
+
+    /// Says that an announcement of this end's lane could not go out, if `e` says it was
+    /// over this side's limits and tracing is on (a peer gone shows on the connection).
+    #[cold]
+    #[inline(never)]
+    fn announce_unsent(&self, e: &Error) {
+        if self.trace && e.is_over_limits() {
+            trace::announce_unsent(&self.name, e);
+        }
     }
 
     /// Tells the peer that this end no longer waits for the reply to its call `cookie`

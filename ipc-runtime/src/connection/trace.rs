@@ -9,6 +9,7 @@ use serde::Serialize;
 use super::describe::describe;
 use super::envelope::{self, Envelope};
 use super::failure::Failure;
+use crate::error::Error;
 use crate::frame::Frame;
 use crate::service::InterfaceInfo;
 use crate::socket::PeerCredentials;
@@ -410,6 +411,17 @@ pub(crate) fn failure(name: &Name, cookie: u64, failure: &Failure) {
 pub(crate) fn announce(name: &Name) {
     line(&format!(
         "{name} -> Announce (accepts byte strings written into its memory)"
+    ));
+}
+
+/// An announcement of this process's lane could not go out over this side's own limits
+/// (`e`: a `Limits::max_send_len` below an announcement's 40 bytes): the peer goes on
+/// sending its large byte strings the ways it did, which needs none of them.
+#[cold]
+#[inline(never)]
+pub(crate) fn announce_unsent(name: &Name, e: &Error) {
+    line(&format!(
+        "{name} -- Announce not sent, the peer's large byte strings go the ways they went: {e}"
     ));
 }
 

@@ -331,10 +331,16 @@ impl AsyncConnection {
     /// safe. The announcement goes out at once, before anything this
     /// end sends next, unless the socket is full: then from a task of the connection's
     /// runtime, after what this end sends meanwhile (until it arrives the peer sends its
-    /// strings the other ways).
+    /// strings the other ways). Fails as that one does if this side's limits leave no room
+    /// for the message.
     ///
     /// [accept]: crate::Connection::accept_writes_from_peer
     pub fn accept_writes_from_peer(&self) -> Result<()> {
+        // As in the blocking flavour: over this side's limits the announcement could never go
+        // out, and no inbox is made for nothing.
+        let len = crate::connection::envelope::ANNOUNCE_LEN;
+        (self.inner.socket().check_outgoing(len, 0))
+            .inspect_err(|e| self.inner.announce_unsent(e))?;
         let announcement = self.inner.lane.accept_writes()?;
         let name = self.inner.name;
         self.inner

@@ -160,7 +160,7 @@ impl Inner {
                     }
                     return;
                 }
-                Err(_) => return,
+                Err(e) => return self.announce_unsent(&e),
             }
         }
         // The connection is let go before the task counts as ended, also if the task is
@@ -171,13 +171,24 @@ impl Inner {
             let (inner, guard) = task;
             let sending = inner.send_lock.clone().lock_owned().await;
             let announcement = made(&inner.lane);
-            let sent = inner.send_holding(sending, announcement).await;
-            if sent.is_ok() && inner.trace {
-                said(announcement);
+            match inner.send_holding(sending, announcement).await {
+                Ok(()) if inner.trace => said(announcement),
+                Err(e) => inner.announce_unsent(&e),
+                Ok(()) => {}
             }
             drop(inner);
             drop(guard);
         });
+    }
+
+    /// Says that an announcement of this end's lane could not go out, if `e` says it was
+    /// over this side's limits and tracing is on (a peer gone shows on the connection).
+    #[cold]
+    #[inline(never)]
+    pub(super) fn announce_unsent(&self, e: &Error) {
+        if self.trace && e.is_over_limits() {
+            trace::announce_unsent(&self.name, e);
+        }
     }
 
     /// Tells the peer that this end no longer waits for the reply to its call `cookie`, or,
