@@ -49,8 +49,9 @@ use quote::quote;
 ///   calls give up after that long with `Error::TimedOut`, and whose `#[oneway]` messages do
 ///   if they cannot be sent by then because the peer is not reading; by default, or with a
 ///   timeout too long for the clock (`Duration::MAX`), a call waits as long as the peer is
-///   alive; the peer is not told, and its method runs on to its end:
-///   with one serving thread, later calls wait behind it), `connection()`, and one method
+///   alive; a call that times out tells the peer, which drops it if it has not started it,
+///   but a blocking method already running runs on to its end: with one serving thread,
+///   later calls wait behind it), `connection()`, and one method
 ///   per trait method with the same name, parameters and doc comments, returning
 ///   `Result<R, typed_ipc::Error>` for a declared return type `R`: a method declared
 ///   `-> Result<Caps, ConfigError>` returns `Result<Result<Caps, ConfigError>, Error>`, the

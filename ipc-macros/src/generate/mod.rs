@@ -396,9 +396,11 @@ impl<'a> Generator<'a> {
         let with_timeout = doc(format!(
             "A copy of this client whose calls give up after `timeout` with `Error::TimedOut`:\n\
              a call that has no reply by then, and a `#[oneway]` message that cannot be sent\n\
-             by then (the peer is not reading). The peer is not told: its method runs on to\n\
-             its end, and a server with one thread runs nothing else meanwhile, so later\n\
-             calls wait behind it (kill a worker that is stuck for good).{timeout_note}"
+             by then (the peer is not reading). A call whose request went out tells the peer\n\
+             (a small cancel message), which drops the call if it has not started it (an async\n\
+             peer also drops a running handler's future); a blocking method already running\n\
+             runs on to its end, and a server with one thread runs nothing else meanwhile, so\n\
+             later calls wait behind it (kill a worker that is stuck for good).{timeout_note}"
         ));
         quote! {
             #docs
