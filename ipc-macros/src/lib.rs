@@ -143,7 +143,9 @@ use quote::quote;
 /// - `IpaClient` takes an `AsyncConnection`; its methods are `async fn`s with the same
 ///   parameters returning `Result<R, typed_ipc::Error>`. Dropping a call's future cancels the
 ///   call (the late reply is dropped, its fds closed). `with_timeout` needs tokio's time driver.
-/// - `IpaServer<T: Ipa + Send + Sync + 'static>`: `new(T)`, `serve(self, AsyncConnection)`
+/// - `IpaServer<T: Ipa + Send + Sync + 'static>`: `new(T)`, `from_arc(Arc<T>)` and a cheap
+///   `Clone` sharing the implementation, as in the blocking flavour (the trait is not
+///   object-safe, so no `Arc<dyn Ipa>`), `serve(self, AsyncConnection)`
 ///   (starts serving at once and returns a `Send + 'static` future that resolves when the peer
 ///   hangs up: spawn it or await it), `async fn dispatch(&self, IpaRequest)`, and the
 ///   runtime's `AsyncService` implementation. Each call runs as a task of its own, once the
