@@ -222,8 +222,9 @@ async fn pipeline(args: &[String]) -> Result<ExitCode, Box<dyn Error>> {
         }
     }
 
-    // A call abandoned after 100 ms: its slot is freed, its late reply will be dropped, and
-    // the connection goes on.
+    // A call abandoned after 100 ms: its slot is freed and the worker is told (an async worker
+    // drops the call at its next `.await`; a blocking one runs it on, and its late reply is
+    // dropped here), and the connection goes on.
     let impatient = ipa.with_timeout(Duration::from_millis(100));
     println!(
         "[pipeline] a 500 ms call, 100 ms timeout: {:?}",
