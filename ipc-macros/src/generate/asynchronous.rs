@@ -118,7 +118,7 @@ impl Generator<'_> {
         }
     }
 
-    /// `<Trait>Server` of the async flavour: owns the implementation, and answers each request
+    /// `<Trait>Server` of the async flavour: holds the implementation, and answers each request
     /// by awaiting it.
     pub(super) fn async_server(&self) -> TokenStream {
         let (vis, server, name) = (&self.iface.vis, &self.server, &self.iface.name);
@@ -133,7 +133,7 @@ impl Generator<'_> {
         let bounds = self.server_bounds_on_imp();
         let docs = doc(format!(
             "The server side of [`{name}`]: answers each request on a connection by awaiting \
-             the implementation it owns, concurrently with the others."
+             the implementation it holds, concurrently with the others."
         ));
         let server_struct = self.server_struct(server, docs);
         let constructors = self.server_constructors();

@@ -143,7 +143,7 @@ impl Generator<'_> {
         }
     }
 
-    /// `<Trait>Server`: owns the implementation and dispatches requests to it.
+    /// `<Trait>Server`: holds the implementation and dispatches requests to it.
     pub(super) fn server(&self) -> TokenStream {
         let (p, vis, server, name) = (private(), &self.iface.vis, &self.server, &self.iface.name);
         let (info, request, response) = (&self.info, &self.request, &self.response);
@@ -165,7 +165,7 @@ impl Generator<'_> {
         let ret_unit = result(quote!(()));
         let docs = doc(format!(
             "The server side of [`{name}`]: answers each request on a connection by calling \
-             the implementation it owns."
+             the implementation it holds."
         ));
         let server_struct = self.server_struct(server, docs);
         let constructors = self.server_constructors();

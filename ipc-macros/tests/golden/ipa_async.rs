@@ -452,7 +452,7 @@ impl IpaClient {
             .map(|::typed_ipc::__private::CarriedBytes(value)| value)
     }
 }
-/// The server side of [`Ipa`]: answers each request on a connection by awaiting the implementation it owns, concurrently with the others.
+/// The server side of [`Ipa`]: answers each request on a connection by awaiting the implementation it holds, concurrently with the others.
 #[allow(dead_code)]
 pub struct IpaServer<T: ?::core::marker::Sized> {
     imp: ::typed_ipc::__private::Arc<T>,

@@ -405,7 +405,7 @@ impl IpaClient {
             .map(|::typed_ipc::__private::CarriedBytes(value)| value)
     }
 }
-/// The server side of [`Ipa`]: answers each request on a connection by calling the implementation it owns.
+/// The server side of [`Ipa`]: answers each request on a connection by calling the implementation it holds.
 #[allow(dead_code)]
 pub struct IpaServer<T: ?::core::marker::Sized> {
     imp: ::typed_ipc::__private::Arc<T>,
