@@ -71,6 +71,15 @@ pub struct Limits {
     /// this socket sends it no byte string through its shared region or pipe, which would
     /// pass their fd: they go inline (or are written into this end's memory, if it accepts
     /// that). Nor does this end, unless `max_send_fds` lets it send fds.
+    ///
+    /// A small limit has one edge: the first large byte string the peer places in its shared
+    /// region (or pipes) also carries the region's (or pipe's) fd, and the peer does not know
+    /// this end's limit. A call carrying exactly `max_fds` fds of its own beside such a string
+    /// is refused on receipt (`TooManyFds` with `by_peer`, counting that fd too), and so is the
+    /// same call sent again, as the refused placement is given back. It goes through once the
+    /// region is announced: any message of the peer's that places a string beside fewer fds
+    /// announces it, and later placements carry no fd. A peer that sends such calls sends one
+    /// with a large string and fewer fds first.
     pub max_fds: usize,
     /// Largest [`SealedBuffer`](crate::shared_buffer::SealedBuffer) or
     /// [`RegionView`](crate::shared_region::RegionView) accepted in a message, in bytes: the
