@@ -460,8 +460,10 @@ fn a_cancelled_queued_call_gives_its_placement_back(worker_test: &str) {
                 call.as_mut().poll(&mut cx).is_pending(),
                 "sent, not answered"
             );
+            // Asked while the call lives: once its cancel is out, the worker may drop the call
+            // and give the placement back before this thread gets to ask.
+            assert_eq!(conn.release_shared_memory(), 0, "the string was placed");
         } // dropped: the cancel goes out
-        assert_eq!(conn.release_shared_memory(), 0, "the string was placed");
         // The worker says it dropped the call, then sends the acknowledgement no reply carries.
         wait_for_line(&lines, "cancelled by the peer: unrun, no reply");
         wait_for_line(&lines, "-> Cancel #0 (acknowledges a dropped call's bytes)");
