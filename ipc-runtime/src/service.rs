@@ -170,8 +170,10 @@ pub(crate) fn handling_a_call_of(connection: *const ()) -> bool {
 /// Runs `f` on `imp` on tokio's blocking pool, with this call's [`current_peer`] (and
 /// connection) current there too: how an async server answers with a blocking
 /// implementation (`#[interface(async_server)]`). A panic in `f` resumes here, where the
-/// serving code turns it into the caller's [`Error::Panicked`]. Dropping the future (the
-/// call cancelled) leaves `f` to run to its end, as a blocking server's handler does.
+/// serving code turns it into the caller's [`Error::Panicked`]. Once `f` is on the pool, the
+/// peer's cancel no longer stops the call ([`on_the_pool`]): `f` runs to its end, as a
+/// blocking server's handler does, and its call counts against the connection's bounds and
+/// replies meanwhile (the caller drops the late reply).
 #[cfg(feature = "tokio")]
 #[doc(hidden)]
 pub async fn run_blocking<T, R>(
@@ -189,12 +191,30 @@ where
         let _caller = CallerScope::enter(peer, std::ptr::without_provenance(connection));
         f(&imp)
     });
+    ON_THE_POOL.with(|on| on.set(true));
     match task.await {
         Ok(value) => value,
         Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
         // Cancelled unrun: the runtime is shutting down, and drops this call with it.
         Err(_) => std::future::pending().await,
     }
+}
+
+#[cfg(feature = "tokio")]
+thread_local! {
+    /// Set by [`run_blocking`] once it has handed a method to the pool, in the poll of the
+    /// handler that did; read by the task that runs the call ([`on_the_pool`]).
+    static ON_THE_POOL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the handler polled on this thread since the last ask handed its method to
+/// tokio's blocking pool ([`run_blocking`]): its call then runs to its end whatever the peer
+/// says. Dropping the handler's future on the peer's cancel would free the call's place in
+/// the connection's bounds while the method, and the arguments and fds it took, live on: a
+/// peer that cancels each call once it runs could pile up methods on the pool without bound.
+#[cfg(feature = "tokio")]
+pub(crate) fn on_the_pool() -> bool {
+    ON_THE_POOL.with(|on| on.replace(false))
 }
 
 /// Sets [`current_peer`] (and, for the async flavour, `handling_a_call_of`) for the duration

@@ -2461,3 +2461,94 @@ fn calls_dropped_as_the_runtime_shuts_down_with_the_socket_full_do_not_panic() {
     }
     assert!(read > 0, "the calls went out");
 }
+
+// ---- methods on the blocking pool (`#[interface(async_server)]`) ----
+
+/// An [`crate::service::run_blocking`] service, as `#[interface(async_server)]` generates:
+/// `mark` counts its start, then runs on the blocking pool until the test opens the gate.
+struct Pooled {
+    started: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    gate: std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+}
+
+impl super::AsyncService for Pooled {
+    fn info(&self) -> &'static crate::service::InterfaceInfo {
+        &crate::connection::tests::ORDERED
+    }
+    fn handle<'a>(
+        &'a self,
+        call: &'a mut super::AsyncCall,
+    ) -> super::BoxFuture<'a, crate::Result<()>> {
+        Box::pin(async move {
+            let _seq: u64 = call.args()?;
+            // In the poll that hands the method to the pool: once counted, it is there.
+            self.started
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            crate::service::run_blocking(self.gate.clone(), |gate| {
+                let (open, opened) = gate;
+                let _open = opened.wait_while(open.lock().unwrap(), |o| !*o).unwrap();
+            })
+            .await;
+            call.reply(()).await
+        })
+    }
+}
+
+/// A peer that cancels each call once its method is on the blocking pool must not get more
+/// methods held there than the backlog's bounds let it have requests (the method, and the
+/// arguments and fds it took, live on until it ends): the reader stops reading once that
+/// many run. It read on: a cancel gave the call's place in the backlog back while its method
+/// still ran, so a peer could pile up methods (and their fds) on the pool without bound.
+#[test]
+fn calls_cancelled_on_the_blocking_pool_still_count_against_the_backlog() {
+    use crate::connection::backlog::MAX_REQUESTS;
+    use crate::connection::tests::{ordered_request, wait_until};
+    use crate::tokio::envelope::{Envelope, Kind};
+    use std::sync::atomic::Ordering;
+
+    let runtime = ::tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (peer, theirs) = Socket::pair().unwrap();
+    let started = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let gate = std::sync::Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+    let server = runtime.block_on(async { super::AsyncConnection::new(theirs).unwrap() });
+    let serving = runtime.spawn(server.clone().serve(Pooled {
+        started: started.clone(),
+        gate: gate.clone(),
+    }));
+    let mut paused = false;
+    for seq in 0..=MAX_REQUESTS as u64 {
+        let cookie = seq + 1;
+        peer.send(&ordered_request(Kind::Call, 2, cookie, seq), &[])
+            .unwrap();
+        wait_until("the call starts, or the reader stops", || {
+            paused = server.test_reader_paused();
+            paused || started.load(Ordering::SeqCst) > seq as usize
+        });
+        if paused {
+            break;
+        }
+        let mut cancel = vec![0; crate::connection::envelope::LEN];
+        Envelope {
+            kind: Kind::Cancel,
+            cookie,
+            ..Envelope::announce()
+        }
+        .write(&mut cancel);
+        peer.send(&cancel, &[]).unwrap();
+    }
+    let held = started.load(Ordering::SeqCst);
+    // Opened before asserting: the runtime's drop waits for the methods on its pool.
+    drop(peer);
+    *gate.0.lock().unwrap() = true;
+    gate.1.notify_all();
+    runtime.block_on(serving).unwrap().unwrap();
+    assert!(
+        paused && held <= MAX_REQUESTS,
+        "{held} methods held on the pool at once, the backlog's bound is {MAX_REQUESTS}"
+    );
+}

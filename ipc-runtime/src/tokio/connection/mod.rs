@@ -609,7 +609,8 @@ impl AsyncConnection {
     /// come, the peer is told (a cancel message, best effort, sent without waiting): an async
     /// peer drops the call unrun if it has not started yet, or drops its handler's future
     /// (so the handler stops at its next `.await`), and sends no reply; a blocking peer drops
-    /// the call if it is still queued, and lets a running handler finish. A reply that comes
+    /// the call if it is still queued, and lets a running handler finish (as an async server
+    /// of a blocking trait lets a method already on the blocking pool). A reply that comes
     /// anyway (it crossed the cancel) is dropped and its fds closed. A call dropped while its
     /// request was part-way out (a large message, finished in the background) is not
     /// cancelled: its handler runs and its reply is dropped.

@@ -443,7 +443,9 @@ async fn run_calls(mut first: FirstCall, guard: TaskGuard) {
 /// peer that sends a oneway and then a call sees the call run after the oneway, as it would
 /// on one thread. Unless the peer cancels it meanwhile ([`Runner::cancel`]): then it is
 /// dropped where it is, unrun or its handler's future, and nothing is sent for it (but an
-/// acknowledgement of a placement it carried that no reply will carry now).
+/// acknowledgement of a placement it carried that no reply will carry now); once its
+/// handler has handed a method to tokio's blocking pool (`#[interface(async_server)]`),
+/// which nothing stops, it runs to its end and replies.
 async fn run_request(inner: &Arc<Inner>, runner: &Runner, request: Request) {
     let Request {
         frame,
@@ -467,6 +469,9 @@ async fn run_request(inner: &Arc<Inner>, runner: &Runner, request: Request) {
             envelope,
             after
         )));
+        // Its handler handed a method to tokio's blocking pool (`run_blocking`), which no
+        // cancel stops: the call then runs to its end, holding its place in the backlog.
+        let mut on_the_pool = false;
         let cancelled = poll_fn(|cx| {
             let Some(future) = work.as_mut().as_pin_mut() else {
                 return Poll::Ready(false);
@@ -474,13 +479,16 @@ async fn run_request(inner: &Arc<Inner>, runner: &Runner, request: Request) {
             // Checked before each poll, so that a call cancelled before it started never
             // does (one atomic load; the waker is stored only once the call waits, so a call
             // done in its first poll, the usual case, costs nothing more).
-            if runner.cancelled.load(Ordering::SeqCst) == cookie && cookie != 0 {
+            if runner.cancelled.load(Ordering::SeqCst) == cookie && cookie != 0 && !on_the_pool {
                 return Poll::Ready(true);
             }
+            // Cleared first: a oneway's handler polled on this thread may have set it.
+            let _ = crate::service::on_the_pool();
             if future.poll(cx).is_ready() {
                 return Poll::Ready(false);
             }
-            match cookie != 0 && runner.cancelled(cookie, cx.waker()) {
+            on_the_pool |= crate::service::on_the_pool();
+            match cookie != 0 && !on_the_pool && runner.cancelled(cookie, cx.waker()) {
                 true => Poll::Ready(true),
                 false => Poll::Pending,
             }
