@@ -111,6 +111,8 @@ fn start() -> (
 
 #[test]
 fn blocking_methods_run_at_once_on_the_blocking_pool_even_on_a_current_thread_runtime() {
+    // Its connection's and runtime's fds would move the count of the test that counts.
+    let _fds = fd_count_lock();
     // Three callers meet only if their methods run at the same time: run on the runtime's
     // one thread, the first would block it, and the others would never start.
     current_thread_runtime().block_on(async {
@@ -124,6 +126,8 @@ fn blocking_methods_run_at_once_on_the_blocking_pool_even_on_a_current_thread_ru
 
 #[test]
 fn a_blocking_method_sees_its_caller_on_the_blocking_pool() {
+    // Its connection's and runtime's fds would move the count of the test that counts.
+    let _fds = fd_count_lock();
     current_thread_runtime().block_on(async {
         let (desk, _office, serving) = start();
         // Both ends are this process: the caller's credentials are its own.
@@ -136,6 +140,8 @@ fn a_blocking_method_sees_its_caller_on_the_blocking_pool() {
 
 #[test]
 fn a_panic_in_a_blocking_method_is_its_callers_error_and_the_connection_goes_on() {
+    // Its connection's and runtime's fds would move the count of the test that counts.
+    let _fds = fd_count_lock();
     current_thread_runtime().block_on(async {
         let (desk, _office, serving) = start();
         match desk.panic().await {
