@@ -32,8 +32,8 @@ pub struct Echoed {
 mod blocking {
     use std::os::fd::OwnedFd;
 
-    /// What the worker serves.
-    #[typed_ipc::interface]
+    /// What the worker serves (also on tokio, each method on its blocking pool).
+    #[typed_ipc::interface(async_server)]
     pub trait Camera {
         /// Writes a byte to `signal`, then never returns, holding `signal` open.
         fn hang(&self, signal: OwnedFd);
@@ -193,6 +193,19 @@ fn child_blocking_camera() {
     for thread in threads {
         let _ = thread.join().unwrap();
     }
+}
+
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_pooled_camera() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let conn = typed_ipc::tokio::worker::connection().unwrap();
+        blocking::CameraAsyncServer::new(BlockingCamera)
+            .serve(conn)
+            .await
+            .unwrap();
+    });
 }
 
 #[test]
@@ -642,6 +655,13 @@ fn async_calls_to_a_blocking_worker_dropped_at_random_get_their_own_replies() {
     async_calls_dropped_at_random("child_blocking_camera");
 }
 
+/// As above, against an async worker running a blocking implementation on tokio's blocking
+/// pool (`#[interface(async_server)]`), whose methods run on to their end and reply.
+#[test]
+fn async_calls_to_a_pooled_worker_dropped_at_random_get_their_own_replies() {
+    async_calls_dropped_at_random("child_pooled_camera");
+}
+
 fn async_calls_dropped_at_random(worker_test: &str) {
     use std::os::fd::AsRawFd;
     let _fds = fd_count_lock();
@@ -707,6 +727,12 @@ fn blocking_calls_to_an_async_worker_timing_out_at_random_get_their_own_replies(
 #[test]
 fn blocking_calls_to_a_blocking_worker_timing_out_at_random_get_their_own_replies() {
     blocking_calls_timing_out_at_random("child_blocking_camera");
+}
+
+/// As above, against an async worker running a blocking implementation on the pool.
+#[test]
+fn blocking_calls_to_a_pooled_worker_timing_out_at_random_get_their_own_replies() {
+    blocking_calls_timing_out_at_random("child_pooled_camera");
 }
 
 fn blocking_calls_timing_out_at_random(worker_test: &str) {
