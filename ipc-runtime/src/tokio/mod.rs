@@ -30,9 +30,10 @@
 //!   started (held for a server, or waiting for the oneways before it), else its handler's
 //!   future, at its next `.await` (the handler's locals are dropped, its fds closed); it
 //!   sends no reply. A blocking peer drops the call only if it is still queued when it reads
-//!   the cancel (see [`Error::TimedOut`]), as does an async server of a blocking trait
-//!   (`#[interface(async_server)]`) once the method is on the blocking pool. A call dropped before its request went out sends
-//!   nothing; one dropped while its request was part-way out is not cancelled (see below).
+//!   the cancel (see [`Error::TimedOut`]); so does an async server of a blocking trait
+//!   (`#[interface(async_server)]`): once the method is on the blocking pool, it runs to its
+//!   end. A call dropped before its request went out sends nothing; one dropped while its
+//!   request was part-way out is not cancelled (see below).
 //!   A message that was
 //!   part-way out when its future was dropped is finished by a task of its own (with copies of
 //!   its remaining fds), so the stream stays in sync; only if that is impossible (no fds left,
