@@ -807,6 +807,54 @@ mod deprecated_method {
     }
 }
 
+/// A deprecated type in an interface's signatures, the deprecation allowed where the trait is
+/// declared: the generated items name the type too, and must not warn (`-D warnings` would
+/// fail the build in code the user cannot annotate).
+#[deny(deprecated)]
+mod deprecated_type {
+    #[deprecated(note = "use `Config2` instead")]
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    pub struct Config {
+        pub gain: u32,
+    }
+
+    #[allow(deprecated)]
+    #[typed_ipc::interface]
+    pub trait Tuner {
+        fn tune(&self, config: Config) -> Config;
+        #[oneway]
+        fn nudge(&self, config: Config);
+    }
+
+    pub struct Impl;
+
+    #[allow(deprecated)]
+    impl Tuner for Impl {
+        fn tune(&self, config: Config) -> Config {
+            Config {
+                gain: config.gain + 1,
+            }
+        }
+        fn nudge(&self, _config: Config) {}
+    }
+}
+
+#[test]
+#[allow(deprecated)]
+fn deprecated_types_are_served_without_warnings() {
+    use deprecated_type::Config;
+    let _serial = serial();
+    let (a, b) = Connection::pair().unwrap();
+    let server = std::thread::spawn(move || {
+        deprecated_type::TunerServer::new(deprecated_type::Impl).serve(b)
+    });
+    let client = deprecated_type::TunerClient::new(a);
+    assert_eq!(client.tune(Config { gain: 1 }).unwrap(), Config { gain: 2 });
+    client.nudge(Config { gain: 0 }).unwrap();
+    drop(client);
+    server.join().unwrap().unwrap();
+}
+
 #[test]
 fn deprecated_methods_are_served_without_warnings() {
     let _serial = serial();

@@ -204,7 +204,7 @@ impl<'a> Generator<'a> {
         };
         quote! {
             #docs
-            #[allow(dead_code)]
+            #[allow(dead_code, deprecated)]
             #vis static #info: #p::InterfaceInfo = #value;
         }
     }
@@ -256,14 +256,16 @@ impl<'a> Generator<'a> {
         let enum_docs = doc(format!(
             "A request of [`{name}`]: one variant per method, holding its arguments."
         ));
+        // Every item that names the user's types allows `deprecated`: a deprecated type in a
+        // signature is the user's to allow where the trait is declared, and cannot be here.
         quote! {
             #enum_docs
-            #[allow(dead_code)]
+            #[allow(dead_code, deprecated)]
             #vis enum #request {
                 #(#variants,)*
             }
 
-            #[allow(dead_code)]
+            #[allow(dead_code, deprecated)]
             impl #request {
                 /// The command id of the method this request calls.
                 #vis fn command(&self) -> ::core::primitive::u32 {
@@ -368,12 +370,12 @@ impl<'a> Generator<'a> {
         ));
         quote! {
             #enum_docs
-            #[allow(dead_code)]
+            #[allow(dead_code, deprecated)]
             #vis enum #response {
                 #(#variants,)*
             }
 
-            #[allow(dead_code)]
+            #[allow(dead_code, deprecated)]
             impl #response {
                 #send
             }
@@ -413,7 +415,7 @@ impl<'a> Generator<'a> {
 
             // The stubs repeat the trait's parameter lists: the user's trait is where those
             // lints belong.
-            #[allow(dead_code, clippy::too_many_arguments)]
+            #[allow(dead_code, deprecated, clippy::too_many_arguments)]
             impl #client {
                 /// A client calling the server at the other end of `connection`; its calls
                 /// wait as long as the peer is alive.

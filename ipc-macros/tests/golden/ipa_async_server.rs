@@ -19,7 +19,7 @@ pub trait Ipa {
     fn decode(&self, image: Option<Vec<u8>>) -> Result<Vec<u8>, DecodeError>;
 }
 /// What both ends of [`Ipa`] compare before a call: its name, and every method's command id and signature.
-#[allow(dead_code)]
+#[allow(dead_code, deprecated)]
 pub static IPA_INFO: ::typed_ipc::__private::InterfaceInfo = ::typed_ipc::__private::InterfaceInfo {
     name: "Ipa",
     id: ::typed_ipc::__private::fnv1a(b"Ipa"),
@@ -93,7 +93,7 @@ pub static IPA_INFO: ::typed_ipc::__private::InterfaceInfo = ::typed_ipc::__priv
     ],
 };
 /// A request of [`Ipa`]: one variant per method, holding its arguments.
-#[allow(dead_code)]
+#[allow(dead_code, deprecated)]
 pub enum IpaRequest {
     /// The arguments of [`Ipa::reverse`].
     Reverse {
@@ -140,7 +140,7 @@ pub enum IpaRequest {
         image: Option<Vec<u8>>,
     },
 }
-#[allow(dead_code)]
+#[allow(dead_code, deprecated)]
 impl IpaRequest {
     /// The command id of the method this request calls.
     pub fn command(&self) -> ::core::primitive::u32 {
@@ -217,7 +217,7 @@ impl IpaRequest {
     }
 }
 /// A reply of [`Ipa`]: one variant per method that is not `#[oneway]`, holding its return value.
-#[allow(dead_code)]
+#[allow(dead_code, deprecated)]
 pub enum IpaResponse {
     /// The return value of [`Ipa::reverse`].
     Reverse(String),
@@ -236,7 +236,7 @@ pub enum IpaResponse {
     /// The return value of [`Ipa::decode`].
     Decode(Result<Vec<u8>, DecodeError>),
 }
-#[allow(dead_code)]
+#[allow(dead_code, deprecated)]
 impl IpaResponse {
     /// Sends this value as the reply to `call`.
     pub fn send(
@@ -269,7 +269,7 @@ pub struct IpaClient {
     connection: ::typed_ipc::__private::Connection,
     timeout: ::core::option::Option<::typed_ipc::__private::Duration>,
 }
-#[allow(dead_code, clippy::too_many_arguments)]
+#[allow(dead_code, deprecated, clippy::too_many_arguments)]
 impl IpaClient {
     /// A client calling the server at the other end of `connection`; its calls
     /// wait as long as the peer is alive.

@@ -53,7 +53,7 @@ pub trait Ipa {
     > + ::core::marker::Send;
 }
 /// What both ends of [`Ipa`] compare before a call: its name, and every method's command id and signature.
-#[allow(dead_code)]
+#[allow(dead_code, deprecated)]
 pub static IPA_INFO: ::typed_ipc::__private::InterfaceInfo = ::typed_ipc::__private::InterfaceInfo {
     name: "Ipa",
     id: ::typed_ipc::__private::fnv1a(b"Ipa"),
@@ -127,7 +127,7 @@ pub static IPA_INFO: ::typed_ipc::__private::InterfaceInfo = ::typed_ipc::__priv
     ],
 };
 /// A request of [`Ipa`]: one variant per method, holding its arguments.
-#[allow(dead_code)]
+#[allow(dead_code, deprecated)]
 pub enum IpaRequest {
     /// The arguments of [`Ipa::reverse`].
     Reverse {
@@ -174,7 +174,7 @@ pub enum IpaRequest {
         image: Option<Vec<u8>>,
     },
 }
-#[allow(dead_code)]
+#[allow(dead_code, deprecated)]
 impl IpaRequest {
     /// The command id of the method this request calls.
     pub fn command(&self) -> ::core::primitive::u32 {
@@ -251,7 +251,7 @@ impl IpaRequest {
     }
 }
 /// A reply of [`Ipa`]: one variant per method that is not `#[oneway]`, holding its return value.
-#[allow(dead_code)]
+#[allow(dead_code, deprecated)]
 pub enum IpaResponse {
     /// The return value of [`Ipa::reverse`].
     Reverse(String),
@@ -270,7 +270,7 @@ pub enum IpaResponse {
     /// The return value of [`Ipa::decode`].
     Decode(Result<Vec<u8>, DecodeError>),
 }
-#[allow(dead_code)]
+#[allow(dead_code, deprecated)]
 impl IpaResponse {
     /// Sends this value as the reply to `call`. Takes the value, so that the
     /// future is `Send` whenever the value is.
@@ -306,7 +306,7 @@ pub struct IpaClient {
     connection: ::typed_ipc::__private::AsyncConnection,
     timeout: ::core::option::Option<::typed_ipc::__private::Duration>,
 }
-#[allow(dead_code, clippy::too_many_arguments)]
+#[allow(dead_code, deprecated, clippy::too_many_arguments)]
 impl IpaClient {
     /// A client calling the server at the other end of `connection`; its calls
     /// wait as long as the peer is alive.
@@ -592,7 +592,7 @@ pub struct IpaBlockingClient {
     connection: ::typed_ipc::__private::Connection,
     timeout: ::core::option::Option<::typed_ipc::__private::Duration>,
 }
-#[allow(dead_code, clippy::too_many_arguments)]
+#[allow(dead_code, deprecated, clippy::too_many_arguments)]
 impl IpaBlockingClient {
     /// A client calling the server at the other end of `connection`; its calls
     /// wait as long as the peer is alive.
