@@ -135,7 +135,7 @@ pub mod __private {
     // And for its async server, `#[interface(async_server)]`.
     pub use crate::__typed_ipc_async_server as async_server;
     #[cfg(feature = "tokio")]
-    pub use ipc_runtime::service::run_blocking;
+    pub use ipc_runtime::service::{PoolSlots, run_blocking};
     #[cfg(feature = "tokio")]
     pub use ipc_runtime::tokio::{AsyncCall, AsyncConnection, AsyncService, BoxFuture, boxed};
 

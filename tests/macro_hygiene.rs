@@ -40,6 +40,7 @@ mod shadowed {
     pub struct BoxFuture;
     pub fn boxed() {}
     pub fn run_blocking() {}
+    pub struct PoolSlots;
     pub struct Arc;
     pub trait Sized {}
     pub trait Future {}

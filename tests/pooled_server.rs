@@ -19,9 +19,9 @@ use typed_ipc::{Error, current_peer};
 /// A blocking interface, served by an async server; called through its async client.
 #[typed_ipc::interface(async_server, async_client)]
 pub trait Desk {
-    /// Returns once `n` callers are in `meet` at the same time (false after a minute: the
-    /// guard of a test that would otherwise hang).
-    fn meet(&self, n: u32) -> bool;
+    /// Returns once `n` callers are in `meet` at the same time; false after `guard_ms` (the
+    /// guard of a test that would otherwise hang, or the end of one where they cannot meet).
+    fn meet(&self, n: u32, guard_ms: u64) -> bool;
     /// Waits until the test opens the gate; counts the return.
     fn wait_for_gate(&self);
     /// How many `wait_for_gate` calls have returned.
@@ -33,7 +33,10 @@ pub trait Desk {
 
 #[derive(Default)]
 struct State {
+    /// Callers in `meet` now, and the most there have been at once.
     meeting: u32,
+    most_met: u32,
+    waiting: u32,
     gate_open: bool,
     returned: u32,
 }
@@ -51,6 +54,18 @@ impl Office {
         self.changed.notify_all();
     }
 
+    /// Waits until `n` `wait_for_gate` calls have come to the gate (false after a minute).
+    fn wait_until_waiting(&self, n: u32) -> bool {
+        let state = self.state.lock().unwrap();
+        let guard = Duration::from_millis(MINUTE);
+        let (state, waited) = self
+            .changed
+            .wait_timeout_while(state, guard, |s| s.waiting < n)
+            .unwrap();
+        drop(state);
+        !waited.timed_out()
+    }
+
     /// Waits until `n` `wait_for_gate` calls have returned (false after a minute: the guard
     /// of a test that would otherwise hang).
     fn wait_until_returned(&self, n: u32) -> bool {
@@ -66,20 +81,25 @@ impl Office {
 }
 
 impl Desk for Office {
-    fn meet(&self, n: u32) -> bool {
+    fn meet(&self, n: u32, guard_ms: u64) -> bool {
         let mut state = self.state.lock().unwrap();
         state.meeting += 1;
+        state.most_met = state.most_met.max(state.meeting);
         self.changed.notify_all();
-        let guard = Duration::from_secs(60);
-        let (state, waited) = self
+        let guard = Duration::from_millis(guard_ms);
+        // On the most ever in at once: a caller that has met and left does not make the
+        // others wait again.
+        let (mut state, waited) = self
             .changed
-            .wait_timeout_while(state, guard, |s| s.meeting < n)
+            .wait_timeout_while(state, guard, |s| s.most_met < n)
             .unwrap();
-        drop(state);
+        state.meeting -= 1;
         !waited.timed_out()
     }
     fn wait_for_gate(&self) {
-        let state = self.state.lock().unwrap();
+        let mut state = self.state.lock().unwrap();
+        state.waiting += 1;
+        self.changed.notify_all();
         let mut state = self.changed.wait_while(state, |s| !s.gate_open).unwrap();
         state.returned += 1;
         self.changed.notify_all();
@@ -95,16 +115,28 @@ impl Desk for Office {
     }
 }
 
-/// A client of an `Office` served by `DeskAsyncServer` on one end of a fresh pair; the
-/// office; the serving task.
-fn start() -> (
+/// The guard of a wait that only a failure makes long.
+const MINUTE: u64 = 60_000;
+
+/// What [`start`] returns: a client, the office its server answers with, the serving task.
+type Started = (
     DeskAsyncClient,
     Arc<Office>,
     tokio::task::JoinHandle<typed_ipc::Result<()>>,
-) {
+);
+
+/// A client of an `Office` served by `DeskAsyncServer` on one end of a fresh pair.
+fn start() -> Started {
+    start_with(|server| server)
+}
+
+/// [`start`], the server first passed through `configure`.
+fn start_with(
+    configure: impl FnOnce(DeskAsyncServer<Office>) -> DeskAsyncServer<Office>,
+) -> Started {
     let (client_end, server_end) = AsyncConnection::pair().unwrap();
     let office = Arc::new(Office::default());
-    let server = DeskAsyncServer::from_arc(Arc::clone(&office));
+    let server = configure(DeskAsyncServer::from_arc(Arc::clone(&office)));
     let serving = tokio::spawn(server.serve(server_end));
     (DeskAsyncClient::new(client_end), office, serving)
 }
@@ -117,7 +149,11 @@ fn blocking_methods_run_at_once_on_the_blocking_pool_even_on_a_current_thread_ru
     // one thread, the first would block it, and the others would never start.
     current_thread_runtime().block_on(async {
         let (desk, _office, serving) = start();
-        let (a, b, c) = tokio::join!(desk.meet(3), desk.meet(3), desk.meet(3));
+        let (a, b, c) = tokio::join!(
+            desk.meet(3, MINUTE),
+            desk.meet(3, MINUTE),
+            desk.meet(3, MINUTE)
+        );
         assert_eq!((a.unwrap(), b.unwrap(), c.unwrap()), (true, true, true));
         drop(desk);
         serving.await.unwrap().unwrap();
@@ -178,6 +214,64 @@ fn a_cancelled_calls_blocking_method_runs_to_its_end_and_holds_nothing_up() {
             "the cancelled call's method never returned"
         );
         assert_eq!(desk.returned().await.unwrap(), 2);
+        drop(desk);
+        serving.await.unwrap().unwrap();
+    });
+    assert_eq!(open_fds(), before);
+}
+
+#[test]
+fn max_running_caps_the_methods_on_the_pool_at_once() {
+    let _fds = fd_count_lock();
+    current_thread_runtime().block_on(async {
+        // Three callers can never meet while only two methods may run: each gives up after
+        // its guard (which only sets how long the test takes).
+        let (desk, _office, serving) = start_with(|server| server.max_running(2));
+        let (a, b, c) = tokio::join!(desk.meet(3, 300), desk.meet(3, 300), desk.meet(3, 300));
+        assert_eq!((a.unwrap(), b.unwrap(), c.unwrap()), (false, false, false));
+        drop(desk);
+        serving.await.unwrap().unwrap();
+        // With three slots they meet.
+        let (desk, _office, serving) = start_with(|server| server.max_running(3));
+        let (a, b, c) = tokio::join!(
+            desk.meet(3, MINUTE),
+            desk.meet(3, MINUTE),
+            desk.meet(3, MINUTE)
+        );
+        assert_eq!((a.unwrap(), b.unwrap(), c.unwrap()), (true, true, true));
+        drop(desk);
+        serving.await.unwrap().unwrap();
+    });
+}
+
+#[test]
+fn a_call_cancelled_while_it_waits_for_a_slot_never_runs() {
+    let _fds = fd_count_lock();
+    let before = open_fds();
+    current_thread_runtime().block_on(async {
+        let (desk, office, serving) = start_with(|server| server.max_running(1));
+        // The first call holds the one slot at the gate...
+        let first = tokio::spawn({
+            let desk = desk.clone();
+            async move { desk.wait_for_gate().await }
+        });
+        let waiting = Arc::clone(&office);
+        let entered = tokio::task::spawn_blocking(move || waiting.wait_until_waiting(1));
+        assert!(
+            entered.await.unwrap(),
+            "the first call never reached the gate"
+        );
+        // ...the second waits for it, and is dropped while it waits.
+        let cancelled = tokio::time::timeout(Duration::from_millis(10), desk.wait_for_gate());
+        assert!(
+            cancelled.await.is_err(),
+            "the slot is taken: the call cannot return"
+        );
+        office.open_gate();
+        first.await.unwrap().unwrap();
+        // The semaphore hands slots out in order: had the second call still waited, it
+        // would have run before this one.
+        assert_eq!(desk.returned().await.unwrap(), 1, "the cancelled call ran");
         drop(desk);
         serving.await.unwrap().unwrap();
     });

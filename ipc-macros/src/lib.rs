@@ -69,9 +69,10 @@ use quote::quote;
 ///   (cheap) answers with the same one, e.g. on each client of a listener in `service_with`.
 /// - With `#[interface(async_server)]` on a trait of `fn`s (and typed-ipc's `tokio`
 ///   feature): `IpaAsyncServer<T>`, the same constructors, `serve(self, AsyncConnection)` (a
-///   future), and the runtime's `AsyncService` implementation. It runs each method on tokio's
-///   blocking pool, with `current_peer()` set there and a panic turned into the caller's
-///   `Error::Panicked`; a cancelled call's method runs to its end.
+///   future), `max_running(n)` (at most `n` methods on the pool at once, across the
+///   connections it and its clones serve), and the runtime's `AsyncService` implementation.
+///   It runs each method on tokio's blocking pool, with `current_peer()` set there and a panic
+///   turned into the caller's `Error::Panicked`; a cancelled call's method runs to its end.
 /// - `IpaRequest` (a variant per method, holding its arguments; `command()`, `decode(call)`)
 ///   and `IpaResponse` (a variant per method that gets a reply, holding its return value;
 ///   `send(call)`).

@@ -178,17 +178,33 @@ pub(crate) fn handling_a_call_of(connection: *const ()) -> bool {
 #[doc(hidden)]
 pub async fn run_blocking<T, R>(
     imp: std::sync::Arc<T>,
+    slots: &PoolSlots,
     f: impl FnOnce(&T) -> R + Send + 'static,
 ) -> R
 where
     T: ?Sized + Send + Sync + 'static,
     R: Send + 'static,
 {
+    // Taken before the method goes to the pool, so a call cancelled while it waits for a
+    // slot is dropped unrun; held by the method, so a slot is free only once it has returned.
+    let slot = match &slots.0 {
+        Some(slots) => {
+            let slots = std::sync::Arc::clone(slots);
+            Some(
+                slots
+                    .acquire_owned()
+                    .await
+                    .expect("the slots are never closed"),
+            )
+        }
+        None => None,
+    };
     let Caller { peer, connection } = CALLER.with(|c| c.get());
     // The connection is only compared, never followed: its address is all that crosses.
     let connection = connection.addr();
     let task = tokio::task::spawn_blocking(move || {
         let _caller = CallerScope::enter(peer, std::ptr::without_provenance(connection));
+        let _slot = slot;
         f(&imp)
     });
     ON_THE_POOL.with(|on| on.set(true));
@@ -197,6 +213,28 @@ where
         Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
         // Cancelled unrun: the runtime is shutting down, and drops this call with it.
         Err(_) => std::future::pending().await,
+    }
+}
+
+/// How many methods of an async server of a blocking trait may run on tokio's blocking pool
+/// at once (`max_running`): shared by the server and its clones. Unbounded, the pool's own
+/// cap (`max_blocking_threads`) is the only one.
+#[cfg(feature = "tokio")]
+#[doc(hidden)]
+#[derive(Clone, Debug)]
+pub struct PoolSlots(Option<std::sync::Arc<tokio::sync::Semaphore>>);
+
+#[cfg(feature = "tokio")]
+impl PoolSlots {
+    /// No cap of its own.
+    pub fn unbounded() -> PoolSlots {
+        PoolSlots(None)
+    }
+
+    /// At most `n` at once (at least one: with none, no method could ever run).
+    pub fn new(n: usize) -> PoolSlots {
+        let n = n.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
+        PoolSlots(Some(std::sync::Arc::new(tokio::sync::Semaphore::new(n))))
     }
 }
 

@@ -135,8 +135,8 @@ impl Generator<'_> {
             "The server side of [`{name}`]: answers each request on a connection by awaiting \
              the implementation it holds, concurrently with the others."
         ));
-        let server_struct = self.server_struct(server, docs);
-        let constructors = self.server_constructors();
+        let server_struct = self.server_struct(server, docs, false);
+        let constructors = self.server_constructors(false);
         let serve = self.async_serve();
         let service = self.async_service(
             server,

@@ -97,7 +97,7 @@ impl Generator<'_> {
             Runs::Pooled => {
                 let this = Ident::new("imp", Span::mixed_site());
                 let run = quote! {
-                    #p::run_blocking(#p::Arc::clone(&self.imp), move |#this: &#imp| {
+                    #p::run_blocking(#p::Arc::clone(&self.imp), &self.slots, move |#this: &#imp| {
                         <#imp as #name>::#method(#this, #(#names),*)
                     })
                     .await
@@ -167,8 +167,8 @@ impl Generator<'_> {
             "The server side of [`{name}`]: answers each request on a connection by calling \
              the implementation it holds."
         ));
-        let server_struct = self.server_struct(server, docs);
-        let constructors = self.server_constructors();
+        let server_struct = self.server_struct(server, docs, false);
+        let constructors = self.server_constructors(false);
         quote! {
             #server_struct
 

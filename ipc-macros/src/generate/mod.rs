@@ -475,19 +475,32 @@ impl<'a> Generator<'a> {
     /// The server struct, shared by both flavours: it holds the implementation behind an
     /// `Arc`, so that `from_arc` can serve one the program keeps a handle to (or a
     /// `dyn Trait`, in the blocking flavour), and cloning the server shares it.
-    fn server_struct(&self, server: &Ident, docs: TokenStream) -> TokenStream {
+    /// The async server of a blocking trait (`pooled`) also holds the slots its methods take
+    /// on tokio's blocking pool, shared with its clones.
+    fn server_struct(&self, server: &Ident, docs: TokenStream, pooled: bool) -> TokenStream {
         let (p, vis, imp) = (private(), &self.iface.vis, &self.imp);
+        let (field, cloned) = match pooled {
+            true => (
+                quote!(slots: #p::PoolSlots,),
+                quote!(slots: ::core::clone::Clone::clone(&self.slots),),
+            ),
+            false => (quote!(), quote!()),
+        };
         quote! {
             #docs
             #[allow(dead_code)]
             #vis struct #server<#imp: ?::core::marker::Sized> {
                 imp: #p::Arc<#imp>,
+                #field
             }
 
             impl<#imp: ?::core::marker::Sized> ::core::clone::Clone for #server<#imp> {
                 /// Another server answering with the same implementation.
                 fn clone(&self) -> Self {
-                    Self { imp: #p::Arc::clone(&self.imp) }
+                    Self {
+                        imp: #p::Arc::clone(&self.imp),
+                        #cloned
+                    }
                 }
             }
         }
@@ -505,22 +518,27 @@ impl<'a> Generator<'a> {
         quote!(#name + ::core::marker::Send + ::core::marker::Sync #unsized_ok + 'static)
     }
 
-    /// The server's two constructors, shared by both flavours.
-    fn server_constructors(&self) -> TokenStream {
+    /// The server's two constructors, shared by both flavours (`pooled`: see
+    /// [`Generator::server_struct`]).
+    fn server_constructors(&self, pooled: bool) -> TokenStream {
         let (p, vis, imp) = (private(), &self.iface.vis, &self.imp);
+        let slots = match pooled {
+            true => quote!(slots: #p::PoolSlots::unbounded(),),
+            false => quote!(),
+        };
         quote! {
             /// A server answering with `imp`.
             #vis fn new(imp: #imp) -> Self
             where
                 #imp: ::core::marker::Sized,
             {
-                Self { imp: #p::Arc::new(imp) }
+                Self::from_arc(#p::Arc::new(imp))
             }
 
             /// A server answering with an implementation the program shares: its state stays
             /// reachable through the other handles while the server runs.
             #vis fn from_arc(imp: #p::Arc<#imp>) -> Self {
-                Self { imp }
+                Self { imp, #slots }
             }
         }
     }

@@ -7,11 +7,12 @@ use proc_macro2::TokenStream;
 use quote::quote;
 
 use super::blocking::Runs;
-use super::{Generator, doc};
+use super::{Generator, doc, private};
 
 impl Generator<'_> {
     /// `<Trait>AsyncServer` of a blocking trait.
     pub(super) fn pooled_server(&self) -> TokenStream {
+        let (p, vis) = (private(), &self.iface.vis);
         let (server, name, imp) = (&self.async_server, &self.iface.name, &self.imp);
         let arms = self
             .iface
@@ -25,8 +26,8 @@ impl Generator<'_> {
              blocking pool, concurrently with the others (oneways one at a time, in order). A \
              cancelled call's method runs on to its end, as on a blocking server."
         ));
-        let server_struct = self.server_struct(server, docs);
-        let constructors = self.server_constructors();
+        let server_struct = self.server_struct(server, docs, true);
+        let constructors = self.server_constructors(true);
         let serve = self.async_serve();
         let service = self.async_service(
             server,
@@ -44,6 +45,17 @@ impl Generator<'_> {
             #[allow(dead_code, deprecated)]
             impl<#imp: #bounds> #server<#imp> {
                 #constructors
+
+                /// This server with at most `n` of its methods running at once on tokio's
+                /// blocking pool, across every connection it and its clones serve (by
+                /// default, as many as the pool has threads). Later calls wait for a slot,
+                /// and a call cancelled while it waits is dropped unrun.
+                #vis fn max_running(self, n: usize) -> Self {
+                    Self {
+                        slots: #p::PoolSlots::new(n),
+                        ..self
+                    }
+                }
 
                 #serve
             }

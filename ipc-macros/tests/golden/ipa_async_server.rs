@@ -428,9 +428,7 @@ impl<
     where
         T: ::core::marker::Sized,
     {
-        Self {
-            imp: ::typed_ipc::__private::Arc::new(imp),
-        }
+        Self::from_arc(::typed_ipc::__private::Arc::new(imp))
     }
     /// A server answering with an implementation the program shares: its state stays
     /// reachable through the other handles while the server runs.
@@ -587,12 +585,14 @@ where
 #[allow(dead_code)]
 pub struct IpaAsyncServer<T: ?::core::marker::Sized> {
     imp: ::typed_ipc::__private::Arc<T>,
+    slots: ::typed_ipc::__private::PoolSlots,
 }
 impl<T: ?::core::marker::Sized> ::core::clone::Clone for IpaAsyncServer<T> {
     /// Another server answering with the same implementation.
     fn clone(&self) -> Self {
         Self {
             imp: ::typed_ipc::__private::Arc::clone(&self.imp),
+            slots: ::core::clone::Clone::clone(&self.slots),
         }
     }
 }
@@ -606,14 +606,25 @@ impl<
     where
         T: ::core::marker::Sized,
     {
-        Self {
-            imp: ::typed_ipc::__private::Arc::new(imp),
-        }
+        Self::from_arc(::typed_ipc::__private::Arc::new(imp))
     }
     /// A server answering with an implementation the program shares: its state stays
     /// reachable through the other handles while the server runs.
     pub fn from_arc(imp: ::typed_ipc::__private::Arc<T>) -> Self {
-        Self { imp }
+        Self {
+            imp,
+            slots: ::typed_ipc::__private::PoolSlots::unbounded(),
+        }
+    }
+    /// This server with at most `n` of its methods running at once on tokio's
+    /// blocking pool, across every connection it and its clones serve (by
+    /// default, as many as the pool has threads). Later calls wait for a slot,
+    /// and a call cancelled while it waits is dropped unrun.
+    pub fn max_running(self, n: usize) -> Self {
+        Self {
+            slots: ::typed_ipc::__private::PoolSlots::new(n),
+            ..self
+        }
     }
     /// Starts answering the requests that arrive on `connection`, at once; the
     /// future resolves when the peer has hung up and every handler has finished
@@ -657,6 +668,7 @@ where
                         let (text,) = call.args()?;
                         ::typed_ipc::__private::run_blocking(
                                 ::typed_ipc::__private::Arc::clone(&self.imp),
+                                &self.slots,
                                 move |imp: &T| { <T as Ipa>::reverse(imp, text) },
                             )
                             .await
@@ -668,6 +680,7 @@ where
                         let (::typed_ipc::__private::Fd(files),) = call.args()?;
                         ::typed_ipc::__private::run_blocking(
                                 ::typed_ipc::__private::Arc::clone(&self.imp),
+                                &self.slots,
                                 move |imp: &T| { <T as Ipa>::total_len(imp, files) },
                             )
                             .await
@@ -679,6 +692,7 @@ where
                         let (cfg,) = call.args()?;
                         ::typed_ipc::__private::run_blocking(
                                 ::typed_ipc::__private::Arc::clone(&self.imp),
+                                &self.slots,
                                 move |imp: &T| { <T as Ipa>::configure(imp, cfg) },
                             )
                             .await
@@ -690,6 +704,7 @@ where
                         let (id,) = call.args()?;
                         ::typed_ipc::__private::run_blocking(
                                 ::typed_ipc::__private::Arc::clone(&self.imp),
+                                &self.slots,
                                 move |imp: &T| { <T as Ipa>::open_buffer(imp, id) },
                             )
                             .await
@@ -701,6 +716,7 @@ where
                         let (frame, ::typed_ipc::__private::Fd(stats)) = call.args()?;
                         ::typed_ipc::__private::run_blocking(
                                 ::typed_ipc::__private::Arc::clone(&self.imp),
+                                &self.slots,
                                 move |imp: &T| {
                                     <T as Ipa>::stats_ready(imp, frame, stats)
                                 },
@@ -714,6 +730,7 @@ where
                         let (::typed_ipc::__private::Bytes(data),) = call.args()?;
                         ::typed_ipc::__private::run_blocking(
                                 ::typed_ipc::__private::Arc::clone(&self.imp),
+                                &self.slots,
                                 move |imp: &T| { <T as Ipa>::echo(imp, data) },
                             )
                             .await
@@ -725,6 +742,7 @@ where
                         let (::typed_ipc::__private::Fd(fd),) = call.args()?;
                         ::typed_ipc::__private::run_blocking(
                                 ::typed_ipc::__private::Arc::clone(&self.imp),
+                                &self.slots,
                                 move |imp: &T| { <T as Ipa>::swap_fd(imp, fd) },
                             )
                             .await
@@ -736,6 +754,7 @@ where
                         let () = call.args()?;
                         ::typed_ipc::__private::run_blocking(
                                 ::typed_ipc::__private::Arc::clone(&self.imp),
+                                &self.slots,
                                 move |imp: &T| { <T as Ipa>::ping(imp) },
                             )
                             .await
@@ -748,6 +767,7 @@ where
                             .args()?;
                         ::typed_ipc::__private::run_blocking(
                                 ::typed_ipc::__private::Arc::clone(&self.imp),
+                                &self.slots,
                                 move |imp: &T| { <T as Ipa>::decode(imp, image) },
                             )
                             .await

@@ -468,9 +468,7 @@ impl<
     where
         T: ::core::marker::Sized,
     {
-        Self {
-            imp: ::typed_ipc::__private::Arc::new(imp),
-        }
+        Self::from_arc(::typed_ipc::__private::Arc::new(imp))
     }
     /// A server answering with an implementation the program shares: its state stays
     /// reachable through the other handles while the server runs.

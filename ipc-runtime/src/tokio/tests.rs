@@ -2484,7 +2484,8 @@ impl super::AsyncService for Pooled {
             // In the poll that hands the method to the pool: once counted, it is there.
             self.started
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            crate::service::run_blocking(self.gate.clone(), |gate| {
+            let unbounded = crate::service::PoolSlots::unbounded();
+            crate::service::run_blocking(self.gate.clone(), &unbounded, |gate| {
                 let (open, opened) = gate;
                 let _open = opened.wait_while(open.lock().unwrap(), |o| !*o).unwrap();
             })
