@@ -141,6 +141,24 @@ fn start_with(
     (DeskAsyncClient::new(client_end), office, serving)
 }
 
+/// Whether three callers of `started`'s desk met (each waits `guard_ms` at most; all three
+/// must say the same), once the server has seen the client hang up.
+async fn three_meet((desk, _office, serving): Started, guard_ms: u64) -> bool {
+    let (a, b, c) = tokio::join!(
+        desk.meet(3, guard_ms),
+        desk.meet(3, guard_ms),
+        desk.meet(3, guard_ms)
+    );
+    let met = (a.unwrap(), b.unwrap(), c.unwrap());
+    assert!(
+        met == (true, true, true) || met == (false, false, false),
+        "{met:?}"
+    );
+    drop(desk);
+    serving.await.unwrap().unwrap();
+    met.0
+}
+
 #[test]
 fn blocking_methods_run_at_once_on_the_blocking_pool_even_on_a_current_thread_runtime() {
     // Its connection's and runtime's fds would move the count of the test that counts.
@@ -148,15 +166,7 @@ fn blocking_methods_run_at_once_on_the_blocking_pool_even_on_a_current_thread_ru
     // Three callers meet only if their methods run at the same time: run on the runtime's
     // one thread, the first would block it, and the others would never start.
     current_thread_runtime().block_on(async {
-        let (desk, _office, serving) = start();
-        let (a, b, c) = tokio::join!(
-            desk.meet(3, MINUTE),
-            desk.meet(3, MINUTE),
-            desk.meet(3, MINUTE)
-        );
-        assert_eq!((a.unwrap(), b.unwrap(), c.unwrap()), (true, true, true));
-        drop(desk);
-        serving.await.unwrap().unwrap();
+        assert!(three_meet(start(), MINUTE).await);
     });
 }
 
@@ -226,21 +236,9 @@ fn max_running_caps_the_methods_on_the_pool_at_once() {
     current_thread_runtime().block_on(async {
         // Three callers can never meet while only two methods may run: each gives up after
         // its guard (which only sets how long the test takes).
-        let (desk, _office, serving) = start_with(|server| server.max_running(2));
-        let (a, b, c) = tokio::join!(desk.meet(3, 300), desk.meet(3, 300), desk.meet(3, 300));
-        assert_eq!((a.unwrap(), b.unwrap(), c.unwrap()), (false, false, false));
-        drop(desk);
-        serving.await.unwrap().unwrap();
+        assert!(!three_meet(start_with(|server| server.max_running(2)), 300).await);
         // With three slots they meet.
-        let (desk, _office, serving) = start_with(|server| server.max_running(3));
-        let (a, b, c) = tokio::join!(
-            desk.meet(3, MINUTE),
-            desk.meet(3, MINUTE),
-            desk.meet(3, MINUTE)
-        );
-        assert_eq!((a.unwrap(), b.unwrap(), c.unwrap()), (true, true, true));
-        drop(desk);
-        serving.await.unwrap().unwrap();
+        assert!(three_meet(start_with(|server| server.max_running(3)), MINUTE).await);
     });
 }
 
