@@ -197,6 +197,7 @@ fn run(first: bool) {
 
 /// Waits until every fd handed to the closer so far is closed: for tests that count fds
 /// right after something dropped some. Waits for as long as a stalled close does.
+#[doc(hidden)] // re-exported as `__wait_for_closes`: `typed_ipc`'s glob re-export would show it
 pub fn wait_idle() {
     if !is_user() {
         return; // a forked child closes where fds drop: none wait for it
