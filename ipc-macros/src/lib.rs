@@ -197,6 +197,19 @@ use quote::quote;
 /// server of an async trait is not generated: it would need a runtime to run each future on,
 /// which is what the async server is.
 ///
+/// An interface crate shared by blocking workers and a tokio host need not pull tokio into
+/// the workers: it asks for the async items under a feature of its own (`tokio =
+/// ["typed-ipc/tokio"]` in its `[features]`). They do not change `IPA_INFO`, so both builds
+/// talk to each other.
+///
+/// ```ignore
+/// #[cfg_attr(feature = "tokio", interface(async_client, async_server))]
+/// #[cfg_attr(not(feature = "tokio"), interface)]
+/// pub trait Ipa {
+///     fn reverse(&self, text: String) -> String;
+/// }
+/// ```
+///
 /// # Checking the types' definitions too
 ///
 /// ```ignore
