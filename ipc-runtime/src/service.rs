@@ -149,7 +149,9 @@ thread_local! {
 }
 
 /// Inside an interface method while it handles a call: the credentials (pid, uid, gid) of the
-/// process that made the call. `None` outside a call, or if the kernel gave none. (A thread
+/// process that made the call (for a worker this process spawned, see
+/// [`Connection::peer_credentials`](crate::Connection::peer_credentials)). `None` outside a
+/// call, or if the kernel gave none. (A thread
 /// serving a connection of the blocking flavour names that connection's peer for as long as
 /// it serves, between calls too: it sets it once, not per call.)
 ///

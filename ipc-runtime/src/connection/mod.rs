@@ -366,7 +366,7 @@ impl Connection {
 
     /// [`Connection::new`], to the worker `worker` if this process spawned it.
     pub(crate) fn to(socket: Socket, worker: Option<u32>) -> Connection {
-        let peer = socket.peer_credentials().ok();
+        let peer = socket.peer_credentials().ok().map(|c| c.of_worker(worker));
         let limits = socket.limits();
         let lane = Lane::new(limits.max_message_len, limits.max_fds)
             .with_max_shared_len(limits.max_shared_len)
@@ -392,7 +392,11 @@ impl Connection {
         }
     }
 
-    /// The peer's credentials, as the kernel recorded them when the connection was made.
+    /// The peer's credentials, as the kernel recorded them when the connection was made. For
+    /// a worker this process spawned ([`Worker::spawn`](crate::worker::Worker::spawn)): the
+    /// worker's pid, and the uid and gid it started with, which were this process's (the
+    /// kernel records a socket pair's creator for both ends; a worker that changes its
+    /// credentials later is not seen).
     pub fn peer_credentials(&self) -> Option<PeerCredentials> {
         self.shared.peer
     }

@@ -42,6 +42,19 @@ pub struct PeerCredentials {
     pub gid: u32,
 }
 
+impl PeerCredentials {
+    /// The peer of a connection to `worker`, a child this process spawned with its end of a
+    /// socket pair: the kernel records the pair's creator, this process, for both ends, so its
+    /// pid is the worker's; its uid and gid are those the worker started with (this
+    /// process's, as the kernel recorded them).
+    pub(crate) fn of_worker(self, worker: Option<u32>) -> PeerCredentials {
+        match worker.and_then(|pid| i32::try_from(pid).ok()) {
+            Some(pid) => PeerCredentials { pid, ..self },
+            None => self,
+        }
+    }
+}
+
 /// A connected Unix `SOCK_SEQPACKET` socket that sends and receives whole [`Frame`]s.
 ///
 /// Every method but [`Socket::set_limits`] (set before the socket is shared) takes `&self`,

@@ -249,7 +249,12 @@ impl AsyncConnection {
     pub(crate) fn to(socket: Socket, worker: Option<u32>) -> Result<AsyncConnection> {
         let io = super::register(Registered(socket))?;
         let runtime = Handle::current();
-        let peer = io.get_ref().0.peer_credentials().ok();
+        let peer = io
+            .get_ref()
+            .0
+            .peer_credentials()
+            .ok()
+            .map(|c| c.of_worker(worker));
         let limits = io.get_ref().0.limits();
         let lane = Lane::new(limits.max_message_len, limits.max_fds)
             .with_max_shared_len(limits.max_shared_len)
@@ -291,7 +296,10 @@ impl AsyncConnection {
         })
     }
 
-    /// The peer's credentials, as the kernel recorded them when the connection was made.
+    /// The peer's credentials, as the kernel recorded them when the connection was made; for a
+    /// worker this process spawned, as [`Connection::peer_credentials`] says.
+    ///
+    /// [`Connection::peer_credentials`]: crate::Connection::peer_credentials
     pub fn peer_credentials(&self) -> Option<PeerCredentials> {
         self.inner.peer
     }
