@@ -110,6 +110,12 @@ pub const fn fnv1a(bytes: &[u8]) -> u32 {
 /// The connection checks that a request names this interface, with the same signature, and a
 /// command it has before it calls [`Service::handle`]; it turns a panic in `handle` into an
 /// error reply for that call.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` does not serve a blocking `Connection`",
+    label = "not a server of the blocking flavour",
+    note = "a trait of `async fn`s has an async server, for an `AsyncConnection` \
+            (`typed_ipc::tokio`); a trait of `fn`s has `<Trait>Server` for a `Connection`"
+)]
 pub trait Service: Send + Sync + 'static {
     /// The interface this service answers.
     fn info(&self) -> &'static InterfaceInfo;

@@ -112,6 +112,13 @@ pub fn boxed<'a, F: Future + Send + 'a>(future: F) -> BoxFuture<'a, F::Output> {
 /// The connection checks that a request names this interface, with the same signature, and a
 /// command it has, and asks the authorizer, before it calls [`AsyncService::handle`]; it turns
 /// a panic in `handle` into an error reply for that call.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` does not serve an `AsyncConnection`",
+    label = "not a server of the async flavour",
+    note = "a trait of `fn`s is served on an `AsyncConnection` by `<Trait>AsyncServer`: ask for \
+            it with `#[interface(async_server)]`; its `<Trait>Server` is for a blocking \
+            `Connection`"
+)]
 pub trait AsyncService: Send + Sync + 'static {
     /// The interface this service answers.
     fn info(&self) -> &'static InterfaceInfo;
