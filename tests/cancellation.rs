@@ -15,7 +15,7 @@ use std::os::fd::OwnedFd;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{Storm, child, fd_count_lock, open_fds};
+use common::{Storm, child, fd_count_lock, fd_snapshot};
 use typed_ipc::Error;
 use typed_ipc::worker::{Exit, Worker};
 
@@ -287,7 +287,7 @@ fn runtime() -> tokio::runtime::Runtime {
 #[test]
 fn an_async_worker_drops_the_handler_of_a_call_whose_future_was_dropped() {
     let _fds = fd_count_lock();
-    let before = open_fds();
+    let before = fd_snapshot();
     let rt = runtime();
     rt.block_on(async {
         let (mut worker, conn) =
@@ -311,7 +311,7 @@ fn an_async_worker_drops_the_handler_of_a_call_whose_future_was_dropped() {
         assert!(matches!(worker.wait().unwrap(), Exit::Code(0)));
     });
     drop(rt);
-    assert_eq!(open_fds(), before);
+    before.assert_nothing_new();
 }
 
 /// What the worker's trace says, line by line, read on a thread of its own, which ends (its
@@ -351,7 +351,7 @@ fn wait_for_line(lines: &std::sync::mpsc::Receiver<String>, what: &str) {
 #[test]
 fn an_async_worker_never_runs_a_call_cancelled_while_it_waited_behind_a_oneway() {
     let _fds = fd_count_lock();
-    let before = open_fds();
+    let before = fd_snapshot();
     let rt = runtime();
     rt.block_on(async {
         let mut command = child("child_async_camera");
@@ -383,7 +383,7 @@ fn an_async_worker_never_runs_a_call_cancelled_while_it_waited_behind_a_oneway()
         reading.join().unwrap();
     });
     drop(rt);
-    assert_eq!(open_fds(), before);
+    before.assert_nothing_new();
 }
 
 /// A blocking call that times out tells the async worker, which drops its handler (or the
@@ -391,7 +391,7 @@ fn an_async_worker_never_runs_a_call_cancelled_while_it_waited_behind_a_oneway()
 #[test]
 fn a_blocking_call_that_times_out_has_an_async_worker_drop_it() {
     let _fds = fd_count_lock();
-    let before = open_fds();
+    let before = fd_snapshot();
     let (mut worker, conn) = Worker::spawn(child("child_async_camera")).unwrap();
     let camera = blocking::CameraClient::new(conn.clone());
     let (signal, held) = pipe();
@@ -406,7 +406,7 @@ fn a_blocking_call_that_times_out_has_an_async_worker_drop_it() {
     drop((mark, camera, timed, conn));
     assert!(matches!(worker.wait().unwrap(), Exit::Code(0)));
     drop(worker);
-    assert_eq!(open_fds(), before);
+    before.assert_nothing_new();
 }
 
 /// A blocking worker drops a call still queued when its caller's timeout passes: queued
@@ -416,7 +416,7 @@ fn a_blocking_call_that_times_out_has_an_async_worker_drop_it() {
 #[test]
 fn a_blocking_worker_never_runs_a_queued_call_whose_caller_timed_out() {
     let _fds = fd_count_lock();
-    let before = open_fds();
+    let before = fd_snapshot();
     let mut command = child("child_blocking_camera");
     command.env("TYPED_IPC_DEBUG", "1").stderr(Stdio::piped());
     let (mut worker, conn) = Worker::spawn(command).unwrap();
@@ -437,7 +437,7 @@ fn a_blocking_worker_never_runs_a_queued_call_whose_caller_timed_out() {
     assert!(matches!(worker.wait().unwrap(), Exit::Code(0)));
     reading.join().unwrap();
     drop((signal, worker));
-    assert_eq!(open_fds(), before);
+    before.assert_nothing_new();
 }
 
 /// A call carrying a large byte string (placed in the parent's shared region), queued in the
@@ -447,7 +447,7 @@ fn a_blocking_worker_never_runs_a_queued_call_whose_caller_timed_out() {
 /// the region back) before anything else is sent.
 fn a_cancelled_queued_call_gives_its_placement_back(worker_test: &str) {
     let _fds = fd_count_lock();
-    let before = open_fds();
+    let before = fd_snapshot();
     let rt = runtime();
     rt.block_on(async {
         let mut command = child(worker_test);
@@ -496,7 +496,7 @@ fn a_cancelled_queued_call_gives_its_placement_back(worker_test: &str) {
         drop((signal, worker));
     });
     drop(rt);
-    assert_eq!(open_fds(), before);
+    before.assert_nothing_new();
 }
 
 #[test]
@@ -517,7 +517,7 @@ fn a_blocking_worker_gives_back_the_placement_of_a_queued_call_it_dropped() {
 /// lane must then become idle (`release_shared_memory` gives the region back).
 fn a_refused_cancelled_call_gives_its_placement_back(worker_test: &str) {
     let _fds = fd_count_lock();
-    let before = open_fds();
+    let before = fd_snapshot();
     let rt = runtime();
     rt.block_on(async {
         let mut command = child(worker_test);
@@ -560,7 +560,7 @@ fn a_refused_cancelled_call_gives_its_placement_back(worker_test: &str) {
         drop((signal, worker));
     });
     drop(rt);
-    assert_eq!(open_fds(), before);
+    before.assert_nothing_new();
 }
 
 #[test]
@@ -579,7 +579,7 @@ fn a_blocking_worker_acknowledges_the_placement_of_a_dropped_call_it_refused() {
 /// must give the lane back.
 fn a_refused_timed_out_call_gives_its_placement_back(worker_test: &str) {
     let _fds = fd_count_lock();
-    let before = open_fds();
+    let before = fd_snapshot();
     let mut command = child(worker_test);
     command.env("TYPED_IPC_DEBUG", "1").stderr(Stdio::piped());
     let (mut worker, conn) = Worker::spawn(command).unwrap();
@@ -614,7 +614,7 @@ fn a_refused_timed_out_call_gives_its_placement_back(worker_test: &str) {
     assert!(matches!(worker.wait().unwrap(), Exit::Code(0)));
     reading.join().unwrap();
     drop((signal, worker));
-    assert_eq!(open_fds(), before);
+    before.assert_nothing_new();
 }
 
 #[test]
@@ -665,7 +665,7 @@ fn async_calls_to_a_pooled_worker_dropped_at_random_get_their_own_replies() {
 fn async_calls_dropped_at_random(worker_test: &str) {
     use std::os::fd::AsRawFd;
     let _fds = fd_count_lock();
-    let before = open_fds();
+    let before = fd_snapshot();
     let rt = runtime();
     rt.block_on(async {
         let (mut worker, conn) = typed_ipc::tokio::worker::spawn(child(worker_test)).unwrap();
@@ -714,7 +714,7 @@ fn async_calls_dropped_at_random(worker_test: &str) {
         assert!(matches!(worker.wait().unwrap(), Exit::Code(0)));
     });
     drop(rt);
-    assert_eq!(open_fds(), before);
+    before.assert_nothing_new();
 }
 
 /// The blocking twin: calls to an async worker that time out at random moments.
@@ -737,7 +737,7 @@ fn blocking_calls_to_a_pooled_worker_timing_out_at_random_get_their_own_replies(
 
 fn blocking_calls_timing_out_at_random(worker_test: &str) {
     let _fds = fd_count_lock();
-    let before = open_fds();
+    let before = fd_snapshot();
     let (mut worker, conn) = Worker::spawn(child(worker_test)).unwrap();
     conn.lend_pages_to_peer(true);
     let camera = blocking::CameraClient::new(conn.clone());
@@ -774,7 +774,7 @@ fn blocking_calls_timing_out_at_random(worker_test: &str) {
                 drop((timed, camera, conn));
                 worker.wait().unwrap();
                 drop(worker);
-                assert_eq!(open_fds(), before);
+                before.assert_nothing_new();
                 return;
             }
             Err(e) => panic!("round {round}: {e}"),
@@ -795,5 +795,5 @@ fn blocking_calls_timing_out_at_random(worker_test: &str) {
     drop((camera, conn));
     assert!(matches!(worker.wait().unwrap(), Exit::Code(0)));
     drop(worker);
-    assert_eq!(open_fds(), before);
+    before.assert_nothing_new();
 }

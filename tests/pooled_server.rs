@@ -9,10 +9,12 @@
 
 mod common;
 
+use std::io::Read;
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use common::{current_thread_runtime, fd_count_lock, open_fds};
+use common::{current_thread_runtime, fd_count_lock, fd_snapshot};
 use typed_ipc::tokio::AsyncConnection;
 use typed_ipc::{Error, current_peer};
 
@@ -24,6 +26,8 @@ pub trait Desk {
     fn meet(&self, n: u32, guard_ms: u64) -> bool;
     /// Waits until the test opens the gate; counts the return.
     fn wait_for_gate(&self);
+    /// [`Desk::wait_for_gate`], holding `token` until it returns.
+    fn wait_for_gate_holding(&self, token: OwnedFd);
     /// How many `wait_for_gate` calls have returned.
     fn returned(&self) -> u32;
     /// The pid of the caller, as the method sees it.
@@ -103,6 +107,10 @@ impl Desk for Office {
         let mut state = self.changed.wait_while(state, |s| !s.gate_open).unwrap();
         state.returned += 1;
         self.changed.notify_all();
+    }
+    fn wait_for_gate_holding(&self, token: OwnedFd) {
+        self.wait_for_gate();
+        drop(token);
     }
     fn returned(&self) -> u32 {
         self.state.lock().unwrap().returned
@@ -203,7 +211,7 @@ fn a_panic_in_a_blocking_method_is_its_callers_error_and_the_connection_goes_on(
 #[test]
 fn a_cancelled_calls_blocking_method_runs_to_its_end_and_holds_nothing_up() {
     let _fds = fd_count_lock();
-    let before = open_fds();
+    let before = fd_snapshot();
     current_thread_runtime().block_on(async {
         let (desk, office, serving) = start();
         // The call is dropped while its method waits at the gate...
@@ -227,7 +235,7 @@ fn a_cancelled_calls_blocking_method_runs_to_its_end_and_holds_nothing_up() {
         drop(desk);
         serving.await.unwrap().unwrap();
     });
-    assert_eq!(open_fds(), before);
+    before.assert_nothing_new();
 }
 
 #[test]
@@ -245,7 +253,7 @@ fn max_running_caps_the_methods_on_the_pool_at_once() {
 #[test]
 fn a_call_cancelled_while_it_waits_for_a_slot_never_runs() {
     let _fds = fd_count_lock();
-    let before = open_fds();
+    let before = fd_snapshot();
     current_thread_runtime().block_on(async {
         let (desk, office, serving) = start_with(|server| server.max_running(1));
         // The first call holds the one slot at the gate...
@@ -260,11 +268,20 @@ fn a_call_cancelled_while_it_waits_for_a_slot_never_runs() {
             "the first call never reached the gate"
         );
         // ...the second waits for it, and is dropped while it waits.
-        let cancelled = tokio::time::timeout(Duration::from_millis(10), desk.wait_for_gate());
+        let (token, held) = nix::unistd::pipe().unwrap();
+        let second = desk.wait_for_gate_holding(held);
+        let cancelled = tokio::time::timeout(Duration::from_millis(10), second);
         assert!(
             cancelled.await.is_err(),
             "the slot is taken: the call cannot return"
         );
+        // The server dropped the waiting call on the cancel when the token's write end,
+        // which the call's arguments held, is closed: only then may the slot come free.
+        let closed = tokio::task::spawn_blocking(move || {
+            std::fs::File::from(token).read_to_end(&mut Vec::new())
+        });
+        let closed = tokio::time::timeout(Duration::from_millis(MINUTE), closed).await;
+        assert!(closed.is_ok(), "the cancelled call was never dropped");
         office.open_gate();
         first.await.unwrap().unwrap();
         // The semaphore hands slots out in order: had the second call still waited, it
@@ -273,5 +290,5 @@ fn a_call_cancelled_while_it_waits_for_a_slot_never_runs() {
         drop(desk);
         serving.await.unwrap().unwrap();
     });
-    assert_eq!(open_fds(), before);
+    before.assert_nothing_new();
 }

@@ -30,6 +30,48 @@ pub fn open_fds() -> usize {
         .count()
 }
 
+/// The fds open now, by number, and what each points at (`/proc/self/fd`), tokio's own
+/// sockets left out, once the closer has closed what it was handed.
+pub struct FdSnapshot(std::collections::BTreeMap<String, std::path::PathBuf>);
+
+/// [`FdSnapshot`] of now.
+pub fn fd_snapshot() -> FdSnapshot {
+    no_stray_fd_from_malloc();
+    typed_ipc::__private::wait_for_closes();
+    let tokio = TOKIO_SOCKETS.get().map_or(&[][..], Vec::as_slice);
+    // The listing's own handle on the directory is not one of the test's.
+    let listing = std::path::PathBuf::from(format!("/proc/{}/fd", std::process::id()));
+    let fds = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let target = std::fs::read_link(e.path()).ok()?;
+            let number = e.file_name().to_string_lossy().into_owned();
+            Some((number, target))
+                .filter(|(_, target)| !tokio.contains(target) && *target != listing)
+        })
+        .collect();
+    FdSnapshot(fds)
+}
+
+impl FdSnapshot {
+    /// Asserts that no fd is open now that was not open when this snapshot was taken: the
+    /// test leaked none. Not a count: an fd of an earlier test's teardown (its thread's
+    /// last moments run after it has let go of [`fd_count_lock`]) may be open in the
+    /// snapshot and closed since, which is no leak of this test's.
+    pub fn assert_nothing_new(&self) {
+        let now = fd_snapshot();
+        let new: Vec<_> = (now.0.iter())
+            .filter(|(fd, target)| self.0.get(*fd) != Some(*target))
+            .collect();
+        assert!(
+            new.is_empty(),
+            "fds left open: {new:?}; before: {:?}",
+            self.0
+        );
+    }
+}
+
 /// Tests that count fds take this, so threads of other tests don't move the count.
 pub fn fd_count_lock() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
