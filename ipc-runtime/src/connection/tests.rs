@@ -813,12 +813,7 @@ fn a_cancel_of_no_call_is_ignored_with_what_it_holds() {
     let (a, b) = Connection::pair().unwrap();
     let (open, serving) = serve_gated(&b);
     let mut cancel = vec![0u8; envelope::LEN];
-    Envelope {
-        kind: Kind::Cancel,
-        cookie: 77,
-        ..Envelope::announce()
-    }
-    .write(&mut cancel);
+    Envelope::cancel(77).write(&mut cancel);
     cancel.extend_from_slice(b"a body no cancel has");
     let fd = crate::memfd::new_memfd(8).unwrap();
     a.socket().send(&cancel, &[fd.as_fd()]).unwrap();

@@ -494,7 +494,7 @@ async fn settle(client: &super::AsyncConnection, server: &super::AsyncConnection
 /// kind was unknown and ended the connection as malformed.
 #[test]
 fn an_async_cancel_of_no_call_is_ignored_with_what_it_holds() {
-    use crate::connection::envelope::{self, Envelope, Kind};
+    use crate::connection::envelope::{self, Envelope};
     use crate::connection::tests::BULK;
 
     let rt = multi_thread_runtime(2);
@@ -502,12 +502,7 @@ fn an_async_cancel_of_no_call_is_ignored_with_what_it_holds() {
         let (client, server) = super::AsyncConnection::pair().unwrap();
         server.add_service(QuickEcho::default());
         let mut cancel = vec![0u8; envelope::LEN];
-        Envelope {
-            kind: Kind::Cancel,
-            cookie: 77,
-            ..Envelope::announce()
-        }
-        .write(&mut cancel);
+        Envelope::cancel(77).write(&mut cancel);
         cancel.extend_from_slice(b"a body no cancel has");
         // A small message on an idle connection: the blocking send does not wait.
         client.socket().send(&cancel, &[memfd(1).as_fd()]).unwrap();
@@ -2534,12 +2529,7 @@ fn calls_cancelled_on_the_blocking_pool_still_count_against_the_backlog() {
             break;
         }
         let mut cancel = vec![0; crate::connection::envelope::LEN];
-        Envelope {
-            kind: Kind::Cancel,
-            cookie,
-            ..Envelope::announce()
-        }
-        .write(&mut cancel);
+        Envelope::cancel(cookie).write(&mut cancel);
         peer.send(&cancel, &[]).unwrap();
     }
     let held = started.load(Ordering::SeqCst);
