@@ -247,6 +247,30 @@ fn pipe() -> (OwnedFd, OwnedFd) {
     nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap()
 }
 
+/// Polls `call` once, which must send its request and wait, runs `while_pending` while the
+/// call lives, then drops the call: its cancel goes out.
+fn sent_then_dropped<F: std::future::Future>(call: F, while_pending: impl FnOnce()) {
+    let mut call = Box::pin(call);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    assert!(
+        call.as_mut().poll(&mut cx).is_pending(),
+        "sent, not answered"
+    );
+    while_pending();
+}
+
+/// Waits until `conn`'s lane is idle again (`release_shared_memory` gives its region back);
+/// fails with `why` after the hang guard.
+async fn lane_idle_again(conn: &typed_ipc::tokio::AsyncConnection, why: &str) {
+    tokio::time::timeout(HANG_GUARD, async {
+        while conn.release_shared_memory() == 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect(why);
+}
+
 /// Reads one byte from `fd`, on a thread, so that a hang fails the test instead.
 fn read_byte(fd: &OwnedFd) -> u8 {
     let mut file = std::fs::File::from(fd.try_clone().unwrap());
@@ -364,16 +388,7 @@ fn an_async_worker_never_runs_a_call_cancelled_while_it_waited_behind_a_oneway()
         camera.gate(signalled, gated).await.unwrap();
         assert_eq!(read_byte(&signal), b'!', "the gate is running");
         let (mark, marked) = pipe();
-        {
-            use std::future::Future;
-            use std::task::{Context, Waker};
-            let mut call = Box::pin(camera.mark(marked));
-            let mut cx = Context::from_waker(Waker::noop());
-            assert!(
-                call.as_mut().poll(&mut cx).is_pending(),
-                "sent, not answered"
-            );
-        } // dropped: the cancel goes out
+        sent_then_dropped(camera.mark(marked), || {});
         wait_for_line(&lines, "cancelled by the peer: unrun");
         drop(gate);
         let marks = read_to_end_guarded(mark, "the cancelled call's fd was never closed");
@@ -464,29 +479,19 @@ fn a_cancelled_queued_call_gives_its_placement_back(worker_test: &str) {
         camera.gate(signalled, gated).await.unwrap();
         assert_eq!(read_byte(&signal), b'!', "the gate is running");
         let (mark, marked) = pipe();
-        {
-            use std::future::Future;
-            use std::task::{Context, Waker};
-            let mut call = Box::pin(camera.mark_data(marked, vec![7u8; 64 << 10]));
-            let mut cx = Context::from_waker(Waker::noop());
-            assert!(
-                call.as_mut().poll(&mut cx).is_pending(),
-                "sent, not answered"
-            );
+        sent_then_dropped(camera.mark_data(marked, vec![7u8; 64 << 10]), || {
             // Asked while the call lives: once its cancel is out, the worker may drop the call
             // and give the placement back before this thread gets to ask.
             assert_eq!(conn.release_shared_memory(), 0, "the string was placed");
-        } // dropped: the cancel goes out
+        });
         // The worker says it dropped the call, then sends the acknowledgement no reply carries.
         wait_for_line(&lines, "cancelled by the peer: unrun, no reply");
         wait_for_line(&lines, "-> Cancel #0 (acknowledges a dropped call's bytes)");
-        tokio::time::timeout(HANG_GUARD, async {
-            while conn.release_shared_memory() == 0 {
-                tokio::task::yield_now().await;
-            }
-        })
-        .await
-        .expect("the parent's lane stayed busy with the cancelled call's placement");
+        lane_idle_again(
+            &conn,
+            "the parent's lane stayed busy with the cancelled call's placement",
+        )
+        .await;
         drop(gate);
         let marks = read_to_end_guarded(mark, "the cancelled call's fd was never closed");
         assert!(marks.is_empty(), "the cancelled call ran");
@@ -530,28 +535,18 @@ fn a_refused_cancelled_call_gives_its_placement_back(worker_test: &str) {
         let (gate, gated) = pipe();
         camera.arm(signalled, gated).await.unwrap();
         let (mark, marked) = pipe();
-        {
-            use std::future::Future;
-            use std::task::{Context, Waker};
-            let mut call = Box::pin(camera.mark_data(marked, vec![7u8; 64 << 10]));
-            let mut cx = Context::from_waker(Waker::noop());
-            assert!(
-                call.as_mut().poll(&mut cx).is_pending(),
-                "sent, not answered"
-            );
+        sent_then_dropped(camera.mark_data(marked, vec![7u8; 64 << 10]), || {
             assert_eq!(read_byte(&signal), b'!', "the authorizer is at the gate");
-        } // dropped: the cancel goes out
+        });
         assert_eq!(conn.release_shared_memory(), 0, "the string was placed");
         wait_for_line(&lines, "<- Cancel #");
         drop(gate);
         wait_for_line(&lines, "-> Failure #");
-        tokio::time::timeout(HANG_GUARD, async {
-            while conn.release_shared_memory() == 0 {
-                tokio::task::yield_now().await;
-            }
-        })
-        .await
-        .expect("the parent's lane stayed busy with the refused call's placement");
+        lane_idle_again(
+            &conn,
+            "the parent's lane stayed busy with the refused call's placement",
+        )
+        .await;
         let marks = read_to_end_guarded(mark, "the refused call's fd was never closed");
         assert!(marks.is_empty(), "the refused call ran");
         drop((camera, conn));
