@@ -112,9 +112,9 @@ impl Args {
             let client_flavour = if meta.path.is_ident("name") {
                 return args.parse_name(meta);
             } else if meta.path.is_ident("check_types") {
-                return args.parse_check_types(meta);
+                return Args::flag(&mut args.check_types, meta);
             } else if meta.path.is_ident("async_server") {
-                return args.parse_async_server(meta);
+                return Args::flag(&mut args.async_server, meta);
             } else if meta.path.is_ident("async_client") {
                 Flavour::Async
             } else if meta.path.is_ident("blocking_client") {
@@ -151,33 +151,18 @@ impl Args {
         args
     }
 
-    /// `check_types`, which takes no value.
-    fn parse_check_types(&mut self, meta: syn::meta::ParseNestedMeta<'_>) -> syn::Result<()> {
+    /// A bare word (`check_types`, `async_server`) into `slot`: it takes no value, and is
+    /// given once.
+    fn flag(slot: &mut Option<Ident>, meta: syn::meta::ParseNestedMeta<'_>) -> syn::Result<()> {
         let ident = meta.path.require_ident()?.clone();
         if !meta.input.is_empty() && !meta.input.peek(Token![,]) {
-            return Err(
-                meta.error("`check_types` takes no value: write `#[interface(check_types)]`")
-            );
+            let message = format!("`{ident}` takes no value: write `#[interface({ident})]`");
+            return Err(meta.error(message));
         }
-        if self.check_types.is_some() {
-            return Err(meta.error("`check_types` is given twice"));
+        if slot.is_some() {
+            return Err(meta.error(format!("`{ident}` is given twice")));
         }
-        self.check_types = Some(ident);
-        Ok(())
-    }
-
-    /// `async_server`, which takes no value.
-    fn parse_async_server(&mut self, meta: syn::meta::ParseNestedMeta<'_>) -> syn::Result<()> {
-        let ident = meta.path.require_ident()?.clone();
-        if !meta.input.is_empty() && !meta.input.peek(Token![,]) {
-            return Err(
-                meta.error("`async_server` takes no value: write `#[interface(async_server)]`")
-            );
-        }
-        if self.async_server.is_some() {
-            return Err(meta.error("`async_server` is given twice"));
-        }
-        self.async_server = Some(ident);
+        *slot = Some(ident);
         Ok(())
     }
 
