@@ -796,9 +796,8 @@ impl Lane {
     }
 
     /// [`Lane::token_of`] placement `seq`, which the message being encoded, whose payload
-    /// (envelope first) is `payload`, carries: its lane word says so. Out of line: a small
-    /// call places nothing.
-    #[inline(never)]
+    /// (envelope first) is `payload`, carries: its lane word says so. Only called from
+    /// [`Lane::carried_if_room`], out of line already.
     fn carried(&self, payload: &mut [u8], seq: u32) -> u32 {
         envelope::set_lane(payload, seq << SEQ_BITS);
         self.token_of(seq)
