@@ -1190,15 +1190,26 @@ where
         let client = client.clone();
         std::thread::spawn(move || client.reverse("c".into()))
     };
-    let first = b.recv().unwrap(); // the reader's call: it holds the role until a message
+    let first = recv_past_announcements(&b); // the reader's call: it holds the role
     let stderr = std::io::stderr().lock();
     let peer = std::thread::spawn(move || {
-        let second = b.recv().unwrap();
+        let second = recv_past_announcements(&b);
         peer(b, first, second)
     });
     let got = client.reverse("m".into());
     drop(stderr);
     (got, reader, peer)
+}
+
+/// The next message on `socket` other than an announcement (an end whose fd limit is not
+/// the default announces it as it starts).
+fn recv_past_announcements(socket: &typed_ipc::Socket) -> typed_ipc::Frame {
+    loop {
+        let message = socket.recv().unwrap();
+        if message.payload[0] != 5 {
+            return message;
+        }
+    }
 }
 
 /// The peer announces an inbox while another thread reads: the reader's line for it.

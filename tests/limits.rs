@@ -610,7 +610,7 @@ mod asynchronous {
     fn calls_work_with_no_room_for_announcements() {
         let _fds = fd_count_lock();
         runtime().block_on(async {
-            for max_fds in [None, Some(0)] {
+            for max_fds in [None, Some(0), Some(2)] {
                 let mut command = spawn("asynchronous::child_async_sums_sending_little", max_fds);
                 command
                     .env("TYPED_IPC_DEBUG", "1")
@@ -628,7 +628,7 @@ mod asynchronous {
                 conn.close();
                 let exit = typed_ipc::tokio::worker::wait(&mut worker).await.unwrap();
                 assert_eq!(exit, Exit::Code(0), "the worker served to the end");
-                super::assert_said_unsent(&trace.join().unwrap());
+                super::assert_said_unsent(&trace.join().unwrap(), max_fds);
             }
         });
     }
@@ -657,6 +657,44 @@ mod asynchronous {
         }
     }
 
+    /// [`super::bundled_rounds`], async: the server is a task.
+    async fn bundled_rounds(
+        client: typed_ipc::Limits,
+        server: typed_ipc::Limits,
+        lend: bool,
+    ) -> (
+        BundlesClient,
+        AsyncConnection,
+        tokio::task::JoinHandle<typed_ipc::Result<()>>,
+    ) {
+        let (mut a, mut b) = typed_ipc::Socket::pair().unwrap();
+        a.set_limits(client);
+        b.set_limits(server);
+        let b = AsyncConnection::new(b).unwrap();
+        b.lend_pages_to_peer(lend);
+        let serving = tokio::spawn(BundlesServer::new(BundlesImpl).serve(b));
+        let conn = AsyncConnection::new(a).unwrap();
+        conn.lend_pages_to_peer(lend);
+        let bundles = BundlesClient::new(conn.clone());
+        // The first reply says the server reads lanes.
+        assert_eq!(
+            bundles.check(memfds(0), vec![], memfds(0)).await.unwrap(),
+            (0, 0)
+        );
+        for (round, (first, then)) in super::FD_SPLITS.into_iter().enumerate() {
+            for len in super::BUNDLED_SIZES {
+                let got = bundles
+                    .check(memfds(first), vec![1; len], memfds(then))
+                    .await;
+                assert!(
+                    matches!(got, Ok((2, n)) if n == len as u64),
+                    "lend {lend}, round {round}, {len} bytes: {got:?}"
+                );
+            }
+        }
+        (bundles, conn, serving)
+    }
+
     /// [`super::a_message_with_all_the_fds_a_side_sends_still_carries_a_large_string`], async.
     #[test]
     fn a_message_with_all_the_fds_a_side_sends_still_carries_a_large_string() {
@@ -665,31 +703,8 @@ mod asynchronous {
         let before = open_fds();
         runtime().block_on(async {
             for lend in [false, true] {
-                let (mut a, mut b) = typed_ipc::Socket::pair().unwrap();
-                a.set_limits(super::sends_two_fds());
-                b.set_limits(Limits::default());
-                let b = AsyncConnection::new(b).unwrap();
-                b.lend_pages_to_peer(lend);
-                let serving = tokio::spawn(BundlesServer::new(BundlesImpl).serve(b));
-                let conn = AsyncConnection::new(a).unwrap();
-                conn.lend_pages_to_peer(lend);
-                let bundles = BundlesClient::new(conn.clone());
-                // The first reply says the server reads lanes.
-                assert_eq!(
-                    bundles.check(memfds(0), vec![], memfds(0)).await.unwrap(),
-                    (0, 0)
-                );
-                for (round, (first, then)) in super::FD_SPLITS.into_iter().enumerate() {
-                    for len in super::BUNDLED_SIZES {
-                        let got = bundles
-                            .check(memfds(first), vec![1; len], memfds(then))
-                            .await;
-                        assert!(
-                            matches!(got, Ok((2, n)) if n == len as u64),
-                            "lend {lend}, round {round}, {len} bytes: {got:?}"
-                        );
-                    }
-                }
+                let (bundles, conn, serving) =
+                    bundled_rounds(super::sends_two_fds(), Limits::default(), lend).await;
                 super::assert_three_over_two(
                     bundles.check(memfds(3), vec![1; 64 << 10], memfds(0)).await,
                 );
@@ -699,6 +714,33 @@ mod asynchronous {
                     conn.release_shared_memory(),
                     0,
                     "through the region, lend {lend}"
+                );
+                drop(bundles);
+                conn.close();
+                conn.wait_closed().await;
+                serving.await.unwrap().unwrap();
+            }
+        });
+        assert_eq!(open_fds(), before, "no fd left open");
+    }
+
+    /// [`super::a_message_with_all_the_fds_the_peer_accepts_still_carries_a_large_string`],
+    /// async.
+    #[test]
+    fn a_message_with_all_the_fds_the_peer_accepts_still_carries_a_large_string() {
+        use typed_ipc::Limits;
+        let _fds = fd_count_lock();
+        let before = open_fds();
+        runtime().block_on(async {
+            for lend in [false, true] {
+                let (bundles, conn, serving) =
+                    bundled_rounds(Limits::default(), super::accepts_two_fds(), lend).await;
+                let got = bundles.check(memfds(1), vec![2; 64 << 10], memfds(0)).await;
+                assert_eq!(got.unwrap(), (1, 64 << 10), "lend {lend}");
+                assert_ne!(
+                    conn.release_shared_memory(),
+                    0,
+                    "through the region beside one fd, lend {lend}"
                 );
                 drop(bundles);
                 conn.close();
@@ -1351,26 +1393,7 @@ fn a_message_with_all_the_fds_a_side_sends_still_carries_a_large_string() {
     let _fds = fd_count_lock();
     let before = open_fds();
     for lend in [false, true] {
-        let (mut a, mut b) = Socket::pair().unwrap();
-        a.set_limits(sends_two_fds());
-        b.set_limits(Limits::default());
-        let b = Connection::new(b);
-        b.lend_pages_to_peer(lend);
-        let server = std::thread::spawn(move || BundlesServer::new(BundlesImpl).serve(b));
-        let conn = Connection::new(a);
-        conn.lend_pages_to_peer(lend);
-        let bundles = BundlesClient::new(conn.clone());
-        // The first reply says the server reads lanes.
-        assert_eq!(bundles.check(memfds(0), vec![], memfds(0)).unwrap(), (0, 0));
-        for (round, (first, then)) in FD_SPLITS.into_iter().enumerate() {
-            for len in BUNDLED_SIZES {
-                let got = bundles.check(memfds(first), vec![1; len], memfds(then));
-                assert!(
-                    matches!(got, Ok((2, n)) if n == len as u64),
-                    "lend {lend}, round {round}, {len} bytes: {got:?}"
-                );
-            }
-        }
+        let (bundles, conn, server) = bundled_rounds(sends_two_fds(), Limits::default(), lend);
         assert_three_over_two(bundles.check(memfds(3), vec![1; 64 << 10], memfds(0)));
         let got = bundles.check(memfds(0), vec![2; 64 << 10], memfds(0));
         assert_eq!(got.unwrap(), (0, 64 << 10), "lend {lend}");
@@ -1378,6 +1401,72 @@ fn a_message_with_all_the_fds_a_side_sends_still_carries_a_large_string() {
             conn.release_shared_memory(),
             0,
             "through the region, lend {lend}"
+        );
+        drop((bundles, conn));
+        server.join().unwrap().unwrap();
+    }
+    assert_eq!(open_fds(), before, "no fd left open");
+}
+
+/// A `Bundles` client whose connection has the limits `client`, of a server on a thread
+/// whose connection has `server`, both lending pages to the peer or not (`lend`), once every
+/// split of two fds ([`FD_SPLITS`]) beside each of [`BUNDLED_SIZES`] went through.
+fn bundled_rounds(
+    client: Limits,
+    server: Limits,
+    lend: bool,
+) -> (
+    BundlesClient,
+    Connection,
+    std::thread::JoinHandle<typed_ipc::Result<()>>,
+) {
+    let (mut a, mut b) = Socket::pair().unwrap();
+    a.set_limits(client);
+    b.set_limits(server);
+    let b = Connection::new(b);
+    b.lend_pages_to_peer(lend);
+    let server = std::thread::spawn(move || BundlesServer::new(BundlesImpl).serve(b));
+    let conn = Connection::new(a);
+    conn.lend_pages_to_peer(lend);
+    let bundles = BundlesClient::new(conn.clone());
+    // The first reply says the server reads lanes.
+    assert_eq!(bundles.check(memfds(0), vec![], memfds(0)).unwrap(), (0, 0));
+    for (round, (first, then)) in FD_SPLITS.into_iter().enumerate() {
+        for len in BUNDLED_SIZES {
+            let got = bundles.check(memfds(first), vec![1; len], memfds(then));
+            assert!(
+                matches!(got, Ok((2, n)) if n == len as u64),
+                "lend {lend}, round {round}, {len} bytes: {got:?}"
+            );
+        }
+    }
+    (bundles, conn, server)
+}
+
+/// A side that accepts at most two fds a message (and sends the default).
+fn accepts_two_fds() -> Limits {
+    Limits {
+        max_fds: 2,
+        ..Limits::default()
+    }
+}
+
+/// A message carrying exactly as many fds as the peer accepts (`Limits::max_fds`) and a
+/// large byte string is taken in, however the fds and the string are ordered: the peer
+/// told this end its limit when the connection was made, so the string goes inline where
+/// the region's or the pipe's fd would leave no room, and out of line where it would.
+#[test]
+fn a_message_with_all_the_fds_the_peer_accepts_still_carries_a_large_string() {
+    let _fds = fd_count_lock();
+    let before = open_fds();
+    for lend in [false, true] {
+        let (bundles, conn, server) = bundled_rounds(Limits::default(), accepts_two_fds(), lend);
+        let got = bundles.check(memfds(1), vec![2; 64 << 10], memfds(0));
+        assert_eq!(got.unwrap(), (1, 64 << 10), "lend {lend}");
+        assert_ne!(
+            conn.release_shared_memory(),
+            0,
+            "through the region beside one fd, lend {lend}"
         );
         drop((bundles, conn));
         server.join().unwrap().unwrap();
@@ -1457,23 +1546,27 @@ fn read_on_a_thread(mut stderr: std::process::ChildStderr) -> std::thread::JoinH
 }
 
 /// Fails unless the worker's trace says both its announcements did not go out.
-fn assert_said_unsent(trace: &str) {
+fn assert_said_unsent(trace: &str, max_fds: Option<usize>) {
     let unsent = trace.matches("Announce not sent").count();
     assert_eq!(
         unsent, 2,
         "the trace says so of both announcements:\n{trace}"
     );
+    // Nor the one of its fd limit, which a side whose limit is not the default sends as its
+    // connection starts: the peer sends it every string inline instead.
+    let told = trace.contains("Announce of its fd limit not sent");
+    assert_eq!(told, max_fds == Some(2), "max_fds {max_fds:?}:\n{trace}");
 }
 
 /// A side whose `Limits::max_send_len` leaves no room for an announcement (40 bytes) does
 /// without them: it cannot offer its peer its memory (`accept_writes_from_peer` fails with
 /// `TooLarge`) nor its trust with pipes (dropped, which its trace says), and the peer's large
-/// strings go through the peer's region, or inline to a side that takes no fds. Every call
-/// works.
+/// strings go through the peer's region, or inline to a side that takes no fds or cannot
+/// tell the peer how many it takes (not the default). Every call works.
 #[test]
 fn calls_work_with_no_room_for_announcements() {
     let _fds = fd_count_lock();
-    for max_fds in [None, Some(0)] {
+    for max_fds in [None, Some(0), Some(2)] {
         let mut command = spawn("child_sums_sending_little", max_fds);
         command
             .env("TYPED_IPC_DEBUG", "1")
@@ -1493,6 +1586,6 @@ fn calls_work_with_no_room_for_announcements() {
             Exit::Code(0),
             "the worker served to the end"
         );
-        assert_said_unsent(&trace.join().unwrap());
+        assert_said_unsent(&trace.join().unwrap(), max_fds);
     }
 }

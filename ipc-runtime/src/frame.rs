@@ -72,14 +72,11 @@ pub struct Limits {
     /// pass their fd: they go inline (or are written into this end's memory, if it accepts
     /// that). Nor does this end, unless `max_send_fds` lets it send fds.
     ///
-    /// A small limit has one edge: the first large byte string the peer places in its shared
-    /// region (or pipes) also carries the region's (or pipe's) fd, and the peer does not know
-    /// this end's limit. A call carrying exactly `max_fds` fds of its own beside such a string
-    /// is refused on receipt (`TooManyFds` with `by_peer`, counting that fd too), and so is the
-    /// same call sent again, as the refused placement is given back. It goes through once the
-    /// region is announced: any message of the peer's that places a string beside fewer fds
-    /// announces it, and later placements carry no fd. A peer that sends such calls sends one
-    /// with a large string and fewer fds first.
+    /// A connection over a socket whose limit is another than the default tells its peer
+    /// the limit in a short message as it starts: the peer's large byte strings that travel
+    /// through its shared region or pipe carry that one's fd the first time, and the peer
+    /// sends inline any whose fd would take a message over the limit (a message carrying as
+    /// many fds of its own as this end accepts, say).
     pub max_fds: usize,
     /// Largest [`SealedBuffer`](crate::shared_buffer::SealedBuffer) or
     /// [`RegionView`](crate::shared_region::RegionView) accepted in a message, in bytes: the
@@ -96,8 +93,9 @@ pub struct Limits {
     /// At most `u32::MAX`, as `max_message_len`. Below 40 bytes, the short messages in which
     /// a connection offers its peer faster ways for the peer's large byte strings cannot go
     /// out (`lend_pages_to_peer`'s is dropped, `accept_writes_from_peer` fails with
-    /// `TooLarge`; `TYPED_IPC_DEBUG` says so): the peer then sends them through its shared
-    /// region, or inline. Calls work all the same.
+    /// `TooLarge`, a `max_fds` other than the default goes untold; `TYPED_IPC_DEBUG` says
+    /// so): the peer then sends them through its shared region, or inline (always inline to
+    /// a side whose `max_fds` went untold). Calls work all the same.
     pub max_send_len: Option<usize>,
     /// Most fds this side sends in one message: a message over it is refused before any of
     /// it goes out. `None` (the default): `max_fds`, what a peer with this side's limits
@@ -126,11 +124,15 @@ impl Limits {
     }
 }
 
+/// [`Limits::max_fds`] by default: what a connection takes its peer to accept until the peer
+/// says otherwise (it does if its limit is another).
+pub(crate) const DEFAULT_MAX_FDS: usize = 1024;
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_message_len: 1 << 30,
-            max_fds: 1024,
+            max_fds: DEFAULT_MAX_FDS,
             max_shared_len: 1 << 30,
             max_send_len: None,
             max_send_fds: None,

@@ -75,13 +75,14 @@ pub(crate) fn client_socket(n: &mut u64) -> (Socket, Socket) {
     (ours, theirs)
 }
 
-/// The client's next message that is not a failure reply: a client answers a mutated
-/// message it took for a request over its limits with one (envelope kind 4), before its
-/// next call.
+/// The client's next message that is not a failure reply or an announcement: a client
+/// answers a mutated message it took for a request over its limits with a failure (envelope
+/// kind 4), before its next call, and one with small limits announces its fd limit (kind 5)
+/// as it starts.
 fn recv_call(fake: &Socket) -> typed_ipc::Result<Frame> {
     loop {
         let frame = fake.recv_timeout(PATIENCE)?;
-        if frame.payload.first() != Some(&4) {
+        if !matches!(frame.payload.first(), Some(4 | 5)) {
             return Ok(frame);
         }
     }

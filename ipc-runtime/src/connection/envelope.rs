@@ -39,8 +39,9 @@ pub enum Kind {
     /// `u64`s, [`announcement`]). An inbox's address: the sender accepts byte strings written
     /// into its memory there. Address 0: whether it reads the peer's pipes (bit 0 of the
     /// token; the bits above count the changes, and the receiver keeps the latest).
-    /// Address 1: it gave back its shared region, whose inode number is the token. `cmd`,
-    /// `cookie`, `interface` and `signature` are zero.
+    /// Address 1: it gave back its shared region, whose inode number is the token. Address
+    /// 2: it accepts at most the token's count of fds in one message. `cmd`, `cookie`,
+    /// `interface` and `signature` are zero.
     Announce = 5,
     /// The sender will not serve the receiver and hangs up after this, its last message: the
     /// body is the reason (UTF-8, at most [`REASON_MAX`] bytes), which the receiver's calls

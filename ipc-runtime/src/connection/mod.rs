@@ -371,8 +371,9 @@ impl Connection {
         let lane = Lane::new(limits.max_message_len, limits.max_fds)
             .with_max_shared_len(limits.max_shared_len)
             .with_max_send_len(limits.send_len())
-            .with_max_send_fds(limits.send_fds());
-        Connection {
+            .with_max_send_fds(limits.send_fds())
+            .telling_max_fds();
+        let connection = Connection {
             shared: Arc::new(Shared {
                 socket,
                 peer,
@@ -389,7 +390,11 @@ impl Connection {
                 name: trace::Name::next(worker, peer.as_ref()),
                 lane,
             }),
+        };
+        if connection.shared.lane.tells_max_fds() {
+            connection.shared.tell_max_fds();
         }
+        connection
     }
 
     /// The peer's credentials, as the kernel recorded them when the connection was made. For
@@ -888,6 +893,28 @@ impl Shared {
             self.send_framed(buf, fds, deadline).map(|()| true)
         })
         .map(|placed| placed.expect("a waiting send sends the whole message or fails"))
+    }
+
+    /// Tells the peer how many fds this end accepts, as the connection starts, if the lane
+    /// does ([`Lane::telling_max_fds`]). Not if this side's limits leave no room for the
+    /// message: the peer then sends every large byte string inline.
+    #[cold]
+    fn tell_max_fds(&self) {
+        if let Err(e) = self.socket.check_outgoing(envelope::ANNOUNCE_LEN, 0) {
+            if self.trace {
+                trace::max_fds_unsent(&self.name, &e);
+            }
+            return;
+        }
+        let announcement = self.lane.max_fds_announcement();
+        // A peer already gone shows on the connection itself.
+        if self
+            .send(&Envelope::announce(), &announcement, None)
+            .is_ok()
+            && self.trace
+        {
+            trace::announce_max_fds(&self.name, self.socket.limits().max_fds);
+        }
     }
 
     /// Says that an announcement of this end's lane could not go out, if `e` says it was

@@ -954,11 +954,19 @@ fn a_oneway_timing_out_part_way_shuts_the_connection_down_rather_than_send_a_fra
     ));
 }
 
-/// A connection over a socket with `limits`, and its peer with the default ones.
+/// A connection over a socket with `limits`, and its peer with the default ones. The
+/// announcement of the first's fd limit, if it sends one, is taken out of the peer's socket
+/// already: the tests read that socket themselves, and large strings are none of theirs.
 fn limited_pair(limits: crate::frame::Limits) -> (Connection, Connection) {
     let (mut a, b) = crate::socket::Socket::pair().unwrap();
     a.set_limits(limits);
-    (Connection::new(a), Connection::new(b))
+    let (a, b) = (Connection::new(a), Connection::new(b));
+    if a.shared.lane.tells_max_fds() {
+        let told = b.socket().recv().unwrap();
+        let told = (envelope::announcement(&told.payload)).unwrap();
+        assert_eq!(told, (2, limits.max_fds as u64), "the fd limit");
+    }
+    (a, b)
 }
 
 /// Fails unless `refused` is this side's refusal of 5 fds over its limit of 4.

@@ -425,6 +425,26 @@ pub(crate) fn announce_unsent(name: &Name, e: &Error) {
     ));
 }
 
+/// This process told its peer that it accepts at most `max_fds` fds in a message (its
+/// `Limits::max_fds`, not the default), as its connection started.
+pub(crate) fn announce_max_fds(name: &Name, max_fds: usize) {
+    line(&format!(
+        "{name} -> Announce (accepts {})",
+        counted(max_fds, "fd")
+    ));
+}
+
+/// The announcement of this process's fd limit could not go out over this side's own
+/// limits (`e`): the peer sends it every large byte string inline.
+#[cold]
+#[inline(never)]
+pub(crate) fn max_fds_unsent(name: &Name, e: &Error) {
+    line(&format!(
+        "{name} -- Announce of its fd limit not sent, the peer sends its large byte strings \
+         inline: {e}"
+    ));
+}
+
 /// This process announced whether it trusts its peer with pipes (`lend_pages_to_peer`).
 pub(crate) fn announce_pipes(name: &Name, trusts: bool) {
     let trust = if trusts { "trusts" } else { "no longer trusts" };

@@ -25,7 +25,11 @@
 //!   strings inline, or written into its memory if it announced an inbox (no fd needed);
 //!   its acknowledgements (bits 0..10, 22) count all the same. What it sends is another
 //!   limit (`Limits::send_fds`): one that accepts no fd but sends some still places and
-//!   pipes its own strings, if the peer reads lanes.
+//!   pipes its own strings, if the peer reads lanes. An end that accepts fds, but not the
+//!   default 1,024, tells the peer how many in an announcement with mailbox
+//!   [`MAX_FDS_MAILBOX`], the first message whose lane word sets bit 23; a string whose
+//!   placement's fd would take its message over that (or over what this end sends) goes
+//!   inline.
 //!   Both flavours (this connection and the async one) keep a `Lane` and speak this
 //!   protocol.
 //! - An end is done with a placement once it has copied it out, or once it is done with the
@@ -84,14 +88,14 @@ mod tests;
 
 use parking_lot::{Mutex, MutexGuard};
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use serde::Serialize;
 
 use super::envelope::{self, Envelope, Kind};
 use crate::codec;
 use crate::error::Result;
-use crate::frame::Frame;
+use crate::frame::{DEFAULT_MAX_FDS, Frame};
 use crate::peer_memory::{Inbox, PeerMemory};
 use crate::pipe::{self, InPipe};
 use crate::shared_region::RegionView;
@@ -131,6 +135,12 @@ const PIPES_MAILBOX: u64 = 0;
 /// if it is the one it maps. By inode, not by order: an async end may send the announcement
 /// from a task, after a placement that announced a new region.
 const RETIRED_MAILBOX: u64 = 1;
+/// The mailbox address of an announcement that says how many fds its sender accepts in one
+/// message (the token), sent by an end whose limit is not the default a peer assumes
+/// ([`DEFAULT_MAX_FDS`]) as the first message in which it says it reads lanes: the peer
+/// then places no string whose message would carry more fds than that with the region's or
+/// the pipe's.
+const MAX_FDS_MAILBOX: u64 = 2;
 /// Bits of a sequence number in the lane word.
 const SEQ_BITS: u32 = 11;
 const SEQ_MASK: u32 = (1 << SEQ_BITS) - 1;
@@ -207,7 +217,8 @@ pub(crate) struct Lane {
     /// (`Limits::max_shared_len`): the codec asks the store it decodes with
     /// ([`OutOfLine::max_shared_len`](crate::codec::OutOfLine::max_shared_len)).
     max_shared_len: usize,
-    /// Most fds a message this end sends may carry (`Limits::send_fds`): the region's and
+    /// Most fds a message this end sends may carry (`Limits::send_fds`; the peer's
+    /// [`Lane::peer_max_fds`] bounds it too): the region's and
     /// the pipe's travel so, and a message carrying one over this would be refused unsent
     /// (`TooManyFds`) although its sender passed no more fds than it may send. With none,
     /// strings go inline (or into the peer's memory, which needs no fd); a message whose own
@@ -215,6 +226,14 @@ pub(crate) struct Lane {
     /// ([`Lane::encode`]). Whether this end reads the peer's lanes is `max_fds`'s alone
     /// ([`READS_LANES`] in `consumed`): an end may send fds and accept none.
     max_send_fds: usize,
+    /// Most fds a message this end accepts (`Limits::max_fds`), which it tells the peer if
+    /// that is not the default ([`Lane::telling_max_fds`]).
+    max_fds: usize,
+    /// Most fds a message the peer accepts: the default until the peer says otherwise, which
+    /// it does before its lane words say it reads lanes ([`MAX_FDS_MAILBOX`]). A placement
+    /// whose fd would take a message over it gives way to the string inline, as one over
+    /// `max_send_fds` does.
+    peer_max_fds: AtomicUsize,
     /// Messages that carry a placement of this end's and may still be on their way out:
     /// encoded, and not yet sent or given up ([`Lane::sent`]). While there are any, the
     /// region is neither replaced nor given back. Such a message names the region's fd by its
@@ -251,6 +270,8 @@ impl Lane {
             max_len: max_len.min(MAX),
             max_send_len: max_len.min(MAX),
             max_send_fds: max_fds,
+            max_fds,
+            peer_max_fds: AtomicUsize::new(DEFAULT_MAX_FDS),
             sending: AtomicU32::new(0),
             inbox: Mutex::new(None),
             inbox_taken: AtomicBool::new(false),
@@ -288,6 +309,36 @@ impl Lane {
         }
     }
 
+    /// This lane, if the peer cannot assume how many fds this end accepts (its `max_fds` is
+    /// neither 0, when it reads no lanes, nor the default), saying that it reads lanes only
+    /// once it has told the peer ([`Lane::max_fds_announcement`]), which the connection does
+    /// as it starts: a message carrying as many fds as this end accepts beside a string
+    /// whose placement announces the region would be refused with the region's fd. Without
+    /// the announcement (no room for it under `Limits::max_send_len`) the peer sends this
+    /// end every string inline.
+    pub(crate) fn telling_max_fds(self) -> Lane {
+        match self.tells_max_fds() {
+            true => Lane {
+                consumed: AtomicU64::new(0),
+                ..self
+            },
+            false => self,
+        }
+    }
+
+    /// Whether this end tells the peer how many fds it accepts ([`Lane::telling_max_fds`]).
+    pub(crate) fn tells_max_fds(&self) -> bool {
+        self.max_fds != 0 && self.max_fds != DEFAULT_MAX_FDS
+    }
+
+    /// The announcement that tells the peer how many fds this end accepts, made under the
+    /// send lock of the message carrying it: this end says it reads lanes from that message
+    /// on, so the peer knows the limit before it places anything.
+    pub(crate) fn max_fds_announcement(&self) -> (u64, u64) {
+        self.consumed.fetch_or(READS_LANES.into(), Ordering::AcqRel);
+        (MAX_FDS_MAILBOX, self.max_fds as u64)
+    }
+
     /// Lets this end write byte strings of [`peer_memory::MIN`] to
     /// [`peer_memory::CAPACITY`] bytes straight into `memory`, the peer's, once the peer
     /// announces an inbox ([`Lane::on_announce`]).
@@ -309,15 +360,23 @@ impl Lane {
     /// The peer announced its inbox: written into from now on, if this end may write it. Or,
     /// with [`PIPES_MAILBOX`], whether it reads this end's pipes (bit 0 of `token`), kept if it
     /// is the latest change (the count above); or, with [`RETIRED_MAILBOX`], that it gave back
-    /// its region.
+    /// its region; or, with [`MAX_FDS_MAILBOX`], how many fds it accepts (taken in already
+    /// with the lane word of its message, [`Lane::peer_reads_from`]).
     pub(crate) fn on_announce(&self, mailbox: u64, token: u64) {
         match mailbox {
             PIPES_MAILBOX => {
                 self.peer_takes_pipes.fetch_max(token, Ordering::Relaxed);
             }
             RETIRED_MAILBOX => self.unmap_retired(token),
+            MAX_FDS_MAILBOX => self.peer_accepts_fds(token),
             _ => *self.peer_mailbox.lock() = Some((mailbox, token)),
         }
+    }
+
+    /// The peer accepts at most `max_fds` fds in a message.
+    fn peer_accepts_fds(&self, max_fds: u64) {
+        let max_fds = usize::try_from(max_fds).unwrap_or(usize::MAX);
+        self.peer_max_fds.store(max_fds, Ordering::Relaxed);
     }
 
     /// The peer gave back its region whose inode number is `inode`: unmapped here too, if it
@@ -598,7 +657,7 @@ impl Lane {
     #[inline]
     pub(crate) fn on_message(&self, payload: &mut [u8]) {
         let word = envelope::lane(payload);
-        self.on_word(word);
+        self.on_word(word, payload);
         let carried = word >> SEQ_BITS & SEQ_MASK;
         if carried != 0 {
             self.stamp(payload, word);
@@ -639,12 +698,14 @@ impl Lane {
         self.taken[word].fetch_or(bit, Ordering::Relaxed);
     }
 
-    /// Takes in the lane word of an envelope the peer sent. Its acknowledgement counts even
-    /// if the peer does not read lanes: one whose limits allow no fds takes strings written
-    /// into its memory all the same (a peer that ignores lanes acknowledges nothing).
-    fn on_word(&self, word: u32) {
+    /// Takes in the lane word of an envelope the peer sent, in the message `payload`. Its
+    /// acknowledgement counts even if the peer does not read lanes: one whose limits allow
+    /// no fds takes strings written into its memory all the same (a peer that ignores lanes
+    /// acknowledges nothing).
+    #[inline(always)]
+    fn on_word(&self, word: u32, payload: &[u8]) {
         if word & READS_LANES != 0 && !self.peer_reads.load(Ordering::Relaxed) {
-            self.peer_reads.store(true, Ordering::Relaxed);
+            self.peer_reads_from(payload);
         }
         let seq = word & SEQ_MASK;
         if seq == 0 {
@@ -770,10 +831,26 @@ impl Lane {
         }
     }
 
+    /// The first lane word that says the peer reads lanes came in `payload`. If that message
+    /// is the peer's announcement of how many fds it accepts ([`MAX_FDS_MAILBOX`]), which it
+    /// sends as its first such message, the limit is taken in before anything is placed.
+    #[cold]
+    #[inline(never)]
+    fn peer_reads_from(&self, payload: &[u8]) {
+        if envelope::kind_byte(payload) == Some(Kind::Announce as u8)
+            && let Ok((MAX_FDS_MAILBOX, max_fds)) = envelope::announcement(payload)
+        {
+            self.peer_accepts_fds(max_fds);
+        }
+        // Released: a placement that sees it sees the limit too.
+        self.peer_reads.store(true, Ordering::Release);
+    }
+
     /// [`Lane::carried`] placement `seq` in the message encoded into `buf`, if the message
     /// has room for the fds it carries (`encoded`: its encode went well). If not, the region's
     /// or pipe's fd did not fit beside the message's own (placed before them, the string
-    /// could not know how many would follow): the placement is given back and the message
+    /// could not know how many would follow; the room is what this end sends and the peer
+    /// accepts, whichever is less): the placement is given back and the message
     /// emptied to its envelope, for [`Lane::encode`] to encode again with every string
     /// inline; it then goes out after all, or, with more fds of its own than this end sends,
     /// is refused with their count rather than one more. Out of line: a small call places
@@ -786,7 +863,8 @@ impl Lane {
         seq: u32,
         encoded: bool,
     ) -> Option<u32> {
-        if encoded && fds.len() > self.max_send_fds {
+        let room = (self.max_send_fds).min(self.peer_max_fds.load(Ordering::Relaxed));
+        if encoded && fds.len() > room {
             self.never_sent(self.token_of(seq));
             buf.truncate(envelope::FRAMED_AT + envelope::LEN);
             fds.clear();

@@ -26,7 +26,7 @@ impl OutOfLine for Lane {
             || self.max_send_fds == 0
             || !self.lends(Ordering::Relaxed)
             || !self.peer_takes_pipes()
-            || !self.peer_reads.load(Ordering::Relaxed)
+            || !self.peer_reads.load(Ordering::Acquire)
             || self.busy.load(Ordering::Acquire) != 0
         {
             return None;
@@ -108,7 +108,7 @@ impl OutOfLine for Lane {
         }
         // A peer that does not read lanes takes no fd: no region, but it may still take a
         // string written into its memory (if it announced an inbox).
-        let reads = self.peer_reads.load(Ordering::Relaxed);
+        let reads = self.peer_reads.load(Ordering::Acquire);
         let writes = (peer_memory::MIN..=peer_memory::CAPACITY).contains(&len);
         if !reads && !writes {
             return None;

@@ -76,7 +76,7 @@ fn a_stalled_write_into_the_peer_holds_up_no_other_call() {
 
     set_one_copy(OneCopy::Always);
     let lane = Arc::new(Lane::new(MAX, usize::MAX));
-    lane.on_word(READS_LANES);
+    lane.on_word(READS_LANES, &[]);
     // The peer's mailbox (this process stands in for the peer): its buffer is the mapping.
     let token = 0x5eed_u64 | 1;
     let mailbox: &'static [AtomicU64; 5] = Box::leak(Box::new([
@@ -93,7 +93,7 @@ fn a_stalled_write_into_the_peer_holds_up_no_other_call() {
     let Some(Placement::Region(placed, _)) = lane.put(&[1u8; 4096]) else {
         panic!("placed in the region");
     };
-    lane.on_word(READS_LANES | placed.seq);
+    lane.on_word(READS_LANES | placed.seq, &[]);
     assert!(!lane.is_busy());
     // Another call writes a string into the peer, and the write stalls.
     let writer = {
@@ -150,17 +150,17 @@ fn place(a: &Lane, bytes: &[u8]) -> (crate::codec::Placed, Option<std::os::fd::O
 fn a_lap_of_placements() -> (Lane, Lane, u32, Vec<u8>) {
     use crate::codec::OutOfLine;
     let (a, b) = (Lane::new(MAX, usize::MAX), Lane::new(MAX, usize::MAX));
-    a.on_word(READS_LANES);
+    a.on_word(READS_LANES, &[]);
     let first = vec![1u8; 4096];
     let (placed, fd) = place(&a, &first);
     b.on_message(&mut carrying(placed.seq));
     assert_eq!(b.take(&placed, Ok(fd)).unwrap(), first);
-    a.on_word(b.word(0));
+    a.on_word(b.word(0), &[]);
     for _ in 0..SEQ_MASK - 1 {
         let (p, fd) = place(&a, &first);
         b.on_message(&mut carrying(p.seq));
         b.take(&p, Ok(fd)).unwrap();
-        a.on_word(b.word(0));
+        a.on_word(b.word(0), &[]);
     }
     (a, b, placed.seq, first)
 }
@@ -203,14 +203,14 @@ fn a_message_finished_a_lap_later_does_not_give_back_the_placement_of_its_number
     let mut newer_request = carrying(placed.seq);
     b.on_message(&mut newer_request);
     b.finished(&request); // the old handler ends
-    a.on_word(b.word(0));
+    a.on_word(b.word(0), &[]);
     let _ = a.put(&[3u8; 4096]); // the next string, if the lane were idle
     assert!(
         b.take(&placed, Ok(None)).unwrap() == new,
         "the bytes placed were overwritten"
     );
     b.finished(&newer_request);
-    a.on_word(b.word(0));
+    a.on_word(b.word(0), &[]);
     assert!(!a.is_busy(), "the placement read was acknowledged");
     // A request refused unread (say), finished before anything else came in: its end gives
     // its placement back.
@@ -219,7 +219,7 @@ fn a_message_finished_a_lap_later_does_not_give_back_the_placement_of_its_number
     b.on_message(&mut refused_request);
     b.finished(&refused_request);
     assert_eq!(b.word(0) & (SEQ_MASK | UNREAD), refused.seq | UNREAD);
-    a.on_word(b.word(0));
+    a.on_word(b.word(0), &[]);
     assert!(!a.is_busy(), "the placement finished unread was given back");
 }
 
@@ -260,7 +260,7 @@ fn a_byte_string_over_the_limit_is_refused_as_over_it_whichever_way_it_came() {
     };
     // The peer's region, announced with this string, whose limits allow more.
     let peer = Lane::new(MAX, usize::MAX);
-    peer.on_word(READS_LANES);
+    peer.on_word(READS_LANES, &[]);
     let (placed, fd) = place(&peer, &[7; 2000]);
     assert!(fd.is_some(), "the message announces the region");
     assert_eq!(over(lane.take(&placed, Ok(fd))), (2000, 1500));
@@ -348,13 +348,13 @@ fn a_region_shrinks_to_its_strings_only_after_the_period_without_a_large_one() {
 fn a_region_replaced_by_a_smaller_one_is_announced_and_mapped_instead() {
     use crate::codec::OutOfLine;
     let (a, b) = (Lane::new(MAX, usize::MAX), Lane::new(MAX, usize::MAX));
-    a.on_word(READS_LANES);
+    a.on_word(READS_LANES, &[]);
     let exchange = |len: usize| {
         let bytes = vec![len as u8; len];
         let (placed, fd) = place(&a, &bytes);
         let announced = fd.is_some();
         assert!(b.take(&placed, Ok(fd)).unwrap() == bytes);
-        a.on_word(b.word(0));
+        a.on_word(b.word(0), &[]);
         announced
     };
     let mapped = || b.incoming.lock().as_ref().map(RegionView::len);
@@ -379,13 +379,13 @@ fn a_region_replaced_by_a_smaller_one_is_announced_and_mapped_instead() {
 fn a_retired_region_is_unmapped_by_the_peer_if_it_is_the_one_mapped() {
     use crate::codec::OutOfLine;
     let (a, b) = (Lane::new(MAX, usize::MAX), Lane::new(MAX, usize::MAX));
-    a.on_word(READS_LANES);
+    a.on_word(READS_LANES, &[]);
     assert_eq!(a.retire_region(), None, "no region yet");
     let bytes = vec![7u8; 1 << 20];
     let (placed, fd) = place(&a, &bytes);
     assert_eq!(a.retire_region(), None, "a string in flight keeps it");
     b.take(&placed, Ok(fd)).unwrap();
-    a.on_word(b.word(0));
+    a.on_word(b.word(0), &[]);
     let Retired {
         len, announcement, ..
     } = a.retire_region().expect("idle: given back");
@@ -401,7 +401,7 @@ fn a_retired_region_is_unmapped_by_the_peer_if_it_is_the_one_mapped() {
     let newer = a.retire_region().and_then(|r| r.announcement);
     assert!(newer.is_none(), "busy: kept");
     b.take(&placed, Ok(fd)).unwrap();
-    a.on_word(b.word(0));
+    a.on_word(b.word(0), &[]);
     b.on_announce(mailbox, inode);
     assert_eq!(
         b.incoming.lock().as_ref().map(RegionView::len),
@@ -436,10 +436,10 @@ fn the_peer_keeps_the_latest_word_on_pipes_whatever_order_it_comes_in() {
 fn a_region_given_back_after_its_announcement_went_unread_is_unmapped_by_the_peer_too() {
     use crate::codec::OutOfLine;
     let (a, b) = (Lane::new(MAX, usize::MAX), Lane::new(MAX, usize::MAX));
-    a.on_word(READS_LANES);
+    a.on_word(READS_LANES, &[]);
     let (placed, fd) = place(&a, &vec![1u8; 1 << 20]);
     b.take(&placed, Ok(fd)).unwrap();
-    a.on_word(b.word(0));
+    a.on_word(b.word(0), &[]);
     a.out.lock().age(outgoing::SHRINK_AFTER);
     let (placed, fd) = place(&a, &[2u8; 4096]);
     assert!(fd.is_some(), "a new, smaller region, announced");
@@ -448,7 +448,7 @@ fn a_region_given_back_after_its_announcement_went_unread_is_unmapped_by_the_pee
     b.on_message(&mut message);
     drop(fd);
     b.finished(&message);
-    a.on_word(b.word(0));
+    a.on_word(b.word(0), &[]);
     assert!(!a.is_busy(), "given back unread");
     assert_eq!(
         b.incoming.lock().as_ref().map(RegionView::len),
@@ -474,12 +474,12 @@ fn a_region_given_back_after_its_announcement_went_unread_is_unmapped_by_the_pee
 fn a_region_is_kept_while_a_message_naming_it_is_on_its_way_out() {
     use crate::codec::{OutOfLine, Placement};
     let a = Lane::new(MAX, usize::MAX);
-    a.on_word(READS_LANES);
+    a.on_word(READS_LANES, &[]);
     let Some(Placement::Region(placed, fd)) = a.put(&[1u8; 4096]) else {
         panic!("placed in the region");
     };
     assert!(fd.is_some(), "the message announces the region");
-    a.on_word(READS_LANES | placed.seq); // acknowledged before it was sent
+    a.on_word(READS_LANES | placed.seq, &[]); // acknowledged before it was sent
     assert!(!a.is_busy());
     assert_eq!(
         a.retire_region(),
@@ -504,12 +504,12 @@ fn a_region_is_kept_while_a_message_naming_it_is_on_its_way_out() {
 fn a_placement_is_taken_once_per_message_that_carries_it() {
     use crate::codec::{OutOfLine, Unfetched};
     let (a, b) = (Lane::new(MAX, usize::MAX), Lane::new(MAX, usize::MAX));
-    a.on_word(READS_LANES);
+    a.on_word(READS_LANES, &[]);
     let first = vec![1u8; 4096];
     let (placed, fd) = place(&a, &first);
     b.on_message(&mut carrying(placed.seq));
     assert!(b.take(&placed, Ok(fd)).unwrap() == first);
-    a.on_word(b.word(0));
+    a.on_word(b.word(0), &[]);
     let (next, _) = place(&a, &[2u8; 4096]); // over the first, at offset 0
     match b.take(&placed, Ok(None)) {
         Err(Unfetched::Bad(why)) => assert!(why.contains("taken already"), "{why}"),
@@ -534,7 +534,7 @@ fn a_piped_string_is_taken_once_per_message_that_carries_it() {
     use crate::shared_bytes::SharedBytes;
     use std::os::fd::BorrowedFd;
     let (a, b) = (Lane::new(MAX, usize::MAX), Lane::new(MAX, usize::MAX));
-    a.on_word(READS_LANES);
+    a.on_word(READS_LANES, &[]);
     let (_, a_lends) = a.lend_pages(true).expect("a change");
     let (mailbox, b_lends) = b.lend_pages(true).expect("a change");
     a.on_announce(mailbox, b_lends);
@@ -551,7 +551,7 @@ fn a_piped_string_is_taken_once_per_message_that_carries_it() {
     let (piped, fd) = pipe(&first);
     b.on_message(&mut carrying(piped.seq));
     assert!(b.take_piped(&piped, Ok(fd), &[]).unwrap() == *first);
-    a.on_word(b.word(0));
+    a.on_word(b.word(0), &[]);
     let second = SharedBytes::from(vec![2u8; len]);
     let (next, _) = pipe(&second);
     b.on_message(&mut carrying(next.seq));
@@ -583,11 +583,11 @@ impl<'de> serde::Deserialize<'de> for DecodesInside {
 fn a_nested_decode_does_not_take_the_placement_of_its_message_again() {
     use crate::codec::{Bytes, OutOfLine};
     let (a, b) = (Lane::new(MAX, usize::MAX), Lane::new(MAX, usize::MAX));
-    a.on_word(READS_LANES);
+    a.on_word(READS_LANES, &[]);
     let (announcing, fd) = place(&a, &[4u8; 4096]);
     b.on_message(&mut carrying(announcing.seq));
     b.take(&announcing, Ok(fd)).unwrap();
-    a.on_word(b.word(0));
+    a.on_word(b.word(0), &[]);
     let big = vec![5u8; 4096];
     let (placed, fd) = place(&a, &big);
     assert!(fd.is_none(), "the region is announced already");
@@ -613,11 +613,11 @@ fn a_nested_decode_does_not_take_the_placement_of_its_message_again() {
 fn placements_never_sent_do_not_keep_the_peer_from_acknowledging_the_next() {
     use crate::codec::{OutOfLine, Placement};
     let (a, b) = (Lane::new(MAX, usize::MAX), Lane::new(MAX, usize::MAX));
-    a.on_word(READS_LANES);
+    a.on_word(READS_LANES, &[]);
     let (placed, fd) = place(&a, &[1u8; 4096]);
     b.on_message(&mut carrying(placed.seq));
     b.take(&placed, Ok(fd)).unwrap();
-    a.on_word(b.word(0));
+    a.on_word(b.word(0), &[]);
     for _ in 0..SEQ_MASK / 2 + 1 {
         let Some(Placement::Region(unsent, _)) = a.put(&[2u8; 4096]) else {
             panic!("placed in the region");
@@ -627,7 +627,7 @@ fn placements_never_sent_do_not_keep_the_peer_from_acknowledging_the_next() {
     let (placed, _) = place(&a, &[3u8; 4096]);
     b.on_message(&mut carrying(placed.seq));
     assert!(b.take(&placed, Ok(None)).unwrap() == [3u8; 4096]);
-    a.on_word(b.word(0));
+    a.on_word(b.word(0), &[]);
     assert!(
         !a.is_busy(),
         "the peer did not acknowledge the string it read"
@@ -648,11 +648,11 @@ fn a_lane_word_read_before_another_does_not_reach_this_end_after_it() {
     let (a, b) = crate::Socket::pair().unwrap();
     let (a, b) = (Connection::new(a), Connection::new(b));
     let (a, b) = (a.shared.clone(), b.shared.clone());
-    a.lane.on_word(READS_LANES);
+    a.lane.on_word(READS_LANES, &[]);
     let (first, fd) = place(&a.lane, &[1u8; 4096]);
     b.lane.on_message(&mut carrying(first.seq));
     b.lane.take(&first, Ok(fd)).unwrap();
-    a.lane.on_word(b.lane.word(0)); // an earlier message of the peer's
+    a.lane.on_word(b.lane.word(0), &[]); // an earlier message of the peer's
     let oneway = Envelope {
         kind: Kind::Oneway,
         cmd: 1,
@@ -695,7 +695,7 @@ fn a_lap_after_the_peers_two_messages(a: &super::super::Shared, peer: &Lane) {
     let new = vec![4u8; 4096];
     let (placed, _) = place(&a.lane, &new);
     peer.on_message(&mut carrying(placed.seq));
-    a.lane.on_word(peer.word(0)); // the peer's next message, before it reads the string
+    a.lane.on_word(peer.word(0), &[]); // the peer's next message, before it reads the string
     let _ = a.lane.put(&[5u8; 4096]); // the next string, if the lane were idle
     assert!(
         peer.take(&placed, Ok(None)).unwrap() == new,
@@ -732,11 +732,11 @@ fn an_async_lane_word_read_before_another_does_not_reach_this_end_after_it() {
         .build()
         .unwrap();
     let b = runtime.block_on(async { AsyncConnection::new(theirs).unwrap() });
-    a.lane.on_word(READS_LANES);
+    a.lane.on_word(READS_LANES, &[]);
     let (first, fd) = place(&a.lane, &[1u8; 4096]);
     b.test_lane().on_message(&mut carrying(first.seq));
     b.test_lane().take(&first, Ok(fd)).unwrap();
-    a.lane.on_word(b.test_lane().word(0)); // an earlier message of the peer's
+    a.lane.on_word(b.test_lane().word(0), &[]); // an earlier message of the peer's
     let (a2, b2) = (a.clone(), b.clone());
     let meanwhile = move || {
         let (second, _) = place(&a2.lane, &[2u8; 4096]);
@@ -798,4 +798,36 @@ fn an_acknowledgement_written_under_the_send_lock_keeps_the_rest_of_the_envelope
     let mut short = [Kind::Oneway as u8, 0xff, 0xff];
     no_fds.acknowledge_in(&mut short);
     assert_eq!(short, [Kind::Oneway as u8, 0xff, 0xff]);
+}
+
+/// An end that accepts fds, but not the default count, says it reads lanes first in the
+/// message that tells its limit, and the peer takes the limit in with that message's lane
+/// word: before the word lets it place anything, so no placement's fd can take a message
+/// over the limit. Ends with the default, or no fds, tell nothing.
+#[test]
+fn a_peer_learns_an_fd_limit_before_it_may_place() {
+    let b = Lane::new(MAX, 2).telling_max_fds();
+    assert!(b.tells_max_fds());
+    assert_eq!(b.word(0) & READS_LANES, 0, "not before its limit is told");
+    let (mut buf, mut fds) = (Vec::new(), Vec::new());
+    let announcement = b.max_fds_announcement();
+    let placed = b.encode(&Envelope::announce(), &announcement, &mut buf, &mut fds);
+    assert_eq!(placed.unwrap(), 0);
+    let mut payload = buf.split_off(envelope::FRAMED_AT);
+    b.acknowledge_in(&mut payload);
+    assert_ne!(
+        envelope::lane(&payload) & READS_LANES,
+        0,
+        "from that message on"
+    );
+    let a = Lane::new(MAX, usize::MAX);
+    assert_eq!(a.peer_max_fds.load(Ordering::Relaxed), DEFAULT_MAX_FDS);
+    a.on_message(&mut payload);
+    assert!(a.peer_reads.load(Ordering::Relaxed));
+    assert_eq!(a.peer_max_fds.load(Ordering::Relaxed), 2);
+    for max_fds in [0, DEFAULT_MAX_FDS] {
+        let lane = Lane::new(MAX, max_fds).telling_max_fds();
+        assert!(!lane.tells_max_fds(), "{max_fds}");
+        assert_eq!(lane.word(0) & READS_LANES != 0, max_fds != 0, "{max_fds}");
+    }
 }

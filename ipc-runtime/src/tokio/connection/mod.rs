@@ -259,7 +259,8 @@ impl AsyncConnection {
         let lane = Lane::new(limits.max_message_len, limits.max_fds)
             .with_max_shared_len(limits.max_shared_len)
             .with_max_send_len(limits.send_len())
-            .with_max_send_fds(limits.send_fds());
+            .with_max_send_fds(limits.send_fds())
+            .telling_max_fds();
         let tasks = Arc::new(Tasks::default());
         let reader = tasks.enter();
         let inner = Arc::new(Inner {
@@ -286,6 +287,9 @@ impl AsyncConnection {
             name: trace::Name::next(worker, peer.as_ref()),
             lane,
         });
+        if inner.lane.tells_max_fds() {
+            inner.tell_max_fds();
+        }
         // Not under any lock: a runtime closing drops the task at once, inside `spawn`, and
         // its `ReaderEnding` ends the connection, taking the state lock.
         let ending = ReaderEnding::new(inner.clone(), reader);

@@ -181,7 +181,24 @@ impl Inner {
         });
     }
 
-    /// Says that an announcement of this end's lane could not go out, if `e` says it was
+    /// Tells the peer how many fds this end accepts, as the connection starts, if the lane
+    /// does (as the blocking flavour's `Shared::tell_max_fds`, which says why): at once on a
+    /// new socket, which has room.
+    #[cold]
+    pub(super) fn tell_max_fds(self: &Arc<Self>) {
+        let len = crate::connection::envelope::ANNOUNCE_LEN;
+        if let Err(e) = self.socket().check_outgoing(len, 0) {
+            if self.trace {
+                trace::max_fds_unsent(&self.name, &e);
+            }
+            return;
+        }
+        let (name, max_fds) = (self.name, self.socket().limits().max_fds);
+        self.announce(Lane::max_fds_announcement, move |_| {
+            trace::announce_max_fds(&name, max_fds);
+        });
+    }
+
     /// over this side's limits and tracing is on (a peer gone shows on the connection).
     #[cold]
     #[inline(never)]
