@@ -93,7 +93,7 @@ const SCENES: [Scene; 3] = [
 /// A frame's statistics. In the stats buffer: the mean as an `f64`, then the histogram's
 /// bins as `u32`s, all little-endian.
 #[derive(Debug)]
-struct Stats {
+pub struct Stats {
     mean: f64,
     histogram: [u32; BINS],
 }
@@ -259,9 +259,23 @@ fn frame_buffer(name: &str, size: usize) -> Result<File, Box<dyn Error>> {
     Ok(file)
 }
 
-fn read_stats(stats: OwnedFd) -> Result<Stats, Box<dyn Error>> {
+/// Bytes of a stats buffer: the mean, then the bins.
+pub const STATS_LEN: usize = 8 + 4 * BINS;
+
+/// Reads the stats the worker sent. The worker is not trusted, and a bare fd is not checked
+/// on its way in: the buffer is read into memory of the size stats take, never of the size
+/// the worker's file says (a sparse memfd can claim a terabyte), and only from a regular file
+/// (a pipe whose write end the worker kept would hold this read up for as long as it liked).
+pub fn read_stats(stats: OwnedFd) -> Result<Stats, Box<dyn Error>> {
     let file = File::from(stats);
-    let mut bytes = vec![0; file.metadata()?.len() as usize];
+    let metadata = file.metadata()?;
+    if !metadata.is_file() || metadata.len() != STATS_LEN as u64 {
+        let what = format!("{:?} of {} bytes", metadata.file_type(), metadata.len());
+        return Err(
+            format!("a stats buffer must be a file of {STATS_LEN} bytes, not a {what}").into(),
+        );
+    }
+    let mut bytes = [0; STATS_LEN];
     file.read_exact_at(&mut bytes, 0)?;
     Ok(Stats::from_bytes(&bytes).ok_or("a malformed stats buffer")?)
 }

@@ -278,6 +278,12 @@ use quote::quote;
 ///   An `OwnedFd` inside your own serde type needs `#[serde(with = "typed_ipc::fd")]` on the
 ///   field (`#[serde(with = "typed_ipc::fds")]` for an `Option<OwnedFd>` or `Vec<OwnedFd>`
 ///   field); an `OwnedFd` anywhere else in a parameter or return type is a compile error.
+///   Nothing checks what an fd is: one from an untrusted peer may be a pipe or socket whose
+///   reads never end, a FUSE file, or a sparse memfd whose size claims a terabyte. Check it
+///   before you read it (`fstat`: a regular file, of at most the size you expect) and read
+///   into a buffer of the size you expect, never of the size the file says (the demo's
+///   `read_stats`); or take a `SealedBuffer`, which its receiver's
+///   `Limits::max_shared_len` bounds and whose seals keep its sender from changing it.
 /// - `Vec<u8>` travels as one byte string rather than byte by byte.
 /// - typed-ipc's writable shared memory stays with the process that made it: a parameter or
 ///   return type spelled `SharedBuffer` or `SharedRegion` (alone or under typed-ipc's paths)
