@@ -168,6 +168,14 @@ impl Worker {
     /// A program that cannot start fails with [`Error::Io`] of the OS error's kind
     /// (`NotFound`, `PermissionDenied`, ...), whose message names the program. So does one
     /// whose exit cannot be watched (no thread could start): the child is killed then.
+    ///
+    /// Calls may go out at once; the worker reads them once it serves. So the first call
+    /// waits for the worker's start-up too (its loading and initialisation, and whatever it
+    /// does before it serves), and a short timeout on it may end a healthy worker that starts
+    /// slowly: give the first call a timeout that allows for that. A worker that exits before
+    /// it serves (a wrong argument, a missing library) fails that call with
+    /// [`Error::Disconnected`], as any worker that dies; [`Worker::wait`] says how it ended,
+    /// and its stderr why.
     pub fn spawn(command: Command) -> Result<(Worker, Connection)> {
         Worker::spawn_with_limits(command, Limits::default())
     }
