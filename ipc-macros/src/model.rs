@@ -88,6 +88,10 @@ pub struct Value {
     pub ty: Type,
     /// How the codec is told to carry it.
     pub wire: Wire,
+    /// The `E` of a `Result<T, E>` whose `T` the codec carries (fds, a byte string): it
+    /// travels inside the carrier as a plain serde value, and the carrier asks it to be both
+    /// `Serialize` and `DeserializeOwned` whichever way it goes. `None` for every other type.
+    pub carried_error: Option<Type>,
 }
 
 /// How a value travels, decided from the type's spelling.

@@ -693,6 +693,7 @@ fn value(ty: &Type, role: Role) -> syn::Result<Value> {
     Ok(Value {
         ty: ty.clone(),
         wire,
+        carried_error: types::carried_error(ty, wire).cloned(),
     })
 }
 

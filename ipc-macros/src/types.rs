@@ -37,6 +37,15 @@ pub fn wire(ty: &Type) -> Wire {
     }
 }
 
+/// The `E` of a `Result<T, E>` that travels as `wire` with its `T` carried by the codec (fds,
+/// or a byte string): the one plain serde value inside a carrier.
+pub fn carried_error(ty: &Type, wire: Wire) -> Option<&Type> {
+    match wire {
+        Wire::Fd | Wire::CarriedBytes => err_arg(ty),
+        Wire::Serde | Wire::Bytes => None,
+    }
+}
+
 /// `Vec<u8>`, as written.
 fn is_byte_vec(ty: &Type) -> bool {
     single_arg(ty, "Vec").is_some_and(|inner| is_plain(inner, "u8"))
@@ -285,6 +294,14 @@ fn ok_arg(ty: &Type) -> Option<&Type> {
     }
 }
 
+/// The `E` of a `Result<T, E>`, as [`ok_arg`] finds its `T`.
+fn err_arg(ty: &Type) -> Option<&Type> {
+    match generic_args(ty, "Result")?[..] {
+        [GenericArgument::Type(_), GenericArgument::Type(err)] => Some(err),
+        _ => None,
+    }
+}
+
 /// The `T` of a `name<T>` (any path ending in `name`).
 fn single_arg<'a>(ty: &'a Type, name: &str) -> Option<&'a Type> {
     match generic_args(ty, name)?[..] {
@@ -460,6 +477,25 @@ mod tests {
         assert_eq!(wire(&ty("io::Result<OwnedFd>")), Wire::Serde);
         assert_eq!(wire(&ty("Result<u8, E>")), Wire::Serde);
         assert_eq!(wire(&ty("Option<Result<OwnedFd, E>>")), Wire::Serde);
+    }
+
+    #[test]
+    fn a_carried_result_names_its_error() {
+        let carried = |s: &str| {
+            let t = ty(s);
+            carried_error(&t, wire(&t)).map(|e| spell(e.to_token_stream()))
+        };
+        assert_eq!(carried("Result<OwnedFd, E>").as_deref(), Some("E"));
+        assert_eq!(
+            carried("std::result::Result<Vec<OwnedFd>, my::E>").as_deref(),
+            Some("my::E")
+        );
+        assert_eq!(carried("Result<Vec<u8>, E>").as_deref(), Some("E"));
+        // A plain serde `Result` is bounded as a whole; the other carriers hold no serde value.
+        assert_eq!(carried("Result<u8, E>"), None);
+        assert_eq!(carried("Option<OwnedFd>"), None);
+        assert_eq!(carried("Option<Vec<u8>>"), None);
+        assert_eq!(carried("Vec<u8>"), None);
     }
 
     #[test]

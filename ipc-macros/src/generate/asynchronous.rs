@@ -5,7 +5,6 @@ use proc_macro2::{Ident, Span, TokenStream};
 use quote::quote;
 use syn::{ReturnType, TraitItem, parse_quote, parse_quote_spanned};
 
-use super::bounds::{Bound, serde_bounds};
 use super::wire::{decode_type, encode_arg};
 use super::{Generator, cmd, doc, private, result, stub_params};
 use crate::model::{Method, Wire};
@@ -108,11 +107,10 @@ impl Generator<'_> {
             }
         };
         let ret = result(ret);
-        let serializable =
-            serde_bounds(m.args.iter().map(|a| &a.value), Bound::Serialize, |_| true);
+        let serde = self.stub_bounds(m);
         quote! {
             #docs
-            #vis async fn #method(&self, #(#params),*) -> #ret #serializable {
+            #vis async fn #method(&self, #(#params),*) -> #ret #serde {
                 #body
             }
         }

@@ -4,7 +4,6 @@
 use proc_macro2::{Ident, Span, TokenStream};
 use quote::quote;
 
-use super::bounds::{Bound, serde_bounds};
 use super::wire::{decode_pattern, decode_type, encode, encode_arg, encode_owned};
 use super::{Generator, cmd, doc, private, result, stub_params};
 use crate::model::{Method, Wire};
@@ -66,11 +65,10 @@ impl Generator<'_> {
             }
         };
         let ret = result(ret);
-        let serializable =
-            serde_bounds(m.args.iter().map(|a| &a.value), Bound::Serialize, |_| true);
+        let serde = self.stub_bounds(m);
         quote! {
             #docs
-            #vis fn #method(&self, #(#params),*) -> #ret #serializable {
+            #vis fn #method(&self, #(#params),*) -> #ret #serde {
                 #body
             }
         }

@@ -1,12 +1,13 @@
 //! The serde `where` clauses on the generated items that encode or decode parameters and
 //! return values, so that a parameter or return type that is not serde is reported at the
-//! type, in the trait.
+//! type, in the trait: a type that travels as a plain serde value, and the error `E` of a
+//! `Result` whose `Ok` the codec carries (fds, a byte string), which is reported at the `E`.
 
 use proc_macro2::{Span, TokenStream, TokenTree};
 use quote::{quote, quote_spanned};
 
 use super::Generator;
-use crate::model::{Value, Wire};
+use crate::model::{Method, Value, Wire};
 
 impl Generator<'_> {
     /// The server's `where` clause: every parameter type that travels as a plain serde value
@@ -22,6 +23,17 @@ impl Generator<'_> {
         where_clause(predicates)
     }
 
+    /// A client stub's `where` clause: its parameter types `Serialize` and, if it gets a reply,
+    /// its return type `DeserializeOwned`, as the server's ask the other way (see
+    /// [`serde_bounds`]).
+    pub(super) fn stub_bounds(&self, m: &Method) -> TokenStream {
+        let params = m.args.iter().map(|a| &a.value);
+        let mut predicates = serde_predicates(params, Bound::Serialize, |_| true);
+        let ret = m.ret.as_ref().filter(|_| !m.oneway);
+        predicates.extend(serde_predicates(ret, Bound::DeserializeOwned, |_| true));
+        where_clause(predicates)
+    }
+
     /// The return types of the methods that get a reply.
     pub(super) fn returns(&self) -> impl Iterator<Item = &Value> {
         let methods = self.iface.methods.iter().filter(|m| !m.oneway);
@@ -30,7 +42,7 @@ impl Generator<'_> {
 }
 
 /// What [`serde_bounds`] asks of a type.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub(super) enum Bound {
     /// Sent: the client encodes it.
     Serialize,
@@ -46,8 +58,9 @@ const ALWAYS_SERDE: [&str; 17] = [
 ];
 
 /// `where A: Serialize, B: Serialize` (or `DeserializeOwned`) for the distinct types among
-/// `values` that travel as plain serde values and that `keep` accepts (given the type's tokens);
-/// nothing if there are none.
+/// `values` that travel as plain serde values and that `keep` accepts (given the type's tokens),
+/// and `E: Serialize + DeserializeOwned` for the error of a carried `Result` (see
+/// [`serde_predicates`]); nothing if there are none.
 ///
 /// The arguments travel as one tuple, and a tuple (or a return value) that is not serde is
 /// reported where it is encoded or decoded, which in generated code is `#[interface]`. With
@@ -69,7 +82,10 @@ fn where_clause(predicates: Vec<TokenStream>) -> TokenStream {
     }
 }
 
-/// The predicates of [`serde_bounds`].
+/// The predicates of [`serde_bounds`]. The error of a `Result` whose `Ok` the codec carries
+/// (fds, a byte string) is a plain serde value too, inside the carrier: it is bounded on its
+/// own, and both ways, as the carrier asks (without the bound, a type that is not serde is
+/// reported inside the runtime, naming its carriers, at `#[interface]`).
 fn serde_predicates<'v>(
     values: impl IntoIterator<Item = &'v Value>,
     bound: Bound,
@@ -77,25 +93,30 @@ fn serde_predicates<'v>(
 ) -> Vec<TokenStream> {
     let mut seen = Vec::new();
     let mut predicates = Vec::new();
-    for value in values.into_iter().filter(|v| v.wire == Wire::Serde) {
-        let ty = &value.ty;
+    for value in values {
+        let (ty, bound) = match (value.wire, &value.carried_error) {
+            (Wire::Serde, _) => (&value.ty, Some(bound)),
+            (_, Some(error)) => (error, None),
+            (_, None) => continue,
+        };
         let tokens = quote!(#ty);
         let spelled = tokens.to_string();
-        if seen.contains(&spelled) || ALWAYS_SERDE.contains(&&*spelled) || !keep(&tokens) {
+        let key = (spelled, bound);
+        if seen.contains(&key) || ALWAYS_SERDE.contains(&&*key.0) || !keep(&tokens) {
             continue;
         }
-        seen.push(spelled);
+        seen.push(key);
         // At the type's last token, so that the predicate covers the type as written.
         let span = match tokens.clone().into_iter().last() {
             Some(TokenTree::Group(g)) => g.span_close(),
             Some(other) => other.span(),
             None => Span::call_site(),
         };
+        let p = quote_spanned!(span=> ::typed_ipc::__private);
         predicates.push(match bound {
-            Bound::Serialize => quote_spanned!(span=> #ty: ::typed_ipc::__private::Serialize),
-            Bound::DeserializeOwned => {
-                quote_spanned!(span=> #ty: ::typed_ipc::__private::DeserializeOwned)
-            }
+            Some(Bound::Serialize) => quote_spanned!(span=> #ty: #p::Serialize),
+            Some(Bound::DeserializeOwned) => quote_spanned!(span=> #ty: #p::DeserializeOwned),
+            None => quote_spanned!(span=> #ty: #p::Serialize + #p::DeserializeOwned),
         });
     }
     predicates

@@ -243,6 +243,8 @@ impl IpaResponse {
     ) -> ::core::result::Result<(), ::typed_ipc::__private::Error>
     where
         Result<Caps, ConfigError>: ::typed_ipc::__private::Serialize,
+        DecodeError: ::typed_ipc::__private::Serialize
+            + ::typed_ipc::__private::DeserializeOwned,
     {
         match self {
             Self::Reverse(value) => call.reply(value),
@@ -319,6 +321,7 @@ impl IpaClient {
     ) -> ::core::result::Result<Result<Caps, ConfigError>, ::typed_ipc::__private::Error>
     where
         Config: ::typed_ipc::__private::Serialize,
+        Result<Caps, ConfigError>: ::typed_ipc::__private::DeserializeOwned,
     {
         self.connection
             .call::<_, Result<Caps, ConfigError>>(&IPA_INFO, 2, &(cfg,), self.timeout)
@@ -389,7 +392,11 @@ impl IpaClient {
     ) -> ::core::result::Result<
         Result<Vec<u8>, DecodeError>,
         ::typed_ipc::__private::Error,
-    > {
+    >
+    where
+        DecodeError: ::typed_ipc::__private::Serialize
+            + ::typed_ipc::__private::DeserializeOwned,
+    {
         self.connection
             .call::<
                 _,
@@ -442,6 +449,8 @@ impl<
     where
         Config: ::typed_ipc::__private::DeserializeOwned,
         Result<Caps, ConfigError>: ::typed_ipc::__private::Serialize,
+        DecodeError: ::typed_ipc::__private::Serialize
+            + ::typed_ipc::__private::DeserializeOwned,
     {
         connection.serve(self)
     }
@@ -503,6 +512,8 @@ impl<
 where
     Config: ::typed_ipc::__private::DeserializeOwned,
     Result<Caps, ConfigError>: ::typed_ipc::__private::Serialize,
+    DecodeError: ::typed_ipc::__private::Serialize
+        + ::typed_ipc::__private::DeserializeOwned,
 {
     fn info(&self) -> &'static ::typed_ipc::__private::InterfaceInfo {
         &IPA_INFO

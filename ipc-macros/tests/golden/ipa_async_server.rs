@@ -245,6 +245,8 @@ impl IpaResponse {
     ) -> ::core::result::Result<(), ::typed_ipc::__private::Error>
     where
         Result<Caps, ConfigError>: ::typed_ipc::__private::Serialize,
+        DecodeError: ::typed_ipc::__private::Serialize
+            + ::typed_ipc::__private::DeserializeOwned,
     {
         match self {
             Self::Reverse(value) => call.reply(value),
@@ -321,6 +323,7 @@ impl IpaClient {
     ) -> ::core::result::Result<Result<Caps, ConfigError>, ::typed_ipc::__private::Error>
     where
         Config: ::typed_ipc::__private::Serialize,
+        Result<Caps, ConfigError>: ::typed_ipc::__private::DeserializeOwned,
     {
         self.connection
             .call::<_, Result<Caps, ConfigError>>(&IPA_INFO, 2, &(cfg,), self.timeout)
@@ -391,7 +394,11 @@ impl IpaClient {
     ) -> ::core::result::Result<
         Result<Vec<u8>, DecodeError>,
         ::typed_ipc::__private::Error,
-    > {
+    >
+    where
+        DecodeError: ::typed_ipc::__private::Serialize
+            + ::typed_ipc::__private::DeserializeOwned,
+    {
         self.connection
             .call::<
                 _,
@@ -444,6 +451,8 @@ impl<
     where
         Config: ::typed_ipc::__private::DeserializeOwned,
         Result<Caps, ConfigError>: ::typed_ipc::__private::Serialize,
+        DecodeError: ::typed_ipc::__private::Serialize
+            + ::typed_ipc::__private::DeserializeOwned,
     {
         connection.serve(self)
     }
@@ -505,6 +514,8 @@ impl<
 where
     Config: ::typed_ipc::__private::DeserializeOwned,
     Result<Caps, ConfigError>: ::typed_ipc::__private::Serialize,
+    DecodeError: ::typed_ipc::__private::Serialize
+        + ::typed_ipc::__private::DeserializeOwned,
 {
     fn info(&self) -> &'static ::typed_ipc::__private::InterfaceInfo {
         &IPA_INFO
@@ -638,6 +649,8 @@ impl<
     where
         Config: ::typed_ipc::__private::DeserializeOwned,
         Result<Caps, ConfigError>: ::typed_ipc::__private::Serialize,
+        DecodeError: ::typed_ipc::__private::Serialize
+            + ::typed_ipc::__private::DeserializeOwned,
     {
         connection.serve(self)
     }
@@ -650,6 +663,8 @@ impl<
 where
     Config: ::typed_ipc::__private::DeserializeOwned,
     Result<Caps, ConfigError>: ::typed_ipc::__private::Serialize,
+    DecodeError: ::typed_ipc::__private::Serialize
+        + ::typed_ipc::__private::DeserializeOwned,
 {
     fn info(&self) -> &'static ::typed_ipc::__private::InterfaceInfo {
         &IPA_INFO
