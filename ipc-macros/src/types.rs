@@ -3,7 +3,9 @@
 //!
 //! Everything here reads the type as written. A macro cannot resolve names, so an alias of
 //! `OwnedFd` or `Vec<u8>` is not recognised as one: it travels as a plain serde value (and an
-//! `OwnedFd` behind an alias fails to compile, because `OwnedFd` is not `Serialize`).
+//! `OwnedFd` behind an alias fails to compile, because `OwnedFd` is not `Serialize`). An
+//! `OwnedFd` written inside an alias (`io::Result<OwnedFd>`) is rejected with a message that
+//! says the alias is not seen through, and what to spell out.
 
 use proc_macro2::{Delimiter, Spacing, TokenStream, TokenTree};
 use quote::ToTokens;
@@ -77,14 +79,65 @@ pub fn check(ty: &Type, role: Role, wire: Wire) -> syn::Result<()> {
         _ => checker.fds > 0,
     };
     if misplaced {
-        return Err(syn::Error::new_spanned(
-            ty,
-            "an `OwnedFd` travels only as the whole type `OwnedFd`, `Option<OwnedFd>` or \
-             `Vec<OwnedFd>`, or as the `Ok` of a `Result<_, E>`; inside your own serde \
-             type, mark the field `#[serde(with = \"typed_ipc::fd\")]`",
-        ));
+        let forms = "an `OwnedFd` travels only as the whole type `OwnedFd`, `Option<OwnedFd>` \
+                     or `Vec<OwnedFd>`, or as the `Ok` of a `Result<_, E>`";
+        let message = match unrecognised_generic(ty) {
+            Some(Unrecognised::ResultAlias(message)) => message,
+            Some(Unrecognised::Other(name)) => format!(
+                "{forms}, and `{name}<..>` is none of these: `#[interface]` sees only the \
+                 type's tokens, not what an alias stands for, so if `{name}` is an alias of \
+                 one of them, spell that out; inside your own serde type, mark the field \
+                 `#[serde(with = \"typed_ipc::fd\")]`"
+            ),
+            None => format!(
+                "{forms}; inside your own serde type, mark the field \
+                 `#[serde(with = \"typed_ipc::fd\")]`"
+            ),
+        };
+        return Err(syn::Error::new_spanned(ty, message));
     }
     Ok(())
+}
+
+/// A generic type holding an `OwnedFd` that is not one of the forms the codec carries, as
+/// [`unrecognised_generic`] names it.
+enum Unrecognised {
+    /// `io::Result<OwnedFd>`: a `Result` with one argument, an alias the user most likely
+    /// meant as a `Result<OwnedFd, E>`. The whole message.
+    ResultAlias(String),
+    /// Any other generic type (`Box<OwnedFd>`, an alias of one's own): its name.
+    Other(String),
+}
+
+/// The generic type around a misplaced `OwnedFd` in `ty` (or in the `Ok` of a `Result<T, E>`)
+/// that is not `Option`, `Vec` or `Result<T, E>`: most likely an alias of one of these,
+/// which a macro, seeing tokens only, cannot recognise.
+fn unrecognised_generic(ty: &Type) -> Option<Unrecognised> {
+    let ty = ok_arg(ty).unwrap_or(ty);
+    let Type::Path(p) = peel(ty) else { return None };
+    let last = p.path.segments.last().filter(|_| p.qself.is_none())?;
+    let PathArguments::AngleBracketed(args) = &last.arguments else {
+        return None;
+    };
+    let name = last.ident.to_string();
+    match (&*name, &args.args.iter().collect::<Vec<_>>()[..]) {
+        ("Result", [GenericArgument::Type(ok)]) => {
+            let (spelled, ok) = (spell(ty.to_token_stream()), spell(ok.to_token_stream()));
+            let io = p.path.segments.iter().any(|s| s.ident == "io");
+            let io_error = match io {
+                true => " (`std::io::Error` is not: map it to an error type of your own)",
+                false => "",
+            };
+            Some(Unrecognised::ResultAlias(format!(
+                "`{spelled}` looks like a type alias of `Result` (it has one argument), and \
+                 `#[interface]` does not recognise aliases: it sees only the type's tokens, \
+                 not what an alias stands for, so the `OwnedFd` would have no way onto the \
+                 wire; spell it out as `Result<{ok}, E>`, with `E` a serde type{io_error}"
+            )))
+        }
+        ("Option" | "Vec" | "Result", _) => None,
+        _ => Some(Unrecognised::Other(name)),
+    }
 }
 
 /// Finds the first part of a type that cannot travel.
@@ -520,6 +573,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(both.contains("the `Ok` of a `Result"), "{both}");
+        // An alias of `Result` is not seen through, and the message says so.
+        let alias = fallible("std::io::Result<OwnedFd>")
+            .unwrap_err()
+            .to_string();
+        assert!(alias.contains("type alias of `Result`"), "{alias}");
+        assert!(alias.contains("`Result<OwnedFd, E>`"), "{alias}");
+        assert!(alias.contains("`std::io::Error` is not"), "{alias}");
+        let own = fallible("MyResult<Vec<OwnedFd>>").unwrap_err().to_string();
+        assert!(own.contains("`MyResult<..>` is none of these"), "{own}");
+        let ok = fallible("Result<Box<OwnedFd>, E>").unwrap_err().to_string();
+        assert!(ok.contains("`Box<..>` is none of these"), "{ok}");
+        let nested = fallible("Vec<Option<OwnedFd>>").unwrap_err().to_string();
+        assert!(!nested.contains("none of these"), "{nested}");
         // A borrowed return type says what to return.
         let returned = check(&ty("&str"), Role::Return, Wire::Serde).unwrap_err();
         assert!(returned.to_string().ends_with("return `String` instead"));
