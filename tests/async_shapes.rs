@@ -687,6 +687,38 @@ fn an_async_server_refuses_an_interface_it_serves_already() {
     );
 }
 
+/// The async flavour's clients and servers are `Debug` whatever the implementation is, so
+/// that a struct holding them derives it; each names its interface by its wire name.
+#[test]
+fn clients_and_servers_are_debug_naming_their_interface() {
+    // `async_named::Impl` is not `Debug`.
+    #[derive(Debug)]
+    struct Plugin {
+        client: async_named::NamedClient,
+        server: async_named::NamedServer<async_named::Impl>,
+    }
+    let _serial = fd_count_lock();
+    let runtime = runtime();
+    let _entered = runtime.enter();
+    let (a, _b) = AsyncConnection::pair().unwrap();
+    let plugin = Plugin {
+        client: async_named::NamedClient::new(a.clone()).with_timeout(Duration::from_secs(5)),
+        server: async_named::NamedServer::new(async_named::Impl),
+    };
+    let interface = "interface: \"org.example.Named\"";
+    let client = format!("NamedClient {{ {interface}, connection: {a:?}, timeout: Some(5s) }}");
+    assert!(client.contains("AsyncConnection {"), "{client}");
+    assert_eq!(format!("{:?}", plugin.client), client);
+    let imp = std::any::type_name::<async_named::Impl>();
+    assert!(imp.ends_with("async_named::Impl"), "{imp}");
+    let server = format!("NamedServer {{ {interface}, implementation: {imp:?}, .. }}");
+    assert_eq!(format!("{:?}", plugin.server), server);
+    assert_eq!(
+        format!("{plugin:?}"),
+        format!("Plugin {{ client: {client}, server: {server} }}")
+    );
+}
+
 /// An async trait named like the server's type parameter.
 mod named_t {
     #[typed_ipc::interface]

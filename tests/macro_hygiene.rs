@@ -51,6 +51,12 @@ mod shadowed {
     pub struct Shape;
     pub mod shape {}
     pub struct Recursion;
+    // What the generated `Debug` impls might reach for.
+    pub mod fmt {}
+    pub mod any {}
+    pub trait Debug {}
+    pub struct Formatter;
+    pub fn type_name() {}
     /// A type named like the server's type parameter.
     pub use super::Payload as T;
 
@@ -328,6 +334,16 @@ fn an_interface_among_shadowed_names_works() {
     let (a, b) = typed_ipc::Connection::pair().unwrap();
     let server = std::thread::spawn(move || HygienicServer::new(shadowed::Impl).serve(b));
     let client = HygienicClient::new(a);
+    let shown = format!("{client:?}");
+    assert!(
+        shown.starts_with("HygienicClient { interface: \"Hygienic\", "),
+        "{shown}"
+    );
+    let shown = format!("{:?}", HygienicServer::new(shadowed::Impl));
+    assert!(
+        shown.starts_with("HygienicServer { interface: \"Hygienic\", "),
+        "{shown}"
+    );
     assert_eq!(client.greet("you".into()).unwrap(), "hello you");
     assert_eq!(client.check(3).unwrap(), Ok(3));
     assert_eq!(client.check(0).unwrap(), Err("zero".to_string()));
@@ -345,6 +361,8 @@ fn an_interface_among_shadowed_names_works() {
 #[cfg(feature = "tokio")]
 async fn blocking_twin_works(connection: typed_ipc::tokio::AsyncConnection) {
     let client = shadowed::BlockingTwinAsyncClient::new(connection);
+    let shown = format!("{client:?}");
+    assert!(shown.starts_with("BlockingTwinAsyncClient { interface: \"BlockingTwin\", "));
     assert_eq!(client.check(3).await.unwrap(), Ok(3));
     assert_eq!(client.check(0).await.unwrap(), Err("zero".to_string()));
     assert!(client.swap(None).await.unwrap().is_none());
@@ -382,6 +400,10 @@ fn a_client_of_the_other_flavour_among_shadowed_names_works() {
 
     // The blocking trait's async server, among the same names.
     let (a, b) = Socket::pair().unwrap();
+    let shown = format!("{:?}", BlockingTwinAsyncServer::new(shadowed::Impl));
+    assert!(shown.starts_with("BlockingTwinAsyncServer { interface: \"BlockingTwin\", "));
+    let shown = format!("{:?}", AsyncTwinServer::new(shadowed::Impl));
+    assert!(shown.starts_with("AsyncTwinServer { interface: \"AsyncTwin\", "));
     let serving = runtime.spawn(
         BlockingTwinAsyncServer::new(shadowed::Impl).serve(AsyncConnection::new(b).unwrap()),
     );
@@ -392,6 +414,8 @@ fn a_client_of_the_other_flavour_among_shadowed_names_works() {
     let serving =
         runtime.spawn(AsyncTwinServer::new(shadowed::Impl).serve(AsyncConnection::new(b).unwrap()));
     let client = AsyncTwinBlockingClient::new(Connection::new(a));
+    let shown = format!("{client:?}");
+    assert!(shown.starts_with("AsyncTwinBlockingClient { interface: \"AsyncTwin\", "));
     assert_eq!(client.check(3).unwrap(), Ok(3));
     assert_eq!(client.check(0).unwrap(), Err("zero".to_string()));
     assert!(client.swap(None).unwrap().is_none());
@@ -410,6 +434,15 @@ fn a_type_checked_interface_among_shadowed_names_works() {
     let (a, b) = typed_ipc::Connection::pair().unwrap();
     let server = std::thread::spawn(move || CheckedServer::new(shadowed::Impl).serve(b));
     let client = CheckedClient::new(a);
+    let shown = format!("{client:?} {:?}", CheckedServer::new(shadowed::Impl));
+    assert!(
+        shown.starts_with("CheckedClient { interface: \"Checked\", "),
+        "{shown}"
+    );
+    assert!(
+        shown.contains(" CheckedServer { interface: \"Checked\", "),
+        "{shown}"
+    );
     let leaf = || Tree {
         value: Payload(0),
         kids: vec![],

@@ -724,6 +724,54 @@ fn traits_of_one_name_are_told_apart_by_their_wire_names() {
     server.join().unwrap().unwrap();
 }
 
+/// Clients and servers are `Debug` whatever the implementation is, so that a struct holding
+/// them derives it; each names its interface by its wire name.
+#[test]
+fn clients_and_servers_are_debug_naming_their_interface() {
+    let _serial = serial();
+    // `camera_plugin::Impl` is not `Debug`.
+    #[derive(Debug)]
+    struct Plugin {
+        client: camera_plugin::ControlClient,
+        server: camera_plugin::ControlServer<camera_plugin::Impl>,
+        shared: camera_plugin::ControlServer<dyn camera_plugin::Control + Send + Sync>,
+    }
+    let (a, _b) = Connection::pair().unwrap();
+    let client = camera_plugin::ControlClient::new(a.clone());
+    let shared: std::sync::Arc<dyn camera_plugin::Control + Send + Sync> =
+        std::sync::Arc::new(camera_plugin::Impl);
+    let plugin = Plugin {
+        client: client.with_timeout(std::time::Duration::from_secs(5)),
+        server: camera_plugin::ControlServer::new(camera_plugin::Impl),
+        shared: camera_plugin::ControlServer::from_arc(shared),
+    };
+    let interface = "interface: \"org.example.camera.Control\"";
+    assert_eq!(
+        format!("{client:?}"),
+        format!("ControlClient {{ {interface}, connection: {a:?}, timeout: None }}")
+    );
+    let client = format!("ControlClient {{ {interface}, connection: {a:?}, timeout: Some(5s) }}");
+    assert_eq!(format!("{:?}", plugin.client), client);
+    let server = |imp| format!("ControlServer {{ {interface}, implementation: {imp:?}, .. }}");
+    let (server, shared) = (
+        server(std::any::type_name::<camera_plugin::Impl>()),
+        server(std::any::type_name::<
+            dyn camera_plugin::Control + Send + Sync,
+        >()),
+    );
+    assert!(server.contains("camera_plugin::Impl\""), "{server}");
+    assert_eq!(format!("{:?}", plugin.server), server);
+    assert!(
+        shared.contains("dyn macro_shapes::camera_plugin::Control"),
+        "{shared}"
+    );
+    assert_eq!(format!("{:?}", plugin.shared), shared);
+    assert_eq!(
+        format!("{plugin:?}"),
+        format!("Plugin {{ client: {client}, server: {server}, shared: {shared} }}")
+    );
+}
+
 #[test]
 fn interface_info_describes_the_trait() {
     assert_eq!(SHAPES_INFO.name, "Shapes");

@@ -167,6 +167,37 @@ async fn three_meet((desk, _office, serving): Started, guard_ms: u64) -> bool {
     met.0
 }
 
+/// The async client and the pooled async server of a blocking trait are `Debug` whatever the
+/// implementation is (`Office` is not), each naming its interface.
+#[test]
+fn the_async_client_and_server_of_a_blocking_trait_are_debug() {
+    #[derive(Debug)]
+    struct Front {
+        desk: DeskAsyncClient,
+        server: DeskAsyncServer<Office>,
+    }
+    // Its connection's and runtime's fds would move the count of the test that counts.
+    let _fds = fd_count_lock();
+    let runtime = current_thread_runtime();
+    let _entered = runtime.enter();
+    let (a, _b) = AsyncConnection::pair().unwrap();
+    let front = Front {
+        desk: DeskAsyncClient::new(a.clone()),
+        server: DeskAsyncServer::new(Office::default()),
+    };
+    let desk =
+        format!("DeskAsyncClient {{ interface: \"Desk\", connection: {a:?}, timeout: None }}");
+    assert_eq!(format!("{:?}", front.desk), desk);
+    let imp = std::any::type_name::<Office>();
+    assert!(imp.ends_with("Office"), "{imp}");
+    let server = format!("DeskAsyncServer {{ interface: \"Desk\", implementation: {imp:?}, .. }}");
+    assert_eq!(format!("{:?}", front.server), server);
+    assert_eq!(
+        format!("{front:?}"),
+        format!("Front {{ desk: {desk}, server: {server} }}")
+    );
+}
+
 #[test]
 fn blocking_methods_run_at_once_on_the_blocking_pool_even_on_a_current_thread_runtime() {
     // Its connection's and runtime's fds would move the count of the test that counts.

@@ -92,6 +92,8 @@ use quote::quote;
 ///   `#[interface(check_types)]` (below).
 /// - With `#[interface(async_client)]`, `IpaAsyncClient` too (below, "A client of the other
 ///   flavour"), and with `#[interface(async_server)]`, `IpaAsyncServer` (above).
+/// - Every client and server is `Debug` (the interface's name; a server's implementation by
+///   its type's name, so it need not be `Debug`): a `#[derive(Debug)]` struct can hold them.
 ///
 /// # The interface's name
 ///

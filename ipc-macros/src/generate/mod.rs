@@ -393,8 +393,9 @@ impl<'a> Generator<'a> {
         timeout_note: &str,
         stubs: &[TokenStream],
     ) -> TokenStream {
-        let (p, vis) = (private(), &self.iface.vis);
+        let (p, vis, interface) = (private(), &self.iface.vis, &self.iface.wire_name);
         let docs = doc(docs.to_string());
+        let client_name = client.unraw().to_string();
         let with_timeout = doc(format!(
             "A copy of this client whose calls give up after `timeout` with `Error::TimedOut`:\n\
              a call that has no reply by then, and a `#[oneway]` message that cannot be sent\n\
@@ -438,6 +439,18 @@ impl<'a> Generator<'a> {
 
                 #(#stubs)*
             }
+
+            // By hand, and the same for every client: the interface first, so that a
+            // `#[derive(Debug)]` struct holding clients shows which one each is.
+            impl ::core::fmt::Debug for #client {
+                fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+                    f.debug_struct(#client_name)
+                        .field("interface", &#interface)
+                        .field("connection", &self.connection)
+                        .field("timeout", &self.timeout)
+                        .finish()
+                }
+            }
         }
     }
 
@@ -479,6 +492,7 @@ impl<'a> Generator<'a> {
     /// on tokio's blocking pool, shared with its clones.
     fn server_struct(&self, server: &Ident, docs: TokenStream, pooled: bool) -> TokenStream {
         let (p, vis, imp) = (private(), &self.iface.vis, &self.imp);
+        let (interface, server_name) = (&self.iface.wire_name, server.unraw().to_string());
         let (field, cloned) = match pooled {
             true => (
                 quote!(slots: #p::PoolSlots,),
@@ -501,6 +515,17 @@ impl<'a> Generator<'a> {
                         imp: #p::Arc::clone(&self.imp),
                         #cloned
                     }
+                }
+            }
+
+            // The implementation by its type's name: asking it to be `Debug` would narrow
+            // which servers a `#[derive(Debug)]` struct can hold.
+            impl<#imp: ?::core::marker::Sized> ::core::fmt::Debug for #server<#imp> {
+                fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+                    f.debug_struct(#server_name)
+                        .field("interface", &#interface)
+                        .field("implementation", &::core::any::type_name::<#imp>())
+                        .finish_non_exhaustive()
                 }
             }
         }

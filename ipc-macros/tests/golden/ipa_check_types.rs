@@ -452,6 +452,15 @@ impl IpaClient {
             .map(|::typed_ipc::__private::CarriedBytes(value)| value)
     }
 }
+impl ::core::fmt::Debug for IpaClient {
+    fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+        f.debug_struct("IpaClient")
+            .field("interface", &"Ipa")
+            .field("connection", &self.connection)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
 /// The server side of [`Ipa`]: answers each request on a connection by calling the implementation it holds.
 #[allow(dead_code)]
 pub struct IpaServer<T: ?::core::marker::Sized> {
@@ -463,6 +472,14 @@ impl<T: ?::core::marker::Sized> ::core::clone::Clone for IpaServer<T> {
         Self {
             imp: ::typed_ipc::__private::Arc::clone(&self.imp),
         }
+    }
+}
+impl<T: ?::core::marker::Sized> ::core::fmt::Debug for IpaServer<T> {
+    fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+        f.debug_struct("IpaServer")
+            .field("interface", &"Ipa")
+            .field("implementation", &::core::any::type_name::<T>())
+            .finish_non_exhaustive()
     }
 }
 #[allow(dead_code, deprecated)]
