@@ -1128,12 +1128,17 @@ fn a_call_back_in_flight_when_the_server_stops_reading_is_answered() {
     rt.block_on(async {
         let (client_end, server_end) = AsyncConnection::pair().unwrap();
         let (dropped, _drops) = mpsc::unbounded_channel();
-        let serving = server_end.serve(TallyServer::new(TallyImpl {
+        // Spawned, as the blocking twin's serving thread: `serve`'s future holds a handle on
+        // the connection until it has run to its end. Held unpolled, it kept the socket open
+        // after the server's end: a `bump` that reached the server before its read side shut
+        // (the reply to `ask_back` goes out before that call counts as finished) was dropped,
+        // and its caller waited for a hang-up that only came with that handle.
+        let serving = tokio::spawn(server_end.serve(TallyServer::new(TallyImpl {
             count: Default::default(),
             caller: BackClient::new(server_end.clone()),
             id: 1,
             dropped,
-        }));
+        })));
         let (entered, mut called_back) = mpsc::unbounded_channel();
         let (release, gate) = watch::channel(false);
         client_end.add_service(BackServer::new(GatedBack {
@@ -1161,6 +1166,7 @@ fn a_call_back_in_flight_when_the_server_stops_reading_is_answered() {
         assert!(matches!(after, Err(Error::Disconnected)), "{after:?}");
         tokio::time::timeout(HANG_GUARD, serving)
             .await
+            .unwrap()
             .unwrap()
             .unwrap();
         drop(tally);
