@@ -177,7 +177,7 @@ async fn host() -> Result<(), Box<dyn StdError>> {
     }
     drop(mid_job);
     // The fds typed-ipc dropped (late replies' memfds) are closed on threads of its own.
-    typed_ipc::__wait_for_closes();
+    typed_ipc::wait_for_closes();
     println!("fds open before: {fds_before}, after: {}", open_fds());
     Ok(())
 }

@@ -199,7 +199,7 @@ fn serial() -> MutexGuard<'static, ()> {
 /// starting open files of their own for a moment (`/proc/<pid>/maps` was seen), which no lock
 /// of the tests' keeps out of a count.
 fn open_fds() -> u64 {
-    typed_ipc::__private::wait_for_closes(); // typed-ipc closes what it drops on its own
+    typed_ipc::wait_for_closes(); // typed-ipc closes what it drops on its own
     let v: Vec<_> = std::fs::read_dir("/proc/self/fd")
         .unwrap()
         .map(|e| std::fs::read_link(e.unwrap().path()).ok())

@@ -166,7 +166,7 @@ fn close(mut slave: Worker, ipc: UnixSocketTestClient) -> Exit {
 }
 
 fn open_fds() -> usize {
-    typed_ipc::__private::wait_for_closes(); // typed-ipc closes what it drops on its own
+    typed_ipc::wait_for_closes(); // typed-ipc closes what it drops on its own
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
 

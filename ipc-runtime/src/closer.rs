@@ -195,10 +195,31 @@ fn run(first: bool) {
     }
 }
 
-/// Waits until every fd handed to the closer so far is closed: for tests that count fds
-/// right after something dropped some. Waits for as long as a stalled close does.
-#[doc(hidden)] // re-exported as `__wait_for_closes`: `typed_ipc`'s glob re-export would show it
-pub fn wait_idle() {
+/// Waits until every fd typed-ipc has dropped on its own so far is closed.
+///
+/// typed-ipc closes the fds it drops itself (those of a message nothing claimed: a request
+/// refused or not served, a reply nobody waits for any more, fds a value did not take) on
+/// threads of its own, because closing an fd from a hostile peer may block for as long as
+/// that peer likes (the last fd of a pipe whose lock it holds). So right after such a drop,
+/// `/proc/self/fd` may still list them: a test that counts fds to show that nothing leaked
+/// calls this first. Fds your own code drops are closed where you drop them, as Rust does;
+/// this does not concern them.
+///
+/// It waits for as long as a stalled close does, so it belongs in tests and at shutdown, not
+/// on a path that must not block. In a child forked (without exec) from a process that used
+/// typed-ipc, which closes fds where they drop, it returns at once.
+///
+/// ```
+/// # fn main() -> ipc_runtime::Result<()> {
+/// let (client, server) = ipc_runtime::Connection::pair()?;
+/// // ... calls that may leave fds for typed-ipc to drop: replies nobody waits for, say ...
+/// drop((client, server));
+/// ipc_runtime::wait_for_closes(); // `typed_ipc::wait_for_closes` through the facade
+/// // Counting `/proc/self/fd` now sees every fd typed-ipc dropped closed.
+/// # Ok(())
+/// # }
+/// ```
+pub fn wait_for_closes() {
     if !is_user() {
         return; // a forked child closes where fds drop: none wait for it
     }
@@ -303,29 +324,29 @@ mod tests {
         }
     }
 
-    /// [`a_child_forked_while_wait_idle_held_the_lock_still_closes`], in a process of its own
+    /// [`a_child_forked_while_wait_for_closes_held_the_lock_still_closes`], in a process of its own
     /// that has handed nothing to the closer yet.
     #[test]
     #[ignore = "run in a process of its own by the test below"]
-    fn fork_while_only_wait_idle_used_the_lock() {
+    fn fork_while_only_wait_for_closes_used_the_lock() {
         assert_eq!(
             USER.load(Ordering::SeqCst),
             0,
             "this process handed an fd already"
         );
-        // The lock as `wait_idle` takes it: the first use of the closer in this process.
+        // The lock as `wait_for_closes` takes it: the first use of the closer in this process.
         assert!(
             closes_in_a_child_forked_with_the_lock_held(),
-            "the forked child waited for the lock wait_idle held"
+            "the forked child waited for the lock wait_for_closes held"
         );
     }
 
-    /// `wait_idle` (behind `wait_for_closes`, which tests call from any thread) takes the
+    /// `wait_for_closes` (which tests call from any thread) takes the
     /// queue's lock too: a child forked meanwhile, in a process that had handed nothing to the
     /// closer yet, must still know the lock is not its to take.
     #[test]
-    fn a_child_forked_while_wait_idle_held_the_lock_still_closes() {
-        let name = "closer::tests::fork_while_only_wait_idle_used_the_lock";
+    fn a_child_forked_while_wait_for_closes_held_the_lock_still_closes() {
+        let name = "closer::tests::fork_while_only_wait_for_closes_used_the_lock";
         let status = std::process::Command::new(std::env::current_exe().unwrap())
             .args([name, "--exact", "--ignored", "--test-threads=1"])
             .status()
@@ -334,7 +355,7 @@ mod tests {
     }
 
     /// A close that cannot finish (the last fd of a pipe whose lock is held) holds up neither
-    /// the fds handed after it nor those handed with it; and `wait_idle` waits for it.
+    /// the fds handed after it nor those handed with it; and `wait_for_closes` waits for it.
     #[test]
     fn a_stalled_close_holds_up_no_other() {
         let (stalled, held_write) = nix::unistd::pipe().unwrap();
@@ -347,16 +368,19 @@ mod tests {
         let (a, b) = (reader_gone(&write_a), reader_gone(&write_b));
         let (idle_tx, idle_rx) = channel();
         let waiter = std::thread::spawn(move || {
-            wait_idle();
+            wait_for_closes();
             idle_tx.send(()).unwrap();
         });
-        // Still stalled, so not idle. (Not a proof that it waits, but a `wait_idle` that
+        // Still stalled, so not idle. (Not a proof that it waits, but a `wait_for_closes` that
         // did not would usually have said so by the time the lock is let go.)
         let early = idle_rx.try_recv().is_ok();
         std::io::Write::write_all(&mut &wake, b"x").unwrap();
         drop(holder.join().unwrap());
         assert!(a && b, "closes waited behind a stalled one: {a} {b}");
-        assert!(!early, "wait_idle returned with a close still stalled");
+        assert!(
+            !early,
+            "wait_for_closes returned with a close still stalled"
+        );
         idle_rx.recv().unwrap();
         waiter.join().unwrap();
     }

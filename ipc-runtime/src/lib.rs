@@ -31,10 +31,7 @@ pub mod tokio;
 pub mod wire;
 pub mod worker;
 
-/// For tests that count fds: waits until the fds typed-ipc dropped on its own so far are
-/// closed (its closer closes them on threads of its own). Not a public API.
-#[doc(hidden)]
-pub use closer::wait_idle as __wait_for_closes;
+pub use closer::wait_for_closes;
 pub use codec::{bytes, fd, fds};
 pub use connection::{Authorizer, Connection};
 pub use error::{Error, Result};

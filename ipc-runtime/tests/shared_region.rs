@@ -27,7 +27,7 @@ fn lock() -> MutexGuard<'static, ()> {
 
 fn open_fds() -> usize {
     // Once the fds typed-ipc dropped on its own are closed (on its closer's threads).
-    ipc_runtime::__wait_for_closes();
+    ipc_runtime::wait_for_closes();
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
 

@@ -795,7 +795,7 @@ fn pipe() -> (OwnedFd, OwnedFd) {
 /// the empty pipe waiting: `EAGAIN`).
 fn all_closed(read_end: &OwnedFd) -> bool {
     // Once the fds the transport dropped are closed (on typed-ipc's closer threads).
-    ipc_runtime::__wait_for_closes();
+    ipc_runtime::wait_for_closes();
     match nix::unistd::read(read_end, &mut [0u8; 1]) {
         Ok(0) => true,
         Err(nix::errno::Errno::EAGAIN) => false,

@@ -16,7 +16,7 @@ use typed_ipc::service::InterfaceInfo;
 /// fds typed-ipc dropped so far are closed (it closes them on threads of its own).
 pub fn open_fds() -> usize {
     no_stray_fd_from_malloc();
-    typed_ipc::__private::wait_for_closes();
+    typed_ipc::wait_for_closes();
     let tokio = TOKIO_SOCKETS.get().map_or(&[][..], Vec::as_slice);
     std::fs::read_dir("/proc/self/fd")
         .unwrap()
@@ -37,7 +37,7 @@ pub struct FdSnapshot(std::collections::BTreeMap<String, std::path::PathBuf>);
 /// [`FdSnapshot`] of now.
 pub fn fd_snapshot() -> FdSnapshot {
     no_stray_fd_from_malloc();
-    typed_ipc::__private::wait_for_closes();
+    typed_ipc::wait_for_closes();
     let tokio = TOKIO_SOCKETS.get().map_or(&[][..], Vec::as_slice);
     // The listing's own handle on the directory is not one of the test's.
     let listing = std::path::PathBuf::from(format!("/proc/{}/fd", std::process::id()));
@@ -219,7 +219,7 @@ pub fn peer_said_another_version() -> (Socket, u8) {
 /// Fds of this process whose `/proc/self/fd` link starts with `prefix` (`"pipe:"`,
 /// `"/memfd:typed-ipc-buffer"`).
 pub fn fds_named(prefix: &str) -> u64 {
-    typed_ipc::__private::wait_for_closes(); // see `open_fds`
+    typed_ipc::wait_for_closes(); // see `open_fds`
     let tokio = TOKIO_SOCKETS.get().map_or(&[][..], Vec::as_slice);
     fd_links()
         .filter(|target| target.to_string_lossy().starts_with(prefix) && !tokio.contains(target))

@@ -1079,7 +1079,7 @@ fn a_reply_over_the_callers_limits_read_by_another_thread_fails_that_call_only()
     assert_five_fds_over_this_sides_four(&refused);
     // Every copy of the write end is closed: the empty pipe reads as ended, not as waiting
     // for a writer (`EAGAIN`).
-    crate::closer::wait_idle(); // the fds dropped are closed on the closer's threads
+    crate::closer::wait_for_closes(); // the fds dropped are closed on the closer's threads
     assert_eq!(nix::unistd::read(&read_end, &mut [0u8; 1]), Ok(0));
     // The next call is answered as usual.
     let second = call(2);
@@ -1268,7 +1268,7 @@ fn the_fds_of_a_message_that_ends_the_connection_are_closed() {
         );
         // Every copy of the pipe's write end is closed once the connection closed its own
         // (handed to the closer, which closes it on a thread of its own).
-        crate::closer::wait_idle();
+        crate::closer::wait_for_closes();
         assert_eq!(
             nix::unistd::read(&read_end, &mut [0; 1]),
             Ok(0),
@@ -1488,7 +1488,7 @@ fn queued_behind_hold() -> (
 fn close_drops_the_requests_not_started_and_closes_their_fds() {
     let (_a, b, open, server, run, read_end) = queued_behind_hold();
     b.close();
-    crate::closer::wait_idle(); // they are closed on the closer's threads
+    crate::closer::wait_for_closes(); // they are closed on the closer's threads
     assert_eq!(
         nix::unistd::read(&read_end, &mut [0; 1]),
         Ok(0),
@@ -1508,7 +1508,7 @@ fn a_peer_hanging_up_leaves_its_queued_requests_to_run() {
     open.send(()).unwrap();
     server.join().unwrap().unwrap();
     assert_eq!(*run.lock().unwrap(), [1, 2, 3, 4, 5, 6, 7, 8, 20]);
-    crate::closer::wait_idle(); // the fds dropped are closed on the closer's threads
+    crate::closer::wait_for_closes(); // the fds dropped are closed on the closer's threads
     assert_eq!(nix::unistd::read(&read_end, &mut [0; 1]), Ok(0));
 }
 

@@ -1303,7 +1303,7 @@ fn queued_behind_a_oneway(end: impl FnOnce(&super::AsyncConnection, Socket)) -> 
     });
     let mut ran = run.lock().clone();
     ran.sort();
-    crate::closer::wait_idle(); // the fds dropped are closed on the closer's threads
+    crate::closer::wait_for_closes(); // the fds dropped are closed on the closer's threads
     let closed = nix::unistd::read(&read_end, &mut [0; 1]) == Ok(0);
     (ran, closed)
 }

@@ -10,7 +10,7 @@ use std::process::Command;
 pub fn open_fds() -> usize {
     no_stray_fd_from_malloc();
     // Once the fds typed-ipc dropped on its own are closed (on its closer's threads).
-    ipc_runtime::__wait_for_closes();
+    ipc_runtime::wait_for_closes();
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
 
