@@ -907,13 +907,14 @@ impl Shared {
             return;
         }
         let announcement = self.lane.max_fds_announcement();
-        // A peer already gone shows on the connection itself.
-        if self
-            .send(&Envelope::announce(), &announcement, None)
-            .is_ok()
-            && self.trace
-        {
-            trace::announce_max_fds(&self.name, self.socket.limits().max_fds);
+        // A peer already gone shows on the connection itself. No other thread has the
+        // connection yet: nothing went out meanwhile saying that this end reads lanes.
+        match self.send(&Envelope::announce(), &announcement, None) {
+            Ok(_) if self.trace => {
+                trace::announce_max_fds(&self.name, self.socket.limits().max_fds);
+            }
+            Ok(_) => {}
+            Err(_) => self.lane.announcement_unsent(announcement),
         }
     }
 

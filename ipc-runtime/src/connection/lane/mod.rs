@@ -339,6 +339,18 @@ impl Lane {
         (MAX_FDS_MAILBOX, self.max_fds as u64)
     }
 
+    /// `announcement` did not go out: if it told this end's fd limit, this end no longer says
+    /// it reads lanes (until a later try makes the announcement again), lest a message of its
+    /// own say so first and the peer place strings whose fd this end refuses. Called under
+    /// the send lock the announcement was made under where the caller still holds it (an
+    /// async task's send that failed has let it go: the peer is gone, as a rule).
+    pub(crate) fn announcement_unsent(&self, (mailbox, _): (u64, u64)) {
+        if mailbox == MAX_FDS_MAILBOX && self.tells_max_fds() {
+            self.consumed
+                .fetch_and(!u64::from(READS_LANES), Ordering::AcqRel);
+        }
+    }
+
     /// Lets this end write byte strings of [`peer_memory::MIN`] to
     /// [`peer_memory::CAPACITY`] bytes straight into `memory`, the peer's, once the peer
     /// announces an inbox ([`Lane::on_announce`]).

@@ -831,3 +831,62 @@ fn a_peer_learns_an_fd_limit_before_it_may_place() {
         assert_eq!(lane.word(0) & READS_LANES != 0, max_fds != 0, "{max_fds}");
     }
 }
+
+/// An async end whose fd limit cannot be told at once (its socket full as the connection
+/// starts) tells it from a task: no message of its own may say that it reads lanes before
+/// that announcement, or the peer places strings whose region's fd it would refuse. Here a
+/// oneway sent as the connection starts goes out first, which must not say so.
+#[cfg(feature = "tokio")]
+#[test]
+fn an_async_end_whose_fd_limit_waits_says_it_reads_lanes_first_in_the_announcement() {
+    use crate::frame::Limits;
+    use crate::service::InterfaceInfo;
+    use crate::tokio::AsyncConnection;
+    use nix::sys::socket::{MsgFlags, recv, send};
+    use std::os::fd::{AsFd, AsRawFd};
+
+    static LANES: InterfaceInfo = InterfaceInfo {
+        name: "Lanes",
+        id: 1,
+        signature: 0,
+        methods: &[],
+    };
+    let (mut ours, theirs) = crate::Socket::pair().unwrap();
+    ours.set_limits(Limits {
+        max_fds: 2,
+        ..Limits::default()
+    });
+    let mut filler = 0;
+    while send(ours.as_fd().as_raw_fd(), &[0u8], MsgFlags::MSG_DONTWAIT).is_ok() {
+        filler += 1;
+    }
+    let peer = std::thread::spawn(move || {
+        for _ in 0..filler {
+            recv(theirs.as_fd().as_raw_fd(), &mut [0u8; 1], MsgFlags::empty()).unwrap();
+        }
+        let mut seen = Vec::new();
+        while seen.len() < 2 {
+            let frame = theirs.recv().unwrap();
+            seen.push((frame.payload[0], envelope::lane(&frame.payload)));
+        }
+        seen
+    });
+    let runtime = ::tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let seen = runtime.block_on(async {
+        let a = AsyncConnection::new(ours).unwrap();
+        a.oneway(&LANES, 1, (), None).await.unwrap();
+        // Awaited, so that a task still telling the limit gets to run.
+        let seen = ::tokio::task::spawn_blocking(|| peer.join().unwrap()).await;
+        drop(a);
+        seen.unwrap()
+    });
+    let first = seen.iter().find(|(_, word)| word & READS_LANES != 0);
+    assert_eq!(
+        first.map(|(kind, _)| *kind),
+        Some(Kind::Announce as u8),
+        "the first message saying it reads lanes: {seen:?}"
+    );
+}

@@ -153,14 +153,17 @@ impl Inner {
                 sent
             });
             match sent {
-                Ok(false) => {}
+                Ok(false) => self.lane.announcement_unsent(announcement),
                 Ok(true) => {
                     if self.trace {
                         said(announcement);
                     }
                     return;
                 }
-                Err(e) => return self.announce_unsent(&e),
+                Err(e) => {
+                    self.lane.announcement_unsent(announcement);
+                    return self.announce_unsent(&e);
+                }
             }
         }
         // The connection is let go before the task counts as ended, also if the task is
@@ -173,7 +176,10 @@ impl Inner {
             let announcement = made(&inner.lane);
             match inner.send_holding(sending, announcement).await {
                 Ok(()) if inner.trace => said(announcement),
-                Err(e) => inner.announce_unsent(&e),
+                Err(e) => {
+                    inner.lane.announcement_unsent(announcement);
+                    inner.announce_unsent(&e);
+                }
                 Ok(()) => {}
             }
             drop(inner);
