@@ -863,6 +863,85 @@ mod asynchronous {
         });
         assert_eq!(open_fds(), before, "no fd left open");
     }
+
+    /// [`super::Parcels`], async.
+    #[interface]
+    pub trait Parcels {
+        async fn check(&self, files: Vec<OwnedFd>, data: Vec<u8>) -> (u32, u64);
+        async fn check_shared(&self, files: Vec<OwnedFd>, data: SharedBytes) -> (u32, u64);
+        async fn make(&self, n: u32, len: u64) -> super::Parcel;
+    }
+
+    struct ParcelsImpl;
+
+    impl Parcels for ParcelsImpl {
+        async fn check(&self, files: Vec<OwnedFd>, data: Vec<u8>) -> (u32, u64) {
+            (files.len() as u32, data.len() as u64)
+        }
+        async fn check_shared(&self, files: Vec<OwnedFd>, data: SharedBytes) -> (u32, u64) {
+            (files.len() as u32, data.len() as u64)
+        }
+        async fn make(&self, n: u32, len: u64) -> super::Parcel {
+            let files = (0..n).map(|_| memfd(b"made")).collect();
+            super::Parcel {
+                files,
+                data: vec![7; len as usize],
+            }
+        }
+    }
+
+    /// [`super::child_parcels`], async.
+    #[test]
+    #[ignore = "run as a child process by other tests"]
+    fn child_async_parcels() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let conn = AsyncConnection::new(worker_socket()).unwrap();
+            conn.lend_pages_to_peer(true);
+            ParcelsServer::new(ParcelsImpl).serve(conn).await.unwrap();
+        });
+    }
+
+    /// [`super::one_fd_and_a_large_string_cross_to_a_process_that_accepts_one`], async.
+    #[test]
+    fn one_fd_and_a_large_string_cross_to_a_process_that_accepts_one() {
+        use typed_ipc::Limits;
+        let _fds = fd_count_lock();
+        let before = open_fds();
+        let one = Limits {
+            max_fds: 1,
+            ..Limits::default()
+        };
+        runtime().block_on(async {
+            for (parent, worker_fds) in [(Limits::default(), Some(1)), (one, None)] {
+                let command = spawn("asynchronous::child_async_parcels", worker_fds);
+                let (mut worker, conn) =
+                    typed_ipc::tokio::worker::spawn_with_limits(command, parent).unwrap();
+                conn.lend_pages_to_peer(true);
+                let parcels = ParcelsClient::new(conn.clone());
+                let whose = format!("parent {}, worker {worker_fds:?}", parent.max_fds);
+                for round in 0..2 {
+                    for len in super::PARCEL_SIZES {
+                        let at = format!("{whose}, round {round}, {len} bytes");
+                        let got = parcels.check(memfds(1), vec![1; len]).await;
+                        assert_eq!(got.unwrap(), (1, len as u64), "{at}");
+                        let shared = SharedBytes::from(vec![2; len]);
+                        let got = parcels.check_shared(memfds(1), shared).await;
+                        assert_eq!(got.unwrap(), (1, len as u64), "shared, {at}");
+                        let made = parcels.make(1, len as u64).await.unwrap();
+                        assert_eq!((made.files.len(), made.data.len()), (1, len), "made, {at}");
+                        assert!(made.data.iter().all(|&b| b == 7), "made, {at}");
+                    }
+                }
+                drop(parcels);
+                conn.close();
+                conn.wait_closed().await;
+                let exit = typed_ipc::tokio::worker::wait(&mut worker).await.unwrap();
+                assert_eq!(exit, Exit::Code(0), "{whose}");
+            }
+        });
+        assert_eq!(open_fds(), before, "no fd left open");
+    }
 }
 
 /// Byte strings, which the connection moves through its shared region from 1 KiB.
@@ -1588,4 +1667,91 @@ fn calls_work_with_no_room_for_announcements() {
         );
         assert_said_unsent(&trace.join().unwrap(), max_fds);
     }
+}
+
+/// Fds beside a large byte string, as a reply.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct Parcel {
+    /// The fds.
+    #[serde(with = "typed_ipc::fds")]
+    pub files: Vec<OwnedFd>,
+    /// The string.
+    pub data: Vec<u8>,
+}
+
+/// Fds beside a large byte string, both ways, between processes.
+#[interface]
+pub trait Parcels {
+    /// How many fds came, and how many bytes.
+    fn check(&self, files: Vec<OwnedFd>, data: Vec<u8>) -> (u32, u64);
+    /// [`Parcels::check`] of a string that may be piped.
+    fn check_shared(&self, files: Vec<OwnedFd>, data: SharedBytes) -> (u32, u64);
+    /// `n` new memfds beside `len` bytes.
+    fn make(&self, n: u32, len: u64) -> Parcel;
+}
+
+struct ParcelsImpl;
+
+impl Parcels for ParcelsImpl {
+    fn check(&self, files: Vec<OwnedFd>, data: Vec<u8>) -> (u32, u64) {
+        (files.len() as u32, data.len() as u64)
+    }
+    fn check_shared(&self, files: Vec<OwnedFd>, data: SharedBytes) -> (u32, u64) {
+        (files.len() as u32, data.len() as u64)
+    }
+    fn make(&self, n: u32, len: u64) -> Parcel {
+        let files = (0..n).map(|_| memfd(b"made")).collect();
+        Parcel {
+            files,
+            data: vec![7; len as usize],
+        }
+    }
+}
+
+/// A worker serving [`Parcels`], lending its pages, with the limits the parent asked for.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_parcels() {
+    let conn = Connection::new(worker_socket());
+    conn.lend_pages_to_peer(true);
+    conn.serve(ParcelsServer::new(ParcelsImpl)).unwrap();
+}
+
+/// Strings of 64 KiB to 1 MiB: the region, and the pipe (lent both ways).
+const PARCEL_SIZES: [usize; 3] = [64 << 10, 300 << 10, 1 << 20];
+
+/// An end that accepts one fd a message and one with the default limits, in two processes,
+/// each way round: requests and replies carrying as many fds as the receiver accepts beside
+/// a large byte string go through, whether the receiver is the server or the client.
+#[test]
+fn one_fd_and_a_large_string_cross_to_a_process_that_accepts_one() {
+    let _fds = fd_count_lock();
+    let before = open_fds();
+    let one = Limits {
+        max_fds: 1,
+        ..Limits::default()
+    };
+    for (parent, worker_fds) in [(Limits::default(), Some(1)), (one, None)] {
+        let command = spawn("child_parcels", worker_fds);
+        let (worker, conn) = Worker::spawn_with_limits(command, parent).unwrap();
+        conn.lend_pages_to_peer(true);
+        let parcels = ParcelsClient::new(conn);
+        let whose = format!("parent {}, worker {worker_fds:?}", parent.max_fds);
+        for round in 0..2 {
+            for len in PARCEL_SIZES {
+                let at = format!("{whose}, round {round}, {len} bytes");
+                let got = parcels.check(memfds(1), vec![1; len]);
+                assert_eq!(got.unwrap(), (1, len as u64), "{at}");
+                let got = parcels.check_shared(memfds(1), SharedBytes::from(vec![2; len]));
+                assert_eq!(got.unwrap(), (1, len as u64), "shared, {at}");
+                let Parcel { files, data } = parcels.make(1, len as u64).unwrap();
+                assert_eq!((files.len(), data.len()), (1, len), "made, {at}");
+                assert!(data.iter().all(|&b| b == 7), "made, {at}");
+            }
+        }
+        let mut worker = worker;
+        drop(parcels);
+        assert_eq!(worker.wait().unwrap(), Exit::Code(0), "{whose}");
+    }
+    assert_eq!(open_fds(), before, "no fd left open");
 }

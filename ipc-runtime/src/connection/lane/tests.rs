@@ -890,3 +890,48 @@ fn an_async_end_whose_fd_limit_waits_says_it_reads_lanes_first_in_the_announceme
         "the first message saying it reads lanes: {seen:?}"
     );
 }
+
+/// Whatever fd limit a hostile or buggy peer announces (0, 1, `u64::MAX`; in its first word
+/// that says it reads lanes or later, again and again, or from a peer with the default), it
+/// only bounds whether this end's strings go out of line: no panic, and a string whose
+/// region's fd would take its message over the latest limit goes inline.
+#[test]
+fn any_fd_limit_a_peer_announces_only_decides_where_strings_go() {
+    use crate::codec::Bytes;
+    let told = |token: u64| {
+        let mut payload = vec![0u8; envelope::ANNOUNCE_LEN];
+        Envelope::announce().write(&mut payload);
+        envelope::set_lane(&mut payload, READS_LANES);
+        payload[envelope::LEN..][..8].copy_from_slice(&MAX_FDS_MAILBOX.to_le_bytes());
+        payload[envelope::LEN + 8..].copy_from_slice(&token.to_le_bytes());
+        payload
+    };
+    // How many fds a oneway carrying a 64 KiB string carries: the new region's, or none.
+    let fds_of_a_string = |lane: &Lane| {
+        let (mut buf, mut fds) = (Vec::new(), Vec::new());
+        let oneway = Envelope {
+            kind: Kind::Oneway,
+            cmd: 1,
+            cookie: 0,
+            interface: 1,
+            signature: 0,
+        };
+        let string = Bytes(vec![1u8; 64 << 10]);
+        let placed = lane.encode(&oneway, &string, &mut buf, &mut fds);
+        lane.never_sent(placed.unwrap());
+        fds.len()
+    };
+    for (token, carried) in [(0, 0), (1, 1), (u64::MAX, 1), (DEFAULT_MAX_FDS as u64, 1)] {
+        let first = Lane::new(MAX, usize::MAX);
+        first.on_message(&mut told(token));
+        assert_eq!(fds_of_a_string(&first), carried, "told first: {token}");
+        let later = Lane::new(MAX, usize::MAX);
+        later.on_word(READS_LANES, &[]);
+        for again in [1, 0, token] {
+            let mut announcement = told(again);
+            later.on_message(&mut announcement);
+            later.on_announce(MAX_FDS_MAILBOX, again);
+        }
+        assert_eq!(fds_of_a_string(&later), carried, "told later: {token}");
+    }
+}
