@@ -72,11 +72,13 @@ pub struct Limits {
     /// pass their fd: they go inline (or are written into this end's memory, if it accepts
     /// that). Nor does this end, unless `max_send_fds` lets it send fds.
     ///
-    /// A connection over a socket whose limit is another than the default tells its peer
-    /// the limit in a short message as it starts: the peer's large byte strings that travel
-    /// through its shared region or pipe carry that one's fd the first time, and the peer
-    /// sends inline any whose fd would take a message over the limit (a message carrying as
-    /// many fds of its own as this end accepts, say).
+    /// A connection over a socket whose limit is neither 0 nor the default tells its peer
+    /// the limit in a short message as it starts, and only from that message on says that
+    /// it takes byte strings through the peer's shared region or pipe: until then (for good,
+    /// if `max_send_len` leaves no room for the message) the peer sends them inline. A
+    /// string through the region or a pipe carries that one's fd the first time, so the
+    /// peer sends inline any whose fd would take a message over the limit (a message
+    /// carrying as many fds of its own as this end accepts, say).
     pub max_fds: usize,
     /// Largest [`SealedBuffer`](crate::shared_buffer::SealedBuffer) or
     /// [`RegionView`](crate::shared_region::RegionView) accepted in a message, in bytes: the

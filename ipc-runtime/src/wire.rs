@@ -52,8 +52,9 @@ pub const HEADER_LEN: usize = 16;
 /// 7, no body) tells the receiver that the sender no longer waits for the reply to its call
 /// with that cookie, and the receiver drops that call if it can. 13: an announcement with
 /// mailbox 2 says how many fds its sender accepts in one message (the token); an end whose
-/// `Limits::max_fds` is not the default sends it as the first message whose lane word says
-/// it reads lanes, and the receiver places nothing whose fd would take a message over it.
+/// `Limits::max_fds` is neither 0 nor the default sends it as the first message whose lane
+/// word says it reads lanes, and the receiver places nothing whose fd would take a message
+/// over it.
 pub const VERSION: u8 = 13;
 const MAGIC: [u8; 2] = *b"TI";
 /// Most payload bytes a first datagram may carry: the receiver reads first datagrams into a
