@@ -75,7 +75,8 @@ pub struct Limits {
     /// A connection over a socket whose limit is neither 0 nor the default tells its peer
     /// the limit in a short message as it starts, and only from that message on says that
     /// it takes byte strings through the peer's shared region or pipe: until then (for good,
-    /// if `max_send_len` leaves no room for the message) the peer sends them inline. A
+    /// if `max_send_len` leaves no room for the message, or if the socket has none as a
+    /// blocking connection starts: it does not wait) the peer sends them inline. A
     /// string through the region or a pipe carries that one's fd the first time, so the
     /// peer sends inline any whose fd would take a message over the limit (a message
     /// carrying as many fds of its own as this end accepts, say).

@@ -897,7 +897,9 @@ impl Shared {
 
     /// Tells the peer how many fds this end accepts, as the connection starts, if the lane
     /// does ([`Lane::telling_max_fds`]). Not if this side's limits leave no room for the
-    /// message: the peer then sends every large byte string inline.
+    /// message, nor if the socket has none at once (one used before, whose peer does not
+    /// read: `Connection::new` must not wait on it): the peer then sends every large byte
+    /// string inline.
     #[cold]
     fn tell_max_fds(&self) {
         if let Err(e) = self.socket.check_outgoing(envelope::ANNOUNCE_LEN, 0) {
@@ -909,12 +911,16 @@ impl Shared {
         let announcement = self.lane.max_fds_announcement();
         // A peer already gone shows on the connection itself. No other thread has the
         // connection yet: nothing went out meanwhile saying that this end reads lanes.
-        match self.send(&Envelope::announce(), &announcement, None) {
-            Ok(_) if self.trace => {
+        let sent = self.encode_and(&Envelope::announce(), &announcement, |buf, fds| {
+            let acknowledge = |payload: &mut [u8]| self.lane.acknowledge_in(payload);
+            self.socket.try_send_framed(buf, fds, acknowledge)
+        });
+        match sent {
+            Ok(Some(_)) if self.trace => {
                 trace::announce_max_fds(&self.name, self.socket.limits().max_fds);
             }
-            Ok(_) => {}
-            Err(_) => self.lane.announcement_unsent(announcement),
+            Ok(Some(_)) => {}
+            _ => self.lane.announcement_unsent(announcement),
         }
     }
 

@@ -2308,3 +2308,44 @@ fn fds_nothing_takes_are_closed_without_the_connections_lock() {
     theirs.send(&reply_to(&call, &42u64), &[]).unwrap();
     assert_eq!(reader.join().unwrap().unwrap(), 42);
 }
+
+/// An end whose fd limit cannot be told at once (its socket full as the connection starts:
+/// one used before, whose peer does not read) does not wait to tell it: `Connection::new`
+/// returns, and the end never says it reads lanes, so its peer sends it every string inline.
+#[test]
+fn an_end_whose_socket_is_full_starts_without_telling_its_fd_limit() {
+    use nix::sys::socket::{MsgFlags, recv, send};
+    use std::os::fd::AsRawFd;
+
+    let (mut ours, theirs) = crate::socket::Socket::pair().unwrap();
+    ours.set_limits(crate::frame::Limits {
+        max_fds: 2,
+        ..Default::default()
+    });
+    let mut filler = 0;
+    while send(ours.as_fd().as_raw_fd(), &[0u8], MsgFlags::MSG_DONTWAIT).is_ok() {
+        filler += 1;
+    }
+    let (made, started) = mpsc::channel();
+    std::thread::spawn(move || made.send(Connection::new(ours)).unwrap());
+    // A hang guard, not a timing: `new` waited for room before, for good.
+    let a = started
+        .recv_timeout(Duration::from_secs(60))
+        .expect("Connection::new waited for room to tell its fd limit");
+    for _ in 0..filler {
+        recv(theirs.as_fd().as_raw_fd(), &mut [0u8; 1], MsgFlags::empty()).unwrap();
+    }
+    a.oneway(&IFACE, 1, &(), None).unwrap();
+    let first = theirs.recv().unwrap();
+    assert_eq!(
+        first.payload[0],
+        Kind::Oneway as u8,
+        "no announcement went out"
+    );
+    let word = envelope::lane(&first.payload);
+    assert_eq!(
+        word & super::lane::READS_LANES,
+        0,
+        "says it reads lanes: {word:#x}"
+    );
+}

@@ -126,7 +126,7 @@ pub(crate) fn pipes(len: usize) -> bool {
     (PIPE_MIN..=pipe::CAPACITY).contains(&len)
 }
 
-const READS_LANES: u32 = 1 << 23;
+pub(super) const READS_LANES: u32 = 1 << 23;
 /// The mailbox address of an announcement that says whether its sender reads this end's pipes
 /// (no inbox lies at address 0).
 const PIPES_MAILBOX: u64 = 0;
