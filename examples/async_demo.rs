@@ -35,7 +35,7 @@ use nix::sys::memfd::{MFdFlags, memfd_create};
 use serde::{Deserialize, Serialize};
 use typed_ipc::interface;
 use typed_ipc::tokio::worker;
-use typed_ipc::worker::Exit;
+use typed_ipc::tokio::worker::Exit;
 
 /// What the pipeline asks of the IPA.
 #[derive(Debug, Serialize, Deserialize)]

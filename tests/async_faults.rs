@@ -207,6 +207,40 @@ fn calls_still_going_out_when_the_worker_is_killed_end_with_disconnected() {
     assert_eq!(ipc_fds(), before);
 }
 
+/// Async code starts, kills from another task and waits for a worker with
+/// `typed_ipc::tokio::worker` alone: the types its functions return and take come from there
+/// too. A caller waiting on the killed worker gets `Disconnected`, and `wait` says why.
+#[test]
+fn a_worker_is_managed_through_the_async_worker_module_alone() {
+    use typed_ipc::tokio::worker::{self, Exit, Killer, Worker, exit_with_parent};
+
+    let _fds = fd_count_lock();
+    let rt = runtime();
+    let before = ipc_fds();
+    rt.block_on(async {
+        let mut command = child("child_deaf");
+        exit_with_parent(&mut command);
+        let (mut started, conn): (Worker, AsyncConnection) = worker::spawn(command).unwrap();
+        let client = FaultsClient::new(conn.clone());
+        let call = tokio::spawn(async move { client.echo(vec![1; 8], vec![]).await });
+        let killer: Killer = started.killer().unwrap();
+        tokio::spawn(async move { killer.kill() })
+            .await
+            .unwrap()
+            .unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(20), call)
+            .await
+            .expect("a caller hung after the worker died")
+            .unwrap();
+        assert!(matches!(got, Err(Error::Disconnected)), "{got:?}");
+        let exit: Exit = worker::wait(&mut started).await.unwrap();
+        assert!(matches!(exit, Exit::Signal(9)), "{exit}");
+        conn.wait_closed().await;
+    });
+    drop(rt);
+    assert_eq!(ipc_fds(), before);
+}
+
 /// The same service holding its own connection, with the task that runs oneways started (a
 /// oneway has run), and the runtime dropped rather than the peer hanging up: the services
 /// must be dropped all the same, or the cycle keeps the socket open for good.

@@ -12,7 +12,9 @@ use std::io;
 #[non_exhaustive]
 pub enum Error {
     /// The peer closed its end or died. Every caller waiting on the connection gets this at
-    /// once; it is never reported as [`Error::TimedOut`].
+    /// once; it is never reported as [`Error::TimedOut`]. It does not say why: for a worker,
+    /// [`Worker::wait`](crate::worker::Worker::wait) says how it ended (an exit code, or the
+    /// signal that killed it), and its stderr what it said.
     Disconnected,
     /// The deadline passed before the operation completed. The connection is still usable,
     /// unless the blocking flavour timed out sending a large message part of which had gone

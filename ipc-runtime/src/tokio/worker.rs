@@ -10,14 +10,18 @@ use std::time::Duration;
 use super::AsyncConnection;
 use crate::error::Result;
 use crate::frame::Limits;
-use crate::worker::{Exit, Worker};
+// What this module's functions return and take, and what a worker's command is given, so that
+// async code needs no import from the blocking `crate::worker` beside this module.
+pub use crate::worker::{Exit, Killer, Worker, exit_with_parent};
 
 /// Starts `command` as a worker (see [`Worker::spawn`]) and returns it with this side's
 /// [`AsyncConnection`]. Must be called inside a tokio runtime: outside one it fails before it
-/// starts the worker.
+/// starts the worker. The runtime needs its IO driver (`enable_io` or `enable_all` on the
+/// builder; `#[tokio::main]` has it): without it tokio panics as the connection registers its
+/// socket, once the worker has started (the worker is killed as the panic unwinds).
 ///
 /// The worker starts from the calling thread, which is what a `command` given
-/// [`exit_with_parent`](crate::worker::exit_with_parent) dies with: a runtime's own thread
+/// [`exit_with_parent`] dies with: a runtime's own thread
 /// lasts as long as the runtime, but one of its blocking pool (`spawn_blocking`) ends once
 /// idle for a while, and would take such a worker with it.
 pub fn spawn(command: Command) -> Result<(Worker, AsyncConnection)> {
@@ -45,7 +49,8 @@ pub fn spawn_with_limits(command: Command, limits: Limits) -> Result<(Worker, As
 /// Like the blocking one, it accepts byte strings written into this process by the parent
 /// ([`AsyncConnection::accept_writes_from_peer`]).
 ///
-/// Outside a runtime it fails and leaves the socket for a later call inside one.
+/// Outside a runtime it fails and leaves the socket for a later call inside one. A runtime
+/// without its IO driver makes tokio panic, as in [`spawn`].
 pub fn connection() -> Result<AsyncConnection> {
     // Checked before the socket is taken, which can be taken only once.
     super::in_runtime()?;
