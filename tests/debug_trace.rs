@@ -1268,7 +1268,11 @@ fn child_refused_a_call_while_its_caller_holds_stderr() {
 #[test]
 fn a_refused_call_is_said_once_its_reader_has_let_the_role_go() {
     let stderr = traced_stderr("child_refused_a_call_while_its_caller_holds_stderr");
-    assert_line(&stderr, "<- Call #77 (9 bytes, 0 fds)");
+    let id = LAB_INFO.id;
+    assert_line(
+        &stderr,
+        &format!("<- Call #77 iface {id:#010x} cmd 0 (9 bytes, 0 fds)"),
+    );
     assert_line(&stderr, "-> Failure #77: TooManyFds { count: 2, limit: 1 }");
 }
 
@@ -1588,7 +1592,9 @@ fn child_answered_after_a_oneway_while_its_async_caller_holds_stderr() {
 #[test]
 fn the_async_reader_says_what_it_reads_without_waiting_for_stderr() {
     let stderr = traced_stderr("child_answered_after_a_oneway_while_its_async_caller_holds_stderr");
-    assert_line(&stderr, "<- Oneway (8 bytes, 0 fds)");
+    let id = LAB_INFO.id;
+    let oneway = format!("<- Oneway iface {id:#010x} cmd 0 (8 bytes, 0 fds; not served yet)");
+    assert_line(&stderr, &oneway);
     assert_line(&stderr, "<- Reply #1 (9 bytes, 0 fds)");
 }
 
@@ -1817,4 +1823,96 @@ fn a_reply_cut_off_part_way_makes_no_unsent_call_print_as_sent_async() {
         !stderr.contains("never sent"),
         "a call that never went out is printed as sent:\n{stderr}"
     );
+}
+
+/// An interface no worker here serves: its calls name it by its id and command.
+#[cfg_attr(feature = "tokio", typed_ipc::interface(async_client))]
+#[cfg_attr(not(feature = "tokio"), typed_ipc::interface)]
+pub trait Unserved {
+    /// Never answered.
+    fn first(&self);
+    /// Never answered either.
+    fn second(&self, n: u32) -> u32;
+}
+
+/// Calls `child_lab` on an interface it does not serve.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_called_unserved() {
+    let (mut lab, conn) = Worker::spawn(child("child_lab")).unwrap();
+    let unserved = UnservedClient::new(conn).second(7);
+    assert!(unserved.is_err(), "{unserved:?}");
+    lab.kill().unwrap();
+}
+
+/// The async flavour of [`child_called_unserved`].
+#[cfg(feature = "tokio")]
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_called_unserved_async() {
+    common::current_thread_runtime().block_on(async {
+        let spawned = typed_ipc::tokio::worker::spawn(child("child_async_lab"));
+        let (mut lab, conn) = spawned.unwrap();
+        let unserved = UnservedAsyncClient::new(conn).second(7).await;
+        assert!(unserved.is_err(), "{unserved:?}");
+        lab.kill().unwrap();
+    });
+}
+
+/// A request for an interface this end does not serve is named by its id and command, which
+/// the peer's source says.
+#[test]
+fn a_request_not_served_is_named_by_its_ids() {
+    check_unserved("child_called_unserved");
+}
+
+/// The same from the async flavour.
+#[cfg(feature = "tokio")]
+#[test]
+fn a_request_not_served_is_named_by_its_ids_async() {
+    check_unserved("child_called_unserved_async");
+}
+
+fn check_unserved(scenario: &str) {
+    let stderr = traced_stderr(scenario);
+    let (id, cmd) = (UNSERVED_INFO.id, UNSERVED_INFO.methods[1].cmd);
+    assert_line(
+        &stderr,
+        &format!("<- Call #1 iface {id:#010x} cmd {cmd} (4 bytes, 0 fds)"),
+    );
+}
+
+/// A request that arrives before its service is added (a worker's first, read as it gets its
+/// connection), then served: `b` reads `a`'s call before the reply to its own call to `a`.
+#[cfg(feature = "tokio")]
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_held_until_served_async() {
+    use typed_ipc::tokio::AsyncConnection;
+    common::current_thread_runtime().block_on(async {
+        let (a, b) = AsyncConnection::pair().unwrap();
+        let serving = asynchronous::LabServer::new(asynchronous::Impl).serve(a.clone());
+        let _serving = tokio::spawn(serving);
+        let from_a = asynchronous::LabClient::new(a);
+        let mut early = Box::pin(from_a.reverse("ab".into()));
+        pending_after_one_poll(early.as_mut()).await;
+        let from_b = asynchronous::LabClient::new(b.clone());
+        assert_eq!(from_b.reverse("xy".into()).await.unwrap(), "yx");
+        let serving = asynchronous::LabServer::new(asynchronous::Impl).serve(b);
+        let _serving = tokio::spawn(serving);
+        assert_eq!(early.await.unwrap(), "ba");
+    });
+}
+
+/// Such a request is said as received with its ids, not served yet, and named once it is.
+#[cfg(feature = "tokio")]
+#[test]
+fn a_request_held_until_served_is_named_when_it_is_async() {
+    let stderr = traced_stderr("child_held_until_served_async");
+    let id = LAB_INFO.id;
+    assert_line(
+        &stderr,
+        &format!("<- Call #1 iface {id:#010x} cmd 0 (10 bytes, 0 fds; not served yet)"),
+    );
+    assert_line(&stderr, "-- Call #1 held until served: Lab::reverse");
 }

@@ -289,6 +289,7 @@ impl Shared {
             envelope,
             frame,
             registry.services.iter().map(|(info, _)| *info),
+            false,
         )
     }
 }

@@ -473,23 +473,28 @@ pub(crate) fn announce_retired(name: &Name, len: usize, older: Option<usize>) {
 
 /// The line saying a message this process received, named after the served interface it is
 /// for, if any: for [`line()`], which the reader of a reply calls once the reply is routed.
+/// A request for none of them is named by its interface's id and command, which the
+/// sender's source says (`#[interface]`'s `…_INFO`); `held` if it waits for a server to
+/// come (the async flavour's requests that arrive before `serve`), which
+/// [`held_until_served`] names once it has.
 pub(crate) fn incoming_line<'i>(
     name: &Name,
     envelope: &Envelope,
     frame: &Frame,
     mut served: impl Iterator<Item = &'i InterfaceInfo>,
+    held: bool,
 ) -> String {
-    let method = served
-        .find(|i| i.id == envelope.interface)
-        .map_or(String::new(), |i| {
-            format!(
-                " {}::{}",
-                i.name,
-                i.method(envelope.cmd).map_or("?", |m| m.name)
-            )
-        });
+    let request = matches!(envelope.kind, envelope::Kind::Call | envelope::Kind::Oneway);
+    let (method, held) = match served.find(|i| i.id == envelope.interface) {
+        Some(i) => (method_of(i, envelope.cmd), ""),
+        None if request => (
+            format!(" iface {:#010x} cmd {}", envelope.interface, envelope.cmd),
+            if held { "; not served yet" } else { "" },
+        ),
+        None => (String::new(), ""),
+    };
     format!(
-        "{name} <- {:?}{}{method} ({}, {})",
+        "{name} <- {:?}{}{method} ({}, {}{held})",
         envelope.kind,
         cookie(envelope),
         counted(
@@ -498,6 +503,35 @@ pub(crate) fn incoming_line<'i>(
         ),
         counted(frame.fds.len(), "fd")
     )
+}
+
+/// ` Lab::reverse`, or ` Lab::?` for a command `iface` lacks.
+fn method_of(iface: &InterfaceInfo, cmd: u32) -> String {
+    format!(
+        " {}::{}",
+        iface.name,
+        iface.method(cmd).map_or("?", |m| m.name)
+    )
+}
+
+/// The line naming a request that waited for a server to come ([`incoming_line`]'s `held`)
+/// and is now dispatched to one of `served`: `-- Call #1 held until served: Lab::reverse`.
+/// `None` if none of them is its interface (its failure says so).
+#[cfg(feature = "tokio")]
+#[cold]
+#[inline(never)]
+pub(crate) fn held_until_served<'i>(
+    name: &Name,
+    envelope: &Envelope,
+    mut served: impl Iterator<Item = &'i InterfaceInfo>,
+) -> Option<String> {
+    let iface = served.find(|i| i.id == envelope.interface)?;
+    Some(format!(
+        "{name} -- {:?}{} held until served:{}",
+        envelope.kind,
+        cookie(envelope),
+        method_of(iface, envelope.cmd)
+    ))
 }
 
 #[cfg(test)]

@@ -366,7 +366,10 @@ impl Inner {
         // Copied out before printing: a write to stderr may block, and a service being added
         // (which waits for the write lock) would wait for it.
         let served: Vec<_> = self.services.read().iter().map(|s| s.info()).collect();
-        let line = trace::incoming_line(&self.name, envelope, frame, served.into_iter());
+        // A request that comes before `serve` is held for it, and named once dispatched
+        // (`start_serving`): it may be this very interface, not added yet.
+        let held = !self.lock().serving;
+        let line = trace::incoming_line(&self.name, envelope, frame, served.into_iter(), held);
         match envelope.kind {
             Kind::Reply | Kind::Failure => Some(line),
             _ => {

@@ -35,12 +35,34 @@ impl Inner {
         }
         state.serving = true;
         let held = std::mem::take(&mut state.held);
+        let envelopes: Vec<Envelope> = match self.trace {
+            true => held.iter().map(|(_, envelope, _)| *envelope).collect(),
+            false => Vec::new(),
+        };
         let tasks: Vec<Task> = held
             .into_iter()
             .filter_map(|(frame, envelope, cost)| self.dispatch(&mut state, frame, envelope, cost))
             .collect();
         drop(state);
+        if !envelopes.is_empty() {
+            self.say_held_until_served(&envelopes);
+        }
         tasks.into_iter().for_each(|task| self.spawn(task));
+    }
+
+    /// Names the requests held for a server, now that it has come: they were said as received
+    /// by their ids only. Before their tasks start, so that the lines precede their replies.
+    #[cold]
+    #[inline(never)]
+    fn say_held_until_served(&self, envelopes: &[Envelope]) {
+        let served: Vec<_> = self.services.read().iter().map(|s| s.info()).collect();
+        for envelope in envelopes {
+            if let Some(line) =
+                trace::held_until_served(&self.name, envelope, served.iter().copied())
+            {
+                trace::line(&line);
+            }
+        }
     }
 
     /// A call goes to a task of its own, which runs it once the oneways that arrived before it
