@@ -1916,3 +1916,57 @@ fn a_request_held_until_served_is_named_when_it_is_async() {
     );
     assert_line(&stderr, "-- Call #1 held until served: Lab::reverse");
 }
+
+/// Kills its worker through a `Killer` once it has answered, then calls it in vain.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_killed_traced() {
+    let (mut lab, conn) = Worker::spawn(child("child_lab")).unwrap();
+    let client = LabClient::new(conn);
+    assert_eq!(client.reverse("hi".into()).unwrap(), "ih");
+    lab.killer().unwrap().kill().unwrap();
+    let after = client.reverse("hi".into());
+    assert!(
+        matches!(after, Err(typed_ipc::Error::Disconnected)),
+        "{after:?}"
+    );
+    lab.wait().unwrap();
+}
+
+/// The async flavour of [`child_killed_traced`], with `Worker::kill`.
+#[cfg(feature = "tokio")]
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_killed_traced_async() {
+    common::current_thread_runtime().block_on(async {
+        let spawned = typed_ipc::tokio::worker::spawn(child("child_async_lab"));
+        let (mut lab, conn) = spawned.unwrap();
+        let client = asynchronous::LabClient::new(conn);
+        assert_eq!(client.reverse("hi".into()).await.unwrap(), "ih");
+        lab.kill().unwrap();
+        let after = client.reverse("hi".into()).await;
+        assert!(
+            matches!(after, Err(typed_ipc::Error::Disconnected)),
+            "{after:?}"
+        );
+    });
+}
+
+/// A worker this side killed is not said to have hung up.
+#[test]
+fn a_killed_worker_is_said_to_be_killed() {
+    check_killed("child_killed_traced");
+}
+
+/// The same from the async flavour.
+#[cfg(feature = "tokio")]
+#[test]
+fn a_killed_worker_is_said_to_be_killed_async() {
+    check_killed("child_killed_traced_async");
+}
+
+fn check_killed(scenario: &str) {
+    let stderr = traced_stderr(scenario);
+    assert_line(&stderr, "-- Ended: this side killed the worker");
+    assert!(!stderr.contains("peer disconnected"), "{stderr}");
+}

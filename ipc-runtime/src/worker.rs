@@ -101,6 +101,9 @@ impl Killer {
     /// ended, even reaped: its pidfd reaches no other process. The `Worker` still reaps it
     /// ([`Worker::wait`], or its drop).
     pub fn kill(&self) -> Result<()> {
+        if let Some(closer) = &self.closer {
+            closer.killing();
+        }
         match pidfd_kill(self.pidfd.as_fd()) {
             Err(error) if error.raw_os_error() != Some(libc::ESRCH) => return Err(error.into()),
             _ => {}
@@ -116,15 +119,33 @@ impl Killer {
 /// meanwhile: it holds the connection weakly. Closing twice is harmless, so the `Worker`
 /// and the watch on the child's exit each hold one.
 #[derive(Clone)]
-pub(crate) struct Closer(Arc<dyn Fn() + Send + Sync>);
+pub(crate) struct Closer {
+    close: Arc<dyn Fn() + Send + Sync>,
+    killing: Arc<dyn Fn() + Send + Sync>,
+}
 
 impl Closer {
-    pub(crate) fn new(close: impl Fn() + Send + Sync + 'static) -> Closer {
-        Closer(Arc::new(close))
+    /// `close` ends the connection; `killing` tells it, before this side kills the worker,
+    /// that the hang-up its reader will see is this side's doing (for the traced line saying
+    /// why it ended). Told before the kill, since the watch on the child's exit may close the
+    /// connection as soon as the signal lands.
+    pub(crate) fn new(
+        close: impl Fn() + Send + Sync + 'static,
+        killing: impl Fn() + Send + Sync + 'static,
+    ) -> Closer {
+        Closer {
+            close: Arc::new(close),
+            killing: Arc::new(killing),
+        }
     }
 
     pub(crate) fn close(&self) {
-        (self.0)()
+        (self.close)()
+    }
+
+    /// This side is about to kill the worker.
+    pub(crate) fn killing(&self) {
+        (self.killing)()
     }
 }
 
@@ -204,6 +225,13 @@ impl Worker {
             self.watch = Some(watch);
         }
         Ok(())
+    }
+
+    /// This side is about to kill the child: its connection's end is this side's doing.
+    fn killing(&self) {
+        if let Some(closer) = &self.closer {
+            closer.killing();
+        }
     }
 
     /// The child is gone, or as good as gone (killed): its connection ends, whoever else
@@ -327,6 +355,7 @@ impl Worker {
     /// process that took its pid since.
     pub fn kill(&mut self) -> Result<()> {
         if self.exit.is_none() {
+            self.killing();
             self.send_kill()?;
         }
         self.gone();
@@ -484,6 +513,9 @@ impl Drop for Worker {
     fn drop(&mut self) {
         // A child the kill missed may still be running: waiting for it could hang. One reaped
         // elsewhere fails at once (ECHILD); nothing is left to do then.
+        if self.exit.is_none() {
+            self.killing();
+        }
         if self.exit.is_none() && self.send_kill().is_ok() {
             let _ = self.reap(true);
         }

@@ -297,6 +297,9 @@ struct State {
     /// This end closed the connection ([`Connection::close`]): no request runs from then on,
     /// and those read after it are dropped.
     closed_here: bool,
+    /// This side is killing the worker at the other end
+    /// ([`Closer::killing`](crate::worker::Closer::killing)): its hang-up is this side's doing.
+    killed_here: bool,
     /// The traced line saying why the connection ended, until a thread that let the lock go
     /// prints it ([`Shared::say_end`]): said under the lock, it would wait for stderr's
     /// lock, whose holder may be waiting for this connection.
@@ -555,11 +558,19 @@ impl Connection {
     /// is gone, holding the connection weakly meanwhile.
     pub(crate) fn closer(&self) -> crate::worker::Closer {
         let shared = Arc::downgrade(&self.shared);
-        crate::worker::Closer::new(move || {
-            if let Some(shared) = shared.upgrade() {
-                let _ = shared.socket.shutdown();
-            }
-        })
+        let killed = Arc::downgrade(&self.shared);
+        crate::worker::Closer::new(
+            move || {
+                if let Some(shared) = shared.upgrade() {
+                    let _ = shared.socket.shutdown();
+                }
+            },
+            move || {
+                if let Some(shared) = killed.upgrade() {
+                    shared.state.lock().killed_here = true;
+                }
+            },
+        )
     }
 
     /// Holds the registry's lock: a thread about to serve waits on it before it reads.

@@ -633,11 +633,13 @@ impl Shared {
         use super::trace::EndedHere;
         match (
             state.closed_here,
+            state.killed_here,
             self.stopped_reading.load(Ordering::SeqCst),
         ) {
-            (true, _) => EndedHere::Closed,
-            (false, true) => EndedHere::StoppedReading,
-            (false, false) => EndedHere::No,
+            (true, ..) => EndedHere::Closed,
+            (false, true, _) => EndedHere::Killed,
+            (false, false, true) => EndedHere::StoppedReading,
+            (false, false, false) => EndedHere::No,
         }
     }
 

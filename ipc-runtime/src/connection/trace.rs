@@ -285,6 +285,9 @@ pub(crate) enum EndedHere {
     StoppedReading,
     /// The last handle of the connection was dropped.
     Dropped,
+    /// This side killed the worker at the other end (`Worker::kill`, a `Killer`, dropping
+    /// the `Worker`).
+    Killed,
 }
 
 impl EndedHere {
@@ -295,7 +298,8 @@ impl EndedHere {
             0 => EndedHere::No,
             1 => EndedHere::Closed,
             2 => EndedHere::StoppedReading,
-            _ => EndedHere::Dropped,
+            3 => EndedHere::Dropped,
+            _ => EndedHere::Killed,
         }
     }
 }
@@ -315,6 +319,7 @@ pub(crate) fn ended(name: &Name, why: &crate::error::Error, here: EndedHere) -> 
         (crate::error::Error::Disconnected, EndedHere::Dropped) => {
             "closed by this side: its last handle was dropped"
         }
+        (crate::error::Error::Disconnected, EndedHere::Killed) => "this side killed the worker",
         (why, _) => &why.to_string(),
     };
     format!("{name} -- Ended: {why}")
@@ -558,6 +563,7 @@ mod tests {
                 EndedHere::Dropped,
                 "closed by this side: its last handle was dropped",
             ),
+            (EndedHere::Killed, "this side killed the worker"),
         ] {
             assert_eq!(said(Error::Disconnected, here), format!("-- Ended: {want}"));
         }
@@ -575,6 +581,7 @@ mod tests {
             EndedHere::Closed,
             EndedHere::StoppedReading,
             EndedHere::Dropped,
+            EndedHere::Killed,
         ] {
             assert_eq!(EndedHere::from_u8(here as u8), here);
         }

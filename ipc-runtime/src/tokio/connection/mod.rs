@@ -475,11 +475,19 @@ impl AsyncConnection {
     /// meanwhile: a call made now wakes it to read, and a send fails at once.
     pub(crate) fn closer(&self) -> crate::worker::Closer {
         let inner = Arc::downgrade(&self.inner);
-        crate::worker::Closer::new(move || {
-            if let Some(inner) = inner.upgrade() {
-                let _ = inner.socket().shutdown();
-            }
-        })
+        let killed = Arc::downgrade(&self.inner);
+        crate::worker::Closer::new(
+            move || {
+                if let Some(inner) = inner.upgrade() {
+                    let _ = inner.socket().shutdown();
+                }
+            },
+            move || {
+                if let Some(inner) = killed.upgrade() {
+                    inner.killed_here();
+                }
+            },
+        )
     }
 
     /// Stops taking new requests, but keeps sending: requests already running finish and
@@ -760,6 +768,16 @@ impl Inner {
 
     pub(super) fn lane(&self) -> &Lane {
         &self.lane
+    }
+
+    /// This side is killing the worker at the other end: that ends the connection, over a
+    /// [`AsyncConnection::stop_reading`] that may still be waiting for its requests.
+    fn killed_here(&self) {
+        use trace::EndedHere::{Killed, No, StoppedReading};
+        let seq = Ordering::SeqCst;
+        let _ = self.ended_here.fetch_update(seq, seq, |here| {
+            (here == No as u8 || here == StoppedReading as u8).then_some(Killed as u8)
+        });
     }
 
     /// Notes what this end did that ends the connection, unless it did something before.
