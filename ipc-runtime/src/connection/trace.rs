@@ -340,9 +340,9 @@ fn reply_line(name: &Name, cookie: u64, value: &str) {
     line(&format!("{name} -> Reply #{cookie} {value}"));
 }
 
-/// A message whose sender gave up with it part-way out (a dropped future, or a timeout):
-/// `outgoing`'s line, since the rest goes out from a task and the peer gets it whole, and
-/// then why the caller heard otherwise.
+/// A message whose sender gave up with it part-way out, `why` (its future dropped, or timed
+/// out): `outgoing`'s line, since the rest goes out from a task and the peer gets it whole,
+/// and then why the caller heard otherwise.
 #[cfg(feature = "tokio")]
 #[cold]
 #[inline(never)]
@@ -351,9 +351,9 @@ pub(crate) fn finished_in_background(
     envelope: &Envelope,
     iface: &InterfaceInfo,
     args: &str,
+    why: &str,
 ) {
     outgoing_line(name, envelope, iface, args);
-    let why = "timed out, or its future was dropped";
     match envelope.kind {
         envelope::Kind::Call => gave_up(name, envelope.cookie, why),
         kind => line(&format!(

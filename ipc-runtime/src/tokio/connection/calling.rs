@@ -10,7 +10,9 @@ use std::sync::atomic::Ordering;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::sending::TracedSend;
+use ::tokio::time::Instant;
+
+use super::sending::{TracedSend, why_given_up};
 use super::{AsyncConnection, Inner};
 use crate::connection::decode_reply;
 use crate::connection::trace;
@@ -24,6 +26,7 @@ impl AsyncConnection {
         iface: &'static InterfaceInfo,
         cmd: u32,
         args: A,
+        deadline: Option<Instant>,
     ) -> Result<R> {
         let inner = &self.inner;
         let cookie = inner.next_cookie.fetch_add(1, Ordering::Relaxed);
@@ -43,6 +46,7 @@ impl AsyncConnection {
             inner,
             cookie,
             sent: false,
+            deadline,
         };
         let envelope = Envelope {
             kind: Kind::Call,
@@ -52,7 +56,7 @@ impl AsyncConnection {
             signature: iface.signature,
         };
         let traced = trace::described(inner.trace, &args)
-            .map(|args| TracedSend::new(inner.name, envelope, iface, args));
+            .map(|args| TracedSend::new(inner.name, envelope, iface, args, deadline));
         let placed = match inner.send(envelope, args).await {
             Ok(placed) => placed,
             // Boxed, as the path is rare (see `serving::handle_request`).
@@ -85,16 +89,15 @@ struct Waiting<'a> {
     /// The call went out: dropped now, its caller gave up waiting for the reply (a timeout,
     /// or its future dropped), which the trace says.
     sent: bool,
+    /// When the call's own timeout fires, if it has one: a drop after it is that timeout.
+    deadline: Option<Instant>,
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         if self.sent && self.inner.trace {
-            trace::gave_up(
-                &self.inner.name,
-                self.cookie,
-                "timed out, or its future was dropped",
-            );
+            let why = why_given_up(self.deadline);
+            trace::gave_up(&self.inner.name, self.cookie, why);
         }
         let unread = {
             let mut state = self.inner.lock();

@@ -641,10 +641,12 @@ impl AsyncConnection {
         args: A,
         timeout: Option<Duration>,
     ) -> Result<R> {
-        let call = self.call_inner(iface, cmd, args);
-        match timeout {
+        // Told to the call, so that the trace can say it timed out rather than was dropped.
+        let deadline = deadline(timeout);
+        let call = self.call_inner(iface, cmd, args, deadline);
+        match deadline {
             None => call.await,
-            Some(timeout) => ::tokio::time::timeout(timeout, call)
+            Some(deadline) => ::tokio::time::timeout_at(deadline, call)
                 .await
                 .unwrap_or(Err(Error::TimedOut)),
         }
@@ -674,17 +676,18 @@ impl AsyncConnection {
             interface: iface.id,
             signature: iface.signature,
         };
+        let deadline = deadline(timeout);
         let traced = trace::described(self.inner.trace, &args)
-            .map(|args| TracedSend::new(self.inner.name, envelope, iface, args));
+            .map(|args| TracedSend::new(self.inner.name, envelope, iface, args, deadline));
         let send = async {
             match self.inner.send(envelope, args).await {
                 Err(e) => Err(Box::pin(self.inner.why_unsent(e)).await),
                 sent => sent,
             }
         };
-        match timeout {
+        match deadline {
             None => send.await?,
-            Some(timeout) => ::tokio::time::timeout(timeout, send)
+            Some(deadline) => ::tokio::time::timeout_at(deadline, send)
                 .await
                 .unwrap_or(Err(Error::TimedOut))?,
         };
@@ -707,6 +710,12 @@ impl std::fmt::Debug for AsyncConnection {
             .field("peer", &self.inner.peer)
             .finish_non_exhaustive()
     }
+}
+
+/// When a `timeout` from now ends; none if it is too long to say (it never fires, as
+/// `tokio::time::timeout`'s would not in this process's life).
+fn deadline(timeout: Option<Duration>) -> Option<::tokio::time::Instant> {
+    timeout.and_then(|timeout| ::tokio::time::Instant::now().checked_add(timeout))
 }
 
 /// Runs `connect` on a thread of its own and waits for it without blocking the runtime. Not

@@ -29,6 +29,7 @@ use crate::error::{Error, Result};
 use crate::service::InterfaceInfo;
 use crate::socket::{RETRY_SEND, SendCursor, Socket};
 use crate::tokio::envelope::{self, Envelope};
+use ::tokio::time::Instant;
 
 thread_local! {
     /// A call or oneway dropped part-way handed its rest to a task (`Outgoing::finish`,
@@ -48,6 +49,18 @@ pub(in crate::tokio) struct TracedSend {
     iface: &'static InterfaceInfo,
     /// The arguments as described, until the line is printed or given up.
     args: Option<String>,
+    /// When the sender's own timeout fires, if it has one: see [`why_given_up`].
+    deadline: Option<Instant>,
+}
+
+/// Why the sender of a message (a call, or a oneway) gave up on it, for the trace: the
+/// timeout the connection was given fired (its `deadline` has passed), or the sender's future
+/// was dropped (by the caller, or a timeout of the caller's own).
+pub(in crate::tokio) fn why_given_up(deadline: Option<Instant>) -> &'static str {
+    match deadline {
+        Some(deadline) if Instant::now() >= deadline => "timed out",
+        _ => "its future was dropped",
+    }
 }
 
 impl TracedSend {
@@ -58,6 +71,7 @@ impl TracedSend {
         envelope: Envelope,
         iface: &'static InterfaceInfo,
         args: String,
+        deadline: Option<Instant>,
     ) -> Box<TracedSend> {
         HANDED_OVER.set(false);
         // Boxed: the future of every call and oneway holds it, traced or not, and an
@@ -67,6 +81,7 @@ impl TracedSend {
             envelope,
             iface,
             args: Some(args),
+            deadline,
         })
     }
 
@@ -82,7 +97,9 @@ impl Drop for TracedSend {
         if let Some(args) = self.args.take()
             && HANDED_OVER.replace(false)
         {
-            trace::finished_in_background(&self.name, &self.envelope, self.iface, &args);
+            let why = why_given_up(self.deadline);
+            let (name, envelope, iface) = (&self.name, &self.envelope, self.iface);
+            trace::finished_in_background(name, envelope, iface, &args, why);
         }
     }
 }
