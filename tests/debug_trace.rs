@@ -625,6 +625,16 @@ fn check_trace(scenario: &str) {
     // Calls as the client sent them; replies as the worker sent them.
     has(r#"-> Call #1 Lab::reverse("hello")"#);
     has(r#"-> Reply #1 "olleh""#);
+    // Said before it is sent, so before the worker says it received it.
+    let at = |want: &str| stderr.lines().position(|l| l.ends_with(want));
+    let (sent, received) = (
+        at(r#"-> Call #1 Lab::reverse("hello")"#),
+        at("<- Call #1 Lab::reverse (13 bytes, 0 fds)"),
+    );
+    assert!(
+        sent < received,
+        "a call is said after its peer received it:\n{stderr}"
+    );
     has(r#"-> Call #2 Lab::configure(Config { width: 4096, name: "cam0" })"#);
     has("-> Reply #2 Err(TooWide { max: 1920 })");
     // Fds by their numbers in the sender.
@@ -1836,9 +1846,16 @@ fn a_reply_cut_off_part_way_makes_no_unsent_call_print_as_sent_async() {
         stderr.contains("Lab::echo(") && stderr.contains("Reply #1"),
         "the scenario did not run:\n{stderr}"
     );
+    // Said before its send started, and then that none of it went out.
+    let said = stderr
+        .lines()
+        .position(|l| l.contains(r#"-> Call #2 Lab::reverse("never sent")"#));
+    let unsent = stderr
+        .lines()
+        .position(|l| l.ends_with("-- Call #2 not sent: its future was dropped"));
     assert!(
-        !stderr.contains("never sent"),
-        "a call that never went out is printed as sent:\n{stderr}"
+        matches!((said, unsent), (Some(said), Some(unsent)) if said < unsent),
+        "a call that never went out is not said to be unsent:\n{stderr}"
     );
 }
 
@@ -1982,8 +1999,18 @@ fn a_killed_worker_is_said_to_be_killed_async() {
     check_killed("child_killed_traced_async");
 }
 
-fn check_killed(scenario: &str) {
+fn check_killed(scenario: &str) -> String {
     let stderr = traced_stderr(scenario);
     assert_line(&stderr, "-- Ended: this side killed the worker");
-    assert!(!stderr.contains("peer disconnected"), "{stderr}");
+    assert!(!stderr.contains("-- Ended: peer disconnected"), "{stderr}");
+    stderr
+}
+
+/// A call is said before its send starts, so that the peer's lines about it come after it in
+/// a shared stderr; one whose send then fails says so.
+#[test]
+fn a_call_whose_send_failed_says_so() {
+    let stderr = check_killed("child_killed_traced");
+    assert_line(&stderr, r#"-> Call #2 Lab::reverse("hi")"#);
+    assert_line(&stderr, "-- Call #2 send failed: peer disconnected");
 }

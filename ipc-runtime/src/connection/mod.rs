@@ -768,7 +768,7 @@ impl Connection {
                 })
         });
         let placed = placed
-            .map_err(|e| shared.why_unsent(e, deadline))?
+            .map_err(|e| shared.why_call_unsent(e, deadline, traced.as_ref().map(|_| cookie)))?
             .expect("the call's send sends the whole message or fails");
         let finish = |frame: &mut Frame| {
             shared.lane.after_reply(placed, frame);

@@ -189,6 +189,24 @@ impl Shared {
         debug_assert!(taken.is_none(), "a sender takes nothing for itself");
     }
 
+    /// [`Shared::why_unsent`] for a call, which says its send failed if the call was said
+    /// (`traced`: its cookie).
+    #[cold]
+    #[inline(never)]
+    pub(super) fn why_call_unsent(
+        &self,
+        e: Error,
+        deadline: Option<Instant>,
+        traced: Option<u64>,
+    ) -> Error {
+        let e = self.why_unsent(e, deadline);
+        // A traced call is said once its cookie is given (0: not yet), before its send.
+        if let Some(cookie) = traced.filter(|&cookie| cookie != 0) {
+            super::trace::send_failed(&self.name, cookie, &e);
+        }
+        e
+    }
+
     /// Why a send failed, from its error `e`: for a peer gone (`Disconnected`: `EPIPE`), what
     /// the peer said before it went, if this end has not read it yet, so that the caller
     /// hears that the peer speaks another wire version, say, and not only that it hung up

@@ -364,6 +364,23 @@ pub(crate) fn finished_in_background(
     }
 }
 
+/// The send of this process's call `cookie`, said before it started, failed (`e`): the peer
+/// got none of it, or, cut off part-way, the connection ends.
+#[cold]
+#[inline(never)]
+pub(crate) fn send_failed(name: &Name, cookie: u64, e: &Error) {
+    line(&format!("{name} -- Call #{cookie} send failed: {e}"));
+}
+
+/// This process's call `cookie`, said before its send started, was given up (`why`) before
+/// any of it went out.
+#[cfg(feature = "tokio")]
+#[cold]
+#[inline(never)]
+pub(crate) fn not_sent(name: &Name, cookie: u64, why: &str) {
+    line(&format!("{name} -- Call #{cookie} not sent: {why}"));
+}
+
 /// This process stopped waiting for the reply to its call `cookie`, `why` (timed out, or
 /// cancelled): the reply, if it comes, is dropped unprinted but for its `<-` line.
 #[cold]

@@ -16,7 +16,7 @@ use super::sending::{TracedSend, why_given_up};
 use super::{AsyncConnection, Inner};
 use crate::connection::decode_reply;
 use crate::connection::trace;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::service::InterfaceInfo;
 use crate::tokio::envelope::{Envelope, Kind};
 
@@ -56,11 +56,11 @@ impl AsyncConnection {
             signature: iface.signature,
         };
         let traced = trace::described(inner.trace, &args)
-            .map(|args| TracedSend::new(inner.name, envelope, iface, args, deadline));
+            .map(|args| TracedSend::said_now(inner.name, envelope, iface, args, deadline));
         let placed = match inner.send(envelope, args).await {
             Ok(placed) => placed,
             // Boxed, as the path is rare (see `serving::handle_request`).
-            Err(e) => return Err(Box::pin(inner.why_unsent(e)).await),
+            Err(e) => return Err(Box::pin(inner.unsent_call(e, traced)).await),
         };
         if let Some(mut traced) = traced {
             traced.sent();
@@ -73,6 +73,17 @@ impl AsyncConnection {
         let result = decode_reply(&mut frame, iface, cmd, &inner.lane);
         inner.lane.finished(&frame.payload);
         result
+    }
+}
+
+impl Inner {
+    /// Why a call's send failed (`e`), said if the call was ([`TracedSend::failed`]).
+    async fn unsent_call(&self, e: Error, traced: Option<Box<TracedSend>>) -> Error {
+        let e = self.why_unsent(e).await;
+        if let Some(mut traced) = traced {
+            traced.failed(&e);
+        }
+        e
     }
 }
 

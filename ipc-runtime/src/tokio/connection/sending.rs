@@ -38,11 +38,12 @@ thread_local! {
     static HANDED_OVER: Cell<bool> = const { Cell::new(false) };
 }
 
-/// A call's or oneway's traced line (tracing on) while its message is being sent. Printed
-/// by the caller once the send returns, or, if the future is dropped with the message
-/// part-way out, here: the rest goes out from a task and the peer gets the message, so the
-/// trace must show it sent. Declared before the send's future, so dropped after it, once
-/// `Outgoing::finish` has said whether it handed the rest over.
+/// A call's or oneway's traced line (tracing on) while its message is being sent. A oneway's
+/// is printed by the caller once the send returns (a call's before it starts, and then what
+/// became of it if the send does not finish: [`TracedSend::said_now`]), or, if the future is
+/// dropped with the message part-way out, here: the rest goes out from a task and the peer
+/// gets the message, so the trace must show it sent. Declared before the send's future, so
+/// dropped after it, once `Outgoing::finish` has said whether it handed the rest over.
 pub(in crate::tokio) struct TracedSend {
     name: Name,
     envelope: Envelope,
@@ -51,6 +52,9 @@ pub(in crate::tokio) struct TracedSend {
     args: Option<String>,
     /// When the sender's own timeout fires, if it has one: see [`why_given_up`].
     deadline: Option<Instant>,
+    /// A call's line was said before its send started ([`TracedSend::said_now`]), and the
+    /// send has not finished nor failed: dropped so, it says what became of the call.
+    said_early: bool,
 }
 
 /// Why the sender of a message (a call, or a oneway) gave up on it, for the trace: the
@@ -82,11 +86,41 @@ impl TracedSend {
             iface,
             args: Some(args),
             deadline,
+            said_early: false,
         })
+    }
+
+    /// A call's traced send, its line said now, before its send starts: the peer's lines
+    /// about it, in a stderr they share, come after it. Dropped before the send finished, it
+    /// says whether any of it went out; [`TracedSend::failed`] says a failed send.
+    #[cold]
+    #[inline(never)]
+    pub(in crate::tokio) fn said_now(
+        name: Name,
+        envelope: Envelope,
+        iface: &'static InterfaceInfo,
+        args: String,
+        deadline: Option<Instant>,
+    ) -> Box<TracedSend> {
+        trace::outgoing(&name, &envelope, iface, Some(&args));
+        let mut traced = TracedSend::new(name, envelope, iface, String::new(), deadline);
+        traced.args = None;
+        traced.said_early = true;
+        traced
+    }
+
+    /// The send failed (`e`): says so, for a call said before it.
+    #[cold]
+    #[inline(never)]
+    pub(in crate::tokio) fn failed(&mut self, e: &Error) {
+        if std::mem::take(&mut self.said_early) {
+            trace::send_failed(&self.name, self.envelope.cookie, e);
+        }
     }
 
     /// The message went out: prints its line.
     pub(in crate::tokio) fn sent(&mut self) {
+        self.said_early = false;
         let args = self.args.take();
         trace::outgoing(&self.name, &self.envelope, self.iface, args.as_deref());
     }
@@ -94,6 +128,15 @@ impl TracedSend {
 
 impl Drop for TracedSend {
     fn drop(&mut self) {
+        if self.said_early {
+            // Part-way out, the rest goes out from a task: the call's reply is given up.
+            let why = why_given_up(self.deadline);
+            match HANDED_OVER.replace(false) {
+                true => trace::gave_up(&self.name, self.envelope.cookie, why),
+                false => trace::not_sent(&self.name, self.envelope.cookie, why),
+            }
+            return;
+        }
         if let Some(args) = self.args.take()
             && HANDED_OVER.replace(false)
         {
