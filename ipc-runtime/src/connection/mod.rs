@@ -558,7 +558,7 @@ impl Connection {
     /// is gone, holding the connection weakly meanwhile.
     pub(crate) fn closer(&self) -> crate::worker::Closer {
         let shared = Arc::downgrade(&self.shared);
-        let killed = Arc::downgrade(&self.shared);
+        let killed = shared.clone();
         crate::worker::Closer::new(
             move || {
                 if let Some(shared) = shared.upgrade() {

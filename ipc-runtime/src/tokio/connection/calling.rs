@@ -56,7 +56,7 @@ impl AsyncConnection {
             signature: iface.signature,
         };
         let traced = trace::described(inner.trace, &args)
-            .map(|args| TracedSend::said_now(inner.name, envelope, iface, args, deadline));
+            .map(|args| TracedSend::new(inner.name, envelope, iface, args, deadline).said_now());
         let placed = match inner.send(envelope, args).await {
             Ok(placed) => placed,
             // Boxed, as the path is rare (see `serving::handle_request`).

@@ -475,7 +475,7 @@ impl AsyncConnection {
     /// meanwhile: a call made now wakes it to read, and a send fails at once.
     pub(crate) fn closer(&self) -> crate::worker::Closer {
         let inner = Arc::downgrade(&self.inner);
-        let killed = Arc::downgrade(&self.inner);
+        let killed = inner.clone();
         crate::worker::Closer::new(
             move || {
                 if let Some(inner) = inner.upgrade() {

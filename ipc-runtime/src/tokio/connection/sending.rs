@@ -90,23 +90,16 @@ impl TracedSend {
         })
     }
 
-    /// A call's traced send, its line said now, before its send starts: the peer's lines
-    /// about it, in a stderr they share, come after it. Dropped before the send finished, it
-    /// says whether any of it went out; [`TracedSend::failed`] says a failed send.
+    /// This traced send, a call's, its line said now, before its send starts: the peer's
+    /// lines about it, in a stderr they share, come after it. Dropped before the send
+    /// finished, it says whether any of it went out; [`TracedSend::failed`] says a failed send.
     #[cold]
     #[inline(never)]
-    pub(in crate::tokio) fn said_now(
-        name: Name,
-        envelope: Envelope,
-        iface: &'static InterfaceInfo,
-        args: String,
-        deadline: Option<Instant>,
-    ) -> Box<TracedSend> {
-        trace::outgoing(&name, &envelope, iface, Some(&args));
-        let mut traced = TracedSend::new(name, envelope, iface, String::new(), deadline);
-        traced.args = None;
-        traced.said_early = true;
-        traced
+    pub(in crate::tokio) fn said_now(mut self: Box<Self>) -> Box<TracedSend> {
+        let args = self.args.take();
+        trace::outgoing(&self.name, &self.envelope, self.iface, args.as_deref());
+        self.said_early = true;
+        self
     }
 
     /// The send failed (`e`): says so, for a call said before it.
