@@ -695,6 +695,18 @@ mod asynchronous {
         (bundles, conn, serving)
     }
 
+    /// Ends [`bundled_rounds`]'s connection, and its server once that has seen it end.
+    async fn finish_bundles(
+        bundles: BundlesClient,
+        conn: AsyncConnection,
+        serving: tokio::task::JoinHandle<typed_ipc::Result<()>>,
+    ) {
+        drop(bundles);
+        conn.close();
+        conn.wait_closed().await;
+        serving.await.unwrap().unwrap();
+    }
+
     /// [`super::a_message_with_all_the_fds_a_side_sends_still_carries_a_large_string`], async.
     #[test]
     fn a_message_with_all_the_fds_a_side_sends_still_carries_a_large_string() {
@@ -715,10 +727,7 @@ mod asynchronous {
                     0,
                     "through the region, lend {lend}"
                 );
-                drop(bundles);
-                conn.close();
-                conn.wait_closed().await;
-                serving.await.unwrap().unwrap();
+                finish_bundles(bundles, conn, serving).await;
             }
         });
         assert_eq!(open_fds(), before, "no fd left open");
@@ -742,10 +751,7 @@ mod asynchronous {
                     0,
                     "through the region beside one fd, lend {lend}"
                 );
-                drop(bundles);
-                conn.close();
-                conn.wait_closed().await;
-                serving.await.unwrap().unwrap();
+                finish_bundles(bundles, conn, serving).await;
             }
         });
         assert_eq!(open_fds(), before, "no fd left open");
