@@ -1559,6 +1559,55 @@ fn a_message_with_all_the_fds_the_peer_accepts_still_carries_a_large_string() {
     assert_eq!(open_fds(), before, "no fd left open");
 }
 
+/// Fills `socket`'s buffer with one-byte datagrams its peer has not read (a socket used
+/// before, handed over with data in it): how many.
+fn fill_socket(socket: &Socket) -> usize {
+    use nix::sys::socket::{MsgFlags, send};
+    use std::os::fd::{AsFd, AsRawFd};
+    let mut filler = 0;
+    while send(socket.as_fd().as_raw_fd(), &[0u8], MsgFlags::MSG_DONTWAIT).is_ok() {
+        filler += 1;
+    }
+    filler
+}
+
+/// A blocking end whose socket is full as its connection starts cannot tell its fd limit
+/// then (it does not wait for room), and says it reads lanes only once it has: it tells the
+/// limit before the next message it sends once there is room. From then on its peer sends
+/// it large byte strings through the peer's region again. Before, it never told the limit,
+/// and its peer sent it every string inline for the connection's life.
+#[test]
+fn an_end_whose_socket_was_full_as_it_started_has_large_strings_placed_once_it_sends() {
+    use nix::sys::socket::{MsgFlags, recv};
+    use std::os::fd::{AsFd, AsRawFd};
+    let _fds = fd_count_lock();
+    let before = open_fds();
+    let (mut a, b) = Socket::pair().unwrap();
+    a.set_limits(accepts_two_fds());
+    let filler = fill_socket(&a);
+    let conn = Connection::new(a);
+    for _ in 0..filler {
+        recv(b.as_fd().as_raw_fd(), &mut [0u8; 1], MsgFlags::empty()).unwrap();
+    }
+    let b = Connection::new(b);
+    let server_conn = b.clone();
+    let server = std::thread::spawn(move || StringsServer::new(StringsImpl).serve(b));
+    let strings = StringsClient::new(conn);
+    // The first request, after the announcement, says that the client reads lanes.
+    assert_eq!(strings.echo(vec![0; 10]).unwrap(), vec![0; 10]);
+    assert_eq!(strings.make(64 << 10).unwrap(), vec![9; 64 << 10]);
+    // This request acknowledges the reply's string, so the server's lane is idle again.
+    assert_eq!(strings.echo(vec![0; 10]).unwrap(), vec![0; 10]);
+    assert_ne!(
+        server_conn.release_shared_memory(),
+        0,
+        "the server's reply came through its region"
+    );
+    drop((strings, server_conn));
+    server.join().unwrap().unwrap();
+    assert_eq!(open_fds(), before, "no fd left open");
+}
+
 /// Sums of byte strings: a reply of 28 bytes, which a side sending at most 32 can send.
 #[interface]
 pub trait Sums {

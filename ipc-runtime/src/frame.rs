@@ -75,8 +75,11 @@ pub struct Limits {
     /// A connection over a socket whose limit is neither 0 nor the default tells its peer
     /// the limit in a short message as it starts, and only from that message on says that
     /// it takes byte strings through the peer's shared region or pipe: until then (for good,
-    /// if `max_send_len` leaves no room for the message, or if the socket has none as a
-    /// blocking connection starts: it does not wait) the peer sends them inline. A
+    /// if `max_send_len` leaves no room for the message) the peer sends them inline. It does
+    /// not wait for room for the message: if the socket has none as the connection starts
+    /// (one used before, with data the peer has not read), a blocking connection tries again
+    /// as each later message of its own starts to go out, and sends it before the first
+    /// that finds room; an async one sends it from a task once there is room. A
     /// string through the region or a pipe carries that one's fd the first time, so the
     /// peer sends inline any whose fd would take a message over the limit (a message
     /// carrying as many fds of its own as this end accepts, say).

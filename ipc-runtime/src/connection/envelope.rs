@@ -181,6 +181,20 @@ pub fn announcement(payload: &[u8]) -> Result<(u64, u64)> {
     }
 }
 
+/// Writes an [`Kind::Announce`] message of `mailbox` and `token`, with the lane word `lane`,
+/// into `payload`: what [`announcement`] reads. For a message built without the codec (the
+/// blocking flavour's owed fd limit, sent from within another message's send).
+pub fn write_announcement(
+    payload: &mut [u8; ANNOUNCE_LEN],
+    lane: u32,
+    (mailbox, token): (u64, u64),
+) {
+    Envelope::announce().write(payload);
+    set_lane(payload, lane);
+    payload[LEN..LEN + 8].copy_from_slice(&mailbox.to_le_bytes());
+    payload[LEN + 8..].copy_from_slice(&token.to_le_bytes());
+}
+
 /// Most bytes of reason a [`Kind::Refusal`] carries: a small datagram, which a socket just
 /// accepted has room for.
 pub const REASON_MAX: usize = 4096;

@@ -744,7 +744,7 @@ impl Connection {
             if reads {
                 // A reader that waits to send gives the role back first: the wait reads only
                 // with the role free for it to take (`wait_for_room`).
-                let acknowledge = |payload: &mut [u8]| shared.lane.acknowledge_in(payload);
+                let acknowledge = |payload: &mut [u8]| shared.acknowledge_in(payload);
                 match shared.socket.try_send_framed(buf, fds, acknowledge) {
                     Ok(true) => return Ok(true),
                     // It would have had to wait: give the role back, then send as any caller
@@ -908,9 +908,10 @@ impl Shared {
 
     /// Tells the peer how many fds this end accepts, as the connection starts, if the lane
     /// does ([`Lane::telling_max_fds`]). Not if this side's limits leave no room for the
-    /// message, nor if the socket has none at once (one used before, whose peer does not
-    /// read: `Connection::new` must not wait on it): the peer then sends every large byte
-    /// string inline.
+    /// message: the peer then sends every large byte string inline. If the socket has no
+    /// room at once (one used before, whose peer does not read: `Connection::new` must not
+    /// wait on it), the announcement is owed ([`Lane::owe_max_fds`]), and the next message
+    /// this end sends tries again first ([`Shared::acknowledge_in`]).
     #[cold]
     fn tell_max_fds(&self) {
         if let Err(e) = self.socket.check_outgoing(envelope::ANNOUNCE_LEN, 0) {
@@ -919,20 +920,36 @@ impl Shared {
             }
             return;
         }
-        let announcement = self.lane.max_fds_announcement();
-        // A peer already gone shows on the connection itself. No other thread has the
-        // connection yet: nothing went out meanwhile saying that this end reads lanes.
-        let sent = self.encode_and(&Envelope::announce(), &announcement, |buf, fds| {
-            let acknowledge = |payload: &mut [u8]| self.lane.acknowledge_in(payload);
-            self.socket.try_send_framed(buf, fds, acknowledge)
-        });
-        match sent {
-            Ok(Some(_)) if self.trace => {
-                trace::announce_max_fds(&self.name, self.socket.limits().max_fds);
-            }
-            Ok(Some(_)) => {}
-            _ => self.lane.announcement_unsent(announcement),
+        self.lane.owe_max_fds();
+        // No other thread has the connection yet: the send lock is free.
+        self.socket
+            .try_locked(|| self.lane.tell_owed(|framed| self.send_owed(framed)));
+    }
+
+    /// Writes this end's lane word into the outgoing message whose payload (envelope first)
+    /// is `payload`, under the send lock ([`Lane::acknowledge_in_telling`]): first sending the
+    /// announcement of this end's fd limit if it is owed, which the message's word then
+    /// follows in saying that this end reads lanes. Every blocking send stamps its message
+    /// so.
+    #[inline(always)]
+    pub(super) fn acknowledge_in(&self, payload: &mut [u8]) {
+        self.lane
+            .acknowledge_in_telling(payload, |framed| self.send_owed(framed));
+    }
+
+    /// Sends the owed announcement of this end's fd limit, built in `framed`, if the socket
+    /// has room now (never waiting: if it has none, the next message tries again); the
+    /// caller holds the send lock. Whether it went out. An error (the peer gone) shows on
+    /// the message being sent, or on the connection.
+    #[cold]
+    #[inline(never)]
+    fn send_owed(&self, framed: &mut [u8]) -> bool {
+        let sent = matches!(self.socket.send_framed_now(framed), Ok(true));
+        if sent && self.trace {
+            // A trace line never waits: said under the send lock all the same.
+            trace::announce_max_fds(&self.name, self.socket.limits().max_fds);
         }
+        sent
     }
 
     /// Says that an announcement of this end's lane could not go out, if `e` says it was
@@ -953,7 +970,7 @@ impl Shared {
     #[inline(never)]
     pub(super) fn send_cancel(&self, cookie: u64) {
         let sent = self.encode_and(&Envelope::cancel(cookie), &(), |buf, fds| {
-            let acknowledge = |payload: &mut [u8]| self.lane.acknowledge_in(payload);
+            let acknowledge = |payload: &mut [u8]| self.acknowledge_in(payload);
             self.socket.try_send_framed(buf, fds, acknowledge)
         });
         if self.trace && matches!(sent, Ok(Some(_))) {

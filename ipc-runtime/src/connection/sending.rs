@@ -18,7 +18,8 @@ use crate::socket::poll_timeout;
 impl Shared {
     /// Sends a message built in `framed` (see [`Socket::send_framed`]), waiting for room as
     /// long as it takes (or until `deadline`) and reading meanwhile ([`Shared::wait_for_room`]).
-    /// Its lane word's acknowledgement is written under the send lock (`Lane::acknowledge_in`).
+    /// Its lane word's acknowledgement is written under the send lock
+    /// ([`Shared::acknowledge_in`]).
     ///
     /// [`Socket::send_framed`]: crate::Socket
     #[inline(always)]
@@ -32,7 +33,7 @@ impl Shared {
             framed,
             fds,
             deadline,
-            |payload| self.lane.acknowledge_in(payload),
+            |payload| self.acknowledge_in(payload),
             &mut |deadline| self.wait_for_room(deadline),
         )
     }

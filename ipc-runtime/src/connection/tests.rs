@@ -2309,12 +2309,11 @@ fn fds_nothing_takes_are_closed_without_the_connections_lock() {
     assert_eq!(reader.join().unwrap().unwrap(), 42);
 }
 
-/// An end whose fd limit cannot be told at once (its socket full as the connection starts:
-/// one used before, whose peer does not read) does not wait to tell it: `Connection::new`
-/// returns, and the end never says it reads lanes, so its peer sends it every string inline.
-#[test]
-fn an_end_whose_socket_is_full_starts_without_telling_its_fd_limit() {
-    use nix::sys::socket::{MsgFlags, recv, send};
+/// A socket pair whose first end accepts at most two fds a message (so its connection tells
+/// its peer the limit) and is full: a socket used before, whose peer has not read what was
+/// sent. Returns the pair and how many one-byte datagrams fill it.
+fn full_socket_of_an_end_that_accepts_two_fds() -> (crate::Socket, crate::Socket, usize) {
+    use nix::sys::socket::{MsgFlags, send};
     use std::os::fd::AsRawFd;
 
     let (mut ours, theirs) = crate::socket::Socket::pair().unwrap();
@@ -2326,21 +2325,88 @@ fn an_end_whose_socket_is_full_starts_without_telling_its_fd_limit() {
     while send(ours.as_fd().as_raw_fd(), &[0u8], MsgFlags::MSG_DONTWAIT).is_ok() {
         filler += 1;
     }
+    (ours, theirs, filler)
+}
+
+/// Reads the `filler` one-byte datagrams off `theirs`, making room in the peer's socket.
+fn drain(theirs: &crate::Socket, filler: usize) {
+    use nix::sys::socket::{MsgFlags, recv};
+    use std::os::fd::AsRawFd;
+    for _ in 0..filler {
+        recv(theirs.as_fd().as_raw_fd(), &mut [0u8; 1], MsgFlags::empty()).unwrap();
+    }
+}
+
+/// Fails unless `payload` is the announcement of an fd limit of two, saying (first) that
+/// its sender reads lanes.
+fn assert_announces_two_fds(payload: &[u8]) {
+    assert_eq!(payload[0], Kind::Announce as u8, "not the announcement");
+    assert_eq!(envelope::announcement(payload).unwrap(), (2, 2));
+    let word = envelope::lane(payload);
+    assert_ne!(word & super::lane::READS_LANES, 0, "{word:#x}");
+}
+
+/// An end whose fd limit cannot be told at once (its socket full as the connection starts:
+/// one used before, whose peer does not read) does not wait to tell it: `Connection::new`
+/// returns. It tells it before the next message it sends once there is room, and says that
+/// it reads lanes from the announcement on: however many threads send, nothing that says
+/// so reaches the peer first. Before, the end never told it, and its peer sent it every
+/// large byte string inline for the connection's life.
+#[test]
+fn an_end_whose_socket_is_full_as_it_starts_tells_its_fd_limit_before_its_next_message() {
+    const THREADS: usize = 4;
+    const EACH: usize = 8;
+    let (ours, theirs, filler) = full_socket_of_an_end_that_accepts_two_fds();
     let (made, started) = mpsc::channel();
     std::thread::spawn(move || made.send(Connection::new(ours)).unwrap());
     // A hang guard, not a timing: `new` waited for room before, for good.
     let a = started
         .recv_timeout(Duration::from_secs(60))
         .expect("Connection::new waited for room to tell its fd limit");
-    for _ in 0..filler {
-        recv(theirs.as_fd().as_raw_fd(), &mut [0u8; 1], MsgFlags::empty()).unwrap();
+    drain(&theirs, filler);
+    let senders: Vec<_> = (0..THREADS)
+        .map(|_| {
+            let a = a.clone();
+            std::thread::spawn(move || {
+                for _ in 0..EACH {
+                    a.oneway(&IFACE, 1, &(), None).unwrap();
+                }
+            })
+        })
+        .collect();
+    assert_announces_two_fds(&theirs.recv().unwrap().payload);
+    for n in 0..THREADS * EACH {
+        let message = theirs.recv().unwrap();
+        assert_eq!(message.payload[0], Kind::Oneway as u8, "message {n}");
+        let word = envelope::lane(&message.payload);
+        assert_ne!(word & super::lane::READS_LANES, 0, "message {n}: {word:#x}");
     }
-    a.oneway(&IFACE, 1, &(), None).unwrap();
+    for sender in senders {
+        sender.join().unwrap();
+    }
+}
+
+/// A message whose send starts while the socket is still full carries no announcement
+/// before it, and goes out once there is room without saying that its end reads lanes (the
+/// retry found no room, and did not wait for it); the next message brings the announcement.
+#[test]
+fn a_message_stamped_while_the_socket_is_full_leaves_the_announcement_to_the_next() {
+    let (ours, theirs, filler) = full_socket_of_an_end_that_accepts_two_fds();
+    let a = Connection::new(ours);
+    let waiting = {
+        let a = a.clone();
+        std::thread::spawn(move || a.oneway(&IFACE, 1, &(), None))
+    };
+    wait_until("the oneway waits for room", || {
+        a.socket().send_stalled_for(Instant::now()).is_some()
+    });
+    drain(&theirs, filler);
+    waiting.join().unwrap().unwrap();
     let first = theirs.recv().unwrap();
     assert_eq!(
         first.payload[0],
         Kind::Oneway as u8,
-        "no announcement went out"
+        "the waiting oneway first"
     );
     let word = envelope::lane(&first.payload);
     assert_eq!(
@@ -2348,4 +2414,9 @@ fn an_end_whose_socket_is_full_starts_without_telling_its_fd_limit() {
         0,
         "says it reads lanes: {word:#x}"
     );
+    a.oneway(&IFACE, 2, &(), None).unwrap();
+    assert_announces_two_fds(&theirs.recv().unwrap().payload);
+    let next = theirs.recv().unwrap();
+    assert_eq!(next.payload[0], Kind::Oneway as u8);
+    assert_ne!(envelope::lane(&next.payload) & super::lane::READS_LANES, 0);
 }

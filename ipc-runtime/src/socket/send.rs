@@ -238,6 +238,24 @@ impl Socket {
         whole_sent(|| sys::send_framed(self.fd.as_fd(), framed, fds))
     }
 
+    /// Runs `f` holding the send lock, if no other thread holds it now (`None` if one does):
+    /// for a message that [`Socket::send_framed_now`] sends without waiting.
+    pub(crate) fn try_locked<R>(&self, f: impl FnOnce() -> R) -> Option<R> {
+        let _guard = self.send_lock.try_lock()?;
+        Some(f())
+    }
+
+    /// Sends a message of one datagram and no fds built in `framed` (as for
+    /// [`Socket::send_framed`]) if the socket has room now: `Ok(false)`, with nothing sent, if
+    /// not. The caller holds the send lock: a `stamp` of [`Socket::send_framed`] (which runs
+    /// under it, so the message goes out before the one stamped), or [`Socket::try_locked`].
+    pub(crate) fn send_framed_now(&self, framed: &mut [u8]) -> Result<bool> {
+        debug_assert!(self.send_lock.is_locked(), "sent under the send lock");
+        debug_assert!(self.sends_whole(framed.len() - HEADER_LEN, 0));
+        let framed = write_whole_header(framed, 0);
+        whole_sent(|| sys::send_framed(self.fd.as_fd(), framed, &[]))
+    }
+
     /// Whether a message of `len` bytes and `fds` fds goes out as one datagram, with no check
     /// beyond these two compares: it fits one, and is within this side's limits (for a
     /// message within them, the same as `fits_one_datagram`).

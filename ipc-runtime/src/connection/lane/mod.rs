@@ -88,7 +88,7 @@ mod tests;
 
 use parking_lot::{Mutex, MutexGuard};
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use serde::Serialize;
 
@@ -141,6 +141,14 @@ const RETIRED_MAILBOX: u64 = 1;
 /// then places no string whose message would carry more fds than that with the region's or
 /// the pipe's.
 const MAX_FDS_MAILBOX: u64 = 2;
+/// In [`Lane::attention`]: a string was taken out of the inbox and its placement is not
+/// acknowledged yet; the inbox needs a new buffer first ([`Lane::settle_inbox`]).
+const INBOX_TAKEN: u8 = 1;
+/// In [`Lane::attention`]: the blocking end owes the peer the announcement of its fd limit
+/// ([`MAX_FDS_MAILBOX`]), which found no room in the socket as the connection started. The
+/// next message this end sends tries again first, under its send lock
+/// ([`Lane::acknowledge_in_telling`]).
+const TELL_OWED: u8 = 2;
 /// Bits of a sequence number in the lane word.
 const SEQ_BITS: u32 = 11;
 const SEQ_MASK: u32 = (1 << SEQ_BITS) - 1;
@@ -243,9 +251,9 @@ pub(crate) struct Lane {
     sending: AtomicU32,
     /// Where the peer writes strings into this process, once this end accepts that.
     inbox: Mutex<Option<Inbox>>,
-    /// A string was taken out of the inbox and its placement is not acknowledged yet: the
-    /// inbox needs a new buffer first ([`Lane::settle_inbox`]).
-    inbox_taken: AtomicBool,
+    /// What the next acknowledgement must see to first, rarely anything: [`INBOX_TAKEN`],
+    /// [`TELL_OWED`]. One byte, so that a message's stamp tests both with one load.
+    attention: AtomicU8,
 }
 
 impl Lane {
@@ -274,7 +282,7 @@ impl Lane {
             peer_max_fds: AtomicUsize::new(DEFAULT_MAX_FDS),
             sending: AtomicU32::new(0),
             inbox: Mutex::new(None),
-            inbox_taken: AtomicBool::new(false),
+            attention: AtomicU8::new(0),
             max_shared_len: crate::Limits::default().max_shared_len,
         }
     }
@@ -311,11 +319,12 @@ impl Lane {
 
     /// This lane, if the peer cannot assume how many fds this end accepts (its `max_fds` is
     /// neither 0, when it reads no lanes, nor the default), saying that it reads lanes only
-    /// once it has told the peer ([`Lane::max_fds_announcement`]), which the connection does
-    /// as it starts: a message carrying as many fds as this end accepts beside a string
-    /// whose placement announces the region would be refused with the region's fd. Without
-    /// the announcement (no room for it under `Limits::max_send_len`) the peer sends this
-    /// end every string inline.
+    /// once it has told the peer, which the connection does as it starts (the blocking one, if
+    /// the socket is full then, before the next message it sends: [`Lane::owe_max_fds`]): a
+    /// message carrying as many fds as this end accepts beside a string whose placement
+    /// announces the region would be refused with the region's fd. Without the announcement
+    /// (no room for it under `Limits::max_send_len`) the peer sends this end every string
+    /// inline.
     pub(crate) fn telling_max_fds(self) -> Lane {
         match self.tells_max_fds() {
             true => Lane {
@@ -333,7 +342,9 @@ impl Lane {
 
     /// The announcement that tells the peer how many fds this end accepts, made under the
     /// send lock of the message carrying it: this end says it reads lanes from that message
-    /// on, so the peer knows the limit before it places anything.
+    /// on, so the peer knows the limit before it places anything. The async flavour's; the
+    /// blocking one owes it instead ([`Lane::owe_max_fds`]).
+    #[cfg(feature = "tokio")]
     pub(crate) fn max_fds_announcement(&self) -> (u64, u64) {
         self.consumed.fetch_or(READS_LANES.into(), Ordering::AcqRel);
         (MAX_FDS_MAILBOX, self.max_fds as u64)
@@ -344,11 +355,43 @@ impl Lane {
     /// own say so first and the peer place strings whose fd this end refuses. Called under
     /// the send lock the announcement was made under where the caller still holds it (an
     /// async task's send that failed has let it go: the peer is gone, as a rule).
+    #[cfg(feature = "tokio")]
     pub(crate) fn announcement_unsent(&self, (mailbox, _): (u64, u64)) {
         if mailbox == MAX_FDS_MAILBOX && self.tells_max_fds() {
             self.consumed
                 .fetch_and(!u64::from(READS_LANES), Ordering::AcqRel);
         }
+    }
+
+    /// This end owes the peer the announcement of how many fds it accepts (the blocking
+    /// flavour, as its connection starts, on a lane [`Lane::telling_max_fds`]): the next
+    /// message this end sends tries to send it first, under the same send lock
+    /// ([`Lane::acknowledge_in_telling`]), and this end says it reads lanes once it went out.
+    /// So the announcement never waits for room (`Connection::new` must not, on a socket
+    /// used before whose peer does not read), yet goes before any message saying that this
+    /// end reads lanes, however many threads send: they stamp their words one at a time,
+    /// under the send lock.
+    pub(crate) fn owe_max_fds(&self) {
+        self.attention.fetch_or(TELL_OWED, Ordering::AcqRel);
+    }
+
+    /// Sends the announcement this end owes ([`Lane::owe_max_fds`]) through `tell`, which
+    /// gets it framed (see [`envelope::FRAMED_AT`]) and says whether it went out; called
+    /// under the send lock. If it went, this end says that it reads lanes from now on.
+    /// Out of line: owed, if ever, until the first message after the connection starts.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn tell_owed(&self, tell: impl FnOnce(&mut [u8]) -> bool) {
+        let mut framed = [0; envelope::FRAMED_AT + envelope::ANNOUNCE_LEN];
+        let payload = framed.last_chunk_mut().expect("ANNOUNCE_LEN bytes");
+        // Its acknowledgement too, as any message's (`acknowledge_in`).
+        let word = self.consumed.load(Ordering::Acquire) as u32 | READS_LANES;
+        envelope::write_announcement(payload, word, (MAX_FDS_MAILBOX, self.max_fds as u64));
+        if tell(&mut framed) {
+            // Only the send lock's holder reads or changes `TELL_OWED`, as here.
+            self.consumed.fetch_or(READS_LANES.into(), Ordering::AcqRel);
+            self.attention.fetch_and(!TELL_OWED, Ordering::AcqRel);
+        } // else still owed: the next message tries again
     }
 
     /// Lets this end write byte strings of [`peer_memory::MIN`] to
@@ -552,6 +595,14 @@ impl Lane {
         placed << SEQ_BITS | self.consumed.load(Ordering::Acquire) as u32
     }
 
+    /// [`Lane::acknowledge_in_telling`] for an end that never owes the announcement of its
+    /// fd limit: the async flavour's, which sends it from a task instead.
+    #[cfg(any(test, feature = "tokio"))]
+    #[inline]
+    pub(crate) fn acknowledge_in(&self, payload: &mut [u8]) {
+        self.acknowledge_in_telling(payload, |_| false);
+    }
+
     /// Writes this end's acknowledgement into the lane word of the encoded message whose
     /// payload (envelope first) is `payload`, keeping the placement it carries. Called under
     /// the socket's send lock, before any of the message goes out (again if it goes out
@@ -561,9 +612,40 @@ impl Lane {
     /// placement could take the newer one's number ([`Outgoing::start`]), which this end
     /// still reports. However many threads send, the peer then sees this end's
     /// acknowledgements in the order they were made.
+    ///
+    /// If this end owes the peer the announcement of its fd limit ([`Lane::owe_max_fds`]),
+    /// `tell` is handed it first ([`Lane::tell_owed`]): sent, it goes out before this
+    /// message, whose word then says that this end reads lanes.
     #[inline]
-    pub(crate) fn acknowledge_in(&self, payload: &mut [u8]) {
+    pub(crate) fn acknowledge_in_telling(
+        &self,
+        payload: &mut [u8],
+        tell: impl FnOnce(&mut [u8]) -> bool,
+    ) {
+        if self.attention.load(Ordering::Acquire) != 0 {
+            return self.acknowledge_in_attending(payload, tell);
+        }
+        self.write_word(payload);
+    }
+
+    /// [`Lane::acknowledge_in_telling`] when something needs seeing to first
+    /// ([`Lane::attention`]): the inbox's next buffer, before the acknowledgement of the
+    /// string taken out of it; the announcement this end owes, before this message. Out of
+    /// line, so that the small message's path pays one load and one branch for both.
+    #[cold]
+    #[inline(never)]
+    fn acknowledge_in_attending(&self, payload: &mut [u8], tell: impl FnOnce(&mut [u8]) -> bool) {
         self.settle_inbox_if_taken();
+        if self.attention.load(Ordering::Acquire) & TELL_OWED != 0 {
+            self.tell_owed(tell);
+        }
+        self.write_word(payload);
+    }
+
+    /// Writes this end's acknowledgement into the lane word of `payload`
+    /// ([`Lane::acknowledge_in_telling`]).
+    #[inline(always)]
+    fn write_word(&self, payload: &mut [u8]) {
         // The word is bytes 1..4: one load and one store of the first four, which keep the
         // kind (byte 0) and the placement carried.
         let Some(head) = payload.first_chunk_mut::<4>() else {
@@ -584,7 +666,7 @@ impl Lane {
     /// cache, to the next buffer.
     #[inline]
     fn settle_inbox_if_taken(&self) {
-        if self.inbox_taken.load(Ordering::Acquire) {
+        if self.attention.load(Ordering::Acquire) & INBOX_TAKEN != 0 {
             self.settle_inbox();
         }
     }
@@ -594,7 +676,7 @@ impl Lane {
     fn settle_inbox(&self) {
         let mut inbox = self.inbox.lock();
         if let Some(seq) = inbox.as_mut().and_then(Inbox::renew_taken) {
-            self.inbox_taken.store(false, Ordering::Release);
+            self.attention.fetch_and(!INBOX_TAKEN, Ordering::AcqRel);
             self.record_done(seq, 0, None);
         }
     }

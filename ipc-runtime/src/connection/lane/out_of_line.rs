@@ -4,7 +4,7 @@
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering;
 
-use super::{Lane, MAX, MIN, SEQ_MASK, pipes};
+use super::{INBOX_TAKEN, Lane, MAX, MIN, SEQ_MASK, pipes};
 use crate::codec::{FdNamed, NO_FD, OutOfLine, Piped, Placed, Placement, Unfetched, Written};
 use crate::error::{Error, Result};
 use crate::peer_memory;
@@ -165,7 +165,7 @@ impl OutOfLine for Lane {
         let bytes = inbox.take(written.generation, written.len, seq)?;
         self.took(seq);
         // Acknowledged by `settle_inbox`, once the inbox has its next buffer.
-        self.inbox_taken.store(true, Ordering::Release);
+        self.attention.fetch_or(INBOX_TAKEN, Ordering::AcqRel);
         Ok(bytes)
     }
 

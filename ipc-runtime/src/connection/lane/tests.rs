@@ -809,17 +809,23 @@ fn a_peer_learns_an_fd_limit_before_it_may_place() {
     let b = Lane::new(MAX, 2).telling_max_fds();
     assert!(b.tells_max_fds());
     assert_eq!(b.word(0) & READS_LANES, 0, "not before its limit is told");
-    let (mut buf, mut fds) = (Vec::new(), Vec::new());
-    let announcement = b.max_fds_announcement();
-    let placed = b.encode(&Envelope::announce(), &announcement, &mut buf, &mut fds);
-    assert_eq!(placed.unwrap(), 0);
-    let mut payload = buf.split_off(envelope::FRAMED_AT);
-    b.acknowledge_in(&mut payload);
+    b.owe_max_fds();
+    let mut told = None;
+    b.tell_owed(|framed| {
+        told = Some(framed[envelope::FRAMED_AT..].to_vec());
+        true
+    });
+    let mut payload = told.expect("told");
+    assert_eq!(
+        envelope::announcement(&payload).unwrap(),
+        (MAX_FDS_MAILBOX, 2)
+    );
     assert_ne!(
         envelope::lane(&payload) & READS_LANES,
         0,
         "from that message on"
     );
+    assert_ne!(b.word(0) & READS_LANES, 0);
     let a = Lane::new(MAX, usize::MAX);
     assert_eq!(a.peer_max_fds.load(Ordering::Relaxed), DEFAULT_MAX_FDS);
     a.on_message(&mut payload);
@@ -830,6 +836,46 @@ fn a_peer_learns_an_fd_limit_before_it_may_place() {
         assert!(!lane.tells_max_fds(), "{max_fds}");
         assert_eq!(lane.word(0) & READS_LANES != 0, max_fds != 0, "{max_fds}");
     }
+}
+
+/// A blocking end that owes the peer its fd limit (no room for it as the connection
+/// started) sends it from the next message's stamp, under the send lock, before that
+/// message: while it finds no room, the message does not say that the end reads lanes and
+/// the next one tries again; once it went, every message says so and none sends it again.
+/// Its acknowledgement is the end's latest, as any message's, and acknowledgements recorded
+/// meanwhile keep it owed.
+#[test]
+fn an_owed_fd_limit_goes_out_before_the_first_message_that_finds_room() {
+    let lane = Lane::new(MAX, 2).telling_max_fds();
+    lane.owe_max_fds();
+    let mut payload = vec![0; envelope::LEN];
+    Envelope::announce().write(&mut payload);
+    payload[0] = Kind::Oneway as u8;
+    let mut tries = 0;
+    lane.acknowledge_in_telling(&mut payload, |_| {
+        tries += 1;
+        false // no room
+    });
+    assert_eq!(tries, 1);
+    assert_eq!(
+        envelope::lane(&payload),
+        0,
+        "neither reads lanes nor owes, on the wire"
+    );
+    lane.record_done(5, 0, None);
+    let mut told = Vec::new();
+    lane.acknowledge_in_telling(&mut payload, |framed| {
+        told.push(framed[envelope::FRAMED_AT..].to_vec());
+        true
+    });
+    assert_eq!(told.len(), 1, "still owed after the acknowledgement");
+    assert_eq!(envelope::lane(&told[0]), READS_LANES | 5);
+    assert_eq!(envelope::kind_byte(&told[0]), Some(Kind::Announce as u8));
+    assert_eq!(envelope::lane(&payload), READS_LANES | 5);
+    lane.acknowledge_in_telling(&mut payload, |_| panic!("told once only"));
+    lane.record_done(6, UNREAD, None);
+    lane.acknowledge_in(&mut payload);
+    assert_eq!(envelope::lane(&payload), READS_LANES | UNREAD | 6);
 }
 
 /// An async end whose fd limit cannot be told at once (its socket full as the connection
