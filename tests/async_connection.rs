@@ -19,7 +19,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use common::{
-    connection_resources, fd_count_lock, filled, ipc_fds, memfd, memfd_mappings, open_fds,
+    connection_resources, fd_count_lock, fd_snapshot, filled, ipc_fds, memfd, memfd_mappings,
     read_all, resources_back,
 };
 use tokio::sync::{Barrier, mpsc, watch};
@@ -208,7 +208,7 @@ async fn until_eof(read_end: OwnedFd) {
 fn eight_tasks_times_two_thousand_mixed_calls_on_one_client() {
     let _fds = fd_count_lock();
     let rt = runtime();
-    let before = open_fds();
+    let before = fd_snapshot();
     rt.block_on(async {
         let running = start();
         let mut tasks = Vec::new();
@@ -234,7 +234,7 @@ fn eight_tasks_times_two_thousand_mixed_calls_on_one_client() {
         assert!(echoed.iter().all(|&(_, _, indexed)| indexed));
         running.stop().await;
     });
-    assert_eq!(open_fds(), before);
+    before.assert_nothing_new();
 }
 
 #[test]
@@ -295,7 +295,7 @@ fn a_slow_handler_does_not_stall_the_others() {
 fn a_timed_out_call_is_dropped_at_the_server_and_its_fds_closed() {
     let _fds = fd_count_lock();
     let rt = runtime();
-    let before = open_fds();
+    let before = fd_snapshot();
     rt.block_on(async {
         let running = start();
         let (read_end, write_end) = pipe();
@@ -316,7 +316,7 @@ fn a_timed_out_call_is_dropped_at_the_server_and_its_fds_closed() {
         assert!(!running.client.connection().is_closed());
         running.stop().await;
     });
-    assert_eq!(open_fds(), before);
+    before.assert_nothing_new();
 }
 
 /// A call dropped (by `select!`, or its task aborted) once the server has started on it has
@@ -325,7 +325,7 @@ fn a_timed_out_call_is_dropped_at_the_server_and_its_fds_closed() {
 fn dropping_a_call_frees_its_slot_and_drops_its_handler() {
     let _fds = fd_count_lock();
     let rt = runtime();
-    let before = open_fds();
+    let before = fd_snapshot();
     rt.block_on(async {
         let running = start();
         let mut entered = running.lab.entries();
@@ -353,7 +353,7 @@ fn dropping_a_call_frees_its_slot_and_drops_its_handler() {
         assert_eq!(running.client.wait_for(5).await.unwrap(), 5);
         running.stop().await;
     });
-    assert_eq!(open_fds(), before);
+    before.assert_nothing_new();
 }
 
 #[test]
@@ -365,7 +365,7 @@ fn a_message_cancelled_half_sent_is_finished_and_the_stream_stays_in_sync() {
         .enable_all()
         .build()
         .unwrap();
-    let before = open_fds();
+    let before = fd_snapshot();
     rt.block_on(async {
         let running = start();
         let data: Vec<u8> = (0..64 << 20).map(|i: u32| (i % 251) as u8).collect();
@@ -390,7 +390,7 @@ fn a_message_cancelled_half_sent_is_finished_and_the_stream_stays_in_sync() {
         assert!(echoed.contains(&(3, 2, true)), "{echoed:?}");
         running.stop().await;
     });
-    assert_eq!(open_fds(), before);
+    before.assert_nothing_new();
 }
 
 #[test]
@@ -410,7 +410,7 @@ fn oneways_run_in_the_order_sent_while_calls_run_concurrently() {
 fn closing_releases_every_waiting_call_with_disconnected() {
     let _fds = fd_count_lock();
     let rt = runtime();
-    let before = open_fds();
+    let before = fd_snapshot();
     rt.block_on(async {
         let running = start();
         let mut entered = running.lab.entries();
@@ -436,7 +436,7 @@ fn closing_releases_every_waiting_call_with_disconnected() {
         running.lab.release_key(9);
         running.stop().await;
     });
-    assert_eq!(open_fds(), before);
+    before.assert_nothing_new();
 }
 
 #[test]
@@ -496,7 +496,7 @@ fn a_departed_async_clients_socket_and_shared_memory_go_once_its_serving_ends() 
 fn a_hundred_clients_of_both_flavours_on_one_listener() {
     let _fds = fd_count_lock();
     let rt = runtime();
-    let before = open_fds();
+    let before = fd_snapshot();
     rt.block_on(async {
         let name = format!("typed-ipc-async-listener-{}", std::process::id());
         let listener = AsyncListener::bind_abstract(&name).unwrap();
@@ -543,7 +543,7 @@ fn a_hundred_clients_of_both_flavours_on_one_listener() {
         }
         serving.shutdown().await;
     });
-    assert_eq!(open_fds(), before);
+    before.assert_nothing_new();
 }
 
 /// The blocking flavour of [`Lab`], for blocking clients of the async server.
@@ -997,7 +997,7 @@ const HANG_GUARD: Duration = Duration::from_secs(60);
 fn service_with_gives_each_client_a_service_of_its_own_that_calls_it_back() {
     let _fds = fd_count_lock();
     let rt = runtime();
-    let before = open_fds();
+    let before = fd_snapshot();
     rt.block_on(async {
         let name = format!("typed-ipc-async-per-client-{}", std::process::id());
         let (dropped, mut drops) = mpsc::unbounded_channel();
@@ -1025,14 +1025,14 @@ fn service_with_gives_each_client_a_service_of_its_own_that_calls_it_back() {
         serving.shutdown().await;
     });
     // No cycle connection -> service -> connection kept a socket open.
-    assert_eq!(open_fds(), before);
+    before.assert_nothing_new();
 }
 
 #[test]
 fn serve_with_a_service_per_connection_closes_the_socket_once_the_peer_hangs_up() {
     let _fds = fd_count_lock();
     let rt = runtime();
-    let before = open_fds();
+    let before = fd_snapshot();
     rt.block_on(async {
         let (dropped, mut drops) = mpsc::unbounded_channel();
         let (ours, theirs) = AsyncConnection::pair().unwrap();
@@ -1048,7 +1048,7 @@ fn serve_with_a_service_per_connection_closes_the_socket_once_the_peer_hangs_up(
         assert_eq!(dropped, Ok(Some(1)));
     });
     // `ours` went with the future `serve` returned: nothing holds the socket any more.
-    assert_eq!(open_fds(), before);
+    before.assert_nothing_new();
 }
 
 #[test]

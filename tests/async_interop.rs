@@ -16,7 +16,7 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use common::{child, fd_count_lock, memfd, open_fds, read_all};
+use common::{child, fd_count_lock, fd_snapshot, memfd, read_all};
 use typed_ipc::Error;
 use typed_ipc::worker::{Exit, Worker};
 
@@ -370,7 +370,7 @@ fn an_async_parent_drives_an_async_worker_serving_a_blocking_implementation() {
 /// SIGKILL while calls wait: every waiting future gets `Disconnected`, the connection is seen
 /// to be dead, and nothing leaks.
 async fn killed_under_async_calls(worker: &str) {
-    let before = open_fds();
+    let before = fd_snapshot();
     let (mut child, conn) = typed_ipc::tokio::worker::spawn(child(worker)).unwrap();
     let lab = asynchronous::LabClient::new(conn.clone());
     let (read_end, write_end) = nix::unistd::pipe().unwrap();
@@ -402,7 +402,7 @@ async fn killed_under_async_calls(worker: &str) {
     drop((lab, child));
     conn.wait_closed().await;
     drop(conn);
-    assert_eq!(open_fds(), before);
+    before.assert_nothing_new();
 }
 
 #[test]
@@ -503,7 +503,7 @@ fn drive_from_blocking(worker: &str) {
 #[test]
 fn sigkill_releases_every_blocking_caller_of_an_async_worker() {
     let _fds = fd_count_lock();
-    let before = open_fds();
+    let before = fd_snapshot();
     let (mut child, conn) = Worker::spawn(child("child_async_lab")).unwrap();
     let lab = blocking::LabClient::new(conn.clone());
     let (read_end, write_end) = nix::unistd::pipe().unwrap();
@@ -523,5 +523,5 @@ fn sigkill_releases_every_blocking_caller_of_an_async_worker() {
     assert!(conn.is_closed());
     assert_eq!(child.wait().unwrap(), Exit::Signal(9));
     drop((lab, conn, child));
-    assert_eq!(open_fds(), before);
+    before.assert_nothing_new();
 }

@@ -12,7 +12,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::time::{Duration, Instant};
 
 use common::{
-    check_survives_running_out_of_fds, fd_count_lock, leave_room_for_fds, open_fds,
+    check_survives_running_out_of_fds, fd_count_lock, fd_snapshot, leave_room_for_fds,
     two_worker_runtime,
 };
 use typed_ipc::tokio::{AsyncConnection, AsyncListener, AsyncServer};
@@ -87,7 +87,7 @@ fn child_serves_async_at_a_low_fd_limit() {
 #[test]
 fn an_async_listener_that_fails_for_good_says_why_and_serves_its_clients_on() {
     let _fds = fd_count_lock();
-    let before = open_fds();
+    let before = fd_snapshot();
     two_worker_runtime().block_on(async {
         let name = format!("typed-ipc-async-listener-fails-{}", std::process::id());
         let listener = AsyncListener::bind_abstract(&name).unwrap();
@@ -133,5 +133,5 @@ fn an_async_listener_that_fails_for_good_says_why_and_serves_its_clients_on() {
         drop(client);
         serving.shutdown().await;
     });
-    assert_eq!(open_fds(), before);
+    before.assert_nothing_new();
 }

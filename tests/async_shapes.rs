@@ -14,7 +14,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
-use common::{Unsendable, fd_count_lock, open_fds};
+use common::{Unsendable, fd_count_lock, fd_snapshot};
 use nix::sys::memfd::{MFdFlags, memfd_create};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
@@ -235,7 +235,7 @@ fn plain_values_results_and_default_bodies() {
 fn fds_in_and_out() {
     let _serial = fd_count_lock();
     let rt = runtime();
-    let before = open_fds();
+    let before = fd_snapshot();
     rt.block_on(async {
         let running = start();
         let ipa = &running.client;
@@ -289,7 +289,7 @@ fn fds_in_and_out() {
         }
         running.stop().await;
     });
-    assert_eq!(open_fds(), before, "every fd opened by the test was closed");
+    before.assert_nothing_new();
 }
 
 #[test]
@@ -390,7 +390,7 @@ fn clones_and_timeouts_share_the_connection() {
 fn an_unknown_command_or_a_bad_body_gets_an_error_reply() {
     let _serial = fd_count_lock();
     let rt = runtime();
-    let before = open_fds();
+    let before = fd_snapshot();
     rt.block_on(async {
         let running = start();
         let ipa = &running.client;
@@ -413,7 +413,7 @@ fn an_unknown_command_or_a_bad_body_gets_an_error_reply() {
         drop(fd);
         running.stop().await;
     });
-    assert_eq!(open_fds(), before);
+    before.assert_nothing_new();
 }
 
 /// Two builds of one interface that disagree about one method: one blocking, one async.

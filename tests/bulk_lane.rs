@@ -8,7 +8,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{checksum, child, fd_count_lock, filled, memfd_mappings, open_fds, regions};
+use common::{checksum, child, fd_count_lock, fd_snapshot, filled, memfd_mappings, regions};
 use typed_ipc::shared_region::SharedRegion;
 use typed_ipc::worker::{self, Exit, Worker};
 use typed_ipc::{Connection, Socket, interface};
@@ -80,7 +80,7 @@ fn bump_rounds(bulk: &BulkClient, sizes: &[usize], rounds: u64) {
 #[test]
 fn big_byte_strings_cross_through_shared_regions_both_ways() {
     let _fds = fd_count_lock();
-    let before = open_fds();
+    let before = fd_snapshot();
     let (mut child, conn) = Worker::spawn(child("child_bulk")).unwrap();
     let bulk = BulkClient::new(conn);
     let sizes = [
@@ -104,11 +104,7 @@ fn big_byte_strings_cross_through_shared_regions_both_ways() {
     drop(bulk);
     assert_eq!(child.wait().unwrap(), Exit::Code(0));
     drop(child);
-    assert_eq!(
-        open_fds(),
-        before,
-        "regions are closed with their connection"
-    );
+    before.assert_nothing_new();
 }
 
 /// Calls the worker until it holds `n` regions: a message that announces a region given
@@ -240,7 +236,7 @@ fn raw_bump(socket: &Socket, cookie: u64, fd: Option<&OwnedFd>, offset: u64, len
 #[test]
 fn bad_references_and_bad_regions_fail_the_call_not_the_server() {
     let _fds = fd_count_lock();
-    let before = open_fds();
+    let before = fd_snapshot();
     let (ours, theirs) = Socket::pair().unwrap();
     let server = std::thread::spawn(move || {
         BulkServer::new(BulkImpl::default()).serve(Connection::new(theirs))
@@ -279,7 +275,7 @@ fn bad_references_and_bad_regions_fail_the_call_not_the_server() {
     assert_eq!(&ok[1..4], &[5, 0, 0x80]);
     drop((ours, fd, writable, region));
     server.join().unwrap().unwrap();
-    assert_eq!(open_fds(), before);
+    before.assert_nothing_new();
 }
 
 /// A hostile client's placement names, in place of its region, the read end of a pipe whose
@@ -290,7 +286,7 @@ fn bad_references_and_bad_regions_fail_the_call_not_the_server() {
 #[test]
 fn a_refused_region_fd_is_not_closed_on_the_serving_thread() {
     let _fds = fd_count_lock();
-    let before = open_fds();
+    let before = fd_snapshot();
     for (cookie, len, why) in [(1, 10u64, "not a shared region"), (2, 1 << 40, "")] {
         let (ours, theirs) = Socket::pair().unwrap();
         let (read, write) = nix::unistd::pipe().unwrap();
@@ -318,7 +314,7 @@ fn a_refused_region_fd_is_not_closed_on_the_serving_thread() {
         drop((ours, write));
         server.join().unwrap().unwrap();
     }
-    assert_eq!(open_fds(), before);
+    before.assert_nothing_new();
 }
 
 /// The async flavour places and reads byte strings too, and shares regions with blocking
@@ -418,7 +414,7 @@ mod async_flavour {
     #[test]
     fn an_async_parent_and_a_blocking_worker_share_regions() {
         let _fds = fd_count_lock();
-        let before = open_fds();
+        let before = fd_snapshot();
         common::current_thread_runtime().block_on(async {
             let (mut child, conn) = typed_ipc::tokio::worker::spawn(child("child_bulk")).unwrap();
             let bulk = asynchronous::BulkClient::new(conn);
@@ -446,7 +442,7 @@ mod async_flavour {
                 Exit::Code(0)
             );
         });
-        assert_eq!(open_fds(), before);
+        before.assert_nothing_new();
     }
 
     /// `release_shared_memory` from an async parent: the blocking worker unmaps the region
@@ -499,7 +495,7 @@ mod async_flavour {
     #[test]
     fn a_blocking_parent_and_an_async_worker_share_regions() {
         let _fds = fd_count_lock();
-        let before = open_fds();
+        let before = fd_snapshot();
         let (mut child, conn) = Worker::spawn(child("async_flavour::child_bulk_async")).unwrap();
         let bulk = BulkClient::new(conn);
         bump_rounds(&bulk, &SIZES, 2);
@@ -512,7 +508,7 @@ mod async_flavour {
         drop(bulk);
         assert_eq!(child.wait().unwrap(), Exit::Code(0));
         drop(child);
-        assert_eq!(open_fds(), before);
+        before.assert_nothing_new();
     }
 }
 

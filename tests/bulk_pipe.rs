@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use common::{
-    checksum, child, fd_count_lock, fds_named, fill, filled, hold_pipe_lock,
-    joined_never_stuck_on_the_pipe, open_fds,
+    checksum, child, fd_count_lock, fd_snapshot, fds_named, fill, filled, hold_pipe_lock,
+    joined_never_stuck_on_the_pipe,
 };
 use typed_ipc::worker::{self, Exit, Worker};
 use typed_ipc::{Connection, SharedBytes, Socket, interface};
@@ -302,7 +302,7 @@ fn trusting_server(ours: &Socket, theirs: Socket) -> JoinHandle<typed_ipc::Resul
 #[test]
 fn a_peer_announcing_bytes_its_pipe_lacks_fails_the_call_at_once_not_the_server() {
     let _fds = fd_count_lock();
-    let before = open_fds();
+    let before = fd_snapshot();
     let (ours, theirs) = Socket::pair().unwrap();
     let server = trusting_server(&ours, theirs);
     let failure = |payload: &[u8], why: &str| {
@@ -340,7 +340,7 @@ fn a_peer_announcing_bytes_its_pipe_lacks_fails_the_call_at_once_not_the_server(
     );
     drop((ours, read, write, memfd));
     server.join().unwrap().unwrap();
-    assert_eq!(open_fds(), before);
+    before.assert_nothing_new();
 }
 
 /// Every read of a pipe (`FIONREAD`, `read`, `vmsplice`) first takes the pipe's lock, and a
@@ -498,7 +498,7 @@ fn bytes_in(fd: &OwnedFd) -> usize {
 #[test]
 fn a_peer_sending_its_pipes_write_end_is_refused_and_gets_none_of_our_memory() {
     let _fds = fd_count_lock();
-    let before = open_fds();
+    let before = fd_snapshot();
     let (ours, theirs) = Socket::pair().unwrap();
     let server = trusting_server(&ours, theirs);
     let (read, write) = nix::unistd::pipe().unwrap();
@@ -518,7 +518,7 @@ fn a_peer_sending_its_pipes_write_end_is_refused_and_gets_none_of_our_memory() {
     assert!(ok.ends_with(&checksum(&[9; 1000]).to_le_bytes()), "{ok:?}");
     drop((ours, read, write));
     server.join().unwrap().unwrap();
-    assert_eq!(open_fds(), before);
+    before.assert_nothing_new();
 }
 
 /// `Sink` as `async fn`s: the same interface on the wire.
@@ -546,7 +546,7 @@ mod asynchronous {
 #[test]
 fn an_async_caller_pipes_shared_bytes_to_a_blocking_worker() {
     let _fds = fd_count_lock();
-    let before = open_fds();
+    let before = fd_snapshot();
     let runtime = common::two_worker_runtime();
     runtime.block_on(async {
         let (mut child, conn) = typed_ipc::tokio::worker::spawn(child("child_sink")).unwrap();
@@ -574,7 +574,7 @@ fn an_async_caller_pipes_shared_bytes_to_a_blocking_worker() {
         );
     });
     drop(runtime);
-    assert_eq!(open_fds(), before);
+    before.assert_nothing_new();
 }
 
 /// An in-process server whose one serving thread is held in `hold`, reading nothing, until

@@ -9,7 +9,7 @@ mod common;
 
 use std::sync::Mutex;
 
-use common::{checksum, child, fd_count_lock, filled, open_fds, regions};
+use common::{checksum, child, fd_count_lock, fd_snapshot, filled, regions};
 use typed_ipc::worker::{self, Exit, Worker};
 use typed_ipc::{Connection, Error, SharedBytes, Socket, interface};
 
@@ -75,7 +75,7 @@ const MIB: usize = 1 << 20;
 fn strings_of_256_kib_to_1_mib_are_written_into_the_worker_and_every_one_stays_intact() {
     let _fds = fd_count_lock();
     common::one_copy_always();
-    let before = open_fds();
+    let before = fd_snapshot();
     let (mut child, conn) = Worker::spawn(child("child_keep")).unwrap();
     let keep = KeepClient::new(conn);
     // A first call, so that the parent has heard from the worker (its announcement, and
@@ -131,7 +131,7 @@ fn strings_of_256_kib_to_1_mib_are_written_into_the_worker_and_every_one_stays_i
     drop(keep);
     assert_eq!(child.wait().unwrap(), Exit::Code(0));
     drop(child);
-    assert_eq!(open_fds(), before, "writing opens no fds");
+    before.assert_nothing_new();
 }
 
 #[test]
@@ -240,7 +240,7 @@ mod asynchronous {
     fn an_async_parent_writes_into_an_async_worker() {
         let _fds = fd_count_lock();
         common::one_copy_always();
-        let before = open_fds();
+        let before = fd_snapshot();
         common::current_thread_runtime().block_on(async {
             let (mut child, conn) =
                 typed_ipc::tokio::worker::spawn(child("asynchronous::child_keep_async")).unwrap();
@@ -266,7 +266,7 @@ mod asynchronous {
                 Exit::Code(0)
             );
         });
-        assert_eq!(open_fds(), before);
+        before.assert_nothing_new();
     }
     /// Calls whose strings are written into the worker's inbox, dropped at random moments
     /// (a short timeout; the worker drops them unrun, or the reply crosses the cancel): the
@@ -276,7 +276,7 @@ mod asynchronous {
     fn async_calls_written_into_the_inbox_dropped_at_random_leave_it_usable() {
         let _fds = fd_count_lock();
         common::one_copy_always();
-        let before = open_fds();
+        let before = fd_snapshot();
         common::current_thread_runtime().block_on(async {
             let (mut child, conn) =
                 typed_ipc::tokio::worker::spawn(child("asynchronous::child_keep_async")).unwrap();
@@ -313,7 +313,7 @@ mod asynchronous {
                 Exit::Code(0)
             );
         });
-        assert_eq!(open_fds(), before);
+        before.assert_nothing_new();
     }
 }
 
@@ -359,7 +359,7 @@ fn failure(payload: &[u8], why: &str) {
 fn a_peer_claiming_strings_it_did_not_write_fails_the_call_not_the_server() {
     let _fds = fd_count_lock();
     common::one_copy_always();
-    let before = open_fds();
+    let before = fd_snapshot();
     // A server that accepts no writes refuses any written string.
     let (ours, theirs) = Socket::pair().unwrap();
     let server = std::thread::spawn(move || {
@@ -413,5 +413,5 @@ fn a_peer_claiming_strings_it_did_not_write_fails_the_call_not_the_server() {
     assert!(ok.ends_with(&3u64.to_le_bytes()), "capacity 3: {ok:?}");
     drop(ours);
     server.join().unwrap().unwrap();
-    assert_eq!(open_fds(), before);
+    before.assert_nothing_new();
 }

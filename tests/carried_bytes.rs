@@ -6,7 +6,7 @@ mod common;
 
 use std::sync::Mutex;
 
-use common::{child, fd_count_lock, filled, open_fds, regions};
+use common::{child, fd_count_lock, fd_snapshot, filled, regions};
 use typed_ipc::interface;
 use typed_ipc::worker::{self, Exit, Worker};
 
@@ -94,7 +94,7 @@ fn round_trips(images: &ImagesClient) {
 #[test]
 fn optional_and_fallible_byte_strings_cross_through_shared_regions() {
     let _fds = fd_count_lock();
-    let before = open_fds();
+    let before = fd_snapshot();
     let (mut child, conn) = Worker::spawn(child("child_images")).unwrap();
     let images = ImagesClient::new(conn);
     round_trips(&images);
@@ -103,7 +103,7 @@ fn optional_and_fallible_byte_strings_cross_through_shared_regions() {
     drop(images);
     assert_eq!(child.wait().unwrap(), Exit::Code(0));
     drop(child);
-    assert_eq!(open_fds(), before);
+    before.assert_nothing_new();
 }
 
 /// The async flavour's clients and servers carry them the same way, and talk to blocking ones.
@@ -160,7 +160,7 @@ mod async_flavour {
     #[test]
     fn an_async_parent_and_a_blocking_worker_share_regions() {
         let _fds = fd_count_lock();
-        let before = open_fds();
+        let before = fd_snapshot();
         common::current_thread_runtime().block_on(async {
             let (mut child, conn) = typed_ipc::tokio::worker::spawn(child("child_images")).unwrap();
             let images = asynchronous::ImagesClient::new(conn);
@@ -185,13 +185,13 @@ mod async_flavour {
                 Exit::Code(0)
             );
         });
-        assert_eq!(open_fds(), before);
+        before.assert_nothing_new();
     }
 
     #[test]
     fn a_blocking_parent_and_an_async_worker_share_regions() {
         let _fds = fd_count_lock();
-        let before = open_fds();
+        let before = fd_snapshot();
         let (mut child, conn) = Worker::spawn(child("async_flavour::child_images_async")).unwrap();
         let images = ImagesClient::new(conn);
         round_trips(&images);
@@ -200,6 +200,6 @@ mod async_flavour {
         drop(images);
         assert_eq!(child.wait().unwrap(), Exit::Code(0));
         drop(child);
-        assert_eq!(open_fds(), before);
+        before.assert_nothing_new();
     }
 }

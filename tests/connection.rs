@@ -122,7 +122,7 @@ fn indexed_fds(n: usize) -> Vec<OwnedFd> {
 #[test]
 fn eight_threads_times_ten_thousand_mixed_calls_on_one_client() {
     let _fds = fd_count_lock();
-    let before = open_fds();
+    let before = fd_snapshot();
     let (client, server) = lab(4);
     std::thread::scope(|s| {
         for t in 0..8u32 {
@@ -141,7 +141,7 @@ fn eight_threads_times_ten_thousand_mixed_calls_on_one_client() {
     });
     drop(client);
     server.join().unwrap().unwrap();
-    assert_eq!(open_fds(), before);
+    before.assert_nothing_new();
 }
 
 #[test]
@@ -198,14 +198,14 @@ fn per_call_timeouts_drop_late_replies_and_close_their_fds() {
     // One thread: calls run strictly in order.
     let server = std::thread::spawn(move || b.serve(GatedServer::new(Gate(Mutex::new(gate)))));
     let client = GatedClient::new(a);
-    let before = open_fds();
+    let before = fd_snapshot();
     let quick = client.with_timeout(Duration::from_millis(20));
     assert!(matches!(quick.slow_fd(), Err(Error::TimedOut)));
     open_gate.send(()).unwrap();
     // This reply follows the late one on the wire: once it is back, the late reply (and the
     // fd it carries) has been read and dropped.
     assert_eq!(client.ping().unwrap(), 42);
-    assert_eq!(open_fds(), before);
+    before.assert_nothing_new();
     // The per-call override did not change the client's default (no timeout).
     open_gate.send(()).unwrap();
     drop(client.slow_fd().unwrap());
@@ -248,7 +248,7 @@ fn a_call_runs_after_the_oneways_sent_before_it_even_with_a_pool() {
 #[test]
 fn a_hundred_concurrent_clients_on_one_listener() {
     let _fds = fd_count_lock();
-    let before = open_fds();
+    let before = fd_snapshot();
     let name = format!("typed-ipc-listener-{}", std::process::id());
     let listener = Listener::bind_abstract(&name).unwrap();
     let serving = Server::new()
@@ -272,7 +272,7 @@ fn a_hundred_concurrent_clients_on_one_listener() {
         }
     });
     serving.shutdown();
-    assert_eq!(open_fds(), before);
+    before.assert_nothing_new();
 }
 
 /// A client that hung up takes its connection's resources with it: the server's end of its
@@ -752,7 +752,7 @@ impl Pipeline for Worker1 {
 #[test]
 fn sigkill_during_calls_releases_every_caller_with_disconnected() {
     let _fds = fd_count_lock();
-    let before = open_fds();
+    let before = fd_snapshot();
     let (mut child, conn) = Worker::spawn(child("child_pipeline")).unwrap();
     let pipeline = PipelineClient::new(conn.clone());
     let (read_end, write_end) = nix::unistd::pipe().unwrap();
@@ -778,7 +778,7 @@ fn sigkill_during_calls_releases_every_caller_with_disconnected() {
     assert!(matches!(pipeline.process(1), Err(Error::Disconnected)));
     assert_eq!(child.wait().unwrap(), Exit::Signal(9));
     drop((pipeline, conn, child));
-    assert_eq!(open_fds(), before);
+    before.assert_nothing_new();
 }
 
 #[test]
@@ -950,7 +950,7 @@ fn tally_client(
 #[test]
 fn service_with_gives_each_client_a_service_of_its_own_that_calls_it_back() {
     let _fds = fd_count_lock();
-    let before = open_fds();
+    let before = fd_snapshot();
     let name = format!("typed-ipc-per-client-{}", std::process::id());
     let (dropped, drops) = mpsc::channel();
     let serving = tally_per_client(dropped)
@@ -985,13 +985,13 @@ fn service_with_gives_each_client_a_service_of_its_own_that_calls_it_back() {
     hang_up((b, b_connection, b_serving), 2);
     serving.shutdown();
     // No cycle connection -> service -> connection kept a socket open.
-    assert_eq!(open_fds(), before);
+    before.assert_nothing_new();
 }
 
 #[test]
 fn serve_with_a_service_per_connection_closes_the_socket_once_the_peer_hangs_up() {
     let _fds = fd_count_lock();
-    let before = open_fds();
+    let before = fd_snapshot();
     let (dropped, drops) = mpsc::channel();
     let (ours, theirs) = Connection::pair().unwrap();
     let server = std::thread::spawn(move || tally_per_client(dropped).serve(&ours));
@@ -1008,7 +1008,7 @@ fn serve_with_a_service_per_connection_closes_the_socket_once_the_peer_hangs_up(
     assert_eq!(drops.recv_timeout(HANG_GUARD), Ok(1));
     drop((tally, theirs));
     // `ours` went with the server's thread: nothing holds the socket any more.
-    assert_eq!(open_fds(), before);
+    before.assert_nothing_new();
 }
 
 /// A client's `Back` that says when it is called, then answers only once released.

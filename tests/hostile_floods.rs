@@ -360,7 +360,7 @@ fn cut_within(socket: &Socket, guard: Duration) -> bool {
 #[test]
 fn shutdown_returns_although_a_client_does_not_read_its_reply() {
     let _fds = common::fd_count_lock();
-    let before = common::open_fds();
+    let before = common::fd_snapshot();
     let name = format!("typed-ipc-flood-{}", std::process::id());
     let (entered, started) = mpsc::channel();
     let (release, released) = mpsc::channel();
@@ -390,7 +390,7 @@ fn shutdown_returns_although_a_client_does_not_read_its_reply() {
     assert!(cut, "the client that does not read is still connected");
     assert_eq!(reply.unwrap(), 42, "the call in flight was answered");
     assert!(returned, "shutdown still waits");
-    assert_eq!(common::open_fds(), before);
+    before.assert_nothing_new();
 }
 
 /// `Held` as an `async fn`: says it has started, then waits for its release.
@@ -416,7 +416,7 @@ fn async_shutdown_returns_although_a_client_does_not_read_its_reply() {
     use typed_ipc::tokio::{AsyncConnection, AsyncListener, AsyncServer};
     let _fds = common::fd_count_lock();
     let runtime = common::two_worker_runtime();
-    let before = common::open_fds();
+    let before = common::fd_snapshot();
     let name = format!("typed-ipc-async-flood-{}", std::process::id());
     let (entered, started) = mpsc::channel();
     let release = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
@@ -450,7 +450,7 @@ fn async_shutdown_returns_although_a_client_does_not_read_its_reply() {
     assert!(cut, "the client that does not read is still connected");
     assert_eq!(reply.unwrap(), 42, "the call in flight was answered");
     assert!(returned.is_ok(), "shutdown still waits");
-    assert_eq!(common::open_fds(), before);
+    before.assert_nothing_new();
 }
 
 /// `AsyncServing::shutdown` took the clients out of the `AsyncServing` before it waited for

@@ -11,7 +11,7 @@ mod common;
 
 use std::os::fd::OwnedFd;
 
-use common::{child, fd_count_lock, memfd, open_fds};
+use common::{child, fd_count_lock, fd_snapshot, memfd, open_fds};
 use typed_ipc::worker::{self, Exit, Worker};
 use typed_ipc::{Connection, Error, Limits, SharedBytes, Socket, interface};
 
@@ -146,7 +146,7 @@ fn too_many_fds_fail_the_call_on_the_sender_and_the_connection_keeps_working() {
     room_for_fds(2100);
     let (worker, files) = blocking_worker(None);
     assert_eq!(files.count(memfds(1)).unwrap(), 1);
-    let before = open_fds();
+    let before = fd_snapshot();
     let refused = files.count(memfds(2000));
     assert!(
         matches!(
@@ -173,14 +173,14 @@ fn too_many_fds_fail_the_call_on_the_sender_and_the_connection_keeps_working() {
         ),
         "{refused:?}"
     );
-    assert_eq!(open_fds(), before, "the refused messages' fds are closed");
+    before.assert_nothing_new();
     assert_eq!(
         files.count(memfds(3)).unwrap(),
         3,
         "the connection still works"
     );
     assert_eq!(files.count(memfds(1024)).unwrap(), 1024, "up to the limit");
-    assert_eq!(open_fds(), before);
+    before.assert_nothing_new();
     hang_up(worker, files);
 }
 
@@ -191,7 +191,7 @@ fn a_reply_over_the_callers_limit_fails_that_call_only() {
     // The worker may send (and receive) up to 4096 fds; this side takes 1024.
     let (worker, files) = blocking_worker(Some(4096));
     assert_eq!(files.make(1).unwrap().len(), 1);
-    let before = open_fds();
+    let before = fd_snapshot();
     let refused = files.make(2000);
     assert!(
         matches!(
@@ -205,11 +205,11 @@ fn a_reply_over_the_callers_limit_fails_that_call_only() {
         ),
         "{refused:?}"
     );
-    assert_eq!(open_fds(), before, "the refused reply's fds are closed");
+    before.assert_nothing_new();
     assert_eq!(files.make(3).unwrap().len(), 3, "the next call works");
     assert_eq!(files.count(memfds(2)).unwrap(), 2);
     assert!(!files.connection().is_closed());
-    assert_eq!(open_fds(), before);
+    before.assert_nothing_new();
     hang_up(worker, files);
 }
 
@@ -219,7 +219,7 @@ fn a_request_over_the_servers_limit_is_answered_with_a_failure() {
     // The worker takes at most 8 fds; this side sends up to 1024.
     let (worker, files) = blocking_worker(Some(8));
     assert_eq!(files.count(memfds(8)).unwrap(), 8);
-    let before = open_fds();
+    let before = fd_snapshot();
     // The caller is told it was the server's limit, as a match on `TooManyFds` expects; the
     // method did not run.
     match files.count(memfds(10)) {
@@ -236,7 +236,7 @@ fn a_request_over_the_servers_limit_is_answered_with_a_failure() {
         ),
         other => panic!("expected the server's refusal, got {other:?}"),
     }
-    assert_eq!(open_fds(), before);
+    before.assert_nothing_new();
     // A oneway over the server's limits goes out, and is dropped there (and said on its
     // stderr): the server keeps serving all the same.
     files.take(memfds(10)).unwrap();
@@ -257,7 +257,7 @@ mod asynchronous {
     use typed_ipc::worker::{Exit, Worker};
     use typed_ipc::{Error, SharedBytes, interface};
 
-    use super::{fd_count_lock, memfd, memfds, open_fds, room_for_fds, spawn, worker_socket};
+    use super::{fd_count_lock, fd_snapshot, memfd, memfds, room_for_fds, spawn, worker_socket};
 
     #[interface]
     pub trait Files {
@@ -315,7 +315,7 @@ mod asynchronous {
         runtime().block_on(async {
             let (worker, files) = async_worker(None);
             assert_eq!(files.count(memfds(1)).await.unwrap(), 1);
-            let before = open_fds();
+            let before = fd_snapshot();
             let refused = files.count(memfds(2000)).await;
             assert!(
                 matches!(
@@ -342,14 +342,14 @@ mod asynchronous {
                 ),
                 "{refused:?}"
             );
-            assert_eq!(open_fds(), before, "the refused messages' fds are closed");
+            before.assert_nothing_new();
             assert_eq!(files.count(memfds(3)).await.unwrap(), 3);
             assert_eq!(
                 files.count(memfds(1024)).await.unwrap(),
                 1024,
                 "up to the limit"
             );
-            assert_eq!(open_fds(), before);
+            before.assert_nothing_new();
             hang_up(worker, files).await;
         });
     }
@@ -361,7 +361,7 @@ mod asynchronous {
         runtime().block_on(async {
             let (worker, files) = async_worker(Some(4096));
             assert_eq!(files.make(1).await.unwrap().len(), 1);
-            let before = open_fds();
+            let before = fd_snapshot();
             let refused = files.make(2000).await;
             assert!(
                 matches!(
@@ -375,11 +375,11 @@ mod asynchronous {
                 ),
                 "{refused:?}"
             );
-            assert_eq!(open_fds(), before, "the refused reply's fds are closed");
+            before.assert_nothing_new();
             assert_eq!(files.make(3).await.unwrap().len(), 3, "the next call works");
             assert_eq!(files.count(memfds(2)).await.unwrap(), 2);
             assert!(!files.connection().is_closed());
-            assert_eq!(open_fds(), before);
+            before.assert_nothing_new();
             hang_up(worker, files).await;
         });
     }
@@ -390,7 +390,7 @@ mod asynchronous {
         runtime().block_on(async {
             let (worker, files) = async_worker(Some(8));
             assert_eq!(files.count(memfds(8)).await.unwrap(), 8);
-            let before = open_fds();
+            let before = fd_snapshot();
             match files.count(memfds(10)).await {
                 Err(Error::TooManyFds {
                     count: 10,
@@ -400,7 +400,7 @@ mod asynchronous {
                 }) => {}
                 other => panic!("expected the server's refusal, got {other:?}"),
             }
-            assert_eq!(open_fds(), before);
+            before.assert_nothing_new();
             files.take(memfds(10)).await.unwrap();
             assert_eq!(
                 files.count(memfds(3)).await.unwrap(),
@@ -465,7 +465,7 @@ mod asynchronous {
     #[test]
     fn a_side_may_send_more_than_it_accepts() {
         let _fds = fd_count_lock();
-        let before = open_fds();
+        let before = fd_snapshot();
         runtime().block_on(async {
             for lend in [false, true] {
                 let (client, server) = super::sends_more_than_it_accepts();
@@ -481,7 +481,7 @@ mod asynchronous {
                 finish(strings, served).await;
             }
         });
-        assert_eq!(open_fds(), before, "no fd left open");
+        before.assert_nothing_new();
     }
 
     /// [`super::Images`], async.
@@ -534,7 +534,7 @@ mod asynchronous {
     /// [`super::a_side_may_send_fds_when_it_accepts_none`], async.
     #[test]
     fn a_side_may_send_fds_when_it_accepts_none() {
-        use super::{PIPED_LEN, REGION_LEN, assert_no_fd_taken, common};
+        use super::{PIPED_LEN, REGION_LEN, assert_no_fd_taken, common, fd_snapshot};
         let _fds = fd_count_lock();
         runtime().block_on(async {
             for lend in [false, true] {
@@ -560,13 +560,9 @@ mod asynchronous {
                 assert_eq!(common::fds_named("pipe:") > pipes, lend, "piped if lent");
                 let made = images.make(3000).await.unwrap();
                 assert_eq!(made, vec![9; 3000], "lend {lend}");
-                let before = open_fds();
+                let before = fd_snapshot();
                 assert_no_fd_taken(images.file().await, &format!("lend {lend}"));
-                assert_eq!(
-                    open_fds(),
-                    before,
-                    "the refused reply's fd is closed, lend {lend}"
-                );
+                before.assert_nothing_new();
                 let after = images.read(memfd(b"after")).await.unwrap();
                 assert_eq!(after, b"after", "still works");
                 drop(images);
@@ -712,7 +708,7 @@ mod asynchronous {
     fn a_message_with_all_the_fds_a_side_sends_still_carries_a_large_string() {
         use typed_ipc::Limits;
         let _fds = fd_count_lock();
-        let before = open_fds();
+        let before = fd_snapshot();
         runtime().block_on(async {
             for lend in [false, true] {
                 let (bundles, conn, serving) =
@@ -730,7 +726,7 @@ mod asynchronous {
                 finish_bundles(bundles, conn, serving).await;
             }
         });
-        assert_eq!(open_fds(), before, "no fd left open");
+        before.assert_nothing_new();
     }
 
     /// [`super::a_message_with_all_the_fds_the_peer_accepts_still_carries_a_large_string`],
@@ -739,7 +735,7 @@ mod asynchronous {
     fn a_message_with_all_the_fds_the_peer_accepts_still_carries_a_large_string() {
         use typed_ipc::Limits;
         let _fds = fd_count_lock();
-        let before = open_fds();
+        let before = fd_snapshot();
         runtime().block_on(async {
             for lend in [false, true] {
                 let (bundles, conn, serving) =
@@ -754,7 +750,7 @@ mod asynchronous {
                 finish_bundles(bundles, conn, serving).await;
             }
         });
-        assert_eq!(open_fds(), before, "no fd left open");
+        before.assert_nothing_new();
     }
 
     /// A client and a server of [`Strings`] (a task) whose sockets have these limits; the
@@ -796,7 +792,7 @@ mod asynchronous {
     fn a_byte_string_out_of_the_socket_over_the_receivers_limit_is_too_large() {
         use typed_ipc::Limits;
         let _fds = fd_count_lock();
-        let before = open_fds();
+        let before = fd_snapshot();
         runtime().block_on(async {
             // The requests, as the server's refusal (in its region, or its pipe), then the
             // reply, as the client's.
@@ -834,7 +830,7 @@ mod asynchronous {
                 finish(strings, served).await;
             }
         });
-        assert_eq!(open_fds(), before, "no fd left open");
+        before.assert_nothing_new();
     }
 
     /// [`super::byte_strings_cross_to_an_end_whose_limits_allow_no_fds`], async.
@@ -842,7 +838,7 @@ mod asynchronous {
     fn byte_strings_cross_to_an_end_whose_limits_allow_no_fds() {
         use typed_ipc::Limits;
         let _fds = fd_count_lock();
-        let before = open_fds();
+        let before = fd_snapshot();
         runtime().block_on(async {
             for (client, server) in [(1024, 0), (0, 1024)] {
                 for lend in [false, true] {
@@ -867,7 +863,7 @@ mod asynchronous {
                 }
             }
         });
-        assert_eq!(open_fds(), before, "no fd left open");
+        before.assert_nothing_new();
     }
 
     /// [`super::Parcels`], async.
@@ -913,7 +909,7 @@ mod asynchronous {
     fn one_fd_and_a_large_string_cross_to_a_process_that_accepts_one() {
         use typed_ipc::Limits;
         let _fds = fd_count_lock();
-        let before = open_fds();
+        let before = fd_snapshot();
         let one = Limits {
             max_fds: 1,
             ..Limits::default()
@@ -946,7 +942,7 @@ mod asynchronous {
                 assert_eq!(exit, Exit::Code(0), "{whose}");
             }
         });
-        assert_eq!(open_fds(), before, "no fd left open");
+        before.assert_nothing_new();
     }
 }
 
@@ -1136,13 +1132,9 @@ fn a_side_may_send_fds_when_it_accepts_none() {
         assert_eq!(got, (PIPED_LEN as u64, true), "lend {lend}");
         assert_eq!(common::fds_named("pipe:") > pipes, lend, "piped if lent");
         assert_eq!(images.make(3000).unwrap(), vec![9; 3000], "lend {lend}");
-        let before = open_fds();
+        let before = fd_snapshot();
         assert_no_fd_taken(images.file(), &format!("lend {lend}"));
-        assert_eq!(
-            open_fds(),
-            before,
-            "the refused reply's fd is closed, lend {lend}"
-        );
+        before.assert_nothing_new();
         assert_eq!(
             images.read(memfd(b"after")).unwrap(),
             b"after",
@@ -1399,7 +1391,7 @@ const OUT_OF_LINE_SIZES: [usize; 4] = [2 << 10, 64 << 10, 200 << 10, 2 << 20];
 #[test]
 fn byte_strings_cross_to_an_end_whose_limits_allow_no_fds() {
     let _fds = fd_count_lock();
-    let before = open_fds();
+    let before = fd_snapshot();
     // (client, server): the server's socket takes no fds, then the client's, which would
     // each refuse a message that carries the region's or the pipe's fd.
     for (client, server) in [(1024, 0), (0, 1024)] {
@@ -1420,7 +1412,7 @@ fn byte_strings_cross_to_an_end_whose_limits_allow_no_fds() {
             handle.join().unwrap().unwrap();
         }
     }
-    assert_eq!(open_fds(), before, "no fd left open");
+    before.assert_nothing_new();
 }
 
 /// Fds around a large byte string.
@@ -1476,7 +1468,7 @@ fn assert_three_over_two<T: std::fmt::Debug>(got: Result<T, Error>) {
 #[test]
 fn a_message_with_all_the_fds_a_side_sends_still_carries_a_large_string() {
     let _fds = fd_count_lock();
-    let before = open_fds();
+    let before = fd_snapshot();
     for lend in [false, true] {
         let (bundles, conn, server) = bundled_rounds(sends_two_fds(), Limits::default(), lend);
         assert_three_over_two(bundles.check(memfds(3), vec![1; 64 << 10], memfds(0)));
@@ -1490,7 +1482,7 @@ fn a_message_with_all_the_fds_a_side_sends_still_carries_a_large_string() {
         drop((bundles, conn));
         server.join().unwrap().unwrap();
     }
-    assert_eq!(open_fds(), before, "no fd left open");
+    before.assert_nothing_new();
 }
 
 /// A `Bundles` client whose connection has the limits `client`, of a server on a thread
@@ -1543,7 +1535,7 @@ fn accepts_two_fds() -> Limits {
 #[test]
 fn a_message_with_all_the_fds_the_peer_accepts_still_carries_a_large_string() {
     let _fds = fd_count_lock();
-    let before = open_fds();
+    let before = fd_snapshot();
     for lend in [false, true] {
         let (bundles, conn, server) = bundled_rounds(Limits::default(), accepts_two_fds(), lend);
         let got = bundles.check(memfds(1), vec![2; 64 << 10], memfds(0));
@@ -1556,7 +1548,7 @@ fn a_message_with_all_the_fds_the_peer_accepts_still_carries_a_large_string() {
         drop((bundles, conn));
         server.join().unwrap().unwrap();
     }
-    assert_eq!(open_fds(), before, "no fd left open");
+    before.assert_nothing_new();
 }
 
 /// Fills `socket`'s buffer with one-byte datagrams its peer has not read (a socket used
@@ -1581,7 +1573,7 @@ fn an_end_whose_socket_was_full_as_it_started_has_large_strings_placed_once_it_s
     use nix::sys::socket::{MsgFlags, recv};
     use std::os::fd::{AsFd, AsRawFd};
     let _fds = fd_count_lock();
-    let before = open_fds();
+    let before = fd_snapshot();
     let (mut a, b) = Socket::pair().unwrap();
     a.set_limits(accepts_two_fds());
     let filler = fill_socket(&a);
@@ -1605,7 +1597,7 @@ fn an_end_whose_socket_was_full_as_it_started_has_large_strings_placed_once_it_s
     );
     drop((strings, server_conn));
     server.join().unwrap().unwrap();
-    assert_eq!(open_fds(), before, "no fd left open");
+    before.assert_nothing_new();
 }
 
 /// Sums of byte strings: a reply of 28 bytes, which a side sending at most 32 can send.
@@ -1781,7 +1773,7 @@ const PARCEL_SIZES: [usize; 3] = [64 << 10, 300 << 10, 1 << 20];
 #[test]
 fn one_fd_and_a_large_string_cross_to_a_process_that_accepts_one() {
     let _fds = fd_count_lock();
-    let before = open_fds();
+    let before = fd_snapshot();
     let one = Limits {
         max_fds: 1,
         ..Limits::default()
@@ -1808,5 +1800,5 @@ fn one_fd_and_a_large_string_cross_to_a_process_that_accepts_one() {
         drop(parcels);
         assert_eq!(worker.wait().unwrap(), Exit::Code(0), "{whose}");
     }
-    assert_eq!(open_fds(), before, "no fd left open");
+    before.assert_nothing_new();
 }

@@ -14,7 +14,7 @@ use std::os::fd::OwnedFd;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use common::{child, fd_count_lock, memfd, open_fds, read_all};
+use common::{child, fd_count_lock, fd_snapshot, memfd, read_all};
 use typed_ipc::Error;
 use typed_ipc::worker::{Exit, Worker};
 
@@ -159,7 +159,7 @@ const HELD: Duration = Duration::from_millis(20);
 #[test]
 fn the_async_client_of_a_blocking_trait_calls_its_blocking_server() {
     let _fds = fd_count_lock();
-    let before = open_fds();
+    let before = fd_snapshot();
     let runtime = common::two_worker_runtime();
     runtime.block_on(async {
         let (mut worker, conn) =
@@ -197,13 +197,13 @@ fn the_async_client_of_a_blocking_trait_calls_its_blocking_server() {
         );
     });
     drop(runtime);
-    assert_eq!(open_fds(), before);
+    before.assert_nothing_new();
 }
 
 #[test]
 fn the_blocking_client_of_an_async_trait_calls_its_async_server() {
     let _fds = fd_count_lock();
-    let before = open_fds();
+    let before = fd_snapshot();
     let (mut worker, conn) = Worker::spawn(child("child_async_store")).unwrap();
     let store = async_trait::StoreBlockingClient::new(conn.clone());
 
@@ -231,7 +231,7 @@ fn the_blocking_client_of_an_async_trait_calls_its_async_server() {
     conn.close();
     assert_eq!(worker.wait().unwrap(), Exit::Code(0));
     drop((worker, conn));
-    assert_eq!(open_fds(), before);
+    before.assert_nothing_new();
 }
 
 #[test]

@@ -17,7 +17,7 @@ use std::os::fd::OwnedFd;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use common::{checksum, child, fd_count_lock, filled, memfd, open_fds, read_all};
+use common::{checksum, child, fd_count_lock, fd_snapshot, filled, memfd, read_all};
 use typed_ipc::shared_buffer::SealedBuffer;
 use typed_ipc::shared_region::{RegionView, SharedRegion};
 use typed_ipc::worker::{self, Exit, Worker};
@@ -165,7 +165,7 @@ fn serve_everything_under(filter: &str, lend: bool) {
     let refuse = std::env::var(REFUSE).unwrap_or_default();
     let _fds = fd_count_lock();
     common::one_copy_always();
-    let before = open_fds();
+    let before = fd_snapshot();
     let mut command = child("child_sandboxed");
     command.env(FILTER, filter).env(REFUSE, refuse);
     if lend {
@@ -234,7 +234,7 @@ fn serve_everything_under(filter: &str, lend: bool) {
     drop(connection);
     assert_eq!(worker.wait().unwrap(), Exit::Code(0));
     drop(worker);
-    assert_eq!(open_fds(), before, "fds left open");
+    before.assert_nothing_new();
 }
 
 #[test]
