@@ -635,6 +635,15 @@ fn check_trace(scenario: &str) {
         sent < received,
         "a call is said after its peer received it:\n{stderr}"
     );
+    // A reply too: said before it is sent, so before its caller says it received it.
+    let (sent, received) = (
+        at(r#"-> Reply #1 "olleh""#),
+        at("<- Reply #1 (13 bytes, 0 fds)"),
+    );
+    assert!(
+        sent < received,
+        "a reply is said after its caller received it:\n{stderr}"
+    );
     has(r#"-> Call #2 Lab::configure(Config { width: 4096, name: "cam0" })"#);
     has("-> Reply #2 Err(TooWide { max: 1920 })");
     // Fds by their numbers in the sender.
@@ -1859,6 +1868,12 @@ fn a_reply_cut_off_part_way_makes_no_unsent_call_print_as_sent_async() {
         matches!((said, unsent), (Some(said), Some(unsent)) if said < unsent),
         "a call that never went out is not said to be unsent:\n{stderr}"
     );
+    // The reply, said before its send started, went out from the connection's task.
+    assert_line(
+        &stderr,
+        "-- Reply #1 went out in the background: its sender gave up part-way \
+         (its future was dropped)",
+    );
 }
 
 /// An interface no worker here serves: its calls name it by its id and command.
@@ -2015,4 +2030,106 @@ fn a_call_whose_send_failed_says_so() {
     let stderr = check_killed("child_killed_traced");
     assert_line(&stderr, r#"-> Call #2 Lab::reverse("hi")"#);
     assert_line(&stderr, "-- Call #2 send failed: peer disconnected");
+}
+
+/// `Lab::reverse(text)` as a raw peer of `info`'s server sends it, with cookie `cookie`.
+fn raw_reverse_call(info: &typed_ipc::service::InterfaceInfo, cookie: u64, text: &str) -> Vec<u8> {
+    let mut message = vec![1, 0, 0, 0]; // a call, no lane word
+    message.extend_from_slice(&0u32.to_le_bytes()); // `reverse`
+    message.extend_from_slice(&cookie.to_le_bytes());
+    message.extend_from_slice(&info.id.to_le_bytes());
+    message.extend_from_slice(&info.signature.to_le_bytes());
+    message.extend_from_slice(&(text.len() as u64).to_le_bytes());
+    message.extend_from_slice(text.as_bytes());
+    message
+}
+
+/// A raw parent calls its traced worker (`worker`, serving `info`) to reverse 16 MiB, more
+/// than the socket holds, and reads none of the reply until the worker's stderr (a pipe of
+/// its own) says it was sent: that line must come while the reply waits for room, which
+/// only this end's reading makes. Then it reads the reply's first datagram and hangs up, so
+/// the rest cannot go. Prints the worker's lines.
+fn reply_held(worker: &str, info: &typed_ipc::service::InterfaceInfo) {
+    use std::io::{BufRead, Read};
+    let mut command = child(worker);
+    command.stderr(Stdio::piped());
+    let (mut lab, socket) = Worker::spawn_socket(command).unwrap();
+    let mut said = std::io::BufReader::new(lab.take_stderr().unwrap());
+    socket
+        .send(&raw_reverse_call(info, 1, &"r".repeat(16 << 20)), &[])
+        .unwrap();
+    let mut lines = String::new();
+    while !lines.lines().any(|l| l.contains("-> Reply #1 ")) {
+        // Before the reply was said before its send, this waited for good (the hang guard).
+        let read = said.read_line(&mut lines).unwrap();
+        assert!(read > 0, "the worker ended, its reply unsaid:\n{lines}");
+    }
+    // Some of the reply's bytes are out (after its first datagram, which says its length,
+    // the only one over 16 MiB): the rest is cut off.
+    let mut datagram = vec![0u8; 1 << 20];
+    let mut reply_started = false;
+    loop {
+        let fd = socket.as_fd().as_raw_fd();
+        let n = nix::sys::socket::recv(fd, &mut datagram, nix::sys::socket::MsgFlags::empty());
+        let n = n.unwrap();
+        assert!(n > 0, "the worker hung up");
+        let total = u32::from_le_bytes(datagram[8..12].try_into().unwrap());
+        reply_started |= datagram[3] == 1 && total > 16 << 20;
+        if reply_started && n > 16 {
+            break;
+        }
+    }
+    drop(socket);
+    said.read_to_string(&mut lines).unwrap();
+    let _ = lab.wait(); // its `serve` may fail with the cut-off reply
+    eprint!("{lines}");
+}
+
+/// A reply held up by a parent that does not read, then cut off part-way.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_reply_held() {
+    reply_held("child_lab", &LAB_INFO);
+}
+
+/// The async flavour of [`child_reply_held`].
+#[cfg(feature = "tokio")]
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_reply_held_async() {
+    reply_held("child_async_lab", &asynchronous::LAB_INFO);
+}
+
+/// A reply is said before its send starts, so that in a stderr shared with its caller the
+/// caller's `<- Reply` line comes after it; a send that then fails says so. Before, a reply
+/// was said once sent: here, never while its send waited for the caller to read.
+#[test]
+fn a_reply_is_said_before_it_is_sent_and_a_failed_send_says_so() {
+    check_reply_held("child_reply_held", "send failed: peer disconnected");
+}
+
+/// The same from the async flavour, which also says how much of the reply went out.
+#[cfg(feature = "tokio")]
+#[test]
+fn a_reply_is_said_before_it_is_sent_and_a_failed_send_says_so_async() {
+    check_reply_held("child_reply_held_async", "send failed after ");
+}
+
+fn check_reply_held(scenario: &str, failed: &str) {
+    let stderr = traced_stderr(scenario);
+    let at = |want: &str| stderr.lines().position(|l| l.contains(want));
+    let said = at(r#"-> Reply #1 "rrrr"#);
+    let failed = at(&format!("-- Reply #1 {failed}"));
+    assert!(
+        matches!((said, failed), (Some(said), Some(failed)) if said < failed),
+        "a reply cut off part-way is not said, then said to have failed:\n{stderr}"
+    );
+    if scenario.ends_with("_async") {
+        let line = &stderr.lines().nth(failed.unwrap()).unwrap();
+        let total = 24 + 8 + (16 << 20);
+        assert!(
+            line.ends_with(&format!(" of {total} bytes: peer disconnected")),
+            "{line}"
+        );
+    }
 }

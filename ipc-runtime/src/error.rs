@@ -212,17 +212,11 @@ impl Error {
         }
     }
 
-    /// Whether a send that failed with this error sent nothing: the message could not be
-    /// encoded, or was refused before any of it went out.
-    pub(crate) fn sent_nothing(&self) -> bool {
-        matches!(self, Error::Encode(_)) || self.is_over_limits()
-    }
-
     /// Whether a call whose reply failed with this error may still be answered with a
-    /// failure: unless the peer is gone. A reply refused before it went out
-    /// ([`Error::sent_nothing`]), or whose one datagram the kernel refused (it goes out whole
-    /// or not at all), left the caller waiting; one cut off part-way shut the socket down, so
-    /// the failure fails too, harmlessly.
+    /// failure: unless the peer is gone. A reply refused before it went out (it could not be
+    /// encoded, or was over the limits), or whose one datagram the kernel refused (it goes out
+    /// whole or not at all), left the caller waiting; one cut off part-way shut the socket
+    /// down, so the failure fails too, harmlessly.
     pub(crate) fn reply_may_follow(&self) -> bool {
         !matches!(self, Error::Disconnected)
     }

@@ -203,7 +203,7 @@ impl Shared {
         let e = self.why_unsent(e, deadline);
         // A traced call is said once its cookie is given (0: not yet), before its send.
         if let Some(cookie) = traced.filter(|&cookie| cookie != 0) {
-            super::trace::send_failed(&self.name, cookie, &e);
+            super::trace::send_failed(&self.name, "Call", cookie, &e, None);
         }
         e
     }

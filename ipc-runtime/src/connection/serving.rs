@@ -322,12 +322,25 @@ impl Replier<'_> {
             kind: Kind::Reply,
             ..self.envelope
         };
+        // Said before it is sent, so that the caller's `<-` line for it, in a stderr they
+        // share, comes after it. This thread holds nothing another may wait for.
+        if self.shared.trace {
+            self.say(envelope.cookie, value);
+        }
         let sent = self.shared.send(&envelope, value, None);
-        // Described once sent: this thread holds nothing another may wait for.
-        if self.shared.trace && !sent.as_ref().is_err_and(Error::sent_nothing) {
-            let value = trace::described(true, value);
-            trace::reply(&self.shared.name, envelope.cookie, value.as_deref());
+        if let Err(e) = &sent
+            && self.shared.trace
+        {
+            trace::send_failed(&self.shared.name, "Reply", envelope.cookie, e, None);
         }
         sent.map(drop)
+    }
+
+    /// Says the reply `value` to call `cookie` (out of line: only ever with tracing on).
+    #[cold]
+    #[inline(never)]
+    fn say<T: Serialize + ?Sized>(&self, cookie: u64, value: &T) {
+        let value = trace::described(true, value);
+        trace::reply(&self.shared.name, cookie, value.as_deref());
     }
 }

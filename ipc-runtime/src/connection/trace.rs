@@ -364,21 +364,46 @@ pub(crate) fn finished_in_background(
     }
 }
 
-/// The send of this process's call `cookie`, said before it started, failed (`e`): the peer
-/// got none of it, or, cut off part-way, the connection ends.
+/// The send of this process's call or reply (`what`) `cookie`, said before it started,
+/// failed (`e`): the peer got none of it, or, cut off part-way, the connection ends;
+/// `cut_off`, where the sender knows it, says how many of the message's bytes went out first.
 #[cold]
 #[inline(never)]
-pub(crate) fn send_failed(name: &Name, cookie: u64, e: &Error) {
-    line(&format!("{name} -- Call #{cookie} send failed: {e}"));
+pub(crate) fn send_failed(
+    name: &Name,
+    what: &str,
+    cookie: u64,
+    e: &Error,
+    cut_off: Option<(usize, usize)>,
+) {
+    let after = match cut_off {
+        Some((sent, total)) => format!(" after {sent} of {total} bytes"),
+        None => String::new(),
+    };
+    line(&format!(
+        "{name} -- {what} #{cookie} send failed{after}: {e}"
+    ));
 }
 
-/// This process's call `cookie`, said before its send started, was given up (`why`) before
-/// any of it went out.
+/// This process's call or reply (`what`) `cookie`, said before its send started, was given
+/// up (`why`) before any of it went out.
 #[cfg(feature = "tokio")]
 #[cold]
 #[inline(never)]
-pub(crate) fn not_sent(name: &Name, cookie: u64, why: &str) {
-    line(&format!("{name} -- Call #{cookie} not sent: {why}"));
+pub(crate) fn not_sent(name: &Name, what: &str, cookie: u64, why: &str) {
+    line(&format!("{name} -- {what} #{cookie} not sent: {why}"));
+}
+
+/// This process's reply `cookie`, said before its send started, was given up (`why`)
+/// part-way out: the rest goes out from a task, and the peer gets it whole.
+#[cfg(feature = "tokio")]
+#[cold]
+#[inline(never)]
+pub(crate) fn reply_in_background(name: &Name, cookie: u64, why: &str) {
+    line(&format!(
+        "{name} -- Reply #{cookie} went out in the background: its sender gave up part-way \
+         ({why})"
+    ));
 }
 
 /// This process stopped waiting for the reply to its call `cookie`, `why` (timed out, or

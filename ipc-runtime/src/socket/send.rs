@@ -597,6 +597,13 @@ impl SendCursor {
         })
     }
 
+    /// How many of the message's payload bytes went out, and of how many.
+    #[cfg(feature = "tokio")]
+    #[cold]
+    pub(crate) fn bytes(&self) -> (usize, usize) {
+        (self.bytes_sent, self.total_len as usize)
+    }
+
     /// Some of the message is out (perhaps all of it).
     pub(crate) fn started(&self) -> bool {
         self.started

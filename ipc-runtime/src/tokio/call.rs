@@ -5,7 +5,7 @@ use std::sync::Arc;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::connection::Inner;
+use super::connection::{Inner, SaidReply};
 use super::envelope::{self, Envelope, Kind};
 use crate::codec::{self, Bytes};
 use crate::connection::trace;
@@ -107,17 +107,19 @@ impl AsyncCall {
             kind: Kind::Reply,
             ..self.envelope
         };
-        let traced = trace::described(inner.trace, &value);
+        // Said before it is sent, as `Call::reply` says it (and how it ends, if not sent).
+        let traced = trace::described(inner.trace, &value)
+            .map(|value| SaidReply::said_now(inner.name, envelope.cookie, &value));
         let sent = inner.send(envelope, value).await;
+        if let Some(mut traced) = traced {
+            traced.over(&sent);
+        }
         // As `Call::reply`: a reply that sent nothing leaves the call to be answered with why
         // (the reply's, not that the arguments were refused: the handler ran).
         self.replied = match &sent {
             Ok(_) => true,
             Err(e) => self.unsent(e),
         };
-        if self.replied {
-            trace::reply(&inner.name, envelope.cookie, traced.as_deref());
-        }
         sent.map(drop)
     }
 

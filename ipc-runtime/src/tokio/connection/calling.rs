@@ -79,9 +79,11 @@ impl AsyncConnection {
 impl Inner {
     /// Why a call's send failed (`e`), said if the call was ([`TracedSend::failed`]).
     async fn unsent_call(&self, e: Error, traced: Option<Box<TracedSend>>) -> Error {
+        // Before waiting: another send on this thread may fail meanwhile.
+        let cut_off = traced.as_ref().and_then(|traced| traced.cut_off());
         let e = self.why_unsent(e).await;
         if let Some(mut traced) = traced {
-            traced.failed(&e);
+            traced.failed(&e, cut_off);
         }
         e
     }

@@ -13,6 +13,7 @@ mod reader;
 mod sending;
 mod serving;
 
+pub(super) use sending::SaidReply;
 #[cfg(test)]
 pub(super) use serving::IDLE_RUNNERS;
 

@@ -32,10 +32,22 @@ use crate::tokio::envelope::{self, Envelope};
 use ::tokio::time::Instant;
 
 thread_local! {
-    /// A call or oneway dropped part-way handed its rest to a task (`Outgoing::finish`,
-    /// tracing on): for the [`TracedSend`] dropped next on this thread, in the same future as
-    /// that send. Not for a reply, which has no `TracedSend` to take it.
+    /// A call, oneway or reply dropped part-way handed its rest to a task (`Outgoing::finish`,
+    /// tracing on): for the [`TracedSend`] or [`SaidReply`] dropped next on this thread, in
+    /// the same future as that send.
     static HANDED_OVER: Cell<bool> = const { Cell::new(false) };
+    /// A send that waited for room failed part-way (tracing on): how many of its payload's
+    /// bytes went out, and of how many. Set in the poll where the send fails, for its sender
+    /// to take in that same poll; cleared as a traced send starts, as an earlier send's would
+    /// otherwise be taken for a failure of one that sent nothing.
+    static CUT_OFF: Cell<Option<(usize, usize)>> = const { Cell::new(None) };
+}
+
+/// How much of the traced send that just failed on this thread went out, if it was cut off
+/// part-way ([`CUT_OFF`]).
+#[cold]
+fn take_cut_off() -> Option<(usize, usize)> {
+    CUT_OFF.take()
 }
 
 /// A call's or oneway's traced line (tracing on) while its message is being sent. A oneway's
@@ -78,6 +90,7 @@ impl TracedSend {
         deadline: Option<Instant>,
     ) -> Box<TracedSend> {
         HANDED_OVER.set(false);
+        CUT_OFF.set(None);
         // Boxed: the future of every call and oneway holds it, traced or not, and an
         // `Option<Box<_>>` is one word.
         Box::new(TracedSend {
@@ -102,12 +115,21 @@ impl TracedSend {
         self
     }
 
-    /// The send failed (`e`): says so, for a call said before it.
+    /// How much of the message went out before its send failed, if part of it did: taken
+    /// in the poll where the send failed, before its sender waits for anything.
     #[cold]
     #[inline(never)]
-    pub(in crate::tokio) fn failed(&mut self, e: &Error) {
+    pub(in crate::tokio) fn cut_off(&self) -> Option<(usize, usize)> {
+        take_cut_off()
+    }
+
+    /// The send failed (`e`, after `cut_off`: [`TracedSend::cut_off`]): says so, for a call
+    /// said before it.
+    #[cold]
+    #[inline(never)]
+    pub(in crate::tokio) fn failed(&mut self, e: &Error, cut_off: Option<(usize, usize)>) {
         if std::mem::take(&mut self.said_early) {
-            trace::send_failed(&self.name, self.envelope.cookie, e);
+            trace::send_failed(&self.name, "Call", self.envelope.cookie, e, cut_off);
         }
     }
 
@@ -126,7 +148,7 @@ impl Drop for TracedSend {
             let why = why_given_up(self.deadline);
             match HANDED_OVER.replace(false) {
                 true => trace::gave_up(&self.name, self.envelope.cookie, why),
-                false => trace::not_sent(&self.name, self.envelope.cookie, why),
+                false => trace::not_sent(&self.name, "Call", self.envelope.cookie, why),
             }
             return;
         }
@@ -136,6 +158,61 @@ impl Drop for TracedSend {
             let why = why_given_up(self.deadline);
             let (name, envelope, iface) = (&self.name, &self.envelope, self.iface);
             trace::finished_in_background(name, envelope, iface, &args, why);
+        }
+    }
+}
+
+/// A reply's traced line (tracing on), said before its send starts, so that the caller's
+/// `<-` line for it, in a stderr they share, comes after it. Its send failed, it says so
+/// ([`SaidReply::over`]); dropped before its send finished (the handler gave up on
+/// [`AsyncCall::reply`](crate::tokio::AsyncCall::reply)), it says whether the rest went out
+/// from a task or none of it went out. Declared before the send's future, so dropped after
+/// it, once `Outgoing::finish` has said whether it handed the rest over.
+pub(in crate::tokio) struct SaidReply {
+    name: Name,
+    cookie: u64,
+    /// The send finished or failed: nothing more to say.
+    over: bool,
+}
+
+impl SaidReply {
+    /// Says the reply to call `cookie` (`value`, as described) now, before its send starts.
+    #[cold]
+    #[inline(never)]
+    pub(in crate::tokio) fn said_now(name: Name, cookie: u64, value: &str) -> Box<SaidReply> {
+        HANDED_OVER.set(false);
+        CUT_OFF.set(None);
+        trace::reply(&name, cookie, Some(value));
+        // Boxed, as `TracedSend`: the future of every reply holds it, traced or not.
+        Box::new(SaidReply {
+            name,
+            cookie,
+            over: false,
+        })
+    }
+
+    /// The reply's send is over: `sent`, or failed as it says, taken in the poll where it
+    /// failed (part-way, the line says how much went out).
+    #[cold]
+    #[inline(never)]
+    pub(in crate::tokio) fn over(&mut self, sent: &Result<u32>) {
+        self.over = true;
+        if let Err(e) = sent {
+            trace::send_failed(&self.name, "Reply", self.cookie, e, take_cut_off());
+        }
+    }
+}
+
+impl Drop for SaidReply {
+    fn drop(&mut self) {
+        if self.over {
+            return;
+        }
+        // Its sender gave up: a reply has no timeout of the connection's.
+        let why = why_given_up(None);
+        match HANDED_OVER.replace(false) {
+            true => trace::reply_in_background(&self.name, self.cookie, why),
+            false => trace::not_sent(&self.name, "Reply", self.cookie, why),
         }
     }
 }
@@ -407,6 +484,9 @@ impl Inner {
             self.socket().send_given_up(&out.cursor);
             return Ok(());
         }
+        if result.is_err() && self.trace && out.cursor.in_progress() {
+            CUT_OFF.set(Some(out.cursor.bytes()));
+        }
         result
     }
 
@@ -659,14 +739,20 @@ impl Outgoing<'_, '_> {
     }
 }
 
-/// Whether the message in `framed` is a call or a oneway, whose sender holds a [`TracedSend`]
-/// (tracing on) to take the flag: a reply (an [`AsyncCall::reply`](crate::tokio::AsyncCall)
-/// cut off by its handler) or an announcement has none, and its flag, left set, would make
-/// the next call given up on this thread print as sent, though none of it went out.
+/// Whether the message in `framed` is a call, a oneway or a reply, whose sender holds a
+/// [`TracedSend`] or a [`SaidReply`] (tracing on) to take the flag: an announcement or a
+/// failure has none, and its flag, left set, would make the next call given up on this
+/// thread print as sent, though none of it went out.
 #[cold]
 fn sent_by_a_traced_send(framed: &[u8]) -> bool {
     let kind = framed.get(envelope::FRAMED_AT).copied();
-    kind == Some(envelope::Kind::Call as u8) || kind == Some(envelope::Kind::Oneway as u8)
+    [
+        envelope::Kind::Call,
+        envelope::Kind::Oneway,
+        envelope::Kind::Reply,
+    ]
+    .iter()
+    .any(|&k| kind == Some(k as u8))
 }
 
 /// The rest of a message whose sender was dropped part-way. Holds the send lock until the
