@@ -24,6 +24,8 @@ pub trait Faults {
     async fn numbered(&self, n: u64, files: Vec<OwnedFd>);
     /// Calls `Back::ping` on the caller `n` times.
     async fn back(&self, n: u32) -> u32;
+    /// Answers 1.
+    async fn ping(&self) -> u32;
 }
 
 #[typed_ipc::interface]
@@ -56,6 +58,9 @@ impl Faults for FaultsImpl {
             sum += back.ping(i).await.unwrap();
         }
         sum
+    }
+    async fn ping(&self) -> u32 {
+        1
     }
 }
 
@@ -287,4 +292,254 @@ fn a_service_holding_its_own_connection_added_after_the_peer_hung_up_is_freed() 
     });
     drop(rt);
     assert_eq!(ipc_fds(), before, "the serving end's socket is still open");
+}
+
+/// The reply `CutsOffItsReply` starts: 16 MiB inline, and more fds than one datagram
+/// carries, so that the rest, sent in the background, takes copies of fds along.
+#[derive(serde::Serialize)]
+struct BigReply {
+    #[serde(with = "typed_ipc::bytes")]
+    data: Vec<u8>,
+    #[serde(with = "typed_ipc::fds")]
+    files: Vec<OwnedFd>,
+}
+
+/// Serves `Faults` by hand: `echo` starts a 16 MiB reply and gives up on it after one poll
+/// (a timeout around `reply`, say), which the connection finishes in the background; then,
+/// if `again`, tries to reply once more. `back` gives up the same way on a small reply, which
+/// finds the send lock held (by such a reply still going out). `ping` gets a reply of 1.
+/// Says on `cut_off` whether the first poll left the reply unfinished.
+struct CutsOffItsReply {
+    again: bool,
+    cut_off: std::sync::mpsc::SyncSender<bool>,
+}
+
+impl typed_ipc::tokio::AsyncService for CutsOffItsReply {
+    fn info(&self) -> &'static typed_ipc::service::InterfaceInfo {
+        &FAULTS_INFO
+    }
+    fn handle<'a>(
+        &'a self,
+        call: &'a mut typed_ipc::tokio::AsyncCall,
+    ) -> typed_ipc::tokio::BoxFuture<'a, typed_ipc::Result<()>> {
+        Box::pin(async move {
+            if call.command() == cmd("ping") {
+                return call.reply(1u32).await;
+            }
+            if call.command() == cmd("back") {
+                let mut reply = Box::pin(call.reply(2u32));
+                let pending = tokio::select! {
+                    biased;
+                    _ = &mut reply => false,
+                    () = std::future::ready(()) => true,
+                };
+                drop(reply);
+                self.cut_off.send(pending).unwrap();
+                return Ok(());
+            }
+            let big = BigReply {
+                data: vec![7; 16 << 20],
+                files: indexed_fds(300),
+            };
+            let mut reply = Box::pin(call.reply(big));
+            let pending = tokio::select! {
+                biased;
+                _ = &mut reply => false,
+                () = std::future::ready(()) => true,
+            };
+            drop(reply);
+            self.cut_off.send(pending).unwrap();
+            if self.again {
+                call.reply(2u32).await?;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// The command id of `Faults`' method `name`.
+fn cmd(name: &str) -> u32 {
+    FAULTS_INFO
+        .methods
+        .iter()
+        .find(|m| m.name == name)
+        .unwrap()
+        .cmd
+}
+
+/// A raw call to `Faults`, command `cmd`, no arguments, from a peer that reads no lanes (so
+/// that a large reply comes inline, as several datagrams).
+fn raw_call(cmd: u32, cookie: u64) -> Vec<u8> {
+    let mut m = vec![1u8, 0, 0, 0]; // kind Call, lane word "reads no lanes"
+    m.extend_from_slice(&cmd.to_le_bytes());
+    m.extend_from_slice(&cookie.to_le_bytes());
+    m.extend_from_slice(&FAULTS_INFO.id.to_le_bytes());
+    m.extend_from_slice(&FAULTS_INFO.signature.to_le_bytes());
+    m
+}
+
+/// A message's kind and cookie, as its envelope says.
+fn kind_and_cookie(payload: &[u8]) -> (u8, u64) {
+    (
+        payload[0],
+        u64::from_le_bytes(payload[8..16].try_into().unwrap()),
+    )
+}
+
+/// A handler gives up on its reply part-way out (`again`: and then replies once more); the
+/// rest goes out in the background, and that reply is the call's one answer: the raw peer,
+/// having read it, makes one more call and hangs up its sending side, and what it reads to
+/// the end is that call's reply alone. Before, the server also sent `Failure #5:
+/// Unanswered("the service sent no reply")` (`again`: a second reply), as the call counted
+/// as replied to only once `reply` returned.
+fn check_a_reply_cut_off_part_way_is_the_only_answer(again: bool) {
+    let _fds = fd_count_lock();
+    let rt = runtime();
+    let before = common::fd_snapshot();
+    rt.block_on(async {
+        let (ours, peer) = Socket::pair().unwrap();
+        let server = AsyncConnection::new(ours).unwrap();
+        let (cut_off, was_cut_off) = std::sync::mpsc::sync_channel(1);
+        server.add_service(CutsOffItsReply { again, cut_off });
+        let read = tokio::task::spawn_blocking(move || {
+            peer.send(&raw_call(cmd("echo"), 5), &[]).unwrap();
+            assert!(
+                was_cut_off.recv().unwrap(),
+                "the reply went out in one poll"
+            );
+            let reply = peer.recv().unwrap();
+            assert_eq!(kind_and_cookie(&reply.payload), (3, 5), "the reply");
+            assert!(reply.payload.len() > 16 << 20, "all of it");
+            assert_eq!(reply.fds.len(), 300);
+            drop(reply);
+            peer.send(&raw_call(cmd("ping"), 6), &[]).unwrap();
+            rest_after_hanging_up(&peer)
+        });
+        tokio::time::timeout(Duration::from_secs(60), server.run())
+            .await
+            .expect("the server did not end")
+            .unwrap();
+        drop(server);
+        let after = tokio::time::timeout(Duration::from_secs(60), read)
+            .await
+            .expect("the peer did not read to the end")
+            .unwrap();
+        assert_eq!(
+            after,
+            [(3, 6)],
+            "call 5 answered once (kind 3: reply, 4: failure)"
+        );
+    });
+    drop(rt);
+    before.assert_nothing_new();
+}
+
+/// Shuts `peer`'s sending side down (the server sees a hang-up, and answers what it has
+/// read), then reads until the server has hung up too: each message's kind and cookie.
+fn rest_after_hanging_up(peer: &Socket) -> Vec<(u8, u64)> {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(peer));
+    nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    loop {
+        match peer.recv() {
+            Ok(m) => rest.push(kind_and_cookie(&m.payload)),
+            Err(Error::Disconnected) => return rest,
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+#[test]
+fn a_reply_cut_off_part_way_is_the_calls_only_answer() {
+    check_a_reply_cut_off_part_way_is_the_only_answer(false);
+}
+
+/// The same, the handler replying again once it gave up on its first reply.
+#[test]
+fn a_reply_cut_off_part_way_is_the_calls_only_answer_also_if_the_handler_replies_again() {
+    check_a_reply_cut_off_part_way_is_the_only_answer(true);
+}
+
+/// The peer hangs up while the rest of a reply its handler gave up on is still going out in
+/// the background: that send fails, and nothing is left behind: the connection's tasks end
+/// (`run` returns), and the reply's fds, the copies the background send took among them,
+/// are closed.
+#[test]
+fn a_reply_cut_off_part_way_to_a_peer_that_goes_leaves_nothing_behind() {
+    let _fds = fd_count_lock();
+    let rt = runtime();
+    let before = common::fd_snapshot();
+    rt.block_on(async {
+        let (ours, peer) = Socket::pair().unwrap();
+        let server = AsyncConnection::new(ours).unwrap();
+        let (cut_off, was_cut_off) = std::sync::mpsc::sync_channel(1);
+        server.add_service(CutsOffItsReply {
+            again: false,
+            cut_off,
+        });
+        let peer = tokio::task::spawn_blocking(move || {
+            peer.send(&raw_call(cmd("echo"), 5), &[]).unwrap();
+            assert!(
+                was_cut_off.recv().unwrap(),
+                "the reply went out in one poll"
+            );
+            drop(peer); // gone, the rest of the reply unread
+        });
+        tokio::time::timeout(Duration::from_secs(60), peer)
+            .await
+            .expect("the peer hung")
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(60), server.run())
+            .await
+            .expect("the connection's tasks did not end")
+            .unwrap();
+        assert!(server.is_closed());
+        drop(server);
+    });
+    drop(rt);
+    before.assert_nothing_new();
+}
+
+/// A reply given up before any of it went out (it waited for the send lock, which the rest
+/// of another reply holds) answers nothing: the call is answered with a failure once its
+/// handler returns, after that other reply, and nothing else comes for it.
+#[test]
+fn a_reply_given_up_before_any_of_it_went_out_leaves_the_call_answered_by_a_failure() {
+    let _fds = fd_count_lock();
+    let rt = runtime();
+    let before = common::fd_snapshot();
+    rt.block_on(async {
+        let (ours, peer) = Socket::pair().unwrap();
+        let server = AsyncConnection::new(ours).unwrap();
+        let (cut_off, was_cut_off) = std::sync::mpsc::sync_channel(1);
+        server.add_service(CutsOffItsReply {
+            again: false,
+            cut_off,
+        });
+        let read = tokio::task::spawn_blocking(move || {
+            peer.send(&raw_call(cmd("echo"), 5), &[]).unwrap();
+            assert!(
+                was_cut_off.recv().unwrap(),
+                "the reply went out in one poll"
+            );
+            peer.send(&raw_call(cmd("back"), 6), &[]).unwrap();
+            assert!(was_cut_off.recv().unwrap(), "the small reply did not wait");
+            let reply = peer.recv().unwrap();
+            assert_eq!(kind_and_cookie(&reply.payload), (3, 5), "the big reply");
+            drop(reply);
+            rest_after_hanging_up(&peer)
+        });
+        tokio::time::timeout(Duration::from_secs(60), server.run())
+            .await
+            .expect("the server did not end")
+            .unwrap();
+        drop(server);
+        let rest = tokio::time::timeout(Duration::from_secs(60), read)
+            .await
+            .expect("the peer did not read to the end")
+            .unwrap();
+        assert_eq!(rest, [(4, 6)], "call 6 answered by a failure alone");
+    });
+    drop(rt);
+    before.assert_nothing_new();
 }

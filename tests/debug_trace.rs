@@ -1874,6 +1874,8 @@ fn a_reply_cut_off_part_way_makes_no_unsent_call_print_as_sent_async() {
         "-- Reply #1 went out in the background: its sender gave up part-way \
          (its future was dropped)",
     );
+    // That reply is the call's answer: no failure follows it.
+    assert!(!stderr.contains("-> Failure #1"), "{stderr}");
 }
 
 /// An interface no worker here serves: its calls name it by its id and command.

@@ -22,6 +22,9 @@ pub struct AsyncCall {
     peer: Option<PeerCredentials>,
     /// The connection: where the reply goes, and whose lane the arguments may be in.
     inner: Arc<Inner>,
+    /// The call is answered: its reply went out, or started to and goes out whole in the
+    /// background (its future was dropped part-way), or its send failed so that no other
+    /// answer can follow.
     replied: bool,
     /// The arguments were refused as over this side's limits, and the handler has not tried
     /// to reply since (as for [`Call`](crate::service::Call)).
@@ -98,6 +101,11 @@ impl AsyncCall {
     ///
     /// `value` is taken by value so that the future is `Send` whenever `value` is; the fds it
     /// carries stay open until the reply is out, and are closed with it.
+    ///
+    /// Dropped part-way out (a large reply, under a timeout), the rest of the reply goes out
+    /// in the background and is the call's answer: later replies are ignored, and no failure
+    /// is sent for the call. Dropped before any of it went out, the call is unanswered still,
+    /// as if it had not been called.
     pub async fn reply<T: Serialize>(&mut self, value: T) -> Result<()> {
         if self.is_oneway() || self.replied {
             return Ok(());
@@ -110,7 +118,10 @@ impl AsyncCall {
         // Said before it is sent, as `Call::reply` says it (and how it ends, if not sent).
         let traced = trace::described(inner.trace, &value)
             .map(|value| SaidReply::said_now(inner.name, envelope.cookie, &value));
-        let sent = inner.send(envelope, value).await;
+        // Set as soon as any of the reply is out: if this future is dropped then, the rest
+        // goes out in the background, and that is the call's answer (no failure, nor a
+        // second reply, may follow it).
+        let sent = inner.send_noting(envelope, value, &mut self.replied).await;
         if let Some(mut traced) = traced {
             traced.over(&sent);
         }

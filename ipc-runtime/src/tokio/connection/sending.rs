@@ -43,6 +43,10 @@ thread_local! {
     static CUT_OFF: Cell<Option<(usize, usize)>> = const { Cell::new(None) };
 }
 
+/// A message that could not go out at once: its bytes (after room for the transport's
+/// header) and the fds it carries, borrowed from its body.
+type Unsent<'b> = (Vec<u8>, Vec<BorrowedFd<'b>>);
+
 /// How much of the traced send that just failed on this thread went out, if it was cut off
 /// part-way ([`CUT_OFF`]).
 #[cold]
@@ -227,11 +231,44 @@ impl Inner {
         envelope: Envelope,
         body: A,
     ) -> Result<u32> {
+        let (placed, unsent) = self.send_at_once(&envelope, &body)?;
+        if let Some((framed, fds)) = unsent {
+            self.send_encoded(framed, &fds, placed, None, None).await?;
+        }
+        Ok(placed)
+    }
+
+    /// [`Inner::send`], setting `started` once any of the message has gone out, also if the
+    /// future is then dropped: the peer then gets all of it (the rest goes out in the
+    /// background) or the connection is shut down, so a reply that started is the call's
+    /// answer, and none other may follow it.
+    pub(in crate::tokio) async fn send_noting<A: Serialize>(
+        self: &Arc<Self>,
+        envelope: Envelope,
+        body: A,
+        started: &mut bool,
+    ) -> Result<u32> {
+        let (placed, unsent) = self.send_at_once(&envelope, &body)?;
+        if let Some((framed, fds)) = unsent {
+            self.send_encoded(framed, &fds, placed, None, Some(started))
+                .await?;
+        }
+        Ok(placed)
+    }
+
+    /// Encodes envelope + body and sends them if they can go out at once: the placement, and
+    /// the message and its fds if they must wait.
+    #[inline]
+    fn send_at_once<'b, A: Serialize>(
+        &self,
+        envelope: &Envelope,
+        body: &'b A,
+    ) -> Result<(u32, Option<Unsent<'b>>)> {
         // Most messages go out at once: encoded in this thread's buffer and sent without
         // waiting, they allocate nothing. One that would have to wait (the socket full, or
         // another message going out) takes the bytes along.
-        let (placed, unsent) = with_buffers(|framed, fds| {
-            let placed = self.lane.encode(&envelope, &body, framed, fds)?;
+        with_buffers(|framed, fds| {
+            let placed = self.lane.encode(envelope, body, framed, fds)?;
             #[cfg(test)]
             crate::connection::between_encode_and_send();
             match self.try_send_at_once(framed, fds) {
@@ -246,11 +283,7 @@ impl Inner {
                     Err(e)
                 }
             }
-        })?;
-        if let Some((framed, fds)) = unsent {
-            self.send_encoded(framed, &fds, placed, None).await?;
-        }
-        Ok(placed)
+        })
     }
 
     /// Tells the peer what `made` makes of the lane: at once if the message can go out
@@ -423,7 +456,8 @@ impl Inner {
             debug_assert!(fds.is_empty(), "an announcement carries no fds");
             Ok::<_, Error>((framed.clone(), placed))
         })?;
-        self.send_encoded(framed, &[], placed, Some(sending)).await
+        self.send_encoded(framed, &[], placed, Some(sending), None)
+            .await
     }
 
     /// Sends the message in `framed` if it can go out without waiting (the send lock free,
@@ -444,13 +478,15 @@ impl Inner {
     }
 
     /// Sends the message encoded in `framed`, waiting for room, with the send lock (`held`
-    /// already, or taken here).
+    /// already, or taken here); sets `started`, if given, once any of it has gone out
+    /// ([`Inner::send_noting`]).
     async fn send_encoded(
         self: &Arc<Self>,
         framed: Vec<u8>,
         fds: &[BorrowedFd<'_>],
         placed: u32,
         held: Option<OwnedMutexGuard<()>>,
+        started: Option<&mut bool>,
     ) -> Result<()> {
         // Too large for the wire: never sent, so the placement goes back (from here on,
         // `Outgoing`'s drop gives it back if none of the message went out, and says when the
@@ -467,6 +503,7 @@ impl Inner {
             lock: held,
             finished: false,
             placed,
+            started,
         };
         if out.lock.is_none() {
             out.lock = Some(match self.send_lock.clone().try_lock_owned() {
@@ -678,10 +715,16 @@ struct Outgoing<'a, 'f> {
     finished: bool,
     /// The lane placement the message carries (0: none).
     placed: u32,
+    /// Set, if there, once any of the message has gone out ([`Inner::send_noting`]): told
+    /// on drop, which comes also when the sender gives up part-way.
+    started: Option<&'a mut bool>,
 }
 
 impl Drop for Outgoing<'_, '_> {
     fn drop(&mut self) {
+        if let Some(started) = self.started.take() {
+            *started |= self.cursor.started();
+        }
         self.finish();
         // Sent, failed, or the rest handed over with copies of its fds: the message no longer
         // names the region's fd.
