@@ -282,9 +282,10 @@ impl Shared {
             }
             (Kind::Reply | Kind::Failure, result) => {
                 match state.pending.get_mut(&envelope.cookie) {
-                    Some(slot) => *slot = Some(result.map(|()| frame)),
-                    // Its caller gave up: dropped unread.
-                    None => {
+                    Some(slot @ None) => *slot = Some(result.map(|()| frame)),
+                    // Its caller gave up, or this is a second answer to one call (a peer that
+                    // answers twice): dropped unread, the first left for its caller.
+                    _ => {
                         self.lane.finished(&frame.payload);
                         unclaimed(&mut state, &mut frame);
                     }

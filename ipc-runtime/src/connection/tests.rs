@@ -2420,3 +2420,50 @@ fn a_message_stamped_while_the_socket_is_full_leaves_the_announcement_to_the_nex
     assert_eq!(next.payload[0], Kind::Oneway as u8);
     assert_ne!(envelope::lane(&next.payload) & super::lane::READS_LANES, 0);
 }
+
+/// A peer that answers one call twice (a reply, then a failure for the same cookie, as the
+/// async server did for a reply its handler gave up on part-way) while another thread reads
+/// for its caller: the first answer stays in the caller's slot, and the second is dropped.
+/// Before, the second took the first's place, and the caller got the failure.
+#[test]
+fn a_second_answer_to_a_call_leaves_the_first_for_its_caller() {
+    use super::failure::Failure;
+    let (ours, theirs) = crate::Socket::pair().unwrap();
+    let a = Connection::new(ours);
+    // A caller on another thread, waiting (not reading) for the reply to its call 100.
+    a.shared.state.lock().pending.insert(100, None);
+    let reader = {
+        let a = a.clone();
+        std::thread::spawn(move || a.call::<_, u64>(&IFACE, 1, &(), None))
+    };
+    let call = theirs.recv().unwrap();
+    let answer = |kind, cookie, body: &dyn Fn(&mut Vec<u8>)| {
+        let mut m = vec![0; envelope::LEN];
+        Envelope {
+            kind,
+            cmd: 1,
+            cookie,
+            interface: IFACE.id,
+            signature: IFACE.signature,
+        }
+        .write(&mut m);
+        body(&mut m);
+        theirs.send(&m, &[]).unwrap();
+    };
+    answer(Kind::Reply, 100, &|m| {
+        codec::encode(&5u64, m, &mut Vec::new()).unwrap()
+    });
+    answer(Kind::Failure, 100, &|m| {
+        let failure = Failure::Unanswered("the service sent no reply".into());
+        codec::encode(&failure, m, &mut Vec::new()).unwrap()
+    });
+    let cookie = Envelope::read(&call.payload).unwrap().cookie;
+    answer(Kind::Reply, cookie, &|m| {
+        codec::encode(&1u64, m, &mut Vec::new()).unwrap()
+    });
+    assert_eq!(reader.join().unwrap().unwrap(), 1);
+    let first = a.shared.state.lock().pending.remove(&100);
+    let first = first.flatten().expect("call 100 answered").unwrap();
+    let kind = Envelope::read(&first.payload).unwrap().kind;
+    assert_eq!(kind, Kind::Reply, "the first answer stays");
+}
