@@ -294,6 +294,29 @@ fn read_to_end_guarded(fd: OwnedFd, what: &str) -> Vec<u8> {
         .unwrap_or_else(|_| panic!("{what}"))
 }
 
+/// Waits, on a thread, until every write end of the pipes whose read ends are `read_ends`
+/// is closed: after a storm of calls that each sent one (and got it back in the reply), the
+/// sign that the worker is done with every request (it closes a request's fds only once it
+/// is done with the large string the request may have placed in the lane, read or not), and
+/// that this end closed those the late replies brought back. Only where a reader takes in
+/// late replies by itself (the async flavour): a blocking caller reads them as it calls
+/// next. A hang fails the test instead.
+fn all_closed(read_ends: Vec<OwnedFd>, what: &str) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for fd in read_ends {
+            read_to_end(fd);
+        }
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(HANG_GUARD)
+        .unwrap_or_else(|_| panic!("{what}"));
+}
+
+/// How many of a storm's read ends a test keeps open before it waits for them all to close
+/// ([`all_closed`]).
+const KEPT_AT_MOST: usize = 200;
+
 /// Only guards against a hang: a test that waits this long has failed anyway.
 const HANG_GUARD: Duration = Duration::from_secs(60);
 
@@ -668,6 +691,7 @@ fn async_calls_dropped_at_random(worker_test: &str) {
         let camera = asynchronous::CameraClient::new(conn.clone());
         let mut storm = Storm::new(1000);
         let mut answered = 0;
+        let mut kept = Vec::new();
         for round in 0..storm.rounds {
             let x = storm.next();
             let (tag, data) = storm_round(x, round);
@@ -692,9 +716,25 @@ fn async_calls_dropped_at_random(worker_test: &str) {
                 assert!(fd.as_raw_fd() >= 0);
                 answered += 1;
             }
-            drop(keep);
+            kept.push(keep);
+            if kept.len() == KEPT_AT_MOST {
+                // Within a default `RLIMIT_NOFILE` of 1,024.
+                let kept = std::mem::take(&mut kept);
+                let what = "a storm call's fd was never closed";
+                tokio::task::spawn_blocking(move || all_closed(kept, what))
+                    .await
+                    .unwrap();
+            }
         }
         eprintln!("answered {answered} of {}", storm.rounds);
+        // The placement of a call dropped here is acknowledged by a message of the worker's
+        // own once it drops the request or is done with it, which may come after the reply to
+        // a later call: only a reply sent once the worker is done with every call before it
+        // is sure to carry it.
+        let what = "a storm call's fd was never closed";
+        tokio::task::spawn_blocking(move || all_closed(kept, what))
+            .await
+            .unwrap();
         let (tag, data) = storm_round(3, storm.rounds);
         let (_keep, sent) = pipe();
         let Echoed {

@@ -453,7 +453,12 @@ impl Connection {
     /// its memory), or a message that carries one is still on its way out. The peer
     /// acknowledges in the next message it sends: a call's reply does, so try again once the
     /// call has returned; after a oneway message, or a reply this end sent, only once the
-    /// peer sends something. The next large string makes a new region. The message waits
+    /// peer sends something. A call given up on (timed out, its future dropped) is not
+    /// answered: the peer acknowledges its string in a short message of its own once it has
+    /// dropped the request (or in the reply it sends all the same, if the call ran on), which
+    /// may come after its replies to later calls. Only a message the peer sends once it is done
+    /// with that request is sure to carry the acknowledgement. The next large string makes a
+    /// new region. The message waits
     /// for room in the socket like any other; a peer already gone shows on the connection
     /// itself, and the memory is given back all the same.
     ///
