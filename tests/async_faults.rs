@@ -397,16 +397,8 @@ fn check_a_reply_cut_off_part_way_is_the_only_answer(again: bool) {
     let rt = runtime();
     let before = common::fd_snapshot();
     rt.block_on(async {
-        let (ours, peer) = Socket::pair().unwrap();
-        let server = AsyncConnection::new(ours).unwrap();
-        let (cut_off, was_cut_off) = std::sync::mpsc::sync_channel(1);
-        server.add_service(CutsOffItsReply { again, cut_off });
-        let read = tokio::task::spawn_blocking(move || {
-            peer.send(&raw_call(cmd("echo"), 5), &[]).unwrap();
-            assert!(
-                was_cut_off.recv().unwrap(),
-                "the reply went out in one poll"
-            );
+        let (server, peer, _) = a_reply_cut_off(again).await;
+        let after = served_to_the_end(server, move || {
             let reply = peer.recv().unwrap();
             assert_eq!(kind_and_cookie(&reply.payload), (3, 5), "the reply");
             assert!(reply.payload.len() > 16 << 20, "all of it");
@@ -414,16 +406,8 @@ fn check_a_reply_cut_off_part_way_is_the_only_answer(again: bool) {
             drop(reply);
             peer.send(&raw_call(cmd("ping"), 6), &[]).unwrap();
             rest_after_hanging_up(&peer)
-        });
-        tokio::time::timeout(Duration::from_secs(60), server.run())
-            .await
-            .expect("the server did not end")
-            .unwrap();
-        drop(server);
-        let after = tokio::time::timeout(Duration::from_secs(60), read)
-            .await
-            .expect("the peer did not read to the end")
-            .unwrap();
+        })
+        .await;
         assert_eq!(
             after,
             [(3, 6)],
@@ -432,6 +416,49 @@ fn check_a_reply_cut_off_part_way_is_the_only_answer(again: bool) {
     });
     drop(rt);
     before.assert_nothing_new();
+}
+
+/// A server of [`CutsOffItsReply`] (`again`) on one end of a socket pair, the other end,
+/// which has sent it call 5 (`echo`) and seen its handler give up on the reply part-way, and
+/// where the handler says how each later reply of its went.
+async fn a_reply_cut_off(
+    again: bool,
+) -> (AsyncConnection, Socket, std::sync::mpsc::Receiver<bool>) {
+    let (ours, peer) = Socket::pair().unwrap();
+    let server = AsyncConnection::new(ours).unwrap();
+    let (cut_off, was_cut_off) = std::sync::mpsc::sync_channel(1);
+    server.add_service(CutsOffItsReply { again, cut_off });
+    let sent = tokio::task::spawn_blocking(move || {
+        peer.send(&raw_call(cmd("echo"), 5), &[]).unwrap();
+        assert!(
+            was_cut_off.recv().unwrap(),
+            "the reply went out in one poll"
+        );
+        (peer, was_cut_off)
+    });
+    let (peer, was_cut_off) = tokio::time::timeout(Duration::from_secs(60), sent)
+        .await
+        .expect("the handler never gave up on its reply")
+        .unwrap();
+    (server, peer, was_cut_off)
+}
+
+/// Runs `peer` on a blocking thread while `server` serves, until the server has ended:
+/// what `peer` returned.
+async fn served_to_the_end<T: Send + 'static>(
+    server: AsyncConnection,
+    peer: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let read = tokio::task::spawn_blocking(peer);
+    tokio::time::timeout(Duration::from_secs(60), server.run())
+        .await
+        .expect("the server did not end")
+        .unwrap();
+    drop(server);
+    tokio::time::timeout(Duration::from_secs(60), read)
+        .await
+        .expect("the peer did not read to the end")
+        .unwrap()
 }
 
 /// Shuts `peer`'s sending side down (the server sees a hang-up, and answers what it has
@@ -470,25 +497,8 @@ fn a_reply_cut_off_part_way_to_a_peer_that_goes_leaves_nothing_behind() {
     let rt = runtime();
     let before = common::fd_snapshot();
     rt.block_on(async {
-        let (ours, peer) = Socket::pair().unwrap();
-        let server = AsyncConnection::new(ours).unwrap();
-        let (cut_off, was_cut_off) = std::sync::mpsc::sync_channel(1);
-        server.add_service(CutsOffItsReply {
-            again: false,
-            cut_off,
-        });
-        let peer = tokio::task::spawn_blocking(move || {
-            peer.send(&raw_call(cmd("echo"), 5), &[]).unwrap();
-            assert!(
-                was_cut_off.recv().unwrap(),
-                "the reply went out in one poll"
-            );
-            drop(peer); // gone, the rest of the reply unread
-        });
-        tokio::time::timeout(Duration::from_secs(60), peer)
-            .await
-            .expect("the peer hung")
-            .unwrap();
+        let (server, peer, _) = a_reply_cut_off(false).await;
+        drop(peer); // gone, the rest of the reply unread
         tokio::time::timeout(Duration::from_secs(60), server.run())
             .await
             .expect("the connection's tasks did not end")
@@ -509,35 +519,16 @@ fn a_reply_given_up_before_any_of_it_went_out_leaves_the_call_answered_by_a_fail
     let rt = runtime();
     let before = common::fd_snapshot();
     rt.block_on(async {
-        let (ours, peer) = Socket::pair().unwrap();
-        let server = AsyncConnection::new(ours).unwrap();
-        let (cut_off, was_cut_off) = std::sync::mpsc::sync_channel(1);
-        server.add_service(CutsOffItsReply {
-            again: false,
-            cut_off,
-        });
-        let read = tokio::task::spawn_blocking(move || {
-            peer.send(&raw_call(cmd("echo"), 5), &[]).unwrap();
-            assert!(
-                was_cut_off.recv().unwrap(),
-                "the reply went out in one poll"
-            );
+        let (server, peer, was_cut_off) = a_reply_cut_off(false).await;
+        let rest = served_to_the_end(server, move || {
             peer.send(&raw_call(cmd("back"), 6), &[]).unwrap();
             assert!(was_cut_off.recv().unwrap(), "the small reply did not wait");
             let reply = peer.recv().unwrap();
             assert_eq!(kind_and_cookie(&reply.payload), (3, 5), "the big reply");
             drop(reply);
             rest_after_hanging_up(&peer)
-        });
-        tokio::time::timeout(Duration::from_secs(60), server.run())
-            .await
-            .expect("the server did not end")
-            .unwrap();
-        drop(server);
-        let rest = tokio::time::timeout(Duration::from_secs(60), read)
-            .await
-            .expect("the peer did not read to the end")
-            .unwrap();
+        })
+        .await;
         assert_eq!(rest, [(4, 6)], "call 6 answered by a failure alone");
     });
     drop(rt);
