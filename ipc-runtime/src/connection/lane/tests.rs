@@ -945,12 +945,9 @@ fn an_async_end_whose_fd_limit_waits_says_it_reads_lanes_first_in_the_announceme
 fn any_fd_limit_a_peer_announces_only_decides_where_strings_go() {
     use crate::codec::Bytes;
     let told = |token: u64| {
-        let mut payload = vec![0u8; envelope::ANNOUNCE_LEN];
-        Envelope::announce().write(&mut payload);
-        envelope::set_lane(&mut payload, READS_LANES);
-        payload[envelope::LEN..][..8].copy_from_slice(&MAX_FDS_MAILBOX.to_le_bytes());
-        payload[envelope::LEN + 8..].copy_from_slice(&token.to_le_bytes());
-        payload
+        let mut payload = [0u8; envelope::ANNOUNCE_LEN];
+        envelope::write_announcement(&mut payload, READS_LANES, (MAX_FDS_MAILBOX, token));
+        payload.to_vec()
     };
     // How many fds a oneway carrying a 64 KiB string carries: the new region's, or none.
     let fds_of_a_string = |lane: &Lane| {
