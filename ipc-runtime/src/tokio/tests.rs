@@ -2457,6 +2457,58 @@ fn calls_dropped_as_the_runtime_shuts_down_with_the_socket_full_do_not_panic() {
     assert!(read > 0, "the calls went out");
 }
 
+/// A call from another runtime, waiting for room part-way through a message of many
+/// datagrams, when the connection's own runtime shuts down: the caller hears why, and the
+/// peer, which holds the first part of a message, sees the socket end after it rather than
+/// waiting for the rest of a stream that cannot be resynchronised. The reader's end shuts the
+/// socket down, which ends the wait for room, before the reactor goes (which would end it
+/// too: `reactor_gone`).
+#[test]
+fn a_send_waiting_part_way_as_the_connections_runtime_shuts_down_leaves_the_peer_an_end() {
+    use crate::connection::tests::BULK;
+    use std::time::Instant;
+
+    let (ours, theirs) = Socket::pair().unwrap();
+    let home = multi_thread_runtime(1);
+    let client = home.block_on(async { super::AsyncConnection::new(ours).unwrap() });
+    let callers = multi_thread_runtime(1);
+    let big = crate::codec::Bytes(vec![3u8; 16 << 20]);
+    let call = callers.spawn({
+        let client = client.clone();
+        async move {
+            let sent = client.call::<_, crate::codec::Bytes<Vec<u8>>>(&BULK, 1, big, None);
+            sent.await
+        }
+    });
+    // Until the socket is full: the call's send, part-way (the peer never announced that it
+    // reads lanes, so the bytes go inline), waits for room.
+    let deadline = Instant::now() + HANG_GUARD;
+    while client
+        .socket()
+        .ready_now(PollFlags::POLLOUT)
+        .contains(PollFlags::POLLOUT)
+    {
+        assert!(Instant::now() < deadline, "the socket never filled");
+        std::thread::yield_now();
+    }
+    drop(home);
+    let failed = callers
+        .block_on(async { ::tokio::time::timeout(HANG_GUARD, call).await })
+        .expect("the call waited on after its connection's runtime shut down")
+        .unwrap();
+    match failed {
+        Err(crate::Error::Io(e)) => assert!(e.to_string().contains("shut down"), "{e}"),
+        other => panic!("the call should fail as its runtime shut down: {other:?}"),
+    }
+    let mut frame = crate::frame::Frame::default();
+    let read = theirs.recv_into(&mut frame, Some(Instant::now() + HANG_GUARD));
+    assert!(
+        !matches!(read, Ok(()) | Err(crate::Error::TimedOut)),
+        "the peer should find the message cut off by the end: {read:?}"
+    );
+    drop(client);
+}
+
 // ---- methods on the blocking pool (`#[interface(async_server)]`) ----
 
 /// An [`crate::service::run_blocking`] service, as `#[interface(async_server)]` generates:
