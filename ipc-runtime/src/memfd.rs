@@ -161,10 +161,11 @@ pub(crate) enum Access {
     ReadWrite,
 }
 
-/// A shared mapping of a whole file; unmapped on drop. Empty files are not mapped (`mmap`
-/// refuses length 0) and get a dangling, never-dereferenced pointer, aligned for the words
-/// a [`RegionView`](crate::shared_region::RegionView) reads: an empty slice of them must
-/// still start at an aligned address.
+/// A shared mapping of a whole file (private where the kernel refuses a shared one of a file
+/// sealed against writing, as kernels before 6.7 do); unmapped on drop. Empty files are not
+/// mapped (`mmap` refuses length 0) and get a dangling, never-dereferenced pointer, aligned
+/// for the words a [`RegionView`](crate::shared_region::RegionView) reads: an empty slice of
+/// them must still start at an aligned address.
 pub(crate) struct Mapping {
     ptr: NonNull<u8>,
     pub len: usize,
@@ -199,7 +200,16 @@ impl Mapping {
         // SAFETY: a new shared mapping at an address the kernel picks cannot overlap memory
         // Rust already uses; the file is `len` bytes long (set by us, or fixed by seals), so
         // the whole range is backed.
-        let ptr = unsafe { mmap(None, length, prot, flags, fd, 0)? };
+        let ptr = match unsafe { mmap(None, length, prot, flags, fd, 0) } {
+            // Kernels before 6.7 refuse any shared mapping of a file sealed against writing,
+            // a read-only one too. Its bytes can never change, so a private read-only
+            // mapping reads the very same pages.
+            Err(Errno::EPERM) if access == Access::Read && write_sealed(fd) => {
+                // SAFETY: as above, the mapping private instead of shared.
+                unsafe { mmap(None, length, prot, MapFlags::MAP_PRIVATE, fd, 0)? }
+            }
+            mapped => mapped?,
+        };
         let map = Mapping {
             ptr: ptr.cast(),
             len,
@@ -234,6 +244,12 @@ impl Mapping {
         // SAFETY: as in `slice`, plus writable and exclusive per the caller.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
+}
+
+/// Whether `fd` carries `F_SEAL_WRITE`, so that nobody can ever change its bytes.
+fn write_sealed(fd: &OwnedFd) -> bool {
+    fcntl(fd, FcntlArg::F_GET_SEALS)
+        .is_ok_and(|seals| SealFlag::from_bits_retain(seals).contains(SealFlag::F_SEAL_WRITE))
 }
 
 impl Drop for Mapping {

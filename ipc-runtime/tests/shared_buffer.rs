@@ -9,6 +9,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use ipc_runtime::shared_buffer::{SealedBuffer, SharedBuffer};
+use ipc_runtime::worker::{Exit, Worker};
 use ipc_runtime::{Error, Socket, codec};
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, SealFlag, fcntl};
@@ -381,4 +382,111 @@ fn clones_close_their_fds() {
     assert_eq!(open_fds(), before + 2);
     drop((original, empty));
     assert_eq!(open_fds(), before);
+}
+
+/// Kernels before 6.7 refuse any shared mapping of a memfd sealed against writing, a
+/// read-only one too (`EPERM`; fixed by Linux commits e8e17ee90eaf, 28464bbb2ddc and
+/// 158978945f31), while they map it private. A child that gets those answers (from a seccomp
+/// filter that refuses every read-only shared `mmap`, as such a kernel refuses these) still
+/// reads a buffer this process sends it, and makes, seals, copies and clones buffers of its
+/// own, which this process reads back.
+#[test]
+fn buffers_work_where_the_kernel_refuses_shared_mappings_of_sealed_memfds() {
+    let _guard = lock();
+    let child = common::child("child_on_a_kernel_refusing_shared_mappings_of_sealed_memfds");
+    let (mut child, socket) = Worker::spawn_socket(child).unwrap();
+    let content = pattern(100_000);
+    let (mut bytes, mut fds) = (Vec::new(), Vec::new());
+    let sent = filled(&content);
+    codec::encode(&sent, &mut bytes, &mut fds).unwrap();
+    socket.send(&bytes, &fds).unwrap();
+    let frame = match socket.recv() {
+        Ok(frame) => frame,
+        Err(e) => panic!("{e}: the child failed ({:?}, on stderr)", child.wait()),
+    };
+    let (read, made, copied, cloned): (bool, SealedBuffer, SealedBuffer, SealedBuffer) =
+        codec::decode(&frame.payload, frame.fds).unwrap();
+    assert!(read, "the child read another content than was sent");
+    assert!(made.as_bytes() == content, "the buffer the child sealed");
+    assert!(copied.as_bytes() == content, "the buffer the child copied");
+    assert!(cloned.as_bytes() == content, "the buffer the child cloned");
+    assert_eq!(child.wait().unwrap(), Exit::Code(0));
+}
+
+/// The child of `buffers_work_where_the_kernel_refuses_shared_mappings_of_sealed_memfds`.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_on_a_kernel_refusing_shared_mappings_of_sealed_memfds() {
+    let socket = ipc_runtime::worker::socket().unwrap();
+    refuse_read_only_shared_mappings();
+    let frame = socket.recv().unwrap();
+    let got: SealedBuffer = codec::decode(&frame.payload, frame.fds).unwrap();
+    let read = got.as_bytes() == pattern(100_000);
+    let mut made = SharedBuffer::new(got.len()).unwrap();
+    made.copy_from_slice(&got);
+    let made = made.seal().unwrap();
+    let copied = SealedBuffer::copy_from(&made).unwrap();
+    let cloned = got.try_clone().unwrap();
+    let (mut bytes, mut fds) = (Vec::new(), Vec::new());
+    let reply = (read, made, copied, cloned);
+    codec::encode(&reply, &mut bytes, &mut fds).unwrap();
+    socket.send(&bytes, &fds).unwrap();
+}
+
+/// Makes every later `mmap(PROT_READ, MAP_SHARED)` of this thread (and of threads it starts)
+/// fail with `EPERM`.
+fn refuse_read_only_shared_mappings() {
+    let stmt = |code: u32, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let jeq = |k: u32, jt: u8, jf: u8| libc::sock_filter {
+        code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+        jt,
+        jf,
+        k,
+    };
+    // The low 32 bits of an argument (little-endian, as both architectures tested are).
+    let arg = |i: usize| {
+        let offset = std::mem::offset_of!(libc::seccomp_data, args) + 8 * i;
+        stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, offset as u32)
+    };
+    let allow = stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW);
+    let mut program = [
+        stmt(
+            libc::BPF_LD | libc::BPF_W | libc::BPF_ABS,
+            std::mem::offset_of!(libc::seccomp_data, nr) as u32,
+        ),
+        jeq(libc::SYS_mmap as u32, 0, 5),
+        arg(2), // prot
+        jeq(libc::PROT_READ as u32, 0, 3),
+        arg(3),                                                  // flags
+        stmt(libc::BPF_ALU | libc::BPF_AND | libc::BPF_K, 0x0f), // MAP_TYPE
+        jeq(libc::MAP_SHARED as u32, 1, 0),
+        allow,
+        stmt(
+            libc::BPF_RET | libc::BPF_K,
+            libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
+        ),
+    ];
+    let fprog = libc::sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_mut_ptr(),
+    };
+    // SAFETY: prctl with PR_SET_NO_NEW_PRIVS takes integer arguments only.
+    assert_eq!(
+        unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) },
+        0
+    );
+    // SAFETY: `fprog` points at `program`, alive for the call, which the kernel copies.
+    let installed = unsafe {
+        libc::prctl(
+            libc::PR_SET_SECCOMP,
+            libc::SECCOMP_MODE_FILTER,
+            &fprog as *const libc::sock_fprog,
+        )
+    };
+    assert_eq!(installed, 0, "{}", std::io::Error::last_os_error());
 }
