@@ -201,26 +201,34 @@ impl InPipe {
 
 /// One non-blocking `vmsplice` from a pipe into `buf` (`read` with `SPLICE_F_NONBLOCK`,
 /// which no flag on the shared open file can turn off). `Ok(0)`: the pipe has no writer.
+/// Made again when a signal interrupts it: the kernel checks for one once it has the pipe's
+/// lock, before it copies anything, and a handler installed without `SA_RESTART` makes that
+/// `EINTR`, which says nothing about the pipe (a drain that stopped there would leave a
+/// string's bytes in front of the next one).
 fn read_some(pipe: BorrowedFd<'_>, buf: &mut [MaybeUninit<u8>]) -> io::Result<usize> {
     let iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
     };
-    // SAFETY: `iov` describes `buf`, writable memory of ours for the duration of the call;
-    // `vmsplice` on a pipe's read end only writes into it (nix's wrapper takes `IoSlice`s,
-    // read-only memory, so this direction goes through libc).
-    let n = unsafe {
-        libc::vmsplice(
-            pipe.as_raw_fd(),
-            &iov,
-            1,
-            libc::SPLICE_F_NONBLOCK as libc::c_uint,
-        )
-    };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
+    loop {
+        // SAFETY: `iov` describes `buf`, writable memory of ours for the duration of the
+        // call; `vmsplice` on a pipe's read end only writes into it (nix's wrapper takes
+        // `IoSlice`s, read-only memory, so this direction goes through libc).
+        let n = unsafe {
+            libc::vmsplice(
+                pipe.as_raw_fd(),
+                &iov,
+                1,
+                libc::SPLICE_F_NONBLOCK as libc::c_uint,
+            )
+        };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
     }
 }
 
@@ -236,5 +244,110 @@ mod tests {
         assert_eq!(count.load(Ordering::Relaxed), 3, "a refusal takes nothing");
         count.fetch_sub(1, Ordering::AcqRel);
         assert!(take_slot(&count, 3));
+    }
+
+    /// Does nothing: a handler installed without `SA_RESTART`, so that a system call it
+    /// interrupts fails with `EINTR` instead of starting again.
+    extern "C" fn ignore(_: libc::c_int) {}
+
+    /// The state letter of thread `tid` of this process (`/proc/.../stat`) and the system
+    /// call it is in, if any (`/proc/.../syscall`).
+    fn state_of(tid: libc::pid_t) -> (Option<char>, Option<libc::c_long>) {
+        let task = format!("/proc/self/task/{tid}");
+        let stat = std::fs::read_to_string(format!("{task}/stat")).unwrap_or_default();
+        let state = stat
+            .rsplit(") ")
+            .next()
+            .and_then(|rest| rest.chars().next());
+        let syscall = std::fs::read_to_string(format!("{task}/syscall")).unwrap_or_default();
+        let syscall = syscall.split(' ').next().and_then(|n| n.parse().ok());
+        (state, syscall)
+    }
+
+    /// Waits until thread `tid` is in `state` ([`state_of`]); fails the test if that takes a
+    /// minute (a kernel whose pipes lock otherwise).
+    fn wait_for(tid: libc::pid_t, state: (Option<char>, Option<libc::c_long>)) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while state_of(tid) != state {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "thread {tid} never reached {state:?}"
+            );
+            std::thread::yield_now();
+        }
+    }
+
+    /// The kernel checks for a signal once a read of a pipe has the pipe's lock, before it
+    /// copies anything, and a handler without `SA_RESTART` turns that into `EINTR`. A drain
+    /// that stopped there would leave bytes the peer never read at the front of the pipe,
+    /// where the peer would read them as the next string's. Made certain here: the read
+    /// waits for the lock, which a `splice` from an empty socket holds, while the signal
+    /// comes.
+    #[test]
+    fn a_drain_interrupted_by_a_signal_still_empties_the_pipe() {
+        use std::os::unix::net::UnixStream;
+        // SAFETY: a zeroed sigaction is a valid one (no flags, an empty mask); `ignore`
+        // touches nothing, so it is safe whenever it runs. No other test uses SIGUSR2.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = ignore as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            assert_eq!(
+                libc::sigaction(libc::SIGUSR2, &action, std::ptr::null_mut()),
+                0
+            );
+        }
+        let pipe = std::sync::Arc::new(OutPipe::new().unwrap());
+        assert_eq!(
+            pipe.splice(&[7; 10_000]),
+            10_000,
+            "a string the peer never read"
+        );
+        let (idle, mut wake) = UnixStream::pair().unwrap();
+        let write = pipe.write.try_clone().unwrap();
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let holder = std::thread::spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            tid_tx.send(unsafe { libc::gettid() }).unwrap();
+            // SAFETY: plain fds of ours; splice sleeps, holding the pipe's lock, until a byte
+            // arrives on `idle`, then moves it into the pipe.
+            let n = unsafe {
+                libc::splice(
+                    idle.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    write.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    1,
+                    0,
+                )
+            };
+            assert_eq!(n, 1);
+        });
+        let holder_tid = tid_rx.recv().unwrap();
+        // Until the holder sleeps in `splice`, the lock held.
+        wait_for(holder_tid, (Some('S'), Some(libc::SYS_splice)));
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let drainer = {
+            let pipe = pipe.clone();
+            std::thread::spawn(move || {
+                // SAFETY: gettid has no preconditions.
+                tid_tx.send(unsafe { libc::gettid() }).unwrap();
+                pipe.drain();
+            })
+        };
+        let tid = tid_rx.recv().unwrap();
+        // Until the drainer waits for the lock, in `vmsplice`.
+        wait_for(tid, (Some('D'), Some(libc::SYS_vmsplice)));
+        // SAFETY: tgkill only sends a signal, to a thread of this process that is alive: it
+        // waits for the lock.
+        let sent = unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, libc::SIGUSR2) };
+        assert_eq!(sent, 0);
+        std::io::Write::write_all(&mut wake, b"x").unwrap();
+        holder.join().unwrap();
+        drainer.join().unwrap();
+        let mut left: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int through the pointer, which is valid and ours.
+        let r = unsafe { libc::ioctl(pipe.read.as_raw_fd(), libc::FIONREAD, &mut left) };
+        assert_eq!(r, 0);
+        assert_eq!(left, 0, "the drain left bytes in the pipe");
     }
 }
