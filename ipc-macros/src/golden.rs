@@ -4,7 +4,8 @@
 //! sample) and `tests/golden/ipa_blocking_client.rs` (`blocking_client` on the async one), and
 //! with the types checked as `tests/golden/ipa_check_types.rs` (`check_types` on the blocking
 //! sample), and with the async server of the blocking sample as
-//! `tests/golden/ipa_async_server.rs` (`async_server`), so that every change to the generated code shows up in review.
+//! `tests/golden/ipa_async_server.rs` (`async_server`), so that every change to the generated
+//! code shows up in review.
 //! `TYPED_IPC_BLESS=1 cargo test -p ipc-macros` rewrites the files.
 
 use std::path::Path;

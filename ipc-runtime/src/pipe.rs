@@ -7,8 +7,9 @@
 //! one copy across the processes, where the shared region takes two (into the region, out of
 //! it) and the socket four; at 1 MiB it is 2.9x a `memcpy` on average against 3.8x
 //! (`docs/benchmarks-bulk.md`). The price is that the receiver copies from the sender's own
-//! pages, so they must not change until it has: which is why only [`SharedBytes`](crate::SharedBytes), whose
-//! bytes sit behind an `Arc` that the lane keeps until the peer has read them, go this way.
+//! pages, so they must not change until it has: which is why only
+//! [`SharedBytes`](crate::SharedBytes), whose bytes sit behind an `Arc` that the lane keeps
+//! until the peer has read them, go this way.
 //! And it lends the peer those pages for as long as the peer likes: a receiver can `tee`
 //! the references into a pipe of its own and read, later, whatever the sender's allocator
 //! has put in the same bytes since. No flag takes a page reference back, so a connection

@@ -156,8 +156,9 @@ pub fn recv(
         return Err(io::Error::last_os_error());
     }
     // SAFETY: the kernel filled msg_control with msg_controllen bytes of well-formed cmsgs
-    // (and set msg_controllen to that); CMSG_FIRSTHDR/NXTHDR stay within them, and every fd in an SCM_RIGHTS payload is a new
-    // descriptor installed in this process that nothing else owns.
+    // (and set msg_controllen to that); CMSG_FIRSTHDR/NXTHDR stay within them, and every fd
+    // in an SCM_RIGHTS payload is a new descriptor installed in this process that nothing
+    // else owns.
     unsafe {
         let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
         while !cmsg.is_null() {

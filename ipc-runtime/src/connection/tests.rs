@@ -248,7 +248,8 @@ impl serde::Serialize for CallsWhenEncoded<'_> {
 
 std::thread_local! {
     /// The connection [`CallsWhenDecoded`] calls on.
-    static DECODER_CALLS: std::cell::RefCell<Option<Connection>> = const { std::cell::RefCell::new(None) };
+    static DECODER_CALLS: std::cell::RefCell<Option<Connection>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 /// A reply whose decoding makes a call on the same connection from the same thread.
