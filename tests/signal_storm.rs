@@ -18,12 +18,12 @@ use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{checksum, child, fd_count_lock, fd_snapshot, filled, memfd, read_all};
 use typed_ipc::shared_buffer::SealedBuffer;
 use typed_ipc::worker::{self, Exit, Worker};
-use typed_ipc::{Connection, Error, Limits, Listener, Server, SharedBytes};
+use typed_ipc::{Connection, Error, Limits, Listener, Server, SharedBytes, Socket};
 
 /// Rounds of the workload in each flavour: a few seconds under the storms.
 const ROUNDS: u64 = 6;
@@ -600,4 +600,120 @@ fn async_calls_get_every_result_right_under_signal_storms_in_both_processes() {
         "this process's storm"
     );
     before.assert_nothing_new();
+}
+
+/// A listening socket on the abstract `name` whose queue holds one client not yet accepted:
+/// a `connect` finds it full once a client is queued, and waits.
+fn listening_for_one(name: &str) -> OwnedFd {
+    use nix::sys::socket::{
+        AddressFamily, Backlog, SockFlag, SockType, UnixAddr, bind, listen, socket,
+    };
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &UnixAddr::new_abstract(name.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    listen(&fd, Backlog::new(0).unwrap()).unwrap();
+    fd
+}
+
+/// Takes the next client of `listener`.
+fn accept(listener: &OwnedFd) -> OwnedFd {
+    let raw = nix::sys::socket::accept(std::os::fd::AsRawFd::as_raw_fd(listener)).unwrap();
+    // SAFETY: accept returned a new descriptor that nothing else owns.
+    unsafe { std::os::fd::FromRawFd::from_raw_fd(raw) }
+}
+
+/// The state letter of thread `tid` of this process (`/proc/.../stat`) and the system call
+/// it is in, if any (`/proc/.../syscall`).
+fn state_of(tid: libc::pid_t) -> (Option<char>, Option<libc::c_long>) {
+    let task = format!("/proc/self/task/{tid}");
+    let stat = std::fs::read_to_string(format!("{task}/stat")).unwrap_or_default();
+    let state = stat
+        .rsplit(") ")
+        .next()
+        .and_then(|rest| rest.chars().next());
+    let syscall = std::fs::read_to_string(format!("{task}/syscall")).unwrap_or_default();
+    let syscall = syscall.split(' ').next().and_then(|n| n.parse().ok());
+    (state, syscall)
+}
+
+/// Whether thread `tid` sleeps in `connect`.
+fn sleeps_in_connect(tid: libc::pid_t) -> bool {
+    state_of(tid) == (Some('S'), Some(libc::SYS_connect))
+}
+
+/// A `connect` that waits for room in a listener's queue is interrupted by a signal, and goes
+/// on waiting: it connects once the listener takes a client, as if nothing had happened.
+#[test]
+fn a_connect_waiting_for_room_goes_on_after_a_signal() {
+    let _fds = fd_count_lock();
+    install_handler();
+    let name = abstract_name("full-queue");
+    let listener = listening_for_one(&name);
+    let queued = Socket::connect_abstract(&name).unwrap();
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let connecting = std::thread::spawn({
+        let name = name.clone();
+        move || {
+            // SAFETY: gettid has no preconditions.
+            tid_tx.send(unsafe { libc::gettid() }).unwrap();
+            Socket::connect_abstract(&name)
+        }
+    });
+    let tid = tid_rx.recv().unwrap();
+    let guard = Instant::now() + HANG_GUARD;
+    while !sleeps_in_connect(tid) {
+        assert!(Instant::now() < guard, "the connect never waited");
+        std::thread::yield_now();
+    }
+    let handled = HANDLED.load(Ordering::Relaxed);
+    assert!(signal(tid));
+    // Until the signal is handled and the connect waits again, or has returned (failed).
+    while !(connecting.is_finished()
+        || HANDLED.load(Ordering::Relaxed) > handled && sleeps_in_connect(tid))
+    {
+        assert!(Instant::now() < guard, "the signal was never handled");
+        std::thread::yield_now();
+    }
+    let first = accept(&listener);
+    let connected = connecting
+        .join()
+        .unwrap()
+        .expect("connected after the signal");
+    let second = accept(&listener);
+    drop((queued, connected, first, second));
+}
+
+/// A `connect_timeout` that waits for room in a listener's queue under a storm of signals
+/// times out, at its deadline: neither failing at the first signal nor waiting afresh after
+/// each.
+#[test]
+fn a_connect_timeout_waiting_for_room_times_out_under_a_signal_storm() {
+    let _fds = fd_count_lock();
+    let name = abstract_name("full-queue-timeout");
+    let listener = listening_for_one(&name);
+    let queued = Socket::connect_abstract(&name).unwrap();
+    let storm = SignalStorm::start();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let connecting = std::thread::spawn(move || {
+        let result = Socket::connect_abstract_timeout(&name, Duration::from_millis(200));
+        done_tx.send(()).unwrap();
+        result
+    });
+    // A connect that waited afresh after each signal would never return.
+    done_rx
+        .recv_timeout(HANG_GUARD)
+        .expect("the connect timed out");
+    let result = connecting.join().unwrap();
+    assert!(storm.stop() > 0);
+    assert!(matches!(result, Err(Error::TimedOut)), "{result:?}");
+    drop((queued, listener));
 }

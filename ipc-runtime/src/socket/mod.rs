@@ -155,19 +155,41 @@ impl Socket {
             SockFlag::SOCK_CLOEXEC,
             None,
         )?;
+        // A `connect` that waits for room in the listener's queue fails with `EINTR` when a
+        // signal comes whose handler was installed without `SA_RESTART` (and with one, too,
+        // while it waits by a send timeout, below). The socket is left unconnected, so it is
+        // made again, and waits only for what is left of the time it was given.
         let Some(timeout) = timeout else {
-            ns::connect(fd.as_raw_fd(), addr)?;
+            loop {
+                match ns::connect(fd.as_raw_fd(), addr) {
+                    Err(nix::Error::EINTR) => continue,
+                    connected => break connected?,
+                }
+            }
             return Socket::new(fd);
         };
-        // A Unix socket's `connect` waits for room in the listener's queue as long as the
-        // socket's send timeout says, then fails with `EAGAIN`. Zero would mean for good.
-        let wait = timeout.max(Duration::from_micros(1));
-        let secs = libc::time_t::try_from(wait.as_secs()).unwrap_or(libc::time_t::MAX);
-        let wait = TimeVal::new(secs, wait.subsec_micros().into());
-        ns::setsockopt(&fd, sockopt::SendTimeout, &wait)?;
-        match ns::connect(fd.as_raw_fd(), addr) {
-            Err(nix::Error::EAGAIN) => return Err(Error::TimedOut),
-            connected => connected?,
+        let deadline = deadline_after(timeout);
+        let mut left = timeout;
+        loop {
+            // A Unix socket's `connect` waits for room in the listener's queue as long as
+            // the socket's send timeout says, then fails with `EAGAIN`. Zero would mean for
+            // good.
+            let wait = left.max(Duration::from_micros(1));
+            let secs = libc::time_t::try_from(wait.as_secs()).unwrap_or(libc::time_t::MAX);
+            let wait = TimeVal::new(secs, wait.subsec_micros().into());
+            ns::setsockopt(&fd, sockopt::SendTimeout, &wait)?;
+            match ns::connect(fd.as_raw_fd(), addr) {
+                Err(nix::Error::EAGAIN) => return Err(Error::TimedOut),
+                Err(nix::Error::EINTR) => {
+                    // No deadline: a timeout past what the clock can express, for good.
+                    let now = Instant::now();
+                    left = deadline.map_or(timeout, |d| d.saturating_duration_since(now));
+                    if left.is_zero() {
+                        return Err(Error::TimedOut);
+                    }
+                }
+                connected => break connected?,
+            }
         }
         // Sends wait by their own deadlines (`poll`), never by the socket's timeout.
         ns::setsockopt(&fd, sockopt::SendTimeout, &TimeVal::new(0, 0))?;
