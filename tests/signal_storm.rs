@@ -717,3 +717,22 @@ fn a_connect_timeout_waiting_for_room_times_out_under_a_signal_storm() {
     assert!(matches!(result, Err(Error::TimedOut)), "{result:?}");
     drop((queued, listener));
 }
+
+/// A datagram of no bytes, which no message is, is told apart from the peer's hang-up while
+/// signals come: by a `poll` that does not wait, which fails with `EINTR` when a signal comes
+/// while it looks (whatever the handler's flags), having found nothing.
+#[test]
+fn an_empty_datagram_is_not_taken_for_a_hang_up_under_a_signal_storm() {
+    let _fds = fd_count_lock();
+    let (ours, theirs) = Socket::pair().unwrap();
+    let storm = SignalStorm::start();
+    for i in 0..20_000 {
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(&theirs));
+        nix::sys::socket::send(raw, &[], nix::sys::socket::MsgFlags::empty()).unwrap();
+        match ours.recv() {
+            Err(Error::Malformed(why)) => assert!(why.contains("no bytes"), "{why}"),
+            other => panic!("datagram {i}: {other:?}"),
+        }
+    }
+    assert!(storm.stop() > 0);
+}

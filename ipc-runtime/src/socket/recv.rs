@@ -570,10 +570,19 @@ impl Socket {
     fn hung_up(&self) -> bool {
         // nix names no POLLRDHUP.
         let rdhup = PollFlags::from_bits_retain(libc::POLLRDHUP);
-        let mut fds = [PollFd::new(self.fd.as_fd(), rdhup)];
         let hung_up = rdhup | PollFlags::POLLHUP | PollFlags::POLLERR;
-        let open = poll(&mut fds, PollTimeout::ZERO).is_ok()
-            && fds[0].revents().is_some_and(|r| !r.intersects(hung_up));
+        let open = loop {
+            let mut fds = [PollFd::new(self.fd.as_fd(), rdhup)];
+            match poll(&mut fds, PollTimeout::ZERO) {
+                // It never waits, but a signal that comes while it looks fails it all the
+                // same (whatever the handler's flags), having found nothing: no hang-up.
+                Err(nix::Error::EINTR) => continue,
+                polled => {
+                    break polled.is_ok()
+                        && fds[0].revents().is_some_and(|r| !r.intersects(hung_up));
+                }
+            }
+        };
         !open
     }
 }
