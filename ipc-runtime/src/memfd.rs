@@ -190,11 +190,10 @@ impl Mapping {
             // Not populated: a received buffer may be sparse, and reading a hole allocates a
             // page; the receiver pays only for what it reads.
             Access::Read => (ProtFlags::PROT_READ, MapFlags::MAP_SHARED),
-            // Populated: a new buffer is there to be filled, and allocating every page in one
-            // call is cheaper than a page fault per page (about 15% at 16 MiB here).
+            // Populated once it is kept from children forked meanwhile, below.
             Access::ReadWrite => (
                 ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_SHARED | MapFlags::MAP_POPULATE,
+                MapFlags::MAP_SHARED,
             ),
         };
         // SAFETY: a new shared mapping at an address the kernel picks cannot overlap memory
@@ -216,9 +215,18 @@ impl Mapping {
         };
         if access == Access::ReadWrite {
             // A child forked while we hold the writable view must not inherit it: it would
-            // make sealing fail with EBUSY, or write behind our back.
+            // make sealing fail with EBUSY until it exits or execs, or write behind our back.
             // SAFETY: MADV_DONTFORK only changes what fork copies; the range is our mapping.
             unsafe { madvise(ptr, len, MmapAdvise::MADV_DONTFORK)? };
+            // A new buffer is there to be filled, and allocating every page in one call is
+            // cheaper than a page fault per page (about 15% at 16 MiB here). Only now, not by
+            // `MAP_POPULATE` in the `mmap`: that takes milliseconds for a large buffer, and a
+            // thread spawning a worker (a fork) meanwhile would copy the view into the child.
+            // Kernels before 5.14 refuse the advice: the pages then come as they are written.
+            // SAFETY: populating only allocates the pages of our own mapping, writable.
+            let _ = unsafe { madvise(ptr, len, MmapAdvise::MADV_POPULATE_WRITE) };
+            #[cfg(test)]
+            tests::after_populate();
         }
         Ok(map)
     }
@@ -258,5 +266,68 @@ impl Drop for Mapping {
             // SAFETY: `ptr`/`len` is a mapping this value made and nothing borrows any more.
             let _ = unsafe { munmap(self.ptr.cast(), self.len) };
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+    use std::os::fd::AsRawFd;
+
+    thread_local! {
+        /// Run once by this thread's next writable mapping, once its pages are populated.
+        static AFTER_POPULATE: Cell<Option<fn()>> = const { Cell::new(None) };
+        /// The child forked by [`fork_a_waiting_child`], and the write end of the pipe it
+        /// waits on.
+        static CHILD: Cell<Option<(libc::pid_t, OwnedFd)>> = const { Cell::new(None) };
+    }
+
+    pub(super) fn after_populate() {
+        if let Some(f) = AFTER_POPULATE.take() {
+            f();
+        }
+    }
+
+    /// Forks a child that waits until the pipe in [`CHILD`] is closed, then exits:
+    /// a thread of a host spawning a worker (`fork`, then `exec`) at that moment.
+    fn fork_a_waiting_child() {
+        // Close-on-exec: a process another test spawns meanwhile must not keep it open.
+        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        // SAFETY: the child makes only async-signal-safe calls (`close`, `read`, `_exit`)
+        // before it exits, as a child forked from a threaded process must.
+        match unsafe { libc::fork() } {
+            0 => {
+                let mut byte = 0u8;
+                // SAFETY: the child lets go of its copy of the write end, so that the
+                // parent's closing it ends the `read`, which writes at most one byte into
+                // `byte`, ours.
+                unsafe {
+                    libc::close(write.as_raw_fd());
+                    libc::read(read.as_raw_fd(), (&raw mut byte).cast(), 1);
+                    libc::_exit(0);
+                }
+            }
+            -1 => panic!("fork failed: {}", io::Error::last_os_error()),
+            pid => CHILD.set(Some((pid, write))),
+        }
+    }
+
+    /// A child forked while a new buffer's pages are populated (a worker spawned on another
+    /// thread, say) gets no copy of its writable view, so the buffer can be sealed while the
+    /// child lives. With the pages populated before the view was kept from children
+    /// (`MAP_POPULATE`), a fork in those milliseconds made sealing fail with `EBUSY`.
+    #[test]
+    fn a_child_forked_as_a_buffer_is_populated_does_not_keep_it_from_being_sealed() {
+        let fd = new_memfd(1 << 20).unwrap();
+        AFTER_POPULATE.set(Some(fork_a_waiting_child));
+        let map = Mapping::new(&fd, 1 << 20, Access::ReadWrite).unwrap();
+        let (child, waits_on) = CHILD.take().expect("a child was forked");
+        drop(map);
+        let sealed = fcntl(&fd, FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_WRITE));
+        drop(waits_on); // the child reads the end of the pipe, and exits
+        let child = nix::unistd::Pid::from_raw(child);
+        nix::sys::wait::waitpid(child, None).unwrap();
+        sealed.expect("sealed while the child forked meanwhile lives");
     }
 }

@@ -87,8 +87,8 @@ pub struct SharedBuffer {
 
 impl SharedBuffer {
     /// A zero-filled buffer of `len` bytes, backed by a new memfd. Every page is allocated
-    /// (and zeroed by the kernel) here, in one `mmap(MAP_POPULATE)`, since the buffer is there
-    /// to be filled.
+    /// (and zeroed by the kernel) here, in one call (`MADV_POPULATE_WRITE`, Linux 5.14; on
+    /// older kernels as they are written), since the buffer is there to be filled.
     pub fn new(len: usize) -> Result<SharedBuffer> {
         let fd = new_memfd(len)?;
         let map = Mapping::new(&fd, len, Access::ReadWrite)?;

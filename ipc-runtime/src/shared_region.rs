@@ -91,7 +91,8 @@ pub struct SharedRegion {
 
 impl SharedRegion {
     /// A zero-filled region of `len` bytes (rounded up to whole pages), every page allocated
-    /// now (`MAP_POPULATE`), then sealed so that no other mapping can ever write it.
+    /// now (`MADV_POPULATE_WRITE`; on kernels before 5.14 as written), then sealed so that no
+    /// other mapping can ever write it.
     pub fn new(len: usize) -> Result<SharedRegion> {
         let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
             .ok()
