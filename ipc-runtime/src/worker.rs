@@ -187,7 +187,8 @@ impl Worker {
     /// that.
     ///
     /// A program that cannot start fails with [`Error::Io`] of the OS error's kind
-    /// (`NotFound`, `PermissionDenied`, ...), whose message names the program. So does one
+    /// (`NotFound`, `PermissionDenied`, ...), whose message names the program, and the
+    /// command's working directory if it set one (a missing one is `NotFound` too). So does one
     /// whose exit cannot be watched (no thread could start): the child is killed then.
     ///
     /// Calls may go out at once; the worker reads them once it serves. So the first call
@@ -849,15 +850,17 @@ pub fn socket() -> Result<Socket> {
 }
 
 /// Why `command` did not start, naming its program: std's error alone ("No such file or
-/// directory") does not say which, and a host may start several. The kind stays; the OS
-/// error number is in the message only.
+/// directory") does not say which, and a host may start several. It names the working
+/// directory too if `command` has one: a missing one fails with the same error as a missing
+/// program. The kind stays; the OS error number is in the message only.
 #[cold]
 fn cannot_start(command: &Command, e: io::Error) -> Error {
     let program = command.get_program();
-    Error::Io(io::Error::new(
-        e.kind(),
-        format!("cannot start worker {program:?}: {e}"),
-    ))
+    let message = match command.get_current_dir() {
+        Some(dir) => format!("cannot start worker {program:?} in {dir:?}: {e}"),
+        None => format!("cannot start worker {program:?}: {e}"),
+    };
+    Error::Io(io::Error::new(e.kind(), message))
 }
 
 fn not_found(message: String) -> Error {
@@ -914,6 +917,39 @@ mod tests {
                 && said.contains("No such file or directory"),
             "{said}"
         );
+    }
+
+    /// A worker whose working directory is missing fails with the OS error of the `chdir`
+    /// (`NotFound`), which alone reads as a missing program: the message names the directory
+    /// too, in both flavours.
+    #[test]
+    fn a_worker_that_cannot_start_in_its_directory_names_the_directory() {
+        let in_missing_dir = || {
+            let mut command = std::process::Command::new("true");
+            command.current_dir("/no-such-typed-ipc-dir");
+            command
+        };
+        let check = |error: Error| {
+            let Error::Io(e) = error else {
+                panic!("failed otherwise: {error}");
+            };
+            assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
+            let said = e.to_string();
+            assert!(
+                said.starts_with("cannot start worker \"true\" in \"/no-such-typed-ipc-dir\": "),
+                "{said}"
+            );
+        };
+        check(Worker::spawn(in_missing_dir()).expect_err("started in a missing directory"));
+        #[cfg(feature = "tokio")]
+        {
+            let runtime = ::tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let spawned = runtime.block_on(async { crate::tokio::worker::spawn(in_missing_dir()) });
+            check(spawned.expect_err("started in a missing directory"));
+        }
     }
 
     #[test]
