@@ -788,3 +788,81 @@ fn a_default_body_may_use_self() {
         server.await.unwrap().unwrap();
     });
 }
+
+/// Tuple parameters beside methods that take as many parameters as a tuple has elements, in
+/// an async trait and in a blocking trait's async server: a server's
+/// `where (u8, String): DeserializeOwned` must not decide what `resize`'s two arguments decode
+/// as.
+mod tuple_params {
+    use std::os::fd::OwnedFd;
+
+    #[typed_ipc::interface]
+    pub trait AsyncPairs {
+        async fn resize(&self, width: u32, height: u64) -> u64;
+        async fn set_size(&self, size: (u8, String)) -> String;
+        async fn write_at(&self, file: OwnedFd, offset: u32) -> u32;
+    }
+
+    #[typed_ipc::interface(async_server)]
+    pub trait Pairs {
+        fn resize(&self, width: u32, height: u64) -> u64;
+        fn set_size(&self, size: (u8, String)) -> String;
+        fn write_at(&self, file: OwnedFd, offset: u32) -> u32;
+    }
+
+    pub struct Impl;
+
+    impl AsyncPairs for Impl {
+        async fn resize(&self, width: u32, height: u64) -> u64 {
+            u64::from(width) * height
+        }
+        async fn set_size(&self, size: (u8, String)) -> String {
+            format!("{}{}", size.0, size.1)
+        }
+        async fn write_at(&self, file: OwnedFd, offset: u32) -> u32 {
+            drop(file);
+            offset + 1
+        }
+    }
+
+    impl Pairs for Impl {
+        fn resize(&self, width: u32, height: u64) -> u64 {
+            u64::from(width) * height
+        }
+        fn set_size(&self, size: (u8, String)) -> String {
+            format!("{}{}", size.0, size.1)
+        }
+        fn write_at(&self, file: OwnedFd, offset: u32) -> u32 {
+            drop(file);
+            offset + 1
+        }
+    }
+}
+
+#[test]
+fn tuple_parameters_beside_methods_of_as_many_parameters() {
+    use tuple_params::{AsyncPairsClient, AsyncPairsServer, PairsAsyncServer, PairsClient};
+    let _serial = fd_count_lock();
+    let rt = runtime();
+    rt.block_on(async {
+        let (a, b) = AsyncConnection::pair().unwrap();
+        let server = tokio::spawn(AsyncPairsServer::new(tuple_params::Impl).serve(b));
+        let client = AsyncPairsClient::new(a);
+        assert_eq!(client.resize(3, 1 << 40).await.unwrap(), 3 << 40);
+        assert_eq!(client.set_size((4, "x".into())).await.unwrap(), "4x");
+        assert_eq!(client.write_at(memfd("a"), 6).await.unwrap(), 7);
+        drop(client);
+        server.await.unwrap().unwrap();
+    });
+    let (a, b) = Socket::pair().unwrap();
+    let server = rt.spawn(PairsAsyncServer::new(tuple_params::Impl).serve({
+        let _runtime = rt.enter();
+        AsyncConnection::new(b).unwrap()
+    }));
+    let client = PairsClient::new(Connection::new(a));
+    assert_eq!(client.resize(3, 1 << 40).unwrap(), 3 << 40);
+    assert_eq!(client.set_size((4, "x".into())).unwrap(), "4x");
+    assert_eq!(client.write_at(memfd("a"), 6).unwrap(), 7);
+    drop(client);
+    rt.block_on(server).unwrap().unwrap();
+}

@@ -920,3 +920,59 @@ fn deprecated_methods_are_served_without_warnings() {
     drop(client);
     server.join().unwrap().unwrap();
 }
+
+/// Tuple parameters beside methods that take as many parameters as a tuple has elements: the
+/// server's `where (u8, String): DeserializeOwned` must not decide what `resize`'s two
+/// arguments decode as.
+mod tuple_params {
+    use std::os::fd::OwnedFd;
+
+    #[typed_ipc::interface]
+    pub trait Pairs {
+        fn resize(&self, width: u32, height: u64) -> u64;
+        fn set_size(&self, size: (u8, String)) -> String;
+        fn write_at(&self, file: OwnedFd, offset: u32) -> u32;
+        fn place(&self, at: (u16, u32));
+        fn one(&self, x: u64) -> u64;
+        fn single(&self, t: (u8,)) -> u8;
+    }
+
+    pub struct Impl;
+
+    impl Pairs for Impl {
+        fn resize(&self, width: u32, height: u64) -> u64 {
+            u64::from(width) * height
+        }
+        fn set_size(&self, size: (u8, String)) -> String {
+            format!("{}{}", size.0, size.1)
+        }
+        fn write_at(&self, file: OwnedFd, offset: u32) -> u32 {
+            drop(file);
+            offset + 1
+        }
+        fn place(&self, _at: (u16, u32)) {}
+        fn one(&self, x: u64) -> u64 {
+            x + 1
+        }
+        fn single(&self, t: (u8,)) -> u8 {
+            t.0 + 1
+        }
+    }
+}
+
+#[test]
+fn tuple_parameters_beside_methods_of_as_many_parameters() {
+    use tuple_params::{PairsClient, PairsServer};
+    let _serial = serial();
+    let (a, b) = Connection::pair().unwrap();
+    let server = std::thread::spawn(move || PairsServer::new(tuple_params::Impl).serve(b));
+    let client = PairsClient::new(a);
+    assert_eq!(client.resize(3, 1 << 40).unwrap(), 3 << 40);
+    assert_eq!(client.set_size((4, "x".into())).unwrap(), "4x");
+    assert_eq!(client.write_at(memfd("a"), 6).unwrap(), 7);
+    client.place((1, 2)).unwrap();
+    assert_eq!(client.one(1 << 40).unwrap(), (1 << 40) + 1);
+    assert_eq!(client.single((8,)).unwrap(), 9);
+    drop(client);
+    server.join().unwrap().unwrap();
+}

@@ -4,6 +4,7 @@
 use proc_macro2::{Ident, Span, TokenStream};
 use quote::quote;
 
+use super::bounds::names;
 use super::wire::{decode_pattern, decode_type, encode, encode_arg, encode_owned};
 use super::{Generator, cmd, doc, private, result, stub_params};
 use crate::model::{Method, Wire};
@@ -77,13 +78,16 @@ impl Generator<'_> {
     /// The match arm of a blocking trait's `handle` for `m`: decode the arguments, run the
     /// implementation where `runs` says, send its reply. The arguments are bound inside a block
     /// that only runs the implementation, so a parameter named like one of ours (`call`,
-    /// `value`) cannot shadow it where it is used; their types are left to inference from the
-    /// method's signature, since a user type named `T` would mean the server's type parameter
-    /// here. On the pool, the implementation's handle in the closure is hygienic
-    /// (`Span::mixed_site`), so a parameter named `imp` is the parameter.
+    /// `value`) cannot shadow it where it is used. Their types are spelled out (see
+    /// [`Generator::args_type`]): left to inference, they would be taken from the server's
+    /// `where` clause when another method's tuple parameter has as many elements (`where (u8,
+    /// String): DeserializeOwned` would make `resize(w: u32, h: u64)` decode a `u8` and a
+    /// `String`, and not compile). On the pool, the implementation's handle in the closure is
+    /// hygienic (`Span::mixed_site`), so a parameter named `imp` is the parameter.
     pub(super) fn handle_arm(&self, m: &Method, runs: Runs) -> TokenStream {
         let (p, name, method, cmd) = (private(), &self.iface.name, &m.name, cmd(m));
         let pats = m.args.iter().map(|a| decode_pattern(&a.name, &a.value));
+        let tys = self.args_type(m);
         let names: Vec<&Ident> = m.args.iter().map(|a| &a.name).collect();
         let imp = &self.imp;
         let (run, then, unit) = match runs {
@@ -104,7 +108,7 @@ impl Generator<'_> {
             }
         };
         let run = quote! {{
-            let (#(#pats,)*) = call.args()?;
+            let (#(#pats,)*): #tys = call.args()?;
             #run
         }};
         match (&m.ret, m.oneway) {
@@ -139,6 +143,26 @@ impl Generator<'_> {
                 }
             }
         }
+    }
+
+    /// The type `m`'s arguments decode as, in the server: the tuple of their decoded types,
+    /// but `_` for a type that names the server's type parameter (a user type named `T`, which
+    /// there would mean the parameter), left to inference from the method's signature.
+    fn args_type(&self, m: &Method) -> TokenStream {
+        let p = private();
+        let tys = m.args.iter().map(|a| {
+            let ty = &a.value.ty;
+            if !quote!(#ty).into_iter().any(|t| names(&t, &self.imp)) {
+                return decode_type(&a.value);
+            }
+            match a.value.wire {
+                Wire::Serde => quote!(_),
+                Wire::Fd => quote!(#p::Fd<_>),
+                Wire::Bytes => quote!(#p::Bytes<_>),
+                Wire::CarriedBytes => quote!(#p::CarriedBytes<_>),
+            }
+        });
+        quote!((#(#tys,)*))
     }
 
     /// `<Trait>Server`: holds the implementation and dispatches requests to it.

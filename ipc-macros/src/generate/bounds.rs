@@ -123,7 +123,7 @@ fn serde_predicates<'v>(
 }
 
 /// Whether `token` is, or contains, the identifier `imp`.
-fn names(token: &TokenTree, imp: &proc_macro2::Ident) -> bool {
+pub(super) fn names(token: &TokenTree, imp: &proc_macro2::Ident) -> bool {
     match token {
         TokenTree::Ident(ident) => ident == imp,
         TokenTree::Group(g) => g.stream().into_iter().any(|t| names(&t, imp)),

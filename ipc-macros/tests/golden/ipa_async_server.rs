@@ -544,63 +544,75 @@ where
         match call.command() {
             0 => {
                 let value = {
-                    let (text,) = call.args()?;
+                    let (text,): (String,) = call.args()?;
                     <T as Ipa>::reverse(&*self.imp, text)
                 };
                 call.reply(&value)
             }
             1 => {
                 let value = {
-                    let (::typed_ipc::__private::Fd(files),) = call.args()?;
+                    let (
+                        ::typed_ipc::__private::Fd(files),
+                    ): (::typed_ipc::__private::Fd<Vec<OwnedFd>>,) = call.args()?;
                     <T as Ipa>::total_len(&*self.imp, files)
                 };
                 call.reply(&value)
             }
             2 => {
                 let value = {
-                    let (cfg,) = call.args()?;
+                    let (cfg,): (Config,) = call.args()?;
                     <T as Ipa>::configure(&*self.imp, cfg)
                 };
                 call.reply(&value)
             }
             3 => {
                 let value = {
-                    let (id,) = call.args()?;
+                    let (id,): (u32,) = call.args()?;
                     <T as Ipa>::open_buffer(&*self.imp, id)
                 };
                 call.reply(&::typed_ipc::__private::Fd(&value))
             }
             4 => {
                 {
-                    let (frame, ::typed_ipc::__private::Fd(stats)) = call.args()?;
+                    let (
+                        frame,
+                        ::typed_ipc::__private::Fd(stats),
+                    ): (u32, ::typed_ipc::__private::Fd<OwnedFd>) = call.args()?;
                     <T as Ipa>::stats_ready(&*self.imp, frame, stats)
                 };
                 ::core::result::Result::Ok(())
             }
             5 => {
                 let value = {
-                    let (::typed_ipc::__private::Bytes(data),) = call.args()?;
+                    let (
+                        ::typed_ipc::__private::Bytes(data),
+                    ): (::typed_ipc::__private::Bytes<Vec<u8>>,) = call.args()?;
                     <T as Ipa>::echo(&*self.imp, data)
                 };
                 call.reply_bytes(value)
             }
             6 => {
                 let value = {
-                    let (::typed_ipc::__private::Fd(fd),) = call.args()?;
+                    let (
+                        ::typed_ipc::__private::Fd(fd),
+                    ): (::typed_ipc::__private::Fd<Option<OwnedFd>>,) = call.args()?;
                     <T as Ipa>::swap_fd(&*self.imp, fd)
                 };
                 call.reply(&::typed_ipc::__private::Fd(&value))
             }
             7 => {
                 {
-                    let () = call.args()?;
+                    let (): () = call.args()?;
                     <T as Ipa>::ping(&*self.imp)
                 };
                 call.reply(&())
             }
             8 => {
                 let value = {
-                    let (::typed_ipc::__private::CarriedBytes(image),) = call.args()?;
+                    let (
+                        ::typed_ipc::__private::CarriedBytes(image),
+                    ): (::typed_ipc::__private::CarriedBytes<Option<Vec<u8>>>,) = call
+                        .args()?;
                     <T as Ipa>::decode(&*self.imp, image)
                 };
                 call.reply(&::typed_ipc::__private::CarriedBytes(&value))
@@ -705,7 +717,7 @@ where
             match call.command() {
                 0 => {
                     let value = {
-                        let (text,) = call.args()?;
+                        let (text,): (String,) = call.args()?;
                         ::typed_ipc::__private::run_blocking(
                                 ::typed_ipc::__private::Arc::clone(&self.imp),
                                 &self.slots,
@@ -717,7 +729,9 @@ where
                 }
                 1 => {
                     let value = {
-                        let (::typed_ipc::__private::Fd(files),) = call.args()?;
+                        let (
+                            ::typed_ipc::__private::Fd(files),
+                        ): (::typed_ipc::__private::Fd<Vec<OwnedFd>>,) = call.args()?;
                         ::typed_ipc::__private::run_blocking(
                                 ::typed_ipc::__private::Arc::clone(&self.imp),
                                 &self.slots,
@@ -729,7 +743,7 @@ where
                 }
                 2 => {
                     let value = {
-                        let (cfg,) = call.args()?;
+                        let (cfg,): (Config,) = call.args()?;
                         ::typed_ipc::__private::run_blocking(
                                 ::typed_ipc::__private::Arc::clone(&self.imp),
                                 &self.slots,
@@ -741,7 +755,7 @@ where
                 }
                 3 => {
                     let value = {
-                        let (id,) = call.args()?;
+                        let (id,): (u32,) = call.args()?;
                         ::typed_ipc::__private::run_blocking(
                                 ::typed_ipc::__private::Arc::clone(&self.imp),
                                 &self.slots,
@@ -753,7 +767,10 @@ where
                 }
                 4 => {
                     {
-                        let (frame, ::typed_ipc::__private::Fd(stats)) = call.args()?;
+                        let (
+                            frame,
+                            ::typed_ipc::__private::Fd(stats),
+                        ): (u32, ::typed_ipc::__private::Fd<OwnedFd>) = call.args()?;
                         ::typed_ipc::__private::run_blocking(
                                 ::typed_ipc::__private::Arc::clone(&self.imp),
                                 &self.slots,
@@ -767,7 +784,9 @@ where
                 }
                 5 => {
                     let value = {
-                        let (::typed_ipc::__private::Bytes(data),) = call.args()?;
+                        let (
+                            ::typed_ipc::__private::Bytes(data),
+                        ): (::typed_ipc::__private::Bytes<Vec<u8>>,) = call.args()?;
                         ::typed_ipc::__private::run_blocking(
                                 ::typed_ipc::__private::Arc::clone(&self.imp),
                                 &self.slots,
@@ -779,7 +798,9 @@ where
                 }
                 6 => {
                     let value = {
-                        let (::typed_ipc::__private::Fd(fd),) = call.args()?;
+                        let (
+                            ::typed_ipc::__private::Fd(fd),
+                        ): (::typed_ipc::__private::Fd<Option<OwnedFd>>,) = call.args()?;
                         ::typed_ipc::__private::run_blocking(
                                 ::typed_ipc::__private::Arc::clone(&self.imp),
                                 &self.slots,
@@ -791,7 +812,7 @@ where
                 }
                 7 => {
                     {
-                        let () = call.args()?;
+                        let (): () = call.args()?;
                         ::typed_ipc::__private::run_blocking(
                                 ::typed_ipc::__private::Arc::clone(&self.imp),
                                 &self.slots,
@@ -803,7 +824,9 @@ where
                 }
                 8 => {
                     let value = {
-                        let (::typed_ipc::__private::CarriedBytes(image),) = call
+                        let (
+                            ::typed_ipc::__private::CarriedBytes(image),
+                        ): (::typed_ipc::__private::CarriedBytes<Option<Vec<u8>>>,) = call
                             .args()?;
                         ::typed_ipc::__private::run_blocking(
                                 ::typed_ipc::__private::Arc::clone(&self.imp),

@@ -584,63 +584,75 @@ where
         match call.command() {
             0 => {
                 let value = {
-                    let (text,) = call.args()?;
+                    let (text,): (String,) = call.args()?;
                     <T as Ipa>::reverse(&*self.imp, text)
                 };
                 call.reply(&value)
             }
             1 => {
                 let value = {
-                    let (::typed_ipc::__private::Fd(files),) = call.args()?;
+                    let (
+                        ::typed_ipc::__private::Fd(files),
+                    ): (::typed_ipc::__private::Fd<Vec<OwnedFd>>,) = call.args()?;
                     <T as Ipa>::total_len(&*self.imp, files)
                 };
                 call.reply(&value)
             }
             2 => {
                 let value = {
-                    let (cfg,) = call.args()?;
+                    let (cfg,): (Config,) = call.args()?;
                     <T as Ipa>::configure(&*self.imp, cfg)
                 };
                 call.reply(&value)
             }
             3 => {
                 let value = {
-                    let (id,) = call.args()?;
+                    let (id,): (u32,) = call.args()?;
                     <T as Ipa>::open_buffer(&*self.imp, id)
                 };
                 call.reply(&::typed_ipc::__private::Fd(&value))
             }
             4 => {
                 {
-                    let (frame, ::typed_ipc::__private::Fd(stats)) = call.args()?;
+                    let (
+                        frame,
+                        ::typed_ipc::__private::Fd(stats),
+                    ): (u32, ::typed_ipc::__private::Fd<OwnedFd>) = call.args()?;
                     <T as Ipa>::stats_ready(&*self.imp, frame, stats)
                 };
                 ::core::result::Result::Ok(())
             }
             5 => {
                 let value = {
-                    let (::typed_ipc::__private::Bytes(data),) = call.args()?;
+                    let (
+                        ::typed_ipc::__private::Bytes(data),
+                    ): (::typed_ipc::__private::Bytes<Vec<u8>>,) = call.args()?;
                     <T as Ipa>::echo(&*self.imp, data)
                 };
                 call.reply_bytes(value)
             }
             6 => {
                 let value = {
-                    let (::typed_ipc::__private::Fd(fd),) = call.args()?;
+                    let (
+                        ::typed_ipc::__private::Fd(fd),
+                    ): (::typed_ipc::__private::Fd<Option<OwnedFd>>,) = call.args()?;
                     <T as Ipa>::swap_fd(&*self.imp, fd)
                 };
                 call.reply(&::typed_ipc::__private::Fd(&value))
             }
             7 => {
                 {
-                    let () = call.args()?;
+                    let (): () = call.args()?;
                     <T as Ipa>::ping(&*self.imp)
                 };
                 call.reply(&())
             }
             8 => {
                 let value = {
-                    let (::typed_ipc::__private::CarriedBytes(image),) = call.args()?;
+                    let (
+                        ::typed_ipc::__private::CarriedBytes(image),
+                    ): (::typed_ipc::__private::CarriedBytes<Option<Vec<u8>>>,) = call
+                        .args()?;
                     <T as Ipa>::decode(&*self.imp, image)
                 };
                 call.reply(&::typed_ipc::__private::CarriedBytes(&value))
