@@ -52,8 +52,8 @@ use quote::quote;
 ///   alive; a call that times out tells the peer, which drops it if it has not started it,
 ///   but a blocking method already running runs on to its end: with one serving thread,
 ///   later calls wait behind it), `connection()`, and one method
-///   per trait method with the same name, parameters and doc comments, returning
-///   `Result<R, typed_ipc::Error>` for a declared return type `R`: a method declared
+///   per trait method with the same name, parameters, doc comments and `#[deprecated]`,
+///   returning `Result<R, typed_ipc::Error>` for a declared return type `R`: a method declared
 ///   `-> Result<Caps, ConfigError>` returns `Result<Result<Caps, ConfigError>, Error>`, the
 ///   outer error typed-ipc's, the inner the method's own (`ipa.configure(cfg)??` where both
 ///   convert into the caller's error). A `#[oneway]` method returns `Ok(())` once the

@@ -69,6 +69,9 @@ pub struct Method {
     pub needs_sized: bool,
     /// The doc comments, carried onto the client stub.
     pub docs: Vec<Attribute>,
+    /// `#[deprecated]`, carried onto the client stub: a call through the client is where a
+    /// deprecated method is used.
+    pub deprecated: Vec<Attribute>,
     /// The signature as written with whitespace normalised, e.g.
     /// `fn reverse(&self, text: String) -> String`: what both ends compare.
     pub signature: String,

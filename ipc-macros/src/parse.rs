@@ -505,6 +505,7 @@ fn method(f: &mut TraitItemFn, index: u32) -> syn::Result<(Method, Option<Attrib
         oneway: attrs.oneway,
         needs_sized: self_bounds(&sig.generics.where_clause).any(is_sized),
         docs: std::mem::take(&mut attrs.docs),
+        deprecated: std::mem::take(&mut attrs.deprecated),
     };
     Ok((method, attrs.cmd.map(|(_, attr)| attr)))
 }
@@ -569,6 +570,8 @@ struct MethodAttrs {
     oneway: bool,
     /// The doc comments (`#[doc = ".."]`).
     docs: Vec<Attribute>,
+    /// `#[deprecated]`.
+    deprecated: Vec<Attribute>,
 }
 
 impl MethodAttrs {
@@ -578,6 +581,7 @@ impl MethodAttrs {
             cmd: None,
             oneway: false,
             docs: Vec::new(),
+            deprecated: Vec::new(),
         };
         for attr in std::mem::take(attrs) {
             if attr.path().is_ident("oneway") {
@@ -608,6 +612,8 @@ impl MethodAttrs {
             } else {
                 if attr.path().is_ident("doc") {
                     ours.docs.push(attr.clone());
+                } else if attr.path().is_ident("deprecated") {
+                    ours.deprecated.push(attr.clone());
                 }
                 attrs.push(attr);
             }

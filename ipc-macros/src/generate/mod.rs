@@ -472,16 +472,19 @@ impl<'a> Generator<'a> {
         )
     }
 
-    /// A stub's doc comment: the trait method's own, or a line naming it.
+    /// A stub's doc comment: the trait method's own, or a line naming it; and the method's
+    /// `#[deprecated]`, so that a call through the client warns as a call of the method would.
     fn stub_docs(&self, m: &Method) -> TokenStream {
+        let deprecated = &m.deprecated;
         if m.docs.is_empty() {
-            doc(format!(
+            let docs = doc(format!(
                 "Calls [`{}::{}`] on the server.",
                 self.iface.name, m.name
-            ))
+            ));
+            quote!(#docs #(#deprecated)*)
         } else {
             let docs = &m.docs;
-            quote!(#(#docs)*)
+            quote!(#(#docs)* #(#deprecated)*)
         }
     }
 
