@@ -436,25 +436,14 @@ fn child_on_a_kernel_refusing_shared_mappings_of_sealed_memfds() {
 /// Makes every later `mmap(PROT_READ, MAP_SHARED)` of this thread (and of threads it starts)
 /// fail with `EPERM`.
 fn refuse_read_only_shared_mappings() {
-    let stmt = |code: u32, k: u32| libc::sock_filter {
-        code: code as u16,
-        jt: 0,
-        jf: 0,
-        k,
-    };
-    let jeq = |k: u32, jt: u8, jf: u8| libc::sock_filter {
-        code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
-        jt,
-        jf,
-        k,
-    };
+    use common::{bpf_jeq as jeq, bpf_stmt as stmt};
     // The low 32 bits of an argument (little-endian, as both architectures tested are).
     let arg = |i: usize| {
         let offset = std::mem::offset_of!(libc::seccomp_data, args) + 8 * i;
         stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, offset as u32)
     };
     let allow = stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW);
-    let mut program = [
+    common::install_seccomp(&mut [
         stmt(
             libc::BPF_LD | libc::BPF_W | libc::BPF_ABS,
             std::mem::offset_of!(libc::seccomp_data, nr) as u32,
@@ -470,23 +459,5 @@ fn refuse_read_only_shared_mappings() {
             libc::BPF_RET | libc::BPF_K,
             libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
         ),
-    ];
-    let fprog = libc::sock_fprog {
-        len: program.len() as u16,
-        filter: program.as_mut_ptr(),
-    };
-    // SAFETY: prctl with PR_SET_NO_NEW_PRIVS takes integer arguments only.
-    assert_eq!(
-        unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) },
-        0
-    );
-    // SAFETY: `fprog` points at `program`, alive for the call, which the kernel copies.
-    let installed = unsafe {
-        libc::prctl(
-            libc::PR_SET_SECCOMP,
-            libc::SECCOMP_MODE_FILTER,
-            &fprog as *const libc::sock_fprog,
-        )
-    };
-    assert_eq!(installed, 0, "{}", std::io::Error::last_os_error());
+    ]);
 }

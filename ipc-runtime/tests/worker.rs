@@ -276,44 +276,16 @@ fn an_async_worker_gets_its_connection_where_it_cannot_accept_writes() {
 fn child_async_without_getrandom() {
     let runtime = current_thread_runtime();
     // Load the syscall number; getrandom fails with ENOSYS; everything else is allowed.
-    let stmt = |code: u32, k: u32| libc::sock_filter {
-        code: code as u16,
-        jt: 0,
-        jf: 0,
-        k,
-    };
-    let mut filter = [
+    use common::{bpf_jeq, bpf_stmt as stmt};
+    common::install_seccomp(&mut [
         stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0),
-        libc::sock_filter {
-            code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
-            jt: 0,
-            jf: 1,
-            k: libc::SYS_getrandom as u32,
-        },
+        bpf_jeq(libc::SYS_getrandom as u32, 0, 1),
         stmt(
             libc::BPF_RET | libc::BPF_K,
             libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32,
         ),
         stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW),
-    ];
-    let program = libc::sock_fprog {
-        len: filter.len() as u16,
-        filter: filter.as_mut_ptr(),
-    };
-    // SAFETY: PR_SET_NO_NEW_PRIVS takes plain integers; it only restricts this process.
-    assert_eq!(
-        unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) },
-        0
-    );
-    // SAFETY: `program` points at `filter`, which outlives the call; the kernel copies it.
-    let installed = unsafe {
-        libc::prctl(
-            libc::PR_SET_SECCOMP,
-            libc::SECCOMP_MODE_FILTER,
-            &program as *const libc::sock_fprog,
-        )
-    };
-    assert_eq!(installed, 0, "{}", std::io::Error::last_os_error());
+    ]);
     runtime.block_on(async {
         ipc_runtime::tokio::worker::connection().unwrap();
     });

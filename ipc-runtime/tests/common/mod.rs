@@ -105,3 +105,46 @@ fn no_stray_fd_from_malloc() {
         libc::mallopt(libc::M_ARENA_MAX, 16);
     });
 }
+
+/// A classic-BPF statement, for a seccomp filter ([`install_seccomp`]).
+pub fn bpf_stmt(code: u32, k: u32) -> libc::sock_filter {
+    libc::sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    }
+}
+
+/// A classic-BPF jump: `jt` statements ahead if the accumulator equals `k`, else `jf`.
+pub fn bpf_jeq(k: u32, jt: u8, jf: u8) -> libc::sock_filter {
+    libc::sock_filter {
+        code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+        jt,
+        jf,
+        k,
+    }
+}
+
+/// Installs `program` as a seccomp filter on this thread and the threads it starts (with
+/// `no_new_privs`, which an unprivileged filter needs): a child process's sandbox.
+pub fn install_seccomp(program: &mut [libc::sock_filter]) {
+    let fprog = libc::sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_mut_ptr(),
+    };
+    // SAFETY: prctl with PR_SET_NO_NEW_PRIVS takes integer arguments only.
+    assert_eq!(
+        unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) },
+        0
+    );
+    // SAFETY: `fprog` points at `program`, alive for the call, which the kernel copies.
+    let installed = unsafe {
+        libc::prctl(
+            libc::PR_SET_SECCOMP,
+            libc::SECCOMP_MODE_FILTER,
+            &fprog as *const libc::sock_fprog,
+        )
+    };
+    assert_eq!(installed, 0, "{}", std::io::Error::last_os_error());
+}
