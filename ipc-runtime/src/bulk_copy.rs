@@ -221,11 +221,15 @@ mod tests {
         len: usize,
     }
 
-    const PAGE: usize = 4096;
+    /// The page size: 4 KiB here, 16 or 64 KiB on some arm64 kernels.
+    fn page() -> usize {
+        let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE);
+        page.ok().flatten().map_or(4096, |n| n as usize)
+    }
 
     impl Guarded {
         fn new(pages: usize) -> Guarded {
-            let len = (pages + 2) * PAGE;
+            let len = (pages + 2) * page();
             // SAFETY: a fresh anonymous mapping; nothing else refers to it.
             let base = unsafe {
                 libc::mmap(
@@ -242,8 +246,8 @@ mod tests {
             // SAFETY: the pages between the two guards lie inside the mapping.
             let r = unsafe {
                 libc::mprotect(
-                    base.add(PAGE).cast(),
-                    pages * PAGE,
+                    base.add(page()).cast(),
+                    pages * page(),
                     libc::PROT_READ | libc::PROT_WRITE,
                 )
             };
@@ -254,7 +258,7 @@ mod tests {
         /// The first accessible byte, and the first byte of the guard after them.
         fn bounds(&self) -> (*mut u8, *mut u8) {
             // SAFETY: both lie inside the mapping.
-            unsafe { (self.base.add(PAGE), self.base.add(self.len - PAGE)) }
+            unsafe { (self.base.add(page()), self.base.add(self.len - page())) }
         }
     }
 
@@ -271,7 +275,7 @@ mod tests {
     fn never_touches_a_byte_outside_either_buffer() {
         let (src, dst) = (Guarded::new(2), Guarded::new(2));
         let ((src_start, src_end), (dst_start, dst_end)) = (src.bounds(), dst.bounds());
-        let lens = (VECTOR_MIN - 1..VECTOR_MIN + 260).chain([1000, 4000, 2 * PAGE - 64]);
+        let lens = (VECTOR_MIN - 1..VECTOR_MIN + 260).chain([1000, 4000, 2 * page() - 64]);
         for len in lens {
             for shift in 0..64 {
                 // SAFETY: each pair lies within the accessible pages (`len + 64 <= 2 pages`),
