@@ -230,7 +230,7 @@ pub fn wait_for_closes() {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::os::fd::{AsFd, AsRawFd};
     use std::os::unix::net::UnixStream;
@@ -240,7 +240,7 @@ mod tests {
     /// A thread holding the lock of the pipe whose write end is `write` (sleeping in a
     /// `splice` into it), as a hostile peer can; returned once it sleeps, with the socket end
     /// whose byte lets it go.
-    fn hold_pipe_lock(write: OwnedFd) -> (JoinHandle<OwnedFd>, UnixStream) {
+    pub(crate) fn hold_pipe_lock(write: OwnedFd) -> (JoinHandle<OwnedFd>, UnixStream) {
         let (idle, wake) = UnixStream::pair().unwrap();
         let (tid_tx, tid_rx) = channel();
         let holder = std::thread::spawn(move || {

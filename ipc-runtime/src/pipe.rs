@@ -286,7 +286,6 @@ mod tests {
     /// comes.
     #[test]
     fn a_drain_interrupted_by_a_signal_still_empties_the_pipe() {
-        use std::os::unix::net::UnixStream;
         // SAFETY: a zeroed sigaction is a valid one (no flags, an empty mask); `ignore`
         // touches nothing, so it is safe whenever it runs. No other test uses SIGUSR2.
         unsafe {
@@ -303,29 +302,9 @@ mod tests {
             10_000,
             "a string the peer never read"
         );
-        let (idle, mut wake) = UnixStream::pair().unwrap();
+        // A thread sleeping in a `splice` into the pipe holds its lock.
         let write = pipe.write.try_clone().unwrap();
-        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
-        let holder = std::thread::spawn(move || {
-            // SAFETY: gettid has no preconditions.
-            tid_tx.send(unsafe { libc::gettid() }).unwrap();
-            // SAFETY: plain fds of ours; splice sleeps, holding the pipe's lock, until a byte
-            // arrives on `idle`, then moves it into the pipe.
-            let n = unsafe {
-                libc::splice(
-                    idle.as_raw_fd(),
-                    std::ptr::null_mut(),
-                    write.as_raw_fd(),
-                    std::ptr::null_mut(),
-                    1,
-                    0,
-                )
-            };
-            assert_eq!(n, 1);
-        });
-        let holder_tid = tid_rx.recv().unwrap();
-        // Until the holder sleeps in `splice`, the lock held.
-        wait_for(holder_tid, (Some('S'), Some(libc::SYS_splice)));
+        let (holder, mut wake) = crate::closer::tests::hold_pipe_lock(write);
         let (tid_tx, tid_rx) = std::sync::mpsc::channel();
         let drainer = {
             let pipe = pipe.clone();
