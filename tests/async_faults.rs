@@ -327,33 +327,34 @@ impl typed_ipc::tokio::AsyncService for CutsOffItsReply {
                 return call.reply(1u32).await;
             }
             if call.command() == cmd("back") {
-                let mut reply = Box::pin(call.reply(2u32));
-                let pending = tokio::select! {
-                    biased;
-                    _ = &mut reply => false,
-                    () = std::future::ready(()) => true,
-                };
-                drop(reply);
-                self.cut_off.send(pending).unwrap();
+                self.cut_off
+                    .send(given_up_at_once(call.reply(2u32)).await)
+                    .unwrap();
                 return Ok(());
             }
             let big = BigReply {
                 data: vec![7; 16 << 20],
                 files: indexed_fds(300),
             };
-            let mut reply = Box::pin(call.reply(big));
-            let pending = tokio::select! {
-                biased;
-                _ = &mut reply => false,
-                () = std::future::ready(()) => true,
-            };
-            drop(reply);
-            self.cut_off.send(pending).unwrap();
+            self.cut_off
+                .send(given_up_at_once(call.reply(big)).await)
+                .unwrap();
             if self.again {
                 call.reply(2u32).await?;
             }
             Ok(())
         })
+    }
+}
+
+/// Polls `reply` once and drops it, as a handler's timeout around it would: whether it was
+/// still going then (given up part-way, or before any of it went out).
+async fn given_up_at_once(reply: impl std::future::Future) -> bool {
+    let mut reply = std::pin::pin!(reply);
+    tokio::select! {
+        biased;
+        _ = &mut reply => false,
+        () = std::future::ready(()) => true,
     }
 }
 
