@@ -94,6 +94,9 @@ use quote::quote;
 ///   flavour"), and with `#[interface(async_server)]`, `IpaAsyncServer` (above).
 /// - Every client and server is `Debug` (the interface's name; a server's implementation by
 ///   its type's name, so it need not be `Debug`): a `#[derive(Debug)]` struct can hold them.
+/// - A `#[deprecated]` trait stays deprecated, and every client and server generated from it
+///   is deprecated with the same note: a program that names them is warned, as one that
+///   implements the trait is. The generated code's own uses warn nowhere.
 ///
 /// # The interface's name
 ///

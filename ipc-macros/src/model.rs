@@ -29,6 +29,9 @@ pub struct Interface {
     /// `#[interface(check_types)]`: the methods' type shapes (`typed_ipc::Shape`) are folded
     /// into the signature, and each method's is recorded in its `MethodInfo`.
     pub check_types: bool,
+    /// The trait's own `#[deprecated]`, kept on it and carried onto the generated clients and
+    /// servers: those are what a program names to use the interface.
+    pub deprecated: Vec<Attribute>,
     /// The trait's visibility, given to every generated item.
     pub vis: Visibility,
     /// The methods, in declaration order.

@@ -46,6 +46,12 @@ pub fn interface(attr: TokenStream, item: TokenStream) -> Result<Interface, Reje
     // (A trait that mixes `fn` and `async fn` is refused already; the rest of its errors are
     // those of an async trait.)
     let flavour = flavour.unwrap_or(Flavour::Async);
+    let deprecated = item
+        .attrs
+        .iter()
+        .filter(|attr| attr.path().is_ident("deprecated"))
+        .cloned()
+        .collect();
     match errors.0 {
         None => Ok(Interface {
             wire_name,
@@ -55,6 +61,7 @@ pub fn interface(attr: TokenStream, item: TokenStream) -> Result<Interface, Reje
             other_client,
             async_server,
             check_types: args.check_types.is_some(),
+            deprecated,
             methods,
             item,
         }),

@@ -394,7 +394,8 @@ impl<'a> Generator<'a> {
         stubs: &[TokenStream],
     ) -> TokenStream {
         let (p, vis, interface) = (private(), &self.iface.vis, &self.iface.wire_name);
-        let docs = doc(docs.to_string());
+        let (docs, deprecated) = (doc(docs.to_string()), &self.iface.deprecated);
+        let allow_deprecated = self.allow_deprecated();
         let client_name = client.unraw().to_string();
         let with_timeout = doc(format!(
             "A copy of this client whose calls give up after `timeout` with `Error::TimedOut`:\n\
@@ -407,6 +408,7 @@ impl<'a> Generator<'a> {
         ));
         quote! {
             #docs
+            #(#deprecated)*
             #[derive(::core::clone::Clone)]
             #[allow(dead_code)]
             #vis struct #client {
@@ -442,6 +444,7 @@ impl<'a> Generator<'a> {
 
             // By hand, and the same for every client: the interface first, so that a
             // `#[derive(Debug)]` struct holding clients shows which one each is.
+            #allow_deprecated
             impl ::core::fmt::Debug for #client {
                 fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
                     f.debug_struct(#client_name)
@@ -488,6 +491,13 @@ impl<'a> Generator<'a> {
         }
     }
 
+    /// `#[allow(deprecated)]` for an impl of a client or server of a deprecated trait (which
+    /// are deprecated too), where naming them is no use of the user's; nothing otherwise.
+    fn allow_deprecated(&self) -> Option<TokenStream> {
+        let deprecated = !self.iface.deprecated.is_empty();
+        deprecated.then(|| quote!(#[allow(deprecated)]))
+    }
+
     /// The server struct, shared by both flavours: it holds the implementation behind an
     /// `Arc`, so that `from_arc` can serve one the program keeps a handle to (or a
     /// `dyn Trait`, in the blocking flavour), and cloning the server shares it.
@@ -496,6 +506,7 @@ impl<'a> Generator<'a> {
     fn server_struct(&self, server: &Ident, docs: TokenStream, pooled: bool) -> TokenStream {
         let (p, vis, imp) = (private(), &self.iface.vis, &self.imp);
         let (interface, server_name) = (&self.iface.wire_name, server.unraw().to_string());
+        let (deprecated, allow_deprecated) = (&self.iface.deprecated, self.allow_deprecated());
         let (field, cloned) = match pooled {
             true => (
                 quote!(slots: #p::PoolSlots,),
@@ -505,12 +516,14 @@ impl<'a> Generator<'a> {
         };
         quote! {
             #docs
+            #(#deprecated)*
             #[allow(dead_code)]
             #vis struct #server<#imp: ?::core::marker::Sized> {
                 imp: #p::Arc<#imp>,
                 #field
             }
 
+            #allow_deprecated
             impl<#imp: ?::core::marker::Sized> ::core::clone::Clone for #server<#imp> {
                 /// Another server answering with the same implementation.
                 fn clone(&self) -> Self {
@@ -523,6 +536,7 @@ impl<'a> Generator<'a> {
 
             // The implementation by its type's name: asking it to be `Debug` would narrow
             // which servers a `#[derive(Debug)]` struct can hold.
+            #allow_deprecated
             impl<#imp: ?::core::marker::Sized> ::core::fmt::Debug for #server<#imp> {
                 fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
                     f.debug_struct(#server_name)
