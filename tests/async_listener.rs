@@ -12,8 +12,8 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::time::{Duration, Instant};
 
 use common::{
-    check_survives_running_out_of_fds, fd_count_lock, fd_snapshot, leave_room_for_fds,
-    two_worker_runtime,
+    check_survives_running_out_of_fds, child, fd_count_lock, fd_snapshot, leave_room_for_fds,
+    start_listener_child, two_worker_runtime, wait_for_line,
 };
 use typed_ipc::tokio::{AsyncConnection, AsyncListener, AsyncServer};
 use typed_ipc::{Error, current_peer};
@@ -80,6 +80,98 @@ fn child_serves_async_at_a_low_fd_limit() {
     eprintln!("listening");
     // The runtime's worker threads serve meanwhile.
     std::io::stdin().read_to_end(&mut Vec::new()).unwrap();
+    serving.accepting().unwrap();
+    runtime.block_on(serving.shutdown());
+}
+
+/// A blocking method, served on tokio's blocking pool (`#[interface(async_server)]`).
+#[typed_ipc::interface(async_server)]
+pub trait Hold {
+    /// Says `holding` on stderr, then returns once the child's stdin ends.
+    fn hold(&self);
+}
+
+/// Opened when the child of
+/// `an_async_listener_out_of_fds_accepts_again_while_the_blocking_pool_is_busy` is told to
+/// shut down.
+static GATE: (std::sync::Mutex<bool>, std::sync::Condvar) =
+    (std::sync::Mutex::new(false), std::sync::Condvar::new());
+
+struct Holder;
+
+impl Hold for Holder {
+    fn hold(&self) {
+        eprintln!("holding");
+        let (open, opened) = &GATE;
+        drop(
+            opened
+                .wait_while(open.lock().unwrap(), |open| !*open)
+                .unwrap(),
+        );
+    }
+}
+
+/// The listener's back-off after running out of fds waited on tokio's blocking pool, where
+/// the methods of a blocking trait run: with every thread of the pool busy in one (a long
+/// poll, say), the listener waited for one of them to return before it tried again, and
+/// accepted nobody meanwhile, however many fds the clients gone had given back.
+#[test]
+fn an_async_listener_out_of_fds_accepts_again_while_the_blocking_pool_is_busy() {
+    let _fds = fd_count_lock();
+    let name = format!("typed-ipc-async-busy-pool-{}", std::process::id());
+    let child_name = "child_serves_async_with_a_busy_blocking_pool_at_a_low_fd_limit";
+    let (mut server, lines) = start_listener_child(child(child_name), &name);
+    let wait_for = |what: &str| wait_for_line(&lines, what, HANG_GUARD);
+    // The pool's one thread is taken until the child shuts down.
+    let holder = typed_ipc::Connection::connect_abstract(&name).unwrap();
+    let holding = std::thread::spawn(move || HoldClient::new(holder).hold());
+    wait_for("holding");
+    let clients: Vec<_> = (0..3 * ROOM)
+        .map(|_| typed_ipc::Connection::connect_abstract(&name).unwrap())
+        .collect();
+    wait_for("Too many open files");
+    drop(clients);
+    let fresh = typed_ipc::Connection::connect_abstract(&name).unwrap();
+    let fresh = blocking::WhomClient::new(fresh).with_timeout(HANG_GUARD);
+    assert_eq!(
+        fresh
+            .caller_pid()
+            .expect("the listener waited for the blocking pool"),
+        std::process::id() as i32
+    );
+    wait_for("accepts clients again");
+    drop(server.stdin.take()); // the child's cue to open the gate and shut down
+    holding.join().unwrap().unwrap();
+    assert!(server.wait().unwrap().success());
+    for _ in lines.iter() {}
+}
+
+/// The child of `an_async_listener_out_of_fds_accepts_again_while_the_blocking_pool_is_busy`:
+/// serves `Whom` and `Hold` on an async listener named by the parent, on a runtime whose
+/// blocking pool has one thread, with room for [`ROOM`] more fds, until its stdin ends.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_serves_async_with_a_busy_blocking_pool_at_a_low_fd_limit() {
+    use std::io::Read;
+    let name = std::env::var("TYPED_IPC_TEST_LISTENER").unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(1)
+        .enable_io()
+        .build()
+        .unwrap();
+    let serving = {
+        let _in_runtime = runtime.enter();
+        AsyncServer::new()
+            .service(WhomServer::new(WhomImpl))
+            .service(HoldAsyncServer::new(Holder))
+            .listen(AsyncListener::bind_abstract(&name).unwrap())
+    };
+    leave_room_for_fds(ROOM);
+    eprintln!("listening");
+    std::io::stdin().read_to_end(&mut Vec::new()).unwrap();
+    *GATE.0.lock().unwrap() = true;
+    GATE.1.notify_all();
     serving.accepting().unwrap();
     runtime.block_on(serving.shutdown());
 }

@@ -456,11 +456,25 @@ fn stopped_mid_accept(connection: &AsyncConnection) -> Error {
 }
 
 /// Forgets the clients that have hung up, then waits `wait` before the next try to accept.
-/// On the blocking pool rather than tokio's timer: a runtime built without the
-/// time driver would panic here, and only once out of file descriptors.
+/// Not on tokio's timer: a runtime built without the time driver would panic here, and only
+/// once out of file descriptors. Nor on tokio's blocking pool, where the methods of a
+/// blocking trait run (`#[interface(async_server)]`): with every thread of the pool busy in
+/// one, the listener waited for it to return, accepting nobody. On a thread of its own
+/// (which needs no fd), or on the pool if none can be started.
 async fn back_off(wait: Duration, clients: &Mutex<Vec<Client>>) {
     drop(pruned(clients));
-    let _ = ::tokio::task::spawn_blocking(move || std::thread::sleep(wait)).await;
+    // Not a tokio oneshot: see `handoff`.
+    let (waited, done) = super::handoff::channel();
+    let sleeper = std::thread::Builder::new()
+        .name("typed-ipc-back-off".into())
+        .spawn(move || {
+            std::thread::sleep(wait);
+            waited.give(());
+        });
+    match sleeper {
+        Ok(_) => drop(done.await),
+        Err(_) => drop(::tokio::task::spawn_blocking(move || std::thread::sleep(wait)).await),
+    }
 }
 
 /// The acceptor task's share of the listener it shares with [`AsyncServing`]: closes it
