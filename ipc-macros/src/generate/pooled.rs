@@ -49,7 +49,11 @@ impl Generator<'_> {
                 /// This server with at most `n` of its methods running at once on tokio's
                 /// blocking pool, across every connection it and its clones serve (by
                 /// default, as many as the pool has threads). Later calls wait for a slot,
-                /// and a call cancelled while it waits is dropped unrun.
+                /// and a call cancelled while it waits is dropped unrun. A method that waits
+                /// for other calls of this server to run holds its slot meanwhile: one that
+                /// blocks on the server's shutdown (`block_on(serving.shutdown())`), which
+                /// waits for the calls queued for a slot, waits for good once all `n` are
+                /// taken: have it spawn the shutdown into a task and return.
                 #vis fn max_running(self, n: usize) -> Self {
                     Self {
                         slots: #p::PoolSlots::new(n),

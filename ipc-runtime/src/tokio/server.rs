@@ -596,7 +596,10 @@ impl AsyncServing {
     /// finished yet; that client's reply goes out once the handler returns, and its
     /// connection ends after it. (Only when awaited in the handler's own future: spawned
     /// into a task of its own, the shutdown waits for that client too, so the handler must
-    /// not wait for that task.)
+    /// not wait for that task.) A blocking method (`#[interface(async_server)]`) that blocks
+    /// on this holds its place on the pool meanwhile, which the calls the shutdown waits for
+    /// may be waiting for: under `max_running(n)`, it waits for good once all `n` are taken.
+    /// Such a method should spawn the shutdown into a task and return.
     pub async fn shutdown(mut self) {
         self.stop_accepting();
         // Once it has ended, the listener is closed (and its socket file removed).
