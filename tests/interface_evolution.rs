@@ -711,7 +711,8 @@ fn a_plugin_that_may_refuse_callers_is_not_said_to_lack_every_method() {
         mismatch(ipa.gain()),
         format!(
             "interface `{IPA}`: the peer's differs, and it named none of its methods (a peer \
-             that may refuse callers names them only to a caller of a method it has)"
+             that may refuse callers names them only to a caller of a method it has, and none \
+             names them past the limits of what it sends)"
         )
     );
     assert_eq!(

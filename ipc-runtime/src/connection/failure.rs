@@ -86,6 +86,41 @@ impl Failure {
         }
     }
 
+    /// A shorter failure to send instead of this one, which its sender could not send
+    /// (`error`) for being over its own limits: its text halved (a long panic message, under
+    /// the strict limits of a server of untrusted clients), or its list of names left out, as
+    /// a peer that names none sends it. `None` if `error` is another, or nothing is left to
+    /// cut. Both flavours cut the failure owed to a caller until it fits: otherwise the
+    /// caller would get no answer, and its connection would end for want of one.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn shorter(&self, error: &Error) -> Option<Failure> {
+        if !matches!(error, Error::TooLarge { by_peer: false, .. }) {
+            return None;
+        }
+        // Halved at a character boundary, marked as cut.
+        let half = |text: &String| {
+            let mut at = text.len() / 2;
+            while !text.is_char_boundary(at) {
+                at -= 1;
+            }
+            (text.len() > 8).then(|| format!("{}…", &text[..at]))
+        };
+        match self {
+            Failure::Panicked(text) => half(text).map(Failure::Panicked),
+            Failure::BadRequest(text) => half(text).map(Failure::BadRequest),
+            Failure::Refused(text) => half(text).map(Failure::Refused),
+            Failure::Unanswered(text) => half(text).map(Failure::Unanswered),
+            Failure::NotServed(served) if !served.is_empty() => {
+                Some(Failure::NotServed(Vec::new()))
+            }
+            Failure::Mismatch(methods) if !methods.is_empty() => {
+                Some(Failure::Mismatch(Vec::new()))
+            }
+            _ => None,
+        }
+    }
+
     /// The error the caller sees, worded against the caller's own view of the interface. The
     /// peer's text in it (a panic message, a reason, names) is made [`printable`] and lists
     /// are cut at [`LISTED`] entries: a caller may print the error, and a hostile peer must
@@ -236,10 +271,12 @@ pub(crate) fn oneway_failed<'i>(
 fn describe(ours: &InterfaceInfo, theirs: &[PeerMethod]) -> String {
     if theirs.is_empty() {
         // Sent by a peer that may refuse callers, to a caller of a command it lacks
-        // (`admit`): it says nothing of which methods it has, and none may be called missing.
+        // (`admit`), or by one whose list was over its limits (`Failure::shorter`): it says
+        // nothing of which methods it has, and none may be called missing.
         return format!(
             "interface `{}`: the peer's differs, and it named none of its methods (a peer that \
-             may refuse callers names them only to a caller of a method it has)",
+             may refuse callers names them only to a caller of a method it has, and none \
+             names them past the limits of what it sends)",
             ours.name
         );
     }
@@ -523,5 +560,41 @@ mod tests {
         // The same shape: what differs is elsewhere (here, the oneways or the hash).
         let why = text(peer(7).into_error(&CHECKED, 0));
         assert!(why.contains("every method has the same id"), "{why}");
+    }
+
+    /// A failure over its sender's own limits is cut: text halved at a character boundary,
+    /// lists of names left out; one with nothing to cut, or refused for anything else, is not.
+    #[test]
+    fn a_failure_over_the_senders_limits_is_cut_and_nothing_else_is() {
+        let over = Error::TooLarge {
+            size: 9000,
+            limit: 4096,
+            by_peer: false,
+        };
+        let text = "é".repeat(11); // 22 bytes: half falls inside a character
+        match Failure::Panicked(text).shorter(&over) {
+            Some(Failure::Panicked(cut)) => assert_eq!(cut, format!("{}…", "é".repeat(5))),
+            other => panic!("{other:?}"),
+        }
+        let methods = vec![(0, "reverse".into(), "fn reverse(&self)".into(), 0)];
+        assert!(matches!(
+            Failure::Mismatch(methods).shorter(&over),
+            Some(Failure::Mismatch(m)) if m.is_empty()
+        ));
+        assert!(matches!(
+            Failure::NotServed(vec!["Ipa".into()]).shorter(&over),
+            Some(Failure::NotServed(s)) if s.is_empty()
+        ));
+        assert!(Failure::Panicked("short".into()).shorter(&over).is_none());
+        assert!(Failure::Mismatch(Vec::new()).shorter(&over).is_none());
+        assert!(Failure::UnknownCommand(3).shorter(&over).is_none());
+        let by_peer = Error::TooLarge {
+            size: 9000,
+            limit: 4096,
+            by_peer: true,
+        };
+        let long = Failure::Panicked("x".repeat(100));
+        assert!(long.shorter(&by_peer).is_none());
+        assert!(long.shorter(&Error::Disconnected).is_none());
     }
 }

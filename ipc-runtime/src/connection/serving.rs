@@ -266,12 +266,20 @@ impl Shared {
             kind: Kind::Failure,
             ..*call
         };
-        // Without `wait`, a deadline already passed: one try (a failure is one datagram, so
-        // it goes out whole or not at all).
-        match self.send(&envelope, failure, (!wait).then(Instant::now)) {
-            Ok(_) => Ok(true),
-            Err(Error::TimedOut) if !wait => Ok(false),
-            Err(e) => Err(e),
+        // Cut until it is within this side's limits (`Failure::shorter`).
+        let mut cut: Option<Failure> = None;
+        loop {
+            let failure = cut.as_ref().unwrap_or(failure);
+            // Without `wait`, a deadline already passed: one try (a failure is one datagram,
+            // so it goes out whole or not at all).
+            match self.send(&envelope, failure, (!wait).then(Instant::now)) {
+                Ok(_) => return Ok(true),
+                Err(Error::TimedOut) if !wait => return Ok(false),
+                Err(e) => match failure.shorter(&e) {
+                    Some(shorter) => cut = Some(shorter),
+                    None => return Err(e),
+                },
+            }
         }
     }
 

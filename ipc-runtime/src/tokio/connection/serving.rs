@@ -680,7 +680,17 @@ pub(super) async fn reply_failure(
     if inner.trace {
         trace::failure(&inner.name, call.cookie, &failure);
     }
-    let sent = inner.send(envelope, failure).await.map(drop);
+    // Cut until it is within this side's limits (`Failure::shorter`).
+    let mut failure = failure;
+    let sent = loop {
+        match inner.send(envelope, &failure).await {
+            Err(e) => match failure.shorter(&e) {
+                Some(shorter) => failure = shorter,
+                None => break Err(e),
+            },
+            sent => break sent.map(drop),
+        }
+    };
     if let Err(e) = &sent {
         unanswerable(&inner, e);
     }
