@@ -1,15 +1,23 @@
-//! A server's failure replies across real processes, in both flavours: a failure whose text
-//! is longer than the server may send (a long panic message, with the strict limits a server
-//! of untrusted clients sets) still reaches its caller, cut, as that failure; the connection
-//! serves on.
+//! A server's faults, in both flavours. Across real processes: a failure whose text is
+//! longer than the server may send (a long panic message, with the strict limits a server of
+//! untrusted clients sets) still reaches its caller, cut, as that failure; the connection
+//! serves on. On a listener: requests a client sends while its service is being made wait
+//! for it, also past the bounds of the queue, when a thread of the server's reads them.
 //!
 //! The server is this test binary run again for one `#[ignore]`d test (`child_*`).
 
 mod common;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, mpsc};
+use std::time::Duration;
+
 use common::{child, fd_count_lock};
 use typed_ipc::worker::{self, Exit, Worker};
-use typed_ipc::{Connection, Error, Limits, interface};
+use typed_ipc::{Connection, Error, Limits, Listener, Server, interface};
+
+/// Bounds a wait that would otherwise hang a failing test.
+const HANG_GUARD: Duration = Duration::from_secs(60);
 
 /// What the servers here send at most: a server of clients it does not trust holds them to
 /// what its interfaces need, and itself to the same.
@@ -86,9 +94,86 @@ fn a_panic_message_over_the_servers_limits_reaches_the_caller_cut() {
     assert_eq!(worker.wait().unwrap(), Exit::Code(0), "served to the end");
 }
 
+/// More requests than a connection queues for its serving threads (1,024).
+const PAST_THE_BOUNDS: u64 = 1100;
+
+/// What a server serves each client: notes, counted.
+#[interface]
+pub trait Sink {
+    #[oneway]
+    fn note(&self);
+    /// How many notes ran.
+    fn noted(&self) -> u64;
+}
+
+#[derive(Default)]
+struct Notes(AtomicU64);
+
+impl Sink for Notes {
+    fn note(&self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+    fn noted(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// What a client serves its server: a greeting, which first sends the server
+/// [`PAST_THE_BOUNDS`] notes.
+#[interface]
+pub trait Greeter {
+    fn hello(&self) -> u32;
+}
+
+struct Greets(SinkClient);
+
+impl Greeter for Greets {
+    fn hello(&self) -> u32 {
+        for _ in 0..PAST_THE_BOUNDS {
+            self.0.note().unwrap();
+        }
+        1
+    }
+}
+
+/// A `service_with` whose `make` greets its client from a thread of its own, and returns once
+/// the greeting is answered (a session set up with the client's help): the notes the client
+/// sends first, more than the queue holds, are read by that call while nothing serves yet.
+/// They wait for the service being made, which runs them all. The call ended the connection
+/// instead ("nothing serves them"), and the client's session was lost.
+#[test]
+fn requests_read_while_a_clients_service_is_made_wait_for_it_past_the_bounds() {
+    let _fds = fd_count_lock();
+    let name = format!("typed-ipc-greeted-{}", std::process::id());
+    let (greeted, greeting) = mpsc::channel();
+    let greeted = Mutex::new(greeted);
+    let serving = Server::new()
+        .service_with(move |connection| {
+            let greeter = GreeterClient::new(connection.clone()).with_timeout(HANG_GUARD);
+            let answer = std::thread::spawn(move || greeter.hello()).join().unwrap();
+            let _ = greeted.lock().unwrap().send(answer);
+            SinkServer::new(Notes::default())
+        })
+        .listen(Listener::bind_abstract(&name).unwrap())
+        .unwrap();
+    let connection = Connection::connect_abstract(&name).unwrap();
+    let sink = SinkClient::new(connection.clone()).with_timeout(HANG_GUARD);
+    let client = {
+        let (connection, sink) = (connection.clone(), sink.clone());
+        std::thread::spawn(move || connection.serve(GreeterServer::new(Greets(sink))))
+    };
+    let answer = greeting.recv_timeout(HANG_GUARD).unwrap();
+    assert!(matches!(answer, Ok(1)), "{answer:?}");
+    assert_eq!(sink.noted().unwrap(), PAST_THE_BOUNDS, "every note ran");
+    connection.close();
+    client.join().unwrap().unwrap();
+    serving.shutdown();
+}
+
 #[cfg(feature = "tokio")]
 mod asynchronous {
     use super::*;
+    use std::sync::Arc;
     use typed_ipc::tokio::AsyncConnection;
 
     /// [`Faulty`], async; the parent calls it with its blocking client.
@@ -136,5 +221,71 @@ mod asynchronous {
         assert_eq!(faulty.ping().unwrap(), 7, "the connection serves on");
         faulty.connection().close();
         assert_eq!(worker.wait().unwrap(), Exit::Code(0), "served to the end");
+    }
+
+    /// [`Sink`], async.
+    #[interface(name = "Sink")]
+    pub trait AsyncSink {
+        #[oneway]
+        async fn note(&self);
+        async fn noted(&self) -> u64;
+    }
+
+    #[derive(Default)]
+    struct AsyncNotes(AtomicU64);
+
+    impl AsyncSink for AsyncNotes {
+        async fn note(&self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+        async fn noted(&self) -> u64 {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+
+    /// [`Greeter`], async: how the async server calls its blocking client.
+    #[interface(name = "Greeter")]
+    pub trait AsyncGreeter {
+        async fn hello(&self) -> u32;
+    }
+
+    /// [`super::requests_read_while_a_clients_service_is_made_wait_for_it_past_the_bounds`],
+    /// with an async server: its `make` waits for the greeting (on a thread of its own, so
+    /// that the runtime runs the greeting meanwhile).
+    #[test]
+    fn requests_read_while_a_clients_service_is_made_wait_for_it_past_the_bounds() {
+        use typed_ipc::tokio::{AsyncListener, AsyncServer};
+        let _fds = fd_count_lock();
+        let runtime = common::two_worker_runtime();
+        let name = format!("typed-ipc-async-greeted-{}", std::process::id());
+        let (greeted, greeting) = mpsc::channel();
+        let greeted = Arc::new(Mutex::new(greeted));
+        let serving = {
+            let _in_runtime = runtime.enter();
+            AsyncServer::new()
+                .service_with(move |connection| {
+                    let greeter = AsyncGreeterClient::new(connection.clone());
+                    let (answered, answer) = mpsc::channel();
+                    tokio::spawn(async move {
+                        let _ = answered.send(greeter.with_timeout(HANG_GUARD).hello().await);
+                    });
+                    let answer = tokio::task::block_in_place(|| answer.recv().unwrap());
+                    let _ = greeted.lock().unwrap().send(answer);
+                    AsyncSinkServer::new(AsyncNotes::default())
+                })
+                .listen(AsyncListener::bind_abstract(&name).unwrap())
+        };
+        let connection = Connection::connect_abstract(&name).unwrap();
+        let sink = SinkClient::new(connection.clone()).with_timeout(HANG_GUARD);
+        let client = {
+            let (connection, sink) = (connection.clone(), sink.clone());
+            std::thread::spawn(move || connection.serve(GreeterServer::new(Greets(sink))))
+        };
+        let answer = greeting.recv_timeout(HANG_GUARD).unwrap();
+        assert!(matches!(answer, Ok(1)), "{answer:?}");
+        assert_eq!(sink.noted().unwrap(), PAST_THE_BOUNDS, "every note ran");
+        connection.close();
+        client.join().unwrap().unwrap();
+        runtime.block_on(serving.shutdown());
     }
 }

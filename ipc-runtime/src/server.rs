@@ -302,6 +302,8 @@ impl Server {
     /// If a service [`Server::service_with`] makes serves an interface served already.
     pub fn serve(&self, connection: &Connection) -> Result<()> {
         let helpers = self.start_helpers(connection)?;
+        // Before `make` runs: what a thread it starts reads meanwhile waits for this one.
+        connection.runners_coming();
         let services = self
             .services_for(connection)
             .unwrap_or_else(|twice| panic!("{twice}"));
@@ -477,6 +479,10 @@ impl Server {
                     continue;
                 }
             };
+            // Served from now on, unless `make` fails: the requests that a thread it starts
+            // (to call the client) reads meanwhile wait for the client's threads, past the
+            // bounds of the queue too, as for threads serving.
+            connection.runners_coming();
             // A `make` that panics (the panic hook has said so) fails this client only.
             let services = match catch_unwind(AssertUnwindSafe(|| self.services_for(&connection))) {
                 Ok(Ok(services)) => services,
@@ -744,6 +750,46 @@ mod tests {
             !readable(&peer),
             "the call ran after stop_reading: it called the client back"
         );
+    }
+
+    /// A client accepted whose serving thread has not started yet (held here before it
+    /// installs the services), called by a thread of the server's meanwhile (one a
+    /// `service_with` started, say): the requests the call reads while it waits for its reply,
+    /// past the bounds of the queue, wait for the serving thread coming, as they would for
+    /// one serving. The call ended the connection instead, saying that nothing serves them.
+    #[test]
+    fn requests_read_before_a_clients_thread_serves_wait_for_it_past_the_bounds() {
+        use crate::connection::backlog::MAX_REQUESTS;
+        use crate::connection::tests::{CALLS_BACK, CallsBack, calls_back_request, reply_to};
+        use crate::service::Service;
+        use crate::{Connection, Socket};
+        use std::sync::Arc;
+
+        let (theirs, ours) = Socket::pair().unwrap();
+        let connection = Connection::new(ours);
+        let services: Vec<Arc<dyn Service>> = vec![Arc::new(CallsBack {
+            back: connection.clone(),
+        })];
+        let registry = connection.test_hold_registry();
+        let client = Server::new()
+            .spawn_client(connection.clone(), services)
+            .unwrap();
+        let caller = {
+            let connection = connection.clone();
+            std::thread::spawn(move || connection.call::<_, u64>(&CALLS_BACK, 1, &(), None))
+        };
+        // Read by the caller, the only thread reading. Once the connection has ended, they
+        // fail to go out: the call's outcome says why.
+        for cookie in 1..=MAX_REQUESTS as u64 + 1 {
+            let _ = theirs.send(&calls_back_request(cookie), &[]);
+        }
+        let call = theirs.recv().unwrap();
+        let _ = theirs.send(&reply_to(&call, &42u64), &[]);
+        let answered = caller.join().unwrap();
+        assert!(matches!(answered, Ok(42)), "{answered:?}");
+        connection.close();
+        drop(registry);
+        client.thread.join().unwrap().unwrap();
     }
 
     #[test]

@@ -287,8 +287,10 @@ struct State {
     sender_wake: Option<Arc<nix::sys::eventfd::EventFd>>,
     /// Threads inside `run`.
     runners: usize,
-    /// A listening [`Server`](crate::Server) has started the threads that will serve this
-    /// connection, which may not be in `run` yet: what they will read is to be served.
+    /// A [`Server`](crate::Server) is setting up the threads that will serve this connection
+    /// (making its services, starting the threads), which may not be in `run` yet: what they
+    /// will read is to be served, and what others read meanwhile waits for them, as for
+    /// threads in `run` (past the bounds of the queue too, up to `HARD_FACTOR` times them).
     runners_coming: bool,
     /// The cookie of the last call made.
     next_cookie: u64,
@@ -584,8 +586,8 @@ impl Connection {
         self.shared.registry.lock()
     }
 
-    /// Says that threads have been started to serve this connection ([`State::runners_coming`]),
-    /// before they are in [`Connection::run`].
+    /// Says that threads are being set up to serve this connection
+    /// ([`State::runners_coming`]), before they are in [`Connection::run`].
     #[cold]
     #[inline(never)]
     pub(crate) fn runners_coming(&self) {

@@ -557,7 +557,10 @@ impl Shared {
         if !state.backlog.full() {
             return true;
         }
-        let Some(why) = state.backlog.refuse(state.runners > 0) else {
+        // Threads a listening server has started for this connection serve it once they are
+        // in `run`: what is read before then waits for them, as for threads serving.
+        let serving = state.runners > 0 || state.runners_coming;
+        let Some(why) = state.backlog.refuse(serving) else {
             return true;
         };
         self.fail(state, why);

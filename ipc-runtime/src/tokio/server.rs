@@ -265,6 +265,8 @@ impl AsyncServer {
         &self,
         connection: &AsyncConnection,
     ) -> impl Future<Output = Result<()>> + Send + 'static + use<> {
+        // Before `make` runs: what a task it starts reads meanwhile waits for the services.
+        connection.server_coming();
         let services = self
             .services_for(connection)
             .unwrap_or_else(|twice| panic!("{twice}"));
@@ -413,6 +415,10 @@ impl AsyncServer {
             match AsyncConnection::new(socket) {
                 Ok(connection) => {
                     trouble.accepted();
+                    // Served from now on, unless `make` fails: the requests that a task it
+                    // starts (to call the client) reads meanwhile wait for the services, past
+                    // the bounds of the queue too, as for a server.
+                    connection.server_coming();
                     // A `make` that panics (the panic hook has said so) fails this client only.
                     let services =
                         match catch_unwind(AssertUnwindSafe(|| self.services_for(&connection))) {

@@ -163,6 +163,10 @@ struct State {
     closed: Option<Error>,
     /// Someone serves on this connection: requests are handled as they arrive.
     serving: bool,
+    /// An [`AsyncServer`](crate::tokio::AsyncServer) is making this connection's services:
+    /// requests a call of this end reads meanwhile are held for them, as for a server, past
+    /// the bounds of the queue too (up to `HARD_FACTOR` times them).
+    server_coming: bool,
     /// Requests that arrived before anyone served, in order.
     held: Vec<(Frame, Envelope, Cost)>,
     /// The task that runs oneway messages in order, once there is one (as many as the
@@ -539,6 +543,14 @@ impl AsyncConnection {
     /// sees the hang-up. End such a connection with [`AsyncConnection::close`].
     pub fn add_service(&self, service: impl AsyncService) {
         self.add_services(vec![Arc::new(service)]);
+    }
+
+    /// Says that an [`AsyncServer`](crate::tokio::AsyncServer) is making this connection's
+    /// services ([`State::server_coming`]), before it adds them.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn server_coming(&self) {
+        self.inner.lock().server_coming = true;
     }
 
     /// [`AsyncConnection::add_service`] for each of `services` at once: no request is handled

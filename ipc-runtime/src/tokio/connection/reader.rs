@@ -259,7 +259,7 @@ impl Inner {
     fn admit(&self, state: &State, cost: Cost) -> Result<Cost> {
         let backlog = self.backlog.get();
         if backlog.full() {
-            if let Some(why) = backlog.refuse(state.serving) {
+            if let Some(why) = backlog.refuse(state.serving || state.server_coming) {
                 return Err(why);
             }
         }
