@@ -170,6 +170,77 @@ fn requests_read_while_a_clients_service_is_made_wait_for_it_past_the_bounds() {
     serving.shutdown();
 }
 
+/// A call that waits at a gate, and one that does not.
+#[interface]
+pub trait Gated {
+    /// Says it started, then returns once the gate opens.
+    fn wait(&self) -> u32;
+    /// 7.
+    fn ping(&self) -> u32;
+}
+
+struct Gate {
+    entered: Mutex<mpsc::Sender<()>>,
+    gate: Mutex<mpsc::Receiver<()>>,
+}
+
+impl Gated for Gate {
+    fn wait(&self) -> u32 {
+        self.entered.lock().unwrap().send(()).unwrap();
+        let _ = self.gate.lock().unwrap().recv();
+        5
+    }
+    fn ping(&self) -> u32 {
+        7
+    }
+}
+
+/// A shutdown hangs up on each client as soon as that client's calls are done, not once the
+/// clients that came before it are: here the second client, with no call in flight, sees the
+/// hang-up (its thread serving callbacks returns) while the first client's handler still
+/// runs. It saw it only once that handler had returned (for good, for one that never does):
+/// the shutdown held every connection open and closed them one after the other, in the order
+/// the clients came, so that a client whose call the shutdown dropped unread waited as long.
+#[test]
+fn a_shutdown_hangs_up_on_each_client_once_its_calls_are_done_not_in_turn() {
+    let _fds = fd_count_lock();
+    let name = format!("typed-ipc-hang-up-in-turn-{}", std::process::id());
+    let (entered, entering) = mpsc::channel();
+    let (open, gate) = mpsc::channel();
+    let serving = Server::new()
+        .service(GatedServer::new(Gate {
+            entered: Mutex::new(entered),
+            gate: Mutex::new(gate),
+        }))
+        .listen(Listener::bind_abstract(&name).unwrap())
+        .unwrap();
+    let first = GatedClient::new(Connection::connect_abstract(&name).unwrap());
+    let waiting = {
+        let first = first.clone();
+        std::thread::spawn(move || first.wait())
+    };
+    entering.recv_timeout(HANG_GUARD).unwrap();
+    let second = Connection::connect_abstract(&name).unwrap();
+    let client = GatedClient::new(second.clone()).with_timeout(HANG_GUARD);
+    assert_eq!(client.ping().unwrap(), 7, "served");
+    let (ended, hung_up) = mpsc::channel();
+    std::thread::spawn(move || ended.send(second.run()));
+    let shutdown = std::thread::spawn(move || serving.shutdown());
+    let second_served = hung_up.recv_timeout(HANG_GUARD);
+    open.send(()).unwrap();
+    assert_eq!(
+        waiting.join().unwrap().unwrap(),
+        5,
+        "the call in flight finished"
+    );
+    shutdown.join().unwrap();
+    assert!(
+        matches!(second_served, Ok(Ok(()))),
+        "the second client was not hung up on while the first's handler ran: \
+         {second_served:?}"
+    );
+}
+
 #[cfg(feature = "tokio")]
 mod asynchronous {
     use super::*;
@@ -287,5 +358,75 @@ mod asynchronous {
         connection.close();
         client.join().unwrap().unwrap();
         runtime.block_on(serving.shutdown());
+    }
+
+    /// [`Gated`], async.
+    #[interface(name = "Gated")]
+    pub trait AsyncGated {
+        async fn wait(&self) -> u32;
+        async fn ping(&self) -> u32;
+    }
+
+    struct AsyncGate {
+        entered: Mutex<mpsc::Sender<()>>,
+        gate: Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
+    }
+
+    impl AsyncGated for AsyncGate {
+        async fn wait(&self) -> u32 {
+            self.entered.lock().unwrap().send(()).unwrap();
+            let gate = self.gate.lock().unwrap().take().expect("one wait");
+            let _ = gate.await;
+            5
+        }
+        async fn ping(&self) -> u32 {
+            7
+        }
+    }
+
+    /// [`super::a_shutdown_hangs_up_on_each_client_once_its_calls_are_done_not_in_turn`],
+    /// with an async server.
+    #[test]
+    fn a_shutdown_hangs_up_on_each_client_once_its_calls_are_done_not_in_turn() {
+        use typed_ipc::tokio::{AsyncListener, AsyncServer};
+        let _fds = fd_count_lock();
+        let runtime = common::two_worker_runtime();
+        let name = format!("typed-ipc-async-hang-up-in-turn-{}", std::process::id());
+        let (entered, entering) = mpsc::channel();
+        let (open, gate) = tokio::sync::oneshot::channel();
+        let serving = {
+            let _in_runtime = runtime.enter();
+            AsyncServer::new()
+                .service(AsyncGatedServer::new(AsyncGate {
+                    entered: Mutex::new(entered),
+                    gate: Mutex::new(Some(gate)),
+                }))
+                .listen(AsyncListener::bind_abstract(&name).unwrap())
+        };
+        let first = GatedClient::new(Connection::connect_abstract(&name).unwrap());
+        let waiting = {
+            let first = first.clone();
+            std::thread::spawn(move || first.wait())
+        };
+        entering.recv_timeout(HANG_GUARD).unwrap();
+        let second = Connection::connect_abstract(&name).unwrap();
+        let client = GatedClient::new(second.clone()).with_timeout(HANG_GUARD);
+        assert_eq!(client.ping().unwrap(), 7, "served");
+        let (ended, hung_up) = mpsc::channel();
+        std::thread::spawn(move || ended.send(second.run()));
+        let shutdown = runtime.spawn(serving.shutdown());
+        let second_served = hung_up.recv_timeout(HANG_GUARD);
+        open.send(()).unwrap();
+        assert_eq!(
+            waiting.join().unwrap().unwrap(),
+            5,
+            "the call in flight finished"
+        );
+        runtime.block_on(shutdown).unwrap();
+        assert!(
+            matches!(second_served, Ok(Ok(()))),
+            "the second client was not hung up on while the first's handler ran: \
+             {second_served:?}"
+        );
     }
 }

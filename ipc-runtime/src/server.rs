@@ -5,6 +5,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 
 use nix::sys::socket as ns;
@@ -399,11 +400,13 @@ impl Server {
         let listening = Arc::new(Mutex::new(Some(listener.as_fd().try_clone_to_owned()?)));
         let clients: Arc<Mutex<Vec<Client>>> = Arc::default();
         let ended: Arc<Mutex<Option<Error>>> = Arc::default();
+        let shutting_down: Arc<AtomicBool> = Arc::default();
         let (stop, stopping) = mpsc::channel();
         let acceptor = {
             let (listening, clients, ended) = (listening.clone(), clients.clone(), ended.clone());
+            let shutting_down = shutting_down.clone();
             std::thread::Builder::new().spawn(move || {
-                let accepted = self.accept_loop(&listener, &clients, &stopping);
+                let accepted = self.accept_loop(&listener, &clients, &stopping, &shutting_down);
                 // Closed, the dup too: new clients are refused rather than queued for
                 // nobody, and the name or path is free to listen on again.
                 drop(listening.lock().take());
@@ -424,6 +427,7 @@ impl Server {
             acceptor: Some(acceptor),
             stop: Some(stop),
             ended,
+            shutting_down,
         })
     }
 
@@ -433,6 +437,7 @@ impl Server {
         listener: &Listener,
         clients: &Mutex<Vec<Client>>,
         stop: &Receiver<()>,
+        shutting_down: &Arc<AtomicBool>,
     ) -> Result<()> {
         let stopping = || matches!(stop.try_recv(), Err(TryRecvError::Disconnected));
         let mut trouble = Trouble::new();
@@ -496,7 +501,7 @@ impl Server {
                 stopped_mid_accept(&connection);
                 return Ok(());
             }
-            match self.spawn_client(connection, services) {
+            match self.spawn_client(connection, services, shutting_down) {
                 Ok(client) => {
                     trouble.accepted();
                     list.push(client);
@@ -518,10 +523,13 @@ impl Server {
     /// The threads own the connection's only handles (apart from those the services keep):
     /// the client's list entry holds it weakly, so that the connection, with its socket and
     /// shared memory, goes as soon as its serving is done, not when the list is next pruned.
+    /// Once `shutting_down` is set ([`Serving::stop`]), the connection is hung up on as soon as
+    /// its serving is done, whatever other handles there are.
     fn spawn_client(
         &self,
         connection: Connection,
         services: Vec<Arc<dyn Service>>,
+        shutting_down: &Arc<AtomicBool>,
     ) -> std::io::Result<Client> {
         let helpers = self.start_helpers(&connection)?;
         // Before the client is listed for `Serving::shutdown` to stop, and the threads take
@@ -531,8 +539,16 @@ impl Server {
         let helper_threads = helpers.iter().map(|h| h.thread.thread().id()).collect();
         let weak = connection.downgrade();
         let server = self.clone();
-        let thread = std::thread::Builder::new()
-            .spawn(move || server.run(&connection, services, helpers))?;
+        let shutting_down = shutting_down.clone();
+        let thread = std::thread::Builder::new().spawn(move || {
+            let served = server.run(&connection, services, helpers);
+            // Drained by a shutdown: hung up on now, not only once `Serving::stop` reaches it,
+            // after every client that came before it, however long their handlers run.
+            if shutting_down.load(Ordering::SeqCst) {
+                connection.close();
+            }
+            served
+        })?;
         Ok(Client {
             connection: weak,
             thread,
@@ -614,6 +630,9 @@ pub struct Serving {
     stop: Option<Sender<()>>,
     /// Why the acceptor stopped, if it stopped on its own.
     ended: Arc<Mutex<Option<Error>>>,
+    /// Set as the shutdown starts, before any client stops reading: each client's threads
+    /// then hang up on it once they have served it to the end ([`Server::spawn_client`]).
+    shutting_down: Arc<AtomicBool>,
 }
 
 impl Serving {
@@ -634,7 +653,8 @@ impl Serving {
     }
 
     /// Stops accepting, stops reading new requests, lets every call already running finish
-    /// and send its reply, then returns. Clients see a hang-up afterwards.
+    /// and send its reply, then returns. Each client sees a hang-up once its own calls have
+    /// replied, whatever the other clients' handlers still do.
     ///
     /// A handler that calls its client back (a service of [`Server::service_with`]) gets the
     /// client's answers meanwhile: the connection reads on for them until its last call in
@@ -664,6 +684,7 @@ impl Serving {
     }
 
     fn stop(&mut self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
         // Before the shutdown, so that the acceptor takes the error it causes for a stop.
         drop(self.stop.take());
         if let Some(listening) = self.listening.lock().take() {
@@ -740,7 +761,7 @@ mod tests {
         })];
         let registry = connection.test_hold_registry();
         let client = Server::new()
-            .spawn_client(connection.clone(), services)
+            .spawn_client(connection.clone(), services, &Arc::default())
             .unwrap();
         peer.socket().send(&calls_back_request(1), &[]).unwrap();
         connection.stop_reading();
@@ -772,7 +793,7 @@ mod tests {
         })];
         let registry = connection.test_hold_registry();
         let client = Server::new()
-            .spawn_client(connection.clone(), services)
+            .spawn_client(connection.clone(), services, &Arc::default())
             .unwrap();
         let caller = {
             let connection = connection.clone();

@@ -370,7 +370,7 @@ impl AsyncServer {
         &self,
         listener: &Mutex<Option<AsyncListener>>,
         clients: &Mutex<Vec<Client>>,
-        stopped: &AtomicBool,
+        stopped: &Arc<AtomicBool>,
     ) -> Error {
         let mut trouble = Trouble::new();
         loop {
@@ -436,7 +436,18 @@ impl AsyncServer {
                     // services keep): held weakly here, the connection, with its socket and
                     // shared memory, goes as soon as the task has served it to the end, not
                     // when the list is next pruned.
-                    let task = ::tokio::spawn(self.serve_services(&connection, services));
+                    let served = self.serve_services(&connection, services);
+                    let (closing, stopped) = (connection.clone(), stopped.clone());
+                    let task = ::tokio::spawn(async move {
+                        let served = served.await;
+                        // Drained by a shutdown: hung up on now, not only once the shutdown
+                        // reaches it, after every client that came before it, however long
+                        // their handlers run.
+                        if stopped.load(Ordering::SeqCst) {
+                            closing.close();
+                        }
+                        served
+                    });
                     let connection = connection.downgrade();
                     clients.push(Client { connection, task });
                 }
@@ -575,8 +586,8 @@ impl AsyncServing {
     }
 
     /// Stops accepting (the listener is closed), stops reading new requests, lets every call
-    /// already running finish and send its reply, then returns. Clients see a hang-up
-    /// afterwards.
+    /// already running finish and send its reply, then returns. Each client sees a hang-up
+    /// once its own calls have replied, whatever the other clients' handlers still do.
     ///
     /// A handler that calls its client back (a service of [`AsyncServer::service_with`])
     /// gets the client's answers meanwhile: the connection reads on for them until its last
