@@ -8,8 +8,8 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use common::{child, fd_count_lock, fd_snapshot, open_fds, wait_until};
@@ -22,6 +22,12 @@ const HANG_GUARD: Duration = Duration::from_secs(60);
 const NAME_VAR: &str = "TYPED_IPC_TEST_ADMISSION_NAME";
 /// The reason the child expects to be turned away with, `{pid}` standing for its own pid.
 const REASON_VAR: &str = "TYPED_IPC_TEST_ADMISSION_REASON";
+/// How many clients [`child_connects_calls_and_hangs_up_in_turn`] connects, one after the
+/// other: before `max_clients` gave a client that had hung up time to end, about one in four
+/// (blocking) or one in two (async) was turned away by a server of one client.
+const IN_TURN: usize = 200;
+/// Why a server of one client turns a client away.
+const AT_LIMIT_OF_ONE: &str = "the server is at its limit of 1 client";
 
 /// What the servers here serve, blocking flavour.
 #[typed_ipc::interface]
@@ -32,6 +38,28 @@ pub trait Probe {
 
 /// Counts the sessions `service_with` made.
 struct Session;
+
+/// A call that runs on after its client has hung up, for as long as the test likes.
+#[typed_ipc::interface]
+pub trait Gated {
+    /// Says it has started, then runs until the test opens the gate.
+    #[oneway]
+    fn hold(&self);
+}
+
+/// The gate [`Gated::hold`] waits at: it says it has come through `entered`, and waits for
+/// `open` to send (or be dropped).
+struct Gate {
+    entered: mpsc::Sender<()>,
+    open: Mutex<mpsc::Receiver<()>>,
+}
+
+impl Gated for Gate {
+    fn hold(&self) {
+        let _ = self.entered.send(());
+        let _ = self.open.lock().unwrap().recv();
+    }
+}
 
 impl Probe for Session {
     fn caller_pid(&self) -> i32 {
@@ -74,6 +102,36 @@ fn child_is_turned_away() {
             other => panic!("not turned away: {other:?}"),
         }
     }
+}
+
+/// The child of the tests of clients one after another: [`IN_TURN`] times, connects, calls
+/// and hangs up, and checks that each of its clients is served.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_connects_calls_and_hangs_up_in_turn() {
+    let name = std::env::var(NAME_VAR).expect(NAME_VAR);
+    for round in 0..IN_TURN {
+        let connection = Connection::connect_abstract(&name).unwrap();
+        let probe = ProbeClient::new(connection).with_timeout(HANG_GUARD);
+        match probe.caller_pid() {
+            Ok(pid) => assert_eq!(pid, std::process::id() as i32),
+            Err(e) => panic!("client {round} of {IN_TURN} not served: {e:?}"),
+        }
+        // Its only handle: the socket is closed here, before the next client connects.
+        drop(probe);
+    }
+}
+
+/// Runs the child that connects [`IN_TURN`] clients to `name` one after another.
+fn child_connects_in_turn(name: &str) {
+    let status = child("child_connects_calls_and_hangs_up_in_turn")
+        .env(NAME_VAR, name)
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "a client that connected after another had hung up was not served (its stderr says)"
+    );
 }
 
 /// A server of `Probe` that counts the sessions it makes, and serves this process only.
@@ -181,11 +239,9 @@ fn over_max_clients_a_client_is_told_so_and_a_slot_frees_when_a_client_hangs_up(
         "sessions for clients turned away"
     );
     drop((silent, third));
-    // A slot frees once a client has hung up and its calls have run.
+    // A slot frees once a client has hung up and its calls have run: the listener, at its
+    // limit, gives the first client the time to end.
     drop(first);
-    wait_until("the server has seen the first client hang up", || {
-        serving.clients() == 1
-    });
     let fourth = connect();
     assert_eq!(fourth.caller_pid().unwrap(), std::process::id() as i32);
     assert_eq!(made.load(Ordering::SeqCst), 3);
@@ -193,6 +249,62 @@ fn over_max_clients_a_client_is_told_so_and_a_slot_frees_when_a_client_hangs_up(
     assert_eq!(open_fds(), before, "fds of clients turned away leaked");
     drop((second, fourth));
     serving.shutdown();
+}
+
+/// A server of one client serves clients that connect, call and hang up one after another,
+/// each of another process: the one before has hung up, and is given the time to end.
+#[test]
+fn clients_that_hang_up_in_turn_are_each_served_by_a_server_of_one_client() {
+    let _fds = fd_count_lock();
+    let before = fd_snapshot();
+    let name = unique_name("in-turn");
+    let serving = Server::new()
+        .service(ProbeServer::new(Session))
+        .max_clients(1)
+        .listen(Listener::bind_abstract(&name).unwrap())
+        .unwrap();
+    child_connects_in_turn(&name);
+    assert!(serving.accepting().is_ok());
+    serving.shutdown();
+    before.assert_nothing_new();
+}
+
+/// A client that hung up while a call of its runs still counts until the call has run: the
+/// next client is turned away (after the grace for the first to end), and a server of one
+/// client cannot be had by two by hanging up. Once the call has run, the next one is served.
+#[test]
+fn a_client_that_hung_up_mid_call_counts_until_its_call_has_run() {
+    let _fds = fd_count_lock();
+    let before = fd_snapshot();
+    let name = unique_name("mid-call");
+    let (entered, held) = mpsc::channel();
+    let (open, gate) = mpsc::channel();
+    let gate = Gate {
+        entered,
+        open: Mutex::new(gate),
+    };
+    let serving = Server::new()
+        .service(ProbeServer::new(Session))
+        .service(GatedServer::new(gate))
+        .max_clients(1)
+        .listen(Listener::bind_abstract(&name).unwrap())
+        .unwrap();
+    // Its only handle, dropped with the statement: the client has hung up once its call has
+    // started, which runs on.
+    GatedClient::new(Connection::connect_abstract(&name).unwrap())
+        .hold()
+        .unwrap();
+    held.recv_timeout(HANG_GUARD).unwrap();
+    child_turned_away(&name, AT_LIMIT_OF_ONE);
+    open.send(()).unwrap();
+    // The first client's grace was spent on the one turned away: from now until it has ended,
+    // a new client is turned away at once.
+    wait_until("the first client has ended", || serving.clients() == 0);
+    let next = ProbeClient::new(Connection::connect_abstract(&name).unwrap());
+    assert_eq!(next.caller_pid().unwrap(), std::process::id() as i32);
+    drop(next);
+    serving.shutdown();
+    before.assert_nothing_new();
 }
 
 #[test]
@@ -204,6 +316,7 @@ fn a_server_of_no_clients_is_refused() {
 #[cfg(feature = "tokio")]
 mod asynchronous {
     use super::*;
+    use ::tokio::sync::Notify;
     use common::two_worker_runtime;
     use typed_ipc::tokio::{AsyncConnection, AsyncListener, AsyncServer};
 
@@ -216,6 +329,28 @@ mod asynchronous {
     impl Probe for Session {
         async fn caller_pid(&self) -> i32 {
             current_peer().map_or(-1, |p| p.pid)
+        }
+    }
+
+    /// [`Gated`], async.
+    #[typed_ipc::interface]
+    pub trait Gated {
+        /// Says it has started, then runs until the test opens the gate.
+        #[oneway]
+        async fn hold(&self);
+    }
+
+    /// The gate [`Gated::hold`] waits at: it says it has come on `entered`, and waits for
+    /// `open`.
+    struct Gate {
+        entered: Arc<Notify>,
+        open: Arc<Notify>,
+    }
+
+    impl Gated for Gate {
+        async fn hold(&self) {
+            self.entered.notify_one();
+            self.open.notified().await;
         }
     }
 
@@ -347,10 +482,8 @@ mod asynchronous {
                 connection.wait_closed().await;
             }
             drop((silent, third));
+            // No wait for the count: the listener gives the first client the time to end.
             drop(first);
-            wait_until("the server has seen the first client hang up", || {
-                serving.clients() == 1
-            });
             let fourth = connect().await;
             assert_eq!(
                 fourth.caller_pid().await.unwrap(),
@@ -361,5 +494,76 @@ mod asynchronous {
             drop((second, fourth));
             serving.shutdown().await;
         });
+    }
+
+    /// As the blocking flavour's test of that name: each client of the child is served.
+    #[test]
+    fn clients_that_hang_up_in_turn_are_each_served_by_a_server_of_one_client() {
+        let _fds = fd_count_lock();
+        let runtime = two_worker_runtime();
+        let before = fd_snapshot();
+        let name = unique_name("async-in-turn");
+        runtime.block_on(async {
+            let serving = AsyncServer::new()
+                .service(ProbeServer::new(Session))
+                .max_clients(1)
+                .listen(AsyncListener::bind_abstract(&name).unwrap());
+            let child = {
+                let name = name.clone();
+                ::tokio::task::spawn_blocking(move || child_connects_in_turn(&name))
+            };
+            child.await.unwrap();
+            assert!(serving.accepting().is_ok());
+            serving.shutdown().await;
+        });
+        before.assert_nothing_new();
+    }
+
+    /// As the blocking flavour's test of that name: a client that hung up while a call of its
+    /// runs counts until the call has run.
+    #[test]
+    fn a_client_that_hung_up_mid_call_counts_until_its_call_has_run() {
+        let _fds = fd_count_lock();
+        let runtime = two_worker_runtime();
+        let before = fd_snapshot();
+        let name = unique_name("async-mid-call");
+        let (entered, open) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        runtime.block_on(async {
+            let gate = Gate {
+                entered: entered.clone(),
+                open: open.clone(),
+            };
+            let serving = AsyncServer::new()
+                .service(ProbeServer::new(Session))
+                .service(GatedServer::new(gate))
+                .max_clients(1)
+                .listen(AsyncListener::bind_abstract(&name).unwrap());
+            let first = AsyncConnection::connect_abstract(&name).await.unwrap();
+            GatedClient::new(first.clone()).hold().await.unwrap();
+            entered.notified().await;
+            // Hung up, its call still running.
+            first.close();
+            first.wait_closed().await;
+            drop(first);
+            let child = {
+                let name = name.clone();
+                ::tokio::task::spawn_blocking(move || child_turned_away(&name, AT_LIMIT_OF_ONE))
+            };
+            child.await.unwrap();
+            open.notify_one();
+            // The first client's grace was spent on the one turned away: from now until it has
+            // ended, a new client is turned away at once.
+            wait_until("the first client has ended", || serving.clients() == 0);
+            let connection = AsyncConnection::connect_abstract(&name).await.unwrap();
+            let next = ProbeClient::new(connection.clone()).with_timeout(HANG_GUARD);
+            assert_eq!(next.caller_pid().await.unwrap(), std::process::id() as i32);
+            drop(next);
+            // Its socket closes with its reader task: waited for, before the fds are counted.
+            connection.close();
+            connection.wait_closed().await;
+            drop(connection);
+            serving.shutdown().await;
+        });
+        before.assert_nothing_new();
     }
 }

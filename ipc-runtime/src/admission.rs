@@ -5,8 +5,13 @@
 //! [`Server::admit`]: crate::Server::admit
 //! [`Server::max_clients`]: crate::Server::max_clients
 
+use std::os::fd::BorrowedFd;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use crate::connection::envelope;
 use crate::socket::{PeerCredentials, Socket};
@@ -40,6 +45,49 @@ impl Admission {
             None => Ok(()),
         }
     }
+}
+
+/// How long a listener at [`Admission::max_clients`] waits, before it turns a client away,
+/// for one of the clients it counts that have hung up already to end (its calls run, its
+/// threads or task done): a client that reconnects as soon as it has hung up would
+/// otherwise find its old self still counted. Only for clients that have hung up, and from
+/// when the listener first found each gone: a live client is never waited for, and one that
+/// hangs up with a slow call running still counts once this has passed, every client after
+/// that turned away at once. So the clients that connect meanwhile wait in the kernel's queue
+/// for at most this long.
+pub(crate) const DEPARTURE_GRACE: Duration = Duration::from_secs(1);
+
+/// Which of the clients on `sockets` have hung up (or had their socket shut down here): those
+/// a listener at its limit may wait for ([`DEPARTURE_GRACE`]). `None` is a client whose
+/// connection has gone already, which has hung up. One `poll` for all, which never waits:
+/// this runs for every client turned away at the limit.
+#[cold]
+#[inline(never)]
+pub(crate) fn hung_up(sockets: &[Option<BorrowedFd<'_>>]) -> Vec<bool> {
+    // The peer's shutdown or close. Not `POLLIN`, which a message to read sets too: whatever
+    // is reported (`POLLRDHUP`, or `POLLHUP` and `POLLERR`, which are always) means the peer
+    // has gone. nix names no `POLLRDHUP`, and its `revents` is `None` when it is set.
+    let gone = PollFlags::from_bits_retain(libc::POLLRDHUP);
+    let mut fds: Vec<PollFd<'_>> = sockets
+        .iter()
+        .flatten()
+        .map(|s| PollFd::new(*s, gone))
+        .collect();
+    let polled = loop {
+        match poll(&mut fds, PollTimeout::ZERO) {
+            Ok(_) => break true,
+            Err(Errno::EINTR) => continue,
+            // Nothing known of them: counted as live, never waited for.
+            Err(_) => break false,
+        }
+    };
+    let mut reported = fds
+        .iter()
+        .map(|fd| polled && fd.revents() != Some(PollFlags::empty()));
+    sockets
+        .iter()
+        .map(|s| s.is_none() || reported.next() == Some(true))
+        .collect()
 }
 
 /// The reason a client over [`Admission::max_clients`] is turned away with.
@@ -100,6 +148,24 @@ mod tests {
             }
             frame.clear();
         }
+    }
+
+    /// A peer that hung up, and only one, is seen as hung up.
+    #[test]
+    fn hung_up_sees_the_peer_gone() {
+        use std::os::fd::AsFd;
+        let (socket, peer) = Socket::pair().unwrap();
+        let (live, _its_peer) = Socket::pair().unwrap();
+        let asked = || hung_up(&[Some(live.as_fd()), None, Some(socket.as_fd())]);
+        assert_eq!(asked(), [false, true, false]);
+        peer.send_now(b"unread").unwrap();
+        assert_eq!(
+            asked(),
+            [false, true, false],
+            "a message to read is no hang-up"
+        );
+        drop(peer);
+        assert_eq!(asked(), [false, true, true]);
     }
 
     /// The limit is checked first, and an admit that panics refuses.

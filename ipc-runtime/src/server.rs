@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 
 use nix::sys::socket as ns;
-use parking_lot::{Mutex, MutexGuard};
+use parking_lot::{Condvar, Mutex, MutexGuard};
 use std::thread::{JoinHandle, ThreadId};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::accept_retry::{self, Failure, Trouble};
 use crate::admission::{self, Admission};
@@ -273,7 +273,7 @@ impl Server {
     }
 
     /// Serves at most `n` clients of [`Server::listen`] at once. A client that connects while
-    /// `n` are connected is turned away at once, as by [`Server::admit`]: its calls fail with
+    /// `n` are connected is turned away, as by [`Server::admit`]: its calls fail with
     /// `Error::Refused("the server is at its limit of n clients")`, and it may try again later.
     /// It is not left waiting in the kernel's queue, where it would hold up the clients behind
     /// it and learn nothing. A client counts from its acceptance until it has hung up and its
@@ -281,6 +281,16 @@ impl Server {
     /// `admit` runs. No limit unless set: the process's (`RLIMIT_NOFILE`, `RLIMIT_NPROC`,
     /// memory) are then what bound the clients, each of which costs its threads and at least
     /// one file descriptor.
+    ///
+    /// A client that has just hung up may still count when the next one connects (its threads
+    /// have not yet seen the hang-up, or are finishing its last call). So at the limit, if
+    /// some of the clients counted have hung up, the listener waits for one of them to end,
+    /// up to 1 second from when it found them gone, and serves the new client if one does: a
+    /// client that reconnects at once is served. A client that hung up with a call still
+    /// running counts until that call has run, so hanging up gets no client past the limit:
+    /// once that second is over, new clients are turned away at once again. If none of the
+    /// clients counted has hung up, a new one is turned away at once. The clients that
+    /// connect during that second wait in the kernel's queue.
     ///
     /// # Panics
     ///
@@ -401,12 +411,14 @@ impl Server {
         let clients: Arc<Mutex<Vec<Client>>> = Arc::default();
         let ended: Arc<Mutex<Option<Error>>> = Arc::default();
         let shutting_down: Arc<AtomicBool> = Arc::default();
+        let departures: Arc<Departures> = Arc::default();
         let (stop, stopping) = mpsc::channel();
         let acceptor = {
             let (listening, clients, ended) = (listening.clone(), clients.clone(), ended.clone());
-            let shutting_down = shutting_down.clone();
+            let (departures, shutting_down) = (departures.clone(), shutting_down.clone());
             std::thread::Builder::new().spawn(move || {
-                let accepted = self.accept_loop(&listener, &clients, &stopping, &shutting_down);
+                let accepted =
+                    self.accept_loop(&listener, &clients, &departures, &stopping, &shutting_down);
                 // Closed, the dup too: new clients are refused rather than queued for
                 // nobody, and the name or path is free to listen on again.
                 drop(listening.lock().take());
@@ -426,6 +438,7 @@ impl Server {
             clients,
             acceptor: Some(acceptor),
             stop: Some(stop),
+            departures,
             ended,
             shutting_down,
         })
@@ -436,6 +449,7 @@ impl Server {
         &self,
         listener: &Listener,
         clients: &Mutex<Vec<Client>>,
+        departures: &Arc<Departures>,
         stop: &Receiver<()>,
         shutting_down: &Arc<AtomicBool>,
     ) -> Result<()> {
@@ -467,6 +481,12 @@ impl Server {
             let connection = match Socket::new(fd) {
                 Ok(mut socket) => {
                     socket.set_limits(self.client_limits);
+                    if let Some(max) = self.admission.max_clients {
+                        make_room(clients, max, departures, stopping);
+                        if stopping() {
+                            return Ok(());
+                        }
+                    }
                     // Only the acceptor adds clients, so the count holds until it does.
                     let connected = || pruned(clients).len();
                     if let Err(reason) = self.admission.check(&socket, connected) {
@@ -501,7 +521,7 @@ impl Server {
                 stopped_mid_accept(&connection);
                 return Ok(());
             }
-            match self.spawn_client(connection, services, shutting_down) {
+            match self.spawn_client(connection, services, departures, shutting_down) {
                 Ok(client) => {
                     trouble.accepted();
                     list.push(client);
@@ -529,6 +549,7 @@ impl Server {
         &self,
         connection: Connection,
         services: Vec<Arc<dyn Service>>,
+        departures: &Arc<Departures>,
         shutting_down: &Arc<AtomicBool>,
     ) -> std::io::Result<Client> {
         let helpers = self.start_helpers(&connection)?;
@@ -540,6 +561,11 @@ impl Server {
         let weak = connection.downgrade();
         let server = self.clone();
         let shutting_down = shutting_down.clone();
+        let ended = Arc::new(AtomicBool::new(false));
+        let leaving = Leaving {
+            ended: ended.clone(),
+            departures: departures.clone(),
+        };
         let thread = std::thread::Builder::new().spawn(move || {
             let served = server.run(&connection, services, helpers);
             // Drained by a shutdown: hung up on now, not only once `Serving::stop` reaches it,
@@ -547,12 +573,19 @@ impl Server {
             if shutting_down.load(Ordering::SeqCst) {
                 connection.close();
             }
+            // Everything of the client's let go of before it stops counting: once it does, a
+            // shutdown no longer waits for this thread, and the server's services (user code)
+            // must not be dropped after the shutdown has returned.
+            drop((connection, server));
+            drop(leaving);
             served
         })?;
         Ok(Client {
             connection: weak,
             thread,
             helper_threads,
+            ended,
+            hung_up_since: None,
         })
     }
 
@@ -581,6 +614,12 @@ struct Client {
     thread: JoinHandle<Result<()>>,
     /// The helpers' threads (their handles are `thread`'s to join).
     helper_threads: Vec<ThreadId>,
+    /// Set by its thread once it has served the client to the end and let go of its
+    /// connection ([`Leaving`]): the client no longer counts, though the thread may not have
+    /// returned yet.
+    ended: Arc<AtomicBool>,
+    /// When the acceptor, at its limit, first found its peer gone ([`make_room`]).
+    hung_up_since: Option<Instant>,
 }
 
 impl Client {
@@ -591,11 +630,94 @@ impl Client {
     }
 }
 
+/// Where the acceptor at its limit waits for a client to end ([`make_room`]).
+#[derive(Default)]
+struct Departures {
+    lock: Mutex<()>,
+    /// Signalled when a client's thread has served it to the end, and when [`Serving`] stops.
+    ended: Condvar,
+}
+
+impl Departures {
+    fn signal(&self) {
+        let _lock = self.lock.lock();
+        self.ended.notify_all();
+    }
+}
+
+/// Dropped by a client's thread once the client's connection is let go (or as the thread
+/// unwinds): sets [`Client::ended`] and tells the acceptor.
+struct Leaving {
+    ended: Arc<AtomicBool>,
+    departures: Arc<Departures>,
+}
+
+impl Drop for Leaving {
+    fn drop(&mut self) {
+        // Before the signal: the acceptor looks at it under the lock the signal takes.
+        self.ended.store(true, Ordering::SeqCst);
+        self.departures.signal();
+    }
+}
+
+/// At the limit of `max` clients, waits for one of those that have hung up to end, until
+/// [`admission::DEPARTURE_GRACE`] after it first found them gone (see [`Server::max_clients`]),
+/// or for the server to stop. At once if there is room or none of them has hung up. The count
+/// is the caller's to take again.
+#[cold]
+#[inline(never)]
+fn make_room(
+    clients: &Mutex<Vec<Client>>,
+    max: usize,
+    departures: &Departures,
+    stopping: impl Fn() -> bool,
+) {
+    let (leaving, deadline, connections) = {
+        let mut clients = pruned(clients);
+        if clients.len() < max {
+            return;
+        }
+        // Each client's grace runs from when it was first found gone, so that the clients
+        // queued meanwhile wait for the one grace, not for one each.
+        let now = Instant::now();
+        let mut deadline = None;
+        let mut leaving = Vec::new();
+        // Held while polled, so that their sockets stay open; let go of out of the lock (the
+        // last handle of one may be among them, and its services' drops are user code).
+        let connections: Vec<_> = clients.iter().map(|c| c.connection.upgrade()).collect();
+        let sockets: Vec<_> = connections
+            .iter()
+            .map(|c| c.as_ref().map(|c| c.as_fd()))
+            .collect();
+        let hung_up = admission::hung_up(&sockets);
+        let gone = clients
+            .iter_mut()
+            .zip(hung_up)
+            .filter(|(_, hung_up)| *hung_up);
+        for (client, _) in gone {
+            let since = *client.hung_up_since.get_or_insert(now);
+            deadline = deadline.max(Some(since + admission::DEPARTURE_GRACE));
+            leaving.push(client.ended.clone());
+        }
+        (leaving, deadline, connections)
+    };
+    drop(connections);
+    let Some(deadline) = deadline else {
+        return; // none has hung up
+    };
+    let mut lock = departures.lock.lock();
+    while !leaving.iter().any(|ended| ended.load(Ordering::SeqCst)) && !stopping() {
+        if departures.ended.wait_until(&mut lock, deadline).timed_out() {
+            return;
+        }
+    }
+}
+
 /// The clients, locked, once those whose serving thread has returned are forgotten (their
 /// connections went with their threads).
 fn pruned(clients: &Mutex<Vec<Client>>) -> MutexGuard<'_, Vec<Client>> {
     let mut clients = clients.lock();
-    clients.retain(|c| !c.thread.is_finished());
+    clients.retain(|c| !c.thread.is_finished() && !c.ended.load(Ordering::SeqCst));
     clients
 }
 
@@ -628,6 +750,8 @@ pub struct Serving {
     acceptor: Option<JoinHandle<()>>,
     /// Dropped to stop the acceptor, even while it waits between two tries.
     stop: Option<Sender<()>>,
+    /// Signalled once `stop` is dropped, for an acceptor waiting for a client to end.
+    departures: Arc<Departures>,
     /// Why the acceptor stopped, if it stopped on its own.
     ended: Arc<Mutex<Option<Error>>>,
     /// Set as the shutdown starts, before any client stops reading: each client's threads
@@ -687,6 +811,7 @@ impl Serving {
         self.shutting_down.store(true, Ordering::SeqCst);
         // Before the shutdown, so that the acceptor takes the error it causes for a stop.
         drop(self.stop.take());
+        self.departures.signal();
         if let Some(listening) = self.listening.lock().take() {
             let _ = ns::shutdown(listening.as_raw_fd(), ns::Shutdown::Both);
         }
@@ -761,7 +886,12 @@ mod tests {
         })];
         let registry = connection.test_hold_registry();
         let client = Server::new()
-            .spawn_client(connection.clone(), services, &Arc::default())
+            .spawn_client(
+                connection.clone(),
+                services,
+                &Arc::default(),
+                &Arc::default(),
+            )
             .unwrap();
         peer.socket().send(&calls_back_request(1), &[]).unwrap();
         connection.stop_reading();
@@ -793,7 +923,12 @@ mod tests {
         })];
         let registry = connection.test_hold_registry();
         let client = Server::new()
-            .spawn_client(connection.clone(), services, &Arc::default())
+            .spawn_client(
+                connection.clone(),
+                services,
+                &Arc::default(),
+                &Arc::default(),
+            )
             .unwrap();
         let caller = {
             let connection = connection.clone();

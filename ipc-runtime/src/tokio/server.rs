@@ -3,14 +3,17 @@
 
 use std::future::{Future, poll_fn};
 use std::io;
+use std::os::fd::AsFd;
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
 
 use parking_lot::{Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use ::tokio::sync::Notify;
 use ::tokio::task::JoinHandle;
 
 use super::{AsyncConnection, AsyncListener, AsyncService, WeakAsyncConnection};
@@ -238,10 +241,22 @@ impl AsyncServer {
 
     /// Serves at most `n` clients of [`AsyncServer::listen`] at once, as the blocking
     /// flavour's [`Server::max_clients`](crate::Server::max_clients): a client that connects
-    /// while `n` are connected is turned away at once, its calls failing with
+    /// while `n` are connected is turned away, its calls failing with
     /// `Error::Refused("the server is at its limit of n clients")`, not left in the kernel's
     /// queue. A client counts until it has hung up and its calls have run (as
     /// [`AsyncServing::clients`] counts it). No limit unless set.
+    ///
+    /// As in the blocking flavour, a client that has just hung up may still count when the
+    /// next one connects (its task has not yet run to its end). So at the limit, if some of
+    /// the clients counted have hung up, the listener waits for one of their tasks to end, up
+    /// to 1 second from when it found them gone, and serves the new client if one does: a
+    /// client that reconnects at once is served. One that hung up with a call still running
+    /// counts until that call has run: once that second is over, new clients are turned away
+    /// at once again. If none of the clients counted has hung up, a new one is turned away at
+    /// once. The clients that connect during that second wait in the kernel's queue. The
+    /// second is timed on a thread of the listener's own, not on tokio's timer (the runtime
+    /// needs no time driver); if no thread can be started, the new client is turned away at
+    /// once.
     ///
     /// # Panics
     ///
@@ -373,6 +388,7 @@ impl AsyncServer {
         stopped: &Arc<AtomicBool>,
     ) -> Error {
         let mut trouble = Trouble::new();
+        let departures = Arc::new(Notify::new());
         loop {
             // Locked for a try at a time, never across a wait: `AsyncServing` may take it.
             let accepted = poll_fn(|cx| match &*listener.lock() {
@@ -405,6 +421,9 @@ impl AsyncServer {
                     continue;
                 }
             };
+            if let Some(max) = self.admission.max_clients {
+                make_room(clients, max, &departures).await;
+            }
             // Only the acceptor adds clients, so the count holds until it does.
             let connected = || pruned(clients).len();
             if let Err(reason) = self.admission.check(&socket, connected) {
@@ -436,20 +455,33 @@ impl AsyncServer {
                     // services keep): held weakly here, the connection, with its socket and
                     // shared memory, goes as soon as the task has served it to the end, not
                     // when the list is next pruned.
-                    let served = self.serve_services(&connection, services);
+                    let serve = self.serve_services(&connection, services);
                     let (closing, stopped) = (connection.clone(), stopped.clone());
+                    let ended = Arc::new(AtomicBool::new(false));
+                    let leaving = Leaving {
+                        ended: ended.clone(),
+                        departures: departures.clone(),
+                    };
                     let task = ::tokio::spawn(async move {
-                        let served = served.await;
+                        // The future, with its handle of the connection, dropped first.
+                        let served = serve.await;
                         // Drained by a shutdown: hung up on now, not only once the shutdown
                         // reaches it, after every client that came before it, however long
                         // their handlers run.
                         if stopped.load(Ordering::SeqCst) {
                             closing.close();
                         }
+                        drop(closing);
+                        drop(leaving);
                         served
                     });
                     let connection = connection.downgrade();
-                    clients.push(Client { connection, task });
+                    clients.push(Client {
+                        connection,
+                        task,
+                        ended,
+                        hung_up_since: None,
+                    });
                 }
                 Err(e) => {
                     let wait = trouble.failed("cannot set up a client's connection", &e);
@@ -470,6 +502,98 @@ impl AsyncServer {
 fn stopped_mid_accept(connection: &AsyncConnection) -> Error {
     connection.close();
     Error::Io(io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// At the limit of `max` clients, waits for the task of one of those that have hung up to
+/// end, until [`admission::DEPARTURE_GRACE`] after it first found them gone (see
+/// [`AsyncServer::max_clients`]). At once if there is room or none of them has hung up. The
+/// count is the caller's to take again.
+async fn make_room(clients: &Mutex<Vec<Client>>, max: usize, departures: &Notify) {
+    let (leaving, deadline, connections) = {
+        let mut clients = pruned(clients);
+        if clients.len() < max {
+            return;
+        }
+        // Each client's grace runs from when it was first found gone, so that the clients
+        // queued meanwhile wait for the one grace, not for one each.
+        let now = Instant::now();
+        let mut deadline = None;
+        let mut leaving = Vec::new();
+        // Held while polled, so that their sockets stay open; let go of out of the lock (the
+        // last handle of one may be among them, and its services' drops are user code).
+        let connections: Vec<_> = clients.iter().map(|c| c.connection.upgrade()).collect();
+        let sockets: Vec<_> = connections
+            .iter()
+            .map(|c| c.as_ref().map(|c| c.as_fd()))
+            .collect();
+        let hung_up = admission::hung_up(&sockets);
+        let gone = clients
+            .iter_mut()
+            .zip(hung_up)
+            .filter(|(_, hung_up)| *hung_up);
+        for (client, _) in gone {
+            let since = *client.hung_up_since.get_or_insert(now);
+            deadline = deadline.max(Some(since + admission::DEPARTURE_GRACE));
+            leaving.push(client.ended.clone());
+        }
+        (leaving, deadline, connections)
+    };
+    drop(connections);
+    let Some(deadline) = deadline else {
+        return; // none has hung up
+    };
+    let mut timer = None;
+    loop {
+        let mut ended = pin!(departures.notified());
+        // Before the look: an end after it wakes this.
+        ended.as_mut().enable();
+        if leaving.iter().any(|ended| ended.load(Ordering::SeqCst)) {
+            return;
+        }
+        if timer.is_none() {
+            timer = match deadline.checked_duration_since(Instant::now()) {
+                Some(left) if !left.is_zero() => grace(left),
+                _ => None,
+            };
+        }
+        let Some(timer) = &mut timer else {
+            return; // over already, or no thread to time it
+        };
+        let over = poll_fn(|cx| match ended.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(false),
+            Poll::Pending => Pin::new(&mut timer.over).poll(cx).map(|_| true),
+        });
+        if over.await {
+            return;
+        }
+    }
+}
+
+/// `left` of [`admission::DEPARTURE_GRACE`], timed on a thread of its own (see [`back_off`]),
+/// which ends at once when this is dropped: `None` if no thread can be started.
+fn grace(left: Duration) -> Option<Grace> {
+    // Not a tokio oneshot: see `handoff`.
+    let (over, grace) = super::handoff::channel();
+    let (cancel, cancelled) = std::sync::mpsc::channel::<()>();
+    std::thread::Builder::new()
+        .name("typed-ipc-grace".into())
+        .spawn(move || {
+            let _ = cancelled.recv_timeout(left);
+            over.give(());
+        })
+        .ok()?;
+    Some(Grace {
+        over: grace,
+        _cancel: cancel,
+    })
+}
+
+/// [`admission::DEPARTURE_GRACE`] being timed.
+struct Grace {
+    /// Resolves once it is over.
+    over: super::handoff::Receive<()>,
+    /// Dropped with this: the thread that times it ends at once.
+    _cancel: std::sync::mpsc::Sender<()>,
 }
 
 /// Forgets the clients that have hung up, then waits `wait` before the next try to accept.
@@ -511,6 +635,26 @@ struct Client {
     /// Held weakly: the client's task owns the connection (see `accept_loop`).
     connection: WeakAsyncConnection,
     task: JoinHandle<Result<()>>,
+    /// Set by its task once it has served the client to the end and let go of its
+    /// connection ([`Leaving`]): the client no longer counts, though the task may not have
+    /// finished yet.
+    ended: Arc<AtomicBool>,
+    /// When the acceptor, at its limit, first found its peer gone ([`make_room`]).
+    hung_up_since: Option<Instant>,
+}
+
+/// Dropped by a client's task once it has served the client to the end (or as the task is
+/// dropped unfinished): sets [`Client::ended`] and wakes the acceptor waiting in [`make_room`].
+struct Leaving {
+    ended: Arc<AtomicBool>,
+    departures: Arc<Notify>,
+}
+
+impl Drop for Leaving {
+    fn drop(&mut self) {
+        self.ended.store(true, Ordering::SeqCst);
+        self.departures.notify_waiters();
+    }
 }
 
 impl Client {
@@ -533,7 +677,7 @@ struct Held {
 /// went with their tasks).
 fn pruned(clients: &Mutex<Vec<Client>>) -> MutexGuard<'_, Vec<Client>> {
     let mut clients = clients.lock();
-    clients.retain(|c| !c.task.is_finished());
+    clients.retain(|c| !c.task.is_finished() && !c.ended.load(Ordering::SeqCst));
     clients
 }
 
