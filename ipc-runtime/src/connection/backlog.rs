@@ -114,9 +114,13 @@ impl Backlog {
         }
         self.over_cap().then(|| {
             let (n, mib, fds) = (HARD_FACTOR * n, HARD_FACTOR * mib, HARD_FACTOR * fds);
+            // Most often a peer that reports progress with a oneway per item, faster than
+            // this end runs them: say how to bound it.
             Error::Malformed(format!(
                 "the peer sent more than {n} requests ({mib} MiB, {fds} fds) that wait to run \
-                 while this end waited for a reply"
+                 while this end waited for a reply: it sent faster than this end runs them \
+                 (oneways run one at a time); keep what it sends during a call bounded (a \
+                 window of oneways acknowledged by a call, or a call per report)"
             ))
         })
     }
