@@ -264,7 +264,12 @@ use quote::quote;
 ///   authorizer refuses it, its arguments do not decode, its interface differs at the two
 ///   ends) or it panics, the sender is not
 ///   told; the server's stderr says so (the first 10 failed oneways of a process, all of
-///   them under `TYPED_IPC_DEBUG=1`).
+///   them under `TYPED_IPC_DEBUG=1`). Nothing waits for a oneway to run, so a sender can
+///   outrun its server (one report per item parsed, say): the server's end holds up to
+///   1,024 requests, then stops reading, but while it waits for a reply of its own (the call
+///   the reports are about) it reads on and ends the connection at twice that, failing that
+///   call with `Error::Malformed`. Bound what a method sends during a call: a report every
+///   so often, or a window of them acknowledged by a call.
 ///
 /// # Types
 ///

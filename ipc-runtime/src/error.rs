@@ -78,7 +78,8 @@ pub enum Error {
     /// The peer sent bytes that are not a valid message: a bad header, or a body that does
     /// not decode as the type it should be. Also the peer's sending more requests than this
     /// end holds for it: most often this end's own mistake, a connection the peer calls
-    /// back (`#[oneway]` progress reports, say) that nothing on this end serves (see
+    /// back (`#[oneway]` progress reports, say) that nothing on this end serves, or that it
+    /// runs more slowly than the peer sends them while it waits for a reply of its own (see
     /// [`Connection`](crate::Connection) for the bounds). The message says which.
     Malformed(String),
     /// The peer speaks another version of the wire format. The end that receives a message
