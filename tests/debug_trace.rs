@@ -233,7 +233,7 @@ fn child_refused_traced_async() {
 }
 
 /// A request refused before it could run (here for its fds) is printed as received too,
-/// as is the failure it is answered with.
+/// with why rather than the little kept of it, as is the failure it is answered with.
 #[test]
 fn a_refused_request_is_printed_as_received() {
     check_refused("child_refused_traced");
@@ -249,9 +249,88 @@ fn a_refused_request_is_printed_as_received_async() {
 fn check_refused(scenario: &str) {
     let stderr = traced_stderr(scenario);
     let has = |want: &str| assert_line(&stderr, want);
-    has("<- Call #1 Lab::count (16 bytes, 0 fds)");
+    has("<- Call #1 Lab::count (not received: message carries 2 file descriptors, the limit is 1)");
     has("-> Failure #1: TooManyFds { count: 2, limit: 1 }");
     has("<- Call #2 Lab::reverse (10 bytes, 0 fds)");
+}
+
+/// A client whose limits refuse `reverse`'s reply of 5,000 bytes (not its request), over a
+/// socket pair: its peer does not know them, and sends the reply inline.
+fn small_replies() -> typed_ipc::Limits {
+    typed_ipc::Limits {
+        max_message_len: 1000,
+        max_send_len: Some(1 << 20),
+        ..Default::default()
+    }
+}
+
+/// Calls `reverse` with 5,000 characters from an end whose limits refuse the reply.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_reply_over_limits_traced() {
+    let (mut a, b) = typed_ipc::Socket::pair().unwrap();
+    a.set_limits(small_replies());
+    let server =
+        std::thread::spawn(move || LabServer::new(Impl).serve(typed_ipc::Connection::new(b)));
+    let client = LabClient::new(typed_ipc::Connection::new(a));
+    let too_large = client.reverse("r".repeat(5000));
+    assert!(
+        matches!(
+            too_large,
+            Err(typed_ipc::Error::TooLarge { by_peer: false, .. })
+        ),
+        "{too_large:?}"
+    );
+    drop(client);
+    server.join().unwrap().unwrap();
+}
+
+/// The async flavour of [`child_reply_over_limits_traced`].
+#[cfg(feature = "tokio")]
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_reply_over_limits_traced_async() {
+    common::current_thread_runtime().block_on(async {
+        let (mut a, b) = typed_ipc::Socket::pair().unwrap();
+        a.set_limits(small_replies());
+        let server = asynchronous::LabServer::new(asynchronous::Impl);
+        let serving =
+            tokio::spawn(server.serve(typed_ipc::tokio::AsyncConnection::new(b).unwrap()));
+        let client =
+            asynchronous::LabClient::new(typed_ipc::tokio::AsyncConnection::new(a).unwrap());
+        let too_large = client.reverse("r".repeat(5000)).await;
+        assert!(
+            matches!(
+                too_large,
+                Err(typed_ipc::Error::TooLarge { by_peer: false, .. })
+            ),
+            "{too_large:?}"
+        );
+        drop(client);
+        serving.await.unwrap().unwrap();
+    });
+}
+
+/// A reply refused for its size is printed with why, not with the envelope kept of it,
+/// which read as a reply of no bytes.
+#[test]
+fn a_reply_over_this_sides_limits_is_printed_with_why() {
+    check_reply_over_limits("child_reply_over_limits_traced");
+}
+
+/// The same from the async flavour's client and server.
+#[cfg(feature = "tokio")]
+#[test]
+fn a_reply_over_this_sides_limits_is_printed_with_why_async() {
+    check_reply_over_limits("child_reply_over_limits_traced_async");
+}
+
+fn check_reply_over_limits(scenario: &str) {
+    let stderr = traced_stderr(scenario);
+    assert_line(
+        &stderr,
+        "<- Reply #1 (not received: message of 5032 bytes exceeds the limit of 1000 bytes)",
+    );
 }
 
 /// Sends a oneway to a peer already gone: the send fails, so nothing was sent.
@@ -1307,7 +1386,10 @@ fn a_refused_call_is_said_once_its_reader_has_let_the_role_go() {
     let id = LAB_INFO.id;
     assert_line(
         &stderr,
-        &format!("<- Call #77 iface {id:#010x} cmd 0 (9 bytes, 0 fds)"),
+        &format!(
+            "<- Call #77 iface {id:#010x} cmd 0 (not received: message carries 2 file \
+             descriptors, the limit is 1)"
+        ),
     );
     assert_line(&stderr, "-> Failure #77: TooManyFds { count: 2, limit: 1 }");
 }

@@ -258,7 +258,7 @@ impl Shared {
         // next reader need wait for it.
         let reply_line = match envelope.kind {
             Kind::Reply | Kind::Failure if self.trace => {
-                Some(self.incoming_line(&envelope, &frame))
+                Some(self.incoming_line(&envelope, &frame, result.as_ref().err()))
             }
             _ => None,
         };
@@ -295,8 +295,8 @@ impl Shared {
             // This end closed the connection, or stopped reading and reads on only for the
             // replies its handlers wait for: what the peer sends is not run (dropped here,
             // closing its fds).
-            (Kind::Call | Kind::Oneway, _) if state.drops_requests() => {
-                state = self.trace_unlocked(state, &envelope, &frame);
+            (Kind::Call | Kind::Oneway, ref result) if state.drops_requests() => {
+                state = self.trace_unlocked(state, &envelope, &frame, result.as_ref().err());
                 keep_unread(&mut state, frame);
             }
             (Kind::Oneway, Ok(()))
@@ -311,7 +311,7 @@ impl Shared {
             }
             // Refused by the backlog, which ends the connection.
             (Kind::Call | Kind::Oneway, Ok(())) if !self.admit(&mut state) => {
-                state = self.trace_unlocked(state, &envelope, &frame);
+                state = self.trace_unlocked(state, &envelope, &frame, None);
             }
             (Kind::Call, Ok(())) => {
                 let frame = to_queue(&mut state, frame);
@@ -330,7 +330,7 @@ impl Shared {
                 keep_unread(&mut state, frame);
             }
             (Kind::Oneway, Err(e)) => {
-                drop(self.trace_unlocked(state, &envelope, &frame));
+                drop(self.trace_unlocked(state, &envelope, &frame, Some(&e)));
                 // Nobody waits for a oneway's outcome, so say it here rather than lose it.
                 let registry = Arc::clone(&self.registry.lock());
                 let served = registry.services.iter().map(|(info, _)| *info);
@@ -347,7 +347,7 @@ impl Shared {
             }
             // The peer's last words: it hangs up after them.
             (Kind::Refusal, result) => {
-                state = self.trace_unlocked(state, &envelope, &frame);
+                state = self.trace_unlocked(state, &envelope, &frame, result.as_ref().err());
                 let why = result.map_or_else(|e| e, |()| envelope::refused(&frame.payload));
                 self.fail(&mut state, why);
                 keep_unread(&mut state, frame);
@@ -358,7 +358,7 @@ impl Shared {
             (Kind::Cancel, result) => {
                 // Before it is said: the trace shows the call gone once it says the cancel.
                 let dropped = self.cancel_queued(&mut state, envelope.cookie);
-                state = self.trace_unlocked(state, &envelope, &frame);
+                state = self.trace_unlocked(state, &envelope, &frame, result.as_ref().err());
                 if result.is_ok() {
                     self.lane.finished(&frame.payload);
                 }
@@ -369,7 +369,7 @@ impl Shared {
             }
             (Kind::Announce, result) => {
                 // Not with the lock held: a write to stderr may block.
-                state = self.trace_unlocked(state, &envelope, &frame);
+                state = self.trace_unlocked(state, &envelope, &frame, result.as_ref().err());
                 match result.and_then(|()| envelope::announcement(&frame.payload)) {
                     Ok((mailbox, token)) => self.lane.on_announce(mailbox, token),
                     Err(e) => self.fail(&mut state, e),
@@ -462,10 +462,11 @@ impl Shared {
         state: Guard<'a>,
         envelope: &Envelope,
         frame: &Frame,
+        unreceived: Option<&Error>,
     ) -> Guard<'a> {
         match self.trace {
             false => state,
-            true => self.trace_with_lock_let_go(state, envelope, frame),
+            true => self.trace_with_lock_let_go(state, envelope, frame, unreceived),
         }
     }
 
@@ -476,9 +477,10 @@ impl Shared {
         state: Guard<'a>,
         envelope: &Envelope,
         frame: &Frame,
+        unreceived: Option<&Error>,
     ) -> Guard<'a> {
         drop(state);
-        self.trace_incoming(envelope, frame);
+        super::trace::line(&self.incoming_line(envelope, frame, unreceived));
         self.state.lock()
     }
 
@@ -512,7 +514,9 @@ impl Shared {
             self.release_reader(&mut state);
         }
         drop(state);
-        let received = self.trace.then(|| self.incoming_line(envelope, frame));
+        let received = self
+            .trace
+            .then(|| self.incoming_line(envelope, frame, Some(e)));
         let failure = unreceived(e, false);
         let sent = self.send_failure(envelope, &failure, wait);
         let mut state = self.state.lock();

@@ -284,13 +284,18 @@ impl Shared {
     }
 
     pub(super) fn trace_incoming(&self, envelope: &Envelope, frame: &Frame) {
-        trace::line(&self.incoming_line(envelope, frame));
+        trace::line(&self.incoming_line(envelope, frame, None));
     }
 
     /// What [`Shared::trace_incoming`] says (out of line: only ever with tracing on).
     #[cold]
     #[inline(never)]
-    pub(super) fn incoming_line(&self, envelope: &Envelope, frame: &Frame) -> String {
+    pub(super) fn incoming_line(
+        &self,
+        envelope: &Envelope,
+        frame: &Frame,
+        unreceived: Option<&Error>,
+    ) -> String {
         let registry = self.registry().registry;
         trace::incoming_line(
             &self.name,
@@ -298,6 +303,7 @@ impl Shared {
             frame,
             registry.services.iter().map(|(info, _)| *info),
             false,
+            unreceived,
         )
     }
 }

@@ -523,13 +523,16 @@ pub(crate) fn announce_retired(name: &Name, len: usize, older: Option<usize>) {
 /// A request for none of them is named by its interface's id and command, which the
 /// sender's source says (`#[interface]`'s `…_INFO`); `held` if it waits for a server to
 /// come (the async flavour's requests that arrive before `serve`), which
-/// [`held_until_served`] names once it has.
+/// [`held_until_served`] names once it has. A message this end could not receive
+/// (`unreceived`: over its limits, its fds dropped) is said with why, not with the bytes and
+/// fds kept of it, which are only its envelope's.
 pub(crate) fn incoming_line<'i>(
     name: &Name,
     envelope: &Envelope,
     frame: &Frame,
     mut served: impl Iterator<Item = &'i InterfaceInfo>,
     held: bool,
+    unreceived: Option<&Error>,
 ) -> String {
     let request = matches!(envelope.kind, envelope::Kind::Call | envelope::Kind::Oneway);
     let (method, held) = match served.find(|i| i.id == envelope.interface) {
@@ -540,15 +543,21 @@ pub(crate) fn incoming_line<'i>(
         ),
         None => (String::new(), ""),
     };
+    let what = match unreceived {
+        Some(e) => format!("not received: {}", printable(&e.to_string())),
+        None => format!(
+            "{}, {}",
+            counted(
+                frame.payload.len() - envelope::LEN.min(frame.payload.len()),
+                "byte"
+            ),
+            counted(frame.fds.len(), "fd")
+        ),
+    };
     format!(
-        "{name} <- {:?}{}{method} ({}, {}{held})",
+        "{name} <- {:?}{}{method} ({what}{held})",
         envelope.kind,
         cookie(envelope),
-        counted(
-            frame.payload.len() - envelope::LEN.min(frame.payload.len()),
-            "byte"
-        ),
-        counted(frame.fds.len(), "fd")
     )
 }
 

@@ -132,7 +132,7 @@ impl Inner {
         // A reply is said once its caller has it: a write to stderr may block (a pipe nobody
         // empties), and this task is the only one that reads.
         let reply_line = match self.trace {
-            true => self.trace_incoming(&envelope, &frame),
+            true => self.trace_incoming(&envelope, &frame, received.as_ref().err()),
             false => None,
         };
         match &received {
@@ -362,14 +362,20 @@ impl Inner {
     /// write to stderr may block, and the caller need not wait for it.
     #[cold]
     #[inline(never)]
-    fn trace_incoming(&self, envelope: &Envelope, frame: &Frame) -> Option<String> {
+    fn trace_incoming(
+        &self,
+        envelope: &Envelope,
+        frame: &Frame,
+        unreceived: Option<&Error>,
+    ) -> Option<String> {
         // Copied out before printing: a write to stderr may block, and a service being added
         // (which waits for the write lock) would wait for it.
         let served: Vec<_> = self.services.read().iter().map(|s| s.info()).collect();
         // A request that comes before `serve` is held for it, and named once dispatched
         // (`start_serving`): it may be this very interface, not added yet.
         let held = !self.lock().serving;
-        let line = trace::incoming_line(&self.name, envelope, frame, served.into_iter(), held);
+        let served = served.into_iter();
+        let line = trace::incoming_line(&self.name, envelope, frame, served, held, unreceived);
         match envelope.kind {
             Kind::Reply | Kind::Failure => Some(line),
             _ => {
