@@ -167,7 +167,8 @@ impl fmt::Display for Error {
                 by_peer,
             } => write!(
                 f,
-                "message carries {count} file descriptors, {} limit is {limit}",
+                "message carries {count} file descriptor{}, {} limit is {limit}",
+                if *count == 1 { "" } else { "s" },
                 whose(*by_peer)
             ),
             Error::FdsDropped { expected, received } => write!(
@@ -331,5 +332,31 @@ impl From<Error> for io::Error {
             Error::TimedOut => io::Error::new(io::ErrorKind::TimedOut, e),
             other => io::Error::other(other),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Error;
+
+    #[test]
+    fn a_count_of_fds_reads_as_words() {
+        let fds = |count, by_peer| {
+            let limit = 0;
+            Error::TooManyFds {
+                count,
+                limit,
+                by_peer,
+            }
+            .to_string()
+        };
+        assert_eq!(
+            fds(1, false),
+            "message carries 1 file descriptor, the limit is 0"
+        );
+        assert_eq!(
+            fds(2, true),
+            "message carries 2 file descriptors, the peer's limit is 0"
+        );
     }
 }
