@@ -452,10 +452,11 @@ const CONTAINERS: &[&str] = &[
 
 impl SelfReference<'_> {
     /// Whether `arguments` (lifetimes aside, which do not change a shape) are the type's
-    /// own parameters, in order.
+    /// own parameters, in order, as the type's name (not `Self`) takes them.
     fn are_own(&self, arguments: &syn::PathArguments) -> bool {
         let given: Vec<String> = match arguments {
-            syn::PathArguments::None => return true,
+            // With parameters, the bare name is the type at their defaults: another type.
+            syn::PathArguments::None => return self.own_arguments.is_empty(),
             syn::PathArguments::AngleBracketed(angled) => angled
                 .args
                 .iter()
@@ -477,7 +478,8 @@ impl VisitMut for SelfReference<'_> {
                 && segments.len() == 1
                 && (segments[0].ident == *self.name || segments[0].ident == "Self");
             if is_self {
-                if !self.are_own(&segments[0].arguments) {
+                let own = segments[0].ident == "Self" || self.are_own(&segments[0].arguments);
+                if !own {
                     self.other_arguments = Some(segments[0].span());
                 }
                 if self.inside > 0 {
