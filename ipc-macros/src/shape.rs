@@ -19,6 +19,7 @@ fn shape_module() -> TokenStream {
 pub fn derive(input: TokenStream) -> syn::Result<TokenStream> {
     let mut input: DeriveInput = syn::parse2(input)?;
     let m = shape_module();
+    refuse_shape_attribute(&input.attrs)?;
     let container = Container::parse(&input.attrs)?;
     let name = input.ident.clone();
     let mut recursive = false;
@@ -69,6 +70,7 @@ pub fn derive(input: TokenStream) -> syn::Result<TokenStream> {
             }
             let mut variants = Vec::new();
             for variant in &data.variants {
+                refuse_shape_attribute(&variant.attrs)?;
                 refuse_variant_attributes(&variant.attrs)?;
                 let fields = fields(
                     &variant.fields,
@@ -160,6 +162,20 @@ impl Container {
             _ => Ok(()),
         })?;
         Ok(container)
+    }
+}
+
+/// `#[shape(...)]` anywhere but on a field: the compiler accepts it as the derive's helper
+/// attribute, so unrefused it would pass, saying nothing.
+fn refuse_shape_attribute(attrs: &[Attribute]) -> syn::Result<()> {
+    match attrs.iter().find(|a| a.path().is_ident("shape")) {
+        Some(attr) => Err(syn::Error::new_spanned(
+            attr,
+            "`#[shape(same_as = \"T\")]` goes on a field, to say which type's wire form its \
+             `#[serde(with)]` writes; for a whole type or variant, implement \
+             `typed_ipc::Shape` by hand",
+        )),
+        None => Ok(()),
     }
 }
 
