@@ -31,6 +31,7 @@ pub fn derive(input: TokenStream) -> syn::Result<TokenStream> {
             .collect(),
         used: Vec::new(),
         projections: Vec::new(),
+        containers: Vec::new(),
     };
     let own_arguments: Vec<String> = input
         .generics
@@ -111,6 +112,20 @@ pub fn derive(input: TokenStream) -> syn::Result<TokenStream> {
                 .iter()
                 .map(|ty| -> syn::WherePredicate { syn::parse_quote!(#ty: ::typed_ipc::Shape) }),
         );
+    }
+    // Each generic type the derived type is named inside must be a standard container, as
+    // the derive took it for by its name: a look-alike that names itself would bind the
+    // `RECURSION` given to it as its own.
+    if !bounded.containers.is_empty() {
+        input
+            .generics
+            .make_where_clause()
+            .predicates
+            .extend(bounded.containers.iter().map(
+            |(ty, span)| -> syn::WherePredicate {
+                syn::parse_quote_spanned!(*span=> #ty: ::typed_ipc::shape::StandardContainer)
+            },
+        ));
     }
     let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
     Ok(quote! {
@@ -370,8 +385,11 @@ fn fields(
             other_arguments: None,
             inside: 0,
             inside_other_type: None,
+            names: 0,
+            containers: Vec::new(),
         };
         reference.visit_type_mut(&mut ty);
+        let containers = std::mem::take(&mut reference.containers);
         if let Some(span) = reference.inside_other_type {
             return Err(syn::Error::new(
                 span,
@@ -403,6 +421,7 @@ fn fields(
             }
             FieldForm::Type => {
                 *recursive |= names_itself;
+                bounded.containers.extend(containers);
                 syn::visit::Visit::visit_type(bounded, &ty);
                 shapes.push(quote_spanned! {field.ty.span()=>
                     <#ty as ::typed_ipc::Shape>::SHAPE
@@ -432,6 +451,11 @@ struct SelfReference<'a> {
     /// Where the type names itself inside one of those: a type that names itself too binds
     /// the `RECURSION` it is given as its own, so the derive refuses it.
     inside_other_type: Option<Span>,
+    /// How many times the type names itself, so far.
+    names: usize,
+    /// The generic types taken for [`CONTAINERS`] that the type is named inside, as
+    /// rewritten, each with its span: the impl asks them to be the standard library's.
+    containers: Vec<(Type, Span)>,
 }
 
 /// The generic types whose shapes hold no `shape::recursive` of their own, so that a
@@ -503,15 +527,21 @@ impl VisitMut for SelfReference<'_> {
                 }
                 *ty = syn::parse_quote!(::typed_ipc::shape::Recursion);
                 *self.found = true;
+                self.names += 1;
                 return;
             }
-            let other = segments.last().is_some_and(|last| {
-                !matches!(last.arguments, syn::PathArguments::None)
-                    && !CONTAINERS.iter().any(|c| last.ident == c)
-            });
+            let generic = segments
+                .last()
+                .filter(|last| !matches!(last.arguments, syn::PathArguments::None));
+            let container = generic.is_some_and(|last| CONTAINERS.iter().any(|c| last.ident == c));
+            let other = generic.is_some() && !container;
+            let (names_before, span) = (self.names, ty.span());
             self.inside += usize::from(other);
             syn::visit_mut::visit_type_mut(self, ty);
             self.inside -= usize::from(other);
+            if container && self.names > names_before {
+                self.containers.push((ty.clone(), span));
+            }
             return;
         }
         syn::visit_mut::visit_type_mut(self, ty);
@@ -525,6 +555,8 @@ struct Bounded {
     params: Vec<Ident>,
     used: Vec<Ident>,
     projections: Vec<Type>,
+    /// The generic types, taken for standard containers, that the type is named inside.
+    containers: Vec<(Type, Span)>,
 }
 
 impl<'ast> syn::visit::Visit<'ast> for Bounded {

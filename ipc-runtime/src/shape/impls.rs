@@ -292,3 +292,24 @@ impl Shape for crate::shared_buffer::SealedBuffer {
 impl Shape for crate::shared_region::RegionView {
     const SHAPE: u64 = compound(tag::REGION_VIEW, &[FD]);
 }
+
+/// The containers the derive follows a recursion through (`CONTAINERS` in the derive).
+macro_rules! standard_containers {
+    ($(<$($p:ident $(: ?$sized:ident)?),*> $ty:ty),* $(,)?) => {
+        $(impl<$($p $(: ?$sized)?),*> StandardContainer for $ty {})*
+    };
+}
+
+standard_containers! {
+    <T: ?Sized> Box<T>, <T> Vec<T>, <T> Option<T>, <T, E> Result<T, E>,
+    <T: ?Sized> Rc<T>, <T: ?Sized> Arc<T>, <T> VecDeque<T>, <T> LinkedList<T>,
+    <T> BinaryHeap<T>, <T> BTreeSet<T>, <T, S> HashSet<T, S>, <K, V> BTreeMap<K, V>,
+    <K, V, S> HashMap<K, V, S>, <T: ?Sized> PhantomData<T>,
+    <T: ?Sized> std::cell::RefCell<T>, <T: ?Sized> std::cell::Cell<T>,
+    <T: ?Sized> std::sync::Mutex<T>, <T: ?Sized> std::sync::RwLock<T>,
+    <T> std::cmp::Reverse<T>, <T> std::num::Wrapping<T>, <T> std::num::Saturating<T>,
+    <T> std::ops::Range<T>, <T> std::ops::RangeInclusive<T>, <T> std::ops::RangeFrom<T>,
+    <T> std::ops::RangeTo<T>, <T> std::ops::Bound<T>,
+}
+
+impl<T: ToOwned + ?Sized> StandardContainer for Cow<'_, T> {}

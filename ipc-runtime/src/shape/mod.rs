@@ -228,6 +228,19 @@ impl Shape for Recursion {
     const SHAPE: u64 = RECURSION;
 }
 
+/// The standard library's containers, whose shapes hold no [`recursive`] of their own: the
+/// derive asks it of each generic type a [`RECURSION`] is given to, so that a look-alike of
+/// the user's (a `LinkedList<T>` that names itself) cannot bind it as its own.
+#[doc(hidden)]
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not the standard library's, and #[derive(typed_ipc::Shape)] follows \
+               a type that names itself only inside the standard containers",
+    label = "the type being derived is named inside this",
+    note = "a generic type that names itself too would take the derived type's recursion for \
+            its own: implement `typed_ipc::Shape` by hand"
+)]
+pub trait StandardContainer {}
+
 #[cfg(test)]
 mod tests {
     use std::borrow::Cow;
