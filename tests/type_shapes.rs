@@ -466,6 +466,7 @@ fn checking_types_changes_the_signature_and_the_types_change_it_again() {
 /// What `#[derive(Shape)]` makes of structs and enums: the fields and variants in order, by
 /// their types' shapes, names left out; serde's `skip` and `transparent` followed.
 mod derived {
+    use std::borrow::Cow;
     use std::fs::File;
     use std::os::fd::OwnedFd;
 
@@ -567,6 +568,13 @@ mod derived {
         parent: Option<Box<Self>>,
     }
 
+    /// A type that names itself inside a `Cow`, which asks it to be `Clone`.
+    #[derive(Clone, Serialize, Deserialize, Shape)]
+    struct Borrowing<'a> {
+        name: Cow<'a, str>,
+        kids: Cow<'a, [Borrowing<'a>]>,
+    }
+
     #[derive(Serialize, Deserialize, Shape)]
     struct WithFd {
         #[serde(with = "typed_ipc::fd")]
@@ -627,6 +635,13 @@ mod derived {
         assert_ne!(of::<Tree<u32>>(), of::<Tree<f32>>());
         assert_eq!(of::<Tree<u32>>(), of::<Tree<u32>>());
         assert_ne!(of::<Tree<u32>>(), of::<Wrapper<u32>>());
+        assert_eq!(
+            of::<Borrowing<'static>>(),
+            shape::recursive(shape::product(&[
+                of::<String>(),
+                shape::seq(shape::RECURSION)
+            ]))
+        );
     }
 
     /// A recursive type nested in a field group of its own, `(Vec<Self>, u8)`, and the same

@@ -221,7 +221,9 @@ pub const fn signature(text: u32, methods: &[MethodInfo]) -> u32 {
 }
 
 /// Stands for a directly recursive type inside its own definition (see [`RECURSION`]).
+/// `Clone`, as a `Cow<[T]>` or `Cow<T>` asks of the type it stands for.
 #[doc(hidden)]
+#[derive(Clone)]
 pub struct Recursion;
 
 impl Shape for Recursion {
