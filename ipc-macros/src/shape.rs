@@ -229,6 +229,11 @@ fn same_as(attrs: &[Attribute]) -> syn::Result<Option<Type>> {
                      the type whose wire form this field has",
                 ));
             }
+            if same.is_some() {
+                return Err(meta.error(
+                    "a second `same_as` on this field: a field has one wire form, say it once",
+                ));
+            }
             let lit: syn::LitStr = meta.value()?.parse()?;
             same = Some(lit.parse::<Type>().map_err(|e| {
                 syn::Error::new(lit.span(), format!("`same_as` names a type: {e}"))
