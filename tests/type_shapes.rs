@@ -575,6 +575,17 @@ mod derived {
         kids: Cow<'a, [Borrowing<'a>]>,
     }
 
+    /// A type that names itself only in a skipped field, inside a type the derive does not
+    /// follow a recursion through: nothing of it travels, so nothing of it is followed.
+    #[derive(Serialize, Deserialize, Shape)]
+    struct WithParent {
+        value: u32,
+        #[serde(skip)]
+        _parent: Option<std::rc::Weak<WithParent>>,
+        #[serde(skip)]
+        _cache: Option<Box<Wrapper<Self>>>,
+    }
+
     #[derive(Serialize, Deserialize, Shape)]
     struct WithFd {
         #[serde(with = "typed_ipc::fd")]
@@ -635,6 +646,7 @@ mod derived {
         assert_ne!(of::<Tree<u32>>(), of::<Tree<f32>>());
         assert_eq!(of::<Tree<u32>>(), of::<Tree<u32>>());
         assert_ne!(of::<Tree<u32>>(), of::<Wrapper<u32>>());
+        assert_eq!(of::<WithParent>(), of::<(u32,)>());
         assert_eq!(
             of::<Borrowing<'static>>(),
             shape::recursive(shape::product(&[

@@ -381,6 +381,11 @@ fn fields(
 ) -> syn::Result<Vec<TokenStream>> {
     let mut shapes = Vec::new();
     for field in fields {
+        let form = field_form(&field.attrs)?;
+        // Not on the wire: whatever its type names, nothing of it is followed.
+        if let FieldForm::Skipped = form {
+            continue;
+        }
         let mut ty = field.ty.clone();
         let mut names_itself = false;
         let mut reference = SelfReference {
@@ -418,7 +423,7 @@ fn fields(
                 ),
             ));
         }
-        match field_form(&field.attrs)? {
+        match form {
             FieldForm::Skipped => {}
             FieldForm::Known(shape) => {
                 *recursive |= names_itself;
