@@ -556,6 +556,15 @@ mod derived {
         _unit: (),
     }
 
+    /// serde's `transparent` leaves `PhantomData` fields out, unskipped: the one field is
+    /// what travels.
+    #[derive(Serialize, Deserialize, Shape)]
+    #[serde(transparent)]
+    struct TypedId<T> {
+        raw: u64,
+        _kind: std::marker::PhantomData<T>,
+    }
+
     #[derive(Serialize, Deserialize, Shape)]
     struct Wrapper<T> {
         inner: T,
@@ -628,6 +637,15 @@ mod derived {
         assert_ne!(of::<Swapped>(), of::<SwappedBack>());
         assert_ne!(of::<Option<Pair>>(), of::<Pair>());
         assert_eq!(of::<Meters>(), of::<f64>());
+        let id = TypedId::<String> {
+            raw: 7,
+            _kind: std::marker::PhantomData,
+        };
+        assert_eq!(
+            bincode::serialize(&id).unwrap(),
+            bincode::serialize(&7u64).unwrap()
+        );
+        assert_eq!(of::<TypedId<String>>(), of::<u64>());
         assert_ne!(of::<Wrapper<u32>>(), of::<Wrapper<f32>>());
         assert_eq!(of::<Wrapper<&str>>(), of::<Wrapper<String>>());
     }

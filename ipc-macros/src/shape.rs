@@ -45,8 +45,19 @@ pub fn derive(input: TokenStream) -> syn::Result<TokenStream> {
         .collect();
     let shape = match &input.data {
         Data::Struct(data) => {
+            let mut travelling = data.fields.clone();
+            if container.transparent.is_some() {
+                // serde's `transparent` writes the one field, and leaves the `PhantomData`s
+                // out (by their name, as it does) whether skipped or not.
+                let not_phantom = |field: &syn::Field| !is_phantom(&field.ty);
+                match &mut travelling {
+                    Fields::Named(fields) => retain(&mut fields.named, not_phantom),
+                    Fields::Unnamed(fields) => retain(&mut fields.unnamed, not_phantom),
+                    Fields::Unit => {}
+                }
+            }
             let fields = fields(
-                &data.fields,
+                &travelling,
                 &name,
                 &own_arguments,
                 &mut recursive,
@@ -134,6 +145,23 @@ pub fn derive(input: TokenStream) -> syn::Result<TokenStream> {
             const SHAPE: ::core::primitive::u64 = #shape;
         }
     })
+}
+
+/// Keeps the fields `keep` says to.
+fn retain(
+    fields: &mut syn::punctuated::Punctuated<syn::Field, syn::Token![,]>,
+    keep: impl Fn(&syn::Field) -> bool,
+) {
+    *fields = std::mem::take(fields).into_iter().filter(keep).collect();
+}
+
+/// Whether `ty` is a `PhantomData`, by its name: how serde's `transparent` tells.
+fn is_phantom(mut ty: &Type) -> bool {
+    while let Type::Group(group) = ty {
+        ty = &group.elem;
+    }
+    matches!(ty, Type::Path(path)
+        if path.path.segments.last().is_some_and(|s| s.ident == "PhantomData"))
 }
 
 /// What to write instead of a serde attribute the derive cannot see through.
