@@ -45,6 +45,7 @@ pub fn derive(input: TokenStream) -> syn::Result<TokenStream> {
         .collect();
     let shape = match &input.data {
         Data::Struct(data) => {
+            refuse_skipped_newtype(&data.fields)?;
             let mut travelling = data.fields.clone();
             if container.transparent.is_some() {
                 // serde's `transparent` writes the one field, and leaves the `PhantomData`s
@@ -145,6 +146,26 @@ pub fn derive(input: TokenStream) -> syn::Result<TokenStream> {
             const SHAPE: ::core::primitive::u64 = #shape;
         }
     })
+}
+
+/// A newtype struct's one field skipped: serde writes and reads it all the same (it follows
+/// `skip` in a struct of named fields, several fields, or a variant), so no shape of a
+/// skipped field would be true.
+fn refuse_skipped_newtype(fields: &Fields) -> syn::Result<()> {
+    let Fields::Unnamed(unnamed) = fields else {
+        return Ok(());
+    };
+    match unnamed.unnamed.first() {
+        Some(field) if unnamed.unnamed.len() == 1 => match field_form(&field.attrs)? {
+            FieldForm::Skipped => Err(syn::Error::new_spanned(
+                field,
+                "serde writes a newtype struct's one field even when it is skipped, so this \
+                 `skip` does nothing on the wire: remove it, or make the type a unit struct",
+            )),
+            _ => Ok(()),
+        },
+        _ => Ok(()),
+    }
 }
 
 /// Keeps the fields `keep` says to.
