@@ -8,7 +8,8 @@
 use std::os::fd::BorrowedFd;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -63,7 +64,7 @@ pub(crate) const DEPARTURE_GRACE: Duration = Duration::from_secs(1);
 /// this runs for every client turned away at the limit.
 #[cold]
 #[inline(never)]
-pub(crate) fn hung_up(sockets: &[Option<BorrowedFd<'_>>]) -> Vec<bool> {
+fn hung_up(sockets: &[Option<BorrowedFd<'_>>]) -> Vec<bool> {
     // The peer's shutdown or close. Not `POLLIN`, which a message to read sets too: whatever
     // is reported (`POLLRDHUP`, or `POLLHUP` and `POLLERR`, which are always) means the peer
     // has gone. nix names no `POLLRDHUP`, and its `revents` is `None` when it is set.
@@ -88,6 +89,39 @@ pub(crate) fn hung_up(sockets: &[Option<BorrowedFd<'_>>]) -> Vec<bool> {
         .iter()
         .map(|s| s.is_none() || reported.next() == Some(true))
         .collect()
+}
+
+/// Of the clients a listener at its limit counts, each with its socket (`None`: its
+/// connection has gone), since when it was first found hung up, and the flag its thread or
+/// task sets once it no longer counts: the flags of those that have hung up, and when the
+/// grace for them is over (`None`: none has hung up). A client's grace runs from when it was
+/// first found gone, so that the clients queued meanwhile wait for the one grace, not for
+/// one each.
+#[cold]
+#[inline(never)]
+pub(crate) fn departing<'a>(
+    clients: impl Iterator<
+        Item = (
+            Option<BorrowedFd<'a>>,
+            &'a mut Option<Instant>,
+            &'a Arc<AtomicBool>,
+        ),
+    >,
+) -> (Vec<Arc<AtomicBool>>, Option<Instant>) {
+    let (sockets, marks): (Vec<_>, Vec<_>) = clients
+        .map(|(socket, since, ended)| (socket, (since, ended)))
+        .unzip();
+    let now = Instant::now();
+    let mut deadline = None;
+    let mut leaving = Vec::new();
+    for ((since, ended), hung_up) in marks.into_iter().zip(hung_up(&sockets)) {
+        if hung_up {
+            let since = *since.get_or_insert(now);
+            deadline = deadline.max(Some(since + DEPARTURE_GRACE));
+            leaving.push(ended.clone());
+        }
+    }
+    (leaving, deadline)
 }
 
 /// The reason a client over [`Admission::max_clients`] is turned away with.

@@ -514,28 +514,14 @@ async fn make_room(clients: &Mutex<Vec<Client>>, max: usize, departures: &Notify
         if clients.len() < max {
             return;
         }
-        // Each client's grace runs from when it was first found gone, so that the clients
-        // queued meanwhile wait for the one grace, not for one each.
-        let now = Instant::now();
-        let mut deadline = None;
-        let mut leaving = Vec::new();
         // Held while polled, so that their sockets stay open; let go of out of the lock (the
         // last handle of one may be among them, and its services' drops are user code).
         let connections: Vec<_> = clients.iter().map(|c| c.connection.upgrade()).collect();
-        let sockets: Vec<_> = connections
-            .iter()
-            .map(|c| c.as_ref().map(|c| c.as_fd()))
-            .collect();
-        let hung_up = admission::hung_up(&sockets);
-        let gone = clients
-            .iter_mut()
-            .zip(hung_up)
-            .filter(|(_, hung_up)| *hung_up);
-        for (client, _) in gone {
-            let since = *client.hung_up_since.get_or_insert(now);
-            deadline = deadline.max(Some(since + admission::DEPARTURE_GRACE));
-            leaving.push(client.ended.clone());
-        }
+        let counted = clients.iter_mut().zip(&connections).map(|(c, connection)| {
+            let socket = connection.as_ref().map(|c| c.as_fd());
+            (socket, &mut c.hung_up_since, &c.ended)
+        });
+        let (leaving, deadline) = admission::departing(counted);
         (leaving, deadline, connections)
     };
     drop(connections);
