@@ -156,7 +156,15 @@ fn requests_read_while_a_clients_service_is_made_wait_for_it_past_the_bounds() {
         })
         .listen(Listener::bind_abstract(&name).unwrap())
         .unwrap();
-    let connection = Connection::connect_abstract(&name).unwrap();
+    be_greeted(&name, &greeting);
+    serving.shutdown();
+}
+
+/// The client of the `requests_read_while_a_clients_service_is_made…` tests: connects to the
+/// server listening at `name`, serves its greeting (which floods it with notes first), and
+/// checks that the server's `make` heard the greeting (`greeting`) and every note ran.
+fn be_greeted(name: &str, greeting: &mpsc::Receiver<typed_ipc::Result<u32>>) {
+    let connection = Connection::connect_abstract(name).unwrap();
     let sink = SinkClient::new(connection.clone()).with_timeout(HANG_GUARD);
     let client = {
         let (connection, sink) = (connection.clone(), sink.clone());
@@ -167,7 +175,6 @@ fn requests_read_while_a_clients_service_is_made_wait_for_it_past_the_bounds() {
     assert_eq!(sink.noted().unwrap(), PAST_THE_BOUNDS, "every note ran");
     connection.close();
     client.join().unwrap().unwrap();
-    serving.shutdown();
 }
 
 /// A call that waits at a gate, and one that does not.
@@ -346,17 +353,7 @@ mod asynchronous {
                 })
                 .listen(AsyncListener::bind_abstract(&name).unwrap())
         };
-        let connection = Connection::connect_abstract(&name).unwrap();
-        let sink = SinkClient::new(connection.clone()).with_timeout(HANG_GUARD);
-        let client = {
-            let (connection, sink) = (connection.clone(), sink.clone());
-            std::thread::spawn(move || connection.serve(GreeterServer::new(Greets(sink))))
-        };
-        let answer = greeting.recv_timeout(HANG_GUARD).unwrap();
-        assert!(matches!(answer, Ok(1)), "{answer:?}");
-        assert_eq!(sink.noted().unwrap(), PAST_THE_BOUNDS, "every note ran");
-        connection.close();
-        client.join().unwrap().unwrap();
+        super::be_greeted(&name, &greeting);
         runtime.block_on(serving.shutdown());
     }
 
