@@ -19,7 +19,10 @@
 //!
 //! The derive follows a type that names itself (`struct Tree { kids: Vec<Tree> }`, or
 //! `Self`), with its own type arguments, directly or inside the standard containers (inside
-//! another generic type, which may name itself too, it refuses); two types that name each
+//! another generic type, which may name itself too, it refuses, as it refuses a type of
+//! yours named like one of them). A generic type names itself as `Self` or with its
+//! parameters written out: named bare, it means its defaults, another type, and is refused.
+//! Two types that name each
 //! other, or a type named
 //! through an alias of itself, are a compile error (a cycle evaluating `SHAPE`): implement
 //! one of them by hand, the other's fields written out rather than its `SHAPE` named, with
