@@ -380,11 +380,12 @@ impl Worker {
 
     /// Waits for the child to end and says how it ended.
     ///
-    /// Where the kernel has pidfds, it waits through the child's pidfd, so it never reaps
-    /// another process that took the child's pid. If something else in this process reaped
-    /// the child first (`SIGCHLD` ignored, so that the kernel reaps children as they exit, or
-    /// a `waitpid(-1)`), how it ended is lost: this fails at once with an [`Error::Io`] that
-    /// says the worker was reaped elsewhere, rather than waiting for good.
+    /// Where the kernel can wait on pidfds (Linux ≥ 5.4), it waits through the child's pidfd,
+    /// so it never reaps another process that took the child's pid. If something else in
+    /// this process reaped the child first (`SIGCHLD` ignored, so that the kernel reaps
+    /// children as they exit, or a `waitpid(-1)`), how it ended is lost: this fails at once
+    /// with an [`Error::Io`] that says the worker was reaped elsewhere, rather than waiting
+    /// for good.
     ///
     /// A piped standard input not taken ([`Worker::take_stdin`]) is closed first, as
     /// [`Child::wait`] does.
@@ -504,7 +505,9 @@ impl Worker {
     /// spawn itself), so a child that exits at once in a process that ignores `SIGCHLD`,
     /// where the kernel reaps it at once, may leave it `None`. Then `kill` does nothing and
     /// `wait` fails at once, saying the worker was reaped elsewhere: its pid may be another
-    /// process's by then, so neither uses it. (Without pidfds, both use the pid.)
+    /// process's by then, so neither uses it. (Without pidfds, both use the pid. Linux 5.3,
+    /// which cannot wait on a pidfd, cannot tell either: the pidfd is kept, and may then be
+    /// that other process's, and `wait` reaps by the pid.)
     pub fn pidfd(&self) -> Option<BorrowedFd<'_>> {
         self.pidfd.as_ref().map(|fd| fd.as_fd())
     }
