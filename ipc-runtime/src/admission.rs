@@ -5,7 +5,7 @@
 //! [`Server::admit`]: crate::Server::admit
 //! [`Server::max_clients`]: crate::Server::max_clients
 
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -91,26 +91,26 @@ fn hung_up(sockets: &[Option<BorrowedFd<'_>>]) -> Vec<bool> {
         .collect()
 }
 
-/// Of the clients a listener at its limit counts, each with its socket (`None`: its
-/// connection has gone), since when it was first found hung up, and the flag its thread or
-/// task sets once it no longer counts: the flags of those that have hung up, and when the
-/// grace for them is over (`None`: none has hung up). A client's grace runs from when it was
-/// first found gone, so that the clients queued meanwhile wait for the one grace, not for
+/// Of the clients a listener at its limit counts, each with its connection (`None`: gone),
+/// since when it was first found hung up, and the flag its thread or task sets once it no
+/// longer counts: the flags of those that have hung up, when the grace for them is over
+/// (`None`: none has hung up), and the connections, held while their sockets were polled, for
+/// the caller to let go of once it has let go of its lock (the last handle of one may be
+/// among them, and its services' drops are user code). A client's grace runs from when it
+/// was first found gone, so that the clients queued meanwhile wait for the one grace, not for
 /// one each.
 #[cold]
 #[inline(never)]
-pub(crate) fn departing<'a>(
-    clients: impl Iterator<
-        Item = (
-            Option<BorrowedFd<'a>>,
-            &'a mut Option<Instant>,
-            &'a Arc<AtomicBool>,
-        ),
-    >,
-) -> (Vec<Arc<AtomicBool>>, Option<Instant>) {
-    let (sockets, marks): (Vec<_>, Vec<_>) = clients
-        .map(|(socket, since, ended)| (socket, (since, ended)))
+pub(crate) fn departing<'a, C: AsFd>(
+    clients: impl Iterator<Item = (Option<C>, &'a mut Option<Instant>, &'a Arc<AtomicBool>)>,
+) -> (Vec<Arc<AtomicBool>>, Option<Instant>, Vec<Option<C>>) {
+    let (connections, marks): (Vec<_>, Vec<_>) = clients
+        .map(|(connection, since, ended)| (connection, (since, ended)))
         .unzip();
+    let sockets: Vec<_> = connections
+        .iter()
+        .map(|c| c.as_ref().map(AsFd::as_fd))
+        .collect();
     let now = Instant::now();
     let mut deadline = None;
     let mut leaving = Vec::new();
@@ -121,7 +121,7 @@ pub(crate) fn departing<'a>(
             leaving.push(ended.clone());
         }
     }
-    (leaving, deadline)
+    (leaving, deadline, connections)
 }
 
 /// The reason a client over [`Admission::max_clients`] is turned away with.

@@ -677,15 +677,10 @@ fn make_room(
         if clients.len() < max {
             return;
         }
-        // Held while polled, so that their sockets stay open; let go of out of the lock (the
-        // last handle of one may be among them, and its services' drops are user code).
-        let connections: Vec<_> = clients.iter().map(|c| c.connection.upgrade()).collect();
-        let counted = clients.iter_mut().zip(&connections).map(|(c, connection)| {
-            let socket = connection.as_ref().map(|c| c.as_fd());
-            (socket, &mut c.hung_up_since, &c.ended)
-        });
-        let (leaving, deadline) = admission::departing(counted);
-        (leaving, deadline, connections)
+        let counted = clients
+            .iter_mut()
+            .map(|c| (c.connection.upgrade(), &mut c.hung_up_since, &c.ended));
+        admission::departing(counted)
     };
     drop(connections);
     let Some(deadline) = deadline else {
@@ -699,11 +694,11 @@ fn make_room(
     }
 }
 
-/// The clients, locked, once those whose serving thread has returned are forgotten (their
-/// connections went with their threads).
+/// The clients, locked, once those whose threads have let go of their connections are
+/// forgotten ([`Client::ended`]: set before a thread returns, or as it unwinds).
 fn pruned(clients: &Mutex<Vec<Client>>) -> MutexGuard<'_, Vec<Client>> {
     let mut clients = clients.lock();
-    clients.retain(|c| !c.thread.is_finished() && !c.ended.load(Ordering::SeqCst));
+    clients.retain(|c| !c.ended.load(Ordering::SeqCst));
     clients
 }
 

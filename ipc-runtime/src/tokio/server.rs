@@ -3,7 +3,6 @@
 
 use std::future::{Future, poll_fn};
 use std::io;
-use std::os::fd::AsFd;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::{Pin, pin};
 use std::sync::Arc;
@@ -514,15 +513,10 @@ async fn make_room(clients: &Mutex<Vec<Client>>, max: usize, departures: &Notify
         if clients.len() < max {
             return;
         }
-        // Held while polled, so that their sockets stay open; let go of out of the lock (the
-        // last handle of one may be among them, and its services' drops are user code).
-        let connections: Vec<_> = clients.iter().map(|c| c.connection.upgrade()).collect();
-        let counted = clients.iter_mut().zip(&connections).map(|(c, connection)| {
-            let socket = connection.as_ref().map(|c| c.as_fd());
-            (socket, &mut c.hung_up_since, &c.ended)
-        });
-        let (leaving, deadline) = admission::departing(counted);
-        (leaving, deadline, connections)
+        let counted = clients
+            .iter_mut()
+            .map(|c| (c.connection.upgrade(), &mut c.hung_up_since, &c.ended));
+        admission::departing(counted)
     };
     drop(connections);
     let Some(deadline) = deadline else {
@@ -659,11 +653,11 @@ struct Held {
     task: JoinHandle<Result<()>>,
 }
 
-/// The clients, locked, once those whose task has ended are forgotten (their connections
-/// went with their tasks).
+/// The clients, locked, once those whose tasks have let go of their connections are
+/// forgotten ([`Client::ended`]: set before a task finishes, or as it is dropped unfinished).
 fn pruned(clients: &Mutex<Vec<Client>>) -> MutexGuard<'_, Vec<Client>> {
     let mut clients = clients.lock();
-    clients.retain(|c| !c.task.is_finished() && !c.ended.load(Ordering::SeqCst));
+    clients.retain(|c| !c.ended.load(Ordering::SeqCst));
     clients
 }
 
