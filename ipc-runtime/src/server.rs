@@ -846,22 +846,15 @@ impl Drop for Serving {
 
 #[cfg(test)]
 mod tests {
-    use super::Server;
+    use super::{Client, Server};
+    use crate::Connection;
+    use crate::connection::tests::CallsBack;
+    use crate::service::Service;
+    use std::sync::Arc;
 
-    /// `Serving::shutdown` stopping a client accepted whose serving thread has not started
-    /// yet (held here before it installs the services, on the registry's lock), with a call
-    /// of the client's still in the socket: the call is dropped, as on a client whose thread
-    /// serves. It ran once the thread came, the read side shut already: its handler's call
-    /// back into the client failed with `Disconnected`, the client alive (seen under load,
-    /// clients calling back while the server shut down).
-    #[test]
-    fn stop_reading_before_a_clients_thread_serves_drops_the_calls_in_the_socket() {
-        use crate::Connection;
-        use crate::connection::tests::{CallsBack, calls_back_request, readable};
-        use crate::service::Service;
-        use std::sync::Arc;
-
-        let (peer, connection) = Connection::pair().unwrap();
+    /// A listener's client of `connection`, served by [`CallsBack`], whose thread has started
+    /// but waits to install its service until the returned registry lock is let go.
+    fn held_before_serving(connection: &Connection) -> (Client, impl Drop + '_) {
         let services: Vec<Arc<dyn Service>> = vec![Arc::new(CallsBack {
             back: connection.clone(),
         })];
@@ -874,6 +867,21 @@ mod tests {
                 &Arc::default(),
             )
             .unwrap();
+        (client, registry)
+    }
+
+    /// `Serving::shutdown` stopping a client accepted whose serving thread has not started
+    /// yet (held here before it installs the services, on the registry's lock), with a call
+    /// of the client's still in the socket: the call is dropped, as on a client whose thread
+    /// serves. It ran once the thread came, the read side shut already: its handler's call
+    /// back into the client failed with `Disconnected`, the client alive (seen under load,
+    /// clients calling back while the server shut down).
+    #[test]
+    fn stop_reading_before_a_clients_thread_serves_drops_the_calls_in_the_socket() {
+        use crate::connection::tests::{calls_back_request, readable};
+
+        let (peer, connection) = Connection::pair().unwrap();
+        let (client, registry) = held_before_serving(&connection);
         peer.socket().send(&calls_back_request(1), &[]).unwrap();
         connection.stop_reading();
         drop(registry);
@@ -891,26 +899,13 @@ mod tests {
     /// one serving. The call ended the connection instead, saying that nothing serves them.
     #[test]
     fn requests_read_before_a_clients_thread_serves_wait_for_it_past_the_bounds() {
+        use crate::Socket;
         use crate::connection::backlog::MAX_REQUESTS;
-        use crate::connection::tests::{CALLS_BACK, CallsBack, calls_back_request, reply_to};
-        use crate::service::Service;
-        use crate::{Connection, Socket};
-        use std::sync::Arc;
+        use crate::connection::tests::{CALLS_BACK, calls_back_request, reply_to};
 
         let (theirs, ours) = Socket::pair().unwrap();
         let connection = Connection::new(ours);
-        let services: Vec<Arc<dyn Service>> = vec![Arc::new(CallsBack {
-            back: connection.clone(),
-        })];
-        let registry = connection.test_hold_registry();
-        let client = Server::new()
-            .spawn_client(
-                connection.clone(),
-                services,
-                &Arc::default(),
-                &Arc::default(),
-            )
-            .unwrap();
+        let (client, registry) = held_before_serving(&connection);
         let caller = {
             let connection = connection.clone();
             std::thread::spawn(move || connection.call::<_, u64>(&CALLS_BACK, 1, &(), None))
