@@ -221,26 +221,47 @@ fn a_shutdown_hangs_up_on_each_client_once_its_calls_are_done_not_in_turn() {
         }))
         .listen(Listener::bind_abstract(&name).unwrap())
         .unwrap();
-    let first = GatedClient::new(Connection::connect_abstract(&name).unwrap());
+    hung_up_in_turn(
+        &name,
+        &entering,
+        || open.send(()).unwrap(),
+        || {
+            let shutdown = std::thread::spawn(move || serving.shutdown());
+            move || shutdown.join().unwrap()
+        },
+    );
+}
+
+/// The clients of the `a_shutdown_hangs_up_on_each_client…` tests, of a server listening at
+/// `name` that serves `Gated`: the first waits in `wait` (it says so on `entering`) while
+/// `shut_down` starts the shutdown (returning what waits for it to end); the second, with no
+/// call in flight, must be hung up on before `open` lets the first's handler return.
+fn hung_up_in_turn<W: FnOnce()>(
+    name: &str,
+    entering: &mpsc::Receiver<()>,
+    open: impl FnOnce(),
+    shut_down: impl FnOnce() -> W,
+) {
+    let first = GatedClient::new(Connection::connect_abstract(name).unwrap());
     let waiting = {
         let first = first.clone();
         std::thread::spawn(move || first.wait())
     };
     entering.recv_timeout(HANG_GUARD).unwrap();
-    let second = Connection::connect_abstract(&name).unwrap();
+    let second = Connection::connect_abstract(name).unwrap();
     let client = GatedClient::new(second.clone()).with_timeout(HANG_GUARD);
     assert_eq!(client.ping().unwrap(), 7, "served");
     let (ended, hung_up) = mpsc::channel();
     std::thread::spawn(move || ended.send(second.run()));
-    let shutdown = std::thread::spawn(move || serving.shutdown());
+    let shutdown = shut_down();
     let second_served = hung_up.recv_timeout(HANG_GUARD);
-    open.send(()).unwrap();
+    open();
     assert_eq!(
         waiting.join().unwrap().unwrap(),
         5,
         "the call in flight finished"
     );
-    shutdown.join().unwrap();
+    shutdown();
     assert!(
         matches!(second_served, Ok(Ok(()))),
         "the second client was not hung up on while the first's handler ran: \
@@ -400,30 +421,15 @@ mod asynchronous {
                 }))
                 .listen(AsyncListener::bind_abstract(&name).unwrap())
         };
-        let first = GatedClient::new(Connection::connect_abstract(&name).unwrap());
-        let waiting = {
-            let first = first.clone();
-            std::thread::spawn(move || first.wait())
-        };
-        entering.recv_timeout(HANG_GUARD).unwrap();
-        let second = Connection::connect_abstract(&name).unwrap();
-        let client = GatedClient::new(second.clone()).with_timeout(HANG_GUARD);
-        assert_eq!(client.ping().unwrap(), 7, "served");
-        let (ended, hung_up) = mpsc::channel();
-        std::thread::spawn(move || ended.send(second.run()));
-        let shutdown = runtime.spawn(serving.shutdown());
-        let second_served = hung_up.recv_timeout(HANG_GUARD);
-        open.send(()).unwrap();
-        assert_eq!(
-            waiting.join().unwrap().unwrap(),
-            5,
-            "the call in flight finished"
-        );
-        runtime.block_on(shutdown).unwrap();
-        assert!(
-            matches!(second_served, Ok(Ok(()))),
-            "the second client was not hung up on while the first's handler ran: \
-             {second_served:?}"
+        super::hung_up_in_turn(
+            &name,
+            &entering,
+            || open.send(()).unwrap(),
+            || {
+                let shutdown = runtime.spawn(serving.shutdown());
+                let runtime = &runtime;
+                move || runtime.block_on(shutdown).unwrap()
+            },
         );
     }
 }
