@@ -1481,7 +1481,16 @@ fn child_called_back_while_its_caller_holds_stderr() {
 #[test]
 fn a_serving_thread_says_what_it_runs_without_waiting_for_stderr() {
     let stderr = traced_stderr("child_called_back_while_its_caller_holds_stderr");
-    assert_line(&stderr, "<- Call #99 Lab::reverse (10 bytes, 0 fds)");
+    // Said as received, or, read by the caller before the serving thread was in `run`, as
+    // held until it was.
+    let said = [
+        "<- Call #99 Lab::reverse (10 bytes, 0 fds)",
+        "-- Call #99 held until served: Lab::reverse",
+    ];
+    let found = stderr
+        .lines()
+        .any(|l| said.iter().any(|s| l.ends_with(&format!("] {s}"))));
+    assert!(found, "no line of {said:?} in:\n{stderr}");
     assert_line(&stderr, r#"-> Reply #99 "zy""#);
 }
 
@@ -2015,6 +2024,64 @@ fn check_unserved(scenario: &str) {
         &stderr,
         &format!("<- Call #1 iface {id:#010x} cmd {cmd} (4 bytes, 0 fds)"),
     );
+}
+
+/// Requests that arrive while no thread serves: `b` reads `a`'s call and oneway while it
+/// waits for the reply to its own call to `a`, before any thread runs `b`.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_held_until_served() {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let (a, b) = typed_ipc::Socket::pair().unwrap();
+    let (a, b) = (typed_ipc::Connection::new(a), typed_ipc::Connection::new(b));
+    let served = a.clone();
+    std::thread::spawn(move || LabServer::new(Impl).serve(served));
+    let from_a = LabClient::new(a);
+    let early = std::thread::spawn({
+        let from_a = from_a.clone();
+        move || from_a.reverse("ab".into())
+    });
+    // Once `b` can read, the early call is in its socket, before the oneway.
+    let mut ready = [PollFd::new(b.as_fd(), PollFlags::POLLIN)];
+    poll(&mut ready, PollTimeout::NONE).unwrap();
+    from_a.note(5).unwrap();
+    assert_eq!(
+        LabClient::new(b.clone()).reverse("xy".into()).unwrap(),
+        "yx"
+    );
+    std::thread::spawn(move || LabServer::new(Impl).serve(b));
+    assert_eq!(early.join().unwrap().unwrap(), "ba");
+    // Runs once the oneway that arrived before it has.
+    assert_eq!(from_a.reverse("cd".into()).unwrap(), "dc");
+}
+
+/// Such requests are said as received with their ids, not served yet, and named once they
+/// run.
+#[test]
+fn a_request_held_until_served_is_named_when_it_is() {
+    let stderr = traced_stderr("child_held_until_served");
+    let note = LAB_INFO
+        .methods
+        .iter()
+        .find(|m| m.name == "note")
+        .unwrap()
+        .cmd;
+    let id = LAB_INFO.id;
+    assert_line(
+        &stderr,
+        &format!("<- Call #1 iface {id:#010x} cmd 0 (10 bytes, 0 fds; not served yet)"),
+    );
+    assert_line(
+        &stderr,
+        &format!("<- Oneway iface {id:#010x} cmd {note} (8 bytes, 0 fds; not served yet)"),
+    );
+    assert_line(&stderr, "-- Call #1 held until served: Lab::reverse");
+    assert_line(&stderr, "-- Oneway held until served: Lab::note");
+    // Not said as received a second time as they run (the one such call is `a`'s).
+    let said = |what: &str| stderr.lines().filter(|l| l.ends_with(what)).count();
+    let call = said("<- Call #1 Lab::reverse (10 bytes, 0 fds)");
+    assert_eq!(call, 1, "{stderr}");
+    assert_eq!(said("<- Oneway Lab::note (8 bytes, 0 fds)"), 0, "{stderr}");
 }
 
 /// A request that arrives before its service is added (a worker's first, read as it gets its

@@ -144,6 +144,7 @@ use envelope::{Envelope, Kind};
 use failure::Failure;
 use lane::Lane;
 pub(crate) use lane::pipes;
+use reader::Queued;
 pub(crate) use serving::Replier;
 use serving::keep_buffer;
 
@@ -249,11 +250,10 @@ struct State {
     buffer: Frame,
     /// Calls waiting for replies, by cookie; `Some` once the reply is in.
     pending: HashMap<u64, Option<Result<Frame>>, BuildHasherDefault<CookieHasher>>,
-    /// Calls for a serving thread to run, each with the number of oneway messages that
-    /// arrived before it: a call runs once that many have run.
-    calls: VecDeque<(Frame, u64)>,
+    /// Calls for a serving thread to run, in the order they arrived.
+    calls: VecDeque<Queued>,
     /// Oneway messages, run one at a time in order.
-    oneways: VecDeque<Frame>,
+    oneways: VecDeque<Queued>,
     /// The fds of messages nothing took, closed by the reader that read them once it lets
     /// the lock go (`Shared::close_unclaimed`): closing one may wait for the peer.
     unclaimed: Vec<std::os::fd::OwnedFd>,
@@ -551,8 +551,8 @@ impl Connection {
         let dropped = self.shared.close_here();
         let _ = self.shared.socket.shutdown();
         let (calls, oneways) = dropped;
-        for mut frame in calls.into_iter().map(|(frame, _)| frame).chain(oneways) {
-            frame.discard_fds(); // their fds to the closer
+        for mut queued in calls.into_iter().chain(oneways) {
+            queued.frame.discard_fds(); // their fds to the closer
         }
         if self.shared.trace {
             // Once the socket is shut down: a caller reading it, which may hold stderr's

@@ -13,6 +13,7 @@ use super::backlog::Cost;
 use super::envelope::{self, Envelope, Kind};
 use super::failure;
 use super::lane::Lane;
+use super::serving::Run;
 use super::{Guard, Shared, State, unreceived};
 use crate::error::{Error, Result};
 use crate::frame::Frame;
@@ -171,7 +172,7 @@ impl Shared {
         {
             // The common case, without `route`'s general matching: a call to run now.
             self.release_reader(&mut state);
-            return (state, Some(Taken::Request(frame, false)));
+            return (state, Some(Taken::Request(frame, Run::CALL)));
         }
         self.route(state, frame, result, reader)
     }
@@ -307,23 +308,29 @@ impl Shared {
             {
                 state.oneway_running = true;
                 state.oneways_arrived += 1;
-                return (state, Some(Taken::Request(frame, true)));
+                return (state, Some(Taken::Request(frame, Run::ONEWAY)));
             }
             // Refused by the backlog, which ends the connection.
             (Kind::Call | Kind::Oneway, Ok(())) if !self.admit(&mut state) => {
                 state = self.trace_unlocked(state, &envelope, &frame, None);
             }
             (Kind::Call, Ok(())) => {
+                let line = self.held_line(&state, &envelope, &frame);
                 let frame = to_queue(&mut state, frame);
                 let after = state.oneways_arrived;
                 state.backlog.add(Cost::of(&frame));
-                state.calls.push_back((frame, after));
+                let held = line.is_some();
+                state.calls.push_back(Queued { frame, after, held });
+                state = self.say_unlocked(state, line);
             }
             (Kind::Oneway, Ok(())) => {
+                let line = self.held_line(&state, &envelope, &frame);
                 let frame = to_queue(&mut state, frame);
                 state.oneways_arrived += 1;
                 state.backlog.add(Cost::of(&frame));
-                state.oneways.push_back(frame);
+                let (after, held) = (0, line.is_some());
+                state.oneways.push_back(Queued { frame, after, held });
+                state = self.say_unlocked(state, line);
             }
             (Kind::Call, Err(e)) => {
                 state = self.answer_unreceived(state, &envelope, &frame, &e, reader);
@@ -451,6 +458,18 @@ impl Shared {
         }
     }
 
+    /// The line saying a request about to be queued as received, if tracing is on and nothing
+    /// serves this end (no thread in `run`, none coming): it waits for a serving thread,
+    /// which may never come (a connection that serves nothing, its peer's calls left to time
+    /// out), so it is said now, `not served yet`, rather than only once it runs.
+    #[inline]
+    fn held_line(&self, state: &State, envelope: &Envelope, frame: &Frame) -> Option<String> {
+        match self.trace && state.runners == 0 && !state.runners_coming {
+            false => None,
+            true => Some(self.held_incoming_line(envelope, frame)),
+        }
+    }
+
     /// Traces a message as received, if tracing is on: a request that will not run (a oneway
     /// refused for its size or its fds, a request refused by the backlog or read after
     /// `close`; a call refused for its size or fds is said by `answer_unreceived`, and one
@@ -568,11 +587,9 @@ impl Shared {
             return true;
         };
         self.fail(state, why);
-        let calls = std::mem::take(&mut state.calls)
-            .into_iter()
-            .map(|(frame, _)| frame);
-        for mut frame in calls.chain(std::mem::take(&mut state.oneways)) {
-            unclaimed(state, &mut frame);
+        let calls = std::mem::take(&mut state.calls);
+        for mut queued in calls.into_iter().chain(std::mem::take(&mut state.oneways)) {
+            unclaimed(state, &mut queued.frame);
         }
         state.owed.clear();
         state.backlog = Default::default();
@@ -585,7 +602,7 @@ impl Shared {
     /// Everyone waiting is woken: the serving threads return once their handlers are done.
     #[cold]
     #[inline(never)]
-    pub(super) fn close_here(&self) -> (VecDeque<(Frame, u64)>, VecDeque<Frame>) {
+    pub(super) fn close_here(&self) -> (VecDeque<Queued>, VecDeque<Queued>) {
         let mut state = self.state.lock();
         state.closed_here = true;
         // A oneway owed for good (none runs, nor arrives, from now on): so the runner's
@@ -686,6 +703,18 @@ pub(super) enum Reader {
     Sender,
 }
 
+/// A request waiting in the queue for a serving thread.
+pub(super) struct Queued {
+    pub(super) frame: Frame,
+    /// For a call, the number of oneway messages that arrived before it: it runs once that
+    /// many have run.
+    pub(super) after: u64,
+    /// It arrived while nothing served this end, and was said then, `not served yet`
+    /// ([`Shared::held_line`]): once it runs, it is named
+    /// ([`trace::held_until_served`](super::trace::held_until_served)).
+    pub(super) held: bool,
+}
+
 /// A request about to wait in the queue, in a buffer of its own size if it is small: the
 /// reader's receive buffer has room for a whole datagram (64 KiB), which a queued request
 /// would otherwise hold, and count against the queue's bounds, however small it is. The
@@ -708,8 +737,8 @@ fn to_queue(state: &mut State, mut frame: Frame) -> Frame {
 pub(super) enum Taken {
     /// Its own reply (or why it will not come).
     Reply(Result<Frame>),
-    /// A request to run now; `true` for a oneway one, already marked running.
-    Request(Frame, bool),
+    /// A request to run now (a oneway one already marked running).
+    Request(Frame, Run),
 }
 
 impl Shared {
@@ -725,10 +754,10 @@ impl Shared {
         if cookie == 0 {
             return None;
         }
-        let queued = state.calls.iter().position(|(frame, _)| {
-            Envelope::read(&frame.payload).is_ok_and(|e| e.cookie == cookie)
+        let queued = state.calls.iter().position(|queued| {
+            Envelope::read(&queued.frame.payload).is_ok_and(|e| e.cookie == cookie)
         });
-        let (mut call, _) = state.calls.remove(queued?).expect("found above");
+        let mut call = state.calls.remove(queued?).expect("found above").frame;
         self.dequeued(state, &call);
         let owed = Lane::carries_placement(&call.payload);
         self.lane.finished(&call.payload);

@@ -13,7 +13,7 @@ use super::backlog::Cost;
 use super::buffers::RETAIN_MAX;
 use super::envelope::{self, Envelope, Kind};
 use super::failure::{self, Failure};
-use super::reader::{Reader, Taken};
+use super::reader::{Queued, Reader, Taken};
 use super::{Connection, Guard, Registry, Shared, State, trace};
 use crate::codec;
 use crate::error::{Error, Result};
@@ -53,10 +53,11 @@ impl Connection {
             // A call waits for the oneways that arrived before it (they may run on another
             // thread of the pool). One that may run arrived before every oneway still queued,
             // so it starts first: with one thread, requests run in the order they arrived.
-            if let Some(&(_, after)) = state.calls.front()
+            if let Some(&Queued { after, .. }) = state.calls.front()
                 && after <= state.oneways_run
             {
-                let (frame, _) = state.calls.pop_front().expect("checked above");
+                let call = state.calls.pop_front().expect("checked above");
+                let (frame, held) = (call.frame, call.held);
                 shared.dequeued(&mut state, &frame);
                 state.holds += 1;
                 if !state.oneway_running && !state.oneways.is_empty() {
@@ -65,16 +66,23 @@ impl Connection {
                     shared.wake_all(&state);
                 }
                 drop(state);
-                state = shared.run_request(frame, false, &mut registry);
+                state = shared.run_request(
+                    frame,
+                    Run {
+                        oneway: false,
+                        held,
+                    },
+                    &mut registry,
+                );
                 continue;
             }
             if !state.oneway_running {
-                if let Some(frame) = state.oneways.pop_front() {
+                if let Some(Queued { frame, held, .. }) = state.oneways.pop_front() {
                     state.oneway_running = true;
                     shared.dequeued(&mut state, &frame);
                     state.holds += 1;
                     drop(state);
-                    state = shared.run_request(frame, true, &mut registry);
+                    state = shared.run_request(frame, Run { oneway: true, held }, &mut registry);
                     continue;
                 }
             }
@@ -97,10 +105,10 @@ impl Connection {
             // in arrival order, oneways one at a time.
             let taken;
             (state, taken) = shared.read(state, None, Reader::Runner);
-            if let Some(Taken::Request(frame, oneway)) = taken {
+            if let Some(Taken::Request(frame, run)) = taken {
                 state.holds += 1;
                 drop(state);
-                state = shared.run_request(frame, oneway, &mut registry);
+                state = shared.run_request(frame, run, &mut registry);
             }
         }
     }
@@ -151,16 +159,12 @@ impl Shared {
     /// Runs a request (a oneway one marked running) against `registry`, brought up to date
     /// first, and takes the lock back to keep its buffer and, for a oneway, let the next one
     /// run.
-    pub(super) fn run_request(
-        &self,
-        frame: Frame,
-        oneway: bool,
-        registry: &mut Snapshot,
-    ) -> Guard<'_> {
+    pub(super) fn run_request(&self, frame: Frame, run: Run, registry: &mut Snapshot) -> Guard<'_> {
         if self.registry_version.load(Ordering::Acquire) != registry.version {
             *registry = self.registry();
         }
-        let mut frame = self.dispatch(frame, oneway, &registry.registry);
+        let oneway = run.oneway;
+        let mut frame = self.dispatch(frame, run, &registry.registry);
         self.lane.finished(&frame.payload);
         if !frame.fds.is_empty() {
             frame = crate::closer::frame_discarded(frame);
@@ -179,12 +183,16 @@ impl Shared {
 
     /// Runs one request against the service it names, and replies unless it is oneway.
     /// Returns the request's frame, for its buffer.
-    pub(super) fn dispatch(&self, mut frame: Frame, oneway: bool, registry: &Registry) -> Frame {
+    pub(super) fn dispatch(&self, mut frame: Frame, run: Run, registry: &Registry) -> Frame {
         let Ok(envelope) = Envelope::read(&frame.payload) else {
             return frame;
         };
+        let Run { oneway, held } = run;
         if self.trace {
-            self.trace_incoming(&envelope, &frame);
+            match held {
+                false => self.trace_incoming(&envelope, &frame),
+                true => self.trace_held(&envelope, registry),
+            }
         }
         let checked = admit(
             &registry.services,
@@ -287,6 +295,26 @@ impl Shared {
         trace::line(&self.incoming_line(envelope, frame, None));
     }
 
+    /// Traces a request that was said as received when it arrived ([`Shared::held_line`]) as
+    /// it starts to run: named now, if it is served (its failure says so otherwise).
+    #[cold]
+    #[inline(never)]
+    fn trace_held(&self, envelope: &Envelope, registry: &Registry) {
+        let served = registry.services.iter().map(|(info, _)| *info);
+        if let Some(line) = trace::held_until_served(&self.name, envelope, served) {
+            trace::line(&line);
+        }
+    }
+
+    /// What [`Shared::held_line`] says: the request as received, `not served yet`.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn held_incoming_line(&self, envelope: &Envelope, frame: &Frame) -> String {
+        let registry = self.registry().registry;
+        let served = registry.services.iter().map(|(info, _)| *info);
+        trace::incoming_line(&self.name, envelope, frame, served, true, None)
+    }
+
     /// What [`Shared::trace_incoming`] says (out of line: only ever with tracing on).
     #[cold]
     #[inline(never)]
@@ -306,6 +334,28 @@ impl Shared {
             unreceived,
         )
     }
+}
+
+/// What a serving thread knows of a request it runs, besides its frame.
+#[derive(Clone, Copy)]
+pub(super) struct Run {
+    /// A oneway message, not a call.
+    pub(super) oneway: bool,
+    /// Said as received when it arrived, with nothing serving this end ([`Queued::held`]).
+    pub(super) held: bool,
+}
+
+impl Run {
+    /// A call read by the thread that runs it.
+    pub(super) const CALL: Run = Run {
+        oneway: false,
+        held: false,
+    };
+    /// A oneway message read by the thread that runs it.
+    pub(super) const ONEWAY: Run = Run {
+        oneway: true,
+        held: false,
+    };
 }
 
 /// A serving thread's copy of the registry, and the version it was taken at.

@@ -79,7 +79,7 @@ fn a_thread_waiting_to_send_takes_the_reader_role_once_it_is_let_go() {
     wait_until("the filler queues the peer's oneway", || {
         !a.shared.state.lock().oneways.is_empty()
     });
-    let queued = a.shared.state.lock().oneways.pop_front().unwrap();
+    let queued = a.shared.state.lock().oneways.pop_front().unwrap().frame;
     assert_eq!(Envelope::read(&queued.payload).unwrap().cmd, 3);
     assert_eq!(queued.payload.len(), big_len);
     // Now let the filler's message through.

@@ -521,11 +521,11 @@ pub(crate) fn announce_retired(name: &Name, len: usize, older: Option<usize>) {
 /// The line saying a message this process received, named after the served interface it is
 /// for, if any: for [`line()`], which the reader of a reply calls once the reply is routed.
 /// A request for none of them is named by its interface's id and command, which the
-/// sender's source says (`#[interface]`'s `…_INFO`); `held` if it waits for a server to
-/// come (the async flavour's requests that arrive before `serve`), which
-/// [`held_until_served`] names once it has. A message this end could not receive
-/// (`unreceived`: over its limits, its fds dropped) is said with why, not with the bytes and
-/// fds kept of it, which are only its envelope's.
+/// sender's source says (`#[interface]`'s `…_INFO`). `held`: a request that waits for a
+/// server to come (the async flavour's that arrive before `serve`, the blocking flavour's
+/// that arrive with no thread serving), which [`held_until_served`] names once it has. A
+/// message this end could not receive (`unreceived`: over its limits, its fds dropped) is
+/// said with why, not with the bytes and fds kept of it, which are only its envelope's.
 pub(crate) fn incoming_line<'i>(
     name: &Name,
     envelope: &Envelope,
@@ -535,13 +535,15 @@ pub(crate) fn incoming_line<'i>(
     unreceived: Option<&Error>,
 ) -> String {
     let request = matches!(envelope.kind, envelope::Kind::Call | envelope::Kind::Oneway);
-    let (method, held) = match served.find(|i| i.id == envelope.interface) {
-        Some(i) => (method_of(i, envelope.cmd), ""),
-        None if request => (
-            format!(" iface {:#010x} cmd {}", envelope.interface, envelope.cmd),
-            if held { "; not served yet" } else { "" },
-        ),
-        None => (String::new(), ""),
+    let method = match served.find(|i| i.id == envelope.interface) {
+        Some(i) => method_of(i, envelope.cmd),
+        None if request => format!(" iface {:#010x} cmd {}", envelope.interface, envelope.cmd),
+        None => String::new(),
+    };
+    let held = if held && request {
+        "; not served yet"
+    } else {
+        ""
     };
     let what = match unreceived {
         Some(e) => format!("not received: {}", printable(&e.to_string())),
@@ -573,7 +575,6 @@ fn method_of(iface: &InterfaceInfo, cmd: u32) -> String {
 /// The line naming a request that waited for a server to come ([`incoming_line`]'s `held`)
 /// and is now dispatched to one of `served`: `-- Call #1 held until served: Lab::reverse`.
 /// `None` if none of them is its interface (its failure says so).
-#[cfg(feature = "tokio")]
 #[cold]
 #[inline(never)]
 pub(crate) fn held_until_served<'i>(
