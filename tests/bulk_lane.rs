@@ -409,6 +409,53 @@ mod async_flavour {
         let _ = server.join().unwrap();
     }
 
+    /// `a_kept_pipe_of_a_peer_no_longer_trusted_is_not_closed_on_the_serving_thread`
+    /// (`tests/bulk_pipe.rs`), async: the pipe a peer once trusted lent the connection, its
+    /// own copy closed and its lock held, must not be closed on the runtime's thread when
+    /// the connection goes.
+    #[test]
+    fn an_async_connection_leaves_the_kept_pipe_of_a_peer_no_longer_trusted_to_the_closer() {
+        let _fds = fd_count_lock();
+        let before = fd_snapshot();
+        let (ours, theirs) = Socket::pair().unwrap();
+        let (connection_tx, connection_rx) = std::sync::mpsc::channel();
+        let server = std::thread::spawn(move || {
+            common::current_thread_runtime().block_on(async move {
+                let connection = typed_ipc::tokio::AsyncConnection::new(theirs).unwrap();
+                connection.lend_pages_to_peer(true);
+                let served =
+                    connection.serve(asynchronous::BulkServer::new(AsyncBulkImpl::default()));
+                connection_tx.send(connection).unwrap();
+                served.await
+            })
+        });
+        let connection = connection_rx.recv().unwrap();
+        assert_eq!(ours.recv().unwrap().payload[0], 5, "an announcement");
+        let (read, write) = nix::unistd::pipe().unwrap();
+        nix::unistd::write(&write, &[9; 1000]).unwrap();
+        let mut msg = common::call_envelope(&BULK_INFO, 0, 1); // cmd 0: bump
+        msg.push(2); // tag: piped
+        msg.extend_from_slice(&1u32.to_le_bytes()); // seq
+        msg.extend_from_slice(&0u32.to_le_bytes()); // fd index
+        msg.extend_from_slice(&1000u64.to_le_bytes()); // piped length
+        msg.extend_from_slice(&0u64.to_le_bytes()); // no tail
+        let reply = common::raw_call(&ours, &msg, &[read.as_fd()], 1);
+        assert_eq!(reply[0], 3, "a reply: the pipe was read, and is kept");
+        connection.lend_pages_to_peer(false);
+        assert_eq!(ours.recv().unwrap().payload[0], 5, "trust taken back");
+        drop(read); // the connection's copy is the last
+        let held = common::hold_pipe_lock(write);
+        let caller = std::thread::spawn(move || {
+            drop(connection);
+            drop(ours); // hang up: the runtime's thread lets go of the connection last
+            server.join().unwrap()
+        });
+        let (served, write) = common::joined_never_stuck_on_the_pipe(caller, held);
+        served.unwrap();
+        drop(write);
+        before.assert_nothing_new(); // the kept pipe too, closed once let go
+    }
+
     const SIZES: [usize; 5] = [1023, 1024, 100_000, (3 << 20) + 5, (32 << 20) + 1];
 
     #[test]

@@ -452,6 +452,42 @@ fn a_peers_pipe_named_by_a_string_cut_short_does_not_stall_the_server() {
     let _ = server.join().unwrap();
 }
 
+/// A peer this end once trusted with pipes lent it one, which the connection keeps for the
+/// next piped string; then the trust was taken back (`lend_pages_to_peer(false)`). The peer
+/// closes its own copy of the read end and holds the pipe's lock: the connection's copy is
+/// now the last, and closing it waits for the peer. When the connection goes, that close
+/// must not stall whichever thread lets go of the connection last (here, the serving one).
+#[test]
+fn a_kept_pipe_of_a_peer_no_longer_trusted_is_not_closed_on_the_serving_thread() {
+    let _fds = fd_count_lock();
+    let before = fd_snapshot();
+    let (ours, theirs) = Socket::pair().unwrap();
+    let connection = Connection::new(theirs);
+    connection.lend_pages_to_peer(true);
+    assert_eq!(ours.recv().unwrap().payload[0], 5, "an announcement");
+    let server = {
+        let connection = connection.clone();
+        std::thread::spawn(move || SinkServer::new(SinkImpl::default()).serve(connection))
+    };
+    let (read, write) = nix::unistd::pipe().unwrap();
+    nix::unistd::write(&write, &[9; 1000]).unwrap();
+    let ok = raw_sum(&ours, 1, Some(&read), 1000, b"");
+    assert_eq!(ok[0], 3, "a reply: the pipe was read, and is kept");
+    connection.lend_pages_to_peer(false);
+    assert_eq!(ours.recv().unwrap().payload[0], 5, "trust taken back");
+    drop(read); // the connection's copy is the last
+    let held = hold_pipe_lock(write);
+    let caller = std::thread::spawn(move || {
+        drop(connection);
+        drop(ours); // hang up: the serving thread lets go of the connection last
+        server.join().unwrap()
+    });
+    let (served, write) = joined_never_stuck_on_the_pipe(caller, held);
+    served.unwrap();
+    drop(write);
+    before.assert_nothing_new(); // the kept pipe too, closed once let go
+}
+
 /// `codec::decode` promises that the fds a value does not claim are closed off the decoding
 /// thread. A byte string out of line (placed, or piped) decoded with no connection to fetch it
 /// from is refused; the fd its reference named is the peer's, and must go to the closer too.

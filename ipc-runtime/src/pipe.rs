@@ -134,9 +134,13 @@ impl Drop for OutPipe {
     }
 }
 
-/// The receiving end: the peer's pipe, checked to be one.
+/// The receiving end: the peer's pipe, checked to be one. Closed by typed-ipc's closer when
+/// dropped (with its connection): closing it may wait for as long as the peer likes, once
+/// the peer has closed its own copy and holds the pipe's lock, and a peer trusted when it
+/// lent the pipe may be trusted no longer.
 pub(crate) struct InPipe {
-    fd: OwnedFd,
+    /// Always `Some` until dropped.
+    fd: Option<OwnedFd>,
 }
 
 impl InPipe {
@@ -147,7 +151,7 @@ impl InPipe {
     /// closer, off this thread: closing it may wait for as long as the peer likes.
     pub(crate) fn new(fd: OwnedFd) -> io::Result<InPipe> {
         match InPipe::check(&fd) {
-            Ok(()) => Ok(InPipe { fd }),
+            Ok(()) => Ok(InPipe { fd: Some(fd) }),
             Err(e) => {
                 crate::closer::close(fd);
                 Err(e)
@@ -172,13 +176,17 @@ impl InPipe {
         Ok(())
     }
 
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_ref().expect("taken only by drop").as_fd()
+    }
+
     /// Reads exactly `len` bytes into a new `Vec` with room for `extra` more, or fails at
     /// once if the pipe does not hold them: checked before allocating, so a peer that
     /// announces bytes it never spliced costs an error, not memory or a wait.
     pub(crate) fn read_vec(&self, len: usize, extra: usize) -> io::Result<Vec<u8>> {
         let mut available: libc::c_int = 0;
         // SAFETY: FIONREAD writes one int through the pointer, which is valid and ours.
-        if unsafe { libc::ioctl(self.fd.as_raw_fd(), libc::FIONREAD, &mut available) } < 0 {
+        if unsafe { libc::ioctl(self.fd().as_raw_fd(), libc::FIONREAD, &mut available) } < 0 {
             return Err(io::Error::last_os_error());
         }
         if (available.max(0) as usize) < len {
@@ -189,7 +197,7 @@ impl InPipe {
         let mut v = Vec::with_capacity(len + extra);
         let mut got = 0;
         while got < len {
-            match read_some(self.fd.as_fd(), &mut v.spare_capacity_mut()[got..len])? {
+            match read_some(self.fd(), &mut v.spare_capacity_mut()[got..len])? {
                 0 => return Err(io::Error::other("the peer's pipe was closed mid-string")),
                 n => got += n,
             }
@@ -197,6 +205,14 @@ impl InPipe {
         // SAFETY: the kernel wrote the first `len` bytes of the spare capacity above.
         unsafe { v.set_len(len) };
         Ok(v)
+    }
+}
+
+impl Drop for InPipe {
+    fn drop(&mut self) {
+        if let Some(fd) = self.fd.take() {
+            crate::closer::close(fd);
+        }
     }
 }
 
