@@ -20,9 +20,12 @@
 //! even `FIONREAD`) first takes the pipe's lock, and the sender, which holds the pipe too, can
 //! hold that lock as long as it likes (a `splice` into the pipe from a socket with nothing to
 //! read sleeps with it held); the reading thread then waits, uninterruptibly, where not even
-//! `SIGKILL` ends the process. So a receiver reads only the pipes of a peer it trusts too
-//! (the same `lend_pages_to_peer`, which tells the peer so), and a sender pipes only to a peer
-//! that said it does.
+//! `SIGKILL` ends the process. The other way round too: the receiver holds the read end, and a
+//! `splice` out of the pipe into a full socket sleeps with the lock held, so the sender's next
+//! `vmsplice`, its drain of bytes given back unread, and its closing the pipe (as its
+//! connection goes) wait as long as the receiver likes. So a receiver reads only the pipes of
+//! a peer it trusts too (the same `lend_pages_to_peer`, which tells the peer so), and a sender
+//! pipes only to a peer that said it does.
 //!
 //! Between such peers neither end waits on the pipe's contents. The sender splices without
 //! blocking and sends only what fitted (the rest of the string goes inline in the message);

@@ -432,10 +432,13 @@ impl Connection {
     /// its own) and read, at any later time, whatever this process then stores in the same
     /// bytes of memory after the allocator reuses them; and a peer whose pipe this end reads
     /// can hold the pipe's lock (a `splice` into it that sleeps) and keep the reading thread
-    /// waiting, where not even `SIGKILL` ends it, for as long as it likes. So turn it on
-    /// between a worker and its parent that trust each other, say, never towards an
-    /// untrusted side. Turned off, the peer's strings piped before it heard so fail their
-    /// calls. See `docs/benchmarks-bulk.md`.
+    /// waiting, where not even `SIGKILL` ends it, for as long as it likes (as a peer that
+    /// reads this end's pipe can keep the thread that pipes the next string, or drops the
+    /// connection, waiting). So turn it on between a worker and its parent that trust each
+    /// other, say, never towards an untrusted side. Turned off, the peer's strings piped
+    /// before it heard so fail their calls; the pipe it lent stays open, unread, until the
+    /// connection goes (then closed off your threads, by typed-ipc's closer). See
+    /// `docs/benchmarks-bulk.md`.
     pub fn lend_pages_to_peer(&self, lend: bool) {
         if let Some(announcement) = self.shared.lane.lend_pages(lend) {
             // A peer already gone shows on the connection itself.
