@@ -330,7 +330,8 @@ impl Serialize for SealedBuffer {
 /// typed-ipc's closer (off this thread: README, "slow closes"), and fails decoding: one over
 /// the limit as [`Error::TooLarge`] (a request's caller gets it `by_peer`), any
 /// other as [`Error::Malformed`] (a request's caller gets [`Error::Remote`]: the server could
-/// not decode it).
+/// not decode it). A sound buffer this side fails to map for a failure of its own (a system
+/// call a seccomp filter refuses, no address space left) fails it as [`Error::Io`] instead.
 impl<'de> Deserialize<'de> for SealedBuffer {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         crate::codec::shared_fd(d, &DEMAND, |fd, map| SealedBuffer { fd, map })

@@ -371,7 +371,9 @@ impl Serialize for RegionView {
 /// ([`RegionView::DEFAULT_MAX_LEN`] outside a connection). A refused fd is closed, by
 /// typed-ipc's closer (off this thread: README, "slow closes"), and fails decoding: one over
 /// the limit as [`Error::TooLarge`] (a request's caller gets it `by_peer`), any
-/// other as [`Error::Malformed`] (a request's caller gets [`Error::Remote`]).
+/// other as [`Error::Malformed`] (a request's caller gets [`Error::Remote`]). A sound region
+/// this side fails to map for a failure of its own (a system call a seccomp filter refuses,
+/// no address space left) fails it as [`Error::Io`] instead.
 impl<'de> Deserialize<'de> for RegionView {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         crate::codec::shared_fd(d, &DEMAND, |fd, map| RegionView { fd, map })

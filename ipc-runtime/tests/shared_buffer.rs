@@ -461,3 +461,48 @@ fn refuse_read_only_shared_mappings() {
         ),
     ]);
 }
+
+/// A sealed buffer or region view this side fails to map for a failure of its own (here
+/// `fstatfs` refused, as a seccomp filter may) fails decoding as `Error::Io`, not as
+/// `Malformed`: nothing was wrong with the fd the peer sent.
+#[test]
+fn shared_memory_this_side_cannot_map_fails_decoding_as_io() {
+    let _guard = lock();
+    let status = common::child("child_refusing_fstatfs_decodes_shared_memory")
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "{status:?}: the child's assertion failed (on stderr)"
+    );
+}
+
+/// The child of `shared_memory_this_side_cannot_map_fails_decoding_as_io`.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_refusing_fstatfs_decodes_shared_memory() {
+    use common::{bpf_jeq as jeq, bpf_stmt as stmt};
+    use ipc_runtime::shared_region::{RegionView, SharedRegion};
+    let buffer = filled(&pattern(4096));
+    let region = SharedRegion::new(4096).unwrap();
+    common::install_seccomp(&mut [
+        stmt(
+            libc::BPF_LD | libc::BPF_W | libc::BPF_ABS,
+            std::mem::offset_of!(libc::seccomp_data, nr) as u32,
+        ),
+        jeq(libc::SYS_fstatfs as u32, 0, 1),
+        stmt(
+            libc::BPF_RET | libc::BPF_K,
+            libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
+        ),
+        stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW),
+    ]);
+    let (mut bytes, mut fds) = (Vec::new(), Vec::new());
+    codec::encode(&buffer, &mut bytes, &mut fds).unwrap();
+    let owned = vec![fds[0].try_clone_to_owned().unwrap()];
+    let sealed = codec::decode::<SealedBuffer>(&bytes, owned);
+    assert!(matches!(&sealed, Err(Error::Io(_))), "{sealed:?}");
+    let owned = vec![region.as_fd().try_clone_to_owned().unwrap()];
+    let view = codec::decode::<RegionView>(&bytes, owned);
+    assert!(matches!(&view, Err(Error::Io(_))), "{view:?}");
+}

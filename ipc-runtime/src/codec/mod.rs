@@ -586,7 +586,8 @@ pub(crate) fn refuse_here<E: serde::de::Error>(what: &str, e: &Error) -> E {
 /// under the limit of the connection decoding it (its store's
 /// [`OutOfLine::max_shared_len`]; the default outside a connection), then `make`s the value
 /// of it. One over the limit fails the decode as [`Error::TooLarge`], as a byte string over the
-/// limits does; any other refusal as [`Error::Malformed`]. A refused fd is the peer's, dropped
+/// limits does; any other refusal as [`Error::Malformed`], and a failure of this side's own to
+/// map it ([`failed_here`]) as [`Error::Io`]. A refused fd is the peer's, dropped
 /// by typed-ipc: closed by the [`closer`](crate::closer), as closing it may wait for as long
 /// as the peer likes (a pipe whose lock it holds sent in place of a memfd).
 pub(crate) fn shared_fd<'de, T, D: serde::Deserializer<'de>>(
