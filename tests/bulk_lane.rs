@@ -278,6 +278,74 @@ fn bad_references_and_bad_regions_fail_the_call_not_the_server() {
     before.assert_nothing_new();
 }
 
+/// Every other way a hostile client's out-of-line string can be refused closes the fds its
+/// message carried: a region larger than any the lane accepts, a piped string to a server
+/// that trusts no pipes, a string said to be written into a server that accepts no writes
+/// (its message carrying a memfd all the same), and a second string out of line in one
+/// message (which names a second region).
+#[test]
+fn refused_out_of_line_strings_leave_no_fd_open() {
+    let _fds = fd_count_lock();
+    let before = fd_snapshot();
+    let (ours, theirs) = Socket::pair().unwrap();
+    let server = std::thread::spawn(move || {
+        BulkServer::new(BulkImpl::default()).serve(Connection::new(theirs))
+    });
+    let failure = |payload: &[u8], why: &str| {
+        assert_eq!(payload[0], 4, "a failure reply");
+        let text = String::from_utf8_lossy(payload);
+        assert!(text.contains(why), "{why:?} not in {text:?}");
+    };
+    // Over 32 MiB: no region the lane makes or accepts is.
+    let huge: OwnedFd = SharedRegion::new((32 << 20) + 4096)
+        .unwrap()
+        .as_fd()
+        .try_clone_to_owned()
+        .unwrap();
+    failure(&raw_bump(&ours, 1, Some(&huge), 0, 10), "refused");
+    let (read, write) = nix::unistd::pipe().unwrap();
+    nix::unistd::write(&write, &[9; 100]).unwrap();
+    let mut piped = common::call_envelope(&BULK_INFO, 0, 2); // cmd 0: bump
+    piped.push(2); // tag: piped
+    for word in [2u32, 0] {
+        piped.extend_from_slice(&word.to_le_bytes()); // seq, fd index
+    }
+    piped.extend_from_slice(&100u64.to_le_bytes()); // piped length
+    piped.extend_from_slice(&0u64.to_le_bytes()); // no tail
+    failure(
+        &common::raw_call(&ours, &piped, &[read.as_fd()], 2),
+        "reads no pipes",
+    );
+    let memfd = common::memfd(&[1; 100]);
+    let mut written = common::call_envelope(&BULK_INFO, 0, 3);
+    written.push(3); // tag: written into the receiver
+    written.extend_from_slice(&3u32.to_le_bytes()); // seq
+    written.extend_from_slice(&1u64.to_le_bytes()); // generation
+    written.extend_from_slice(&(256u64 << 10).to_le_bytes()); // length
+    failure(
+        &common::raw_call(&ours, &written, &[memfd.as_fd()], 3),
+        "announced no inbox",
+    );
+    let mut region = SharedRegion::new(4096).unwrap();
+    region[..2].copy_from_slice(b"ab");
+    let mut two = common::call_envelope(&BULK_INFO, 1, 4); // cmd 1: lens
+    for (seq, index) in [(4u32, 0u32), (5, 1)] {
+        two.push(1); // tag: out of line
+        two.extend_from_slice(&seq.to_le_bytes());
+        two.extend_from_slice(&index.to_le_bytes());
+        two.extend_from_slice(&0u64.to_le_bytes()); // offset
+        two.extend_from_slice(&2u64.to_le_bytes()); // length
+    }
+    let fds = [region.as_fd(), region.as_fd()];
+    failure(
+        &common::raw_call(&ours, &two, &fds, 4),
+        "a second out-of-line",
+    );
+    drop((ours, huge, read, write, memfd, region));
+    server.join().unwrap().unwrap();
+    before.assert_nothing_new();
+}
+
 /// A hostile client's placement names, in place of its region, the read end of a pipe whose
 /// lock a thread of the client holds (a `splice` into the pipe that sleeps), the client's own
 /// copy closed: whoever closes the server's copy, the last, waits until the client lets go.
