@@ -186,10 +186,18 @@ impl Inbox {
     /// writes it) and a random token.
     pub(crate) fn new() -> io::Result<Inbox> {
         let mut token = [0u8; 8];
-        // SAFETY: getrandom writes at most `token.len()` bytes into `token`.
-        let n = unsafe { libc::getrandom(token.as_mut_ptr().cast(), token.len(), 0) };
-        if n != token.len() as isize {
-            return Err(io::Error::last_os_error());
+        loop {
+            // SAFETY: getrandom writes at most `token.len()` bytes into `token`.
+            let n = unsafe { libc::getrandom(token.as_mut_ptr().cast(), token.len(), 0) };
+            if n == token.len() as isize {
+                break;
+            }
+            // Interrupted only while it waits for the kernel's entropy (early in boot), by a
+            // signal of this process's: made again, as every wait of typed-ipc's is.
+            let error = io::Error::last_os_error();
+            if error.kind() != io::ErrorKind::Interrupted {
+                return Err(error);
+            }
         }
         // glibc serves a 1 MiB request with a fresh mapping, whose pages the peer's write
         // would then fault in and zero one by one (~1 µs each here: 17x a `memcpy` at
