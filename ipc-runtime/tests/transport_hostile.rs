@@ -188,6 +188,37 @@ fn credentials_a_peer_attaches_are_not_taken_for_fds() {
     assert!(all_closed(&read_end));
 }
 
+/// A first datagram that is taken but fails (too large, or with fds its header does not
+/// announce) fails its message: the continuations that follow are dropped with it, as those
+/// of a message that failed part-way are, not reported one by one as continuations of no
+/// message. Both through a receive that waits and one that never does (an event loop's,
+/// the async flavour's).
+#[test]
+fn a_first_datagram_that_fails_takes_its_continuations_with_it() {
+    let _fds = fd_count_lock();
+    for waits in [true, false] {
+        let (a, b) = Socket::pair().unwrap();
+        let (read_end, write_end) = pipe();
+        let w = write_end.as_raw_fd();
+        let total = (FIRST_MAX + 1000) as u32;
+        let big = vec![1; FIRST_MAX + 500];
+        raw(&a, &header(Kind::First, 1, total, 2), &big, &[w], false);
+        raw(&a, &header(Kind::More, 1, total, 2), &[2; 500], &[w], false);
+        raw(&a, &header(Kind::First, 0, 10, 1), &[3; 5], &[w], false);
+        raw(&a, &header(Kind::More, 1, 10, 1), &[4; 5], &[w], false);
+        drop(write_end);
+        a.send(b"next", &[]).unwrap();
+        let recv = || match waits {
+            true => b.recv(),
+            false => b.try_recv().map(|f| f.expect("all of it is queued")),
+        };
+        assert!(matches!(recv(), Err(Error::Truncated)), "waits: {waits}");
+        malformed(recv(), "announces 0 fds, 1 arrived");
+        assert_eq!(recv().unwrap().payload, b"next", "waits: {waits}");
+        assert!(all_closed(&read_end));
+    }
+}
+
 #[test]
 fn a_refused_message_interrupted_by_another_is_reported_and_the_other_read() {
     let _fds = fd_count_lock();

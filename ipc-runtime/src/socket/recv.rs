@@ -188,7 +188,10 @@ impl Socket {
     #[inline(always)]
     fn start_message(&self, state: &mut RecvState, frame: &mut Frame, wait: Wait) -> Result<()> {
         frame.payload.reserve(FIRST_MAX);
-        let (header, dropped) = self.recv_datagram(frame, FIRST_MAX, wait)?;
+        let (header, dropped) = match self.recv_datagram(frame, FIRST_MAX, wait) {
+            Ok(received) => received,
+            Err(e) => return Err(first_failed(state, e)),
+        };
         if header.kind != Kind::First {
             return Err(Error::Malformed(
                 "continuation datagram without a message".into(),
@@ -585,6 +588,17 @@ impl Socket {
         };
         !open
     }
+}
+
+/// A first datagram that was taken but failed, as `e` says: too large (`Truncated`), or fds
+/// other than its header announced. The continuations of its message that may follow are
+/// dropped before the next receive reads on, as for a message that failed part-way, not
+/// reported one by one as continuations of no message. Nothing was taken on a timeout.
+#[cold]
+#[inline(never)]
+fn first_failed(state: &mut RecvState, e: Error) -> Error {
+    state.discarding = !matches!(e, Error::TimedOut);
+    e
 }
 
 /// When a receive that spins for `ns` before it blocks stops spinning: not after its
