@@ -241,3 +241,21 @@ fn a_refused_message_interrupted_by_another_is_reported_and_the_other_read() {
     assert_eq!(b.recv().unwrap().payload, b"next");
     assert!(all_closed(&read_end));
 }
+
+/// A send whose deadline passes with part of its message out hangs up rather than leave the
+/// peer holding a fragment that the next message would be read into: the peer, which got
+/// the fragment (and its fd), sees the hang-up and closes the fd; the sender's later sends
+/// fail as sends to a peer gone.
+#[test]
+fn a_send_timed_out_part_way_hangs_up_and_the_peer_closes_the_fragments_fds() {
+    let _fds = fd_count_lock();
+    let (a, b) = Socket::pair().unwrap();
+    let (read_end, write_end) = pipe();
+    let big = vec![5u8; 64 << 20];
+    let sent = a.send_timeout(&big, &[write_end.as_fd()], std::time::Duration::ZERO);
+    drop(write_end);
+    assert!(matches!(sent, Err(Error::TimedOut)), "{sent:?}");
+    assert!(matches!(b.recv(), Err(Error::Disconnected)));
+    assert!(all_closed(&read_end));
+    assert!(matches!(a.send(b"after", &[]), Err(Error::Disconnected)));
+}
