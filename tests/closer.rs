@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::mpsc::{RecvTimeoutError, channel};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -176,4 +176,94 @@ fn blocking_server_serves_on_while_a_refused_sealed_buffer_of_the_peer_cannot_cl
             let _ = connection.serve(EchoServer::new(Echoing));
         })
     });
+}
+
+/// Sends one datagram as given, header and all, with `fd` attached if there is one.
+fn raw_datagram(
+    socket: &Socket,
+    header: typed_ipc::wire::Header,
+    body: &[u8],
+    fd: Option<BorrowedFd>,
+) {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    use std::os::fd::AsRawFd;
+    let header = header.encode();
+    let iov = [std::io::IoSlice::new(&header), std::io::IoSlice::new(body)];
+    let fds: Vec<_> = fd.iter().map(|fd| fd.as_raw_fd()).collect();
+    let rights = [ControlMessage::ScmRights(&fds)];
+    let cmsgs = if fds.is_empty() { &[][..] } else { &rights[..] };
+    let raw = socket.as_fd().as_raw_fd();
+    sendmsg::<()>(raw, &iov, cmsgs, MsgFlags::empty(), None).unwrap();
+}
+
+/// The fds of a message whose framing is broken, which the transport drops as it fails it
+/// (part of a message another interrupts, or a continuation of a message that failed), are
+/// closed off the receiving thread too: a receive that waits (a blocking connection's) and
+/// one that never does (an async connection's reader task) report the failure while the
+/// peer holds the lock of the pipe whose last fd one of them is.
+#[test]
+fn a_receive_failing_on_broken_framing_does_not_wait_for_the_close_of_the_peers_fd() {
+    use typed_ipc::wire::{Header, Kind};
+    let first = |total_len, fds| Header {
+        kind: Kind::First,
+        fds,
+        total_len,
+        total_fds: u32::from(fds),
+    };
+    let more = |header: Header| Header {
+        kind: Kind::More,
+        ..header
+    };
+    for waits in [true, false] {
+        for case in ["interrupted", "continuation dropped", "unannounced"] {
+            let (ours, theirs) = Socket::pair().unwrap();
+            let (read, write) = nix::unistd::pipe().unwrap();
+            let (holder, wake) = common::hold_pipe_lock(write);
+            let fd = Some(read.as_fd());
+            match case {
+                "interrupted" => {
+                    // Part of a message with the fd, then another message's first datagram.
+                    raw_datagram(&ours, first(10, 1), b"abc", fd);
+                    ours.send(b"other", &[]).unwrap();
+                }
+                "continuation dropped" => {
+                    // A message that fails (more bytes than it announced), then a
+                    // continuation of it with the fd, dropped unread.
+                    raw_datagram(&ours, first(1, 0), b"abc", None);
+                    raw_datagram(&ours, more(first(1, 1)), b"", fd);
+                }
+                _ => {
+                    // A whole message with an fd its header does not announce.
+                    raw_datagram(&ours, first(3, 0), b"abc", fd);
+                }
+            }
+            ours.send(b"next", &[]).unwrap();
+            drop(read); // the datagrams in flight hold the last references now
+            let (done_tx, done_rx) = channel();
+            let receiver = std::thread::spawn(move || {
+                let recv = || match waits {
+                    true => theirs.recv(),
+                    false => theirs.try_recv().map(|f| f.expect("all of it is queued")),
+                };
+                let failed = recv();
+                let next = recv();
+                done_tx.send((failed, next)).unwrap();
+            });
+            let received = done_rx.recv_timeout(Duration::from_secs(60));
+            std::io::Write::write_all(&mut &wake, b"x").unwrap();
+            drop(holder.join().unwrap());
+            receiver.join().unwrap();
+            let context = format!("waits: {waits}, {case}");
+            match received {
+                Ok((failed, next)) => {
+                    assert!(
+                        matches!(failed, Err(typed_ipc::Error::Malformed(_))),
+                        "{context}"
+                    );
+                    assert_eq!(next.unwrap().payload, b"next", "{context}");
+                }
+                Err(_) => panic!("{context}: the receive waited for the close (lock held 60 s)"),
+            }
+        }
+    }
 }

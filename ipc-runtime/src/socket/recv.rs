@@ -99,7 +99,9 @@ impl Socket {
     /// Receives the next message, waiting for it as long as it takes.
     pub fn recv(&self) -> Result<Frame> {
         let mut frame = Frame::default();
-        self.recv_into(&mut frame, None)?;
+        if let Err(e) = self.recv_into(&mut frame, None) {
+            return Err(failed(frame, e));
+        }
         if frame.payload.capacity() > 2 * frame.payload.len() + 4096 {
             frame.payload.shrink_to_fit();
         }
@@ -112,8 +114,10 @@ impl Socket {
     /// completed by the next receive.
     pub fn recv_timeout(&self, timeout: Duration) -> Result<Frame> {
         let mut frame = Frame::default();
-        self.recv_into(&mut frame, super::deadline_after(timeout))?;
-        Ok(frame)
+        match self.recv_into(&mut frame, super::deadline_after(timeout)) {
+            Ok(()) => Ok(frame),
+            Err(e) => Err(failed(frame, e)),
+        }
     }
 
     /// Receives a message if a whole one is ready, without waiting: `Ok(None)` otherwise
@@ -123,7 +127,7 @@ impl Socket {
         match self.recv_inner(&mut frame, Wait::No) {
             Ok(()) => Ok(Some(frame)),
             Err(Error::TimedOut) => Ok(None),
-            Err(e) => Err(e),
+            Err(e) => Err(failed(frame, e)),
         }
     }
 
@@ -345,30 +349,17 @@ impl Socket {
         out: &mut Frame,
         wait: Wait,
     ) -> Result<()> {
-        loop {
-            let have = p.frame.payload.len();
-            if p.is_whole(have)? {
-                break;
+        match self.read_rest(&mut p, wait) {
+            Ok(()) => {}
+            Err(Error::TimedOut) => {
+                state.partial = Some(p);
+                return Err(Error::TimedOut);
             }
-            let room = (p.total_len - have).min(DATAGRAM_MAX);
-            // Grow with what arrives, not with what the peer announced.
-            let target = p.total_len.min((2 * have).max(have + room));
-            p.frame.payload.reserve_exact(target - have);
-            let (header, dropped) = match self.recv_datagram(&mut p.frame, room, wait) {
-                Err(Error::TimedOut) => {
-                    state.partial = Some(p);
-                    return Err(Error::TimedOut);
-                }
-                r => r?,
-            };
-            if header.kind != Kind::More
-                || header.total_len as usize != p.total_len
-                || header.total_fds as usize != p.total_fds
-            {
-                return Err(Error::Malformed("message interrupted by another".into()));
+            Err(e) => {
+                // To the closer: a hostile peer's fd may be slow to close.
+                p.frame.discard_fds();
+                return Err(e);
             }
-            p.fds_announced += header.fds as usize;
-            p.dropped |= dropped;
         }
         *out = p.frame;
         if p.dropped {
@@ -385,6 +376,29 @@ impl Socket {
             });
         }
         Ok(())
+    }
+
+    /// Reads datagrams into `p` until it is whole.
+    fn read_rest(&self, p: &mut Partial, wait: Wait) -> Result<()> {
+        loop {
+            let have = p.frame.payload.len();
+            if p.is_whole(have)? {
+                return Ok(());
+            }
+            let room = (p.total_len - have).min(DATAGRAM_MAX);
+            // Grow with what arrives, not with what the peer announced.
+            let target = p.total_len.min((2 * have).max(have + room));
+            p.frame.payload.reserve_exact(target - have);
+            let (header, dropped) = self.recv_datagram(&mut p.frame, room, wait)?;
+            if header.kind != Kind::More
+                || header.total_len as usize != p.total_len
+                || header.total_fds as usize != p.total_fds
+            {
+                return Err(Error::Malformed("message interrupted by another".into()));
+            }
+            p.fds_announced += header.fds as usize;
+            p.dropped |= dropped;
+        }
     }
 
     /// Receives one datagram, appending at most `room` payload bytes to `frame`, and checks
@@ -473,9 +487,11 @@ impl Socket {
                 state.discarding = false;
                 return Ok(());
             }
-            // Consume it; its bytes are cut off (MSG_TRUNC) and its fds closed with `junk`.
+            // Consume it; its bytes are cut off (MSG_TRUNC) and its fds go with `junk`.
             let mut junk = Frame::default();
-            match sys::recv(self.fd.as_fd(), &mut head, &mut [], &mut junk.fds, true) {
+            let taken = sys::recv(self.fd.as_fd(), &mut head, &mut [], &mut junk.fds, true);
+            junk.discard_fds(); // to the closer: a hostile peer's fd may be slow to close
+            match taken {
                 Err(e) if !matches!(e.raw_os_error(), Some(libc::EINTR | PEER_RESET)) => {
                     return Err(e.into());
                 }
@@ -588,6 +604,16 @@ impl Socket {
         };
         !open
     }
+}
+
+/// `e`, the error of a receive into a frame of the receive's own, `frame`: the fds the
+/// failed datagram brought (fds its header did not announce, say) go to the closer, as a
+/// hostile peer's fd may be slow to close.
+#[cold]
+#[inline(never)]
+fn failed(mut frame: Frame, e: Error) -> Error {
+    frame.discard_fds();
+    e
 }
 
 /// A first datagram that was taken but failed, as `e` says: too large (`Truncated`), or fds
