@@ -2468,3 +2468,223 @@ fn a_second_answer_to_a_call_leaves_the_first_for_its_caller() {
     let kind = Envelope::read(&first.payload).unwrap().kind;
     assert_eq!(kind, Kind::Reply, "the first answer stays");
 }
+
+/// A call of method `cmd` of `IFACE` on a thread of its own, returning a `u64`.
+fn call_on(
+    a: &Connection,
+    cmd: u32,
+    timeout: Option<Duration>,
+) -> std::thread::JoinHandle<Result<u64>> {
+    let a = a.clone();
+    std::thread::spawn(move || a.call::<_, u64>(&IFACE, cmd, &(), timeout))
+}
+
+/// The next call `theirs` receives, skipping what else this end sends (cancels, oneways).
+fn next_call(theirs: &crate::Socket) -> crate::frame::Frame {
+    loop {
+        let frame = theirs.recv().unwrap();
+        if Envelope::read(&frame.payload).unwrap().kind == Kind::Call {
+            return frame;
+        }
+    }
+}
+
+/// Sends a late reply to `call` carrying the write end of a new pipe, and returns its read
+/// end: it reads the end of the file once this end has closed the write end it received.
+fn late_reply_with_fd(theirs: &crate::Socket, call: &crate::frame::Frame) -> std::os::fd::OwnedFd {
+    let (read_end, write_end) = nix::unistd::pipe().unwrap();
+    let mut reply = vec![0; envelope::LEN];
+    Envelope {
+        kind: Kind::Reply,
+        ..Envelope::read(&call.payload).unwrap()
+    }
+    .write(&mut reply);
+    let (body, mut fds) = (crate::codec::Fd(&write_end), Vec::new());
+    codec::encode(&body, &mut reply, &mut fds).unwrap();
+    theirs.send(&reply, &fds).unwrap();
+    read_end
+}
+
+/// Waits until the write end of the pipe `read_end` reads is closed everywhere.
+fn assert_write_end_closed(read_end: &std::os::fd::OwnedFd, what: &str) {
+    let mut fds = [PollFd::new(read_end.as_fd(), PollFlags::POLLIN)];
+    // A bound so that a leak fails the test rather than hang it, not a timing assertion.
+    let ready = poll(&mut fds, PollTimeout::from(60_000u16)).unwrap();
+    assert_eq!(ready, 1, "{what}: the late reply's fd was never closed");
+    assert_eq!(nix::unistd::read(read_end, &mut [0; 1]), Ok(0), "{what}");
+}
+
+/// Callers whose timeouts pass at each place a call waits — for its reply while another
+/// thread reads, for the send lock held by a message waiting for room, for room itself
+/// with the reader role held, and in the socket with the role held — each get `TimedOut`,
+/// leave no slot behind, pass the role on to the caller still waiting (which gets its own
+/// reply), have their late replies dropped with their fds closed, and leave the connection
+/// usable.
+#[test]
+fn callers_timing_out_at_each_stage_leave_the_role_and_the_connection_to_the_others() {
+    let (ours, theirs) = crate::Socket::pair().unwrap();
+    let a = Connection::new(ours);
+    let short = Some(Duration::from_millis(200));
+    // A reader without a timeout, and a caller waiting for its reply meanwhile, which
+    // gives up.
+    let reader = call_on(&a, 1, None);
+    let reader_call = next_call(&theirs);
+    let waiter = call_on(&a, 2, short);
+    let waiter_call = next_call(&theirs);
+    assert!(matches!(waiter.join().unwrap(), Err(Error::TimedOut)));
+    // A oneway waiting for room holds the send lock; a caller waiting for the lock gives up.
+    let filler = {
+        let a = a.clone();
+        std::thread::spawn(move || a.oneway(&IFACE, 9, &"x".repeat(32 << 20), None))
+    };
+    wait_until("the filler waits for room", || !writable(&a));
+    assert!(matches!(
+        call_on(&a, 3, short).join().unwrap(),
+        Err(Error::TimedOut)
+    ));
+    assert!(
+        a.shared.state.lock().pending.is_empty(),
+        "a slot left behind"
+    );
+    // The waiter's late reply, read by the reader, is dropped with its fd.
+    let late = late_reply_with_fd(&theirs, &waiter_call);
+    crate::closer::wait_for_closes();
+    assert_write_end_closed(&late, "read by another caller");
+    theirs.send(&reply_to(&reader_call, &7u64), &[]).unwrap();
+    assert_eq!(reader.join().unwrap().unwrap(), 7);
+    // The filler's message through, the peer reads on.
+    loop {
+        let frame = theirs.recv().unwrap();
+        if Envelope::read(&frame.payload).unwrap().cmd == 9 {
+            break;
+        }
+    }
+    filler.join().unwrap().unwrap();
+    // A reader with a timeout gives up in the socket: the caller waiting behind it reads.
+    let reader = call_on(&a, 4, short);
+    let reader_call = next_call(&theirs);
+    wait_until("the reader reads", || a.shared.state.lock().reading);
+    let waiter = call_on(&a, 5, None);
+    let waiter_call = next_call(&theirs);
+    assert!(matches!(reader.join().unwrap(), Err(Error::TimedOut)));
+    let late = late_reply_with_fd(&theirs, &reader_call);
+    theirs.send(&reply_to(&waiter_call, &8u64), &[]).unwrap();
+    assert_eq!(waiter.join().unwrap().unwrap(), 8);
+    crate::closer::wait_for_closes();
+    assert_write_end_closed(&late, "read by the caller the role passed to");
+    // Fill the socket (the peer reads nothing), then a caller waits for room, reading
+    // meanwhile with nobody else to, and gives up.
+    while a
+        .oneway(
+            &IFACE,
+            10,
+            &"y".repeat(512),
+            Some(Duration::from_millis(20)),
+        )
+        .is_ok()
+    {}
+    assert!(matches!(
+        call_on(&a, 6, short).join().unwrap(),
+        Err(Error::TimedOut)
+    ));
+    assert!(
+        !a.shared.state.lock().reading,
+        "the role kept by a caller gone"
+    );
+    assert!(
+        a.shared.state.lock().pending.is_empty(),
+        "a slot left behind"
+    );
+    // The connection goes on: the peer reads what was sent, and answers the next call.
+    let last = call_on(&a, 11, None);
+    let last_call = next_call(&theirs);
+    assert_eq!(Envelope::read(&last_call.payload).unwrap().cmd, 11);
+    theirs.send(&reply_to(&last_call, &9u64), &[]).unwrap();
+    assert_eq!(last.join().unwrap().unwrap(), 9);
+}
+
+/// How a connection ends under threads parked on it.
+#[derive(Clone, Copy, Debug)]
+enum Ending {
+    PeerGone,
+    Closed,
+    /// This end stops reading: the filler's message still goes out, read by the peer.
+    StoppedReading,
+}
+
+/// Threads parked at each place a blocking call waits (reading for its reply, waiting for
+/// its reply while another reads, waiting for room with the send lock held, waiting for the
+/// send lock, with and without timeouts) and a serving thread all return at once when the
+/// connection ends: the callers with `Disconnected`, never `TimedOut`.
+fn every_parked_thread_fails_with_disconnected(ending: Ending) {
+    let (ours, theirs) = crate::Socket::pair().unwrap();
+    let a = Connection::new(ours);
+    let long = Some(Duration::from_secs(600));
+    // The first caller reads for its reply, before a serving thread could take the role.
+    let mut callers = vec![call_on(&a, 1, None)];
+    next_call(&theirs);
+    let runner = {
+        let a = a.clone();
+        std::thread::spawn(move || a.run())
+    };
+    wait_until("the runner runs", || a.shared.state.lock().runners == 1);
+    for (cmd, timeout) in [(2, None), (3, long)] {
+        callers.push(call_on(&a, cmd, timeout));
+        next_call(&theirs);
+    }
+    let filler = {
+        let a = a.clone();
+        std::thread::spawn(move || a.oneway(&IFACE, 9, &"x".repeat(32 << 20), None))
+    };
+    wait_until("the filler waits for room", || !writable(&a));
+    for (cmd, timeout) in [(4, None), (5, long)] {
+        callers.push(call_on(&a, cmd, timeout));
+    }
+    wait_until("every caller waits", || {
+        a.shared.state.lock().pending.len() == 4
+    });
+    match ending {
+        Ending::PeerGone => drop(theirs),
+        Ending::Closed => {
+            a.close();
+            drop(theirs);
+        }
+        Ending::StoppedReading => {
+            a.stop_reading();
+            // The peer reads on, until this end hangs up once every handle is gone.
+            std::thread::spawn(move || while theirs.recv().is_ok() {});
+        }
+    }
+    for (i, caller) in callers.into_iter().enumerate() {
+        let outcome = caller.join().unwrap();
+        assert!(
+            matches!(outcome, Err(Error::Disconnected)),
+            "{ending:?}: caller {i} got {outcome:?}"
+        );
+    }
+    let sent = filler.join().unwrap();
+    match ending {
+        Ending::StoppedReading => assert!(sent.is_ok(), "a oneway goes out: {sent:?}"),
+        _ => assert!(
+            matches!(sent, Err(Error::Disconnected)),
+            "{ending:?}: {sent:?}"
+        ),
+    }
+    runner.join().unwrap().unwrap();
+    assert!(a.shared.state.lock().pending.is_empty());
+}
+
+#[test]
+fn a_peer_gone_fails_every_thread_parked_on_the_connection_with_disconnected() {
+    every_parked_thread_fails_with_disconnected(Ending::PeerGone);
+}
+
+#[test]
+fn close_fails_every_thread_parked_on_the_connection_with_disconnected() {
+    every_parked_thread_fails_with_disconnected(Ending::Closed);
+}
+
+#[test]
+fn stop_reading_fails_every_caller_parked_on_the_connection_with_disconnected() {
+    every_parked_thread_fails_with_disconnected(Ending::StoppedReading);
+}
