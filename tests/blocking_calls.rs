@@ -245,3 +245,34 @@ fn a_worker_killed_under_calls_from_many_threads_fails_them_all_with_disconnecte
     drop((echo, conn, worker));
     before.assert_nothing_new();
 }
+
+/// As above, four of the parent's threads bouncing at once: with a serving thread per level
+/// per call on each end, every bounce returns its own sum.
+#[test]
+fn concurrent_calls_nested_through_handlers_both_ways_return_their_own_sums() {
+    let _fds = fd_count_lock();
+    let (callers, threads) = (4, 8);
+    let mut command = child("child_bounce");
+    command.env("BOUNCE_THREADS", threads.to_string());
+    let (mut worker, conn) = Worker::spawn(command).unwrap();
+    let serving = serve_bounce(&conn, threads);
+    let bounce = BounceClient::new(conn.clone()).with_timeout(Duration::from_secs(60));
+    std::thread::scope(|s| {
+        for t in 0..callers {
+            let bounce = bounce.clone();
+            s.spawn(move || {
+                for round in 0..200u32 {
+                    let depth = 1 + (round + t) % 3;
+                    let sum = bounce.bounce(depth).unwrap();
+                    assert_eq!(sum, depth * (depth + 1) / 2, "thread {t} round {round}");
+                }
+            });
+        }
+    });
+    conn.close();
+    for thread in serving {
+        thread.join().unwrap();
+    }
+    drop((bounce, conn));
+    assert_eq!(worker.wait().unwrap(), Exit::Code(0));
+}
