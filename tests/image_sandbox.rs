@@ -366,6 +366,9 @@ mod sandbox {
         each(REFUSED, errno(libc::EPERM));
         // glibc falls back from clone3 to clone only on ENOSYS (README), and clone's flags
         // can be checked where clone3's, behind a pointer, cannot.
+        if std::env::var_os(super::REFUSE_THREADS).is_some() {
+            each(&[libc::SYS_clone3, libc::SYS_clone], errno(libc::EPERM));
+        }
         each(&[libc::SYS_clone3], errno(libc::ENOSYS));
         // Each test below loads `args[0]` and so returns on both paths: the accumulator no
         // longer holds the number after it.
@@ -431,9 +434,15 @@ fn sandboxed_isp_worker() {
         .threads(2) // started by `serve`, so under the filter
         .serve(&connection);
     drop(connection);
+    if let Err(e) = &served {
+        eprintln!("serve: {e}");
+    }
     // libtest would print its summary to stdout next, a write the filter refuses.
     std::process::exit(if served.is_ok() { 0 } else { 3 });
 }
+
+/// Set in a worker's environment, its filter refuses new threads too.
+const REFUSE_THREADS: &str = "ISP_REFUSE_THREADS";
 
 /// Stats the host received: (frame, mean).
 type Stats = mpsc::Receiver<(u32, u32)>;
@@ -731,5 +740,27 @@ fn a_confined_worker_dies_with_the_thread_that_started_it() {
         Err(Error::Disconnected)
     ));
     assert_eq!(plugin.stop(false), Exit::Signal(libc::SIGKILL));
+    before.assert_nothing_new();
+}
+
+#[test]
+fn a_worker_that_cannot_start_its_serving_threads_says_why() {
+    let _lock = common::fd_count_lock();
+    let before = common::fd_snapshot();
+    let mut plugin = Plugin::start_with(|command| {
+        command.env(REFUSE_THREADS, "1");
+        command.stderr(std::process::Stdio::piped());
+    });
+    let stderr = plugin.worker.take_stderr().unwrap();
+    let reader = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap());
+    let got = plugin.isp.process(1, sealed_frame(4096, 1));
+    assert!(matches!(got, Err(Error::Disconnected)), "{got:?}");
+    assert_eq!(plugin.stop(false), Exit::Code(3));
+    // The bare OS error ("Operation not permitted") would not say what failed.
+    let said = reader.join().unwrap();
+    assert!(
+        said.contains("serve: could not start serving thread 2 of Server::threads(2)"),
+        "{said}"
+    );
     before.assert_nothing_new();
 }

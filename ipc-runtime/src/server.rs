@@ -306,7 +306,8 @@ impl Server {
 
     /// Serves `connection` until the peer hangs up, on this thread plus `threads - 1` more.
     /// Returns `Ok(())` on a clean close. If a thread cannot be started, returns that error
-    /// without serving anything (the connection stays open).
+    /// ([`Error::Io`] of the OS error's kind, saying which thread of [`Server::threads`] it
+    /// was) without serving anything (the connection stays open).
     ///
     /// # Panics
     ///
@@ -343,13 +344,24 @@ impl Server {
     /// on a connection half served: the ones started already end without serving.
     fn start_helpers(&self, connection: &Connection) -> io::Result<Vec<Helper>> {
         (1..self.threads)
-            .map(|_| {
+            .map(|n| {
                 let (go, told) = mpsc::channel::<()>();
                 let connection = connection.clone();
-                let thread = std::thread::Builder::new().spawn(move || match told.recv() {
-                    Ok(()) => connection.run(),
-                    Err(_) => Ok(()), // `go` dropped: serving never started
-                })?;
+                let thread = std::thread::Builder::new()
+                    .spawn(move || match told.recv() {
+                        Ok(()) => connection.run(),
+                        Err(_) => Ok(()), // `go` dropped: serving never started
+                    })
+                    // The OS error alone ("Operation not permitted", from a seccomp filter
+                    // that refuses `clone`) does not say what failed, nor what to change.
+                    .map_err(|e| {
+                        let threads = self.threads;
+                        let why = format!(
+                            "could not start serving thread {} of Server::threads({threads}): {e}",
+                            n + 1
+                        );
+                        io::Error::new(e.kind(), why)
+                    })?;
                 Ok(Helper { go, thread })
             })
             .collect()
