@@ -361,14 +361,18 @@ mod sandbox {
                 p.push(ins(RET, action, 0, 0));
             }
         };
+        // Refusals some tests ask for, first: the first rule that matches decides.
+        if std::env::var_os(super::REFUSE_PWRITEV2).is_some() {
+            each(&[libc::SYS_pwritev2], errno(libc::EPERM));
+        }
+        if std::env::var_os(super::REFUSE_THREADS).is_some() {
+            each(&[libc::SYS_clone3, libc::SYS_clone], errno(libc::EPERM));
+        }
         each(README_LIST, libc::SECCOMP_RET_ALLOW);
         each(OWN_CODE, libc::SECCOMP_RET_ALLOW);
         each(REFUSED, errno(libc::EPERM));
         // glibc falls back from clone3 to clone only on ENOSYS (README), and clone's flags
         // can be checked where clone3's, behind a pointer, cannot.
-        if std::env::var_os(super::REFUSE_THREADS).is_some() {
-            each(&[libc::SYS_clone3, libc::SYS_clone], errno(libc::EPERM));
-        }
         each(&[libc::SYS_clone3], errno(libc::ENOSYS));
         // Each test below loads `args[0]` and so returns on both paths: the accumulator no
         // longer holds the number after it.
@@ -443,6 +447,10 @@ fn sandboxed_isp_worker() {
 
 /// Set in a worker's environment, its filter refuses new threads too.
 const REFUSE_THREADS: &str = "ISP_REFUSE_THREADS";
+
+/// Set in a worker's environment, its filter refuses `pwritev2` with `EPERM`, as a filter
+/// whose default is an errno refuses a call it does not list.
+const REFUSE_PWRITEV2: &str = "ISP_REFUSE_PWRITEV2";
 
 /// Stats the host received: (frame, mean).
 type Stats = mpsc::Receiver<(u32, u32)>;
@@ -706,9 +714,22 @@ fn the_sandbox_holds() {
 
 #[test]
 fn a_traced_worker_runs_in_the_sandbox() {
+    traced_worker(false);
+}
+
+#[test]
+fn a_traced_worker_whose_filter_refuses_pwritev2_still_traces() {
+    traced_worker(true);
+}
+
+/// A worker run with `TYPED_IPC_DEBUG=1` traces a call, `pwritev2` refused or not.
+fn traced_worker(refuse_pwritev2: bool) {
     let _lock = common::fd_count_lock();
     let before = common::fd_snapshot();
     let mut plugin = Plugin::start_with(|command| {
+        if refuse_pwritev2 {
+            command.env(REFUSE_PWRITEV2, "1");
+        }
         command.env("TYPED_IPC_DEBUG", "1");
         command.stderr(std::process::Stdio::piped());
     });

@@ -149,7 +149,9 @@ fn write_unlocked(bytes: &[u8]) -> usize {
 /// pipe or socket (`pwritev2` with `RWF_NOWAIT`: `O_NONBLOCK` would change the file for every
 /// process sharing it). Elsewhere a plain `write`, which may wait: a terminal takes no
 /// `RWF_NOWAIT` (`EOPNOTSUPP`), and a file system that does may fail it for a wait on the
-/// disk, which is no reason to leave a line out.
+/// disk, which is no reason to leave a line out. So does any other failure of `pwritev2`:
+/// a sandboxed worker's seccomp filter may refuse it alone, with whatever errno it chose
+/// (`EPERM`, say), and a plain `write` fails the same way where the fd is at fault.
 fn write_now(fd: BorrowedFd<'_>, bytes: &[u8]) -> nix::Result<usize> {
     let iov = [libc::iovec {
         iov_base: bytes.as_ptr() as *mut libc::c_void,
@@ -160,10 +162,9 @@ fn write_now(fd: BorrowedFd<'_>, bytes: &[u8]) -> nix::Result<usize> {
     let written = unsafe { libc::pwritev2(fd.as_raw_fd(), iov.as_ptr(), 1, -1, libc::RWF_NOWAIT) };
     match nix::Error::result(written) {
         Err(nix::Error::EAGAIN) if !is_pipe_or_socket(fd) => nix::unistd::write(fd, bytes),
-        Err(nix::Error::EOPNOTSUPP | nix::Error::ENOSYS | nix::Error::EINVAL) => {
-            nix::unistd::write(fd, bytes)
-        }
-        written => written.map(|n| n as usize),
+        Err(e @ (nix::Error::EAGAIN | nix::Error::EINTR)) => Err(e),
+        Err(_) => nix::unistd::write(fd, bytes),
+        Ok(n) => Ok(n as usize),
     }
 }
 
