@@ -5,12 +5,12 @@
 //! `SIGSEGV`, a hang caught by a timeout), and the worker tries, from inside, what its sandbox
 //! must refuse.
 //!
-//! typed-ipc offers no sandbox helper: the README tells a worker to install a seccomp filter of
-//! its own after `worker::connection()` returns. This one is a short BPF program over `libc`
-//! that allows the README's list (plus what this worker's own code needs), refuses with an
-//! errno what the probes try, and kills the process at any other call. The host adds what the
-//! README leaves to the user: new user, network and IPC namespaces (`pre_exec`), rlimits in
-//! the worker, and `worker::exit_with_parent`.
+//! typed-ipc builds no filter: the README tells a worker to install a seccomp filter of its own
+//! after `worker::connection()` returns, and `worker::sandbox` lists the calls to allow. This
+//! one is a short BPF program over `libc` that allows that list (plus what this worker's own
+//! code needs), refuses with an errno what the probes try, and kills the process at any other
+//! call. The host adds what the README leaves to the user: new user, network and IPC namespaces
+//! (`pre_exec`), rlimits in the worker, and `worker::exit_with_parent`.
 #![cfg(all(target_os = "linux", target_arch = "x86_64"))]
 
 mod common;
@@ -275,51 +275,24 @@ mod sandbox {
         libc::SECCOMP_RET_ERRNO | e as u32
     }
 
-    /// The calls README.md's table lists for a blocking worker, `write` and `clone` aside
-    /// (checked by argument below).
-    const README_LIST: &[libc::c_long] = &[
-        libc::SYS_recvmsg,
-        libc::SYS_sendto,
-        libc::SYS_sendmsg,
-        libc::SYS_recvfrom,
-        libc::SYS_poll,
-        libc::SYS_ppoll,
-        libc::SYS_shutdown,
-        libc::SYS_eventfd2,
-        libc::SYS_close,
-        libc::SYS_fcntl,
-        libc::SYS_fstat,
-        libc::SYS_newfstatat,
-        libc::SYS_fstatfs,
-        libc::SYS_mmap,
-        libc::SYS_munmap,
-        libc::SYS_mprotect,
-        libc::SYS_madvise,
-        libc::SYS_mremap,
-        libc::SYS_brk,
-        libc::SYS_memfd_create,
-        libc::SYS_ftruncate,
-        libc::SYS_futex,
-        libc::SYS_rseq,
-        libc::SYS_set_robust_list,
-        libc::SYS_rt_sigprocmask,
-        libc::SYS_sigaltstack,
-        libc::SYS_prctl,
-        libc::SYS_sched_getaffinity,
-        libc::SYS_exit,
-        libc::SYS_getpid,
-        libc::SYS_gettid,
-        libc::SYS_clock_gettime,
-        libc::SYS_sched_yield,
-        libc::SYS_rt_sigreturn,
-        libc::SYS_restart_syscall,
-        libc::SYS_exit_group,
-        libc::SYS_pwritev2,
-    ];
+    /// The calls typed-ipc lists (README.md's table) for a blocking worker that runs threads
+    /// and reports its crashes, less those decided below: `write` (stderr only), `clone`
+    /// (threads only), `clone3` (`ENOSYS`) and `tgkill` (this process only).
+    fn listed() -> Vec<libc::c_long> {
+        use typed_ipc::worker::sandbox::{Need, SYSCALLS};
+        SYSCALLS
+            .iter()
+            .filter(|call| {
+                use Need::*;
+                matches!(call.need, Always | Threads | DebugTrace | Crash)
+            })
+            .filter(|call| !["write", "clone", "clone3", "tgkill"].contains(&call.name))
+            .map(|call| call.number)
+            .collect()
+    }
 
-    /// What this worker's own code needs on top: reading a memfd by position, and std's
-    /// `SIGSEGV` handler putting the default action back (`rt_sigaction`).
-    const OWN_CODE: &[libc::c_long] = &[libc::SYS_pread64, libc::SYS_rt_sigaction];
+    /// What this worker's own code needs on top: reading a memfd by position.
+    const OWN_CODE: &[libc::c_long] = &[libc::SYS_pread64];
 
     /// Refused with `EPERM`, so that the probes can tell; anything else outside the lists
     /// kills the process.
@@ -368,7 +341,7 @@ mod sandbox {
         if std::env::var_os(super::REFUSE_THREADS).is_some() {
             each(&[libc::SYS_clone3, libc::SYS_clone], errno(libc::EPERM));
         }
-        each(README_LIST, libc::SECCOMP_RET_ALLOW);
+        each(&listed(), libc::SECCOMP_RET_ALLOW);
         each(OWN_CODE, libc::SECCOMP_RET_ALLOW);
         each(REFUSED, errno(libc::EPERM));
         // glibc falls back from clone3 to clone only on ENOSYS (README), and clone's flags

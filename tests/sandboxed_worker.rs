@@ -12,6 +12,7 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::OwnedFd;
 use std::sync::Mutex;
@@ -257,10 +258,65 @@ fn a_worker_under_a_filter_that_kills_serves_everything_lending_pages() {
     serve_everything_under("kill", true);
 }
 
+/// A worker that allows only what `Need::Always` lists, and refuses to start threads: its
+/// runtime drops the fds nothing claimed on its serving thread instead of the closer's, and
+/// nothing it does calls outside the list (which would kill it).
+#[test]
+fn a_single_threaded_worker_serves_everything_with_only_what_it_always_needs() {
+    serve_everything_under("single-threaded", false);
+}
+
 #[test]
 #[ignore = "a probe: SANDBOXED_WORKER_REFUSE=<calls> runs everything with those calls refused"]
 fn probe_errno() {
     serve_everything_under("errno", false);
+}
+
+/// README.md's table, "Sandboxing a worker", names exactly the calls
+/// [`worker::sandbox::SYSCALLS`] exports (those of this architecture: the table names both
+/// architectures'), so that the two cannot drift apart.
+#[test]
+fn the_readme_table_names_the_exported_calls() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = readme.split("## Sandboxing a worker").nth(1).unwrap();
+    // The rows after the table's header and its `| --- |` line, up to the first line that is
+    // not a row; the first column's backticked words, not `FIONREAD` (an argument).
+    let in_table: BTreeSet<&str> = section
+        .lines()
+        .skip_while(|line| !line.starts_with("| ---"))
+        .skip(1)
+        .take_while(|line| line.starts_with('|'))
+        .flat_map(|row| row.split('|').nth(1).unwrap().split('`').skip(1).step_by(2))
+        .filter(|word| {
+            word.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        })
+        .collect();
+    let exported: BTreeSet<&str> = worker::sandbox::SYSCALLS
+        .iter()
+        .map(|call| call.name)
+        .collect();
+    // What the table names for the other architecture only.
+    #[cfg(target_arch = "x86_64")]
+    let other_arch = BTreeSet::from(["ppoll"]);
+    #[cfg(target_arch = "aarch64")]
+    let other_arch = BTreeSet::from(["poll", "epoll_wait"]);
+    let only_in_table: BTreeSet<&str> = in_table.difference(&exported).copied().collect();
+    assert_eq!(
+        only_in_table, other_arch,
+        "in README.md's table, not exported"
+    );
+    let only_exported: Vec<&str> = exported.difference(&in_table).copied().collect();
+    assert!(
+        only_exported.is_empty(),
+        "exported, not in README.md's table: {only_exported:?}"
+    );
+    assert_eq!(
+        worker::sandbox::SYSCALLS.len(),
+        exported.len(),
+        "a call exported twice"
+    );
 }
 
 /// A hang guard only: every call here is answered, or fails, at once.
@@ -447,71 +503,25 @@ mod asynchronous {
 mod sandbox {
     use std::io;
 
-    /// What a worker serving typed-ipc calls makes after it has taken its connection,
-    /// grouped as README.md ("Sandboxing a worker") lists them.
-    const ALLOWED: &[(&str, libc::c_long)] = &[
-        // The connection: messages, waiting for room or a hang-up.
-        ("recvmsg", libc::SYS_recvmsg),
-        ("sendmsg", libc::SYS_sendmsg),
-        ("sendto", libc::SYS_sendto),
-        ("recvfrom", libc::SYS_recvfrom),
-        #[cfg(target_arch = "x86_64")]
-        ("poll", libc::SYS_poll),
-        ("ppoll", libc::SYS_ppoll),
-        ("eventfd2", libc::SYS_eventfd2),
-        // Ending a connection that cannot go on (a message cut off part-way, say).
-        ("shutdown", libc::SYS_shutdown),
-        // Fds received, checked and closed; a `try_clone`.
-        ("close", libc::SYS_close),
-        ("fcntl", libc::SYS_fcntl),
-        // Memory: the allocator, mapping regions and sealed buffers.
-        ("mmap", libc::SYS_mmap),
-        ("munmap", libc::SYS_munmap),
-        ("mprotect", libc::SYS_mprotect),
-        ("madvise", libc::SYS_madvise),
-        ("mremap", libc::SYS_mremap),
-        ("brk", libc::SYS_brk),
-        // This end's shared region (and `SealedBuffer::copy_from`): a sealed memfd.
-        ("memfd_create", libc::SYS_memfd_create),
-        ("ftruncate", libc::SYS_ftruncate),
-        // A received region's or buffer's size, and the file system it lives on.
-        #[cfg(target_arch = "x86_64")]
-        ("fstat", libc::SYS_fstat),
-        ("newfstatat", libc::SYS_newfstatat),
-        ("statx", libc::SYS_statx),
-        ("fstatfs", libc::SYS_fstatfs),
-        // Pipes of a peer that lends its pages.
-        ("ioctl", libc::SYS_ioctl),
-        ("vmsplice", libc::SYS_vmsplice),
-        // Threads: locks, and the closer's threads as glibc and std start them.
-        ("futex", libc::SYS_futex),
-        ("clone3", libc::SYS_clone3),
-        ("clone", libc::SYS_clone),
-        ("set_robust_list", libc::SYS_set_robust_list),
-        ("rseq", libc::SYS_rseq),
-        ("rt_sigprocmask", libc::SYS_rt_sigprocmask),
-        ("sigaltstack", libc::SYS_sigaltstack),
-        ("prctl", libc::SYS_prctl),
-        ("sched_getaffinity", libc::SYS_sched_getaffinity),
-        ("sched_yield", libc::SYS_sched_yield),
-        ("getpid", libc::SYS_getpid),
-        ("gettid", libc::SYS_gettid),
-        ("clock_gettime", libc::SYS_clock_gettime),
-        ("exit", libc::SYS_exit),
-        ("exit_group", libc::SYS_exit_group),
-        ("rt_sigreturn", libc::SYS_rt_sigreturn),
-        ("restart_syscall", libc::SYS_restart_syscall),
-        // The async flavour's runtime (tokio): waiting on its sockets.
-        ("epoll_pwait", libc::SYS_epoll_pwait),
-        #[cfg(target_arch = "x86_64")]
-        ("epoll_wait", libc::SYS_epoll_wait),
-        ("epoll_ctl", libc::SYS_epoll_ctl),
-        // This test's own methods (reading and writing the files they are given) and its
-        // harness's report on stdout.
+    use typed_ipc::worker::sandbox::{Need, SYSCALLS};
+
+    /// What this test's own methods make on top of typed-ipc's list: reading the files they
+    /// are given (`read_to_end` sizes them with `statx` first) and seeking in them.
+    const OWN_CODE: &[(&str, libc::c_long)] = &[
         ("read", libc::SYS_read),
-        ("write", libc::SYS_write),
         ("lseek", libc::SYS_lseek),
+        ("statx", libc::SYS_statx),
     ];
+
+    /// typed-ipc's list and this test's own calls: every need (this worker runs threads,
+    /// pipes, the async flavour) or, `single_threaded`, only `Need::Always`.
+    fn allowed(single_threaded: bool) -> impl Iterator<Item = (&'static str, libc::c_long)> {
+        let listed = SYSCALLS
+            .iter()
+            .filter(move |call| !single_threaded || call.need == Need::Always)
+            .map(|call| (call.name, call.number));
+        listed.chain(OWN_CODE.iter().copied())
+    }
 
     #[cfg(target_arch = "x86_64")]
     const AUDIT_ARCH: u32 = 0xc000_003e; // AUDIT_ARCH_X86_64
@@ -520,8 +530,9 @@ mod sandbox {
 
     /// Installs the filter `filter` names on every thread of this process: `none` (only
     /// `PR_SET_NO_NEW_PRIVS`, which `strace` shows as the point from which calls count),
-    /// `kill` (a call outside [`ALLOWED`] kills the process) or `errno` (it fails with
-    /// `EPERM`); `refuse` takes calls out of the list.
+    /// `kill` (a call outside [`allowed`] kills the process), `errno` (it fails with `EPERM`)
+    /// or `single-threaded` (as `kill` with only `Need::Always` allowed, and `Need::Threads`
+    /// refused with `EPERM`); `refuse` takes calls out of the list.
     pub fn install(filter: &str, refuse: &[&str]) -> io::Result<()> {
         // SAFETY: prctl with PR_SET_NO_NEW_PRIVS takes integer arguments only.
         if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
@@ -529,7 +540,7 @@ mod sandbox {
         }
         let otherwise = match filter {
             "none" => return Ok(()),
-            "kill" => libc::SECCOMP_RET_KILL_PROCESS,
+            "kill" | "single-threaded" => libc::SECCOMP_RET_KILL_PROCESS,
             "errno" => libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
             _ => panic!("no filter {filter:?}"),
         };
@@ -554,9 +565,17 @@ mod sandbox {
             ret(libc::SECCOMP_RET_KILL_PROCESS),
             load(std::mem::offset_of!(libc::seccomp_data, nr)),
         ];
-        for (_, nr) in ALLOWED.iter().filter(|(name, _)| !refuse.contains(name)) {
-            program.push(jeq(*nr as u32, 0, 1));
+        let single_threaded = filter == "single-threaded";
+        for (_, nr) in allowed(single_threaded).filter(|(name, _)| !refuse.contains(name)) {
+            program.push(jeq(nr as u32, 0, 1));
             program.push(ret(libc::SECCOMP_RET_ALLOW));
+        }
+        if single_threaded {
+            // All of them: glibc blocks signals (`rt_sigprocmask`) before it tries `clone3`.
+            for call in SYSCALLS.iter().filter(|call| call.need == Need::Threads) {
+                program.push(jeq(call.number as u32, 0, 1));
+                program.push(ret(libc::SECCOMP_RET_ERRNO | libc::EPERM as u32));
+            }
         }
         program.push(ret(otherwise));
         let fprog = libc::sock_fprog {
