@@ -233,6 +233,13 @@ fn raw_bump(socket: &Socket, cookie: u64, fd: Option<&OwnedFd>, offset: u64, len
     common::raw_call(socket, &msg, &fds, cookie)
 }
 
+/// Fails unless `payload` is a failure reply that says `why`.
+fn failure(payload: &[u8], why: &str) {
+    assert_eq!(payload[0], 4, "a failure reply");
+    let text = String::from_utf8_lossy(payload);
+    assert!(text.contains(why), "{why:?} not in {text:?}");
+}
+
 #[test]
 fn bad_references_and_bad_regions_fail_the_call_not_the_server() {
     let _fds = fd_count_lock();
@@ -241,11 +248,6 @@ fn bad_references_and_bad_regions_fail_the_call_not_the_server() {
     let server = std::thread::spawn(move || {
         BulkServer::new(BulkImpl::default()).serve(Connection::new(theirs))
     });
-    let failure = |payload: &[u8], why: &str| {
-        assert_eq!(payload[0], 4, "a failure reply");
-        let text = String::from_utf8_lossy(payload);
-        assert!(text.contains(why), "{why:?} not in {text:?}");
-    };
     // No region announced yet.
     failure(
         &raw_bump(&ours, 1, None, 0, 10),
@@ -291,11 +293,6 @@ fn refused_out_of_line_strings_leave_no_fd_open() {
     let server = std::thread::spawn(move || {
         BulkServer::new(BulkImpl::default()).serve(Connection::new(theirs))
     });
-    let failure = |payload: &[u8], why: &str| {
-        assert_eq!(payload[0], 4, "a failure reply");
-        let text = String::from_utf8_lossy(payload);
-        assert!(text.contains(why), "{why:?} not in {text:?}");
-    };
     // Over 32 MiB: no region the lane makes or accepts is.
     let huge: OwnedFd = SharedRegion::new((32 << 20) + 4096)
         .unwrap()

@@ -779,30 +779,6 @@ fn child_at_fd_limit() {
     socket.send(verdict.as_bytes(), &[]).unwrap();
 }
 
-/// A pipe whose write end the test sends (as many copies as it likes) and then drops: once
-/// every copy the receiver got is closed too, the read end sees EOF.
-fn pipe() -> (OwnedFd, OwnedFd) {
-    let (read_end, write_end) = nix::unistd::pipe().unwrap();
-    nix::fcntl::fcntl(
-        &read_end,
-        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-    )
-    .unwrap();
-    (read_end, write_end)
-}
-
-/// Whether every copy of the pipe's write end is closed (EOF, where an open one would leave
-/// the empty pipe waiting: `EAGAIN`).
-fn all_closed(read_end: &OwnedFd) -> bool {
-    // Once the fds the transport dropped are closed (on typed-ipc's closer threads).
-    ipc_runtime::wait_for_closes();
-    match nix::unistd::read(read_end, &mut [0u8; 1]) {
-        Ok(0) => true,
-        Err(nix::errno::Errno::EAGAIN) => false,
-        other => panic!("a pipe read the test did not expect: {other:?}"),
-    }
-}
-
 #[test]
 fn a_message_over_the_senders_own_limits_is_refused_before_any_of_it_goes_out() {
     let _fds = fd_count_lock();

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 
 use common::*;
 use ipc_runtime::wire::{FIRST_MAX, Header, Kind};
@@ -33,27 +33,6 @@ fn header(kind: Kind, fds: u16, total_len: u32, total_fds: u32) -> [u8; 16] {
         total_fds,
     }
     .encode()
-}
-
-/// A pipe: its write end goes out in datagrams, and once every copy is closed the read end
-/// sees EOF.
-fn pipe() -> (OwnedFd, OwnedFd) {
-    let (read_end, write_end) = nix::unistd::pipe().unwrap();
-    nix::fcntl::fcntl(
-        &read_end,
-        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-    )
-    .unwrap();
-    (read_end, write_end)
-}
-
-fn all_closed(read_end: &OwnedFd) -> bool {
-    ipc_runtime::wait_for_closes();
-    match nix::unistd::read(read_end, &mut [0u8; 1]) {
-        Ok(0) => true,
-        Err(nix::errno::Errno::EAGAIN) => false,
-        other => panic!("unexpected pipe read: {other:?}"),
-    }
 }
 
 fn malformed(got: ipc_runtime::Result<ipc_runtime::Frame>, says: &str) {
