@@ -56,8 +56,7 @@ impl Connection {
             if let Some(&Queued { after, .. }) = state.calls.front()
                 && after <= state.oneways_run
             {
-                let call = state.calls.pop_front().expect("checked above");
-                let (frame, held) = (call.frame, call.held);
+                let Queued { frame, held, .. } = state.calls.pop_front().expect("checked above");
                 shared.dequeued(&mut state, &frame);
                 state.holds += 1;
                 if !state.oneway_running && !state.oneways.is_empty() {
@@ -66,14 +65,7 @@ impl Connection {
                     shared.wake_all(&state);
                 }
                 drop(state);
-                state = shared.run_request(
-                    frame,
-                    Run {
-                        oneway: false,
-                        held,
-                    },
-                    &mut registry,
-                );
+                state = shared.run_request(frame, Run { held, ..Run::CALL }, &mut registry);
                 continue;
             }
             if !state.oneway_running {
@@ -82,7 +74,14 @@ impl Connection {
                     shared.dequeued(&mut state, &frame);
                     state.holds += 1;
                     drop(state);
-                    state = shared.run_request(frame, Run { oneway: true, held }, &mut registry);
+                    state = shared.run_request(
+                        frame,
+                        Run {
+                            held,
+                            ..Run::ONEWAY
+                        },
+                        &mut registry,
+                    );
                     continue;
                 }
             }
@@ -307,32 +306,34 @@ impl Shared {
     }
 
     /// What [`Shared::held_line`] says: the request as received, `not served yet`.
-    #[cold]
-    #[inline(never)]
     pub(super) fn held_incoming_line(&self, envelope: &Envelope, frame: &Frame) -> String {
-        let registry = self.registry().registry;
-        let served = registry.services.iter().map(|(info, _)| *info);
-        trace::incoming_line(&self.name, envelope, frame, served, true, None)
+        self.received_line(envelope, frame, true, None)
     }
 
-    /// What [`Shared::trace_incoming`] says (out of line: only ever with tracing on).
-    #[cold]
-    #[inline(never)]
+    /// What [`Shared::trace_incoming`] says.
     pub(super) fn incoming_line(
         &self,
         envelope: &Envelope,
         frame: &Frame,
         unreceived: Option<&Error>,
     ) -> String {
+        self.received_line(envelope, frame, false, unreceived)
+    }
+
+    /// [`trace::incoming_line`] against what is served now (out of line: only ever with
+    /// tracing on).
+    #[cold]
+    #[inline(never)]
+    fn received_line(
+        &self,
+        envelope: &Envelope,
+        frame: &Frame,
+        held: bool,
+        unreceived: Option<&Error>,
+    ) -> String {
         let registry = self.registry().registry;
-        trace::incoming_line(
-            &self.name,
-            envelope,
-            frame,
-            registry.services.iter().map(|(info, _)| *info),
-            false,
-            unreceived,
-        )
+        let served = registry.services.iter().map(|(info, _)| *info);
+        trace::incoming_line(&self.name, envelope, frame, served, held, unreceived)
     }
 }
 
