@@ -198,8 +198,9 @@ fn raw_datagram(
 
 /// The fds of a message whose framing is broken, which the transport drops as it fails it
 /// (part of a message another interrupts, or a continuation of a message that failed), are
-/// closed off the receiving thread too: a receive that waits (a blocking connection's) and
-/// one that never does (an async connection's reader task) report the failure while the
+/// closed off the receiving thread too: a receive that waits (a blocking connection's), one
+/// that never does (an async connection's reader task), and one into a frame of the
+/// caller's, which it drops (as the connections' readers do), report the failure while the
 /// peer holds the lock of the pipe whose last fd one of them is.
 #[test]
 fn a_receive_failing_on_broken_framing_does_not_wait_for_the_close_of_the_peers_fd() {
@@ -214,7 +215,11 @@ fn a_receive_failing_on_broken_framing_does_not_wait_for_the_close_of_the_peers_
         kind: Kind::More,
         ..header
     };
-    for waits in [true, false] {
+    for receive in [
+        "a receive that waits",
+        "one that never waits",
+        "one into a frame",
+    ] {
         for case in ["interrupted", "continuation dropped", "unannounced"] {
             let (ours, theirs) = Socket::pair().unwrap();
             let (read, write) = nix::unistd::pipe().unwrap();
@@ -241,9 +246,16 @@ fn a_receive_failing_on_broken_framing_does_not_wait_for_the_close_of_the_peers_
             drop(read); // the datagrams in flight hold the last references now
             let (done_tx, done_rx) = channel();
             let receiver = std::thread::spawn(move || {
-                let recv = || match waits {
-                    true => theirs.recv(),
-                    false => theirs.try_recv().map(|f| f.expect("all of it is queued")),
+                let recv = || match receive {
+                    "a receive that waits" => theirs.recv(),
+                    "one that never waits" => {
+                        theirs.try_recv().map(|f| f.expect("all of it is queued"))
+                    }
+                    _ => {
+                        let mut frame = typed_ipc::Frame::default();
+                        let received = theirs.recv_into(&mut frame, None);
+                        received.map(|()| frame)
+                    }
                 };
                 let failed = recv();
                 let next = recv();
@@ -253,7 +265,7 @@ fn a_receive_failing_on_broken_framing_does_not_wait_for_the_close_of_the_peers_
             std::io::Write::write_all(&mut &wake, b"x").unwrap();
             drop(holder.join().unwrap());
             receiver.join().unwrap();
-            let context = format!("waits: {waits}, {case}");
+            let context = format!("{receive}, {case}");
             match received {
                 Ok((failed, next)) => {
                     assert!(

@@ -99,9 +99,7 @@ impl Socket {
     /// Receives the next message, waiting for it as long as it takes.
     pub fn recv(&self) -> Result<Frame> {
         let mut frame = Frame::default();
-        if let Err(e) = self.recv_into(&mut frame, None) {
-            return Err(failed(frame, e));
-        }
+        self.recv_into(&mut frame, None)?;
         if frame.payload.capacity() > 2 * frame.payload.len() + 4096 {
             frame.payload.shrink_to_fit();
         }
@@ -114,10 +112,8 @@ impl Socket {
     /// completed by the next receive.
     pub fn recv_timeout(&self, timeout: Duration) -> Result<Frame> {
         let mut frame = Frame::default();
-        match self.recv_into(&mut frame, super::deadline_after(timeout)) {
-            Ok(()) => Ok(frame),
-            Err(e) => Err(failed(frame, e)),
-        }
+        self.recv_into(&mut frame, super::deadline_after(timeout))?;
+        Ok(frame)
     }
 
     /// Receives a message if a whole one is ready, without waiting: `Ok(None)` otherwise
@@ -127,7 +123,7 @@ impl Socket {
         match self.recv_inner(&mut frame, Wait::No) {
             Ok(()) => Ok(Some(frame)),
             Err(Error::TimedOut) => Ok(None),
-            Err(e) => Err(failed(frame, e)),
+            Err(e) => Err(e),
         }
     }
 
@@ -194,12 +190,10 @@ impl Socket {
         frame.payload.reserve(FIRST_MAX);
         let (header, dropped) = match self.recv_datagram(frame, FIRST_MAX, wait) {
             Ok(received) => received,
-            Err(e) => return Err(first_failed(state, e)),
+            Err(e) => return Err(first_failed(state, frame, e)),
         };
         if header.kind != Kind::First {
-            return Err(Error::Malformed(
-                "continuation datagram without a message".into(),
-            ));
+            return Err(orphan(frame));
         }
         let (total_len, total_fds) = (header.total_len as usize, header.total_fds as usize);
         if total_len > self.limits.max_message_len || total_fds > self.limits.max_fds {
@@ -606,25 +600,27 @@ impl Socket {
     }
 }
 
-/// `e`, the error of a receive into a frame of the receive's own, `frame`: the fds the
-/// failed datagram brought (fds its header did not announce, say) go to the closer, as a
-/// hostile peer's fd may be slow to close.
+/// A first datagram that was taken but failed, as `e` says: too large (`Truncated`), or fds
+/// other than its header announced. The continuations of its message that may follow are
+/// dropped before the next receive reads on, as for a message that failed part-way, not
+/// reported one by one as continuations of no message. Nothing was taken on a timeout. The
+/// fds it brought go to the closer, whoever `frame` is (a connection's reader drops it on
+/// its own thread): a hostile peer's fd may be slow to close.
 #[cold]
 #[inline(never)]
-fn failed(mut frame: Frame, e: Error) -> Error {
+fn first_failed(state: &mut RecvState, frame: &mut Frame, e: Error) -> Error {
+    state.discarding = !matches!(e, Error::TimedOut);
     frame.discard_fds();
     e
 }
 
-/// A first datagram that was taken but failed, as `e` says: too large (`Truncated`), or fds
-/// other than its header announced. The continuations of its message that may follow are
-/// dropped before the next receive reads on, as for a message that failed part-way, not
-/// reported one by one as continuations of no message. Nothing was taken on a timeout.
+/// A continuation datagram with no message before it: its fds to the closer, as for
+/// [`first_failed`].
 #[cold]
 #[inline(never)]
-fn first_failed(state: &mut RecvState, e: Error) -> Error {
-    state.discarding = !matches!(e, Error::TimedOut);
-    e
+fn orphan(frame: &mut Frame) -> Error {
+    frame.discard_fds();
+    Error::Malformed("continuation datagram without a message".into())
 }
 
 /// When a receive that spins for `ns` before it blocks stops spinning: not after its
