@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
-use common::{child, fd_count_lock, fd_snapshot, open_fds, wait_until};
+use common::{child, fd_count_lock, fd_snapshot, open_fds};
 use typed_ipc::{Connection, Error, Listener, PeerCredentials, Server, current_peer};
 
 /// Only guards against a hang: a test that waits this long has failed anyway.
@@ -299,7 +299,10 @@ fn a_client_that_hung_up_mid_call_counts_until_its_call_has_run() {
     open.send(()).unwrap();
     // The first client's grace was spent on the one turned away: from now until it has ended,
     // a new client is turned away at once.
-    wait_until("the first client has ended", || serving.clients() == 0);
+    assert!(
+        serving.wait_until_clients_timeout(HANG_GUARD, |n| n == 0),
+        "the first client never ended"
+    );
     let next = ProbeClient::new(Connection::connect_abstract(&name).unwrap());
     assert_eq!(next.caller_pid().unwrap(), std::process::id() as i32);
     drop(next);
@@ -553,7 +556,11 @@ mod asynchronous {
             open.notify_one();
             // The first client's grace was spent on the one turned away: from now until it has
             // ended, a new client is turned away at once.
-            wait_until("the first client has ended", || serving.clients() == 0);
+            let ended = serving.wait_until_clients(|n| n == 0);
+            assert!(
+                matches!(tokio::time::timeout(HANG_GUARD, ended).await, Ok(true)),
+                "the first client never ended"
+            );
             let connection = AsyncConnection::connect_abstract(&name).await.unwrap();
             let next = ProbeClient::new(connection.clone()).with_timeout(HANG_GUARD);
             assert_eq!(next.caller_pid().await.unwrap(), std::process::id() as i32);

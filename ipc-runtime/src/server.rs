@@ -423,14 +423,16 @@ impl Server {
         let clients: Arc<Mutex<Vec<Client>>> = Arc::default();
         let ended: Arc<Mutex<Option<Error>>> = Arc::default();
         let shutting_down: Arc<AtomicBool> = Arc::default();
-        let departures: Arc<Departures> = Arc::default();
+        let turnover: Arc<Turnover> = Arc::default();
         let (stop, stopping) = mpsc::channel();
         let acceptor = {
             let (listening, clients, ended) = (listening.clone(), clients.clone(), ended.clone());
-            let (departures, shutting_down) = (departures.clone(), shutting_down.clone());
+            let (turnover, shutting_down) = (turnover.clone(), shutting_down.clone());
             std::thread::Builder::new().spawn(move || {
+                // Dropped last, once `accepting` says why the acceptor ended.
+                let _gone = AcceptorGone(turnover.clone());
                 let accepted =
-                    self.accept_loop(&listener, &clients, &departures, &stopping, &shutting_down);
+                    self.accept_loop(&listener, &clients, &turnover, &stopping, &shutting_down);
                 // Closed, the dup too: new clients are refused rather than queued for
                 // nobody, and the name or path is free to listen on again.
                 drop(listening.lock().take());
@@ -450,7 +452,7 @@ impl Server {
             clients,
             acceptor: Some(acceptor),
             stop: Some(stop),
-            departures,
+            turnover,
             ended,
             shutting_down,
         })
@@ -461,7 +463,7 @@ impl Server {
         &self,
         listener: &Listener,
         clients: &Mutex<Vec<Client>>,
-        departures: &Arc<Departures>,
+        turnover: &Arc<Turnover>,
         stop: &Receiver<()>,
         shutting_down: &Arc<AtomicBool>,
     ) -> Result<()> {
@@ -494,7 +496,7 @@ impl Server {
                 Ok(mut socket) => {
                     socket.set_limits(self.client_limits);
                     if let Some(max) = self.admission.max_clients {
-                        make_room(clients, max, departures, stopping);
+                        make_room(clients, max, turnover, stopping);
                         if stopping() {
                             return Ok(());
                         }
@@ -533,10 +535,13 @@ impl Server {
                 stopped_mid_accept(&connection);
                 return Ok(());
             }
-            match self.spawn_client(connection, services, departures, shutting_down) {
+            match self.spawn_client(connection, services, turnover, shutting_down) {
                 Ok(client) => {
                     trouble.accepted();
                     list.push(client);
+                    // Not under the list's lock, which waiters take under the turnover's.
+                    drop(list);
+                    turnover.signal();
                 }
                 Err(e) => {
                     drop(list);
@@ -561,7 +566,7 @@ impl Server {
         &self,
         connection: Connection,
         services: Vec<Arc<dyn Service>>,
-        departures: &Arc<Departures>,
+        turnover: &Arc<Turnover>,
         shutting_down: &Arc<AtomicBool>,
     ) -> std::io::Result<Client> {
         let helpers = self.start_helpers(&connection)?;
@@ -576,7 +581,7 @@ impl Server {
         let ended = Arc::new(AtomicBool::new(false));
         let leaving = Leaving {
             ended: ended.clone(),
-            departures: departures.clone(),
+            turnover: turnover.clone(),
         };
         let thread = std::thread::Builder::new().spawn(move || {
             let served = server.run(&connection, services, helpers);
@@ -642,18 +647,34 @@ impl Client {
     }
 }
 
-/// Where the acceptor at its limit waits for a client to end ([`make_room`]).
+/// Where threads wait for clients to come and go: the acceptor at its limit for one to end
+/// ([`make_room`]), [`Serving::wait_until_clients`] for their count to change.
 #[derive(Default)]
-struct Departures {
+struct Turnover {
     lock: Mutex<()>,
-    /// Signalled when a client's thread has served it to the end, and when [`Serving`] stops.
-    ended: Condvar,
+    /// Signalled when a client is listed, when a client's thread has served it to the end,
+    /// when the acceptor ends, and when [`Serving`] stops.
+    changed: Condvar,
+    /// Set once the acceptor has ended: no client is listed from then on.
+    acceptor_gone: AtomicBool,
 }
 
-impl Departures {
+impl Turnover {
     fn signal(&self) {
         let _lock = self.lock.lock();
-        self.ended.notify_all();
+        self.changed.notify_all();
+    }
+}
+
+/// Dropped as the acceptor's thread ends, however it ends: those waiting for a client to come
+/// stop waiting.
+struct AcceptorGone(Arc<Turnover>);
+
+impl Drop for AcceptorGone {
+    fn drop(&mut self) {
+        // Before the signal: waiters look at it under the lock the signal takes.
+        self.0.acceptor_gone.store(true, Ordering::SeqCst);
+        self.0.signal();
     }
 }
 
@@ -661,14 +682,14 @@ impl Departures {
 /// unwinds): sets [`Client::ended`] and tells the acceptor.
 struct Leaving {
     ended: Arc<AtomicBool>,
-    departures: Arc<Departures>,
+    turnover: Arc<Turnover>,
 }
 
 impl Drop for Leaving {
     fn drop(&mut self) {
         // Before the signal: the acceptor looks at it under the lock the signal takes.
         self.ended.store(true, Ordering::SeqCst);
-        self.departures.signal();
+        self.turnover.signal();
     }
 }
 
@@ -681,7 +702,7 @@ impl Drop for Leaving {
 fn make_room(
     clients: &Mutex<Vec<Client>>,
     max: usize,
-    departures: &Departures,
+    turnover: &Turnover,
     stopping: impl Fn() -> bool,
 ) {
     let (leaving, deadline, connections) = {
@@ -698,9 +719,9 @@ fn make_room(
     let Some(deadline) = deadline else {
         return; // none has hung up
     };
-    let mut lock = departures.lock.lock();
+    let mut lock = turnover.lock.lock();
     while !leaving.iter().any(|ended| ended.load(Ordering::SeqCst)) && !stopping() {
-        if departures.ended.wait_until(&mut lock, deadline).timed_out() {
+        if turnover.changed.wait_until(&mut lock, deadline).timed_out() {
             return;
         }
     }
@@ -744,7 +765,7 @@ pub struct Serving {
     /// Dropped to stop the acceptor, even while it waits between two tries.
     stop: Option<Sender<()>>,
     /// Signalled once `stop` is dropped, for an acceptor waiting for a client to end.
-    departures: Arc<Departures>,
+    turnover: Arc<Turnover>,
     /// Why the acceptor stopped, if it stopped on its own.
     ended: Arc<Mutex<Option<Error>>>,
     /// Set as the shutdown starts, before any client stops reading: each client's threads
@@ -766,6 +787,71 @@ impl Serving {
         match &*self.ended.lock() {
             Some(e) => Err(e.duplicate()),
             None => Ok(()),
+        }
+    }
+
+    /// Waits until `until` holds for the number of clients connected (as
+    /// [`Serving::clients`] counts them), and returns `true`; or `false` once the count can no
+    /// longer change and `until` does not hold: the listener has stopped accepting for good
+    /// ([`Serving::accepting`]) and no client is left.
+    ///
+    /// `until` is asked at once, then each time a client is accepted and each time one ends.
+    /// A client ends once the server has served it to the end and let go of its connection:
+    /// its handlers have returned, their replies have gone out or failed, and the server
+    /// holds nothing of it (the connection's socket is closed unless a service of yours kept
+    /// a handle to it). Clients turned away never count.
+    ///
+    /// A server that quits once it has had no client for a minute:
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// # fn demo(serving: ipc_runtime::Serving) {
+    /// while serving.wait_until_clients(|n| n == 0)
+    ///     && serving.wait_until_clients_timeout(Duration::from_secs(60), |n| n > 0)
+    /// {}
+    /// serving.shutdown();
+    /// # }
+    /// ```
+    pub fn wait_until_clients(&self, until: impl FnMut(usize) -> bool) -> bool {
+        self.wait_for_clients(None, until)
+    }
+
+    /// [`Serving::wait_until_clients`], giving up after `timeout` (returning `false` if
+    /// `until` does not hold by then).
+    pub fn wait_until_clients_timeout(
+        &self,
+        timeout: Duration,
+        until: impl FnMut(usize) -> bool,
+    ) -> bool {
+        // A deadline past any this process could reach stands for none.
+        self.wait_for_clients(Instant::now().checked_add(timeout), until)
+    }
+
+    fn wait_for_clients(
+        &self,
+        deadline: Option<Instant>,
+        mut until: impl FnMut(usize) -> bool,
+    ) -> bool {
+        let turnover = &self.turnover;
+        let mut lock = turnover.lock.lock();
+        loop {
+            // The flag first: a client listed before the acceptor ended is counted below.
+            let gone = turnover.acceptor_gone.load(Ordering::SeqCst);
+            let clients = self.clients();
+            if until(clients) {
+                return true;
+            }
+            if gone && clients == 0 {
+                return false;
+            }
+            match deadline {
+                Some(deadline) => {
+                    if turnover.changed.wait_until(&mut lock, deadline).timed_out() {
+                        return until(self.clients());
+                    }
+                }
+                None => turnover.changed.wait(&mut lock),
+            }
         }
     }
 
@@ -804,7 +890,7 @@ impl Serving {
         self.shutting_down.store(true, Ordering::SeqCst);
         // Before the shutdown, so that the acceptor takes the error it causes for a stop.
         drop(self.stop.take());
-        self.departures.signal();
+        self.turnover.signal();
         if let Some(listening) = self.listening.lock().take() {
             let _ = ns::shutdown(listening.as_raw_fd(), ns::Shutdown::Both);
         }

@@ -491,6 +491,20 @@ pub fn pin_to_one_cpu() {
     sched_setaffinity(Pid::from_raw(0), &one).unwrap();
 }
 
+/// Ends the whole test process (it aborts, saying `what`) if still alive after `limit`: a
+/// hang guard for a wait that has no timeout of its own. Dropping it disarms it.
+#[must_use = "dropped, the guard is disarmed at once"]
+pub fn abort_after(what: &'static str, limit: Duration) -> std::sync::mpsc::Sender<()> {
+    let (disarm, disarmed) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = disarmed.recv_timeout(limit) {
+            eprintln!("hang guard: still waiting after {limit:?} for {what}");
+            std::process::abort();
+        }
+    });
+    disarm
+}
+
 /// Yields until `cond` holds (a client's hang-up reaching a server, say); panics after a
 /// minute, a hang guard: a test that waits this long has failed anyway.
 pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {

@@ -352,11 +352,17 @@ impl AsyncServer {
         // Shared, not the task's: `AsyncServing` closes it at once when it stops, whether or
         // not the runtime runs the task meanwhile.
         let listener = Arc::new(Mutex::new(Some(listener)));
+        let turnover: Arc<Turnover> = Arc::default();
         let acceptor = ::tokio::spawn({
             let (clients, ended, stopped) = (clients.clone(), ended.clone(), stopped.clone());
             let listener = CloseListener(listener.clone());
+            // Dropped last, once `accepting` says why the acceptor ended, or with the task.
+            let gone = AcceptorGone(turnover.clone());
             async move {
-                let e = self.accept_loop(&listener.0, &clients, &stopped).await;
+                let _gone = gone;
+                let e = self
+                    .accept_loop(&listener.0, &clients, &stopped, &_gone.0)
+                    .await;
                 // New clients are refused rather than queued for nobody, and the name or path
                 // is free to listen on again. Said last, so that whoever reads it finds
                 // `accepting` and the listener as it says.
@@ -376,6 +382,7 @@ impl AsyncServer {
             clients,
             ended,
             stall_limit,
+            turnover,
         }
     }
 
@@ -385,9 +392,9 @@ impl AsyncServer {
         listener: &Mutex<Option<AsyncListener>>,
         clients: &Mutex<Vec<Client>>,
         stopped: &Arc<AtomicBool>,
+        turnover: &Arc<Turnover>,
     ) -> Error {
         let mut trouble = Trouble::new();
-        let departures = Arc::new(Notify::new());
         loop {
             // Locked for a try at a time, never across a wait: `AsyncServing` may take it.
             let accepted = poll_fn(|cx| match &*listener.lock() {
@@ -421,7 +428,7 @@ impl AsyncServer {
                 }
             };
             if let Some(max) = self.admission.max_clients {
-                make_room(clients, max, &departures).await;
+                make_room(clients, max, &turnover.changed).await;
             }
             // Only the acceptor adds clients, so the count holds until it does.
             let connected = || pruned(clients).len();
@@ -459,7 +466,7 @@ impl AsyncServer {
                     let ended = Arc::new(AtomicBool::new(false));
                     let leaving = Leaving {
                         ended: ended.clone(),
-                        departures: departures.clone(),
+                        turnover: turnover.clone(),
                     };
                     let task = ::tokio::spawn(async move {
                         // The future, with its handle of the connection, dropped first.
@@ -481,6 +488,8 @@ impl AsyncServer {
                         ended,
                         hung_up_since: None,
                     });
+                    drop(clients);
+                    turnover.changed.notify_waiters();
                 }
                 Err(e) => {
                     let wait = trouble.failed("cannot set up a client's connection", &e);
@@ -624,16 +633,39 @@ struct Client {
 }
 
 /// Dropped by a client's task once it has served the client to the end (or as the task is
-/// dropped unfinished): sets [`Client::ended`] and wakes the acceptor waiting in [`make_room`].
+/// dropped unfinished): sets [`Client::ended`] and wakes the acceptor waiting in
+/// [`make_room`], and those waiting in [`AsyncServing::wait_until_clients`].
 struct Leaving {
     ended: Arc<AtomicBool>,
-    departures: Arc<Notify>,
+    turnover: Arc<Turnover>,
 }
 
 impl Drop for Leaving {
     fn drop(&mut self) {
         self.ended.store(true, Ordering::SeqCst);
-        self.departures.notify_waiters();
+        self.turnover.changed.notify_waiters();
+    }
+}
+
+/// What tasks wait on for clients to come and go: the acceptor at its limit for one to end
+/// ([`make_room`]), [`AsyncServing::wait_until_clients`] for their count to change.
+#[derive(Default)]
+struct Turnover {
+    /// Notified when a client is listed, when a client's task has served it to the end, and
+    /// when the acceptor ends.
+    changed: Notify,
+    /// Set once the acceptor has ended: no client is listed from then on.
+    acceptor_gone: AtomicBool,
+}
+
+/// Dropped as the acceptor's task ends, however it ends (also dropped unfinished): those
+/// waiting for a client to come stop waiting.
+struct AcceptorGone(Arc<Turnover>);
+
+impl Drop for AcceptorGone {
+    fn drop(&mut self) {
+        self.0.acceptor_gone.store(true, Ordering::SeqCst);
+        self.0.changed.notify_waiters();
     }
 }
 
@@ -683,6 +715,8 @@ pub struct AsyncServing {
     ended: Arc<Mutex<Option<Error>>>,
     /// [`AsyncServer::shutdown_stall_limit`].
     stall_limit: Duration,
+    /// Clients coming and going, for [`AsyncServing::wait_until_clients`].
+    turnover: Arc<Turnover>,
 }
 
 impl AsyncServing {
@@ -706,6 +740,52 @@ impl AsyncServing {
                 "the listener's task ended without a reason: it panicked, or its runtime shut down",
             ))),
             None => Ok(()),
+        }
+    }
+
+    /// Waits until `until` holds for the number of clients connected (as
+    /// [`AsyncServing::clients`] counts them), and returns `true`; or `false` once the count
+    /// can no longer change and `until` does not hold: the listener has stopped accepting for
+    /// good ([`AsyncServing::accepting`]) and no client is left.
+    ///
+    /// `until` is asked at once, then each time a client is accepted and each time one ends.
+    /// A client ends once the server has served it to the end and let go of its connection:
+    /// its handlers have returned, their replies have gone out or failed, and the server
+    /// holds nothing of it (the connection's socket is closed unless a service of yours kept
+    /// a handle to it). Clients turned away never count. As in the blocking flavour
+    /// ([`Serving::wait_until_clients`](crate::Serving::wait_until_clients)); give up after
+    /// a while with `tokio::time::timeout`.
+    ///
+    /// A server that quits once it has had no client for a minute:
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// # async fn demo(serving: ipc_runtime::tokio::AsyncServing) {
+    /// let a_minute = Duration::from_secs(60);
+    /// while serving.wait_until_clients(|n| n == 0).await {
+    ///     let came = tokio::time::timeout(a_minute, serving.wait_until_clients(|n| n > 0));
+    ///     if !matches!(came.await, Ok(true)) {
+    ///         break;
+    ///     }
+    /// }
+    /// serving.shutdown().await;
+    /// # }
+    /// ```
+    pub async fn wait_until_clients(&self, mut until: impl FnMut(usize) -> bool) -> bool {
+        loop {
+            let mut changed = pin!(self.turnover.changed.notified());
+            // Before the look: a change after it wakes this.
+            changed.as_mut().enable();
+            // The flag first: a client listed before the acceptor ended is counted below.
+            let gone = self.turnover.acceptor_gone.load(Ordering::SeqCst);
+            let clients = self.clients();
+            if until(clients) {
+                return true;
+            }
+            if gone && clients == 0 {
+                return false;
+            }
+            changed.await;
         }
     }
 

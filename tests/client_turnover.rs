@@ -1,0 +1,180 @@
+//! Waiting for a listening server's clients to come and go (`Serving::wait_until_clients`,
+//! `AsyncServing::wait_until_clients`), in both flavours: each client is another process
+//! (this test binary run again for one `#[ignore]`d test, `child_*`), one leaving on its own
+//! and one killed; once the count says they are gone, the server holds none of their fds. A
+//! listener that fails for good ends a wait for a client that can no longer come.
+//!
+//! Nothing here synchronises by sleeping; the timeouts, and the guard that aborts the process
+//! around the waits that have none, only turn a hang into a failure.
+
+mod common;
+
+use std::io::Read;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use common::{abort_after, child, fd_count_lock, fd_snapshot};
+use typed_ipc::{Connection, Listener, Server, current_peer};
+
+/// Only guards against a hang: a test that waits this long has failed anyway.
+const HANG_GUARD: Duration = Duration::from_secs(60);
+
+/// The abstract name the child connects to.
+const NAME_VAR: &str = "TYPED_IPC_TEST_TURNOVER_NAME";
+
+/// What the servers here serve: blocking, and on tokio's blocking pool in the async flavour.
+#[cfg_attr(feature = "tokio", typed_ipc::interface(async_server))]
+#[cfg_attr(not(feature = "tokio"), typed_ipc::interface)]
+pub trait Whom {
+    /// The caller's pid as the server saw it.
+    fn caller_pid(&self) -> i32;
+}
+
+struct WhomImpl;
+
+impl Whom for WhomImpl {
+    fn caller_pid(&self) -> i32 {
+        current_peer().map_or(-1, |p| p.pid)
+    }
+}
+
+/// The child: connects to the name its parent gave, checks one call, then stays connected
+/// until its standard input is closed.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_calls_then_stays_until_stdin_closes() {
+    let name = std::env::var(NAME_VAR).expect(NAME_VAR);
+    let client = WhomClient::new(Connection::connect_abstract(&name).unwrap());
+    assert_eq!(
+        client.with_timeout(HANG_GUARD).caller_pid().unwrap(),
+        std::process::id() as i32
+    );
+    let mut rest = Vec::new();
+    std::io::stdin().read_to_end(&mut rest).unwrap();
+}
+
+/// A client process of the server on `name`, connected until its stdin is closed.
+fn client_process(name: &str) -> Child {
+    child("child_calls_then_stays_until_stdin_closes")
+        .env(NAME_VAR, name)
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Lets `client` go (closing its stdin) and checks that it left as it should.
+fn let_go(mut client: Child) {
+    drop(client.stdin.take());
+    assert!(client.wait().unwrap().success(), "the client failed");
+}
+
+/// Kills `client`, which has no chance to say goodbye.
+fn kill(mut client: Child) {
+    client.kill().unwrap();
+    client.wait().unwrap();
+}
+
+/// A second handle on `listener`'s socket, to shut it down behind the server's back: every
+/// accept then fails with `EINVAL`, and the server stops accepting for good.
+fn same_socket(listener: &impl AsFd) -> OwnedFd {
+    listener.as_fd().try_clone_to_owned().unwrap()
+}
+
+fn shut_down(socket: &OwnedFd) {
+    use nix::sys::socket::{Shutdown, shutdown};
+    shutdown(socket.as_raw_fd(), Shutdown::Both).unwrap();
+}
+
+#[test]
+fn a_blocking_server_is_waited_on_as_clients_come_and_go() {
+    let _fds = fd_count_lock();
+    let name = format!("typed-ipc-turnover-blocking-{}", std::process::id());
+    let listener = Listener::bind_abstract(&name).unwrap();
+    let same = same_socket(&listener);
+    let serving = Server::new()
+        .service(WhomServer::new(WhomImpl))
+        .listen(listener)
+        .unwrap();
+    let before = fd_snapshot();
+    assert!(
+        !serving.wait_until_clients_timeout(Duration::ZERO, |n| n > 0),
+        "a client before any connected"
+    );
+
+    let guard = abort_after("the blocking server's clients", HANG_GUARD);
+    let first = client_process(&name);
+    assert!(serving.wait_until_clients(|n| n == 1));
+    let second = client_process(&name);
+    assert!(serving.wait_until_clients_timeout(HANG_GUARD, |n| n == 2));
+    let_go(first);
+    assert!(serving.wait_until_clients_timeout(HANG_GUARD, |n| n == 1));
+    kill(second);
+    assert!(serving.wait_until_clients_timeout(HANG_GUARD, |n| n == 0));
+    // Counted out once the server has let go of them: their sockets are closed.
+    before.assert_nothing_new();
+
+    // With no client left and none that can come, a wait for one ends at once.
+    shut_down(&same);
+    assert!(
+        !serving.wait_until_clients(|n| n > 0),
+        "a client came although the listener failed"
+    );
+    assert!(serving.accepting().is_err());
+    assert!(serving.wait_until_clients(|n| n == 0));
+    drop(guard);
+    serving.shutdown();
+}
+
+#[cfg(feature = "tokio")]
+#[test]
+fn an_async_server_is_waited_on_as_clients_come_and_go() {
+    use typed_ipc::tokio::{AsyncListener, AsyncServer};
+
+    let _fds = fd_count_lock();
+    let name = format!("typed-ipc-turnover-async-{}", std::process::id());
+    common::two_worker_runtime().block_on(async {
+        let listener = AsyncListener::bind_abstract(&name).unwrap();
+        let same = same_socket(listener.listener());
+        let serving = AsyncServer::new()
+            .service(WhomAsyncServer::new(WhomImpl))
+            .listen(listener);
+        let before = fd_snapshot();
+
+        let guard = abort_after("the async server's clients", HANG_GUARD);
+        let first = client_process(&name);
+        assert!(serving.wait_until_clients(|n| n == 1).await);
+        let second = client_process(&name);
+        assert!(within(serving.wait_until_clients(|n| n == 2)).await);
+        // The children are waited for off the runtime: its threads serve them meanwhile.
+        let_go_off_runtime(first).await;
+        assert!(within(serving.wait_until_clients(|n| n == 1)).await);
+        kill(second);
+        assert!(within(serving.wait_until_clients(|n| n == 0)).await);
+        before.assert_nothing_new();
+
+        shut_down(&same);
+        assert!(
+            !serving.wait_until_clients(|n| n > 0).await,
+            "a client came although the listener failed"
+        );
+        assert!(serving.accepting().is_err());
+        drop(guard);
+        serving.shutdown().await;
+    });
+}
+
+#[cfg(feature = "tokio")]
+async fn let_go_off_runtime(client: Child) {
+    tokio::task::spawn_blocking(move || let_go(client))
+        .await
+        .unwrap();
+}
+
+/// `wait`'s answer, failing the test if it hangs.
+#[cfg(feature = "tokio")]
+async fn within(wait: impl std::future::Future<Output = bool>) -> bool {
+    tokio::time::timeout(HANG_GUARD, wait)
+        .await
+        .expect("the wait hung")
+}
