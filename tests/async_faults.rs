@@ -535,3 +535,169 @@ fn a_reply_given_up_before_any_of_it_went_out_leaves_the_call_answered_by_a_fail
     drop(rt);
     before.assert_nothing_new();
 }
+
+/// Sends `numbered(n, [a file holding n])` for n in 0..3, then hangs up and exits, all before
+/// its parent serves anything.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_sends_numbered_and_exits() {
+    common::current_thread_runtime().block_on(async {
+        let conn = typed_ipc::tokio::worker::connection().unwrap();
+        let client = FaultsClient::new(conn.clone());
+        for n in 0..3u64 {
+            client
+                .numbered(n, vec![memfd(&n.to_le_bytes())])
+                .await
+                .unwrap();
+        }
+        conn.close();
+    });
+}
+
+/// Reports each `numbered` it runs, with what its files hold.
+struct Numbers(tokio::sync::mpsc::UnboundedSender<(u64, Vec<Vec<u8>>)>);
+
+impl Faults for Numbers {
+    async fn echo(&self, _data: Vec<u8>, _files: Vec<OwnedFd>) -> Vec<u8> {
+        unreachable!("the worker only sends oneways")
+    }
+    async fn numbered(&self, n: u64, files: Vec<OwnedFd>) {
+        let _ = self.0.send((n, files.into_iter().map(read_all).collect()));
+    }
+    async fn back(&self, _n: u32) -> u32 {
+        unreachable!("the worker only sends oneways")
+    }
+    async fn ping(&self) -> u32 {
+        unreachable!("the worker only sends oneways")
+    }
+}
+
+/// A worker that sent its oneways and exited, its hang-up read, before its parent served.
+async fn gone_before_served() -> (typed_ipc::worker::Worker, AsyncConnection) {
+    let (mut worker, conn) =
+        typed_ipc::tokio::worker::spawn(child("child_sends_numbered_and_exits")).unwrap();
+    let exit = typed_ipc::tokio::worker::wait(&mut worker).await.unwrap();
+    assert!(matches!(exit, typed_ipc::worker::Exit::Code(0)), "{exit}");
+    // The reader has read the hang-up (after the oneways before it) and ended the connection.
+    tokio::time::timeout(Duration::from_secs(20), conn.wait_closed())
+        .await
+        .expect("the hang-up was never read");
+    assert!(conn.is_closed());
+    (worker, conn)
+}
+
+/// The oneways a worker sent before it exited, read and held while nothing served, run in
+/// order once the parent serves, with their fds, as in the blocking flavour (whose serving
+/// thread reads them from the socket then): `add_service` says that requests wait for the
+/// first service, and `close` that requests sent before the peer hung up still run. Before,
+/// reading the hang-up dropped them: the service never saw them.
+#[test]
+fn oneways_of_a_worker_gone_before_its_parent_served_still_run_in_order() {
+    let _fds = fd_count_lock();
+    let rt = runtime();
+    let before = common::fd_snapshot();
+    rt.block_on(async {
+        let (worker, conn) = gone_before_served().await;
+        let (tx, mut ran) = tokio::sync::mpsc::unbounded_channel();
+        let served = FaultsServer::new(Numbers(tx)).serve(conn.clone());
+        tokio::time::timeout(Duration::from_secs(20), served)
+            .await
+            .expect("serving a connection that had ended did not return")
+            .unwrap();
+        for n in 0..3u64 {
+            let got = ran
+                .try_recv()
+                .expect("a oneway sent before the hang-up never ran");
+            assert_eq!(got, (n, vec![n.to_le_bytes().to_vec()]));
+        }
+        assert!(ran.try_recv().is_err());
+        drop((conn, worker));
+    });
+    drop(rt);
+    before.assert_nothing_new();
+}
+
+/// The same held oneways, and nothing ever serves: `close` drops them, or the last handle
+/// going does, their fds closed either way.
+#[test]
+fn oneways_of_a_worker_gone_are_dropped_with_their_fds_if_nothing_serves() {
+    let _fds = fd_count_lock();
+    let rt = runtime();
+    let before = common::fd_snapshot();
+    rt.block_on(async {
+        for close in [true, false] {
+            let (worker, conn) = gone_before_served().await;
+            if close {
+                conn.close();
+            }
+            drop((conn, worker));
+        }
+    });
+    drop(rt);
+    before.assert_nothing_new();
+}
+
+/// Connects to the abstract name in `NUMBERS_AT`, sends `numbered(n, [a file holding n])`
+/// for n in 0..3, and hangs up at once, as a fire-and-forget client does.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_notifies_and_hangs_up() {
+    common::current_thread_runtime().block_on(async {
+        let name = std::env::var("NUMBERS_AT").unwrap();
+        let conn = AsyncConnection::connect_abstract(name).await.unwrap();
+        let client = FaultsClient::new(conn.clone());
+        for n in 0..3u64 {
+            client
+                .numbered(n, vec![memfd(&n.to_le_bytes())])
+                .await
+                .unwrap();
+        }
+        conn.close();
+    });
+}
+
+/// A client of a listener that sends its oneways and hangs up before the server has made
+/// its service (`service_with`'s `make` runs until the connection has read the hang-up):
+/// the oneways run all the same, in order. Before, reading the hang-up dropped them.
+#[test]
+fn oneways_of_a_client_gone_before_its_service_was_made_still_run() {
+    use typed_ipc::tokio::{AsyncListener, AsyncServer};
+
+    let _fds = fd_count_lock();
+    let rt = runtime();
+    let before = common::fd_snapshot();
+    rt.block_on(async {
+        let name = format!("typed-ipc-test-gone-before-made-{}", std::process::id());
+        let (tx, mut ran) = tokio::sync::mpsc::unbounded_channel();
+        let serving = AsyncServer::new()
+            .service_with(move |connection| {
+                // The acceptor's worker handed to another thread meanwhile, with the
+                // connection's reader, which tokio would not otherwise run before `make`
+                // returns (the task last spawned on a worker is not for others to take).
+                let deadline = std::time::Instant::now() + Duration::from_secs(20);
+                tokio::task::block_in_place(|| {
+                    while !connection.is_closed() {
+                        assert!(std::time::Instant::now() < deadline, "no hang-up read");
+                        std::thread::yield_now();
+                    }
+                });
+                FaultsServer::new(Numbers(tx.clone()))
+            })
+            .listen(AsyncListener::bind_abstract(&name).unwrap());
+        let mut client = child("child_notifies_and_hangs_up");
+        client.env("NUMBERS_AT", &name);
+        let status = tokio::task::spawn_blocking(move || client.status().unwrap())
+            .await
+            .unwrap();
+        assert!(status.success());
+        for n in 0..3u64 {
+            let got = tokio::time::timeout(Duration::from_secs(20), ran.recv())
+                .await
+                .expect("a oneway sent before the hang-up never ran");
+            assert_eq!(got, Some((n, vec![n.to_le_bytes().to_vec()])));
+        }
+        serving.shutdown().await;
+    });
+    drop(rt);
+    before.assert_nothing_new();
+}

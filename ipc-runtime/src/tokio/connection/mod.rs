@@ -468,6 +468,11 @@ impl AsyncConnection {
         self.inner.ended_here.store(closed, Ordering::SeqCst);
         self.inner.hang_up(Socket::shutdown);
         self.inner.fail(Error::Disconnected);
+        // Held past a hang-up of the peer's for a server to come (see `fail`): never run.
+        let held = std::mem::take(&mut self.inner.lock().held);
+        for (mut frame, ..) in held {
+            frame.discard_fds();
+        }
         // The calls waiting for oneways look again, and see they are not to run.
         self.inner.oneways_run.send_modify(|_| {});
     }
@@ -778,6 +783,17 @@ const PAUSED: u8 = 1;
 const DRAINING: u8 = 2;
 /// In [`Inner::dropping_requests`]: this end closed the connection.
 const CLOSED: u8 = 4;
+
+impl Drop for Inner {
+    /// Requests still held once nothing can serve them any more (the peer hung up, then
+    /// every handle went with no server come): their fds to the closer, as for any request
+    /// dropped, not closed on the thread that let the connection go.
+    fn drop(&mut self) {
+        for (frame, ..) in &mut self.state.get_mut().held {
+            frame.discard_fds();
+        }
+    }
+}
 
 impl Inner {
     fn socket(&self) -> &Socket {

@@ -334,7 +334,14 @@ impl Inner {
         }
         let waiting = state.pending.fail_all(&why);
         state.oneways = None;
-        let held = std::mem::take(&mut state.held);
+        // Requests held for a server still to come run if one comes, when the peer hung up
+        // (as the blocking flavour's run what is left in the socket): a worker may send its
+        // last oneways and exit before its parent serves. Dropped otherwise: this end closed,
+        // or the connection broke (a protocol error, the bounds, the runtime gone).
+        let held = match why {
+            Error::Disconnected if !self.closed_here() => Vec::new(),
+            _ => std::mem::take(&mut state.held),
+        };
         // Let go after the lock, as a runner's drop may take it.
         let idle = std::mem::take(&mut state.idle_runners);
         // Said once the lock is let go and the waiting calls are woken: a write to stderr may

@@ -39,10 +39,17 @@ impl Inner {
             true => held.iter().map(|(_, envelope, _)| *envelope).collect(),
             false => Vec::new(),
         };
+        // The peer hung up before this end served (`fail` kept them): they run all the same,
+        // their oneways on a task whose queue is closed once they are in, so that it ends.
+        let ended = state.closed.take();
         let tasks: Vec<Task> = held
             .into_iter()
             .filter_map(|(frame, envelope, cost)| self.dispatch(&mut state, frame, envelope, cost))
             .collect();
+        if ended.is_some() {
+            state.closed = ended;
+            state.oneways = None;
+        }
         drop(state);
         if !envelopes.is_empty() {
             self.say_held_until_served(&envelopes);
