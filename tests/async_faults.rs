@@ -637,6 +637,52 @@ fn oneways_of_a_worker_gone_are_dropped_with_their_fds_if_nothing_serves() {
     before.assert_nothing_new();
 }
 
+#[typed_ipc::interface]
+pub trait Notes {
+    /// Panics for every `n` that is 1 modulo 3, before it notes it; notes the others.
+    #[oneway]
+    async fn note(&self, n: u32);
+    /// What was noted, in order.
+    async fn seen(&self) -> Vec<u32>;
+}
+
+#[derive(Default)]
+struct NotesImpl(std::sync::Mutex<Vec<u32>>);
+
+impl Notes for NotesImpl {
+    async fn note(&self, n: u32) {
+        tokio::task::yield_now().await;
+        assert!(n % 3 != 1, "note {n} panics");
+        self.0.lock().unwrap().push(n);
+    }
+    async fn seen(&self) -> Vec<u32> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+/// Oneways whose handler panics fail on this end's stderr only: the oneways after them still
+/// run in the order sent, a call sent after them still runs after them all, and the
+/// connection serves on.
+#[test]
+fn oneways_whose_handler_panics_leave_the_others_in_order_and_the_connection_serving() {
+    let _fds = fd_count_lock();
+    let rt = runtime();
+    rt.block_on(async {
+        let (a, b) = AsyncConnection::pair().unwrap();
+        let serving = tokio::spawn(NotesServer::new(NotesImpl::default()).serve(b));
+        let client = NotesClient::new(a);
+        for n in 0..9 {
+            client.note(n).await.unwrap();
+        }
+        let expected: Vec<u32> = (0..9).filter(|n| n % 3 != 1).collect();
+        assert_eq!(client.seen().await.unwrap(), expected);
+        client.note(9).await.unwrap();
+        assert_eq!(client.seen().await.unwrap().last(), Some(&9));
+        client.connection().close();
+        serving.await.unwrap().unwrap();
+    });
+}
+
 /// Connects to the abstract name in `NUMBERS_AT`, sends `numbered(n, [a file holding n])`
 /// for n in 0..3, and hangs up at once, as a fire-and-forget client does.
 #[test]
