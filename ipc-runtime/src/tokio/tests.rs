@@ -2595,3 +2595,63 @@ fn calls_cancelled_on_the_blocking_pool_still_count_against_the_backlog() {
         "{held} methods held on the pool at once, the backlog's bound is {MAX_REQUESTS}"
     );
 }
+
+/// A hostile peer that sends calls over this end's limits (each answered with a failure,
+/// its method never run) and reads none of the failures: the reader stops at the backlog's
+/// bounds and the connection stays up, as for any request. Before,
+/// the reader never paused for these, took them in up to twice the bounds and then ended the
+/// connection, saying that this end had waited for a reply (it had none out).
+#[test]
+fn calls_over_the_limits_whose_failures_go_unread_pause_the_reader_at_the_bounds() {
+    use crate::connection::envelope::{self, Envelope, Kind};
+    use crate::connection::tests::BULK;
+
+    let (mut ours, theirs) = Socket::pair().unwrap();
+    ours.set_limits(crate::Limits {
+        max_message_len: 64,
+        // The failures fit: they go out (and wait, unread), as the replies of calls would.
+        max_send_len: Some(1 << 20),
+        ..crate::Limits::default()
+    });
+    let rt = multi_thread_runtime(2);
+    let server = rt.block_on(async { super::AsyncConnection::new(ours).unwrap() });
+    server.add_service(Stuck::default());
+    // Nothing more goes out to the peer, which reads nothing: every failure waits to.
+    fill_with_oneways(&server);
+    let flood = std::thread::spawn(move || {
+        let mut call = vec![0u8; envelope::LEN + 100];
+        for cookie in 1..=4 * crate::connection::backlog::MAX_REQUESTS as u64 {
+            Envelope {
+                kind: Kind::Call,
+                cmd: 2,
+                cookie,
+                interface: BULK.id,
+                signature: BULK.signature,
+            }
+            .write(&mut call);
+            if theirs.send(&call, &[]).is_err() {
+                break; // this end hung up
+            }
+        }
+        theirs // kept open: a hang-up would fail the failures waiting to go out
+    });
+    rt.block_on(async {
+        ::tokio::time::timeout(HANG_GUARD, async {
+            while !server.test_reader_paused() && !server.is_closed() {
+                ::tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the reader neither paused nor ended");
+    });
+    let why = rt.block_on(async {
+        match server.is_closed() {
+            true => Some(server.run().await),
+            false => None,
+        }
+    });
+    assert!(why.is_none(), "the flood ended the connection: {why:?}");
+    assert!(server.test_reader_paused());
+    server.close();
+    drop(flood.join().unwrap());
+}

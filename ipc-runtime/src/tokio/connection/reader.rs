@@ -211,8 +211,13 @@ impl Inner {
                 return Ok(pause);
             }
             (Kind::Call, Err(e)) => {
-                // Counted until its failure is out, as a request.
-                let cost = self.admit(&self.lock(), Cost::default())?;
+                // Counted until its failure is out, as a request, and so pausing the reader
+                // at the bounds as one does (a peer that reads none of the failures).
+                let (cost, pause) = {
+                    let state = self.lock();
+                    let cost = self.admit(&state, Cost::default())?;
+                    (cost, self.must_pause(&state))
+                };
                 let failure = unreceived(&e, false);
                 let inner = self.clone();
                 let guard = self.tasks.enter();
@@ -222,6 +227,7 @@ impl Inner {
                     drop(inner); // before `guard`: once the last guard goes, `run` returns
                     drop(guard);
                 });
+                return Ok(pause);
             }
             (Kind::Oneway, Err(e)) => {
                 // Nobody waits for a oneway's outcome, so say it here rather than lose it.
