@@ -194,9 +194,9 @@ impl Generator<'_> {
         quote! {
             #server_struct
 
-            // The trait and its methods are the user's to deprecate: calling them here is
-            // no use of the user's.
-            #[allow(dead_code, deprecated)]
+            // The trait and its methods are the user's to deprecate (and to name): calling them
+            // here is no use of the user's.
+            #[allow(dead_code, deprecated, non_snake_case)]
             impl<#imp: #bounds> #server<#imp> {
                 #constructors
 
@@ -215,7 +215,7 @@ impl Generator<'_> {
                 }
             }
 
-            #[allow(deprecated)]
+            #[allow(deprecated, non_snake_case)]
             impl<#imp: #bounds> #p::Service for #server<#imp> #decodable {
                 fn info(&self) -> &'static #p::InterfaceInfo {
                     &#info

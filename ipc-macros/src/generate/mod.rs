@@ -258,14 +258,16 @@ impl<'a> Generator<'a> {
         ));
         // Every item that names the user's types allows `deprecated`: a deprecated type in a
         // signature is the user's to allow where the trait is declared, and cannot be here.
+        // So with the user's names, the trait's and its methods' and parameters': rustc warns
+        // about their style at the trait, where an `#[allow]` reaches, and not here again.
         quote! {
             #enum_docs
-            #[allow(dead_code, deprecated)]
+            #[allow(dead_code, deprecated, non_camel_case_types, non_snake_case)]
             #vis enum #request {
                 #(#variants,)*
             }
 
-            #[allow(dead_code, deprecated)]
+            #[allow(dead_code, deprecated, non_snake_case)]
             impl #request {
                 /// The command id of the method this request calls.
                 #vis fn command(&self) -> ::core::primitive::u32 {
@@ -370,7 +372,7 @@ impl<'a> Generator<'a> {
         ));
         quote! {
             #enum_docs
-            #[allow(dead_code, deprecated)]
+            #[allow(dead_code, deprecated, non_camel_case_types)]
             #vis enum #response {
                 #(#variants,)*
             }
@@ -410,15 +412,15 @@ impl<'a> Generator<'a> {
             #docs
             #(#deprecated)*
             #[derive(::core::clone::Clone)]
-            #[allow(dead_code)]
+            #[allow(dead_code, non_camel_case_types)]
             #vis struct #client {
                 connection: #p::#connection,
                 timeout: ::core::option::Option<#p::Duration>,
             }
 
-            // The stubs repeat the trait's parameter lists: the user's trait is where those
-            // lints belong.
-            #[allow(dead_code, deprecated, clippy::too_many_arguments)]
+            // The stubs repeat the trait's names and parameter lists: the user's trait is where
+            // those lints belong.
+            #[allow(dead_code, deprecated, non_snake_case, clippy::too_many_arguments)]
             impl #client {
                 /// A client calling the server at the other end of `connection`; its calls
                 /// wait as long as the peer is alive.
@@ -517,7 +519,7 @@ impl<'a> Generator<'a> {
         quote! {
             #docs
             #(#deprecated)*
-            #[allow(dead_code)]
+            #[allow(dead_code, non_camel_case_types)]
             #vis struct #server<#imp: ?::core::marker::Sized> {
                 imp: #p::Arc<#imp>,
                 #field

@@ -93,7 +93,7 @@ pub static IPA_INFO: ::typed_ipc::__private::InterfaceInfo = ::typed_ipc::__priv
     ],
 };
 /// A request of [`Ipa`]: one variant per method, holding its arguments.
-#[allow(dead_code, deprecated)]
+#[allow(dead_code, deprecated, non_camel_case_types, non_snake_case)]
 pub enum IpaRequest {
     /// The arguments of [`Ipa::reverse`].
     Reverse {
@@ -140,7 +140,7 @@ pub enum IpaRequest {
         image: Option<Vec<u8>>,
     },
 }
-#[allow(dead_code, deprecated)]
+#[allow(dead_code, deprecated, non_snake_case)]
 impl IpaRequest {
     /// The command id of the method this request calls.
     pub fn command(&self) -> ::core::primitive::u32 {
@@ -217,7 +217,7 @@ impl IpaRequest {
     }
 }
 /// A reply of [`Ipa`]: one variant per method that is not `#[oneway]`, holding its return value.
-#[allow(dead_code, deprecated)]
+#[allow(dead_code, deprecated, non_camel_case_types)]
 pub enum IpaResponse {
     /// The return value of [`Ipa::reverse`].
     Reverse(String),
@@ -266,12 +266,12 @@ impl IpaResponse {
 ///
 /// Clones share the connection.
 #[derive(::core::clone::Clone)]
-#[allow(dead_code)]
+#[allow(dead_code, non_camel_case_types)]
 pub struct IpaClient {
     connection: ::typed_ipc::__private::Connection,
     timeout: ::core::option::Option<::typed_ipc::__private::Duration>,
 }
-#[allow(dead_code, deprecated, clippy::too_many_arguments)]
+#[allow(dead_code, deprecated, non_snake_case, clippy::too_many_arguments)]
 impl IpaClient {
     /// A client calling the server at the other end of `connection`; its calls
     /// wait as long as the peer is alive.
@@ -422,7 +422,7 @@ impl ::core::fmt::Debug for IpaClient {
     }
 }
 /// The server side of [`Ipa`]: answers each request on a connection by calling the implementation it holds.
-#[allow(dead_code)]
+#[allow(dead_code, non_camel_case_types)]
 pub struct IpaServer<T: ?::core::marker::Sized> {
     imp: ::typed_ipc::__private::Arc<T>,
 }
@@ -442,7 +442,7 @@ impl<T: ?::core::marker::Sized> ::core::fmt::Debug for IpaServer<T> {
             .finish_non_exhaustive()
     }
 }
-#[allow(dead_code, deprecated)]
+#[allow(dead_code, deprecated, non_snake_case)]
 impl<
     T: Ipa + ::core::marker::Send + ::core::marker::Sync + ?::core::marker::Sized
         + 'static,
@@ -523,7 +523,7 @@ impl<
         }
     }
 }
-#[allow(deprecated)]
+#[allow(deprecated, non_snake_case)]
 impl<
     T: Ipa + ::core::marker::Send + ::core::marker::Sync + ?::core::marker::Sized
         + 'static,
@@ -622,7 +622,7 @@ where
     }
 }
 /// The async server of [`Ipa`], for a tokio program: answers each request on an async connection by running the blocking implementation it holds on tokio's blocking pool, concurrently with the others (oneways one at a time, in order). A cancelled call's method runs on to its end, as on a blocking server.
-#[allow(dead_code)]
+#[allow(dead_code, non_camel_case_types)]
 pub struct IpaAsyncServer<T: ?::core::marker::Sized> {
     imp: ::typed_ipc::__private::Arc<T>,
     slots: ::typed_ipc::__private::PoolSlots,
@@ -644,7 +644,7 @@ impl<T: ?::core::marker::Sized> ::core::fmt::Debug for IpaAsyncServer<T> {
             .finish_non_exhaustive()
     }
 }
-#[allow(dead_code, deprecated)]
+#[allow(dead_code, deprecated, non_snake_case)]
 impl<
     T: Ipa + ::core::marker::Send + ::core::marker::Sync + ?::core::marker::Sized
         + 'static,
@@ -696,7 +696,7 @@ impl<
         connection.serve(self)
     }
 }
-#[allow(deprecated)]
+#[allow(deprecated, non_snake_case)]
 impl<
     T: Ipa + ::core::marker::Send + ::core::marker::Sync + ?::core::marker::Sized
         + 'static,

@@ -1,0 +1,79 @@
+//! The generated code under a user crate's strict lints. A name the user chose in a style rustc
+//! warns about (a trait named after a C library, a method named after the protocol message it
+//! mirrors) is allowed where the user declared it, on the trait or the method: the client,
+//! server and enums generated from it must not warn about it again where the user cannot
+//! reach, or `deny(warnings)` breaks the build.
+
+#![deny(warnings, nonstandard_style)]
+
+/// Named after a C library, in its style.
+#[allow(non_camel_case_types)]
+#[typed_ipc::interface]
+pub trait libfoo {
+    /// A method of a trait whose name is not camel case.
+    fn version(&self) -> u32;
+}
+
+/// Named after the messages of a protocol.
+#[typed_ipc::interface(check_types)]
+pub trait Protocol {
+    /// Mirrors the protocol's `GetURL` message, and its `URL` field.
+    #[allow(non_snake_case)]
+    fn GetURL(&self, #[allow(non_snake_case)] URL: u32) -> u32;
+    /// A oneway named in the same style.
+    #[allow(non_snake_case)]
+    #[oneway]
+    fn SetURL(&self, #[allow(non_snake_case)] URL: u32);
+}
+
+/// The blocking trait with the other flavour's client and server too.
+#[cfg(feature = "tokio")]
+#[allow(non_camel_case_types)]
+#[typed_ipc::interface(async_client, async_server)]
+pub trait libbar {
+    /// Mirrors a `GetURL` message.
+    #[allow(non_snake_case)]
+    fn GetURL(&self, #[allow(non_snake_case)] URL: u32) -> u32;
+}
+
+/// The async flavour, with a blocking client too.
+#[cfg(feature = "tokio")]
+#[allow(non_camel_case_types)]
+#[typed_ipc::interface(blocking_client)]
+pub trait libbaz {
+    /// Mirrors a `GetURL` message.
+    #[allow(non_snake_case)]
+    async fn GetURL(&self, #[allow(non_snake_case)] URL: u32) -> u32;
+}
+
+struct Impl;
+
+impl libfoo for Impl {
+    fn version(&self) -> u32 {
+        7
+    }
+}
+
+impl Protocol for Impl {
+    #[allow(non_snake_case)]
+    fn GetURL(&self, URL: u32) -> u32 {
+        URL + 1
+    }
+    #[allow(non_snake_case)]
+    fn SetURL(&self, _URL: u32) {}
+}
+
+#[test]
+fn names_the_user_allowed_work_under_strict_lints() {
+    let (a, b) = typed_ipc::Connection::pair().unwrap();
+    let server = typed_ipc::Server::new()
+        .service(libfooServer::new(Impl))
+        .service(ProtocolServer::new(Impl));
+    let served = std::thread::spawn(move || server.serve(&b));
+    assert_eq!(libfooClient::new(a.clone()).version().unwrap(), 7);
+    let protocol = ProtocolClient::new(a);
+    protocol.SetURL(1).unwrap();
+    assert_eq!(protocol.GetURL(41).unwrap(), 42);
+    drop(protocol);
+    served.join().unwrap().unwrap();
+}
