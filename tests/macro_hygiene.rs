@@ -486,3 +486,104 @@ fn a_trait_named_t_works() {
     drop(client);
     server.join().unwrap().unwrap();
 }
+
+/// A module without the prelude: the generated code names every trait it calls through, as it
+/// cannot count on `From` or `Clone` being in scope.
+#[no_implicit_prelude]
+mod without_prelude {
+    use ::std::os::fd::OwnedFd;
+    use ::std::vec::Vec;
+
+    #[::typed_ipc::interface]
+    pub trait Bare {
+        fn echo(&self, data: Vec<u8>) -> Vec<u8>;
+        fn swap(&self, fd: ::std::option::Option<OwnedFd>) -> ::std::option::Option<OwnedFd>;
+    }
+
+    /// Its async server too, which clones the implementation's handle for the pool.
+    #[cfg(feature = "tokio")]
+    #[::typed_ipc::interface(async_client, async_server)]
+    pub trait BareTwin {
+        fn echo(&self, data: Vec<u8>) -> Vec<u8>;
+    }
+
+    /// The async flavour, with a blocking client too.
+    #[cfg(feature = "tokio")]
+    #[::typed_ipc::interface(blocking_client)]
+    pub trait AsyncBare {
+        async fn echo(&self, data: Vec<u8>) -> Vec<u8>;
+    }
+
+    pub struct Impl;
+
+    impl Bare for Impl {
+        fn echo(&self, data: Vec<u8>) -> Vec<u8> {
+            data
+        }
+        fn swap(&self, fd: ::std::option::Option<OwnedFd>) -> ::std::option::Option<OwnedFd> {
+            fd
+        }
+    }
+
+    #[cfg(feature = "tokio")]
+    impl BareTwin for Impl {
+        fn echo(&self, data: Vec<u8>) -> Vec<u8> {
+            data
+        }
+    }
+
+    #[cfg(feature = "tokio")]
+    impl AsyncBare for Impl {
+        async fn echo(&self, data: Vec<u8>) -> Vec<u8> {
+            data
+        }
+    }
+}
+
+#[test]
+fn an_interface_without_the_prelude_works() {
+    use without_prelude::{BareClient, BareServer, Impl};
+    let (a, b) = typed_ipc::Connection::pair().unwrap();
+    let server = std::thread::spawn(move || BareServer::new(Impl).serve(b));
+    let client = BareClient::new(a);
+    assert_eq!(client.echo(vec![1, 2, 3]).unwrap(), [1, 2, 3]);
+    assert!(client.swap(None).unwrap().is_none());
+    drop(client);
+    server.join().unwrap().unwrap();
+}
+
+/// The async items of the module without the prelude: a blocking trait's async client and
+/// server, and an async trait's server and blocking client.
+#[cfg(feature = "tokio")]
+#[test]
+fn async_interfaces_without_the_prelude_work() {
+    use typed_ipc::tokio::AsyncConnection;
+    use typed_ipc::{Connection, Socket};
+    use without_prelude::{AsyncBareBlockingClient, AsyncBareServer, Impl};
+    use without_prelude::{BareTwinAsyncClient, BareTwinAsyncServer};
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let _runtime = runtime.enter();
+
+    let (a, b) = Socket::pair().unwrap();
+    let serving =
+        runtime.spawn(BareTwinAsyncServer::new(Impl).serve(AsyncConnection::new(b).unwrap()));
+    let client = BareTwinAsyncClient::new(AsyncConnection::new(a).unwrap());
+    assert_eq!(
+        runtime.block_on(client.echo(vec![1, 2, 3])).unwrap(),
+        [1, 2, 3]
+    );
+    drop(client);
+    runtime.block_on(serving).unwrap().unwrap();
+
+    let (a, b) = Socket::pair().unwrap();
+    let serving = runtime.spawn(AsyncBareServer::new(Impl).serve(AsyncConnection::new(b).unwrap()));
+    let client = AsyncBareBlockingClient::new(Connection::new(a));
+    assert_eq!(client.echo(vec![1, 2, 3]).unwrap(), [1, 2, 3]);
+    drop(client);
+    runtime.block_on(serving).unwrap().unwrap();
+}

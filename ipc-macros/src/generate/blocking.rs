@@ -98,8 +98,9 @@ impl Generator<'_> {
             ),
             Runs::Pooled => {
                 let this = Ident::new("imp", Span::mixed_site());
+                let shared = quote!(::core::clone::Clone::clone(&self.imp));
                 let run = quote! {
-                    #p::run_blocking(#p::Arc::clone(&self.imp), &self.slots, move |#this: &#imp| {
+                    #p::run_blocking(#shared, &self.slots, move |#this: &#imp| {
                         <#imp as #name>::#method(#this, #(#names),*)
                     })
                     .await

@@ -5,8 +5,10 @@
 //! flavour's are [`Generator::async_client`], [`Generator::async_server`] and friends.
 //!
 //! Every path in the output is absolute (`::typed_ipc::__private::…`, `::core::…`), so that
-//! the user's own `Result`, `Option`, `core` or `std` cannot capture it; the user's types are
-//! emitted as written, to resolve in the user's scope.
+//! the user's own `Result`, `Option`, `core` or `std` cannot capture it, and a trait's method
+//! is called by the trait's path (`::core::clone::Clone::clone(&x)`), as a module without the
+//! prelude (`#[no_implicit_prelude]`) has no trait in scope; the user's types are emitted as
+//! written, to resolve in the user's scope.
 
 mod asynchronous;
 mod blocking;
@@ -530,7 +532,7 @@ impl<'a> Generator<'a> {
                 /// Another server answering with the same implementation.
                 fn clone(&self) -> Self {
                     Self {
-                        imp: #p::Arc::clone(&self.imp),
+                        imp: ::core::clone::Clone::clone(&self.imp),
                         #cloned
                     }
                 }

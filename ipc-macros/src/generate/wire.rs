@@ -40,7 +40,7 @@ pub(super) fn encode_arg(name: &Ident, wire: Wire, oneway: bool) -> TokenStream 
         Wire::Serde => quote!(#name),
         Wire::Fd => quote!(#p::Fd(&#name)),
         Wire::Bytes if oneway => quote!(#p::Bytes(&#name)),
-        Wire::Bytes => quote!(#p::CallBytes::from(#name)),
+        Wire::Bytes => quote!(<#p::CallBytes as ::core::convert::From<_>>::from(#name)),
         Wire::CarriedBytes if oneway => quote!(#p::CarriedBytes(&#name)),
         Wire::CarriedBytes => quote!(#p::BytesCarrier::into_call(#name)),
     }

@@ -366,7 +366,11 @@ impl IpaClient {
             >(
                 &IPA_INFO,
                 5,
-                &(::typed_ipc::__private::CallBytes::from(data),),
+                &(
+                    <::typed_ipc::__private::CallBytes as ::core::convert::From<
+                        _,
+                    >>::from(data),
+                ),
                 self.timeout,
             )
             .map(|::typed_ipc::__private::Bytes(value)| value)
@@ -430,7 +434,7 @@ impl<T: ?::core::marker::Sized> ::core::clone::Clone for IpaServer<T> {
     /// Another server answering with the same implementation.
     fn clone(&self) -> Self {
         Self {
-            imp: ::typed_ipc::__private::Arc::clone(&self.imp),
+            imp: ::core::clone::Clone::clone(&self.imp),
         }
     }
 }
@@ -631,7 +635,7 @@ impl<T: ?::core::marker::Sized> ::core::clone::Clone for IpaAsyncServer<T> {
     /// Another server answering with the same implementation.
     fn clone(&self) -> Self {
         Self {
-            imp: ::typed_ipc::__private::Arc::clone(&self.imp),
+            imp: ::core::clone::Clone::clone(&self.imp),
             slots: ::core::clone::Clone::clone(&self.slots),
         }
     }
@@ -723,7 +727,7 @@ where
                     let value = {
                         let (text,): (String,) = call.args()?;
                         ::typed_ipc::__private::run_blocking(
-                                ::typed_ipc::__private::Arc::clone(&self.imp),
+                                ::core::clone::Clone::clone(&self.imp),
                                 &self.slots,
                                 move |imp: &T| { <T as Ipa>::reverse(imp, text) },
                             )
@@ -737,7 +741,7 @@ where
                             ::typed_ipc::__private::Fd(files),
                         ): (::typed_ipc::__private::Fd<Vec<OwnedFd>>,) = call.args()?;
                         ::typed_ipc::__private::run_blocking(
-                                ::typed_ipc::__private::Arc::clone(&self.imp),
+                                ::core::clone::Clone::clone(&self.imp),
                                 &self.slots,
                                 move |imp: &T| { <T as Ipa>::total_len(imp, files) },
                             )
@@ -749,7 +753,7 @@ where
                     let value = {
                         let (cfg,): (Config,) = call.args()?;
                         ::typed_ipc::__private::run_blocking(
-                                ::typed_ipc::__private::Arc::clone(&self.imp),
+                                ::core::clone::Clone::clone(&self.imp),
                                 &self.slots,
                                 move |imp: &T| { <T as Ipa>::configure(imp, cfg) },
                             )
@@ -761,7 +765,7 @@ where
                     let value = {
                         let (id,): (u32,) = call.args()?;
                         ::typed_ipc::__private::run_blocking(
-                                ::typed_ipc::__private::Arc::clone(&self.imp),
+                                ::core::clone::Clone::clone(&self.imp),
                                 &self.slots,
                                 move |imp: &T| { <T as Ipa>::open_buffer(imp, id) },
                             )
@@ -776,7 +780,7 @@ where
                             ::typed_ipc::__private::Fd(stats),
                         ): (u32, ::typed_ipc::__private::Fd<OwnedFd>) = call.args()?;
                         ::typed_ipc::__private::run_blocking(
-                                ::typed_ipc::__private::Arc::clone(&self.imp),
+                                ::core::clone::Clone::clone(&self.imp),
                                 &self.slots,
                                 move |imp: &T| {
                                     <T as Ipa>::stats_ready(imp, frame, stats)
@@ -792,7 +796,7 @@ where
                             ::typed_ipc::__private::Bytes(data),
                         ): (::typed_ipc::__private::Bytes<Vec<u8>>,) = call.args()?;
                         ::typed_ipc::__private::run_blocking(
-                                ::typed_ipc::__private::Arc::clone(&self.imp),
+                                ::core::clone::Clone::clone(&self.imp),
                                 &self.slots,
                                 move |imp: &T| { <T as Ipa>::echo(imp, data) },
                             )
@@ -806,7 +810,7 @@ where
                             ::typed_ipc::__private::Fd(fd),
                         ): (::typed_ipc::__private::Fd<Option<OwnedFd>>,) = call.args()?;
                         ::typed_ipc::__private::run_blocking(
-                                ::typed_ipc::__private::Arc::clone(&self.imp),
+                                ::core::clone::Clone::clone(&self.imp),
                                 &self.slots,
                                 move |imp: &T| { <T as Ipa>::swap_fd(imp, fd) },
                             )
@@ -818,7 +822,7 @@ where
                     {
                         let (): () = call.args()?;
                         ::typed_ipc::__private::run_blocking(
-                                ::typed_ipc::__private::Arc::clone(&self.imp),
+                                ::core::clone::Clone::clone(&self.imp),
                                 &self.slots,
                                 move |imp: &T| { <T as Ipa>::ping(imp) },
                             )
@@ -833,7 +837,7 @@ where
                         ): (::typed_ipc::__private::CarriedBytes<Option<Vec<u8>>>,) = call
                             .args()?;
                         ::typed_ipc::__private::run_blocking(
-                                ::typed_ipc::__private::Arc::clone(&self.imp),
+                                ::core::clone::Clone::clone(&self.imp),
                                 &self.slots,
                                 move |imp: &T| { <T as Ipa>::decode(imp, image) },
                             )

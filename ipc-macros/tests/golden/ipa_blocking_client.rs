@@ -408,7 +408,11 @@ impl IpaClient {
             >(
                 &IPA_INFO,
                 5,
-                (::typed_ipc::__private::CallBytes::from(data),),
+                (
+                    <::typed_ipc::__private::CallBytes as ::core::convert::From<
+                        _,
+                    >>::from(data),
+                ),
                 self.timeout,
             )
             .await
@@ -477,7 +481,7 @@ impl<T: ?::core::marker::Sized> ::core::clone::Clone for IpaServer<T> {
     /// Another server answering with the same implementation.
     fn clone(&self) -> Self {
         Self {
-            imp: ::typed_ipc::__private::Arc::clone(&self.imp),
+            imp: ::core::clone::Clone::clone(&self.imp),
         }
     }
 }
@@ -713,7 +717,11 @@ impl IpaBlockingClient {
             >(
                 &IPA_INFO,
                 5,
-                &(::typed_ipc::__private::CallBytes::from(data),),
+                &(
+                    <::typed_ipc::__private::CallBytes as ::core::convert::From<
+                        _,
+                    >>::from(data),
+                ),
                 self.timeout,
             )
             .map(|::typed_ipc::__private::Bytes(value)| value)
