@@ -714,16 +714,17 @@ fn is_unit(ty: &Type) -> bool {
     matches!(ty, Type::Tuple(t) if t.elems.is_empty())
 }
 
-/// `fn name(&self, a: A) -> R`, spelled as rustfmt would.
+/// `fn name(&self, a: A) -> R`, spelled as rustfmt would, and with names, not their
+/// spellings: a raw `r#gen` is `gen`, as it is to rustc (see [`types::spell_names`]).
 fn signature(name: &Ident, args: &[Arg], output: &ReturnType) -> String {
-    let mut text = format!("fn {name}(&self");
+    let mut text = format!("fn {}(&self", name.unraw());
     for arg in args {
-        let ty = types::spell(arg.value.ty.to_token_stream());
-        text.push_str(&format!(", {}: {ty}", arg.name));
+        let ty = types::spell_names(arg.value.ty.to_token_stream());
+        text.push_str(&format!(", {}: {ty}", arg.name.unraw()));
     }
     text.push(')');
     if let ReturnType::Type(_, ty) = output {
-        text.push_str(&format!(" -> {}", types::spell(ty.to_token_stream())));
+        text.push_str(&format!(" -> {}", types::spell_names(ty.to_token_stream())));
     }
     text
 }
@@ -1047,6 +1048,30 @@ mod tests {
             "#[cmd(0)] fn a(&self, x: Vec<u8>, y: Result<u8, String>) -> (); \
              #[cmd(1)] #[oneway] fn b(&self);"
         );
+    }
+
+    /// `r#gen` and `gen` are one name (a method named `gen` is spelled `r#gen` from edition
+    /// 2024 on), so two ends that spell it differently (a plugin and its host, of two
+    /// editions) declare the same interface.
+    #[test]
+    fn raw_identifiers_are_signed_as_their_names() {
+        let raw = parse(quote! {
+            trait T {
+                fn r#gen(&self, r#seed: r#gen::Seed) -> u32;
+            }
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        let plain = parse(quote! {
+            trait T {
+                fn gen(&self, seed: gen::Seed) -> u32;
+            }
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            raw.canonical_signature(),
+            "#[cmd(0)] fn gen(&self, seed: gen::Seed) -> u32;"
+        );
+        assert_eq!(raw.canonical_signature(), plain.canonical_signature());
     }
 
     #[test]

@@ -9,6 +9,7 @@
 
 use proc_macro2::{Delimiter, Spacing, TokenStream, TokenTree};
 use quote::ToTokens;
+use syn::ext::IdentExt;
 use syn::visit::{self, Visit};
 use syn::{GenericArgument, Lifetime, Path, PathArguments, Type, TypeImplTrait, TypeReference};
 
@@ -385,8 +386,21 @@ pub fn spell(tokens: TokenStream) -> String {
     speller.out
 }
 
+/// [`spell`], with each identifier by its name (`r#gen` as `gen`, which a crate of edition
+/// 2024 must spell raw and one of 2021 need not): what an interface signature compares.
+pub fn spell_names(tokens: TokenStream) -> String {
+    let mut speller = Speller {
+        names: true,
+        ..Speller::default()
+    };
+    speller.tokens(tokens);
+    speller.out
+}
+
 #[derive(Default)]
 struct Speller {
+    /// Identifiers are written by name, without `r#`.
+    names: bool,
     out: String,
     /// The last token was an identifier or literal: another one needs a space before it.
     after_word: bool,
@@ -412,6 +426,10 @@ impl Speller {
         for token in tokens {
             let joint = self.joint.take();
             match token {
+                TokenTree::Ident(ident) if self.names => {
+                    self.word = ident.unraw().to_string();
+                    self.push(&self.word.clone(), true);
+                }
                 TokenTree::Ident(_) | TokenTree::Literal(_) => {
                     self.word = token.to_string();
                     self.push(&self.word.clone(), true);
