@@ -458,6 +458,23 @@ fn method(f: &mut TraitItemFn, index: u32) -> syn::Result<(Method, Option<Attrib
         }
     }
     let ret = match &sig.output {
+        // The async flavour's trait as rustdoc shows it, or as written by hand.
+        ReturnType::Type(_, ty) if types::future_output(ty).is_some() => {
+            let output = types::future_output(ty).flatten().filter(|t| !is_unit(t));
+            let (returns, output) = match output.map(|t| types::spell(t.to_token_stream())) {
+                Some(output) => (format!(" -> {output}"), output),
+                None => (String::new(), "()".into()),
+            };
+            let message = format!(
+                "a method that returns a future is an `async fn` in an interface: declare it \
+                 `async fn {}(&self, ..){returns}` (the async flavour; its generated trait \
+                 returns `impl Future<Output = {output}> + Send`, which implementations write \
+                 as `async fn` too)",
+                sig.ident
+            );
+            refuse(&mut errors, ty, &message);
+            None
+        }
         ReturnType::Type(_, ty) if !is_unit(ty) => match value(ty, Role::Return) {
             Ok(value) => Some(value),
             Err(error) => {
@@ -878,6 +895,15 @@ mod tests {
                     }
                 ),
                 "return `String` instead",
+            ),
+            // The async flavour's trait as rustdoc shows it: the method is an `async fn`.
+            (
+                quote!(
+                    trait T {
+                        fn a(&self) -> impl ::core::future::Future<Output = u32> + Send;
+                    }
+                ),
+                "declare it `async fn a(&self, ..) -> u32`",
             ),
             (
                 quote!(

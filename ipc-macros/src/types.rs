@@ -294,6 +294,27 @@ impl<'ast> Visit<'ast> for Checker {
     }
 }
 
+/// If `ty` is an `impl Future<..>` (by any path ending in `Future`), its `Output`:
+/// `Some(None)` when the bound does not say.
+pub fn future_output(ty: &Type) -> Option<Option<&Type>> {
+    let Type::ImplTrait(t) = peel(ty) else {
+        return None;
+    };
+    t.bounds.iter().find_map(|bound| {
+        let syn::TypeParamBound::Trait(bound) = bound else {
+            return None;
+        };
+        let last = bound.path.segments.last().filter(|s| s.ident == "Future")?;
+        let PathArguments::AngleBracketed(args) = &last.arguments else {
+            return Some(None);
+        };
+        Some(args.args.iter().find_map(|arg| match arg {
+            GenericArgument::AssocType(a) if a.ident == "Output" => Some(&a.ty),
+            _ => None,
+        }))
+    })
+}
+
 /// The owned type to suggest for a borrowed `&elem`.
 fn owned_form(elem: &Type) -> String {
     let elem = peel(elem);
