@@ -1,10 +1,12 @@
-//! The generated code under a user crate's strict lints. A name the user chose in a style rustc
-//! warns about (a trait named after a C library, a method named after the protocol message it
-//! mirrors) is allowed where the user declared it, on the trait or the method: the client,
-//! server and enums generated from it must not warn about it again where the user cannot
-//! reach, or `deny(warnings)` breaks the build.
+//! The generated code under a user crate's strict lints (clippy's too: CI runs clippy over the
+//! tests). A name the user chose in a style rustc warns about (a trait named after a C library,
+//! a method named after the protocol message it mirrors) is allowed where the user declared it,
+//! on the trait or the method: the client, server and enums generated from it must not warn
+//! about it again where the user cannot reach, or `deny(warnings)` breaks the build. Nor may
+//! the generated code warn about the user's parameters, such as one named `_reserved`, which
+//! only the generated code uses.
 
-#![deny(warnings, nonstandard_style)]
+#![deny(warnings, nonstandard_style, clippy::pedantic)]
 
 /// Named after a C library, in its style.
 #[allow(non_camel_case_types)]
@@ -24,6 +26,8 @@ pub trait Protocol {
     #[allow(non_snake_case)]
     #[oneway]
     fn SetURL(&self, #[allow(non_snake_case)] URL: u32);
+    /// A parameter kept for later, which the implementation ignores.
+    fn reserved(&self, _reserved: u32) -> u32;
 }
 
 /// The blocking trait with the other flavour's client and server too.
@@ -34,6 +38,9 @@ pub trait libbar {
     /// Mirrors a `GetURL` message.
     #[allow(non_snake_case)]
     fn GetURL(&self, #[allow(non_snake_case)] URL: u32) -> u32;
+    /// A parameter kept for later.
+    #[oneway]
+    fn reserved(&self, _reserved: u32);
 }
 
 /// The async flavour, with a blocking client too.
@@ -44,6 +51,10 @@ pub trait libbaz {
     /// Mirrors a `GetURL` message.
     #[allow(non_snake_case)]
     async fn GetURL(&self, #[allow(non_snake_case)] URL: u32) -> u32;
+    /// A parameter kept for later, with a default body that ignores it.
+    async fn reserved(&self, _reserved: u32) -> u32 {
+        0
+    }
 }
 
 struct Impl;
@@ -61,19 +72,23 @@ impl Protocol for Impl {
     }
     #[allow(non_snake_case)]
     fn SetURL(&self, _URL: u32) {}
+    fn reserved(&self, _reserved: u32) -> u32 {
+        0
+    }
 }
 
 #[test]
 fn names_the_user_allowed_work_under_strict_lints() {
     let (a, b) = typed_ipc::Connection::pair().unwrap();
-    let server = typed_ipc::Server::new()
+    let services = typed_ipc::Server::new()
         .service(libfooServer::new(Impl))
         .service(ProtocolServer::new(Impl));
-    let served = std::thread::spawn(move || server.serve(&b));
+    let served = std::thread::spawn(move || services.serve(&b));
     assert_eq!(libfooClient::new(a.clone()).version().unwrap(), 7);
     let protocol = ProtocolClient::new(a);
     protocol.SetURL(1).unwrap();
     assert_eq!(protocol.GetURL(41).unwrap(), 42);
+    assert_eq!(protocol.reserved(1).unwrap(), 0);
     drop(protocol);
     served.join().unwrap().unwrap();
 }

@@ -150,7 +150,7 @@ impl Generator<'_> {
 
             // The trait and its methods are the user's to deprecate (and to name): calling them
             // here is no use of the user's.
-            #[allow(dead_code, deprecated, non_snake_case)]
+            #[allow(dead_code, deprecated, non_snake_case, clippy::used_underscore_binding)]
             impl<#imp: #bounds> #server<#imp> {
                 #constructors
 
@@ -199,7 +199,7 @@ impl Generator<'_> {
         let (bounds, decodable) = (self.server_bounds_on_imp(), self.server_bounds());
         let ret_unit = result(quote!(()));
         quote! {
-            #[allow(deprecated, non_snake_case)]
+            #[allow(deprecated, non_snake_case, clippy::used_underscore_binding)]
             impl<#imp: #bounds> #p::AsyncService for #server<#imp> #decodable {
                 fn info(&self) -> &'static #p::InterfaceInfo {
                     &#info

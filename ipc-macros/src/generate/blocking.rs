@@ -197,7 +197,7 @@ impl Generator<'_> {
 
             // The trait and its methods are the user's to deprecate (and to name): calling them
             // here is no use of the user's.
-            #[allow(dead_code, deprecated, non_snake_case)]
+            #[allow(dead_code, deprecated, non_snake_case, clippy::used_underscore_binding)]
             impl<#imp: #bounds> #server<#imp> {
                 #constructors
 
@@ -216,7 +216,7 @@ impl Generator<'_> {
                 }
             }
 
-            #[allow(deprecated, non_snake_case)]
+            #[allow(deprecated, non_snake_case, clippy::used_underscore_binding)]
             impl<#imp: #bounds> #p::Service for #server<#imp> #decodable {
                 fn info(&self) -> &'static #p::InterfaceInfo {
                     &#info

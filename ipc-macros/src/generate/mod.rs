@@ -261,7 +261,8 @@ impl<'a> Generator<'a> {
         // Every item that names the user's types allows `deprecated`: a deprecated type in a
         // signature is the user's to allow where the trait is declared, and cannot be here.
         // So with the user's names, the trait's and its methods' and parameters': rustc warns
-        // about their style at the trait, where an `#[allow]` reaches, and not here again.
+        // about their style at the trait, where an `#[allow]` reaches, and not here again; and
+        // a parameter named `_reserved`, unused in the user's code, is used in ours.
         quote! {
             #enum_docs
             #[allow(dead_code, deprecated, non_camel_case_types, non_snake_case)]
@@ -269,7 +270,7 @@ impl<'a> Generator<'a> {
                 #(#variants,)*
             }
 
-            #[allow(dead_code, deprecated, non_snake_case)]
+            #[allow(dead_code, deprecated, non_snake_case, clippy::used_underscore_binding)]
             impl #request {
                 /// The command id of the method this request calls.
                 #vis fn command(&self) -> ::core::primitive::u32 {
@@ -422,7 +423,13 @@ impl<'a> Generator<'a> {
 
             // The stubs repeat the trait's names and parameter lists: the user's trait is where
             // those lints belong.
-            #[allow(dead_code, deprecated, non_snake_case, clippy::too_many_arguments)]
+            #[allow(
+                dead_code,
+                deprecated,
+                non_snake_case,
+                clippy::too_many_arguments,
+                clippy::used_underscore_binding
+            )]
             impl #client {
                 /// A client calling the server at the other end of `connection`; its calls
                 /// wait as long as the peer is alive.

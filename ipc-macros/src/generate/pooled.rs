@@ -42,7 +42,7 @@ impl Generator<'_> {
             #server_struct
 
             // As in the blocking server: calling the user's deprecated items is no use of theirs.
-            #[allow(dead_code, deprecated, non_snake_case)]
+            #[allow(dead_code, deprecated, non_snake_case, clippy::used_underscore_binding)]
             impl<#imp: #bounds> #server<#imp> {
                 #constructors
 

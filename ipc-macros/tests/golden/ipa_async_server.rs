@@ -140,7 +140,7 @@ pub enum IpaRequest {
         image: Option<Vec<u8>>,
     },
 }
-#[allow(dead_code, deprecated, non_snake_case)]
+#[allow(dead_code, deprecated, non_snake_case, clippy::used_underscore_binding)]
 impl IpaRequest {
     /// The command id of the method this request calls.
     pub fn command(&self) -> ::core::primitive::u32 {
@@ -271,7 +271,13 @@ pub struct IpaClient {
     connection: ::typed_ipc::__private::Connection,
     timeout: ::core::option::Option<::typed_ipc::__private::Duration>,
 }
-#[allow(dead_code, deprecated, non_snake_case, clippy::too_many_arguments)]
+#[allow(
+    dead_code,
+    deprecated,
+    non_snake_case,
+    clippy::too_many_arguments,
+    clippy::used_underscore_binding
+)]
 impl IpaClient {
     /// A client calling the server at the other end of `connection`; its calls
     /// wait as long as the peer is alive.
@@ -446,7 +452,7 @@ impl<T: ?::core::marker::Sized> ::core::fmt::Debug for IpaServer<T> {
             .finish_non_exhaustive()
     }
 }
-#[allow(dead_code, deprecated, non_snake_case)]
+#[allow(dead_code, deprecated, non_snake_case, clippy::used_underscore_binding)]
 impl<
     T: Ipa + ::core::marker::Send + ::core::marker::Sync + ?::core::marker::Sized
         + 'static,
@@ -527,7 +533,7 @@ impl<
         }
     }
 }
-#[allow(deprecated, non_snake_case)]
+#[allow(deprecated, non_snake_case, clippy::used_underscore_binding)]
 impl<
     T: Ipa + ::core::marker::Send + ::core::marker::Sync + ?::core::marker::Sized
         + 'static,
@@ -648,7 +654,7 @@ impl<T: ?::core::marker::Sized> ::core::fmt::Debug for IpaAsyncServer<T> {
             .finish_non_exhaustive()
     }
 }
-#[allow(dead_code, deprecated, non_snake_case)]
+#[allow(dead_code, deprecated, non_snake_case, clippy::used_underscore_binding)]
 impl<
     T: Ipa + ::core::marker::Send + ::core::marker::Sync + ?::core::marker::Sized
         + 'static,
@@ -700,7 +706,7 @@ impl<
         connection.serve(self)
     }
 }
-#[allow(deprecated, non_snake_case)]
+#[allow(deprecated, non_snake_case, clippy::used_underscore_binding)]
 impl<
     T: Ipa + ::core::marker::Send + ::core::marker::Sync + ?::core::marker::Sized
         + 'static,
