@@ -4,9 +4,11 @@
 //! on the trait or the method: the client, server and enums generated from it must not warn
 //! about it again where the user cannot reach, or `deny(warnings)` breaks the build. Nor may
 //! the generated code warn about the user's parameters, such as one named `_reserved`, which
-//! only the generated code uses.
+//! only the generated code uses. Nor may it bound a type twice, which `clippy::nursery` says
+//! at the type, in the trait: a type that is both a parameter and a return type is bounded
+//! once, by both traits.
 
-#![deny(warnings, nonstandard_style, clippy::pedantic)]
+#![deny(warnings, nonstandard_style, clippy::pedantic, clippy::nursery)]
 
 /// Named after a C library, in its style.
 #[allow(non_camel_case_types)]
@@ -15,6 +17,10 @@ pub trait libfoo {
     /// A method of a trait whose name is not camel case.
     fn version(&self) -> u32;
 }
+
+/// A level, taken and returned.
+#[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, typed_ipc::Shape)]
+pub struct Level(pub u8);
 
 /// Named after the messages of a protocol.
 #[typed_ipc::interface(check_types)]
@@ -28,6 +34,14 @@ pub trait Protocol {
     fn SetURL(&self, #[allow(non_snake_case)] URL: u32);
     /// A parameter kept for later, which the implementation ignores.
     fn reserved(&self, _reserved: u32) -> u32;
+    /// A type taken and returned.
+    fn tune(&self, level: Level) -> Level;
+    /// And taken, and returned as the error of a carried `Result`.
+    ///
+    /// # Errors
+    ///
+    /// The level it was given.
+    fn open(&self, level: Level) -> Result<Option<std::os::fd::OwnedFd>, Level>;
 }
 
 /// The blocking trait with the other flavour's client and server too.
@@ -75,6 +89,12 @@ impl Protocol for Impl {
     fn reserved(&self, _reserved: u32) -> u32 {
         0
     }
+    fn tune(&self, level: Level) -> Level {
+        Level(level.0 + 1)
+    }
+    fn open(&self, level: Level) -> Result<Option<std::os::fd::OwnedFd>, Level> {
+        Err(level)
+    }
 }
 
 #[test]
@@ -89,6 +109,8 @@ fn names_the_user_allowed_work_under_strict_lints() {
     protocol.SetURL(1).unwrap();
     assert_eq!(protocol.GetURL(41).unwrap(), 42);
     assert_eq!(protocol.reserved(1).unwrap(), 0);
+    assert_eq!(protocol.tune(Level(1)).unwrap(), Level(2));
+    assert_eq!(protocol.open(Level(3)).unwrap().unwrap_err(), Level(3));
     drop(protocol);
     served.join().unwrap().unwrap();
 }

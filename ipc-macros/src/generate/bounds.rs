@@ -19,7 +19,10 @@ impl Generator<'_> {
         let params = methods.iter().flat_map(|m| m.args.iter().map(|a| &a.value));
         let keep = |ty: &TokenStream| !ty.clone().into_iter().any(|t| names(&t, &self.imp));
         let mut predicates = serde_predicates(params, Bound::DeserializeOwned, keep);
-        predicates.extend(serde_predicates(self.returns(), Bound::Serialize, keep));
+        merge(
+            &mut predicates,
+            serde_predicates(self.returns(), Bound::Serialize, keep),
+        );
         where_clause(predicates)
     }
 
@@ -30,7 +33,10 @@ impl Generator<'_> {
         let params = m.args.iter().map(|a| &a.value);
         let mut predicates = serde_predicates(params, Bound::Serialize, |_| true);
         let ret = m.ret.as_ref().filter(|_| !m.oneway);
-        predicates.extend(serde_predicates(ret, Bound::DeserializeOwned, |_| true));
+        merge(
+            &mut predicates,
+            serde_predicates(ret, Bound::DeserializeOwned, |_| true),
+        );
         where_clause(predicates)
     }
 
@@ -74,11 +80,59 @@ pub(super) fn serde_bounds<'v>(
     where_clause(serde_predicates(values, bound, keep))
 }
 
+/// One type's bounds in a `where` clause: a type is bounded once, by all it needs (a type
+/// bounded twice is `clippy::type_repetition_in_bounds`, reported at the type, in the trait).
+struct Predicate {
+    /// The type, as written.
+    ty: TokenStream,
+    /// Its spelling, which tells one type from another.
+    spelled: String,
+    /// Sent: bounded `Serialize`.
+    serialize: bool,
+    /// Received: bounded `DeserializeOwned`.
+    deserialize: bool,
+}
+
+impl Predicate {
+    fn to_tokens(&self) -> TokenStream {
+        let ty = &self.ty;
+        // At the type's last token, so that the predicate covers the type as written.
+        let span = match ty.clone().into_iter().last() {
+            Some(TokenTree::Group(g)) => g.span_close(),
+            Some(other) => other.span(),
+            None => Span::call_site(),
+        };
+        let p = quote_spanned!(span=> ::typed_ipc::__private);
+        match (self.serialize, self.deserialize) {
+            (true, false) => quote_spanned!(span=> #ty: #p::Serialize),
+            (false, true) => quote_spanned!(span=> #ty: #p::DeserializeOwned),
+            _ => quote_spanned!(span=> #ty: #p::Serialize + #p::DeserializeOwned),
+        }
+    }
+}
+
+/// Adds `more` to `predicates`: a type already there gets the bounds it did not have.
+fn merge(predicates: &mut Vec<Predicate>, more: Vec<Predicate>) {
+    for predicate in more {
+        match predicates
+            .iter_mut()
+            .find(|p| p.spelled == predicate.spelled)
+        {
+            Some(existing) => {
+                existing.serialize |= predicate.serialize;
+                existing.deserialize |= predicate.deserialize;
+            }
+            None => predicates.push(predicate),
+        }
+    }
+}
+
 /// `where` and `predicates`, or nothing if there are none.
-fn where_clause(predicates: Vec<TokenStream>) -> TokenStream {
-    match predicates.is_empty() {
-        true => TokenStream::new(),
-        false => quote!(where #(#predicates,)*),
+fn where_clause(predicates: Vec<Predicate>) -> TokenStream {
+    let predicates = predicates.iter().map(Predicate::to_tokens);
+    match predicates.len() {
+        0 => TokenStream::new(),
+        _ => quote!(where #(#predicates,)*),
     }
 }
 
@@ -90,34 +144,30 @@ fn serde_predicates<'v>(
     values: impl IntoIterator<Item = &'v Value>,
     bound: Bound,
     keep: impl Fn(&TokenStream) -> bool,
-) -> Vec<TokenStream> {
-    let mut seen = Vec::new();
+) -> Vec<Predicate> {
     let mut predicates = Vec::new();
     for value in values {
-        let (ty, bound) = match (value.wire, &value.carried_error) {
-            (Wire::Serde, _) => (&value.ty, Some(bound)),
-            (_, Some(error)) => (error, None),
+        let (ty, serialize, deserialize) = match (value.wire, &value.carried_error) {
+            (Wire::Serde, _) => (
+                &value.ty,
+                bound == Bound::Serialize,
+                bound == Bound::DeserializeOwned,
+            ),
+            (_, Some(error)) => (error, true, true),
             (_, None) => continue,
         };
-        let tokens = quote!(#ty);
-        let spelled = tokens.to_string();
-        let key = (spelled, bound);
-        if seen.contains(&key) || ALWAYS_SERDE.contains(&&*key.0) || !keep(&tokens) {
+        let ty = quote!(#ty);
+        let spelled = ty.to_string();
+        if ALWAYS_SERDE.contains(&&*spelled) || !keep(&ty) {
             continue;
         }
-        seen.push(key);
-        // At the type's last token, so that the predicate covers the type as written.
-        let span = match tokens.clone().into_iter().last() {
-            Some(TokenTree::Group(g)) => g.span_close(),
-            Some(other) => other.span(),
-            None => Span::call_site(),
+        let predicate = Predicate {
+            ty,
+            spelled,
+            serialize,
+            deserialize,
         };
-        let p = quote_spanned!(span=> ::typed_ipc::__private);
-        predicates.push(match bound {
-            Some(Bound::Serialize) => quote_spanned!(span=> #ty: #p::Serialize),
-            Some(Bound::DeserializeOwned) => quote_spanned!(span=> #ty: #p::DeserializeOwned),
-            None => quote_spanned!(span=> #ty: #p::Serialize + #p::DeserializeOwned),
-        });
+        merge(&mut predicates, vec![predicate]);
     }
     predicates
 }
