@@ -649,8 +649,12 @@ impl MethodAttrs {
 /// The error for a `#[cfg]` or `#[cfg_attr]` on an interface method or parameter (`what`).
 /// Both ends must agree on every method's command id and on the interface signature, which
 /// an item compiled in on one end only would change; and a method removed by `#[cfg]` still
-/// reaches the macro, which cannot tell whether it will be.
+/// reaches the macro, which cannot tell whether it will be. A `#[cfg_attr]` that can only
+/// add docs or lint levels (`#[cfg_attr(docsrs, doc(cfg(..)))]`) is fine.
 fn conditional(attr: &Attribute, what: &str) -> Option<syn::Error> {
+    if attr.path().is_ident("cfg_attr") && leaves_the_interface_alone(attr) {
+        return None;
+    }
     let message = if attr.path().is_ident("cfg") {
         format!(
             "`#[cfg]` on an interface {what} is not supported: both ends must agree on every \
@@ -660,15 +664,33 @@ fn conditional(attr: &Attribute, what: &str) -> Option<syn::Error> {
         )
     } else if attr.path().is_ident("cfg_attr") {
         format!(
-            "`#[cfg_attr]` on an interface {what} is not supported: both ends must agree on \
-             the interface (its command ids, `#[oneway]`s and signature), which a conditional \
-             attribute could change on one end only; write the attribute unconditionally, or \
-             put a `#[cfg(..)]` on the whole trait, above `#[interface]`"
+            "`#[cfg_attr]` adding `#[oneway]`, `#[cmd]` or `#[cfg]` on an interface {what} is \
+             not supported: both ends must agree on the interface (its command ids, \
+             `#[oneway]`s and signature), which a conditional attribute could change on one \
+             end only; write the attribute unconditionally, or put a `#[cfg(..)]` on the \
+             whole trait, above `#[interface]` (a `#[cfg_attr]` that adds only docs or lint \
+             levels is fine)"
         )
     } else {
         return None;
     };
     Some(syn::Error::new_spanned(attr, message))
+}
+
+/// Whether `#[cfg_attr(predicate, attrs..)]` adds none of the attributes that make the
+/// interface (`#[oneway]`, `#[cmd]`, or a `#[cfg]`, directly or through a nested
+/// `#[cfg_attr]`): rustc applies it after the macro has read the method.
+fn leaves_the_interface_alone(attr: &Attribute) -> bool {
+    let parser = syn::punctuated::Punctuated::<Meta, Token![,]>::parse_terminated;
+    let Ok(metas) = attr.parse_args_with(parser) else {
+        return false;
+    };
+    let ours = ["oneway", "cmd", "cfg", "cfg_attr"];
+    metas.len() > 1
+        && metas
+            .iter()
+            .skip(1)
+            .all(|meta| !ours.iter().any(|name| meta.path().is_ident(name)))
 }
 
 /// What the generated client has already, which a stub of the same name would clash with
@@ -937,7 +959,7 @@ mod tests {
                         fn a(&self);
                     }
                 ),
-                "`#[cfg_attr]` on an interface method is not supported",
+                "`#[cfg_attr]` adding `#[oneway]`, `#[cmd]` or `#[cfg]` on an interface method",
             ),
             (
                 quote!(
@@ -1023,6 +1045,40 @@ mod tests {
                 .err()
                 .unwrap_or_else(|| panic!("accepted {item}"));
             assert!(error.contains(expected), "{item}: {error}");
+        }
+    }
+
+    /// A `#[cfg_attr]` that can only add documentation or lint levels (`doc(cfg(..))` for
+    /// docs.rs, an `allow` under `test`) leaves the interface alone; one that could add an
+    /// attribute of ours, or a `cfg`, anywhere in it, is refused.
+    #[test]
+    fn conditional_attributes_are_refused_only_where_they_could_change_the_interface() {
+        let iface = parse(quote! {
+            trait T {
+                #[cfg_attr(docsrs, doc(cfg(feature = "x")))]
+                #[cfg_attr(test, allow(unused), deprecated = "old")]
+                fn a(&self, #[cfg_attr(test, allow(non_snake_case))] X: u32);
+            }
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(iface.methods.len(), 1);
+        for attr in [
+            quote!(#[cfg_attr(test, oneway)]),
+            quote!(#[cfg_attr(test, cmd(3))]),
+            quote!(#[cfg_attr(test, cfg(any()))]),
+            quote!(#[cfg_attr(test, allow(unused), oneway)]),
+            quote!(#[cfg_attr(test, cfg_attr(all(), oneway))]),
+            quote!(#[cfg_attr(not a predicate)]),
+        ] {
+            let error = parse(quote! {
+                trait T {
+                    #attr
+                    fn a(&self);
+                }
+            })
+            .err()
+            .unwrap_or_else(|| panic!("accepted {attr}"));
+            assert!(error.contains("`#[cfg_attr]` adding"), "{attr}: {error}");
         }
     }
 

@@ -12,6 +12,9 @@ pub trait Renderer {
     fn debug_only(&self);
     #[cfg_attr(debug_assertions, cmd(9))]
     fn stats(&self) -> u64;
+    // Docs and lint levels leave the interface alone: accepted.
+    #[cfg_attr(debug_assertions, doc = "Counted in debug builds.", allow(clippy::pedantic))]
+    fn frames(&self) -> u64;
 }
 
 fn main() {}
