@@ -96,7 +96,8 @@ use quote::quote;
 ///   its type's name, so it need not be `Debug`): a `#[derive(Debug)]` struct can hold them.
 /// - A `#[deprecated]` trait stays deprecated, and every client and server generated from it
 ///   is deprecated with the same note: a program that names them is warned, as one that
-///   implements the trait is. The generated code's own uses warn nowhere.
+///   implements the trait is. The generated code's own uses warn nowhere. A `#[doc(hidden)]`
+///   trait hides every item generated from it too.
 ///
 /// # The interface's name
 ///

@@ -32,6 +32,9 @@ pub struct Interface {
     /// The trait's own `#[deprecated]`, kept on it and carried onto the generated clients and
     /// servers: those are what a program names to use the interface.
     pub deprecated: Vec<Attribute>,
+    /// The trait is `#[doc(hidden)]`: so is every item generated from it, whose docs link to
+    /// the trait.
+    pub hidden: bool,
     /// The trait's visibility, given to every generated item.
     pub vis: Visibility,
     /// The methods, in declaration order.

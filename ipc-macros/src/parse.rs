@@ -52,6 +52,7 @@ pub fn interface(attr: TokenStream, item: TokenStream) -> Result<Interface, Reje
         .filter(|attr| attr.path().is_ident("deprecated"))
         .cloned()
         .collect();
+    let hidden = item.attrs.iter().any(is_doc_hidden);
     match errors.0 {
         None => Ok(Interface {
             wire_name,
@@ -62,6 +63,7 @@ pub fn interface(attr: TokenStream, item: TokenStream) -> Result<Interface, Reje
             async_server,
             check_types: args.check_types.is_some(),
             deprecated,
+            hidden,
             methods,
             item,
         }),
@@ -79,6 +81,22 @@ pub fn interface(attr: TokenStream, item: TokenStream) -> Result<Interface, Reje
             })
         }
     }
+}
+
+/// Whether `attr` is `#[doc(hidden)]` (among other `doc(..)` items, as rustdoc reads it).
+fn is_doc_hidden(attr: &Attribute) -> bool {
+    let mut hidden = false;
+    if attr.path().is_ident("doc") {
+        // (`doc = ".."` is no list: an error here only says the attribute is not ours.)
+        let _ = attr.parse_nested_meta(|meta| {
+            hidden |= meta.path.is_ident("hidden");
+            if meta.input.peek(Token![=]) {
+                meta.value()?.parse::<syn::Expr>()?;
+            }
+            Ok(())
+        });
+    }
+    hidden
 }
 
 /// The longest name `#[interface(name = "...")]` takes: it travels in error replies and

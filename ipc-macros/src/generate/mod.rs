@@ -204,8 +204,10 @@ impl<'a> Generator<'a> {
                 }}
             }
         };
+        let hidden = self.hidden();
         quote! {
             #docs
+            #hidden
             #[allow(dead_code, deprecated)]
             #vis static #info: #p::InterfaceInfo = #value;
         }
@@ -263,8 +265,10 @@ impl<'a> Generator<'a> {
         // So with the user's names, the trait's and its methods' and parameters': rustc warns
         // about their style at the trait, where an `#[allow]` reaches, and not here again; and
         // a parameter named `_reserved`, unused in the user's code, is used in ours.
+        let hidden = self.hidden();
         quote! {
             #enum_docs
+            #hidden
             #[allow(dead_code, deprecated, non_camel_case_types, non_snake_case)]
             #vis enum #request {
                 #(#variants,)*
@@ -373,8 +377,10 @@ impl<'a> Generator<'a> {
             "A reply of [`{name}`]: one variant per method that is not `#[oneway]`, holding its \
              return value."
         ));
+        let hidden = self.hidden();
         quote! {
             #enum_docs
+            #hidden
             #[allow(dead_code, deprecated, non_camel_case_types)]
             #vis enum #response {
                 #(#variants,)*
@@ -400,7 +406,7 @@ impl<'a> Generator<'a> {
     ) -> TokenStream {
         let (p, vis, interface) = (private(), &self.iface.vis, &self.iface.wire_name);
         let (docs, deprecated) = (doc(docs.to_string()), &self.iface.deprecated);
-        let allow_deprecated = self.allow_deprecated();
+        let (allow_deprecated, hidden) = (self.allow_deprecated(), self.hidden());
         let client_name = client.unraw().to_string();
         let with_timeout = doc(format!(
             "A copy of this client whose calls give up after `timeout` with `Error::TimedOut`:\n\
@@ -413,6 +419,7 @@ impl<'a> Generator<'a> {
         ));
         quote! {
             #docs
+            #hidden
             #(#deprecated)*
             #[derive(::core::clone::Clone)]
             #[allow(dead_code, non_camel_case_types)]
@@ -502,6 +509,11 @@ impl<'a> Generator<'a> {
         }
     }
 
+    /// `#[doc(hidden)]` for each item generated from a hidden trait; nothing otherwise.
+    fn hidden(&self) -> Option<TokenStream> {
+        self.iface.hidden.then(|| quote!(#[doc(hidden)]))
+    }
+
     /// `#[allow(deprecated)]` for an impl of a client or server of a deprecated trait (which
     /// are deprecated too), where naming them is no use of the user's; nothing otherwise.
     fn allow_deprecated(&self) -> Option<TokenStream> {
@@ -518,6 +530,7 @@ impl<'a> Generator<'a> {
         let (p, vis, imp) = (private(), &self.iface.vis, &self.imp);
         let (interface, server_name) = (&self.iface.wire_name, server.unraw().to_string());
         let (deprecated, allow_deprecated) = (&self.iface.deprecated, self.allow_deprecated());
+        let hidden = self.hidden();
         let (field, cloned) = match pooled {
             true => (
                 quote!(slots: #p::PoolSlots,),
@@ -527,6 +540,7 @@ impl<'a> Generator<'a> {
         };
         quote! {
             #docs
+            #hidden
             #(#deprecated)*
             #[allow(dead_code, non_camel_case_types)]
             #vis struct #server<#imp: ?::core::marker::Sized> {
@@ -689,6 +703,53 @@ fn stub_params(m: &Method) -> Vec<TokenStream> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use quote::ToTokens;
+
+    /// The items an expansion defines, those inside the `async_client!`-style feature gates
+    /// too.
+    fn items(tokens: TokenStream) -> Vec<syn::Item> {
+        let file: syn::File = syn::parse2(tokens).expect("the expansion parses");
+        file.items
+            .into_iter()
+            .flat_map(|item| match item {
+                syn::Item::Macro(m) => items(m.mac.tokens),
+                other => vec![other],
+            })
+            .collect()
+    }
+
+    /// A `#[doc(hidden)]` trait's clients, servers, enums and info static are hidden too: they
+    /// are what a program names to use it, and their docs link to the trait.
+    #[test]
+    fn a_hidden_trait_hides_what_is_generated_from_it() {
+        let item = quote! {
+            /// Internal.
+            #[doc(hidden)]
+            pub trait Internal {
+                fn ping(&self) -> u32;
+            }
+        };
+        let attr = quote!(async_client, async_server, check_types);
+        let iface = crate::parse::interface(attr, item)
+            .unwrap_or_else(|rejected| panic!("{}", rejected.error));
+        let mut checked = 0;
+        for item in items(Generator::new(&iface).expand()) {
+            let (name, attrs) = match &item {
+                syn::Item::Struct(s) => (s.ident.to_string(), &s.attrs),
+                syn::Item::Enum(e) => (e.ident.to_string(), &e.attrs),
+                syn::Item::Static(s) => (s.ident.to_string(), &s.attrs),
+                syn::Item::Trait(t) => (t.ident.to_string(), &t.attrs),
+                _ => continue,
+            };
+            let hidden = attrs.iter().any(|a| {
+                a.path().is_ident("doc") && a.to_token_stream().to_string().contains("hidden")
+            });
+            assert!(hidden, "{name} is not hidden");
+            checked += 1;
+        }
+        // The trait, the info static, the two enums, the two clients and the two servers.
+        assert_eq!(checked, 8);
+    }
 
     #[test]
     fn static_names() {
