@@ -729,6 +729,7 @@ const CLIENT_METHODS: [(&str, &str, &str); 7] = [
 fn clashes_with_client(name: &Ident, trait_name: &Ident) -> Option<syn::Error> {
     let unraw = name.unraw().to_string();
     let (_, from, instead) = CLIENT_METHODS.iter().find(|(ours, ..)| *ours == unraw)?;
+    let trait_name = trait_name.unraw();
     let message = format!(
         "`{unraw}` is a method of the generated `{trait_name}Client`{from}, so the client \
          cannot have a stub of that name: rename this method, e.g. `{instead}`"
@@ -1002,6 +1003,15 @@ mod tests {
                     }
                 ),
                 "`connection` is a method of the generated `TClient` itself",
+            ),
+            // The client is named after the trait's name, not its raw spelling.
+            (
+                quote!(
+                    trait r#Raw {
+                        fn new(&self);
+                    }
+                ),
+                "`new` is a method of the generated `RawClient` itself",
             ),
             (
                 quote!(
