@@ -937,6 +937,23 @@ mod tests {
                 ),
                 "return `String` instead",
             ),
+            // A `Cow` whose lifetime is elided borrows as a reference does.
+            (
+                quote!(
+                    trait T {
+                        fn a(&self, s: Cow<str>);
+                    }
+                ),
+                "take `String` instead",
+            ),
+            (
+                quote!(
+                    trait T {
+                        fn a(&self) -> std::borrow::Cow<[u8]>;
+                    }
+                ),
+                "return `Vec<u8>` instead",
+            ),
             // The async flavour's trait as rustdoc shows it: the method is an `async fn`.
             (
                 quote!(

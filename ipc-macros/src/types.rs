@@ -289,6 +289,17 @@ impl<'ast> Visit<'ast> for Checker {
             };
             self.fail(p, message);
         }
+        if let Some(borrowed) = elided_cow(p) {
+            // `Cow<str>` is `Cow<'_, str>`: without this, rustc asks for a lifetime on the
+            // generated items, which have none to give.
+            let message = format!(
+                "{} (a `Cow` without a lifetime borrows); {} `{}` instead",
+                self.borrowed(),
+                self.verb(),
+                owned_form(borrowed)
+            );
+            self.fail(p, message);
+        }
         self.fds += p.segments.iter().filter(|s| s.ident == "OwnedFd").count();
         visit::visit_path(self, p);
     }
@@ -313,6 +324,19 @@ pub fn future_output(ty: &Type) -> Option<Option<&Type>> {
             _ => None,
         }))
     })
+}
+
+/// The `B` of a `Cow<B>` written without its lifetime (elided, so borrowed): `Cow<str>`, but
+/// not `Cow<'static, str>`.
+fn elided_cow(p: &Path) -> Option<&Type> {
+    let last = p.segments.last().filter(|s| s.ident == "Cow")?;
+    let PathArguments::AngleBracketed(args) = &last.arguments else {
+        return None;
+    };
+    match &args.args.iter().collect::<Vec<_>>()[..] {
+        [GenericArgument::Type(borrowed)] => Some(borrowed),
+        _ => None,
+    }
 }
 
 /// The owned type to suggest for a borrowed `&elem`.
