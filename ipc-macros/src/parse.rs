@@ -288,10 +288,12 @@ impl Args {
 
 /// The trait's methods, checked one by one and then against each other.
 fn methods(item: &mut ItemTrait, errors: &mut Errors) -> Vec<Method> {
-    if !item.generics.params.is_empty() || !bounds_only_self(&item.generics.where_clause) {
+    if !item.generics.params.is_empty() {
         let message = "generic interfaces are not supported: both ends must agree on one \
                        concrete interface; name the types";
         errors.push(syn::Error::new_spanned(&item.generics, message));
+    } else if let Some(predicate) = not_on_self(&item.generics.where_clause) {
+        errors.push(not_on_self_error(predicate, "an interface trait"));
     }
     let mut methods: Vec<Method> = Vec::new();
     // The position among the methods written, rejected ones included.
@@ -393,7 +395,13 @@ fn method(f: &mut TraitItemFn, index: u32) -> syn::Result<(Method, Option<Attrib
             "`extern` methods are not supported: remove the ABI",
         );
     }
-    if !sig.generics.params.is_empty() || !bounds_only_self(&sig.generics.where_clause) {
+    let stray_predicate = match sig.generics.params.is_empty() {
+        true => not_on_self(&sig.generics.where_clause),
+        false => None,
+    };
+    if let Some(predicate) = stray_predicate {
+        errors.push(not_on_self_error(predicate, "an interface method"));
+    } else if !sig.generics.params.is_empty() {
         let only_lifetimes = sig
             .generics
             .params
@@ -407,10 +415,7 @@ fn method(f: &mut TraitItemFn, index: u32) -> syn::Result<(Method, Option<Attrib
             "generic methods are not supported: client and server are compiled apart and must \
              agree on one concrete type; use one (or an enum of the types you need)"
         };
-        match sig.generics.params.is_empty() {
-            true => refuse(&mut errors, &sig.generics.where_clause, message),
-            false => refuse(&mut errors, &sig.generics, message),
-        }
+        refuse(&mut errors, &sig.generics, message);
     } else if let Some(bound) = unserved_self_bound(&sig.generics.where_clause) {
         let message = "a method cannot ask more of `Self` than `Sized + Send + Sync + 'static`: \
                        the generated server calls it on any such implementation; put the bound \
@@ -556,15 +561,28 @@ fn method(f: &mut TraitItemFn, index: u32) -> syn::Result<(Method, Option<Attrib
 /// serde implements its traits for tuples of up to 16 elements.
 const MAX_PARAMS: usize = 16;
 
-/// Whether a `where` clause only bounds `Self` (`where Self: Send + Sync`, `where Self:
-/// Sized`), or is absent: that says what supertraits would, and makes nothing generic.
-fn bounds_only_self(clause: &Option<WhereClause>) -> bool {
-    clause.iter().flat_map(|c| &c.predicates).all(|predicate| {
-        matches!(predicate, WherePredicate::Type(t)
+/// The first predicate of a `where` clause that bounds something other than `Self`. Bounds
+/// on `Self` (`where Self: Send + Sync`, `where Self: Sized`) say what supertraits would, and
+/// make nothing generic; anything else has no parameter to bound, in a trait that has none.
+fn not_on_self(clause: &Option<WhereClause>) -> Option<&WherePredicate> {
+    clause.iter().flat_map(|c| &c.predicates).find(|predicate| {
+        !matches!(predicate, WherePredicate::Type(t)
             if t.lifetimes.is_none()
                 && matches!(&t.bounded_ty, Type::Path(p)
                     if p.qself.is_none() && p.path.is_ident("Self")))
     })
+}
+
+/// The error for a `where` predicate of `what` (a trait or a method) that [`not_on_self`]
+/// found, at the predicate.
+fn not_on_self_error(predicate: &WherePredicate, what: &str) -> syn::Error {
+    let message = format!(
+        "the `where` clause of {what} can only bound `Self` (`where Self: Send + Sync`): \
+         the interface has no type parameters to bound, and both ends must agree on one \
+         concrete interface; remove `{}`",
+        types::spell(predicate.to_token_stream())
+    );
+    syn::Error::new_spanned(predicate, message)
 }
 
 /// The first bound of a method's `where Self: ..` clause that the generated server does not
@@ -585,7 +603,7 @@ fn unserved_self_bound(clause: &Option<WhereClause>) -> Option<&TypeParamBound> 
     self_bounds(clause).find(|bound| !served(bound))
 }
 
-/// The bounds of a method's `where Self: ..` clause (one that [`bounds_only_self`] accepted).
+/// The bounds of a method's `where Self: ..` clause (one that [`not_on_self`] accepted).
 fn self_bounds(clause: &Option<WhereClause>) -> impl Iterator<Item = &TypeParamBound> {
     clause
         .iter()
@@ -1073,7 +1091,7 @@ mod tests {
                         fn a(&self);
                     }
                 ),
-                "generic interfaces",
+                "the `where` clause of an interface trait can only bound `Self`",
             ),
             (
                 quote!(
@@ -1083,7 +1101,7 @@ mod tests {
                             for<'a> Self: Sized;
                     }
                 ),
-                "generic methods",
+                "the `where` clause of an interface method can only bound `Self`",
             ),
         ] {
             let error = parse(item.clone())
