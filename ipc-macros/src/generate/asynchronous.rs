@@ -127,7 +127,7 @@ impl Generator<'_> {
             .methods
             .iter()
             .map(|m| self.dispatch_arm(m, quote!(.await)));
-        let imp = &self.imp;
+        let (imp, name_lints) = (&self.imp, self.user_name_lints());
         let bounds = self.server_bounds_on_imp();
         let docs = doc(format!(
             "The server side of [`{name}`]: answers each request on a connection by awaiting \
@@ -150,7 +150,7 @@ impl Generator<'_> {
 
             // The trait and its methods are the user's to deprecate (and to name): calling them
             // here is no use of the user's.
-            #[allow(dead_code, deprecated, non_snake_case, clippy::used_underscore_binding)]
+            #[allow(dead_code, deprecated #name_lints)]
             impl<#imp: #bounds> #server<#imp> {
                 #constructors
 
@@ -197,9 +197,9 @@ impl Generator<'_> {
     pub(super) fn async_service(&self, server: &Ident, body: TokenStream) -> TokenStream {
         let (p, info, imp) = (private(), &self.info, &self.imp);
         let (bounds, decodable) = (self.server_bounds_on_imp(), self.server_bounds());
-        let ret_unit = result(quote!(()));
+        let (ret_unit, name_lints) = (result(quote!(())), self.user_name_lints());
         quote! {
-            #[allow(deprecated, non_snake_case, clippy::used_underscore_binding)]
+            #[allow(deprecated #name_lints)]
             impl<#imp: #bounds> #p::AsyncService for #server<#imp> #decodable {
                 fn info(&self) -> &'static #p::InterfaceInfo {
                     &#info

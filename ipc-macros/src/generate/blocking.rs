@@ -182,7 +182,7 @@ impl Generator<'_> {
             .methods
             .iter()
             .map(|m| self.handle_arm(m, Runs::Inline));
-        let imp = &self.imp;
+        let (imp, name_lints) = (&self.imp, self.user_name_lints());
         let bounds = self.server_bounds_on_imp();
         let decodable = self.server_bounds();
         let ret_unit = result(quote!(()));
@@ -197,7 +197,7 @@ impl Generator<'_> {
 
             // The trait and its methods are the user's to deprecate (and to name): calling them
             // here is no use of the user's.
-            #[allow(dead_code, deprecated, non_snake_case, clippy::used_underscore_binding)]
+            #[allow(dead_code, deprecated #name_lints)]
             impl<#imp: #bounds> #server<#imp> {
                 #constructors
 
@@ -216,7 +216,7 @@ impl Generator<'_> {
                 }
             }
 
-            #[allow(deprecated, non_snake_case, clippy::used_underscore_binding)]
+            #[allow(deprecated #name_lints)]
             impl<#imp: #bounds> #p::Service for #server<#imp> #decodable {
                 fn info(&self) -> &'static #p::InterfaceInfo {
                     &#info

@@ -262,19 +262,21 @@ impl<'a> Generator<'a> {
         ));
         // Every item that names the user's types allows `deprecated`: a deprecated type in a
         // signature is the user's to allow where the trait is declared, and cannot be here.
-        // So with the user's names, the trait's and its methods' and parameters': rustc warns
-        // about their style at the trait, where an `#[allow]` reaches, and not here again; and
-        // a parameter named `_reserved`, unused in the user's code, is used in ours.
-        let hidden = self.hidden();
+        // So with the user's names (see `Generator::type_name_lints`).
+        let (hidden, type_lints, name_lints) = (
+            self.hidden(),
+            self.type_name_lints(),
+            self.user_name_lints(),
+        );
         quote! {
             #enum_docs
             #hidden
-            #[allow(dead_code, deprecated, non_camel_case_types, non_snake_case)]
+            #[allow(dead_code, deprecated #type_lints #name_lints)]
             #vis enum #request {
                 #(#variants,)*
             }
 
-            #[allow(dead_code, deprecated, non_snake_case, clippy::used_underscore_binding)]
+            #[allow(dead_code, deprecated #name_lints)]
             impl #request {
                 /// The command id of the method this request calls.
                 #vis fn command(&self) -> ::core::primitive::u32 {
@@ -377,11 +379,11 @@ impl<'a> Generator<'a> {
             "A reply of [`{name}`]: one variant per method that is not `#[oneway]`, holding its \
              return value."
         ));
-        let hidden = self.hidden();
+        let (hidden, type_lints) = (self.hidden(), self.type_name_lints());
         quote! {
             #enum_docs
             #hidden
-            #[allow(dead_code, deprecated, non_camel_case_types)]
+            #[allow(dead_code, deprecated #type_lints)]
             #vis enum #response {
                 #(#variants,)*
             }
@@ -407,6 +409,7 @@ impl<'a> Generator<'a> {
         let (p, vis, interface) = (private(), &self.iface.vis, &self.iface.wire_name);
         let (docs, deprecated) = (doc(docs.to_string()), &self.iface.deprecated);
         let (allow_deprecated, hidden) = (self.allow_deprecated(), self.hidden());
+        let (type_lints, name_lints) = (self.type_name_lints(), self.user_name_lints());
         let client_name = client.unraw().to_string();
         let with_timeout = doc(format!(
             "A copy of this client whose calls give up after `timeout` with `Error::TimedOut`:\n\
@@ -422,7 +425,7 @@ impl<'a> Generator<'a> {
             #hidden
             #(#deprecated)*
             #[derive(::core::clone::Clone)]
-            #[allow(dead_code, non_camel_case_types)]
+            #[allow(dead_code #type_lints)]
             #vis struct #client {
                 connection: #p::#connection,
                 timeout: ::core::option::Option<#p::Duration>,
@@ -430,13 +433,7 @@ impl<'a> Generator<'a> {
 
             // The stubs repeat the trait's names and parameter lists: the user's trait is where
             // those lints belong.
-            #[allow(
-                dead_code,
-                deprecated,
-                non_snake_case,
-                clippy::too_many_arguments,
-                clippy::used_underscore_binding
-            )]
+            #[allow(dead_code, deprecated, clippy::too_many_arguments #name_lints)]
             impl #client {
                 /// A client calling the server at the other end of `connection`; its calls
                 /// wait as long as the peer is alive.
@@ -509,6 +506,35 @@ impl<'a> Generator<'a> {
         }
     }
 
+    /// `, non_camel_case_types` for the items named after a trait whose name rustc warns about
+    /// (`libfoo`): it says so at the trait, where the user's `#[allow]` reaches, and is not to
+    /// say it again at `libfooClient`. Nothing for a name in style, so that a crate that
+    /// forbids the lint gets no `allow` of it, which rustc refuses there (E0453).
+    fn type_name_lints(&self) -> Option<TokenStream> {
+        let name = self.iface.name.unraw().to_string();
+        let lower = name.chars().next().is_some_and(char::is_lowercase);
+        (lower || name.contains('_')).then(|| quote!(, non_camel_case_types))
+    }
+
+    /// As [`Generator::type_name_lints`], for the items that repeat the methods' and
+    /// parameters' names: `, non_snake_case` for a name out of style (`GetURL`), and
+    /// `, clippy::used_underscore_binding` for a parameter named `_reserved`, which the user's
+    /// code leaves unused and ours uses.
+    fn user_name_lints(&self) -> TokenStream {
+        let methods = &self.iface.methods;
+        let params = || methods.iter().flat_map(|m| &m.args).map(|a| a.name.unraw());
+        let names = methods.iter().map(|m| m.name.unraw()).chain(params());
+        // As rustc tells: no capitals, no `__` between words.
+        let not_snake = |name: String| {
+            name.chars().any(char::is_uppercase) || name.trim_matches('_').contains("__")
+        };
+        let snake = names.map(|name| name.to_string()).any(not_snake);
+        let underscore = params().any(|name| name.to_string().starts_with('_'));
+        let snake = snake.then(|| quote!(, non_snake_case));
+        let underscore = underscore.then(|| quote!(, clippy::used_underscore_binding));
+        quote!(#snake #underscore)
+    }
+
     /// `#[doc(hidden)]` for each item generated from a hidden trait; nothing otherwise.
     fn hidden(&self) -> Option<TokenStream> {
         self.iface.hidden.then(|| quote!(#[doc(hidden)]))
@@ -530,7 +556,7 @@ impl<'a> Generator<'a> {
         let (p, vis, imp) = (private(), &self.iface.vis, &self.imp);
         let (interface, server_name) = (&self.iface.wire_name, server.unraw().to_string());
         let (deprecated, allow_deprecated) = (&self.iface.deprecated, self.allow_deprecated());
-        let hidden = self.hidden();
+        let (hidden, type_lints) = (self.hidden(), self.type_name_lints());
         let (field, cloned) = match pooled {
             true => (
                 quote!(slots: #p::PoolSlots,),
@@ -542,7 +568,7 @@ impl<'a> Generator<'a> {
             #docs
             #hidden
             #(#deprecated)*
-            #[allow(dead_code, non_camel_case_types)]
+            #[allow(dead_code #type_lints)]
             #vis struct #server<#imp: ?::core::marker::Sized> {
                 imp: #p::Arc<#imp>,
                 #field

@@ -14,6 +14,7 @@ impl Generator<'_> {
     pub(super) fn pooled_server(&self) -> TokenStream {
         let (p, vis) = (private(), &self.iface.vis);
         let (server, name, imp) = (&self.async_server, &self.iface.name, &self.imp);
+        let name_lints = self.user_name_lints();
         let arms = self
             .iface
             .methods
@@ -42,7 +43,7 @@ impl Generator<'_> {
             #server_struct
 
             // As in the blocking server: calling the user's deprecated items is no use of theirs.
-            #[allow(dead_code, deprecated, non_snake_case, clippy::used_underscore_binding)]
+            #[allow(dead_code, deprecated #name_lints)]
             impl<#imp: #bounds> #server<#imp> {
                 #constructors
 

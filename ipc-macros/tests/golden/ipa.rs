@@ -91,7 +91,7 @@ pub static IPA_INFO: ::typed_ipc::__private::InterfaceInfo = ::typed_ipc::__priv
     ],
 };
 /// A request of [`Ipa`]: one variant per method, holding its arguments.
-#[allow(dead_code, deprecated, non_camel_case_types, non_snake_case)]
+#[allow(dead_code, deprecated)]
 pub enum IpaRequest {
     /// The arguments of [`Ipa::reverse`].
     Reverse {
@@ -138,7 +138,7 @@ pub enum IpaRequest {
         image: Option<Vec<u8>>,
     },
 }
-#[allow(dead_code, deprecated, non_snake_case, clippy::used_underscore_binding)]
+#[allow(dead_code, deprecated)]
 impl IpaRequest {
     /// The command id of the method this request calls.
     pub fn command(&self) -> ::core::primitive::u32 {
@@ -215,7 +215,7 @@ impl IpaRequest {
     }
 }
 /// A reply of [`Ipa`]: one variant per method that is not `#[oneway]`, holding its return value.
-#[allow(dead_code, deprecated, non_camel_case_types)]
+#[allow(dead_code, deprecated)]
 pub enum IpaResponse {
     /// The return value of [`Ipa::reverse`].
     Reverse(String),
@@ -264,18 +264,12 @@ impl IpaResponse {
 ///
 /// Clones share the connection.
 #[derive(::core::clone::Clone)]
-#[allow(dead_code, non_camel_case_types)]
+#[allow(dead_code)]
 pub struct IpaClient {
     connection: ::typed_ipc::__private::Connection,
     timeout: ::core::option::Option<::typed_ipc::__private::Duration>,
 }
-#[allow(
-    dead_code,
-    deprecated,
-    non_snake_case,
-    clippy::too_many_arguments,
-    clippy::used_underscore_binding
-)]
+#[allow(dead_code, deprecated, clippy::too_many_arguments)]
 impl IpaClient {
     /// A client calling the server at the other end of `connection`; its calls
     /// wait as long as the peer is alive.
@@ -430,7 +424,7 @@ impl ::core::fmt::Debug for IpaClient {
     }
 }
 /// The server side of [`Ipa`]: answers each request on a connection by calling the implementation it holds.
-#[allow(dead_code, non_camel_case_types)]
+#[allow(dead_code)]
 pub struct IpaServer<T: ?::core::marker::Sized> {
     imp: ::typed_ipc::__private::Arc<T>,
 }
@@ -450,7 +444,7 @@ impl<T: ?::core::marker::Sized> ::core::fmt::Debug for IpaServer<T> {
             .finish_non_exhaustive()
     }
 }
-#[allow(dead_code, deprecated, non_snake_case, clippy::used_underscore_binding)]
+#[allow(dead_code, deprecated)]
 impl<
     T: Ipa + ::core::marker::Send + ::core::marker::Sync + ?::core::marker::Sized
         + 'static,
@@ -531,7 +525,7 @@ impl<
         }
     }
 }
-#[allow(deprecated, non_snake_case, clippy::used_underscore_binding)]
+#[allow(deprecated)]
 impl<
     T: Ipa + ::core::marker::Send + ::core::marker::Sync + ?::core::marker::Sized
         + 'static,

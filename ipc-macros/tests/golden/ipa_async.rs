@@ -127,7 +127,7 @@ pub static IPA_INFO: ::typed_ipc::__private::InterfaceInfo = ::typed_ipc::__priv
     ],
 };
 /// A request of [`Ipa`]: one variant per method, holding its arguments.
-#[allow(dead_code, deprecated, non_camel_case_types, non_snake_case)]
+#[allow(dead_code, deprecated)]
 pub enum IpaRequest {
     /// The arguments of [`Ipa::reverse`].
     Reverse {
@@ -174,7 +174,7 @@ pub enum IpaRequest {
         image: Option<Vec<u8>>,
     },
 }
-#[allow(dead_code, deprecated, non_snake_case, clippy::used_underscore_binding)]
+#[allow(dead_code, deprecated)]
 impl IpaRequest {
     /// The command id of the method this request calls.
     pub fn command(&self) -> ::core::primitive::u32 {
@@ -251,7 +251,7 @@ impl IpaRequest {
     }
 }
 /// A reply of [`Ipa`]: one variant per method that is not `#[oneway]`, holding its return value.
-#[allow(dead_code, deprecated, non_camel_case_types)]
+#[allow(dead_code, deprecated)]
 pub enum IpaResponse {
     /// The return value of [`Ipa::reverse`].
     Reverse(String),
@@ -303,18 +303,12 @@ impl IpaResponse {
 ///
 /// Clones share the connection.
 #[derive(::core::clone::Clone)]
-#[allow(dead_code, non_camel_case_types)]
+#[allow(dead_code)]
 pub struct IpaClient {
     connection: ::typed_ipc::__private::AsyncConnection,
     timeout: ::core::option::Option<::typed_ipc::__private::Duration>,
 }
-#[allow(
-    dead_code,
-    deprecated,
-    non_snake_case,
-    clippy::too_many_arguments,
-    clippy::used_underscore_binding
-)]
+#[allow(dead_code, deprecated, clippy::too_many_arguments)]
 impl IpaClient {
     /// A client calling the server at the other end of `connection`; its calls
     /// wait as long as the peer is alive.
@@ -479,7 +473,7 @@ impl ::core::fmt::Debug for IpaClient {
     }
 }
 /// The server side of [`Ipa`]: answers each request on a connection by awaiting the implementation it holds, concurrently with the others.
-#[allow(dead_code, non_camel_case_types)]
+#[allow(dead_code)]
 pub struct IpaServer<T: ?::core::marker::Sized> {
     imp: ::typed_ipc::__private::Arc<T>,
 }
@@ -499,7 +493,7 @@ impl<T: ?::core::marker::Sized> ::core::fmt::Debug for IpaServer<T> {
             .finish_non_exhaustive()
     }
 }
-#[allow(dead_code, deprecated, non_snake_case, clippy::used_underscore_binding)]
+#[allow(dead_code, deprecated)]
 impl<
     T: Ipa + ::core::marker::Send + ::core::marker::Sync + ?::core::marker::Sized
         + 'static,
@@ -588,7 +582,7 @@ impl<
         }
     }
 }
-#[allow(deprecated, non_snake_case, clippy::used_underscore_binding)]
+#[allow(deprecated)]
 impl<
     T: Ipa + ::core::marker::Send + ::core::marker::Sync + ?::core::marker::Sized
         + 'static,
