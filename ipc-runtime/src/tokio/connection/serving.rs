@@ -136,13 +136,18 @@ impl Inner {
             state.oneways = Some(tx);
             state.oneway_task = true;
         }
-        let queued = match &state.oneways {
-            Some(oneways) => oneways.send((frame, envelope, cost)).is_ok(),
-            None => false,
+        let unqueued = match &state.oneways {
+            Some(oneways) => oneways.send((frame, envelope, cost)).err().map(|e| e.0.0),
+            None => Some(frame),
         };
-        match queued {
-            true => state.oneways_queued += 1,
-            false => self.finished(cost), // dropped: the connection has ended
+        match unqueued {
+            None => state.oneways_queued += 1,
+            // Dropped: the connection has ended. Its fds to the closer, not closed on the
+            // reader's thread.
+            Some(mut frame) => {
+                frame.discard_fds();
+                self.finished(cost);
+            }
         }
         task
     }
@@ -593,16 +598,19 @@ async fn serve_request(
 /// queue's sender lives in `Inner`, and holding it would keep the queue open.
 async fn run_oneways(mut queue: OnewayQueue, ending: OnewaysEnding) {
     while let Some((mut frame, envelope, cost)) = queue.recv().await {
-        if let Some(inner) = ending.weak.upgrade() {
-            // Once this end has closed the connection, those still queued are dropped unrun
-            // (closing their fds), and still counted as run for the calls that wait for them.
-            match inner.closed_here() {
-                false => handle_request(inner.clone(), frame, envelope).await,
-                true => frame.discard_fds(),
-            }
-            inner.finished(cost);
-            inner.oneways_run.send_modify(|n| *n += 1);
+        let Some(inner) = ending.weak.upgrade() else {
+            // The connection is gone: its fds to the closer, as for any oneway dropped.
+            frame.discard_fds();
+            continue;
+        };
+        // Once this end has closed the connection, those still queued are dropped unrun
+        // (closing their fds), and still counted as run for the calls that wait for them.
+        match inner.closed_here() {
+            false => handle_request(inner.clone(), frame, envelope).await,
+            true => frame.discard_fds(),
         }
+        inner.finished(cost);
+        inner.oneways_run.send_modify(|n| *n += 1);
     }
     drop(ending);
 }
