@@ -15,6 +15,14 @@ pub enum Error {
     /// once; it is never reported as [`Error::TimedOut`]. It does not say why: for a worker,
     /// [`Worker::wait`](crate::worker::Worker::wait) says how it ended (an exit code, or the
     /// signal that killed it), and its stderr what it said.
+    ///
+    /// Nor does it say whether a call that fails so ran: the method may not have started, may
+    /// have stopped part-way (the worker died in it), or may have run to its end with no reply
+    /// sent. A caller that runs the call again (on another worker of a pool, say) must be
+    /// able to run it twice. The arguments went with the failed call (an `OwnedFd` among them
+    /// is closed in this process): keep what a retry needs, such as a copy of an fd
+    /// ([`OwnedFd::try_clone`](std::os::fd::OwnedFd::try_clone)) or the bytes to fill a new
+    /// memfd with.
     Disconnected,
     /// The deadline passed before the operation completed. The connection is still usable,
     /// unless the blocking flavour timed out sending a large message part of which had gone
