@@ -1,11 +1,13 @@
 //! The `#[interface]` attribute of typed-ipc. Use it through the `typed-ipc` crate, as
-//! `typed_ipc::interface`: the generated code names the runtime through `::typed_ipc`.
+//! `typed_ipc::interface`: the generated code names the runtime through `::typed_ipc`, or the
+//! path a `crate = "..."` argument gives (`krate`).
 //!
 //! The attribute parses the trait into a small model (`parse` → `model`), rejecting the
 //! shapes that cannot travel, and then writes the generated items from the model
 //! (`generate`). `types` holds what is decided from a type's spelling.
 
 mod generate;
+mod krate;
 mod model;
 mod parse;
 mod shape;
@@ -116,6 +118,28 @@ use quote::quote;
 /// keeping the name keeps the wire. It takes up to 128 bytes, without spaces or control
 /// characters. Both ends must use the same name, and a client of another name gets
 /// `Error::NotServed` listing what the server serves.
+///
+/// # Through a facade, or under another name
+///
+/// The generated code names typed-ipc as `::typed_ipc`. A crate that reaches it otherwise (a
+/// facade crate of yours re-exporting it, or a dependency renamed in `Cargo.toml`) gives the
+/// path, as serde's `crate` attribute does; a derived `Shape` takes it too, and then knows
+/// typed-ipc's `with` modules by that path:
+///
+/// ```ignore
+/// #[camera_ipc::typed_ipc::interface(crate = "::camera_ipc::typed_ipc")]
+/// pub trait Control { /* ... */ }
+///
+/// #[derive(Serialize, Deserialize, camera_ipc::typed_ipc::Shape)]
+/// #[shape(crate = "::camera_ipc::typed_ipc")]
+/// pub struct Frame {
+///     #[serde(with = "::camera_ipc::typed_ipc::fd")]
+///     pub buffer: OwnedFd,
+/// }
+/// ```
+///
+/// The path is the crate root of `typed-ipc` (what `typed_ipc` names in a crate that depends on
+/// it), not of `ipc-runtime`. Only the generated code follows it: the wire is the same.
 ///
 /// # The async flavour
 ///
@@ -355,7 +379,9 @@ pub fn interface(
 /// serde attributes: `rename`, `alias`, `default`, `bound` and the like change nothing;
 /// `skip`, `skip_serializing` and `skip_deserializing` leave the field out; `transparent` is
 /// the shape of the one field; `with = "typed_ipc::fd"`, `"typed_ipc::fds"` and
-/// `"typed_ipc::bytes"` are typed-ipc's own. The others change the wire form in ways the
+/// `"typed_ipc::bytes"` are typed-ipc's own (named through the path of the type's
+/// `#[shape(crate = "...")]` too, for a crate that reaches typed-ipc through a facade: see
+/// `#[interface]`'s "Through a facade"). The others change the wire form in ways the
 /// derive cannot see (`with`, `serialize_with`, `deserialize_with`, `flatten`,
 /// `skip_serializing_if`, `tag`, `content`, `untagged`, `into`, `from`, `try_from`, `remote`,
 /// a skipped variant, ...) and are compile errors at the attribute. A field whose `with`

@@ -29,6 +29,9 @@ pub struct Interface {
     /// `#[interface(check_types)]`: the methods' type shapes (`typed_ipc::Shape`) are folded
     /// into the signature, and each method's is recorded in its `MethodInfo`.
     pub check_types: bool,
+    /// `#[interface(crate = "...")]`: the path the generated code names typed-ipc by, if not
+    /// `::typed_ipc` (see [`crate::krate`]).
+    pub krate: Option<syn::Path>,
     /// The trait's own `#[deprecated]`, kept on it and carried onto the generated clients and
     /// servers: those are what a program names to use the interface.
     pub deprecated: Vec<Attribute>,

@@ -62,6 +62,7 @@ pub fn interface(attr: TokenStream, item: TokenStream) -> Result<Interface, Reje
             other_client,
             async_server,
             check_types: args.check_types.is_some(),
+            krate: args.krate,
             deprecated,
             hidden,
             methods,
@@ -114,6 +115,8 @@ struct Args {
     check_types: Option<Ident>,
     /// `async_server`: where it is written, if it is.
     async_server: Option<Ident>,
+    /// `crate = "..."`: the path to typed-ipc.
+    krate: Option<syn::Path>,
 }
 
 /// What an unknown argument is told.
@@ -121,10 +124,11 @@ const USAGE: &str = "#[interface] takes these optional arguments: `name = \"org.
                      (the interface's name on the wire), `async_client` on a trait of \
                      `fn`s or `blocking_client` on a trait of `async fn`s (a client of the \
                      other flavour too), `async_server` on a trait of `fn`s (an async server \
-                     running the blocking implementation on tokio's blocking pool), and \
+                     running the blocking implementation on tokio's blocking pool), \
                      `check_types` (the interface check covers the definitions of the types \
-                     too): `#[interface(name = \"org.example.Ipa\", \
-                     async_client)]`";
+                     too), and `crate = \"::my_facade::typed_ipc\"` (the path to typed-ipc, in \
+                     a crate that reaches it through a facade or under another name): \
+                     `#[interface(name = \"org.example.Ipa\", async_client)]`";
 
 impl Args {
     /// The arguments, each known and given once (`errors` says what is not).
@@ -136,6 +140,8 @@ impl Args {
         let parser = syn::meta::parser(|meta| {
             let client_flavour = if meta.path.is_ident("name") {
                 return args.parse_name(meta);
+            } else if meta.path.is_ident("crate") {
+                return args.parse_crate(meta);
             } else if meta.path.is_ident("check_types") {
                 return Args::flag(&mut args.check_types, meta);
             } else if meta.path.is_ident("async_server") {
@@ -174,6 +180,16 @@ impl Args {
             args = Args::default();
         }
         args
+    }
+
+    /// `crate = "path"`: the path the generated code names typed-ipc by, for a crate that
+    /// reaches it through a facade or under another name (as serde's `crate` attribute).
+    fn parse_crate(&mut self, meta: syn::meta::ParseNestedMeta<'_>) -> syn::Result<()> {
+        if self.krate.is_some() {
+            return Err(meta.error("`crate` is given twice"));
+        }
+        self.krate = Some(crate::krate::parse(&meta)?);
+        Ok(())
     }
 
     /// A bare word (`check_types`, `async_server`) into `slot`: it takes no value, and is

@@ -10,16 +10,19 @@ use syn::spanned::Spanned;
 use syn::visit_mut::VisitMut;
 use syn::{Attribute, Data, DeriveInput, Fields, Ident, Type};
 
+use crate::krate::{self, Krate};
+
 /// Where the derive's output finds the trait and its combinators.
 fn shape_module() -> TokenStream {
-    quote!(::typed_ipc::shape)
+    let k = krate::path();
+    quote!(#k::shape)
 }
 
 /// The `impl Shape` for `input`, or why not.
 pub fn derive(input: TokenStream) -> syn::Result<TokenStream> {
     let mut input: DeriveInput = syn::parse2(input)?;
-    let m = shape_module();
-    refuse_shape_attribute(&input.attrs)?;
+    let _krate = Krate::set(container_crate(&input.attrs)?.as_ref());
+    let (m, k) = (shape_module(), krate::path());
     let container = Container::parse(&input.attrs)?;
     let name = input.ident.clone();
     let mut recursive = false;
@@ -114,7 +117,7 @@ pub fn derive(input: TokenStream) -> syn::Result<TokenStream> {
     // associated type bounds that type, not its parameter.
     for param in input.generics.type_params_mut() {
         if bounded.used.contains(&param.ident) {
-            param.bounds.push(syn::parse_quote!(::typed_ipc::Shape));
+            param.bounds.push(syn::parse_quote!(#k::Shape));
         }
     }
     let projections = &bounded.projections;
@@ -122,7 +125,7 @@ pub fn derive(input: TokenStream) -> syn::Result<TokenStream> {
         input.generics.make_where_clause().predicates.extend(
             projections
                 .iter()
-                .map(|ty| -> syn::WherePredicate { syn::parse_quote!(#ty: ::typed_ipc::Shape) }),
+                .map(|ty| -> syn::WherePredicate { syn::parse_quote!(#ty: #k::Shape) }),
         );
     }
     // Each generic type the derived type is named inside must be a standard container, as
@@ -133,16 +136,20 @@ pub fn derive(input: TokenStream) -> syn::Result<TokenStream> {
             .generics
             .make_where_clause()
             .predicates
-            .extend(bounded.containers.iter().map(
-            |(ty, span)| -> syn::WherePredicate {
-                syn::parse_quote_spanned!(*span=> #ty: ::typed_ipc::shape::StandardContainer)
-            },
-        ));
+            .extend(
+                bounded
+                    .containers
+                    .iter()
+                    .map(|(ty, span)| -> syn::WherePredicate {
+                        let m = krate::path_at(*span);
+                        syn::parse_quote_spanned!(*span=> #ty: #m::shape::StandardContainer)
+                    }),
+            );
     }
     let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
     Ok(quote! {
         #[automatically_derived]
-        impl #impl_generics ::typed_ipc::Shape for #name #ty_generics #where_clause {
+        impl #impl_generics #k::Shape for #name #ty_generics #where_clause {
             const SHAPE: ::core::primitive::u64 = #shape;
         }
     })
@@ -229,16 +236,36 @@ impl Container {
     }
 }
 
-/// `#[shape(...)]` anywhere but on a field: the compiler accepts it as the derive's helper
-/// attribute, so unrefused it would pass, saying nothing.
+/// `#[shape(crate = "...")]` on the type: the path its impl names typed-ipc by, if not
+/// `::typed_ipc` (see [`krate`]). Any other `#[shape]` there is refused, as on a variant.
+fn container_crate(attrs: &[Attribute]) -> syn::Result<Option<syn::Path>> {
+    let mut given = None;
+    for attr in attrs.iter().filter(|a| a.path().is_ident("shape")) {
+        attr.parse_nested_meta(|meta| {
+            if !meta.path.is_ident("crate") {
+                return Err(syn::Error::new_spanned(attr, ON_A_FIELD));
+            }
+            if given.is_some() {
+                return Err(meta.error("`crate` is given twice"));
+            }
+            given = Some(krate::parse(&meta)?);
+            Ok(())
+        })?;
+    }
+    Ok(given)
+}
+
+/// What a `#[shape]` that does not belong where it is written is told.
+const ON_A_FIELD: &str = "`#[shape(same_as = \"T\")]` goes on a field, to say which type's wire \
+                          form its `#[serde(with)]` writes; on a type, `#[shape(crate = \
+                          \"...\")]` names typed-ipc where it is reached through a facade; for \
+                          a whole type or variant's form, implement `typed_ipc::Shape` by hand";
+
+/// `#[shape(...)]` on a variant: the compiler accepts it as the derive's helper attribute, so
+/// unrefused it would pass, saying nothing.
 fn refuse_shape_attribute(attrs: &[Attribute]) -> syn::Result<()> {
     match attrs.iter().find(|a| a.path().is_ident("shape")) {
-        Some(attr) => Err(syn::Error::new_spanned(
-            attr,
-            "`#[shape(same_as = \"T\")]` goes on a field, to say which type's wire form its \
-             `#[serde(with)]` writes; for a whole type or variant, implement \
-             `typed_ipc::Shape` by hand",
-        )),
+        Some(attr) => Err(syn::Error::new_spanned(attr, ON_A_FIELD)),
         None => Ok(()),
     }
 }
@@ -293,16 +320,23 @@ fn same_as(attrs: &[Attribute]) -> syn::Result<Option<Type>> {
     Ok(same)
 }
 
-/// The `with = "..."` modules of typed-ipc, and how each writes its field.
+/// The `with = "..."` modules of typed-ipc, and how each writes its field: named through
+/// `typed_ipc`, or through the type's `#[shape(crate = "...")]` path.
 fn known_with(path: &str) -> Option<FieldForm> {
     let m = shape_module();
+    let unspaced = |tokens: TokenStream| tokens.to_string().replace(' ', "");
+    let given = unspaced(krate::path());
+    let given = given.trim_start_matches("::");
     let path = path.trim_start_matches("::");
-    match path {
-        "typed_ipc::fd" => Some(FieldForm::Known(quote!(#m::FD))),
+    let module = path
+        .strip_prefix("typed_ipc::")
+        .or_else(|| path.strip_prefix(given)?.strip_prefix("::"))?;
+    match module {
+        "fd" => Some(FieldForm::Known(quote!(#m::FD))),
         // The fds' carriers (`OwnedFd`, `Option<OwnedFd>`, `Vec<OwnedFd>`, `Result<_, E>`)
         // are written as their types are, each fd as an index.
-        "typed_ipc::fds" => Some(FieldForm::Type),
-        "typed_ipc::bytes" => Some(FieldForm::Known(quote!(#m::BYTE_STRING))),
+        "fds" => Some(FieldForm::Type),
+        "bytes" => Some(FieldForm::Known(quote!(#m::BYTE_STRING))),
         _ => None,
     }
 }
@@ -482,14 +516,16 @@ fn fields(
                 *recursive |= names_itself;
                 bounded.containers.extend(containers);
                 syn::visit::Visit::visit_type(bounded, &ty);
+                let k = krate::path_at(field.ty.span());
                 shapes.push(quote_spanned! {field.ty.span()=>
-                    <#ty as ::typed_ipc::Shape>::SHAPE
+                    <#ty as #k::Shape>::SHAPE
                 })
             }
             FieldForm::SameAs(same) => {
                 syn::visit::Visit::visit_type(bounded, &same);
+                let k = krate::path_at(same.span());
                 shapes.push(quote_spanned! {same.span()=>
-                    <#same as ::typed_ipc::Shape>::SHAPE
+                    <#same as #k::Shape>::SHAPE
                 })
             }
         }
@@ -584,7 +620,8 @@ impl VisitMut for SelfReference<'_> {
                 if self.inside > 0 {
                     self.inside_other_type.get_or_insert(segments[0].span());
                 }
-                *ty = syn::parse_quote!(::typed_ipc::shape::Recursion);
+                let m = shape_module();
+                *ty = syn::parse_quote!(#m::Recursion);
                 *self.found = true;
                 self.names += 1;
                 return;
@@ -640,5 +677,38 @@ impl<'ast> syn::visit::Visit<'ast> for Bounded {
             return;
         }
         syn::visit::visit_type_path(self, path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use quote::quote;
+
+    /// With `#[shape(crate = "...")]`, the impl names typed-ipc only by the path given, a
+    /// recursive and generic type's included; without it, by `::typed_ipc`.
+    #[test]
+    fn the_crate_attribute_names_typed_ipc_everywhere() {
+        let derive = |attr| {
+            let input = quote! {
+                #attr
+                struct Tree<T> {
+                    value: T,
+                    children: Vec<Tree<T>>,
+                    #[serde(with = "::facade::ipc::bytes")]
+                    data: Vec<u8>,
+                }
+            };
+            super::derive(input).map(|tokens| tokens.to_string())
+        };
+        let given = derive(quote!(#[shape(crate = "::facade::ipc")])).unwrap();
+        assert!(!given.contains("typed_ipc"), "{given}");
+        assert!(given.contains("BYTE_STRING"), "{given}");
+        // Not given, the facade's `with` path is not typed-ipc's.
+        let error = derive(quote!()).unwrap_err().to_string();
+        assert!(error.contains("cannot see the wire form"), "{error}");
+        let wrong = derive(quote!(#[shape(same_as = "u8")]))
+            .unwrap_err()
+            .to_string();
+        assert!(wrong.contains("goes on a field"), "{wrong}");
     }
 }

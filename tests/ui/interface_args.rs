@@ -1,5 +1,6 @@
-// What `#[interface(...)]` takes: one optional `name = "..."`, a name without spaces, and one
-// optional `async_client` or `blocking_client` and one optional `async_server`, bare words.
+// What `#[interface(...)]` takes: one optional `name = "..."`, a name without spaces, one
+// optional `async_client` or `blocking_client` and one optional `async_server`, bare words,
+// and one optional `crate = "..."`, a path.
 #[typed_ipc::interface(nme = "org.example.Typo")]
 pub trait Typo {
     fn ping(&self) -> u32;
@@ -57,6 +58,21 @@ pub trait ServedTwice {
 
 #[typed_ipc::interface(async_server = "pooled")]
 pub trait ServerValued {
+    fn ping(&self) -> u32;
+}
+
+#[typed_ipc::interface(crate = "::my facade")]
+pub trait NotAPath {
+    fn ping(&self) -> u32;
+}
+
+#[typed_ipc::interface(crate = "::a", crate = "::b")]
+pub trait PathTwice {
+    fn ping(&self) -> u32;
+}
+
+#[typed_ipc::interface(crate = my_facade)]
+pub trait PathBare {
     fn ping(&self) -> u32;
 }
 

@@ -15,4 +15,17 @@ pub enum OnAVariant {
     B,
 }
 
+// The type's one `#[shape]`: the path to typed-ipc, once.
+#[derive(Serialize, Deserialize, typed_ipc::Shape)]
+#[shape(crate = "::typed_ipc", crate = "::typed_ipc")]
+pub struct CrateTwice {
+    pub id: u32,
+}
+
+#[derive(Serialize, Deserialize, typed_ipc::Shape)]
+#[shape(crate = "not a path")]
+pub struct CrateNotAPath {
+    pub id: u32,
+}
+
 fn main() {}

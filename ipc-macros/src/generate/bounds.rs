@@ -102,7 +102,8 @@ impl Predicate {
             Some(other) => other.span(),
             None => Span::call_site(),
         };
-        let p = quote_spanned!(span=> ::typed_ipc::__private);
+        let k = crate::krate::path_at(span);
+        let p = quote_spanned!(span=> #k::__private);
         match (self.serialize, self.deserialize) {
             (true, false) => quote_spanned!(span=> #ty: #p::Serialize),
             (false, true) => quote_spanned!(span=> #ty: #p::DeserializeOwned),

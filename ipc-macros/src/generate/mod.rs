@@ -22,6 +22,7 @@ use syn::LitByteStr;
 use syn::ext::IdentExt;
 use syn::spanned::Spanned;
 
+use crate::krate::{self, Krate};
 use crate::model::{Flavour, Interface, Method, Wire};
 use bounds::{Bound, serde_bounds};
 use wire::{decode_pattern, decode_type, encode, encode_owned};
@@ -52,7 +53,8 @@ pub struct Generator<'a> {
 
 /// Where the generated code finds the runtime.
 fn private() -> TokenStream {
-    quote!(::typed_ipc::__private)
+    let k = krate::path();
+    quote!(#k::__private)
 }
 
 /// `Result<ok, typed_ipc::Error>`.
@@ -101,6 +103,7 @@ impl<'a> Generator<'a> {
 
     /// The trait, followed by everything generated from it.
     pub fn expand(&self) -> TokenStream {
+        let _krate = Krate::set(self.iface.krate.as_ref());
         match self.iface.flavour {
             Flavour::Blocking => {
                 let item = &self.iface.item;
@@ -116,11 +119,13 @@ impl<'a> Generator<'a> {
                 // that feature provides).
                 let async_client = self.iface.other_client.map(|span| {
                     let client = self.async_client(&self.other_client);
-                    quote_spanned!(span=> ::typed_ipc::__private::async_client! { #client })
+                    let k = krate::path_at(span);
+                    quote_spanned!(span=> #k::__private::async_client! { #client })
                 });
                 let async_server = self.iface.async_server.map(|span| {
                     let server = self.pooled_server();
-                    quote_spanned!(span=> ::typed_ipc::__private::async_server! { #server })
+                    let k = krate::path_at(span);
+                    quote_spanned!(span=> #k::__private::async_server! { #server })
                 });
                 quote!(#item #(#items)* #async_client #async_server)
             }
@@ -775,6 +780,46 @@ mod tests {
         }
         // The trait, the info static, the two enums, the two clients and the two servers.
         assert_eq!(checked, 8);
+    }
+
+    /// With `crate = "..."`, every path to typed-ipc in the expansion is the one given, in
+    /// both flavours and every optional item: no `::typed_ipc` is left to fail in a crate that
+    /// reaches typed-ipc only through a facade. Without it, the paths are `::typed_ipc`.
+    #[test]
+    fn the_crate_argument_names_typed_ipc_everywhere() {
+        let blocking = quote! {
+            pub trait Lab {
+                fn echo(&self, data: Vec<u8>, fd: Option<OwnedFd>) -> Result<Vec<u8>, Oops>;
+                #[oneway]
+                fn note(&self, cfg: Config);
+            }
+        };
+        let asynchronous = quote! {
+            pub trait Lab {
+                async fn echo(&self, data: Vec<u8>, fd: Option<OwnedFd>) -> Result<u8, Oops>;
+                #[oneway]
+                async fn note(&self, cfg: Config);
+            }
+        };
+        let expand = |attr: TokenStream, item: &TokenStream| {
+            let iface = crate::parse::interface(attr, item.clone())
+                .unwrap_or_else(|rejected| panic!("{}", rejected.error));
+            Generator::new(&iface).expand().to_string()
+        };
+        let cases = [
+            (&blocking, quote!(async_client, async_server, check_types)),
+            (&asynchronous, quote!(blocking_client, check_types)),
+        ];
+        for (item, args) in cases {
+            let given = expand(quote!(crate = "::facade::ipc", #args), item);
+            assert!(!given.contains("typed_ipc"), "{given}");
+            assert!(given.contains(":: facade :: ipc :: __private"), "{given}");
+            let default = expand(args, item);
+            assert!(!default.contains("facade"), "{default}");
+            assert!(default.contains(":: typed_ipc :: __private"), "{default}");
+        }
+        // And after an expansion that named another, the next names its own (`::typed_ipc`).
+        assert!(expand(quote!(), &blocking).contains(":: typed_ipc ::"));
     }
 
     #[test]
