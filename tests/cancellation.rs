@@ -37,7 +37,8 @@ mod blocking {
     pub trait Camera {
         /// Writes a byte to `signal`, then never returns, holding `signal` open.
         fn hang(&self, signal: OwnedFd);
-        /// Writes a byte to `signal`, then waits until `gate` reads end of stream.
+        /// Writes a byte to `signal` (`?` if `gate` is not a read end: `signal_at_gate`), then
+        /// waits until `gate` reads end of stream.
         #[oneway]
         fn gate(&self, signal: OwnedFd, gate: OwnedFd);
         /// Writes a byte to `mark`: what a call that must never run does.
@@ -76,6 +77,21 @@ fn write_byte(fd: &OwnedFd) {
         .unwrap();
 }
 
+/// Writes a byte to `signal` as a handler reaches `gate`: `!` if the handler can wait on it
+/// (it reads the gate to its end), `?` if `gate` is not open for reading, as the write end of
+/// the pipe is not: a read of it fails at once, and the gate would not hold at all.
+fn signal_at_gate(signal: &OwnedFd, gate: &OwnedFd) {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    let flags = OFlag::from_bits_truncate(fcntl(gate, FcntlArg::F_GETFL).unwrap());
+    let byte = match flags & OFlag::O_ACCMODE {
+        OFlag::O_RDONLY | OFlag::O_RDWR => b"!",
+        _ => b"?",
+    };
+    std::fs::File::from(signal.try_clone().unwrap())
+        .write_all(byte)
+        .unwrap();
+}
+
 /// Reads `fd` to its end.
 fn read_to_end(fd: OwnedFd) -> Vec<u8> {
     let mut bytes = Vec::new();
@@ -93,7 +109,7 @@ impl asynchronous::Camera for AsyncCamera {
         drop(signal);
     }
     async fn gate(&self, signal: OwnedFd, gate: OwnedFd) {
-        write_byte(&signal);
+        signal_at_gate(&signal, &gate);
         tokio::task::spawn_blocking(move || read_to_end(gate))
             .await
             .unwrap();
@@ -129,7 +145,7 @@ impl blocking::Camera for BlockingCamera {
         }
     }
     fn gate(&self, signal: OwnedFd, gate: OwnedFd) {
-        write_byte(&signal);
+        signal_at_gate(&signal, &gate);
         read_to_end(gate);
     }
     fn mark(&self, mark: OwnedFd) -> u32 {
@@ -159,7 +175,7 @@ fn refuse_data(iface: &typed_ipc::service::InterfaceInfo, cmd: u32) -> Result<()
     }
     let armed = ARMED.lock().unwrap().take();
     if let Some((signal, gate)) = armed {
-        write_byte(&signal);
+        signal_at_gate(&signal, &gate);
         read_to_end(gate);
     }
     Err("no data taken here".into())
@@ -407,7 +423,7 @@ fn an_async_worker_never_runs_a_call_cancelled_while_it_waited_behind_a_oneway()
         let (lines, reading) = trace_lines(worker.take_stderr().expect("piped"));
         let camera = asynchronous::CameraClient::new(conn);
         let (signal, signalled) = pipe();
-        let (gate, gated) = pipe();
+        let (gated, gate) = pipe();
         camera.gate(signalled, gated).await.unwrap();
         assert_eq!(read_byte(&signal), b'!', "the gate is running");
         let (mark, marked) = pipe();
@@ -461,7 +477,7 @@ fn a_blocking_worker_never_runs_a_queued_call_whose_caller_timed_out() {
     let (lines, reading) = trace_lines(worker.take_stderr().expect("piped"));
     let camera = blocking::CameraClient::new(conn.clone());
     let (signal, signalled) = pipe();
-    let (gate, gated) = pipe();
+    let (gated, gate) = pipe();
     camera.gate(signalled, gated).unwrap();
     assert_eq!(read_byte(&signal), b'!', "the gate is running");
     let (mark, marked) = pipe();
@@ -498,7 +514,7 @@ fn a_cancelled_queued_call_gives_its_placement_back(worker_test: &str) {
         assert_eq!(camera.mark(marked).await.unwrap(), 1);
         assert_eq!(read_byte(&mark), b'!');
         let (signal, signalled) = pipe();
-        let (gate, gated) = pipe();
+        let (gated, gate) = pipe();
         camera.gate(signalled, gated).await.unwrap();
         assert_eq!(read_byte(&signal), b'!', "the gate is running");
         let (mark, marked) = pipe();
@@ -555,7 +571,7 @@ fn a_refused_cancelled_call_gives_its_placement_back(worker_test: &str) {
         let camera = asynchronous::CameraClient::new(conn.clone());
         // The worker's reply says it reads lanes: the next large string is placed.
         let (signal, signalled) = pipe();
-        let (gate, gated) = pipe();
+        let (gated, gate) = pipe();
         camera.arm(signalled, gated).await.unwrap();
         let (mark, marked) = pipe();
         sent_then_dropped(camera.mark_data(marked, vec![7u8; 64 << 10]), || {
@@ -608,7 +624,7 @@ fn a_refused_timed_out_call_gives_its_placement_back(worker_test: &str) {
     });
     let camera = blocking::CameraClient::new(conn.clone());
     let (signal, signalled) = pipe();
-    let (gate, gated) = pipe();
+    let (gated, gate) = pipe();
     camera.arm(signalled, gated).unwrap();
     let (mark, marked) = pipe();
     let timed = camera.with_timeout(Duration::from_millis(50));
