@@ -386,11 +386,49 @@ fn trace_lines(
     std::thread::JoinHandle<()>,
 ) {
     let (tx, rx) = std::sync::mpsc::channel();
-    let reading = std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { return };
-            let _ = tx.send(line);
+    let reading = std::thread::spawn(move || send_lines(stderr, &tx));
+    (rx, reading)
+}
+
+fn send_lines(stderr: std::process::ChildStderr, to: &std::sync::mpsc::Sender<String>) {
+    for line in BufReader::new(stderr).lines() {
+        let Ok(line) = line else { return };
+        let _ = to.send(line);
+    }
+}
+
+/// How [`trace_and_signal_lines`] starts the line it puts among the worker's for each byte
+/// read from the signal pipe, the byte after it: no line of the trace starts so.
+const SIGNALLED: &str = "(a byte on the signal pipe) ";
+
+/// As [`trace_lines`], with a [`SIGNALLED`] line for each byte read from `signal`, so that a
+/// test can wait for whichever comes first. The returned thread ends once both the trace
+/// and `signal` have ended.
+fn trace_and_signal_lines(
+    stderr: std::process::ChildStderr,
+    signal: OwnedFd,
+) -> (
+    std::sync::mpsc::Receiver<String>,
+    std::thread::JoinHandle<()>,
+) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let bytes = tx.clone();
+    let signalled = std::thread::spawn(move || {
+        let mut file = std::fs::File::from(signal);
+        let mut b = [0u8];
+        loop {
+            match file.read(&mut b) {
+                Ok(1) => {
+                    let _ = bytes.send(format!("{SIGNALLED}{}", char::from(b[0])));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                _ => return,
+            }
         }
+    });
+    let reading = std::thread::spawn(move || {
+        send_lines(stderr, &tx);
+        signalled.join().unwrap();
     });
     (rx, reading)
 }
@@ -450,7 +488,8 @@ fn a_blocking_call_that_times_out_has_an_async_worker_drop_it() {
     let camera = blocking::CameraClient::new(conn.clone());
     let (signal, held) = pipe();
     let timed = camera.with_timeout(Duration::from_millis(50));
-    assert!(matches!(timed.hang(held), Err(Error::TimedOut)));
+    let hung = timed.hang(held);
+    assert!(matches!(hung, Err(Error::TimedOut)), "{hung:?}");
     // A byte if the handler started before the cancel came, then the end.
     let rest = read_to_end_guarded(signal, "the worker's handler was never dropped");
     assert!(rest.len() <= 1);
@@ -482,7 +521,8 @@ fn a_blocking_worker_never_runs_a_queued_call_whose_caller_timed_out() {
     assert_eq!(read_byte(&signal), b'!', "the gate is running");
     let (mark, marked) = pipe();
     let timed = camera.with_timeout(Duration::from_millis(50));
-    assert!(matches!(timed.mark(marked), Err(Error::TimedOut)));
+    let marked = timed.mark(marked);
+    assert!(matches!(marked, Err(Error::TimedOut)), "{marked:?}");
     wait_for_line(&lines, "cancelled by the peer: unrun");
     drop(gate);
     let marks = read_to_end_guarded(mark, "the cancelled call's fd was never closed");
@@ -607,34 +647,87 @@ fn a_blocking_worker_acknowledges_the_placement_of_a_dropped_call_it_refused() {
     a_refused_cancelled_call_gives_its_placement_back("child_refusing_blocking_camera");
 }
 
+/// What became of a blocking call the refusing worker's authorizer was to wait on, once its
+/// timeout passed.
+#[derive(Debug, PartialEq)]
+enum Fate {
+    /// The authorizer took it, and waits at the gate; the worker has read its cancel.
+    AtTheGate,
+    /// Its cancel came before the authorizer took it: the worker dropped it unrun.
+    DroppedUnrun,
+}
+
+/// Waits until `lines` (from [`trace_and_signal_lines`]) say the [`Fate`] of the call that
+/// just timed out.
+fn fate(lines: &std::sync::mpsc::Receiver<String>) -> Fate {
+    let (mut at_the_gate, mut cancel_read) = (false, false);
+    loop {
+        let line = lines
+            .recv_timeout(HANG_GUARD)
+            .expect("the worker neither authorized the call nor dropped it");
+        if let Some(byte) = line.strip_prefix(SIGNALLED) {
+            assert_eq!(byte, "!", "the authorizer is at the gate");
+            at_the_gate = true;
+        } else if line.contains("<- Cancel #") {
+            cancel_read = true;
+        } else if line.contains("cancelled by the peer: unrun") {
+            assert!(!at_the_gate, "dropped unrun after the authorizer took it");
+            return Fate::DroppedUnrun;
+        }
+        if at_the_gate && cancel_read {
+            return Fate::AtTheGate;
+        }
+    }
+}
+
 /// The blocking twin: a blocking call that times out while the worker's authorizer waits at
 /// the gate, refused afterwards. A thread of the parent's serves the connection (`run`), so
 /// it reads what the worker sends though no call waits; the failure reply nobody waits for
 /// must give the lane back.
+///
+/// A blocking call cannot wait for the authorizer before its timeout starts: on a loaded
+/// machine the cancel may reach the worker before the authorizer takes the call, which the
+/// worker then drops unrun (its trace says so). That is legal, and checked (the call never
+/// ran, its placement came back); the call is then made again with twice the timeout, until
+/// the authorizer's byte says it took the call before the cancel came.
 fn a_refused_timed_out_call_gives_its_placement_back(worker_test: &str) {
     let _fds = fd_count_lock();
     let before = fd_snapshot();
     let mut command = child(worker_test);
     command.env("TYPED_IPC_DEBUG", "1").stderr(Stdio::piped());
     let (mut worker, conn) = Worker::spawn(command).unwrap();
-    let (lines, reading) = trace_lines(worker.take_stderr().expect("piped"));
+    let (signal, signalled) = pipe();
+    let (lines, reading) = trace_and_signal_lines(worker.take_stderr().expect("piped"), signal);
     let serving = std::thread::spawn({
         let conn = conn.clone();
         move || conn.run()
     });
     let camera = blocking::CameraClient::new(conn.clone());
-    let (signal, signalled) = pipe();
     let (gated, gate) = pipe();
     camera.arm(signalled, gated).unwrap();
-    let (mark, marked) = pipe();
-    let timed = camera.with_timeout(Duration::from_millis(50));
-    assert!(matches!(
-        timed.mark_data(marked, vec![7u8; 64 << 10]),
-        Err(Error::TimedOut)
-    ));
+    let mut timeout = Duration::from_millis(50);
+    let mark = loop {
+        let (mark, marked) = pipe();
+        let refused = camera
+            .with_timeout(timeout)
+            .mark_data(marked, vec![7u8; 64 << 10]);
+        assert!(matches!(refused, Err(Error::TimedOut)), "{refused:?}");
+        if fate(&lines) == Fate::AtTheGate {
+            break mark;
+        }
+        common::wait_until("the parent's lane is idle again", || {
+            conn.release_shared_memory() != 0
+        });
+        let marks = read_to_end_guarded(mark, "the dropped call's fd was never closed");
+        assert!(marks.is_empty(), "the dropped call ran");
+        timeout *= 2;
+        assert!(
+            timeout < HANG_GUARD,
+            "the authorizer never took a call in time"
+        );
+    };
+    // The call waits in the authorizer, which holds its placement.
     assert_eq!(conn.release_shared_memory(), 0, "the string was placed");
-    assert_eq!(read_byte(&signal), b'!', "the authorizer is at the gate");
-    wait_for_line(&lines, "<- Cancel #");
     drop(gate);
     wait_for_line(&lines, "-> Failure #");
     common::wait_until("the parent's lane is idle again", || {
@@ -644,10 +737,10 @@ fn a_refused_timed_out_call_gives_its_placement_back(worker_test: &str) {
     assert!(marks.is_empty(), "the refused call ran");
     conn.close();
     serving.join().unwrap().unwrap();
-    drop((camera, timed, conn));
+    drop((camera, conn));
     assert!(matches!(worker.wait().unwrap(), Exit::Code(0)));
     reading.join().unwrap();
-    drop((signal, worker));
+    drop(worker);
     before.assert_nothing_new();
 }
 
