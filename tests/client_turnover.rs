@@ -178,3 +178,96 @@ async fn within(wait: impl std::future::Future<Output = bool>) -> bool {
         .await
         .expect("the wait hung")
 }
+
+/// The stack each thread of the child of
+/// `a_wait_holds_up_no_client_whose_thread_cannot_start` asks for: so large that its
+/// address-space limit leaves room for one more thread, not two.
+const HUGE_STACK: u64 = 256 << 20;
+
+#[test]
+fn a_wait_holds_up_no_client_whose_thread_cannot_start() {
+    use std::io::Write;
+    let _fds = fd_count_lock();
+    let name = format!("typed-ipc-turnover-no-thread-{}", std::process::id());
+    let mut command = child("child_waits_for_clients_at_a_low_memory_limit");
+    command
+        .env("RUST_MIN_STACK", HUGE_STACK.to_string())
+        // One arena for all threads: a thread's own would take address space of its own.
+        .env("MALLOC_ARENA_MAX", "1");
+    let (mut server, lines) = common::start_listener_child(command, &name);
+    // The child is inside its wait's `until` now. This client's first thread starts, its
+    // second cannot: the acceptor, holding the client list, used to drop the client's
+    // `Leaving` there and block on the lock the wait holds, while the wait, once `until`
+    // returned, blocked on the list.
+    common::wait_for_line(&lines, "asked", HANG_GUARD);
+    let first = Connection::connect_abstract(&name).unwrap();
+    common::wait_for_line(&lines, "cannot start a thread for a client", HANG_GUARD);
+    drop(first);
+    let mut stdin = server.stdin.take().unwrap();
+    stdin.write_all(b"room\n").unwrap(); // the child's cue to lift its limit and return
+    common::wait_for_line(&lines, "unlimited", HANG_GUARD);
+    let fresh = WhomClient::new(Connection::connect_abstract(&name).unwrap());
+    assert_eq!(
+        fresh.with_timeout(HANG_GUARD).caller_pid().unwrap(),
+        std::process::id() as i32
+    );
+    common::wait_for_line(&lines, "came", HANG_GUARD);
+    drop(fresh);
+    drop(stdin); // the child's cue to shut down
+    assert!(server.wait().unwrap().success());
+    // Until the thread reading the child's stderr has closed its end of the pipe.
+    for _ in lines.iter() {}
+}
+
+/// The child of `a_wait_holds_up_no_client_whose_thread_cannot_start`: serves `Whom` with
+/// two threads a client, with address space for one more thread of [`HUGE_STACK`] only, and
+/// waits for a client; its `until`, asked first, holds the wait until a line on its stdin,
+/// which lifts the limit. Shuts down when its stdin ends. Any panic aborts it.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_waits_for_clients_at_a_low_memory_limit() {
+    use nix::sys::resource::{Resource, setrlimit};
+    use std::io::BufRead;
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("child panicked: {info}");
+        std::process::abort();
+    }));
+    let _guard = abort_after("the child's wait for clients", HANG_GUARD);
+    let name = std::env::var("TYPED_IPC_TEST_LISTENER").unwrap();
+    let serving = Server::new()
+        .service(WhomServer::new(WhomImpl))
+        .threads(2)
+        .listen(Listener::bind_abstract(&name).unwrap())
+        .unwrap();
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let vm_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmSize:"))
+        .and_then(|v| v.trim().strip_suffix("kB")?.trim().parse().ok())
+        .unwrap();
+    let limit = vm_kib * 1024 + HUGE_STACK + HUGE_STACK / 2;
+    setrlimit(Resource::RLIMIT_AS, limit, libc::RLIM_INFINITY).unwrap();
+    eprintln!("listening");
+    let mut stdin = std::io::stdin().lock();
+    let mut line = String::new();
+    let mut first = true;
+    let came = serving.wait_until_clients(|n| {
+        if std::mem::take(&mut first) {
+            eprintln!("asked");
+            stdin.read_line(&mut line).unwrap();
+            setrlimit(
+                Resource::RLIMIT_AS,
+                libc::RLIM_INFINITY,
+                libc::RLIM_INFINITY,
+            )
+            .unwrap();
+            eprintln!("unlimited");
+        }
+        n > 0
+    });
+    assert!(came);
+    eprintln!("came");
+    while stdin.read_line(&mut line).unwrap() > 0 {}
+    serving.accepting().unwrap();
+    serving.shutdown();
+}

@@ -579,11 +579,15 @@ impl Server {
         let server = self.clone();
         let shutting_down = shutting_down.clone();
         let ended = Arc::new(AtomicBool::new(false));
-        let leaving = Leaving {
-            ended: ended.clone(),
-            turnover: turnover.clone(),
-        };
+        let (ended_there, turnover) = (ended.clone(), turnover.clone());
         let thread = std::thread::Builder::new().spawn(move || {
+            // Made here, not before the spawn: a spawn that fails drops the closure on the
+            // acceptor, which holds the client list then, and `Leaving` takes the turnover's
+            // lock, which waiters hold as they take the list's.
+            let leaving = Leaving {
+                ended: ended_there,
+                turnover,
+            };
             let served = server.run(&connection, services, helpers);
             // Drained by a shutdown: hung up on now, not only once `Serving::stop` reaches it,
             // after every client that came before it, however long their handlers run.
