@@ -44,3 +44,11 @@ fn an_interface_compiles_and_works_where_the_style_lints_are_forbidden() {
     drop(client);
     serving.join().unwrap().unwrap();
 }
+
+/// A name in camel case as rustc reads it, underscore and all: an underscore between two
+/// characters without case (digits) is no word break.
+#[typed_ipc::interface]
+pub trait V1_2 {
+    /// A call.
+    fn get(&self) -> u32;
+}

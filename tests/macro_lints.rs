@@ -18,6 +18,14 @@ pub trait libfoo {
     fn version(&self) -> u32;
 }
 
+/// In style itself (rustc trims the underscores around a name), not once a word follows:
+/// `Tail_Client` is out of style, with no `#[allow]` of the user's to reach it.
+#[typed_ipc::interface]
+pub trait Tail_ {
+    /// A call.
+    fn get(&self) -> u32;
+}
+
 /// A level, taken and returned.
 #[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, typed_ipc::Shape)]
 pub struct Level(pub u8);

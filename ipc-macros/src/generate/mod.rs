@@ -520,8 +520,10 @@ impl<'a> Generator<'a> {
     /// forbids the lint gets no `allow` of it, which rustc refuses there (E0453).
     fn type_name_lints(&self) -> Option<TokenStream> {
         let name = self.iface.name.unraw().to_string();
-        let lower = name.chars().next().is_some_and(char::is_lowercase);
-        (lower || name.contains('_')).then(|| quote!(, non_camel_case_types))
+        // The generated names add a word in camel case (`Client`), after which an
+        // underscore ending the trait's name (`Foo_`, in style alone) is out of style.
+        let in_style = is_camel_case(&name) && is_camel_case(&format!("{name}Client"));
+        (!in_style).then(|| quote!(, non_camel_case_types))
     }
 
     /// As [`Generator::type_name_lints`], for the items that repeat the methods' and
@@ -732,6 +734,20 @@ fn stub_params(m: &Method) -> Vec<TokenStream> {
             quote!(#name: #ty)
         })
         .collect()
+}
+
+/// Whether rustc's `non_camel_case_types` leaves `name` alone, by its rule: once the
+/// underscores around it are trimmed, no lowercase start, no `__`, and no underscore next to
+/// a letter with case (`V1_2` is in style, `Foo_Bar` is not).
+fn is_camel_case(name: &str) -> bool {
+    let has_case = |c: char| c.to_lowercase().ne(c.to_uppercase());
+    let name = name.trim_matches('_');
+    let chars: Vec<char> = name.chars().collect();
+    !chars.first().is_some_and(|c| c.is_lowercase())
+        && !name.contains("__")
+        && !chars
+            .windows(2)
+            .any(|w| has_case(w[0]) && w[1] == '_' || w[0] == '_' && has_case(w[1]))
 }
 
 #[cfg(test)]
