@@ -748,7 +748,9 @@ impl AsyncServing {
     /// can no longer change and `until` does not hold: the listener has stopped accepting for
     /// good ([`AsyncServing::accepting`]) and no client is left.
     ///
-    /// `until` is asked at once, then each time a client is accepted and each time one ends.
+    /// `until` is asked at once, then after each time clients are accepted or end, with the
+    /// count as it is by then: changes close together may be seen as one, so a count that
+    /// holds only for a moment (a client that comes and ends at once) may be missed.
     /// A client ends once the server has served it to the end and let go of its connection:
     /// its handlers have returned, their replies have gone out or failed, and the server
     /// holds nothing of it (the connection's socket is closed unless a service of yours kept
