@@ -539,7 +539,7 @@ impl Server {
                 Ok(client) => {
                     trouble.accepted();
                     list.push(client);
-                    // Not under the list's lock, which waiters take under the turnover's.
+                    // Once listed, where the waiters it wakes count it.
                     drop(list);
                     turnover.signal();
                 }
@@ -655,7 +655,9 @@ impl Client {
 /// ([`make_room`]), [`Serving::wait_until_clients`] for their count to change.
 #[derive(Default)]
 struct Turnover {
-    lock: Mutex<()>,
+    /// How many times `changed` was signalled: a waiter that looked at the clients between
+    /// two signals tells by it that it must look again.
+    changes: Mutex<u64>,
     /// Signalled when a client is listed, when a client's thread has served it to the end,
     /// when the acceptor ends, and when [`Serving`] stops.
     changed: Condvar,
@@ -665,7 +667,7 @@ struct Turnover {
 
 impl Turnover {
     fn signal(&self) {
-        let _lock = self.lock.lock();
+        *self.changes.lock() += 1;
         self.changed.notify_all();
     }
 }
@@ -676,7 +678,7 @@ struct AcceptorGone(Arc<Turnover>);
 
 impl Drop for AcceptorGone {
     fn drop(&mut self) {
-        // Before the signal: waiters look at it under the lock the signal takes.
+        // Before the signal, which has the waiters look at it again.
         self.0.acceptor_gone.store(true, Ordering::SeqCst);
         self.0.signal();
     }
@@ -723,9 +725,13 @@ fn make_room(
     let Some(deadline) = deadline else {
         return; // none has hung up
     };
-    let mut lock = turnover.lock.lock();
+    let mut changes = turnover.changes.lock();
     while !leaving.iter().any(|ended| ended.load(Ordering::SeqCst)) && !stopping() {
-        if turnover.changed.wait_until(&mut lock, deadline).timed_out() {
+        if turnover
+            .changed
+            .wait_until(&mut changes, deadline)
+            .timed_out()
+        {
             return;
         }
     }
@@ -802,8 +808,6 @@ impl Serving {
     /// `until` is asked at once, then after each time clients are accepted or end, with the
     /// count as it is by then: changes close together may be seen as one, so a count that
     /// holds only for a moment (a client that comes and ends at once) may be missed.
-    /// `until` runs while the server waits to list a client or count one out: keep it quick,
-    /// and do not wait on this `Serving` from it.
     /// A client ends once the server has served it to the end and let go of its connection:
     /// its handlers have returned, their replies have gone out or failed, and the server
     /// holds nothing of it (the connection's socket is closed unless a service of yours kept
@@ -841,9 +845,11 @@ impl Serving {
         mut until: impl FnMut(usize) -> bool,
     ) -> bool {
         let turnover = &self.turnover;
-        let mut lock = turnover.lock.lock();
         loop {
-            // The flag first: a client listed before the acceptor ended is counted below.
+            // Taken first: a change made after it, seen below or not, moves it on, and the
+            // wait then looks again rather than sleeps. `until` runs under no lock.
+            let seen = *turnover.changes.lock();
+            // The flag before the count: a client listed before the acceptor ended is counted.
             let gone = turnover.acceptor_gone.load(Ordering::SeqCst);
             let clients = self.clients();
             if until(clients) {
@@ -852,13 +858,21 @@ impl Serving {
             if gone && clients == 0 {
                 return false;
             }
-            match deadline {
-                Some(deadline) => {
-                    if turnover.changed.wait_until(&mut lock, deadline).timed_out() {
-                        return until(self.clients());
+            let mut changes = turnover.changes.lock();
+            while *changes == seen {
+                match deadline {
+                    Some(deadline) => {
+                        if turnover
+                            .changed
+                            .wait_until(&mut changes, deadline)
+                            .timed_out()
+                        {
+                            drop(changes);
+                            return until(self.clients());
+                        }
                     }
+                    None => turnover.changed.wait(&mut changes),
                 }
-                None => turnover.changed.wait(&mut lock),
             }
         }
     }
