@@ -424,9 +424,8 @@ impl<'a> Generator<'a> {
              peer also drops a running handler's future); a blocking method already running\n\
              runs on to its end, and a server with one thread runs nothing else meanwhile, so\n\
              later calls wait behind it (kill a worker that is stuck for good). The time counts\n\
-             from the call, its wait behind the peer's other calls included: as a bound on how\n\
-             long a method may run, it holds for a call the peer is free to start at once.\
-             {timeout_note}"
+             from the call, including any wait behind the peer's other calls, not from when\n\
+             the method starts.{timeout_note}"
         ));
         quote! {
             #docs

@@ -328,8 +328,8 @@ impl IpaClient {
     /// peer also drops a running handler's future); a blocking method already running
     /// runs on to its end, and a server with one thread runs nothing else meanwhile, so
     /// later calls wait behind it (kill a worker that is stuck for good). The time counts
-    /// from the call, its wait behind the peer's other calls included: as a bound on how
-    /// long a method may run, it holds for a call the peer is free to start at once.
+    /// from the call, including any wait behind the peer's other calls, not from when
+    /// the method starts.
     pub fn with_timeout(&self, timeout: ::typed_ipc::__private::Duration) -> Self {
         Self {
             connection: ::core::clone::Clone::clone(&self.connection),
