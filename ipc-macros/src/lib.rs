@@ -343,8 +343,10 @@ use quote::quote;
 /// `&T`: take or return `String`, `Vec<u8>`, `T`; each end gets its own copy either way),
 /// `Self` in a parameter or return type, parameters that are patterns rather than names,
 /// `unsafe fn`, traits that mix `fn` and `async fn`, and `#[cfg]` on a method or a parameter
-/// (or a `#[cfg_attr]` that could add a `#[cfg]`, `#[oneway]` or `#[cmd]`; one that adds docs
-/// or lint levels, `#[cfg_attr(docsrs, doc(cfg(..)))]`, is fine): both ends must agree on
+/// (or a `#[cfg_attr]` that could add a `#[cfg]`, `#[oneway]` or `#[cmd]`; one that adds
+/// anything else, such as docs or lint levels, `#[cfg_attr(docsrs, doc(cfg(..)))]`, is fine,
+/// though docs added that way stay on the trait and do not reach the client's methods):
+/// both ends must agree on
 /// every command id and on the interface signature, so put the `#[cfg]` on the whole trait,
 /// above `#[interface]`, or give the methods that differ an interface of their own.
 #[proc_macro_attribute]

@@ -701,8 +701,8 @@ impl MethodAttrs {
 /// The error for a `#[cfg]` or `#[cfg_attr]` on an interface method or parameter (`what`).
 /// Both ends must agree on every method's command id and on the interface signature, which
 /// an item compiled in on one end only would change; and a method removed by `#[cfg]` still
-/// reaches the macro, which cannot tell whether it will be. A `#[cfg_attr]` that can only
-/// add docs or lint levels (`#[cfg_attr(docsrs, doc(cfg(..)))]`) is fine.
+/// reaches the macro, which cannot tell whether it will be. A `#[cfg_attr]` that adds none
+/// of those three (docs or lint levels, `#[cfg_attr(docsrs, doc(cfg(..)))]`, say) is fine.
 fn conditional(attr: &Attribute, what: &str) -> Option<syn::Error> {
     if attr.path().is_ident("cfg_attr") && leaves_the_interface_alone(attr) {
         return None;
