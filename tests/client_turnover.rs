@@ -179,26 +179,18 @@ async fn within(wait: impl std::future::Future<Output = bool>) -> bool {
         .expect("the wait hung")
 }
 
-/// The stack each thread of the child of
-/// `a_wait_holds_up_no_client_whose_thread_cannot_start` asks for: so large that its
-/// address-space limit leaves room for one more thread, not two.
-const HUGE_STACK: u64 = 256 << 20;
-
 #[test]
 fn a_wait_holds_up_no_client_whose_thread_cannot_start() {
     use std::io::Write;
     let _fds = fd_count_lock();
     let name = format!("typed-ipc-turnover-no-thread-{}", std::process::id());
     let mut command = child("child_waits_for_clients_at_a_low_memory_limit");
-    command
-        .env("RUST_MIN_STACK", HUGE_STACK.to_string())
-        // One arena for all threads: a thread's own would take address space of its own.
-        .env("MALLOC_ARENA_MAX", "1");
+    common::with_huge_thread_stacks(&mut command);
     let (mut server, lines) = common::start_listener_child(command, &name);
     // The child is inside its wait's `until` now. This client's first thread starts, its
     // second cannot: the acceptor, holding the client list, used to drop the client's
-    // `Leaving` there and block on the lock the wait holds, while the wait, once `until`
-    // returned, blocked on the list.
+    // `Leaving` there and block on the lock the wait then held while `until` ran, while the
+    // wait, once `until` returned, blocked on the list.
     common::wait_for_line(&lines, "asked", HANG_GUARD);
     let first = Connection::connect_abstract(&name).unwrap();
     common::wait_for_line(&lines, "cannot start a thread for a client", HANG_GUARD);
@@ -220,13 +212,12 @@ fn a_wait_holds_up_no_client_whose_thread_cannot_start() {
 }
 
 /// The child of `a_wait_holds_up_no_client_whose_thread_cannot_start`: serves `Whom` with
-/// two threads a client, with address space for one more thread of [`HUGE_STACK`] only, and
+/// two threads a client, with address space for one more thread only, and
 /// waits for a client; its `until`, asked first, holds the wait until a line on its stdin,
 /// which lifts the limit. Shuts down when its stdin ends. Any panic aborts it.
 #[test]
 #[ignore = "run as a child process by other tests"]
 fn child_waits_for_clients_at_a_low_memory_limit() {
-    use nix::sys::resource::{Resource, setrlimit};
     use std::io::BufRead;
     std::panic::set_hook(Box::new(|info| {
         eprintln!("child panicked: {info}");
@@ -239,14 +230,7 @@ fn child_waits_for_clients_at_a_low_memory_limit() {
         .threads(2)
         .listen(Listener::bind_abstract(&name).unwrap())
         .unwrap();
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let vm_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmSize:"))
-        .and_then(|v| v.trim().strip_suffix("kB")?.trim().parse().ok())
-        .unwrap();
-    let limit = vm_kib * 1024 + HUGE_STACK + HUGE_STACK / 2;
-    setrlimit(Resource::RLIMIT_AS, limit, libc::RLIM_INFINITY).unwrap();
+    common::room_for_one_more_thread();
     eprintln!("listening");
     let mut stdin = std::io::stdin().lock();
     let mut line = String::new();
@@ -255,12 +239,7 @@ fn child_waits_for_clients_at_a_low_memory_limit() {
         if std::mem::take(&mut first) {
             eprintln!("asked");
             stdin.read_line(&mut line).unwrap();
-            setrlimit(
-                Resource::RLIMIT_AS,
-                libc::RLIM_INFINITY,
-                libc::RLIM_INFINITY,
-            )
-            .unwrap();
+            common::lift_address_space_limit();
             eprintln!("unlimited");
         }
         n > 0

@@ -545,21 +545,13 @@ fn child_serves_at_a_low_fd_limit() {
     serving.shutdown();
 }
 
-/// The stack each thread of the child of
-/// `a_listener_out_of_threads_says_so_and_accepts_again_once_it_can_start_them` asks for: so
-/// large that its address-space limit leaves room for one more thread, not two.
-const HUGE_STACK: u64 = 256 << 20;
-
 #[test]
 fn a_listener_out_of_threads_says_so_and_accepts_again_once_it_can_start_them() {
     use std::io::Write;
     let _fds = fd_count_lock();
     let name = format!("typed-ipc-out-of-threads-{}", std::process::id());
     let mut command = child("child_serves_two_threads_a_client_at_a_low_memory_limit");
-    command
-        .env("RUST_MIN_STACK", HUGE_STACK.to_string())
-        // One arena for all threads: a thread's own would take address space of its own.
-        .env("MALLOC_ARENA_MAX", "1");
+    common::with_huge_thread_stacks(&mut command);
     let (mut server, lines) = start_listener_child(command, &name);
     // The child has room for this client's first thread, not its second. Serving used to
     // start the second with `std::thread::spawn`, which panicked on the client's thread
@@ -583,12 +575,11 @@ fn a_listener_out_of_threads_says_so_and_accepts_again_once_it_can_start_them() 
 
 /// The child of `a_listener_out_of_threads_says_so_and_accepts_again_once_it_can_start_them`:
 /// serves `Lab` with two threads a client on the listener the parent names, with address
-/// space for one more thread of [`HUGE_STACK`] only, until a line on its stdin lifts that
-/// limit; shuts down when its stdin ends. Any panic aborts it.
+/// space for one more thread only (`common::room_for_one_more_thread`), until a line on its
+/// stdin lifts that limit; shuts down when its stdin ends. Any panic aborts it.
 #[test]
 #[ignore = "run as a child process by other tests"]
 fn child_serves_two_threads_a_client_at_a_low_memory_limit() {
-    use nix::sys::resource::{Resource, setrlimit};
     use std::io::BufRead;
     std::panic::set_hook(Box::new(|info| {
         eprintln!("child panicked: {info}");
@@ -600,24 +591,12 @@ fn child_serves_two_threads_a_client_at_a_low_memory_limit() {
         .threads(2)
         .listen(Listener::bind_abstract(&name).unwrap())
         .unwrap();
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let vm_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmSize:"))
-        .and_then(|v| v.trim().strip_suffix("kB")?.trim().parse().ok())
-        .unwrap();
-    let limit = vm_kib * 1024 + HUGE_STACK + HUGE_STACK / 2;
-    setrlimit(Resource::RLIMIT_AS, limit, libc::RLIM_INFINITY).unwrap();
+    common::room_for_one_more_thread();
     eprintln!("listening");
     let mut stdin = std::io::stdin().lock();
     let mut line = String::new();
     stdin.read_line(&mut line).unwrap();
-    setrlimit(
-        Resource::RLIMIT_AS,
-        libc::RLIM_INFINITY,
-        libc::RLIM_INFINITY,
-    )
-    .unwrap();
+    common::lift_address_space_limit();
     eprintln!("unlimited");
     while stdin.read_line(&mut line).unwrap() > 0 {}
     serving.accepting().unwrap();

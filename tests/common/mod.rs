@@ -491,6 +491,45 @@ pub fn pin_to_one_cpu() {
     sched_setaffinity(Pid::from_raw(0), &one).unwrap();
 }
 
+/// The stack each thread asks for in a child set up by [`with_huge_thread_stacks`]: so large
+/// that [`room_for_one_more_thread`] can leave room for one more thread, not two.
+const HUGE_STACK: u64 = 256 << 20;
+
+/// Has the child `command` starts give each thread a stack of 256 MiB, for the child to
+/// run out of address space for threads with [`room_for_one_more_thread`].
+pub fn with_huge_thread_stacks(command: &mut Command) -> &mut Command {
+    command
+        .env("RUST_MIN_STACK", HUGE_STACK.to_string())
+        // One arena for all threads: a thread's own would take address space of its own.
+        .env("MALLOC_ARENA_MAX", "1")
+}
+
+/// In a child started [`with_huge_thread_stacks`]: limits this process's address space to
+/// what it has mapped now plus room for one more thread, not two ([`lift_address_space_limit`]
+/// lifts it).
+pub fn room_for_one_more_thread() {
+    use nix::sys::resource::{Resource, setrlimit};
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let vm_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmSize:"))
+        .and_then(|v| v.trim().strip_suffix("kB")?.trim().parse().ok())
+        .unwrap();
+    let limit = vm_kib * 1024 + HUGE_STACK + HUGE_STACK / 2;
+    setrlimit(Resource::RLIMIT_AS, limit, libc::RLIM_INFINITY).unwrap();
+}
+
+/// Lifts the limit [`room_for_one_more_thread`] set.
+pub fn lift_address_space_limit() {
+    use nix::sys::resource::{Resource, setrlimit};
+    setrlimit(
+        Resource::RLIMIT_AS,
+        libc::RLIM_INFINITY,
+        libc::RLIM_INFINITY,
+    )
+    .unwrap();
+}
+
 /// Ends the whole test process (it aborts, saying `what`) if still alive after `limit`: a
 /// hang guard for a wait that has no timeout of its own. Dropping it disarms it.
 #[must_use = "dropped, the guard is disarmed at once"]
