@@ -581,9 +581,9 @@ impl Server {
         let ended = Arc::new(AtomicBool::new(false));
         let (ended_there, turnover) = (ended.clone(), turnover.clone());
         let thread = std::thread::Builder::new().spawn(move || {
-            // Made here, not before the spawn: a spawn that fails drops the closure on the
-            // acceptor, which holds the client list then, and `Leaving` takes the turnover's
-            // lock, which waiters hold as they take the list's.
+            // Made here, not before the spawn: a client whose thread never started was never
+            // listed, so it has no end to signal (and a spawn that fails drops the closure on
+            // the acceptor, which holds the client list then).
             let leaving = Leaving {
                 ended: ended_there,
                 turnover,
