@@ -2,12 +2,14 @@
 //! longer than the server may send (a long panic message, with the strict limits a server of
 //! untrusted clients sets) still reaches its caller, cut, as that failure; the connection
 //! serves on. On a listener: requests a client sends while its service is being made wait
-//! for it, also past the bounds of the queue, when a thread of the server's reads them.
+//! for it, also past the bounds of the queue, when a thread of the server's reads them. In one
+//! process: a `make` that panics inside `serve` leaves the connection served by nothing.
 //!
 //! The server is this test binary run again for one `#[ignore]`d test (`child_*`).
 
 mod common;
 
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, mpsc};
 use std::time::Duration;
@@ -92,6 +94,36 @@ fn a_panic_message_over_the_servers_limits_reaches_the_caller_cut() {
     assert_eq!(faulty.ping().unwrap(), 7, "the connection serves on");
     faulty.connection().close();
     assert_eq!(worker.wait().unwrap(), Exit::Code(0), "served to the end");
+}
+
+/// A `service_with` whose `make` panics inside `Server::serve` leaves the connection served by
+/// nothing, as before `serve`: a call of this end that reads more requests than it holds for
+/// nobody fails at once, saying nothing serves them. The connection stayed marked as about to
+/// be served, so the call held them for serving threads that never came (up to twice the
+/// bounds) and waited for its reply until its timeout.
+#[test]
+fn a_make_that_panics_in_serve_leaves_the_connection_served_by_nothing() {
+    let (ours, theirs) = Connection::pair().unwrap();
+    let server = Server::new().service_with(|_: &Connection| -> FaultyServer<FaultyImpl> {
+        panic!("make fails (expected)")
+    });
+    let served = catch_unwind(AssertUnwindSafe(|| server.serve(&ours)));
+    assert!(served.is_err(), "make's panic goes on to serve's caller");
+    let notes = std::thread::spawn(move || {
+        let sink = SinkClient::new(theirs);
+        (0..PAST_THE_BOUNDS).all(|_| sink.note().is_ok())
+    });
+    assert_refused_as_served_by_nothing(FaultyClient::new(ours).with_timeout(HANG_GUARD).ping());
+    notes.join().unwrap();
+}
+
+/// Fails unless `got` is the failure of a connection that read more requests than it holds
+/// with nothing serving them.
+fn assert_refused_as_served_by_nothing(got: Result<u32, Error>) {
+    match got {
+        Err(Error::Malformed(why)) => assert!(why.contains("nothing serves"), "{why}"),
+        other => panic!("expected the requests refused as served by nothing, got {other:?}"),
+    }
 }
 
 /// More requests than a connection queues for its serving threads (1,024).
@@ -293,6 +325,39 @@ mod asynchronous {
         async fn ping(&self) -> u32 {
             7
         }
+    }
+
+    /// `a_make_that_panics_in_serve_leaves_the_connection_served_by_nothing`, with an async
+    /// server: the requests were held for it up to twice the bounds.
+    #[test]
+    fn a_make_that_panics_in_serve_leaves_the_connection_served_by_nothing() {
+        use typed_ipc::tokio::AsyncServer;
+        let runtime = common::two_worker_runtime();
+        let (ours, theirs) = typed_ipc::Socket::pair().unwrap();
+        let ours = {
+            let _in_runtime = runtime.enter();
+            AsyncConnection::new(ours).unwrap()
+        };
+        let server = AsyncServer::new().service_with(
+            |_: &AsyncConnection| -> AsyncFaultyServer<AsyncFaultyImpl> {
+                panic!("make fails (expected)")
+            },
+        );
+        let served = catch_unwind(AssertUnwindSafe(|| {
+            let _in_runtime = runtime.enter();
+            drop(server.serve(&ours))
+        }));
+        assert!(served.is_err(), "make's panic goes on to serve's caller");
+        let sink = SinkClient::new(Connection::new(theirs));
+        // The async reader takes requests in as they come: the notes end the connection.
+        for _ in 0..PAST_THE_BOUNDS {
+            if sink.note().is_err() {
+                break;
+            }
+        }
+        let faulty = AsyncFaultyClient::new(ours).with_timeout(HANG_GUARD);
+        assert_refused_as_served_by_nothing(runtime.block_on(faulty.ping()));
+        drop(sink);
     }
 
     #[test]

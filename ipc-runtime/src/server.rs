@@ -311,14 +311,26 @@ impl Server {
     ///
     /// # Panics
     ///
-    /// If a service [`Server::service_with`] makes serves an interface served already.
+    /// If a service [`Server::service_with`] makes serves an interface served already. A
+    /// `make` that panics has its panic go on to the caller. Either way the connection is left
+    /// served by nothing, as it was before.
     pub fn serve(&self, connection: &Connection) -> Result<()> {
         let helpers = self.start_helpers(connection)?;
         // Before `make` runs: what a thread it starts reads meanwhile waits for this one.
         connection.runners_coming();
-        let services = self
-            .services_for(connection)
-            .unwrap_or_else(|twice| panic!("{twice}"));
+        // A `make` that panics (or two services of one interface) leaves the connection
+        // served by nothing, as it was: the helpers end without serving as they are dropped.
+        let services = match catch_unwind(AssertUnwindSafe(|| self.services_for(connection))) {
+            Ok(Ok(services)) => services,
+            Ok(Err(twice)) => {
+                connection.runners_not_coming();
+                panic!("{twice}")
+            }
+            Err(panicked) => {
+                connection.runners_not_coming();
+                std::panic::resume_unwind(panicked)
+            }
+        };
         self.run(connection, services, helpers)
     }
 

@@ -597,6 +597,14 @@ impl Connection {
         self.shared.state.lock().runners_coming = true;
     }
 
+    /// Takes [`Connection::runners_coming`] back: the threads will not come (making a
+    /// service panicked), and what is read from now on is held for nobody, as before.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn runners_not_coming(&self) {
+        self.shared.state.lock().runners_coming = false;
+    }
+
     /// A handle that does not keep the connection open: a listening [`Server`](crate::Server)
     /// keeps one of each client's, so that the connection goes (its socket, buffers and
     /// shared memory) as soon as its serving threads are done with it.

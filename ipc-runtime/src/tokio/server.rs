@@ -274,16 +274,28 @@ impl AsyncServer {
     ///
     /// # Panics
     ///
-    /// If a service [`AsyncServer::service_with`] makes serves an interface served already.
+    /// If a service [`AsyncServer::service_with`] makes serves an interface served already. A
+    /// `make` that panics has its panic go on to the caller. Either way the connection is left
+    /// served by nothing, as it was before.
     pub fn serve(
         &self,
         connection: &AsyncConnection,
     ) -> impl Future<Output = Result<()>> + Send + 'static + use<> {
         // Before `make` runs: what a task it starts reads meanwhile waits for the services.
         connection.server_coming();
-        let services = self
-            .services_for(connection)
-            .unwrap_or_else(|twice| panic!("{twice}"));
+        // A `make` that panics (or two services of one interface) leaves the connection
+        // served by nothing, as it was.
+        let services = match catch_unwind(AssertUnwindSafe(|| self.services_for(connection))) {
+            Ok(Ok(services)) => services,
+            Ok(Err(twice)) => {
+                connection.server_not_coming();
+                panic!("{twice}")
+            }
+            Err(panicked) => {
+                connection.server_not_coming();
+                std::panic::resume_unwind(panicked)
+            }
+        };
         self.serve_services(connection, services)
     }
 

@@ -558,6 +558,14 @@ impl AsyncConnection {
         self.inner.lock().server_coming = true;
     }
 
+    /// Takes [`AsyncConnection::server_coming`] back: no server will come (making a service
+    /// panicked), and what is read from now on is held for nobody, as before.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn server_not_coming(&self) {
+        self.inner.lock().server_coming = false;
+    }
+
     /// [`AsyncConnection::add_service`] for each of `services` at once: no request is handled
     /// before all of them are there, so that none held meanwhile is refused as not served
     /// because the first started serving before the others came.
