@@ -249,7 +249,10 @@ fn a_refused_request_is_printed_as_received_async() {
 fn check_refused(scenario: &str) {
     let stderr = traced_stderr(scenario);
     let has = |want: &str| assert_line(&stderr, want);
-    has("<- Call #1 Lab::count (not received: message carries 2 file descriptors, the limit is 1)");
+    has(
+        "<- Call #1 Lab::count (not received: message carries 2 file descriptors, over \
+         Limits::max_fds (1))",
+    );
     has("-> Failure #1: TooManyFds { count: 2, limit: 1 }");
     has("<- Call #2 Lab::reverse (10 bytes, 0 fds)");
 }
@@ -329,7 +332,8 @@ fn check_reply_over_limits(scenario: &str) {
     let stderr = traced_stderr(scenario);
     assert_line(
         &stderr,
-        "<- Reply #1 (not received: message of 5032 bytes exceeds the limit of 1000 bytes)",
+        "<- Reply #1 (not received: message of 5032 bytes, over Limits::max_message_len \
+         (1000 bytes))",
     );
 }
 
@@ -1388,7 +1392,7 @@ fn a_refused_call_is_said_once_its_reader_has_let_the_role_go() {
         &stderr,
         &format!(
             "<- Call #77 iface {id:#010x} cmd 0 (not received: message carries 2 file \
-             descriptors, the limit is 1)"
+             descriptors, over Limits::max_fds (1))"
         ),
     );
     assert_line(&stderr, "-> Failure #77: TooManyFds { count: 2, limit: 1 }");

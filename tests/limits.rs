@@ -13,7 +13,7 @@ use std::os::fd::OwnedFd;
 
 use common::{child, fd_count_lock, fd_snapshot, memfd, open_fds};
 use typed_ipc::worker::{self, Exit, Worker};
-use typed_ipc::{Connection, Error, Limits, SharedBytes, Socket, interface};
+use typed_ipc::{Connection, Error, Limit, Limits, SharedBytes, Socket, interface};
 
 /// The worker's `Limits::max_fds`, if not the default.
 const MAX_FDS: &str = "TYPED_IPC_TEST_MAX_FDS";
@@ -154,6 +154,7 @@ fn too_many_fds_fail_the_call_on_the_sender_and_the_connection_keeps_working() {
             Err(Error::TooManyFds {
                 count: 2000,
                 limit: 1024,
+                which: Limit::MaxFds,
                 by_peer: false,
                 ..
             })
@@ -167,6 +168,7 @@ fn too_many_fds_fail_the_call_on_the_sender_and_the_connection_keeps_working() {
             Err(Error::TooManyFds {
                 count: 2000,
                 limit: 1024,
+                which: Limit::MaxFds,
                 by_peer: false,
                 ..
             })
@@ -199,6 +201,7 @@ fn a_reply_over_the_callers_limit_fails_that_call_only() {
             Err(Error::TooManyFds {
                 count: 2000,
                 limit: 1024,
+                which: Limit::MaxFds,
                 by_peer: false,
                 ..
             })
@@ -232,7 +235,7 @@ fn a_request_over_the_servers_limit_is_answered_with_a_failure() {
             },
         ) => assert_eq!(
             e.to_string(),
-            "message carries 10 file descriptors, the peer's limit is 8"
+            "message carries 10 file descriptors, over the peer's limit (8)"
         ),
         other => panic!("expected the server's refusal, got {other:?}"),
     }
@@ -255,7 +258,7 @@ mod asynchronous {
 
     use typed_ipc::tokio::AsyncConnection;
     use typed_ipc::worker::{Exit, Worker};
-    use typed_ipc::{Error, SharedBytes, interface};
+    use typed_ipc::{Error, Limit, SharedBytes, interface};
 
     use super::{fd_count_lock, fd_snapshot, memfd, memfds, room_for_fds, spawn, worker_socket};
 
@@ -323,6 +326,7 @@ mod asynchronous {
                     Err(Error::TooManyFds {
                         count: 2000,
                         limit: 1024,
+                        which: Limit::MaxFds,
                         by_peer: false,
                         ..
                     })
@@ -336,6 +340,7 @@ mod asynchronous {
                     Err(Error::TooManyFds {
                         count: 2000,
                         limit: 1024,
+                        which: Limit::MaxFds,
                         by_peer: false,
                         ..
                     })
@@ -369,6 +374,7 @@ mod asynchronous {
                     Err(Error::TooManyFds {
                         count: 2000,
                         limit: 1024,
+                        which: Limit::MaxFds,
                         by_peer: false,
                         ..
                     })
@@ -476,8 +482,9 @@ mod asynchronous {
                     assert_eq!(got, (len as u64, true), "{len} bytes, lend {lend}");
                 }
                 let unsent = strings.check(vec![1; super::SENT_MAX + 1], 1).await;
-                super::assert_over(unsent, super::SENT_MAX, "unsent");
-                super::assert_over(strings.make(8 << 10).await, 4096, "the reply");
+                super::assert_over(unsent, super::SENT_MAX, Limit::MaxSendLen, "unsent");
+                let reply = strings.make(8 << 10).await;
+                super::assert_over(reply, 4096, Limit::MaxMessageLen, "the reply");
                 finish(strings, served).await;
             }
         });
@@ -994,16 +1001,24 @@ fn sends_more_than_it_accepts() -> (Limits, Limits) {
     (client, Limits::default())
 }
 
-/// Fails unless `got` is `TooLarge` over this side's `limit` (whatever the message's size, which
-/// counts its envelope).
-fn assert_over<T: std::fmt::Debug>(got: Result<T, Error>, limit: usize, context: &str) {
+/// Fails unless `got` is `TooLarge` over this side's `limit`, the setting `which` (whatever
+/// the message's size, which counts its envelope).
+fn assert_over<T: std::fmt::Debug>(
+    got: Result<T, Error>,
+    limit: usize,
+    which: Limit,
+    context: &str,
+) {
     match got {
         Err(Error::TooLarge {
             limit: l,
+            which: w,
             by_peer: false,
             ..
-        }) if l == limit as u64 => {}
-        other => panic!("{context}: expected TooLarge over this side's {limit}, got {other:?}"),
+        }) if (l, w) == (limit as u64, which) => {}
+        other => {
+            panic!("{context}: expected TooLarge over this side's {which} ({limit}), got {other:?}")
+        }
     }
 }
 
@@ -1021,8 +1036,14 @@ fn a_side_may_send_more_than_it_accepts() {
             let got = strings.check(vec![byte; len], byte).unwrap();
             assert_eq!(got, (len as u64, true), "{len} bytes, lend {lend}");
         }
-        assert_over(strings.check(vec![1; SENT_MAX + 1], 1), SENT_MAX, "unsent");
-        assert_over(strings.make(8 << 10), 4096, "the reply");
+        let unsent = strings.check(vec![1; SENT_MAX + 1], 1);
+        assert_over(unsent, SENT_MAX, Limit::MaxSendLen, "unsent");
+        assert_over(
+            strings.make(8 << 10),
+            4096,
+            Limit::MaxMessageLen,
+            "the reply",
+        );
         drop(strings);
         server.join().unwrap().unwrap();
     }
@@ -1093,12 +1114,19 @@ fn takes_no_fd_but_sends_some() -> Limits {
 /// Fails unless `got` is `TooManyFds`: one fd over this side's limit of none.
 fn assert_no_fd_taken<T: std::fmt::Debug>(got: Result<T, Error>, context: &str) {
     match got {
-        Err(Error::TooManyFds {
-            count: 1,
-            limit: 0,
-            by_peer: false,
-            ..
-        }) => {}
+        Err(
+            e @ Error::TooManyFds {
+                count: 1,
+                limit: 0,
+                which: Limit::MaxFds,
+                by_peer: false,
+                ..
+            },
+        ) => assert_eq!(
+            e.to_string(),
+            "message carries 1 file descriptor, over Limits::max_fds (0)",
+            "{context}"
+        ),
         other => panic!("{context}: expected TooManyFds of 1 over this side's 0, got {other:?}"),
     }
 }
@@ -1196,7 +1224,7 @@ fn byte_strings_within_the_limits_cross_whatever_region_they_come_in() {
             },
         ) => assert_eq!(
             e.to_string(),
-            "message of 204800 bytes exceeds the peer's limit of 102400 bytes"
+            "message of 204800 bytes, over the peer's limit (102400 bytes)"
         ),
         other => panic!("expected the server's refusal, got {other:?}"),
     }
@@ -1206,8 +1234,8 @@ fn byte_strings_within_the_limits_cross_whatever_region_they_come_in() {
     server.join().unwrap().unwrap();
 }
 
-/// Fails unless `got` is `TooLarge` of `size` bytes over `limit`, the peer's if `by_peer`;
-/// `context` starts the failure's message.
+/// Fails unless `got` is `TooLarge` of `size` bytes over `limit`, the peer's if `by_peer`,
+/// this side's `Limits::max_message_len` if not; `context` starts the failure's message.
 fn assert_too_large<T: std::fmt::Debug>(
     got: Result<T, Error>,
     size: u64,
@@ -1219,9 +1247,10 @@ fn assert_too_large<T: std::fmt::Debug>(
         Err(Error::TooLarge {
             size: s,
             limit: l,
+            which: w,
             by_peer: p,
             ..
-        }) if (s, l, p) == (size, limit, by_peer) => {}
+        }) if (s, l, p) == (size, limit, by_peer) && (by_peer || w == Limit::MaxMessageLen) => {}
         other => panic!("{context}: expected TooLarge {size} over {limit}, got {other:?}"),
     }
 }
@@ -1270,8 +1299,14 @@ fn a_byte_string_over_the_senders_limits_fails_unsent_with_too_large() {
     let (strings, server) = strings_with_limits(4096, 1 << 30, false);
     // Over this side's limits: refused before it is sent, as any message over them, although
     // it would have travelled through the shared region rather than the socket.
+    // With no `max_send_len`, what it sends is bounded by its `max_message_len`.
     match strings.echo(vec![7; 5000]) {
-        Err(Error::TooLarge { limit: 4096, .. }) => {}
+        Err(Error::TooLarge {
+            limit: 4096,
+            which: Limit::MaxMessageLen,
+            by_peer: false,
+            ..
+        }) => {}
         other => panic!("expected TooLarge, got {other:?}"),
     }
     assert_eq!(strings.echo(vec![1; 2000]).unwrap(), vec![1; 2000]);
@@ -1450,13 +1485,19 @@ const BUNDLED_SIZES: [usize; 3] = [2 << 10, 64 << 10, 300 << 10];
 /// two (not four: the region's fd is no fd of the caller's).
 fn assert_three_over_two<T: std::fmt::Debug>(got: Result<T, Error>) {
     match got {
-        Err(Error::TooManyFds {
-            count: 3,
-            limit: 2,
-            by_peer: false,
-            ..
-        }) => {}
-        other => panic!("expected TooManyFds of 3 over this side's 2, got {other:?}"),
+        Err(
+            e @ Error::TooManyFds {
+                count: 3,
+                limit: 2,
+                which: Limit::MaxSendFds,
+                by_peer: false,
+                ..
+            },
+        ) => assert_eq!(
+            e.to_string(),
+            "message carries 3 file descriptors, over Limits::max_send_fds (2)"
+        ),
+        other => panic!("expected TooManyFds of 3 over this side's max_send_fds 2, got {other:?}"),
     }
 }
 

@@ -14,7 +14,7 @@ use common::{child, fd_count_lock, open_fds};
 use typed_ipc::shared_buffer::{SealedBuffer, SharedBuffer};
 use typed_ipc::shared_region::{RegionView, SharedRegion};
 use typed_ipc::worker::{self, Exit, Worker};
-use typed_ipc::{Connection, Error, Limits, Socket};
+use typed_ipc::{Connection, Error, Limit, Limits, Socket};
 
 /// The worker's `Limits::max_shared_len`.
 const MAX_SHARED: &str = "TYPED_IPC_TEST_MAX_SHARED";
@@ -201,13 +201,15 @@ fn says_take_refused(report: &str) -> bool {
 }
 
 /// Whether `result` is the refusal of a buffer one byte over `LIMIT` (or, for a region,
-/// whose size is whole pages, one page over), by the peer or not.
+/// whose size is whole pages, one page over), by the peer or not; this side's refusal names
+/// `Limits::max_shared_len`.
 fn refused<T>(result: &Result<T, Error>, by_peer: bool) -> bool {
     let over = [LIMIT as u64 + 1, (LIMIT + page_size()) as u64];
     matches!(
         *result,
-        Err(Error::TooLarge { size, limit, by_peer: whose, .. })
+        Err(Error::TooLarge { size, limit, which, by_peer: whose, .. })
             if over.contains(&size) && limit == LIMIT as u64 && whose == by_peer
+                && (by_peer || which == Limit::MaxSharedLen)
     )
 }
 

@@ -47,6 +47,10 @@ pub enum Error {
     /// [`RegionView`](crate::shared_region::RegionView) in a message, over its receiver's
     /// [`Limits::max_shared_len`](crate::Limits::max_shared_len): refused on receipt alike, its
     /// fd closed unmapped (a sender does not check it: the limit is the receiver's own).
+    ///
+    /// `which` names the limit, and the message says it as a user would look it up:
+    /// `message of 5032 bytes, over Limits::max_send_len (4096 bytes)`, or `... over the
+    /// peer's Limits::max_message_len (...)` when `by_peer`.
     #[non_exhaustive]
     TooLarge {
         /// The message's payload size in bytes (for a byte string that travelled out of the
@@ -55,18 +59,23 @@ pub enum Error {
         size: u64,
         /// The limit it exceeds.
         limit: u64,
+        /// Which limit that is: the setting to raise, or a bound no setting moves.
+        which: Limit,
         /// Whether the limit is the peer's: it refused this call's request on receipt.
         by_peer: bool,
     },
     /// A message carries more file descriptors than the limit that applies to it, refused as
     /// for [`Error::TooLarge`]. The fds of a refused incoming message are closed; those of an
-    /// outgoing one are left to their owner.
+    /// outgoing one are left to their owner. `which` names the limit, as for
+    /// [`Error::TooLarge`]: `message carries 1 file descriptor, over Limits::max_send_fds (0)`.
     #[non_exhaustive]
     TooManyFds {
         /// How many the message carries.
         count: u64,
         /// The limit it exceeds.
         limit: u64,
+        /// Which limit that is, as for [`Error::TooLarge`].
+        which: Limit,
         /// Whether the limit is the peer's, as for [`Error::TooLarge`].
         by_peer: bool,
     },
@@ -163,22 +172,29 @@ impl fmt::Display for Error {
             Error::TooLarge {
                 size,
                 limit,
+                which,
                 by_peer,
-            } => write!(
-                f,
-                "message of {size} bytes exceeds {} limit of {limit} bytes",
-                whose(*by_peer)
-            ),
+            } => {
+                let what = match which {
+                    Limit::MaxSharedLen | Limit::Given => "sealed buffer or region view",
+                    Limit::System => "memfd or mapping",
+                    _ => "message",
+                };
+                write!(f, "{what} of {size} bytes, over ")?;
+                over(f, *which, *by_peer)?;
+                write!(f, " ({limit} bytes)")
+            }
             Error::TooManyFds {
                 count,
                 limit,
+                which,
                 by_peer,
-            } => write!(
-                f,
-                "message carries {count} file descriptor{}, {} limit is {limit}",
-                if *count == 1 { "" } else { "s" },
-                whose(*by_peer)
-            ),
+            } => {
+                let s = if *count == 1 { "" } else { "s" };
+                write!(f, "message carries {count} file descriptor{s}, over ")?;
+                over(f, *which, *by_peer)?;
+                write!(f, " ({limit})")
+            }
             Error::FdsDropped { expected, received } => write!(
                 f,
                 "the kernel dropped file descriptors ({received} of {expected} arrived): \
@@ -205,9 +221,108 @@ impl fmt::Display for Error {
     }
 }
 
-/// Whose limit a `TooLarge` or `TooManyFds` says was exceeded.
-fn whose(by_peer: bool) -> &'static str {
-    if by_peer { "the peer's" } else { "the" }
+/// Names the limit a `TooLarge` or `TooManyFds` exceeded, and whose it is.
+fn over(f: &mut fmt::Formatter<'_>, which: Limit, by_peer: bool) -> fmt::Result {
+    match (which, by_peer) {
+        (Limit::Unknown, true) => f.write_str("the peer's limit"),
+        (Limit::Unknown, false) => f.write_str("the limit"),
+        (which, true) => write!(f, "the peer's {which}"),
+        (which, false) => write!(f, "{which}"),
+    }
+}
+
+/// Which limit an [`Error::TooLarge`] or [`Error::TooManyFds`] exceeded: a setting of
+/// [`Limits`](crate::Limits) (this side's, or the peer's if the error is `by_peer`), or a bound
+/// that no setting moves. Its `Display` names it as a user would look it up
+/// (`Limits::max_send_fds`).
+///
+/// New variants may be added, for limits checked in later versions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Limit {
+    /// [`Limits::max_message_len`](crate::Limits::max_message_len): a message received, or a
+    /// byte string that came out of the socket (through shared memory or a pipe); also a
+    /// message sent while [`Limits::max_send_len`](crate::Limits::max_send_len) is `None`,
+    /// which sends what `max_message_len` accepts (set `max_send_len` to send more).
+    MaxMessageLen,
+    /// [`Limits::max_send_len`](crate::Limits::max_send_len): a message sent.
+    MaxSendLen,
+    /// [`Limits::max_fds`](crate::Limits::max_fds): a message received; also a message sent
+    /// while [`Limits::max_send_fds`](crate::Limits::max_send_fds) is `None`, which sends
+    /// what `max_fds` accepts (set `max_send_fds` to send more).
+    MaxFds,
+    /// [`Limits::max_send_fds`](crate::Limits::max_send_fds): a message sent.
+    MaxSendFds,
+    /// [`Limits::max_shared_len`](crate::Limits::max_shared_len): a
+    /// [`SealedBuffer`](crate::shared_buffer::SealedBuffer) or
+    /// [`RegionView`](crate::shared_region::RegionView) a connection decoded (outside a
+    /// connection, the default `Limits`' value).
+    MaxSharedLen,
+    /// What the wire format can express: a message sent of 4 GiB or more, or of 2³² fds or
+    /// more (its header counts them in 32 bits).
+    WireFormat,
+    /// What this system holds: a memfd's size (`i64::MAX`) or a mapping's (`isize::MAX`).
+    System,
+    /// The `max_len` passed to
+    /// [`SealedBuffer::from_fd_with_limit`](crate::shared_buffer::SealedBuffer::from_fd_with_limit)
+    /// or
+    /// [`RegionView::from_fd_with_limit`](crate::shared_region::RegionView::from_fd_with_limit),
+    /// or `from_fd`'s `DEFAULT_MAX_LEN`.
+    Given,
+    /// A limit of the peer's that this version does not know: a later version named it.
+    Unknown,
+}
+
+impl Limit {
+    /// This limit's number in a failure reply: 0 for [`Limit::Unknown`]. Numbers are never
+    /// reused.
+    #[allow(dead_code)] // used once failure replies carry it
+    pub(crate) fn code(self) -> u8 {
+        match self {
+            Limit::Unknown => 0,
+            Limit::MaxMessageLen => 1,
+            Limit::MaxSendLen => 2,
+            Limit::MaxFds => 3,
+            Limit::MaxSendFds => 4,
+            Limit::MaxSharedLen => 5,
+            Limit::WireFormat => 6,
+            Limit::System => 7,
+            Limit::Given => 8,
+        }
+    }
+
+    /// The limit a failure reply names by `code`: [`Limit::Unknown`] for a number this
+    /// version does not know (a later version's limit, or a hostile peer's).
+    #[allow(dead_code)] // used once failure replies carry it
+    pub(crate) fn from_code(code: u8) -> Limit {
+        match code {
+            1 => Limit::MaxMessageLen,
+            2 => Limit::MaxSendLen,
+            3 => Limit::MaxFds,
+            4 => Limit::MaxSendFds,
+            5 => Limit::MaxSharedLen,
+            6 => Limit::WireFormat,
+            7 => Limit::System,
+            8 => Limit::Given,
+            _ => Limit::Unknown,
+        }
+    }
+}
+
+impl fmt::Display for Limit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Limit::MaxMessageLen => "Limits::max_message_len",
+            Limit::MaxSendLen => "Limits::max_send_len",
+            Limit::MaxFds => "Limits::max_fds",
+            Limit::MaxSendFds => "Limits::max_send_fds",
+            Limit::MaxSharedLen => "Limits::max_shared_len",
+            Limit::WireFormat => "what the wire format can express",
+            Limit::System => "what this system can hold",
+            Limit::Given => "from_fd_with_limit's max_len or from_fd's DEFAULT_MAX_LEN",
+            Limit::Unknown => "a limit this version does not know",
+        })
+    }
 }
 
 impl Error {
@@ -268,19 +383,23 @@ impl Error {
             Error::TooLarge {
                 size,
                 limit,
+                which,
                 by_peer,
             } => Error::TooLarge {
                 size: *size,
                 limit: *limit,
+                which: *which,
                 by_peer: *by_peer,
             },
             Error::TooManyFds {
                 count,
                 limit,
+                which,
                 by_peer,
             } => Error::TooManyFds {
                 count: *count,
                 limit: *limit,
+                which: *which,
                 by_peer: *by_peer,
             },
             Error::FdsDropped { expected, received } => Error::FdsDropped {
@@ -345,26 +464,85 @@ impl From<Error> for io::Error {
 
 #[cfg(test)]
 mod tests {
-    use super::Error;
+    use super::{Error, Limit};
 
     #[test]
     fn a_count_of_fds_reads_as_words() {
-        let fds = |count, by_peer| {
+        let fds = |count, which, by_peer| {
             let limit = 0;
             Error::TooManyFds {
                 count,
                 limit,
+                which,
                 by_peer,
             }
             .to_string()
         };
         assert_eq!(
-            fds(1, false),
-            "message carries 1 file descriptor, the limit is 0"
+            fds(1, Limit::MaxSendFds, false),
+            "message carries 1 file descriptor, over Limits::max_send_fds (0)"
         );
         assert_eq!(
-            fds(2, true),
-            "message carries 2 file descriptors, the peer's limit is 0"
+            fds(2, Limit::MaxFds, true),
+            "message carries 2 file descriptors, over the peer's Limits::max_fds (0)"
         );
+        assert_eq!(
+            fds(2, Limit::Unknown, true),
+            "message carries 2 file descriptors, over the peer's limit (0)"
+        );
+    }
+
+    #[test]
+    fn a_size_names_its_limit() {
+        let large = |size, which, by_peer| {
+            let limit = 100;
+            Error::TooLarge {
+                size,
+                limit,
+                which,
+                by_peer,
+            }
+            .to_string()
+        };
+        assert_eq!(
+            large(200, Limit::MaxSendLen, false),
+            "message of 200 bytes, over Limits::max_send_len (100 bytes)"
+        );
+        assert_eq!(
+            large(200, Limit::MaxMessageLen, true),
+            "message of 200 bytes, over the peer's Limits::max_message_len (100 bytes)"
+        );
+        assert_eq!(
+            large(4096, Limit::MaxSharedLen, false),
+            "sealed buffer or region view of 4096 bytes, over Limits::max_shared_len (100 bytes)"
+        );
+        assert_eq!(
+            large(4096, Limit::Given, false),
+            "sealed buffer or region view of 4096 bytes, over from_fd_with_limit's max_len or \
+             from_fd's DEFAULT_MAX_LEN (100 bytes)"
+        );
+    }
+
+    /// Every limit survives a failure reply; a number this version does not know reads as
+    /// `Unknown`, whatever it is.
+    #[test]
+    fn limits_round_trip_their_codes() {
+        let all = [
+            Limit::MaxMessageLen,
+            Limit::MaxSendLen,
+            Limit::MaxFds,
+            Limit::MaxSendFds,
+            Limit::MaxSharedLen,
+            Limit::WireFormat,
+            Limit::System,
+            Limit::Given,
+            Limit::Unknown,
+        ];
+        for limit in all {
+            assert_eq!(Limit::from_code(limit.code()), limit);
+        }
+        for code in 9..=u8::MAX {
+            assert_eq!(Limit::from_code(code), Limit::Unknown);
+        }
     }
 }

@@ -42,7 +42,8 @@ impl Frame {
 /// What a receiver accepts from its peer. Checked against the sizes a message announces,
 /// before anything is allocated for it; a message over them is read to its end and dropped,
 /// and reported as [`Error::TooLarge`](crate::Error::TooLarge) or
-/// [`Error::TooManyFds`](crate::Error::TooManyFds).
+/// [`Error::TooManyFds`](crate::Error::TooManyFds), whose `which` names the field exceeded
+/// ([`Limit`](crate::Limit)).
 ///
 /// A sender holds itself to its own `max_message_len` and `max_fds` too (or `max_send_len`
 /// and `max_send_fds`, if set): a message over them is refused before any of it goes out,

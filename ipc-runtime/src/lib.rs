@@ -34,7 +34,7 @@ pub mod worker;
 pub use closer::wait_for_closes;
 pub use codec::{bytes, fd, fds};
 pub use connection::{Authorizer, Connection};
-pub use error::{Error, Result};
+pub use error::{Error, Limit, Result};
 pub use frame::{Frame, Limits};
 pub use listener::Listener;
 pub use server::{Server, Serving};

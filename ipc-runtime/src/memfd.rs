@@ -16,7 +16,7 @@ use nix::sys::stat::{SFlag, fstat};
 use nix::sys::statfs::{HUGETLBFS_MAGIC, fstatfs};
 use nix::unistd::ftruncate;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Limit, Result};
 
 /// Whether `MFD_NOEXEC_SEAL` (Linux 6.3) was refused once, so we stop asking for it.
 static NO_NOEXEC_SEAL: AtomicBool = AtomicBool::new(false);
@@ -44,6 +44,7 @@ pub(crate) fn new_memfd(len: usize) -> Result<OwnedFd> {
         let size = i64::try_from(len).map_err(|_| Error::TooLarge {
             size: len as u64,
             limit: i64::MAX as u64,
+            which: Limit::System,
             by_peer: false,
         })?;
         ftruncate(&fd, size)?;
@@ -80,9 +81,15 @@ pub(crate) struct Demand {
 /// Checks a received fd against `demand` and maps it read-only: the fd must be a regular file
 /// (a memfd, not on hugetlbfs) carrying the demanded seals, of at most `max_len` bytes (a
 /// size the seals have fixed), and open for reading unless it is empty (nothing is mapped
-/// then). A refusal is an [`Error::Io`] of kind `InvalidInput` (or [`Error::TooLarge`]).
-pub(crate) fn map_received(fd: &OwnedFd, demand: &Demand, max_len: usize) -> Result<Mapping> {
-    let len = checked_len(fd, demand, max_len)?;
+/// then). A refusal is an [`Error::Io`] of kind `InvalidInput` (or [`Error::TooLarge`], which
+/// names `max_len` as `which`, unless it is over what this process can map).
+pub(crate) fn map_received(
+    fd: &OwnedFd,
+    demand: &Demand,
+    max_len: usize,
+    which: Limit,
+) -> Result<Mapping> {
+    let len = checked_len(fd, demand, max_len, which)?;
     Mapping::new(fd, len, Access::Read).map_err(|e| match e {
         // Sealed and a memfd, but opened write-only (reopened through /proc): as unreadable
         // as any other fd that is not a buffer, so refused alike, not a permission failure.
@@ -103,7 +110,7 @@ fn refused(demand: &Demand, why: String) -> Error {
 }
 
 /// The size of a received fd that meets `demand` (see [`map_received`]).
-fn checked_len(fd: &OwnedFd, demand: &Demand, max_len: usize) -> Result<usize> {
+fn checked_len(fd: &OwnedFd, demand: &Demand, max_len: usize, which: Limit) -> Result<usize> {
     let refuse = |why: String| refused(demand, why);
     let seals = match fcntl(fd, FcntlArg::F_GET_SEALS) {
         Ok(bits) => SealFlag::from_bits_retain(bits),
@@ -144,13 +151,18 @@ fn checked_len(fd: &OwnedFd, demand: &Demand, max_len: usize) -> Result<usize> {
             "the memfd is on hugetlbfs (MFD_HUGETLB), where reading it can raise SIGBUS".into(),
         ));
     }
-    let limit = max_len.min(isize::MAX as usize);
+    let (limit, which) = if max_len > isize::MAX as usize {
+        (isize::MAX as usize, Limit::System)
+    } else {
+        (max_len, which)
+    };
     usize::try_from(stat.st_size)
         .ok()
         .filter(|&len| len <= limit)
         .ok_or(Error::TooLarge {
             size: stat.st_size as u64,
             limit: limit as u64,
+            which,
             by_peer: false,
         })
 }

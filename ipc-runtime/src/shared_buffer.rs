@@ -58,7 +58,7 @@ use nix::errno::Errno;
 use nix::fcntl::SealFlag;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Limit, Result};
 use crate::memfd::{Access, Demand, Mapping, add_seals, map_received, new_memfd};
 
 /// The seals a receiver requires before it reads a buffer in place.
@@ -206,7 +206,7 @@ impl SealedBuffer {
 
     /// [`SealedBuffer::from_fd`] with another size limit.
     pub fn from_fd_with_limit(fd: OwnedFd, max_len: usize) -> Result<SealedBuffer> {
-        let map = map_received(&fd, &DEMAND, max_len)?;
+        let map = map_received(&fd, &DEMAND, max_len, Limit::Given)?;
         Ok(SealedBuffer { fd, map })
     }
 

@@ -66,7 +66,7 @@ use nix::fcntl::SealFlag;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::bulk_copy::copy_racy;
-use crate::error::{Error, Result};
+use crate::error::{Error, Limit, Result};
 use crate::memfd::{Access, Demand, Mapping, add_seals, map_received, new_memfd};
 
 /// The seals [`SharedRegion::new`] applies once its writable mapping exists.
@@ -101,6 +101,7 @@ impl SharedRegion {
         let len = len.checked_next_multiple_of(page).ok_or(Error::TooLarge {
             size: len as u64,
             limit: isize::MAX as u64,
+            which: Limit::System,
             by_peer: false,
         })?;
         let fd = new_memfd(len)?;
@@ -186,7 +187,7 @@ impl RegionView {
 
     /// [`RegionView::from_fd`] with another size limit.
     pub fn from_fd_with_limit(fd: OwnedFd, max_len: usize) -> Result<RegionView> {
-        let map = map_received(&fd, &DEMAND, max_len)?;
+        let map = map_received(&fd, &DEMAND, max_len, Limit::Given)?;
         Ok(RegionView { fd, map })
     }
 
@@ -194,7 +195,7 @@ impl RegionView {
     /// refused is closed by typed-ipc's closer, off this thread, as closing it may wait for as
     /// long as the peer likes (a pipe whose lock it holds, sent in place of a memfd).
     pub(crate) fn from_peer_fd(fd: OwnedFd, max_len: usize) -> Result<RegionView> {
-        match map_received(&fd, &DEMAND, max_len) {
+        match map_received(&fd, &DEMAND, max_len, Limit::Given) {
             Ok(map) => Ok(RegionView { fd, map }),
             Err(e) => {
                 crate::closer::close(fd);

@@ -246,6 +246,7 @@ fn size_limit() {
         Err(Error::TooLarge {
             size: 5000,
             limit: 4096,
+            which: ipc_runtime::Limit::Given,
             by_peer: false,
             ..
         }) => {}

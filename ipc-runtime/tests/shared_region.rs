@@ -229,6 +229,7 @@ fn size_limit() {
         Err(Error::TooLarge {
             size: 12288,
             limit: 8192,
+            which: ipc_runtime::Limit::Given,
             by_peer: false,
             ..
         })

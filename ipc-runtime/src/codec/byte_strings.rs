@@ -279,6 +279,7 @@ fn unfetched<E: serde::de::Error>(why: Unfetched) -> E {
             what: "a byte string",
             size: len,
             limit,
+            which: crate::error::Limit::MaxMessageLen,
         }),
     }
 }

@@ -31,7 +31,7 @@ use bincode::Options;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Limit, Result};
 use crate::shared_bytes::SharedBytes;
 use bounded::{Bounded, Budget};
 
@@ -57,6 +57,7 @@ thread_local! {
                 what: "",
                 size: 0,
                 limit: 0,
+                which: Limit::Unknown,
             }),
         }
     };
@@ -106,12 +107,13 @@ impl Fetched {
 }
 
 /// Something refused as over this side's limits while decoding: what (`"a byte string"`,
-/// `"a sealed buffer"`), its size, and the limit.
+/// `"a sealed buffer"`), its size, the limit, and which limit that is.
 #[derive(Clone, Copy)]
 struct OverLimit {
     what: &'static str,
     size: u64,
     limit: u64,
+    which: Limit,
 }
 
 /// Where the message being encoded may place a byte string: on [`encode_with`]'s stack,
@@ -526,6 +528,7 @@ fn undecodable(e: Box<bincode::ErrorKind>) -> Error {
                 Error::TooLarge {
                     size: refused.size,
                     limit: refused.limit,
+                    which: refused.which,
                     by_peer: false,
                 }
             }
@@ -543,8 +546,13 @@ fn undecodable(e: Box<bincode::ErrorKind>) -> Error {
 /// [`undecodable`]).
 #[cold]
 fn over_limit(refused: OverLimit) -> String {
-    let OverLimit { what, size, limit } = refused;
-    format!("{what} of {size} bytes, over this side's limit of {limit} bytes")
+    let OverLimit {
+        what,
+        size,
+        limit,
+        which,
+    } = refused;
+    format!("{what} of {size} bytes, over this side's {which} ({limit} bytes)")
 }
 
 /// Notes `refused` in the decode's context, so that the decode fails as [`Error::TooLarge`]
@@ -600,7 +608,7 @@ pub(crate) fn shared_fd<'de, T, D: serde::Deserializer<'de>>(
     let fd: OwnedFd = fd::deserialize(d)?;
     let limit = with_current_store(|store| store.max_shared_len())
         .unwrap_or(crate::Limits::default().max_shared_len);
-    match crate::memfd::map_received(&fd, demand, limit) {
+    match crate::memfd::map_received(&fd, demand, limit, Limit::MaxSharedLen) {
         Ok(map) => Ok(make(fd, map)),
         Err(e) => Err(refused_shared_fd(fd, demand.what, e)),
     }
@@ -613,7 +621,14 @@ pub(crate) fn shared_fd<'de, T, D: serde::Deserializer<'de>>(
 fn refused_shared_fd<E: serde::de::Error>(fd: OwnedFd, what: &'static str, e: Error) -> E {
     crate::closer::close(fd);
     match e {
-        Error::TooLarge { size, limit, .. } => refuse_over_limit(OverLimit { what, size, limit }),
+        Error::TooLarge {
+            size, limit, which, ..
+        } => refuse_over_limit(OverLimit {
+            what,
+            size,
+            limit,
+            which,
+        }),
         e if failed_here(&e) => refuse_here(what, &e),
         e => E::custom(e),
     }

@@ -166,6 +166,7 @@ fn an_over_limit_string_let_pass_leaves_a_later_failure_malformed() {
         Err(Error::TooLarge {
             size,
             limit: 10,
+            which: crate::Limit::MaxMessageLen,
             by_peer: false,
         }) if size == BIG as u64 => {}
         other => panic!("expected TooLarge, got {:?}", other.map(|_| ())),
@@ -229,6 +230,7 @@ fn a_sealed_buffer_over_the_stores_limit_is_too_large() {
         Err(Error::TooLarge {
             size: 101,
             limit: 100,
+            which: crate::Limit::MaxSharedLen,
             by_peer: false,
         }) => {}
         other => panic!("expected TooLarge, got {other:?}"),

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::envelope::Envelope;
 use super::trace::{self, printable};
-use crate::error::Error;
+use crate::error::{Error, Limit};
 use crate::service::InterfaceInfo;
 
 /// A method of the peer's interface, as a mismatch reply lists it: `(cmd, name, signature,
@@ -155,14 +155,17 @@ impl Failure {
                 listed(served.iter(), |s| printable(s), ", ")
             )),
             Failure::Mismatch(theirs) => Error::InterfaceMismatch(describe(ours, &theirs)),
+            // The failure does not say which of the peer's limits it was.
             Failure::TooLarge { size, limit } => Error::TooLarge {
                 size,
                 limit,
+                which: Limit::Unknown,
                 by_peer: true,
             },
             Failure::TooManyFds { count, limit } => Error::TooManyFds {
                 count,
                 limit,
+                which: Limit::Unknown,
                 by_peer: true,
             },
         }
@@ -569,6 +572,7 @@ mod tests {
         let over = Error::TooLarge {
             size: 9000,
             limit: 4096,
+            which: Limit::MaxSendLen,
             by_peer: false,
         };
         let text = "é".repeat(11); // 22 bytes: half falls inside a character
@@ -591,6 +595,7 @@ mod tests {
         let by_peer = Error::TooLarge {
             size: 9000,
             limit: 4096,
+            which: Limit::MaxSendLen,
             by_peer: true,
         };
         let long = Failure::Panicked("x".repeat(100));

@@ -970,7 +970,8 @@ fn limited_pair(limits: crate::frame::Limits) -> (Connection, Connection) {
     (a, b)
 }
 
-/// Fails unless `refused` is this side's refusal of 5 fds over its limit of 4.
+/// Fails unless `refused` is this side's refusal of 5 fds over its limit of 4: its
+/// `max_fds`, which bounds what it sends while `max_send_fds` is `None`.
 pub(crate) fn assert_five_fds_over_this_sides_four<T: std::fmt::Debug>(refused: &Result<T>) {
     assert!(
         matches!(
@@ -978,6 +979,7 @@ pub(crate) fn assert_five_fds_over_this_sides_four<T: std::fmt::Debug>(refused: 
             Err(Error::TooManyFds {
                 count: 5,
                 limit: 4,
+                which: crate::Limit::MaxFds,
                 by_peer: false,
                 ..
             })
@@ -1038,7 +1040,11 @@ fn a_message_over_this_sides_limits_is_refused_unsent() {
     let (placed, inline) = (vec![7u8; 8 << 10], vec![1u8; 100 << 10]);
     let refused = a.call::<_, u64>(&SKIM, 2, &(Bytes(&placed), Bytes(&inline)), None);
     assert!(
-        matches!(refused, Err(Error::TooLarge { limit, .. }) if limit == 64 << 10),
+        matches!(
+            refused,
+            Err(Error::TooLarge { limit, which: crate::Limit::MaxMessageLen, .. })
+                if limit == 64 << 10
+        ),
         "{refused:?}"
     );
     assert!(
@@ -1981,7 +1987,7 @@ pub(crate) fn call_one_that_runs_anyway(client: &Connection) {
     );
     let data = vec![7u8; 150 << 10];
     match client.call::<_, u64>(&SKIM, 2, &Bytes(&data), None) {
-        Err(Error::Remote(why)) => assert!(why.contains("exceeds the limit"), "{why}"),
+        Err(Error::Remote(why)) => assert!(why.contains("over Limits::max_message_len"), "{why}"),
         other => panic!("expected the answer's refusal, got {other:?}"),
     }
     let small = client.call::<_, u64>(&SKIM, 2, &Bytes(&[1u8; 10][..]), None);

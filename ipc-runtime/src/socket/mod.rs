@@ -16,7 +16,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{self as ns, AddressFamily, SockFlag, SockType, UnixAddr, sockopt};
 use nix::sys::time::TimeVal;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Limit, Result};
 use crate::frame::Limits;
 use crate::wire::{DATAGRAM_MAX, FDS_PER_DATAGRAM, FIRST_MAX, HEADER_LEN};
 
@@ -393,24 +393,35 @@ fn whole_sizes(chunk: usize, limits: Limits) -> (usize, usize) {
     (len, FDS_PER_DATAGRAM.min(limits.send_fds()))
 }
 
-/// Why a message of `len` bytes and `fds` fds is over `max_len` bytes or `max_fds` fds (its
-/// size first): the limits are what this side sends ([`Limits::send_len`],
-/// [`Limits::send_fds`]) for a message going out, what it accepts (`max_message_len`,
-/// `max_fds`) for one coming in.
+/// Why a message of `len` bytes and `fds` fds is over `limits` (its size first): what this
+/// side sends ([`Limits::send_len`], [`Limits::send_fds`]) for a message going out
+/// (`sending`), what it accepts (`max_message_len`, `max_fds`) for one coming in. Names the
+/// setting that bounds it: a send with no `max_send_len` (`max_send_fds`) is bounded by
+/// `max_message_len` (`max_fds`).
 #[cold]
-fn over_limits(len: usize, fds: usize, max_len: usize, max_fds: usize) -> Error {
+#[inline(never)]
+fn over_limits(len: usize, fds: usize, limits: &Limits, sending: bool) -> Error {
+    let (max_len, len_limit) = match limits.max_send_len {
+        Some(max) if sending => (max, Limit::MaxSendLen),
+        _ => (limits.max_message_len, Limit::MaxMessageLen),
+    };
     if len > max_len {
-        Error::TooLarge {
+        return Error::TooLarge {
             size: len as u64,
             limit: max_len as u64,
+            which: len_limit,
             by_peer: false,
-        }
-    } else {
-        Error::TooManyFds {
-            count: fds as u64,
-            limit: max_fds as u64,
-            by_peer: false,
-        }
+        };
+    }
+    let (max_fds, fds_limit) = match limits.max_send_fds {
+        Some(max) if sending => (max, Limit::MaxSendFds),
+        _ => (limits.max_fds, Limit::MaxFds),
+    };
+    Error::TooManyFds {
+        count: fds as u64,
+        limit: max_fds as u64,
+        which: fds_limit,
+        by_peer: false,
     }
 }
 

@@ -225,8 +225,7 @@ impl Socket {
         wait: Wait,
     ) -> Result<()> {
         let (total_len, total_fds) = (header.total_len as usize, header.total_fds as usize);
-        let (max_len, max_fds) = (self.limits.max_message_len, self.limits.max_fds);
-        let why = over_limits(total_len, total_fds, max_len, max_fds);
+        let why = over_limits(total_len, total_fds, &self.limits, false);
         let len = frame.payload.len();
         frame.payload.truncate(REFUSED_KEPT);
         frame.discard_fds(); // to the closer: a hostile peer's fd may be slow to close

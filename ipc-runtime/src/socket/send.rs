@@ -9,7 +9,7 @@ use nix::poll::PollFlags;
 use parking_lot::MutexGuard;
 
 use super::{Socket, over_limits};
-use crate::error::{Error, Result};
+use crate::error::{Error, Limit, Result};
 use crate::sys;
 use crate::wire::{FDS_PER_DATAGRAM, FIRST_MAX, HEADER_LEN, Header, Kind};
 
@@ -272,12 +272,7 @@ impl Socket {
     #[inline]
     pub(crate) fn check_outgoing(&self, len: usize, fds: usize) -> Result<()> {
         if len > self.limits.send_len() || fds > self.limits.send_fds() {
-            return Err(over_limits(
-                len,
-                fds,
-                self.limits.send_len(),
-                self.limits.send_fds(),
-            ));
+            return Err(over_limits(len, fds, &self.limits, true));
         }
         Ok(())
     }
@@ -580,11 +575,13 @@ impl SendCursor {
         let total_len = u32::try_from(len).map_err(|_| Error::TooLarge {
             size: len as u64,
             limit: u32::MAX as u64,
+            which: Limit::WireFormat,
             by_peer: false,
         })?;
         let total_fds = u32::try_from(fds).map_err(|_| Error::TooManyFds {
             count: fds as u64,
             limit: u32::MAX as u64,
+            which: Limit::WireFormat,
             by_peer: false,
         })?;
         Ok(SendCursor {

@@ -737,7 +737,11 @@ fn an_async_message_over_this_sides_limits_is_refused_unsent() {
             .call::<_, u64>(&SKIM, 2, (Bytes(placed), Bytes(inline)), None)
             .await;
         assert!(
-            matches!(refused, Err(Error::TooLarge { limit, .. }) if limit == 1 << 20),
+            matches!(
+                refused,
+                Err(Error::TooLarge { limit, which: crate::Limit::MaxMessageLen, .. })
+                    if limit == 1 << 20
+            ),
             "{refused:?}"
         );
         assert!(
