@@ -253,7 +253,7 @@ fn check_refused(scenario: &str) {
         "<- Call #1 Lab::count (not received: message carries 2 file descriptors, over \
          Limits::max_fds (1))",
     );
-    has("-> Failure #1: TooManyFds { count: 2, limit: 1 }");
+    has("-> Failure #1: TooManyFds { count: 2, limit: 1, which: MaxFds }");
     has("<- Call #2 Lab::reverse (10 bytes, 0 fds)");
 }
 
@@ -1395,7 +1395,10 @@ fn a_refused_call_is_said_once_its_reader_has_let_the_role_go() {
              descriptors, over Limits::max_fds (1))"
         ),
     );
-    assert_line(&stderr, "-> Failure #77: TooManyFds { count: 2, limit: 1 }");
+    assert_line(
+        &stderr,
+        "-> Failure #77: TooManyFds { count: 2, limit: 1, which: MaxFds }",
+    );
 }
 
 /// While another thread reads for its own call, on an end that takes one fd a message, this

@@ -196,20 +196,22 @@ fn says_take_refused(report: &str) -> bool {
     report.lines().any(|line| {
         line.contains("a oneway message Buffers::take failed")
             && line.contains("over this side's limits")
-            && line.contains(&format!("{} bytes, at most {LIMIT}", LIMIT + 1))
+            && line.contains(&format!(
+                "{} bytes, at most {LIMIT} (Limits::max_shared_len)",
+                LIMIT + 1
+            ))
     })
 }
 
 /// Whether `result` is the refusal of a buffer one byte over `LIMIT` (or, for a region,
-/// whose size is whole pages, one page over), by the peer or not; this side's refusal names
+/// whose size is whole pages, one page over), by the peer or not, naming
 /// `Limits::max_shared_len`.
 fn refused<T>(result: &Result<T, Error>, by_peer: bool) -> bool {
     let over = [LIMIT as u64 + 1, (LIMIT + page_size()) as u64];
     matches!(
         *result,
-        Err(Error::TooLarge { size, limit, which, by_peer: whose, .. })
+        Err(Error::TooLarge { size, limit, which: Limit::MaxSharedLen, by_peer: whose, .. })
             if over.contains(&size) && limit == LIMIT as u64 && whose == by_peer
-                && (by_peer || which == Limit::MaxSharedLen)
     )
 }
 
@@ -229,9 +231,14 @@ fn a_request_buffer_over_the_workers_limit_fails_its_call_and_the_fd_is_closed()
     let before = buffers.open_fds().unwrap();
     let over = buffers.measure(sealed(LIMIT + 1));
     assert!(refused(&over, true), "{over:?}");
-    assert!(
-        over.unwrap_err().to_string().contains("the peer's limit"),
-        "says whose limit"
+    assert_eq!(
+        over.unwrap_err().to_string(),
+        format!(
+            "sealed buffer or region view of {} bytes, over the peer's Limits::max_shared_len \
+             ({LIMIT} bytes)",
+            LIMIT + 1
+        ),
+        "says which limit, and whose"
     );
     let over = buffers.measure_region(region(LIMIT + 1));
     assert!(refused(&over, true), "{over:?}");

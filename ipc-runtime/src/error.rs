@@ -274,9 +274,8 @@ pub enum Limit {
 }
 
 impl Limit {
-    /// This limit's number in a failure reply: 0 for [`Limit::Unknown`]. Numbers are never
-    /// reused.
-    #[allow(dead_code)] // used once failure replies carry it
+    /// This limit's number in a failure reply (wire version 14): 0 for [`Limit::Unknown`].
+    /// Numbers are never reused.
     pub(crate) fn code(self) -> u8 {
         match self {
             Limit::Unknown => 0,
@@ -293,7 +292,6 @@ impl Limit {
 
     /// The limit a failure reply names by `code`: [`Limit::Unknown`] for a number this
     /// version does not know (a later version's limit, or a hostile peer's).
-    #[allow(dead_code)] // used once failure replies carry it
     pub(crate) fn from_code(code: u8) -> Limit {
         match code {
             1 => Limit::MaxMessageLen,

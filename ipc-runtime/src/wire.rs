@@ -54,8 +54,10 @@ pub const HEADER_LEN: usize = 16;
 /// mailbox 2 says how many fds its sender accepts in one message (the token); an end whose
 /// `Limits::max_fds` is neither 0 nor the default sends it as the first message whose lane
 /// word says it reads lanes, and the receiver places nothing whose fd would take a message
-/// over it.
-pub const VERSION: u8 = 13;
+/// over it. 14: a failure reply over the receiver's limits (`Failure::TooLarge`,
+/// `Failure::TooManyFds`) also names the setting it exceeded (a byte after the limit, a
+/// [`Limit`](crate::Limit); a number the receiver does not know reads as `Limit::Unknown`).
+pub const VERSION: u8 = 14;
 const MAGIC: [u8; 2] = *b"TI";
 /// Most payload bytes a first datagram may carry: the receiver reads first datagrams into a
 /// buffer of this size, so small messages need no allocation.

@@ -186,14 +186,15 @@ pub fn raw_call(socket: &Socket, msg: &[u8], fds: &[BorrowedFd<'_>], cookie: u64
 }
 
 /// Checks that `payload` is a failure reply saying the request was `size` bytes, over the
-/// server's limits (`Failure::TooLarge`: variant 7, then size and limit), and returns the
-/// limit.
+/// server's `Limits::max_message_len` (`Failure::TooLarge`: variant 7, then size, limit, and
+/// the setting's number, 1), and returns the limit.
 pub fn assert_too_large(payload: &[u8], size: u64) -> u64 {
     assert_eq!(payload[0], 4, "a failure reply: {payload:?}");
-    let body = &payload[payload.len() - 20..];
+    let body = &payload[payload.len() - 21..];
     assert_eq!(body[..4], 7u32.to_le_bytes(), "TooLarge: {payload:?}");
     assert_eq!(body[4..12], size.to_le_bytes(), "its size: {payload:?}");
-    u64::from_le_bytes(body[12..].try_into().unwrap())
+    assert_eq!(body[20], 1, "over max_message_len: {payload:?}");
+    u64::from_le_bytes(body[12..20].try_into().unwrap())
 }
 
 /// One end of a socket pair whose other end played a typed-ipc of another release refusing

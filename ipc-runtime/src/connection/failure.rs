@@ -35,11 +35,45 @@ pub enum Failure {
     /// received, so the method did not run.
     Unanswered(String),
     /// The request was over the receiver's limits: `size` payload bytes (or a byte string's,
-    /// sent out of the socket, or a sealed buffer's or region view's file), `limit` allowed.
-    /// The method did not run.
-    TooLarge { size: u64, limit: u64 },
-    /// The request carried more fds than the receiver's limits allow. The method did not run.
-    TooManyFds { count: u64, limit: u64 },
+    /// sent out of the socket, or a sealed buffer's or region view's file), `limit` allowed,
+    /// by the receiver's setting `which` (wire version 14). The method did not run.
+    TooLarge {
+        size: u64,
+        limit: u64,
+        which: WireLimit,
+    },
+    /// The request carried more fds than the receiver's limits allow (its setting `which`, as
+    /// for `TooLarge`). The method did not run.
+    TooManyFds {
+        count: u64,
+        limit: u64,
+        which: WireLimit,
+    },
+}
+
+/// A [`Limit`] as a failure reply carries it: one byte, [`Limit::code`]. A number this end does
+/// not know (a later version's limit, or a hostile peer's) decodes as [`Limit::Unknown`], not
+/// as an error: the failure still says the request was over the peer's limits, and how far.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct WireLimit(pub Limit);
+
+impl Serialize for WireLimit {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u8(self.0.code())
+    }
+}
+
+impl<'de> Deserialize<'de> for WireLimit {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<WireLimit, D::Error> {
+        u8::deserialize(d).map(|code| WireLimit(Limit::from_code(code)))
+    }
+}
+
+/// Traced as the limit's name (`MaxFds`), not as a number.
+impl std::fmt::Debug for WireLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
 }
 
 impl Failure {
@@ -59,8 +93,23 @@ impl Failure {
     /// or the decoding of its arguments reports it), if it is that.
     pub(crate) fn over_limits(error: &Error) -> Option<Failure> {
         match *error {
-            Error::TooLarge { size, limit, .. } => Some(Failure::TooLarge { size, limit }),
-            Error::TooManyFds { count, limit, .. } => Some(Failure::TooManyFds { count, limit }),
+            Error::TooLarge {
+                size, limit, which, ..
+            } => Some(Failure::TooLarge {
+                size,
+                limit,
+                which: WireLimit(which),
+            }),
+            Error::TooManyFds {
+                count,
+                limit,
+                which,
+                ..
+            } => Some(Failure::TooManyFds {
+                count,
+                limit,
+                which: WireLimit(which),
+            }),
             _ => None,
         }
     }
@@ -155,17 +204,20 @@ impl Failure {
                 listed(served.iter(), |s| printable(s), ", ")
             )),
             Failure::Mismatch(theirs) => Error::InterfaceMismatch(describe(ours, &theirs)),
-            // The failure does not say which of the peer's limits it was.
-            Failure::TooLarge { size, limit } => Error::TooLarge {
+            Failure::TooLarge { size, limit, which } => Error::TooLarge {
                 size,
                 limit,
-                which: Limit::Unknown,
+                which: which.0,
                 by_peer: true,
             },
-            Failure::TooManyFds { count, limit } => Error::TooManyFds {
+            Failure::TooManyFds {
                 count,
                 limit,
-                which: Limit::Unknown,
+                which,
+            } => Error::TooManyFds {
+                count,
+                limit,
+                which: which.0,
                 by_peer: true,
             },
         }
@@ -212,14 +264,20 @@ impl std::fmt::Display for Failure {
             Failure::BadRequest(why) => write!(f, "its arguments did not decode: {why}"),
             Failure::Refused(why) => write!(f, "refused: {why}"),
             Failure::Unanswered(why) => write!(f, "{why}"),
-            Failure::TooLarge { size, limit } => write!(
+            Failure::TooLarge { size, limit, which } => write!(
                 f,
-                "the request is over this side's limits: {size} bytes, at most {limit}"
+                "the request is over this side's limits: {size} bytes, at most {limit} ({})",
+                which.0
             ),
-            Failure::TooManyFds { count, limit } => write!(
+            Failure::TooManyFds {
+                count,
+                limit,
+                which,
+            } => write!(
                 f,
                 "the request is over this side's limits: {count} file descriptors, at most \
-                 {limit}"
+                 {limit} ({})",
+                which.0
             ),
         }
     }

@@ -2428,6 +2428,60 @@ fn a_message_stamped_while_the_socket_is_full_leaves_the_announcement_to_the_nex
     assert_ne!(envelope::lane(&next.payload) & super::lane::READS_LANES, 0);
 }
 
+/// A peer's refusal of a request over its limits names the peer's setting; one naming a
+/// setting this version does not know (a later version's) reads as `Limit::Unknown`, with the
+/// sizes the peer sent, rather than failing to decode.
+#[test]
+fn a_refusal_by_the_peer_names_its_setting_even_one_unknown_here() {
+    use super::failure::{Failure, WireLimit};
+    let (ours, theirs) = crate::Socket::pair().unwrap();
+    let a = Connection::new(ours);
+    for (code, which) in [(3, crate::Limit::MaxFds), (200, crate::Limit::Unknown)] {
+        let caller = {
+            let a = a.clone();
+            std::thread::spawn(move || a.call::<_, u64>(&IFACE, 1, &(), None))
+        };
+        let call = theirs.recv().unwrap();
+        let mut m = vec![0; envelope::LEN];
+        Envelope {
+            kind: Kind::Failure,
+            cmd: 1,
+            cookie: Envelope::read(&call.payload).unwrap().cookie,
+            interface: IFACE.id,
+            signature: IFACE.signature,
+        }
+        .write(&mut m);
+        let failure = Failure::TooManyFds {
+            count: 5,
+            limit: 4,
+            which: WireLimit(crate::Limit::MaxFds),
+        };
+        codec::encode(&failure, &mut m, &mut Vec::new()).unwrap();
+        // The setting is the body's last byte.
+        *m.last_mut().unwrap() = code;
+        theirs.send(&m, &[]).unwrap();
+        match caller.join().unwrap() {
+            Err(
+                e @ Error::TooManyFds {
+                    count: 5,
+                    limit: 4,
+                    which: w,
+                    by_peer: true,
+                    ..
+                },
+            ) if w == which => {
+                let whose = match which {
+                    crate::Limit::Unknown => "the peer's limit".to_string(),
+                    _ => format!("the peer's {which}"),
+                };
+                let want = format!("message carries 5 file descriptors, over {whose} (4)");
+                assert_eq!(e.to_string(), want);
+            }
+            other => panic!("code {code}: expected TooManyFds naming {which:?}, got {other:?}"),
+        }
+    }
+}
+
 /// A peer that answers one call twice (a reply, then a failure for the same cookie, as the
 /// async server did for a reply its handler gave up on part-way) while another thread reads
 /// for its caller: the first answer stays in the caller's slot, and the second is dropped.
