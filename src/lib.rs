@@ -84,7 +84,8 @@
 //!   there is no nested event loop. An end that expects calls must therefore be serving, and
 //!   with as many threads as calls may nest: if A calls B, B's handler calls A, and A's
 //!   handler calls B again, B's one serving thread is still busy with the first call, so B
-//!   needs [`Server::threads`]`(2)` (or the innermost call waits until its timeout).
+//!   needs [`Server::threads`]`(2)` (or the innermost call waits until its timeout). Count
+//!   every chain in flight at once: four callers nesting that deep need eight threads.
 //! - When the peer dies, every waiting caller gets [`Error::Disconnected`] at once.
 //!
 //! The socket is [`AsFd`](std::os::fd::AsFd) and [`Socket::try_recv`] never blocks, so an

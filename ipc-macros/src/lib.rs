@@ -53,7 +53,8 @@ use quote::quote;
 ///   timeout too long for the clock (`Duration::MAX`), a call waits as long as the peer is
 ///   alive; a call that times out tells the peer, which drops it if it has not started it,
 ///   but a blocking method already running runs on to its end: with one serving thread,
-///   later calls wait behind it), `connection()`, and one method
+///   later calls wait behind it; the copy shares the connection and, like any clone, keeps
+///   its socket open until dropped), `connection()`, and one method
 ///   per trait method with the same name, parameters, doc comments and `#[deprecated]`,
 ///   returning `Result<R, typed_ipc::Error>` for a declared return type `R`: a method declared
 ///   `-> Result<Caps, ConfigError>` returns `Result<Result<Caps, ConfigError>, Error>`, the
@@ -178,7 +179,7 @@ use quote::quote;
 ///   `Clone` sharing the implementation, as in the blocking flavour (the trait is not
 ///   object-safe, so no `Arc<dyn Ipa>`), `serve(self, AsyncConnection)`
 ///   (starts serving at once and returns a `Send + 'static` future that resolves when the peer
-///   hangs up: spawn it or await it), `async fn dispatch(&self, IpaRequest)`, and the
+///   has hung up and every handler has finished: spawn it or await it), `async fn dispatch(&self, IpaRequest)`, and the
 ///   runtime's `AsyncService` implementation. Each call runs as a task of its own, once the
 ///   oneway messages that arrived before it have run; oneway messages run one at a time, in
 ///   order.

@@ -305,9 +305,12 @@ impl Server {
     }
 
     /// Serves `connection` until the peer hangs up, on this thread plus `threads - 1` more.
-    /// Returns `Ok(())` on a clean close. If a thread cannot be started, returns that error
-    /// ([`Error::Io`] of the OS error's kind, saying which thread of [`Server::threads`] it
-    /// was) without serving anything (the connection stays open).
+    /// Returns `Ok(())` on a clean close, once every one of those threads is done: a handler
+    /// still running when the connection ends (one waiting for a reply from a peer that died
+    /// gets [`Error::Disconnected`] first) runs to its end before `serve` returns. If a
+    /// thread cannot be started, returns that error ([`Error::Io`] of the OS error's kind,
+    /// saying which thread of [`Server::threads`] it was) without serving anything (the
+    /// connection stays open).
     ///
     /// # Panics
     ///

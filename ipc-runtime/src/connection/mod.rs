@@ -162,7 +162,9 @@ use serving::keep_buffer;
 /// an end the peer calls or sends `#[oneway]` messages to (a host taking a worker's
 /// callbacks, say) must have a thread in `run` or `serve` (or
 /// [`Server::serve`](crate::Server::serve)): [`Connection::add_service`] alone runs nothing.
-/// It needs as many serving threads as calls may nest (one call at a time per thread).
+/// It needs as many serving threads as calls may nest (one call at a time per thread),
+/// added up over the calls in flight at once: `n` threads of the peer's each calling into a
+/// chain that nests `k` handlers deep at this end hold `n * k` of its threads.
 /// Oneway messages run one at a time, in the order sent, and a call runs only once the
 /// oneways that arrived before it have run. When the peer hangs up or dies, every waiting
 /// caller gets [`Error::Disconnected`] at once.
