@@ -224,9 +224,10 @@ impl AsyncConnection {
     /// Connects to a [`Listener`](crate::Listener) (or an [`AsyncListener`](super::AsyncListener))
     /// bound to `path`. The `connect` syscall runs on a thread of its own: it can wait while
     /// the listener's backlog is full, and neither the runtime nor its shutdown waits for it.
-    /// Bound the wait with `tokio::time::timeout`; the thread then waits on, until the
-    /// listener takes the client or goes, and closes its socket (the blocking
-    /// [`Socket::connect_timeout`] bounds the `connect` itself).
+    /// Its errors are [`Connection::connect`](crate::Connection::connect)'s. Bound the wait
+    /// with [`AsyncConnection::connect_timeout`], whose thread gives up with the caller: a
+    /// `tokio::time::timeout` around this one leaves the thread waiting on, until the
+    /// listener takes the client or goes (it then closes its socket).
     pub async fn connect(path: impl AsRef<Path>) -> Result<AsyncConnection> {
         let path = path.as_ref().to_owned();
         AsyncConnection::new(connect_on_a_thread(move || Socket::connect(path)).await?)
@@ -236,6 +237,32 @@ impl AsyncConnection {
     pub async fn connect_abstract(name: impl AsRef<[u8]>) -> Result<AsyncConnection> {
         let name = name.as_ref().to_owned();
         AsyncConnection::new(connect_on_a_thread(move || Socket::connect_abstract(name)).await?)
+    }
+
+    /// [`AsyncConnection::connect`], waiting at most `timeout` while the listener's queue of
+    /// clients not yet accepted is full (a service that stopped accepting, with many clients
+    /// queued), then failing with [`Error::TimedOut`], as the blocking
+    /// [`Connection::connect_timeout`](crate::Connection::connect_timeout) does. The
+    /// connecting thread times the wait itself (the runtime needs no time driver) and ends
+    /// with it, whether or not the future is still awaited by then.
+    pub async fn connect_timeout(
+        path: impl AsRef<Path>,
+        timeout: Duration,
+    ) -> Result<AsyncConnection> {
+        let path = path.as_ref().to_owned();
+        let connect = move || Socket::connect_timeout(path, timeout);
+        AsyncConnection::new(connect_on_a_thread(connect).await?)
+    }
+
+    /// [`AsyncConnection::connect_abstract`], waiting at most `timeout` as
+    /// [`AsyncConnection::connect_timeout`] does.
+    pub async fn connect_abstract_timeout(
+        name: impl AsRef<[u8]>,
+        timeout: Duration,
+    ) -> Result<AsyncConnection> {
+        let name = name.as_ref().to_owned();
+        let connect = move || Socket::connect_abstract_timeout(name, timeout);
+        AsyncConnection::new(connect_on_a_thread(connect).await?)
     }
 
     /// Runs a connection over `socket` on the current tokio runtime, which must have its IO

@@ -1,0 +1,115 @@
+//! What one flavour offers, the other offers too, with the same outcome: each test here runs
+//! the same situation through the blocking flavour and the async one.
+//!
+//! Every test takes the fd lock, so that fd counts are not disturbed by another test. Nothing
+//! here synchronises by sleeping; the timeouts only turn a hang into a failure.
+
+#![cfg(feature = "tokio")]
+
+mod common;
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::Duration;
+
+use common::{current_thread_runtime, fd_count_lock, fd_snapshot, wait_until};
+use typed_ipc::tokio::AsyncConnection;
+use typed_ipc::{Connection, Error};
+
+/// Only guards against a hang: a test that waits this long has failed anyway.
+const HANG_GUARD: Duration = Duration::from_secs(60);
+
+/// A listening socket at `path`, or on the abstract `name`, whose queue holds one client not
+/// yet accepted (backlog 0): a `connect` finds it full once a client is queued, and waits.
+fn listening_for_one(addr: &nix::sys::socket::UnixAddr) -> OwnedFd {
+    use nix::sys::socket::{AddressFamily, Backlog, SockFlag, SockType, bind, listen, socket};
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    bind(fd.as_raw_fd(), addr).unwrap();
+    listen(&fd, Backlog::new(0).unwrap()).unwrap();
+    fd
+}
+
+/// Takes the next client of `listener`.
+fn accept(listener: &OwnedFd) -> OwnedFd {
+    let raw = nix::sys::socket::accept(listener.as_raw_fd()).unwrap();
+    // SAFETY: accept returned a new descriptor that nothing else owns.
+    unsafe { OwnedFd::from_raw_fd(raw) }
+}
+
+/// The threads of this process whose name is `name`.
+fn threads_named(name: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .filter(|comm| comm.trim_end() == name)
+        .count()
+}
+
+/// A service that stopped accepting, its queue of clients full: a connect with a timeout
+/// fails with `TimedOut` once it has waited that long, in both flavours, by path and by
+/// abstract name. The async one's connecting thread ends with it (a `tokio::time::timeout`
+/// around `connect`, which was all the async flavour had, left that thread waiting until the
+/// listener took the client or went), and neither leaves an fd open. Once the service accepts
+/// again, both connect. Before, `AsyncConnection` had no `connect_timeout` (this did not
+/// compile).
+#[test]
+fn a_connect_timeout_to_a_listener_whose_queue_is_full_times_out_in_both_flavours() {
+    use nix::sys::socket::UnixAddr;
+    let _fds = fd_count_lock();
+    let dir = std::env::temp_dir().join(format!("typed-ipc-parity-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("full.sock");
+    let name = format!("typed-ipc-parity-full-{}", std::process::id());
+    let runtime = current_thread_runtime();
+    let by_path = listening_for_one(&UnixAddr::new(&path).unwrap());
+    let by_name = listening_for_one(&UnixAddr::new_abstract(name.as_bytes()).unwrap());
+    let queued = (
+        Connection::connect_timeout(&path, HANG_GUARD).unwrap(),
+        Connection::connect_abstract_timeout(&name, HANG_GUARD).unwrap(),
+    );
+    let before = fd_snapshot();
+    let short = Duration::from_millis(1);
+
+    let blocking = Connection::connect_timeout(&path, short).map(drop);
+    assert!(matches!(blocking, Err(Error::TimedOut)), "{blocking:?}");
+    let blocking = Connection::connect_abstract_timeout(&name, short).map(drop);
+    assert!(matches!(blocking, Err(Error::TimedOut)), "{blocking:?}");
+    let asynchronous = runtime.block_on(async {
+        (
+            AsyncConnection::connect_timeout(&path, short)
+                .await
+                .map(drop),
+            AsyncConnection::connect_abstract_timeout(&name, short)
+                .await
+                .map(drop),
+        )
+    });
+    assert!(
+        matches!(asynchronous, (Err(Error::TimedOut), Err(Error::TimedOut))),
+        "{asynchronous:?}"
+    );
+    wait_until("the connecting threads that timed out have ended", || {
+        threads_named("typed-ipc-conne") == 0
+    });
+    before.assert_nothing_new();
+
+    // Room in the queues again: each takes its client now.
+    let accepted = (accept(&by_path), accept(&by_name));
+    let blocking = Connection::connect_timeout(&path, HANG_GUARD).unwrap();
+    let accepted_blocking = accept(&by_path);
+    let asynchronous = runtime.block_on(async {
+        AsyncConnection::connect_abstract_timeout(&name, HANG_GUARD)
+            .await
+            .unwrap()
+    });
+    let accepted_async = accept(&by_name);
+    assert!(!blocking.is_closed() && !asynchronous.is_closed());
+    drop((blocking, asynchronous, accepted_blocking, accepted_async));
+    drop((queued, accepted, by_path, by_name, runtime));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
