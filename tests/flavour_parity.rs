@@ -113,3 +113,40 @@ fn a_connect_timeout_to_a_listener_whose_queue_is_full_times_out_in_both_flavour
     drop((queued, accepted, by_path, by_name, runtime));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A worker that runs on past a wait with a timeout is left running, and its `Worker` as it
+/// was: in both flavours the wait says `None`, and a wait after the kill says how it ended.
+/// The async one blocks no runtime thread meanwhile (`Worker::wait_timeout` in async code
+/// blocked the runtime's thread for the whole timeout: there was no async counterpart, and
+/// this did not compile).
+#[test]
+fn a_wait_with_a_timeout_on_a_running_worker_says_none_in_both_flavours() {
+    use typed_ipc::worker::{Exit, Worker};
+    let _fds = fd_count_lock();
+    let before = fd_snapshot();
+    let sleeper = || {
+        let mut command = std::process::Command::new("sleep");
+        command.arg("3600");
+        command
+    };
+    let short = Duration::from_millis(1);
+
+    let (mut blocking, connection) = Worker::spawn(sleeper()).unwrap();
+    assert_eq!(blocking.wait_timeout(short).unwrap(), None);
+    blocking.kill().unwrap();
+    let exit = blocking.wait_timeout(HANG_GUARD).unwrap();
+    assert_eq!(exit, Some(Exit::Signal(libc::SIGKILL)));
+
+    let runtime = current_thread_runtime();
+    runtime.block_on(async {
+        let (mut asynchronous, _connection) = typed_ipc::tokio::worker::spawn(sleeper()).unwrap();
+        let waited = typed_ipc::tokio::worker::wait_timeout(&mut asynchronous, short).await;
+        assert_eq!(waited.unwrap(), None);
+        assert_eq!(asynchronous.try_wait().unwrap(), None, "it runs on");
+        asynchronous.kill().unwrap();
+        let waited = typed_ipc::tokio::worker::wait_timeout(&mut asynchronous, HANG_GUARD).await;
+        assert_eq!(waited.unwrap(), Some(Exit::Signal(libc::SIGKILL)));
+    });
+    drop((blocking, connection, runtime));
+    before.assert_nothing_new();
+}

@@ -421,6 +421,9 @@ impl Worker {
     /// Where the kernel has pidfds, it waits on the child's pidfd; elsewhere it checks every
     /// 10 ms. Fails as [`Worker::wait`] does if something else in this process reaped the
     /// child, and closes a piped standard input not taken first, as it does.
+    ///
+    /// It blocks the calling thread: in async code, wait with
+    /// `typed_ipc::tokio::worker::wait_timeout(&mut worker, timeout).await` instead.
     pub fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<Exit>> {
         drop(self.take_stdin());
         let deadline = deadline_after(timeout);

@@ -64,9 +64,12 @@ pub fn connection() -> Result<AsyncConnection> {
 
 /// Waits for `worker` to end without blocking a runtime thread, and says how it ended. Uses
 /// the worker's pidfd where the kernel has them (Linux ≥ 5.3); elsewhere it checks every
-/// 10 ms. Fails at once, as [`Worker::wait`] does, if something else in this process reaped
-/// the worker (`SIGCHLD` ignored, say). Closes a piped standard input not taken first, as
-/// [`Worker::wait`] does.
+/// 10 ms (on tokio's timer: the runtime needs its time driver there). Fails at once, as
+/// [`Worker::wait`] does, if something else in this process reaped the worker (`SIGCHLD`
+/// ignored, say). Closes a piped standard input not taken first, as [`Worker::wait`] does.
+///
+/// Dropping the future leaves the worker running and its `Worker` as it was (its standard
+/// input closed): wait again, or [`wait_timeout`] to give up after a while.
 pub async fn wait(worker: &mut Worker) -> Result<Exit> {
     drop(worker.take_stdin());
     let pidfd = match worker.pidfd().map(|fd| fd.try_clone_to_owned()) {
@@ -82,5 +85,19 @@ pub async fn wait(worker: &mut Worker) -> Result<Exit> {
             Some(pidfd) => pidfd.readable().await?.retain_ready(),
             None => ::tokio::time::sleep(Duration::from_millis(10)).await,
         }
+    }
+}
+
+/// [`wait`] for at most `timeout`: how the worker ended, or `None` if it is still running by
+/// then (it is left running), as the blocking [`Worker::wait_timeout`] says, which blocks
+/// the runtime's thread for as long as it waits. A parent that has hung up on a worker it
+/// does not trust waits so, and kills it ([`Worker::kill`]) if it has not gone by then. The
+/// runtime needs its time driver (`enable_all()` or `#[tokio::main]`). Fails and closes a
+/// piped standard input as [`wait`] does.
+pub async fn wait_timeout(worker: &mut Worker, timeout: Duration) -> Result<Option<Exit>> {
+    match ::tokio::time::timeout(timeout, wait(worker)).await {
+        Ok(ended) => ended.map(Some),
+        // A last look, as the blocking one takes: a worker that ended as the time ran out.
+        Err(_elapsed) => worker.try_wait(),
     }
 }
