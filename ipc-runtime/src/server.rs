@@ -183,6 +183,12 @@ impl Server {
     /// the default, is strictly in order). Oneway messages from one peer still run one at a
     /// time, in the order sent, and a call waits for the oneways that arrived before it.
     ///
+    /// The async flavour has no such setting: `AsyncServer` runs each call of a connection
+    /// in a task of its own, as many at once as the peer sends (up to the 1,024 requests a
+    /// connection holds); a method that must not run beside others takes a lock of its own
+    /// (a `tokio::sync::Mutex`, or a `Semaphore` of `n` permits), and the server of a trait
+    /// of `fn`s (`#[interface(async_server)]`) has `max_running(n)`.
+    ///
     /// # Panics
     ///
     /// If `n` is 0: a connection nothing serves would queue its peer's requests unanswered.
@@ -844,7 +850,8 @@ impl Serving {
     }
 
     /// [`Serving::wait_until_clients`], giving up after `timeout` (returning `false` if
-    /// `until` does not hold by then).
+    /// `until` does not hold by then). Async, put a `tokio::time::timeout` around
+    /// `AsyncServing::wait_until_clients`.
     pub fn wait_until_clients_timeout(
         &self,
         timeout: Duration,

@@ -349,7 +349,8 @@ impl Connection {
 
     /// [`Connection::connect`], waiting at most `timeout` while the listener's queue of
     /// clients not yet accepted is full (a service that stopped accepting, with many clients
-    /// queued), then failing with [`Error::TimedOut`]; `connect` waits for good.
+    /// queued), then failing with [`Error::TimedOut`]; `connect` waits for good. Async:
+    /// `AsyncConnection::connect_timeout`.
     pub fn connect_timeout(path: impl AsRef<Path>, timeout: Duration) -> Result<Connection> {
         Ok(Connection::new(Socket::connect_timeout(path, timeout)?))
     }
@@ -874,6 +875,8 @@ impl AsFd for Connection {
 }
 
 impl From<Socket> for Connection {
+    /// [`Connection::new`]. The async flavour has no `From`: its `AsyncConnection::new`
+    /// fails outside a runtime.
     fn from(socket: Socket) -> Connection {
         Connection::new(socket)
     }

@@ -92,7 +92,9 @@ impl AsyncListener {
         }
     }
 
-    /// The listening socket.
+    /// The listening socket: its [`Listener::path`], its [`Listener::shutdown`] (which wakes
+    /// [`AsyncListener::accept`] with `EINVAL`) and its fd (`AsFd`), as a blocking listener
+    /// has them.
     pub fn listener(&self) -> &Listener {
         &self.io.get_ref().0
     }

@@ -660,7 +660,10 @@ impl AsyncConnection {
 
     /// Waits until the connection has ended and every task it started (its reader, handlers,
     /// sends finishing in the background) has finished. Does not start serving. Once it
-    /// returns, dropping the last clone closes the socket at once.
+    /// returns, dropping the last clone closes the socket at once. (A blocking
+    /// [`Connection`](crate::Connection) has no tasks, and nothing reads it while no thread
+    /// waits on it: its [`run`](crate::Connection::run) is what waits for the end, serving
+    /// meanwhile, and [`is_closed`](crate::Connection::is_closed) says whether it came.)
     ///
     /// Not to be awaited inside a handler of this same connection: it would wait for itself.
     pub async fn wait_closed(&self) {
