@@ -150,3 +150,31 @@ fn a_wait_with_a_timeout_on_a_running_worker_says_none_in_both_flavours() {
     drop((blocking, connection, runtime));
     before.assert_nothing_new();
 }
+
+/// A process not started as a worker asks for its end of a worker's connection: both
+/// flavours fail with the same error, through `connection` and through the bare `socket`
+/// (which `typed_ipc::tokio::worker` offers too, for a worker that accepts no writes into its
+/// memory), and leave nothing open.
+#[test]
+fn a_process_not_started_as_a_worker_gets_the_same_error_from_both_flavours() {
+    let _fds = fd_count_lock();
+    assert!(std::env::var_os(typed_ipc::worker::ENV).is_none());
+    let before = fd_snapshot();
+    let said = |outcome: Result<(), Error>| match outcome {
+        Err(Error::Io(e)) => (e.kind(), e.to_string()),
+        other => panic!("not a worker, yet: {other:?}"),
+    };
+    let blocking = said(typed_ipc::worker::connection().map(drop));
+    assert_eq!(blocking.0, std::io::ErrorKind::NotFound, "{blocking:?}");
+    assert_eq!(said(typed_ipc::worker::socket().map(drop)), blocking);
+    let runtime = current_thread_runtime();
+    runtime.block_on(async {
+        assert_eq!(
+            said(typed_ipc::tokio::worker::connection().map(drop)),
+            blocking
+        );
+        assert_eq!(said(typed_ipc::tokio::worker::socket().map(drop)), blocking);
+    });
+    drop(runtime);
+    before.assert_nothing_new();
+}

@@ -12,7 +12,7 @@ use crate::error::Result;
 use crate::frame::Limits;
 // What this module's functions return and take, and what a worker's command is given, so that
 // async code needs no import from the blocking `crate::worker` beside this module.
-pub use crate::worker::{Exit, Killer, Worker, exit_with_parent};
+pub use crate::worker::{Exit, Killer, Worker, exit_with_parent, socket};
 
 /// Starts `command` as a worker (see [`Worker::spawn`]) and returns it with this side's
 /// [`AsyncConnection`]. Must be called inside a tokio runtime: outside one it fails before it
@@ -47,7 +47,9 @@ pub fn spawn_with_limits(command: Command, limits: Limits) -> Result<(Worker, As
 /// already be running.
 ///
 /// Like the blocking one, it accepts byte strings written into this process by the parent
-/// ([`AsyncConnection::accept_writes_from_peer`]).
+/// ([`AsyncConnection::accept_writes_from_peer`]). For a worker that must not, use
+/// `AsyncConnection::new(socket()?)` (this module's [`socket`], the blocking flavour's), as a
+/// blocking worker uses `Connection::new`.
 ///
 /// Outside a runtime it fails and leaves the socket for a later call inside one. A runtime
 /// without its IO driver makes tokio panic, as in [`spawn`].
