@@ -12,7 +12,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
 use common::{current_thread_runtime, fd_count_lock, fd_snapshot, wait_until};
-use typed_ipc::tokio::AsyncConnection;
+use typed_ipc::service::{Call, InterfaceInfo, Service};
+use typed_ipc::tokio::{AsyncCall, AsyncConnection, AsyncService, BoxFuture};
 use typed_ipc::{Connection, Error};
 
 /// Only guards against a hang: a test that waits this long has failed anyway.
@@ -177,4 +178,68 @@ fn a_process_not_started_as_a_worker_gets_the_same_error_from_both_flavours() {
     });
     drop(runtime);
     before.assert_nothing_new();
+}
+
+/// What [`DescribesItsCall`] serves, in both flavours.
+#[typed_ipc::interface(async_client)]
+pub trait Described {
+    /// The call being handled, as `{:?}` writes it.
+    fn describe(&self) -> String;
+}
+
+/// Serves [`Described`] by hand, in both flavours, as a service that logs its calls would.
+struct DescribesItsCall;
+
+impl Service for DescribesItsCall {
+    fn info(&self) -> &'static InterfaceInfo {
+        &DESCRIBED_INFO
+    }
+    fn handle(&self, call: &mut Call<'_>) -> typed_ipc::Result<()> {
+        let said = format!("{call:?}");
+        call.reply(&said)
+    }
+}
+
+impl AsyncService for DescribesItsCall {
+    fn info(&self) -> &'static InterfaceInfo {
+        &DESCRIBED_INFO
+    }
+    fn handle<'a>(&'a self, call: &'a mut AsyncCall) -> BoxFuture<'a, typed_ipc::Result<()>> {
+        Box::pin(async move {
+            let said = format!("{call:?}");
+            call.reply(said).await
+        })
+    }
+}
+
+/// A hand-written service can log the call it handles (`{:?}`, or a `#[tracing::instrument]`
+/// on `handle`) in both flavours, and it says the same of it: the command, that it is no
+/// oneway, and who called. Before, only the async flavour's `AsyncCall` was `Debug` (this
+/// did not compile).
+#[test]
+fn a_call_being_handled_is_debug_in_both_flavours() {
+    let _fds = fd_count_lock();
+    let pid = std::process::id();
+    let (client, server) = Connection::pair().unwrap();
+    let serving = std::thread::spawn(move || server.serve(DescribesItsCall));
+    let blocking = DescribedClient::new(client).describe().unwrap();
+    serving.join().unwrap().unwrap();
+
+    let runtime = current_thread_runtime();
+    let asynchronous = runtime.block_on(async {
+        let (client, server) = AsyncConnection::pair().unwrap();
+        let serving = tokio::spawn(server.serve(DescribesItsCall));
+        drop(server);
+        let said = DescribedAsyncClient::new(client).describe().await.unwrap();
+        serving.await.unwrap().unwrap();
+        said
+    });
+    for (said, name) in [(&blocking, "Call"), (&asynchronous, "AsyncCall")] {
+        assert!(
+            said.starts_with(&format!("{name} {{ command: 0, ")),
+            "{said}"
+        );
+        assert!(said.contains("oneway: false"), "{said}");
+        assert!(said.contains(&format!("pid: {pid}")), "{said}");
+    }
 }

@@ -294,6 +294,18 @@ pub struct Call<'a> {
     pub(crate) unreceived: bool,
 }
 
+/// The command, whether it is oneway and the caller, as the async flavour's `AsyncCall` says
+/// them (with its cookie), so that a service can log the calls it handles in either flavour.
+impl std::fmt::Debug for Call<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Call")
+            .field("command", &self.cmd)
+            .field("oneway", &self.is_oneway())
+            .field("peer", &self.peer)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Call<'_> {
     /// The command id of the method called.
     pub fn command(&self) -> u32 {
