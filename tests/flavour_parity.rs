@@ -243,3 +243,26 @@ fn a_call_being_handled_is_debug_in_both_flavours() {
         assert!(said.contains(&format!("pid: {pid}")), "{said}");
     }
 }
+
+/// A listener's fd is there in both flavours (to `fchmod` its socket, say, or to hand it to
+/// a process that serves on): the async listener's is the listener's it was made of. Before,
+/// only the blocking `Listener` was `AsFd` (this did not compile).
+#[test]
+fn a_listener_lends_its_fd_in_both_flavours() {
+    use std::os::fd::AsFd;
+    use typed_ipc::Listener;
+    use typed_ipc::tokio::AsyncListener;
+    fn raw(fd: &impl AsFd) -> i32 {
+        fd.as_fd().as_raw_fd()
+    }
+    let _fds = fd_count_lock();
+    let name = format!("typed-ipc-parity-fd-{}", std::process::id());
+    let blocking = Listener::bind_abstract(&name).unwrap();
+    let raw_blocking = raw(&blocking);
+    let runtime = current_thread_runtime();
+    runtime.block_on(async {
+        let asynchronous = AsyncListener::new(blocking).unwrap();
+        assert_eq!(raw(&asynchronous), raw_blocking);
+        assert_eq!(raw(&asynchronous), raw(asynchronous.listener()));
+    });
+}

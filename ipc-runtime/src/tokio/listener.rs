@@ -1,7 +1,7 @@
 //! [`AsyncListener`]: a [`Listener`] that waits for clients on the tokio runtime.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::task::{Context, Poll, ready};
 
@@ -92,11 +92,18 @@ impl AsyncListener {
         }
     }
 
-    /// The listening socket: its [`Listener::path`], its [`Listener::shutdown`] (which wakes
-    /// [`AsyncListener::accept`] with `EINVAL`) and its fd (`AsFd`), as a blocking listener
-    /// has them.
+    /// The listening socket: its [`Listener::path`] and its [`Listener::shutdown`] (which
+    /// wakes [`AsyncListener::accept`] with `EINVAL`), as a blocking listener has them.
     pub fn listener(&self) -> &Listener {
         &self.io.get_ref().0
+    }
+}
+
+/// The listening socket's fd, as [`Listener`]'s. Still registered with the runtime: it
+/// must stay non-blocking, and be accepted on only through this listener.
+impl AsFd for AsyncListener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.listener().as_fd()
     }
 }
 
