@@ -677,9 +677,7 @@ fn an_async_server_refuses_an_interface_it_serves_already() {
             .service(async_named::NamedServer::new(async_named::Impl))
             .service(async_named::NamedServer::new(async_named::Impl))
     });
-    let panic = added
-        .err()
-        .expect("the second `org.example.Named` is refused");
+    let panic = added.expect_err("the second `org.example.Named` is refused");
     let message = panic.downcast_ref::<String>().expect("a formatted message");
     assert!(
         message.contains("AsyncServer::service: interface `org.example.Named` is already served"),

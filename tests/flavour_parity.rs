@@ -266,3 +266,78 @@ fn a_listener_lends_its_fd_in_both_flavours() {
         assert_eq!(raw(&asynchronous), raw(asynchronous.listener()));
     });
 }
+
+/// A daemon's state, held in a `#[derive(Debug)]` struct as the generated clients and
+/// servers, connections, listeners and workers can be: its server and what it serves, in
+/// either flavour, say which interfaces they serve, how, and how many clients they have.
+/// Before, neither flavour's `Server` nor `Serving` was `Debug` (this did not compile).
+#[test]
+fn a_server_and_its_serving_are_debug_in_both_flavours() {
+    use typed_ipc::tokio::{AsyncListener, AsyncServer, AsyncServing};
+    use typed_ipc::{Listener, Server, Serving};
+    #[derive(Debug)]
+    struct Daemon<S, L> {
+        server: S,
+        serving: L,
+    }
+    let _fds = fd_count_lock();
+    let before = fd_snapshot();
+    let name = format!("typed-ipc-parity-debug-{}", std::process::id());
+    let server = Server::new()
+        .service(DescribedServer::new(Quiet))
+        .threads(2)
+        .max_clients(3);
+    let blocking = Daemon {
+        serving: server
+            .clone()
+            .listen(Listener::bind_abstract(&name).unwrap())
+            .unwrap(),
+        server,
+    };
+    let said = format!("{blocking:?}");
+    for part in [
+        "Server { services: [\"Described\"], threads: 2, ",
+        "max_clients: Some(3)",
+        "Serving { clients: 0, accepting: Ok(())",
+    ] {
+        assert!(said.contains(part), "{part} in {said}");
+    }
+    let Daemon { server, serving }: Daemon<Server, Serving> = blocking;
+    serving.shutdown();
+    drop(server);
+
+    let runtime = current_thread_runtime();
+    runtime.block_on(async {
+        let server = AsyncServer::new()
+            .service_with(|_| DescribesItsCall)
+            .max_clients(3);
+        let asynchronous = Daemon {
+            serving: server
+                .clone()
+                .listen(AsyncListener::bind_abstract(format!("{name}-async")).unwrap()),
+            server,
+        };
+        let said = format!("{asynchronous:?}");
+        for part in [
+            "AsyncServer { services: [\"service_with\"], ",
+            "max_clients: Some(3)",
+            "AsyncServing { clients: 0, accepting: Ok(())",
+        ] {
+            assert!(said.contains(part), "{part} in {said}");
+        }
+        let Daemon { server, serving }: Daemon<AsyncServer, AsyncServing> = asynchronous;
+        serving.shutdown().await;
+        drop(server);
+    });
+    drop(runtime);
+    before.assert_nothing_new();
+}
+
+/// An implementation of [`Described`] that says nothing of its calls.
+struct Quiet;
+
+impl Described for Quiet {
+    fn describe(&self) -> String {
+        String::new()
+    }
+}

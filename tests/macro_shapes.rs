@@ -657,7 +657,7 @@ fn a_server_refuses_two_interfaces_the_wire_cannot_tell_apart() {
             ))
             .service(unnamed_audio_plugin::ControlServer::new(audio_plugin::Impl))
     });
-    let panic = added.err().expect("the second `Control` is refused");
+    let panic = added.expect_err("the second `Control` is refused");
     let message = panic.downcast_ref::<String>().expect("a formatted message");
     assert!(
         message.contains("interface `Control` is already served"),

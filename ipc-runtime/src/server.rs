@@ -64,6 +64,28 @@ pub struct Server {
     admission: Admission,
 }
 
+/// The interfaces served, by name (`service_with` for those made per connection, whose
+/// interface is known once one is made), and the settings.
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let services: Vec<&str> = (self.services.iter())
+            .map(|provided| match provided {
+                Provided::Shared(service) => service.info().name,
+                Provided::PerConnection(_) => "service_with",
+            })
+            .collect();
+        f.debug_struct("Server")
+            .field("services", &services)
+            .field("threads", &self.threads)
+            .field("authorize", &self.authorizer.is_some())
+            .field("admit", &self.admission.admit.is_some())
+            .field("max_clients", &self.admission.max_clients)
+            .field("client_limits", &self.client_limits)
+            .field("shutdown_stall_limit", &self.stall_limit)
+            .finish()
+    }
+}
+
 impl Default for Server {
     fn default() -> Server {
         Server::new()
@@ -977,6 +999,16 @@ impl Serving {
         drop(watch);
         // Until the watch has dropped its clones of the connections (closing their sockets).
         let _ = watch_ended.recv();
+    }
+}
+
+/// How many clients are connected, and whether the listener accepts.
+impl std::fmt::Debug for Serving {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Serving")
+            .field("clients", &self.clients())
+            .field("accepting", &self.accepting())
+            .finish_non_exhaustive()
     }
 }
 

@@ -67,6 +67,27 @@ pub struct AsyncServer {
     admission: Admission,
 }
 
+/// The interfaces served, by name (`service_with` for those made per connection, whose
+/// interface is known once one is made), and the settings.
+impl std::fmt::Debug for AsyncServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let services: Vec<&str> = (self.services.iter())
+            .map(|provided| match provided {
+                Provided::Shared(service) => service.info().name,
+                Provided::PerConnection(_) => "service_with",
+            })
+            .collect();
+        f.debug_struct("AsyncServer")
+            .field("services", &services)
+            .field("authorize", &self.authorizer.is_some())
+            .field("admit", &self.admission.admit.is_some())
+            .field("max_clients", &self.admission.max_clients)
+            .field("client_limits", &self.client_limits)
+            .field("shutdown_stall_limit", &self.stall_limit)
+            .finish()
+    }
+}
+
 impl Default for AsyncServer {
     fn default() -> AsyncServer {
         AsyncServer {
@@ -906,6 +927,16 @@ impl AsyncServing {
             while listener.accept_fd().is_ok() {}
         }
         self.acceptor.abort();
+    }
+}
+
+/// How many clients are connected, and whether the listener accepts.
+impl std::fmt::Debug for AsyncServing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AsyncServing")
+            .field("clients", &self.clients())
+            .field("accepting", &self.accepting())
+            .finish_non_exhaustive()
     }
 }
 
