@@ -205,11 +205,12 @@ impl Server {
     /// the default, is strictly in order). Oneway messages from one peer still run one at a
     /// time, in the order sent, and a call waits for the oneways that arrived before it.
     ///
-    /// The async flavour has no such setting: `AsyncServer` runs each call of a connection
-    /// in a task of its own, as many at once as the peer sends (up to the 1,024 requests a
-    /// connection holds); a method that must not run beside others takes a lock of its own
-    /// (a `tokio::sync::Mutex`, or a `Semaphore` of `n` permits), and the server of a trait
-    /// of `fn`s (`#[interface(async_server)]`) has `max_running(n)`.
+    /// The async flavour (feature `tokio`) runs every call of a connection at once unless
+    /// told otherwise: its `AsyncServer::max_calls_at_once(n)` (and
+    /// `AsyncConnection::set_max_calls_at_once`) is this bound, for calls only (oneways run
+    /// on a task of their own there, beside the `n` calls). The server of a trait of `fn`s
+    /// (`#[interface(async_server)]`) also has `max_running(n)`, a bound over all its
+    /// connections.
     ///
     /// # Panics
     ///

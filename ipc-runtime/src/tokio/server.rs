@@ -39,9 +39,10 @@ enum Provided {
 
 /// Serves a set of async interfaces: the async flavour of [`Server`](crate::Server).
 ///
-/// Requests of one connection run concurrently, each call in a task of its own; oneway
-/// messages from one peer run one at a time, in the order sent, and a call starts only once
-/// the oneways that arrived before it have run.
+/// Requests of one connection run concurrently, each call in a task of its own (at most
+/// [`AsyncServer::max_calls_at_once`] at a time, if set); oneway messages from one peer run
+/// one at a time, in the order sent, and a call starts only once the oneways that arrived
+/// before it have run.
 ///
 /// ```no_run
 /// # use ipc_runtime::tokio::{AsyncListener, AsyncServer, AsyncService};
@@ -65,6 +66,8 @@ pub struct AsyncServer {
     stall_limit: Duration,
     client_limits: Limits,
     admission: Admission,
+    /// [`AsyncServer::max_calls_at_once`]: no limit unless set.
+    max_calls: Option<usize>,
 }
 
 /// The interfaces served, by name (`service_with` for those made per connection, whose
@@ -96,6 +99,7 @@ impl Default for AsyncServer {
             stall_limit: stall::DEFAULT_LIMIT,
             client_limits: Limits::default(),
             admission: Admission::default(),
+            max_calls: None,
         }
     }
 }
@@ -290,6 +294,29 @@ impl AsyncServer {
         self
     }
 
+    /// Runs at most `n` calls of each connection at once, the async flavour of
+    /// [`Server::threads`](crate::Server::threads): on the connection
+    /// [`AsyncServer::serve`] is given, and on each client of [`AsyncServer::listen`] (so `n`
+    /// per client, not in all). The calls read while `n` run wait, without a task each, in
+    /// the order they arrived; with `n = 1` a client's calls run one at a time, in arrival
+    /// order, for a service not written for concurrency. No limit unless set: a client's
+    /// calls all run at once, up to the 1,024 requests the connection reads ahead. As
+    /// [`AsyncConnection::set_max_calls_at_once`], which says what counts: oneways do not,
+    /// unlike the blocking flavour's threads, and a handler whose call makes its peer call
+    /// this end back waits for good with `n = 1`.
+    ///
+    /// # Panics
+    ///
+    /// If `n` is 0: no call would ever run.
+    pub fn max_calls_at_once(mut self, n: usize) -> AsyncServer {
+        assert!(
+            n > 0,
+            "AsyncServer::max_calls_at_once(0): at least one call must run"
+        );
+        self.max_calls = Some(n);
+        self
+    }
+
     /// Serves `connection` (at once) and returns a future that resolves when the peer has
     /// hung up and every handler has finished: `Ok(())` on a clean close.
     ///
@@ -350,6 +377,10 @@ impl AsyncServer {
         if let Some(authorize) = &self.authorizer {
             let authorize = authorize.clone();
             connection.set_authorizer(move |peer, iface, cmd| authorize(peer, iface, cmd));
+        }
+        // Before serving starts too: the requests held until now obey it.
+        if let Some(n) = self.max_calls {
+            connection.set_max_calls_at_once(n);
         }
         // All at once: requests held until now are handled only once every service is there.
         connection.add_services(services);

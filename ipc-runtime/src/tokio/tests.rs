@@ -2659,3 +2659,56 @@ fn calls_over_the_limits_whose_failures_go_unread_pause_the_reader_at_the_bounds
     server.close();
     drop(flood.join().unwrap());
 }
+
+/// `set_max_calls_at_once(1)` with its one call held: the peer's other calls wait without a
+/// task each (the reader's and the held call's are all the connection has), up to the
+/// backlog's bounds, where the reader waits for room as it would with them all running. Let
+/// go, they run one at a time in the order sent, on the held call's task: their replies come
+/// in that order.
+#[test]
+fn calls_waiting_for_a_slot_hold_no_task_and_pause_the_reader_at_the_bounds() {
+    use crate::connection::backlog::MAX_REQUESTS;
+    use crate::connection::tests::{ordered_request, wait_until};
+    use crate::tokio::envelope::Kind;
+
+    let runtime = multi_thread_runtime(2);
+    let (peer, theirs) = Socket::pair().unwrap();
+    let (started, has_started) = std::sync::mpsc::channel();
+    let gate = std::sync::Arc::new(::tokio::sync::Notify::new());
+    let run = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let server = runtime.block_on(async { super::AsyncConnection::new(theirs).unwrap() });
+    server.set_max_calls_at_once(1);
+    let serving = runtime.spawn(server.serve(AsyncOrdered {
+        at: 0,
+        action: AtSeq::Hold {
+            started,
+            gate: gate.clone(),
+        },
+        run: run.clone(),
+    }));
+    // Call 0 holds the one slot; the others wait, up to the bounds (the one running counts),
+    // and one more waits in the socket.
+    for seq in 0..=MAX_REQUESTS as u64 {
+        peer.send(&ordered_request(Kind::Call, 2, seq + 1, seq), &[])
+            .unwrap();
+    }
+    has_started.recv().unwrap();
+    wait_until("the reader waits for room", || server.test_reader_paused());
+    assert_eq!(
+        server.test_tasks().0,
+        2,
+        "the reader and the one call's task"
+    );
+    gate.notify_one();
+    for cookie in 1..=MAX_REQUESTS as u64 + 1 {
+        let reply = peer.recv().unwrap();
+        assert_eq!(
+            reply.payload[8..16],
+            cookie.to_le_bytes(),
+            "replies in order"
+        );
+    }
+    assert_eq!(*run.lock(), (1..=MAX_REQUESTS as u64).collect::<Vec<_>>());
+    drop(peer);
+    runtime.block_on(serving).unwrap().unwrap();
+}

@@ -17,6 +17,7 @@ pub(super) use sending::SaidReply;
 #[cfg(test)]
 pub(super) use serving::IDLE_RUNNERS;
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
@@ -179,6 +180,13 @@ struct State {
     /// Calls dispatched to a task and not yet done: they still look their service up, so the
     /// services are not dropped before they are ([`serving`]'s `call_done`).
     calls_running: usize,
+    /// At most how many of them run at once
+    /// ([`AsyncConnection::set_max_calls_at_once`]): no limit unless set.
+    max_calls: MaxCalls,
+    /// Calls read while `max_calls` ran, in arrival order: each holds its request only (no
+    /// task), and the first goes to the task of the next call to finish. Not empty only while
+    /// at least `max_calls` run, so a call waiting always has one to take it.
+    waiting_calls: VecDeque<serving::Request>,
     /// Tasks that ran a call and wait for the next, the most recently idle last.
     idle_runners: Vec<Arc<serving::Runner>>,
     /// Every task that runs calls, idle or busy, each entered when it is made (held weakly:
@@ -187,6 +195,16 @@ struct State {
     /// call it names, by the cookie each runner records for the call it has: a scan, as
     /// cancels are rare, rather than a map that every call would enter and leave.
     runners: Vec<std::sync::Weak<serving::Runner>>,
+}
+
+/// [`State::max_calls`]: a number no count of calls reaches unless set, so that the check as
+/// each call is read is one comparison.
+struct MaxCalls(usize);
+
+impl Default for MaxCalls {
+    fn default() -> MaxCalls {
+        MaxCalls(usize::MAX)
+    }
 }
 
 /// The connection's tasks still running, so that [`AsyncConnection::run`] can wait for them.
@@ -500,6 +518,9 @@ impl AsyncConnection {
         for (mut frame, ..) in held {
             frame.discard_fds();
         }
+        // Nor do the calls waiting for a slot (`set_max_calls_at_once`): dropped now, not
+        // once the calls running have finished, which may be never.
+        self.inner.drop_waiting_calls();
         // The calls waiting for oneways look again, and see they are not to run.
         self.inner.oneways_run.send_modify(|_| {});
     }
@@ -563,7 +584,8 @@ impl AsyncConnection {
     /// called) wait for it, as they would wait for a serving thread in the blocking flavour,
     /// up to the bounds of what a peer can make this end hold (see the [module docs](super));
     /// from then on each request is handled as it arrives, calls concurrently in tasks of
-    /// their own (each once the oneways that arrived before it have run), oneway messages one
+    /// their own (each once the oneways that arrived before it have run; at most
+    /// [`AsyncConnection::set_max_calls_at_once`] at a time, if set), oneway messages one
     /// at a time in order. So a request for a second service added after the first may be
     /// refused as not served ([`Error::NotServed`]) if it came
     /// before it; [`AsyncServer::serve`](super::AsyncServer::serve) adds all of its services
@@ -627,6 +649,47 @@ impl AsyncConnection {
         + 'static,
     ) {
         *self.inner.authorizer.write() = Some(Box::new(authorize));
+    }
+
+    /// Runs at most `n` of the peer's calls on this connection at once, as the blocking
+    /// flavour's [`Server::threads`](crate::Server::threads) does: the calls read while `n`
+    /// run wait, in the order they arrived, and each starts as a running one finishes. With
+    /// `n = 1` the peer's calls run one at a time, in arrival order. No limit unless set
+    /// (each call runs as soon as it is read).
+    /// [`AsyncServer::max_calls_at_once`](super::AsyncServer::max_calls_at_once) sets it on
+    /// each connection it serves; set it here before [`AsyncConnection::add_service`] to have
+    /// it hold for the first requests too. Set later, it holds from then on (the calls
+    /// running go on); raised, it starts the calls waiting that now fit.
+    ///
+    /// A call waiting for a slot costs its request only (no task): it counts in what the
+    /// peer's requests may hold, as it did while it ran, so a peer that keeps sending makes
+    /// this end stop reading at those bounds (1,024 requests; see the [module docs](super))
+    /// as ever. A call the peer
+    /// cancels (its future dropped, or timed out) while it waits is dropped unrun; one it
+    /// cancels while it runs frees its slot once its handler's future is dropped (a method of
+    /// an `#[interface(async_server)]` already on tokio's blocking pool runs to its end
+    /// first). A handler that panics frees its slot. [`AsyncConnection::close`] drops the
+    /// calls waiting, closing their fds.
+    ///
+    /// Only calls count. Oneway messages run one at a time, in order, on a task of their
+    /// own, beside the `n` calls (each call still starts only once the oneways sent ahead of
+    /// it have run); the blocking flavour's threads run oneways too, so there one thread
+    /// runs oneways and calls one at a time together. The calls a handler makes to the peer
+    /// do not count either (the peer serves them), but a call of the peer's that one of them
+    /// makes back into this end does: with `n = 1`, a handler whose call makes the peer call
+    /// this end again waits for good (until a timeout of its call), as with a blocking
+    /// server of one thread. Callbacks nested that way need `n` at least as deep as they
+    /// nest.
+    ///
+    /// # Panics
+    ///
+    /// If `n` is 0: no call would ever run.
+    pub fn set_max_calls_at_once(&self, n: usize) {
+        assert!(
+            n > 0,
+            "AsyncConnection::set_max_calls_at_once(0): at least one call must run"
+        );
+        self.inner.set_max_calls(n);
     }
 
     /// Serves `service` ([`AsyncConnection::add_service`], at once) and returns a future that
@@ -824,11 +887,16 @@ const CLOSED: u8 = 4;
 
 impl Drop for Inner {
     /// Requests still held once nothing can serve them any more (the peer hung up, then
-    /// every handle went with no server come): their fds to the closer, as for any request
-    /// dropped, not closed on the thread that let the connection go.
+    /// every handle went with no server come), and any call left waiting for a slot: their
+    /// fds to the closer, as for any request dropped, not closed on the thread that let the
+    /// connection go.
     fn drop(&mut self) {
-        for (frame, ..) in &mut self.state.get_mut().held {
+        let state = self.state.get_mut();
+        for (frame, ..) in &mut state.held {
             frame.discard_fds();
+        }
+        for request in &mut state.waiting_calls {
+            request.frame.discard_fds();
         }
     }
 }

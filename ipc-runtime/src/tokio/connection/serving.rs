@@ -3,6 +3,7 @@
 //! and replying; and dropping the services once nothing will dispatch again. Apart because it
 //! is where the user's handlers run.
 
+use std::collections::VecDeque;
 use std::future::{Future, poll_fn};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::{Pin, pin};
@@ -12,7 +13,7 @@ use std::task::{Context, Poll, Waker};
 
 use ::tokio::sync::{Notify, mpsc};
 
-use super::{Inner, State, TaskGuard};
+use super::{Inner, MaxCalls, State, TaskGuard};
 use crate::connection::admit::admit;
 use crate::connection::backlog::Cost;
 use crate::connection::lane::Lane;
@@ -73,9 +74,11 @@ impl Inner {
     }
 
     /// A call goes to a task of its own, which runs it once the oneways that arrived before it
-    /// have run: a task that ran a call before and waits for the next, or a new one; a oneway
-    /// goes to the task that runs them in order. A task to start (or the idle one handed the
-    /// call) is returned, for [`Inner::spawn`] once the state lock is released.
+    /// have run: a task that ran a call before and waits for the next, or a new one; unless
+    /// [`State::max_calls`] run: then it waits, taskless, for the first of them to finish,
+    /// whose task runs it next ([`State::waiting_calls`]). A oneway goes to the task that runs
+    /// them in order. A task to start (or the idle one handed the call) is returned, for
+    /// [`Inner::spawn`] once the state lock is released.
     pub(super) fn dispatch(
         self: &Arc<Self>,
         state: &mut State,
@@ -90,38 +93,12 @@ impl Inner {
                 cost,
                 after: state.oneways_queued,
             };
-            // Counted until done, however its task ends (see `call_done`).
-            state.calls_running += 1;
-            let (runner, idle) = match state.idle_runners.pop() {
-                Some(runner) => (runner, true),
-                // Made here rather than in its task, so that a cancel finds the first call too.
-                None => {
-                    let runner = Arc::new(Runner::new(Arc::downgrade(self)));
-                    // The runners gone since the last was made leave the list here, not in
-                    // their drop, which would take the lock and the connection with it.
-                    state.runners.retain(|runner| runner.strong_count() > 0);
-                    state.runners.push(Arc::downgrade(&runner));
-                    (runner, false)
-                }
-            };
-            // Under the state lock, as a cancel reads it (and the task clears it, done).
-            runner.cookie.store(envelope.cookie, Ordering::Relaxed);
-            return match idle {
-                true => {
-                    runner.start(request);
-                    // Let go after the lock: if the runtime has dropped the runner's task, this
-                    // is its last handle, whose drop finishes the call, taking the lock.
-                    Some(Task::Handed(runner))
-                }
-                false => Some(Task::Calls(
-                    FirstCall {
-                        inner: self.clone(),
-                        request: Some(request),
-                        runner,
-                    },
-                    self.tasks.enter(),
-                )),
-            };
+            // `usize::MAX` unless set, which no count reaches.
+            if state.calls_running >= state.max_calls.0 {
+                wait_for_a_slot(state, request);
+                return None;
+            }
+            return Some(self.run_call(state, request));
         }
         let mut task = None;
         if state.oneways.is_none() && state.closed.is_none() {
@@ -150,6 +127,45 @@ impl Inner {
             }
         }
         task
+    }
+
+    /// Starts `request`, a call, on a task that ran a call before and waits for the next, or
+    /// on a new one ([`Inner::dispatch`]); counted as running until it is done.
+    fn run_call(self: &Arc<Self>, state: &mut State, request: Request) -> Task {
+        // Counted until done, however its task ends (see `call_done`).
+        state.calls_running += 1;
+        let (runner, idle) = match state.idle_runners.pop() {
+            Some(runner) => (runner, true),
+            // Made here rather than in its task, so that a cancel finds the first call too.
+            None => {
+                let runner = Arc::new(Runner::new(Arc::downgrade(self)));
+                // The runners gone since the last was made leave the list here, not in
+                // their drop, which would take the lock and the connection with it.
+                state.runners.retain(|runner| runner.strong_count() > 0);
+                state.runners.push(Arc::downgrade(&runner));
+                (runner, false)
+            }
+        };
+        // Under the state lock, as a cancel reads it (and the task clears it, done).
+        runner
+            .cookie
+            .store(request.envelope.cookie, Ordering::Relaxed);
+        match idle {
+            true => {
+                runner.start(request);
+                // Let go after the lock: if the runtime has dropped the runner's task, this
+                // is its last handle, whose drop finishes the call, taking the lock.
+                Task::Handed(runner)
+            }
+            false => Task::Calls(
+                FirstCall {
+                    inner: self.clone(),
+                    request: Some(request),
+                    runner,
+                },
+                self.tasks.enter(),
+            ),
+        }
     }
 
     /// Starts a task [`Inner::dispatch`] returned. Not under the state lock: a runtime that is
@@ -194,9 +210,22 @@ impl Inner {
                 found = true;
             }
         }
-        if found {
+        // Calls waiting for a slot (`max_calls`) are dropped unrun: every one of the cookie,
+        // as for the runners.
+        let waiting = match state.waiting_calls.is_empty() {
+            true => Vec::new(),
+            false => take_waiting(&mut state.waiting_calls, cookie),
+        };
+        if found || !waiting.is_empty() {
             drop(state);
             drop(runners);
+            for mut request in waiting {
+                if self.trace {
+                    trace::dropped_cancelled(&self.name, cookie, false);
+                }
+                self.dropped_unrun(&mut request.frame);
+                self.finished(request.cost);
+            }
             return;
         }
         let held = state
@@ -263,11 +292,52 @@ impl Inner {
     fn call_done(&self) {
         let mut state = self.lock();
         state.calls_running -= 1;
+        // No task will take the calls waiting for a slot: the runtime is shutting down.
+        let waiting = std::mem::take(&mut state.waiting_calls);
         let last = state.calls_running == 0 && state.closed.is_some();
         drop(state);
+        for request in waiting {
+            self.drop_unstarted(request);
+        }
         if last {
             self.retire_services(false);
         }
+    }
+
+    /// [`AsyncConnection::set_max_calls_at_once`](super::AsyncConnection::set_max_calls_at_once):
+    /// from now on at most `n` calls run at once; raised, the calls waiting that now fit
+    /// start.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn set_max_calls(self: &Arc<Self>, n: usize) {
+        let mut state = self.lock();
+        state.max_calls = MaxCalls(n);
+        let mut tasks = Vec::new();
+        while state.calls_running < n
+            && let Some(request) = state.waiting_calls.pop_front()
+        {
+            tasks.push(self.run_call(&mut state, request));
+        }
+        drop(state);
+        tasks.into_iter().for_each(|task| self.spawn(task));
+    }
+
+    /// Drops the calls waiting for a slot unrun: this end closed the connection.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn drop_waiting_calls(&self) {
+        let waiting = std::mem::take(&mut self.lock().waiting_calls);
+        for request in waiting {
+            self.drop_unstarted(request);
+        }
+    }
+
+    /// A call that waited for a slot, dropped unrun as the connection ends: its placement is
+    /// done with, its fds go to the closer, and it leaves the backlog.
+    fn drop_unstarted(&self, mut request: Request) {
+        self.lane().finished(&request.frame.payload);
+        request.frame.discard_fds();
+        self.finished(request.cost);
     }
 
     /// Which service answers `envelope`, after the same checks as the blocking flavour.
@@ -302,8 +372,8 @@ pub(super) enum Task {
 type OnewayQueue = mpsc::UnboundedReceiver<(Frame, Envelope, Cost)>;
 
 /// A call request, as the reader hands it to the task that runs it.
-struct Request {
-    frame: Frame,
+pub(super) struct Request {
+    pub(super) frame: Frame,
     envelope: Envelope,
     cost: Cost,
     /// The oneways that arrived before it: it runs once that many have run.
@@ -445,6 +515,13 @@ async fn run_calls(mut first: FirstCall, guard: TaskGuard) {
             // counts (should the peer use the cookie again for the next call).
             runner.cookie.store(0, Ordering::Relaxed);
             runner.cancelled.store(0, Ordering::Relaxed);
+            // The slot it frees goes to the first call waiting for one, on this task.
+            if !state.waiting_calls.is_empty()
+                && let Some(next) = next_waiting(&mut state, &runner)
+            {
+                request = next;
+                continue;
+            }
             if state.closed.is_some() {
                 drop(state);
                 inner.retire_services(false); // if it was the last call: nothing looks them up
@@ -471,6 +548,45 @@ async fn run_calls(mut first: FirstCall, guard: TaskGuard) {
     }
     drop(inner); // before `guard`: once the last guard goes, `run` returns
     drop(guard);
+}
+
+/// Has a call wait for a slot, as [`State::max_calls`] run ([`Inner::dispatch`]).
+#[cold]
+#[inline(never)]
+fn wait_for_a_slot(state: &mut State, request: Request) {
+    state.waiting_calls.push_back(request);
+}
+
+/// The first call waiting for a slot, for `runner`, whose call just finished (and left the
+/// count), if the limit lets one more run: counted as running and named as the runner's.
+#[cold]
+#[inline(never)]
+fn next_waiting(state: &mut State, runner: &Runner) -> Option<Request> {
+    if state.calls_running >= state.max_calls.0 {
+        return None; // the limit was lowered meanwhile
+    }
+    let request = state.waiting_calls.pop_front()?;
+    state.calls_running += 1;
+    // Under the state lock, as a cancel reads it.
+    runner
+        .cookie
+        .store(request.envelope.cookie, Ordering::Relaxed);
+    Some(request)
+}
+
+/// Takes the calls of `cookie` out of `waiting`, in order.
+#[cold]
+#[inline(never)]
+fn take_waiting(waiting: &mut VecDeque<Request>, cookie: u64) -> Vec<Request> {
+    let mut taken = Vec::new();
+    let mut at = 0;
+    while at < waiting.len() {
+        match waiting[at].envelope.cookie == cookie {
+            true => taken.extend(waiting.remove(at)),
+            false => at += 1,
+        }
+    }
+    taken
 }
 
 /// Runs one call request and replies, once the first `after` oneway messages have run: a
