@@ -117,6 +117,36 @@ fn a_make_that_panics_in_serve_leaves_the_connection_served_by_nothing() {
     notes.join().unwrap();
 }
 
+/// A `service_with` whose `make` keeps a handle of its client (to call it later) and then
+/// panics on a listener: the client is hung up on, as `Server::service_with` says, and a call
+/// of the kept handle fails at once. The acceptor only dropped its own handle: the client's
+/// call went unread until its timeout, and the kept handle held the client's requests for
+/// serving threads that never came.
+#[test]
+fn a_make_that_panics_on_a_listener_hangs_up_on_its_client() {
+    let name = format!("typed-ipc-make-panics-{}", std::process::id());
+    let (kept, handle) = mpsc::channel();
+    let kept = Mutex::new(kept);
+    let serving = Server::new()
+        .service_with(move |connection| -> FaultyServer<FaultyImpl> {
+            let _ = kept.lock().unwrap().send(connection.clone());
+            panic!("make fails (expected)")
+        })
+        .listen(Listener::bind_abstract(&name).unwrap())
+        .unwrap();
+    let theirs = Connection::connect_abstract(&name).unwrap();
+    let ours = handle.recv_timeout(HANG_GUARD).unwrap();
+    let asked = FaultyClient::new(theirs).with_timeout(HANG_GUARD).ping();
+    assert!(matches!(asked, Err(Error::Disconnected)), "{asked:?}");
+    assert_failed_at_once(FaultyClient::new(ours).with_timeout(HANG_GUARD).ping());
+    serving.shutdown();
+}
+
+/// Fails unless `got` failed, and not by waiting for its timeout.
+fn assert_failed_at_once(got: Result<u32, Error>) {
+    assert!(!matches!(got, Ok(_) | Err(Error::TimedOut)), "{got:?}");
+}
+
 /// Fails unless `got` is the failure of a connection that read more requests than it holds
 /// with nothing serving them.
 fn assert_refused_as_served_by_nothing(got: Result<u32, Error>) {
@@ -358,6 +388,34 @@ mod asynchronous {
         let faulty = AsyncFaultyClient::new(ours).with_timeout(HANG_GUARD);
         assert_refused_as_served_by_nothing(runtime.block_on(faulty.ping()));
         drop(sink);
+    }
+
+    /// `a_make_that_panics_on_a_listener_hangs_up_on_its_client`, with an async server.
+    #[test]
+    fn a_make_that_panics_on_a_listener_hangs_up_on_its_client() {
+        use typed_ipc::tokio::{AsyncListener, AsyncServer};
+        let runtime = common::two_worker_runtime();
+        let name = format!("typed-ipc-async-make-panics-{}", std::process::id());
+        let (kept, handle) = mpsc::channel();
+        let kept = Mutex::new(kept);
+        let serving = {
+            let _in_runtime = runtime.enter();
+            AsyncServer::new()
+                .service_with(
+                    move |connection: &AsyncConnection| -> AsyncFaultyServer<AsyncFaultyImpl> {
+                        let _ = kept.lock().unwrap().send(connection.clone());
+                        panic!("make fails (expected)")
+                    },
+                )
+                .listen(AsyncListener::bind_abstract(&name).unwrap())
+        };
+        let theirs = Connection::connect_abstract(&name).unwrap();
+        let ours = handle.recv_timeout(HANG_GUARD).unwrap();
+        let asked = FaultyClient::new(theirs).with_timeout(HANG_GUARD).ping();
+        assert!(matches!(asked, Err(Error::Disconnected)), "{asked:?}");
+        let kept = AsyncFaultyClient::new(ours).with_timeout(HANG_GUARD);
+        assert_failed_at_once(runtime.block_on(kept.ping()));
+        runtime.block_on(serving.shutdown());
     }
 
     #[test]

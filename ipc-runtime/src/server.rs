@@ -569,8 +569,15 @@ impl Server {
             // A `make` that panics (the panic hook has said so) fails this client only.
             let services = match catch_unwind(AssertUnwindSafe(|| self.services_for(&connection))) {
                 Ok(Ok(services)) => services,
-                Ok(Err(twice)) => return Err(Error::Io(io::Error::other(twice))),
-                Err(_panicked) => continue,
+                // Hung up on, not only let go of: `make` may have kept a handle.
+                Ok(Err(twice)) => {
+                    not_served(&connection);
+                    return Err(Error::Io(io::Error::other(twice)));
+                }
+                Err(_panicked) => {
+                    not_served(&connection);
+                    continue;
+                }
             };
             // Locked before its thread starts, so that `clients()` never misses a client that
             // has already been served.
@@ -741,6 +748,16 @@ impl Drop for Leaving {
         self.ended.store(true, Ordering::SeqCst);
         self.turnover.signal();
     }
+}
+
+/// Hangs up on a client whose service could not be made (`make` panicked, or made a second
+/// service of one interface), which a handle `make` kept would otherwise keep open, served by
+/// nobody: as `Server::service_with` says.
+#[cold]
+#[inline(never)]
+fn not_served(connection: &Connection) {
+    connection.runners_not_coming();
+    connection.close();
 }
 
 /// At the limit of `max` clients, waits for one of those that have hung up to end, until

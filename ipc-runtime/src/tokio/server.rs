@@ -512,8 +512,16 @@ impl AsyncServer {
                     let services =
                         match catch_unwind(AssertUnwindSafe(|| self.services_for(&connection))) {
                             Ok(Ok(services)) => services,
-                            Ok(Err(twice)) => return Error::Io(io::Error::other(twice)),
-                            Err(_panicked) => continue,
+                            // Hung up on, not only let go of: `make` may have kept a
+                            // handle.
+                            Ok(Err(twice)) => {
+                                not_served(&connection);
+                                return Error::Io(io::Error::other(twice));
+                            }
+                            Err(_panicked) => {
+                                not_served(&connection);
+                                continue;
+                            }
                         };
                     // Locked before the task starts, so that `clients()` never misses a
                     // client that has already been served.
@@ -747,6 +755,16 @@ impl Client {
 struct Held {
     connection: Option<AsyncConnection>,
     task: JoinHandle<Result<()>>,
+}
+
+/// Hangs up on a client whose service could not be made (`make` panicked, or made a second
+/// service of one interface), which a handle `make` kept would otherwise keep open, served by
+/// nobody: as `AsyncServer::service_with` says.
+#[cold]
+#[inline(never)]
+fn not_served(connection: &AsyncConnection) {
+    connection.server_not_coming();
+    connection.close();
 }
 
 /// The clients, locked, once those whose tasks have let go of their connections are
