@@ -310,6 +310,7 @@ fn a_server_and_its_serving_are_debug_in_both_flavours() {
     runtime.block_on(async {
         let server = AsyncServer::new()
             .service_with(|_| DescribesItsCall)
+            .max_calls_at_once(2)
             .max_clients(3);
         let asynchronous = Daemon {
             serving: server
@@ -319,7 +320,7 @@ fn a_server_and_its_serving_are_debug_in_both_flavours() {
         };
         let said = format!("{asynchronous:?}");
         for part in [
-            "AsyncServer { services: [\"service_with\"], ",
+            "AsyncServer { services: [\"service_with\"], max_calls_at_once: Some(2), ",
             "max_clients: Some(3)",
             "AsyncServing { clients: 0, accepting: Ok(())",
         ] {

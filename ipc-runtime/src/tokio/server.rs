@@ -82,6 +82,7 @@ impl std::fmt::Debug for AsyncServer {
             .collect();
         f.debug_struct("AsyncServer")
             .field("services", &services)
+            .field("max_calls_at_once", &self.max_calls)
             .field("authorize", &self.authorizer.is_some())
             .field("admit", &self.admission.admit.is_some())
             .field("max_clients", &self.admission.max_clients)
