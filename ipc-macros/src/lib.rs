@@ -179,10 +179,11 @@ use quote::quote;
 ///   `Clone` sharing the implementation, as in the blocking flavour (the trait is not
 ///   object-safe, so no `Arc<dyn Ipa>`), `serve(self, AsyncConnection)`
 ///   (starts serving at once and returns a `Send + 'static` future that resolves when the peer
-///   has hung up and every handler has finished: spawn it or await it), `async fn dispatch(&self, IpaRequest)`, and the
-///   runtime's `AsyncService` implementation. Each call runs as a task of its own, once the
-///   oneway messages that arrived before it have run; oneway messages run one at a time, in
-///   order.
+///   has hung up and every handler has finished: spawn it or await it),
+///   `async fn dispatch(&self, IpaRequest)`, and the runtime's `AsyncService` implementation.
+///   Each call runs as a task of its own (at most `AsyncConnection::set_max_calls_at_once` at
+///   a time, if set), once the oneway messages that arrived before it have run; oneway
+///   messages run one at a time, in order.
 /// - `IpaRequest`, `IpaResponse` and `IPA_INFO` are those of the blocking flavour (`decode`
 ///   takes an `AsyncCall`, and `send` is `async fn send(self, &mut AsyncCall)`), and the
 ///   interface signature does not include `async`: an async client talks to a blocking server
