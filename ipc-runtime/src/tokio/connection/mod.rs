@@ -664,12 +664,13 @@ impl AsyncConnection {
     /// A call waiting for a slot costs its request only (no task): it counts in what the
     /// peer's requests may hold, as it did while it ran, so a peer that keeps sending makes
     /// this end stop reading at those bounds (1,024 requests; see the [module docs](super))
-    /// as ever. A call the peer
-    /// cancels (its future dropped, or timed out) while it waits is dropped unrun; one it
-    /// cancels while it runs frees its slot once its handler's future is dropped (a method of
-    /// an `#[interface(async_server)]` already on tokio's blocking pool runs to its end
-    /// first). A handler that panics frees its slot. [`AsyncConnection::close`] drops the
-    /// calls waiting, closing their fds.
+    /// as ever. A call the peer cancels (its future dropped, or timed out) while it waits is
+    /// dropped unrun; one it cancels while it runs frees its slot once its handler's future
+    /// is dropped (a method of an `#[interface(async_server)]` already on tokio's blocking
+    /// pool runs to its end first). A handler that panics frees its slot. Calls still waiting
+    /// when the peer hangs up run all the same, in turn, as the requests a blocking server
+    /// has queued do (their replies go nowhere); [`AsyncConnection::close`] drops them
+    /// instead, closing their fds.
     ///
     /// Only calls count. Oneway messages run one at a time, in order, on a task of their
     /// own, beside the `n` calls (each call still starts only once the oneways sent ahead of
