@@ -348,22 +348,31 @@ impl Server {
     /// served by nothing, as it was before.
     pub fn serve(&self, connection: &Connection) -> Result<()> {
         let helpers = self.start_helpers(connection)?;
-        // Before `make` runs: what a thread it starts reads meanwhile waits for this one.
-        connection.runners_coming();
         // A `make` that panics (or two services of one interface) leaves the connection
         // served by nothing, as it was: the helpers end without serving as they are dropped.
-        let services = match catch_unwind(AssertUnwindSafe(|| self.services_for(connection))) {
+        let services = match self.services_coming(connection) {
             Ok(Ok(services)) => services,
-            Ok(Err(twice)) => {
-                connection.runners_not_coming();
-                panic!("{twice}")
-            }
-            Err(panicked) => {
-                connection.runners_not_coming();
-                std::panic::resume_unwind(panicked)
-            }
+            Ok(Err(twice)) => panic!("{twice}"),
+            Err(panicked) => std::panic::resume_unwind(panicked),
         };
         self.run(connection, services, helpers)
+    }
+
+    /// [`Server::services_for`], with `connection` marked as about to be served meanwhile
+    /// ([`Connection::runners_coming`]: what a thread `make` starts reads waits for the
+    /// serving threads, past the bounds of the queue too, as for threads serving). If `make`
+    /// panics, or two services serve one interface, the mark is taken back: the connection is
+    /// served by nothing, as before.
+    fn services_coming(
+        &self,
+        connection: &Connection,
+    ) -> std::thread::Result<Result<Vec<Arc<dyn Service>>, String>> {
+        connection.runners_coming();
+        let made = catch_unwind(AssertUnwindSafe(|| self.services_for(connection)));
+        if !matches!(made, Ok(Ok(_))) {
+            connection.runners_not_coming();
+        }
+        made
     }
 
     /// What `connection` serves, in the order added: the shared services, and one made for it
@@ -562,20 +571,17 @@ impl Server {
                     continue;
                 }
             };
-            // Served from now on, unless `make` fails: the requests that a thread it starts
-            // (to call the client) reads meanwhile wait for the client's threads, past the
-            // bounds of the queue too, as for threads serving.
-            connection.runners_coming();
-            // A `make` that panics (the panic hook has said so) fails this client only.
-            let services = match catch_unwind(AssertUnwindSafe(|| self.services_for(&connection))) {
+            // Served from now on, unless `make` fails. A `make` that panics (the panic hook
+            // has said so) fails this client only; it is hung up on, not only let go of, as
+            // `make` may have kept a handle.
+            let services = match self.services_coming(&connection) {
                 Ok(Ok(services)) => services,
-                // Hung up on, not only let go of: `make` may have kept a handle.
                 Ok(Err(twice)) => {
-                    not_served(&connection);
+                    connection.close();
                     return Err(Error::Io(io::Error::other(twice)));
                 }
                 Err(_panicked) => {
-                    not_served(&connection);
+                    connection.close();
                     continue;
                 }
             };
@@ -748,16 +754,6 @@ impl Drop for Leaving {
         self.ended.store(true, Ordering::SeqCst);
         self.turnover.signal();
     }
-}
-
-/// Hangs up on a client whose service could not be made (`make` panicked, or made a second
-/// service of one interface), which a handle `make` kept would otherwise keep open, served by
-/// nobody: as `Server::service_with` says.
-#[cold]
-#[inline(never)]
-fn not_served(connection: &Connection) {
-    connection.runners_not_coming();
-    connection.close();
 }
 
 /// At the limit of `max` clients, waits for one of those that have hung up to end, until

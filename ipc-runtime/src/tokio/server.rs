@@ -330,22 +330,31 @@ impl AsyncServer {
         &self,
         connection: &AsyncConnection,
     ) -> impl Future<Output = Result<()>> + Send + 'static + use<> {
-        // Before `make` runs: what a task it starts reads meanwhile waits for the services.
-        connection.server_coming();
         // A `make` that panics (or two services of one interface) leaves the connection
         // served by nothing, as it was.
-        let services = match catch_unwind(AssertUnwindSafe(|| self.services_for(connection))) {
+        let services = match self.services_coming(connection) {
             Ok(Ok(services)) => services,
-            Ok(Err(twice)) => {
-                connection.server_not_coming();
-                panic!("{twice}")
-            }
-            Err(panicked) => {
-                connection.server_not_coming();
-                std::panic::resume_unwind(panicked)
-            }
+            Ok(Err(twice)) => panic!("{twice}"),
+            Err(panicked) => std::panic::resume_unwind(panicked),
         };
         self.serve_services(connection, services)
+    }
+
+    /// [`AsyncServer::services_for`], with `connection` marked as about to be served
+    /// meanwhile ([`AsyncConnection::server_coming`]: what a task `make` starts reads waits
+    /// for the services, past the bounds of the queue too, as for a server). If `make`
+    /// panics, or two services serve one interface, the mark is taken back: the connection is
+    /// served by nothing, as before.
+    fn services_coming(
+        &self,
+        connection: &AsyncConnection,
+    ) -> std::thread::Result<Result<Vec<Arc<dyn AsyncService>>, String>> {
+        connection.server_coming();
+        let made = catch_unwind(AssertUnwindSafe(|| self.services_for(connection)));
+        if !matches!(made, Ok(Ok(_))) {
+            connection.server_not_coming();
+        }
+        made
     }
 
     /// What `connection` serves, in the order added: the shared services, and one made for it
@@ -505,25 +514,20 @@ impl AsyncServer {
             match AsyncConnection::new(socket) {
                 Ok(connection) => {
                     trouble.accepted();
-                    // Served from now on, unless `make` fails: the requests that a task it
-                    // starts (to call the client) reads meanwhile wait for the services, past
-                    // the bounds of the queue too, as for a server.
-                    connection.server_coming();
-                    // A `make` that panics (the panic hook has said so) fails this client only.
-                    let services =
-                        match catch_unwind(AssertUnwindSafe(|| self.services_for(&connection))) {
-                            Ok(Ok(services)) => services,
-                            // Hung up on, not only let go of: `make` may have kept a
-                            // handle.
-                            Ok(Err(twice)) => {
-                                not_served(&connection);
-                                return Error::Io(io::Error::other(twice));
-                            }
-                            Err(_panicked) => {
-                                not_served(&connection);
-                                continue;
-                            }
-                        };
+                    // Served from now on, unless `make` fails. A `make` that panics (the
+                    // panic hook has said so) fails this client only; it is hung up on, not
+                    // only let go of, as `make` may have kept a handle.
+                    let services = match self.services_coming(&connection) {
+                        Ok(Ok(services)) => services,
+                        Ok(Err(twice)) => {
+                            connection.close();
+                            return Error::Io(io::Error::other(twice));
+                        }
+                        Err(_panicked) => {
+                            connection.close();
+                            continue;
+                        }
+                    };
                     // Locked before the task starts, so that `clients()` never misses a
                     // client that has already been served.
                     let mut clients = pruned(clients);
@@ -756,16 +760,6 @@ impl Client {
 struct Held {
     connection: Option<AsyncConnection>,
     task: JoinHandle<Result<()>>,
-}
-
-/// Hangs up on a client whose service could not be made (`make` panicked, or made a second
-/// service of one interface), which a handle `make` kept would otherwise keep open, served by
-/// nobody: as `AsyncServer::service_with` says.
-#[cold]
-#[inline(never)]
-fn not_served(connection: &AsyncConnection) {
-    connection.server_not_coming();
-    connection.close();
 }
 
 /// The clients, locked, once those whose tasks have let go of their connections are
