@@ -8,39 +8,18 @@
 
 mod common;
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-use common::{current_thread_runtime, fd_count_lock, fd_snapshot, wait_until};
+use common::{
+    accept, current_thread_runtime, fd_count_lock, fd_snapshot, listening_for_one, wait_until,
+};
 use typed_ipc::service::{Call, InterfaceInfo, Service};
 use typed_ipc::tokio::{AsyncCall, AsyncConnection, AsyncService, BoxFuture};
 use typed_ipc::{Connection, Error};
 
 /// Only guards against a hang: a test that waits this long has failed anyway.
 const HANG_GUARD: Duration = Duration::from_secs(60);
-
-/// A listening socket at `path`, or on the abstract `name`, whose queue holds one client not
-/// yet accepted (backlog 0): a `connect` finds it full once a client is queued, and waits.
-fn listening_for_one(addr: &nix::sys::socket::UnixAddr) -> OwnedFd {
-    use nix::sys::socket::{AddressFamily, Backlog, SockFlag, SockType, bind, listen, socket};
-    let fd = socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .unwrap();
-    bind(fd.as_raw_fd(), addr).unwrap();
-    listen(&fd, Backlog::new(0).unwrap()).unwrap();
-    fd
-}
-
-/// Takes the next client of `listener`.
-fn accept(listener: &OwnedFd) -> OwnedFd {
-    let raw = nix::sys::socket::accept(listener.as_raw_fd()).unwrap();
-    // SAFETY: accept returned a new descriptor that nothing else owns.
-    unsafe { OwnedFd::from_raw_fd(raw) }
-}
 
 /// The threads of this process whose name is `name`.
 fn threads_named(name: &str) -> usize {

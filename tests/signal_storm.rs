@@ -20,7 +20,11 @@ use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use common::{checksum, child, fd_count_lock, fd_snapshot, filled, memfd, read_all, wait_until};
+use common::{
+    accept, checksum, child, fd_count_lock, fd_snapshot, filled, listening_for_one, memfd,
+    read_all, wait_until,
+};
+use nix::sys::socket::UnixAddr;
 use typed_ipc::shared_buffer::SealedBuffer;
 use typed_ipc::worker::{self, Exit, Worker};
 use typed_ipc::{Connection, Error, Limits, Listener, Server, SharedBytes, Socket};
@@ -602,35 +606,6 @@ fn async_calls_get_every_result_right_under_signal_storms_in_both_processes() {
     before.assert_nothing_new();
 }
 
-/// A listening socket on the abstract `name` whose queue holds one client not yet accepted:
-/// a `connect` finds it full once a client is queued, and waits.
-fn listening_for_one(name: &str) -> OwnedFd {
-    use nix::sys::socket::{
-        AddressFamily, Backlog, SockFlag, SockType, UnixAddr, bind, listen, socket,
-    };
-    let fd = socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .unwrap();
-    bind(
-        std::os::fd::AsRawFd::as_raw_fd(&fd),
-        &UnixAddr::new_abstract(name.as_bytes()).unwrap(),
-    )
-    .unwrap();
-    listen(&fd, Backlog::new(0).unwrap()).unwrap();
-    fd
-}
-
-/// Takes the next client of `listener`.
-fn accept(listener: &OwnedFd) -> OwnedFd {
-    let raw = nix::sys::socket::accept(std::os::fd::AsRawFd::as_raw_fd(listener)).unwrap();
-    // SAFETY: accept returned a new descriptor that nothing else owns.
-    unsafe { std::os::fd::FromRawFd::from_raw_fd(raw) }
-}
-
 /// The state letter of thread `tid` of this process (`/proc/.../stat`) and the system call
 /// it is in, if any (`/proc/.../syscall`).
 fn state_of(tid: libc::pid_t) -> (Option<char>, Option<libc::c_long>) {
@@ -657,7 +632,7 @@ fn a_connect_waiting_for_room_goes_on_after_a_signal() {
     let _fds = fd_count_lock();
     install_handler();
     let name = abstract_name("full-queue");
-    let listener = listening_for_one(&name);
+    let listener = listening_for_one(&UnixAddr::new_abstract(name.as_bytes()).unwrap());
     let queued = Socket::connect_abstract(&name).unwrap();
     let (tid_tx, tid_rx) = std::sync::mpsc::channel();
     let connecting = std::thread::spawn({
@@ -693,7 +668,7 @@ fn a_connect_waiting_for_room_goes_on_after_a_signal() {
 fn a_connect_timeout_waiting_for_room_times_out_under_a_signal_storm() {
     let _fds = fd_count_lock();
     let name = abstract_name("full-queue-timeout");
-    let listener = listening_for_one(&name);
+    let listener = listening_for_one(&UnixAddr::new_abstract(name.as_bytes()).unwrap());
     let queued = Socket::connect_abstract(&name).unwrap();
     let storm = SignalStorm::start();
     let (done_tx, done_rx) = std::sync::mpsc::channel();

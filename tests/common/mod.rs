@@ -657,3 +657,28 @@ fn no_stray_fd_from_malloc() {
         libc::mallopt(libc::M_ARENA_MAX, 16);
     });
 }
+
+/// A listening socket at `addr` (a path or an abstract name) whose queue holds one client not
+/// yet accepted (backlog 0): a `connect` finds it full once a client is queued, and waits.
+pub fn listening_for_one(addr: &nix::sys::socket::UnixAddr) -> OwnedFd {
+    use nix::sys::socket::{AddressFamily, Backlog, SockFlag, SockType, bind, listen, socket};
+    use std::os::fd::AsRawFd;
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    bind(fd.as_raw_fd(), addr).unwrap();
+    listen(&fd, Backlog::new(0).unwrap()).unwrap();
+    fd
+}
+
+/// Takes the next client of `listener`, a socket of [`listening_for_one`].
+pub fn accept(listener: &OwnedFd) -> OwnedFd {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let raw = nix::sys::socket::accept(listener.as_raw_fd()).unwrap();
+    // SAFETY: accept returned a new descriptor that nothing else owns.
+    unsafe { OwnedFd::from_raw_fd(raw) }
+}
