@@ -36,6 +36,17 @@ enum Provided {
     PerConnection(MakeService),
 }
 
+impl Provided {
+    /// Its interface's name, for `Debug`: `service_with` for one made per connection, whose
+    /// interface is known only once one is made.
+    fn name(&self) -> &'static str {
+        match self {
+            Provided::Shared(service) => service.info().name,
+            Provided::PerConnection(_) => "service_with",
+        }
+    }
+}
+
 /// Serves a set of interfaces.
 ///
 /// ```no_run
@@ -64,16 +75,11 @@ pub struct Server {
     admission: Admission,
 }
 
-/// The interfaces served, by name (`service_with` for those made per connection, whose
-/// interface is known once one is made), and the settings.
+/// The interfaces served, by name (`service_with` for one made per connection), and the
+/// settings.
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let services: Vec<&str> = (self.services.iter())
-            .map(|provided| match provided {
-                Provided::Shared(service) => service.info().name,
-                Provided::PerConnection(_) => "service_with",
-            })
-            .collect();
+        let services: Vec<&str> = self.services.iter().map(Provided::name).collect();
         f.debug_struct("Server")
             .field("services", &services)
             .field("threads", &self.threads)
