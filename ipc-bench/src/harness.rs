@@ -68,6 +68,19 @@ pub struct Stats {
     pub samples: usize,
     /// Calls per sample.
     pub batch: usize,
+    /// Each repetition's median, in the order the repetitions ran; the first [`Stats::reps`]
+    /// are filled.
+    pub rep_medians: [f64; REPETITIONS],
+    /// Repetitions done (at least one).
+    pub reps: usize,
+}
+
+impl Stats {
+    /// The medians of the repetitions done, in the order they ran: the `i`th of two systems
+    /// of a cell were taken seconds apart (see [`Measurement`]).
+    pub fn rep_medians(&self) -> &[f64] {
+        &self.rep_medians[..self.reps]
+    }
 }
 
 /// A measurement in progress: warmed up, with some of its repetitions done.
@@ -129,6 +142,10 @@ impl Measurement {
             .iter()
             .fold((f64::MAX, 0f64), |(lo, hi), r| (lo.min(r.0), hi.max(r.0)));
         let median = median_of(reps.iter().map(|r| r.0));
+        let mut rep_medians = [0.0; REPETITIONS];
+        for (slot, rep) in rep_medians.iter_mut().zip(reps) {
+            *slot = rep.0;
+        }
         Stats {
             median,
             p99: median_of(reps.iter().map(|r| r.1)),
@@ -140,6 +157,8 @@ impl Measurement {
             },
             samples: self.times.len(),
             batch: self.batch,
+            rep_medians,
+            reps: reps.len().min(REPETITIONS),
         }
     }
 }

@@ -247,6 +247,8 @@ mod tests {
             spread: 0.0,
             samples: 100,
             batch: 1,
+            rep_medians: [1000.0; crate::harness::REPETITIONS],
+            reps: crate::harness::REPETITIONS,
         };
         let rows: Vec<Row> = crate::SYSTEMS
             .iter()
