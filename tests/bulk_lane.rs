@@ -280,6 +280,52 @@ fn bad_references_and_bad_regions_fail_the_call_not_the_server() {
     before.assert_nothing_new();
 }
 
+/// The lane's own cap on a placed string (32 MiB: no sender of ours places a larger one, it
+/// goes inline).
+const LANE_MAX: u64 = 32 << 20;
+
+/// A server's limits above the lane's cap.
+fn limits_above_the_lanes_cap() -> typed_ipc::Limits {
+    typed_ipc::Limits {
+        max_message_len: 2 * LANE_MAX as usize,
+        ..typed_ipc::Limits::default()
+    }
+}
+
+/// A hostile client's placements to a server whose `max_message_len` is above the lane's
+/// cap: one over the cap but within the limit is malformed, and its failure does not name a
+/// limit the string is within; one over the limit is `TooLarge`, over the limit set.
+fn placements_over_the_lanes_cap_are_refused_for_what_they_are_over(ours: &Socket) {
+    let payload = raw_bump(ours, 1, None, 0, LANE_MAX + 1);
+    failure(
+        &payload,
+        &format!(
+            "a placed byte string of {} bytes, over the lane's 32 MiB",
+            LANE_MAX + 1
+        ),
+    );
+    let text = String::from_utf8_lossy(&payload);
+    assert!(!text.contains("max_message_len"), "{text:?}");
+    let limit = common::assert_too_large(
+        &raw_bump(ours, 2, None, 0, 2 * LANE_MAX + 1),
+        2 * LANE_MAX + 1,
+    );
+    assert_eq!(limit, 2 * LANE_MAX, "the limit set, not the lane's cap");
+}
+
+#[test]
+fn a_placement_over_the_lanes_cap_within_the_limit_is_malformed() {
+    let _fds = fd_count_lock();
+    let (ours, mut theirs) = Socket::pair().unwrap();
+    theirs.set_limits(limits_above_the_lanes_cap());
+    let server = std::thread::spawn(move || {
+        BulkServer::new(BulkImpl::default()).serve(Connection::new(theirs))
+    });
+    placements_over_the_lanes_cap_are_refused_for_what_they_are_over(&ours);
+    drop(ours);
+    server.join().unwrap().unwrap();
+}
+
 /// Every other way a hostile client's out-of-line string can be refused closes the fds its
 /// message carried: a region larger than any the lane accepts, a piped string to a server
 /// that trusts no pipes, a string said to be written into a server that accepts no writes
@@ -519,6 +565,25 @@ mod async_flavour {
         served.unwrap();
         drop(write);
         before.assert_nothing_new(); // the kept pipe too, closed once let go
+    }
+
+    /// `a_placement_over_the_lanes_cap_within_the_limit_is_malformed`, to an async server.
+    #[test]
+    fn a_placement_over_the_lanes_cap_within_the_limit_is_malformed_async() {
+        let _fds = fd_count_lock();
+        let (ours, mut theirs) = Socket::pair().unwrap();
+        theirs.set_limits(limits_above_the_lanes_cap());
+        let server = std::thread::spawn(move || {
+            common::current_thread_runtime().block_on(async move {
+                let connection = typed_ipc::tokio::AsyncConnection::new(theirs).unwrap();
+                asynchronous::BulkServer::new(AsyncBulkImpl::default())
+                    .serve(connection)
+                    .await
+            })
+        });
+        placements_over_the_lanes_cap_are_refused_for_what_they_are_over(&ours);
+        drop(ours);
+        server.join().unwrap().unwrap();
     }
 
     const SIZES: [usize; 5] = [1023, 1024, 100_000, (3 << 20) + 5, (32 << 20) + 1];

@@ -243,7 +243,10 @@ pub enum Limit {
     /// [`Limits::max_message_len`](crate::Limits::max_message_len): a message received, or a
     /// byte string that came out of the socket (through shared memory or a pipe); also a
     /// message sent while [`Limits::max_send_len`](crate::Limits::max_send_len) is `None`,
-    /// which sends what `max_message_len` accepts (set `max_send_len` to send more).
+    /// which sends what `max_message_len` accepts (set `max_send_len` to send more). A
+    /// byte string out of the socket within this limit but over the 32 MiB such a string may
+    /// take, which no sender of this crate exceeds (it sends a larger one inline), is
+    /// [`Error::Malformed`] instead.
     MaxMessageLen,
     /// [`Limits::max_send_len`](crate::Limits::max_send_len): a message sent.
     MaxSendLen,

@@ -212,12 +212,17 @@ pub(crate) struct Lane {
     /// `Call::args` twice) must not take its string again: the first decode acknowledged it,
     /// so the peer may have placed its next string over it, or piped it behind it.
     taken: [AtomicU64; TAKEN_WORDS],
-    /// Largest string accepted from the peer (this end's limits). Not its region's bound:
-    /// a region may be larger than the strings this end accepts (at least 64 KiB, grown for
-    /// the largest string the peer sent, even one refused here), and refusing it would fail
-    /// every later string with it. Regions of up to [`MAX`] are accepted; only the bytes of
-    /// a string (at most `max_len`) are ever read from one.
+    /// Largest string accepted from the peer out of line: this end's limit
+    /// (`max_message_len`), or the lane's own cap, [`MAX`], if that is smaller. Not its
+    /// region's bound: a region may be larger than the strings this end accepts (at least
+    /// 64 KiB, grown for the largest string the peer sent, even one refused here), and
+    /// refusing it would fail every later string with it. Regions of up to [`MAX`] are
+    /// accepted; only the bytes of a string (at most `max_len`) are ever read from one.
     max_len: usize,
+    /// This end's `Limits::max_message_len`, as set: a string over `max_len` is refused as
+    /// over it (`TooLarge`) only if it is over this too; one within it is over the lane's
+    /// cap alone, which no sender of ours places (such a string goes inline): malformed.
+    max_message_len: usize,
     /// Largest string this end sends out of line (`Limits::send_len`); one over it goes
     /// inline, where the socket refuses its message unsent (`TooLarge`).
     max_send_len: usize,
@@ -276,6 +281,7 @@ impl Lane {
             consumed: AtomicU64::new(if max_fds > 0 { READS_LANES.into() } else { 0 }),
             taken: [const { AtomicU64::new(0) }; TAKEN_WORDS],
             max_len: max_len.min(MAX),
+            max_message_len: max_len,
             max_send_len: max_len.min(MAX),
             max_send_fds: max_fds,
             max_fds,

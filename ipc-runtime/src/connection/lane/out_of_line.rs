@@ -87,10 +87,7 @@ impl OutOfLine for Lane {
             }
         };
         if len + tail.len() > self.max_len {
-            return Err(Unfetched::OverLimit {
-                len: (len + tail.len()) as u64,
-                limit: self.max_len as u64,
-            });
+            return Err(self.refused("a piped byte string", (len + tail.len()) as u64));
         }
         let mut bytes = pipe.read_vec(len, tail.len()).map_err(|e| e.to_string())?;
         bytes.extend_from_slice(tail);
@@ -152,10 +149,7 @@ impl OutOfLine for Lane {
             return Err("a byte string written by placement 0".into());
         }
         if written.len > self.max_len as u64 {
-            return Err(Unfetched::OverLimit {
-                len: written.len,
-                limit: self.max_len as u64,
-            });
+            return Err(self.refused("a byte string written into this process", written.len));
         }
         self.untaken(seq)?;
         let mut inbox = self.inbox.lock();
@@ -178,12 +172,7 @@ impl OutOfLine for Lane {
         let fd = fd?;
         let (offset, len) = match (usize::try_from(placed.offset), usize::try_from(placed.len)) {
             (Ok(offset), Ok(len)) if len <= self.max_len => (offset, len),
-            _ => {
-                return Err(Unfetched::OverLimit {
-                    len: placed.len,
-                    limit: self.max_len as u64,
-                });
-            }
+            _ => return Err(self.refused("a placed byte string", placed.len)),
         };
         let announced = fd
             .kept()
@@ -212,6 +201,24 @@ impl OutOfLine for Lane {
         self.took(seq);
         self.done_with(seq, 0);
         Ok(bytes)
+    }
+}
+
+impl Lane {
+    /// Why `what`, a string of `len` bytes from the peer, over `max_len`, is refused: over
+    /// this end's limit (`Limits::max_message_len`), it is too large; within it, over the
+    /// lane's own cap ([`MAX`]) alone, which no sender of ours places over (such a string goes
+    /// inline), it is malformed, and is not said to be over a limit set higher.
+    #[cold]
+    #[inline(never)]
+    fn refused(&self, what: &str, len: u64) -> Unfetched {
+        match len > self.max_message_len as u64 {
+            true => Unfetched::OverLimit {
+                len,
+                limit: self.max_message_len as u64,
+            },
+            false => format!("{what} of {len} bytes, over the lane's {} MiB", MAX >> 20).into(),
+        }
     }
 }
 

@@ -285,6 +285,65 @@ fn a_byte_string_over_the_limit_is_refused_as_over_it_whichever_way_it_came() {
     assert_eq!(over(lane.take_written(&written)), (5000, 1500));
 }
 
+/// Under limits above the lane's own cap ([`MAX`]), a byte string out of the socket over
+/// the cap but within the limits is malformed (no sender of ours places one: it goes inline),
+/// not over `Limits::max_message_len`, whichever way it came; one over the limits is over
+/// them, and says so with the limit set, not the cap.
+#[test]
+fn a_byte_string_over_the_lanes_cap_but_within_the_limit_is_malformed() {
+    use crate::codec::{NO_FD, OutOfLine, Piped, Placed, Unfetched, Written};
+    let limit = 2 * MAX;
+    let lane = Lane::new(limit, usize::MAX);
+    let _ = lane.lend_pages(true);
+    let bad = |got: Result<Vec<u8>, Unfetched>, what: &str| match got {
+        Err(Unfetched::Bad(why)) => {
+            let want = format!("{what} of {} bytes, over the lane's 32 MiB", MAX + 1);
+            assert!(why.contains(&want), "{want:?} not in {why:?}");
+        }
+        other => panic!("expected Bad for {what}, got {other:?}"),
+    };
+    let over = |got: Result<Vec<u8>, Unfetched>| match got {
+        Err(Unfetched::OverLimit { len, limit }) => (len, limit),
+        other => panic!("expected OverLimit, got {other:?}"),
+    };
+    let placed = |len: usize| Placed {
+        seq: 1,
+        fd: NO_FD,
+        offset: 0,
+        len: len as u64,
+    };
+    bad(
+        lane.take(&placed(MAX + 1), Ok(None)),
+        "a placed byte string",
+    );
+    let over_limit = (limit as u64 + 1, limit as u64);
+    assert_eq!(over(lane.take(&placed(limit + 1), Ok(None))), over_limit);
+    // A pipe: its bytes and the tail inline count together.
+    let (read, _write) = nix::unistd::pipe().unwrap();
+    let piped = Piped {
+        seq: 2,
+        fd: NO_FD,
+        len: 1000,
+    };
+    let tail = vec![0; MAX + 1 - 1000];
+    bad(
+        lane.take_piped(&piped, Ok(Some(read)), &tail),
+        "a piped byte string",
+    );
+    let tail = vec![0; limit + 1 - 1000];
+    assert_eq!(over(lane.take_piped(&piped, Ok(None), &tail)), over_limit);
+    let written = |len: usize| Written {
+        seq: 3,
+        generation: 1,
+        len: len as u64,
+    };
+    bad(
+        lane.take_written(&written(MAX + 1)),
+        "a byte string written into this process",
+    );
+    assert_eq!(over(lane.take_written(&written(limit + 1))), over_limit);
+}
+
 /// The sizing rule alone, on a clock of the test's: a region grows at once, and shrinks to
 /// fit the strings it held only once none of more than a quarter of its size came for
 /// [`SHRINK_AFTER`].
