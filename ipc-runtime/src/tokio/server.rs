@@ -534,45 +534,58 @@ impl AsyncServer {
                             continue;
                         }
                     };
-                    // Locked before the task starts, so that `clients()` never misses a
-                    // client that has already been served.
-                    let mut clients = pruned(clients);
-                    if stopped.load(Ordering::SeqCst) {
-                        return stopped_mid_accept(&connection);
-                    }
-                    // The task owns the connection's only handles (apart from those the
-                    // services keep): held weakly here, the connection, with its socket and
-                    // shared memory, goes as soon as the task has served it to the end, not
-                    // when the list is next pruned.
-                    let serve = self.serve_services(&connection, services);
-                    let (closing, stopped) = (connection.clone(), stopped.clone());
+                    // Nothing of the user's runs under the clients' lock, which a service's
+                    // `Drop` may take (asking the server its count of clients, its `Debug`):
+                    // `spawn` drops the task's future at once on a runtime shutting down, and
+                    // serving (`serve_services`) drops the services of a client that has
+                    // hung up already, or spawns (and so may drop) its held calls. So the
+                    // task is spawned first, waiting, and handed what it serves once the
+                    // client is listed and the lock let go: `clients()` never misses a client
+                    // that has already been served, and a stop sees it or stops it here.
+                    let (closing, stopped_then) = (connection.clone(), stopped.clone());
                     let ended = Arc::new(AtomicBool::new(false));
                     let leaving = Leaving {
                         ended: ended.clone(),
                         turnover: turnover.clone(),
                     };
+                    // Not a tokio oneshot: see `handoff`.
+                    let (listed, serve) = super::handoff::channel();
                     let task = ::tokio::spawn(async move {
-                        // The future, with its handle of the connection, dropped first.
-                        let served = serve.await;
+                        // Nothing to serve if the listener stopped before it listed the
+                        // client (it hung up on it) or dropped the handoff unfinished.
+                        let served = match serve.await {
+                            // The future, with its handle of the connection, dropped first.
+                            Some(serve) => serve.await,
+                            None => Ok(()),
+                        };
                         // Drained by a shutdown: hung up on now, not only once the shutdown
                         // reaches it, after every client that came before it, however long
                         // their handlers run.
-                        if stopped.load(Ordering::SeqCst) {
+                        if stopped_then.load(Ordering::SeqCst) {
                             closing.close();
                         }
                         drop(closing);
                         drop(leaving);
                         served
                     });
-                    let connection = connection.downgrade();
-                    clients.push(Client {
-                        connection,
+                    let mut listing = pruned(clients);
+                    if stopped.load(Ordering::SeqCst) {
+                        drop(listing);
+                        return stopped_mid_accept(&connection);
+                    }
+                    listing.push(Client {
+                        connection: connection.downgrade(),
                         task,
                         ended,
                         hung_up_since: None,
                     });
-                    drop(clients);
+                    drop(listing);
                     turnover.changed.notify_waiters();
+                    // The task owns the connection's only handles (apart from those the
+                    // services keep) once this one goes, below: held weakly in the list, the
+                    // connection, with its socket and shared memory, goes as soon as the task
+                    // has served it to the end, not when the list is next pruned.
+                    listed.give(self.serve_services(&connection, services));
                 }
                 Err(e) => {
                     let wait = trouble.failed("cannot set up a client's connection", &e);

@@ -2712,3 +2712,71 @@ fn calls_waiting_for_a_slot_hold_no_task_and_pause_the_reader_at_the_bounds() {
     drop(peer);
     runtime.block_on(serving).unwrap().unwrap();
 }
+
+/// A service that asks the server for its clients as it is dropped (a service's `Drop` is
+/// the user's code, and may reach the server: its count of clients, its `Debug`), and says
+/// what it heard.
+struct AsksTheServerAsItGoes {
+    serving: std::sync::Arc<std::sync::OnceLock<super::AsyncServing>>,
+    said: std::sync::mpsc::Sender<Option<usize>>,
+}
+
+impl super::AsyncService for AsksTheServerAsItGoes {
+    fn info(&self) -> &'static crate::service::InterfaceInfo {
+        &crate::connection::tests::BULK
+    }
+    fn handle<'a>(
+        &'a self,
+        call: &'a mut super::AsyncCall,
+    ) -> super::BoxFuture<'a, crate::Result<()>> {
+        Box::pin(async move { call.reply(7u32).await })
+    }
+}
+
+impl Drop for AsksTheServerAsItGoes {
+    fn drop(&mut self) {
+        let _ = self.said.send(self.serving.get().map(|s| s.clients()));
+    }
+}
+
+/// A client that hung up before the listener served it has the services made for it dropped
+/// as they are added (nothing will reach them). That ran, with the spawn of the client's task
+/// (which drops the task's future at once on a runtime shutting down), under the server's
+/// lock of its clients: a service whose `Drop` asked the server for its clients deadlocked
+/// the listener. It hears the client counted: listed before it is served.
+#[test]
+fn a_service_dropped_as_its_client_is_served_may_ask_the_server_for_its_clients() {
+    use std::sync::{Arc, OnceLock, mpsc};
+    let rt = multi_thread_runtime(2);
+    let serving = Arc::new(OnceLock::new());
+    let (said, heard) = mpsc::channel();
+    let server = super::AsyncServer::new().service_with({
+        let serving = serving.clone();
+        move |connection| {
+            // Off the worker (which runs the connection's reader next), until it has read
+            // the hang-up: the connection has ended before it is served.
+            ::tokio::task::block_in_place(|| {
+                crate::connection::tests::wait_until("the client's hang-up is read", || {
+                    connection.is_closed()
+                })
+            });
+            AsksTheServerAsItGoes {
+                serving: serving.clone(),
+                said: said.clone(),
+            }
+        }
+    });
+    let name = format!("typed-ipc-test-drop-asks-the-server-{}", std::process::id());
+    {
+        let _in = rt.enter();
+        let listener = super::AsyncListener::bind_abstract(&name).unwrap();
+        assert!(serving.set(server.listen(listener)).is_ok());
+    }
+    drop(Socket::connect_abstract(&name).unwrap());
+    let Ok(clients) = heard.recv_timeout(HANG_GUARD) else {
+        // The listener holds the clients' lock for good: dropping the runtime would wait.
+        std::mem::forget(rt);
+        panic!("the service's drop deadlocked on the server's lock of its clients");
+    };
+    assert_eq!(clients, Some(1));
+}
