@@ -6,7 +6,7 @@
 #   ipc-bench/scripts/ab-against.sh COMMIT ROUNDS [-- SYSTEMS [SIZES]]
 #
 # SYSTEMS and SIZES as for ab.sh (default floor,typed-ipc and '64 B|4 KiB'). Example, the
-# Xeon host's last full run (docs/benchmarks.md, 2026-12-02 08:11 UTC) against now:
+# Xeon host's full run of 2026-12-02 08:11 UTC (docs/benchmarks-2026-12-02-xeon.md) against now:
 #
 #   ipc-bench/scripts/ab-against.sh 1f7d31b 24
 #   ipc-bench/scripts/ab-against.sh 1f7d31b 24 -- floor,typed-ipc,floor+fd,typed-ipc+fd
