@@ -61,9 +61,6 @@ pub struct Stats {
     pub p99: f64,
     /// Median of the repetitions' means (what throughput would suggest).
     pub mean: f64,
-    /// (largest − smallest repetition median) / median: how much the repetitions
-    /// agree.
-    pub spread: f64,
     /// Samples per repetition.
     pub samples: usize,
     /// Calls per sample.
@@ -80,6 +77,19 @@ impl Stats {
     /// of a cell were taken seconds apart (see [`Measurement`]).
     pub fn rep_medians(&self) -> &[f64] {
         &self.rep_medians[..self.reps]
+    }
+
+    /// (largest − smallest repetition median) / median: how much the repetitions agree.
+    pub fn spread(&self) -> f64 {
+        let (lo, hi) = self
+            .rep_medians()
+            .iter()
+            .fold((f64::MAX, 0f64), |(lo, hi), &m| (lo.min(m), hi.max(m)));
+        if self.median > 0.0 {
+            (hi - lo) / self.median
+        } else {
+            0.0
+        }
     }
 }
 
@@ -138,9 +148,6 @@ impl Measurement {
     /// The figures of the repetitions done so far (at least one).
     pub fn stats(&self) -> Stats {
         let reps = &self.reps;
-        let (lo, hi) = reps
-            .iter()
-            .fold((f64::MAX, 0f64), |(lo, hi), r| (lo.min(r.0), hi.max(r.0)));
         let median = median_of(reps.iter().map(|r| r.0));
         let mut rep_medians = [0.0; REPETITIONS];
         for (slot, rep) in rep_medians.iter_mut().zip(reps) {
@@ -150,11 +157,6 @@ impl Measurement {
             median,
             p99: median_of(reps.iter().map(|r| r.1)),
             mean: median_of(reps.iter().map(|r| r.2)),
-            spread: if median > 0.0 {
-                (hi - lo) / median
-            } else {
-                0.0
-            },
             samples: self.times.len(),
             batch: self.batch,
             rep_medians,

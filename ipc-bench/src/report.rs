@@ -261,7 +261,7 @@ fn detail(md: &mut String, rows: &[&Row]) {
             fmt_ns(s.p99),
             fmt_ratio(ratio(r, rows)),
             fmt_ns(s.mean),
-            s.spread * 100.0,
+            s.spread() * 100.0,
             s.samples,
             s.batch,
             r.cpu.map_or_else(
@@ -668,7 +668,6 @@ mod tests {
             median: medians[1],
             p99: 0.0,
             mean: 0.0,
-            spread: 0.0,
             samples: 100,
             batch: 1,
             rep_medians: medians,

@@ -244,7 +244,6 @@ mod tests {
             median: 1000.0,
             p99: 2000.0,
             mean: 1000.0,
-            spread: 0.0,
             samples: 100,
             batch: 1,
             rep_medians: [1000.0; crate::harness::REPETITIONS],
