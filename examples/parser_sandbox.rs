@@ -311,9 +311,7 @@ pub fn run_host(config: &HostConfig) -> Result<Report> {
     let progress = Arc::new(Progress::default());
     let mut sandbox = Sandbox::start(config, &progress)?;
 
-    let r = sandbox
-        .parser
-        .parse(b"the quick brown\nfox jumps\n".to_vec());
+    let r = sandbox.parser.parse(b"the quick brown\nfox jumps\n");
     let good = Parsed {
         words: 5,
         lines: 2,
@@ -321,7 +319,7 @@ pub fn run_host(config: &HostConfig) -> Result<Report> {
     };
     report.check(format!("good input: {r:?}"), r.ok() == Some(Ok(good)));
 
-    let r = sandbox.parser.parse(b"caf\xc3".to_vec());
+    let r = sandbox.parser.parse(b"caf\xc3");
     let refused = Err(ParseError::NotUtf8 { at: 3 });
     report.check(format!("bad input: {r:?}"), r.ok() == Some(refused));
 
@@ -353,22 +351,22 @@ pub fn run_host(config: &HostConfig) -> Result<Report> {
         words == Some(1 << 18),
     );
 
-    let r = sandbox.parser.parse(HUGE_MARK.to_vec());
+    let r = sandbox.parser.parse(HUGE_MARK);
     let over = matches!(r, Err(Error::TooLarge { by_peer: false, .. }));
     report.check(format!("a result over the limits: {r:?}"), over);
-    let r = sandbox.parser.parse(b"after".to_vec());
+    let r = sandbox.parser.parse(b"after");
     report.check(format!("then: {r:?}"), matches!(r, Ok(Ok(_))));
 
-    let r = sandbox.parser.parse(PANIC_MARK.to_vec());
+    let r = sandbox.parser.parse(PANIC_MARK);
     let panicked = matches!(&r, Err(Error::Panicked(why)) if why.contains("tripped"));
     report.check(format!("a panic: {r:?}"), panicked);
-    let r = sandbox.parser.parse(b"after".to_vec());
+    let r = sandbox.parser.parse(b"after");
     report.check(
         format!("then, the same worker: {r:?}"),
         matches!(r, Ok(Ok(_))),
     );
 
-    let r = sandbox.parser.parse(HANG_MARK.to_vec());
+    let r = sandbox.parser.parse(HANG_MARK);
     report.check(format!("a hang: {r:?}"), matches!(r, Err(Error::TimedOut)));
     let exit = sandbox.kill()?;
     report.check(
@@ -377,10 +375,10 @@ pub fn run_host(config: &HostConfig) -> Result<Report> {
     );
     sandbox = Sandbox::start(config, &progress)?;
     report.started += 1;
-    let r = sandbox.parser.parse(b"after".to_vec());
+    let r = sandbox.parser.parse(b"after");
     report.check(format!("then, a new worker: {r:?}"), matches!(r, Ok(Ok(_))));
 
-    let r = sandbox.parser.parse(ABORT_MARK.to_vec());
+    let r = sandbox.parser.parse(ABORT_MARK);
     report.check(
         format!("an abort: {r:?}"),
         matches!(r, Err(Error::Disconnected)),
@@ -392,7 +390,7 @@ pub fn run_host(config: &HostConfig) -> Result<Report> {
     );
     sandbox = Sandbox::start(config, &progress)?;
     report.started += 1;
-    let r = sandbox.parser.parse(b"after".to_vec());
+    let r = sandbox.parser.parse(b"after");
     report.check(format!("then, a new worker: {r:?}"), matches!(r, Ok(Ok(_))));
 
     let exit = sandbox.stop(config.timeout)?;

@@ -54,12 +54,12 @@ use quote::quote;
 ///   alive; a call that times out tells the peer, which drops it if it has not started it,
 ///   but a blocking method already running runs on to its end: with one serving thread,
 ///   later calls wait behind it; the copy shares the connection and, like any clone, keeps
-///   its socket open until dropped), `connection()`, and one method
-///   per trait method with the same name, parameters, doc comments and `#[deprecated]`,
-///   returning `Result<R, typed_ipc::Error>` for a declared return type `R`: a method declared
-///   `-> Result<Caps, ConfigError>` returns `Result<Result<Caps, ConfigError>, Error>`, the
-///   outer error typed-ipc's, the inner the method's own (`ipa.configure(cfg)??` where both
-///   convert into the caller's error). A `#[oneway]` method returns `Ok(())` once the
+///   its socket open until dropped), `connection()`, and one method per trait method with
+///   the same name, parameters (but for `Vec<u8>`, below), doc comments and `#[deprecated]`,
+///   returning `Result<R, typed_ipc::Error>` for a declared return type `R`: a method
+///   declared `-> Result<Caps, ConfigError>` returns `Result<Result<Caps, ConfigError>,
+///   Error>`, the outer error typed-ipc's, the inner the method's own (`ipa.configure(cfg)??`
+///   where both convert into the caller's error). A `#[oneway]` method returns `Ok(())` once the
 ///   message is sent. Cheap to clone. A trait method cannot be
 ///   named `new`, `with_timeout`, `connection` or `clone` (whose stub would shadow
 ///   `Clone::clone`; a compile error says so).
@@ -321,7 +321,12 @@ use quote::quote;
 ///   into a buffer of the size you expect, never of the size the file says (the demo's
 ///   `read_stats`); or take a `SealedBuffer`, which its receiver's
 ///   `Limits::max_shared_len` bounds and whose seals keep its sender from changing it.
-/// - `Vec<u8>` travels as one byte string rather than byte by byte.
+/// - `Vec<u8>` travels as one byte string rather than byte by byte. A client stub takes a
+///   `Vec<u8>` parameter as `impl Into<CallBytes<'bytes>>`: the `Vec` itself (its allocation
+///   is kept for the reply; the connection may pipe a large one to a peer it lends its pages
+///   to) or borrowed bytes (`&[u8]`, `&Vec<u8>`, `&[u8; N]`: `ipa.echo(&frame[..n])`), sent
+///   from where they lie without a `Vec` built for the call, and read only while the message
+///   is encoded. The server's method gets its own `Vec<u8>` either way.
 /// - typed-ipc's writable shared memory stays with the process that made it: a parameter or
 ///   return type spelled `SharedBuffer` or `SharedRegion` (alone or under typed-ipc's paths)
 ///   is a compile error that names the read-only form to send, a `SealedBuffer`

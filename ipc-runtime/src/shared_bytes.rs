@@ -1,5 +1,5 @@
-//! [`SharedBytes`]: bulk bytes the sender keeps, sent with one copy; and [`CallBytes`], which
-//! gives a call's `Vec<u8>` arguments the same path.
+//! [`SharedBytes`]: bulk bytes the sender keeps, sent with one copy; and [`CallBytes`], what a
+//! stub sends for a `Vec<u8>` parameter: a `Vec` it may pipe the same way, or borrowed bytes.
 
 use std::fmt;
 use std::ops::{Bound, Deref, RangeBounds};
@@ -197,18 +197,39 @@ impl<'de> Deserialize<'de> for SharedBytes {
     }
 }
 
-/// A `Vec<u8>` argument of a generated call stub, which owns it until the call returns: as
-/// [`SharedBytes`] when the connection would pipe it (one allocation for the `Arc`, no copy
-/// of the bytes), otherwise as any byte string. On the wire it is a `Vec<u8>`.
-#[doc(hidden)]
-pub enum CallBytes {
-    /// Sent as [`Bytes`].
+/// What a generated client stub sends for a `Vec<u8>` parameter: its stubs take
+/// `impl Into<CallBytes<'_>>`, so a caller passes either
+///
+/// - a `Vec<u8>`, moved in: the stub keeps its allocation afterwards for the next byte string
+///   this thread receives (most often the reply), and on a connection that lends its pages a
+///   `Vec` of 128 KiB to 1 MiB is piped uncopied, as [`SharedBytes`]; or
+/// - borrowed bytes (`&[u8]`, `&Vec<u8>`, `&[u8; N]`), sent from where they lie: no `Vec` to
+///   build for the call, and no copy into one. The stub only reads them while it encodes the
+///   message, so they are never piped (a pipe would keep reading them after the call).
+///
+/// Either way the server's method gets its own `Vec<u8>`: the wire form is the same. Sending
+/// from a buffer you keep saves a copy of the bytes per call, which on a fast host is a
+/// visible share of a 4 KiB call (`docs/hot-path.md`).
+///
+/// ```
+/// # extern crate ipc_runtime as typed_ipc;
+/// use typed_ipc::CallBytes;
+///
+/// let frame = vec![7u8; 4096];
+/// // What a stub does with each: `client.echo(&frame[..64])`, `client.echo(frame)`.
+/// assert!(matches!(CallBytes::from(&frame[..64]), CallBytes::Borrowed(b) if b.len() == 64));
+/// assert!(matches!(CallBytes::from(frame), CallBytes::Plain(ref v) if v.len() == 4096));
+/// ```
+pub enum CallBytes<'a> {
+    /// A `Vec` the stub owns, sent as any byte string.
     Plain(Vec<u8>),
-    /// Sent as [`SharedBytes`].
+    /// Sent as [`SharedBytes`] (a `Vec` the connection would pipe).
     Shared(SharedBytes),
+    /// The caller's bytes, sent from where they lie.
+    Borrowed(&'a [u8]),
 }
 
-impl From<Vec<u8>> for CallBytes {
+impl From<Vec<u8>> for CallBytes<'_> {
     #[inline]
     fn from(v: Vec<u8>) -> Self {
         if crate::connection::pipes(v.len()) {
@@ -219,7 +240,28 @@ impl From<Vec<u8>> for CallBytes {
     }
 }
 
-impl Drop for CallBytes {
+impl<'a> From<&'a [u8]> for CallBytes<'a> {
+    #[inline]
+    fn from(bytes: &'a [u8]) -> Self {
+        CallBytes::Borrowed(bytes)
+    }
+}
+
+impl<'a> From<&'a Vec<u8>> for CallBytes<'a> {
+    #[inline]
+    fn from(bytes: &'a Vec<u8>) -> Self {
+        CallBytes::Borrowed(bytes)
+    }
+}
+
+impl<'a, const N: usize> From<&'a [u8; N]> for CallBytes<'a> {
+    #[inline]
+    fn from(bytes: &'a [u8; N]) -> Self {
+        CallBytes::Borrowed(bytes)
+    }
+}
+
+impl Drop for CallBytes<'_> {
     /// Sent (or given up): the allocation of a plain `Vec` is kept for the next byte string
     /// this thread receives, most often the reply.
     #[inline]
@@ -230,12 +272,27 @@ impl Drop for CallBytes {
     }
 }
 
-impl Serialize for CallBytes {
+impl fmt::Debug for CallBytes<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (how, len) = match self {
+            CallBytes::Plain(v) => ("Plain", v.len()),
+            CallBytes::Shared(bytes) => ("Shared", bytes.len()),
+            CallBytes::Borrowed(bytes) => ("Borrowed", bytes.len()),
+        };
+        f.debug_struct("CallBytes")
+            .field("how", &how)
+            .field("len", &len)
+            .finish()
+    }
+}
+
+impl Serialize for CallBytes<'_> {
     #[inline]
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         match self {
             CallBytes::Plain(v) => Bytes(v).serialize(s),
             CallBytes::Shared(bytes) => bytes.serialize(s),
+            CallBytes::Borrowed(bytes) => Bytes(bytes).serialize(s),
         }
     }
 }
@@ -308,6 +365,34 @@ mod tests {
             CallBytes::from(vec![0; (1 << 20) + 1]),
             CallBytes::Plain(_)
         ));
+    }
+
+    #[test]
+    fn borrowed_call_bytes_stay_borrowed_at_every_size() {
+        let large = vec![1u8; 300 << 10];
+        assert!(
+            matches!(CallBytes::from(&large[..]), CallBytes::Borrowed(b) if b.len() == large.len())
+        );
+        assert!(
+            matches!(CallBytes::from(&large), CallBytes::Borrowed(b) if b.len() == large.len())
+        );
+        assert!(matches!(
+            CallBytes::from(b"abc"),
+            CallBytes::Borrowed(b"abc")
+        ));
+        let wire = |bytes: CallBytes<'_>| {
+            let (mut buf, mut fds) = (Vec::new(), Vec::new());
+            codec::encode(&bytes, &mut buf, &mut fds).unwrap();
+            buf
+        };
+        assert_eq!(
+            wire(CallBytes::from(b"abc")),
+            wire(CallBytes::from(b"abc".to_vec()))
+        );
+        assert_eq!(
+            format!("{:?}", CallBytes::from(&large[..10])),
+            r#"CallBytes { how: "Borrowed", len: 10 }"#
+        );
     }
 
     #[test]

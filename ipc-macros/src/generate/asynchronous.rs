@@ -71,7 +71,7 @@ impl Generator<'_> {
     /// The async client method for `m`: same name and parameters, the result wrapped.
     fn async_stub(&self, m: &Method) -> TokenStream {
         let (p, vis, info, method) = (private(), &self.iface.vis, &self.info, &m.name);
-        let (docs, params) = (self.stub_docs(m), stub_params(m));
+        let (docs, (generics, params)) = (self.stub_docs(m), stub_params(m));
         // The arguments are moved into the call's future (fds borrowed: they are closed when
         // the stub's future ends), so that it is `Send` whenever they are.
         let args = m
@@ -110,7 +110,7 @@ impl Generator<'_> {
         let serde = self.stub_bounds(m);
         quote! {
             #docs
-            #vis async fn #method(&self, #(#params),*) -> #ret #serde {
+            #vis async fn #method #generics(&self, #(#params),*) -> #ret #serde {
                 #body
             }
         }

@@ -36,7 +36,7 @@ impl Generator<'_> {
     /// The client method for `m`: same name and parameters, the result wrapped.
     fn stub(&self, m: &Method) -> TokenStream {
         let (p, vis, info, method) = (private(), &self.iface.vis, &self.info, &m.name);
-        let (docs, params) = (self.stub_docs(m), stub_params(m));
+        let (docs, (generics, params)) = (self.stub_docs(m), stub_params(m));
         let args = m
             .args
             .iter()
@@ -69,7 +69,7 @@ impl Generator<'_> {
         let serde = self.stub_bounds(m);
         quote! {
             #docs
-            #vis fn #method(&self, #(#params),*) -> #ret #serde {
+            #vis fn #method #generics(&self, #(#params),*) -> #ret #serde {
                 #body
             }
         }

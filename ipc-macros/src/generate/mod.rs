@@ -724,15 +724,21 @@ fn method_shape(m: &Method) -> TokenStream {
     quote!(#p::shape::method(&[#(#params),*], #result))
 }
 
-/// A stub's parameter list: the trait method's, as written.
-fn stub_params(m: &Method) -> Vec<TokenStream> {
-    m.args
+/// A stub's generic parameters and parameter list: the trait method's, a `Vec<u8>` taken as
+/// anything that converts into `CallBytes<'bytes>` ([`wire::stub_param_type`]). The lifetime
+/// is named since an anonymous one in an argument's `impl Trait` is unstable.
+fn stub_params(m: &Method) -> (Option<TokenStream>, Vec<TokenStream>) {
+    let lifetime = quote!('bytes);
+    let borrows = m.args.iter().any(|a| a.value.wire == Wire::Bytes);
+    let params = m
+        .args
         .iter()
         .map(|a| {
-            let (name, ty) = (&a.name, &a.value.ty);
+            let (name, ty) = (&a.name, wire::stub_param_type(&a.value, &lifetime));
             quote!(#name: #ty)
         })
-        .collect()
+        .collect();
+    (borrows.then(|| quote!(<#lifetime>)), params)
 }
 
 /// Whether rustc's `non_camel_case_types` leaves `name` alone, by its rule: once the

@@ -31,18 +31,29 @@ pub(super) fn encode(value: TokenStream, wire: Wire) -> TokenStream {
 }
 
 /// A client argument in the tuple that is sent: moved in, or borrowed into its wrapper (the
-/// parameter lives until the message is sent, and an fd is closed after). A call's `Vec<u8>`
-/// is moved into `CallBytes`, which the connection may pipe (it then keeps the bytes until
-/// the peer has read them); so are the bytes of an `Option<Vec<u8>>` or `Result<Vec<u8>, E>`.
+/// parameter lives until the message is sent, and an fd is closed after). A `Vec<u8>`
+/// parameter's stub takes anything that converts into `CallBytes` (a `Vec`, which the
+/// connection may pipe and keeps the bytes of until the peer has read them, or borrowed bytes);
+/// the bytes of an `Option<Vec<u8>>` or `Result<Vec<u8>, E>` are moved into one.
 pub(super) fn encode_arg(name: &Ident, wire: Wire, oneway: bool) -> TokenStream {
     let p = private();
     match wire {
         Wire::Serde => quote!(#name),
         Wire::Fd => quote!(#p::Fd(&#name)),
-        Wire::Bytes if oneway => quote!(#p::Bytes(&#name)),
-        Wire::Bytes => quote!(<#p::CallBytes as ::core::convert::From<_>>::from(#name)),
+        Wire::Bytes => quote!(::core::convert::Into::<#p::CallBytes<'_>>::into(#name)),
         Wire::CarriedBytes if oneway => quote!(#p::CarriedBytes(&#name)),
         Wire::CarriedBytes => quote!(#p::BytesCarrier::into_call(#name)),
+    }
+}
+
+/// The type a client stub takes for a parameter of type `ty`: the type itself, but for a
+/// `Vec<u8>` anything that converts into `CallBytes<#lifetime>`, so that a caller may send
+/// borrowed bytes without building a `Vec` for the call.
+pub(super) fn stub_param_type(value: &Value, lifetime: &TokenStream) -> TokenStream {
+    let (p, ty) = (private(), &value.ty);
+    match value.wire {
+        Wire::Bytes => quote!(impl ::core::convert::Into<#p::CallBytes<#lifetime>>),
+        Wire::Serde | Wire::Fd | Wire::CarriedBytes => quote!(#ty),
     }
 }
 

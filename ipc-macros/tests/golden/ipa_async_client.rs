@@ -357,9 +357,9 @@ impl IpaClient {
             )
     }
     /// Calls [`Ipa::echo`] on the server.
-    pub fn echo(
+    pub fn echo<'bytes>(
         &self,
-        data: Vec<u8>,
+        data: impl ::core::convert::Into<::typed_ipc::__private::CallBytes<'bytes>>,
     ) -> ::core::result::Result<Vec<u8>, ::typed_ipc::__private::Error> {
         self.connection
             .call::<
@@ -369,9 +369,9 @@ impl IpaClient {
                 &IPA_INFO,
                 5,
                 &(
-                    <::typed_ipc::__private::CallBytes as ::core::convert::From<
-                        _,
-                    >>::from(data),
+                    ::core::convert::Into::<
+                        ::typed_ipc::__private::CallBytes<'_>,
+                    >::into(data),
                 ),
                 self.timeout,
             )
@@ -729,9 +729,9 @@ impl IpaAsyncClient {
             .await
     }
     /// Calls [`Ipa::echo`] on the server.
-    pub async fn echo(
+    pub async fn echo<'bytes>(
         &self,
-        data: Vec<u8>,
+        data: impl ::core::convert::Into<::typed_ipc::__private::CallBytes<'bytes>>,
     ) -> ::core::result::Result<Vec<u8>, ::typed_ipc::__private::Error> {
         self.connection
             .call::<
@@ -741,9 +741,9 @@ impl IpaAsyncClient {
                 &IPA_INFO,
                 5,
                 (
-                    <::typed_ipc::__private::CallBytes as ::core::convert::From<
-                        _,
-                    >>::from(data),
+                    ::core::convert::Into::<
+                        ::typed_ipc::__private::CallBytes<'_>,
+                    >::into(data),
                 ),
                 self.timeout,
             )

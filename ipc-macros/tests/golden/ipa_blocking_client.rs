@@ -399,9 +399,9 @@ impl IpaClient {
             .await
     }
     /// Calls [`Ipa::echo`] on the server.
-    pub async fn echo(
+    pub async fn echo<'bytes>(
         &self,
-        data: Vec<u8>,
+        data: impl ::core::convert::Into<::typed_ipc::__private::CallBytes<'bytes>>,
     ) -> ::core::result::Result<Vec<u8>, ::typed_ipc::__private::Error> {
         self.connection
             .call::<
@@ -411,9 +411,9 @@ impl IpaClient {
                 &IPA_INFO,
                 5,
                 (
-                    <::typed_ipc::__private::CallBytes as ::core::convert::From<
-                        _,
-                    >>::from(data),
+                    ::core::convert::Into::<
+                        ::typed_ipc::__private::CallBytes<'_>,
+                    >::into(data),
                 ),
                 self.timeout,
             )
@@ -710,9 +710,9 @@ impl IpaBlockingClient {
             )
     }
     /// Calls [`Ipa::echo`] on the server.
-    pub fn echo(
+    pub fn echo<'bytes>(
         &self,
-        data: Vec<u8>,
+        data: impl ::core::convert::Into<::typed_ipc::__private::CallBytes<'bytes>>,
     ) -> ::core::result::Result<Vec<u8>, ::typed_ipc::__private::Error> {
         self.connection
             .call::<
@@ -722,9 +722,9 @@ impl IpaBlockingClient {
                 &IPA_INFO,
                 5,
                 &(
-                    <::typed_ipc::__private::CallBytes as ::core::convert::From<
-                        _,
-                    >>::from(data),
+                    ::core::convert::Into::<
+                        ::typed_ipc::__private::CallBytes<'_>,
+                    >::into(data),
                 ),
                 self.timeout,
             )

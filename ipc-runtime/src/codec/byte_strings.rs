@@ -74,7 +74,7 @@ pub trait BytesCarrier: Sized {
 }
 
 impl BytesCarrier for Option<Vec<u8>> {
-    type Call = Option<CallBytes>;
+    type Call = Option<CallBytes<'static>>;
     fn serialize_bytes<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         self.as_ref().map(Bytes).serialize(s)
     }
@@ -87,7 +87,7 @@ impl BytesCarrier for Option<Vec<u8>> {
 }
 
 impl<E: Serialize + DeserializeOwned> BytesCarrier for std::result::Result<Vec<u8>, E> {
-    type Call = std::result::Result<CallBytes, E>;
+    type Call = std::result::Result<CallBytes<'static>, E>;
     fn serialize_bytes<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         self.as_ref().map(Bytes).serialize(s)
     }

@@ -278,7 +278,7 @@ impl Shape for crate::SharedBytes {
     const SHAPE: u64 = BYTE_STRING;
 }
 
-impl Shape for crate::CallBytes {
+impl Shape for crate::CallBytes<'_> {
     const SHAPE: u64 = BYTE_STRING;
 }
 

@@ -317,7 +317,7 @@ mod tests {
             of::<crate::SharedBytes>(),
             of::<crate::codec::Bytes<Vec<u8>>>()
         );
-        assert_eq!(of::<crate::CallBytes>(), BYTE_STRING);
+        assert_eq!(of::<crate::CallBytes<'static>>(), BYTE_STRING);
         use crate::codec::CarriedBytes;
         assert_eq!(of::<CarriedBytes<Option<Vec<u8>>>>(), option(BYTE_STRING));
         assert_ne!(

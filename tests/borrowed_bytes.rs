@@ -1,0 +1,219 @@
+//! A client stub's `Vec<u8>` parameter takes borrowed bytes too (`&[u8]`, `&Vec<u8>`,
+//! `&[u8; N]`), sent from where they lie: every size arrives whole, the bytes are read only
+//! while the message is encoded (a oneway's buffer may be rewritten as soon as the stub
+//! returns), and they are never piped, since a pipe would read them after the call. Across real
+//! processes, in both flavours.
+
+mod common;
+
+use std::sync::Mutex;
+
+use common::{checksum, child, fd_count_lock, fd_snapshot, fds_named, fill, filled};
+use typed_ipc::interface;
+use typed_ipc::worker::{self, Exit, Worker};
+
+#[interface]
+pub trait Frames {
+    /// `data` with every byte incremented.
+    fn bumped(&self, data: Vec<u8>) -> Vec<u8>;
+    /// The checksums of `a` and `b`.
+    fn checksums(&self, a: Vec<u8>, b: Vec<u8>) -> (u64, u64);
+    /// Keeps the length and checksum of `data` for `kept`.
+    #[oneway]
+    fn keep(&self, data: Vec<u8>);
+    /// What `keep` kept, in order.
+    fn kept(&self) -> Vec<(u64, u64)>;
+    /// Pipes this process holds open.
+    fn pipes(&self) -> u64;
+}
+
+#[derive(Default)]
+struct FramesImpl(Mutex<Vec<(u64, u64)>>);
+
+impl Frames for FramesImpl {
+    fn bumped(&self, data: Vec<u8>) -> Vec<u8> {
+        bumped(&data)
+    }
+    fn checksums(&self, a: Vec<u8>, b: Vec<u8>) -> (u64, u64) {
+        (checksum(&a), checksum(&b))
+    }
+    fn keep(&self, data: Vec<u8>) {
+        let kept = (data.len() as u64, checksum(&data));
+        self.0.lock().unwrap().push(kept);
+    }
+    fn kept(&self) -> Vec<(u64, u64)> {
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
+    fn pipes(&self) -> u64 {
+        pipes()
+    }
+}
+
+/// What `bumped` returns for `data`.
+fn bumped(data: &[u8]) -> Vec<u8> {
+    data.iter().map(|b| b.wrapping_add(1)).collect()
+}
+
+fn pipes() -> u64 {
+    fds_named("pipe:")
+}
+
+/// Sizes on every path a byte string takes: inline byte by byte and copied in one go, the
+/// shared region, the range a trusting peer's pipe or inbox takes, and over it.
+const SIZES: [usize; 10] = [
+    0,
+    1,
+    64,
+    255,
+    256,
+    4096,
+    64 << 10,
+    300 << 10,
+    1 << 20,
+    (1 << 20) + 1,
+];
+
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_frames() {
+    FramesServer::new(FramesImpl::default())
+        .serve(worker::connection().unwrap())
+        .unwrap();
+}
+
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_frames_lending() {
+    let connection = worker::connection().unwrap();
+    connection.lend_pages_to_peer(true);
+    FramesServer::new(FramesImpl::default())
+        .serve(connection)
+        .unwrap();
+}
+
+/// Every size from one buffer the caller keeps, each kind of borrow, borrowed and owned bytes
+/// in one call, and oneways whose buffer is rewritten as soon as each is sent.
+fn round_trips(frames: &FramesClient) {
+    let mut buffer = filled(SIZES[SIZES.len() - 1], 1);
+    for len in SIZES {
+        let want = bumped(&buffer[..len]);
+        assert!(
+            frames.bumped(&buffer[..len]).unwrap() == want,
+            "{len} bytes"
+        );
+    }
+    let owned = filled(4096, 2);
+    assert_eq!(frames.bumped(&owned).unwrap(), bumped(&owned));
+    assert_eq!(frames.bumped(&[1u8, 2, 3]).unwrap(), [2, 3, 4]);
+    assert_eq!(frames.bumped(b"abc").unwrap(), b"bcd");
+    assert_eq!(frames.bumped(vec![1, 2, 3]).unwrap(), [2, 3, 4]);
+    assert_eq!(frames.bumped(Vec::new()).unwrap(), []);
+    let both = frames.checksums(&buffer[..300], owned.clone()).unwrap();
+    assert_eq!(both, (checksum(&buffer[..300]), checksum(&owned)));
+
+    let mut sent = Vec::new();
+    for (round, len) in SIZES.into_iter().enumerate() {
+        fill(&mut buffer, round as u64 + 10);
+        frames.keep(&buffer[..len]).unwrap();
+        sent.push((len as u64, checksum(&buffer[..len])));
+        fill(&mut buffer, round as u64 + 100); // the oneway went with the bytes above
+    }
+    assert_eq!(frames.kept().unwrap(), sent);
+}
+
+#[test]
+fn borrowed_bytes_of_every_size_arrive_whole() {
+    let _fds = fd_count_lock();
+    let before = fd_snapshot();
+    let (mut child, conn) = Worker::spawn(child("child_frames")).unwrap();
+    let frames = FramesClient::new(conn);
+    round_trips(&frames);
+    drop(frames);
+    assert_eq!(child.wait().unwrap(), Exit::Code(0));
+    drop(child);
+    before.assert_nothing_new();
+}
+
+/// Between two ends that lend each other their pages, a call's 300 KiB `Vec` is piped (the
+/// sender then keeps a pipe, and so does the receiver), but the same bytes borrowed are not:
+/// the pipe would let the peer read the caller's pages after the call returned, when the
+/// caller may already be writing to them.
+#[test]
+fn borrowed_bytes_are_never_piped() {
+    let _fds = fd_count_lock();
+    let before = fd_snapshot();
+    let (mut child, conn) = Worker::spawn(child("child_frames_lending")).unwrap();
+    conn.lend_pages_to_peer(true);
+    let frames = FramesClient::new(conn);
+    let (ours, workers) = (pipes(), frames.pipes().unwrap());
+    let data = filled(300 << 10, 3);
+    for _ in 0..3 {
+        assert!(frames.bumped(&data).unwrap() == bumped(&data));
+    }
+    assert_eq!((pipes(), frames.pipes().unwrap()), (ours, workers));
+    assert!(frames.bumped(data.clone()).unwrap() == bumped(&data));
+    assert!(pipes() > ours, "an owned Vec of this size is piped");
+    assert!(frames.pipes().unwrap() > workers);
+    drop(frames);
+    assert_eq!(child.wait().unwrap(), Exit::Code(0));
+    drop(child);
+    before.assert_nothing_new();
+}
+
+/// The async flavour's stubs take borrowed bytes the same way; their futures borrow them.
+#[cfg(feature = "tokio")]
+mod async_flavour {
+    use super::*;
+
+    /// `Frames` as `async fn`s: the same interface on the wire.
+    mod asynchronous {
+        #[typed_ipc::interface]
+        pub trait Frames {
+            async fn bumped(&self, data: Vec<u8>) -> Vec<u8>;
+            async fn checksums(&self, a: Vec<u8>, b: Vec<u8>) -> (u64, u64);
+            #[oneway]
+            async fn keep(&self, data: Vec<u8>);
+            async fn kept(&self) -> Vec<(u64, u64)>;
+            async fn pipes(&self) -> u64;
+        }
+    }
+
+    fn is_send<T: Send>(value: T) -> T {
+        value
+    }
+
+    #[test]
+    fn an_async_client_sends_borrowed_bytes_to_a_blocking_worker() {
+        let _fds = fd_count_lock();
+        let before = fd_snapshot();
+        common::current_thread_runtime().block_on(async {
+            let (mut child, conn) = typed_ipc::tokio::worker::spawn(child("child_frames")).unwrap();
+            let frames = asynchronous::FramesClient::new(conn);
+            let mut buffer = filled(SIZES[SIZES.len() - 1], 4);
+            for len in SIZES {
+                let want = bumped(&buffer[..len]);
+                // A future that borrows the bytes is still `Send`.
+                let got = is_send(frames.bumped(&buffer[..len])).await.unwrap();
+                assert!(got == want, "{len} bytes");
+            }
+            assert_eq!(frames.bumped(vec![1, 2, 3]).await.unwrap(), [2, 3, 4]);
+            let owned = filled(4096, 5);
+            let both = frames.checksums(&owned, &buffer[..64]).await.unwrap();
+            assert_eq!(both, (checksum(&owned), checksum(&buffer[..64])));
+            let mut sent = Vec::new();
+            for (round, len) in SIZES.into_iter().enumerate() {
+                fill(&mut buffer, round as u64 + 10);
+                frames.keep(&buffer[..len]).await.unwrap();
+                sent.push((len as u64, checksum(&buffer[..len])));
+                fill(&mut buffer, round as u64 + 100);
+            }
+            assert_eq!(frames.kept().await.unwrap(), sent);
+            drop(frames);
+            assert_eq!(
+                typed_ipc::tokio::worker::wait(&mut child).await.unwrap(),
+                Exit::Code(0)
+            );
+        });
+        before.assert_nothing_new();
+    }
+}
