@@ -5,10 +5,10 @@
 //! datagram go as fragments that the server reassembles into one buffer it owns.
 //!
 //! `floor+serde` adds to the floor exactly what a typed call's contract costs any
-//! implementation: the caller's bytes copied into an owned `Vec` argument, encoded with
-//! bincode as one byte string, and each side decoding what it receives into a fresh owned
-//! `Vec` (the server's is encoded back and dropped). No cookies, no locks, no routing: the
-//! bar for typed-ipc's own machinery.
+//! implementation: the caller's bytes encoded with bincode as one byte string where they lie
+//! (a typed-ipc stub takes them borrowed), and each side decoding what it receives into a
+//! fresh owned `Vec` (the server's is encoded back and dropped). No cookies, no locks, no
+//! routing: the bar for typed-ipc's own machinery.
 
 use std::fs::File;
 use std::io::{self, IoSlice, IoSliceMut};
@@ -179,15 +179,13 @@ impl FloorClient {
 }
 
 impl FloorClient {
-    /// A `floor+serde` small call: an owned argument, encoded; the reply decoded into a
-    /// fresh `Vec`.
+    /// A `floor+serde` small call: the caller's bytes encoded where they lie (as a typed-ipc
+    /// stub sends borrowed bytes); the reply decoded into a fresh `Vec`.
     fn call_serde(&mut self, len: usize) -> io::Result<()> {
         let mut out = self.serde.take().unwrap_or_default();
-        let arg: Vec<u8> = self.payload[..len].to_vec();
         out.clear();
-        bincode::serialize_into(&mut out, serde_bytes::Bytes::new(&arg))
+        bincode::serialize_into(&mut out, serde_bytes::Bytes::new(&self.payload[..len]))
             .map_err(io::Error::other)?;
-        drop(arg);
         let h = header(ECHO, out.len());
         let sent = sys::send(
             self.sock.as_fd(),

@@ -163,11 +163,12 @@ pub fn markdown(machine: &Machine, passes: &[Pass], rows: &[Row], elapsed: Durat
          repetitions of a cell go round the systems in turn, so a ratio compares figures \
          taken seconds apart, not minutes; median and p99 are the median over repetitions of \
          each repetition's median and p99. *spread* = (max − min of the repetition medians) / \
-         median. `floor/async` is the floor driven by tokio (the async flavour's reference). Systems that take owned `Vec<u8>` arguments for small calls (tarpc, \
-         ipc-channel typed, typed-ipc, and `floor+serde`, the floor plus exactly that copy, \
-         bincode, and a fresh `Vec` decoded on each side) pay a copy of the payload into a \
-         fresh `Vec` per call, as their users do; typed-ipc's bulk rows send from a buffer \
-         the client keeps. \
+         median. `floor/async` is the floor driven by tokio (the async flavour's reference). Systems whose small calls take owned `Vec<u8>` arguments (tarpc, \
+         ipc-channel typed) pay a copy of the payload into a fresh `Vec` per call, as their \
+         users do; typed-ipc's stubs take the bytes borrowed, sent from the caller's buffer \
+         as the floor's are, and `floor+serde` is the floor plus what that contract still \
+         costs (bincode, and a fresh `Vec` decoded on each side); typed-ipc's bulk rows send \
+         from a buffer the client keeps. \
          `typed-ipc/oneway` is the time per message sent back to back (the sender waits only \
          when the socket buffer is full); `typed-ipc/spin` runs in the cross-CPU pass only. \
          The zero-copy rows (`typed-ipc/shared`, `typed-ipc/shared-region`) have the client \

@@ -153,8 +153,8 @@ impl System for TypedIpc {
 struct TypedClient {
     flavor: Flavor,
     client: BenchClient,
-    /// What small calls send (copied into a fresh `Vec` per call, as a user of a `Vec<u8>`
-    /// parameter does) and what bulk `put` sends from (not copied).
+    /// What small calls send (borrowed: a stub's `Vec<u8>` parameter takes `&[u8]`) and what
+    /// bulk `put` sends from (not copied).
     payload: Arc<Vec<u8>>,
     /// typed-ipc+fd: the fd to send next (the one the last reply brought back).
     fd: Option<OwnedFd>,
@@ -187,25 +187,20 @@ impl Client for TypedClient {
     fn call(&mut self, kind: Kind, len: usize) -> io::Result<()> {
         match (self.flavor, kind) {
             (Flavor::Plain | Flavor::Spin, Kind::Small) => {
-                let reply = self
-                    .client
-                    .echo(self.payload[..len].to_vec())
-                    .map_err(other)?;
+                let reply = self.client.echo(&self.payload[..len]).map_err(other)?;
                 expect("echoed bytes", reply.len() as u64, len as u64)
             }
             (Flavor::Fd, Kind::Small) => {
                 let fd = self.fd.take().ok_or_else(|| io::Error::other("no fd"))?;
                 let reply = self
                     .client
-                    .echo_fd(self.payload[..len].to_vec(), fd)
+                    .echo_fd(&self.payload[..len], fd)
                     .map_err(other)?;
                 self.fd = Some(reply.fd);
                 expect("echoed bytes", reply.data.len() as u64, len as u64)
             }
             (Flavor::Oneway, Kind::Small) => {
-                self.client
-                    .sink(self.payload[..len].to_vec())
-                    .map_err(other)?;
+                self.client.sink(&self.payload[..len]).map_err(other)?;
                 self.sent += 1;
                 Ok(())
             }

@@ -59,7 +59,7 @@ impl System for TypedIpcAsync {
 struct AsyncClient {
     client: AsyncBenchClient,
     runtime: tokio::runtime::Runtime,
-    /// What calls send: small ones copy it into a fresh `Vec` per call, bulk ones send from it.
+    /// What calls send from: small ones borrow it, bulk ones share it.
     payload: Arc<Vec<u8>>,
 }
 
@@ -67,7 +67,7 @@ impl Client for AsyncClient {
     fn call(&mut self, kind: Kind, len: usize) -> io::Result<()> {
         match kind {
             Kind::Small => {
-                let call = self.client.echo(self.payload[..len].to_vec());
+                let call = self.client.echo(&self.payload[..len]);
                 let reply = self.runtime.block_on(call).map_err(other)?;
                 expect("echoed bytes", reply.len() as u64, len as u64)
             }

@@ -98,7 +98,7 @@ fn make_calls(command: Command, len: usize, calls: u64) -> Res<()> {
     let payload = vec![0xa5; len];
     #[cfg(not(feature = "echo-fd"))]
     for _ in 0..calls {
-        let back = client.echo(payload.clone())?;
+        let back = client.echo(&payload)?;
         if back.len() != len {
             return Err(format!("echo returned {} bytes, sent {len}", back.len()).into());
         }
@@ -107,7 +107,7 @@ fn make_calls(command: Command, len: usize, calls: u64) -> Res<()> {
     {
         let mut fd: std::os::fd::OwnedFd = std::fs::File::open("/dev/null")?.into();
         for _ in 0..calls {
-            let back = client.echo_fd(payload.clone(), fd)?;
+            let back = client.echo_fd(&payload, fd)?;
             if back.data.len() != len {
                 return Err(
                     format!("echo_fd returned {} bytes, sent {len}", back.data.len()).into(),
@@ -133,7 +133,7 @@ fn make_calls(command: Command, len: usize, calls: u64) -> Res<()> {
     let client = AsyncBenchClient::new(connection);
     let payload = vec![0xa5; len];
     for _ in 0..calls {
-        let back = runtime.block_on(client.echo(payload.clone()))?;
+        let back = runtime.block_on(client.echo(&payload))?;
         if back.len() != len {
             return Err(format!("echo returned {} bytes, sent {len}", back.len()).into());
         }
