@@ -250,3 +250,101 @@ fn child_waits_for_clients_at_a_low_memory_limit() {
     serving.accepting().unwrap();
     serving.shutdown();
 }
+
+/// A client's `Whom` that asks the server for its clients as it is dropped (a service's
+/// `Drop` is the user's code, and may reach the server: its count of clients, its `Debug`),
+/// and says on stderr what it heard.
+struct AsksTheServerAsItGoes {
+    serving: std::sync::Arc<std::sync::Mutex<Option<typed_ipc::Serving>>>,
+}
+
+impl Whom for AsksTheServerAsItGoes {
+    fn caller_pid(&self) -> i32 {
+        current_peer().map_or(-1, |p| p.pid)
+    }
+}
+
+impl Drop for AsksTheServerAsItGoes {
+    fn drop(&mut self) {
+        let clients = self.serving.lock().unwrap().as_ref().map(|s| s.clients());
+        eprintln!("the server counts {clients:?} clients");
+    }
+}
+
+#[test]
+fn a_service_dropped_as_its_clients_thread_cannot_start_may_ask_the_server_for_its_clients() {
+    use std::io::Write;
+    let _fds = fd_count_lock();
+    let name = format!("typed-ipc-turnover-drop-asks-{}", std::process::id());
+    let mut command = child("child_asks_for_its_clients_as_a_service_goes_at_a_low_memory_limit");
+    common::with_huge_thread_stacks(&mut command);
+    let (mut server, lines) = common::start_listener_child(command, &name);
+    // This client's first thread starts, its second cannot: the service made for it is
+    // dropped, never served. The acceptor used to drop it holding the client list, and its
+    // `Drop`, asking for the clients, waited for that list for good (the child aborts).
+    let first = Connection::connect_abstract(&name).unwrap();
+    common::wait_for_line(&lines, "the server counts Some(0) clients", HANG_GUARD);
+    common::wait_for_line(&lines, "cannot start a thread for a client", HANG_GUARD);
+    drop(first);
+    let mut stdin = server.stdin.take().unwrap();
+    stdin.write_all(b"room\n").unwrap(); // the child's cue to lift its limit
+    common::wait_for_line(&lines, "unlimited", HANG_GUARD);
+    // The listener accepts on, and serves the next client.
+    let fresh = WhomClient::new(Connection::connect_abstract(&name).unwrap());
+    assert_eq!(
+        fresh.with_timeout(HANG_GUARD).caller_pid().unwrap(),
+        std::process::id() as i32
+    );
+    common::wait_for_line(&lines, "accepts clients again", HANG_GUARD);
+    // Its service goes as its client does, before the client stops counting.
+    drop(fresh);
+    common::wait_for_line(&lines, "the server counts Some(1) clients", HANG_GUARD);
+    drop(stdin); // the child's cue to shut down
+    assert!(server.wait().unwrap().success());
+    // Until the thread reading the child's stderr has closed its end of the pipe.
+    for _ in lines.iter() {}
+}
+
+/// The child of
+/// `a_service_dropped_as_its_clients_thread_cannot_start_may_ask_the_server_for_its_clients`:
+/// serves a `Whom` of each client's own that asks the server for its clients as it goes
+/// ([`AsksTheServerAsItGoes`]), with two threads a client, with address space for one more
+/// thread only until a line on its stdin lifts the limit. Shuts down when its stdin ends.
+/// Any panic aborts it, and so does a hang.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_asks_for_its_clients_as_a_service_goes_at_a_low_memory_limit() {
+    use std::io::BufRead;
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("child panicked: {info}");
+        std::process::abort();
+    }));
+    // Shorter than the parent's guard, so that the parent sees this child end.
+    let _guard = abort_after("the child's listener", HANG_GUARD / 2);
+    let name = std::env::var("TYPED_IPC_TEST_LISTENER").unwrap();
+    let slot = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let serving = Server::new()
+        .service_with({
+            let slot = slot.clone();
+            move |_| {
+                WhomServer::new(AsksTheServerAsItGoes {
+                    serving: slot.clone(),
+                })
+            }
+        })
+        .threads(2)
+        .listen(Listener::bind_abstract(&name).unwrap())
+        .unwrap();
+    *slot.lock().unwrap() = Some(serving);
+    common::room_for_one_more_thread();
+    eprintln!("listening");
+    let mut stdin = std::io::stdin().lock();
+    let mut line = String::new();
+    stdin.read_line(&mut line).unwrap();
+    common::lift_address_space_limit();
+    eprintln!("unlimited");
+    while stdin.read_line(&mut line).unwrap() > 0 {}
+    let serving = slot.lock().unwrap().take().unwrap();
+    serving.accepting().unwrap();
+    serving.shutdown();
+}

@@ -143,7 +143,11 @@ impl Server {
     /// and shared memory then go with the server's own handles, at once (for `listen`, with
     /// the client's serving threads, before any new client or [`Serving::clients`]). A clone
     /// the service hands elsewhere (to a thread or a global of its own) keeps the connection
-    /// open as long as it lives: that one is the service's to drop.
+    /// open as long as it lives: that one is the service's to drop. A client whose serving
+    /// threads cannot be started (for want of memory or threads: the listener says so and
+    /// tries again, see [`Server::listen`]) has its services dropped on the listener's thread,
+    /// never served. Wherever a listener drops a service, it holds no lock of its own: the
+    /// service's `Drop` may ask the [`Serving`] for its clients ([`Serving::clients`]).
     ///
     /// A `make` that panics on a listener's thread hangs up on that client (the panic is on
     /// stderr) and the listener accepts on; under `serve`, the panic is the caller's.
@@ -591,62 +595,96 @@ impl Server {
                     continue;
                 }
             };
-            // Locked before its thread starts, so that `clients()` never misses a client that
-            // has already been served.
-            let mut list = pruned(clients);
-            if stopping() {
-                stopped_mid_accept(&connection);
-                return Ok(());
-            }
-            match self.spawn_client(connection, services, turnover, shutting_down) {
-                Ok(client) => {
-                    trouble.accepted();
-                    list.push(client);
-                    // Once listed, where the waiters it wakes count it.
-                    drop(list);
-                    turnover.signal();
-                }
+            // Nothing of the user's runs under the clients' lock, which a service's `Drop` may
+            // take (asking the server for its clients, its `Debug`): so the client's threads
+            // start before it is listed, and wait for what they serve. A thread that cannot
+            // start has what it was handed dropped on this thread (by `spawn`), which is none
+            // of the user's: the services, and the handles to the server, are still here.
+            let (client, handoff) = match self.spawn_client(&connection, turnover, shutting_down) {
+                Ok(started) => started,
                 Err(e) => {
-                    drop(list);
+                    // The client's own services (and what they hold, the connection maybe)
+                    // dropped first, under no lock: the client sees a hang-up.
+                    drop((services, connection));
                     let wait = trouble.failed("cannot start a thread for a client", &e);
                     if back_off(wait, clients, stop) {
                         return Ok(());
                     }
+                    continue;
                 }
+            };
+            // Listed before it is served, so that `clients()` never misses a client that has
+            // already been served; and under the lock a stop takes the clients with, so that
+            // the stop either sees it or has it stopped here.
+            let mut list = pruned(clients);
+            if stopping() {
+                drop(list);
+                stopped_mid_accept(&connection, client, handoff);
+                return Ok(()); // the services dropped as it returns, under no lock
             }
+            trouble.accepted();
+            list.push(client);
+            // Once listed, where the waiters it wakes count it.
+            drop(list);
+            turnover.signal();
+            // Let go of before the threads serve: they own the connection's only handles then
+            // (apart from those the services keep), so that it goes as they are done.
+            drop(connection);
+            // The thread waits for this, and cannot have ended: it takes them. (Should it
+            // not, they are dropped here, under no lock.) Nothing of the user's ran on this
+            // thread since the listing: a stop made here would wait for the client's thread,
+            // which would wait for this.
+            let _ = handoff.send(Handoff {
+                server: self.clone(),
+                services,
+            });
         }
     }
 
-    /// Serves `connection` on threads of its own, all started here so that a failure to
-    /// start one is the acceptor's to report and wait out.
+    /// Starts the threads that serve `connection`, waiting for the [`Handoff`] of what they
+    /// serve; all started here so that a failure to start one is the acceptor's to report and
+    /// wait out. They are handed nothing of the user's until they serve: a thread that cannot
+    /// start has what it was to run dropped by `spawn`, on the acceptor's thread, and a client
+    /// never listed ([`stopped_mid_accept`]) has its threads end without serving.
     ///
-    /// The threads own the connection's only handles (apart from those the services keep):
-    /// the client's list entry holds it weakly, so that the connection, with its socket and
-    /// shared memory, goes as soon as its serving is done, not when the list is next pruned.
-    /// Once `shutting_down` is set ([`Serving::stop`]), the connection is hung up on as soon as
-    /// its serving is done, whatever other handles there are.
+    /// Once handed what they serve, the threads own the connection's only handles (apart from
+    /// those the services keep): the client's list entry holds it weakly, so that the
+    /// connection, with its socket and shared memory, goes as soon as its serving is done,
+    /// not when the list is next pruned. Once `shutting_down` is set ([`Serving::stop`]), the
+    /// connection is hung up on as soon as its serving is done, whatever other handles there
+    /// are.
     fn spawn_client(
         &self,
-        connection: Connection,
-        services: Vec<Arc<dyn Service>>,
+        connection: &Connection,
         turnover: &Arc<Turnover>,
         shutting_down: &Arc<AtomicBool>,
-    ) -> std::io::Result<Client> {
-        let helpers = self.start_helpers(&connection)?;
+    ) -> std::io::Result<(Client, Sender<Handoff>)> {
+        let helpers = self.start_helpers(connection)?;
         // Before the client is listed for `Serving::shutdown` to stop, and the threads take
         // a while to start: a call still in the socket then is dropped, as on a client whose
         // threads serve, not run once they come with its calls back failing.
         connection.runners_coming();
         let helper_threads = helpers.iter().map(|h| h.thread.thread().id()).collect();
+        let (handoff, handed) = mpsc::channel::<Handoff>();
+        let connection = connection.clone();
         let weak = connection.downgrade();
-        let server = self.clone();
         let shutting_down = shutting_down.clone();
         let ended = Arc::new(AtomicBool::new(false));
         let (ended_there, turnover) = (ended.clone(), turnover.clone());
         let thread = std::thread::Builder::new().spawn(move || {
-            // Made here, not before the spawn: a client whose thread never started was never
-            // listed, so it has no end to signal (and a spawn that fails drops the closure on
-            // the acceptor, which holds the client list then).
+            let Ok(Handoff { server, services }) = handed.recv() else {
+                // Never listed (the listener stopped as it accepted the client): the helpers
+                // end without serving, their handles of the connection gone before this
+                // thread, which the listener waits for.
+                for Helper { go, thread } in helpers {
+                    drop(go);
+                    let _ = thread.join();
+                }
+                return Ok(());
+            };
+            // Made here, not before the spawn: a client whose thread never started, or that
+            // was never listed, has no end to signal (and a spawn that fails drops the
+            // closure on the acceptor).
             let leaving = Leaving {
                 ended: ended_there,
                 turnover,
@@ -664,13 +702,14 @@ impl Server {
             drop(leaving);
             served
         })?;
-        Ok(Client {
+        let client = Client {
             connection: weak,
             thread,
             helper_threads,
             ended,
             hung_up_since: None,
-        })
+        };
+        Ok((client, handoff))
     }
 
     fn install(&self, connection: &Connection, services: Vec<Arc<dyn Service>>) {
@@ -684,6 +723,13 @@ impl Server {
             connection.add_service(service);
         }
     }
+}
+
+/// What a listener's client's threads serve, handed to them once the client is listed
+/// ([`Server::spawn_client`]).
+struct Handoff {
+    server: Server,
+    services: Vec<Arc<dyn Service>>,
 }
 
 /// A thread started to serve a connection, waiting for `go` before it does.
@@ -810,13 +856,16 @@ fn pruned(clients: &Mutex<Vec<Client>>) -> MutexGuard<'_, Vec<Client>> {
 
 /// Hangs up on `connection`, accepted as [`Serving`] stopped without waiting for the acceptor
 /// (dropped by the `service_with` of this very client, on the acceptor's thread): it dropped
-/// `stop` before it took the clients, under the lock the caller holds, so it has hung up on
-/// the others already and will never see this one, which threads of its own would serve on
-/// for good.
+/// `stop` before it took the clients, under the lock the caller has let go of since, so it
+/// has hung up on the others already and will never see this one, which threads of its own
+/// would serve on for good. They end without serving, `handoff` dropped, and are waited for:
+/// nothing of the client's is left once the acceptor returns.
 #[cold]
 #[inline(never)]
-fn stopped_mid_accept(connection: &Connection) {
+fn stopped_mid_accept(connection: &Connection, client: Client, handoff: Sender<Handoff>) {
     connection.close();
+    drop(handoff);
+    let _ = client.thread.join();
 }
 
 /// Forgets the clients that have hung up, then waits `wait` before the next try to accept.
@@ -1040,7 +1089,7 @@ impl Drop for Serving {
 
 #[cfg(test)]
 mod tests {
-    use super::{Client, Server};
+    use super::{Client, Handoff, Server};
     use crate::Connection;
     use crate::connection::tests::CallsBack;
     use crate::service::Service;
@@ -1053,14 +1102,11 @@ mod tests {
             back: connection.clone(),
         })];
         let registry = connection.test_hold_registry();
-        let client = Server::new()
-            .spawn_client(
-                connection.clone(),
-                services,
-                &Arc::default(),
-                &Arc::default(),
-            )
+        let server = Server::new();
+        let (client, handoff) = server
+            .spawn_client(connection, &Arc::default(), &Arc::default())
             .unwrap();
+        handoff.send(Handoff { server, services }).ok().unwrap();
         (client, registry)
     }
 

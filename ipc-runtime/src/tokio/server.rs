@@ -149,7 +149,9 @@ impl AsyncServer {
     /// handle (for `listen`, with the client's task, before any new client or
     /// [`AsyncServing::clients`]). A clone the service hands elsewhere (to a task or a global
     /// of its own) keeps the connection open as long as it lives: that one is the service's
-    /// to drop.
+    /// to drop. Wherever a listener drops a service, it holds no lock of its own: the
+    /// service's `Drop` may ask the [`AsyncServing`] for its clients
+    /// ([`AsyncServing::clients`]).
     ///
     /// A `make` that panics in the listener's task hangs up on that client (the panic is on
     /// stderr) and the listener accepts on; under `serve`, the panic is the caller's.
