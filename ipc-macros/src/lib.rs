@@ -323,10 +323,15 @@ use quote::quote;
 ///   `Limits::max_shared_len` bounds and whose seals keep its sender from changing it.
 /// - `Vec<u8>` travels as one byte string rather than byte by byte. A client stub takes a
 ///   `Vec<u8>` parameter as `impl Into<CallBytes<'bytes>>`: the `Vec` itself (its allocation
-///   is kept for the reply; the connection may pipe a large one to a peer it lends its pages
-///   to) or borrowed bytes (`&[u8]`, `&Vec<u8>`, `&[u8; N]`: `ipa.echo(&frame[..n])`), sent
-///   from where they lie without a `Vec` built for the call, and read only while the message
-///   is encoded. The server's method gets its own `Vec<u8>` either way.
+///   is kept for the reply, unless the connection pipes it: a large one, to a peer it lends
+///   its pages to) or borrowed bytes (`&[u8]`, `&Vec<u8>`, `&[u8; N]`: `ipa.echo(&frame[..n])`;
+///   a `&mut` buffer as `&*buf`), sent from where they lie without a `Vec` built for the
+///   call, and read only while the message is encoded. The server's method gets its own
+///   `Vec<u8>` either way. An argument that took its type from the parameter must now name
+///   it: `ipa.echo(iter.collect())`, `ipa.echo(text.into())` or
+///   `ipa.echo(Default::default())` is "type annotations needed" (E0283), where
+///   `collect::<Vec<u8>>()`, `text.into_bytes()` or `Vec::new()` compiles. `Option<Vec<u8>>`
+///   and `Result<Vec<u8>, E>` parameters are taken as written.
 /// - typed-ipc's writable shared memory stays with the process that made it: a parameter or
 ///   return type spelled `SharedBuffer` or `SharedRegion` (alone or under typed-ipc's paths)
 ///   is a compile error that names the read-only form to send, a `SealedBuffer`

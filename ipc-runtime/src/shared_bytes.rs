@@ -28,9 +28,9 @@ use crate::codec::{self, Bytes};
 /// `Arc` is yours alone again (`Arc::get_mut` works); after a call that timed out or was
 /// cancelled, not until the peer's next message says so.
 ///
-/// On such a connection a call's `Vec<u8>` parameter takes the same path by itself (the
-/// generated stub owns the
-/// `Vec` and wraps it, without copying, when it is large enough), so `SharedBytes` are for
+/// On such a connection a `Vec<u8>` a call's stub is given by value takes the same path by
+/// itself (the stub owns the `Vec` and wraps it, without copying, when it is large enough;
+/// bytes it is lent, [`CallBytes::Borrowed`], never take it), so `SharedBytes` are for
 /// bytes you keep and send again, or send part of, without giving up a `Vec` per call; and
 /// for byte strings inside your own types (a `#[serde(with = "typed_ipc::bytes")]` field is
 /// only borrowed while encoding, so it takes the region).
@@ -198,7 +198,7 @@ impl<'de> Deserialize<'de> for SharedBytes {
 }
 
 /// What a generated client stub sends for a `Vec<u8>` parameter: its stubs take
-/// `impl Into<CallBytes<'_>>`, so a caller passes either
+/// `impl Into<CallBytes<'bytes>>`, so a caller passes either
 ///
 /// - a `Vec<u8>`, moved in: the stub keeps its allocation afterwards for the next byte string
 ///   this thread receives (most often the reply), and on a connection that lends its pages a
