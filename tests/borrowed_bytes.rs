@@ -216,4 +216,45 @@ mod async_flavour {
         });
         before.assert_nothing_new();
     }
+
+    /// Every kind of argument a `Vec<u8>` parameter takes leaves the stub's future `Send`:
+    /// sent from a task of its own (`tokio::spawn` asks `Send + 'static` of the task, whose
+    /// futures borrow its own buffers across their awaits), a call and a oneway each.
+    #[test]
+    fn every_kind_of_bytes_is_sent_from_a_spawned_task() {
+        let _fds = fd_count_lock();
+        let before = fd_snapshot();
+        common::current_thread_runtime().block_on(async {
+            let (mut child, conn) = typed_ipc::tokio::worker::spawn(child("child_frames")).unwrap();
+            let frames = asynchronous::FramesClient::new(conn);
+            let task = frames.clone();
+            let sent = tokio::spawn(async move {
+                let vec = filled(4096, 6);
+                let array = [7u8; 300];
+                assert_eq!(task.bumped(&vec[..100]).await.unwrap(), bumped(&vec[..100]));
+                assert_eq!(task.bumped(&vec).await.unwrap(), bumped(&vec));
+                assert_eq!(task.bumped(&array).await.unwrap(), bumped(&array));
+                assert_eq!(task.bumped(b"abc").await.unwrap(), b"bcd");
+                assert_eq!(task.bumped(vec.clone()).await.unwrap(), bumped(&vec));
+                let both = task.checksums(&vec, &array).await.unwrap();
+                assert_eq!(both, (checksum(&vec), checksum(&array)));
+                for data in [&vec[..10], &vec[..], &array[..]] {
+                    task.keep(data).await.unwrap();
+                }
+                task.keep(&array).await.unwrap();
+                task.keep(vec.clone()).await.unwrap();
+                [&vec[..10], &vec, &array, &array, &vec]
+                    .map(|data| (data.len() as u64, checksum(data)))
+                    .to_vec()
+            });
+            let sent = sent.await.unwrap();
+            assert_eq!(frames.kept().await.unwrap(), sent);
+            drop(frames);
+            assert_eq!(
+                typed_ipc::tokio::worker::wait(&mut child).await.unwrap(),
+                Exit::Code(0)
+            );
+        });
+        before.assert_nothing_new();
+    }
 }
