@@ -220,6 +220,7 @@ impl<'de> Deserialize<'de> for SharedBytes {
 /// assert!(matches!(CallBytes::from(&frame[..64]), CallBytes::Borrowed(b) if b.len() == 64));
 /// assert!(matches!(CallBytes::from(frame), CallBytes::Plain(ref v) if v.len() == 4096));
 /// ```
+#[non_exhaustive]
 pub enum CallBytes<'a> {
     /// A `Vec` the stub owns, sent as any byte string.
     Plain(Vec<u8>),
