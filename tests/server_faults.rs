@@ -15,6 +15,7 @@ use std::sync::{Mutex, mpsc};
 use std::time::Duration;
 
 use common::{child, fd_count_lock};
+use nix::sys::socket::sockopt::SndBufForce;
 use typed_ipc::worker::{self, Exit, Worker};
 use typed_ipc::{Connection, Error, Limits, Listener, Server, interface};
 
@@ -109,12 +110,63 @@ fn a_make_that_panics_in_serve_leaves_the_connection_served_by_nothing() {
     });
     let served = catch_unwind(AssertUnwindSafe(|| server.serve(&ours)));
     assert!(served.is_err(), "make's panic goes on to serve's caller");
+    // The notes go from a thread (the socket buffer may not hold them all), which hands the
+    // sink back rather than drop it: it hangs up only once the call has returned. Dropped
+    // in the thread, it could hang up before the call's request went out (the buffer here holds all
+    // the notes, and under load the calling thread may not run until they are sent): then
+    // the call's send fails (`EPIPE`), and a send that finds the peer gone reads nothing past
+    // the bounds of the queue to learn why, as documented (a serving thread may still come
+    // for the requests held: `a_send_to_a_peer_gone_reads_nothing_past_the_bounds_of_the_queue`
+    // in the connection's unit tests), so the call failed with `Disconnected`, 1,024 notes
+    // held and the rest unread. With the sink alive the request goes out, and the call reads
+    // as a caller waiting for its reply must, past the bounds.
     let notes = std::thread::spawn(move || {
         let sink = SinkClient::new(theirs);
-        (0..PAST_THE_BOUNDS).all(|_| sink.note().is_ok())
+        // Sends fail once the call has ended the connection.
+        for _ in 0..PAST_THE_BOUNDS {
+            if sink.note().is_err() {
+                break;
+            }
+        }
+        sink
     });
     assert_refused_as_served_by_nothing(FaultyClient::new(ours).with_timeout(HANG_GUARD).ping());
-    notes.join().unwrap();
+    drop(notes.join().unwrap());
+}
+
+/// The other order of the test above, made certain: the peer sends its notes, more than the
+/// queue holds, and hangs up before this end's call goes out. The call's send fails, and it
+/// reads to learn why only up to the bounds (a serving thread may still come for the requests
+/// held), so it fails with `Disconnected`, the connection not ended: nothing the peer sent
+/// before it went is lost, and a serving thread that comes later runs every note, then sees
+/// the hang-up.
+#[test]
+fn a_call_whose_peer_hung_up_first_leaves_its_requests_to_a_later_server() {
+    use std::os::fd::AsFd;
+
+    let (ours, theirs) = typed_ipc::Socket::pair().unwrap();
+    // Room for all the notes, which nothing reads as they go: more than a stock
+    // `net.core.wmem_max` allows (208 KiB, doubled: ~550 notes), but root may force it.
+    let room = 8 << 20;
+    let _ = nix::sys::socket::setsockopt(&theirs.as_fd(), SndBufForce, &room);
+    let sink = SinkClient::new(Connection::new(theirs)).with_timeout(Duration::ZERO);
+    for sent in 0..PAST_THE_BOUNDS {
+        if let Err(e) = sink.note() {
+            assert!(matches!(e, Error::TimedOut), "{e:?}");
+            eprintln!("not run: the send buffer held {sent} notes (needs root, or wmem_max)");
+            return;
+        }
+    }
+    drop(sink);
+    let ours = Connection::new(ours);
+    let got = FaultyClient::new(ours.clone())
+        .with_timeout(HANG_GUARD)
+        .ping();
+    assert!(matches!(got, Err(Error::Disconnected)), "{got:?}");
+    let notes = std::sync::Arc::new(Notes::default());
+    let _guard = common::abort_after("the late server to see the hang-up", HANG_GUARD);
+    ours.serve(SinkServer::from_arc(notes.clone())).unwrap();
+    assert_eq!(notes.0.load(Ordering::SeqCst), PAST_THE_BOUNDS);
 }
 
 /// A `service_with` whose `make` keeps a handle of its client (to call it later) and then
