@@ -2102,6 +2102,29 @@ fn a_reader_whose_peer_hung_up_on_a_message_unread_still_reads_what_it_said() {
     }
 }
 
+/// A peer that answers a call and hangs up with a later message of this end's unread (a
+/// worker that replies and exits, say): the kernel fails the caller's next receive with
+/// `ECONNRESET` once, and sets `POLLERR` and `POLLHUP`, while the reply is still queued. The
+/// caller gets its reply, not `Disconnected`. (It receives only once the peer is gone: its
+/// receive waits for the lock held here.)
+#[test]
+fn a_caller_whose_peer_answered_and_hung_up_on_a_message_unread_gets_the_reply() {
+    let (ours, theirs) = crate::Socket::pair().unwrap();
+    let a = Connection::new(ours);
+    let held = a.socket().hold_recv();
+    let caller = {
+        let a = a.clone();
+        std::thread::spawn(move || a.call::<_, u32>(&IFACE, 1, &(), None))
+    };
+    let call = theirs.recv().unwrap();
+    // Sent after the call; the peer never reads it.
+    a.oneway(&IFACE, 1, &"x", None).unwrap();
+    theirs.send(&reply_to(&call, &7u32), &[]).unwrap();
+    drop(theirs);
+    drop(held);
+    assert_eq!(caller.join().unwrap().unwrap(), 7);
+}
+
 /// The attack of the async flavour's
 /// `a_region_named_by_a_message_still_going_out_is_not_given_back`, on this flavour: a thread
 /// whose message announces the region waits for room, and reads meanwhile, so it is the one

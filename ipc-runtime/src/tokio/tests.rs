@@ -1508,6 +1508,41 @@ fn an_async_reader_whose_peer_hung_up_on_a_message_unread_still_reads_what_it_sa
     );
 }
 
+/// The blocking flavour's
+/// `a_caller_whose_peer_answered_and_hung_up_on_a_message_unread_gets_the_reply`, async: the
+/// peer answers a call and hangs up with a later message of this end's unread while the
+/// reader task cannot run (its runtime is not driven), so its next receive fails with
+/// `ECONNRESET` before the reply. The call gets its reply, not `Disconnected`.
+#[test]
+fn an_async_caller_whose_peer_answered_and_hung_up_on_a_message_unread_gets_the_reply() {
+    use crate::connection::tests::{BULK, reply_to};
+
+    let runtime = ::tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (ours, theirs) = Socket::pair().unwrap();
+    let conn = runtime.block_on(async { super::AsyncConnection::new(ours).unwrap() });
+    let call = runtime.spawn({
+        let conn = conn.clone();
+        async move { conn.call::<_, u32>(&BULK, 2, (), None).await }
+    });
+    // The runtime is driven only until the call is out.
+    let call_frame = runtime.block_on(async {
+        loop {
+            if let Some(frame) = theirs.try_recv().unwrap() {
+                break frame;
+            }
+            ::tokio::task::yield_now().await;
+        }
+    });
+    // Sent after the call; the peer never reads it.
+    runtime.block_on(conn.oneway(&BULK, 3, (), None)).unwrap();
+    theirs.send(&reply_to(&call_frame, &7u32), &[]).unwrap();
+    drop(theirs);
+    assert_eq!(runtime.block_on(call).unwrap().unwrap(), 7);
+}
+
 // ---- announcements ----
 
 /// `lend_pages_to_peer` twice, the first announcement finding the socket full (so sent from
