@@ -15,7 +15,7 @@ use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use common::{abort_after, child, fd_count_lock, fd_snapshot};
-use typed_ipc::{Connection, Listener, Server, current_peer};
+use typed_ipc::{Connection, Error, Listener, Server, current_peer};
 
 /// Only guards against a hang: a test that waits this long has failed anyway.
 const HANG_GUARD: Duration = Duration::from_secs(60);
@@ -285,7 +285,14 @@ fn a_service_dropped_as_its_clients_thread_cannot_start_may_ask_the_server_for_i
     let first = Connection::connect_abstract(&name).unwrap();
     common::wait_for_line(&lines, "the server counts Some(0) clients", HANG_GUARD);
     common::wait_for_line(&lines, "cannot start a thread for a client", HANG_GUARD);
-    drop(first);
+    // Hung up on, though its `make` kept a handle of the connection (as the child's does for
+    // its first client): a call fails at once. Left open, the call's request was held for
+    // serving threads that never came, and the call waited out its timeout (shorter than the
+    // child's guard, whose abort would hang up too).
+    let asked = WhomClient::new(first)
+        .with_timeout(HANG_GUARD / 4)
+        .caller_pid();
+    assert!(matches!(asked, Err(Error::Disconnected)), "{asked:?}");
     let mut stdin = server.stdin.take().unwrap();
     stdin.write_all(b"room\n").unwrap(); // the child's cue to lift its limit
     common::wait_for_line(&lines, "unlimited", HANG_GUARD);
@@ -308,7 +315,8 @@ fn a_service_dropped_as_its_clients_thread_cannot_start_may_ask_the_server_for_i
 /// The child of
 /// `a_service_dropped_as_its_clients_thread_cannot_start_may_ask_the_server_for_its_clients`:
 /// serves a `Whom` of each client's own that asks the server for its clients as it goes
-/// ([`AsksTheServerAsItGoes`]), with two threads a client, with address space for one more
+/// ([`AsksTheServerAsItGoes`]), its `make` keeping the first client's connection, with two
+/// threads a client, with address space for one more
 /// thread only until a line on its stdin lifts the limit. Shuts down when its stdin ends.
 /// Any panic aborts it, and so does a hang.
 #[test]
@@ -323,10 +331,13 @@ fn child_asks_for_its_clients_as_a_service_goes_at_a_low_memory_limit() {
     let _guard = abort_after("the child's listener", HANG_GUARD / 2);
     let name = std::env::var("TYPED_IPC_TEST_LISTENER").unwrap();
     let slot = std::sync::Arc::new(std::sync::Mutex::new(None));
+    // The first client's connection, kept by its `make` (to call it later, say).
+    let kept = std::sync::OnceLock::new();
     let serving = Server::new()
         .service_with({
             let slot = slot.clone();
-            move |_| {
+            move |connection| {
+                let _ = kept.set(connection.clone());
                 WhomServer::new(AsksTheServerAsItGoes {
                     serving: slot.clone(),
                 })

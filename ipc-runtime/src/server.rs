@@ -145,9 +145,10 @@ impl Server {
     /// the service hands elsewhere (to a thread or a global of its own) keeps the connection
     /// open as long as it lives: that one is the service's to drop. A client whose serving
     /// threads cannot be started (for want of memory or threads: the listener says so and
-    /// tries again, see [`Server::listen`]) has its services dropped on the listener's thread,
-    /// never served. Wherever a listener drops a service, it holds no lock of its own: the
-    /// service's `Drop` may ask the [`Serving`] for its clients ([`Serving::clients`]).
+    /// tries again, see [`Server::listen`]) is hung up on and has its services dropped on the
+    /// listener's thread, never served. Wherever a listener drops a service, it holds no lock
+    /// of its own: the service's `Drop` may ask the [`Serving`] for its clients
+    /// ([`Serving::clients`]).
     ///
     /// A `make` that panics on a listener's thread hangs up on that client (the panic is on
     /// stderr) and the listener accepts on; under `serve`, the panic is the caller's.
@@ -603,8 +604,11 @@ impl Server {
             let (client, handoff) = match self.spawn_client(&connection, turnover, shutting_down) {
                 Ok(started) => started,
                 Err(e) => {
-                    // The client's own services (and what they hold, the connection maybe)
-                    // dropped first, under no lock: the client sees a hang-up.
+                    // Hung up on, as when its `make` panics: a handle the `make` kept (to
+                    // call the client later) would otherwise keep it open, its requests held
+                    // for serving threads that never come. The client's own services
+                    // dropped first, under no lock.
+                    connection.close();
                     drop((services, connection));
                     let wait = trouble.failed("cannot start a thread for a client", &e);
                     if back_off(wait, clients, stop) {
