@@ -68,7 +68,8 @@ impl Generator<'_> {
         )
     }
 
-    /// The async client method for `m`: same name and parameters, the result wrapped.
+    /// The async client method for `m`: same name and parameters (a `Vec<u8>` taken as
+    /// anything that converts into `CallBytes`), the result wrapped.
     fn async_stub(&self, m: &Method) -> TokenStream {
         let (p, vis, info, method) = (private(), &self.iface.vis, &self.info, &m.name);
         let (docs, (generics, params)) = (self.stub_docs(m), stub_params(m));

@@ -33,7 +33,8 @@ impl Generator<'_> {
         self.client_item(client, quote!(Connection), &docs, "", &stubs)
     }
 
-    /// The client method for `m`: same name and parameters, the result wrapped.
+    /// The client method for `m`: same name and parameters (a `Vec<u8>` taken as anything
+    /// that converts into `CallBytes`), the result wrapped.
     fn stub(&self, m: &Method) -> TokenStream {
         let (p, vis, info, method) = (private(), &self.iface.vis, &self.info, &m.name);
         let (docs, (generics, params)) = (self.stub_docs(m), stub_params(m));
