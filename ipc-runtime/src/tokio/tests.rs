@@ -27,10 +27,7 @@ fn index_of(fd: OwnedFd) -> u32 {
 /// polled by hand, or in `block_on`), and its peer's raw socket.
 fn undriven_connection() -> (::tokio::runtime::Runtime, super::AsyncConnection, Socket) {
     let (ours, theirs) = Socket::pair().unwrap();
-    let runtime = ::tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = current_thread_runtime();
     let conn = runtime.block_on(async { super::AsyncConnection::new(ours).unwrap() });
     (runtime, conn, theirs)
 }
@@ -127,10 +124,7 @@ fn an_async_call_dropped_before_its_placed_reply_gives_the_lane_back() {
     let (ours, theirs) = Socket::pair().unwrap();
     let server = Connection::new(theirs);
     let (open, serving) = serve_gated(&server);
-    let runtime = ::tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = current_thread_runtime();
     runtime.block_on(async {
         let client = super::AsyncConnection::new(ours).unwrap();
         let ping = || client.call::<_, u32>(&BULK, 2, (), None);
@@ -232,10 +226,7 @@ fn an_async_handler_that_ran_after_its_arguments_were_refused_is_not_reported_un
     use crate::connection::tests::{call_one_that_runs_anyway, limits_of_100_kib};
     let (ours, mut theirs) = Socket::pair().unwrap();
     theirs.set_limits(limits_of_100_kib());
-    let runtime = ::tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = current_thread_runtime();
     let server = runtime.block_on(async { super::AsyncConnection::new(theirs).unwrap() });
     let client = crate::Connection::new(ours);
     // The client hangs up when its thread is done, which ends `serve`.
@@ -285,10 +276,7 @@ fn an_async_refused_oneway_gives_the_lane_back() {
 fn the_end_is_noted_as_this_sides_when_the_last_handle_goes_or_it_stopped_reading() {
     use crate::connection::trace::EndedHere;
 
-    let runtime = ::tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = current_thread_runtime();
     let _entered = runtime.enter();
     let (a, _peer) = Socket::pair().unwrap();
     let conn = super::AsyncConnection::new(a).unwrap();
@@ -374,10 +362,7 @@ fn client_of_a_lane_reader(
     ours: Socket,
     peer: &crate::Connection,
 ) -> (::tokio::runtime::Runtime, super::AsyncConnection) {
-    let runtime = ::tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = current_thread_runtime();
     let client = runtime.block_on(async {
         let client = super::AsyncConnection::new(ours).unwrap();
         peer.oneway(&crate::connection::tests::BULK, 2, &(), None)
@@ -460,6 +445,14 @@ impl super::AsyncService for QuickEcho {
             }
         })
     }
+}
+
+/// A runtime on the calling thread, with its I/O and time drivers.
+fn current_thread_runtime() -> ::tokio::runtime::Runtime {
+    ::tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 fn multi_thread_runtime(threads: usize) -> ::tokio::runtime::Runtime {
@@ -716,10 +709,7 @@ fn an_async_message_over_this_sides_limits_is_refused_unsent() {
         max_fds: 4,
         ..Default::default()
     };
-    let runtime = ::tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = current_thread_runtime();
     // Refused with a placement in the lane, against a blocking server.
     let (mut ours, theirs) = Socket::pair().unwrap();
     ours.set_limits(limits);
@@ -1344,10 +1334,7 @@ fn async_close_drops_a_call_whose_task_starts_after_it() {
     peer.send(&ordered_request(Kind::Call, 2, 1, 2), &[])
         .unwrap();
     let run = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
-    let runtime = ::tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = current_thread_runtime();
     runtime.block_on(async {
         let server = super::AsyncConnection::new(theirs).unwrap();
         let service = AsyncOrdered {
@@ -1370,12 +1357,7 @@ fn a_connection_whose_runtime_shuts_down_before_its_reader_ran_ends() {
     use crate::connection::tests::BULK;
     use std::time::Duration;
 
-    let current_thread = || {
-        ::tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-    };
+    let current_thread = || current_thread_runtime();
     let (ours, peer) = Socket::pair().unwrap();
     let runtime = current_thread();
     let conn = runtime.block_on(async { super::AsyncConnection::new(ours).unwrap() });
@@ -1418,10 +1400,7 @@ fn a_connect_waiting_for_a_listener_that_never_accepts_does_not_hold_up_the_runt
         "the listener's backlog is full"
     );
 
-    let runtime = ::tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = current_thread_runtime();
     let connecting = super::AsyncConnection::connect_abstract(name.as_bytes());
     let given_up = runtime
         .block_on(async { ::tokio::time::timeout(Duration::from_millis(100), connecting).await });
@@ -1489,10 +1468,7 @@ fn a_oneway_to_a_peer_gone_does_not_wait_for_a_reader_paused_at_the_bounds() {
 fn an_async_reader_whose_peer_hung_up_on_a_message_unread_still_reads_what_it_said() {
     use crate::connection::tests::BULK;
 
-    let runtime = ::tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = current_thread_runtime();
     let (ours, theirs) = Socket::pair().unwrap();
     let conn = runtime.block_on(async {
         let conn = super::AsyncConnection::new(ours).unwrap();
@@ -1517,10 +1493,7 @@ fn an_async_reader_whose_peer_hung_up_on_a_message_unread_still_reads_what_it_sa
 fn an_async_caller_whose_peer_answered_and_hung_up_on_a_message_unread_gets_the_reply() {
     use crate::connection::tests::{BULK, reply_to};
 
-    let runtime = ::tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = current_thread_runtime();
     let (ours, theirs) = Socket::pair().unwrap();
     let conn = runtime.block_on(async { super::AsyncConnection::new(ours).unwrap() });
     let call = runtime.spawn({
@@ -1823,19 +1796,13 @@ fn a_send_waiting_for_room_when_the_connections_runtime_shuts_down_says_so() {
 /// runtime the caller may not even have.
 #[test]
 fn an_accept_on_a_listener_whose_runtime_shut_down_says_so() {
-    let made_on = ::tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let made_on = current_thread_runtime();
     let name = format!("typed-ipc-test-listener-runtime-{}", std::process::id());
     let listener = made_on
         .block_on(async { super::AsyncListener::bind_abstract(&name) })
         .unwrap();
     drop(made_on);
-    let accepting_on = ::tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let accepting_on = current_thread_runtime();
     let said = accepting_on
         .block_on(listener.accept())
         .unwrap_err()
