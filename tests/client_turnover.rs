@@ -219,10 +219,7 @@ fn a_wait_holds_up_no_client_whose_thread_cannot_start() {
 #[ignore = "run as a child process by other tests"]
 fn child_waits_for_clients_at_a_low_memory_limit() {
     use std::io::BufRead;
-    std::panic::set_hook(Box::new(|info| {
-        eprintln!("child panicked: {info}");
-        std::process::abort();
-    }));
+    common::abort_on_panic();
     let _guard = abort_after("the child's wait for clients", HANG_GUARD);
     let name = std::env::var("TYPED_IPC_TEST_LISTENER").unwrap();
     let serving = Server::new()
@@ -323,10 +320,7 @@ fn a_service_dropped_as_its_clients_thread_cannot_start_may_ask_the_server_for_i
 #[ignore = "run as a child process by other tests"]
 fn child_asks_for_its_clients_as_a_service_goes_at_a_low_memory_limit() {
     use std::io::BufRead;
-    std::panic::set_hook(Box::new(|info| {
-        eprintln!("child panicked: {info}");
-        std::process::abort();
-    }));
+    common::abort_on_panic();
     // Shorter than the parent's guard, so that the parent sees this child end.
     let _guard = abort_after("the child's listener", HANG_GUARD / 2);
     let name = std::env::var("TYPED_IPC_TEST_LISTENER").unwrap();

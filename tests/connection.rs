@@ -581,10 +581,7 @@ fn a_listener_out_of_threads_says_so_and_accepts_again_once_it_can_start_them() 
 #[ignore = "run as a child process by other tests"]
 fn child_serves_two_threads_a_client_at_a_low_memory_limit() {
     use std::io::BufRead;
-    std::panic::set_hook(Box::new(|info| {
-        eprintln!("child panicked: {info}");
-        std::process::abort();
-    }));
+    common::abort_on_panic();
     let name = std::env::var("TYPED_IPC_TEST_LISTENER").unwrap();
     let serving = Server::new()
         .service(LabServer::new(LabImpl::new()))

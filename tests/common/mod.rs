@@ -531,6 +531,15 @@ pub fn lift_address_space_limit() {
     .unwrap();
 }
 
+/// In a child process: any panic, on any thread, aborts the whole process (saying so on
+/// stderr), so that its parent sees it end rather than a thread of it gone quietly.
+pub fn abort_on_panic() {
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("child panicked: {info}");
+        std::process::abort();
+    }));
+}
+
 /// Ends the whole test process (it aborts, saying `what`) if still alive after `limit`: a
 /// hang guard for a wait that has no timeout of its own. Dropping it disarms it.
 #[must_use = "dropped, the guard is disarmed at once"]
