@@ -627,10 +627,8 @@ fn graceful_shutdown_finishes_calls_in_flight_and_stops_accepting() {
         lab.release_key(5);
         assert_eq!(in_flight.await.unwrap().unwrap(), 5);
         shutdown.await.unwrap();
-        assert!(matches!(
-            client.caller_pid().await,
-            Err(Error::Disconnected)
-        ));
+        // Told, as its last message, that what it had not had answered did not run.
+        assert!(matches!(client.caller_pid().await, Err(Error::ShutDown)));
         assert!(
             AsyncConnection::connect_abstract(&name).await.is_err(),
             "no longer accepting"

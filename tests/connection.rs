@@ -439,10 +439,13 @@ fn a_handler_can_shut_its_own_server_down() {
             Connection::connect_abstract(&name).is_err(),
             "no longer accepting"
         );
-        // Its connection ends once the handler has replied: the server's end hangs up.
+        // Its connection ends once the handler has replied: the server's end hangs up, saying
+        // first that it shut down.
+        let after = client.quit();
         assert!(
-            matches!(client.quit(), Err(Error::Disconnected)),
-            "{threads} threads: the quitting client's connection stays open"
+            matches!(after, Err(Error::ShutDown)),
+            "{threads} threads: the quitting client's connection stays open, or it was not \
+             told that the server shut down: {after:?}"
         );
         drop(client);
         // The quitting client's serving thread, which the shutdown could not wait for, closes
@@ -489,10 +492,15 @@ fn a_server_dropped_by_its_own_service_with_stops_and_hangs_up_on_every_client()
     assert_eq!(first.caller_pid().unwrap(), std::process::id() as i32);
     let second =
         LabClient::new(Connection::connect_abstract(&name).unwrap()).with_timeout(HANG_GUARD);
-    for (which, client) in [("the second", &second), ("the first", &first)] {
-        let got = client.caller_pid();
-        assert!(matches!(got, Err(Error::Disconnected)), "{which}: {got:?}");
-    }
+    // The first is told that the server shut down; the second, whose service was being made,
+    // is only hung up on (it was never served).
+    let got = second.caller_pid();
+    assert!(
+        matches!(got, Err(Error::Disconnected)),
+        "the second: {got:?}"
+    );
+    let got = first.caller_pid();
+    assert!(matches!(got, Err(Error::ShutDown)), "the first: {got:?}");
     assert!(slot.lock().unwrap().is_none(), "dropped");
     assert!(
         Connection::connect_abstract(&name).is_err(),

@@ -2297,3 +2297,68 @@ fn check_reply_held(scenario: &str, failed: &str) {
         );
     }
 }
+
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_shut_down_traced() {
+    use typed_ipc::{Connection, Listener, Server};
+    let name = format!("typed-ipc-trace-shut-down-{}", std::process::id());
+    let listener = Listener::bind_abstract(&name).unwrap();
+    let serving = Server::new()
+        .service(LabServer::new(Impl))
+        .listen(listener)
+        .unwrap();
+    let client = LabClient::new(Connection::connect_abstract(&name).unwrap());
+    assert_eq!(client.reverse("ab".into()).unwrap(), "ba");
+    serving.shutdown();
+    let after = client.reverse("ab".into());
+    assert!(
+        matches!(after, Err(typed_ipc::Error::ShutDown)),
+        "{after:?}"
+    );
+}
+
+/// The async flavour of [`child_shut_down_traced`].
+#[cfg(feature = "tokio")]
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_shut_down_traced_async() {
+    use typed_ipc::tokio::{AsyncConnection, AsyncListener, AsyncServer};
+    common::current_thread_runtime().block_on(async {
+        let name = format!("typed-ipc-trace-shut-down-async-{}", std::process::id());
+        let serving = AsyncServer::new()
+            .service(asynchronous::LabServer::new(asynchronous::Impl))
+            .listen(AsyncListener::bind_abstract(&name).unwrap());
+        let connection = AsyncConnection::connect_abstract(&name).await.unwrap();
+        let client = asynchronous::LabClient::new(connection);
+        assert_eq!(client.reverse("ab".into()).await.unwrap(), "ba");
+        serving.shutdown().await;
+        let after = client.reverse("ab".into()).await;
+        assert!(
+            matches!(after, Err(typed_ipc::Error::ShutDown)),
+            "{after:?}"
+        );
+    });
+}
+
+/// A listener's graceful shutdown says so as its last message to each client, and the
+/// client prints it received, and why its connection ended.
+#[test]
+fn a_shut_down_notice_is_printed_sent_and_received() {
+    check_shut_down("child_shut_down_traced");
+}
+
+/// The same from the async flavour's server and client.
+#[cfg(feature = "tokio")]
+#[test]
+fn a_shut_down_notice_is_printed_sent_and_received_async() {
+    check_shut_down("child_shut_down_traced_async");
+}
+
+fn check_shut_down(scenario: &str) {
+    let stderr = traced_stderr(scenario);
+    let has = |want: &str| assert_line(&stderr, want);
+    has("-> ShutDown (the calls not answered did not run)");
+    has("<- ShutDown (0 bytes, 0 fds)");
+    has("-- Ended: peer shut down before it ran the call");
+}

@@ -22,8 +22,26 @@ pub enum Error {
     /// able to run it twice. The arguments went with the failed call (an `OwnedFd` among them
     /// is closed in this process): keep what a retry needs, such as a copy of an fd
     /// ([`OwnedFd::try_clone`](std::os::fd::OwnedFd::try_clone)) or the bytes to fill a new
-    /// memfd with.
+    /// memfd with. A peer that shuts down gracefully says which calls did not run:
+    /// [`Error::ShutDown`].
     Disconnected,
+    /// The peer shut down gracefully before it ran this call, and the call did not run: it
+    /// was never read, or read only to be dropped. It can be sent again (to another worker of
+    /// a pool, a restarted one) without running twice. A peer says so as its last message
+    /// when it shuts down, once every call of this end's that it ran has been answered: a
+    /// listening server to each client as it stops
+    /// ([`Serving::shutdown`](crate::Serving::shutdown) or its drop, the async flavour's
+    /// `AsyncServing::shutdown`), a worker that means to exit to its parent
+    /// ([`Connection::shut_down`](crate::Connection::shut_down)). The calls still waiting get
+    /// this, and so does every later call or `#[oneway]` message on the connection. A oneway
+    /// sent before it may or may not have run.
+    ///
+    /// A peer that could not say so (its socket buffer full, a reply stuck past
+    /// [`Server::shutdown_stall_limit`](crate::Server::shutdown_stall_limit)), that died, or
+    /// that closed its end in any other way, gives [`Error::Disconnected`], which says
+    /// nothing of whether the call ran. Like it, this ends the connection: treat both as the
+    /// peer gone.
+    ShutDown,
     /// The deadline passed before the operation completed. The connection is still usable,
     /// unless the blocking flavour timed out sending a large message part of which had gone
     /// out: it shuts the connection down rather than leave the peer a fragment (see
@@ -168,6 +186,7 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::Disconnected => f.write_str("peer disconnected"),
+            Error::ShutDown => f.write_str("peer shut down before it ran the call"),
             Error::TimedOut => f.write_str("timed out"),
             Error::TooLarge {
                 size,
@@ -344,7 +363,7 @@ impl Error {
     /// whole or not at all), left the caller waiting; one cut off part-way shut the socket
     /// down, so the failure fails too, harmlessly.
     pub(crate) fn reply_may_follow(&self) -> bool {
-        !matches!(self, Error::Disconnected)
+        !matches!(self, Error::Disconnected | Error::ShutDown)
     }
 
     /// Why a connection ends whose failure owed to a caller could not be sent either, with
@@ -355,7 +374,7 @@ impl Error {
     #[inline(never)]
     pub(crate) fn unanswerable(&self) -> Option<Error> {
         let kind = match self {
-            Error::Disconnected => return None,
+            Error::Disconnected | Error::ShutDown => return None,
             Error::Io(e) => e.kind(),
             _ => std::io::ErrorKind::Other,
         };
@@ -380,6 +399,7 @@ impl Error {
     pub(crate) fn duplicate(&self) -> Error {
         match self {
             Error::Disconnected => Error::Disconnected,
+            Error::ShutDown => Error::ShutDown,
             Error::TimedOut => Error::TimedOut,
             Error::TooLarge {
                 size,
@@ -457,6 +477,7 @@ impl From<Error> for io::Error {
         match e {
             Error::Io(e) => e,
             Error::Disconnected => io::Error::new(io::ErrorKind::BrokenPipe, e),
+            Error::ShutDown => io::Error::new(io::ErrorKind::ConnectionAborted, e),
             Error::TimedOut => io::Error::new(io::ErrorKind::TimedOut, e),
             other => io::Error::other(other),
         }

@@ -996,7 +996,10 @@ impl Serving {
 
     /// Stops accepting, stops reading new requests, lets every call already running finish
     /// and send its reply, then returns. Each client sees a hang-up once its own calls have
-    /// replied, whatever the other clients' handlers still do.
+    /// replied, whatever the other clients' handlers still do. Just before it, the client is
+    /// told that this end has shut down ([`Connection::shut_down`]): its calls not answered
+    /// (not read yet, or read only to be dropped) fail with [`Error::ShutDown`], which says
+    /// that they did not run, rather than [`Error::Disconnected`].
     ///
     /// A handler that calls its client back (a service of [`Server::service_with`]) gets the
     /// client's answers meanwhile: the connection reads on for them until its last call in
@@ -1050,7 +1053,7 @@ impl Serving {
         let connections: Vec<Option<Connection>> =
             clients.iter().map(|c| c.connection.upgrade()).collect();
         for connection in connections.iter().flatten() {
-            connection.stop_reading();
+            connection.shut_down();
         }
         // A reply its client does not read must not hold the shutdown up for good.
         let (ended, watch_ended) = mpsc::channel::<()>();

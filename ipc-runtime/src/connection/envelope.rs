@@ -3,7 +3,7 @@
 //!
 //! | offset | size | field       | meaning                                                  |
 //! |-------:|-----:|-------------|----------------------------------------------------------|
-//! | 0      | 1    | `kind`      | [`Kind`]: 1 call, 2 oneway, 3 reply, 4 failure, ... 7 cancel |
+//! | 0      | 1    | `kind`      | [`Kind`]: 1 call, 2 oneway, 3 reply, ... 8 shut down     |
 //! | 1      | 3    | `lane`      | the blocking flavour's [lane word](super::lane); else 0  |
 //! | 4      | 4    | `cmd`       | command id of the method (calls, oneways)                |
 //! | 8      | 8    | `cookie`    | matches a reply to its call; 0 for oneways               |
@@ -15,6 +15,7 @@
 //! it with [`lane`], and whoever ignores it writes zero.
 
 use crate::error::{Error, Result};
+use crate::socket::Socket;
 
 /// Length of the envelope in bytes.
 pub const LEN: usize = 24;
@@ -56,6 +57,13 @@ pub enum Kind {
     /// no reply carries now. No body, no fds (any the receiver finds are dropped); `cmd`,
     /// `interface` and `signature` are zero.
     Cancel = 7,
+    /// The sender has shut down (a listener's graceful shutdown) and hangs up after this, its
+    /// last message: every call of the receiver's that it ran has been answered before it,
+    /// and it runs none it has not answered (it read them, or would have, only to drop
+    /// them). The receiver's calls still waiting fail with [`Error::ShutDown`], and so does
+    /// every later one. No body, no fds (any the receiver finds are dropped); `cmd`,
+    /// `cookie`, `interface` and `signature` are zero.
+    ShutDown = 8,
 }
 
 /// A decoded envelope.
@@ -89,6 +97,14 @@ impl Envelope {
         }
     }
 
+    /// The envelope of a [`Kind::ShutDown`] message.
+    pub fn shut_down() -> Envelope {
+        Envelope {
+            kind: Kind::ShutDown,
+            ..Envelope::announce()
+        }
+    }
+
     /// Writes the envelope at the start of `buf`, which must hold at least [`LEN`] bytes.
     pub fn write(&self, buf: &mut [u8]) {
         buf[0] = self.kind as u8;
@@ -115,6 +131,7 @@ impl Envelope {
             5 => Kind::Announce,
             6 => Kind::Refusal,
             7 => Kind::Cancel,
+            8 => Kind::ShutDown,
             k => return Err(Error::Malformed(format!("unknown message kind {k}"))),
         };
         let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
@@ -195,6 +212,18 @@ pub fn write_announcement(
     payload[LEN + 8..].copy_from_slice(&token.to_le_bytes());
 }
 
+/// Sends a [`Kind::ShutDown`] message on `socket` if it can go out at once (the send lock
+/// free, room in the socket buffer): it never waits, so it may be sent under any lock.
+/// Whether it went out. Its lane word is zero: it acknowledges nothing, as the connection
+/// ends with it.
+#[cold]
+#[inline(never)]
+pub fn say_shut_down(socket: &Socket) -> bool {
+    let mut framed = [0u8; FRAMED_AT + LEN];
+    Envelope::shut_down().write(&mut framed[FRAMED_AT..]);
+    matches!(socket.try_send_framed(&mut framed, &[], |_| {}), Ok(true))
+}
+
 /// Most bytes of reason a [`Kind::Refusal`] carries: a small datagram, which a socket just
 /// accepted has room for.
 pub const REASON_MAX: usize = 4096;
@@ -271,6 +300,9 @@ mod tests {
             (cancel.kind, cancel.cookie, cancel.cmd),
             (Kind::Cancel, 5, 0)
         );
+        Envelope::shut_down().write(&mut c);
+        let shut_down = Envelope::read(&c).unwrap();
+        assert_eq!((shut_down.kind, shut_down.cookie), (Kind::ShutDown, 0));
         b[0] = 9;
         assert!(matches!(Envelope::read(&b), Err(Error::Malformed(_))));
     }

@@ -217,6 +217,8 @@ struct Shared {
     /// why the connection ended. Not under the lock: `stop_reading` may be called from
     /// anywhere, a service's `Drop` too.
     stopped_reading: AtomicBool,
+    /// [`Connection::shut_down`]: the peer is told so (once) as the read side shuts.
+    says_shut_down: AtomicBool,
     trace: bool,
     /// How traced lines name the connection.
     name: trace::Name,
@@ -394,6 +396,7 @@ impl Connection {
                 registry_version: AtomicU64::new(0),
                 ended: AtomicBool::new(false),
                 stopped_reading: AtomicBool::new(false),
+                says_shut_down: AtomicBool::new(false),
                 trace: trace::enabled(),
                 name: trace::Name::next(worker, peer.as_ref()),
                 lane,
@@ -637,6 +640,25 @@ impl Connection {
         }
     }
 
+    /// [`Connection::stop_reading`], telling the peer that this end has shut down: its
+    /// calls not answered fail with [`Error::ShutDown`] rather than [`Error::Disconnected`],
+    /// so that it knows they did not run and may send them elsewhere. The notice goes out
+    /// just before the read side shuts, once the requests in flight have finished and
+    /// replied; every request read later is dropped unrun, and so is any still in the
+    /// socket. A listening [`Server`](crate::Server) does this to each client as it shuts
+    /// down; a worker that means to exit may do it to its parent (its `run` then returns
+    /// `Ok(())` once the requests in flight have replied).
+    ///
+    /// Best effort, never waiting: the notice is not sent if the socket has no room at once
+    /// or another thread's message is going out then, and the peer's calls then fail with
+    /// `Disconnected`. Nor is it with no thread in [`Connection::run`] (the requests held
+    /// would run if one came, as after `stop_reading`). A `#[oneway]` message sent before
+    /// it may or may not have run.
+    pub fn shut_down(&self) {
+        self.shared.says_shut_down.store(true, Ordering::SeqCst);
+        self.stop_reading();
+    }
+
     /// Answers calls to `service`'s interface on this connection, from the threads that run
     /// [`Connection::run`]. Several interfaces can be served on one connection; serving an
     /// interface twice replaces the first. Interfaces are told apart by name (the trait's, or
@@ -678,8 +700,9 @@ impl Connection {
     }
 
     /// Handles requests for the served interfaces on this thread, one at a time, until the
-    /// connection ends. Returns `Ok(())` when the peer hung up or [`Connection::close`] was
-    /// called, and the error otherwise. Run it on several threads for concurrent requests.
+    /// connection ends. Returns `Ok(())` when the peer hung up (or shut down:
+    /// [`Error::ShutDown`]) or [`Connection::close`] was called, and the error otherwise. Run
+    /// it on several threads for concurrent requests.
     pub fn run(&self) -> Result<()> {
         let shared = &*self.shared;
         shared.state.lock().runners += 1;

@@ -359,6 +359,13 @@ impl Shared {
                 self.fail(&mut state, why);
                 keep_unread(&mut state, frame);
             }
+            // The peer's last words at a graceful shutdown: what it has not answered did not
+            // run, nor will it.
+            (Kind::ShutDown, result) => {
+                state = self.trace_unlocked(state, &envelope, &frame, result.as_ref().err());
+                self.fail(&mut state, result.err().unwrap_or(Error::ShutDown));
+                keep_unread(&mut state, frame);
+            }
             // The peer gave up on its call: dropped unrun if it is still queued (one running
             // cannot be stopped: it is this end's code, on a thread of its own). Whatever
             // else the message holds (a hostile peer's body or fds) is dropped with it.
@@ -649,7 +656,18 @@ impl Shared {
     #[inline(never)]
     pub(super) fn stop_reading_once_idle(&self, state: &State) {
         if state.holds == 0 && state.backlog.is_empty() {
-            let _ = self.socket.shutdown_read();
+            // Told, shut both ways: a send of the peer's then fails on a socket the peer sees
+            // shut for good (`POLLHUP`), and waits for the notice to be read (`why_unsent`),
+            // where with the read side alone it could not tell that one had come.
+            let told = self.says_shut_down.swap(false, Ordering::SeqCst)
+                && envelope::say_shut_down(&self.socket);
+            if told && self.trace {
+                super::trace::said_shut_down(&self.name);
+            }
+            let _ = match told {
+                true => self.socket.shutdown(),
+                false => self.socket.shutdown_read(),
+            };
         }
     }
 

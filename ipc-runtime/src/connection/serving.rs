@@ -87,7 +87,7 @@ impl Connection {
             }
             if let Some(closed) = &state.closed {
                 return match closed {
-                    Error::Disconnected => Ok(()),
+                    Error::Disconnected | Error::ShutDown => Ok(()),
                     e => Err(e.duplicate()),
                 };
             }

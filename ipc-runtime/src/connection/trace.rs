@@ -254,13 +254,14 @@ fn outgoing_line(name: &Name, envelope: &Envelope, iface: &InterfaceInfo, args: 
     ));
 }
 
-/// ` #3` for a call or a reply, which the cookie pairs; nothing for a oneway, an announcement
-/// or a refusal, whose cookie is always 0 and says nothing.
+/// ` #3` for a call or a reply, which the cookie pairs; nothing for a oneway, an
+/// announcement, a refusal or a shut-down notice, whose cookie is always 0 and says nothing.
 fn cookie(envelope: &Envelope) -> String {
     match envelope.kind {
-        envelope::Kind::Oneway | envelope::Kind::Announce | envelope::Kind::Refusal => {
-            String::new()
-        }
+        envelope::Kind::Oneway
+        | envelope::Kind::Announce
+        | envelope::Kind::Refusal
+        | envelope::Kind::ShutDown => String::new(),
         _ => format!(" #{}", envelope.cookie),
     }
 }
@@ -428,6 +429,16 @@ pub(crate) fn cancelled(name: &Name, cookie: u64) {
         )),
         cookie => line(&format!("{name} -> Cancel #{cookie}")),
     }
+}
+
+/// This process told the peer that it has shut down (`-> ShutDown`), its last message. Said
+/// under the connection's lock, once: a line never waits for stderr's lock (see [`line()`]).
+#[cold]
+#[inline(never)]
+pub(crate) fn said_shut_down(name: &Name) {
+    line(&format!(
+        "{name} -> ShutDown (the calls not answered did not run)"
+    ));
 }
 
 /// The peer's call `cookie` was dropped on its cancel, before it ran (`running`: its

@@ -891,7 +891,12 @@ impl AsyncServing {
 
     /// Stops accepting (the listener is closed), stops reading new requests, lets every call
     /// already running finish and send its reply, then returns. Each client sees a hang-up
-    /// once its own calls have replied, whatever the other clients' handlers still do.
+    /// once its own calls have replied, whatever the other clients' handlers still do. Just
+    /// before it, the client is told that this end has shut down
+    /// ([`AsyncConnection::shut_down`]): its calls not answered (not read yet, or read only to
+    /// be dropped) fail with [`Error::ShutDown`], which says that they did not run, rather
+    /// than [`Error::Disconnected`]. Dropping `AsyncServing` hangs up on its clients at once,
+    /// without it.
     ///
     /// A handler that calls its client back (a service of [`AsyncServer::service_with`])
     /// gets the client's answers meanwhile: the connection reads on for them until its last
@@ -932,7 +937,7 @@ impl AsyncServing {
         let mut clients: Vec<Held> = clients.into_iter().map(Client::held).collect();
         let connections = || clients.iter().filter_map(|c| c.connection.as_ref());
         for connection in connections() {
-            connection.stop_reading();
+            connection.shut_down();
         }
         // A reply its client does not read must not hold the shutdown up for good.
         // Not a tokio oneshot: see `handoff`.
@@ -1015,7 +1020,7 @@ impl Drop for AsyncServing {
             // hung up on at once, it would not get that handler's reply. It stops reading, as
             // at a shutdown, and its connection ends once its calls in flight have replied.
             match connection.handling_here() {
-                true => connection.stop_reading(),
+                true => connection.shut_down(),
                 false => connection.close(),
             }
         }

@@ -36,7 +36,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::AsyncService;
-use super::envelope::{Envelope, Kind};
+use super::envelope::{self, Envelope, Kind};
 use crate::connection::Authorizer;
 use crate::connection::backlog::{AtomicBacklog, Cost};
 use crate::connection::lane::Lane;
@@ -134,6 +134,8 @@ pub(super) struct Inner {
     room: Notify,
     /// This end shut the socket down (`hang_up`): a reader waiting for room reads no more.
     hung_up: AtomicBool,
+    /// [`AsyncConnection::shut_down`]: the peer is told so (once) as the read side shuts.
+    says_shut_down: AtomicBool,
     /// A task sends cancels of cookie 0 (acknowledgements, `Inner::send_cancel`) until none
     /// is owed: one task at most, so that a peer that does not read, cancelling calls that
     /// claim placements, makes one task, not one each.
@@ -324,6 +326,7 @@ impl AsyncConnection {
             on_finish: AtomicU8::new(0),
             room: Notify::new(),
             hung_up: AtomicBool::new(false),
+            says_shut_down: AtomicBool::new(false),
             ack_queued: AtomicBool::new(false),
             acks_owed: AtomicU64::new(0),
             dropping_requests: AtomicU8::new(0),
@@ -576,6 +579,25 @@ impl AsyncConnection {
         }
     }
 
+    /// [`AsyncConnection::stop_reading`], telling the peer that this end has shut down: its
+    /// calls not answered fail with [`Error::ShutDown`] rather than [`Error::Disconnected`],
+    /// so that it knows they did not run and may send them elsewhere. The notice goes out
+    /// just before the read side shuts, once the requests in flight have finished and
+    /// replied; every request read later is dropped unrun, and so is any still in the
+    /// socket. A listening [`AsyncServer`](super::AsyncServer) does this to each client as it
+    /// shuts down; a worker that means to exit may do it to its parent (its `run` then
+    /// returns `Ok(())` once the requests in flight have replied).
+    ///
+    /// Best effort, never waiting: the notice is not sent if the socket has no room at once
+    /// or another task's message is going out then, and the peer's calls then fail with
+    /// `Disconnected`. Nor is it on a connection that serves nothing yet (the requests held
+    /// would run if a service came, as after `stop_reading`). A `#[oneway]` message sent
+    /// before it may or may not have run.
+    pub fn shut_down(&self) {
+        self.inner.says_shut_down.store(true, Ordering::SeqCst);
+        self.stop_reading();
+    }
+
     /// Answers calls to `service`'s interface on this connection. Several interfaces can be
     /// served on one connection; serving an interface twice replaces the first. Interfaces are
     /// told apart by name (the trait's, or the one `#[interface(name = "...")]` gives).
@@ -709,15 +731,16 @@ impl AsyncConnection {
 
     /// Handles requests for the served interfaces (they are handled by the connection's tasks
     /// whether or not this is awaited) and waits until the connection has ended and every
-    /// handler and send it started has finished. Returns `Ok(())` when the peer hung up or
-    /// [`AsyncConnection::close`] was called, and the error otherwise.
+    /// handler and send it started has finished. Returns `Ok(())` when the peer hung up (or
+    /// shut down: [`Error::ShutDown`]) or [`AsyncConnection::close`] was called, and the
+    /// error otherwise.
     ///
     /// Not to be awaited inside a handler of this same connection: it would wait for itself.
     pub async fn run(&self) -> Result<()> {
         self.inner.start_serving();
         self.wait_closed().await;
         match &self.inner.lock().closed {
-            None | Some(Error::Disconnected) => Ok(()),
+            None | Some(Error::Disconnected | Error::ShutDown) => Ok(()),
             Some(e) => Err(e.duplicate()),
         }
     }
@@ -964,7 +987,18 @@ impl Inner {
     /// Shuts the read side once no request is in flight, while draining.
     fn stop_reading_once_idle(&self) {
         if self.backlog.get().is_empty() {
-            self.hang_up(Socket::shutdown_read);
+            // Told, shut both ways: a send of the peer's then fails on a socket the peer sees
+            // shut for good (`POLLHUP`), and waits for the notice to be read (`why_unsent`),
+            // where with the read side alone it could not tell that one had come.
+            let told = self.says_shut_down.swap(false, Ordering::SeqCst)
+                && envelope::say_shut_down(self.socket());
+            if told && self.trace {
+                trace::said_shut_down(&self.name);
+            }
+            match told {
+                true => self.hang_up(Socket::shutdown),
+                false => self.hang_up(Socket::shutdown_read),
+            }
         }
     }
 

@@ -239,6 +239,12 @@ impl Inner {
                 frame.discard_fds();
                 return Err(received.map_or_else(|e| e, |()| envelope::refused(&frame.payload)));
             }
+            // The peer's last words at a graceful shutdown: what it has not answered did not
+            // run, nor will it.
+            (Kind::ShutDown, received) => {
+                frame.discard_fds();
+                return Err(received.err().unwrap_or(Error::ShutDown));
+            }
             // The peer gave up on its call: dropped here if it can be. Whatever else the
             // message holds (a hostile peer's body or fds) is dropped with it; its lane word
             // was taken in above.
@@ -345,7 +351,7 @@ impl Inner {
         // last oneways and exit before its parent serves. Dropped otherwise: this end closed,
         // or the connection broke (a protocol error, the bounds, the runtime gone).
         let held = match why {
-            Error::Disconnected if !self.closed_here() => Vec::new(),
+            Error::Disconnected | Error::ShutDown if !self.closed_here() => Vec::new(),
             _ => std::mem::take(&mut state.held),
         };
         // Let go after the lock, as a runner's drop may take it.
