@@ -86,7 +86,9 @@
 //!   handler calls B again, B's one serving thread is still busy with the first call, so B
 //!   needs [`Server::threads`]`(2)` (or the innermost call waits until its timeout). Count
 //!   every chain in flight at once: four callers nesting that deep need eight threads.
-//! - When the peer dies, every waiting caller gets [`Error::Disconnected`] at once.
+//! - When the peer dies, every waiting caller gets [`Error::Disconnected`] at once. A peer
+//!   that shuts down gracefully ([`Serving::shutdown`], [`Connection::shut_down`]) says which
+//!   calls it did not run: those get [`Error::ShutDown`], and may be sent elsewhere.
 //!
 //! The socket is [`AsFd`](std::os::fd::AsFd) and [`Socket::try_recv`] never blocks, so an
 //! event loop can drive the transport itself; the `tokio` feature adds an async flavour.

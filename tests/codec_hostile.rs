@@ -377,11 +377,17 @@ const FLAVOURS: &[Flavour] = &[
 /// `body` as a failure reply (envelope kind 4) carrying `fds`, and returns the error the call
 /// got.
 fn failure_reply(flavour: Flavour, body: Vec<u8>, fds: Vec<OwnedFd>) -> Error {
+    answer(flavour, 4, body, fds)
+}
+
+/// What a client's call fails with when its peer answers with a message of envelope kind
+/// `kind`, the call's envelope otherwise, followed by `body` and `fds`.
+fn answer(flavour: Flavour, kind: u8, body: Vec<u8>, fds: Vec<OwnedFd>) -> Error {
     let (client, server) = Socket::pair().unwrap();
     let serving = std::thread::spawn(move || {
         let call = server.recv().unwrap();
         let mut reply = call.payload[..24].to_vec();
-        reply[0] = 4;
+        reply[0] = kind;
         reply[1..4].fill(0);
         reply.extend(body);
         let borrowed: Vec<_> = fds.iter().map(AsFd::as_fd).collect();
@@ -392,7 +398,7 @@ fn failure_reply(flavour: Flavour, body: Vec<u8>, fds: Vec<OwnedFd>) -> Error {
     let error = match flavour {
         Flavour::Blocking => {
             let echo = EchoClient::new(Connection::new(client));
-            echo.echo("hi".into()).expect_err("a failure reply")
+            echo.echo("hi".into()).expect_err("an error")
         }
         #[cfg(feature = "tokio")]
         Flavour::Async => {
@@ -400,7 +406,7 @@ fn failure_reply(flavour: Flavour, body: Vec<u8>, fds: Vec<OwnedFd>) -> Error {
             runtime.block_on(async {
                 let connection = typed_ipc::tokio::AsyncConnection::new(client).unwrap();
                 let echo = asynchronous::EchoClient::new(connection);
-                echo.echo("hi".into()).await.expect_err("a failure reply")
+                echo.echo("hi".into()).await.expect_err("an error")
             })
         }
     };
@@ -417,6 +423,28 @@ fn a_peers_malformed_or_huge_failure_reply_is_a_clear_bounded_error() {
     let before = fd_snapshot();
     for &flavour in FLAVOURS {
         failure_replies(flavour);
+    }
+    typed_ipc::wait_for_closes();
+    before.assert_nothing_new();
+}
+
+/// A shut-down notice that carries bytes and an fd (a real one carries neither) still fails
+/// the call waiting with `ShutDown`, and the fd is closed.
+#[test]
+fn a_shut_down_notice_with_a_body_and_fds_fails_the_call_and_closes_them() {
+    let _lock = fd_count_lock();
+    let before = fd_snapshot();
+    for &flavour in FLAVOURS {
+        let (mut read, write) = pipe();
+        match answer(flavour, 8, b"stray".to_vec(), vec![write]) {
+            Error::ShutDown => {}
+            other => panic!("{flavour:?}: {other:?}"),
+        }
+        typed_ipc::wait_for_closes();
+        assert!(
+            writer_closed(&mut read),
+            "{flavour:?}: the notice's fd is closed"
+        );
     }
     typed_ipc::wait_for_closes();
     before.assert_nothing_new();
