@@ -57,12 +57,12 @@ pub enum Kind {
     /// no reply carries now. No body, no fds (any the receiver finds are dropped); `cmd`,
     /// `interface` and `signature` are zero.
     Cancel = 7,
-    /// The sender has shut down (a listener's graceful shutdown) and hangs up after this, its
-    /// last message: every call of the receiver's that it ran has been answered before it,
-    /// and it runs none it has not answered (it read them, or would have, only to drop
-    /// them). The receiver's calls still waiting fail with [`Error::ShutDown`], and so does
-    /// every later one. No body, no fds (any the receiver finds are dropped); `cmd`,
-    /// `cookie`, `interface` and `signature` are zero.
+    /// The sender has shut down (`Connection::shut_down`: a listener's graceful shutdown, a worker
+    /// that means to exit) and hangs up after this, its last message: every call of the receiver's
+    /// that it ran has been answered before it, and it runs none it has not answered (it read them,
+    /// or would have, only to drop them). The receiver's calls still waiting fail with
+    /// [`Error::ShutDown`], and so does every later one. No body, no fds (any the receiver finds
+    /// are dropped); `cmd`, `cookie`, `interface` and `signature` are zero.
     ShutDown = 8,
 }
 

@@ -640,20 +640,20 @@ impl Connection {
         }
     }
 
-    /// [`Connection::stop_reading`], telling the peer that this end has shut down: its
-    /// calls not answered fail with [`Error::ShutDown`] rather than [`Error::Disconnected`],
-    /// so that it knows they did not run and may send them elsewhere. The notice goes out
-    /// just before the read side shuts, once the requests in flight have finished and
-    /// replied; every request read later is dropped unrun, and so is any still in the
-    /// socket. A listening [`Server`](crate::Server) does this to each client as it shuts
-    /// down; a worker that means to exit may do it to its parent (its `run` then returns
-    /// `Ok(())` once the requests in flight have replied).
+    /// [`Connection::stop_reading`], telling the peer that this end has shut down: its calls not
+    /// answered fail with [`Error::ShutDown`] rather than [`Error::Disconnected`], so that it knows
+    /// they did not run and may send them elsewhere. The notice goes out once the requests in
+    /// flight have finished and replied, and the socket then shuts both ways, not only its read
+    /// side (this end sends nothing after its last word); every request read later is dropped
+    /// unrun, and so is any still in the socket. A listening [`Server`](crate::Server) does this to
+    /// each client as it shuts down; a worker that means to exit may do it to its parent (its `run`
+    /// then returns `Ok(())` once the requests in flight have replied).
     ///
-    /// Best effort, never waiting: the notice is not sent if the socket has no room at once
-    /// or another thread's message is going out then, and the peer's calls then fail with
-    /// `Disconnected`. Nor is it with no thread in [`Connection::run`] (the requests held
-    /// would run if one came, as after `stop_reading`). A `#[oneway]` message sent before
-    /// it may or may not have run.
+    /// Best effort, never waiting: the notice is not sent if the socket has no room at once or
+    /// another thread's message is going out then, and the peer's calls then fail with
+    /// `Disconnected`. Nor is it with no thread in [`Connection::run`] (the requests held would run
+    /// if one came, as after `stop_reading`). A `#[oneway]` message sent before it may or may not
+    /// have run.
     pub fn shut_down(&self) {
         self.shared.says_shut_down.store(true, Ordering::SeqCst);
         self.stop_reading();
