@@ -57,9 +57,10 @@ pub const HEADER_LEN: usize = 16;
 /// over it. 14: a failure reply over the receiver's limits (`Failure::TooLarge`,
 /// `Failure::TooManyFds`) also names the setting it exceeded (a byte after the limit, a
 /// [`Limit`](crate::Limit); a number the receiver does not know reads as `Limit::Unknown`).
-/// 15: a shut-down notice (envelope kind 8, no body) is a listener's last message to a client
-/// at a graceful shutdown, once every call of the client's that it ran has been answered:
-/// the client's calls still waiting, and later ones, fail with `Error::ShutDown`.
+/// 15: a shut-down notice (envelope kind 8, no body) is an end's last message when it shuts
+/// down gracefully (`Connection::shut_down`: a listener's shutdown, a worker about to exit),
+/// once every call of the peer's that it ran has been answered: the peer's calls still
+/// waiting, and later ones, fail with `Error::ShutDown`.
 pub const VERSION: u8 = 15;
 const MAGIC: [u8; 2] = *b"TI";
 /// Most payload bytes a first datagram may carry: the receiver reads first datagrams into a
