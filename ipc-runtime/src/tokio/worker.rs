@@ -52,7 +52,10 @@ pub fn spawn_with_limits(command: Command, limits: Limits) -> Result<(Worker, As
 /// blocking worker uses `Connection::new`.
 ///
 /// Outside a runtime it fails and leaves the socket for a later call inside one. A runtime
-/// without its IO driver makes tokio panic, as in [`spawn`].
+/// without its IO driver makes tokio panic, as in [`spawn`]. If the kernel refuses to watch
+/// the socket (`epoll_ctl` failing for want of memory, or at `fs.epoll.max_user_watches`),
+/// it fails with that error and the socket is closed, taken for good: the parent sees the
+/// worker hang up.
 pub fn connection() -> Result<AsyncConnection> {
     // Checked before the socket is taken, which can be taken only once.
     super::in_runtime()?;
