@@ -1,16 +1,17 @@
 //! A client stub's `Vec<u8>` parameter takes borrowed bytes too (`&[u8]`, `&Vec<u8>`,
-//! `&[u8; N]`), sent from where they lie: every size arrives whole, the bytes are read only
-//! while the message is encoded (a oneway's buffer may be rewritten as soon as the stub
-//! returns), and they are never piped, since a pipe would read them after the call. Across real
-//! processes, in both flavours.
+//! `&[u8; N]`, `&mut` ones), sent from where they lie: every size arrives whole, the bytes are
+//! read only while the message is encoded (a oneway's buffer may be rewritten as soon as the
+//! stub returns), and they are never piped, since a pipe would read them after the call. It
+//! takes `SharedBytes` too, sent as they are anywhere. Across real processes, in both
+//! flavours.
 
 mod common;
 
 use std::sync::Mutex;
 
 use common::{checksum, child, fd_count_lock, fd_snapshot, fds_named, fill, filled};
-use typed_ipc::interface;
 use typed_ipc::worker::{self, Exit, Worker};
+use typed_ipc::{SharedBytes, interface};
 
 #[interface]
 pub trait Frames {
@@ -108,6 +109,19 @@ fn round_trips(frames: &FramesClient) {
     assert_eq!(frames.bumped(b"abc").unwrap(), b"bcd");
     assert_eq!(frames.bumped(vec![1, 2, 3]).unwrap(), [2, 3, 4]);
     assert_eq!(frames.bumped(Vec::new()).unwrap(), []);
+    let mut scratch = filled(512, 4);
+    assert_eq!(frames.bumped(&mut scratch).unwrap(), bumped(&scratch));
+    assert_eq!(
+        frames.bumped(&mut scratch[..64]).unwrap(),
+        bumped(&scratch[..64])
+    );
+    for len in SIZES {
+        let shared = SharedBytes::from(filled(len, 5));
+        assert!(
+            frames.bumped(shared.clone()).unwrap() == bumped(&shared),
+            "{len} bytes shared"
+        );
+    }
     let both = frames.checksums(&buffer[..300], owned.clone()).unwrap();
     assert_eq!(both, (checksum(&buffer[..300]), checksum(&owned)));
 
@@ -134,29 +148,45 @@ fn borrowed_bytes_of_every_size_arrive_whole() {
     before.assert_nothing_new();
 }
 
-/// Between two ends that lend each other their pages, a call's 300 KiB `Vec` is piped (the
-/// sender then keeps a pipe, and so does the receiver), but the same bytes borrowed are not:
-/// the pipe would let the peer read the caller's pages after the call returned, when the
-/// caller may already be writing to them.
-#[test]
-fn borrowed_bytes_are_never_piped() {
-    let _fds = fd_count_lock();
-    let before = fd_snapshot();
+/// Whether `send`, on a fresh worker that the connection lends its pages to (and that lends
+/// its own), makes a pipe: (in this process, in the worker).
+fn piped_by(send: impl FnOnce(&FramesClient)) -> (bool, bool) {
     let (mut child, conn) = Worker::spawn(child("child_frames_lending")).unwrap();
     conn.lend_pages_to_peer(true);
     let frames = FramesClient::new(conn);
     let (ours, workers) = (pipes(), frames.pipes().unwrap());
-    let data = filled(300 << 10, 3);
-    for _ in 0..3 {
-        assert!(frames.bumped(&data).unwrap() == bumped(&data));
-    }
-    assert_eq!((pipes(), frames.pipes().unwrap()), (ours, workers));
-    assert!(frames.bumped(data.clone()).unwrap() == bumped(&data));
-    assert!(pipes() > ours, "an owned Vec of this size is piped");
-    assert!(frames.pipes().unwrap() > workers);
+    send(&frames);
+    let piped = (pipes() > ours, frames.pipes().unwrap() > workers);
     drop(frames);
     assert_eq!(child.wait().unwrap(), Exit::Code(0));
-    drop(child);
+    piped
+}
+
+/// Between two ends that lend each other their pages, a call's 300 KiB `Vec` is piped (the
+/// sender then keeps a pipe, and so does the receiver), and so are `SharedBytes` given for
+/// the `Vec<u8>` parameter, but the same bytes borrowed are not: the pipe would let the peer
+/// read the caller's pages after the call returned, when the caller may already be writing
+/// to them.
+#[test]
+fn borrowed_bytes_are_never_piped() {
+    let _fds = fd_count_lock();
+    let before = fd_snapshot();
+    let data = filled(300 << 10, 3);
+    let borrowed = piped_by(|frames| {
+        for _ in 0..3 {
+            assert!(frames.bumped(&data).unwrap() == bumped(&data));
+        }
+    });
+    assert_eq!(borrowed, (false, false), "borrowed bytes are piped");
+    let owned = piped_by(|frames| assert!(frames.bumped(data.clone()).unwrap() == bumped(&data)));
+    assert_eq!(owned, (true, true), "an owned Vec of this size is piped");
+    let shared = SharedBytes::from(data.clone());
+    let shared = piped_by(|frames| assert!(frames.bumped(shared).unwrap() == bumped(&data)));
+    assert_eq!(
+        shared,
+        (true, true),
+        "shared bytes are piped, as an owned Vec is"
+    );
     before.assert_nothing_new();
 }
 
@@ -236,6 +266,10 @@ mod async_flavour {
                 assert_eq!(task.bumped(&array).await.unwrap(), bumped(&array));
                 assert_eq!(task.bumped(b"abc").await.unwrap(), b"bcd");
                 assert_eq!(task.bumped(vec.clone()).await.unwrap(), bumped(&vec));
+                let mut scratch = vec.clone();
+                assert_eq!(task.bumped(&mut scratch).await.unwrap(), bumped(&vec));
+                let shared = SharedBytes::from(vec.clone());
+                assert_eq!(task.bumped(shared).await.unwrap(), bumped(&vec));
                 let both = task.checksums(&vec, &array).await.unwrap();
                 assert_eq!(both, (checksum(&vec), checksum(&array)));
                 for data in [&vec[..10], &vec[..], &array[..]] {

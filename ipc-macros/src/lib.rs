@@ -324,9 +324,10 @@ use quote::quote;
 /// - `Vec<u8>` travels as one byte string rather than byte by byte. A client stub takes a
 ///   `Vec<u8>` parameter as `impl Into<CallBytes<'bytes>>`: the `Vec` itself (its allocation
 ///   is kept for the reply, unless the connection pipes it: a large one, to a peer it lends
-///   its pages to) or borrowed bytes (`&[u8]`, `&Vec<u8>`, `&[u8; N]`: `ipa.echo(&frame[..n])`;
-///   a `&mut` buffer as `&*buf`), sent from where they lie without a `Vec` built for the
-///   call, and read only while the message is encoded. The server's method gets its own
+///   its pages to), `SharedBytes` the caller goes on sharing (sent as they are anywhere), or
+///   borrowed bytes (`&[u8]`, `&Vec<u8>`, `&[u8; N]`, `&mut` ones: `ipa.echo(&frame[..n])`),
+///   sent from where they lie without a `Vec` built for the call, and read only while the
+///   message is encoded. The server's method gets its own
 ///   `Vec<u8>` either way. An argument that took its type from the parameter must now name
 ///   it: `ipa.echo(iter.collect())`, `ipa.echo(text.into())` or
 ///   `ipa.echo(Default::default())` is "type annotations needed" (E0283), where

@@ -202,10 +202,13 @@ impl<'de> Deserialize<'de> for SharedBytes {
 ///
 /// - a `Vec<u8>`, moved in: the stub keeps its allocation afterwards for the next byte string
 ///   this thread receives (most often the reply), and on a connection that lends its pages a
-///   `Vec` of 128 KiB to 1 MiB is piped uncopied, as [`SharedBytes`]; or
-/// - borrowed bytes (`&[u8]`, `&Vec<u8>`, `&[u8; N]`), sent from where they lie: no `Vec` to
-///   build for the call, and no copy into one. The stub only reads them while it encodes the
-///   message, so they are never piped (a pipe would keep reading them after the call).
+///   `Vec` of 128 KiB to 1 MiB is piped uncopied, as [`SharedBytes`];
+/// - borrowed bytes (`&[u8]`, `&Vec<u8>`, `&[u8; N]`, or a `&mut` slice or `Vec`), sent from
+///   where they lie: no `Vec` to build for the call, and no copy into one. The stub only reads
+///   them while it encodes the message, so they are never piped (a pipe would keep reading
+///   them after the call); or
+/// - [`SharedBytes`], which the caller may go on sharing: sent as they are anywhere else,
+///   piped uncopied on a connection that lends its pages.
 ///
 /// Either way the server's method gets its own `Vec<u8>`: the wire form is the same. Sending
 /// from a buffer you keep saves a copy of the bytes per call, which on a fast host is a
@@ -259,6 +262,31 @@ impl<'a, const N: usize> From<&'a [u8; N]> for CallBytes<'a> {
     #[inline]
     fn from(bytes: &'a [u8; N]) -> Self {
         CallBytes::Borrowed(bytes)
+    }
+}
+
+/// A buffer the caller writes into between calls: read only while the message is encoded.
+impl<'a> From<&'a mut [u8]> for CallBytes<'a> {
+    #[inline]
+    fn from(bytes: &'a mut [u8]) -> Self {
+        CallBytes::Borrowed(bytes)
+    }
+}
+
+/// A buffer the caller writes into between calls: read only while the message is encoded.
+impl<'a> From<&'a mut Vec<u8>> for CallBytes<'a> {
+    #[inline]
+    fn from(bytes: &'a mut Vec<u8>) -> Self {
+        CallBytes::Borrowed(bytes)
+    }
+}
+
+/// Bytes the caller keeps sharing (the same frame to several workers, say): sent as
+/// [`SharedBytes`] are, piped uncopied on a connection that lends its pages.
+impl From<SharedBytes> for CallBytes<'_> {
+    #[inline]
+    fn from(bytes: SharedBytes) -> Self {
+        CallBytes::Shared(bytes)
     }
 }
 
@@ -369,8 +397,21 @@ mod tests {
     }
 
     #[test]
+    fn shared_call_bytes_stay_shared_at_every_size() {
+        for len in [0, 100, 300 << 10, (1 << 20) + 1] {
+            let bytes = SharedBytes::from(vec![2u8; len]);
+            assert!(matches!(CallBytes::from(bytes), CallBytes::Shared(ref b) if b.len() == len));
+        }
+    }
+
+    #[test]
     fn borrowed_call_bytes_stay_borrowed_at_every_size() {
-        let large = vec![1u8; 300 << 10];
+        let mut large = vec![1u8; 300 << 10];
+        let len = large.len();
+        assert!(matches!(CallBytes::from(&mut large), CallBytes::Borrowed(b) if b.len() == len));
+        assert!(
+            matches!(CallBytes::from(&mut large[..10]), CallBytes::Borrowed(b) if b.len() == 10)
+        );
         assert!(
             matches!(CallBytes::from(&large[..]), CallBytes::Borrowed(b) if b.len() == large.len())
         );
