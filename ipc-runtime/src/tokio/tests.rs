@@ -2782,3 +2782,62 @@ fn a_service_dropped_as_its_client_is_served_may_ask_the_server_for_its_clients(
     };
     assert_eq!(clients, Some(1));
 }
+
+/// `shut_down` while a message of this end's is part-way out (a large oneway that waits for
+/// room, holding the send lock between its pieces) and the peer has just made room: the
+/// notice must not go out between two pieces of that message, which the peer would read as
+/// a protocol error (a whole message inside another) rather than as the notice. The async
+/// flavour sends a message's pieces under its own send lock, not the socket's, which the
+/// notice once took alone.
+#[test]
+fn a_shut_down_notice_never_goes_out_between_the_pieces_of_a_message() {
+    use std::future::Future;
+    use std::task::{Context, Waker};
+
+    use std::os::fd::AsRawFd;
+
+    use nix::sys::socket::{MsgFlags, recv};
+
+    use crate::codec::Bytes;
+    use crate::connection::envelope::{FRAMED_AT, Kind, LEN};
+    use crate::connection::tests::BULK;
+
+    let (runtime, server, peer) = undriven_connection();
+    server.add_service(AsyncCallsBack {
+        back: server.clone(),
+    });
+    let mut cx = Context::from_waker(Waker::noop());
+    // Far more than a socket buffer holds: it stops part-way, the send lock held.
+    let mut large = Box::pin(server.oneway(&BULK, 1, Bytes(vec![5u8; 8 << 20]), None));
+    assert!(
+        large.as_mut().poll(&mut cx).is_pending(),
+        "8 MiB went out at once"
+    );
+    // The peer reads the pieces sent so far: there is room again, but the send has not been
+    // polled since.
+    let mut datagram = vec![0u8; 1 << 20];
+    let read = |datagram: &mut [u8]| {
+        recv(peer.as_fd().as_raw_fd(), datagram, MsgFlags::MSG_DONTWAIT).unwrap_or(0)
+    };
+    assert!(read(&mut datagram) > 0, "nothing of the message went out");
+    while read(&mut datagram) > 0 {}
+    server.shut_down();
+    let notice =
+        |piece: &[u8]| piece.len() == FRAMED_AT + LEN && piece[FRAMED_AT] == Kind::ShutDown as u8;
+    let mut pieces = 0;
+    loop {
+        match read(&mut datagram) {
+            0 => break, // the end, or nothing more for now
+            n => {
+                assert!(
+                    !notice(&datagram[..n]),
+                    "the notice went out after {pieces} more pieces, in the middle of a message"
+                );
+                pieces += 1;
+            }
+        }
+    }
+    drop(large);
+    drop(server);
+    drop(runtime);
+}

@@ -990,8 +990,7 @@ impl Inner {
             // Told, shut both ways: a send of the peer's then fails on a socket the peer sees
             // shut for good (`POLLHUP`), and waits for the notice to be read (`why_unsent`),
             // where with the read side alone it could not tell that one had come.
-            let told = self.says_shut_down.swap(false, Ordering::SeqCst)
-                && envelope::say_shut_down(self.socket());
+            let told = self.says_shut_down.swap(false, Ordering::SeqCst) && self.say_shut_down();
             if told && self.trace {
                 trace::said_shut_down(&self.name);
             }
@@ -999,6 +998,17 @@ impl Inner {
                 true => self.hang_up(Socket::shutdown),
                 false => self.hang_up(Socket::shutdown_read),
             }
+        }
+    }
+
+    /// Sends the shut-down notice if it can go out at once ([`envelope::say_shut_down`]),
+    /// under this flavour's send lock: a message part-way out holds it between its pieces
+    /// (the socket's own lock only for each piece), and the notice must not go out in the
+    /// middle of one, where the peer would read a protocol error. Whether it went out.
+    fn say_shut_down(&self) -> bool {
+        match self.send_lock.try_lock() {
+            Ok(_sending) => envelope::say_shut_down(self.socket()),
+            Err(_) => false,
         }
     }
 
