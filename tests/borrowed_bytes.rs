@@ -115,6 +115,8 @@ fn round_trips(frames: &FramesClient) {
         frames.bumped(&mut scratch[..64]).unwrap(),
         bumped(&scratch[..64])
     );
+    let mut array = [7u8, 8, 9];
+    assert_eq!(frames.bumped(&mut array).unwrap(), [8, 9, 10]);
     for len in SIZES {
         let shared = SharedBytes::from(filled(len, 5));
         assert!(

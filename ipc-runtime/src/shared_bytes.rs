@@ -203,7 +203,7 @@ impl<'de> Deserialize<'de> for SharedBytes {
 /// - a `Vec<u8>`, moved in: the stub keeps its allocation afterwards for the next byte string
 ///   this thread receives (most often the reply), and on a connection that lends its pages a
 ///   `Vec` of 128 KiB to 1 MiB is piped uncopied, as [`SharedBytes`];
-/// - borrowed bytes (`&[u8]`, `&Vec<u8>`, `&[u8; N]`, or a `&mut` slice or `Vec`), sent from
+/// - borrowed bytes (`&[u8]`, `&Vec<u8>`, `&[u8; N]`, or a `&mut` one of these), sent from
 ///   where they lie: no `Vec` to build for the call, and no copy into one. The stub only reads
 ///   them while it encodes the message, so they are never piped (a pipe would keep reading
 ///   them after the call); or
@@ -277,6 +277,14 @@ impl<'a> From<&'a mut [u8]> for CallBytes<'a> {
 impl<'a> From<&'a mut Vec<u8>> for CallBytes<'a> {
     #[inline]
     fn from(bytes: &'a mut Vec<u8>) -> Self {
+        CallBytes::Borrowed(bytes)
+    }
+}
+
+/// A buffer the caller writes into between calls: read only while the message is encoded.
+impl<'a, const N: usize> From<&'a mut [u8; N]> for CallBytes<'a> {
+    #[inline]
+    fn from(bytes: &'a mut [u8; N]) -> Self {
         CallBytes::Borrowed(bytes)
     }
 }
