@@ -379,6 +379,11 @@ impl Shared {
                 keep_unread(&mut state, frame);
                 if let Some(owed) = dropped {
                     state = self.dropped_cancelled(state, envelope.cookie, owed);
+                    // The last request a drain waited for may be the one dropped: nothing
+                    // finishes to say so then.
+                    if state.draining {
+                        self.stop_reading_once_idle(&state);
+                    }
                 }
             }
             (Kind::Announce, result) => {

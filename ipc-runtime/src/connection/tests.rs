@@ -488,6 +488,38 @@ fn a_request_read_by_a_call_back_while_draining_is_dropped() {
     );
 }
 
+/// While this end drains with its serving threads still to come, a cancel of the last call
+/// queued for them ends the drain as that call's running would have: the read side shuts,
+/// and the peer's sends fail. Before, nothing looked again once the call was dropped, and the
+/// drain (a listener's shutdown with it) waited for whatever the peer did next.
+#[test]
+fn a_cancel_of_the_last_queued_call_ends_a_drain() {
+    let (a, b) = Connection::pair().unwrap();
+    a.runners_coming();
+    let caller = {
+        let a = a.clone();
+        std::thread::spawn(move || a.call::<_, u64>(&IFACE, 9, &(), Some(Duration::from_secs(60))))
+    };
+    let peer = b.socket();
+    let back = peer.recv().unwrap(); // the caller reads, waiting for its reply
+    peer.send(&ordered_request(Kind::Call, 1, 2, 0), &[])
+        .unwrap();
+    wait_until("the peer's call is queued for the threads to come", || {
+        a.shared.state.lock().calls.len() == 1
+    });
+    a.stop_reading();
+    let mut cancel = vec![0u8; envelope::LEN];
+    Envelope::cancel(2).write(&mut cancel);
+    peer.send(&cancel, &[]).unwrap();
+    peer.send(&reply_to(&back, &21u64), &[]).unwrap();
+    assert_eq!(caller.join().unwrap().unwrap(), 21);
+    let after = peer.send(&ordered_request(Kind::Call, 1, 3, 0), &[]);
+    assert!(
+        matches!(after, Err(Error::Disconnected)),
+        "the drain goes on, the read side open: {after:?}"
+    );
+}
+
 /// `stop_reading` on a connection with a serving thread and none of the peer's requests in
 /// flight, and a call of the peer's still unread in the socket: that call is dropped as one
 /// read while draining is, not run. Run, its handler's call back into the peer failed with
