@@ -896,7 +896,10 @@ impl AsyncServing {
     /// ([`AsyncConnection::shut_down`]): its calls not answered (not read yet, or read only to
     /// be dropped) fail with [`Error::ShutDown`], which says that they did not run, rather
     /// than [`Error::Disconnected`]. Dropping `AsyncServing` hangs up on its clients at once,
-    /// without it.
+    /// without it; and a client whose services were still being made
+    /// ([`AsyncServer::service_with`]) as the shutdown began gets no notice either (its calls
+    /// fail with `Disconnected`), as [`AsyncConnection::shut_down`] says of a connection that
+    /// serves nothing yet.
     ///
     /// A handler that calls its client back (a service of [`AsyncServer::service_with`])
     /// gets the client's answers meanwhile: the connection reads on for them until its last
