@@ -12,8 +12,8 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::time::{Duration, Instant};
 
 use common::{
-    check_survives_running_out_of_fds, child, fd_count_lock, fd_snapshot, leave_room_for_fds,
-    start_listener_child, two_worker_runtime, wait_for_line,
+    check_survives_running_out_of_fds, child, fd_count_lock, fd_snapshot, finish_listener_child,
+    leave_room_for_fds, start_listener_child, two_worker_runtime, wait_for_line,
 };
 use typed_ipc::tokio::{AsyncConnection, AsyncListener, AsyncServer};
 use typed_ipc::{Error, current_peer};
@@ -142,8 +142,7 @@ fn an_async_listener_out_of_fds_accepts_again_while_the_blocking_pool_is_busy() 
     wait_for("accepts clients again");
     drop(server.stdin.take()); // the child's cue to open the gate and shut down
     holding.join().unwrap().unwrap();
-    assert!(server.wait().unwrap().success());
-    for _ in lines.iter() {}
+    finish_listener_child(server, lines);
 }
 
 /// The child of `an_async_listener_out_of_fds_accepts_again_while_the_blocking_pool_is_busy`:

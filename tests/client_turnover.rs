@@ -206,9 +206,7 @@ fn a_wait_holds_up_no_client_whose_thread_cannot_start() {
     common::wait_for_line(&lines, "came", HANG_GUARD);
     drop(fresh);
     drop(stdin); // the child's cue to shut down
-    assert!(server.wait().unwrap().success());
-    // Until the thread reading the child's stderr has closed its end of the pipe.
-    for _ in lines.iter() {}
+    common::finish_listener_child(server, lines);
 }
 
 /// The child of `a_wait_holds_up_no_client_whose_thread_cannot_start`: serves `Whom` with
@@ -304,9 +302,7 @@ fn a_service_dropped_as_its_clients_thread_cannot_start_may_ask_the_server_for_i
     drop(fresh);
     common::wait_for_line(&lines, "the server counts Some(1) clients", HANG_GUARD);
     drop(stdin); // the child's cue to shut down
-    assert!(server.wait().unwrap().success());
-    // Until the thread reading the child's stderr has closed its end of the pipe.
-    for _ in lines.iter() {}
+    common::finish_listener_child(server, lines);
 }
 
 /// The child of

@@ -576,9 +576,7 @@ fn a_listener_out_of_threads_says_so_and_accepts_again_once_it_can_start_them() 
     drop(fresh);
     wait_for_line(&lines, "accepts clients again", HANG_GUARD);
     drop(stdin); // the child's cue to shut down
-    assert!(server.wait().unwrap().success());
-    // Until the thread reading the child's stderr has closed its end of the pipe.
-    for _ in lines.iter() {}
+    finish_listener_child(server, lines);
 }
 
 /// The child of `a_listener_out_of_threads_says_so_and_accepts_again_once_it_can_start_them`:
@@ -1099,9 +1097,7 @@ fn a_listener_whose_service_with_serves_an_interface_twice_says_so_and_stops() {
     connection.close();
     serving.join().unwrap().unwrap();
     drop(server.stdin.take()); // the child's cue to check and shut down
-    assert!(server.wait().unwrap().success());
-    // Until the thread reading the child's stderr has closed its end of the pipe.
-    for _ in lines.iter() {}
+    finish_listener_child(server, lines);
 }
 
 /// The child of `a_listener_whose_service_with_serves_an_interface_twice_says_so_and_stops`:

@@ -451,10 +451,18 @@ pub fn check_survives_running_out_of_fds(
     call(typed_ipc::Connection::connect_abstract(&name).unwrap());
     wait_for("accepts clients again");
     drop(server.stdin.take()); // the child's cue to shut down
+    finish_listener_child(server, lines);
+}
+
+/// Waits for a child of [`start_listener_child`] to exit, which it must do successfully
+/// (close its stdin first: that is its cue), and for the thread reading its stderr to close
+/// its end of the pipe: that thread drops its sender once it has, so the fd is gone before
+/// the caller's fd lock is released (another test counts fds next).
+pub fn finish_listener_child(
+    mut server: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+) {
     assert!(server.wait().unwrap().success());
-    // The thread reading the child's stderr closes its end of the pipe on reaching the end,
-    // and then drops its sender: wait for that, so the fd is gone before the lock is released
-    // (another test counts fds next).
     for _ in lines.iter() {}
 }
 
