@@ -214,12 +214,19 @@ mod async_flavour {
         value
     }
 
+    /// Hangs up on the worker, which must then exit cleanly.
+    async fn hang_up(frames: asynchronous::FramesClient, mut child: Worker) {
+        drop(frames);
+        let exit = typed_ipc::tokio::worker::wait(&mut child).await.unwrap();
+        assert_eq!(exit, Exit::Code(0));
+    }
+
     #[test]
     fn an_async_client_sends_borrowed_bytes_to_a_blocking_worker() {
         let _fds = fd_count_lock();
         let before = fd_snapshot();
         common::current_thread_runtime().block_on(async {
-            let (mut child, conn) = typed_ipc::tokio::worker::spawn(child("child_frames")).unwrap();
+            let (child, conn) = typed_ipc::tokio::worker::spawn(child("child_frames")).unwrap();
             let frames = asynchronous::FramesClient::new(conn);
             let mut buffer = filled(SIZES[SIZES.len() - 1], 4);
             for len in SIZES {
@@ -240,11 +247,7 @@ mod async_flavour {
                 fill(&mut buffer, round as u64 + 100);
             }
             assert_eq!(frames.kept().await.unwrap(), sent);
-            drop(frames);
-            assert_eq!(
-                typed_ipc::tokio::worker::wait(&mut child).await.unwrap(),
-                Exit::Code(0)
-            );
+            hang_up(frames, child).await;
         });
         before.assert_nothing_new();
     }
@@ -257,7 +260,7 @@ mod async_flavour {
         let _fds = fd_count_lock();
         let before = fd_snapshot();
         common::current_thread_runtime().block_on(async {
-            let (mut child, conn) = typed_ipc::tokio::worker::spawn(child("child_frames")).unwrap();
+            let (child, conn) = typed_ipc::tokio::worker::spawn(child("child_frames")).unwrap();
             let frames = asynchronous::FramesClient::new(conn);
             let task = frames.clone();
             let sent = tokio::spawn(async move {
@@ -285,11 +288,7 @@ mod async_flavour {
             });
             let sent = sent.await.unwrap();
             assert_eq!(frames.kept().await.unwrap(), sent);
-            drop(frames);
-            assert_eq!(
-                typed_ipc::tokio::worker::wait(&mut child).await.unwrap(),
-                Exit::Code(0)
-            );
+            hang_up(frames, child).await;
         });
         before.assert_nothing_new();
     }
