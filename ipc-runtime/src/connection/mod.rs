@@ -217,7 +217,8 @@ struct Shared {
     /// why the connection ended. Not under the lock: `stop_reading` may be called from
     /// anywhere, a service's `Drop` too.
     stopped_reading: AtomicBool,
-    /// [`Connection::shut_down`]: the peer is told so (once) as the read side shuts.
+    /// [`Connection::shut_down`]: the peer is told so (once) as the drain ends, before
+    /// the socket shuts.
     says_shut_down: AtomicBool,
     trace: bool,
     /// How traced lines name the connection.

@@ -134,7 +134,8 @@ pub(super) struct Inner {
     room: Notify,
     /// This end shut the socket down (`hang_up`): a reader waiting for room reads no more.
     hung_up: AtomicBool,
-    /// [`AsyncConnection::shut_down`]: the peer is told so (once) as the read side shuts.
+    /// [`AsyncConnection::shut_down`]: the peer is told so (once) as the drain ends, before
+    /// the socket shuts.
     says_shut_down: AtomicBool,
     /// A task sends cancels of cookie 0 (acknowledgements, `Inner::send_cancel`) until none
     /// is owed: one task at most, so that a peer that does not read, cancelling calls that
