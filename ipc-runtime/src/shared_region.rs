@@ -24,9 +24,11 @@
 //!   reader reads (a hostile or buggy one will), so a [`RegionView`] never hands out `&[u8]`
 //!   — that would be a data race, undefined behaviour, and a time-of-check/time-of-use hole.
 //!   It reads in place through atomic loads instead ([`RegionView::words`]: relaxed loads
-//!   compile to the same plain `mov`s as ordinary ones, so this costs what reading a slice
-//!   costs), and copies out ([`RegionView::copy_to`], [`RegionView::to_vec`]) with a copy that
-//!   is allowed to race. The worst a writer can do is make the reader see bytes change: copy
+//!   compile to the same plain `mov`s as ordinary ones, though the compiler does not
+//!   vectorise a loop of them), copies out ([`RegionView::copy_to`], [`RegionView::to_vec`])
+//!   with a copy that is allowed to race, and reads through a window
+//!   ([`RegionView::reader`]: `std::io::BufRead` over copies made 4 KiB at a time, for code
+//!   that wants slices). The worst a writer can do is make the reader see bytes change: copy
 //!   out what you must check before you trust it.
 //!
 //! The receiver does not trust the creator to have sealed: [`RegionView::from_fd`] (and
@@ -68,6 +70,9 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::bulk_copy::copy_racy;
 use crate::error::{Error, Limit, Result};
 use crate::memfd::{Access, Demand, Mapping, add_seals, map_received, new_memfd};
+
+mod reader;
+pub use reader::RegionReader;
 
 /// The seals [`SharedRegion::new`] applies once its writable mapping exists.
 const APPLIED: SealFlag = SealFlag::F_SEAL_FUTURE_WRITE
@@ -296,6 +301,31 @@ impl RegionView {
             v.set_len(len);
         }
         Ok(v)
+    }
+
+    /// Bytes `offset..offset + len` as a [`RegionReader`]: [`std::io::Read`],
+    /// [`std::io::BufRead`] and [`std::io::Seek`] over copies of the region made a 4 KiB
+    /// window at a time, for code that wants slices (a parser, a hash, a decoder). A slice it
+    /// hands out holds still whatever the creator writes meanwhile. Bytes outside the region
+    /// are [`Error::Malformed`].
+    ///
+    /// ```
+    /// # extern crate ipc_runtime as typed_ipc;
+    /// use std::io::BufRead;
+    /// use typed_ipc::shared_region::SharedRegion;
+    ///
+    /// # fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
+    /// let mut region = SharedRegion::new(4096)?;
+    /// let view = region.view()?; // in real use: received from the creator
+    /// region[..13].copy_from_slice(b"one\ntwo\nthree");
+    /// let lines: Vec<String> = view.reader(0, 13)?.lines().collect::<Result<_, _>>()?;
+    /// assert_eq!(lines, ["one", "two", "three"]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn reader(&self, offset: usize, len: usize) -> Result<RegionReader<'_>> {
+        self.check(offset, len)?;
+        Ok(RegionReader::new(self, offset, offset + len))
     }
 
     fn check(&self, offset: usize, len: usize) -> Result<()> {

@@ -14,16 +14,22 @@
 //! `RegionView` ran before 2026-12-02. Each cell is the median of many samples (copies under
 //! 64 KiB timed in batches), the ways taking turns in a rotating order. `RegionView` reads
 //! through the region's second, read-only mapping, as a receiver does. Prints markdown. On
-//! the AMD EPYC host, `rep movsb` (which glibc's `memcpy` runs from 2,112 bytes to 1 MiB) slows down
-//! sharply when the destination lies a few bytes ahead of the source: see
+//! the AMD EPYC host, `rep movsb` (which glibc's `memcpy` runs from 2,112 bytes to 1 MiB)
+//! slows down sharply when the destination lies a few bytes ahead of the source: see
 //! `docs/benchmarks-bulk.md`, "Copies at every alignment". A second table times the kernel's
 //! copy (`process_vm_writev` within this process, as a parent writing into its worker) by the
-//! same distance.
+//! same distance. A third table times reading a region in place: the sum of its 64-bit
+//! words through a slice of the creator's mapping (the compiler vectorises it), through
+//! `RegionView::words` (relaxed atomic loads, which it does not) and through the windows of
+//! `RegionView::reader` (copied 4 KiB at a time, then summed as a slice); `--reads` prints
+//! only that table.
 
 use std::hint::black_box;
 use std::time::Instant;
 
-use typed_ipc::shared_region::SharedRegion;
+use std::io::BufRead;
+
+use typed_ipc::shared_region::{RegionView, SharedRegion};
 
 const SIZES: [usize; 4] = [4 << 10, 64 << 10, 1 << 20, 16 << 20];
 const OFFSETS: [usize; 7] = [0, 4, 8, 16, 32, 72, 2056];
@@ -31,6 +37,9 @@ const OFFSETS: [usize; 7] = [0, 4, 8, 16, 32, 72, 2056];
 fn main() {
     let cpu = ipc_bench::nth_allowed_cpu(0).expect("a CPU to run on");
     ipc_bench::pin(cpu).expect("pin to the first CPU this process may run on");
+    if std::env::args().any(|arg| arg == "--reads") {
+        return reads_in_place();
+    }
 
     println!("| size | destination | `memcpy` | `RegionView` | ratio | one `rep movsb` | ratio |");
     println!("| ---: | --- | ---: | ---: | ---: | ---: | ---: |");
@@ -71,6 +80,50 @@ fn main() {
         row(len, "a fresh `Vec`", &times);
     }
     kernel_copies();
+    reads_in_place();
+}
+
+/// The sum of a region's words, read three ways, by size.
+fn reads_in_place() {
+    println!("\n| size | slice | `words()` | ratio | `reader()` | ratio |");
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: |");
+    for len in SIZES {
+        let mut region = SharedRegion::new(len).expect("region");
+        for (i, b) in region.iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        let view = region.view().expect("view");
+        let want = ipc_bench::checksum(&region[..len]);
+        let batch = ((64 << 10) / len).max(1);
+        let samples = (1 << 30) / len / batch;
+        let times = race(
+            samples,
+            batch,
+            &mut (),
+            [
+                &mut |()| assert_eq!(ipc_bench::checksum(black_box(&region[..len])), want),
+                &mut |()| assert_eq!(ipc_bench::checksum_words(view.words(), len), want),
+                &mut |()| assert_eq!(sum_windows(&view, len), want),
+            ],
+        );
+        row(len, "", &times);
+    }
+}
+
+/// [`ipc_bench::checksum`] of a region's first `len` bytes, summed a window at a time (the
+/// windows are whole words: 4 KiB each from offset 0, as `RegionReader::WINDOW` says).
+fn sum_windows(view: &RegionView, len: usize) -> u64 {
+    let mut reader = view.reader(0, len).expect("inside the region");
+    let mut sum = 0u64;
+    loop {
+        let window = reader.fill_buf().expect("a region reader does not fail");
+        if window.is_empty() {
+            return sum;
+        }
+        sum = sum.wrapping_add(ipc_bench::checksum(window));
+        let n = window.len();
+        reader.consume(n);
+    }
 }
 
 /// The kernel's copy by distance: `process_vm_writev` of 1 MiB within this process (what a
@@ -169,7 +222,12 @@ fn row(len: usize, at: &str, times: &[f64]) {
         l if l >= 1 << 20 => format!("{} MiB", l >> 20),
         l => format!("{} KiB", l >> 10),
     };
-    let mut line = format!("| {size} | {at} | {:.2} µs |", times[0]);
+    let at = if at.is_empty() {
+        String::new()
+    } else {
+        format!(" {at} |")
+    };
+    let mut line = format!("| {size} |{at} {:.2} µs |", times[0]);
     for t in &times[1..] {
         line += &format!(" {t:.2} µs | {:.2}x |", t / times[0]);
     }
