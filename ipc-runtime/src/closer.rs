@@ -210,11 +210,12 @@ fn run(first: bool) {
 /// typed-ipc, which closes fds where they drop, it returns at once.
 ///
 /// ```
-/// # fn main() -> ipc_runtime::Result<()> {
-/// let (client, server) = ipc_runtime::Connection::pair()?;
+/// # extern crate ipc_runtime as typed_ipc;
+/// # fn main() -> typed_ipc::Result<()> {
+/// let (client, server) = typed_ipc::Connection::pair()?;
 /// // ... calls that may leave fds for typed-ipc to drop: replies nobody waits for, say ...
 /// drop((client, server));
-/// ipc_runtime::wait_for_closes(); // `typed_ipc::wait_for_closes` through the facade
+/// typed_ipc::wait_for_closes();
 /// // Counting `/proc/self/fd` now sees every fd typed-ipc dropped closed.
 /// # Ok(())
 /// # }
