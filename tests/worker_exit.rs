@@ -1,6 +1,8 @@
 //! A worker that exits normally right after sending: its connection ends as its exit is seen
 //! (the `Worker`'s watch on the child's pidfd, or a `wait`), yet every request it sent before
 //! exiting still runs, in both flavours, however many wait in the socket behind a slow one.
+//! And a worker that exited, or was killed, is gone as far as `is_closed` can tell, with
+//! nothing reading its connection.
 //!
 //! Nothing here synchronises by sleeping.
 
@@ -62,6 +64,56 @@ fn child_sends_oneways_and_exits() {
     for n in 0..SENT {
         client.put(n).unwrap();
     }
+}
+
+/// The worker: takes its connection and exits at once, exit code 0.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_exits_at_once() {
+    drop(typed_ipc::worker::connection().unwrap());
+}
+
+/// The worker: serves a `Sink` until killed.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_serves() {
+    SinkServer::new(SinkImpl::default())
+        .serve(typed_ipc::worker::connection().unwrap())
+        .unwrap();
+}
+
+/// A host asking whether its worker is gone, with no thread of its reading the connection:
+/// until 2026-12-06 the blocking flavour said `false` until a thread read the hang-up.
+#[test]
+fn a_worker_that_exited_or_was_killed_is_closed_with_nothing_reading() {
+    let (mut worker, exited) = Worker::spawn(common::child("child_exits_at_once")).unwrap();
+    assert_eq!(worker.wait().unwrap(), Exit::Code(0));
+    assert!(exited.is_closed(), "a worker that exited");
+
+    let (mut worker, killed) = Worker::spawn(common::child("child_serves")).unwrap();
+    assert!(!killed.is_closed(), "a worker still serving");
+    worker.kill().unwrap();
+    assert_eq!(worker.wait().unwrap(), Exit::Signal(9));
+    assert!(killed.is_closed(), "a worker killed");
+}
+
+/// [`a_worker_that_exited_or_was_killed_is_closed_with_nothing_reading`], async: asked right
+/// after the exit is seen, before the connection's reader has run again.
+#[cfg(feature = "tokio")]
+#[test]
+fn an_async_worker_that_exited_or_was_killed_is_closed_before_its_reader_runs() {
+    use typed_ipc::tokio::worker;
+    common::current_thread_runtime().block_on(async {
+        let (mut child, exited) = worker::spawn(common::child("child_exits_at_once")).unwrap();
+        assert_eq!(worker::wait(&mut child).await.unwrap(), Exit::Code(0));
+        assert!(exited.is_closed(), "a worker that exited");
+
+        let (mut child, killed) = worker::spawn(common::child("child_serves")).unwrap();
+        assert!(!killed.is_closed(), "a worker still serving");
+        child.kill().unwrap();
+        assert_eq!(worker::wait(&mut child).await.unwrap(), Exit::Signal(9));
+        assert!(killed.is_closed(), "a worker killed");
+    });
 }
 
 fn all_sent() -> Vec<u64> {

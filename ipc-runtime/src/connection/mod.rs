@@ -541,9 +541,12 @@ impl Connection {
         self.shared.lane.write_into_peer(memory);
     }
 
-    /// Whether the connection has ended (peer gone, closed, or a protocol error).
+    /// Whether the connection has ended (peer gone, closed, or a protocol error). A peer
+    /// counts as gone as soon as its end of the socket is closed (a worker that exited or was
+    /// killed) or shut, before any thread waiting on the connection has read that far: this
+    /// asks the kernel (one `poll`) unless the connection already knows.
     pub fn is_closed(&self) -> bool {
-        self.shared.state.lock().closed.is_some()
+        self.shared.state.lock().closed.is_some() || self.shared.socket.has_ended()
     }
 
     /// Ends the connection: the peer sees a hang-up, and every thread waiting on this

@@ -363,6 +363,17 @@ fn an_ended_connection_fails_calls_before_encoding() {
     assert!(matches!(call, Err(Error::Disconnected)), "{call:?}");
 }
 
+/// A connection whose peer has gone says so before any thread reads the hang-up, so that a
+/// host polling `is_closed` is not told that a dead worker lives (an audit found `false`
+/// here until a thread read, where the async flavour's reader had read already).
+#[test]
+fn a_connection_whose_peer_is_gone_is_closed_before_anything_reads() {
+    let (a, b) = Connection::pair().unwrap();
+    assert!(!a.is_closed());
+    drop(b);
+    assert!(a.is_closed());
+}
+
 /// After `stop_reading` (graceful shutdown) the connection still sends: a handler finishing
 /// up may send a oneway, and it goes out although no call can be made any more. (A review
 /// caught the early check of an ended connection refusing it.)

@@ -314,6 +314,15 @@ impl Socket {
         }
     }
 
+    /// Whether the socket has ended, by what the kernel says now, whether or not anything has
+    /// read to its end: both ways shut (the peer closed its end, or either end shut it both
+    /// ways) or an error pending (`POLLHUP`, `POLLERR`). This end's read side alone shut
+    /// (`POLLRDHUP`) is not an end: it still sends.
+    pub(crate) fn has_ended(&self) -> bool {
+        self.ready_now(PollFlags::empty())
+            .intersects(PollFlags::POLLHUP | PollFlags::POLLERR)
+    }
+
     /// Waits until the socket is ready for some of `events` or the deadline passes, and says
     /// what it is ready for (a hang-up or an error among it, whatever was asked).
     pub(crate) fn ready(&self, events: PollFlags, deadline: Option<Instant>) -> Result<PollFlags> {

@@ -448,6 +448,18 @@ impl super::AsyncService for QuickEcho {
 }
 
 /// A runtime on the calling thread, with its I/O and time drivers.
+/// A connection whose peer has gone says so before its reader has run to read the hang-up
+/// (no `.await` between the peer's going and the question).
+#[test]
+fn a_connection_whose_peer_is_gone_is_closed_before_its_reader_runs() {
+    current_thread_runtime().block_on(async {
+        let (a, b) = crate::tokio::AsyncConnection::pair().unwrap();
+        assert!(!a.is_closed());
+        drop(b);
+        assert!(a.is_closed());
+    });
+}
+
 fn current_thread_runtime() -> ::tokio::runtime::Runtime {
     ::tokio::runtime::Builder::new_current_thread()
         .enable_all()

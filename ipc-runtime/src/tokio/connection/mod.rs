@@ -492,9 +492,12 @@ impl AsyncConnection {
         crate::service::handling_a_call_of(Arc::as_ptr(&self.inner).cast())
     }
 
-    /// Whether the connection has ended (peer gone, closed, or a protocol error).
+    /// Whether the connection has ended (peer gone, closed, or a protocol error). A peer
+    /// counts as gone as soon as its end of the socket is closed (a worker that exited or was
+    /// killed) or shut, before the connection's reader has run to read that far: this asks
+    /// the kernel (one `poll`) unless the connection already knows.
     pub fn is_closed(&self) -> bool {
-        self.inner.lock().closed.is_some()
+        self.inner.lock().closed.is_some() || self.inner.socket().has_ended()
     }
 
     /// Ends the connection: the peer sees a hang-up, every waiting call returns
