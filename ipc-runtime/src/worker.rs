@@ -169,6 +169,31 @@ pub enum Exit {
     Signal(i32),
 }
 
+impl Exit {
+    /// Whether the worker exited with status 0, as [`std::process::ExitStatus::success`].
+    pub fn success(self) -> bool {
+        self == Exit::Code(0)
+    }
+
+    /// The status code it exited with, if it exited rather than was killed by a signal, as
+    /// [`std::process::ExitStatus::code`].
+    pub fn code(self) -> Option<i32> {
+        match self {
+            Exit::Code(code) => Some(code),
+            Exit::Signal(_) => None,
+        }
+    }
+
+    /// The signal that ended it, if one did, as
+    /// [`std::os::unix::process::ExitStatusExt::signal`].
+    pub fn signal(self) -> Option<i32> {
+        match self {
+            Exit::Code(_) => None,
+            Exit::Signal(signal) => Some(signal),
+        }
+    }
+}
+
 /// Written as std writes an `ExitStatus`, with the signal's name: `exit status: 0`,
 /// `signal: 6 (SIGABRT)`.
 impl std::fmt::Display for Exit {
@@ -897,7 +922,7 @@ fn is_the_socket(fd: BorrowedFd<'_>, inode: u64) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{Exit, Worker, child_pidfd, parse};
+    use super::{Exit, Worker, child_pidfd, exit_of, parse};
     use crate::Error;
 
     /// A pidfd opened after the spawn is kept only for a process that is still this one's
@@ -968,6 +993,25 @@ mod tests {
         assert_eq!(Exit::Code(0).to_string(), "exit status: 0");
         assert_eq!(Exit::Signal(6).to_string(), "signal: 6 (SIGABRT)");
         assert_eq!(Exit::Signal(200).to_string(), "signal: 200");
+    }
+
+    /// `success`, `code` and `signal` answer as std's `ExitStatus` does for the same ending
+    /// (`from_raw` takes a wait status: the code in the second byte, a signal in the first).
+    #[test]
+    fn an_exit_answers_as_std_s_exit_status() {
+        use std::os::unix::process::ExitStatusExt;
+        use std::process::ExitStatus;
+        for (exit, raw) in [
+            (Exit::Code(0), 0),
+            (Exit::Code(3), 3 << 8),
+            (Exit::Signal(9), 9),
+        ] {
+            let std = ExitStatus::from_raw(raw);
+            assert_eq!(exit_of(std), exit);
+            assert_eq!(exit.success(), std.success(), "{exit}");
+            assert_eq!(exit.code(), std.code(), "{exit}");
+            assert_eq!(exit.signal(), std.signal(), "{exit}");
+        }
     }
 
     #[test]
