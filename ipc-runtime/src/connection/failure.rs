@@ -310,8 +310,22 @@ pub(crate) fn oneway_failed<'i>(
             _ => return,
         }
     };
+    let method = method_name(envelope, served);
+    // Why may quote the peer's message (a decoding error may): escaped and cut short.
+    let why = trace::printable(&failure.to_string());
+    trace::line(&format!(
+        "{name}: a oneway message {method} failed: {why}{more}"
+    ));
+}
+
+/// The method a request's envelope names, `Interface::method` if `served` (the interfaces
+/// this side serves) has its interface, else by number.
+pub(crate) fn method_name<'i>(
+    envelope: &Envelope,
+    served: impl IntoIterator<Item = &'i InterfaceInfo>,
+) -> String {
     let iface = served.into_iter().find(|i| i.id == envelope.interface);
-    let method = match iface {
+    match iface {
         Some(iface) => match iface.method(envelope.cmd) {
             Some(m) => format!("{}::{}", iface.name, m.name),
             None => format!("{} command {}", iface.name, envelope.cmd),
@@ -320,12 +334,7 @@ pub(crate) fn oneway_failed<'i>(
             "interface {:#x} command {}",
             envelope.interface, envelope.cmd
         ),
-    };
-    // Why may quote the peer's message (a decoding error may): escaped and cut short.
-    let why = trace::printable(&failure.to_string());
-    trace::line(&format!(
-        "{name}: a oneway message {method} failed: {why}{more}"
-    ));
+    }
 }
 
 /// Names the methods that differ between our interface and the peer's.

@@ -307,6 +307,10 @@ struct State {
     /// This side is killing the worker at the other end
     /// ([`Closer::killing`](crate::worker::Closer::killing)): its hang-up is this side's doing.
     killed_here: bool,
+    /// [`Shared::warn_unserved`] has said that a call of the peer's waits here for a serving
+    /// thread while a call of this end's waits for its reply, and none serves: once is
+    /// enough.
+    unserved_said: bool,
     /// The traced line saying why the connection ended, until a thread that let the lock go
     /// prints it ([`Shared::say_end`]): said under the lock, it would wait for stderr's
     /// lock, whose holder may be waiting for this connection.
@@ -668,6 +672,12 @@ impl Connection {
     /// interface twice replaces the first. Interfaces are told apart by name (the trait's, or
     /// the one `#[interface(name = "...")]` gives), so two traits of one name need names of
     /// their own to be served side by side.
+    ///
+    /// Adding a service runs nothing: until a thread runs the connection, the peer's requests
+    /// wait. A peer that calls back from inside a call of this end's then waits for a thread
+    /// while this end waits for its reply; after two seconds of that, the waiting caller says
+    /// so on stderr, once a connection (`tests/unserved_callbacks.rs`). (The async flavour's
+    /// `add_service` serves at once.)
     pub fn add_service(&self, service: impl Service) {
         let info = service.info();
         let service: Arc<dyn Service> = Arc::new(service);

@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::collections::hash_map::Entry;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use nix::poll::PollFlags;
 
@@ -17,6 +17,7 @@ use super::serving::Run;
 use super::{Guard, Shared, State, unreceived};
 use crate::error::{Error, Result};
 use crate::frame::Frame;
+use parking_lot::MutexGuard;
 
 impl Shared {
     /// Gives up the reader role a caller took before sending, and registers `cookie`'s call
@@ -66,8 +67,11 @@ impl Shared {
     }
 
     /// Waits for the reply to `cookie`, reading the socket whenever nobody else is.
+    #[inline(never)]
     pub(super) fn wait_reply(&self, cookie: u64, deadline: Option<Instant>) -> Result<Frame> {
         let mut state = self.state.lock();
+        // Since when this call has waited with a call of the peer's held for nobody.
+        let mut unserved_since = None;
         loop {
             if let Entry::Occupied(slot) = state.pending.entry(cookie) {
                 if slot.get().is_some() {
@@ -91,15 +95,72 @@ impl Shared {
                 self.send_cancel(cookie);
                 return Err(Error::TimedOut);
             }
+            // A call of the peer's waiting here may wait for a thread that never serves.
+            let until = match state.calls.is_empty() {
+                true => deadline,
+                false => self.warn_unserved(&mut state, &mut unserved_since, deadline),
+            };
             if state.reading {
-                state = self.sleep(state, deadline);
+                state = self.sleep(state, until);
                 continue;
             }
             let own;
-            (state, own) = self.read(state, deadline, Reader::Caller(cookie));
+            (state, own) = self.read(state, until, Reader::Caller(cookie));
             if let Some(Taken::Reply(reply)) = own {
                 return reply;
             }
+        }
+    }
+
+    /// For a caller waiting for its reply while a call of the peer's waits here: if it waits
+    /// for a serving thread and none serves (see [`unserved`]), the two ends may well wait
+    /// for each other for good, the peer having called back from inside the call this caller
+    /// waits for, and nothing says so (a connection given services with `add_service` but
+    /// never served: a new user's mistake). Once the caller has waited so for
+    /// [`UNSERVED_WARNING`], this says it on stderr, once a connection. Returns the deadline
+    /// to wait with meanwhile: the caller's, or the warning's if sooner.
+    #[cold]
+    #[inline(never)]
+    fn warn_unserved(
+        &self,
+        state: &mut Guard<'_>,
+        since: &mut Option<Instant>,
+        deadline: Option<Instant>,
+    ) -> Option<Instant> {
+        if !unserved(state) {
+            *since = None;
+            return deadline;
+        }
+        let now = Instant::now();
+        let warn_at = *since.get_or_insert(now) + UNSERVED_WARNING;
+        if now < warn_at {
+            return Some(deadline.map_or(warn_at, |d| d.min(warn_at)));
+        }
+        state.unserved_said = true;
+        let held = state
+            .calls
+            .front()
+            .map(|q| Envelope::read(&q.frame.payload));
+        // Said with the lock let go: a write to stderr may wait.
+        MutexGuard::unlocked(state, || self.say_unserved(held));
+        deadline
+    }
+
+    /// The line [`Shared::warn_unserved`] says, naming the call `held` (its envelope).
+    fn say_unserved(&self, held: Option<Result<Envelope>>) {
+        if let Some(Ok(envelope)) = held {
+            let registry = Arc::clone(&self.registry.lock());
+            let served = registry.services.iter().map(|(info, _)| *info);
+            let method = failure::method_name(&envelope, served);
+            super::trace::line(&format!(
+                "{}: a call of this end's has waited {} s for its reply while the peer's call \
+                 {method} waits here for a thread to serve it, and no thread serves this \
+                 connection: the two may wait for each other for good. Serve it on a thread of \
+                 its own (`Connection::serve` or `run`, or a `Server`): `add_service` alone \
+                 runs nothing",
+                self.name,
+                UNSERVED_WARNING.as_secs(),
+            ));
         }
     }
 
@@ -727,6 +788,18 @@ pub(super) enum Reader {
 }
 
 /// A request waiting in the queue for a serving thread.
+/// How long a caller waits with a call of the peer's held for nobody before
+/// [`Shared::warn_unserved`] says so: far longer than a serving thread that is about to start
+/// takes to start, even on a loaded machine.
+const UNSERVED_WARNING: Duration = Duration::from_secs(2);
+
+/// Whether a call of the peer's waits for a serving thread and none serves or is coming, and
+/// that has not been said yet ([`Shared::warn_unserved`]).
+#[inline]
+fn unserved(state: &State) -> bool {
+    !state.calls.is_empty() && state.runners == 0 && !state.runners_coming && !state.unserved_said
+}
+
 pub(super) struct Queued {
     pub(super) frame: Frame,
     /// For a call, the number of oneway messages that arrived before it: it runs once that
