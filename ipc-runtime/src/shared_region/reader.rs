@@ -29,8 +29,11 @@ pub struct RegionReader<'a> {
     /// The stretch read, as offsets into the region.
     start: usize,
     end: usize,
-    /// The region offset of the first byte not yet copied into `window`.
+    /// The region offset of the first byte not yet copied into `window`: at most `end`.
     next: usize,
+    /// How far past the end a seek put the position (`next` is then `end`): positions run
+    /// to `u64::MAX`, past what a region offset can say.
+    past: u64,
     window: Box<[u8]>,
     /// `window[taken..filled]` holds the bytes copied but not yet consumed.
     taken: usize,
@@ -50,6 +53,7 @@ impl<'a> RegionReader<'a> {
             start,
             end,
             next: start,
+            past: 0,
             window: vec![0; RegionReader::WINDOW].into_boxed_slice(),
             taken: 0,
             filled: 0,
@@ -58,12 +62,12 @@ impl<'a> RegionReader<'a> {
 
     /// How many bytes of the stretch are left to read.
     pub fn remaining(&self) -> usize {
-        self.end.saturating_sub(self.next) + (self.filled - self.taken)
+        self.end - self.next + (self.filled - self.taken)
     }
 
     /// The position in the stretch: where the next byte read comes from.
     fn position(&self) -> u64 {
-        (self.next - self.start - (self.filled - self.taken)) as u64
+        (self.next - self.start - (self.filled - self.taken)) as u64 + self.past
     }
 }
 
@@ -84,7 +88,7 @@ fn copy_out(view: &RegionView, at: usize, dst: &mut [u8]) {
 impl Read for RegionReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if self.taken == self.filled && buf.len() >= RegionReader::WINDOW {
-            let n = buf.len().min(self.end.saturating_sub(self.next));
+            let n = buf.len().min(self.end - self.next);
             if n == 0 {
                 return Ok(0);
             }
@@ -112,7 +116,7 @@ impl BufRead for RegionReader<'_> {
     }
 
     fn consume(&mut self, amt: usize) {
-        self.taken = (self.taken + amt).min(self.filled);
+        self.taken = self.taken.saturating_add(amt).min(self.filled);
     }
 }
 
@@ -130,11 +134,15 @@ impl Seek for RegionReader<'_> {
         let to = to.ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
-                "a region reader cannot seek before the start of its stretch",
+                "a region reader cannot seek before the start of its stretch, nor past u64::MAX",
             )
         })?;
-        // `next` may lie past `end`: nothing is copied from there (`end - next` saturates).
-        self.next = usize::try_from(to).map_or(usize::MAX, |to| self.start.saturating_add(to));
+        // Past the end, nothing is copied: `next` stays at `end`, and `past` says how far.
+        (self.next, self.past) = match to.checked_sub(len) {
+            Some(past) if past > 0 => (self.end, past),
+            // `to` is at most `len` here, so `start + to` is at most `end`.
+            _ => (self.start + to as usize, 0),
+        };
         (self.taken, self.filled) = (0, 0);
         Ok(to)
     }
@@ -289,6 +297,38 @@ mod tests {
         assert_eq!(reader.stream_position().unwrap(), 7);
         reader.read_exact(&mut byte).unwrap();
         assert_eq!(byte[0], stretch[7]);
+    }
+
+    /// A position past the end, however far, is the position a seek returned, whatever the
+    /// stretch's offset in the region; and a consume however large stays in the window.
+    #[test]
+    fn far_positions_and_large_consumes_keep_to_the_contract() {
+        let region = patterned();
+        let view = region.view().unwrap();
+        let mut reader = view.reader(100, 1_000).unwrap();
+        for far in [usize::MAX as u64 - 99, u64::MAX - 50, u64::MAX] {
+            assert_eq!(reader.seek(SeekFrom::Start(far)).unwrap(), far);
+            assert_eq!(reader.stream_position().unwrap(), far);
+            assert_eq!(reader.seek(SeekFrom::Current(-1)).unwrap(), far - 1);
+            assert_eq!(reader.seek(SeekFrom::Current(1)).unwrap(), far);
+            assert_eq!(reader.read(&mut [0; 8]).unwrap(), 0);
+            assert_eq!(reader.remaining(), 0);
+        }
+        assert_eq!(reader.seek(SeekFrom::Current(-1)).unwrap(), u64::MAX - 1);
+        assert!(reader.seek(SeekFrom::Current(2)).is_err());
+        assert!(reader.seek(SeekFrom::End(i64::MIN)).is_err());
+        assert_eq!(
+            reader.seek(SeekFrom::End(i64::MAX)).unwrap(),
+            1_000 + i64::MAX as u64
+        );
+        assert_eq!(reader.stream_position().unwrap(), 1_000 + i64::MAX as u64);
+
+        reader.rewind().unwrap();
+        assert_eq!(reader.fill_buf().unwrap().len(), 1_000);
+        reader.consume(1);
+        reader.consume(usize::MAX);
+        assert_eq!(reader.fill_buf().unwrap(), b"");
+        assert_eq!(reader.stream_position().unwrap(), 1_000);
     }
 
     #[test]
