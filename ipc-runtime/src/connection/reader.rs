@@ -98,7 +98,11 @@ impl Shared {
             // A call of the peer's waiting here may wait for a thread that never serves.
             let until = match state.calls.is_empty() {
                 true => deadline,
-                false => self.warn_unserved(&mut state, &mut unserved_since, deadline),
+                false => match self.warn_unserved(&mut state, &mut unserved_since, deadline) {
+                    Some(until) => until,
+                    // Said with the lock let go: the reply may have come meanwhile.
+                    None => continue,
+                },
             };
             if state.reading {
                 state = self.sleep(state, until);
@@ -118,7 +122,9 @@ impl Shared {
     /// waits for, and nothing says so (a connection given services with `add_service` but
     /// never served: a new user's mistake). Once the caller has waited so for
     /// [`UNSERVED_WARNING`], this says it on stderr, once a connection. Returns the deadline
-    /// to wait with meanwhile: the caller's, or the warning's if sooner.
+    /// to wait with meanwhile: the caller's, or the warning's if sooner; or `None` once it
+    /// has said it, with the lock let go: another reader may have read the caller's reply or
+    /// the end meanwhile, so the caller looks again before it reads or sleeps.
     #[cold]
     #[inline(never)]
     fn warn_unserved(
@@ -126,15 +132,15 @@ impl Shared {
         state: &mut Guard<'_>,
         since: &mut Option<Instant>,
         deadline: Option<Instant>,
-    ) -> Option<Instant> {
+    ) -> Option<Option<Instant>> {
         if !unserved(state) {
             *since = None;
-            return deadline;
+            return Some(deadline);
         }
         let now = Instant::now();
         let warn_at = *since.get_or_insert(now) + UNSERVED_WARNING;
         if now < warn_at {
-            return Some(deadline.map_or(warn_at, |d| d.min(warn_at)));
+            return Some(Some(deadline.map_or(warn_at, |d| d.min(warn_at))));
         }
         state.unserved_said = true;
         let held = state
@@ -143,7 +149,7 @@ impl Shared {
             .map(|q| Envelope::read(&q.frame.payload));
         // Said with the lock let go: a write to stderr may wait.
         MutexGuard::unlocked(state, || self.say_unserved(held));
-        deadline
+        None
     }
 
     /// The line [`Shared::warn_unserved`] says, naming the call `held` (its envelope).
@@ -787,7 +793,6 @@ pub(super) enum Reader {
     Sender,
 }
 
-/// A request waiting in the queue for a serving thread.
 /// How long a caller waits with a call of the peer's held for nobody before
 /// [`Shared::warn_unserved`] says so: far longer than a serving thread that is about to start
 /// takes to start, even on a loaded machine.
@@ -800,6 +805,7 @@ fn unserved(state: &State) -> bool {
     !state.calls.is_empty() && state.runners == 0 && !state.runners_coming && !state.unserved_said
 }
 
+/// A request waiting in the queue for a serving thread.
 pub(super) struct Queued {
     pub(super) frame: Frame,
     /// For a call, the number of oneway messages that arrived before it: it runs once that

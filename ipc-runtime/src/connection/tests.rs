@@ -499,6 +499,45 @@ fn a_request_read_by_a_call_back_while_draining_is_dropped() {
     );
 }
 
+/// A caller saying that a call of the peer's is held for nobody lets the lock go to say it
+/// (`Shared::warn_unserved`); another caller may read its reply meanwhile. It looks for it
+/// again before it reads or sleeps: before, it read the socket, where nothing more came, and
+/// waited for good with its reply in its slot.
+#[test]
+fn a_reply_read_while_the_unserved_warning_is_said_is_found() {
+    let (a, b) = Connection::pair().unwrap();
+    let first = {
+        let a = a.clone();
+        std::thread::spawn(move || a.call::<_, u64>(&IFACE, 2, &(), None))
+    };
+    let peer = b.socket();
+    let back = peer.recv().unwrap();
+    peer.send(&ordered_request(Kind::Call, 1, 2, 0), &[])
+        .unwrap();
+    wait_until("the peer's call is held for nobody", || {
+        a.shared.state.lock().calls.len() == 1
+    });
+    // The warning names the call held, from the registry: it waits here with the lock let go.
+    let registry = a.test_hold_registry();
+    wait_until("the caller says the call is held", || {
+        a.shared.state.lock().unserved_said
+    });
+    let second = {
+        let a = a.clone();
+        std::thread::spawn(move || a.call::<_, u64>(&IFACE, 2, &(), None))
+    };
+    let back_second = peer.recv().unwrap();
+    peer.send(&reply_to(&back, &21u64), &[]).unwrap();
+    peer.send(&reply_to(&back_second, &22u64), &[]).unwrap();
+    assert_eq!(second.join().unwrap().unwrap(), 22);
+    drop(registry);
+    let (done, first_done) = mpsc::channel();
+    std::thread::spawn(move || done.send(first.join().unwrap()).unwrap());
+    let got = first_done.recv_timeout(Duration::from_secs(60));
+    drop(b); // a caller still reading, its reply read by the other, sees the end
+    assert!(matches!(got, Ok(Ok(21))), "{got:?}");
+}
+
 /// While this end drains with its serving threads still to come, a cancel of the last call
 /// queued for them ends the drain as that call's running would have: the read side shuts,
 /// this end's own call waiting for a reply fails (none can be read now), and the peer's sends
