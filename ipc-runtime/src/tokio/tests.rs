@@ -447,7 +447,6 @@ impl super::AsyncService for QuickEcho {
     }
 }
 
-/// A runtime on the calling thread, with its I/O and time drivers.
 /// A connection whose peer has gone says so before its reader has run to read the hang-up
 /// (no `.await` between the peer's going and the question).
 #[test]
@@ -460,6 +459,7 @@ fn a_connection_whose_peer_is_gone_is_closed_before_its_reader_runs() {
     });
 }
 
+/// A runtime on the calling thread, with its I/O and time drivers.
 fn current_thread_runtime() -> ::tokio::runtime::Runtime {
     ::tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -2770,8 +2770,9 @@ fn a_service_dropped_as_its_client_is_served_may_ask_the_server_for_its_clients(
             // Off the worker (which runs the connection's reader next), until it has read
             // the hang-up: the connection has ended before it is served.
             ::tokio::task::block_in_place(|| {
+                // (Not `is_closed`, which says so once the kernel does, read or not.)
                 crate::connection::tests::wait_until("the client's hang-up is read", || {
-                    connection.is_closed()
+                    connection.test_ended()
                 })
             });
             AsksTheServerAsItGoes {

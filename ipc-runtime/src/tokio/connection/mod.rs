@@ -477,6 +477,13 @@ impl AsyncConnection {
         self.inner.reader_paused(Ordering::SeqCst)
     }
 
+    /// Whether the connection's state says it has ended (its reader has read the end, say),
+    /// where [`AsyncConnection::is_closed`] also asks the kernel whether the peer has gone.
+    #[cfg(test)]
+    pub(super) fn test_ended(&self) -> bool {
+        self.inner.lock().closed.is_some()
+    }
+
     /// A handle that does not keep the connection open: an
     /// [`AsyncServing`](super::AsyncServing) keeps one of each client's, so that the
     /// connection goes (its socket, buffers and shared memory) as soon as its task has
