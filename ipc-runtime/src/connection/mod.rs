@@ -547,10 +547,14 @@ impl Connection {
 
     /// Whether the connection has ended (peer gone, closed, or a protocol error). A peer
     /// counts as gone as soon as its end of the socket is closed (a worker that exited or was
-    /// killed) or shut, before any thread waiting on the connection has read that far: this
-    /// asks the kernel (one `poll`) unless the connection already knows.
+    /// killed) or shut both ways, before any thread waiting on the connection has read that
+    /// far: this asks the kernel (one `poll`) unless the connection already knows. What the
+    /// peer sent before it went may still be unread then: a thread in [`Connection::run`]
+    /// still runs its requests.
     pub fn is_closed(&self) -> bool {
-        self.shared.state.lock().closed.is_some() || self.shared.socket.has_ended()
+        // The poll with the lock let go.
+        let known = self.shared.state.lock().closed.is_some();
+        known || self.shared.socket.has_ended()
     }
 
     /// Ends the connection: the peer sees a hang-up, and every thread waiting on this

@@ -374,6 +374,17 @@ fn a_connection_whose_peer_is_gone_is_closed_before_anything_reads() {
     assert!(a.is_closed());
 }
 
+/// This end's own `stop_reading` shuts only its read side, which the kernel does not count
+/// as a hang-up: the connection has not ended (it still sends) until a thread reads that far.
+#[test]
+fn stop_reading_alone_is_not_closed_until_read() {
+    let (a, _b) = Connection::pair().unwrap();
+    a.stop_reading();
+    assert!(!a.is_closed());
+    a.run().unwrap();
+    assert!(a.is_closed());
+}
+
 /// After `stop_reading` (graceful shutdown) the connection still sends: a handler finishing
 /// up may send a oneway, and it goes out although no call can be made any more. (A review
 /// caught the early check of an ended connection refusing it.)

@@ -501,10 +501,14 @@ impl AsyncConnection {
 
     /// Whether the connection has ended (peer gone, closed, or a protocol error). A peer
     /// counts as gone as soon as its end of the socket is closed (a worker that exited or was
-    /// killed) or shut, before the connection's reader has run to read that far: this asks
-    /// the kernel (one `poll`) unless the connection already knows.
+    /// killed) or shut both ways, before the connection's reader has run to read that far:
+    /// this asks the kernel (one `poll`) unless the connection already knows. What the peer
+    /// sent before it went may still be unread then: the reader still reads it, and its
+    /// requests still run.
     pub fn is_closed(&self) -> bool {
-        self.inner.lock().closed.is_some() || self.inner.socket().has_ended()
+        // The poll with the lock let go.
+        let known = self.inner.lock().closed.is_some();
+        known || self.inner.socket().has_ended()
     }
 
     /// Ends the connection: the peer sees a hang-up, every waiting call returns
