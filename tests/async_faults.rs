@@ -702,6 +702,15 @@ fn child_notifies_and_hangs_up() {
     });
 }
 
+/// Whether `connection`'s socket holds nothing more to read but the peer's hang-up.
+fn only_the_end_unread(connection: &typed_ipc::tokio::AsyncConnection) -> bool {
+    use nix::sys::socket::{MsgFlags, recv};
+    use std::os::fd::{AsFd, AsRawFd};
+    let fd = connection.socket().as_fd().as_raw_fd();
+    let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
+    matches!(recv(fd, &mut [0u8; 1], flags), Ok(0))
+}
+
 /// A client of a listener that sends its oneways and hangs up before the server has made
 /// its service (`service_with`'s `make` runs until the connection has read the hang-up):
 /// the oneways run all the same, in order. Before, reading the hang-up dropped them.
@@ -720,9 +729,12 @@ fn oneways_of_a_client_gone_before_its_service_was_made_still_run() {
                 // The acceptor's worker handed to another thread meanwhile, with the
                 // connection's reader, which tokio would not otherwise run before `make`
                 // returns (the task last spawned on a worker is not for others to take).
+                // Until the reader has read all but the end: `is_closed` alone says so as
+                // soon as the kernel knows the peer has gone, read or not (since 2026-12-06),
+                // so the socket must also hold nothing more (a peek reads the end, 0 bytes).
                 let deadline = std::time::Instant::now() + Duration::from_secs(20);
                 tokio::task::block_in_place(|| {
-                    while !connection.is_closed() {
+                    while !(connection.is_closed() && only_the_end_unread(connection)) {
                         assert!(std::time::Instant::now() < deadline, "no hang-up read");
                         std::thread::yield_now();
                     }
