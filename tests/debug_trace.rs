@@ -257,6 +257,44 @@ fn check_refused(scenario: &str) {
     has("<- Call #2 Lab::reverse (10 bytes, 0 fds)");
 }
 
+/// A listener that admits nobody, and a client of this process that it turns away.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_turned_away_traced() {
+    let name = format!("typed-ipc-trace-turned-away-{}", std::process::id());
+    let serving = typed_ipc::Server::new()
+        .service_with(|_| LabServer::new(Impl))
+        .admit(|_| Err("not you\n".into()))
+        .listen(typed_ipc::Listener::bind_abstract(&name).unwrap())
+        .unwrap();
+    let client = LabClient::new(typed_ipc::Connection::connect_abstract(&name).unwrap());
+    let refused = client.reverse("ab".into());
+    assert!(
+        matches!(refused, Err(typed_ipc::Error::Refused(_))),
+        "{refused:?}"
+    );
+    drop(client);
+    serving.shutdown();
+}
+
+/// A listener that turns a client away says so, with who and why (the reason escaped as the
+/// peer's text is): the client was never a connection of the listener's, so until
+/// 2026-12-06 only the client's end printed anything.
+#[test]
+fn a_client_turned_away_is_printed_by_the_listener() {
+    let stderr = traced_stderr("child_turned_away_traced");
+    let uid = nix::unistd::getuid().as_raw();
+    let turned_away = stderr
+        .lines()
+        .find(|l| l.contains("-- Turned a client away"));
+    let line = turned_away.unwrap_or_else(|| panic!("no line turning a client away:\n{stderr}"));
+    let (_, rest) = line.split_once("] ").unwrap();
+    let (who, why) = rest.split_once("): ").unwrap();
+    assert!(who.starts_with("-- Turned a client away (pid "), "{line}");
+    assert!(who.ends_with(&format!(", uid {uid}")), "{line}");
+    assert_eq!(why, "not you\\n", "{line}");
+}
+
 /// A client whose limits refuse `reverse`'s reply of 5,000 bytes (not its request), over a
 /// socket pair: its peer does not know them, and sends the reply inline.
 fn small_replies() -> typed_ipc::Limits {

@@ -147,11 +147,28 @@ fn asked(admit: &Admit, socket: &Socket) -> Result<(), String> {
 /// calls fail with [`Error::Refused`](crate::Error::Refused) rather than a bare
 /// `Disconnected`. The refusal goes out at once or not at all: a client whose socket has no
 /// room (one that does not read, with a receive buffer made tiny) sees the hang-up alone, and
-/// the accept loop never waits on it.
+/// the accept loop never waits on it. With `TYPED_IPC_DEBUG` set, this end says so too: the
+/// client was never a connection of its own, so no other line would.
 #[cold]
 #[inline(never)]
 pub(crate) fn turn_away(socket: Socket, reason: &str) {
-    let _ = socket.send_now(&envelope::refusal(reason));
+    let told = socket.send_now(&envelope::refusal(reason)).is_ok();
+    if crate::connection::trace::enabled() {
+        let who = match socket.peer_credentials() {
+            Ok(p) => format!(" (pid {}, uid {})", p.pid, p.uid),
+            Err(_) => String::new(),
+        };
+        let untold = if told {
+            ""
+        } else {
+            " (not told: its socket had no room)"
+        };
+        crate::connection::trace::line(&format!(
+            "typed-ipc[{}] -- Turned a client away{who}: {}{untold}",
+            std::process::id(),
+            crate::connection::trace::printable(reason),
+        ));
+    }
     drop(socket);
 }
 
