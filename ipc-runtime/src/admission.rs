@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
-use crate::connection::envelope;
+use crate::connection::{envelope, trace};
 use crate::socket::{PeerCredentials, Socket};
 
 /// What `Server::admit` asks about each client.
@@ -153,21 +153,8 @@ fn asked(admit: &Admit, socket: &Socket) -> Result<(), String> {
 #[inline(never)]
 pub(crate) fn turn_away(socket: Socket, reason: &str) {
     let told = socket.send_now(&envelope::refusal(reason)).is_ok();
-    if crate::connection::trace::enabled() {
-        let who = match socket.peer_credentials() {
-            Ok(p) => format!(" (pid {}, uid {})", p.pid, p.uid),
-            Err(_) => String::new(),
-        };
-        let untold = if told {
-            ""
-        } else {
-            " (not told: its socket had no room)"
-        };
-        crate::connection::trace::line(&format!(
-            "typed-ipc[{}] -- Turned a client away{who}: {}{untold}",
-            std::process::id(),
-            crate::connection::trace::printable(reason),
-        ));
+    if trace::enabled() {
+        trace::turned_away(socket.peer_credentials().ok().as_ref(), reason, told);
     }
     drop(socket);
 }

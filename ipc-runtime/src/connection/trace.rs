@@ -441,6 +441,26 @@ pub(crate) fn said_shut_down(name: &Name) {
     ));
 }
 
+/// A listener turned away the client `peer` (`admit`, `max_clients`) for `reason`, `told` so
+/// or not (its socket had no room): the client never became a connection, so the line names
+/// the process alone.
+#[cold]
+#[inline(never)]
+pub(crate) fn turned_away(peer: Option<&PeerCredentials>, reason: &str, told: bool) {
+    let pid = std::process::id();
+    let who = peer.map_or(String::new(), |p| {
+        format!(" (pid {}, uid {})", p.pid, p.uid)
+    });
+    let untold = match told {
+        true => "",
+        false => " (not told: its socket had no room)",
+    };
+    let why = printable(reason);
+    line(&format!(
+        "typed-ipc[{pid}] -- Turned a client away{who}: {why}{untold}"
+    ));
+}
+
 /// The peer's call `cookie` was dropped on its cancel, before it ran (`running`: its
 /// handler was running, and stopped), and gets no reply.
 #[cold]
