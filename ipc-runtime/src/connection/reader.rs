@@ -67,7 +67,6 @@ impl Shared {
     }
 
     /// Waits for the reply to `cookie`, reading the socket whenever nobody else is.
-    #[inline(never)]
     pub(super) fn wait_reply(&self, cookie: u64, deadline: Option<Instant>) -> Result<Frame> {
         let mut state = self.state.lock();
         // Since when this call has waited with a call of the peer's held for nobody.
@@ -99,9 +98,8 @@ impl Shared {
             let until = match state.calls.is_empty() {
                 true => deadline,
                 false => match self.warn_unserved(&mut state, &mut unserved_since, deadline) {
-                    Some(until) => until,
-                    // Said with the lock let go: the reply may have come meanwhile.
-                    None => continue,
+                    Unserved::WaitUntil(until) => until,
+                    Unserved::LookAgain => continue,
                 },
             };
             if state.reading {
@@ -121,10 +119,8 @@ impl Shared {
     /// for each other for good, the peer having called back from inside the call this caller
     /// waits for, and nothing says so (a connection given services with `add_service` but
     /// never served: a new user's mistake). Once the caller has waited so for
-    /// [`UNSERVED_WARNING`], this says it on stderr, once a connection. Returns the deadline
-    /// to wait with meanwhile: the caller's, or the warning's if sooner; or `None` once it
-    /// has said it, with the lock let go: another reader may have read the caller's reply or
-    /// the end meanwhile, so the caller looks again before it reads or sleeps.
+    /// [`UNSERVED_WARNING`], this says it on stderr, once a connection. Says how the caller
+    /// goes on ([`Unserved`]).
     #[cold]
     #[inline(never)]
     fn warn_unserved(
@@ -132,15 +128,15 @@ impl Shared {
         state: &mut Guard<'_>,
         since: &mut Option<Instant>,
         deadline: Option<Instant>,
-    ) -> Option<Option<Instant>> {
+    ) -> Unserved {
         if !unserved(state) {
             *since = None;
-            return Some(deadline);
+            return Unserved::WaitUntil(deadline);
         }
         let now = Instant::now();
         let warn_at = *since.get_or_insert(now) + UNSERVED_WARNING;
         if now < warn_at {
-            return Some(Some(deadline.map_or(warn_at, |d| d.min(warn_at))));
+            return Unserved::WaitUntil(Some(deadline.map_or(warn_at, |d| d.min(warn_at))));
         }
         state.unserved_said = true;
         let held = state
@@ -149,7 +145,7 @@ impl Shared {
             .map(|q| Envelope::read(&q.frame.payload));
         // Said with the lock let go: a write to stderr may wait.
         MutexGuard::unlocked(state, || self.say_unserved(held));
-        None
+        Unserved::LookAgain
     }
 
     /// The line [`Shared::warn_unserved`] says, naming the call `held` (its envelope).
@@ -797,6 +793,15 @@ pub(super) enum Reader {
 /// [`Shared::warn_unserved`] says so: far longer than a serving thread that is about to start
 /// takes to start, even on a loaded machine.
 const UNSERVED_WARNING: Duration = Duration::from_secs(2);
+
+/// How a caller waiting for its reply goes on after [`Shared::warn_unserved`].
+enum Unserved {
+    /// Waits until this deadline: the caller's own, or the warning's if sooner.
+    WaitUntil(Option<Instant>),
+    /// Looks for its reply again before it reads or sleeps: the warning was said with the
+    /// lock let go, and another reader may have read the reply, or the end, meanwhile.
+    LookAgain,
+}
 
 /// Whether a call of the peer's waits for a serving thread and none serves or is coming, and
 /// that has not been said yet ([`Shared::warn_unserved`]).
