@@ -44,16 +44,11 @@ fn main() {
     println!("| size | destination | `memcpy` | `RegionView` | ratio | one `rep movsb` | ratio |");
     println!("| ---: | --- | ---: | ---: | ---: | ---: | ---: |");
     for len in SIZES {
-        let mut region = SharedRegion::new(len).expect("region");
-        for (i, b) in region.iter_mut().enumerate() {
-            *b = i as u8;
-        }
-        let view = region.view().expect("view");
+        let (region, view) = counting_region(len);
         let page = 4096;
         let mut buffer = vec![0u8; len + 2 * page];
         let base = buffer.as_ptr().align_offset(page);
-        let batch = ((64 << 10) / len).max(1);
-        let samples = (1 << 30) / len / batch;
+        let (samples, batch) = sampling(len);
         for offset in OFFSETS {
             let dst = base + offset..base + offset + len;
             let times = race(
@@ -83,19 +78,32 @@ fn main() {
     reads_in_place();
 }
 
+/// A region of `len` bytes (and more, to the page) whose byte `i` is `i as u8`, and a view
+/// of it as a receiver has one: its second, read-only mapping.
+fn counting_region(len: usize) -> (SharedRegion, RegionView) {
+    let mut region = SharedRegion::new(len).expect("region");
+    for (i, b) in region.iter_mut().enumerate() {
+        *b = i as u8;
+    }
+    let view = region.view().expect("view");
+    (region, view)
+}
+
+/// How many samples of how many operations on `len` bytes each: batches of at least 64 KiB
+/// (one operation from 64 KiB up), about 1 GiB in all.
+fn sampling(len: usize) -> (usize, usize) {
+    let batch = ((64 << 10) / len).max(1);
+    ((1 << 30) / len / batch, batch)
+}
+
 /// The sum of a region's words, read three ways, by size.
 fn reads_in_place() {
     println!("\n| size | slice | `words()` | ratio | `reader()` | ratio |");
     println!("| ---: | ---: | ---: | ---: | ---: | ---: |");
     for len in SIZES {
-        let mut region = SharedRegion::new(len).expect("region");
-        for (i, b) in region.iter_mut().enumerate() {
-            *b = i as u8;
-        }
-        let view = region.view().expect("view");
+        let (region, view) = counting_region(len);
         let want = ipc_bench::checksum(&region[..len]);
-        let batch = ((64 << 10) / len).max(1);
-        let samples = (1 << 30) / len / batch;
+        let (samples, batch) = sampling(len);
         let times = race(
             samples,
             batch,
