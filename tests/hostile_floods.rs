@@ -630,7 +630,7 @@ fn past_the_bounds_wait_for_an_async_server(call_first: bool) {
     drop(conn);
 }
 
-/// Answers callbacks once as many as its barrier counts have arrived.
+/// Answers callbacks in groups: each once as many as its barrier counts have arrived.
 #[cfg(feature = "tokio")]
 struct Gated(tokio::sync::Barrier);
 #[cfg(feature = "tokio")]
@@ -659,15 +659,20 @@ impl asynchronous::Flood for CallsBack {
     async fn slow(&self, _data: Vec<u8>) {}
 }
 
-/// A reader that stops at its bounds must still read the replies its own calls wait for: here
-/// 1,200 calls (more than the 1,024 requests an end holds before it stops reading) each call
-/// their caller back, and no callback is answered before all 1,200 have arrived. Both ends
-/// then hold more requests than their bound, each with calls of its own waiting.
+/// A reader that stops at its bounds must still read the replies its handlers' calls wait
+/// for: here 1,200 calls (more than the 1,024 requests an end holds before it stops reading)
+/// each call their caller back, and the callbacks are answered in groups of `GROUP` once a
+/// whole group has arrived. The server holds all 1,200, each handler's call back waiting for
+/// its reply; the client stops at its bound with its own calls waiting (they are not its
+/// handlers'), and reads on as its handlers finish. (With one group of all 1,200, the
+/// client's handlers would wait for requests past its bound, which nothing reads: the docs
+/// say not to rely on that.)
 #[cfg(feature = "tokio")]
 #[test]
 fn nested_callbacks_past_the_bounds_do_not_deadlock() {
     let _fds = common::fd_count_lock();
     const N: u64 = 1200;
+    const GROUP: usize = 200;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -679,7 +684,7 @@ fn nested_callbacks_past_the_bounds_do_not_deadlock() {
     };
     let callback = asynchronous::FloodClient::new(server.clone());
     server.add_service(asynchronous::FloodServer::new(CallsBack(callback)));
-    let gate = tokio::sync::Barrier::new(N as usize);
+    let gate = tokio::sync::Barrier::new(GROUP);
     client.add_service(asynchronous::FloodServer::new(Gated(gate)));
     let stub = asynchronous::FloodClient::new(client.clone());
     let replies = runtime.block_on(async {
@@ -700,48 +705,73 @@ fn nested_callbacks_past_the_bounds_do_not_deadlock() {
     server.close();
 }
 
-/// A blocking end whose runners stopped reading at the bounds still reads for a call of its
-/// own waiting for its reply (the reply may come after more requests), but a peer that keeps
-/// sending requests instead makes it end the connection at twice the bounds.
+/// `Flood` whose `ping` calls back into the peer and hands the outcome over, and whose
+/// `slow` waits at `gate`.
+struct PingsBack {
+    peer: FloodClient,
+    gate: Impl,
+    outcome: std::sync::Mutex<mpsc::Sender<Result<u64, Error>>>,
+}
+
+impl Flood for PingsBack {
+    fn ping(&self, n: u64) -> u64 {
+        let outcome = self.peer.ping(n);
+        let _ = self.outcome.lock().unwrap().send(outcome);
+        n
+    }
+    fn bytes(&self, data: Vec<u8>) -> Vec<u8> {
+        data
+    }
+    fn slow(&self, data: Vec<u8>) {
+        self.gate.slow(data)
+    }
+}
+
+/// A handler that calls back into its peer still reads its connection once the serving
+/// threads have stopped reading at the bounds: the requests held may wait for the handler's
+/// thread, and its reply may come after more requests. But a peer that keeps sending requests
+/// instead makes it end the connection at twice the bounds, with an error that says how to
+/// bound them. (A call that is not a handler's waits for room instead, with the serving
+/// threads: `progress_during_a_call.rs`.)
 #[test]
-fn a_caller_reads_past_the_bounds_up_to_twice_them() {
+fn a_handler_calling_back_reads_past_the_bounds_up_to_twice_them() {
     let _fds = common::fd_count_lock();
     let (ours, theirs) = Socket::pair().unwrap();
     let (gate, closed) = mpsc::channel::<()>();
+    let (outcome, outcomes) = mpsc::channel();
     let conn = Connection::new(theirs);
+    let pings_back = PingsBack {
+        peer: FloodClient::new(conn.clone()),
+        gate: Impl(std::sync::Mutex::new(Some(closed))),
+        outcome: std::sync::Mutex::new(outcome),
+    };
     let server = std::thread::spawn({
         let conn = conn.clone();
         move || {
             Server::new()
-                .service(FloodServer::new(Impl(std::sync::Mutex::new(Some(closed)))))
+                .service(FloodServer::new(pings_back))
                 .threads(2)
                 .serve(&conn)
         }
     });
-    let mut m = sixty_kib(2, 2);
-    let before = flood(&ours, &mut m, 4000);
-    assert!(
-        before < 1000,
-        "the server queued {before} oneways of 60 KiB"
-    );
-    let call = std::thread::spawn(move || FloodClient::new(conn).ping(1));
-    ours.recv().unwrap(); // the call, left unanswered
-    let after = flood(&ours, &mut m, 4000);
-    assert!(
-        after < 4000,
-        "the caller took {after} more oneways of 60 KiB"
-    );
-    let result = call.join().unwrap();
-    assert!(
-        matches!(&result, Err(Error::Malformed(why)) if why.contains("waited for a reply")),
-        "{result:?} after {before} + {after} oneways"
-    );
-    // Most often a peer that reports progress with a oneway per item, faster than this end
-    // runs them: the error says how to bound it, not only that it happened.
-    assert!(
-        matches!(&result, Err(Error::Malformed(why)) if why.contains("acknowledged by a call")),
-        "{result:?}"
-    );
+    // A `ping` whose handler calls back, the call back left unanswered; then `slow`s: the
+    // other thread waits at the gate in the first, and the rest are held.
+    let mut ping = envelope(1, 0, 1, 0);
+    ping.extend_from_slice(&1u64.to_le_bytes());
+    ours.send(&ping, &[]).unwrap();
+    ours.recv().unwrap(); // the call back
+    let sent = flood(&ours, &mut sixty_kib(2, 2), 4000);
+    assert!(sent < 4000, "the handler took {sent} oneways of 60 KiB");
+    let outcome = outcomes.recv().unwrap();
+    for what in [
+        "while a handler of this end waited for a reply",
+        "acknowledged by a call",
+    ] {
+        assert!(
+            matches!(&outcome, Err(Error::Malformed(why)) if why.contains(what)),
+            "{what:?}: {outcome:?} after {sent} oneways"
+        );
+    }
     drop(gate);
     assert!(matches!(server.join().unwrap(), Err(Error::Malformed(_))));
 }

@@ -139,9 +139,6 @@ impl<S: Service + ?Sized> Service for std::sync::Arc<S> {
 #[derive(Clone, Copy)]
 struct Caller {
     peer: Option<PeerCredentials>,
-    // Only the async flavour asks (its server may be shut down from a handler's task); the
-    // blocking one knows its clients' threads by their ids.
-    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     connection: *const (),
 }
 
@@ -168,9 +165,11 @@ pub fn current_peer() -> Option<PeerCredentials> {
 }
 
 /// Whether this thread is handling a call that came on `connection` (a pointer to the
-/// connection's shared state, as given to [`CallerScope::enter`]): a server shut down from a
-/// handler must not wait for that handler's connection.
-#[cfg(feature = "tokio")]
+/// connection's shared state, as given to [`CallerScope::enter`]; in the blocking flavour,
+/// whether it serves that connection): a server shut down from a handler must not wait for
+/// that handler's connection, and a call that a handler makes back to its own peer needs its
+/// connection read past the bounds of what it holds (see
+/// [`backlog`](crate::connection::backlog)).
 pub(crate) fn handling_a_call_of(connection: *const ()) -> bool {
     CALLER.with(|c| std::ptr::eq(c.get().connection, connection))
 }

@@ -357,9 +357,14 @@ impl serde::Serialize for Unsendable {
 /// The lines `child` writes to its piped stderr, each echoed to this process's stderr as it
 /// comes.
 pub fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    lines_of(child.stderr.take().unwrap())
+}
+
+/// The lines read from `stderr` (a child's), each echoed to this process's stderr as it comes.
+pub fn lines_of(stderr: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
     use std::io::BufRead;
     let (tx, rx) = std::sync::mpsc::channel();
-    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let stderr = std::io::BufReader::new(stderr);
     std::thread::spawn(move || {
         // The loop owns `stderr` and closes it when it ends, before `tx` goes.
         for line in stderr.lines().map_while(Result::ok) {

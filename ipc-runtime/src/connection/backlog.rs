@@ -9,10 +9,18 @@
 //! bytes are its buffer's capacity, what it really keeps allocated.
 //!
 //! When the bounds are reached, the reader stops reading (the peer's sends wait: socket
-//! backpressure) if nothing of this end needs it to read. A call of this end waiting for its
-//! reply does need it, since the reply may come after more requests; then requests are taken
-//! in past the bounds, up to [`HARD_FACTOR`] times them, and the connection ends past that,
-//! or at once if nothing serves on this end (nothing would ever take those requests).
+//! backpressure) for as long as this end's serving threads or handlers drain what it holds.
+//! A call of this end waiting for its reply waits for room too, and its reply is read once
+//! requests have left: so a peer that reports progress with a oneway per item during a call
+//! is slowed to the pace this end runs them, rather than ending the connection. Only a call
+//! made from a handler of this connection (a callback calling back into its peer) needs the
+//! reader to read on: the requests held may wait for that handler (its serving thread, or the
+//! oneway it runs), and its reply may come after more of them. Then requests are taken in
+//! past the bounds, up to [`HARD_FACTOR`] times them, and the connection ends past that; and
+//! at once if nothing serves on this end (nothing would ever take those requests: a caller
+//! reads on then, to end the connection rather than wait for good). A call that a handler
+//! makes on another thread or task and waits for is not known as the handler's: it waits
+//! for room as any call does.
 
 #[cfg(feature = "tokio")]
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -114,13 +122,14 @@ impl Backlog {
         }
         self.over_cap().then(|| {
             let (n, mib, fds) = (HARD_FACTOR * n, HARD_FACTOR * mib, HARD_FACTOR * fds);
-            // Most often a peer that reports progress with a oneway per item, faster than
-            // this end runs them: say how to bound it.
+            // Most often a peer that reports progress with a oneway per item while a handler
+            // of this end calls back into it: say how to bound it.
             Error::Malformed(format!(
                 "the peer sent more than {n} requests ({mib} MiB, {fds} fds) that wait to run \
-                 while this end waited for a reply: it sent faster than this end runs them \
-                 (oneways run one at a time); keep what it sends during a call bounded (a \
-                 window of oneways acknowledged by a call, or a call per report)"
+                 while a handler of this end waited for a reply to its call back into the \
+                 peer, which may come only after them: it sent faster than this end runs them \
+                 (oneways run one at a time); keep what it sends while it handles a call back \
+                 bounded (a window of oneways acknowledged by a call, or a call per report)"
             ))
         })
     }

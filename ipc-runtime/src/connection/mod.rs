@@ -54,22 +54,27 @@
 //! buffers, or 4,096 fds (one request is always taken, whatever its size; a small request waits in
 //! a buffer of its own size, not in the 64 KiB it was received into). At those bounds the serving
 //! threads (and threads waiting to send) stop reading, so the peer's sends wait, until a request
-//! leaves the queue. A caller waiting for its reply still reads, since its reply may come after
-//! more requests (a handler calling back into the peer would otherwise wait forever); it takes
-//! requests in up to twice the bounds, then ends the connection with [`Error::Malformed`] saying
-//! so. If no thread serves the connection at all, nothing would ever take those requests: a caller
-//! that finds the bounds reached ends the connection at once, and the requests held are dropped
-//! with their fds. Requests that arrive before a serving thread starts therefore wait for it, up to
-//! the bounds. So does the failure a caller owes for a call it took in that this end could not
-//! receive (over its limits, or its fds dropped) when the failure cannot go out at once: a caller
-//! never waits to send it. The async flavour applies the same bounds (see its module docs,
-//! `typed_ipc::tokio`). A handler that can only finish once a later request from the peer arrives
-//! must not be relied on past the bounds. Nor may two ends whose handlers send to each other
-//! (a oneway answering a oneway, say) send each other requests past the bounds without waiting
-//! for replies: once both queues are full and every serving thread of both ends waits to send
-//! (or for another's send to finish), neither end reads, and both wait for good. Bound what
-//! each end sends ahead of the other's answers (calls, or a window of oneways acknowledged by a
-//! call) below the bounds.
+//! leaves the queue. A caller waiting for its reply waits with them, and its reply is read after
+//! the requests before it: a peer that reports progress with oneways during a call is slowed to
+//! the pace this end runs them. A handler calling back into the peer still reads, since the queue
+//! may wait for its thread and its reply may come after more requests (it would otherwise wait
+//! forever); it takes requests in up to twice the bounds, then ends the connection with
+//! [`Error::Malformed`] saying so. (A call made on another thread that a handler waits for is not
+//! known as the handler's: it waits for room as any call does.) If no thread serves the
+//! connection at all, nothing would ever take those requests: a caller that finds the bounds
+//! reached ends the connection at once, and the requests held are dropped with their fds. Requests
+//! that arrive before a serving thread starts therefore wait for it, up to the bounds. So does the
+//! failure a caller owes for a call it took in that this end could not receive (over its limits, or
+//! its fds dropped) when the failure cannot go out at once: a caller never waits to send it. The
+//! async flavour applies the same bounds (see its module docs, `typed_ipc::tokio`). A handler that
+//! can only finish once a later request from the peer arrives must not be relied on past the
+//! bounds; nor one that waits for a call of this end made elsewhere (on a thread that holds a lock
+//! the handler needs, say): at the bounds, that call's reply is read only once handlers have
+//! finished. Nor may two ends whose handlers send to each other (a oneway answering a oneway, say)
+//! send each other requests past the bounds without waiting for replies: once both queues are full
+//! and every serving thread of both ends waits to send (or for another's send to finish), neither
+//! end reads, and both wait for good. Bound what each end sends ahead of the other's answers
+//! (calls, or a window of oneways acknowledged by a call) below the bounds.
 //!
 //! # Byte strings through shared memory
 //!
@@ -607,6 +612,13 @@ impl Connection {
         self.shared.registry.lock()
     }
 
+    /// Makes this thread one of this connection's handlers as far as its calls can tell (a
+    /// call back into the peer reads past the bounds), until the scope is dropped.
+    #[cfg(test)]
+    pub(crate) fn test_handler_scope(&self) -> crate::service::CallerScope {
+        crate::service::CallerScope::enter(None, Arc::as_ptr(&self.shared).cast())
+    }
+
     /// Says that threads are being set up to serve this connection
     /// ([`State::runners_coming`]), before they are in [`Connection::run`].
     #[cold]
@@ -620,7 +632,10 @@ impl Connection {
     #[cold]
     #[inline(never)]
     pub(crate) fn runners_not_coming(&self) {
-        self.shared.state.lock().runners_coming = false;
+        let mut state = self.shared.state.lock();
+        state.runners_coming = false;
+        // A caller that left the reading to them at the queue's bounds must read again.
+        self.shared.wake_all(&state);
     }
 
     /// A handle that does not keep the connection open: a listening [`Server`](crate::Server)
@@ -786,6 +801,9 @@ impl Connection {
                 }
                 state.next_cookie += 1;
                 cookie = state.next_cookie;
+                // (At the queue's bounds it receives one message past them before it looks,
+                // in `read_own`, and then waits for room as any caller does: not worth a
+                // look on every call.)
                 let reads = !state.reading;
                 if reads {
                     state.reading = true;

@@ -102,7 +102,7 @@ impl Shared {
                     Unserved::LookAgain => continue,
                 },
             };
-            if state.reading {
+            if state.reading || self.waits_for_room(&state) {
                 state = self.sleep(state, until);
                 continue;
             }
@@ -112,6 +112,18 @@ impl Shared {
                 return reply;
             }
         }
+    }
+
+    /// Whether a caller waiting for its reply leaves the socket unread at the bounds of the
+    /// request queue, as the serving threads do: they drain it (or will, once they come),
+    /// and it is woken as they are once a request leaves (`dequeued`). Its reply is read
+    /// then, after the requests before it. Not a call from a handler of this connection,
+    /// which the queue may wait for (see [`backlog`](super::backlog)): that one reads on.
+    #[inline]
+    fn waits_for_room(&self, state: &State) -> bool {
+        state.backlog.full()
+            && (state.runners > 0 || state.runners_coming)
+            && !crate::service::handling_a_call_of(std::ptr::from_ref(self).cast())
     }
 
     /// For a caller waiting for its reply while a call of the peer's waits here: if it waits

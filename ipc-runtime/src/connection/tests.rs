@@ -1939,12 +1939,16 @@ fn a_thread_waiting_to_send_reads_again_once_requests_leave_the_full_queue() {
     runner.join().unwrap().unwrap();
 }
 
-/// Fills `b`'s request queue to its bounds with the peer's oneways: a caller of `b` takes
-/// them in, as it reads, before its reply.
+/// Fills `b`'s request queue to its bounds with the peer's oneways: a handler's call back
+/// into the peer (a thread serving `b`, as far as the call can tell) takes them in, as it
+/// reads, before its reply. (Any other caller would wait for room with the serving threads.)
 fn fill_the_queue_through_a_call(b: &Connection, peer: &crate::socket::Socket) {
     let caller = {
         let b = b.clone();
-        std::thread::spawn(move || b.call::<_, u32>(&IFACE, 9, &(), None))
+        std::thread::spawn(move || {
+            let _handler = b.test_handler_scope();
+            b.call::<_, u32>(&IFACE, 9, &(), None)
+        })
     };
     let call = peer.recv().unwrap();
     for seq in 1..=super::backlog::MAX_REQUESTS as u64 {

@@ -45,14 +45,19 @@
 //!   are at most 1,024, 32 MiB of message buffers, or 4,096 fds, as in the blocking flavour
 //!   (see [`Connection`](crate::Connection); one request is always taken, whatever its
 //!   size). At the bounds the reader stops reading, so the peer's sends wait, until a request
-//!   finishes, unless a call of this end waits for its reply (a handler calling back into
-//!   the peer, say): then it reads on, taking requests in up to twice the bounds before it
-//!   ends the connection with [`Error::Malformed`], or none past them if nothing serves the
-//!   connection (nothing would ever take them). So a peer that sends calls and never reads
-//!   the replies gets no further than the bounds. As in the blocking flavour, two ends whose
-//!   handlers send to each other must not send each other requests past the bounds without
-//!   waiting for answers: with both readers paused and every handler waiting to send, both
-//!   wait for good.
+//!   finishes. A call of this end waits for room too, its reply read after the requests
+//!   before it: a peer that reports progress with oneways during a call is slowed to the
+//!   pace this end runs them. Only a call a handler of this connection makes (calling back
+//!   into the peer) makes it read on, taking requests in up to twice the bounds before it
+//!   ends the connection with [`Error::Malformed`]; and any call does if nothing serves the
+//!   connection, which then ends at the bounds (nothing would ever take them). A call that
+//!   a handler makes on a task of its own and awaits is not known as the handler's, and
+//!   waits for room as any call does (so a handler that waits for a call made elsewhere, or for a
+//!   lock held across one, must not be relied on past the bounds). So a peer that sends calls and
+//!   never reads the replies gets no further than the bounds. As in the blocking flavour, two ends
+//!   whose handlers send to each other must not send each other requests past the bounds without
+//!   waiting for answers: with both readers paused and every handler waiting to send, both wait for
+//!   good.
 //! - **Byte strings** of 1 KiB to 32 MiB go through a shared memory region per connection and
 //!   direction, as in the blocking flavour (see [`Connection`](crate::Connection)); a call
 //!   cancelled before its message went out gives its place in the region back.

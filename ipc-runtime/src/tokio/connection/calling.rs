@@ -30,15 +30,19 @@ impl AsyncConnection {
     ) -> Result<R> {
         let inner = &self.inner;
         let cookie = inner.next_cookie.fetch_add(1, Ordering::Relaxed);
+        // Asked here, in the call's first poll: a handler that awaits its call polls it with
+        // its scope set (`serving::Guarded`).
+        let from_handler = crate::service::handling_a_call_of(Arc::as_ptr(inner).cast());
         {
             let mut state = inner.lock();
             if let Some(closed) = &state.closed {
                 return Err(closed.duplicate());
             }
             // Registered before sending: the reply may come back before the send returns.
-            state.pending.insert(cookie);
+            state.pending.insert(cookie, from_handler);
             if inner.reader_paused(Ordering::Relaxed) {
-                // The reader waits for room in the backlog: it must read for this reply.
+                // The reader waits for room in the backlog: it may have to read for this reply
+                // (it looks again).
                 inner.room.notify_one();
             }
         }

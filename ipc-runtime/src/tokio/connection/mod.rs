@@ -4,8 +4,9 @@
 //! What the peer's requests hold is bounded (`Inner::backlog`, the numbers in
 //! [`backlog`](crate::connection::backlog)): each request counts from the reader's receive
 //! until its handler has finished (its reply out). At the bounds the reader waits for `room`
-//! unless a call of this end waits for a reply; then it reads on, up to twice the bounds (or
-//! none past them with nothing serving), and ends the connection past that.
+//! unless a call of this end needs it to read on (`Inner::must_pause`: one a handler made, or
+//! any with nothing serving); then it reads on, up to twice the bounds (or none past them
+//! with nothing serving), and ends the connection past that.
 
 mod calling;
 mod pending;
@@ -650,6 +651,8 @@ impl AsyncConnection {
     #[inline(never)]
     pub(crate) fn server_not_coming(&self) {
         self.inner.lock().server_coming = false;
+        // A call that left the reading to it at the backlog's bounds needs the reader again.
+        self.inner.room.notify_one();
     }
 
     /// [`AsyncConnection::add_service`] for each of `services` at once: no request is handled

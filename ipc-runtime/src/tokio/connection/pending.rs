@@ -18,33 +18,50 @@ pub(super) struct Pending {
     /// and this one costs a comparison rather than a hash table's insert and lookups.
     first: Option<(u64, Slot)>,
     others: HashMap<u64, Slot, BuildHasherDefault<CookieHasher>>,
-    /// How many slots are `Waiting`: the reader must read on while any is.
+    /// How many slots are `Waiting`.
     waiting: usize,
+    /// How many of them are calls a handler of this connection made: the reader must read on
+    /// past the backlog's bounds while any is (see [`backlog`](crate::connection::backlog)).
+    from_handlers: usize,
 }
 
 enum Slot {
-    /// No reply yet; the waker of the call's task once the call has waited.
-    Waiting(Option<Waker>),
+    /// No reply yet: the waker of the call's task once the call has waited, and whether a
+    /// handler of this connection made the call.
+    Waiting(Option<Waker>, bool),
     /// The reply, or why the connection ended, for the call to take.
     Answered(Result<Frame>),
 }
 
 impl Pending {
-    /// A slot for the call `cookie`, before its request goes out: the reply may come back
-    /// before the send returns.
-    pub(super) fn insert(&mut self, cookie: u64) {
+    /// A slot for the call `cookie`, made by a handler of this connection if `from_handler`,
+    /// before its request goes out: the reply may come back before the send returns.
+    pub(super) fn insert(&mut self, cookie: u64, from_handler: bool) {
+        let slot = Slot::Waiting(None, from_handler);
         match self.first {
-            None => self.first = Some((cookie, Slot::Waiting(None))),
+            None => self.first = Some((cookie, slot)),
             Some(_) => {
-                self.others.insert(cookie, Slot::Waiting(None));
+                self.others.insert(cookie, slot);
             }
         }
         self.waiting += 1;
+        self.from_handlers += usize::from(from_handler);
     }
 
     /// Whether no call waits for a reply still to come.
     pub(super) fn nobody_waits(&self) -> bool {
         self.waiting == 0
+    }
+
+    /// Whether no call a handler of this connection made waits for a reply still to come.
+    pub(super) fn no_handler_waits(&self) -> bool {
+        self.from_handlers == 0
+    }
+
+    /// A slot that waited no longer does.
+    fn waits_no_more(&mut self, from_handler: bool) {
+        self.waiting -= 1;
+        self.from_handlers -= usize::from(from_handler);
     }
 
     /// Puts the reply to `cookie` in its slot, giving back the waker to wake (once the state
@@ -55,11 +72,13 @@ impl Pending {
         reply: Result<Frame>,
     ) -> std::result::Result<Option<Waker>, Result<Frame>> {
         match self.slot(cookie) {
-            Some(slot @ Slot::Waiting(_)) => {
-                let Slot::Waiting(waker) = std::mem::replace(slot, Slot::Answered(reply)) else {
+            Some(slot @ Slot::Waiting(..)) => {
+                let Slot::Waiting(waker, from_handler) =
+                    std::mem::replace(slot, Slot::Answered(reply))
+                else {
                     unreachable!("matched as waiting")
                 };
-                self.waiting -= 1;
+                self.waits_no_more(from_handler);
                 Ok(waker)
             }
             // A second reply to one call: the first stays, this one goes back.
@@ -72,12 +91,13 @@ impl Pending {
         let mut wakers = Vec::new();
         let first = self.first.iter_mut().map(|(_, slot)| slot);
         for slot in first.chain(self.others.values_mut()) {
-            if let Slot::Waiting(waker) = slot {
+            if let Slot::Waiting(waker, _) = slot {
                 wakers.extend(waker.take());
                 *slot = Slot::Answered(Err(why.duplicate()));
             }
         }
         self.waiting = 0;
+        self.from_handlers = 0;
         wakers
     }
 
@@ -85,7 +105,7 @@ impl Pending {
     /// to be woken through `cx` when it comes.
     pub(super) fn poll_take(&mut self, cookie: u64, cx: &mut Context<'_>) -> Poll<Result<Frame>> {
         match self.slot(cookie) {
-            Some(Slot::Waiting(waker)) => {
+            Some(Slot::Waiting(waker, _)) => {
                 match waker {
                     Some(waker) if waker.will_wake(cx.waker()) => {}
                     _ => *waker = Some(cx.waker().clone()),
@@ -107,8 +127,8 @@ impl Pending {
     /// else whether the call still waited for it (the peer may be working on it).
     pub(super) fn cancel(&mut self, cookie: u64) -> std::result::Result<Frame, bool> {
         match self.remove(cookie) {
-            Some(Slot::Waiting(_)) => {
-                self.waiting -= 1;
+            Some(Slot::Waiting(_, from_handler)) => {
+                self.waits_no_more(from_handler);
                 Err(true)
             }
             Some(Slot::Answered(Ok(reply))) => Ok(reply),
@@ -171,7 +191,7 @@ mod tests {
         let (woken, waker) = counting_waker();
         let mut cx = Context::from_waker(&waker);
         let mut pending = Pending::default();
-        pending.insert(7);
+        pending.insert(7, false);
         assert!(!pending.nobody_waits());
         assert!(pending.poll_take(7, &mut cx).is_pending());
         let to_wake = pending.answer(7, Ok(frame(1))).ok().unwrap().unwrap();
@@ -189,7 +209,7 @@ mod tests {
     fn a_reply_before_the_call_waits_is_taken_at_once_and_wakes_nobody() {
         let mut cx = Context::from_waker(Waker::noop());
         let mut pending = Pending::default();
-        pending.insert(1);
+        pending.insert(1, false);
         assert!(pending.answer(1, Ok(frame(2))).ok().unwrap().is_none());
         assert!(matches!(pending.poll_take(1, &mut cx), Poll::Ready(Ok(_))));
         assert!(pending.is_empty() && pending.nobody_waits());
@@ -198,13 +218,13 @@ mod tests {
     #[test]
     fn a_reply_nobody_waits_for_comes_back_to_be_dropped() {
         let mut pending = Pending::default();
-        pending.insert(1);
+        pending.insert(1, false);
         assert!(pending.cancel(1).unwrap_err(), "it waited");
         assert!(pending.nobody_waits());
         let back = pending.answer(1, Ok(frame(3))).unwrap_err().unwrap();
         assert_eq!(back.payload, [3]);
         // A second reply to an answered call comes back too, leaving the first in place.
-        pending.insert(2);
+        pending.insert(2, false);
         pending.answer(2, Ok(frame(4))).unwrap();
         assert_eq!(
             pending
@@ -225,7 +245,7 @@ mod tests {
         let mut cx = Context::from_waker(&waker);
         let mut pending = Pending::default();
         for cookie in 1..=3 {
-            pending.insert(cookie);
+            pending.insert(cookie, false);
         }
         assert!(pending.poll_take(1, &mut cx).is_pending());
         assert!(pending.poll_take(2, &mut cx).is_pending());
@@ -254,7 +274,7 @@ mod tests {
         let mut cx = Context::from_waker(Waker::noop());
         let mut pending = Pending::default();
         for cookie in 1..=3 {
-            pending.insert(cookie);
+            pending.insert(cookie, false);
             assert!(pending.poll_take(cookie, &mut cx).is_pending());
         }
         assert_eq!(pending.first.as_ref().map(|(cookie, _)| *cookie), Some(1));
@@ -269,7 +289,7 @@ mod tests {
             }
         }
         // The first slot is free again while call 2 waits in the map.
-        pending.insert(4);
+        pending.insert(4, false);
         assert_eq!(pending.first.as_ref().map(|(cookie, _)| *cookie), Some(4));
         assert!(pending.cancel(2).unwrap_err());
         assert!(

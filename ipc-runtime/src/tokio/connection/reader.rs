@@ -280,14 +280,22 @@ impl Inner {
     }
 
     /// Whether the reader must wait for room before it reads again: the backlog is at its
-    /// bounds and no call of this end waits for a reply.
+    /// bounds, and no call of this end needs it to read on. A call does if a handler of this
+    /// connection made it (the requests held may wait for that handler), or if nothing serves
+    /// (nothing would make room: the reader reads on, to end the connection rather than hold
+    /// the call for good). Other calls wait for room with the reader, their replies read once
+    /// handlers have finished (see [`backlog`](crate::connection::backlog)).
     #[inline]
     pub(super) fn must_pause(&self, state: &State) -> bool {
-        state.pending.nobody_waits() && self.backlog.get().full()
+        let needed = match state.serving || state.server_coming {
+            true => !state.pending.no_handler_waits(),
+            false => !state.pending.nobody_waits(),
+        };
+        !needed && self.backlog.get().full()
     }
 
     /// Waits until the reader may read again: the backlog is below its bounds, or a call of
-    /// this end waits for a reply (`true`); or this end hung up (`false`).
+    /// this end needs it to read on (`true`); or this end hung up (`false`).
     #[cold]
     async fn wait_for_room(&self) -> bool {
         loop {
