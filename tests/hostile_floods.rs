@@ -105,6 +105,11 @@ mod asynchronous {
     pub trait Held {
         async fn held(&self) -> u64;
     }
+
+    #[typed_ipc::interface]
+    pub trait Replies {
+        async fn big(&self, len: u64, pad: Vec<u8>) -> Vec<u8>;
+    }
 }
 #[cfg(feature = "tokio")]
 struct Async;
@@ -829,4 +834,87 @@ fn a_held_request_for_the_second_service_of_an_async_server_runs() {
     drop(ours);
     runtime.block_on(served).unwrap().unwrap();
     drop(conn);
+}
+
+/// Answers `big` with `len` bytes of 7 (`pad` only makes the request larger), counting the
+/// handlers that ran.
+#[cfg(feature = "tokio")]
+struct Big(std::sync::Arc<std::sync::atomic::AtomicU64>);
+#[cfg(feature = "tokio")]
+impl asynchronous::Replies for Big {
+    async fn big(&self, len: u64, _pad: Vec<u8>) -> Vec<u8> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        vec![7; len as usize]
+    }
+}
+
+/// A client that sends calls each answered with 256 KiB and reads none of the replies: the
+/// async server starts no handler once 16 MiB of replies wait to go out (`MAX_REPLY_BYTES`),
+/// and the calls read meanwhile wait, holding their requests only, until the reader stops at
+/// its bounds (1,024 requests). Every handler used to run, each reply waiting, encoded, with
+/// the value its handler returned: 1,000 replies of 1 MiB grew a daemon's RSS by 1.9 GiB
+/// (here 520 MiB). Once the client reads, every call is answered in full.
+#[cfg(feature = "tokio")]
+#[test]
+fn an_async_server_starts_no_handler_past_its_budget_of_replies_a_client_does_not_read() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    const LEN: u64 = 256 << 10;
+    let _fds = common::fd_count_lock();
+    let _guard = common::abort_after("replies to a client that reads late", HANG_GUARD * 4);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let rss_before = rss_kib();
+    let (ours, theirs) = Socket::pair().unwrap();
+    let ran = std::sync::Arc::new(AtomicU64::new(0));
+    let served = {
+        let _entered = runtime.enter();
+        let conn = typed_ipc::tokio::AsyncConnection::new(theirs).unwrap();
+        runtime.spawn(conn.serve(asynchronous::RepliesServer::new(Big(ran.clone()))))
+    };
+    // Lane word 0: this client reads no lanes, so the replies come inline.
+    let mut m = common::call_envelope(&asynchronous::REPLIES_INFO, 0, 0);
+    m[3] = 0;
+    m.extend_from_slice(&LEN.to_le_bytes());
+    // Padded to 16 KiB, so that the socket buffer (4 MiB) fills soon after the 1,024
+    // requests the server's reader takes before it stops (16 MiB, within its bounds).
+    m.push(0);
+    m.extend_from_slice(&(16u64 << 10).to_le_bytes());
+    m.resize(m.len() + (16 << 10), 1);
+    // Until the server's reader has stopped (a send waits 2 s), having read 1,024 calls:
+    // without the budget their handlers all ran meanwhile; with it, those held do not start
+    // however long this waits, as long as nothing is read.
+    let sent = flood(&ours, &mut m, 4000);
+    let (grown, started) = (
+        rss_kib().saturating_sub(rss_before),
+        ran.load(Ordering::SeqCst),
+    );
+    assert!((1024..4000).contains(&sent), "the server took {sent} calls");
+    // 16 MiB of replies waiting, 16 in the socket buffer, a few started as the budget was
+    // reached: ~90 (it was every call taken, ~1,050).
+    assert!(
+        started <= 256,
+        "{started} handlers ran for a client that reads no replies ({sent} calls)"
+    );
+    // The requests taken (16 MiB), the replies waiting (16 MiB) and the values their
+    // handlers returned (as much again), with slack as for `RSS_AT_THE_BOUNDS_KIB`; it was
+    // 520 MiB.
+    assert!(grown < 80 << 10, "RSS grew {grown} KiB");
+    // Read late, every reply comes, whole: the calls held start as the replies go out.
+    let mut answered = vec![false; sent as usize];
+    for _ in 0..sent {
+        let reply = ours.recv().unwrap().payload;
+        assert_eq!(reply[0], 3, "a reply, not a failure");
+        let cookie = u64::from_le_bytes(reply[8..16].try_into().unwrap());
+        assert!(!std::mem::replace(&mut answered[cookie as usize - 1], true));
+        let body = &reply[24..];
+        assert_eq!(body[0], 0, "inline");
+        assert_eq!(body[1..9], LEN.to_le_bytes());
+        assert!(body.len() == 9 + LEN as usize && body[9..].iter().all(|&b| b == 7));
+    }
+    assert_eq!(ran.load(Ordering::SeqCst), sent);
+    drop(ours);
+    runtime.block_on(served).unwrap().unwrap();
 }

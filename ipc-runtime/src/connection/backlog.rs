@@ -21,9 +21,21 @@
 //! reads on then, to end the connection rather than wait for good). A call that a handler
 //! makes on another thread or task and waits for is not known as the handler's: it waits
 //! for room as any call does.
+//!
+//! The replies waiting to go out are bounded too, in the async flavour: a handler that has
+//! replied holds its reply's encoded bytes until the socket takes them, and a peer that
+//! stops reading would otherwise pin as many replies as requests in flight (1,024 of 1 MiB:
+//! a GiB, twice that with the values their handlers returned). A reply counts from the
+//! moment it finds no room to go out at once until it is out (or given up, the connection
+//! ended); at [`MAX_REPLY_BYTES`] in two replies or more, no new call starts its handler:
+//! the calls read meanwhile wait, holding their requests only (counted above, so the reader
+//! still stops at the bounds), and start as the replies go out. The handlers running by then
+//! finish and send their replies, past the budget. The blocking flavour needs no such
+//! budget: a serving thread waits for its reply to go out, so the replies waiting are at
+//! most one per thread.
 
 #[cfg(feature = "tokio")]
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use crate::error::Error;
 use crate::frame::Frame;
@@ -36,6 +48,15 @@ pub(crate) const MAX_REQUESTS: usize = 1024;
 pub(crate) const MAX_REQUEST_BYTES: usize = 32 << 20;
 /// Fds carried by the requests held at most before the reader stops reading.
 pub(crate) const MAX_REQUEST_FDS: usize = 4096;
+/// Bytes of encoded replies (and failure replies) waiting to go out, in the async flavour,
+/// at most before no new call starts its handler (see the [module docs](self)), once two
+/// replies wait at least: one waits whatever its size. A reply through the shared region or
+/// another lane counts only its message (one such placement is in flight at a time, in
+/// memory the lane bounds). The values the handlers still hold for those replies (a
+/// `Vec<u8>` returned, say) are beside it: about as much again for byte strings.
+// Only the async flavour has the budget; the module docs name it in every build.
+#[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+pub(crate) const MAX_REPLY_BYTES: usize = 16 << 20;
 /// How many times the bounds a reader that must read (a call of this end waits for its
 /// reply) takes in before it ends the connection.
 pub(crate) const HARD_FACTOR: usize = 2;
@@ -175,5 +196,81 @@ impl AtomicBacklog {
         if cost.fds > 0 {
             self.fds.fetch_sub(cost.fds, Ordering::SeqCst);
         }
+    }
+}
+
+/// The replies waiting to go out on one connection of the async flavour, against
+/// [`MAX_REPLY_BYTES`]: each reply adds itself as it starts to wait for room, and removes
+/// itself once it is out or given up. Their bytes and how many they are in one word (the
+/// count in the top 16 bits: they are at most the requests in flight, a few thousand), so
+/// that whether they are at the budget is one load, and whether a removal took them below
+/// it is exact.
+#[cfg(feature = "tokio")]
+#[derive(Default)]
+pub(crate) struct ReplyBytes(AtomicU64);
+
+/// One reply in [`ReplyBytes`]: its count, above its bytes.
+#[cfg(feature = "tokio")]
+const ONE_REPLY: u64 = 1 << 48;
+
+#[cfg(feature = "tokio")]
+impl ReplyBytes {
+    /// At the budget: a call that has not started its handler waits.
+    #[inline]
+    pub(crate) fn over(&self) -> bool {
+        Self::at_budget(self.0.load(Ordering::SeqCst))
+    }
+
+    /// Whether the replies `word` says are at the budget: [`MAX_REPLY_BYTES`] or more, in
+    /// two replies at least. One reply waits whatever its size, as one request is taken
+    /// whatever its size: a peer that waits for a handler to run before it reads, with one
+    /// large reply unread, is not held up by it.
+    #[inline]
+    fn at_budget(word: u64) -> bool {
+        word & (ONE_REPLY - 1) >= MAX_REPLY_BYTES as u64 && word >= 2 * ONE_REPLY
+    }
+
+    /// A reply of `bytes` waits to go out.
+    #[inline]
+    pub(crate) fn add(&self, bytes: usize) {
+        self.0.fetch_add(ONE_REPLY + bytes as u64, Ordering::SeqCst);
+    }
+
+    /// A reply of `bytes` is out or given up: whether that took the replies waiting below
+    /// the budget (a call waiting for that may start).
+    #[inline]
+    pub(crate) fn remove(&self, bytes: usize) -> bool {
+        let one = ONE_REPLY + bytes as u64;
+        let before = self.0.fetch_sub(one, Ordering::SeqCst);
+        Self::at_budget(before) && !Self::at_budget(before - one)
+    }
+}
+
+#[cfg(all(test, feature = "tokio"))]
+mod tests {
+    use super::{MAX_REPLY_BYTES, ReplyBytes};
+
+    /// The budget holds from `MAX_REPLY_BYTES` in two replies; a removal that takes the
+    /// replies below it says so, once.
+    #[test]
+    fn the_reply_budget_holds_from_its_bytes_in_two_replies() {
+        let replies = ReplyBytes::default();
+        replies.add(2 * MAX_REPLY_BYTES);
+        assert!(!replies.over(), "one reply waits whatever its size");
+        replies.add(1);
+        assert!(replies.over());
+        assert!(replies.remove(1), "below it again");
+        assert!(
+            !replies.remove(2 * MAX_REPLY_BYTES),
+            "it was not at the budget"
+        );
+        let half = MAX_REPLY_BYTES / 2;
+        replies.add(half);
+        replies.add(half - 1);
+        assert!(!replies.over(), "one byte short");
+        replies.add(1);
+        assert!(replies.over());
+        assert!(replies.remove(half), "below it again");
+        assert!(!replies.over());
     }
 }

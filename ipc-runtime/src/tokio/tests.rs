@@ -2854,3 +2854,134 @@ fn a_shut_down_notice_never_goes_out_between_the_pieces_of_a_message() {
     drop(server);
     drop(runtime);
 }
+
+/// Answers each `Ordered` call with 8 MiB (more than the socket buffer holds), noting the
+/// number its argument says as its handler starts.
+struct LargeReplies(std::sync::Arc<parking_lot::Mutex<Vec<u64>>>);
+
+impl super::AsyncService for LargeReplies {
+    fn info(&self) -> &'static crate::service::InterfaceInfo {
+        &crate::connection::tests::ORDERED
+    }
+    fn handle<'a>(
+        &'a self,
+        call: &'a mut super::AsyncCall,
+    ) -> super::BoxFuture<'a, crate::Result<()>> {
+        Box::pin(async move {
+            let seq: u64 = call.args()?;
+            self.0.lock().push(seq);
+            call.reply(crate::codec::Bytes(vec![7u8; 8 << 20])).await
+        })
+    }
+}
+
+/// How the peer that left its replies unread ends [`calls_held_for_the_replies`].
+enum HeldUntil {
+    /// It cancels one of the calls held, then reads every reply.
+    CancelledAndRead,
+    /// It hangs up.
+    HungUp,
+    /// This end closes the connection.
+    Closed,
+}
+
+/// A peer that reads no replies: once 16 MiB of them wait to go out (`MAX_REPLY_BYTES`, two
+/// of 8 MiB, the first part-way out with the socket buffer full), the calls read after that
+/// do not start their handlers, and nothing changes until the peer reads.
+fn calls_held_for_the_replies(until: HeldUntil) {
+    use crate::connection::envelope::{Envelope, Kind, LEN};
+    use crate::connection::tests::{ordered_request, wait_until};
+
+    const CALLS: u64 = 10;
+    let runtime = multi_thread_runtime(2);
+    let (peer, theirs) = Socket::pair().unwrap();
+    let ran = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let server = runtime.block_on(async { super::AsyncConnection::new(theirs).unwrap() });
+    let serving = runtime.spawn(server.serve(LargeReplies(ran.clone())));
+    for seq in 0..CALLS {
+        peer.send(&ordered_request(Kind::Call, 2, seq + 1, seq), &[])
+            .unwrap();
+    }
+    let held = || server.test_calls_held_for_replies() as u64;
+    wait_until("every call has started or waits", || {
+        ran.lock().len() as u64 + held() == CALLS
+    });
+    let started = ran.lock().clone();
+    assert!(
+        (2..CALLS / 2).contains(&(started.len() as u64)),
+        "handlers started: {started:?}"
+    );
+    match until {
+        HeldUntil::CancelledAndRead => {
+            let cancelled = (0..CALLS).rev().find(|seq| !started.contains(seq)).unwrap();
+            let mut cancel = vec![0; LEN];
+            Envelope {
+                kind: Kind::Cancel,
+                cmd: 0,
+                cookie: cancelled + 1,
+                interface: 0,
+                signature: 0,
+            }
+            .write(&mut cancel);
+            peer.send(&cancel, &[]).unwrap();
+            let others = CALLS - started.len() as u64 - 1;
+            wait_until("the call cancelled is dropped", || held() == others);
+            let mut answered = Vec::new();
+            for _ in 1..CALLS {
+                let reply = peer.recv_timeout(HANG_GUARD).unwrap();
+                let envelope = Envelope::read(&reply.payload).unwrap();
+                assert_eq!(envelope.kind, Kind::Reply);
+                assert_eq!(reply.payload.len(), LEN + 9 + (8 << 20), "a whole reply");
+                answered.push(envelope.cookie - 1);
+            }
+            answered.sort_unstable();
+            let all_but: Vec<u64> = (0..CALLS).filter(|&seq| seq != cancelled).collect();
+            assert_eq!(answered, all_but);
+            let mut ran = ran.lock().clone();
+            ran.sort_unstable();
+            assert_eq!(ran, all_but, "the call cancelled never ran");
+            // Its place in the backlog given back, as every other's.
+            wait_until("no request is in flight", || {
+                !server.test_requests_in_flight()
+            });
+            drop(peer);
+        }
+        // The replies fail: the calls held run all the same, as the calls waiting for a slot
+        // do when the peer hangs up.
+        HeldUntil::HungUp => {
+            drop(peer);
+            let closed = async { ::tokio::time::timeout(HANG_GUARD, server.wait_closed()).await };
+            runtime
+                .block_on(closed)
+                .expect("the connection never ended");
+            assert_eq!(ran.lock().len() as u64, CALLS);
+        }
+        // The calls held never run.
+        HeldUntil::Closed => {
+            server.close();
+            let closed = async { ::tokio::time::timeout(HANG_GUARD, server.wait_closed()).await };
+            runtime
+                .block_on(closed)
+                .expect("the connection never ended");
+            assert_eq!(*ran.lock(), started);
+            assert_eq!(held(), 0);
+            drop(peer);
+        }
+    }
+    runtime.block_on(serving).unwrap().unwrap();
+}
+
+#[test]
+fn a_call_held_for_the_replies_cancelled_is_dropped_and_the_others_run_as_the_peer_reads() {
+    calls_held_for_the_replies(HeldUntil::CancelledAndRead);
+}
+
+#[test]
+fn calls_held_for_the_replies_run_when_the_peer_hangs_up() {
+    calls_held_for_the_replies(HeldUntil::HungUp);
+}
+
+#[test]
+fn calls_held_for_the_replies_never_run_once_this_end_closes() {
+    calls_held_for_the_replies(HeldUntil::Closed);
+}

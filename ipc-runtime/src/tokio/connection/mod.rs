@@ -6,7 +6,9 @@
 //! until its handler has finished (its reply out). At the bounds the reader waits for `room`
 //! unless a call of this end needs it to read on (`Inner::must_pause`: one a handler made, or
 //! any with nothing serving); then it reads on, up to twice the bounds (or none past them
-//! with nothing serving), and ends the connection past that.
+//! with nothing serving), and ends the connection past that. The replies waiting for room to
+//! go out are bounded too (`Inner::replies`): past their budget, a call waits for
+//! `reply_room` before its handler starts.
 
 mod calling;
 mod pending;
@@ -39,7 +41,7 @@ use serde::de::DeserializeOwned;
 use super::AsyncService;
 use super::envelope::{self, Envelope, Kind};
 use crate::connection::Authorizer;
-use crate::connection::backlog::{AtomicBacklog, Cost};
+use crate::connection::backlog::{AtomicBacklog, Cost, ReplyBytes};
 use crate::connection::lane::Lane;
 use crate::connection::trace;
 use crate::error::{Error, Result};
@@ -126,6 +128,15 @@ pub(super) struct Inner {
     /// [`backlog`](crate::connection::backlog)): held, queued for the oneway task, or in
     /// their handler's task until the reply is out.
     backlog: AtomicBacklog,
+    /// The bytes of the replies waiting for room to go out (see
+    /// [`backlog`](crate::connection::backlog)): at its budget, a call not started yet waits
+    /// for `reply_room` before its handler runs.
+    replies: ReplyBytes,
+    /// Signalled as the replies waiting go below their budget, and as the connection ends:
+    /// one call waiting for it at a time, which passes it on as it starts.
+    reply_room: Notify,
+    /// How many calls wait for `reply_room` (what tests look at).
+    calls_held_for_replies: AtomicUsize,
     /// What a request that finishes must see to: [`PAUSED`], the reader waits for `room`, at
     /// the backlog's bounds with no call of this end waiting for a reply (set under the state
     /// lock; a call that starts meanwhile signals `room` too); [`DRAINING`], this end stopped
@@ -325,6 +336,9 @@ impl AsyncConnection {
             state: Mutex::new(State::default()),
             oneways_run: watch::Sender::new(0),
             backlog: AtomicBacklog::default(),
+            replies: ReplyBytes::default(),
+            reply_room: Notify::new(),
+            calls_held_for_replies: AtomicUsize::new(0),
             on_finish: AtomicU8::new(0),
             room: Notify::new(),
             hung_up: AtomicBool::new(false),
@@ -469,6 +483,12 @@ impl AsyncConnection {
     #[cfg(test)]
     pub(super) fn test_requests_in_flight(&self) -> bool {
         !self.inner.backlog.get().is_empty()
+    }
+
+    /// How many calls wait for the replies waiting to go out before they start.
+    #[cfg(test)]
+    pub(super) fn test_calls_held_for_replies(&self) -> usize {
+        self.inner.calls_held_for_replies.load(Ordering::SeqCst)
     }
 
     /// Whether the reader waits for room, at the backlog's bounds.

@@ -376,6 +376,8 @@ impl Inner {
             frame.discard_fds();
         }
         self.ended.notify_waiters();
+        // Calls waiting for the replies to go out wait no more (see `wait_for_reply_room`).
+        self.reply_room.notify_waiters();
         for runner in idle {
             runner.stop();
         }

@@ -493,6 +493,12 @@ impl Inner {
         // send is over).
         let cursor = SendCursor::new(framed.len() - envelope::FRAMED_AT, fds.len())
             .inspect_err(|_| self.lane.never_sent(placed))?;
+        // A reply waiting for room counts against the connection's budget until it is out
+        // or given up (`Outgoing`'s drop, or the `Remainder`'s it hands the rest to).
+        let reply_bytes = match is_a_reply(&framed) {
+            true => self.reply_waits(framed.capacity()),
+            false => 0,
+        };
         // Made before waiting for the lock, so that a send cancelled while it waits gives its
         // placement back too.
         let mut out = Outgoing {
@@ -504,6 +510,7 @@ impl Inner {
             finished: false,
             placed,
             started,
+            reply_bytes,
         };
         if out.lock.is_none() {
             out.lock = Some(match self.send_lock.clone().try_lock_owned() {
@@ -636,6 +643,27 @@ async fn wait_and_send(
 }
 
 impl Inner {
+    /// A reply of `bytes` waits for room to go out: counted against the budget of the
+    /// replies waiting ([`backlog::MAX_REPLY_BYTES`]). Returns `bytes`, to give back with
+    /// [`Inner::reply_out`].
+    ///
+    /// [`backlog::MAX_REPLY_BYTES`]: crate::connection::backlog::MAX_REPLY_BYTES
+    #[cold]
+    fn reply_waits(&self, bytes: usize) -> usize {
+        self.replies.add(bytes);
+        bytes
+    }
+
+    /// A reply of `bytes` counted by [`Inner::reply_waits`] is out or given up: if that takes
+    /// the replies waiting below their budget, a call waiting for that starts (it wakes the
+    /// next as it does).
+    #[cold]
+    fn reply_out(&self, bytes: usize) {
+        if bytes > 0 && self.replies.remove(bytes) {
+            self.reply_room.notify_one();
+        }
+    }
+
     /// Why a send failed whose wait for room failed with `e`: the reactor the socket is
     /// registered with has shut down with the connection's runtime, which ended the
     /// connection first (its reader's drop), saying so; tokio's own words ("A Tokio 1.x
@@ -718,6 +746,9 @@ struct Outgoing<'a, 'f> {
     /// Set, if there, once any of the message has gone out ([`Inner::send_noting`]): told
     /// on drop, which comes also when the sender gives up part-way.
     started: Option<&'a mut bool>,
+    /// The bytes a reply counts against the replies waiting ([`Inner::reply_waits`]; 0 for
+    /// any other message): given back when the send is over, or by the [`Remainder`].
+    reply_bytes: usize,
 }
 
 impl Drop for Outgoing<'_, '_> {
@@ -729,6 +760,8 @@ impl Drop for Outgoing<'_, '_> {
         // Sent, failed, or the rest handed over with copies of its fds: the message no longer
         // names the region's fd.
         self.inner.lane.sent(self.placed);
+        // Zero if the rest was handed over: the `Remainder` gives it back.
+        self.inner.reply_out(std::mem::take(&mut self.reply_bytes));
     }
 }
 
@@ -770,6 +803,7 @@ impl Outgoing<'_, '_> {
             fds,
             _lock: self.lock.take(),
             finished: false,
+            reply_bytes: std::mem::take(&mut self.reply_bytes),
             _task: self.inner.tasks.enter(),
         };
         self.inner.runtime.spawn(async move {
@@ -780,6 +814,13 @@ impl Outgoing<'_, '_> {
             rest.finished = true;
         });
     }
+}
+
+/// Whether the message in `framed` answers a call (a reply or a failure): what counts
+/// against the budget of the replies waiting.
+fn is_a_reply(framed: &[u8]) -> bool {
+    let kind = framed.get(envelope::FRAMED_AT).copied();
+    kind == Some(envelope::Kind::Reply as u8) || kind == Some(envelope::Kind::Failure as u8)
 }
 
 /// Whether the message in `framed` is a call, a oneway or a reply, whose sender holds a
@@ -808,6 +849,8 @@ struct Remainder {
     fds: Vec<OwnedFd>,
     _lock: Option<OwnedMutexGuard<()>>,
     finished: bool,
+    /// What a reply counts against the replies waiting, handed over by its `Outgoing`.
+    reply_bytes: usize,
     /// Declared last: dropped after `inner`.
     _task: TaskGuard,
 }
@@ -817,5 +860,6 @@ impl Drop for Remainder {
         if !self.finished {
             self.inner.hang_up(Socket::shutdown);
         }
+        self.inner.reply_out(self.reply_bytes);
     }
 }

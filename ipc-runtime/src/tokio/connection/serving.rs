@@ -340,6 +340,35 @@ impl Inner {
         self.finished(request.cost);
     }
 
+    /// Waits, before a call's handler starts, until the replies waiting to go out are below
+    /// their budget ([`backlog::MAX_REPLY_BYTES`]) or the connection has ended (the call then
+    /// runs, or is dropped if this end closed it, as a call waiting for a slot is), then
+    /// passes the turn on to the next call waiting: one wakes at a time, each looking at the
+    /// replies waiting as it starts, so that the calls waiting do not all start at once, as
+    /// soon as one reply has gone, and queue up their replies past the budget again. Dropped
+    /// (the call cancelled), a turn it was given goes to the next (tokio's `Notify` passes
+    /// on a `notify_one` a dropped waiter had not taken).
+    ///
+    /// [`backlog::MAX_REPLY_BYTES`]: crate::connection::backlog::MAX_REPLY_BYTES
+    #[cold]
+    #[inline(never)]
+    async fn wait_for_reply_room(&self) {
+        // Counted while it waits, also if it is dropped (cancelled) meanwhile.
+        self.calls_held_for_replies.fetch_add(1, Ordering::SeqCst);
+        let _held = HeldForReplies(&self.calls_held_for_replies);
+        loop {
+            let mut room = pin!(self.reply_room.notified());
+            room.as_mut().enable();
+            // After `enable`: a reply going out after this look wakes a call waiting.
+            if !self.replies.over() || self.lock().closed.is_some() {
+                break;
+            }
+            room.await;
+        }
+        // A turn with no call waiting is kept for the next to wait, which looks again.
+        self.reply_room.notify_one();
+    }
+
     /// Which service answers `envelope`, after the same checks as the blocking flavour.
     fn check(&self, envelope: &Envelope) -> Result<Arc<dyn AsyncService>, Failure> {
         let services = self.services.read();
@@ -352,6 +381,16 @@ impl Inner {
             self.peer.as_ref(),
         )
         .cloned()
+    }
+}
+
+/// A call waiting for the replies to go out ([`Inner::wait_for_reply_room`]), in
+/// `Inner::calls_held_for_replies` until it starts or is dropped.
+struct HeldForReplies<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for HeldForReplies<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -683,8 +722,9 @@ impl Drop for Unrun<'_> {
     }
 }
 
-/// [`run_request`]'s work: waits for the oneways before it, then takes the request's `frame`
-/// and handles it and replies, unless this end has closed the connection meanwhile.
+/// [`run_request`]'s work: waits for the oneways before it, and for the replies waiting to
+/// go out to be below their budget, then takes the request's `frame` and handles it and
+/// replies, unless this end has closed the connection meanwhile.
 async fn serve_request(
     inner: &Arc<Inner>,
     frame: &mut Option<Frame>,
@@ -696,6 +736,11 @@ async fn serve_request(
         // The sender lives in `inner`, which this task holds: no error to expect. A call still
         // waiting when this end closes the connection never runs (`close` wakes it).
         let _ = run.wait_for(|&n| n >= after || inner.closed_here()).await;
+    }
+    // Nor while the replies waiting to go out are at their budget (a peer that does not read
+    // them): it waits, holding its request only, until they go out.
+    if inner.replies.over() {
+        inner.wait_for_reply_room().await;
     }
     // Nor does one whose task starts only once this end has closed it: the oneways before it
     // may all count as run by then (those dropped do too).
