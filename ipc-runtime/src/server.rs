@@ -1140,12 +1140,10 @@ mod tests {
     }
 
     /// A client accepted whose serving thread has not started yet (held here before it
-    /// installs the services), called back by a handler of its connection meanwhile (here a
-    /// thread that says it is one): the requests the call reads while it waits for its reply,
+    /// installs the services), called by a thread of the server's meanwhile (one a
+    /// `service_with` started, say): the requests the call reads while it waits for its reply,
     /// past the bounds of the queue, wait for the serving thread coming, as they would for
     /// one serving. The call ended the connection instead, saying that nothing serves them.
-    /// (A call that is not a handler's leaves the reading to the serving thread coming at the
-    /// bounds: it reads nothing past them.)
     #[test]
     fn requests_read_before_a_clients_thread_serves_wait_for_it_past_the_bounds() {
         use crate::Socket;
@@ -1157,10 +1155,7 @@ mod tests {
         let (client, registry) = held_before_serving(&connection);
         let caller = {
             let connection = connection.clone();
-            std::thread::spawn(move || {
-                let _handler = connection.test_handler_scope();
-                connection.call::<_, u64>(&CALLS_BACK, 1, &(), None)
-            })
+            std::thread::spawn(move || connection.call::<_, u64>(&CALLS_BACK, 1, &(), None))
         };
         // Read by the caller, the only thread reading. Once the connection has ended, they
         // fail to go out: the call's outcome says why.

@@ -60,21 +60,23 @@
 //! may wait for its thread and its reply may come after more requests (it would otherwise wait
 //! forever); it takes requests in up to twice the bounds, then ends the connection with
 //! [`Error::Malformed`] saying so. (A call made on another thread that a handler waits for is not
-//! known as the handler's: it waits for room as any call does.) If no thread serves the
-//! connection at all, nothing would ever take those requests: a caller that finds the bounds
-//! reached ends the connection at once, and the requests held are dropped with their fds. Requests
-//! that arrive before a serving thread starts therefore wait for it, up to the bounds. So does the
-//! failure a caller owes for a call it took in that this end could not receive (over its limits, or
-//! its fds dropped) when the failure cannot go out at once: a caller never waits to send it. The
-//! async flavour applies the same bounds (see its module docs, `typed_ipc::tokio`). A handler that
-//! can only finish once a later request from the peer arrives must not be relied on past the
-//! bounds; nor one that waits for a call of this end made elsewhere (on a thread that holds a lock
-//! the handler needs, say): at the bounds, that call's reply is read only once handlers have
-//! finished. Nor may two ends whose handlers send to each other (a oneway answering a oneway, say)
-//! send each other requests past the bounds without waiting for replies: once both queues are full
-//! and every serving thread of both ends waits to send (or for another's send to finish), neither
-//! end reads, and both wait for good. Bound what each end sends ahead of the other's answers
-//! (calls, or a window of oneways acknowledged by a call) below the bounds.
+//! known as the handler's: it waits for room as any call does.) So does a call made before the
+//! serving threads have started (a `Server::service_with` whose `make` calls the client: they start
+//! once it is answered), up to twice the bounds. If no thread serves the connection at all, nothing
+//! would ever take those requests: a caller that finds the bounds reached ends the connection at
+//! once, and the requests held are dropped with their fds. Requests that arrive before a serving
+//! thread starts therefore wait for it, up to the bounds. So does the failure a caller owes for a
+//! call it took in that this end could not receive (over its limits, or its fds dropped) when the
+//! failure cannot go out at once: a caller never waits to send it. The async flavour applies the
+//! same bounds (see its module docs, `typed_ipc::tokio`). A handler that can only finish once a
+//! later request from the peer arrives must not be relied on past the bounds; nor one that waits
+//! for a call of this end made elsewhere (on a thread that holds a lock the handler needs, say): at
+//! the bounds, that call's reply is read only once handlers have finished. Nor may two ends whose
+//! handlers send to each other (a oneway answering a oneway, say) send each other requests past the
+//! bounds without waiting for replies: once both queues are full and every serving thread of both
+//! ends waits to send (or for another's send to finish), neither end reads, and both wait for good.
+//! Bound what each end sends ahead of the other's answers (calls, or a window of oneways
+//! acknowledged by a call) below the bounds.
 //!
 //! # Byte strings through shared memory
 //!
@@ -632,10 +634,7 @@ impl Connection {
     #[cold]
     #[inline(never)]
     pub(crate) fn runners_not_coming(&self) {
-        let mut state = self.shared.state.lock();
-        state.runners_coming = false;
-        // A caller that left the reading to them at the queue's bounds must read again.
-        self.shared.wake_all(&state);
+        self.shared.state.lock().runners_coming = false;
     }
 
     /// A handle that does not keep the connection open: a listening [`Server`](crate::Server)

@@ -115,14 +115,16 @@ impl Shared {
     }
 
     /// Whether a caller waiting for its reply leaves the socket unread at the bounds of the
-    /// request queue, as the serving threads do: they drain it (or will, once they come),
-    /// and it is woken as they are once a request leaves (`dequeued`). Its reply is read
-    /// then, after the requests before it. Not a call from a handler of this connection,
-    /// which the queue may wait for (see [`backlog`](super::backlog)): that one reads on.
+    /// request queue, as the serving threads do: they drain it, and it is woken as they are
+    /// once a request leaves (`dequeued`). Its reply is read then, after the requests before
+    /// it. Not a call from a handler of this connection, which the queue may wait for (see
+    /// [`backlog`](super::backlog)), nor one made while the serving threads are still to
+    /// come (a `Server::service_with` whose `make` calls the client, whose threads come only
+    /// once that call is answered): those read on.
     #[inline]
     fn waits_for_room(&self, state: &State) -> bool {
         state.backlog.full()
-            && (state.runners > 0 || state.runners_coming)
+            && state.runners > 0
             && !crate::service::handling_a_call_of(std::ptr::from_ref(self).cast())
     }
 

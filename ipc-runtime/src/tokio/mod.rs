@@ -49,23 +49,23 @@
 //!   before it: a peer that reports progress with oneways during a call is slowed to the
 //!   pace this end runs them. Only a call a handler of this connection makes (calling back
 //!   into the peer) makes it read on, taking requests in up to twice the bounds before it
-//!   ends the connection with [`Error::Malformed`]; and any call does if nothing serves the
-//!   connection, which then ends at the bounds (nothing would ever take them). A call that
-//!   a handler makes on a task of its own and awaits is not known as the handler's, and
-//!   waits for room as any call does (so a handler that waits for a call made elsewhere, or
-//!   for a lock held across one, must not be relied on past the bounds). So a peer that
-//!   sends calls and never reads the replies gets no further than the bounds. Nor do the
-//!   replies it leaves unread: once 16 MiB of encoded replies (two or more: one waits
-//!   whatever its size) wait for room to go out on a connection, a call read from then on
-//!   does not start its handler (it waits, holding its request only, counted as above)
-//!   until they are below that again; the handlers already running still reply. A peer that
-//!   does not read then pins the requests at the bounds, those replies and the values their
-//!   handlers returned (about as much again for byte strings), not one reply per request. A
-//!   peer that reads is not held back: the replies go out as it reads, and the calls
-//!   waiting start in turn while the replies waiting are below that budget (a call
-//!   cancelled while it waits is dropped unrun). Oneways get no reply and are not held. As
-//!   in the blocking flavour, two ends whose handlers send to each other must not send each
-//!   other requests past the bounds without waiting for answers: with both readers paused
+//!   ends the connection with [`Error::Malformed`]; and any call does while nothing serves the
+//!   connection yet (an `AsyncServer::service_with` whose `make` calls the client serves only once
+//!   that call is answered), or ends it at the bounds if nothing is coming either (nothing would
+//!   ever take them). A call that a handler makes on a task of its own and awaits is not known as
+//!   the handler's, and waits for room as any call does (so a handler that waits for a call made
+//!   elsewhere, or for a lock held across one, must not be relied on past the bounds). So a peer
+//!   that sends calls and never reads the replies gets no further than the bounds. Nor do the
+//!   replies it leaves unread: once 16 MiB of encoded replies (two or more: one waits whatever its
+//!   size) wait for room to go out on a connection, a call read from then on does not start its
+//!   handler (it waits, holding its request only, counted as above) until they are below that
+//!   again; the handlers already running still reply. A peer that does not read then pins the
+//!   requests at the bounds, those replies and the values their handlers returned (about as much
+//!   again for byte strings), not one reply per request. A peer that reads is not held back: the
+//!   replies go out as it reads, and the calls waiting start in turn while the replies waiting are
+//!   below that budget (a call cancelled while it waits is dropped unrun). Oneways get no reply and
+//!   are not held. As in the blocking flavour, two ends whose handlers send to each other must not
+//!   send each other requests past the bounds without waiting for answers: with both readers paused
 //!   and every handler waiting to send, both wait for good.
 //! - **Byte strings** of 1 KiB to 32 MiB go through a shared memory region per connection and
 //!   direction, as in the blocking flavour (see [`Connection`](crate::Connection)); a call

@@ -671,8 +671,6 @@ impl AsyncConnection {
     #[inline(never)]
     pub(crate) fn server_not_coming(&self) {
         self.inner.lock().server_coming = false;
-        // A call that left the reading to it at the backlog's bounds needs the reader again.
-        self.inner.room.notify_one();
     }
 
     /// [`AsyncConnection::add_service`] for each of `services` at once: no request is handled

@@ -282,12 +282,14 @@ impl Inner {
     /// Whether the reader must wait for room before it reads again: the backlog is at its
     /// bounds, and no call of this end needs it to read on. A call does if a handler of this
     /// connection made it (the requests held may wait for that handler), or if nothing serves
-    /// (nothing would make room: the reader reads on, to end the connection rather than hold
-    /// the call for good). Other calls wait for room with the reader, their replies read once
-    /// handlers have finished (see [`backlog`](crate::connection::backlog)).
+    /// yet (nothing would make room: an `AsyncServer::service_with` whose `make` calls the
+    /// client serves only once that call is answered, and with nothing coming either, the
+    /// reader reads on to end the connection rather than hold the call for good). Other calls
+    /// wait for room with the reader, their replies read once handlers have finished (see
+    /// [`backlog`](crate::connection::backlog)).
     #[inline]
     pub(super) fn must_pause(&self, state: &State) -> bool {
-        let needed = match state.serving || state.server_coming {
+        let needed = match state.serving {
             true => !state.pending.no_handler_waits(),
             false => !state.pending.nobody_waits(),
         };
