@@ -297,6 +297,11 @@ struct State {
     /// for room (see [`Shared::wait_for_room`]): woken with the others (it counts among
     /// `waiters`).
     sender_wake: Option<Arc<nix::sys::eventfd::EventFd>>,
+    /// The eventfd of a caller waiting for room at the bounds of the request queue that
+    /// watches the socket for the peer's hang-up meanwhile (see
+    /// `Shared::sleep_watching_for_hang_up`): woken with the others (it counts among
+    /// `waiters`).
+    hang_up_watch: Option<Arc<nix::sys::eventfd::EventFd>>,
     /// Threads inside `run`.
     runners: usize,
     /// A [`Server`](crate::Server) is setting up the threads that will serve this connection

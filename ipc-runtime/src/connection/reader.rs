@@ -102,9 +102,18 @@ impl Shared {
                     Unserved::LookAgain => continue,
                 },
             };
-            if state.reading || self.waits_for_room(&state) {
+            if state.reading {
                 state = self.sleep(state, until);
                 continue;
+            }
+            if self.waits_for_room(&state) {
+                let hung_up;
+                (state, hung_up) = self.sleep_watching_for_hang_up(state, until);
+                // Once the peer has hung up, it reads what the peer said and its end: nobody
+                // else reads at the bounds.
+                if !hung_up || state.reading {
+                    continue;
+                }
             }
             let own;
             (state, own) = self.read(state, until, Reader::Caller(cookie));
@@ -126,6 +135,54 @@ impl Shared {
         state.backlog.full()
             && state.runners > 0
             && !crate::service::handling_a_call_of(std::ptr::from_ref(self).cast())
+    }
+
+    /// [`Shared::sleep`] for a caller waiting for room ([`Shared::waits_for_room`]), which
+    /// also watches the socket for the peer's hang-up: nobody reads at the bounds, and the
+    /// callers must hear at once that the peer went, not once a handler finishes (which may
+    /// wait for one of them). One caller watches at a time, on an eventfd signalled with the
+    /// condvar (`State::hang_up_watch`); the others, or all if the eventfd cannot be made,
+    /// sleep on the condvar. Returns whether the peer hung up (the caller then reads).
+    #[cold]
+    #[inline(never)]
+    fn sleep_watching_for_hang_up<'a>(
+        &'a self,
+        mut state: Guard<'a>,
+        deadline: Option<Instant>,
+    ) -> (Guard<'a>, bool) {
+        use nix::poll::{PollFd, poll};
+        use nix::sys::eventfd::{EfdFlags, EventFd};
+        use std::os::fd::AsFd;
+        if state.hang_up_watch.is_some() {
+            return (self.sleep(state, deadline), false);
+        }
+        let Some(timeout) = crate::socket::poll_timeout(deadline) else {
+            return (state, false); // the caller's next look says it timed out
+        };
+        let flags = EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK;
+        let Ok(wake) = EventFd::from_flags(flags).map(Arc::new) else {
+            return (self.sleep(state, deadline), false);
+        };
+        state.hang_up_watch = Some(wake.clone());
+        state.waiters += 1;
+        drop(state);
+        // No events asked of the socket (the requests past the bounds are there to read): it
+        // reports the peer's hang-up (`POLLHUP`) or an error, whatever is asked.
+        let gone = PollFlags::POLLHUP | PollFlags::POLLERR;
+        let mut fds = [
+            PollFd::new(self.socket.as_fd(), PollFlags::empty()),
+            PollFd::new(wake.as_fd(), PollFlags::POLLIN),
+        ];
+        let hung_up = match poll(&mut fds, timeout) {
+            Ok(_) => fds[0].revents().is_some_and(|r| r.intersects(gone)),
+            Err(_) => false,
+        };
+        let mut state = self.state.lock();
+        state.waiters -= 1;
+        state.hang_up_watch = None;
+        // Another caller waiting for room watches next.
+        self.wake_all(&state);
+        (state, hung_up)
     }
 
     /// For a caller waiting for its reply while a call of the peer's waits here: if it waits
@@ -213,14 +270,18 @@ impl Shared {
         }
     }
 
-    /// [`Shared::wake_all`] once there are sleepers: on the condvar, and a thread waiting to
-    /// send that also waits for room (`State::sender_wake`).
+    /// [`Shared::wake_all`] once there are sleepers: on the condvar, a thread waiting to
+    /// send that also waits for room (`State::sender_wake`), and a caller waiting for room
+    /// that watches for the peer's hang-up (`State::hang_up_watch`).
     #[cold]
     #[inline(never)]
     fn wake_sleepers(&self, state: &State) {
         self.wake.notify_all();
         if let Some(sender) = &state.sender_wake {
             let _ = sender.write(1);
+        }
+        if let Some(watch) = &state.hang_up_watch {
+            let _ = watch.write(1);
         }
     }
 

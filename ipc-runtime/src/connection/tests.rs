@@ -2666,7 +2666,7 @@ fn call_on(
 }
 
 /// The next call `theirs` receives, skipping what else this end sends (cancels, oneways).
-fn next_call(theirs: &crate::Socket) -> crate::frame::Frame {
+pub(crate) fn next_call(theirs: &crate::Socket) -> crate::frame::Frame {
     loop {
         let frame = theirs.recv().unwrap();
         if Envelope::read(&frame.payload).unwrap().kind == Kind::Call {
@@ -2873,4 +2873,40 @@ fn close_fails_every_thread_parked_on_the_connection_with_disconnected() {
 #[test]
 fn stop_reading_fails_every_caller_parked_on_the_connection_with_disconnected() {
     every_parked_thread_fails_with_disconnected(Ending::StoppedReading);
+}
+
+/// A caller that waits for room at the bounds of the request queue (its serving thread busy)
+/// still hears at once that the peer hung up: nobody else reads the socket then. It waited
+/// until a handler finished, here for good (the handler waits for the caller's outcome).
+#[test]
+fn a_caller_waiting_for_room_gets_disconnected_once_the_peer_hangs_up() {
+    // (Only keeps a regression from hanging.)
+    const GUARD: Duration = Duration::from_secs(20);
+    let (ours, theirs) = crate::Socket::pair().unwrap();
+    let b = Connection::new(ours);
+    let (open, _started, runner) = serving_a_held_oneway(&b, &theirs);
+    fill_the_queue_through_a_call(&b, &theirs);
+    let (done, outcome) = mpsc::channel();
+    let caller = {
+        let b = b.clone();
+        std::thread::spawn(move || done.send(b.call::<_, u32>(&IFACE, 9, &(), None)).unwrap())
+    };
+    next_call(&theirs);
+    // The caller read for its reply (it found nobody reading): one request more, which it
+    // takes in past the bounds, and then it waits for room.
+    theirs
+        .send(&ordered_request(Kind::Oneway, 3, 0, 0), &[])
+        .unwrap();
+    wait_until("the caller waits for room", || {
+        b.shared.state.lock().waiters > 0
+    });
+    drop(theirs);
+    let outcome = outcome.recv_timeout(GUARD);
+    assert!(
+        matches!(outcome, Ok(Err(Error::Disconnected))),
+        "the caller did not hear that the peer hung up: {outcome:?}"
+    );
+    caller.join().unwrap();
+    open.send(()).unwrap();
+    runner.join().unwrap().unwrap();
 }

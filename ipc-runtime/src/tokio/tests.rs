@@ -2985,3 +2985,55 @@ fn calls_held_for_the_replies_run_when_the_peer_hangs_up() {
 fn calls_held_for_the_replies_never_run_once_this_end_closes() {
     calls_held_for_the_replies(HeldUntil::Closed);
 }
+
+/// `connection::tests::a_caller_waiting_for_room_gets_disconnected_once_the_peer_hangs_up`,
+/// async: a call of this end (not a handler's) waits for room with the reader paused at the
+/// backlog's bounds, its oneway task held; the peer hangs up. The call waited until a
+/// request finished, here for good (the held oneway waits for the call's outcome).
+#[test]
+fn an_async_caller_waiting_for_room_gets_disconnected_once_the_peer_hangs_up() {
+    use crate::connection::backlog::MAX_REQUESTS;
+    use crate::connection::tests::{ORDERED, next_call, ordered_request, wait_until};
+    use crate::tokio::envelope::Kind;
+    use std::time::Duration;
+
+    // (Only keeps a regression from hanging.)
+    const GUARD: Duration = Duration::from_secs(20);
+    let runtime = multi_thread_runtime(2);
+    let (peer, theirs) = Socket::pair().unwrap();
+    let (started, has_started) = std::sync::mpsc::channel();
+    let gate = std::sync::Arc::new(::tokio::sync::Notify::new());
+    let server = runtime.block_on(async { super::AsyncConnection::new(theirs).unwrap() });
+    let serving = runtime.spawn(server.serve(AsyncOrdered {
+        at: 0,
+        action: AtSeq::Hold {
+            started,
+            gate: gate.clone(),
+        },
+        run: Default::default(),
+    }));
+    // The first oneway holds the task that runs them; the others wait behind it, up to the
+    // bounds (the one running counts), and one more waits in the socket.
+    for seq in 0..=MAX_REQUESTS as u64 {
+        peer.send(&ordered_request(Kind::Oneway, 3, 0, seq), &[])
+            .unwrap();
+    }
+    has_started.recv().unwrap();
+    wait_until("the reader waits for room", || server.test_reader_paused());
+    let (done, outcome) = std::sync::mpsc::channel();
+    runtime.spawn({
+        let server = server.clone();
+        async move {
+            let _ = done.send(server.call::<_, u64>(&ORDERED, 3, 0u64, None).await);
+        }
+    });
+    next_call(&peer);
+    drop(peer);
+    let outcome = outcome.recv_timeout(GUARD);
+    assert!(
+        matches!(outcome, Ok(Err(crate::Error::Disconnected))),
+        "the caller did not hear that the peer hung up: {outcome:?}"
+    );
+    gate.notify_one();
+    runtime.block_on(serving).unwrap().unwrap();
+}

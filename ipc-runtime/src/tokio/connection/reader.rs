@@ -3,11 +3,13 @@
 //! for room at them), and ends the connection when reading ends. Apart because it is the one
 //! task every connection has, and the only one that reads.
 
+use std::future::Future;
 use std::io;
+use std::os::fd::AsFd;
 use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::Waker;
+use std::task::{Poll, Waker};
 
 use super::serving::reply_failure;
 use super::{Inner, State, TaskGuard};
@@ -298,26 +300,68 @@ impl Inner {
 
     /// Waits until the reader may read again: the backlog is below its bounds, or a call of
     /// this end needs it to read on (`true`); or this end hung up (`false`).
+    ///
+    /// While a call of this end waits for its reply, it also watches for the peer's hang-up,
+    /// which nothing else would read until a request finishes (which may wait for that call):
+    /// once the peer has gone, it reads on while a call waits, to hear the end.
     #[cold]
     async fn wait_for_room(&self) -> bool {
+        let mut peer_gone = false;
+        // Made the first time it watches, kept for the rest of this wait: a request that
+        // finishes signals `room`, and each would otherwise make and register a copy anew.
+        let mut gone = None;
         loop {
             let mut room = pin!(self.room.notified());
             room.as_mut().enable();
-            {
+            let watch = {
                 let state = self.lock();
                 // Set before the backlog is read, so that a request finishing after that
                 // read sees it and signals `room` (both `SeqCst`).
                 self.on_finish.fetch_or(super::PAUSED, Ordering::SeqCst);
                 let hung_up = self.hung_up.load(Ordering::SeqCst);
-                if hung_up || !self.must_pause(&state) {
+                let a_call_waits = !state.pending.nobody_waits();
+                if hung_up || !self.must_pause(&state) || (peer_gone && a_call_waits) {
                     self.on_finish.fetch_and(!super::PAUSED, Ordering::SeqCst);
                     return !hung_up;
                 }
-            }
+                a_call_waits && !peer_gone
+            };
             // A sender waiting for this reader to read why the peer went waits no more
             // (`Inner::why_unsent`).
             self.ended.notify_waiters();
-            room.await;
+            if !watch {
+                room.await;
+                continue;
+            }
+            let gone = gone.get_or_insert_with(|| Box::pin(self.peer_hangs_up()));
+            peer_gone = std::future::poll_fn(|cx| match room.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(false),
+                Poll::Pending => gone.as_mut().poll(cx).map(|()| true),
+            })
+            .await;
+        }
+    }
+
+    /// Returns once the peer has hung up (or the socket fails), watched on a registration of
+    /// a copy of the socket's fd: the reader's own readiness stays as it is, for the requests
+    /// that wait in the socket (clearing it would lose their wake-up). Never, if the copy
+    /// cannot be made (out of fds): the call waits for room as before.
+    #[cold]
+    #[inline(never)]
+    async fn peer_hangs_up(&self) {
+        let copy = self.socket().as_fd().try_clone_to_owned().ok();
+        let Some(io) = copy.and_then(|fd| crate::tokio::register(fd).ok()) else {
+            return std::future::pending().await;
+        };
+        loop {
+            let Ok(mut ready) = io.readable().await else {
+                return; // the reader's next receive says why
+            };
+            if ready.ready().is_read_closed() {
+                return;
+            }
+            // The requests waiting in the socket: readable, until the next edge.
+            ready.clear_ready();
         }
     }
 
