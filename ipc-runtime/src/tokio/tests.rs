@@ -1438,10 +1438,30 @@ fn a_connect_waiting_for_a_listener_that_never_accepts_does_not_hold_up_the_runt
 /// Here the oneway running is held: the oneway sent waited for good (until its timeout).
 #[test]
 fn a_oneway_to_a_peer_gone_does_not_wait_for_a_reader_paused_at_the_bounds() {
-    use crate::connection::backlog::MAX_REQUESTS;
-    use crate::connection::tests::{ORDERED, ordered_request, wait_until};
-    use crate::tokio::envelope::Kind;
+    use crate::connection::tests::ORDERED;
     use std::time::Duration;
+
+    let (runtime, peer, server, gate, serving) = paused_behind_a_held_oneway();
+    drop(peer);
+    let sent = runtime.block_on(server.oneway(&ORDERED, 3, 0u64, Some(Duration::from_secs(60))));
+    assert!(matches!(sent, Err(crate::Error::Disconnected)), "{sent:?}");
+    gate.notify_one();
+    runtime.block_on(serving).unwrap().unwrap();
+}
+
+/// A connection served with its oneway task held by the first of the peer's oneways, and its
+/// reader paused at the backlog's bounds: the others wait behind it, up to the bounds (the
+/// one running counts), and one more waits in the socket. Notify the gate to let them run.
+fn paused_behind_a_held_oneway() -> (
+    ::tokio::runtime::Runtime,
+    Socket,
+    super::AsyncConnection,
+    std::sync::Arc<::tokio::sync::Notify>,
+    ::tokio::task::JoinHandle<crate::Result<()>>,
+) {
+    use crate::connection::backlog::MAX_REQUESTS;
+    use crate::connection::tests::{ordered_request, wait_until};
+    use crate::tokio::envelope::Kind;
 
     let runtime = multi_thread_runtime(2);
     let (peer, theirs) = Socket::pair().unwrap();
@@ -1456,19 +1476,13 @@ fn a_oneway_to_a_peer_gone_does_not_wait_for_a_reader_paused_at_the_bounds() {
         },
         run: Default::default(),
     }));
-    // The first oneway holds the task that runs them; the others wait behind it, up to the
-    // bounds (the one running counts), and one more waits in the socket.
     for seq in 0..=MAX_REQUESTS as u64 {
         peer.send(&ordered_request(Kind::Oneway, 3, 0, seq), &[])
             .unwrap();
     }
     has_started.recv().unwrap();
     wait_until("the reader waits for room", || server.test_reader_paused());
-    drop(peer);
-    let sent = runtime.block_on(server.oneway(&ORDERED, 3, 0u64, Some(Duration::from_secs(60))));
-    assert!(matches!(sent, Err(crate::Error::Disconnected)), "{sent:?}");
-    gate.notify_one();
-    runtime.block_on(serving).unwrap().unwrap();
+    (runtime, peer, server, gate, serving)
 }
 
 /// `connection::tests::a_reader_whose_peer_hung_up_on_a_message_unread_still_reads_what_it_said`,
@@ -2992,34 +3006,12 @@ fn calls_held_for_the_replies_never_run_once_this_end_closes() {
 /// request finished, here for good (the held oneway waits for the call's outcome).
 #[test]
 fn an_async_caller_waiting_for_room_gets_disconnected_once_the_peer_hangs_up() {
-    use crate::connection::backlog::MAX_REQUESTS;
-    use crate::connection::tests::{ORDERED, next_call, ordered_request, wait_until};
-    use crate::tokio::envelope::Kind;
+    use crate::connection::tests::{ORDERED, next_call};
     use std::time::Duration;
 
     // (Only keeps a regression from hanging.)
     const GUARD: Duration = Duration::from_secs(20);
-    let runtime = multi_thread_runtime(2);
-    let (peer, theirs) = Socket::pair().unwrap();
-    let (started, has_started) = std::sync::mpsc::channel();
-    let gate = std::sync::Arc::new(::tokio::sync::Notify::new());
-    let server = runtime.block_on(async { super::AsyncConnection::new(theirs).unwrap() });
-    let serving = runtime.spawn(server.serve(AsyncOrdered {
-        at: 0,
-        action: AtSeq::Hold {
-            started,
-            gate: gate.clone(),
-        },
-        run: Default::default(),
-    }));
-    // The first oneway holds the task that runs them; the others wait behind it, up to the
-    // bounds (the one running counts), and one more waits in the socket.
-    for seq in 0..=MAX_REQUESTS as u64 {
-        peer.send(&ordered_request(Kind::Oneway, 3, 0, seq), &[])
-            .unwrap();
-    }
-    has_started.recv().unwrap();
-    wait_until("the reader waits for room", || server.test_reader_paused());
+    let (runtime, peer, server, gate, serving) = paused_behind_a_held_oneway();
     let (done, outcome) = std::sync::mpsc::channel();
     runtime.spawn({
         let server = server.clone();
