@@ -8,11 +8,13 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use nix::poll::PollFlags;
+use nix::sys::eventfd::EventFd;
 
 use super::backlog::Cost;
 use super::envelope::{self, Envelope, Kind};
 use super::failure;
 use super::lane::Lane;
+use super::sending::WakeSlot;
 use super::serving::Run;
 use super::{Guard, Shared, State, unreceived};
 use crate::error::{Error, Result};
@@ -71,6 +73,8 @@ impl Shared {
         let mut state = self.state.lock();
         // Since when this call has waited with a call of the peer's held for nobody.
         let mut unserved_since = None;
+        // Its eventfd while it waits for room, made the first time, kept until it returns.
+        let mut watch = None;
         loop {
             if let Entry::Occupied(slot) = state.pending.entry(cookie) {
                 if slot.get().is_some() {
@@ -108,7 +112,7 @@ impl Shared {
             }
             if self.waits_for_room(&state) {
                 let hung_up;
-                (state, hung_up) = self.sleep_watching_for_hang_up(state, until);
+                (state, hung_up) = self.sleep_watching_for_hang_up(state, until, &mut watch);
                 // Once the peer has hung up, it reads what the peer said and its end: nobody
                 // else reads at the bounds.
                 if !hung_up || state.reading {
@@ -140,49 +144,39 @@ impl Shared {
     /// [`Shared::sleep`] for a caller waiting for room ([`Shared::waits_for_room`]), which
     /// also watches the socket for the peer's hang-up: nobody reads at the bounds, and the
     /// callers must hear at once that the peer went, not once a handler finishes (which may
-    /// wait for one of them). One caller watches at a time, on an eventfd signalled with the
-    /// condvar (`State::hang_up_watch`); the others, or all if the eventfd cannot be made,
-    /// sleep on the condvar. Returns whether the peer hung up (the caller then reads).
+    /// wait for one of them). One caller watches at a time, on `watch`
+    /// ([`Shared::poll_or_wake`], registered as `State::hang_up_watch`); the others, or all
+    /// if no eventfd can be made, sleep on the condvar. Returns whether the peer hung up (the
+    /// caller then reads).
     #[cold]
     #[inline(never)]
     fn sleep_watching_for_hang_up<'a>(
         &'a self,
-        mut state: Guard<'a>,
+        state: Guard<'a>,
         deadline: Option<Instant>,
+        watch: &mut Option<Arc<EventFd>>,
     ) -> (Guard<'a>, bool) {
-        use nix::poll::{PollFd, poll};
-        use nix::sys::eventfd::{EfdFlags, EventFd};
-        use std::os::fd::AsFd;
         if state.hang_up_watch.is_some() {
             return (self.sleep(state, deadline), false);
         }
-        let Some(timeout) = crate::socket::poll_timeout(deadline) else {
+        if crate::socket::poll_timeout(deadline).is_none() {
             return (state, false); // the caller's next look says it timed out
-        };
-        let flags = EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK;
-        let Ok(wake) = EventFd::from_flags(flags).map(Arc::new) else {
-            return (self.sleep(state, deadline), false);
-        };
-        state.hang_up_watch = Some(wake.clone());
-        state.waiters += 1;
-        drop(state);
+        }
+        let hang_up_watch: WakeSlot = |s| &mut s.hang_up_watch;
         // No events asked of the socket (the requests past the bounds are there to read): it
         // reports the peer's hang-up (`POLLHUP`) or an error, whatever is asked.
-        let gone = PollFlags::POLLHUP | PollFlags::POLLERR;
-        let mut fds = [
-            PollFd::new(self.socket.as_fd(), PollFlags::empty()),
-            PollFd::new(wake.as_fd(), PollFlags::POLLIN),
-        ];
-        let hung_up = match poll(&mut fds, timeout) {
-            Ok(_) => fds[0].revents().is_some_and(|r| r.intersects(gone)),
-            Err(_) => false,
-        };
-        let mut state = self.state.lock();
-        state.waiters -= 1;
-        state.hang_up_watch = None;
-        // Another caller waiting for room watches next.
-        self.wake_all(&state);
-        (state, hung_up)
+        match self.poll_or_wake(state, deadline, watch, hang_up_watch, PollFlags::empty()) {
+            Ok(ready) => {
+                let state = self.state.lock();
+                // Another caller waiting for room watches next.
+                self.wake_all(&state);
+                (
+                    state,
+                    ready.intersects(PollFlags::POLLHUP | PollFlags::POLLERR),
+                )
+            }
+            Err(state) => (self.sleep(state, deadline), false),
+        }
     }
 
     /// For a caller waiting for its reply while a call of the peer's waits here: if it waits

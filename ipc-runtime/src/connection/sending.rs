@@ -11,9 +11,13 @@ use nix::poll::{PollFd, PollFlags, poll};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use super::reader::Reader;
-use super::{Guard, Shared};
+use super::{Guard, Shared, State};
 use crate::error::{Error, Result};
 use crate::socket::poll_timeout;
+
+/// Where in the state a thread waiting in [`Shared::poll_or_wake`] registers its eventfd, for
+/// [`Shared::wake_all`] to signal.
+pub(super) type WakeSlot = fn(&mut State) -> &mut Option<Arc<EventFd>>;
 
 impl Shared {
     /// Sends a message built in `framed` (see [`Socket::send_framed`]), waiting for room as
@@ -126,14 +130,13 @@ impl Shared {
     /// Waits, with `state` locked by a thread waiting to send (see
     /// [`Shared::wait_for_room`]), until the socket has room, or the connection's waiters are
     /// woken (the reader lets the role go, a request leaves the queue, the connection ends),
-    /// or `deadline` passes: whether it has room. It waits on `wake`, an eventfd made the
-    /// first time and signalled with the condvar while it is registered
-    /// (`State::sender_wake`); without one (out of fds), `alone` waits instead.
+    /// or `deadline` passes: whether it has room. It waits on `wake` ([`Shared::poll_or_wake`],
+    /// registered as `State::sender_wake`); without one (out of fds), `alone` waits instead.
     #[cold]
     #[inline(never)]
     fn room_or_wake<'a>(
         &'a self,
-        mut state: Guard<'a>,
+        state: Guard<'a>,
         deadline: Option<Instant>,
         wake: &mut Option<Arc<EventFd>>,
         alone: impl FnOnce(Guard<'a>) -> Result<bool>,
@@ -141,39 +144,63 @@ impl Shared {
         if poll_timeout(deadline).is_none() {
             return Err(Error::TimedOut);
         }
+        debug_assert!(state.sender_wake.is_none(), "one thread sends at a time");
+        let sender_wake: WakeSlot = |s| &mut s.sender_wake;
+        match self.poll_or_wake(state, deadline, wake, sender_wake, PollFlags::POLLOUT) {
+            Ok(ready) => Ok(has_room(ready)),
+            Err(state) => alone(state),
+        }
+    }
+
+    /// Waits, with `state` locked, until the socket reports one of `events` (or a hang-up or
+    /// an error, which it reports whatever is asked), or the connection's waiters are woken,
+    /// or `deadline` passes: what the socket reported (nothing if woken or timed out). It
+    /// waits on `wake`, an eventfd made the first time (kept by the caller for its next
+    /// waits) and signalled with the condvar while it is registered in `slot` of the state
+    /// (it counts among `waiters`). Without one (out of fds) it gives `state` back, for the
+    /// caller to wait its own way.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn poll_or_wake<'a>(
+        &'a self,
+        mut state: Guard<'a>,
+        deadline: Option<Instant>,
+        wake: &mut Option<Arc<EventFd>>,
+        slot: WakeSlot,
+        events: PollFlags,
+    ) -> std::result::Result<PollFlags, Guard<'a>> {
         if wake.is_none() {
             let flags = EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK;
             *wake = EventFd::from_flags(flags).ok().map(Arc::new);
         }
         let Some(fd) = wake.as_ref() else {
-            return alone(state);
+            return Err(state);
         };
-        debug_assert!(state.sender_wake.is_none(), "one thread sends at a time");
-        state.sender_wake = Some(fd.clone());
+        *slot(&mut state) = Some(fd.clone());
         state.waiters += 1;
         drop(state);
-        let room = loop {
+        let ready = loop {
             let Some(timeout) = poll_timeout(deadline) else {
-                break false; // the caller's next wait says so
+                break PollFlags::empty(); // the caller's next wait says so
             };
             let mut fds = [
-                PollFd::new(self.socket.as_fd(), PollFlags::POLLOUT),
+                PollFd::new(self.socket.as_fd(), events),
                 PollFd::new(fd.as_fd(), PollFlags::POLLIN),
             ];
             match poll(&mut fds, timeout) {
                 Ok(0) | Err(nix::Error::EINTR) => continue,
-                Ok(_) => break fds[0].revents().is_some_and(has_room),
+                Ok(_) => break fds[0].revents().unwrap_or(PollFlags::empty()),
                 // Not this wait's to report: the caller's next poll fails as well, or sees.
-                Err(_) => break false,
+                Err(_) => break PollFlags::empty(),
             }
         };
         let mut state = self.state.lock();
         state.waiters -= 1;
-        state.sender_wake = None;
+        *slot(&mut state) = None;
         drop(state);
         // Nobody signals it any more: empty it for the next wait (non-blocking).
         let _ = fd.read();
-        Ok(room)
+        Ok(ready)
     }
 
     /// Receives the message that has come, if it is whole (a large one may take several
