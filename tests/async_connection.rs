@@ -605,22 +605,36 @@ fn the_implementation_sees_peer_credentials_and_the_server_can_refuse() {
     });
 }
 
+/// A server of a [`LabImpl`] listening on `name`, a client of it, and that client's call
+/// `wait_for(5)`, its handler started and waiting until the key is released.
+async fn a_call_in_flight(
+    name: &str,
+) -> (
+    LabImpl,
+    AsyncServing,
+    LabClient,
+    tokio::task::JoinHandle<typed_ipc::Result<u32>>,
+) {
+    let lab = LabImpl::new();
+    let mut entered = lab.entries();
+    let serving = AsyncServer::new()
+        .service(LabServer::new(lab.clone()))
+        .listen(AsyncListener::bind_abstract(name).unwrap());
+    let client = LabClient::new(AsyncConnection::connect_abstract(name).await.unwrap());
+    let in_flight = tokio::spawn({
+        let client = client.clone();
+        async move { client.wait_for(5).await }
+    });
+    assert_eq!(entered.recv().await, Some(5));
+    (lab, serving, client, in_flight)
+}
+
 #[test]
 fn graceful_shutdown_finishes_calls_in_flight_and_stops_accepting() {
     let _fds = fd_count_lock();
     runtime().block_on(async {
         let name = format!("typed-ipc-async-shutdown-{}", std::process::id());
-        let lab = LabImpl::new();
-        let mut entered = lab.entries();
-        let serving = AsyncServer::new()
-            .service(LabServer::new(lab.clone()))
-            .listen(AsyncListener::bind_abstract(&name).unwrap());
-        let client = LabClient::new(AsyncConnection::connect_abstract(&name).await.unwrap());
-        let in_flight = tokio::spawn({
-            let client = client.clone();
-            async move { client.wait_for(5).await }
-        });
-        assert_eq!(entered.recv().await, Some(5));
+        let (lab, serving, client, in_flight) = a_call_in_flight(&name).await;
         let shutdown = tokio::spawn(serving.shutdown());
         // The server no longer reads, so the test releases the call itself; its reply still
         // goes out before the hang-up.
@@ -633,6 +647,37 @@ fn graceful_shutdown_finishes_calls_in_flight_and_stops_accepting() {
             AsyncConnection::connect_abstract(&name).await.is_err(),
             "no longer accepting"
         );
+    });
+}
+
+/// A shutdown given up (its future dropped as a timeout runs out) while a handler waits for
+/// good hangs up on its client and cancels that call: the handler's future is dropped, and
+/// the client's socket and shared memory go with its task. Before, the task ran on, holding
+/// them, for as long as the handler waited: for good here.
+#[test]
+fn a_shutdown_given_up_cancels_the_calls_still_running() {
+    let _fds = fd_count_lock();
+    runtime().block_on(async {
+        let name = format!("typed-ipc-async-given-up-{}", std::process::id());
+        let before = connection_resources();
+        let (lab, serving, client, in_flight) = a_call_in_flight(&name).await;
+        // The handler never returns: the shutdown waits for good, until it is given up.
+        let given_up = tokio::time::timeout(Duration::from_millis(50), serving.shutdown()).await;
+        assert!(
+            given_up.is_err(),
+            "the shutdown did not wait for the handler"
+        );
+        assert!(matches!(in_flight.await.unwrap(), Err(Error::Disconnected)));
+        // The handler's future, the only one waiting for a release, is dropped.
+        tokio::time::timeout(HANG_GUARD, lab.0.released.closed())
+            .await
+            .expect("the handler ran on after the shutdown was given up");
+        drop(client);
+        // Its task ends just after; no event marks that, so this polls, bounded.
+        let since = std::time::Instant::now();
+        while !resources_back(before, since, HANG_GUARD) {
+            tokio::task::yield_now().await;
+        }
     });
 }
 

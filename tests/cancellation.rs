@@ -433,6 +433,23 @@ fn trace_and_signal_lines(
     (rx, reading)
 }
 
+/// An async worker, the test `test` of this binary, run with `TYPED_IPC_DEBUG=1`: the worker,
+/// the connection to it, and its trace ([`trace_lines`]).
+fn traced_async_worker(
+    test: &str,
+) -> (
+    Worker,
+    typed_ipc::tokio::AsyncConnection,
+    std::sync::mpsc::Receiver<String>,
+    std::thread::JoinHandle<()>,
+) {
+    let mut command = child(test);
+    command.env("TYPED_IPC_DEBUG", "1").stderr(Stdio::piped());
+    let (mut worker, conn) = typed_ipc::tokio::worker::spawn(command).unwrap();
+    let (lines, reading) = trace_lines(worker.take_stderr().expect("piped"));
+    (worker, conn, lines, reading)
+}
+
 /// Waits until the worker's trace says `what`.
 fn wait_for_line(lines: &std::sync::mpsc::Receiver<String>, what: &str) {
     loop {
@@ -455,10 +472,7 @@ fn an_async_worker_never_runs_a_call_cancelled_while_it_waited_behind_a_oneway()
     let before = fd_snapshot();
     let rt = runtime();
     rt.block_on(async {
-        let mut command = child("child_async_camera");
-        command.env("TYPED_IPC_DEBUG", "1").stderr(Stdio::piped());
-        let (mut worker, conn) = typed_ipc::tokio::worker::spawn(command).unwrap();
-        let (lines, reading) = trace_lines(worker.take_stderr().expect("piped"));
+        let (mut worker, conn, lines, reading) = traced_async_worker("child_async_camera");
         let camera = asynchronous::CameraClient::new(conn);
         let (signal, signalled) = pipe();
         let (gated, gate) = pipe();
@@ -480,6 +494,63 @@ fn an_async_worker_never_runs_a_call_cancelled_while_it_waited_behind_a_oneway()
 
 /// A blocking call that times out tells the async worker, which drops its handler (or the
 /// call unrun, if the cancel came first): the fd it held is closed either way.
+/// A parent that hangs up mid-call (here with `close`; one killed does the same) has its
+/// async worker cancel that call, whose reply could go nowhere: the handler's future is
+/// dropped, closing the fd it held, and the trace says why. The call waiting behind a oneway
+/// never runs; the oneway runs on to its end, and the worker's `serve` then returns, so it
+/// exits. Before, the handler waited for good, and so did the worker: orphaned.
+#[test]
+fn an_async_worker_whose_parent_hangs_up_cancels_its_calls_and_runs_its_oneways() {
+    let _fds = fd_count_lock();
+    let before = fd_snapshot();
+    let rt = runtime();
+    rt.block_on(async {
+        let (mut worker, conn, lines, reading) = traced_async_worker("child_async_camera");
+        let camera = asynchronous::CameraClient::new(conn.clone());
+        let (signal, held) = pipe();
+        let hang = tokio::spawn({
+            let camera = camera.clone();
+            async move { camera.hang(held).await }
+        });
+        assert_eq!(read_byte(&signal), b'!', "the handler started");
+        let (gate_signal, gate_signalled) = pipe();
+        let (gated, gate) = pipe();
+        camera.gate(gate_signalled, gated).await.unwrap();
+        assert_eq!(read_byte(&gate_signal), b'!', "the gate is running");
+        let (mark, marked) = pipe();
+        let behind = tokio::spawn({
+            let camera = camera.clone();
+            async move { camera.mark(marked).await }
+        });
+        wait_for_line(&lines, "Camera::mark (");
+        conn.close();
+        assert!(matches!(hang.await.unwrap(), Err(Error::Disconnected)));
+        assert!(matches!(behind.await.unwrap(), Err(Error::Disconnected)));
+        let rest = read_to_end_guarded(signal, "the worker's handler was never dropped");
+        assert!(rest.is_empty());
+        // In either order: each call's task says it as it drops its call.
+        let mut unsaid = vec![
+            "cancelled as the connection ended: its handler dropped",
+            "cancelled as the connection ended: unrun",
+        ];
+        while !unsaid.is_empty() {
+            let line = lines
+                .recv_timeout(HANG_GUARD)
+                .unwrap_or_else(|_| panic!("the worker never said {unsaid:?}"));
+            unsaid.retain(|what| !line.contains(what));
+        }
+        let marks = read_to_end_guarded(mark, "the call behind the oneway kept its fd");
+        assert!(marks.is_empty(), "the call behind the oneway ran");
+        // The oneway still runs, to its end, and then the worker's `serve` returns.
+        drop(gate);
+        drop((camera, conn));
+        assert!(matches!(worker.wait().unwrap(), Exit::Code(0)));
+        reading.join().unwrap();
+    });
+    drop(rt);
+    before.assert_nothing_new();
+}
+
 #[test]
 fn a_blocking_call_that_times_out_has_an_async_worker_drop_it() {
     let _fds = fd_count_lock();
@@ -544,10 +615,7 @@ fn a_cancelled_queued_call_gives_its_placement_back(worker_test: &str) {
     let before = fd_snapshot();
     let rt = runtime();
     rt.block_on(async {
-        let mut command = child(worker_test);
-        command.env("TYPED_IPC_DEBUG", "1").stderr(Stdio::piped());
-        let (mut worker, conn) = typed_ipc::tokio::worker::spawn(command).unwrap();
-        let (lines, reading) = trace_lines(worker.take_stderr().expect("piped"));
+        let (mut worker, conn, lines, reading) = traced_async_worker(worker_test);
         let camera = asynchronous::CameraClient::new(conn.clone());
         // The worker's reply says it reads lanes: the next large string is placed.
         let (mark, marked) = pipe();
@@ -604,10 +672,7 @@ fn a_refused_cancelled_call_gives_its_placement_back(worker_test: &str) {
     let before = fd_snapshot();
     let rt = runtime();
     rt.block_on(async {
-        let mut command = child(worker_test);
-        command.env("TYPED_IPC_DEBUG", "1").stderr(Stdio::piped());
-        let (mut worker, conn) = typed_ipc::tokio::worker::spawn(command).unwrap();
-        let (lines, reading) = trace_lines(worker.take_stderr().expect("piped"));
+        let (mut worker, conn, lines, reading) = traced_async_worker(worker_test);
         let camera = asynchronous::CameraClient::new(conn.clone());
         // The worker's reply says it reads lanes: the next large string is placed.
         let (signal, signalled) = pipe();

@@ -32,7 +32,7 @@ fn a_codec_daemon_serves_its_clients_as_promised_and_leaks_nothing() {
     });
     // The daemon checked that it holds what it held before any client came, once they have
     // gone, and said so.
-    let stopped = ": 7 sessions, 1 cancelled, 2 clients gone mid-call";
+    let stopped = ": 7 sessions, 3 cancelled, 0 clients gone mid-call";
     assert_eq!(report.stopped, stopped, "{report:?}");
     assert_eq!(report.first.sessions_made, 1, "the admin's: {report:?}");
     // What TYPED_IPC_DEBUG=1 said in the well-behaved client: its calls with their values,

@@ -61,8 +61,9 @@ pub const ENV: &str = "TYPED_IPC_FD";
 /// while you use the connection: `let (_, connection) = Worker::spawn(command)?` drops it,
 /// and kills the child, at once. Nothing kills the child if this process ends without
 /// dropping it (killed, or [`std::process::exit`]): an idle worker sees the hang-up and its
-/// `serve` returns, but one busy in a method (stuck, say) runs on, orphaned, unless it was
-/// started with [`exit_with_parent`].
+/// `serve` returns (so does an async worker busy in a method, once that reaches an `.await`:
+/// the hang-up cancels the parent's calls), but a blocking worker busy in a method (stuck,
+/// say) runs on, orphaned, unless it was started with [`exit_with_parent`].
 ///
 /// The connection [`Worker::spawn`] (or, async, `tokio::worker::spawn`) returned lives no
 /// longer than the child process: once the child exits, or [`Worker::kill`] has signalled

@@ -954,7 +954,7 @@ impl Shared {
     fn dropped_cancelled<'a>(&'a self, state: Guard<'a>, cookie: u64, owed: bool) -> Guard<'a> {
         drop(state);
         if self.trace {
-            super::trace::dropped_cancelled(&self.name, cookie, false);
+            super::trace::dropped_cancelled(&self.name, cookie, false, false);
         }
         if owed {
             self.send_cancel(0);

@@ -461,17 +461,22 @@ pub(crate) fn turned_away(peer: Option<&PeerCredentials>, reason: &str, told: bo
     ));
 }
 
-/// The peer's call `cookie` was dropped on its cancel, before it ran (`running`: its
-/// handler was running, and stopped), and gets no reply.
+/// The peer's call `cookie` was dropped on its cancel, or (`ended`) as the connection ended
+/// with no reply to go out any more, before it ran (`running`: its handler was running, and
+/// stopped), and gets no reply.
 #[cold]
 #[inline(never)]
-pub(crate) fn dropped_cancelled(name: &Name, cookie: u64, running: bool) {
+pub(crate) fn dropped_cancelled(name: &Name, cookie: u64, running: bool, ended: bool) {
     let how = match running {
         true => "its handler dropped",
         false => "unrun",
     };
+    let by = match ended {
+        true => "as the connection ended",
+        false => "by the peer",
+    };
     line(&format!(
-        "{name} -- Call #{cookie} cancelled by the peer: {how}, no reply"
+        "{name} -- Call #{cookie} cancelled {by}: {how}, no reply"
     ));
 }
 

@@ -39,7 +39,11 @@
 //!   its remaining fds), so the stream stays in sync; only if that is impossible (no fds left,
 //!   the runtime shutting down) is the connection shut down instead.
 //! - **Peer death**: when the peer hangs up or dies, every waiting call gets
-//!   [`Error::Disconnected`] at once.
+//!   [`Error::Disconnected`] at once, and the calls it made here are cancelled, as its cancel
+//!   of each would: their handlers' futures are dropped, and those not started never run
+//!   (their replies could go nowhere). Its oneway messages still run, in order.
+//!   ([`AsyncConnection::close`] says what becomes of each request; a blocking server runs
+//!   its calls to their end, as it cannot stop a handler.)
 //! - **Bounds**: the requests a connection has received and not finished (held for a server
 //!   to come, queued for the oneway task, or in their handler's task until the reply is out)
 //!   are at most 1,024, 32 MiB of message buffers, or 4,096 fds, as in the blocking flavour

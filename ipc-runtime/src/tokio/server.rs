@@ -284,7 +284,9 @@ impl AsyncServer {
     /// the clients counted have hung up, the listener waits for one of their tasks to end, up
     /// to 1 second from when it found them gone, and serves the new client if one does: a
     /// client that reconnects at once is served. One that hung up with a call still running
-    /// counts until that call has run: once that second is over, new clients are turned away
+    /// counts until that call's handler has stopped (cancelled, at its next `.await`; a
+    /// method on tokio's blocking pool runs to its end): once that second is over, new
+    /// clients are turned away
     /// at once again. If none of the clients counted has hung up, a new one is turned away at
     /// once. The clients that connect during that second wait in the kernel's queue. The
     /// second is timed on a thread of the listener's own, not on tokio's timer (the runtime
@@ -413,8 +415,9 @@ impl AsyncServer {
     /// [`AsyncServer::max_clients`] caps how many are connected at once, and
     /// [`AsyncServer::admit`] turns clients away by their credentials before anything is spent
     /// on them; without them, the process's limits (`RLIMIT_NOFILE`, memory) are what bound
-    /// the clients. A client that hangs up costs nothing once its calls have
-    /// run: its task ends, and its connection (socket, buffers, shared memory) goes with it.
+    /// the clients. A client that hangs up costs nothing once its oneways have run and its
+    /// calls' handlers have stopped (cancelled: their replies could go nowhere): its task
+    /// ends, and its connection (socket, buffers, shared memory) goes with it.
     ///
     /// When accepting fails for want of resources — this process or the system is out of
     /// file descriptors (`EMFILE`, `ENFILE`) or memory (`ENOMEM`, `ENOBUFS`, a client's socket
@@ -794,8 +797,9 @@ fn pruned(clients: &Mutex<Vec<Client>>) -> MutexGuard<'_, Vec<Client>> {
 /// An [`AsyncServer`] accepting clients on a listener. Dropping it stops accepting and hangs
 /// up on every client at once (the listener is closed, whether or not its runtime is
 /// running: new clients are refused, those that connected and were not accepted yet hung up
-/// on, and its name or path is free to listen on again when the drop returns);
-/// [`AsyncServing::shutdown`] lets calls in flight finish first.
+/// on, and its name or path is free to listen on again when the drop returns), cancelling
+/// their calls still running ([`AsyncConnection::close`]); [`AsyncServing::shutdown`] lets
+/// calls in flight finish first.
 /// Dropped in a handler (a client asking the server to quit), it spares that handler's
 /// client: that client is read from no more, and hung up on once its calls in flight, the
 /// handler's among them, have replied.
@@ -910,15 +914,19 @@ impl AsyncServing {
     /// As in the blocking flavour ([`Serving::shutdown`](crate::Serving::shutdown)), a send
     /// to a client that does not read does not hold the shutdown up for good: once one has
     /// waited 5 seconds ([`AsyncServer::shutdown_stall_limit`]) with none of its message
-    /// going out, that client's connection is shut down and the send fails as if the client
-    /// had hung up. A client that reads gets its replies, however long they take; handlers
-    /// still running are waited for. The sends are watched from a thread of the shutdown's
+    /// going out, that client's connection is closed: the send fails as if the client had
+    /// hung up, and the calls still running for it are cancelled, the one whose reply
+    /// stalled among them ([`AsyncConnection::close`]).
+    /// A client that reads gets its replies, however long they take; handlers still running
+    /// are waited for. The sends are watched from a thread of the shutdown's
     /// own, so this needs no time driver in the runtime. (If that thread cannot be started,
     /// every client is hung up on at once.)
     ///
     /// Dropping the returned future before it completes (under a timeout, in a `select!`)
     /// hangs up at once on every client it has not finished with, as dropping the
-    /// `AsyncServing` does.
+    /// `AsyncServing` does: their calls still running are cancelled
+    /// ([`AsyncConnection::close`]), so a handler stuck at an `.await` lets its client's
+    /// socket go.
     ///
     /// A handler may await this (a client asking the server to quit): the shutdown then waits
     /// for every other client, not for the one whose handler it runs in, which cannot have

@@ -1303,15 +1303,16 @@ fn queued_behind_a_oneway(end: impl FnOnce(&super::AsyncConnection, Socket)) -> 
         assert_eq!(calling.await.unwrap().unwrap(), 5);
         drop(write_end);
         end(&server, peer);
+        // The end read before the oneways go on: else a call whose oneways have all run
+        // might start before it.
+        until_ended(&server).await;
         gate.notify_one();
         serving.await.unwrap().unwrap();
         server
     });
     let mut ran = run.lock().clone();
     ran.sort();
-    crate::closer::wait_for_closes(); // the fds dropped are closed on the closer's threads
-    let closed = nix::unistd::read(&read_end, &mut [0; 1]) == Ok(0);
-    (ran, closed)
+    (ran, write_ends_closed(&read_end))
 }
 
 /// `close` drops the requests not started: the oneways queued behind the one running, and
@@ -1324,12 +1325,165 @@ fn async_close_drops_the_requests_not_started_and_closes_their_fds() {
     assert!(closed, "the dropped requests still hold their fds");
 }
 
-/// When the peer hangs up instead, the requests it sent before still run.
+/// When the peer hangs up instead, the oneways it sent before still run, and its calls,
+/// whose replies can go nowhere now, are dropped unrun, as if it had cancelled each, their
+/// fds closed. (They ran before, their replies failing.)
 #[test]
-fn async_a_peer_hanging_up_leaves_its_queued_requests_to_run() {
+fn async_a_peer_hanging_up_leaves_its_oneways_to_run_and_drops_its_calls() {
     let (ran, closed) = queued_behind_a_oneway(|_server, peer| drop(peer));
-    assert_eq!(ran, [1, 2, 3, 4, 5, 6, 7, 8]);
+    assert_eq!(ran, [1, 3, 5, 7]);
     assert!(closed);
+}
+
+/// A connection serving [`AsyncOrdered`], whose handler of the call numbered 1 (sent by the
+/// peer, carrying `fds`, and started) waits at a gate never opened.
+struct HeldCall {
+    runtime: ::tokio::runtime::Runtime,
+    server: super::AsyncConnection,
+    serving: ::tokio::task::JoinHandle<crate::Result<()>>,
+    run: std::sync::Arc<parking_lot::Mutex<Vec<u64>>>,
+}
+
+impl HeldCall {
+    /// The connection, at most `max_calls` running at once if given, and the peer's end.
+    fn new(max_calls: Option<usize>, fds: &[BorrowedFd<'_>]) -> (HeldCall, Socket) {
+        use crate::connection::tests::ordered_request;
+        use crate::tokio::envelope::Kind;
+
+        let runtime = multi_thread_runtime(2);
+        let (peer, theirs) = Socket::pair().unwrap();
+        let (started, has_started) = std::sync::mpsc::channel();
+        let run = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let (server, serving) = runtime.block_on(async {
+            let server = super::AsyncConnection::new(theirs).unwrap();
+            if let Some(n) = max_calls {
+                server.set_max_calls_at_once(n);
+            }
+            let serving = ::tokio::spawn(server.serve(AsyncOrdered {
+                at: 1,
+                action: AtSeq::Hold {
+                    started,
+                    gate: std::sync::Arc::new(::tokio::sync::Notify::new()),
+                },
+                run: run.clone(),
+            }));
+            (server, serving)
+        });
+        peer.send(&ordered_request(Kind::Call, 2, 1, 1), fds)
+            .unwrap();
+        has_started.recv().unwrap();
+        let held = HeldCall {
+            runtime,
+            server,
+            serving,
+            run,
+        };
+        (held, peer)
+    }
+
+    /// Waits until the server's `run` has returned `Ok`, which it does only once the handler
+    /// at the gate is gone (failing, saying `why`, if it never does); returns what ran.
+    fn served_to_the_end(self, why: &str) -> Vec<u64> {
+        let serving = self.serving;
+        self.runtime
+            .block_on(async { ::tokio::time::timeout(HANG_GUARD, serving).await })
+            .expect(why)
+            .unwrap()
+            .unwrap();
+        self.run.lock().clone()
+    }
+}
+
+/// Whether every copy of a pipe's write end is closed, `read_end` being its read end (those
+/// dropped are closed on the closer's threads).
+fn write_ends_closed(read_end: &OwnedFd) -> bool {
+    crate::closer::wait_for_closes();
+    nix::unistd::read(read_end, &mut [0; 1]) == Ok(0)
+}
+
+/// Waits until `server`'s state says the connection has ended (its reader has read the end).
+async fn until_ended(server: &super::AsyncConnection) {
+    ::tokio::time::timeout(HANG_GUARD, async {
+        while !server.test_ended() {
+            ::tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the end was never read");
+}
+
+/// A peer that hangs up cancels the calls it made, as a cancel of each would: the handler
+/// running has its future dropped (its gate never opens, yet `run` returns), and the call
+/// waiting for a slot (`set_max_calls_at_once(1)`) never runs, their fds closed. The oneway
+/// sent after them still runs. Before, the handler ran on, and `run` waited for it for good.
+#[test]
+fn a_peer_hanging_up_cancels_its_running_and_waiting_calls_and_runs_its_oneways() {
+    use crate::connection::tests::ordered_request;
+    use crate::tokio::envelope::Kind;
+
+    let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK).unwrap();
+    let fd = [write_end.as_fd()];
+    let (held, peer) = HeldCall::new(Some(1), &fd);
+    peer.send(&ordered_request(Kind::Call, 2, 2, 2), &fd)
+        .unwrap();
+    peer.send(&ordered_request(Kind::Oneway, 3, 0, 3), &fd)
+        .unwrap();
+    drop((peer, write_end));
+    let ran = held.served_to_the_end("the handler ran on after the peer hung up");
+    assert_eq!(ran, [3]);
+    assert!(write_ends_closed(&read_end), "an fd is still open");
+}
+
+/// Requests held for a server still to come when the peer hangs up: its oneways run once one
+/// comes (a worker may send its last ones and exit before its parent serves), its calls
+/// never do, their fds closed. (The calls ran before, their replies failing.)
+#[test]
+fn a_peer_that_hung_up_before_this_end_served_has_its_oneways_run_and_its_calls_dropped() {
+    use crate::connection::tests::ordered_request;
+    use crate::tokio::envelope::Kind;
+
+    let runtime = multi_thread_runtime(2);
+    let (peer, theirs) = Socket::pair().unwrap();
+    let run = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK).unwrap();
+    runtime.block_on(async {
+        let server = super::AsyncConnection::new(theirs).unwrap();
+        let fd = [write_end.as_fd()];
+        peer.send(&ordered_request(Kind::Oneway, 3, 0, 1), &fd)
+            .unwrap();
+        peer.send(&ordered_request(Kind::Call, 2, 1, 2), &fd)
+            .unwrap();
+        peer.send(&ordered_request(Kind::Oneway, 3, 0, 3), &fd)
+            .unwrap();
+        drop(peer);
+        until_ended(&server).await;
+        let service = AsyncOrdered {
+            at: 0,
+            action: AtSeq::Close(parking_lot::Mutex::new(None)),
+            run: run.clone(),
+        };
+        ::tokio::time::timeout(HANG_GUARD, server.serve(service))
+            .await
+            .expect("serving never ended")
+            .unwrap();
+    });
+    drop(write_end);
+    assert_eq!(*run.lock(), [1, 3]);
+    assert!(write_ends_closed(&read_end), "an fd is still open");
+}
+
+/// `close` cancels the calls running too, whose replies can go nowhere: the handler's future
+/// is dropped (its gate never opens) and `run` returns. Before, `run` waited for it.
+#[test]
+fn async_close_cancels_a_running_call() {
+    let (held, peer) = HeldCall::new(None, &[]);
+    held.server.close();
+    let ran = held.served_to_the_end("the handler ran on after close");
+    assert_eq!(ran, []);
+    assert!(
+        matches!(peer.recv(), Err(crate::Error::Disconnected)),
+        "a reply came"
+    );
 }
 
 /// A call waiting for a oneway that closes the connection never runs, also when its task is
@@ -2960,26 +3114,19 @@ fn calls_held_for_the_replies(until: HeldUntil) {
             });
             drop(peer);
         }
-        // The replies fail: the calls held run all the same, as the calls waiting for a slot
-        // do when the peer hangs up.
-        HeldUntil::HungUp => {
-            drop(peer);
-            let closed = async { ::tokio::time::timeout(HANG_GUARD, server.wait_closed()).await };
-            runtime
-                .block_on(closed)
-                .expect("the connection never ended");
-            assert_eq!(ran.lock().len() as u64, CALLS);
-        }
-        // The calls held never run.
-        HeldUntil::Closed => {
-            server.close();
+        // The calls held never run: their replies could go nowhere. (They ran before when
+        // the peer hung up, their replies failing.)
+        HeldUntil::HungUp | HeldUntil::Closed => {
+            match until {
+                HeldUntil::HungUp => drop(peer),
+                _ => server.close(),
+            }
             let closed = async { ::tokio::time::timeout(HANG_GUARD, server.wait_closed()).await };
             runtime
                 .block_on(closed)
                 .expect("the connection never ended");
             assert_eq!(*ran.lock(), started);
             assert_eq!(held(), 0);
-            drop(peer);
         }
     }
     runtime.block_on(serving).unwrap().unwrap();
@@ -2991,7 +3138,7 @@ fn a_call_held_for_the_replies_cancelled_is_dropped_and_the_others_run_as_the_pe
 }
 
 #[test]
-fn calls_held_for_the_replies_run_when_the_peer_hangs_up() {
+fn calls_held_for_the_replies_never_run_once_the_peer_hangs_up() {
     calls_held_for_the_replies(HeldUntil::HungUp);
 }
 

@@ -534,15 +534,25 @@ impl AsyncConnection {
 
     /// Ends the connection: the peer sees a hang-up, every waiting call returns
     /// [`Error::Disconnected`], and [`AsyncConnection::run`] returns `Ok` once the handlers
-    /// still running are done (their replies fail). Requests of the peer's that have not
-    /// started never run, and are dropped, the fds they carry closed by typed-ipc's closer
-    /// (off this thread: README, "slow closes"): calls waiting for the
-    /// oneways sent before them at once, oneway messages waiting for the one running once it
-    /// is done, requests held until something serves at once, and requests still unread in
-    /// the socket as the connection's reader reads them. (A call with no oneway to wait for
-    /// starts as soon as it is read.) When the peer hangs up instead, the requests it sent
-    /// before still run; after [`AsyncConnection::stop_reading`], those received by then do
-    /// (those still unread in the socket too if it served nothing then: see there).
+    /// still running are done. The peer's calls running are cancelled, as a cancel of the
+    /// peer's would (see [`AsyncConnection::call`]): their replies could go nowhere, so each
+    /// handler's future is dropped (it stops at its next `.await`), but for a method already
+    /// on tokio's blocking pool (`#[interface(async_server)]`), which runs to its end; the
+    /// oneway running is let finish. Requests of the peer's that have not started never run,
+    /// and are dropped, the fds they carry closed by typed-ipc's closer (off this thread:
+    /// README, "slow closes"): calls waiting for the oneways sent before them or for a slot
+    /// at once, oneway messages waiting for the one running once it is done, requests held
+    /// until something serves at once, and requests still unread in the socket as the
+    /// connection's reader reads them. (A call with no oneway to wait for starts as soon as
+    /// it is read.)
+    ///
+    /// When the peer hangs up instead (or dies, or breaks the protocol), its calls are
+    /// cancelled the same way, those running and those waiting, and those held for a server
+    /// still to come, while the oneway messages it sent before still run, in order, if
+    /// something serves. After [`AsyncConnection::stop_reading`], whose replies still go out,
+    /// the requests received by then run (those still unread in the socket too if it served
+    /// nothing then: see there); so do those of a peer that shut only its sending side
+    /// (`shutdown(SHUT_WR)`), which still reads.
     pub fn close(&self) {
         self.inner
             .dropping_requests
@@ -597,7 +607,8 @@ impl AsyncConnection {
     /// make back into the peer. With none of the peer's requests in flight, the socket's read
     /// side is shut at once (the peer's sends fail). With some in flight, this end reads on
     /// until the last has finished, for the replies to those calls back (a service of
-    /// [`AsyncServer::service_with`](super::AsyncServer::service_with) calling its client).
+    /// [`AsyncServer::service_with`](super::AsyncServer::service_with) calling its client);
+    /// should the peer hang up meanwhile, they are cancelled ([`AsyncConnection::close`]).
     /// On one that serves nothing yet, the read side is shut at once, and the requests held
     /// or still in the socket run if a service comes (their calls back fail).
     ///
@@ -726,9 +737,9 @@ impl AsyncConnection {
     /// dropped unrun; one it cancels while it runs frees its slot once its handler's future
     /// is dropped (a method of an `#[interface(async_server)]` already on tokio's blocking
     /// pool runs to its end first). A handler that panics frees its slot. Calls still waiting
-    /// when the peer hangs up run all the same, in turn, as the requests a blocking server
-    /// has queued do (their replies go nowhere); [`AsyncConnection::close`] drops them
-    /// instead, closing their fds.
+    /// when the peer hangs up, or at [`AsyncConnection::close`], are dropped unrun, their fds
+    /// closed: their replies could go nowhere. (A blocking server runs the calls it has
+    /// queued all the same, as it runs those it has started.)
     ///
     /// Only calls count. Oneway messages run one at a time, in order, on a task of their
     /// own, beside the `n` calls (each call still starts only once the oneways sent ahead of
@@ -1055,5 +1066,15 @@ impl Inner {
         let _ = shutdown(self.socket());
         self.hung_up.store(true, Ordering::SeqCst);
         self.room.notify_one();
+    }
+
+    /// Whether the replies of the peer's calls can still go out as the connection ends with
+    /// `why` ([`Inner::fail`]): only while the socket still sends, after a read side shut
+    /// alone, by this end ([`AsyncConnection::stop_reading`]) or by the peer (a peer that
+    /// shut its sending side, `shutdown(SHUT_WR)`, still reads). Not once the peer has closed
+    /// its end or broken the protocol, nor once this end has shut the socket both ways: the
+    /// kernel says which (one `poll`, as the connection ends).
+    fn replies_still_go(&self, why: &Error) -> bool {
+        matches!(why, Error::Disconnected) && !self.socket().has_ended()
     }
 }

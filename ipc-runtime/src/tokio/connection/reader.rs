@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Poll, Waker};
 
-use super::serving::reply_failure;
+use super::serving::{Cancelled, reply_failure};
 use super::{Inner, State, TaskGuard};
 use crate::connection::backlog::Cost;
 use crate::connection::trace;
@@ -400,12 +400,27 @@ impl Inner {
         }
         let waiting = state.pending.fail_all(&why);
         state.oneways = None;
-        // Requests held for a server still to come run if one comes, when the peer hung up
-        // (as the blocking flavour's run what is left in the socket): a worker may send its
-        // last oneways and exit before its parent serves. Dropped otherwise: this end closed,
-        // or the connection broke (a protocol error, the bounds, the runtime gone).
+        // The peer's calls are cancelled, as a cancel of the peer's would, unless this end
+        // only stopped reading: their replies can go nowhere now.
+        let replies_go = self.replies_still_go(&why);
+        let cancelled = match replies_go {
+            true => Cancelled::default(),
+            false => self.cancel_calls(&mut state),
+        };
+        // Requests held for a server still to come: oneways run if one comes, when the peer
+        // hung up (as the blocking flavour's run what is left in the socket): a worker may
+        // send its last oneways and exit before its parent serves. Calls too if this end
+        // only stopped reading. Dropped otherwise: this end closed, or the connection broke
+        // (a protocol error, the bounds, the runtime gone).
         let held = match why {
-            Error::Disconnected | Error::ShutDown if !self.closed_here() => Vec::new(),
+            _ if replies_go => Vec::new(),
+            Error::Disconnected | Error::ShutDown if !self.closed_here() => {
+                let (calls, oneways) = std::mem::take(&mut state.held)
+                    .into_iter()
+                    .partition(|(_, envelope, _)| envelope.kind == Kind::Call);
+                state.held = oneways;
+                calls
+            }
             _ => std::mem::take(&mut state.held),
         };
         // Let go after the lock, as a runner's drop may take it.
@@ -418,9 +433,13 @@ impl Inner {
         });
         state.closed = Some(why);
         drop(state);
-        for (mut frame, ..) in held {
+        for (mut frame, envelope, _) in held {
+            if self.trace && envelope.kind == Kind::Call {
+                trace::dropped_cancelled(&self.name, envelope.cookie, false, true);
+            }
             frame.discard_fds();
         }
+        self.drop_cancelled(cancelled);
         self.ended.notify_waiters();
         // Calls waiting for the replies to go out wait no more (see `wait_for_reply_room`).
         self.reply_room.notify_waiters();

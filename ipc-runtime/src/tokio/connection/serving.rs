@@ -40,8 +40,10 @@ impl Inner {
             true => held.iter().map(|(_, envelope, _)| *envelope).collect(),
             false => Vec::new(),
         };
-        // The peer hung up before this end served (`fail` kept them): they run all the same,
-        // their oneways on a task whose queue is closed once they are in, so that it ends.
+        // The connection ended before this end served, and `fail` kept them (the peer's
+        // oneways, as it hung up; every request, as this end stopped reading): they run all
+        // the same, their oneways on a task whose queue is closed once they are in, so that
+        // it ends.
         let ended = state.closed.take();
         let tasks: Vec<Task> = held
             .into_iter()
@@ -221,7 +223,7 @@ impl Inner {
             drop(runners);
             for mut request in waiting {
                 if self.trace {
-                    trace::dropped_cancelled(&self.name, cookie, false);
+                    trace::dropped_cancelled(&self.name, cookie, false, false);
                 }
                 self.dropped_unrun(&mut request.frame);
                 self.finished(request.cost);
@@ -241,10 +243,48 @@ impl Inner {
         drop(state);
         drop(runners);
         if self.trace {
-            trace::dropped_cancelled(&self.name, cookie, false);
+            trace::dropped_cancelled(&self.name, cookie, false, false);
         }
         self.dropped_unrun(&mut frame);
         self.finished(cost);
+    }
+
+    /// As the connection ends with no reply of the peer's calls to go out any more
+    /// ([`Inner::fail`], under the state lock): every call running is told it is cancelled,
+    /// as a cancel of the peer's would (its handler's future is dropped, or it never starts),
+    /// and the calls waiting for a slot are taken, for [`Inner::drop_cancelled`] to drop
+    /// unrun once the lock is let go.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn cancel_calls(&self, state: &mut State) -> Cancelled {
+        let runners: Vec<Arc<Runner>> = state
+            .runners
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .collect();
+        for runner in &runners {
+            match runner.cookie.load(Ordering::Relaxed) {
+                0 => {} // idle
+                cookie => runner.cancel(cookie),
+            }
+        }
+        Cancelled {
+            runners,
+            waiting: std::mem::take(&mut state.waiting_calls),
+        }
+    }
+
+    /// After [`Inner::cancel_calls`], with the state lock let go: the runners' handles go (one
+    /// may be the last, whose drop takes the lock), and the calls that waited for a slot are
+    /// dropped unrun, their fds closed.
+    pub(super) fn drop_cancelled(&self, cancelled: Cancelled) {
+        drop(cancelled.runners);
+        for request in cancelled.waiting {
+            if self.trace {
+                trace::dropped_cancelled(&self.name, request.envelope.cookie, false, true);
+            }
+            self.drop_unstarted(request);
+        }
     }
 
     /// A request dropped without a handler (its call cancelled): done with a placement it
@@ -382,6 +422,13 @@ impl Inner {
         )
         .cloned()
     }
+}
+
+/// What [`Inner::cancel_calls`] took from the state, to let go once its lock is.
+#[derive(Default)]
+pub(super) struct Cancelled {
+    runners: Vec<Arc<Runner>>,
+    waiting: VecDeque<Request>,
 }
 
 /// A call waiting for the replies to go out ([`Inner::wait_for_reply_room`]), in
@@ -696,7 +743,9 @@ async fn run_request(inner: &Arc<Inner>, runner: &Runner, request: Request) {
     drop(unrun); // before the acknowledgement below, which carries its lane word
     if cancelled {
         if inner.trace {
-            trace::dropped_cancelled(&inner.name, cookie, started);
+            // Cancelled by the peer, or as the connection ended (`cancel_calls`).
+            let ended = inner.lock().closed.is_some();
+            trace::dropped_cancelled(&inner.name, cookie, started, ended);
         }
         if owes {
             inner.send_cancel(0);
