@@ -773,14 +773,17 @@ impl Drop for Unrun<'_> {
 
 /// [`run_request`]'s work: waits for the oneways before it, and for the replies waiting to
 /// go out to be below their budget, then takes the request's `frame` and handles it and
-/// replies, unless this end has closed the connection meanwhile.
+/// replies, unless this end has closed the connection meanwhile, or the peer has gone while
+/// it waited.
 async fn serve_request(
     inner: &Arc<Inner>,
     frame: &mut Option<Frame>,
     envelope: Envelope,
     after: u64,
 ) {
+    let mut waited = false;
     if *inner.oneways_run.borrow() < after {
+        waited = true;
         let mut run = inner.oneways_run.subscribe();
         // The sender lives in `inner`, which this task holds: no error to expect. A call still
         // waiting when this end closes the connection never runs (`close` wakes it).
@@ -789,12 +792,24 @@ async fn serve_request(
     // Nor while the replies waiting to go out are at their budget (a peer that does not read
     // them): it waits, holding its request only, until they go out.
     if inner.replies.over() {
+        waited = true;
         inner.wait_for_reply_room().await;
     }
     // Nor does one whose task starts only once this end has closed it: the oneways before it
     // may all count as run by then (those dropped do too).
     if inner.closed_here() {
         return; // the frame is left to `Unrun`, which closes its fds
+    }
+    // Nor one that waited while the peer went: its reply could go nowhere. The reader cancels
+    // such calls as it reads the end, but may not have read that far yet, while what the
+    // hang-up set going here already has: the reply part-way out fails, and its room in
+    // the budget lets the next call held for the replies go on. The kernel says (one `poll`,
+    // only for a call that waited).
+    if waited && inner.socket().has_ended() {
+        if inner.trace {
+            trace::dropped_cancelled(&inner.name, envelope.cookie, false, true);
+        }
+        return;
     }
     if let Some(frame) = frame.take() {
         handle_request(inner.clone(), frame, envelope).await;
