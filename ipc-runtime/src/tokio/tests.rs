@@ -1486,6 +1486,29 @@ fn async_close_cancels_a_running_call() {
     );
 }
 
+/// `close` cancels the calls running also on a connection that has ended already with their
+/// replies still to go out (the peer shut only its sending side, and still reads): the
+/// handler's future is dropped, its call's fds closed, and `run` returns. Before, `close`
+/// found the connection ended and cancelled nothing: the handler ran on, holding the socket.
+#[test]
+fn async_close_cancels_a_running_call_once_the_peer_shut_only_its_sending_side() {
+    let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK).unwrap();
+    let (held, peer) = HeldCall::new(None, &[write_end.as_fd()]);
+    drop(write_end);
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&peer.as_fd());
+    nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Write).unwrap();
+    // Ended, the reply still to go out: nothing is cancelled yet.
+    held.runtime.block_on(until_ended(&held.server));
+    held.server.close();
+    let ran = held.served_to_the_end("the handler ran on after close");
+    assert_eq!(ran, []);
+    assert!(
+        matches!(peer.recv(), Err(crate::Error::Disconnected)),
+        "a reply came"
+    );
+    assert!(write_ends_closed(&read_end), "an fd is still open");
+}
+
 /// A call waiting for a oneway that closes the connection never runs, also when its task is
 /// first polled only after that oneway is done (the oneways dropped or run by then no longer
 /// hold it back). Both requests are read at once, before either task runs.

@@ -567,9 +567,16 @@ impl AsyncConnection {
         for (mut frame, ..) in held {
             frame.discard_fds();
         }
-        // Nor do the calls waiting for a slot (`set_max_calls_at_once`): dropped now, not
-        // once the calls running have finished, which may be never.
-        self.inner.drop_waiting_calls();
+        // The calls running are cancelled, and those waiting for a slot
+        // (`set_max_calls_at_once`) dropped, now, not once the calls running have finished,
+        // which may be never: also on a connection that had ended with their replies still
+        // to go out (this end stopped reading, or the peer shut only its sending side), where
+        // `fail` above changed nothing, and that cancelled nothing then.
+        let cancelled = {
+            let mut state = self.inner.lock();
+            self.inner.cancel_calls(&mut state)
+        };
+        self.inner.drop_cancelled(cancelled);
         // The calls waiting for oneways look again, and see they are not to run.
         self.inner.oneways_run.send_modify(|_| {});
     }

@@ -250,10 +250,10 @@ impl Inner {
     }
 
     /// As the connection ends with no reply of the peer's calls to go out any more
-    /// ([`Inner::fail`], under the state lock): every call running is told it is cancelled,
-    /// as a cancel of the peer's would (its handler's future is dropped, or it never starts),
-    /// and the calls waiting for a slot are taken, for [`Inner::drop_cancelled`] to drop
-    /// unrun once the lock is let go.
+    /// ([`Inner::fail`], [`close`](super::AsyncConnection::close), under the state lock):
+    /// every call running is told it is cancelled, as a cancel of the peer's would (its
+    /// handler's future is dropped, or it never starts), and the calls waiting for a slot are
+    /// taken, for [`Inner::drop_cancelled`] to drop unrun once the lock is let go.
     #[cold]
     #[inline(never)]
     pub(super) fn cancel_calls(&self, state: &mut State) -> Cancelled {
@@ -360,16 +360,6 @@ impl Inner {
         }
         drop(state);
         tasks.into_iter().for_each(|task| self.spawn(task));
-    }
-
-    /// Drops the calls waiting for a slot unrun: this end closed the connection.
-    #[cold]
-    #[inline(never)]
-    pub(super) fn drop_waiting_calls(&self) {
-        let waiting = std::mem::take(&mut self.lock().waiting_calls);
-        for request in waiting {
-            self.drop_unstarted(request);
-        }
     }
 
     /// A call that waited for a slot, dropped unrun as the connection ends: its placement is
