@@ -525,7 +525,7 @@ impl AsyncConnection {
     /// killed) or shut both ways, before the connection's reader has run to read that far:
     /// this asks the kernel (one `poll`) unless the connection already knows. What the peer
     /// sent before it went may still be unread then: the reader still reads it, and its
-    /// requests still run.
+    /// oneway messages still run (its calls are cancelled: see [`AsyncConnection::close`]).
     pub fn is_closed(&self) -> bool {
         // The poll with the lock let go.
         let known = self.inner.lock().closed.is_some();
@@ -584,8 +584,9 @@ impl AsyncConnection {
     /// Ends the connection as if the child had hung up, for a
     /// [`Worker`](crate::worker::Worker) to call once its child is gone, holding the
     /// connection weakly meanwhile. Only the socket is shut: a reader waiting for room reads
-    /// on once there is some, so the requests the child sent before it went still run (a
-    /// hang-up of this end would drop those still in the socket). Nothing waits on the reader
+    /// on once there is some, so the oneway messages the child sent before it went still run
+    /// (a hang-up of this end would drop those still in the socket; its calls are cancelled,
+    /// as at any hang-up of the peer's). Nothing waits on the reader
     /// meanwhile: a call made now wakes it to read, and a send fails at once.
     pub(crate) fn closer(&self) -> crate::worker::Closer {
         let inner = Arc::downgrade(&self.inner);
