@@ -44,16 +44,16 @@
 //!   (their replies could go nowhere). Its oneway messages still run, in order.
 //!   ([`AsyncConnection::close`] says what becomes of each request; a blocking server runs
 //!   its calls to their end, as it cannot stop a handler.)
-//! - **Bounds**: the requests a connection has received and not finished (held for a server
-//!   to come, queued for the oneway task, or in their handler's task until the reply is out)
-//!   are at most 1,024, 32 MiB of message buffers, or 4,096 fds, as in the blocking flavour
-//!   (see [`Connection`](crate::Connection); one request is always taken, whatever its
-//!   size). At the bounds the reader stops reading, so the peer's sends wait, until a request
-//!   finishes. A call of this end waits for room too, its reply read after the requests
-//!   before it: a peer that reports progress with oneways during a call is slowed to the
-//!   pace this end runs them. Only a call a handler of this connection makes (calling back
-//!   into the peer) makes it read on, taking requests in up to twice the bounds before it
-//!   ends the connection with [`Error::Malformed`]; and any call does while nothing serves the
+//! - **Bounds**: the requests a connection has received and not finished (held for a server to
+//!   come, queued for the oneway task, or in their handler's task until the reply is out) are at
+//!   most 1,024, 32 MiB of message buffers, or 4,096 fds, as in the blocking flavour (see
+//!   [`Connection`](crate::Connection); one request is always taken, whatever its size). At the
+//!   bounds the reader stops reading, so the peer's sends wait, until a request finishes or the
+//!   peer hangs up (it reads on to the end then). A call of this end waits for room too, its reply
+//!   read after the requests before it: a peer that reports progress with oneways during a call is
+//!   slowed to the pace this end runs them. Only a call a handler of this connection makes (calling
+//!   back into the peer) makes it read on, taking requests in up to twice the bounds before it ends
+//!   the connection with [`Error::Malformed`]; and any call does while nothing serves the
 //!   connection yet (an `AsyncServer::service_with` whose `make` calls the client serves only once
 //!   that call is answered), or ends it at the bounds if nothing is coming either (nothing would
 //!   ever take them). A call that a handler makes on a task of its own and awaits is not known as

@@ -1662,6 +1662,46 @@ fn paused_behind_a_held_oneway() -> (
     (runtime, peer, server, gate, serving)
 }
 
+/// A peer that fills the backlog's bounds with calls whose handlers never return, then hangs
+/// up, has every one of them cancelled: the reader, paused at the bounds with no call of this
+/// end waiting, still hears the hang-up, reads on to the end, and `run` returns. Before, the
+/// paused reader never read that far, and the handlers waited for good.
+#[test]
+fn calls_filling_the_bounds_are_cancelled_when_their_peer_hangs_up() {
+    use crate::connection::backlog::MAX_REQUESTS;
+    use crate::connection::envelope::{self, Envelope, Kind};
+    use crate::connection::tests::{BULK, wait_until};
+
+    let runtime = multi_thread_runtime(2);
+    let (peer, theirs) = Socket::pair().unwrap();
+    let stuck = Stuck::default();
+    let server = runtime.block_on(async { super::AsyncConnection::new(theirs).unwrap() });
+    let serving = runtime.spawn(server.serve(stuck.clone()));
+    for cookie in 1..=MAX_REQUESTS as u64 + 1 {
+        let mut call = vec![0u8; envelope::LEN];
+        Envelope {
+            kind: Kind::Call,
+            cmd: 1,
+            cookie,
+            interface: BULK.id,
+            signature: BULK.signature,
+        }
+        .write(&mut call);
+        peer.send(&call, &[]).unwrap();
+    }
+    wait_until("the reader waits for room", || server.test_reader_paused());
+    drop(peer);
+    runtime
+        .block_on(async { ::tokio::time::timeout(HANG_GUARD, serving).await })
+        .expect("the handlers ran on after the peer hung up")
+        .unwrap()
+        .unwrap();
+    // Those read within the bounds started (their handlers can only have been dropped, as
+    // none returns); the one read past them, once the peer had gone, may not have.
+    let dropped = stuck.drops.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(dropped >= MAX_REQUESTS, "{dropped} handlers dropped");
+}
+
 /// `connection::tests::a_reader_whose_peer_hung_up_on_a_message_unread_still_reads_what_it_said`,
 /// async: the peer says it speaks another wire version and hangs up with a message of this
 /// end's unread while the reader task cannot run (its runtime is not driven), so its next

@@ -64,6 +64,8 @@ impl Drop for ReaderEnding {
 
 async fn read_messages(inner: Arc<Inner>) {
     let mut buffer = Frame::default();
+    // The peer has gone while the reader waited for room: it reads on to the end.
+    let mut peer_gone = false;
     let why = loop {
         let mut ready = match inner.io.readable().await {
             Ok(ready) => ready,
@@ -86,7 +88,7 @@ async fn read_messages(inner: Arc<Inner>) {
         match inner.route(take_message(&mut buffer), result) {
             Ok(false) => {}
             Ok(true) => {
-                if !inner.wait_for_room().await {
+                if !inner.wait_for_room(&mut peer_gone).await {
                     // This end hung up meanwhile: what is still in the socket is not taken.
                     break Error::Disconnected;
                 }
@@ -298,43 +300,40 @@ impl Inner {
         !needed && self.backlog.get().full()
     }
 
-    /// Waits until the reader may read again: the backlog is below its bounds, or a call of
-    /// this end needs it to read on (`true`); or this end hung up (`false`).
+    /// Waits until the reader may read again: the backlog is below its bounds, a call of
+    /// this end needs it to read on, or the peer has gone (`true`); or this end hung up
+    /// (`false`).
     ///
-    /// While a call of this end waits for its reply, it also watches for the peer's hang-up,
-    /// which nothing else would read until a request finishes (which may wait for that call):
-    /// once the peer has gone, it reads on while a call waits, to hear the end.
+    /// Meanwhile it watches for the peer's hang-up, which nothing else would read until a
+    /// request finishes, which may be never (a handler that waits for a call of this end's,
+    /// or for good): once the peer has gone, it reads on to hear the end, so that waiting
+    /// calls fail and the peer's calls are cancelled. What it reads then is bounded by what
+    /// the peer had sent: nothing more can come. `peer_gone` is the reader's, kept from one
+    /// wait to the next: once set, it waits no more.
     #[cold]
-    async fn wait_for_room(&self) -> bool {
-        let mut peer_gone = false;
+    async fn wait_for_room(&self, peer_gone: &mut bool) -> bool {
         // Made the first time it watches, kept for the rest of this wait: a request that
         // finishes signals `room`, and each would otherwise make and register a copy anew.
         let mut gone = None;
         loop {
             let mut room = pin!(self.room.notified());
             room.as_mut().enable();
-            let watch = {
+            {
                 let state = self.lock();
                 // Set before the backlog is read, so that a request finishing after that
                 // read sees it and signals `room` (both `SeqCst`).
                 self.on_finish.fetch_or(super::PAUSED, Ordering::SeqCst);
                 let hung_up = self.hung_up.load(Ordering::SeqCst);
-                let a_call_waits = !state.pending.nobody_waits();
-                if hung_up || !self.must_pause(&state) || (peer_gone && a_call_waits) {
+                if hung_up || !self.must_pause(&state) || *peer_gone {
                     self.on_finish.fetch_and(!super::PAUSED, Ordering::SeqCst);
                     return !hung_up;
                 }
-                a_call_waits && !peer_gone
-            };
+            }
             // A sender waiting for this reader to read why the peer went waits no more
             // (`Inner::why_unsent`).
             self.ended.notify_waiters();
-            if !watch {
-                room.await;
-                continue;
-            }
             let gone = gone.get_or_insert_with(|| Box::pin(self.peer_hangs_up()));
-            peer_gone = std::future::poll_fn(|cx| match room.as_mut().poll(cx) {
+            *peer_gone = std::future::poll_fn(|cx| match room.as_mut().poll(cx) {
                 Poll::Ready(()) => Poll::Ready(false),
                 Poll::Pending => gone.as_mut().poll(cx).map(|()| true),
             })
@@ -345,7 +344,7 @@ impl Inner {
     /// Returns once the peer has hung up (or the socket fails), watched on a registration of
     /// a copy of the socket's fd: the reader's own readiness stays as it is, for the requests
     /// that wait in the socket (clearing it would lose their wake-up). Never, if the copy
-    /// cannot be made (out of fds): the call waits for room as before.
+    /// cannot be made (out of fds): the reader then waits for room alone.
     #[cold]
     #[inline(never)]
     async fn peer_hangs_up(&self) {
