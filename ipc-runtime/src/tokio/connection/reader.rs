@@ -432,13 +432,6 @@ impl Inner {
         });
         state.closed = Some(why);
         drop(state);
-        for (mut frame, envelope, _) in held {
-            if self.trace && envelope.kind == Kind::Call {
-                trace::dropped_cancelled(&self.name, envelope.cookie, false, true);
-            }
-            frame.discard_fds();
-        }
-        self.drop_cancelled(cancelled);
         self.ended.notify_waiters();
         // Calls waiting for the replies to go out wait no more (see `wait_for_reply_room`).
         self.reply_room.notify_waiters();
@@ -449,6 +442,14 @@ impl Inner {
         if let Some(line) = traced {
             trace::line(&line);
         }
+        // After the end's line, which they follow from.
+        for (mut frame, envelope, _) in held {
+            if self.trace && envelope.kind == Kind::Call {
+                trace::dropped_cancelled(&self.name, envelope.cookie, false, true);
+            }
+            frame.discard_fds();
+        }
+        self.drop_cancelled(cancelled);
     }
 
     /// Says a received message, or for a reply returns what to say once it is routed: a
