@@ -399,8 +399,9 @@ impl Inner {
         }
         let waiting = state.pending.fail_all(&why);
         state.oneways = None;
-        // The peer's calls are cancelled, as a cancel of the peer's would, unless this end
-        // only stopped reading: their replies can go nowhere now.
+        // The peer's calls are cancelled, as a cancel of the peer's would: their replies can
+        // go nowhere now. Unless they still can: this end only stopped reading, or the peer
+        // only shut its sending side.
         let replies_go = self.replies_still_go(&why);
         let cancelled = match replies_go {
             true => Cancelled::default(),
@@ -408,9 +409,9 @@ impl Inner {
         };
         // Requests held for a server still to come: oneways run if one comes, when the peer
         // hung up (as the blocking flavour's run what is left in the socket): a worker may
-        // send its last oneways and exit before its parent serves. Calls too if this end
-        // only stopped reading. Dropped otherwise: this end closed, or the connection broke
-        // (a protocol error, the bounds, the runtime gone).
+        // send its last oneways and exit before its parent serves. Calls too while their
+        // replies can still go out. Dropped otherwise: this end closed, or the connection
+        // broke (a protocol error, the bounds, the runtime gone).
         let held = match why {
             _ if replies_go => Vec::new(),
             Error::Disconnected | Error::ShutDown if !self.closed_here() => {
