@@ -1473,32 +1473,19 @@ fn a_peer_that_hung_up_before_this_end_served_has_its_oneways_run_and_its_calls_
 }
 
 /// `close` cancels the calls running too, whose replies can go nowhere: the handler's future
-/// is dropped (its gate never opens) and `run` returns. Before, `run` waited for it.
-#[test]
-fn async_close_cancels_a_running_call() {
-    let (held, peer) = HeldCall::new(None, &[]);
-    held.server.close();
-    let ran = held.served_to_the_end("the handler ran on after close");
-    assert_eq!(ran, []);
-    assert!(
-        matches!(peer.recv(), Err(crate::Error::Disconnected)),
-        "a reply came"
-    );
-}
-
-/// `close` cancels the calls running also on a connection that has ended already with their
-/// replies still to go out (the peer shut only its sending side, and still reads): the
-/// handler's future is dropped, its call's fds closed, and `run` returns. Before, `close`
-/// found the connection ended and cancelled nothing: the handler ran on, holding the socket.
-#[test]
-fn async_close_cancels_a_running_call_once_the_peer_shut_only_its_sending_side() {
+/// is dropped (its gate never opens), its call's fds closed, no reply goes out, and `run`
+/// returns. Before, `run` waited for it. With `half_closed`, the peer has shut only its
+/// sending side (and still reads) first: the connection has ended then, its replies still to
+/// go out, with nothing cancelled; before, `close` then found it ended and cancelled nothing.
+fn close_cancels_the_running_call(half_closed: bool) {
     let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK).unwrap();
     let (held, peer) = HeldCall::new(None, &[write_end.as_fd()]);
     drop(write_end);
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&peer.as_fd());
-    nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Write).unwrap();
-    // Ended, the reply still to go out: nothing is cancelled yet.
-    held.runtime.block_on(until_ended(&held.server));
+    if half_closed {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&peer.as_fd());
+        nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Write).unwrap();
+        held.runtime.block_on(until_ended(&held.server));
+    }
     held.server.close();
     let ran = held.served_to_the_end("the handler ran on after close");
     assert_eq!(ran, []);
@@ -1507,6 +1494,16 @@ fn async_close_cancels_a_running_call_once_the_peer_shut_only_its_sending_side()
         "a reply came"
     );
     assert!(write_ends_closed(&read_end), "an fd is still open");
+}
+
+#[test]
+fn async_close_cancels_a_running_call() {
+    close_cancels_the_running_call(false);
+}
+
+#[test]
+fn async_close_cancels_a_running_call_once_the_peer_shut_only_its_sending_side() {
+    close_cancels_the_running_call(true);
 }
 
 /// A call waiting for a oneway that closes the connection never runs, also when its task is
