@@ -561,22 +561,22 @@ impl AsyncConnection {
         let closed = trace::EndedHere::Closed as u8;
         self.inner.ended_here.store(closed, Ordering::SeqCst);
         self.inner.hang_up(Socket::shutdown);
-        self.inner.fail(Error::Disconnected);
-        // Held past a hang-up of the peer's for a server to come (see `fail`): never run.
-        let held = std::mem::take(&mut self.inner.lock().held);
-        for (mut frame, ..) in held {
-            frame.discard_fds();
+        // `fail` cancels the calls running and drops the requests held and the calls waiting
+        // for a slot, now, not once the calls running have finished, which may be never. On
+        // a connection that had ended already, it does nothing: the peer had hung up (its
+        // oneways held for a server to come are kept), or the replies could still go out then
+        // (this end stopped reading, or the peer shut only its sending side). Done here then.
+        if !self.inner.fail(Error::Disconnected) {
+            let (held, cancelled) = {
+                let mut state = self.inner.lock();
+                let held = std::mem::take(&mut state.held);
+                (held, self.inner.cancel_calls(&mut state))
+            };
+            for (mut frame, ..) in held {
+                frame.discard_fds();
+            }
+            self.inner.drop_cancelled(cancelled);
         }
-        // The calls running are cancelled, and those waiting for a slot
-        // (`set_max_calls_at_once`) dropped, now, not once the calls running have finished,
-        // which may be never: also on a connection that had ended with their replies still
-        // to go out (this end stopped reading, or the peer shut only its sending side), where
-        // `fail` above changed nothing, and that cancelled nothing then.
-        let cancelled = {
-            let mut state = self.inner.lock();
-            self.inner.cancel_calls(&mut state)
-        };
-        self.inner.drop_cancelled(cancelled);
         // The calls waiting for oneways look again, and see they are not to run.
         self.inner.oneways_run.send_modify(|_| {});
     }

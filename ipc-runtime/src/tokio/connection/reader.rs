@@ -387,11 +387,11 @@ impl Inner {
     }
 
     /// Ends the connection with `why`: every waiting call gets it, the oneway task finishes
-    /// what it has, and the reader stops.
-    pub(super) fn fail(&self, why: Error) {
+    /// what it has, and the reader stops. Whether it ended it (not if it had ended already).
+    pub(super) fn fail(&self, why: Error) -> bool {
         let mut state = self.lock();
         if state.closed.is_some() {
-            return;
+            return false;
         }
         if !matches!(why, Error::Disconnected) {
             // A protocol error leaves the stream unusable; make sure the peer sees it.
@@ -451,6 +451,7 @@ impl Inner {
             frame.discard_fds();
         }
         self.drop_cancelled(cancelled);
+        true
     }
 
     /// Says a received message, or for a reply returns what to say once it is routed: a
