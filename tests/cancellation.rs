@@ -433,8 +433,9 @@ fn trace_and_signal_lines(
     (rx, reading)
 }
 
-/// An async worker, the test `test` of this binary, run with `TYPED_IPC_DEBUG=1`: the worker,
-/// the connection to it, and its trace ([`trace_lines`]).
+/// A worker, the test `test` of this binary (`child_async_camera`, `child_blocking_camera`),
+/// run with `TYPED_IPC_DEBUG=1` and spawned from async code: the worker, the connection to
+/// it, and its trace ([`trace_lines`]).
 fn traced_async_worker(
     test: &str,
 ) -> (
@@ -505,7 +506,7 @@ fn an_async_worker_whose_parent_hangs_up_cancels_its_calls_and_runs_its_oneways(
     let before = fd_snapshot();
     let rt = runtime();
     rt.block_on(async {
-        let (mut worker, conn, lines, reading) = traced_async_worker("child_async_camera");
+        let (worker, conn, lines, reading) = traced_async_worker("child_async_camera");
         let camera = asynchronous::CameraClient::new(conn.clone());
         let (signal, held) = pipe();
         let hang = tokio::spawn({
@@ -539,13 +540,56 @@ fn an_async_worker_whose_parent_hangs_up_cancels_its_calls_and_runs_its_oneways(
                 .unwrap_or_else(|_| panic!("the worker never said {unsaid:?}"));
             unsaid.retain(|what| !line.contains(what));
         }
-        let marks = read_to_end_guarded(mark, "the call behind the oneway kept its fd");
-        assert!(marks.is_empty(), "the call behind the oneway ran");
-        // The oneway still runs, to its end, and then the worker's `serve` returns.
-        drop(gate);
         drop((camera, conn));
-        assert!(matches!(worker.wait().unwrap(), Exit::Code(0)));
-        reading.join().unwrap();
+        never_ran_and_exits(mark, gate, worker, reading);
+    });
+    drop(rt);
+    before.assert_nothing_new();
+}
+
+/// After a hang-up in mid-call: the call behind the oneway never ran (its `mark` pipe ends
+/// unwritten, its fd closed); the oneway runs on to its end once its `gate` is dropped, and
+/// the worker, its serving done, exits 0 (its trace, read by `reading`, ends with it).
+fn never_ran_and_exits(
+    mark: OwnedFd,
+    gate: OwnedFd,
+    mut worker: Worker,
+    reading: std::thread::JoinHandle<()>,
+) {
+    let marks = read_to_end_guarded(mark, "the call behind the oneway kept its fd");
+    assert!(marks.is_empty(), "the call behind the oneway ran");
+    drop(gate);
+    assert!(matches!(worker.wait().unwrap(), Exit::Code(0)));
+    reading.join().unwrap();
+}
+
+/// A parent that hangs up mid-call (here with `close`) has its blocking worker drop the call
+/// it had not started, whose reply could go nowhere: the call queued behind a oneway never
+/// runs, its fd is closed, and the trace says why. The oneway runs on to its end, and the
+/// worker's serving threads then return, so it exits. Before, the call ran once the oneway
+/// was done, for nobody. (The parent is async so that it knows the call went out before it
+/// hangs up: the call's first poll sends it.)
+#[test]
+fn a_blocking_worker_whose_parent_hangs_up_drops_its_queued_calls_and_runs_its_oneways() {
+    let _fds = fd_count_lock();
+    let before = fd_snapshot();
+    let rt = runtime();
+    rt.block_on(async {
+        let (worker, conn, lines, reading) = traced_async_worker("child_blocking_camera");
+        let camera = asynchronous::CameraClient::new(conn.clone());
+        let (signal, signalled) = pipe();
+        let (gated, gate) = pipe();
+        camera.gate(signalled, gated).await.unwrap();
+        assert_eq!(read_byte(&signal), b'!', "the gate is running");
+        let (mark, marked) = pipe();
+        let mut behind = Box::pin(camera.mark(marked));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(behind.as_mut().poll(&mut cx).is_pending(), "sent");
+        conn.close();
+        assert!(matches!(behind.await, Err(Error::Disconnected)));
+        wait_for_line(&lines, "cancelled as the connection ended: unrun");
+        drop((camera, conn, signal));
+        never_ran_and_exits(mark, gate, worker, reading);
     });
     drop(rt);
     before.assert_nothing_new();

@@ -69,8 +69,9 @@ pub const ENV: &str = "TYPED_IPC_FD";
 /// longer than the child process: once the child exits, or [`Worker::kill`] has signalled
 /// it, the connection ends as if the child had hung up, even if the child's end of the socket
 /// lives on (in a process the worker forked, or sent back over the connection): callers still
-/// waiting get [`Error::Disconnected`] at once, and requests the child sent before still
-/// run, in order. A thread of this process, one per worker and asleep on the child's pidfd,
+/// waiting get [`Error::Disconnected`] at once, the oneway messages the child sent before
+/// still run, in order, and its calls not started are dropped (their replies could go
+/// nowhere). A thread of this process, one per worker and asleep on the child's pidfd,
 /// sees the exit; it ends once the child has exited, and [`Worker::wait`] and the drop wait
 /// for it to let go of its copy of the pidfd, so counting fds after either finds none extra.
 /// On kernels without pidfds (Linux < 5.3) there is no such thread, and the death is seen

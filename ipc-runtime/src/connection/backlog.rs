@@ -16,16 +16,17 @@
 //! hung up: it watches the socket for that meanwhile, in the blocking flavour
 //! `Shared::sleep_watching_for_hang_up`, in the async one the paused reader's
 //! `Inner::peer_hangs_up`. The async reader watches whether or not a call waits, and reads on to
-//! the end once the peer has gone, so that the peer's calls are cancelled.) Only a call made from a
-//! handler of this connection (a callback calling back into its peer) needs the reader to read on:
-//! the requests held may wait for that handler (its serving thread, or the oneway it runs), and its
-//! reply may come after more of them. So does any call while nothing serves on this end yet: what
-//! serves may come only once the call is answered (a `service_with` whose `make` calls the client).
-//! Then requests are taken in past the bounds, up to [`HARD_FACTOR`] times them, and the connection
-//! ends past that; and at once if nothing serves on this end nor is coming (nothing would ever take
-//! those requests: a caller reads on then, to end the connection rather than wait for good). A call
-//! that a handler makes on another thread or task and waits for is not known as the handler's: it
-//! waits for room as any call does.
+//! the end once the peer has gone, so that the peer's calls are cancelled; in the blocking flavour
+//! a serving thread whose reply found the peer gone does, `Shared::why_unsent`.) Only a call made
+//! from a handler of this connection (a callback calling back into its peer) needs the reader to
+//! read on: the requests held may wait for that handler (its serving thread, or the oneway it
+//! runs), and its reply may come after more of them. So does any call while nothing serves on this
+//! end yet: what serves may come only once the call is answered (a `service_with` whose `make`
+//! calls the client). Then requests are taken in past the bounds, up to [`HARD_FACTOR`] times them,
+//! and the connection ends past that; and at once if nothing serves on this end nor is coming
+//! (nothing would ever take those requests: a caller reads on then, to end the connection rather
+//! than wait for good). A call that a handler makes on another thread or task and waits for is not
+//! known as the handler's: it waits for room as any call does.
 //!
 //! The replies waiting to go out are bounded too, in the async flavour: a handler that has
 //! replied holds its reply's encoded bytes until the socket takes them, and a peer that

@@ -46,6 +46,19 @@
 //! lock, and nothing past the request queue's bounds), or waits, at most until its deadline,
 //! for the thread that reads to read the end (`Shared::why_unsent`).
 //!
+//! The peer's calls that have not started by then never run, as if the peer had cancelled
+//! each: their replies could go nowhere. They are dropped as the end is read, their fds
+//! closed; the peer's oneway messages still run, in order (a worker may send its last ones
+//! as it exits). A handler already running runs to its end (a thread cannot be stopped), and
+//! so does a call a serving thread read before the end could be seen, at most one per
+//! thread: its reply finds the peer gone, and the thread then reads what is left to its end
+//! (past the request queue's bounds too, if it serves: what is left is what the socket
+//! held), so that the calls there are dropped rather than run one by one. The same holds
+//! when the stream breaks (a protocol error) or this end shuts the socket (a worker that
+//! exited or was killed). Replies still go out after this end's
+//! [`Connection::stop_reading`], and to a peer that shut only its sending side
+//! (`shutdown(SHUT_WR)`), which still reads: their calls run and are answered.
+//!
 //! # What a peer can make this end hold
 //!
 //! The peer is not trusted, and no stream of valid messages makes this end hold memory or fds
@@ -174,7 +187,12 @@ use serving::keep_buffer;
 /// chain that nests `k` handlers deep at this end hold `n * k` of its threads.
 /// Oneway messages run one at a time, in the order sent, and a call runs only once the
 /// oneways that arrived before it have run. When the peer hangs up or dies, every waiting
-/// caller gets [`Error::Disconnected`] at once.
+/// caller gets [`Error::Disconnected`] at once, and the peer's calls that have not started
+/// never run (their replies could go nowhere): they are dropped, their fds closed, while its
+/// oneway messages still run, in order. A handler already running runs to its end, and so
+/// does a call a serving thread read before it could see the hang-up, at most one per
+/// thread. A peer that shut only its sending side (`shutdown(SHUT_WR)`) still reads: its
+/// calls run and are answered.
 ///
 /// # What a peer can make this end hold
 ///
@@ -577,9 +595,10 @@ impl Connection {
     /// in the socket are dropped if a thread waiting on the connection reads them, or else go
     /// with the socket when the last clone is dropped. Handlers already running finish (their
     /// replies fail), and each serving thread returns once its own is done. (When the peer
-    /// hangs up instead, the requests it sent before still run, in order; after
-    /// [`Connection::stop_reading`], those received by then do, and those still unread in
-    /// the socket too if no thread was in [`Connection::run`]: see there.)
+    /// hangs up instead, its calls not started are dropped too, while the oneway messages it
+    /// sent before still run, in order: see [`Connection`]; after
+    /// [`Connection::stop_reading`], the requests received by then run, and those still
+    /// unread in the socket too if no thread was in [`Connection::run`]: see there.)
     pub fn close(&self) {
         let dropped = self.shared.close_here();
         let _ = self.shared.socket.shutdown();

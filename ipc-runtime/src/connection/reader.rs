@@ -352,7 +352,7 @@ impl Shared {
     /// again): the hand-off may start a closer thread, or, if none can start, close them here.
     #[cold]
     #[inline(never)]
-    fn close_unclaimed<'a>(&'a self, mut state: Guard<'a>) -> Guard<'a> {
+    pub(super) fn close_unclaimed<'a>(&'a self, mut state: Guard<'a>) -> Guard<'a> {
         let mut unclaimed = std::mem::take(&mut state.unclaimed);
         drop(state);
         crate::closer::close_all(&mut unclaimed);
@@ -823,7 +823,8 @@ impl Shared {
         }
     }
 
-    /// Ends the connection with `why` and wakes everyone waiting on it.
+    /// Ends the connection with `why` and wakes everyone waiting on it. Unless replies can
+    /// still go out, drops the peer's calls queued ([`Shared::drop_calls_at_end`]).
     pub(super) fn fail(&self, state: &mut State, why: Error) {
         if state.closed.is_none() {
             if !matches!(why, Error::Disconnected) {
@@ -838,10 +839,41 @@ impl Shared {
                     self.ended_here(state),
                 ));
             }
+            // `close` takes what is queued itself. Else the peer hung up or died, or this end
+            // shut the socket (a worker's closer), or the stream broke: only an end of the
+            // peer's sending side (`SHUT_WR`), or of this end's reading side
+            // (`stop_reading`), still lets replies out, and the kernel says which (one `poll`).
+            let replies_go = matches!(why, Error::Disconnected) && !self.socket.has_ended();
             state.closed = Some(why);
             self.ended.store(true, Ordering::Release);
+            if !state.closed_here && !replies_go && !state.calls.is_empty() {
+                self.drop_calls_at_end(state);
+            }
         }
         self.wake_all(state);
+    }
+
+    /// As the connection ends with no reply able to go out: drops the peer's calls still
+    /// queued, unrun, as the async flavour cancels them and as a cancel of the peer's would
+    /// ([`Shared::cancel_queued`]): their fds closed once the lock is let go, a placement
+    /// done with unread, each said after the line that says the end. Its oneways stay queued
+    /// and still run, in order (a worker may send its last ones as it exits).
+    #[cold]
+    #[inline(never)]
+    fn drop_calls_at_end(&self, state: &mut State) {
+        for Queued { mut frame, .. } in std::mem::take(&mut state.calls) {
+            state.backlog.remove(Cost::of(&frame));
+            if let Some(end) = state.end_unsaid.as_mut()
+                && let Ok(envelope) = Envelope::read(&frame.payload)
+            {
+                let line =
+                    super::trace::dropped_cancelled_line(&self.name, envelope.cookie, false, true);
+                end.push('\n');
+                end.push_str(&line);
+            }
+            self.lane.finished(&frame.payload);
+            unclaimed(state, &mut frame);
+        }
     }
 }
 

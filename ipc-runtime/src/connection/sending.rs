@@ -260,7 +260,11 @@ impl Shared {
             }
             let readable = self.socket.ready_now(PollFlags::POLLIN);
             if !state.reading {
-                if !readable.contains(PollFlags::POLLIN) || state.backlog.full() {
+                // Past the bounds once the peer has gone for good, if something serves: what
+                // is left is bounded by what the socket held, and the end drops its calls.
+                let gone = readable.contains(PollFlags::POLLHUP)
+                    && (state.runners > 0 || state.runners_coming);
+                if !readable.contains(PollFlags::POLLIN) || (state.backlog.full() && !gone) {
                     // Nothing to read (the peer shut only its reading side, say), or nothing
                     // this thread may read.
                     return e;

@@ -242,12 +242,21 @@ impl Shared {
     }
 
     /// Answers `call` with `failure`, waiting for room as long as it takes, and says so. If
-    /// it cannot go out, the connection ends ([`Shared::unanswerable`]).
+    /// it cannot go out, the connection ends ([`Shared::unanswerable`]); if the peer has
+    /// gone, what it sent is read to its end first, as after a reply ([`Replier::send`]).
     pub(super) fn reply_failure(&self, call: &Envelope, failure: &Failure) {
         match self.send_failure(call, failure, true) {
             Ok(_) if self.trace => trace::failure(&self.name, call.cookie, failure),
             Ok(_) => {}
-            Err(e) => self.unanswerable(&mut self.state.lock(), &e),
+            Err(e) => {
+                let e = self.why_unsent(e, None);
+                let mut state = self.state.lock();
+                self.unanswerable(&mut state, &e);
+                // The calls dropped as it ended ([`Shared::fail`]) hold fds to close.
+                if !state.unclaimed.is_empty() {
+                    drop(self.close_unclaimed(state));
+                }
+            }
         }
     }
 
@@ -393,12 +402,27 @@ impl Replier<'_> {
             self.say(envelope.cookie, value);
         }
         let sent = self.shared.send(&envelope, value, None);
-        if let Err(e) = &sent
-            && self.shared.trace
-        {
-            trace::send_failed(&self.shared.name, "Reply", envelope.cookie, e, None);
+        if let Err(e) = &sent {
+            self.failed(envelope.cookie, e);
         }
         sent.map(drop)
+    }
+
+    /// The reply to call `cookie` could not go out (`e`): says so, and if the peer has gone,
+    /// reads what it sent to its end (as a send does, [`Shared::why_unsent`]), so that the
+    /// calls still in the socket are dropped there rather than run for nobody: a serving
+    /// thread would read and run them one by one, each before it could see the end. (The
+    /// handler still gets `e`: borrowed, as the reply's path costs 10 instructions more a
+    /// call when this takes it and returns what `why_unsent` says.)
+    #[cold]
+    #[inline(never)]
+    fn failed(&self, cookie: u64, e: &Error) {
+        if self.shared.trace {
+            trace::send_failed(&self.shared.name, "Reply", cookie, e, None);
+        }
+        if matches!(e, Error::Disconnected) {
+            self.shared.why_unsent(Error::Disconnected, None);
+        }
     }
 
     /// Says the reply `value` to call `cookie` (out of line: only ever with tracing on).

@@ -1,6 +1,6 @@
 //! The reader role's hand-offs, which only the connection's insides can observe.
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Mutex, mpsc};
 use std::time::{Duration, Instant};
@@ -1605,17 +1605,90 @@ fn close_drops_the_requests_not_started_and_closes_their_fds() {
     assert_eq!(*run.lock().unwrap(), [], "requests ran after close");
 }
 
-/// When the peer hangs up instead, the requests it sent before still run, in order: those
-/// queued and those unread in the socket.
+/// When the peer hangs up instead, its calls that have not started are dropped, as on
+/// `close`, since their replies could go nowhere: those queued, and the one still unread in
+/// the socket, read once the running call's reply finds the peer gone. Its oneways still run,
+/// in order, and every fd the requests carried is closed. (Before, the calls ran too, for
+/// nobody.)
 #[test]
-fn a_peer_hanging_up_leaves_its_queued_requests_to_run() {
-    let (a, _b, open, server, run, read_end) = queued_behind_hold();
+fn a_peer_hanging_up_has_its_calls_not_started_dropped_and_its_oneways_run() {
+    let (a, b, open, server, run, read_end) = queued_behind_hold();
     a.close();
     open.send(()).unwrap();
     server.join().unwrap().unwrap();
-    assert_eq!(*run.lock().unwrap(), [1, 2, 3, 4, 5, 6, 7, 8, 20]);
+    assert_eq!(*run.lock().unwrap(), [1, 3, 5, 7]);
     crate::closer::wait_for_closes(); // the fds dropped are closed on the closer's threads
     assert_eq!(nix::unistd::read(&read_end, &mut [0; 1]), Ok(0));
+    let state = b.shared.state.lock();
+    assert!(state.calls.is_empty() && state.backlog.is_empty());
+}
+
+/// A peer that shuts only its sending side still reads: its calls, queued and unread, all run
+/// after it did, in order, and their replies reach it.
+#[test]
+fn a_peer_that_shuts_only_its_sending_side_has_its_calls_run_and_answered() {
+    let (a, _b, open, server, run, _read_end) = queued_behind_hold();
+    let peer = a.socket();
+    nix::sys::socket::shutdown(peer.as_fd().as_raw_fd(), nix::sys::socket::Shutdown::Write)
+        .unwrap();
+    open.send(()).unwrap();
+    server.join().unwrap().unwrap();
+    assert_eq!(*run.lock().unwrap(), [1, 2, 3, 4, 5, 6, 7, 8, 20]);
+    let replied: Vec<_> = (0..6)
+        .map(|_| {
+            let reply = Envelope::read(&peer.recv().unwrap().payload).unwrap();
+            (reply.kind, reply.cookie)
+        })
+        .collect();
+    let calls = [1, 3, 5, 7, 9, 20];
+    assert_eq!(replied, calls.map(|cookie| (Kind::Reply, cookie)));
+}
+
+/// A failure that finds the peer gone (here the answer to a command the service lacks,
+/// refused before any handler runs) has the serving thread read what the peer sent to its
+/// end too: the calls behind it never run. (With only a reply doing so, the first call behind
+/// it ran, its reply the first to fail.)
+#[test]
+fn a_failure_that_finds_the_peer_gone_has_the_calls_behind_it_dropped() {
+    let (a, b) = Connection::pair().unwrap();
+    let peer = a.socket();
+    peer.send(&ordered_request(Kind::Call, 99, 1, 0), &[])
+        .unwrap();
+    for seq in 1..=2 {
+        peer.send(&ordered_request(Kind::Call, 2, 1 + seq, seq), &[])
+            .unwrap();
+    }
+    a.close();
+    let run = std::sync::Arc::new(Mutex::new(Vec::new()));
+    let (started, _has_started) = mpsc::channel();
+    let (_open, gate) = mpsc::channel();
+    let ordered = Ordered {
+        started,
+        gate: Mutex::new(gate),
+        run: run.clone(),
+    };
+    b.serve(ordered).unwrap();
+    assert_eq!(*run.lock().unwrap(), []);
+}
+
+/// A peer that filled the request queue to its bounds with calls, and hung up, has none of
+/// them run: the running call's reply finds it gone, and what it sent is read to its end,
+/// past the bounds, where its calls are dropped. (Before, they all ran, for nobody; and with
+/// only the calls dropped at the end, the first still ran, to let the end in.)
+#[test]
+fn calls_filling_the_queue_of_a_peer_that_hung_up_never_run() {
+    let (a, b, open, server, run) = serving_held();
+    let peer = a.socket();
+    fill_the_queue_through_a_call(&b, peer, Kind::Call);
+    peer.send(&ordered_request(Kind::Call, 2, 2_000, 2_000), &[])
+        .unwrap();
+    a.close();
+    open.send(()).unwrap();
+    server.join().unwrap().unwrap();
+    let ran = run.lock().unwrap().len();
+    assert_eq!(ran, 0, "{ran} of the calls ran");
+    let state = b.shared.state.lock();
+    assert!(state.calls.is_empty() && state.backlog.is_empty());
 }
 
 /// With tracing on, a reader that takes in another caller's reply says it only once the reply
@@ -1939,10 +2012,11 @@ fn a_thread_waiting_to_send_reads_again_once_requests_leave_the_full_queue() {
     runner.join().unwrap().unwrap();
 }
 
-/// Fills `b`'s request queue to its bounds with the peer's oneways: a handler's call back
-/// into the peer (a thread serving `b`, as far as the call can tell) takes them in, as it
-/// reads, before its reply. (Any other caller would wait for room with the serving threads.)
-fn fill_the_queue_through_a_call(b: &Connection, peer: &crate::socket::Socket) {
+/// Fills `b`'s request queue to its bounds with the peer's requests of `kind` (oneways, or
+/// calls each of a cookie of its own): a handler's call back into the peer (a thread serving
+/// `b`, as far as the call can tell) takes them in, as it reads, before its reply. (Any
+/// other caller would wait for room with the serving threads.)
+fn fill_the_queue_through_a_call(b: &Connection, peer: &crate::socket::Socket, kind: Kind) {
     let caller = {
         let b = b.clone();
         std::thread::spawn(move || {
@@ -1952,8 +2026,11 @@ fn fill_the_queue_through_a_call(b: &Connection, peer: &crate::socket::Socket) {
     };
     let call = peer.recv().unwrap();
     for seq in 1..=super::backlog::MAX_REQUESTS as u64 {
-        peer.send(&ordered_request(Kind::Oneway, 3, 0, seq), &[])
-            .unwrap();
+        let request = match kind {
+            Kind::Oneway => ordered_request(Kind::Oneway, 3, 0, seq),
+            _ => ordered_request(Kind::Call, 2, 1 + seq, seq),
+        };
+        peer.send(&request, &[]).unwrap();
     }
     peer.send(&reply_to(&call, &5u32), &[]).unwrap();
     assert_eq!(caller.join().unwrap().unwrap(), 5);
@@ -1968,7 +2045,7 @@ fn a_send_waiting_at_the_bounds_of_the_queue_times_out() {
     let (a, b) = Connection::pair().unwrap();
     let peer = a.socket();
     let (open, _started, runner) = serving_a_held_oneway(&b, peer);
-    fill_the_queue_through_a_call(&b, peer);
+    fill_the_queue_through_a_call(&b, peer, Kind::Oneway);
     let timeout = Some(Duration::from_millis(50));
     let sent = b.oneway(&IFACE, 1, &"x".repeat(32 << 20), timeout);
     assert!(matches!(sent, Err(Error::TimedOut)), "{sent:?}");
@@ -2130,7 +2207,7 @@ fn a_send_to_a_peer_gone_reads_nothing_past_the_bounds_of_the_queue() {
 
     let (a, b) = Connection::pair().unwrap();
     let peer = a.socket();
-    fill_the_queue_through_a_call(&b, peer);
+    fill_the_queue_through_a_call(&b, peer, Kind::Oneway);
     // One more, which nobody reads, and the peer reads no more: `b`'s sends fail (`EPIPE`).
     peer.send(&ordered_request(Kind::Oneway, 3, 0, 0), &[])
         .unwrap();
@@ -2885,7 +2962,7 @@ fn a_caller_waiting_for_room_gets_disconnected_once_the_peer_hangs_up() {
     let (ours, theirs) = crate::Socket::pair().unwrap();
     let b = Connection::new(ours);
     let (open, _started, runner) = serving_a_held_oneway(&b, &theirs);
-    fill_the_queue_through_a_call(&b, &theirs);
+    fill_the_queue_through_a_call(&b, &theirs, Kind::Oneway);
     let (done, outcome) = mpsc::channel();
     let caller = {
         let b = b.clone();

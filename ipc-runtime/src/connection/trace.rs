@@ -467,6 +467,18 @@ pub(crate) fn turned_away(peer: Option<&PeerCredentials>, reason: &str, told: bo
 #[cold]
 #[inline(never)]
 pub(crate) fn dropped_cancelled(name: &Name, cookie: u64, running: bool, ended: bool) {
+    line(&dropped_cancelled_line(name, cookie, running, ended));
+}
+
+/// The line [`dropped_cancelled`] says.
+#[cold]
+#[inline(never)]
+pub(crate) fn dropped_cancelled_line(
+    name: &Name,
+    cookie: u64,
+    running: bool,
+    ended: bool,
+) -> String {
     let how = match running {
         true => "its handler dropped",
         false => "unrun",
@@ -475,9 +487,7 @@ pub(crate) fn dropped_cancelled(name: &Name, cookie: u64, running: bool, ended: 
         true => "as the connection ended",
         false => "by the peer",
     };
-    line(&format!(
-        "{name} -- Call #{cookie} cancelled {by}: {how}, no reply"
-    ));
+    format!("{name} -- Call #{cookie} cancelled {by}: {how}, no reply")
 }
 
 /// The failure this process answers call `cookie` with: `-> Failure #3: Unanswered("…")`.

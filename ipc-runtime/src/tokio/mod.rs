@@ -42,8 +42,9 @@
 //!   [`Error::Disconnected`] at once, and the calls it made here are cancelled, as its cancel
 //!   of each would: their handlers' futures are dropped, and those not started never run
 //!   (their replies could go nowhere). Its oneway messages still run, in order.
-//!   ([`AsyncConnection::close`] says what becomes of each request; a blocking server runs
-//!   its calls to their end, as it cannot stop a handler.)
+//!   ([`AsyncConnection::close`] says what becomes of each request; a blocking server drops
+//!   the calls it has not started too, but runs those started to their end, as it cannot
+//!   stop a handler: see [`Connection`](crate::Connection).)
 //! - **Bounds**: the requests a connection has received and not finished (held for a server to
 //!   come, queued for the oneway task, or in their handler's task until the reply is out) are at
 //!   most 1,024, 32 MiB of message buffers, or 4,096 fds, as in the blocking flavour (see
