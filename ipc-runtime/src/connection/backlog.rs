@@ -109,7 +109,7 @@ impl Backlog {
     }
 
     /// Past what even a reader that must read takes in.
-    fn over_cap(&self) -> bool {
+    pub(crate) fn over_cap(&self) -> bool {
         self.requests >= HARD_FACTOR * MAX_REQUESTS
             || self.bytes >= HARD_FACTOR * MAX_REQUEST_BYTES
             || self.fds >= HARD_FACTOR * MAX_REQUEST_FDS

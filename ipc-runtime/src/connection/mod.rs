@@ -53,7 +53,8 @@
 //! so does a call a serving thread read before the end could be seen, at most one per
 //! thread: its reply finds the peer gone, and the thread then reads what is left to its end
 //! (past the request queue's bounds too, if it serves: what is left is what the socket
-//! held), so that the calls there are dropped rather than run one by one. The same holds
+//! held; short of their hard cap, past which the serving threads read the rest at their
+//! pace), so that the calls there are dropped rather than run one by one. The same holds
 //! when the stream breaks (a protocol error) or this end shuts the socket (a worker that
 //! exited or was killed). Replies still go out after this end's
 //! [`Connection::stop_reading`], and to a peer that shut only its sending side

@@ -449,6 +449,44 @@ fn calls_filling_the_queue_of_a_peer_that_hung_up_never_run() {
     assert!(state.calls.is_empty() && state.backlog.is_empty());
 }
 
+/// A peer that sent more requests than the queue holds and hung up before the reply to the
+/// call running could go still has every oneway run, and `serve` returns `Ok`: the serving
+/// thread whose reply finds it gone reads what is left past the bounds, but never up to
+/// where the queue's hard cap would end the connection (as if the peer had flooded a
+/// handler's call back), dropping every oneway and making `serve` fail. The rest is read at
+/// the serving threads' pace, as before. Here a handler's call back took the queue near that
+/// cap; a send buffer does as much alone where `net.core.wmem_max` allows one of 4 MiB (it
+/// then holds some 10,000 small requests).
+#[test]
+fn oneways_past_the_bounds_of_a_peer_that_hung_up_all_run() {
+    let (a, b, open, server, run) = serving_held();
+    let peer = a.socket();
+    let caller = {
+        let b = b.clone();
+        std::thread::spawn(move || {
+            let _handler = b.test_handler_scope();
+            b.call::<_, u32>(&IFACE, 9, &(), None)
+        })
+    };
+    let call = peer.recv().unwrap();
+    let cap = (super::backlog::HARD_FACTOR * super::backlog::MAX_REQUESTS) as u64;
+    for seq in 1..cap {
+        peer.send(&ordered_request(Kind::Oneway, 3, 0, seq), &[])
+            .unwrap();
+    }
+    peer.send(&reply_to(&call, &5u32), &[]).unwrap();
+    assert_eq!(caller.join().unwrap().unwrap(), 5);
+    for seq in cap..cap + 2 {
+        peer.send(&ordered_request(Kind::Oneway, 3, 0, seq), &[])
+            .unwrap();
+    }
+    a.close();
+    open.send(()).unwrap();
+    let served = server.join().unwrap();
+    assert!(served.is_ok(), "{served:?}");
+    assert_eq!(*run.lock().unwrap(), (1..cap + 2).collect::<Vec<_>>());
+}
+
 /// How a connection ends under threads parked on it.
 #[derive(Clone, Copy, Debug)]
 enum Ending {
