@@ -461,21 +461,9 @@ fn calls_filling_the_queue_of_a_peer_that_hung_up_never_run() {
 fn oneways_past_the_bounds_of_a_peer_that_hung_up_all_run() {
     let (a, b, open, server, run) = serving_held();
     let peer = a.socket();
-    let caller = {
-        let b = b.clone();
-        std::thread::spawn(move || {
-            let _handler = b.test_handler_scope();
-            b.call::<_, u32>(&IFACE, 9, &(), None)
-        })
-    };
-    let call = peer.recv().unwrap();
     let cap = (super::backlog::HARD_FACTOR * super::backlog::MAX_REQUESTS) as u64;
-    for seq in 1..cap {
-        peer.send(&ordered_request(Kind::Oneway, 3, 0, seq), &[])
-            .unwrap();
-    }
-    peer.send(&reply_to(&call, &5u32), &[]).unwrap();
-    assert_eq!(caller.join().unwrap().unwrap(), 5);
+    let oneway = |seq| ordered_request(Kind::Oneway, 3, 0, seq);
+    take_in_through_a_call(&b, peer, (1..cap).map(oneway));
     for seq in cap..cap + 2 {
         peer.send(&ordered_request(Kind::Oneway, 3, 0, seq), &[])
             .unwrap();

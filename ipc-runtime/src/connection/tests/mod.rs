@@ -437,10 +437,25 @@ pub(crate) fn ordered_request(kind: Kind, cmd: u32, cookie: u64, seq: u64) -> Ve
 }
 
 /// Fills `b`'s request queue to its bounds with the peer's requests of `kind` (oneways, or
-/// calls each of a cookie of its own): a handler's call back into the peer (a thread serving
-/// `b`, as far as the call can tell) takes them in, as it reads, before its reply. (Any
-/// other caller would wait for room with the serving threads.)
+/// calls each of a cookie of its own), numbered from 1 ([`take_in_through_a_call`]).
 fn fill_the_queue_through_a_call(b: &Connection, peer: &crate::socket::Socket, kind: Kind) {
+    let requests = (1..=super::backlog::MAX_REQUESTS as u64).map(|seq| match kind {
+        Kind::Oneway => ordered_request(Kind::Oneway, 3, 0, seq),
+        _ => ordered_request(Kind::Call, 2, 1 + seq, seq),
+    });
+    take_in_through_a_call(b, peer, requests);
+    assert!(b.shared.state.lock().backlog.full());
+}
+
+/// Has `b` take `requests` of the peer's in: a handler's call back into the peer (a thread
+/// serving `b`, as far as the call can tell) takes them in, as it reads, before its reply,
+/// past the queue's bounds too (any other caller would wait for room with the serving
+/// threads).
+pub(super) fn take_in_through_a_call(
+    b: &Connection,
+    peer: &crate::socket::Socket,
+    requests: impl Iterator<Item = Vec<u8>>,
+) {
     let caller = {
         let b = b.clone();
         std::thread::spawn(move || {
@@ -449,16 +464,11 @@ fn fill_the_queue_through_a_call(b: &Connection, peer: &crate::socket::Socket, k
         })
     };
     let call = peer.recv().unwrap();
-    for seq in 1..=super::backlog::MAX_REQUESTS as u64 {
-        let request = match kind {
-            Kind::Oneway => ordered_request(Kind::Oneway, 3, 0, seq),
-            _ => ordered_request(Kind::Call, 2, 1 + seq, seq),
-        };
+    for request in requests {
         peer.send(&request, &[]).unwrap();
     }
     peer.send(&reply_to(&call, &5u32), &[]).unwrap();
     assert_eq!(caller.join().unwrap().unwrap(), 5);
-    assert!(b.shared.state.lock().backlog.full());
 }
 
 /// A serving thread of `a` that has taken the reader role and waits for the receive lock,
