@@ -23,10 +23,11 @@
 //! runs), and its reply may come after more of them. So does any call while nothing serves on this
 //! end yet: what serves may come only once the call is answered (a `service_with` whose `make`
 //! calls the client). Then requests are taken in past the bounds, up to [`HARD_FACTOR`] times them,
-//! and the connection ends past that; and at once if nothing serves on this end nor is coming
-//! (nothing would ever take those requests: a caller reads on then, to end the connection rather
-//! than wait for good). A call that a handler makes on another thread or task and waits for is not
-//! known as the handler's: it waits for room as any call does.
+//! and the connection ends past that (unless the peer has gone for good: what it left in the
+//! socket, bounded by its send buffer, is read to its end); and at once if nothing serves on this
+//! end nor is coming (nothing would ever take those requests: a caller reads on then, to end the
+//! connection rather than wait for good). A call that a handler makes on another thread or task and
+//! waits for is not known as the handler's: it waits for room as any call does.
 //!
 //! The replies waiting to go out are bounded too, in the async flavour: a handler that has
 //! replied holds its reply's encoded bytes until the socket takes them, and a peer that
@@ -109,7 +110,7 @@ impl Backlog {
     }
 
     /// Past what even a reader that must read takes in.
-    pub(crate) fn over_cap(&self) -> bool {
+    fn over_cap(&self) -> bool {
         self.requests >= HARD_FACTOR * MAX_REQUESTS
             || self.bytes >= HARD_FACTOR * MAX_REQUEST_BYTES
             || self.fds >= HARD_FACTOR * MAX_REQUEST_FDS

@@ -52,9 +52,9 @@
 //! as it exits). A handler already running runs to its end (a thread cannot be stopped), and
 //! so does a call a serving thread read before the end could be seen, at most one per
 //! thread: its reply finds the peer gone, and the thread then reads what is left to its end
-//! (past the request queue's bounds too, if it serves: what is left is what the socket
-//! held; short of their hard cap, past which the serving threads read the rest at their
-//! pace), so that the calls there are dropped rather than run one by one. The same holds
+//! (past the request queue's bounds and their hard cap too, if it serves: what is left is
+//! what the socket held), so that the calls there are dropped rather than run one by one,
+//! and a caller here still gets the reply the peer sent before it went. The same holds
 //! when the stream breaks (a protocol error) or this end shuts the socket (a worker that
 //! exited or was killed). Replies still go out after this end's
 //! [`Connection::stop_reading`], and to a peer that shut only its sending side
@@ -203,8 +203,9 @@ use serving::keep_buffer;
 /// a serving thread takes a request. A caller waiting for its reply reads on, since its
 /// reply may come after more requests: up to twice the bounds, then it ends the connection
 /// with [`Error::Malformed`]. If no thread serves the connection at all, a caller that finds the
-/// bounds reached ends it at once, and the requests held are dropped with their fds. The
-/// async flavour applies the same bounds.
+/// bounds reached ends it at once, and the requests held are dropped with their fds. Once
+/// the peer has gone for good, what it left in the socket (which its send buffer bounds) is
+/// read to its end, past both, if a thread serves. The async flavour applies the same bounds.
 #[derive(Clone)]
 pub struct Connection {
     shared: Arc<Shared>,

@@ -715,10 +715,12 @@ impl Shared {
 
     /// Whether a request the reader received may join the queue: not if the queue is at its
     /// bounds and either nothing serves (no thread in `run` would ever take it) or it is at
-    /// [`HARD_FACTOR`](super::backlog::HARD_FACTOR) times them. Runners stop reading at
-    /// the bounds (`run_loop`), so only a caller waiting for its reply reads past them. A
-    /// request refused ends the connection, and the queued ones are dropped (with their
-    /// fds): nothing is to run after that.
+    /// [`HARD_FACTOR`](super::backlog::HARD_FACTOR) times them, unless the peer has gone
+    /// for good (what it left in the socket, bounded by its send buffer, is read to its end,
+    /// so that its oneways run and its callers here get their replies). Runners stop reading
+    /// at the bounds (`run_loop`), so only a caller waiting for its reply, or a thread whose
+    /// send found the peer gone, reads past them. A request refused ends the connection, and
+    /// the queued ones are dropped (with their fds): nothing is to run after that.
     #[inline]
     fn admit(&self, state: &mut State) -> bool {
         if !state.backlog.full() {
@@ -730,6 +732,11 @@ impl Shared {
         let Some(why) = state.backlog.refuse(serving) else {
             return true;
         };
+        // Past the hard cap with something serving: the kernel says whether the peer has gone
+        // (one `poll`, only there). A send buffer may hold more than the cap.
+        if serving && self.socket.has_ended() {
+            return true;
+        }
         self.fail(state, why);
         let calls = std::mem::take(&mut state.calls);
         for mut queued in calls.into_iter().chain(std::mem::take(&mut state.oneways)) {

@@ -244,12 +244,11 @@ impl Shared {
     /// would: nothing past the bounds of the request queue (the requests there wait for a
     /// serving thread, which may come later; one more would end the connection if nothing
     /// serves), unless the peer has hung up for good (`POLLHUP`) and something serves: then
-    /// past them too, so that the end is read and the peer's calls dropped
-    /// ([`Shared::fail`]), but short of the hard cap, where one more would end the connection
-    /// with the oneways dropped too. If another thread reads and the peer has hung up for
-    /// good, that reader is about to read the rest and the end, and this thread waits until it
-    /// has, or until `deadline` (the send's): that reader may itself wait meanwhile (for
-    /// stderr, say, to print a message it routes, whose lock this thread may hold).
+    /// it reads to the end, so that the peer's calls are dropped there ([`Shared::fail`]).
+    /// If another thread reads and the peer has hung up for good, that
+    /// reader is about to read the rest and the end, and this thread waits until it has, or
+    /// until `deadline` (the send's): that reader may itself wait meanwhile (for stderr, say,
+    /// to print a message it routes, whose lock this thread may hold).
     #[cold]
     #[inline(never)]
     pub(super) fn why_unsent(&self, e: Error, deadline: Option<Instant>) -> Error {
@@ -265,12 +264,8 @@ impl Shared {
             if !state.reading {
                 // Past the bounds once the peer has gone for good, if something serves: what
                 // is left is bounded by what the socket held, and the end drops its calls.
-                // Not up to the hard cap, where the next request would end the connection and
-                // drop the oneways too (a send buffer may hold more than the cap): the serving
-                // threads read the rest at their pace.
                 let gone = readable.contains(PollFlags::POLLHUP)
-                    && (state.runners > 0 || state.runners_coming)
-                    && !state.backlog.over_cap();
+                    && (state.runners > 0 || state.runners_coming);
                 if !readable.contains(PollFlags::POLLIN) || (state.backlog.full() && !gone) {
                     // Nothing to read (the peer shut only its reading side, say), or nothing
                     // this thread may read.

@@ -54,11 +54,12 @@
 //!   read after the requests before it: a peer that reports progress with oneways during a call is
 //!   slowed to the pace this end runs them. Only a call a handler of this connection makes (calling
 //!   back into the peer) makes it read on, taking requests in up to twice the bounds before it ends
-//!   the connection with [`Error::Malformed`]; and any call does while nothing serves the
-//!   connection yet (an `AsyncServer::service_with` whose `make` calls the client serves only once
-//!   that call is answered), or ends it at the bounds if nothing is coming either (nothing would
-//!   ever take them). A call that a handler makes on a task of its own and awaits is not known as
-//!   the handler's, and waits for room as any call does (so a handler that waits for a call made
+//!   the connection with [`Error::Malformed`] (unless the peer has gone for good: what it left in
+//!   the socket is read to its end); and any call does while nothing serves the connection yet (an
+//!   `AsyncServer::service_with` whose `make` calls the client serves only once that call is
+//!   answered), or ends it at the bounds if nothing is coming either (nothing would ever take
+//!   them). A call that a handler makes on a task of its own and awaits is not known as the
+//!   handler's, and waits for room as any call does (so a handler that waits for a call made
 //!   elsewhere, or for a lock held across one, must not be relied on past the bounds). So a peer
 //!   that sends calls and never reads the replies gets no further than the bounds. Nor do the
 //!   replies it leaves unread: once 16 MiB of encoded replies (two or more: one waits whatever its

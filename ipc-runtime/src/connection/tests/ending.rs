@@ -451,12 +451,11 @@ fn calls_filling_the_queue_of_a_peer_that_hung_up_never_run() {
 
 /// A peer that sent more requests than the queue holds and hung up before the reply to the
 /// call running could go still has every oneway run, and `serve` returns `Ok`: the serving
-/// thread whose reply finds it gone reads what is left past the bounds, but never up to
-/// where the queue's hard cap would end the connection (as if the peer had flooded a
-/// handler's call back), dropping every oneway and making `serve` fail. The rest is read at
-/// the serving threads' pace, as before. Here a handler's call back took the queue near that
-/// cap; a send buffer does as much alone where `net.core.wmem_max` allows one of 4 MiB (it
-/// then holds some 10,000 small requests).
+/// thread whose reply finds it gone reads what is left to its end, past the bounds and past
+/// the queue's hard cap too, which would otherwise end the connection as if the peer had
+/// flooded a handler's call back (`Malformed`), dropping every oneway and making `serve`
+/// fail. Here a handler's call back took the queue near that cap; a send buffer holds as much
+/// alone where `net.core.wmem_max` allows one of 4 MiB (some 10,000 small requests).
 #[test]
 fn oneways_past_the_bounds_of_a_peer_that_hung_up_all_run() {
     let (a, b, open, server, run) = serving_held();
@@ -469,6 +468,36 @@ fn oneways_past_the_bounds_of_a_peer_that_hung_up_all_run() {
             .unwrap();
     }
     a.close();
+    open.send(()).unwrap();
+    let served = server.join().unwrap();
+    assert!(served.is_ok(), "{served:?}");
+    assert_eq!(*run.lock().unwrap(), (1..cap + 2).collect::<Vec<_>>());
+}
+
+/// A caller waiting for room at the bounds, which reads on once the peer has hung up, reads
+/// past the queue's hard cap too: it gets the reply the peer sent before it went, behind more
+/// requests than the cap, and every oneway runs. (Before, the request read past the cap ended
+/// the connection with `Malformed`, as if the peer had flooded a handler's call back: the
+/// caller got that, and the oneways were dropped.)
+#[test]
+fn a_caller_reading_after_a_hang_up_reads_past_the_cap_and_gets_its_reply() {
+    let (a, b, open, server, run) = serving_held();
+    let peer = a.socket();
+    let cap = (super::backlog::HARD_FACTOR * super::backlog::MAX_REQUESTS) as u64;
+    let oneway = |seq| ordered_request(Kind::Oneway, 3, 0, seq);
+    take_in_through_a_call(&b, peer, (1..cap).map(oneway));
+    let caller = {
+        let b = b.clone();
+        std::thread::spawn(move || b.call::<_, u32>(&IFACE, 9, &(), None))
+    };
+    let call = peer.recv().unwrap();
+    for seq in cap..cap + 2 {
+        peer.send(&oneway(seq), &[]).unwrap();
+    }
+    peer.send(&reply_to(&call, &7u32), &[]).unwrap();
+    a.close();
+    // Its reply read before the held call ends, with nothing taken from the queue meanwhile.
+    assert_eq!(caller.join().unwrap().unwrap(), 7);
     open.send(()).unwrap();
     let served = server.join().unwrap();
     assert!(served.is_ok(), "{served:?}");

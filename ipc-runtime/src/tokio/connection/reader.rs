@@ -270,12 +270,18 @@ impl Inner {
     /// Takes a request that holds `cost` into the backlog, unless the connection must end
     /// instead: at the bounds, the reader reads only for a call of this end waiting for its
     /// reply, and takes requests in up to `HARD_FACTOR` times them if something serves, none
-    /// if nothing does (see [`backlog`](crate::connection::backlog)).
+    /// if nothing does (see [`backlog`](crate::connection::backlog)). Past that if the peer
+    /// has gone for good and something serves: what it left in the socket, bounded by its
+    /// send buffer, is read to its end, so that its oneways run.
     #[inline]
     fn admit(&self, state: &State, cost: Cost) -> Result<Cost> {
         let backlog = self.backlog.get();
         if backlog.full() {
-            if let Some(why) = backlog.refuse(state.serving || state.server_coming) {
+            let serving = state.serving || state.server_coming;
+            // The kernel says whether the peer has gone (one `poll`, only past the cap).
+            if let Some(why) = backlog.refuse(serving)
+                && !(serving && self.socket().has_ended())
+            {
                 return Err(why);
             }
         }

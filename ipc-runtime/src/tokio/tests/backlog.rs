@@ -140,6 +140,64 @@ fn calls_filling_the_bounds_are_cancelled_when_their_peer_hangs_up() {
     assert!(dropped >= MAX_REQUESTS, "{dropped} handlers dropped");
 }
 
+/// A peer that hung up behind more requests than the backlog's hard cap still has every
+/// oneway run, and `serve` returns `Ok`: the reader, which reads on to the end once the peer
+/// has gone, reads past the cap too (what is left is what the socket held). Before, the
+/// request read past it ended the connection with `Malformed`, as if the peer had flooded a
+/// handler's call back, and the oneways were dropped. Here a handler's call back took the
+/// backlog near the cap; a send buffer of 4 MiB holds as much alone.
+#[test]
+fn oneways_past_the_cap_of_a_peer_that_hung_up_all_run() {
+    use crate::connection::backlog::{HARD_FACTOR, MAX_REQUESTS};
+    use crate::connection::tests::{calls_back_request, ordered_request, reply_to, wait_until};
+    use crate::tokio::envelope::Kind;
+
+    let runtime = multi_thread_runtime(2);
+    let (peer, theirs) = Socket::pair().unwrap();
+    let (started, has_started) = std::sync::mpsc::channel();
+    let gate = std::sync::Arc::new(::tokio::sync::Notify::new());
+    let run = std::sync::Arc::default();
+    let server = runtime.block_on(async { super::AsyncConnection::new(theirs).unwrap() });
+    server.add_service(AsyncCallsBack {
+        back: server.clone(),
+    });
+    let ordered = AsyncOrdered {
+        at: 0,
+        action: AtSeq::Hold {
+            started,
+            gate: gate.clone(),
+        },
+        run: std::sync::Arc::clone(&run),
+    };
+    let serving = runtime.spawn(server.serve(ordered));
+    // The call first (a call waits for the oneways before it), then the oneway that holds
+    // the rest. Both count: one short of the cap while the handler's call back makes the
+    // reader read on, then four more, once the peer has gone.
+    peer.send(&calls_back_request(1), &[]).unwrap();
+    let back = peer.recv().unwrap();
+    let oneway = |seq| ordered_request(Kind::Oneway, 3, 0, seq);
+    peer.send(&oneway(0), &[]).unwrap();
+    has_started.recv().unwrap();
+    let cap = (HARD_FACTOR * MAX_REQUESTS) as u64;
+    for seq in 1..=cap - 3 {
+        peer.send(&oneway(seq), &[]).unwrap();
+    }
+    peer.send(&reply_to(&back, &5u64), &[]).unwrap();
+    for seq in cap - 2..=cap + 1 {
+        peer.send(&oneway(seq), &[]).unwrap();
+    }
+    drop(peer);
+    // Everything read (to the end, or to a refusal) before any oneway runs to make room.
+    wait_until("the reader read to the end", || server.test_ended());
+    gate.notify_one();
+    let served = runtime
+        .block_on(async { ::tokio::time::timeout(HANG_GUARD, serving).await })
+        .expect("serve never returned")
+        .unwrap();
+    assert!(served.is_ok(), "{served:?}");
+    assert_eq!(*run.lock(), (1..=cap + 1).collect::<Vec<_>>());
+}
+
 /// An [`crate::service::run_blocking`] service, as `#[interface(async_server)]` generates:
 /// `mark` counts its start, then runs on the blocking pool until the test opens the gate.
 struct Pooled {
