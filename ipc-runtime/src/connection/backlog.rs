@@ -132,9 +132,12 @@ impl Backlog {
 
     /// Why the connection must end rather than take one more request, if it must: the
     /// bounds are reached and nothing serves on this end (`serving` false), or the reader
-    /// already took in [`HARD_FACTOR`] times them.
+    /// already took in [`HARD_FACTOR`] times them and the peer is still there
+    /// (`peer_gone`, asked only then: what a peer gone for good left in the socket, bounded
+    /// by its send buffer, is read to its end, so that its oneways run and this end's
+    /// callers get their replies).
     #[cold]
-    pub(crate) fn refuse(&self, serving: bool) -> Option<Error> {
+    pub(crate) fn refuse(&self, serving: bool, peer_gone: impl FnOnce() -> bool) -> Option<Error> {
         if !self.full() {
             return None;
         }
@@ -148,7 +151,7 @@ impl Backlog {
                  `add_service` alone runs nothing; async: `add_service` or `serve`)"
             )));
         }
-        self.over_cap().then(|| {
+        (self.over_cap() && !peer_gone()).then(|| {
             let (n, mib, fds) = (HARD_FACTOR * n, HARD_FACTOR * mib, HARD_FACTOR * fds);
             // Most often a peer that reports progress with a oneway per item while a handler
             // of this end calls back into it: say how to bound it.

@@ -729,14 +729,10 @@ impl Shared {
         // Threads a listening server has started for this connection serve it once they are
         // in `run`: what is read before then waits for them, as for threads serving.
         let serving = state.runners > 0 || state.runners_coming;
-        let Some(why) = state.backlog.refuse(serving) else {
+        // Past the hard cap, the kernel says whether the peer has gone (one `poll`, only there).
+        let Some(why) = state.backlog.refuse(serving, || self.socket.has_ended()) else {
             return true;
         };
-        // Past the hard cap with something serving: the kernel says whether the peer has gone
-        // (one `poll`, only there). A send buffer may hold more than the cap.
-        if serving && self.socket.has_ended() {
-            return true;
-        }
         self.fail(state, why);
         let calls = std::mem::take(&mut state.calls);
         for mut queued in calls.into_iter().chain(std::mem::take(&mut state.oneways)) {
@@ -847,10 +843,9 @@ impl Shared {
                 ));
             }
             // `close` takes what is queued itself. Else the peer hung up or died, or this end
-            // shut the socket (a worker's closer), or the stream broke: only an end of the
-            // peer's sending side (`SHUT_WR`), or of this end's reading side
-            // (`stop_reading`), still lets replies out, and the kernel says which (one `poll`).
-            let replies_go = matches!(why, Error::Disconnected) && !self.socket.has_ended();
+            // shut the socket (a worker's closer), or the stream broke: the peer's calls are
+            // dropped unless their replies can still go out (`SHUT_WR`, `stop_reading`).
+            let replies_go = self.socket.replies_still_go(&why);
             state.closed = Some(why);
             self.ended.store(true, Ordering::Release);
             if !state.closed_here && !replies_go && !state.calls.is_empty() {
@@ -868,8 +863,7 @@ impl Shared {
     #[cold]
     #[inline(never)]
     fn drop_calls_at_end(&self, state: &mut State) {
-        for Queued { mut frame, .. } in std::mem::take(&mut state.calls) {
-            state.backlog.remove(Cost::of(&frame));
+        for Queued { frame, .. } in std::mem::take(&mut state.calls) {
             if let Some(end) = state.end_unsaid.as_mut()
                 && let Ok(envelope) = Envelope::read(&frame.payload)
             {
@@ -878,8 +872,7 @@ impl Shared {
                 end.push('\n');
                 end.push_str(&line);
             }
-            self.lane.finished(&frame.payload);
-            unclaimed(state, &mut frame);
+            self.drop_queued(state, frame);
         }
     }
 }
@@ -972,12 +965,18 @@ impl Shared {
         let queued = state.calls.iter().position(|queued| {
             Envelope::read(&queued.frame.payload).is_ok_and(|e| e.cookie == cookie)
         });
-        let mut call = state.calls.remove(queued?).expect("found above").frame;
-        self.dequeued(state, &call);
+        let call = state.calls.remove(queued?).expect("found above").frame;
         let owed = Lane::carries_placement(&call.payload);
-        self.lane.finished(&call.payload);
-        unclaimed(state, &mut call);
+        self.drop_queued(state, call);
         Some(owed)
+    }
+
+    /// Drops the peer's call `frame`, taken out of the queue, unrun: out of the backlog, a
+    /// placement it carried done with unread, its fds closed once the lock is let go.
+    fn drop_queued(&self, state: &mut State, mut frame: Frame) {
+        self.dequeued(state, &frame);
+        self.lane.finished(&frame.payload);
+        unclaimed(state, &mut frame);
     }
 
     /// After [`Shared::cancel_queued`] dropped the peer's call `cookie`, with the lock let go:

@@ -323,6 +323,16 @@ impl Socket {
             .intersects(PollFlags::POLLHUP | PollFlags::POLLERR)
     }
 
+    /// Whether the replies to the peer's calls can still go out as a connection on this socket
+    /// ends with `why` (both flavours' `fail`): only while the socket still sends, after a
+    /// read side shut alone, by this end (`stop_reading`) or by the peer (a peer that shut its
+    /// sending side, `shutdown(SHUT_WR)`, still reads). Not once the peer has closed its end
+    /// or broken the protocol, nor once this end has shut the socket both ways: the kernel
+    /// says which (one `poll`, [`Socket::has_ended`]).
+    pub(crate) fn replies_still_go(&self, why: &crate::Error) -> bool {
+        matches!(why, crate::Error::Disconnected) && !self.has_ended()
+    }
+
     /// Waits until the socket is ready for some of `events` or the deadline passes, and says
     /// what it is ready for (a hang-up or an error among it, whatever was asked).
     pub(crate) fn ready(&self, events: PollFlags, deadline: Option<Instant>) -> Result<PollFlags> {

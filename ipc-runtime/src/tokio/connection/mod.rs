@@ -1075,14 +1075,4 @@ impl Inner {
         self.hung_up.store(true, Ordering::SeqCst);
         self.room.notify_one();
     }
-
-    /// Whether the replies of the peer's calls can still go out as the connection ends with
-    /// `why` ([`Inner::fail`]): only while the socket still sends, after a read side shut
-    /// alone, by this end ([`AsyncConnection::stop_reading`]) or by the peer (a peer that
-    /// shut its sending side, `shutdown(SHUT_WR)`, still reads). Not once the peer has closed
-    /// its end or broken the protocol, nor once this end has shut the socket both ways: the
-    /// kernel says which (one `poll`, as the connection ends).
-    fn replies_still_go(&self, why: &Error) -> bool {
-        matches!(why, Error::Disconnected) && !self.socket().has_ended()
-    }
 }

@@ -279,9 +279,7 @@ impl Inner {
         if backlog.full() {
             let serving = state.serving || state.server_coming;
             // The kernel says whether the peer has gone (one `poll`, only past the cap).
-            if let Some(why) = backlog.refuse(serving)
-                && !(serving && self.socket().has_ended())
-            {
+            if let Some(why) = backlog.refuse(serving, || self.socket().has_ended()) {
                 return Err(why);
             }
         }
@@ -408,7 +406,7 @@ impl Inner {
         // The peer's calls are cancelled, as a cancel of the peer's would: their replies can
         // go nowhere now. Unless they still can: this end only stopped reading, or the peer
         // only shut its sending side.
-        let replies_go = self.replies_still_go(&why);
+        let replies_go = self.socket().replies_still_go(&why);
         let cancelled = match replies_go {
             true => Cancelled::default(),
             false => self.cancel_calls(&mut state),
