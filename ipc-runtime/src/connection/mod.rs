@@ -58,7 +58,9 @@
 //! when the stream breaks (a protocol error) or this end shuts the socket (a worker that
 //! exited or was killed). Replies still go out after this end's
 //! [`Connection::stop_reading`], and to a peer that shut only its sending side
-//! (`shutdown(SHUT_WR)`), which still reads: their calls run and are answered.
+//! (`shutdown(SHUT_WR)`), which still reads: their calls run and are answered. If that peer
+//! then hangs up or dies, the first reply that finds it gone drops the calls still queued
+//! (nothing reads a socket whose end was read, so that is where this end learns it).
 //!
 //! # What a peer can make this end hold
 //!
@@ -193,7 +195,8 @@ use serving::keep_buffer;
 /// oneway messages still run, in order. A handler already running runs to its end, and so
 /// does a call a serving thread read before it could see the hang-up, at most one per
 /// thread. A peer that shut only its sending side (`shutdown(SHUT_WR)`) still reads: its
-/// calls run and are answered.
+/// calls run and are answered, until a reply finds that it has gone since, which drops the
+/// calls still queued.
 ///
 /// # What a peer can make this end hold
 ///

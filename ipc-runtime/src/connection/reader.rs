@@ -849,31 +849,62 @@ impl Shared {
             state.closed = Some(why);
             self.ended.store(true, Ordering::Release);
             if !state.closed_here && !replies_go && !state.calls.is_empty() {
-                self.drop_calls_at_end(state);
+                let said = self.drop_calls_at_end(state);
+                if let (Some(end), Some(said)) = (state.end_unsaid.as_mut(), said) {
+                    end.push_str(&said);
+                }
             }
         }
         self.wake_all(state);
+    }
+
+    /// A reply found the peer gone after the connection had ended with replies still able to
+    /// go out (the peer shut only its sending side, or this end stopped reading, and the peer
+    /// has hung up or died since): its calls still queued are dropped now, as [`Shared::fail`]
+    /// would have dropped them had the peer gone first, and said once the lock is let go.
+    /// Nothing else watches a socket whose end has been read, so the kernel's `EPIPE` on the
+    /// first reply that fails is where this end learns it, as it does for the calls behind a
+    /// hang-up ([`Replier`](super::serving::Replier)).
+    #[cold]
+    #[inline(never)]
+    pub(super) fn drop_calls_of_a_peer_gone(&self) {
+        let mut state = self.state.lock();
+        if state.closed.is_none()
+            || state.closed_here
+            || state.calls.is_empty()
+            || !self.socket.has_ended()
+        {
+            return;
+        }
+        let said = self.drop_calls_at_end(&mut state);
+        drop(self.close_unclaimed(state));
+        if let Some(said) = said {
+            super::trace::line(said.trim_start_matches('\n'));
+        }
     }
 
     /// As the connection ends with no reply able to go out: drops the peer's calls still
     /// queued, unrun, as the async flavour cancels them and as a cancel of the peer's would
     /// ([`Shared::cancel_queued`]): their fds closed once the lock is let go, a placement
     /// done with unread, each said after the line that says the end. Its oneways stay queued
-    /// and still run, in order (a worker may send its last ones as it exits).
+    /// and still run, in order (a worker may send its last ones as it exits). Returns the
+    /// lines to say, each after a line break, if tracing is on.
     #[cold]
     #[inline(never)]
-    fn drop_calls_at_end(&self, state: &mut State) {
+    fn drop_calls_at_end(&self, state: &mut State) -> Option<String> {
+        let mut said = self.trace.then(String::new);
         for Queued { frame, .. } in std::mem::take(&mut state.calls) {
-            if let Some(end) = state.end_unsaid.as_mut()
+            if let Some(said) = said.as_mut()
                 && let Ok(envelope) = Envelope::read(&frame.payload)
             {
                 let line =
                     super::trace::dropped_cancelled_line(&self.name, envelope.cookie, false, true);
-                end.push('\n');
-                end.push_str(&line);
+                said.push('\n');
+                said.push_str(&line);
             }
             self.drop_queued(state, frame);
         }
+        said
     }
 }
 

@@ -93,6 +93,9 @@ impl AsyncCall {
     #[inline(never)]
     fn unsent(&mut self, e: &Error) -> bool {
         self.unreceived = false;
+        if matches!(e, Error::Disconnected) {
+            self.inner.cancel_calls_of_a_peer_gone();
+        }
         !e.reply_may_follow()
     }
 

@@ -367,10 +367,20 @@ fn close_drops_the_requests_not_started_and_closes_their_fds() {
 /// `close`, since their replies could go nowhere: those queued, and the one still unread in
 /// the socket, read once the running call's reply finds the peer gone. Its oneways still run,
 /// in order, and every fd the requests carried is closed. (Before, the calls ran too, for
-/// nobody.)
-#[test]
-fn a_peer_hanging_up_has_its_calls_not_started_dropped_and_its_oneways_run() {
+/// nobody.) With `half_closed`, the peer shuts only its sending side first, and a caller of
+/// this end reads that: the connection ends with the replies still to go out, and nothing
+/// is dropped then, nor does anything read the socket after; the running call's reply is
+/// where this end learns that the peer has gone since. (Before, every call ran then.)
+fn a_peer_hanging_up_has_its_calls_queued_dropped(half_closed: bool) {
     let (a, b, open, server, run, read_end) = queued_behind_hold();
+    if half_closed {
+        let fd = a.socket().as_fd().as_raw_fd();
+        nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Write).unwrap();
+        let call = b.call::<_, u32>(&IFACE, 9, &(), None);
+        assert!(matches!(call, Err(crate::Error::Disconnected)), "{call:?}");
+        let queued = b.shared.state.lock().calls.len();
+        assert_eq!(queued, 5, "calls 2, 4, 6, 8 and 20 queued");
+    }
     a.close();
     open.send(()).unwrap();
     server.join().unwrap().unwrap();
@@ -379,6 +389,16 @@ fn a_peer_hanging_up_has_its_calls_not_started_dropped_and_its_oneways_run() {
     assert_eq!(nix::unistd::read(&read_end, &mut [0; 1]), Ok(0));
     let state = b.shared.state.lock();
     assert!(state.calls.is_empty() && state.backlog.is_empty());
+}
+
+#[test]
+fn a_peer_hanging_up_has_its_calls_not_started_dropped_and_its_oneways_run() {
+    a_peer_hanging_up_has_its_calls_queued_dropped(false);
+}
+
+#[test]
+fn a_peer_that_shuts_its_sending_side_then_hangs_up_has_its_calls_queued_dropped() {
+    a_peer_hanging_up_has_its_calls_queued_dropped(true);
 }
 
 /// A peer that shuts only its sending side still reads: its calls, queued and unread, all run

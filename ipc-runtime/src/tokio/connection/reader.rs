@@ -99,6 +99,17 @@ async fn read_messages(inner: Arc<Inner>) {
     inner.fail(why);
 }
 
+/// Takes the calls among the requests held for a server still to come, leaving the oneways,
+/// which still run if one comes (a worker may send its last ones and exit before its parent
+/// serves).
+fn take_held_calls(state: &mut State) -> Vec<(Frame, Envelope, Cost)> {
+    let (calls, oneways) = std::mem::take(&mut state.held)
+        .into_iter()
+        .partition(|(_, envelope, _)| envelope.kind == Kind::Call);
+    state.held = oneways;
+    calls
+}
+
 /// The message in `buffer`, leaving `buffer` ready for the next: a small message is copied out
 /// so the 64 KiB receive buffer is reused rather than kept by every request in flight.
 fn take_message(buffer: &mut Frame) -> Frame {
@@ -419,11 +430,7 @@ impl Inner {
         let held = match why {
             _ if replies_go => Vec::new(),
             Error::Disconnected | Error::ShutDown if !self.closed_here() => {
-                let (calls, oneways) = std::mem::take(&mut state.held)
-                    .into_iter()
-                    .partition(|(_, envelope, _)| envelope.kind == Kind::Call);
-                state.held = oneways;
-                calls
+                take_held_calls(&mut state)
             }
             _ => std::mem::take(&mut state.held),
         };
@@ -448,14 +455,41 @@ impl Inner {
             trace::line(&line);
         }
         // After the end's line, which they follow from.
+        self.drop_held(held);
+        self.drop_cancelled(cancelled);
+        true
+    }
+
+    /// A reply found the peer gone after the connection had ended with replies still able to
+    /// go out (the peer shut only its sending side, or this end stopped reading, and the peer
+    /// has hung up or died since): the peer's calls are cancelled now, those running and
+    /// those waiting for a slot or held for a server to come, as [`Inner::fail`] would have
+    /// cancelled them had the peer gone first. Nothing else watches a socket whose end has
+    /// been read, so the kernel's `EPIPE` on the first reply that fails is where this end
+    /// learns it, as the blocking flavour does.
+    #[cold]
+    #[inline(never)]
+    pub(in crate::tokio) fn cancel_calls_of_a_peer_gone(&self) {
+        let (held, cancelled) = {
+            let mut state = self.lock();
+            if state.closed.is_none() || self.closed_here() || !self.socket().has_ended() {
+                return;
+            }
+            (take_held_calls(&mut state), self.cancel_calls(&mut state))
+        };
+        self.drop_held(held);
+        self.drop_cancelled(cancelled);
+    }
+
+    /// Drops requests held for a server still to come, unrun, saying the calls among them,
+    /// their fds closed by the closer.
+    fn drop_held(&self, held: Vec<(Frame, Envelope, Cost)>) {
         for (mut frame, envelope, _) in held {
             if self.trace && envelope.kind == Kind::Call {
                 trace::dropped_cancelled(&self.name, envelope.cookie, false, true);
             }
             frame.discard_fds();
         }
-        self.drop_cancelled(cancelled);
-        true
     }
 
     /// Says a received message, or for a reply returns what to say once it is routed: a

@@ -922,7 +922,10 @@ pub(super) async fn reply_failure(
         }
     };
     if let Err(e) = &sent {
-        unanswerable(&inner, e);
+        match e {
+            crate::Error::Disconnected => inner.cancel_calls_of_a_peer_gone(),
+            e => unanswerable(&inner, e),
+        }
     }
     sent
 }

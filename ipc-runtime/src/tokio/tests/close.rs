@@ -254,6 +254,8 @@ struct HeldCall {
     server: super::AsyncConnection,
     serving: ::tokio::task::JoinHandle<crate::Result<()>>,
     run: std::sync::Arc<parking_lot::Mutex<Vec<u64>>>,
+    /// Lets the held handler go on (to reply).
+    gate: std::sync::Arc<::tokio::sync::Notify>,
 }
 
 impl HeldCall {
@@ -266,6 +268,7 @@ impl HeldCall {
         let (peer, theirs) = Socket::pair().unwrap();
         let (started, has_started) = std::sync::mpsc::channel();
         let run = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let gate = std::sync::Arc::new(::tokio::sync::Notify::new());
         let (server, serving) = runtime.block_on(async {
             let server = super::AsyncConnection::new(theirs).unwrap();
             if let Some(n) = max_calls {
@@ -275,7 +278,7 @@ impl HeldCall {
                 at: 1,
                 action: AtSeq::Hold {
                     started,
-                    gate: std::sync::Arc::new(::tokio::sync::Notify::new()),
+                    gate: gate.clone(),
                 },
                 run: run.clone(),
             }));
@@ -289,6 +292,7 @@ impl HeldCall {
             server,
             serving,
             run,
+            gate,
         };
         (held, peer)
     }
@@ -328,8 +332,11 @@ async fn until_ended(server: &super::AsyncConnection) {
 /// running has its future dropped (its gate never opens, yet `run` returns), and the call
 /// waiting for a slot (`set_max_calls_at_once(1)`) never runs, their fds closed. The oneway
 /// sent after them still runs. Before, the handler ran on, and `run` waited for it for good.
-#[test]
-fn a_peer_hanging_up_cancels_its_running_and_waiting_calls_and_runs_its_oneways() {
+/// With `half_closed`, the peer shuts only its sending side first: the connection ends with
+/// the replies still to go out, nothing cancelled, and nothing reads the socket after; the
+/// held call, let go once the peer has hung up, replies, and that failed reply is where this
+/// end learns that the peer has gone. (Before, the waiting call then ran.)
+fn a_peer_hanging_up_cancels_its_calls(half_closed: bool) {
     use crate::connection::tests::ordered_request;
     use crate::tokio::envelope::Kind;
 
@@ -340,10 +347,28 @@ fn a_peer_hanging_up_cancels_its_running_and_waiting_calls_and_runs_its_oneways(
         .unwrap();
     peer.send(&ordered_request(Kind::Oneway, 3, 0, 3), &fd)
         .unwrap();
+    if half_closed {
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&peer.as_fd());
+        nix::sys::socket::shutdown(raw, nix::sys::socket::Shutdown::Write).unwrap();
+        held.runtime.block_on(until_ended(&held.server));
+    }
     drop((peer, write_end));
+    if half_closed {
+        held.gate.notify_one(); // its reply finds the peer gone
+    }
     let ran = held.served_to_the_end("the handler ran on after the peer hung up");
     assert_eq!(ran, [3]);
     assert!(write_ends_closed(&read_end), "an fd is still open");
+}
+
+#[test]
+fn a_peer_hanging_up_cancels_its_running_and_waiting_calls_and_runs_its_oneways() {
+    a_peer_hanging_up_cancels_its_calls(false);
+}
+
+#[test]
+fn a_peer_that_shuts_its_sending_side_then_hangs_up_has_its_calls_cancelled() {
+    a_peer_hanging_up_cancels_its_calls(true);
 }
 
 /// Requests held for a server still to come when the peer hangs up: its oneways run once one
