@@ -272,14 +272,14 @@ fn probe_errno() {
     serve_everything_under("errno", false);
 }
 
-/// README.md's table, "Sandboxing a worker", names exactly the calls
-/// [`worker::sandbox::SYSCALLS`] exports (those of this architecture: the table names both
-/// architectures'), so that the two cannot drift apart.
+/// The guide's table (docs/guide/sandboxing.md, "The system calls a served worker makes") names
+/// exactly the calls [`worker::sandbox::SYSCALLS`] exports (those of this architecture: the
+/// table names both architectures'), so that the two cannot drift apart.
 #[test]
-fn the_readme_table_names_the_exported_calls() {
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-    let section = readme.split("## Sandboxing a worker").nth(1).unwrap();
+fn the_guide_table_names_the_exported_calls() {
+    let chapter = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/guide/sandboxing.md");
+    let guide = std::fs::read_to_string(chapter).unwrap();
+    let section = guide.split("## The system calls").nth(1).unwrap();
     // The rows after the table's header and its `| --- |` line, up to the first line that is
     // not a row; the first column's backticked words, not `FIONREAD` (an argument).
     let in_table: BTreeSet<&str> = section
@@ -305,12 +305,12 @@ fn the_readme_table_names_the_exported_calls() {
     let only_in_table: BTreeSet<&str> = in_table.difference(&exported).copied().collect();
     assert_eq!(
         only_in_table, other_arch,
-        "in README.md's table, not exported"
+        "in the guide's table, not exported"
     );
     let only_exported: Vec<&str> = exported.difference(&in_table).copied().collect();
     assert!(
         only_exported.is_empty(),
-        "exported, not in README.md's table: {only_exported:?}"
+        "exported, not in the guide's table: {only_exported:?}"
     );
     assert_eq!(
         worker::sandbox::SYSCALLS.len(),
