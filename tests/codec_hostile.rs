@@ -116,8 +116,8 @@ fn an_fd_index_out_of_range_is_malformed_and_every_fd_closed_once() {
 }
 
 /// One index named by two `OwnedFd`s is malformed: the fd is given out once, and the one taken
-/// first is closed when the half-built value is dropped, on the decoding thread, as the README
-/// says ("Two gaps remain").
+/// first is closed when the half-built value is dropped, on the decoding thread, as the guide
+/// says (transport-and-limits.md, "Two gaps remain").
 #[test]
 fn an_fd_index_used_twice_is_malformed_and_the_fd_closed_once() {
     let _lock = fd_count_lock();

@@ -835,7 +835,7 @@ fn a_client_of_another_wire_version_learns_the_servers_version_not_just_a_hang_u
         server.join().unwrap(),
         Err(Error::VersionMismatch { theirs, .. }) if theirs == other
     ));
-    // That release's stub reports `VersionMismatch`, as the README promises, only if this end
+    // That release's stub reports `VersionMismatch`, as the guide promises, only if this end
     // told it its version before hanging up: its receive refuses a header of another version.
     let mut head = [0u8; 64];
     let n = nix::sys::socket::recv(raw, &mut head, nix::sys::socket::MsgFlags::MSG_DONTWAIT)

@@ -1,15 +1,15 @@
-//! A camera-style host and its image-processing worker, confined as README.md's "Sandboxing a
-//! worker" says, written from the README and rustdoc alone: frames go to the worker as
+//! A camera-style host and its image-processing worker, confined as docs/guide/sandboxing.md
+//! says, written from the README, the guide and rustdoc alone: frames go to the worker as
 //! `SealedBuffer`s and bare memfds, results come back, the worker reports stats through a
 //! `#[oneway]` callback, the host restarts it after each kind of crash (a panic, an abort, a
 //! `SIGSEGV`, a hang caught by a timeout), and the worker tries, from inside, what its sandbox
 //! must refuse.
 //!
-//! typed-ipc builds no filter: the README tells a worker to install a seccomp filter of its own
+//! typed-ipc builds no filter: the guide tells a worker to install a seccomp filter of its own
 //! after `worker::connection()` returns, and `worker::sandbox` lists the calls to allow. This
 //! one is a short BPF program over `libc` that allows that list (plus what this worker's own
 //! code needs), refuses with an errno what the probes try, and kills the process at any other
-//! call. The host adds what the README leaves to the user: new user, network and IPC namespaces
+//! call. The host adds what the guide leaves to the user: new user, network and IPC namespaces
 //! (`pre_exec`), rlimits in the worker, and `worker::exit_with_parent`.
 #![cfg(all(target_os = "linux", target_arch = "x86_64"))]
 
@@ -123,7 +123,7 @@ impl Isp for Isp1 {
     }
 
     fn process_fd(&self, index: u32, frame: OwnedFd, max_len: u64) -> Result<FrameResult, String> {
-        // A bare fd is not checked by typed-ipc (README, Layers, 1.): check it is a regular
+        // A bare fd is not checked by typed-ipc (transport-and-limits.md): check it is a regular
         // file no larger than expected, and read it by position.
         let stat = nix::sys::stat::fstat(&frame).map_err(|e| e.to_string())?;
         let kind = nix::sys::stat::SFlag::from_bits_truncate(stat.st_mode);
@@ -275,7 +275,7 @@ mod sandbox {
         libc::SECCOMP_RET_ERRNO | e as u32
     }
 
-    /// The calls typed-ipc lists (README.md's table) for a blocking worker that runs threads
+    /// The calls typed-ipc lists (the guide's table) for a blocking worker that runs threads
     /// and reports its crashes, less those decided below: `write` (stderr only), `clone`
     /// (threads only), `clone3` (`ENOSYS`) and `tgkill` (this process only).
     fn listed() -> Vec<libc::c_long> {
@@ -344,7 +344,7 @@ mod sandbox {
         each(&listed(), libc::SECCOMP_RET_ALLOW);
         each(OWN_CODE, libc::SECCOMP_RET_ALLOW);
         each(REFUSED, errno(libc::EPERM));
-        // glibc falls back from clone3 to clone only on ENOSYS (README), and clone's flags
+        // glibc falls back from clone3 to clone only on ENOSYS (the guide), and clone's flags
         // can be checked where clone3's, behind a pointer, cannot.
         each(&[libc::SYS_clone3], errno(libc::ENOSYS));
         // Each test below loads `args[0]` and so returns on both paths: the accumulator no
@@ -446,7 +446,7 @@ struct Plugin {
 }
 
 /// The limits the host holds an untrusted worker to: small answers, no fds back, large frames
-/// out (README: `max_send_len`, `max_send_fds`, `max_fds: 0`).
+/// out (transport-and-limits.md: `max_send_len`, `max_send_fds`, `max_fds: 0`).
 fn host_limits() -> Limits {
     #[allow(clippy::needless_update)]
     Limits {
@@ -569,7 +569,7 @@ fn frames_go_through_the_sandboxed_worker_and_it_is_restarted_after_each_crash()
     check_frames(&plugin);
 
     // A panic is reported and the worker serves on; its state may be half-changed, so the
-    // host restarts it (README): it ends cleanly once hung up on.
+    // host restarts it (calling-and-errors.md): it ends cleanly once hung up on.
     match plugin.isp.crash(Crash::Panic) {
         Err(Error::Panicked(why)) => assert!(why.contains("choked"), "{why}"),
         other => panic!("a panic: {other:?}"),

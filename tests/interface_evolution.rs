@@ -511,8 +511,9 @@ mod wider_caps {
     }
 }
 
-/// Release 2 done as the README says: a name of its own, so that a plugin can serve it
-/// beside release 1 on one connection and a host can tell which one its plugin serves.
+/// Release 2 done as docs/guide/interface-evolution.md says: a name of its own, so that a
+/// plugin can serve it beside release 1 on one connection and a host can tell which one its
+/// plugin serves.
 mod v2 {
     use super::*;
 

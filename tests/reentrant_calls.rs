@@ -713,8 +713,9 @@ async fn async_parent(worker_name: &str, async_worker: bool) {
 
     // The top's future dropped once its chain is held at the gate. An async worker then drops
     // its handler's future, which drops that handler's call into this process, whose handler
-    // is dropped in turn, and so on down (README, "Cancellation"): with an async worker every
-    // handler here ends while the gate stays closed. A blocking worker's handler runs on.
+    // is dropped in turn, and so on down (docs/guide/connections.md, "Cancellation"): with an
+    // async worker every handler here ends while the gate stays closed. A blocking worker's
+    // handler runs on.
     let top = tokio::spawn({
         let parent = parent.clone();
         async move { chain_async(&parent.plugin, 1300, Fault::GateAt(HELD_AT)).await }
@@ -782,7 +783,7 @@ async fn async_kill(worker_name: &str, at: u32) {
         assert_eq!(chain.await.unwrap(), disconnected());
     }
     // The worker's death cancels the calls of its this process was running, whose replies
-    // could reach nobody (README, "Cancellation"): the held chains' handlers are dropped at
+    // could reach nobody (connections.md, "Cancellation"): the held chains' handlers are dropped at
     // the gate, which stays closed, and `serve` resolves. Before, they waited there, and
     // `serve` with them. (A blocking parent's handlers run on: `blocking_kill`.)
     gate_until(&parent.gate, |s| s.running == 0).await;

@@ -1,5 +1,5 @@
 //! A worker under seccomp: it takes its connection, installs an allowlist of system calls
-//! (what README.md, "Sandboxing a worker", lists) and then serves every kind of traffic a
+//! (what docs/guide/sandboxing.md lists) and then serves every kind of traffic a
 //! worker sees in steady state: byte strings inline, through the shared region, written into
 //! it by its parent and in fragments; `SealedBuffer`s and `RegionView`s; fds both ways;
 //! oneways; calls back to the parent; fds it drops on its own (its closer thread); the

@@ -223,11 +223,11 @@ use quote::quote;
 ///
 /// A server of the other flavour exists one way only: `async_server`, on a trait of `fn`s,
 /// adds `IpaAsyncServer`, which serves an `AsyncConnection` with the blocking implementation,
-/// each method on tokio's blocking pool (a hand-off per call; the README's "Async flavour"
-/// says what it keeps and costs). It needs the `tokio` feature as `async_client` does, and is
-/// a compile error on a trait of `async fn`s, whose `IpaServer` is async already. A blocking
-/// server of an async trait is not generated: it would need a runtime to run each future on,
-/// which is what the async server is.
+/// each method on tokio's blocking pool (a hand-off per call; docs/guide/async.md,
+/// "`async_server`", says what it keeps and costs). It needs the `tokio` feature as
+/// `async_client` does, and is a compile error on a trait of `async fn`s, whose `IpaServer` is
+/// async already. A blocking server of an async trait is not generated: it would need a
+/// runtime to run each future on, which is what the async server is.
 ///
 /// An interface crate shared by blocking workers and a tokio host need not pull tokio into
 /// the workers: it asks for the async items under a feature of its own (`tokio =

@@ -323,7 +323,7 @@ impl Call<'_> {
     }
 
     /// Decodes the arguments, taking the fds that came with them. Fds not claimed are closed
-    /// off this thread, by typed-ipc's closer (a peer's fd may be slow to close: README,
+    /// off this thread, by typed-ipc's closer (a peer's fd may be slow to close: the guide,
     /// "slow closes"); so are those of a call whose arguments the handler never decodes. An fd
     /// the arguments had already taken when a later part of them fails to decode is dropped
     /// on this thread ([`codec::decode`]).

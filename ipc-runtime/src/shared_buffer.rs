@@ -327,7 +327,7 @@ impl Serialize for SealedBuffer {
 /// [`SealedBuffer::from_fd_with_limit`] does, with the decoding connection's
 /// [`Limits::max_shared_len`](crate::Limits::max_shared_len) as the limit
 /// ([`SealedBuffer::DEFAULT_MAX_LEN`] outside a connection). A refused fd is closed, by
-/// typed-ipc's closer (off this thread: README, "slow closes"), and fails decoding: one over
+/// typed-ipc's closer (off this thread: the guide, "slow closes"), and fails decoding: one over
 /// the limit as [`Error::TooLarge`] (a request's caller gets it `by_peer`), any
 /// other as [`Error::Malformed`] (a request's caller gets [`Error::Remote`]: the server could
 /// not decode it). A sound buffer this side fails to map for a failure of its own (a system

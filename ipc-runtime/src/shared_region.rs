@@ -400,7 +400,7 @@ impl Serialize for RegionView {
 /// [`RegionView::from_fd_with_limit`] does, with the decoding connection's
 /// [`Limits::max_shared_len`](crate::Limits::max_shared_len) as the limit
 /// ([`RegionView::DEFAULT_MAX_LEN`] outside a connection). A refused fd is closed, by
-/// typed-ipc's closer (off this thread: README, "slow closes"), and fails decoding: one over
+/// typed-ipc's closer (off this thread: the guide, "slow closes"), and fails decoding: one over
 /// the limit as [`Error::TooLarge`] (a request's caller gets it `by_peer`), any
 /// other as [`Error::Malformed`] (a request's caller gets [`Error::Remote`]). A sound region
 /// this side fails to map for a failure of its own (a system call a seccomp filter refuses,

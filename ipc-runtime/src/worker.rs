@@ -17,7 +17,7 @@
 //!
 //! A worker that sandboxes itself (seccomp, dropped privileges) does so right after
 //! [`connection`] returns: [`sandbox::SYSCALLS`] lists the system calls serving makes from
-//! then on, and README.md, "Sandboxing a worker", what fails, and how, if one is refused.
+//! then on, and docs/guide/sandboxing.md what fails, and how, if one is refused.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};

@@ -8,7 +8,7 @@ pub trait Frames {
 fn send(frames: &FramesClient) {
     // The stub takes anything that converts into bytes to send (`impl Into<CallBytes>`), so
     // an argument that took its type from a `Vec<u8>` parameter must name it now
-    // (`collect::<Vec<u8>>()`): the breakage README and `#[interface]`'s docs tell of.
+    // (`collect::<Vec<u8>>()`): the breakage the guide and `#[interface]`'s docs tell of.
     let _ = frames.send((0..4u8).collect());
 }
 

@@ -235,7 +235,7 @@ fn take_piped<'de, A: serde::de::SeqAccess<'de>>(seq: &mut A) -> Result<Vec<u8>,
     let tail = seq.next_element::<InlineBuf>()?.ok_or_else(missing)?;
     // The fd is taken from the table only now, by the store: taken before a tail that is
     // missing, it was dropped here, on the decoding thread, where closing a peer's pipe may
-    // wait for as long as the peer likes (README, "slow closes").
+    // wait for as long as the peer likes (the guide, "slow closes").
     with_current_store(|store| store.take_piped(&piped, named_fd(piped.fd), &tail.0))
         .ok_or_else(|| A::Error::custom("a piped byte string, but no pipe to read it from"))?
         .map_err(unfetched)

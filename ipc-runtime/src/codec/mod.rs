@@ -421,10 +421,10 @@ fn encode_with<'a, T: Serialize + ?Sized>(
 }
 
 /// Decodes a `T` from `bytes`, taking its fds from `fds`. Fds the value does not claim are
-/// closed off this thread, by typed-ipc's closer (a peer's fd may be slow to close: README,
+/// closed off this thread, by typed-ipc's closer (a peer's fd may be slow to close: the guide,
 /// "slow closes"), also when the decode fails; but an fd the value had already taken when a
 /// later part of the message fails to decode is dropped with the half-built value, on this
-/// thread (one of the README's "two gaps"). Bytes left over, an index out of range or used
+/// thread (one of the guide's "two gaps"). Bytes left over, an index out of range or used
 /// twice, or an fd claimed but missing are [`Error::Malformed`]; sizes announced in the bytes
 /// are checked against the bytes actually present before anything is allocated. A message's
 /// sequences and maps may announce as many elements, all told, as it has bytes, plus 2^20 for

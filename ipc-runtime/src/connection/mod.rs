@@ -596,7 +596,7 @@ impl Connection {
     /// connection returns ([`Error::Disconnected`] for callers, `Ok` from `serve`). Requests
     /// of the peer's that have not started never run: those waiting in the queue for a
     /// serving thread are dropped at once, the fds they carry handed to typed-ipc's closer
-    /// (its threads close them: README, "slow closes"), and those still unread
+    /// (its threads close them: the guide, "slow closes"), and those still unread
     /// in the socket are dropped if a thread waiting on the connection reads them, or else go
     /// with the socket when the last clone is dropped. Handlers already running finish (their
     /// replies fail), and each serving thread returns once its own is done. (When the peer

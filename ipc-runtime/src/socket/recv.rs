@@ -137,10 +137,11 @@ impl Socket {
     ///
     /// A message over this side's [`Limits`] is refused: it is read to its end and dropped,
     /// its fds handed as they arrive to typed-ipc's closer (its threads close them: a peer's
-    /// fd may be slow to close, README "slow closes"), and then reported as [`Error::TooLarge`] or
-    /// [`Error::TooManyFds`] with its first 64 payload bytes (all, if it has fewer) left in
-    /// `frame`; the stream is in sync. If another message interrupts it (a broken or hostile
-    /// peer), it is reported at once with `frame` empty, and the other message is read next.
+    /// fd may be slow to close, the guide's "slow closes"), and then reported as
+    /// [`Error::TooLarge`] or [`Error::TooManyFds`] with its first 64 payload bytes (all, if
+    /// it has fewer) left in `frame`; the stream is in sync. If another message interrupts it
+    /// (a broken or hostile peer), it is reported at once with `frame` empty, and the other
+    /// message is read next.
     ///
     /// [`Error::Disconnected`] comes once everything the peer sent before it hung up is read.
     ///

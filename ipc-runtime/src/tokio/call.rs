@@ -75,7 +75,7 @@ impl AsyncCall {
 
     /// Decodes the arguments, taking the fds that came with them. Fds not claimed are closed
     /// off the runtime's threads, by typed-ipc's closer (a peer's fd may be slow to close:
-    /// README, "slow closes"); so are those of a call whose arguments are never decoded.
+    /// the guide, "slow closes"); so are those of a call whose arguments are never decoded.
     /// Decode them once, as [`Call::args`](crate::service::Call::args) says.
     pub fn args<T: DeserializeOwned>(&mut self) -> Result<T> {
         let fds = std::mem::take(&mut self.frame.fds);

@@ -23,7 +23,7 @@
 //!   socket takes them, under an async mutex so that no other message interleaves with it.
 //! - **Cancellation**: dropping a call's future (a `select!`, a `timeout`, an aborted task) frees
 //!   its slot; a reply that comes later is dropped and its fds are closed (by typed-ipc's
-//!   closer, off the runtime's threads, as every fd typed-ipc drops: README, "slow
+//!   closer, off the runtime's threads, as every fd typed-ipc drops: the guide, "slow
 //!   closes"). A call dropped after its request went out and before its reply came also
 //!   tells the peer (a cancel message, sent at once if the socket takes it, else from a
 //!   task: a drop never waits). An async peer then drops the call: unrun if it has not

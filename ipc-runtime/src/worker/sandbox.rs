@@ -3,8 +3,8 @@
 //!
 //! [`SYSCALLS`] lists them for the architecture being compiled (x86_64 or aarch64, whose
 //! numberings and names differ: aarch64 has no `poll` or `epoll_wait`), each with the
-//! [`Need`] it answers, so that a worker allows only what it uses. README.md, "Sandboxing a
-//! worker", says what fails, and how, when each is refused. Your own code's calls (reading the
+//! [`Need`] it answers, so that a worker allows only what it uses. docs/guide/sandboxing.md
+//! says what fails, and how, when each is refused. Your own code's calls (reading the
 //! files it is given, say) come on top. typed-ipc builds no filter itself: any seccomp
 //! library, or a short BPF program over `libc`, takes the numbers.
 //!
@@ -88,7 +88,7 @@ const fn unprefixed(sys: &'static str) -> &'static str {
 }
 
 /// The system calls a worker makes once it has taken its connection, on this architecture,
-/// in the order of README.md's table. Each name appears once.
+/// in the order of the table in docs/guide/sandboxing.md. Each name appears once.
 pub const SYSCALLS: &[Syscall] = calls! {
     // Messages: `send` without fds, `sendmsg` with fds or several datagrams; `recvfrom`
     // peeks at a hang-up.

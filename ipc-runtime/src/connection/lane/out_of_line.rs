@@ -225,7 +225,7 @@ impl Lane {
 /// The fd an out-of-line reference named (if any), until the lane keeps it. One refused or
 /// never looked at is the peer's, and closing it may wait for as long as the peer likes (the
 /// last fd of a pipe whose lock it holds, sent in place of a region or to an end that reads no
-/// pipes): the closer closes it, off the decoding thread (README, "slow closes").
+/// pipes): the closer closes it, off the decoding thread (the guide, "slow closes").
 struct PeerFd(Option<OwnedFd>);
 
 impl PeerFd {

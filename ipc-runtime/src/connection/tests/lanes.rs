@@ -305,7 +305,7 @@ fn socket_open(inode: u64) -> bool {
 /// The fds of a message nothing takes (here a reply to a call nobody made) are closed with
 /// the connection's lock let go. Closing an fd may wait for as long as the peer that sent it
 /// likes (a TCP socket with unsent data and `SO_LINGER`, a pipe whose lock it holds): that
-/// stalls the thread that read the message, as the README says, and no other. Before, the
+/// stalls the thread that read the message, as the guide says, and no other. Before, the
 /// lock was held meanwhile, and every other thread of the connection waited for it, callers
 /// with a timeout past their timeout.
 #[test]

@@ -540,7 +540,7 @@ impl AsyncConnection {
     /// on tokio's blocking pool (`#[interface(async_server)]`), which runs to its end; the
     /// oneway running is let finish. Requests of the peer's that have not started never run,
     /// and are dropped, the fds they carry closed by typed-ipc's closer (off this thread:
-    /// README, "slow closes"): calls waiting for the oneways sent before them or for a slot
+    /// the guide, "slow closes"): calls waiting for the oneways sent before them or for a slot
     /// at once, oneway messages waiting for the one running once it is done, requests held
     /// until something serves at once, and requests still unread in the socket as the
     /// connection's reader reads them. (A call with no oneway to wait for starts as soon as
