@@ -573,9 +573,7 @@ impl AsyncConnection {
                 let held = std::mem::take(&mut state.held);
                 (held, self.inner.cancel_calls(&mut state))
             };
-            for (mut frame, ..) in held {
-                frame.discard_fds();
-            }
+            self.inner.drop_held(held);
             self.inner.drop_cancelled(cancelled);
         }
         // The calls waiting for oneways look again, and see they are not to run.

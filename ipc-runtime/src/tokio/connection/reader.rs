@@ -454,7 +454,6 @@ impl Inner {
         if let Some(line) = traced {
             trace::line(&line);
         }
-        // After the end's line, which they follow from.
         self.drop_held(held);
         self.drop_cancelled(cancelled);
         true
@@ -481,9 +480,10 @@ impl Inner {
         self.drop_cancelled(cancelled);
     }
 
-    /// Drops requests held for a server still to come, unrun, saying the calls among them,
-    /// their fds closed by the closer.
-    fn drop_held(&self, held: Vec<(Frame, Envelope, Cost)>) {
+    /// Drops requests held for a server still to come, unrun, saying the calls among them
+    /// (after the line that says the end, which they follow from), their fds closed by the
+    /// closer.
+    pub(super) fn drop_held(&self, held: Vec<(Frame, Envelope, Cost)>) {
         for (mut frame, envelope, _) in held {
             if self.trace && envelope.kind == Kind::Call {
                 trace::dropped_cancelled(&self.name, envelope.cookie, false, true);
