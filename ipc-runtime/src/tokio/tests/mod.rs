@@ -243,6 +243,8 @@ struct Stuck {
     dropped: std::sync::Arc<::tokio::sync::Notify>,
     /// How many guards were dropped, for a test that waits for more than one.
     drops: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// How many handlers started, for a test that waits for more than one.
+    starts: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Says on its `Notify` when dropped, and counts.
@@ -270,6 +272,8 @@ impl super::AsyncService for Stuck {
             match call.command() {
                 1 => {
                     let _guard = SaysDropped(self.dropped.clone(), self.drops.clone());
+                    self.starts
+                        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     self.started.notify_one();
                     std::future::pending::<()>().await;
                     unreachable!("never woken")
