@@ -41,6 +41,10 @@ mod blocking {
         /// waits until `gate` reads end of stream.
         #[oneway]
         fn gate(&self, signal: OwnedFd, gate: OwnedFd);
+        /// As `gate`, but the async flavour waits on the runtime's own thread, which then
+        /// runs nothing else until `gate` ends (on a current-thread runtime, nothing at all).
+        #[oneway]
+        fn stall(&self, signal: OwnedFd, gate: OwnedFd);
         /// Writes a byte to `mark`: what a call that must never run does.
         fn mark(&self, mark: OwnedFd) -> u32;
         /// As `mark`, with a large byte string (placed in the caller's shared region).
@@ -64,6 +68,8 @@ mod asynchronous {
         async fn hang(&self, signal: OwnedFd);
         #[oneway]
         async fn gate(&self, signal: OwnedFd, gate: OwnedFd);
+        #[oneway]
+        async fn stall(&self, signal: OwnedFd, gate: OwnedFd);
         async fn mark(&self, mark: OwnedFd) -> u32;
         async fn mark_data(&self, mark: OwnedFd, data: Vec<u8>) -> u32;
         async fn echo(&self, tag: u64, fd: OwnedFd, data: Vec<u8>) -> super::Echoed;
@@ -114,6 +120,10 @@ impl asynchronous::Camera for AsyncCamera {
             .await
             .unwrap();
     }
+    async fn stall(&self, signal: OwnedFd, gate: OwnedFd) {
+        signal_at_gate(&signal, &gate);
+        read_to_end(gate); // on the runtime's thread, on purpose
+    }
     async fn mark(&self, mark: OwnedFd) -> u32 {
         write_byte(&mark);
         1
@@ -147,6 +157,9 @@ impl blocking::Camera for BlockingCamera {
     fn gate(&self, signal: OwnedFd, gate: OwnedFd) {
         signal_at_gate(&signal, &gate);
         read_to_end(gate);
+    }
+    fn stall(&self, signal: OwnedFd, gate: OwnedFd) {
+        self.gate(signal, gate);
     }
     fn mark(&self, mark: OwnedFd) -> u32 {
         write_byte(&mark);
@@ -185,6 +198,24 @@ fn refuse_data(iface: &typed_ipc::service::InterfaceInfo, cmd: u32) -> Result<()
 #[ignore = "run as a child process by other tests"]
 fn child_async_camera() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let conn = typed_ipc::tokio::worker::connection().unwrap();
+        asynchronous::CameraServer::new(AsyncCamera)
+            .serve(conn)
+            .await
+            .unwrap();
+    });
+}
+
+/// `child_async_camera` on a current-thread runtime: a handler that waits on the runtime's
+/// thread (`stall`) holds up the connection's reader too.
+#[test]
+#[ignore = "run as a child process by other tests"]
+fn child_current_thread_camera() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     runtime.block_on(async {
         let conn = typed_ipc::tokio::worker::connection().unwrap();
         asynchronous::CameraServer::new(AsyncCamera)
@@ -561,6 +592,42 @@ fn never_ran_and_exits(
     drop(gate);
     assert!(matches!(worker.wait().unwrap(), Exit::Code(0)));
     reading.join().unwrap();
+}
+
+/// A call the peer cancels just before it hangs up is said as cancelled by the peer, also when
+/// its handler's task gets to run only after the connection has ended: the worker's reader
+/// reads the cancel and the end in one go while a oneway holds up its only thread. Before, the
+/// task read that the connection had ended by then, and said "as the connection ended".
+#[test]
+fn a_cancel_just_before_the_end_is_said_as_the_peers() {
+    let _fds = fd_count_lock();
+    let before = fd_snapshot();
+    let rt = runtime();
+    rt.block_on(async {
+        let (mut worker, conn, lines, reading) = traced_async_worker("child_current_thread_camera");
+        let camera = asynchronous::CameraClient::new(conn.clone());
+        let (signal, held) = pipe();
+        let mut hung = Box::pin(camera.hang(held));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(hung.as_mut().poll(&mut cx).is_pending(), "sent");
+        assert_eq!(read_byte(&signal), b'!', "the call is running");
+        let (stalled, stalling) = pipe();
+        let (gated, gate) = pipe();
+        camera.stall(stalling, gated).await.unwrap();
+        assert_eq!(read_byte(&stalled), b'!', "the worker's thread is held up");
+        drop(hung); // the cancel goes out
+        conn.close(); // and the end right behind it
+        drop(gate);
+        wait_for_line(
+            &lines,
+            "-- Call #1 cancelled by the peer: its handler dropped",
+        );
+        assert!(matches!(worker.wait().unwrap(), Exit::Code(0)));
+        drop((camera, conn, signal, stalled));
+        reading.join().unwrap();
+    });
+    drop(rt);
+    before.assert_nothing_new();
 }
 
 /// A parent that hangs up mid-call (here with `close`) has its blocking worker drop the call

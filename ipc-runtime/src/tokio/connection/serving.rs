@@ -265,7 +265,12 @@ impl Inner {
         for runner in &runners {
             match runner.cookie.load(Ordering::Relaxed) {
                 0 => {} // idle
-                cookie => runner.cancel(cookie),
+                // Cancelled by the peer already, which the trace says.
+                cookie if runner.cancelled.load(Ordering::SeqCst) == cookie => {}
+                cookie => {
+                    runner.cancelled_at_end.store(cookie, Ordering::SeqCst);
+                    runner.cancel(cookie);
+                }
             }
         }
         Cancelled {
@@ -473,6 +478,9 @@ pub(super) struct Runner {
     /// the call it runs stops if it is this one. A cookie rather than a flag, so that a
     /// cancel that comes as one call finishes does not stop the next.
     cancelled: AtomicU64,
+    /// The cookie of the last call cancelled as the connection ended rather than by the
+    /// peer ([`Inner::cancel_calls`]), for the trace to say which (0: none).
+    cancelled_at_end: AtomicU64,
     /// The task's waker, once its call has waited (a call done in its first poll, the
     /// usual case, never stores it): a cancel wakes it.
     waker: parking_lot::Mutex<Option<Waker>>,
@@ -529,6 +537,7 @@ impl Runner {
             inner,
             cookie: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
+            cancelled_at_end: AtomicU64::new(0),
             waker: parking_lot::Mutex::new(None),
         }
     }
@@ -733,8 +742,9 @@ async fn run_request(inner: &Arc<Inner>, runner: &Runner, request: Request) {
     drop(unrun); // before the acknowledgement below, which carries its lane word
     if cancelled {
         if inner.trace {
-            // Cancelled by the peer, or as the connection ended (`cancel_calls`).
-            let ended = inner.lock().closed.is_some();
+            // Cancelled by the peer, or as the connection ended (`cancel_calls`), whenever
+            // this task got to run after it.
+            let ended = runner.cancelled_at_end.load(Ordering::SeqCst) == cookie;
             trace::dropped_cancelled(&inner.name, cookie, started, ended);
         }
         if owes {
