@@ -61,13 +61,14 @@ def costs(path):
     return cost
 
 
-def main():
-    a, b, n, binary = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-    shown = int(sys.argv[5]) if len(sys.argv) > 5 else 40
+def per_call(a, b, n):
+    """Per-instruction counts of one call: profile B less profile A, over N extra calls."""
     ca, cb = costs(a), costs(b)
-    diff = {k: (cb[k] - ca.get(k, 0)) / n for k in set(ca) | set(cb)}
-    ours = {k: v for k, v in diff.items() if k[0] and k[0].endswith(binary.rsplit("/", 1)[-1])}
-    addrs = sorted({addr for (_, addr) in ours})
+    return {k: (cb[k] - ca.get(k, 0)) / n for k in set(ca) | set(cb)}
+
+
+def inline_chains(binary, addrs):
+    """Each address's inline chain in `binary`, innermost first, as `file:line` strings."""
     out = subprocess.run(
         ["addr2line", "-a", "-i", "-f", "-C", "-e", binary] + [hex(x) for x in addrs],
         capture_output=True, text=True, check=True,
@@ -83,12 +84,24 @@ def main():
             i += 2
         else:
             i += 1
+    return chains
+
+
+def ours_first(chain):
+    """The innermost frame of a chain in this workspace (else the innermost), as `file:line`."""
+    loc = next((loc for loc in chain if loc.startswith(ROOT)), None)
+    return (loc or (chain[0] if chain else "?")).split(" ")[0].removeprefix(ROOT)
+
+
+def main():
+    a, b, n, binary = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    shown = int(sys.argv[5]) if len(sys.argv) > 5 else 40
+    diff = per_call(a, b, n)
+    ours = {k: v for k, v in diff.items() if k[0] and k[0].endswith(binary.rsplit("/", 1)[-1])}
+    chains = inline_chains(binary, sorted({addr for (_, addr) in ours}))
     lines = collections.Counter()
     for (_, addr), v in ours.items():
-        chain = chains.get(addr, [])
-        ours_first = next((loc for loc in chain if loc.startswith(ROOT)), None)
-        loc = (ours_first or (chain[0] if chain else "?")).split(" ")[0]
-        lines[loc.removeprefix(ROOT)] += v
+        lines[ours_first(chains.get(addr, []))] += v
     print(f"total {sum(diff.values()):.0f} per call, {sum(ours.values()):.0f} in {binary}")
     by_file = collections.Counter()
     for loc, v in lines.items():

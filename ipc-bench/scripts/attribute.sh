@@ -8,6 +8,8 @@
 #   ipc-bench/scripts/attribute.sh [LEN] [LINES]     # LEN bytes per call (64), LINES shown (40)
 #   FEATURES=echo-fd ipc-bench/scripts/attribute.sh  # echo_fd calls, one fd each way
 #   FEATURES=echo-async ipc-bench/scripts/attribute.sh  # the async flavour's echo
+#   LOCKED=1 ipc-bench/scripts/attribute.sh [LEN]      # its atomic read-modify-writes instead
+#                                                      # (~7-8 ns each here; see locked.py)
 set -euo pipefail
 
 len=${1:-64}
@@ -32,6 +34,10 @@ for side in client server; do
     a=$(grep $pick -e --client "$out"/2000/*)
     b=$(grep $pick -e --client "$out"/12000/*)
     echo "== $side, ${FEATURES:+($FEATURES) }echo of $len bytes"
-    python3 "$root/ipc-bench/scripts/attribute.py" "$a" "$b" 10000 "$binary" "$shown"
+    if [ -n "${LOCKED:-}" ]; then
+        python3 "$root/ipc-bench/scripts/locked.py" "$a" "$b" 10000 "$binary"
+    else
+        python3 "$root/ipc-bench/scripts/attribute.py" "$a" "$b" 10000 "$binary" "$shown"
+    fi
     echo
 done
