@@ -197,14 +197,7 @@ fn refuse_data(iface: &typed_ipc::service::InterfaceInfo, cmd: u32) -> Result<()
 #[test]
 #[ignore = "run as a child process by other tests"]
 fn child_async_camera() {
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
-        let conn = typed_ipc::tokio::worker::connection().unwrap();
-        asynchronous::CameraServer::new(AsyncCamera)
-            .serve(conn)
-            .await
-            .unwrap();
-    });
+    serve_async_camera(tokio::runtime::Runtime::new().unwrap());
 }
 
 /// `child_async_camera` on a current-thread runtime: a handler that waits on the runtime's
@@ -214,8 +207,12 @@ fn child_async_camera() {
 fn child_current_thread_camera() {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()
-        .unwrap();
+        .build();
+    serve_async_camera(runtime.unwrap());
+}
+
+/// Serves `AsyncCamera` on this worker's connection, on `runtime`, until the parent hangs up.
+fn serve_async_camera(runtime: tokio::runtime::Runtime) {
     runtime.block_on(async {
         let conn = typed_ipc::tokio::worker::connection().unwrap();
         asynchronous::CameraServer::new(AsyncCamera)

@@ -876,7 +876,10 @@ impl Shared {
         {
             return;
         }
-        let said = self.drop_calls_at_end(&mut state);
+        let mut said = self.drop_calls_at_end(&mut state);
+        if let (Some(end), Some(lines)) = (state.end_unsaid.as_mut(), said.take()) {
+            end.push_str(&lines); // after the end's line, still to be said by its reader
+        }
         drop(self.close_unclaimed(state));
         if let Some(said) = said {
             super::trace::line(said.trim_start_matches('\n'));
