@@ -8,7 +8,7 @@ use std::future::{Future, poll_fn};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll, Waker};
 
 use ::tokio::sync::{Notify, mpsc};
@@ -264,7 +264,8 @@ impl Inner {
             .collect();
         for runner in &runners {
             match runner.cookie.load(Ordering::Relaxed) {
-                0 => {} // idle
+                // Idle, or running a call of cookie 0, which `cancelled` cannot name.
+                0 => runner.cancel_cookie_0_at_end(),
                 // Cancelled by the peer already, which the trace says.
                 cookie if runner.cancelled.load(Ordering::SeqCst) == cookie => {}
                 cookie => {
@@ -481,6 +482,11 @@ pub(super) struct Runner {
     /// The cookie of the last call cancelled as the connection ended rather than by the
     /// peer ([`Inner::cancel_calls`]), for the trace to say which (0: none).
     cancelled_at_end: AtomicU64,
+    /// Set as the connection ends with its calls cancelled ([`Inner::cancel_calls`]) while
+    /// this task's cookie read 0: idle, or running a call of cookie 0 (never one of
+    /// typed-ipc's, whose cookies start at 1, but a broken or hostile peer's may be), which
+    /// `cancelled` cannot name, 0 meaning none there.
+    ended_with_cookie_0: AtomicBool,
     /// The task's waker, once its call has waited (a call done in its first poll, the
     /// usual case, never stores it): a cancel wakes it.
     waker: parking_lot::Mutex<Option<Waker>>,
@@ -538,6 +544,7 @@ impl Runner {
             cookie: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
             cancelled_at_end: AtomicU64::new(0),
+            ended_with_cookie_0: AtomicBool::new(false),
             waker: parking_lot::Mutex::new(None),
         }
     }
@@ -549,6 +556,26 @@ impl Runner {
         if let Some(waker) = self.waker.lock().as_ref() {
             waker.wake_by_ref();
         }
+    }
+
+    /// [`Runner::cancel`] as the connection ends, for a task whose cookie reads 0 (under the
+    /// state lock): idle, or running a call of cookie 0, which only this cancels (a cancel of
+    /// the peer's for cookie 0 cancels nothing). Waking an idle task's old waker is harmless.
+    #[cold]
+    #[inline(never)]
+    fn cancel_cookie_0_at_end(&self) {
+        self.cancelled_at_end.store(0, Ordering::SeqCst);
+        self.ended_with_cookie_0.store(true, Ordering::SeqCst);
+        if let Some(waker) = self.waker.lock().as_ref() {
+            waker.wake_by_ref();
+        }
+    }
+
+    /// Whether `cancelled` reading `cookie` means that call `cookie` is cancelled: for any
+    /// cookie but 0 (none), and for 0 once the connection has ended with its calls cancelled.
+    #[inline(always)]
+    fn names(&self, cookie: u64) -> bool {
+        cookie != 0 || self.ended_with_cookie_0.load(Ordering::SeqCst)
     }
 
     /// Whether the call `cookie` was cancelled, leaving `waker` to be woken if it is later.
@@ -714,7 +741,10 @@ async fn run_request(inner: &Arc<Inner>, runner: &Runner, request: Request) {
             // Checked before each poll, so that a call cancelled before it started never
             // does (one atomic load; the waker is stored only once the call waits, so a call
             // done in its first poll, the usual case, costs nothing more).
-            if runner.cancelled.load(Ordering::SeqCst) == cookie && cookie != 0 && !on_the_pool {
+            if runner.cancelled.load(Ordering::SeqCst) == cookie
+                && runner.names(cookie)
+                && !on_the_pool
+            {
                 return Poll::Ready(true);
             }
             // Cleared first: a oneway's handler polled on this thread may have set it.
@@ -723,7 +753,7 @@ async fn run_request(inner: &Arc<Inner>, runner: &Runner, request: Request) {
                 return Poll::Ready(false);
             }
             on_the_pool |= crate::service::on_the_pool();
-            match cookie != 0 && !on_the_pool && runner.cancelled(cookie, cx.waker()) {
+            match !on_the_pool && runner.cancelled(cookie, cx.waker()) && runner.names(cookie) {
                 true => Poll::Ready(true),
                 false => Poll::Pending,
             }

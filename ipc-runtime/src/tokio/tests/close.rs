@@ -261,6 +261,15 @@ struct HeldCall {
 impl HeldCall {
     /// The connection, at most `max_calls` running at once if given, and the peer's end.
     fn new(max_calls: Option<usize>, fds: &[BorrowedFd<'_>]) -> (HeldCall, Socket) {
+        HeldCall::of_cookie(1, max_calls, fds)
+    }
+
+    /// [`HeldCall::new`], the held call sent with `cookie`.
+    fn of_cookie(
+        cookie: u64,
+        max_calls: Option<usize>,
+        fds: &[BorrowedFd<'_>],
+    ) -> (HeldCall, Socket) {
         use crate::connection::tests::ordered_request;
         use crate::tokio::envelope::Kind;
 
@@ -284,7 +293,7 @@ impl HeldCall {
             }));
             (server, serving)
         });
-        peer.send(&ordered_request(Kind::Call, 2, 1, 1), fds)
+        peer.send(&ordered_request(Kind::Call, 2, cookie, 1), fds)
             .unwrap();
         has_started.recv().unwrap();
         let held = HeldCall {
@@ -369,6 +378,18 @@ fn a_peer_hanging_up_cancels_its_running_and_waiting_calls_and_runs_its_oneways(
 #[test]
 fn a_peer_that_shuts_its_sending_side_then_hangs_up_has_its_calls_cancelled() {
     a_peer_hanging_up_cancels_its_calls(true);
+}
+
+/// A call of cookie 0, which typed-ipc never sends (its cookies start at 1) but a broken or
+/// hostile peer may, is cancelled as the peer hangs up, as any other call is: its handler's
+/// future is dropped and `run` returns. Before, a runner with cookie 0 counted as idle at the
+/// end, and the handler ran on for good.
+#[test]
+fn a_peer_hanging_up_cancels_its_running_call_of_cookie_0() {
+    let (held, peer) = HeldCall::of_cookie(0, None, &[]);
+    drop(peer);
+    let ran = held.served_to_the_end("the handler of cookie 0 ran on after the peer hung up");
+    assert_eq!(ran, [] as [u64; 0]);
 }
 
 /// Requests held for a server still to come when the peer hangs up: its oneways run once one
