@@ -880,7 +880,10 @@ impl Shared {
         if let (Some(end), Some(lines)) = (state.end_unsaid.as_mut(), said.take()) {
             end.push_str(&lines); // after the end's line, still to be said by its reader
         }
-        drop(self.close_unclaimed(state));
+        if !state.unclaimed.is_empty() {
+            state = self.close_unclaimed(state);
+        }
+        drop(state);
         if let Some(said) = said {
             super::trace::line(said.trim_start_matches('\n'));
         }
