@@ -849,22 +849,19 @@ impl Shared {
             state.closed = Some(why);
             self.ended.store(true, Ordering::Release);
             if !state.closed_here && !replies_go && !state.calls.is_empty() {
-                let said = self.drop_calls_at_end(state);
-                if let (Some(end), Some(said)) = (state.end_unsaid.as_mut(), said) {
-                    end.push_str(&said);
-                }
+                let unsaid = self.drop_calls_at_end(state);
+                debug_assert!(unsaid.is_none(), "said after the end's line, set above");
             }
         }
         self.wake_all(state);
     }
 
-    /// A reply found the peer gone after the connection had ended with replies still able to
+    /// A send found the peer gone after the connection had ended with replies still able to
     /// go out (the peer shut only its sending side, or this end stopped reading, and the peer
-    /// has hung up or died since): its calls still queued are dropped now, as [`Shared::fail`]
-    /// would have dropped them had the peer gone first, and said once the lock is let go.
-    /// Nothing else watches a socket whose end has been read, so the kernel's `EPIPE` on the
-    /// first reply that fails is where this end learns it, as it does for the calls behind a
-    /// hang-up ([`Replier`](super::serving::Replier)).
+    /// has hung up or died since; [`Shared::why_unsent`]): its calls still queued are dropped
+    /// now, as [`Shared::fail`] would have dropped them had the peer gone first. Nothing else
+    /// watches a socket whose end has been read, so the kernel's `EPIPE` on the first reply
+    /// that fails is where this end learns it.
     #[cold]
     #[inline(never)]
     pub(super) fn drop_calls_of_a_peer_gone(&self) {
@@ -876,10 +873,7 @@ impl Shared {
         {
             return;
         }
-        let mut said = self.drop_calls_at_end(&mut state);
-        if let (Some(end), Some(lines)) = (state.end_unsaid.as_mut(), said.take()) {
-            end.push_str(&lines); // after the end's line, still to be said by its reader
-        }
+        let said = self.drop_calls_at_end(&mut state);
         if !state.unclaimed.is_empty() {
             state = self.close_unclaimed(state);
         }
@@ -893,8 +887,9 @@ impl Shared {
     /// queued, unrun, as the async flavour cancels them and as a cancel of the peer's would
     /// ([`Shared::cancel_queued`]): their fds closed once the lock is let go, a placement
     /// done with unread, each said after the line that says the end. Its oneways stay queued
-    /// and still run, in order (a worker may send its last ones as it exits). Returns the
-    /// lines to say, each after a line break, if tracing is on.
+    /// and still run, in order (a worker may send its last ones as it exits). With tracing
+    /// on, the lines go after the end's line if that is still unsaid; else they are returned,
+    /// each after a line break, to be said once the lock is let go.
     #[cold]
     #[inline(never)]
     fn drop_calls_at_end(&self, state: &mut State) -> Option<String> {
@@ -910,7 +905,13 @@ impl Shared {
             }
             self.drop_queued(state, frame);
         }
-        said
+        match (state.end_unsaid.as_mut(), said) {
+            (Some(end), Some(said)) => {
+                end.push_str(&said);
+                None
+            }
+            (_, said) => said,
+        }
     }
 }
 

@@ -248,7 +248,9 @@ impl Shared {
     /// If another thread reads and the peer has hung up for good, that
     /// reader is about to read the rest and the end, and this thread waits until it has, or
     /// until `deadline` (the send's): that reader may itself wait meanwhile (for stderr, say,
-    /// to print a message it routes, whose lock this thread may hold).
+    /// to print a message it routes, whose lock this thread may hold). Once the connection
+    /// has ended, the calls of a peer that has gone since are dropped
+    /// ([`Shared::drop_calls_of_a_peer_gone`]).
     #[cold]
     #[inline(never)]
     pub(super) fn why_unsent(&self, e: Error, deadline: Option<Instant>) -> Error {
@@ -258,7 +260,10 @@ impl Shared {
         loop {
             let mut state = self.state.lock();
             if let Some(closed) = &state.closed {
-                return closed.duplicate();
+                let why = closed.duplicate();
+                drop(state);
+                self.drop_calls_of_a_peer_gone();
+                return why;
             }
             let readable = self.socket.ready_now(PollFlags::POLLIN);
             if !state.reading {

@@ -250,9 +250,6 @@ impl Shared {
             Ok(_) => {}
             Err(e) => {
                 let e = self.why_unsent(e, None);
-                if matches!(e, Error::Disconnected) {
-                    self.drop_calls_of_a_peer_gone();
-                }
                 let mut state = self.state.lock();
                 self.unanswerable(&mut state, &e);
                 // The calls dropped as it ended ([`Shared::fail`]) hold fds to close.
@@ -425,7 +422,6 @@ impl Replier<'_> {
         }
         if matches!(e, Error::Disconnected) {
             self.shared.why_unsent(Error::Disconnected, None);
-            self.shared.drop_calls_of_a_peer_gone();
         }
     }
 
