@@ -263,16 +263,7 @@ impl Inner {
             .filter_map(std::sync::Weak::upgrade)
             .collect();
         for runner in &runners {
-            match runner.cookie.load(Ordering::Relaxed) {
-                // Idle, or running a call of cookie 0, which `cancelled` cannot name.
-                0 => runner.cancel_cookie_0_at_end(),
-                // Cancelled by the peer already, which the trace says.
-                cookie if runner.cancelled.load(Ordering::SeqCst) == cookie => {}
-                cookie => {
-                    runner.cancelled_at_end.store(cookie, Ordering::SeqCst);
-                    runner.cancel(cookie);
-                }
-            }
+            runner.cancel_at_end();
         }
         Cancelled {
             runners,
@@ -479,14 +470,11 @@ pub(super) struct Runner {
     /// the call it runs stops if it is this one. A cookie rather than a flag, so that a
     /// cancel that comes as one call finishes does not stop the next.
     cancelled: AtomicU64,
-    /// The cookie of the last call cancelled as the connection ended rather than by the
-    /// peer ([`Inner::cancel_calls`]), for the trace to say which (0: none).
-    cancelled_at_end: AtomicU64,
-    /// Set as the connection ends with its calls cancelled ([`Inner::cancel_calls`]) while
-    /// this task's cookie read 0: idle, or running a call of cookie 0 (never one of
-    /// typed-ipc's, whose cookies start at 1, but a broken or hostile peer's may be), which
-    /// `cancelled` cannot name, 0 meaning none there.
-    ended_with_cookie_0: AtomicBool,
+    /// The connection ended with its calls cancelled ([`Inner::cancel_calls`]): whatever
+    /// call this task has stops, of any cookie (0 too: never one of typed-ipc's, whose
+    /// cookies start at 1, but a broken or hostile peer's may be, and `cancelled` cannot
+    /// name it). No call is handed to a task after that.
+    ended: AtomicBool,
     /// The task's waker, once its call has waited (a call done in its first poll, the
     /// usual case, never stores it): a cancel wakes it.
     waker: parking_lot::Mutex<Option<Waker>>,
@@ -543,8 +531,7 @@ impl Runner {
             inner,
             cookie: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
-            cancelled_at_end: AtomicU64::new(0),
-            ended_with_cookie_0: AtomicBool::new(false),
+            ended: AtomicBool::new(false),
             waker: parking_lot::Mutex::new(None),
         }
     }
@@ -558,24 +545,28 @@ impl Runner {
         }
     }
 
-    /// [`Runner::cancel`] as the connection ends, for a task whose cookie reads 0 (under the
-    /// state lock): idle, or running a call of cookie 0, which only this cancels (a cancel of
-    /// the peer's for cookie 0 cancels nothing). Waking an idle task's old waker is harmless.
+    /// Tells the task that the connection ended with its calls cancelled (under the state
+    /// lock): whatever call it has stops. Waking an idle task's old waker is harmless.
     #[cold]
     #[inline(never)]
-    fn cancel_cookie_0_at_end(&self) {
-        self.cancelled_at_end.store(0, Ordering::SeqCst);
-        self.ended_with_cookie_0.store(true, Ordering::SeqCst);
+    fn cancel_at_end(&self) {
+        self.ended.store(true, Ordering::SeqCst);
         if let Some(waker) = self.waker.lock().as_ref() {
             waker.wake_by_ref();
         }
     }
 
-    /// Whether `cancelled` reading `cookie` means that call `cookie` is cancelled: for any
-    /// cookie but 0 (none), and for 0 once the connection has ended with its calls cancelled.
+    /// Whether the peer cancelled call `cookie` (a cancel of the peer's for cookie 0, none,
+    /// cancels nothing).
     #[inline(always)]
-    fn names(&self, cookie: u64) -> bool {
-        cookie != 0 || self.ended_with_cookie_0.load(Ordering::SeqCst)
+    fn cancelled_by_peer(&self, cookie: u64) -> bool {
+        cookie != 0 && self.cancelled.load(Ordering::SeqCst) == cookie
+    }
+
+    /// Whether call `cookie` is to stop: the peer cancelled it, or the connection ended.
+    #[inline(always)]
+    fn stops(&self, cookie: u64) -> bool {
+        self.cancelled_by_peer(cookie) || self.ended.load(Ordering::SeqCst)
     }
 
     /// Whether the call `cookie` was cancelled, leaving `waker` to be woken if it is later.
@@ -588,7 +579,7 @@ impl Runner {
             }
         }
         // After the waker is in: a cancel that stores its cookie later wakes it.
-        self.cancelled.load(Ordering::SeqCst) == cookie
+        self.stops(cookie)
     }
 
     fn start(&self, request: Request) {
@@ -741,10 +732,7 @@ async fn run_request(inner: &Arc<Inner>, runner: &Runner, request: Request) {
             // Checked before each poll, so that a call cancelled before it started never
             // does (one atomic load; the waker is stored only once the call waits, so a call
             // done in its first poll, the usual case, costs nothing more).
-            if runner.cancelled.load(Ordering::SeqCst) == cookie
-                && runner.names(cookie)
-                && !on_the_pool
-            {
+            if runner.stops(cookie) && !on_the_pool {
                 return Poll::Ready(true);
             }
             // Cleared first: a oneway's handler polled on this thread may have set it.
@@ -753,7 +741,7 @@ async fn run_request(inner: &Arc<Inner>, runner: &Runner, request: Request) {
                 return Poll::Ready(false);
             }
             on_the_pool |= crate::service::on_the_pool();
-            match !on_the_pool && runner.cancelled(cookie, cx.waker()) && runner.names(cookie) {
+            match !on_the_pool && runner.cancelled(cookie, cx.waker()) {
                 true => Poll::Ready(true),
                 false => Poll::Pending,
             }
@@ -772,9 +760,9 @@ async fn run_request(inner: &Arc<Inner>, runner: &Runner, request: Request) {
     drop(unrun); // before the acknowledgement below, which carries its lane word
     if cancelled {
         if inner.trace {
-            // Cancelled by the peer, or as the connection ended (`cancel_calls`), whenever
-            // this task got to run after it.
-            let ended = runner.cancelled_at_end.load(Ordering::SeqCst) == cookie;
+            // Cancelled by the peer (said so even if the connection then ended before this
+            // task ran), or as the connection ended (`cancel_calls`).
+            let ended = !runner.cancelled_by_peer(cookie);
             trace::dropped_cancelled(&inner.name, cookie, started, ended);
         }
         if owes {
