@@ -99,17 +99,6 @@ async fn read_messages(inner: Arc<Inner>) {
     inner.fail(why);
 }
 
-/// Takes the calls among the requests held for a server still to come, leaving the oneways,
-/// which still run if one comes (a worker may send its last ones and exit before its parent
-/// serves).
-fn take_held_calls(state: &mut State) -> Vec<(Frame, Envelope, Cost)> {
-    let (calls, oneways) = std::mem::take(&mut state.held)
-        .into_iter()
-        .partition(|(_, envelope, _)| envelope.kind == Kind::Call);
-    state.held = oneways;
-    calls
-}
-
 /// The message in `buffer`, leaving `buffer` ready for the next: a small message is copied out
 /// so the 64 KiB receive buffer is reused rather than kept by every request in flight.
 fn take_message(buffer: &mut Frame) -> Frame {
@@ -430,7 +419,11 @@ impl Inner {
         let held = match why {
             _ if replies_go => Vec::new(),
             Error::Disconnected | Error::ShutDown if !self.closed_here() => {
-                take_held_calls(&mut state)
+                let (calls, oneways) = std::mem::take(&mut state.held)
+                    .into_iter()
+                    .partition(|(_, envelope, _)| envelope.kind == Kind::Call);
+                state.held = oneways;
+                calls
             }
             _ => std::mem::take(&mut state.held),
         };
@@ -462,21 +455,20 @@ impl Inner {
     /// A reply found the peer gone after the connection had ended with replies still able to
     /// go out (the peer shut only its sending side, or this end stopped reading, and the peer
     /// has hung up or died since): the peer's calls are cancelled now, those running and
-    /// those waiting for a slot or held for a server to come, as [`Inner::fail`] would have
-    /// cancelled them had the peer gone first. Nothing else watches a socket whose end has
-    /// been read, so the kernel's `EPIPE` on the first reply that fails is where this end
-    /// learns it, as the blocking flavour does.
+    /// those waiting for a slot, as [`Inner::fail`] would have cancelled them had the peer
+    /// gone first. (None is held for a server to come: a reply means something serves.)
+    /// Nothing else watches a socket whose end has been read, so the kernel's `EPIPE` on the
+    /// first reply that fails is where this end learns it, as the blocking flavour does.
     #[cold]
     #[inline(never)]
     pub(in crate::tokio) fn cancel_calls_of_a_peer_gone(&self) {
-        let (held, cancelled) = {
+        let cancelled = {
             let mut state = self.lock();
             if state.closed.is_none() || self.closed_here() || !self.socket().has_ended() {
                 return;
             }
-            (take_held_calls(&mut state), self.cancel_calls(&mut state))
+            self.cancel_calls(&mut state)
         };
-        self.drop_held(held);
         self.drop_cancelled(cancelled);
     }
 
