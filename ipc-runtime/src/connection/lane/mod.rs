@@ -51,9 +51,10 @@
 //!   failure reply to the call that carried it arrives (the request may never have been
 //!   decoded, so a region it announced is announced again), or the message carrying it
 //!   turns out never to have been sent (an error, or an async send cancelled before its
-//!   first datagram). While it is busy, byte strings go inline: nobody waits, and nothing
-//!   deadlocks. A peer that never acknowledges (a oneway stream it never answers, a hostile
-//!   peer) costs speed, not correctness.
+//!   first datagram); and in any case until that message is out (or given up), as it names
+//!   the region's fd by number. While it is busy, byte strings go inline: nobody waits, and
+//!   nothing deadlocks. A peer that never acknowledges (a oneway stream it never answers, a
+//!   hostile peer) costs speed, not correctness.
 //! - The region is replaced (announced anew, and the peer maps the new one instead) by a
 //!   larger one when a string does not fit, and by a smaller one when a string of a quarter
 //!   of its size or less is placed [`SHRINK_AFTER`] or more after the last larger one: so a
@@ -156,6 +157,15 @@ const SEQ_MASK: u32 = (1 << SEQ_BITS) - 1;
 const UNREAD: u32 = 1 << 22;
 /// Words of [`Lane::taken`]: a bit for every sequence number.
 const TAKEN_WORDS: usize = (SEQ_MASK as usize + 1) / 64;
+/// In [`Lane::busy`], above the token: the message that carries the placement may still be on
+/// its way out ([`Lane::sent`] clears it).
+const SENDING: u64 = 1 << 32;
+/// In [`Lane::busy`]: the peer said it read the placement; once its message is sent too, the
+/// lane is idle, and the next [`Lane::idle_out`] finishes the release ([`Lane::release`]).
+const ACKED: u64 = 1 << 33;
+/// In [`Lane::busy`]: the placement piped bytes that the lane keeps a clone of until the
+/// acknowledgement, which lets go of them at once.
+const PINNED: u64 = 1 << 34;
 
 /// What [`Lane::retire_region`] gave back.
 #[derive(Debug, PartialEq, Eq)]
@@ -173,9 +183,16 @@ pub(crate) struct Retired {
 /// One connection's lane: its outgoing region and its view of the peer's.
 pub(crate) struct Lane {
     out: Mutex<Outgoing>,
-    /// Token ([`Outgoing::start`]) of the placement the peer has not released yet; 0 when
-    /// idle.
-    busy: AtomicU32,
+    /// The latest placement: its token ([`Outgoing::start`]; low 32 bits, 0: none) and its
+    /// state ([`SENDING`], [`ACKED`], [`PINNED`]). The lane is busy with it until its
+    /// message is sent (or given up) *and* the peer has acknowledged it or it was given
+    /// back: only then may the region be replaced or given back. A message names the
+    /// region's fd by its number, borrowed from the lane, and a peer may acknowledge a
+    /// placement before its message is out (a hostile one, guessing its number): the number
+    /// closed, the next file this process opened would take it, and the message would carry
+    /// that file to the peer. One word, so that the send and the acknowledgement each cost
+    /// one atomic read-modify-write and no lock (some 8 ns each on these VMs).
+    busy: AtomicU64,
     /// The last placement of ours the peer's lane words said it was done with: the next
     /// placement never takes this number, so an old acknowledgement can never pass for
     /// its (after 2,047 placements that were never sent, the numbers would come round).
@@ -200,13 +217,15 @@ pub(crate) struct Lane {
     /// copy them: a reader that takes in an announcement must never wait for a write into
     /// the peer (which holds `out`, and could be slow).
     peer_mailbox: Mutex<Option<(u64, u64)>>,
-    /// Low 32 bits: the sequence number of the last placement of the peer's this end is done
-    /// with, with [`UNREAD`] if it was not read, and [`READS_LANES`] if this end reads lanes
-    /// (fixed, kept here so that [`Lane::acknowledge_in`] costs no other load). High 32 bits:
-    /// how many of the peer's messages that carry a placement have been taken in (wrapping),
-    /// which [`Lane::on_message`] stamps into each (see [`Lane::finished`]). One atomic, so
-    /// that an acknowledgement is recorded only if no such message came in meanwhile.
-    consumed: AtomicU64,
+    /// The sequence number of the last placement of the peer's this end is done with, with
+    /// [`UNREAD`] if it was not read, and [`READS_LANES`] if this end reads lanes (fixed,
+    /// kept here so that [`Lane::acknowledge_in`] costs no other load).
+    consumed: AtomicU32,
+    /// How many of the peer's messages that carry a placement have been taken in (wrapping),
+    /// which [`Lane::on_message`] stamps into each (see [`Lane::finished`]). Written by the
+    /// connection's reader alone (one thread or task at a time, handing the role over under
+    /// a lock): a load and a store, not an atomic read-modify-write (~8 ns on these VMs).
+    arrivals: AtomicU32,
     /// One bit per sequence number: a decode has taken the peer's placement of that number
     /// since a message carrying it last came in. A message decoded again (a handler calling
     /// `Call::args` twice) must not take its string again: the first decode acknowledged it,
@@ -247,13 +266,6 @@ pub(crate) struct Lane {
     /// whose fd would take a message over it gives way to the string inline, as one over
     /// `max_send_fds` does.
     peer_max_fds: AtomicUsize,
-    /// Messages that carry a placement of this end's and may still be on their way out:
-    /// encoded, and not yet sent or given up ([`Lane::sent`]). While there are any, the
-    /// region is neither replaced nor given back. Such a message names the region's fd by its
-    /// number, borrowed from the lane, and a peer may acknowledge a placement before its
-    /// message is out (a hostile one, stopping its reads): the number closed, the next file
-    /// this process opened would take it, and the message would carry that file to the peer.
-    sending: AtomicU32,
     /// Where the peer writes strings into this process, once this end accepts that.
     inbox: Mutex<Option<Inbox>>,
     /// What the next acknowledgement must see to first, rarely anything: [`INBOX_TAKEN`],
@@ -270,7 +282,7 @@ impl Lane {
     pub(crate) fn new(max_len: usize, max_fds: usize) -> Lane {
         Lane {
             out: Mutex::new(Outgoing::default()),
-            busy: AtomicU32::new(0),
+            busy: AtomicU64::new(0),
             peer_done: AtomicU32::new(0),
             peer_reads: AtomicBool::new(false),
             lends: AtomicU64::new(0),
@@ -278,7 +290,8 @@ impl Lane {
             incoming: Mutex::new(None),
             incoming_pipe: Mutex::new(None),
             peer_mailbox: Mutex::new(None),
-            consumed: AtomicU64::new(if max_fds > 0 { READS_LANES.into() } else { 0 }),
+            consumed: AtomicU32::new(if max_fds > 0 { READS_LANES } else { 0 }),
+            arrivals: AtomicU32::new(0),
             taken: [const { AtomicU64::new(0) }; TAKEN_WORDS],
             max_len: max_len.min(MAX),
             max_message_len: max_len,
@@ -286,7 +299,6 @@ impl Lane {
             max_send_fds: max_fds,
             max_fds,
             peer_max_fds: AtomicUsize::new(DEFAULT_MAX_FDS),
-            sending: AtomicU32::new(0),
             inbox: Mutex::new(None),
             attention: AtomicU8::new(0),
             max_shared_len: crate::Limits::default().max_shared_len,
@@ -334,7 +346,7 @@ impl Lane {
     pub(crate) fn telling_max_fds(self) -> Lane {
         match self.tells_max_fds() {
             true => Lane {
-                consumed: AtomicU64::new(0),
+                consumed: AtomicU32::new(0),
                 ..self
             },
             false => self,
@@ -352,7 +364,7 @@ impl Lane {
     /// blocking one owes it instead ([`Lane::owe_max_fds`]).
     #[cfg(feature = "tokio")]
     pub(crate) fn max_fds_announcement(&self) -> (u64, u64) {
-        self.consumed.fetch_or(READS_LANES.into(), Ordering::AcqRel);
+        self.consumed.fetch_or(READS_LANES, Ordering::AcqRel);
         (MAX_FDS_MAILBOX, self.max_fds as u64)
     }
 
@@ -364,8 +376,7 @@ impl Lane {
     #[cfg(feature = "tokio")]
     pub(crate) fn announcement_unsent(&self, (mailbox, _): (u64, u64)) {
         if mailbox == MAX_FDS_MAILBOX && self.tells_max_fds() {
-            self.consumed
-                .fetch_and(!u64::from(READS_LANES), Ordering::AcqRel);
+            self.consumed.fetch_and(!READS_LANES, Ordering::AcqRel);
         }
     }
 
@@ -391,11 +402,11 @@ impl Lane {
         let mut framed = [0; envelope::FRAMED_AT + envelope::ANNOUNCE_LEN];
         let payload = framed.last_chunk_mut().expect("ANNOUNCE_LEN bytes");
         // Its acknowledgement too, as any message's (`acknowledge_in`).
-        let word = self.consumed.load(Ordering::Acquire) as u32 | READS_LANES;
+        let word = self.consumed.load(Ordering::Acquire) | READS_LANES;
         envelope::write_announcement(payload, word, (MAX_FDS_MAILBOX, self.max_fds as u64));
         if tell(&mut framed) {
             // Only the send lock's holder reads or changes `TELL_OWED`, as here.
-            self.consumed.fetch_or(READS_LANES.into(), Ordering::AcqRel);
+            self.consumed.fetch_or(READS_LANES, Ordering::AcqRel);
             self.attention.fetch_and(!TELL_OWED, Ordering::AcqRel);
         } // else still owed: the next message tries again
     }
@@ -461,9 +472,6 @@ impl Lane {
     /// to give back at either end, or the lane is busy.
     pub(crate) fn retire_region(&self) -> Option<Retired> {
         let mut out = self.idle_out()?;
-        if !self.all_sent() {
-            return None; // a message on its way out may name the region's fd
-        }
         let (region, mapped) = out.take_region();
         drop(out);
         if region.is_none() && mapped.is_none() {
@@ -514,25 +522,50 @@ impl Lane {
     /// The outgoing side, if the lane is idle and nobody else is placing: the one place a
     /// placement starts. Only a placement makes the lane busy, and only under `out`'s lock,
     /// so a lane idle here stays idle until [`Outgoing::start`]: no compare-and-swap needed
-    /// (an atomic read-modify-write costs ~7 ns on these VMs).
+    /// (an atomic read-modify-write costs ~7 ns on these VMs). A placement acknowledged
+    /// since the last one started is released here first.
     #[inline]
     fn idle_out(&self) -> Option<MutexGuard<'_, Outgoing>> {
-        let out = self.out.try_lock()?;
-        (self.busy.load(Ordering::Acquire) == 0).then_some(out)
+        let mut out = self.out.try_lock()?;
+        match self.busy.load(Ordering::Acquire) {
+            0 => Some(out),
+            busy if busy & (SENDING | ACKED) == ACKED => {
+                self.finish_release(&mut out, busy as u32);
+                Some(out)
+            }
+            _ => None,
+        }
     }
 
-    /// The next placement ([`Outgoing::start`]), counted as on its way out until its message
-    /// is sent or given up ([`Lane::sent`]).
+    /// What the peer's acknowledgement of placement `token` freed ([`Lane::release`]), once
+    /// its message is sent: the region its message announced is the one the peer maps (a
+    /// stale [`Announcement::by`] left behind only matters to an `abort` of the same
+    /// placement, which would announce the fd once more: harmless). Under `out`, with the lane
+    /// idle: nothing else changes `busy` then.
+    #[inline(never)]
+    fn finish_release(&self, out: &mut Outgoing, token: u32) {
+        out.unpin(token, false); // if this came before the acknowledgement's own unpin
+        out.read(token);
+        self.busy.store(0, Ordering::Release);
+    }
+
+    /// The next placement ([`Outgoing::start`]): the lane is busy with it, as on its way out,
+    /// until its message is sent or given up ([`Lane::sent`]). `pinned`: the lane keeps a
+    /// clone of its bytes until the peer acknowledges it.
     #[inline]
-    fn start(&self, out: &mut Outgoing) -> u32 {
-        self.sending.fetch_add(1, Ordering::Relaxed);
-        out.start(&self.busy, &self.peer_done)
+    fn start(&self, out: &mut Outgoing, pinned: bool) -> u32 {
+        let token = out.start(&self.peer_done);
+        let pinned = if pinned { PINNED } else { 0 };
+        self.busy
+            .store(u64::from(token) | SENDING | pinned, Ordering::Release);
+        token
     }
 
     /// The message that carried placement `placed` (its token; 0: none) is out, or will never
     /// go out whole (its send failed, or was given up before any of it went): it no longer
-    /// names the region's fd ([`Lane::sending`]). Every message [`Lane::encode`] returned a
-    /// placement for must come here once.
+    /// names the region's fd ([`SENDING`]). Every message [`Lane::encode`] returned a
+    /// placement for must come here once. (That is the latest placement: none starts while
+    /// its message may be on its way out.)
     #[inline]
     pub(crate) fn sent(&self, placed: u32) {
         if placed != 0 {
@@ -551,14 +584,7 @@ impl Lane {
     /// carries none).
     #[inline(never)]
     fn placement_sent(&self) {
-        self.sending.fetch_sub(1, Ordering::Release);
-    }
-
-    /// No message that carries a placement is on its way out, so the region's fd may be
-    /// closed. Asked under `out`, which every placement starts under: only [`Lane::sent`]
-    /// changes the count meanwhile, downwards.
-    fn all_sent(&self) -> bool {
-        self.sending.load(Ordering::Acquire) == 0
+        self.busy.fetch_and(!SENDING, Ordering::AcqRel);
     }
 
     /// The generation of this end's inbox buffer, if it accepts writes.
@@ -589,7 +615,14 @@ impl Lane {
     /// A placement of this end's is in flight.
     #[cfg(test)]
     pub(crate) fn is_busy(&self) -> bool {
-        self.busy.load(Ordering::Acquire) != 0
+        !idle(self.busy.load(Ordering::Acquire))
+    }
+
+    /// The peer acknowledged this end's latest placement (its message may still be on its
+    /// way out).
+    #[cfg(test)]
+    pub(crate) fn is_acknowledged(&self) -> bool {
+        self.busy.load(Ordering::Acquire) & ACKED != 0
     }
 
     /// The lane word for an outgoing envelope that carries placement `placed` (0: none), as
@@ -598,7 +631,7 @@ impl Lane {
     pub(crate) fn word(&self, placed: u32) -> u32 {
         self.settle_inbox_if_taken();
         // `consumed` holds `READS_LANES` too, if this end reads lanes.
-        placed << SEQ_BITS | self.consumed.load(Ordering::Acquire) as u32
+        placed << SEQ_BITS | self.consumed.load(Ordering::Acquire)
     }
 
     /// [`Lane::acknowledge_in_telling`] for an end that never owes the announcement of its
@@ -659,7 +692,7 @@ impl Lane {
         };
         let kept = u32::from_le_bytes(*head) & (0xff | (SEQ_MASK << SEQ_BITS) << 8);
         // `consumed` holds `READS_LANES` too, if this end reads lanes.
-        let acknowledged = (self.consumed.load(Ordering::Acquire) as u32) << 8;
+        let acknowledged = self.consumed.load(Ordering::Acquire) << 8;
         *head = (kept | acknowledged).to_le_bytes();
     }
 
@@ -729,7 +762,11 @@ impl Lane {
 
     /// Records placement `seq` as done with (`how`), unless it already is; with a `stamp`
     /// ([`Lane::finished`]), only if no placement-carrying message came in since the one
-    /// stamped so, in the same compare-and-swap.
+    /// stamped so. The count is read afresh for each try of the compare-and-swap, after the
+    /// acknowledgement it swaps: one that came in after that read is a placement the peer
+    /// made once this end had acknowledged the one before (it places one at a time), so
+    /// either the acknowledgement read is `seq`'s and nothing is swapped, or one taken since
+    /// changed it, and the swap fails and reads again.
     ///
     /// Any other number is the peer's latest placement, whatever its distance from the last
     /// one recorded: a read is of the one placement in flight (a message decoded again takes
@@ -743,10 +780,10 @@ impl Lane {
         let _ = self
             .consumed
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |last| {
-                let latest = stamp.is_none_or(|s| (last >> 32) as u32 & SEQ_MASK == s);
-                let reads = last as u32 & READS_LANES;
-                (latest && seq != last as u32 & SEQ_MASK)
-                    .then_some(last >> 32 << 32 | u64::from(seq | how | reads))
+                let latest =
+                    stamp.is_none_or(|s| self.arrivals.load(Ordering::Acquire) & SEQ_MASK == s);
+                let reads = last & READS_LANES;
+                (latest && seq != last & SEQ_MASK).then_some(seq | how | reads)
             });
     }
 
@@ -769,16 +806,20 @@ impl Lane {
     #[inline(never)]
     fn stamp(&self, payload: &mut [u8], word: u32) {
         self.arrived(word >> SEQ_BITS & SEQ_MASK);
-        let count = (self.consumed.fetch_add(1 << 32, Ordering::AcqRel) >> 32) as u32;
-        let stamp = count.wrapping_add(1) & SEQ_MASK;
+        // The reader's alone to write ([`Lane::arrivals`]).
+        let count = self.arrivals.load(Ordering::Relaxed).wrapping_add(1);
+        self.arrivals.store(count, Ordering::Release);
+        let stamp = count & SEQ_MASK;
         envelope::set_lane(payload, word & !SEQ_MASK | stamp);
     }
 
     /// A message carrying the peer's placement `seq` came in: its string is there to take,
-    /// once ([`Lane::taken`]).
+    /// once ([`Lane::taken`]). A load and a store, not an atomic read-modify-write: see
+    /// [`Lane::took`].
     fn arrived(&self, seq: u32) {
         let (word, bit) = taken_bit(seq);
-        self.taken[word].fetch_and(!bit, Ordering::Relaxed);
+        let taken = &self.taken[word];
+        taken.store(taken.load(Ordering::Relaxed) & !bit, Ordering::Relaxed);
     }
 
     /// Refuses the peer's placement `seq` if a decode took it since the message carrying
@@ -792,10 +833,18 @@ impl Lane {
         }
     }
 
-    /// A decode took the peer's placement `seq`.
+    /// A decode took the peer's placement `seq`. A load and a store, not an atomic
+    /// read-modify-write (~8 ns each on these VMs): the bits are written by the reader, as
+    /// a placement arrives, and by the one decode that takes it, never both at once while
+    /// the peer keeps to one placement in flight. The take comes before its
+    /// acknowledgement, and the peer places its next string only once it has that. A peer
+    /// that breaks the protocol can only lose itself an update: a message of its refused as
+    /// taken already, or one decoded twice taking its string twice, which the peer could
+    /// have changed under it anyway.
     fn took(&self, seq: u32) {
         let (word, bit) = taken_bit(seq);
-        self.taken[word].fetch_or(bit, Ordering::Relaxed);
+        let taken = &self.taken[word];
+        taken.store(taken.load(Ordering::Relaxed) | bit, Ordering::Relaxed);
     }
 
     /// Takes in the lane word of an envelope the peer sent, in the message `payload`. Its
@@ -814,26 +863,40 @@ impl Lane {
         if self.peer_done.load(Ordering::Relaxed) != seq {
             self.peer_done.store(seq, Ordering::Relaxed);
         }
-        let busy = self.busy.load(Ordering::Acquire);
-        if busy & SEQ_MASK != seq {
+        let token = in_flight(self.busy.load(Ordering::Acquire));
+        if token & SEQ_MASK != seq {
             return; // nothing in flight, or an acknowledgement seen before
         }
         match word & UNREAD {
-            0 => self.release(busy),
-            _ => self.abort(busy),
+            0 => self.release(token),
+            _ => self.abort(token),
         }
     }
 
-    /// The peer read placement `token`: the lane is idle again, bytes it piped may change, and
-    /// a region its message announced is the one the peer maps. (A stale
-    /// [`Announcement::by`] left behind only matters to an `abort` of the same placement,
-    /// which would announce the fd once more: harmless.)
-    pub(crate) fn release(&self, token: u32) {
-        self.while_busy_with(token, |out| {
-            self.busy.store(0, Ordering::Release);
-            out.unpin(token, false);
-            out.read(token);
-        });
+    /// The peer read placement `token`: once its message is sent, the lane is idle again,
+    /// and a region its message announced is the one the peer maps
+    /// ([`Lane::finish_release`], when the next placement starts). One read-modify-write and
+    /// no lock; only bytes it piped are let go of at once (they are the caller's, and may
+    /// change now).
+    fn release(&self, token: u32) {
+        let acked = self
+            .busy
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |busy| {
+                (in_flight(busy) == token).then_some(busy | ACKED)
+            });
+        if let Ok(busy) = acked
+            && busy & PINNED != 0
+        {
+            self.unpin_acked(token);
+        }
+    }
+
+    /// Lets go of the bytes acknowledged placement `token` piped, unless the next placement
+    /// already did ([`Lane::finish_release`]).
+    #[cold]
+    fn unpin_acked(&self, token: u32) {
+        let acked = |busy: u64| busy as u32 == token && busy & ACKED != 0;
+        self.while_busy(acked, |out| out.unpin(token, false));
     }
 
     /// The peer will never read placement `token` (as [`Lane::encode`] returned it): its
@@ -848,37 +911,49 @@ impl Lane {
         self.while_busy_with(token, |out| self.abort_locked(out, token));
     }
 
-    /// Runs `f` with the outgoing side if the lane is busy with placement `seq` (its token),
-    /// holding `out` all the while, so that the lane stays busy with `seq` until `f` makes it
-    /// idle. Never waits for
-    /// a write into the peer, which holds `out` (and could be slow): such a write starts only
-    /// on an idle lane, and while the lane is busy with `seq` another thread holds `out` only
-    /// briefly. So neither the connection's reader nor a caller whose reply has arrived
-    /// waits for another caller's write; once the lane is no longer busy with `seq` there is
-    /// nothing left to do.
-    fn while_busy_with(&self, seq: u32, f: impl FnOnce(&mut Outgoing)) {
-        while self.busy.load(Ordering::Acquire) == seq {
+    /// Runs `f` with the outgoing side if placement `token` is in flight (not acknowledged,
+    /// nor given back), holding `out` all the while: no other placement starts until `f`
+    /// is done. Once it is no longer in flight there is nothing left to do.
+    fn while_busy_with(&self, token: u32, f: impl FnOnce(&mut Outgoing)) {
+        self.while_busy(|busy| in_flight(busy) == token, f);
+    }
+
+    /// Runs `f` with the outgoing side if `busy` holds for the lane's word, holding `out`.
+    /// Never waits for a write into the peer, which holds `out` (and could be slow): such a
+    /// write starts only on an idle lane, which is no longer busy as `busy` says (the
+    /// placement it starts takes the word), and while `busy` holds another thread holds `out`
+    /// only briefly. So neither the connection's reader nor a caller whose reply has arrived
+    /// waits for another caller's write. The word may change meanwhile without `out` (the
+    /// send over, an acknowledgement), but only a holder of `out` starts or finishes a
+    /// placement.
+    fn while_busy(&self, busy: impl Fn(u64) -> bool, f: impl FnOnce(&mut Outgoing)) {
+        while busy(self.busy.load(Ordering::Acquire)) {
             let Some(mut out) = self.out.try_lock() else {
                 std::thread::yield_now();
                 continue;
             };
-            // Only a holder of `out` changes `busy`: still `seq` now, it stays so.
-            if self.busy.load(Ordering::Acquire) == seq {
+            if busy(self.busy.load(Ordering::Acquire)) {
                 f(&mut out);
             }
             return;
         }
     }
 
+    /// Gives back placement `seq`, in flight. An acknowledgement that comes in meanwhile
+    /// (only from a peer that breaks the protocol) finds it gone, or leaves it acknowledged
+    /// after all: either is harmless, as the placement is given back under `out` already.
     fn abort_locked(&self, out: &mut Outgoing, seq: u32) {
         out.region_sent.unread(seq);
         out.pipe_sent.unread(seq);
         // Emptied before the lane is idle again (and under `out`, which a new placement
         // needs), so the next string cannot land behind these bytes.
         out.unpin(seq, true);
+        // Busy still, while its message may be on its way out.
         let _ = self
             .busy
-            .compare_exchange(seq, 0, Ordering::AcqRel, Ordering::Relaxed);
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |busy| {
+                (in_flight(busy) == seq).then_some(busy & SENDING)
+            });
     }
 
     /// Encodes a message into the emptied `buf`: room for the transport's header (see
@@ -984,11 +1059,11 @@ impl Lane {
     /// The token of placement `seq`, which a message being encoded carries: the lane stays
     /// busy with it until the message is sent, unless a peer acknowledged a placement it has
     /// not been sent (then a token that matches nothing, and the lane is no longer this
-    /// message's to give back).
+    /// message's to give back; [`Lane::sent`] still ends its [`SENDING`]).
     fn token_of(&self, seq: u32) -> u32 {
-        let busy = self.busy.load(Ordering::Acquire);
-        if busy & SEQ_MASK == seq {
-            busy
+        let token = in_flight(self.busy.load(Ordering::Acquire));
+        if token != 0 && token & SEQ_MASK == seq {
+            token
         } else {
             !SEQ_MASK
         }
@@ -1013,6 +1088,21 @@ impl Lane {
             out.failed = token & SEQ_MASK;
             self.abort_locked(out, token);
         });
+    }
+}
+
+/// Whether the lane is idle with `busy` as its word ([`Lane::busy`]): no placement, or the
+/// latest one acknowledged and its message sent.
+fn idle(busy: u64) -> bool {
+    busy == 0 || busy & (SENDING | ACKED) == ACKED
+}
+
+/// The token of the placement in flight with `busy` as the lane's word ([`Lane::busy`]): not
+/// acknowledged nor given back (0: none).
+fn in_flight(busy: u64) -> u32 {
+    match busy & ACKED {
+        0 => busy as u32,
+        _ => 0,
     }
 }
 

@@ -4,7 +4,7 @@
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering;
 
-use super::{INBOX_TAKEN, Lane, MAX, MIN, SEQ_MASK, pipes};
+use super::{INBOX_TAKEN, Lane, MAX, MIN, SEQ_MASK, idle, pipes};
 use crate::codec::{FdNamed, NO_FD, OutOfLine, Piped, Placed, Placement, Unfetched, Written};
 use crate::error::{Error, Result};
 use crate::peer_memory;
@@ -27,7 +27,7 @@ impl OutOfLine for Lane {
             || !self.lends(Ordering::Relaxed)
             || !self.peer_takes_pipes()
             || !self.peer_reads.load(Ordering::Acquire)
-            || self.busy.load(Ordering::Acquire) != 0
+            || !idle(self.busy.load(Ordering::Acquire))
         {
             return None;
         }
@@ -46,7 +46,7 @@ impl OutOfLine for Lane {
             return None;
         }
         let read_end = pipe.read_end().as_raw_fd();
-        let token = self.start(out);
+        let token = self.start(out, true);
         let fd = out.pipe_sent.carry(token, read_end);
         out.pinned = Some((token, bytes.clone()));
         let piped = Piped {
@@ -100,7 +100,7 @@ impl OutOfLine for Lane {
         let len = bytes.len();
         // Not over this side's limits (`max_send_len`, at most `MAX`): such a string goes
         // inline, and the socket refuses the message unsent (`TooLarge`), as any over them.
-        if !(MIN..=self.max_send_len).contains(&len) || self.busy.load(Ordering::Acquire) != 0 {
+        if !(MIN..=self.max_send_len).contains(&len) || !idle(self.busy.load(Ordering::Acquire)) {
             return None;
         }
         // A peer that does not read lanes takes no fd: no region, but it may still take a
@@ -112,7 +112,7 @@ impl OutOfLine for Lane {
         }
         let mut out = self.idle_out()?;
         if writes && let Some(generation) = out.writer.write(&self.peer_mailbox, bytes) {
-            let token = self.start(&mut out);
+            let token = self.start(&mut out, false);
             return Some(Placement::Written(Written {
                 seq: token & SEQ_MASK,
                 generation,
@@ -123,8 +123,8 @@ impl OutOfLine for Lane {
             return None; // the region's fd could never go out, or would be refused
         }
         let out = &mut *out;
-        out.region_for(len, self.all_sent())?;
-        let token = self.start(out);
+        out.region_for(len)?;
+        let token = self.start(out, false);
         let region = out.region.as_mut().expect("made above");
         crate::bulk_copy::copy_into(&mut region[..len], bytes);
         let fd = out.region_sent.carry(token, region.as_fd().as_raw_fd());
@@ -137,8 +137,8 @@ impl OutOfLine for Lane {
         Some(Placement::Region(placed, fd))
     }
 
-    /// Never sent: given back, and counted as out, as [`Lane::encode`] does when an encode
-    /// fails.
+    /// Never sent: given back, and its send over ([`Lane::never_sent`]), as [`Lane::encode`]
+    /// does when an encode fails.
     fn abandon(&self, seq: u32) {
         self.never_sent(self.token_of(seq));
     }

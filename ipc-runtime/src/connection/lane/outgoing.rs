@@ -143,19 +143,18 @@ impl Announcement {
 }
 
 impl Outgoing {
-    /// The next placement, made this end's only one in flight: its token, the sequence
-    /// number (bits 0..11, the number on the wire) and the count of placements started
-    /// (above). Skips `peer_done`, the number the peer says it is done with, and the one
-    /// given back on a failure reply (`failed`), which the peer may say it is done with next:
-    /// while this end is idle the peer can only be reporting one of those, and a placement
-    /// that took its number would be taken for acknowledged before the peer read it, its
-    /// bytes overwritten by the next (placements never sent bring the numbers round to
-    /// either without a word from the peer). The count tells a placement from
-    /// one that had the same number a lap (2,047 placements) earlier: a late failure reply
-    /// to the older one's call must not give the newer one back. Tokens repeat only after
-    /// 2^21 x 2,047 placements.
+    /// The next placement, which the caller makes this end's only one in flight: its token, the
+    /// sequence number (bits 0..11, the number on the wire) and the count of placements started
+    /// (above). Skips `peer_done`, the number the peer says it is done with, and the one given back
+    /// on a failure reply (`failed`), which the peer may say it is done with next: while this end
+    /// is idle the peer can only be reporting one of those, and a placement that took its number
+    /// would be taken for acknowledged before the peer read it, its bytes overwritten by the next
+    /// (placements never sent bring the numbers round to either without a word from the peer). The
+    /// count tells a placement from one that had the same number a lap (2,047 placements) earlier:
+    /// a late failure reply to the older one's call must not give the newer one back. Tokens repeat
+    /// only after 2^21 x 2,047 placements.
     #[inline]
-    pub(super) fn start(&mut self, busy: &AtomicU32, peer_done: &AtomicU32) -> u32 {
+    pub(super) fn start(&mut self, peer_done: &AtomicU32) -> u32 {
         let peer_done = peer_done.load(Ordering::Relaxed);
         let mut seq = (self.last_seq % SEQ_MASK) + 1;
         while seq == peer_done || seq == self.failed {
@@ -163,24 +162,18 @@ impl Outgoing {
         }
         self.last_seq = seq;
         self.started = self.started.wrapping_add(1);
-        let token = seq | self.started << SEQ_BITS;
-        busy.store(token, Ordering::Release);
-        token
+        seq | self.started << SEQ_BITS
     }
 
     /// Readies `region` for a string of `len` bytes (at most [`MAX`]): keeps the current one,
     /// or makes a new one, announced anew, if there is none or it is too small, or if it is
     /// over four times the size the strings it held for [`SHRINK_AFTER`] need. A region grows
     /// to the next power of two above its string, at least [`MIN_REGION`]. `None` if a new
-    /// one cannot be made (out of memory, or of fds), or the current one may not be dropped
-    /// yet (`all_sent` false: a message on its way out may name its fd): the string goes
-    /// inline.
-    pub(super) fn region_for(&mut self, len: usize, all_sent: bool) -> Option<()> {
+    /// one cannot be made (out of memory, or of fds): the string goes inline. Called on an
+    /// idle lane only, so no message on its way out names the old one's fd (`Lane::busy`).
+    pub(super) fn region_for(&mut self, len: usize) -> Option<()> {
         let current = self.region.as_ref().map_or(0, SharedRegion::len);
         if let Some(size) = self.resize(len, current, Instant::now) {
-            if self.region.is_some() && !all_sent {
-                return None;
-            }
             // The old one first: both at once could be 64 MiB.
             self.region = None;
             self.region = Some(SharedRegion::new(size).ok()?);

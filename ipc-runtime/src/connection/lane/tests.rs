@@ -4,19 +4,18 @@ use super::*;
 
 #[test]
 fn a_new_placement_never_takes_the_number_the_peer_last_acknowledged() {
-    let (busy, peer_done) = (AtomicU32::new(0), AtomicU32::new(0));
+    let peer_done = AtomicU32::new(0);
     let mut out = Outgoing::default();
-    assert_eq!(out.start(&busy, &peer_done) & SEQ_MASK, 1);
+    assert_eq!(out.start(&peer_done) & SEQ_MASK, 1);
     // The peer still reports 5 as done with (say 2,046 placements since were never
     // sent): 5 is skipped, or that old acknowledgement would release the new one.
     out.last_seq = 4;
     peer_done.store(5, Ordering::Relaxed);
-    assert_eq!(out.start(&busy, &peer_done) & SEQ_MASK, 6);
-    assert_eq!(busy.load(Ordering::Relaxed) & SEQ_MASK, 6);
+    assert_eq!(out.start(&peer_done) & SEQ_MASK, 6);
     // Also where the numbers wrap.
     out.last_seq = SEQ_MASK;
     peer_done.store(1, Ordering::Relaxed);
-    assert_eq!(out.start(&busy, &peer_done) & SEQ_MASK, 2);
+    assert_eq!(out.start(&peer_done) & SEQ_MASK, 2);
 }
 
 /// A write into the peer that stalls (a hostile worker can make it wait as long as it likes,
@@ -93,6 +92,7 @@ fn a_stalled_write_into_the_peer_holds_up_no_other_call() {
     let Some(Placement::Region(placed, _)) = lane.put(&[1u8; 4096]) else {
         panic!("placed in the region");
     };
+    lane.sent(placed.seq); // its message is out
     lane.on_word(READS_LANES | placed.seq, &[]);
     assert!(!lane.is_busy());
     // Another call writes a string into the peer, and the write stalls.
@@ -468,6 +468,36 @@ fn a_retired_region_is_unmapped_by_the_peer_if_it_is_the_one_mapped() {
     );
 }
 
+/// The peer reads a placement and acknowledges it before the sending thread is back from its
+/// send (a fast peer, or a scheduler that stops the sender): the acknowledgement still
+/// counts once the send is over. The lane is idle then, and the region its message
+/// announced is the one the peer maps, which giving it back tells the peer to unmap.
+#[test]
+fn an_acknowledgement_that_comes_before_the_send_is_over_counts_once_it_is() {
+    use crate::codec::{OutOfLine, Placement};
+    use std::os::fd::BorrowedFd;
+    let (a, b) = (Lane::new(MAX, usize::MAX), Lane::new(MAX, usize::MAX));
+    a.on_word(READS_LANES, &[]);
+    let Some(Placement::Region(placed, Some(fd))) = a.put(&[7u8; 4096]) else {
+        panic!("placed in the region, announced");
+    };
+    // SAFETY: the region's fd, open while `a` keeps its region (until `retire_region`).
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) }
+        .try_clone_to_owned()
+        .unwrap();
+    assert_eq!(b.take(&placed, Ok(Some(fd))).unwrap(), [7u8; 4096]);
+    a.on_word(b.word(0), &[]); // the acknowledgement, before `sent`
+    assert!(a.is_busy(), "its message may still name the region's fd");
+    a.sent(placed.seq);
+    assert!(!a.is_busy(), "acknowledged and sent: idle");
+    let retired = a.retire_region().expect("idle: given back");
+    assert_eq!(retired.len, 64 << 10);
+    assert!(
+        retired.announcement.is_some(),
+        "the peer maps the region its message announced"
+    );
+}
+
 /// Two announcements of whether this end reads pipes that reach the peer in the other order
 /// (two threads of the blocking flavour each sending its own, or the async flavour's task
 /// overtaken): the peer keeps the later change, not the later arrival.
@@ -526,9 +556,9 @@ fn a_region_given_back_after_its_announcement_went_unread_is_unmapped_by_the_pee
     );
 }
 
-/// A placement acknowledged before its message is out (a hostile peer's early word): the
-/// region its message names by fd number is neither given back nor replaced until the
-/// message is sent ([`Lane::sent`]); a string that would need a new region goes inline.
+/// A placement acknowledged before its message is out (a hostile peer's early word): the lane
+/// stays busy, and the region its message names by fd number is neither given back nor
+/// replaced, until the message is sent ([`Lane::sent`]); a string goes inline meanwhile.
 #[test]
 fn a_region_is_kept_while_a_message_naming_it_is_on_its_way_out() {
     use crate::codec::{OutOfLine, Placement};
@@ -539,7 +569,8 @@ fn a_region_is_kept_while_a_message_naming_it_is_on_its_way_out() {
     };
     assert!(fd.is_some(), "the message announces the region");
     a.on_word(READS_LANES | placed.seq, &[]); // acknowledged before it was sent
-    assert!(!a.is_busy());
+    assert!(a.is_acknowledged());
+    assert!(a.is_busy(), "busy until its message is out");
     assert_eq!(
         a.retire_region(),
         None,
@@ -549,7 +580,12 @@ fn a_region_is_kept_while_a_message_naming_it_is_on_its_way_out() {
         a.put(&vec![2u8; 1 << 20]).is_none(),
         "grown: the old fd closed"
     );
+    assert!(
+        a.put(&[3u8; 4096]).is_none(),
+        "placed over the string on its way out"
+    );
     a.sent(placed.seq);
+    assert!(!a.is_busy());
     assert!(
         a.put(&vec![2u8; 1 << 20]).is_some(),
         "grown once the message is out"

@@ -213,9 +213,10 @@ fn a_oneway_timing_out_part_way_shuts_the_connection_down_rather_than_send_a_fra
 /// The attack of the async flavour's
 /// `a_region_named_by_a_message_still_going_out_is_not_given_back`, on this flavour: a thread
 /// whose message announces the region waits for room, and reads meanwhile, so it is the one
-/// that takes in the peer's early acknowledgement of that placement. The lane is idle then,
-/// but the message still names the region's fd by its number: given back, the number would
-/// go to the next file this process opened, and the message would carry that file.
+/// that takes in the peer's early acknowledgement of that placement. The message still names
+/// the region's fd by its number: given back, the number would go to the next file this
+/// process opened, and the message would carry that file. The lane stays busy until the
+/// message is out.
 #[test]
 fn a_region_named_by_a_message_waiting_for_room_is_not_given_back() {
     use crate::shared_region::RegionView;
@@ -252,7 +253,8 @@ fn a_region_named_by_a_message_waiting_for_room_is_not_given_back() {
     wait_until("the sender reads the acknowledgement", || {
         a.shared.state.lock().releases != releases
     });
-    assert!(!a.lane_is_busy(), "acknowledged");
+    assert!(a.shared.lane.is_acknowledged(), "acknowledged");
+    assert!(a.lane_is_busy(), "busy until its message is out");
     // Asked of the lane: `release_shared_memory` would go on to tell the peer, and wait for
     // the send lock, which the sender holds.
     assert_eq!(

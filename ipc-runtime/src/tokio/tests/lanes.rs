@@ -438,10 +438,11 @@ fn a_peer_told_late_that_this_end_no_longer_trusts_pipes_pipes_once_it_does_agai
 }
 
 /// A hostile peer acknowledges a placement before the message that carries it is out (it
-/// stops reading to keep that message waiting, and guesses the sequence number): the lane is
-/// idle, but the message still names the region's fd by its number. Giving the region back
-/// then would close that number, the next file this process opened would take it, and the
-/// message would carry that file to the peer. The region is kept until the message is out.
+/// stops reading to keep that message waiting, and guesses the sequence number), but the
+/// message still names the region's fd by its number. Giving the region back then would close
+/// that number, the next file this process opened would take it, and the message would carry
+/// that file to the peer. The lane stays busy, and the region is kept, until the message is
+/// out.
 #[test]
 fn a_region_named_by_a_message_still_going_out_is_not_given_back() {
     use std::future::Future;
@@ -474,10 +475,11 @@ fn a_region_named_by_a_message_still_going_out_is_not_given_back() {
     assert!(conn.test_lane().is_busy());
     say(1 << 23 | 1); // acknowledges placement 1, which it has not received
     runtime.block_on(async {
-        while conn.test_lane().is_busy() {
+        while !conn.test_lane().is_acknowledged() {
             ::tokio::task::yield_now().await;
         }
     });
+    assert!(conn.test_lane().is_busy(), "busy until its message is out");
     assert_eq!(
         conn.release_shared_memory(),
         0,
