@@ -427,8 +427,8 @@ impl Client {
         F: Fn(u64, u32) -> bool + Send + Sync + 'static,
     {
         let connection = Connection::connect(path)?;
-        let serving = connection.clone();
-        let serving = std::thread::spawn(move || serving.serve(ProgressServer::new(progress)));
+        // Counted as serving at once: the daemon's reports may come before the thread runs.
+        let serving = connection.spawn_serve(ProgressServer::new(progress))?;
         Ok(Client {
             thumbnailer: ThumbnailerBlockingClient::new(connection),
             serving: Some(serving),

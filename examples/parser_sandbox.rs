@@ -218,13 +218,10 @@ impl Sandbox {
         // A parser stuck in its input must not outlive a host that dies without stopping it.
         worker::exit_with_parent(&mut command);
         let (worker, connection) = Worker::spawn_with_limits(command, limits())?;
-        // The worker's reports need a thread that serves them; it holds a clone of the
-        // connection, so the host hangs up with `close()`, not by dropping the client.
-        let serving = {
-            let connection = connection.clone();
-            let server = ParseEventsServer::from_arc(progress.clone());
-            std::thread::spawn(move || connection.serve(server))
-        };
+        // The worker's reports need a thread that serves them, counted as serving at once
+        // (they may come before it runs); it holds a clone of the connection, so the host
+        // hangs up with `close()`, not by dropping the client.
+        let serving = connection.spawn_serve(ParseEventsServer::from_arc(progress.clone()))?;
         let parser = ParserClient::new(connection).with_timeout(config.timeout);
         Ok(Sandbox {
             worker,

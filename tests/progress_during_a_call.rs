@@ -191,10 +191,12 @@ fn reports_during_a_call_wait_for_the_parent_to_run_them() {
     let (mut worker, conn) = Worker::spawn(worker_command()).unwrap();
     let lines = lines_of(worker.take_stderr().unwrap());
     let progress = ProgressImpl::default();
-    let serving = std::thread::spawn({
-        let (conn, progress) = (conn.clone(), progress.clone());
-        move || conn.serve(ProgressServer::new(progress))
-    });
+    // Counted as serving at once: a thread spawned by hand to serve may start only after the
+    // job's call has read 1,024 reports, and the call would then end the connection as one
+    // nothing serves (seen once in a loaded full run).
+    let serving = conn
+        .spawn_serve(ProgressServer::new(progress.clone()))
+        .unwrap();
     let job = std::thread::spawn({
         let conn = conn.clone();
         move || JobClient::new(conn).run(REPORTS)

@@ -760,23 +760,72 @@ impl Connection {
         self.run()
     }
 
+    /// Serves `service` on a new thread ([`Connection::serve`] there), and returns the
+    /// thread's handle: `join` it for what `serve` returned.
+    ///
+    /// Unlike spawning a thread that calls `serve`, this counts the new thread as serving from
+    /// now on, not only once it runs. That matters to a call made right after: a peer that
+    /// sends more requests than this end holds (1,024) while the call waits for its reply,
+    /// oneways reporting progress say, would otherwise find nothing serving them if the new
+    /// thread had not started yet (a loaded machine), and the call would end the connection
+    /// as an end that serves nothing does ([`Error::Malformed`], "while nothing serves
+    /// them"). Here the call stops reading at that bound instead, as with a thread serving,
+    /// until the thread runs the requests.
+    ///
+    /// Fails with [`Error::Io`] only if the thread cannot be made; `service` stays added
+    /// ([`Connection::add_service`]) for a thread that runs the connection. (A parent serving its
+    /// worker's progress reports while it calls the worker: `tests/progress_during_a_call.rs`,
+    /// `examples/parser_sandbox.rs`.)
+    pub fn spawn_serve(
+        &self,
+        service: impl Service,
+    ) -> Result<std::thread::JoinHandle<Result<()>>> {
+        self.add_service(service);
+        self.shared.state.lock().runners += 1; // the new thread's, counted from now on
+        let connection = self.clone();
+        std::thread::Builder::new()
+            .name("typed-ipc serve".into())
+            .spawn(move || {
+                #[cfg(test)]
+                before_run();
+                connection.run_counted()
+            })
+            .map_err(|e| {
+                self.runner_gone();
+                Error::Io(e)
+            })
+    }
+
     /// Handles requests for the served interfaces on this thread, one at a time, until the
     /// connection ends. Returns `Ok(())` when the peer hung up (or shut down:
     /// [`Error::ShutDown`]) or [`Connection::close`] was called, and the error otherwise. Run
     /// it on several threads for concurrent requests.
     pub fn run(&self) -> Result<()> {
-        let shared = &*self.shared;
-        shared.state.lock().runners += 1;
+        self.shared.state.lock().runners += 1;
+        self.run_counted()
+    }
+
+    /// [`Connection::run`] on a thread already counted among the runners.
+    fn run_counted(&self) -> Result<()> {
         let result = self.run_loop();
+        self.runner_gone();
+        result
+    }
+
+    /// A thread counted among the runners is gone (or never came: [`Connection::spawn_serve`]
+    /// could not make it).
+    fn runner_gone(&self) {
+        let shared = &*self.shared;
         let mut state = shared.state.lock();
         state.runners -= 1;
+        // A caller may wait for room for this runner to make.
+        shared.wake_all(&state);
         if state.runners == 0 && state.closed.is_some() {
             drop(state);
             // Nothing will be served any more: drop the implementations now, which also
             // breaks the cycle when one of them holds a clone of this connection.
             shared.update_registry(|registry| registry.services.clear());
         }
-        result
     }
 
     /// Calls method `cmd` of interface `iface` with `args` and waits for the reply, at most
@@ -1147,6 +1196,19 @@ thread_local! {
     /// scheduler may stop a thread while others send, made to happen in a test.
     pub(crate) static BETWEEN_ENCODE_AND_SEND: std::cell::Cell<Option<Box<dyn FnOnce()>>> =
         const { std::cell::Cell::new(None) };
+}
+
+/// Run by a thread [`Connection::spawn_serve`] made before it runs the connection, if a test
+/// set it: a thread the scheduler has not started yet, made to happen in a test.
+#[cfg(test)]
+pub(crate) static BEFORE_RUN: Mutex<Option<Box<dyn FnOnce() + Send>>> = Mutex::new(None);
+
+#[cfg(test)]
+fn before_run() {
+    let f = BEFORE_RUN.lock().take();
+    if let Some(f) = f {
+        f();
+    }
 }
 
 #[cfg(test)]

@@ -243,6 +243,66 @@ fn the_fds_of_a_message_that_ends_the_connection_are_closed() {
     }
 }
 
+/// A thread `spawn_serve` made counts as serving before it runs (here held up before it runs
+/// the connection, as a loaded machine may leave it unstarted): a call made right after,
+/// which meets more of the peer's oneways than this end holds before its reply, stops
+/// reading at that bound and waits for the thread, as for a thread serving. Spawned by hand
+/// and not started yet, nothing served: the call read on to the bound and ended the
+/// connection ("while nothing serves them"). Every oneway runs, in order.
+#[test]
+fn a_thread_spawn_serve_made_serves_before_it_runs() {
+    let (a, b) = Connection::pair().unwrap();
+    let (start, held) = mpsc::channel::<()>();
+    *crate::connection::BEFORE_RUN.lock() = Some(Box::new(move || held.recv().unwrap()));
+    let run = std::sync::Arc::new(Mutex::new(Vec::new()));
+    let (started, _) = mpsc::channel();
+    let (_, gate) = mpsc::channel();
+    let server = b
+        .spawn_serve(Ordered {
+            started,
+            gate: Mutex::new(gate),
+            run: run.clone(),
+        })
+        .unwrap();
+    let caller = {
+        let b = b.clone();
+        std::thread::spawn(move || b.call::<_, u32>(&IFACE, 9, &(), None))
+    };
+    let n = super::backlog::MAX_REQUESTS as u64 + 100;
+    let peer = std::thread::spawn(move || {
+        let peer = a.socket();
+        let call = peer.recv().unwrap();
+        for seq in 1..=n {
+            peer.send(&ordered_request(Kind::Oneway, 3, 0, seq), &[])?;
+        }
+        peer.send(&reply_to(&call, &5u32), &[])?;
+        Ok::<_, Error>(a)
+    });
+    wait_until(
+        "the caller stops at the bound, or the connection ends",
+        || {
+            let state = b.shared.state.lock();
+            state.backlog.full() || state.closed.is_some()
+        },
+    );
+    assert!(
+        !b.is_closed(),
+        "the connection ended: nothing served the oneways"
+    );
+    start.send(()).unwrap();
+    assert_eq!(caller.join().unwrap().unwrap(), 5);
+    let a = peer.join().unwrap().unwrap();
+    wait_until("every oneway has run", || {
+        run.lock().unwrap().len() as u64 == n
+    });
+    assert!(
+        run.lock().unwrap().iter().copied().eq(1..=n),
+        "out of order"
+    );
+    drop(a);
+    server.join().unwrap().unwrap();
+}
+
 /// `b` serving `Ordered` on one thread, which `hold` (cookie 1, sent by `a` by hand) keeps
 /// busy until the returned gate is opened: nobody reads `b`'s socket meanwhile. Returns both
 /// ends, the gate, the serving thread and what ran.
