@@ -552,8 +552,9 @@ impl AsyncConnection {
     /// something serves. After [`AsyncConnection::stop_reading`], whose replies still go out,
     /// the requests received by then run (those still unread in the socket too if it served
     /// nothing then: see there); so do those of a peer that shut only its sending side
-    /// (`shutdown(SHUT_WR)`), which still reads, until a reply finds that it has gone since:
-    /// the calls still running or waiting are then cancelled.
+    /// (`shutdown(SHUT_WR)`), which still reads, until it hangs up or dies since: the calls
+    /// still running or waiting are then cancelled at once (the connection's reader task,
+    /// done reading, watches for that while they run), whether or not any of them replies.
     pub fn close(&self) {
         self.inner
             .dropping_requests

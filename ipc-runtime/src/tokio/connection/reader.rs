@@ -1,7 +1,9 @@
 //! The reader task: it receives each message and routes it (a reply to its call, a request
 //! to be served), keeps what the peer's requests hold within the backlog's bounds (waiting
-//! for room at them), and ends the connection when reading ends. Apart because it is the one
-//! task every connection has, and the only one that reads.
+//! for room at them), and ends the connection when reading ends; then, while calls of the
+//! peer's run on with their replies still to go out (a peer that shut only its sending side),
+//! watches for the peer's hang-up to cancel them. Apart because it is the one task every
+//! connection has, and the only one that reads.
 
 use std::future::Future;
 use std::io;
@@ -10,6 +12,8 @@ use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Poll, Waker};
+
+use ::tokio::io::Interest;
 
 use super::serving::{Cancelled, reply_failure};
 use super::{Inner, State, TaskGuard};
@@ -20,12 +24,19 @@ use crate::error::{Error, Result};
 use crate::frame::Frame;
 use crate::tokio::envelope::{self, Envelope, Kind};
 
-/// Receives until the connection ends, routing each message. `ending` is made before the task
-/// is spawned, so that it ends the connection however the task ends, also dropped before it
-/// ever ran (see [`ReaderEnding`]).
+/// Receives until the connection ends, routing each message, then cancels the peer's calls
+/// that run on if the peer hangs up for good while they do
+/// ([`Inner::cancel_calls_once_the_peer_goes`]). `ending` is made before the task is spawned,
+/// so that it ends the connection however the task ends, also dropped before it ever ran (see
+/// [`ReaderEnding`]).
 pub(super) async fn read_loop(mut ending: ReaderEnding) {
     read_messages(ending.inner.clone()).await;
     ending.finished = true;
+    // Nothing reads the socket any more, yet calls of the peer's run on, their replies still
+    // able to go out (the peer shut only its sending side, or this end stopped reading).
+    if ending.inner.calls_outlive_the_end() {
+        Box::pin(ending.inner.cancel_calls_once_the_peer_goes()).await;
+    }
 }
 
 /// The end of the reader task, however it ends. Dropped unfinished when the runtime shuts
@@ -336,7 +347,7 @@ impl Inner {
             // A sender waiting for this reader to read why the peer went waits no more
             // (`Inner::why_unsent`).
             self.ended.notify_waiters();
-            let gone = gone.get_or_insert_with(|| Box::pin(self.peer_hangs_up()));
+            let gone = gone.get_or_insert_with(|| Box::pin(self.peer_hangs_up(Interest::READABLE)));
             *peer_gone = std::future::poll_fn(|cx| match room.as_mut().poll(cx) {
                 Poll::Ready(()) => Poll::Ready(false),
                 Poll::Pending => gone.as_mut().poll(cx).map(|()| true),
@@ -348,24 +359,84 @@ impl Inner {
     /// Returns once the peer has hung up (or the socket fails), watched on a registration of
     /// a copy of the socket's fd: the reader's own readiness stays as it is, for the requests
     /// that wait in the socket (clearing it would lose their wake-up). Never, if the copy
-    /// cannot be made (out of fds): the reader then waits for room alone.
+    /// cannot be made (out of fds): the reader then waits for room alone, or the calls that
+    /// outlive the end for a reply of theirs to fail.
+    ///
+    /// What a hang-up is, `interest` says: [`Interest::READABLE`], the peer's sending side
+    /// shut (tokio's read-closed, `EPOLLRDHUP`, or `EPOLLHUP`); [`Interest::WRITABLE`], the
+    /// socket shut both ways, the peer gone for good (write-closed, `EPOLLHUP`), once its
+    /// sending side is shut already and read-closed says nothing new. The copy is closed as
+    /// this returns or is dropped.
     #[cold]
     #[inline(never)]
-    async fn peer_hangs_up(&self) {
+    async fn peer_hangs_up(&self, interest: Interest) {
         let copy = self.socket().as_fd().try_clone_to_owned().ok();
         let Some(io) = copy.and_then(|fd| crate::tokio::register(fd).ok()) else {
             return std::future::pending().await;
         };
         loop {
-            let Ok(mut ready) = io.readable().await else {
-                return; // the reader's next receive says why
+            let Ok(mut ready) = io.ready(interest).await else {
+                return; // the reader's next receive says why, or `has_ended`
             };
-            if ready.ready().is_read_closed() {
+            // Only what `interest` asks for is there (tokio masks the rest).
+            if ready.ready().is_read_closed() || ready.ready().is_write_closed() {
                 return;
             }
-            // The requests waiting in the socket: readable, until the next edge.
+            // The requests waiting in the socket (readable), or room to send (writable): so
+            // until the next edge.
             ready.clear_ready();
         }
+    }
+
+    /// Whether calls of the peer's run (or wait for a slot) once the connection has ended
+    /// and the reader is done: their replies could still go out as it ended (the peer shut
+    /// only its sending side, or this end stopped reading), so nothing cancelled them.
+    /// (After a hang-up they may still run too, cancelled and not yet stopped:
+    /// [`Inner::cancel_calls_once_the_peer_goes`] sees that at once.)
+    fn calls_outlive_the_end(&self) -> bool {
+        let state = self.lock();
+        state.closed.is_some() && state.calls_running > 0
+    }
+
+    /// Once the connection has ended with calls of the peer's running and their replies
+    /// still able to go out, watches for the peer to hang up for good, and cancels them then
+    /// ([`Inner::cancel_calls_of_a_peer_gone`]), as a reply failing for it would: a handler
+    /// that never replies on its own (it waits for good) would otherwise run on, and `run`
+    /// wait for it. Run by the reader task after its end, so that `run` also waits for it.
+    ///
+    /// Until no call of the peer's is left ([`Inner::retire_services`] signals `room` as the
+    /// last finishes), or the socket is shut both ways: the peer gone (the calls are cancelled),
+    /// or this end hung up ([`Inner::hang_up`] signals `room`): after
+    /// [`close`](super::AsyncConnection::close), which cancelled them itself, or as the last
+    /// handle goes, which cancels them here, as a reader reading that end would. So the copy
+    /// of the socket's fd it watches never keeps the socket open past the connection.
+    #[cold]
+    #[inline(never)]
+    async fn cancel_calls_once_the_peer_goes(&self) {
+        // Made the first time it watches, kept until it ends (as in `wait_for_room`).
+        let mut gone = None;
+        loop {
+            let mut stop = pin!(self.room.notified());
+            stop.as_mut().enable();
+            if self.lock().calls_running == 0 {
+                return;
+            }
+            // Shut both ways already: the peer has gone, or this end hung up.
+            if self.socket().has_ended() {
+                break;
+            }
+            let gone = gone.get_or_insert_with(|| Box::pin(self.peer_hangs_up(Interest::WRITABLE)));
+            let went = std::future::poll_fn(|cx| match stop.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(false),
+                Poll::Pending => gone.as_mut().poll(cx).map(|()| true),
+            })
+            .await;
+            if went {
+                break;
+            }
+        }
+        // (Nothing, if the watch failed without the peer gone: a failed reply says it then.)
+        self.cancel_calls_of_a_peer_gone();
     }
 
     /// A request that held `cost` has finished: out of the backlog, and the reader told if
@@ -452,13 +523,15 @@ impl Inner {
         true
     }
 
-    /// A reply found the peer gone after the connection had ended with replies still able to
-    /// go out (the peer shut only its sending side, or this end stopped reading, and the peer
+    /// The peer was found gone after the connection had ended with replies still able to go
+    /// out (the peer shut only its sending side, or this end stopped reading, and the peer
     /// has hung up or died since): the peer's calls are cancelled now, those running and
     /// those waiting for a slot, as [`Inner::fail`] would have cancelled them had the peer
-    /// gone first. (None is held for a server to come: a reply means something serves.)
-    /// Nothing else watches a socket whose end has been read, so the kernel's `EPIPE` on the
-    /// first reply that fails is where this end learns it, as the blocking flavour does.
+    /// gone first. (None is held for a server to come: calls run, so something serves.)
+    /// Found by the reader task, which watches for the hang-up while such calls run
+    /// ([`Inner::cancel_calls_once_the_peer_goes`]), or by a reply that fails first (the
+    /// kernel's `EPIPE`), whichever comes first; nothing if this end closed the connection
+    /// (which cancelled them itself) or the peer has not gone.
     #[cold]
     #[inline(never)]
     pub(in crate::tokio) fn cancel_calls_of_a_peer_gone(&self) {

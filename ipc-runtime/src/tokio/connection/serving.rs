@@ -310,15 +310,24 @@ impl Inner {
     /// Once the connection has ended and nothing will dispatch a request any more (the
     /// reader is done, and the oneway task if there is one), drops the services: one of them
     /// may hold a clone of this connection, a cycle that would keep it open for good.
+    ///
+    /// Called as each of those ends, the last call too: once no call is left after the end,
+    /// the reader, if it watches for the peer's hang-up meanwhile, is told to stop
+    /// ([`Inner::cancel_calls_once_the_peer_goes`]), or `run` would wait for that hang-up.
     pub(super) fn retire_services(&self, oneway_task_ending: bool) {
         let mut state = self.lock();
         if oneway_task_ending {
             state.oneway_task = false;
         }
-        if state.closed.is_none() || state.oneway_task || state.calls_running > 0 {
+        if state.closed.is_none() || state.calls_running > 0 {
             return;
         }
+        let oneway_task = state.oneway_task;
         drop(state);
+        self.room.notify_one();
+        if oneway_task {
+            return;
+        }
         let services = std::mem::take(&mut *self.services.write());
         drop(services);
     }

@@ -343,9 +343,12 @@ async fn until_ended(server: &super::AsyncConnection) {
 /// sent after them still runs. Before, the handler ran on, and `run` waited for it for good.
 /// With `half_closed`, the peer shuts only its sending side first: the connection ends with
 /// the replies still to go out, nothing cancelled, and nothing reads the socket after; the
-/// held call, let go once the peer has hung up, replies, and that failed reply is where this
-/// end learns that the peer has gone. (Before, the waiting call then ran.)
-fn a_peer_hanging_up_cancels_its_calls(half_closed: bool) {
+/// reader then watches for the peer's hang-up, which cancels the calls as above. With
+/// `replies`, the held call is let go once the peer has hung up and replies (which fails), so
+/// that whichever of the watch and the failed reply comes first cancels the waiting call.
+/// (Before, the waiting call then ran; and without `replies`, nothing but a failed reply
+/// told this end that the peer had gone, so the handler ran on and `run` waited for good.)
+fn a_peer_hanging_up_cancels_its_calls(half_closed: bool, replies: bool) {
     use crate::connection::tests::ordered_request;
     use crate::tokio::envelope::Kind;
 
@@ -362,8 +365,8 @@ fn a_peer_hanging_up_cancels_its_calls(half_closed: bool) {
         held.runtime.block_on(until_ended(&held.server));
     }
     drop((peer, write_end));
-    if half_closed {
-        held.gate.notify_one(); // its reply finds the peer gone
+    if replies {
+        held.gate.notify_one(); // its reply, if it is not cancelled first, finds the peer gone
     }
     let ran = held.served_to_the_end("the handler ran on after the peer hung up");
     assert_eq!(ran, [3]);
@@ -372,12 +375,123 @@ fn a_peer_hanging_up_cancels_its_calls(half_closed: bool) {
 
 #[test]
 fn a_peer_hanging_up_cancels_its_running_and_waiting_calls_and_runs_its_oneways() {
-    a_peer_hanging_up_cancels_its_calls(false);
+    a_peer_hanging_up_cancels_its_calls(false, false);
 }
 
 #[test]
 fn a_peer_that_shuts_its_sending_side_then_hangs_up_has_its_calls_cancelled() {
-    a_peer_hanging_up_cancels_its_calls(true);
+    a_peer_hanging_up_cancels_its_calls(true, true);
+}
+
+#[test]
+fn a_peer_that_shuts_its_sending_side_then_hangs_up_has_a_call_that_never_replies_cancelled() {
+    a_peer_hanging_up_cancels_its_calls(true, false);
+}
+
+/// A peer that shuts only its sending side and stays: its call runs and is answered, and
+/// `run` returns once it has, the peer still there. The reader, which watches for the peer's
+/// hang-up while the call runs, stops watching as the call finishes (it would otherwise wait
+/// for that hang-up, and `run` with it), leaving no copy of the socket's fd open.
+#[test]
+fn a_half_closed_peer_that_stays_has_its_call_answered_and_run_returns() {
+    let (held, peer) = HeldCall::new(None, &[]);
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&peer.as_fd());
+    nix::sys::socket::shutdown(raw, nix::sys::socket::Shutdown::Write).unwrap();
+    held.runtime.block_on(until_ended(&held.server));
+    held.gate.notify_one();
+    let inode = nix::sys::stat::fstat(held.server.socket().as_fd())
+        .unwrap()
+        .st_ino;
+    let server = held.server.clone();
+    let ran = held.served_to_the_end("run waited for the peer to hang up");
+    assert_eq!(ran, [] as [u64; 0]);
+    let reply = peer.recv().unwrap();
+    assert_eq!(
+        crate::tokio::envelope::Envelope::read(&reply.payload)
+            .unwrap()
+            .kind,
+        crate::tokio::envelope::Kind::Reply
+    );
+    assert_eq!(
+        fds_of_socket(inode),
+        1,
+        "a copy of the socket is still open"
+    );
+    drop(server);
+}
+
+/// How many fds of this process are the socket whose inode is `inode`.
+fn fds_of_socket(inode: u64) -> usize {
+    let name = std::ffi::OsString::from(format!("socket:[{inode}]"));
+    let fds = std::fs::read_dir("/proc/self/fd").unwrap();
+    let fds = fds.filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok());
+    fds.filter(|target| target.as_os_str() == name).count()
+}
+
+/// After the peer shut only its sending side, this end watches for it to hang up for good,
+/// on a copy of the socket's fd, while a call of the peer's runs. This end closing the
+/// connection, or dropping its last handle, ends that watch at once: the handler that never
+/// replies is cancelled (its future dropped, its fds closed), the peer sees the hang-up, and
+/// no copy of the socket is left open once the connection is gone. (Before, dropping the last
+/// handle cancelled nothing: the handler ran on, holding the connection and its socket open
+/// for good.)
+fn this_end_ending_a_half_closed_connection_leaves_no_copy_of_its_socket(close: bool) {
+    use crate::connection::tests::ordered_request;
+    use crate::tokio::envelope::Kind;
+
+    let runtime = multi_thread_runtime(2);
+    let (peer, theirs) = Socket::pair().unwrap();
+    let inode = nix::sys::stat::fstat(theirs.as_fd()).unwrap().st_ino;
+    let (started, has_started) = std::sync::mpsc::channel();
+    let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK).unwrap();
+    let server = runtime.block_on(async {
+        let server = super::AsyncConnection::new(theirs).unwrap();
+        // No task of the test's holds a handle: the one here is the last.
+        server.add_service(AsyncOrdered {
+            at: 1,
+            action: AtSeq::Hold {
+                started,
+                gate: std::sync::Arc::new(::tokio::sync::Notify::new()),
+            },
+            run: std::sync::Arc::default(),
+        });
+        server
+    });
+    peer.send(&ordered_request(Kind::Call, 2, 1, 1), &[write_end.as_fd()])
+        .unwrap();
+    drop(write_end);
+    has_started.recv().unwrap();
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&peer.as_fd());
+    nix::sys::socket::shutdown(raw, nix::sys::socket::Shutdown::Write).unwrap();
+    runtime.block_on(until_ended(&server));
+    if close {
+        server.close();
+    }
+    drop(server);
+    runtime.block_on(async {
+        ::tokio::time::timeout(HANG_GUARD, async {
+            while fds_of_socket(inode) != 0 {
+                ::tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("a copy of the socket stayed open after this end let the connection go")
+    });
+    assert!(
+        matches!(peer.recv(), Err(crate::Error::Disconnected)),
+        "the peer did not see the hang-up"
+    );
+    assert!(write_ends_closed(&read_end), "an fd is still open");
+}
+
+#[test]
+fn closing_a_half_closed_connection_leaves_no_copy_of_its_socket() {
+    this_end_ending_a_half_closed_connection_leaves_no_copy_of_its_socket(true);
+}
+
+#[test]
+fn dropping_a_half_closed_connection_cancels_its_calls_and_leaves_no_copy_of_its_socket() {
+    this_end_ending_a_half_closed_connection_leaves_no_copy_of_its_socket(false);
 }
 
 /// A call of cookie 0, which typed-ipc never sends (its cookies start at 1) but a broken or
