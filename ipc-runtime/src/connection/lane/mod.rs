@@ -766,7 +766,12 @@ impl Lane {
     /// acknowledgement it swaps: one that came in after that read is a placement the peer
     /// made once this end had acknowledged the one before (it places one at a time), so
     /// either the acknowledgement read is `seq`'s and nothing is swapped, or one taken since
-    /// changed it, and the swap fails and reads again.
+    /// changed it, and the swap fails and reads again. Or the peer made it after a failure
+    /// reply to the call that carried `seq`, which acknowledges nothing: its next number
+    /// then skips `seq` ([`Outgoing::start`] skips the one given back on a failure), so the
+    /// swap gives back nothing in flight. Only some 2,046 placements of the peer's that were
+    /// never sent, all while this thread stands between the read and the swap, could bring
+    /// the number round (as with the stamp's 11 bits, [`Lane::finished`]).
     ///
     /// Any other number is the peer's latest placement, whatever its distance from the last
     /// one recorded: a read is of the one placement in flight (a message decoded again takes
