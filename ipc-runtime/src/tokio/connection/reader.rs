@@ -8,12 +8,13 @@
 use std::future::Future;
 use std::io;
 use std::os::fd::AsFd;
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Poll, Waker};
 
 use ::tokio::io::Interest;
+use ::tokio::sync::futures::Notified;
 
 use super::serving::{Cancelled, reply_failure};
 use super::{Inner, State, TaskGuard};
@@ -32,9 +33,10 @@ use crate::tokio::envelope::{self, Envelope, Kind};
 pub(super) async fn read_loop(mut ending: ReaderEnding) {
     read_messages(ending.inner.clone()).await;
     ending.finished = true;
-    // Nothing reads the socket any more, yet calls of the peer's run on, their replies still
-    // able to go out (the peer shut only its sending side, or this end stopped reading).
-    if ending.inner.calls_outlive_the_end() {
+    // Nothing reads the socket any more, yet calls of the peer's may run on, their replies
+    // still able to go out (the peer shut only its sending side, or this end stopped
+    // reading): the connection has ended by now.
+    if ending.inner.lock().calls_running > 0 {
         Box::pin(ending.inner.cancel_calls_once_the_peer_goes()).await;
     }
 }
@@ -108,6 +110,19 @@ async fn read_messages(inner: Arc<Inner>) {
         }
     };
     inner.fail(why);
+}
+
+/// Waits for `room` to be signalled (`false`) or for `gone`, the peer's hang-up, whichever
+/// comes first (`true`).
+async fn hung_up_first(
+    mut room: Pin<&mut Notified<'_>>,
+    mut gone: Pin<&mut impl Future<Output = ()>>,
+) -> bool {
+    std::future::poll_fn(|cx| match room.as_mut().poll(cx) {
+        Poll::Ready(()) => Poll::Ready(false),
+        Poll::Pending => gone.as_mut().poll(cx).map(|()| true),
+    })
+    .await
 }
 
 /// The message in `buffer`, leaving `buffer` ready for the next: a small message is copied out
@@ -348,11 +363,7 @@ impl Inner {
             // (`Inner::why_unsent`).
             self.ended.notify_waiters();
             let gone = gone.get_or_insert_with(|| Box::pin(self.peer_hangs_up(Interest::READABLE)));
-            *peer_gone = std::future::poll_fn(|cx| match room.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(false),
-                Poll::Pending => gone.as_mut().poll(cx).map(|()| true),
-            })
-            .await;
+            *peer_gone = hung_up_first(room, gone.as_mut()).await;
         }
     }
 
@@ -388,16 +399,6 @@ impl Inner {
         }
     }
 
-    /// Whether calls of the peer's run (or wait for a slot) once the connection has ended
-    /// and the reader is done: their replies could still go out as it ended (the peer shut
-    /// only its sending side, or this end stopped reading), so nothing cancelled them.
-    /// (After a hang-up they may still run too, cancelled and not yet stopped:
-    /// [`Inner::cancel_calls_once_the_peer_goes`] sees that at once.)
-    fn calls_outlive_the_end(&self) -> bool {
-        let state = self.lock();
-        state.closed.is_some() && state.calls_running > 0
-    }
-
     /// Once the connection has ended with calls of the peer's running and their replies
     /// still able to go out, watches for the peer to hang up for good, and cancels them then
     /// ([`Inner::cancel_calls_of_a_peer_gone`]), as a reply failing for it would: a handler
@@ -426,12 +427,7 @@ impl Inner {
                 break;
             }
             let gone = gone.get_or_insert_with(|| Box::pin(self.peer_hangs_up(Interest::WRITABLE)));
-            let went = std::future::poll_fn(|cx| match stop.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(false),
-                Poll::Pending => gone.as_mut().poll(cx).map(|()| true),
-            })
-            .await;
-            if went {
+            if hung_up_first(stop, gone.as_mut()).await {
                 break;
             }
         }
