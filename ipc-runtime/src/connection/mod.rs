@@ -159,7 +159,7 @@ use crate::error::{Error, Result};
 use crate::frame::Frame;
 use crate::peer_memory::PeerMemory;
 use crate::service::{InterfaceInfo, Service};
-use crate::socket::{PeerCredentials, Socket, deadline_after};
+use crate::socket::{PeerCredentials, RecvState, Socket, deadline_after};
 
 use backlog::Backlog;
 use buffers::{RETAIN_MAX, with_buffers, with_thread_frame};
@@ -255,6 +255,9 @@ struct Shared {
     name: trace::Name,
     /// Large byte strings through shared memory.
     lane: Lane,
+    /// Held by a test to hold up the reader's receive (`Connection::hold_receive`).
+    #[cfg(test)]
+    receive_gate: Mutex<()>,
 }
 
 impl Drop for Shared {
@@ -278,6 +281,11 @@ struct Registry {
 struct State {
     /// A thread is receiving.
     reading: bool,
+    /// The socket's receive state (a message part-way in), taken out by the thread with the
+    /// reader role for its receive and put back as it takes the lock again: the role already
+    /// serialises receives, so the socket's receive lock, two atomic read-modify-writes a
+    /// message, is not taken ([`Socket::recv_with_state`]).
+    recv: RecvState,
     /// How many times the reader role was let go (wrapping): a thread waiting to send tells
     /// by it whether the reader it waits for has taken a message since it looked.
     releases: u64,
@@ -418,6 +426,8 @@ impl Connection {
     pub(crate) fn to(socket: Socket, worker: Option<u32>) -> Connection {
         let peer = socket.peer_credentials().ok().map(|c| c.of_worker(worker));
         let limits = socket.limits();
+        // With a message part-way in, if the socket was received on before.
+        let recv = socket.take_recv_state();
         let lane = Lane::new(limits.max_message_len, limits.max_fds)
             .with_max_shared_len(limits.max_shared_len)
             .with_max_send_len(limits.send_len())
@@ -429,6 +439,7 @@ impl Connection {
                 peer,
                 state: Mutex::new(State {
                     holds: 1, // until this end drains
+                    recv,
                     ..State::default()
                 }),
                 wake: Condvar::new(),
@@ -440,6 +451,8 @@ impl Connection {
                 trace: trace::enabled(),
                 name: trace::Name::next(worker, peer.as_ref()),
                 lane,
+                #[cfg(test)]
+                receive_gate: Mutex::new(()),
             }),
         };
         if connection.shared.lane.tells_max_fds() {
@@ -460,6 +473,13 @@ impl Connection {
     /// The underlying socket.
     pub fn socket(&self) -> &Socket {
         &self.shared.socket
+    }
+
+    /// Holds up the reader's receive until the guard is dropped: a thread with the reader
+    /// role waits for it before it takes anything out of the socket.
+    #[cfg(test)]
+    pub(crate) fn hold_receive(&self) -> impl Sized + '_ {
+        self.shared.receive_gate.lock()
     }
 
     /// How traced lines name this connection.
@@ -862,7 +882,8 @@ impl Connection {
         // among them could be written into the peer or a region for nothing).
         shared.check_open()?;
         let traced = trace::described(shared.trace, args);
-        let (mut cookie, mut reads) = (0, false);
+        // `Some` with the reader role taken, and the receive state taken with it.
+        let (mut cookie, mut reads) = (0, None);
         // Encoded before this thread takes the reader role: encoding may write a byte string
         // into the peer's memory (`peer_memory`), which a hostile peer can make slow, and
         // nobody else's reply may wait for that.
@@ -881,15 +902,15 @@ impl Connection {
                 // (At the queue's bounds it receives one message past them before it looks,
                 // in `read_own`, and then waits for room as any caller does: not worth a
                 // look on every call.)
-                let reads = !state.reading;
-                if reads {
-                    state.reading = true;
-                } else {
+                if state.reading {
                     // Registered before sending: the reply may come back before the send
                     // returns.
                     state.pending.insert(cookie, None);
+                    None
+                } else {
+                    state.reading = true;
+                    Some(std::mem::take(&mut state.recv))
                 }
-                reads
             };
             envelope::set_cookie(&mut buf[envelope::FRAMED_AT..], cookie);
             trace::outgoing(
@@ -898,21 +919,20 @@ impl Connection {
                 iface,
                 traced.as_deref(),
             );
-            if reads {
+            if let Some(recv) = reads.take() {
                 // A reader that waits to send gives the role back first: the wait reads only
                 // with the role free for it to take (`wait_for_room`).
                 let acknowledge = |payload: &mut [u8]| shared.acknowledge_in(payload);
                 match shared.socket.try_send_framed(buf, fds, acknowledge) {
-                    Ok(true) => return Ok(true),
+                    Ok(true) => {
+                        reads = Some(recv);
+                        return Ok(true);
+                    }
                     // It would have had to wait: give the role back, then send as any caller
                     // (the message as it is encoded).
-                    Ok(false) => {
-                        reads = false;
-                        shared.stop_reading(Some(cookie));
-                    }
+                    Ok(false) => shared.stop_reading(Some(cookie), recv),
                     Err(e) => {
-                        reads = false;
-                        shared.stop_reading(None);
+                        shared.stop_reading(None, recv);
                         return Err(e);
                     }
                 }
@@ -939,10 +959,12 @@ impl Connection {
             shared.recycle(frame);
             result
         };
-        if reads {
-            return with_thread_frame(|frame| match shared.read_own(cookie, deadline, frame)? {
-                None => finish(frame),
-                Some(routed) => finish_routed(routed),
+        if let Some(recv) = reads {
+            return with_thread_frame(|frame| {
+                match shared.read_own(cookie, recv, deadline, frame)? {
+                    None => finish(frame),
+                    Some(routed) => finish_routed(routed),
+                }
             });
         }
         finish_routed(shared.wait_reply(cookie, deadline)?)

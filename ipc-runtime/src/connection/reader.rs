@@ -19,13 +19,15 @@ use super::serving::Run;
 use super::{Guard, Shared, State, unreceived};
 use crate::error::{Error, Result};
 use crate::frame::Frame;
+use crate::socket::RecvState;
 use parking_lot::MutexGuard;
 
 impl Shared {
     /// Gives up the reader role a caller took before sending, and registers `cookie`'s call
     /// to have its reply routed by whoever reads next.
-    pub(super) fn stop_reading(&self, cookie: Option<u64>) {
+    pub(super) fn stop_reading(&self, cookie: Option<u64>, recv: RecvState) {
         let mut state = self.state.lock();
+        state.recv = recv;
         if let Some(cookie) = cookie {
             state.pending.insert(cookie, None);
         }
@@ -40,13 +42,17 @@ impl Shared {
     pub(super) fn read_own(
         &self,
         cookie: u64,
+        mut recv: RecvState,
         deadline: Option<Instant>,
         frame: &mut Frame,
     ) -> Result<Option<Frame>> {
-        let result = self.receive(frame, deadline);
+        let result = self.receive(&mut recv, frame, deadline);
+        let mut state = self.state.lock();
+        state.recv = recv;
         if result.is_ok() && envelope::is_reply_to(&frame.payload, cookie) {
             // The common case, without `route`'s general matching: ours, and whole.
-            self.release_reader(&mut self.state.lock());
+            self.release_reader(&mut state);
+            drop(state);
             if self.trace {
                 if let Ok(envelope) = Envelope::read(&frame.payload) {
                     self.trace_incoming(&envelope, frame);
@@ -58,7 +64,6 @@ impl Shared {
         // Registered before the role is let go: routing may let the lock go too (to report a
         // refused oneway, say), and a reader that takes the role meanwhile may read the
         // reply, which must find its slot. (Our own reply, routed here, takes it out.)
-        let mut state = self.state.lock();
         register(&mut state, cookie);
         let (state, own) = self.route(state, frame, result, Reader::Caller(cookie));
         if let Some(Taken::Reply(reply)) = own {
@@ -293,9 +298,11 @@ impl Shared {
     ) -> (Guard<'a>, Option<Taken>) {
         state.reading = true;
         let mut frame = std::mem::take(&mut state.buffer);
+        let mut recv = std::mem::take(&mut state.recv);
         drop(state);
-        let result = self.receive(&mut frame, deadline);
+        let result = self.receive(&mut recv, &mut frame, deadline);
         let mut state = self.state.lock();
+        state.recv = recv;
         if reader == Reader::Runner
             && result.is_ok()
             && envelope::kind_byte(&frame.payload) == Some(Kind::Call as u8)
@@ -312,8 +319,15 @@ impl Shared {
     /// The reader's receive: the next message into `frame`, and its lane word taken in (also
     /// that of a message refused for its size, whose envelope the socket keeps).
     #[inline]
-    pub(super) fn receive(&self, frame: &mut Frame, deadline: Option<Instant>) -> Result<()> {
-        let result = self.socket.recv_into(frame, deadline);
+    pub(super) fn receive(
+        &self,
+        recv: &mut RecvState,
+        frame: &mut Frame,
+        deadline: Option<Instant>,
+    ) -> Result<()> {
+        #[cfg(test)]
+        let _held = self.receive_gate.lock();
+        let result = self.socket.recv_with_state(recv, frame, deadline);
         self.received(frame, result)
     }
 

@@ -206,14 +206,22 @@ impl Shared {
     /// Receives the message that has come, if it is whole (a large one may take several
     /// tries: its datagrams are kept meanwhile), and routes it; lets the reader role go.
     fn read_while_sending(&self) {
-        let mut frame = std::mem::take(&mut self.state.lock().buffer);
-        let result = match self.socket.try_recv_into(&mut frame) {
+        let (mut frame, mut recv) = {
+            let mut state = self.state.lock();
+            (
+                std::mem::take(&mut state.buffer),
+                std::mem::take(&mut state.recv),
+            )
+        };
+        let result = match self.socket.try_recv_with_state(&mut recv, &mut frame) {
             Ok(true) => Ok(()),
             Ok(false) => Err(Error::TimedOut), // not whole yet: the route lets the role go
             Err(e) => Err(e),
         };
         let result = self.received(&mut frame, result);
-        let (_state, taken) = self.route(self.state.lock(), frame, result, Reader::Sender);
+        let mut state = self.state.lock();
+        state.recv = recv;
+        let (_state, taken) = self.route(state, frame, result, Reader::Sender);
         debug_assert!(taken.is_none(), "a sender takes nothing for itself");
     }
 

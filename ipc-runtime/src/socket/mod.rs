@@ -25,7 +25,7 @@ mod send;
 mod version_notice;
 
 pub(crate) use recv::REFUSED_KEPT;
-use recv::RecvState;
+pub(crate) use recv::RecvState;
 #[cfg(feature = "tokio")]
 pub(crate) use send::{RETRY_SEND, SendCursor};
 use version_notice::VersionNotice;

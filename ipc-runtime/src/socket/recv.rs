@@ -16,13 +16,24 @@ use crate::frame::Frame;
 use crate::sys;
 use crate::wire::{DATAGRAM_MAX, FIRST_MAX, HEADER_LEN, Header, Kind};
 
+/// What a receive leaves for the next: a message part-way in, or the rest of a failed one to
+/// drop. A socket keeps it under its receive lock; a receiver that serialises its receives
+/// itself keeps its own ([`Socket::take_recv_state`]). Two words, so that it moves cheaply.
 #[derive(Debug, Default)]
-pub(super) struct RecvState {
+pub(crate) struct RecvState {
     /// A message whose first datagram has arrived and whose rest has not (or is being
-    /// dropped: see [`Refused`]).
-    partial: Option<Partial>,
+    /// dropped: see [`Refused`]). Boxed: only a receive that gives up part-way keeps one.
+    partial: Option<Box<Partial>>,
     /// An earlier message failed part-way: drop its continuations before reading on.
     discarding: bool,
+}
+
+#[cfg(test)]
+impl RecvState {
+    /// A message is half received.
+    pub(crate) fn is_partial(&self) -> bool {
+        self.partial.is_some()
+    }
 }
 
 #[derive(Debug)]
@@ -151,17 +162,46 @@ impl Socket {
         self.recv_inner(frame, deadline.map_or(Wait::Forever, Wait::Until))
     }
 
+    /// [`Socket::recv_into`] for a receiver that keeps the receive state itself, `state`, and
+    /// never receives on two threads at once (a connection's reader role): no lock is taken,
+    /// which saves two atomic read-modify-writes a message. `state` must be the one this
+    /// socket's receives left ([`Socket::take_recv_state`]), or a message part-way in is lost.
+    #[inline(always)]
+    pub(crate) fn recv_with_state(
+        &self,
+        state: &mut RecvState,
+        frame: &mut Frame,
+        deadline: Option<Instant>,
+    ) -> Result<()> {
+        frame.clear();
+        self.recv_locked(state, frame, deadline.map_or(Wait::Forever, Wait::Until))
+    }
+
+    /// [`Socket::try_recv_into`] with the receive state kept by the receiver, as for
+    /// [`Socket::recv_with_state`].
+    pub(crate) fn try_recv_with_state(
+        &self,
+        state: &mut RecvState,
+        frame: &mut Frame,
+    ) -> Result<bool> {
+        frame.clear();
+        match self.recv_locked(state, frame, Wait::No) {
+            Ok(()) => Ok(true),
+            Err(Error::TimedOut) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Takes the receive state out of this socket, for a receiver that keeps it from now on
+    /// ([`Socket::recv_with_state`]); the socket's own receives start afresh.
+    pub(crate) fn take_recv_state(&self) -> RecvState {
+        mem::take(&mut self.recv.lock())
+    }
+
     /// A message is half received.
     #[cfg(test)]
     pub(crate) fn is_partial(&self) -> bool {
-        self.recv.lock().partial.is_some()
-    }
-
-    /// Holds the receive lock until the guard is dropped: a receive on another thread waits
-    /// for it meanwhile, before it takes anything out of the socket.
-    #[cfg(test)]
-    pub(crate) fn hold_recv(&self) -> impl Sized + '_ {
-        self.recv.lock()
+        self.recv.lock().is_partial()
     }
 
     // The single-datagram path is inlined down to the syscall (`start_message`,
@@ -177,12 +217,18 @@ impl Socket {
             Some(state) => state,
             None => self.lock_recv_contended(wait)?,
         };
+        self.recv_locked(&mut state, frame, wait)
+    }
+
+    /// A receive with the receive state in hand (its lock held, or kept by the receiver).
+    #[inline(always)]
+    fn recv_locked(&self, state: &mut RecvState, frame: &mut Frame, wait: Wait) -> Result<()> {
         if state.discarding {
-            self.discard(&mut state, wait)?;
+            self.discard(state, wait)?;
         }
         match state.partial.take() {
-            Some(partial) => self.continue_message(&mut state, partial, frame, wait),
-            None => self.start_message(&mut state, frame, wait),
+            Some(partial) => self.continue_message(state, *partial, frame, wait),
+            None => self.start_message(state, frame, wait),
         }
     }
 
@@ -284,7 +330,7 @@ impl Socket {
             let (head, size) = match self.peek(wait) {
                 Err(Error::TimedOut) => {
                     p.refused = Some(Refused { why, len });
-                    state.partial = Some(p);
+                    state.partial = Some(Box::new(p));
                     return Err(Error::TimedOut);
                 }
                 r => r?,
@@ -346,7 +392,7 @@ impl Socket {
         match self.read_rest(&mut p, wait) {
             Ok(()) => {}
             Err(Error::TimedOut) => {
-                state.partial = Some(p);
+                state.partial = Some(Box::new(p));
                 return Err(Error::TimedOut);
             }
             Err(e) => {

@@ -777,9 +777,11 @@ fn a_lap_after_the_peers_two_messages(a: &super::super::Shared, peer: &Lane) {
         payload: Vec::new(),
         fds: Vec::new(),
     };
+    let mut recv = std::mem::take(&mut a.state.lock().recv);
     for _ in 0..2 {
-        a.receive(&mut frame, None).unwrap();
+        a.receive(&mut recv, &mut frame, None).unwrap();
     }
+    a.state.lock().recv = recv;
     assert!(!a.lane.is_busy(), "the second placement was acknowledged");
     for _ in 0..SEQ_MASK - 2 {
         let Some(Placement::Region(unsent, _)) = a.lane.put(&[3u8; 4096]) else {

@@ -474,7 +474,7 @@ pub(super) fn take_in_through_a_call(
 /// A serving thread of `a` that has taken the reader role and waits for the receive lock,
 /// which the guard holds until it is dropped.
 fn run_held_up(a: &Connection) -> (impl Sized + '_, std::thread::JoinHandle<Result<()>>) {
-    let held = a.socket().hold_recv();
+    let held = a.hold_receive();
     let runner = {
         let a = a.clone();
         std::thread::spawn(move || a.run())

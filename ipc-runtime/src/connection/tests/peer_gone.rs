@@ -247,7 +247,7 @@ fn a_reader_whose_peer_hung_up_on_a_message_unread_still_reads_what_it_said() {
 fn a_caller_whose_peer_answered_and_hung_up_on_a_message_unread_gets_the_reply() {
     let (ours, theirs) = crate::Socket::pair().unwrap();
     let a = Connection::new(ours);
-    let held = a.socket().hold_recv();
+    let held = a.hold_receive();
     let caller = {
         let a = a.clone();
         std::thread::spawn(move || a.call::<_, u32>(&IFACE, 1, &(), None))

@@ -131,7 +131,7 @@ fn a_message_half_read_when_its_reader_gives_up_is_finished_by_the_next() {
     crate::sys::send(sock, &header.encode(), &reply[..FIRST_MAX], &[]).unwrap();
     assert!(matches!(first_call.join().unwrap(), Err(Error::TimedOut)));
     assert!(
-        a.shared.socket.is_partial(),
+        a.shared.state.lock().recv.is_partial(),
         "the caller read the first datagram before giving up"
     );
     // The caller that gave up said so.
@@ -153,6 +153,50 @@ fn a_message_half_read_when_its_reader_gives_up_is_finished_by_the_next() {
     let call = b.socket().recv().unwrap();
     b.socket().send(&reply_to(&call, &42u64), &[]).unwrap();
     assert_eq!(second_call.join().unwrap().unwrap(), 42);
+}
+
+/// A message part-way in when a socket becomes a connection is finished by the connection's
+/// reader: the connection takes the socket's receive state over (it keeps its own, without
+/// the socket's lock), rather than starting afresh and reading the rest as garbage.
+#[test]
+fn a_message_half_read_from_a_socket_is_finished_by_its_connection() {
+    use crate::wire::{FIRST_MAX, Header, Kind as Part};
+    let (ours, theirs) = crate::Socket::pair().unwrap();
+    // A late reply (to no call of this end's) of two datagrams, the first of which `ours`
+    // reads before it becomes a connection.
+    let mut late = vec![0; envelope::LEN];
+    Envelope {
+        kind: Kind::Reply,
+        cmd: 1,
+        cookie: 1 << 40,
+        interface: IFACE.id,
+        signature: IFACE.signature,
+    }
+    .write(&mut late);
+    codec::encode(&Bytes(vec![7u8; FIRST_MAX]), &mut late, &mut Vec::new()).unwrap();
+    let mut header = Header {
+        kind: Part::First,
+        fds: 0,
+        total_len: late.len() as u32,
+        total_fds: 0,
+    };
+    crate::sys::send(theirs.as_fd(), &header.encode(), &late[..FIRST_MAX], &[]).unwrap();
+    assert!(
+        ours.try_recv().unwrap().is_none(),
+        "only the first datagram has come"
+    );
+    let a = Connection::new(ours);
+    assert!(a.shared.state.lock().recv.is_partial());
+    let caller = {
+        let a = a.clone();
+        std::thread::spawn(move || a.call::<_, u64>(&IFACE, 2, &(), None))
+    };
+    let call = theirs.recv().unwrap();
+    header.kind = Part::More;
+    crate::sys::send(theirs.as_fd(), &header.encode(), &late[FIRST_MAX..], &[]).unwrap();
+    theirs.send(&reply_to(&call, &42u64), &[]).unwrap();
+    assert_eq!(caller.join().unwrap().unwrap(), 42);
+    assert!(!a.shared.state.lock().recv.is_partial());
 }
 
 /// With tracing on, a reader that takes in another caller's reply says it only once the reply

@@ -77,6 +77,9 @@ impl Drop for ReaderEnding {
 
 async fn read_messages(inner: Arc<Inner>) {
     let mut buffer = Frame::default();
+    // This task is the socket's only receiver: it keeps the receive state itself, with a
+    // message part-way in if the socket was received on before, and takes no lock for it.
+    let mut recv = inner.socket().take_recv_state();
     // The peer has gone while the reader waited for room: it reads on to the end.
     let mut peer_gone = false;
     let why = loop {
@@ -84,7 +87,7 @@ async fn read_messages(inner: Arc<Inner>) {
             Ok(ready) => ready,
             Err(e) => break Error::from(e),
         };
-        let result = match inner.socket().try_recv_into(&mut buffer) {
+        let result = match inner.socket().try_recv_with_state(&mut recv, &mut buffer) {
             Ok(false) => {
                 ready.clear_ready();
                 continue;
@@ -94,7 +97,7 @@ async fn read_messages(inner: Arc<Inner>) {
             // read to its end: its bytes (its envelope) say whose it was.
             Err(e @ Error::FdsDropped { .. }) => Err(e),
             Err(e) if e.is_over_limits() => Err(e),
-            // (The peer's reset, said before what it sent, `try_recv_into` reads past.)
+            // (The peer's reset, said before what it sent, the receive reads past.)
             Err(e) => break e,
         };
         drop(ready);
