@@ -318,6 +318,34 @@ pub(crate) fn oneway_failed<'i>(
     ));
 }
 
+/// Says on stderr that `count` oneway messages of the peer's, `first` the first of them, were
+/// dropped unrun as the connection went, nothing having served it: nobody waits for their
+/// outcome, so it would otherwise be silent, and a forgotten `serve` shows only this way (the
+/// calls' replies all came). `served` names the method if this end has its interface;
+/// `serve_how` says what to do. Counted among the oneway failures a process reports without
+/// `TYPED_IPC_DEBUG` (one line a connection at most).
+pub(crate) fn oneways_unrun<'i>(
+    name: &trace::Name,
+    tracing: bool,
+    count: usize,
+    first: &Envelope,
+    served: impl IntoIterator<Item = &'i InterfaceInfo>,
+    serve_how: &str,
+) {
+    if !tracing && ONEWAYS_REPORTED.fetch_add(1, Ordering::Relaxed) >= ONEWAY_REPORTS {
+        return;
+    }
+    let method = method_name(first, served);
+    let messages = match count {
+        1 => "message of the peer's was",
+        _ => "messages of the peer's were",
+    };
+    trace::line(&format!(
+        "{name}: {count} oneway {messages} dropped unrun as the connection went (the first: \
+         {method}): nothing served this connection. {serve_how}"
+    ));
+}
+
 /// The method a request's envelope names, `Interface::method` if `served` (the interfaces
 /// this side serves) has its interface, else by number.
 pub(crate) fn method_name<'i>(

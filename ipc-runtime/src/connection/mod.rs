@@ -265,6 +265,9 @@ impl Drop for Shared {
         if self.trace {
             self.say_end_on_drop();
         }
+        // No thread is left to run them (nor serves: it would hold a clone).
+        let oneways = std::mem::take(&mut self.state.get_mut().oneways);
+        self.say_oneways_unrun(oneways.iter());
     }
 }
 
@@ -625,9 +628,11 @@ impl Connection {
     /// [`Connection::stop_reading`], the requests received by then run, and those still
     /// unread in the socket too if no thread was in [`Connection::run`]: see there.)
     pub fn close(&self) {
-        let dropped = self.shared.close_here();
+        let (calls, oneways, served) = self.shared.close_here();
         let _ = self.shared.socket.shutdown();
-        let (calls, oneways) = dropped;
+        if !served {
+            self.shared.say_oneways_unrun(oneways.iter());
+        }
         for mut queued in calls.into_iter().chain(oneways) {
             queued.frame.discard_fds(); // their fds to the closer
         }

@@ -759,12 +759,14 @@ impl Shared {
 
     /// Ends the connection for [`Connection::close`](super::Connection::close): from now on
     /// no request runs (`route` drops those read later), and those queued are taken out,
-    /// with the failures owed, for the caller to drop outside the lock (closing their fds).
-    /// Everyone waiting is woken: the serving threads return once their handlers are done.
+    /// with the failures owed, for the caller to drop outside the lock (closing their fds),
+    /// and whether anything served (a thread in `run`, or one coming). Everyone waiting is
+    /// woken: the serving threads return once their handlers are done.
     #[cold]
     #[inline(never)]
-    pub(super) fn close_here(&self) -> (VecDeque<Queued>, VecDeque<Queued>) {
+    pub(super) fn close_here(&self) -> (VecDeque<Queued>, VecDeque<Queued>, bool) {
         let mut state = self.state.lock();
+        let served = state.runners > 0 || state.runners_coming;
         state.closed_here = true;
         // A oneway owed for good (none runs, nor arrives, from now on): so the runner's
         // common case in `read` (a call with no oneway before it), which does not look at
@@ -774,7 +776,27 @@ impl Shared {
         state.backlog = Default::default();
         self.fail(&mut state, Error::Disconnected);
         let calls = std::mem::take(&mut state.calls);
-        (calls, std::mem::take(&mut state.oneways))
+        (calls, std::mem::take(&mut state.oneways), served)
+    }
+
+    /// Says on stderr that `oneways`, the peer's, go unrun as the connection goes with
+    /// nothing serving it ([`failure::oneways_unrun`]), if there are any.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn say_oneways_unrun<'a>(&self, mut oneways: impl Iterator<Item = &'a Queued>) {
+        let Some(Ok(first)) = oneways.next().map(|q| Envelope::read(&q.frame.payload)) else {
+            return;
+        };
+        let registry = Arc::clone(&self.registry.lock());
+        failure::oneways_unrun(
+            &self.name,
+            self.trace,
+            1 + oneways.count(),
+            &first,
+            registry.services.iter().map(|(info, _)| *info),
+            "Serve it on a thread of its own (`Connection::spawn_serve`, `serve` or `run`, or a \
+             `Server`): `add_service` alone runs nothing",
+        );
     }
 
     /// [`Connection::stop_reading`](super::Connection::stop_reading) on a connection that

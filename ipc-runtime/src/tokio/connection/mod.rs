@@ -968,13 +968,14 @@ impl Drop for Inner {
     /// Requests still held once nothing can serve them any more (the peer hung up, then
     /// every handle went with no server come), and any call left waiting for a slot: their
     /// fds to the closer, as for any request dropped, not closed on the thread that let the
-    /// connection go.
+    /// connection go. The oneways among the held are said on stderr: nobody else knows.
     fn drop(&mut self) {
-        let state = self.state.get_mut();
-        for (frame, ..) in &mut state.held {
+        let held = std::mem::take(&mut self.state.get_mut().held);
+        self.say_oneways_unrun(&held);
+        for (mut frame, ..) in held {
             frame.discard_fds();
         }
-        for request in &mut state.waiting_calls {
+        for request in &mut self.state.get_mut().waiting_calls {
             request.frame.discard_fds();
         }
     }

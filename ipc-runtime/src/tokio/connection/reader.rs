@@ -548,12 +548,34 @@ impl Inner {
     /// (after the line that says the end, which they follow from), their fds closed by the
     /// closer.
     pub(super) fn drop_held(&self, held: Vec<(Frame, Envelope, Cost)>) {
+        self.say_oneways_unrun(&held);
         for (mut frame, envelope, _) in held {
             if self.trace && envelope.kind == Kind::Call {
                 trace::dropped_cancelled(&self.name, envelope.cookie, false, true);
             }
             frame.discard_fds();
         }
+    }
+
+    /// Says on stderr that the oneways among `held`, the peer's, go unrun as the connection
+    /// goes with nothing serving it ([`failure::oneways_unrun`]), if there are any.
+    ///
+    /// [`failure::oneways_unrun`]: crate::connection::failure::oneways_unrun
+    pub(super) fn say_oneways_unrun(&self, held: &[(Frame, Envelope, Cost)]) {
+        let mut oneways = held.iter().filter(|(_, e, _)| e.kind == Kind::Oneway);
+        let Some((_, first, _)) = oneways.next() else {
+            return;
+        };
+        let served: Vec<_> = self.services.read().iter().map(|s| s.info()).collect();
+        crate::connection::failure::oneways_unrun(
+            &self.name,
+            self.trace,
+            1 + oneways.count(),
+            first,
+            served,
+            "Serve it (`AsyncConnection::add_service` or `serve`, or an `AsyncServer`): a \
+             connection with no service runs nothing",
+        );
     }
 
     /// Says a received message, or for a reply returns what to say once it is routed: a
