@@ -149,14 +149,19 @@ fn measured() -> bool {
         let wide = cliff_is_wide(probe.kernel, probe.kernel_16_ahead);
         WIDE_CLIFF.store(wide, Ordering::Relaxed);
         if trace::enabled() {
+            // The verdict first: what a user wants to know is which path large strings take.
             trace::line(&format!(
-                "typed-ipc[{}] one copy: {PROBE} bytes in {:?} through the kernel ({:?} 16 \
-                 bytes ahead), {:?} by memcpy: {}",
+                "typed-ipc[{}] one-copy probe: large byte strings take {} (of {PROBE} bytes, the \
+                 kernel's copy took {:?}, {:?} to 16 bytes past a page; memcpy {:?})",
                 std::process::id(),
+                if pays {
+                    "one copy, written into the peer"
+                } else {
+                    "two copies, through the shared region"
+                },
                 probe.kernel,
                 probe.kernel_16_ahead,
                 probe.memcpy,
-                if pays { "one copy" } else { "two copies" }
             ));
         }
         pays
