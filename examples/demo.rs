@@ -177,17 +177,16 @@ fn run_parent(crash: bool) -> Result<(), Box<dyn Error>> {
     let (mut worker, connection) = Worker::spawn(command)?;
     println!("[parent] started the IPA worker, pid {}", worker.id());
 
-    // Serve `Pipeline` on a thread, for the worker's callbacks. Requests run only on threads
-    // that serve, never on one waiting for a reply.
+    // Serve `Pipeline` on a thread of its own, for the worker's callbacks: requests run only
+    // on threads that serve, never on one waiting for a reply. (`spawn_serve` counts the
+    // thread as serving before it runs, so callbacks that come at once wait for it.)
     let (events, received) = channel();
-    connection.add_service(PipelineServer::new(Events(events.clone())));
-    let serving = std::thread::spawn({
-        let connection = connection.clone();
-        move || {
-            let result = connection.run();
-            let _ = events.send(Event::Ended);
-            result
-        }
+    let serving = connection.spawn_serve(PipelineServer::new(Events(events.clone())))?;
+    // Once it returns (the worker hung up or died, or we closed), stop waiting for stats.
+    let serving = std::thread::spawn(move || {
+        let served = serving.join().expect("the watching thread panicked");
+        let _ = events.send(Event::Ended);
+        served
     });
 
     let driven = drive(&IpaClient::new(connection.clone()), &received);
