@@ -47,22 +47,31 @@ use quote::quote;
 /// Next to the trait, which is left as written and is what the server implements, with the
 /// trait's visibility:
 ///
-/// - `IpaClient`: `new(Connection)`, `with_timeout(&self, Duration) -> Self` (a copy whose
-///   calls give up after that long with `Error::TimedOut`, and whose `#[oneway]` messages do
-///   if they cannot be sent by then because the peer is not reading; by default, or with a
-///   timeout too long for the clock (`Duration::MAX`), a call waits as long as the peer is
-///   alive; a call that times out tells the peer, which drops it if it has not started it,
-///   but a blocking method already running runs on to its end: with one serving thread,
-///   later calls wait behind it; the copy shares the connection and, like any clone, keeps
-///   its socket open until dropped), `connection()`, and one method per trait method with
-///   the same name, parameters (but for `Vec<u8>`, below), doc comments and `#[deprecated]`,
-///   returning `Result<R, typed_ipc::Error>` for a declared return type `R`: a method
-///   declared `-> Result<Caps, ConfigError>` returns `Result<Result<Caps, ConfigError>,
-///   Error>`, the outer error typed-ipc's, the inner the method's own (`ipa.configure(cfg)??`
-///   where both convert into the caller's error). A `#[oneway]` method returns `Ok(())` once the
-///   message is sent. Cheap to clone. A trait method cannot be
-///   named `new`, `with_timeout`, `connection` or `clone` (whose stub would shadow
-///   `Clone::clone`; a compile error says so).
+/// - `IpaClient`, cheap to clone:
+///
+///   | method | what it does |
+///   | --- | --- |
+///   | `new(Connection)` | a client over the connection |
+///   | `with_timeout(&self, Duration) -> Self` | a copy whose calls give up after that long |
+///   | `connection()` | the connection, to `close()` it, say |
+///   | one per trait method, of its name | the call |
+///
+///   - **The calls** take the trait method's parameters (but for `Vec<u8>`, below), keep its
+///     doc comments and `#[deprecated]`, and return `Result<R, typed_ipc::Error>` for a
+///     declared return type `R`. A method declared `-> Result<Caps, ConfigError>` returns
+///     `Result<Result<Caps, ConfigError>, Error>`: the outer error typed-ipc's, the inner the
+///     method's own (`ipa.configure(cfg)??` where both convert into the caller's error). A
+///     `#[oneway]` method returns `Ok(())` once the message is sent.
+///   - **Timeouts.** A `with_timeout` copy's calls give up after that long with
+///     `Error::TimedOut`, and its `#[oneway]` messages do if they cannot be sent by then
+///     because the peer is not reading. By default, or with a timeout too long for the clock
+///     (`Duration::MAX`), a call waits as long as the peer is alive. A call that times out
+///     tells the peer, which drops it if it has not started it; a blocking method already
+///     running runs on to its end, and with one serving thread later calls wait behind it.
+///     The copy shares the connection and, like any clone, keeps its socket open until
+///     dropped.
+///   - **Reserved names.** A trait method cannot be named `new`, `with_timeout`, `connection`
+///     or `clone` (whose stub would shadow `Clone::clone`): a compile error says so.
 /// - `IpaServer<T: Ipa + Send + Sync + ?Sized + 'static>`: `new(T)`, `from_arc(Arc<T>)`
 ///   (an implementation the program keeps handles to, to read or change the state its calls
 ///   build; or an `Arc<dyn Ipa + Send + Sync>` chosen at run time, in the blocking flavour,
