@@ -184,7 +184,8 @@ use serving::keep_buffer;
 /// thread. Requests run only on serving threads, never on a thread waiting for a reply, so
 /// an end the peer calls or sends `#[oneway]` messages to (a host taking a worker's
 /// callbacks, say) must have a thread in `run` or `serve` (or
-/// [`Server::serve`](crate::Server::serve)): [`Connection::add_service`] alone runs nothing.
+/// [`Server::serve`](crate::Server::serve)): [`Connection::add_service`] alone runs nothing
+/// (oneways dropped unrun for that when the connection goes are said on stderr).
 /// It needs as many serving threads as calls may nest (one call at a time per thread),
 /// added up over the calls in flight at once: `n` threads of the peer's each calling into a
 /// chain that nests `k` handlers deep at this end hold `n * k` of its threads.
@@ -748,8 +749,10 @@ impl Connection {
     /// Adding a service runs nothing: until a thread runs the connection, the peer's requests
     /// wait. A peer that calls back from inside a call of this end's then waits for a thread
     /// while this end waits for its reply; after two seconds of that, the waiting caller says
-    /// so on stderr, once a connection (`tests/unserved_callbacks.rs`). (The async flavour's
-    /// `add_service` serves at once.)
+    /// so on stderr, once a connection (`tests/unserved_callbacks.rs`). Its oneways are
+    /// dropped unrun if the connection goes before a thread runs it, and that is said on
+    /// stderr too (`tests/unserved_oneways.rs`). (The async flavour's `add_service` serves at
+    /// once.)
     pub fn add_service(&self, service: impl Service) {
         let info = service.info();
         let service: Arc<dyn Service> = Arc::new(service);
