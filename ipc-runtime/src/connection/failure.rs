@@ -301,14 +301,8 @@ pub(crate) fn oneway_failed<'i>(
     served: impl IntoIterator<Item = &'i InterfaceInfo>,
     failure: &Failure,
 ) {
-    let more = if tracing {
-        ""
-    } else {
-        match ONEWAYS_REPORTED.fetch_add(1, Ordering::Relaxed) {
-            n if n < ONEWAY_REPORTS - 1 => "",
-            n if n == ONEWAY_REPORTS - 1 => " (later ones are not shown: set TYPED_IPC_DEBUG=1)",
-            _ => return,
-        }
+    let Some(more) = reported(tracing, &ONEWAYS_REPORTED) else {
+        return;
     };
     let method = method_name(envelope, served);
     // Why may quote the peer's message (a decoding error may): escaped and cut short.
@@ -332,9 +326,9 @@ pub(crate) fn oneways_unrun<'i>(
     served: impl IntoIterator<Item = &'i InterfaceInfo>,
     serve_how: &str,
 ) {
-    if !tracing && ONEWAYS_REPORTED.fetch_add(1, Ordering::Relaxed) >= ONEWAY_REPORTS {
+    let Some(more) = reported(tracing, &ONEWAYS_REPORTED) else {
         return;
-    }
+    };
     let method = method_name(first, served);
     let messages = match count {
         1 => "message of the peer's was",
@@ -342,8 +336,23 @@ pub(crate) fn oneways_unrun<'i>(
     };
     trace::line(&format!(
         "{name}: {count} oneway {messages} dropped unrun as the connection went (the first: \
-         {method}): nothing served this connection. {serve_how}"
+         {method}): nothing served this connection. {serve_how}{more}"
     ));
+}
+
+/// Whether a report of lost oneways is said, and what it adds: always with tracing on;
+/// without it, the first [`ONEWAY_REPORTS`] that `reports` counts (the process's,
+/// [`ONEWAYS_REPORTED`]; `None` after them), the last of which says that later ones are not
+/// shown.
+fn reported(tracing: bool, reports: &AtomicU32) -> Option<&'static str> {
+    if tracing {
+        return Some("");
+    }
+    match reports.fetch_add(1, Ordering::Relaxed) {
+        n if n < ONEWAY_REPORTS - 1 => Some(""),
+        n if n == ONEWAY_REPORTS - 1 => Some(" (later ones are not shown: set TYPED_IPC_DEBUG=1)"),
+        _ => None,
+    }
 }
 
 /// The method a request's envelope names, `Interface::method` if `served` (the interfaces
@@ -492,6 +501,24 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
 mod tests {
     use super::*;
     use crate::service::MethodInfo;
+
+    /// Reports of lost oneways, a failed one's or those dropped unrun, share one budget a
+    /// process without tracing; the last one said says so, whichever kind it is.
+    #[test]
+    fn the_last_report_of_lost_oneways_said_says_that_later_ones_are_not() {
+        let reports = AtomicU32::new(0);
+        for _ in 1..ONEWAY_REPORTS {
+            assert_eq!(reported(false, &reports), Some(""));
+        }
+        let last = reported(false, &reports).expect("the last one said");
+        assert!(last.contains("later ones are not shown"), "{last:?}");
+        assert_eq!(reported(false, &reports), None);
+        assert_eq!(
+            reported(true, &reports),
+            Some(""),
+            "traced: all said, plainly"
+        );
+    }
 
     static IFACE: InterfaceInfo = InterfaceInfo {
         name: "Ipa",

@@ -421,7 +421,9 @@ impl Connection {
     }
 
     /// Runs a connection over `socket`. Set `TYPED_IPC_DEBUG=1` in the environment to have
-    /// every message printed to stderr.
+    /// every message printed to stderr. A message the socket had half received is finished by
+    /// the connection; from now on the connection owns the socket's stream
+    /// ([`Connection::socket`]).
     pub fn new(socket: Socket) -> Connection {
         Connection::to(socket, None)
     }
@@ -474,7 +476,13 @@ impl Connection {
         self.shared.peer
     }
 
-    /// The underlying socket.
+    /// The underlying socket: for what it says of the connection ([`Socket::limits`],
+    /// [`Socket::peer_credentials`]) and for [`Socket::set_spin`]. Its send and receive
+    /// methods must not be used on a connection that reads or sends: the connection owns the
+    /// stream. A message received there is one the connection never sees (a caller may wait
+    /// for it for good), and one half received there is not finished by the connection, whose
+    /// reader keeps its own receive state ([`Connection::new`] takes over only what the socket
+    /// had received before it became a connection).
     pub fn socket(&self) -> &Socket {
         &self.shared.socket
     }
@@ -749,9 +757,10 @@ impl Connection {
     /// Adding a service runs nothing: until a thread runs the connection, the peer's requests
     /// wait. A peer that calls back from inside a call of this end's then waits for a thread
     /// while this end waits for its reply; after two seconds of that, the waiting caller says
-    /// so on stderr, once a connection (`tests/unserved_callbacks.rs`). Its oneways are
-    /// dropped unrun if the connection goes before a thread runs it, and that is said on
-    /// stderr too (`tests/unserved_oneways.rs`). (The async flavour's `add_service` serves at
+    /// so on stderr, once a connection (`tests/unserved_callbacks.rs`). Its oneways that a
+    /// caller read while it waited are dropped unrun if the connection goes before a thread
+    /// runs it, and that is said on stderr too (`tests/unserved_oneways.rs`); those still
+    /// unread in the socket go with it unsaid. (The async flavour's `add_service` serves at
     /// once.)
     pub fn add_service(&self, service: impl Service) {
         let info = service.info();

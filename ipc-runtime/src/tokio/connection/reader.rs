@@ -566,6 +566,10 @@ impl Inner {
         let Some((_, first, _)) = oneways.next() else {
             return;
         };
+        if self.lock().server_coming {
+            // A server was making its services: nothing was forgotten (as blocking).
+            return;
+        }
         let served: Vec<_> = self.services.read().iter().map(|s| s.info()).collect();
         crate::connection::failure::oneways_unrun(
             &self.name,
