@@ -69,11 +69,13 @@ pub fn interface(attr: TokenStream, item: TokenStream) -> Result<Interface, Reje
             item,
         }),
         Some(error) => {
-            // Two methods of one name (alternatives under `#[cfg]`, which rustc has not
-            // applied yet in what we emit) would add rustc's E0428 to our error.
+            // Two methods of one name would add rustc's E0428 to our error, unless they are
+            // alternatives under `#[cfg]`, which stays for rustc to apply.
             let mut names = std::collections::HashSet::new();
             item.items.retain(|i| match i {
-                TraitItem::Fn(f) => names.insert(f.sig.ident.unraw()),
+                TraitItem::Fn(f) if !f.attrs.iter().any(|a| a.path().is_ident("cfg")) => {
+                    names.insert(f.sig.ident.unraw())
+                }
                 _ => true,
             });
             Err(Rejected {
@@ -685,6 +687,13 @@ impl MethodAttrs {
                 }
             } else if let Some(error) = conditional(&attr, "method") {
                 errors.push(error);
+                // A `#[cfg]` stays on the trait emitted with the error, so that rustc applies it
+                // there as in the impl: dropped, the impl would miss a method (E0046) or have
+                // its other alternative. (A `#[cfg_attr]` could add `#[oneway]`, which would
+                // then be an unknown attribute.)
+                if attr.path().is_ident("cfg") {
+                    attrs.push(attr);
+                }
             } else {
                 if attr.path().is_ident("doc") {
                     ours.docs.push(attr.clone());
