@@ -396,7 +396,9 @@ impl Connection {
         Ok(Connection::new(Socket::connect(path)?))
     }
 
-    /// Connects to a [`Listener`](crate::Listener) bound to an abstract name.
+    /// Connects to a [`Listener`](crate::Listener) bound to an abstract name. Its errors are
+    /// [`Connection::connect`]'s; a client the server turns away (`admit`, `max_clients`)
+    /// connects without error, and its first call fails with [`Error::Refused`].
     pub fn connect_abstract(name: impl AsRef<[u8]>) -> Result<Connection> {
         Ok(Connection::new(Socket::connect_abstract(name)?))
     }

@@ -603,11 +603,26 @@ pub(crate) fn incoming_line<'i>(
             counted(frame.fds.len(), "fd")
         ),
     };
+    // A failure's body is the runtime's own type, so unlike a reply's it reads back.
+    let failure = match (envelope.kind, unreceived) {
+        (envelope::Kind::Failure, None) => failure_said(frame),
+        _ => String::new(),
+    };
     format!(
-        "{name} <- {:?}{}{method} ({what}{held})",
+        "{name} <- {:?}{}{method} ({what}{held}){failure}",
         envelope.kind,
         cookie(envelope),
     )
+}
+
+/// `: Panicked("…")`: a failure reply's body, as its sender said it ([`failure`]); nothing if
+/// it does not decode.
+fn failure_said(frame: &Frame) -> String {
+    let body = frame.payload.get(envelope::LEN..).unwrap_or_default();
+    match crate::codec::decode_from::<Failure>(body, &mut Vec::new()) {
+        Ok(failure) => format!(": {}", printable(&format!("{failure:?}"))),
+        Err(_) => String::new(),
+    }
 }
 
 /// ` Lab::reverse`, or ` Lab::?` for a command `iface` lacks.

@@ -267,6 +267,8 @@ impl AsyncConnection {
     }
 
     /// Connects to a listener bound to a Linux abstract name (see [`AsyncConnection::connect`]).
+    /// A client the server turns away (`admit`, `max_clients`) connects without error, and its
+    /// first call fails with [`Error::Refused`].
     pub async fn connect_abstract(name: impl AsRef<[u8]>) -> Result<AsyncConnection> {
         let name = name.as_ref().to_owned();
         AsyncConnection::new(connect_on_a_thread(move || Socket::connect_abstract(name)).await?)
