@@ -96,7 +96,11 @@ pub struct Limits {
     /// `max_message_len`, what a peer with this side's limits accepts. Set it where the peer
     /// accepts more than this side does: a host that takes at most 1 MiB back from a worker
     /// it does not trust, and sends it 8 MiB images, sets `max_message_len: 1 << 20` and
-    /// `max_send_len: Some(8 << 20)`. The peer's own limits still decide what it accepts.
+    /// `max_send_len: Some((8 << 20) + 4096)`. A message is a little larger than the byte
+    /// strings it carries (its envelope, the encoding's lengths, the other arguments: 33 bytes
+    /// for one 8 MiB `Vec<u8>` alone), so leave room above the largest string; a limit of
+    /// exactly `8 << 20` refuses that image as [`Error::TooLarge`](crate::Error::TooLarge). The
+    /// peer's own limits still decide what it accepts.
     /// At most `u32::MAX`, as `max_message_len`. Below 40 bytes, the short messages in which
     /// a connection offers its peer faster ways for the peer's large byte strings cannot go
     /// out (`lend_pages_to_peer`'s is dropped, `accept_writes_from_peer` fails with
