@@ -316,7 +316,7 @@ impl Shared {
 
     /// What [`Shared::held_line`] says: the request as received, `not served yet`.
     pub(super) fn held_incoming_line(&self, envelope: &Envelope, frame: &Frame) -> String {
-        self.received_line(envelope, frame, true, None)
+        self.received_line(envelope, frame, trace::Held::NotServed, None)
     }
 
     /// What [`Shared::trace_incoming`] says.
@@ -326,7 +326,7 @@ impl Shared {
         frame: &Frame,
         unreceived: Option<&Error>,
     ) -> String {
-        self.received_line(envelope, frame, false, unreceived)
+        self.received_line(envelope, frame, trace::Held::No, unreceived)
     }
 
     /// [`trace::incoming_line`] against what is served now (out of line: only ever with
@@ -337,7 +337,7 @@ impl Shared {
         &self,
         envelope: &Envelope,
         frame: &Frame,
-        held: bool,
+        held: trace::Held,
         unreceived: Option<&Error>,
     ) -> String {
         let registry = self.registry().registry;

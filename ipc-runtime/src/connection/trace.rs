@@ -578,7 +578,7 @@ pub(crate) fn incoming_line<'i>(
     envelope: &Envelope,
     frame: &Frame,
     mut served: impl Iterator<Item = &'i InterfaceInfo>,
-    held: bool,
+    held: Held,
     unreceived: Option<&Error>,
 ) -> String {
     let request = matches!(envelope.kind, envelope::Kind::Call | envelope::Kind::Oneway);
@@ -587,10 +587,10 @@ pub(crate) fn incoming_line<'i>(
         None if request => format!(" iface {:#010x} cmd {}", envelope.interface, envelope.cmd),
         None => String::new(),
     };
-    let held = if held && request {
-        "; not served yet"
-    } else {
-        ""
+    let held = match held {
+        Held::NotServed if request => "; not served yet",
+        Held::ServiceComing if request => "; held while its service is made",
+        _ => "",
     };
     let what = match unreceived {
         Some(e) => format!("not received: {}", printable(&e.to_string())),
@@ -613,6 +613,19 @@ pub(crate) fn incoming_line<'i>(
         envelope.kind,
         cookie(envelope),
     )
+}
+
+/// Whether a request waits for something to serve it as it arrives, for its line
+/// ([`incoming_line`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Held {
+    /// Something serves it (or it is no request).
+    No,
+    /// Nothing serves this end yet: no thread in `run`, no async service.
+    NotServed,
+    /// An async server is making this connection's services: it runs once they are made.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    ServiceComing,
 }
 
 /// `: Panicked("…")`: a failure reply's body, as its sender said it ([`failure`]); nothing if
@@ -699,6 +712,27 @@ mod tests {
         ] {
             assert_eq!(EndedHere::from_u8(here as u8), here);
         }
+    }
+
+    /// A request held as it arrives says why: nothing serves yet, or a server is making
+    /// the connection's services (which read like a failure when both said `not served`).
+    #[test]
+    fn a_held_request_says_what_it_waits_for() {
+        use super::{Envelope, Held, envelope::Kind};
+        let name = Name::next(None, None);
+        let envelope = Envelope {
+            kind: Kind::Oneway,
+            cmd: 2,
+            cookie: 0,
+            interface: 0x1234,
+            signature: 0,
+        };
+        let frame = crate::frame::Frame::default();
+        let said = |held| super::incoming_line(&name, &envelope, &frame, [].iter(), held, None);
+        assert!(said(Held::No).ends_with("iface 0x00001234 cmd 2 (0 bytes, 0 fds)"));
+        assert!(said(Held::NotServed).ends_with("(0 bytes, 0 fds; not served yet)"));
+        let coming = said(Held::ServiceComing);
+        assert!(coming.ends_with("(0 bytes, 0 fds; held while its service is made)"));
     }
 
     #[test]

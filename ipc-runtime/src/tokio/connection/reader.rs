@@ -597,7 +597,11 @@ impl Inner {
         let served: Vec<_> = self.services.read().iter().map(|s| s.info()).collect();
         // A request that comes before `serve` is held for it, and named once dispatched
         // (`start_serving`): it may be this very interface, not added yet.
-        let held = !self.lock().serving;
+        let held = match &*self.lock() {
+            state if state.serving => trace::Held::No,
+            state if state.server_coming => trace::Held::ServiceComing,
+            _ => trace::Held::NotServed,
+        };
         let served = served.into_iter();
         let line = trace::incoming_line(&self.name, envelope, frame, served, held, unreceived);
         match envelope.kind {
