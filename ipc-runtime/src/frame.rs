@@ -60,10 +60,27 @@ impl Frame {
 /// fails the call as [`Error::TooLarge`](crate::Error::TooLarge), with the buffer's size, and
 /// its fd is closed unmapped. A bare `OwnedFd` is not checked at all.
 ///
-/// New fields may be added: build `Limits` from [`Limits::default`] with struct-update syntax
-/// (`Limits { max_shared_len: 64 << 20, ..Limits::default() }`), even when you set every field
-/// today (allow clippy's `needless_update` there: it is what keeps your code compiling when a
-/// field comes).
+/// New fields may be added: build `Limits` from [`Limits::default`], with its `with_*`
+/// setters or with struct-update syntax (`Limits { max_shared_len: 64 << 20,
+/// ..Limits::default() }`). Struct-update syntax that sets every field today earns clippy's
+/// `needless_update`, which the setters do not (allow the lint there: the `..` is what keeps
+/// your code compiling when a field comes).
+///
+/// ```
+/// use ipc_runtime::Limits;
+///
+/// // A host's limits for a worker it does not trust, to which it sends 8 MiB images.
+/// let limits = Limits::default()
+///     .with_max_message_len(1 << 20)
+///     .with_max_fds(0)
+///     .with_max_shared_len(1 << 20)
+///     .with_max_send_len((8 << 20) + 4096)
+///     .with_max_send_fds(1);
+/// assert_eq!((limits.max_message_len, limits.max_fds), (1 << 20, 0));
+/// assert_eq!(limits.max_shared_len, 1 << 20);
+/// assert_eq!(limits.send_len(), (8 << 20) + 4096);
+/// assert_eq!(limits.send_fds(), 1);
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
     /// Largest payload accepted, in bytes. Default 1 GiB; at most `u32::MAX`.
@@ -132,6 +149,41 @@ impl Limits {
     /// if that is `None`.
     pub fn send_fds(&self) -> usize {
         self.max_send_fds.unwrap_or(self.max_fds)
+    }
+
+    /// These limits with [`Limits::max_message_len`] set to `len`.
+    #[must_use]
+    pub const fn with_max_message_len(mut self, len: usize) -> Limits {
+        self.max_message_len = len;
+        self
+    }
+
+    /// These limits with [`Limits::max_fds`] set to `fds`.
+    #[must_use]
+    pub const fn with_max_fds(mut self, fds: usize) -> Limits {
+        self.max_fds = fds;
+        self
+    }
+
+    /// These limits with [`Limits::max_shared_len`] set to `len`.
+    #[must_use]
+    pub const fn with_max_shared_len(mut self, len: usize) -> Limits {
+        self.max_shared_len = len;
+        self
+    }
+
+    /// These limits with [`Limits::max_send_len`] set to `Some(len)`.
+    #[must_use]
+    pub const fn with_max_send_len(mut self, len: usize) -> Limits {
+        self.max_send_len = Some(len);
+        self
+    }
+
+    /// These limits with [`Limits::max_send_fds`] set to `Some(fds)`.
+    #[must_use]
+    pub const fn with_max_send_fds(mut self, fds: usize) -> Limits {
+        self.max_send_fds = Some(fds);
+        self
     }
 }
 
