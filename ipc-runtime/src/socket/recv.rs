@@ -100,11 +100,7 @@ impl Socket {
     /// is part-way in is kept and completed by a later receive, so an event loop calls this
     /// whenever the socket is readable. Errors are those of [`Socket::recv_into`].
     pub fn try_recv_into(&self, frame: &mut Frame) -> Result<bool> {
-        match self.recv_inner(frame, Wait::No) {
-            Ok(()) => Ok(true),
-            Err(Error::TimedOut) => Ok(false),
-            Err(e) => Err(e),
-        }
+        came(self.recv_inner(frame, Wait::No))
     }
 
     /// Receives the next message, waiting for it as long as it takes.
@@ -131,11 +127,7 @@ impl Socket {
     /// (also while another thread is receiving on this socket).
     pub fn try_recv(&self) -> Result<Option<Frame>> {
         let mut frame = Frame::default();
-        match self.recv_inner(&mut frame, Wait::No) {
-            Ok(()) => Ok(Some(frame)),
-            Err(Error::TimedOut) => Ok(None),
-            Err(e) => Err(e),
-        }
+        Ok(came(self.recv_inner(&mut frame, Wait::No))?.then_some(frame))
     }
 
     /// Receives the next message into `frame`, reusing its payload buffer; the fds `frame`
@@ -185,11 +177,7 @@ impl Socket {
         frame: &mut Frame,
     ) -> Result<bool> {
         frame.clear();
-        match self.recv_locked(state, frame, Wait::No) {
-            Ok(()) => Ok(true),
-            Err(Error::TimedOut) => Ok(false),
-            Err(e) => Err(e),
-        }
+        came(self.recv_locked(state, frame, Wait::No))
     }
 
     /// Takes the receive state out of this socket, for a receiver that keeps it from now on
@@ -658,6 +646,16 @@ fn first_failed(state: &mut RecvState, frame: &mut Frame, e: Error) -> Error {
     state.discarding = !matches!(e, Error::TimedOut);
     frame.discard_fds();
     e
+}
+
+/// What a receive that does not wait (`Wait::No`) says: `true` if a whole message came,
+/// `false` if none was ready (its [`Error::TimedOut`]).
+fn came(received: Result<()>) -> Result<bool> {
+    match received {
+        Ok(()) => Ok(true),
+        Err(Error::TimedOut) => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// A continuation datagram with no message before it: its fds to the closer, as for

@@ -527,14 +527,14 @@ impl Lane {
     #[inline]
     fn idle_out(&self) -> Option<MutexGuard<'_, Outgoing>> {
         let mut out = self.out.try_lock()?;
-        match self.busy.load(Ordering::Acquire) {
-            0 => Some(out),
-            busy if busy & (SENDING | ACKED) == ACKED => {
-                self.finish_release(&mut out, busy as u32);
-                Some(out)
-            }
-            _ => None,
+        let busy = self.busy.load(Ordering::Acquire);
+        if !idle(busy) {
+            return None;
         }
+        if busy != 0 {
+            self.finish_release(&mut out, busy as u32);
+        }
+        Some(out)
     }
 
     /// What the peer's acknowledgement of placement `token` freed ([`Lane::release`]), once
