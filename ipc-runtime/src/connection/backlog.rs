@@ -167,31 +167,53 @@ impl Backlog {
 }
 
 /// A [`Backlog`] that the tasks of the async flavour update without a lock: the reader adds
-/// what it takes in, each request removes its own when it finishes.
+/// what it takes in, each request removes its own when it finishes. The requests and their
+/// bytes share one word (the count above [`REQUEST_BYTES_BITS`] bits of bytes), so that a
+/// request comes and goes with one atomic add each way, not two; the fds, which most
+/// requests have none of, have a word of their own, touched only by those that do.
 #[cfg(feature = "tokio")]
 #[derive(Default)]
 pub(crate) struct AtomicBacklog {
-    requests: AtomicUsize,
-    bytes: AtomicUsize,
+    requests_and_bytes: AtomicU64,
     fds: AtomicUsize,
 }
 
+/// The bits of [`AtomicBacklog`]'s word that count bytes: 1 TiB. What is held stays far
+/// below: [`HARD_FACTOR`] times the bounds, and past them only what a peer gone for good left
+/// in its send buffer. The 24 bits above count 16 million requests, where the same bounds
+/// hold a few thousand, and a send buffer's worth of datagrams (each charged at least a few
+/// hundred bytes of it, and at most 2 GiB) some millions.
+#[cfg(feature = "tokio")]
+const REQUEST_BYTES_BITS: u32 = 40;
+
+/// One request in [`AtomicBacklog`]'s word, above its bytes.
+#[cfg(feature = "tokio")]
+const ONE_REQUEST: u64 = 1 << REQUEST_BYTES_BITS;
+
 #[cfg(feature = "tokio")]
 impl AtomicBacklog {
-    /// What is held now (each count read on its own: a bound, not a snapshot).
+    /// What is held now (the requests and their bytes as one, the fds on their own: a bound,
+    /// not a snapshot).
     #[inline]
     pub(crate) fn get(&self) -> Backlog {
+        let word = self.requests_and_bytes.load(Ordering::SeqCst);
         Backlog {
-            requests: self.requests.load(Ordering::SeqCst),
-            bytes: self.bytes.load(Ordering::SeqCst),
+            requests: (word >> REQUEST_BYTES_BITS) as usize,
+            bytes: (word & (ONE_REQUEST - 1)) as usize,
             fds: self.fds.load(Ordering::SeqCst),
         }
     }
 
+    /// The request and its bytes, as one addend of the word.
+    #[inline]
+    fn one(cost: Cost) -> u64 {
+        ONE_REQUEST + cost.bytes as u64
+    }
+
     #[inline]
     pub(crate) fn add(&self, cost: Cost) {
-        self.requests.fetch_add(1, Ordering::SeqCst);
-        self.bytes.fetch_add(cost.bytes, Ordering::SeqCst);
+        self.requests_and_bytes
+            .fetch_add(Self::one(cost), Ordering::SeqCst);
         if cost.fds > 0 {
             self.fds.fetch_add(cost.fds, Ordering::SeqCst);
         }
@@ -201,8 +223,8 @@ impl AtomicBacklog {
     /// counts is seen to have paused, see `tokio::connection`).
     #[inline]
     pub(crate) fn remove(&self, cost: Cost) {
-        self.requests.fetch_sub(1, Ordering::SeqCst);
-        self.bytes.fetch_sub(cost.bytes, Ordering::SeqCst);
+        self.requests_and_bytes
+            .fetch_sub(Self::one(cost), Ordering::SeqCst);
         if cost.fds > 0 {
             self.fds.fetch_sub(cost.fds, Ordering::SeqCst);
         }
@@ -258,7 +280,51 @@ impl ReplyBytes {
 
 #[cfg(all(test, feature = "tokio"))]
 mod tests {
-    use super::{MAX_REPLY_BYTES, ReplyBytes};
+    use super::{
+        AtomicBacklog, Cost, MAX_REPLY_BYTES, MAX_REQUEST_BYTES, MAX_REQUEST_FDS, MAX_REQUESTS,
+        ReplyBytes,
+    };
+
+    /// The requests, their bytes and their fds count apart, though two of them share a word:
+    /// each bound is reached on its own, and what comes goes again to nothing.
+    #[test]
+    fn the_async_backlog_counts_requests_bytes_and_fds_apart() {
+        let backlog = AtomicBacklog::default();
+        let small = Cost { bytes: 64, fds: 0 };
+        for _ in 0..MAX_REQUESTS - 1 {
+            backlog.add(small);
+        }
+        let held = backlog.get();
+        assert_eq!(
+            (held.requests, held.bytes, held.fds),
+            (MAX_REQUESTS - 1, 64 * (MAX_REQUESTS - 1), 0)
+        );
+        assert!(!held.full());
+        backlog.add(small);
+        assert!(backlog.get().full(), "at the bound of requests");
+        for _ in 0..MAX_REQUESTS {
+            backlog.remove(small);
+        }
+        assert!(backlog.get().is_empty() && backlog.get().bytes == 0);
+
+        // The largest a peer gone for good could make it hold, by far: still its bytes.
+        let huge = Cost {
+            bytes: 1 << 39,
+            fds: MAX_REQUEST_FDS - 1,
+        };
+        backlog.add(huge);
+        let held = backlog.get();
+        assert_eq!((held.requests, held.bytes), (1, 1 << 39));
+        assert!(held.full(), "past the bound of bytes");
+        backlog.remove(huge);
+        backlog.add(Cost {
+            bytes: MAX_REQUEST_BYTES - 1,
+            fds: MAX_REQUEST_FDS,
+        });
+        let held = backlog.get();
+        assert_eq!((held.requests, held.fds), (1, MAX_REQUEST_FDS));
+        assert!(held.full(), "at the bound of fds");
+    }
 
     /// The budget holds from `MAX_REPLY_BYTES` in two replies; a removal that takes the
     /// replies below it says so, once.
