@@ -228,8 +228,8 @@ impl Shared {
                 "{}: a call of this end's has waited {} s for its reply while the peer's call \
                  {method} waits here for a thread to serve it, and no thread serves this \
                  connection: the two may wait for each other for good. Serve it on a thread of \
-                 its own (`Connection::serve` or `run`, or a `Server`): `add_service` alone \
-                 runs nothing",
+                 its own (`Connection::spawn_serve`, `serve` or `run`, or a `Server`): \
+                 `add_service` alone runs nothing",
                 self.name,
                 UNSERVED_WARNING.as_secs(),
             ));
