@@ -787,7 +787,8 @@ fn waitid_pidfd(pidfd: BorrowedFd<'_>, options: libc::c_int) -> io::Result<libc:
 /// It is Linux's parent-death signal (`PR_SET_PDEATHSIG`), whose "parent" is the *thread*
 /// that forked: start such workers from the main thread or from one that lives as long as
 /// they should, not from a short-lived thread (a pool's, or tokio's blocking pool, whose idle
-/// threads end after a while), or they die with it. If this process has already died when
+/// threads end after a while; a tokio runtime thread joins that pool once a task on it calls
+/// `block_in_place`), or they die with it. If this process has already died when
 /// the child sets it up, the child does not run the program (and the spawn fails): it tells
 /// by this process's id, taken now, so call it in the process that spawns `command` (a
 /// `command` set up before a `fork` and spawned in the forked process fails with `ESRCH`).

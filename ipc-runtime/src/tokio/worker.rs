@@ -21,9 +21,13 @@ pub use crate::worker::{Exit, Killer, Worker, exit_with_parent, socket};
 /// socket, once the worker has started (the worker is killed as the panic unwinds).
 ///
 /// The worker starts from the calling thread, which is what a `command` given
-/// [`exit_with_parent`] dies with: a runtime's own thread
-/// lasts as long as the runtime, but one of its blocking pool (`spawn_blocking`) ends once
-/// idle for a while, and would take such a worker with it.
+/// [`exit_with_parent`] dies with. A thread of tokio's blocking pool (`spawn_blocking`) ends
+/// once idle for a while, and would take such a worker with it. So may a runtime's own
+/// thread: a task on it that calls `tokio::task::block_in_place` (yours, or a library's)
+/// hands its place to a new thread and turns it into one of the blocking pool, which ends
+/// once idle (after `thread_keep_alive`, 10 s by default), and the worker is killed. Start
+/// such workers from the thread that runs `#[tokio::main]`'s `async fn main` (the main
+/// thread, in `block_on`) or from a thread of your own that lives as long as they should.
 pub fn spawn(command: Command) -> Result<(Worker, AsyncConnection)> {
     spawn_with_limits(command, Limits::default())
 }
