@@ -197,12 +197,20 @@ impl Exit {
 }
 
 /// Written as std writes an `ExitStatus`, with the signal's name: `exit status: 0`,
-/// `signal: 6 (SIGABRT)`.
+/// `signal: 6 (SIGABRT)`. `SIGSYS` says what most often sends it to a worker: `signal: 31
+/// (SIGSYS: a system call its seccomp filter refuses?)`.
 impl std::fmt::Display for Exit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match *self {
             Exit::Code(code) => write!(f, "exit status: {code}"),
             Exit::Signal(signal) => match nix::sys::signal::Signal::try_from(signal) {
+                // A worker under a filter that kills (`SECCOMP_RET_KILL_PROCESS`), at a call
+                // it forgot to allow; nothing else on screen would say so.
+                Ok(name @ nix::sys::signal::Signal::SIGSYS) => write!(
+                    f,
+                    "signal: {signal} ({}: a system call its seccomp filter refuses?)",
+                    name.as_str()
+                ),
                 Ok(name) => write!(f, "signal: {signal} ({})", name.as_str()),
                 Err(_) => write!(f, "signal: {signal}"),
             },
@@ -996,6 +1004,13 @@ mod tests {
         assert_eq!(Exit::Code(0).to_string(), "exit status: 0");
         assert_eq!(Exit::Signal(6).to_string(), "signal: 6 (SIGABRT)");
         assert_eq!(Exit::Signal(200).to_string(), "signal: 200");
+        assert_eq!(
+            Exit::Signal(libc::SIGSYS).to_string(),
+            format!(
+                "signal: {} (SIGSYS: a system call its seccomp filter refuses?)",
+                libc::SIGSYS
+            )
+        );
     }
 
     /// `success`, `code` and `signal` answer as std's `ExitStatus` does for the same ending
