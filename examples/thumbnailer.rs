@@ -177,7 +177,8 @@ async fn host() -> Result<(), Box<dyn StdError>> {
     }
     drop(mid_job);
     // The fds typed-ipc dropped (late replies' memfds) are closed on threads of its own.
-    typed_ipc::wait_for_closes();
+    // `wait_for_closes` blocks: not on a runtime thread.
+    tokio::task::spawn_blocking(typed_ipc::wait_for_closes).await?;
     println!("fds open before: {fds_before}, after: {}", open_fds());
     Ok(())
 }

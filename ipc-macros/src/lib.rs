@@ -296,10 +296,13 @@ use quote::quote;
 ///   server built from different versions of it get `Error::InterfaceMismatch` on every call,
 ///   as do two ends that declare the same methods with the same ids in another order.
 /// - `#[oneway]`: the client sends and does not wait; the method must return `()`. Its
-///   `Ok(())` says only that the message went out: if the server does not run it (its
+///   `Ok(())` says only that the message went out, handed to the socket: not that the peer
+///   read it, let alone ran it. A peer that dies with it unread (one killed from outside
+///   a moment before, whose exit this end has not seen yet) never runs it, and the sender
+///   is not told. If the server does not run it (its
 ///   authorizer refuses it, its arguments do not decode, its interface differs at the two
 ///   ends) or it panics, the sender is not
-///   told; the server's stderr says so (the first 10 failed oneways of a process, all of
+///   told either; the server's stderr says so (the first 10 failed oneways of a process, all of
 ///   them under `TYPED_IPC_DEBUG=1`). Nothing waits for a oneway to run, so a sender can
 ///   outrun its server (one report per item parsed, say): the server's end holds up to
 ///   1,024 requests, then stops reading, but while it waits for a reply of its own (the call

@@ -206,8 +206,10 @@ fn run(first: bool) {
 /// this does not concern them.
 ///
 /// It waits for as long as a stalled close does, so it belongs in tests and at shutdown, not
-/// on a path that must not block. In a child forked (without exec) from a process that used
-/// typed-ipc, which closes fds where they drop, it returns at once.
+/// on a path that must not block. It blocks the calling thread: a tokio program calls it
+/// through `tokio::task::spawn_blocking`, not on a runtime thread. In a child forked
+/// (without exec) from a process that used typed-ipc, which closes fds where they drop, it
+/// returns at once.
 ///
 /// ```
 /// # extern crate ipc_runtime as typed_ipc;

@@ -203,7 +203,10 @@ impl Generator<'_> {
                 #constructors
 
                 /// Answers the requests that arrive on `connection` until the peer hangs up;
-                /// `Ok(())` when it closes cleanly.
+                /// `Ok(())` when it closes cleanly. It answers them on this thread, one at a
+                /// time, in the order they came: a slow call holds up the calls behind it.
+                /// For several at once, serve it on a pool of threads:
+                /// `Server::new().service(server).threads(n).serve(&connection)`.
                 #vis fn serve(self, connection: #p::Connection) -> #ret_unit #decodable {
                     connection.serve(self)
                 }

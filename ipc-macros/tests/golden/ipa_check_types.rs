@@ -506,7 +506,10 @@ impl<
         Self { imp }
     }
     /// Answers the requests that arrive on `connection` until the peer hangs up;
-    /// `Ok(())` when it closes cleanly.
+    /// `Ok(())` when it closes cleanly. It answers them on this thread, one at a
+    /// time, in the order they came: a slow call holds up the calls behind it.
+    /// For several at once, serve it on a pool of threads:
+    /// `Server::new().service(server).threads(n).serve(&connection)`.
     pub fn serve(
         self,
         connection: ::typed_ipc::__private::Connection,
