@@ -366,7 +366,8 @@ use quote::quote;
 /// methods without a receiver, more than 16 parameters after `&self` (they travel as one
 /// tuple: group some into a struct), borrowed parameters and return values (`&str`, `&[u8]`,
 /// `&T`: take or return `String`, `Vec<u8>`, `T`; each end gets its own copy either way),
-/// `Self` in a parameter or return type, parameters that are patterns rather than names,
+/// `Self` in a parameter or return type, `-> !` (a method that never returns has no reply:
+/// declare it without a return type), parameters that are patterns rather than names,
 /// `unsafe fn`, traits that mix `fn` and `async fn`, and `#[cfg]` on a method or a parameter
 /// (or a `#[cfg_attr]` that could add a `#[cfg]`, `#[oneway]` or `#[cmd]`; one that adds
 /// anything else, such as docs or lint levels, `#[cfg_attr(docsrs, doc(cfg(..)))]`, is fine,

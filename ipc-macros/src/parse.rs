@@ -307,8 +307,15 @@ impl Args {
 /// The trait's methods, checked one by one and then against each other.
 fn methods(item: &mut ItemTrait, errors: &mut Errors) -> Vec<Method> {
     if !item.generics.params.is_empty() {
-        let message = "generic interfaces are not supported: both ends must agree on one \
-                       concrete interface; name the types";
+        let only_lifetimes =
+            (item.generics.params.iter()).all(|param| matches!(param, GenericParam::Lifetime(_)));
+        let message = match only_lifetimes {
+            true => LIFETIMES,
+            false => {
+                "generic interfaces are not supported: both ends must agree on one concrete \
+                 interface; name the types"
+            }
+        };
         errors.push(syn::Error::new_spanned(&item.generics, message));
     } else if let Some(predicate) = not_on_self(&item.generics.where_clause) {
         errors.push(not_on_self_error(predicate, "an interface trait"));
@@ -426,9 +433,7 @@ fn method(f: &mut TraitItemFn, index: u32) -> syn::Result<(Method, Option<Attrib
             .iter()
             .all(|param| matches!(param, GenericParam::Lifetime(_)));
         let message = if only_lifetimes && !sig.generics.params.is_empty() {
-            "lifetime parameters are not supported: nothing borrowed crosses a process \
-             boundary (each end gets its own copy of every value); remove the lifetime, and \
-             take and return owned types (`String`, not `&'a str`)"
+            LIFETIMES
         } else {
             "generic methods are not supported: client and server are compiled apart and must \
              agree on one concrete type; use one (or an enum of the types you need)"
@@ -574,6 +579,11 @@ fn method(f: &mut TraitItemFn, index: u32) -> syn::Result<(Method, Option<Attrib
     };
     Ok((method, attrs.cmd.map(|(_, attr)| attr)))
 }
+
+/// The error for lifetime parameters, on the trait or a method.
+const LIFETIMES: &str = "lifetime parameters are not supported: nothing borrowed crosses a \
+                         process boundary (each end gets its own copy of every value); remove \
+                         the lifetime, and take and return owned types (`String`, not `&'a str`)";
 
 /// The most parameters a method takes after `&self`: the arguments travel as one tuple, and
 /// serde implements its traits for tuples of up to 16 elements.

@@ -10,8 +10,12 @@
 use proc_macro2::{Delimiter, Spacing, TokenStream, TokenTree};
 use quote::ToTokens;
 use syn::ext::IdentExt;
+use syn::punctuated::Punctuated;
 use syn::visit::{self, Visit};
-use syn::{GenericArgument, Lifetime, Path, PathArguments, Type, TypeImplTrait, TypeReference};
+use syn::{
+    GenericArgument, Lifetime, Path, PathArguments, Token, Type, TypeImplTrait, TypeNever,
+    TypeParamBound, TypeReference,
+};
 
 use crate::model::Wire;
 
@@ -246,10 +250,44 @@ fn writable_memory(p: &Path) -> Option<&'static str> {
 
 impl<'ast> Visit<'ast> for Checker {
     fn visit_type_reference(&mut self, r: &'ast TypeReference) {
-        let owned = owned_form(&r.elem);
-        let message = format!("{}; {} `{owned}` instead", self.borrowed(), self.verb());
+        let (borrowed, verb) = (self.borrowed(), self.verb());
+        let message = match borrowed_fd(&r.elem) {
+            // `&File`, `&BorrowedFd`, `&impl AsFd`: the owned form that travels is an fd.
+            Some(spelled) => {
+                // A `RawFd` is a number: `as_fd` is not one of its methods.
+                let why = match is_plain(&r.elem, "RawFd") {
+                    true => "a `RawFd` is only a number, meaningless in another process".into(),
+                    false => format!(
+                        "`{spelled}` cannot travel as a value; \
+                         `.as_fd().try_clone_to_owned()?` makes one"
+                    ),
+                };
+                format!("{borrowed}; {verb} `OwnedFd` instead, which passes the fd itself ({why})")
+            }
+            // `&dyn Trait`, `&impl Trait`: no owned form of these names one type.
+            None if matches!(peel(&r.elem), Type::TraitObject(_) | Type::ImplTrait(_)) => {
+                format!(
+                    "{borrowed}; {verb} a concrete serde type instead: client and server are \
+                     compiled apart and must agree on one type, which `{}` does not name",
+                    spell(r.elem.to_token_stream())
+                )
+            }
+            None => format!("{borrowed}; {verb} `{}` instead", owned_form(&r.elem)),
+        };
         self.fail(r, message);
         // Not walking further: one message per type is enough.
+    }
+
+    fn visit_type_never(&mut self, never: &'ast TypeNever) {
+        let message = match self.role {
+            Role::Return => {
+                "`!` cannot be a reply: a method that never returns has none to send; declare \
+                 it without a return type (with `#[oneway]` if the caller should not wait: a \
+                 call whose server process exits fails with `Error::Disconnected`)"
+            }
+            Role::Param => "`!` cannot be a parameter: no value of it exists to send",
+        };
+        self.fail(never, message.into());
     }
 
     fn visit_lifetime(&mut self, l: &'ast Lifetime) {
@@ -337,6 +375,29 @@ fn elided_cow(p: &Path) -> Option<&Type> {
         [GenericArgument::Type(borrowed)] => Some(borrowed),
         _ => None,
     }
+}
+
+/// If a borrowed `&elem` is of an fd (`File`, `UnixStream`, `BorrowedFd`, `RawFd`, or a
+/// `dyn`/`impl` `AsFd` or `AsRawFd`), `elem` as spelled: the owned form to suggest is then
+/// `OwnedFd`, which passes the fd itself.
+fn borrowed_fd(elem: &Type) -> Option<String> {
+    let fd_trait = |bounds: &Punctuated<TypeParamBound, Token![+]>| {
+        bounds.iter().any(|bound| match bound {
+            TypeParamBound::Trait(t) => t
+                .path
+                .segments
+                .last()
+                .is_some_and(|s| s.ident == "AsFd" || s.ident == "AsRawFd"),
+            _ => false,
+        })
+    };
+    let fd = match peel(elem) {
+        Type::Path(p) if p.qself.is_none() => fd_spelling(&p.path).is_some(),
+        Type::TraitObject(t) => fd_trait(&t.bounds),
+        Type::ImplTrait(t) => fd_trait(&t.bounds),
+        _ => false,
+    };
+    fd.then(|| spell(elem.to_token_stream()))
 }
 
 /// The owned type to suggest for a borrowed `&elem`.
