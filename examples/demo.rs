@@ -235,8 +235,9 @@ fn drive(ipa: &IpaClient, events: &Receiver<Event>) -> Result<(), Box<dyn Error>
         let pixels: Vec<u8> = (0..size).map(|i| pixel(i % WIDTH as usize)).collect();
         buffer.write_all_at(&pixels, 0)?;
         println!("[parent] frame {frame}: {scene} scene -> worker");
-        // The worker gets its own fd for the buffer; ours stays open for the next frame.
-        ipa.queue_frame(frame, buffer.try_clone()?.into())?;
+        // Sent borrowed (`buffer` is a `&File`): the worker gets its own fd for the buffer;
+        // ours stays open for the next frame, with no copy of it made for the call.
+        ipa.queue_frame(frame, buffer)?;
 
         let Event::Stats(done, stats) = events.recv()? else {
             return Err(format!("the worker hung up before the stats of frame {frame}").into());
@@ -341,7 +342,7 @@ impl GreyStats {
 
         let out = File::from(memfd_create("stats", MFdFlags::MFD_CLOEXEC)?);
         out.write_all_at(&stats.to_bytes(), 0)?;
-        self.pipeline.stats_ready(frame, out.into())?;
+        self.pipeline.stats_ready(frame, out)?; // ours is closed once sent
         Ok(())
     }
 }

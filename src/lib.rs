@@ -119,7 +119,7 @@ pub use ipc_runtime::tokio;
 pub mod __private {
     pub use ipc_runtime::CallBytes;
     // For tests that count fds: waits until the fds typed-ipc dropped are closed.
-    pub use ipc_runtime::codec::{Bytes, BytesCarrier, CarriedBytes, Fd};
+    pub use ipc_runtime::codec::{Bytes, BytesCarrier, CarriedBytes, Fd, SendFd};
     pub use ipc_runtime::service::{Call, InterfaceInfo, MethodInfo, Service, fnv1a};
     pub use ipc_runtime::shape::{self, Shape};
     pub use ipc_runtime::{Connection, Error};

@@ -10,7 +10,7 @@
 mod common;
 
 use std::fs::File;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
@@ -249,6 +249,21 @@ fn fds_in_and_out() {
                 .await
                 .unwrap();
             assert_eq!(contents(&mine), "from the client");
+        }
+        {
+            // Sent borrowed, and kept: the stub takes any `AsFd`, and its future is `Send`.
+            fn send<F: Send>(future: F) -> F {
+                future
+            }
+            let mine = memfd("");
+            send(ipa.write_into(mine.as_fd(), "borrowed".into()))
+                .await
+                .unwrap();
+            assert_eq!(contents(&mine), "borrowed");
+            ipa.write_into(&mine, "borrowed again".into())
+                .await
+                .unwrap();
+            assert_eq!(contents(&mine), "borrowed again");
         }
         {
             let files = ipa.maybe_open(Some("maybe".into())).await.unwrap();

@@ -213,7 +213,7 @@ fn a_thumbnailer_daemon_serves_survives_bad_clients_and_drains_on_sigterm() {
         other => panic!("not refused by the daemon's limits: {other:?}"),
     }
     let endless = std::fs::File::open("/dev/zero").unwrap();
-    let refused = runtime.block_on(thumbnailer.thumbnail_fd(endless.into(), size));
+    let refused = runtime.block_on(thumbnailer.thumbnail_fd(endless, size));
     let max = daemon::MAX_PIXELS;
     let expected = ThumbError::TooLarge {
         pixels: max + 1,
@@ -271,7 +271,7 @@ fn a_thumbnailer_daemon_serves_survives_bad_clients_and_drains_on_sigterm() {
     let (image, mut writer) = std::io::pipe().unwrap();
     let piped = runtime.spawn({
         let thumbnailer = thumbnailer.clone();
-        async move { thumbnailer.thumbnail_fd(image.into(), size).await }
+        async move { thumbnailer.thumbnail_fd(image, size).await }
     });
     runtime.block_on(progress.asked.notified());
     runtime.block_on(progress.started.notified());

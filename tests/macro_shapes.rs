@@ -6,7 +6,7 @@
 mod common;
 
 use std::fs::File;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -276,11 +276,21 @@ fn fds_in_and_out() {
         assert_eq!(contents(&mine), "from the client");
     }
     {
-        // A File goes in with `.into()`.
+        // Any `AsFd` goes in: a `File` given (closed once sent), or one borrowed, which the
+        // caller keeps, as it does a `BorrowedFd`: no copy of the fd made for the call.
         let file = File::from(memfd(""));
-        ipa.write_into(file.try_clone().unwrap().into(), "via File".into())
+        let written = || contents(&file.try_clone().unwrap().into());
+        let open = open_fds();
+        ipa.write_into(&file, "via &File".into()).unwrap();
+        assert_eq!(written(), "via &File");
+        ipa.write_into(file.as_fd(), "via BorrowedFd".into())
             .unwrap();
-        assert_eq!(contents(&file.into()), "via File");
+        assert_eq!(written(), "via BorrowedFd");
+        assert_eq!(open_fds(), open, "the borrowed fd is still the only one");
+        let given = file.try_clone().unwrap();
+        ipa.write_into(given, "via a File given".into()).unwrap();
+        assert_eq!(open_fds(), open, "the given fd was closed once sent");
+        assert_eq!(written(), "via a File given");
     }
     {
         // Option<OwnedFd> both ways.

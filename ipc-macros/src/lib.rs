@@ -56,9 +56,10 @@ use quote::quote;
 ///   | `connection()` | the connection, to `close()` it, say |
 ///   | one per trait method, of its name | the call |
 ///
-///   - **The calls** take the trait method's parameters (but for `Vec<u8>`, below), keep its
-///     doc comments and `#[deprecated]`, and return `Result<R, typed_ipc::Error>` for a
-///     declared return type `R`. A method declared `-> Result<Caps, ConfigError>` returns
+///   - **The calls** take the trait method's parameters (but for `OwnedFd`, any `AsFd`, and
+///     `Vec<u8>`, borrowed bytes too: [Types](#types)), keep its doc comments and
+///     `#[deprecated]`, and return `Result<R, typed_ipc::Error>` for a declared return type
+///     `R`. A method declared `-> Result<Caps, ConfigError>` returns
 ///     `Result<Result<Caps, ConfigError>, Error>`: the outer error typed-ipc's, the inner the
 ///     method's own (`ipa.configure(cfg)??` where both convert into the caller's error). A
 ///     `#[oneway]` method returns `Ok(())` once the message is sent.
@@ -318,9 +319,12 @@ use quote::quote;
 /// - `OwnedFd`, `Option<OwnedFd>` and `Vec<OwnedFd>` travel in the message's fd table, and
 ///   so do they as the `Ok` of a `Result<_, E>` whose `E` is a serde type (a broker's
 ///   `fn open(&self, path: String) -> Result<OwnedFd, OpenError>`; `io::Result<OwnedFd>`
-///   names no error type, and `io::Error` is not serde). An `OwnedFd` parameter is closed
-///   once sent. A `File` or `UnixStream` converts with `.into()`;
-///   a parameter or return type spelled `File`, `UnixStream`, `BorrowedFd` or `RawFd` (alone
+///   names no error type, and `io::Error` is not serde). A client stub takes an `OwnedFd`
+///   parameter as any `impl AsFd`, sent from where it lies: an `OwnedFd` or `File` given is
+///   closed once sent, one borrowed (`&file`, `fd.as_fd()`) stays the caller's, with no copy
+///   of the fd made for the call (the peer gets its own fd for the same open file either
+///   way). An `Option<OwnedFd>` or `Vec<OwnedFd>` parameter is taken as it is, and closed once
+///   sent; a `File` or `UnixStream` goes in one with `.into()`. A parameter or return type spelled `File`, `UnixStream`, `BorrowedFd` or `RawFd` (alone
 ///   or under `std::`, `fs::`, `net::`, ...) is a compile error that says so, since only an
 ///   `OwnedFd` passes the fd itself (a `RawFd` would travel as a number, meaningless in the
 ///   other process; one spelled `i32` cannot be told apart).

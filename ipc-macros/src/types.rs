@@ -196,10 +196,20 @@ impl Checker {
             ),
         };
         message.push_str(" (`Option<OwnedFd>` and `Vec<OwnedFd>` travel too)");
-        message.push_str(match (name, self.role) {
-            ("BorrowedFd", _) => "; `fd.try_clone_to_owned()?` makes one",
-            (_, Role::Param) => "; convert with `.into()`",
-            (_, Role::Return) => "; the client converts it back with `.into()`",
+        message.push_str(&match (name, self.role) {
+            // The client stub of an `OwnedFd` parameter takes any `AsFd`.
+            ("RawFd", Role::Param) => {
+                "; the client stub then takes any `AsFd` (`BorrowedFd::borrow_raw` makes one)"
+                    .to_string()
+            }
+            ("BorrowedFd", Role::Param) => {
+                "; the client stub then takes any `AsFd`, your `BorrowedFd` included".to_string()
+            }
+            (_, Role::Param) => format!(
+                "; the client stub then takes any `AsFd`: a `{name}`, or `&{name}` to keep it"
+            ),
+            ("BorrowedFd", Role::Return) => "; `fd.try_clone_to_owned()?` makes one".to_string(),
+            (_, Role::Return) => "; the client converts it back with `.into()`".to_string(),
         });
         if p.segments.len() == 1 && matches!(name, "File" | "UnixStream") {
             message.push_str(&format!(
@@ -255,9 +265,16 @@ impl<'ast> Visit<'ast> for Checker {
             // `&File`, `&BorrowedFd`, `&impl AsFd`: the owned form that travels is an fd.
             Some(spelled) => {
                 // A `RawFd` is a number: `as_fd` is not one of its methods.
-                let why = match is_plain(&r.elem, "RawFd") {
-                    true => "a `RawFd` is only a number, meaningless in another process".into(),
-                    false => format!(
+                let why = match (is_plain(&r.elem, "RawFd"), self.role) {
+                    (true, _) => {
+                        "a `RawFd` is only a number, meaningless in another process".into()
+                    }
+                    // The client stub of an `OwnedFd` parameter takes any `AsFd`, borrowed.
+                    (false, Role::Param) => format!(
+                        "`{spelled}` cannot travel as a value; the client stub then takes any \
+                         `AsFd`, a `&{spelled}` included, and the caller keeps its fd"
+                    ),
+                    (false, Role::Return) => format!(
                         "`{spelled}` cannot travel as a value; \
                          `.as_fd().try_clone_to_owned()?` makes one"
                     ),
@@ -442,7 +459,8 @@ fn is_plain(ty: &Type, name: &str) -> bool {
     }
 }
 
-fn is_fd(ty: &Type) -> bool {
+/// Whether `ty` is a bare `OwnedFd` (not in an `Option`, `Vec` or `Result`).
+pub(crate) fn is_fd(ty: &Type) -> bool {
     is_plain(ty, "OwnedFd")
 }
 

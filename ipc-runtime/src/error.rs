@@ -19,10 +19,10 @@ pub enum Error {
     /// Nor does it say whether a call that fails so ran: the method may not have started, may
     /// have stopped part-way (the worker died in it), or may have run to its end with no reply
     /// sent. A caller that runs the call again (on another worker of a pool, say) must be
-    /// able to run it twice. The arguments went with the failed call (an `OwnedFd` among them
-    /// is closed in this process): keep what a retry needs, such as a copy of an fd
-    /// ([`OwnedFd::try_clone`](std::os::fd::OwnedFd::try_clone)) or the bytes to fill a new
-    /// memfd with. A peer that shuts down gracefully says which calls did not run:
+    /// able to run it twice. The arguments went with the failed call (an `OwnedFd` given among
+    /// them is closed in this process): keep what a retry needs, such as the fd itself (a
+    /// generated client sends an fd borrowed, `&file`, and leaves it yours) or the bytes to
+    /// fill a new memfd with. A peer that shuts down gracefully says which calls did not run:
     /// [`Error::ShutDown`].
     Disconnected,
     /// The peer shut down gracefully before it ran this call, and the call did not run: it
@@ -147,9 +147,9 @@ pub enum Error {
     /// Apart from [`Error::InterfaceMismatch`] so that a caller can fall back to an older
     /// interface when a newer one is not served, without mistaking a peer built from a
     /// broken or other copy of the newer one for an old peer. The failed call's arguments are
-    /// gone (fds among them went to the peer, which closed them): find out which interface a
-    /// peer serves once per connection, with a call that costs nothing, or keep a copy of the
-    /// fds (`try_clone`) for the older interface's call.
+    /// gone (fds given among them went to the peer, which closed them): find out which
+    /// interface a peer serves once per connection, with a call that costs nothing, or send
+    /// the fds borrowed (`&file`), which leaves them yours for the older interface's call.
     NotServed(String),
     /// The server refused this caller (see `Connection::set_authorizer`); the reason is the
     /// server's. Also every call of a client a listener turned away as it connected

@@ -82,7 +82,7 @@ impl Server for ChildServer {
         let (tx, rx) = mpsc::channel();
         let host = self.host.clone();
         let setup = Setup::random(rng);
-        std::thread::spawn(move || tx.send(host.serve_one(theirs.into(), setup)));
+        std::thread::spawn(move || tx.send(host.serve_one(theirs, setup)));
         self.done = Some(rx);
         ours
     }

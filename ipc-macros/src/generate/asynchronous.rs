@@ -78,7 +78,7 @@ impl Generator<'_> {
         let args = m
             .args
             .iter()
-            .map(|a| encode_arg(&a.name, a.value.wire, m.oneway));
+            .map(|a| encode_arg(&a.name, &a.value, m.oneway));
         let cmd = cmd(m);
         let (ret, body) = match (&m.ret, m.oneway) {
             (_, true) => (

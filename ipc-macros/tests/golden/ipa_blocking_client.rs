@@ -387,13 +387,16 @@ impl IpaClient {
     pub async fn stats_ready(
         &self,
         frame: u32,
-        stats: OwnedFd,
+        stats: impl ::std::os::fd::AsFd,
     ) -> ::core::result::Result<(), ::typed_ipc::__private::Error> {
         self.connection
             .oneway(
                 &IPA_INFO,
                 4,
-                (frame, ::typed_ipc::__private::Fd(&stats)),
+                (
+                    frame,
+                    ::typed_ipc::__private::SendFd(::std::os::fd::AsFd::as_fd(&stats)),
+                ),
                 self.timeout,
             )
             .await
@@ -699,13 +702,16 @@ impl IpaBlockingClient {
     pub fn stats_ready(
         &self,
         frame: u32,
-        stats: OwnedFd,
+        stats: impl ::std::os::fd::AsFd,
     ) -> ::core::result::Result<(), ::typed_ipc::__private::Error> {
         self.connection
             .oneway(
                 &IPA_INFO,
                 4,
-                &(frame, ::typed_ipc::__private::Fd(&stats)),
+                &(
+                    frame,
+                    ::typed_ipc::__private::SendFd(::std::os::fd::AsFd::as_fd(&stats)),
+                ),
                 self.timeout,
             )
     }

@@ -386,13 +386,16 @@ impl IpaClient {
     pub fn stats_ready(
         &self,
         frame: u32,
-        stats: OwnedFd,
+        stats: impl ::std::os::fd::AsFd,
     ) -> ::core::result::Result<(), ::typed_ipc::__private::Error> {
         self.connection
             .oneway(
                 &IPA_INFO,
                 4,
-                &(frame, ::typed_ipc::__private::Fd(&stats)),
+                &(
+                    frame,
+                    ::typed_ipc::__private::SendFd(::std::os::fd::AsFd::as_fd(&stats)),
+                ),
                 self.timeout,
             )
     }

@@ -89,6 +89,20 @@ impl<'de, T: FdCarrier> Deserialize<'de> for Fd<T> {
     }
 }
 
+/// An fd a client stub sends without taking it: the stub of a method that takes an `OwnedFd`
+/// takes any `impl AsFd` (an `OwnedFd`, which it closes once sent, or a `BorrowedFd`, `&File`
+/// and the like, which the caller keeps) and wraps `as_fd()` in this. It is written as
+/// `Fd(&owned_fd)` is, the fd's index in the message's table: the peer gets a new fd of its
+/// own for the same open file either way.
+#[derive(Clone, Copy, Debug)]
+pub struct SendFd<'fd>(pub BorrowedFd<'fd>);
+
+impl Serialize for SendFd<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        serialize_fd(self.0, s)
+    }
+}
+
 pub(super) fn index_of(fd: BorrowedFd<'_>) -> Result<u32, &'static str> {
     let Some(mut table) = CONTEXT.with(|cx| cx.outgoing.get()) else {
         return Err("file descriptors can only be encoded by typed-ipc's codec");

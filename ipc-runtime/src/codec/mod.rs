@@ -37,7 +37,7 @@ use bounded::{Bounded, Budget};
 
 pub(crate) use byte_strings::serialize_shared;
 pub use byte_strings::{Bytes, BytesCarrier, CarriedBytes, bytes};
-pub use fd_carriers::{Fd, FdCarrier, fd, fds};
+pub use fd_carriers::{Fd, FdCarrier, SendFd, fd, fds};
 
 thread_local! {
     /// What the encode or decode running on this thread works with. Pointers rather than
