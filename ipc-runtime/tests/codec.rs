@@ -331,3 +331,46 @@ fn honest_sequences_decode_up_to_the_bound() {
         value
     );
 }
+
+/// An untagged enum, as users write them for JSON: decoding it needs `deserialize_any`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+enum Untagged {
+    Number(u32),
+    Text(String),
+}
+
+/// A flattened field, as users write them for JSON: encoding it gives bincode a map of
+/// unknown length.
+#[derive(Debug, Serialize, Deserialize)]
+struct Flattened {
+    id: u32,
+    #[serde(flatten)]
+    inner: Inner,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Inner {
+    x: u32,
+}
+
+/// The serde features bincode cannot follow fail with an error that names them, not only
+/// bincode's own words, which name neither the type's attribute nor what to do.
+#[test]
+fn serde_features_bincode_cannot_follow_are_named() {
+    let text = Untagged::Text("hi".into());
+    let (mut buf, mut fds) = (Vec::new(), Vec::new());
+    codec::encode(&text, &mut buf, &mut fds).unwrap();
+    let why = malformed(codec::decode::<Untagged>(&buf, Vec::new()).unwrap_err());
+    assert!(why.contains("#[serde(untagged)]"), "{why}");
+    assert!(why.contains("serde_json::Value"), "{why}");
+    let value = Flattened {
+        id: 1,
+        inner: Inner { x: 2 },
+    };
+    let (mut buf, mut fds) = (Vec::new(), Vec::new());
+    match codec::encode(&value, &mut buf, &mut fds) {
+        Err(Error::Encode(why)) => assert!(why.contains("#[serde(flatten)]"), "{why}"),
+        other => panic!("expected Encode, got {other:?}"),
+    }
+}

@@ -416,7 +416,10 @@ fn encode_with<'a, T: Serialize + ?Sized>(
         let placed = placing.as_ref().map_or(0, |placing| placing.seq.get());
         // Returned: the caller gives the placement back if need be.
         std::mem::forget(placing);
-        (placed, encoded.map_err(|e| Error::Encode(e.to_string())))
+        (
+            placed,
+            encoded.map_err(|e| Error::Encode(why_unencodable(e))),
+        )
     })
 }
 
@@ -634,10 +637,33 @@ fn refused_shared_fd<E: serde::de::Error>(fd: OwnedFd, what: &'static str, e: Er
     }
 }
 
+/// The serde features that need a self-describing format, named where bincode refuses one:
+/// its own words name neither the type's attribute nor what to do.
+const SELF_DESCRIBING: &str = "bincode writes no field names or types, so it cannot decode \
+    what needs them: `serde_json::Value`, `#[serde(untagged)]`, `#[serde(tag = \"...\")]`, \
+    `#[serde(flatten)]`, or a `deserialize_with` that calls `deserialize_any`; use plain \
+    structs and enums (or send such a value as a JSON `String`)";
+
+/// Words an encode error, naming what most often makes bincode refuse a value.
+#[cold]
+#[inline(never)]
+fn why_unencodable(e: bincode::Error) -> String {
+    match *e {
+        bincode::ErrorKind::SequenceMustHaveLength => format!(
+            "{e}: a `#[serde(flatten)]` field, or a `Serialize` that gives no length \
+             (`serialize_seq(None)`), cannot be encoded; write the fields out"
+        ),
+        e => e.to_string(),
+    }
+}
+
 /// Words a decode error: bincode's own text for a message that ends early is empty, and its
 /// text for [`Reader`]'s refusal of a deep value starts "io error".
 fn why_undecodable(e: bincode::ErrorKind) -> String {
     match e {
+        bincode::ErrorKind::DeserializeAnyNotSupported => {
+            format!("the type cannot be decoded from bincode: {SELF_DESCRIBING}")
+        }
         bincode::ErrorKind::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
             "the message ends before the value it holds (a length or a field is missing)".into()
         }
