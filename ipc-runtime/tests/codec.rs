@@ -262,6 +262,34 @@ fn deep_nesting_child() {
     assert!(why.contains("nests deeper"), "{why}");
 }
 
+/// The same message decoded on a thread with a small stack (64 KiB, less than the bound's
+/// 256 KiB): still an error, not an overflow. A call's answer is decoded on the calling thread,
+/// whatever its stack. Run in a child, which must exit well.
+#[test]
+fn a_deeply_nested_value_is_an_error_on_a_small_stack_too() {
+    let _lock = fd_count_lock(); // spawning opens fds for a moment
+    let status = common::child("deep_nesting_small_stack_child")
+        .status()
+        .unwrap();
+    assert!(status.success(), "the decoding process died: {status}");
+}
+
+#[test]
+#[ignore = "run by a_deeply_nested_value_is_an_error_on_a_small_stack_too"]
+fn deep_nesting_small_stack_child() {
+    let decoding = std::thread::Builder::new().stack_size(64 << 10).spawn(|| {
+        let mut bytes = 1u32.to_le_bytes().repeat(1_000_000); // Node(Node(...
+        bytes.extend_from_slice(&0u32.to_le_bytes()); // Leaf
+        let why = malformed(codec::decode::<Tree>(&bytes, Vec::new()).unwrap_err());
+        assert!(why.contains("nests deeper"), "{why}");
+        // A shallow value still decodes there.
+        let mut bytes = 1u32.to_le_bytes().repeat(3);
+        bytes.extend_from_slice(&0u32.to_le_bytes());
+        codec::decode::<Tree>(&bytes, Vec::new()).unwrap();
+    });
+    decoding.unwrap().join().unwrap();
+}
+
 /// The bound on nesting leaves room for values deep in earnest (a debug build decodes some 900
 /// levels of `Tree`, a release build some 4,000).
 #[test]

@@ -36,7 +36,11 @@ pub enum Need {
     /// serve, fds a value did not take). Refused with an errno, the closer closes on the
     /// serving thread and `threads(n > 1)` fails; refused with a kill, such fds kill the
     /// worker, and so does a thread started before the filter when it ends (std's threads
-    /// call `sigaltstack` and `rt_sigprocmask` then).
+    /// call `sigaltstack` and `rt_sigprocmask` then). Also a value that nests past 8 KiB of
+    /// stack, decoded on a thread other than the main one: that thread finds the end of its
+    /// stack once (glibc's `pthread_getattr_np` calls `sched_getaffinity`). Refused with an
+    /// errno, the decode is bounded by its 256 KiB alone; with a kill, such a value kills the
+    /// worker.
     Threads,
     /// Pipes, only between ends that both
     /// [`lend_pages_to_peer`](crate::Connection::lend_pages_to_peer) (never towards an
