@@ -130,49 +130,44 @@ fn a_worker_locked_in_by_the_recipe_serves() {
     before.assert_nothing_new();
 }
 
-/// A call outside the list kills the worker at once: its caller hears `Disconnected` (not a
-/// timeout), and the worker's end says `SIGSYS`.
-#[test]
-fn a_call_outside_the_list_kills_the_worker() {
+/// Runs `call` on a worker under the recipe: its caller hears `Disconnected` at once (not a
+/// timeout), and the worker's end says it died of `signal`.
+fn dies_of<T: std::fmt::Debug>(
+    call: impl FnOnce(&ConfinedClient) -> Result<T, typed_ipc::Error>,
+    signal: i32,
+) {
     let _fds = fd_count_lock();
     let (mut worker, connection) = Worker::spawn(child("child_confined")).unwrap();
     let client = ConfinedClient::new(connection);
     assert_eq!(client.reverse("ok".into()).unwrap(), "ko");
-    let opened = client.open("/proc/self/status".into());
+    let got = call(&client);
     assert!(
-        matches!(opened, Err(typed_ipc::Error::Disconnected)),
-        "{opened:?}"
+        matches!(got, Err(typed_ipc::Error::Disconnected)),
+        "{got:?}"
     );
-    assert_eq!(worker.wait().unwrap(), Exit::Signal(libc::SIGSYS));
+    assert_eq!(worker.wait().unwrap(), Exit::Signal(signal));
+}
+
+/// A call outside the list kills the worker: `SIGSYS`.
+#[test]
+fn a_call_outside_the_list_kills_the_worker() {
+    dies_of(
+        |client| client.open("/proc/self/status".into()),
+        libc::SIGSYS,
+    );
 }
 
 /// The `tgkill` rule lets the worker signal itself only: signalling its parent kills it.
 #[test]
 fn signalling_another_process_kills_the_worker() {
-    let _fds = fd_count_lock();
-    let (mut worker, connection) = Worker::spawn(child("child_confined")).unwrap();
-    let client = ConfinedClient::new(connection);
-    let signalled = client.signal(std::process::id());
-    assert!(
-        matches!(signalled, Err(typed_ipc::Error::Disconnected)),
-        "{signalled:?}"
-    );
-    assert_eq!(worker.wait().unwrap(), Exit::Signal(libc::SIGSYS));
+    dies_of(|client| client.signal(std::process::id()), libc::SIGSYS);
 }
 
 /// An abort still reads as one under the filter: `tgkill` to the worker's own pid passes
 /// the rule.
 #[test]
 fn an_abort_under_the_filter_is_read_as_an_abort() {
-    let _fds = fd_count_lock();
-    let (mut worker, connection) = Worker::spawn(child("child_confined")).unwrap();
-    let client = ConfinedClient::new(connection);
-    let aborted = client.abort();
-    assert!(
-        matches!(aborted, Err(typed_ipc::Error::Disconnected)),
-        "{aborted:?}"
-    );
-    assert_eq!(worker.wait().unwrap(), Exit::Signal(libc::SIGABRT));
+    dies_of(|client| client.abort(), libc::SIGABRT);
 }
 
 /// The guide's recipe is this file's `recipe` module, line for line (indentation aside): what
