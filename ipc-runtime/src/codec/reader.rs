@@ -7,9 +7,9 @@ use std::cell::Cell;
 /// Stack a decode may use below [`decode_from`](super::decode_from)'s frame before it is
 /// refused. A value nests as deep as its bytes say (a recursive type, `enum Tree { Leaf,
 /// Node(Box<Tree>) }`, is 4 bytes a level), and serde decodes a level in a frame of its own, so
-/// without a bound a short hostile message overflows the stack and aborts the process. 256 KiB leaves the rest of a 2 MiB
-/// thread stack (std's and tokio's default) to the caller, and is thousands of levels in a
-/// release build (several hundred in a debug build).
+/// without a bound a short hostile message overflows the stack and aborts the process. 256 KiB
+/// leaves the rest of a 2 MiB thread stack (std's and tokio's default) to the caller, and is
+/// thousands of levels in a release build (several hundred in a debug build).
 const STACK_BUDGET: usize = 256 << 10;
 
 /// The address of a local of the caller's frame: how far down the stack it runs. (A local's
