@@ -678,6 +678,10 @@ impl MethodAttrs {
                         &attr,
                         "`#[oneway]` takes no arguments",
                     ));
+                } else if ours.oneway {
+                    // As a second `#[cmd]` is: a repeated one is most often a slip in an edit.
+                    let message = "a method has one `#[oneway]`: remove this one";
+                    errors.push(syn::Error::new_spanned(&attr, message));
                 }
                 ours.oneway = true;
             } else if attr.path().is_ident("cmd") {
