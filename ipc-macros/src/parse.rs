@@ -307,9 +307,7 @@ impl Args {
 /// The trait's methods, checked one by one and then against each other.
 fn methods(item: &mut ItemTrait, errors: &mut Errors) -> Vec<Method> {
     if !item.generics.params.is_empty() {
-        let only_lifetimes =
-            (item.generics.params.iter()).all(|param| matches!(param, GenericParam::Lifetime(_)));
-        let message = match only_lifetimes {
+        let message = match only_lifetimes(&item.generics) {
             true => LIFETIMES,
             false => {
                 "generic interfaces are not supported: both ends must agree on one concrete \
@@ -427,12 +425,7 @@ fn method(f: &mut TraitItemFn, index: u32) -> syn::Result<(Method, Option<Attrib
     if let Some(predicate) = stray_predicate {
         errors.push(not_on_self_error(predicate, "an interface method"));
     } else if !sig.generics.params.is_empty() {
-        let only_lifetimes = sig
-            .generics
-            .params
-            .iter()
-            .all(|param| matches!(param, GenericParam::Lifetime(_)));
-        let message = if only_lifetimes && !sig.generics.params.is_empty() {
+        let message = if only_lifetimes(&sig.generics) {
             LIFETIMES
         } else {
             "generic methods are not supported: client and server are compiled apart and must \
@@ -578,6 +571,11 @@ fn method(f: &mut TraitItemFn, index: u32) -> syn::Result<(Method, Option<Attrib
         deprecated: std::mem::take(&mut attrs.deprecated),
     };
     Ok((method, attrs.cmd.map(|(_, attr)| attr)))
+}
+
+/// Whether every generic parameter of `generics` is a lifetime.
+fn only_lifetimes(generics: &syn::Generics) -> bool {
+    (generics.params.iter()).all(|param| matches!(param, GenericParam::Lifetime(_)))
 }
 
 /// The error for lifetime parameters, on the trait or a method.

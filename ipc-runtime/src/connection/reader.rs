@@ -227,9 +227,7 @@ impl Shared {
             super::trace::line(&format!(
                 "{}: a call of this end's has waited {} s for its reply while the peer's call \
                  {method} waits here for a thread to serve it, and no thread serves this \
-                 connection: the two may wait for each other for good. Serve it on a thread of \
-                 its own (`Connection::spawn_serve`, `serve` or `run`, or a `Server`): \
-                 `add_service` alone runs nothing",
+                 connection: the two may wait for each other for good. {SERVE_ON_A_THREAD}",
                 self.name,
                 UNSERVED_WARNING.as_secs(),
             ));
@@ -794,8 +792,7 @@ impl Shared {
             1 + oneways.count(),
             &first,
             registry.services.iter().map(|(info, _)| *info),
-            "Serve it on a thread of its own (`Connection::spawn_serve`, `serve` or `run`, or a \
-             `Server`): `add_service` alone runs nothing",
+            SERVE_ON_A_THREAD,
         );
     }
 
@@ -963,6 +960,11 @@ pub(super) enum Reader {
     /// (`Shared::why_unsent`).
     Sender,
 }
+
+/// What to do about a connection that nothing serves, for the lines that find one.
+const SERVE_ON_A_THREAD: &str = "Serve it on a thread of its own (`Connection::spawn_serve`, \
+                                 `serve` or `run`, or a `Server`): `add_service` alone runs \
+                                 nothing";
 
 /// How long a caller waits with a call of the peer's held for nobody before
 /// [`Shared::warn_unserved`] says so: far longer than a serving thread that is about to start
